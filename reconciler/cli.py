@@ -1,0 +1,105 @@
+"""The ``heteroscale`` command line.
+
+Exit codes, everywhere: 0 success (and, for ``plan``, no change), 1 invalid input or
+an error, 2 usage error, 3 ``plan`` found changes (like ``terraform plan
+-detailed-exitcode``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from reconciler.desired.loader import load_desired_state
+from reconciler.errors import ConfigError
+
+app = typer.Typer(
+    name="heteroscale",
+    help="Coordinated autoscaler for prefill/decode-disaggregated LLM serving, driven from Git.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+SCHEMA_FILES = {"service-policy.json": "ServicePolicy", "cluster.json": "ClusterSpec"}
+
+
+def report_config_error(exc: ConfigError) -> None:
+    """One line per problem, on stderr, no traceback."""
+    for issue in exc.issues:
+        err_console.print(f"[red]error[/red] {issue}", soft_wrap=True, markup=True)
+    count = len(exc.issues)
+    err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="repository root holding policies/ and clusters/")] = Path("."),
+    rev: Annotated[str | None, typer.Option("--rev", help="validate this Git revision, without checking it out")] = None,
+) -> None:
+    """Validate the desired state (policies/, clusters/ and the templates they name)."""
+    if not path.exists():
+        err_console.print(f"error: {path}: no such directory")
+        raise typer.Exit(2)
+    try:
+        state = load_desired_state(path, rev=rev)
+    except ConfigError as exc:
+        report_config_error(exc)
+        raise typer.Exit(1) from None
+    gpus = sum(node.gpus for spec in state.clusters.values() for node in spec.nodes)
+    nodes = sum(len(spec.nodes) for spec in state.clusters.values())
+    console.print(
+        f"valid: {len(state.policies)} service{'s' if len(state.policies) != 1 else ''}, "
+        f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
+        f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
+    )
+
+
+def render_schemas() -> dict[str, str]:
+    """The JSON Schema text of every desired-state file type, keyed by file name."""
+    from reconciler.desired import models
+
+    out = {}
+    for filename, model_name in SCHEMA_FILES.items():
+        model = getattr(models, model_name)
+        schema = model.model_json_schema(by_alias=True)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"https://heteroscale.io/schemas/{filename}"
+        out[filename] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+@app.command()
+def schema(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory to write into")] = Path("schemas"),
+    check: Annotated[bool, typer.Option("--check", help="exit 1 if the files on disk are stale")] = False,
+) -> None:
+    """Write the JSON Schemas of policies/ and clusters/ files (used by editors via the
+    `# yaml-language-server: $schema=` line)."""
+    stale = []
+    for filename, text in render_schemas().items():
+        target = out_dir / filename
+        if check:
+            if not target.exists() or target.read_text() != text:
+                stale.append(str(target))
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        console.print(f"wrote {target}")
+    if stale:
+        err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

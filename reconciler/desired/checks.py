@@ -1,0 +1,226 @@
+"""Checks that span several fields or files.
+
+Each check returns ``(file_key, path, message)`` problems instead of raising, so the
+loader can place every one of them on its YAML line and report them all together.
+``path`` is the key path inside the file, e.g. ``("s2", 0, "s1", 1, "name")``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+
+from reconciler.desired.models import (
+    ClusterSpec,
+    ServicePolicy,
+    SubgroupClass,
+    iter_nodes,
+    iter_s0,
+)
+from reconciler.desired.names import expand_range
+
+Path = tuple[object, ...]
+Problem = tuple[Path, str]
+
+CLASS_MEANING: dict[str, str] = {
+    "low": "S2-homogeneous: one GPU type under every switch",
+    "medium": "S2-heterogeneous: several GPU types, each S1 one type",
+    "high": "S1-heterogeneous: GPU types mixed under one S1",
+}
+
+
+def derive_subgroup_class(types_per_s1: Mapping[str, Iterable[str]]) -> SubgroupClass:
+    """The scarcity class of an RDMA subgroup from the GPU types under each of its S1
+    switches: one type overall -> low; several types but each S1 one type -> medium;
+    any S1 with several types -> high."""
+    per_s1 = {s1: set(types) for s1, types in types_per_s1.items()}
+    all_types = set().union(*per_s1.values()) if per_s1 else set()
+    if len(all_types) <= 1:
+        return "low"
+    if all(len(types) <= 1 for types in per_s1.values()):
+        return "medium"
+    return "high"
+
+
+def subgroup_s1_members(spec: ClusterSpec, switches: Iterable[str]) -> dict[str, str] | None:
+    """Map each S1 under the named S1/S2 switches to its S2. None if a name is unknown."""
+    s1_parent = {s1.name: s2.name for s2 in spec.s2 for s1 in s2.s1}
+    s2_children = {s2.name: [s1.name for s1 in s2.s1] for s2 in spec.s2}
+    members: dict[str, str] = {}
+    for name in switches:
+        if name in s2_children:
+            members.update({s1: name for s1 in s2_children[name]})
+        elif name in s1_parent:
+            members[name] = s1_parent[name]
+        else:
+            return None
+    return members
+
+
+def check_cluster(spec: ClusterSpec) -> list[Problem]:
+    """Names unique, ranges valid, GPU types known, every node typed, subgroups sound."""
+    problems: list[Problem] = []
+
+    # Switch names: unique across all levels (a switch has exactly one parent).
+    seen: dict[str, Path] = {}
+
+    def claim(name: str, path: Path, what: str) -> None:
+        if name in seen:
+            problems.append(((*path, "name"), f"{what} '{name}' is declared twice (also at {_fmt(seen[name])})"))
+        else:
+            seen[name] = path
+
+    for i2, s2 in enumerate(spec.s2):
+        claim(s2.name, ("s2", i2), "switch")
+        for i1, s1 in enumerate(s2.s1):
+            claim(s1.name, ("s2", i2, "s1", i1), "switch")
+    try:
+        for s0_name, _s0, _s1, _s2, path in iter_s0(spec):
+            claim(s0_name, path, "switch")
+    except ValueError as exc:
+        problems.append(((), str(exc)))
+        return problems
+
+    # Default GPU types must be in the catalogue.
+    def check_defaults(defaults_path: Path, gpu_type: str | None) -> None:
+        if gpu_type is not None and gpu_type not in spec.gpu_types:
+            problems.append(((*defaults_path, "gpu_type"), _unknown("GPU type", gpu_type, spec.gpu_types)))
+
+    check_defaults(("defaults",), spec.defaults.gpu_type)
+    for i2, s2 in enumerate(spec.s2):
+        check_defaults(("s2", i2, "defaults"), s2.defaults.gpu_type)
+        for i1, s1 in enumerate(s2.s1):
+            check_defaults(("s2", i2, "s1", i1, "defaults"), s1.defaults.gpu_type)
+            for i0, s0 in enumerate(s1.s0):
+                check_defaults(("s2", i2, "s1", i1, "s0", i0, "defaults"), s0.defaults.gpu_type)
+
+    # Nodes: expandable, typed, unique.
+    try:
+        nodes = iter_nodes(spec)
+    except ValueError as exc:
+        path = exc.args[1] if len(exc.args) > 1 else ()
+        problems.append((path, exc.args[0]))
+        return problems
+    node_seen: dict[str, Path] = {}
+    for node, path in nodes:
+        if node.gpu_type not in spec.gpu_types:
+            problems.append((path, f"node {node.name}: {_unknown('GPU type', node.gpu_type, spec.gpu_types)}"))
+        if node.name in node_seen:
+            problems.append((path, f"node '{node.name}' is declared twice (also at {_fmt(node_seen[node.name])})"))
+        else:
+            node_seen[node.name] = path
+
+    # RDMA subgroups: known switches, no switch in two subgroups, class as declared.
+    types_per_s1: dict[str, set[str]] = defaultdict(set)
+    for node, _path in nodes:
+        types_per_s1[node.s1].add(node.gpu_type)
+    owner: dict[str, str] = {}
+    names = Counter(sg.name for sg in spec.rdma_subgroups)
+    for i, subgroup in enumerate(spec.rdma_subgroups):
+        path = ("rdma_subgroups", i)
+        if names[subgroup.name] > 1:
+            problems.append(((*path, "name"), f"subgroup '{subgroup.name}' is declared twice"))
+        members = subgroup_s1_members(spec, subgroup.switches)
+        if members is None:
+            for j, name in enumerate(subgroup.switches):
+                if subgroup_s1_members(spec, [name]) is None:
+                    problems.append(
+                        ((*path, "switches", j), _unknown("S1/S2 switch", name, [*seen]))
+                    )
+            continue
+        for s1 in members:
+            if s1 in owner and owner[s1] != subgroup.name:
+                problems.append(((*path, "switches"), f"S1 '{s1}' is already in subgroup '{owner[s1]}'"))
+            owner[s1] = subgroup.name
+        derived = derive_subgroup_class({s1: types_per_s1[s1] for s1 in members})
+        if subgroup.declared_class is not None and subgroup.declared_class != derived:
+            problems.append(
+                (
+                    (*path, "class"),
+                    f"declared '{subgroup.declared_class}' but the GPUs below make it '{derived}' "
+                    f"({CLASS_MEANING[derived]})",
+                )
+            )
+    return problems
+
+
+def check_policy(policy: ServicePolicy) -> list[Problem]:
+    """Ranges inside one service file."""
+    problems: list[Problem] = []
+    for role in ("prefill", "decode"):
+        rp = policy.role(role)
+        if rp.min_instances > rp.max_instances:
+            problems.append(
+                ((role, "min_instances"), f"must be <= max_instances ({rp.min_instances} > {rp.max_instances})")
+            )
+    ratio = policy.pd_ratio
+    if ratio.min > ratio.max:
+        problems.append((("pd_ratio", "min"), "must not exceed pd_ratio.max"))
+    elif not ratio.min - 1e-9 <= ratio.target <= ratio.max + 1e-9:
+        problems.append((("pd_ratio", "target"), "must lie inside [pd_ratio.min, pd_ratio.max]"))
+    tiers = policy.scaling.latency_tiers
+    for metric in ("ttft", "tbt"):
+        thresholds = [t.above for t in tiers if t.metric == metric]
+        if len(set(thresholds)) != len(thresholds):
+            index = next(i for i, t in enumerate(tiers) if t.metric == metric and thresholds.count(t.above) > 1)
+            problems.append((("scaling", "latency_tiers", index, "above"), f"two {metric} tiers share one threshold"))
+    for key in policy.metrics.queries:
+        from reconciler.state import METRIC_NAMES
+
+        if key not in METRIC_NAMES:
+            problems.append((("metrics", "queries", key), _unknown("signal", key, METRIC_NAMES)))
+    return problems
+
+
+def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
+    """GPU types a service asks for exist in its cluster, and one instance fits a node."""
+    problems: list[Problem] = []
+    max_gpus_per_type: dict[str, int] = defaultdict(int)
+    try:
+        for node in cluster.nodes:
+            max_gpus_per_type[node.gpu_type] = max(max_gpus_per_type[node.gpu_type], node.gpus)
+    except ValueError:
+        return problems  # the cluster file reports its own problem
+    for role in ("prefill", "decode"):
+        rp = policy.role(role)
+        for gpu_type in rp.gpu_types:
+            if gpu_type not in cluster.gpu_types:
+                problems.append(
+                    ((role, "gpu_types", gpu_type), _unknown(f"GPU type in cluster '{cluster.name}'", gpu_type, cluster.gpu_types))
+                )
+            elif max_gpus_per_type.get(gpu_type, 0) and rp.gpus_per_instance > max_gpus_per_type[gpu_type]:
+                problems.append(
+                    (
+                        (role, "gpus_per_instance"),
+                        f"{rp.gpus_per_instance} GPUs per instance do not fit a {gpu_type} node "
+                        f"({max_gpus_per_type[gpu_type]} GPUs); multi-node instances are not supported yet",
+                    )
+                )
+    return problems
+
+
+def _unknown(what: str, name: str, known: Iterable[str]) -> str:
+    import difflib
+
+    known_list = sorted(known)
+    hint = difflib.get_close_matches(name, known_list, n=1)
+    suffix = f"; did you mean '{hint[0]}'?" if hint else f"; known: {', '.join(known_list[:8])}"
+    return f"unknown {what} '{name}'{suffix}"
+
+
+def _fmt(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+__all__ = [
+    "CLASS_MEANING",
+    "check_cluster",
+    "check_policy",
+    "check_policy_against_cluster",
+    "derive_subgroup_class",
+    "expand_range",
+    "subgroup_s1_members",
+]

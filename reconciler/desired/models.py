@@ -1,0 +1,418 @@
+"""Desired state: the pydantic models behind ``policies/*.yaml`` and ``clusters/*.yaml``.
+
+Every model is frozen (a loaded revision never changes) and strict about keys:
+an unknown key is an error, and the loader adds a "did you mean" hint. Checks that
+need more than one field (ranges, references inside a file) live in
+``reconciler.desired.checks`` so their errors can point at the exact YAML line; the
+models themselves only check what a single field can tell.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.desired.names import expand_range
+from reconciler.desired.ratio import PDRatio
+
+DnsLabel = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="lower-case letters, digits and '-', at most 63 characters",
+    ),
+]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction01 = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+Engine = Literal["vllm", "sglang", "trtllm", "dynamo"]
+Affinity = Literal["s1", "s2", "cluster"]
+SubgroupClass = Literal["low", "medium", "high"]
+ScalingMetric = Literal[
+    "prefill_tps",
+    "decode_tps",
+    "prefill_gpu_util",
+    "decode_gpu_util",
+    "prefill_sm_active",
+    "decode_sm_active",
+    "ttft",
+    "tbt",
+]
+LatencyMetric = Literal["ttft", "tbt"]
+
+
+class StrictModel(BaseModel):
+    """Frozen, unknown keys rejected, no coercion surprises beyond pydantic's lax mode."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- services
+
+
+class ModelSpec(StrictModel):
+    """The served model, as far as capacity planning and simulation need it."""
+
+    name: str = Field(description="model name as the engine serves it, e.g. 'llama-3.1-70b'")
+    params_b: PositiveFloat = Field(description="parameters, in billions (prefill cost scales with it)")
+    kv_bytes_per_token: Annotated[int, Field(gt=0)] = Field(
+        description="KV-cache bytes per token over all layers (2 x layers x kv_heads x head_dim x bytes)"
+    )
+    weight_bytes_per_param: PositiveFloat = Field(
+        default=2.0, description="2 for bf16/fp16 weights, 1 for fp8"
+    )
+
+
+class SLO(StrictModel):
+    """Latency objectives, judged at a quantile of requests."""
+
+    ttft_ms: PositiveFloat = Field(description="time to first token, milliseconds")
+    tbt_ms: PositiveFloat = Field(description="time between tokens, milliseconds")
+    quantile: Fraction01 = Field(default=0.9, description="e.g. 0.9 for p90, 0.99 for p99")
+    attainment_goal: Fraction01 = Field(
+        default=0.995,
+        description="share of requests that must meet both SLOs (used by reports and what-if verdicts)",
+    )
+
+
+class RolePolicy(StrictModel):
+    """One role (prefill or decode) of a service."""
+
+    gpus_per_instance: Annotated[int, Field(ge=1, le=64)] = Field(
+        description="GPUs one engine instance of this role uses (its tensor-parallel size)"
+    )
+    gpu_types: dict[str, PositiveFloat] = Field(
+        min_length=1,
+        description="allowed GPU types and their preference weights (higher is preferred)",
+    )
+    min_instances: Annotated[int, Field(ge=0)] = Field(default=1)
+    max_instances: Annotated[int, Field(ge=1)] = Field(default=1000)
+    template: str = Field(
+        description="path (from the repository root) of the pod template YAML the applier renders"
+    )
+    startup_s: NonNegativeSeconds = Field(
+        default=120.0, description="time from scheduling to serving (model load, warm-up)"
+    )
+
+    def preferred_gpu_types(self) -> list[str]:
+        """Allowed GPU types, most preferred first (ties broken by name)."""
+        return sorted(self.gpu_types, key=lambda t: (-self.gpu_types[t], t))
+
+
+class PDRatioPolicy(StrictModel):
+    """Prefill-to-decode instance ratio: a target and the bounds it must stay within."""
+
+    target: PDRatio = Field(description="e.g. '1:3' = one prefill per three decode instances")
+    min: PDRatio = Field(description="lowest prefill/decode ratio allowed, e.g. '1:5'")
+    max: PDRatio = Field(description="highest prefill/decode ratio allowed, e.g. '1:2'")
+    dynamic: bool = Field(
+        default=False,
+        description="let the policy move the target inside the bounds from observed demand (beyond the paper)",
+    )
+    dynamic_max_step: Fraction01 = Field(
+        default=0.05, description="largest relative move of the dynamic target per cycle"
+    )
+
+
+class DeploymentGroupShape(StrictModel):
+    """The size of one deployment group: placement fills groups to this shape."""
+
+    prefill_instances: Annotated[int, Field(ge=1)]
+    decode_instances: Annotated[int, Field(ge=1)]
+
+
+class LatencyTier(StrictModel):
+    """Negative feedback: when ``metric`` exceeds ``above`` x SLO, scale its role by ``step_percent``."""
+
+    metric: LatencyMetric
+    above: PositiveFloat = Field(description="fraction of the SLO, e.g. 1.0 or 1.5")
+    step_percent: Annotated[float, Field(gt=0, le=400)]
+
+
+class KVCachePressure(StrictModel):
+    """Scale decode out when KV-cache usage stays above a threshold (beyond the paper)."""
+
+    threshold: Fraction01 = 0.9
+    window_s: NonNegativeSeconds = 60.0
+    step_percent: Annotated[float, Field(gt=0, le=400)] = 10.0
+
+
+class Scaling(StrictModel):
+    """How the policy turns signals into instance counts."""
+
+    metric: ScalingMetric = Field(default="decode_tps", description="the primary signal")
+    target_per_instance: PositiveFloat = Field(
+        description="per-instance target of the primary metric (tokens/s for TPS, fraction for utilisation)"
+    )
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.1, description="no change while observed/target stays within 1 +- tolerance"
+    )
+    scale_out_window_s: NonNegativeSeconds = Field(
+        default=0.0, description="scale-out takes the lowest recommendation over this window (0 = at once)"
+    )
+    scale_in_window_s: NonNegativeSeconds = Field(
+        default=300.0, description="scale-in takes the highest recommendation over this window"
+    )
+    cooldown_s: NonNegativeSeconds = Field(
+        default=120.0, description="no scale-in within this long after any change"
+    )
+    max_step_percent: Annotated[float, Field(gt=0, le=1000)] = Field(
+        default=100.0, description="largest change per cycle, percent of the current size"
+    )
+    max_step_instances: Annotated[int, Field(ge=1)] = Field(
+        default=4, description="a change of up to this many instances is always allowed"
+    )
+    latency_tiers: tuple[LatencyTier, ...] = Field(default=())
+    latency_scale_in_below: Fraction01 = Field(
+        default=0.5,
+        description="latency may drive scale-in only while below this fraction of the SLO for the whole scale-in window",
+    )
+    metric_max_age_s: PositiveFloat = Field(
+        default=90.0, description="older samples count as missing (the policy then holds)"
+    )
+    kv_cache_pressure: KVCachePressure | None = None
+    granularity: Literal["instance", "group"] = Field(
+        default="instance",
+        description="'group' rounds targets up to whole deployment groups",
+    )
+
+
+class MetricsConfig(StrictModel):
+    """Where this service's signals come from in Prometheus."""
+
+    preset: Literal["vllm", "sglang", "trtllm", "dynamo"] | None = Field(
+        default=None, description="metric-name preset; defaults to the service's engine"
+    )
+    queries: dict[str, str] = Field(
+        default_factory=dict,
+        description="PromQL per signal overriding the preset; must aggregate 'by (service, role)' labels",
+    )
+    service_label: str = Field(default="service")
+    role_label: str = Field(default="role")
+
+
+class ServicePolicy(StrictModel):
+    """One served model: its SLOs, shapes, GPU preferences and scaling rules."""
+
+    name: DnsLabel
+    model: ModelSpec
+    engine: Engine = "vllm"
+    cluster: str = Field(description="name of the cluster (clusters/*.yaml) that runs it")
+    namespace: DnsLabel
+    priority: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=100, description="higher is served first when capacity is short"
+    )
+    slo: SLO
+    prefill: RolePolicy
+    decode: RolePolicy
+    pd_ratio: PDRatioPolicy
+    deployment_group: DeploymentGroupShape
+    affinity: Affinity = Field(
+        default="s2",
+        description="scheduling domain a group's prefill and decode share: s1, s2, or cluster (loose)",
+    )
+    scaling: Scaling
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    def role(self, role: str) -> RolePolicy:
+        return self.prefill if role == "prefill" else self.decode
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+class GpuType(StrictModel):
+    """A GPU model in the fleet's catalogue (datasheet figures)."""
+
+    memory_gib: PositiveFloat
+    bf16_tflops: PositiveFloat = Field(description="dense bf16 TFLOP/s")
+    memory_bandwidth_gbps: PositiveFloat = Field(description="HBM/GDDR bandwidth, GB/s")
+    interconnect: str = Field(default="pcie", description="e.g. nvlink-400, pcie-gen4")
+    node_label: str | None = Field(
+        default=None, description="value of the GPU-type node label; defaults to the type's name"
+    )
+
+
+class NodeDefaults(StrictModel):
+    """Values inherited by the nodes below a switch (closest switch wins)."""
+
+    gpu_type: str | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeSpec(StrictModel):
+    """One node, or a range of identical nodes (``name: gpu-[001-016]``)."""
+
+    name: str
+    gpu_type: str | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class S0Switch(StrictModel):
+    """A leaf switch (or a range of them, ``leaf-a1-[1-4]``, sharing the node list in
+    equal consecutive blocks)."""
+
+    name: str
+    defaults: NodeDefaults = Field(default_factory=NodeDefaults)
+    nodes: str | tuple[NodeSpec | str, ...] = Field(
+        description="a node-name range such as 'h20-[0001-0032]', or a list of nodes/ranges"
+    )
+
+
+class S1Switch(StrictModel):
+    """A mini-pod switch."""
+
+    name: str
+    defaults: NodeDefaults = Field(default_factory=NodeDefaults)
+    s0: tuple[S0Switch, ...] = Field(min_length=1)
+
+
+class S2Switch(StrictModel):
+    """A big-pod (spine) switch."""
+
+    name: str
+    defaults: NodeDefaults = Field(default_factory=NodeDefaults)
+    s1: tuple[S1Switch, ...] = Field(min_length=1)
+
+
+class RdmaSubgroup(StrictModel):
+    """A set of S1 or S2 switches whose machines reach each other over RDMA."""
+
+    name: str
+    switches: tuple[str, ...] = Field(min_length=1)
+    declared_class: SubgroupClass | None = Field(
+        default=None,
+        alias="class",
+        description="optional; checked against the class derived from the GPU types below",
+    )
+
+
+class TopologyLabels(StrictModel):
+    """Node label keys that carry the topology (used by the applier and drift checks)."""
+
+    s2: str = "heteroscale.io/s2"
+    s1: str = "heteroscale.io/s1"
+    s0: str = "heteroscale.io/s0"
+    gpu_type: str = "heteroscale.io/gpu-type"
+
+
+class Network(StrictModel):
+    """Link speeds for KV-cache transfer between a prefill and a decode instance."""
+
+    rdma_gbps: PositiveFloat = Field(default=400.0, description="per-instance RDMA, inside a subgroup")
+    cross_subgroup_gbps: PositiveFloat = Field(
+        default=50.0, description="per-instance bandwidth across spines (outside any shared subgroup)"
+    )
+
+
+class Node(BaseModel):
+    """A node after range expansion and default inheritance (not written in YAML)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    s0: str
+    s1: str
+    s2: str
+    gpu_type: str
+    gpus: int
+    labels: dict[str, str]
+
+
+class ClusterSpec(StrictModel):
+    """One Kubernetes cluster: GPU catalogue, switch hierarchy, nodes and RDMA subgroups."""
+
+    name: DnsLabel
+    kube_context: str | None = Field(default=None, description="kubeconfig context; none = current")
+    gpu_types: dict[str, GpuType] = Field(min_length=1)
+    labels: TopologyLabels = Field(default_factory=TopologyLabels)
+    network: Network = Field(default_factory=Network)
+    defaults: NodeDefaults = Field(default_factory=NodeDefaults)
+    s2: tuple[S2Switch, ...] = Field(min_length=1)
+    rdma_subgroups: tuple[RdmaSubgroup, ...] = Field(default=())
+
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node, with ranges expanded and defaults inherited. Assumes the spec
+        passed ``reconciler.desired.checks.check_cluster``."""
+        return tuple(node for node, _path in iter_nodes(self))
+
+    @cached_property
+    def node_by_name(self) -> dict[str, Node]:
+        return {node.name: node for node in self.nodes}
+
+
+def _merge(*layers: NodeDefaults | NodeSpec) -> tuple[str | None, int | None, dict[str, str]]:
+    gpu_type: str | None = None
+    gpus: int | None = None
+    labels: dict[str, str] = {}
+    for layer in layers:
+        gpu_type = layer.gpu_type or gpu_type
+        gpus = layer.gpus_per_node or gpus
+        labels.update(layer.labels)
+    return gpu_type, gpus, labels
+
+
+def iter_s0(spec: ClusterSpec) -> list[tuple[str, S0Switch, S1Switch, S2Switch, tuple[object, ...]]]:
+    """Every S0 switch name after range expansion, with its parents and YAML path."""
+    out = []
+    for i2, s2 in enumerate(spec.s2):
+        for i1, s1 in enumerate(s2.s1):
+            for i0, s0 in enumerate(s1.s0):
+                path = ("s2", i2, "s1", i1, "s0", i0)
+                for name in expand_range(s0.name):
+                    out.append((name, s0, s1, s2, path))
+    return out
+
+
+def iter_nodes(spec: ClusterSpec) -> list[tuple[Node, tuple[object, ...]]]:
+    """Expand every node with the YAML path that declared it. Raises ValueError (with
+    the path in ``args[1]``) when a range cannot be split evenly over its S0 range, or
+    a node lacks a GPU type or count."""
+    out: list[tuple[Node, tuple[object, ...]]] = []
+    for i2, s2 in enumerate(spec.s2):
+        for i1, s1 in enumerate(s2.s1):
+            for i0, s0 in enumerate(s1.s0):
+                s0_path: tuple[object, ...] = ("s2", i2, "s1", i1, "s0", i0)
+                s0_names = expand_range(s0.name)
+                entries = [s0.nodes] if isinstance(s0.nodes, str) else list(s0.nodes)
+                expanded: list[tuple[str, NodeSpec | None, tuple[object, ...]]] = []
+                for j, entry in enumerate(entries):
+                    entry_path = (*s0_path, "nodes") if isinstance(s0.nodes, str) else (*s0_path, "nodes", j)
+                    if isinstance(entry, str):
+                        expanded += [(n, None, entry_path) for n in expand_range(entry)]
+                    else:
+                        expanded += [(n, entry, entry_path) for n in expand_range(entry.name)]
+                if len(expanded) % len(s0_names):
+                    raise ValueError(
+                        f"{len(expanded)} nodes cannot be split evenly over {len(s0_names)} "
+                        f"S0 switches '{s0.name}'",
+                        (*s0_path, "nodes"),
+                    )
+                per_switch = len(expanded) // len(s0_names)
+                for k, (node_name, node_spec, node_path) in enumerate(expanded):
+                    layers: list[NodeDefaults | NodeSpec] = [spec.defaults, s2.defaults, s1.defaults, s0.defaults]
+                    if node_spec is not None:
+                        layers.append(node_spec)
+                    gpu_type, gpus, labels = _merge(*layers)
+                    if gpu_type is None:
+                        raise ValueError(f"node {node_name} has no gpu_type (set it on the node or a switch's defaults)", node_path)
+                    if gpus is None:
+                        raise ValueError(f"node {node_name} has no gpus_per_node (set it on the node or a switch's defaults)", node_path)
+                    node = Node(
+                        name=node_name,
+                        s0=s0_names[k // per_switch],
+                        s1=s1.name,
+                        s2=s2.name,
+                        gpu_type=gpu_type,
+                        gpus=gpus,
+                        labels=labels,
+                    )
+                    out.append((node, node_path))
+    return out

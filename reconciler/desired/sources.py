@@ -1,0 +1,172 @@
+"""Where desired-state files come from: a directory, or a Git revision read straight
+from the object database (no checkout, so ``plan --base/--head`` never touches the
+work tree).
+
+Both refuse what a reviewer could not see in the repository: symlinks that point
+outside it, files too large to be configuration, bytes that are not UTF-8.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+MAX_FILE_BYTES = 5 * 1024 * 1024
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class SourceError(Exception):
+    """A file could not be read as configuration; ``path`` is repository-relative."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+class Source(Protocol):
+    """Read-only view of a repository tree (paths are POSIX, relative to its root)."""
+
+    label: str
+
+    def list_yaml(self, directory: str) -> list[str]: ...
+
+    def read(self, path: str) -> bytes: ...
+
+    def exists(self, path: str) -> bool: ...
+
+
+def _check_size(path: str, size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise SourceError(
+            path,
+            f"file is {size / 1e6:.1f} MB, over the {MAX_FILE_BYTES // (1024 * 1024)} MiB limit for "
+            "a configuration file (use node ranges and switch defaults to keep it compact)",
+        )
+
+
+@dataclass
+class DirectorySource:
+    """Files under a directory on disk."""
+
+    root: Path
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.label = self.label or str(self.root)
+
+    def _resolve(self, path: str) -> Path:
+        full = self.root / path
+        resolved = full.resolve()
+        if full.is_symlink() or resolved != full.absolute():
+            if not resolved.is_relative_to(self.root):
+                raise SourceError(path, f"is a symlink to {resolved}, outside the repository; refused")
+        return resolved
+
+    def list_yaml(self, directory: str) -> list[str]:
+        base = self.root / directory
+        if not base.is_dir():
+            return []
+        return sorted(
+            f"{directory}/{entry.name}"
+            for entry in base.iterdir()
+            if entry.name.endswith(YAML_SUFFIXES) and not entry.name.startswith(".")
+        )
+
+    def read(self, path: str) -> bytes:
+        resolved = self._resolve(path)
+        if not resolved.is_file():
+            raise SourceError(path, "no such file")
+        _check_size(path, resolved.stat().st_size)
+        return resolved.read_bytes()
+
+    def exists(self, path: str) -> bool:
+        try:
+            return self._resolve(path).is_file()
+        except SourceError:
+            return False
+
+
+@dataclass
+class GitSource:
+    """Files of one revision of a Git repository, read with ``git cat-file``."""
+
+    repo: Path
+    rev: str
+    label: str = ""
+    _tree: dict[str, tuple[str, str, int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.repo = Path(self.repo).resolve()
+        try:
+            commit = self._git("rev-parse", "--verify", "--quiet", f"{self.rev}^{{commit}}").strip()
+        except SourceError:
+            raise SourceError(self.rev, f"not a revision of the Git repository at {self.repo}") from None
+        self.commit = commit
+        self.label = self.label or f"{self.rev} ({commit[:12]})"
+        listing = self._git("ls-tree", "-r", "-l", "--full-tree", commit)
+        for line in listing.splitlines():
+            meta, path = line.split("\t", 1)
+            mode, kind, sha, size = meta.split()
+            if kind == "blob":
+                self._tree[path] = (mode, sha, int(size) if size != "-" else 0)
+
+    def _git(self, *args: str, stdin: bytes | None = None) -> str:
+        result = subprocess.run(
+            ["git", "-C", str(self.repo), *args],
+            input=stdin,
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SourceError(" ".join(args), result.stderr.decode(errors="replace").strip())
+        return result.stdout.decode()
+
+    def _blob(self, sha: str) -> bytes:
+        result = subprocess.run(
+            ["git", "-C", str(self.repo), "cat-file", "blob", sha], capture_output=True, check=True
+        )
+        return result.stdout
+
+    def _follow(self, path: str, depth: int = 0) -> tuple[str, str, int]:
+        entry = self._tree.get(path)
+        if entry is None:
+            raise SourceError(path, f"no such file at revision {self.rev}")
+        mode, sha, size = entry
+        if mode == "120000":
+            target = self._blob(sha).decode(errors="replace")
+            joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+            if target.startswith("/") or joined.startswith(".."):
+                raise SourceError(path, f"is a symlink to {target}, outside the repository; refused")
+            if depth > 8:
+                raise SourceError(path, "symlink chain too long")
+            return self._follow(joined, depth + 1)
+        return entry
+
+    def list_yaml(self, directory: str) -> list[str]:
+        prefix = directory.rstrip("/") + "/"
+        return sorted(
+            p
+            for p in self._tree
+            if p.startswith(prefix)
+            and "/" not in p[len(prefix) :]
+            and p.endswith(YAML_SUFFIXES)
+            and not os.path.basename(p).startswith(".")
+        )
+
+    def read(self, path: str) -> bytes:
+        _mode, sha, size = self._follow(path)
+        _check_size(path, size)
+        return self._blob(sha)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._follow(path)
+        except SourceError:
+            return False
+        return True

@@ -1,0 +1,186 @@
+"""Plain data that flows between the stages of one reconcile cycle.
+
+These are the observed and planned sides; the desired side lives in
+``reconciler.desired.models``. Everything here is a frozen dataclass so a cycle can
+be recorded and replayed, and no stage can mutate another stage's input.
+
+Vocabulary:
+- a *role* is ``"prefill"`` or ``"decode"``;
+- an *instance* is one serving engine replica of one role (``gpus_per_instance`` GPUs);
+- a *deployment group* is the prefill and decode instances of one service that share
+  one scheduling domain (an S1 or S2 switch, or the whole cluster for loose affinity),
+  so the KV cache moves over RDMA. Within a group each role runs on one GPU type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+ROLES: tuple[Role, Role] = ("prefill", "decode")
+
+# The paper's eight signals, plus KV-cache usage (an optional extra signal).
+MetricName = Literal[
+    "prefill_tps",
+    "decode_tps",
+    "ttft",
+    "tbt",
+    "prefill_gpu_util",
+    "decode_gpu_util",
+    "prefill_sm_active",
+    "decode_sm_active",
+    "decode_kv_usage",
+]
+METRIC_NAMES: tuple[MetricName, ...] = (
+    "prefill_tps",
+    "decode_tps",
+    "ttft",
+    "tbt",
+    "prefill_gpu_util",
+    "decode_gpu_util",
+    "prefill_sm_active",
+    "decode_sm_active",
+    "decode_kv_usage",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One observed value and the time (seconds since the epoch, or simulation
+    seconds) at which it was sampled."""
+
+    value: float
+    at_s: float
+
+    def is_usable(self, now_s: float, max_age_s: float) -> bool:
+        """Finite and fresh enough to act on."""
+        return math.isfinite(self.value) and (now_s - self.at_s) <= max_age_s
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """The signals of one service at one moment. ``None`` means missing.
+
+    Units: TPS in tokens/s summed over all instances of the role; ``ttft`` and
+    ``tbt`` in milliseconds at the policy's SLO quantile; utilisation and SM
+    activity as fractions in [0, 1] averaged over the role's GPUs; KV-cache usage as
+    a fraction in [0, 1] averaged over decode instances.
+    """
+
+    service: str
+    prefill_tps: Sample | None = None
+    decode_tps: Sample | None = None
+    ttft: Sample | None = None
+    tbt: Sample | None = None
+    prefill_gpu_util: Sample | None = None
+    decode_gpu_util: Sample | None = None
+    prefill_sm_active: Sample | None = None
+    decode_sm_active: Sample | None = None
+    decode_kv_usage: Sample | None = None
+
+    def get(self, name: MetricName) -> Sample | None:
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class RoleCount:
+    """Instances of one role: serving, still starting (count as capacity), and
+    draining (soft scale-in: out of service discovery, still running)."""
+
+    ready: int = 0
+    starting: int = 0
+    draining: int = 0
+
+    @property
+    def active(self) -> int:
+        """Instances that count as capacity for the policy."""
+        return self.ready + self.starting
+
+
+@dataclass(frozen=True)
+class ServiceFleet:
+    """How many instances one service has, per role: the policy's view of the fleet."""
+
+    service: str
+    prefill: RoleCount = field(default_factory=RoleCount)
+    decode: RoleCount = field(default_factory=RoleCount)
+
+    def role(self, role: Role) -> RoleCount:
+        return self.prefill if role == "prefill" else self.decode
+
+
+@dataclass(frozen=True)
+class NodeInstances:
+    """``instances`` instances of one role placed on one node."""
+
+    node: str
+    instances: int
+
+
+@dataclass(frozen=True)
+class GroupRole:
+    """One role inside a deployment group: its GPU type and where its instances run."""
+
+    gpu_type: str
+    instances: int
+    nodes: tuple[NodeInstances, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeploymentGroup:
+    """A service's prefill and decode instances that share one scheduling domain.
+
+    ``domain`` is the switch (S1 or S2 name) the group is pinned to, or the cluster
+    name for loose-affinity services; ``subgroup`` is the RDMA subgroup it lives in
+    (``None`` for loose affinity). ``group_id`` is stable across cycles.
+    """
+
+    service: str
+    cluster: str
+    group_id: str
+    domain: str
+    subgroup: str | None
+    prefill: GroupRole
+    decode: GroupRole
+
+    def role(self, role: Role) -> GroupRole:
+        return self.prefill if role == "prefill" else self.decode
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """Everything running in one cluster that the reconciler owns, as observed."""
+
+    cluster: str
+    groups: tuple[DeploymentGroup, ...] = ()
+    # Instances per (service, role) that are starting / draining; ready = placed - these.
+    starting: Mapping[tuple[str, Role], int] = field(default_factory=dict)
+    draining: Mapping[tuple[str, Role], int] = field(default_factory=dict)
+
+    def service_fleet(self, service: str) -> ServiceFleet:
+        counts: dict[Role, int] = {"prefill": 0, "decode": 0}
+        for group in self.groups:
+            if group.service == service:
+                counts["prefill"] += group.prefill.instances
+                counts["decode"] += group.decode.instances
+
+        def role_count(role: Role) -> RoleCount:
+            starting = self.starting.get((service, role), 0)
+            draining = self.draining.get((service, role), 0)
+            return RoleCount(
+                ready=max(0, counts[role] - starting), starting=starting, draining=draining
+            )
+
+        return ServiceFleet(service, role_count("prefill"), role_count("decode"))
+
+
+@dataclass(frozen=True)
+class Targets:
+    """How many instances of each role a service should run (the policy's output)."""
+
+    service: str
+    prefill: int
+    decode: int
