@@ -97,6 +97,22 @@ def schema(
         raise typer.Exit(1)
 
 
+def _register_commands() -> None:
+    """Each module of ``reconciler.commands`` adds its commands with ``register(app)``,
+    so features land without editing this file."""
+    import importlib
+    import pkgutil
+
+    import reconciler.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"reconciler.commands.{info.name}")
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,58 @@
+"""The two edges of the reconciler that read the world, as protocols.
+
+Real adapters (Prometheus, Kubernetes) and the simulator implement the same
+interfaces, so the reconcile loop runs unchanged against either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.plan import Plan
+from reconciler.state import FleetState, ServiceMetrics
+
+
+class MetricsSource(Protocol):
+    """Current signals for many services in one batched read.
+
+    Returns one ``ServiceMetrics`` per requested service (signals that could not be
+    read are ``None`` inside it). Raises ``MetricsUnavailable`` when the backend as a
+    whole cannot be read; the reconciler then holds every service.
+    """
+
+    def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]: ...
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A difference between the cluster file and the live cluster, or an object
+    changed by someone else."""
+
+    kind: str  # "node_missing", "node_label", "node_capacity", "object_modified", ...
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a cluster backend saw: our groups, plus any drift."""
+
+    fleet: FleetState
+    drift: tuple[Drift, ...] = field(default=())
+
+
+class ClusterBackend(Protocol):
+    """Reads and changes one cluster.
+
+    ``diff`` is the exact dry run of ``apply``: both take the same plan, and apply
+    returns the changes it carried out in the same shape.
+    """
+
+    def observe(self, cluster: ClusterSpec, policies: Sequence[ServicePolicy]) -> Observation: ...
+
+    def diff(self, plan: Plan) -> Sequence[str]: ...
+
+    def apply(self, plan: Plan) -> Sequence[str]: ...

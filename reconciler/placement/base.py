@@ -1,0 +1,85 @@
+"""Placement as data: what is asked, what comes back, and why something could not be placed.
+
+Placement never fails with a bare error: whatever cannot be placed comes back as a
+``Shortfall`` naming the service, role, the constraint that bound, and how many GPUs
+of which type were missing under which switch (as in Karpenter's scheduler, where
+infeasibility is part of the result).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.state import DeploymentGroup, FleetState, Role, Targets
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    time_limit_s: float = 2.0
+    seed: int = 0
+    workers: int = 2
+    allow_rebalance: bool = False  # move running instances (off: never)
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """Everything placement needs for one cluster and one cycle."""
+
+    cluster: ClusterSpec
+    policies: Mapping[str, ServicePolicy]  # the services that run in this cluster
+    current: FleetState  # groups as they run now
+    targets: Mapping[str, Targets]  # per service, from the policy
+    options: PlacementOptions = field(default_factory=PlacementOptions)
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Instances that could not be placed, and why."""
+
+    service: str
+    role: Role
+    instances: int
+    constraint: str  # e.g. "gpu_capacity", "affinity", "gpu_type", "max_groups"
+    detail: str  # e.g. "needs 16 h20 GPUs under one S2; largest free: 8 under pod-b"
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    solver: Literal["cp-sat", "greedy"]
+    status: str  # OPTIMAL, FEASIBLE, ... or "heuristic"
+    wall_s: float
+    objective: float | None = None
+    best_bound: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Relative optimality gap (0 = proven optimal); None when unknown."""
+        if self.objective is None or self.best_bound is None:
+            return None
+        denom = max(abs(self.objective), 1e-9)
+        return abs(self.objective - self.best_bound) / denom
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """The full desired layout of the cluster after this cycle (unchanged groups
+    included), plus what could not be placed."""
+
+    cluster: str
+    groups: tuple[DeploymentGroup, ...]
+    shortfalls: tuple[Shortfall, ...] = ()
+    stats: SolverStats | None = None
+
+    def placed(self, service: str, role: Role) -> int:
+        return sum(g.role(role).instances for g in self.groups if g.service == service)
+
+
+class Placer(Protocol):
+    """CP-SAT placement and the paper's greedy scheduler share this interface."""
+
+    name: str
+
+    def place(self, request: PlacementRequest) -> PlacementResult: ...

@@ -1,0 +1,109 @@
+"""The plan of one cycle and its group-level diff against the observed fleet.
+
+The diff pairs desired and live deployment groups by key ``(service, group_id)``
+(as gitops-engine pairs objects): missing live = create, missing desired = delete,
+both present with other counts = scale. The same ``Plan`` feeds the dry-run report
+and ``apply``, so the report is exactly what apply does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reconciler.placement.base import PlacementResult
+from reconciler.policy.base import Decision
+from reconciler.state import ROLES, DeploymentGroup, FleetState, Role
+
+ChangeKind = Literal["create", "scale_up", "scale_down", "delete"]
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    """One role of one deployment group changes size (0 -> n is a create, n -> 0 a delete)."""
+
+    kind: ChangeKind
+    service: str
+    group_id: str
+    role: Role
+    gpu_type: str
+    domain: str
+    before: int
+    after: int
+    gpus_per_instance: int
+
+    @property
+    def gpu_delta(self) -> int:
+        return (self.after - self.before) * self.gpus_per_instance
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind:<10} {self.service}/{self.group_id}/{self.role} on {self.gpu_type} "
+            f"under {self.domain}: {self.before} -> {self.after} instances "
+            f"({self.gpu_delta:+d} GPUs)"
+        )
+
+
+# Order that never drops capacity: add first, then remove.
+_ORDER: dict[ChangeKind, int] = {"create": 0, "scale_up": 1, "scale_down": 2, "delete": 3}
+
+
+def diff_groups(
+    current: FleetState, desired: tuple[DeploymentGroup, ...], gpus_per_instance: Mapping[tuple[str, Role], int]
+) -> tuple[GroupChange, ...]:
+    """Changes that turn ``current`` into ``desired``, capacity-adding ones first."""
+    live = {(g.service, g.group_id): g for g in current.groups}
+    want = {(g.service, g.group_id): g for g in desired}
+    changes: list[GroupChange] = []
+    for key in sorted(live.keys() | want.keys()):
+        before_group, after_group = live.get(key), want.get(key)
+        for role in ROLES:
+            before = before_group.role(role).instances if before_group else 0
+            after = after_group.role(role).instances if after_group else 0
+            if before == after:
+                continue
+            ref = after_group or before_group
+            assert ref is not None
+            if before == 0:
+                kind: ChangeKind = "create"
+            elif after == 0:
+                kind = "delete"
+            else:
+                kind = "scale_up" if after > before else "scale_down"
+            changes.append(
+                GroupChange(
+                    kind=kind,
+                    service=key[0],
+                    group_id=key[1],
+                    role=role,
+                    gpu_type=ref.role(role).gpu_type,
+                    domain=ref.domain,
+                    before=before,
+                    after=after,
+                    gpus_per_instance=gpus_per_instance.get((key[0], role), 1),
+                )
+            )
+    changes.sort(key=lambda c: (_ORDER[c.kind], c.service, c.group_id, c.role))
+    return tuple(changes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one cycle wants for one cluster: per-service decisions, the placement that
+    realises them, and the changes against what runs now."""
+
+    cluster: str
+    decisions: Mapping[str, Decision]
+    placement: PlacementResult
+    changes: tuple[GroupChange, ...]
+    current: FleetState
+    notes: tuple[str, ...] = field(default=())  # held services, skipped stages, drift
+
+    @property
+    def groups(self) -> tuple[DeploymentGroup, ...]:
+        return self.placement.groups
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)

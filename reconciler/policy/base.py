@@ -1,0 +1,95 @@
+"""The autoscaling decision as data, and the interface every autoscaler implements.
+
+An autoscaler is a pure function of (policy, fleet, metrics, history, now): no I/O,
+no clock reads. ``history`` holds what earlier cycles recommended; it is never
+mutated, a new one comes back inside the ``Decision``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from reconciler.desired.models import ServicePolicy
+from reconciler.state import ServiceFleet, ServiceMetrics
+
+Reason = Literal[
+    "within_tolerance",  # observed/target inside the tolerance band: hold
+    "scale_out",  # primary metric asks for more
+    "scale_in",  # primary metric asks for less (after stabilisation)
+    "latency_feedback",  # a TTFT/TBT tier fired
+    "kv_cache_pressure",  # decode KV-cache usage above threshold
+    "metrics_missing",  # missing/stale/NaN signal: hold current size
+    "stabilised",  # a scale-in was held back by the window or cooldown
+    "bounds",  # only min/max/ratio enforcement changed the size
+    "baseline",  # a baseline autoscaler's own logic
+]
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """A limit that changed the raw recommendation; names itself and its numbers."""
+
+    name: str  # e.g. "max_step", "min_instances", "ratio_bound", "scale_in_window"
+    role: str  # "prefill", "decode" or "both"
+    before: int
+    after: int
+    detail: str  # e.g. "max step 4 instances or 100% of 6"
+
+    def __str__(self) -> str:
+        return f"{self.name}({self.role}: {self.before} -> {self.after}; {self.detail})"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One earlier cycle's raw recommendation, kept for stabilisation windows."""
+
+    at_s: float
+    prefill: int
+    decode: int
+
+
+@dataclass(frozen=True)
+class PolicyHistory:
+    """What a service's autoscaler remembers between cycles (immutable)."""
+
+    recommendations: tuple[Recommendation, ...] = ()
+    last_change_at_s: float | None = None
+    # Latency and KV-cache observations for windowed rules: (at_s, value).
+    ttft_ms: tuple[tuple[float, float], ...] = ()
+    tbt_ms: tuple[tuple[float, float], ...] = ()
+    kv_usage: tuple[tuple[float, float], ...] = ()
+    # The dynamic P/D ratio target (prefill/decode), when the policy moves it.
+    dynamic_ratio: float | None = None
+    extra: tuple[tuple[str, float], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Target instances for one service, why, and every clamp that applied."""
+
+    service: str
+    prefill: int
+    decode: int
+    reason: Reason
+    message: str  # one line with the numbers, for logs, reports and status
+    clamps: tuple[Clamp, ...] = ()
+    history: PolicyHistory = field(default_factory=PolicyHistory)
+
+    def changes(self, fleet: ServiceFleet) -> bool:
+        return self.prefill != fleet.prefill.active or self.decode != fleet.decode.active
+
+
+class Autoscaler(Protocol):
+    """Anything that sizes a service: the coordinated policy and every baseline."""
+
+    name: str
+
+    def decide(
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision: ...
