@@ -40,8 +40,13 @@ def report_config_error(exc: ConfigError) -> None:
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="repository root holding policies/ and clusters/")] = Path("."),
-    rev: Annotated[str | None, typer.Option("--rev", help="validate this Git revision, without checking it out")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="repository root holding policies/ and clusters/")
+    ] = Path("."),
+    rev: Annotated[
+        str | None,
+        typer.Option("--rev", help="validate this Git revision, without checking it out"),
+    ] = None,
 ) -> None:
     """Validate the desired state (policies/, clusters/ and the templates they name)."""
     if not path.exists():
@@ -77,8 +82,12 @@ def render_schemas() -> dict[str, str]:
 
 @app.command()
 def schema(
-    out_dir: Annotated[Path, typer.Option("--out", help="directory to write into")] = Path("schemas"),
-    check: Annotated[bool, typer.Option("--check", help="exit 1 if the files on disk are stale")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="directory to write into")] = Path(
+        "schemas"
+    ),
+    check: Annotated[
+        bool, typer.Option("--check", help="exit 1 if the files on disk are stale")
+    ] = False,
 ) -> None:
     """Write the JSON Schemas of policies/ and clusters/ files (used by editors via the
     `# yaml-language-server: $schema=` line)."""

@@ -50,7 +50,9 @@ _ORDER: dict[ChangeKind, int] = {"create": 0, "scale_up": 1, "scale_down": 2, "d
 
 
 def diff_groups(
-    current: FleetState, desired: tuple[DeploymentGroup, ...], gpus_per_instance: Mapping[tuple[str, Role], int]
+    current: FleetState,
+    desired: tuple[DeploymentGroup, ...],
+    gpus_per_instance: Mapping[tuple[str, Role], int],
 ) -> tuple[GroupChange, ...]:
     """Changes that turn ``current`` into ``desired``, capacity-adding ones first."""
     live = {(g.service, g.group_id): g for g in current.groups}
@@ -81,7 +83,9 @@ def diff_groups(
                     domain=ref.domain,
                     before=before,
                     after=after,
-                    gpus_per_instance=gpus_per_instance.get((key[0], role), 1),
+                    gpus_per_instance=gpus_per_instance.get((key[0], role))
+                    or ref.role(role).gpus_per_instance
+                    or 1,
                 )
             )
     changes.sort(key=lambda c: (_ORDER[c.kind], c.service, c.group_id, c.role))

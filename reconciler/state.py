@@ -127,6 +127,8 @@ class GroupRole:
     gpu_type: str
     instances: int
     nodes: tuple[NodeInstances, ...] = ()
+    # Known when observed from a live workload; otherwise the policy's value applies.
+    gpus_per_instance: int | None = None
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,9 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
 
     def claim(name: str, path: Path, what: str) -> None:
         if name in seen:
-            problems.append(((*path, "name"), f"{what} '{name}' is declared twice (also at {_fmt(seen[name])})"))
+            problems.append(
+                ((*path, "name"), f"{what} '{name}' is declared twice (also at {_fmt(seen[name])})")
+            )
         else:
             seen[name] = path
 
@@ -84,7 +86,9 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
     # Default GPU types must be in the catalogue.
     def check_defaults(defaults_path: Path, gpu_type: str | None) -> None:
         if gpu_type is not None and gpu_type not in spec.gpu_types:
-            problems.append(((*defaults_path, "gpu_type"), _unknown("GPU type", gpu_type, spec.gpu_types)))
+            problems.append(
+                ((*defaults_path, "gpu_type"), _unknown("GPU type", gpu_type, spec.gpu_types))
+            )
 
     check_defaults(("defaults",), spec.defaults.gpu_type)
     for i2, s2 in enumerate(spec.s2):
@@ -104,9 +108,16 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
     node_seen: dict[str, Path] = {}
     for node, path in nodes:
         if node.gpu_type not in spec.gpu_types:
-            problems.append((path, f"node {node.name}: {_unknown('GPU type', node.gpu_type, spec.gpu_types)}"))
+            problems.append(
+                (path, f"node {node.name}: {_unknown('GPU type', node.gpu_type, spec.gpu_types)}")
+            )
         if node.name in node_seen:
-            problems.append((path, f"node '{node.name}' is declared twice (also at {_fmt(node_seen[node.name])})"))
+            problems.append(
+                (
+                    path,
+                    f"node '{node.name}' is declared twice (also at {_fmt(node_seen[node.name])})",
+                )
+            )
         else:
             node_seen[node.name] = path
 
@@ -130,7 +141,9 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
             continue
         for s1 in members:
             if s1 in owner and owner[s1] != subgroup.name:
-                problems.append(((*path, "switches"), f"S1 '{s1}' is already in subgroup '{owner[s1]}'"))
+                problems.append(
+                    ((*path, "switches"), f"S1 '{s1}' is already in subgroup '{owner[s1]}'")
+                )
             owner[s1] = subgroup.name
         derived = derive_subgroup_class({s1: types_per_s1[s1] for s1 in members})
         if subgroup.declared_class is not None and subgroup.declared_class != derived:
@@ -151,7 +164,10 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
         rp = policy.role(role)
         if rp.min_instances > rp.max_instances:
             problems.append(
-                ((role, "min_instances"), f"must be <= max_instances ({rp.min_instances} > {rp.max_instances})")
+                (
+                    (role, "min_instances"),
+                    f"must be <= max_instances ({rp.min_instances} > {rp.max_instances})",
+                )
             )
     ratio = policy.pd_ratio
     if ratio.min > ratio.max:
@@ -162,8 +178,17 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
     for metric in ("ttft", "tbt"):
         thresholds = [t.above for t in tiers if t.metric == metric]
         if len(set(thresholds)) != len(thresholds):
-            index = next(i for i, t in enumerate(tiers) if t.metric == metric and thresholds.count(t.above) > 1)
-            problems.append((("scaling", "latency_tiers", index, "above"), f"two {metric} tiers share one threshold"))
+            index = next(
+                i
+                for i, t in enumerate(tiers)
+                if t.metric == metric and thresholds.count(t.above) > 1
+            )
+            problems.append(
+                (
+                    ("scaling", "latency_tiers", index, "above"),
+                    f"two {metric} tiers share one threshold",
+                )
+            )
     for key in policy.metrics.queries:
         from reconciler.state import METRIC_NAMES
 
@@ -186,9 +211,17 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
         for gpu_type in rp.gpu_types:
             if gpu_type not in cluster.gpu_types:
                 problems.append(
-                    ((role, "gpu_types", gpu_type), _unknown(f"GPU type in cluster '{cluster.name}'", gpu_type, cluster.gpu_types))
+                    (
+                        (role, "gpu_types", gpu_type),
+                        _unknown(
+                            f"GPU type in cluster '{cluster.name}'", gpu_type, cluster.gpu_types
+                        ),
+                    )
                 )
-            elif max_gpus_per_type.get(gpu_type, 0) and rp.gpus_per_instance > max_gpus_per_type[gpu_type]:
+            elif (
+                max_gpus_per_type.get(gpu_type, 0)
+                and rp.gpus_per_instance > max_gpus_per_type[gpu_type]
+            ):
                 problems.append(
                     (
                         (role, "gpus_per_instance"),

@@ -4,8 +4,10 @@ Every problem is reported as ``file:line:column: field.path: message``, and all
 problems of a run are reported together: ``load_desired_state`` raises one
 ``ConfigError`` that carries the whole list.
 
-YAML is read with ruamel.yaml in round-trip mode so the position of every key is
-known (and so ``tune`` can write files back with comments and order intact).
+YAML is read with ruamel.yaml: composed (C parser where ruamel.yaml.clib is
+installed) so the position of every key is known, then constructed with the YAML 1.2
+resolver. Writing files back with comments and order intact is
+``reconciler.desired.roundtrip``'s job.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler.desired.checks import (
     Path as KeyPath,
@@ -79,45 +81,39 @@ class DesiredState:
 # --------------------------------------------------------------------------- parsing
 
 
-def _yaml() -> YAML:
-    yaml = YAML(typ="rt")
+def _safe_yaml() -> YAML:
+    # The C parser (ruamel.yaml.clib) composes ~5x faster than round-trip mode; the
+    # resolver is still ruamel's YAML 1.2 one, so values mean the same as in the
+    # round-trip editor (reconciler.desired.roundtrip) that `tune` writes with.
+    yaml = YAML(typ="safe", pure=False)
     yaml.allow_duplicate_keys = False
     return yaml
 
 
-def _plain(node: Any, path: KeyPath, locations: dict[KeyPath, Location]) -> Any:
-    """Round-trip YAML nodes -> plain dicts/lists, recording each key's position."""
-    if isinstance(node, CommentedMap):
-        out: dict[Any, Any] = {}
-        for key, value in node.items():
-            child = (*path, key)
-            try:
-                line, col = node.lc.key(key)
-                locations[child] = (line + 1, col + 1)
-            except (KeyError, TypeError):
-                pass
-            out[key] = _plain(value, child, locations)
-        return out
-    if isinstance(node, CommentedSeq):
-        items = []
-        for index, value in enumerate(node):
+def _record_locations(node: Node, path: KeyPath, locations: dict[KeyPath, Location]) -> None:
+    """Walk the composed node tree and note where each key and list item starts."""
+    if isinstance(node, MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                continue
+            child = (*path, _scalar_key(key_node))
+            locations[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _record_locations(value_node, child, locations)
+    elif isinstance(node, SequenceNode):
+        for index, item in enumerate(node.value):
             child = (*path, index)
-            try:
-                line, col = node.lc.item(index)
-                locations[child] = (line + 1, col + 1)
-            except (KeyError, TypeError, IndexError):
-                pass
-            items.append(_plain(value, child, locations))
-        return items
-    if isinstance(node, str):
-        return str(node)
-    if isinstance(node, bool):
-        return bool(node)
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    return node
+            locations[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
+            _record_locations(item, child, locations)
+
+
+def _scalar_key(node: ScalarNode) -> object:
+    """Keys are strings in our files; integer-looking keys stay as YAML resolved them."""
+    if node.tag.endswith(":int"):
+        try:
+            return int(node.value)
+        except ValueError:
+            return node.value
+    return node.value
 
 
 def parse_yaml(path: str, raw: bytes) -> ParsedFile:
@@ -130,12 +126,12 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
         raise ConfigError(
             [ConfigIssue(path, line, column, "", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})")]
         ) from None
-    if not text.strip() or all(
-        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
-    ):
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
         raise ConfigError([ConfigIssue(path, None, None, "", "file is empty")])
+    yaml = _safe_yaml()
     try:
-        node = _yaml().load(io.StringIO(text))
+        node = yaml.compose(io.StringIO(text))
+        data = yaml.constructor.construct_document(node) if node is not None else None
     except DuplicateKeyError as exc:
         mark = exc.problem_mark
         key = (exc.problem or "").split('"')[1] if '"' in (exc.problem or "") else ""
@@ -166,13 +162,17 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
         ) from None
     except YAMLError as exc:
         raise ConfigError([ConfigIssue(path, None, None, "", f"YAML error: {exc}")]) from None
-    if not isinstance(node, CommentedMap):
-        kind = "a list" if isinstance(node, CommentedSeq) else type(node).__name__
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else type(data).__name__
         raise ConfigError(
-            [ConfigIssue(path, 1, 1, "", f"the document must be a mapping of keys to values, not {kind}")]
+            [
+                ConfigIssue(
+                    path, 1, 1, "", f"the document must be a mapping of keys to values, not {kind}"
+                )
+            ]
         )
     locations: dict[KeyPath, Location] = {(): (1, 1)}
-    data = _plain(node, (), locations)
+    _record_locations(node, (), locations)
     return ParsedFile(path, data, locations)
 
 
@@ -213,7 +213,11 @@ def _model_at(root: type[BaseModel], key_path: KeyPath) -> type[BaseModel] | Non
         for cand in candidates:
             for member in _unwrap(cand):
                 origin = typing.get_origin(member)
-                if isinstance(member, type) and issubclass(member, BaseModel) and isinstance(part, str):
+                if (
+                    isinstance(member, type)
+                    and issubclass(member, BaseModel)
+                    and isinstance(part, str)
+                ):
                     for name, info in member.model_fields.items():
                         if part in (name, info.alias):
                             nxt.append(info.annotation)
@@ -236,9 +240,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 def _data_has(data: Any, key_path: KeyPath) -> bool:
     node = data
     for part in key_path:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
             node = node[part]
         else:
             return False
@@ -277,7 +281,9 @@ def validation_issues(
             if owner is not None:
                 names = _field_names(owner)
                 hint = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-                message += f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(names)}"
+                message += (
+                    f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(names)}"
+                )
         elif kind == "missing":
             message = "required field is missing"
         else:
@@ -327,9 +333,13 @@ def load_from_source(source: Source) -> DesiredState:
     cluster_paths = source.list_yaml(CLUSTERS_DIR)
     policy_paths = source.list_yaml(POLICIES_DIR)
     if not cluster_paths:
-        issues.append(ConfigIssue(CLUSTERS_DIR, None, None, "", "no cluster files (clusters/*.yaml)"))
+        issues.append(
+            ConfigIssue(CLUSTERS_DIR, None, None, "", "no cluster files (clusters/*.yaml)")
+        )
     if not policy_paths:
-        issues.append(ConfigIssue(POLICIES_DIR, None, None, "", "no service policy files (policies/*.yaml)"))
+        issues.append(
+            ConfigIssue(POLICIES_DIR, None, None, "", "no service policy files (policies/*.yaml)")
+        )
 
     files: dict[str, ParsedFile] = {}
     clusters: dict[str, ClusterSpec] = {}
@@ -343,7 +353,11 @@ def load_from_source(source: Source) -> DesiredState:
         issues.extend(_issue(parsed, path, msg) for path, msg in problems)
         if spec.name in clusters:
             issues.append(
-                _issue(parsed, ("name",), f"cluster '{spec.name}' is also defined in {cluster_files[spec.name]}")
+                _issue(
+                    parsed,
+                    ("name",),
+                    f"cluster '{spec.name}' is also defined in {cluster_files[spec.name]}",
+                )
             )
         elif not problems:
             clusters[spec.name] = spec
@@ -359,13 +373,22 @@ def load_from_source(source: Source) -> DesiredState:
             continue
         problems = check_policy(policy)
         if policy.name in policies:
-            problems.append((("name",), f"service '{policy.name}' is also defined in {policy_files[policy.name]}"))
+            problems.append(
+                (
+                    ("name",),
+                    f"service '{policy.name}' is also defined in {policy_files[policy.name]}",
+                )
+            )
         cluster = clusters.get(policy.cluster)
         if cluster is None:
             if policy.cluster not in {p.stem for p in map(Path, cluster_paths)}:
                 known = sorted(clusters)
                 hint = difflib.get_close_matches(policy.cluster, known, n=1)
-                suffix = f"; did you mean '{hint[0]}'?" if hint else (f"; known: {', '.join(known)}" if known else "")
+                suffix = (
+                    f"; did you mean '{hint[0]}'?"
+                    if hint
+                    else (f"; known: {', '.join(known)}" if known else "")
+                )
                 problems.append((("cluster",), f"unknown cluster '{policy.cluster}'{suffix}"))
         else:
             problems.extend(check_policy_against_cluster(policy, cluster))

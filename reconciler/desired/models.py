@@ -58,7 +58,9 @@ class ModelSpec(StrictModel):
     """The served model, as far as capacity planning and simulation need it."""
 
     name: str = Field(description="model name as the engine serves it, e.g. 'llama-3.1-70b'")
-    params_b: PositiveFloat = Field(description="parameters, in billions (prefill cost scales with it)")
+    params_b: PositiveFloat = Field(
+        description="parameters, in billions (prefill cost scales with it)"
+    )
     kv_bytes_per_token: Annotated[int, Field(gt=0)] = Field(
         description="KV-cache bytes per token over all layers (2 x layers x kv_heads x head_dim x bytes)"
     )
@@ -152,7 +154,8 @@ class Scaling(StrictModel):
         default=0.1, description="no change while observed/target stays within 1 +- tolerance"
     )
     scale_out_window_s: NonNegativeSeconds = Field(
-        default=0.0, description="scale-out takes the lowest recommendation over this window (0 = at once)"
+        default=0.0,
+        description="scale-out takes the lowest recommendation over this window (0 = at once)",
     )
     scale_in_window_s: NonNegativeSeconds = Field(
         default=300.0, description="scale-in takes the highest recommendation over this window"
@@ -305,9 +308,12 @@ class TopologyLabels(StrictModel):
 class Network(StrictModel):
     """Link speeds for KV-cache transfer between a prefill and a decode instance."""
 
-    rdma_gbps: PositiveFloat = Field(default=400.0, description="per-instance RDMA, inside a subgroup")
+    rdma_gbps: PositiveFloat = Field(
+        default=400.0, description="per-instance RDMA, inside a subgroup"
+    )
     cross_subgroup_gbps: PositiveFloat = Field(
-        default=50.0, description="per-instance bandwidth across spines (outside any shared subgroup)"
+        default=50.0,
+        description="per-instance bandwidth across spines (outside any shared subgroup)",
     )
 
 
@@ -359,7 +365,9 @@ def _merge(*layers: NodeDefaults | NodeSpec) -> tuple[str | None, int | None, di
     return gpu_type, gpus, labels
 
 
-def iter_s0(spec: ClusterSpec) -> list[tuple[str, S0Switch, S1Switch, S2Switch, tuple[object, ...]]]:
+def iter_s0(
+    spec: ClusterSpec,
+) -> list[tuple[str, S0Switch, S1Switch, S2Switch, tuple[object, ...]]]:
     """Every S0 switch name after range expansion, with its parents and YAML path."""
     out = []
     for i2, s2 in enumerate(spec.s2):
@@ -384,7 +392,9 @@ def iter_nodes(spec: ClusterSpec) -> list[tuple[Node, tuple[object, ...]]]:
                 entries = [s0.nodes] if isinstance(s0.nodes, str) else list(s0.nodes)
                 expanded: list[tuple[str, NodeSpec | None, tuple[object, ...]]] = []
                 for j, entry in enumerate(entries):
-                    entry_path = (*s0_path, "nodes") if isinstance(s0.nodes, str) else (*s0_path, "nodes", j)
+                    entry_path = (
+                        (*s0_path, "nodes") if isinstance(s0.nodes, str) else (*s0_path, "nodes", j)
+                    )
                     if isinstance(entry, str):
                         expanded += [(n, None, entry_path) for n in expand_range(entry)]
                     else:
@@ -397,14 +407,25 @@ def iter_nodes(spec: ClusterSpec) -> list[tuple[Node, tuple[object, ...]]]:
                     )
                 per_switch = len(expanded) // len(s0_names)
                 for k, (node_name, node_spec, node_path) in enumerate(expanded):
-                    layers: list[NodeDefaults | NodeSpec] = [spec.defaults, s2.defaults, s1.defaults, s0.defaults]
+                    layers: list[NodeDefaults | NodeSpec] = [
+                        spec.defaults,
+                        s2.defaults,
+                        s1.defaults,
+                        s0.defaults,
+                    ]
                     if node_spec is not None:
                         layers.append(node_spec)
                     gpu_type, gpus, labels = _merge(*layers)
                     if gpu_type is None:
-                        raise ValueError(f"node {node_name} has no gpu_type (set it on the node or a switch's defaults)", node_path)
+                        raise ValueError(
+                            f"node {node_name} has no gpu_type (set it on the node or a switch's defaults)",
+                            node_path,
+                        )
                     if gpus is None:
-                        raise ValueError(f"node {node_name} has no gpus_per_node (set it on the node or a switch's defaults)", node_path)
+                        raise ValueError(
+                            f"node {node_name} has no gpus_per_node (set it on the node or a switch's defaults)",
+                            node_path,
+                        )
                     node = Node(
                         name=node_name,
                         s0=s0_names[k // per_switch],

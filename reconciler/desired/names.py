@@ -34,5 +34,8 @@ def expand_range(pattern: str) -> tuple[str, ...]:
         if stop - start + 1 + len(names) > MAX_RANGE:
             raise ValueError(f"range {pattern!r} expands to more than {MAX_RANGE} names")
         width = len(first) if first.startswith("0") else 0
-        names += [f"{match.group('prefix')}{i:0{width}d}{match.group('suffix')}" for i in range(start, stop + 1)]
+        names += [
+            f"{match.group('prefix')}{i:0{width}d}{match.group('suffix')}"
+            for i in range(start, stop + 1)
+        ]
     return tuple(names)

@@ -63,9 +63,10 @@ class DirectorySource:
     def _resolve(self, path: str) -> Path:
         full = self.root / path
         resolved = full.resolve()
-        if full.is_symlink() or resolved != full.absolute():
-            if not resolved.is_relative_to(self.root):
-                raise SourceError(path, f"is a symlink to {resolved}, outside the repository; refused")
+        # Anything that resolves outside the root (a symlink, or a link in a parent
+        # directory) is refused: a reviewer could not see its content in the repo.
+        if not resolved.is_relative_to(self.root):
+            raise SourceError(path, f"is a symlink to {resolved}, outside the repository; refused")
         return resolved
 
     def list_yaml(self, directory: str) -> list[str]:
@@ -106,7 +107,9 @@ class GitSource:
         try:
             commit = self._git("rev-parse", "--verify", "--quiet", f"{self.rev}^{{commit}}").strip()
         except SourceError:
-            raise SourceError(self.rev, f"not a revision of the Git repository at {self.repo}") from None
+            raise SourceError(
+                self.rev, f"not a revision of the Git repository at {self.repo}"
+            ) from None
         self.commit = commit
         self.label = self.label or f"{self.rev} ({commit[:12]})"
         listing = self._git("ls-tree", "-r", "-l", "--full-tree", commit)
@@ -137,12 +140,14 @@ class GitSource:
         entry = self._tree.get(path)
         if entry is None:
             raise SourceError(path, f"no such file at revision {self.rev}")
-        mode, sha, size = entry
+        mode, sha, _size = entry
         if mode == "120000":
             target = self._blob(sha).decode(errors="replace")
             joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
             if target.startswith("/") or joined.startswith(".."):
-                raise SourceError(path, f"is a symlink to {target}, outside the repository; refused")
+                raise SourceError(
+                    path, f"is a symlink to {target}, outside the repository; refused"
+                )
             if depth > 8:
                 raise SourceError(path, "symlink chain too long")
             return self._follow(joined, depth + 1)

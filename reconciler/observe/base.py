@@ -23,7 +23,9 @@ class MetricsSource(Protocol):
     whole cannot be read; the reconciler then holds every service.
     """
 
-    def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]: ...
+    def fetch(
+        self, policies: Sequence[ServicePolicy], now_s: float
+    ) -> dict[str, ServiceMetrics]: ...
 
 
 @dataclass(frozen=True)
