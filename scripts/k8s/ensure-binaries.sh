@@ -35,9 +35,7 @@ export DEBIAN_FRONTEND=noninteractive
 echo "ensure-binaries: building Kubernetes v1.20.2 into $OUT (about 5.5 minutes cold)" >&2
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends golang-go golang-github-modern-go-reflect2-dev \
-  etcd-server rsync make openssl curl ca-certificates flock >/dev/null 2>&1 \
-  || apt-get install -y -qq --no-install-recommends golang-go golang-github-modern-go-reflect2-dev \
-    etcd-server rsync make openssl curl ca-certificates >/dev/null
+  etcd-server rsync make openssl curl ca-certificates >/dev/null
 
 missing=()
 for t in "${TOOLS[@]}"; do [ -x "$OUT/$t" ] || missing+=("$t"); done

@@ -1,0 +1,242 @@
+"""Bad input: every problem comes back as `file:line:column: field: message`, all at
+once, with exit code 1 and no traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+from reconciler.desired import load_desired_state
+from reconciler.errors import ConfigError
+
+runner = CliRunner()
+
+
+def problems(repo: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_desired_state(repo)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+def test_a_wrong_value_names_file_line_column_field_and_value(example_repo: Path) -> None:
+    policy = example_repo / "policies/svc-a.yaml"
+    edit(policy, "tbt_ms: 40", "tbt_ms: -20")
+    line = line_of(policy, "tbt_ms: -20")
+    assert problems(example_repo) == [
+        f"policies/svc-a.yaml:{line}:3: slo.tbt_ms: must be greater than 0 (got -20)"
+    ]
+
+
+def test_a_wrong_type_is_reported_with_the_value_given(example_repo: Path) -> None:
+    edit(
+        example_repo / "policies/svc-b.yaml",
+        "min_instances: 2\n  max_instances: 256",
+        "min_instances: lots\n  max_instances: 256",
+    )
+    [message] = problems(example_repo)
+    assert re.fullmatch(
+        r"policies/svc-b.yaml:\d+:3: prefill.min_instances: must be a valid integer.*\(got 'lots'\)",
+        message,
+    )
+
+
+def test_an_unknown_key_suggests_the_closest_field(example_repo: Path) -> None:
+    edit(example_repo / "policies/chat.yaml", "  tolerance: 0.1", "  tolerence: 0.1")
+    [message] = problems(example_repo)
+    assert message.endswith("scaling.tolerence: unknown key 'tolerence'; did you mean 'tolerance'?")
+
+
+def test_an_unknown_key_in_a_cluster_file_suggests_too(example_repo: Path) -> None:
+    edit(example_repo / "clusters/prod-east.yaml", "    memory_gib: 96", "    memory_gb: 96")
+    missing, unknown = problems(example_repo)
+    assert missing.endswith("gpu_types.h20.memory_gib: required field is missing")
+    assert unknown.endswith(
+        "gpu_types.h20.memory_gb: unknown key 'memory_gb'; did you mean 'memory_gib'?"
+    )
+
+
+def test_a_missing_required_field_is_named(example_repo: Path) -> None:
+    edit(example_repo / "policies/svc-a.yaml", "  ttft_ms: 1000\n", "")
+    [message] = problems(example_repo)
+    assert re.fullmatch(
+        r"policies/svc-a.yaml:\d+:1: slo.ttft_ms: required field is missing", message
+    )
+
+
+def test_a_reference_to_an_unknown_cluster_suggests_the_known_one(example_repo: Path) -> None:
+    edit(example_repo / "policies/svc-a.yaml", "cluster: prod-east", "cluster: prod-eats")
+    [message] = problems(example_repo)
+    assert message.endswith("cluster: unknown cluster 'prod-eats'; did you mean 'prod-east'?")
+
+
+def test_a_reference_to_an_unknown_gpu_type_is_located(example_repo: Path) -> None:
+    edit(
+        example_repo / "policies/svc-b.yaml",
+        "gpu_types: {h20: 1.0, h800: 0.6}",
+        "gpu_types: {h20: 1.0, h100: 0.6}",
+    )
+    [message] = problems(example_repo)
+    assert "decode.gpu_types.h100: unknown GPU type in cluster 'prod-east' 'h100'" in message
+
+
+def test_a_missing_template_is_reported(example_repo: Path) -> None:
+    (example_repo / "templates/sglang-decode.yaml").unlink()
+    [message] = problems(example_repo)
+    assert "policies/summarize.yaml" in message
+    assert "decode.template: template 'templates/sglang-decode.yaml': no such file" in message
+
+
+def test_cross_field_ranges_are_checked(example_repo: Path) -> None:
+    policy = example_repo / "policies/svc-a.yaml"
+    edit(policy, 'target: "1:2"', 'target: "2:1"')
+    edit(
+        policy, "min_instances: 2\n  max_instances: 128", "min_instances: 200\n  max_instances: 128"
+    )
+    found = problems(example_repo)
+    assert any("pd_ratio.target: must lie inside [pd_ratio.min, pd_ratio.max]" in m for m in found)
+    assert any("prefill.min_instances: must be <= max_instances (200 > 128)" in m for m in found)
+
+
+def test_every_problem_of_a_run_is_reported_together(example_repo: Path) -> None:
+    edit(example_repo / "policies/svc-a.yaml", "tbt_ms: 40", "tbt_ms: 0")
+    edit(example_repo / "policies/svc-b.yaml", "quantile: 0.9", "quantile: 1.5")
+    edit(example_repo / "clusters/prod-east.yaml", "bf16_tflops: 148", "bf16_tflops: fast")
+    found = problems(example_repo)
+    assert len(found) == 3
+    assert [m.split(":")[0] for m in found] == [
+        "clusters/prod-east.yaml",
+        "policies/svc-a.yaml",
+        "policies/svc-b.yaml",
+    ]
+
+
+def test_a_yaml_syntax_error_is_located(example_repo: Path) -> None:
+    edit(example_repo / "policies/chat.yaml", "engine: vllm", "engine: [vllm")
+    [message] = problems(example_repo)
+    assert re.match(r"policies/chat.yaml:\d+:\d+: YAML syntax error", message)
+
+
+def test_a_duplicate_key_is_an_error(example_repo: Path) -> None:
+    policy = example_repo / "policies/chat.yaml"
+    edit(policy, "engine: vllm\n", "engine: vllm\nengine: sglang\n")
+    [message] = problems(example_repo)
+    assert (
+        f"policies/chat.yaml:{line_of(policy, 'engine: sglang')}:1: engine: duplicate key"
+        in message
+    )
+
+
+def test_an_empty_file_is_an_error(example_repo: Path) -> None:
+    (example_repo / "policies/empty.yaml").write_text("# nothing here\n\n")
+    assert problems(example_repo) == ["policies/empty.yaml: file is empty"]
+
+
+def test_a_file_that_is_not_a_mapping_is_an_error(example_repo: Path) -> None:
+    (example_repo / "policies/list.yaml").write_text("- name: a\n- name: b\n")
+    assert problems(example_repo) == [
+        "policies/list.yaml:1:1: the document must be a mapping of keys to values, not a list"
+    ]
+
+
+def test_a_huge_file_is_refused_before_parsing(example_repo: Path) -> None:
+    (example_repo / "policies/huge.yaml").write_text("# padding\n" * 1_000_000)  # 10 MB
+    [message] = problems(example_repo)
+    assert message.startswith("policies/huge.yaml: file is 10.0 MB, over the 5 MiB limit")
+
+
+def test_a_non_utf8_file_is_located_at_the_bad_byte(example_repo: Path) -> None:
+    (example_repo / "policies/latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert problems(example_repo) == ["policies/latin1.yaml:1:10: not valid UTF-8 (byte 0xe9)"]
+
+
+def test_a_symlink_out_of_the_repository_is_refused(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    outside = tmp_path_factory.mktemp("outside") / "secret.yaml"
+    outside.write_text((example_repo / "policies/chat.yaml").read_text())
+    (example_repo / "policies/chat.yaml").unlink()
+    (example_repo / "policies/chat.yaml").symlink_to(outside)
+    [message] = problems(example_repo)
+    assert message.startswith("policies/chat.yaml: is a symlink to")
+    assert message.endswith("outside the repository; refused")
+
+
+def test_a_symlink_inside_the_repository_is_followed(example_repo: Path) -> None:
+    (example_repo / "templates/alias.yaml").symlink_to(example_repo / "templates/vllm-decode.yaml")
+    edit(
+        example_repo / "policies/chat.yaml",
+        "template: templates/vllm-decode.yaml",
+        "template: templates/alias.yaml",
+    )
+    assert "chat" in load_desired_state(example_repo).policies
+
+
+def test_a_declared_subgroup_class_must_match_the_hardware(example_repo: Path) -> None:
+    edit(
+        example_repo / "clusters/prod-east.yaml",
+        "switches: [pod-c], class: medium",
+        "switches: [pod-c], class: low",
+    )
+    [message] = problems(example_repo)
+    assert "rdma_subgroups[2].class: declared 'low' but the GPUs below make it 'medium'" in message
+
+
+def test_switch_names_are_unique(example_repo: Path) -> None:
+    edit(example_repo / "clusters/prod-east.yaml", "- name: mp-b2", "- name: mp-b1")
+    [message] = problems(example_repo)
+    assert "s2[1].s1[1].name: switch 'mp-b1' is declared twice (also at s2[1].s1[0])" in message
+
+
+def test_service_names_are_unique_across_files(example_repo: Path) -> None:
+    text = (example_repo / "policies/chat.yaml").read_text()
+    (example_repo / "policies/chat-copy.yaml").write_text(text)
+    [message] = problems(example_repo)
+    assert "name: service 'chat' is also defined in policies/chat" in message
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def test_validate_exits_0_on_the_examples(repo_root: Path) -> None:
+    result = runner.invoke(app, ["validate", str(repo_root)])
+    assert result.exit_code == 0, result.output
+    assert "valid: 4 services, 1 cluster (256 nodes, 2048 GPUs)" in result.output
+
+
+def test_validate_exits_1_with_one_line_per_problem_and_no_traceback(example_repo: Path) -> None:
+    edit(example_repo / "policies/svc-a.yaml", "tbt_ms: 40", "tbt_ms: -20")
+    edit(example_repo / "policies/chat.yaml", "  tolerance: 0.1", "  tolerence: 0.1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", "validate", str(example_repo)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "2 problems found"
+    assert all(line.startswith("error policies/") for line in lines[:-1])
+
+
+def test_validate_exits_2_on_usage_errors(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["validate", str(tmp_path / "absent")]).exit_code == 2
+    assert runner.invoke(app, ["validate", "--no-such-flag"]).exit_code == 2
