@@ -82,7 +82,8 @@ class ServiceMetrics:
     decode_kv_usage: Sample | None = None
 
     def get(self, name: MetricName) -> Sample | None:
-        return getattr(self, name)  # type: ignore[no-any-return]
+        sample: Sample | None = getattr(self, name)
+        return sample
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,16 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
                         ((*path, "switches", j), _unknown("S1/S2 switch", name, [*seen]))
                     )
             continue
-        for s1 in members:
-            if s1 in owner and owner[s1] != subgroup.name:
+        for s1_name in members:
+            if s1_name in owner and owner[s1_name] != subgroup.name:
                 problems.append(
-                    ((*path, "switches"), f"S1 '{s1}' is already in subgroup '{owner[s1]}'")
+                    (
+                        (*path, "switches"),
+                        f"S1 '{s1_name}' is already in subgroup '{owner[s1_name]}'",
+                    )
                 )
-            owner[s1] = subgroup.name
-        derived = derive_subgroup_class({s1: types_per_s1[s1] for s1 in members})
+            owner[s1_name] = subgroup.name
+        derived = derive_subgroup_class({name: types_per_s1[name] for name in members})
         if subgroup.declared_class is not None and subgroup.declared_class != derived:
             problems.append(
                 (

@@ -108,7 +108,7 @@ def _record_locations(node: Node, path: KeyPath, locations: dict[KeyPath, Locati
 
 def _scalar_key(node: ScalarNode) -> object:
     """Keys are strings in our files; integer-looking keys stay as YAML resolved them."""
-    if node.tag.endswith(":int"):
+    if (node.tag or "").endswith(":int"):
         try:
             return int(node.value)
         except ValueError:
@@ -240,9 +240,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
 def _data_has(data: Any, key_path: KeyPath) -> bool:
     node = data
     for part in key_path:
-        if (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        ):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         else:
             return False

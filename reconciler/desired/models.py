@@ -369,7 +369,7 @@ def iter_s0(
     spec: ClusterSpec,
 ) -> list[tuple[str, S0Switch, S1Switch, S2Switch, tuple[object, ...]]]:
     """Every S0 switch name after range expansion, with its parents and YAML path."""
-    out = []
+    out: list[tuple[str, S0Switch, S1Switch, S2Switch, tuple[object, ...]]] = []
     for i2, s2 in enumerate(spec.s2):
         for i1, s1 in enumerate(s2.s1):
             for i0, s0 in enumerate(s1.s0):

@@ -1,0 +1,104 @@
+"""Names, labels and annotations of the objects the reconciler owns.
+
+Everything the applier writes and the observer reads back is keyed by the constants
+here, so the two sides cannot drift apart.
+
+Object names are valid DNS labels and stable across cycles: the same (service,
+group, role) always renders the same name. Names are at most 46 characters so the
+Pod names Kubernetes derives from them (``<deployment>-<10-char hash>-<5 chars>``)
+stay within the 63-character hostname limit; a longer or sanitised name keeps a
+readable prefix and gets an 8-character hash of the full key as suffix, so two
+different keys never share a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from reconciler.state import Role
+
+PREFIX = "heteroscale.io"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "heteroscale"
+FIELD_MANAGER = "heteroscale"
+
+SERVICE_LABEL = f"{PREFIX}/service"
+GROUP_LABEL = f"{PREFIX}/group"
+ROLE_LABEL = f"{PREFIX}/role"
+CLUSTER_LABEL = f"{PREFIX}/cluster"
+# The serving router selects on this label; it is also part of the Deployment's
+# selector, so flipping it to "false" takes a Pod out of service discovery and out of
+# its ReplicaSet in one patch (soft scale-in), while the Pod keeps running.
+SERVING_LABEL = f"{PREFIX}/serving"
+SERVING = "true"
+DRAINING = "false"
+
+# Exact values behind the (possibly sanitised) labels, for the observer.
+GROUP_ID_ANNOTATION = f"{PREFIX}/group-id"
+DOMAIN_ANNOTATION = f"{PREFIX}/domain"
+SUBGROUP_ANNOTATION = f"{PREFIX}/subgroup"
+GPU_TYPE_ANNOTATION = f"{PREFIX}/gpu-type"
+GPUS_PER_INSTANCE_ANNOTATION = f"{PREFIX}/gpus-per-instance"
+# Hash of the rendered pod template: a drained Pod is put back into service only if
+# it still runs the current template.
+TEMPLATE_HASH_ANNOTATION = f"{PREFIX}/template-hash"
+# On a drained Pod: when it left service discovery (seconds since the epoch) and the
+# Deployment it came from. Kept on the Pod so the drain survives reconciler restarts.
+DRAINED_AT_ANNOTATION = f"{PREFIX}/drained-at"
+DRAINED_FROM_ANNOTATION = f"{PREFIX}/drained-from"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+MAX_OBJECT_NAME = 46
+_LABEL_VALUE_MAX = 63
+_INVALID_DNS = re.compile(r"[^a-z0-9-]+")
+_INVALID_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _hash8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def dns_label(text: str, max_length: int = 63) -> str:
+    """``text`` as a DNS label (lower-case alphanumerics and '-', alphanumeric at both
+    ends, at most ``max_length``); a hash suffix whenever ``text`` had to change."""
+    clean = _INVALID_DNS.sub("-", text.lower()).strip("-")
+    clean = re.sub("-{2,}", "-", clean)
+    if clean == text and len(clean) <= max_length:
+        return clean
+    suffix = _hash8(text)
+    head = clean[: max_length - len(suffix) - 1].rstrip("-")
+    return f"{head}-{suffix}" if head else suffix
+
+
+def label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value (hash-suffixed when it had to change)."""
+    clean = _INVALID_LABEL_VALUE.sub("-", text).strip("-_.")
+    if clean == text and len(clean) <= _LABEL_VALUE_MAX:
+        return clean
+    suffix = _hash8(text)
+    head = clean[: _LABEL_VALUE_MAX - len(suffix) - 1].rstrip("-_.")
+    return f"{head}-{suffix}" if head else suffix
+
+
+def deployment_name(service: str, group_id: str, role: Role) -> str:
+    """Stable name of the Deployment of one role of one deployment group. Two keys
+    that join to the same text are caught by the renderer's duplicate check."""
+    short_role = "p" if role == "prefill" else "d"
+    return dns_label(f"{service}-{group_id}-{short_role}", max_length=MAX_OBJECT_NAME)
+
+
+def selector_labels(service: str, group_id: str, role: Role) -> dict[str, str]:
+    """The Deployment's (immutable) selector: one role of one group, serving Pods only."""
+    return {
+        SERVICE_LABEL: service,
+        GROUP_LABEL: label_value(group_id),
+        ROLE_LABEL: role,
+        SERVING_LABEL: SERVING,
+    }
+
+
+def ownership_selector(cluster: str) -> str:
+    """Label selector for every object this reconciler owns in one cluster."""
+    return f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{CLUSTER_LABEL}={label_value(cluster)}"
