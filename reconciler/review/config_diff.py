@@ -139,7 +139,9 @@ def _policy_changes(name: str, base: DesiredState, head: DesiredState) -> list[C
 
     def add(field: str, label: str, old: str, new: str, key_path: tuple[Any, ...]) -> None:
         changes.append(
-            ConfigChange("service", name, "modified", field, label, old, new, file, _line(parsed, key_path))
+            ConfigChange(
+                "service", name, "modified", field, label, old, new, file, _line(parsed, key_path)
+            )
         )
 
     # The ratio bounds read as one range.
@@ -156,7 +158,9 @@ def _policy_changes(name: str, base: DesiredState, head: DesiredState) -> list[C
 
     old_leaves = dict(_leaves(before.model_dump(mode="python", by_alias=True)))
     new_leaves = dict(_leaves(after.model_dump(mode="python", by_alias=True)))
-    for key_path in sorted(old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]):
+    for key_path in sorted(
+        old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]
+    ):
         key = format_key_path(key_path)
         if key in ("pd_ratio.min", "pd_ratio.max"):
             continue
@@ -183,7 +187,9 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
 
     def add(field: str, label: str, old: str, new: str, key_path: tuple[Any, ...]) -> None:
         changes.append(
-            ConfigChange("cluster", name, "modified", field, label, old, new, file, _line(parsed, key_path))
+            ConfigChange(
+                "cluster", name, "modified", field, label, old, new, file, _line(parsed, key_path)
+            )
         )
 
     old_nodes, new_nodes = _node_summary(before), _node_summary(after)
@@ -200,14 +206,18 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
                 s2_index = next((i for i, s in enumerate(after.s2) if s.name == s2), None)
                 path: tuple[Any, ...] = ("s2", s2_index) if s2_index is not None else ("s2",)
                 add(f"s2.{s2}", f"{gpu_type} GPUs under {s2}", str(old), str(new), path)
-        moved = sorted(n for n in old_nodes.keys() & new_nodes.keys() if old_nodes[n] != new_nodes[n])
+        moved = sorted(
+            n for n in old_nodes.keys() & new_nodes.keys() if old_nodes[n] != new_nodes[n]
+        )
         if moved and not changes:
             add("s2", "nodes moved or retyped", ", ".join(moved[:5]), "changed", ("s2",))
 
     old_dump = before.model_dump(mode="python", by_alias=True, exclude={"s2"})
     new_dump = after.model_dump(mode="python", by_alias=True, exclude={"s2"})
     old_leaves, new_leaves = dict(_leaves(old_dump)), dict(_leaves(new_dump))
-    for key_path in sorted(old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]):
+    for key_path in sorted(
+        old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]
+    ):
         old, new = old_leaves.get(key_path), new_leaves.get(key_path)
         if old != new:
             key = format_key_path(key_path)
@@ -218,22 +228,26 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
 def config_diff(base: DesiredState, head: DesiredState) -> list[ConfigChange]:
     """Every change from ``base`` to ``head``: clusters first, then services, by name."""
     changes: list[ConfigChange] = []
+
+    def whole(
+        kind: Literal["service", "cluster"], name: str, change: ChangeKind, state: DesiredState
+    ) -> None:
+        file = (state.policy_files if kind == "service" else state.cluster_files)[name]
+        line = _line(state.files.get(file), ("name",))
+        changes.append(ConfigChange(kind, name, change, "", "", "", "", file, line))
+
     for name in sorted(base.clusters.keys() | head.clusters.keys()):
         if name not in base.clusters:
-            file = head.cluster_files[name]
-            changes.append(ConfigChange("cluster", name, "added", "", "", "", "", file, 1))
+            whole("cluster", name, "added", head)
         elif name not in head.clusters:
-            file = base.cluster_files[name]
-            changes.append(ConfigChange("cluster", name, "removed", "", "", "", "", file, 1))
+            whole("cluster", name, "removed", base)
         else:
             changes.extend(_cluster_changes(name, base, head))
     for name in sorted(base.policies.keys() | head.policies.keys()):
         if name not in base.policies:
-            file = head.policy_files[name]
-            changes.append(ConfigChange("service", name, "added", "", "", "", "", file, 1))
+            whole("service", name, "added", head)
         elif name not in head.policies:
-            file = base.policy_files[name]
-            changes.append(ConfigChange("service", name, "removed", "", "", "", "", file, 1))
+            whole("service", name, "removed", base)
         else:
             changes.extend(_policy_changes(name, base, head))
     return changes
