@@ -67,6 +67,6 @@ def test_added_and_removed_services_are_named(repo_root: Path, example_repo: Pat
         str(c) for c in config_diff(load_desired_state(repo_root), load_desired_state(example_repo))
     ]
     assert lines == [
-        "service summarise: added (policies/summarise.yaml:7)",
-        "service summarize: removed (was policies/summarize.yaml:7)",
+        "service summarise: added (policies/summarise.yaml:5)",
+        "service summarize: removed (was policies/summarize.yaml:5)",
     ]
