@@ -7,6 +7,8 @@ loader into ``DesiredState.templates``). The renderer adds:
 - ``replicas`` = the group's instances of that role;
 - ``nvidia.com/gpu`` requests and limits = ``gpus_per_instance`` on the engine
   container (the one named ``engine``, else the first);
+- ``protocol: TCP`` on container ports that omit it (server-side apply before
+  Kubernetes 1.21 needs it: it is part of the ports list's merge key);
 - env ``MODEL_NAME`` (the template's args refer to ``$(MODEL_NAME)``) and
   ``HETEROSCALE_ROLE``;
 - required node affinity to the group's scheduling domain (the S1 or S2 switch
@@ -176,6 +178,11 @@ def render_deployment(
     resources = engine.setdefault("resources", {})
     resources["requests"] = {**resources.get("requests", {}), names.GPU_RESOURCE: gpus}
     resources["limits"] = {**resources.get("limits", {}), names.GPU_RESOURCE: gpus}
+    for container in spec["containers"] + spec.get("initContainers", []):
+        # Server-side apply on Kubernetes < 1.21 rejects a port without its protocol
+        # (it is part of the list's merge key); TCP is what the server defaults to.
+        for port in container.get("ports", []):
+            port.setdefault("protocol", "TCP")
     _set_env(engine, "MODEL_NAME", policy.model.name)
     _set_env(engine, "HETEROSCALE_ROLE", role)
 

@@ -22,6 +22,9 @@ class PlacementOptions:
     seed: int = 0
     workers: int = 2
     allow_rebalance: bool = False  # move running instances (off: never)
+    # Added for CP-SAT: reproducible search (interleaved workers, deterministic-time
+    # budget from time_limit_s) so `plan` and `apply` compute the same placement.
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class SolverStats:
     wall_s: float
     objective: float | None = None
     best_bound: float | None = None
+    # Optional detail (added for the placers): wall time per phase, and what happened
+    # on the way (e.g. a node-packing fallback, a solver that timed out).
+    phases_s: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def gap(self) -> float | None:

@@ -1,0 +1,76 @@
+"""Autoscaling decisions: the coordinated HeteroScale policy and its baselines.
+
+Every autoscaler implements ``reconciler.policy.base.Autoscaler`` and is pure: time
+comes in as an argument and memory between cycles as a ``PolicyHistory``.
+``make_autoscaler(name, **kwargs)`` builds one by name, for the simulator and the
+command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from reconciler.policy.base import (
+    Autoscaler,
+    Clamp,
+    Decision,
+    PolicyHistory,
+    Reason,
+    Recommendation,
+)
+from reconciler.policy.baselines import (
+    AutoscalerConfigError,
+    DemandSeries,
+    HpaGpuUtilAutoscaler,
+    OracleAutoscaler,
+    StaticPeakAutoscaler,
+)
+from reconciler.policy.coordinated import CoordinatedAutoscaler, decide, decide_many
+
+AUTOSCALERS: dict[str, Callable[..., Autoscaler]] = {
+    CoordinatedAutoscaler.name: CoordinatedAutoscaler,
+    HpaGpuUtilAutoscaler.name: HpaGpuUtilAutoscaler,
+    StaticPeakAutoscaler.name: StaticPeakAutoscaler,
+    OracleAutoscaler.name: OracleAutoscaler,
+}
+
+
+def make_autoscaler(name: str, **kwargs: Any) -> Autoscaler:
+    """Build the autoscaler registered as ``name`` with its constructor's keyword
+    arguments (``heteroscale`` takes none; see each class for the others).
+
+    Raises ``AutoscalerConfigError`` for an unknown name or arguments the
+    constructor does not accept."""
+    factory = AUTOSCALERS.get(name)
+    if factory is None:
+        hint = difflib.get_close_matches(name, list(AUTOSCALERS), n=1)
+        suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise AutoscalerConfigError(
+            f"unknown autoscaler '{name}' (known: {', '.join(AUTOSCALERS)}){suffix}"
+        )
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise AutoscalerConfigError(f"autoscaler '{name}': {exc}") from exc
+
+
+__all__ = [
+    "AUTOSCALERS",
+    "Autoscaler",
+    "AutoscalerConfigError",
+    "Clamp",
+    "CoordinatedAutoscaler",
+    "Decision",
+    "DemandSeries",
+    "HpaGpuUtilAutoscaler",
+    "OracleAutoscaler",
+    "PolicyHistory",
+    "Reason",
+    "Recommendation",
+    "StaticPeakAutoscaler",
+    "decide",
+    "decide_many",
+    "make_autoscaler",
+]

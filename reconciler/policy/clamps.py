@@ -17,7 +17,6 @@ Conventions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from reconciler.desired.ratio import format_ratio
@@ -31,14 +30,16 @@ def ceil_count(x: float) -> int:
     """Instances needed for ``x`` instances' worth of demand (never negative)."""
     if x <= 0.0:
         return 0
-    return math.ceil(x - _EPS * max(1.0, x))
+    whole = int(x)  # floor, for x > 0
+    return whole if x - whole <= _EPS * (x if x > 1.0 else 1.0) else whole + 1
 
 
 def floor_count(x: float) -> int:
     """Whole instances that fit in ``x`` (never negative)."""
     if x <= 0.0:
         return 0
-    return math.floor(x + _EPS * max(1.0, x))
+    whole = int(x)
+    return whole + 1 if whole + 1 - x <= _EPS * (x if x > 1.0 else 1.0) else whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ def clamp_step(
     clamps: list[Clamp],
 ) -> int:
     """Limit ``desired`` to within the step allowance of ``current``."""
+    if -max_step_instances <= desired - current <= max_step_instances:
+        return desired  # fast path: within the always-allowed step
     allowance = step_allowance(current, max_step_instances, max_step_percent)
     if desired > current + allowance:
         limited = current + allowance

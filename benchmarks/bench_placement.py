@@ -1,0 +1,188 @@
+"""Placement at 20,000-GPU scale: CP-SAT against the paper's greedy scheduler.
+
+Scenario (deterministic from --seed):
+1. the fleet of benchmarks/fleetgen.py: 2,500 nodes x 8 GPUs under 8 S2, 40 S1 and
+   ~313 S0 switches, 100 services (70% heterogeneous P/D, mixed shapes, affinities and
+   priorities);
+2. initial targets filling about --fill of the fleet, placed from scratch by CP-SAT
+   (setup, not timed: generous time limit) -> the running state;
+3. every service's targets changed by about 10% (up or down at random, both roles);
+4. the same request is placed by CP-SAT (timed, default options: 2 s limit, 2 workers)
+   and by the greedy scheduler, and both layouts are measured.
+
+A second scenario, "short", grows every service by --short-growth so capacity runs
+out and the placers must choose whom to serve.
+
+Prints: topology build time (graph with aggregated and with per-GPU slots), full
+placement time per placer (cold: first call on a new ClusterSpec, builds the topology;
+warm: cached), CP-SAT status, objective, bound and gap, the time per phase, and the
+quality measures of reconciler.placement.quality side by side.
+
+    python benchmarks/bench_placement.py [--seed 0] [--fill 0.65] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.fleetgen import large_desired_state
+from reconciler.desired.models import ServicePolicy
+from reconciler.placement.base import PlacementOptions, PlacementRequest, PlacementResult
+from reconciler.placement.cpsat import CpSatPlacer
+from reconciler.placement.greedy import GreedyPlacer
+from reconciler.placement.quality import PlacementQuality, measure
+from reconciler.state import FleetState, Targets
+from reconciler.topology import build_topology, topology_for
+
+
+def initial_targets(policies: dict[str, ServicePolicy], total_gpus: int, fill: float, seed: int) -> dict[str, Targets]:
+    """Targets that use about ``fill`` of the fleet, split unevenly over services and
+    following each service's P/D ratio target."""
+    rng = random.Random(seed)
+    weights = {name: rng.uniform(0.4, 1.6) for name in sorted(policies)}
+    scale = fill * total_gpus / sum(weights.values())
+    out = {}
+    for name, policy in sorted(policies.items()):
+        ratio = policy.pd_ratio.target  # prefill / decode
+        gpus = weights[name] * scale
+        per_pair = policy.prefill.gpus_per_instance * ratio + policy.decode.gpus_per_instance
+        decode = max(1, round(gpus / per_pair))
+        prefill = max(1, round(decode * ratio))
+        out[name] = Targets(name, min(prefill, policy.prefill.max_instances), min(decode, policy.decode.max_instances))
+    return out
+
+
+def changed_targets(targets: dict[str, Targets], change: float, seed: int) -> dict[str, Targets]:
+    """Every service up or down by about ``change`` (at least one instance per role)."""
+    rng = random.Random(seed + 1)
+    out = {}
+    for name, t in sorted(targets.items()):
+        sign = rng.choice([-1, 1])
+        factor = 1 + sign * change * rng.uniform(0.5, 1.5)
+
+        def move(n: int, factor: float = factor, sign: int = sign) -> int:
+            moved = round(n * factor)
+            if moved == n:
+                moved = n + sign
+            return max(1, moved)
+
+        out[name] = Targets(name, move(t.prefill), move(t.decode))
+    return out
+
+
+def grown_targets(targets: dict[str, Targets], growth: float) -> dict[str, Targets]:
+    return {
+        n: Targets(n, max(t.prefill + 1, round(t.prefill * (1 + growth))), max(t.decode + 1, round(t.decode * (1 + growth))))
+        for n, t in targets.items()
+    }
+
+
+def describe(result: PlacementResult) -> str:
+    s = result.stats
+    assert s is not None
+    gap = f"{s.gap:.4%}" if s.gap is not None else "n/a"
+    objective = f"{s.objective:,.0f}" if s.objective is not None else "n/a"
+    bound = f"{s.best_bound:,.0f}" if s.best_bound is not None else "n/a"
+    phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in s.phases_s)
+    notes = f"; notes: {' | '.join(s.notes)}" if s.notes else ""
+    return f"{s.wall_s:.3f} s, status {s.status}, objective {objective}, bound {bound}, gap {gap} [{phases}]{notes}"
+
+
+def table(rows: dict[str, PlacementQuality]) -> None:
+    names = list(rows)
+    print(f"  {'measure':<58}" + "".join(f"{n:>12}" for n in names))
+
+    def line(label: str, values: list[str]) -> None:
+        print(f"  {label:<58}" + "".join(f"{v:>12}" for v in values))
+
+    q = list(rows.values())
+    line("groups in one RDMA subgroup (all groups)", [f"{x.share_in_one_subgroup:.1%}" for x in q])
+    line("groups in one RDMA subgroup (groups changed this cycle)", [f"{x.changed_share_in_one_subgroup:.1%}" for x in q])
+    line("  changed groups (count)", [str(x.changed_groups) for x in q])
+    line("scarce-subgroup GPUs added for services not needing them", [str(x.scarce_gpus_unneeded_added) for x in q])
+    line("scarce-subgroup GPUs held by groups not needing them (all)", [str(x.scarce_gpus_unneeded) for x in q])
+    line("whole nodes left free", [str(x.whole_nodes_free) for x in q])
+    line("unmet demand, GPUs", [str(x.unmet_gpus) for x in q])
+    line("unmet demand, GPUs x (priority+1)", [f"{x.unmet_weighted:,}" for x in q])
+    line("GPUs added this cycle", [str(x.gpus_added) for x in q])
+    line("  of them on the role's preferred GPU type", [f"{x.preferred_share_added:.1%}" for x in q])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fill", type=float, default=0.65)
+    parser.add_argument("--change", type=float, default=0.10)
+    parser.add_argument("--short-growth", type=float, default=0.5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, default=2.0)
+    args = parser.parse_args()
+
+    state = large_desired_state(nodes=2500, services=100, seed=args.seed)
+    spec = state.clusters["large"]
+    policies = {p.name: p for p in state.policies_for("large")}
+    total_gpus = sum(n.gpus for n in spec.nodes)
+    s0 = len({n.s0 for n in spec.nodes})
+    s1 = len({n.s1 for n in spec.nodes})
+    s2 = len({n.s2 for n in spec.nodes})
+    print(f"fleet: {len(spec.nodes)} nodes, {total_gpus} GPUs, {s0} S0 / {s1} S1 / {s2} S2 switches, {len(policies)} services")
+
+    start = time.perf_counter()
+    build_topology(spec)
+    aggregated_s = time.perf_counter() - start
+    start = time.perf_counter()
+    slotted = build_topology(spec, gpu_slots=True)
+    slots_s = time.perf_counter() - start
+    print(
+        f"topology graph: {aggregated_s * 1000:.0f} ms with GPU slots as node attributes; "
+        f"{slots_s * 1000:.0f} ms with one vertex per GPU ({slotted.graph.number_of_nodes()} vertices)"
+    )
+
+    # Setup: place the initial targets from scratch (not timed).
+    targets0 = initial_targets(policies, total_gpus, args.fill, args.seed)
+    setup_options = PlacementOptions(time_limit_s=60.0, workers=args.workers, deterministic=False)
+    start = time.perf_counter()
+    placed0 = CpSatPlacer().place(PlacementRequest(spec, policies, FleetState("large"), targets0, setup_options))
+    running = FleetState("large", groups=placed0.groups)
+    used0 = sum(g.prefill.instances * policies[g.service].prefill.gpus_per_instance + g.decode.instances * policies[g.service].decode.gpus_per_instance for g in placed0.groups)
+    print(
+        f"setup: initial state placed in {time.perf_counter() - start:.1f} s: {len(placed0.groups)} groups, "
+        f"{used0} GPUs in use ({used0 / total_gpus:.0%}), {len(placed0.shortfalls)} shortfalls"
+    )
+
+    options = PlacementOptions(time_limit_s=args.time_limit, workers=args.workers, seed=args.seed)
+    topology = topology_for(spec)
+    scenarios = {
+        f"~{args.change:.0%} change": changed_targets(targets0, args.change, args.seed),
+        f"short (+{args.short_growth:.0%})": grown_targets(targets0, args.short_growth),
+    }
+    for label, targets in scenarios.items():
+        grow = sum(max(0, targets[n].prefill - (s := running.service_fleet(n)).prefill.active) + max(0, targets[n].decode - s.decode.active) for n in targets)
+        shrink = sum(max(0, (s := running.service_fleet(n)).prefill.active - targets[n].prefill) + max(0, s.decode.active - targets[n].decode) for n in targets)
+        print(f"\nscenario {label}: +{grow} / -{shrink} instances against the running state")
+        request = PlacementRequest(spec, policies, running, targets, options)
+        results = {}
+        for placer in (CpSatPlacer(), GreedyPlacer()):
+            if label.startswith("~") and placer.name == "cp-sat":
+                # Cold: a new ClusterSpec object (as after a Git revision) rebuilds the topology.
+                cold_spec = spec.model_copy()
+                cold = placer.place(PlacementRequest(cold_spec, policies, running, targets, options))
+                print(f"  {placer.name:<7} cold (topology built in the call): {describe(cold)}")
+            result = placer.place(request)
+            results[placer.name] = result
+            print(f"  {placer.name:<7} warm: {describe(result)}")
+        if "cp-sat" in results:
+            again = CpSatPlacer().place(request)
+            same = again.groups == results["cp-sat"].groups
+            print(f"  cp-sat  rerun gives the same layout: {same}")
+        table({name: measure(topology, policies, running, r) for name, r in results.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""What to do with every workload of one cluster this cycle (pure).
+
+Pairs desired and live objects by key (namespace/name), as gitops-engine does:
+desired only = create; both = update (replicas and/or template); live only = prune,
+but only objects carrying our ownership label ever reach this function (the observer
+lists by that label), and groups the plan keeps on purpose (a service whose policy
+file was removed while prune is off) are left alone. Each workload's scale change
+goes through soft scale-in (``softscale.plan_scale``).
+
+The result is ordered so capacity is never dropped: everything that adds capacity
+(creates, scale-ups, put-backs, template changes at the same size) comes before
+anything that removes it (drains, scale-downs, deletes).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
+from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
+from reconciler.desired.models import ServicePolicy
+from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod
+from reconciler.state import DeploymentGroup
+
+Action = Literal["create", "update", "delete", "keep", "unchanged"]
+
+
+@dataclass(frozen=True)
+class WorkloadWork:
+    """One workload's part of the cycle."""
+
+    key: ObjectKey
+    service: str
+    group_id: str
+    role: str
+    action: Action
+    desired: RenderedWorkload | None
+    live: LiveDeployment | None
+    scale: ScalePlan
+    manifest: Manifest | None  # what server-side apply sends (None: nothing to apply)
+    reason: str = ""
+
+    @property
+    def replicas_before(self) -> int:
+        return self.live.replicas if self.live else 0
+
+    @property
+    def replicas_after(self) -> int:
+        if self.action == "delete":
+            return 0
+        if self.action == "keep":
+            return self.replicas_before
+        return self.scale.replicas
+
+    @property
+    def removes_capacity(self) -> bool:
+        return self.action == "delete" or self.replicas_after < self.replicas_before or bool(self.scale.drain)
+
+    @property
+    def pod_namespace(self) -> str:
+        return self.key.namespace
+
+
+def _view(pod: LivePod) -> PodView:
+    return PodView(
+        name=pod.key.name,
+        ready=pod.ready and pod.scheduled,
+        created=pod.created,
+        template_hash=pod.template_hash,
+        drained_at_s=pod.drained_at_s,
+    )
+
+
+def effective_manifest(desired: RenderedWorkload, replicas: int, live: LiveDeployment | None) -> Manifest:
+    """The rendered manifest with this cycle's replicas, and the live object's
+    resourceVersion as a precondition (a concurrent change answers 409)."""
+    manifest = copy.deepcopy(desired.manifest)
+    manifest["spec"]["replicas"] = replicas
+    if live is not None and live.resource_version:
+        manifest["metadata"]["resourceVersion"] = live.resource_version
+    return manifest
+
+
+def plan_workloads(
+    *,
+    groups: Iterable[DeploymentGroup],
+    rendered: Mapping[ObjectKey, RenderedWorkload],
+    snapshot: ClusterSnapshot,
+    policies: Mapping[str, ServicePolicy],
+    slo: Mapping[str, SloStatus],
+    now_s: float,
+    window_s: float,
+) -> tuple[WorkloadWork, ...]:
+    """Every workload's action this cycle, capacity-adding ones first."""
+    kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
+    drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
+    for pod in snapshot.drained_pods():
+        if pod.drained_from and pod.drained_at_s is not None:
+            drained[ObjectKey(pod.key.namespace, pod.drained_from)].append(pod)
+
+    work: list[WorkloadWork] = []
+    for key in sorted(rendered.keys() | snapshot.deployments.keys() | drained.keys(), key=str):
+        desired = rendered.get(key)
+        live = snapshot.deployments.get(key)
+        serving = [_view(p) for p in snapshot.pods_of(live)] if live else []
+        drained_views = [_view(p) for p in drained.get(key, [])]
+        if desired is not None:
+            service, group_id, role = desired.service, desired.group_id, desired.role
+        elif live is not None:
+            service, group_id, role = live.service, live.group_id, live.role
+        else:
+            pods = drained[key]
+            service, group_id, role = pods[0].service, pods[0].group_label, pods[0].role
+        status = slo.get(service, "unknown")
+
+        if desired is None and live is not None and (service, group_id) in kept_groups:
+            work.append(
+                WorkloadWork(
+                    key, service, group_id, role, "keep", None, live,
+                    ScalePlan(replicas=live.replicas),
+                    None,
+                    reason=f"service {service} has no policy; kept (prune is off)",
+                )
+            )
+            continue
+
+        scale = plan_scale(
+            desired=desired.replicas if desired else 0,
+            live_replicas=live.replicas if live else None,
+            serving=serving,
+            drained=drained_views,
+            template_hash=desired.template_hash if desired else None,
+            slo=status,
+            now_s=now_s,
+            window_s=window_s,
+        )
+        if desired is not None:
+            action: Action = "update" if live is not None else "create"
+            manifest = effective_manifest(desired, scale.replicas, live)
+            reason = ""
+        elif live is not None:
+            if status == "broken":
+                # Never tear a group down while its service misses its SLOs.
+                action, manifest, reason = "keep", None, "prune held: SLO not met"
+                scale = ScalePlan(replicas=live.replicas, notes=(reason,))
+            else:
+                action, manifest, reason = "delete", None, "not in the desired placement"
+        else:
+            action, manifest, reason = "unchanged", None, "only drained instances left"
+        work.append(WorkloadWork(key, service, group_id, role, action, desired, live, scale, manifest, reason))
+
+    work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
+    return tuple(work)
+
+
+def manually_drained(snapshot: ClusterSnapshot) -> tuple[LivePod, ...]:
+    """Pods out of service discovery that we did not drain (no drain annotation):
+    reported, never deleted."""
+    return tuple(p for p in snapshot.drained_pods() if not (p.drained_from and p.drained_at_s is not None))

@@ -1,0 +1,199 @@
+"""The report of one reconcile cycle over all clusters: text, markdown and JSON.
+
+Read top to bottom it answers: what did the policy decide per service and why, what
+changes at the deployment-group level (in apply order), which objects change and how
+(field by field, from the server-side dry run), what drift was seen, and what was
+held back. ``plan`` prints it before anything happens; ``apply`` prints the same
+report of what it did.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from reconciler.apply.report import summarise_drift
+from reconciler.loop import ClusterOutcome, CycleResult
+
+
+def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
+    rows = []
+    if outcome.plan is None:
+        return rows
+    fleet = outcome.plan.current
+    for service, decision in sorted(outcome.plan.decisions.items()):
+        current = fleet.service_fleet(service)
+        sizes = (
+            f"prefill {current.prefill.active}->{decision.prefill}, "
+            f"decode {current.decode.active}->{decision.decode}"
+        )
+        clamps = "; ".join(str(c) for c in decision.clamps)
+        rows.append((service, sizes, decision.reason, decision.message + (f" [{clamps}]" if clamps else "")))
+    return rows
+
+
+def _object_lines(outcome: ClusterOutcome) -> list[str]:
+    if outcome.diff is not None:
+        return outcome.diff.lines()
+    return list(outcome.lines)
+
+
+def _drift_lines(outcome: ClusterOutcome) -> list[str]:
+    if outcome.diff is not None:
+        return summarise_drift(outcome.diff.drift)
+    if outcome.observation is not None:
+        return summarise_drift(outcome.observation.drift)
+    return []
+
+
+def _verb(outcome: ClusterOutcome) -> str:
+    if outcome.applied:
+        return "applied"
+    if outcome.outcome == "standby":
+        return "standby (not the leader; nothing applied)"
+    return "dry run"
+
+
+def format_text(result: CycleResult, *, title: str) -> str:
+    out = [title]
+    if result.desired_error:
+        out.append(f"! {result.desired_error}")
+    for outcome in result.clusters:
+        out.append("")
+        if outcome.outcome in ("error", "skipped"):
+            out.append(f"cluster {outcome.cluster}: {outcome.outcome.upper()}: {outcome.error}")
+            continue
+        plan = outcome.plan
+        assert plan is not None
+        mode = f", {outcome.diff.mode}" if outcome.diff is not None else ""
+        out.append(
+            f"cluster {outcome.cluster} ({_verb(outcome)}{mode}, {outcome.duration_s:.1f} s): "
+            f"{len(plan.decisions)} services, {len(plan.changes)} group change(s)"
+        )
+        rows = _decision_rows(outcome)
+        if rows:
+            out.append("  decisions:")
+            width = max(len(r[0]) for r in rows)
+            for service, sizes, reason, message in rows:
+                out.append(f"    {service:<{width}}  {sizes:<32} {reason}: {message}")
+        if plan.changes:
+            out.append("  group changes (apply order: capacity first):")
+            out.extend(f"    {change}" for change in plan.changes)
+        objects = _object_lines(outcome)
+        if objects:
+            out.append("  objects:")
+            out.extend(f"    {line}" for line in objects)
+        else:
+            out.append("  objects: no change")
+        drift = _drift_lines(outcome)
+        if drift:
+            out.append("  drift:")
+            out.extend(f"    {line}" for line in drift)
+        notes = [n for n in plan.notes if not n.startswith("drift ")]
+        if notes:
+            out.append("  notes:")
+            out.extend(f"    {note}" for note in notes)
+    out.append("")
+    out.append(summary_line(result))
+    return "\n".join(out)
+
+
+def summary_line(result: CycleResult) -> str:
+    changed = [c for c in result.clusters if c.has_changes]
+    failed = [c for c in result.clusters if c.outcome == "error"]
+    applied = any(c.applied for c in result.clusters)
+    parts = []
+    if not changed:
+        parts.append("No changes: the clusters match the desired state.")
+    elif applied:
+        parts.append(f"Applied changes in {len(changed)} cluster(s).")
+    else:
+        parts.append(f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` carries out exactly these.")
+    if failed:
+        parts.append(f"{len(failed)} cluster(s) failed: {', '.join(c.cluster for c in failed)}.")
+    return " ".join(parts)
+
+
+def format_markdown(result: CycleResult, *, title: str) -> str:
+    out = [f"### {title}", ""]
+    if result.desired_error:
+        out += [f"> :warning: {result.desired_error}", ""]
+    for outcome in result.clusters:
+        if outcome.outcome in ("error", "skipped"):
+            out += [f"#### Cluster `{outcome.cluster}`: {outcome.outcome}", "", f"`{outcome.error}`", ""]
+            continue
+        plan = outcome.plan
+        assert plan is not None
+        out += [f"#### Cluster `{outcome.cluster}` ({_verb(outcome)})", ""]
+        rows = _decision_rows(outcome)
+        if rows:
+            out += ["| service | instances | reason | why |", "|---|---|---|---|"]
+            out += [f"| {s} | {z} | {r} | {m.replace('|', '/')} |" for s, z, r, m in rows]
+            out.append("")
+        if plan.changes:
+            out += ["**Group changes** (apply order):", ""]
+            out += [f"- `{change}`" for change in plan.changes]
+            out.append("")
+        objects = _object_lines(outcome)
+        out += ["<details><summary>Objects ({})</summary>".format(len([o for o in objects if not o.startswith(" ")])), "", "```diff"]
+        out += objects or ["(no change)"]
+        out += ["```", "", "</details>", ""]
+        drift = _drift_lines(outcome)
+        if drift:
+            out += ["**Drift:**", ""] + [f"- {line}" for line in drift] + [""]
+    out.append(summary_line(result))
+    return "\n".join(out)
+
+
+def to_json(result: CycleResult) -> dict[str, Any]:
+    clusters = []
+    for outcome in result.clusters:
+        entry: dict[str, Any] = {
+            "cluster": outcome.cluster,
+            "outcome": outcome.outcome,
+            "error": outcome.error,
+            "applied": outcome.applied,
+            "has_changes": outcome.has_changes,
+            "duration_s": round(outcome.duration_s, 3),
+        }
+        if outcome.plan is not None:
+            entry["decisions"] = {
+                s: {
+                    "prefill": d.prefill,
+                    "decode": d.decode,
+                    "reason": d.reason,
+                    "message": d.message,
+                    "clamps": [str(c) for c in d.clamps],
+                }
+                for s, d in sorted(outcome.plan.decisions.items())
+            }
+            entry["group_changes"] = [
+                {
+                    "kind": c.kind,
+                    "service": c.service,
+                    "group_id": c.group_id,
+                    "role": c.role,
+                    "gpu_type": c.gpu_type,
+                    "domain": c.domain,
+                    "before": c.before,
+                    "after": c.after,
+                    "gpu_delta": c.gpu_delta,
+                }
+                for c in outcome.plan.changes
+            ]
+            entry["notes"] = list(outcome.plan.notes)
+        if outcome.diff is not None:
+            entry["objects"] = outcome.diff.to_json()
+        else:
+            entry["lines"] = list(outcome.lines)
+        clusters.append(entry)
+    return {
+        "source": result.source_label,
+        "desired_error": result.desired_error,
+        "has_changes": result.has_changes,
+        "clusters": clusters,
+    }
+
+
+def format_json(result: CycleResult) -> str:
+    return json.dumps(to_json(result), indent=2, default=str)

@@ -1,0 +1,423 @@
+"""The reconcile loop: every N seconds, for every cluster, observe -> decide -> place
+-> diff -> apply (or only report). Thin glue over ``reconciler.cycle.plan_cluster``.
+
+Rules it keeps (DESIGN.md, "Rules of the road"):
+- Desired state is loaded each cycle (a Git revision such as ``main`` is resolved
+  again each time); an invalid revision is reported and the last known good one
+  stays in force.
+- Every cluster is reconciled through its own backend (kube context); a cluster that
+  is unreachable or errors is reported and skipped, never blocking the others, and
+  is retried with exponential backoff (capped at ``max_backoff_s``).
+- With leader election, only the Lease holder acts (applies); a standby replica
+  still observes and plans, so its metrics and health stay meaningful.
+- Policy histories (stabilisation windows) live in memory between cycles.
+
+Its own Prometheus metrics (``LoopMetrics``) and a health endpoint are served by
+``serve_http``; logs are structured (``configure_logging(json=True)`` for JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from reconciler.apply.report import ClusterDiff, summarise_drift
+from reconciler.apply.softscale import SloStatus, slo_status
+from reconciler.cycle import plan_cluster
+from reconciler.desired.loader import DesiredState
+from reconciler.desired.models import ClusterSpec
+from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
+from reconciler.observe.base import ClusterBackend, MetricsSource, Observation
+from reconciler.placement.base import PlacementOptions, Placer
+from reconciler.plan import Plan
+from reconciler.policy.base import Autoscaler, PolicyHistory
+from reconciler.state import ServiceMetrics
+
+log = logging.getLogger("heteroscale.loop")
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any ``extra``."""
+
+    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._RESERVED:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(*, json_format: bool = False, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("heteroscale")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class LoopMetrics:
+    """The loop's own Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.cycle_duration = Histogram(
+            "heteroscale_cycle_duration_seconds", "Wall time of one cluster's reconcile cycle",
+            ["cluster"], registry=r, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.cycles = Counter(
+            "heteroscale_cycles_total", "Cluster cycles by outcome (ok, error, skipped, standby)",
+            ["cluster", "outcome"], registry=r,
+        )
+        self.decisions = Counter(
+            "heteroscale_decisions_total", "Autoscaling decisions by reason", ["service", "reason"], registry=r
+        )
+        self.target_instances = Gauge(
+            "heteroscale_target_instances", "Instances the policy asks for", ["service", "role"], registry=r
+        )
+        self.placement_solve = Histogram(
+            "heteroscale_placement_solve_seconds", "Placement solver wall time", ["cluster", "solver"],
+            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )
+        self.drift = Gauge("heteroscale_drift", "Drift items seen in the last cycle", ["cluster", "kind"], registry=r)
+        self.errors = Counter("heteroscale_errors_total", "Errors by cluster and kind", ["cluster", "kind"], registry=r)
+        self.plan_changes = Gauge(
+            "heteroscale_plan_changes", "Object changes in the last plan", ["cluster"], registry=r
+        )
+        self.leader = Gauge("heteroscale_is_leader", "1 while this replica holds the Lease", registry=r)
+        self.desired_valid = Gauge(
+            "heteroscale_desired_state_valid", "1 when the latest desired state loaded cleanly", registry=r
+        )
+        self.last_cycle = Gauge(
+            "heteroscale_last_cycle_timestamp_seconds", "When the last full cycle ended", registry=r
+        )
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+class DesiredStateLoader(Protocol):
+    def __call__(self) -> DesiredState: ...
+
+
+@dataclass
+class ClusterOutcome:
+    """What one cycle did for one cluster."""
+
+    cluster: str
+    plan: Plan | None = None
+    diff: ClusterDiff | None = None  # rich report (Kubernetes backend)
+    lines: tuple[str, ...] = ()  # report lines (any backend)
+    observation: Observation | None = None
+    applied: bool = False
+    outcome: str = "ok"  # ok | error | skipped | standby
+    error: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def has_changes(self) -> bool:
+        if self.diff is not None:
+            return self.diff.has_changes
+        return bool(self.plan and self.plan.has_changes) or bool(self.lines)
+
+
+@dataclass
+class CycleResult:
+    clusters: list[ClusterOutcome] = field(default_factory=list)
+    desired_error: str | None = None  # the latest revision was invalid (last good used)
+    source_label: str = ""
+
+    @property
+    def has_changes(self) -> bool:
+        return any(c.has_changes for c in self.clusters)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(c.outcome == "error" for c in self.clusters)
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    next_attempt_s: float = 0.0
+
+
+class ReconcileLoop:
+    """Reconciles every cluster of the desired state, once per ``run_cycle``."""
+
+    def __init__(
+        self,
+        *,
+        load_desired: DesiredStateLoader,
+        backend_for: Callable[[ClusterSpec], ClusterBackend],
+        metrics_for: Callable[[ClusterSpec], MetricsSource],
+        autoscaler: Autoscaler,
+        placer: Placer,
+        dry_run: bool = False,
+        clock: Callable[[], float] = time.time,
+        is_leader: Callable[[], bool] = lambda: True,
+        metrics: LoopMetrics | None = None,
+        placement_options: PlacementOptions | None = None,
+        interval_s: float = 30.0,
+        max_backoff_s: float = 300.0,
+        only_clusters: tuple[str, ...] = (),
+        prune_removed_services: bool = False,
+    ):
+        self.load_desired = load_desired
+        self.backend_for = backend_for
+        self.metrics_for = metrics_for
+        self.autoscaler = autoscaler
+        self.placer = placer
+        self.dry_run = dry_run
+        self.clock = clock
+        self.is_leader = is_leader
+        self.metrics = metrics or LoopMetrics()
+        self.placement_options = placement_options
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.only_clusters = only_clusters
+        self.prune_removed_services = prune_removed_services
+        self.last_good: DesiredState | None = None
+        self.histories: dict[str, dict[str, PolicyHistory]] = {}
+        self.backends: dict[str, ClusterBackend] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self.last_cycle_end_s: float | None = None
+        self.cycles_run = 0
+        self.acted_cycles = 0
+
+    # ------------------------------------------------------------- desired state
+
+    def refresh_desired(self) -> tuple[DesiredState | None, str | None]:
+        """Load the desired state; on failure keep the last known good one."""
+        try:
+            state = self.load_desired()
+        except ConfigError as exc:
+            self.metrics.desired_valid.set(0)
+            message = f"desired state invalid ({len(exc.issues)} problem(s)); keeping the last known good one: {exc}"
+            log.error(message, extra={"event": "desired_invalid", "problems": [str(i) for i in exc.issues]})
+            return self.last_good, message
+        self.metrics.desired_valid.set(1)
+        self.last_good = state
+        return state, None
+
+    # ------------------------------------------------------------------- cycles
+
+    def run_cycle(self) -> CycleResult:
+        state, desired_error = self.refresh_desired()
+        result = CycleResult(desired_error=desired_error)
+        if state is None:
+            self.cycles_run += 1
+            return result
+        result.source_label = state.source_label
+        leader = self.is_leader()
+        self.metrics.leader.set(1 if leader else 0)
+        for name in sorted(state.clusters):
+            if self.only_clusters and name not in self.only_clusters:
+                continue
+            result.clusters.append(self._cluster_cycle(state, state.clusters[name], leader))
+        self.last_cycle_end_s = self.clock()
+        self.metrics.last_cycle.set(time.time())
+        self.cycles_run += 1
+        if leader and not self.dry_run:
+            self.acted_cycles += 1
+        return result
+
+    def _cluster_cycle(self, state: DesiredState, spec: ClusterSpec, leader: bool) -> ClusterOutcome:
+        name = spec.name
+        outcome = ClusterOutcome(cluster=name)
+        backoff = self._backoff.setdefault(name, _Backoff())
+        now = self.clock()
+        if now < backoff.next_attempt_s:
+            outcome.outcome = "skipped"
+            outcome.error = f"backing off after {backoff.failures} failure(s); next attempt in {backoff.next_attempt_s - now:.0f} s"
+            self.metrics.cycles.labels(name, "skipped").inc()
+            return outcome
+        started = time.perf_counter()
+        try:
+            self._run_cluster(state, spec, leader, outcome)
+        except (HeteroscaleError, OSError) as exc:
+            outcome.outcome = "error"
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            backoff.failures += 1
+            delay = min(self.max_backoff_s, self.interval_s * 2 ** (backoff.failures - 1))
+            backoff.next_attempt_s = now + delay if backoff.failures > 1 else 0.0
+            self.metrics.errors.labels(name, type(exc).__name__).inc()
+            log.error(
+                f"cluster {name}: {outcome.error}",
+                extra={"event": "cluster_error", "cluster": name, "error_kind": type(exc).__name__},
+            )
+        else:
+            backoff.failures = 0
+            backoff.next_attempt_s = 0.0
+        outcome.duration_s = time.perf_counter() - started
+        self.metrics.cycle_duration.labels(name).observe(outcome.duration_s)
+        self.metrics.cycles.labels(name, outcome.outcome).inc()
+        return outcome
+
+    def _run_cluster(self, state: DesiredState, spec: ClusterSpec, leader: bool, outcome: ClusterOutcome) -> None:
+        name = spec.name
+        policies = state.policies_for(name)
+        backend = self.backends.get(name)
+        if backend is None:
+            backend = self.backends[name] = self.backend_for(spec)
+        if hasattr(backend, "state"):
+            backend.state = state
+        observation = backend.observe(spec, policies)
+        outcome.observation = observation
+        now = self.clock()
+        try:
+            metrics: Mapping[str, ServiceMetrics] = self.metrics_for(spec).fetch(policies, now)
+        except MetricsUnavailable as exc:
+            # Hold every service (missing metrics = hold); still reconcile the rest.
+            log.warning(f"cluster {name}: metrics unavailable, holding: {exc}", extra={"event": "metrics_unavailable", "cluster": name})
+            self.metrics.errors.labels(name, "MetricsUnavailable").inc()
+            metrics = {}
+        plan, histories = plan_cluster(
+            state,
+            name,
+            observation,
+            metrics,
+            self.histories.get(name, {}),
+            now,
+            self.autoscaler,
+            self.placer,
+            placement_options=self.placement_options,
+            prune_removed_services=self.prune_removed_services,
+        )
+        self.histories[name] = histories
+        outcome.plan = plan
+        self._record_plan(name, plan, observation)
+
+        if hasattr(backend, "slo"):
+            by_name = {p.name: p for p in policies}
+            statuses: dict[str, SloStatus] = {
+                svc: slo_status(by_name[svc], metrics.get(svc), now) for svc in by_name
+            }
+            backend.slo = statuses
+        act = leader and not self.dry_run
+        if not leader and not self.dry_run:
+            outcome.outcome = "standby"
+        if act:
+            if hasattr(backend, "apply_cluster"):
+                outcome.diff = backend.apply_cluster(plan)
+                outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
+            else:
+                outcome.lines = tuple(backend.apply(plan))
+            outcome.applied = True
+        elif hasattr(backend, "diff_cluster"):
+            outcome.diff = backend.diff_cluster(plan)
+            outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
+        else:
+            outcome.lines = tuple(backend.diff(plan))
+        changes = len(outcome.diff.changed) if outcome.diff is not None else len(plan.changes)
+        self.metrics.plan_changes.labels(name).set(changes)
+        log.info(
+            f"cluster {name}: {len(plan.changes)} group change(s), {changes} object change(s)"
+            + (" applied" if outcome.applied else " (dry run)" if self.dry_run else " (standby)" if not leader else ""),
+            extra={
+                "event": "cycle",
+                "cluster": name,
+                "group_changes": [str(c) for c in plan.changes],
+                "applied": outcome.applied,
+                "leader": leader,
+            },
+        )
+
+    def _record_plan(self, cluster: str, plan: Plan, observation: Observation) -> None:
+        for service, decision in plan.decisions.items():
+            self.metrics.decisions.labels(service, decision.reason).inc()
+            self.metrics.target_instances.labels(service, "prefill").set(decision.prefill)
+            self.metrics.target_instances.labels(service, "decode").set(decision.decode)
+            log.info(
+                f"{service}: {decision.message}",
+                extra={"event": "decision", "cluster": cluster, "service": service, "reason": decision.reason,
+                       "prefill": decision.prefill, "decode": decision.decode},
+            )
+        stats = plan.placement.stats
+        if stats is not None:
+            self.metrics.placement_solve.labels(cluster, stats.solver).observe(stats.wall_s)
+        kinds: dict[str, int] = {}
+        for item in observation.drift:
+            kinds[item.kind] = kinds.get(item.kind, 0) + 1
+        for kind in ("node_missing", "node_label", "node_capacity", "node_unexpected", "object_modified"):
+            self.metrics.drift.labels(cluster, kind).set(kinds.get(kind, 0))
+
+    # ---------------------------------------------------------------- forever
+
+    def run_forever(self, stop: threading.Event, *, on_cycle: Callable[[CycleResult], None] | None = None) -> None:
+        """Cycle every ``interval_s`` (measured start to start) until ``stop`` is set."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                result = self.run_cycle()
+            except Exception:  # the loop must outlive any bug in one cycle
+                log.exception("cycle failed", extra={"event": "cycle_crash"})
+            else:
+                if on_cycle is not None:
+                    on_cycle(result)
+            stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def healthy(self, now_s: float | None = None) -> bool:
+        """Alive: a cycle ended within three intervals (or none was due yet)."""
+        if self.last_cycle_end_s is None:
+            return True
+        now = self.clock() if now_s is None else now_s
+        return now - self.last_cycle_end_s <= 3 * self.interval_s + 30
+
+
+# ----------------------------------------------------------------------- serving
+
+
+def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer:
+    """``/metrics`` (Prometheus text), ``/healthz`` (alive) and ``/readyz`` (a valid
+    desired state is loaded) in a daemon thread. Port 0 picks a free port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body, status, kind = generate_latest(loop.metrics.registry), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                ok = loop.healthy()
+                body, status, kind = (b"ok\n" if ok else b"stalled\n"), (200 if ok else 503), "text/plain"
+            elif self.path.startswith("/readyz"):
+                ok = loop.last_good is not None
+                body, status, kind = (b"ok\n" if ok else b"no valid desired state yet\n"), (200 if ok else 503), "text/plain"
+            else:
+                body, status, kind = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="heteroscale-http", daemon=True)
+    thread.start()
+    return server

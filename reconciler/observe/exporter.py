@@ -1,0 +1,500 @@
+"""A Prometheus exporter for a simulated fleet: engine-named metrics from a deterministic
+load generator.
+
+The simulator (or a test) says, per engine instance, how much load it carries — token
+rates, request rate, latency distributions, KV-cache usage, GPU utilisation — and this
+module exposes exactly the series a real vLLM or SGLang pod and the DCGM exporter would,
+under the same names, through prometheus-client on a loopback port. Prometheus scrapes
+it like a real fleet, so the whole path engine metrics -> scrape -> PromQL -> policy runs
+for real.
+
+Determinism: nothing is random. Counters grow linearly at the configured rates from the
+moment an instance's load is set (``value(t) = value(t0) + rate * (t - t0)``, carried
+over when the load changes, so counters never go backwards), and each histogram
+bucket grows at ``observations/s * CDF(le)`` — the expected value of a real histogram
+under that load. Bucket counts are therefore fractional; Prometheus does not mind, and
+``histogram_quantile`` over them has an exact expected value
+(``expected_histogram_quantile_s``), which is what the tests check against.
+
+Labels: every series carries ``service``, ``role`` and ``instance`` (the engine
+instance, i.e. the pod), plus ``model_name`` on engine metrics and ``gpu``/``UUID``/
+``modelName`` on DCGM metrics. One exporter plays many pods behind one scrape target,
+so its scrape job needs ``honor_labels: true`` (as for federation), or Prometheus would
+rename ``instance`` to ``exported_instance``.
+
+Engines: ``vllm`` (``vllm:prompt_tokens_total``, ``vllm:prefix_cache_queries_total``,
+``vllm:prefix_cache_hits_total``, ``vllm:generation_tokens_total``,
+``vllm:time_to_first_token_seconds``, the inter-token histogram under
+``vllm_tbt_metric`` — ``vllm:time_per_output_token_seconds`` by default, its name before
+vLLM 0.11 — and ``vllm:kv_cache_usage_perc``) and ``sglang`` (``sglang:prompt_tokens_total``,
+``sglang:cached_tokens_total``, ``sglang:generation_tokens_total``,
+``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``,
+``sglang:token_usage``). DCGM: ``DCGM_FI_DEV_GPU_UTIL`` (percent) and
+``DCGM_FI_PROF_SM_ACTIVE`` (ratio), one series per GPU of the instance.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from socketserver import ThreadingMixIn
+from statistics import NormalDist
+from typing import Any, Literal, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+
+from reconciler.state import Role
+
+ExporterEngine = Literal["vllm", "sglang"]
+
+# Bucket bounds (seconds) as the engines ship them (vLLM V1 and SGLang defaults).
+VLLM_TTFT_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+VLLM_ITL_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+SGLANG_ITL_BUCKETS_S: tuple[float, ...] = (
+    0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040,
+    0.060, 0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.0, 2.0, 4.0, 6.0, 8.0,
+)  # fmt: skip
+
+
+class LatencyDistribution(Protocol):
+    """A latency distribution in seconds."""
+
+    def cdf(self, seconds: float) -> float: ...
+
+    @property
+    def mean_s(self) -> float: ...
+
+
+_Z90 = NormalDist().inv_cdf(0.9)
+
+
+@dataclass(frozen=True)
+class Lognormal:
+    """Log-normal latency: ``median_s`` and the standard deviation ``sigma`` of its log."""
+
+    median_s: float
+    sigma: float
+
+    def __post_init__(self) -> None:
+        if self.median_s <= 0 or self.sigma <= 0:
+            raise ValueError("median_s and sigma must be positive")
+
+    @classmethod
+    def from_median_p90(cls, median_s: float, p90_s: float) -> Lognormal:
+        """The log-normal with this median and 90th percentile (``p90_s > median_s``)."""
+        if p90_s <= median_s:
+            raise ValueError("p90_s must exceed median_s")
+        return cls(median_s, math.log(p90_s / median_s) / _Z90)
+
+    def cdf(self, seconds: float) -> float:
+        if seconds <= 0:
+            return 0.0
+        if math.isinf(seconds):
+            return 1.0
+        z = (math.log(seconds) - math.log(self.median_s)) / self.sigma
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+    def quantile_s(self, q: float) -> float:
+        return self.median_s * math.exp(self.sigma * NormalDist().inv_cdf(q))
+
+    @property
+    def mean_s(self) -> float:
+        return self.median_s * math.exp(self.sigma**2 / 2)
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """What one engine instance is doing, as steady rates. ``None`` leaves a series out
+    (an engine without that metric, or a GPU without DCGM profiling)."""
+
+    prompt_tps: float = 0.0
+    """Prompt tokens/s, including those served from the prefix cache."""
+    cached_prompt_tps: float = 0.0
+    """Of ``prompt_tps``, tokens/s that hit the prefix cache."""
+    generation_tps: float = 0.0
+    requests_per_s: float = 0.0
+    """Requests/s reaching their first token here: the TTFT observation rate."""
+    ttft: LatencyDistribution | None = None
+    tbt: LatencyDistribution | None = None
+    """Inter-token latency, observed once per generated token."""
+    kv_usage: float | None = None
+    """KV-cache usage, fraction 0..1."""
+    gpus: int = 1
+    gpu_util_pct: float | None = None
+    """DCGM_FI_DEV_GPU_UTIL, percent 0..100 (the same on every GPU of the instance)."""
+    sm_active: float | None = None
+    """DCGM_FI_PROF_SM_ACTIVE, ratio 0..1."""
+
+    def __post_init__(self) -> None:
+        rates = (self.prompt_tps, self.cached_prompt_tps, self.generation_tps, self.requests_per_s)
+        if any(r < 0 or not math.isfinite(r) for r in rates):
+            raise ValueError("rates must be finite and >= 0")
+        if self.cached_prompt_tps > self.prompt_tps:
+            raise ValueError("cached_prompt_tps cannot exceed prompt_tps")
+        if self.gpus < 1:
+            raise ValueError("gpus must be >= 1")
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    service: str
+    role: Role
+    instance: str
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """Counter and histogram totals of one instance at one moment."""
+
+    prompt: float = 0.0
+    cached: float = 0.0
+    generation: float = 0.0
+    ttft_buckets: tuple[float, ...] = ()
+    ttft_sum: float = 0.0
+    tbt_buckets: tuple[float, ...] = ()
+    tbt_sum: float = 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _cdf_at_bounds(dist: LatencyDistribution, bounds: tuple[float, ...]) -> tuple[float, ...]:
+    """Share of observations at or below each bound, +Inf last (cached: a scrape of a
+    large fleet would otherwise spend its time in erf)."""
+    return (*(dist.cdf(le) for le in bounds), 1.0)
+
+
+def _grow(
+    buckets: tuple[float, ...], bounds: Sequence[float], dist: LatencyDistribution | None, n: float
+) -> tuple[float, ...]:
+    """Cumulative bucket counts (last = +Inf) after ``n`` more observations of ``dist``."""
+    base = buckets or (0.0,) * (len(bounds) + 1)
+    if dist is None or n == 0:
+        return base
+    try:
+        fractions = _cdf_at_bounds(dist, tuple(bounds))
+    except TypeError:  # an unhashable distribution: compute each time
+        fractions = (*(dist.cdf(le) for le in bounds), 1.0)
+    return tuple(b + n * f for b, f in zip(base, fractions, strict=True))
+
+
+@dataclass(frozen=True)
+class _Instance:
+    engine: ExporterEngine
+    load: InstanceLoad
+    since_s: float
+    at_since: _Totals
+
+    def totals(self, now_s: float, ttft_bounds: Sequence[float], tbt_bounds: Sequence[float]) -> _Totals:
+        dt = max(0.0, now_s - self.since_s)
+        load, base = self.load, self.at_since
+        ttft_n = load.requests_per_s * dt
+        tbt_n = load.generation_tps * dt
+        return _Totals(
+            prompt=base.prompt + load.prompt_tps * dt,
+            cached=base.cached + load.cached_prompt_tps * dt,
+            generation=base.generation + load.generation_tps * dt,
+            ttft_buckets=_grow(base.ttft_buckets, ttft_bounds, load.ttft, ttft_n),
+            ttft_sum=base.ttft_sum + (ttft_n * load.ttft.mean_s if load.ttft else 0.0),
+            tbt_buckets=_grow(base.tbt_buckets, tbt_bounds, load.tbt, tbt_n),
+            tbt_sum=base.tbt_sum + (tbt_n * load.tbt.mean_s if load.tbt else 0.0),
+        )
+
+
+class FleetExporter:
+    """Engine and DCGM metrics of many simulated instances, served on one port.
+
+    ``set_load`` and ``remove`` may be called while Prometheus scrapes (thread-safe).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        model_name: str = "sim-model",
+        gpu_model: str = "NVIDIA H800",
+        vllm_tbt_metric: str = "vllm:time_per_output_token_seconds",
+        negotiate_openmetrics: bool = False,
+    ) -> None:
+        self._clock = clock
+        self.negotiate_openmetrics = negotiate_openmetrics
+        self.model_name = model_name
+        self.gpu_model = gpu_model
+        self.vllm_tbt_metric = vllm_tbt_metric
+        self._instances: dict[InstanceKey, _Instance] = {}
+        self._lock = threading.Lock()
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # type: ignore[arg-type]  # a Collector is anything with collect()
+
+    # -- the load generator API
+
+    def set_load(
+        self,
+        service: str,
+        role: Role,
+        instance: str,
+        load: InstanceLoad,
+        *,
+        engine: ExporterEngine = "vllm",
+    ) -> None:
+        """Start or change an instance's load. Counters continue from their current
+        totals; changing an instance's engine restarts them (a new process)."""
+        key = InstanceKey(service, role, instance)
+        now_s = self._clock()
+        with self._lock:
+            current = self._instances.get(key)
+            if current is not None and current.engine == engine:
+                ttft_b, tbt_b = self._bounds(engine)
+                totals = current.totals(now_s, ttft_b, tbt_b)
+            else:
+                totals = _Totals()
+            self._instances[key] = _Instance(engine, load, now_s, totals)
+
+    def set_service(
+        self,
+        service: str,
+        role: Role,
+        instances: int,
+        load: InstanceLoad,
+        *,
+        engine: ExporterEngine = "vllm",
+        prefix: str | None = None,
+    ) -> list[str]:
+        """``instances`` identical instances named ``<prefix>-<i>``; returns their names."""
+        names = [f"{prefix or f'{service}-{role}'}-{i}" for i in range(instances)]
+        for name in names:
+            self.set_load(service, role, name, load, engine=engine)
+        return names
+
+    def remove(self, service: str, role: Role, instance: str) -> None:
+        """The instance stops exporting (its series go stale at the next scrape)."""
+        with self._lock:
+            self._instances.pop(InstanceKey(service, role, instance), None)
+
+    def instances(self) -> list[InstanceKey]:
+        with self._lock:
+            return sorted(self._instances, key=lambda k: (k.service, k.role, k.instance))
+
+    # -- exposition
+
+    def _bounds(self, engine: ExporterEngine) -> tuple[Sequence[float], Sequence[float]]:
+        if engine == "vllm":
+            return VLLM_TTFT_BUCKETS_S, VLLM_ITL_BUCKETS_S
+        return VLLM_TTFT_BUCKETS_S, SGLANG_ITL_BUCKETS_S
+
+    def bucket_bounds_s(self, engine: ExporterEngine, histogram: Literal["ttft", "tbt"]) -> Sequence[float]:
+        """Upper bounds (without +Inf) of an engine's TTFT or TBT histogram."""
+        ttft, tbt = self._bounds(engine)
+        return ttft if histogram == "ttft" else tbt
+
+    def collect(self) -> Iterator[Metric]:
+        now_s = self._clock()
+        with self._lock:
+            snapshot = list(self._instances.items())
+        labels = ["service", "role", "instance", "model_name"]
+        fams: dict[str, Metric] = {}
+
+        def family(kind: str, name: str, doc: str, extra: Sequence[str] = ()) -> Metric:
+            if name not in fams:
+                cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
+                fams[name] = cls(name, doc, labels=[*labels, *extra])
+            return fams[name]
+
+        for key, inst in snapshot:
+            ttft_b, tbt_b = self._bounds(inst.engine)
+            totals = inst.totals(now_s, ttft_b, tbt_b)
+            values = [key.service, key.role, key.instance, self.model_name]
+            load = inst.load
+            if inst.engine == "vllm":
+                names = {
+                    "prompt": "vllm:prompt_tokens",
+                    "cached": "vllm:prefix_cache_hits",
+                    "generation": "vllm:generation_tokens",
+                    "ttft": "vllm:time_to_first_token_seconds",
+                    "tbt": self.vllm_tbt_metric,
+                    "kv": "vllm:kv_cache_usage_perc",
+                }
+                family("counter", "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.").add_metric(
+                    values, totals.prompt
+                )
+            else:
+                names = {
+                    "prompt": "sglang:prompt_tokens",
+                    "cached": "sglang:cached_tokens",
+                    "generation": "sglang:generation_tokens",
+                    "ttft": "sglang:time_to_first_token_seconds",
+                    "tbt": "sglang:inter_token_latency_seconds",
+                    "kv": "sglang:token_usage",
+                }
+            family("counter", names["prompt"], "Prompt tokens processed.").add_metric(values, totals.prompt)
+            family("counter", names["cached"], "Prompt tokens served from the prefix cache.").add_metric(
+                values, totals.cached
+            )
+            family("counter", names["generation"], "Generation tokens processed.").add_metric(
+                values, totals.generation
+            )
+            if load.ttft is not None:
+                family("histogram", names["ttft"], "Time to first token in seconds.").add_metric(
+                    values, buckets=_bucket_pairs(ttft_b, totals.ttft_buckets), sum_value=totals.ttft_sum
+                )
+            if load.tbt is not None:
+                family("histogram", names["tbt"], "Inter-token latency in seconds.").add_metric(
+                    values, buckets=_bucket_pairs(tbt_b, totals.tbt_buckets), sum_value=totals.tbt_sum
+                )
+            if load.kv_usage is not None:
+                family("gauge", names["kv"], "KV-cache usage, fraction 0..1.").add_metric(values, load.kv_usage)
+            for gpu in range(load.gpus):
+                gpu_values = [*values, str(gpu), f"GPU-{key.instance}-{gpu}", self.gpu_model]
+                if load.gpu_util_pct is not None:
+                    family(
+                        "gauge", "DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", ("gpu", "UUID", "modelName")
+                    ).add_metric(gpu_values, load.gpu_util_pct)
+                if load.sm_active is not None:
+                    family(
+                        "gauge",
+                        "DCGM_FI_PROF_SM_ACTIVE",
+                        "Ratio of cycles an SM has at least 1 warp assigned.",
+                        ("gpu", "UUID", "modelName"),
+                    ).add_metric(gpu_values, load.sm_active)
+        yield from fams.values()
+
+    def render(self) -> bytes:
+        """The exposition text a scrape would get now."""
+        return generate_latest(self.registry)
+
+    # -- serving
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if self.negotiate_openmetrics:
+            encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+            body = encoder(self.registry)
+        else:
+            body, content_type = generate_latest(self.registry), CONTENT_TYPE_LATEST
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve the metrics on ``http://host:port/`` (any path; 0 = a free port) and
+        return the port.
+
+        By default the classic text format is served whatever the scraper asks for:
+        prometheus-client 0.26 answers OpenMetrics requests with ``:`` in metric names
+        escaped to ``_`` (prometheus/client_python#1177), so real engines built on it
+        end up as ``vllm_prompt_tokens_total`` in Prometheus. ``negotiate_openmetrics``
+        reproduces that behaviour (the presets accept both spellings).
+        """
+        if self._server is not None:
+            raise RuntimeError("exporter already started")
+        server = make_server(host, port, self._wsgi, _ThreadingServer, handler_class=_QuietHandler)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="fleet-exporter", daemon=True)
+        self._thread.start()
+        return int(server.server_port)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to scrape."""
+        if self._server is None:
+            raise RuntimeError("exporter not started")
+        host, port = self._server.server_address[:2]
+        return f"{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving: the scrape target vanishes."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server = self._thread = None
+
+    def __enter__(self) -> FleetExporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _bucket_pairs(bounds: Sequence[float], cumulative: Sequence[float]) -> list[tuple[str, float]]:
+    return [(_le(b), c) for b, c in zip([*bounds, math.inf], cumulative, strict=True)]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+# ----------------------------------------------------------------------------- expectations
+
+
+def bucket_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float:
+    """Prometheus' ``histogram_quantile`` over one histogram: ``bounds`` are the finite
+    upper bounds, ``cumulative`` the counts per bound plus the +Inf count last. Linear
+    interpolation inside the bucket holding the rank; the +Inf bucket answers with the
+    highest finite bound; no observations give NaN."""
+    if len(cumulative) != len(bounds) + 1:
+        raise ValueError("cumulative needs one count per bound plus the +Inf count")
+    total = cumulative[-1]
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    b = next(i for i, c in enumerate(cumulative) if c >= rank)
+    if b == len(bounds):
+        return bounds[-1]
+    if b == 0 and bounds[0] <= 0:
+        return bounds[0]
+    start = 0.0 if b == 0 else bounds[b - 1]
+    below = 0.0 if b == 0 else cumulative[b - 1]
+    in_bucket = cumulative[b] - below
+    return start + (bounds[b] - start) * (rank - below) / in_bucket
+
+
+def expected_histogram_quantile_s(
+    q: float,
+    bounds: Sequence[float],
+    components: Iterable[tuple[float, LatencyDistribution]],
+) -> float:
+    """What ``histogram_quantile(q, sum(rate(..._bucket)))`` reports for instances that
+    observe ``rate`` samples/s of each distribution into histograms with ``bounds``."""
+    parts = list(components)
+    cumulative = [
+        sum(rate * dist.cdf(le) for rate, dist in parts) for le in bounds
+    ] + [sum(rate for rate, _ in parts)]
+    return bucket_quantile(q, bounds, cumulative)
+
+
+def scaled(load: InstanceLoad, factor: float) -> InstanceLoad:
+    """``load`` with every rate multiplied by ``factor`` (latencies unchanged)."""
+    return replace(
+        load,
+        prompt_tps=load.prompt_tps * factor,
+        cached_prompt_tps=load.cached_prompt_tps * factor,
+        generation_tps=load.generation_tps * factor,
+        requests_per_s=load.requests_per_s * factor,
+    )

@@ -1,0 +1,380 @@
+"""Read one cluster's live state from the Kubernetes API: our workloads, their Pods,
+and the Nodes, turned into a ``FleetState`` and a list of ``Drift``.
+
+The reading (``read_snapshot``) is the only I/O here: three list calls, parsed as
+plain JSON. Everything after it is pure and tested without a server:
+
+- ``fleet_from_snapshot``: our Deployments (ownership label + cluster label) grouped
+  by (service, group id) into ``DeploymentGroup``s. ``instances`` is the Deployment's
+  ``spec.replicas`` (what is placed); ``starting`` = replicas - readyReplicas;
+  ``draining`` = Pods out of service discovery after a soft scale-in (label
+  ``heteroscale.io/serving=false``), which no longer count as capacity.
+- ``node_drift``: the cluster file against the Nodes: a Node missing, a topology or
+  GPU-type label that disagrees, a GPU capacity that differs, a GPU Node the file
+  does not know.
+- ``ownership_drift``: a Deployment whose spec fields are also managed by someone
+  else (``managedFields``): it was changed outside Git.
+
+Deployments are listed cluster-wide when allowed, else namespace by namespace (the
+least-privilege RBAC of deploy/ grants only the managed namespaces).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.apply import names
+from reconciler.apply.kubeclient import (
+    Forbidden,
+    JsonObject,
+    KubeClient,
+    deployments_path,
+    nodes_path,
+    pods_path,
+)
+from reconciler.apply.render import ObjectKey
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.observe.base import Drift, Observation
+from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
+
+# Managers that write our objects as part of normal operation (status, revision
+# annotations); anything else on spec fields is somebody changing them by hand.
+SYSTEM_MANAGERS = frozenset({"kube-controller-manager", names.FIELD_MANAGER})
+
+
+@dataclass(frozen=True)
+class LiveDeployment:
+    key: ObjectKey
+    service: str
+    group_id: str
+    role: Role
+    domain: str
+    subgroup: str | None
+    gpu_type: str
+    replicas: int
+    ready_replicas: int
+    template_hash: str
+    resource_version: str
+    other_managers: tuple[str, ...]  # managers other than ours owning spec fields
+    raw: JsonObject = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LivePod:
+    key: ObjectKey
+    service: str
+    group_label: str
+    role: str
+    serving: bool
+    ready: bool
+    scheduled: bool
+    node: str | None
+    template_hash: str
+    drained_at_s: float | None
+    drained_from: str | None
+    deleting: bool
+    created: str
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class LiveNode:
+    name: str
+    labels: Mapping[str, str]
+    gpus: int
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """What one read of the API server returned (our objects only, plus Nodes)."""
+
+    cluster: str
+    deployments: Mapping[ObjectKey, LiveDeployment]
+    pods: tuple[LivePod, ...]
+    nodes: tuple[LiveNode, ...]
+    read_at_s: float
+
+    def pods_of(self, deployment: LiveDeployment | None, *, key: ObjectKey | None = None) -> list[LivePod]:
+        """Serving Pods that belong to a Deployment (by its selector labels)."""
+        target = deployment.key if deployment else key
+        assert target is not None
+        out = []
+        for pod in self.pods:
+            if pod.key.namespace != target.namespace or not pod.serving or pod.deleting:
+                continue
+            if deployment and (
+                pod.service != deployment.service
+                or pod.group_label != names.label_value(deployment.group_id)
+                or pod.role != deployment.role
+            ):
+                continue
+            out.append(pod)
+        return out
+
+    def drained_pods(self) -> list[LivePod]:
+        return [p for p in self.pods if not p.serving and not p.deleting]
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _spec_managers(obj: JsonObject) -> tuple[str, ...]:
+    managers = set()
+    for entry in obj.get("metadata", {}).get("managedFields") or []:
+        manager = entry.get("manager", "")
+        if manager in SYSTEM_MANAGERS:
+            continue
+        fields = entry.get("fieldsV1") or {}
+        if "f:spec" in fields:
+            managers.add(manager or "(unnamed)")
+    return tuple(sorted(managers))
+
+
+def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
+    """Our view of a Deployment; None when it lacks the labels we render."""
+    meta = obj.get("metadata", {})
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    role = labels.get(names.ROLE_LABEL)
+    service = labels.get(names.SERVICE_LABEL)
+    if role not in ROLES or not service:
+        return None
+    spec = obj.get("spec", {})
+    status = obj.get("status", {})
+    return LiveDeployment(
+        key=ObjectKey(meta.get("namespace", ""), meta.get("name", "")),
+        service=service,
+        group_id=annotations.get(names.GROUP_ID_ANNOTATION) or labels.get(names.GROUP_LABEL, ""),
+        role=role,
+        domain=annotations.get(names.DOMAIN_ANNOTATION, ""),
+        subgroup=annotations.get(names.SUBGROUP_ANNOTATION),
+        gpu_type=annotations.get(names.GPU_TYPE_ANNOTATION, ""),
+        replicas=_int(spec.get("replicas", 1)),
+        ready_replicas=_int(status.get("readyReplicas", 0)),
+        template_hash=annotations.get(names.TEMPLATE_HASH_ANNOTATION, ""),
+        resource_version=meta.get("resourceVersion", ""),
+        other_managers=_spec_managers(obj),
+        raw=obj,
+    )
+
+
+def parse_pod(obj: JsonObject) -> LivePod:
+    meta = obj.get("metadata", {})
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    status = obj.get("status", {})
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    drained_at = annotations.get(names.DRAINED_AT_ANNOTATION)
+    try:
+        drained_at_s = float(drained_at) if drained_at is not None else None
+    except ValueError:
+        drained_at_s = None
+    node = obj.get("spec", {}).get("nodeName")
+    return LivePod(
+        key=ObjectKey(meta.get("namespace", ""), meta.get("name", "")),
+        service=labels.get(names.SERVICE_LABEL, ""),
+        group_label=labels.get(names.GROUP_LABEL, ""),
+        role=labels.get(names.ROLE_LABEL, ""),
+        serving=labels.get(names.SERVING_LABEL) != names.DRAINING,
+        ready=conditions.get("Ready") == "True",
+        scheduled=bool(node),
+        node=node,
+        template_hash=annotations.get(names.TEMPLATE_HASH_ANNOTATION, ""),
+        drained_at_s=drained_at_s,
+        drained_from=annotations.get(names.DRAINED_FROM_ANNOTATION),
+        deleting=bool(meta.get("deletionTimestamp")),
+        created=meta.get("creationTimestamp", ""),
+        resource_version=meta.get("resourceVersion", ""),
+    )
+
+
+def parse_node(obj: JsonObject) -> LiveNode:
+    meta = obj.get("metadata", {})
+    capacity = obj.get("status", {}).get("capacity") or {}
+    return LiveNode(
+        name=meta.get("name", ""),
+        labels=dict(meta.get("labels") or {}),
+        gpus=_int(capacity.get(names.GPU_RESOURCE, 0)),
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def list_owned_deployments(client: KubeClient, cluster: str, namespaces: Iterable[str]) -> list[JsonObject]:
+    """Our Deployments: one cluster-wide list when RBAC allows it, else per namespace."""
+    selector = names.ownership_selector(cluster)
+    try:
+        return list(client.list(deployments_path(), label_selector=selector))
+    except Forbidden:
+        out: list[JsonObject] = []
+        for namespace in sorted(set(namespaces)):
+            out.extend(client.list(deployments_path(namespace), label_selector=selector))
+        return out
+
+
+def list_owned_pods(client: KubeClient, cluster: str, namespaces: Iterable[str]) -> list[JsonObject]:
+    selector = names.ownership_selector(cluster)
+    try:
+        return list(client.list(pods_path(), label_selector=selector))
+    except Forbidden:
+        out: list[JsonObject] = []
+        for namespace in sorted(set(namespaces)):
+            out.extend(client.list(pods_path(namespace), label_selector=selector))
+        return out
+
+
+def read_snapshot(
+    client: KubeClient, cluster: ClusterSpec, namespaces: Iterable[str], *, now_s: float | None = None
+) -> ClusterSnapshot:
+    """One consistent-enough read of our objects and the Nodes (three list calls)."""
+    namespaces = list(namespaces)
+    deployments: dict[ObjectKey, LiveDeployment] = {}
+    for obj in list_owned_deployments(client, cluster.name, namespaces):
+        parsed = parse_deployment(obj)
+        if parsed is not None:
+            deployments[parsed.key] = parsed
+    pods = tuple(parse_pod(obj) for obj in list_owned_pods(client, cluster.name, namespaces))
+    nodes = tuple(parse_node(obj) for obj in client.list(nodes_path()))
+    return ClusterSnapshot(
+        cluster=cluster.name,
+        deployments=deployments,
+        pods=pods,
+        nodes=nodes,
+        read_at_s=time.time() if now_s is None else now_s,
+    )
+
+
+# ------------------------------------------------------------------ pure derivations
+
+
+def fleet_from_snapshot(
+    snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy] | None = None
+) -> FleetState:
+    """Our Deployments as deployment groups; starting and draining per (service, role)."""
+    by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
+    for deployment in snapshot.deployments.values():
+        by_group[(deployment.service, deployment.group_id)][deployment.role] = deployment
+    nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
+    for deployment in snapshot.deployments.values():
+        counts: dict[str, int] = defaultdict(int)
+        for pod in snapshot.pods_of(deployment):
+            if pod.node:
+                counts[pod.node] += 1
+        nodes_by_key[deployment.key] = counts
+
+    starting: dict[tuple[str, Role], int] = defaultdict(int)
+    groups: list[DeploymentGroup] = []
+    for (service, group_id), roles in sorted(by_group.items()):
+        any_role = next(iter(roles.values()))
+        group_roles: dict[Role, GroupRole] = {}
+        for role in ROLES:
+            live = roles.get(role)
+            if live is None:
+                policy = (policies or {}).get(service)
+                fallback = policy.role(role).preferred_gpu_types()[0] if policy else any_role.gpu_type
+                group_roles[role] = GroupRole(gpu_type=fallback, instances=0)
+                continue
+            node_counts = nodes_by_key.get(live.key, {})
+            group_roles[role] = GroupRole(
+                gpu_type=live.gpu_type,
+                instances=live.replicas,
+                nodes=tuple(NodeInstances(n, c) for n, c in sorted(node_counts.items())),
+            )
+            starting[(service, role)] += max(0, live.replicas - live.ready_replicas)
+        groups.append(
+            DeploymentGroup(
+                service=service,
+                cluster=snapshot.cluster,
+                group_id=group_id,
+                domain=any_role.domain,
+                subgroup=any_role.subgroup,
+                prefill=group_roles["prefill"],
+                decode=group_roles["decode"],
+            )
+        )
+    draining: dict[tuple[str, Role], int] = defaultdict(int)
+    for pod in snapshot.drained_pods():
+        if pod.role in ROLES:
+            draining[(pod.service, pod.role)] += 1  # type: ignore[index]
+    return FleetState(
+        cluster=snapshot.cluster,
+        groups=tuple(groups),
+        starting=dict(starting),
+        draining=dict(draining),
+    )
+
+
+def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, ...]:
+    """Differences between the cluster file and the live Nodes."""
+    live = {node.name: node for node in nodes}
+    labels = cluster.labels
+    out: list[Drift] = []
+    for node in cluster.nodes:
+        seen = live.get(node.name)
+        if seen is None:
+            out.append(Drift("node_missing", node.name, f"in {cluster.name}'s cluster file, not in the cluster"))
+            continue
+        expected = {
+            labels.s2: node.s2,
+            labels.s1: node.s1,
+            labels.s0: node.s0,
+            labels.gpu_type: cluster.gpu_types[node.gpu_type].node_label or node.gpu_type,
+            **node.labels,
+        }
+        for key, want in expected.items():
+            got = seen.labels.get(key)
+            if got != want:
+                shown = "missing" if got is None else f"'{got}'"
+                out.append(Drift("node_label", node.name, f"label {key} is {shown}, the cluster file says '{want}'"))
+        if seen.gpus != node.gpus:
+            out.append(
+                Drift(
+                    "node_capacity",
+                    node.name,
+                    f"{names.GPU_RESOURCE} capacity is {seen.gpus}, the cluster file says {node.gpus}",
+                )
+            )
+    known = cluster.node_by_name
+    for node in nodes:
+        if node.name not in known and labels.gpu_type in node.labels:
+            out.append(
+                Drift(
+                    "node_unexpected",
+                    node.name,
+                    f"GPU node ({labels.gpu_type}={node.labels[labels.gpu_type]}) not in {cluster.name}'s cluster file",
+                )
+            )
+    return tuple(out)
+
+
+def ownership_drift(deployments: Iterable[LiveDeployment]) -> tuple[Drift, ...]:
+    """Deployments whose spec someone else also manages (changed outside Git)."""
+    return tuple(
+        Drift(
+            "object_modified",
+            str(d.key),
+            f"spec fields also managed by {', '.join(d.other_managers)} (changed outside Git; "
+            "apply reports the conflicting fields and takes them back only with --force)",
+        )
+        for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name))
+        if d.other_managers
+    )
+
+
+def observation_from_snapshot(
+    snapshot: ClusterSnapshot, cluster: ClusterSpec, policies: Mapping[str, ServicePolicy] | None = None
+) -> Observation:
+    drift = node_drift(cluster, snapshot.nodes) + ownership_drift(snapshot.deployments.values())
+    return Observation(fleet=fleet_from_snapshot(snapshot, policies), drift=drift)

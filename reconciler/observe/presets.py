@@ -1,0 +1,464 @@
+"""Where each signal comes from in Prometheus: engine presets and PromQL rendering.
+
+Pure code: no network. ``reconciler.observe.prometheus`` batches what is rendered here.
+
+Signals and the role they are read from
+---------------------------------------
+Every signal of ``reconciler.state.ServiceMetrics`` is read from one role's series:
+
+============================  =======  ==================================================
+signal                        role     meaning (unit)
+============================  =======  ==================================================
+``prefill_tps``               prefill  prompt tokens/s that missed the prefix cache, summed
+``decode_tps``                decode   generated tokens/s, summed over instances
+``ttft``                      prefill  time to first token at the SLO quantile (ms)
+``tbt``                       decode   time between tokens at the SLO quantile (ms)
+``prefill_gpu_util``          prefill  DCGM GPU utilisation averaged over GPUs (0..1)
+``decode_gpu_util``           decode   idem for decode
+``prefill_sm_active``         prefill  DCGM SM activity averaged over GPUs (0..1)
+``decode_sm_active``          decode   idem for decode
+``decode_kv_usage``           decode   KV-cache usage averaged over instances (0..1)
+============================  =======  ==================================================
+
+*Prefill TPS counts cache misses*: raw prompt tokens/s is inflated by prefix-cache hits
+(a hit costs no prefill compute), so where the engine counts hits in tokens
+(vLLM ``vllm:prefix_cache_hits_total``, SGLang ``sglang:cached_tokens_total``) the preset
+subtracts them; where it does not, the subtraction falls back to zero.
+
+*TTFT is read on the prefill role*: in every P/D flow (proxy-first as in vLLM's
+examples and llm-d, decode-first as in Dynamo, parallel as in SGLang's router) the
+prefill engine records the queueing and prompt computation of each request, which is
+the part prefill capacity controls. KV transfer time is not in it. For the user-facing
+TTFT of a router or frontend, override ``metrics.queries.ttft`` with a query that
+aggregates ``by (service)`` only (a result row without a role label is accepted for
+any role).
+
+Engine presets (``metrics.preset``, defaulting to the service's ``engine``)
+--------------------------------------------------------------------------
+- ``vllm``: ``vllm:prompt_tokens_total``, ``vllm:prefix_cache_hits_total``,
+  ``vllm:generation_tokens_total``, ``vllm:time_to_first_token_seconds``,
+  ``vllm:inter_token_latency_seconds`` (vLLM >= 0.11) falling back to
+  ``vllm:time_per_output_token_seconds`` (its name before 0.11, removed in 0.13),
+  ``vllm:kv_cache_usage_perc`` (V1) falling back to ``vllm:gpu_cache_usage_perc`` (V0).
+  Both KV gauges are fractions 0..1 despite "perc".
+- ``sglang``: ``sglang:prompt_tokens_total``, ``sglang:cached_tokens_total`` (all cache
+  sources summed), ``sglang:generation_tokens_total``,
+  ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds`` falling
+  back to ``sglang:time_per_output_token_seconds``, ``sglang:token_usage`` (0..1).
+- ``dynamo``: Dynamo workers pass the backend engine's metrics through on their system
+  port; the preset assumes the most common backend, vLLM, and adds Dynamo's
+  ``dynamo_component_kvstats_gpu_cache_usage_percent`` (0..1) as KV fallback.
+  *Caveat*: with an SGLang or TensorRT-LLM backend set ``metrics.preset: sglang`` or
+  ``trtllm``.
+- ``trtllm``: TensorRT-LLM (1.1) exports only latency histograms to Prometheus:
+  ``trtllm_time_to_first_token_seconds`` and ``trtllm_time_per_output_token_seconds``
+  (the ``trtllm:`` spelling of older Dynamo releases is accepted as fallback), KV usage
+  via Dynamo's kvstats gauge. *Caveats*: its "TPOT" histogram is per request, not per
+  token, so it is smoother than a true inter-token latency; and it exports **no token
+  counters**, so ``prefill_tps`` and ``decode_tps`` are missing unless overridden in
+  ``metrics.queries`` (``check_metrics_config`` reports a policy that scales on them
+  without an override).
+- DCGM exporter (every preset): ``DCGM_FI_DEV_GPU_UTIL`` (percent 0..100, divided by
+  100) and ``DCGM_FI_PROF_SM_ACTIVE`` (ratio 0..1), each averaged over the rate window
+  per GPU and then over the role's GPUs.
+
+Labels: which service and role a series belongs to
+--------------------------------------------------
+The applier labels every engine pod ``heteroscale.io/service=<policy name>`` and
+``heteroscale.io/role=prefill|decode``. The usual Kubernetes pod scrape config turns pod
+labels into ``__meta_kubernetes_pod_label_<sanitised name>`` and relabels them onto the
+series; the defaults expect them as ``service`` and ``role``
+(``metrics.service_label`` / ``metrics.role_label`` name other labels)::
+
+    scrape_configs:
+      - job_name: heteroscale-engines
+        kubernetes_sd_configs: [{role: pod}]
+        relabel_configs:
+          - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
+            regex: "true"
+            action: keep
+          - source_labels: [__meta_kubernetes_pod_label_heteroscale_io_service]
+            regex: (.+)
+            action: keep                  # only pods the reconciler owns
+          - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
+            regex: ([^:]+)(?::\\d+)?;(\\d+)
+            replacement: $1:$2
+            target_label: __address__
+          - source_labels: [__meta_kubernetes_pod_label_heteroscale_io_service]
+            target_label: service
+          - source_labels: [__meta_kubernetes_pod_label_heteroscale_io_role]
+            target_label: role
+          - source_labels: [__meta_kubernetes_namespace]
+            target_label: namespace
+          - source_labels: [__meta_kubernetes_pod_name]
+            target_label: pod
+
+(``scripts/prometheus/kubernetes-scrape-config.example.yaml`` holds the full file; the
+tests check it with ``promtool check config``.)
+
+DCGM series are exported by the DCGM exporter's own DaemonSet pod and carry the GPU's
+consumer as ``pod``/``namespace`` labels, not its pod labels. Either enable the
+exporter's pod-label enrichment (GPU Operator: ``dcgmExporter.enablePodLabels``) and
+rename the enriched labels to ``service``/``role`` with ``metric_relabel_configs``, or
+join with kube-state-metrics in a query override (kube-state-metrics must allow the
+labels: ``--metric-labels-allowlist=pods=[heteroscale.io/service,heteroscale.io/role]``)::
+
+    metrics:
+      queries:
+        decode_gpu_util: >
+          avg by (service, role) (
+            avg_over_time(DCGM_FI_DEV_GPU_UTIL[$__window])
+            * on (namespace, pod) group_left (service, role)
+              label_replace(label_replace(
+                kube_pod_labels{label_heteroscale_io_role="decode"},
+                "service", "$1", "label_heteroscale_io_service", "(.+)"),
+                "role", "$1", "label_heteroscale_io_role", "(.+)")
+          ) * 0.01
+
+(``dcgm_pod_labels_join`` renders this for any DCGM field and role; if the DCGM
+exporter's scrape config keeps its own ``pod``/``namespace`` target labels, the consumer's
+labels are ``exported_pod``/``exported_namespace`` and ``join_labels`` must say so.)
+
+Query overrides
+---------------
+``metrics.queries.<signal>`` replaces the preset's PromQL for one service. It must return
+the signal in its unit (tokens/s, milliseconds, fraction) with one series per
+``(service, role)`` — or per ``service`` — carrying the service's name in the service
+label. ``$__quantile`` is replaced by the policy's SLO quantile and ``$__window`` by the
+adapter's rate window (e.g. ``60s``), as in Grafana. Overrides carry no sample age: the
+adapter stamps them with the evaluation time and relies on Prometheus' own staleness
+handling (series of a vanished target disappear at the next failed scrape).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from reconciler.desired.models import ServicePolicy
+from reconciler.state import METRIC_NAMES, MetricName, Role
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class CounterRate:
+    """Per-second increase of a counter, summed over the role's series.
+
+    ``metrics`` are alternative names of one counter (newest first): per service and
+    role the first one present wins. ``minus`` are counters subtracted when present
+    (prefix-cache hits), clamped so the result never goes below zero.
+    """
+
+    metrics: tuple[str, ...]
+    minus: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HistogramQuantile:
+    """``histogram_quantile`` over the rate of a histogram's buckets, times ``scale``
+    (1000: the engines observe seconds, the policy wants milliseconds)."""
+
+    metrics: tuple[str, ...]
+    scale: float = 1000.0
+
+
+@dataclass(frozen=True)
+class GaugeAverage:
+    """Average of a gauge over the role's series, times ``scale``. ``over_window``
+    first averages each series over the rate window (for sampled, noisy gauges such as
+    GPU utilisation); otherwise the latest sample counts."""
+
+    metrics: tuple[str, ...]
+    scale: float = 1.0
+    over_window: bool = False
+
+
+SignalSpec = CounterRate | HistogramQuantile | GaugeAverage
+
+SIGNAL_ROLE: Mapping[MetricName, Role] = {
+    "prefill_tps": "prefill",
+    "decode_tps": "decode",
+    "ttft": "prefill",
+    "tbt": "decode",
+    "prefill_gpu_util": "prefill",
+    "decode_gpu_util": "decode",
+    "prefill_sm_active": "prefill",
+    "decode_sm_active": "decode",
+    "decode_kv_usage": "decode",
+}
+
+_DCGM: dict[MetricName, SignalSpec] = {
+    "prefill_gpu_util": GaugeAverage(("DCGM_FI_DEV_GPU_UTIL",), scale=0.01, over_window=True),
+    "decode_gpu_util": GaugeAverage(("DCGM_FI_DEV_GPU_UTIL",), scale=0.01, over_window=True),
+    "prefill_sm_active": GaugeAverage(("DCGM_FI_PROF_SM_ACTIVE",), over_window=True),
+    "decode_sm_active": GaugeAverage(("DCGM_FI_PROF_SM_ACTIVE",), over_window=True),
+}
+
+_VLLM: dict[MetricName, SignalSpec] = {
+    "prefill_tps": CounterRate(("vllm:prompt_tokens_total",), minus=("vllm:prefix_cache_hits_total",)),
+    "decode_tps": CounterRate(("vllm:generation_tokens_total",)),
+    "ttft": HistogramQuantile(("vllm:time_to_first_token_seconds",)),
+    "tbt": HistogramQuantile(
+        ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+    ),
+    "decode_kv_usage": GaugeAverage(("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+    **_DCGM,
+}
+
+_SGLANG: dict[MetricName, SignalSpec] = {
+    "prefill_tps": CounterRate(("sglang:prompt_tokens_total",), minus=("sglang:cached_tokens_total",)),
+    "decode_tps": CounterRate(("sglang:generation_tokens_total",)),
+    "ttft": HistogramQuantile(("sglang:time_to_first_token_seconds",)),
+    "tbt": HistogramQuantile(
+        ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")
+    ),
+    "decode_kv_usage": GaugeAverage(("sglang:token_usage",)),
+    **_DCGM,
+}
+
+_DYNAMO_KV = "dynamo_component_kvstats_gpu_cache_usage_percent"
+
+_DYNAMO: dict[MetricName, SignalSpec] = {
+    **_VLLM,
+    "decode_kv_usage": GaugeAverage(
+        ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", _DYNAMO_KV)
+    ),
+}
+
+_TRTLLM: dict[MetricName, SignalSpec] = {
+    "ttft": HistogramQuantile(
+        ("trtllm_time_to_first_token_seconds", "trtllm:time_to_first_token_seconds")
+    ),
+    "tbt": HistogramQuantile(
+        ("trtllm_time_per_output_token_seconds", "trtllm:time_per_output_token_seconds")
+    ),
+    "decode_kv_usage": GaugeAverage((_DYNAMO_KV,)),
+    **_DCGM,
+}
+
+PRESETS: Mapping[str, Mapping[MetricName, SignalSpec]] = {
+    "vllm": _VLLM,
+    "sglang": _SGLANG,
+    "dynamo": _DYNAMO,
+    "trtllm": _TRTLLM,
+}
+
+PART_LABEL = "heteroscale_part"
+"""Label the batching adds to tell the parts of one merged query apart."""
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_PLACEHOLDER = re.compile(r"\$__([a-zA-Z_]+)")
+PLACEHOLDERS = ("quantile", "window")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class SignalQuery:
+    """The PromQL of one signal for one group of services.
+
+    ``value`` returns the signal per (service, role); ``sampled_at`` (None for
+    overrides) returns, per (service, role), the timestamp of the oldest of the newest
+    raw samples behind it, so a value can say how fresh it is.
+    """
+
+    value: str
+    sampled_at: str | None
+
+
+def format_duration(seconds: float) -> str:
+    """A PromQL duration: whole seconds as ``60s``, anything finer in milliseconds."""
+    millis = round(seconds * 1000)
+    if millis <= 0:
+        raise ValueError(f"duration must be positive, got {seconds} s")
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
+def format_number(value: float) -> str:
+    """Shortest round-tripping text of a float (PromQL accepts ``0.9``, ``1000``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def is_label_name(name: str) -> bool:
+    """A Prometheus label name that a user may set (``__`` names are reserved)."""
+    return bool(_LABEL_NAME.match(name)) and not name.startswith("__")
+
+
+def _spellings(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """Each name, then its ``:``-to-``_`` spelling: prometheus-client 0.26 escapes colons
+    in OpenMetrics scrapes (prometheus/client_python#1177), so an engine's
+    ``vllm:prompt_tokens_total`` may be stored as ``vllm_prompt_tokens_total``."""
+    out: list[str] = []
+    for name in metrics:
+        out.append(name)
+        if ":" in name:
+            out.append(name.replace(":", "_"))
+    return tuple(out)
+
+
+def _alternatives(exprs: list[str]) -> str:
+    """``a or b or ...`` in parentheses, so an operator after it applies to the whole."""
+    return exprs[0] if len(exprs) == 1 else "(" + " or ".join(exprs) + ")"
+
+
+def render_spec(
+    spec: SignalSpec,
+    *,
+    role: Role,
+    quantile: float,
+    window_s: float,
+    service_label: str,
+    role_label: str,
+) -> SignalQuery:
+    """The PromQL of a preset signal for every service at once (grouped by service and
+    role labels, filtered to one role)."""
+    by = f"{service_label}, {role_label}"
+    window = format_duration(window_s)
+    names = _spellings(spec.metrics)
+
+    def sel(metric: str) -> str:
+        return f'{metric}{{{role_label}="{role}"}}'
+
+    def freshness(metrics: tuple[str, ...]) -> str:
+        return _alternatives([f"min by ({by}) (timestamp({sel(m)}))" for m in metrics])
+
+    if isinstance(spec, CounterRate):
+        total = _alternatives([f"sum by ({by}) (rate({sel(m)}[{window}]))" for m in names])
+        value = total
+        if spec.minus:
+            hits = _alternatives(
+                [f"sum by ({by}) (rate({sel(m)}[{window}]))" for m in _spellings(spec.minus)]
+            )
+            # "or total * 0": no hit counter for this (service, role) subtracts nothing.
+            value = f"clamp_min({total} - ({hits} or {total} * 0), 0)"
+        return SignalQuery(value, freshness(names))
+    if isinstance(spec, HistogramQuantile):
+        q = format_number(quantile)
+        value = _alternatives(
+            [
+                f"histogram_quantile({q}, sum by ({by}, le) (rate({m}_bucket{{{role_label}=\"{role}\"}}[{window}])))"
+                for m in names
+            ]
+        )
+        if spec.scale != 1.0:
+            value = f"{value} * {format_number(spec.scale)}"
+        return SignalQuery(value, freshness(tuple(f"{m}_count" for m in names)))
+    inner = (lambda m: f"avg_over_time({sel(m)}[{window}])") if spec.over_window else sel
+    value = _alternatives([f"avg by ({by}) ({inner(m)})" for m in names])
+    if spec.scale != 1.0:
+        value = f"{value} * {format_number(spec.scale)}"
+    return SignalQuery(value, freshness(names))
+
+
+def render_override(query: str, *, quantile: float, window_s: float) -> SignalQuery:
+    """A user's PromQL with ``$__quantile`` and ``$__window`` filled in."""
+    values = {"quantile": format_number(quantile), "window": format_duration(window_s)}
+    text = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), query)
+    return SignalQuery(text.strip(), None)
+
+
+def signal_query(
+    policy: ServicePolicy, signal: MetricName, *, window_s: float
+) -> SignalQuery | None:
+    """The query that reads ``signal`` for ``policy``: its override if it has one, else
+    its preset's, else None (the preset has no source for the signal)."""
+    config = policy.metrics
+    override = config.queries.get(signal)
+    if override is not None:
+        return render_override(override, quantile=policy.slo.quantile, window_s=window_s)
+    spec = PRESETS[config.preset or policy.engine].get(signal)
+    if spec is None:
+        return None
+    return render_spec(
+        spec,
+        role=SIGNAL_ROLE[signal],
+        quantile=policy.slo.quantile,
+        window_s=window_s,
+        service_label=config.service_label,
+        role_label=config.role_label,
+    )
+
+
+def dcgm_pod_labels_join(
+    field: str,
+    role: Role,
+    *,
+    scale: float = 1.0,
+    join_labels: tuple[str, str] = ("namespace", "pod"),
+    service_pod_label: str = "label_heteroscale_io_service",
+    role_pod_label: str = "label_heteroscale_io_role",
+) -> str:
+    """A query override that attributes a DCGM field to services and roles by joining
+    with kube-state-metrics' ``kube_pod_labels`` on the GPU consumer's namespace and pod
+    (for DCGM exporters without pod-label enrichment). ``scale`` 0.01 turns
+    ``DCGM_FI_DEV_GPU_UTIL`` percent into a fraction. Uses ``$__window``."""
+    on = ", ".join(join_labels)
+    text = (
+        f"avg by (service, role) (avg_over_time({field}[$__window]) "
+        f"* on ({on}) group_left (service, role) "
+        f'label_replace(label_replace(kube_pod_labels{{{role_pod_label}="{role}"}}, '
+        f'"service", "$1", "{service_pod_label}", "(.+)"), '
+        f'"role", "$1", "{role_pod_label}", "(.+)"))'
+    )
+    return text if scale == 1.0 else f"{text} * {format_number(scale)}"
+
+
+# ----------------------------------------------------------------------------- checks
+
+Problem = tuple[tuple[object, ...], str]
+
+
+def check_metrics_config(policy: ServicePolicy) -> list[Problem]:
+    """Problems in a policy's ``metrics`` section, as ``(path, message)`` pairs in the
+    shape of ``reconciler.desired.checks`` (paths start at the policy's root).
+
+    Checks label names, override placeholders, and that every signal the policy acts
+    on (its primary metric, latency tiers, KV-cache pressure) has a source.
+    """
+    problems: list[Problem] = []
+    config = policy.metrics
+    for key in ("service_label", "role_label"):
+        name = getattr(config, key)
+        if not is_label_name(name):
+            problems.append(
+                (
+                    ("metrics", key),
+                    f"'{name}' is not a Prometheus label name "
+                    "(letters, digits and '_', not starting with a digit or '__')",
+                )
+            )
+    if config.service_label == config.role_label:
+        problems.append((("metrics", "role_label"), "must differ from service_label"))
+    for signal, query in config.queries.items():
+        if not query.strip():
+            problems.append((("metrics", "queries", signal), "empty query"))
+        for unknown in sorted(set(_PLACEHOLDER.findall(query)) - set(PLACEHOLDERS)):
+            problems.append(
+                (
+                    ("metrics", "queries", signal),
+                    f"unknown placeholder '$__{unknown}' (known: "
+                    + ", ".join(f"$__{p}" for p in PLACEHOLDERS)
+                    + ")",
+                )
+            )
+    preset_name = config.preset or policy.engine
+    preset = PRESETS[preset_name]
+    used: dict[str, tuple[object, ...]] = {policy.scaling.metric: ("scaling", "metric")}
+    for i, tier in enumerate(policy.scaling.latency_tiers):
+        used.setdefault(tier.metric, ("scaling", "latency_tiers", i, "metric"))
+    if policy.scaling.kv_cache_pressure is not None:
+        used.setdefault("decode_kv_usage", ("scaling", "kv_cache_pressure"))
+    for signal, path in used.items():
+        if signal in METRIC_NAMES and signal not in preset and signal not in config.queries:
+            problems.append(
+                (
+                    path,
+                    f"the '{preset_name}' metrics preset has no source for {signal}; "
+                    f"add metrics.queries.{signal}",
+                )
+            )
+    return problems

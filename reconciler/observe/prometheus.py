@@ -1,0 +1,556 @@
+"""The Prometheus ``MetricsSource``: every signal of every service in a few batched queries.
+
+Design
+------
+One cycle sends **one HTTP request per signal** (nine at most), however many services
+there are. For a signal, services whose rendered PromQL is identical (same preset, SLO
+quantile, label names) share one *part*; services with a per-service override or a
+different quantile get their own part. All parts of a signal are merged into one
+instant query::
+
+    label_replace(<value of part 0>, "heteroscale_part", "0", "", "")
+      or label_replace(<freshness of part 0>, "heteroscale_part", "0t", "", "")
+      or label_replace(<value of part 1>, "heteroscale_part", "1", "", "")  ...
+
+so the number of requests is bounded by the number of signals, and the size of each
+query by the number of *distinct configurations*, never by the number of services.
+Parts are not restricted to their services: each computes over every service and the
+adapter reads its own services' rows (Prometheus does the few extra aggregations
+cheaply; the query text stays short whatever the fleet size).
+
+Freshness: a value's ``Sample.at_s`` is the timestamp of the *oldest* of the newest raw
+samples behind it (``min by (service, role) (timestamp(<series>))``), not the query
+time, so a value is only as fresh as its stalest contributor. Series of a target that
+stopped answering are staleness-marked by Prometheus at the next failed scrape and drop
+out of ``timestamp()`` at once, while ``rate()`` over the window would still return a
+(decaying) number for a while: the missing freshness row turns that value into missing.
+Values older than the policy's ``scaling.metric_max_age_s``, NaN (e.g. a histogram
+without observations in the window), +-Inf and missing series all come back as ``None``;
+the reason is recorded in ``last_report.gaps``. Counter resets are handled by
+``rate()``. Query overrides carry no freshness query; they are stamped with the
+evaluation time (see ``reconciler.observe.presets``).
+
+Queries are evaluated at ``now_s`` (the ``time`` parameter), so a cycle can be replayed
+against recorded data.
+
+Failures: connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
+backoff; when a signal's request still fails the cycle stops at once and raises
+``MetricsUnavailable`` (carrying the query and the cause); the reconciler then holds
+every service at its current size. HTTP 400/422 (Prometheus rejected the PromQL, e.g. a
+broken override) is not a backend outage: the merged query is split into its parts to
+find the culprit, the rejected part's services get ``None`` for that signal with the
+error as the gap reason, and every other service is served normally. Other 4xx
+(authentication, wrong URL) and non-JSON answers raise ``MetricsUnavailable`` without
+retrying.
+
+HTTP client: prometheus-api-client's ``PrometheusConnect.custom_query``. It has a
+``timeout`` argument (passed to ``requests``: connect timeout and per-read timeout, not a
+total deadline) which is used, and the same bound is sent to Prometheus as the
+server-side evaluation ``timeout``. Its own urllib3 retries are disabled (``Retry(0)``)
+so that retries, backoff and request counting are this module's. It hides the HTTP
+status inside its exception text, so the session records the last response to classify
+failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from reconciler.desired.models import ServicePolicy
+from reconciler.errors import MetricsUnavailable
+from reconciler.observe.presets import (
+    PART_LABEL,
+    SIGNAL_ROLE,
+    SignalQuery,
+    format_number,
+    is_label_name,
+    signal_query,
+)
+from reconciler.state import METRIC_NAMES, MetricName, Role, Sample, ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrometheusSettings:
+    """How to reach Prometheus and how to read it."""
+
+    url: str = "http://127.0.0.1:9090"
+    timeout_s: float = 5.0
+    """Per HTTP request (connect, and each read), also sent as the evaluation timeout."""
+    retries: int = 2
+    """Further attempts after the first for connection errors, timeouts, 429 and 5xx."""
+    backoff_s: float = 0.2
+    """Delay before the first retry; doubles with each further retry."""
+    max_backoff_s: float = 2.0
+    rate_window_s: float = 60.0
+    """Window of ``rate()``, ``histogram_quantile`` and gauge averaging: at least four
+    scrape intervals, so that a missed scrape does not empty the window."""
+    signals: tuple[MetricName, ...] = METRIC_NAMES
+    """Signals to read each cycle (the rest stay ``None``)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra HTTP headers, e.g. ``Authorization`` for a secured Prometheus."""
+    verify_tls: bool = True
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.rate_window_s <= 0:
+            raise ValueError("timeout_s and rate_window_s must be positive")
+        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("retries and backoffs must not be negative")
+        unknown = set(self.signals) - set(METRIC_NAMES)
+        if unknown:
+            raise ValueError(f"unknown signals: {sorted(unknown)}")
+
+
+# ----------------------------------------------------------------------------- plan (pure)
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One distinct query of a signal and the services it serves."""
+
+    part_id: str
+    query: SignalQuery
+    services: tuple[str, ...]
+    service_label: str
+    role_label: str
+
+    def promql(self) -> str:
+        """This part alone, tagged like inside a merged query."""
+        text = f'label_replace({self.query.value}, "{PART_LABEL}", "{self.part_id}", "", "")'
+        if self.query.sampled_at is not None:
+            text += (
+                f' or label_replace({self.query.sampled_at}, "{PART_LABEL}", '
+                f'"{self.part_id}t", "", "")'
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """Everything one HTTP request reads: one signal, all its parts."""
+
+    signal: MetricName
+    role: Role
+    parts: tuple[QueryPart, ...]
+
+    def promql(self) -> str:
+        return " or ".join(part.promql() for part in self.parts)
+
+
+@dataclass(frozen=True)
+class SignalGap:
+    """Why one service's signal came back missing."""
+
+    service: str
+    signal: MetricName
+    reason: str
+
+
+def plan_requests(
+    policies: Sequence[ServicePolicy], signals: Sequence[MetricName], *, window_s: float
+) -> tuple[tuple[SignalRequest, ...], tuple[SignalGap, ...]]:
+    """Group services by identical PromQL, per signal. Services that cannot be read
+    (no source in their preset, invalid label names) come back as gaps."""
+    requests_out: list[SignalRequest] = []
+    gaps: list[SignalGap] = []
+    for signal in signals:
+        groups: dict[tuple[SignalQuery, str, str], list[str]] = defaultdict(list)
+        for policy in policies:
+            config = policy.metrics
+            if not (is_label_name(config.service_label) and is_label_name(config.role_label)):
+                gaps.append(
+                    SignalGap(
+                        policy.name,
+                        signal,
+                        f"invalid label names service_label={config.service_label!r} "
+                        f"role_label={config.role_label!r}",
+                    )
+                )
+                continue
+            query = signal_query(policy, signal, window_s=window_s)
+            if query is None:
+                preset = config.preset or policy.engine
+                gaps.append(
+                    SignalGap(policy.name, signal, f"the '{preset}' preset has no source for it")
+                )
+                continue
+            groups[(query, config.service_label, config.role_label)].append(policy.name)
+        if groups:
+            parts = tuple(
+                QueryPart(str(i), query, tuple(services), service_label, role_label)
+                for i, ((query, service_label, role_label), services) in enumerate(groups.items())
+            )
+            requests_out.append(SignalRequest(signal, SIGNAL_ROLE[signal], parts))
+    return tuple(requests_out), tuple(gaps)
+
+
+# ----------------------------------------------------------------------------- parse (pure)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One series of an instant-query result: its labels, value and evaluation time."""
+
+    labels: Mapping[str, str]
+    value: float
+    evaluated_at_s: float
+
+
+def parse_vector(result: Any) -> list[Row]:
+    """Rows of an instant vector (``data.result`` of ``/api/v1/query``). Prometheus
+    encodes values as strings (``"NaN"``, ``"+Inf"`` included). Raises ValueError on
+    anything that is not a vector."""
+    if not isinstance(result, list):
+        raise ValueError(f"expected a vector result (a list), got {type(result).__name__}")
+    rows: list[Row] = []
+    for item in result:
+        try:
+            labels = item["metric"]
+            at_s, text = item["value"]
+            rows.append(Row(dict(labels), float(text), float(at_s)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an instant-vector sample: {item!r}") from exc
+    return rows
+
+
+@dataclass(frozen=True)
+class QueryRejected:
+    """Prometheus refused a query (HTTP 400/422) with this message."""
+
+    message: str
+
+
+PartOutcome = list[Row] | QueryRejected
+
+
+def split_by_part(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Rows of a merged query by their part tag (``"0"``, ``"0t"``, ...); the tag label
+    itself is removed."""
+    out: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        labels = dict(row.labels)
+        tag = labels.pop(PART_LABEL, None)
+        if tag is not None:
+            out[tag].append(Row(labels, row.value, row.evaluated_at_s))
+    return out
+
+
+def _describe(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    return "+Inf" if value > 0 else "-Inf"
+
+
+def assemble(
+    plan: Sequence[SignalRequest],
+    outcomes: Mapping[tuple[MetricName, str], PartOutcome],
+    policies: Sequence[ServicePolicy],
+    now_s: float,
+) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
+    """Turn query results into one ``ServiceMetrics`` per policy.
+
+    ``outcomes`` maps (signal, part id) to the rows of that part (value rows tagged
+    with the part id, freshness rows with the id + ``t``) or to a rejection.
+    """
+    by_name = {policy.name: policy for policy in policies}
+    values: dict[str, dict[str, Sample]] = {name: {} for name in by_name}
+    gaps: list[SignalGap] = []
+    for request in plan:
+        role = request.role
+        for part in request.parts:
+            outcome = outcomes.get((request.signal, part.part_id))
+            if outcome is None:
+                gaps += [SignalGap(s, request.signal, "not queried") for s in part.services]
+                continue
+            if isinstance(outcome, QueryRejected):
+                gaps += [
+                    SignalGap(s, request.signal, f"query rejected by Prometheus: {outcome.message}")
+                    for s in part.services
+                ]
+                continue
+            tagged = split_by_part(outcome)
+            value_rows = _index(tagged.get(part.part_id, []), part)
+            fresh_rows = _index(tagged.get(part.part_id + "t", []), part)
+            for service in part.services:
+                sample, reason = _pick(
+                    service,
+                    role,
+                    value_rows,
+                    fresh_rows if part.query.sampled_at is not None else None,
+                    now_s=now_s,
+                    max_age_s=by_name[service].scaling.metric_max_age_s,
+                )
+                if sample is None:
+                    gaps.append(SignalGap(service, request.signal, reason))
+                else:
+                    values[service][request.signal] = sample
+    metrics = {name: ServiceMetrics(service=name, **values[name]) for name in by_name}  # type: ignore[arg-type]
+    return metrics, tuple(gaps)
+
+
+def _index(rows: Sequence[Row], part: QueryPart) -> dict[tuple[str, str | None], list[Row]]:
+    """Rows by (service, role); role None for service-level rows without a role label."""
+    out: dict[tuple[str, str | None], list[Row]] = defaultdict(list)
+    for row in rows:
+        service = row.labels.get(part.service_label)
+        if service is not None:
+            out[(service, row.labels.get(part.role_label))].append(row)
+    return out
+
+
+def _pick(
+    service: str,
+    role: Role,
+    value_rows: Mapping[tuple[str, str | None], list[Row]],
+    fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
+    *,
+    now_s: float,
+    max_age_s: float,
+) -> tuple[Sample | None, str]:
+    key: tuple[str, str | None] = (service, role)
+    rows = value_rows.get(key)
+    if not rows:
+        key = (service, None)
+        rows = value_rows.get(key)
+    if not rows:
+        return None, f"no series for role {role}"
+    if len(rows) > 1:
+        return None, (
+            f"{len(rows)} series for one (service, role); the query must aggregate "
+            "by (service, role)"
+        )
+    value = rows[0].value
+    if not math.isfinite(value):
+        return None, f"value is {_describe(value)}"
+    if fresh_rows is None:
+        at_s = rows[0].evaluated_at_s
+    else:
+        fresh = fresh_rows.get(key)
+        if not fresh:
+            return None, "no current sample (series stale: target gone or not scraped)"
+        at_s = min(row.value for row in fresh)
+    age_s = now_s - at_s
+    if age_s > max_age_s:
+        return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"
+    return Sample(value, at_s), ""
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+@dataclass(frozen=True)
+class QueryTiming:
+    signal: MetricName
+    promql: str
+    seconds: float
+    http_requests: int
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """What one ``fetch`` did: for logs, the loop's status and benchmarks."""
+
+    now_s: float
+    duration_s: float
+    http_requests: int
+    queries: tuple[QueryTiming, ...]
+    gaps: tuple[SignalGap, ...]
+
+
+class _RecordingSession(requests.Session):
+    """A requests session that counts what it sends and keeps the last response, so the
+    adapter can read the HTTP status that prometheus-api-client folds into a message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+        self.last_response: requests.Response | None = None
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.sent += 1
+        self.last_response = None
+        response = super().send(request, **kwargs)
+        self.last_response = response
+        return response
+
+
+class _Retryable(Exception):
+    pass
+
+
+class PrometheusMetricsSource:
+    """``MetricsSource`` over a Prometheus HTTP API (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: PrometheusSettings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        self._clock = clock
+        self._session = _RecordingSession()
+        self._session.verify = settings.verify_tls
+        self._client = PrometheusConnect(
+            url=settings.url.rstrip("/"),
+            headers=dict(settings.headers) or None,
+            disable_ssl=not settings.verify_tls,
+            retry=Retry(total=0, raise_on_status=False),
+            session=self._session,
+            timeout=settings.timeout_s,  # type: ignore[arg-type]  # annotated int, any number works
+        )
+        self.last_report: CycleReport | None = None
+
+    @property
+    def http_requests_sent(self) -> int:
+        """HTTP requests sent since construction (every attempt counts)."""
+        return self._session.sent
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> PrometheusMetricsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        started = self._clock()
+        sent_before = self._session.sent
+        plan, plan_gaps = plan_requests(
+            policies, self.settings.signals, window_s=self.settings.rate_window_s
+        )
+        outcomes: dict[tuple[MetricName, str], PartOutcome] = {}
+        timings: list[QueryTiming] = []
+        for request in plan:
+            query_started, query_sent = self._clock(), self._session.sent
+            outcomes.update(self._run(request, now_s))
+            timings.append(
+                QueryTiming(
+                    request.signal,
+                    request.promql(),
+                    self._clock() - query_started,
+                    self._session.sent - query_sent,
+                )
+            )
+        metrics, gaps = assemble(plan, outcomes, policies, now_s)
+        self.last_report = CycleReport(
+            now_s=now_s,
+            duration_s=self._clock() - started,
+            http_requests=self._session.sent - sent_before,
+            queries=tuple(timings),
+            gaps=plan_gaps + gaps,
+        )
+        for gap in self.last_report.gaps:
+            if gap.reason.startswith("query rejected"):
+                log.warning("%s/%s missing: %s", gap.service, gap.signal, gap.reason)
+        return metrics
+
+    def _run(
+        self, request: SignalRequest, now_s: float
+    ) -> dict[tuple[MetricName, str], PartOutcome]:
+        """Outcomes of every part of one signal: one request, more only when Prometheus
+        rejects the merged query and the culprit must be found."""
+        outcome = self._query(request.promql(), request.signal, now_s)
+        if not isinstance(outcome, QueryRejected):
+            return {(request.signal, part.part_id): outcome for part in request.parts}
+        if len(request.parts) == 1:
+            return {(request.signal, request.parts[0].part_id): outcome}
+        return {
+            (request.signal, part.part_id): self._query(part.promql(), request.signal, now_s)
+            for part in request.parts
+        }
+
+    def _query(self, promql: str, signal: MetricName, now_s: float) -> PartOutcome:
+        attempts = self.settings.retries + 1
+        cause = ""
+        for attempt in range(attempts):
+            if attempt:
+                self._sleep(min(self.settings.backoff_s * 2 ** (attempt - 1), self.settings.max_backoff_s))
+            try:
+                return self._attempt(promql, signal, now_s)
+            except _Retryable as exc:
+                cause = str(exc)
+        raise MetricsUnavailable(
+            f"Prometheus at {self.settings.url} did not answer the {signal} query "
+            f"after {attempts} attempt{'s' if attempts > 1 else ''}",
+            query=promql,
+            cause=cause,
+        )
+
+    def _attempt(self, promql: str, signal: MetricName, now_s: float) -> PartOutcome:
+        params = {"time": f"{now_s:.3f}", "timeout": format_number(self.settings.timeout_s)}
+        try:
+            result = self._client.custom_query(promql, params=params)
+        except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON
+            raise MetricsUnavailable(
+                f"{self.settings.url} did not answer like the Prometheus HTTP API",
+                query=promql,
+                cause=f"{type(exc).__name__}: {exc}",
+            ) from exc
+        except requests.Timeout as exc:
+            raise _Retryable(
+                f"no answer within {format_number(self.settings.timeout_s)} s ({type(exc).__name__})"
+            ) from exc
+        except requests.RequestException as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        except PrometheusApiClientException as exc:
+            return self._classify_http_error(exc, promql, signal)
+        except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
+            raise MetricsUnavailable(
+                f"{self.settings.url} did not answer like the Prometheus HTTP API",
+                query=promql,
+                cause=f"{type(exc).__name__}: {exc}",
+            ) from exc
+        try:
+            return parse_vector(result)
+        except ValueError as exc:
+            raise MetricsUnavailable(
+                f"unexpected answer from Prometheus at {self.settings.url} to the {signal} query",
+                query=promql,
+                cause=str(exc),
+            ) from exc
+
+    def _classify_http_error(
+        self, exc: PrometheusApiClientException, promql: str, signal: MetricName
+    ) -> QueryRejected:
+        response = self._session.last_response
+        status = response.status_code if response is not None else None
+        message = _error_message(response) or str(exc)
+        if status in (400, 422):
+            return QueryRejected(message)
+        if status is not None and (status == 429 or status >= 500):
+            raise _Retryable(f"HTTP {status}: {message}") from exc
+        raise MetricsUnavailable(
+            f"Prometheus at {self.settings.url} refused the {signal} query (HTTP {status})",
+            query=promql,
+            cause=message,
+        ) from exc
+
+
+def _error_message(response: requests.Response | None) -> str:
+    """The ``error`` field of a Prometheus API error body, or the body's start."""
+    if response is None:
+        return ""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and "error" in body:
+        kind = body.get("errorType")
+        return f"{kind}: {body['error']}" if kind else str(body["error"])
+    return response.text[:300]

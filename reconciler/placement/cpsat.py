@@ -1,0 +1,542 @@
+"""Topology-aware placement with OR-Tools CP-SAT.
+
+Model (aggregated: integer counts, never one boolean per GPU)
+-------------------------------------------------------------
+For every service that grows, with ``P``/``D`` its group shape:
+
+- per *existing group class* (groups of the service with the same domain and GPU type
+  pair): instances added in place, ``x_r <= sum of (shape_r - size_r)`` over the class;
+- per *candidate domain* ``d`` (``Topology.domains(affinity)``) and allowed GPU type
+  pair ``(tp, td)`` present in ``d``: new groups ``g`` and their instances ``n_p``,
+  ``n_d`` with ``g <= n_p <= P*g`` and ``g <= n_d <= D*g`` (a group holds at most its
+  shape and at least one instance per role; instances split over groups of a class
+  independently per role, so these bounds are exact);
+- ``sum of added instances <= target - running`` per role (targets are never exceeded).
+
+Capacity is written on the laminar region tree (``Topology.regions``): for each region
+and GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
+exact for GPU counts. Node granularity is approximated by valid slot inequalities (for
+each instance size k: instances of size >= k <= sum over nodes of floor(free / k)),
+and made exact by the second step, ``reconciler.placement.packing`` (best fit, verified,
+with an exact CP-SAT re-pack per RDMA subgroup when best fit fails).
+
+Objective (minimise; lexicographic in this order, enforced per GPU by the weights)
+-----------------------------------------------------------------------------------
+=====  ==========================================  =================================
+level  term                                        weight
+=====  ==========================================  =================================
+1      GPUs short of target                        100,000 x (priority + 1) per GPU
+2      subgroup class above what the GPU type      1,000 per GPU per class step
+       pair needs (homogeneous pair: low; two
+       types under an S2/subgroup: medium; two
+       types under an S1: high)
+3      GPU type preference                         0..99 per GPU (0 = most preferred,
+                                                   99 x (1 - weight / best weight))
+4      a new group (grow in place first)           30 per group
+4      GPUs beyond partly-used nodes (breaks       2 per GPU per region level
+       whole nodes)
+=====  ==========================================  =================================
+
+Per GPU, every level outweighs all lower ones together (100,000 > 2 x 1,000 + 99 + 30
++ 8), and a GPU for a higher-priority service outweighs a GPU for a lower one plus
+every lower-level cost. The order is therefore strict for fungible capacity; it is not
+strict across very different amounts (one 8-GPU instance of priority 101 against
+nine 1-GPU instances of priority 100), which would need exponential weights.
+Level 2 keeps the scarce subgroups for the heterogeneous P/D services that need them:
+a homogeneous group in a medium/high subgroup, or a heterogeneous S2 group in a high
+one, pays for it; a heterogeneous group in the class it needs does not, so the GPU type
+preference (level 3) can pick the heterogeneous pairing. Growing an existing group
+in a scarce subgroup pays level 2 like a new group there, so a new group is opened
+elsewhere when that saves scarce resources.
+
+Level 5 (scale-in) is the shared rule in ``reconciler.placement.problem.scale_in``:
+scarcest class first, then least preferred type, then most fragmenting place.
+With ``allow_rebalance`` the model also decides how many running instances of each
+group class to keep (``keep_r``): kept GPUs pay levels 2 and 3 plus 200 per GPU per
+class rank (free scarce resources first), every GPU not kept beyond the scale-in
+amount pays 500 (a move), and capacity freed that way may be reused in the same cycle
+(the caller accepts that its rollout must delete before it creates for those).
+
+Determinism: fixed seed and worker count; ``PlacementOptions.deterministic`` (default)
+runs CP-SAT's interleaved parallel search, which does not depend on thread timing,
+bounded by a deterministic-time budget derived from ``time_limit_s`` (with the wall
+clock as a safety net; a run that hits the wall clock says so in ``stats.notes``).
+The best solution found is returned with its bound and gap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
+from reconciler.placement.explain import shortfalls_for
+from reconciler.placement.packing import PackItem, component_of, pack
+from reconciler.placement.problem import (
+    PlacementProblem,
+    ServiceNeed,
+    WorkGroup,
+    finalize,
+    needed_class_rank,
+    new_group_id,
+    prepare,
+    scale_in,
+    split_growth,
+    split_new_groups,
+)
+from reconciler.state import ROLES, Role
+from reconciler.topology import CLASS_RANK, SchedulingDomain, Topology
+
+W_SHORT_PER_RANK = 5_000
+W_WASTE = 1_000
+W_OPEN_GROUP = 30
+W_FRAGMENT = 2
+W_OVERFLOW = 300
+W_MOVE = 500
+W_KEEP_CLASS = 200
+
+# Deterministic-time units per second of wall clock on the 2-core reference machine
+# (measured with benchmarks/bench_placement.py); the wall clock bounds it anyway.
+DETERMINISTIC_UNITS_PER_S = 1.0
+
+
+@dataclass
+class _Term:
+    """One integer variable that uses GPUs of one type inside one region."""
+
+    region: int
+    type_code: int
+    size: int
+    var: cp_model.IntVar
+    upper: int
+    slot_counted: bool = True  # False: kept instances (rebalance) in GPU constraints only
+
+
+@dataclass
+class _ExistingClass:
+    service: str
+    domain: SchedulingDomain | None
+    types: dict[Role, str]
+    groups: list[WorkGroup]
+    grow: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
+    keep: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
+
+
+@dataclass
+class _NewClass:
+    service: str
+    domain: SchedulingDomain
+    types: dict[Role, str]
+    groups: cp_model.IntVar
+    instances: dict[Role, cp_model.IntVar | None]
+
+
+class _RegionStats:
+    """Free GPUs, free GPUs on partly used nodes, and slots per (region, type, size)."""
+
+    def __init__(self, topology: Topology, free: np.ndarray, used: np.ndarray):
+        self.topology = topology
+        self.free = free
+        self.partial = np.where(used > 0, free, 0)
+        self._cache: dict[tuple[int, int, int], int] = {}
+
+    def _nodes(self, region: int, type_code: int) -> np.ndarray:
+        return self.topology.nodes_by_region_type.get((region, type_code), np.empty(0, dtype=np.int64))
+
+    def free_gpus(self, region: int, type_code: int) -> int:
+        return self.slots(region, type_code, 1)
+
+    def partial_gpus(self, region: int, type_code: int) -> int:
+        key = (region, type_code, -1)
+        if key not in self._cache:
+            self._cache[key] = int(self.partial[self._nodes(region, type_code)].sum())
+        return self._cache[key]
+
+    def slots(self, region: int, type_code: int, size: int) -> int:
+        key = (region, type_code, size)
+        if key not in self._cache:
+            self._cache[key] = int((self.free[self._nodes(region, type_code)] // size).sum())
+        return self._cache[key]
+
+
+class CpSatPlacer:
+    """Aggregated CP-SAT placement plus exact node packing (see the module docstring)."""
+
+    name = "cp-sat"
+
+    def place(self, request: PlacementRequest) -> PlacementResult:
+        options = request.options
+        rebalance = options.allow_rebalance
+        problem = prepare(request, apply_scale_in=not rebalance)
+        return _Solve(problem, rebalance).run()
+
+
+class _Solve:
+    def __init__(self, problem: PlacementProblem, rebalance: bool):
+        self.problem = problem
+        self.topology = problem.topology
+        self.options = problem.request.options
+        self.rebalance = rebalance
+        self.initial_free = problem.free()
+        self.stats_region = _RegionStats(self.topology, self.initial_free, problem.used)
+        self.model = cp_model.CpModel()
+        self.terms: list[_Term] = []
+        self.existing: list[_ExistingClass] = []
+        self.new: list[_NewClass] = []
+        self.objective_terms: list[tuple[int, cp_model.IntVar]] = []
+        self.objective_offset = 0
+        self.notes: list[str] = []
+        self._freed_capacity: dict[tuple[int, int], int] = {}
+        # Dense rank of each priority (0 = lowest present): keeps the weights small.
+        priorities = sorted({n.priority for n in problem.needs.values()})
+        self.priority_rank = {p: i for i, p in enumerate(priorities)}
+
+    # ------------------------------------------------------------------ build
+    def run(self) -> PlacementResult:
+        mark = time.perf_counter()
+        for need in self.problem.services_by_priority():
+            self._add_service(need)
+        self._add_capacity()
+        mark = self.problem.lap("build_model", mark)
+        status, objective, bound, solver = self._solve()
+        mark = self.problem.lap("solve", mark)
+        takers, hints, free_after = self._realise(solver)
+        mark = self.problem.lap("pack", mark)
+        shortfalls = shortfalls_for(self.problem, free_after, self.initial_free, takers, hints)
+        self.problem.lap("explain", mark)
+        stats = SolverStats(
+            solver="cp-sat",
+            status=status,
+            wall_s=time.perf_counter() - self.problem.started_s,
+            objective=objective,
+            best_bound=bound,
+            phases_s=tuple(sorted(self.problem.timings_s.items())),
+            notes=tuple(self.notes),
+        )
+        return finalize(self.problem, stats, shortfalls)
+
+    def _waste(self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str) -> int:
+        rank = domain.class_rank if domain is not None else CLASS_RANK["high"]
+        return max(0, rank - needed_class_rank(tp, td, need.affinity))
+
+    def _add_service(self, need: ServiceNeed) -> None:
+        topo = self.topology
+        m = self.model
+        placed: dict[Role, list[cp_model.IntVar]] = {r: [] for r in ROLES}
+        if self.rebalance:
+            grow = {r: need.role(r).target for r in ROLES}
+        else:
+            grow = {r: max(0, need.role(r).target - self.problem.placed(need.service, r)) for r in ROLES}
+        if not any(grow.values()) and not self.rebalance:
+            return
+        weight_short = W_SHORT_PER_RANK * (self.priority_rank[need.priority] + 1)
+
+        # Existing groups, by class (domain, type pair).
+        classes: dict[tuple[str, str, str], _ExistingClass] = {}
+        for group in self.problem.groups.get(need.service, ()):
+            key = (
+                group.domain.key if group.domain else f"?{group.group_id}",
+                group.gpu_type["prefill"],
+                group.gpu_type["decode"],
+            )
+            if key not in classes:
+                classes[key] = _ExistingClass(need.service, group.domain, dict(group.gpu_type), [])
+            classes[key].groups.append(group)
+        for cls in classes.values():
+            waste = self._waste(need, cls.domain, cls.types["prefill"], cls.types["decode"])
+            region = cls.domain.region if cls.domain is not None else 0
+            growth: list[cp_model.IntVar] = []
+            growth_upper = 0
+            for role in ROLES:
+                rn = need.role(role)
+                gpu_type = cls.types[role]
+                code = topo.type_code(gpu_type)
+                per_instance = rn.gpus_per_instance * (W_WASTE * waste + rn.preference_cost(gpu_type))
+                current = sum(g.count(role) for g in cls.groups)
+                if self.rebalance and current:
+                    keep = m.new_int_var(0, current, "")
+                    cls.keep[role] = keep
+                    placed[role].append(keep)
+                    rank = cls.domain.class_rank if cls.domain else CLASS_RANK["high"]
+                    keep_cost = per_instance + rn.gpus_per_instance * W_KEEP_CLASS * rank
+                    # Not keeping an instance costs a move: offset + (-W_MOVE) per kept GPU.
+                    self.objective_terms.append((keep_cost - rn.gpus_per_instance * W_MOVE, keep))
+                    self.objective_offset += rn.gpus_per_instance * W_MOVE * current
+                    if code >= 0:
+                        self.terms.append(_Term(region, code, rn.gpus_per_instance, keep, current, slot_counted=False))
+                        self._freed_capacity[(region, code)] = (
+                            self._freed_capacity.get((region, code), 0) + rn.gpus_per_instance * current
+                        )
+                can_grow = cls.domain is not None and code >= 0 and gpu_type in rn.allowed_types and grow[role] > 0
+                if not can_grow:
+                    continue
+                upper = min(grow[role], self.stats_region.slots(region, code, rn.gpus_per_instance))
+                if upper <= 0:
+                    continue
+                x = m.new_int_var(0, upper, "")
+                cls.grow[role] = x
+                growth.append(x)
+                growth_upper += upper
+                placed[role].append(x)
+                self.terms.append(_Term(region, code, rn.gpus_per_instance, x, upper))
+                self.objective_terms.append((per_instance, x))
+            if growth:
+                room = sum(need.room(g) for g in cls.groups)
+                if growth_upper > room:
+                    overflow = m.new_int_var(0, growth_upper - room, "")
+                    m.add(sum(growth) <= room + overflow)
+                    self.objective_terms.append((W_OVERFLOW, overflow))
+            self.existing.append(cls)
+
+        # New groups.
+        required = need.required_roles
+        if self.rebalance:
+            may_open = bool(required) and all(need.role(r).target > 0 for r in required)
+        else:
+            may_open = bool(required) and all(grow[r] > 0 for r in required)
+        if may_open:
+            self._add_new_groups(need, grow, placed)
+
+        for role in ROLES:
+            rn = need.role(role)
+            if placed[role]:
+                m.add(sum(placed[role]) <= grow[role])
+            unit = weight_short * rn.gpus_per_instance
+            self.objective_offset += unit * grow[role]
+            for var in placed[role]:
+                self.objective_terms.append((-unit, var))
+
+    def _add_new_groups(
+        self, need: ServiceNeed, grow: dict[Role, int], placed: dict[Role, list[cp_model.IntVar]]
+    ) -> None:
+        topo = self.topology
+        m = self.model
+        required = need.required_roles
+        size = need.group_size
+        max_groups = min(grow[r] for r in required)
+        for domain in topo.domains(need.affinity):
+            region = domain.region
+            options = {r: [t for t in need.role(r).allowed_types if t in domain.gpu_types] for r in required}
+            if any(not options[r] for r in required):
+                continue
+            pairs = [
+                {"prefill": tp, "decode": td}
+                for tp in options.get("prefill", [need.prefill.allowed_types[0] if need.prefill.allowed_types else ""])
+                for td in options.get("decode", [need.decode.allowed_types[0] if need.decode.allowed_types else ""])
+            ]
+            for pair in pairs:
+                bounds = {
+                    r: self.stats_region.slots(region, topo.type_code(pair[r]), need.role(r).gpus_per_instance)
+                    for r in required
+                }
+                if len(required) == 2 and pair["prefill"] == pair["decode"]:
+                    joint = self.stats_region.free_gpus(region, topo.type_code(pair["prefill"]))
+                    if joint < need.prefill.gpus_per_instance + need.decode.gpus_per_instance:
+                        continue
+                upper_groups = min([max_groups, *bounds.values()])
+                if upper_groups <= 0:
+                    continue
+                g = m.new_int_var(0, upper_groups, "")
+                self.objective_terms.append((W_OPEN_GROUP, g))
+                waste = self._waste(need, domain, pair["prefill"], pair["decode"])
+                instances: dict[Role, cp_model.IntVar | None] = {r: None for r in ROLES}
+                for r in required:
+                    rn = need.role(r)
+                    upper = min(grow[r], bounds[r], (size - (len(required) - 1)) * upper_groups)
+                    n = m.new_int_var(0, upper, "")
+                    m.add(n >= g)
+                    instances[r] = n
+                    placed[r].append(n)
+                    self.terms.append(_Term(region, topo.type_code(pair[r]), rn.gpus_per_instance, n, upper))
+                    cost = rn.gpus_per_instance * (W_WASTE * waste + rn.preference_cost(pair[r]))
+                    self.objective_terms.append((cost, n))
+                m.add(sum(v for v in instances.values() if v is not None) <= size * g)
+                self.new.append(_NewClass(need.service, domain, dict(pair), g, instances))  # type: ignore[arg-type]
+
+    def _add_capacity(self) -> None:
+        topo = self.topology
+        m = self.model
+        by_region: dict[tuple[int, int], list[_Term]] = defaultdict(list)
+        for term in self.terms:
+            for ancestor in topo.region_ancestors(term.region):
+                by_region[(ancestor, term.type_code)].append(term)
+        freed_in: dict[tuple[int, int], int] = defaultdict(int)
+        for (region, code), gpus in self._freed_capacity.items():
+            for ancestor in topo.region_ancestors(region):
+                freed_in[(ancestor, code)] += gpus
+        term_regions = {(t.region, t.type_code) for t in self.terms if t.slot_counted}
+        for (region, code), terms in sorted(by_region.items()):
+            free = self.stats_region.free_gpus(region, code) + freed_in.get((region, code), 0)
+            upper = sum(t.size * t.upper for t in terms)
+            if upper > free:
+                m.add(sum(t.size * t.var for t in terms) <= free)
+            slot_terms = [t for t in terms if t.slot_counted]
+            for size in sorted({t.size for t in slot_terms if t.size > 1}):
+                big = [t for t in slot_terms if t.size >= size]
+                cap = self.stats_region.slots(region, code, size)
+                if sum(t.upper for t in big) > cap:
+                    m.add(sum(t.var for t in big) <= cap)
+            if (region, code) in term_regions:
+                # GPUs added beyond what partly used nodes offer break whole nodes.
+                partial = self.stats_region.partial_gpus(region, code)
+                bound = sum(t.size * t.upper for t in slot_terms)
+                if bound > partial:
+                    over = m.new_int_var(0, bound - partial, "")
+                    m.add(over >= sum(t.size * t.var for t in slot_terms) - partial)
+                    self.objective_terms.append((W_FRAGMENT, over))
+
+    # ------------------------------------------------------------------ solve
+    def _solve(self) -> tuple[str, float | None, float | None, cp_model.CpSolver | None]:
+        m = self.model
+        if not self.objective_terms:
+            return "OPTIMAL", float(self.objective_offset), float(self.objective_offset), None
+        vars_ = [v for _c, v in self.objective_terms]
+        coeffs = [c for c, _v in self.objective_terms]
+        m.minimize(cp_model.LinearExpr.weighted_sum(vars_, coeffs) + self.objective_offset)
+        solver = cp_model.CpSolver()
+        params = solver.parameters
+        remaining = max(0.05, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s))
+        params.random_seed = self.options.seed
+        params.num_workers = max(1, self.options.workers)
+        if getattr(self.options, "deterministic", True):
+            params.interleave_search = True
+            params.max_deterministic_time = remaining * DETERMINISTIC_UNITS_PER_S
+            params.max_time_in_seconds = max(remaining * 3, remaining + 1.0)
+        else:
+            params.max_time_in_seconds = remaining
+        status = solver.solve(m)
+        name = solver.status_name(status)
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            if solver.wall_time >= params.max_time_in_seconds * 0.99 and status != cp_model.OPTIMAL:
+                self.notes.append("cp-sat stopped on the wall-clock safety limit: result may vary between runs")
+            return name, float(solver.objective_value), float(solver.best_objective_bound), solver
+        self.notes.append(f"cp-sat returned {name}: nothing added this cycle")
+        return name, None, None, None
+
+    # ------------------------------------------------------------------ realise
+    def _realise(
+        self, solver: cp_model.CpSolver | None
+    ) -> tuple[dict[str, dict[str, int]], dict[tuple[str, Role], tuple[str, str]], np.ndarray]:
+        topo = self.topology
+        free = self.initial_free.copy()
+        value = (lambda v: int(solver.value(v))) if solver is not None else (lambda v: 0)
+
+        # Rebalance: drop what the model did not keep (scale-in rule inside each class),
+        # and return those GPUs to the free pool.
+        if self.rebalance and solver is not None:
+            before = self._usage_by_node()
+            for cls in self.existing:
+                need = self.problem.needs[cls.service]
+                drop = {
+                    r: (sum(g.count(r) for g in cls.groups) - value(cls.keep[r])) if cls.keep.get(r) is not None else 0
+                    for r in ROLES
+                }
+                if any(drop.values()):
+                    subset = list(cls.groups)
+                    scale_in(subset, need, drop, topo, self.problem.used)
+            for service, groups in self.problem.groups.items():
+                self.problem.groups[service] = [g for g in groups if not g.is_empty]
+            after = self._usage_by_node()
+            free = free + (before - after)
+
+        additions: list[tuple[WorkGroup, Role, int]] = []
+        for cls in self.existing:
+            need = self.problem.needs[cls.service]
+            add = {r: value(v) for r, v in cls.grow.items() if v is not None}
+            if any(add.values()):
+                order = sorted(cls.groups, key=lambda g: (need.room(g), g.group_id))
+                additions.extend(split_growth(order, need, add))
+        for new in self.new:
+            groups = value(new.groups)
+            if groups <= 0:
+                continue
+            need = self.problem.needs[new.service]
+            service_groups = self.problem.groups.setdefault(new.service, [])
+            add = {r: value(v) for r, v in new.instances.items() if v is not None}
+            label = new.domain.domain if new.domain.affinity != "cluster" else (new.domain.subgroup or new.domain.domain)
+            for share in split_new_groups(groups, need, add):
+                group = WorkGroup(
+                    service=new.service,
+                    cluster=self.problem.cluster,
+                    group_id=new_group_id(service_groups, label),
+                    domain_name=new.domain.domain,
+                    subgroup=new.domain.subgroup,
+                    domain=new.domain,
+                    gpu_type=dict(new.types),
+                    nodes={"prefill": {}, "decode": {}},
+                    is_new=True,
+                )
+                service_groups.append(group)
+                additions.extend((group, r, n) for r, n in share.items() if n)
+
+        items: list[PackItem] = []
+        for index, (group, role, count) in enumerate(additions):
+            need = self.problem.needs[group.service]
+            assert group.domain is not None
+            items.append(
+                PackItem(
+                    key=index,
+                    nodes=topo.domain_nodes(group.domain, group.gpu_type[role]),
+                    size=need.role(role).gpus_per_instance,
+                    count=count,
+                    depth=topo.regions[group.domain.region].depth,
+                    weight=need.priority + 1,
+                    component=component_of(topo, group.domain.region),
+                    order=(-need.priority, group.service, group.group_id, role),
+                )
+            )
+        remaining = max(0.2, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s))
+        outcome = pack(free, items, time_limit_s=remaining, seed=self.options.seed, workers=self.options.workers)
+        if outcome.fallback_components:
+            self.notes.append(
+                f"node packing: best fit left instances over; exact re-pack of {outcome.fallback_components} "
+                f"subgroup(s) ({outcome.fallback_status})"
+            )
+        hints: dict[tuple[str, Role], tuple[str, str]] = {}
+        unplaced_by: dict[tuple[str, Role], int] = defaultdict(int)
+        for index, (group, role, _count) in enumerate(additions):
+            for node, count in outcome.placed.get(index, {}).items():
+                group.add(role, topo.nodes[node].name, count)
+            missing = outcome.unplaced.get(index, 0)
+            if missing:
+                unplaced_by[(group.service, role)] += missing
+        # A new group that lost every instance of a required role is dissolved.
+        for service, groups in self.problem.groups.items():
+            need = self.problem.needs.get(service)
+            keep = []
+            for group in groups:
+                if group.is_new and need is not None and any(group.count(r) == 0 for r in need.required_roles):
+                    for role in ROLES:
+                        size = need.role(role).gpus_per_instance
+                        for node, count in group.nodes[role].items():
+                            free[topo.node_index[node]] += count * size
+                        if group.count(role):
+                            unplaced_by[(service, role)] += group.count(role)
+                    continue
+                keep.append(group)
+            self.problem.groups[service] = keep
+        for (service, role), missing in unplaced_by.items():
+            hints[(service, role)] = (
+                "fragmentation",
+                f"{missing} instance(s) fit the free GPU count of the chosen domain but not onto single "
+                "nodes (free GPUs are spread over partly used nodes)",
+            )
+        takers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for group, role, _count in additions:
+            need = self.problem.needs[group.service]
+            added = group.count(role) - (group.original.role(role).instances if group.original else 0)
+            if added > 0:
+                takers[group.gpu_type[role]][group.service] += added * need.role(role).gpus_per_instance
+        return {t: dict(s) for t, s in takers.items()}, hints, free
+
+    def _usage_by_node(self) -> np.ndarray:
+        from reconciler.placement.problem import node_usage_of
+
+        return node_usage_of(self.problem)
+
+
+__all__ = ["CpSatPlacer"]

@@ -1,0 +1,170 @@
+"""Why instances could not be placed: one ``Shortfall`` per (service, role) short.
+
+The explanation is computed from the final layout, the GPUs still free after it
+(``residual_free``) and those free when the cycle began (``initial_free``), so it names
+the binding constraint in the user's terms:
+
+- ``gpu_type``: none of the role's allowed GPU types exists in the cluster;
+- ``group_shape``: no existing group can grow (none, or none pinned to a known domain)
+  and a new group would need an instance of the other role beyond its target;
+- ``fragmentation``: enough GPUs are free in the chosen domain, but not enough of them
+  on single nodes for the instance size (reported by node packing);
+- ``affinity``: enough GPUs of the allowed types are free in the cluster, but no single
+  scheduling domain (S1 / S2 / subgroup) has room for the rest of a group;
+- ``gpu_capacity``: not enough free GPUs of the allowed types in the whole cluster.
+
+The detail names the largest free capacity under one switch, the cluster-wide free
+capacity, and which services took capacity of those types in this cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from reconciler.placement.base import Shortfall
+from reconciler.placement.problem import PlacementProblem, ServiceNeed
+from reconciler.state import Role
+
+
+def slots(free: np.ndarray, size: int) -> int:
+    """Instances of ``size`` GPUs that fit on these nodes."""
+    return int((free // size).sum()) if free.size else 0
+
+
+def _level(need: ServiceNeed) -> str:
+    return {"s1": "one S1", "s2": "one S2", "cluster": "one RDMA subgroup"}[need.affinity]
+
+
+def explain(
+    problem: PlacementProblem,
+    need: ServiceNeed,
+    role: Role,
+    missing: int,
+    residual_free: np.ndarray,
+    initial_free: np.ndarray,
+    takers: Mapping[str, Mapping[str, int]],
+    hint: str | None = None,
+    hint_detail: str | None = None,
+) -> Shortfall:
+    """Build the shortfall of ``missing`` instances of ``role`` of ``need.service``.
+
+    ``takers``: GPU type -> service -> GPUs newly placed this cycle (for the detail).
+    ``hint``: a constraint a placer already knows bound (e.g. "fragmentation").
+    """
+    topo = problem.topology
+    rn = need.role(role)
+    size = rn.gpus_per_instance
+    gpus = missing * size
+    head = f"{missing} {role} instance(s) of {size} GPU(s) ({gpus} GPUs)"
+    if not rn.allowed_types:
+        return Shortfall(
+            need.service,
+            role,
+            missing,
+            "gpu_type",
+            f"{head}: none of the allowed GPU types ({', '.join(sorted(rn.weights))}) exists in cluster '{topo.cluster}'",
+        )
+    if hint is not None:
+        return Shortfall(need.service, role, missing, hint, f"{head}: {hint_detail or hint}")
+
+    other: Role = "decode" if role == "prefill" else "prefill"
+    # Where the rest could have gone: any domain of the affinity when a new group can be
+    # opened, else only the domains of the service's existing groups (a new group would
+    # need an instance of the other role beyond its target).
+    can_open = other not in need.required_roles or problem.placed(need.service, other) < need.role(other).target
+    if can_open:
+        candidates = [(d, t) for d in topo.domains(need.affinity) for t in rn.allowed_types]
+        where = _level(need)
+    else:
+        candidates = sorted(
+            {
+                (g.domain.key, g.gpu_type[role]): (g.domain, g.gpu_type[role])
+                for g in problem.groups.get(need.service, ())
+                if g.domain is not None and g.gpu_type[role] in rn.allowed_types
+            }.values(),
+            key=lambda dt: (dt[0].key, dt[1]),
+        )
+        where = "the domains of its existing groups"
+        if not candidates:
+            return Shortfall(
+                need.service,
+                role,
+                missing,
+                "group_shape",
+                f"{head}: no existing group can grow and a new group would need a {other} instance "
+                f"beyond the {other} target ({need.role(other).target})",
+            )
+    best_slots, best_where, best_type = 0, "", rn.allowed_types[0]
+    for domain, gpu_type in candidates:
+        here = slots(residual_free[topo.domain_nodes(domain, gpu_type)], size)
+        if here > best_slots:
+            best_slots, best_where, best_type = here, domain.describe(), gpu_type
+    cluster_slots = {
+        t: slots(residual_free[topo.domain_nodes(topo.cluster_domain, t)], size) for t in rn.allowed_types
+    }
+    initial_slots = {
+        t: slots(initial_free[topo.domain_nodes(topo.cluster_domain, t)], size) for t in rn.allowed_types
+    }
+    total_slots = sum(cluster_slots.values())
+    free_text = ", ".join(f"{cluster_slots[t] * size} {t}" for t in rn.allowed_types)
+    largest = (
+        f"largest free under {where}: {best_slots * size} {best_type} GPUs under {best_where}"
+        if best_slots
+        else f"no {'/'.join(rn.allowed_types)} GPUs free for a {size}-GPU instance under {where}"
+    )
+    if not can_open:
+        largest += f" ({other} target met, so no new group can be opened)"
+    taken: list[str] = []
+    for gpu_type in rn.allowed_types:
+        for service, count in sorted(takers.get(gpu_type, {}).items(), key=lambda kv: (-kv[1], kv[0])):
+            if service != need.service and count > 0:
+                prio = problem.needs[service].priority if service in problem.needs else 0
+                taken.append(f"{service} (priority {prio}) {count} {gpu_type}")
+    taken_text = f"; taken this cycle by {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''}" if taken else ""
+    if total_slots >= missing:
+        constraint = "affinity"
+        reason = f"{head} as part of a group under {where}: {largest}; cluster-wide free: {free_text}"
+    else:
+        constraint = "gpu_capacity"
+        was = sum(initial_slots.values()) * size
+        reason = (
+            f"{head} of {'/'.join(rn.allowed_types)} under {where}: {largest}; cluster-wide free: "
+            f"{free_text} (was {was} at the start of the cycle)"
+        )
+    return Shortfall(need.service, role, missing, constraint, reason + taken_text)
+
+
+def shortfalls_for(
+    problem: PlacementProblem,
+    residual_free: np.ndarray,
+    initial_free: np.ndarray,
+    takers: Mapping[str, Mapping[str, int]],
+    hints: Mapping[tuple[str, Role], tuple[str, str]] | None = None,
+) -> list[Shortfall]:
+    """A shortfall for every (service, role) whose placement stays below target."""
+    out: list[Shortfall] = []
+    for need in problem.services_by_priority():
+        for role in ("prefill", "decode"):
+            missing = need.role(role).target - problem.placed(need.service, role)
+            if missing <= 0:
+                continue
+            hint = (hints or {}).get((need.service, role))
+            out.append(
+                explain(
+                    problem,
+                    need,
+                    role,  # type: ignore[arg-type]
+                    missing,
+                    residual_free,
+                    initial_free,
+                    takers,
+                    hint=hint[0] if hint else None,
+                    hint_detail=hint[1] if hint else None,
+                )
+            )
+    return out
+
+
+__all__ = ["explain", "shortfalls_for", "slots"]

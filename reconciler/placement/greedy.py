@@ -1,0 +1,266 @@
+"""The paper's topology-aware scheduler, as the baseline behind the same interface.
+
+HeteroScale schedules greedily, one request at a time, with a virtual allocation that
+is deducted within the cycle:
+
+1. requests (services that grow) are sorted by priority, highest first (ties: name);
+2. each grows its existing deployment groups in place first (lowest subgroup class
+   first), up to the group size (the room shared by the roles in proportion to need);
+3. then opens new groups of up to the group size: GPU type pairs are tried preferred first,
+   then the compatible ones (by the sum of the two roles' normalised weights), and for
+   each pair the candidate domains are scored by subgroup priority (low before medium
+   before high, then by name); the first domain where the whole group fits on nodes
+   (first fit, node order) takes it. When no domain fits a full group, the group is
+   halved until it fits or is down to one instance per role;
+4. loose-affinity services (``affinity: cluster``) have no topology constraint in the
+   paper's scheduler: each role takes the first nodes that fit anywhere, nodes ordered
+   by their subgroup's priority, so such a group may span subgroups (its ``subgroup``
+   is then ``None``);
+5. a role that still grows alone (no new group can be opened without exceeding the
+   other role's target) overflows the existing groups, as in the CP-SAT placer.
+
+Scale-in uses the shared rule (``reconciler.placement.problem.scale_in``). The greedy
+scheduler never moves running instances (``allow_rebalance`` is ignored, and said so
+in ``stats.notes``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
+from reconciler.placement.explain import shortfalls_for
+from reconciler.placement.problem import (
+    PlacementProblem,
+    ServiceNeed,
+    WorkGroup,
+    finalize,
+    new_group_id,
+    prepare,
+    split_growth,
+)
+from reconciler.state import ROLES, Role
+from reconciler.topology import CLASS_RANK, SchedulingDomain
+
+
+def first_fit(free: np.ndarray, nodes: np.ndarray, size: int, count: int) -> dict[int, int]:
+    """Up to ``count`` instances of ``size`` GPUs on ``nodes`` in order, filling each
+    node before the next (does not mutate ``free``)."""
+    if count <= 0 or nodes.size == 0:
+        return {}
+    cap = free[nodes] // size
+    before = np.cumsum(cap) - cap
+    take = np.clip(count - before, 0, cap)
+    hit = np.nonzero(take)[0]
+    return {int(nodes[i]): int(take[i]) for i in hit}
+
+
+class GreedyPlacer:
+    """The paper's greedy scheduler (see the module docstring)."""
+
+    name = "greedy"
+
+    def place(self, request: PlacementRequest) -> PlacementResult:
+        problem = prepare(request)
+        return _Greedy(problem).run()
+
+
+class _Greedy:
+    def __init__(self, problem: PlacementProblem):
+        self.problem = problem
+        self.topology = problem.topology
+        self.initial_free = problem.free()
+        self.free = self.initial_free.copy()
+        self.takers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.notes: list[str] = []
+        if problem.request.options.allow_rebalance:
+            self.notes.append("greedy never moves running instances; allow_rebalance ignored")
+        topo = self.topology
+        class_of_node = np.array(
+            [topo.subgroups[topo.subgroup_of_node(i)].class_rank for i in range(len(topo.nodes))],
+            dtype=np.int64,
+        )
+        # Loose affinity: every node of a type, by subgroup priority then node order.
+        self.loose_nodes: dict[str, np.ndarray] = {}
+        for code, gpu_type in enumerate(topo.gpu_types):
+            nodes = np.nonzero(topo.node_type == code)[0]
+            order = np.lexsort((nodes, class_of_node[nodes]))
+            self.loose_nodes[gpu_type] = nodes[order].astype(np.int64)
+
+    def run(self) -> PlacementResult:
+        mark = time.perf_counter()
+        for need in self.problem.services_by_priority():
+            self._grow_service(need)
+        mark = self.problem.lap("allocate", mark)
+        shortfalls = shortfalls_for(
+            self.problem, self.free, self.initial_free, {t: dict(s) for t, s in self.takers.items()}
+        )
+        self.problem.lap("explain", mark)
+        stats = SolverStats(
+            solver="greedy",
+            status="heuristic",
+            wall_s=time.perf_counter() - self.problem.started_s,
+            phases_s=tuple(sorted(self.problem.timings_s.items())),
+            notes=tuple(self.notes),
+        )
+        return finalize(self.problem, stats, shortfalls)
+
+    # ------------------------------------------------------------------ steps
+    def _commit(self, group: WorkGroup, role: Role, placement: dict[int, int], size: int) -> int:
+        placed = 0
+        for node, count in placement.items():
+            self.free[node] -= count * size
+            group.add(role, self.topology.nodes[node].name, count)
+            placed += count
+        self.takers[group.gpu_type[role]][group.service] += placed * size
+        return placed
+
+    def _grow_service(self, need: ServiceNeed) -> None:
+        grow = {r: need.role(r).target - self.problem.placed(need.service, r) for r in ROLES}
+        if all(g <= 0 for g in grow.values()):
+            return
+        groups = self.problem.groups.setdefault(need.service, [])
+        growable = sorted((g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id))
+
+        def allowed(group: WorkGroup, role: Role) -> bool:
+            return group.gpu_type[role] in need.role(role).allowed_types
+
+        # 1. Existing groups in place, up to their size; the room is shared by the roles
+        #    in proportion to what each still needs.
+        for group in growable:
+            want = {r: grow[r] if grow[r] > 0 and allowed(group, r) else 0 for r in ROLES}
+            total = sum(want.values())
+            room = need.room(group)
+            if total == 0 or room == 0:
+                continue
+            take_p = min(want["prefill"], round(room * want["prefill"] / total))
+            take_d = min(want["decode"], room - take_p)
+            take_p = min(want["prefill"], room - take_d)
+            for grp, role, count in split_growth([group], need, {"prefill": take_p, "decode": take_d}):
+                grow[role] -= self._place_in(grp, role, count, need)
+        # 2. New groups of up to the group size, split by what each role still needs.
+        required = need.required_roles
+        while required and all(grow[r] > 0 for r in required):
+            sizes = self._group_sizes(need, grow)
+            opened = self._open(need, sizes)
+            while not opened and any(s > 1 for s in sizes.values()):
+                sizes = {r: max(1, s // 2) for r, s in sizes.items()}
+                opened = self._open(need, sizes)
+            if not opened:
+                break
+            for r in required:
+                grow[r] -= sizes[r]
+        # 3. A role that still grows alone overflows the groups (old and just opened).
+        growable = sorted((g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id))
+        for role in ROLES:
+            for group in growable:
+                if grow[role] <= 0:
+                    break
+                if allowed(group, role):
+                    grow[role] -= self._place_in(group, role, grow[role], need)
+
+    def _place_in(self, group: WorkGroup, role: Role, count: int, need: ServiceNeed) -> int:
+        assert group.domain is not None
+        size = need.role(role).gpus_per_instance
+        nodes = self.topology.domain_nodes(group.domain, group.gpu_type[role])
+        return self._commit(group, role, first_fit(self.free, nodes, size, count), size)
+
+    @staticmethod
+    def _group_sizes(need: ServiceNeed, grow: dict[Role, int]) -> dict[Role, int]:
+        required = need.required_roles
+        if len(required) == 1:
+            return {required[0]: min(grow[required[0]], need.group_size)}
+        total = grow["prefill"] + grow["decode"]
+        size = min(need.group_size, total)
+        prefill = min(grow["prefill"], max(1, min(size - 1, round(size * grow["prefill"] / total))))
+        decode = min(grow["decode"], size - prefill)
+        prefill = min(grow["prefill"], size - decode)
+        return {"prefill": prefill, "decode": decode}
+
+    def _pairs(self, need: ServiceNeed) -> list[tuple[str, str]]:
+        def norm(role: Role, gpu_type: str) -> float:
+            weights = need.role(role).weights
+            return weights.get(gpu_type, 0.0) / max(weights.values())
+
+        prefill = need.prefill.allowed_types or ("",)
+        decode = need.decode.allowed_types or ("",)
+        pairs = [(p, d) for p in prefill for d in decode]
+        return sorted(pairs, key=lambda pd: (-(norm("prefill", pd[0]) + norm("decode", pd[1])), pd))
+
+    def _open(self, need: ServiceNeed, sizes: dict[Role, int]) -> bool:
+        """Open one group of ``sizes`` instances per role, or return False."""
+        for tp, td in self._pairs(need):
+            types: dict[Role, str] = {"prefill": tp, "decode": td}
+            if need.affinity == "cluster":
+                if self._try_loose(need, sizes, types):
+                    return True
+                continue
+            candidates = [
+                d for d in self.topology.domains(need.affinity) if all(types[r] in d.gpu_types for r in sizes)
+            ]
+            for domain in sorted(candidates, key=lambda d: (CLASS_RANK[d.subgroup_class], d.key)):
+                if self._try_domain(need, sizes, types, domain):
+                    return True
+        return False
+
+    def _fit(self, need: ServiceNeed, sizes: dict[Role, int], nodes_of: dict[Role, np.ndarray]) -> dict[Role, dict[int, int]] | None:
+        scratch = self.free.copy() if len(sizes) > 1 else self.free
+        plan: dict[Role, dict[int, int]] = {}
+        for role, count in sizes.items():
+            size = need.role(role).gpus_per_instance
+            placement = first_fit(scratch, nodes_of[role], size, count)
+            if sum(placement.values()) < count:
+                return None
+            if scratch is not self.free:
+                for node, c in placement.items():
+                    scratch[node] -= c * size
+            plan[role] = placement
+        return plan
+
+    def _new_group(self, need: ServiceNeed, types: dict[Role, str], domain: SchedulingDomain) -> WorkGroup:
+        groups = self.problem.groups.setdefault(need.service, [])
+        label = domain.domain if domain.affinity != "cluster" else (domain.subgroup or domain.domain)
+        group = WorkGroup(
+            service=need.service,
+            cluster=self.problem.cluster,
+            group_id=new_group_id(groups, label),
+            domain_name=domain.domain,
+            subgroup=domain.subgroup,
+            domain=domain,
+            gpu_type={r: types[r] for r in ROLES},
+            nodes={"prefill": {}, "decode": {}},
+            is_new=True,
+        )
+        groups.append(group)
+        return group
+
+    def _try_domain(self, need: ServiceNeed, sizes: dict[Role, int], types: dict[Role, str], domain: SchedulingDomain) -> bool:
+        nodes_of = {r: self.topology.domain_nodes(domain, types[r]) for r in sizes}
+        plan = self._fit(need, sizes, nodes_of)
+        if plan is None:
+            return False
+        group = self._new_group(need, types, domain)
+        for role, placement in plan.items():
+            self._commit(group, role, placement, need.role(role).gpus_per_instance)
+        return True
+
+    def _try_loose(self, need: ServiceNeed, sizes: dict[Role, int], types: dict[Role, str]) -> bool:
+        nodes_of = {r: self.loose_nodes.get(types[r], np.empty(0, dtype=np.int64)) for r in sizes}
+        plan = self._fit(need, sizes, nodes_of)
+        if plan is None:
+            return False
+        subgroups = {self.topology.subgroup_of_node(n) for placement in plan.values() for n in placement}
+        domain = self.topology.cluster_domain
+        if len(subgroups) == 1:
+            only = subgroups.pop()
+            domain = next(d for d in self.topology.domains("cluster") if d.subgroup == only)
+        group = self._new_group(need, types, domain)
+        for role, placement in plan.items():
+            self._commit(group, role, placement, need.role(role).gpus_per_instance)
+        return True
+
+
+__all__ = ["GreedyPlacer", "first_fit"]

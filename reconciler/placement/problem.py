@@ -1,0 +1,509 @@
+"""What both placers share: turning a ``PlacementRequest`` into a working problem,
+the scale-in rule, group identities, and assembling the ``PlacementResult``.
+
+Decisions (documented here once, followed by every placer):
+
+- **Targets are exact.** A service never gets more instances of a role than its
+  target; fewer only when capacity (or a rule below) prevents it, and then a
+  ``Shortfall`` says why. A service in ``policies`` without a target keeps what it
+  runs; groups of services *not* in ``policies`` are pruned (GitOps: missing desired
+  = delete), and a target without a policy is reported as a ``no_policy`` shortfall.
+- **Group size.** The shape (``ServicePolicy.deployment_group``) bounds a group's
+  *total* instances, ``prefill_instances + decode_instances``; the P/D split inside a
+  group follows the service's need (its targets), because a fixed per-role shape that
+  disagrees with the P/D ratio would strand capacity. Growth fills existing groups up
+  to that size, then opens new groups. Every *new* group has at least one instance of
+  each role the service runs (a group without prefill would pull its KV cache across
+  spines), so a new group can only be opened when every such role grows. When one
+  role grows alone and the existing groups are full, it *overflows* them (existing
+  groups exceed their size) instead of leaving demand unmet; the CP-SAT objective
+  charges an overflowed instance more than opening a group, so it happens only then.
+- **Capacity freed by scale-in is not reused in the same cycle.** The plan applies
+  creates before deletes (``reconciler.plan``) and soft scale-in keeps a removed
+  instance running through its observation window, so those GPUs are still busy when
+  new instances start. Free capacity is therefore measured against everything that
+  runs now (the CP-SAT placer relaxes this only with ``allow_rebalance``).
+- **Scale-in rule** (the paper's order): remove from groups in the scarcest RDMA
+  subgroup class first, then on the least preferred GPU type, then the most
+  fragmenting place; a group that can be emptied in both roles is deleted whole; no
+  group loses its last instance of a role while it keeps the other role, unless
+  nothing else is left to remove. Inside a group, instances leave the nodes with the
+  fewest GPUs in use first, so whole nodes become free.
+- **New group ids** are ``g-<domain>-<n>`` with the smallest ``n >= 1`` this service
+  does not use yet: stable and deterministic for the same input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reconciler.desired.models import Affinity, ServicePolicy
+from reconciler.placement.base import (
+    PlacementRequest,
+    PlacementResult,
+    Shortfall,
+    SolverStats,
+)
+from reconciler.state import ROLES, DeploymentGroup, GroupRole, NodeInstances, Role
+from reconciler.topology import (
+    CLASS_RANK,
+    SchedulingDomain,
+    Topology,
+    gpus_per_instance_of,
+    topology_for,
+    used_gpus,
+)
+
+# --------------------------------------------------------------------------- needs
+
+
+@dataclass(frozen=True)
+class RoleNeed:
+    """One role of one service for this cycle."""
+
+    role: Role
+    gpus_per_instance: int
+    allowed_types: tuple[str, ...]  # allowed by the policy AND present in the cluster, best first
+    weights: Mapping[str, float]  # the policy's preference weights
+    target: int
+    current: int  # instances running now
+
+    @property
+    def grow(self) -> int:
+        return max(0, self.target - self.current)
+
+    @property
+    def shrink(self) -> int:
+        return max(0, self.current - self.target)
+
+    def preference_cost(self, gpu_type: str) -> int:
+        """0 for the most preferred type, up to 99 for the least (per GPU)."""
+        if not self.weights:
+            return 0
+        best = max(self.weights.values())
+        return round(99 * (1.0 - self.weights.get(gpu_type, 0.0) / best))
+
+
+@dataclass(frozen=True)
+class ServiceNeed:
+    """A service's shape, affinity, priority and per-role need for this cycle."""
+
+    service: str
+    policy: ServicePolicy
+    prefill: RoleNeed
+    decode: RoleNeed
+
+    @property
+    def priority(self) -> int:
+        return self.policy.priority
+
+    @property
+    def affinity(self) -> Affinity:
+        return self.policy.affinity
+
+    def role(self, role: Role) -> RoleNeed:
+        return self.prefill if role == "prefill" else self.decode
+
+    def shape(self, role: Role) -> int:
+        shape = self.policy.deployment_group
+        return shape.prefill_instances if role == "prefill" else shape.decode_instances
+
+    @property
+    def group_size(self) -> int:
+        """Instances one group holds (both roles together)."""
+        shape = self.policy.deployment_group
+        return shape.prefill_instances + shape.decode_instances
+
+    def room(self, group: WorkGroup) -> int:
+        """Instances a group can still take before it reaches its size."""
+        return max(0, self.group_size - group.count("prefill") - group.count("decode"))
+
+    @property
+    def required_roles(self) -> tuple[Role, ...]:
+        """Roles every new group must contain (those with a positive target)."""
+        return tuple(r for r in ROLES if self.role(r).target > 0)
+
+    @property
+    def may_open_groups(self) -> bool:
+        """New groups need >= 1 instance of each required role within the targets."""
+        required = self.required_roles
+        return bool(required) and all(self.role(r).grow > 0 for r in required)
+
+
+def needed_class_rank(prefill_type: str, decode_type: str, affinity: Affinity) -> int:
+    """The least scarce subgroup class that can host a group of this type pair.
+
+    One type: any class (low). Two types under one S2 or subgroup: S2-heterogeneous
+    (medium) suffices. Two types under one S1: only S1-heterogeneous (high) has it.
+    """
+    if prefill_type == decode_type:
+        return CLASS_RANK["low"]
+    return CLASS_RANK["high"] if affinity == "s1" else CLASS_RANK["medium"]
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@dataclass
+class WorkGroup:
+    """A deployment group while a placer works on it (mutable, private to one call)."""
+
+    service: str
+    cluster: str
+    group_id: str
+    domain_name: str
+    subgroup: str | None
+    domain: SchedulingDomain | None  # None: unknown to the topology (never grows)
+    gpu_type: dict[Role, str]
+    nodes: dict[Role, dict[str, int]]  # node name -> instances
+    is_new: bool = False
+    original: DeploymentGroup | None = None
+
+    def count(self, role: Role) -> int:
+        return sum(self.nodes[role].values())
+
+    def add(self, role: Role, node: str, instances: int) -> None:
+        if instances:
+            self.nodes[role][node] = self.nodes[role].get(node, 0) + instances
+
+    def remove(self, role: Role, node: str, instances: int) -> None:
+        left = self.nodes[role].get(node, 0) - instances
+        if left < 0:
+            raise ValueError(f"removing {instances} {role} from {node} in {self.group_id}: only {left + instances}")
+        if left:
+            self.nodes[role][node] = left
+        else:
+            self.nodes[role].pop(node, None)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.count("prefill") == 0 and self.count("decode") == 0
+
+    def class_rank(self) -> int:
+        return self.domain.class_rank if self.domain is not None else CLASS_RANK["high"]
+
+    def freeze(self) -> DeploymentGroup:
+        if self.original is not None and not self._changed():
+            return self.original
+        roles = {
+            r: GroupRole(
+                gpu_type=self.gpu_type[r],
+                instances=self.count(r),
+                nodes=tuple(NodeInstances(n, c) for n, c in sorted(self.nodes[r].items()) if c > 0),
+            )
+            for r in ROLES
+        }
+        return DeploymentGroup(
+            service=self.service,
+            cluster=self.cluster,
+            group_id=self.group_id,
+            domain=self.domain_name,
+            subgroup=self.subgroup,
+            prefill=roles["prefill"],
+            decode=roles["decode"],
+        )
+
+    def _changed(self) -> bool:
+        assert self.original is not None
+        for r in ROLES:
+            before = {p.node: p.instances for p in self.original.role(r).nodes if p.instances}
+            if before != {n: c for n, c in self.nodes[r].items() if c}:
+                return True
+        return False
+
+    @staticmethod
+    def from_group(group: DeploymentGroup, topology: Topology) -> WorkGroup:
+        return WorkGroup(
+            service=group.service,
+            cluster=group.cluster,
+            group_id=group.group_id,
+            domain_name=group.domain,
+            subgroup=group.subgroup,
+            domain=topology.domain_of_group(group),
+            gpu_type={r: group.role(r).gpu_type for r in ROLES},
+            nodes={r: {p.node: p.instances for p in group.role(r).nodes if p.instances > 0} for r in ROLES},
+            original=group,
+        )
+
+
+def new_group_id(service_groups: Iterable[WorkGroup], domain_name: str) -> str:
+    """``g-<domain>-<n>``, smallest n >= 1 not used by the service."""
+    taken = {g.group_id for g in service_groups}
+    n = 1
+    while f"g-{domain_name}-{n}" in taken:
+        n += 1
+    return f"g-{domain_name}-{n}"
+
+
+# --------------------------------------------------------------------------- problem
+
+
+@dataclass
+class PlacementProblem:
+    """A prepared request: needs per service, working groups after the scale-in rule,
+    and GPUs in use per node (everything running now)."""
+
+    request: PlacementRequest
+    topology: Topology
+    needs: dict[str, ServiceNeed]
+    groups: dict[str, list[WorkGroup]]  # per service, after scale-in
+    used: np.ndarray  # GPUs per node in use now (incl. instances being scaled in)
+    shortfalls: list[Shortfall] = field(default_factory=list)
+    started_s: float = field(default_factory=time.perf_counter)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> str:
+        return self.topology.cluster
+
+    def free(self) -> np.ndarray:
+        return self.topology.free_gpus(self.used)
+
+    def services_by_priority(self) -> list[ServiceNeed]:
+        """Highest priority first, then by name (the order capacity is handed out in)."""
+        return sorted(self.needs.values(), key=lambda n: (-n.priority, n.service))
+
+    def placed(self, service: str, role: Role) -> int:
+        return sum(g.count(role) for g in self.groups.get(service, ()))
+
+    def lap(self, name: str, since_s: float) -> float:
+        now = time.perf_counter()
+        self.timings_s[name] = self.timings_s.get(name, 0.0) + (now - since_s)
+        return now
+
+
+def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> PlacementProblem:
+    """Build the working problem; apply the scale-in rule unless the caller (the
+    CP-SAT placer under ``allow_rebalance``) decides removals itself."""
+    started = time.perf_counter()
+    topology = topology_for(request.cluster)
+    policies = request.policies
+    size_of = gpus_per_instance_of(policies)
+    used = used_gpus(topology, request.current.groups, size_of)
+
+    groups: dict[str, list[WorkGroup]] = defaultdict(list)
+    for group in request.current.groups:
+        if group.service in policies:
+            groups[group.service].append(WorkGroup.from_group(group, topology))
+    for service_groups in groups.values():
+        service_groups.sort(key=lambda g: g.group_id)
+
+    needs: dict[str, ServiceNeed] = {}
+    shortfalls: list[Shortfall] = []
+    for service in sorted(request.targets):
+        targets = request.targets[service]
+        policy = policies.get(service)
+        if policy is None:
+            for role in ROLES:
+                wanted = max(0, getattr(targets, role))
+                if wanted:
+                    shortfalls.append(
+                        Shortfall(service, role, wanted, "no_policy", f"service '{service}' has no policy for cluster '{topology.cluster}'")
+                    )
+            continue
+        roles: dict[Role, RoleNeed] = {}
+        for role in ROLES:
+            rp = policy.role(role)
+            present = set(topology.gpu_types)
+            roles[role] = RoleNeed(
+                role=role,
+                gpus_per_instance=rp.gpus_per_instance,
+                allowed_types=tuple(t for t in rp.preferred_gpu_types() if t in present),
+                weights=dict(rp.gpu_types),
+                target=max(0, getattr(targets, role)),
+                current=sum(g.count(role) for g in groups.get(service, ())),
+            )
+        needs[service] = ServiceNeed(service, policy, roles["prefill"], roles["decode"])
+
+    problem = PlacementProblem(
+        request=request,
+        topology=topology,
+        needs=needs,
+        groups=groups,
+        used=used,
+        shortfalls=shortfalls,
+        started_s=started,
+    )
+    mark = problem.lap("prepare", started)
+    if apply_scale_in:
+        for need in needs.values():
+            if need.prefill.shrink or need.decode.shrink:
+                scale_in(
+                    problem.groups[need.service],
+                    need,
+                    {r: need.role(r).shrink for r in ROLES},
+                    topology,
+                    used,
+                )
+        problem.lap("scale_in", mark)
+    return problem
+
+
+# --------------------------------------------------------------------------- scale-in
+
+
+def scale_in_order_key(group: WorkGroup, need: ServiceNeed) -> tuple[int, float, int, str]:
+    """Sort key, most removable first: scarcest subgroup class, least preferred GPU
+    types, smallest group (emptying it frees a domain), then group id."""
+    preference = sum(need.role(r).weights.get(group.gpu_type[r], 0.0) for r in ROLES)
+    return (-group.class_rank(), preference, group.count("prefill") + group.count("decode"), group.group_id)
+
+
+def scale_in(
+    service_groups: list[WorkGroup],
+    need: ServiceNeed,
+    remove: Mapping[Role, int],
+    topology: Topology,
+    used: np.ndarray,
+) -> dict[Role, int]:
+    """Remove ``remove[role]`` instances from the service's groups by the scale-in rule
+    (module docstring). Mutates the groups, drops the emptied ones from the list, and
+    returns how many instances could not be removed (0 unless the groups hold fewer)."""
+    left = {r: max(0, remove.get(r, 0)) for r in ROLES}
+    ordered = sorted(service_groups, key=lambda g: scale_in_order_key(g, need))
+
+    def take(group: WorkGroup, role: Role, count: int) -> None:
+        # Leave the nodes with the fewest GPUs in use first: they become whole again.
+        def node_key(name: str) -> tuple[int, str]:
+            index = topology.node_index.get(name)
+            return (int(used[index]) if index is not None else -1, name)
+
+        for node in sorted(group.nodes[role], key=node_key):
+            if count == 0:
+                break
+            here = min(count, group.nodes[role][node])
+            group.remove(role, node, here)
+            left[role] -= here
+            count -= here
+
+    # Pass 1: per group in order, delete it whole if it fits, else shrink to >= 1 per role.
+    for group in ordered:
+        if all(group.count(r) <= left[r] for r in ROLES) and not group.is_empty:
+            for r in ROLES:
+                take(group, r, group.count(r))
+            continue
+        for r in ROLES:
+            keep_one = 1 if group.count(r) > 0 else 0
+            take(group, r, min(left[r], max(0, group.count(r) - keep_one)))
+    # Pass 2 (last resort): last instances, in the same order.
+    for group in ordered:
+        for r in ROLES:
+            take(group, r, min(left[r], group.count(r)))
+    service_groups[:] = [g for g in service_groups if not g.is_empty]
+    return left
+
+
+# --------------------------------------------------------------------------- growth
+
+
+def split_growth(
+    groups: list[WorkGroup], need: ServiceNeed, add: Mapping[Role, int]
+) -> list[tuple[WorkGroup, Role, int]]:
+    """Spread ``add[role]`` new instances over existing ``groups`` (in the given order):
+    a group missing a role gets one first, then each group's room is shared between the
+    roles in proportion to what is left; what no room takes (overflow) goes round-robin
+    over the groups. Deterministic."""
+    left = {r: max(0, add.get(r, 0)) for r in ROLES}
+    plan: dict[tuple[int, Role], int] = defaultdict(int)
+    live = [g for g in groups if not g.is_empty]
+    if not live:
+        return []
+    room = [need.room(g) for g in live]
+    for i, group in enumerate(live):
+        for r in ROLES:
+            if left[r] and group.count(r) == 0:
+                plan[(i, r)] += 1
+                left[r] -= 1
+                room[i] = max(0, room[i] - 1)
+    for i in range(len(live)):
+        total = left["prefill"] + left["decode"]
+        if total == 0:
+            break
+        take = min(room[i], total)
+        take_p = min(left["prefill"], round(take * left["prefill"] / total))
+        take_d = min(left["decode"], take - take_p)
+        take_p = min(left["prefill"], take - take_d)
+        for r, n in (("prefill", take_p), ("decode", take_d)):
+            plan[(i, r)] += n
+            left[r] -= n  # type: ignore[index]
+    i = 0
+    while left["prefill"] + left["decode"] > 0:
+        for r in ROLES:
+            if left[r]:
+                plan[(i % len(live), r)] += 1
+                left[r] -= 1
+        i += 1
+    return [(live[i], r, n) for (i, r), n in sorted(plan.items(), key=lambda kv: (kv[0][0], kv[0][1])) if n]
+
+
+def split_new_groups(count: int, need: ServiceNeed, add: Mapping[Role, int]) -> list[dict[Role, int]]:
+    """Spread ``add`` instances over ``count`` new groups: one of each required role per
+    group, then the rest round-robin up to the group size."""
+    shares: list[dict[Role, int]] = [{r: 0 for r in ROLES} for _ in range(count)]
+    left = {r: max(0, add.get(r, 0)) for r in ROLES}
+    for share in shares:
+        for r in need.required_roles:
+            if left[r]:
+                share[r] += 1
+                left[r] -= 1
+    progress = True
+    while progress and (left["prefill"] or left["decode"]):
+        progress = False
+        for share in shares:
+            for r in ROLES:
+                if left[r] and share["prefill"] + share["decode"] < need.group_size:
+                    share[r] += 1
+                    left[r] -= 1
+                    progress = True
+    return shares
+
+
+# --------------------------------------------------------------------------- results
+
+
+def finalize(
+    problem: PlacementProblem,
+    stats: SolverStats,
+    extra_shortfalls: Iterable[Shortfall] = (),
+) -> PlacementResult:
+    groups: list[DeploymentGroup] = []
+    for service_groups in problem.groups.values():
+        groups.extend(g.freeze() for g in service_groups if not g.is_empty)
+    groups.sort(key=lambda g: (g.service, g.group_id))
+    shortfalls = sorted(
+        [*problem.shortfalls, *extra_shortfalls],
+        key=lambda s: (s.service, s.role, s.constraint),
+    )
+    return PlacementResult(
+        cluster=problem.cluster,
+        groups=tuple(groups),
+        shortfalls=tuple(shortfalls),
+        stats=stats,
+    )
+
+
+def node_usage_of(problem: PlacementProblem) -> np.ndarray:
+    """GPUs per node used by the working groups as they stand."""
+    frozen = [g.freeze() for gs in problem.groups.values() for g in gs]
+    return used_gpus(problem.topology, frozen, gpus_per_instance_of(problem.request.policies))
+
+
+__all__ = [
+    "PlacementProblem",
+    "split_growth",
+    "split_new_groups",
+    "RoleNeed",
+    "ServiceNeed",
+    "WorkGroup",
+    "finalize",
+    "needed_class_rank",
+    "new_group_id",
+    "prepare",
+    "scale_in",
+    "scale_in_order_key",
+]

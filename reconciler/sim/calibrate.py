@@ -1,0 +1,542 @@
+"""Fit the simulator's performance model to the real GPU measurements in ``shared/calibration``.
+
+Run ``python -m reconciler.sim.calibrate`` to refit and rewrite
+``reconciler/sim/calibration_fit.json`` (the reviewed file the simulator loads, so the
+package works without ``shared/``); ``--check`` refits and exits 1 if the shipped file
+is stale. The raw measurements are never copied into the repository.
+
+What is fitted (all on the ``graph_fused`` rows, the serving-engine kernel layout):
+
+* **Decode step time** (time between tokens) of ``batch`` sequences at context ``ctx``::
+
+      t = overhead_s + overhead_s_per_weight_gb * W_gb
+          + smax(W / (eta_bw * BW), 2 * P * batch / (eta_compute * F), k_gemm)
+          + smax(attention_floor_s_per_kv_gb * kv_seq_gb, KV / (eta_bw * BW), k_attn)
+
+  ``W`` weight bytes, ``P`` parameters, ``BW``/``F`` the card's datasheet bandwidth and
+  bf16 compute, ``KV = batch * (ctx + 1) * kv_bytes_per_token`` the cache read per step,
+  ``kv_seq_gb`` one sequence's cache. ``smax(a, b, k) = (a^k + b^k)^(1/k)`` is a smooth
+  roofline (memory- vs compute-bound GEMMs; bandwidth- vs latency-bound attention: one
+  long sequence cannot fill the GPU, which is why batch 1 at ctx 4096 costs 1.2 ms more
+  than at ctx 1024 while batch 8 costs almost nothing extra). The bandwidth and compute
+  efficiencies are fitted per measured card (the H200 runs into its 700 W power cap
+  earlier than the H100, so it reaches a lower share of its datasheet compute); the
+  fixed overheads are shared.
+* **Prefill latency** of ``batch`` prompts of ``prompt`` tokens::
+
+      t = overhead_s + smax(W / (eta_floor_bw * BW),
+                            (2 * P * batch * prompt + 2 * kvb * batch * prompt^2 * 1/eta_attention)
+                            / (eta_compute * F), k)
+
+  The quadratic term is causal attention: ``2 * L * heads * head_dim * S^2`` FLOPs,
+  which equals ``2 * kv_bytes_per_token * S^2`` for a grouped-query model with four
+  query heads per KV head and 2-byte KV entries (the 8 B shape); its efficiency is
+  fitted. The memory floor is the weight read that bounds very short prompts.
+* **Utilisation counters** (``util.csv``): prefill ``utilization.gpu`` against the
+  measured busy fraction (Poisson arrivals; the periodic phase aliases with the counter
+  and is left out), decode ``utilization.gpu`` while any sequence runs (it reads 100 %
+  at every batch), and an SM-activity proxy: normalised power draw
+  ``(P - P_idle) / (P_cap - P_idle)``, as a function of decode batch and of prefill busy
+  fraction. The calibration has no DCGM SM-activity counter; power tracks how much of
+  the chip is working and saturates at the cap, which is how the paper describes SM
+  activity, so it stands in for it (an assumption, stated in ``perf``).
+
+The fit is a small Levenberg-Marquardt on relative errors (numpy only), made
+deterministic by fixed starting points, followed by a few iteratively reweighted
+rounds that trade mean error for a smaller worst-case error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIT_PATH = Path(__file__).with_name("calibration_fit.json")
+FIT_VERSION = 1
+
+# Datasheet figures of the measured cards (SXM parts): dense bf16 TFLOP/s, HBM GB/s,
+# memory GiB. The fit expresses every efficiency relative to these, so the catalogue's
+# own datasheet figures (ClusterSpec.gpu_types) scale the model to unmeasured cards.
+MEASURED_CARDS: dict[str, dict[str, float]] = {
+    "h200": {"bf16_tflops": 989.0, "memory_bandwidth_gbps": 4800.0, "memory_gib": 141.0},
+    "h100": {"bf16_tflops": 989.0, "memory_bandwidth_gbps": 3350.0, "memory_gib": 80.0},
+}
+
+# (sub-folder of shared/calibration, card, label)
+DATASETS: tuple[tuple[str, str, str], ...] = (
+    ("", "h200", "llama-8b on h200"),
+    ("h100", "h100", "llama-8b on h100"),
+    ("qwen32b-h200", "h200", "qwen-32b on h200"),
+)
+CAPACITY_MODE = "graph_fused"
+
+Num = float | np.ndarray  # a scalar, or one value per point
+
+
+class CalibrationDataError(RuntimeError):
+    """The calibration folder is missing or does not have the expected layout."""
+
+
+def shared_dir() -> Path | None:
+    """The shared data folder: ``$HETEROSCALE_SHARED``, else ``<repo>/../shared``.
+
+    Returns ``None`` when neither exists (e.g. an installed package without the data)."""
+    override = os.environ.get("HETEROSCALE_SHARED")
+    if override:
+        path = Path(override)
+        return path if path.is_dir() else None
+    repo_root = Path(__file__).resolve().parents[2]
+    candidate = repo_root.parent / "shared"
+    return candidate if candidate.is_dir() else None
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: float
+    weight_bytes: float
+    kv_bytes_per_token: float
+
+
+@dataclass(frozen=True)
+class DecodePoint:
+    dataset: str
+    card: str
+    model: ModelShape
+    batch: int
+    ctx: int
+    step_s: float
+
+
+@dataclass(frozen=True)
+class PrefillPoint:
+    dataset: str
+    card: str
+    model: ModelShape
+    batch: int
+    prompt: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class UtilPhase:
+    dataset: str
+    workload: str
+    batch: int | None
+    arrivals: str
+    busy: float
+    util_gpu: float
+    power_w: float
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    decode: tuple[DecodePoint, ...]
+    prefill: tuple[PrefillPoint, ...]
+    util: tuple[UtilPhase, ...]
+    idle_power_w: dict[str, float]
+    files: dict[str, str]  # relative path -> sha256
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise CalibrationDataError(f"{path}: missing (see shared/calibration/README.md)")
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_calibration(calibration_dir: Path) -> CalibrationData:
+    """Read every dataset's prefill, decode and util tables and the model shapes."""
+    decode: list[DecodePoint] = []
+    prefill: list[PrefillPoint] = []
+    util: list[UtilPhase] = []
+    idle: dict[str, float] = {}
+    files: dict[str, str] = {}
+    for sub, card, label in DATASETS:
+        folder = calibration_dir / sub if sub else calibration_dir
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise CalibrationDataError(f"{meta_path}: missing")
+        meta = json.loads(meta_path.read_text())
+        model_meta = meta["model"]
+        model = ModelShape(
+            params=float(model_meta["params_total"]),
+            weight_bytes=float(model_meta["weights_bytes"]),
+            kv_bytes_per_token=float(model_meta["kv_cache_bytes_per_token"]),
+        )
+        for name in ("decode.csv", "prefill.csv", "util.csv"):
+            files[f"{sub + '/' if sub else ''}{name}"] = _sha256(folder / name)
+        for row in _read_csv(folder / "decode.csv"):
+            if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
+                decode.append(
+                    DecodePoint(label, card, model, int(row["batch"]), int(row["ctx"]), float(row["step_s_median"]))
+                )
+        for row in _read_csv(folder / "prefill.csv"):
+            if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
+                prefill.append(
+                    PrefillPoint(
+                        label, card, model, int(row["batch"]), int(row["prompt_len"]), float(row["latency_s_median"])
+                    )
+                )
+        for row in _read_csv(folder / "util.csv"):
+            if row["workload"] == "idle":
+                idle[label] = float(row["smi_power_w_mean"])
+                continue
+            if row["mode"] != CAPACITY_MODE:
+                continue
+            util.append(
+                UtilPhase(
+                    dataset=label,
+                    workload=row["workload"],
+                    batch=int(row["batch"]) if row["workload"] == "decode" else None,
+                    arrivals=row["arrivals"],
+                    busy=float(row["work_duty"]),
+                    util_gpu=float(row["smi_util_gpu_mean"]) / 100.0,
+                    power_w=float(row["smi_power_w_mean"]),
+                )
+            )
+    if not decode or not prefill:
+        raise CalibrationDataError(f"{calibration_dir}: no {CAPACITY_MODE} rows found")
+    return CalibrationData(tuple(decode), tuple(prefill), tuple(util), idle, files)
+
+
+# --------------------------------------------------------------------------- model forms
+
+
+def smooth_max(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """``(a^k + b^k)^(1/k)``: a roofline with a soft knee (k -> inf is max)."""
+    hi = np.maximum(a, b)
+    lo = np.minimum(a, b)
+    # Factor out the larger term so large k cannot overflow.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), 0.0)
+    return hi * (1.0 + ratio**k) ** (1.0 / k)
+
+
+def decode_step_s(
+    params: dict[str, float],
+    *,
+    batch: np.ndarray,
+    kv_tokens: np.ndarray,
+    max_seq_tokens: np.ndarray,
+    weight_bytes: Num,
+    model_params: Num,
+    kv_bytes_per_token: Num,
+    bandwidth_bps: Num,
+    flops: Num,
+    eta_bw: Num,
+    eta_compute: Num,
+) -> np.ndarray:
+    """The decode step-time form (see the module docstring), vectorised.
+
+    ``kv_tokens`` is the cache read per step (sum of contexts over the batch),
+    ``max_seq_tokens`` one sequence's context (the latency floor of attention)."""
+    gemm = smooth_max(
+        np.zeros_like(batch, dtype=float) + weight_bytes / (eta_bw * bandwidth_bps),
+        2.0 * model_params * batch / (eta_compute * flops),
+        params["k_gemm"],
+    )
+    attention = smooth_max(
+        params["attention_floor_s_per_kv_gb"] * max_seq_tokens * kv_bytes_per_token / 1e9,
+        kv_tokens * kv_bytes_per_token / (eta_bw * bandwidth_bps),
+        params["k_attention"],
+    )
+    return params["overhead_s"] + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9 + gemm + attention
+
+
+def prefill_latency_s(
+    params: dict[str, float],
+    *,
+    batch: np.ndarray,
+    prompt: np.ndarray,
+    weight_bytes: Num,
+    model_params: Num,
+    kv_bytes_per_token: Num,
+    bandwidth_bps: Num,
+    flops: Num,
+) -> np.ndarray:
+    """The prefill latency form (see the module docstring), vectorised."""
+    work = 2.0 * model_params * batch * prompt + 2.0 * kv_bytes_per_token * batch * prompt**2 / params["eta_attention"]
+    return params["overhead_s"] + smooth_max(
+        np.zeros_like(work, dtype=float) + weight_bytes / (params["eta_floor_bw"] * bandwidth_bps),
+        work / (params["eta_compute"] * flops),
+        params["k"],
+    )
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _levenberg_marquardt(
+    residuals: Callable[[np.ndarray], np.ndarray], theta0: np.ndarray, iterations: int = 400
+) -> np.ndarray:
+    """Minimise ``sum(residuals(theta)^2)``; forward-difference Jacobian, deterministic."""
+    theta = theta0.astype(float).copy()
+    damping = 1e-3
+    current = residuals(theta)
+    cost = float(current @ current)
+    for _ in range(iterations):
+        step = 1e-6 * np.maximum(1.0, np.abs(theta))
+        jac = np.empty((current.size, theta.size))
+        for j in range(theta.size):
+            shifted = theta.copy()
+            shifted[j] += step[j]
+            jac[:, j] = (residuals(shifted) - current) / step[j]
+        gram = jac.T @ jac
+        grad = jac.T @ current
+        improved = False
+        for _attempt in range(12):
+            try:
+                delta = np.linalg.solve(gram + damping * np.diag(np.diag(gram) + 1e-12), -grad)
+            except np.linalg.LinAlgError:
+                damping *= 10.0
+                continue
+            trial = residuals(theta + delta)
+            trial_cost = float(trial @ trial)
+            if np.isfinite(trial_cost) and trial_cost < cost:
+                theta, current, cost = theta + delta, trial, trial_cost
+                damping = max(damping / 3.0, 1e-9)
+                improved = True
+                break
+            damping *= 10.0
+        if not improved or float(np.max(np.abs(delta))) < 1e-10:
+            break
+    return theta
+
+
+def _fit_minimax(
+    relative_error: Callable[[np.ndarray], np.ndarray], theta0: np.ndarray, rounds: int = 6
+) -> np.ndarray:
+    """Least squares, then iteratively reweighted towards the worst-case error."""
+    theta = _levenberg_marquardt(relative_error, theta0)
+    weights = np.ones_like(relative_error(theta))
+    best = theta
+    best_max = float(np.max(np.abs(relative_error(theta))))
+    for _ in range(rounds):
+        errors = np.abs(relative_error(theta))
+        weights = weights * (1.0 + errors / max(float(errors.max()), 1e-12))
+        weights = weights / weights.mean()
+        theta = _levenberg_marquardt(lambda t, w=weights: np.sqrt(w) * relative_error(t), theta)
+        worst = float(np.max(np.abs(relative_error(theta))))
+        if worst < best_max:
+            best, best_max = theta, worst
+    return best
+
+
+def _card(name: str) -> tuple[float, float]:
+    spec = MEASURED_CARDS[name]
+    return spec["memory_bandwidth_gbps"] * 1e9, spec["bf16_tflops"] * 1e12
+
+
+def fit_decode(points: Sequence[DecodePoint]) -> tuple[dict[str, Any], np.ndarray]:
+    cards = sorted({p.card for p in points})
+    shared_names = ["overhead_s", "overhead_s_per_weight_gb", "attention_floor_s_per_kv_gb"]
+
+    def unpack(theta: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        pos = np.exp(theta)
+        shared = dict(zip(shared_names, pos[:3], strict=True))
+        shared["k_gemm"] = 1.0 + float(pos[3])
+        shared["k_attention"] = 1.0 + float(pos[4])
+        per_card = {
+            card: {"eta_bandwidth": float(pos[5 + 2 * i]), "eta_compute": float(pos[6 + 2 * i])}
+            for i, card in enumerate(cards)
+        }
+        return shared, per_card
+
+    card_index = np.array([cards.index(p.card) for p in points])
+    bandwidth = np.array([_card(p.card)[0] for p in points])
+    flops = np.array([_card(p.card)[1] for p in points])
+    weight_bytes = np.array([p.model.weight_bytes for p in points])
+    model_params = np.array([p.model.params for p in points])
+    kv_bytes = np.array([p.model.kv_bytes_per_token for p in points])
+    batch = np.array([float(p.batch) for p in points])
+    ctx = np.array([float(p.ctx + 1) for p in points])  # the step attends over ctx + 1 positions
+
+    def predict(theta: np.ndarray) -> np.ndarray:
+        shared, per_card = unpack(theta)
+        eta_bw = np.array([per_card[c]["eta_bandwidth"] for c in cards])[card_index]
+        eta_compute = np.array([per_card[c]["eta_compute"] for c in cards])[card_index]
+        return decode_step_s(
+            shared,
+            batch=batch,
+            kv_tokens=batch * ctx,
+            max_seq_tokens=ctx,
+            weight_bytes=weight_bytes,
+            model_params=model_params,
+            kv_bytes_per_token=kv_bytes,
+            bandwidth_bps=bandwidth,
+            flops=flops,
+            eta_bw=eta_bw,
+            eta_compute=eta_compute,
+        )
+
+    measured = np.array([p.step_s for p in points])
+    theta0 = np.log(np.array([1e-3, 3e-5, 3e-3, 1.5, 3.0] + [0.8, 0.6] * len(cards)))
+    theta = _fit_minimax(lambda t: predict(t) / measured - 1.0, theta0)
+    shared, per_card = unpack(theta)
+    return {"shared": shared, "cards": per_card}, predict(theta) / measured - 1.0
+
+
+def fit_prefill(points: Sequence[PrefillPoint]) -> tuple[dict[str, float], np.ndarray]:
+    names = ["overhead_s", "eta_floor_bw", "eta_compute", "eta_attention"]
+
+    def unpack(theta: np.ndarray) -> dict[str, float]:
+        pos = np.exp(theta)
+        params = {name: float(v) for name, v in zip(names, pos[:4], strict=True)}
+        params["k"] = 1.0 + float(pos[4])
+        return params
+
+    bandwidth = np.array([_card(p.card)[0] for p in points])
+    flops = np.array([_card(p.card)[1] for p in points])
+    weight_bytes = np.array([p.model.weight_bytes for p in points])
+    model_params = np.array([p.model.params for p in points])
+    kv_bytes = np.array([p.model.kv_bytes_per_token for p in points])
+    batch = np.array([float(p.batch) for p in points])
+    prompt = np.array([float(p.prompt) for p in points])
+
+    def predict(theta: np.ndarray) -> np.ndarray:
+        return prefill_latency_s(
+            unpack(theta),
+            batch=batch,
+            prompt=prompt,
+            weight_bytes=weight_bytes,
+            model_params=model_params,
+            kv_bytes_per_token=kv_bytes,
+            bandwidth_bps=bandwidth,
+            flops=flops,
+        )
+
+    measured = np.array([p.latency_s for p in points])
+    theta0 = np.log(np.array([2e-4, 0.6, 0.6, 0.7, 2.0]))
+    theta = _fit_minimax(lambda t: predict(t) / measured - 1.0, theta0)
+    return unpack(theta), predict(theta) / measured - 1.0
+
+
+def fit_util(data: CalibrationData, power_cap_w: float = 700.0) -> dict[str, Any]:
+    """Counters as functions of load (see the module docstring)."""
+    poisson = [u for u in data.util if u.workload == "prefill" and u.arrivals in ("poisson", "backtoback")]
+    busy = np.array([u.busy for u in poisson])
+    counter = np.array([u.util_gpu for u in poisson])
+    # Least squares through the origin: idle reads 0.
+    prefill_util_per_busy = float(busy @ counter / (busy @ busy))
+
+    def normalised_power(u: UtilPhase) -> float:
+        idle = data.idle_power_w[u.dataset]
+        return min(1.0, max(0.0, (u.power_w - idle) / (power_cap_w - idle)))
+
+    power = np.array([normalised_power(u) for u in poisson])
+    prefill_sm_per_busy = float(busy @ power / (busy @ busy))
+
+    decode = [u for u in data.util if u.workload == "decode" and u.batch is not None]
+    batches = sorted({u.batch for u in decode if u.batch is not None})
+    sm_table = [
+        float(np.mean([normalised_power(u) for u in decode if u.batch == b])) for b in batches
+    ]
+    # Monotone in batch (power only rises with work); removes sampling wiggles.
+    sm_table = list(np.maximum.accumulate(np.array(sm_table)))
+    return {
+        "prefill_util_per_busy": prefill_util_per_busy,
+        "decode_util_when_active": float(np.mean([u.util_gpu for u in decode])),
+        "prefill_sm_active_per_busy": prefill_sm_per_busy,
+        "decode_sm_active_batch": [float(b) for b in batches],
+        "decode_sm_active_value": [round(float(v), 6) for v in sm_table],
+        "power_cap_w": power_cap_w,
+    }
+
+
+def _round(value: Any, digits: int = 9) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    return value
+
+
+def fit_all(calibration_dir: Path) -> dict[str, Any]:
+    """Fit everything and return the content of ``calibration_fit.json``."""
+    data = load_calibration(calibration_dir)
+    decode, decode_err = fit_decode(data.decode)
+    prefill, prefill_err = fit_prefill(data.prefill)
+    util = fit_util(data)
+
+    def quality(points: Sequence[Any], errors: np.ndarray) -> dict[str, Any]:
+        per_dataset: dict[str, float] = {}
+        for p, e in zip(points, errors, strict=True):
+            per_dataset[p.dataset] = max(per_dataset.get(p.dataset, 0.0), abs(float(e)))
+        return {
+            "points": len(points),
+            "max_abs_rel_error": float(np.max(np.abs(errors))),
+            "rms_rel_error": float(math.sqrt(float(np.mean(errors**2)))),
+            "max_abs_rel_error_by_dataset": per_dataset,
+        }
+
+    return _round(
+        {
+            "version": FIT_VERSION,
+            "source": "shared/calibration (graph_fused rows); refit with `python -m reconciler.sim.calibrate`",
+            "source_sha256": data.files,
+            "measured_cards": MEASURED_CARDS,
+            "decode": decode,
+            "prefill": prefill,
+            "util": util,
+            "quality": {"decode": quality(data.decode, decode_err), "prefill": quality(data.prefill, prefill_err)},
+        }
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reconciler.sim.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=Path, help="calibration folder (default: <shared>/calibration)")
+    parser.add_argument("--out", type=Path, default=FIT_PATH)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the shipped fit differs from a refit")
+    args = parser.parse_args(argv)
+    folder = args.calibration
+    if folder is None:
+        shared = shared_dir()
+        if shared is None:
+            print("error: shared data folder not found; set HETEROSCALE_SHARED or pass --calibration", file=sys.stderr)
+            return 1
+        folder = shared / "calibration"
+    try:
+        fitted = fit_all(folder)
+    except CalibrationDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(fitted, indent=2, sort_keys=True) + "\n"
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"stale: {args.out}; run `python -m reconciler.sim.calibrate`", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.write_text(text)
+    q = fitted["quality"]
+    print(
+        f"wrote {args.out}: decode max error {q['decode']['max_abs_rel_error']:.1%} over {q['decode']['points']} points, "
+        f"prefill max error {q['prefill']['max_abs_rel_error']:.1%} over {q['prefill']['points']} points"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

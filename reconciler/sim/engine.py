@@ -1,0 +1,1043 @@
+"""The fluid P/D serving model of one service, advanced one second at a time.
+
+Why fluid: an 8-hour day of a 2,000-instance fleet is hundreds of millions of requests,
+too many to hold, let alone to step one by one. The simulator therefore keeps the
+*state* of the service in aggregate, per second, and derives per-request latencies from
+that state afterwards, vectorised over the requests (or a uniform sample of them).
+
+Per second ``t`` the service does, in order:
+
+1. **Arrivals** (a :class:`LoadProfile` bin: requests, prompt-token and squared-prompt
+   sums) join the prefill queue, unless no prefill or decode instance is ready (no
+   endpoint: dropped), or the queue ahead already holds more than
+   ``max_queue_wait_s`` of work (the client times out: dropped).
+2. **Prefill**: one FIFO queue in front of all prefill instances, served at the sum of
+   their capacities (compute-equivalent FLOPs/s, ``perf.InstancePerf``; a pool that
+   ships KV cache over a slow link is also capped by the link). Work is
+   ``2 x params x tokens + attention``, so long prompts cost more than their tokens.
+3. **Decode admission**: prompts done with prefill wait in a FIFO until a decode
+   instance has room: at most ``max_batch`` sequences and KV cache for the prompt plus
+   the mean output. Admissions are split over the decode pools (one per GPU type) in
+   proportion to their capacity at the TBT SLO, spilling over when one is full.
+4. **Decode**: each decode pool advances a *decode clock* ``psi`` (tokens generated per
+   running sequence so far) by ``1 / step_time`` where the step time comes from the
+   pool's batch and KV cache per instance. A cohort that entered at ``psi_0`` has
+   generated ``x = psi - psi_0`` tokens; the share still running is the output-length
+   survival ``P(L > x)``. Completions, decode tokens, batch and KV usage all follow.
+
+Per-request latencies are then exact functions of that per-second state:
+
+- TTFT = fluid queue wait (from the cumulative admitted and served work curves)
+  + a G/G/c waiting time for sub-second contention (Allen-Cunneen approximation with
+  the instances as servers) + the request's own prefill latency on its instance +
+  KV transfer over its group's link, slowed by that link's load (``1 / (1 - rho)``)
+  + decode admission wait + one decode step (the first token streams from the decode
+  instance). The prefill pool is a mixture: a request lands on pool ``p`` with the
+  pool's share of capacity that second.
+- TBT = the request's mean time between tokens: ``(psi^-1(psi(start) + L) - start) / L``
+  on its decode pool's clock, mixed over pools by their share of that second's
+  admissions.
+- Attainment counts a dropped (or unfinished) request as missing both SLOs.
+
+Assumptions beyond ``perf``: arrivals inside one second are Poisson-like (the G/G/c
+term uses squared coefficient of variation 1); prompt and output lengths are
+independent; all sequences of a pool progress at one rate (balanced routing); a
+draining decode instance keeps its share of the pool's batch until the sequences it
+held would have finished (the pool's clock advances by the 99th-percentile output
+length); admission reserves KV cache for the mean output (no preemption).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.sim.perf import DEFAULT_MAX_BATCH, InstancePerf, instance_perf, kv_transfer_s
+from reconciler.sim.workload import Workload
+
+LINKS: tuple[str, str] = ("rdma", "cross")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of the fluid model (defaults are the documented assumptions)."""
+
+    metrics_window_s: float = 60.0  # rate/quantile window of every metric (Prometheus [1m])
+    max_queue_wait_s: float = 120.0  # arrivals facing a longer prefill backlog are dropped
+    max_batch: int = DEFAULT_MAX_BATCH
+    drain_tail_s: float = 1800.0  # after the last arrival, keep serving in-flight requests
+    length_classes: int = 32  # prompt-length quantiles for metric-time TTFT quantiles
+    prefill_drain_s: float = 5.0  # a draining prefill instance finishes its pass
+    arrival_scv: float = 1.0  # squared CV of inter-arrival times (Poisson)
+    load_smoothing_s: float = 30.0  # averaging of the arrival rate for the G/G/c term
+    max_link_utilisation: float = 0.95
+    request_sample_limit: int = 2_000_000  # per-request outcomes on at most this many requests
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class LoadProfile:
+    """A workload binned per second, plus the length distributions the fluid model needs
+    and a (sample of the) requests for per-request outcomes."""
+
+    count: np.ndarray  # requests arriving in second t
+    prompt_sum: np.ndarray
+    prompt_sq_sum: np.ndarray
+    output_sum: np.ndarray
+    prompt_classes: np.ndarray  # equal-probability prompt lengths (quantile midpoints)
+    output_survival: np.ndarray  # P(output > x) for x = 0 .. max output
+    prompt_mean: float
+    prompt_sq_mean: float
+    output_mean: float
+    output_p99: float
+    sample: Workload | None  # requests (or a uniform sample) for per-request outcomes
+    sample_weight: float  # requests one sample request stands for
+    name: str = "load"
+    cyclic: bool = False  # repeat forever (the embedded default fleet)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def horizon_s(self) -> int:
+        return len(self.count)
+
+    @property
+    def requests(self) -> float:
+        return float(self.count.sum())
+
+    @classmethod
+    def from_workload(
+        cls,
+        workload: Workload,
+        *,
+        horizon_s: int | None = None,
+        length_classes: int = 32,
+        sample_limit: int = 2_000_000,
+        seed: int = 0,
+        cyclic: bool = False,
+    ) -> LoadProfile:
+        """Bin ``workload`` per second (the horizon defaults to its last arrival + 1 s)."""
+        if workload.requests == 0:
+            raise ValueError(f"workload '{workload.name}' has no requests")
+        horizon = int(horizon_s if horizon_s is not None else math.floor(workload.duration_s) + 1)
+        inside = workload.arrival_s < horizon
+        sec = np.floor(workload.arrival_s[inside]).astype(np.int64)
+        prompt = workload.prompt_tokens[inside].astype(np.float64)
+        output = workload.output_tokens[inside].astype(np.float64)
+        count = np.bincount(sec, minlength=horizon).astype(np.float64)
+        prompt_sum = np.bincount(sec, weights=prompt, minlength=horizon)
+        prompt_sq_sum = np.bincount(sec, weights=prompt * prompt, minlength=horizon)
+        output_sum = np.bincount(sec, weights=output, minlength=horizon)
+        kept = Workload(
+            workload.arrival_s[inside], workload.prompt_tokens[inside], workload.output_tokens[inside], workload.name
+        )
+        sample, weight = kept, 1.0
+        if kept.requests > sample_limit:
+            rng = np.random.default_rng([seed, 0x5A3])
+            pick = np.sort(rng.choice(kept.requests, size=sample_limit, replace=False))
+            sample = Workload(kept.arrival_s[pick], kept.prompt_tokens[pick], kept.output_tokens[pick], kept.name)
+            weight = kept.requests / sample_limit
+        return cls(
+            count=count,
+            prompt_sum=prompt_sum,
+            prompt_sq_sum=prompt_sq_sum,
+            output_sum=output_sum,
+            prompt_classes=_quantile_classes(prompt, length_classes),
+            output_survival=_survival(output),
+            prompt_mean=float(prompt.mean()),
+            prompt_sq_mean=float((prompt * prompt).mean()),
+            output_mean=float(output.mean()),
+            output_p99=float(np.quantile(output, 0.99)),
+            sample=sample,
+            sample_weight=weight,
+            name=workload.name,
+            cyclic=cyclic,
+            notes=workload.notes,
+        )
+
+    def scaled(self, factor: float) -> LoadProfile:
+        """``factor`` x the load as a fluid (every bin and the sample weight scaled);
+        for fleets whose request count is too large to hold (see ``Workload.rate_scaled``
+        for the per-request version)."""
+        if not factor > 0:
+            raise ValueError(f"scale factor must be positive, got {factor}")
+        return replace(
+            self,
+            count=self.count * factor,
+            prompt_sum=self.prompt_sum * factor,
+            prompt_sq_sum=self.prompt_sq_sum * factor,
+            output_sum=self.output_sum * factor,
+            sample_weight=self.sample_weight * factor,
+            name=f"{self.name} x{factor:g} (fluid)",
+            notes=(*self.notes, f"load scaled x{factor:g} as a fluid (per-request outcomes from the unscaled sample)"),
+        )
+
+    def bin(self, t: int) -> tuple[float, float, float]:
+        """(requests, prompt tokens, squared prompt tokens) arriving in second ``t``."""
+        if self.cyclic:
+            t %= self.horizon_s
+        elif t >= self.horizon_s or t < 0:
+            return 0.0, 0.0, 0.0
+        return float(self.count[t]), float(self.prompt_sum[t]), float(self.prompt_sq_sum[t])
+
+    def demand_series(self, window_s: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(t_s, prompt tokens/s, output tokens/s) averaged over ``window_s`` bins: the
+        demand an oracle sizes for (output tokens attributed to the arrival second)."""
+        n = self.horizon_s
+        bins = math.ceil(n / window_s)
+        pad = bins * window_s - n
+
+        def average(values: np.ndarray) -> np.ndarray:
+            out: np.ndarray = np.concatenate([values, np.zeros(pad)]).reshape(bins, window_s).sum(axis=1) / window_s
+            return out
+
+        return np.arange(bins) * float(window_s), average(self.prompt_sum), average(self.output_sum)
+
+
+def _quantile_classes(values: np.ndarray, classes: int) -> np.ndarray:
+    probs = (np.arange(classes) + 0.5) / classes
+    return np.quantile(values, probs)
+
+
+def _survival(output: np.ndarray) -> np.ndarray:
+    """``G[x] = P(L > x)`` for integer x from 0 to max(L)."""
+    lengths = np.maximum(output.astype(np.int64), 1)
+    counts = np.bincount(lengths, minlength=int(lengths.max()) + 1).astype(np.float64)
+    at_most = np.cumsum(counts) / counts.sum()
+    survival: np.ndarray = 1.0 - at_most
+    survival[-1] = 0.0
+    return survival
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ggc_wait_s(rho: float, servers: float, mean_service_s: float, scv_sum: float) -> float:
+    """Mean wait of a G/G/c queue (Allen-Cunneen with Sakasegawa's exponent); ``rho`` is
+    capped just below 1 (beyond it the fluid backlog carries the delay)."""
+    if servers <= 0 or rho <= 0:
+        return 0.0
+    rho = min(rho, 0.995)
+    return mean_service_s * scv_sum / 2.0 * rho ** (math.sqrt(2.0 * (servers + 1.0)) - 1.0) / (servers * (1.0 - rho))
+
+
+def fifo_delay(position: np.ndarray, served_cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When a FIFO server has served ``position`` units, given the cumulative amount served
+    by the end of each second (``served_cum[t]`` at time t + 1, 0 at time 0; linear in
+    between). Returns (time, resolved); unresolved entries get ``inf``."""
+    curve = np.concatenate(([0.0], served_cum))
+    index = np.searchsorted(curve, position, side="left")
+    resolved = index < curve.size
+    index = np.clip(index, 1, curve.size - 1)
+    lo, hi = curve[index - 1], curve[index]
+    frac = np.where(hi > lo, (position - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
+    time = (index - 1) + np.clip(frac, 0.0, 1.0)
+    time = np.where(position <= 0, 0.0, time)
+    return np.where(resolved, time, np.inf), resolved
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float | None:
+    mask = weights > 0
+    if not mask.any():
+        return None
+    v, w = values[mask], weights[mask]
+    order = np.argsort(v, kind="stable")
+    cum = np.cumsum(w[order])
+    index = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    return float(v[order][min(index, v.size - 1)])
+
+
+class _Grow:
+    """A per-second table (rows = seconds) that grows by doubling."""
+
+    def __init__(self, columns: Sequence[str], capacity: int = 4096):
+        self.index = {name: i for i, name in enumerate(columns)}
+        self.data = np.zeros((capacity, len(columns)))
+        self.rows = 0
+
+    def append(self, row: list[float]) -> None:
+        if self.rows == self.data.shape[0]:
+            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
+        self.data[self.rows] = row
+        self.rows += 1
+
+    def col(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.rows if stop is None else min(stop, self.rows)
+        return self.data[start:stop, self.index[name]]
+
+
+@dataclass(frozen=True)
+class PrefillPool:
+    gpu_type: str
+    link: str
+    perf: InstancePerf
+    link_gbps: float
+    capacity_work_per_s: float  # per instance: compute, capped by the link
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    gpu_type: str
+    perf: InstancePerf
+    slo_capacity_tps: float  # routing weight: decode tokens/s at the TBT SLO
+
+
+# --------------------------------------------------------------------------- one service
+
+
+class ServiceSim:
+    """The per-second fluid state of one service (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: ServicePolicy,
+        cluster: ClusterSpec,
+        profile: LoadProfile,
+        config: SimConfig | None = None,
+    ):
+        self.policy = policy
+        self.cluster = cluster
+        self.profile = profile
+        self.config = config or SimConfig()
+        cfg = self.config
+        model = policy.model
+        kvb = float(model.kv_bytes_per_token)
+        self.kv_bytes_per_token = kvb
+        self.notes: list[str] = []
+
+        # Work per prompt in compute-equivalent FLOPs: w_lin * S + w_att * S^2.
+        fit_probe = None
+        self.prefill_pools: list[PrefillPool] = []
+        for gpu_type in policy.prefill.preferred_gpu_types():
+            gpu = cluster.gpu_types.get(gpu_type)
+            if gpu is None:
+                self.notes.append(f"{policy.name}: prefill GPU type '{gpu_type}' is not in cluster {cluster.name}")
+                continue
+            perf = instance_perf(model, gpu_type, gpu, policy.prefill.gpus_per_instance, max_batch=cfg.max_batch)
+            if not perf.fits:
+                self.notes.append(
+                    f"{policy.name}: the model does not fit a prefill instance of {policy.prefill.gpus_per_instance} "
+                    f"{gpu_type} GPUs (no capacity)"
+                )
+            fit_probe = fit_probe or perf
+            work_per_token = float(perf.prefill_work(profile.prompt_mean)) / profile.prompt_mean
+            for link in LINKS:
+                gbps = cluster.network.rdma_gbps if link == "rdma" else cluster.network.cross_subgroup_gbps
+                link_tokens_per_s = gbps * 1e9 / 8.0 / kvb * cfg.max_link_utilisation
+                cap = min(perf.prefill_capacity_work_per_s, link_tokens_per_s * work_per_token)
+                self.prefill_pools.append(PrefillPool(gpu_type, link, perf, gbps, cap))
+        assert fit_probe is not None or not self.prefill_pools
+        probe = fit_probe or instance_perf(
+            model, next(iter(cluster.gpu_types)), next(iter(cluster.gpu_types.values())), 1
+        )
+        eta_attention = probe.prefill_params["eta_attention"]
+        self.work_linear = 2.0 * probe.params
+        self.work_attention = 2.0 * kvb / eta_attention
+        mean_ctx = profile.prompt_mean + profile.output_mean / 2.0
+        self.decode_pools: list[DecodePool] = []
+        for gpu_type in policy.decode.preferred_gpu_types():
+            gpu = cluster.gpu_types.get(gpu_type)
+            if gpu is None:
+                self.notes.append(f"{policy.name}: decode GPU type '{gpu_type}' is not in cluster {cluster.name}")
+                continue
+            perf = instance_perf(model, gpu_type, gpu, policy.decode.gpus_per_instance, max_batch=cfg.max_batch)
+            if not perf.fits:
+                self.notes.append(
+                    f"{policy.name}: the model does not fit a decode instance of {policy.decode.gpus_per_instance} "
+                    f"{gpu_type} GPUs (no capacity)"
+                )
+            slo_cap = perf.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
+            self.decode_pools.append(DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0)))
+        self.prefill_index = {(p.gpu_type, p.link): i for i, p in enumerate(self.prefill_pools)}
+        self.decode_index = {p.gpu_type: i for i, p in enumerate(self.decode_pools)}
+
+        # Per-request service-time statistics for the G/G/c term.
+        mean_work = self.work_linear * profile.prompt_mean + self.work_attention * profile.prompt_sq_mean
+        classes = profile.prompt_classes
+        class_work = self.work_linear * classes + self.work_attention * classes**2
+        self.mean_work = mean_work
+        self.service_scv = float(np.var(class_work) / max(np.mean(class_work) ** 2, 1e-30))
+
+        # Output-length survival and its integral (tokens generated up to x).
+        survival = profile.output_survival
+        self.out_grid = np.arange(survival.size, dtype=np.float64)
+        self.out_survival = survival
+        self.out_generated = np.concatenate(([0.0], np.cumsum((survival[:-1] + survival[1:]) / 2.0)))
+        self.out_max = float(survival.size - 1)
+        self.out_p99 = profile.output_p99
+        self.out_mean = profile.output_mean
+
+        # Fleet counts (set by the fleet on every change).
+        self.prefill_count = [0.0] * len(self.prefill_pools)
+        self.prefill_instances = 0
+        self.decode_ready = [0] * len(self.decode_pools)
+        self.decode_draining = [0] * len(self.decode_pools)
+
+        # Prefill queue: cohorts [requests, prompt tokens, work]; totals.
+        self.queue: deque[list[float]] = deque()
+        self.queue_work = 0.0
+        self.queue_requests = 0.0
+        self.arrival_rate_work = 0.0
+        # Decode admission queue: cohorts [requests, prompt tokens].
+        self.admit_queue: deque[list[float]] = deque()
+        self.admit_requests = 0.0
+        self.admit_tokens = 0.0
+        # Decode clocks and cohorts per pool.
+        n_pools = len(self.decode_pools)
+        self.psi = [0.0] * n_pools
+        self.coh_entry = [np.zeros(1024) for _ in range(n_pools)]
+        self.coh_n = [np.zeros(1024) for _ in range(n_pools)]
+        self.coh_prompt = [np.zeros(1024) for _ in range(n_pools)]
+        self.coh_head = [0] * n_pools
+        self.coh_tail = [0] * n_pools
+        self.alive_end = [0.0] * n_pools
+        self.kv_end = [0.0] * n_pools
+        self.in_decode = 0.0
+
+        # Cumulative counters.
+        self.cum = {
+            "arrived": 0.0,
+            "dropped_no_endpoint": 0.0,
+            "dropped_timeout": 0.0,
+            "admitted": 0.0,
+            "prefilled": 0.0,
+            "decode_admitted": 0.0,
+            "completed": 0.0,
+            "prefill_work_in": 0.0,
+            "prefill_work_out": 0.0,
+            "admit_in": 0.0,
+            "admit_out": 0.0,
+        }
+        columns = [
+            "arrived",
+            "admitted",
+            "dropped",
+            "cum_work_in",
+            "cum_work_out",
+            "work_in",
+            "prefill_tokens",
+            "prefill_capacity",
+            "prefill_busy",
+            "prefill_instances",
+            "ggc_wait_s",
+            "cum_admit_in",
+            "cum_admit_out",
+            "admit_in",
+            "decode_tokens",
+            "completed",
+            "in_decode",
+            "queue_requests",
+            "admit_queue",
+        ]
+        for i in range(len(self.prefill_pools)):
+            columns += [f"p{i}_share", f"p{i}_slowdown"]
+        for q in range(n_pools):
+            columns += [f"d{q}_tau", f"d{q}_alive", f"d{q}_kv", f"d{q}_psi", f"d{q}_admitted", f"d{q}_instances", f"d{q}_tokens"]
+        self.series = _Grow(columns)
+        self.t = 0  # next second to simulate
+
+    # ------------------------------------------------------------------ fleet input
+
+    def set_counts(
+        self,
+        prefill: Mapping[tuple[str, str], float],
+        decode_ready: Mapping[str, int],
+        decode_draining: Mapping[str, int],
+    ) -> None:
+        """Instances per pool: prefill by (GPU type, link class), decode by GPU type."""
+        self.prefill_count = [float(prefill.get((p.gpu_type, p.link), 0.0)) for p in self.prefill_pools]
+        self.prefill_instances = int(round(sum(self.prefill_count)))
+        self.decode_ready = [int(decode_ready.get(p.gpu_type, 0)) for p in self.decode_pools]
+        self.decode_draining = [int(decode_draining.get(p.gpu_type, 0)) for p in self.decode_pools]
+
+    def decode_clock(self, gpu_type: str) -> float:
+        index = self.decode_index.get(gpu_type)
+        return self.psi[index] if index is not None else 0.0
+
+    # ------------------------------------------------------------------ one second
+
+    def step(self) -> None:
+        t = self.t
+        cfg = self.config
+        cum = self.cum
+        n_arr, s_sum, s2_sum = self.profile.bin(t)
+        work_in = self.work_linear * s_sum + self.work_attention * s2_sum
+
+        capacity = 0.0
+        pool_caps = []
+        for pool, count in zip(self.prefill_pools, self.prefill_count, strict=True):
+            c = pool.capacity_work_per_s * count
+            pool_caps.append(c)
+            capacity += c
+        decode_ready_total = sum(self.decode_ready)
+
+        # 1. arrivals
+        admitted = 0.0
+        admitted_work = 0.0
+        dropped = 0.0
+        if n_arr > 0:
+            cum["arrived"] += n_arr
+            if capacity <= 0.0 or decode_ready_total == 0:
+                dropped = n_arr
+                cum["dropped_no_endpoint"] += n_arr
+            elif self.queue_work / capacity > cfg.max_queue_wait_s:
+                dropped = n_arr
+                cum["dropped_timeout"] += n_arr
+            else:
+                admitted, admitted_work = n_arr, work_in
+                self.queue.append([n_arr, s_sum, work_in])
+                self.queue_work += work_in
+                self.queue_requests += n_arr
+                cum["admitted"] += n_arr
+                cum["prefill_work_in"] += work_in
+
+        # 2. prefill, FIFO at the pooled capacity
+        budget = capacity
+        served_work = served_n = served_tokens = 0.0
+        queue = self.queue
+        while budget > 0.0 and queue:
+            head = queue[0]
+            if head[2] <= budget:
+                budget -= head[2]
+                served_work += head[2]
+                served_n += head[0]
+                served_tokens += head[1]
+                queue.popleft()
+            else:
+                frac = budget / head[2]
+                take_n, take_tok = head[0] * frac, head[1] * frac
+                head[0] -= take_n
+                head[1] -= take_tok
+                head[2] -= budget
+                served_work += budget
+                served_n += take_n
+                served_tokens += take_tok
+                budget = 0.0
+        self.queue_work = max(0.0, self.queue_work - served_work)
+        self.queue_requests = max(0.0, self.queue_requests - served_n)
+        if not queue:
+            self.queue_work = self.queue_requests = 0.0
+        cum["prefill_work_out"] += served_work
+        cum["prefilled"] += served_n
+        busy = served_work / capacity if capacity > 0 else 0.0
+        alpha = 1.0 / max(cfg.load_smoothing_s, 1.0)
+        self.arrival_rate_work += (admitted_work - self.arrival_rate_work) * alpha
+        servers = float(self.prefill_instances)
+        ggc = 0.0
+        if capacity > 0 and servers > 0:
+            per_instance = capacity / servers
+            ggc = ggc_wait_s(
+                self.arrival_rate_work / capacity,
+                servers,
+                self.mean_work / per_instance,
+                cfg.arrival_scv + self.service_scv,
+            )
+        shares_slowdowns: list[float] = []
+        for pool, pool_cap, count in zip(self.prefill_pools, pool_caps, self.prefill_count, strict=True):
+            share = pool_cap / capacity if capacity > 0 else 0.0
+            slowdown = 1.0
+            if count > 0:
+                link_bytes_per_s = count * pool.link_gbps * 1e9 / 8.0
+                rho = min(served_tokens * share * self.kv_bytes_per_token / link_bytes_per_s, cfg.max_link_utilisation)
+                slowdown = 1.0 / (1.0 - rho)
+            shares_slowdowns += [share, slowdown]
+
+        # 3. decode admission
+        if served_n > 0:
+            self.admit_queue.append([served_n, served_tokens])
+            self.admit_requests += served_n
+            self.admit_tokens += served_tokens
+            cum["admit_in"] += served_n
+        n_pools = len(self.decode_pools)
+        admitted_to = [0.0] * n_pools
+        prompt_of_admitted = 0.0
+        if self.admit_requests > 1e-12 and decode_ready_total > 0:
+            mean_prompt = self.admit_tokens / self.admit_requests
+            reserve = mean_prompt + self.out_mean
+            slots = []
+            weights = []
+            for q, pool in enumerate(self.decode_pools):
+                ready = self.decode_ready[q]
+                total = ready + self.decode_draining[q]
+                if ready == 0 or not pool.perf.fits:
+                    slots.append(0.0)
+                    weights.append(0.0)
+                    continue
+                own = ready / total
+                free_batch = pool.perf.max_batch * ready - self.alive_end[q] * own
+                free_kv = (pool.perf.kv_capacity_tokens * ready - self.kv_end[q] * own) / reserve
+                slots.append(max(0.0, min(free_batch, free_kv)))
+                weights.append(ready * pool.slo_capacity_tps)
+            want = self.admit_requests
+            weight_sum = sum(weights)
+            if weight_sum > 0:
+                for q in range(n_pools):
+                    admitted_to[q] = min(slots[q], want * weights[q] / weight_sum)
+                left = want - sum(admitted_to)
+                room = [slots[q] - admitted_to[q] for q in range(n_pools)]
+                room_sum = sum(room)
+                if left > 1e-12 and room_sum > 1e-12:
+                    for q in range(n_pools):
+                        admitted_to[q] += min(room[q], left * room[q] / room_sum)
+            total_admit = sum(admitted_to)
+            if total_admit > 1e-12:
+                # Pop FIFO cohorts for the prompt tokens they carry.
+                need = total_admit
+                while need > 1e-12 and self.admit_queue:
+                    head = self.admit_queue[0]
+                    if head[0] <= need:
+                        need -= head[0]
+                        prompt_of_admitted += head[1]
+                        self.admit_queue.popleft()
+                    else:
+                        frac = need / head[0]
+                        prompt_of_admitted += head[1] * frac
+                        head[0] -= need
+                        head[1] -= head[1] * frac
+                        need = 0.0
+                total_admit -= need  # numerical slack
+                self.admit_requests = max(0.0, self.admit_requests - total_admit)
+                self.admit_tokens = max(0.0, self.admit_tokens - prompt_of_admitted)
+                if not self.admit_queue:
+                    self.admit_requests = self.admit_tokens = 0.0
+                cum["admit_out"] += total_admit
+                cum["decode_admitted"] += total_admit
+                self.in_decode += total_admit
+        mean_admitted_prompt = prompt_of_admitted / max(sum(admitted_to), 1e-12)
+
+        # 4. decode progress per pool
+        decode_tokens = 0.0
+        completed = 0.0
+        pool_rows: list[float] = []
+        for q, pool in enumerate(self.decode_pools):
+            if admitted_to[q] > 1e-12:
+                self._add_cohort(q, admitted_to[q], mean_admitted_prompt)
+            lo, hi = self.coh_head[q], self.coh_tail[q]
+            instances = self.decode_ready[q] + self.decode_draining[q]
+            tau = alive = kv = 0.0
+            pool_tokens = 0.0
+            if hi > lo and instances > 0:
+                entry = self.coh_entry[q][lo:hi]
+                n = self.coh_n[q][lo:hi]
+                prompt = self.coh_prompt[q][lo:hi]
+                x = self.psi[q] - entry
+                g = np.interp(x, self.out_grid, self.out_survival)
+                alive_n = n * g
+                alive = float(alive_n.sum())
+                kv = float(alive_n @ (prompt + x))
+                if alive > 1e-12:
+                    tau = pool.perf.decode_step_scalar_s(alive / instances, kv / instances, kv / alive)
+                    dpsi = 1.0 / tau
+                    x2 = x + dpsi
+                    g2 = np.interp(x2, self.out_grid, self.out_survival)
+                    done = float(n @ (g - g2))
+                    pool_tokens = float(
+                        n @ (np.interp(x2, self.out_grid, self.out_generated) - np.interp(x, self.out_grid, self.out_generated))
+                    )
+                    self.psi[q] += dpsi
+                    alive_after = n * g2
+                    self.alive_end[q] = float(alive_after.sum())
+                    self.kv_end[q] = float(alive_after @ (prompt + x2))
+                    finished = int(np.count_nonzero(x2 >= self.out_max))
+                    self.coh_head[q] = lo + finished
+                    completed += done
+                    decode_tokens += pool_tokens
+                else:
+                    self.alive_end[q] = self.kv_end[q] = 0.0
+                    self.coh_head[q] = hi
+            if tau == 0.0 and pool.perf.fits:
+                tau = pool.perf.decode_step_scalar_s(1.0, 1.0, 1.0)  # idle step time (for plots only)
+            pool_rows += [tau, alive, kv, self.psi[q], admitted_to[q], float(instances), pool_tokens]
+        cum["completed"] += completed
+        self.in_decode = max(0.0, self.in_decode - completed)
+
+        self.series.append(
+            [
+                n_arr,
+                admitted,
+                dropped,
+                cum["prefill_work_in"],
+                cum["prefill_work_out"],
+                admitted_work,
+                served_tokens,
+                capacity,
+                busy,
+                servers,
+                ggc,
+                cum["admit_in"],
+                cum["admit_out"],
+                served_n,
+                decode_tokens,
+                completed,
+                self.in_decode,
+                self.queue_requests,
+                self.admit_requests,
+                *shares_slowdowns,
+                *pool_rows,
+            ]
+        )
+        self.t = t + 1
+
+    def _add_cohort(self, q: int, count: float, prompt_mean: float) -> None:
+        tail = self.coh_tail[q]
+        if tail == self.coh_entry[q].size:
+            head = self.coh_head[q]
+            live = tail - head
+            if live * 2 > self.coh_entry[q].size:
+                size = self.coh_entry[q].size * 2
+                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt):
+                    grown = np.zeros(size)
+                    grown[:live] = arrays[q][head:tail]
+                    arrays[q] = grown
+            else:
+                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt):
+                    arrays[q][:live] = arrays[q][head:tail]
+            self.coh_head[q], tail = 0, live
+        self.coh_entry[q][tail] = self.psi[q]
+        self.coh_n[q][tail] = count
+        self.coh_prompt[q][tail] = prompt_mean
+        self.coh_tail[q] = tail + 1
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def in_flight(self) -> float:
+        """Requests admitted and not yet completed (prefill queue, admission, decode)."""
+        return self.queue_requests + self.admit_requests + self.in_decode
+
+    def conservation(self) -> dict[str, float]:
+        """Arrived = dropped + completed + in flight, as counts."""
+        c = self.cum
+        return {
+            "arrived": c["arrived"],
+            "dropped": c["dropped_no_endpoint"] + c["dropped_timeout"],
+            "completed": c["completed"],
+            "in_flight": self.in_flight,
+        }
+
+    # ------------------------------------------------------------------ metrics
+
+    def window_metrics(self, window_s: float) -> dict[str, float | None]:
+        """The eight signals plus KV usage over the last ``window_s`` seconds (units as in
+        ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed."""
+        end = self.t
+        start = max(0, end - int(round(window_s)))
+        if end <= start:
+            return dict.fromkeys(
+                (
+                    "prefill_tps",
+                    "decode_tps",
+                    "ttft",
+                    "tbt",
+                    "prefill_gpu_util",
+                    "decode_gpu_util",
+                    "prefill_sm_active",
+                    "decode_sm_active",
+                    "decode_kv_usage",
+                )
+            )
+        s = self.series
+        span = float(end - start)
+        out: dict[str, float | None] = {
+            "prefill_tps": float(s.col("prefill_tokens", start, end).sum()) / span,
+            "decode_tps": float(s.col("decode_tokens", start, end).sum()) / span,
+        }
+        # Prefill counters: averaged over ready prefill instances, as DCGM + a mean would.
+        instances = s.col("prefill_instances", start, end)
+        busy = s.col("prefill_busy", start, end)
+        probe = self.prefill_pools[0].perf if self.prefill_pools else None
+        if probe is not None and instances.sum() > 0:
+            w = instances / instances.sum()
+            out["prefill_gpu_util"] = float(w @ probe.prefill_gpu_util(busy))
+            out["prefill_sm_active"] = float(w @ probe.prefill_sm_active(busy))
+        else:
+            out["prefill_gpu_util"] = out["prefill_sm_active"] = None
+        # Decode counters: per pool, weighted by GPUs.
+        util_num = sm_num = kv_num = kv_den = gpu_den = 0.0
+        tbt_values: list[np.ndarray] = []
+        tbt_weights: list[np.ndarray] = []
+        for q, pool in enumerate(self.decode_pools):
+            inst = s.col(f"d{q}_instances", start, end)
+            alive = s.col(f"d{q}_alive", start, end)
+            kv = s.col(f"d{q}_kv", start, end)
+            if inst.sum() <= 0:
+                continue
+            active_fraction = np.where(inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0)
+            batch_busy = np.where(alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0)
+            util_num += float(inst @ pool.perf.decode_gpu_util(active_fraction))
+            sm_num += float(inst @ pool.perf.decode_sm_active(batch_busy, active_fraction))
+            gpu_den += float(inst.sum())
+            kv_num += float(kv.sum())
+            kv_den += float((inst * pool.perf.kv_capacity_tokens).sum())
+            tbt_values.append(s.col(f"d{q}_tau", start, end))
+            tbt_weights.append(s.col(f"d{q}_tokens", start, end))
+        out["decode_gpu_util"] = util_num / gpu_den if gpu_den > 0 else None
+        out["decode_sm_active"] = sm_num / gpu_den if gpu_den > 0 else None
+        out["decode_kv_usage"] = kv_num / kv_den if kv_den > 0 else None
+        quantile = self.policy.slo.quantile
+        if tbt_values:
+            tbt = weighted_quantile(np.concatenate(tbt_values), np.concatenate(tbt_weights), quantile)
+            out["tbt"] = tbt * 1000.0 if tbt is not None else None
+        else:
+            out["tbt"] = None
+        ttft = self._window_ttft_s(start, end, quantile)
+        out["ttft"] = ttft * 1000.0 if ttft is not None else None
+        return out
+
+    def utilisation_series(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Per second: GPU-utilisation and SM-activity counters summed over instances
+        (ready prefill instances; decode instances including draining ones)."""
+        s = self.series
+        stop = self.t if stop is None else min(stop, self.t)
+        busy = s.col("prefill_busy", start, stop)
+        instances = s.col("prefill_instances", start, stop)
+        out = {
+            "prefill_util_sum": np.zeros(stop - start),
+            "prefill_sm_sum": np.zeros(stop - start),
+            "decode_util_sum": np.zeros(stop - start),
+            "decode_sm_sum": np.zeros(stop - start),
+        }
+        if self.prefill_pools:
+            perf = self.prefill_pools[0].perf
+            out["prefill_util_sum"] = perf.prefill_gpu_util(busy) * instances
+            out["prefill_sm_sum"] = perf.prefill_sm_active(busy) * instances
+        for q, pool in enumerate(self.decode_pools):
+            inst = s.col(f"d{q}_instances", start, stop)
+            alive = s.col(f"d{q}_alive", start, stop)
+            active_fraction = np.where(inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0)
+            batch_busy = np.where(alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0)
+            out["decode_util_sum"] += pool.perf.decode_gpu_util(active_fraction) * inst
+            out["decode_sm_sum"] += pool.perf.decode_sm_active(batch_busy, active_fraction) * inst
+        return out
+
+    def _prefill_tables(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pool (rows) and prompt (columns): own prefill latency and unloaded KV transfer."""
+        latency = np.stack([p.perf.prefill_latency_s(prompts) for p in self.prefill_pools])
+        transfer = np.stack([kv_transfer_s(prompts, self.kv_bytes_per_token, p.link_gbps) for p in self.prefill_pools])
+        return latency, transfer
+
+    def cohort_delays(self, seconds: np.ndarray) -> dict[str, np.ndarray]:
+        """For arrival seconds ``seconds``: fluid prefill wait, G/G/c wait, prefill
+        completion second, decode admission wait (inf = not yet resolved)."""
+        s = self.series
+        cum_in = s.col("cum_work_in")
+        cum_out = s.col("cum_work_out")
+        work_in = s.col("work_in")
+        seconds = np.clip(seconds, 0, max(self.t - 1, 0)).astype(np.int64)
+        position = cum_in[seconds] - work_in[seconds] / 2.0
+        depart, resolved = fifo_delay(position, cum_out)
+        wait = np.where(resolved, np.maximum(0.0, depart - (seconds + 0.5)), np.inf)
+        done_second = np.where(resolved, np.floor(np.minimum(depart, max(self.t - 1, 0))), 0).astype(np.int64)
+        admit_in_cum = s.col("cum_admit_in")
+        admit_in = s.col("admit_in")
+        admit_out_cum = s.col("cum_admit_out")
+        admit_pos = admit_in_cum[done_second] - admit_in[done_second] / 2.0
+        admit_time, admit_resolved = fifo_delay(admit_pos, admit_out_cum)
+        admit_wait = np.where(admit_resolved, np.maximum(0.0, admit_time - (done_second + 0.5)), np.inf)
+        admit_wait = np.where(resolved, admit_wait, np.inf)
+        return {
+            "wait_s": wait,
+            "ggc_s": s.col("ggc_wait_s")[seconds],
+            "depart_s": np.where(resolved, depart, np.inf),
+            "done_second": done_second,
+            "admit_wait_s": admit_wait,
+        }
+
+    def _first_step_s(self, seconds: np.ndarray) -> np.ndarray:
+        s = self.series
+        num = np.zeros(seconds.size)
+        den = np.zeros(seconds.size)
+        for q in range(len(self.decode_pools)):
+            admitted = s.col(f"d{q}_admitted")[seconds]
+            num += admitted * s.col(f"d{q}_tau")[seconds]
+            den += admitted
+        fallback = np.zeros(seconds.size)
+        for q in range(len(self.decode_pools)):
+            fallback = np.maximum(fallback, s.col(f"d{q}_tau")[seconds])
+        return np.where(den > 0, num / np.maximum(den, 1e-12), fallback)
+
+    def _window_ttft_s(self, start: int, end: int, quantile: float) -> float | None:
+        """TTFT quantile of the requests whose prefill completed in [start, end)."""
+        if not self.prefill_pools:
+            return None
+        first = max(0, start - int(self.config.max_queue_wait_s) - 30)
+        seconds = np.arange(first, end)
+        admitted = self.series.col("admitted", first, end)
+        delays = self.cohort_delays(seconds)
+        in_window = (delays["depart_s"] >= start) & (delays["depart_s"] < end) & (admitted > 0)
+        if not in_window.any():
+            return None
+        secs = seconds[in_window]
+        weights_n = admitted[in_window]
+        admit_wait = np.where(
+            np.isfinite(delays["admit_wait_s"][in_window]),
+            delays["admit_wait_s"][in_window],
+            np.maximum(0.0, end - (delays["done_second"][in_window] + 0.5)),
+        )
+        base = delays["wait_s"][in_window] + delays["ggc_s"][in_window] + admit_wait + self._first_step_s(
+            delays["done_second"][in_window]
+        )
+        latency, transfer = self._prefill_tables(self.profile.prompt_classes)
+        values = []
+        weights = []
+        for p in range(len(self.prefill_pools)):
+            share = self.series.col(f"p{p}_share")[secs]
+            slow = self.series.col(f"p{p}_slowdown")[secs]
+            v = base[:, None] + latency[p][None, :] + transfer[p][None, :] * slow[:, None]
+            values.append(v.ravel())
+            weights.append(np.repeat(weights_n * share, latency.shape[1]))
+        return weighted_quantile(np.concatenate(values), np.concatenate(weights), quantile)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def request_outcomes(self, horizon_end_s: int | None = None) -> RequestOutcomes:
+        """Per-request TTFT/TBT attainment for the profile's request sample."""
+        return request_outcomes(self, horizon_end_s)
+
+
+@dataclass(frozen=True)
+class RequestOutcomes:
+    """Per-request results of one service over one run (fractions over all requests,
+    dropped ones included as missing both SLOs)."""
+
+    requests: float  # requests represented (sample x weight)
+    dropped: float  # dropped at arrival, too long for the KV cache, or unfinished
+    ttft_attainment: float
+    tbt_attainment: float
+    slo_attainment: float  # both SLOs
+    ttft_p50_ms: float | None
+    ttft_quantile_ms: float | None  # at the SLO quantile, over completed requests
+    tbt_p50_ms: float | None
+    tbt_quantile_ms: float | None
+    completed_fraction: float
+    notes: tuple[str, ...] = ()
+
+
+def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> RequestOutcomes:
+    """Vectorised per-request latencies from the per-second state (module docstring)."""
+    profile = sim.profile
+    sample = profile.sample
+    slo = sim.policy.slo
+    notes: list[str] = []
+    if sample is None or sample.requests == 0 or sim.t == 0:
+        return RequestOutcomes(0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",))
+    keep = sample.arrival_s < sim.t
+    arrival = sample.arrival_s[keep]
+    prompt = sample.prompt_tokens[keep].astype(np.float64)
+    output = sample.output_tokens[keep].astype(np.float64)
+    n = arrival.size
+    weight = profile.sample_weight
+    if n == 0:
+        return RequestOutcomes(0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",))
+    s = sim.series
+    seconds = np.floor(arrival).astype(np.int64)
+    arrived = s.col("arrived")[seconds]
+    dropped_col = s.col("dropped")[seconds]
+    served_share = np.where(arrived > 0, 1.0 - dropped_col / np.maximum(arrived, 1e-12), 0.0)
+
+    delays = sim.cohort_delays(seconds)
+    resolved = np.isfinite(delays["wait_s"]) & np.isfinite(delays["admit_wait_s"])
+    base = np.where(resolved, delays["wait_s"] + delays["ggc_s"] + delays["admit_wait_s"], np.inf)
+    done_second = delays["done_second"]
+    base = base + sim._first_step_s(done_second)
+
+    # Too long for any decode instance's KV cache (a real engine rejects these).
+    kv_limit = max((p.perf.kv_capacity_tokens for p in sim.decode_pools if p.perf.fits), default=0.0)
+    too_long = prompt + output > kv_limit
+    if too_long.any():
+        notes.append(f"{int(too_long.sum() * weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)")
+
+    ttft_ok = np.zeros(n)
+    ttft_mean = np.zeros(n)
+    ttft_values = []
+    ttft_weights = []
+    if sim.prefill_pools:
+        latency, transfer = sim._prefill_tables(prompt)
+        for p in range(len(sim.prefill_pools)):
+            share = s.col(f"p{p}_share")[seconds]
+            slow = s.col(f"p{p}_slowdown")[seconds]
+            ttft_p = base + latency[p] + transfer[p] * slow
+            ttft_ok += share * (ttft_p <= slo.ttft_ms / 1000.0)
+            ttft_mean += share * np.where(np.isfinite(ttft_p), ttft_p, 0.0)
+            ttft_values.append(ttft_p)
+            ttft_weights.append(share * served_share)
+
+    # Decode: each pool's clock as a function of time (psi(0) = 0, psi(t + 1) = end of t).
+    decode_start = arrival + ttft_mean
+    start_second = np.clip(np.floor(decode_start), 0, sim.t - 1).astype(np.int64)
+    tbt_ok = np.zeros(n)
+    finished = np.zeros(n)
+    tbt_values = []
+    tbt_weights = []
+    admitted_total = np.zeros(n)
+    for q in range(len(sim.decode_pools)):
+        admitted_total += s.col(f"d{q}_admitted")[start_second]
+    for q in range(len(sim.decode_pools)):
+        psi_curve = np.concatenate(([0.0], s.col(f"d{q}_psi")))
+        admitted_q = s.col(f"d{q}_admitted")[start_second]
+        share = np.where(admitted_total > 0, admitted_q / np.maximum(admitted_total, 1e-12), 1.0 / len(sim.decode_pools))
+        t_clamped = np.clip(decode_start, 0.0, float(sim.t))
+        psi_start = np.interp(t_clamped, np.arange(psi_curve.size, dtype=np.float64), psi_curve)
+        end_time, end_ok = fifo_delay(psi_start + output, psi_curve[1:] if psi_curve.size > 1 else psi_curve)
+        ok = end_ok & np.isfinite(decode_start) & (end_time < np.inf)
+        tbt_q = np.where(ok, (end_time - t_clamped) / output, np.inf)
+        tbt_ok += share * (tbt_q <= slo.tbt_ms / 1000.0)
+        finished += share * ok
+        tbt_values.append(tbt_q)
+        tbt_weights.append(share * served_share)
+
+    complete = served_share * np.minimum(finished, 1.0) * resolved * ~too_long
+    ttft_att = ttft_ok * complete
+    tbt_att = tbt_ok * complete
+    both = np.where(complete > 0, ttft_ok * tbt_ok * complete, 0.0)
+    dropped = float(n - complete.sum())
+
+    def quantiles(values: list[np.ndarray], weights: list[np.ndarray]) -> tuple[float | None, float | None]:
+        if not values:
+            return None, None
+        v = np.concatenate(values)
+        w = np.concatenate(weights) * np.tile(complete > 0, len(values))
+        finite = np.isfinite(v)
+        v, w = v[finite], w[finite]
+        p50 = weighted_quantile(v, w, 0.5)
+        pq = weighted_quantile(v, w, slo.quantile)
+        return (p50 * 1000 if p50 is not None else None), (pq * 1000 if pq is not None else None)
+
+    ttft_p50, ttft_q = quantiles(ttft_values, ttft_weights)
+    tbt_p50, tbt_q = quantiles(tbt_values, tbt_weights)
+    if complete.sum() == 0:
+        notes.append("no request completed: the fleet is too small (or has no ready prefill or decode instance)")
+    return RequestOutcomes(
+        requests=n * weight,
+        dropped=dropped * weight,
+        ttft_attainment=float(ttft_att.mean()),
+        tbt_attainment=float(tbt_att.mean()),
+        slo_attainment=float(both.mean()),
+        ttft_p50_ms=ttft_p50,
+        ttft_quantile_ms=ttft_q,
+        tbt_p50_ms=tbt_p50,
+        tbt_quantile_ms=tbt_q,
+        completed_fraction=float(complete.mean()),
+        notes=tuple(notes),
+    )
+
+
+def summarize_series(sim: ServiceSim, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+    """Per-second arrays of one service for reports and plots."""
+    s = sim.series
+    stop = sim.t if stop is None else min(stop, sim.t)
+    out: dict[str, Any] = {
+        "arrived": s.col("arrived", start, stop),
+        "dropped": s.col("dropped", start, stop),
+        "prefill_tps": s.col("prefill_tokens", start, stop),
+        "decode_tps": s.col("decode_tokens", start, stop),
+        "prefill_busy": s.col("prefill_busy", start, stop),
+    }
+    return out

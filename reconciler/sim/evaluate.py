@@ -1,0 +1,573 @@
+"""Side-by-side evaluation of autoscaling policies on one trace in the simulated fleet.
+
+:func:`evaluate` is pure (no I/O): it takes a desired state, a service, a workload and
+policy names, and returns an :class:`EvaluationResult` with every figure the
+``heteroscale simulate`` table, JSON and plot show. The pull-request what-if reuses it.
+
+Each policy runs the production cycle against its own :class:`SimulatedFleet`, every
+``interval_s`` seconds (the reconcile interval): metrics -> ``Autoscaler.decide`` ->
+placement (only when the decision changes a count) -> ``diff_groups`` -> ``apply``.
+Policies:
+
+- ``heteroscale``: the coordinated decode-TPS policy (``reconciler.policy``);
+- ``hpa-gpu-util``: one Kubernetes HPA per role on GPU utilisation;
+- ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
+  of prompt and output tokens/s) at the per-instance capacity below;
+- ``oracle``: knows the demand ahead (60-second averages) and the per-instance
+  capacity; sizes each role for the peak over its start-up time;
+- ``schedule:PATH``: replays a CSV ``t_s,service,prefill,decode`` (counts hold from
+  their ``t_s`` until the next row), so any external autoscaler can be scored.
+
+Per-instance capacity (oracle and static-peak): prefill tokens/s of the most
+preferred GPU type at 85 % of its compute (headroom for arrival bursts inside a
+minute), decode tokens/s at 90 % of the TBT SLO at the trace's mean context, both
+from ``reconciler.sim.perf``.
+
+Every policy starts warm: the fleet at time 0 is what the oracle would run then (the
+static and schedule policies start at their own counts), placed and already serving,
+so no policy pays a cold start the others do not. GPU-hours count every GPU an
+instance holds from creation (start-up included) to the end of its drain, up to the
+end of the trace; in-flight requests are then served to completion (up to
+``SimConfig.drain_tail_s``) for the latency figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reconciler.desired.loader import DesiredState
+from reconciler.desired.models import ServicePolicy
+from reconciler.errors import PermanentError
+from reconciler.placement.base import PlacementRequest, Placer
+from reconciler.plan import Plan, diff_groups
+from reconciler.policy.base import Autoscaler, Decision, PolicyHistory
+from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, request_outcomes
+from reconciler.sim.fleet import SimulatedFleet
+from reconciler.sim.perf import instance_perf
+from reconciler.sim.workload import Workload
+from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Targets
+
+DEFAULT_POLICIES: tuple[str, ...] = ("heteroscale", "hpa-gpu-util", "static-peak", "oracle")
+PREFILL_HEADROOM = 0.85
+DECODE_SLO_HEADROOM = 0.9
+DEMAND_WINDOW_S = 60
+
+
+class EvaluationError(PermanentError):
+    """The evaluation cannot run as asked (unknown service or policy, bad schedule)."""
+
+
+# --------------------------------------------------------------------------- schedule policy
+
+
+@dataclass(frozen=True)
+class ScheduleAutoscaler:
+    """Replays instance counts from a CSV ``t_s,service,prefill,decode``."""
+
+    path: str
+    rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # service -> (t_s, prefill, decode)
+    name: str = "schedule"
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> ScheduleAutoscaler:
+        path = Path(path)
+        if not path.is_file():
+            raise EvaluationError(f"{path}: schedule file not found")
+        per_service: dict[str, list[tuple[float, int, int]]] = {}
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header] != ["t_s", "service", "prefill", "decode"]:
+                raise EvaluationError(f"{path}:1: header must be 't_s,service,prefill,decode' (got {header})")
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if len(row) != 4:
+                    raise EvaluationError(f"{path}:{line}: expected 4 fields, found {len(row)}")
+                try:
+                    t_s, prefill, decode = float(row[0]), int(row[2]), int(row[3])
+                except ValueError:
+                    raise EvaluationError(f"{path}:{line}: t_s must be a number, prefill and decode integers") from None
+                if prefill < 0 or decode < 0 or not math.isfinite(t_s):
+                    raise EvaluationError(f"{path}:{line}: counts must not be negative and t_s must be finite")
+                per_service.setdefault(row[1].strip(), []).append((t_s, prefill, decode))
+        if not per_service:
+            raise EvaluationError(f"{path}: schedule has no rows")
+        rows = {}
+        for service, entries in per_service.items():
+            entries.sort(key=lambda e: e[0])
+            rows[service] = (
+                np.array([e[0] for e in entries]),
+                np.array([e[1] for e in entries]),
+                np.array([e[2] for e in entries]),
+            )
+        return cls(str(path), rows)
+
+    def counts_at(self, service: str, now_s: float) -> tuple[int, int]:
+        if service not in self.rows:
+            raise EvaluationError(f"{self.path}: no rows for service '{service}' (has: {', '.join(sorted(self.rows))})")
+        t_s, prefill, decode = self.rows[service]
+        index = max(0, int(np.searchsorted(t_s, now_s, side="right")) - 1)
+        return int(prefill[index]), int(decode[index])
+
+    def decide(
+        self, policy: ServicePolicy, fleet: ServiceFleet, metrics: ServiceMetrics, history: PolicyHistory, now_s: float
+    ) -> Decision:
+        prefill, decode = self.counts_at(policy.name, now_s)
+        return Decision(
+            service=policy.name,
+            prefill=prefill,
+            decode=decode,
+            reason="baseline",
+            message=f"schedule {Path(self.path).name}: {prefill} prefill, {decode} decode at t={now_s:g} s",
+            history=history,
+        )
+
+
+# --------------------------------------------------------------------------- capacities
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Per-instance tokens/s of each role at SLO, on the most preferred GPU type."""
+
+    prefill_tps: float
+    decode_tps: float
+    prefill_gpu_type: str
+    decode_gpu_type: str
+
+
+def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfile) -> Capacity:
+    cluster = state.clusters[policy.cluster]
+    prefill_type = next(t for t in policy.prefill.preferred_gpu_types() if t in cluster.gpu_types)
+    decode_type = next(t for t in policy.decode.preferred_gpu_types() if t in cluster.gpu_types)
+    prefill = instance_perf(policy.model, prefill_type, cluster.gpu_types[prefill_type], policy.prefill.gpus_per_instance)
+    decode = instance_perf(policy.model, decode_type, cluster.gpu_types[decode_type], policy.decode.gpus_per_instance)
+    # Attention makes long prompts dearer than their tokens: use the mix's mean work.
+    mean_work = 2.0 * prefill.params * profile.prompt_mean + 2.0 * prefill.kv_bytes_per_token * profile.prompt_sq_mean / (
+        prefill.prefill_params["eta_attention"]
+    )
+    work_per_token = mean_work / profile.prompt_mean
+    prefill_tps = PREFILL_HEADROOM * prefill.prefill_capacity_work_per_s / work_per_token
+    mean_ctx = profile.prompt_mean + profile.output_mean / 2.0
+    decode_tps = decode.decode_capacity_tps(DECODE_SLO_HEADROOM * policy.slo.tbt_ms / 1000.0, mean_ctx)
+    if decode_tps <= 0:
+        decode_tps = decode.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
+    return Capacity(max(prefill_tps, 1e-9), max(decode_tps, 1e-9), prefill_type, decode_type)
+
+
+def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[float, float]:
+    _t, prefill, decode = profile.demand_series(window_s)
+    return float(prefill.max()), float(decode.max())
+
+
+# --------------------------------------------------------------------------- autoscalers
+
+
+def build_autoscaler(
+    name: str, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity
+) -> tuple[Autoscaler, str]:
+    """An autoscaler by name (module docstring) and a one-line description."""
+    if name.startswith("schedule:"):
+        schedule = ScheduleAutoscaler.from_csv(name.split(":", 1)[1])
+        schedule.counts_at(policy.name, 0.0)  # fail early if the service is missing
+        return schedule, f"replays {schedule.path}"
+    try:
+        from reconciler.policy import make_autoscaler
+    except ImportError as exc:  # pragma: no cover - the policy package ships with the product
+        raise EvaluationError(f"autoscaler '{name}' needs reconciler.policy ({exc})") from exc
+    if name == "static-peak":
+        peak_prefill, peak_decode = peak_demand(profile)
+        prefill = max(1, math.ceil(peak_prefill / capacity.prefill_tps))
+        decode = max(1, math.ceil(peak_decode / capacity.decode_tps))
+        return make_autoscaler(name, prefill=prefill, decode=decode), (
+            f"{prefill} prefill + {decode} decode for peaks of {peak_prefill:.0f} prompt and {peak_decode:.0f} output tokens/s"
+        )
+    if name == "oracle":
+        t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
+        return make_autoscaler(
+            name,
+            demand=(t_s, prefill_tps, decode_tps),
+            prefill_tps_per_instance=capacity.prefill_tps,
+            decode_tps_per_instance=capacity.decode_tps,
+        ), (
+            f"future demand; {capacity.prefill_tps:.0f} prefill and {capacity.decode_tps:.0f} decode tokens/s per instance"
+        )
+    try:
+        return make_autoscaler(name), ""
+    except PermanentError as exc:
+        raise EvaluationError(str(exc)) from exc
+
+
+def initial_counts(
+    autoscaler: Autoscaler, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity
+) -> tuple[int, int]:
+    """Warm start (module docstring)."""
+    if isinstance(autoscaler, ScheduleAutoscaler):
+        return autoscaler.counts_at(policy.name, 0.0)
+    if getattr(autoscaler, "name", "") == "static-peak":
+        decision = autoscaler.decide(policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0)
+        return decision.prefill, decision.decode
+    counts = []
+    t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
+    for role, demand, per_instance in (
+        ("prefill", prefill_tps, capacity.prefill_tps),
+        ("decode", decode_tps, capacity.decode_tps),
+    ):
+        role_policy = policy.role(role)
+        upto = max(1, math.ceil(role_policy.startup_s / DEMAND_WINDOW_S) + 1)
+        need = math.ceil(float(demand[:upto].max()) / per_instance)
+        counts.append(min(max(need, role_policy.min_instances, 1), role_policy.max_instances))
+    return counts[0], counts[1]
+
+
+def default_placer(kind: str = "greedy") -> Placer:
+    """The greedy (paper) placer, or CP-SAT."""
+    if kind == "cpsat":
+        from reconciler.placement.cpsat import CpSatPlacer
+
+        return CpSatPlacer()
+    from reconciler.placement.greedy import GreedyPlacer
+
+    return GreedyPlacer()
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """The figures of one policy's run (see ``to_json`` for units)."""
+
+    name: str
+    description: str
+    gpu_hours: float
+    gpu_hours_prefill: float
+    gpu_hours_decode: float
+    mean_gpu_util_prefill: float
+    mean_gpu_util_decode: float
+    mean_sm_active_prefill: float
+    mean_sm_active_decode: float
+    ttft_attainment: float
+    tbt_attainment: float
+    slo_attainment: float
+    ttft_quantile_ms: float | None
+    tbt_quantile_ms: float | None
+    requests: float
+    dropped: float
+    scaling_actions: int
+    instance_changes: int
+    pd_ratio_min: float | None
+    pd_ratio_max: float | None
+    peak_prefill_instances: int
+    peak_decode_instances: int
+    placement_shortfalls: int
+    timeline: Mapping[str, np.ndarray] = field(repr=False)
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "description": self.description,
+            "gpu_hours": round(self.gpu_hours, 3),
+            "gpu_hours_prefill": round(self.gpu_hours_prefill, 3),
+            "gpu_hours_decode": round(self.gpu_hours_decode, 3),
+            "mean_gpu_util": {"prefill": round(self.mean_gpu_util_prefill, 4), "decode": round(self.mean_gpu_util_decode, 4)},
+            "mean_sm_active": {
+                "prefill": round(self.mean_sm_active_prefill, 4),
+                "decode": round(self.mean_sm_active_decode, 4),
+            },
+            "ttft_attainment": round(self.ttft_attainment, 5),
+            "tbt_attainment": round(self.tbt_attainment, 5),
+            "slo_attainment": round(self.slo_attainment, 5),
+            "ttft_quantile_ms": _round_or_none(self.ttft_quantile_ms),
+            "tbt_quantile_ms": _round_or_none(self.tbt_quantile_ms),
+            "requests": round(self.requests),
+            "dropped": round(self.dropped, 1),
+            "scaling_actions": self.scaling_actions,
+            "instance_changes": self.instance_changes,
+            "pd_ratio": {"min": _round_or_none(self.pd_ratio_min, 4), "max": _round_or_none(self.pd_ratio_max, 4)},
+            "peak_instances": {"prefill": self.peak_prefill_instances, "decode": self.peak_decode_instances},
+            "placement_shortfalls": self.placement_shortfalls,
+            "notes": list(self.notes),
+            "timeline": {k: [_round_or_none(float(x), 3) for x in v] for k, v in self.timeline.items()},
+        }
+        return out
+
+
+def _round_or_none(value: float | None, digits: int = 2) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    service: str
+    workload: str
+    horizon_s: int
+    requests: float
+    slo: Mapping[str, float]
+    policies: Mapping[str, PolicyResult]
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "workload": self.workload,
+            "horizon_s": self.horizon_s,
+            "requests": round(self.requests),
+            "slo": dict(self.slo),
+            "notes": list(self.notes),
+            "policies": {name: result.to_json() for name, result in self.policies.items()},
+        }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+Progress = Callable[[str, float], None]
+
+
+def evaluate(
+    state: DesiredState,
+    service: str,
+    workload: Workload | LoadProfile,
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    seed: int = 0,
+    *,
+    interval_s: float = 30.0,
+    config: SimConfig | None = None,
+    placer: Placer | None = None,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """Run each policy on the same load in its own simulated fleet (module docstring)."""
+    if service not in state.policies:
+        raise EvaluationError(f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})")
+    if not policies:
+        raise EvaluationError("no policies to evaluate")
+    config = config or SimConfig()
+    policy = state.policies[service]
+    if policy.cluster not in state.clusters:
+        raise EvaluationError(f"service '{service}' runs in cluster '{policy.cluster}', which is not defined")
+    profile = (
+        workload
+        if isinstance(workload, LoadProfile)
+        else LoadProfile.from_workload(
+            workload, length_classes=config.length_classes, sample_limit=config.request_sample_limit, seed=seed
+        )
+    )
+    placer = placer or default_placer()
+    capacity = role_capacity(state, policy, profile)
+    results: dict[str, PolicyResult] = {}
+    notes = list(profile.notes)
+    for name in policies:
+        autoscaler, description = build_autoscaler(name, policy, profile, capacity)
+        results[name] = _run_policy(
+            state, policy, profile, name, autoscaler, description, capacity, config, placer, interval_s, progress
+        )
+    return EvaluationResult(
+        service=service,
+        workload=profile.name,
+        horizon_s=profile.horizon_s,
+        requests=profile.requests,
+        slo={"ttft_ms": policy.slo.ttft_ms, "tbt_ms": policy.slo.tbt_ms, "quantile": policy.slo.quantile},
+        policies=results,
+        notes=tuple(notes),
+    )
+
+
+def _place(
+    state: DesiredState, policy: ServicePolicy, current: FleetState, prefill: int, decode: int, placer: Placer
+) -> tuple[Plan, int]:
+    cluster = state.clusters[policy.cluster]
+    targets = {policy.name: Targets(policy.name, prefill, decode)}
+    request = PlacementRequest(cluster=cluster, policies={policy.name: policy}, current=current, targets=targets)
+    result = placer.place(request)
+    gpus = {(policy.name, role): policy.role(role).gpus_per_instance for role in ROLES}
+    changes = diff_groups(current, result.groups, gpus)
+    shortfall = sum(s.instances for s in result.shortfalls)
+    plan = Plan(cluster=cluster.name, decisions={}, placement=result, changes=changes, current=current)
+    return plan, shortfall
+
+
+def _run_policy(
+    state: DesiredState,
+    policy: ServicePolicy,
+    profile: LoadProfile,
+    name: str,
+    autoscaler: Autoscaler,
+    description: str,
+    capacity: Capacity,
+    config: SimConfig,
+    placer: Placer,
+    interval_s: float,
+    progress: Progress | None,
+) -> PolicyResult:
+    service = policy.name
+    cluster = state.clusters[policy.cluster]
+    fleet = SimulatedFleet({cluster.name: cluster}, {service: policy}, {service: profile}, config)
+    notes: list[str] = list(fleet.notes)
+    prefill0, decode0 = initial_counts(autoscaler, policy, profile, capacity)
+    plan, shortfall = _place(state, policy, fleet.fleet_state(cluster.name), prefill0, decode0, placer)
+    fleet.bootstrap(plan.groups)
+    shortfalls = shortfall
+    history = PolicyHistory()
+    horizon = profile.horizon_s
+    actions = 0
+    changes = 0
+    decision_times: list[float] = []
+    ttft_ms: list[float] = []
+    tbt_ms: list[float] = []
+    step = max(1.0, float(interval_s))
+    now = 0.0
+    while now < horizon:
+        fleet.advance_to(now)
+        metrics = fleet.fetch([policy], now)[service]
+        view = fleet.fleet_state(cluster.name).service_fleet(service)
+        decision = autoscaler.decide(policy, view, metrics, history, now)
+        history = decision.history
+        decision_times.append(now)
+        ttft_ms.append(metrics.ttft.value if metrics.ttft else math.nan)
+        tbt_ms.append(metrics.tbt.value if metrics.tbt else math.nan)
+        if decision.changes(view):
+            current = fleet.fleet_state(cluster.name)
+            plan, shortfall = _place(state, policy, current, decision.prefill, decision.decode, placer)
+            shortfalls += shortfall
+            if plan.changes:
+                fleet.apply(plan)
+                actions += 1
+                changes += sum(abs(c.after - c.before) for c in plan.changes)
+        if progress is not None:
+            progress(name, min(1.0, (now + step) / horizon))
+        now += step
+    fleet.advance_to(horizon)
+    sim = fleet.sims[service]
+    counts = fleet.instance_counts(service)
+    # Serve what is in flight (fleet frozen) for the latency figures.
+    tail_end = horizon + int(config.drain_tail_s)
+    while sim.t < tail_end and sim.in_flight > 1e-6:
+        fleet.advance_to(sim.t + 60)
+    outcome = request_outcomes(sim)
+    notes.extend(outcome.notes)
+    if shortfalls:
+        notes.append(f"placement could not place {shortfalls} instance-cycles (cluster full or constraints)")
+    usage = _usage(sim, counts, horizon, policy)
+    active_prefill = counts["prefill_ready"][:horizon] + counts["prefill_starting"][:horizon]
+    active_decode = counts["decode_ready"][:horizon] + counts["decode_starting"][:horizon]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(active_decode > 0, active_prefill / np.maximum(active_decode, 1), np.nan)
+    finite_ratio = ratio[np.isfinite(ratio)]
+    timeline = _timeline(sim, counts, horizon, decision_times, ttft_ms, tbt_ms)
+    return PolicyResult(
+        name=name,
+        description=description,
+        gpu_hours=usage["gpu_hours_prefill"] + usage["gpu_hours_decode"],
+        gpu_hours_prefill=usage["gpu_hours_prefill"],
+        gpu_hours_decode=usage["gpu_hours_decode"],
+        mean_gpu_util_prefill=usage["util_prefill"],
+        mean_gpu_util_decode=usage["util_decode"],
+        mean_sm_active_prefill=usage["sm_prefill"],
+        mean_sm_active_decode=usage["sm_decode"],
+        ttft_attainment=outcome.ttft_attainment,
+        tbt_attainment=outcome.tbt_attainment,
+        slo_attainment=outcome.slo_attainment,
+        ttft_quantile_ms=outcome.ttft_quantile_ms,
+        tbt_quantile_ms=outcome.tbt_quantile_ms,
+        requests=outcome.requests,
+        dropped=outcome.dropped,
+        scaling_actions=actions,
+        instance_changes=changes,
+        pd_ratio_min=float(finite_ratio.min()) if finite_ratio.size else None,
+        pd_ratio_max=float(finite_ratio.max()) if finite_ratio.size else None,
+        peak_prefill_instances=int(active_prefill.max()) if active_prefill.size else 0,
+        peak_decode_instances=int(active_decode.max()) if active_decode.size else 0,
+        placement_shortfalls=shortfalls,
+        timeline=timeline,
+        notes=tuple(notes),
+    )
+
+
+def _usage(sim: ServiceSim, counts: Mapping[str, np.ndarray], horizon: int, policy: ServicePolicy) -> dict[str, float]:
+    """GPU-hours and GPU-hour-weighted mean utilisation per role over the horizon."""
+    util = sim.utilisation_series(0, horizon)
+    prefill_gpus = counts["prefill_gpus"][:horizon]
+    decode_gpus = counts["decode_gpus"][:horizon]
+    prefill_instances = np.maximum(prefill_gpus / policy.prefill.gpus_per_instance, 1e-12)
+    decode_instances = np.maximum(decode_gpus / policy.decode.gpus_per_instance, 1e-12)
+    # Utilisation summed over instances, divided by every allocated instance
+    # (starting ones read 0 %), weighted by GPUs over time.
+    prefill_util = util["prefill_util_sum"] / prefill_instances
+    prefill_sm = util["prefill_sm_sum"] / prefill_instances
+    decode_util = util["decode_util_sum"] / decode_instances
+    decode_sm = util["decode_sm_sum"] / decode_instances
+
+    def weighted(values: np.ndarray, weights: np.ndarray) -> float:
+        total = float(weights.sum())
+        return float(np.clip(values, 0, 1) @ weights / total) if total > 0 else 0.0
+
+    return {
+        "gpu_hours_prefill": float(prefill_gpus.sum()) / 3600.0,
+        "gpu_hours_decode": float(decode_gpus.sum()) / 3600.0,
+        "util_prefill": weighted(prefill_util, prefill_gpus),
+        "util_decode": weighted(decode_util, decode_gpus),
+        "sm_prefill": weighted(prefill_sm, prefill_gpus),
+        "sm_decode": weighted(decode_sm, decode_gpus),
+    }
+
+
+def _timeline(
+    sim: ServiceSim,
+    counts: Mapping[str, np.ndarray],
+    horizon: int,
+    decision_times: Sequence[float],
+    ttft_ms: Sequence[float],
+    tbt_ms: Sequence[float],
+) -> dict[str, np.ndarray]:
+    """Per-minute series for the plot and the JSON."""
+    minutes = max(1, math.ceil(horizon / 60))
+    pad = minutes * 60 - horizon
+
+    def per_minute(values: np.ndarray, how: str = "mean") -> np.ndarray:
+        v = np.concatenate([values[:horizon], np.full(pad, np.nan)]).reshape(minutes, 60)
+        out: np.ndarray = np.nanmean(v, axis=1) if how == "mean" else np.nanmax(v, axis=1)
+        return out
+
+    series = sim.series
+    t_min = np.arange(minutes, dtype=float)
+    decisions = np.asarray(decision_times)
+    index = np.clip(np.searchsorted(decisions, t_min * 60.0 + 59.0, side="right") - 1, 0, max(len(decisions) - 1, 0))
+    ttft = np.asarray(ttft_ms)[index] if len(ttft_ms) else np.full(minutes, np.nan)
+    tbt = np.asarray(tbt_ms)[index] if len(tbt_ms) else np.full(minutes, np.nan)
+    return {
+        "t_min": t_min,
+        "requests_per_s": per_minute(series.col("arrived", 0, horizon)),
+        "prefill_tps": per_minute(series.col("prefill_tokens", 0, horizon)),
+        "decode_tps": per_minute(series.col("decode_tokens", 0, horizon)),
+        "prefill_instances": per_minute(counts["prefill_ready"] + counts["prefill_starting"], "max"),
+        "decode_instances": per_minute(counts["decode_ready"] + counts["decode_starting"], "max"),
+        "ttft_ms": ttft,
+        "tbt_ms": tbt,
+    }
+
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "Capacity",
+    "EvaluationError",
+    "EvaluationResult",
+    "PolicyResult",
+    "ScheduleAutoscaler",
+    "build_autoscaler",
+    "default_placer",
+    "evaluate",
+    "initial_counts",
+    "peak_demand",
+    "role_capacity",
+]

@@ -1,0 +1,349 @@
+"""The applier against a real API server (v1.20, with the deployment, replicaset and
+garbage-collector controllers and the scheduler running, no kubelet): render + apply
+hand-built plans to fake GPU Nodes, scale up and down, prune, re-apply, drift,
+conflicts, soft scale-in with real Pods, and an API server killed mid-apply."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubetestkit import (
+    ControlPlane,
+    create_nodes,
+    ensure_namespace,
+    group,
+    hand_plan,
+    list_deployments,
+    list_pods,
+    mark_ready,
+    wait_for,
+)
+
+from reconciler.apply import names
+from reconciler.apply.backend import ApplyOptions, KubernetesBackend
+from reconciler.apply.kubeclient import KubeClient, deployments_path
+from reconciler.desired import DesiredState
+from reconciler.desired.models import ClusterSpec
+from reconciler.errors import ClusterUnavailable
+from reconciler.observe.base import Observation
+from reconciler.plan import Plan
+from reconciler.state import DeploymentGroup
+
+pytestmark = pytest.mark.kubernetes
+_counter = itertools.count()
+
+
+@dataclass
+class Env:
+    state: DesiredState
+    spec: ClusterSpec
+    client: KubeClient
+    plane: ControlPlane
+    clock_s: float = 1_000_000.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def backend(self, **options: object) -> KubernetesBackend:
+        backend = KubernetesBackend(
+            self.client, state=self.state, options=ApplyOptions(**options), clock=lambda: self.clock_s  # type: ignore[arg-type]
+        )
+        return backend
+
+    def observe(self, backend: KubernetesBackend) -> Observation:
+        return backend.observe(self.spec, self.state.policies_for(self.name))
+
+    def plan(self, backend: KubernetesBackend, groups: list[DeploymentGroup]) -> Plan:
+        return hand_plan(self.state, self.name, self.observe(backend), groups)
+
+    def deployments(self) -> dict[str, dict]:
+        return list_deployments(self.client, self.name)
+
+
+@pytest.fixture
+def env(control_plane: ControlPlane, tmp_path: Path) -> Env:
+    from kubetestkit import make_desired_state
+
+    name = f"t{next(_counter)}-{tmp_path.name[-6:].strip('_').lower().replace('_', '-')}".strip("-")
+    name = names.dns_label(name, 30)
+    state = make_desired_state(tmp_path, name)
+    client = control_plane.client()
+    ensure_namespace(client, name)
+    create_nodes(client, state.clusters[name])
+    return Env(state, state.clusters[name], client, control_plane)
+
+
+def _groups(env: Env, g1_decode: int = 3, with_g2: bool = True) -> list[DeploymentGroup]:
+    out = [group("svc", env.name, "g1", f"{env.name}-pa", ("h800", 2), ("h800", g1_decode))]
+    if with_g2:
+        out.append(group("svc", env.name, "g2", env.name, ("h800", 1), ("h20", 2)))
+    return out
+
+
+def _replicas(env: Env) -> dict[str, int]:
+    return {name: d["spec"]["replicas"] for name, d in env.deployments().items()}
+
+
+def test_create_renders_deployments_that_the_scheduler_places_on_the_right_gpus(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    plan = env.plan(backend, _groups(env))
+    preview = backend.diff_cluster(plan)
+    assert preview.mode == "server-dry-run"
+    assert sorted(o.action for o in preview.objects) == ["create"] * 4
+    assert env.deployments() == {}, "a dry run creates nothing"
+
+    done = backend.apply_cluster(plan)
+    assert [o.key for o in done.objects] == [o.key for o in preview.objects]
+    assert _replicas(env) == {"svc-g1-p": 2, "svc-g1-d": 3, "svc-g2-p": 1, "svc-g2-d": 2}
+
+    deployment = env.deployments()["svc-g1-d"]
+    labels = deployment["metadata"]["labels"]
+    assert labels[names.MANAGED_BY_LABEL] == "heteroscale"
+    assert (labels[names.SERVICE_LABEL], labels[names.GROUP_LABEL], labels[names.ROLE_LABEL]) == ("svc", "g1", "decode")
+    managers = {m["manager"] for m in deployment["metadata"]["managedFields"] if "f:spec" in m.get("fieldsV1", {})}
+    assert managers == {"heteroscale"}
+
+    # The scheduler honours the rendered affinity and GPU requests.
+    def placed() -> list[dict]:
+        pods = list_pods(env.client, env.name)
+        return pods if len(pods) == 8 and all(p["spec"].get("nodeName") for p in pods) else []
+
+    pods = wait_for(placed, what="8 scheduled pods")
+    for pod in pods:
+        node = pod["spec"]["nodeName"]
+        pod_labels = pod["metadata"]["labels"]
+        if pod_labels[names.GROUP_LABEL] == "g1":
+            assert node.startswith(f"{env.name}-h800"), "g1 is pinned to the H800 pod (S2 label + GPU type)"
+        elif pod_labels[names.ROLE_LABEL] == "decode":
+            assert node.startswith(f"{env.name}-h20"), "g2 decode runs on H20 (GPU type label value nvidia-h20)"
+
+
+def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env)))
+    # A Deployment we do not own in the same namespace must survive every prune.
+    foreign = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "not-ours", "namespace": env.name},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "x"}},
+            "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+        },
+    }
+    env.client.apply(deployments_path(env.name, "not-ours"), foreign, field_manager="someone-else")
+
+    # Re-applying the same plan changes nothing: no writes, same resourceVersions.
+    versions = {n: d["metadata"]["resourceVersion"] for n, d in env.deployments().items()}
+    again = env.plan(backend, _groups(env))
+    assert not again.has_changes
+    assert not backend.diff_cluster(again).has_changes
+    backend.apply_cluster(again)
+    assert backend.stats.writes == 0
+    after = {n: d["metadata"]["resourceVersion"] for n, d in env.deployments().items()}
+    assert {n: v for n, v in after.items() if n in versions} == versions
+
+    # Scale up: the dry run names the field, apply does exactly that.
+    up = env.plan(backend, _groups(env, g1_decode=5))
+    diff = backend.diff_cluster(up)
+    changed = {o.key: o for o in diff.changed}
+    assert set(changed) == {f"{env.name}/svc-g1-d"}
+    assert [str(f) for f in changed[f"{env.name}/svc-g1-d"].fields] == ["spec.replicas: 3 -> 5"]
+    backend.apply_cluster(up)
+    assert _replicas(env)["svc-g1-d"] == 5
+
+    # Scale down (Pods are not ready: no kubelet, so no drain is needed).
+    down = env.plan(backend, _groups(env, g1_decode=2))
+    assert [c.kind for c in down.changes] == ["scale_down"]
+    backend.apply_cluster(down)
+    assert _replicas(env)["svc-g1-d"] == 2
+
+    # Prune: g2 leaves the placement; only our objects go.
+    pruned = env.plan(backend, _groups(env, g1_decode=2, with_g2=False))
+    diff = backend.diff_cluster(pruned)
+    assert sorted((o.key, o.action) for o in diff.changed) == [
+        (f"{env.name}/svc-g2-d", "delete"),
+        (f"{env.name}/svc-g2-p", "delete"),
+    ]
+    backend.apply_cluster(pruned)
+    assert sorted(env.deployments()) == ["not-ours", "svc-g1-d", "svc-g1-p"]
+    final = env.plan(backend, _groups(env, g1_decode=2, with_g2=False))
+    assert not backend.diff_cluster(final).has_changes
+
+
+def test_capacity_adding_changes_are_applied_before_removals(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env, g1_decode=4, with_g2=False)))
+    writes: list[str] = []
+    env.client.hooks.append(lambda method, path: writes.append(path) if method in ("PATCH", "DELETE") and "dryRun" not in path else None)
+    try:
+        # g1 decode shrinks while g2 is created: g2's Deployments must come first.
+        mixed = env.plan(backend, _groups(env, g1_decode=1))
+        backend.apply_cluster(mixed)
+    finally:
+        env.client.hooks.clear()
+    order = [p.split("?")[0].rsplit("/", 1)[-1] for p in writes if "/deployments/" in p]
+    assert order.index("svc-g1-d") > max(order.index("svc-g2-p"), order.index("svc-g2-d"))
+
+
+def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
+
+    # Node drift: one Node's S1 label disagrees, one Node's GPU capacity differs.
+    first, second = f"{env.name}-h800-1", f"{env.name}-h20-2"
+    env.client.merge_patch(f"/api/v1/nodes/{first}", {"metadata": {"labels": {env.spec.labels.s1: "elsewhere"}}}, field_manager="ops")
+    env.client.request(
+        "PATCH", f"/api/v1/nodes/{second}/status",
+        body={"status": {"capacity": {"nvidia.com/gpu": "4"}}}, content_type="application/merge-patch+json",
+    )
+    drift = env.observe(backend).drift
+    kinds = {(d.kind, d.name) for d in drift}
+    assert ("node_label", first) in kinds
+    assert ("node_capacity", second) in kinds
+
+    # Someone scales our Deployment by hand: reported as drift, not overwritten.
+    env.client.merge_patch(deployments_path(env.name, "svc-g1-d"), {"spec": {"replicas": 7}}, field_manager="kubectl-edit")
+    observation = env.observe(backend)
+    assert any(d.kind == "object_modified" and d.name.endswith("svc-g1-d") for d in observation.drift)
+    plan = hand_plan(env.state, env.name, observation, _groups(env, with_g2=False))
+    diff = backend.diff_cluster(plan)
+    conflict = next(o for o in diff.objects if o.key.endswith("svc-g1-d"))
+    assert conflict.action == "conflict"
+    assert "kubectl-edit" in conflict.notes[-1] and ".spec.replicas" in conflict.notes[-1]
+    backend.apply_cluster(plan)
+    assert _replicas(env)["svc-g1-d"] == 7, "without --force the hand edit stays"
+
+    # --force takes the field back.
+    forced = env.backend(soft_scale_in_window_s=0, force=True)
+    plan = env.plan(forced, _groups(env, with_g2=False))
+    diff = forced.diff_cluster(plan)
+    assert [str(f) for f in next(o for o in diff.objects if o.key.endswith("svc-g1-d")).fields] == ["spec.replicas: 7 -> 3"]
+    forced.apply_cluster(plan)
+    assert _replicas(env)["svc-g1-d"] == 3
+
+
+def test_a_409_conflict_is_retried_after_a_re_read(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    plan = env.plan(backend, _groups(env, g1_decode=6, with_g2=False))
+    other = env.plane.client()
+    interfered: list[str] = []
+
+    def interfere(method: str, path: str) -> None:
+        # Just before our real apply of svc-g1-d, someone else writes the object.
+        if method == "PATCH" and "/deployments/svc-g1-d?" in path and "dryRun" not in path and not interfered:
+            path = path.split("?")[0]
+            interfered.append(path)
+            other.merge_patch(path, {"metadata": {"annotations": {"team": "serving"}}}, field_manager="other-tool")
+
+    backend.client.hooks.append(interfere)
+    try:
+        backend.apply_cluster(plan)
+    finally:
+        backend.client.hooks.clear()
+    assert interfered
+    assert backend.stats.conflicts_retried >= 1
+    live = env.deployments()["svc-g1-d"]
+    assert live["spec"]["replicas"] == 6
+    assert live["metadata"]["annotations"]["team"] == "serving", "the other writer's field is kept"
+
+
+def test_api_server_killed_mid_apply_next_cycle_finishes_without_doubling(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    groups = [
+        group("svc", env.name, f"k{i}", f"{env.name}-pa" if i % 2 else env.name, ("h800", 1), ("h800", 1))
+        for i in range(4)
+    ]
+    plan = env.plan(backend, groups)
+    writes: list[str] = []
+
+    def kill_after_three(method: str, path: str) -> None:
+        if method == "PATCH" and "/deployments/" in path and "dryRun" not in path:
+            writes.append(path)
+            if len(writes) == 4:  # three Deployments written, the fourth on its way
+                env.plane.kill_apiserver()
+
+    backend.client.hooks.append(kill_after_three)
+    try:
+        with pytest.raises(ClusterUnavailable):
+            backend.apply_cluster(plan)
+    finally:
+        backend.client.hooks.clear()
+        env.plane.restart_apiserver()
+    assert 0 < len(env.deployments()) < 8, "the first cycle was cut short"
+
+    # The next cycle (fresh observe) completes the job.
+    fresh = env.backend(soft_scale_in_window_s=0)
+    fresh.apply_cluster(env.plan(fresh, groups))
+    assert _replicas(env) == {f"svc-k{i}-{r}": 1 for i in range(4) for r in ("p", "d")}
+    assert not fresh.diff_cluster(env.plan(fresh, groups)).has_changes
+    # Nothing doubled: the ReplicaSets create exactly one Pod per Deployment.
+    wait_for(lambda: len(list_pods(env.client, env.name)) == 8, what="8 pods")
+
+
+def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_slo_breach(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=60)
+    backend.slo = {"svc": "held"}
+    base = [group("svc", env.name, "s1", f"{env.name}-pa", ("h800", 1), ("h800", 4))]
+    backend.apply_cluster(env.plan(backend, base))
+    selector = f"{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode"
+    pods = wait_for(lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p, what="4 decode pods")
+    for pod in pods:
+        mark_ready(env.client, env.name, pod)
+    wait_for(lambda: env.deployments()["svc-s1-d"].get("status", {}).get("readyReplicas") == 4, what="4 ready")
+
+    # Scale decode 4 -> 2: two Pods leave service discovery, keep running.
+    smaller = [group("svc", env.name, "s1", f"{env.name}-pa", ("h800", 1), ("h800", 2))]
+    plan = env.plan(backend, smaller)
+    diff = backend.diff_cluster(plan)
+    decode = next(o for o in diff.objects if o.key.endswith("svc-s1-d"))
+    drained_names = [p.pod for p in decode.pods if p.action == "drain"]
+    assert len(drained_names) == 2 and decode.replicas_after == 2
+    backend.apply_cluster(plan)
+    drained_selector = f"{names.SERVING_LABEL}=false,{names.GROUP_LABEL}=s1"
+    drained = list_pods(env.client, env.name, drained_selector)
+    assert sorted(p["metadata"]["name"] for p in drained) == sorted(drained_names)
+    assert all(not p["metadata"].get("ownerReferences") for p in drained), "out of the ReplicaSet"
+    assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 2
+    observation = env.observe(backend)
+    assert observation.fleet.draining[("svc", "decode")] == 2
+    assert observation.fleet.service_fleet("svc").decode.draining == 2
+
+    # The SLO breaks inside the window: the same Pods go back at once (no cold start).
+    backend.slo = {"svc": "broken"}
+    plan = hand_plan(env.state, env.name, observation, smaller)
+    backend.apply_cluster(plan)
+    serving = list_pods(env.client, env.name, f"{names.SERVING_LABEL}=true,{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode")
+    assert set(drained_names) <= {p["metadata"]["name"] for p in serving}
+    assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 4
+    wait_for(
+        lambda: all(p["metadata"].get("ownerReferences") for p in list_pods(env.client, env.name, selector)),
+        what="the ReplicaSet to adopt the put-back pods",
+    )
+    # Replicas go up before the Pods come back, so the ReplicaSet may briefly start a
+    # replacement; it removes it again (the newest unready Pod), keeping the put-back ones.
+    settled = wait_for(
+        lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p, what="4 decode pods again"
+    )
+    assert set(drained_names) <= {p["metadata"]["name"] for p in settled}
+
+    # SLOs hold again: drain, and once the window has passed the Pods are deleted.
+    backend.slo = {"svc": "held"}
+    backend.apply_cluster(env.plan(backend, smaller))
+    assert len(list_pods(env.client, env.name, drained_selector)) == 2
+    env.clock_s += 30
+    backend.apply_cluster(env.plan(backend, smaller))
+    assert len(list_pods(env.client, env.name, drained_selector)) == 2, "still inside the window"
+    env.clock_s += 31
+    plan = env.plan(backend, smaller)
+    finishing = next(o for o in backend.diff_cluster(plan).objects if o.key.endswith("svc-s1-d"))
+    assert sorted(p.action for p in finishing.pods) == ["finish", "finish"]
+    backend.apply_cluster(plan)
+    wait_for(lambda: not list_pods(env.client, env.name, drained_selector), what="drained pods deleted")
+    assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 2

@@ -1,0 +1,100 @@
+"""deploy/ applied to a real API server, then checked with a token of the
+reconciler's own ServiceAccount: it may do its job and nothing more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubetestkit import ControlPlane, apply_yaml_file, ensure_namespace
+
+from reconciler.apply.kubeclient import Forbidden, KubeClient, deployments_path, leases_path, nodes_path, pods_path
+
+pytestmark = pytest.mark.kubernetes
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _deployment(name: str, namespace: str) -> dict:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": "heteroscale"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def reconciler_token(control_plane: ControlPlane) -> KubeClient:
+    admin = control_plane.client()
+    for name in ("namespace.yaml", "rbac.yaml", "reconciler.yaml"):
+        apply_yaml_file(admin, DEPLOY / name)
+    # A bound token from the TokenRequest API (ServiceAccount admission is off in the
+    # test control plane, so no token Secret is created for us; TokenRequest works).
+    response = admin.request(
+        "POST",
+        "/api/v1/namespaces/heteroscale-system/serviceaccounts/heteroscale/token",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
+    )
+    return admin.with_token(response["status"]["token"], name="system:serviceaccount:heteroscale-system:heteroscale")
+
+
+def test_the_reconciler_deployment_runs_two_replicas_with_leader_election(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+    admin = control_plane.client()
+    live = admin.get(deployments_path("heteroscale-system", "heteroscale-reconciler"))
+    assert live["spec"]["replicas"] == 2
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    assert "--leader-elect" in container["args"]
+    assert live["spec"]["template"]["spec"]["serviceAccountName"] == "heteroscale"
+
+
+def test_it_may_manage_deployments_in_managed_namespaces(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+    path = deployments_path("chat", "rbac-probe")
+    reconciler_token.apply(path, _deployment("rbac-probe", "chat"), field_manager="heteroscale")
+    patched = reconciler_token.merge_patch(path, {"spec": {"replicas": 3}}, field_manager="heteroscale")
+    assert patched["spec"]["replicas"] == 3
+    assert any(d["metadata"]["name"] == "rbac-probe" for d in reconciler_token.list(deployments_path("chat")))
+    reconciler_token.delete(path)
+
+
+def test_it_may_read_nodes_and_pods_and_hold_its_lease(reconciler_token: KubeClient) -> None:
+    list(reconciler_token.list(nodes_path()))
+    list(reconciler_token.list(pods_path()))
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "rbac-probe", "namespace": "heteroscale-system"},
+        "spec": {"holderIdentity": "probe", "leaseDurationSeconds": 15},
+    }
+    created = reconciler_token.request("POST", leases_path("heteroscale-system"), body=lease)
+    reconciler_token.request("PUT", leases_path("heteroscale-system", "rbac-probe"), body=created)
+
+
+def test_it_is_refused_on_secrets_and_on_deployments_elsewhere(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+    admin = control_plane.client()
+    ensure_namespace(admin, "not-managed")
+    admin.apply(deployments_path("not-managed", "bystander"), _deployment("bystander", "not-managed"), field_manager="admin")
+    with pytest.raises(Forbidden):
+        reconciler_token.get("/api/v1/namespaces/chat/secrets")
+    with pytest.raises(Forbidden):
+        reconciler_token.get("/api/v1/namespaces/heteroscale-system/secrets")
+    with pytest.raises(Forbidden):
+        reconciler_token.merge_patch(
+            deployments_path("not-managed", "bystander"), {"spec": {"replicas": 0}}, field_manager="heteroscale"
+        )
+    with pytest.raises(Forbidden):
+        reconciler_token.apply(
+            deployments_path("not-managed", "new"), _deployment("new", "not-managed"), field_manager="heteroscale"
+        )
+    with pytest.raises(Forbidden):
+        reconciler_token.delete(deployments_path("not-managed", "bystander"))
+    with pytest.raises(Forbidden):
+        list(reconciler_token.list(deployments_path()))  # no cluster-wide Deployment access
+    with pytest.raises(Forbidden):
+        reconciler_token.request("POST", leases_path("chat"), body={
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "x", "namespace": "chat"}, "spec": {}})
+    assert admin.get(deployments_path("not-managed", "bystander"))["spec"]["replicas"] == 1

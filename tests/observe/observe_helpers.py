@@ -1,0 +1,437 @@
+"""Helpers of the observe tests: policies, the simulated fleet's scenarios, backfilled
+history, and loopback servers (a counting proxy, a scriptable fake Prometheus).
+
+A uniquely named module (not conftest) so test modules can import it without clashing
+with other areas' conftest files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from reconciler.desired import ServicePolicy, load_desired_state
+from reconciler.desired.models import MetricsConfig
+from reconciler.observe.exporter import (
+    SGLANG_ITL_BUCKETS_S,
+    VLLM_ITL_BUCKETS_S,
+    VLLM_TTFT_BUCKETS_S,
+    FleetExporter,
+    InstanceLoad,
+    Lognormal,
+    expected_histogram_quantile_s,
+)
+from reconciler.observe.local_prometheus import LocalPrometheus
+from reconciler.observe.prometheus import PrometheusSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_BASE_POLICY: ServicePolicy = load_desired_state(REPO_ROOT).policies["chat"]
+
+RATE_WINDOW_S = 10.0
+"""Rate window of the live tests: ten 1 s scrape intervals. The simulated exporter
+computes its counters a little after Prometheus stamps the scrape (its HTTP thread
+shares the GIL with the other exporters and the test); a jitter d in that delay moves a
+rate by about d / window, so a longer window keeps it well under 1 %."""
+
+
+def make_policy(
+    name: str,
+    *,
+    engine: str = "vllm",
+    quantile: float = 0.9,
+    max_age_s: float = 90.0,
+    metrics: dict[str, Any] | None = None,
+    scaling_metric: str = "decode_tps",
+) -> ServicePolicy:
+    """A valid policy (the example 'chat' service) under another name and settings."""
+    base = _BASE_POLICY
+    return base.model_copy(
+        update={
+            "name": name,
+            "engine": engine,
+            "slo": base.slo.model_copy(update={"quantile": quantile}),
+            "scaling": base.scaling.model_copy(
+                update={"metric_max_age_s": max_age_s, "metric": scaling_metric}
+            ),
+            "metrics": MetricsConfig(**(metrics or {})),
+        }
+    )
+
+
+def settings_for(url: str, **overrides: Any) -> PrometheusSettings:
+    values: dict[str, Any] = {"url": url, "rate_window_s": RATE_WINDOW_S, "timeout_s": 5.0}
+    values.update(overrides)
+    return PrometheusSettings(**values)
+
+
+# ----------------------------------------------------------------------------- live scenarios
+
+TTFT = Lognormal.from_median_p90(0.25, 0.5)
+TBT = Lognormal.from_median_p90(0.03, 0.05)
+SLOW_TBT = Lognormal.from_median_p90(0.06, 0.12)
+
+PREFILL = InstanceLoad(
+    prompt_tps=1200.0,
+    cached_prompt_tps=300.0,
+    requests_per_s=2.0,
+    ttft=TTFT,
+    gpus=2,
+    gpu_util_pct=60.0,
+    sm_active=0.5,
+)
+DECODE = InstanceLoad(
+    generation_tps=700.0,
+    requests_per_s=2.0,
+    tbt=TBT,
+    kv_usage=0.5,
+    gpus=1,
+    gpu_util_pct=95.0,
+    sm_active=0.8,
+)
+
+
+@dataclass
+class Scenario:
+    """Instances of one service: (role, instance name, load, engine)."""
+
+    engine: str = "vllm"
+    instances: list[tuple[str, str, InstanceLoad]] = field(default_factory=list)
+
+    def add(self, role: str, count: int, load: InstanceLoad, prefix: str) -> Scenario:
+        self.instances += [(role, f"{prefix}-{role}-{i}", load) for i in range(count)]
+        return self
+
+    def loads(self, role: str) -> list[InstanceLoad]:
+        return [load for r, _name, load in self.instances if r == role]
+
+
+def _standard(name: str, engine: str = "vllm") -> Scenario:
+    return Scenario(engine).add("prefill", 3, PREFILL, name).add("decode", 5, DECODE, name)
+
+
+def _mixed_tbt(name: str) -> Scenario:
+    scenario = Scenario().add("prefill", 3, PREFILL, name).add("decode", 3, DECODE, name)
+    return scenario.add("decode", 1, InstanceLoad(generation_tps=700.0, tbt=SLOW_TBT), name + "-slow")
+
+
+def _gauges(name: str) -> Scenario:
+    scenario = Scenario()
+    scenario.instances += [
+        ("prefill", f"{name}-p0", InstanceLoad(gpus=2, gpu_util_pct=60.0, sm_active=0.3)),
+        ("prefill", f"{name}-p1", InstanceLoad(gpus=1, gpu_util_pct=90.0, sm_active=0.6)),
+        ("decode", f"{name}-d0", InstanceLoad(kv_usage=0.2, gpus=1, gpu_util_pct=99.0)),
+        ("decode", f"{name}-d1", InstanceLoad(kv_usage=0.6, gpus=1, gpu_util_pct=97.0)),
+    ]
+    return scenario
+
+
+FLEET_SIZE = 100
+FLEET_QUANTILES = (0.9, 0.95, 0.99)
+FLEET_DECODE = InstanceLoad(generation_tps=100.0, tbt=TBT, kv_usage=0.3, gpu_util_pct=80.0, sm_active=0.6)
+FLEET_PREFILL = InstanceLoad(
+    prompt_tps=400.0, requests_per_s=1.0, ttft=TTFT, gpu_util_pct=50.0, sm_active=0.4
+)
+FLEET_DECODE_OVERRIDE = (
+    'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[$__window]))'
+)
+
+
+def fleet_policies() -> list[ServicePolicy]:
+    """100 services: vLLM and SGLang, three SLO quantiles, five with a query override."""
+    policies = []
+    for i in range(FLEET_SIZE):
+        engine = "vllm" if i % 2 == 0 else "sglang"
+        metrics = {"queries": {"decode_tps": FLEET_DECODE_OVERRIDE}} if i % 20 == 0 else None
+        policies.append(
+            make_policy(
+                f"fleet-{i:03d}",
+                engine=engine,
+                quantile=FLEET_QUANTILES[i % len(FLEET_QUANTILES)],
+                metrics=metrics,
+            )
+        )
+    return policies
+
+
+MAIN_SCENARIOS: dict[str, Scenario] = {
+    "live-tps": _standard("live-tps"),
+    "live-p99": _mixed_tbt("live-p99"),
+    "live-sglang": _standard("live-sglang", engine="sglang"),
+    "live-gauges": _gauges("live-gauges"),
+    "live-remove": _standard("live-remove"),
+}
+FLEET_SCENARIOS: dict[str, Scenario] = {
+    policy.name: Scenario(policy.engine)
+    .add("prefill", 1, FLEET_PREFILL, policy.name)
+    .add("decode", 1, FLEET_DECODE, policy.name)
+    for policy in fleet_policies()
+}
+OPENMETRICS_SCENARIOS: dict[str, Scenario] = {
+    "om-vllm": _standard("om-vllm"),
+    "om-sglang": _standard("om-sglang", engine="sglang"),
+}
+VANISHING_SCENARIOS: dict[str, Scenario] = {"live-vanish": _standard("live-vanish")}
+
+
+def register(exporter: FleetExporter, scenarios: dict[str, Scenario]) -> None:
+    for service, scenario in scenarios.items():
+        for role, instance, load in scenario.instances:
+            exporter.set_load(service, role, instance, load, engine=scenario.engine)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- backfill
+
+BACKFILL_SPAN_S = 600
+"""Ten minutes of history at 1 s resolution, ending at ``backfill_end_s``."""
+
+
+class OpenMetricsWriter:
+    """Untyped OpenMetrics samples for ``promtool tsdb create-blocks-from openmetrics``
+    (one series at a time, timestamps increasing, ``# EOF`` at the end)."""
+
+    def __init__(self) -> None:
+        self._series: list[tuple[str, dict[str, str], list[tuple[float, float]]]] = []
+
+    def add(self, name: str, labels: dict[str, str], samples: Iterable[tuple[float, float]]) -> None:
+        self._series.append((name, labels, list(samples)))
+
+    def text(self) -> str:
+        lines = []
+        for name, labels, samples in sorted(self._series, key=lambda s: s[0]):
+            label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            for at_s, value in samples:
+                lines.append(f"{name}{{{label_text}}} {_om_value(value)} {at_s:.3f}")
+        return "\n".join([*lines, "# EOF", ""])
+
+
+def _om_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+HIST_BOUNDS = (0.1, 0.5, 1.0)
+HIST_PER_S = (10.0, 60.0, 90.0, 100.0)  # cumulative observations/s per bound, +Inf last
+JOIN_UTIL = {"p0": ("decode", 30.0), "p1": ("decode", 60.0), "p2": ("prefill", 90.0)}
+
+
+def build_backfill(end_s: float) -> str:
+    """Exactly known history (see the backfill tests for what each series proves)."""
+    w = OpenMetricsWriter()
+    times = [end_s - BACKFILL_SPAN_S + i for i in range(BACKFILL_SPAN_S + 1)]
+    start = times[0]
+    for i in range(3):  # bf-tps: decode 3 x 100 tokens/s
+        labels = {"service": "bf-tps", "role": "decode", "instance": f"d{i}"}
+        w.add("vllm:generation_tokens_total", labels, [(t, 100.0 * (t - start)) for t in times])
+    for i in range(2):  # bf-tps: prefill 2 x (500 - 125 cached) tokens/s
+        labels = {"service": "bf-tps", "role": "prefill", "instance": f"p{i}"}
+        w.add("vllm:prompt_tokens_total", labels, [(t, 500.0 * (t - start)) for t in times])
+        w.add("vllm:prefix_cache_hits_total", labels, [(t, 125.0 * (t - start)) for t in times])
+    for i in range(2):  # bf-hist: TTFT histogram with exactly known bucket rates
+        labels = {"service": "bf-hist", "role": "prefill", "instance": f"p{i}"}
+        for bound, per_s in zip([*map(repr, HIST_BOUNDS), "+Inf"], HIST_PER_S, strict=True):
+            w.add(
+                "vllm:time_to_first_token_seconds_bucket",
+                {**labels, "le": bound},
+                [(t, per_s * (t - start)) for t in times],
+            )
+        w.add("vllm:time_to_first_token_seconds_count", labels, [(t, HIST_PER_S[-1] * (t - start)) for t in times])
+    kv_series = {
+        "bf-stale": (0.7, end_s - 120),  # last sample 120 s before the end: older than 90 s
+        "bf-fresh": (0.3, end_s - 30),
+        "bf-nan": (math.nan, end_s),
+        "bf-inf": (math.inf, end_s),
+    }
+    for service, (value, last_s) in kv_series.items():
+        labels = {"service": service, "role": "decode", "instance": "d0"}
+        w.add("vllm:kv_cache_usage_perc", labels, [(t, value) for t in times if t <= last_s])
+    for pod, (role, util) in JOIN_UTIL.items():  # bf-join: DCGM without service labels
+        w.add(
+            "DCGM_FI_DEV_GPU_UTIL",
+            {"namespace": "ns-join", "pod": pod, "gpu": "0", "UUID": f"GPU-{pod}"},
+            [(t, util) for t in times],
+        )
+        w.add(
+            "kube_pod_labels",
+            {
+                "namespace": "ns-join",
+                "pod": pod,
+                "label_heteroscale_io_service": "bf-join",
+                "label_heteroscale_io_role": role,
+            },
+            [(t, 1.0) for t in times],
+        )
+    return w.text()
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+@dataclass
+class PrometheusStack:
+    prometheus: LocalPrometheus
+    main: FleetExporter
+    fleet: FleetExporter
+    openmetrics: FleetExporter
+    vanishing: FleetExporter
+    backfill_end_s: float
+    scenarios: dict[str, Scenario]
+
+    @property
+    def url(self) -> str:
+        return self.prometheus.url
+
+
+# ----------------------------------------------------------------------------- loopback helpers
+
+
+class _Server:
+    """A threaded loopback HTTP server around a handler class; ``url`` while running."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class CountingProxy(_Server):
+    """Forwards every request to ``upstream`` and counts them: an independent count of
+    the HTTP requests an adapter sends."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.paths: list[str] = []
+        self.lock = threading.Lock()
+        super().__init__(_ProxyHandler)
+
+    @property
+    def count(self) -> int:
+        with self.lock:
+            return len(self.paths)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        proxy: CountingProxy = self.server.owner  # type: ignore[attr-defined]
+        with proxy.lock:
+            proxy.paths.append(self.path)
+        upstream = requests.get(proxy.upstream + self.path, timeout=30)
+        self.send_response(upstream.status_code)
+        self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(upstream.content)))
+        self.end_headers()
+        self.wfile.write(upstream.content)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+EMPTY_VECTOR = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}})
+
+
+@dataclass
+class Reply:
+    """One scripted answer: status, body, and a delay before answering."""
+
+    status: int = 200
+    body: str = EMPTY_VECTOR
+    delay_s: float = 0.0
+
+
+class FakePrometheus(_Server):
+    """Answers each request with the next scripted ``Reply`` (the last one repeats)."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+        self.received = 0
+        self.lock = threading.Lock()
+        super().__init__(_FakeHandler)
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        fake: FakePrometheus = self.server.owner  # type: ignore[attr-defined]
+        with fake.lock:
+            reply = fake.replies[min(fake.received, len(fake.replies) - 1)]
+            fake.received += 1
+        time.sleep(reply.delay_s)
+        body = reply.body.encode()
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting: that is the point of a slow reply
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- expectations
+
+
+def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | None]:
+    """What the adapter should report for a scenario's injected load (None = no series)."""
+    engine = scenario.engine
+    ttft_bounds = VLLM_TTFT_BUCKETS_S
+    tbt_bounds = VLLM_ITL_BUCKETS_S if engine == "vllm" else SGLANG_ITL_BUCKETS_S
+    prefill, decode = scenario.loads("prefill"), scenario.loads("decode")
+
+    def gpu_average(loads: list[InstanceLoad], attr: str, scale: float) -> float | None:
+        weighted = [(load.gpus, getattr(load, attr)) for load in loads if getattr(load, attr) is not None]
+        if not weighted:
+            return None
+        return sum(n * v for n, v in weighted) / sum(n for n, _ in weighted) * scale
+
+    def latency_ms(pairs: list[tuple[float, Any]], bounds: tuple[float, ...]) -> float | None:
+        pairs = [(rate, dist) for rate, dist in pairs if dist is not None and rate > 0]
+        if not pairs:
+            return None
+        return expected_histogram_quantile_s(quantile, bounds, pairs) * 1000
+
+    kv = [load.kv_usage for load in decode if load.kv_usage is not None]
+    return {
+        "prefill_tps": sum(load.prompt_tps - load.cached_prompt_tps for load in prefill) if prefill else None,
+        "decode_tps": sum(load.generation_tps for load in decode) if decode else None,
+        "ttft": latency_ms([(load.requests_per_s, load.ttft) for load in prefill], ttft_bounds),
+        "tbt": latency_ms([(load.generation_tps, load.tbt) for load in decode], tbt_bounds),
+        "prefill_gpu_util": gpu_average(prefill, "gpu_util_pct", 0.01),
+        "decode_gpu_util": gpu_average(decode, "gpu_util_pct", 0.01),
+        "prefill_sm_active": gpu_average(prefill, "sm_active", 1.0),
+        "decode_sm_active": gpu_average(decode, "sm_active", 1.0),
+        "decode_kv_usage": sum(kv) / len(kv) if kv else None,
+    }
+
+
+def wait_until(condition: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.25) -> float:
+    """Poll until ``condition()`` holds; returns the seconds it took. Raises on timeout."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+    return time.monotonic() - started

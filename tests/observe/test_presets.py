@@ -1,0 +1,243 @@
+"""Presets and PromQL rendering: which metric names, labels, units and windows each
+signal's query uses. Pure: no Prometheus needed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from observe_helpers import REPO_ROOT, make_policy
+
+from reconciler.desired import load_desired_state
+from reconciler.observe.presets import (
+    PRESETS,
+    SIGNAL_ROLE,
+    CounterRate,
+    GaugeAverage,
+    HistogramQuantile,
+    check_metrics_config,
+    format_duration,
+    format_number,
+    is_label_name,
+    render_override,
+    render_spec,
+    signal_query,
+)
+from reconciler.state import METRIC_NAMES
+
+
+def _query(engine: str, signal: str, **kwargs: object) -> str:
+    policy = make_policy("svc", engine=engine, **kwargs)  # type: ignore[arg-type]
+    query = signal_query(policy, signal, window_s=60)  # type: ignore[arg-type]
+    assert query is not None
+    return query.value
+
+
+class TestPresetCoverage:
+    @pytest.mark.parametrize("preset", ["vllm", "sglang", "dynamo"])
+    def test_full_engine_presets_cover_every_signal(self, preset: str) -> None:
+        assert set(PRESETS[preset]) == set(METRIC_NAMES)
+
+    def test_trtllm_has_no_token_counters_but_latencies_kv_and_dcgm(self) -> None:
+        assert set(METRIC_NAMES) - set(PRESETS["trtllm"]) == {"prefill_tps", "decode_tps"}
+
+    def test_every_signal_is_read_from_a_role(self) -> None:
+        assert set(SIGNAL_ROLE) == set(METRIC_NAMES)
+        assert SIGNAL_ROLE["ttft"] == "prefill" and SIGNAL_ROLE["tbt"] == "decode"
+
+
+class TestVllmQueries:
+    def test_prefill_tps_subtracts_prefix_cache_hits_and_never_goes_negative(self) -> None:
+        q = _query("vllm", "prefill_tps")
+        assert q.startswith("clamp_min(")
+        assert 'rate(vllm:prompt_tokens_total{role="prefill"}[60s])' in q
+        assert 'rate(vllm:prefix_cache_hits_total{role="prefill"}[60s])' in q
+        # Without a hit counter the subtraction falls back to zero, not to "no value".
+        assert "* 0)" in q
+
+    def test_decode_tps_sums_generation_rate_by_service_and_role(self) -> None:
+        q = _query("vllm", "decode_tps")
+        assert 'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[60s]))' in q
+
+    def test_latencies_are_histogram_quantiles_at_the_policy_quantile_in_ms(self) -> None:
+        ttft = _query("vllm", "ttft", quantile=0.99)
+        assert ttft.startswith("(histogram_quantile(0.99, sum by (service, role, le)")
+        assert 'vllm:time_to_first_token_seconds_bucket{role="prefill"}[60s]' in ttft
+        assert ttft.endswith("* 1000")
+        tbt = _query("vllm", "tbt")
+        # The inter-token histogram's current name first, its pre-0.11 name as fallback.
+        assert tbt.index("vllm:inter_token_latency_seconds_bucket") < tbt.index(
+            "vllm:time_per_output_token_seconds_bucket"
+        )
+        assert 'role="decode"' in tbt
+
+    def test_kv_usage_prefers_the_v1_gauge(self) -> None:
+        q = _query("vllm", "decode_kv_usage")
+        assert q.index("vllm:kv_cache_usage_perc") < q.index("vllm:gpu_cache_usage_perc")
+
+    def test_colon_names_also_match_their_underscore_spelling(self) -> None:
+        q = _query("vllm", "decode_tps")
+        assert "vllm_generation_tokens_total" in q
+        assert q.index("vllm:generation_tokens_total") < q.index("vllm_generation_tokens_total")
+
+
+class TestOtherPresets:
+    def test_sglang_names(self) -> None:
+        assert "sglang:cached_tokens_total" in _query("sglang", "prefill_tps")
+        assert "sglang:inter_token_latency_seconds_bucket" in _query("sglang", "tbt")
+        assert "sglang:token_usage" in _query("sglang", "decode_kv_usage")
+
+    def test_dcgm_util_is_converted_from_percent_and_averaged_over_the_window(self) -> None:
+        q = _query("vllm", "decode_gpu_util")
+        assert q == (
+            'avg by (service, role) (avg_over_time(DCGM_FI_DEV_GPU_UTIL{role="decode"}[60s])) * 0.01'
+        )
+        assert _query("sglang", "prefill_sm_active") == (
+            'avg by (service, role) (avg_over_time(DCGM_FI_PROF_SM_ACTIVE{role="prefill"}[60s]))'
+        )
+
+    def test_dynamo_reads_vllm_names_with_dynamo_kv_fallback(self) -> None:
+        assert "vllm:generation_tokens_total" in _query("dynamo", "decode_tps")
+        assert "dynamo_component_kvstats_gpu_cache_usage_percent" in _query("dynamo", "decode_kv_usage")
+
+    def test_trtllm_latency_names_and_missing_tps(self) -> None:
+        assert "trtllm_time_to_first_token_seconds_bucket" in _query("trtllm", "ttft")
+        policy = make_policy("svc", engine="trtllm")
+        assert signal_query(policy, "decode_tps", window_s=60) is None
+
+    def test_preset_can_differ_from_engine(self) -> None:
+        policy = make_policy("svc", engine="dynamo", metrics={"preset": "sglang"})
+        query = signal_query(policy, "decode_tps", window_s=60)
+        assert query is not None and "sglang:generation_tokens_total" in query.value
+
+
+class TestLabelsAndOverrides:
+    def test_custom_labels_are_used_everywhere(self) -> None:
+        policy = make_policy("svc", metrics={"service_label": "app", "role_label": "pd_role"})
+        query = signal_query(policy, "ttft", window_s=30)
+        assert query is not None
+        assert "sum by (app, pd_role, le)" in query.value
+        assert '{pd_role="prefill"}' in query.value
+        assert query.sampled_at is not None and "min by (app, pd_role)" in query.sampled_at
+        assert "service" not in query.value and "role=" not in query.value.replace("pd_role=", "")
+
+    def test_override_replaces_the_preset_and_fills_placeholders(self) -> None:
+        policy = make_policy(
+            "svc",
+            quantile=0.95,
+            metrics={
+                "queries": {
+                    "ttft": "histogram_quantile($__quantile, sum by (service, le) "
+                    "(rate(router_ttft_seconds_bucket[$__window]))) * 1000"
+                }
+            },
+        )
+        query = signal_query(policy, "ttft", window_s=90)
+        assert query is not None
+        assert query.value == (
+            "histogram_quantile(0.95, sum by (service, le) (rate(router_ttft_seconds_bucket[90s]))) * 1000"
+        )
+        assert query.sampled_at is None  # overrides are stamped with the evaluation time
+
+    def test_unknown_placeholders_and_label_replace_references_are_left_alone(self) -> None:
+        text = 'label_replace(x, "service", "$1", "app", "(.*)") + $__nope'
+        assert render_override(text, quantile=0.9, window_s=60).value == text
+
+    def test_freshness_query_reads_raw_sample_timestamps(self) -> None:
+        query = render_spec(
+            HistogramQuantile(("m",)),
+            role="decode",
+            quantile=0.5,
+            window_s=10,
+            service_label="service",
+            role_label="role",
+        )
+        assert query.sampled_at == 'min by (service, role) (timestamp(m_count{role="decode"}))'
+
+    def test_alternatives_are_parenthesised_before_scaling(self) -> None:
+        query = render_spec(
+            GaugeAverage(("a", "b"), scale=0.5),
+            role="decode",
+            quantile=0.5,
+            window_s=10,
+            service_label="s",
+            role_label="r",
+        )
+        assert query.value == '(avg by (s, r) (a{r="decode"}) or avg by (s, r) (b{r="decode"})) * 0.5'
+
+    def test_counter_without_minus_is_a_plain_sum_of_rates(self) -> None:
+        query = render_spec(
+            CounterRate(("c_total",)),
+            role="prefill",
+            quantile=0.5,
+            window_s=1.5,
+            service_label="s",
+            role_label="r",
+        )
+        assert query.value == 'sum by (s, r) (rate(c_total{r="prefill"}[1500ms]))'
+
+
+class TestFormatting:
+    @given(st.integers(min_value=1, max_value=10**7))
+    @settings(max_examples=200, deadline=None)
+    def test_durations_are_exact_integers_with_unit(self, millis: int) -> None:
+        text = format_duration(millis / 1000)
+        match = re.fullmatch(r"(\d+)(ms|s)", text)
+        assert match is not None
+        value, unit = int(match.group(1)), match.group(2)
+        assert (value * 1000 if unit == "s" else value) == millis
+
+    def test_non_positive_duration_is_refused(self) -> None:
+        with pytest.raises(ValueError):
+            format_duration(0)
+
+    @given(st.floats(min_value=1e-6, max_value=1e6, allow_nan=False))
+    @settings(max_examples=200, deadline=None)
+    def test_numbers_round_trip(self, value: float) -> None:
+        assert float(format_number(value)) == value
+
+    @pytest.mark.parametrize(
+        ("name", "ok"),
+        [("service", True), ("app_kubernetes_io_name", True), ("_x", True), ("9a", False), ("a-b", False), ("__name__", False), ("", False)],
+    )
+    def test_label_names(self, name: str, ok: bool) -> None:
+        assert is_label_name(name) is ok
+
+
+class TestCheckMetricsConfig:
+    def test_example_policies_have_no_problems(self) -> None:
+        for policy in load_desired_state(REPO_ROOT).policies.values():
+            assert check_metrics_config(policy) == []
+
+    def test_trtllm_scaling_on_decode_tps_needs_an_override(self) -> None:
+        policy = make_policy("svc", engine="trtllm")
+        problems = check_metrics_config(policy)
+        assert problems == [
+            (
+                ("scaling", "metric"),
+                "the 'trtllm' metrics preset has no source for decode_tps; add metrics.queries.decode_tps",
+            )
+        ]
+        fixed = make_policy(
+            "svc",
+            engine="trtllm",
+            metrics={"queries": {"decode_tps": 'sum by (service, role) (rate(my_tokens_total[$__window]))'}},
+        )
+        assert check_metrics_config(fixed) == []
+
+    def test_bad_labels_and_placeholders_are_reported_with_their_paths(self) -> None:
+        policy = make_policy(
+            "svc",
+            metrics={
+                "service_label": "app-name",
+                "role_label": "app-name",
+                "queries": {"tbt": "x[$__windw]", "ttft": "  "},
+            },
+        )
+        paths = [path for path, _message in check_metrics_config(policy)]
+        assert ("metrics", "service_label") in paths
+        assert ("metrics", "role_label") in paths
+        assert ("metrics", "queries", "tbt") in paths
+        assert ("metrics", "queries", "ttft") in paths

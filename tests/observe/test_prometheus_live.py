@@ -1,0 +1,183 @@
+"""The adapter against a real Prometheus scraping the simulated fleet every second.
+
+Tolerances: token rates within 2 % (``rate()`` over a full 10 s window of linear
+counters is exact up to the jitter of the few milliseconds between a scrape's timestamp
+and the exporter computing its values; observed well under 1 %); latency quantiles
+within 1 % of what
+``histogram_quantile`` must return for the injected distributions
+(``expected_histogram_quantile_s``: linear interpolation inside the engine's buckets,
+which is within one bucket of the true quantile); gauges exact.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from observe_helpers import (
+    FLEET_DECODE,
+    PrometheusStack,
+    expected_metrics,
+    fleet_policies,
+    make_policy,
+    settings_for,
+    wait_until,
+)
+
+from reconciler.observe.prometheus import PrometheusMetricsSource
+from reconciler.state import METRIC_NAMES, ServiceMetrics
+
+pytestmark = pytest.mark.prometheus
+
+
+def _assert_matches(metrics: ServiceMetrics, expected: dict[str, float | None], now_s: float) -> None:
+    for signal in METRIC_NAMES:
+        sample = metrics.get(signal)
+        want = expected[signal]
+        if want is None:
+            assert sample is None, signal
+            continue
+        assert sample is not None, signal
+        tolerance = 0.02 if signal.endswith("_tps") else 0.01
+        assert sample.value == pytest.approx(want, rel=tolerance), signal
+        assert now_s - 3.0 <= sample.at_s <= now_s, signal  # a 1 s scrape, not older
+
+
+@pytest.mark.parametrize(
+    ("service", "quantile"),
+    [("live-tps", 0.9), ("live-sglang", 0.9), ("live-p99", 0.99), ("om-vllm", 0.9), ("om-sglang", 0.5)],
+)
+def test_every_signal_matches_the_injected_load(
+    prometheus_stack: PrometheusStack, service: str, quantile: float
+) -> None:
+    scenario = prometheus_stack.scenarios[service]
+    policy = make_policy(service, engine=scenario.engine, quantile=quantile)
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        now_s = time.time()
+        metrics = source.fetch([policy], now_s)
+    _assert_matches(metrics[service], expected_metrics(scenario, quantile), now_s)
+
+
+def test_underscore_spelling_of_engine_names_is_read_too(prometheus_stack: PrometheusStack) -> None:
+    """The 'om-*' services are scraped through OpenMetrics negotiation, which stores
+    ``vllm:...`` as ``vllm_...`` (prometheus/client_python#1177): same answers."""
+    scenario = prometheus_stack.scenarios["om-vllm"]
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        metrics = source.fetch([make_policy("om-vllm"), make_policy("live-tps")], time.time())
+    assert metrics["om-vllm"].decode_tps is not None
+    assert metrics["om-vllm"].decode_tps.value == pytest.approx(
+        expected_metrics(scenario, 0.9)["decode_tps"], rel=0.02
+    )
+
+
+def test_gpu_signals_average_over_gpus_and_kv_over_instances(prometheus_stack: PrometheusStack) -> None:
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        metrics = source.fetch([make_policy("live-gauges")], time.time())["live-gauges"]
+    assert metrics.prefill_gpu_util is not None and metrics.prefill_gpu_util.value == pytest.approx(0.70)
+    assert metrics.prefill_sm_active is not None and metrics.prefill_sm_active.value == pytest.approx(0.40)
+    assert metrics.decode_gpu_util is not None and metrics.decode_gpu_util.value == pytest.approx(0.98)
+    assert metrics.decode_sm_active is None  # not exported by those decode GPUs
+    assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == pytest.approx(0.40)
+    assert metrics.prefill_tps is not None and metrics.prefill_tps.value == 0.0  # idle, not missing
+    assert metrics.ttft is None  # no TTFT observations exported
+
+
+def test_quantile_groups_share_one_request_per_signal(prometheus_stack: PrometheusStack) -> None:
+    policies = [make_policy("live-tps", quantile=0.9), make_policy("live-p99", quantile=0.99)]
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        now_s = time.time()
+        metrics = source.fetch(policies, now_s)
+        report = source.last_report
+    assert report is not None
+    tbt = next(q for q in report.queries if q.signal == "tbt")
+    assert tbt.http_requests == 1
+    assert "histogram_quantile(0.9," in tbt.promql and "histogram_quantile(0.99," in tbt.promql
+    for policy in policies:
+        scenario = prometheus_stack.scenarios[policy.name]
+        _assert_matches(metrics[policy.name], expected_metrics(scenario, policy.slo.quantile), now_s)
+
+
+def test_hundred_services_take_one_http_request_per_signal(
+    prometheus_stack: PrometheusStack, counting_proxy
+) -> None:  # type: ignore[no-untyped-def]
+    """100 services (vLLM and SGLang, three quantiles, five overrides) in one cycle:
+    nine HTTP requests, counted independently by a loopback proxy."""
+    proxy = counting_proxy(prometheus_stack.url)
+    policies = fleet_policies()
+    with PrometheusMetricsSource(settings_for(proxy.url)) as source:
+        metrics = source.fetch(policies, time.time())
+        report = source.last_report
+    assert report is not None
+    assert proxy.count == report.http_requests == len(METRIC_NAMES) <= 10
+    assert all(path.startswith("/api/v1/query?") for path in proxy.paths)
+    for policy in policies:
+        decode_tps = metrics[policy.name].decode_tps
+        assert decode_tps is not None, policy.name
+        assert decode_tps.value == pytest.approx(FLEET_DECODE.generation_tps, rel=0.02)
+        assert metrics[policy.name].tbt is not None
+    assert report.gaps == ()
+
+
+def test_a_broken_override_costs_only_its_own_service_that_signal(prometheus_stack: PrometheusStack) -> None:
+    broken = make_policy(
+        "live-broken",
+        metrics={"queries": {"decode_tps": "sum by (service, role) (rate(vllm:generation_tokens_total[$__window])"}},
+    )
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        metrics = source.fetch([make_policy("live-tps"), broken], time.time())
+        report = source.last_report
+    assert metrics["live-tps"].decode_tps is not None
+    assert metrics["live-broken"].decode_tps is None
+    assert report is not None
+    gap = next(g for g in report.gaps if g.service == "live-broken" and g.signal == "decode_tps")
+    assert gap.reason.startswith("query rejected by Prometheus: bad_data")
+    decode_query = next(q for q in report.queries if q.signal == "decode_tps")
+    assert decode_query.http_requests == 3  # the merged query, then each of its two parts
+
+
+def test_unknown_service_comes_back_all_missing(prometheus_stack: PrometheusStack) -> None:
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        metrics = source.fetch([make_policy("nobody-serves-this")], time.time())
+        report = source.last_report
+    assert all(metrics["nobody-serves-this"].get(s) is None for s in METRIC_NAMES)
+    assert report is not None and len(report.gaps) == len(METRIC_NAMES)
+
+
+def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: PrometheusStack) -> None:
+    policy = make_policy("live-remove")
+    exporter = prometheus_stack.main
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        assert source.fetch([policy], time.time())["live-remove"].decode_tps is not None
+        for key in exporter.instances():
+            if key.service == "live-remove" and key.role == "decode":
+                exporter.remove(key.service, key.role, key.instance)
+        took_s = wait_until(
+            lambda: source.fetch([policy], time.time())["live-remove"].decode_tps is None, timeout_s=10
+        )
+        metrics = source.fetch([policy], time.time())["live-remove"]
+    # Staleness markers at the next scrape, not the 5 min lookback or the rate window.
+    assert took_s < 4.0
+    assert metrics.decode_kv_usage is None and metrics.tbt is None
+    assert metrics.prefill_tps is not None  # the prefill instances still export
+
+
+def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) -> None:
+    policies = [make_policy("live-vanish"), make_policy("live-tps")]
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        assert source.fetch(policies, time.time())["live-vanish"].decode_tps is not None
+        prometheus_stack.vanishing.stop()  # the pod is gone: scrapes fail from now on
+        took_s = wait_until(
+            lambda: source.fetch(policies, time.time())["live-vanish"].decode_tps is None, timeout_s=10
+        )
+        metrics = source.fetch(policies, time.time())
+        report = source.last_report
+    assert took_s < 4.0
+    assert all(metrics["live-vanish"].get(s) is None for s in METRIC_NAMES)
+    assert metrics["live-tps"].decode_tps is not None  # other targets unaffected
+    assert report is not None
+    reasons = {g.reason for g in report.gaps if g.service == "live-vanish" and g.signal == "decode_tps"}
+    # Within the rate window rate() still answers; the missing freshness row decides.
+    assert reasons <= {
+        "no current sample (series stale: target gone or not scraped)",
+        "no series for role decode",
+    }

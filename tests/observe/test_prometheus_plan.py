@@ -1,0 +1,227 @@
+"""Batching and result parsing of the Prometheus adapter, without a server: how
+services are grouped into parts, how a merged answer becomes ``ServiceMetrics``, and
+when a value counts as missing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from observe_helpers import make_policy
+
+from reconciler.observe.presets import PART_LABEL
+from reconciler.observe.prometheus import (
+    QueryRejected,
+    Row,
+    assemble,
+    parse_vector,
+    plan_requests,
+)
+from reconciler.state import METRIC_NAMES
+
+NOW = 1_000_000.0
+
+
+def _row(part: str, service: str | None, role: str | None, value: float, at: float = NOW) -> Row:
+    labels = {PART_LABEL: part}
+    if service is not None:
+        labels["service"] = service
+    if role is not None:
+        labels["role"] = role
+    return Row(labels, value, at)
+
+
+class TestPlan:
+    def test_one_request_per_signal_and_one_part_per_distinct_configuration(self) -> None:
+        policies = [make_policy(f"s{i}", quantile=0.9 if i % 2 else 0.99) for i in range(10)]
+        plan, gaps = plan_requests(policies, METRIC_NAMES, window_s=60)
+        assert gaps == ()
+        assert [r.signal for r in plan] == list(METRIC_NAMES)
+        parts = {r.signal: len(r.parts) for r in plan}
+        # Only the quantile signals depend on the quantile.
+        assert parts["ttft"] == parts["tbt"] == 2
+        assert all(parts[s] == 1 for s in METRIC_NAMES if s not in ("ttft", "tbt"))
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["vllm", "sglang", "dynamo"]),
+                st.sampled_from([0.5, 0.9, 0.99]),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=60,
+        )
+    )
+    @settings(max_examples=40, deadline=None)
+    def test_requests_are_bounded_by_signals_and_parts_by_distinct_configurations(
+        self, configs: list[tuple[str, float, bool]]
+    ) -> None:
+        policies = [
+            make_policy(
+                f"s{i}",
+                engine=engine,
+                quantile=q,
+                metrics={"queries": {"decode_tps": "sum by (service, role) (x)"}} if override else None,
+            )
+            for i, (engine, q, override) in enumerate(configs)
+        ]
+        plan, gaps = plan_requests(policies, METRIC_NAMES, window_s=60)
+        assert gaps == ()
+        assert len(plan) == len(METRIC_NAMES)
+        distinct = len(set(configs))
+        for request in plan:
+            assert 1 <= len(request.parts) <= distinct
+            served = [s for part in request.parts for s in part.services]
+            assert sorted(served) == sorted(p.name for p in policies)  # each exactly once
+
+    def test_signals_without_source_are_gaps_not_queries(self) -> None:
+        plan, gaps = plan_requests([make_policy("t", engine="trtllm")], ["decode_tps", "ttft"], window_s=60)
+        assert [r.signal for r in plan] == ["ttft"]
+        assert [(g.service, g.signal) for g in gaps] == [("t", "decode_tps")]
+        assert "no source" in gaps[0].reason
+
+    def test_invalid_label_names_make_gaps(self) -> None:
+        plan, gaps = plan_requests(
+            [make_policy("bad", metrics={"service_label": "app-name"})], ["decode_tps"], window_s=60
+        )
+        assert plan == ()
+        assert "invalid label names" in gaps[0].reason
+
+    def test_merged_query_tags_values_and_freshness_of_each_part(self) -> None:
+        policies = [make_policy("a", quantile=0.9), make_policy("b", quantile=0.99)]
+        plan, _ = plan_requests(policies, ["ttft"], window_s=60)
+        promql = plan[0].promql()
+        for tag in ("0", "0t", "1", "1t"):
+            assert f'"{PART_LABEL}", "{tag}", "", "")' in promql
+        assert promql.count(" or label_replace(") == 3
+        assert "histogram_quantile(0.9," in promql and "histogram_quantile(0.99," in promql
+
+
+class TestParseVector:
+    def test_values_including_nan_and_infinities(self) -> None:
+        rows = parse_vector(
+            [
+                {"metric": {"service": "a"}, "value": [NOW, "1.5"]},
+                {"metric": {"service": "b"}, "value": [NOW, "NaN"]},
+                {"metric": {"service": "c"}, "value": [NOW, "+Inf"]},
+                {"metric": {"service": "d"}, "value": [NOW, "-Inf"]},
+            ]
+        )
+        assert rows[0] == Row({"service": "a"}, 1.5, NOW)
+        assert math.isnan(rows[1].value)
+        assert rows[2].value == math.inf and rows[3].value == -math.inf
+
+    @pytest.mark.parametrize(
+        "bad",
+        [{"resultType": "matrix"}, [{"metric": {}}], [{"metric": {}, "value": [1]}], [{"value": [1, "x"], "metric": {}}]],
+    )
+    def test_anything_but_an_instant_vector_is_refused(self, bad: object) -> None:
+        with pytest.raises(ValueError):
+            parse_vector(bad)
+
+
+class TestAssemble:
+    def _assemble(self, rows: list[Row], policies: list | None = None, signal: str = "decode_tps"):  # type: ignore[no-untyped-def]
+        policies = policies or [make_policy("a"), make_policy("b")]
+        plan, _ = plan_requests(policies, [signal], window_s=60)
+        outcomes = {(signal, part.part_id): rows for part in plan[0].parts}
+        return assemble(plan, outcomes, policies, NOW)  # type: ignore[arg-type]
+
+    def test_value_with_fresh_sample_time(self) -> None:
+        metrics, gaps = self._assemble(
+            [_row("0", "a", "decode", 3500.0), _row("0t", "a", "decode", NOW - 3)]
+        )
+        assert metrics["a"].decode_tps is not None
+        assert (metrics["a"].decode_tps.value, metrics["a"].decode_tps.at_s) == (3500.0, NOW - 3)
+        assert metrics["b"].decode_tps is None
+        assert [(g.service, g.reason) for g in gaps] == [("b", "no series for role decode")]
+
+    def test_rows_of_the_wrong_role_are_ignored(self) -> None:
+        metrics, _ = self._assemble(
+            [_row("0", "a", "prefill", 1.0), _row("0t", "a", "prefill", NOW)]
+        )
+        assert metrics["a"].decode_tps is None
+
+    def test_a_value_without_a_current_sample_is_missing(self) -> None:
+        # rate() still answers for a window after the target vanished; timestamp() does not.
+        metrics, gaps = self._assemble([_row("0", "a", "decode", 10.0)])
+        assert metrics["a"].decode_tps is None
+        assert "stale" in gaps[0].reason
+
+    @pytest.mark.parametrize(("age_s", "usable"), [(0.0, True), (90.0, True), (90.5, False), (3600.0, False)])
+    def test_age_bound_comes_from_the_policy(self, age_s: float, usable: bool) -> None:
+        metrics, gaps = self._assemble(
+            [_row("0", "a", "decode", 5.0), _row("0t", "a", "decode", NOW - age_s)]
+        )
+        assert (metrics["a"].decode_tps is not None) is usable
+        if not usable:
+            assert any(g.service == "a" and g.reason.startswith("stale: newest sample") for g in gaps)
+
+    def test_freshness_is_the_oldest_contributor(self) -> None:
+        policies = [make_policy("a")]
+        plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
+        rows = [_row("0", "a", "decode", 5.0), _row("0t", "a", "decode", NOW - 80)]
+        metrics, _ = assemble(plan, {("decode_tps", "0"): rows}, policies, NOW)
+        assert metrics["a"].decode_tps is not None and metrics["a"].decode_tps.at_s == NOW - 80
+
+    @pytest.mark.parametrize(("value", "reason"), [(math.nan, "NaN"), (math.inf, "+Inf"), (-math.inf, "-Inf")])
+    def test_non_finite_values_are_missing(self, value: float, reason: str) -> None:
+        metrics, gaps = self._assemble([_row("0", "a", "decode", value), _row("0t", "a", "decode", NOW)])
+        assert metrics["a"].decode_tps is None
+        assert gaps[0].reason == f"value is {reason}"
+
+    def test_override_rows_are_stamped_with_the_evaluation_time(self) -> None:
+        policies = [make_policy("a", metrics={"queries": {"decode_tps": "q"}})]
+        plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
+        rows = [_row("0", "a", "decode", 7.0, at=NOW - 1)]
+        metrics, gaps = assemble(plan, {("decode_tps", "0"): rows}, policies, NOW)
+        assert gaps == ()
+        assert metrics["a"].decode_tps is not None and metrics["a"].decode_tps.at_s == NOW - 1
+
+    def test_service_level_rows_without_role_serve_any_role(self) -> None:
+        policies = [make_policy("a", metrics={"queries": {"ttft": "q"}})]
+        plan, _ = plan_requests(policies, ["ttft"], window_s=60)
+        metrics, _ = assemble(plan, {("ttft", "0"): [_row("0", "a", None, 420.0)]}, policies, NOW)
+        assert metrics["a"].ttft is not None and metrics["a"].ttft.value == 420.0
+
+    def test_a_query_that_does_not_aggregate_is_reported(self) -> None:
+        policies = [make_policy("a", metrics={"queries": {"decode_tps": "q"}})]
+        plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
+        rows = [_row("0", "a", "decode", 1.0), _row("0", "a", "decode", 2.0)]
+        rows[1] = Row({**rows[1].labels, "instance": "x"}, 2.0, NOW)
+        metrics, gaps = assemble(plan, {("decode_tps", "0"): rows}, policies, NOW)
+        assert metrics["a"].decode_tps is None
+        assert "aggregate by (service, role)" in gaps[0].reason
+
+    def test_rejected_part_only_affects_its_services(self) -> None:
+        policies = [make_policy("a"), make_policy("b", metrics={"queries": {"decode_tps": "broken("}})]
+        plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
+        outcomes = {
+            ("decode_tps", "0"): [_row("0", "a", "decode", 1.0), _row("0t", "a", "decode", NOW)],
+            ("decode_tps", "1"): QueryRejected("bad_data: parse error"),
+        }
+        metrics, gaps = assemble(plan, outcomes, policies, NOW)
+        assert metrics["a"].decode_tps is not None
+        assert metrics["b"].decode_tps is None
+        assert gaps[0].reason == "query rejected by Prometheus: bad_data: parse error"
+
+    def test_rows_of_other_parts_and_other_services_are_not_mixed_up(self) -> None:
+        policies = [make_policy("a", quantile=0.9), make_policy("b", quantile=0.99)]
+        plan, _ = plan_requests(policies, ["ttft"], window_s=60)
+        rows = [
+            # Part 0 (q=0.9) computes for every service; only a's row is a's answer.
+            _row("0", "a", "prefill", 100.0),
+            _row("0", "b", "prefill", 111.0),
+            _row("0t", "a", "prefill", NOW),
+            _row("0t", "b", "prefill", NOW),
+            _row("1", "a", "prefill", 222.0),
+            _row("1", "b", "prefill", 200.0),
+            _row("1t", "a", "prefill", NOW),
+            _row("1t", "b", "prefill", NOW),
+        ]
+        metrics, _ = assemble(plan, {("ttft", "0"): rows, ("ttft", "1"): rows}, policies, NOW)
+        assert metrics["a"].ttft is not None and metrics["a"].ttft.value == 100.0
+        assert metrics["b"].ttft is not None and metrics["b"].ttft.value == 200.0

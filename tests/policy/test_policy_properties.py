@@ -1,0 +1,238 @@
+"""Properties of the coordinated policy over generated policies, fleets, loads and
+histories: monotone in load, never outside min/max, ratio inside its bounds when
+min/max permit, no change inside the tolerance band, deterministic; and of the
+shared ratio arithmetic on its own."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from policy_testkit import make_policy
+
+from reconciler.desired.ratio import parse_ratio
+from reconciler.policy import PolicyHistory, decide
+from reconciler.policy.base import Recommendation
+from reconciler.policy.clamps import RoleBounds, ceil_count, enforce_ratio, floor_count
+from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
+
+NOW = 10_000.0
+RATIOS = ["1:5", "1:4", "1:3", "1:2", "2:3", "1:1", "3:2", "2:1", "3:1", "9:1"]
+SETTINGS = settings(max_examples=150, deadline=None)
+
+
+@st.composite
+def policy_overrides(draw, granularity: str = "instance") -> dict:
+    low, high = sorted(draw(st.lists(st.sampled_from(RATIOS), min_size=2, max_size=2)), key=parse_ratio)
+    candidates = [r for r in RATIOS if parse_ratio(low) <= parse_ratio(r) <= parse_ratio(high)]
+    target = draw(st.sampled_from(candidates))
+    prefill_min = draw(st.integers(0, 6))
+    decode_min = draw(st.integers(0, 6))
+    metric = draw(st.sampled_from(["decode_tps", "prefill_tps"]))
+    tiers = draw(
+        st.sampled_from(
+            [
+                [],
+                [{"metric": "tbt", "above": 1.0, "step_percent": 10}],
+                [
+                    {"metric": "tbt", "above": 1.0, "step_percent": 10},
+                    {"metric": "tbt", "above": 1.5, "step_percent": 30},
+                    {"metric": "ttft", "above": 1.0, "step_percent": 20},
+                ],
+            ]
+        )
+    )
+    return {
+        "prefill": {"min_instances": prefill_min, "max_instances": prefill_min + draw(st.integers(1, 150))},
+        "decode": {"min_instances": decode_min, "max_instances": decode_min + draw(st.integers(1, 300))},
+        "pd_ratio": {
+            "target": target,
+            "min": low,
+            "max": high,
+            "dynamic": draw(st.booleans()),
+        },
+        "scaling": {
+            "metric": metric,
+            "target_per_instance": draw(st.sampled_from([300, 1000, 1600, 2400, 9000])),
+            "tolerance": draw(st.sampled_from([0.0, 0.05, 0.1, 0.2])),
+            "scale_in_window_s": draw(st.sampled_from([0, 120, 300])),
+            "scale_out_window_s": draw(st.sampled_from([0, 0, 60])),
+            "cooldown_s": draw(st.sampled_from([0, 120])),
+            "max_step_instances": draw(st.integers(1, 8)),
+            "max_step_percent": draw(st.sampled_from([10, 50, 100, 300])),
+            "latency_tiers": tiers,
+            "granularity": granularity,
+        },
+    }
+
+
+@st.composite
+def histories(draw) -> PolicyHistory:
+    steps = draw(st.lists(st.tuples(st.integers(0, 150), st.integers(0, 300)), max_size=25))
+    recs = tuple(Recommendation(NOW - 15.0 * (len(steps) - i), p, d) for i, (p, d) in enumerate(steps))
+    last_change = draw(st.sampled_from([None, NOW - 30.0, NOW - 1000.0]))
+    return PolicyHistory(recommendations=recs, last_change_at_s=last_change)
+
+
+fleets = st.builds(
+    lambda p, ps, d, ds: ServiceFleet("svc", RoleCount(ready=p, starting=ps), RoleCount(ready=d, starting=ds)),
+    st.integers(0, 150),
+    st.integers(0, 3),
+    st.integers(0, 300),
+    st.integers(0, 3),
+)
+
+
+@st.composite
+def signal_values(draw) -> dict:
+    decode_tps = draw(st.floats(0, 600_000, allow_nan=False))
+    return {
+        "decode_tps": decode_tps,
+        "prefill_tps": decode_tps * draw(st.floats(0.5, 12)),
+        "tbt": draw(st.floats(5, 90)),
+        "ttft": draw(st.floats(100, 2500)),
+    }
+
+
+def signals(values: dict, factor: float = 1.0) -> ServiceMetrics:
+    scaled = {k: v * factor if k.endswith("_tps") else v for k, v in values.items()}
+    return ServiceMetrics("svc", **{k: Sample(v, NOW - 5) for k, v in scaled.items()})
+
+
+def ratio_feasible(p: RoleBounds, d: RoleBounds, low: float, high: float) -> bool:
+    """Is there any pair inside [min, max] of both roles with low <= P/D <= high?
+    (Not counting the empty pair: scaling a loaded service to zero to satisfy a ratio
+    is no answer.)"""
+    for decode in range(max(d.min_instances, 1), d.max_instances + 1):
+        lo = max(p.min_instances, ceil_count(decode * low))
+        hi = min(p.max_instances, floor_count(decode * high))
+        if lo <= hi:
+            return True
+    return False
+
+
+def ratio_inside(prefill: int, decode: int, low: float, high: float) -> bool:
+    if decode == 0:
+        return prefill == 0
+    return low * (1 - 1e-9) <= prefill / decode <= high * (1 + 1e-9)
+
+
+@SETTINGS
+@given(policy_overrides(), fleets, signal_values(), histories())
+def test_never_below_min_or_above_max(overrides, fleet, values, history):
+    policy = make_policy(**overrides)
+    decision = decide(policy, fleet, signals(values), history, NOW)
+    assert policy.prefill.min_instances <= decision.prefill <= policy.prefill.max_instances
+    assert policy.decode.min_instances <= decision.decode <= policy.decode.max_instances
+
+
+@SETTINGS
+@given(policy_overrides(), fleets, signal_values(), histories())
+def test_ratio_inside_its_bounds_when_min_and_max_permit(overrides, fleet, values, history):
+    policy = make_policy(**overrides)
+    bounds = (
+        RoleBounds("prefill", policy.prefill.min_instances, policy.prefill.max_instances),
+        RoleBounds("decode", policy.decode.min_instances, policy.decode.max_instances),
+    )
+    assume(ratio_feasible(*bounds, policy.pd_ratio.min, policy.pd_ratio.max))
+    decision = decide(policy, fleet, signals(values), history, NOW)
+    assert decision.reason != "metrics_missing"
+    assert ratio_inside(decision.prefill, decision.decode, policy.pd_ratio.min, policy.pd_ratio.max), decision.message
+
+
+@SETTINGS
+@given(policy_overrides(), fleets, signal_values(), histories(), st.floats(1.0, 4.0))
+def test_monotone_in_load(overrides, fleet, values, history, factor):
+    policy = make_policy(**overrides)
+    lower = decide(policy, fleet, signals(values), history, NOW)
+    higher = decide(policy, fleet, signals(values, factor), history, NOW)
+    assert higher.prefill >= lower.prefill, (lower.message, higher.message)
+    assert higher.decode >= lower.decode, (lower.message, higher.message)
+
+
+@SETTINGS
+@given(policy_overrides(), histories(), st.data())
+def test_no_change_inside_the_tolerance_band(overrides, history, data):
+    overrides["pd_ratio"]["dynamic"] = False
+    overrides["scaling"]["latency_tiers"] = []
+    policy = make_policy(**overrides)
+    scaling, ratio = policy.scaling, policy.pd_ratio
+    driven = "decode" if scaling.metric == "decode_tps" else "prefill"
+    bounds = policy.role(driven)
+    count = data.draw(st.integers(max(bounds.min_instances, 1), bounds.max_instances), label="driven")
+    # The other role sits where the ratio puts it (a consistent pair).
+    if driven == "decode":
+        prefill, decode = ceil_count(count * ratio.target), count
+    else:
+        prefill, decode = count, ceil_count(count / ratio.target)
+    assume(policy.prefill.min_instances <= prefill <= policy.prefill.max_instances)
+    assume(policy.decode.min_instances <= decode <= policy.decode.max_instances)
+    assume(ratio_inside(prefill, decode, ratio.min, ratio.max))
+    usage = data.draw(st.floats(1 - scaling.tolerance, 1 + scaling.tolerance), label="usage")
+    load = count * scaling.target_per_instance * usage
+    fleet = ServiceFleet("svc", RoleCount(ready=prefill), RoleCount(ready=decode))
+    decision = decide(policy, fleet, ServiceMetrics("svc", **{scaling.metric: Sample(load, NOW)}), history, NOW)
+    assert (decision.prefill, decision.decode) == (prefill, decode), decision.message
+    assert decision.reason == "within_tolerance"
+
+
+@SETTINGS
+@given(policy_overrides(), fleets, signal_values(), histories())
+def test_same_inputs_give_the_same_decision(overrides, fleet, values, history):
+    first = decide(make_policy(**overrides), fleet, signals(values), history, NOW)
+    # A fresh but equal policy object (no cached numbers) and a decision in between.
+    decide(make_policy(), fleet, signals(values, 2.0), PolicyHistory(), NOW)
+    second = decide(make_policy(**overrides), fleet, signals(values), history, NOW)
+    assert first == second
+
+
+@SETTINGS
+@given(st.data())
+def test_group_granularity_gives_whole_groups(data):
+    shape_prefill = data.draw(st.integers(1, 4))
+    shape_decode = data.draw(st.integers(1, 8))
+    shape_ratio = Fraction(shape_prefill, shape_decode)
+    overrides = data.draw(policy_overrides("group"))
+    # Bounds around the shape's ratio, min/max in whole groups.
+    overrides["pd_ratio"] = {"target": float(shape_ratio), "min": float(shape_ratio) / 2, "max": float(shape_ratio) * 2}
+    groups_min = data.draw(st.integers(0, 3))
+    groups_max = groups_min + data.draw(st.integers(1, 20))
+    overrides["prefill"] = {"min_instances": groups_min * shape_prefill, "max_instances": groups_max * shape_prefill}
+    overrides["decode"] = {"min_instances": groups_min * shape_decode, "max_instances": groups_max * shape_decode}
+    overrides["deployment_group"] = {"prefill_instances": shape_prefill, "decode_instances": shape_decode}
+    policy = make_policy(**overrides)
+    fleet = data.draw(fleets)
+    decision = decide(policy, fleet, signals(data.draw(signal_values())), data.draw(histories()), NOW)
+    if decision.reason == "metrics_missing":
+        return
+    groups = decision.decode // shape_decode
+    assert (decision.prefill, decision.decode) == (groups * shape_prefill, groups * shape_decode), decision.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 60),
+    st.integers(0, 60),
+    st.integers(0, 20),
+    st.integers(1, 60),
+    st.integers(0, 20),
+    st.integers(1, 60),
+    st.sampled_from(RATIOS),
+    st.sampled_from(RATIOS),
+)
+def test_enforce_ratio_lands_inside_whenever_a_pair_exists(prefill, decode, pmin, pspan, dmin, dspan, a, b):
+    low, high = sorted((parse_ratio(a), parse_ratio(b)))
+    p_bounds = RoleBounds("prefill", pmin, pmin + pspan)
+    d_bounds = RoleBounds("decode", dmin, dmin + dspan)
+    prefill, decode = p_bounds.clip(prefill), d_bounds.clip(decode)
+    clamps: list = []
+    out_prefill, out_decode = enforce_ratio(prefill, decode, low, high, p_bounds, d_bounds, clamps)
+    assert p_bounds.clip(out_prefill) == out_prefill
+    assert d_bounds.clip(out_decode) == out_decode
+    if ratio_inside(prefill, decode, low, high):
+        assert (out_prefill, out_decode) == (prefill, decode) and not clamps
+    elif ratio_feasible(p_bounds, d_bounds, low, high):
+        assert ratio_inside(out_prefill, out_decode, low, high)
+    else:
+        assert [c.name for c in clamps] == ["ratio_unattainable"]
