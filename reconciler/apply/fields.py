@@ -33,6 +33,9 @@ _VOLATILE_METADATA = (
 )
 
 
+_ABSENT = object()
+
+
 @dataclass(frozen=True)
 class FieldChange:
     path: str
@@ -81,7 +84,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out[prefix] = []
         elif _named(value):
             for item in value:
-                out.update(flatten(item, f"{prefix}[{item['name']}]"))
+                path = f"{prefix}[{item['name']}]"
+                rest = {k: v for k, v in item.items() if k != "name"}  # the name is in the path
+                out.update(flatten(rest, path) if rest else {path: {}})
         else:
             for index, item in enumerate(value):
                 out.update(flatten(item, f"{prefix}[{index}]"))
@@ -97,7 +102,7 @@ def field_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any] | N
     changes = [
         FieldChange(path, left.get(path), right.get(path))
         for path in sorted(left.keys() | right.keys())
-        if left.get(path) != right.get(path)
+        if left.get(path, _ABSENT) != right.get(path, _ABSENT)
     ]
     return tuple(changes)
 
@@ -136,8 +141,8 @@ def client_side_changes(live: Mapping[str, Any] | None, desired: Mapping[str, An
     want = flatten(comparable(desired))
     have = flatten(comparable(project(live, desired))) if live else {}
     changes = []
-    for path in sorted(want.keys() | have.keys()):
-        before, after = have.get(path), want.get(path)
-        if _normalise(before) != _normalise(after) and after is not None:
-            changes.append(FieldChange(path, before, after))
+    for path in sorted(want.keys()):
+        before, after = have.get(path, _ABSENT), want[path]
+        if before is _ABSENT or _normalise(before) != _normalise(after):
+            changes.append(FieldChange(path, None if before is _ABSENT else before, after))
     return tuple(changes)

@@ -26,8 +26,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -42,6 +43,14 @@ class PrometheusNotInstalled(RuntimeError):
 
 def find_binary(name: str = "prometheus") -> str | None:
     return shutil.which(name)
+
+
+def write_file_sd(path: Path, groups: Sequence[Mapping[str, Any]]) -> None:
+    """Atomically write file-SD target groups (``{"targets": [...], "labels": {...}}``).
+    Labels may include ``__meta_*`` names, which relabelling sees like discovered ones."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(list(groups)))
+    tmp.replace(path)
 
 
 def free_loopback_port() -> int:
@@ -60,7 +69,11 @@ class LocalPrometheus:
         scrape_timeout_s: float | None = None,
         workdir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
+        extra_scrape_configs: Sequence[Mapping[str, Any]] = (),
     ) -> None:
+        """``extra_scrape_configs`` are further scrape jobs (Prometheus' YAML as dicts),
+        e.g. a production job with its service discovery swapped for
+        ``file_sd_configs`` written with ``write_file_sd``."""
         self.scrape_interval_s = scrape_interval_s
         self.scrape_timeout_s = scrape_timeout_s or scrape_interval_s
         if self.scrape_timeout_s > self.scrape_interval_s:
@@ -73,6 +86,7 @@ class LocalPrometheus:
         self.config_file = self.workdir / "prometheus.yml"
         self.log_file = self.workdir / "prometheus.log"
         self.binary = binary or find_binary("prometheus")
+        self.extra_scrape_configs = [dict(job) for job in extra_scrape_configs]
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.set_targets([])
@@ -99,17 +113,22 @@ class LocalPrometheus:
                 {
                     "job_name": JOB_NAME,
                     "honor_labels": True,
-                    "file_sd_configs": [{"files": [str(self.targets_file)], "refresh_interval": "1s"}],
-                }
+                    "file_sd_configs": [
+                        {"files": [str(self.targets_file)], "refresh_interval": "1s"}
+                    ],
+                },
+                *self.extra_scrape_configs,
             ],
         }
         self.config_file.write_text(json.dumps(config, indent=2))
 
     def set_targets(self, addresses: Sequence[str]) -> None:
         """Scrape exactly these ``host:port`` targets (atomically replaces the list)."""
-        tmp = self.targets_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"targets": list(addresses), "labels": {}}]))
-        tmp.replace(self.targets_file)
+        write_file_sd(self.targets_file, [{"targets": list(addresses), "labels": {}}])
+
+    def file_sd_path(self, name: str) -> Path:
+        """A path in the work directory for an extra job's file-SD targets."""
+        return self.workdir / f"{name}.json"
 
     def targets(self) -> list[str]:
         return list(json.loads(self.targets_file.read_text())[0]["targets"])
@@ -125,13 +144,22 @@ class LocalPrometheus:
         source = self.workdir / "backfill.om"
         source.write_text(openmetrics)
         done = subprocess.run(
-            [promtool, "tsdb", "create-blocks-from", "openmetrics", str(source), str(self.data_dir)],
+            [
+                promtool,
+                "tsdb",
+                "create-blocks-from",
+                "openmetrics",
+                str(source),
+                str(self.data_dir),
+            ],
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"promtool backfill failed: {done.stderr.strip() or done.stdout.strip()}")
+            raise RuntimeError(
+                f"promtool backfill failed: {done.stderr.strip() or done.stdout.strip()}"
+            )
 
     # -- process
 
@@ -188,14 +216,18 @@ class LocalPrometheus:
         deadline = time.monotonic() + timeout_s
         seen: dict[str, str] = {}
         while time.monotonic() < deadline:
-            response = requests.get(f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=2)
+            response = requests.get(
+                f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=2
+            )
             active = response.json()["data"]["activeTargets"]
             seen = {t["labels"].get("instance", t["scrapeUrl"]): t["health"] for t in active}
             seen.update({t["scrapeUrl"].split("/")[2]: t["health"] for t in active})
             if all(seen.get(a) == health for a in wanted):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"targets {sorted(wanted)} not {health} after {timeout_s} s; seen {seen}")
+        raise TimeoutError(
+            f"targets {sorted(wanted)} not {health} after {timeout_s} s; seen {seen}"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:

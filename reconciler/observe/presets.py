@@ -197,7 +197,9 @@ _DCGM: dict[MetricName, SignalSpec] = {
 }
 
 _VLLM: dict[MetricName, SignalSpec] = {
-    "prefill_tps": CounterRate(("vllm:prompt_tokens_total",), minus=("vllm:prefix_cache_hits_total",)),
+    "prefill_tps": CounterRate(
+        ("vllm:prompt_tokens_total",), minus=("vllm:prefix_cache_hits_total",)
+    ),
     "decode_tps": CounterRate(("vllm:generation_tokens_total",)),
     "ttft": HistogramQuantile(("vllm:time_to_first_token_seconds",)),
     "tbt": HistogramQuantile(
@@ -208,7 +210,9 @@ _VLLM: dict[MetricName, SignalSpec] = {
 }
 
 _SGLANG: dict[MetricName, SignalSpec] = {
-    "prefill_tps": CounterRate(("sglang:prompt_tokens_total",), minus=("sglang:cached_tokens_total",)),
+    "prefill_tps": CounterRate(
+        ("sglang:prompt_tokens_total",), minus=("sglang:cached_tokens_total",)
+    ),
     "decode_tps": CounterRate(("sglang:generation_tokens_total",)),
     "ttft": HistogramQuantile(("sglang:time_to_first_token_seconds",)),
     "tbt": HistogramQuantile(
@@ -340,7 +344,7 @@ def render_spec(
         q = format_number(quantile)
         value = _alternatives(
             [
-                f"histogram_quantile({q}, sum by ({by}, le) (rate({m}_bucket{{{role_label}=\"{role}\"}}[{window}])))"
+                f'histogram_quantile({q}, sum by ({by}, le) (rate({m}_bucket{{{role_label}="{role}"}}[{window}])))'
                 for m in names
             ]
         )

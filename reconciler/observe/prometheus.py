@@ -46,7 +46,7 @@ retrying.
 HTTP client: prometheus-api-client's ``PrometheusConnect.custom_query``. It has a
 ``timeout`` argument (passed to ``requests``: connect timeout and per-read timeout, not a
 total deadline) which is used, and the same bound is sent to Prometheus as the
-server-side evaluation ``timeout``. Its own urllib3 retries are disabled (``Retry(0)``)
+server-side evaluation ``timeout``. Its own urllib3 retries are disabled
 so that retries, backoff and request counting are this module's. It hides the HTTP
 status inside its exception text, so the session records the last response to classify
 failures.
@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
@@ -408,7 +409,9 @@ class PrometheusMetricsSource:
             url=settings.url.rstrip("/"),
             headers=dict(settings.headers) or None,
             disable_ssl=not settings.verify_tls,
-            retry=Retry(total=0, raise_on_status=False),
+            # No urllib3 retries (ours count and back off); read=False lets a read
+            # timeout surface as requests' ReadTimeout instead of a ConnectionError.
+            retry=Retry(total=0, read=False),
             session=self._session,
             timeout=settings.timeout_s,  # type: ignore[arg-type]  # annotated int, any number works
         )
@@ -480,7 +483,9 @@ class PrometheusMetricsSource:
         cause = ""
         for attempt in range(attempts):
             if attempt:
-                self._sleep(min(self.settings.backoff_s * 2 ** (attempt - 1), self.settings.max_backoff_s))
+                self._sleep(
+                    min(self.settings.backoff_s * 2 ** (attempt - 1), self.settings.max_backoff_s)
+                )
             try:
                 return self._attempt(promql, signal, now_s)
             except _Retryable as exc:
@@ -506,7 +511,7 @@ class PrometheusMetricsSource:
             raise _Retryable(
                 f"no answer within {format_number(self.settings.timeout_s)} s ({type(exc).__name__})"
             ) from exc
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         except PrometheusApiClientException as exc:
             return self._classify_http_error(exc, promql, signal)

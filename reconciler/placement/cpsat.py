@@ -95,6 +95,7 @@ W_SHORT_PER_RANK = 5_000
 W_WASTE = 1_000
 W_OPEN_GROUP = 30
 W_FRAGMENT = 2
+W_SPAN = 2_500
 W_OVERFLOW = 300
 W_MOVE = 500
 W_KEEP_CLASS = 200
@@ -124,6 +125,8 @@ class _ExistingClass:
     groups: list[WorkGroup]
     grow: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
     keep: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
+    overflow: cp_model.IntVar | None = None
+    room: int = 0
 
 
 @dataclass
@@ -133,6 +136,7 @@ class _NewClass:
     types: dict[Role, str]
     groups: cp_model.IntVar
     instances: dict[Role, cp_model.IntVar | None]
+    overflow: cp_model.IntVar | None = None
 
 
 class _RegionStats:
@@ -191,6 +195,7 @@ class _Solve:
         self.objective_offset = 0
         self.notes: list[str] = []
         self._freed_capacity: dict[tuple[int, int], int] = {}
+        self.fragment_vars: list[tuple[cp_model.IntVar, list[_Term], int]] = []
         # Dense rank of each priority (0 = lowest present): keeps the weights small.
         priorities = sorted({n.priority for n in problem.needs.values()})
         self.priority_rank = {p: i for i, p in enumerate(priorities)}
@@ -202,8 +207,22 @@ class _Solve:
             self._add_service(need)
         self._add_capacity()
         mark = self.problem.lap("build_model", mark)
+        baseline = self._hint_from_greedy() if self.objective_terms else None
+        mark = self.problem.lap("greedy_hint", mark)
         status, objective, bound, solver = self._solve()
         mark = self.problem.lap("solve", mark)
+        if solver is None and baseline is not None and status not in ("OPTIMAL",):
+            # No CP-SAT solution in time: the greedy layout is a valid answer.
+            notes = (*self.notes, f"cp-sat returned {status}; using the greedy layout")
+            assert baseline.stats is not None
+            stats = SolverStats(
+                solver="cp-sat",
+                status=f"{status}+greedy",
+                wall_s=time.perf_counter() - self.problem.started_s,
+                phases_s=tuple(sorted(self.problem.timings_s.items())),
+                notes=notes,
+            )
+            return PlacementResult(baseline.cluster, baseline.groups, baseline.shortfalls, stats)
         takers, hints, free_after = self._realise(solver)
         mark = self.problem.lap("pack", mark)
         shortfalls = shortfalls_for(self.problem, free_after, self.initial_free, takers, hints)
@@ -219,9 +238,16 @@ class _Solve:
         )
         return finalize(self.problem, stats, shortfalls)
 
-    def _waste(self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str) -> int:
+    def _domain_cost(self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str) -> int:
+        """Per-GPU cost of placing a group of this type pair in this domain: a group
+        spanning subgroups pays W_SPAN; otherwise W_WASTE per class step above need."""
+        if domain is not None and self._spans(domain):
+            return W_SPAN
         rank = domain.class_rank if domain is not None else CLASS_RANK["high"]
-        return max(0, rank - needed_class_rank(tp, td, need.affinity))
+        return W_WASTE * max(0, rank - needed_class_rank(tp, td, need.affinity))
+
+    def _spans(self, domain: SchedulingDomain) -> bool:
+        return domain.subgroup is None and len(self.topology.subgroups) > 1
 
     def _add_service(self, need: ServiceNeed) -> None:
         topo = self.topology
@@ -247,7 +273,7 @@ class _Solve:
                 classes[key] = _ExistingClass(need.service, group.domain, dict(group.gpu_type), [])
             classes[key].groups.append(group)
         for cls in classes.values():
-            waste = self._waste(need, cls.domain, cls.types["prefill"], cls.types["decode"])
+            place_cost = self._domain_cost(need, cls.domain, cls.types["prefill"], cls.types["decode"])
             region = cls.domain.region if cls.domain is not None else 0
             growth: list[cp_model.IntVar] = []
             growth_upper = 0
@@ -255,7 +281,7 @@ class _Solve:
                 rn = need.role(role)
                 gpu_type = cls.types[role]
                 code = topo.type_code(gpu_type)
-                per_instance = rn.gpus_per_instance * (W_WASTE * waste + rn.preference_cost(gpu_type))
+                per_instance = rn.gpus_per_instance * (place_cost + rn.preference_cost(gpu_type))
                 current = sum(g.count(role) for g in cls.groups)
                 if self.rebalance and current:
                     keep = m.new_int_var(0, current, "")
@@ -286,8 +312,10 @@ class _Solve:
                 self.objective_terms.append((per_instance, x))
             if growth:
                 room = sum(need.room(g) for g in cls.groups)
+                cls.room = room
                 if growth_upper > room:
                     overflow = m.new_int_var(0, growth_upper - room, "")
+                    cls.overflow = overflow
                     m.add(sum(growth) <= room + overflow)
                     self.objective_terms.append((W_OVERFLOW, overflow))
             self.existing.append(cls)
@@ -318,7 +346,11 @@ class _Solve:
         required = need.required_roles
         size = need.group_size
         max_groups = min(grow[r] for r in required)
-        for domain in topo.domains(need.affinity):
+        domains = list(topo.domains(need.affinity))
+        if need.affinity == "cluster" and self._spans(topo.cluster_domain):
+            # Loose affinity may span subgroups, at a price (W_SPAN), to meet targets.
+            domains.append(topo.cluster_domain)
+        for domain in domains:
             region = domain.region
             options = {r: [t for t in need.role(r).allowed_types if t in domain.gpu_types] for r in required}
             if any(not options[r] for r in required):
@@ -342,20 +374,26 @@ class _Solve:
                     continue
                 g = m.new_int_var(0, upper_groups, "")
                 self.objective_terms.append((W_OPEN_GROUP, g))
-                waste = self._waste(need, domain, pair["prefill"], pair["decode"])
+                place_cost = self._domain_cost(need, domain, pair["prefill"], pair["decode"])
                 instances: dict[Role, cp_model.IntVar | None] = {r: None for r in ROLES}
                 for r in required:
                     rn = need.role(r)
-                    upper = min(grow[r], bounds[r], (size - (len(required) - 1)) * upper_groups)
+                    upper = min(grow[r], bounds[r])
                     n = m.new_int_var(0, upper, "")
                     m.add(n >= g)
                     instances[r] = n
                     placed[r].append(n)
                     self.terms.append(_Term(region, topo.type_code(pair[r]), rn.gpus_per_instance, n, upper))
-                    cost = rn.gpus_per_instance * (W_WASTE * waste + rn.preference_cost(pair[r]))
+                    cost = rn.gpus_per_instance * (place_cost + rn.preference_cost(pair[r]))
                     self.objective_terms.append((cost, n))
-                m.add(sum(v for v in instances.values() if v is not None) <= size * g)
-                self.new.append(_NewClass(need.service, domain, dict(pair), g, instances))  # type: ignore[arg-type]
+                # At most the group size per group; beyond it only by overflow (a role
+                # that grows alone once the other role's need is met).
+                most = sum(grow[r] for r in required)
+                overflow = m.new_int_var(0, most, "")
+                m.add(overflow <= most * g)  # no group, no overflow
+                m.add(sum(v for v in instances.values() if v is not None) <= size * g + overflow)
+                self.objective_terms.append((W_OVERFLOW, overflow))
+                self.new.append(_NewClass(need.service, domain, dict(pair), g, instances, overflow))  # type: ignore[arg-type]
 
     def _add_capacity(self) -> None:
         topo = self.topology
@@ -386,6 +424,7 @@ class _Solve:
                 bound = sum(t.size * t.upper for t in slot_terms)
                 if bound > partial:
                     over = m.new_int_var(0, bound - partial, "")
+                    self.fragment_vars.append((over, slot_terms, partial))
                     m.add(over >= sum(t.size * t.var for t in slot_terms) - partial)
                     self.objective_terms.append((W_FRAGMENT, over))
 
@@ -414,8 +453,74 @@ class _Solve:
             if solver.wall_time >= params.max_time_in_seconds * 0.99 and status != cp_model.OPTIMAL:
                 self.notes.append("cp-sat stopped on the wall-clock safety limit: result may vary between runs")
             return name, float(solver.objective_value), float(solver.best_objective_bound), solver
-        self.notes.append(f"cp-sat returned {name}: nothing added this cycle")
         return name, None, None, None
+
+    def _hint_from_greedy(self) -> PlacementResult:
+        """Run the greedy scheduler on the same request and give its layout to CP-SAT
+        as a solution hint (a feasible start; the result is never worse than it in the
+        model's objective). Returns the greedy result (the fallback)."""
+        from reconciler.placement.greedy import GreedyPlacer
+
+        baseline = GreedyPlacer().place(self.problem.request)
+        before = {(g.service, g.group_id): g for gs in self.problem.groups.values() for g in gs}
+        grown: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
+        opened: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        opened_n: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
+        kept: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
+        for group in baseline.groups:
+            old = before.get((group.service, group.group_id))
+            if old is not None:
+                if old.domain is None:
+                    continue
+                key = (group.service, old.domain.key, old.gpu_type["prefill"], old.gpu_type["decode"])
+                for r in ROLES:
+                    kept[(*key, r)] += min(group.role(r).instances, old.count(r))
+                    grown[(*key, r)] += max(0, group.role(r).instances - old.count(r))
+                continue
+            domain = self.topology.domain_of_group(group)
+            if domain is None:
+                continue
+            key = (group.service, domain.key, group.prefill.gpu_type, group.decode.gpu_type)
+            opened[key] += 1
+            for r in ROLES:
+                opened_n[(*key, r)] += group.role(r).instances
+        hint: dict[int, int] = {}
+        for cls in self.existing:
+            if cls.domain is None:
+                continue
+            key = (cls.service, cls.domain.key, cls.types["prefill"], cls.types["decode"])
+            total = 0
+            for r in ROLES:
+                var = cls.grow.get(r)
+                if var is not None:
+                    value = grown.get((*key, r), 0)
+                    hint[var.index] = value
+                    total += value
+                keep = cls.keep.get(r)
+                if keep is not None:
+                    hint[keep.index] = kept.get((*key, r), 0)
+            if cls.overflow is not None:
+                hint[cls.overflow.index] = max(0, total - cls.room)
+        for new in self.new:
+            key = (new.service, new.domain.key, new.types["prefill"], new.types["decode"])
+            count = opened.get(key, 0)
+            hint[new.groups.index] = count
+            total = 0
+            for r, var in new.instances.items():
+                if var is not None:
+                    hint[var.index] = opened_n.get((*key, r), 0)
+                    total += opened_n.get((*key, r), 0)
+            if new.overflow is not None:
+                hint[new.overflow.index] = max(
+                    0, total - count * self.problem.needs[new.service].group_size
+                )
+        # Complete the hint (CP-SAT uses a complete, feasible hint as its first solution).
+        for over, terms, partial in self.fragment_vars:
+            hint[over.index] = max(0, sum(t.size * hint.get(t.var.index, 0) for t in terms) - partial)
+        proto = self.model.proto
+        for index in range(len(proto.variables)):
+            self.model.add_hint(self.model.get_int_var_from_proto_index(index), hint.get(index, 0))
+        return baseline
 
     # ------------------------------------------------------------------ realise
     def _realise(

@@ -53,9 +53,9 @@ def first_fit(free: np.ndarray, nodes: np.ndarray, size: int, count: int) -> dic
         return {}
     cap = free[nodes] // size
     before = np.cumsum(cap) - cap
-    take = np.clip(count - before, 0, cap)
-    hit = np.nonzero(take)[0]
-    return {int(nodes[i]): int(take[i]) for i in hit}
+    take = np.minimum(np.maximum(count - before, 0), cap)
+    hit = np.flatnonzero(take)
+    return dict(zip(nodes[hit].tolist(), take[hit].tolist(), strict=True))
 
 
 class GreedyPlacer:
@@ -207,10 +207,17 @@ class _Greedy:
         return False
 
     def _fit(self, need: ServiceNeed, sizes: dict[Role, int], nodes_of: dict[Role, np.ndarray]) -> dict[Role, dict[int, int]] | None:
+        # Cheap rejection before copying: each role alone must fit.
+        for role, count in sizes.items():
+            size = need.role(role).gpus_per_instance
+            if int((self.free[nodes_of[role]] // size).sum()) < count:
+                return None
         scratch = self.free.copy() if len(sizes) > 1 else self.free
         plan: dict[Role, dict[int, int]] = {}
         for role, count in sizes.items():
             size = need.role(role).gpus_per_instance
+            if int((scratch[nodes_of[role]] // size).sum()) < count:
+                return None
             placement = first_fit(scratch, nodes_of[role], size, count)
             if sum(placement.values()) < count:
                 return None

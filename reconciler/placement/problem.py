@@ -443,7 +443,7 @@ def split_growth(
 
 def split_new_groups(count: int, need: ServiceNeed, add: Mapping[Role, int]) -> list[dict[Role, int]]:
     """Spread ``add`` instances over ``count`` new groups: one of each required role per
-    group, then the rest round-robin up to the group size."""
+    group, then the rest round-robin up to the group size, then (overflow) beyond it."""
     shares: list[dict[Role, int]] = [{r: 0 for r in ROLES} for _ in range(count)]
     left = {r: max(0, add.get(r, 0)) for r in ROLES}
     for share in shares:
@@ -460,6 +460,14 @@ def split_new_groups(count: int, need: ServiceNeed, add: Mapping[Role, int]) -> 
                     share[r] += 1
                     left[r] -= 1
                     progress = True
+    # Overflow (a role growing alone past the group size): round-robin, beyond the size.
+    i = 0
+    while shares and (left["prefill"] or left["decode"]):
+        for r in ROLES:
+            if left[r]:
+                shares[i % len(shares)][r] += 1
+                left[r] -= 1
+        i += 1
     return shares
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -484,7 +484,7 @@ class OracleAutoscaler:
             lookahead_s = (
                 self.lookahead_s if self.lookahead_s is not None else policy.role(role).startup_s
             )
-            peak = self._max_demand(demand, now_s, now_s + lookahead_s)[index]  # type: ignore[arg-type]
+            peak = self._max_demand(demand, now_s, now_s + lookahead_s)[index]
             needed = ceil_count(peak / capacity[role])
             parts.append(
                 f"max {role} demand {peak:.0f} tps over the next {lookahead_s:g} s / "
@@ -521,7 +521,7 @@ def _demand_of(value: DemandInput) -> DemandSeries | DemandFunction:
     )
 
 
-def _for_service(value: object, service: str, what: str):  # type: ignore[no-untyped-def]
+def _for_service(value: Any, service: str, what: str) -> Any:
     if isinstance(value, Mapping):
         if service not in value:
             raise AutoscalerConfigError(

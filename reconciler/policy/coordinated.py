@@ -8,7 +8,9 @@ One cycle, in order (each step that changes a number records a ``Clamp``):
 
 1. **Signal check.** The primary metric (``scaling.metric``) must be present, finite
    and younger than ``scaling.metric_max_age_s``; otherwise both roles hold their
-   current size (only min/max still apply) and the message says why.
+   current size (only min/max still apply: no ratio repair on bad data) and the
+   message says why. The hold is stored as a recommendation of the current size,
+   so after a gap a scale-in first needs a whole window of good data.
 2. **Driven role.** The metric's name prefix names the role it drives (``decode_tps``
    -> decode, ``prefill_gpu_util`` -> prefill; ``ttft`` -> prefill, ``tbt`` ->
    decode). Proportional control for the linear metrics: ``desired = ceil(observed
@@ -28,9 +30,12 @@ One cycle, in order (each step that changes a number records a ``Clamp``):
    recommendation over the scale-in window, it happens only when latency stayed
    that low for the whole window.
 4. **KV-cache pressure** (optional): decode KV usage above the threshold in every
-   sample over ``window_s`` asks for decode ``ready x (1 + step%)``.
-5. **Coordination.** The other role follows through the P/D ratio target (rounded
-   up), each role takes the largest of what its rules ask, then the pair is shaped:
+   sample in force over ``window_s`` (the samples must reach back to the window's
+   start, and this cycle's must be usable) asks for decode ``ready x (1 + step%)``.
+5. **Coordination.** The driven role's want is clipped to its [min, max], the other
+   role follows it through the P/D ratio target (rounded up: the follower never
+   starves the driven role), each role takes the largest of what its rules ask
+   (a TTFT tier may lift the follower above the ratio), then the pair is shaped:
    min/max per role, ratio bounds (``clamps.enforce_ratio``: add to the short role
    first, never starve the bottleneck), whole deployment groups when
    ``granularity: group``. This shaped pair is the cycle's *recommendation* and is
@@ -131,6 +136,8 @@ class PolicyNumbers:
     ratio_target_text: str
     ratio_min: float
     ratio_max: float
+    ratio_min_slack: float  # ratio_min and ratio_max widened by the float slack of clamps
+    ratio_max_slack: float
     dynamic_ratio: bool
     dynamic_max_step: float
     group_shape: tuple[int, int] | None  # (prefill, decode) per group with granularity "group"
@@ -209,6 +216,8 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
         ratio_target_text=_ratio_text(ratio.target),
         ratio_min=ratio.min,
         ratio_max=ratio.max,
+        ratio_min_slack=ratio.min * (1 - 1e-9),
+        ratio_max_slack=ratio.max * (1 + 1e-9),
         dynamic_ratio=ratio.dynamic,
         dynamic_max_step=ratio.dynamic_max_step,
         group_shape=(
@@ -255,6 +264,12 @@ def policy_numbers(policy: ServicePolicy) -> PolicyNumbers:
 
 def sample_problem(sample: Sample | None, name: str, now_s: float, max_age_s: float) -> str | None:
     """Why ``sample`` cannot be acted on, or None if it can."""
+    if (
+        sample is not None
+        and now_s - sample.at_s <= max_age_s
+        and -math.inf < sample.value < math.inf
+    ):
+        return None  # the common case first: present, fresh, finite (NaN fails <)
     if sample is None:
         return f"{name} missing"
     if not math.isfinite(sample.value):
@@ -352,6 +367,14 @@ def _ratio_text(ratio: float) -> str:
 
 def _shape(n: PolicyNumbers, prefill: int, decode: int, clamps: list[Clamp]) -> tuple[int, int]:
     """Min/max per role, ratio bounds, whole groups: what every pair must satisfy."""
+    if (
+        n.group_shape is None
+        and n.prefill_bounds.min_instances <= prefill <= n.prefill_bounds.max_instances
+        and n.decode_bounds.min_instances <= decode <= n.decode_bounds.max_instances
+        and n.ratio_min_slack * decode <= prefill <= n.ratio_max_slack * decode
+        and decode > 0
+    ):
+        return prefill, decode  # fast path: already a valid pair
     prefill = clamp_bounds(prefill, n.prefill_bounds, clamps)
     decode = clamp_bounds(decode, n.decode_bounds, clamps)
     prefill, decode = enforce_ratio(
@@ -501,7 +524,7 @@ def decide(
     # 2. Proportional control on the driven role.
     wants = [0, 0]
     within_tolerance = False
-    fired = [None, None]  # per role: "latency" or "kv" when feedback raised it
+    fired: list[str | None] = [None, None]  # per role: "latency" or "kv" when feedback raised it
     if n.proportional:
         value = primary.value
         if n.per_ready_instance:
@@ -601,14 +624,15 @@ def decide(
     else:
         ratio, ratio_text = n.ratio_target, n.ratio_target_text
     # The follower pairs with what the driven role can have: its want inside [min, max].
-    wants[di] = clamp_bounds(wants[di], n.bounds(driven), clamps)
+    driven_bounds = n.prefill_bounds if di == 0 else n.decode_bounds
+    if not driven_bounds.min_instances <= wants[di] <= driven_bounds.max_instances:
+        wants[di] = clamp_bounds(wants[di], driven_bounds, clamps)
     followed = follow_ratio(driven, wants[di], ratio)
     parts.append(f"ratio {ratio_text} -> {followed} {follower}")
     if followed > wants[fi]:
         wants[fi] = followed
         fired[fi] = None  # the ratio, not the feedback, sets the follower
-    raw = (wants[0], wants[1])
-    recommendation = list(_shape(n, raw[0], raw[1], clamps))
+    recommendation = _shape(n, wants[0], wants[1], clamps)
 
     # 6. Stabilisation, per role.
     cooling = (
@@ -685,7 +709,7 @@ def decide(
     if prefill != recommendation[0] or decode != recommendation[1]:
         prefill, decode = _shape(n, prefill, decode, clamps)  # the recommendation is shaped
 
-    reason = _reason(current, prefill, decode, raw, recommendation, within_tolerance, fired)
+    reason = _reason(current, prefill, decode, recommendation, within_tolerance, fired)
     message = "; ".join(parts)
     if clamps:
         message += (
@@ -717,13 +741,14 @@ def _reason(
     current: list[int],
     prefill: int,
     decode: int,
-    raw: tuple[int, int],
-    recommendation: list[int],
+    recommendation: tuple[int, int],
     within_tolerance: bool,
     fired: list[str | None],
 ) -> Reason:
+    """The one reason code for the decision; ``within_tolerance`` means the primary
+    signal asked for no change and no feedback rule fired."""
     if prefill == current[0] and decode == current[1]:
-        if recommendation != current:
+        if recommendation != (current[0], current[1]):
             return "stabilised"
         return "within_tolerance" if within_tolerance else "bounds"
     grew = (prefill > current[0], decode > current[1])
@@ -731,8 +756,8 @@ def _reason(
         return "latency_feedback"
     if grew[1] and fired[1] == "kv":
         return "kv_cache_pressure"
-    if raw == (current[0], current[1]):
-        return "bounds"  # the rules asked for nothing; only min/max/ratio/groups moved it
+    if within_tolerance:
+        return "bounds"  # the signals asked for nothing; min/max, ratio or groups moved it
     return "scale_out" if grew[0] or grew[1] else "scale_in"
 
 

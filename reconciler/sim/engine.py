@@ -21,9 +21,12 @@ Per second ``t`` the service does, in order:
    proportion to their capacity at the TBT SLO, spilling over when one is full.
 4. **Decode**: each decode pool advances a *decode clock* ``psi`` (tokens generated per
    running sequence so far) by ``1 / step_time`` where the step time comes from the
-   pool's batch and KV cache per instance. A cohort that entered at ``psi_0`` has
-   generated ``x = psi - psi_0`` tokens; the share still running is the output-length
-   survival ``P(L > x)``. Completions, decode tokens, batch and KV usage all follow.
+   pool's batch and KV cache per instance. A cohort (the requests admitted in one
+   second) that entered at ``psi_0`` has generated ``x = psi - psi_0`` tokens; the
+   share still running is the output-length survival ``P(L > x)``, the trace-wide
+   length distribution scaled to the cohort's own mean output (so decode load follows
+   the actual tokens of the requests admitted, not just their count). Completions,
+   decode tokens, batch and KV usage all follow.
 
 Per-request latencies are then exact functions of that per-second state:
 
@@ -59,9 +62,27 @@ import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.sim.perf import DEFAULT_MAX_BATCH, InstancePerf, instance_perf, kv_transfer_s
-from reconciler.sim.workload import Workload
+from reconciler.sim.workload import (
+    SERVICE_SHAPES,
+    Burst,
+    LengthShape,
+    Workload,
+    default_bursts,
+    rate_curve,
+    synthetic_workload,
+)
 
 LINKS: tuple[str, str] = ("rdma", "cross")
+
+try:  # numpy's C interpolation without the Python wrapper (hot loop, tiny arrays)
+    from numpy._core.multiarray import interp as _c_interp  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import interp as _c_interp
+
+
+def _interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    result: np.ndarray = _c_interp(x, xp, fp, None, None)
+    return result
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,7 @@ class SimConfig:
     arrival_scv: float = 1.0  # squared CV of inter-arrival times (Poisson)
     load_smoothing_s: float = 30.0  # averaging of the arrival rate for the G/G/c term
     max_link_utilisation: float = 0.95
-    request_sample_limit: int = 2_000_000  # per-request outcomes on at most this many requests
+    request_sample_limit: int = 500_000  # per-request outcomes on a uniform sample of this many
 
 
 # --------------------------------------------------------------------------- load
@@ -119,7 +140,7 @@ class LoadProfile:
         *,
         horizon_s: int | None = None,
         length_classes: int = 32,
-        sample_limit: int = 2_000_000,
+        sample_limit: int = 500_000,
         seed: int = 0,
         cyclic: bool = False,
     ) -> LoadProfile:
@@ -179,13 +200,14 @@ class LoadProfile:
             notes=(*self.notes, f"load scaled x{factor:g} as a fluid (per-request outcomes from the unscaled sample)"),
         )
 
-    def bin(self, t: int) -> tuple[float, float, float]:
-        """(requests, prompt tokens, squared prompt tokens) arriving in second ``t``."""
+    def bin(self, t: int) -> tuple[float, float, float, float]:
+        """(requests, prompt tokens, squared prompt tokens, output tokens) arriving in
+        second ``t``."""
         if self.cyclic:
             t %= self.horizon_s
         elif t >= self.horizon_s or t < 0:
-            return 0.0, 0.0, 0.0
-        return float(self.count[t]), float(self.prompt_sum[t]), float(self.prompt_sq_sum[t])
+            return 0.0, 0.0, 0.0, 0.0
+        return float(self.count[t]), float(self.prompt_sum[t]), float(self.prompt_sq_sum[t]), float(self.output_sum[t])
 
     def demand_series(self, window_s: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(t_s, prompt tokens/s, output tokens/s) averaged over ``window_s`` bins: the
@@ -199,6 +221,71 @@ class LoadProfile:
             return out
 
         return np.arange(bins) * float(window_s), average(self.prompt_sum), average(self.output_sum)
+
+
+def synthetic_profile(
+    shape: str | LengthShape,
+    *,
+    hours: float,
+    peak_rps: float,
+    seed: int = 0,
+    trough_ratio: float = 1.0 / 3.0,
+    bursts: tuple[Burst, ...] | None = None,
+    length_classes: int = 32,
+    sample_limit: int = 200_000,
+    cyclic: bool = False,
+) -> LoadProfile:
+    """The load of ``synthetic_workload`` binned directly, without a Python-side array
+    per request: per second a Poisson count of the rate curve, and token sums drawn
+    from a gamma distribution with the sum's exact mean and variance (``n`` times the
+    length distribution's). For fleets too large for per-request arrays (the
+    benchmark, the embedded default fleet). Per-request outcomes use a sample of the
+    same process (at most ``sample_limit`` requests)."""
+    horizon = int(round(hours * 3600))
+    rng = np.random.default_rng([seed, 0xB1A5])
+    if bursts is None:
+        bursts = default_bursts(hours, seed)
+    expected = peak_rps * horizon * (1.0 + trough_ratio) / 2.0
+    sample_rps = peak_rps * min(1.0, sample_limit / max(expected, 1.0))
+    sample = synthetic_workload(
+        shape, hours=hours, peak_rps=sample_rps, seed=seed, trough_ratio=trough_ratio, bursts=bursts
+    )
+    t = np.arange(horizon) + 0.5
+    rate = rate_curve(t, float(horizon), peak_rps, trough_ratio, bursts)
+    count = rng.poisson(rate).astype(np.float64)
+    prompt = sample.prompt_tokens.astype(np.float64)
+    output = sample.output_tokens.astype(np.float64)
+
+    def gamma_sums(values: np.ndarray) -> np.ndarray:
+        mean, var = float(values.mean()), float(values.var())
+        shape_k = np.where(count > 0, count * mean * mean / max(var, 1e-9), 1.0)
+        draw = rng.gamma(shape_k, max(var, 1e-9) / mean)
+        return np.where(count > 0, draw, 0.0)
+
+    prompt_sum = gamma_sums(prompt)
+    output_sum = gamma_sums(output)
+    # Squared prompts follow the per-second prompt mass (attention work).
+    prompt_sq_sum = prompt_sum * float((prompt * prompt).mean() / prompt.mean())
+    return LoadProfile(
+        count=count,
+        prompt_sum=prompt_sum,
+        prompt_sq_sum=prompt_sq_sum,
+        output_sum=output_sum,
+        prompt_classes=_quantile_classes(prompt, length_classes),
+        output_survival=_survival(output),
+        prompt_mean=float(prompt.mean()),
+        prompt_sq_mean=float((prompt * prompt).mean()),
+        output_mean=float(output.mean()),
+        output_p99=float(np.quantile(output, 0.99)),
+        sample=sample,
+        sample_weight=float(count.sum()) / max(sample.requests, 1),
+        name=sample.name,
+        cyclic=cyclic,
+        notes=(
+            sample.notes[0].replace(f"peak {sample_rps:g} req/s", f"peak {peak_rps:g} req/s")
+            + f"; binned per second ({int(count.sum())} requests, per-request outcomes on a sample of {sample.requests})",
+        ),
+    )
 
 
 def _quantile_classes(values: np.ndarray, classes: int) -> np.ndarray:
@@ -356,6 +443,10 @@ class ServiceSim:
             slo_cap = perf.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
             self.decode_pools.append(DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0)))
         self.prefill_index = {(p.gpu_type, p.link): i for i, p in enumerate(self.prefill_pools)}
+        self._capacity = 0.0
+        self._shares = [0.0] * len(self.prefill_pools)
+        self._link_load: list[float | None] = [None] * len(self.prefill_pools)
+        self._decode_ready_total = 0
         self.decode_index = {p.gpu_type: i for i, p in enumerate(self.decode_pools)}
 
         # Per-request service-time statistics for the G/G/c term.
@@ -395,6 +486,7 @@ class ServiceSim:
         self.coh_entry = [np.zeros(1024) for _ in range(n_pools)]
         self.coh_n = [np.zeros(1024) for _ in range(n_pools)]
         self.coh_prompt = [np.zeros(1024) for _ in range(n_pools)]
+        self.coh_scale = [np.ones(1024) for _ in range(n_pools)]
         self.coh_head = [0] * n_pools
         self.coh_tail = [0] * n_pools
         self.alive_end = [0.0] * n_pools
@@ -456,6 +548,19 @@ class ServiceSim:
         self.prefill_instances = int(round(sum(self.prefill_count)))
         self.decode_ready = [int(decode_ready.get(p.gpu_type, 0)) for p in self.decode_pools]
         self.decode_draining = [int(decode_draining.get(p.gpu_type, 0)) for p in self.decode_pools]
+        self._derive_capacity()
+
+    def _derive_capacity(self) -> None:
+        """What the counts imply for every second until they change (hot-loop cache)."""
+        caps = [p.capacity_work_per_s * c for p, c in zip(self.prefill_pools, self.prefill_count, strict=True)]
+        self._capacity = sum(caps)
+        self._shares = [c / self._capacity if self._capacity > 0 else 0.0 for c in caps]
+        # served prompt tokens x this = the pool's link utilisation (None: no instance)
+        self._link_load = [
+            share * self.kv_bytes_per_token / (count * pool.link_gbps * 1e9 / 8.0) if count > 0 else None
+            for pool, share, count in zip(self.prefill_pools, self._shares, self.prefill_count, strict=True)
+        ]
+        self._decode_ready_total = sum(self.decode_ready)
 
     def decode_clock(self, gpu_type: str) -> float:
         index = self.decode_index.get(gpu_type)
@@ -467,16 +572,11 @@ class ServiceSim:
         t = self.t
         cfg = self.config
         cum = self.cum
-        n_arr, s_sum, s2_sum = self.profile.bin(t)
+        n_arr, s_sum, s2_sum, out_sum = self.profile.bin(t)
         work_in = self.work_linear * s_sum + self.work_attention * s2_sum
 
-        capacity = 0.0
-        pool_caps = []
-        for pool, count in zip(self.prefill_pools, self.prefill_count, strict=True):
-            c = pool.capacity_work_per_s * count
-            pool_caps.append(c)
-            capacity += c
-        decode_ready_total = sum(self.decode_ready)
+        capacity = self._capacity
+        decode_ready_total = self._decode_ready_total
 
         # 1. arrivals
         admitted = 0.0
@@ -492,7 +592,7 @@ class ServiceSim:
                 cum["dropped_timeout"] += n_arr
             else:
                 admitted, admitted_work = n_arr, work_in
-                self.queue.append([n_arr, s_sum, work_in])
+                self.queue.append([n_arr, s_sum, work_in, out_sum])
                 self.queue_work += work_in
                 self.queue_requests += n_arr
                 cum["admitted"] += n_arr
@@ -500,7 +600,7 @@ class ServiceSim:
 
         # 2. prefill, FIFO at the pooled capacity
         budget = capacity
-        served_work = served_n = served_tokens = 0.0
+        served_work = served_n = served_tokens = served_output = 0.0
         queue = self.queue
         while budget > 0.0 and queue:
             head = queue[0]
@@ -509,16 +609,19 @@ class ServiceSim:
                 served_work += head[2]
                 served_n += head[0]
                 served_tokens += head[1]
+                served_output += head[3]
                 queue.popleft()
             else:
                 frac = budget / head[2]
-                take_n, take_tok = head[0] * frac, head[1] * frac
+                take_n, take_tok, take_out = head[0] * frac, head[1] * frac, head[3] * frac
                 head[0] -= take_n
                 head[1] -= take_tok
+                head[3] -= take_out
                 head[2] -= budget
                 served_work += budget
                 served_n += take_n
                 served_tokens += take_tok
+                served_output += take_out
                 budget = 0.0
         self.queue_work = max(0.0, self.queue_work - served_work)
         self.queue_requests = max(0.0, self.queue_requests - served_n)
@@ -540,24 +643,20 @@ class ServiceSim:
                 cfg.arrival_scv + self.service_scv,
             )
         shares_slowdowns: list[float] = []
-        for pool, pool_cap, count in zip(self.prefill_pools, pool_caps, self.prefill_count, strict=True):
-            share = pool_cap / capacity if capacity > 0 else 0.0
-            slowdown = 1.0
-            if count > 0:
-                link_bytes_per_s = count * pool.link_gbps * 1e9 / 8.0
-                rho = min(served_tokens * share * self.kv_bytes_per_token / link_bytes_per_s, cfg.max_link_utilisation)
-                slowdown = 1.0 / (1.0 - rho)
+        max_rho = cfg.max_link_utilisation
+        for share, link_load in zip(self._shares, self._link_load, strict=True):
+            slowdown = 1.0 if link_load is None else 1.0 / (1.0 - min(served_tokens * link_load, max_rho))
             shares_slowdowns += [share, slowdown]
 
         # 3. decode admission
         if served_n > 0:
-            self.admit_queue.append([served_n, served_tokens])
+            self.admit_queue.append([served_n, served_tokens, served_output])
             self.admit_requests += served_n
             self.admit_tokens += served_tokens
             cum["admit_in"] += served_n
         n_pools = len(self.decode_pools)
         admitted_to = [0.0] * n_pools
-        prompt_of_admitted = 0.0
+        prompt_of_admitted = output_of_admitted = 0.0
         if self.admit_requests > 1e-12 and decode_ready_total > 0:
             mean_prompt = self.admit_tokens / self.admit_requests
             reserve = mean_prompt + self.out_mean
@@ -595,12 +694,15 @@ class ServiceSim:
                     if head[0] <= need:
                         need -= head[0]
                         prompt_of_admitted += head[1]
+                        output_of_admitted += head[2]
                         self.admit_queue.popleft()
                     else:
                         frac = need / head[0]
                         prompt_of_admitted += head[1] * frac
+                        output_of_admitted += head[2] * frac
                         head[0] -= need
                         head[1] -= head[1] * frac
+                        head[2] -= head[2] * frac
                         need = 0.0
                 total_admit -= need  # numerical slack
                 self.admit_requests = max(0.0, self.admit_requests - total_admit)
@@ -611,6 +713,9 @@ class ServiceSim:
                 cum["decode_admitted"] += total_admit
                 self.in_decode += total_admit
         mean_admitted_prompt = prompt_of_admitted / max(sum(admitted_to), 1e-12)
+        # The cohort's outputs follow the trace-wide length shape scaled to its own mean.
+        mean_admitted_output = output_of_admitted / max(sum(admitted_to), 1e-12)
+        length_scale = self.out_mean / max(mean_admitted_output, 1e-9)
 
         # 4. decode progress per pool
         decode_tokens = 0.0
@@ -618,7 +723,7 @@ class ServiceSim:
         pool_rows: list[float] = []
         for q, pool in enumerate(self.decode_pools):
             if admitted_to[q] > 1e-12:
-                self._add_cohort(q, admitted_to[q], mean_admitted_prompt)
+                self._add_cohort(q, admitted_to[q], mean_admitted_prompt, length_scale)
             lo, hi = self.coh_head[q], self.coh_tail[q]
             instances = self.decode_ready[q] + self.decode_draining[q]
             tau = alive = kv = 0.0
@@ -627,8 +732,9 @@ class ServiceSim:
                 entry = self.coh_entry[q][lo:hi]
                 n = self.coh_n[q][lo:hi]
                 prompt = self.coh_prompt[q][lo:hi]
+                scale = self.coh_scale[q][lo:hi]
                 x = self.psi[q] - entry
-                g = np.interp(x, self.out_grid, self.out_survival)
+                g, gen_before = self._lengths_at(x * scale)
                 alive_n = n * g
                 alive = float(alive_n.sum())
                 kv = float(alive_n @ (prompt + x))
@@ -636,16 +742,16 @@ class ServiceSim:
                     tau = pool.perf.decode_step_scalar_s(alive / instances, kv / instances, kv / alive)
                     dpsi = 1.0 / tau
                     x2 = x + dpsi
-                    g2 = np.interp(x2, self.out_grid, self.out_survival)
+                    g2, gen_after = self._lengths_at(x2 * scale)
                     done = float(n @ (g - g2))
-                    pool_tokens = float(
-                        n @ (np.interp(x2, self.out_grid, self.out_generated) - np.interp(x, self.out_grid, self.out_generated))
-                    )
+                    pool_tokens = float(n @ ((gen_after - gen_before) / scale))
                     self.psi[q] += dpsi
                     alive_after = n * g2
                     self.alive_end[q] = float(alive_after.sum())
                     self.kv_end[q] = float(alive_after @ (prompt + x2))
-                    finished = int(np.count_nonzero(x2 >= self.out_max))
+                    # Cohorts are oldest first; drop the finished prefix.
+                    unfinished = np.flatnonzero(x2 * scale < self.out_max)
+                    finished = int(unfinished[0]) if unfinished.size else hi - lo
                     self.coh_head[q] = lo + finished
                     completed += done
                     decode_tokens += pool_tokens
@@ -685,24 +791,33 @@ class ServiceSim:
         )
         self.t = t + 1
 
-    def _add_cohort(self, q: int, count: float, prompt_mean: float) -> None:
+    def _lengths_at(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Survival ``P(L > x)`` and tokens generated ``E[min(L, x)]`` at ``x = tokens``,
+        linear between integer lengths."""
+        return (
+            _interp(tokens, self.out_grid, self.out_survival),
+            _interp(tokens, self.out_grid, self.out_generated),
+        )
+
+    def _add_cohort(self, q: int, count: float, prompt_mean: float, length_scale: float) -> None:
         tail = self.coh_tail[q]
         if tail == self.coh_entry[q].size:
             head = self.coh_head[q]
             live = tail - head
             if live * 2 > self.coh_entry[q].size:
                 size = self.coh_entry[q].size * 2
-                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt):
+                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale):
                     grown = np.zeros(size)
                     grown[:live] = arrays[q][head:tail]
                     arrays[q] = grown
             else:
-                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt):
+                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale):
                     arrays[q][:live] = arrays[q][head:tail]
             self.coh_head[q], tail = 0, live
         self.coh_entry[q][tail] = self.psi[q]
         self.coh_n[q][tail] = count
         self.coh_prompt[q][tail] = prompt_mean
+        self.coh_scale[q][tail] = length_scale
         self.coh_tail[q] = tail + 1
 
     # ------------------------------------------------------------------ state

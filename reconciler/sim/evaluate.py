@@ -14,13 +14,14 @@ Policies:
 - ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
   of prompt and output tokens/s) at the per-instance capacity below;
 - ``oracle``: knows the demand ahead (60-second averages) and the per-instance
-  capacity; sizes each role for the peak over its start-up time;
+  capacity; sizes each role for the peak over its start-up time plus one interval
+  (what an instance asked for now must cover before the next decision can add more);
 - ``schedule:PATH``: replays a CSV ``t_s,service,prefill,decode`` (counts hold from
   their ``t_s`` until the next row), so any external autoscaler can be scored.
 
 Per-instance capacity (oracle and static-peak): prefill tokens/s of the most
 preferred GPU type at 85 % of its compute (headroom for arrival bursts inside a
-minute), decode tokens/s at 90 % of the TBT SLO at the trace's mean context, both
+minute), decode tokens/s at 80 % of the TBT SLO at the trace's mean context, both
 from ``reconciler.sim.perf``.
 
 Every policy starts warm: the fleet at time 0 is what the oracle would run then (the
@@ -56,7 +57,7 @@ from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Ta
 
 DEFAULT_POLICIES: tuple[str, ...] = ("heteroscale", "hpa-gpu-util", "static-peak", "oracle")
 PREFILL_HEADROOM = 0.85
-DECODE_SLO_HEADROOM = 0.9
+DECODE_SLO_HEADROOM = 0.8
 DEMAND_WINDOW_S = 60
 
 
@@ -173,7 +174,7 @@ def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[
 
 
 def build_autoscaler(
-    name: str, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity
+    name: str, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity, interval_s: float = 30.0
 ) -> tuple[Autoscaler, str]:
     """An autoscaler by name (module docstring) and a one-line description."""
     if name.startswith("schedule:"):
@@ -193,11 +194,15 @@ def build_autoscaler(
         )
     if name == "oracle":
         t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
+        # An instance asked for now serves after its start-up and is next reconsidered
+        # one interval later: it must cover the demand until then.
+        lookahead_s = max(policy.prefill.startup_s, policy.decode.startup_s) + interval_s
         return make_autoscaler(
             name,
             demand=(t_s, prefill_tps, decode_tps),
             prefill_tps_per_instance=capacity.prefill_tps,
             decode_tps_per_instance=capacity.decode_tps,
+            lookahead_s=lookahead_s,
         ), (
             f"future demand; {capacity.prefill_tps:.0f} prefill and {capacity.decode_tps:.0f} decode tokens/s per instance"
         )
@@ -368,7 +373,7 @@ def evaluate(
     results: dict[str, PolicyResult] = {}
     notes = list(profile.notes)
     for name in policies:
-        autoscaler, description = build_autoscaler(name, policy, profile, capacity)
+        autoscaler, description = build_autoscaler(name, policy, profile, capacity, interval_s)
         results[name] = _run_policy(
             state, policy, profile, name, autoscaler, description, capacity, config, placer, interval_s, progress
         )

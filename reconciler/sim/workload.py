@@ -30,8 +30,9 @@ Time scaling:
 - :meth:`Workload.rate_scaled` multiplies the arrival rate by K, deterministically for a
   seed: every request is kept ``floor(K)`` times plus once more with probability
   ``K - floor(K)`` (K < 1 thins). Each extra copy keeps its original's token counts and
-  arrives at a uniformly random point between its original and the next request, so
-  the rate curve and the token-length distribution are both preserved.
+  arrives up to +-30 s (``jitter_s``) from its original, so the token-length
+  distribution and the rate curve at minute scale are preserved while the sub-minute
+  noise becomes that of a K-times denser stream, not K copies of the same bursts.
 - :meth:`Workload.diurnal` tiles the trace end to end over H hours and thins it under a
   diurnal curve ``trough + (1 - trough) * sin^2(pi t / H)``: the H hours are one
   compressed day, trough (default one third of peak) at both ends, peak in the middle,
@@ -97,10 +98,12 @@ class Workload:
     def with_note(self, note: str) -> Workload:
         return replace(self, notes=(*self.notes, note))
 
-    def rate_scaled(self, factor: float, seed: int = 0) -> Workload:
+    def rate_scaled(self, factor: float, seed: int = 0, jitter_s: float = 60.0) -> Workload:
         """K times the arrival rate (see the module docstring)."""
         if not (factor > 0 and math.isfinite(factor)):
             raise ValueError(f"rate scale must be a positive number, got {factor}")
+        if jitter_s < 0:
+            raise ValueError(f"jitter must not be negative, got {jitter_s}")
         if factor == 1.0 or self.requests == 0:
             return self
         rng = np.random.default_rng([seed, 0x5CA1E])
@@ -108,18 +111,27 @@ class Workload:
         extra = rng.random(self.requests) < (factor - whole)
         copies = np.full(self.requests, whole, dtype=np.int64) + extra
         index = np.repeat(np.arange(self.requests), copies)
-        # The first copy of each kept request is the original; later copies land
-        # uniformly between it and the next request (the trace's own local spacing).
+        # The first copy of each kept request is the original; the others are moved by a
+        # uniform jitter of +-jitter_s/2, which keeps the rate curve at minute scale
+        # but does not repeat the original's sub-minute bursts K times over.
         first = np.concatenate(([True], index[1:] != index[:-1])) if index.size else index.astype(bool)
-        gaps = np.diff(self.arrival_s, append=self.arrival_s[-1] + self._mean_gap_s())
-        arrival = self.arrival_s[index] + np.where(first, 0.0, rng.random(index.size) * gaps[index])
+        shift = (rng.random(index.size) - 0.5) * jitter_s
+        arrival = self.arrival_s[index] + np.where(first, 0.0, shift)
+        end = self.duration_s
+        arrival = np.where(arrival < 0, -arrival, arrival)  # reflect at the ends
+        arrival = np.where(arrival > end, 2 * end - arrival, arrival)
+        arrival = np.clip(arrival, 0.0, end)
         order = np.argsort(arrival, kind="stable")
         return Workload(
             arrival[order],
             self.prompt_tokens[index][order],
             self.output_tokens[index][order],
             name=f"{self.name} x{factor:g}",
-            notes=(*self.notes, f"rate scaled x{factor:g} (seed {seed}): {self.requests} -> {index.size} requests"),
+            notes=(
+                *self.notes,
+                f"rate scaled x{factor:g} (seed {seed}, copies jittered by up to +-{jitter_s / 2:g} s): "
+                f"{self.requests} -> {index.size} requests",
+            ),
         )
 
     def _mean_gap_s(self) -> float:
@@ -448,7 +460,18 @@ SERVICE_SHAPES: dict[str, LengthShape] = {
     "b": LengthShape(prompt_mean=7800, output_mean=700),
     # Conversation traffic like the Azure 2023 trace (~1150 / ~210).
     "chat": LengthShape(prompt_mean=1150, output_mean=210, prompt_cv=0.8, output_cv=0.9, output_max=1000),
+    # Summarisation: long documents in, short summaries out.
+    "summarize": LengthShape(prompt_mean=4000, output_mean=300, prompt_cv=0.7, output_cv=0.5),
 }
+
+
+def shape_for_service(service: str) -> str:
+    """The synthetic shape a service name suggests: its own name, its last ``-part``
+    (``svc-a`` -> ``a``), else ``chat``."""
+    for key in (service, service.rsplit("-", 1)[-1]):
+        if key in SERVICE_SHAPES:
+            return key
+    return "chat"
 
 
 @dataclass(frozen=True)
@@ -465,6 +488,20 @@ def _lognormal(rng: np.random.Generator, mean: float, cv: float, size: int, uppe
     mu = math.log(mean) - sigma2 / 2.0
     values = np.rint(rng.lognormal(mu, math.sqrt(sigma2), size))
     return np.clip(values, 1, upper).astype(np.int64)
+
+
+def default_bursts(hours: float, seed: int = 0, count: int = 3) -> tuple[Burst, ...]:
+    """``count`` seeded bursts of 1.5-2x the load for 3-10 minutes inside ``hours``."""
+    rng = np.random.default_rng([seed, 0xB0257])
+    horizon_s = hours * 3600.0
+    return tuple(
+        Burst(
+            start_s=float(rng.uniform(0.1, 0.9) * horizon_s),
+            duration_s=float(min(rng.uniform(180, 600), 0.1 * horizon_s)),
+            factor=float(rng.uniform(1.5, 2.0)),
+        )
+        for _ in range(count)
+    )
 
 
 def rate_curve(
@@ -495,14 +532,7 @@ def synthetic_workload(
     horizon_s = hours * 3600.0
     rng = np.random.default_rng([seed, 0x5E7])
     if bursts is None:
-        bursts = tuple(
-            Burst(
-                start_s=float(rng.uniform(0.1, 0.9) * horizon_s),
-                duration_s=float(rng.uniform(180, 600)),
-                factor=float(rng.uniform(1.5, 2.0)),
-            )
-            for _ in range(3)
-        )
+        bursts = default_bursts(hours, seed)
     # Thinning of a homogeneous process at the highest rate (exact for any curve).
     top = peak_rps * max([1.0, *[b.factor for b in bursts]])
     total = rng.poisson(top * horizon_s)

@@ -11,26 +11,34 @@ other.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from observe_helpers import (
+    DECODE,
     FLEET_SCENARIOS,
     MAIN_SCENARIOS,
     OPENMETRICS_SCENARIOS,
+    PREFILL,
     RATE_WINDOW_S,
+    RELABEL_SERVICE,
     VANISHING_SCENARIOS,
     CountingProxy,
     FakePrometheus,
     PrometheusStack,
     Reply,
     build_backfill,
+    example_engine_job,
+    pod_target,
     register,
 )
 
 from reconciler.observe.exporter import FleetExporter
-from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
+from reconciler.observe.local_prometheus import LocalPrometheus, find_binary, write_file_sd
 
 
 def _require_prometheus() -> None:
@@ -53,21 +61,38 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
         FleetExporter(negotiate_openmetrics=True),
         FleetExporter(),
     )
-    exporters = (main, fleet, openmetrics, vanishing)
+    # Two engine pods that, like real ones, export no service/role labels: the
+    # example scrape config's relabelling must add them.
+    pods = [FleetExporter(identity_labels=False), FleetExporter(identity_labels=False)]
+    pods[0].set_load(RELABEL_SERVICE, "prefill", "pod-p", PREFILL)
+    pods[1].set_load(RELABEL_SERVICE, "decode", "pod-d", DECODE)
+    exporters = (main, fleet, openmetrics, vanishing, *pods)
     register(main, MAIN_SCENARIOS)
     register(fleet, FLEET_SCENARIOS)
     register(openmetrics, OPENMETRICS_SCENARIOS)
     register(vanishing, VANISHING_SCENARIOS)
-    prometheus = LocalPrometheus(scrape_interval_s=1.0)
+    workdir = Path(tempfile.mkdtemp(prefix="heteroscale-prom-"))
+    pods_sd = workdir / "pods.json"
+    prometheus = LocalPrometheus(
+        scrape_interval_s=1.0, workdir=workdir, extra_scrape_configs=[example_engine_job(pods_sd)]
+    )
     try:
         prometheus.backfill(build_backfill(backfill_end_s))
-        targets = []
         for exporter in exporters:
             exporter.start()
-            targets.append(exporter.address)
+        targets = [exporter.address for exporter in (main, fleet, openmetrics, vanishing)]
         prometheus.set_targets(targets)
+        write_file_sd(
+            pods_sd,
+            [
+                pod_target(pods[0].address, service=RELABEL_SERVICE, role="prefill", pod="pod-p"),
+                pod_target(pods[1].address, service=RELABEL_SERVICE, role="decode", pod="pod-d"),
+                # Not ours (no heteroscale.io/service label): must not even be scraped.
+                pod_target("127.0.0.1:9", service=None, role="decode", pod="someone-else"),
+            ],
+        )
         prometheus.start()
-        prometheus.wait_for_targets(targets, timeout_s=30)
+        prometheus.wait_for_targets([*targets, *(p.address for p in pods)], timeout_s=30)
         # Scraping began just now: let one full rate window (plus two scrapes) of
         # samples accumulate so rate() no longer extrapolates from a partial window.
         time.sleep(RATE_WINDOW_S + 2.0)
@@ -77,6 +102,7 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
             fleet,
             openmetrics,
             vanishing,
+            pods,
             backfill_end_s,
             {**MAIN_SCENARIOS, **FLEET_SCENARIOS, **OPENMETRICS_SCENARIOS, **VANISHING_SCENARIOS},
         )
@@ -84,6 +110,7 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
         for exporter in exporters:
             exporter.stop()
         prometheus.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from ruamel.yaml import YAML
 
 from reconciler.desired import ServicePolicy, load_desired_state
 from reconciler.desired.models import MetricsConfig
@@ -120,7 +121,9 @@ def _standard(name: str, engine: str = "vllm") -> Scenario:
 
 def _mixed_tbt(name: str) -> Scenario:
     scenario = Scenario().add("prefill", 3, PREFILL, name).add("decode", 3, DECODE, name)
-    return scenario.add("decode", 1, InstanceLoad(generation_tps=700.0, tbt=SLOW_TBT), name + "-slow")
+    return scenario.add(
+        "decode", 1, InstanceLoad(generation_tps=700.0, tbt=SLOW_TBT), name + "-slow"
+    )
 
 
 def _gauges(name: str) -> Scenario:
@@ -136,7 +139,9 @@ def _gauges(name: str) -> Scenario:
 
 FLEET_SIZE = 100
 FLEET_QUANTILES = (0.9, 0.95, 0.99)
-FLEET_DECODE = InstanceLoad(generation_tps=100.0, tbt=TBT, kv_usage=0.3, gpu_util_pct=80.0, sm_active=0.6)
+FLEET_DECODE = InstanceLoad(
+    generation_tps=100.0, tbt=TBT, kv_usage=0.3, gpu_util_pct=80.0, sm_active=0.6
+)
 FLEET_PREFILL = InstanceLoad(
     prompt_tps=400.0, requests_per_s=1.0, ttft=TTFT, gpu_util_pct=50.0, sm_active=0.4
 )
@@ -201,7 +206,9 @@ class OpenMetricsWriter:
     def __init__(self) -> None:
         self._series: list[tuple[str, dict[str, str], list[tuple[float, float]]]] = []
 
-    def add(self, name: str, labels: dict[str, str], samples: Iterable[tuple[float, float]]) -> None:
+    def add(
+        self, name: str, labels: dict[str, str], samples: Iterable[tuple[float, float]]
+    ) -> None:
         self._series.append((name, labels, list(samples)))
 
     def text(self) -> str:
@@ -246,7 +253,11 @@ def build_backfill(end_s: float) -> str:
                 {**labels, "le": bound},
                 [(t, per_s * (t - start)) for t in times],
             )
-        w.add("vllm:time_to_first_token_seconds_count", labels, [(t, HIST_PER_S[-1] * (t - start)) for t in times])
+        w.add(
+            "vllm:time_to_first_token_seconds_count",
+            labels,
+            [(t, HIST_PER_S[-1] * (t - start)) for t in times],
+        )
     kv_series = {
         "bf-stale": (0.7, end_s - 120),  # last sample 120 s before the end: older than 90 s
         "bf-fresh": (0.3, end_s - 30),
@@ -278,6 +289,44 @@ def build_backfill(end_s: float) -> str:
 # ----------------------------------------------------------------------------- the stack
 
 
+EXAMPLE_SCRAPE_CONFIG = (
+    REPO_ROOT / "scripts" / "prometheus" / "kubernetes-scrape-config.example.yaml"
+)
+ENGINE_JOB = "heteroscale-engines"
+RELABEL_SERVICE = "relabel-svc"
+
+
+def example_scrape_config() -> dict[str, Any]:
+    return YAML(typ="safe").load(EXAMPLE_SCRAPE_CONFIG.read_text())  # type: ignore[no-any-return]
+
+
+def example_engine_job(file_sd: Path, scrape_interval: str = "1s") -> dict[str, Any]:
+    """The example's engine job with Kubernetes discovery swapped for a file-SD file that
+    carries the same ``__meta_kubernetes_*`` labels (Debian's Prometheus has no
+    Kubernetes discovery, and the tests have no cluster)."""
+    job = next(j for j in example_scrape_config()["scrape_configs"] if j["job_name"] == ENGINE_JOB)
+    del job["kubernetes_sd_configs"]
+    job["file_sd_configs"] = [{"files": [str(file_sd)], "refresh_interval": "1s"}]
+    job["scrape_interval"] = job["scrape_timeout"] = scrape_interval
+    return job
+
+
+def pod_target(address: str, *, service: str | None, role: str, pod: str) -> dict[str, Any]:
+    """A file-SD target group shaped like a discovered engine pod."""
+    host, port = address.rsplit(":", 1)
+    labels = {
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": port,
+        "__meta_kubernetes_pod_label_heteroscale_io_role": role,
+        "__meta_kubernetes_namespace": "serving",
+        "__meta_kubernetes_pod_name": pod,
+    }
+    if service is not None:
+        labels["__meta_kubernetes_pod_label_heteroscale_io_service"] = service
+    # Discovery reports the pod IP with the container port; the relabelling rewrites it.
+    return {"targets": [f"{host}:1"], "labels": labels}
+
+
 @dataclass
 class PrometheusStack:
     prometheus: LocalPrometheus
@@ -285,6 +334,7 @@ class PrometheusStack:
     fleet: FleetExporter
     openmetrics: FleetExporter
     vanishing: FleetExporter
+    pods: list[FleetExporter]
     backfill_end_s: float
     scenarios: dict[str, Scenario]
 
@@ -303,7 +353,7 @@ class _Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property
@@ -402,7 +452,9 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
     prefill, decode = scenario.loads("prefill"), scenario.loads("decode")
 
     def gpu_average(loads: list[InstanceLoad], attr: str, scale: float) -> float | None:
-        weighted = [(load.gpus, getattr(load, attr)) for load in loads if getattr(load, attr) is not None]
+        weighted = [
+            (load.gpus, getattr(load, attr)) for load in loads if getattr(load, attr) is not None
+        ]
         if not weighted:
             return None
         return sum(n * v for n, v in weighted) / sum(n for n, _ in weighted) * scale
@@ -415,7 +467,9 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
 
     kv = [load.kv_usage for load in decode if load.kv_usage is not None]
     return {
-        "prefill_tps": sum(load.prompt_tps - load.cached_prompt_tps for load in prefill) if prefill else None,
+        "prefill_tps": sum(load.prompt_tps - load.cached_prompt_tps for load in prefill)
+        if prefill
+        else None,
         "decode_tps": sum(load.generation_tps for load in decode) if decode else None,
         "ttft": latency_ms([(load.requests_per_s, load.ttft) for load in prefill], ttft_bounds),
         "tbt": latency_ms([(load.generation_tps, load.tbt) for load in decode], tbt_bounds),
@@ -427,7 +481,9 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
     }
 
 
-def wait_until(condition: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.25) -> float:
+def wait_until(
+    condition: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.25
+) -> float:
     """Poll until ``condition()`` holds; returns the seconds it took. Raises on timeout."""
     started = time.monotonic()
     while not condition():

@@ -9,6 +9,7 @@ import pytest
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.observe.exporter import (
@@ -39,7 +40,9 @@ def samples(exporter: FleetExporter) -> dict[tuple[str, tuple[tuple[str, str], .
 
 def value(exporter: FleetExporter, name: str, **labels: str) -> float:
     matches = [
-        v for (n, ls), v in samples(exporter).items() if n == name and labels.items() <= dict(ls).items()
+        v
+        for (n, ls), v in samples(exporter).items()
+        if n == name and labels.items() <= dict(ls).items()
     ]
     assert len(matches) == 1, (name, labels, matches)
     return matches[0]
@@ -49,7 +52,9 @@ class TestCounters:
     def test_counters_grow_at_the_configured_rates(self) -> None:
         clock = Clock()
         exporter = FleetExporter(clock=clock)
-        exporter.set_load("svc", "prefill", "p0", InstanceLoad(prompt_tps=1000, cached_prompt_tps=250))
+        exporter.set_load(
+            "svc", "prefill", "p0", InstanceLoad(prompt_tps=1000, cached_prompt_tps=250)
+        )
         clock.now += 10
         assert value(exporter, "vllm:prompt_tokens_total", instance="p0") == 10_000
         assert value(exporter, "vllm:prefix_cache_hits_total", instance="p0") == 2_500
@@ -107,7 +112,9 @@ class TestHistogramsAndGauges:
         assert buckets == sorted(buckets)
         assert buckets[2] == pytest.approx(1000 * tbt.cdf(0.05))
         assert value(exporter, "vllm:time_per_output_token_seconds_count") == pytest.approx(1000)
-        assert value(exporter, "vllm:time_per_output_token_seconds_sum") == pytest.approx(1000 * tbt.mean_s)
+        assert value(exporter, "vllm:time_per_output_token_seconds_sum") == pytest.approx(
+            1000 * tbt.mean_s
+        )
 
     def test_inter_token_metric_name_is_configurable(self) -> None:
         exporter = FleetExporter(clock=Clock(), vllm_tbt_metric="vllm:inter_token_latency_seconds")
@@ -118,7 +125,9 @@ class TestHistogramsAndGauges:
 
     def test_dcgm_series_per_gpu(self) -> None:
         exporter = FleetExporter(clock=Clock())
-        exporter.set_load("svc", "prefill", "p0", InstanceLoad(gpus=4, gpu_util_pct=55, sm_active=0.4))
+        exporter.set_load(
+            "svc", "prefill", "p0", InstanceLoad(gpus=4, gpu_util_pct=55, sm_active=0.4)
+        )
         keys = [labels for name, labels in samples(exporter) if name == "DCGM_FI_DEV_GPU_UTIL"]
         assert sorted(dict(k)["gpu"] for k in keys) == ["0", "1", "2", "3"]
         assert value(exporter, "DCGM_FI_PROF_SM_ACTIVE", gpu="2") == 0.4
@@ -136,6 +145,51 @@ class TestHistogramsAndGauges:
             InstanceLoad(generation_tps=-1)
         with pytest.raises(ValueError):
             Lognormal.from_median_p90(0.5, 0.4)
+
+
+class TestExposition:
+    def test_fast_text_rendering_equals_prometheus_clients(self) -> None:
+        clock = Clock()
+        exporter = FleetExporter(clock=clock)
+        exporter.set_load(
+            "a",
+            "prefill",
+            "p0",
+            InstanceLoad(
+                prompt_tps=3,
+                requests_per_s=1,
+                ttft=Lognormal(0.2, 0.4),
+                gpus=2,
+                gpu_util_pct=40,
+                sm_active=0.3,
+            ),
+        )
+        exporter.set_load(
+            "a",
+            "decode",
+            "d0",
+            InstanceLoad(generation_tps=7, tbt=Lognormal(0.02, 0.3), kv_usage=0.4),
+        )
+        exporter.set_load(
+            'b"\\',
+            "decode",
+            "d1",
+            InstanceLoad(generation_tps=7, tbt=Lognormal(0.02, 0.3)),
+            engine="sglang",
+        )
+        clock.now += 12.5
+
+        def parsed(text: str) -> dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]]:
+            out = {}
+            for family in text_string_to_metric_families(text):
+                out[f"{family.name} {family.type} {family.documentation}"] = sorted(
+                    (s.name, tuple(sorted(s.labels.items())), s.value) for s in family.samples
+                )
+            return out
+
+        assert parsed(exporter.render().decode()) == parsed(
+            generate_latest(exporter.registry).decode()
+        )
 
 
 class TestServing:

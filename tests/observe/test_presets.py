@@ -59,7 +59,9 @@ class TestVllmQueries:
 
     def test_decode_tps_sums_generation_rate_by_service_and_role(self) -> None:
         q = _query("vllm", "decode_tps")
-        assert 'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[60s]))' in q
+        assert (
+            'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[60s]))' in q
+        )
 
     def test_latencies_are_histogram_quantiles_at_the_policy_quantile_in_ms(self) -> None:
         ttft = _query("vllm", "ttft", quantile=0.99)
@@ -100,7 +102,9 @@ class TestOtherPresets:
 
     def test_dynamo_reads_vllm_names_with_dynamo_kv_fallback(self) -> None:
         assert "vllm:generation_tokens_total" in _query("dynamo", "decode_tps")
-        assert "dynamo_component_kvstats_gpu_cache_usage_percent" in _query("dynamo", "decode_kv_usage")
+        assert "dynamo_component_kvstats_gpu_cache_usage_percent" in _query(
+            "dynamo", "decode_kv_usage"
+        )
 
     def test_trtllm_latency_names_and_missing_tps(self) -> None:
         assert "trtllm_time_to_first_token_seconds_bucket" in _query("trtllm", "ttft")
@@ -165,7 +169,9 @@ class TestLabelsAndOverrides:
             service_label="s",
             role_label="r",
         )
-        assert query.value == '(avg by (s, r) (a{r="decode"}) or avg by (s, r) (b{r="decode"})) * 0.5'
+        assert (
+            query.value == '(avg by (s, r) (a{r="decode"}) or avg by (s, r) (b{r="decode"})) * 0.5'
+        )
 
     def test_counter_without_minus_is_a_plain_sum_of_rates(self) -> None:
         query = render_spec(
@@ -200,7 +206,15 @@ class TestFormatting:
 
     @pytest.mark.parametrize(
         ("name", "ok"),
-        [("service", True), ("app_kubernetes_io_name", True), ("_x", True), ("9a", False), ("a-b", False), ("__name__", False), ("", False)],
+        [
+            ("service", True),
+            ("app_kubernetes_io_name", True),
+            ("_x", True),
+            ("9a", False),
+            ("a-b", False),
+            ("__name__", False),
+            ("", False),
+        ],
     )
     def test_label_names(self, name: str, ok: bool) -> None:
         assert is_label_name(name) is ok
@@ -223,7 +237,11 @@ class TestCheckMetricsConfig:
         fixed = make_policy(
             "svc",
             engine="trtllm",
-            metrics={"queries": {"decode_tps": 'sum by (service, role) (rate(my_tokens_total[$__window]))'}},
+            metrics={
+                "queries": {
+                    "decode_tps": "sum by (service, role) (rate(my_tokens_total[$__window]))"
+                }
+            },
         )
         assert check_metrics_config(fixed) == []
 

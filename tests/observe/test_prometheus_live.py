@@ -30,7 +30,9 @@ from reconciler.state import METRIC_NAMES, ServiceMetrics
 pytestmark = pytest.mark.prometheus
 
 
-def _assert_matches(metrics: ServiceMetrics, expected: dict[str, float | None], now_s: float) -> None:
+def _assert_matches(
+    metrics: ServiceMetrics, expected: dict[str, float | None], now_s: float
+) -> None:
     for signal in METRIC_NAMES:
         sample = metrics.get(signal)
         want = expected[signal]
@@ -45,7 +47,13 @@ def _assert_matches(metrics: ServiceMetrics, expected: dict[str, float | None], 
 
 @pytest.mark.parametrize(
     ("service", "quantile"),
-    [("live-tps", 0.9), ("live-sglang", 0.9), ("live-p99", 0.99), ("om-vllm", 0.9), ("om-sglang", 0.5)],
+    [
+        ("live-tps", 0.9),
+        ("live-sglang", 0.9),
+        ("live-p99", 0.99),
+        ("om-vllm", 0.9),
+        ("om-sglang", 0.5),
+    ],
 )
 def test_every_signal_matches_the_injected_load(
     prometheus_stack: PrometheusStack, service: str, quantile: float
@@ -70,14 +78,25 @@ def test_underscore_spelling_of_engine_names_is_read_too(prometheus_stack: Prome
     )
 
 
-def test_gpu_signals_average_over_gpus_and_kv_over_instances(prometheus_stack: PrometheusStack) -> None:
+def test_gpu_signals_average_over_gpus_and_kv_over_instances(
+    prometheus_stack: PrometheusStack,
+) -> None:
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
         metrics = source.fetch([make_policy("live-gauges")], time.time())["live-gauges"]
-    assert metrics.prefill_gpu_util is not None and metrics.prefill_gpu_util.value == pytest.approx(0.70)
-    assert metrics.prefill_sm_active is not None and metrics.prefill_sm_active.value == pytest.approx(0.40)
-    assert metrics.decode_gpu_util is not None and metrics.decode_gpu_util.value == pytest.approx(0.98)
+    assert metrics.prefill_gpu_util is not None and metrics.prefill_gpu_util.value == pytest.approx(
+        0.70
+    )
+    assert (
+        metrics.prefill_sm_active is not None
+        and metrics.prefill_sm_active.value == pytest.approx(0.40)
+    )
+    assert metrics.decode_gpu_util is not None and metrics.decode_gpu_util.value == pytest.approx(
+        0.98
+    )
     assert metrics.decode_sm_active is None  # not exported by those decode GPUs
-    assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == pytest.approx(0.40)
+    assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == pytest.approx(
+        0.40
+    )
     assert metrics.prefill_tps is not None and metrics.prefill_tps.value == 0.0  # idle, not missing
     assert metrics.ttft is None  # no TTFT observations exported
 
@@ -94,7 +113,9 @@ def test_quantile_groups_share_one_request_per_signal(prometheus_stack: Promethe
     assert "histogram_quantile(0.9," in tbt.promql and "histogram_quantile(0.99," in tbt.promql
     for policy in policies:
         scenario = prometheus_stack.scenarios[policy.name]
-        _assert_matches(metrics[policy.name], expected_metrics(scenario, policy.slo.quantile), now_s)
+        _assert_matches(
+            metrics[policy.name], expected_metrics(scenario, policy.slo.quantile), now_s
+        )
 
 
 def test_hundred_services_take_one_http_request_per_signal(
@@ -118,10 +139,16 @@ def test_hundred_services_take_one_http_request_per_signal(
     assert report.gaps == ()
 
 
-def test_a_broken_override_costs_only_its_own_service_that_signal(prometheus_stack: PrometheusStack) -> None:
+def test_a_broken_override_costs_only_its_own_service_that_signal(
+    prometheus_stack: PrometheusStack,
+) -> None:
     broken = make_policy(
         "live-broken",
-        metrics={"queries": {"decode_tps": "sum by (service, role) (rate(vllm:generation_tokens_total[$__window])"}},
+        metrics={
+            "queries": {
+                "decode_tps": "sum by (service, role) (rate(vllm:generation_tokens_total[$__window])"
+            }
+        },
     )
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
         metrics = source.fetch([make_policy("live-tps"), broken], time.time())
@@ -152,7 +179,8 @@ def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: Prome
             if key.service == "live-remove" and key.role == "decode":
                 exporter.remove(key.service, key.role, key.instance)
         took_s = wait_until(
-            lambda: source.fetch([policy], time.time())["live-remove"].decode_tps is None, timeout_s=10
+            lambda: source.fetch([policy], time.time())["live-remove"].decode_tps is None,
+            timeout_s=10,
         )
         metrics = source.fetch([policy], time.time())["live-remove"]
     # Staleness markers at the next scrape, not the 5 min lookback or the rate window.
@@ -167,7 +195,8 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
         assert source.fetch(policies, time.time())["live-vanish"].decode_tps is not None
         prometheus_stack.vanishing.stop()  # the pod is gone: scrapes fail from now on
         took_s = wait_until(
-            lambda: source.fetch(policies, time.time())["live-vanish"].decode_tps is None, timeout_s=10
+            lambda: source.fetch(policies, time.time())["live-vanish"].decode_tps is None,
+            timeout_s=10,
         )
         metrics = source.fetch(policies, time.time())
         report = source.last_report
@@ -175,7 +204,9 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
     assert all(metrics["live-vanish"].get(s) is None for s in METRIC_NAMES)
     assert metrics["live-tps"].decode_tps is not None  # other targets unaffected
     assert report is not None
-    reasons = {g.reason for g in report.gaps if g.service == "live-vanish" and g.signal == "decode_tps"}
+    reasons = {
+        g.reason for g in report.gaps if g.service == "live-vanish" and g.signal == "decode_tps"
+    }
     # Within the rate window rate() still answers; the missing freshness row decides.
     assert reasons <= {
         "no current sample (series stale: target gone or not scraped)",

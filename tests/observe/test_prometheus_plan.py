@@ -64,7 +64,9 @@ class TestPlan:
                 f"s{i}",
                 engine=engine,
                 quantile=q,
-                metrics={"queries": {"decode_tps": "sum by (service, role) (x)"}} if override else None,
+                metrics={"queries": {"decode_tps": "sum by (service, role) (x)"}}
+                if override
+                else None,
             )
             for i, (engine, q, override) in enumerate(configs)
         ]
@@ -78,7 +80,9 @@ class TestPlan:
             assert sorted(served) == sorted(p.name for p in policies)  # each exactly once
 
     def test_signals_without_source_are_gaps_not_queries(self) -> None:
-        plan, gaps = plan_requests([make_policy("t", engine="trtllm")], ["decode_tps", "ttft"], window_s=60)
+        plan, gaps = plan_requests(
+            [make_policy("t", engine="trtllm")], ["decode_tps", "ttft"], window_s=60
+        )
         assert [r.signal for r in plan] == ["ttft"]
         assert [(g.service, g.signal) for g in gaps] == [("t", "decode_tps")]
         assert "no source" in gaps[0].reason
@@ -116,7 +120,12 @@ class TestParseVector:
 
     @pytest.mark.parametrize(
         "bad",
-        [{"resultType": "matrix"}, [{"metric": {}}], [{"metric": {}, "value": [1]}], [{"value": [1, "x"], "metric": {}}]],
+        [
+            {"resultType": "matrix"},
+            [{"metric": {}}],
+            [{"metric": {}, "value": [1]}],
+            [{"value": [1, "x"], "metric": {}}],
+        ],
     )
     def test_anything_but_an_instant_vector_is_refused(self, bad: object) -> None:
         with pytest.raises(ValueError):
@@ -151,14 +160,18 @@ class TestAssemble:
         assert metrics["a"].decode_tps is None
         assert "stale" in gaps[0].reason
 
-    @pytest.mark.parametrize(("age_s", "usable"), [(0.0, True), (90.0, True), (90.5, False), (3600.0, False)])
+    @pytest.mark.parametrize(
+        ("age_s", "usable"), [(0.0, True), (90.0, True), (90.5, False), (3600.0, False)]
+    )
     def test_age_bound_comes_from_the_policy(self, age_s: float, usable: bool) -> None:
         metrics, gaps = self._assemble(
             [_row("0", "a", "decode", 5.0), _row("0t", "a", "decode", NOW - age_s)]
         )
         assert (metrics["a"].decode_tps is not None) is usable
         if not usable:
-            assert any(g.service == "a" and g.reason.startswith("stale: newest sample") for g in gaps)
+            assert any(
+                g.service == "a" and g.reason.startswith("stale: newest sample") for g in gaps
+            )
 
     def test_freshness_is_the_oldest_contributor(self) -> None:
         policies = [make_policy("a")]
@@ -167,9 +180,13 @@ class TestAssemble:
         metrics, _ = assemble(plan, {("decode_tps", "0"): rows}, policies, NOW)
         assert metrics["a"].decode_tps is not None and metrics["a"].decode_tps.at_s == NOW - 80
 
-    @pytest.mark.parametrize(("value", "reason"), [(math.nan, "NaN"), (math.inf, "+Inf"), (-math.inf, "-Inf")])
+    @pytest.mark.parametrize(
+        ("value", "reason"), [(math.nan, "NaN"), (math.inf, "+Inf"), (-math.inf, "-Inf")]
+    )
     def test_non_finite_values_are_missing(self, value: float, reason: str) -> None:
-        metrics, gaps = self._assemble([_row("0", "a", "decode", value), _row("0t", "a", "decode", NOW)])
+        metrics, gaps = self._assemble(
+            [_row("0", "a", "decode", value), _row("0t", "a", "decode", NOW)]
+        )
         assert metrics["a"].decode_tps is None
         assert gaps[0].reason == f"value is {reason}"
 
@@ -197,7 +214,10 @@ class TestAssemble:
         assert "aggregate by (service, role)" in gaps[0].reason
 
     def test_rejected_part_only_affects_its_services(self) -> None:
-        policies = [make_policy("a"), make_policy("b", metrics={"queries": {"decode_tps": "broken("}})]
+        policies = [
+            make_policy("a"),
+            make_policy("b", metrics={"queries": {"decode_tps": "broken("}}),
+        ]
         plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
         outcomes = {
             ("decode_tps", "0"): [_row("0", "a", "decode", 1.0), _row("0t", "a", "decode", NOW)],

@@ -104,7 +104,9 @@ def metrics(at_s: float = 0.0, service: str = "svc", **values: float | None) -> 
     )
 
 
-def steady_history(prefill: int, decode: int, *, until_s: float, span_s: float, cycle_s: float = 15.0) -> PolicyHistory:
+def steady_history(
+    prefill: int, decode: int, *, until_s: float, span_s: float, cycle_s: float = 15.0
+) -> PolicyHistory:
     """Recommendations of ``prefill``/``decode`` every ``cycle_s`` over ``span_s``
     seconds before ``until_s`` (exclusive): a window full of one recommendation."""
     count = int(span_s // cycle_s) + 1

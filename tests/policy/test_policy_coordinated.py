@@ -58,7 +58,13 @@ def clamp_names(decision) -> list[str]:
 def test_proportional_control_on_decode_tps(decode_now, decode_tps, expected_decode, reason):
     policy = make_policy()
     prefill_now = math.ceil(decode_now / 2)
-    decision = decide(policy, fleet(prefill_now, decode_now), metrics(NOW, decode_tps=decode_tps), PolicyHistory(), NOW)
+    decision = decide(
+        policy,
+        fleet(prefill_now, decode_now),
+        metrics(NOW, decode_tps=decode_tps),
+        PolicyHistory(),
+        NOW,
+    )
     assert decision.decode == expected_decode
     # prefill follows 1:2, rounded up: ceil(decode / 2)
     assert decision.prefill == math.ceil(expected_decode / 2)
@@ -95,7 +101,11 @@ def test_selectable_primary_metric_drives_the_role_named_by_its_prefix(
         scaling={"metric": metric, "target_per_instance": target, "max_step_percent": 1000}
     )
     decision = decide(
-        policy, fleet(prefill_now, decode_now), metrics(NOW, **{metric: observed}), PolicyHistory(), NOW
+        policy,
+        fleet(prefill_now, decode_now),
+        metrics(NOW, **{metric: observed}),
+        PolicyHistory(),
+        NOW,
     )
     assert (decision.prefill, decision.decode) == expected
 
@@ -105,7 +115,11 @@ def test_utilisation_counts_starting_instances_as_capacity():
     # -> usage 1.0, hold: the starting instances already answer the load.
     policy = make_policy(scaling={"metric": "decode_gpu_util", "target_per_instance": 0.6})
     decision = decide(
-        policy, fleet(8, 10, decode_starting=5), metrics(NOW, decode_gpu_util=0.9), PolicyHistory(), NOW
+        policy,
+        fleet(8, 10, decode_starting=5),
+        metrics(NOW, decode_gpu_util=0.9),
+        PolicyHistory(),
+        NOW,
     )
     assert (decision.prefill, decision.decode) == (8, 15)
     assert decision.reason == "within_tolerance"
@@ -117,14 +131,19 @@ def test_message_has_the_numbers_in_the_documented_shape():
     policy = with_overrides(example_policy("chat"), pd_ratio={"dynamic": False})
     signals = metrics(NOW, service="chat", decode_tps=41200, tbt=30, ttft=500, decode_kv_usage=0.5)
     decision = decide(policy, fleet(6, 18), signals, PolicyHistory(), NOW)
-    assert decision.message == "decode_tps 41200 / target 1600 per instance -> 26 decode; ratio 1:3 -> 9 prefill"
+    assert (
+        decision.message
+        == "decode_tps 41200 / target 1600 per instance -> 26 decode; ratio 1:3 -> 9 prefill"
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (9, 26, "scale_out")
     assert decision.service == "chat"
 
 
 def test_within_tolerance_records_the_tolerance_clamp_with_numbers():
     # 10500 / 10000 = 1.05; unclamped ceil(10.5) = 11 -> held at 10 by the band.
-    decision = decide(make_policy(), fleet(5, 10), metrics(NOW, decode_tps=10500), PolicyHistory(), NOW)
+    decision = decide(
+        make_policy(), fleet(5, 10), metrics(NOW, decode_tps=10500), PolicyHistory(), NOW
+    )
     (clamp,) = decision.clamps
     assert (clamp.name, clamp.role, clamp.before, clamp.after) == ("tolerance", "decode", 11, 10)
     assert "1.05" in clamp.detail
@@ -157,7 +176,9 @@ TIERS = [
         (64, 1200, (13, 26), "latency_feedback"),
     ],
 )
-def test_latency_tiers_scale_their_role_and_the_largest_firing_tier_wins(tbt_ms, ttft_ms, expected, reason):
+def test_latency_tiers_scale_their_role_and_the_largest_firing_tier_wins(
+    tbt_ms, ttft_ms, expected, reason
+):
     policy = make_policy(scaling={"latency_tiers": TIERS})
     signals = metrics(NOW, decode_tps=20000, tbt=tbt_ms, ttft=ttft_ms)
     decision = decide(policy, fleet(10, 20), signals, PolicyHistory(), NOW)
@@ -168,7 +189,9 @@ def test_latency_tiers_scale_their_role_and_the_largest_firing_tier_wins(tbt_ms,
 def test_latency_tier_adds_at_least_one_instance():
     # 3 ready x 1.1 = 3.3 -> ceil 4, and at least 3 + 1 = 4
     policy = make_policy(scaling={"latency_tiers": TIERS[:1]}, decode={"min_instances": 1})
-    decision = decide(policy, fleet(2, 3), metrics(NOW, decode_tps=3000, tbt=50), PolicyHistory(), NOW)
+    decision = decide(
+        policy, fleet(2, 3), metrics(NOW, decode_tps=3000, tbt=50), PolicyHistory(), NOW
+    )
     assert decision.decode == 4
 
 
@@ -184,14 +207,22 @@ def test_latency_tier_adds_at_least_one_instance():
 def test_latency_feedback_counts_starting_instances(starting, tbt_ms, expected_decode):
     policy = make_policy(scaling={"latency_tiers": TIERS})
     signals = metrics(NOW, decode_tps=22000, tbt=tbt_ms, ttft=500)
-    decision = decide(policy, fleet(11, 20, decode_starting=starting), signals, PolicyHistory(), NOW)
+    decision = decide(
+        policy, fleet(11, 20, decode_starting=starting), signals, PolicyHistory(), NOW
+    )
     assert decision.decode == expected_decode
 
 
 def test_latency_beats_a_proportional_scale_in():
     # decode_tps 10000 asks for 10 decode, but TBT 1.1 x SLO asks for 20 x 1.1 = 22.
     policy = make_policy(scaling={"latency_tiers": TIERS})
-    decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=10000, tbt=44, ttft=500), PolicyHistory(), NOW)
+    decision = decide(
+        policy,
+        fleet(10, 20),
+        metrics(NOW, decode_tps=10000, tbt=44, ttft=500),
+        PolicyHistory(),
+        NOW,
+    )
     assert decision.decode == 22
     assert decision.reason == "latency_feedback"
 
@@ -218,13 +249,17 @@ def latency_primary_policy(**scaling):
 
 def test_latency_primary_scales_out_on_its_tiers():
     # TBT 1.2 x SLO: decode 20 x 1.1 = 22, prefill ceil(22 / 2) = 11
-    decision = decide(latency_primary_policy(), fleet(10, 20), metrics(NOW, tbt=48), PolicyHistory(), NOW)
+    decision = decide(
+        latency_primary_policy(), fleet(10, 20), metrics(NOW, tbt=48), PolicyHistory(), NOW
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (11, 22, "latency_feedback")
 
 
 def test_latency_primary_holds_between_scale_in_threshold_and_slo():
     # TBT 28 ms = 0.7 x SLO: above 0.5 x SLO and below the first tier -> hold
-    decision = decide(latency_primary_policy(), fleet(10, 20), metrics(NOW, tbt=28), PolicyHistory(), NOW)
+    decision = decide(
+        latency_primary_policy(), fleet(10, 20), metrics(NOW, tbt=28), PolicyHistory(), NOW
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (10, 20, "within_tolerance")
 
 
@@ -238,7 +273,9 @@ def test_latency_primary_scales_in_only_after_a_whole_window_below_threshold():
     # One cycle in the window where TBT was not that low (a hold at 10/20) blocks it.
     recs = list(low_window.recommendations)
     recs[5] = Recommendation(recs[5].at_s, 10, 20)
-    blocked = decide(policy, fleet(10, 20), metrics(NOW, tbt=12), PolicyHistory(recommendations=tuple(recs)), NOW)
+    blocked = decide(
+        policy, fleet(10, 20), metrics(NOW, tbt=12), PolicyHistory(recommendations=tuple(recs)), NOW
+    )
     assert (blocked.prefill, blocked.decode, blocked.reason) == (10, 20, "stabilised")
     # A history shorter than the window blocks it too.
     short = steady_history(9, 18, until_s=NOW, span_s=120)
@@ -252,7 +289,9 @@ def test_latency_primary_scales_in_only_after_a_whole_window_below_threshold():
 
 def test_follower_rounds_up():
     # 25 decode x 1/2 = 12.5 -> 13 prefill (never starve decode of prefill)
-    decision = decide(make_policy(), fleet(10, 20), metrics(NOW, decode_tps=25000), PolicyHistory(), NOW)
+    decision = decide(
+        make_policy(), fleet(10, 20), metrics(NOW, decode_tps=25000), PolicyHistory(), NOW
+    )
     assert (decision.prefill, decision.decode) == (13, 25)
 
 
@@ -266,8 +305,12 @@ def test_prefill_driven_follower_rounds_up():
 def test_ratio_max_adds_decode_when_latency_raises_prefill():
     # TTFT 1.5 x SLO with a +30% ttft tier: prefill 20 x 1.3 = 26 against 20 decode,
     # ratio 1.3 > max 1:1 -> decode raised to ceil(26 / 1) = 26.
-    policy = make_policy(scaling={"latency_tiers": [{"metric": "ttft", "above": 1.0, "step_percent": 30}]})
-    decision = decide(policy, fleet(20, 20), metrics(NOW, decode_tps=20000, ttft=1500), PolicyHistory(), NOW)
+    policy = make_policy(
+        scaling={"latency_tiers": [{"metric": "ttft", "above": 1.0, "step_percent": 30}]}
+    )
+    decision = decide(
+        policy, fleet(20, 20), metrics(NOW, decode_tps=20000, ttft=1500), PolicyHistory(), NOW
+    )
     assert (decision.prefill, decision.decode) == (26, 26)
     assert "ratio_max" in clamp_names(decision)
 
@@ -293,10 +336,39 @@ def test_prefill_at_max_limits_decode_to_what_it_can_feed():
     ],
 )
 def test_min_and_max_per_role(decode_tps, expected, clamp):
-    policy = make_policy(decode={"min_instances": 3, "max_instances": 30}, scaling={"max_step_percent": 1000})
-    decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=decode_tps), PolicyHistory(), NOW)
+    policy = make_policy(
+        decode={"min_instances": 3, "max_instances": 30}, scaling={"max_step_percent": 1000}
+    )
+    decision = decide(
+        policy, fleet(10, 20), metrics(NOW, decode_tps=decode_tps), PolicyHistory(), NOW
+    )
     assert (decision.prefill, decision.decode) == expected
     assert clamp in clamp_names(decision)
+
+
+@pytest.mark.parametrize(
+    ("fleet_now", "decode_tps", "expected"),
+    [
+        # decode_tps 3000 / (3 x 1000) = 1.0 holds decode at 3, but min is 5;
+        # prefill follows: ceil(5 / 2) = 3
+        ((1, 3), 3000, (3, 5)),
+        # decode within tolerance at 6; prefill 1 is below the ratio target's ceil(6 / 2) = 3
+        ((1, 6), 6000, (3, 6)),
+    ],
+)
+def test_only_bounds_or_ratio_moving_the_size_says_bounds(fleet_now, decode_tps, expected):
+    policy = make_policy(decode={"min_instances": 5} if fleet_now[1] == 3 else {})
+    decision = decide(
+        policy, fleet(*fleet_now), metrics(NOW, decode_tps=decode_tps), PolicyHistory(), NOW
+    )
+    assert (decision.prefill, decision.decode, decision.reason) == (*expected, "bounds")
+
+
+def test_at_max_with_more_load_holds_with_reason_bounds():
+    policy = make_policy(decode={"max_instances": 20})
+    decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=30000), PolicyHistory(), NOW)
+    assert (decision.prefill, decision.decode, decision.reason) == (10, 20, "bounds")
+    assert "max_instances" in clamp_names(decision)
 
 
 @pytest.mark.parametrize(
@@ -320,12 +392,18 @@ def test_max_step_per_cycle(step_instances, step_percent, decode_now, wanted, ex
         pd_ratio={"min": "1:8"},
     )
     decision = decide(
-        policy, fleet(decode_now // 2, decode_now), metrics(NOW, decode_tps=wanted * 1000), PolicyHistory(), NOW
+        policy,
+        fleet(decode_now // 2, decode_now),
+        metrics(NOW, decode_tps=wanted * 1000),
+        PolicyHistory(),
+        NOW,
     )
     assert decision.decode == expected
     step = next(c for c in decision.clamps if c.name == "max_step" and c.role == "decode")
     assert (step.before, step.after) == (wanted, expected)
-    assert f"max step {step_instances} instances or {step_percent:g}% of {decode_now}" == step.detail
+    assert (
+        f"max step {step_instances} instances or {step_percent:g}% of {decode_now}" == step.detail
+    )
 
 
 def test_group_granularity_rounds_up_to_whole_groups():
@@ -355,7 +433,9 @@ def stabilised_policy(**scaling):
 
 def test_scale_out_acts_at_once_even_in_cooldown():
     history = PolicyHistory(last_change_at_s=NOW - 10)
-    decision = decide(stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=30000), history, NOW)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=30000), history, NOW
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (15, 30, "scale_out")
 
 
@@ -365,7 +445,9 @@ def test_scale_in_takes_the_highest_recommendation_over_the_window():
     recs = list(steady_history(6, 12, until_s=NOW, span_s=300).recommendations)
     recs[6] = Recommendation(recs[6].at_s, 9, 18)
     history = PolicyHistory(recommendations=tuple(recs))
-    decision = decide(stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), history, NOW)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), history, NOW
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (9, 18, "scale_in")
     window = next(c for c in decision.clamps if c.name == "scale_in_window" and c.role == "decode")
     assert (window.before, window.after) == (10, 18)
@@ -373,9 +455,16 @@ def test_scale_in_takes_the_highest_recommendation_over_the_window():
 
 def test_recommendations_older_than_the_window_do_not_count():
     # The 18 was made 330 s ago, before the recommendation in force at the window's start.
-    recs = [Recommendation(NOW - 330, 9, 18), *steady_history(6, 12, until_s=NOW, span_s=300).recommendations]
+    recs = [
+        Recommendation(NOW - 330, 9, 18),
+        *steady_history(6, 12, until_s=NOW, span_s=300).recommendations,
+    ]
     decision = decide(
-        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), PolicyHistory(recommendations=tuple(recs)), NOW
+        stabilised_policy(),
+        fleet(10, 20),
+        metrics(NOW, decode_tps=10000),
+        PolicyHistory(recommendations=tuple(recs)),
+        NOW,
     )
     # 12 in the window vs 10 now -> 12 decode, prefill 6
     assert (decision.prefill, decision.decode) == (6, 12)
@@ -384,13 +473,17 @@ def test_recommendations_older_than_the_window_do_not_count():
 def test_cooldown_blocks_scale_in_after_any_change():
     history = steady_history(5, 10, until_s=NOW, span_s=300)
     history = PolicyHistory(recommendations=history.recommendations, last_change_at_s=NOW - 60)
-    decision = decide(stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), history, NOW)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), history, NOW
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (10, 20, "stabilised")
     cooldown = next(c for c in decision.clamps if c.name == "cooldown" and c.role == "decode")
     assert cooldown.detail == "last change 60 s ago < cooldown 120 s"
     # After the cooldown the same inputs scale in.
     later = PolicyHistory(recommendations=history.recommendations, last_change_at_s=NOW - 121)
-    decision = decide(stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), later, NOW)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), later, NOW
+    )
     assert (decision.prefill, decision.decode) == (5, 10)
 
 
@@ -399,10 +492,22 @@ def test_scale_out_window_takes_the_lowest_recommendation():
     policy = stabilised_policy(scale_out_window_s=60)
     recs = steady_history(10, 20, until_s=NOW, span_s=60).recommendations
     recs = (*recs[:-3], Recommendation(NOW - 45, 11, 22), *recs[-2:])
-    decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=30000), PolicyHistory(recommendations=recs), NOW)
+    decision = decide(
+        policy,
+        fleet(10, 20),
+        metrics(NOW, decode_tps=30000),
+        PolicyHistory(recommendations=recs),
+        NOW,
+    )
     assert decision.decode == 20  # 20 was in force at the window start: lowest wins
     recs = tuple(Recommendation(r.at_s, 11, 22) for r in recs)
-    decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=30000), PolicyHistory(recommendations=recs), NOW)
+    decision = decide(
+        policy,
+        fleet(10, 20),
+        metrics(NOW, decode_tps=30000),
+        PolicyHistory(recommendations=recs),
+        NOW,
+    )
     assert (decision.prefill, decision.decode) == (11, 22)
 
 
@@ -420,7 +525,9 @@ def test_history_is_trimmed_to_the_longest_window():
 def test_history_is_returned_anew_never_mutated():
     history = steady_history(10, 20, until_s=NOW, span_s=300)
     before = history.recommendations
-    decision = decide(stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=30000), history, NOW)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=30000), history, NOW
+    )
     assert history.recommendations is before
     assert decision.history is not history
     assert decision.history.last_change_at_s == NOW
@@ -465,7 +572,13 @@ def test_a_hold_counts_as_a_recommendation_so_scale_in_waits_a_window_after_a_ga
 
 def test_utilisation_with_no_ready_instance_holds():
     policy = make_policy(scaling={"metric": "decode_gpu_util", "target_per_instance": 0.6})
-    decision = decide(policy, fleet(2, 0, decode_starting=4), metrics(NOW, decode_gpu_util=0.0), PolicyHistory(), NOW)
+    decision = decide(
+        policy,
+        fleet(2, 0, decode_starting=4),
+        metrics(NOW, decode_gpu_util=0.0),
+        PolicyHistory(),
+        NOW,
+    )
     assert (decision.prefill, decision.decode, decision.reason) == (2, 4, "metrics_missing")
     assert "no ready decode instance" in decision.message
 
@@ -474,7 +587,11 @@ def test_starting_instances_count_as_capacity():
     # 10 ready + 10 starting = 20 active; 20000 / (20 x 1000) = 1.0 -> hold, no
     # second scale-out while the first warms up.
     decision = decide(
-        make_policy(), fleet(10, 10, decode_starting=10), metrics(NOW, decode_tps=20000), PolicyHistory(), NOW
+        make_policy(),
+        fleet(10, 10, decode_starting=10),
+        metrics(NOW, decode_tps=20000),
+        PolicyHistory(),
+        NOW,
     )
     assert (decision.prefill, decision.decode, decision.reason) == (10, 20, "within_tolerance")
 
@@ -491,7 +608,11 @@ def dynamic_policy(**pd_ratio):
 
 def test_dynamic_ratio_anchors_on_the_first_mix_and_starts_at_the_target():
     decision = decide(
-        dynamic_policy(), fleet(10, 20), metrics(NOW, decode_tps=20000, prefill_tps=160000), PolicyHistory(), NOW
+        dynamic_policy(),
+        fleet(10, 20),
+        metrics(NOW, decode_tps=20000, prefill_tps=160000),
+        PolicyHistory(),
+        NOW,
     )
     assert decision.history.dynamic_ratio == pytest.approx(0.5)
     assert dict(decision.history.extra)["pd_mix_anchor"] == pytest.approx(8.0)
@@ -504,11 +625,15 @@ def test_dynamic_ratio_moves_at_most_max_step_per_cycle_towards_the_balanced_rat
     # (scale_in_window_s 0 -> time constant 1 s) each 15 s cycle moves 5%:
     # 0.5 -> 0.525 -> 0.55125 -> ... until within tolerance/2 of 0.75.
     policy = dynamic_policy()
-    history = decide(policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=160000), PolicyHistory(), 0).history
+    history = decide(
+        policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=160000), PolicyHistory(), 0
+    ).history
     ratios = []
     for cycle in range(1, 12):
         now = cycle * 15.0
-        decision = decide(policy, fleet(10, 20), metrics(now, decode_tps=20000, prefill_tps=240000), history, now)
+        decision = decide(
+            policy, fleet(10, 20), metrics(now, decode_tps=20000, prefill_tps=240000), history, now
+        )
         history = decision.history
         ratios.append(history.dynamic_ratio)
     assert ratios[0] == pytest.approx(0.525)
@@ -521,8 +646,12 @@ def test_dynamic_ratio_moves_at_most_max_step_per_cycle_towards_the_balanced_rat
 
 def test_dynamic_ratio_explains_each_move():
     policy = dynamic_policy()
-    first = decide(policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=160000), PolicyHistory(), 0)
-    moved = decide(policy, fleet(10, 20), metrics(15, decode_tps=20000, prefill_tps=240000), first.history, 15)
+    first = decide(
+        policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=160000), PolicyHistory(), 0
+    )
+    moved = decide(
+        policy, fleet(10, 20), metrics(15, decode_tps=20000, prefill_tps=240000), first.history, 15
+    )
     assert "dynamic ratio 0.500 -> 0.525" in moved.message
     assert "prefill/decode tokens 12.00 vs 8.00 anchored" in moved.message
     # C_p = 8 x 1000 / (1/2) = 16000 tokens/s per prefill instance
@@ -534,10 +663,16 @@ def test_dynamic_ratio_explains_each_move():
 def test_dynamic_ratio_stays_inside_its_bounds():
     # mix x 4 -> balanced 2.0, but pd_ratio.max is 1:1
     policy = dynamic_policy(dynamic_max_step=0.5)
-    history = decide(policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=80000), PolicyHistory(), 0).history
+    history = decide(
+        policy, fleet(10, 20), metrics(0, decode_tps=20000, prefill_tps=80000), PolicyHistory(), 0
+    ).history
     for cycle in range(1, 10):
         history = decide(
-            policy, fleet(10, 20), metrics(cycle * 15.0, decode_tps=20000, prefill_tps=320000), history, cycle * 15.0
+            policy,
+            fleet(10, 20),
+            metrics(cycle * 15.0, decode_tps=20000, prefill_tps=320000),
+            history,
+            cycle * 15.0,
         ).history
     assert history.dynamic_ratio == pytest.approx(1.0)
 
@@ -555,13 +690,23 @@ def test_dynamic_ratio_ignores_a_constant_mix():
     history = PolicyHistory()
     for cycle in range(20):
         history = decide(
-            policy, fleet(10, 20), metrics(cycle * 15.0, decode_tps=20000, prefill_tps=160000), history, cycle * 15.0
+            policy,
+            fleet(10, 20),
+            metrics(cycle * 15.0, decode_tps=20000, prefill_tps=160000),
+            history,
+            cycle * 15.0,
         ).history
     assert history.dynamic_ratio == pytest.approx(0.5)
 
 
 def test_static_ratio_leaves_no_dynamic_state():
-    decision = decide(make_policy(), fleet(10, 20), metrics(NOW, decode_tps=20000, prefill_tps=1e5), PolicyHistory(), NOW)
+    decision = decide(
+        make_policy(),
+        fleet(10, 20),
+        metrics(NOW, decode_tps=20000, prefill_tps=1e5),
+        PolicyHistory(),
+        NOW,
+    )
     assert decision.history.dynamic_ratio is None
 
 
@@ -569,7 +714,9 @@ def test_static_ratio_leaves_no_dynamic_state():
 
 
 def kv_policy():
-    return make_policy(scaling={"kv_cache_pressure": {"threshold": 0.9, "window_s": 60, "step_percent": 10}})
+    return make_policy(
+        scaling={"kv_cache_pressure": {"threshold": 0.9, "window_s": 60, "step_percent": 10}}
+    )
 
 
 def run_kv(values: list[float | None], load: float = 20000):
@@ -577,7 +724,13 @@ def run_kv(values: list[float | None], load: float = 20000):
     policy, history, decision = kv_policy(), PolicyHistory(), None
     for index, value in enumerate(values):
         now = NOW - 15 * (len(values) - 1 - index)
-        decision = decide(policy, fleet(10, 20), metrics(now, decode_tps=load, decode_kv_usage=value), history, now)
+        decision = decide(
+            policy,
+            fleet(10, 20),
+            metrics(now, decode_tps=load, decode_kv_usage=value),
+            history,
+            now,
+        )
         history = decision.history
     return decision
 
@@ -600,7 +753,9 @@ def test_kv_cache_pressure_scales_decode_when_held_above_threshold(values, expec
     assert decision.decode == expected_decode
     if expected_decode > 20:
         assert decision.reason == "kv_cache_pressure"
-        assert "decode_kv_usage 0.95 > 0.9 for 60 s: decode +10% of 20 ready -> 22" in decision.message
+        assert (
+            "decode_kv_usage 0.95 > 0.9 for 60 s: decode +10% of 20 ready -> 22" in decision.message
+        )
         assert decision.prefill == 11  # follows the ratio: ceil(22 / 2)
 
 
@@ -616,7 +771,8 @@ def test_kv_samples_are_bounded_to_the_window():
 def test_autoscaler_protocol_and_decide_many_agree_with_decide():
     policy = make_policy()
     inputs = [
-        (policy, fleet(10, 20), metrics(NOW, decode_tps=load), PolicyHistory()) for load in (5000, 20000, 40000)
+        (policy, fleet(10, 20), metrics(NOW, decode_tps=load), PolicyHistory())
+        for load in (5000, 20000, 40000)
     ]
     expected = [decide(*item, NOW) for item in inputs]
     assert decide_many(inputs, NOW) == expected
@@ -629,3 +785,18 @@ def test_policy_numbers_are_read_once_per_policy_object():
     assert policy_numbers(policy) is policy_numbers(policy)
     changed = with_overrides(policy, scaling={"target_per_instance": 2000})
     assert policy_numbers(changed).target_per_instance == 2000
+
+
+@pytest.mark.parametrize("name", ["chat", "summarize", "svc-a", "svc-b"])
+def test_every_example_policy_sizes_a_doubling_of_load(name):
+    # Each example service at its target with 20 decode, then twice that load.
+    policy = example_policy(name)
+    target = policy.scaling.target_per_instance
+    prefill = math.ceil(20 * policy.pd_ratio.target)
+    signals = metrics(NOW, service=name, decode_tps=40 * target, prefill_tps=40 * target * 8)
+    decision = decide(policy, fleet(prefill, 20), signals, PolicyHistory(), NOW)
+    # 40 x target / target = 40 decode, reached in one step (allowance max(4, 100% of 20))
+    assert decision.decode == 40
+    assert policy.pd_ratio.min <= decision.prefill / decision.decode <= policy.pd_ratio.max
+    assert decision.reason == "scale_out"
+    assert "-> 40 decode" in decision.message

@@ -24,7 +24,9 @@ SETTINGS = settings(max_examples=150, deadline=None)
 
 @st.composite
 def policy_overrides(draw, granularity: str = "instance") -> dict:
-    low, high = sorted(draw(st.lists(st.sampled_from(RATIOS), min_size=2, max_size=2)), key=parse_ratio)
+    low, high = sorted(
+        draw(st.lists(st.sampled_from(RATIOS), min_size=2, max_size=2)), key=parse_ratio
+    )
     candidates = [r for r in RATIOS if parse_ratio(low) <= parse_ratio(r) <= parse_ratio(high)]
     target = draw(st.sampled_from(candidates))
     prefill_min = draw(st.integers(0, 6))
@@ -44,8 +46,14 @@ def policy_overrides(draw, granularity: str = "instance") -> dict:
         )
     )
     return {
-        "prefill": {"min_instances": prefill_min, "max_instances": prefill_min + draw(st.integers(1, 150))},
-        "decode": {"min_instances": decode_min, "max_instances": decode_min + draw(st.integers(1, 300))},
+        "prefill": {
+            "min_instances": prefill_min,
+            "max_instances": prefill_min + draw(st.integers(1, 150)),
+        },
+        "decode": {
+            "min_instances": decode_min,
+            "max_instances": decode_min + draw(st.integers(1, 300)),
+        },
         "pd_ratio": {
             "target": target,
             "min": low,
@@ -70,13 +78,17 @@ def policy_overrides(draw, granularity: str = "instance") -> dict:
 @st.composite
 def histories(draw) -> PolicyHistory:
     steps = draw(st.lists(st.tuples(st.integers(0, 150), st.integers(0, 300)), max_size=25))
-    recs = tuple(Recommendation(NOW - 15.0 * (len(steps) - i), p, d) for i, (p, d) in enumerate(steps))
+    recs = tuple(
+        Recommendation(NOW - 15.0 * (len(steps) - i), p, d) for i, (p, d) in enumerate(steps)
+    )
     last_change = draw(st.sampled_from([None, NOW - 30.0, NOW - 1000.0]))
     return PolicyHistory(recommendations=recs, last_change_at_s=last_change)
 
 
 fleets = st.builds(
-    lambda p, ps, d, ds: ServiceFleet("svc", RoleCount(ready=p, starting=ps), RoleCount(ready=d, starting=ds)),
+    lambda p, ps, d, ds: ServiceFleet(
+        "svc", RoleCount(ready=p, starting=ps), RoleCount(ready=d, starting=ds)
+    ),
     st.integers(0, 150),
     st.integers(0, 3),
     st.integers(0, 300),
@@ -138,7 +150,9 @@ def test_ratio_inside_its_bounds_when_min_and_max_permit(overrides, fleet, value
     assume(ratio_feasible(*bounds, policy.pd_ratio.min, policy.pd_ratio.max))
     decision = decide(policy, fleet, signals(values), history, NOW)
     assert decision.reason != "metrics_missing"
-    assert ratio_inside(decision.prefill, decision.decode, policy.pd_ratio.min, policy.pd_ratio.max), decision.message
+    assert ratio_inside(
+        decision.prefill, decision.decode, policy.pd_ratio.min, policy.pd_ratio.max
+    ), decision.message
 
 
 @SETTINGS
@@ -160,7 +174,9 @@ def test_no_change_inside_the_tolerance_band(overrides, history, data):
     scaling, ratio = policy.scaling, policy.pd_ratio
     driven = "decode" if scaling.metric == "decode_tps" else "prefill"
     bounds = policy.role(driven)
-    count = data.draw(st.integers(max(bounds.min_instances, 1), bounds.max_instances), label="driven")
+    count = data.draw(
+        st.integers(max(bounds.min_instances, 1), bounds.max_instances), label="driven"
+    )
     # The other role sits where the ratio puts it (a consistent pair).
     if driven == "decode":
         prefill, decode = ceil_count(count * ratio.target), count
@@ -172,7 +188,9 @@ def test_no_change_inside_the_tolerance_band(overrides, history, data):
     usage = data.draw(st.floats(1 - scaling.tolerance, 1 + scaling.tolerance), label="usage")
     load = count * scaling.target_per_instance * usage
     fleet = ServiceFleet("svc", RoleCount(ready=prefill), RoleCount(ready=decode))
-    decision = decide(policy, fleet, ServiceMetrics("svc", **{scaling.metric: Sample(load, NOW)}), history, NOW)
+    decision = decide(
+        policy, fleet, ServiceMetrics("svc", **{scaling.metric: Sample(load, NOW)}), history, NOW
+    )
     assert (decision.prefill, decision.decode) == (prefill, decode), decision.message
     assert decision.reason == "within_tolerance"
 
@@ -195,19 +213,36 @@ def test_group_granularity_gives_whole_groups(data):
     shape_ratio = Fraction(shape_prefill, shape_decode)
     overrides = data.draw(policy_overrides("group"))
     # Bounds around the shape's ratio, min/max in whole groups.
-    overrides["pd_ratio"] = {"target": float(shape_ratio), "min": float(shape_ratio) / 2, "max": float(shape_ratio) * 2}
+    overrides["pd_ratio"] = {
+        "target": float(shape_ratio),
+        "min": float(shape_ratio) / 2,
+        "max": float(shape_ratio) * 2,
+    }
     groups_min = data.draw(st.integers(0, 3))
     groups_max = groups_min + data.draw(st.integers(1, 20))
-    overrides["prefill"] = {"min_instances": groups_min * shape_prefill, "max_instances": groups_max * shape_prefill}
-    overrides["decode"] = {"min_instances": groups_min * shape_decode, "max_instances": groups_max * shape_decode}
-    overrides["deployment_group"] = {"prefill_instances": shape_prefill, "decode_instances": shape_decode}
+    overrides["prefill"] = {
+        "min_instances": groups_min * shape_prefill,
+        "max_instances": groups_max * shape_prefill,
+    }
+    overrides["decode"] = {
+        "min_instances": groups_min * shape_decode,
+        "max_instances": groups_max * shape_decode,
+    }
+    overrides["deployment_group"] = {
+        "prefill_instances": shape_prefill,
+        "decode_instances": shape_decode,
+    }
     policy = make_policy(**overrides)
     fleet = data.draw(fleets)
-    decision = decide(policy, fleet, signals(data.draw(signal_values())), data.draw(histories()), NOW)
+    decision = decide(
+        policy, fleet, signals(data.draw(signal_values())), data.draw(histories()), NOW
+    )
     if decision.reason == "metrics_missing":
         return
     groups = decision.decode // shape_decode
-    assert (decision.prefill, decision.decode) == (groups * shape_prefill, groups * shape_decode), decision.message
+    assert (decision.prefill, decision.decode) == (groups * shape_prefill, groups * shape_decode), (
+        decision.message
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -221,7 +256,9 @@ def test_group_granularity_gives_whole_groups(data):
     st.sampled_from(RATIOS),
     st.sampled_from(RATIOS),
 )
-def test_enforce_ratio_lands_inside_whenever_a_pair_exists(prefill, decode, pmin, pspan, dmin, dspan, a, b):
+def test_enforce_ratio_lands_inside_whenever_a_pair_exists(
+    prefill, decode, pmin, pspan, dmin, dspan, a, b
+):
     low, high = sorted((parse_ratio(a), parse_ratio(b)))
     p_bounds = RoleBounds("prefill", pmin, pmin + pspan)
     d_bounds = RoleBounds("decode", dmin, dmin + dspan)

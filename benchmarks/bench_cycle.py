@@ -1,0 +1,275 @@
+"""One full reconcile cycle for the 20,000-GPU fleet against a real API server.
+
+Scenario (deterministic from --seed):
+1. setup (not timed): the fleet of benchmarks/fleetgen.py (2,500 Nodes x 8 GPUs,
+   100 services), a real kube-apiserver v1.20 + etcd started by scripts/k8s/start.sh
+   (no controller manager: the Deployments need no Pods here), the 2,500 Nodes created
+   with their topology labels and GPU capacity, and a running state of about --fill of
+   the fleet placed by CP-SAT and applied with server-side apply (the reconciler's own
+   applier);
+2. each timed cycle: load the desired state from disk, observe the cluster from the
+   API server (Deployments, Pods, Nodes -> FleetState + drift), fetch metrics (a
+   synthetic source: every service's decode TPS near its target, --change of them
+   moved by +-25% so the policy scales them), decide (the coordinated policy), place
+   (CP-SAT, default options: 2 s limit, 2 workers), and diff with a server-side
+   dry run of every Deployment.
+
+Prints the time of every phase per cycle and the median over --cycles cycles (the
+target is a full cycle under 5 s, excluding API-server latency outliers).
+
+    python benchmarks/bench_cycle.py [--cycles 5] [--seed 0] [--fill 0.65] [--change 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.fleetgen import write_large_fleet
+from reconciler.apply.backend import ApplyOptions, KubernetesBackend
+from reconciler.apply.kubeclient import KubeClient, ResourceConflict, nodes_path
+from reconciler.cycle import plan_cluster
+from reconciler.desired import DesiredState, load_desired_state
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.placement.base import PlacementOptions, PlacementRequest
+from reconciler.placement.cpsat import CpSatPlacer
+from reconciler.plan import Plan, diff_groups
+from reconciler.policy import make_autoscaler
+from reconciler.state import ROLES, FleetState, Sample, ServiceMetrics, Targets
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts" / "k8s"
+
+
+def start_control_plane(state_dir: Path, bin_dir: Path) -> Path:
+    env = {**os.environ, "HETEROSCALE_K8S_CONTROLLERS": "0"}
+    subprocess.run(
+        ["bash", str(SCRIPTS / "start.sh"), str(state_dir), str(bin_dir)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    return state_dir / "kubeconfig"
+
+
+def create_namespaces_and_nodes(
+    client: KubeClient, spec: ClusterSpec, namespaces: set[str]
+) -> None:
+    for name in sorted(namespaces):
+        try:
+            client.request(
+                "POST",
+                "/api/v1/namespaces",
+                body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+            )
+        except ResourceConflict:
+            pass
+
+    def create(node_index: int) -> None:
+        node = spec.nodes[node_index]
+        labels = {
+            spec.labels.s2: node.s2,
+            spec.labels.s1: node.s1,
+            spec.labels.s0: node.s0,
+            spec.labels.gpu_type: spec.gpu_types[node.gpu_type].node_label or node.gpu_type,
+            **node.labels,
+        }
+        try:
+            client.request(
+                "POST",
+                nodes_path(),
+                body={
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": node.name, "labels": labels},
+                },
+            )
+        except ResourceConflict:
+            pass
+        capacity = {"nvidia.com/gpu": str(node.gpus), "cpu": "128", "memory": "1Ti", "pods": "110"}
+        client.request(
+            "PATCH",
+            nodes_path(node.name) + "/status",
+            body={"status": {"capacity": capacity, "allocatable": capacity}},
+            content_type="application/merge-patch+json",
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(create, range(len(spec.nodes))))
+
+
+def initial_targets(
+    policies: dict[str, ServicePolicy], total_gpus: int, fill: float, seed: int
+) -> dict[str, Targets]:
+    """Targets using about ``fill`` of the fleet, following each P/D ratio target."""
+    rng = random.Random(seed)
+    weights = {name: rng.uniform(0.4, 1.6) for name in sorted(policies)}
+    scale = fill * total_gpus / sum(weights.values())
+    out = {}
+    for name, policy in sorted(policies.items()):
+        ratio = policy.pd_ratio.target
+        per_pair = policy.prefill.gpus_per_instance * ratio + policy.decode.gpus_per_instance
+        decode = max(1, round(weights[name] * scale / per_pair))
+        prefill = max(1, round(decode * ratio))
+        out[name] = Targets(
+            name,
+            min(prefill, policy.prefill.max_instances),
+            min(decode, policy.decode.max_instances),
+        )
+    return out
+
+
+class SyntheticMetrics:
+    """Decode TPS at the target per instance for the running size (within tolerance),
+    except a few services whose load moved; latencies well inside their SLOs."""
+
+    def __init__(self, decode_instances: dict[str, int], change: float, seed: int):
+        rng = random.Random(seed)
+        self.load = {}
+        for name, decode in sorted(decode_instances.items()):
+            factor = rng.choice([0.75, 1.25]) if rng.random() < change else 1.0
+            self.load[name] = decode * factor
+
+    def fetch(self, policies: list[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        out = {}
+        for p in policies:
+            decode_tps = self.load.get(p.name, 1.0) * p.scaling.target_per_instance
+            out[p.name] = ServiceMetrics(
+                p.name,
+                prefill_tps=Sample(decode_tps * 8, now_s),
+                decode_tps=Sample(decode_tps, now_s),
+                ttft=Sample(p.slo.ttft_ms * 0.4, now_s),
+                tbt=Sample(p.slo.tbt_ms * 0.4, now_s),
+            )
+        return out
+
+
+def setup_running_state(
+    state: DesiredState, backend: KubernetesBackend, fill: float, seed: int
+) -> dict[str, int]:
+    spec = state.clusters["large"]
+    policies = {p.name: p for p in state.policies_for("large")}
+    total = sum(n.gpus for n in spec.nodes)
+    targets = initial_targets(policies, total, fill, seed)
+    observation = backend.observe(spec, list(policies.values()))
+    result = CpSatPlacer().place(
+        PlacementRequest(
+            spec, policies, observation.fleet, targets, PlacementOptions(time_limit_s=20.0)
+        )
+    )
+    gpus = {(n, r): p.role(r).gpus_per_instance for n, p in policies.items() for r in ROLES}
+    plan = Plan(
+        "large", {}, result, diff_groups(observation.fleet, result.groups, gpus), observation.fleet
+    )
+    applied = backend.apply_cluster(plan)
+    errors = [o for o in applied.objects if o.action in ("error", "conflict")]
+    if errors:
+        raise SystemExit(f"setup failed: {errors[0].key}: {errors[0].notes}")
+    return {name: result.placed(name, "decode") for name in policies}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fill", type=float, default=0.65)
+    parser.add_argument("--change", type=float, default=0.1)
+    parser.add_argument("--nodes", type=int, default=2500)
+    parser.add_argument("--services", type=int, default=100)
+    parser.add_argument(
+        "--kube-bin",
+        default=os.environ.get("HETEROSCALE_KUBE_BIN", "/root/.cache/heteroscale/kube-bin"),
+    )
+    args = parser.parse_args()
+
+    subprocess.run(["bash", str(SCRIPTS / "ensure-binaries.sh"), args.kube_bin], check=True)
+    with tempfile.TemporaryDirectory(prefix="heteroscale-bench-") as tmp:
+        repo = write_large_fleet(
+            Path(tmp) / "repo", nodes=args.nodes, services=args.services, seed=args.seed
+        )
+        state_dir = Path(tmp) / "k8s"
+        t0 = time.perf_counter()
+        kubeconfig = start_control_plane(state_dir, Path(args.kube_bin))
+        try:
+            client = KubeClient.from_kubeconfig(str(kubeconfig), pool_size=16)
+            state = load_desired_state(repo)
+            spec = state.clusters["large"]
+            create_namespaces_and_nodes(
+                client, spec, {p.namespace for p in state.policies.values()}
+            )
+            backend = KubernetesBackend(client, state=state, options=ApplyOptions())
+            decode = setup_running_state(state, backend, args.fill, args.seed)
+            deployments = len(backend.snapshot.deployments) if backend.snapshot else 0
+            gpus = sum(n.gpus for n in spec.nodes)
+            print(
+                f"setup: {len(spec.nodes)} nodes, {gpus} GPUs, {len(state.policies)} services, "
+                f"running state applied in {time.perf_counter() - t0:.1f} s"
+            )
+
+            metrics = SyntheticMetrics(decode, args.change, args.seed)
+            autoscaler = make_autoscaler("heteroscale")
+            placer = CpSatPlacer()
+            rows = []
+            for cycle in range(args.cycles):
+                times: dict[str, float] = {}
+                start = time.perf_counter()
+                state = load_desired_state(repo)
+                times["load"] = time.perf_counter() - start
+                backend.state = state
+                spec = state.clusters["large"]
+                policies = state.policies_for("large")
+                t = time.perf_counter()
+                observation = backend.observe(spec, policies)
+                times["observe"] = time.perf_counter() - t
+                t = time.perf_counter()
+                now = time.time()
+                current = metrics.fetch(policies, now)
+                times["metrics"] = time.perf_counter() - t
+                t = time.perf_counter()
+                plan, _ = plan_cluster(
+                    state, "large", observation, current, {}, now, autoscaler, placer
+                )
+                times["decide+place"] = time.perf_counter() - t
+                t = time.perf_counter()
+                diff = backend.diff_cluster(plan)
+                times["dry-run diff"] = time.perf_counter() - t
+                times["total"] = time.perf_counter() - start
+                deployments = len(backend.snapshot.deployments) if backend.snapshot else deployments
+                solver = plan.placement.stats
+                rows.append(times)
+                print(
+                    f"cycle {cycle + 1}: "
+                    + "  ".join(f"{k} {v:.2f} s" for k, v in times.items())
+                    + f"  | {len(observation.fleet.groups)} groups, {deployments} Deployments, "
+                    f"{len(plan.changes)} group changes, {len(diff.changed)} object changes "
+                    f"({diff.mode}, {backend.stats.dry_runs} dry runs), placement "
+                    f"{solver.solver if solver else '?'} {solver.status if solver else ''}"
+                )
+            print()
+            print(
+                "median over cycles: "
+                + "  ".join(f"{k} {statistics.median(r[k] for r in rows):.2f} s" for k in rows[0])
+            )
+            print(
+                f"full cycle (load, observe, metrics, decide, place, dry-run diff): median "
+                f"{statistics.median(r['total'] for r in rows):.2f} s, min {min(r['total'] for r in rows):.2f} s, "
+                f"max {max(r['total'] for r in rows):.2f} s (target < 5 s)"
+            )
+        finally:
+            subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(state_dir)], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""``heteroscale simulate``: run autoscaling policies side by side on one trace in the
+simulated fleet, and print / write every figure (table, JSON, PNG).
+
+The heavy lifting is ``reconciler.sim.evaluate.evaluate`` (pure); this module only reads
+inputs, shows progress and renders results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from reconciler.desired.loader import DesiredState, load_desired_state
+from reconciler.errors import ConfigError, PermanentError
+from reconciler.sim.engine import LoadProfile, SimConfig
+from reconciler.sim.evaluate import DEFAULT_POLICIES, EvaluationResult, default_placer, evaluate
+from reconciler.sim.workload import TraceError, read_trace
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Rate scaling beyond this many requests is done on the binned load (fluid), not by
+# replicating request arrays (memory).
+MAX_REQUEST_ARRAYS = 12_000_000
+
+
+def load_for(
+    state: DesiredState,
+    service: str,
+    trace: Path | None,
+    rate_scale: float | None,
+    diurnal_hours: float | None,
+    seed: int,
+    config: SimConfig,
+) -> LoadProfile:
+    """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
+    synthetic diurnal day for the service sized to the fleet."""
+    if trace is None:
+        from reconciler.sim.default import synthetic_load_for
+
+        profile = synthetic_load_for(
+            state, state.policies[service], hours=diurnal_hours or 8.0, seed=seed, config=config
+        )
+        return profile.scaled(rate_scale) if rate_scale and rate_scale != 1.0 else profile
+    workload = read_trace(trace, seed=seed)
+    if diurnal_hours:
+        workload = workload.diurnal(diurnal_hours, seed=seed)
+    fluid_factor = 1.0
+    if rate_scale and rate_scale != 1.0:
+        if workload.requests * rate_scale <= MAX_REQUEST_ARRAYS:
+            workload = workload.rate_scaled(rate_scale, seed=seed)
+        else:
+            fluid_factor = rate_scale
+    profile = LoadProfile.from_workload(
+        workload, length_classes=config.length_classes, sample_limit=config.request_sample_limit, seed=seed
+    )
+    return profile.scaled(fluid_factor) if fluid_factor != 1.0 else profile
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value * 100:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:,.0f}"
+
+
+def _ratio_range(low: float | None, high: float | None) -> str:
+    from reconciler.desired.ratio import format_ratio
+
+    if low is None or high is None:
+        return "-"
+    return f"{format_ratio(low)} .. {format_ratio(high)}"
+
+
+def render_table(result: EvaluationResult) -> Table:
+    slo = result.slo
+    q = int(round(float(slo["quantile"]) * 100))
+    table = Table(
+        title=(
+            f"{result.service}: {result.workload}, {result.horizon_s / 3600:.1f} h, {result.requests:,.0f} requests; "
+            f"SLO TTFT {slo['ttft_ms']:g} ms, TBT {slo['tbt_ms']:g} ms at p{q}"
+        ),
+        title_justify="left",
+    )
+    for column, justify in (
+        ("policy", "left"),
+        ("GPU-hours", "right"),
+        ("vs static", "right"),
+        ("util P / D", "right"),
+        ("SM P / D", "right"),
+        ("TTFT ok", "right"),
+        ("TBT ok", "right"),
+        ("both ok", "right"),
+        (f"TTFT p{q} ms", "right"),
+        (f"TBT p{q} ms", "right"),
+        ("actions", "right"),
+        ("P/D ratio", "right"),
+        ("dropped", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    static = result.policies.get("static-peak")
+    for name, r in result.policies.items():
+        saving = "-"
+        if static is not None and static.gpu_hours > 0 and name != "static-peak":
+            saving = f"{(r.gpu_hours / static.gpu_hours - 1) * 100:+.1f}%"
+        table.add_row(
+            name,
+            f"{r.gpu_hours:,.1f}",
+            saving,
+            f"{_pct(r.mean_gpu_util_prefill)} / {_pct(r.mean_gpu_util_decode)}",
+            f"{_pct(r.mean_sm_active_prefill)} / {_pct(r.mean_sm_active_decode)}",
+            _pct(r.ttft_attainment),
+            _pct(r.tbt_attainment),
+            _pct(r.slo_attainment),
+            _ms(r.ttft_quantile_ms),
+            _ms(r.tbt_quantile_ms),
+            str(r.scaling_actions),
+            _ratio_range(r.pd_ratio_min, r.pd_ratio_max),
+            f"{r.dropped:,.0f}",
+        )
+    return table
+
+
+def write_plot(result: EvaluationResult, path: Path) -> None:
+    """One row per policy: load, instances per role, TTFT and TBT against the SLO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(result.policies)
+    fig, axes = plt.subplots(len(names), 3, figsize=(16, 3.2 * len(names)), squeeze=False, sharex=True)
+    slo = result.slo
+    for row, name in enumerate(names):
+        r = result.policies[name]
+        tl = r.timeline
+        hours = np.asarray(tl["t_min"]) / 60.0
+        load_ax = axes[row][0]
+        load_ax.plot(hours, tl["requests_per_s"], color="tab:gray", label="requests/s")
+        load_ax.set_ylabel(f"{name}\nrequests/s")
+        tps_ax = load_ax.twinx()
+        tps_ax.plot(hours, np.asarray(tl["prefill_tps"]) / 1000.0, color="tab:blue", lw=0.8, label="prefill ktok/s")
+        tps_ax.plot(hours, np.asarray(tl["decode_tps"]) / 1000.0, color="tab:orange", lw=0.8, label="decode ktok/s")
+        tps_ax.set_ylabel("k tokens/s")
+        if row == 0:
+            load_ax.set_title("load")
+            tps_ax.legend(loc="upper right", fontsize=7)
+        inst_ax = axes[row][1]
+        inst_ax.step(hours, tl["prefill_instances"], where="post", color="tab:blue", label="prefill")
+        inst_ax.step(hours, tl["decode_instances"], where="post", color="tab:orange", label="decode")
+        inst_ax.set_ylabel("instances")
+        inst_ax.text(
+            0.01,
+            0.95,
+            f"{r.gpu_hours:,.0f} GPU-h, {r.scaling_actions} actions",
+            transform=inst_ax.transAxes,
+            va="top",
+            fontsize=8,
+        )
+        if row == 0:
+            inst_ax.set_title("instances (ready + starting)")
+            inst_ax.legend(loc="upper right", fontsize=7)
+        lat_ax = axes[row][2]
+        lat_ax.plot(hours, tl["ttft_ms"], color="tab:purple", lw=0.8, label="TTFT")
+        lat_ax.plot(hours, tl["tbt_ms"], color="tab:green", lw=0.8, label="TBT")
+        lat_ax.axhline(float(slo["ttft_ms"]), color="tab:purple", ls="--", lw=0.8)
+        lat_ax.axhline(float(slo["tbt_ms"]), color="tab:green", ls="--", lw=0.8)
+        lat_ax.set_yscale("log")
+        lat_ax.set_ylabel(f"ms (p{int(round(float(slo['quantile']) * 100))})")
+        lat_ax.text(
+            0.01,
+            0.95,
+            f"TTFT ok {_pct(r.ttft_attainment)}, TBT ok {_pct(r.tbt_attainment)}",
+            transform=lat_ax.transAxes,
+            va="top",
+            fontsize=8,
+        )
+        if row == 0:
+            lat_ax.set_title("latency vs SLO (dashed)")
+            lat_ax.legend(loc="upper right", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("hours")
+    fig.suptitle(f"{result.service}: {result.workload}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def simulate(
+        trace: Annotated[
+            Path | None,
+            typer.Option("--trace", help="request trace (Azure CSV, Mooncake JSONL[.gz], BurstGPT or plain CSV); "
+            "omitted: a synthetic diurnal day for the service, sized to the fleet"),
+        ] = None,
+        service: Annotated[str | None, typer.Option("--service", help="service in policies/ the trace drives (default: the first)")] = None,
+        rate_scale: Annotated[float | None, typer.Option("--rate-scale", help="multiply the arrival rate by K", min=0.0)] = None,
+        diurnal_hours: Annotated[
+            float | None, typer.Option("--diurnal-hours", help="tile the trace over H hours under a diurnal curve", min=0.0)
+        ] = None,
+        seed: Annotated[int, typer.Option("--seed", help="seed for scaling, jitter and sampling")] = 0,
+        policies: Annotated[
+            str,
+            typer.Option("--policies", help="comma-separated: heteroscale, hpa-gpu-util, static-peak, oracle, schedule:PATH"),
+        ] = ",".join(DEFAULT_POLICIES),
+        json_path: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON here")] = None,
+        plot_path: Annotated[Path | None, typer.Option("--plot", help="write a PNG (one row per policy) here")] = None,
+        repo: Annotated[Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")] = Path("."),
+        interval_s: Annotated[float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)] = 30.0,
+        placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
+    ) -> None:
+        """Run autoscaling policies side by side on one trace in the simulated fleet."""
+        try:
+            state = load_desired_state(repo)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                err_console.print(f"[red]error[/red] {issue}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        if not state.policies:
+            err_console.print(f"error: {repo}: no services in policies/")
+            raise typer.Exit(1)
+        name = service or sorted(state.policies)[0]
+        if name not in state.policies:
+            err_console.print(f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})")
+            raise typer.Exit(2)
+        if placer not in ("greedy", "cpsat"):
+            err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
+            raise typer.Exit(2)
+        chosen = [p.strip() for p in policies.split(",") if p.strip()]
+        if not chosen:
+            err_console.print("error: --policies is empty")
+            raise typer.Exit(2)
+        config = SimConfig()
+        try:
+            profile = load_for(state, name, trace, rate_scale, diurnal_hours, seed, config)
+            for note in profile.notes:
+                err_console.print(f"note: {note}", soft_wrap=True)
+            with Progress(
+                TextColumn("{task.description:<16}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=False,
+            ) as progress:
+                tasks = {p: progress.add_task(p, total=1.0) for p in chosen}
+
+                def report(policy: str, fraction: float) -> None:
+                    progress.update(tasks[policy], completed=fraction)
+
+                result = evaluate(
+                    state,
+                    name,
+                    profile,
+                    chosen,
+                    seed,
+                    interval_s=interval_s,
+                    config=config,
+                    placer=default_placer(placer),
+                    progress=report,
+                )
+                for task in tasks.values():
+                    progress.update(task, completed=1.0)
+        except (TraceError, PermanentError) as exc:
+            err_console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        console.print(render_table(result))
+        for policy_name, r in result.policies.items():
+            if r.description:
+                console.print(f"  {policy_name}: {r.description}", soft_wrap=True)
+            for note in r.notes:
+                console.print(f"  {policy_name}: note: {note}", soft_wrap=True)
+        if json_path is not None:
+            document: dict[str, Any] = result.to_json()
+            document["command"] = {
+                "trace": str(trace) if trace else None,
+                "service": name,
+                "rate_scale": rate_scale,
+                "diurnal_hours": diurnal_hours,
+                "seed": seed,
+                "policies": chosen,
+                "interval_s": interval_s,
+                "placer": placer,
+            }
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(document, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
+        if plot_path is not None:
+            write_plot(result, plot_path)
+            console.print(f"wrote {plot_path}")

@@ -1,0 +1,80 @@
+"""Fakes for the loop tests: a cluster backend that records what it was asked to do,
+a metrics source, an autoscaler that asks for a fixed size, a placer that keeps one
+group per service. They implement the shared protocols, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.errors import ClusterUnavailable
+from reconciler.observe.base import Observation
+from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
+from reconciler.plan import Plan
+from reconciler.policy.base import Decision, PolicyHistory
+from reconciler.state import DeploymentGroup, FleetState, GroupRole, ServiceFleet, ServiceMetrics
+
+
+@dataclass
+class RecordingBackend:
+    """Holds a fleet in memory; ``apply`` makes it so, ``diff`` only reports."""
+
+    cluster: str
+    fleet: FleetState | None = None
+    applied: list[Plan] = field(default_factory=list)
+    diffed: list[Plan] = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    def observe(self, cluster: ClusterSpec, policies: Sequence[ServicePolicy]) -> Observation:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return Observation(self.fleet or FleetState(cluster.name))
+
+    def diff(self, plan: Plan) -> list[str]:
+        self.diffed.append(plan)
+        return [str(c) for c in plan.changes]
+
+    def apply(self, plan: Plan) -> list[str]:
+        self.applied.append(plan)
+        self.fleet = FleetState(plan.cluster, groups=plan.groups)
+        return [str(c) for c in plan.changes]
+
+
+class StaticMetrics:
+    def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        return {p.name: ServiceMetrics(service=p.name) for p in policies}
+
+
+@dataclass
+class FixedAutoscaler:
+    prefill: int = 1
+    decode: int = 2
+    name: str = "fixed"
+
+    def decide(self, policy: ServicePolicy, fleet: ServiceFleet, metrics: ServiceMetrics,
+               history: PolicyHistory, now_s: float) -> Decision:
+        return Decision(policy.name, self.prefill, self.decode, "baseline", f"fixed {self.prefill}/{self.decode}",
+                        history=history)
+
+
+class OneGroupPlacer:
+    """Everything of a service in one group under the first S2 switch."""
+
+    name = "one-group"
+
+    def place(self, request: PlacementRequest) -> PlacementResult:
+        groups = []
+        for name, targets in sorted(request.targets.items()):
+            policy = request.policies[name]
+            groups.append(DeploymentGroup(
+                service=name, cluster=request.cluster.name, group_id="g0", domain=request.cluster.s2[0].name,
+                subgroup=None,
+                prefill=GroupRole(policy.prefill.preferred_gpu_types()[0], targets.prefill),
+                decode=GroupRole(policy.decode.preferred_gpu_types()[0], targets.decode),
+            ))
+        return PlacementResult(request.cluster.name, tuple(groups), stats=SolverStats("greedy", "heuristic", 0.001))
+
+
+def unreachable(cluster: str) -> RecordingBackend:
+    return RecordingBackend(cluster, fail_with=ClusterUnavailable(f"cluster {cluster}: connection refused"))

@@ -1,0 +1,138 @@
+"""The reconcile loop's glue: every cluster through its own backend, failures
+isolated, last known good desired state, leader gating, metrics and health."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import pytest
+from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics, unreachable
+
+from reconciler.desired import DesiredState, load_desired_state
+from reconciler.errors import ConfigError, ConfigIssue
+from reconciler.loop import JsonFormatter, ReconcileLoop, serve_http
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def state() -> DesiredState:
+    return load_desired_state(REPO)
+
+
+def two_cluster_state(state: DesiredState) -> DesiredState:
+    """The example fleet plus a copy of its cluster under another name."""
+    east = state.clusters["prod-east"]
+    west = east.model_copy(update={"name": "prod-west", "kube_context": "prod-west"})
+    west_policies = {f"{n}-w": p.model_copy(update={"name": f"{n}-w", "cluster": "prod-west"}) for n, p in state.policies.items()}
+    return DesiredState(
+        policies={**state.policies, **west_policies},
+        clusters={"prod-east": east, "prod-west": west},
+        templates=state.templates,
+        source_label="two clusters",
+    )
+
+
+def make_loop(state: DesiredState, backends: dict[str, RecordingBackend], **kwargs: object) -> ReconcileLoop:
+    return ReconcileLoop(
+        load_desired=kwargs.pop("load_desired", lambda: state),  # type: ignore[arg-type]
+        backend_for=lambda spec: backends[spec.name],
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(),
+        placer=OneGroupPlacer(),
+        clock=lambda: 1000.0,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_a_cycle_applies_every_cluster_and_a_second_cycle_changes_nothing(state: DesiredState) -> None:
+    both = two_cluster_state(state)
+    backends = {"prod-east": RecordingBackend("prod-east"), "prod-west": RecordingBackend("prod-west")}
+    loop = make_loop(both, backends)
+    first = loop.run_cycle()
+    assert [c.cluster for c in first.clusters] == ["prod-east", "prod-west"]
+    assert all(c.applied and c.outcome == "ok" for c in first.clusters)
+    assert first.has_changes
+    assert len(backends["prod-east"].applied[0].groups) == len(state.policies)
+    second = loop.run_cycle()
+    assert not second.has_changes
+
+
+def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(state: DesiredState) -> None:
+    both = two_cluster_state(state)
+    backends = {"prod-east": unreachable("prod-east"), "prod-west": RecordingBackend("prod-west")}
+    loop = make_loop(both, backends, interval_s=30.0)
+    result = loop.run_cycle()
+    east, west = result.clusters
+    assert east.outcome == "error" and "connection refused" in (east.error or "")
+    assert west.outcome == "ok" and west.applied
+    assert result.has_errors
+    # Backoff: the first failure retries next cycle, repeated failures wait longer.
+    assert loop.run_cycle().clusters[0].outcome == "error"
+    assert loop.run_cycle().clusters[0].outcome == "skipped"
+
+
+def test_an_invalid_revision_keeps_the_last_known_good_state(state: DesiredState) -> None:
+    calls = {"n": 0}
+
+    def load() -> DesiredState:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise ConfigError([ConfigIssue("policies/chat.yaml", 3, 1, "slo", "required field is missing")])
+        return state
+
+    backends = {"prod-east": RecordingBackend("prod-east")}
+    loop = make_loop(state, backends, load_desired=load)
+    loop.run_cycle()
+    result = loop.run_cycle()
+    assert result.desired_error and "policies/chat.yaml:3:1" in result.desired_error
+    assert result.clusters and result.clusters[0].outcome == "ok", "the last good state is still reconciled"
+    assert loop.metrics.desired_valid._value.get() == 0  # type: ignore[attr-defined]
+
+
+def test_a_standby_and_a_dry_run_never_apply(state: DesiredState) -> None:
+    backends = {"prod-east": RecordingBackend("prod-east")}
+    standby = make_loop(state, backends, is_leader=lambda: False)
+    outcome = standby.run_cycle().clusters[0]
+    assert outcome.outcome == "standby" and not outcome.applied
+    dry = make_loop(state, backends, dry_run=True)
+    assert not dry.run_cycle().clusters[0].applied
+    assert backends["prod-east"].applied == [] and len(backends["prod-east"].diffed) == 2
+
+
+def test_metrics_and_health_are_served(state: DesiredState) -> None:
+    backends = {"prod-east": RecordingBackend("prod-east")}
+    loop = make_loop(state, backends)
+    server = serve_http(loop, "127.0.0.1", 0)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "/readyz")  # no desired state loaded yet
+        loop.run_cycle()
+        text = urllib.request.urlopen(base + "/metrics").read().decode()
+        for metric in (
+            'heteroscale_cycle_duration_seconds_count{cluster="prod-east"} 1.0',
+            'heteroscale_decisions_total{reason="baseline",service="chat"} 1.0',
+            "heteroscale_placement_solve_seconds_count",
+            'heteroscale_drift{cluster="prod-east",kind="node_missing"} 0.0',
+            "heteroscale_errors_total",
+            'heteroscale_cycles_total{cluster="prod-east",outcome="ok"} 1.0',
+        ):
+            assert metric in text, metric
+        assert urllib.request.urlopen(base + "/healthz").status == 200
+        assert urllib.request.urlopen(base + "/readyz").status == 200
+    finally:
+        server.shutdown()
+    assert not loop.healthy(now_s=1000.0 + 10 * 30.0), "a stalled loop is unhealthy"
+
+
+def test_json_logs_carry_structured_fields() -> None:
+    record = logging.LogRecord("heteroscale.loop", logging.INFO, __file__, 1, "cluster %s ok", ("east",), None)
+    record.cluster = "east"
+    record.event = "cycle"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "cluster east ok" and line["cluster"] == "east" and line["event"] == "cycle"
+    assert line["level"] == "info"

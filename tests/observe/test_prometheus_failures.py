@@ -1,0 +1,162 @@
+"""How the adapter fails: timeouts, retries with backoff, and which answers mean
+"metrics unavailable" (the reconciler holds) versus "this one query is wrong" (that
+signal is missing for its services). Scripted loopback servers, no Prometheus needed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from observe_helpers import EMPTY_VECTOR, Reply, make_policy, settings_for
+
+from reconciler.errors import MetricsUnavailable, TemporaryError
+from reconciler.observe.local_prometheus import free_loopback_port
+from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
+from reconciler.state import METRIC_NAMES
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def _source(url: str, sleeps: Sleeps | None = None, **settings: object) -> PrometheusMetricsSource:
+    return PrometheusMetricsSource(
+        settings_for(url, **settings), sleep=sleeps if sleeps is not None else Sleeps()
+    )
+
+
+def test_a_response_slower_than_the_timeout_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(delay_s=2.0)])
+    source = _source(server.url, timeout_s=0.3, retries=1)
+    started = time.monotonic()
+    with pytest.raises(MetricsUnavailable) as raised:
+        source.fetch([make_policy("a")], 1000.0)
+    took_s = time.monotonic() - started
+    assert raised.value.cause is not None and raised.value.cause.startswith(
+        "no answer within 0.3 s"
+    )
+    assert raised.value.query is not None and "heteroscale_part" in raised.value.query
+    assert server.received == 2  # first attempt + one retry, then the cycle stops
+    assert took_s < 1.5  # does not wait for the slow server, nor query the other signals
+    assert isinstance(raised.value, TemporaryError)
+
+
+def test_server_errors_are_retried_with_backoff_then_succeed(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus(
+        [
+            Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"busy"}'),
+            Reply(),
+        ]
+    )
+    sleeps = Sleeps()
+    source = _source(server.url, sleeps, retries=2, backoff_s=0.1)
+    metrics = source.fetch([make_policy("a")], 1000.0)
+    assert all(metrics["a"].get(s) is None for s in METRIC_NAMES)  # empty answers: missing
+    assert sleeps == [0.1]
+    assert server.received == len(METRIC_NAMES) + 1
+    assert (
+        source.last_report is not None and source.last_report.http_requests == len(METRIC_NAMES) + 1
+    )
+
+
+def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus(
+        [
+            Reply(
+                status=503, body='{"status":"error","errorType":"unavailable","error":"overloaded"}'
+            )
+        ]
+    )
+    sleeps = Sleeps()
+    source = _source(server.url, sleeps, retries=3, backoff_s=0.1, max_backoff_s=0.25)
+    with pytest.raises(MetricsUnavailable) as raised:
+        source.fetch([make_policy("a")], 1000.0)
+    assert sleeps == [0.1, 0.2, 0.25]
+    assert raised.value.cause == "HTTP 503: unavailable: overloaded"
+    assert "after 4 attempts" in str(raised.value)
+
+
+def test_too_many_requests_is_retried(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(status=429, body="slow down"), Reply()])
+    _source(server.url, retries=1).fetch([make_policy("a")], 1000.0)
+    assert server.received == len(METRIC_NAMES) + 1
+
+
+def test_authentication_failure_is_not_retried(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(status=401, body="Unauthorized")])
+    with pytest.raises(MetricsUnavailable) as raised:
+        _source(server.url, retries=3).fetch([make_policy("a")], 1000.0)
+    assert server.received == 1
+    assert "(HTTP 401)" in str(raised.value) and raised.value.cause == "Unauthorized"
+
+
+def test_an_answer_that_is_not_the_prometheus_api_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(body="<html>login</html>")])
+    with pytest.raises(MetricsUnavailable, match="did not answer like the Prometheus HTTP API"):
+        _source(server.url).fetch([make_policy("a")], 1000.0)
+
+
+def test_a_non_vector_result_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    body = json.dumps({"status": "success", "data": {"resultType": "scalar", "result": [1, "2"]}})
+    server = fake_prometheus([Reply(body=body)])
+    with pytest.raises(MetricsUnavailable, match="unexpected answer"):
+        _source(server.url).fetch([make_policy("a")], 1000.0)
+
+
+def test_nothing_listening_is_unavailable_after_retries() -> None:
+    url = f"http://127.0.0.1:{free_loopback_port()}"
+    sleeps = Sleeps()
+    with pytest.raises(MetricsUnavailable) as raised:
+        _source(url, sleeps, retries=2, backoff_s=0.01).fetch([make_policy("a")], 1000.0)
+    assert raised.value.cause is not None and raised.value.cause.startswith("ConnectionError")
+    assert len(sleeps) == 2
+
+
+def test_a_rejected_single_part_query_is_a_gap_not_an_outage(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    rejected = json.dumps(
+        {"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}
+    )
+    server = fake_prometheus([Reply(status=400, body=rejected), Reply(body=EMPTY_VECTOR)])
+    source = _source(server.url)
+    metrics = source.fetch([make_policy("a")], 1000.0)
+    assert metrics["a"].prefill_tps is None
+    assert source.last_report is not None
+    gap = source.last_report.gaps[0]
+    assert (gap.signal, gap.reason) == (
+        "prefill_tps",
+        "query rejected by Prometheus: bad_data: parse error at char 3",
+    )
+    assert server.received == len(METRIC_NAMES)  # one part: no splitting needed
+
+
+def test_parameters_sent_to_prometheus(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    """The evaluation time is the cycle's ``now_s``; the server-side timeout matches."""
+    captured: list[str] = []
+    server = fake_prometheus([Reply()])
+    source = PrometheusMetricsSource(
+        PrometheusSettings(
+            url=server.url, timeout_s=2.5, signals=("decode_tps",), headers={"X-Scope-OrgID": "t1"}
+        )
+    )
+    original = source._session.send
+
+    def spy(request, **kwargs):  # type: ignore[no-untyped-def]
+        captured.append(request.url)
+        assert request.headers["X-Scope-OrgID"] == "t1"
+        return original(request, **kwargs)
+
+    source._session.send = spy  # type: ignore[method-assign]
+    source.fetch([make_policy("a")], 1234.5)
+    assert len(captured) == 1
+    assert "time=1234.500" in captured[0] and "timeout=2.5" in captured[0]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"timeout_s": 0}, {"rate_window_s": -1}, {"retries": -1}, {"signals": ("nope",)}],
+)
+def test_settings_are_validated(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        PrometheusSettings(**bad)  # type: ignore[arg-type]

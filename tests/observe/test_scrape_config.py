@@ -1,0 +1,63 @@
+"""The documented Kubernetes scrape config
+(``scripts/prometheus/kubernetes-scrape-config.example.yaml``): valid for Prometheus, and
+its relabelling turns the applier's pod labels into the ``service``/``role`` labels the
+presets read."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import requests
+from observe_helpers import (
+    DECODE,
+    ENGINE_JOB,
+    PREFILL,
+    RELABEL_SERVICE,
+    PrometheusStack,
+    example_scrape_config,
+    make_policy,
+    settings_for,
+)
+from ruamel.yaml import YAML
+
+from reconciler.observe.local_prometheus import find_binary
+from reconciler.observe.prometheus import PrometheusMetricsSource
+
+pytestmark = pytest.mark.prometheus
+
+
+def test_example_config_passes_promtool(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """promtool checks every field and relabel rule. Debian's build lacks Kubernetes
+    discovery, so the discovery blocks are swapped for static targets first."""
+    promtool = find_binary("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    config = example_scrape_config()
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs"), job["job_name"]
+        job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
+    path = tmp_path / "prometheus.yml"
+    with path.open("w") as out:
+        YAML(typ="safe").dump(config, out)
+    done = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_relabelled_engine_pods_are_read_by_the_presets(prometheus_stack: PrometheusStack) -> None:
+    with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
+        metrics = source.fetch([make_policy(RELABEL_SERVICE)], time.time())[RELABEL_SERVICE]
+    assert metrics.prefill_tps is not None
+    assert metrics.prefill_tps.value == pytest.approx(PREFILL.prompt_tps - PREFILL.cached_prompt_tps, rel=0.02)
+    assert metrics.decode_tps is not None
+    assert metrics.decode_tps.value == pytest.approx(DECODE.generation_tps, rel=0.02)
+    assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == DECODE.kv_usage
+
+
+def test_pods_without_the_service_label_are_not_scraped(prometheus_stack: PrometheusStack) -> None:
+    up = requests.get(
+        f"{prometheus_stack.url}/api/v1/query", params={"query": f'up{{job="{ENGINE_JOB}"}}'}, timeout=5
+    ).json()["data"]["result"]
+    assert sorted(series["metric"]["pod"] for series in up) == ["pod-d", "pod-p"]
+    assert {series["metric"]["namespace"] for series in up} == {"serving"}
