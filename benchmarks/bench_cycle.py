@@ -45,7 +45,7 @@ from reconciler.placement.base import PlacementOptions, PlacementRequest
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy import make_autoscaler
-from reconciler.state import ROLES, FleetState, Sample, ServiceMetrics, Targets
+from reconciler.state import ROLES, Sample, ServiceMetrics, Targets
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "k8s"
@@ -211,7 +211,7 @@ def main() -> None:
             )
             backend = KubernetesBackend(client, state=state, options=ApplyOptions())
             decode = setup_running_state(state, backend, args.fill, args.seed)
-            deployments = len(backend.snapshot.deployments) if backend.snapshot else 0
+            deployments = len(list(client.list("/apis/apps/v1/deployments")))
             gpus = sum(n.gpus for n in spec.nodes)
             print(
                 f"setup: {len(spec.nodes)} nodes, {gpus} GPUs, {len(state.policies)} services, "

@@ -117,7 +117,7 @@ def table(rows: dict[str, PlacementQuality]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fill", type=float, default=0.65)
+    parser.add_argument("--fill", type=float, default=0.5)
     parser.add_argument("--change", type=float, default=0.10)
     parser.add_argument("--short-growth", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)

@@ -15,11 +15,15 @@ anything that removes it (drains, scale-downs, deletes).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from reconciler.apply import names
+from reconciler.apply.fields import client_side_changes
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ServicePolicy
@@ -75,14 +79,37 @@ def _view(pod: LivePod) -> PodView:
     )
 
 
+def manifest_hash(manifest: Manifest) -> str:
+    """Hash of what we apply, without the precondition and the hash itself."""
+    metadata = {k: v for k, v in manifest["metadata"].items() if k != "resourceVersion"}
+    annotations = {k: v for k, v in metadata.get("annotations", {}).items() if k != names.APPLIED_HASH_ANNOTATION}
+    text = json.dumps({**manifest, "metadata": {**metadata, "annotations": annotations}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def effective_manifest(desired: RenderedWorkload, replicas: int, live: LiveDeployment | None) -> Manifest:
-    """The rendered manifest with this cycle's replicas, and the live object's
-    resourceVersion as a precondition (a concurrent change answers 409)."""
+    """The rendered manifest with this cycle's replicas and its hash, and the live
+    object's resourceVersion as a precondition (a concurrent change answers 409)."""
     manifest = copy.deepcopy(desired.manifest)
     manifest["spec"]["replicas"] = replicas
+    manifest["metadata"]["annotations"][names.APPLIED_HASH_ANNOTATION] = manifest_hash(manifest)
     if live is not None and live.resource_version:
         manifest["metadata"]["resourceVersion"] = live.resource_version
     return manifest
+
+
+def provably_unchanged(work: WorkloadWork) -> bool:
+    """Applying ``work.manifest`` would change nothing: the live object carries the
+    hash of this very manifest (so we set no other fields last time), still holds
+    every value in it, and no one but us and the controllers manages it. Anything
+    less goes to the server-side dry run."""
+    live, manifest = work.live, work.manifest
+    if live is None or manifest is None or live.foreign_managers:
+        return False
+    if live.applied_hash != manifest["metadata"]["annotations"].get(names.APPLIED_HASH_ANNOTATION):
+        return False
+    bare = {**manifest, "metadata": {k: v for k, v in manifest["metadata"].items() if k != "resourceVersion"}}
+    return not client_side_changes(live.raw, bare)
 
 
 def plan_workloads(

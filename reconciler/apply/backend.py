@@ -38,7 +38,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from reconciler.apply import names
-from reconciler.apply.actions import WorkloadWork, manually_drained, plan_workloads
+from reconciler.apply.actions import (
+    WorkloadWork,
+    manually_drained,
+    plan_workloads,
+    provably_unchanged,
+)
 from reconciler.apply.fields import FieldChange, client_side_changes, field_changes
 from reconciler.apply.kubeclient import (
     ApiRejected,
@@ -74,6 +79,8 @@ class ApplyOptions:
     diff_mode: Literal["auto", "server", "client"] = "auto"
     conflict_retries: int = 3
     dry_run_workers: int = 8
+    # Skip the dry run of objects that provably would not change (actions.provably_unchanged).
+    skip_provably_unchanged: bool = True
 
 
 @dataclass
@@ -92,6 +99,13 @@ def _dry_run_unsupported(exc: KubeApiError) -> bool:
         return True
     text = exc.api_message.lower()
     return exc.status == 400 and ("dry run" in text or "dryrun" in text or "dry-run" in text)
+
+
+def _visible(changes: tuple[FieldChange, ...]) -> tuple[FieldChange, ...]:
+    """Field changes worth reporting: the applied-hash annotation follows every other
+    change and would only repeat it."""
+    hidden = f"metadata.annotations.{names.APPLIED_HASH_ANNOTATION}"
+    return tuple(c for c in changes if c.path != hidden)
 
 
 class KubernetesBackend:
@@ -174,6 +188,11 @@ class KubernetesBackend:
         notes: list[str] = []
         results: dict[ObjectKey, ObjectDiff] = {}
         to_dry_run = [w for w in work if w.manifest is not None]
+        if self.options.skip_provably_unchanged:
+            for w in to_dry_run:
+                if provably_unchanged(w):
+                    results[w.key] = self._object_diff(w, "update" if w.scale.pod_actions else "unchanged", ())
+            to_dry_run = [w for w in to_dry_run if w.key not in results]
         if mode == "server-dry-run" and to_dry_run:
             workers = max(1, min(self.options.dry_run_workers, len(to_dry_run)))
             with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -302,9 +321,19 @@ class KubernetesBackend:
         except NotFound as exc:  # e.g. the namespace does not exist
             return self._object_diff(w, "error", (), (str(exc),))
         if w.action == "create":
+            if result.get("metadata", {}).get("resourceVersion"):
+                # An object of that name exists without our ownership labels.
+                if not self.options.force:
+                    self.stats.ownership_conflicts += 1
+                    return self._object_diff(w, "conflict", (), (
+                        "a Deployment of this name exists without heteroscale's ownership labels; "
+                        "not touched (use --force to take it over)",
+                    ))
+                existing = self.client.get(path)
+                return self._object_diff(replace(w, action="update"), "update", _visible(field_changes(existing, result)))
             return self._object_diff(w, "create", (FieldChange("spec.replicas", None, w.scale.replicas),))
         before = live if live is not None else (w.live.raw if w.live else None)
-        fields = field_changes(before, result)
+        fields = _visible(field_changes(before, result))
         action = "update" if fields or w.scale.pod_actions else "unchanged"
         return self._object_diff(w, action, fields)
 
@@ -317,7 +346,7 @@ class KubernetesBackend:
         conflicts = self._foreign_owned(w)
         if conflicts and not self.options.force:
             return self._object_diff(w, "conflict", (), conflicts)
-        fields = client_side_changes(w.live.raw if w.live else None, manifest)
+        fields = _visible(client_side_changes(w.live.raw if w.live else None, manifest))
         action = "update" if fields or w.scale.pod_actions else "unchanged"
         return self._object_diff(w, action, fields)
 

@@ -43,6 +43,10 @@ GPUS_PER_INSTANCE_ANNOTATION = f"{PREFIX}/gpus-per-instance"
 # Hash of the rendered pod template: a drained Pod is put back into service only if
 # it still runs the current template.
 TEMPLATE_HASH_ANNOTATION = f"{PREFIX}/template-hash"
+# Hash of the whole manifest last applied (replicas included): when the live object
+# still carries it, holds every value we set, and nobody else manages it, applying the
+# same manifest again is provably a no-op and the diff skips its dry run.
+APPLIED_HASH_ANNOTATION = f"{PREFIX}/applied-hash"
 # On a drained Pod: when it left service discovery (seconds since the epoch) and the
 # Deployment it came from. Kept on the Pod so the drain survives reconciler restarts.
 DRAINED_AT_ANNOTATION = f"{PREFIX}/drained-at"

@@ -24,6 +24,8 @@ from reconciler.sim.evaluate import DEFAULT_POLICIES, EvaluationResult, default_
 from reconciler.sim.workload import TraceError, read_trace
 
 console = Console(highlight=False)
+if not console.is_terminal:
+    console = Console(highlight=False, width=200)  # logs and CI: one table row per line
 err_console = Console(stderr=True, highlight=False)
 
 # Rate scaling beyond this many requests is done on the binned load (fluid), not by
@@ -59,7 +61,10 @@ def load_for(
         else:
             fluid_factor = rate_scale
     profile = LoadProfile.from_workload(
-        workload, length_classes=config.length_classes, sample_limit=config.request_sample_limit, seed=seed
+        workload,
+        length_classes=config.length_classes,
+        sample_limit=config.request_sample_limit,
+        seed=seed,
     )
     return profile.scaled(fluid_factor) if fluid_factor != 1.0 else profile
 
@@ -73,16 +78,15 @@ def _ms(value: float | None) -> str:
 
 
 def _ratio_range(low: float | None, high: float | None) -> str:
-    from reconciler.desired.ratio import format_ratio
-
+    """Prefill/decode instance ratio range, as decimals (0.33 = 1:3)."""
     if low is None or high is None:
         return "-"
-    return f"{format_ratio(low)} .. {format_ratio(high)}"
+    return f"{low:.2f}-{high:.2f}"
 
 
 def render_table(result: EvaluationResult) -> Table:
     slo = result.slo
-    q = int(round(float(slo["quantile"]) * 100))
+    q = round(float(slo["quantile"]) * 100)
     table = Table(
         title=(
             f"{result.service}: {result.workload}, {result.horizon_s / 3600:.1f} h, {result.requests:,.0f} requests; "
@@ -102,7 +106,7 @@ def render_table(result: EvaluationResult) -> Table:
         (f"TTFT p{q} ms", "right"),
         (f"TBT p{q} ms", "right"),
         ("actions", "right"),
-        ("P/D ratio", "right"),
+        ("P/D", "right"),
         ("dropped", "right"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -138,7 +142,9 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
     import numpy as np
 
     names = list(result.policies)
-    fig, axes = plt.subplots(len(names), 3, figsize=(16, 3.2 * len(names)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(names), 3, figsize=(16, 3.2 * len(names)), squeeze=False, sharex=True
+    )
     slo = result.slo
     for row, name in enumerate(names):
         r = result.policies[name]
@@ -148,15 +154,31 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
         load_ax.plot(hours, tl["requests_per_s"], color="tab:gray", label="requests/s")
         load_ax.set_ylabel(f"{name}\nrequests/s")
         tps_ax = load_ax.twinx()
-        tps_ax.plot(hours, np.asarray(tl["prefill_tps"]) / 1000.0, color="tab:blue", lw=0.8, label="prefill ktok/s")
-        tps_ax.plot(hours, np.asarray(tl["decode_tps"]) / 1000.0, color="tab:orange", lw=0.8, label="decode ktok/s")
+        tps_ax.plot(
+            hours,
+            np.asarray(tl["prefill_tps"]) / 1000.0,
+            color="tab:blue",
+            lw=0.8,
+            label="prefill ktok/s",
+        )
+        tps_ax.plot(
+            hours,
+            np.asarray(tl["decode_tps"]) / 1000.0,
+            color="tab:orange",
+            lw=0.8,
+            label="decode ktok/s",
+        )
         tps_ax.set_ylabel("k tokens/s")
         if row == 0:
             load_ax.set_title("load")
             tps_ax.legend(loc="upper right", fontsize=7)
         inst_ax = axes[row][1]
-        inst_ax.step(hours, tl["prefill_instances"], where="post", color="tab:blue", label="prefill")
-        inst_ax.step(hours, tl["decode_instances"], where="post", color="tab:orange", label="decode")
+        inst_ax.step(
+            hours, tl["prefill_instances"], where="post", color="tab:blue", label="prefill"
+        )
+        inst_ax.step(
+            hours, tl["decode_instances"], where="post", color="tab:orange", label="decode"
+        )
         inst_ax.set_ylabel("instances")
         inst_ax.text(
             0.01,
@@ -175,7 +197,7 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
         lat_ax.axhline(float(slo["ttft_ms"]), color="tab:purple", ls="--", lw=0.8)
         lat_ax.axhline(float(slo["tbt_ms"]), color="tab:green", ls="--", lw=0.8)
         lat_ax.set_yscale("log")
-        lat_ax.set_ylabel(f"ms (p{int(round(float(slo['quantile']) * 100))})")
+        lat_ax.set_ylabel(f"ms (p{round(float(slo['quantile']) * 100)})")
         lat_ax.text(
             0.01,
             0.95,
@@ -201,23 +223,50 @@ def register(app: typer.Typer) -> None:
     def simulate(
         trace: Annotated[
             Path | None,
-            typer.Option("--trace", help="request trace (Azure CSV, Mooncake JSONL[.gz], BurstGPT or plain CSV); "
-            "omitted: a synthetic diurnal day for the service, sized to the fleet"),
+            typer.Option(
+                "--trace",
+                help="request trace (Azure CSV, Mooncake JSONL[.gz], BurstGPT or plain CSV); "
+                "omitted: a synthetic diurnal day for the service, sized to the fleet",
+            ),
         ] = None,
-        service: Annotated[str | None, typer.Option("--service", help="service in policies/ the trace drives (default: the first)")] = None,
-        rate_scale: Annotated[float | None, typer.Option("--rate-scale", help="multiply the arrival rate by K", min=0.0)] = None,
+        service: Annotated[
+            str | None,
+            typer.Option(
+                "--service", help="service in policies/ the trace drives (default: the first)"
+            ),
+        ] = None,
+        rate_scale: Annotated[
+            float | None,
+            typer.Option("--rate-scale", help="multiply the arrival rate by K", min=0.0),
+        ] = None,
         diurnal_hours: Annotated[
-            float | None, typer.Option("--diurnal-hours", help="tile the trace over H hours under a diurnal curve", min=0.0)
+            float | None,
+            typer.Option(
+                "--diurnal-hours", help="tile the trace over H hours under a diurnal curve", min=0.0
+            ),
         ] = None,
-        seed: Annotated[int, typer.Option("--seed", help="seed for scaling, jitter and sampling")] = 0,
+        seed: Annotated[
+            int, typer.Option("--seed", help="seed for scaling, jitter and sampling")
+        ] = 0,
         policies: Annotated[
             str,
-            typer.Option("--policies", help="comma-separated: heteroscale, hpa-gpu-util, static-peak, oracle, schedule:PATH"),
+            typer.Option(
+                "--policies",
+                help="comma-separated: heteroscale, hpa-gpu-util, static-peak, oracle, schedule:PATH",
+            ),
         ] = ",".join(DEFAULT_POLICIES),
-        json_path: Annotated[Path | None, typer.Option("--json", help="write every figure as JSON here")] = None,
-        plot_path: Annotated[Path | None, typer.Option("--plot", help="write a PNG (one row per policy) here")] = None,
-        repo: Annotated[Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")] = Path("."),
-        interval_s: Annotated[float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)] = 30.0,
+        json_path: Annotated[
+            Path | None, typer.Option("--json", help="write every figure as JSON here")
+        ] = None,
+        plot_path: Annotated[
+            Path | None, typer.Option("--plot", help="write a PNG (one row per policy) here")
+        ] = None,
+        repo: Annotated[
+            Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
+        ] = Path("."),
+        interval_s: Annotated[
+            float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
+        ] = 30.0,
         placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
     ) -> None:
         """Run autoscaling policies side by side on one trace in the simulated fleet."""
@@ -232,7 +281,9 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
         name = service or sorted(state.policies)[0]
         if name not in state.policies:
-            err_console.print(f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})")
+            err_console.print(
+                f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})"
+            )
             raise typer.Exit(2)
         if placer not in ("greedy", "cpsat"):
             err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")

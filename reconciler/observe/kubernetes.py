@@ -58,8 +58,11 @@ class LiveDeployment:
     replicas: int
     ready_replicas: int
     template_hash: str
+    gpus_per_instance: int | None
     resource_version: str
     other_managers: tuple[str, ...]  # managers other than ours owning spec fields
+    foreign_managers: tuple[str, ...]  # managers other than ours and the controllers, any field
+    applied_hash: str
     raw: JsonObject = field(repr=False, compare=False)
 
 
@@ -129,6 +132,11 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _foreign_managers(obj: JsonObject) -> tuple[str, ...]:
+    entries = obj.get("metadata", {}).get("managedFields") or []
+    return tuple(sorted({e.get("manager", "") for e in entries} - SYSTEM_MANAGERS))
+
+
 def _spec_managers(obj: JsonObject) -> tuple[str, ...]:
     managers = set()
     for entry in obj.get("metadata", {}).get("managedFields") or []:
@@ -163,8 +171,13 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         replicas=_int(spec.get("replicas", 1)),
         ready_replicas=_int(status.get("readyReplicas", 0)),
         template_hash=annotations.get(names.TEMPLATE_HASH_ANNOTATION, ""),
+        gpus_per_instance=_int(annotations[names.GPUS_PER_INSTANCE_ANNOTATION]) or None
+        if names.GPUS_PER_INSTANCE_ANNOTATION in annotations
+        else None,
         resource_version=meta.get("resourceVersion", ""),
         other_managers=_spec_managers(obj),
+        foreign_managers=_foreign_managers(obj),
+        applied_hash=annotations.get(names.APPLIED_HASH_ANNOTATION, ""),
         raw=obj,
     )
 
@@ -291,6 +304,7 @@ def fleet_from_snapshot(
                 gpu_type=live.gpu_type,
                 instances=live.replicas,
                 nodes=tuple(NodeInstances(n, c) for n, c in sorted(node_counts.items())),
+                gpus_per_instance=live.gpus_per_instance,
             )
             starting[(service, role)] += max(0, live.replicas - live.ready_replicas)
         groups.append(

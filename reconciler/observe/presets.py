@@ -133,7 +133,7 @@ handling (series of a vanished target disappear at the next failed scrape).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.desired.models import ServicePolicy
@@ -317,15 +317,21 @@ def render_spec(
     window_s: float,
     service_label: str,
     role_label: str,
+    services: Sequence[str] | None = None,
 ) -> SignalQuery:
-    """The PromQL of a preset signal for every service at once (grouped by service and
-    role labels, filtered to one role)."""
+    """The PromQL of a preset signal, grouped by service and role labels and filtered to
+    one role: for every service at once, or only for ``services`` (a regex matcher on
+    the service label, so that one of several parts of a merged query does not
+    recompute what the other parts compute)."""
     by = f"{service_label}, {role_label}"
     window = format_duration(window_s)
     names = _spellings(spec.metrics)
+    matchers = f'{role_label}="{role}"'
+    if services is not None:
+        matchers += f', {service_label}=~"{services_regex(services)}"'
 
     def sel(metric: str) -> str:
-        return f'{metric}{{{role_label}="{role}"}}'
+        return f"{metric}{{{matchers}}}"
 
     def freshness(metrics: tuple[str, ...]) -> str:
         return _alternatives([f"min by ({by}) (timestamp({sel(m)}))" for m in metrics])
@@ -344,7 +350,7 @@ def render_spec(
         q = format_number(quantile)
         value = _alternatives(
             [
-                f'histogram_quantile({q}, sum by ({by}, le) (rate({m}_bucket{{{role_label}="{role}"}}[{window}])))'
+                f"histogram_quantile({q}, sum by ({by}, le) (rate({sel(m + '_bucket')}[{window}])))"
                 for m in names
             ]
         )
@@ -366,10 +372,15 @@ def render_override(query: str, *, quantile: float, window_s: float) -> SignalQu
 
 
 def signal_query(
-    policy: ServicePolicy, signal: MetricName, *, window_s: float
+    policy: ServicePolicy,
+    signal: MetricName,
+    *,
+    window_s: float,
+    services: Sequence[str] | None = None,
 ) -> SignalQuery | None:
     """The query that reads ``signal`` for ``policy``: its override if it has one, else
-    its preset's, else None (the preset has no source for the signal)."""
+    its preset's (restricted to ``services`` if given), else None (the preset has no
+    source for the signal)."""
     config = policy.metrics
     override = config.queries.get(signal)
     if override is not None:
@@ -384,7 +395,18 @@ def signal_query(
         window_s=window_s,
         service_label=config.service_label,
         role_label=config.role_label,
+        services=services,
     )
+
+
+_RE2_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")
+
+
+def services_regex(services: Sequence[str]) -> str:
+    """An anchored alternation matching exactly these names, escaped for RE2 and for a
+    PromQL double-quoted string."""
+    escaped = (_RE2_SPECIAL.sub(r"\\\1", name) for name in sorted(set(services)))
+    return "|".join(escaped).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def dcgm_pod_labels_join(

@@ -14,9 +14,12 @@ instant query::
 
 so the number of requests is bounded by the number of signals, and the size of each
 query by the number of *distinct configurations*, never by the number of services.
-Parts are not restricted to their services: each computes over every service and the
-adapter reads its own services' rows (Prometheus does the few extra aggregations
-cheaply; the query text stays short whatever the fleet size).
+When a signal has several parts, each preset part carries a
+``service=~"a|b|..."`` matcher for its own services, so that together they aggregate
+every series once rather than once per part (for histograms at three quantiles this
+cuts the evaluation time by about three); the query text then grows with the number of
+services (about 20 bytes each per selector), which matters only for proxies with short
+URL limits. A single-part signal has no matcher.
 
 Freshness: a value's ``Sample.at_s`` is the timestamp of the *oldest* of the newest raw
 samples behind it (``min by (service, role) (timestamp(<series>))``), not the query
@@ -33,8 +36,13 @@ evaluation time (see ``reconciler.observe.presets``).
 Queries are evaluated at ``now_s`` (the ``time`` parameter), so a cycle can be replayed
 against recorded data.
 
+The signals' requests are independent, so up to ``max_concurrency`` (default 4) are in
+flight at once and Prometheus evaluates them on several cores; the number of requests
+is unchanged.
+
 Failures: connection errors, timeouts, HTTP 429 and 5xx are retried with exponential
-backoff; when a signal's request still fails the cycle stops at once and raises
+backoff; when a signal's request still fails the cycle stops at once (requests not yet
+started are dropped) and raises
 ``MetricsUnavailable`` (carrying the query and the cause); the reconciler then holds
 every service at its current size. HTTP 400/422 (Prometheus rejected the PromQL, e.g. a
 broken override) is not a backend outage: the merged query is split into its parts to
@@ -48,17 +56,20 @@ HTTP client: prometheus-api-client's ``PrometheusConnect.custom_query``. It has 
 total deadline) which is used, and the same bound is sent to Prometheus as the
 server-side evaluation ``timeout``. Its own urllib3 retries are disabled
 so that retries, backoff and request counting are this module's. It hides the HTTP
-status inside its exception text, so the session records the last response to classify
-failures.
+status inside its exception text, so each connection's session records its last
+response to classify failures (one session per concurrent request, never shared).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +110,9 @@ class PrometheusSettings:
     scrape intervals, so that a missed scrape does not empty the window."""
     signals: tuple[MetricName, ...] = METRIC_NAMES
     """Signals to read each cycle (the rest stay ``None``)."""
+    max_concurrency: int = 4
+    """Signal requests in flight at once (Prometheus evaluates them in parallel);
+    1 = one after the other."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra HTTP headers, e.g. ``Authorization`` for a secured Prometheus."""
     verify_tls: bool = True
@@ -108,6 +122,8 @@ class PrometheusSettings:
             raise ValueError("timeout_s and rate_window_s must be positive")
         if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
             raise ValueError("retries and backoffs must not be negative")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
         unknown = set(self.signals) - set(METRIC_NAMES)
         if unknown:
             raise ValueError(f"unknown signals: {sorted(unknown)}")
@@ -161,12 +177,14 @@ class SignalGap:
 def plan_requests(
     policies: Sequence[ServicePolicy], signals: Sequence[MetricName], *, window_s: float
 ) -> tuple[tuple[SignalRequest, ...], tuple[SignalGap, ...]]:
-    """Group services by identical PromQL, per signal. Services that cannot be read
-    (no source in their preset, invalid label names) come back as gaps."""
+    """Group services by identical PromQL, per signal. When a signal needs several parts,
+    each preset part is restricted to its own services, so the parts together aggregate
+    every series once (overrides are the user's PromQL and stay as written). Services
+    that cannot be read (no source in their preset, invalid label names) are gaps."""
     requests_out: list[SignalRequest] = []
     gaps: list[SignalGap] = []
     for signal in signals:
-        groups: dict[tuple[SignalQuery, str, str], list[str]] = defaultdict(list)
+        groups: dict[tuple[SignalQuery, str, str], list[ServicePolicy]] = defaultdict(list)
         for policy in policies:
             config = policy.metrics
             if not (is_label_name(config.service_label) and is_label_name(config.role_label)):
@@ -186,13 +204,17 @@ def plan_requests(
                     SignalGap(policy.name, signal, f"the '{preset}' preset has no source for it")
                 )
                 continue
-            groups[(query, config.service_label, config.role_label)].append(policy.name)
-        if groups:
-            parts = tuple(
-                QueryPart(str(i), query, tuple(services), service_label, role_label)
-                for i, ((query, service_label, role_label), services) in enumerate(groups.items())
-            )
-            requests_out.append(SignalRequest(signal, SIGNAL_ROLE[signal], parts))
+            groups[(query, config.service_label, config.role_label)].append(policy)
+        parts: list[QueryPart] = []
+        for i, ((query, service_label, role_label), members) in enumerate(groups.items()):
+            names = tuple(policy.name for policy in members)
+            if len(groups) > 1 and query.sampled_at is not None:
+                restricted = signal_query(members[0], signal, window_s=window_s, services=names)
+                assert restricted is not None  # same preset as the unrestricted query
+                query = restricted
+            parts.append(QueryPart(str(i), query, names, service_label, role_label))
+        if parts:
+            requests_out.append(SignalRequest(signal, SIGNAL_ROLE[signal], tuple(parts)))
     return tuple(requests_out), tuple(gaps)
 
 
@@ -390,8 +412,33 @@ class _Retryable(Exception):
     pass
 
 
+_Result = tuple[dict[tuple[MetricName, str], PartOutcome], QueryTiming]
+
+
+class _Connection:
+    """One HTTP session and client; used by one query at a time."""
+
+    def __init__(self, settings: PrometheusSettings) -> None:
+        self.session = _RecordingSession()
+        self.session.verify = settings.verify_tls
+        self.client = PrometheusConnect(
+            url=settings.url.rstrip("/"),
+            headers=dict(settings.headers) or None,
+            disable_ssl=not settings.verify_tls,
+            # No urllib3 retries (ours count and back off); read=False lets a read
+            # timeout surface as requests' ReadTimeout instead of a ConnectionError.
+            retry=Retry(total=0, read=False),
+            session=self.session,
+            timeout=settings.timeout_s,  # type: ignore[arg-type]  # annotated int, any number works
+        )
+
+
 class PrometheusMetricsSource:
-    """``MetricsSource`` over a Prometheus HTTP API (see the module docstring)."""
+    """``MetricsSource`` over a Prometheus HTTP API (see the module docstring).
+
+    The signals' requests run ``settings.max_concurrency`` at a time, each on its own
+    connection; the first one that fails for good cancels those not yet started.
+    """
 
     def __init__(
         self,
@@ -403,27 +450,24 @@ class PrometheusMetricsSource:
         self.settings = settings
         self._sleep = sleep
         self._clock = clock
-        self._session = _RecordingSession()
-        self._session.verify = settings.verify_tls
-        self._client = PrometheusConnect(
-            url=settings.url.rstrip("/"),
-            headers=dict(settings.headers) or None,
-            disable_ssl=not settings.verify_tls,
-            # No urllib3 retries (ours count and back off); read=False lets a read
-            # timeout surface as requests' ReadTimeout instead of a ConnectionError.
-            retry=Retry(total=0, read=False),
-            session=self._session,
-            timeout=settings.timeout_s,  # type: ignore[arg-type]  # annotated int, any number works
-        )
+        self._connections = [_Connection(settings) for _ in range(settings.max_concurrency)]
+        self._idle: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
+        for connection in self._connections:
+            self._idle.put(connection)
+        self._executor: ThreadPoolExecutor | None = None
         self.last_report: CycleReport | None = None
 
     @property
     def http_requests_sent(self) -> int:
         """HTTP requests sent since construction (every attempt counts)."""
-        return self._session.sent
+        return sum(connection.session.sent for connection in self._connections)
 
     def close(self) -> None:
-        self._session.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        for connection in self._connections:
+            connection.session.close()
 
     def __enter__(self) -> PrometheusMetricsSource:
         return self
@@ -433,29 +477,20 @@ class PrometheusMetricsSource:
 
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
         started = self._clock()
-        sent_before = self._session.sent
+        sent_before = self.http_requests_sent
         plan, plan_gaps = plan_requests(
             policies, self.settings.signals, window_s=self.settings.rate_window_s
         )
+        results = self._run_all(plan, now_s)
         outcomes: dict[tuple[MetricName, str], PartOutcome] = {}
-        timings: list[QueryTiming] = []
-        for request in plan:
-            query_started, query_sent = self._clock(), self._session.sent
-            outcomes.update(self._run(request, now_s))
-            timings.append(
-                QueryTiming(
-                    request.signal,
-                    request.promql(),
-                    self._clock() - query_started,
-                    self._session.sent - query_sent,
-                )
-            )
+        for part_outcomes, _timing in results:
+            outcomes.update(part_outcomes)
         metrics, gaps = assemble(plan, outcomes, policies, now_s)
         self.last_report = CycleReport(
             now_s=now_s,
             duration_s=self._clock() - started,
-            http_requests=self._session.sent - sent_before,
-            queries=tuple(timings),
+            http_requests=self.http_requests_sent - sent_before,
+            queries=tuple(timing for _outcomes, timing in results),
             gaps=plan_gaps + gaps,
         )
         for gap in self.last_report.gaps:
@@ -463,22 +498,69 @@ class PrometheusMetricsSource:
                 log.warning("%s/%s missing: %s", gap.service, gap.signal, gap.reason)
         return metrics
 
+    def _run_all(self, plan: Sequence[SignalRequest], now_s: float) -> list[_Result]:
+        """Every signal's request, in plan order; raises the first (in plan order)
+        ``MetricsUnavailable`` after stopping the requests not yet started."""
+        if self.settings.max_concurrency == 1 or len(plan) <= 1:
+            return [self._timed(request, now_s) for request in plan]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.settings.max_concurrency, thread_name_prefix="prometheus-query"
+            )
+        stop = threading.Event()
+
+        def task(request: SignalRequest) -> _Result | None:
+            if stop.is_set():
+                return None
+            try:
+                return self._timed(request, now_s)
+            except BaseException:
+                stop.set()
+                raise
+
+        futures = [self._executor.submit(task, request) for request in plan]
+        wait(futures)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
+        return [result for future in futures if (result := future.result()) is not None]
+
+    def _timed(self, request: SignalRequest, now_s: float) -> _Result:
+        connection = self._idle.get()
+        try:
+            started, sent = self._clock(), connection.session.sent
+            outcomes = self._run(request, now_s, connection)
+            timing = QueryTiming(
+                request.signal,
+                request.promql(),
+                self._clock() - started,
+                connection.session.sent - sent,
+            )
+            return outcomes, timing
+        finally:
+            self._idle.put(connection)
+
     def _run(
-        self, request: SignalRequest, now_s: float
+        self, request: SignalRequest, now_s: float, connection: _Connection
     ) -> dict[tuple[MetricName, str], PartOutcome]:
         """Outcomes of every part of one signal: one request, more only when Prometheus
         rejects the merged query and the culprit must be found."""
-        outcome = self._query(request.promql(), request.signal, now_s)
+        outcome = self._query(request.promql(), request.signal, now_s, connection)
         if not isinstance(outcome, QueryRejected):
             return {(request.signal, part.part_id): outcome for part in request.parts}
         if len(request.parts) == 1:
             return {(request.signal, request.parts[0].part_id): outcome}
         return {
-            (request.signal, part.part_id): self._query(part.promql(), request.signal, now_s)
+            (request.signal, part.part_id): self._query(
+                part.promql(), request.signal, now_s, connection
+            )
             for part in request.parts
         }
 
-    def _query(self, promql: str, signal: MetricName, now_s: float) -> PartOutcome:
+    def _query(
+        self, promql: str, signal: MetricName, now_s: float, connection: _Connection
+    ) -> PartOutcome:
         attempts = self.settings.retries + 1
         cause = ""
         for attempt in range(attempts):
@@ -487,7 +569,7 @@ class PrometheusMetricsSource:
                     min(self.settings.backoff_s * 2 ** (attempt - 1), self.settings.max_backoff_s)
                 )
             try:
-                return self._attempt(promql, signal, now_s)
+                return self._attempt(promql, signal, now_s, connection)
             except _Retryable as exc:
                 cause = str(exc)
         raise MetricsUnavailable(
@@ -497,10 +579,12 @@ class PrometheusMetricsSource:
             cause=cause,
         )
 
-    def _attempt(self, promql: str, signal: MetricName, now_s: float) -> PartOutcome:
+    def _attempt(
+        self, promql: str, signal: MetricName, now_s: float, connection: _Connection
+    ) -> PartOutcome:
         params = {"time": f"{now_s:.3f}", "timeout": format_number(self.settings.timeout_s)}
         try:
-            result = self._client.custom_query(promql, params=params)
+            result = connection.client.custom_query(promql, params=params)
         except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON
             raise MetricsUnavailable(
                 f"{self.settings.url} did not answer like the Prometheus HTTP API",
@@ -514,7 +598,7 @@ class PrometheusMetricsSource:
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         except PrometheusApiClientException as exc:
-            return self._classify_http_error(exc, promql, signal)
+            return self._classify_http_error(exc, promql, signal, connection)
         except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
             raise MetricsUnavailable(
                 f"{self.settings.url} did not answer like the Prometheus HTTP API",
@@ -531,9 +615,13 @@ class PrometheusMetricsSource:
             ) from exc
 
     def _classify_http_error(
-        self, exc: PrometheusApiClientException, promql: str, signal: MetricName
+        self,
+        exc: PrometheusApiClientException,
+        promql: str,
+        signal: MetricName,
+        connection: _Connection,
     ) -> QueryRejected:
-        response = self._session.last_response
+        response = connection.session.last_response
         status = response.status_code if response is not None else None
         message = _error_message(response) or str(exc)
         if status in (400, 422):

@@ -2,66 +2,85 @@
 
 Model (aggregated: integer counts, never one boolean per GPU)
 -------------------------------------------------------------
-For every service that grows, with ``P``/``D`` its group shape:
+For every service that grows, with ``S`` its group size (``prefill_instances +
+decode_instances`` of its shape, see ``reconciler.placement.problem``):
 
-- per *existing group class* (groups of the service with the same domain and GPU type
-  pair): instances added in place, ``x_r <= sum of (shape_r - size_r)`` over the class;
-- per *candidate domain* ``d`` (``Topology.domains(affinity)``) and allowed GPU type
-  pair ``(tp, td)`` present in ``d``: new groups ``g`` and their instances ``n_p``,
-  ``n_d`` with ``g <= n_p <= P*g`` and ``g <= n_d <= D*g`` (a group holds at most its
-  shape and at least one instance per role; instances split over groups of a class
-  independently per role, so these bounds are exact);
+- per *existing group class* (the service's groups with the same domain and GPU type
+  pair): instances added in place per role, ``x_p + x_d <= room + o`` where ``room`` is
+  what the class's groups lack to their size and ``o`` is overflow;
+- per *candidate domain* ``d`` (``Topology.domains(affinity)``; for loose affinity also
+  the whole cluster, at a price) and allowed GPU type pair ``(tp, td)`` present in
+  ``d``: new groups ``g`` and their instances ``n_p``, ``n_d`` with ``n_r >= g`` (one
+  instance per role and group) and ``n_p + n_d <= S*g + o`` with ``o <= M*g``. Splitting
+  instances over the groups of a class is always possible under these bounds, so
+  they are exact;
 - ``sum of added instances <= target - running`` per role (targets are never exceeded).
 
-Capacity is written on the laminar region tree (``Topology.regions``): for each region
-and GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
-exact for GPU counts. Node granularity is approximated by valid slot inequalities (for
-each instance size k: instances of size >= k <= sum over nodes of floor(free / k)),
-and made exact by the second step, ``reconciler.placement.packing`` (best fit, verified,
-with an exact CP-SAT re-pack per RDMA subgroup when best fit fails).
+Capacity is written on the laminar region tree (``Topology.regions``): per region and
+GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
+exact for GPU counts. Node granularity is approximated by valid slot inequalities (per
+instance size k: instances of size >= k <= sum over nodes of floor(free / k)) and made
+exact by the second step, ``reconciler.placement.packing`` (best fit, verified, with an
+exact CP-SAT re-pack per RDMA subgroup when best fit fails).
 
 Objective (minimise; lexicographic in this order, enforced per GPU by the weights)
 -----------------------------------------------------------------------------------
-=====  ==========================================  =================================
-level  term                                        weight
-=====  ==========================================  =================================
-1      GPUs short of target                        100,000 x (priority + 1) per GPU
-2      subgroup class above what the GPU type      1,000 per GPU per class step
-       pair needs (homogeneous pair: low; two
-       types under an S2/subgroup: medium; two
-       types under an S1: high)
-3      GPU type preference                         0..99 per GPU (0 = most preferred,
-                                                   99 x (1 - weight / best weight))
-4      a new group (grow in place first)           30 per group
-4      GPUs beyond partly-used nodes (breaks       2 per GPU per region level
+=====  ===================================================  ===========================
+level  term                                                 weight
+=====  ===================================================  ===========================
+1      GPUs short of target                                 5,000 x (priority rank + 1)
+                                                            per GPU (rank: 0 = lowest
+                                                            priority present)
+2      a loose group spanning subgroups (KV off RDMA)       2,500 per GPU
+2      subgroup class above what the GPU type pair needs    1,000 per GPU per class step
+       (one type: low; two types under an S2 or subgroup:
+       medium; two types under one S1: high)
+2b     a group beyond its size (overflow; only when a role  300 per instance
+       grows alone, so no new group can be opened)
+3      GPU type preference                                  0..99 per GPU: 99 x (1 -
+                                                            weight / best weight)
+4      a new group (so existing groups grow in place first) 30 per group
+4      GPUs beyond what partly used nodes offer (breaking   2 per GPU per region level
        whole nodes)
-=====  ==========================================  =================================
+=====  ===================================================  ===========================
 
-Per GPU, every level outweighs all lower ones together (100,000 > 2 x 1,000 + 99 + 30
-+ 8), and a GPU for a higher-priority service outweighs a GPU for a lower one plus
-every lower-level cost. The order is therefore strict for fungible capacity; it is not
-strict across very different amounts (one 8-GPU instance of priority 101 against
-nine 1-GPU instances of priority 100), which would need exponential weights.
+Per GPU every level outweighs all lower ones together (5,000 > 2,500 + 99 + 300 + 30
++ 8; 1,000 > 99 + 300 + 30 + 8), and a GPU for a higher-priority service outweighs a GPU
+for the next lower priority plus every lower-level cost. The order is therefore strict
+for fungible capacity; it is not strict across very different amounts (one 8-GPU
+instance of one service against nine 1-GPU instances of a slightly lower-priority
+one), which would need exponential weights. Priorities enter as dense ranks so the
+coefficients stay small (large coefficients slow CP-SAT's LP down).
+
 Level 2 keeps the scarce subgroups for the heterogeneous P/D services that need them:
-a homogeneous group in a medium/high subgroup, or a heterogeneous S2 group in a high
-one, pays for it; a heterogeneous group in the class it needs does not, so the GPU type
-preference (level 3) can pick the heterogeneous pairing. Growing an existing group
-in a scarce subgroup pays level 2 like a new group there, so a new group is opened
+a homogeneous group in a medium/high subgroup, or a two-type S2 group in a high one,
+pays for it; a heterogeneous group in the class it needs does not, so the GPU type
+preference (level 3) can pick the heterogeneous pairing. Growing an existing group in
+a scarce subgroup pays level 2 like a new group there, so a new group is opened
 elsewhere when that saves scarce resources.
 
-Level 5 (scale-in) is the shared rule in ``reconciler.placement.problem.scale_in``:
+Level 5 (scale-in) is the shared rule ``reconciler.placement.problem.scale_in``:
 scarcest class first, then least preferred type, then most fragmenting place.
 With ``allow_rebalance`` the model also decides how many running instances of each
-group class to keep (``keep_r``): kept GPUs pay levels 2 and 3 plus 200 per GPU per
-class rank (free scarce resources first), every GPU not kept beyond the scale-in
-amount pays 500 (a move), and capacity freed that way may be reused in the same cycle
-(the caller accepts that its rollout must delete before it creates for those).
+group class to keep (``keep``): kept GPUs pay levels 2 and 3 plus 200 per GPU per class
+rank (free scarce resources first); every GPU not kept pays 500 (a move; the scale-in
+amount is a constant offset), so instances move only to meet targets or to leave a
+subgroup class they do not need. GPUs freed that way are reused in the same cycle (the
+caller accepts that its rollout must delete before it creates for those).
 
-Determinism: fixed seed and worker count; ``PlacementOptions.deterministic`` (default)
-runs CP-SAT's interleaved parallel search, which does not depend on thread timing,
-bounded by a deterministic-time budget derived from ``time_limit_s`` (with the wall
-clock as a safety net; a run that hits the wall clock says so in ``stats.notes``).
-The best solution found is returned with its bound and gap.
+Search
+------
+The paper's greedy scheduler runs first and its layout is given to CP-SAT as a
+complete solution hint, so the answer is never worse than the baseline in the
+objective, and is the fallback if CP-SAT finds nothing in time. Determinism:
+``PlacementOptions.deterministic`` (default) runs one search thread stopped by a
+deterministic-time budget (``time_limit_s`` x ``DETERMINISTIC_UNITS_PER_S``): the same
+input gives the same layout on any machine and at any load, so ``plan`` and ``apply``
+agree. (CP-SAT's parallel portfolio exchanges solutions in timing-dependent order,
+and its interleaved deterministic mode always spends its whole budget.) The wall clock
+(3 x the budget) is a safety net; a run stopped by it says so in ``stats.notes``. With
+``deterministic=False``, ``workers`` threads search until ``time_limit_s``. The best
+solution is returned with its bound and gap.
 """
 
 from __future__ import annotations
@@ -100,9 +119,9 @@ W_OVERFLOW = 300
 W_MOVE = 500
 W_KEEP_CLASS = 200
 
-# Deterministic-time units per second of wall clock on the 2-core reference machine
-# (measured with benchmarks/bench_placement.py); the wall clock bounds it anyway.
-DETERMINISTIC_UNITS_PER_S = 1.0
+# CP-SAT deterministic-time units one search thread gets through per second on the
+# 2-core reference machine (0.16-0.22 measured on the benchmark's change scenario).
+DETERMINISTIC_UNITS_PER_S = 0.2
 
 
 @dataclass
@@ -441,8 +460,11 @@ class _Solve:
         remaining = max(0.05, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s))
         params.random_seed = self.options.seed
         params.num_workers = max(1, self.options.workers)
-        if getattr(self.options, "deterministic", True):
-            params.interleave_search = True
+        if self.options.deterministic:
+            # One search thread stopped by deterministic time: the same input gives the
+            # same answer on any machine, at any load (several threads exchange
+            # solutions in timing-dependent order). The wall clock is a safety net.
+            params.num_workers = 1
             params.max_deterministic_time = remaining * DETERMINISTIC_UNITS_PER_S
             params.max_time_in_seconds = max(remaining * 3, remaining + 1.0)
         else:

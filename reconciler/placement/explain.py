@@ -26,11 +26,28 @@ import numpy as np
 from reconciler.placement.base import Shortfall
 from reconciler.placement.problem import PlacementProblem, ServiceNeed
 from reconciler.state import Role
+from reconciler.topology import SchedulingDomain, Topology
 
 
 def slots(free: np.ndarray, size: int) -> int:
     """Instances of ``size`` GPUs that fit on these nodes."""
     return int((free // size).sum()) if free.size else 0
+
+
+class SlotCounter:
+    """``slots`` per (domain, GPU type, size) over one free-GPU array, memoised (the
+    explanations of many shortfalls look at the same domains)."""
+
+    def __init__(self, topology: Topology, free: np.ndarray):
+        self.topology = topology
+        self.free = free
+        self._cache: dict[tuple[int, str, int], int] = {}
+
+    def __call__(self, domain: SchedulingDomain, gpu_type: str, size: int) -> int:
+        key = (domain.region, gpu_type, size)
+        if key not in self._cache:
+            self._cache[key] = slots(self.free[self.topology.domain_nodes(domain, gpu_type)], size)
+        return self._cache[key]
 
 
 def _level(need: ServiceNeed) -> str:
@@ -42,8 +59,8 @@ def explain(
     need: ServiceNeed,
     role: Role,
     missing: int,
-    residual_free: np.ndarray,
-    initial_free: np.ndarray,
+    residual_free: np.ndarray | SlotCounter,
+    initial_free: np.ndarray | SlotCounter,
     takers: Mapping[str, Mapping[str, int]],
     hint: str | None = None,
     hint_detail: str | None = None,
@@ -54,6 +71,8 @@ def explain(
     ``hint``: a constraint a placer already knows bound (e.g. "fragmentation").
     """
     topo = problem.topology
+    residual = residual_free if isinstance(residual_free, SlotCounter) else SlotCounter(topo, residual_free)
+    initial = initial_free if isinstance(initial_free, SlotCounter) else SlotCounter(topo, initial_free)
     rn = need.role(role)
     size = rn.gpus_per_instance
     gpus = missing * size
@@ -98,16 +117,23 @@ def explain(
             )
     best_slots, best_where, best_type = 0, "", rn.allowed_types[0]
     for domain, gpu_type in candidates:
-        here = slots(residual_free[topo.domain_nodes(domain, gpu_type)], size)
+        here = residual(domain, gpu_type, size)
         if here > best_slots:
             best_slots, best_where, best_type = here, domain.describe(), gpu_type
-    cluster_slots = {
-        t: slots(residual_free[topo.domain_nodes(topo.cluster_domain, t)], size) for t in rn.allowed_types
-    }
-    initial_slots = {
-        t: slots(initial_free[topo.domain_nodes(topo.cluster_domain, t)], size) for t in rn.allowed_types
-    }
+    cluster_slots = {t: residual(topo.cluster_domain, t, size) for t in rn.allowed_types}
+    initial_slots = {t: initial(topo.cluster_domain, t, size) for t in rn.allowed_types}
     total_slots = sum(cluster_slots.values())
+    # A new group needs the other role's missing instances too: judge the capacity of
+    # the two together when both are short (they may share GPU types).
+    placed_other = problem.placed(need.service, other)
+    other_missing = need.role(other).target - placed_other if other in need.required_roles else 0
+    enough = total_slots >= missing
+    if can_open and other_missing > 0:
+        orn = need.role(other)
+        types = set(rn.allowed_types) | set(orn.allowed_types)
+        free_gpus = sum(residual(topo.cluster_domain, t, 1) for t in types)
+        other_slots = sum(residual(topo.cluster_domain, t, orn.gpus_per_instance) for t in orn.allowed_types)
+        enough = enough and other_slots >= other_missing and free_gpus >= gpus + other_missing * orn.gpus_per_instance
     free_text = ", ".join(f"{cluster_slots[t] * size} {t}" for t in rn.allowed_types)
     largest = (
         f"largest free under {where}: {best_slots * size} {best_type} GPUs under {best_where}"
@@ -123,7 +149,7 @@ def explain(
                 prio = problem.needs[service].priority if service in problem.needs else 0
                 taken.append(f"{service} (priority {prio}) {count} {gpu_type}")
     taken_text = f"; taken this cycle by {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''}" if taken else ""
-    if total_slots >= missing:
+    if enough:
         constraint = "affinity"
         reason = f"{head} as part of a group under {where}: {largest}; cluster-wide free: {free_text}"
     else:
@@ -145,6 +171,8 @@ def shortfalls_for(
 ) -> list[Shortfall]:
     """A shortfall for every (service, role) whose placement stays below target."""
     out: list[Shortfall] = []
+    residual = SlotCounter(problem.topology, residual_free)
+    initial = SlotCounter(problem.topology, initial_free)
     for need in problem.services_by_priority():
         for role in ("prefill", "decode"):
             missing = need.role(role).target - problem.placed(need.service, role)
@@ -157,8 +185,8 @@ def shortfalls_for(
                     need,
                     role,  # type: ignore[arg-type]
                     missing,
-                    residual_free,
-                    initial_free,
+                    residual,
+                    initial,
                     takers,
                     hint=hint[0] if hint else None,
                     hint_detail=hint[1] if hint else None,
@@ -167,4 +195,4 @@ def shortfalls_for(
     return out
 
 
-__all__ = ["explain", "shortfalls_for", "slots"]
+__all__ = ["SlotCounter", "explain", "shortfalls_for", "slots"]

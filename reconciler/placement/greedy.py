@@ -46,6 +46,9 @@ from reconciler.state import ROLES, Role
 from reconciler.topology import CLASS_RANK, SchedulingDomain
 
 
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
 def first_fit(free: np.ndarray, nodes: np.ndarray, size: int, count: int) -> dict[int, int]:
     """Up to ``count`` instances of ``size`` GPUs on ``nodes`` in order, filling each
     node before the next (does not mutate ``free``)."""
@@ -194,6 +197,13 @@ class _Greedy:
         """Open one group of ``sizes`` instances per role, or return False."""
         for tp, td in self._pairs(need):
             types: dict[Role, str] = {"prefill": tp, "decode": td}
+            # Cheap rejection: not even the whole cluster has room for a role.
+            if any(
+                int((self.free[self.loose_nodes.get(types[r], _EMPTY)] // need.role(r).gpus_per_instance).sum())
+                < count
+                for r, count in sizes.items()
+            ):
+                continue
             if need.affinity == "cluster":
                 if self._try_loose(need, sizes, types):
                     return True

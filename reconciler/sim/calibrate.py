@@ -55,7 +55,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,13 +186,25 @@ def load_calibration(calibration_dir: Path) -> CalibrationData:
         for row in _read_csv(folder / "decode.csv"):
             if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
                 decode.append(
-                    DecodePoint(label, card, model, int(row["batch"]), int(row["ctx"]), float(row["step_s_median"]))
+                    DecodePoint(
+                        label,
+                        card,
+                        model,
+                        int(row["batch"]),
+                        int(row["ctx"]),
+                        float(row["step_s_median"]),
+                    )
                 )
         for row in _read_csv(folder / "prefill.csv"):
             if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
                 prefill.append(
                     PrefillPoint(
-                        label, card, model, int(row["batch"]), int(row["prompt_len"]), float(row["latency_s_median"])
+                        label,
+                        card,
+                        model,
+                        int(row["batch"]),
+                        int(row["prompt_len"]),
+                        float(row["latency_s_median"]),
                     )
                 )
         for row in _read_csv(folder / "util.csv"):
@@ -231,7 +243,7 @@ def smooth_max(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
 
 
 def decode_step_s(
-    params: dict[str, float],
+    params: Mapping[str, float],
     *,
     batch: np.ndarray,
     kv_tokens: np.ndarray,
@@ -258,11 +270,16 @@ def decode_step_s(
         kv_tokens * kv_bytes_per_token / (eta_bw * bandwidth_bps),
         params["k_attention"],
     )
-    return params["overhead_s"] + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9 + gemm + attention
+    return (
+        params["overhead_s"]
+        + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9
+        + gemm
+        + attention
+    )
 
 
 def prefill_latency_s(
-    params: dict[str, float],
+    params: Mapping[str, float],
     *,
     batch: np.ndarray,
     prompt: np.ndarray,
@@ -273,7 +290,10 @@ def prefill_latency_s(
     flops: Num,
 ) -> np.ndarray:
     """The prefill latency form (see the module docstring), vectorised."""
-    work = 2.0 * model_params * batch * prompt + 2.0 * kv_bytes_per_token * batch * prompt**2 / params["eta_attention"]
+    work = (
+        2.0 * model_params * batch * prompt
+        + 2.0 * kv_bytes_per_token * batch * prompt**2 / params["eta_attention"]
+    )
     return params["overhead_s"] + smooth_max(
         np.zeros_like(work, dtype=float) + weight_bytes / (params["eta_floor_bw"] * bandwidth_bps),
         work / (params["eta_compute"] * flops),
@@ -333,7 +353,12 @@ def _fit_minimax(
         errors = np.abs(relative_error(theta))
         weights = weights * (1.0 + errors / max(float(errors.max()), 1e-12))
         weights = weights / weights.mean()
-        theta = _levenberg_marquardt(lambda t, w=weights: np.sqrt(w) * relative_error(t), theta)
+        root_weights = np.sqrt(weights)
+
+        def weighted(t: np.ndarray, scale: np.ndarray = root_weights) -> np.ndarray:
+            return scale * relative_error(t)
+
+        theta = _levenberg_marquardt(weighted, theta)
         worst = float(np.max(np.abs(relative_error(theta))))
         if worst < best_max:
             best, best_max = theta, worst
@@ -431,7 +456,9 @@ def fit_prefill(points: Sequence[PrefillPoint]) -> tuple[dict[str, float], np.nd
 
 def fit_util(data: CalibrationData, power_cap_w: float = 700.0) -> dict[str, Any]:
     """Counters as functions of load (see the module docstring)."""
-    poisson = [u for u in data.util if u.workload == "prefill" and u.arrivals in ("poisson", "backtoback")]
+    poisson = [
+        u for u in data.util if u.workload == "prefill" and u.arrivals in ("poisson", "backtoback")
+    ]
     busy = np.array([u.busy for u in poisson])
     counter = np.array([u.util_gpu for u in poisson])
     # Least squares through the origin: idle reads 0.
@@ -498,22 +525,61 @@ def fit_all(calibration_dir: Path) -> dict[str, Any]:
             "decode": decode,
             "prefill": prefill,
             "util": util,
-            "quality": {"decode": quality(data.decode, decode_err), "prefill": quality(data.prefill, prefill_err)},
+            "quality": {
+                "decode": quality(data.decode, decode_err),
+                "prefill": quality(data.prefill, prefill_err),
+            },
         }
     )
 
 
+def first_difference(a: Any, b: Any, rtol: float = 1e-4, path: str = "") -> str | None:
+    """Where two fitted documents differ beyond ``rtol`` (floats) or at all (anything
+    else); ``None`` when they agree. A refit on another machine may differ in the last
+    digits of the optimiser's floating point, not beyond this."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{path or 'top level'}: keys {sorted(a.keys() ^ b.keys())} differ"
+        for key in sorted(a):
+            found = first_difference(a[key], b[key], rtol, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: lengths {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, rtol, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        if not math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=1e-12):
+            return f"{path}: {a} != {b}"
+        return None
+    return None if a == b else f"{path}: {a!r} != {b!r}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reconciler.sim.calibrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=Path, help="calibration folder (default: <shared>/calibration)")
+    parser = argparse.ArgumentParser(
+        prog="python -m reconciler.sim.calibrate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--calibration", type=Path, help="calibration folder (default: <shared>/calibration)"
+    )
     parser.add_argument("--out", type=Path, default=FIT_PATH)
-    parser.add_argument("--check", action="store_true", help="exit 1 if the shipped fit differs from a refit")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the shipped fit differs from a refit"
+    )
     args = parser.parse_args(argv)
     folder = args.calibration
     if folder is None:
         shared = shared_dir()
         if shared is None:
-            print("error: shared data folder not found; set HETEROSCALE_SHARED or pass --calibration", file=sys.stderr)
+            print(
+                "error: shared data folder not found; set HETEROSCALE_SHARED or pass --calibration",
+                file=sys.stderr,
+            )
             return 1
         folder = shared / "calibration"
     try:
@@ -523,9 +589,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     text = json.dumps(fitted, indent=2, sort_keys=True) + "\n"
     if args.check:
-        current = args.out.read_text() if args.out.exists() else ""
-        if current != text:
-            print(f"stale: {args.out}; run `python -m reconciler.sim.calibrate`", file=sys.stderr)
+        current = json.loads(args.out.read_text()) if args.out.exists() else None
+        difference = first_difference(current, fitted)
+        if difference is not None:
+            print(
+                f"stale: {args.out} ({difference}); run `python -m reconciler.sim.calibrate`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.out} is up to date")
         return 0

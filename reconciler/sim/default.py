@@ -16,7 +16,7 @@ import math
 
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
-from reconciler.placement.base import Placer, PlacementRequest
+from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.sim.engine import LoadProfile, SimConfig, synthetic_profile
 from reconciler.sim.evaluate import default_placer, role_capacity
 from reconciler.sim.fleet import SimulatedFleet
@@ -41,7 +41,9 @@ def synthetic_load_for(
     config = config or SimConfig()
     shape = shape_for_service(policy.name)
     # Capacity depends on the lengths: size from a short probe with the same shape.
-    probe = synthetic_profile(shape, hours=0.1, peak_rps=50.0, seed=seed, trough_ratio=1.0, bursts=())
+    probe = synthetic_profile(
+        shape, hours=0.1, peak_rps=50.0, seed=seed, trough_ratio=1.0, bursts=()
+    )
     capacity = role_capacity(state, policy, probe)
     rps_prefill = policy.prefill.max_instances * capacity.prefill_tps / probe.prompt_mean
     rps_decode = policy.decode.max_instances * capacity.decode_tps / probe.output_mean
@@ -77,7 +79,13 @@ def default_simulated_fleet(
         if policy.cluster not in state.clusters:
             continue
         loads[name] = synthetic_load_for(
-            state, policy, hours=hours, seed=seed + index, peak_share=peak_share, config=config, cyclic=True
+            state,
+            policy,
+            hours=hours,
+            seed=seed + index,
+            peak_share=peak_share,
+            config=config,
+            cyclic=True,
         )
     fleet = SimulatedFleet(
         state.clusters, dict(state.policies), loads, config, time_origin_s=time_origin_s
@@ -101,7 +109,12 @@ def default_simulated_fleet(
                 counts.append(min(max(need, bounds.min_instances, 1), bounds.max_instances))
             targets[name] = Targets(name, counts[0], counts[1])
         result = placer.place(
-            PlacementRequest(cluster=cluster, policies=policies, current=FleetState(cluster_name), targets=targets)
+            PlacementRequest(
+                cluster=cluster,
+                policies=policies,
+                current=FleetState(cluster_name),
+                targets=targets,
+            )
         )
         fleet.bootstrap(result.groups)
         for shortfall in result.shortfalls:

@@ -63,7 +63,6 @@ import numpy as np
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.sim.perf import DEFAULT_MAX_BATCH, InstancePerf, instance_perf, kv_transfer_s
 from reconciler.sim.workload import (
-    SERVICE_SHAPES,
     Burst,
     LengthShape,
     Workload,
@@ -77,7 +76,7 @@ LINKS: tuple[str, str] = ("rdma", "cross")
 try:  # numpy's C interpolation without the Python wrapper (hot loop, tiny arrays)
     from numpy._core.multiarray import interp as _c_interp  # numpy >= 2
 except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import interp as _c_interp
+    from numpy.core.multiarray import interp as _c_interp  # type: ignore[no-redef]
 
 
 def _interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -157,13 +156,18 @@ class LoadProfile:
         prompt_sq_sum = np.bincount(sec, weights=prompt * prompt, minlength=horizon)
         output_sum = np.bincount(sec, weights=output, minlength=horizon)
         kept = Workload(
-            workload.arrival_s[inside], workload.prompt_tokens[inside], workload.output_tokens[inside], workload.name
+            workload.arrival_s[inside],
+            workload.prompt_tokens[inside],
+            workload.output_tokens[inside],
+            workload.name,
         )
         sample, weight = kept, 1.0
         if kept.requests > sample_limit:
             rng = np.random.default_rng([seed, 0x5A3])
             pick = np.sort(rng.choice(kept.requests, size=sample_limit, replace=False))
-            sample = Workload(kept.arrival_s[pick], kept.prompt_tokens[pick], kept.output_tokens[pick], kept.name)
+            sample = Workload(
+                kept.arrival_s[pick], kept.prompt_tokens[pick], kept.output_tokens[pick], kept.name
+            )
             weight = kept.requests / sample_limit
         return cls(
             count=count,
@@ -197,7 +201,10 @@ class LoadProfile:
             output_sum=self.output_sum * factor,
             sample_weight=self.sample_weight * factor,
             name=f"{self.name} x{factor:g} (fluid)",
-            notes=(*self.notes, f"load scaled x{factor:g} as a fluid (per-request outcomes from the unscaled sample)"),
+            notes=(
+                *self.notes,
+                f"load scaled x{factor:g} as a fluid (per-request outcomes from the unscaled sample)",
+            ),
         )
 
     def bin(self, t: int) -> tuple[float, float, float, float]:
@@ -207,7 +214,12 @@ class LoadProfile:
             t %= self.horizon_s
         elif t >= self.horizon_s or t < 0:
             return 0.0, 0.0, 0.0, 0.0
-        return float(self.count[t]), float(self.prompt_sum[t]), float(self.prompt_sq_sum[t]), float(self.output_sum[t])
+        return (
+            float(self.count[t]),
+            float(self.prompt_sum[t]),
+            float(self.prompt_sq_sum[t]),
+            float(self.output_sum[t]),
+        )
 
     def demand_series(self, window_s: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(t_s, prompt tokens/s, output tokens/s) averaged over ``window_s`` bins: the
@@ -217,7 +229,10 @@ class LoadProfile:
         pad = bins * window_s - n
 
         def average(values: np.ndarray) -> np.ndarray:
-            out: np.ndarray = np.concatenate([values, np.zeros(pad)]).reshape(bins, window_s).sum(axis=1) / window_s
+            out: np.ndarray = (
+                np.concatenate([values, np.zeros(pad)]).reshape(bins, window_s).sum(axis=1)
+                / window_s
+            )
             return out
 
         return np.arange(bins) * float(window_s), average(self.prompt_sum), average(self.output_sum)
@@ -241,7 +256,7 @@ def synthetic_profile(
     length distribution's). For fleets too large for per-request arrays (the
     benchmark, the embedded default fleet). Per-request outcomes use a sample of the
     same process (at most ``sample_limit`` requests)."""
-    horizon = int(round(hours * 3600))
+    horizon = round(hours * 3600)
     rng = np.random.default_rng([seed, 0xB1A5])
     if bursts is None:
         bursts = default_bursts(hours, seed)
@@ -312,7 +327,13 @@ def ggc_wait_s(rho: float, servers: float, mean_service_s: float, scv_sum: float
     if servers <= 0 or rho <= 0:
         return 0.0
     rho = min(rho, 0.995)
-    return mean_service_s * scv_sum / 2.0 * rho ** (math.sqrt(2.0 * (servers + 1.0)) - 1.0) / (servers * (1.0 - rho))
+    return (
+        mean_service_s
+        * scv_sum
+        / 2.0
+        * rho ** (math.sqrt(2.0 * (servers + 1.0)) - 1.0)
+        / (servers * (1.0 - rho))
+    )
 
 
 def fifo_delay(position: np.ndarray, served_cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -405,9 +426,13 @@ class ServiceSim:
         for gpu_type in policy.prefill.preferred_gpu_types():
             gpu = cluster.gpu_types.get(gpu_type)
             if gpu is None:
-                self.notes.append(f"{policy.name}: prefill GPU type '{gpu_type}' is not in cluster {cluster.name}")
+                self.notes.append(
+                    f"{policy.name}: prefill GPU type '{gpu_type}' is not in cluster {cluster.name}"
+                )
                 continue
-            perf = instance_perf(model, gpu_type, gpu, policy.prefill.gpus_per_instance, max_batch=cfg.max_batch)
+            perf = instance_perf(
+                model, gpu_type, gpu, policy.prefill.gpus_per_instance, max_batch=cfg.max_batch
+            )
             if not perf.fits:
                 self.notes.append(
                     f"{policy.name}: the model does not fit a prefill instance of {policy.prefill.gpus_per_instance} "
@@ -416,7 +441,11 @@ class ServiceSim:
             fit_probe = fit_probe or perf
             work_per_token = float(perf.prefill_work(profile.prompt_mean)) / profile.prompt_mean
             for link in LINKS:
-                gbps = cluster.network.rdma_gbps if link == "rdma" else cluster.network.cross_subgroup_gbps
+                gbps = (
+                    cluster.network.rdma_gbps
+                    if link == "rdma"
+                    else cluster.network.cross_subgroup_gbps
+                )
                 link_tokens_per_s = gbps * 1e9 / 8.0 / kvb * cfg.max_link_utilisation
                 cap = min(perf.prefill_capacity_work_per_s, link_tokens_per_s * work_per_token)
                 self.prefill_pools.append(PrefillPool(gpu_type, link, perf, gbps, cap))
@@ -432,16 +461,22 @@ class ServiceSim:
         for gpu_type in policy.decode.preferred_gpu_types():
             gpu = cluster.gpu_types.get(gpu_type)
             if gpu is None:
-                self.notes.append(f"{policy.name}: decode GPU type '{gpu_type}' is not in cluster {cluster.name}")
+                self.notes.append(
+                    f"{policy.name}: decode GPU type '{gpu_type}' is not in cluster {cluster.name}"
+                )
                 continue
-            perf = instance_perf(model, gpu_type, gpu, policy.decode.gpus_per_instance, max_batch=cfg.max_batch)
+            perf = instance_perf(
+                model, gpu_type, gpu, policy.decode.gpus_per_instance, max_batch=cfg.max_batch
+            )
             if not perf.fits:
                 self.notes.append(
                     f"{policy.name}: the model does not fit a decode instance of {policy.decode.gpus_per_instance} "
                     f"{gpu_type} GPUs (no capacity)"
                 )
             slo_cap = perf.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
-            self.decode_pools.append(DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0)))
+            self.decode_pools.append(
+                DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0))
+            )
         self.prefill_index = {(p.gpu_type, p.link): i for i, p in enumerate(self.prefill_pools)}
         self._capacity = 0.0
         self._shares = [0.0] * len(self.prefill_pools)
@@ -450,17 +485,21 @@ class ServiceSim:
         self.decode_index = {p.gpu_type: i for i, p in enumerate(self.decode_pools)}
 
         # Per-request service-time statistics for the G/G/c term.
-        mean_work = self.work_linear * profile.prompt_mean + self.work_attention * profile.prompt_sq_mean
+        mean_work = (
+            self.work_linear * profile.prompt_mean + self.work_attention * profile.prompt_sq_mean
+        )
         classes = profile.prompt_classes
         class_work = self.work_linear * classes + self.work_attention * classes**2
         self.mean_work = mean_work
-        self.service_scv = float(np.var(class_work) / max(np.mean(class_work) ** 2, 1e-30))
+        self.service_scv = float(np.var(class_work)) / max(float(np.mean(class_work)) ** 2, 1e-30)
 
         # Output-length survival and its integral (tokens generated up to x).
         survival = profile.output_survival
         self.out_grid = np.arange(survival.size, dtype=np.float64)
         self.out_survival = survival
-        self.out_generated = np.concatenate(([0.0], np.cumsum((survival[:-1] + survival[1:]) / 2.0)))
+        self.out_generated = np.concatenate(
+            ([0.0], np.cumsum((survival[:-1] + survival[1:]) / 2.0))
+        )
         self.out_max = float(survival.size - 1)
         self.out_p99 = profile.output_p99
         self.out_mean = profile.output_mean
@@ -531,7 +570,15 @@ class ServiceSim:
         for i in range(len(self.prefill_pools)):
             columns += [f"p{i}_share", f"p{i}_slowdown"]
         for q in range(n_pools):
-            columns += [f"d{q}_tau", f"d{q}_alive", f"d{q}_kv", f"d{q}_psi", f"d{q}_admitted", f"d{q}_instances", f"d{q}_tokens"]
+            columns += [
+                f"d{q}_tau",
+                f"d{q}_alive",
+                f"d{q}_kv",
+                f"d{q}_psi",
+                f"d{q}_admitted",
+                f"d{q}_instances",
+                f"d{q}_tokens",
+            ]
         self.series = _Grow(columns)
         self.t = 0  # next second to simulate
 
@@ -544,21 +591,30 @@ class ServiceSim:
         decode_draining: Mapping[str, int],
     ) -> None:
         """Instances per pool: prefill by (GPU type, link class), decode by GPU type."""
-        self.prefill_count = [float(prefill.get((p.gpu_type, p.link), 0.0)) for p in self.prefill_pools]
-        self.prefill_instances = int(round(sum(self.prefill_count)))
+        self.prefill_count = [
+            float(prefill.get((p.gpu_type, p.link), 0.0)) for p in self.prefill_pools
+        ]
+        self.prefill_instances = round(sum(self.prefill_count))
         self.decode_ready = [int(decode_ready.get(p.gpu_type, 0)) for p in self.decode_pools]
         self.decode_draining = [int(decode_draining.get(p.gpu_type, 0)) for p in self.decode_pools]
         self._derive_capacity()
 
     def _derive_capacity(self) -> None:
         """What the counts imply for every second until they change (hot-loop cache)."""
-        caps = [p.capacity_work_per_s * c for p, c in zip(self.prefill_pools, self.prefill_count, strict=True)]
+        caps = [
+            p.capacity_work_per_s * c
+            for p, c in zip(self.prefill_pools, self.prefill_count, strict=True)
+        ]
         self._capacity = sum(caps)
         self._shares = [c / self._capacity if self._capacity > 0 else 0.0 for c in caps]
         # served prompt tokens x this = the pool's link utilisation (None: no instance)
         self._link_load = [
-            share * self.kv_bytes_per_token / (count * pool.link_gbps * 1e9 / 8.0) if count > 0 else None
-            for pool, share, count in zip(self.prefill_pools, self._shares, self.prefill_count, strict=True)
+            share * self.kv_bytes_per_token / (count * pool.link_gbps * 1e9 / 8.0)
+            if count > 0
+            else None
+            for pool, share, count in zip(
+                self.prefill_pools, self._shares, self.prefill_count, strict=True
+            )
         ]
         self._decode_ready_total = sum(self.decode_ready)
 
@@ -645,7 +701,9 @@ class ServiceSim:
         shares_slowdowns: list[float] = []
         max_rho = cfg.max_link_utilisation
         for share, link_load in zip(self._shares, self._link_load, strict=True):
-            slowdown = 1.0 if link_load is None else 1.0 / (1.0 - min(served_tokens * link_load, max_rho))
+            slowdown = (
+                1.0 if link_load is None else 1.0 / (1.0 - min(served_tokens * link_load, max_rho))
+            )
             shares_slowdowns += [share, slowdown]
 
         # 3. decode admission
@@ -739,7 +797,18 @@ class ServiceSim:
                 alive = float(alive_n.sum())
                 kv = float(alive_n @ (prompt + x))
                 if alive > 1e-12:
-                    tau = pool.perf.decode_step_scalar_s(alive / instances, kv / instances, kv / alive)
+                    # Predictor-corrector: the step time of the batch in the middle of the
+                    # second, not at its start (a sizeable share finishes within it).
+                    step_time = pool.perf.decode_step_scalar_s
+                    tau = step_time(alive / instances, kv / instances, kv / alive)
+                    x2 = x + 1.0 / tau
+                    g2, _ = self._lengths_at(x2 * scale)
+                    alive_mid = 0.5 * (alive + float(n @ g2))
+                    kv_mid = 0.5 * (kv + float((n * g2) @ (prompt + x2)))
+                    if alive_mid > 1e-12:
+                        tau = step_time(
+                            alive_mid / instances, kv_mid / instances, kv_mid / alive_mid
+                        )
                     dpsi = 1.0 / tau
                     x2 = x + dpsi
                     g2, gen_after = self._lengths_at(x2 * scale)
@@ -759,8 +828,18 @@ class ServiceSim:
                     self.alive_end[q] = self.kv_end[q] = 0.0
                     self.coh_head[q] = hi
             if tau == 0.0 and pool.perf.fits:
-                tau = pool.perf.decode_step_scalar_s(1.0, 1.0, 1.0)  # idle step time (for plots only)
-            pool_rows += [tau, alive, kv, self.psi[q], admitted_to[q], float(instances), pool_tokens]
+                tau = pool.perf.decode_step_scalar_s(
+                    1.0, 1.0, 1.0
+                )  # idle step time (for plots only)
+            pool_rows += [
+                tau,
+                alive,
+                kv,
+                self.psi[q],
+                admitted_to[q],
+                float(instances),
+                pool_tokens,
+            ]
         cum["completed"] += completed
         self.in_decode = max(0.0, self.in_decode - completed)
 
@@ -843,7 +922,7 @@ class ServiceSim:
         """The eight signals plus KV usage over the last ``window_s`` seconds (units as in
         ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed."""
         end = self.t
-        start = max(0, end - int(round(window_s)))
+        start = max(0, end - round(window_s))
         if end <= start:
             return dict.fromkeys(
                 (
@@ -884,8 +963,12 @@ class ServiceSim:
             kv = s.col(f"d{q}_kv", start, end)
             if inst.sum() <= 0:
                 continue
-            active_fraction = np.where(inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0)
-            batch_busy = np.where(alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0)
+            active_fraction = np.where(
+                inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0
+            )
+            batch_busy = np.where(
+                alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0
+            )
             util_num += float(inst @ pool.perf.decode_gpu_util(active_fraction))
             sm_num += float(inst @ pool.perf.decode_sm_active(batch_busy, active_fraction))
             gpu_den += float(inst.sum())
@@ -898,7 +981,9 @@ class ServiceSim:
         out["decode_kv_usage"] = kv_num / kv_den if kv_den > 0 else None
         quantile = self.policy.slo.quantile
         if tbt_values:
-            tbt = weighted_quantile(np.concatenate(tbt_values), np.concatenate(tbt_weights), quantile)
+            tbt = weighted_quantile(
+                np.concatenate(tbt_values), np.concatenate(tbt_weights), quantile
+            )
             out["tbt"] = tbt * 1000.0 if tbt is not None else None
         else:
             out["tbt"] = None
@@ -926,8 +1011,12 @@ class ServiceSim:
         for q, pool in enumerate(self.decode_pools):
             inst = s.col(f"d{q}_instances", start, stop)
             alive = s.col(f"d{q}_alive", start, stop)
-            active_fraction = np.where(inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0)
-            batch_busy = np.where(alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0)
+            active_fraction = np.where(
+                inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0
+            )
+            batch_busy = np.where(
+                alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0
+            )
             out["decode_util_sum"] += pool.perf.decode_gpu_util(active_fraction) * inst
             out["decode_sm_sum"] += pool.perf.decode_sm_active(batch_busy, active_fraction) * inst
         return out
@@ -935,7 +1024,12 @@ class ServiceSim:
     def _prefill_tables(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per pool (rows) and prompt (columns): own prefill latency and unloaded KV transfer."""
         latency = np.stack([p.perf.prefill_latency_s(prompts) for p in self.prefill_pools])
-        transfer = np.stack([kv_transfer_s(prompts, self.kv_bytes_per_token, p.link_gbps) for p in self.prefill_pools])
+        transfer = np.stack(
+            [
+                kv_transfer_s(prompts, self.kv_bytes_per_token, p.link_gbps)
+                for p in self.prefill_pools
+            ]
+        )
         return latency, transfer
 
     def cohort_delays(self, seconds: np.ndarray) -> dict[str, np.ndarray]:
@@ -949,13 +1043,17 @@ class ServiceSim:
         position = cum_in[seconds] - work_in[seconds] / 2.0
         depart, resolved = fifo_delay(position, cum_out)
         wait = np.where(resolved, np.maximum(0.0, depart - (seconds + 0.5)), np.inf)
-        done_second = np.where(resolved, np.floor(np.minimum(depart, max(self.t - 1, 0))), 0).astype(np.int64)
+        done_second = np.where(
+            resolved, np.floor(np.minimum(depart, max(self.t - 1, 0))), 0
+        ).astype(np.int64)
         admit_in_cum = s.col("cum_admit_in")
         admit_in = s.col("admit_in")
         admit_out_cum = s.col("cum_admit_out")
         admit_pos = admit_in_cum[done_second] - admit_in[done_second] / 2.0
         admit_time, admit_resolved = fifo_delay(admit_pos, admit_out_cum)
-        admit_wait = np.where(admit_resolved, np.maximum(0.0, admit_time - (done_second + 0.5)), np.inf)
+        admit_wait = np.where(
+            admit_resolved, np.maximum(0.0, admit_time - (done_second + 0.5)), np.inf
+        )
         admit_wait = np.where(resolved, admit_wait, np.inf)
         return {
             "wait_s": wait,
@@ -996,8 +1094,11 @@ class ServiceSim:
             delays["admit_wait_s"][in_window],
             np.maximum(0.0, end - (delays["done_second"][in_window] + 0.5)),
         )
-        base = delays["wait_s"][in_window] + delays["ggc_s"][in_window] + admit_wait + self._first_step_s(
-            delays["done_second"][in_window]
+        base = (
+            delays["wait_s"][in_window]
+            + delays["ggc_s"][in_window]
+            + admit_wait
+            + self._first_step_s(delays["done_second"][in_window])
         )
         latency, transfer = self._prefill_tables(self.profile.prompt_classes)
         values = []
@@ -1042,7 +1143,9 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     slo = sim.policy.slo
     notes: list[str] = []
     if sample is None or sample.requests == 0 or sim.t == 0:
-        return RequestOutcomes(0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",))
+        return RequestOutcomes(
+            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",)
+        )
     keep = sample.arrival_s < sim.t
     arrival = sample.arrival_s[keep]
     prompt = sample.prompt_tokens[keep].astype(np.float64)
@@ -1050,7 +1153,9 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     n = arrival.size
     weight = profile.sample_weight
     if n == 0:
-        return RequestOutcomes(0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",))
+        return RequestOutcomes(
+            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",)
+        )
     s = sim.series
     seconds = np.floor(arrival).astype(np.int64)
     arrived = s.col("arrived")[seconds]
@@ -1064,10 +1169,14 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     base = base + sim._first_step_s(done_second)
 
     # Too long for any decode instance's KV cache (a real engine rejects these).
-    kv_limit = max((p.perf.kv_capacity_tokens for p in sim.decode_pools if p.perf.fits), default=0.0)
+    kv_limit = max(
+        (p.perf.kv_capacity_tokens for p in sim.decode_pools if p.perf.fits), default=0.0
+    )
     too_long = prompt + output > kv_limit
     if too_long.any():
-        notes.append(f"{int(too_long.sum() * weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)")
+        notes.append(
+            f"{int(too_long.sum() * weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)"
+        )
 
     ttft_ok = np.zeros(n)
     ttft_mean = np.zeros(n)
@@ -1092,20 +1201,35 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     tbt_values = []
     tbt_weights = []
     admitted_total = np.zeros(n)
+    instances_total = np.zeros(n)
     for q in range(len(sim.decode_pools)):
         admitted_total += s.col(f"d{q}_admitted")[start_second]
+        instances_total += s.col(f"d{q}_instances")[start_second]
     for q in range(len(sim.decode_pools)):
         psi_curve = np.concatenate(([0.0], s.col(f"d{q}_psi")))
         admitted_q = s.col(f"d{q}_admitted")[start_second]
-        share = np.where(admitted_total > 0, admitted_q / np.maximum(admitted_total, 1e-12), 1.0 / len(sim.decode_pools))
+        instances_q = s.col(f"d{q}_instances")[start_second]
+        # The pool's share of that second's admissions; in a second without any, its
+        # share of the instances.
+        share = np.where(
+            admitted_total > 0,
+            admitted_q / np.maximum(admitted_total, 1e-12),
+            np.where(
+                instances_total > 0,
+                instances_q / np.maximum(instances_total, 1e-12),
+                1.0 / len(sim.decode_pools),
+            ),
+        )
         t_clamped = np.clip(decode_start, 0.0, float(sim.t))
         psi_start = np.interp(t_clamped, np.arange(psi_curve.size, dtype=np.float64), psi_curve)
-        end_time, end_ok = fifo_delay(psi_start + output, psi_curve[1:] if psi_curve.size > 1 else psi_curve)
+        end_time, end_ok = fifo_delay(
+            psi_start + output, psi_curve[1:] if psi_curve.size > 1 else psi_curve
+        )
         ok = end_ok & np.isfinite(decode_start) & (end_time < np.inf)
-        tbt_q = np.where(ok, (end_time - t_clamped) / output, np.inf)
-        tbt_ok += share * (tbt_q <= slo.tbt_ms / 1000.0)
+        tbt_pool = np.where(ok, (end_time - t_clamped) / output, np.inf)
+        tbt_ok += share * (tbt_pool <= slo.tbt_ms / 1000.0)
         finished += share * ok
-        tbt_values.append(tbt_q)
+        tbt_values.append(tbt_pool)
         tbt_weights.append(share * served_share)
 
     complete = served_share * np.minimum(finished, 1.0) * resolved * ~too_long
@@ -1114,7 +1238,9 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     both = np.where(complete > 0, ttft_ok * tbt_ok * complete, 0.0)
     dropped = float(n - complete.sum())
 
-    def quantiles(values: list[np.ndarray], weights: list[np.ndarray]) -> tuple[float | None, float | None]:
+    def quantiles(
+        values: list[np.ndarray], weights: list[np.ndarray]
+    ) -> tuple[float | None, float | None]:
         if not values:
             return None, None
         v = np.concatenate(values)
@@ -1128,7 +1254,9 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     ttft_p50, ttft_q = quantiles(ttft_values, ttft_weights)
     tbt_p50, tbt_q = quantiles(tbt_values, tbt_weights)
     if complete.sum() == 0:
-        notes.append("no request completed: the fleet is too small (or has no ready prefill or decode instance)")
+        notes.append(
+            "no request completed: the fleet is too small (or has no ready prefill or decode instance)"
+        )
     return RequestOutcomes(
         requests=n * weight,
         dropped=dropped * weight,

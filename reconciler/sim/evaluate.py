@@ -68,13 +68,14 @@ class EvaluationError(PermanentError):
 # --------------------------------------------------------------------------- schedule policy
 
 
-@dataclass(frozen=True)
 class ScheduleAutoscaler:
     """Replays instance counts from a CSV ``t_s,service,prefill,decode``."""
 
-    path: str
-    rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # service -> (t_s, prefill, decode)
-    name: str = "schedule"
+    name = "schedule"
+
+    def __init__(self, path: str, rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.path = path
+        self.rows = dict(rows)  # service -> (t_s, prefill, decode), sorted by t_s
 
     @classmethod
     def from_csv(cls, path: str | Path) -> ScheduleAutoscaler:
@@ -85,8 +86,15 @@ class ScheduleAutoscaler:
         with path.open(newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            if header is None or [h.strip() for h in header] != ["t_s", "service", "prefill", "decode"]:
-                raise EvaluationError(f"{path}:1: header must be 't_s,service,prefill,decode' (got {header})")
+            if header is None or [h.strip() for h in header] != [
+                "t_s",
+                "service",
+                "prefill",
+                "decode",
+            ]:
+                raise EvaluationError(
+                    f"{path}:1: header must be 't_s,service,prefill,decode' (got {header})"
+                )
             for row in reader:
                 line = reader.line_num
                 if not row or all(not c.strip() for c in row):
@@ -96,9 +104,13 @@ class ScheduleAutoscaler:
                 try:
                     t_s, prefill, decode = float(row[0]), int(row[2]), int(row[3])
                 except ValueError:
-                    raise EvaluationError(f"{path}:{line}: t_s must be a number, prefill and decode integers") from None
+                    raise EvaluationError(
+                        f"{path}:{line}: t_s must be a number, prefill and decode integers"
+                    ) from None
                 if prefill < 0 or decode < 0 or not math.isfinite(t_s):
-                    raise EvaluationError(f"{path}:{line}: counts must not be negative and t_s must be finite")
+                    raise EvaluationError(
+                        f"{path}:{line}: counts must not be negative and t_s must be finite"
+                    )
                 per_service.setdefault(row[1].strip(), []).append((t_s, prefill, decode))
         if not per_service:
             raise EvaluationError(f"{path}: schedule has no rows")
@@ -114,13 +126,20 @@ class ScheduleAutoscaler:
 
     def counts_at(self, service: str, now_s: float) -> tuple[int, int]:
         if service not in self.rows:
-            raise EvaluationError(f"{self.path}: no rows for service '{service}' (has: {', '.join(sorted(self.rows))})")
+            raise EvaluationError(
+                f"{self.path}: no rows for service '{service}' (has: {', '.join(sorted(self.rows))})"
+            )
         t_s, prefill, decode = self.rows[service]
         index = max(0, int(np.searchsorted(t_s, now_s, side="right")) - 1)
         return int(prefill[index]), int(decode[index])
 
     def decide(
-        self, policy: ServicePolicy, fleet: ServiceFleet, metrics: ServiceMetrics, history: PolicyHistory, now_s: float
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
     ) -> Decision:
         prefill, decode = self.counts_at(policy.name, now_s)
         return Decision(
@@ -150,16 +169,29 @@ def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfi
     cluster = state.clusters[policy.cluster]
     prefill_type = next(t for t in policy.prefill.preferred_gpu_types() if t in cluster.gpu_types)
     decode_type = next(t for t in policy.decode.preferred_gpu_types() if t in cluster.gpu_types)
-    prefill = instance_perf(policy.model, prefill_type, cluster.gpu_types[prefill_type], policy.prefill.gpus_per_instance)
-    decode = instance_perf(policy.model, decode_type, cluster.gpu_types[decode_type], policy.decode.gpus_per_instance)
+    prefill = instance_perf(
+        policy.model,
+        prefill_type,
+        cluster.gpu_types[prefill_type],
+        policy.prefill.gpus_per_instance,
+    )
+    decode = instance_perf(
+        policy.model, decode_type, cluster.gpu_types[decode_type], policy.decode.gpus_per_instance
+    )
     # Attention makes long prompts dearer than their tokens: use the mix's mean work.
-    mean_work = 2.0 * prefill.params * profile.prompt_mean + 2.0 * prefill.kv_bytes_per_token * profile.prompt_sq_mean / (
-        prefill.prefill_params["eta_attention"]
+    mean_work = (
+        2.0 * prefill.params * profile.prompt_mean
+        + 2.0
+        * prefill.kv_bytes_per_token
+        * profile.prompt_sq_mean
+        / (prefill.prefill_params["eta_attention"])
     )
     work_per_token = mean_work / profile.prompt_mean
     prefill_tps = PREFILL_HEADROOM * prefill.prefill_capacity_work_per_s / work_per_token
     mean_ctx = profile.prompt_mean + profile.output_mean / 2.0
-    decode_tps = decode.decode_capacity_tps(DECODE_SLO_HEADROOM * policy.slo.tbt_ms / 1000.0, mean_ctx)
+    decode_tps = decode.decode_capacity_tps(
+        DECODE_SLO_HEADROOM * policy.slo.tbt_ms / 1000.0, mean_ctx
+    )
     if decode_tps <= 0:
         decode_tps = decode.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
     return Capacity(max(prefill_tps, 1e-9), max(decode_tps, 1e-9), prefill_type, decode_type)
@@ -174,7 +206,11 @@ def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[
 
 
 def build_autoscaler(
-    name: str, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity, interval_s: float = 30.0
+    name: str,
+    policy: ServicePolicy,
+    profile: LoadProfile,
+    capacity: Capacity,
+    interval_s: float = 30.0,
 ) -> tuple[Autoscaler, str]:
     """An autoscaler by name (module docstring) and a one-line description."""
     if name.startswith("schedule:"):
@@ -219,10 +255,12 @@ def initial_counts(
     if isinstance(autoscaler, ScheduleAutoscaler):
         return autoscaler.counts_at(policy.name, 0.0)
     if getattr(autoscaler, "name", "") == "static-peak":
-        decision = autoscaler.decide(policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0)
+        decision = autoscaler.decide(
+            policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0
+        )
         return decision.prefill, decision.decode
     counts = []
-    t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
+    _t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
     for role, demand, per_instance in (
         ("prefill", prefill_tps, capacity.prefill_tps),
         ("decode", decode_tps, capacity.decode_tps),
@@ -284,7 +322,10 @@ class PolicyResult:
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_hours_prefill": round(self.gpu_hours_prefill, 3),
             "gpu_hours_decode": round(self.gpu_hours_decode, 3),
-            "mean_gpu_util": {"prefill": round(self.mean_gpu_util_prefill, 4), "decode": round(self.mean_gpu_util_decode, 4)},
+            "mean_gpu_util": {
+                "prefill": round(self.mean_gpu_util_prefill, 4),
+                "decode": round(self.mean_gpu_util_decode, 4),
+            },
             "mean_sm_active": {
                 "prefill": round(self.mean_sm_active_prefill, 4),
                 "decode": round(self.mean_sm_active_decode, 4),
@@ -298,11 +339,19 @@ class PolicyResult:
             "dropped": round(self.dropped, 1),
             "scaling_actions": self.scaling_actions,
             "instance_changes": self.instance_changes,
-            "pd_ratio": {"min": _round_or_none(self.pd_ratio_min, 4), "max": _round_or_none(self.pd_ratio_max, 4)},
-            "peak_instances": {"prefill": self.peak_prefill_instances, "decode": self.peak_decode_instances},
+            "pd_ratio": {
+                "min": _round_or_none(self.pd_ratio_min, 4),
+                "max": _round_or_none(self.pd_ratio_max, 4),
+            },
+            "peak_instances": {
+                "prefill": self.peak_prefill_instances,
+                "decode": self.peak_decode_instances,
+            },
             "placement_shortfalls": self.placement_shortfalls,
             "notes": list(self.notes),
-            "timeline": {k: [_round_or_none(float(x), 3) for x in v] for k, v in self.timeline.items()},
+            "timeline": {
+                k: [_round_or_none(float(x), 3) for x in v] for k, v in self.timeline.items()
+            },
         }
         return out
 
@@ -354,18 +403,25 @@ def evaluate(
 ) -> EvaluationResult:
     """Run each policy on the same load in its own simulated fleet (module docstring)."""
     if service not in state.policies:
-        raise EvaluationError(f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})")
+        raise EvaluationError(
+            f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})"
+        )
     if not policies:
         raise EvaluationError("no policies to evaluate")
     config = config or SimConfig()
     policy = state.policies[service]
     if policy.cluster not in state.clusters:
-        raise EvaluationError(f"service '{service}' runs in cluster '{policy.cluster}', which is not defined")
+        raise EvaluationError(
+            f"service '{service}' runs in cluster '{policy.cluster}', which is not defined"
+        )
     profile = (
         workload
         if isinstance(workload, LoadProfile)
         else LoadProfile.from_workload(
-            workload, length_classes=config.length_classes, sample_limit=config.request_sample_limit, seed=seed
+            workload,
+            length_classes=config.length_classes,
+            sample_limit=config.request_sample_limit,
+            seed=seed,
         )
     )
     placer = placer or default_placer()
@@ -375,30 +431,53 @@ def evaluate(
     for name in policies:
         autoscaler, description = build_autoscaler(name, policy, profile, capacity, interval_s)
         results[name] = _run_policy(
-            state, policy, profile, name, autoscaler, description, capacity, config, placer, interval_s, progress
+            state,
+            policy,
+            profile,
+            name,
+            autoscaler,
+            description,
+            capacity,
+            config,
+            placer,
+            interval_s,
+            progress,
         )
     return EvaluationResult(
         service=service,
         workload=profile.name,
         horizon_s=profile.horizon_s,
         requests=profile.requests,
-        slo={"ttft_ms": policy.slo.ttft_ms, "tbt_ms": policy.slo.tbt_ms, "quantile": policy.slo.quantile},
+        slo={
+            "ttft_ms": policy.slo.ttft_ms,
+            "tbt_ms": policy.slo.tbt_ms,
+            "quantile": policy.slo.quantile,
+        },
         policies=results,
         notes=tuple(notes),
     )
 
 
 def _place(
-    state: DesiredState, policy: ServicePolicy, current: FleetState, prefill: int, decode: int, placer: Placer
+    state: DesiredState,
+    policy: ServicePolicy,
+    current: FleetState,
+    prefill: int,
+    decode: int,
+    placer: Placer,
 ) -> tuple[Plan, int]:
     cluster = state.clusters[policy.cluster]
     targets = {policy.name: Targets(policy.name, prefill, decode)}
-    request = PlacementRequest(cluster=cluster, policies={policy.name: policy}, current=current, targets=targets)
+    request = PlacementRequest(
+        cluster=cluster, policies={policy.name: policy}, current=current, targets=targets
+    )
     result = placer.place(request)
     gpus = {(policy.name, role): policy.role(role).gpus_per_instance for role in ROLES}
     changes = diff_groups(current, result.groups, gpus)
     shortfall = sum(s.instances for s in result.shortfalls)
-    plan = Plan(cluster=cluster.name, decisions={}, placement=result, changes=changes, current=current)
+    plan = Plan(
+        cluster=cluster.name, decisions={}, placement=result, changes=changes, current=current
+    )
     return plan, shortfall
 
 
@@ -420,7 +499,9 @@ def _run_policy(
     fleet = SimulatedFleet({cluster.name: cluster}, {service: policy}, {service: profile}, config)
     notes: list[str] = list(fleet.notes)
     prefill0, decode0 = initial_counts(autoscaler, policy, profile, capacity)
-    plan, shortfall = _place(state, policy, fleet.fleet_state(cluster.name), prefill0, decode0, placer)
+    plan, shortfall = _place(
+        state, policy, fleet.fleet_state(cluster.name), prefill0, decode0, placer
+    )
     fleet.bootstrap(plan.groups)
     shortfalls = shortfall
     history = PolicyHistory()
@@ -443,7 +524,9 @@ def _run_policy(
         tbt_ms.append(metrics.tbt.value if metrics.tbt else math.nan)
         if decision.changes(view):
             current = fleet.fleet_state(cluster.name)
-            plan, shortfall = _place(state, policy, current, decision.prefill, decision.decode, placer)
+            plan, shortfall = _place(
+                state, policy, current, decision.prefill, decision.decode, placer
+            )
             shortfalls += shortfall
             if plan.changes:
                 fleet.apply(plan)
@@ -462,7 +545,9 @@ def _run_policy(
     outcome = request_outcomes(sim)
     notes.extend(outcome.notes)
     if shortfalls:
-        notes.append(f"placement could not place {shortfalls} instance-cycles (cluster full or constraints)")
+        notes.append(
+            f"placement could not place {shortfalls} instance-cycles (cluster full or constraints)"
+        )
     usage = _usage(sim, counts, horizon, policy)
     active_prefill = counts["prefill_ready"][:horizon] + counts["prefill_starting"][:horizon]
     active_decode = counts["decode_ready"][:horizon] + counts["decode_starting"][:horizon]
@@ -499,7 +584,9 @@ def _run_policy(
     )
 
 
-def _usage(sim: ServiceSim, counts: Mapping[str, np.ndarray], horizon: int, policy: ServicePolicy) -> dict[str, float]:
+def _usage(
+    sim: ServiceSim, counts: Mapping[str, np.ndarray], horizon: int, policy: ServicePolicy
+) -> dict[str, float]:
     """GPU-hours and GPU-hour-weighted mean utilisation per role over the horizon."""
     util = sim.utilisation_series(0, horizon)
     prefill_gpus = counts["prefill_gpus"][:horizon]
@@ -547,7 +634,11 @@ def _timeline(
     series = sim.series
     t_min = np.arange(minutes, dtype=float)
     decisions = np.asarray(decision_times)
-    index = np.clip(np.searchsorted(decisions, t_min * 60.0 + 59.0, side="right") - 1, 0, max(len(decisions) - 1, 0))
+    index = np.clip(
+        np.searchsorted(decisions, t_min * 60.0 + 59.0, side="right") - 1,
+        0,
+        max(len(decisions) - 1, 0),
+    )
     ttft = np.asarray(ttft_ms)[index] if len(ttft_ms) else np.full(minutes, np.nan)
     tbt = np.asarray(tbt_ms)[index] if len(tbt_ms) else np.full(minutes, np.nan)
     return {
@@ -555,7 +646,9 @@ def _timeline(
         "requests_per_s": per_minute(series.col("arrived", 0, horizon)),
         "prefill_tps": per_minute(series.col("prefill_tokens", 0, horizon)),
         "decode_tps": per_minute(series.col("decode_tokens", 0, horizon)),
-        "prefill_instances": per_minute(counts["prefill_ready"] + counts["prefill_starting"], "max"),
+        "prefill_instances": per_minute(
+            counts["prefill_ready"] + counts["prefill_starting"], "max"
+        ),
         "decode_instances": per_minute(counts["decode_ready"] + counts["decode_starting"], "max"),
         "ttft_ms": ttft,
         "tbt_ms": tbt,

@@ -122,7 +122,9 @@ class SimulatedFleet:
                 raise KeyError(f"load given for service '{name}' which has no policy")
             cluster = self.clusters.get(policy.cluster)
             if cluster is None:
-                raise KeyError(f"service '{name}' runs in cluster '{policy.cluster}', which is not given")
+                raise KeyError(
+                    f"service '{name}' runs in cluster '{policy.cluster}', which is not given"
+                )
             sim = ServiceSim(policy, cluster, load, self.config)
             self.sims[name] = sim
             self.notes.extend(sim.notes)
@@ -155,7 +157,7 @@ class SimulatedFleet:
 
     def advance_to(self, t_s: float) -> None:
         """Simulate every second up to (not including) ``t_s``."""
-        target = int(math.floor(t_s + 1e-9))
+        target = math.floor(t_s + 1e-9)
         while self.t < target:
             self._events(self.t)
             if self._dirty:
@@ -219,7 +221,9 @@ class SimulatedFleet:
                 allocated[offset] += 1
             else:
                 allocated[offset + 1] += 1
-            allocated[6 if inst.role == "prefill" else 7] += policy.role(inst.role).gpus_per_instance
+            allocated[6 if inst.role == "prefill" else 7] += policy.role(
+                inst.role
+            ).gpus_per_instance
         self._allocated[service] = allocated
         if sim is None:
             return
@@ -230,7 +234,9 @@ class SimulatedFleet:
         decode_ready: dict[str, int] = defaultdict(int)
         decode_draining: dict[str, int] = defaultdict(int)
         for group_id, members in by_group.items():
-            ready_prefill = [i for i in members if i.role == "prefill" and not i.draining and i.ready_s <= t]
+            ready_prefill = [
+                i for i in members if i.role == "prefill" and not i.draining and i.ready_s <= t
+            ]
             decode_members = [i for i in members if i.role == "decode" and not i.draining]
             ready_decode = [i for i in decode_members if i.ready_s <= t]
             for inst in members:
@@ -241,7 +247,9 @@ class SimulatedFleet:
                         decode_ready[inst.gpu_type] += 1
             if not ready_prefill:
                 continue
-            rdma_share = self._rdma_share(service, group_id, ready_prefill, ready_decode or decode_members)
+            rdma_share = self._rdma_share(
+                service, group_id, ready_prefill, ready_decode or decode_members
+            )
             for inst in ready_prefill:
                 prefill[(inst.gpu_type, "rdma")] += rdma_share
                 prefill[(inst.gpu_type, "cross")] += 1.0 - rdma_share
@@ -286,7 +294,7 @@ class SimulatedFleet:
                 for name, value in values.items()
                 if value is not None and math.isfinite(value)
             }
-            out[policy.name] = ServiceMetrics(policy.name, **samples)  # type: ignore[arg-type]
+            out[policy.name] = ServiceMetrics(policy.name, **samples)
         return out
 
     # ------------------------------------------------------------------ ClusterBackend
@@ -323,7 +331,11 @@ class SimulatedFleet:
                     for inst in of_role:
                         if inst.node is not None:
                             nodes[inst.node] += 1
-                    gpu_type = of_role[0].gpu_type if of_role else self._group_gpu_type(service, group_id, role)
+                    gpu_type = (
+                        of_role[0].gpu_type
+                        if of_role
+                        else self._group_gpu_type(service, group_id, role)
+                    )
                     roles[role] = GroupRole(
                         gpu_type=gpu_type,
                         instances=len(of_role),
@@ -340,7 +352,9 @@ class SimulatedFleet:
                         decode=roles["decode"],
                     )
                 )
-        return FleetState(cluster=cluster, groups=tuple(groups), starting=dict(starting), draining=dict(draining))
+        return FleetState(
+            cluster=cluster, groups=tuple(groups), starting=dict(starting), draining=dict(draining)
+        )
 
     def _group_gpu_type(self, service: str, group_id: str, role: Role) -> str:
         types = self._group_types.get((service, group_id, role))
@@ -353,17 +367,23 @@ class SimulatedFleet:
         """Carry out the plan's changes (module docstring); returns what was done."""
         desired = {(g.service, g.group_id): g for g in plan.groups}
         for group in plan.groups:
-            self.groups[(group.service, group.group_id)] = _GroupMeta(group.cluster, group.domain, group.subgroup)
+            self.groups[(group.service, group.group_id)] = _GroupMeta(
+                group.cluster, group.domain, group.subgroup
+            )
         done: list[str] = []
         for change in plan.changes:
-            self._apply_change(change, desired.get((change.service, change.group_id)), immediate=False)
+            self._apply_change(
+                change, desired.get((change.service, change.group_id)), immediate=False
+            )
             done.append(str(change))
         return done
 
     def bootstrap(self, groups: Sequence[DeploymentGroup]) -> None:
         """Start the fleet with ``groups`` already serving (a warm start at time now)."""
         for group in groups:
-            self.groups[(group.service, group.group_id)] = _GroupMeta(group.cluster, group.domain, group.subgroup)
+            self.groups[(group.service, group.group_id)] = _GroupMeta(
+                group.cluster, group.domain, group.subgroup
+            )
             for role in ROLES:
                 role_group = group.role(role)
                 if role_group.instances:
@@ -380,7 +400,9 @@ class SimulatedFleet:
                     )
                     self._apply_change(change, group, immediate=True)
 
-    def _apply_change(self, change: GroupChange, desired: DeploymentGroup | None, *, immediate: bool) -> None:
+    def _apply_change(
+        self, change: GroupChange, desired: DeploymentGroup | None, *, immediate: bool
+    ) -> None:
         service = change.service
         if service not in self.policies:
             raise KeyError(f"plan changes service '{service}', which this fleet does not run")
@@ -406,20 +428,37 @@ class SimulatedFleet:
             nodes += [None] * max(0, delta - len(nodes))
             startup = 0.0 if immediate else policy.role(change.role).startup_s
             cluster = desired.cluster if desired is not None else policy.cluster
-            for node in nodes[:delta]:
+            for new_node in nodes[:delta]:
                 self.instances[service].append(
-                    _Instance(service, cluster, change.group_id, change.role, change.gpu_type, node, t, t + startup)
+                    _Instance(
+                        service,
+                        cluster,
+                        change.group_id,
+                        change.role,
+                        change.gpu_type,
+                        new_node,
+                        t,
+                        t + startup,
+                    )
                 )
                 self._next_event_s = min(self._next_event_s, t + startup)
         elif delta < 0:
-            surplus = {node: have_nodes[node] - want_nodes.get(node, 0) for node in have_nodes} if desired else {}
+            surplus: dict[str | None, int] = (
+                {node: have_nodes[node] - want_nodes.get(node or "", 0) for node in have_nodes}
+                if desired
+                else {}
+            )
 
             def removal_key(inst: _Instance) -> tuple[int, int, float]:
                 # Starting instances first (cancelled at no cost), then nodes with a
                 # surplus against the placement, newest first.
-                return (0 if inst.ready_s > t else 1, 0 if surplus.get(inst.node, 1) > 0 else 1, -inst.created_s)
+                return (
+                    0 if inst.ready_s > t else 1,
+                    0 if surplus.get(inst.node, 1) > 0 else 1,
+                    -inst.created_s,
+                )
 
-            for inst in sorted(members, key=removal_key)[: -delta]:
+            for inst in sorted(members, key=removal_key)[:-delta]:
                 self._retire(inst, t)
                 if inst.node in surplus:
                     surplus[inst.node] -= 1

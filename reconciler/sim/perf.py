@@ -145,7 +145,9 @@ class InstancePerf:
         its fitted relative efficiency). Capacity below is in the same unit."""
         prompt = np.asarray(prompt_tokens, dtype=float)
         eta_attention = self.prefill_params["eta_attention"]
-        return 2.0 * self.params * prompt + 2.0 * self.kv_bytes_per_token * prompt**2 / eta_attention
+        return (
+            2.0 * self.params * prompt + 2.0 * self.kv_bytes_per_token * prompt**2 / eta_attention
+        )
 
     @property
     def prefill_capacity_work_per_s(self) -> float:
@@ -157,7 +159,10 @@ class InstancePerf:
     # ------------------------------------------------------------------ decode
 
     def decode_step_s(
-        self, batch: np.ndarray | float, kv_tokens: np.ndarray | float, mean_context: np.ndarray | float
+        self,
+        batch: np.ndarray | float,
+        kv_tokens: np.ndarray | float,
+        mean_context: np.ndarray | float,
     ) -> np.ndarray:
         """Time between tokens for an instance decoding ``batch`` sequences holding
         ``kv_tokens`` tokens of cache in total (their mean context ``mean_context``)."""
@@ -182,7 +187,13 @@ class InstancePerf:
         d = self.decode_params
         weights = self.weight_bytes / (self.eta_bandwidth * self.bandwidth_bps)
         compute = 2.0 * self.params * max(batch, 1e-9) / (self.eta_compute_decode * self.flops)
-        floor = d["attention_floor_s_per_kv_gb"] * mean_context / self.gpus * self.kv_bytes_per_token / 1e9
+        floor = (
+            d["attention_floor_s_per_kv_gb"]
+            * mean_context
+            / self.gpus
+            * self.kv_bytes_per_token
+            / 1e9
+        )
         reads = kv_tokens * self.kv_bytes_per_token / (self.eta_bandwidth * self.bandwidth_bps)
         return (
             d["overhead_s"]
@@ -221,14 +232,21 @@ class InstancePerf:
     def decode_gpu_util(self, active_fraction: np.ndarray | float) -> np.ndarray:
         """Average over instances: 100 % on every instance with a sequence in flight."""
         u = self.util
-        return np.clip(np.asarray(active_fraction, dtype=float), 0.0, 1.0) * u["decode_util_when_active"]
+        return (
+            np.clip(np.asarray(active_fraction, dtype=float), 0.0, 1.0)
+            * u["decode_util_when_active"]
+        )
 
-    def decode_sm_active(self, batch_per_busy_instance: np.ndarray | float, active_fraction: np.ndarray | float) -> np.ndarray:
+    def decode_sm_active(
+        self, batch_per_busy_instance: np.ndarray | float, active_fraction: np.ndarray | float
+    ) -> np.ndarray:
         u = self.util
         batches = np.log2(np.asarray(u["decode_sm_active_batch"], dtype=float))
         values = np.asarray(u["decode_sm_active_value"], dtype=float)
         b = np.log2(np.maximum(np.asarray(batch_per_busy_instance, dtype=float), 1.0))
-        return np.interp(b, batches, values) * np.clip(np.asarray(active_fraction, dtype=float), 0.0, 1.0)
+        return np.interp(b, batches, values) * np.clip(
+            np.asarray(active_fraction, dtype=float), 0.0, 1.0
+        )
 
 
 def _smooth_max(a: float, b: float, k: float) -> float:
@@ -252,7 +270,11 @@ def instance_perf(
     scale = tp_scale(gpus_per_instance)
     eta_bandwidth, eta_compute_decode = _decode_efficiency(fit, gpu)
     weight_bytes = model.params_b * 1e9 * model.weight_bytes_per_param
-    usable = gpus_per_instance * (gpu.memory_gib * GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_GIB_PER_GPU) * GIB
+    usable = (
+        gpus_per_instance
+        * (gpu.memory_gib * GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_GIB_PER_GPU)
+        * GIB
+    )
     kv_capacity_tokens = max(0.0, (usable - weight_bytes) / model.kv_bytes_per_token)
     return InstancePerf(
         gpu_type=gpu_type_name,
@@ -272,6 +294,8 @@ def instance_perf(
     )
 
 
-def kv_transfer_s(prompt_tokens: np.ndarray | float, kv_bytes_per_token: float, link_gbps: float) -> np.ndarray:
+def kv_transfer_s(
+    prompt_tokens: np.ndarray | float, kv_bytes_per_token: float, link_gbps: float
+) -> np.ndarray:
     """Time to move a prompt's KV cache over a link of ``link_gbps`` gigabits/s."""
     return np.asarray(prompt_tokens, dtype=float) * kv_bytes_per_token / (link_gbps * 1e9 / 8.0)

@@ -114,7 +114,9 @@ class Workload:
         # The first copy of each kept request is the original; the others are moved by a
         # uniform jitter of +-jitter_s/2, which keeps the rate curve at minute scale
         # but does not repeat the original's sub-minute bursts K times over.
-        first = np.concatenate(([True], index[1:] != index[:-1])) if index.size else index.astype(bool)
+        first = (
+            np.concatenate(([True], index[1:] != index[:-1])) if index.size else index.astype(bool)
+        )
         shift = (rng.random(index.size) - 0.5) * jitter_s
         arrival = self.arrival_s[index] + np.where(first, 0.0, shift)
         end = self.duration_s
@@ -186,14 +188,24 @@ class Workload:
 
 def diurnal_curve(t_s: np.ndarray, horizon_s: float, trough_ratio: float = 1.0 / 3.0) -> np.ndarray:
     """Relative load in [trough, 1]: trough at 0 and ``horizon_s``, peak in the middle."""
-    return trough_ratio + (1.0 - trough_ratio) * np.sin(np.pi * np.asarray(t_s, dtype=float) / horizon_s) ** 2
+    return (
+        trough_ratio
+        + (1.0 - trough_ratio) * np.sin(np.pi * np.asarray(t_s, dtype=float) / horizon_s) ** 2
+    )
 
 
 # --------------------------------------------------------------------------- readers
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
-BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens", "Total tokens", "Log Type")
+BURSTGPT_COLUMNS = (
+    "Timestamp",
+    "Model",
+    "Request tokens",
+    "Response tokens",
+    "Total tokens",
+    "Log Type",
+)
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
 KNOWN_FORMATS = (
     "Azure CSV (TIMESTAMP,ContextTokens,GeneratedTokens), "
@@ -218,21 +230,22 @@ def read_trace(path: str | Path, *, seed: int = 0) -> Workload:
             # Decompress what is there to say where the stream stops.
             partial = _partial_gunzip(raw)
             lines = partial.count(b"\n") + 1
-            raise TraceError(path, f"truncated gzip stream: data ends in line {lines}", line=lines) from None
+            raise TraceError(
+                path, f"truncated gzip stream: data ends in line {lines}", line=lines
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise TraceError(path, f"not a readable gzip file ({exc})") from None
     else:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise TraceError(path, f"not UTF-8 text (byte {exc.start}); expected one of: {KNOWN_FORMATS}") from None
+            raise TraceError(
+                path, f"not UTF-8 text (byte {exc.start}); expected one of: {KNOWN_FORMATS}"
+            ) from None
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     if not first:
         raise TraceError(path, "empty trace: no requests", line=1)
-    if first.startswith("{"):
-        workload = _read_jsonl(path, text, seed)
-    else:
-        workload = _read_csv(path, text)
+    workload = _read_jsonl(path, text, seed) if first.startswith("{") else _read_csv(path, text)
     return replace(workload, name=path.name)
 
 
@@ -271,7 +284,11 @@ def _read_csv(path: Path, text: str) -> Workload:
     else:
         known = set(AZURE_COLUMNS) | set(PLAIN_COLUMNS) | set(BURSTGPT_COLUMNS)
         unknown = [c for c in columns if c not in known]
-        detail = f"unknown columns {unknown}" if unknown else f"columns {list(columns)} in an unexpected order"
+        detail = (
+            f"unknown columns {unknown}"
+            if unknown
+            else f"columns {list(columns)} in an unexpected order"
+        )
         raise TraceError(path, f"{detail}; expected one of: {KNOWN_FORMATS}", line=header_line)
     width = len(columns)
     line_numbers: list[int] = []
@@ -283,8 +300,14 @@ def _read_csv(path: Path, text: str) -> Workload:
         for line, row in rows:
             if len(row) != width:
                 last = not ends_with_newline and line == text.count("\n") + 1
-                hint = " (the file looks truncated: its last line is incomplete)" if last and len(row) < width else ""
-                raise TraceError(path, f"expected {width} fields, found {len(row)}{hint}", line=line)
+                hint = (
+                    " (the file looks truncated: its last line is incomplete)"
+                    if last and len(row) < width
+                    else ""
+                )
+                raise TraceError(
+                    path, f"expected {width} fields, found {len(row)}{hint}", line=line
+                )
             line_numbers.append(line)
             if kind == "burstgpt":
                 times.append(row[0])
@@ -317,7 +340,9 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
                 np.datetime64(value.strip().replace(" ", "T", 1), "ns")
             except ValueError:
                 raise TraceError(
-                    path, f"timestamp {value!r} is not 'YYYY-MM-DD HH:MM:SS[.fffffff]'", line=int(line)
+                    path,
+                    f"timestamp {value!r} is not 'YYYY-MM-DD HH:MM:SS[.fffffff]'",
+                    line=int(line),
                 ) from None
         raise
     if np.isnat(stamps).any():
@@ -326,7 +351,9 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
     return (stamps - stamps.min()).astype("timedelta64[ns]").astype(np.int64) / 1e9
 
 
-def _parse_numbers(path: Path, values: list[str], lines: np.ndarray, what: str, kind: type) -> np.ndarray:
+def _parse_numbers(
+    path: Path, values: list[str], lines: np.ndarray, what: str, kind: type
+) -> np.ndarray:
     dtype = np.int64 if kind is int else np.float64
     try:
         array = np.array([kind(v) for v in values], dtype=dtype)
@@ -335,7 +362,11 @@ def _parse_numbers(path: Path, values: list[str], lines: np.ndarray, what: str, 
             try:
                 kind(value)
             except ValueError:
-                raise TraceError(path, f"{what} {value.strip()!r} is not a{'n integer' if kind is int else ' number'}", line=int(line)) from None
+                raise TraceError(
+                    path,
+                    f"{what} {value.strip()!r} is not a{'n integer' if kind is int else ' number'}",
+                    line=int(line),
+                ) from None
         raise
     if kind is float and not np.isfinite(array).all():
         raise TraceError(path, f"{what} is not finite", line=int(lines[~np.isfinite(array)][0]))
@@ -363,16 +394,27 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
         missing = [f for f in MOONCAKE_FIELDS if f not in record]
         if missing:
             raise TraceError(
-                path, f"missing fields {missing} (found {sorted(record)}); expected one of: {KNOWN_FORMATS}", line=number
+                path,
+                f"missing fields {missing} (found {sorted(record)}); expected one of: {KNOWN_FORMATS}",
+                line=number,
             )
         try:
             timestamp = float(record["timestamp"])
             prompt = record["input_length"]
             output = record["output_length"]
-            if isinstance(prompt, bool) or isinstance(output, bool) or not isinstance(prompt, int) or not isinstance(output, int):
+            if (
+                isinstance(prompt, bool)
+                or isinstance(output, bool)
+                or not isinstance(prompt, int)
+                or not isinstance(output, int)
+            ):
                 raise TypeError
         except (TypeError, ValueError):
-            raise TraceError(path, "timestamp must be a number and input_length/output_length integers", line=number) from None
+            raise TraceError(
+                path,
+                "timestamp must be a number and input_length/output_length integers",
+                line=number,
+            ) from None
         if not math.isfinite(timestamp):
             raise TraceError(path, "timestamp is not finite", line=number)
         times.append(timestamp / 1000.0)
@@ -384,14 +426,24 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
     lines = np.asarray(line_numbers, dtype=np.int64)
     arrival = np.asarray(times, dtype=np.float64)
     arrival -= arrival.min()
-    workload = _finish(path, arrival, np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64), lines)
+    workload = _finish(
+        path,
+        arrival,
+        np.asarray(prompts, dtype=np.int64),
+        np.asarray(outputs, dtype=np.int64),
+        lines,
+    )
     return _spread_ticks(workload, seed)
 
 
 def _spread_ticks(workload: Workload, seed: int) -> Workload:
     """Spread requests that share a quantised timestamp over the tick (see module doc)."""
     distinct, counts = np.unique(workload.arrival_s, return_counts=True)
-    if distinct.size < 2 or (counts > 1).sum() == 0 or counts[counts > 1].sum() < workload.requests / 2:
+    if (
+        distinct.size < 2
+        or (counts > 1).sum() == 0
+        or counts[counts > 1].sum() < workload.requests / 2
+    ):
         return workload
     gaps = np.round(np.diff(distinct), 3)
     values, freq = np.unique(gaps, return_counts=True)
@@ -414,13 +466,19 @@ def _spread_ticks(workload: Workload, seed: int) -> Workload:
     )
 
 
-def _finish(path: Path, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, lines: np.ndarray) -> Workload:
+def _finish(
+    path: Path, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, lines: np.ndarray
+) -> Workload:
     notes: list[str] = []
     for name, values in (("prompt tokens", prompt), ("output tokens", output)):
         negative = values < 0
         if negative.any():
             line = int(lines[negative][0])
-            raise TraceError(path, f"negative {name} ({int(values[negative][0])}); {int(negative.sum())} such rows", line=line)
+            raise TraceError(
+                path,
+                f"negative {name} ({int(values[negative][0])}); {int(negative.sum())} such rows",
+                line=line,
+            )
     if (arrival < 0).any():
         raise TraceError(path, "negative timestamp", line=int(lines[arrival < 0][0]))
     backwards = np.flatnonzero(np.diff(arrival) < 0)
@@ -433,7 +491,9 @@ def _finish(path: Path, arrival: np.ndarray, prompt: np.ndarray, output: np.ndar
         arrival, prompt, output = arrival[order], prompt[order], output[order]
     zero_output = output == 0
     if zero_output.any():
-        notes.append(f"{path.name}: {int(zero_output.sum())} requests with 0 output tokens counted as 1 (the first token)")
+        notes.append(
+            f"{path.name}: {int(zero_output.sum())} requests with 0 output tokens counted as 1 (the first token)"
+        )
         output = np.maximum(output, 1)
     arrival = arrival - arrival[0]
     return Workload(arrival, prompt, output, name=path.name, notes=tuple(notes))
@@ -459,7 +519,9 @@ SERVICE_SHAPES: dict[str, LengthShape] = {
     "a": LengthShape(prompt_mean=3000, output_mean=350),
     "b": LengthShape(prompt_mean=7800, output_mean=700),
     # Conversation traffic like the Azure 2023 trace (~1150 / ~210).
-    "chat": LengthShape(prompt_mean=1150, output_mean=210, prompt_cv=0.8, output_cv=0.9, output_max=1000),
+    "chat": LengthShape(
+        prompt_mean=1150, output_mean=210, prompt_cv=0.8, output_cv=0.9, output_max=1000
+    ),
     # Summarisation: long documents in, short summaries out.
     "summarize": LengthShape(prompt_mean=4000, output_mean=300, prompt_cv=0.7, output_cv=0.5),
 }
@@ -483,7 +545,9 @@ class Burst:
     factor: float
 
 
-def _lognormal(rng: np.random.Generator, mean: float, cv: float, size: int, upper: int) -> np.ndarray:
+def _lognormal(
+    rng: np.random.Generator, mean: float, cv: float, size: int, upper: int
+) -> np.ndarray:
     sigma2 = math.log(1.0 + cv * cv)
     mu = math.log(mean) - sigma2 / 2.0
     values = np.rint(rng.lognormal(mu, math.sqrt(sigma2), size))
@@ -505,7 +569,11 @@ def default_bursts(hours: float, seed: int = 0, count: int = 3) -> tuple[Burst, 
 
 
 def rate_curve(
-    t_s: np.ndarray, horizon_s: float, peak_rps: float, trough_ratio: float, bursts: tuple[Burst, ...]
+    t_s: np.ndarray,
+    horizon_s: float,
+    peak_rps: float,
+    trough_ratio: float,
+    bursts: tuple[Burst, ...],
 ) -> np.ndarray:
     """Requests/s of the synthetic load at ``t_s``."""
     rate = peak_rps * diurnal_curve(t_s, horizon_s, trough_ratio)
@@ -537,13 +605,18 @@ def synthetic_workload(
     top = peak_rps * max([1.0, *[b.factor for b in bursts]])
     total = rng.poisson(top * horizon_s)
     candidates = np.sort(rng.random(total) * horizon_s)
-    keep = rng.random(total) * top < rate_curve(candidates, horizon_s, peak_rps, trough_ratio, bursts)
+    keep = rng.random(total) * top < rate_curve(
+        candidates, horizon_s, peak_rps, trough_ratio, bursts
+    )
     arrival = candidates[keep]
     n = arrival.size
     prompt = _lognormal(rng, lengths.prompt_mean, lengths.prompt_cv, n, lengths.prompt_max)
     output = _lognormal(rng, lengths.output_mean, lengths.output_cv, n, lengths.output_max)
     label = shape if isinstance(shape, str) else "custom"
-    burst_text = ", ".join(f"{b.factor:.1f}x at {b.start_s / 3600:.1f} h for {b.duration_s / 60:.0f} min" for b in bursts)
+    burst_text = ", ".join(
+        f"{b.factor:.1f}x at {b.start_s / 3600:.1f} h for {b.duration_s / 60:.0f} min"
+        for b in bursts
+    )
     return Workload(
         arrival,
         prompt,

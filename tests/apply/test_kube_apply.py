@@ -138,14 +138,18 @@ def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
     }
     env.client.apply(deployments_path(env.name, "not-ours"), foreign, field_manager="someone-else")
 
-    # Re-applying the same plan changes nothing: no writes, same resourceVersions.
-    versions = {n: d["metadata"]["resourceVersion"] for n, d in env.deployments().items()}
+    # Re-applying the same plan changes nothing: no writes, same generations (the
+    # controllers keep updating status, which does not bump the generation).
+    versions = {n: d["metadata"]["generation"] for n, d in env.deployments().items()}
     again = env.plan(backend, _groups(env))
     assert not again.has_changes
     assert not backend.diff_cluster(again).has_changes
+    assert backend.stats.dry_runs == 0, "objects carrying the applied hash skip the dry run"
+    full = env.backend(soft_scale_in_window_s=0, skip_provably_unchanged=False)
+    assert not full.diff_cluster(env.plan(full, _groups(env))).has_changes and full.stats.dry_runs >= 4
     backend.apply_cluster(again)
     assert backend.stats.writes == 0
-    after = {n: d["metadata"]["resourceVersion"] for n, d in env.deployments().items()}
+    after = {n: d["metadata"]["generation"] for n, d in env.deployments().items()}
     assert {n: v for n, v in after.items() if n in versions} == versions
 
     # Scale up: the dry run names the field, apply does exactly that.
@@ -226,6 +230,24 @@ def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
     assert [str(f) for f in next(o for o in diff.objects if o.key.endswith("svc-g1-d")).fields] == ["spec.replicas: 7 -> 3"]
     forced.apply_cluster(plan)
     assert _replicas(env)["svc-g1-d"] == 3
+
+
+def test_a_field_someone_else_removed_is_noticed_and_restored(env: Env) -> None:
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    path = deployments_path(env.name, "svc-g1-p")
+    env.client.merge_patch(path, {"metadata": {"annotations": {names.GPU_TYPE_ANNOTATION: None}}}, field_manager="kubectl-annotate")
+    diff = backend.diff_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    (changed,) = diff.changed
+    assert [str(f) for f in changed.fields] == [f"metadata.annotations.{names.GPU_TYPE_ANNOTATION}: + 'h800'"]
+    backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    assert env.deployments()["svc-g1-p"]["metadata"]["annotations"][names.GPU_TYPE_ANNOTATION] == "h800"
+
+    # An object that lost our ownership label is not ours any more: not overwritten.
+    env.client.merge_patch(path, {"metadata": {"labels": {names.MANAGED_BY_LABEL: None}}}, field_manager="kubectl-label")
+    diff = backend.diff_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    conflict = next(o for o in diff.objects if o.key.endswith("svc-g1-p"))
+    assert conflict.action == "conflict" and "ownership labels" in conflict.notes[-1]
 
 
 def test_a_409_conflict_is_retried_after_a_re_read(env: Env) -> None:

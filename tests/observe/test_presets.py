@@ -23,6 +23,7 @@ from reconciler.observe.presets import (
     is_label_name,
     render_override,
     render_spec,
+    services_regex,
     signal_query,
 )
 from reconciler.state import METRIC_NAMES
@@ -183,6 +184,30 @@ class TestLabelsAndOverrides:
             role_label="r",
         )
         assert query.value == 'sum by (s, r) (rate(c_total{r="prefill"}[1500ms]))'
+
+
+class TestServiceRestriction:
+    def test_matcher_on_every_selector(self) -> None:
+        policy = make_policy("svc")
+        query = signal_query(policy, "prefill_tps", window_s=60, services=["svc", "b"])
+        assert query is not None
+        selectors = re.findall(r"\{[^}]*\}", query.value)
+        assert selectors and all('service=~"b|svc"' in sel for sel in selectors)
+        assert query.sampled_at is not None and 'service=~"b|svc"' in query.sampled_at
+
+    def test_names_are_escaped_for_re2_and_promql(self) -> None:
+        assert services_regex(["a.b", 'q"z', "c-1"]) == 'a\\\\.b|c-1|q\\"z'
+
+    @given(
+        st.lists(
+            st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    @settings(max_examples=20, deadline=None)
+    def test_dns_label_names_need_no_escaping(self, names: list[str]) -> None:
+        assert services_regex(names) == "|".join(sorted(set(names)))
 
 
 class TestFormatting:

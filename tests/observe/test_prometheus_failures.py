@@ -22,6 +22,8 @@ class Sleeps(list[float]):
 
 
 def _source(url: str, sleeps: Sleeps | None = None, **settings: object) -> PrometheusMetricsSource:
+    """One request at a time unless asked otherwise, so request counts are exact."""
+    settings.setdefault("max_concurrency", 1)
     return PrometheusMetricsSource(
         settings_for(url, **settings), sleep=sleeps if sleeps is not None else Sleeps()
     )
@@ -137,25 +139,57 @@ def test_parameters_sent_to_prometheus(fake_prometheus) -> None:  # type: ignore
     server = fake_prometheus([Reply()])
     source = PrometheusMetricsSource(
         PrometheusSettings(
-            url=server.url, timeout_s=2.5, signals=("decode_tps",), headers={"X-Scope-OrgID": "t1"}
+            max_concurrency=1,
+            url=server.url,
+            timeout_s=2.5,
+            signals=("decode_tps",),
+            headers={"X-Scope-OrgID": "t1"},
         )
     )
-    original = source._session.send
+    original = source._connections[0].session.send
 
     def spy(request, **kwargs):  # type: ignore[no-untyped-def]
         captured.append(request.url)
         assert request.headers["X-Scope-OrgID"] == "t1"
         return original(request, **kwargs)
 
-    source._session.send = spy  # type: ignore[method-assign]
+    source._connections[0].session.send = spy  # type: ignore[method-assign]
     source.fetch([make_policy("a")], 1234.5)
     assert len(captured) == 1
     assert "time=1234.500" in captured[0] and "timeout=2.5" in captured[0]
 
 
+def test_concurrent_requests_stop_at_the_first_failure(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(delay_s=2.0)])
+    source = _source(server.url, timeout_s=0.3, retries=0, max_concurrency=4)
+    started = time.monotonic()
+    with pytest.raises(MetricsUnavailable) as raised:
+        source.fetch([make_policy("a")], 1000.0)
+    assert time.monotonic() - started < 1.5
+    assert server.received == 4  # the four in flight; the other five never start
+    assert "prefill_tps" in str(raised.value)  # the first failure in plan order
+    source.close()
+
+
+def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+    server = fake_prometheus([Reply(delay_s=0.05)])
+    source = _source(server.url, max_concurrency=4)
+    source.fetch([make_policy("a")], 1000.0)
+    assert source.last_report is not None
+    assert [q.signal for q in source.last_report.queries] == list(METRIC_NAMES)
+    assert source.last_report.http_requests == server.received == len(METRIC_NAMES)
+    source.close()
+
+
 @pytest.mark.parametrize(
     "bad",
-    [{"timeout_s": 0}, {"rate_window_s": -1}, {"retries": -1}, {"signals": ("nope",)}],
+    [
+        {"timeout_s": 0},
+        {"rate_window_s": -1},
+        {"retries": -1},
+        {"signals": ("nope",)},
+        {"max_concurrency": 0},
+    ],
 )
 def test_settings_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):

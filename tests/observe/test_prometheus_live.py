@@ -1,9 +1,9 @@
 """The adapter against a real Prometheus scraping the simulated fleet every second.
 
-Tolerances: token rates within 2 % (``rate()`` over a full 10 s window of linear
-counters is exact up to the jitter of the few milliseconds between a scrape's timestamp
-and the exporter computing its values; observed well under 1 %); latency quantiles
-within 1 % of what
+Tolerances: token rates within 3 % (``rate()`` over a full 10 s window of linear
+counters is exact up to the jitter in the delay between a scrape's timestamp and the
+exporter computing its values: typically a few ms, i.e. under 0.3 %, but up to ~0.2 s
+when other processes saturate the CPU); latency quantiles within 1 % of what
 ``histogram_quantile`` must return for the injected distributions
 (``expected_histogram_quantile_s``: linear interpolation inside the engine's buckets,
 which is within one bucket of the true quantile); gauges exact.
@@ -16,6 +16,7 @@ import time
 import pytest
 from observe_helpers import (
     FLEET_DECODE,
+    RATE_WINDOW_S,
     PrometheusStack,
     expected_metrics,
     fleet_policies,
@@ -29,6 +30,8 @@ from reconciler.state import METRIC_NAMES, ServiceMetrics
 
 pytestmark = pytest.mark.prometheus
 
+TPS_TOLERANCE = 0.03
+
 
 def _assert_matches(
     metrics: ServiceMetrics, expected: dict[str, float | None], now_s: float
@@ -40,7 +43,7 @@ def _assert_matches(
             assert sample is None, signal
             continue
         assert sample is not None, signal
-        tolerance = 0.02 if signal.endswith("_tps") else 0.01
+        tolerance = TPS_TOLERANCE if signal.endswith("_tps") else 0.01
         assert sample.value == pytest.approx(want, rel=tolerance), signal
         assert now_s - 3.0 <= sample.at_s <= now_s, signal  # a 1 s scrape, not older
 
@@ -74,7 +77,7 @@ def test_underscore_spelling_of_engine_names_is_read_too(prometheus_stack: Prome
         metrics = source.fetch([make_policy("om-vllm"), make_policy("live-tps")], time.time())
     assert metrics["om-vllm"].decode_tps is not None
     assert metrics["om-vllm"].decode_tps.value == pytest.approx(
-        expected_metrics(scenario, 0.9)["decode_tps"], rel=0.02
+        expected_metrics(scenario, 0.9)["decode_tps"], rel=TPS_TOLERANCE
     )
 
 
@@ -134,7 +137,7 @@ def test_hundred_services_take_one_http_request_per_signal(
     for policy in policies:
         decode_tps = metrics[policy.name].decode_tps
         assert decode_tps is not None, policy.name
-        assert decode_tps.value == pytest.approx(FLEET_DECODE.generation_tps, rel=0.02)
+        assert decode_tps.value == pytest.approx(FLEET_DECODE.generation_tps, rel=TPS_TOLERANCE)
         assert metrics[policy.name].tbt is not None
     assert report.gaps == ()
 
@@ -180,11 +183,12 @@ def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: Prome
                 exporter.remove(key.service, key.role, key.instance)
         took_s = wait_until(
             lambda: source.fetch([policy], time.time())["live-remove"].decode_tps is None,
-            timeout_s=10,
+            timeout_s=2 * RATE_WINDOW_S,
         )
         metrics = source.fetch([policy], time.time())["live-remove"]
-    # Staleness markers at the next scrape, not the 5 min lookback or the rate window.
-    assert took_s < 4.0
+    # Missing from the next scrape's staleness markers on (typically ~1 s), long before
+    # rate() would run out of samples (the window) or the 5 min lookback would end.
+    assert took_s < RATE_WINDOW_S
     assert metrics.decode_kv_usage is None and metrics.tbt is None
     assert metrics.prefill_tps is not None  # the prefill instances still export
 
@@ -196,11 +200,11 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
         prometheus_stack.vanishing.stop()  # the pod is gone: scrapes fail from now on
         took_s = wait_until(
             lambda: source.fetch(policies, time.time())["live-vanish"].decode_tps is None,
-            timeout_s=10,
+            timeout_s=2 * RATE_WINDOW_S,
         )
         metrics = source.fetch(policies, time.time())
         report = source.last_report
-    assert took_s < 4.0
+    assert took_s < RATE_WINDOW_S  # see test_removed_instances_go_missing_at_the_next_scrape
     assert all(metrics["live-vanish"].get(s) is None for s in METRIC_NAMES)
     assert metrics["live-tps"].decode_tps is not None  # other targets unaffected
     assert report is not None

@@ -79,6 +79,20 @@ class TestPlan:
             served = [s for part in request.parts for s in part.services]
             assert sorted(served) == sorted(p.name for p in policies)  # each exactly once
 
+    def test_several_parts_each_aggregate_only_their_own_services(self) -> None:
+        policies = [make_policy(f"s{i}", quantile=0.9 if i < 2 else 0.99) for i in range(4)]
+        policies.append(make_policy("o", metrics={"queries": {"ttft": "sum by (service) (x)"}}))
+        plan, _ = plan_requests(policies, ["ttft", "decode_tps"], window_s=60)
+        ttft, decode_tps = plan
+        assert [p.services for p in ttft.parts] == [("s0", "s1"), ("s2", "s3"), ("o",)]
+        assert 'service=~"s0|s1"' in ttft.parts[0].query.value
+        assert 'service=~"s2|s3"' in ttft.parts[1].query.value
+        assert ttft.parts[2].query.value == "sum by (service) (x)"  # overrides stay as written
+        assert ttft.parts[0].query.sampled_at is not None
+        assert 'service=~"s0|s1"' in ttft.parts[0].query.sampled_at
+        # One part serves everyone: no matcher, whatever the number of services.
+        assert len(decode_tps.parts) == 1 and "=~" not in decode_tps.parts[0].query.value
+
     def test_signals_without_source_are_gaps_not_queries(self) -> None:
         plan, gaps = plan_requests(
             [make_policy("t", engine="trtllm")], ["decode_tps", "ttft"], window_s=60

@@ -1,0 +1,338 @@
+"""Both placers on small, hand-checked topologies with known optimal answers.
+
+Cluster used by most tests (``three_class_cluster``; every leaf 2 nodes x 8 GPUs):
+pod-a 32 H800 (class low), pod-b 32 H20 (low), pod-c one H800 S1 + one H20 S1 (medium),
+pod-d H800 and H20 under each S1 (high).
+"""
+
+from __future__ import annotations
+
+import pytest
+from placement_fixtures import (
+    check_invariants,
+    cluster,
+    group,
+    groups_of,
+    node_usage,
+    policy,
+    request,
+    s1,
+    three_class_cluster,
+)
+
+from reconciler.placement.cpsat import CpSatPlacer
+from reconciler.placement.greedy import GreedyPlacer
+
+PLACERS = [CpSatPlacer(), GreedyPlacer()]
+BOTH = pytest.mark.parametrize("placer", PLACERS, ids=lambda p: p.name)
+
+HOMOGENEOUS = {"prefill": (1, {"h800": 1.0}), "decode": (1, {"h800": 1.0})}
+HETEROGENEOUS = {"prefill": (1, {"h800": 1.0}), "decode": (1, {"h20": 1.0})}
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return three_class_cluster()
+
+
+def place(placer, req):
+    result = placer.place(req)
+    check_invariants(req, result)
+    return result
+
+
+# --------------------------------------------------------------------------- classes
+
+
+@BOTH
+def test_homogeneous_service_takes_a_low_class_subgroup(placer, spec):
+    req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 4)})
+    result = place(placer, req)
+    [g] = result.groups
+    assert (g.domain, g.subgroup, g.group_id) == ("pod-a", "rg-pod-a", "g-pod-a-1")
+    assert (g.prefill.instances, g.decode.instances) == (2, 4)
+    assert not result.shortfalls
+
+
+@BOTH
+def test_heterogeneous_s2_service_takes_medium_not_high(placer, spec):
+    req = request(spec, [policy("svc", **HETEROGENEOUS)], {"svc": (2, 4)})
+    [g] = place(placer, req).groups
+    assert (g.domain, g.prefill.gpu_type, g.decode.gpu_type) == ("pod-c", "h800", "h20")
+
+
+@BOTH
+def test_heterogeneous_s1_service_needs_an_s1_heterogeneous_subgroup(placer, spec):
+    req = request(spec, [policy("svc", affinity="s1", **HETEROGENEOUS)], {"svc": (2, 4)})
+    [g] = place(placer, req).groups
+    assert g.domain == "d1" and g.subgroup == "rg-pod-d"
+
+
+@BOTH
+def test_loose_service_stays_inside_one_subgroup(placer, spec):
+    req = request(spec, [policy("svc", affinity="cluster", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}))], {"svc": (2, 4)})
+    [g] = place(placer, req).groups
+    assert (g.domain, g.subgroup, g.group_id) == ("tiny", "rg-pod-b", "g-rg-pod-b-1")
+
+
+def test_cp_sat_keeps_the_scarce_subgroup_for_the_service_that_needs_it():
+    """A (high priority) prefers H800 prefill + H20 decode but can run H20/H20 at 0.9;
+    B can only run H800/H20, which only pod-c offers, and needs all of it. The optimum
+    serves both (A on H20/H20 in pod-b); the greedy scheduler, serving A's preferred
+    pairing first, leaves B short."""
+    spec = cluster(
+        {
+            "pod-b": [s1("b1", ("lb1", "b1n-[1-2]", "h20")), s1("b2", ("lb2", "b2n-[1-2]", "h20"))],
+            "pod-c": [s1("c1", ("lc1", "c1n-[1-2]", "h800")), s1("c2", ("lc2", "c2n-[1-2]", "h20"))],
+        }
+    )
+    a = policy("a", priority=500, prefill=(2, {"h800": 1.0, "h20": 0.9}), decode=(2, {"h20": 1.0}))
+    b = policy("b", priority=100, prefill=(2, {"h800": 1.0}), decode=(2, {"h20": 1.0}))
+    req = request(spec, [a, b], {"a": (2, 4), "b": (8, 8)})
+
+    optimal = place(CpSatPlacer(), req)
+    assert optimal.stats.status == "OPTIMAL"
+    assert not optimal.shortfalls
+    assert {(g.domain, g.prefill.gpu_type) for g in groups_of(optimal, "a")} == {("pod-b", "h20")}
+    assert {g.domain for g in groups_of(optimal, "b")} == {"pod-c"}
+
+    greedy = place(GreedyPlacer(), req)
+    assert {(g.domain, g.prefill.gpu_type) for g in groups_of(greedy, "a")} == {("pod-c", "h800")}
+    assert {s.service for s in greedy.shortfalls} == {"b"}
+
+
+# --------------------------------------------------------------------------- growth
+
+
+@BOTH
+def test_existing_group_grows_in_place_on_its_partly_used_node(placer, spec):
+    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 2}))
+    req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 4)}, [running])
+    [g] = place(placer, req).groups
+    assert g.group_id == "g1"
+    assert (g.prefill.instances, g.decode.instances) == (2, 4)
+    assert {p.node for p in g.prefill.nodes} | {p.node for p in g.decode.nodes} == {"a1n-1"}
+
+
+def test_cp_sat_opens_a_new_group_rather_than_grow_in_a_scarce_subgroup(spec):
+    running = group("svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 1}), ("h800", {"c1n-1": 1}))
+    pol = policy("svc", shape=(4, 4), **HOMOGENEOUS)
+    req = request(spec, [pol], {"svc": (3, 3)}, [running])
+    result = place(CpSatPlacer(), req)
+    by_id = {g.group_id: g for g in result.groups}
+    assert by_id["g1"] == running  # untouched
+    assert (by_id["g-pod-a-1"].prefill.instances, by_id["g-pod-a-1"].decode.instances) == (2, 2)
+    # The paper's scheduler grows the group in place.
+    greedy = place(GreedyPlacer(), req)
+    assert [g.group_id for g in greedy.groups] == ["g1"]
+
+
+@BOTH
+def test_a_role_growing_alone_overflows_its_groups(placer, spec):
+    """Prefill is at target and every group is full: a new group would need a prefill
+    instance beyond the target, so decode grows past the group size instead."""
+    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 4}))
+    req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 7)}, [running])
+    [g] = place(placer, req).groups
+    assert (g.group_id, g.prefill.instances, g.decode.instances) == ("g1", 2, 7)
+
+
+@BOTH
+def test_new_groups_split_instances_by_need_within_the_group_size(placer, spec):
+    req = request(spec, [policy("svc", shape=(2, 4), **HOMOGENEOUS)], {"svc": (3, 9)})
+    result = place(placer, req)
+    assert len(result.groups) == 2
+    for g in result.groups:
+        assert 1 <= g.prefill.instances and 1 <= g.decode.instances
+        assert g.prefill.instances + g.decode.instances <= 6
+
+
+def test_cp_sat_packs_onto_partly_used_nodes_to_keep_whole_nodes_free(spec):
+    other = group("other", "g1", "a1", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
+    pols = [policy("other", affinity="s1", **HOMOGENEOUS), policy("svc", affinity="s1", **HOMOGENEOUS)]
+    req = request(spec, pols, {"svc": (2, 2)}, [other])
+    result = place(CpSatPlacer(), req)
+    [g] = groups_of(result, "svc")
+    assert {p.node for p in g.prefill.nodes + g.decode.nodes} == {"a1n-1"}
+    usage = node_usage(req, result.groups)
+    assert [n for n in ("a1n-1", "a1n-2", "a2n-1", "a2n-2") if usage[n] == 0] == ["a1n-2", "a2n-1", "a2n-2"]
+
+
+# --------------------------------------------------------------------------- scale-in
+
+
+@BOTH
+def test_scale_in_frees_the_scarcest_subgroup_first_and_deletes_whole_groups(placer, spec):
+    low = group("svc", "g-low", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
+    high = group("svc", "g-high", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2}))
+    pol = policy("svc", **HOMOGENEOUS)
+    result = place(placer, request(spec, [pol], {"svc": (2, 2)}, [low, high]))
+    assert [g.group_id for g in result.groups] == ["g-low"]
+    result = place(placer, request(spec, [pol], {"svc": (3, 3)}, [low, high]))
+    by_id = {g.group_id: g for g in result.groups}
+    assert (by_id["g-high"].prefill.instances, by_id["g-high"].decode.instances) == (1, 1)
+    assert by_id["g-low"] == low
+
+
+@BOTH
+def test_scale_in_empties_the_least_used_node_first(placer, spec):
+    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 5, "a1n-2": 1}))
+    result = place(placer, request(spec, [policy("svc", shape=(2, 8), **HOMOGENEOUS)], {"svc": (1, 5)}, [running]))
+    [g] = result.groups
+    assert {p.node: p.instances for p in g.decode.nodes} == {"a1n-1": 5}
+
+
+@BOTH
+def test_groups_of_services_without_policy_are_pruned_and_services_without_target_kept(placer, spec):
+    gone = group("gone", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
+    held = group("held", "g1", "pod-b", "rg-pod-b", ("h20", {"b1n-1": 1}), ("h20", {"b1n-1": 1}))
+    pols = [policy("held", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}))]
+    result = place(placer, request(spec, pols, {}, [gone, held]))
+    assert result.groups == (held,)
+
+
+# --------------------------------------------------------------------------- shortfalls
+
+
+@BOTH
+def test_capacity_goes_to_the_higher_priority_and_the_rest_is_explained(placer):
+    spec = cluster({"pod-a": [s1("a1", ("la1", "a1n-[1-4]", "h800"))]})
+    hi = policy("hi", priority=500, **HOMOGENEOUS)
+    lo = policy("lo", priority=100, **HOMOGENEOUS)
+    result = place(placer, request(spec, [hi, lo], {"hi": (8, 16), "lo": (8, 16)}))
+    assert result.placed("hi", "prefill") == 8 and result.placed("hi", "decode") == 16
+    assert {s.service for s in result.shortfalls} == {"lo"}
+    assert sum(s.instances for s in result.shortfalls) == 16
+    for s in result.shortfalls:
+        assert s.constraint == "gpu_capacity"
+        assert "cluster-wide free: 0 h800" in s.detail
+        assert "hi (priority 500) 24 h800" in s.detail
+
+
+@BOTH
+def test_missing_gpu_type_is_reported_per_role(placer, spec):
+    pol = policy("svc", prefill=(1, {"l20": 1.0}), decode=(1, {"l20": 1.0}))
+    result = place(placer, request(spec, [pol], {"svc": (1, 2)}))
+    assert not result.groups
+    assert [(s.role, s.instances, s.constraint) for s in result.shortfalls] == [
+        ("decode", 2, "gpu_type"),
+        ("prefill", 1, "gpu_type"),
+    ]
+    assert "l20" in result.shortfalls[0].detail and "tiny" in result.shortfalls[0].detail
+
+
+@BOTH
+def test_affinity_shortfall_names_the_switch_level(placer):
+    spec = cluster(
+        {
+            "pod-c": [s1("c1", ("lc1", "c1n-[1-2]", "h800")), s1("c2", ("lc2", "c2n-[1-2]", "h20"))],
+        }
+    )
+    pol = policy("svc", affinity="s1", **HETEROGENEOUS)
+    result = place(placer, request(spec, [pol], {"svc": (1, 2)}))
+    assert not result.groups
+    assert {(s.role, s.constraint) for s in result.shortfalls} == {("prefill", "affinity"), ("decode", "affinity")}
+    assert all("under one S1" in s.detail for s in result.shortfalls)
+
+
+@BOTH
+def test_capacity_shortfall_names_the_largest_free_domain(placer):
+    spec = cluster({"pod-b": [s1("b1", ("lb1", "b1n-[1-4]", "h20"))]})
+    other = group("other", "g1", "pod-b", "rg-pod-b", ("h20", {"b1n-1": 8, "b1n-2": 8}), ("h20", {"b1n-3": 8}))
+    pols = [
+        policy("other", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}), shape=(16, 8)),
+        policy("svc", prefill=(8, {"h20": 1.0}), decode=(8, {"h20": 1.0})),
+    ]
+    result = place(placer, request(spec, pols, {"svc": (1, 1)}, [other]))
+    # 8 GPUs are free: either role alone would fit, a group of both (16 GPUs) does not.
+    assert not groups_of(result, "svc")
+    assert {(s.role, s.constraint) for s in result.shortfalls} == {("prefill", "gpu_capacity"), ("decode", "gpu_capacity")}
+    for s in result.shortfalls:
+        assert "8 GPU(s)" in s.detail
+        assert "largest free under one S2: 8 h20 GPUs under S2 pod-b" in s.detail
+
+
+@BOTH
+def test_group_that_cannot_grow_and_cannot_be_joined_is_a_group_shape_shortfall(placer, spec):
+    stray = group("svc", "g1", "old-switch", None, ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
+    result = place(placer, request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (1, 3)}, [stray]))
+    assert result.groups == (stray,)
+    [s] = result.shortfalls
+    assert (s.role, s.instances, s.constraint) == ("decode", 2, "group_shape")
+    assert "prefill target (1)" in s.detail
+
+
+def test_no_policy_target_is_reported(spec):
+    result = place(CpSatPlacer(), request(spec, [], {"ghost": (1, 1)}))
+    assert {(s.service, s.constraint) for s in result.shortfalls} == {("ghost", "no_policy")}
+
+
+# --------------------------------------------------------------------------- cp-sat
+
+
+def test_cp_sat_reports_optimality_and_phases(spec):
+    req = request(spec, [policy("svc", **HETEROGENEOUS)], {"svc": (4, 8)})
+    stats = CpSatPlacer().place(req).stats
+    assert stats.solver == "cp-sat" and stats.status == "OPTIMAL"
+    assert stats.gap == 0.0
+    assert {"prepare", "build_model", "solve", "pack"} <= {name for name, _ in stats.phases_s}
+
+
+def test_cp_sat_is_deterministic(repo_root):
+    from reconciler.desired import load_desired_state
+
+    state = load_desired_state(repo_root)
+    spec = state.clusters["prod-east"]
+    pols = state.policies_for("prod-east")
+    targets = {"svc-a": (12, 24), "svc-b": (24, 24), "chat": (6, 18), "summarize": (8, 16)}
+    first = CpSatPlacer().place(request(spec, pols, targets))
+    second = CpSatPlacer().place(request(spec, pols, targets))
+    assert first.groups == second.groups and first.shortfalls == second.shortfalls
+
+
+def test_example_fleet_places_heterogeneous_services_in_mixed_subgroups(repo_root):
+    from reconciler.desired import load_desired_state
+
+    state = load_desired_state(repo_root)
+    spec = state.clusters["prod-east"]
+    pols = state.policies_for("prod-east")
+    targets = {"svc-a": (8, 16), "svc-b": (16, 16), "chat": (4, 12), "summarize": (4, 8)}
+    for placer in PLACERS:
+        req = request(spec, pols, targets)
+        result = place(placer, req)
+        assert not result.shortfalls
+        for g in result.groups:
+            if g.service == "summarize":
+                assert g.subgroup == "rg-c"  # the only L20 capacity
+            else:
+                assert (g.prefill.gpu_type, g.decode.gpu_type) != ("h20", "h20")
+                assert g.subgroup == "rg-c"  # medium suffices: high stays free
+    # CP-SAT leaves pod-d (class high) completely free.
+    result = CpSatPlacer().place(request(spec, pols, targets))
+    assert not any(g.domain == "pod-d" for g in result.groups)
+
+
+def test_rebalance_moves_a_group_out_of_a_subgroup_it_does_not_need(spec):
+    stuck = group("svc", "g1", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2}))
+    pol = policy("svc", **HOMOGENEOUS)
+    kept = place(CpSatPlacer(), request(spec, [pol], {"svc": (2, 2)}, [stuck]))
+    assert kept.groups == (stuck,)
+    moved = place(CpSatPlacer(), request(spec, [pol], {"svc": (2, 2)}, [stuck], allow_rebalance=True))
+    [g] = moved.groups
+    assert (g.domain, g.prefill.instances, g.decode.instances) == ("pod-a", 2, 2)
+
+
+def test_rebalance_does_not_move_what_is_already_well_placed(spec):
+    fine = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
+    pol = policy("svc", **HOMOGENEOUS)
+    result = place(CpSatPlacer(), request(spec, [pol], {"svc": (3, 3)}, [fine], allow_rebalance=True))
+    [g] = result.groups
+    assert g.group_id == "g1" and (g.prefill.instances, g.decode.instances) == (3, 3)
+    assert {p.node: p.instances for p in g.prefill.nodes}["a1n-1"] >= 2
+
+
+def test_greedy_ignores_rebalance_and_says_so(spec):
+    stuck = group("svc", "g1", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2}))
+    result = GreedyPlacer().place(request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 2)}, [stuck], allow_rebalance=True))
+    assert result.groups == (stuck,)
+    assert any("allow_rebalance ignored" in n for n in result.stats.notes)

@@ -1,0 +1,130 @@
+"""How the instance performance model scales across GPU types, model sizes and TP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.desired.models import GpuType, ModelSpec
+from reconciler.sim.perf import instance_perf, kv_transfer_s, tp_scale
+
+H200 = GpuType(memory_gib=141, bf16_tflops=989, memory_bandwidth_gbps=4800)
+H100 = GpuType(memory_gib=80, bf16_tflops=989, memory_bandwidth_gbps=3350)
+H20 = GpuType(memory_gib=96, bf16_tflops=148, memory_bandwidth_gbps=4000)
+L20 = GpuType(memory_gib=48, bf16_tflops=119.5, memory_bandwidth_gbps=864)
+LLAMA_8B = ModelSpec(name="8b", params_b=8.03, kv_bytes_per_token=131072)
+QWEN_32B = ModelSpec(name="32b", params_b=32.76, kv_bytes_per_token=262144)
+LLAMA_70B = ModelSpec(name="70b", params_b=70.6, kv_bytes_per_token=327680)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.floats(1, 200),
+    extra_batch=st.floats(0.5, 50),
+    context=st.floats(100, 8000),
+    extra_context=st.floats(10, 4000),
+)
+def test_decode_step_grows_with_batch_and_context(
+    batch: float, extra_batch: float, context: float, extra_context: float
+) -> None:
+    perf = instance_perf(LLAMA_8B, "h200", H200, 1)
+
+    def step(b: float, c: float) -> float:
+        return perf.decode_step_scalar_s(b, b * c, c)
+
+    assert step(batch + extra_batch, context) > step(batch, context)
+    assert step(batch, context + extra_context) > step(batch, context)
+
+
+def test_decode_follows_memory_bandwidth_at_equal_compute() -> None:
+    """The H100/H200 pair: same compute, 3.35 vs 4.8 TB/s; small-batch decode is slower
+    on the H100 by roughly the weight-read time, prefill is the same."""
+    h200 = instance_perf(LLAMA_8B, "h200", H200, 1)
+    h100 = instance_perf(LLAMA_8B, "h100", H100, 1)
+    ratio = h100.decode_step_scalar_s(1, 1025, 1025) / h200.decode_step_scalar_s(1, 1025, 1025)
+    assert 1.1 < ratio < 1.45
+    prefill_ratio = float(h100.prefill_latency_s(2048)) / float(h200.prefill_latency_s(2048))
+    assert prefill_ratio == pytest.approx(1.0, abs=0.03)
+
+
+def test_prefill_scales_with_compute_and_parameters() -> None:
+    h800_like = instance_perf(LLAMA_8B, "h100", H100, 1)
+    h20 = instance_perf(LLAMA_8B, "h20", H20, 1)
+    # Long prompts are compute-bound: time ~ 1 / TFLOP/s.
+    assert float(h20.prefill_latency_s(4096)) / float(
+        h800_like.prefill_latency_s(4096)
+    ) == pytest.approx(989 / 148, rel=0.05)
+    small = instance_perf(LLAMA_8B, "h200", H200, 1)
+    large = instance_perf(QWEN_32B, "h200", H200, 1)
+    assert float(large.prefill_latency_s(2048)) / float(
+        small.prefill_latency_s(2048)
+    ) == pytest.approx(32.76 / 8.03, rel=0.1)
+
+
+def test_decode_scales_with_weight_bytes_at_small_batch() -> None:
+    small = instance_perf(LLAMA_8B, "h200", H200, 1)
+    large = instance_perf(QWEN_32B, "h200", H200, 1)
+    ratio = large.decode_step_scalar_s(1, 1025, 1025) / small.decode_step_scalar_s(1, 1025, 1025)
+    assert 3.0 < ratio < 4.1  # measured 3.6x for 4.08x the weights (fixed overheads)
+
+
+def test_tensor_parallel_splits_the_work_with_an_efficiency_loss() -> None:
+    assert tp_scale(1) == 1.0
+    assert tp_scale(2) == pytest.approx(1.8)
+    assert tp_scale(4) == pytest.approx(4 * 0.81)
+    one = instance_perf(LLAMA_70B, "h200", H200, 2)
+    two = instance_perf(LLAMA_70B, "h200", H200, 4)
+    assert two.prefill_capacity_work_per_s == pytest.approx(
+        one.prefill_capacity_work_per_s * 0.9 * 2
+    )
+    assert two.decode_step_scalar_s(8, 8000, 1000) < one.decode_step_scalar_s(8, 8000, 1000)
+
+
+def test_kv_cache_memory_bounds_the_decode_batch() -> None:
+    roomy = instance_perf(LLAMA_8B, "h200", H200, 1)
+    tight = instance_perf(LLAMA_8B, "l20", L20, 1)
+    assert roomy.kv_capacity_tokens > 2.5 * tight.kv_capacity_tokens
+    # At 32k-token contexts the L20 holds only a handful of sequences.
+    assert tight.kv_capacity_tokens / 32768 < 10
+    # Decode capacity at a loose TBT is bounded by memory, not by the batch limit.
+    limited = tight.decode_capacity_tps(1.0, 32768)
+    batch_bound = tight.kv_capacity_tokens / 32768
+    assert (
+        limited
+        <= batch_bound
+        / tight.decode_step_scalar_s(batch_bound, tight.kv_capacity_tokens, 32768)
+        * 1.01
+    )
+
+
+def test_a_model_that_does_not_fit_has_no_capacity() -> None:
+    perf = instance_perf(LLAMA_70B, "l20", L20, 1)
+    assert not perf.fits
+    assert perf.prefill_capacity_work_per_s == 0.0
+    assert perf.decode_capacity_tps(0.05, 1000) == 0.0
+
+
+def test_decode_capacity_respects_the_tbt_slo() -> None:
+    perf = instance_perf(LLAMA_8B, "h200", H200, 1)
+    tight, loose = perf.decode_capacity_tps(0.008, 2000), perf.decode_capacity_tps(0.030, 2000)
+    assert 0 < tight < loose
+    assert perf.decode_capacity_tps(0.001, 2000) == 0.0  # faster than one step can be
+
+
+def test_kv_transfer_is_bytes_over_the_link() -> None:
+    # 1000 tokens x 128 KiB over 400 Gb/s (50 GB/s) = 2.62 ms; 8x slower at 50 Gb/s.
+    fast = float(kv_transfer_s(1000, 131072, 400))
+    slow = float(kv_transfer_s(1000, 131072, 50))
+    assert fast == pytest.approx(1000 * 131072 / 50e9)
+    assert slow == pytest.approx(8 * fast)
+    assert np.allclose(kv_transfer_s(np.array([0, 2000]), 131072, 400), [0.0, 2 * fast])
+
+
+def test_counters_read_decode_as_busy_at_any_batch() -> None:
+    perf = instance_perf(LLAMA_8B, "h200", H200, 1)
+    assert float(perf.decode_gpu_util(1.0)) > 0.99  # one sequence per instance is enough
+    assert float(perf.prefill_gpu_util(0.3)) == pytest.approx(0.3, abs=0.02)
+    low, high = float(perf.decode_sm_active(1, 1.0)), float(perf.decode_sm_active(200, 1.0))
+    assert 0.4 < low < high <= 1.0

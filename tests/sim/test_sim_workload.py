@@ -1,0 +1,261 @@
+"""Reading traces (both public formats, bad input), time scaling and synthetic load."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.sim.workload import (
+    SERVICE_SHAPES,
+    TraceError,
+    Workload,
+    diurnal_curve,
+    read_trace,
+    shape_for_service,
+    synthetic_workload,
+)
+
+AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+
+
+def _azure(
+    tmp_path: Path, rows: list[str], name: str = "trace.csv", header: str = AZURE_HEADER
+) -> Path:
+    path = tmp_path / name
+    path.write_text(header + "".join(rows))
+    return path
+
+
+def _jsonl(tmp_path: Path, records: list[dict], name: str = "trace.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# --------------------------------------------------------------------------- real traces
+
+
+def test_reads_the_azure_conversation_trace(azure_trace: Path) -> None:
+    w = read_trace(azure_trace)
+    assert w.requests == 19_366
+    assert w.duration_s == pytest.approx(3_501.7, abs=0.1)
+    assert w.prompt_tokens.mean() == pytest.approx(1_154.7, abs=0.1)
+    assert w.output_tokens.mean() == pytest.approx(211.1, abs=0.1)
+    assert w.notes == ()
+
+
+def test_reads_the_mooncake_trace_spreading_its_3_second_ticks(mooncake_trace: Path) -> None:
+    w = read_trace(mooncake_trace, seed=1)
+    assert w.requests == 12_031
+    assert w.prompt_tokens.mean() == pytest.approx(12_035.1, abs=0.1)
+    assert any("3 s ticks" in note for note in w.notes)
+    # Spread, not bunched: almost every request has its own arrival time.
+    assert np.unique(w.arrival_s).size > 12_000
+    assert np.all(np.diff(w.arrival_s) >= 0)
+    assert read_trace(mooncake_trace, seed=1).arrival_s.tolist() == w.arrival_s.tolist()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "message"),
+    [
+        ("", 1, "empty trace"),
+        (AZURE_HEADER, 1, "a header but no requests"),
+        (
+            AZURE_HEADER + "2023-11-16 18:15:46.6805900,374,44\r\n2023-11-16 18:15:47.1",
+            3,
+            "truncated",
+        ),
+        (
+            AZURE_HEADER + "2023-11-16 18:15:46.6805900,374,44\r\n2023-11-16 18:15:47,abc,4\r\n",
+            3,
+            "prompt tokens 'abc'",
+        ),
+        (AZURE_HEADER + "yesterday,374,44\r\n", 2, "timestamp 'yesterday'"),
+        (AZURE_HEADER + "2023-11-16 18:15:46,374,44,9\r\n", 2, "expected 3 fields, found 4"),
+        (AZURE_HEADER + "2023-11-16 18:15:46,374,-4\r\n", 2, "negative output tokens"),
+        ("when,prompt,completion\n1,2,3\n", 1, "unknown columns ['when', 'prompt', 'completion']"),
+        ("arrival_s,prompt_tokens,output_tokens\n0.5,-10,3\n", 2, "negative prompt tokens"),
+    ],
+)
+def test_bad_csv_names_file_and_line(tmp_path: Path, content: str, line: int, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(TraceError) as info:
+        read_trace(path)
+    assert info.value.line == line
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"{path}:{line}: ")
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    good = {"timestamp": 0, "input_length": 10, "output_length": 5}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n" + '{"timestamp": 3000, "input_length": 1')
+    with pytest.raises(TraceError, match=r"t.jsonl:2: malformed JSON.*truncated"):
+        read_trace(path)
+    path.write_text('{"timestamp": 0, "input_length": 1,}\n' + json.dumps(good) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:1: malformed JSON"):
+        read_trace(path)
+    path.write_text(
+        json.dumps(good) + "\n" + json.dumps({"timestamp": 1, "input_length": 2}) + "\n"
+    )
+    with pytest.raises(TraceError, match=r"t.jsonl:2: missing fields \['output_length'\]"):
+        read_trace(path)
+    path.write_text(json.dumps({**good, "output_length": -1}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:1: negative output tokens"):
+        read_trace(path)
+    path.write_text(json.dumps({**good, "input_length": "many"}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:1: .*integers"):
+        read_trace(path)
+
+
+def test_truncated_gzip_is_reported(tmp_path: Path) -> None:
+    records = [
+        {"timestamp": i * 1000, "input_length": 100 + i, "output_length": 7} for i in range(2000)
+    ]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match="truncated gzip stream"):
+        read_trace(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="no such file"):
+        read_trace(tmp_path / "nope.csv")
+    with pytest.raises(TraceError, match="is a directory"):
+        read_trace(tmp_path)
+
+
+def test_unsorted_timestamps_are_sorted_with_a_note(tmp_path: Path) -> None:
+    path = _azure(
+        tmp_path,
+        [
+            "2023-11-16 18:15:50,300,30\r\n",
+            "2023-11-16 18:15:46,100,10\r\n",
+            "2023-11-16 18:15:48,200,20\r\n",
+        ],
+    )
+    w = read_trace(path)
+    assert w.prompt_tokens.tolist() == [100, 200, 300]
+    assert w.arrival_s.tolist() == [0.0, 2.0, 4.0]
+    assert any("sorted by time" in note and "line 3" in note for note in w.notes)
+
+
+def test_zero_output_counts_as_one_token(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path, [{"timestamp": 0, "input_length": 10, "output_length": 0}])
+    w = read_trace(path)
+    assert w.output_tokens.tolist() == [1]
+    assert any("0 output tokens" in note for note in w.notes)
+
+
+def test_plain_and_burstgpt_csv(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.csv"
+    Workload(np.array([0.0, 1.5]), np.array([10, 20]), np.array([3, 4])).to_csv(plain)
+    w = read_trace(plain)
+    assert w.arrival_s.tolist() == [0.0, 1.5] and w.output_tokens.tolist() == [3, 4]
+    burst = tmp_path / "burst.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n7,GPT-4,1000,20,1020,API log\n"
+    )
+    w = read_trace(burst)
+    assert w.arrival_s.tolist() == [0.0, 2.0] and w.prompt_tokens.tolist() == [472, 1000]
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def _poisson_workload(n: int = 4000, seed: int = 3) -> Workload:
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(0.5, n))
+    arrival -= arrival[0]
+    return Workload(arrival, rng.integers(10, 4000, n), rng.integers(1, 800, n), name="p")
+
+
+@settings(max_examples=15, deadline=None)
+@given(factor=st.floats(0.2, 12.0), seed=st.integers(0, 2**16))
+def test_rate_scaling_keeps_lengths_and_is_deterministic(factor: float, seed: int) -> None:
+    base = _poisson_workload()
+    scaled = base.rate_scaled(factor, seed=seed)
+    assert scaled.requests == pytest.approx(base.requests * factor, rel=0.08, abs=30)
+    assert np.all(np.diff(scaled.arrival_s) >= 0)
+    assert scaled.arrival_s.min() >= 0 and scaled.arrival_s.max() <= base.duration_s
+    # Every copy is a copy: the token pairs come from the original requests.
+    pairs = set(zip(base.prompt_tokens.tolist(), base.output_tokens.tolist(), strict=True))
+    assert (
+        set(zip(scaled.prompt_tokens.tolist(), scaled.output_tokens.tolist(), strict=True)) <= pairs
+    )
+    assert abs(np.median(scaled.prompt_tokens) - np.median(base.prompt_tokens)) < 0.1 * np.median(
+        base.prompt_tokens
+    )
+    again = base.rate_scaled(factor, seed=seed)
+    assert np.array_equal(again.arrival_s, scaled.arrival_s)
+
+
+def test_rate_scaling_smooths_sub_minute_bursts() -> None:
+    base = _poisson_workload(n=2000)
+    scaled = base.rate_scaled(40, seed=0)
+    per_second = np.bincount(scaled.arrival_s.astype(int))[5:-5]
+    # A 40x denser Poisson stream has relative noise ~ 1/sqrt(80): far below 40 copies of one.
+    assert per_second.std() / per_second.mean() < 0.35
+
+
+def test_diurnal_tiling_has_a_trough_of_a_third_of_the_peak() -> None:
+    base = _poisson_workload(n=8000)  # ~67 minutes at 2 requests/s
+    day = base.diurnal(4.0, seed=0)
+    assert day.duration_s <= 4 * 3600
+    hours = np.bincount((day.arrival_s // 1800).astype(int), minlength=8)
+    assert hours[0] / hours[3:5].mean() == pytest.approx(
+        diurnal_curve(np.array([900.0]), 4 * 3600)[0], abs=0.1
+    )
+    assert hours[3:5].mean() / (1800 * base.requests / base.duration_s) == pytest.approx(
+        0.97, abs=0.08
+    )
+    assert day.requests == pytest.approx(
+        base.requests * 4 * 3600 / base.duration_s * 2 / 3, rel=0.05
+    )
+
+
+def test_diurnal_curve_shape() -> None:
+    t = np.array([0.0, 1800.0, 3600.0])
+    assert diurnal_curve(t, 3600.0).tolist() == pytest.approx([1 / 3, 1.0, 1 / 3])
+
+
+@pytest.mark.parametrize(("shape", "prompt", "output"), [("a", 3000, 350), ("b", 7800, 700)])
+def test_synthetic_service_shapes(shape: str, prompt: float, output: float) -> None:
+    w = synthetic_workload(shape, hours=1.0, peak_rps=20, seed=4)
+    assert w.prompt_tokens.mean() == pytest.approx(prompt, rel=0.05)
+    assert w.output_tokens.mean() == pytest.approx(output, rel=0.05)
+    expected = 20 * 3600 * (1 + 1 / 3) / 2  # mean of the diurnal curve, bursts add a little
+    assert expected * 0.95 < w.requests < expected * 1.3
+    assert np.array_equal(
+        synthetic_workload(shape, hours=1.0, peak_rps=20, seed=4).arrival_s, w.arrival_s
+    )
+
+
+def test_synthetic_bursts_raise_the_rate() -> None:
+    from reconciler.sim.workload import Burst
+
+    burst = Burst(start_s=1200, duration_s=600, factor=2.0)
+    w = synthetic_workload("a", hours=1.0, peak_rps=10, seed=0, trough_ratio=1.0, bursts=(burst,))
+    inside = np.sum((w.arrival_s >= 1200) & (w.arrival_s < 1800))
+    before = np.sum((w.arrival_s >= 300) & (w.arrival_s < 900))
+    assert inside / before == pytest.approx(2.0, rel=0.15)
+
+
+def test_service_names_pick_shapes() -> None:
+    assert shape_for_service("svc-a") == "a"
+    assert shape_for_service("svc-b") == "b"
+    assert shape_for_service("summarize") == "summarize"
+    assert shape_for_service("anything") == "chat"
+    assert set(SERVICE_SHAPES) >= {"a", "b", "chat"}
