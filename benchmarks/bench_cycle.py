@@ -3,10 +3,11 @@
 Scenario (deterministic from --seed):
 1. setup (not timed): the fleet of benchmarks/fleetgen.py (2,500 Nodes x 8 GPUs,
    100 services), a real kube-apiserver v1.20 + etcd started by scripts/k8s/start.sh
-   (no controller manager: the Deployments need no Pods here), the 2,500 Nodes created
-   with their topology labels and GPU capacity, and a running state of about --fill of
-   the fleet placed by CP-SAT and applied with server-side apply (the reconciler's own
-   applier);
+   (no controller manager), the 2,500 Nodes created with their topology labels and GPU
+   capacity, and a running state of about --fill of the fleet placed by CP-SAT, applied
+   with the reconciler's own applier (server-side apply), plus one Pod per instance
+   bound to the node the placement chose (what the ReplicaSets and the scheduler would
+   have made; the observer reads instance locations from them);
 2. each timed cycle: load the desired state from disk, observe the cluster from the
    API server (Deployments, Pods, Nodes -> FleetState + drift), fetch metrics (a
    synthetic source: every service's decode TPS near its target, --change of them
@@ -30,14 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 from benchmarks.fleetgen import write_large_fleet
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
-from reconciler.apply.kubeclient import KubeClient, ResourceConflict, nodes_path
+from reconciler.apply.kubeclient import KubeClient, ResourceConflict, nodes_path, pods_path
+from reconciler.apply.render import render_groups
 from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -45,7 +50,7 @@ from reconciler.placement.base import PlacementOptions, PlacementRequest
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy import make_autoscaler
-from reconciler.state import ROLES, Sample, ServiceMetrics, Targets
+from reconciler.state import ROLES, DeploymentGroup, Sample, ServiceMetrics, Targets
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "k8s"
@@ -66,14 +71,12 @@ def create_namespaces_and_nodes(
     client: KubeClient, spec: ClusterSpec, namespaces: set[str]
 ) -> None:
     for name in sorted(namespaces):
-        try:
+        with contextlib.suppress(ResourceConflict):
             client.request(
                 "POST",
                 "/api/v1/namespaces",
                 body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
             )
-        except ResourceConflict:
-            pass
 
     def create(node_index: int) -> None:
         node = spec.nodes[node_index]
@@ -84,7 +87,7 @@ def create_namespaces_and_nodes(
             spec.labels.gpu_type: spec.gpu_types[node.gpu_type].node_label or node.gpu_type,
             **node.labels,
         }
-        try:
+        with contextlib.suppress(ResourceConflict):
             client.request(
                 "POST",
                 nodes_path(),
@@ -94,8 +97,6 @@ def create_namespaces_and_nodes(
                     "metadata": {"name": node.name, "labels": labels},
                 },
             )
-        except ResourceConflict:
-            pass
         capacity = {"nvidia.com/gpu": str(node.gpus), "cpu": "128", "memory": "1Ti", "pods": "110"}
         client.request(
             "PATCH",
@@ -163,10 +164,10 @@ def setup_running_state(
     targets = initial_targets(policies, total, fill, seed)
     observation = backend.observe(spec, list(policies.values()))
     result = CpSatPlacer().place(
-        PlacementRequest(
-            spec, policies, observation.fleet, targets, PlacementOptions(time_limit_s=20.0)
-        )
+        PlacementRequest(spec, policies, observation.fleet, targets, PlacementOptions())
     )
+    if not result.groups:
+        raise SystemExit(f"setup: placement returned no groups ({result.stats})")
     gpus = {(n, r): p.role(r).gpus_per_instance for n, p in policies.items() for r in ROLES}
     plan = Plan(
         "large", {}, result, diff_groups(observation.fleet, result.groups, gpus), observation.fleet
@@ -175,7 +176,50 @@ def setup_running_state(
     errors = [o for o in applied.objects if o.action in ("error", "conflict")]
     if errors:
         raise SystemExit(f"setup failed: {errors[0].key}: {errors[0].notes}")
+    create_bound_pods(backend.client, state, result.groups)
     return {name: result.placed(name, "decode") for name in policies}
+
+
+def create_bound_pods(
+    client: KubeClient, state: DesiredState, groups: Sequence[DeploymentGroup]
+) -> None:
+    """The Pods the ReplicaSets and the scheduler would have made, bound to the nodes
+    the placement chose (there is no controller manager here: the API server alone is
+    measured). The observer reads which node each instance runs on from them."""
+    spec = state.clusters["large"]
+    rendered = render_groups(groups, state.policies, spec, state.templates)
+    bodies = []
+    for workload in rendered.values():
+        group = next(
+            g for g in groups if g.service == workload.service and g.group_id == workload.group_id
+        )
+        template = workload.manifest["spec"]["template"]
+        index = 0
+        for placed in group.role(workload.role).nodes:
+            for _ in range(placed.instances):
+                bodies.append(
+                    (
+                        workload.key.namespace,
+                        {
+                            "apiVersion": "v1",
+                            "kind": "Pod",
+                            "metadata": {
+                                **template["metadata"],
+                                "name": f"{workload.key.name}-{index}",
+                            },
+                            "spec": {**template["spec"], "nodeName": placed.node},
+                        },
+                    )
+                )
+                index += 1
+
+    def create(item: tuple[str, dict]) -> None:
+        namespace, body = item
+        with contextlib.suppress(ResourceConflict):
+            client.request("POST", pods_path(namespace), body=body)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(create, bodies))
 
 
 def main() -> None:
@@ -215,7 +259,7 @@ def main() -> None:
             gpus = sum(n.gpus for n in spec.nodes)
             print(
                 f"setup: {len(spec.nodes)} nodes, {gpus} GPUs, {len(state.policies)} services, "
-                f"running state applied in {time.perf_counter() - t0:.1f} s"
+                f"{deployments} Deployments applied; setup took {time.perf_counter() - t0:.1f} s"
             )
 
             metrics = SyntheticMetrics(decode, args.change, args.seed)

@@ -3,9 +3,10 @@
 Starts a loopback Prometheus (the ``prometheus`` binary) scraping simulated-fleet
 exporters that export 100 services x 20 engine instances (5 prefill + 15 decode, two
 GPUs each; vLLM and SGLang names, three SLO quantiles), waits until the rate window is
-full, then runs the ``PrometheusMetricsSource`` cycle several times — alternating between
-``max_concurrency`` levels (default 1 and 4) so both see the same machine load — and
-prints per level:
+full, then runs the ``PrometheusMetricsSource`` cycle several times in each mode — concurrency
+1 and 4, raw histograms and ``recorded_histograms`` (``presets.recording_rules`` are
+loaded for all modes) — alternating modes so all see the same machine load, and prints
+per mode:
 
 - the cycle's query time (target: under 1 s) and each signal's share of it,
 - the HTTP requests per cycle, counted by the adapter and independently by Prometheus
@@ -30,6 +31,7 @@ from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.observe.exporter import FleetExporter, InstanceLoad, Lognormal
 from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
+from reconciler.observe.presets import recording_rules
 from reconciler.observe.prometheus import CycleReport, PrometheusMetricsSource, PrometheusSettings
 from reconciler.state import METRIC_NAMES, ServiceMetrics
 
@@ -122,7 +124,7 @@ def main() -> int:
         "--exporters", type=int, default=4, help="scrape targets the fleet is split over"
     )
     parser.add_argument("--scrape-interval", type=float, default=5.0)
-    parser.add_argument("--cycles", type=int, default=10, help="cycles per concurrency level")
+    parser.add_argument("--cycles", type=int, default=8, help="cycles per mode")
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -149,7 +151,10 @@ def main() -> int:
         exporter.render()
         render_s.append(time.perf_counter() - started)
 
-    prometheus = LocalPrometheus(scrape_interval_s=args.scrape_interval)
+    # The rules are loaded in every mode, so every mode pays for their evaluation.
+    prometheus = LocalPrometheus(
+        scrape_interval_s=args.scrape_interval, rules=recording_rules(window_s)
+    )
     try:
         for exporter in exporters:
             exporter.start()
@@ -161,26 +166,33 @@ def main() -> int:
             "data"
         ]["headStats"]["numSeries"]
 
-        # Cycles alternate between the concurrency levels, so both see the same load.
-        levels = sorted(set(args.concurrency))
+        # Cycles alternate between the modes, so all see the same machine load.
+        modes = [
+            (concurrency, recorded)
+            for recorded in (False, True)
+            for concurrency in args.concurrency
+        ]
         sources = {
-            level: PrometheusMetricsSource(
+            mode: PrometheusMetricsSource(
                 PrometheusSettings(
-                    url=prometheus.url, rate_window_s=window_s, max_concurrency=level
+                    url=prometheus.url,
+                    rate_window_s=window_s,
+                    max_concurrency=mode[0],
+                    recorded_histograms=mode[1],
                 )
             )
-            for level in levels
+            for mode in modes
         }
-        stats = {level: Stats() for level in levels}
-        for cycle in range(args.cycles * len(levels)):
-            level = levels[cycle % len(levels)]
-            source = sources[level]
+        stats = {mode: Stats() for mode in modes}
+        for cycle in range(args.cycles * len(modes)):
+            mode = modes[cycle % len(modes)]
+            source = sources[mode]
             served_before = query_requests_served(prometheus.url)
             metrics = source.fetch(fleet, time.time())
             served_after = query_requests_served(prometheus.url)
             report = source.last_report
             assert report is not None
-            stats[level].add(report, int(served_after - served_before), metrics, fleet, args.decode)
+            stats[mode].add(report, int(served_after - served_before), metrics, fleet, args.decode)
             time.sleep(0.5)
         for source in sources.values():
             source.close()
@@ -196,8 +208,9 @@ def main() -> int:
         f"scrape every {args.scrape_interval:g} s, rate window {window_s:g} s"
     )
     print(f"exporter render per scrape: {', '.join(f'{s * 1000:.0f} ms' for s in render_s)}")
-    for level, stat in stats.items():
-        print(f"-- max_concurrency={level}, {len(stat.durations)} cycles")
+    for (concurrency, recorded), stat in stats.items():
+        histograms = "recorded histograms" if recorded else "raw histograms"
+        print(f"-- max_concurrency={concurrency}, {histograms}, {len(stat.durations)} cycles")
         print(
             f"   cycle query time: median {statistics.median(stat.durations) * 1000:.0f} ms, "
             f"max {max(stat.durations) * 1000:.0f} ms (target < 1000 ms)"

@@ -7,16 +7,20 @@ Scenario (deterministic from --seed):
 2. initial targets filling about --fill of the fleet, placed from scratch by CP-SAT
    (setup, not timed: generous time limit) -> the running state;
 3. every service's targets changed by about 10% (up or down at random, both roles);
-4. the same request is placed by CP-SAT (timed, default options: 2 s limit, 2 workers)
-   and by the greedy scheduler, and both layouts are measured.
+4. the same request is placed by CP-SAT (timed; default options: 2 s limit,
+   deterministic single-thread search; and with 2 parallel threads) and by the greedy
+   scheduler, and both layouts are measured.
 
-A second scenario, "short", grows every service by --short-growth so capacity runs
-out and the placers must choose whom to serve.
+Two more scenarios on the same fleet: "initial placement" places the initial targets
+on an empty fleet (the first cycle, the hardest case), and "short" grows every
+service by --short-growth so capacity runs out and the placers must choose whom to
+serve.
 
 Prints: topology build time (graph with aggregated and with per-GPU slots), full
-placement time per placer (cold: first call on a new ClusterSpec, builds the topology;
-warm: cached), CP-SAT status, objective, bound and gap, the time per phase, and the
-quality measures of reconciler.placement.quality side by side.
+placement time per placer (wall and process CPU time; "cold" = first call on a new
+ClusterSpec, which builds the topology), CP-SAT status, objective, bound and gap, the
+time per phase, and the quality measures of reconciler.placement.quality side by side.
+The CPU time is the figure to trust on a shared machine.
 
     python benchmarks/bench_placement.py [--seed 0] [--fill 0.65] [--workers 2]
 """
@@ -41,7 +45,9 @@ from reconciler.state import FleetState, Targets
 from reconciler.topology import build_topology, topology_for
 
 
-def initial_targets(policies: dict[str, ServicePolicy], total_gpus: int, fill: float, seed: int) -> dict[str, Targets]:
+def initial_targets(
+    policies: dict[str, ServicePolicy], total_gpus: int, fill: float, seed: int
+) -> dict[str, Targets]:
     """Targets that use about ``fill`` of the fleet, split unevenly over services and
     following each service's P/D ratio target."""
     rng = random.Random(seed)
@@ -54,7 +60,11 @@ def initial_targets(policies: dict[str, ServicePolicy], total_gpus: int, fill: f
         per_pair = policy.prefill.gpus_per_instance * ratio + policy.decode.gpus_per_instance
         decode = max(1, round(gpus / per_pair))
         prefill = max(1, round(decode * ratio))
-        out[name] = Targets(name, min(prefill, policy.prefill.max_instances), min(decode, policy.decode.max_instances))
+        out[name] = Targets(
+            name,
+            min(prefill, policy.prefill.max_instances),
+            min(decode, policy.decode.max_instances),
+        )
     return out
 
 
@@ -78,7 +88,11 @@ def changed_targets(targets: dict[str, Targets], change: float, seed: int) -> di
 
 def grown_targets(targets: dict[str, Targets], growth: float) -> dict[str, Targets]:
     return {
-        n: Targets(n, max(t.prefill + 1, round(t.prefill * (1 + growth))), max(t.decode + 1, round(t.decode * (1 + growth))))
+        n: Targets(
+            n,
+            max(t.prefill + 1, round(t.prefill * (1 + growth))),
+            max(t.decode + 1, round(t.decode * (1 + growth))),
+        )
         for n, t in targets.items()
     }
 
@@ -103,15 +117,26 @@ def table(rows: dict[str, PlacementQuality]) -> None:
 
     q = list(rows.values())
     line("groups in one RDMA subgroup (all groups)", [f"{x.share_in_one_subgroup:.1%}" for x in q])
-    line("groups in one RDMA subgroup (groups changed this cycle)", [f"{x.changed_share_in_one_subgroup:.1%}" for x in q])
+    line(
+        "groups in one RDMA subgroup (groups changed this cycle)",
+        [f"{x.changed_share_in_one_subgroup:.1%}" for x in q],
+    )
     line("  changed groups (count)", [str(x.changed_groups) for x in q])
-    line("scarce-subgroup GPUs added for services not needing them", [str(x.scarce_gpus_unneeded_added) for x in q])
-    line("scarce-subgroup GPUs held by groups not needing them (all)", [str(x.scarce_gpus_unneeded) for x in q])
+    line(
+        "scarce-subgroup GPUs added for services not needing them",
+        [str(x.scarce_gpus_unneeded_added) for x in q],
+    )
+    line(
+        "scarce-subgroup GPUs held by groups not needing them (all)",
+        [str(x.scarce_gpus_unneeded) for x in q],
+    )
     line("whole nodes left free", [str(x.whole_nodes_free) for x in q])
     line("unmet demand, GPUs", [str(x.unmet_gpus) for x in q])
     line("unmet demand, GPUs x (priority+1)", [f"{x.unmet_weighted:,}" for x in q])
     line("GPUs added this cycle", [str(x.gpus_added) for x in q])
-    line("  of them on the role's preferred GPU type", [f"{x.preferred_share_added:.1%}" for x in q])
+    line(
+        "  of them on the role's preferred GPU type", [f"{x.preferred_share_added:.1%}" for x in q]
+    )
 
 
 def main() -> None:
@@ -131,7 +156,9 @@ def main() -> None:
     s0 = len({n.s0 for n in spec.nodes})
     s1 = len({n.s1 for n in spec.nodes})
     s2 = len({n.s2 for n in spec.nodes})
-    print(f"fleet: {len(spec.nodes)} nodes, {total_gpus} GPUs, {s0} S0 / {s1} S1 / {s2} S2 switches, {len(policies)} services")
+    print(
+        f"fleet: {len(spec.nodes)} nodes, {total_gpus} GPUs, {s0} S0 / {s1} S1 / {s2} S2 switches, {len(policies)} services"
+    )
 
     start = time.perf_counter()
     build_topology(spec)
@@ -148,40 +175,65 @@ def main() -> None:
     targets0 = initial_targets(policies, total_gpus, args.fill, args.seed)
     setup_options = PlacementOptions(time_limit_s=20.0, workers=args.workers, deterministic=False)
     start = time.perf_counter()
-    placed0 = CpSatPlacer().place(PlacementRequest(spec, policies, FleetState("large"), targets0, setup_options))
+    placed0 = CpSatPlacer().place(
+        PlacementRequest(spec, policies, FleetState("large"), targets0, setup_options)
+    )
     running = FleetState("large", groups=placed0.groups)
-    used0 = sum(g.prefill.instances * policies[g.service].prefill.gpus_per_instance + g.decode.instances * policies[g.service].decode.gpus_per_instance for g in placed0.groups)
+    used0 = sum(
+        g.prefill.instances * policies[g.service].prefill.gpus_per_instance
+        + g.decode.instances * policies[g.service].decode.gpus_per_instance
+        for g in placed0.groups
+    )
     print(
         f"setup: initial state placed in {time.perf_counter() - start:.1f} s: {len(placed0.groups)} groups, "
         f"{used0} GPUs in use ({used0 / total_gpus:.0%}), {len(placed0.shortfalls)} shortfalls"
     )
 
     options = PlacementOptions(time_limit_s=args.time_limit, workers=args.workers, seed=args.seed)
+    parallel = PlacementOptions(
+        time_limit_s=args.time_limit, workers=args.workers, seed=args.seed, deterministic=False
+    )
     topology = topology_for(spec)
+    empty = FleetState("large")
     scenarios = {
-        f"~{args.change:.0%} change": changed_targets(targets0, args.change, args.seed),
-        f"short (+{args.short_growth:.0%})": grown_targets(targets0, args.short_growth),
+        "initial placement (empty fleet)": (empty, targets0),
+        f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed)),
+        f"short (+{args.short_growth:.0%})": (running, grown_targets(targets0, args.short_growth)),
     }
-    for label, targets in scenarios.items():
-        grow = sum(max(0, targets[n].prefill - (s := running.service_fleet(n)).prefill.active) + max(0, targets[n].decode - s.decode.active) for n in targets)
-        shrink = sum(max(0, (s := running.service_fleet(n)).prefill.active - targets[n].prefill) + max(0, s.decode.active - targets[n].decode) for n in targets)
+    for label, (fleet, targets) in scenarios.items():
+        grow = shrink = 0
+        for name, t in targets.items():
+            now = fleet.service_fleet(name)
+            grow += max(0, t.prefill - now.prefill.active) + max(0, t.decode - now.decode.active)
+            shrink += max(0, now.prefill.active - t.prefill) + max(0, now.decode.active - t.decode)
         print(f"\nscenario {label}: +{grow} / -{shrink} instances against the running state")
-        request = PlacementRequest(spec, policies, running, targets, options)
+        request = PlacementRequest(spec, policies, fleet, targets, options)
+        runs: list[tuple[str, PlacementRequest]] = []
+        if label.startswith("~"):
+            # Cold: a new ClusterSpec object (as after a Git revision) rebuilds the topology.
+            runs.append(
+                (
+                    "cp-sat cold",
+                    PlacementRequest(spec.model_copy(), policies, fleet, targets, options),
+                )
+            )
+        runs += [
+            ("cp-sat", request),
+            ("cp-sat 2 threads", PlacementRequest(spec, policies, fleet, targets, parallel)),
+            ("greedy", request),
+        ]
         results = {}
-        for placer in (CpSatPlacer(), GreedyPlacer()):
-            if label.startswith("~") and placer.name == "cp-sat":
-                # Cold: a new ClusterSpec object (as after a Git revision) rebuilds the topology.
-                cold_spec = spec.model_copy()
-                cold = placer.place(PlacementRequest(cold_spec, policies, running, targets, options))
-                print(f"  {placer.name:<7} cold (topology built in the call): {describe(cold)}")
-            result = placer.place(request)
-            results[placer.name] = result
-            print(f"  {placer.name:<7} warm: {describe(result)}")
-        if "cp-sat" in results:
-            again = CpSatPlacer().place(request)
-            same = again.groups == results["cp-sat"].groups
-            print(f"  cp-sat  rerun gives the same layout: {same}")
-        table({name: measure(topology, policies, running, r) for name, r in results.items()})
+        for name, req in runs:
+            placer = GreedyPlacer() if name == "greedy" else CpSatPlacer()
+            cpu = time.process_time()
+            result = placer.place(req)
+            cpu = time.process_time() - cpu
+            print(f"  {name:<17} {describe(result)}; CPU {cpu:.3f} s")
+            if name in ("cp-sat", "greedy"):
+                results[name] = result
+        again = CpSatPlacer().place(request)
+        print(f"  cp-sat rerun gives the same layout: {again.groups == results['cp-sat'].groups}")
+        table({name: measure(topology, policies, fleet, r) for name, r in results.items()})
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ control, latency tiers, ratio shaping, stabilisation windows over the history.
 Wall-clock and process CPU time are both printed, with the load average: on a
 shared machine the wall figure includes time other processes held the CPU.
 
-Two figures are printed:
+Three figures are printed:
 - cold: the first call, which also reads each new policy's numbers out of the
   pydantic models (what the loop pays once per loaded Git revision);
-- warm: the median of the following calls (every later cycle).
+- warm: the median of the following calls (every later cycle), wall and CPU;
+- best case: each service's fastest of 7 calls, summed -- what the call costs
+  without other processes competing for the CPU (a slight underestimate).
 
 Run: ``python benchmarks/bench_policy.py [--services 1000] [--repeats 15]``.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
-from reconciler.policy import PolicyHistory, decide_many
+from reconciler.policy import PolicyHistory, decide, decide_many
 from reconciler.policy.base import Recommendation
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -104,6 +106,18 @@ def main() -> None:
         decide_many(items, NOW_S)
         warm_ms.append((time.perf_counter() - start) * 1000)
         warm_cpu_ms.append((time.process_time() - start_cpu) * 1000)
+    # Contention-robust estimate: each service's fastest of a few calls, summed. On a
+    # machine shared with other work the medians above include time other processes
+    # held the CPU (or its cache); this sum does not, and is a slight underestimate.
+    best_ns = 0
+    for item in items:
+        fastest = None
+        for _ in range(7):
+            start_ns = time.perf_counter_ns()
+            decide(*item, NOW_S)
+            elapsed = time.perf_counter_ns() - start_ns
+            fastest = elapsed if fastest is None else min(fastest, elapsed)
+        best_ns += fastest or 0
     reasons: dict[str, int] = {}
     for decision in decisions:
         reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
@@ -117,6 +131,9 @@ def main() -> None:
         f"(min {min(warm_ms):.1f}, max {max(warm_ms):.1f}), {median_cpu_ms:.1f} ms CPU; "
         f"{median_ms * 1000 / args.services:.1f} us per service; target < 50 ms wall: "
         f"{'met' if median_ms < 50 else 'NOT met'}"
+    )
+    print(
+        f"  best case (sum over services of each one's fastest of 7 calls): {best_ns / 1e6:.1f} ms"
     )
     print("  reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
 

@@ -160,8 +160,9 @@ class Topology:
     @cached_property
     def _domain_by_key(self) -> dict[tuple[str, str | None], SchedulingDomain]:
         out: dict[tuple[str, str | None], SchedulingDomain] = {}
-        for affinity in ("cluster", "s2", "s1"):
-            for dom in self._domains[affinity]:  # type: ignore[index]
+        affinities: tuple[Affinity, ...] = ("cluster", "s2", "s1")
+        for affinity in affinities:
+            for dom in self._domains[affinity]:
                 out.setdefault((dom.domain, dom.subgroup), dom)
         return out
 
@@ -179,7 +180,9 @@ class Topology:
             return found
         if group.subgroup is None:
             # An S1, or an S2 wholly inside one subgroup, determines its subgroup.
-            candidates = [d for (name, _sg), d in self._domain_by_key.items() if name == group.domain]
+            candidates = [
+                d for (name, _sg), d in self._domain_by_key.items() if name == group.domain
+            ]
             if len(candidates) == 1:
                 return candidates[0]
         return None
@@ -281,16 +284,19 @@ def used_gpus(
 ) -> np.ndarray:
     """GPUs used per node by running groups: instances x GPUs per instance of the role.
 
-    An instance of a service without a policy (its file was removed from Git; the
-    group is about to be pruned) is counted as taking its whole node: we cannot know
-    its size, and never overbooking matters more than a node's worth of capacity for
-    one cycle. Nodes the cluster file no longer lists are ignored.
+    The size observed on the live workload (``GroupRole.gpus_per_instance``) wins over
+    the policy's (a policy change does not resize running instances). An instance of
+    unknown size -- a service without a policy, whose group is about to be pruned -- is
+    counted as taking its whole node: never overbooking matters more than a node's
+    worth of capacity for one cycle. Nodes the cluster file no longer lists are ignored.
     """
     used = np.zeros(len(topology.nodes), dtype=np.int64)
+    roles: tuple[Role, Role] = ("prefill", "decode")
     for group in groups:
-        for role in ("prefill", "decode"):
-            size = gpus_per_instance(group.service, role)  # type: ignore[arg-type]
-            for placed in group.role(role).nodes:  # type: ignore[arg-type]
+        for role in roles:
+            observed = group.role(role).gpus_per_instance
+            size = observed or gpus_per_instance(group.service, role)
+            for placed in group.role(role).nodes:
                 index = topology.node_index.get(placed.node)
                 if index is None or placed.instances <= 0:
                     continue
@@ -337,13 +343,18 @@ def build_topology(spec: ClusterSpec, *, gpu_slots: bool = False) -> Topology:
             graph.add_edge(f"s1:{node.s1}", s0_id)
         node_id = f"node:{node.name}"
         node_attrs.append(
-            (node_id, {"kind": "node", "name": node.name, "gpu_type": node.gpu_type, "gpus": node.gpus})
+            (
+                node_id,
+                {"kind": "node", "name": node.name, "gpu_type": node.gpu_type, "gpus": node.gpus},
+            )
         )
         edges.append((s0_id, node_id))
         if gpu_slots:
             for slot in range(node.gpus):
                 slot_id = f"gpu:{node.name}/{slot}"
-                node_attrs.append((slot_id, {"kind": "gpu", "gpu_type": node.gpu_type, "slot": slot}))
+                node_attrs.append(
+                    (slot_id, {"kind": "gpu", "gpu_type": node.gpu_type, "slot": slot})
+                )
                 edges.append((node_id, slot_id))
     graph.add_nodes_from(node_attrs)
     graph.add_edges_from(edges)
@@ -360,8 +371,8 @@ def build_topology(spec: ClusterSpec, *, gpu_slots: bool = False) -> Topology:
 
     subgroups = _derive_subgroups(spec, s1_order, s1_parent, types_per_s1)
     subgroup_of_s1 = {s1: sg.name for sg in subgroups.values() for s1 in sg.s1_switches}
-    for s1 in s1_order:
-        graph.nodes[f"s1:{s1}"]["subgroup"] = subgroup_of_s1[s1]
+    for s1_name in s1_order:
+        graph.nodes[f"s1:{s1_name}"]["subgroup"] = subgroup_of_s1[s1_name]
 
     regions, region_of_s1, region_by_set = _build_regions(spec.name, s1_order, s1_parent, subgroups)
 
@@ -388,11 +399,11 @@ def build_topology(spec: ClusterSpec, *, gpu_slots: bool = False) -> Topology:
     domains: dict[Affinity, list[SchedulingDomain]] = {"s1": [], "s2": [], "cluster": []}
     for sg in subgroups.values():
         domains["cluster"].append(make_domain("cluster", spec.name, sg, list(sg.s1_switches)))
-        for s2 in sg.s2_switches:
-            part = [s1 for s1 in sg.s1_switches if s1_parent[s1] == s2]
-            domains["s2"].append(make_domain("s2", s2, sg, part))
-        for s1 in sg.s1_switches:
-            domains["s1"].append(make_domain("s1", s1, sg, [s1]))
+        for s2_name in sg.s2_switches:
+            part = [name for name in sg.s1_switches if s1_parent[name] == s2_name]
+            domains["s2"].append(make_domain("s2", s2_name, sg, part))
+        for s1_name in sg.s1_switches:
+            domains["s1"].append(make_domain("s1", s1_name, sg, [s1_name]))
     return Topology(
         cluster=spec.name,
         graph=graph,
@@ -422,13 +433,18 @@ def _derive_subgroups(
 
     def make(name: str, s1s: Iterable[str], declared: bool) -> Subgroup:
         ordered = sorted(set(s1s), key=position.__getitem__)
-        s2s = sorted({s1_parent[s1] for s1 in ordered}, key=lambda s2: position[next(s for s in ordered if s1_parent[s] == s2)])
+        s2s = sorted(
+            {s1_parent[s1] for s1 in ordered},
+            key=lambda s2: position[next(s for s in ordered if s1_parent[s] == s2)],
+        )
         return Subgroup(
             name=name,
             s1_switches=tuple(ordered),
             s2_switches=tuple(s2s),
             gpu_types=frozenset(t for s1 in ordered for t in types_per_s1.get(s1, ())),
-            subgroup_class=derive_subgroup_class({s1: types_per_s1.get(s1, set()) for s1 in ordered}),
+            subgroup_class=derive_subgroup_class(
+                {s1: types_per_s1.get(s1, set()) for s1 in ordered}
+            ),
             declared=declared,
         )
 

@@ -34,6 +34,7 @@ from reconciler.errors import ConfigError, MetricsUnavailable
 from reconciler.state import ServiceMetrics
 
 Format = Literal["text", "markdown", "json"]
+SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
 
 
 # ------------------------------------------------------------------- wiring
@@ -97,23 +98,24 @@ class Wiring:
     metrics_for: Any
     clock: Any
     describe: str
-    advance: Any = None  # simulated: move the fleet's clock forward between cycles
 
 
 def wire(settings: Settings, state: DesiredState) -> Wiring:
     if settings.simulate or not kubeconfig_available(settings.kubeconfig):
         from reconciler.sim import default_simulated_fleet
 
+        # Simulation time follows the wall clock from the first metrics read on
+        # (time_origin_s=None); a short warm-up first, so the first cycle already has
+        # a metrics window to act on.
         fleet = default_simulated_fleet(state, settings.seed)
+        fleet.advance_to(SIM_WARMUP_S)
         reason = "--simulate" if settings.simulate else "no kubeconfig found"
-        clock = getattr(fleet, "now_s", None)
         return Wiring(
             simulated=True,
             backend_for=lambda spec: fleet,
             metrics_for=lambda spec: fleet,
-            clock=(lambda: fleet.now_s) if clock is not None else time.time,
+            clock=time.time,
             describe=f"simulated fleet ({reason}; the embedded default)",
-            advance=getattr(fleet, "advance", None),
         )
 
     from reconciler.apply.backend import ApplyOptions, KubernetesBackend
@@ -337,8 +339,6 @@ def register(app: typer.Typer) -> None:
         def on_cycle(result: Any) -> None:
             nonlocal done
             done += 1
-            if wiring.advance is not None:
-                wiring.advance(interval)
             if cycles and done >= cycles:
                 stop.set()
 

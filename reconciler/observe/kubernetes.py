@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from reconciler.apply import names
@@ -101,22 +102,25 @@ class ClusterSnapshot:
     nodes: tuple[LiveNode, ...]
     read_at_s: float
 
-    def pods_of(self, deployment: LiveDeployment | None, *, key: ObjectKey | None = None) -> list[LivePod]:
+    def pods_of(self, deployment: LiveDeployment) -> list[LivePod]:
         """Serving Pods that belong to a Deployment (by its selector labels)."""
-        target = deployment.key if deployment else key
-        assert target is not None
-        out = []
+        key = (
+            deployment.key.namespace,
+            deployment.service,
+            names.label_value(deployment.group_id),
+            deployment.role,
+        )
+        return self._serving_index.get(key, [])
+
+    @cached_property
+    def _serving_index(self) -> dict[tuple[str, str, str, str], list[LivePod]]:
+        # Built once per snapshot: a lookup per Deployment instead of a scan of every
+        # Pod (thousands of each at fleet scale).
+        index: dict[tuple[str, str, str, str], list[LivePod]] = defaultdict(list)
         for pod in self.pods:
-            if pod.key.namespace != target.namespace or not pod.serving or pod.deleting:
-                continue
-            if deployment and (
-                pod.service != deployment.service
-                or pod.group_label != names.label_value(deployment.group_id)
-                or pod.role != deployment.role
-            ):
-                continue
-            out.append(pod)
-        return out
+            if pod.serving and not pod.deleting:
+                index[(pod.key.namespace, pod.service, pod.group_label, pod.role)].append(pod)
+        return index
 
     def drained_pods(self) -> list[LivePod]:
         return [p for p in self.pods if not p.serving and not p.deleting]

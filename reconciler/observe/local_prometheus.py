@@ -18,6 +18,7 @@ in a temporary directory, and scrapes the targets listed in a file-SD file that
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -70,10 +71,13 @@ class LocalPrometheus:
         workdir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
         extra_scrape_configs: Sequence[Mapping[str, Any]] = (),
+        rules: Mapping[str, Any] | None = None,
     ) -> None:
         """``extra_scrape_configs`` are further scrape jobs (Prometheus' YAML as dicts),
         e.g. a production job with its service discovery swapped for
-        ``file_sd_configs`` written with ``write_file_sd``."""
+        ``file_sd_configs`` written with ``write_file_sd``. ``rules`` is a rules file
+        (``{"groups": [...]}``, e.g. ``presets.recording_rules``), evaluated every scrape
+        interval."""
         self.scrape_interval_s = scrape_interval_s
         self.scrape_timeout_s = scrape_timeout_s or scrape_interval_s
         if self.scrape_timeout_s > self.scrape_interval_s:
@@ -87,6 +91,8 @@ class LocalPrometheus:
         self.log_file = self.workdir / "prometheus.log"
         self.binary = binary or find_binary("prometheus")
         self.extra_scrape_configs = [dict(job) for job in extra_scrape_configs]
+        self.rules_file = self.workdir / "rules.json"
+        self.rules = rules
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.set_targets([])
@@ -103,7 +109,7 @@ class LocalPrometheus:
         interval = format_duration(self.scrape_interval_s)
         timeout = format_duration(self.scrape_timeout_s)
         # JSON is YAML: no YAML writer needed.
-        config = {
+        config: dict[str, Any] = {
             "global": {
                 "scrape_interval": interval,
                 "scrape_timeout": timeout,
@@ -120,6 +126,9 @@ class LocalPrometheus:
                 *self.extra_scrape_configs,
             ],
         }
+        if self.rules is not None:
+            self.rules_file.write_text(json.dumps(self.rules, indent=2))
+            config["rule_files"] = [str(self.rules_file)]
         self.config_file.write_text(json.dumps(config, indent=2))
 
     def set_targets(self, addresses: Sequence[str]) -> None:
@@ -186,9 +195,11 @@ class LocalPrometheus:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C on the tests does not hit it twice
+                start_new_session=True,
             )
             log.close()
+            # Its own session (no Ctrl-C twice), so make sure it dies with us.
+            atexit.register(self._terminate)
             if self._wait_ready(timeout_s):
                 return self
             self._terminate()
@@ -243,6 +254,7 @@ class LocalPrometheus:
         process, self._process = self._process, None
         if process is None:
             return
+        atexit.unregister(self._terminate)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

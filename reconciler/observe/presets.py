@@ -119,6 +119,14 @@ labels: ``--metric-labels-allowlist=pods=[heteroscale.io/service,heteroscale.io/
 exporter's scrape config keeps its own ``pod``/``namespace`` target labels, the consumer's
 labels are ``exported_pod``/``exported_namespace`` and ``join_labels`` must say so.)
 
+Large fleets: recording rules
+-----------------------------
+The latency histograms dominate a cycle's cost (every bucket of every instance goes
+through ``rate``: 2,000 instances with ~20 buckets are 40,000 series). ``recording_rules``
+generates a rules file that pre-aggregates their bucket rates by service, role and
+``le``; with it loaded and the adapter's ``recorded_histograms`` on, the quantile queries
+read those few series instead.
+
 Query overrides
 ---------------
 ``metrics.queries.<signal>`` replaces the preset's PromQL for one service. It must return
@@ -135,6 +143,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.state import METRIC_NAMES, MetricName, Role
@@ -318,11 +327,14 @@ def render_spec(
     service_label: str,
     role_label: str,
     services: Sequence[str] | None = None,
+    recorded_histograms: bool = False,
 ) -> SignalQuery:
     """The PromQL of a preset signal, grouped by service and role labels and filtered to
     one role: for every service at once, or only for ``services`` (a regex matcher on
     the service label, so that one of several parts of a merged query does not
-    recompute what the other parts compute)."""
+    recompute what the other parts compute). ``recorded_histograms`` reads histogram
+    bucket rates from the series of ``recording_rules`` instead of aggregating the
+    engines' buckets (freshness still comes from the raw ``_count`` series)."""
     by = f"{service_label}, {role_label}"
     window = format_duration(window_s)
     names = _spellings(spec.metrics)
@@ -348,11 +360,16 @@ def render_spec(
         return SignalQuery(value, freshness(names))
     if isinstance(spec, HistogramQuantile):
         q = format_number(quantile)
-        value = _alternatives(
-            [
-                f"histogram_quantile({q}, sum by ({by}, le) (rate({sel(m + '_bucket')}[{window}])))"
-                for m in names
+
+        if recorded_histograms:
+            # One recorded series per histogram covers both spellings of its name.
+            sources = [
+                sel(r) for r in dict.fromkeys(recorded_bucket_rate(m, window_s) for m in names)
             ]
+        else:
+            sources = [f"rate({sel(m + '_bucket')}[{window}])" for m in names]
+        value = _alternatives(
+            [f"histogram_quantile({q}, sum by ({by}, le) ({source}))" for source in sources]
         )
         if spec.scale != 1.0:
             value = f"{value} * {format_number(spec.scale)}"
@@ -377,6 +394,7 @@ def signal_query(
     *,
     window_s: float,
     services: Sequence[str] | None = None,
+    recorded_histograms: bool = False,
 ) -> SignalQuery | None:
     """The query that reads ``signal`` for ``policy``: its override if it has one, else
     its preset's (restricted to ``services`` if given), else None (the preset has no
@@ -396,7 +414,56 @@ def signal_query(
         service_label=config.service_label,
         role_label=config.role_label,
         services=services,
+        recorded_histograms=recorded_histograms,
     )
+
+
+# ----------------------------------------------------------------------------- recording rules
+
+
+def recorded_bucket_rate(metric: str, window_s: float) -> str:
+    """Name of the recorded per-(service, role, le) bucket rate of a histogram, e.g.
+    ``heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s``."""
+    return f"heteroscale:{metric.replace(':', '_')}_bucket:rate{format_duration(window_s)}"
+
+
+def recording_rules(
+    window_s: float,
+    *,
+    service_label: str = "service",
+    role_label: str = "role",
+    interval_s: float | None = None,
+) -> dict[str, Any]:
+    """A Prometheus rules file (as a dict; dump it as YAML or JSON) that pre-aggregates
+    the bucket rates of every preset's latency histograms by service, role and ``le``.
+
+    For large fleets: the histogram signals are the expensive part of a cycle (every
+    bucket of every instance goes through ``rate``); with these rules loaded and the
+    adapter's ``recorded_histograms`` on, a cycle reads a few series per service
+    instead, and Prometheus pays the aggregation once per rule interval. The window and
+    label names must match the adapter's ``rate_window_s`` and the policies'.
+    """
+    by = f"{service_label}, {role_label}, le"
+    window = format_duration(window_s)
+    spellings: dict[str, list[str]] = {}  # record name -> the metric names it reads
+    for preset in PRESETS.values():
+        for spec in preset.values():
+            if isinstance(spec, HistogramQuantile):
+                for m in _spellings(spec.metrics):
+                    names = spellings.setdefault(recorded_bucket_rate(m, window_s), [])
+                    if m not in names:
+                        names.append(m)
+    rules = [
+        {
+            "record": record,
+            "expr": " or ".join(f"sum by ({by}) (rate({m}_bucket[{window}]))" for m in names),
+        }
+        for record, names in spellings.items()
+    ]
+    group: dict[str, Any] = {"name": "heteroscale-latency-histograms", "rules": rules}
+    if interval_s is not None:
+        group["interval"] = format_duration(interval_s)
+    return {"groups": [group]}
 
 
 _RE2_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")

@@ -113,6 +113,9 @@ class PrometheusSettings:
     max_concurrency: int = 4
     """Signal requests in flight at once (Prometheus evaluates them in parallel);
     1 = one after the other."""
+    recorded_histograms: bool = False
+    """Read TTFT/TBT bucket rates from ``presets.recording_rules(rate_window_s)`` (which
+    must be loaded into Prometheus) instead of aggregating every engine's buckets."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra HTTP headers, e.g. ``Authorization`` for a secured Prometheus."""
     verify_tls: bool = True
@@ -175,7 +178,11 @@ class SignalGap:
 
 
 def plan_requests(
-    policies: Sequence[ServicePolicy], signals: Sequence[MetricName], *, window_s: float
+    policies: Sequence[ServicePolicy],
+    signals: Sequence[MetricName],
+    *,
+    window_s: float,
+    recorded_histograms: bool = False,
 ) -> tuple[tuple[SignalRequest, ...], tuple[SignalGap, ...]]:
     """Group services by identical PromQL, per signal. When a signal needs several parts,
     each preset part is restricted to its own services, so the parts together aggregate
@@ -197,7 +204,9 @@ def plan_requests(
                     )
                 )
                 continue
-            query = signal_query(policy, signal, window_s=window_s)
+            query = signal_query(
+                policy, signal, window_s=window_s, recorded_histograms=recorded_histograms
+            )
             if query is None:
                 preset = config.preset or policy.engine
                 gaps.append(
@@ -209,7 +218,13 @@ def plan_requests(
         for i, ((query, service_label, role_label), members) in enumerate(groups.items()):
             names = tuple(policy.name for policy in members)
             if len(groups) > 1 and query.sampled_at is not None:
-                restricted = signal_query(members[0], signal, window_s=window_s, services=names)
+                restricted = signal_query(
+                    members[0],
+                    signal,
+                    window_s=window_s,
+                    services=names,
+                    recorded_histograms=recorded_histograms,
+                )
                 assert restricted is not None  # same preset as the unrestricted query
                 query = restricted
             parts.append(QueryPart(str(i), query, names, service_label, role_label))
@@ -479,7 +494,10 @@ class PrometheusMetricsSource:
         started = self._clock()
         sent_before = self.http_requests_sent
         plan, plan_gaps = plan_requests(
-            policies, self.settings.signals, window_s=self.settings.rate_window_s
+            policies,
+            self.settings.signals,
+            window_s=self.settings.rate_window_s,
+            recorded_histograms=self.settings.recorded_histograms,
         )
         results = self._run_all(plan, now_s)
         outcomes: dict[tuple[MetricName, str], PartOutcome] = {}

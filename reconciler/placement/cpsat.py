@@ -74,7 +74,8 @@ The paper's greedy scheduler runs first and its layout is given to CP-SAT as a
 complete solution hint, so the answer is never worse than the baseline in the
 objective, and is the fallback if CP-SAT finds nothing in time. Determinism:
 ``PlacementOptions.deterministic`` (default) runs one search thread stopped by a
-deterministic-time budget (``time_limit_s`` x ``DETERMINISTIC_UNITS_PER_S``): the same
+deterministic-time budget (``time_limit_s`` x ``DETERMINISTIC_UNITS_PER_S``; the node
+packing fallback likewise): the same
 input gives the same layout on any machine and at any load, so ``plan`` and ``apply``
 agree. (CP-SAT's parallel portfolio exchanges solutions in timing-dependent order,
 and its interleaved deterministic mode always spends its whole budget.) The wall clock
@@ -119,9 +120,11 @@ W_OVERFLOW = 300
 W_MOVE = 500
 W_KEEP_CLASS = 200
 
-# CP-SAT deterministic-time units one search thread gets through per second on the
-# 2-core reference machine (0.16-0.22 measured on the benchmark's change scenario).
-DETERMINISTIC_UNITS_PER_S = 0.2
+# Deterministic-time budget of the solver per second of PlacementOptions.time_limit_s.
+# One CP-SAT thread gets through 0.15-0.2 units per CPU second on this model on the
+# 2-core reference machine; 0.125 leaves about a quarter of the limit for preparation,
+# the greedy hint and node packing (benchmarks/bench_placement.py prints the split).
+DETERMINISTIC_UNITS_PER_S = 0.125
 
 
 @dataclass
@@ -168,7 +171,9 @@ class _RegionStats:
         self._cache: dict[tuple[int, int, int], int] = {}
 
     def _nodes(self, region: int, type_code: int) -> np.ndarray:
-        return self.topology.nodes_by_region_type.get((region, type_code), np.empty(0, dtype=np.int64))
+        return self.topology.nodes_by_region_type.get(
+            (region, type_code), np.empty(0, dtype=np.int64)
+        )
 
     def free_gpus(self, region: int, type_code: int) -> int:
         return self.slots(region, type_code, 1)
@@ -257,7 +262,9 @@ class _Solve:
         )
         return finalize(self.problem, stats, shortfalls)
 
-    def _domain_cost(self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str) -> int:
+    def _domain_cost(
+        self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str
+    ) -> int:
         """Per-GPU cost of placing a group of this type pair in this domain: a group
         spanning subgroups pays W_SPAN; otherwise W_WASTE per class step above need."""
         if domain is not None and self._spans(domain):
@@ -275,7 +282,9 @@ class _Solve:
         if self.rebalance:
             grow = {r: need.role(r).target for r in ROLES}
         else:
-            grow = {r: max(0, need.role(r).target - self.problem.placed(need.service, r)) for r in ROLES}
+            grow = {
+                r: max(0, need.role(r).target - self.problem.placed(need.service, r)) for r in ROLES
+            }
         if not any(grow.values()) and not self.rebalance:
             return
         weight_short = W_SHORT_PER_RANK * (self.priority_rank[need.priority] + 1)
@@ -292,7 +301,9 @@ class _Solve:
                 classes[key] = _ExistingClass(need.service, group.domain, dict(group.gpu_type), [])
             classes[key].groups.append(group)
         for cls in classes.values():
-            place_cost = self._domain_cost(need, cls.domain, cls.types["prefill"], cls.types["decode"])
+            place_cost = self._domain_cost(
+                need, cls.domain, cls.types["prefill"], cls.types["decode"]
+            )
             region = cls.domain.region if cls.domain is not None else 0
             growth: list[cp_model.IntVar] = []
             growth_upper = 0
@@ -312,11 +323,26 @@ class _Solve:
                     self.objective_terms.append((keep_cost - rn.gpus_per_instance * W_MOVE, keep))
                     self.objective_offset += rn.gpus_per_instance * W_MOVE * current
                     if code >= 0:
-                        self.terms.append(_Term(region, code, rn.gpus_per_instance, keep, current, slot_counted=False))
-                        self._freed_capacity[(region, code)] = (
-                            self._freed_capacity.get((region, code), 0) + rn.gpus_per_instance * current
+                        self.terms.append(
+                            _Term(
+                                region,
+                                code,
+                                rn.gpus_per_instance,
+                                keep,
+                                current,
+                                slot_counted=False,
+                            )
                         )
-                can_grow = cls.domain is not None and code >= 0 and gpu_type in rn.allowed_types and grow[role] > 0
+                        self._freed_capacity[(region, code)] = (
+                            self._freed_capacity.get((region, code), 0)
+                            + rn.gpus_per_instance * current
+                        )
+                can_grow = (
+                    cls.domain is not None
+                    and code >= 0
+                    and gpu_type in rn.allowed_types
+                    and grow[role] > 0
+                )
                 if not can_grow:
                     continue
                 upper = min(grow[role], self.stats_region.slots(region, code, rn.gpus_per_instance))
@@ -371,17 +397,26 @@ class _Solve:
             domains.append(topo.cluster_domain)
         for domain in domains:
             region = domain.region
-            options = {r: [t for t in need.role(r).allowed_types if t in domain.gpu_types] for r in required}
+            options = {
+                r: [t for t in need.role(r).allowed_types if t in domain.gpu_types]
+                for r in required
+            }
             if any(not options[r] for r in required):
                 continue
             pairs = [
                 {"prefill": tp, "decode": td}
-                for tp in options.get("prefill", [need.prefill.allowed_types[0] if need.prefill.allowed_types else ""])
-                for td in options.get("decode", [need.decode.allowed_types[0] if need.decode.allowed_types else ""])
+                for tp in options.get(
+                    "prefill", [need.prefill.allowed_types[0] if need.prefill.allowed_types else ""]
+                )
+                for td in options.get(
+                    "decode", [need.decode.allowed_types[0] if need.decode.allowed_types else ""]
+                )
             ]
             for pair in pairs:
                 bounds = {
-                    r: self.stats_region.slots(region, topo.type_code(pair[r]), need.role(r).gpus_per_instance)
+                    r: self.stats_region.slots(
+                        region, topo.type_code(pair[r]), need.role(r).gpus_per_instance
+                    )
                     for r in required
                 }
                 if len(required) == 2 and pair["prefill"] == pair["decode"]:
@@ -402,7 +437,9 @@ class _Solve:
                     m.add(n >= g)
                     instances[r] = n
                     placed[r].append(n)
-                    self.terms.append(_Term(region, topo.type_code(pair[r]), rn.gpus_per_instance, n, upper))
+                    self.terms.append(
+                        _Term(region, topo.type_code(pair[r]), rn.gpus_per_instance, n, upper)
+                    )
                     cost = rn.gpus_per_instance * (place_cost + rn.preference_cost(pair[r]))
                     self.objective_terms.append((cost, n))
                 # At most the group size per group; beyond it only by overflow (a role
@@ -457,25 +494,37 @@ class _Solve:
         m.minimize(cp_model.LinearExpr.weighted_sum(vars_, coeffs) + self.objective_offset)
         solver = cp_model.CpSolver()
         params = solver.parameters
-        remaining = max(0.05, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s))
+        remaining = max(
+            0.05, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s)
+        )
         params.random_seed = self.options.seed
         params.num_workers = max(1, self.options.workers)
+        # Light presolve: probing and symmetry detection cost more than they return on
+        # this model (measured: 2-3x faster to a proven optimum on the benchmark).
+        params.cp_model_probing_level = 0
+        params.symmetry_level = 0
         if self.options.deterministic:
-            # One search thread stopped by deterministic time: the same input gives the
-            # same answer on any machine, at any load (several threads exchange
-            # solutions in timing-dependent order). The wall clock is a safety net.
+            # One search thread stopped by deterministic time only: the same input gives
+            # the same answer on any machine and at any load (parallel threads exchange
+            # solutions in timing-dependent order). The wall clock is a runaway guard.
             params.num_workers = 1
-            params.max_deterministic_time = remaining * DETERMINISTIC_UNITS_PER_S
-            params.max_time_in_seconds = max(remaining * 3, remaining + 1.0)
+            params.max_deterministic_time = self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+            params.max_time_in_seconds = self._wall_guard_s()
         else:
             params.max_time_in_seconds = remaining
         status = solver.solve(m)
         name = solver.status_name(status)
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             if solver.wall_time >= params.max_time_in_seconds * 0.99 and status != cp_model.OPTIMAL:
-                self.notes.append("cp-sat stopped on the wall-clock safety limit: result may vary between runs")
+                self.notes.append(
+                    "cp-sat stopped on the wall-clock safety limit: result may vary between runs"
+                )
             return name, float(solver.objective_value), float(solver.best_objective_bound), solver
         return name, None, None, None
+
+    def _wall_guard_s(self) -> float:
+        """Wall-clock limit of a deterministic solve: only a guard against runaway."""
+        return max(3.0 * self.options.time_limit_s, self.options.time_limit_s + 2.0)
 
     def _hint_from_greedy(self) -> PlacementResult:
         """Run the greedy scheduler on the same request and give its layout to CP-SAT
@@ -494,7 +543,12 @@ class _Solve:
             if old is not None:
                 if old.domain is None:
                     continue
-                key = (group.service, old.domain.key, old.gpu_type["prefill"], old.gpu_type["decode"])
+                key = (
+                    group.service,
+                    old.domain.key,
+                    old.gpu_type["prefill"],
+                    old.gpu_type["decode"],
+                )
                 for r in ROLES:
                     kept[(*key, r)] += min(group.role(r).instances, old.count(r))
                     grown[(*key, r)] += max(0, group.role(r).instances - old.count(r))
@@ -538,7 +592,9 @@ class _Solve:
                 )
         # Complete the hint (CP-SAT uses a complete, feasible hint as its first solution).
         for over, terms, partial in self.fragment_vars:
-            hint[over.index] = max(0, sum(t.size * hint.get(t.var.index, 0) for t in terms) - partial)
+            hint[over.index] = max(
+                0, sum(t.size * hint.get(t.var.index, 0) for t in terms) - partial
+            )
         proto = self.model.proto
         for index in range(len(proto.variables)):
             self.model.add_hint(self.model.get_int_var_from_proto_index(index), hint.get(index, 0))
@@ -559,7 +615,9 @@ class _Solve:
             for cls in self.existing:
                 need = self.problem.needs[cls.service]
                 drop = {
-                    r: (sum(g.count(r) for g in cls.groups) - value(cls.keep[r])) if cls.keep.get(r) is not None else 0
+                    r: (sum(g.count(r) for g in cls.groups) - value(cls.keep[r]))
+                    if cls.keep.get(r) is not None
+                    else 0
                     for r in ROLES
                 }
                 if any(drop.values()):
@@ -578,14 +636,18 @@ class _Solve:
                 order = sorted(cls.groups, key=lambda g: (need.room(g), g.group_id))
                 additions.extend(split_growth(order, need, add))
         for new in self.new:
-            groups = value(new.groups)
-            if groups <= 0:
+            opened = value(new.groups)
+            if opened <= 0:
                 continue
             need = self.problem.needs[new.service]
             service_groups = self.problem.groups.setdefault(new.service, [])
             add = {r: value(v) for r, v in new.instances.items() if v is not None}
-            label = new.domain.domain if new.domain.affinity != "cluster" else (new.domain.subgroup or new.domain.domain)
-            for share in split_new_groups(groups, need, add):
+            label = (
+                new.domain.domain
+                if new.domain.affinity != "cluster"
+                else (new.domain.subgroup or new.domain.domain)
+            )
+            for share in split_new_groups(opened, need, add):
                 group = WorkGroup(
                     service=new.service,
                     cluster=self.problem.cluster,
@@ -616,8 +678,22 @@ class _Solve:
                     order=(-need.priority, group.service, group.group_id, role),
                 )
             )
-        remaining = max(0.2, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s))
-        outcome = pack(free, items, time_limit_s=remaining, seed=self.options.seed, workers=self.options.workers)
+        remaining = max(
+            0.2, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s)
+        )
+        outcome = pack(
+            free,
+            items,
+            time_limit_s=self._wall_guard_s() if self.options.deterministic else remaining,
+            deterministic_time=(
+                self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+                if self.options.deterministic
+                else None
+            ),
+            seed=self.options.seed,
+            workers=1 if self.options.deterministic else self.options.workers,
+            capacity=topo.node_gpus,
+        )
         if outcome.fallback_components:
             self.notes.append(
                 f"node packing: best fit left instances over; exact re-pack of {outcome.fallback_components} "
@@ -632,15 +708,19 @@ class _Solve:
             if missing:
                 unplaced_by[(group.service, role)] += missing
         # A new group that lost every instance of a required role is dissolved.
-        for service, groups in self.problem.groups.items():
-            need = self.problem.needs.get(service)
+        for service, service_groups in self.problem.groups.items():
+            service_need = self.problem.needs.get(service)
             keep = []
-            for group in groups:
-                if group.is_new and need is not None and any(group.count(r) == 0 for r in need.required_roles):
+            for group in service_groups:
+                if (
+                    group.is_new
+                    and service_need is not None
+                    and any(group.count(r) == 0 for r in service_need.required_roles)
+                ):
                     for role in ROLES:
-                        size = need.role(role).gpus_per_instance
-                        for node, count in group.nodes[role].items():
-                            free[topo.node_index[node]] += count * size
+                        size = service_need.role(role).gpus_per_instance
+                        for node_name, count in group.nodes[role].items():
+                            free[topo.node_index[node_name]] += count * size
                         if group.count(role):
                             unplaced_by[(service, role)] += group.count(role)
                     continue
@@ -655,9 +735,13 @@ class _Solve:
         takers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for group, role, _count in additions:
             need = self.problem.needs[group.service]
-            added = group.count(role) - (group.original.role(role).instances if group.original else 0)
+            added = group.count(role) - (
+                group.original.role(role).instances if group.original else 0
+            )
             if added > 0:
-                takers[group.gpu_type[role]][group.service] += added * need.role(role).gpus_per_instance
+                takers[group.gpu_type[role]][group.service] += (
+                    added * need.role(role).gpus_per_instance
+                )
         return {t: dict(s) for t, s in takers.items()}, hints, free
 
     def _usage_by_node(self) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 
 from reconciler.placement.base import Shortfall
 from reconciler.placement.problem import PlacementProblem, ServiceNeed
-from reconciler.state import Role
+from reconciler.state import ROLES, Role
 from reconciler.topology import SchedulingDomain, Topology
 
 
@@ -71,8 +71,14 @@ def explain(
     ``hint``: a constraint a placer already knows bound (e.g. "fragmentation").
     """
     topo = problem.topology
-    residual = residual_free if isinstance(residual_free, SlotCounter) else SlotCounter(topo, residual_free)
-    initial = initial_free if isinstance(initial_free, SlotCounter) else SlotCounter(topo, initial_free)
+    residual = (
+        residual_free
+        if isinstance(residual_free, SlotCounter)
+        else SlotCounter(topo, residual_free)
+    )
+    initial = (
+        initial_free if isinstance(initial_free, SlotCounter) else SlotCounter(topo, initial_free)
+    )
     rn = need.role(role)
     size = rn.gpus_per_instance
     gpus = missing * size
@@ -92,7 +98,10 @@ def explain(
     # Where the rest could have gone: any domain of the affinity when a new group can be
     # opened, else only the domains of the service's existing groups (a new group would
     # need an instance of the other role beyond its target).
-    can_open = other not in need.required_roles or problem.placed(need.service, other) < need.role(other).target
+    can_open = (
+        other not in need.required_roles
+        or problem.placed(need.service, other) < need.role(other).target
+    )
     if can_open:
         candidates = [(d, t) for d in topo.domains(need.affinity) for t in rn.allowed_types]
         where = _level(need)
@@ -132,8 +141,14 @@ def explain(
         orn = need.role(other)
         types = set(rn.allowed_types) | set(orn.allowed_types)
         free_gpus = sum(residual(topo.cluster_domain, t, 1) for t in types)
-        other_slots = sum(residual(topo.cluster_domain, t, orn.gpus_per_instance) for t in orn.allowed_types)
-        enough = enough and other_slots >= other_missing and free_gpus >= gpus + other_missing * orn.gpus_per_instance
+        other_slots = sum(
+            residual(topo.cluster_domain, t, orn.gpus_per_instance) for t in orn.allowed_types
+        )
+        enough = (
+            enough
+            and other_slots >= other_missing
+            and free_gpus >= gpus + other_missing * orn.gpus_per_instance
+        )
     free_text = ", ".join(f"{cluster_slots[t] * size} {t}" for t in rn.allowed_types)
     largest = (
         f"largest free under {where}: {best_slots * size} {best_type} GPUs under {best_where}"
@@ -144,14 +159,22 @@ def explain(
         largest += f" ({other} target met, so no new group can be opened)"
     taken: list[str] = []
     for gpu_type in rn.allowed_types:
-        for service, count in sorted(takers.get(gpu_type, {}).items(), key=lambda kv: (-kv[1], kv[0])):
+        for service, count in sorted(
+            takers.get(gpu_type, {}).items(), key=lambda kv: (-kv[1], kv[0])
+        ):
             if service != need.service and count > 0:
                 prio = problem.needs[service].priority if service in problem.needs else 0
                 taken.append(f"{service} (priority {prio}) {count} {gpu_type}")
-    taken_text = f"; taken this cycle by {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''}" if taken else ""
+    taken_text = (
+        f"; taken this cycle by {', '.join(taken[:5])}{' ...' if len(taken) > 5 else ''}"
+        if taken
+        else ""
+    )
     if enough:
         constraint = "affinity"
-        reason = f"{head} as part of a group under {where}: {largest}; cluster-wide free: {free_text}"
+        reason = (
+            f"{head} as part of a group under {where}: {largest}; cluster-wide free: {free_text}"
+        )
     else:
         constraint = "gpu_capacity"
         was = sum(initial_slots.values()) * size
@@ -174,7 +197,7 @@ def shortfalls_for(
     residual = SlotCounter(problem.topology, residual_free)
     initial = SlotCounter(problem.topology, initial_free)
     for need in problem.services_by_priority():
-        for role in ("prefill", "decode"):
+        for role in ROLES:
             missing = need.role(role).target - problem.placed(need.service, role)
             if missing <= 0:
                 continue
@@ -183,7 +206,7 @@ def shortfalls_for(
                 explain(
                     problem,
                     need,
-                    role,  # type: ignore[arg-type]
+                    role,
                     missing,
                     residual,
                     initial,

@@ -45,7 +45,6 @@ from reconciler.placement.problem import (
 from reconciler.state import ROLES, Role
 from reconciler.topology import CLASS_RANK, SchedulingDomain
 
-
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
@@ -126,7 +125,9 @@ class _Greedy:
         if all(g <= 0 for g in grow.values()):
             return
         groups = self.problem.groups.setdefault(need.service, [])
-        growable = sorted((g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id))
+        growable = sorted(
+            (g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id)
+        )
 
         def allowed(group: WorkGroup, role: Role) -> bool:
             return group.gpu_type[role] in need.role(role).allowed_types
@@ -142,7 +143,9 @@ class _Greedy:
             take_p = min(want["prefill"], round(room * want["prefill"] / total))
             take_d = min(want["decode"], room - take_p)
             take_p = min(want["prefill"], room - take_d)
-            for grp, role, count in split_growth([group], need, {"prefill": take_p, "decode": take_d}):
+            for grp, role, count in split_growth(
+                [group], need, {"prefill": take_p, "decode": take_d}
+            ):
                 grow[role] -= self._place_in(grp, role, count, need)
         # 2. New groups of up to the group size, split by what each role still needs.
         required = need.required_roles
@@ -157,7 +160,9 @@ class _Greedy:
             for r in required:
                 grow[r] -= sizes[r]
         # 3. A role that still grows alone overflows the groups (old and just opened).
-        growable = sorted((g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id))
+        growable = sorted(
+            (g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id)
+        )
         for role in ROLES:
             for group in growable:
                 if grow[role] <= 0:
@@ -199,7 +204,12 @@ class _Greedy:
             types: dict[Role, str] = {"prefill": tp, "decode": td}
             # Cheap rejection: not even the whole cluster has room for a role.
             if any(
-                int((self.free[self.loose_nodes.get(types[r], _EMPTY)] // need.role(r).gpus_per_instance).sum())
+                int(
+                    (
+                        self.free[self.loose_nodes.get(types[r], _EMPTY)]
+                        // need.role(r).gpus_per_instance
+                    ).sum()
+                )
                 < count
                 for r, count in sizes.items()
             ):
@@ -209,14 +219,18 @@ class _Greedy:
                     return True
                 continue
             candidates = [
-                d for d in self.topology.domains(need.affinity) if all(types[r] in d.gpu_types for r in sizes)
+                d
+                for d in self.topology.domains(need.affinity)
+                if all(types[r] in d.gpu_types for r in sizes)
             ]
             for domain in sorted(candidates, key=lambda d: (CLASS_RANK[d.subgroup_class], d.key)):
                 if self._try_domain(need, sizes, types, domain):
                     return True
         return False
 
-    def _fit(self, need: ServiceNeed, sizes: dict[Role, int], nodes_of: dict[Role, np.ndarray]) -> dict[Role, dict[int, int]] | None:
+    def _fit(
+        self, need: ServiceNeed, sizes: dict[Role, int], nodes_of: dict[Role, np.ndarray]
+    ) -> dict[Role, dict[int, int]] | None:
         # Cheap rejection before copying: each role alone must fit.
         for role, count in sizes.items():
             size = need.role(role).gpus_per_instance
@@ -237,9 +251,13 @@ class _Greedy:
             plan[role] = placement
         return plan
 
-    def _new_group(self, need: ServiceNeed, types: dict[Role, str], domain: SchedulingDomain) -> WorkGroup:
+    def _new_group(
+        self, need: ServiceNeed, types: dict[Role, str], domain: SchedulingDomain
+    ) -> WorkGroup:
         groups = self.problem.groups.setdefault(need.service, [])
-        label = domain.domain if domain.affinity != "cluster" else (domain.subgroup or domain.domain)
+        label = (
+            domain.domain if domain.affinity != "cluster" else (domain.subgroup or domain.domain)
+        )
         group = WorkGroup(
             service=need.service,
             cluster=self.problem.cluster,
@@ -254,7 +272,13 @@ class _Greedy:
         groups.append(group)
         return group
 
-    def _try_domain(self, need: ServiceNeed, sizes: dict[Role, int], types: dict[Role, str], domain: SchedulingDomain) -> bool:
+    def _try_domain(
+        self,
+        need: ServiceNeed,
+        sizes: dict[Role, int],
+        types: dict[Role, str],
+        domain: SchedulingDomain,
+    ) -> bool:
         nodes_of = {r: self.topology.domain_nodes(domain, types[r]) for r in sizes}
         plan = self._fit(need, sizes, nodes_of)
         if plan is None:
@@ -269,7 +293,9 @@ class _Greedy:
         plan = self._fit(need, sizes, nodes_of)
         if plan is None:
             return False
-        subgroups = {self.topology.subgroup_of_node(n) for placement in plan.values() for n in placement}
+        subgroups = {
+            self.topology.subgroup_of_node(n) for placement in plan.values() for n in placement
+        }
         domain = self.topology.cluster_domain
         if len(subgroups) == 1:
             only = subgroups.pop()

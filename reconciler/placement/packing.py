@@ -68,7 +68,9 @@ def component_of(topology: Topology, region: int) -> int:
     return -1
 
 
-def best_fit(free: np.ndarray, items: Sequence[PackItem]) -> tuple[dict[Hashable, dict[int, int]], dict[Hashable, int]]:
+def best_fit(
+    free: np.ndarray, items: Sequence[PackItem]
+) -> tuple[dict[Hashable, dict[int, int]], dict[Hashable, int]]:
     """Best-fit decreasing; mutates ``free``."""
     placed: dict[Hashable, dict[int, int]] = {}
     unplaced: dict[Hashable, int] = {}
@@ -103,56 +105,84 @@ def exact_pack(
     time_limit_s: float,
     seed: int,
     workers: int,
+    capacity: np.ndarray | None = None,
+    deterministic_time: float | None = None,
 ) -> tuple[dict[Hashable, dict[int, int]], dict[Hashable, int], str]:
-    """Exact re-pack of ``items`` onto ``free`` (mutated): maximise weighted GPUs placed."""
+    """Exact re-pack of ``items`` onto ``free`` (mutated): maximise the weighted GPUs
+    placed, then touch as few whole nodes as possible.
+
+    Items that are interchangeable (same candidate nodes, size and weight, e.g. the
+    groups of one service in one domain) share one integer variable per node, which
+    removes the symmetry that would otherwise make optimality hard to prove; their
+    totals are handed back to the items in order afterwards.
+    """
+    classes: dict[tuple[tuple[int, ...], int, int], list[PackItem]] = defaultdict(list)
+    for item in items:
+        classes[(tuple(item.nodes.tolist()), item.size, item.weight)].append(item)
     model = cp_model.CpModel()
     per_node: dict[int, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)
-    per_item: list[list[tuple[int, cp_model.IntVar]]] = []
-    objective = []
-    for i, item in enumerate(items):
+    per_class: list[list[tuple[int, cp_model.IntVar]]] = []
+    placed_value = []
+    whole_penalty = []
+    total_gpus = int(sum(it.size * it.count for it in items)) + 1
+    for (nodes, size, weight), members in classes.items():
+        count = sum(it.count for it in members)
         entries = []
-        for node in item.nodes.tolist():
-            cap = int(free[node]) // item.size
+        for node in nodes:
+            cap = int(free[node]) // size
             if cap <= 0:
                 continue
-            var = model.new_int_var(0, min(cap, item.count), f"y{i}_{node}")
+            var = model.new_int_var(0, min(cap, count), "")
             entries.append((node, var))
-            per_node[node].append((item.size, var))
-        per_item.append(entries)
+            per_node[node].append((size, var))
+            placed_value.append((weight * size * total_gpus, var))
+            if capacity is not None and free[node] == capacity[node]:
+                whole_penalty.append((size, var))  # breaks a whole node
+        per_class.append(entries)
         if entries:
-            model.add(sum(v for _n, v in entries) <= item.count)
-            objective.append(item.weight * item.size * sum(v for _n, v in entries))
+            model.add(sum(v for _n, v in entries) <= count)
     for node, terms in per_node.items():
         model.add(sum(size * var for size, var in terms) <= int(free[node]))
-    # Among equally good packings prefer few touched nodes (keep whole nodes free):
-    # a tiny penalty per node used that was whole.
-    whole_nodes = [n for n in per_node if free[n] > 0]
-    used_flags = []
-    for node in whole_nodes:
-        flag = model.new_bool_var(f"u{node}")
-        model.add(sum(v for _s, v in per_node[node]) == 0).only_enforce_if(flag.Not())
-        used_flags.append(flag)
-    model.maximize(sum(objective) * (len(used_flags) + 1) - sum(used_flags))
+    model.maximize(
+        cp_model.LinearExpr.weighted_sum(
+            [v for _c, v in placed_value], [c for c, _v in placed_value]
+        )
+        - cp_model.LinearExpr.weighted_sum(
+            [v for _s, v in whole_penalty], [s for s, _v in whole_penalty]
+        )
+    )
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    if deterministic_time is not None:
+        solver.parameters.max_deterministic_time = deterministic_time
     solver.parameters.random_seed = seed
     solver.parameters.num_workers = max(1, workers)
     status = solver.solve(model)
+    ok = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
     placed: dict[Hashable, dict[int, int]] = {}
     unplaced: dict[Hashable, int] = {}
-    ok = status in (cp_model.OPTIMAL, cp_model.FEASIBLE)
-    for item, entries in zip(items, per_item, strict=True):
-        spot: dict[int, int] = {}
+    for ((_nodes, size, _w), members), entries in zip(classes.items(), per_class, strict=True):
+        pool = []  # (node, instances) still to hand out, in node order
         if ok:
             for node, var in entries:
                 value = int(solver.value(var))
                 if value:
-                    spot[node] = value
-                    free[node] -= value * item.size
-        placed[item.key] = spot
-        missing = item.count - sum(spot.values())
-        if missing:
-            unplaced[item.key] = missing
+                    pool.append([node, value])
+                    free[node] -= value * size
+        for item in sorted(members, key=lambda it: it.order):
+            spot: dict[int, int] = {}
+            want = item.count
+            while want and pool:
+                node, left = pool[0]
+                take = min(want, left)
+                spot[node] = spot.get(node, 0) + take
+                want -= take
+                pool[0][1] -= take
+                if pool[0][1] == 0:
+                    pool.pop(0)
+            placed[item.key] = spot
+            if want:
+                unplaced[item.key] = want
     return placed, unplaced, solver.status_name(status)
 
 
@@ -163,15 +193,21 @@ def pack(
     time_limit_s: float = 1.0,
     seed: int = 0,
     workers: int = 1,
+    capacity: np.ndarray | None = None,
+    deterministic_time: float | None = None,
 ) -> PackOutcome:
-    """Place every item (best fit, exact fallback per component). Mutates ``free``."""
+    """Place every item (best fit, exact fallback per component). Mutates ``free``.
+    ``capacity`` (GPUs per node) lets the fallback tell whole nodes apart;
+    ``deterministic_time`` bounds it reproducibly (the wall clock stays a guard)."""
     start_free = free.copy()
     placed, unplaced = best_fit(free, items)
     fallback_components = 0
     worst = ""
     if unplaced:
         failing = {it.component for it in items if it.key in unplaced}
-        if -1 in failing or any(it.component == -1 for it in items):
+        spanning = any(it.component == -1 for it in items)
+        if spanning:
+            # A cluster-wide item shares nodes with every subgroup: one component.
             failing = {it.component for it in items}
         redo = [it for it in items if it.component in failing]
         # Undo best fit for those items, then solve them exactly.
@@ -181,11 +217,18 @@ def pack(
             unplaced.pop(it.key, None)
         by_component: dict[int, list[PackItem]] = defaultdict(list)
         for it in redo:
-            by_component[it.component].append(it)
+            by_component[-1 if spanning else it.component].append(it)
         for component in sorted(by_component):
             fallback_components += 1
+            share = 1.0 / max(1, len(by_component))
             got, missing, status = exact_pack(
-                free, by_component[component], time_limit_s / max(1, len(by_component)), seed, workers
+                free,
+                by_component[component],
+                time_limit_s * share,
+                seed,
+                workers,
+                capacity,
+                deterministic_time * share if deterministic_time is not None else None,
             )
             placed.update(got)
             unplaced.update(missing)

@@ -174,7 +174,9 @@ class WorkGroup:
     def remove(self, role: Role, node: str, instances: int) -> None:
         left = self.nodes[role].get(node, 0) - instances
         if left < 0:
-            raise ValueError(f"removing {instances} {role} from {node} in {self.group_id}: only {left + instances}")
+            raise ValueError(
+                f"removing {instances} {role} from {node} in {self.group_id}: only {left + instances}"
+            )
         if left:
             self.nodes[role][node] = left
         else:
@@ -195,6 +197,9 @@ class WorkGroup:
                 gpu_type=self.gpu_type[r],
                 instances=self.count(r),
                 nodes=tuple(NodeInstances(n, c) for n, c in sorted(self.nodes[r].items()) if c > 0),
+                gpus_per_instance=self.original.role(r).gpus_per_instance
+                if self.original
+                else None,
             )
             for r in ROLES
         }
@@ -226,7 +231,10 @@ class WorkGroup:
             subgroup=group.subgroup,
             domain=topology.domain_of_group(group),
             gpu_type={r: group.role(r).gpu_type for r in ROLES},
-            nodes={r: {p.node: p.instances for p in group.role(r).nodes if p.instances > 0} for r in ROLES},
+            nodes={
+                r: {p.node: p.instances for p in group.role(r).nodes if p.instances > 0}
+                for r in ROLES
+            },
             original=group,
         )
 
@@ -303,7 +311,13 @@ def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> Placem
                 wanted = max(0, getattr(targets, role))
                 if wanted:
                     shortfalls.append(
-                        Shortfall(service, role, wanted, "no_policy", f"service '{service}' has no policy for cluster '{topology.cluster}'")
+                        Shortfall(
+                            service,
+                            role,
+                            wanted,
+                            "no_policy",
+                            f"service '{service}' has no policy for cluster '{topology.cluster}'",
+                        )
                     )
             continue
         roles: dict[Role, RoleNeed] = {}
@@ -351,7 +365,12 @@ def scale_in_order_key(group: WorkGroup, need: ServiceNeed) -> tuple[int, float,
     """Sort key, most removable first: scarcest subgroup class, least preferred GPU
     types, smallest group (emptying it frees a domain), then group id."""
     preference = sum(need.role(r).weights.get(group.gpu_type[r], 0.0) for r in ROLES)
-    return (-group.class_rank(), preference, group.count("prefill") + group.count("decode"), group.group_id)
+    return (
+        -group.class_rank(),
+        preference,
+        group.count("prefill") + group.count("decode"),
+        group.group_id,
+    )
 
 
 def scale_in(
@@ -428,9 +447,10 @@ def split_growth(
         take_p = min(left["prefill"], round(take * left["prefill"] / total))
         take_d = min(left["decode"], take - take_p)
         take_p = min(left["prefill"], take - take_d)
-        for r, n in (("prefill", take_p), ("decode", take_d)):
+        split: tuple[tuple[Role, int], ...] = (("prefill", take_p), ("decode", take_d))
+        for r, n in split:
             plan[(i, r)] += n
-            left[r] -= n  # type: ignore[index]
+            left[r] -= n
     i = 0
     while left["prefill"] + left["decode"] > 0:
         for r in ROLES:
@@ -438,10 +458,16 @@ def split_growth(
                 plan[(i % len(live), r)] += 1
                 left[r] -= 1
         i += 1
-    return [(live[i], r, n) for (i, r), n in sorted(plan.items(), key=lambda kv: (kv[0][0], kv[0][1])) if n]
+    return [
+        (live[i], r, n)
+        for (i, r), n in sorted(plan.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+        if n
+    ]
 
 
-def split_new_groups(count: int, need: ServiceNeed, add: Mapping[Role, int]) -> list[dict[Role, int]]:
+def split_new_groups(
+    count: int, need: ServiceNeed, add: Mapping[Role, int]
+) -> list[dict[Role, int]]:
     """Spread ``add`` instances over ``count`` new groups: one of each required role per
     group, then the rest round-robin up to the group size, then (overflow) beyond it."""
     shares: list[dict[Role, int]] = [{r: 0 for r in ROLES} for _ in range(count)]
@@ -503,8 +529,6 @@ def node_usage_of(problem: PlacementProblem) -> np.ndarray:
 
 __all__ = [
     "PlacementProblem",
-    "split_growth",
-    "split_new_groups",
     "RoleNeed",
     "ServiceNeed",
     "WorkGroup",
@@ -514,4 +538,6 @@ __all__ = [
     "prepare",
     "scale_in",
     "scale_in_order_key",
+    "split_growth",
+    "split_new_groups",
 ]

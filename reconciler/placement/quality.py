@@ -49,7 +49,11 @@ class PlacementQuality:
 
     @property
     def changed_share_in_one_subgroup(self) -> float:
-        return self.changed_groups_in_one_subgroup / self.changed_groups if self.changed_groups else 1.0
+        return (
+            self.changed_groups_in_one_subgroup / self.changed_groups
+            if self.changed_groups
+            else 1.0
+        )
 
 
 def group_subgroups(topology: Topology, group: DeploymentGroup) -> set[str]:
@@ -83,7 +87,9 @@ def measure(
             changed_in_one += one
         if policy is None:
             continue
-        need_rank = needed_class_rank(group.prefill.gpu_type, group.decode.gpu_type, policy.affinity)
+        need_rank = needed_class_rank(
+            group.prefill.gpu_type, group.decode.gpu_type, policy.affinity
+        )
         for role in ROLES:
             size = policy.role(role).gpus_per_instance
             best = policy.role(role).preferred_gpu_types()[0]
@@ -105,7 +111,9 @@ def measure(
     unmet = unmet_weighted = 0
     for shortfall in result.shortfalls:
         policy = policies.get(shortfall.service)
-        gpus = shortfall.instances * (policy.role(shortfall.role).gpus_per_instance if policy else 1)
+        gpus = shortfall.instances * (
+            policy.role(shortfall.role).gpus_per_instance if policy else 1
+        )
         unmet += gpus
         unmet_weighted += gpus * ((policy.priority if policy else 0) + 1)
     return PlacementQuality(

@@ -187,23 +187,40 @@ class LoadProfile:
             notes=workload.notes,
         )
 
-    def scaled(self, factor: float) -> LoadProfile:
-        """``factor`` x the load as a fluid (every bin and the sample weight scaled);
-        for fleets whose request count is too large to hold (see ``Workload.rate_scaled``
-        for the per-request version)."""
+    def scaled(self, factor: float, seed: int = 0, smoothing_s: int = 60) -> LoadProfile:
+        """``factor`` x the load as a fluid, for fleets whose request count is too large
+        to hold as arrays (``Workload.rate_scaled`` is the per-request version).
+
+        Like the per-request version it keeps the rate curve at minute scale but not the
+        original's per-second noise times ``factor``: the bins are averaged over
+        ``smoothing_s`` seconds (the jitter of copied requests), multiplied, and the
+        count of each second is then drawn from a Poisson distribution (seeded), with
+        the token sums following the count. Per-request outcomes use the unscaled
+        requests, each standing for ``factor`` requests."""
         if not factor > 0:
             raise ValueError(f"scale factor must be positive, got {factor}")
+        rng = np.random.default_rng([seed, 0xF1D])
+        kernel = np.ones(max(1, smoothing_s)) / max(1, smoothing_s)
+
+        def smooth(values: np.ndarray) -> np.ndarray:
+            out: np.ndarray = np.convolve(values, kernel, mode="same")
+            return out
+
+        mean_count = smooth(self.count) * factor
+        count = rng.poisson(mean_count).astype(np.float64)
+        ratio = np.where(mean_count > 0, count / np.maximum(mean_count, 1e-12), 0.0)
         return replace(
             self,
-            count=self.count * factor,
-            prompt_sum=self.prompt_sum * factor,
-            prompt_sq_sum=self.prompt_sq_sum * factor,
-            output_sum=self.output_sum * factor,
-            sample_weight=self.sample_weight * factor,
+            count=count,
+            prompt_sum=smooth(self.prompt_sum) * factor * ratio,
+            prompt_sq_sum=smooth(self.prompt_sq_sum) * factor * ratio,
+            output_sum=smooth(self.output_sum) * factor * ratio,
+            sample_weight=self.sample_weight * float(count.sum()) / max(self.requests, 1e-12),
             name=f"{self.name} x{factor:g} (fluid)",
             notes=(
                 *self.notes,
-                f"load scaled x{factor:g} as a fluid (per-request outcomes from the unscaled sample)",
+                f"load scaled x{factor:g} as a fluid (bins averaged over {smoothing_s} s, Poisson counts, "
+                f"seed {seed}); per-request outcomes from the unscaled requests",
             ),
         )
 

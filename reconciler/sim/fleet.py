@@ -27,6 +27,10 @@ Instance life cycle:
   ``network.cross_subgroup_gbps``. Groups without node information use the group's
   ``subgroup`` field (set: RDMA; unset: cross).
 
+Instances are rows of parallel numpy arrays (no object per instance): at 2,000
+instances the per-second bookkeeping and the observed ``FleetState`` (cached until the
+next change) stay far below the fluid model's cost.
+
 Observed state: deployment groups count ready + starting instances (draining ones
 are reported in ``FleetState.draining``). The placer therefore does not see the GPUs
 of instances that are draining (a known simplification: for up to a drain period the
@@ -39,6 +43,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -58,34 +63,6 @@ from reconciler.state import (
 )
 from reconciler.topology import topology_for
 
-
-@dataclass
-class _Instance:
-    service: str
-    cluster: str
-    group_id: str
-    role: Role
-    gpu_type: str
-    node: str | None
-    created_s: float
-    ready_s: float
-    drain_started_s: float | None = None
-    drain_until_s: float | None = None  # prefill: time the drain ends
-    drain_until_psi: float | None = None  # decode: decode-clock value the drain ends at
-    gone: bool = False
-
-    @property
-    def draining(self) -> bool:
-        return self.drain_started_s is not None
-
-
-@dataclass
-class _GroupMeta:
-    cluster: str
-    domain: str
-    subgroup: str | None
-
-
 FLEET_COLUMNS = (
     "prefill_ready",
     "prefill_starting",
@@ -96,6 +73,72 @@ FLEET_COLUMNS = (
     "prefill_gpus",
     "decode_gpus",
 )
+
+PREFILL, DECODE = 0, 1
+ROLE_CODE: dict[str, int] = {"prefill": PREFILL, "decode": DECODE}
+
+
+@dataclass(frozen=True)
+class _GroupMeta:
+    service: str
+    group_id: str
+    cluster: str
+    domain: str
+    subgroup: str | None
+
+
+class _InstanceTable:
+    """Every instance as one row of parallel arrays; rows are never reused (``alive``
+    turns false) and the table compacts itself when most rows are dead."""
+
+    COLUMNS: ClassVar[dict[str, Any]] = {
+        "service": np.int32,
+        "group": np.int32,
+        "role": np.int8,
+        "gpu_type": np.int32,
+        "node": np.int32,  # -1: unknown
+        "subgroup": np.int32,  # -1: none (never shares an RDMA subgroup)
+        "created_s": np.float64,
+        "ready_s": np.float64,
+        "drain_started_s": np.float64,  # nan: not draining
+        "drain_until_s": np.float64,  # prefill drains end at a time ...
+        "drain_until_psi": np.float64,  # ... decode drains at a decode-clock value
+        "alive": np.bool_,
+    }
+
+    def __init__(self, capacity: int = 256):
+        self.size = 0
+        self.cols: dict[str, np.ndarray] = {
+            name: np.zeros(capacity, dtype=dtype) for name, dtype in self.COLUMNS.items()
+        }
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name][: self.size]
+
+    def append(self, count: int, **values: float | np.ndarray) -> None:
+        """``count`` new rows; each value is a scalar or one value per row."""
+        if count <= 0:
+            return
+        need = self.size + count
+        if need > self.cols["alive"].size:
+            grow = max(need, 2 * self.cols["alive"].size)
+            for name, array in self.cols.items():
+                bigger = np.zeros(grow, dtype=array.dtype)
+                bigger[: self.size] = array[: self.size]
+                self.cols[name] = bigger
+        for name in self.COLUMNS:
+            default = math.nan if name.startswith("drain") else (True if name == "alive" else 0)
+            self.cols[name][self.size : need] = values.get(name, default)
+        self.size = need
+
+    def compact(self) -> None:
+        alive = self["alive"]
+        if self.size < 1024 or alive.sum() * 2 > self.size:
+            return
+        keep = np.flatnonzero(alive)
+        for array in self.cols.values():
+            array[: keep.size] = array[keep]
+        self.size = keep.size
 
 
 class SimulatedFleet:
@@ -128,21 +171,39 @@ class SimulatedFleet:
             sim = ServiceSim(policy, cluster, load, self.config)
             self.sims[name] = sim
             self.notes.extend(sim.notes)
-        self.instances: dict[str, list[_Instance]] = {name: [] for name in self.policies}
-        self.groups: dict[tuple[str, str], _GroupMeta] = {}
-        self.fleet_series: dict[str, _Grow] = {name: _Grow(FLEET_COLUMNS) for name in self.sims}
-        self._subgroup_of_node: dict[str, dict[str, str]] = {}
-        for name, spec in self.clusters.items():
+        self.services = sorted(self.policies)
+        self.service_index = {name: i for i, name in enumerate(self.services)}
+        self.gpu_types = sorted({t for spec in self.clusters.values() for t in spec.gpu_types})
+        self.gpu_index = {name: i for i, name in enumerate(self.gpu_types)}
+        # Nodes and RDMA subgroups of every cluster, as indices.
+        self.nodes: list[str] = []
+        self.node_index: dict[str, int] = {}
+        self.subgroups: list[str] = []
+        self.subgroup_index: dict[str, int] = {}
+        node_subgroup: list[int] = []
+        for cluster_name, spec in sorted(self.clusters.items()):
             topology = topology_for(spec)
-            self._subgroup_of_node[name] = {
-                node.name: topology.subgroup_of_node(i) for i, node in enumerate(topology.nodes)
-            }
+            for i, node in enumerate(topology.nodes):
+                key = f"{cluster_name}/{topology.subgroup_of_node(i)}"
+                sub = self.subgroup_index.setdefault(key, len(self.subgroups))
+                if sub == len(self.subgroups):
+                    self.subgroups.append(key)
+                self.node_index[f"{cluster_name}/{node.name}"] = len(self.nodes)
+                self.nodes.append(node.name)
+                node_subgroup.append(sub)
+        self.node_subgroup = np.asarray(node_subgroup, dtype=np.int32)
+        self.groups: list[_GroupMeta] = []
+        self.group_index: dict[tuple[str, str], int] = {}
+        self._group_types: dict[tuple[int, int], str] = {}
+        self.table = _InstanceTable()
+        self.fleet_series: dict[str, _Grow] = {name: _Grow(FLEET_COLUMNS) for name in self.sims}
         self.t = 0
-        self._dirty: set[str] = set(self.sims)
+        self._dirty: set[int] = {self.service_index[name] for name in self.sims}
         self._next_event_s = math.inf
-        self._allocated: dict[str, list[float]] = {name: [0.0] * 8 for name in self.sims}
-        self._group_types: dict[tuple[str, str, str], str] = {}
         self._has_decode_drains = False
+        self._allocated: dict[str, list[float]] = {name: [0.0] * 8 for name in self.sims}
+        self._version = 0
+        self._state_cache: dict[tuple[str, tuple[str, ...] | None], tuple[int, FleetState]] = {}
 
     # ------------------------------------------------------------------ time
 
@@ -169,114 +230,128 @@ class SimulatedFleet:
                 self.fleet_series[name].append(self._allocated[name])
             self.t += 1
 
+    def _changed(self, services: np.ndarray | list[int]) -> None:
+        self._dirty.update(int(s) for s in np.unique(np.asarray(services, dtype=np.int64)))
+        self._version += 1
+
     def _events(self, t: int) -> None:
         if t < self._next_event_s and not self._has_decode_drains:
             return
-        next_event = math.inf
-        any_decode_drain = False
-        for service, instances in self.instances.items():
-            changed = False
-            sim = self.sims.get(service)
-            for inst in instances:
-                if inst.gone:
-                    continue
-                if inst.drain_started_s is None:
-                    if inst.ready_s > t:
-                        next_event = min(next_event, inst.ready_s)
-                    elif inst.ready_s > t - 1:
-                        changed = True  # became ready this second
-                    continue
-                if inst.drain_until_s is not None:
-                    if inst.drain_until_s <= t:
-                        inst.gone = True
-                        changed = True
-                    else:
-                        next_event = min(next_event, inst.drain_until_s)
-                elif inst.drain_until_psi is not None:
-                    clock = sim.decode_clock(inst.gpu_type) if sim else math.inf
-                    if clock >= inst.drain_until_psi:
-                        inst.gone = True
-                        changed = True
-                    else:
-                        any_decode_drain = True
-            if changed:
-                self.instances[service] = [i for i in instances if not i.gone]
-                self._dirty.add(service)
-        self._next_event_s = next_event
-        self._has_decode_drains = any_decode_drain
+        tab = self.table
+        alive = tab["alive"]
+        draining = ~np.isnan(tab["drain_started_s"])
+        ready_s = tab["ready_s"]
+        serving = alive & ~draining
+        became_ready = serving & (ready_s <= t) & (ready_s > t - 1)
+        prefill_done = alive & draining & (tab["drain_until_s"] <= t)
+        decode_drain = alive & draining & ~np.isnan(tab["drain_until_psi"])
+        decode_done = np.zeros_like(decode_drain)
+        if decode_drain.any():
+            rows = np.flatnonzero(decode_drain)
+            clocks = np.array(
+                [self._clock(int(tab["service"][i]), int(tab["gpu_type"][i])) for i in rows]
+            )
+            decode_done[rows] = clocks >= tab["drain_until_psi"][rows]
+        gone = prefill_done | decode_done
+        if gone.any():
+            tab["alive"][gone] = False
+        if became_ready.any() or gone.any():
+            self._changed(tab["service"][became_ready | gone])
+        pending_ready = ready_s[serving & (ready_s > t)]
+        pending_drain = tab["drain_until_s"][
+            alive & ~gone & draining & ~np.isnan(tab["drain_until_s"])
+        ]
+        self._next_event_s = min(
+            float(pending_ready.min()) if pending_ready.size else math.inf,
+            float(pending_drain.min()) if pending_drain.size else math.inf,
+        )
+        self._has_decode_drains = bool((decode_drain & ~decode_done).any())
+        tab.compact()
+
+    def _clock(self, service: int, gpu_type: int) -> float:
+        sim = self.sims.get(self.services[service])
+        return sim.decode_clock(self.gpu_types[gpu_type]) if sim is not None else math.inf
 
     # ------------------------------------------------------------------ pools
 
-    def _push_counts(self, service: str) -> None:
-        sim = self.sims.get(service)
-        instances = self.instances.get(service, [])
+    def _push_counts(self, service_code: int) -> None:
+        service = self.services[service_code]
+        tab = self.table
         t = self.t
-        allocated = [0.0] * 8
         policy = self.policies[service]
-        for inst in instances:
-            offset = 0 if inst.role == "prefill" else 3
-            if inst.draining:
-                allocated[offset + 2] += 1
-            elif inst.ready_s <= t:
-                allocated[offset] += 1
-            else:
-                allocated[offset + 1] += 1
-            allocated[6 if inst.role == "prefill" else 7] += policy.role(
-                inst.role
-            ).gpus_per_instance
+        mine = tab["alive"] & (tab["service"] == service_code)
+        role = tab["role"]
+        draining = ~np.isnan(tab["drain_started_s"])
+        ready = tab["ready_s"] <= t
+        allocated: list[float] = []
+        for code in (PREFILL, DECODE):
+            of_role = mine & (role == code)
+            allocated += [
+                float((of_role & ~draining & ready).sum()),
+                float((of_role & ~draining & ~ready).sum()),
+                float((of_role & draining).sum()),
+            ]
+        allocated += [
+            allocated[0] + allocated[1] + allocated[2],
+            allocated[3] + allocated[4] + allocated[5],
+        ]
+        allocated[6] *= policy.prefill.gpus_per_instance
+        allocated[7] *= policy.decode.gpus_per_instance
         self._allocated[service] = allocated
+        sim = self.sims.get(service)
         if sim is None:
             return
-        by_group: dict[str, list[_Instance]] = defaultdict(list)
-        for inst in instances:
-            by_group[inst.group_id].append(inst)
-        prefill: dict[tuple[str, str], float] = defaultdict(float)
-        decode_ready: dict[str, int] = defaultdict(int)
-        decode_draining: dict[str, int] = defaultdict(int)
-        for group_id, members in by_group.items():
-            ready_prefill = [
-                i for i in members if i.role == "prefill" and not i.draining and i.ready_s <= t
-            ]
-            decode_members = [i for i in members if i.role == "decode" and not i.draining]
-            ready_decode = [i for i in decode_members if i.ready_s <= t]
-            for inst in members:
-                if inst.role == "decode":
-                    if inst.draining:
-                        decode_draining[inst.gpu_type] += 1
-                    elif inst.ready_s <= t:
-                        decode_ready[inst.gpu_type] += 1
-            if not ready_prefill:
-                continue
-            rdma_share = self._rdma_share(
-                service, group_id, ready_prefill, ready_decode or decode_members
-            )
-            for inst in ready_prefill:
-                prefill[(inst.gpu_type, "rdma")] += rdma_share
-                prefill[(inst.gpu_type, "cross")] += 1.0 - rdma_share
-        sim.set_counts(prefill, decode_ready, decode_draining)
+        n_types = len(self.gpu_types)
+        gpu = tab["gpu_type"]
+        decode_rows = mine & (role == DECODE)
+        decode_ready = np.bincount(gpu[decode_rows & ~draining & ready], minlength=n_types)
+        decode_draining = np.bincount(gpu[decode_rows & draining], minlength=n_types)
+        prefill_rows = mine & (role == PREFILL) & ~draining & ready
+        share = self._rdma_share(
+            prefill_rows, decode_rows & ~draining, decode_rows & ~draining & ready
+        )
+        group = tab["group"]
+        rdma = np.bincount(gpu[prefill_rows], weights=share[group[prefill_rows]], minlength=n_types)
+        total = np.bincount(gpu[prefill_rows], minlength=n_types).astype(np.float64)
+        prefill: dict[tuple[str, str], float] = {}
+        for i, name in enumerate(self.gpu_types):
+            if total[i] > 0:
+                prefill[(name, "rdma")] = float(rdma[i])
+                prefill[(name, "cross")] = float(total[i] - rdma[i])
+        sim.set_counts(
+            prefill,
+            {name: int(decode_ready[i]) for i, name in enumerate(self.gpu_types)},
+            {name: int(decode_draining[i]) for i, name in enumerate(self.gpu_types)},
+        )
 
     def _rdma_share(
-        self, service: str, group_id: str, prefill: Sequence[_Instance], decode: Sequence[_Instance]
-    ) -> float:
-        """Share of (prefill, decode) instance pairs of a group inside one RDMA subgroup."""
-        meta = self.groups.get((service, group_id))
-        if not decode:
-            return 0.0
-        cluster = meta.cluster if meta else self.policies[service].cluster
-        subgroup_of = self._subgroup_of_node.get(cluster, {})
-        if all(i.node is None for i in (*prefill, *decode)):
-            return 1.0 if meta is not None and meta.subgroup is not None else 0.0
-        fallback = meta.subgroup if meta else None
+        self, prefill: np.ndarray, decode_all: np.ndarray, decode_ready: np.ndarray
+    ) -> np.ndarray:
+        """Per group: the share of (ready prefill, decode) instance pairs inside one RDMA
+        subgroup; the decode side is the group's ready instances, or all of them while
+        none is ready yet."""
+        tab = self.table
+        n_groups = max(len(self.groups), 1)
+        n_sub = len(self.subgroups) + 1
+        group = tab["group"]
+        sub = tab["subgroup"] + 1  # 0 = no subgroup, never paired
 
-        def counts(instances: Sequence[_Instance]) -> dict[str | None, int]:
-            out: dict[str | None, int] = defaultdict(int)
-            for inst in instances:
-                out[subgroup_of.get(inst.node, fallback) if inst.node else fallback] += 1
-            return out
+        def per_group_subgroup(mask: np.ndarray) -> np.ndarray:
+            keys = group[mask].astype(np.int64) * n_sub + sub[mask]
+            return (
+                np.bincount(keys, minlength=n_groups * n_sub)
+                .reshape(n_groups, n_sub)
+                .astype(np.float64)
+            )
 
-        p, d = counts(prefill), counts(decode)
-        pairs = sum(n * d.get(sg, 0) for sg, n in p.items() if sg is not None)
-        return pairs / (len(prefill) * len(decode))
+        p = per_group_subgroup(prefill)
+        d_ready = per_group_subgroup(decode_ready)
+        d_all = per_group_subgroup(decode_all)
+        d = np.where(d_ready.sum(axis=1, keepdims=True) > 0, d_ready, d_all)
+        pairs = (p[:, 1:] * d[:, 1:]).sum(axis=1)
+        total = p.sum(axis=1) * d.sum(axis=1)
+        share: np.ndarray = np.where(total > 0, pairs / np.maximum(total, 1.0), 0.0)
+        return share
 
     # ------------------------------------------------------------------ MetricsSource
 
@@ -303,62 +378,78 @@ class SimulatedFleet:
         return Observation(self.fleet_state(cluster.name, [p.name for p in policies]))
 
     def fleet_state(self, cluster: str, services: Sequence[str] | None = None) -> FleetState:
-        wanted = set(services) if services is not None else None
-        groups: list[DeploymentGroup] = []
-        starting: dict[tuple[str, Role], int] = defaultdict(int)
-        draining: dict[tuple[str, Role], int] = defaultdict(int)
+        """The groups of ``cluster`` (of ``services``, or all), as observed now."""
+        key = (cluster, tuple(sorted(services)) if services is not None else None)
+        cached = self._state_cache.get(key)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        state = self._fleet_state(cluster, services)
+        self._state_cache[key] = (self._version, state)
+        return state
+
+    def _fleet_state(self, cluster: str, services: Sequence[str] | None) -> FleetState:
+        tab = self.table
         t = self.t
-        for service, instances in self.instances.items():
-            if wanted is not None and service not in wanted:
-                continue
-            if self.policies[service].cluster != cluster:
-                continue
-            by_group: dict[str, list[_Instance]] = defaultdict(list)
-            for inst in instances:
-                if inst.draining:
-                    draining[(service, inst.role)] += 1
-                    continue
-                if inst.ready_s > t:
-                    starting[(service, inst.role)] += 1
-                by_group[inst.group_id].append(inst)
-            for group_id in sorted(by_group):
-                members = by_group[group_id]
-                meta = self.groups.get((service, group_id), _GroupMeta(cluster, cluster, None))
-                roles = {}
-                for role in ROLES:
-                    of_role = [i for i in members if i.role == role]
-                    nodes: dict[str, int] = defaultdict(int)
-                    for inst in of_role:
-                        if inst.node is not None:
-                            nodes[inst.node] += 1
-                    gpu_type = (
-                        of_role[0].gpu_type
-                        if of_role
-                        else self._group_gpu_type(service, group_id, role)
-                    )
-                    roles[role] = GroupRole(
-                        gpu_type=gpu_type,
-                        instances=len(of_role),
-                        nodes=tuple(NodeInstances(n, c) for n, c in sorted(nodes.items())),
-                    )
-                groups.append(
-                    DeploymentGroup(
-                        service=service,
-                        cluster=meta.cluster,
-                        group_id=group_id,
-                        domain=meta.domain,
-                        subgroup=meta.subgroup,
-                        prefill=roles["prefill"],
-                        decode=roles["decode"],
+        wanted = [
+            self.service_index[s]
+            for s in (services if services is not None else self.services)
+            if s in self.service_index and self.policies[s].cluster == cluster
+        ]
+        mine = tab["alive"] & np.isin(tab["service"], wanted)
+        draining = ~np.isnan(tab["drain_started_s"])
+        starting_rows = mine & ~draining & (tab["ready_s"] > t)
+        starting: dict[tuple[str, Role], int] = {}
+        draining_counts: dict[tuple[str, Role], int] = {}
+        for rows, out in ((starting_rows, starting), (mine & draining, draining_counts)):
+            keys, counts = np.unique(
+                tab["service"][rows] * 2 + tab["role"][rows], return_counts=True
+            )
+            for k, c in zip(keys.tolist(), counts.tolist(), strict=True):
+                out[(self.services[k // 2], ROLES[k % 2])] = int(c)
+        serving = mine & ~draining
+        n_nodes = len(self.nodes) + 1
+        keys = (tab["group"][serving].astype(np.int64) * 2 + tab["role"][serving]) * n_nodes + (
+            tab["node"][serving] + 1
+        )
+        uniq, counts = np.unique(keys, return_counts=True)
+        per_group: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: {0: [], 1: []})
+        for k, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+            group_role, node = divmod(k, n_nodes)
+            g, r = divmod(group_role, 2)
+            per_group[g][r].append((node - 1, c))
+        groups: list[DeploymentGroup] = []
+        for g in per_group:
+            meta = self.groups[g]
+            roles = {}
+            for code, role in ((PREFILL, "prefill"), (DECODE, "decode")):
+                entries = per_group[g][code]
+                nodes = tuple(
+                    sorted(
+                        (NodeInstances(self.nodes[n], c) for n, c in entries if n >= 0),
+                        key=lambda x: x.node,
                     )
                 )
+                roles[role] = GroupRole(
+                    gpu_type=self._group_types.get((g, code))
+                    or self.policies[meta.service].role(role).preferred_gpu_types()[0],
+                    instances=sum(c for _n, c in entries),
+                    nodes=nodes,
+                )
+            groups.append(
+                DeploymentGroup(
+                    service=meta.service,
+                    cluster=meta.cluster,
+                    group_id=meta.group_id,
+                    domain=meta.domain,
+                    subgroup=meta.subgroup,
+                    prefill=roles["prefill"],
+                    decode=roles["decode"],
+                )
+            )
+        groups.sort(key=lambda g: (g.service, g.group_id))
         return FleetState(
-            cluster=cluster, groups=tuple(groups), starting=dict(starting), draining=dict(draining)
+            cluster=cluster, groups=tuple(groups), starting=starting, draining=draining_counts
         )
-
-    def _group_gpu_type(self, service: str, group_id: str, role: Role) -> str:
-        types = self._group_types.get((service, group_id, role))
-        return types or self.policies[service].role(role).preferred_gpu_types()[0]
 
     def diff(self, plan: Plan) -> Sequence[str]:
         return [str(change) for change in plan.changes]
@@ -367,9 +458,7 @@ class SimulatedFleet:
         """Carry out the plan's changes (module docstring); returns what was done."""
         desired = {(g.service, g.group_id): g for g in plan.groups}
         for group in plan.groups:
-            self.groups[(group.service, group.group_id)] = _GroupMeta(
-                group.cluster, group.domain, group.subgroup
-            )
+            self._group(group.service, group.group_id, group.cluster, group.domain, group.subgroup)
         done: list[str] = []
         for change in plan.changes:
             self._apply_change(
@@ -381,9 +470,7 @@ class SimulatedFleet:
     def bootstrap(self, groups: Sequence[DeploymentGroup]) -> None:
         """Start the fleet with ``groups`` already serving (a warm start at time now)."""
         for group in groups:
-            self.groups[(group.service, group.group_id)] = _GroupMeta(
-                group.cluster, group.domain, group.subgroup
-            )
+            self._group(group.service, group.group_id, group.cluster, group.domain, group.subgroup)
             for role in ROLES:
                 role_group = group.role(role)
                 if role_group.instances:
@@ -400,6 +487,19 @@ class SimulatedFleet:
                     )
                     self._apply_change(change, group, immediate=True)
 
+    def _group(
+        self, service: str, group_id: str, cluster: str, domain: str, subgroup: str | None
+    ) -> int:
+        index = self.group_index.get((service, group_id))
+        meta = _GroupMeta(service, group_id, cluster, domain, subgroup)
+        if index is None:
+            index = len(self.groups)
+            self.groups.append(meta)
+            self.group_index[(service, group_id)] = index
+        else:
+            self.groups[index] = meta
+        return index
+
     def _apply_change(
         self, change: GroupChange, desired: DeploymentGroup | None, *, immediate: bool
     ) -> None:
@@ -407,79 +507,90 @@ class SimulatedFleet:
         if service not in self.policies:
             raise KeyError(f"plan changes service '{service}', which this fleet does not run")
         policy = self.policies[service]
+        cluster = desired.cluster if desired is not None else policy.cluster
+        group = self.group_index.get((service, change.group_id))
+        if group is None:
+            group = self._group(service, change.group_id, cluster, change.domain, None)
+        code = ROLE_CODE[change.role]
+        self._group_types[(group, code)] = change.gpu_type
+        tab = self.table
         t = float(self.t)
-        self._group_types[(service, change.group_id, change.role)] = change.gpu_type
-        members = [
-            i
-            for i in self.instances.setdefault(service, [])
-            if i.group_id == change.group_id and i.role == change.role and not i.draining
-        ]
-        want_nodes: dict[str, int] = {}
+        members = np.flatnonzero(
+            tab["alive"]
+            & np.isnan(tab["drain_started_s"])
+            & (tab["group"] == group)
+            & (tab["role"] == code)
+        )
+        want: dict[int, int] = {}
         if desired is not None:
-            want_nodes = {n.node: n.instances for n in desired.role(change.role).nodes}
-        have_nodes: dict[str | None, int] = defaultdict(int)
-        for inst in members:
-            have_nodes[inst.node] += 1
-        delta = change.after - len(members)
+            for entry in desired.role(change.role).nodes:
+                node = self.node_index.get(f"{cluster}/{entry.node}")
+                if node is not None:
+                    want[node] = want.get(node, 0) + entry.instances
+        have: dict[int, int] = defaultdict(int)
+        for node in tab["node"][members].tolist():
+            have[node] += 1
+        delta = change.after - members.size
         if delta > 0:
-            nodes: list[str | None] = []
-            for node, count in sorted(want_nodes.items()):
-                nodes += [node] * max(0, count - have_nodes.get(node, 0))
-            nodes += [None] * max(0, delta - len(nodes))
+            new_nodes: list[int] = []
+            for node, count in sorted(want.items()):
+                new_nodes += [node] * max(0, count - have.get(node, 0))
+            new_nodes = (new_nodes + [-1] * delta)[:delta]
+            meta = self.groups[group]
+            fallback = (
+                self.subgroup_index.get(f"{cluster}/{meta.subgroup}", -1) if meta.subgroup else -1
+            )
             startup = 0.0 if immediate else policy.role(change.role).startup_s
-            cluster = desired.cluster if desired is not None else policy.cluster
-            for new_node in nodes[:delta]:
-                self.instances[service].append(
-                    _Instance(
-                        service,
-                        cluster,
-                        change.group_id,
-                        change.role,
-                        change.gpu_type,
-                        new_node,
-                        t,
-                        t + startup,
-                    )
-                )
-                self._next_event_s = min(self._next_event_s, t + startup)
+            nodes = np.asarray(new_nodes, dtype=np.int32)
+            subgroups = np.where(nodes >= 0, self.node_subgroup[np.maximum(nodes, 0)], fallback)
+            tab.append(
+                delta,
+                service=self.service_index[service],
+                group=group,
+                role=code,
+                gpu_type=self.gpu_index.get(change.gpu_type, 0),
+                node=nodes,
+                subgroup=subgroups,
+                created_s=t,
+                ready_s=t + startup,
+            )
+            self._next_event_s = min(self._next_event_s, t + startup)
         elif delta < 0:
-            surplus: dict[str | None, int] = (
-                {node: have_nodes[node] - want_nodes.get(node or "", 0) for node in have_nodes}
-                if desired
+            surplus = (
+                {node: have[node] - want.get(node, 0) for node in have}
+                if desired is not None
                 else {}
             )
+            starting = tab["ready_s"][members] > t
+            with_surplus = np.array(
+                [surplus.get(n, 1) > 0 for n in tab["node"][members].tolist()], dtype=bool
+            )
+            # Starting instances first (cancelled at no cost), then nodes with a
+            # surplus against the placement, newest first.
+            order = np.lexsort((-tab["created_s"][members], ~with_surplus, ~starting))
+            for row in members[order[:-delta]].tolist():
+                self._retire(row, t)
+        self._changed([self.service_index[service]])
 
-            def removal_key(inst: _Instance) -> tuple[int, int, float]:
-                # Starting instances first (cancelled at no cost), then nodes with a
-                # surplus against the placement, newest first.
-                return (
-                    0 if inst.ready_s > t else 1,
-                    0 if surplus.get(inst.node, 1) > 0 else 1,
-                    -inst.created_s,
-                )
-
-            for inst in sorted(members, key=removal_key)[:-delta]:
-                self._retire(inst, t)
-                if inst.node in surplus:
-                    surplus[inst.node] -= 1
-        self._dirty.add(service)
-
-    def _retire(self, inst: _Instance, t: float) -> None:
-        if inst.ready_s > t:
-            inst.gone = True
-            self.instances[inst.service] = [i for i in self.instances[inst.service] if not i.gone]
+    def _retire(self, row: int, t: float) -> None:
+        tab = self.table
+        if tab["ready_s"][row] > t:
+            tab["alive"][row] = False
             return
-        inst.drain_started_s = t
-        if inst.role == "prefill":
-            inst.drain_until_s = t + self.config.prefill_drain_s
-            self._next_event_s = min(self._next_event_s, inst.drain_until_s)
+        tab["drain_started_s"][row] = t
+        if tab["role"][row] == PREFILL:
+            tab["drain_until_s"][row] = t + self.config.prefill_drain_s
+            self._next_event_s = min(self._next_event_s, t + self.config.prefill_drain_s)
+            return
+        sim = self.sims.get(self.services[int(tab["service"][row])])
+        if sim is None:
+            tab["drain_until_s"][row] = t
+            self._next_event_s = min(self._next_event_s, t)
         else:
-            sim = self.sims.get(inst.service)
-            if sim is None:
-                inst.drain_until_s = t
-            else:
-                inst.drain_until_psi = sim.decode_clock(inst.gpu_type) + sim.out_p99
-                self._has_decode_drains = True
+            tab["drain_until_psi"][row] = (
+                sim.decode_clock(self.gpu_types[int(tab["gpu_type"][row])]) + sim.out_p99
+            )
+            self._has_decode_drains = True
 
     # ------------------------------------------------------------------ results
 

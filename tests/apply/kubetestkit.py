@@ -4,6 +4,7 @@ API server never see each other's objects), fake GPU Nodes, hand-built plans."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.apply.kubeclient import KubeClient, NotFound, ResourceConflict, nodes_path, pods_path
+from reconciler.apply.kubeclient import (
+    KubeClient,
+    NotFound,
+    ResourceConflict,
+    nodes_path,
+    pods_path,
+)
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.desired.models import ClusterSpec
 from reconciler.observe.base import Observation
@@ -137,10 +144,8 @@ def make_desired_state(root: Path, cluster: str, services: Iterable[str] = ("svc
 
 
 def ensure_namespace(client: KubeClient, name: str) -> None:
-    try:
+    with contextlib.suppress(ResourceConflict):
         client.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    except ResourceConflict:
-        pass
 
 
 def create_nodes(client: KubeClient, spec: ClusterSpec, skip: Iterable[str] = (), label_overrides: dict[str, dict[str, str]] | None = None) -> None:
@@ -159,10 +164,8 @@ def create_nodes(client: KubeClient, spec: ClusterSpec, skip: Iterable[str] = ()
             **overrides.get(node.name, {}),
         }
         body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name, "labels": labels}}
-        try:
+        with contextlib.suppress(ResourceConflict):
             client.request("POST", nodes_path(), body=body)
-        except ResourceConflict:
-            pass
         capacity = {"nvidia.com/gpu": str(node.gpus), "cpu": "64", "memory": "512Gi", "pods": "110"}
         client.request(
             "PATCH",
@@ -221,23 +224,19 @@ def mark_ready(client: KubeClient, namespace: str, pod: dict) -> None:
         ],
         "startTime": now,
     }
-    try:
+    with contextlib.suppress(NotFound):
         client.request(
             "PATCH",
             pods_path(namespace, pod["metadata"]["name"]) + "/status",
             body={"status": status},
             content_type="application/merge-patch+json",
         )
-    except NotFound:
-        pass
 
 
 def force_delete_pods(client: KubeClient, namespace: str) -> None:
     for pod in client.list(pods_path(namespace)):
-        try:
+        with contextlib.suppress(NotFound):
             client.request("DELETE", pods_path(namespace, pod["metadata"]["name"]), body={"gracePeriodSeconds": 0})
-        except NotFound:
-            pass
 
 
 # ------------------------------------------------------------- applying YAML files

@@ -17,7 +17,7 @@ from reconciler.apply.lease import LeaseElector, parse_lease
 from reconciler.loop import ReconcileLoop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
-from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics  # noqa: E402
+from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
 
 pytestmark = pytest.mark.kubernetes
 NAMESPACE = "lease-tests"

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from kubetestkit import ControlPlane, apply_yaml_file, ensure_namespace
 
-from reconciler.apply.kubeclient import Forbidden, KubeClient, deployments_path, leases_path, nodes_path, pods_path
+from reconciler.apply.kubeclient import (
+    Forbidden,
+    KubeClient,
+    deployments_path,
+    leases_path,
+    nodes_path,
+    pods_path,
+)
 
 pytestmark = pytest.mark.kubernetes
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -106,7 +106,7 @@ def test_errors_name_what_to_fix(state: DesiredState) -> None:
     with pytest.raises(RenderError, match="GPU type 'b200'"):
         render_groups([_group(decode=("b200", 1))], state.policies, cluster, state.templates)
     path = state.policies["chat"].decode.template
-    with pytest.raises(RenderError, match="spec.containers"):
+    with pytest.raises(RenderError, match=r"spec\.containers"):
         render_deployment(_group(), "decode", state.policies["chat"], cluster, {path: {"spec": {}}})
     with pytest.raises(RenderError, match="no policy"):
         render_groups([_group(service="ghost")], state.policies, cluster, state.templates)

@@ -9,7 +9,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics, unreachable
+from looptestkit import (
+    FixedAutoscaler,
+    OneGroupPlacer,
+    RecordingBackend,
+    StaticMetrics,
+    unreachable,
+)
 
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.errors import ConfigError, ConfigIssue

@@ -1,7 +1,7 @@
 """Fixtures of the observe tests: one real Prometheus per session, loopback helpers.
 
 The session's Prometheus (``prometheus_stack``) scrapes four simulated-fleet exporters
-every second and also holds backfilled history (``promtool``), so that both live
+every second and also holds backfilled history (``promtool``) and the latency recording rules, so that both live
 scraping and exact, deterministic PromQL can be tested against one server. Every
 scenario's load is registered before the server starts, so by the time a test runs its
 rate window is already full; tests use their own service names and never disturb each
@@ -39,6 +39,7 @@ from observe_helpers import (
 
 from reconciler.observe.exporter import FleetExporter
 from reconciler.observe.local_prometheus import LocalPrometheus, find_binary, write_file_sd
+from reconciler.observe.presets import recording_rules
 
 
 def _require_prometheus() -> None:
@@ -74,7 +75,10 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
     workdir = Path(tempfile.mkdtemp(prefix="heteroscale-prom-"))
     pods_sd = workdir / "pods.json"
     prometheus = LocalPrometheus(
-        scrape_interval_s=1.0, workdir=workdir, extra_scrape_configs=[example_engine_job(pods_sd)]
+        scrape_interval_s=1.0,
+        workdir=workdir,
+        extra_scrape_configs=[example_engine_job(pods_sd)],
+        rules=recording_rules(RATE_WINDOW_S),
     )
     try:
         prometheus.backfill(build_backfill(backfill_end_s))

@@ -21,6 +21,7 @@ from reconciler.observe.presets import (
     format_duration,
     format_number,
     is_label_name,
+    recording_rules,
     render_override,
     render_spec,
     services_regex,
@@ -208,6 +209,37 @@ class TestServiceRestriction:
     @settings(max_examples=20, deadline=None)
     def test_dns_label_names_need_no_escaping(self, names: list[str]) -> None:
         assert services_regex(names) == "|".join(sorted(set(names)))
+
+
+class TestRecordingRules:
+    def test_one_rule_per_histogram_covering_both_spellings(self) -> None:
+        rules = recording_rules(60)["groups"][0]["rules"]
+        records = {rule["record"]: rule["expr"] for rule in rules}
+        assert len(records) == len(rules)  # no record name twice
+        assert records["heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s"] == (
+            "sum by (service, role, le) (rate(vllm:time_to_first_token_seconds_bucket[60s]))"
+            " or sum by (service, role, le) (rate(vllm_time_to_first_token_seconds_bucket[60s]))"
+        )
+        # trtllm_* and trtllm:* are two spellings of one histogram.
+        trt = records["heteroscale:trtllm_time_per_output_token_seconds_bucket:rate60s"]
+        assert "trtllm:time_per_output_token_seconds_bucket" in trt
+
+    def test_recorded_mode_reads_the_recorded_series_but_raw_freshness(self) -> None:
+        policy = make_policy("svc", metrics={"service_label": "app"})
+        query = signal_query(policy, "tbt", window_s=60, recorded_histograms=True)
+        assert query is not None
+        assert (
+            'sum by (app, role, le) (heteroscale:vllm_inter_token_latency_seconds_bucket:rate60s{role="decode"})'
+            in query.value
+        )
+        assert "rate(" not in query.value
+        assert query.sampled_at is not None
+        assert "timestamp(vllm:inter_token_latency_seconds_count" in query.sampled_at
+
+    def test_rules_follow_custom_labels(self) -> None:
+        rule = recording_rules(30, service_label="app", role_label="pd", interval_s=15)["groups"][0]
+        assert rule["interval"] == "15s"
+        assert rule["rules"][0]["expr"].startswith("sum by (app, pd, le) (rate(")
 
 
 class TestFormatting:

@@ -216,3 +216,36 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
         "no current sample (series stale: target gone or not scraped)",
         "no series for role decode",
     }
+
+
+def test_recorded_histograms_give_the_same_latencies(prometheus_stack: PrometheusStack) -> None:
+    """With ``presets.recording_rules`` loaded (the session's Prometheus has them), the
+    recorded mode reads pre-aggregated bucket rates: same answers, same request count."""
+    policies = [
+        make_policy("live-tps"),
+        make_policy("live-p99", quantile=0.99),
+        make_policy("live-sglang", engine="sglang", quantile=0.5),
+        *fleet_policies()[:10],
+    ]
+    raw_settings = settings_for(prometheus_stack.url)
+    recorded_settings = settings_for(prometheus_stack.url, recorded_histograms=True)
+    with (
+        PrometheusMetricsSource(raw_settings) as raw,
+        PrometheusMetricsSource(recorded_settings) as recorded,
+    ):
+        now_s = time.time()
+        raw_metrics = raw.fetch(policies, now_s)
+        recorded_metrics = recorded.fetch(policies, now_s)
+        report = recorded.last_report
+    assert report is not None and report.http_requests == len(METRIC_NAMES)
+    tbt_query = next(q.promql for q in report.queries if q.signal == "tbt")
+    assert "heteroscale:vllm_time_per_output_token_seconds_bucket:rate10s" in tbt_query
+    for policy in policies:
+        for signal in ("ttft", "tbt"):
+            want, got = (
+                raw_metrics[policy.name].get(signal),
+                recorded_metrics[policy.name].get(signal),
+            )
+            assert want is not None and got is not None, (policy.name, signal)
+            # Rules evaluate every second: their rates may trail the raw ones by one scrape.
+            assert got.value == pytest.approx(want.value, rel=0.01), (policy.name, signal)

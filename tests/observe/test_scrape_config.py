@@ -23,6 +23,7 @@ from observe_helpers import (
 from ruamel.yaml import YAML
 
 from reconciler.observe.local_prometheus import find_binary
+from reconciler.observe.presets import recording_rules
 from reconciler.observe.prometheus import PrometheusMetricsSource
 
 pytestmark = pytest.mark.prometheus
@@ -67,3 +68,16 @@ def test_pods_without_the_service_label_are_not_scraped(prometheus_stack: Promet
     ).json()["data"]["result"]
     assert sorted(series["metric"]["pod"] for series in up) == ["pod-d", "pod-p"]
     assert {series["metric"]["namespace"] for series in up} == {"serving"}
+
+
+def test_generated_recording_rules_pass_promtool(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    promtool = find_binary("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    path = tmp_path / "rules.yml"
+    with path.open("w") as out:
+        YAML(typ="safe").dump(recording_rules(60, interval_s=30), out)
+    done = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -28,7 +28,10 @@ def s1(name: str, *leaves: tuple[str, str, str]) -> dict[str, Any]:
     """An S1 switch whose S0 leaves are ``(leaf name, node range, gpu type)``."""
     return {
         "name": name,
-        "s0": [{"name": leaf, "nodes": nodes, "defaults": {"gpu_type": gpu}} for leaf, nodes, gpu in leaves],
+        "s0": [
+            {"name": leaf, "nodes": nodes, "defaults": {"gpu_type": gpu}}
+            for leaf, nodes, gpu in leaves
+        ],
     }
 
 
@@ -129,9 +132,13 @@ def group(
 
     def role(spec: tuple[str, Mapping[str, int]]) -> GroupRole:
         gpu, nodes = spec
-        return GroupRole(gpu, sum(nodes.values()), tuple(NodeInstances(n, c) for n, c in sorted(nodes.items())))
+        return GroupRole(
+            gpu, sum(nodes.values()), tuple(NodeInstances(n, c) for n, c in sorted(nodes.items()))
+        )
 
-    return DeploymentGroup(service, cluster_name, group_id, domain, subgroup, role(prefill), role(decode))
+    return DeploymentGroup(
+        service, cluster_name, group_id, domain, subgroup, role(prefill), role(decode)
+    )
 
 
 def request(
@@ -168,7 +175,9 @@ def check_invariants(req: PlacementRequest, result: PlacementResult) -> None:
     # Capacity per node, and no empty groups, unique ids.
     usage = node_usage(req, result.groups)
     for node in req.cluster.nodes:
-        assert usage[node.name] <= node.gpus, f"{node.name} overbooked: {usage[node.name]} > {node.gpus}"
+        assert usage[node.name] <= node.gpus, (
+            f"{node.name} overbooked: {usage[node.name]} > {node.gpus}"
+        )
     seen: set[tuple[str, str]] = set()
     for g in result.groups:
         assert (g.service, g.group_id) not in seen, f"duplicate group {g.service}/{g.group_id}"
@@ -202,9 +211,13 @@ def check_invariants(req: PlacementRequest, result: PlacementResult) -> None:
             for role in required:
                 assert g.role(role).instances >= 1, f"new group {g.group_id} lacks {role}"
             if policy.affinity == "s1":
-                assert {topo.nodes[topo.node_index[p.node]].s1 for r in ROLES for p in g.role(r).nodes} == {g.domain}
+                assert {
+                    topo.nodes[topo.node_index[p.node]].s1 for r in ROLES for p in g.role(r).nodes
+                } == {g.domain}
             if policy.affinity == "s2":
-                assert {topo.nodes[topo.node_index[p.node]].s2 for r in ROLES for p in g.role(r).nodes} == {g.domain}
+                assert {
+                    topo.nodes[topo.node_index[p.node]].s2 for r in ROLES for p in g.role(r).nodes
+                } == {g.domain}
 
     # Running instances: never moved; a role only shrinks when its target is lower.
     after = {(g.service, g.group_id): g for g in result.groups}

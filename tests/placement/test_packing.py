@@ -12,7 +12,9 @@ from reconciler.placement.problem import ServiceNeed, WorkGroup, split_growth, s
 
 
 def item(key, nodes, size, count, depth=3, component=0, weight=1):
-    return PackItem(key, np.array(nodes, dtype=np.int64), size, count, depth, weight, component, (key,))
+    return PackItem(
+        key, np.array(nodes, dtype=np.int64), size, count, depth, weight, component, (key,)
+    )
 
 
 def test_best_fit_prefers_the_fullest_node_that_still_fits():
@@ -47,7 +49,9 @@ def test_exact_fallback_packs_what_best_fit_cannot():
 
 def test_pack_reports_what_does_not_fit_at_all():
     free = np.array([4, 4])
-    outcome = pack(free, [item("big", [0, 1], 8, 1, weight=5), item("small", [0, 1], 4, 1)], time_limit_s=5.0)
+    outcome = pack(
+        free, [item("big", [0, 1], 8, 1, weight=5), item("small", [0, 1], 4, 1)], time_limit_s=5.0
+    )
     assert outcome.unplaced == {"big": 1}
     assert sum(sum(v.values()) for v in outcome.placed.values()) == 1
 
@@ -56,7 +60,7 @@ def test_pack_reports_what_does_not_fit_at_all():
 @given(
     free=st.lists(st.integers(0, 8), min_size=1, max_size=8),
     items=st.lists(
-        st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 6), st.integers(0, 2 ** 8 - 1)),
+        st.tuples(st.sampled_from([1, 2, 4, 8]), st.integers(1, 6), st.integers(0, 2**8 - 1)),
         min_size=1,
         max_size=5,
     ),
@@ -86,14 +90,23 @@ def _need(shape=(2, 4)) -> ServiceNeed:
 
     pol = policy("svc", shape=shape)
     roles = {
-        r: RoleNeed(r, 1, ("h800",), {"h800": 1.0}, target=100, current=0) for r in ("prefill", "decode")
+        r: RoleNeed(r, 1, ("h800",), {"h800": 1.0}, target=100, current=0)
+        for r in ("prefill", "decode")
     }
     return ServiceNeed("svc", pol, roles["prefill"], roles["decode"])
 
 
 def _group(gid, p, d) -> WorkGroup:
-    return WorkGroup("svc", "tiny", gid, "pod-a", None, None, {"prefill": "h800", "decode": "h800"},
-                     {"prefill": {"n": p} if p else {}, "decode": {"n": d} if d else {}})
+    return WorkGroup(
+        "svc",
+        "tiny",
+        gid,
+        "pod-a",
+        None,
+        None,
+        {"prefill": "h800", "decode": "h800"},
+        {"prefill": {"n": p} if p else {}, "decode": {"n": d} if d else {}},
+    )
 
 
 def test_split_new_groups_gives_every_group_both_roles_and_respects_the_size():

@@ -70,7 +70,11 @@ def test_heterogeneous_s1_service_needs_an_s1_heterogeneous_subgroup(placer, spe
 
 @BOTH
 def test_loose_service_stays_inside_one_subgroup(placer, spec):
-    req = request(spec, [policy("svc", affinity="cluster", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}))], {"svc": (2, 4)})
+    req = request(
+        spec,
+        [policy("svc", affinity="cluster", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}))],
+        {"svc": (2, 4)},
+    )
     [g] = place(placer, req).groups
     assert (g.domain, g.subgroup, g.group_id) == ("tiny", "rg-pod-b", "g-rg-pod-b-1")
 
@@ -83,7 +87,10 @@ def test_cp_sat_keeps_the_scarce_subgroup_for_the_service_that_needs_it():
     spec = cluster(
         {
             "pod-b": [s1("b1", ("lb1", "b1n-[1-2]", "h20")), s1("b2", ("lb2", "b2n-[1-2]", "h20"))],
-            "pod-c": [s1("c1", ("lc1", "c1n-[1-2]", "h800")), s1("c2", ("lc2", "c2n-[1-2]", "h20"))],
+            "pod-c": [
+                s1("c1", ("lc1", "c1n-[1-2]", "h800")),
+                s1("c2", ("lc2", "c2n-[1-2]", "h20")),
+            ],
         }
     )
     a = policy("a", priority=500, prefill=(2, {"h800": 1.0, "h20": 0.9}), decode=(2, {"h20": 1.0}))
@@ -106,7 +113,9 @@ def test_cp_sat_keeps_the_scarce_subgroup_for_the_service_that_needs_it():
 
 @BOTH
 def test_existing_group_grows_in_place_on_its_partly_used_node(placer, spec):
-    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 2}))
+    running = group(
+        "svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 2})
+    )
     req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 4)}, [running])
     [g] = place(placer, req).groups
     assert g.group_id == "g1"
@@ -115,7 +124,9 @@ def test_existing_group_grows_in_place_on_its_partly_used_node(placer, spec):
 
 
 def test_cp_sat_opens_a_new_group_rather_than_grow_in_a_scarce_subgroup(spec):
-    running = group("svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 1}), ("h800", {"c1n-1": 1}))
+    running = group(
+        "svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 1}), ("h800", {"c1n-1": 1})
+    )
     pol = policy("svc", shape=(4, 4), **HOMOGENEOUS)
     req = request(spec, [pol], {"svc": (3, 3)}, [running])
     result = place(CpSatPlacer(), req)
@@ -131,7 +142,9 @@ def test_cp_sat_opens_a_new_group_rather_than_grow_in_a_scarce_subgroup(spec):
 def test_a_role_growing_alone_overflows_its_groups(placer, spec):
     """Prefill is at target and every group is full: a new group would need a prefill
     instance beyond the target, so decode grows past the group size instead."""
-    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 4}))
+    running = group(
+        "svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 4})
+    )
     req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 7)}, [running])
     [g] = place(placer, req).groups
     assert (g.group_id, g.prefill.instances, g.decode.instances) == ("g1", 2, 7)
@@ -143,19 +156,26 @@ def test_new_groups_split_instances_by_need_within_the_group_size(placer, spec):
     result = place(placer, req)
     assert len(result.groups) == 2
     for g in result.groups:
-        assert 1 <= g.prefill.instances and 1 <= g.decode.instances
+        assert g.prefill.instances >= 1 and g.decode.instances >= 1
         assert g.prefill.instances + g.decode.instances <= 6
 
 
 def test_cp_sat_packs_onto_partly_used_nodes_to_keep_whole_nodes_free(spec):
     other = group("other", "g1", "a1", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
-    pols = [policy("other", affinity="s1", **HOMOGENEOUS), policy("svc", affinity="s1", **HOMOGENEOUS)]
+    pols = [
+        policy("other", affinity="s1", **HOMOGENEOUS),
+        policy("svc", affinity="s1", **HOMOGENEOUS),
+    ]
     req = request(spec, pols, {"svc": (2, 2)}, [other])
     result = place(CpSatPlacer(), req)
     [g] = groups_of(result, "svc")
     assert {p.node for p in g.prefill.nodes + g.decode.nodes} == {"a1n-1"}
     usage = node_usage(req, result.groups)
-    assert [n for n in ("a1n-1", "a1n-2", "a2n-1", "a2n-2") if usage[n] == 0] == ["a1n-2", "a2n-1", "a2n-2"]
+    assert [n for n in ("a1n-1", "a1n-2", "a2n-1", "a2n-2") if usage[n] == 0] == [
+        "a1n-2",
+        "a2n-1",
+        "a2n-2",
+    ]
 
 
 # --------------------------------------------------------------------------- scale-in
@@ -164,7 +184,9 @@ def test_cp_sat_packs_onto_partly_used_nodes_to_keep_whole_nodes_free(spec):
 @BOTH
 def test_scale_in_frees_the_scarcest_subgroup_first_and_deletes_whole_groups(placer, spec):
     low = group("svc", "g-low", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
-    high = group("svc", "g-high", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2}))
+    high = group(
+        "svc", "g-high", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2})
+    )
     pol = policy("svc", **HOMOGENEOUS)
     result = place(placer, request(spec, [pol], {"svc": (2, 2)}, [low, high]))
     assert [g.group_id for g in result.groups] == ["g-low"]
@@ -176,14 +198,21 @@ def test_scale_in_frees_the_scarcest_subgroup_first_and_deletes_whole_groups(pla
 
 @BOTH
 def test_scale_in_empties_the_least_used_node_first(placer, spec):
-    running = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 5, "a1n-2": 1}))
-    result = place(placer, request(spec, [policy("svc", shape=(2, 8), **HOMOGENEOUS)], {"svc": (1, 5)}, [running]))
+    running = group(
+        "svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 5, "a1n-2": 1})
+    )
+    result = place(
+        placer,
+        request(spec, [policy("svc", shape=(2, 8), **HOMOGENEOUS)], {"svc": (1, 5)}, [running]),
+    )
     [g] = result.groups
     assert {p.node: p.instances for p in g.decode.nodes} == {"a1n-1": 5}
 
 
 @BOTH
-def test_groups_of_services_without_policy_are_pruned_and_services_without_target_kept(placer, spec):
+def test_groups_of_services_without_policy_are_pruned_and_services_without_target_kept(
+    placer, spec
+):
     gone = group("gone", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
     held = group("held", "g1", "pod-b", "rg-pod-b", ("h20", {"b1n-1": 1}), ("h20", {"b1n-1": 1}))
     pols = [policy("held", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}))]
@@ -225,20 +254,28 @@ def test_missing_gpu_type_is_reported_per_role(placer, spec):
 def test_affinity_shortfall_names_the_switch_level(placer):
     spec = cluster(
         {
-            "pod-c": [s1("c1", ("lc1", "c1n-[1-2]", "h800")), s1("c2", ("lc2", "c2n-[1-2]", "h20"))],
+            "pod-c": [
+                s1("c1", ("lc1", "c1n-[1-2]", "h800")),
+                s1("c2", ("lc2", "c2n-[1-2]", "h20")),
+            ],
         }
     )
     pol = policy("svc", affinity="s1", **HETEROGENEOUS)
     result = place(placer, request(spec, [pol], {"svc": (1, 2)}))
     assert not result.groups
-    assert {(s.role, s.constraint) for s in result.shortfalls} == {("prefill", "affinity"), ("decode", "affinity")}
+    assert {(s.role, s.constraint) for s in result.shortfalls} == {
+        ("prefill", "affinity"),
+        ("decode", "affinity"),
+    }
     assert all("under one S1" in s.detail for s in result.shortfalls)
 
 
 @BOTH
 def test_capacity_shortfall_names_the_largest_free_domain(placer):
     spec = cluster({"pod-b": [s1("b1", ("lb1", "b1n-[1-4]", "h20"))]})
-    other = group("other", "g1", "pod-b", "rg-pod-b", ("h20", {"b1n-1": 8, "b1n-2": 8}), ("h20", {"b1n-3": 8}))
+    other = group(
+        "other", "g1", "pod-b", "rg-pod-b", ("h20", {"b1n-1": 8, "b1n-2": 8}), ("h20", {"b1n-3": 8})
+    )
     pols = [
         policy("other", prefill=(1, {"h20": 1.0}), decode=(1, {"h20": 1.0}), shape=(16, 8)),
         policy("svc", prefill=(8, {"h20": 1.0}), decode=(8, {"h20": 1.0})),
@@ -246,7 +283,10 @@ def test_capacity_shortfall_names_the_largest_free_domain(placer):
     result = place(placer, request(spec, pols, {"svc": (1, 1)}, [other]))
     # 8 GPUs are free: either role alone would fit, a group of both (16 GPUs) does not.
     assert not groups_of(result, "svc")
-    assert {(s.role, s.constraint) for s in result.shortfalls} == {("prefill", "gpu_capacity"), ("decode", "gpu_capacity")}
+    assert {(s.role, s.constraint) for s in result.shortfalls} == {
+        ("prefill", "gpu_capacity"),
+        ("decode", "gpu_capacity"),
+    }
     for s in result.shortfalls:
         assert "8 GPU(s)" in s.detail
         assert "largest free under one S2: 8 h20 GPUs under S2 pod-b" in s.detail
@@ -317,7 +357,9 @@ def test_rebalance_moves_a_group_out_of_a_subgroup_it_does_not_need(spec):
     pol = policy("svc", **HOMOGENEOUS)
     kept = place(CpSatPlacer(), request(spec, [pol], {"svc": (2, 2)}, [stuck]))
     assert kept.groups == (stuck,)
-    moved = place(CpSatPlacer(), request(spec, [pol], {"svc": (2, 2)}, [stuck], allow_rebalance=True))
+    moved = place(
+        CpSatPlacer(), request(spec, [pol], {"svc": (2, 2)}, [stuck], allow_rebalance=True)
+    )
     [g] = moved.groups
     assert (g.domain, g.prefill.instances, g.decode.instances) == ("pod-a", 2, 2)
 
@@ -325,7 +367,9 @@ def test_rebalance_moves_a_group_out_of_a_subgroup_it_does_not_need(spec):
 def test_rebalance_does_not_move_what_is_already_well_placed(spec):
     fine = group("svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 2}))
     pol = policy("svc", **HOMOGENEOUS)
-    result = place(CpSatPlacer(), request(spec, [pol], {"svc": (3, 3)}, [fine], allow_rebalance=True))
+    result = place(
+        CpSatPlacer(), request(spec, [pol], {"svc": (3, 3)}, [fine], allow_rebalance=True)
+    )
     [g] = result.groups
     assert g.group_id == "g1" and (g.prefill.instances, g.decode.instances) == (3, 3)
     assert {p.node: p.instances for p in g.prefill.nodes}["a1n-1"] >= 2
@@ -333,6 +377,10 @@ def test_rebalance_does_not_move_what_is_already_well_placed(spec):
 
 def test_greedy_ignores_rebalance_and_says_so(spec):
     stuck = group("svc", "g1", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 2}), ("h800", {"d1x-1": 2}))
-    result = GreedyPlacer().place(request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 2)}, [stuck], allow_rebalance=True))
+    result = GreedyPlacer().place(
+        request(
+            spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 2)}, [stuck], allow_rebalance=True
+        )
+    )
     assert result.groups == (stuck,)
     assert any("allow_rebalance ignored" in n for n in result.stats.notes)

@@ -104,7 +104,9 @@ def test_free_gpus_per_domain_and_subgroup_from_a_fleet_state():
     from placement_fixtures import policy
 
     pol = policy("svc", prefill=(2, {"h800": 1.0}), decode=(1, {"h20": 1.0}))
-    running = group("svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 3}), ("h20", {"c2n-1": 5, "c2n-2": 1}))
+    running = group(
+        "svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 3}), ("h20", {"c2n-1": 5, "c2n-2": 1})
+    )
     used = fleet_used_gpus(topo, FleetState("tiny", groups=(running,)), {"svc": pol})
     assert used[topo.node_index["c1n-1"]] == 6
     assert used.sum() == 12
@@ -117,15 +119,44 @@ def test_free_gpus_per_domain_and_subgroup_from_a_fleet_state():
 
 def test_unknown_service_instances_count_as_whole_nodes():
     topo = topology_for(three_class_cluster())
-    running = group("gone", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-2": 1}))
+    running = group(
+        "gone", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-2": 1})
+    )
     used = fleet_used_gpus(topo, FleetState("tiny", groups=(running,)), {})
     assert used[topo.node_index["a1n-1"]] == 8 and used[topo.node_index["a1n-2"]] == 8
 
 
 def test_domain_of_group_resolves_known_domains_only():
     topo = topology_for(three_class_cluster())
-    assert topo.domain_of_group(group("s", "g", "pod-c", "rg-pod-c", ("h800", {}), ("h20", {}))).key == "s2/pod-c/rg-pod-c"
+    assert (
+        topo.domain_of_group(group("s", "g", "pod-c", "rg-pod-c", ("h800", {}), ("h20", {}))).key
+        == "s2/pod-c/rg-pod-c"
+    )
     # A subgroup left out is inferred when the switch determines it.
-    assert topo.domain_of_group(group("s", "g", "c1", None, ("h800", {}), ("h20", {}))).key == "s1/c1/rg-pod-c"
-    assert topo.domain_of_group(group("s", "g", "tiny", None, ("h800", {}), ("h20", {}))) is topo.cluster_domain
-    assert topo.domain_of_group(group("s", "g", "gone-switch", None, ("h800", {}), ("h20", {}))) is None
+    assert (
+        topo.domain_of_group(group("s", "g", "c1", None, ("h800", {}), ("h20", {}))).key
+        == "s1/c1/rg-pod-c"
+    )
+    assert (
+        topo.domain_of_group(group("s", "g", "tiny", None, ("h800", {}), ("h20", {})))
+        is topo.cluster_domain
+    )
+    assert (
+        topo.domain_of_group(group("s", "g", "gone-switch", None, ("h800", {}), ("h20", {})))
+        is None
+    )
+
+
+def test_observed_instance_size_wins_over_the_policy():
+    from dataclasses import replace
+
+    from placement_fixtures import policy
+
+    topo = topology_for(three_class_cluster())
+    running = group(
+        "svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1})
+    )
+    running = replace(running, prefill=replace(running.prefill, gpus_per_instance=4))
+    pol = policy("svc", prefill=(2, {"h800": 1.0}), decode=(2, {"h800": 1.0}))
+    used = fleet_used_gpus(topo, FleetState("tiny", groups=(running,)), {"svc": pol})
+    assert used[topo.node_index["a1n-1"]] == 4 + 2

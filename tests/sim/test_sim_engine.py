@@ -234,7 +234,19 @@ def test_binned_profile_matches_its_requests() -> None:
     assert profile.prompt_sum.tolist() == [400, 0, 50]
     assert profile.prompt_sq_sum.tolist() == [100**2 + 300**2, 0, 50**2]
     assert profile.output_survival[0] == 1.0 and profile.output_survival[-1] == 0.0
-    assert profile.scaled(3).count.tolist() == [6, 0, 3]
+
+
+def test_fluid_scaling_keeps_the_minute_rate_and_poissonises_seconds() -> None:
+    workload = synthetic_workload("chat", hours=0.5, peak_rps=3, seed=0, trough_ratio=1.0, bursts=())
+    profile = LoadProfile.from_workload(workload)
+    scaled = profile.scaled(200, seed=1)
+    assert scaled.requests == pytest.approx(200 * profile.requests, rel=0.01)
+    assert scaled.sample_weight * profile.sample.requests == pytest.approx(scaled.requests)
+    inner = scaled.count[60:-60]
+    # Poisson noise of a 600/s stream, not 200 copies of a 3/s stream's noise.
+    assert inner.std() / inner.mean() < 3 / np.sqrt(inner.mean())
+    assert scaled.prompt_sum.sum() / scaled.requests == pytest.approx(profile.prompt_mean, rel=0.01)
+    assert np.array_equal(profile.scaled(200, seed=1).count, scaled.count)
 
 
 def test_synthetic_profile_has_the_load_of_its_rate_curve() -> None:
