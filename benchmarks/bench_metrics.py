@@ -19,17 +19,20 @@ Run: ``python benchmarks/bench_metrics.py`` (about a minute; ``--help`` for size
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.queues
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
 
 import requests
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
-from reconciler.observe.exporter import FleetExporter, InstanceLoad, Lognormal
+from reconciler.observe.exporter import ExporterEngine, FleetExporter, InstanceLoad, Lognormal
 from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
 from reconciler.observe.presets import recording_rules
 from reconciler.observe.prometheus import CycleReport, PrometheusMetricsSource, PrometheusSettings
@@ -113,6 +116,33 @@ class Stats:
             self.worst_error = max(self.worst_error, error)
 
 
+def serve_fleet(
+    fleet: list[ServicePolicy],
+    prefill: int,
+    decode: int,
+    exporters_count: int,
+    ready: multiprocessing.queues.Queue[tuple[list[str], list[float]]],
+    stop: EventType,
+) -> None:
+    """Child process: the simulated fleet's exporters, until ``stop``."""
+    exporters = [FleetExporter() for _ in range(exporters_count)]
+    for i, policy in enumerate(fleet):
+        exporter = exporters[i % len(exporters)]
+        engine: ExporterEngine = "vllm" if policy.engine == "vllm" else "sglang"
+        exporter.set_service(policy.name, "prefill", prefill, PREFILL, engine=engine)
+        exporter.set_service(policy.name, "decode", decode, DECODE, engine=engine)
+    render_s = []
+    for exporter in exporters:
+        started = time.perf_counter()
+        exporter.render()
+        render_s.append(time.perf_counter() - started)
+        exporter.start()
+    ready.put(([e.address for e in exporters], render_s))
+    stop.wait()
+    for exporter in exporters:
+        exporter.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,29 +168,26 @@ def main() -> int:
         return 2
 
     fleet = policies(args.services)
-    exporters = [FleetExporter() for _ in range(args.exporters)]
-    for i, policy in enumerate(fleet):
-        exporter = exporters[i % len(exporters)]
-        engine = "vllm" if policy.engine == "vllm" else "sglang"
-        exporter.set_service(policy.name, "prefill", args.prefill, PREFILL, engine=engine)
-        exporter.set_service(policy.name, "decode", args.decode, DECODE, engine=engine)
     window_s = 4 * args.scrape_interval
-    render_s = []
-    for exporter in exporters:
-        started = time.perf_counter()
-        exporter.render()
-        render_s.append(time.perf_counter() - started)
+    # The simulated engines run in their own process, as real ones do: their rendering
+    # must not compete with the adapter being measured for this process' GIL.
+    context = multiprocessing.get_context("fork")
+    ready: multiprocessing.queues.Queue[tuple[list[str], list[float]]] = context.Queue()
+    stop = context.Event()
+    engines = context.Process(
+        target=serve_fleet, args=(fleet, args.prefill, args.decode, args.exporters, ready, stop)
+    )
+    engines.start()
+    addresses, render_s = ready.get(timeout=120)
 
     # The rules are loaded in every mode, so every mode pays for their evaluation.
     prometheus = LocalPrometheus(
         scrape_interval_s=args.scrape_interval, rules=recording_rules(window_s)
     )
     try:
-        for exporter in exporters:
-            exporter.start()
-        prometheus.set_targets([e.address for e in exporters])
+        prometheus.set_targets(addresses)
         prometheus.start()
-        prometheus.wait_for_targets([e.address for e in exporters], timeout_s=60)
+        prometheus.wait_for_targets(addresses, timeout_s=60)
         time.sleep(window_s + 2 * args.scrape_interval)  # a full rate window of samples
         head_series = requests.get(f"{prometheus.url}/api/v1/status/tsdb", timeout=10).json()[
             "data"
@@ -197,8 +224,8 @@ def main() -> int:
         for source in sources.values():
             source.close()
     finally:
-        for exporter in exporters:
-            exporter.stop()
+        stop.set()
+        engines.join(timeout=30)
         prometheus.cleanup()
 
     instances = args.services * (args.prefill + args.decode)
@@ -207,7 +234,10 @@ def main() -> int:
         f"instances over {args.exporters} exporters; Prometheus head series: {head_series}; "
         f"scrape every {args.scrape_interval:g} s, rate window {window_s:g} s"
     )
-    print(f"exporter render per scrape: {', '.join(f'{s * 1000:.0f} ms' for s in render_s)}")
+    print(
+        "exporter render per scrape (separate process): "
+        + ", ".join(f"{s * 1000:.0f} ms" for s in render_s)
+    )
     for (concurrency, recorded), stat in stats.items():
         histograms = "recorded histograms" if recorded else "raw histograms"
         print(f"-- max_concurrency={concurrency}, {histograms}, {len(stat.durations)} cycles")

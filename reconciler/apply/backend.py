@@ -31,6 +31,7 @@ names, label patches to named Pods) nothing is lost or done twice.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,8 @@ class KubernetesBackend:
         self._cluster: ClusterSpec | None = None
         self._policies: dict[str, ServicePolicy] = {}
         self._snapshot: ClusterSnapshot | None = None
+        self._observation: Observation | None = None
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------- observe
 
@@ -138,7 +141,8 @@ class KubernetesBackend:
         self._policies = {p.name: p for p in policies}
         namespaces = {p.namespace for p in policies}
         self._snapshot = read_snapshot(self.client, cluster, namespaces, now_s=self.clock())
-        return observation_from_snapshot(self._snapshot, cluster, self._policies)
+        self._observation = observation_from_snapshot(self._snapshot, cluster, self._policies)
+        return self._observation
 
     @property
     def snapshot(self) -> ClusterSnapshot | None:
@@ -229,8 +233,8 @@ class KubernetesBackend:
         return diff.lines() + summarise_drift(diff.drift)
 
     def _drift(self, objects: Sequence[ObjectDiff]) -> tuple[Drift, ...]:
-        assert self._snapshot is not None and self._cluster is not None
-        base = observation_from_snapshot(self._snapshot, self._cluster, self._policies).drift
+        assert self._observation is not None
+        base = self._observation.drift
         extra = tuple(
             Drift("object_modified", o.key, "; ".join(o.notes)) for o in objects if o.action == "conflict"
         )
@@ -299,13 +303,15 @@ class KubernetesBackend:
         ``live`` is the object to compare against (default: the observed one)."""
         assert w.manifest is not None
         path = deployments_path(w.key.namespace, w.key.name)
-        self.stats.dry_runs += 1
+        with self._stats_lock:  # dry runs run in a thread pool
+            self.stats.dry_runs += 1
         try:
             result = self.client.apply(
                 path, w.manifest, field_manager=names.FIELD_MANAGER, force=self.options.force, dry_run=True
             )
         except FieldOwnershipConflict as exc:
-            self.stats.ownership_conflicts += 1
+            with self._stats_lock:
+                self.stats.ownership_conflicts += 1
             return self._object_diff(w, "conflict", (), self._conflict_notes(exc))
         except ResourceConflict as exc:
             # Changed since we observed it (often just a status or revision update by
@@ -324,7 +330,8 @@ class KubernetesBackend:
             if result.get("metadata", {}).get("resourceVersion"):
                 # An object of that name exists without our ownership labels.
                 if not self.options.force:
-                    self.stats.ownership_conflicts += 1
+                    with self._stats_lock:
+                        self.stats.ownership_conflicts += 1
                     return self._object_diff(w, "conflict", (), (
                         "a Deployment of this name exists without heteroscale's ownership labels; "
                         "not touched (use --force to take it over)",
@@ -367,7 +374,8 @@ class KubernetesBackend:
         """Re-read a Deployment after a 409; the manifest rebased on its
         resourceVersion, and the fresh object (None when it is gone)."""
         assert w.manifest is not None
-        self.stats.conflicts_retried += 1
+        with self._stats_lock:
+            self.stats.conflicts_retried += 1
         manifest = dict(w.manifest)
         metadata = dict(manifest["metadata"])
         fresh: dict[str, Any] | None

@@ -27,14 +27,16 @@ def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
             f"prefill {current.prefill.active}->{decision.prefill}, "
             f"decode {current.decode.active}->{decision.decode}"
         )
-        clamps = "; ".join(str(c) for c in decision.clamps)
-        rows.append((service, sizes, decision.reason, decision.message + (f" [{clamps}]" if clamps else "")))
+        # The message already names every clamp (JSON carries them separately).
+        rows.append((service, sizes, decision.reason, decision.message))
     return rows
 
 
 def _object_lines(outcome: ClusterOutcome) -> list[str]:
     if outcome.diff is not None:
         return outcome.diff.lines()
+    if outcome.plan is not None and list(outcome.lines) == [str(c) for c in outcome.plan.changes]:
+        return []  # a backend without objects (the simulator) carries out the group changes
     return list(outcome.lines)
 
 
@@ -83,6 +85,8 @@ def format_text(result: CycleResult, *, title: str) -> str:
         if objects:
             out.append("  objects:")
             out.extend(f"    {line}" for line in objects)
+        elif outcome.diff is None:
+            out.append("  objects: none (simulated fleet: it carries out the group changes directly)")
         else:
             out.append("  objects: no change")
         drift = _drift_lines(outcome)
@@ -135,9 +139,11 @@ def format_markdown(result: CycleResult, *, title: str) -> str:
             out += [f"- `{change}`" for change in plan.changes]
             out.append("")
         objects = _object_lines(outcome)
-        out += ["<details><summary>Objects ({})</summary>".format(len([o for o in objects if not o.startswith(" ")])), "", "```diff"]
-        out += objects or ["(no change)"]
-        out += ["```", "", "</details>", ""]
+        if outcome.diff is not None or objects:
+            headlines = len([o for o in objects if not o.startswith(" ")])
+            out += [f"<details><summary>Objects ({headlines} changed)</summary>", "", "```diff"]
+            out += objects or ["(no change)"]
+            out += ["```", "", "</details>", ""]
         drift = _drift_lines(outcome)
         if drift:
             out += ["**Drift:**", ""] + [f"- {line}" for line in drift] + [""]

@@ -146,3 +146,26 @@ def client_side_changes(live: Mapping[str, Any] | None, desired: Mapping[str, An
         if before is _ABSENT or _normalise(before) != _normalise(after):
             changes.append(FieldChange(path, None if before is _ABSENT else before, after))
     return tuple(changes)
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Does ``live`` hold every value ``desired`` sets (named lists matched by name,
+    scalars normalised as in ``client_side_changes``)? The same judgement as
+    ``not client_side_changes(live, desired)``, without building the report: it stops
+    at the first difference (the diff asks it for thousands of objects per cycle)."""
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return False
+        for key, value in desired.items():
+            if key not in live or not contains(live[key], value):
+                return False
+        return True
+    if isinstance(desired, list):
+        if not isinstance(live, list):
+            return False
+        if _named(desired) and all(isinstance(i, dict) for i in live):
+            by_name = {i.get("name"): i for i in live}
+            return all(d["name"] in by_name and contains(by_name[d["name"]], d) for d in desired)
+        return len(live) == len(desired) and all(contains(lv, dv) for lv, dv in zip(live, desired, strict=True))
+    return _normalise(live) == _normalise(desired)
+

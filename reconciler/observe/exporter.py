@@ -191,7 +191,7 @@ def _grow(
     if dist is None or n == 0:
         return base
     try:
-        fractions = _cdf_at_bounds(dist, tuple(bounds))
+        fractions = _cdf_at_bounds(dist, tuple(bounds))  # type: ignore[arg-type]  # checked below
     except TypeError:  # an unhashable distribution: compute each time
         fractions = (*(dist.cdf(le) for le in bounds), 1.0)
     return tuple(b + n * f for b, f in zip(base, fractions, strict=True))
@@ -249,7 +249,7 @@ class FleetExporter:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]  # a Collector is anything with collect()
+        self.registry.register(self)  # a Collector is anything with collect()
 
     # -- the load generator API
 
@@ -413,7 +413,7 @@ class FleetExporter:
         if self._server is None:
             raise RuntimeError("exporter not started")
         host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+        return f"{host!s}:{port}"
 
     def stop(self) -> None:
         """Stop serving: the scrape target vanishes."""
@@ -485,7 +485,7 @@ class _Sink(Protocol):
 class _FamilySink:
     """Collects prometheus-client metric families."""
 
-    _CLASSES: ClassVar[dict[str, type[Metric]]] = {
+    _CLASSES: ClassVar[dict[str, Any]] = {
         "counter": CounterMetricFamily,
         "gauge": GaugeMetricFamily,
         "histogram": HistogramMetricFamily,

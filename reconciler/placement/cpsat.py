@@ -215,6 +215,10 @@ class _Solve:
         self.terms: list[_Term] = []
         self.existing: list[_ExistingClass] = []
         self.new: list[_NewClass] = []
+        # Level 1 (GPUs short of target) is optimised first, the rest under it.
+        self.short_terms: list[tuple[int, cp_model.IntVar]] = []
+        self.short_offset = 0
+        self.placed_vars: list[list[cp_model.IntVar]] = []  # per (service, role)
         self.objective_terms: list[tuple[int, cp_model.IntVar]] = []
         self.objective_offset = 0
         self.notes: list[str] = []
@@ -231,7 +235,7 @@ class _Solve:
             self._add_service(need)
         self._add_capacity()
         mark = self.problem.lap("build_model", mark)
-        baseline = self._hint_from_greedy() if self.objective_terms else None
+        baseline = self._hint_from_greedy() if self.short_terms or self.objective_terms else None
         mark = self.problem.lap("greedy_hint", mark)
         status, objective, bound, solver = self._solve()
         mark = self.problem.lap("solve", mark)
@@ -379,9 +383,11 @@ class _Solve:
             if placed[role]:
                 m.add(sum(placed[role]) <= grow[role])
             unit = weight_short * rn.gpus_per_instance
-            self.objective_offset += unit * grow[role]
+            self.short_offset += unit * grow[role]
             for var in placed[role]:
-                self.objective_terms.append((-unit, var))
+                self.short_terms.append((-unit, var))
+            if placed[role]:
+                self.placed_vars.append(placed[role])
 
     def _add_new_groups(
         self, need: ServiceNeed, grow: dict[Role, int], placed: dict[Role, list[cp_model.IntVar]]
@@ -486,17 +492,69 @@ class _Solve:
 
     # ------------------------------------------------------------------ solve
     def _solve(self) -> tuple[str, float | None, float | None, cp_model.CpSolver | None]:
+        """Lexicographic in two solves: first the GPUs short of target (level 1), then,
+        with level 1 held at the value found, everything else. Returns the status,
+        the combined objective and bound, and the solver holding the final solution."""
         m = self.model
-        if not self.objective_terms:
-            return "OPTIMAL", float(self.objective_offset), float(self.objective_offset), None
-        vars_ = [v for _c, v in self.objective_terms]
-        coeffs = [c for c, _v in self.objective_terms]
-        m.minimize(cp_model.LinearExpr.weighted_sum(vars_, coeffs) + self.objective_offset)
+        if not self.short_terms and not self.objective_terms:
+            total = float(self.short_offset + self.objective_offset)
+            return "OPTIMAL", total, total, None
+
+        def expr(terms: list[tuple[int, cp_model.IntVar]], offset: int) -> cp_model.LinearExprT:
+            return (
+                cp_model.LinearExpr.weighted_sum([v for _c, v in terms], [c for c, _v in terms])
+                + offset
+            )
+
+        shortfall = expr(self.short_terms, self.short_offset)
+        budget = self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+
+        # Phase 1: meet the targets (priority-weighted), from the greedy hint.
+        m.minimize(shortfall)
+        first, first_status = self._run(0.4 * budget, 0.4)
+        if first_status not in ("OPTIMAL", "FEASIBLE"):
+            return first_status, None, None, None
+        short_value = round(first.objective_value)
+        short_bound = first.best_objective_bound
+        # Phase 2: hold level 1 -- every service keeps at least the instances phase 1
+        # placed (simple bounds; one dense weighted constraint slows the LP down) --
+        # and optimise everything, from phase 1's solution.
+        for variables in self.placed_vars:
+            m.add(sum(variables) >= sum(first.value(v) for v in variables))
+        hint = [
+            first.value(m.get_int_var_from_proto_index(i)) for i in range(len(m.proto.variables))
+        ]
+        m.clear_hints()
+        for index, value in enumerate(hint):
+            m.add_hint(m.get_int_var_from_proto_index(index), value)
+        m.minimize(
+            expr(self.short_terms + self.objective_terms, self.short_offset + self.objective_offset)
+        )
+        second, second_status = self._run(
+            max(0.05 * budget, budget - first.deterministic_time), 1.0
+        )
+        phases = f"targets {first_status}, layout {second_status}"
+        if second_status not in ("OPTIMAL", "FEASIBLE"):
+            self.notes.append(f"cp-sat phases: {phases}; layout from the targets phase")
+            return first_status, None, None, first
+        both_optimal = first_status == "OPTIMAL" and second_status == "OPTIMAL"
+        if not both_optimal:
+            self.notes.append(f"cp-sat phases: {phases}")
+        # The combined objective is comparable across phases; its bound is the weaker of
+        # phase 1's bound on level 1 plus the rest, and phase 2's bound.
+        rest_bound = second.best_objective_bound - short_value
+        return (
+            "OPTIMAL" if both_optimal else "FEASIBLE",
+            float(second.objective_value),
+            float(min(second.best_objective_bound, short_bound + max(0.0, rest_bound))),
+            second,
+        )
+
+    def _run(
+        self, deterministic_time: float, share_of_remaining: float
+    ) -> tuple[cp_model.CpSolver, str]:
         solver = cp_model.CpSolver()
         params = solver.parameters
-        remaining = max(
-            0.05, self.options.time_limit_s - (time.perf_counter() - self.problem.started_s)
-        )
         params.random_seed = self.options.seed
         params.num_workers = max(1, self.options.workers)
         # Light presolve: probing and symmetry detection cost more than they return on
@@ -508,19 +566,22 @@ class _Solve:
             # the same answer on any machine and at any load (parallel threads exchange
             # solutions in timing-dependent order). The wall clock is a runaway guard.
             params.num_workers = 1
-            params.max_deterministic_time = self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+            params.max_deterministic_time = deterministic_time
             params.max_time_in_seconds = self._wall_guard_s()
         else:
-            params.max_time_in_seconds = remaining
-        status = solver.solve(m)
-        name = solver.status_name(status)
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            if solver.wall_time >= params.max_time_in_seconds * 0.99 and status != cp_model.OPTIMAL:
-                self.notes.append(
-                    "cp-sat stopped on the wall-clock safety limit: result may vary between runs"
-                )
-            return name, float(solver.objective_value), float(solver.best_objective_bound), solver
-        return name, None, None, None
+            elapsed = time.perf_counter() - self.problem.started_s
+            params.max_time_in_seconds = max(
+                0.05, (self.options.time_limit_s - elapsed) * share_of_remaining
+            )
+        status = solver.solve(self.model)
+        guard_hit = (
+            status != cp_model.OPTIMAL and solver.wall_time >= params.max_time_in_seconds * 0.99
+        )
+        if guard_hit and self.options.deterministic:
+            self.notes.append(
+                "cp-sat stopped on the wall-clock guard: result may vary between runs"
+            )
+        return solver, solver.status_name(status)
 
     def _wall_guard_s(self) -> float:
         """Wall-clock limit of a deterministic solve: only a guard against runaway."""
@@ -651,7 +712,9 @@ class _Solve:
                 group = WorkGroup(
                     service=new.service,
                     cluster=self.problem.cluster,
-                    group_id=new_group_id(service_groups, label),
+                    group_id=new_group_id(
+                        service_groups, label, self.problem.running_ids(new.service)
+                    ),
                     domain_name=new.domain.domain,
                     subgroup=new.domain.subgroup,
                     domain=new.domain,

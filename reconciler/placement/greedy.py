@@ -261,7 +261,7 @@ class _Greedy:
         group = WorkGroup(
             service=need.service,
             cluster=self.problem.cluster,
-            group_id=new_group_id(groups, label),
+            group_id=new_group_id(groups, label, self.problem.running_ids(need.service)),
             domain_name=domain.domain,
             subgroup=domain.subgroup,
             domain=domain,

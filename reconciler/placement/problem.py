@@ -29,8 +29,9 @@ Decisions (documented here once, followed by every placer):
   group loses its last instance of a role while it keeps the other role, unless
   nothing else is left to remove. Inside a group, instances leave the nodes with the
   fewest GPUs in use first, so whole nodes become free.
-- **New group ids** are ``g-<domain>-<n>`` with the smallest ``n >= 1`` this service
-  does not use yet: stable and deterministic for the same input.
+- **New group ids** are ``g-<domain>-<n>`` (for loose groups ``g-<subgroup>-<n>``)
+  with the smallest ``n >= 1`` the service does not use and did not use at the start
+  of the cycle: stable and deterministic for the same input.
 """
 
 from __future__ import annotations
@@ -239,9 +240,13 @@ class WorkGroup:
         )
 
 
-def new_group_id(service_groups: Iterable[WorkGroup], domain_name: str) -> str:
-    """``g-<domain>-<n>``, smallest n >= 1 not used by the service."""
-    taken = {g.group_id for g in service_groups}
+def new_group_id(
+    service_groups: Iterable[WorkGroup], domain_name: str, reserved: Iterable[str] = ()
+) -> str:
+    """``g-<domain>-<n>``, smallest n >= 1 used neither by the service's groups nor in
+    ``reserved`` (the ids of groups that ran at the start of the cycle: an id deleted
+    in this cycle is not reused in it, or the diff would see one group change type)."""
+    taken = {g.group_id for g in service_groups} | set(reserved)
     n = 1
     while f"g-{domain_name}-{n}" in taken:
         n += 1
@@ -271,6 +276,10 @@ class PlacementProblem:
 
     def free(self) -> np.ndarray:
         return self.topology.free_gpus(self.used)
+
+    def running_ids(self, service: str) -> set[str]:
+        """Ids of the service's groups at the start of the cycle (never reused in it)."""
+        return {g.group_id for g in self.request.current.groups if g.service == service}
 
     def services_by_priority(self) -> list[ServiceNeed]:
         """Highest priority first, then by name (the order capacity is handed out in)."""

@@ -495,6 +495,10 @@ class ServiceSim:
                 DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0))
             )
         self.prefill_index = {(p.gpu_type, p.link): i for i, p in enumerate(self.prefill_pools)}
+        self._idle_step_s = [
+            p.perf.decode_step_scalar_s(1.0, 1.0, 1.0) if p.perf.fits else 0.0
+            for p in self.decode_pools
+        ]
         self._capacity = 0.0
         self._shares = [0.0] * len(self.prefill_pools)
         self._link_load: list[float | None] = [None] * len(self.prefill_pools)
@@ -836,18 +840,20 @@ class ServiceSim:
                     self.alive_end[q] = float(alive_after.sum())
                     self.kv_end[q] = float(alive_after @ (prompt + x2))
                     # Cohorts are oldest first; drop the finished prefix.
-                    unfinished = np.flatnonzero(x2 * scale < self.out_max)
-                    finished = int(unfinished[0]) if unfinished.size else hi - lo
+                    done_mask = x2 * scale >= self.out_max
+                    finished = (
+                        (int(done_mask.argmin()) if not done_mask.all() else hi - lo)
+                        if done_mask[0]
+                        else 0
+                    )
                     self.coh_head[q] = lo + finished
                     completed += done
                     decode_tokens += pool_tokens
                 else:
                     self.alive_end[q] = self.kv_end[q] = 0.0
                     self.coh_head[q] = hi
-            if tau == 0.0 and pool.perf.fits:
-                tau = pool.perf.decode_step_scalar_s(
-                    1.0, 1.0, 1.0
-                )  # idle step time (for plots only)
+            if tau == 0.0:
+                tau = self._idle_step_s[q]  # for plots only
             pool_rows += [
                 tau,
                 alive,

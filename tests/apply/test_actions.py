@@ -33,7 +33,9 @@ def snapshot_of(state: DesiredState, groups: list[DeploymentGroup], pods: tuple 
     live = {}
     for key, w in rendered.items():
         manifest = effective_manifest(w, w.replicas, None)
-        live[key] = parse_deployment({**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "5"}})
+        # As in a list response: no apiVersion/kind on the items.
+        item = {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
+        live[key] = parse_deployment({**item, "metadata": {**manifest["metadata"], "resourceVersion": "5"}})
     return ClusterSnapshot("prod-east", live, pods, (), 0.0)
 
 

@@ -60,3 +60,11 @@ def test_an_object_never_differs_from_itself(obj: dict) -> None:
 def test_no_reported_change_means_equal_flattened_views(a: dict, b: dict) -> None:
     if not field_changes(a, b):
         assert flatten({"metadata": a["metadata"], "spec": a["spec"]}) == flatten({"metadata": b["metadata"], "spec": b["spec"]})
+
+
+@given(objects, objects)
+@settings(max_examples=150, deadline=None)
+def test_contains_agrees_with_the_client_side_report(live: dict, desired: dict) -> None:
+    from reconciler.apply.fields import contains
+
+    assert contains(live, desired) == (not client_side_changes(live, desired))

@@ -297,7 +297,7 @@ RELABEL_SERVICE = "relabel-svc"
 
 
 def example_scrape_config() -> dict[str, Any]:
-    return YAML(typ="safe").load(EXAMPLE_SCRAPE_CONFIG.read_text())  # type: ignore[no-any-return]
+    return YAML(typ="safe").load(EXAMPLE_SCRAPE_CONFIG.read_text())  # type: ignore[no-any-return,unused-ignore]
 
 
 def example_engine_job(file_sd: Path, scrape_interval: str = "1s") -> dict[str, Any]:
@@ -359,7 +359,7 @@ class _Server:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def close(self) -> None:
         self.httpd.shutdown()

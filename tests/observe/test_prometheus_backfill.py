@@ -24,7 +24,7 @@ pytestmark = pytest.mark.prometheus
 
 def _fetch(
     stack: PrometheusStack, policies: list, now_s: float | None = None
-) -> dict[str, ServiceMetrics]:  # type: ignore[type-arg]
+) -> dict[str, ServiceMetrics]:
     with PrometheusMetricsSource(settings_for(stack.url)) as source:
         return source.fetch(policies, stack.backfill_end_s if now_s is None else now_s)
 

@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from observe_helpers import EMPTY_VECTOR, Reply, make_policy, settings_for
+import requests
+from observe_helpers import EMPTY_VECTOR, FakePrometheus, Reply, make_policy, settings_for
 
 from reconciler.errors import MetricsUnavailable, TemporaryError
+from reconciler.observe.base import MetricsSource
 from reconciler.observe.local_prometheus import free_loopback_port
 from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
 from reconciler.state import METRIC_NAMES
+
+StartFake = Callable[[list[Reply]], FakePrometheus]
 
 
 class Sleeps(list[float]):
@@ -29,7 +35,7 @@ def _source(url: str, sleeps: Sleeps | None = None, **settings: object) -> Prome
     )
 
 
-def test_a_response_slower_than_the_timeout_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_a_response_slower_than_the_timeout_is_unavailable(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(delay_s=2.0)])
     source = _source(server.url, timeout_s=0.3, retries=1)
     started = time.monotonic()
@@ -45,7 +51,7 @@ def test_a_response_slower_than_the_timeout_is_unavailable(fake_prometheus) -> N
     assert isinstance(raised.value, TemporaryError)
 
 
-def test_server_errors_are_retried_with_backoff_then_succeed(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_server_errors_are_retried_with_backoff_then_succeed(fake_prometheus: StartFake) -> None:
     server = fake_prometheus(
         [
             Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"busy"}'),
@@ -63,7 +69,9 @@ def test_server_errors_are_retried_with_backoff_then_succeed(fake_prometheus) ->
     )
 
 
-def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(
+    fake_prometheus: StartFake,
+) -> None:
     server = fake_prometheus(
         [
             Reply(
@@ -80,13 +88,13 @@ def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(fake_promet
     assert "after 4 attempts" in str(raised.value)
 
 
-def test_too_many_requests_is_retried(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_too_many_requests_is_retried(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(status=429, body="slow down"), Reply()])
     _source(server.url, retries=1).fetch([make_policy("a")], 1000.0)
     assert server.received == len(METRIC_NAMES) + 1
 
 
-def test_authentication_failure_is_not_retried(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_authentication_failure_is_not_retried(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(status=401, body="Unauthorized")])
     with pytest.raises(MetricsUnavailable) as raised:
         _source(server.url, retries=3).fetch([make_policy("a")], 1000.0)
@@ -94,13 +102,15 @@ def test_authentication_failure_is_not_retried(fake_prometheus) -> None:  # type
     assert "(HTTP 401)" in str(raised.value) and raised.value.cause == "Unauthorized"
 
 
-def test_an_answer_that_is_not_the_prometheus_api_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_an_answer_that_is_not_the_prometheus_api_is_unavailable(
+    fake_prometheus: StartFake,
+) -> None:
     server = fake_prometheus([Reply(body="<html>login</html>")])
     with pytest.raises(MetricsUnavailable, match="did not answer like the Prometheus HTTP API"):
         _source(server.url).fetch([make_policy("a")], 1000.0)
 
 
-def test_a_non_vector_result_is_unavailable(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_a_non_vector_result_is_unavailable(fake_prometheus: StartFake) -> None:
     body = json.dumps({"status": "success", "data": {"resultType": "scalar", "result": [1, "2"]}})
     server = fake_prometheus([Reply(body=body)])
     with pytest.raises(MetricsUnavailable, match="unexpected answer"):
@@ -116,7 +126,7 @@ def test_nothing_listening_is_unavailable_after_retries() -> None:
     assert len(sleeps) == 2
 
 
-def test_a_rejected_single_part_query_is_a_gap_not_an_outage(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_a_rejected_single_part_query_is_a_gap_not_an_outage(fake_prometheus: StartFake) -> None:
     rejected = json.dumps(
         {"status": "error", "errorType": "bad_data", "error": "parse error at char 3"}
     )
@@ -133,7 +143,7 @@ def test_a_rejected_single_part_query_is_a_gap_not_an_outage(fake_prometheus) ->
     assert server.received == len(METRIC_NAMES)  # one part: no splitting needed
 
 
-def test_parameters_sent_to_prometheus(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_parameters_sent_to_prometheus(fake_prometheus: StartFake) -> None:
     """The evaluation time is the cycle's ``now_s``; the server-side timeout matches."""
     captured: list[str] = []
     server = fake_prometheus([Reply()])
@@ -148,8 +158,8 @@ def test_parameters_sent_to_prometheus(fake_prometheus) -> None:  # type: ignore
     )
     original = source._connections[0].session.send
 
-    def spy(request, **kwargs):  # type: ignore[no-untyped-def]
-        captured.append(request.url)
+    def spy(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        captured.append(str(request.url))
         assert request.headers["X-Scope-OrgID"] == "t1"
         return original(request, **kwargs)
 
@@ -159,7 +169,7 @@ def test_parameters_sent_to_prometheus(fake_prometheus) -> None:  # type: ignore
     assert "time=1234.500" in captured[0] and "timeout=2.5" in captured[0]
 
 
-def test_concurrent_requests_stop_at_the_first_failure(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_requests_stop_at_the_first_failure(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(delay_s=2.0)])
     source = _source(server.url, timeout_s=0.3, retries=0, max_concurrency=4)
     started = time.monotonic()
@@ -171,7 +181,7 @@ def test_concurrent_requests_stop_at_the_first_failure(fake_prometheus) -> None:
     source.close()
 
 
-def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(delay_s=0.05)])
     source = _source(server.url, max_concurrency=4)
     source.fetch([make_policy("a")], 1000.0)
@@ -194,3 +204,8 @@ def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus) ->
 def test_settings_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PrometheusSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_the_adapter_is_a_metrics_source() -> None:
+    source: MetricsSource = PrometheusMetricsSource(PrometheusSettings())  # checked by mypy
+    assert callable(source.fetch)

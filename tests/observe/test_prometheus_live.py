@@ -12,11 +12,13 @@ which is within one bucket of the true quantile); gauges exact.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from observe_helpers import (
     FLEET_DECODE,
     RATE_WINDOW_S,
+    CountingProxy,
     PrometheusStack,
     expected_metrics,
     fleet_policies,
@@ -122,8 +124,8 @@ def test_quantile_groups_share_one_request_per_signal(prometheus_stack: Promethe
 
 
 def test_hundred_services_take_one_http_request_per_signal(
-    prometheus_stack: PrometheusStack, counting_proxy
-) -> None:  # type: ignore[no-untyped-def]
+    prometheus_stack: PrometheusStack, counting_proxy: Callable[[str], CountingProxy]
+) -> None:
     """100 services (vLLM and SGLang, three quantiles, five overrides) in one cycle:
     nine HTTP requests, counted independently by a loopback proxy."""
     proxy = counting_proxy(prometheus_stack.url)

@@ -11,15 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from observe_helpers import make_policy
 
+from reconciler.desired import ServicePolicy
 from reconciler.observe.presets import PART_LABEL
 from reconciler.observe.prometheus import (
+    PartOutcome,
     QueryRejected,
     Row,
+    SignalGap,
     assemble,
     parse_vector,
     plan_requests,
 )
-from reconciler.state import METRIC_NAMES
+from reconciler.state import METRIC_NAMES, MetricName, ServiceMetrics
 
 NOW = 1_000_000.0
 
@@ -147,11 +150,18 @@ class TestParseVector:
 
 
 class TestAssemble:
-    def _assemble(self, rows: list[Row], policies: list | None = None, signal: str = "decode_tps"):  # type: ignore[no-untyped-def]
+    def _assemble(
+        self,
+        rows: list[Row],
+        policies: list[ServicePolicy] | None = None,
+        signal: MetricName = "decode_tps",
+    ) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
         policies = policies or [make_policy("a"), make_policy("b")]
         plan, _ = plan_requests(policies, [signal], window_s=60)
-        outcomes = {(signal, part.part_id): rows for part in plan[0].parts}
-        return assemble(plan, outcomes, policies, NOW)  # type: ignore[arg-type]
+        outcomes: dict[tuple[MetricName, str], PartOutcome] = {
+            (signal, part.part_id): rows for part in plan[0].parts
+        }
+        return assemble(plan, outcomes, policies, NOW)
 
     def test_value_with_fresh_sample_time(self) -> None:
         metrics, gaps = self._assemble(
@@ -233,7 +243,7 @@ class TestAssemble:
             make_policy("b", metrics={"queries": {"decode_tps": "broken("}}),
         ]
         plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
-        outcomes = {
+        outcomes: dict[tuple[MetricName, str], PartOutcome] = {
             ("decode_tps", "0"): [_row("0", "a", "decode", 1.0), _row("0t", "a", "decode", NOW)],
             ("decode_tps", "1"): QueryRejected("bad_data: parse error"),
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -29,7 +30,7 @@ from reconciler.observe.prometheus import PrometheusMetricsSource
 pytestmark = pytest.mark.prometheus
 
 
-def test_example_config_passes_promtool(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_example_config_passes_promtool(tmp_path: Path) -> None:
     """promtool checks every field and relabel rule. Debian's build lacks Kubernetes
     discovery, so the discovery blocks are swapped for static targets first."""
     promtool = find_binary("promtool")
@@ -70,7 +71,7 @@ def test_pods_without_the_service_label_are_not_scraped(prometheus_stack: Promet
     assert {series["metric"]["namespace"] for series in up} == {"serving"}
 
 
-def test_generated_recording_rules_pass_promtool(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_generated_recording_rules_pass_promtool(tmp_path: Path) -> None:
     promtool = find_binary("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus)")

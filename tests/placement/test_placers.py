@@ -65,7 +65,7 @@ def test_heterogeneous_s2_service_takes_medium_not_high(placer, spec):
 def test_heterogeneous_s1_service_needs_an_s1_heterogeneous_subgroup(placer, spec):
     req = request(spec, [policy("svc", affinity="s1", **HETEROGENEOUS)], {"svc": (2, 4)})
     [g] = place(placer, req).groups
-    assert g.domain == "d1" and g.subgroup == "rg-pod-d"
+    assert g.domain in ("d1", "d2") and g.subgroup == "rg-pod-d"
 
 
 @BOTH

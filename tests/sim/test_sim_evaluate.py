@@ -222,6 +222,7 @@ def test_rate_scale_keeps_request_arrays_unless_too_large(
         fluid = command.load_for(state, SERVICE, trace, 2.0, None, 0, SimConfig())
     finally:
         command.MAX_REQUEST_ARRAYS = original
-    assert fluid.sample_weight == 2.0 and fluid.requests == pytest.approx(small.requests, rel=0.1)
+    assert fluid.sample_weight == pytest.approx(2.0, rel=0.1)
+    assert fluid.requests == pytest.approx(small.requests, rel=0.1)
     workload: Workload = small.sample  # type: ignore[assignment]
     assert workload.requests == small.requests

@@ -1,0 +1,57 @@
+"""`heteroscale plan`, `apply` and `run` on the embedded default (no kubeconfig: the
+simulated fleet built from the repository's own policies/ and clusters/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def no_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+
+
+def test_plan_on_the_embedded_default_prints_a_readable_report() -> None:
+    result = CliRunner().invoke(app, ["plan", "--repo", str(REPO)])
+    assert result.exit_code in (0, 3), result.output
+    text = result.output
+    assert "simulated fleet (no kubeconfig found; the embedded default)" in text
+    assert "cluster prod-east" in text and "decisions:" in text
+    for service in ("chat", "summarize", "svc-a", "svc-b"):
+        assert f"    {service}" in text
+    assert ("Plan: changes" in text) == (result.exit_code == 3)
+
+
+def test_plan_json_has_decisions_and_group_changes() -> None:
+    result = CliRunner().invoke(app, ["plan", "--repo", str(REPO), "--format", "json"])
+    report = json.loads(result.output)
+    (cluster,) = report["clusters"]
+    assert set(cluster["decisions"]) == {"chat", "summarize", "svc-a", "svc-b"}
+    assert report["has_changes"] == (result.exit_code == 3) == bool(cluster["group_changes"])
+
+
+def test_apply_runs_one_cycle_and_bad_input_is_an_error(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", "--repo", str(REPO), "--format", "markdown"]).exit_code == 0
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "policies" / "x.yaml").write_text("name: [broken\n")
+    broken = runner.invoke(app, ["plan", "--repo", str(tmp_path)])
+    assert broken.exit_code == 1
+    assert runner.invoke(app, ["plan", "--repo", str(REPO), "--format", "yaml"]).exit_code == 2
+
+
+def test_run_reconciles_until_told_to_stop() -> None:
+    result = CliRunner().invoke(app, ["run", "--repo", str(REPO), "--cycles", "2", "--interval", "0.1",
+                                      "--listen", "127.0.0.1:0", "--log-format", "json"])
+    assert result.exit_code == 0, result.output
