@@ -18,6 +18,7 @@ from reconciler.desired.models import (
     iter_s0,
 )
 from reconciler.desired.names import expand_range
+from reconciler.state import METRIC_NAMES
 
 Path = tuple[object, ...]
 Problem = tuple[Path, str]
@@ -193,10 +194,12 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
                 )
             )
     for key in policy.metrics.queries:
-        from reconciler.state import METRIC_NAMES
-
         if key not in METRIC_NAMES:
             problems.append((("metrics", "queries", key), _unknown("signal", key, METRIC_NAMES)))
+    # Label names, query placeholders, and a source for every signal the policy acts on.
+    from reconciler.observe.presets import check_metrics_config
+
+    problems.extend(check_metrics_config(policy))
     return problems
 
 

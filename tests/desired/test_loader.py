@@ -240,3 +240,17 @@ def test_validate_exits_1_with_one_line_per_problem_and_no_traceback(example_rep
 def test_validate_exits_2_on_usage_errors(tmp_path: Path) -> None:
     assert runner.invoke(app, ["validate", str(tmp_path / "absent")]).exit_code == 2
     assert runner.invoke(app, ["validate", "--no-such-flag"]).exit_code == 2
+
+
+def test_a_metric_query_override_for_an_unknown_signal_is_located(example_repo: Path) -> None:
+    policy = example_repo / "policies/svc-a.yaml"
+    policy.write_text(policy.read_text() + "metrics:\n  queries:\n    decode_tsp: sum(rate(x[1m]))\n")
+    [message] = problems(example_repo)
+    assert message.endswith("metrics.queries.decode_tsp: unknown signal 'decode_tsp'; did you mean 'decode_tps'?")
+
+
+def test_a_metric_label_that_prometheus_cannot_carry_is_refused(example_repo: Path) -> None:
+    policy = example_repo / "policies/svc-a.yaml"
+    policy.write_text(policy.read_text() + "metrics:\n  service_label: heteroscale.io/service\n")
+    [message] = problems(example_repo)
+    assert "metrics.service_label: 'heteroscale.io/service' is not a Prometheus label name" in message

@@ -4,8 +4,8 @@ Every placement, whatever the input: no node over capacity, every group inside i
 affinity domain on allowed GPU types, running instances untouched (unless the role
 shrinks, or rebalancing is allowed), targets never exceeded and every missing
 instance explained (``check_invariants``). For CP-SAT at proven optimality: a group
-sits in a scarcer subgroup class than its GPU type pair needs only when no less
-scarce domain could take it (scarce subgroups only used when needed).
+sits in a scarcer subgroup class than its GPU type pair needs only when no domain
+could take it with less waste (scarce subgroups only used when needed).
 """
 
 from __future__ import annotations
@@ -125,15 +125,15 @@ def test_cp_sat_uses_scarce_subgroups_only_when_nothing_less_scarce_fits(case):
             continue
         pol = req.policies[g.service]
         rank = topo.subgroups[g.subgroup].class_rank
-        if rank <= needed_class_rank(g.prefill.gpu_type, g.decode.gpu_type, pol.affinity):
+        waste = rank - needed_class_rank(g.prefill.gpu_type, g.decode.gpu_type, pol.affinity)
+        if waste <= 0:
             continue
         for domain in topo.domains(pol.affinity):
-            if domain.class_rank >= rank:
-                continue
             for tp in pol.prefill.gpu_types:
                 for td in pol.decode.gpu_types:
-                    if needed_class_rank(tp, td, pol.affinity) > domain.class_rank:
-                        continue
+                    needed = needed_class_rank(tp, td, pol.affinity)
+                    if not needed <= domain.class_rank < needed + waste:
+                        continue  # not a less wasteful home for this group
                     scratch = free.copy()
                     fits = True
                     for role, gpu in zip(ROLES, (tp, td), strict=True):
