@@ -105,7 +105,7 @@ def test_a_missing_template_is_reported(example_repo: Path) -> None:
 
 def test_cross_field_ranges_are_checked(example_repo: Path) -> None:
     policy = example_repo / "policies/svc-a.yaml"
-    edit(policy, 'target: "1:2"', 'target: "2:1"')
+    edit(policy, 'target: "1:1"', 'target: "3:1"')
     edit(
         policy, "min_instances: 2\n  max_instances: 128", "min_instances: 200\n  max_instances: 128"
     )

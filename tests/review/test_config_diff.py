@@ -24,17 +24,17 @@ def test_no_change_reads_as_nothing(repo_root: Path, example_repo: Path) -> None
 
 def test_policy_fields_read_in_words_with_their_line(repo_root: Path, example_repo: Path) -> None:
     chat = example_repo / "policies/chat.yaml"
-    edit(chat, "target_per_instance: 1600", "target_per_instance: 1400")
-    edit(chat, 'min: "1:5"', 'min: "1:6"')
+    edit(chat, "target_per_instance: 1450", "target_per_instance: 1400")
+    edit(chat, 'min: "1:3"', 'min: "1:4"')
     edit(chat, "tbt_ms: 50", "tbt_ms: 45")
     edit(chat, "{h20: 1.0, h800: 0.4}", "{h20: 1.0}")
     lines = [
         str(c) for c in config_diff(load_desired_state(repo_root), load_desired_state(example_repo))
     ]
     assert lines == [
-        f"service chat: P/D ratio bounds: 1:5..1:1 -> 1:6..1:1 (policies/chat.yaml:{line_of(chat, 'min: ')})",
+        f"service chat: P/D ratio bounds: 1:3..3:2 -> 1:4..3:2 (policies/chat.yaml:{line_of(chat, 'min: ')})",
         f"service chat: decode GPU type h800 preference: 0.4 -> not allowed (policies/chat.yaml:{line_of(chat, '{h20: 1.0}')})",
-        f"service chat: decode target TPS per instance: 1600 -> 1400 (policies/chat.yaml:{line_of(chat, 'target_per_instance')})",
+        f"service chat: decode target TPS per instance: 1450 -> 1400 (policies/chat.yaml:{line_of(chat, 'target_per_instance')})",
         f"service chat: TBT SLO (ms): 50 -> 45 (policies/chat.yaml:{line_of(chat, 'tbt_ms')})",
     ]
 
