@@ -60,7 +60,11 @@ class ServiceFleetDiff:
 
     def gpu_delta(self) -> dict[str, int]:
         types = sorted(set(self.base_gpus) | set(self.head_gpus))
-        return {t: self.head_gpus.get(t, 0) - self.base_gpus.get(t, 0) for t in types if self.head_gpus.get(t, 0) != self.base_gpus.get(t, 0)}
+        return {
+            t: self.head_gpus.get(t, 0) - self.base_gpus.get(t, 0)
+            for t in types
+            if self.head_gpus.get(t, 0) != self.base_gpus.get(t, 0)
+        }
 
     def domain_delta(self) -> dict[str, int]:
         names = sorted(set(self.base_domains) | set(self.head_domains))
@@ -91,7 +95,9 @@ class FleetReview:
         return any(s.changed for s in self.services)
 
 
-def _gpus_by(plan: Plan | None, state: DesiredState, service: str) -> tuple[dict[str, int], dict[str, int]]:
+def _gpus_by(
+    plan: Plan | None, state: DesiredState, service: str
+) -> tuple[dict[str, int], dict[str, int]]:
     by_type: Counter[str] = Counter()
     by_domain: Counter[str] = Counter()
     if plan is None or service not in state.policies:
@@ -144,7 +150,10 @@ def review_fleet(
         fleet = default_simulated_fleet(base, seed, time_origin_s=0.0)
         autoscaler = autoscaler_factory()
         longest_window_s = max(
-            (max(p.scaling.scale_in_window_s, p.scaling.cooldown_s) for p in base.policies.values()),
+            (
+                max(p.scaling.scale_in_window_s, p.scaling.cooldown_s)
+                for p in base.policies.values()
+            ),
             default=0.0,
         )
         cycles = max(1, math.ceil(longest_window_s / RECONCILE_INTERVAL_S) + 1)
@@ -155,7 +164,14 @@ def review_fleet(
                 policies = base.policies_for(name)
                 observation = fleet.observe(base.clusters[name], policies)
                 plan, new = plan_cluster(
-                    base, name, observation, fleet.fetch(policies, t), histories, t, autoscaler, placer,
+                    base,
+                    name,
+                    observation,
+                    fleet.fetch(policies, t),
+                    histories,
+                    t,
+                    autoscaler,
+                    placer,
                     placement_options=placement_options,
                 )
                 histories.update(new)
@@ -187,9 +203,13 @@ def review_fleet(
                 metrics[name] = source_of_metrics.fetch(policies, now)
             except MetricsUnavailable as exc:
                 metrics[name] = {}
-                notes.append(f"cluster {name}: metrics unavailable ({exc}); services hold their size")
+                notes.append(
+                    f"cluster {name}: metrics unavailable ({exc}); services hold their size"
+                )
         source = "live clusters and metrics"
-        notes.append("live review: the reconciler's stabilisation histories are not read, so scale-in is held")
+        notes.append(
+            "live review: the reconciler's stabilisation histories are not read, so scale-in is held"
+        )
 
     base_plans: dict[str, Plan] = {}
     head_plans: dict[str, Plan] = {}
@@ -198,7 +218,14 @@ def review_fleet(
             if name not in state.clusters:
                 continue
             plan, _ = plan_cluster(
-                state, name, observations[name], metrics[name], histories, now, autoscaler_factory(), placer,
+                state,
+                name,
+                observations[name],
+                metrics[name],
+                histories,
+                now,
+                autoscaler_factory(),
+                placer,
                 placement_options=placement_options,
             )
             plans[name] = plan
@@ -206,8 +233,12 @@ def review_fleet(
     services: list[ServiceFleetDiff] = []
     for service in sorted(set(base.policies) | set(head.policies)):
         policy = head.policies.get(service) or base.policies[service]
-        base_plan = base_plans.get(base.policies[service].cluster) if service in base.policies else None
-        head_plan = head_plans.get(head.policies[service].cluster) if service in head.policies else None
+        base_plan = (
+            base_plans.get(base.policies[service].cluster) if service in base.policies else None
+        )
+        head_plan = (
+            head_plans.get(head.policies[service].cluster) if service in head.policies else None
+        )
         base_decision = base_plan.decisions.get(service) if base_plan else None
         head_decision = head_plan.decisions.get(service) if head_plan else None
         base_gpus, base_domains = _gpus_by(base_plan, base, service)
@@ -216,8 +247,12 @@ def review_fleet(
             ServiceFleetDiff(
                 service=service,
                 cluster=policy.cluster,
-                base_targets=(base_decision.prefill, base_decision.decode) if base_decision else None,
-                head_targets=(head_decision.prefill, head_decision.decode) if head_decision else None,
+                base_targets=(base_decision.prefill, base_decision.decode)
+                if base_decision
+                else None,
+                head_targets=(head_decision.prefill, head_decision.decode)
+                if head_decision
+                else None,
                 base_gpus=base_gpus,
                 head_gpus=head_gpus,
                 base_domains=base_domains,

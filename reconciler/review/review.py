@@ -1,0 +1,140 @@
+"""``heteroscale plan --base REV --head REV``: everything a reviewer needs to judge a
+change to the desired state, computed from the Git objects of both revisions (no
+checkout): the config diff, the fleet diff, and the what-if replay.
+
+Validation errors at head block the rest: the review then carries only the located
+errors (exit 1). A base that does not validate is reported, and the fleet diff and
+replay are skipped (there is nothing sound to compare against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.desired.loader import DesiredState, load_desired_state
+from reconciler.errors import ConfigError, ConfigIssue
+from reconciler.placement.base import PlacementOptions, Placer
+from reconciler.policy.base import Autoscaler
+from reconciler.review.config_diff import ConfigChange, config_diff
+from reconciler.review.fleet_diff import FleetReview, review_fleet
+from reconciler.review.whatif import WhatIf, describe_trace, replay
+from reconciler.sim.engine import SimConfig
+from reconciler.sim.evaluate import EvaluationResult
+
+
+@dataclass(frozen=True)
+class ReviewOptions:
+    trace: Path | None = None  # recorded load for the what-if; None = synthetic day
+    rate_scale: float | None = None
+    diurnal_hours: float | None = None
+    seed: int = 0
+    what_if: bool = True
+    placement: PlacementOptions = field(default_factory=PlacementOptions)
+
+
+@dataclass(frozen=True)
+class Review:
+    base_label: str
+    head_label: str
+    errors: tuple[ConfigIssue, ...] = ()  # head does not validate: nothing else is computed
+    base_errors: tuple[ConfigIssue, ...] = ()
+    config_changes: tuple[ConfigChange, ...] = ()
+    fleet: FleetReview | None = None
+    what_if: tuple[WhatIf, ...] = ()
+    evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def has_changes(self) -> bool:
+        """Anything for a reviewer to look at: config or fleet."""
+        fleet_changes = self.fleet is not None and (
+            self.fleet.differs or self.fleet.apply_changes > 0
+        )
+        return bool(self.config_changes) or fleet_changes
+
+    @property
+    def exit_code(self) -> int:
+        """0 no change, 1 error, 3 changes present (like terraform plan -detailed-exitcode)."""
+        if self.errors or self.base_errors:
+            return 1
+        return 3 if self.has_changes else 0
+
+
+def changed_services(
+    changes: tuple[ConfigChange, ...], base: DesiredState, head: DesiredState
+) -> list[str]:
+    """Services whose behaviour a change can alter: their own file, or their cluster's."""
+    names = {c.name for c in changes if c.kind == "service"}
+    touched_clusters = {c.name for c in changes if c.kind == "cluster"}
+    for state in (base, head):
+        names |= {p.name for p in state.policies.values() if p.cluster in touched_clusters}
+    return sorted(names)
+
+
+def run_review(
+    repo: Path,
+    base_rev: str,
+    head_rev: str,
+    *,
+    autoscaler_factory: Callable[[], Autoscaler],
+    placer: Placer,
+    options: ReviewOptions | None = None,
+    edges: Callable[[str], tuple[object, object]] | None = None,
+) -> Review:
+    options = options or ReviewOptions()
+    try:
+        head = load_desired_state(repo, rev=head_rev)
+    except ConfigError as exc:
+        return Review(base_rev, head_rev, errors=tuple(exc.issues))
+    try:
+        base = load_desired_state(repo, rev=base_rev)
+    except ConfigError as exc:
+        return Review(base_rev, head.source_label, base_errors=tuple(exc.issues))
+
+    changes = tuple(config_diff(base, head))
+    fleet = review_fleet(
+        base,
+        head,
+        autoscaler_factory=autoscaler_factory,
+        placer=placer,
+        edges=edges,  # type: ignore[arg-type]
+        seed=options.seed,
+        placement_options=options.placement,
+    )
+    what_if: list[WhatIf] = []
+    evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
+    services = changed_services(changes, base, head)
+    if options.what_if and services:
+        from reconciler.commands.simulate import load_for
+
+        config = SimConfig()
+        what_if, evaluations = replay(
+            base,
+            head,
+            services,
+            lambda state, service: load_for(
+                state,
+                service,
+                options.trace,
+                options.rate_scale,
+                options.diurnal_hours,
+                options.seed,
+                config,
+            ),
+            lambda service: describe_trace(
+                options.trace, options.rate_scale, options.diurnal_hours
+            ),
+            seed=options.seed,
+            config=config,
+        )
+    return Review(
+        base_label=base.source_label,
+        head_label=head.source_label,
+        config_changes=changes,
+        fleet=fleet,
+        what_if=tuple(what_if),
+        evaluations=evaluations,
+    )
