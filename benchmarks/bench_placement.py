@@ -173,7 +173,8 @@ def main() -> None:
 
     # Setup: place the initial targets from scratch (not timed).
     targets0 = initial_targets(policies, total_gpus, args.fill, args.seed)
-    setup_options = PlacementOptions(time_limit_s=20.0, workers=args.workers, deterministic=False)
+    # Deterministic (single-thread, deterministic-time budget): the same state every run.
+    setup_options = PlacementOptions(time_limit_s=20.0, seed=args.seed)
     start = time.perf_counter()
     placed0 = CpSatPlacer().place(
         PlacementRequest(spec, policies, FleetState("large"), targets0, setup_options)

@@ -57,7 +57,10 @@ log = logging.getLogger("heteroscale.loop")
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any ``extra``."""
 
-    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
+        "message",
+        "asctime",
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -74,13 +77,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(*, json_format: bool = False, level: int = logging.INFO) -> None:
+def configure_logging(*, json_format: bool = False, level: int = logging.INFO) -> logging.Handler:
+    """Log the ``heteroscale`` loggers to stderr (JSON lines or text); returns the
+    handler so a caller can remove it again."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if json_format
+        else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    )
     root = logging.getLogger("heteroscale")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    return handler
+
+
+def reset_logging(handler: logging.Handler) -> None:
+    root = logging.getLogger("heteroscale")
+    if handler in root.handlers:
+        root.removeHandler(handler)
+    root.propagate = True
+    root.setLevel(logging.NOTSET)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -93,31 +111,59 @@ class LoopMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.cycle_duration = Histogram(
-            "heteroscale_cycle_duration_seconds", "Wall time of one cluster's reconcile cycle",
-            ["cluster"], registry=r, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            "heteroscale_cycle_duration_seconds",
+            "Wall time of one cluster's reconcile cycle",
+            ["cluster"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.cycles = Counter(
-            "heteroscale_cycles_total", "Cluster cycles by outcome (ok, error, skipped, standby)",
-            ["cluster", "outcome"], registry=r,
+            "heteroscale_cycles_total",
+            "Cluster cycles by outcome (ok, error, skipped, standby)",
+            ["cluster", "outcome"],
+            registry=r,
         )
         self.decisions = Counter(
-            "heteroscale_decisions_total", "Autoscaling decisions by reason", ["service", "reason"], registry=r
+            "heteroscale_decisions_total",
+            "Autoscaling decisions by reason",
+            ["service", "reason"],
+            registry=r,
         )
         self.target_instances = Gauge(
-            "heteroscale_target_instances", "Instances the policy asks for", ["service", "role"], registry=r
+            "heteroscale_target_instances",
+            "Instances the policy asks for",
+            ["service", "role"],
+            registry=r,
         )
         self.placement_solve = Histogram(
-            "heteroscale_placement_solve_seconds", "Placement solver wall time", ["cluster", "solver"],
-            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            "heteroscale_placement_solve_seconds",
+            "Placement solver wall time",
+            ["cluster", "solver"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )
-        self.drift = Gauge("heteroscale_drift", "Drift items seen in the last cycle", ["cluster", "kind"], registry=r)
-        self.errors = Counter("heteroscale_errors_total", "Errors by cluster and kind", ["cluster", "kind"], registry=r)
+        self.drift = Gauge(
+            "heteroscale_drift",
+            "Drift items seen in the last cycle",
+            ["cluster", "kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "heteroscale_errors_total",
+            "Errors by cluster and kind",
+            ["cluster", "kind"],
+            registry=r,
+        )
         self.plan_changes = Gauge(
             "heteroscale_plan_changes", "Object changes in the last plan", ["cluster"], registry=r
         )
-        self.leader = Gauge("heteroscale_is_leader", "1 while this replica holds the Lease", registry=r)
+        self.leader = Gauge(
+            "heteroscale_is_leader", "1 while this replica holds the Lease", registry=r
+        )
         self.desired_valid = Gauge(
-            "heteroscale_desired_state_valid", "1 when the latest desired state loaded cleanly", registry=r
+            "heteroscale_desired_state_valid",
+            "1 when the latest desired state loaded cleanly",
+            registry=r,
         )
         self.last_cycle = Gauge(
             "heteroscale_last_cycle_timestamp_seconds", "When the last full cycle ended", registry=r
@@ -225,7 +271,10 @@ class ReconcileLoop:
         except ConfigError as exc:
             self.metrics.desired_valid.set(0)
             message = f"desired state invalid ({len(exc.issues)} problem(s)); keeping the last known good one: {exc}"
-            log.error(message, extra={"event": "desired_invalid", "problems": [str(i) for i in exc.issues]})
+            log.error(
+                message,
+                extra={"event": "desired_invalid", "problems": [str(i) for i in exc.issues]},
+            )
             return self.last_good, message
         self.metrics.desired_valid.set(1)
         self.last_good = state
@@ -253,7 +302,9 @@ class ReconcileLoop:
             self.acted_cycles += 1
         return result
 
-    def _cluster_cycle(self, state: DesiredState, spec: ClusterSpec, leader: bool) -> ClusterOutcome:
+    def _cluster_cycle(
+        self, state: DesiredState, spec: ClusterSpec, leader: bool
+    ) -> ClusterOutcome:
         name = spec.name
         outcome = ClusterOutcome(cluster=name)
         backoff = self._backoff.setdefault(name, _Backoff())
@@ -285,7 +336,9 @@ class ReconcileLoop:
         self.metrics.cycles.labels(name, outcome.outcome).inc()
         return outcome
 
-    def _run_cluster(self, state: DesiredState, spec: ClusterSpec, leader: bool, outcome: ClusterOutcome) -> None:
+    def _run_cluster(
+        self, state: DesiredState, spec: ClusterSpec, leader: bool, outcome: ClusterOutcome
+    ) -> None:
         name = spec.name
         policies = state.policies_for(name)
         backend = self.backends.get(name)
@@ -300,7 +353,10 @@ class ReconcileLoop:
             metrics: Mapping[str, ServiceMetrics] = self.metrics_for(spec).fetch(policies, now)
         except MetricsUnavailable as exc:
             # Hold every service (missing metrics = hold); still reconcile the rest.
-            log.warning(f"cluster {name}: metrics unavailable, holding: {exc}", extra={"event": "metrics_unavailable", "cluster": name})
+            log.warning(
+                f"cluster {name}: metrics unavailable, holding: {exc}",
+                extra={"event": "metrics_unavailable", "cluster": name},
+            )
             self.metrics.errors.labels(name, "MetricsUnavailable").inc()
             metrics = {}
         plan, histories = plan_cluster(
@@ -344,7 +400,15 @@ class ReconcileLoop:
         self.metrics.plan_changes.labels(name).set(changes)
         log.info(
             f"cluster {name}: {len(plan.changes)} group change(s), {changes} object change(s)"
-            + (" applied" if outcome.applied else " (dry run)" if self.dry_run else " (standby)" if not leader else ""),
+            + (
+                " applied"
+                if outcome.applied
+                else " (dry run)"
+                if self.dry_run
+                else " (standby)"
+                if not leader
+                else ""
+            ),
             extra={
                 "event": "cycle",
                 "cluster": name,
@@ -361,8 +425,14 @@ class ReconcileLoop:
             self.metrics.target_instances.labels(service, "decode").set(decision.decode)
             log.info(
                 f"{service}: {decision.message}",
-                extra={"event": "decision", "cluster": cluster, "service": service, "reason": decision.reason,
-                       "prefill": decision.prefill, "decode": decision.decode},
+                extra={
+                    "event": "decision",
+                    "cluster": cluster,
+                    "service": service,
+                    "reason": decision.reason,
+                    "prefill": decision.prefill,
+                    "decode": decision.decode,
+                },
             )
         stats = plan.placement.stats
         if stats is not None:
@@ -370,12 +440,20 @@ class ReconcileLoop:
         kinds: dict[str, int] = {}
         for item in observation.drift:
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
-        for kind in ("node_missing", "node_label", "node_capacity", "node_unexpected", "object_modified"):
+        for kind in (
+            "node_missing",
+            "node_label",
+            "node_capacity",
+            "node_unexpected",
+            "object_modified",
+        ):
             self.metrics.drift.labels(cluster, kind).set(kinds.get(kind, 0))
 
     # ---------------------------------------------------------------- forever
 
-    def run_forever(self, stop: threading.Event, *, on_cycle: Callable[[CycleResult], None] | None = None) -> None:
+    def run_forever(
+        self, stop: threading.Event, *, on_cycle: Callable[[CycleResult], None] | None = None
+    ) -> None:
         """Cycle every ``interval_s`` (measured start to start) until ``stop`` is set."""
         while not stop.is_set():
             started = time.monotonic()
@@ -406,13 +484,25 @@ def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
-                body, status, kind = generate_latest(loop.metrics.registry), 200, CONTENT_TYPE_LATEST
+                body, status, kind = (
+                    generate_latest(loop.metrics.registry),
+                    200,
+                    CONTENT_TYPE_LATEST,
+                )
             elif self.path.startswith("/healthz"):
                 ok = loop.healthy()
-                body, status, kind = (b"ok\n" if ok else b"stalled\n"), (200 if ok else 503), "text/plain"
+                body, status, kind = (
+                    (b"ok\n" if ok else b"stalled\n"),
+                    (200 if ok else 503),
+                    "text/plain",
+                )
             elif self.path.startswith("/readyz"):
                 ok = loop.last_good is not None
-                body, status, kind = (b"ok\n" if ok else b"no valid desired state yet\n"), (200 if ok else 503), "text/plain"
+                body, status, kind = (
+                    (b"ok\n" if ok else b"no valid desired state yet\n"),
+                    (200 if ok else 503),
+                    "text/plain",
+                )
             else:
                 body, status, kind = b"not found\n", 404, "text/plain"
             self.send_response(status)

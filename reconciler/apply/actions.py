@@ -61,7 +61,11 @@ class WorkloadWork:
 
     @property
     def removes_capacity(self) -> bool:
-        return self.action == "delete" or self.replicas_after < self.replicas_before or bool(self.scale.drain)
+        return (
+            self.action == "delete"
+            or self.replicas_after < self.replicas_before
+            or bool(self.scale.drain)
+        )
 
     @property
     def pod_namespace(self) -> str:
@@ -81,12 +85,20 @@ def _view(pod: LivePod) -> PodView:
 def manifest_hash(manifest: Manifest) -> str:
     """Hash of what we apply, without the precondition and the hash itself."""
     metadata = {k: v for k, v in manifest["metadata"].items() if k != "resourceVersion"}
-    annotations = {k: v for k, v in metadata.get("annotations", {}).items() if k != names.APPLIED_HASH_ANNOTATION}
-    text = json.dumps({**manifest, "metadata": {**metadata, "annotations": annotations}}, sort_keys=True)
+    annotations = {
+        k: v
+        for k, v in metadata.get("annotations", {}).items()
+        if k != names.APPLIED_HASH_ANNOTATION
+    }
+    text = json.dumps(
+        {**manifest, "metadata": {**metadata, "annotations": annotations}}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def effective_manifest(desired: RenderedWorkload, replicas: int, live: LiveDeployment | None) -> Manifest:
+def effective_manifest(
+    desired: RenderedWorkload, replicas: int, live: LiveDeployment | None
+) -> Manifest:
     """The rendered manifest with this cycle's replicas and its hash, and the live
     object's resourceVersion as a precondition (a concurrent change answers 409)."""
     # Copy only what changes here (the pod template is shared, never mutated): a deep
@@ -140,6 +152,7 @@ def plan_workloads(
         live = snapshot.deployments.get(key)
         serving = [_view(p) for p in snapshot.pods_of(live)] if live else []
         drained_views = [_view(p) for p in drained.get(key, [])]
+        role: str
         if desired is not None:
             service, group_id, role = desired.service, desired.group_id, desired.role
         elif live is not None:
@@ -152,7 +165,13 @@ def plan_workloads(
         if desired is None and live is not None and (service, group_id) in kept_groups:
             work.append(
                 WorkloadWork(
-                    key, service, group_id, role, "keep", None, live,
+                    key,
+                    service,
+                    group_id,
+                    role,
+                    "keep",
+                    None,
+                    live,
                     ScalePlan(replicas=live.replicas),
                     None,
                     reason=f"service {service} has no policy; kept (prune is off)",
@@ -183,7 +202,11 @@ def plan_workloads(
                 action, manifest, reason = "delete", None, "not in the desired placement"
         else:
             action, manifest, reason = "unchanged", None, "only drained instances left"
-        work.append(WorkloadWork(key, service, group_id, role, action, desired, live, scale, manifest, reason))
+        work.append(
+            WorkloadWork(
+                key, service, group_id, role, action, desired, live, scale, manifest, reason
+            )
+        )
 
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
@@ -192,4 +215,6 @@ def plan_workloads(
 def manually_drained(snapshot: ClusterSnapshot) -> tuple[LivePod, ...]:
     """Pods out of service discovery that we did not drain (no drain annotation):
     reported, never deleted."""
-    return tuple(p for p in snapshot.drained_pods() if not (p.drained_from and p.drained_at_s is not None))
+    return tuple(
+        p for p in snapshot.drained_pods() if not (p.drained_from and p.drained_at_s is not None)
+    )

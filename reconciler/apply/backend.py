@@ -65,6 +65,7 @@ from reconciler.errors import PermanentError
 from reconciler.observe.base import Drift, Observation
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
+    ClusterWatch,
     LiveDeployment,
     observation_from_snapshot,
     parse_deployment,
@@ -82,6 +83,9 @@ class ApplyOptions:
     dry_run_workers: int = 8
     # Skip the dry run of objects that provably would not change (actions.provably_unchanged).
     skip_provably_unchanged: bool = True
+    # Keep Pods and Nodes in a list+watch cache between cycles (the loop) instead of
+    # listing them every cycle (one-shot plan/apply).
+    watch: bool = False
 
 
 @dataclass
@@ -132,6 +136,8 @@ class KubernetesBackend:
         self._policies: dict[str, ServicePolicy] = {}
         self._snapshot: ClusterSnapshot | None = None
         self._observation: Observation | None = None
+        self._watch: ClusterWatch | None = None
+        self._watch_cluster = ""
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------- observe
@@ -140,7 +146,16 @@ class KubernetesBackend:
         self._cluster = cluster
         self._policies = {p.name: p for p in policies}
         namespaces = {p.namespace for p in policies}
-        self._snapshot = read_snapshot(self.client, cluster, namespaces, now_s=self.clock())
+        if self.options.watch and (self._watch is None or self._watch_cluster != cluster.name):
+            if self._watch is not None:
+                self._watch.close()
+            self._watch, self._watch_cluster = (
+                ClusterWatch.start(self.client, cluster.name),
+                cluster.name,
+            )
+        self._snapshot = read_snapshot(
+            self.client, cluster, namespaces, now_s=self.clock(), watch=self._watch
+        )
         self._observation = observation_from_snapshot(self._snapshot, cluster, self._policies)
         return self._observation
 
@@ -152,7 +167,9 @@ class KubernetesBackend:
 
     def _context(self, plan: Plan) -> tuple[ClusterSpec, dict[str, ServicePolicy], ClusterSnapshot]:
         if self.state is None:
-            raise PermanentError("KubernetesBackend needs the desired state (backend.state) to render")
+            raise PermanentError(
+                "KubernetesBackend needs the desired state (backend.state) to render"
+            )
         cluster = self.state.clusters.get(plan.cluster)
         if cluster is None:
             raise PermanentError(f"plan for unknown cluster '{plan.cluster}'")
@@ -167,7 +184,10 @@ class KubernetesBackend:
         cluster, policies, snapshot = self._context(plan)
         assert self.state is not None
         rendered = render_groups(
-            (g for g in plan.groups if g.service in policies), policies, cluster, self.state.templates
+            (g for g in plan.groups if g.service in policies),
+            policies,
+            cluster,
+            self.state.templates,
         )
         return plan_workloads(
             groups=plan.groups,
@@ -195,19 +215,25 @@ class KubernetesBackend:
         if self.options.skip_provably_unchanged:
             for w in to_dry_run:
                 if provably_unchanged(w):
-                    results[w.key] = self._object_diff(w, "update" if w.scale.pod_actions else "unchanged", ())
+                    results[w.key] = self._object_diff(
+                        w, "update" if w.scale.pod_actions else "unchanged", ()
+                    )
             to_dry_run = [w for w in to_dry_run if w.key not in results]
         if mode == "server-dry-run" and to_dry_run:
             workers = max(1, min(self.options.dry_run_workers, len(to_dry_run)))
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 outcomes = list(pool.map(self._dry_run_one, to_dry_run))
-            fallback = [w for w, outcome in zip(to_dry_run, outcomes, strict=True) if outcome is None]
+            fallback = [
+                w for w, outcome in zip(to_dry_run, outcomes, strict=True) if outcome is None
+            ]
             for w, outcome in zip(to_dry_run, outcomes, strict=True):
                 if outcome is not None:
                     results[w.key] = outcome
             if fallback:
                 if self.options.diff_mode == "server":
-                    raise PermanentError("the API server cannot dry-run server-side apply (diff mode 'server')")
+                    raise PermanentError(
+                        "the API server cannot dry-run server-side apply (diff mode 'server')"
+                    )
                 mode = "client-side"
                 notes.append(
                     "the API server could not dry-run server-side apply; diff computed on the client "
@@ -236,7 +262,9 @@ class KubernetesBackend:
         assert self._observation is not None
         base = self._observation.drift
         extra = tuple(
-            Drift("object_modified", o.key, "; ".join(o.notes)) for o in objects if o.action == "conflict"
+            Drift("object_modified", o.key, "; ".join(o.notes))
+            for o in objects
+            if o.action == "conflict"
         )
         return base + extra
 
@@ -258,7 +286,10 @@ class KubernetesBackend:
 
     def _pod_actions(self, w: WorkloadWork) -> tuple[PodAction, ...]:
         window = self.options.soft_scale_in_window_s
-        out = [PodAction("put_back", p, "back into service discovery (no cold start)") for p in w.scale.put_back]
+        out = [
+            PodAction("put_back", p, "back into service discovery (no cold start)")
+            for p in w.scale.put_back
+        ]
         out += [
             PodAction(
                 "drain",
@@ -269,14 +300,23 @@ class KubernetesBackend:
             for p in w.scale.drain
         ]
         out += [
-            PodAction("finish", p, "SLOs held through the observation window") for p in w.scale.finish
+            PodAction("finish", p, "SLOs held through the observation window")
+            for p in w.scale.finish
             if p not in w.scale.drain
         ]
-        out += [PodAction("finish", p, "no observation window") for p in w.scale.finish if p in w.scale.drain]
+        out += [
+            PodAction("finish", p, "no observation window")
+            for p in w.scale.finish
+            if p in w.scale.drain
+        ]
         return tuple(out)
 
     def _object_diff(
-        self, w: WorkloadWork, action: Any, fields: tuple[FieldChange, ...], notes: tuple[str, ...] = ()
+        self,
+        w: WorkloadWork,
+        action: Any,
+        fields: tuple[FieldChange, ...],
+        notes: tuple[str, ...] = (),
     ) -> ObjectDiff:
         return ObjectDiff(
             key=str(w.key),
@@ -298,7 +338,9 @@ class KubernetesBackend:
             fields = (FieldChange("spec.replicas", w.replicas_before, None),)
         return self._object_diff(w, w.action, fields)
 
-    def _dry_run_one(self, w: WorkloadWork, attempt: int = 0, live: dict[str, Any] | None = None) -> ObjectDiff | None:
+    def _dry_run_one(
+        self, w: WorkloadWork, attempt: int = 0, live: dict[str, Any] | None = None
+    ) -> ObjectDiff | None:
         """Server-side dry run of one workload; None when the server cannot dry run.
         ``live`` is the object to compare against (default: the observed one)."""
         assert w.manifest is not None
@@ -307,7 +349,11 @@ class KubernetesBackend:
             self.stats.dry_runs += 1
         try:
             result = self.client.apply(
-                path, w.manifest, field_manager=names.FIELD_MANAGER, force=self.options.force, dry_run=True
+                path,
+                w.manifest,
+                field_manager=names.FIELD_MANAGER,
+                force=self.options.force,
+                dry_run=True,
             )
         except FieldOwnershipConflict as exc:
             with self._stats_lock:
@@ -332,13 +378,22 @@ class KubernetesBackend:
                 if not self.options.force:
                     with self._stats_lock:
                         self.stats.ownership_conflicts += 1
-                    return self._object_diff(w, "conflict", (), (
-                        "a Deployment of this name exists without heteroscale's ownership labels; "
-                        "not touched (use --force to take it over)",
-                    ))
+                    return self._object_diff(
+                        w,
+                        "conflict",
+                        (),
+                        (
+                            "a Deployment of this name exists without heteroscale's ownership labels; "
+                            "not touched (use --force to take it over)",
+                        ),
+                    )
                 existing = self.client.get(path)
-                return self._object_diff(replace(w, action="update"), "update", _visible(field_changes(existing, result)))
-            return self._object_diff(w, "create", (FieldChange("spec.replicas", None, w.scale.replicas),))
+                return self._object_diff(
+                    replace(w, action="update"), "update", _visible(field_changes(existing, result))
+                )
+            return self._object_diff(
+                w, "create", (FieldChange("spec.replicas", None, w.scale.replicas),)
+            )
         before = live if live is not None else (w.live.raw if w.live else None)
         fields = _visible(field_changes(before, result))
         action = "update" if fields or w.scale.pod_actions else "unchanged"
@@ -347,9 +402,13 @@ class KubernetesBackend:
     def _client_side_one(self, w: WorkloadWork) -> ObjectDiff:
         assert w.manifest is not None
         manifest = dict(w.manifest)
-        manifest["metadata"] = {k: v for k, v in manifest["metadata"].items() if k != "resourceVersion"}
+        manifest["metadata"] = {
+            k: v for k, v in manifest["metadata"].items() if k != "resourceVersion"
+        }
         if w.action == "create":
-            return self._object_diff(w, "create", (FieldChange("spec.replicas", None, w.scale.replicas),))
+            return self._object_diff(
+                w, "create", (FieldChange("spec.replicas", None, w.scale.replicas),)
+            )
         conflicts = self._foreign_owned(w)
         if conflicts and not self.options.force:
             return self._object_diff(w, "conflict", (), conflicts)
@@ -361,13 +420,16 @@ class KubernetesBackend:
     def _foreign_owned(w: WorkloadWork) -> tuple[str, ...]:
         if w.live is None or not w.live.other_managers:
             return ()
-        return (f"spec fields also managed by {', '.join(w.live.other_managers)}; use --force to take them back",)
+        return (
+            f"spec fields also managed by {', '.join(w.live.other_managers)}; use --force to take them back",
+        )
 
     @staticmethod
     def _conflict_notes(exc: FieldOwnershipConflict) -> tuple[str, ...]:
         details = exc.conflicts or [exc.api_message]
         return (
-            "changed outside Git, not overwritten (use --force to take it back): " + "; ".join(details),
+            "changed outside Git, not overwritten (use --force to take it back): "
+            + "; ".join(details),
         )
 
     def _refresh(self, w: WorkloadWork) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -403,15 +465,25 @@ class KubernetesBackend:
                 done.append(obj)
                 continue
             try:
-                self._carry_out(work[obj.key], write_object=bool(obj.fields) or obj.action == "create")
+                self._carry_out(
+                    work[obj.key], write_object=bool(obj.fields) or obj.action == "create"
+                )
             except (PermanentError, NotFound, ResourceConflict) as exc:
                 self.stats.errors.append(f"{obj.key}: {exc}")
                 done.append(replace(obj, action="error", notes=(*obj.notes, str(exc))))
                 continue
             done.append(obj)
-        # The next observe must see the new state.
+        # The next observe must see the new state: relist the watched Pods if we wrote
+        # any (drains are decided from them), and re-read everything else.
         self._snapshot = None
+        if self._watch is not None and any(o.pods for o in done):
+            self._watch.pods.invalidate()
         return replace(preview, mode="applied", objects=tuple(done))
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def apply(self, plan: Plan) -> list[str]:
         result = self.apply_cluster(plan)
@@ -439,7 +511,9 @@ class KubernetesBackend:
                 self._relabel(namespace, pod, drain=True, now_s=now, source=w.key.name)
             assert w.live is not None
             try:
-                self.client.delete(deployments_path(namespace, w.key.name), propagation="Background")
+                self.client.delete(
+                    deployments_path(namespace, w.key.name), propagation="Background"
+                )
                 self.stats.writes += 1
             except NotFound:
                 pass
@@ -456,12 +530,18 @@ class KubernetesBackend:
         for _attempt in range(self.options.conflict_retries + 1):
             assert manifest is not None
             try:
-                self.client.apply(path, manifest, field_manager=names.FIELD_MANAGER, force=self.options.force)
+                self.client.apply(
+                    path, manifest, field_manager=names.FIELD_MANAGER, force=self.options.force
+                )
                 self.stats.writes += 1
                 return
             except ResourceConflict:
                 manifest, _fresh = self._refresh(replace(w, manifest=manifest))
-        raise ResourceConflict(409, "Conflict", f"{w.key} kept changing; gave up after {self.options.conflict_retries} re-reads")
+        raise ResourceConflict(
+            409,
+            "Conflict",
+            f"{w.key} kept changing; gave up after {self.options.conflict_retries} re-reads",
+        )
 
     def _relabel(self, namespace: str, pod: str, *, drain: bool, now_s: float, source: str) -> None:
         """Flip a Pod out of (or back into) service discovery and its ReplicaSet."""
@@ -482,11 +562,16 @@ class KubernetesBackend:
             patch = {
                 "metadata": {
                     "labels": {names.SERVING_LABEL: names.SERVING},
-                    "annotations": {names.DRAINED_AT_ANNOTATION: None, names.DRAINED_FROM_ANNOTATION: None},
+                    "annotations": {
+                        names.DRAINED_AT_ANNOTATION: None,
+                        names.DRAINED_FROM_ANNOTATION: None,
+                    },
                 }
             }
         try:
-            self.client.merge_patch(pods_path(namespace, pod), patch, field_manager=names.FIELD_MANAGER)
+            self.client.merge_patch(
+                pods_path(namespace, pod), patch, field_manager=names.FIELD_MANAGER
+            )
             self.stats.writes += 1
         except NotFound:
             pass  # gone already: nothing to drain or put back

@@ -17,7 +17,7 @@ from reconciler.loop import ClusterOutcome, CycleResult
 
 
 def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     if outcome.plan is None:
         return rows
     fleet = outcome.plan.current
@@ -86,7 +86,9 @@ def format_text(result: CycleResult, *, title: str) -> str:
             out.append("  objects:")
             out.extend(f"    {line}" for line in objects)
         elif outcome.diff is None:
-            out.append("  objects: none (simulated fleet: it carries out the group changes directly)")
+            out.append(
+                "  objects: none (simulated fleet: it carries out the group changes directly)"
+            )
         else:
             out.append("  objects: no change")
         drift = _drift_lines(outcome)
@@ -112,7 +114,9 @@ def summary_line(result: CycleResult) -> str:
     elif applied:
         parts.append(f"Applied changes in {len(changed)} cluster(s).")
     else:
-        parts.append(f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` carries out exactly these.")
+        parts.append(
+            f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` carries out exactly these."
+        )
     if failed:
         parts.append(f"{len(failed)} cluster(s) failed: {', '.join(c.cluster for c in failed)}.")
     return " ".join(parts)
@@ -124,7 +128,12 @@ def format_markdown(result: CycleResult, *, title: str) -> str:
         out += [f"> :warning: {result.desired_error}", ""]
     for outcome in result.clusters:
         if outcome.outcome in ("error", "skipped"):
-            out += [f"#### Cluster `{outcome.cluster}`: {outcome.outcome}", "", f"`{outcome.error}`", ""]
+            out += [
+                f"#### Cluster `{outcome.cluster}`: {outcome.outcome}",
+                "",
+                f"`{outcome.error}`",
+                "",
+            ]
             continue
         plan = outcome.plan
         assert plan is not None

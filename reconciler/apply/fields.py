@@ -95,7 +95,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def field_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> tuple[FieldChange, ...]:
+def field_changes(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
+) -> tuple[FieldChange, ...]:
     """Every path whose value differs between two objects (after ``comparable``)."""
     left = flatten(comparable(before)) if before else {}
     right = flatten(comparable(after)) if after else {}
@@ -136,7 +138,9 @@ def project(live: Any, desired: Any) -> Any:
     return live
 
 
-def client_side_changes(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> tuple[FieldChange, ...]:
+def client_side_changes(
+    live: Mapping[str, Any] | None, desired: Mapping[str, Any]
+) -> tuple[FieldChange, ...]:
     """Changes applying ``desired`` would make to ``live``, judged on the client."""
     want = flatten(comparable(desired))
     have = flatten(comparable(project(live, desired))) if live else {}
@@ -166,6 +170,7 @@ def contains(live: Any, desired: Any) -> bool:
         if _named(desired) and all(isinstance(i, dict) for i in live):
             by_name = {i.get("name"): i for i in live}
             return all(d["name"] in by_name and contains(by_name[d["name"]], d) for d in desired)
-        return len(live) == len(desired) and all(contains(lv, dv) for lv, dv in zip(live, desired, strict=True))
+        return len(live) == len(desired) and all(
+            contains(lv, dv) for lv, dv in zip(live, desired, strict=True)
+        )
     return _normalise(live) == _normalise(desired)
-

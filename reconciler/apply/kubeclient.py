@@ -146,10 +146,14 @@ class KubeClient:
 
         cfg = Configuration()
         try:
-            kube_config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+            kube_config.load_kube_config(
+                config_file=path, context=context, client_configuration=cfg
+            )
         except Exception as exc:  # the loader raises ConfigException, ValueError, OSError...
             where = f"context '{context}'" if context else "the current context"
-            raise ClusterUnavailable(f"cannot load {where} from kubeconfig {path or '(default)'}: {exc}") from exc
+            raise ClusterUnavailable(
+                f"cannot load {where} from kubeconfig {path or '(default)'}: {exc}"
+            ) from exc
         return cls._from_configuration(cfg, name=context or "", **kwargs)
 
     @classmethod
@@ -202,7 +206,9 @@ class KubeClient:
         and 5xx with backoff; raises typed errors for everything else."""
         target = path
         if query:
-            target += "?" + urlencode({k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()})
+            target += "?" + urlencode(
+                {k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()}
+            )
         url = self.server + target
         # gzip: list responses are large and highly repetitive (~40x smaller), and the
         # API server compresses them; TLS over even loopback is the slow part otherwise.
@@ -223,7 +229,12 @@ class KubeClient:
             retry_after: float | None = None
             try:
                 response = self._pool.request(
-                    method, url, body=payload, headers=headers, timeout=self._timeout, preload_content=True
+                    method,
+                    url,
+                    body=payload,
+                    headers=headers,
+                    timeout=self._timeout,
+                    preload_content=True,
                 )
             except urllib3.exceptions.HTTPError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -250,7 +261,9 @@ class KubeClient:
     def get(self, path: str, **query: str | int | bool) -> JsonObject:
         return self.request("GET", path, query=query or None)
 
-    def list(self, path: str, *, label_selector: str | None = None, page_size: int = 1000) -> Iterator[JsonObject]:
+    def list(
+        self, path: str, *, label_selector: str | None = None, page_size: int = 1000
+    ) -> Iterator[JsonObject]:
         """Every item of a collection, following ``continue`` tokens."""
         query: dict[str, str | int | bool] = {"limit": page_size}
         if label_selector:
@@ -262,6 +275,78 @@ class KubeClient:
             if not token:
                 return
             query["continue"] = token
+
+    def list_with_version(
+        self, path: str, *, label_selector: str | None = None, page_size: int = 1000
+    ) -> tuple[list[JsonObject], str]:
+        """Every item of a collection and the collection's resourceVersion (where a
+        watch resumes from)."""
+        query: dict[str, str | int | bool] = {"limit": page_size}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        items: list[JsonObject] = []
+        while True:
+            page = self.request("GET", path, query=query)
+            items.extend(page.get("items") or [])
+            metadata = page.get("metadata") or {}
+            if not metadata.get("continue"):
+                return items, str(metadata.get("resourceVersion", ""))
+            query["continue"] = metadata["continue"]
+
+    def watch(
+        self,
+        path: str,
+        *,
+        resource_version: str,
+        label_selector: str | None = None,
+        timeout_s: int = 240,
+    ) -> Iterator[JsonObject]:
+        """The events of one watch request (ends after ``timeout_s`` or on a dropped
+        connection; the caller resumes from the last resourceVersion it saw).
+        Raises ``ClusterUnavailable`` when the request cannot be made."""
+        query: dict[str, str | int | bool] = {
+            "watch": True,
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": True,
+            "timeoutSeconds": timeout_s,
+        }
+        if label_selector:
+            query["labelSelector"] = label_selector
+        target = (
+            path
+            + "?"
+            + urlencode({k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items()})
+        )
+        headers = {"Accept": "application/json"}
+        auth = self._auth_header()
+        if auth:
+            headers["Authorization"] = auth
+        for hook in self.hooks:
+            hook("WATCH", target)
+        try:
+            response = self._pool.request(
+                "GET",
+                self.server + target,
+                headers=headers,
+                timeout=urllib3.Timeout(connect=self._timeout.connect_timeout, read=timeout_s + 30),
+                preload_content=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise ClusterUnavailable(f"API server {self.name}: cannot watch {path}: {exc}") from exc
+        try:
+            if response.status != 200:
+                raise _error(response.status, _decode(response.read()))
+            buffer = b""
+            for chunk in response.stream(65536):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        except (urllib3.exceptions.HTTPError, OSError):
+            return  # connection dropped: the caller resumes
+        finally:
+            response.release_conn()
 
     def apply(
         self,
@@ -280,7 +365,9 @@ class KubeClient:
             query["dryRun"] = "All"
         return self.request("PATCH", path, query=query, body=manifest, content_type=APPLY_PATCH)
 
-    def merge_patch(self, path: str, patch: JsonObject, *, field_manager: str, dry_run: bool = False) -> JsonObject:
+    def merge_patch(
+        self, path: str, patch: JsonObject, *, field_manager: str, dry_run: bool = False
+    ) -> JsonObject:
         query: dict[str, str | int | bool] = {"fieldManager": field_manager}
         if dry_run:
             query["dryRun"] = "All"
@@ -294,7 +381,11 @@ class KubeClient:
         resource_version: str | None = None,
         dry_run: bool = False,
     ) -> JsonObject:
-        body: JsonObject = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        body: JsonObject = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": propagation,
+        }
         if resource_version:
             body["preconditions"] = {"resourceVersion": resource_version}
         query = {"dryRun": "All"} if dry_run else None
@@ -331,7 +422,11 @@ def _error(status: int, body: JsonObject) -> KubeApiError:
 
 
 def deployments_path(namespace: str | None = None, name: str | None = None) -> str:
-    base = f"/apis/apps/v1/namespaces/{quote(namespace)}/deployments" if namespace else "/apis/apps/v1/deployments"
+    base = (
+        f"/apis/apps/v1/namespaces/{quote(namespace)}/deployments"
+        if namespace
+        else "/apis/apps/v1/deployments"
+    )
     return f"{base}/{quote(name)}" if name else base
 
 

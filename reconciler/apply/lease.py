@@ -54,7 +54,9 @@ def parse_lease(obj: dict) -> LeaseRecord:
 LeaseAction = Literal["acquire", "renew", "wait"]
 
 
-def lease_decision(record: LeaseRecord, identity: str, observed_at_s: float, now_s: float) -> LeaseAction:
+def lease_decision(
+    record: LeaseRecord, identity: str, observed_at_s: float, now_s: float
+) -> LeaseAction:
     """What a candidate does with a Lease it read: renew its own, take a free or
     expired one, or wait for a live holder. ``observed_at_s`` is when this candidate
     first saw the current record (its own clock)."""
@@ -113,7 +115,9 @@ class LeaseElector:
 
     def _spec(self, record: LeaseRecord | None, now_wall_s: float) -> dict:
         taking_over = record is None or record.holder != self.identity
-        transitions = (record.transitions if record else 0) + (1 if record and taking_over and record.holder else 0)
+        transitions = (record.transitions if record else 0) + (
+            1 if record and taking_over and record.holder else 0
+        )
         stamp = format_micro_time(now_wall_s)
         return {
             "holderIdentity": self.identity,

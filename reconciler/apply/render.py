@@ -134,8 +134,16 @@ def _add_node_affinity(pod_spec: dict[str, Any], expressions: list[dict[str, Any
 def _check_template(template: Any, path: str, service: str) -> dict[str, Any]:
     if not isinstance(template, dict):
         raise RenderError(f"service {service}: pod template {path} is not a mapping")
-    containers = template.get("spec", {}).get("containers") if isinstance(template.get("spec"), dict) else None
-    if not isinstance(containers, list) or not containers or not all(isinstance(c, dict) for c in containers):
+    containers = (
+        template.get("spec", {}).get("containers")
+        if isinstance(template.get("spec"), dict)
+        else None
+    )
+    if (
+        not isinstance(containers, list)
+        or not containers
+        or not all(isinstance(c, dict) for c in containers)
+    ):
         raise RenderError(
             f"service {service}: pod template {path} needs spec.containers with at least one container"
         )
@@ -200,7 +208,10 @@ def render_deployment(
     _add_node_affinity(spec, expressions)
 
     digest = template_hash(pod)
-    pod_meta["annotations"] = {**pod_meta.get("annotations", {}), names.TEMPLATE_HASH_ANNOTATION: digest}
+    pod_meta["annotations"] = {
+        **pod_meta.get("annotations", {}),
+        names.TEMPLATE_HASH_ANNOTATION: digest,
+    }
 
     annotations = {
         names.GROUP_ID_ANNOTATION: group.group_id,

@@ -67,10 +67,20 @@ class ObjectDiff:
         what = f"{self.service}/{self.group_id}/{self.role}"
         sizes = f"replicas {self.replicas_before} -> {self.replicas_after}"
         if self.action == "update" and self.replicas_before == self.replicas_after:
-            changed = sorted({f.path.split(".")[0] + "." + f.path.split(".")[1] for f in self.fields if "." in f.path})
-            sizes = f"replicas {self.replicas_after}" + (f", changes {', '.join(changed)}" if changed else "")
+            changed = sorted(
+                {
+                    f.path.split(".")[0] + "." + f.path.split(".")[1]
+                    for f in self.fields
+                    if "." in f.path
+                }
+            )
+            sizes = f"replicas {self.replicas_after}" + (
+                f", changes {', '.join(changed)}" if changed else ""
+            )
         extra = f" ({self.summary})" if self.summary else ""
-        return f"{_SYMBOL[self.action]} {self.action:<9} Deployment {self.key} [{what}] {sizes}{extra}"
+        return (
+            f"{_SYMBOL[self.action]} {self.action:<9} Deployment {self.key} [{what}] {sizes}{extra}"
+        )
 
     def lines(self) -> list[str]:
         out = [self.headline()]

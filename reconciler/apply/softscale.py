@@ -45,7 +45,12 @@ def slo_status(policy: ServicePolicy, metrics: ServiceMetrics | None, now_s: flo
         return "unknown"
     max_age_s = policy.scaling.metric_max_age_s
     ttft, tbt = metrics.ttft, metrics.tbt
-    if ttft is None or tbt is None or not ttft.is_usable(now_s, max_age_s) or not tbt.is_usable(now_s, max_age_s):
+    if (
+        ttft is None
+        or tbt is None
+        or not ttft.is_usable(now_s, max_age_s)
+        or not tbt.is_usable(now_s, max_age_s)
+    ):
         return "unknown"
     if ttft.value > policy.slo.ttft_ms or tbt.value > policy.slo.tbt_ms:
         return "broken"
@@ -108,7 +113,9 @@ def plan_scale(
 
     if slo == "broken":
         # Put back every drained instance that can serve, hold any scale-in.
-        put_back = tuple(p.name for p in eligible_back) if live_replicas is not None or desired > 0 else ()
+        put_back = (
+            tuple(p.name for p in eligible_back) if live_replicas is not None or desired > 0 else ()
+        )
         replicas = max(desired, live + len(put_back))
         if desired < live:
             notes.append(f"scale-in {live} -> {desired} held: SLO not met")
@@ -127,10 +134,14 @@ def plan_scale(
         # them first when replicas drop, so only the rest needs a soft drain.
         unready = sum(1 for p in serving if not p.ready)
         soft = max(0, reduce - unready)
-        ready = sorted((p for p in serving if p.ready), key=lambda p: (p.created, p.name), reverse=True)
+        ready = sorted(
+            (p for p in serving if p.ready), key=lambda p: (p.created, p.name), reverse=True
+        )
         drain = [p.name for p in ready[:soft]]
         if soft > len(drain):
-            notes.append(f"{soft - len(drain)} instance(s) removed without draining (no ready Pod to drain)")
+            notes.append(
+                f"{soft - len(drain)} instance(s) removed without draining (no ready Pod to drain)"
+            )
 
     finish: list[str] = []
     if slo == "held":
@@ -144,11 +155,15 @@ def plan_scale(
     elif drained or drain:
         notes.append("drained instances kept: SLO status unknown (no fresh TTFT/TBT)")
     waiting = [
-        p for p in drained if p.name not in finish and p.name not in put_back_list and p.drained_at_s is not None
+        p
+        for p in drained
+        if p.name not in finish and p.name not in put_back_list and p.drained_at_s is not None
     ]
     if waiting and slo == "held":
         left_s = min(window_s - (now_s - (p.drained_at_s or now_s)) for p in waiting)
-        notes.append(f"{len(waiting)} drained instance(s) deleted in {math.ceil(max(0.0, left_s))} s if SLOs hold")
+        notes.append(
+            f"{len(waiting)} drained instance(s) deleted in {math.ceil(max(0.0, left_s))} s if SLOs hold"
+        )
     return ScalePlan(
         replicas=desired,
         put_back=tuple(put_back_list),

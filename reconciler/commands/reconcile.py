@@ -70,7 +70,9 @@ class NoMetrics:
     """Used when no Prometheus is configured for a real cluster: every service holds."""
 
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
-        raise MetricsUnavailable("no metrics source configured (--prometheus-url); every service holds its size")
+        raise MetricsUnavailable(
+            "no metrics source configured (--prometheus-url); every service holds its size"
+        )
 
 
 def make_placer(name: str) -> Any:
@@ -100,7 +102,7 @@ class Wiring:
     describe: str
 
 
-def wire(settings: Settings, state: DesiredState) -> Wiring:
+def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wiring:
     if settings.simulate or not kubeconfig_available(settings.kubeconfig):
         from reconciler.sim import default_simulated_fleet
 
@@ -125,10 +127,15 @@ def wire(settings: Settings, state: DesiredState) -> Wiring:
         force=settings.force,
         soft_scale_in_window_s=settings.drain_window_s,
         diff_mode=settings.diff_mode,  # type: ignore[arg-type]
+        watch=watch,
     )
 
     def backend_for(spec: ClusterSpec) -> KubernetesBackend:
-        if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not spec.kube_context:
+        if (
+            settings.kubeconfig is None
+            and os.environ.get("KUBERNETES_SERVICE_HOST")
+            and not spec.kube_context
+        ):
             client = KubeClient.in_cluster(name=spec.name)
         else:
             client = KubeClient.from_kubeconfig(settings.kubeconfig, spec.kube_context)
@@ -149,14 +156,23 @@ def wire(settings: Settings, state: DesiredState) -> Wiring:
     )
 
 
-def build_loop(settings: Settings, *, dry_run: bool, interval_s: float = 30.0, is_leader: Any = None) -> tuple[Any, Wiring]:
+def build_loop(
+    settings: Settings,
+    *,
+    dry_run: bool,
+    interval_s: float = 30.0,
+    is_leader: Any = None,
+    watch: bool = False,
+) -> tuple[Any, Wiring]:
+    """The loop for ``settings``; ``watch`` keeps Pods and Nodes in a watch cache
+    between cycles (``run``), instead of listing them each cycle (one-shot commands)."""
     from reconciler.loop import ReconcileLoop
 
     def load() -> DesiredState:
         return load_desired_state(settings.repo, rev=settings.rev)
 
     state = load()  # fail fast (exit 1) when the desired state is invalid at start
-    wiring = wire(settings, state)
+    wiring = wire(settings, state, watch=watch)
     loop = ReconcileLoop(
         load_desired=load,
         backend_for=wiring.backend_for,
@@ -175,33 +191,98 @@ def build_loop(settings: Settings, *, dry_run: bool, interval_s: float = 30.0, i
 
 # ------------------------------------------------------------------- options
 
-RepoOpt = Annotated[Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")]
-RevOpt = Annotated[str | None, typer.Option("--rev", help="reconcile this Git revision (re-resolved every cycle)")]
-KubeOpt = Annotated[str | None, typer.Option("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
-SimOpt = Annotated[bool, typer.Option("--simulate", help="act on the simulated fleet even when a kubeconfig exists")]
-ClusterOpt = Annotated[list[str] | None, typer.Option("--cluster", help="only these clusters (repeatable)")]
+RepoOpt = Annotated[
+    Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
+]
+RevOpt = Annotated[
+    str | None, typer.Option("--rev", help="reconcile this Git revision (re-resolved every cycle)")
+]
+KubeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    ),
+]
+SimOpt = Annotated[
+    bool,
+    typer.Option("--simulate", help="act on the simulated fleet even when a kubeconfig exists"),
+]
+ClusterOpt = Annotated[
+    list[str] | None, typer.Option("--cluster", help="only these clusters (repeatable)")
+]
 PlacerOpt = Annotated[str, typer.Option("--placer", help="cp-sat or greedy")]
-PolicyOpt = Annotated[str, typer.Option("--autoscaler", help="autoscaling policy (heteroscale or a baseline)")]
-PromOpt = Annotated[str | None, typer.Option("--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="take back fields someone else changed (otherwise reported as drift)")]
-WindowOpt = Annotated[float, typer.Option("--drain-window", help="soft scale-in observation window, seconds (0: delete at once)")]
-DiffOpt = Annotated[str, typer.Option("--diff-mode", help="auto (server dry run, client fallback), server, or client")]
+PolicyOpt = Annotated[
+    str, typer.Option("--autoscaler", help="autoscaling policy (heteroscale or a baseline)")
+]
+PromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics"
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="take back fields someone else changed (otherwise reported as drift)"
+    ),
+]
+WindowOpt = Annotated[
+    float,
+    typer.Option(
+        "--drain-window", help="soft scale-in observation window, seconds (0: delete at once)"
+    ),
+]
+DiffOpt = Annotated[
+    str,
+    typer.Option("--diff-mode", help="auto (server dry run, client fallback), server, or client"),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the simulated fleet")]
-PruneOpt = Annotated[bool, typer.Option("--prune-removed-services", help="tear down groups of services whose policy file was removed")]
+PruneOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prune-removed-services",
+        help="tear down groups of services whose policy file was removed",
+    ),
+]
 FormatOpt = Annotated[str, typer.Option("--format", help="text, markdown or json")]
 
 
-def _settings(repo: Path, rev: str | None, kubeconfig: str | None, simulate: bool, clusters: list[str] | None,
-              placer: str, autoscaler: str, prometheus_url: str | None, force: bool, drain_window: float,
-              diff_mode: str, seed: int, prune: bool) -> Settings:
+def _settings(
+    repo: Path,
+    rev: str | None,
+    kubeconfig: str | None,
+    simulate: bool,
+    clusters: list[str] | None,
+    placer: str,
+    autoscaler: str,
+    prometheus_url: str | None,
+    force: bool,
+    drain_window: float,
+    diff_mode: str,
+    seed: int,
+    prune: bool,
+) -> Settings:
     if diff_mode not in ("auto", "server", "client"):
         raise typer.BadParameter("--diff-mode must be auto, server or client")
     if placer not in ("cp-sat", "greedy"):
         raise typer.BadParameter("--placer must be cp-sat or greedy")
     if drain_window < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
-    return Settings(repo, rev, kubeconfig, simulate, tuple(clusters or ()), placer, autoscaler,
-                    prometheus_url, force, drain_window, diff_mode, seed, prune)
+    return Settings(
+        repo,
+        rev,
+        kubeconfig,
+        simulate,
+        tuple(clusters or ()),
+        placer,
+        autoscaler,
+        prometheus_url,
+        force,
+        drain_window,
+        diff_mode,
+        seed,
+        prune,
+    )
 
 
 def _render(result: Any, fmt: str, title: str) -> str:
@@ -246,79 +327,185 @@ def _one_cycle(settings: Settings, *, dry_run: bool, fmt: str, verb: str) -> int
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
-        repo: RepoOpt = Path("."), rev: RevOpt = None, kubeconfig: KubeOpt = None, simulate: SimOpt = False,
-        cluster: ClusterOpt = None, placer: PlacerOpt = "cp-sat", autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None, force: ForceOpt = False, drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto", seed: SeedOpt = 0, prune_removed_services: PruneOpt = False,
+        repo: RepoOpt = Path("."),
+        rev: RevOpt = None,
+        kubeconfig: KubeOpt = None,
+        simulate: SimOpt = False,
+        cluster: ClusterOpt = None,
+        placer: PlacerOpt = "cp-sat",
+        autoscaler: PolicyOpt = "heteroscale",
+        prometheus_url: PromOpt = None,
+        force: ForceOpt = False,
+        drain_window: WindowOpt = 120.0,
+        diff_mode: DiffOpt = "auto",
+        seed: SeedOpt = 0,
+        prune_removed_services: PruneOpt = False,
         format: FormatOpt = "text",
     ) -> None:
         """One dry-run cycle: decide, place and diff every cluster, and print exactly what
         `apply` would do. Exit 0: no change, 3: changes, 1: error."""
-        settings = _settings(repo, rev, kubeconfig, simulate, cluster, placer, autoscaler, prometheus_url,
-                             force, drain_window, diff_mode, seed, prune_removed_services)
+        settings = _settings(
+            repo,
+            rev,
+            kubeconfig,
+            simulate,
+            cluster,
+            placer,
+            autoscaler,
+            prometheus_url,
+            force,
+            drain_window,
+            diff_mode,
+            seed,
+            prune_removed_services,
+        )
         raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, verb="plan"))
 
     @app.command()
     def apply(
-        repo: RepoOpt = Path("."), rev: RevOpt = None, kubeconfig: KubeOpt = None, simulate: SimOpt = False,
-        cluster: ClusterOpt = None, placer: PlacerOpt = "cp-sat", autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None, force: ForceOpt = False, drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto", seed: SeedOpt = 0, prune_removed_services: PruneOpt = False,
+        repo: RepoOpt = Path("."),
+        rev: RevOpt = None,
+        kubeconfig: KubeOpt = None,
+        simulate: SimOpt = False,
+        cluster: ClusterOpt = None,
+        placer: PlacerOpt = "cp-sat",
+        autoscaler: PolicyOpt = "heteroscale",
+        prometheus_url: PromOpt = None,
+        force: ForceOpt = False,
+        drain_window: WindowOpt = 120.0,
+        diff_mode: DiffOpt = "auto",
+        seed: SeedOpt = 0,
+        prune_removed_services: PruneOpt = False,
         format: FormatOpt = "text",
     ) -> None:
         """One applied cycle: what `plan` prints, carried out (capacity first, soft
         scale-in). Exit 0: done, 1: error."""
-        settings = _settings(repo, rev, kubeconfig, simulate, cluster, placer, autoscaler, prometheus_url,
-                             force, drain_window, diff_mode, seed, prune_removed_services)
+        settings = _settings(
+            repo,
+            rev,
+            kubeconfig,
+            simulate,
+            cluster,
+            placer,
+            autoscaler,
+            prometheus_url,
+            force,
+            drain_window,
+            diff_mode,
+            seed,
+            prune_removed_services,
+        )
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply"))
 
     @app.command()
     def run(
-        repo: RepoOpt = Path("."), rev: RevOpt = None, kubeconfig: KubeOpt = None, simulate: SimOpt = False,
-        cluster: ClusterOpt = None, placer: PlacerOpt = "cp-sat", autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None, force: ForceOpt = False, drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto", seed: SeedOpt = 0, prune_removed_services: PruneOpt = False,
-        interval: Annotated[float, typer.Option("--interval", help="seconds between cycles")] = 30.0,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and report every cycle, never apply")] = False,
+        repo: RepoOpt = Path("."),
+        rev: RevOpt = None,
+        kubeconfig: KubeOpt = None,
+        simulate: SimOpt = False,
+        cluster: ClusterOpt = None,
+        placer: PlacerOpt = "cp-sat",
+        autoscaler: PolicyOpt = "heteroscale",
+        prometheus_url: PromOpt = None,
+        force: ForceOpt = False,
+        drain_window: WindowOpt = 120.0,
+        diff_mode: DiffOpt = "auto",
+        seed: SeedOpt = 0,
+        prune_removed_services: PruneOpt = False,
+        interval: Annotated[
+            float, typer.Option("--interval", help="seconds between cycles")
+        ] = 30.0,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="plan and report every cycle, never apply")
+        ] = False,
         log_format: Annotated[str, typer.Option("--log-format", help="text or json")] = "text",
-        listen: Annotated[str, typer.Option("--listen", help="host:port for /metrics, /healthz, /readyz (port 0: none)")] = "0.0.0.0:9102",
-        leader_elect: Annotated[bool, typer.Option("--leader-elect/--no-leader-elect", help="coordinate replicas through a Lease (real clusters)")] = True,
-        lease_namespace: Annotated[str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")] = "heteroscale-system",
+        listen: Annotated[
+            str,
+            typer.Option(
+                "--listen", help="host:port for /metrics, /healthz, /readyz (port 0: none)"
+            ),
+        ] = "0.0.0.0:9102",
+        leader_elect: Annotated[
+            bool,
+            typer.Option(
+                "--leader-elect/--no-leader-elect",
+                help="coordinate replicas through a Lease (real clusters)",
+            ),
+        ] = True,
+        lease_namespace: Annotated[
+            str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")
+        ] = "heteroscale-system",
         lease_name: Annotated[str, typer.Option("--lease-name")] = "heteroscale-reconciler",
-        lease_context: Annotated[str | None, typer.Option("--lease-context", help="kube context holding the Lease (default: current / in-cluster)")] = None,
-        identity: Annotated[str | None, typer.Option("--identity", envvar="POD_NAME", help="this replica's name in the Lease")] = None,
-        cycles: Annotated[int, typer.Option("--cycles", help="stop after this many cycles (0: run until interrupted)")] = 0,
+        lease_context: Annotated[
+            str | None,
+            typer.Option(
+                "--lease-context",
+                help="kube context holding the Lease (default: current / in-cluster)",
+            ),
+        ] = None,
+        identity: Annotated[
+            str | None,
+            typer.Option("--identity", envvar="POD_NAME", help="this replica's name in the Lease"),
+        ] = None,
+        cycles: Annotated[
+            int,
+            typer.Option("--cycles", help="stop after this many cycles (0: run until interrupted)"),
+        ] = 0,
     ) -> None:
         """Reconcile every N seconds until interrupted: observe, decide, place, diff and
         apply (or only report with --dry-run), every cluster through its own context."""
-        from reconciler.loop import configure_logging, serve_http
+        from reconciler.loop import configure_logging, reset_logging, serve_http
 
         if interval <= 0:
             raise typer.BadParameter("--interval must be positive")
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
-        configure_logging(json_format=log_format == "json")
+        handler = configure_logging(json_format=log_format == "json")
         log = logging.getLogger("heteroscale.run")
-        settings = _settings(repo, rev, kubeconfig, simulate, cluster, placer, autoscaler, prometheus_url,
-                             force, drain_window, diff_mode, seed, prune_removed_services)
+        settings = _settings(
+            repo,
+            rev,
+            kubeconfig,
+            simulate,
+            cluster,
+            placer,
+            autoscaler,
+            prometheus_url,
+            force,
+            drain_window,
+            diff_mode,
+            seed,
+            prune_removed_services,
+        )
         elector = None
         real = not settings.simulate and kubeconfig_available(settings.kubeconfig)
         if leader_elect and real:
             from reconciler.apply.kubeclient import KubeClient
             from reconciler.apply.lease import LeaseElector
 
-            if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not lease_context:
+            if (
+                settings.kubeconfig is None
+                and os.environ.get("KUBERNETES_SERVICE_HOST")
+                and not lease_context
+            ):
                 lease_client = KubeClient.in_cluster(name="lease")
             else:
                 lease_client = KubeClient.from_kubeconfig(settings.kubeconfig, lease_context)
             who = identity or f"{socket.gethostname()}-{os.getpid()}"
             elector = LeaseElector(lease_client, lease_namespace, lease_name, who)
             elector.start()
-            log.info(f"leader election on Lease {lease_namespace}/{lease_name} as {who}",
-                     extra={"event": "leader_election", "identity": who})
+            log.info(
+                f"leader election on Lease {lease_namespace}/{lease_name} as {who}",
+                extra={"event": "leader_election", "identity": who},
+            )
         try:
-            loop, wiring = build_loop(settings, dry_run=dry_run, interval_s=interval,
-                                      is_leader=elector.is_leader if elector else None)
+            loop, wiring = build_loop(
+                settings,
+                dry_run=dry_run,
+                interval_s=interval,
+                is_leader=elector.is_leader if elector else None,
+                watch=True,
+            )
         except ConfigError as exc:
             from reconciler.cli import report_config_error
 
@@ -328,9 +515,15 @@ def register(app: typer.Typer) -> None:
         host, _, port_text = listen.rpartition(":")
         if port_text and int(port_text) > 0:
             server = serve_http(loop, host or "0.0.0.0", int(port_text))
-            log.info(f"serving /metrics, /healthz, /readyz on {listen}", extra={"event": "http", "listen": listen})
-        log.info(f"reconciling every {interval:g} s against {wiring.describe}"
-                 + (" (dry run)" if dry_run else ""), extra={"event": "start"})
+            log.info(
+                f"serving /metrics, /healthz, /readyz on {listen}",
+                extra={"event": "http", "listen": listen},
+            )
+        log.info(
+            f"reconciling every {interval:g} s against {wiring.describe}"
+            + (" (dry run)" if dry_run else ""),
+            extra={"event": "start"},
+        )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -349,4 +542,5 @@ def register(app: typer.Typer) -> None:
                 elector.stop(release=True)
             if server is not None:
                 server.shutdown()
-        log.info("stopped", extra={"event": "stop", "cycles": done})
+            log.info("stopped", extra={"event": "stop", "cycles": done})
+            reset_logging(handler)

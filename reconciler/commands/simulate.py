@@ -50,7 +50,9 @@ def load_for(
         profile = synthetic_load_for(
             state, state.policies[service], hours=diurnal_hours or 8.0, seed=seed, config=config
         )
-        return profile.scaled(rate_scale, seed=seed) if rate_scale and rate_scale != 1.0 else profile
+        return (
+            profile.scaled(rate_scale, seed=seed) if rate_scale and rate_scale != 1.0 else profile
+        )
     workload = read_trace(trace, seed=seed)
     if diurnal_hours:
         workload = workload.diurnal(diurnal_hours, seed=seed)

@@ -21,13 +21,14 @@ least-privilege RBAC of deploy/ grants only the managed namespaces).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from reconciler.apply import names
 from reconciler.apply.kubeclient import (
@@ -40,6 +41,7 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.apply.render import ObjectKey
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.errors import HeteroscaleError
 from reconciler.observe.base import Drift, Observation
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
 
@@ -230,7 +232,9 @@ def parse_node(obj: JsonObject) -> LiveNode:
 # --------------------------------------------------------------------------- reading
 
 
-def list_owned_deployments(client: KubeClient, cluster: str, namespaces: Iterable[str]) -> list[JsonObject]:
+def list_owned_deployments(
+    client: KubeClient, cluster: str, namespaces: Iterable[str]
+) -> list[JsonObject]:
     """Our Deployments: one cluster-wide list when RBAC allows it, else per namespace."""
     selector = names.ownership_selector(cluster)
     try:
@@ -242,7 +246,9 @@ def list_owned_deployments(client: KubeClient, cluster: str, namespaces: Iterabl
         return out
 
 
-def list_owned_pods(client: KubeClient, cluster: str, namespaces: Iterable[str]) -> list[JsonObject]:
+def list_owned_pods(
+    client: KubeClient, cluster: str, namespaces: Iterable[str]
+) -> list[JsonObject]:
     selector = names.ownership_selector(cluster)
     try:
         return list(client.list(pods_path(), label_selector=selector))
@@ -253,24 +259,165 @@ def list_owned_pods(client: KubeClient, cluster: str, namespaces: Iterable[str])
         return out
 
 
+T = TypeVar("T")
+
+
+class WatchedCollection(Generic[T]):
+    """A cluster-wide collection kept current by list + watch (as client-go's
+    reflector does), so a reconcile cycle reads it from memory instead of listing
+    thousands of objects again.
+
+    ``items()`` lists synchronously when the cache is not synced (first call, after
+    ``invalidate()``, or when the watch expired: HTTP 410), then a daemon thread
+    watches from the list's resourceVersion, applying ADDED / MODIFIED / DELETED and
+    resuming after dropped connections. The cache is as fresh as the watch stream
+    (milliseconds behind the API server); writes carry resourceVersion preconditions,
+    so acting on a slightly old view fails safely (409) rather than wrongly.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        path: str,
+        parse: Callable[[JsonObject], T],
+        *,
+        label_selector: str | None = None,
+        retry_delay_s: float = 1.0,
+    ):
+        self.client = client
+        self.path = path
+        self.parse = parse
+        self.label_selector = label_selector
+        self.retry_delay_s = retry_delay_s
+        self._items: dict[tuple[str, str], T] = {}
+        self._version = ""
+        self._synced = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.relists = 0
+        self.events = 0
+
+    @staticmethod
+    def _key(obj: JsonObject) -> tuple[str, str]:
+        meta = obj.get("metadata") or {}
+        return meta.get("namespace", ""), meta.get("name", "")
+
+    def items(self) -> list[T]:
+        with self._lock:
+            if self._synced:
+                return list(self._items.values())
+        objs, version = self.client.list_with_version(self.path, label_selector=self.label_selector)
+        fresh = {self._key(o): self.parse(o) for o in objs}
+        with self._lock:
+            self._items, self._version, self._synced = fresh, version, True
+            self.relists += 1
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"watch {self.path}", daemon=True
+            )
+            self._thread.start()
+        return list(fresh.values())
+
+    def invalidate(self) -> None:
+        """Relist on the next ``items()`` (e.g. after our own writes, so the next
+        decision certainly sees them)."""
+        with self._lock:
+            self._synced = False
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                synced, version = self._synced, self._version
+            if not synced:
+                self._stop.wait(0.05)
+                continue
+            try:
+                for event in self.client.watch(
+                    self.path, resource_version=version, label_selector=self.label_selector
+                ):
+                    if self._stop.is_set() or not self._apply(event, version):
+                        break
+                    version = self._version
+            except HeteroscaleError:
+                self._stop.wait(self.retry_delay_s)
+
+    def _apply(self, event: JsonObject, watched_from: str) -> bool:
+        """Apply one watch event; False when the watch must be restarted."""
+        kind, obj = event.get("type"), event.get("object") or {}
+        with self._lock:
+            if self._version != watched_from:
+                return False  # relisted meanwhile: this stream is from an older list
+            if kind == "ERROR":
+                if obj.get("code") == 410:  # resourceVersion too old: relist
+                    self._synced = False
+                return False
+            version = (obj.get("metadata") or {}).get("resourceVersion")
+            if kind in ("ADDED", "MODIFIED"):
+                self._items[self._key(obj)] = self.parse(obj)
+            elif kind == "DELETED":
+                self._items.pop(self._key(obj), None)
+            if version:
+                self._version = version
+            self.events += 1
+        return True
+
+
+@dataclass
+class ClusterWatch:
+    """Watched Pods (ours) and Nodes of one cluster; Deployments are listed each
+    cycle (the least-privilege RBAC grants them per namespace only)."""
+
+    pods: WatchedCollection[LivePod]
+    nodes: WatchedCollection[LiveNode]
+
+    @classmethod
+    def start(cls, client: KubeClient, cluster: str) -> ClusterWatch:
+        return cls(
+            pods=WatchedCollection(
+                client, pods_path(), parse_pod, label_selector=names.ownership_selector(cluster)
+            ),
+            nodes=WatchedCollection(client, nodes_path(), parse_node),
+        )
+
+    def close(self) -> None:
+        self.pods.close()
+        self.nodes.close()
+
+
 def read_snapshot(
-    client: KubeClient, cluster: ClusterSpec, namespaces: Iterable[str], *, now_s: float | None = None
+    client: KubeClient,
+    cluster: ClusterSpec,
+    namespaces: Iterable[str],
+    *,
+    now_s: float | None = None,
+    watch: ClusterWatch | None = None,
 ) -> ClusterSnapshot:
-    """One consistent-enough read of our objects and the Nodes (three list calls)."""
+    """One consistent-enough read of our objects and the Nodes: three list calls, or
+    one plus the watched Pods and Nodes."""
     namespaces = list(namespaces)
-    # The three lists are independent: read them concurrently (the API server and the
-    # JSON decoding overlap).
+    # The reads are independent: run them concurrently (the API server and the JSON
+    # decoding overlap).
     with ThreadPoolExecutor(max_workers=3) as pool:
         deployment_objs = pool.submit(list_owned_deployments, client, cluster.name, namespaces)
-        pod_objs = pool.submit(list_owned_pods, client, cluster.name, namespaces)
-        node_objs = pool.submit(lambda: list(client.list(nodes_path())))
+        if watch is not None:
+            pod_items = pool.submit(watch.pods.items)
+            node_items = pool.submit(watch.nodes.items)
+        else:
+            pod_items = pool.submit(
+                lambda: [parse_pod(o) for o in list_owned_pods(client, cluster.name, namespaces)]
+            )
+            node_items = pool.submit(lambda: [parse_node(o) for o in client.list(nodes_path())])
         deployments: dict[ObjectKey, LiveDeployment] = {}
         for obj in deployment_objs.result():
             parsed = parse_deployment(obj)
             if parsed is not None:
                 deployments[parsed.key] = parsed
-        pods = tuple(parse_pod(obj) for obj in pod_objs.result())
-        nodes = tuple(parse_node(obj) for obj in node_objs.result())
+        pods = tuple(pod_items.result())
+        nodes = tuple(node_items.result())
     return ClusterSnapshot(
         cluster=cluster.name,
         deployments=deployments,
@@ -307,7 +454,9 @@ def fleet_from_snapshot(
             live = roles.get(role)
             if live is None:
                 policy = (policies or {}).get(service)
-                fallback = policy.role(role).preferred_gpu_types()[0] if policy else any_role.gpu_type
+                fallback = (
+                    policy.role(role).preferred_gpu_types()[0] if policy else any_role.gpu_type
+                )
                 group_roles[role] = GroupRole(gpu_type=fallback, instances=0)
                 continue
             node_counts = nodes_by_key.get(live.key, {})
@@ -332,7 +481,7 @@ def fleet_from_snapshot(
     draining: dict[tuple[str, Role], int] = defaultdict(int)
     for pod in snapshot.drained_pods():
         if pod.role in ROLES:
-            draining[(pod.service, pod.role)] += 1  # type: ignore[index]
+            draining[(pod.service, pod.role)] += 1
     return FleetState(
         cluster=snapshot.cluster,
         groups=tuple(groups),
@@ -349,7 +498,13 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
     for node in cluster.nodes:
         seen = live.get(node.name)
         if seen is None:
-            out.append(Drift("node_missing", node.name, f"in {cluster.name}'s cluster file, not in the cluster"))
+            out.append(
+                Drift(
+                    "node_missing",
+                    node.name,
+                    f"in {cluster.name}'s cluster file, not in the cluster",
+                )
+            )
             continue
         expected = {
             labels.s2: node.s2,
@@ -362,7 +517,13 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
             got = seen.labels.get(key)
             if got != want:
                 shown = "missing" if got is None else f"'{got}'"
-                out.append(Drift("node_label", node.name, f"label {key} is {shown}, the cluster file says '{want}'"))
+                out.append(
+                    Drift(
+                        "node_label",
+                        node.name,
+                        f"label {key} is {shown}, the cluster file says '{want}'",
+                    )
+                )
         if seen.gpus != node.gpus:
             out.append(
                 Drift(
@@ -372,13 +533,13 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
                 )
             )
     known = cluster.node_by_name
-    for node in nodes:
-        if node.name not in known and labels.gpu_type in node.labels:
+    for live_node in nodes:
+        if live_node.name not in known and labels.gpu_type in live_node.labels:
             out.append(
                 Drift(
                     "node_unexpected",
-                    node.name,
-                    f"GPU node ({labels.gpu_type}={node.labels[labels.gpu_type]}) not in {cluster.name}'s cluster file",
+                    live_node.name,
+                    f"GPU node ({labels.gpu_type}={live_node.labels[labels.gpu_type]}) not in {cluster.name}'s cluster file",
                 )
             )
     return tuple(out)
@@ -399,7 +560,9 @@ def ownership_drift(deployments: Iterable[LiveDeployment]) -> tuple[Drift, ...]:
 
 
 def observation_from_snapshot(
-    snapshot: ClusterSnapshot, cluster: ClusterSpec, policies: Mapping[str, ServicePolicy] | None = None
+    snapshot: ClusterSnapshot,
+    cluster: ClusterSpec,
+    policies: Mapping[str, ServicePolicy] | None = None,
 ) -> Observation:
     drift = node_drift(cluster, snapshot.nodes) + ownership_drift(snapshot.deployments.values())
     return Observation(fleet=fleet_from_snapshot(snapshot, policies), drift=drift)

@@ -22,8 +22,9 @@ class PlacementOptions:
     seed: int = 0
     workers: int = 2
     allow_rebalance: bool = False  # move running instances (off: never)
-    # Added for CP-SAT: reproducible search (interleaved workers, deterministic-time
-    # budget from time_limit_s) so `plan` and `apply` compute the same placement.
+    # Added for CP-SAT: one search thread bounded by a deterministic-time budget derived
+    # from time_limit_s, so `plan` and `apply` compute the same placement (workers is
+    # used only when this is off).
     deterministic: bool = True
 
 

@@ -29,9 +29,14 @@ Decisions (documented here once, followed by every placer):
   group loses its last instance of a role while it keeps the other role, unless
   nothing else is left to remove. Inside a group, instances leave the nodes with the
   fewest GPUs in use first, so whole nodes become free.
-- **New group ids** are ``g-<domain>-<n>`` (for loose groups ``g-<subgroup>-<n>``)
-  with the smallest ``n >= 1`` the service does not use and did not use at the start
-  of the cycle: stable and deterministic for the same input.
+- **Domains.** A new group is pinned to one domain of its service's affinity
+  (``Topology.domains``); loose groups go to one RDMA subgroup, and only as a priced
+  last resort (CP-SAT) or by the paper's rule (greedy) span the cluster
+  (``subgroup=None``). A running group whose ``domain``/``subgroup`` names no domain of
+  the topology (a switch that is gone) is kept and may shrink, but never grows.
+- **New group ids** are ``g-<domain>-<n>`` (for loose groups ``g-<subgroup>-<n>``, or
+  ``g-<cluster>-<n>`` when spanning) with the smallest ``n >= 1`` the service does not
+  use and did not use at the start of the cycle: stable and deterministic.
 """
 
 from __future__ import annotations
@@ -438,7 +443,7 @@ def split_growth(
     over the groups. Deterministic."""
     left = {r: max(0, add.get(r, 0)) for r in ROLES}
     plan: dict[tuple[int, Role], int] = defaultdict(int)
-    live = [g for g in groups if not g.is_empty]
+    live = list(groups)
     if not live:
         return []
     room = [need.room(g) for g in live]

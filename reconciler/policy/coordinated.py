@@ -433,10 +433,10 @@ def _dynamic_ratio(
     problem = sample_problem(
         prefill_sample, "prefill_tps", now_s, n.metric_max_age_s
     ) or sample_problem(decode_sample, "decode_tps", now_s, n.metric_max_age_s)
-    if problem is None and (decode_sample.value <= 0 or prefill_sample.value < 0):  # type: ignore[union-attr]
-        problem = "no decode tokens/s to compare"
+    if problem is None and (decode_sample.value <= 0 or prefill_sample.value <= 0):  # type: ignore[union-attr]
+        problem = "no traffic to measure the token mix"  # an idle service says nothing about it
     if problem is not None:
-        parts.append(f"dynamic ratio held at {format_ratio(current)} ({problem})")
+        parts.append(f"dynamic ratio held at {_ratio_text(current)} ({problem})")
         return current, history.extra
     mix = prefill_sample.value / decode_sample.value  # type: ignore[union-attr]
     anchor = extra.get(_MIX_ANCHOR, mix)

@@ -2,29 +2,39 @@
 GPU measurements (``calibrate``, ``perf``), with trace readers and synthetic load
 (``workload``), the per-second fluid model (``engine``), the simulated cluster behind
 the reconciler's MetricsSource/ClusterBackend interfaces (``fleet``, ``default``) and
-the side-by-side policy evaluation (``evaluate``).
+the side-by-side policy evaluation (``reconciler.sim.evaluate.evaluate``).
+
+Names below are loaded lazily, so ``python -m reconciler.sim.calibrate`` and light
+imports do not pull in the whole simulator.
 """
 
-from reconciler.sim.default import default_simulated_fleet, synthetic_load_for
-from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, synthetic_profile
-from reconciler.sim.evaluate import EvaluationError, EvaluationResult, PolicyResult, evaluate
-from reconciler.sim.fleet import SimulatedFleet
-from reconciler.sim.workload import TraceError, Workload, read_trace, synthetic_workload
+from __future__ import annotations
 
-__all__ = [
-    "EvaluationError",
-    "EvaluationResult",
-    "LoadProfile",
-    "PolicyResult",
-    "ServiceSim",
-    "SimConfig",
-    "SimulatedFleet",
-    "TraceError",
-    "Workload",
-    "default_simulated_fleet",
-    "evaluate",
-    "read_trace",
-    "synthetic_load_for",
-    "synthetic_profile",
-    "synthetic_workload",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "default_simulated_fleet": "reconciler.sim.default",
+    "synthetic_load_for": "reconciler.sim.default",
+    "LoadProfile": "reconciler.sim.engine",
+    "ServiceSim": "reconciler.sim.engine",
+    "SimConfig": "reconciler.sim.engine",
+    "synthetic_profile": "reconciler.sim.engine",
+    "EvaluationError": "reconciler.sim.evaluate",
+    "EvaluationResult": "reconciler.sim.evaluate",
+    "PolicyResult": "reconciler.sim.evaluate",
+    "SimulatedFleet": "reconciler.sim.fleet",
+    "TraceError": "reconciler.sim.workload",
+    "Workload": "reconciler.sim.workload",
+    "read_trace": "reconciler.sim.workload",
+    "synthetic_workload": "reconciler.sim.workload",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reconciler.sim' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)

@@ -21,7 +21,7 @@ Policies:
 
 Per-instance capacity (oracle and static-peak): prefill tokens/s of the most
 preferred GPU type at 85 % of its compute (headroom for arrival bursts inside a
-minute), decode tokens/s at 80 % of the TBT SLO at the trace's mean context, both
+minute), decode tokens/s at 70 % of the TBT SLO at the trace's mean context, both
 from ``reconciler.sim.perf``.
 
 Every policy starts warm: the fleet at time 0 is what the oracle would run then (the
@@ -57,7 +57,7 @@ from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Ta
 
 DEFAULT_POLICIES: tuple[str, ...] = ("heteroscale", "hpa-gpu-util", "static-peak", "oracle")
 PREFILL_HEADROOM = 0.85
-DECODE_SLO_HEADROOM = 0.8
+DECODE_SLO_HEADROOM = 0.7
 DEMAND_WINDOW_S = 60
 
 

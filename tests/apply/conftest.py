@@ -33,7 +33,10 @@ def kube_bin() -> Path:
     bin_dir = _bin_dir()
     if not _binaries_present(bin_dir):
         result = subprocess.run(
-            ["bash", str(SCRIPTS / "ensure-binaries.sh"), str(bin_dir)], capture_output=True, text=True, check=False
+            ["bash", str(SCRIPTS / "ensure-binaries.sh"), str(bin_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0 or not _binaries_present(bin_dir):
             pytest.skip(
@@ -44,7 +47,9 @@ def kube_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def control_plane(kube_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def control_plane(
+    kube_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ControlPlane]:
     state_dir = tmp_path_factory.mktemp("k8s")
     plane = ControlPlane.start(SCRIPTS, state_dir, kube_bin)
     try:

@@ -64,7 +64,9 @@ class ControlPlane:
             time.sleep(0.05)
 
     def restart_apiserver(self) -> None:
-        subprocess.run(["bash", str(self.state_dir / "apiserver.sh")], check=True, capture_output=True)
+        subprocess.run(
+            ["bash", str(self.state_dir / "apiserver.sh")], check=True, capture_output=True
+        )
 
     @property
     def ca_file(self) -> str:
@@ -126,14 +128,18 @@ spec:
 """
 
 
-def make_desired_state(root: Path, cluster: str, services: Iterable[str] = ("svc",), affinity: str = "s2") -> DesiredState:
+def make_desired_state(
+    root: Path, cluster: str, services: Iterable[str] = ("svc",), affinity: str = "s2"
+) -> DesiredState:
     """A one-cluster desired state in ``root``: cluster ``cluster`` (2 H800 + 2 H20
     nodes under two S2 switches), one policy per service, namespace = cluster name."""
     (root / "clusters").mkdir(parents=True, exist_ok=True)
     (root / "policies").mkdir(exist_ok=True)
     (root / "templates").mkdir(exist_ok=True)
     prefix = f"{cluster}.test"
-    (root / "clusters" / f"{cluster}.yaml").write_text(CLUSTER.format(cluster=cluster, prefix=prefix))
+    (root / "clusters" / f"{cluster}.yaml").write_text(
+        CLUSTER.format(cluster=cluster, prefix=prefix)
+    )
     for service in services:
         (root / "policies" / f"{service}.yaml").write_text(
             POLICY.format(service=service, cluster=cluster, namespace=cluster, affinity=affinity)
@@ -145,10 +151,19 @@ def make_desired_state(root: Path, cluster: str, services: Iterable[str] = ("svc
 
 def ensure_namespace(client: KubeClient, name: str) -> None:
     with contextlib.suppress(ResourceConflict):
-        client.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        client.request(
+            "POST",
+            "/api/v1/namespaces",
+            body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+        )
 
 
-def create_nodes(client: KubeClient, spec: ClusterSpec, skip: Iterable[str] = (), label_overrides: dict[str, dict[str, str]] | None = None) -> None:
+def create_nodes(
+    client: KubeClient,
+    spec: ClusterSpec,
+    skip: Iterable[str] = (),
+    label_overrides: dict[str, dict[str, str]] | None = None,
+) -> None:
     """Fake GPU Nodes for every node of the cluster file (no kubelet: plain objects
     with topology labels and ``nvidia.com/gpu`` capacity)."""
     overrides = label_overrides or {}
@@ -163,20 +178,38 @@ def create_nodes(client: KubeClient, spec: ClusterSpec, skip: Iterable[str] = ()
             **node.labels,
             **overrides.get(node.name, {}),
         }
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name, "labels": labels}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node.name, "labels": labels},
+        }
         with contextlib.suppress(ResourceConflict):
             client.request("POST", nodes_path(), body=body)
         capacity = {"nvidia.com/gpu": str(node.gpus), "cpu": "64", "memory": "512Gi", "pods": "110"}
         client.request(
             "PATCH",
             nodes_path(node.name) + "/status",
-            body={"status": {"capacity": capacity, "allocatable": capacity,
-                             "conditions": [{"type": "Ready", "status": "True", "reason": "Fake", "message": "test"}]}},
+            body={
+                "status": {
+                    "capacity": capacity,
+                    "allocatable": capacity,
+                    "conditions": [
+                        {"type": "Ready", "status": "True", "reason": "Fake", "message": "test"}
+                    ],
+                }
+            },
             content_type="application/merge-patch+json",
         )
 
 
-def group(service: str, cluster: str, group_id: str, domain: str, prefill: tuple[str, int], decode: tuple[str, int]) -> DeploymentGroup:
+def group(
+    service: str,
+    cluster: str,
+    group_id: str,
+    domain: str,
+    prefill: tuple[str, int],
+    decode: tuple[str, int],
+) -> DeploymentGroup:
     return DeploymentGroup(
         service=service,
         cluster=cluster,
@@ -188,10 +221,14 @@ def group(service: str, cluster: str, group_id: str, domain: str, prefill: tuple
     )
 
 
-def hand_plan(state: DesiredState, cluster: str, observation: Observation, groups: Iterable[DeploymentGroup]) -> Plan:
+def hand_plan(
+    state: DesiredState, cluster: str, observation: Observation, groups: Iterable[DeploymentGroup]
+) -> Plan:
     groups = tuple(groups)
     gpus = {
-        (p.name, role): p.role(role).gpus_per_instance for p in state.policies_for(cluster) for role in ROLES
+        (p.name, role): p.role(role).gpus_per_instance
+        for p in state.policies_for(cluster)
+        for role in ROLES
     }
     return Plan(
         cluster=cluster,
@@ -208,7 +245,11 @@ def list_deployments(client: KubeClient, namespace: str) -> dict[str, dict]:
 
 
 def list_pods(client: KubeClient, namespace: str, selector: str | None = None) -> list[dict]:
-    return [p for p in client.list(pods_path(namespace), label_selector=selector) if not p["metadata"].get("deletionTimestamp")]
+    return [
+        p
+        for p in client.list(pods_path(namespace), label_selector=selector)
+        if not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def mark_ready(client: KubeClient, namespace: str, pod: dict) -> None:
@@ -236,7 +277,11 @@ def mark_ready(client: KubeClient, namespace: str, pod: dict) -> None:
 def force_delete_pods(client: KubeClient, namespace: str) -> None:
     for pod in client.list(pods_path(namespace)):
         with contextlib.suppress(NotFound):
-            client.request("DELETE", pods_path(namespace, pod["metadata"]["name"]), body={"gracePeriodSeconds": 0})
+            client.request(
+                "DELETE",
+                pods_path(namespace, pod["metadata"]["name"]),
+                body={"gracePeriodSeconds": 0},
+            )
 
 
 # ------------------------------------------------------------- applying YAML files
@@ -247,10 +292,22 @@ _RESOURCES = {
     ("v1", "Service"): ("/api/v1", "services", True),
     ("v1", "Secret"): ("/api/v1", "secrets", True),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments", True),
-    ("rbac.authorization.k8s.io/v1", "ClusterRole"): ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
-    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): (
+        "/apis/rbac.authorization.k8s.io/v1",
+        "clusterroles",
+        False,
+    ),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): (
+        "/apis/rbac.authorization.k8s.io/v1",
+        "clusterrolebindings",
+        False,
+    ),
     ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): (
+        "/apis/rbac.authorization.k8s.io/v1",
+        "rolebindings",
+        True,
+    ),
 }
 
 

@@ -50,7 +50,10 @@ class Env:
 
     def backend(self, **options: object) -> KubernetesBackend:
         backend = KubernetesBackend(
-            self.client, state=self.state, options=ApplyOptions(**options), clock=lambda: self.clock_s  # type: ignore[arg-type]
+            self.client,
+            state=self.state,
+            options=ApplyOptions(**options),
+            clock=lambda: self.clock_s,  # type: ignore[arg-type]
         )
         return backend
 
@@ -103,8 +106,16 @@ def test_create_renders_deployments_that_the_scheduler_places_on_the_right_gpus(
     deployment = env.deployments()["svc-g1-d"]
     labels = deployment["metadata"]["labels"]
     assert labels[names.MANAGED_BY_LABEL] == "heteroscale"
-    assert (labels[names.SERVICE_LABEL], labels[names.GROUP_LABEL], labels[names.ROLE_LABEL]) == ("svc", "g1", "decode")
-    managers = {m["manager"] for m in deployment["metadata"]["managedFields"] if "f:spec" in m.get("fieldsV1", {})}
+    assert (labels[names.SERVICE_LABEL], labels[names.GROUP_LABEL], labels[names.ROLE_LABEL]) == (
+        "svc",
+        "g1",
+        "decode",
+    )
+    managers = {
+        m["manager"]
+        for m in deployment["metadata"]["managedFields"]
+        if "f:spec" in m.get("fieldsV1", {})
+    }
     assert managers == {"heteroscale"}
 
     # The scheduler honours the rendered affinity and GPU requests.
@@ -117,9 +128,13 @@ def test_create_renders_deployments_that_the_scheduler_places_on_the_right_gpus(
         node = pod["spec"]["nodeName"]
         pod_labels = pod["metadata"]["labels"]
         if pod_labels[names.GROUP_LABEL] == "g1":
-            assert node.startswith(f"{env.name}-h800"), "g1 is pinned to the H800 pod (S2 label + GPU type)"
+            assert node.startswith(f"{env.name}-h800"), (
+                "g1 is pinned to the H800 pod (S2 label + GPU type)"
+            )
         elif pod_labels[names.ROLE_LABEL] == "decode":
-            assert node.startswith(f"{env.name}-h20"), "g2 decode runs on H20 (GPU type label value nvidia-h20)"
+            assert node.startswith(f"{env.name}-h20"), (
+                "g2 decode runs on H20 (GPU type label value nvidia-h20)"
+            )
 
 
 def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
@@ -133,7 +148,10 @@ def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": {"app": "x"}},
-            "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+            "template": {
+                "metadata": {"labels": {"app": "x"}},
+                "spec": {"containers": [{"name": "c", "image": "x"}]},
+            },
         },
     }
     env.client.apply(deployments_path(env.name, "not-ours"), foreign, field_manager="someone-else")
@@ -146,7 +164,9 @@ def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
     assert not backend.diff_cluster(again).has_changes
     assert backend.stats.dry_runs == 0, "objects carrying the applied hash skip the dry run"
     full = env.backend(soft_scale_in_window_s=0, skip_provably_unchanged=False)
-    assert not full.diff_cluster(env.plan(full, _groups(env))).has_changes and full.stats.dry_runs >= 4
+    assert (
+        not full.diff_cluster(env.plan(full, _groups(env))).has_changes and full.stats.dry_runs >= 4
+    )
     backend.apply_cluster(again)
     assert backend.stats.writes == 0
     after = {n: d["metadata"]["generation"] for n, d in env.deployments().items()}
@@ -184,7 +204,11 @@ def test_capacity_adding_changes_are_applied_before_removals(env: Env) -> None:
     backend = env.backend(soft_scale_in_window_s=0)
     backend.apply_cluster(env.plan(backend, _groups(env, g1_decode=4, with_g2=False)))
     writes: list[str] = []
-    env.client.hooks.append(lambda method, path: writes.append(path) if method in ("PATCH", "DELETE") and "dryRun" not in path else None)
+    env.client.hooks.append(
+        lambda method, path: (
+            writes.append(path) if method in ("PATCH", "DELETE") and "dryRun" not in path else None
+        )
+    )
     try:
         # g1 decode shrinks while g2 is created: g2's Deployments must come first.
         mixed = env.plan(backend, _groups(env, g1_decode=1))
@@ -201,10 +225,16 @@ def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
 
     # Node drift: one Node's S1 label disagrees, one Node's GPU capacity differs.
     first, second = f"{env.name}-h800-1", f"{env.name}-h20-2"
-    env.client.merge_patch(f"/api/v1/nodes/{first}", {"metadata": {"labels": {env.spec.labels.s1: "elsewhere"}}}, field_manager="ops")
+    env.client.merge_patch(
+        f"/api/v1/nodes/{first}",
+        {"metadata": {"labels": {env.spec.labels.s1: "elsewhere"}}},
+        field_manager="ops",
+    )
     env.client.request(
-        "PATCH", f"/api/v1/nodes/{second}/status",
-        body={"status": {"capacity": {"nvidia.com/gpu": "4"}}}, content_type="application/merge-patch+json",
+        "PATCH",
+        f"/api/v1/nodes/{second}/status",
+        body={"status": {"capacity": {"nvidia.com/gpu": "4"}}},
+        content_type="application/merge-patch+json",
     )
     drift = env.observe(backend).drift
     kinds = {(d.kind, d.name) for d in drift}
@@ -212,9 +242,15 @@ def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
     assert ("node_capacity", second) in kinds
 
     # Someone scales our Deployment by hand: reported as drift, not overwritten.
-    env.client.merge_patch(deployments_path(env.name, "svc-g1-d"), {"spec": {"replicas": 7}}, field_manager="kubectl-edit")
+    env.client.merge_patch(
+        deployments_path(env.name, "svc-g1-d"),
+        {"spec": {"replicas": 7}},
+        field_manager="kubectl-edit",
+    )
     observation = env.observe(backend)
-    assert any(d.kind == "object_modified" and d.name.endswith("svc-g1-d") for d in observation.drift)
+    assert any(
+        d.kind == "object_modified" and d.name.endswith("svc-g1-d") for d in observation.drift
+    )
     plan = hand_plan(env.state, env.name, observation, _groups(env, with_g2=False))
     diff = backend.diff_cluster(plan)
     conflict = next(o for o in diff.objects if o.key.endswith("svc-g1-d"))
@@ -227,7 +263,9 @@ def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
     forced = env.backend(soft_scale_in_window_s=0, force=True)
     plan = env.plan(forced, _groups(env, with_g2=False))
     diff = forced.diff_cluster(plan)
-    assert [str(f) for f in next(o for o in diff.objects if o.key.endswith("svc-g1-d")).fields] == ["spec.replicas: 7 -> 3"]
+    assert [str(f) for f in next(o for o in diff.objects if o.key.endswith("svc-g1-d")).fields] == [
+        "spec.replicas: 7 -> 3"
+    ]
     forced.apply_cluster(plan)
     assert _replicas(env)["svc-g1-d"] == 3
 
@@ -236,15 +274,28 @@ def test_a_field_someone_else_removed_is_noticed_and_restored(env: Env) -> None:
     backend = env.backend(soft_scale_in_window_s=0)
     backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
     path = deployments_path(env.name, "svc-g1-p")
-    env.client.merge_patch(path, {"metadata": {"annotations": {names.GPU_TYPE_ANNOTATION: None}}}, field_manager="kubectl-annotate")
+    env.client.merge_patch(
+        path,
+        {"metadata": {"annotations": {names.GPU_TYPE_ANNOTATION: None}}},
+        field_manager="kubectl-annotate",
+    )
     diff = backend.diff_cluster(env.plan(backend, _groups(env, with_g2=False)))
     (changed,) = diff.changed
-    assert [str(f) for f in changed.fields] == [f"metadata.annotations.{names.GPU_TYPE_ANNOTATION}: + 'h800'"]
+    assert [str(f) for f in changed.fields] == [
+        f"metadata.annotations.{names.GPU_TYPE_ANNOTATION}: + 'h800'"
+    ]
     backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
-    assert env.deployments()["svc-g1-p"]["metadata"]["annotations"][names.GPU_TYPE_ANNOTATION] == "h800"
+    assert (
+        env.deployments()["svc-g1-p"]["metadata"]["annotations"][names.GPU_TYPE_ANNOTATION]
+        == "h800"
+    )
 
     # An object that lost our ownership label is not ours any more: not overwritten.
-    env.client.merge_patch(path, {"metadata": {"labels": {names.MANAGED_BY_LABEL: None}}}, field_manager="kubectl-label")
+    env.client.merge_patch(
+        path,
+        {"metadata": {"labels": {names.MANAGED_BY_LABEL: None}}},
+        field_manager="kubectl-label",
+    )
     diff = backend.diff_cluster(env.plan(backend, _groups(env, with_g2=False)))
     conflict = next(o for o in diff.objects if o.key.endswith("svc-g1-p"))
     assert conflict.action == "conflict" and "ownership labels" in conflict.notes[-1]
@@ -259,10 +310,17 @@ def test_a_409_conflict_is_retried_after_a_re_read(env: Env) -> None:
 
     def interfere(method: str, path: str) -> None:
         # Just before our real apply of svc-g1-d, someone else writes the object.
-        if method == "PATCH" and "/deployments/svc-g1-d?" in path and "dryRun" not in path and not interfered:
+        if (
+            method == "PATCH"
+            and "/deployments/svc-g1-d?" in path
+            and "dryRun" not in path
+            and not interfered
+        ):
             path = path.split("?")[0]
             interfered.append(path)
-            other.merge_patch(path, {"metadata": {"annotations": {"team": "serving"}}}, field_manager="other-tool")
+            other.merge_patch(
+                path, {"metadata": {"annotations": {"team": "serving"}}}, field_manager="other-tool"
+            )
 
     backend.client.hooks.append(interfere)
     try:
@@ -279,7 +337,14 @@ def test_a_409_conflict_is_retried_after_a_re_read(env: Env) -> None:
 def test_api_server_killed_mid_apply_next_cycle_finishes_without_doubling(env: Env) -> None:
     backend = env.backend(soft_scale_in_window_s=0)
     groups = [
-        group("svc", env.name, f"k{i}", f"{env.name}-pa" if i % 2 else env.name, ("h800", 1), ("h800", 1))
+        group(
+            "svc",
+            env.name,
+            f"k{i}",
+            f"{env.name}-pa" if i % 2 else env.name,
+            ("h800", 1),
+            ("h800", 1),
+        )
         for i in range(4)
     ]
     plan = env.plan(backend, groups)
@@ -309,16 +374,24 @@ def test_api_server_killed_mid_apply_next_cycle_finishes_without_doubling(env: E
     wait_for(lambda: len(list_pods(env.client, env.name)) == 8, what="8 pods")
 
 
-def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_slo_breach(env: Env) -> None:
+def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_slo_breach(
+    env: Env,
+) -> None:
     backend = env.backend(soft_scale_in_window_s=60)
     backend.slo = {"svc": "held"}
     base = [group("svc", env.name, "s1", f"{env.name}-pa", ("h800", 1), ("h800", 4))]
     backend.apply_cluster(env.plan(backend, base))
     selector = f"{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode"
-    pods = wait_for(lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p, what="4 decode pods")
+    pods = wait_for(
+        lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p,
+        what="4 decode pods",
+    )
     for pod in pods:
         mark_ready(env.client, env.name, pod)
-    wait_for(lambda: env.deployments()["svc-s1-d"].get("status", {}).get("readyReplicas") == 4, what="4 ready")
+    wait_for(
+        lambda: env.deployments()["svc-s1-d"].get("status", {}).get("readyReplicas") == 4,
+        what="4 ready",
+    )
 
     # Scale decode 4 -> 2: two Pods leave service discovery, keep running.
     smaller = [group("svc", env.name, "s1", f"{env.name}-pa", ("h800", 1), ("h800", 2))]
@@ -341,17 +414,34 @@ def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_sl
     backend.slo = {"svc": "broken"}
     plan = hand_plan(env.state, env.name, observation, smaller)
     backend.apply_cluster(plan)
-    serving = list_pods(env.client, env.name, f"{names.SERVING_LABEL}=true,{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode")
+    serving = list_pods(
+        env.client,
+        env.name,
+        f"{names.SERVING_LABEL}=true,{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode",
+    )
     assert set(drained_names) <= {p["metadata"]["name"] for p in serving}
     assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 4
     wait_for(
-        lambda: all(p["metadata"].get("ownerReferences") for p in list_pods(env.client, env.name, selector)),
+        lambda: all(
+            p["metadata"].get("ownerReferences") for p in list_pods(env.client, env.name, selector)
+        ),
         what="the ReplicaSet to adopt the put-back pods",
     )
+
     # Replicas go up before the Pods come back, so the ReplicaSet may briefly start a
     # replacement; it removes it again (the newest unready Pod), keeping the put-back ones.
+    def ready(pod: dict) -> bool:
+        conditions = pod.get("status", {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
     settled = wait_for(
-        lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p, what="4 decode pods again"
+        lambda: (
+            (p := list_pods(env.client, env.name, selector))
+            and len(p) == 4
+            and all(map(ready, p))
+            and p
+        ),
+        what="4 ready decode pods again",
     )
     assert set(drained_names) <= {p["metadata"]["name"] for p in settled}
 
@@ -367,5 +457,7 @@ def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_sl
     finishing = next(o for o in backend.diff_cluster(plan).objects if o.key.endswith("svc-s1-d"))
     assert sorted(p.action for p in finishing.pods) == ["finish", "finish"]
     backend.apply_cluster(plan)
-    wait_for(lambda: not list_pods(env.client, env.name, drained_selector), what="drained pods deleted")
+    wait_for(
+        lambda: not list_pods(env.client, env.name, drained_selector), what="drained pods deleted"
+    )
     assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 2

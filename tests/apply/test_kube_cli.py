@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetestkit import ControlPlane, create_nodes, ensure_namespace, list_deployments, make_desired_state, wait_for
+from kubetestkit import (
+    ControlPlane,
+    create_nodes,
+    ensure_namespace,
+    list_deployments,
+    make_desired_state,
+    wait_for,
+)
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -15,39 +22,72 @@ from reconciler.cli import app
 pytestmark = pytest.mark.kubernetes
 
 
-def test_plan_then_apply_then_nothing_left_to_do(control_plane: ControlPlane, tmp_path: Path) -> None:
+def test_plan_then_apply_then_nothing_left_to_do(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
     name = "cli-e2e"
     state = make_desired_state(tmp_path, name)
     client = control_plane.client()
     ensure_namespace(client, name)
     create_nodes(client, state.clusters[name])
     runner = CliRunner()
-    common = ["--repo", str(tmp_path), "--kubeconfig", str(control_plane.kubeconfig), "--placer", "greedy"]
+    common = [
+        "--repo",
+        str(tmp_path),
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--placer",
+        "greedy",
+    ]
 
     # No Prometheus configured: every service holds, which from nothing means its floor.
     planned = runner.invoke(app, ["plan", *common, "--format", "json"])
     assert planned.exit_code == 3, planned.output
-    report = json.loads(planned.output)
+    report = json.loads(planned.stdout)
     (cluster,) = report["clusters"]
     assert cluster["cluster"] == name and cluster["objects"]["mode"] == "server-dry-run"
-    promised = sorted((o["key"], o["action"], o["replicas_after"]) for o in cluster["objects"]["objects"])
+    promised = sorted(
+        (o["key"], o["action"], o["replicas_after"]) for o in cluster["objects"]["objects"]
+    )
     assert promised and {a for _, a, _ in promised} == {"create"}
     assert list_deployments(client, name) == {}, "plan changes nothing"
 
     applied = runner.invoke(app, ["apply", *common, "--format", "json"])
     assert applied.exit_code == 0, applied.output
-    done = sorted((o["key"], o["action"], o["replicas_after"]) for o in json.loads(applied.output)["clusters"][0]["objects"]["objects"])
+    done = sorted(
+        (o["key"], o["action"], o["replicas_after"])
+        for o in json.loads(applied.stdout)["clusters"][0]["objects"]["objects"]
+    )
     assert done == promised, "apply did exactly what plan printed"
     live = {f"{name}/{n}": d["spec"]["replicas"] for n, d in list_deployments(client, name).items()}
     assert live == {key: replicas for key, _, replicas in promised}
 
     # Once the scheduler has placed the Pods, a second plan has nothing to do.
-    wait_for(lambda: all(p["spec"].get("nodeName") for p in client.list(f"/api/v1/namespaces/{name}/pods")), what="scheduled pods")
+    wait_for(
+        lambda: all(
+            p["spec"].get("nodeName") for p in client.list(f"/api/v1/namespaces/{name}/pods")
+        ),
+        what="scheduled pods",
+    )
     again = runner.invoke(app, ["plan", *common])
     assert again.exit_code == 0, again.output
     assert "No changes" in again.output
 
     # The loop: two cycles, JSON logs, nothing to change.
-    ran = runner.invoke(app, ["run", *common, "--cycles", "2", "--interval", "0.2", "--listen", "127.0.0.1:0",
-                              "--no-leader-elect", "--log-format", "json"])
+    ran = runner.invoke(
+        app,
+        [
+            "run",
+            *common,
+            "--cycles",
+            "2",
+            "--interval",
+            "0.2",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-leader-elect",
+            "--log-format",
+            "json",
+        ],
+    )
     assert ran.exit_code == 0, ran.output

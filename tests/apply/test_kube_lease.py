@@ -43,7 +43,10 @@ def test_of_two_candidates_racing_exactly_one_holds_the_lease(control_plane: Con
     admin = control_plane.client()
     ensure_namespace(admin, NAMESPACE)
     for round_ in range(5):
-        electors = [LeaseElector(control_plane.client(), NAMESPACE, f"race-{round_}", who) for who in ("a", "b")]
+        electors = [
+            LeaseElector(control_plane.client(), NAMESPACE, f"race-{round_}", who)
+            for who in ("a", "b")
+        ]
         # First round: both create at once; second: both renew/acquire the existing one.
         assert sorted(_race(electors)) == [False, True]
         assert sorted(_race(electors)) == [False, True]
@@ -52,7 +55,9 @@ def test_of_two_candidates_racing_exactly_one_holds_the_lease(control_plane: Con
         assert holder == next(e.identity for e in electors if e.is_leader())
 
 
-def test_a_standby_takes_over_only_after_the_holder_stops_renewing(control_plane: ControlPlane) -> None:
+def test_a_standby_takes_over_only_after_the_holder_stops_renewing(
+    control_plane: ControlPlane,
+) -> None:
     ensure_namespace(control_plane.client(), NAMESPACE)
     kwargs = {"lease_duration_s": 2, "renew_deadline_s": 1.0, "retry_period_s": 0.2}
     holder = LeaseElector(control_plane.client(), NAMESPACE, "takeover", "holder", **kwargs)
@@ -74,12 +79,16 @@ def test_a_standby_takes_over_only_after_the_holder_stops_renewing(control_plane
     assert holder.try_acquire_or_renew()
 
 
-def test_two_loops_racing_for_the_lease_exactly_one_acts(control_plane: ControlPlane, tmp_path: Path) -> None:
+def test_two_loops_racing_for_the_lease_exactly_one_acts(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
     ensure_namespace(control_plane.client(), NAMESPACE)
     state = make_desired_state(tmp_path, "loop-race")
     loops, backends, electors = [], [], []
     for who in ("replica-a", "replica-b"):
-        elector = LeaseElector(control_plane.client(), NAMESPACE, "loop-race", who, retry_period_s=0.1)
+        elector = LeaseElector(
+            control_plane.client(), NAMESPACE, "loop-race", who, retry_period_s=0.1
+        )
         backend = RecordingBackend("loop-race")
         loops.append(
             ReconcileLoop(
@@ -100,7 +109,10 @@ def test_two_loops_racing_for_the_lease_exactly_one_acts(control_plane: ControlP
         while not any(e.is_leader() for e in electors) and time.monotonic() < deadline:
             time.sleep(0.05)
         stop = threading.Event()
-        threads = [threading.Thread(target=lambda lp=lp: [lp.run_cycle() for _ in range(5)]) for lp in loops]
+        threads = [
+            threading.Thread(target=lambda lp=lp: [lp.run_cycle() for _ in range(5)])
+            for lp in loops
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -25,11 +25,18 @@ def _deployment(name: str, namespace: str) -> dict:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": "heteroscale"}},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "heteroscale"},
+        },
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "c", "image": "x"}]},
+            },
         },
     }
 
@@ -44,12 +51,20 @@ def reconciler_token(control_plane: ControlPlane) -> KubeClient:
     response = admin.request(
         "POST",
         "/api/v1/namespaces/heteroscale-system/serviceaccounts/heteroscale/token",
-        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}},
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
     )
-    return admin.with_token(response["status"]["token"], name="system:serviceaccount:heteroscale-system:heteroscale")
+    return admin.with_token(
+        response["status"]["token"], name="system:serviceaccount:heteroscale-system:heteroscale"
+    )
 
 
-def test_the_reconciler_deployment_runs_two_replicas_with_leader_election(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+def test_the_reconciler_deployment_runs_two_replicas_with_leader_election(
+    control_plane: ControlPlane, reconciler_token: KubeClient
+) -> None:
     admin = control_plane.client()
     live = admin.get(deployments_path("heteroscale-system", "heteroscale-reconciler"))
     assert live["spec"]["replicas"] == 2
@@ -58,12 +73,19 @@ def test_the_reconciler_deployment_runs_two_replicas_with_leader_election(contro
     assert live["spec"]["template"]["spec"]["serviceAccountName"] == "heteroscale"
 
 
-def test_it_may_manage_deployments_in_managed_namespaces(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+def test_it_may_manage_deployments_in_managed_namespaces(
+    control_plane: ControlPlane, reconciler_token: KubeClient
+) -> None:
     path = deployments_path("chat", "rbac-probe")
     reconciler_token.apply(path, _deployment("rbac-probe", "chat"), field_manager="heteroscale")
-    patched = reconciler_token.merge_patch(path, {"spec": {"replicas": 3}}, field_manager="heteroscale")
+    patched = reconciler_token.merge_patch(
+        path, {"spec": {"replicas": 3}}, field_manager="heteroscale"
+    )
     assert patched["spec"]["replicas"] == 3
-    assert any(d["metadata"]["name"] == "rbac-probe" for d in reconciler_token.list(deployments_path("chat")))
+    assert any(
+        d["metadata"]["name"] == "rbac-probe"
+        for d in reconciler_token.list(deployments_path("chat"))
+    )
     reconciler_token.delete(path)
 
 
@@ -80,28 +102,45 @@ def test_it_may_read_nodes_and_pods_and_hold_its_lease(reconciler_token: KubeCli
     reconciler_token.request("PUT", leases_path("heteroscale-system", "rbac-probe"), body=created)
 
 
-def test_it_is_refused_on_secrets_and_on_deployments_elsewhere(control_plane: ControlPlane, reconciler_token: KubeClient) -> None:
+def test_it_is_refused_on_secrets_and_on_deployments_elsewhere(
+    control_plane: ControlPlane, reconciler_token: KubeClient
+) -> None:
     admin = control_plane.client()
     ensure_namespace(admin, "not-managed")
-    admin.apply(deployments_path("not-managed", "bystander"), _deployment("bystander", "not-managed"), field_manager="admin")
+    admin.apply(
+        deployments_path("not-managed", "bystander"),
+        _deployment("bystander", "not-managed"),
+        field_manager="admin",
+    )
     with pytest.raises(Forbidden):
         reconciler_token.get("/api/v1/namespaces/chat/secrets")
     with pytest.raises(Forbidden):
         reconciler_token.get("/api/v1/namespaces/heteroscale-system/secrets")
     with pytest.raises(Forbidden):
         reconciler_token.merge_patch(
-            deployments_path("not-managed", "bystander"), {"spec": {"replicas": 0}}, field_manager="heteroscale"
+            deployments_path("not-managed", "bystander"),
+            {"spec": {"replicas": 0}},
+            field_manager="heteroscale",
         )
     with pytest.raises(Forbidden):
         reconciler_token.apply(
-            deployments_path("not-managed", "new"), _deployment("new", "not-managed"), field_manager="heteroscale"
+            deployments_path("not-managed", "new"),
+            _deployment("new", "not-managed"),
+            field_manager="heteroscale",
         )
     with pytest.raises(Forbidden):
         reconciler_token.delete(deployments_path("not-managed", "bystander"))
     with pytest.raises(Forbidden):
         list(reconciler_token.list(deployments_path()))  # no cluster-wide Deployment access
     with pytest.raises(Forbidden):
-        reconciler_token.request("POST", leases_path("chat"), body={
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "x", "namespace": "chat"}, "spec": {}})
+        reconciler_token.request(
+            "POST",
+            leases_path("chat"),
+            body={
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": "x", "namespace": "chat"},
+                "spec": {},
+            },
+        )
     assert admin.get(deployments_path("not-managed", "bystander"))["spec"]["replicas"] == 1

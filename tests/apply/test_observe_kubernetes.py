@@ -32,58 +32,106 @@ def _live(state: DesiredState, groups: list[DeploymentGroup], ready: int = 0) ->
     rendered = render_groups(groups, state.policies, state.clusters["prod-east"], state.templates)
     out = {}
     for key, workload in rendered.items():
-        obj = {**workload.manifest, "metadata": {**workload.manifest["metadata"], "resourceVersion": "7"}}
+        obj = {
+            **workload.manifest,
+            "metadata": {**workload.manifest["metadata"], "resourceVersion": "7"},
+        }
         obj["status"] = {"readyReplicas": min(ready, workload.replicas)}
         out[key] = parse_deployment(obj)
     return out
 
 
-def _pod(name: str, *, serving: bool = True, group: str = "pod-a-0", role: str = "decode", node: str = "h20-b-001",
-         ready: bool = True, drained_from: str | None = None) -> dict:
+def _pod(
+    name: str,
+    *,
+    serving: bool = True,
+    group: str = "pod-a-0",
+    role: str = "decode",
+    node: str = "h20-b-001",
+    ready: bool = True,
+    drained_from: str | None = None,
+) -> dict:
     annotations = {names.TEMPLATE_HASH_ANNOTATION: "x"}
     if drained_from:
-        annotations |= {names.DRAINED_AT_ANNOTATION: "100.5", names.DRAINED_FROM_ANNOTATION: drained_from}
+        annotations |= {
+            names.DRAINED_AT_ANNOTATION: "100.5",
+            names.DRAINED_FROM_ANNOTATION: drained_from,
+        }
     return {
-        "metadata": {"name": name, "namespace": "chat", "annotations": annotations, "labels": {
-            names.SERVICE_LABEL: "chat", names.GROUP_LABEL: group, names.ROLE_LABEL: role,
-            names.SERVING_LABEL: "true" if serving else "false"}},
+        "metadata": {
+            "name": name,
+            "namespace": "chat",
+            "annotations": annotations,
+            "labels": {
+                names.SERVICE_LABEL: "chat",
+                names.GROUP_LABEL: group,
+                names.ROLE_LABEL: role,
+                names.SERVING_LABEL: "true" if serving else "false",
+            },
+        },
         "spec": {"nodeName": node},
         "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
     }
 
 
 def test_deployments_become_groups_with_starting_and_draining(state: DesiredState) -> None:
-    group = DeploymentGroup("chat", "prod-east", "pod-a-0", "pod-a", "rg-a", GroupRole("h800", 2), GroupRole("h800", 6))
+    group = DeploymentGroup(
+        "chat", "prod-east", "pod-a-0", "pod-a", "rg-a", GroupRole("h800", 2), GroupRole("h800", 6)
+    )
     deployments = _live(state, [group], ready=2)
-    pods = tuple(parse_pod(p) for p in [
-        _pod("d1", node="h800-a-001"), _pod("d2", node="h800-a-001"), _pod("d3", node="h800-a-002"),
-        _pod("old", serving=False, drained_from="chat-pod-a-0-d"),
-    ])
+    pods = tuple(
+        parse_pod(p)
+        for p in [
+            _pod("d1", node="h800-a-001"),
+            _pod("d2", node="h800-a-001"),
+            _pod("d3", node="h800-a-002"),
+            _pod("old", serving=False, drained_from="chat-pod-a-0-d"),
+        ]
+    )
     snapshot = ClusterSnapshot("prod-east", deployments, pods, (), 0.0)
     fleet = fleet_from_snapshot(snapshot, state.policies)
     (observed,) = fleet.groups
-    assert (observed.service, observed.group_id, observed.domain, observed.subgroup) == ("chat", "pod-a-0", "pod-a", "rg-a")
+    assert (observed.service, observed.group_id, observed.domain, observed.subgroup) == (
+        "chat",
+        "pod-a-0",
+        "pod-a",
+        "rg-a",
+    )
     assert observed.prefill.instances == 2 and observed.decode.instances == 6
-    assert [(n.node, n.instances) for n in observed.decode.nodes] == [("h800-a-001", 2), ("h800-a-002", 1)]
+    assert [(n.node, n.instances) for n in observed.decode.nodes] == [
+        ("h800-a-001", 2),
+        ("h800-a-002", 1),
+    ]
     assert fleet.starting[("chat", "decode")] == 4 and fleet.starting[("chat", "prefill")] == 0
     service = fleet.service_fleet("chat")
     assert (service.decode.ready, service.decode.starting, service.decode.draining) == (2, 4, 1)
 
 
 def test_a_group_with_one_role_gets_the_other_roles_preferred_type(state: DesiredState) -> None:
-    group = DeploymentGroup("chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 0), GroupRole("h20", 3))
-    fleet = fleet_from_snapshot(ClusterSnapshot("prod-east", _live(state, [group]), (), (), 0.0), state.policies)
+    group = DeploymentGroup(
+        "chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 0), GroupRole("h20", 3)
+    )
+    fleet = fleet_from_snapshot(
+        ClusterSnapshot("prod-east", _live(state, [group]), (), (), 0.0), state.policies
+    )
     assert fleet.groups[0].prefill == GroupRole("h800", 0)
 
 
-def test_node_drift_reports_missing_relabelled_resized_and_unknown_nodes(state: DesiredState) -> None:
+def test_node_drift_reports_missing_relabelled_resized_and_unknown_nodes(
+    state: DesiredState,
+) -> None:
     cluster = state.clusters["prod-east"]
     labels = cluster.labels
     nodes = []
     for node in cluster.nodes:
         if node.name == "h800-a-001":
             continue  # missing
-        node_labels = {labels.s2: node.s2, labels.s1: node.s1, labels.s0: node.s0, labels.gpu_type: node.gpu_type}
+        node_labels = {
+            labels.s2: node.s2,
+            labels.s1: node.s1,
+            labels.s0: node.s0,
+            labels.gpu_type: node.gpu_type,
+        }
         gpus = node.gpus
         if node.name == "h20-b-002":
             node_labels[labels.s1] = "mp-x"
@@ -104,18 +152,33 @@ def test_node_drift_reports_missing_relabelled_resized_and_unknown_nodes(state: 
 
 
 def test_objects_managed_by_someone_else_are_drift(state: DesiredState) -> None:
-    group = DeploymentGroup("chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 1), GroupRole("h20", 3))
+    group = DeploymentGroup(
+        "chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 1), GroupRole("h20", 3)
+    )
     raw = next(iter(_live(state, [group]).values())).raw
     raw["metadata"]["managedFields"] = [
-        {"manager": "heteroscale", "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+        {
+            "manager": "heteroscale",
+            "operation": "Apply",
+            "fieldsV1": {"f:spec": {"f:replicas": {}}},
+        },
         {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}},
-        {"manager": "kubectl-scale", "operation": "Update", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+        {
+            "manager": "kubectl-scale",
+            "operation": "Update",
+            "fieldsV1": {"f:spec": {"f:replicas": {}}},
+        },
     ]
     live = parse_deployment(raw)
     assert live is not None and live.other_managers == ("kubectl-scale",)
     snapshot = ClusterSnapshot("prod-east", {live.key: live}, (), (), 0.0)
-    drift = [d for d in observation_from_snapshot(snapshot, state.clusters["prod-east"], state.policies).drift
-             if d.kind == "object_modified"]
+    drift = [
+        d
+        for d in observation_from_snapshot(
+            snapshot, state.clusters["prod-east"], state.policies
+        ).drift
+        if d.kind == "object_modified"
+    ]
     assert [d.name for d in drift] == [str(live.key)] and "kubectl-scale" in drift[0].detail
 
 

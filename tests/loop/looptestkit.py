@@ -52,10 +52,22 @@ class FixedAutoscaler:
     decode: int = 2
     name: str = "fixed"
 
-    def decide(self, policy: ServicePolicy, fleet: ServiceFleet, metrics: ServiceMetrics,
-               history: PolicyHistory, now_s: float) -> Decision:
-        return Decision(policy.name, self.prefill, self.decode, "baseline", f"fixed {self.prefill}/{self.decode}",
-                        history=history)
+    def decide(
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision:
+        return Decision(
+            policy.name,
+            self.prefill,
+            self.decode,
+            "baseline",
+            f"fixed {self.prefill}/{self.decode}",
+            history=history,
+        )
 
 
 class OneGroupPlacer:
@@ -67,14 +79,23 @@ class OneGroupPlacer:
         groups = []
         for name, targets in sorted(request.targets.items()):
             policy = request.policies[name]
-            groups.append(DeploymentGroup(
-                service=name, cluster=request.cluster.name, group_id="g0", domain=request.cluster.s2[0].name,
-                subgroup=None,
-                prefill=GroupRole(policy.prefill.preferred_gpu_types()[0], targets.prefill),
-                decode=GroupRole(policy.decode.preferred_gpu_types()[0], targets.decode),
-            ))
-        return PlacementResult(request.cluster.name, tuple(groups), stats=SolverStats("greedy", "heuristic", 0.001))
+            groups.append(
+                DeploymentGroup(
+                    service=name,
+                    cluster=request.cluster.name,
+                    group_id="g0",
+                    domain=request.cluster.s2[0].name,
+                    subgroup=None,
+                    prefill=GroupRole(policy.prefill.preferred_gpu_types()[0], targets.prefill),
+                    decode=GroupRole(policy.decode.preferred_gpu_types()[0], targets.decode),
+                )
+            )
+        return PlacementResult(
+            request.cluster.name, tuple(groups), stats=SolverStats("greedy", "heuristic", 0.001)
+        )
 
 
 def unreachable(cluster: str) -> RecordingBackend:
-    return RecordingBackend(cluster, fail_with=ClusterUnavailable(f"cluster {cluster}: connection refused"))
+    return RecordingBackend(
+        cluster, fail_with=ClusterUnavailable(f"cluster {cluster}: connection refused")
+    )

@@ -33,7 +33,10 @@ def two_cluster_state(state: DesiredState) -> DesiredState:
     """The example fleet plus a copy of its cluster under another name."""
     east = state.clusters["prod-east"]
     west = east.model_copy(update={"name": "prod-west", "kube_context": "prod-west"})
-    west_policies = {f"{n}-w": p.model_copy(update={"name": f"{n}-w", "cluster": "prod-west"}) for n, p in state.policies.items()}
+    west_policies = {
+        f"{n}-w": p.model_copy(update={"name": f"{n}-w", "cluster": "prod-west"})
+        for n, p in state.policies.items()
+    }
     return DesiredState(
         policies={**state.policies, **west_policies},
         clusters={"prod-east": east, "prod-west": west},
@@ -42,7 +45,9 @@ def two_cluster_state(state: DesiredState) -> DesiredState:
     )
 
 
-def make_loop(state: DesiredState, backends: dict[str, RecordingBackend], **kwargs: object) -> ReconcileLoop:
+def make_loop(
+    state: DesiredState, backends: dict[str, RecordingBackend], **kwargs: object
+) -> ReconcileLoop:
     return ReconcileLoop(
         load_desired=kwargs.pop("load_desired", lambda: state),  # type: ignore[arg-type]
         backend_for=lambda spec: backends[spec.name],
@@ -54,9 +59,14 @@ def make_loop(state: DesiredState, backends: dict[str, RecordingBackend], **kwar
     )
 
 
-def test_a_cycle_applies_every_cluster_and_a_second_cycle_changes_nothing(state: DesiredState) -> None:
+def test_a_cycle_applies_every_cluster_and_a_second_cycle_changes_nothing(
+    state: DesiredState,
+) -> None:
     both = two_cluster_state(state)
-    backends = {"prod-east": RecordingBackend("prod-east"), "prod-west": RecordingBackend("prod-west")}
+    backends = {
+        "prod-east": RecordingBackend("prod-east"),
+        "prod-west": RecordingBackend("prod-west"),
+    }
     loop = make_loop(both, backends)
     first = loop.run_cycle()
     assert [c.cluster for c in first.clusters] == ["prod-east", "prod-west"]
@@ -67,7 +77,9 @@ def test_a_cycle_applies_every_cluster_and_a_second_cycle_changes_nothing(state:
     assert not second.has_changes
 
 
-def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(state: DesiredState) -> None:
+def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(
+    state: DesiredState,
+) -> None:
     both = two_cluster_state(state)
     backends = {"prod-east": unreachable("prod-east"), "prod-west": RecordingBackend("prod-west")}
     loop = make_loop(both, backends, interval_s=30.0)
@@ -87,7 +99,9 @@ def test_an_invalid_revision_keeps_the_last_known_good_state(state: DesiredState
     def load() -> DesiredState:
         calls["n"] += 1
         if calls["n"] > 1:
-            raise ConfigError([ConfigIssue("policies/chat.yaml", 3, 1, "slo", "required field is missing")])
+            raise ConfigError(
+                [ConfigIssue("policies/chat.yaml", 3, 1, "slo", "required field is missing")]
+            )
         return state
 
     backends = {"prod-east": RecordingBackend("prod-east")}
@@ -95,7 +109,9 @@ def test_an_invalid_revision_keeps_the_last_known_good_state(state: DesiredState
     loop.run_cycle()
     result = loop.run_cycle()
     assert result.desired_error and "policies/chat.yaml:3:1" in result.desired_error
-    assert result.clusters and result.clusters[0].outcome == "ok", "the last good state is still reconciled"
+    assert result.clusters and result.clusters[0].outcome == "ok", (
+        "the last good state is still reconciled"
+    )
     assert loop.metrics.desired_valid._value.get() == 0  # type: ignore[attr-defined]
 
 
@@ -136,9 +152,13 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
 
 
 def test_json_logs_carry_structured_fields() -> None:
-    record = logging.LogRecord("heteroscale.loop", logging.INFO, __file__, 1, "cluster %s ok", ("east",), None)
+    record = logging.LogRecord(
+        "heteroscale.loop", logging.INFO, __file__, 1, "cluster %s ok", ("east",), None
+    )
     record.cluster = "east"
     record.event = "cycle"
     line = json.loads(JsonFormatter().format(record))
-    assert line["msg"] == "cluster east ok" and line["cluster"] == "east" and line["event"] == "cycle"
+    assert (
+        line["msg"] == "cluster east ok" and line["cluster"] == "east" and line["event"] == "cycle"
+    )
     assert line["level"] == "info"

@@ -126,9 +126,14 @@ def test_utilisation_counts_starting_instances_as_capacity():
 
 
 def test_message_has_the_numbers_in_the_documented_shape():
-    # chat: decode target 1600, ratio 1:3. 41200 / 1600 = 25.75 -> 26 decode;
-    # ceil(26 / 3) = 9 prefill. Latency and KV signals are fine, so they add nothing.
-    policy = with_overrides(example_policy("chat"), pd_ratio={"dynamic": False})
+    # The chat example with its decode target and ratio pinned to the example:
+    # 41200 / 1600 = 25.75 -> 26 decode; ceil(26 / 3) = 9 prefill. Latency and KV
+    # signals are fine, so they add nothing.
+    policy = with_overrides(
+        example_policy("chat"),
+        pd_ratio={"target": "1:3", "min": "1:5", "max": "1:1", "dynamic": False},
+        scaling={"target_per_instance": 1600},
+    )
     signals = metrics(NOW, service="chat", decode_tps=41200, tbt=30, ttft=500, decode_kv_usage=0.5)
     decision = decide(policy, fleet(6, 18), signals, PolicyHistory(), NOW)
     assert (
@@ -683,6 +688,18 @@ def test_dynamic_ratio_holds_without_usable_tps():
     decision = decide(policy, fleet(10, 20), metrics(NOW, decode_tps=20000), history, NOW)
     assert decision.history.dynamic_ratio == pytest.approx(0.6)
     assert "dynamic ratio held at 3:5 (prefill_tps missing)" in decision.message
+
+
+def test_dynamic_ratio_holds_on_an_idle_service_and_anchors_later():
+    policy = dynamic_policy()
+    idle = decide(
+        policy, fleet(10, 20), metrics(0, decode_tps=0, prefill_tps=0), PolicyHistory(), 0
+    )
+    assert "no traffic to measure the token mix" in idle.message
+    busy = decide(
+        policy, fleet(10, 20), metrics(15, decode_tps=20000, prefill_tps=160000), idle.history, 15
+    )
+    assert dict(busy.history.extra)["pd_mix_anchor"] == pytest.approx(8.0)
 
 
 def test_dynamic_ratio_ignores_a_constant_mix():

@@ -9,6 +9,7 @@ tolerance 10%, ratio 1:2 (1:4..1:1), scale-in window 300 s, cooldown 120 s.
 
 from __future__ import annotations
 
+import math
 import random
 
 from policy_testkit import example_policy, make_policy, metrics, replay
@@ -124,26 +125,30 @@ def test_isolated_spikes_beyond_the_band_are_absorbed_by_the_windows():
 
 
 def test_example_chat_policy_on_a_noisy_plateau_with_dynamic_ratio_makes_zero_changes():
-    # chat: decode target 1600, ratio 1:3 (dynamic), tiers on TBT and TTFT, KV pressure.
-    # 41200 / 1600 = 25.75 -> 26 decode, ceil(26 / 3) = 9 prefill; noise +-8%.
+    # The repository's chat policy as it is (dynamic ratio, TBT/TTFT tiers, KV
+    # pressure), sized from its own numbers: load = 0.99 x 26 instances' worth, so
+    # 26 decode and ceil(26 x ratio) prefill; every signal noisy but inside its band.
     rng = random.Random(11)
     policy = example_policy("chat")
+    target, ratio = policy.scaling.target_per_instance, policy.pd_ratio.target
+    load = 0.99 * 26 * target
+    band = policy.scaling.tolerance * 0.8
 
     def signals(t: float) -> ServiceMetrics:
-        decode_tps = 41200 * (1 + rng.uniform(-0.08, 0.08))
+        decode_tps = load * (1 + rng.uniform(-band, band))
         return metrics(
             t,
             service="chat",
             decode_tps=decode_tps,
             prefill_tps=decode_tps * 5.5 * (1 + rng.uniform(-0.1, 0.1)),
-            tbt=50 * rng.uniform(0.5, 0.95),
-            ttft=1500 * rng.uniform(0.3, 0.9),
-            decode_kv_usage=rng.uniform(0.6, 0.88),
+            tbt=policy.slo.tbt_ms * rng.uniform(0.5, 0.95),
+            ttft=policy.slo.ttft_ms * rng.uniform(0.3, 0.9),
+            decode_kv_usage=rng.uniform(0.5, 0.85),
         )
 
-    run = replay(policy, signals, prefill=9, decode=26, until_s=7200)
+    run = replay(policy, signals, prefill=math.ceil(26 * ratio), decode=26, until_s=7200)
     assert run.changes() == []
-    assert abs(run.decisions[-1].history.dynamic_ratio - 1 / 3) <= 0.05 / 3
+    assert abs(run.decisions[-1].history.dynamic_ratio / ratio - 1) <= 0.05
 
 
 def test_metrics_gap_holds_an_oversized_fleet_then_scales_in_after_a_full_window():

@@ -237,7 +237,9 @@ def test_binned_profile_matches_its_requests() -> None:
 
 
 def test_fluid_scaling_keeps_the_minute_rate_and_poissonises_seconds() -> None:
-    workload = synthetic_workload("chat", hours=0.5, peak_rps=3, seed=0, trough_ratio=1.0, bursts=())
+    workload = synthetic_workload(
+        "chat", hours=0.5, peak_rps=3, seed=0, trough_ratio=1.0, bursts=()
+    )
     profile = LoadProfile.from_workload(workload)
     scaled = profile.scaled(200, seed=1)
     assert scaled.requests == pytest.approx(200 * profile.requests, rel=0.01)

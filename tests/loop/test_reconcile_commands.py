@@ -34,7 +34,7 @@ def test_plan_on_the_embedded_default_prints_a_readable_report() -> None:
 
 def test_plan_json_has_decisions_and_group_changes() -> None:
     result = CliRunner().invoke(app, ["plan", "--repo", str(REPO), "--format", "json"])
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     (cluster,) = report["clusters"]
     assert set(cluster["decisions"]) == {"chat", "summarize", "svc-a", "svc-b"}
     assert report["has_changes"] == (result.exit_code == 3) == bool(cluster["group_changes"])
@@ -52,6 +52,20 @@ def test_apply_runs_one_cycle_and_bad_input_is_an_error(tmp_path: Path) -> None:
 
 
 def test_run_reconciles_until_told_to_stop() -> None:
-    result = CliRunner().invoke(app, ["run", "--repo", str(REPO), "--cycles", "2", "--interval", "0.1",
-                                      "--listen", "127.0.0.1:0", "--log-format", "json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--repo",
+            str(REPO),
+            "--cycles",
+            "2",
+            "--interval",
+            "0.1",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output

@@ -22,7 +22,9 @@ def test_short_names_read_as_service_group_role() -> None:
 
 @given(services, group_ids, st.sampled_from(["prefill", "decode"]))
 @settings(max_examples=150, deadline=None)
-def test_deployment_names_are_valid_short_dns_labels_and_stable(service: str, group_id: str, role: str) -> None:
+def test_deployment_names_are_valid_short_dns_labels_and_stable(
+    service: str, group_id: str, role: str
+) -> None:
     name = names.deployment_name(service, group_id, role)  # type: ignore[arg-type]
     assert DNS_LABEL.fullmatch(name) and len(name) <= names.MAX_OBJECT_NAME
     assert name == names.deployment_name(service, group_id, role)  # type: ignore[arg-type]
@@ -32,7 +34,9 @@ def test_deployment_names_are_valid_short_dns_labels_and_stable(service: str, gr
 @settings(max_examples=150, deadline=None)
 def test_different_groups_get_different_names(service: str, first: str, second: str) -> None:
     if first != second:
-        assert names.deployment_name(service, first, "decode") != names.deployment_name(service, second, "decode")
+        assert names.deployment_name(service, first, "decode") != names.deployment_name(
+            service, second, "decode"
+        )
 
 
 @given(st.text(max_size=120))
@@ -45,4 +49,7 @@ def test_label_values_are_valid_and_unchanged_when_already_valid(text: str) -> N
 
 
 def test_the_ownership_selector_names_manager_and_cluster() -> None:
-    assert names.ownership_selector("prod-east") == "app.kubernetes.io/managed-by=heteroscale,heteroscale.io/cluster=prod-east"
+    assert (
+        names.ownership_selector("prod-east")
+        == "app.kubernetes.io/managed-by=heteroscale,heteroscale.io/cluster=prod-east"
+    )
