@@ -19,6 +19,7 @@ Retry semantics live in the error types (``reconciler.errors``):
 
 from __future__ import annotations
 
+import builtins
 import json
 import random
 import time
@@ -278,13 +279,13 @@ class KubeClient:
 
     def list_with_version(
         self, path: str, *, label_selector: str | None = None, page_size: int = 1000
-    ) -> tuple[list[JsonObject], str]:
+    ) -> tuple[builtins.list[JsonObject], str]:
         """Every item of a collection and the collection's resourceVersion (where a
         watch resumes from)."""
         query: dict[str, str | int | bool] = {"limit": page_size}
         if label_selector:
             query["labelSelector"] = label_selector
-        items: list[JsonObject] = []
+        items: builtins.list[JsonObject] = []
         while True:
             page = self.request("GET", path, query=query)
             items.extend(page.get("items") or [])
