@@ -333,10 +333,8 @@ class KubernetesBackend:
         )
 
     def _no_apply_diff(self, w: WorkloadWork) -> ObjectDiff:
-        fields: tuple[FieldChange, ...] = ()
-        if w.action == "delete":
-            fields = (FieldChange("spec.replicas", w.replicas_before, None),)
-        return self._object_diff(w, w.action, fields)
+        # A delete removes the whole object: the headline says so (replicas n -> 0).
+        return self._object_diff(w, w.action, ())
 
     def _dry_run_one(
         self, w: WorkloadWork, attempt: int = 0, live: dict[str, Any] | None = None

@@ -178,6 +178,13 @@ def test_scale_up_down_prune_and_idempotent_reapply(env: Env) -> None:
     changed = {o.key: o for o in diff.changed}
     assert set(changed) == {f"{env.name}/svc-g1-d"}
     assert [str(f) for f in changed[f"{env.name}/svc-g1-d"].fields] == ["spec.replicas: 3 -> 5"]
+    # The client-side fallback (for servers that cannot dry-run) reports the same.
+    fallback = env.backend(soft_scale_in_window_s=0, diff_mode="client")
+    client_diff = fallback.diff_cluster(env.plan(fallback, _groups(env, g1_decode=5)))
+    assert client_diff.mode == "client-side" and fallback.stats.dry_runs == 0
+    assert [(o.key, [str(f) for f in o.fields]) for o in client_diff.changed] == [
+        (f"{env.name}/svc-g1-d", ["spec.replicas: 3 -> 5"])
+    ]
     backend.apply_cluster(up)
     assert _replicas(env)["svc-g1-d"] == 5
 
