@@ -49,11 +49,10 @@ class Review:
 
     @property
     def has_changes(self) -> bool:
-        """Anything for a reviewer to look at: config or fleet."""
-        fleet_changes = self.fleet is not None and (
-            self.fleet.differs or self.fleet.apply_changes > 0
-        )
-        return bool(self.config_changes) or fleet_changes
+        """Does the change do anything? Config that differs, or a fleet that would be
+        sized or placed differently under head than under base. Changes the reconciler
+        would make anyway (under base too) are reported but are not the PR's doing."""
+        return bool(self.config_changes) or (self.fleet is not None and self.fleet.differs)
 
     @property
     def exit_code(self) -> int:

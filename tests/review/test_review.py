@@ -1,0 +1,157 @@
+"""`heteroscale plan --base --head`: the review a pull request gets, end to end on a
+real Git repository with a policy change and a cluster change.
+
+The expected reports are golden files; regenerate them after an intended change with
+`HETEROSCALE_UPDATE_GOLDEN=1 python -m pytest tests/review/test_review.py` and review
+the diff like any other change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reconciler.commands.simulate import load_for
+from reconciler.desired import load_desired_state
+from reconciler.placement.cpsat import CpSatPlacer
+from reconciler.review.command import plan_review, render
+from reconciler.review.review import Review, ReviewOptions
+from reconciler.sim.engine import SimConfig
+from reconciler.sim.evaluate import evaluate
+
+GOLDEN = Path(__file__).parent / "golden"
+OPTIONS = ReviewOptions(diurnal_hours=1.0, seed=3)
+FIXED_DATE = "2026-01-01T00:00:00+00:00"
+
+
+def git(repo: Path, *args: str) -> None:
+    env = {**os.environ, "GIT_AUTHOR_DATE": FIXED_DATE, "GIT_COMMITTER_DATE": FIXED_DATE}
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "-c",
+            "user.email=review@example.com",
+            "-c",
+            "user.name=review",
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture(scope="module")
+def pr_repo(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    """base: the example desired state; then a policy change; then a cluster change;
+    then a comment-only change."""
+    repo = tmp_path_factory.mktemp("pr")
+    for sub in ("policies", "clusters", "templates"):
+        shutil.copytree(repo_root / sub, repo / sub)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+    edit(repo / "policies/chat.yaml", "target_per_instance: 1450", "target_per_instance: 1300")
+    git(repo, "commit", "-qam", "chat: lower the decode target")
+    edit(repo / "clusters/prod-east.yaml", 'nodes: "h800-a-[041-060]"', 'nodes: "h800-a-[041-064]"')
+    git(repo, "commit", "-qam", "prod-east: four more H800 nodes in pod-a")
+    edit(
+        repo / "policies/chat.yaml",
+        "# An open-domain dialogue service",
+        "# An open-domain chat service",
+    )
+    git(repo, "commit", "-qam", "comment only")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def reviewed(pr_repo: Path) -> Review:
+    review, _text, _plots = plan_review(
+        pr_repo, "HEAD~3", "HEAD~1", fmt="text", placer=CpSatPlacer(), options=OPTIONS
+    )
+    return review
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("HETEROSCALE_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with HETEROSCALE_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "golden"), [("text", "plan.txt"), ("markdown", "plan.md"), ("json", "plan.json")]
+)
+def test_the_report_matches_the_golden_file(reviewed: Review, fmt: str, golden: str) -> None:
+    check_golden(golden, render(reviewed, fmt))
+
+
+def test_changes_exit_3_with_config_fleet_and_what_if(reviewed: Review) -> None:
+    assert reviewed.exit_code == 3
+    fields = [(c.kind, c.name, c.field) for c in reviewed.config_changes]
+    assert ("service", "chat", "scaling.target_per_instance") in fields
+    assert ("cluster", "prod-east", "s2.pod-a") in fields
+    assert [w.service for w in reviewed.what_if] == ["chat", "summarize", "svc-a", "svc-b"]
+
+
+def test_the_what_if_equals_simulate_on_the_same_inputs(reviewed: Review, pr_repo: Path) -> None:
+    head = load_desired_state(pr_repo, rev="HEAD~1")
+    config = SimConfig()
+    load = load_for(head, "chat", None, None, OPTIONS.diurnal_hours, OPTIONS.seed, config)
+    simulated = evaluate(head, "chat", load, ["heteroscale"], OPTIONS.seed, config=config)
+    [chat] = [w for w in reviewed.what_if if w.service == "chat"]
+    assert chat.head is not None
+    assert chat.head.to_json() == simulated.policies["heteroscale"].to_json()
+
+
+def test_an_invalid_head_blocks_the_review_with_located_errors(
+    pr_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "broken"
+    shutil.copytree(pr_repo, repo)
+    edit(repo / "policies/svc-b.yaml", "tbt_ms: 20", "tbt_ms: -5")
+    git(repo, "commit", "-qam", "break svc-b")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=CpSatPlacer(), options=OPTIONS
+    )
+    assert review.exit_code == 1
+    assert review.fleet is None and not review.what_if
+    assert "policies/svc-b.yaml:" in text and "slo.tbt_ms: must be greater than 0 (got -5)" in text
+
+
+def test_a_comment_only_change_reports_no_change_and_exits_0(pr_repo: Path) -> None:
+    review, text, _ = plan_review(
+        pr_repo, "HEAD~1", "HEAD", fmt="json", placer=CpSatPlacer(), options=OPTIONS
+    )
+    data = json.loads(text)
+    assert data["config_changes"] == [] and data["what_if"] == []
+    assert not any(service["changed"] for service in data["fleet"]["services"])
+    assert review.exit_code == data["exit_code"] == 0
+    assert render(review, "text").splitlines()[1] == "no change: the fleet would stay as it is"
+
+
+def test_the_plot_has_a_row_per_revision(reviewed: Review, tmp_path: Path) -> None:
+    from reconciler.review.command import write_plots
+
+    written = write_plots(reviewed, tmp_path / "plan.png")
+    assert [p.name for p in written] == [
+        "plan-chat.png",
+        "plan-summarize.png",
+        "plan-svc-a.png",
+        "plan-svc-b.png",
+    ]
+    assert all(p.stat().st_size > 10_000 for p in written)
