@@ -86,13 +86,14 @@ def changed_targets(targets: dict[str, Targets], change: float, seed: int) -> di
     return out
 
 
-def grown_targets(targets: dict[str, Targets], growth: float) -> dict[str, Targets]:
+def grown_targets(
+    targets: dict[str, Targets], growth: float, roles: tuple[str, ...] = ("prefill", "decode")
+) -> dict[str, Targets]:
+    def grown(n: int, role: str) -> int:
+        return max(n + 1, round(n * (1 + growth))) if role in roles else n
+
     return {
-        n: Targets(
-            n,
-            max(t.prefill + 1, round(t.prefill * (1 + growth))),
-            max(t.decode + 1, round(t.decode * (1 + growth))),
-        )
+        n: Targets(n, grown(t.prefill, "prefill"), grown(t.decode, "decode"))
         for n, t in targets.items()
     }
 
@@ -104,7 +105,11 @@ def describe(result: PlacementResult) -> str:
     objective = f"{s.objective:,.0f}" if s.objective is not None else "n/a"
     bound = f"{s.best_bound:,.0f}" if s.best_bound is not None else "n/a"
     phases = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in s.phases_s)
-    notes = f"; notes: {' | '.join(s.notes)}" if s.notes else ""
+    # One note per anchored group: summarised (the table counts them).
+    shown = [n for n in s.notes if not n.startswith("anchored group")]
+    if len(shown) < len(s.notes):
+        shown.append(f"{len(s.notes) - len(shown)} anchored group(s)")
+    notes = f"; notes: {' | '.join(shown)}" if shown else ""
     return f"{s.wall_s:.3f} s, status {s.status}, objective {objective}, bound {bound}, gap {gap} [{phases}]{notes}"
 
 
@@ -137,6 +142,8 @@ def table(rows: dict[str, PlacementQuality]) -> None:
     line(
         "  of them on the role's preferred GPU type", [f"{x.preferred_share_added:.1%}" for x in q]
     )
+    line("anchored groups (a role growing alone)", [str(x.anchored_groups) for x in q])
+    line("  GPUs beyond target held by their anchors", [str(x.overshoot_gpus) for x in q])
 
 
 def main() -> None:
@@ -145,6 +152,7 @@ def main() -> None:
     parser.add_argument("--fill", type=float, default=0.5)
     parser.add_argument("--change", type=float, default=0.10)
     parser.add_argument("--short-growth", type=float, default=0.5)
+    parser.add_argument("--prefill-growth", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=2.0)
     args = parser.parse_args()
@@ -200,6 +208,12 @@ def main() -> None:
         "initial placement (empty fleet)": (empty, targets0),
         f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed)),
         f"short (+{args.short_growth:.0%})": (running, grown_targets(targets0, args.short_growth)),
+        # Prefill alone grows (TTFT feedback) with the fleet half full: where a group's
+        # domain is full, an anchored group (one decode beyond target) opens elsewhere.
+        f"prefill only (+{args.prefill_growth:.0%})": (
+            running,
+            grown_targets(targets0, args.prefill_growth, roles=("prefill",)),
+        ),
     }
     for label, (fleet, targets) in scenarios.items():
         grow = shrink = 0

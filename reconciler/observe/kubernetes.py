@@ -41,7 +41,6 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.apply.render import ObjectKey
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.errors import HeteroscaleError
 from reconciler.observe.base import Drift, Observation
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
 
@@ -342,7 +341,10 @@ class WatchedCollection(Generic[T]):
                     if self._stop.is_set() or not self._apply(event, version):
                         break
                     version = self._version
-            except HeteroscaleError:
+            except Exception:
+                # Whatever broke the stream (unreachable server, refused, undecodable
+                # event), the cache may have missed events: relist on the next read.
+                self.invalidate()
                 self._stop.wait(self.retry_delay_s)
 
     def _apply(self, event: JsonObject, watched_from: str) -> bool:

@@ -51,6 +51,22 @@ class Shortfall:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """Instances of ``role`` placed *beyond* its target to open a group for the other
+    role (added for anchored groups, see ``reconciler.placement.problem``).
+
+    When only one role of a service grows and its existing groups' domains are full,
+    a new group is opened with the growing role plus ``instances`` of ``role`` although
+    ``role``'s target is already met: the service then runs ``instances`` more of
+    ``role`` than its target (the overshoot), all of them in group ``group_id``."""
+
+    service: str
+    role: Role  # the role that overshoots its target
+    group_id: str
+    instances: int
+
+
+@dataclass(frozen=True)
 class SolverStats:
     solver: Literal["cp-sat", "greedy"]
     status: str  # OPTIMAL, FEASIBLE, ... or "heuristic"
@@ -80,9 +96,17 @@ class PlacementResult:
     groups: tuple[DeploymentGroup, ...]
     shortfalls: tuple[Shortfall, ...] = ()
     stats: SolverStats | None = None
+    # Added for anchored groups: every instance placed beyond its role's target.
+    anchors: tuple[Anchor, ...] = ()
 
     def placed(self, service: str, role: Role) -> int:
+        """Every instance of the role in the layout, anchors included: with anchors,
+        ``placed - overshoot + short == target`` (without, ``placed + short == target``)."""
         return sum(g.role(role).instances for g in self.groups if g.service == service)
+
+    def overshoot(self, service: str, role: Role) -> int:
+        """Instances of the role placed beyond its target (as anchors of new groups)."""
+        return sum(a.instances for a in self.anchors if a.service == service and a.role == role)
 
 
 class Placer(Protocol):

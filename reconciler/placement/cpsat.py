@@ -14,7 +14,15 @@ decode_instances`` of its shape, see ``reconciler.placement.problem``):
   instance per role and group) and ``n_p + n_d <= S*g + o`` with ``o <= M*g``. Splitting
   instances over the groups of a class is always possible under these bounds, so
   they are exact;
-- ``sum of added instances <= target - running`` per role (targets are never exceeded).
+- ``sum of added instances <= target - running`` per role (targets are never exceeded,
+  except by anchors, below);
+- *anchored groups* (``reconciler.placement.problem``): for a growing role whose other role runs, per candidate domain and allowed type
+  pair, anchored groups ``g_a``, the growing role's instances ``n >= g_a`` and anchor
+  instances ``a = ANCHOR_INSTANCES * g_a`` of the other role, which count for capacity
+  but *not* against the other role's target (they are its overshoot),
+  ``n + a <= S*g_a + o``. When the other role grows too, a boolean ``met`` gates them:
+  ``g_a <= U*met`` and ``met => (other role's placed == its growth)``, so an anchor
+  never stands in for a missing instance of its own role.
 
 Capacity is written on the laminar region tree (``Topology.regions``): per region and
 GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
@@ -31,12 +39,14 @@ level  term                                                 weight
 1      GPUs short of target                                 5,000 x (priority rank + 1)
                                                             per GPU (rank: 0 = lowest
                                                             priority present)
+1b     an anchor instance (overshoot of the other role's    1 per instance in phase 1,
+       target to open an anchored group)                    4,000 per GPU in phase 2
 2      a loose group spanning subgroups (KV off RDMA)       2,500 per GPU
 2      subgroup class above what the GPU type pair needs    1,000 per GPU per class step
        (one type: low; two types under an S2 or subgroup:
        medium; two types under one S1: high)
-2b     a group beyond its size (overflow; only when a role  300 per instance
-       grows alone, so no new group can be opened)
+2b     a group beyond its size (overflow; when a role      300 per instance
+       grows alone, before any anchored group)
 3      GPU type preference                                  0..99 per GPU: 99 x (1 -
                                                             weight / best weight)
 4      a new group (so existing groups grow in place first) 30 per group
@@ -46,7 +56,14 @@ level  term                                                 weight
 
 Level 1 is strictly first: it is solved on its own (phase 1), and phase 2 then
 optimises the weighted sum of all levels while every (service, role) keeps at least
-the instances phase 1 placed. (A single weighted objective let the solver trade one
+the instances phase 1 placed. Level 1b rides in phase 1 at 1 per anchor instance:
+below every GPU short (>= 5,000; the total of anchors is capped below that, a cap no
+real cycle reaches), so an anchor is opened only where it places instances that
+would otherwise be short, and phase 1 uses as few anchors as that needs; phase 2
+holds the anchor count at phase 1's value or below and charges an anchor GPU 4,000
+(above every level-2 cost of a GPU) in the reported objective. So anchors come after
+placing in the existing groups' domains (in place or by overflow) and, when both
+roles grow, after full-shaped new groups; they never replace a placement without. (A single weighted objective let the solver trade one
 unmet instance for many GPUs of scarce-subgroup savings; measured on the benchmark it
 also reached worse layouts within the time limit.) Inside level 1, priorities weigh
 per GPU: a GPU of a higher-priority service outweighs a GPU of the next lower one,
@@ -102,6 +119,7 @@ from reconciler.placement.base import PlacementRequest, PlacementResult, SolverS
 from reconciler.placement.explain import shortfalls_for
 from reconciler.placement.packing import PackItem, component_of, pack
 from reconciler.placement.problem import (
+    ANCHOR_INSTANCES,
     PlacementProblem,
     ServiceNeed,
     WorkGroup,
@@ -124,6 +142,8 @@ W_SPAN = 2_500
 W_OVERFLOW = 300
 W_MOVE = 500
 W_KEEP_CLASS = 200
+W_ANCHOR = 4_000  # per anchor GPU, phase 2 (phase 1: W_ANCHOR_PHASE1 per instance)
+W_ANCHOR_PHASE1 = 1
 
 # Deterministic-time budget of the solver per second of PlacementOptions.time_limit_s.
 # One CP-SAT thread gets through 0.13-0.2 units per CPU second on this model on the
@@ -164,6 +184,9 @@ class _NewClass:
     groups: cp_model.IntVar
     instances: dict[Role, cp_model.IntVar | None]
     overflow: cp_model.IntVar | None = None
+    # Anchored groups: the anchor role and its instances (beyond its target).
+    anchor_role: Role | None = None
+    anchors: cp_model.IntVar | None = None
 
 
 class _RegionStats:
@@ -229,6 +252,8 @@ class _Solve:
         self.notes: list[str] = []
         self._freed_capacity: dict[tuple[int, int], int] = {}
         self.fragment_vars: list[tuple[cp_model.IntVar, list[_Term], int]] = []
+        self.anchor_vars: list[tuple[cp_model.IntVar, int]] = []  # (instances, upper)
+        self.anchor_gates: list[tuple[str, Role, cp_model.IntVar]] = []  # (service, role, met)
         # Dense rank of each priority (0 = lowest present): keeps the weights small.
         priorities = sorted({n.priority for n in problem.needs.values()})
         self.priority_rank = {p: i for i, p in enumerate(priorities)}
@@ -246,8 +271,13 @@ class _Solve:
         mark = self.problem.lap("solve", mark)
         if solver is None and baseline is not None and status not in ("OPTIMAL",):
             # No CP-SAT solution in time: the greedy layout is a valid answer.
-            notes = (*self.notes, f"cp-sat returned {status}; using the greedy layout")
             assert baseline.stats is not None
+            anchor_notes = tuple(n for n in baseline.stats.notes if n.startswith("anchored group"))
+            notes = (
+                *self.notes,
+                f"cp-sat returned {status}; using the greedy layout",
+                *anchor_notes,
+            )
             stats = SolverStats(
                 solver="cp-sat",
                 status=f"{status}+greedy",
@@ -255,7 +285,9 @@ class _Solve:
                 phases_s=tuple(sorted(self.problem.timings_s.items())),
                 notes=notes,
             )
-            return PlacementResult(baseline.cluster, baseline.groups, baseline.shortfalls, stats)
+            return PlacementResult(
+                baseline.cluster, baseline.groups, baseline.shortfalls, stats, baseline.anchors
+            )
         takers, hints, free_after = self._realise(solver)
         mark = self.problem.lap("pack", mark)
         shortfalls = shortfalls_for(self.problem, free_after, self.initial_free, takers, hints)
@@ -382,6 +414,18 @@ class _Solve:
             may_open = bool(required) and all(grow[r] > 0 for r in required)
         if may_open:
             self._add_new_groups(need, grow, placed)
+        gates: list[tuple[Role, cp_model.IntVar]] = []
+        # (With allow_rebalance, ``grow`` is the whole target: a moved instance of the
+        # other role can open a new group, and anchors remain for when it cannot.)
+        for short in ROLES:
+            anchor: Role = "decode" if short == "prefill" else "prefill"
+            if grow[short] > 0 and anchor in need.required_roles:
+                gate = self._add_anchored_groups(need, grow, placed, anchor)
+                if gate is not None:
+                    gates.append((anchor, gate))
+        for anchor, gate in gates:
+            # Anchors only once the anchor role's own growth is all placed.
+            m.add(sum(placed[anchor]) >= grow[anchor]).only_enforce_if(gate)
 
         for role in ROLES:
             rn = need.role(role)
@@ -462,6 +506,73 @@ class _Solve:
                 self.objective_terms.append((W_OVERFLOW, overflow))
                 self.new.append(_NewClass(need.service, domain, dict(pair), g, instances, overflow))  # type: ignore[arg-type]
 
+    def _add_anchored_groups(
+        self,
+        need: ServiceNeed,
+        grow: dict[Role, int],
+        placed: dict[Role, list[cp_model.IntVar]],
+        anchor: Role,
+    ) -> cp_model.IntVar | None:
+        """Anchored groups for ``anchor``'s other role (see the module docstring).
+        Returns the gate (``met``) when ``anchor`` grows too and anchored classes exist."""
+        topo = self.topology
+        m = self.model
+        short: Role = "decode" if anchor == "prefill" else "prefill"
+        rs, ra = need.role(short), need.role(anchor)
+        gate: cp_model.IntVar | None = None
+        domains = list(topo.domains(need.affinity))
+        if need.affinity == "cluster" and self._spans(topo.cluster_domain):
+            domains.append(topo.cluster_domain)
+        for domain in domains:
+            region = domain.region
+            for ts in (t for t in rs.allowed_types if t in domain.gpu_types):
+                for ta in (t for t in ra.allowed_types if t in domain.gpu_types):
+                    code_s, code_a = topo.type_code(ts), topo.type_code(ta)
+                    short_slots = self.stats_region.slots(region, code_s, rs.gpus_per_instance)
+                    anchor_slots = self.stats_region.slots(region, code_a, ra.gpus_per_instance)
+                    if ts == ta:
+                        joint = self.stats_region.free_gpus(region, code_s)
+                        if joint < rs.gpus_per_instance + ANCHOR_INSTANCES * ra.gpus_per_instance:
+                            continue
+                    upper_groups = min(grow[short], short_slots, anchor_slots // ANCHOR_INSTANCES)
+                    if upper_groups <= 0:
+                        continue
+                    pair: dict[Role, str] = {short: ts, anchor: ta}
+                    place_cost = self._domain_cost(need, domain, pair["prefill"], pair["decode"])
+                    g = m.new_int_var(0, upper_groups, "")
+                    if grow[anchor] > 0:
+                        if gate is None:
+                            gate = m.new_bool_var("")
+                            self.anchor_gates.append((need.service, anchor, gate))
+                        m.add(g <= upper_groups * gate)
+                    self.objective_terms.append((W_OPEN_GROUP, g))
+                    upper_n = min(grow[short], short_slots)
+                    n = m.new_int_var(0, upper_n, "")
+                    m.add(n >= g)
+                    placed[short].append(n)
+                    self.terms.append(_Term(region, code_s, rs.gpus_per_instance, n, upper_n))
+                    self.objective_terms.append(
+                        (rs.gpus_per_instance * (place_cost + rs.preference_cost(ts)), n)
+                    )
+                    upper_a = ANCHOR_INSTANCES * upper_groups
+                    a = m.new_int_var(0, upper_a, "")
+                    m.add(a == ANCHOR_INSTANCES * g)
+                    self.terms.append(_Term(region, code_a, ra.gpus_per_instance, a, upper_a))
+                    self.objective_terms.append(
+                        (ra.gpus_per_instance * (place_cost + ra.preference_cost(ta) + W_ANCHOR), a)
+                    )
+                    self.anchor_vars.append((a, upper_a))
+                    # The growing role beyond the group size overflows (no group, none).
+                    overflow = m.new_int_var(0, upper_n, "")
+                    m.add(overflow <= upper_n * g)
+                    m.add(n + a <= need.group_size * g + overflow)
+                    self.objective_terms.append((W_OVERFLOW, overflow))
+                    instances: dict[Role, cp_model.IntVar | None] = {short: n, anchor: None}
+                    self.new.append(
+                        _NewClass(need.service, domain, pair, g, instances, overflow, anchor, a)
+                    )
+        return gate
+
     def _add_capacity(self) -> None:
         topo = self.topology
         m = self.model
@@ -513,14 +624,24 @@ class _Solve:
 
         shortfall = expr(self.short_terms, self.short_offset)
         budget = self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+        anchors = [a for a, _upper in self.anchor_vars]
+        anchor_upper = sum(upper for _a, upper in self.anchor_vars)
+        if anchor_upper >= W_SHORT_PER_RANK:
+            # Keeps level 1b below one GPU short (never reached by a real cycle).
+            m.add(sum(anchors) <= W_SHORT_PER_RANK - 1)
+            anchor_upper = W_SHORT_PER_RANK - 1
 
-        # Phase 1: meet the targets (priority-weighted), from the greedy hint.
-        m.minimize(shortfall)
+        # Phase 1: meet the targets (priority-weighted), from the greedy hint, with as
+        # few anchors as that takes (level 1b, 1 per anchor instance).
+        m.minimize(shortfall + W_ANCHOR_PHASE1 * sum(anchors) if anchors else shortfall)
         first, first_status = self._run(0.7 * budget, 0.7)
         if first_status not in ("OPTIMAL", "FEASIBLE"):
             return first_status, None, None, None
-        short_value = round(first.objective_value)
-        short_bound = first.best_objective_bound
+        short_value = round(first.value(shortfall))
+        # A bound on level 1 alone: the phase bound less what anchors can add to it.
+        short_bound = max(0.0, first.best_objective_bound - W_ANCHOR_PHASE1 * anchor_upper)
+        if anchors:
+            m.add(sum(anchors) <= sum(first.value(a) for a in anchors))
         # Phase 2: hold level 1 -- every service keeps at least the instances phase 1
         # placed (simple bounds; one dense weighted constraint slows the LP down) --
         # and optimise everything, from phase 1's solution.
@@ -607,8 +728,10 @@ class _Solve:
         baseline = GreedyPlacer().place(self.problem.request)
         before = {(g.service, g.group_id): g for gs in self.problem.groups.values() for g in gs}
         grown: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
-        opened: dict[tuple[str, str, str, str], int] = defaultdict(int)
-        opened_n: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
+        # New groups by (service, domain, type pair, anchor role or None).
+        opened: dict[tuple[str, str, str, str, Role | None], int] = defaultdict(int)
+        opened_n: dict[tuple[str, str, str, str, Role | None, Role], int] = defaultdict(int)
+        anchored_by = {(a.service, a.group_id): a.role for a in baseline.anchors}
         kept: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
         for group in baseline.groups:
             old = before.get((group.service, group.group_id))
@@ -628,7 +751,13 @@ class _Solve:
             domain = self.topology.domain_of_group(group)
             if domain is None:
                 continue
-            key = (group.service, domain.key, group.prefill.gpu_type, group.decode.gpu_type)
+            key = (
+                group.service,
+                domain.key,
+                group.prefill.gpu_type,
+                group.decode.gpu_type,
+                anchored_by.get((group.service, group.group_id)),
+            )
             opened[key] += 1
             for r in ROLES:
                 opened_n[(*key, r)] += group.role(r).instances
@@ -650,7 +779,13 @@ class _Solve:
             if cls.overflow is not None:
                 hint[cls.overflow.index] = max(0, total - cls.room)
         for new in self.new:
-            key = (new.service, new.domain.key, new.types["prefill"], new.types["decode"])
+            key = (
+                new.service,
+                new.domain.key,
+                new.types["prefill"],
+                new.types["decode"],
+                new.anchor_role,
+            )
             count = opened.get(key, 0)
             hint[new.groups.index] = count
             total = 0
@@ -658,10 +793,16 @@ class _Solve:
                 if var is not None:
                     hint[var.index] = opened_n.get((*key, r), 0)
                     total += opened_n.get((*key, r), 0)
+            if new.anchors is not None:
+                hint[new.anchors.index] = ANCHOR_INSTANCES * count
+                total += ANCHOR_INSTANCES * count
             if new.overflow is not None:
                 hint[new.overflow.index] = max(
                     0, total - count * self.problem.needs[new.service].group_size
                 )
+        for service, role, gate in self.anchor_gates:
+            met = baseline.placed(service, role) - baseline.overshoot(service, role)
+            hint[gate.index] = int(met >= self.problem.needs[service].role(role).target)
         # Complete the hint (CP-SAT uses a complete, feasible hint as its first solution).
         for over, terms, partial in self.fragment_vars:
             hint[over.index] = max(
@@ -714,6 +855,8 @@ class _Solve:
             need = self.problem.needs[new.service]
             service_groups = self.problem.groups.setdefault(new.service, [])
             add = {r: value(v) for r, v in new.instances.items() if v is not None}
+            if new.anchor_role is not None and new.anchors is not None:
+                add[new.anchor_role] = value(new.anchors)
             label = (
                 new.domain.domain
                 if new.domain.affinity != "cluster"
@@ -732,6 +875,7 @@ class _Solve:
                     gpu_type=dict(new.types),
                     nodes={"prefill": {}, "decode": {}},
                     is_new=True,
+                    anchor_role=new.anchor_role,
                 )
                 service_groups.append(group)
                 additions.extend((group, r, n) for r, n in share.items() if n)

@@ -6,7 +6,9 @@ the binding constraint in the user's terms:
 
 - ``gpu_type``: none of the role's allowed GPU types exists in the cluster;
 - ``group_shape``: no existing group can grow (none, or none pinned to a known domain)
-  and a new group would need an instance of the other role beyond its target;
+  and no new group can be opened because the other role has no GPU type in the cluster
+  (a role growing alone may open an *anchored* group, so a met target of the other
+  role alone no longer blocks a new group);
 - ``fragmentation``: enough GPUs are free in the chosen domain, but not enough of them
   on single nodes for the instance size (reported by node packing);
 - ``affinity``: enough GPUs of the allowed types are free in the cluster, but no single
@@ -24,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from reconciler.placement.base import Shortfall
-from reconciler.placement.problem import PlacementProblem, ServiceNeed
+from reconciler.placement.problem import ANCHOR_INSTANCES, PlacementProblem, ServiceNeed
 from reconciler.state import ROLES, Role
 from reconciler.topology import SchedulingDomain, Topology
 
@@ -96,11 +98,12 @@ def explain(
 
     other: Role = "decode" if role == "prefill" else "prefill"
     # Where the rest could have gone: any domain of the affinity when a new group can be
-    # opened, else only the domains of the service's existing groups (a new group would
-    # need an instance of the other role beyond its target).
-    can_open = (
-        other not in need.required_roles
-        or problem.placed(need.service, other) < need.role(other).target
+    # opened -- with the other role's missing instances, or (its target met) with an
+    # anchor of it -- else only the domains of the service's existing groups.
+    can_open = other not in need.required_roles or bool(need.role(other).allowed_types)
+    anchored = (
+        other in need.required_roles
+        and problem.placed(need.service, other) >= need.role(other).target
     )
     if can_open:
         candidates = [(d, t) for d in topo.domains(need.affinity) for t in rn.allowed_types]
@@ -121,8 +124,8 @@ def explain(
                 role,
                 missing,
                 "group_shape",
-                f"{head}: no existing group can grow and a new group would need a {other} instance "
-                f"beyond the {other} target ({need.role(other).target})",
+                f"{head}: no existing group can grow and a new group needs a {other} instance, "
+                f"but no allowed {other} GPU type exists in cluster '{topo.cluster}'",
             )
     best_slots, best_where, best_type = 0, "", rn.allowed_types[0]
     for domain, gpu_type in candidates:
@@ -136,6 +139,8 @@ def explain(
     # the two together when both are short (they may share GPU types).
     placed_other = problem.placed(need.service, other)
     other_missing = need.role(other).target - placed_other if other in need.required_roles else 0
+    if anchored:
+        other_missing = ANCHOR_INSTANCES  # a new group needs its anchor
     enough = total_slots >= missing
     if can_open and other_missing > 0:
         orn = need.role(other)
@@ -156,7 +161,12 @@ def explain(
         else f"no {'/'.join(rn.allowed_types)} GPUs free for a {size}-GPU instance under {where}"
     )
     if not can_open:
-        largest += f" ({other} target met, so no new group can be opened)"
+        largest += f" (no {other} GPU type in the cluster, so no new group can be opened)"
+    elif anchored:
+        largest += (
+            f" ({other} target met: a new group would also take {ANCHOR_INSTANCES} anchor "
+            f"{other} instance(s) beyond it)"
+        )
     taken: list[str] = []
     for gpu_type in rn.allowed_types:
         for service, count in sorted(

@@ -17,7 +17,14 @@ is deducted within the cycle:
    by their subgroup's priority, so such a group may span subgroups (its ``subgroup``
    is then ``None``);
 5. a role that still grows alone (no new group can be opened without exceeding the
-   other role's target) overflows the existing groups, as in the CP-SAT placer.
+   other role's target) overflows the existing groups, as in the CP-SAT placer;
+6. what even overflow cannot place (the existing groups' domains are full) opens an
+   *anchored* group (``reconciler.placement.problem``): the growing role (up to the
+   group size less the anchor, halved until it fits) plus ``ANCHOR_INSTANCES`` of the
+   other role beyond its target, chosen like step 3 (preferred pair, least scarce
+   domain); the rest of the role then overflows that group before another anchored
+   group is opened. Only once the other role's target is met (it did not grow, or
+   steps 2-5 placed all of its growth).
 
 Scale-in uses the shared rule (``reconciler.placement.problem.scale_in``). The greedy
 scheduler never moves running instances (``allow_rebalance`` is ignored, and said so
@@ -34,6 +41,7 @@ import numpy as np
 from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
 from reconciler.placement.explain import shortfalls_for
 from reconciler.placement.problem import (
+    ANCHOR_INSTANCES,
     PlacementProblem,
     ServiceNeed,
     WorkGroup,
@@ -152,10 +160,10 @@ class _Greedy:
         while required and all(grow[r] > 0 for r in required):
             sizes = self._group_sizes(need, grow)
             opened = self._open(need, sizes)
-            while not opened and any(s > 1 for s in sizes.values()):
+            while opened is None and any(s > 1 for s in sizes.values()):
                 sizes = {r: max(1, s // 2) for r, s in sizes.items()}
                 opened = self._open(need, sizes)
-            if not opened:
+            if opened is None:
                 break
             for r in required:
                 grow[r] -= sizes[r]
@@ -169,6 +177,28 @@ class _Greedy:
                     break
                 if allowed(group, role):
                     grow[role] -= self._place_in(group, role, grow[role], need)
+        # 4. Still short with nowhere left to overflow, and the other role's target met
+        #    (it did not grow, or all of its growth is placed): anchored groups.
+        anchor = need.anchor_role(grow)
+        if anchor is not None:
+            self._grow_anchored(need, anchor, grow)
+
+    def _grow_anchored(self, need: ServiceNeed, anchor: Role, grow: dict[Role, int]) -> None:
+        """Open as few anchored groups as the short role needs (see step 6)."""
+        short: Role = "decode" if anchor == "prefill" else "prefill"
+        while grow[short] > 0:
+            first = min(grow[short], max(1, need.group_size - ANCHOR_INSTANCES))
+            sizes = {short: first, anchor: ANCHOR_INSTANCES}
+            opened = self._open(need, sizes)
+            while opened is None and sizes[short] > 1:
+                sizes = {short: max(1, sizes[short] // 2), anchor: ANCHOR_INSTANCES}
+                opened = self._open(need, sizes)
+            if opened is None:
+                return
+            opened.anchor_role = anchor
+            grow[short] -= sizes[short]
+            if grow[short] > 0:
+                grow[short] -= self._place_in(opened, short, grow[short], need)
 
     def _place_in(self, group: WorkGroup, role: Role, count: int, need: ServiceNeed) -> int:
         assert group.domain is not None
@@ -198,8 +228,8 @@ class _Greedy:
         pairs = [(p, d) for p in prefill for d in decode]
         return sorted(pairs, key=lambda pd: (-(norm("prefill", pd[0]) + norm("decode", pd[1])), pd))
 
-    def _open(self, need: ServiceNeed, sizes: dict[Role, int]) -> bool:
-        """Open one group of ``sizes`` instances per role, or return False."""
+    def _open(self, need: ServiceNeed, sizes: dict[Role, int]) -> WorkGroup | None:
+        """Open one group of ``sizes`` instances per role; None when none fits."""
         for tp, td in self._pairs(need):
             types: dict[Role, str] = {"prefill": tp, "decode": td}
             # Cheap rejection: not even the whole cluster has room for a role.
@@ -215,8 +245,9 @@ class _Greedy:
             ):
                 continue
             if need.affinity == "cluster":
-                if self._try_loose(need, sizes, types):
-                    return True
+                opened = self._try_loose(need, sizes, types)
+                if opened is not None:
+                    return opened
                 continue
             candidates = [
                 d
@@ -224,9 +255,10 @@ class _Greedy:
                 if all(types[r] in d.gpu_types for r in sizes)
             ]
             for domain in sorted(candidates, key=lambda d: (CLASS_RANK[d.subgroup_class], d.key)):
-                if self._try_domain(need, sizes, types, domain):
-                    return True
-        return False
+                opened = self._try_domain(need, sizes, types, domain)
+                if opened is not None:
+                    return opened
+        return None
 
     def _fit(
         self, need: ServiceNeed, sizes: dict[Role, int], nodes_of: dict[Role, np.ndarray]
@@ -278,21 +310,23 @@ class _Greedy:
         sizes: dict[Role, int],
         types: dict[Role, str],
         domain: SchedulingDomain,
-    ) -> bool:
+    ) -> WorkGroup | None:
         nodes_of = {r: self.topology.domain_nodes(domain, types[r]) for r in sizes}
         plan = self._fit(need, sizes, nodes_of)
         if plan is None:
-            return False
+            return None
         group = self._new_group(need, types, domain)
         for role, placement in plan.items():
             self._commit(group, role, placement, need.role(role).gpus_per_instance)
-        return True
+        return group
 
-    def _try_loose(self, need: ServiceNeed, sizes: dict[Role, int], types: dict[Role, str]) -> bool:
+    def _try_loose(
+        self, need: ServiceNeed, sizes: dict[Role, int], types: dict[Role, str]
+    ) -> WorkGroup | None:
         nodes_of = {r: self.loose_nodes.get(types[r], np.empty(0, dtype=np.int64)) for r in sizes}
         plan = self._fit(need, sizes, nodes_of)
         if plan is None:
-            return False
+            return None
         subgroups = {
             self.topology.subgroup_of_node(n) for placement in plan.values() for n in placement
         }
@@ -303,7 +337,7 @@ class _Greedy:
         group = self._new_group(need, types, domain)
         for role, placement in plan.items():
             self._commit(group, role, placement, need.role(role).gpus_per_instance)
-        return True
+        return group
 
 
 __all__ = ["GreedyPlacer", "first_fit"]

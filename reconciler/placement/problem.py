@@ -14,10 +14,31 @@ Decisions (documented here once, followed by every placer):
   disagrees with the P/D ratio would strand capacity. Growth fills existing groups up
   to that size, then opens new groups. Every *new* group has at least one instance of
   each role the service runs (a group without prefill would pull its KV cache across
-  spines), so a new group can only be opened when every such role grows. When one
-  role grows alone and the existing groups are full, it *overflows* them (existing
-  groups exceed their size) instead of leaving demand unmet; the CP-SAT objective
-  charges an overflowed instance more than opening a group, so it happens only then.
+  spines). When one role grows alone and the existing groups are full, it first
+  *overflows* them (existing groups exceed their size; the CP-SAT objective charges an
+  overflowed instance more than opening a group, so it happens only then).
+- **Anchored groups** (the one exception to exact targets). When one role grows alone
+  (the other role's target is met) and its existing groups' domains have no room left
+  for it -- not even by overflow -- a new group may be opened with the growing role
+  plus an *anchor* of ``ANCHOR_INSTANCES`` (1) instance of the other role. The anchor
+  overshoots the other role's target by that one instance; it is reported in
+  ``PlacementResult.anchors`` (and ``stats.notes``) and is visible to the caller's
+  diff as an extra instance, so ``placed - overshoot + short == target`` holds for
+  every role. Order of preference, strictly: (a) the existing groups' domains (in
+  place, then overflow), (b) full-shaped new groups (only when both roles grow), (c)
+  anchored groups, as few as possible (a second one only when the first one's domain
+  is full; the rest of the role overflows the anchored group), (d) a shortfall. An
+  anchored group is never opened when the role could be placed otherwise, and only
+  once the other role's target is met -- it did not grow, or all of its growth is
+  placed (an anchor never stands in for a missing instance of its own role). Under
+  CP-SAT's ``allow_rebalance`` a new group can also take a *moved* instance of the
+  other role; anchors remain for when that does not suffice. *Why one instance*, not the count that keeps the P/D ratio bounds inside the
+  group: the bounds are a service-level constraint on the targets, which the policy
+  owns (+1 instance moves the service's ratio by one instance); a larger anchor would
+  overshoot more GPUs only to decorate a group, and no group split is enforced
+  elsewhere either (overflow already skews groups). Next cycle the policy sees the
+  extra instance; if it scales it in, the scale-in rule keeps the anchored group's
+  last instance (pass 1 below) and takes one from another group.
 - **Capacity freed by scale-in is not reused in the same cycle.** The plan applies
   creates before deletes (``reconciler.plan``) and soft scale-in keeps a removed
   instance running through its observation window, so those GPUs are still busy when
@@ -44,12 +65,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from reconciler.desired.models import Affinity, ServicePolicy
 from reconciler.placement.base import (
+    Anchor,
     PlacementRequest,
     PlacementResult,
     Shortfall,
@@ -64,6 +86,9 @@ from reconciler.topology import (
     topology_for,
     used_gpus,
 )
+
+# Instances of the other role that anchor a new group for a role growing alone.
+ANCHOR_INSTANCES = 1
 
 # --------------------------------------------------------------------------- needs
 
@@ -140,6 +165,16 @@ class ServiceNeed:
         required = self.required_roles
         return bool(required) and all(self.role(r).grow > 0 for r in required)
 
+    def anchor_role(self, grow: Mapping[Role, int]) -> Role | None:
+        """The role that would anchor a new group for a role growing alone: the other
+        role, when exactly one role grows (``grow``: instances still to add per role)
+        and the other runs (positive target) but does not grow. None otherwise."""
+        growing = [r for r in ROLES if grow.get(r, 0) > 0]
+        if len(growing) != 1:
+            return None
+        other: Role = "decode" if growing[0] == "prefill" else "prefill"
+        return other if other in self.required_roles else None
+
 
 def needed_class_rank(prefill_type: str, decode_type: str, affinity: Affinity) -> int:
     """The least scarce subgroup class that can host a group of this type pair.
@@ -169,6 +204,7 @@ class WorkGroup:
     nodes: dict[Role, dict[str, int]]  # node name -> instances
     is_new: bool = False
     original: DeploymentGroup | None = None
+    anchor_role: Role | None = None  # set on new groups anchored by this role's instances
 
     def count(self, role: Role) -> int:
         return sum(self.nodes[role].values())
@@ -527,11 +563,35 @@ def finalize(
         [*problem.shortfalls, *extra_shortfalls],
         key=lambda s: (s.service, s.role, s.constraint),
     )
+    anchors = anchors_of(problem)
+    if anchors:
+        stats = replace(stats, notes=(*stats.notes, *(anchor_note(a) for a in anchors)))
     return PlacementResult(
         cluster=problem.cluster,
         groups=tuple(groups),
         shortfalls=tuple(shortfalls),
         stats=stats,
+        anchors=anchors,
+    )
+
+
+def anchors_of(problem: PlacementProblem) -> tuple[Anchor, ...]:
+    """The anchors of the anchored groups that survived placement, by service and id."""
+    anchors = [
+        Anchor(g.service, g.anchor_role, g.group_id, g.count(g.anchor_role))
+        for service_groups in problem.groups.values()
+        for g in service_groups
+        if g.anchor_role is not None and g.count(g.anchor_role) > 0
+    ]
+    return tuple(sorted(anchors, key=lambda a: (a.service, a.group_id)))
+
+
+def anchor_note(anchor: Anchor) -> str:
+    grows = "decode" if anchor.role == "prefill" else "prefill"
+    return (
+        f"anchored group {anchor.service}/{anchor.group_id}: {anchor.instances} {anchor.role} "
+        f"instance(s) beyond the {anchor.role} target, to open a group for {grows} growing "
+        "alone (no room left in the domains of its existing groups)"
     )
 
 
@@ -542,10 +602,13 @@ def node_usage_of(problem: PlacementProblem) -> np.ndarray:
 
 
 __all__ = [
+    "ANCHOR_INSTANCES",
     "PlacementProblem",
     "RoleNeed",
     "ServiceNeed",
     "WorkGroup",
+    "anchor_note",
+    "anchors_of",
     "finalize",
     "needed_class_rank",
     "new_group_id",

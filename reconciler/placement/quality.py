@@ -12,7 +12,9 @@ policies), so any two placers can be compared on the same request:
 - ``whole_nodes_free``: nodes with no GPU in use after the cycle;
 - ``unmet_gpus`` / ``unmet_weighted``: GPUs short of target, and weighted by priority+1;
 - ``preferred_share_added``: share of the GPUs added this cycle that are on each role's
-  most preferred GPU type.
+  most preferred GPU type;
+- ``anchored_groups`` / ``overshoot_gpus``: anchored groups opened for a role growing
+  alone, and the GPUs their anchors hold beyond the other role's target.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class PlacementQuality:
     unmet_weighted: int
     gpus_added: int
     preferred_share_added: float
+    anchored_groups: int = 0
+    overshoot_gpus: int = 0
 
     @property
     def share_in_one_subgroup(self) -> float:
@@ -128,6 +132,12 @@ def measure(
         unmet_weighted=unmet_weighted,
         gpus_added=added_total,
         preferred_share_added=preferred_added / added_total if added_total else 1.0,
+        anchored_groups=len(result.anchors),
+        overshoot_gpus=sum(
+            a.instances * policies[a.service].role(a.role).gpus_per_instance
+            for a in result.anchors
+            if a.service in policies
+        ),
     )
 
 

@@ -458,6 +458,47 @@ def evaluate(
     )
 
 
+def run_autoscaler(
+    state: DesiredState,
+    service: str,
+    profile: LoadProfile,
+    autoscaler: Autoscaler,
+    *,
+    name: str | None = None,
+    description: str = "",
+    config: SimConfig | None = None,
+    placer: Placer | None = None,
+    interval_s: float = 30.0,
+    progress: Progress | None = None,
+) -> PolicyResult:
+    """Run one ready-made autoscaler on ``profile`` in its own simulated fleet, exactly
+    as :func:`evaluate` runs each named policy (same warm start, cycle and figures).
+    For callers that build their own autoscaler, e.g. ``heteroscale tune``'s fixed
+    prefill/decode splits."""
+    if service not in state.policies:
+        raise EvaluationError(
+            f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})"
+        )
+    policy = state.policies[service]
+    if policy.cluster not in state.clusters:
+        raise EvaluationError(
+            f"service '{service}' runs in cluster '{policy.cluster}', which is not defined"
+        )
+    return _run_policy(
+        state,
+        policy,
+        profile,
+        name or str(getattr(autoscaler, "name", "autoscaler")),
+        autoscaler,
+        description,
+        role_capacity(state, policy, profile),
+        config or SimConfig(),
+        placer or default_placer(),
+        interval_s,
+        progress,
+    )
+
+
 def _place(
     state: DesiredState,
     policy: ServicePolicy,
@@ -668,4 +709,5 @@ __all__ = [
     "initial_counts",
     "peak_demand",
     "role_capacity",
+    "run_autoscaler",
 ]

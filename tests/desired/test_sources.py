@@ -35,14 +35,14 @@ def git_repo(example_repo: Path) -> Path:
 def test_a_revision_loads_without_touching_the_work_tree(git_repo: Path) -> None:
     policy = git_repo / "policies/svc-a.yaml"
     policy.write_text(
-        policy.read_text().replace("target_per_instance: 1400", "target_per_instance: 2000")
+        policy.read_text().replace("target_per_instance: 1250", "target_per_instance: 2000")
     )
     git(git_repo, "commit", "-qam", "lower target")
     shutil.rmtree(git_repo / "clusters")  # the work tree is now broken; revisions are not
     head = load_desired_state(git_repo, rev="HEAD")
     base = load_desired_state(git_repo, rev="HEAD~1")
     assert head.policies["svc-a"].scaling.target_per_instance == 2000
-    assert base.policies["svc-a"].scaling.target_per_instance == 1400
+    assert base.policies["svc-a"].scaling.target_per_instance == 1250
     assert head.source_label.startswith("HEAD (")
 
 
@@ -104,4 +104,4 @@ def test_round_trip_edits_change_only_the_edited_line(repo_root: Path) -> None:
     changed = [
         (a, b) for a, b in zip(text.splitlines(), edited.splitlines(), strict=True) if a != b
     ]
-    assert changed == [("  target_per_instance: 1450", "  target_per_instance: 1400")]
+    assert changed == [("  target_per_instance: 1300", "  target_per_instance: 1400")]

@@ -14,6 +14,7 @@ from typing import Any
 from reconciler.desired.checks import check_cluster
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.placement.base import PlacementOptions, PlacementRequest, PlacementResult
+from reconciler.placement.problem import ANCHOR_INSTANCES
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Targets
 from reconciler.topology import gpus_per_instance_of, topology_for, used_gpus
 
@@ -244,7 +245,30 @@ def check_invariants(req: PlacementRequest, result: PlacementResult) -> None:
                 elif not req.options.allow_rebalance:
                     assert new_nodes.get(node, 0) >= count, f"{key} {role} lost instances on {node}"
 
-    # Targets: never exceeded; every missing instance is explained, exactly once.
+    # Anchors: exactly ANCHOR_INSTANCES of the anchor role, in a group new this cycle
+    # that also holds the other role, only while that role grows (without rebalancing,
+    # which may move instances into the group) and the anchor role's target is met.
+    for a in result.anchors:
+        assert (a.service, a.group_id) not in before, f"anchor in running group {a.group_id}"
+        g = after[(a.service, a.group_id)]
+        grows = "decode" if a.role == "prefill" else "prefill"
+        assert a.instances == g.role(a.role).instances == ANCHOR_INSTANCES
+        assert g.role(grows).instances >= 1
+        target = req.targets[a.service]
+        assert getattr(target, a.role) > 0
+        if not req.options.allow_rebalance:
+            assert getattr(target, grows) > totals[(a.service, grows)], (
+                "anchored a non-growing role"
+            )
+        assert result.placed(a.service, a.role) - result.overshoot(a.service, a.role) == getattr(
+            target, a.role
+        ), "anchor opened although the anchor role's target was not met"
+        assert any(
+            n.startswith(f"anchored group {a.service}/{a.group_id}") for n in result.stats.notes
+        )
+    assert len({(a.service, a.group_id) for a in result.anchors}) == len(result.anchors)
+
+    # Targets: never exceeded but by anchors; every missing instance is explained, once.
     short: dict[tuple[str, str], int] = defaultdict(int)
     for s in result.shortfalls:
         assert s.instances > 0 and s.detail
@@ -254,8 +278,13 @@ def check_invariants(req: PlacementRequest, result: PlacementResult) -> None:
             continue
         for role in ROLES:
             placed = result.placed(service, role)
+            overshoot = result.overshoot(service, role)
             wanted = getattr(target, role)
-            assert placed <= max(wanted, 0), f"{service} {role}: {placed} > target {wanted}"
-            assert placed + short[(service, role)] == wanted, (
-                f"{service} {role}: placed {placed} + short {short[(service, role)]} != target {wanted}"
+            assert overshoot == 0 or short[(service, role)] == 0, "an anchor role is never short"
+            assert placed - overshoot <= max(wanted, 0), (
+                f"{service} {role}: {placed} - overshoot {overshoot} > target {wanted}"
+            )
+            assert placed - overshoot + short[(service, role)] == wanted, (
+                f"{service} {role}: placed {placed} - overshoot {overshoot} + short "
+                f"{short[(service, role)]} != target {wanted}"
             )

@@ -20,6 +20,7 @@ from placement_fixtures import (
     three_class_cluster,
 )
 
+from reconciler.placement.base import Anchor
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.placement.greedy import GreedyPlacer
 
@@ -146,8 +147,141 @@ def test_a_role_growing_alone_overflows_its_groups(placer, spec):
         "svc", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-1": 2}), ("h800", {"a1n-1": 4})
     )
     req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 7)}, [running])
-    [g] = place(placer, req).groups
+    result = place(placer, req)
+    [g] = result.groups
     assert (g.group_id, g.prefill.instances, g.decode.instances) == ("g1", 2, 7)
+    assert not result.anchors  # room in place: no anchored group, no overshoot
+    assert result.placed("svc", "prefill") == 2
+
+
+# --------------------------------------------------------------------------- anchors
+
+# chat-like: H800 prefill; decode prefers H20, accepts H800 at 0.4; TP4; groups of 3+4.
+CHAT_LIKE = {"prefill": (4, {"h800": 1.0}), "decode": (4, {"h20": 1.0, "h800": 0.4})}
+
+
+def pod_c_full_group():
+    """One group filling pod-c: 4 H800 prefill on c1 and 4 H20 decode on c2 (TP4)."""
+    return group(
+        "svc",
+        "g-pod-c-1",
+        "pod-c",
+        "rg-pod-c",
+        ("h800", {"c1n-1": 2, "c1n-2": 2}),
+        ("h20", {"c2n-1": 2, "c2n-2": 2}),
+    )
+
+
+@BOTH
+def test_a_role_growing_alone_next_to_a_group_that_cannot_grow_opens_an_anchored_group(
+    placer, spec
+):
+    """The running group's switch is gone, prefill is at target and decode grows: a
+    new group in the cheapest domain takes the 2 decode plus 1 anchor prefill."""
+    stray = group("svc", "g1", "old-switch", None, ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
+    result = place(placer, request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (1, 3)}, [stray]))
+    by_id = {g.group_id: g for g in result.groups}
+    assert by_id["g1"] == stray
+    anchored = by_id["g-pod-a-1"]
+    assert (anchored.prefill.instances, anchored.decode.instances) == (1, 2)
+    assert result.anchors == (Anchor("svc", "prefill", "g-pod-a-1", 1),)
+    assert result.placed("svc", "prefill") == 2 and result.overshoot("svc", "prefill") == 1
+    assert not result.shortfalls
+    assert any("1 prefill instance(s) beyond the prefill target" in n for n in result.stats.notes)
+
+
+@BOTH
+def test_prefill_growing_alone_with_its_domain_full_opens_an_anchored_group(placer, spec):
+    """Prefill must grow by 2 and pod-c (the group's S2) has no H800 left. CP-SAT opens
+    an H800/H800 group in pod-a (low class; decode on H800 costs 59 per GPU of
+    preference, far less than the scarce-class waste of pod-d); the paper's greedy
+    rule tries the preferred pair H800/H20 first, which only pod-d (high) offers."""
+    running = pod_c_full_group()
+    req = request(spec, [policy("svc", shape=(3, 4), **CHAT_LIKE)], {"svc": (6, 4)}, [running])
+    result = place(placer, req)
+    assert not result.shortfalls
+    by_id = {g.group_id: g for g in result.groups}
+    assert by_id["g-pod-c-1"] == running
+    [new] = [g for g in result.groups if g.group_id != "g-pod-c-1"]
+    assert (new.prefill.instances, new.decode.instances) == (2, 1)
+    expected = {"cp-sat": ("pod-a", "h800"), "greedy": ("pod-d", "h20")}[placer.name]
+    assert (new.domain, new.decode.gpu_type) == expected
+    assert result.anchors == (Anchor("svc", "decode", new.group_id, 1),)
+    assert result.placed("svc", "decode") - result.overshoot("svc", "decode") == 4
+
+
+@BOTH
+def test_anchored_group_takes_the_rest_by_overflow_before_a_second_anchor(placer, spec):
+    """Prefill grows by 6 (group size 7): one anchored group holds all of them, the
+    part beyond its size by overflow, so the overshoot stays one decode instance."""
+    running = pod_c_full_group()
+    req = request(spec, [policy("svc", shape=(3, 4), **CHAT_LIKE)], {"svc": (12, 4)}, [running])
+    result = place(placer, req)
+    assert not result.shortfalls
+    [anchor] = result.anchors
+    new = {g.group_id: g for g in result.groups}[anchor.group_id]
+    assert (new.prefill.instances, new.decode.instances) == (8, 1)
+
+
+@BOTH
+def test_no_anchor_when_the_existing_domain_has_room(placer, spec):
+    """Like above, but pod-c's H800 S1 has room for exactly the 2 new prefill
+    instances: they overflow the full group in place (300 each, far less than an
+    anchor), and no decode instance is added."""
+    running = group(
+        "svc", "g-pod-c-1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 2}), ("h20", {"c2n-1": 2})
+    )
+    req = request(spec, [policy("svc", shape=(2, 2), **CHAT_LIKE)], {"svc": (4, 2)}, [running])
+    result = place(placer, req)
+    [g] = result.groups
+    assert (g.group_id, g.prefill.instances, g.decode.instances) == ("g-pod-c-1", 4, 2)
+    assert not result.anchors and not result.shortfalls
+    # One more prefill instance than pod-c holds: now (and only now) an anchor.
+    req = request(spec, [policy("svc", shape=(2, 2), **CHAT_LIKE)], {"svc": (5, 2)}, [running])
+    result = place(placer, req)
+    assert not result.shortfalls and len(result.anchors) == 1
+    assert result.overshoot("svc", "decode") == 1
+
+
+@BOTH
+def test_anchor_shortfall_says_a_new_group_needs_an_anchor(placer):
+    """Decode grows alone next to a group that cannot grow; 4 GPUs are left, enough
+    for the decode instance but not with the anchor prefill: the shortfall says why."""
+    spec = cluster({"pod-a": [s1("a1", ("la1", "a1n-[1-2]", "h800"))]})
+    running = group("svc", "g1", "old-switch", None, ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
+    other = group(
+        "other", "g1", "pod-a", "rg-pod-a", ("h800", {"a1n-2": 2}), ("h800", {"a1n-2": 2})
+    )
+    pols = [
+        policy("svc", prefill=(4, {"h800": 1.0}), decode=(4, {"h800": 1.0})),
+        policy("other", prefill=(1, {"h800": 1.0}), decode=(1, {"h800": 1.0})),
+    ]
+    result = place(placer, request(spec, pols, {"svc": (1, 2)}, [running, other]))
+    assert not result.anchors
+    [s] = result.shortfalls
+    assert (s.role, s.instances, s.constraint) == ("decode", 1, "gpu_capacity")
+    assert "1 anchor prefill instance(s)" in s.detail
+
+
+def test_example_fleet_chat_prefill_growth_leaves_full_pod_c_for_an_anchored_group(repo_root):
+    """prod-east: chat's groups fill pod-c's 128 H800 GPUs with prefill; TTFT raises
+    prefill by 4 while decode is at target. Both placers open one anchored group."""
+    from reconciler.desired import load_desired_state
+
+    state = load_desired_state(repo_root)
+    spec = state.clusters["prod-east"]
+    pols = [p for p in state.policies_for("prod-east") if p.name == "chat"]
+    start = place(CpSatPlacer(), request(spec, pols, {"chat": (32, 32)}))
+    assert not start.shortfalls and {g.domain for g in start.groups} == {"pod-c"}
+    for placer in PLACERS:
+        result = place(placer, request(spec, pols, {"chat": (36, 32)}, start.groups))
+        assert not result.shortfalls
+        [anchor] = result.anchors
+        assert (anchor.role, anchor.instances) == ("decode", 1)
+        new = {g.group_id: g for g in result.groups}[anchor.group_id]
+        assert (new.prefill.instances, new.decode.instances) == (4, 1)
+        assert new.domain == {"cp-sat": "pod-a", "greedy": "pod-d"}[placer.name]
+        assert result.placed("chat", "decode") == 33
 
 
 @BOTH
@@ -294,12 +428,16 @@ def test_capacity_shortfall_names_the_largest_free_domain(placer):
 
 @BOTH
 def test_group_that_cannot_grow_and_cannot_be_joined_is_a_group_shape_shortfall(placer, spec):
-    stray = group("svc", "g1", "old-switch", None, ("h800", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
-    result = place(placer, request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (1, 3)}, [stray]))
+    """Decode grows alone next to a group on a switch that is gone; a new group would
+    need a prefill instance, but no allowed prefill type exists in the cluster."""
+    stray = group("svc", "g1", "old-switch", None, ("l20", {"a1n-1": 1}), ("h800", {"a1n-1": 1}))
+    pol = policy("svc", prefill=(1, {"l20": 1.0}), decode=(1, {"h800": 1.0}))
+    result = place(placer, request(spec, [pol], {"svc": (1, 3)}, [stray]))
     assert result.groups == (stray,)
+    assert not result.anchors
     [s] = result.shortfalls
     assert (s.role, s.instances, s.constraint) == ("decode", 2, "group_shape")
-    assert "prefill target (1)" in s.detail
+    assert "no allowed prefill GPU type" in s.detail
 
 
 def test_no_policy_target_is_reported(spec):

@@ -1,0 +1,407 @@
+"""``heteroscale tune SERVICE``: the paper's policy-curation stress test.
+
+Sweeps the prefill/decode split of a GPU budget in the simulator, prints the
+throughput-under-SLO curve (table and text bars; ``--plot`` for a PNG), recommends
+``pd_ratio.target`` and ``scaling.target_per_instance``, verifies them by replaying
+the heteroscale policy against the current values, and with ``--write`` writes the
+changed values into the service's YAML file keeping its comments and layout. The
+method is documented in ``reconciler.review.tune``; this module reads inputs and
+renders.
+
+Exit codes: 0 done (with or without changes), 1 invalid desired state, unknown
+service, unreadable trace or a sweep that cannot run, 2 usage.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from reconciler.commands.simulate import load_for, render_table
+from reconciler.desired.loader import load_desired_state
+from reconciler.desired.models import ServicePolicy
+from reconciler.desired.ratio import format_ratio
+from reconciler.errors import ConfigError, PermanentError
+from reconciler.review.tune import (
+    DEFAULT_HEADROOM,
+    QUICK_SETTINGS,
+    Recommendation,
+    Sweep,
+    SweepSettings,
+    Verification,
+    apply_changes,
+    length_pool,
+    recommend,
+    sweep_splits,
+    unified_diff,
+    verify,
+)
+from reconciler.sim.engine import SimConfig
+from reconciler.sim.evaluate import EvaluationResult, default_placer
+from reconciler.sim.workload import TraceError, read_trace
+
+console = Console(highlight=False)
+if not console.is_terminal:
+    console = Console(highlight=False, width=160)  # logs and CI: one table row per line
+err_console = Console(stderr=True, highlight=False)
+
+BAR_WIDTH = 30
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+QUICK_VERIFY_HOURS = 2.0
+
+
+def text_bar(value: float, top: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of ``value / top`` x ``width`` cells, in eighths of a cell."""
+    if top <= 0 or value <= 0 or not math.isfinite(value):
+        return ""
+    eighths = round(min(1.0, value / top) * width * 8)
+    full, part = divmod(eighths, 8)
+    return "█" * full + (_EIGHTHS[part] if part else "")
+
+
+def render_sweep(sweep: Sweep) -> Table:
+    goal = sweep.attainment_goal
+    table = Table(
+        title=(
+            f"{sweep.service}: throughput under SLO per prefill/decode split of {sweep.budget_gpus} GPUs "
+            f"({sweep.duration_s} s flat load, lengths from {sweep.workload}, "
+            f"TTFT and TBT attainment >= {goal * 100:.1f}%)"
+        ),
+        title_justify="left",
+    )
+    for column, justify in (
+        ("P:D", "right"),
+        ("prefill", "right"),
+        ("decode", "right"),
+        ("GPUs", "right"),
+        ("max req/s", "right"),
+        ("limit", "left"),
+        ("output tok/s", "right"),
+        ("tok/s/GPU", "right"),
+        ("decode tok/s/inst", "right"),
+        ("throughput", "left"),
+        ("", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    best = sweep.best_index
+    top = max(s.throughput_tps for s in sweep.splits)
+    for index, split in enumerate(sweep.splits):
+        is_best = index == best
+        table.add_row(
+            format_ratio(split.ratio),
+            str(split.prefill),
+            str(split.decode),
+            str(split.gpus),
+            f"{split.max_rate_rps:.1f}" if split.best else "-",
+            split.limited_by(goal),
+            f"{split.throughput_tps:,.0f}",
+            f"{split.throughput_tps / sweep.budget_gpus:,.0f}",
+            f"{split.decode_tps_per_instance:,.0f}",
+            text_bar(split.throughput_tps, top),
+            "◀ best" if is_best else "",
+            style="bold green" if is_best else None,
+        )
+    return table
+
+
+def render_recommendation(
+    recommendation: Recommendation, sweep: Sweep, current_target: float, current_ratio: float
+) -> list[str]:
+    best = sweep.best
+    lines = [
+        f"best split: {best.prefill} prefill + {best.decode} decode "
+        f"(P/D {format_ratio(best.ratio)}), {best.throughput_tps:,.0f} output tokens/s at "
+        f"{best.max_rate_rps:.1f} req/s"
+        + ("" if sweep.has_interior_peak else " [yellow](peak at the edge of the sweep)[/yellow]"),
+    ]
+    if recommendation.capacity_per_instance is not None:
+        role = "decode" if recommendation.metric == "decode_tps" else "prefill"
+        lines.append(
+            f"{role} capacity at the SLO limit: {recommendation.capacity_per_instance:,.0f} tokens/s "
+            f"per instance; target = capacity x (1 - {recommendation.headroom:g} headroom) "
+            f"/ (1 + {recommendation.tolerance:g} tolerance), rounded to 50"
+        )
+    lines.append(
+        f"recommended: pd_ratio.target {format_ratio(recommendation.pd_ratio_target)} "
+        f"(current {format_ratio(current_ratio)})"
+        + (
+            f", scaling.target_per_instance {recommendation.target_per_instance:g} "
+            f"(current {current_target:g})"
+            if recommendation.target_per_instance is not None
+            else ""
+        )
+    )
+    return lines
+
+
+def render_verification(
+    verification: Verification, recommendation: Recommendation, policy: ServicePolicy
+) -> Table:
+    """The replay as ``heteroscale simulate``'s table, one row per set of values."""
+    policies = {"current": verification.current}
+    if verification.recommended is not None:
+        policies["recommended"] = verification.recommended
+    return render_table(
+        EvaluationResult(
+            service=recommendation.service,
+            workload=f"heteroscale policy on {verification.load}",
+            horizon_s=verification.horizon_s,
+            requests=verification.requests,
+            slo={
+                "ttft_ms": policy.slo.ttft_ms,
+                "tbt_ms": policy.slo.tbt_ms,
+                "quantile": policy.slo.quantile,
+            },
+            policies=policies,
+        )
+    )
+
+
+def write_sweep_plot(sweep: Sweep, path: Path) -> None:
+    """Throughput under SLO against the P/D ratio (log axis), best split marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [s.ratio for s in sweep.splits]
+    throughput = [s.throughput_tps for s in sweep.splits]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(ratios, throughput, marker="o", color="tab:blue")
+    best = sweep.best
+    ax.plot([best.ratio], [best.throughput_tps], marker="*", markersize=16, color="tab:red")
+    ax.annotate(
+        f"best {format_ratio(best.ratio)}: {best.throughput_tps:,.0f} tok/s",
+        (best.ratio, best.throughput_tps),
+        textcoords="offset points",
+        xytext=(8, -14),
+        fontsize=9,
+    )
+    ax.set_xscale("log")
+    ax.set_xticks(ratios)
+    ax.set_xticklabels([format_ratio(r) for r in ratios], rotation=45, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("P/D ratio (prefill : decode instances)")
+    ax.set_ylabel("output tokens/s under SLO")
+    ax.set_title(
+        f"{sweep.service}: throughput under SLO, {sweep.budget_gpus} GPUs "
+        f"(attainment >= {sweep.attainment_goal * 100:.1f}%)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def tune(
+        service: Annotated[str, typer.Argument(help="service (policies/*.yaml name) to tune")],
+        trace: Annotated[
+            Path | None,
+            typer.Option(
+                "--trace",
+                help="request trace: its lengths drive the sweep and its load the verification; "
+                "omitted: the service's synthetic shape and a synthetic day",
+            ),
+        ] = None,
+        rate_scale: Annotated[
+            float | None,
+            typer.Option(
+                "--rate-scale", help="verification load: multiply the arrival rate by K", min=0.0
+            ),
+        ] = None,
+        diurnal_hours: Annotated[
+            float | None,
+            typer.Option(
+                "--diurnal-hours",
+                help="verification load: tile the trace over H hours under a diurnal curve "
+                "(synthetic: H hours, default 8)",
+                min=0.0,
+            ),
+        ] = None,
+        gpus: Annotated[
+            int | None,
+            typer.Option(
+                "--gpus",
+                help="GPU budget the sweep splits (default: 16 instances' worth)",
+                min=2,
+            ),
+        ] = None,
+        headroom: Annotated[
+            float,
+            typer.Option(
+                "--headroom",
+                help="target = capacity at the SLO limit x (1 - headroom) / (1 + scaling.tolerance)",
+                min=0.0,
+                max=0.9,
+            ),
+        ] = DEFAULT_HEADROOM,
+        duration_s: Annotated[
+            int | None,
+            typer.Option(
+                "--duration",
+                help="seconds of flat load per probe (default 600; --quick 300)",
+                min=120,
+            ),
+        ] = None,
+        quick: Annotated[
+            bool,
+            typer.Option(
+                "--quick",
+                help="coarser sweep (300 s probes, 6% rate tolerance) and a 2 h synthetic verification",
+            ),
+        ] = False,
+        widen_bounds: Annotated[
+            bool,
+            typer.Option(
+                "--widen-bounds",
+                help="when the best ratio lies outside [pd_ratio.min, max], move the bound instead of clamping",
+            ),
+        ] = False,
+        do_verify: Annotated[
+            bool,
+            typer.Option(
+                "--verify/--no-verify",
+                help="replay the heteroscale policy with the current and recommended values",
+            ),
+        ] = True,
+        write: Annotated[
+            bool,
+            typer.Option(
+                "--write", help="write the recommended values into the service's YAML file"
+            ),
+        ] = False,
+        plot_path: Annotated[
+            Path | None, typer.Option("--plot", help="write the throughput curve as a PNG here")
+        ] = None,
+        repo: Annotated[
+            Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
+        ] = Path("."),
+        seed: Annotated[int, typer.Option("--seed", help="seed for loads and sampling")] = 0,
+        interval_s: Annotated[
+            float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
+        ] = 30.0,
+        placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
+    ) -> None:
+        """Sweep the P/D ratio and the per-instance TPS target in the simulator and
+        recommend values (--write puts them into the service's YAML)."""
+        from reconciler.cli import report_config_error
+
+        if placer not in ("greedy", "cpsat"):
+            err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
+            raise typer.Exit(2)
+        if not repo.is_dir():
+            err_console.print(f"error: {repo}: no such directory")
+            raise typer.Exit(2)
+        try:
+            state = load_desired_state(repo)
+        except ConfigError as exc:
+            report_config_error(exc)
+            raise typer.Exit(1) from None
+        if service not in state.policies:
+            known = ", ".join(sorted(state.policies)) or "none"
+            err_console.print(
+                f"[red]error[/red] unknown service '{service}' in {repo / 'policies'} (known: {known})",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1)
+        policy = state.policies[service]
+        base = QUICK_SETTINGS if quick else SweepSettings()
+        settings = SweepSettings(
+            gpus=gpus,
+            duration_s=duration_s or base.duration_s,
+            rate_tolerance=base.rate_tolerance,
+            seed=seed,
+            interval_s=interval_s,
+        )
+        config = SimConfig()
+        chosen_placer = default_placer(placer)
+        try:
+            workload = read_trace(trace, seed=seed) if trace is not None else None
+            pool = length_pool(policy, workload, seed)
+            with Progress(
+                TextColumn("{task.description:<16}"),
+                BarColumn(),
+                TextColumn("{task.completed:>3.0f}/{task.total:.0f}"),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=False,
+            ) as progress:
+                task = progress.add_task("split sweep", total=1)
+
+                def report(done: int, total: int) -> None:
+                    progress.update(task, completed=done, total=total)
+
+                sweep = sweep_splits(
+                    state,
+                    service,
+                    pool,
+                    settings,
+                    config=config,
+                    placer=chosen_placer,
+                    progress=report,
+                )
+            recommendation = recommend(policy, sweep, headroom, widen_bounds=widen_bounds)
+            console.print(render_sweep(sweep))
+            for line in render_recommendation(
+                recommendation,
+                sweep,
+                policy.scaling.target_per_instance,
+                policy.pd_ratio.target,
+            ):
+                console.print(line, soft_wrap=True)
+            for warning in recommendation.warnings:
+                console.print(f"[yellow]warning[/yellow] {warning}", soft_wrap=True)
+            if plot_path is not None:
+                write_sweep_plot(sweep, plot_path)
+                console.print(f"wrote {plot_path}")
+            if do_verify:
+                hours = diurnal_hours
+                if quick and trace is None and hours is None:
+                    hours = QUICK_VERIFY_HOURS
+                profile = load_for(state, service, trace, rate_scale, hours, seed, config)
+                for note in profile.notes:
+                    err_console.print(f"note: {note}", soft_wrap=True)
+                err_console.print("replaying the heteroscale policy (current vs recommended) ...")
+                verification = verify(
+                    state,
+                    service,
+                    profile,
+                    recommendation,
+                    seed=seed,
+                    config=config,
+                    placer=chosen_placer,
+                    interval_s=interval_s,
+                )
+                console.print(render_verification(verification, recommendation, policy))
+                console.print(verification.verdict(), soft_wrap=True)
+                for note in verification.notes:
+                    console.print(f"[yellow]note[/yellow] {note}", soft_wrap=True)
+        except (TraceError, PermanentError) as exc:
+            err_console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+        path = state.policy_files[service]
+        if not recommendation.changes:
+            console.print(f"{path}: already at the recommended values, nothing to change")
+            return
+        file_path = repo / path
+        before = file_path.read_text()
+        after = apply_changes(before, recommendation.changes)
+        console.print(unified_diff(path, before, after), markup=False, highlight=False, end="")
+        if write:
+            file_path.write_text(after)
+            console.print(f"wrote {len(recommendation.changes)} value(s) to {file_path}")
+        else:
+            console.print(
+                f"(dry run: --write puts these {len(recommendation.changes)} value(s) into {path})"
+            )

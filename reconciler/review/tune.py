@@ -1,0 +1,771 @@
+"""Policy curation by stress test (HeteroScale paper, section on policy curation):
+sweep the prefill/decode split of a fixed GPU budget in the simulator, find the
+throughput under SLO of each split (a bell-shaped curve over the P/D ratio), and
+derive a service's ``pd_ratio.target`` and ``scaling.target_per_instance`` from the
+peak. ``heteroscale tune`` (``reconciler.commands.tune``) prints, verifies and writes
+them back.
+
+Method and assumptions:
+
+1. **The split sweep.** A GPU budget (default: the GPUs of 16 instances, half of
+   each role's ``gpus_per_instance``-sized instances, i.e. ``8 x (gpus_prefill +
+   gpus_decode)``) is divided into ``P`` prefill and ``D`` decode instances for every
+   ``P`` whose ratio ``P/D`` lies in [1:6, 6:1] and whose counts respect the roles'
+   ``min_instances``/``max_instances``; ``D`` takes all GPUs ``P`` leaves (whole
+   instances; a remainder smaller than one decode instance stays unused). Each split
+   runs with fixed counts (the ``static-peak`` autoscaler, through
+   ``reconciler.sim.evaluate.run_autoscaler``: placed by the real placer, warm,
+   serving from time 0) on a *flat* Poisson load of ``duration_s`` (default 600 s).
+2. **Throughput under SLO.** For each split, the highest request rate at which both
+   the TTFT and the TBT attainment (share of requests meeting each SLO, dropped ones
+   failing) reach ``slo.attainment_goal`` is found by bracketing (x1.5 steps from
+   the analytic estimate of ``role_capacity``) and bisection to ``rate_tolerance``
+   (default 3 %). Attainment falls with the rate, and every probe of a split replays
+   the *same* random stream (common random numbers: a unit-rate Poisson process
+   whose times are divided by the rate, with the same request lengths in the same
+   order), so the bisection is not fooled by noise between probes. Throughput under
+   SLO is the served output tokens/s at that rate, measured after the first minute
+   (the warm-up of the decode batches). The request lengths are resampled (prompt and
+   output together) from ``--trace`` when given, else from the service's synthetic
+   shape (``reconciler.sim.workload.shape_for_service``).
+3. **The P/D target** is the ratio of the split with the highest throughput, clamped
+   into the service's [pd_ratio.min, pd_ratio.max] with a warning when the optimum
+   lies outside (or, with ``widen_bounds``, the bound moved to the optimum).
+4. **The per-instance target.** At the best split, the per-instance tokens/s of the
+   scaled role at the SLO-limited rate is the capacity the coordinated policy sees
+   when a ratio-keeping fleet reaches its SLO limit (decode output tokens/s per
+   decode instance for ``metric: decode_tps``, prompt tokens/s per prefill instance
+   for ``prefill_tps``). The policy acts only once the observed per-instance load
+   exceeds ``target x (1 + tolerance)``, and what it adds serves a start-up time
+   later, so the recommendation is ``capacity x (1 - headroom) / (1 + tolerance)``:
+   the tolerance band fits below the SLO limit, and the headroom (default 10 %)
+   covers the load's growth while new instances start. Rounded to 50 tokens/s.
+   Utilisation and latency metrics get no target recommendation.
+5. **Verification** replays the ``heteroscale`` policy with the current and the
+   recommended values on the same load (``reconciler.sim.evaluate.evaluate``) so the
+   GPU-hours and attainment of both read side by side.
+6. **Write-back** edits only the changed values with
+   ``reconciler.desired.roundtrip.set_value`` (comments, order and quoting kept), so
+   the file's diff is exactly the recommended lines.
+
+Everything here is pure computation over the desired state and the simulator; the
+command module does the file and terminal I/O.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from ruamel.yaml.scalarstring import ScalarString
+
+from reconciler.desired.loader import DesiredState
+from reconciler.desired.models import ServicePolicy
+from reconciler.desired.ratio import format_ratio, parse_ratio
+from reconciler.desired.roundtrip import load_roundtrip, set_value
+from reconciler.errors import PermanentError
+from reconciler.placement.base import Placer
+from reconciler.policy import make_autoscaler
+from reconciler.sim.engine import LoadProfile, SimConfig
+from reconciler.sim.evaluate import (
+    PolicyResult,
+    default_placer,
+    evaluate,
+    role_capacity,
+    run_autoscaler,
+)
+from reconciler.sim.workload import Workload, shape_for_service, synthetic_workload
+
+DEFAULT_INSTANCES = 16
+DEFAULT_DURATION_S = 600
+DEFAULT_RATE_TOLERANCE = 0.03
+DEFAULT_HEADROOM = 0.1
+MIN_SWEEP_RATIO = 1.0 / 6.0
+MAX_SWEEP_RATIO = 6.0
+TARGET_STEP_TPS = 50
+WARMUP_S = 60  # first minute of a flat run: decode batches still filling
+BRACKET_FACTOR = 1.5
+MAX_BRACKET_STEPS = 12
+VERIFY_POLICY = "heteroscale"
+# Length pool for a service without a trace: enough requests that resampling does
+# not repeat a visible pattern over a 600 s run.
+SYNTHETIC_POOL_HOURS = 0.25
+SYNTHETIC_POOL_RPS = 20.0
+_CHUNK = 8192  # arrivals drawn per block: a longer run extends a shorter one's stream
+
+
+class TuneError(PermanentError):
+    """The sweep cannot run as asked (no split fits the budget, unknown service...)."""
+
+
+# --------------------------------------------------------------------------- load
+
+
+def length_pool(policy: ServicePolicy, trace: Workload | None, seed: int = 0) -> Workload:
+    """The (prompt, output) pairs the sweep resamples: the trace's, else the service's
+    synthetic shape."""
+    if trace is not None:
+        if trace.requests == 0:
+            raise TuneError(f"trace '{trace.name}' has no requests")
+        return trace
+    return synthetic_workload(
+        shape_for_service(policy.name),
+        hours=SYNTHETIC_POOL_HOURS,
+        peak_rps=SYNTHETIC_POOL_RPS,
+        seed=seed,
+        trough_ratio=1.0,
+        bursts=(),
+    )
+
+
+def flat_workload(pool: Workload, rate_rps: float, duration_s: int, seed: int = 0) -> Workload:
+    """A Poisson arrival stream at ``rate_rps`` for ``duration_s`` with lengths drawn
+    from ``pool``. Common random numbers: the same seed gives the same unit-rate
+    stream and the same length picks at every rate (module docstring)."""
+    if not rate_rps > 0:
+        raise ValueError(f"rate must be positive, got {rate_rps}")
+    unit_horizon = rate_rps * duration_s
+    arrival_rng = np.random.default_rng([seed, 0x7A5E])
+    pick_rng = np.random.default_rng([seed, 0x91C4])
+    units: list[np.ndarray] = []
+    picks: list[np.ndarray] = []
+    end = 0.0
+    while end <= unit_horizon:
+        block = end + np.cumsum(arrival_rng.exponential(1.0, _CHUNK))
+        units.append(block)
+        picks.append(pick_rng.integers(0, pool.requests, _CHUNK))
+        end = float(block[-1])
+    unit = np.concatenate(units)
+    pick = np.concatenate(picks)
+    count = int(np.searchsorted(unit, unit_horizon))
+    return Workload(
+        unit[:count] / rate_rps,
+        pool.prompt_tokens[pick[:count]],
+        pool.output_tokens[pick[:count]],
+        name=f"flat {rate_rps:.3g} req/s",
+    )
+
+
+def flat_profile(
+    pool: Workload, rate_rps: float, duration_s: int, seed: int, config: SimConfig
+) -> LoadProfile:
+    return LoadProfile.from_workload(
+        flat_workload(pool, rate_rps, duration_s, seed),
+        horizon_s=duration_s,
+        length_classes=config.length_classes,
+        sample_limit=config.request_sample_limit,
+        seed=seed,
+    )
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How hard the stress test works (defaults: module docstring)."""
+
+    gpus: int | None = None  # the budget; None: DEFAULT_INSTANCES instances' worth
+    duration_s: int = DEFAULT_DURATION_S
+    rate_tolerance: float = DEFAULT_RATE_TOLERANCE
+    min_ratio: float = MIN_SWEEP_RATIO
+    max_ratio: float = MAX_SWEEP_RATIO
+    seed: int = 0
+    interval_s: float = 30.0
+
+    def budget_gpus(self, policy: ServicePolicy) -> int:
+        if self.gpus is not None:
+            return self.gpus
+        per_pair = policy.prefill.gpus_per_instance + policy.decode.gpus_per_instance
+        return DEFAULT_INSTANCES // 2 * per_pair
+
+
+QUICK_SETTINGS = SweepSettings(duration_s=300, rate_tolerance=0.06)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One flat run of one split at one rate."""
+
+    rate_rps: float
+    ttft_attainment: float
+    tbt_attainment: float
+    output_tps: float  # served, after warm-up
+    prompt_tps: float
+    placement_shortfalls: int
+
+    def meets(self, goal: float) -> bool:
+        return (
+            self.placement_shortfalls == 0
+            and self.ttft_attainment >= goal
+            and self.tbt_attainment >= goal
+        )
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """The throughput under SLO of one prefill/decode split."""
+
+    prefill: int
+    decode: int
+    gpus: int
+    best: Probe | None  # the highest rate meeting the SLOs; None: not even the lowest
+    first_failing: Probe | None  # the lowest rate probed that failed
+    probes: int
+    feasible: bool  # placed in full (the cluster holds the split)
+
+    @property
+    def ratio(self) -> float:
+        return self.prefill / self.decode
+
+    @property
+    def max_rate_rps(self) -> float:
+        return self.best.rate_rps if self.best else 0.0
+
+    @property
+    def throughput_tps(self) -> float:
+        """Served output tokens/s at the SLO-limited rate."""
+        return self.best.output_tps if self.best else 0.0
+
+    @property
+    def decode_tps_per_instance(self) -> float:
+        return self.throughput_tps / self.decode
+
+    @property
+    def prefill_tps_per_instance(self) -> float:
+        return (self.best.prompt_tps if self.best else 0.0) / self.prefill
+
+    def limited_by(self, goal: float) -> str:
+        """What failed just above the SLO-limited rate: TTFT, TBT, both, or placement."""
+        if not self.feasible:
+            return "placement"
+        probe = self.first_failing
+        if probe is None:
+            return "-"
+        failed = [
+            label
+            for label, value in (("TTFT", probe.ttft_attainment), ("TBT", probe.tbt_attainment))
+            if value < goal
+        ]
+        return "+".join(failed) or "-"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    service: str
+    workload: str  # where the lengths came from
+    budget_gpus: int
+    duration_s: int
+    attainment_goal: float
+    splits: tuple[SplitResult, ...]  # by increasing P/D ratio
+
+    @property
+    def best_index(self) -> int:
+        scores = [s.throughput_tps if s.feasible else -1.0 for s in self.splits]
+        return int(np.argmax(scores))
+
+    @property
+    def best(self) -> SplitResult:
+        return self.splits[self.best_index]
+
+    @property
+    def has_interior_peak(self) -> bool:
+        """The bell: the best split is strictly better than both ends of the sweep."""
+        i = self.best_index
+        top = self.splits[i].throughput_tps
+        return (
+            0 < i < len(self.splits) - 1
+            and self.splits[0].throughput_tps < top
+            and self.splits[-1].throughput_tps < top
+        )
+
+
+def split_candidates(
+    policy: ServicePolicy, budget_gpus: int, min_ratio: float, max_ratio: float
+) -> list[tuple[int, int]]:
+    """Every (prefill, decode) instance split of the budget inside the ratio range and
+    the roles' instance bounds, by increasing prefill count (module docstring)."""
+    gp, gd = policy.prefill.gpus_per_instance, policy.decode.gpus_per_instance
+    out = []
+    for prefill in range(1, budget_gpus // gp + 1):
+        decode = (budget_gpus - prefill * gp) // gd
+        if decode < 1:
+            break
+        if not (min_ratio - 1e-9 <= prefill / decode <= max_ratio + 1e-9):
+            continue
+        bounds_ok = (
+            policy.prefill.min_instances <= prefill <= policy.prefill.max_instances
+            and policy.decode.min_instances <= decode <= policy.decode.max_instances
+        )
+        if bounds_ok:
+            out.append((prefill, decode))
+    return out
+
+
+def probe_split(
+    state: DesiredState,
+    service: str,
+    pool: Workload,
+    prefill: int,
+    decode: int,
+    rate_rps: float,
+    settings: SweepSettings,
+    config: SimConfig,
+    placer: Placer,
+) -> Probe:
+    """Run one split with fixed counts on a flat load at ``rate_rps``."""
+    profile = flat_profile(pool, rate_rps, settings.duration_s, settings.seed, config)
+    result = run_autoscaler(
+        state,
+        service,
+        profile,
+        make_autoscaler("static-peak", prefill=prefill, decode=decode),
+        name=f"{prefill}P+{decode}D",
+        config=config,
+        placer=placer,
+        interval_s=settings.interval_s,
+    )
+    return Probe(
+        rate_rps=rate_rps,
+        ttft_attainment=result.ttft_attainment,
+        tbt_attainment=result.tbt_attainment,
+        output_tps=_steady_mean(result, "decode_tps"),
+        prompt_tps=_steady_mean(result, "prefill_tps"),
+        placement_shortfalls=result.placement_shortfalls,
+    )
+
+
+def _steady_mean(result: PolicyResult, series: str) -> float:
+    values = np.asarray(result.timeline[series], dtype=float)
+    skip = WARMUP_S // 60 if len(values) > WARMUP_S // 60 else 0
+    steady = values[skip:]
+    return float(np.nanmean(steady)) if steady.size else 0.0
+
+
+def max_rate_under_slo(
+    state: DesiredState,
+    service: str,
+    pool: Workload,
+    prefill: int,
+    decode: int,
+    settings: SweepSettings,
+    config: SimConfig,
+    placer: Placer,
+    estimate_rps: float,
+) -> SplitResult:
+    """Bracket (from ``estimate_rps``) and bisect the highest rate meeting both SLOs
+    (module docstring)."""
+    policy = state.policies[service]
+    goal = policy.slo.attainment_goal
+    probes = 0
+
+    def run(rate: float) -> Probe:
+        nonlocal probes
+        probes += 1
+        return probe_split(state, service, pool, prefill, decode, rate, settings, config, placer)
+
+    gpus = prefill * policy.prefill.gpus_per_instance + decode * policy.decode.gpus_per_instance
+    first = run(estimate_rps)
+    if first.placement_shortfalls:
+        return SplitResult(prefill, decode, gpus, None, first, probes, feasible=False)
+    passing: Probe | None = first if first.meets(goal) else None
+    failing: Probe | None = None if first.meets(goal) else first
+    for _ in range(MAX_BRACKET_STEPS):
+        if passing is not None and failing is not None:
+            break
+        if passing is not None:
+            probe = run(passing.rate_rps * BRACKET_FACTOR)
+        else:
+            assert failing is not None
+            probe = run(failing.rate_rps / BRACKET_FACTOR)
+        if probe.meets(goal):
+            passing = probe
+        else:
+            failing = probe
+    if passing is None or failing is None:
+        # Never met (or never broke) the SLOs over MAX_BRACKET_STEPS x1.5 steps:
+        # report what was found rather than guess.
+        return SplitResult(prefill, decode, gpus, passing, failing, probes, feasible=True)
+    while (failing.rate_rps - passing.rate_rps) > settings.rate_tolerance * passing.rate_rps:
+        probe = run((passing.rate_rps + failing.rate_rps) / 2.0)
+        if probe.meets(goal):
+            passing = probe
+        else:
+            failing = probe
+    return SplitResult(prefill, decode, gpus, passing, failing, probes, feasible=True)
+
+
+SweepProgress = Callable[[int, int], None]
+
+
+def sweep_splits(
+    state: DesiredState,
+    service: str,
+    pool: Workload,
+    settings: SweepSettings | None = None,
+    *,
+    config: SimConfig | None = None,
+    placer: Placer | None = None,
+    progress: SweepProgress | None = None,
+) -> Sweep:
+    """The stress test: throughput under SLO of every split of the budget."""
+    if service not in state.policies:
+        raise TuneError(f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})")
+    settings = settings or SweepSettings()
+    config = config or SimConfig()
+    placer = placer or default_placer()
+    policy = state.policies[service]
+    budget = settings.budget_gpus(policy)
+    candidates = split_candidates(policy, budget, settings.min_ratio, settings.max_ratio)
+    if len(candidates) < 3:
+        raise TuneError(
+            f"a budget of {budget} GPUs gives {len(candidates)} prefill/decode split(s) of "
+            f"'{service}' between {format_ratio(settings.min_ratio)} and "
+            f"{format_ratio(settings.max_ratio)} inside its instance bounds; a sweep needs "
+            f"at least 3 (prefill {policy.prefill.gpus_per_instance} and decode "
+            f"{policy.decode.gpus_per_instance} GPUs per instance): raise --gpus"
+        )
+    # The analytic capacity of each role for these lengths seeds every bracket.
+    lengths = LoadProfile.from_workload(
+        pool, length_classes=config.length_classes, sample_limit=config.request_sample_limit
+    )
+    capacity = role_capacity(state, policy, lengths)
+    prefill_rps = capacity.prefill_tps / lengths.prompt_mean
+    decode_rps = capacity.decode_tps / lengths.output_mean
+    results = []
+    for done, (prefill, decode) in enumerate(candidates):
+        if progress is not None:
+            progress(done, len(candidates))
+        estimate = min(prefill * prefill_rps, decode * decode_rps)
+        results.append(
+            max_rate_under_slo(
+                state, service, pool, prefill, decode, settings, config, placer, estimate
+            )
+        )
+    if progress is not None:
+        progress(len(candidates), len(candidates))
+    if not any(r.feasible and r.best is not None for r in results):
+        raise TuneError(
+            f"no split of {budget} GPUs meets the SLOs of '{service}' at any rate "
+            "(check the SLOs, the GPU types, or the cluster's free capacity)"
+        )
+    return Sweep(
+        service=service,
+        workload=pool.name,
+        budget_gpus=budget,
+        duration_s=settings.duration_s,
+        attainment_goal=policy.slo.attainment_goal,
+        splits=tuple(results),
+    )
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+@dataclass(frozen=True)
+class ValueChange:
+    """One value to write into the service file."""
+
+    key_path: tuple[str, ...]
+    old_text: str
+    new_text: str
+    value: Any  # what set_value writes
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.key_path)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    service: str
+    pd_ratio_target: float
+    pd_ratio_min: float
+    pd_ratio_max: float
+    optimum_ratio: float  # the sweep's best split, before clamping
+    metric: str
+    capacity_per_instance: float | None  # tokens/s of the scaled role at the SLO limit
+    target_per_instance: float | None  # None: metric not a TPS (no recommendation)
+    headroom: float
+    tolerance: float  # scaling.tolerance the target leaves room for
+    changes: tuple[ValueChange, ...]
+    warnings: tuple[str, ...] = ()
+
+
+def round_target(tps: float, step: int = TARGET_STEP_TPS) -> int:
+    return max(step, round(tps / step) * step)
+
+
+def _same_ratio(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(a, b)
+
+
+def recommend(
+    policy: ServicePolicy,
+    sweep: Sweep,
+    headroom: float = DEFAULT_HEADROOM,
+    *,
+    widen_bounds: bool = False,
+) -> Recommendation:
+    """P/D target and per-instance target from the sweep (module docstring)."""
+    if not 0 <= headroom < 1:
+        raise TuneError(f"headroom must be in [0, 1), got {headroom}")
+    best = sweep.best
+    ratios = policy.pd_ratio
+    optimum = parse_ratio(format_ratio(best.ratio))
+    target, low, high = optimum, ratios.min, ratios.max
+    warnings: list[str] = []
+    outside = optimum < ratios.min or optimum > ratios.max
+    if outside:
+        bound_key = "min" if optimum < ratios.min else "max"
+        bound = ratios.min if bound_key == "min" else ratios.max
+        if widen_bounds:
+            low, high = min(low, optimum), max(high, optimum)
+            warnings.append(
+                f"the best P/D ratio {format_ratio(optimum)} lies outside "
+                f"[{format_ratio(ratios.min)}, {format_ratio(ratios.max)}]: "
+                f"pd_ratio.{bound_key} widened to it"
+            )
+        else:
+            target = bound
+            warnings.append(
+                f"the best P/D ratio {format_ratio(optimum)} lies outside "
+                f"[{format_ratio(ratios.min)}, {format_ratio(ratios.max)}]: target clamped to "
+                f"pd_ratio.{bound_key} {format_ratio(bound)} (--widen-bounds moves the bound)"
+            )
+    metric = policy.scaling.metric
+    capacity: float | None
+    if metric == "decode_tps":
+        capacity = best.decode_tps_per_instance
+    elif metric == "prefill_tps":
+        capacity = best.prefill_tps_per_instance
+    else:
+        capacity = None
+        warnings.append(
+            f"scaling.metric is {metric}: the sweep measures tokens/s, so "
+            "scaling.target_per_instance is left as it is"
+        )
+    tolerance = policy.scaling.tolerance
+    per_instance = (
+        round_target(capacity * (1.0 - headroom) / (1.0 + tolerance)) if capacity else None
+    )
+
+    changes: list[ValueChange] = []
+    for key, old, new in (("target", ratios.target, target), ("min", ratios.min, low)):
+        if not _same_ratio(old, new):
+            changes.append(
+                ValueChange(
+                    ("pd_ratio", key), format_ratio(old), format_ratio(new), format_ratio(new)
+                )
+            )
+    if not _same_ratio(ratios.max, high):
+        changes.append(
+            ValueChange(
+                ("pd_ratio", "max"),
+                format_ratio(ratios.max),
+                format_ratio(high),
+                format_ratio(high),
+            )
+        )
+    current = policy.scaling.target_per_instance
+    if per_instance is not None and not math.isclose(current, per_instance):
+        changes.append(
+            ValueChange(
+                ("scaling", "target_per_instance"),
+                f"{current:g}",
+                f"{per_instance:g}",
+                per_instance,
+            )
+        )
+    return Recommendation(
+        service=policy.name,
+        pd_ratio_target=target,
+        pd_ratio_min=low,
+        pd_ratio_max=high,
+        optimum_ratio=optimum,
+        metric=metric,
+        capacity_per_instance=capacity,
+        target_per_instance=per_instance,
+        headroom=headroom,
+        tolerance=tolerance,
+        changes=tuple(changes),
+        warnings=tuple(warnings),
+    )
+
+
+def with_recommendation(policy: ServicePolicy, recommendation: Recommendation) -> ServicePolicy:
+    """The policy with the recommended values (for the verification replay)."""
+    pd_ratio = policy.pd_ratio.model_copy(
+        update={
+            "target": recommendation.pd_ratio_target,
+            "min": recommendation.pd_ratio_min,
+            "max": recommendation.pd_ratio_max,
+        }
+    )
+    scaling = policy.scaling
+    if recommendation.target_per_instance is not None:
+        scaling = scaling.model_copy(
+            update={"target_per_instance": float(recommendation.target_per_instance)}
+        )
+    return policy.model_copy(update={"pd_ratio": pd_ratio, "scaling": scaling})
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The heteroscale policy replayed with the current and the recommended values."""
+
+    load: str
+    horizon_s: int
+    requests: float
+    current: PolicyResult
+    recommended: PolicyResult | None  # None: nothing changes
+    attainment_goal: float
+
+    def verdict(self) -> str:
+        if self.recommended is None:
+            return "the recommendation equals the current values: nothing to replay"
+        return compare(self.current, self.recommended, self.attainment_goal)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Why the replay may not tell the two apart."""
+        runs = [r for r in (self.current, self.recommended) if r is not None]
+        if all(r.scaling_actions == 0 for r in runs):
+            peak = self.current
+            return (
+                f"the replay never scaled (fleet held at {peak.peak_prefill_instances} prefill + "
+                f"{peak.peak_decode_instances} decode): the load is too light to compare the "
+                "values; raise it with --rate-scale (and --diurnal-hours)",
+            )
+        return ()
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def compare(current: PolicyResult, recommended: PolicyResult, goal: float) -> str:
+    """One line: GPU-hours and attainment, recommended against current."""
+    parts = []
+    if current.gpu_hours > 0:
+        change = recommended.gpu_hours / current.gpu_hours - 1.0
+        if abs(change) < 0.0005:
+            parts.append(f"recommended uses the same GPU-hours ({recommended.gpu_hours:.1f})")
+        else:
+            word = "fewer" if change < 0 else "more"
+            parts.append(
+                f"recommended uses {abs(100 * change):.1f}% {word} GPU-hours "
+                f"({current.gpu_hours:.1f} -> {recommended.gpu_hours:.1f})"
+            )
+    for label, before, after in (
+        ("TTFT", current.ttft_attainment, recommended.ttft_attainment),
+        ("TBT", current.tbt_attainment, recommended.tbt_attainment),
+    ):
+        text = f"{label} attainment {_pct(before)} -> {_pct(after)}"
+        if after < goal:
+            text += f" (below the {_pct(goal)} goal)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def verify(
+    state: DesiredState,
+    service: str,
+    profile: LoadProfile,
+    recommendation: Recommendation,
+    *,
+    seed: int = 0,
+    config: SimConfig | None = None,
+    placer: Placer | None = None,
+    interval_s: float = 30.0,
+) -> Verification:
+    """Replay the heteroscale policy with both sets of values on ``profile``."""
+    policy = state.policies[service]
+    runs: dict[str, PolicyResult] = {}
+    variants = [("current", state)]
+    if recommendation.changes:
+        tuned = with_recommendation(policy, recommendation)
+        variants.append(
+            ("recommended", replace(state, policies={**state.policies, service: tuned}))
+        )
+    for label, variant in variants:
+        result = evaluate(
+            variant,
+            service,
+            profile,
+            [VERIFY_POLICY],
+            seed,
+            interval_s=interval_s,
+            config=config,
+            placer=placer,
+        )
+        runs[label] = result.policies[VERIFY_POLICY]
+    return Verification(
+        load=profile.name,
+        horizon_s=profile.horizon_s,
+        requests=profile.requests,
+        current=runs["current"],
+        recommended=runs.get("recommended"),
+        attainment_goal=policy.slo.attainment_goal,
+    )
+
+
+# --------------------------------------------------------------------------- write back
+
+
+def apply_changes(text: str, changes: Sequence[ValueChange]) -> str:
+    """``text`` with each change written by ``set_value``; a quoted value stays quoted
+    the same way."""
+    for change in changes:
+        document = load_roundtrip(text)
+        node: Any = document
+        for part in change.key_path:
+            node = node[part]
+        value = change.value
+        if isinstance(node, ScalarString) and isinstance(value, str):
+            value = type(node)(value)
+        text = set_value(text, change.key_path, value)
+    return text
+
+
+def unified_diff(path: str, before: str, after: str) -> str:
+    return "".join(
+        difflib.unified_diff(
+            before.splitlines(keepends=True),
+            after.splitlines(keepends=True),
+            fromfile=f"a/{path}",
+            tofile=f"b/{path}",
+        )
+    )
+
+
+__all__ = [
+    "DEFAULT_HEADROOM",
+    "QUICK_SETTINGS",
+    "Probe",
+    "Recommendation",
+    "SplitResult",
+    "Sweep",
+    "SweepSettings",
+    "TuneError",
+    "ValueChange",
+    "Verification",
+    "apply_changes",
+    "flat_workload",
+    "length_pool",
+    "max_rate_under_slo",
+    "recommend",
+    "round_target",
+    "split_candidates",
+    "sweep_splits",
+    "unified_diff",
+    "verify",
+    "with_recommendation",
+]

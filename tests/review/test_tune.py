@@ -1,0 +1,336 @@
+"""``heteroscale tune``: the P/D split stress test, its recommendation and the
+comment-preserving write-back (reconciler.review.tune, reconciler.commands.tune)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+from reconciler.desired.loader import DesiredState, load_desired_state
+from reconciler.desired.ratio import format_ratio, parse_ratio
+from reconciler.review.tune import (
+    QUICK_SETTINGS,
+    Sweep,
+    ValueChange,
+    apply_changes,
+    flat_workload,
+    length_pool,
+    recommend,
+    round_target,
+    split_candidates,
+    sweep_splits,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICE_FILES = sorted((REPO_ROOT / "policies").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def state() -> DesiredState:
+    return load_desired_state(REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def chat_sweep(state: DesiredState) -> Sweep:
+    """The --quick sweep of the example chat service (the same the CLI runs)."""
+    pool = length_pool(state.policies["chat"], None, seed=0)
+    return sweep_splits(state, "chat", pool, QUICK_SETTINGS)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def test_throughput_under_slo_is_a_bell_over_the_pd_ratio(chat_sweep: Sweep) -> None:
+    assert chat_sweep.has_interior_peak
+    best = chat_sweep.best_index
+    peak = chat_sweep.best.throughput_tps
+    assert chat_sweep.splits[0].throughput_tps < 0.75 * peak
+    assert chat_sweep.splits[-1].throughput_tps < 0.75 * peak
+    # Left of the peak prefill is short (TTFT breaks first), right of it decode (TBT).
+    goal = chat_sweep.attainment_goal
+    assert all("TTFT" in s.limited_by(goal) for s in chat_sweep.splits[:best])
+    assert all("TBT" in s.limited_by(goal) for s in chat_sweep.splits[best + 1 :])
+
+
+def test_every_split_spends_the_budget_and_meets_the_slo_at_its_max_rate(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    policy = state.policies["chat"]
+    goal = chat_sweep.attainment_goal
+    assert chat_sweep.budget_gpus == 64  # 16 TP4 instances
+    ratios = [s.ratio for s in chat_sweep.splits]
+    assert ratios == sorted(ratios)
+    for split in chat_sweep.splits:
+        assert split.gpus == split.prefill * 4 + split.decode * 4 == 64
+        assert split.best is not None and split.first_failing is not None
+        assert split.best.meets(goal)
+        assert not split.first_failing.meets(goal)
+        assert split.first_failing.rate_rps > split.best.rate_rps
+        # Bisected to the tolerance.
+        assert split.first_failing.rate_rps <= split.best.rate_rps * (
+            1 + QUICK_SETTINGS.rate_tolerance
+        )
+        # Served output matches the offered output at the SLO-limited rate (few %).
+        offered = split.max_rate_rps * policy_output_mean(state)
+        assert split.throughput_tps == pytest.approx(offered, rel=0.08)
+    assert policy.slo.attainment_goal == goal
+
+
+def policy_output_mean(state: DesiredState) -> float:
+    return float(length_pool(state.policies["chat"], None, seed=0).output_tokens.mean())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gp=st.sampled_from([1, 2, 4, 8]),
+    gd=st.sampled_from([1, 2, 4, 8]),
+    budget=st.integers(min_value=2, max_value=256),
+)
+def test_split_candidates_use_whole_instances_inside_the_ratio_range(
+    state: DesiredState, gp: int, gd: int, budget: int
+) -> None:
+    base = state.policies["chat"]
+    policy = base.model_copy(
+        update={
+            "prefill": base.prefill.model_copy(update={"gpus_per_instance": gp}),
+            "decode": base.decode.model_copy(update={"gpus_per_instance": gd}),
+        }
+    )
+    candidates = split_candidates(policy, budget, 1 / 6, 6.0)
+    assert [p for p, _ in candidates] == sorted({p for p, _ in candidates})
+    for prefill, decode in candidates:
+        used = prefill * gp + decode * gd
+        assert used <= budget
+        assert budget - used < gd
+        assert 1 / 6 - 1e-9 <= prefill / decode <= 6 + 1e-9
+        assert base.prefill.min_instances <= prefill <= base.prefill.max_instances
+        assert base.decode.min_instances <= decode <= base.decode.max_instances
+
+
+@settings(max_examples=25, deadline=None)
+@given(rate=st.floats(min_value=0.5, max_value=80.0), factor=st.floats(min_value=1.1, max_value=4))
+def test_flat_load_replays_the_same_stream_at_every_rate(
+    state: DesiredState, rate: float, factor: float
+) -> None:
+    pool = length_pool(state.policies["chat"], None, seed=0)
+    low = flat_workload(pool, rate, 300, seed=3)
+    high = flat_workload(pool, rate * factor, 300, seed=3)
+    n = low.requests
+    assert high.requests >= n
+    # Same unit-rate arrivals (times x rate) and the same lengths in the same order.
+    np.testing.assert_allclose(low.arrival_s * rate, high.arrival_s[:n] * rate * factor)
+    np.testing.assert_array_equal(low.prompt_tokens, high.prompt_tokens[:n])
+    np.testing.assert_array_equal(low.output_tokens, high.output_tokens[:n])
+    assert low.arrival_s.max() < 300
+    assert abs(n - rate * 300) < 6 * np.sqrt(rate * 300) + 2
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+def test_recommendation_lies_inside_the_bounds(chat_sweep: Sweep, state: DesiredState) -> None:
+    policy = state.policies["chat"]
+    rec = recommend(policy, chat_sweep, headroom=0.1)
+    assert policy.pd_ratio.min <= rec.pd_ratio_target <= policy.pd_ratio.max
+    assert rec.pd_ratio_target == pytest.approx(chat_sweep.best.ratio)
+    assert not rec.warnings
+    assert rec.capacity_per_instance is not None
+    assert rec.capacity_per_instance == pytest.approx(chat_sweep.best.decode_tps_per_instance)
+    assert rec.target_per_instance is not None and rec.target_per_instance % 50 == 0
+    # Below the SLO limit by the headroom and the policy's tolerance band.
+    expected = rec.capacity_per_instance * 0.9 / (1 + policy.scaling.tolerance)
+    assert abs(rec.target_per_instance - expected) <= 25
+    # Only values that differ become changes.
+    keys = {c.key for c in rec.changes}
+    assert ("pd_ratio.target" in keys) == (
+        format_ratio(policy.pd_ratio.target) != format_ratio(rec.pd_ratio_target)
+    )
+    assert ("scaling.target_per_instance" in keys) == (
+        policy.scaling.target_per_instance != rec.target_per_instance
+    )
+    assert "pd_ratio.min" not in keys and "pd_ratio.max" not in keys
+
+
+def test_an_optimum_outside_the_bounds_is_clamped_with_a_warning_or_widened(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    base = state.policies["chat"]
+    best = chat_sweep.best.ratio
+    narrow = base.model_copy(
+        update={
+            "pd_ratio": base.pd_ratio.model_copy(
+                update={"min": best * 1.5, "target": best * 2, "max": best * 3}
+            )
+        }
+    )
+    clamped = recommend(narrow, chat_sweep)
+    assert clamped.pd_ratio_target == pytest.approx(best * 1.5)
+    assert clamped.warnings and "outside" in clamped.warnings[0]
+    assert "--widen-bounds" in clamped.warnings[0]
+    widened = recommend(narrow, chat_sweep, widen_bounds=True)
+    assert widened.pd_ratio_target == pytest.approx(best)
+    assert widened.pd_ratio_min == pytest.approx(best)
+    assert {c.key for c in widened.changes} >= {"pd_ratio.target", "pd_ratio.min"}
+
+
+def test_a_non_tps_metric_gets_no_target_recommendation(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    base = state.policies["chat"]
+    util = base.model_copy(
+        update={
+            "scaling": base.scaling.model_copy(
+                update={"metric": "decode_gpu_util", "target_per_instance": 0.7}
+            )
+        }
+    )
+    rec = recommend(util, chat_sweep)
+    assert rec.target_per_instance is None
+    assert all(c.key != "scaling.target_per_instance" for c in rec.changes)
+    assert any("decode_gpu_util" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize(("tps", "rounded"), [(1473.6, 1450), (1476, 1500), (10, 50), (0, 50)])
+def test_targets_round_to_50_tokens_per_second(tps: float, rounded: int) -> None:
+    assert round_target(tps) == rounded
+
+
+# --------------------------------------------------------------------------- write back
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    file_index=st.integers(min_value=0, max_value=len(SERVICE_FILES) - 1),
+    prefill=st.integers(min_value=1, max_value=12),
+    decode=st.integers(min_value=1, max_value=12),
+    target=st.integers(min_value=1, max_value=60).map(lambda k: k * 50),
+)
+def test_apply_changes_rewrites_only_the_changed_lines(
+    file_index: int, prefill: int, decode: int, target: int
+) -> None:
+    path = SERVICE_FILES[file_index]
+    before = path.read_text()
+    ratio = format_ratio(prefill / decode)
+    changes = [
+        ValueChange(("pd_ratio", "target"), "", ratio, ratio),
+        ValueChange(("scaling", "target_per_instance"), "", str(target), target),
+    ]
+    after = apply_changes(before, changes)
+    old_lines, new_lines = before.splitlines(), after.splitlines()
+    assert len(old_lines) == len(new_lines)
+    for old, new in zip(old_lines, new_lines, strict=True):
+        if old == new:
+            continue
+        key = old.split(":", 1)[0].strip()
+        assert key in {"target", "target_per_instance"}, (old, new)
+        assert new.startswith(old.split(":", 1)[0] + ":")  # same key, same indentation
+        if key == "target":
+            assert new.strip() == f'target: "{ratio}"'  # quoted as before
+        else:
+            assert new.split(":", 1)[1].split("#")[0].strip() == str(target)
+            assert ("#" in old) == ("#" in new)  # an end-of-line comment survives
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _diff_lines(before: str, after: str) -> list[tuple[str, str]]:
+    old_lines, new_lines = before.splitlines(), after.splitlines()
+    assert len(old_lines) == len(new_lines)
+    return [(o, n) for o, n in zip(old_lines, new_lines, strict=True) if o != n]
+
+
+# A small, fast sweep for the command-line tests (5 splits of 32 GPUs, 180 s probes).
+FAST = ["--quick", "--gpus", "32", "--duration", "180"]
+TARGET_RE = re.compile(r"^  target_per_instance: \d+", re.MULTILINE)
+RATIO_RE = re.compile(r'^  target: "[\d:]+"', re.MULTILINE)
+
+
+def _with_low_target(chat: Path) -> str:
+    """chat.yaml with a deliberately low decode target, so both values change."""
+    text = TARGET_RE.sub("  target_per_instance: 900", chat.read_text(), count=1)
+    chat.write_text(text)
+    return text
+
+
+RECOMMENDED_RE = re.compile(
+    r"recommended: pd_ratio.target (\d+:\d+) \(current [\d:]+\), "
+    r"scaling.target_per_instance (\d+) \(current \d+\)"
+)
+
+
+def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    start = _with_low_target(chat)
+    ratio_match = RATIO_RE.search(start)
+    assert ratio_match
+    ratio_before = ratio_match.group(0)
+    result = CliRunner().invoke(
+        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--no-verify", "--write"]
+    )
+    assert result.exit_code == 0, result.output
+    match = RECOMMENDED_RE.search(result.stdout)
+    assert match, result.stdout
+    ratio, per_instance = match.group(1), int(match.group(2))
+    after = chat.read_text()
+    changed = _diff_lines(start, after)
+    target_line = f'  target: "{ratio}"'
+    per_instance_line = f"  target_per_instance: {per_instance}"
+    wanted = {("  target_per_instance: 900", per_instance_line)}
+    if ratio_before != target_line:
+        wanted.add((ratio_before, target_line))
+    assert set(changed) == wanted
+    assert "--- a/policies/chat.yaml" in result.stdout
+    assert f"+{per_instance_line}" in result.stdout
+    assert "wrote" in result.stdout
+    # The written file is valid and carries the values.
+    tuned = load_desired_state(example_repo).policies["chat"]
+    assert tuned.scaling.target_per_instance == per_instance
+    assert tuned.pd_ratio.target == pytest.approx(parse_ratio(ratio))
+    assert tuned.pd_ratio.min <= tuned.pd_ratio.target <= tuned.pd_ratio.max
+
+
+def test_without_write_the_file_is_untouched_and_the_replay_is_shown(example_repo: Path) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    start = _with_low_target(chat)
+    result = CliRunner().invoke(
+        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert chat.read_text() == start
+    assert "◀ best" in result.stdout
+    assert "current" in result.stdout and "recommended" in result.stdout  # replay table
+    assert "GPU-hours" in result.stdout
+    assert "-  target_per_instance: 900" in result.stdout
+    assert "dry run" in result.stdout
+
+
+def test_unknown_service_exits_1_naming_the_known_ones(example_repo: Path) -> None:
+    result = CliRunner().invoke(app, ["tune", "chatt", "--repo", str(example_repo), "--quick"])
+    assert result.exit_code == 1
+    assert "unknown service 'chatt'" in result.stderr
+    assert "chat, summarize, svc-a, svc-b" in result.stderr
+
+
+def test_invalid_desired_state_exits_1_with_located_errors(example_repo: Path) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    chat.write_text(chat.read_text().replace("tbt_ms: 50", "tbt_ms: -5"))
+    result = CliRunner().invoke(app, ["tune", "chat", "--repo", str(example_repo), "--quick"])
+    assert result.exit_code == 1
+    assert "policies/chat.yaml:" in result.stderr and "problem" in result.stderr
+
+
+def test_usage_errors_exit_2(example_repo: Path) -> None:
+    runner = CliRunner()
+    assert (
+        runner.invoke(app, ["tune", "chat", "--repo", str(example_repo), "--placer", "x"]).exit_code
+        == 2
+    )
+    assert runner.invoke(app, ["tune", "chat", "--headroom", "2"]).exit_code == 2
