@@ -285,6 +285,86 @@ def _settings(
     )
 
 
+BaseOpt = Annotated[
+    str | None,
+    typer.Option("--base", help="review: the revision the change starts from (e.g. origin/main)"),
+]
+HeadOpt = Annotated[
+    str | None, typer.Option("--head", help="review: the revision under review (default HEAD)")
+]
+TraceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--trace",
+        help="review: recorded load for the what-if replay (default: a synthetic day per service)",
+    ),
+]
+RateScaleOpt = Annotated[
+    float | None, typer.Option("--rate-scale", help="review: multiply the trace's arrival rate")
+]
+DiurnalOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--diurnal-hours", help="review: tile the trace over this many hours under a diurnal curve"
+    ),
+]
+WhatIfOpt = Annotated[
+    bool,
+    typer.Option("--what-if/--no-what-if", help="review: replay both revisions in the simulator"),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option("--plot", help="review: write the what-if plot (one PNG per replayed service)"),
+]
+
+
+def _review(
+    repo: Path,
+    base: str,
+    head: str,
+    fmt: str,
+    placer: str,
+    autoscaler: str,
+    seed: int,
+    trace: Path | None,
+    rate_scale: float | None,
+    diurnal_hours: float | None,
+    what_if: bool,
+    plot: Path | None,
+) -> int:
+    """`plan --base --head`: the review lives in reconciler.review; this only wires it."""
+    if fmt not in ("text", "markdown", "json"):
+        raise typer.BadParameter("--format must be text, markdown or json")
+    if placer not in ("cp-sat", "greedy"):
+        raise typer.BadParameter("--placer must be cp-sat or greedy")
+    if trace is not None and not trace.is_file():
+        raise typer.BadParameter(f"--trace {trace}: no such file")
+    from reconciler.cli import console, err_console
+    from reconciler.review.command import plan_review
+    from reconciler.review.review import ReviewOptions
+
+    options = ReviewOptions(
+        trace=trace, rate_scale=rate_scale, diurnal_hours=diurnal_hours, seed=seed, what_if=what_if
+    )
+    review, text, written = plan_review(
+        repo,
+        base,
+        head,
+        fmt=fmt,
+        placer=make_placer(placer),
+        autoscaler_name=autoscaler,
+        options=options,
+        plot=plot,
+    )
+    if fmt == "text":
+        console.print(text, markup=False, soft_wrap=True, highlight=False, end="")
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+    for path in written:
+        err_console.print(f"wrote {path}")
+    return review.exit_code
+
+
 def _render(result: Any, fmt: str, title: str) -> str:
     from reconciler.apply import cyclereport
 
@@ -341,9 +421,36 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         prune_removed_services: PruneOpt = False,
         format: FormatOpt = "text",
+        base: BaseOpt = None,
+        head: HeadOpt = None,
+        trace: TraceOpt = None,
+        rate_scale: RateScaleOpt = None,
+        diurnal_hours: DiurnalOpt = None,
+        what_if: WhatIfOpt = True,
+        plot: PlotOpt = None,
     ) -> None:
         """One dry-run cycle: decide, place and diff every cluster, and print exactly what
-        `apply` would do. Exit 0: no change, 3: changes, 1: error."""
+        `apply` would do. Exit 0: no change, 3: changes, 1: error.
+
+        With --base REV (and --head REV, default HEAD): the pull-request review of the
+        change from base to head: config diff, fleet diff and what-if replay."""
+        if base is not None or head is not None:
+            raise typer.Exit(
+                _review(
+                    repo,
+                    base or "HEAD~1",
+                    head or "HEAD",
+                    format,
+                    placer,
+                    autoscaler,
+                    seed,
+                    trace,
+                    rate_scale,
+                    diurnal_hours,
+                    what_if,
+                    plot,
+                )
+            )
         settings = _settings(
             repo,
             rev,

@@ -64,7 +64,10 @@ def pr_repo(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "base")
-    edit(repo / "policies/chat.yaml", "target_per_instance: 1450", "target_per_instance: 1300")
+    # Lower chat's decode target by 150 tokens/s, whatever the example says today.
+    chat = repo / "policies/chat.yaml"
+    current = load_desired_state(repo).policies["chat"].scaling.target_per_instance
+    edit(chat, f"  target_per_instance: {current:g}", f"  target_per_instance: {current - 150:g}")
     git(repo, "commit", "-qam", "chat: lower the decode target")
     edit(repo / "clusters/prod-east.yaml", 'nodes: "h800-a-[041-060]"', 'nodes: "h800-a-[041-064]"')
     git(repo, "commit", "-qam", "prod-east: four more H800 nodes in pod-a")
@@ -155,3 +158,19 @@ def test_the_plot_has_a_row_per_revision(reviewed: Review, tmp_path: Path) -> No
         "plan-svc-b.png",
     ]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_the_command_line_exit_codes_follow_terraform(pr_repo: Path) -> None:
+    from typer.testing import CliRunner
+
+    from reconciler.cli import app
+
+    runner = CliRunner()
+    common = ["plan", "--repo", str(pr_repo), "--no-what-if", "--format", "json"]
+    changed = runner.invoke(app, [*common, "--base", "HEAD~3", "--head", "HEAD~1"])
+    assert changed.exit_code == 3, changed.output
+    assert json.loads(changed.stdout)["config_changes"]
+    unchanged = runner.invoke(app, [*common, "--base", "HEAD~1", "--head", "HEAD"])
+    assert unchanged.exit_code == 0, unchanged.output
+    assert runner.invoke(app, [*common, "--base", "no-such-rev"]).exit_code == 1
+    assert runner.invoke(app, [*common, "--base", "HEAD~1", "--format", "yaml"]).exit_code == 2
