@@ -155,7 +155,8 @@ class KubeClient:
             raise ClusterUnavailable(
                 f"cannot load {where} from kubeconfig {path or '(default)'}: {exc}"
             ) from exc
-        return cls._from_configuration(cfg, name=context or "", **kwargs)
+        name = f"{cfg.host} (context '{context}')" if context else cfg.host
+        return cls._from_configuration(cfg, name=kwargs.pop("name", name), **kwargs)
 
     @classmethod
     def in_cluster(cls, **kwargs: Any) -> KubeClient:
@@ -164,7 +165,7 @@ class KubeClient:
 
         cfg = Configuration()
         kube_config.load_incluster_config(client_configuration=cfg)
-        return cls._from_configuration(cfg, name="in-cluster", **kwargs)
+        return cls._from_configuration(cfg, name=kwargs.pop("name", "in-cluster"), **kwargs)
 
     @classmethod
     def _from_configuration(cls, cfg: Any, **kwargs: Any) -> KubeClient:

@@ -150,6 +150,12 @@ class Scaling(StrictModel):
     target_per_instance: PositiveFloat = Field(
         description="per-instance target of the primary metric (tokens/s for TPS, fraction for utilisation)"
     )
+    prefill_target_per_instance: PositiveFloat | None = Field(
+        default=None,
+        description="prompt tokens/s per prefill instance: with a decode-driven metric, prefill "
+        "never falls below ceil(prefill_tps / this) (same tolerance band), so a shift towards "
+        "longer prompts adds prefill at once; ignored when the metric drives prefill",
+    )
     tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.1, description="no change while observed/target stays within 1 +- tolerance"
     )

@@ -40,12 +40,26 @@ One cycle, in order (each step that changes a number records a ``Clamp``):
    first, never starve the bottleneck), whole deployment groups when
    ``granularity: group``. This shaped pair is the cycle's *recommendation* and is
    stored in the history.
+5a. **Prefill floor** (optional, ``scaling.prefill_target_per_instance`` with a
+   decode-driven metric): the ratio follows decode, so when the prompt/output mix
+   shifts towards prefill (longer prompts, flat decode) it would leave prefill short
+   until a TTFT tier fires on a queue that has already formed. The floor is
+   proportional control on ``prefill_tps`` with the primary metric's tolerance band:
+   usage ``prefill_tps / (active prefill x target)`` above ``1 + tolerance`` asks
+   for ``ceil(prefill_tps / target)``, inside the band it holds the active prefill
+   count, below it asks for ``ceil(prefill_tps / target)``. Prefill takes the larger
+   of that and what the ratio and the TTFT tiers ask, before the shaping above
+   (so min/max, ratio bounds -- which may add decode -- and groups still apply).
+   ``prefill_tps`` missing, stale or not finite: no floor this cycle (the message
+   says so); decode and the ratio still decide.
 6. **Stabilisation** per role, as the Kubernetes HPA does it: scale-out takes the
    lowest recommendation over ``scale_out_window_s`` (0 = at once), scale-in the
    highest over ``scale_in_window_s``; a recommendation is in force from its cycle
    until the next, and scale-in waits until the history covers the whole window
    (after a restart the policy first has to see a full window). No scale-in within
-   ``cooldown_s`` of any change.
+   ``cooldown_s`` of any change. The prefill floor's scale-out is not delayed by
+   ``scale_out_window_s`` (a prompt surge starves prefill at once); its scale-in is
+   stabilised like any other, since the floor is part of the stored recommendation.
 7. **Max step** per role and cycle: ``max(max_step_instances, max_step_percent%
    of current)``; then the pair is shaped again (bounds, ratio, groups), which may
    exceed the step where the ratio bounds or a whole group demand it.
@@ -148,6 +162,10 @@ class PolicyNumbers:
     kv_window_s: float
     kv_step_percent: float
     history_horizon_s: float  # longest window any rule looks back over
+    # Prefill floor (rule 5a): prompt tokens/s per prefill instance, None when unset
+    # or when the primary metric drives prefill itself.
+    prefill_floor_target: float | None
+    prefill_floor_text: str  # "target 11000 per instance", preformatted
 
     def bounds(self, role: Role) -> RoleBounds:
         return self.prefill_bounds if role == "prefill" else self.decode_bounds
@@ -190,6 +208,9 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
             )
     kv = scaling.kv_cache_pressure
     ratio = policy.pd_ratio
+    # The floor complements a decode-driven policy; a prefill-driven one already
+    # sizes prefill from its own signal.
+    prefill_floor_target = scaling.prefill_target_per_instance if driven == "decode" else None
     return PolicyNumbers(
         service=policy.name,
         metric=metric,
@@ -235,6 +256,12 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
             scaling.scale_in_window_s,
             scaling.scale_out_window_s,
             kv.window_s if kv is not None else 0.0,
+        ),
+        prefill_floor_target=prefill_floor_target,
+        prefill_floor_text=(
+            f"target {prefill_floor_target:.0f} per instance"
+            if prefill_floor_target is not None
+            else ""
         ),
     )
 
@@ -391,6 +418,39 @@ def _shape(n: PolicyNumbers, prefill: int, decode: int, clamps: list[Clamp]) -> 
             clamps,
         )
     return prefill, decode
+
+
+# --------------------------------------------------------------------------- prefill floor
+
+
+def _prefill_floor(
+    n: PolicyNumbers,
+    target_per_instance: float,
+    sample: Sample | None,
+    active: int,
+    now_s: float,
+    parts: list[str],
+) -> int | None:
+    """Rule 5a: the fewest prefill instances the observed prompt load needs, with the
+    primary metric's tolerance band (inside it: hold ``active``). None when
+    ``prefill_tps`` cannot be acted on."""
+    problem = sample_problem(sample, "prefill_tps", now_s, n.metric_max_age_s)
+    if problem is not None:
+        parts.append(f"no prefill floor ({problem})")
+        return None
+    total = sample.value  # type: ignore[union-attr]
+    capacity = active * target_per_instance
+    usage = total / capacity if capacity > 0 else (math.inf if total > 0 else 1.0)
+    observed = f"prefill_tps {total:.0f} / {n.prefill_floor_text}"
+    if abs(usage - 1.0) <= n.tolerance + 1e-9:
+        parts.append(
+            f"{observed} = {usage:.2f} of {active} prefill, within {n.tolerance_text}: "
+            f"floor {active} prefill"
+        )
+        return active
+    floor = ceil_count(total / target_per_instance)
+    parts.append(f"{observed} -> {floor} prefill (floor)")
+    return floor
 
 
 # --------------------------------------------------------------------------- dynamic ratio
@@ -632,6 +692,17 @@ def decide(
     if followed > wants[fi]:
         wants[fi] = followed
         fired[fi] = None  # the ratio, not the feedback, sets the follower
+    # 5a. The prefill floor from prompt tokens/s (decode-driven policies only).
+    floor = None
+    if n.prefill_floor_target is not None:
+        floor = _prefill_floor(
+            n, n.prefill_floor_target, metrics.prefill_tps, current[0], now_s, parts
+        )
+        if floor is not None and floor > wants[0]:
+            wants[0] = floor
+            fired[0] = None  # the floor, not the feedback, sets prefill
+            if floor != current[0]:
+                within_tolerance = False  # a signal asked for a change
     recommendation = _shape(n, wants[0], wants[1], clamps)
 
     # 6. Stabilisation, per role.
@@ -647,6 +718,9 @@ def decide(
                 past, now_s, n.scale_out_window_s, ri, highest=False
             )
             value_now = max(cur, rec if lowest is None else min(rec, lowest))
+            if ri == 0 and floor is not None and floor > value_now:
+                # The prefill floor scales out at once (module docstring, rule 6).
+                value_now = min(rec, floor)
             if value_now != rec:
                 clamps.append(
                     Clamp(

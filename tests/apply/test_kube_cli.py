@@ -18,6 +18,7 @@ from kubetestkit import (
 from typer.testing import CliRunner
 
 from reconciler.cli import app
+from reconciler.desired import load_desired_state
 
 pytestmark = pytest.mark.kubernetes
 
@@ -91,3 +92,52 @@ def test_plan_then_apply_then_nothing_left_to_do(
         ],
     )
     assert ran.exit_code == 0, ran.output
+
+
+def test_each_cluster_uses_its_own_context_and_an_unreachable_one_is_skipped(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    make_desired_state(tmp_path, "ctx-up", services=("up",))
+    make_desired_state(tmp_path, "ctx-down", services=("down",))
+    for name, context in (("ctx-up", "up"), ("ctx-down", "down")):
+        path = tmp_path / "clusters" / f"{name}.yaml"
+        path.write_text(path.read_text() + f"kube_context: {context}\n")
+    client = control_plane.client()
+    ensure_namespace(client, "ctx-up")
+    create_nodes(client, load_desired_state(tmp_path).clusters["ctx-up"])
+    # Two contexts: one to the test API server, one to a port nothing listens on.
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""\
+apiVersion: v1
+kind: Config
+clusters:
+- {{name: up, cluster: {{server: "{client.server}", certificate-authority: "{control_plane.ca_file}"}}}}
+- {{name: down, cluster: {{server: "https://127.0.0.1:9", certificate-authority: "{control_plane.ca_file}"}}}}
+users: [{{name: admin, user: {{token: test-token}}}}]
+contexts:
+- {{name: up, context: {{cluster: up, user: admin}}}}
+- {{name: down, context: {{cluster: down, user: admin}}}}
+current-context: down
+""")
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "--repo",
+            str(tmp_path),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--placer",
+            "greedy",
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 1, "a failed cluster makes the run an error"
+    clusters = {c["cluster"]: c for c in json.loads(result.stdout)["clusters"]}
+    assert (
+        clusters["ctx-down"]["outcome"] == "error"
+        and "127.0.0.1:9" in clusters["ctx-down"]["error"]
+    )
+    assert clusters["ctx-up"]["outcome"] == "ok" and clusters["ctx-up"]["has_changes"]
+    assert clusters["ctx-up"]["objects"]["mode"] == "server-dry-run"

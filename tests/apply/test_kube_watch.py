@@ -57,7 +57,9 @@ def test_the_node_cache_follows_the_api_server_across_a_restart(
 
         relists = cache.relists  # the outage may have cost one relist already
         cache.invalidate()
-        assert {n.name for n in cache.items()} == before | {"watch-b"} and cache.relists == relists + 1
+        assert {n.name for n in cache.items()} == before | {
+            "watch-b"
+        } and cache.relists == relists + 1
     finally:
         cache.close()
         for name in ("watch-a", "watch-b"):
