@@ -227,9 +227,14 @@ class LocalPrometheus:
         deadline = time.monotonic() + timeout_s
         seen: dict[str, str] = {}
         while time.monotonic() < deadline:
-            response = requests.get(
-                f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=2
-            )
+            try:
+                response = requests.get(
+                    f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=5
+                )
+            except requests.RequestException:
+                # A loaded machine can stall one poll; the deadline decides, not one read.
+                time.sleep(0.2)
+                continue
             active = response.json()["data"]["activeTargets"]
             seen = {t["labels"].get("instance", t["scrapeUrl"]): t["health"] for t in active}
             seen.update({t["scrapeUrl"].split("/")[2]: t["health"] for t in active})

@@ -33,6 +33,7 @@ from reconciler.state import ROLES, ServiceMetrics
 
 RECONCILE_INTERVAL_S = 30.0
 WARMUP_S = 300.0
+WARM_DAY_HOURS = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ def review_fleet(
     if edges is None:
         from reconciler.sim import default_simulated_fleet
 
-        fleet = default_simulated_fleet(base, seed, time_origin_s=0.0)
+        # A short synthetic day is enough: the review observes the fleet once, after
+        # the warm-up, and generating a 24-hour load for every service costs seconds.
+        fleet = default_simulated_fleet(base, seed, time_origin_s=0.0, hours=WARM_DAY_HOURS)
         autoscaler = autoscaler_factory()
         longest_window_s = max(
             (
