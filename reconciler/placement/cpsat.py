@@ -22,7 +22,10 @@ decode_instances`` of its shape, see ``reconciler.placement.problem``):
   but *not* against the other role's target (they are its overshoot),
   ``n + a <= S*g_a + o``. When the other role grows too, a boolean ``met`` gates them:
   ``g_a <= U*met`` and ``met => (other role's placed == its growth)``, so an anchor
-  never stands in for a missing instance of its own role.
+  never stands in for a missing instance of its own role. To keep the model small,
+  these classes exist only when the other role does not grow (without rebalancing)
+  or when the greedy layout (computed first) needed anchors for that service and
+  role, so the greedy layout is always a solution of the model.
 
 Capacity is written on the laminar region tree (``Topology.regions``): per region and
 GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
@@ -254,6 +257,7 @@ class _Solve:
         self.fragment_vars: list[tuple[cp_model.IntVar, list[_Term], int]] = []
         self.anchor_vars: list[tuple[cp_model.IntVar, int]] = []  # (instances, upper)
         self.anchor_gates: list[tuple[str, Role, cp_model.IntVar]] = []  # (service, role, met)
+        self.greedy_anchored: set[tuple[str, Role]] = set()
         # Dense rank of each priority (0 = lowest present): keeps the weights small.
         priorities = sorted({n.priority for n in problem.needs.values()})
         self.priority_rank = {p: i for i, p in enumerate(priorities)}
@@ -261,11 +265,21 @@ class _Solve:
     # ------------------------------------------------------------------ build
     def run(self) -> PlacementResult:
         mark = time.perf_counter()
+        from reconciler.placement.greedy import GreedyPlacer
+
+        # The greedy layout first: the hint, the fallback, and which services needed
+        # anchors where this model offers none by default (see _add_service).
+        greedy: PlacementResult | None = GreedyPlacer().place(self.problem.request)
+        assert greedy is not None
+        self.greedy_anchored = {(a.service, a.role) for a in greedy.anchors}
+        mark = self.problem.lap("greedy_hint", mark)
         for need in self.problem.services_by_priority():
             self._add_service(need)
         self._add_capacity()
         mark = self.problem.lap("build_model", mark)
-        baseline = self._hint_from_greedy() if self.short_terms or self.objective_terms else None
+        baseline = greedy if self.short_terms or self.objective_terms else None
+        if baseline is not None:
+            self._hint_from_greedy(baseline)
         mark = self.problem.lap("greedy_hint", mark)
         status, objective, bound, solver = self._solve()
         mark = self.problem.lap("solve", mark)
@@ -378,11 +392,15 @@ class _Solve:
                             self._freed_capacity.get((region, code), 0)
                             + rn.gpus_per_instance * current
                         )
+                # A role that shrinks under rebalancing only loses instances in the
+                # running groups (running instances never grow in place then).
+                shrinking = self.rebalance and rn.target < self.problem.placed(need.service, role)
                 can_grow = (
                     cls.domain is not None
                     and code >= 0
                     and gpu_type in rn.allowed_types
                     and grow[role] > 0
+                    and not shrinking
                 )
                 if not can_grow:
                     continue
@@ -415,11 +433,18 @@ class _Solve:
         if may_open:
             self._add_new_groups(need, grow, placed)
         gates: list[tuple[Role, cp_model.IntVar]] = []
-        # (With allow_rebalance, ``grow`` is the whole target: a moved instance of the
-        # other role can open a new group, and anchors remain for when it cannot.)
+        # Anchored classes where they can matter, keeping the model small: the other
+        # role does not grow (the common case), or the greedy layout needed anchors
+        # (e.g. the other role's growth fits in place; with allow_rebalance ``grow`` is
+        # the whole target) -- so the greedy layout is always representable.
         for short in ROLES:
             anchor: Role = "decode" if short == "prefill" else "prefill"
-            if grow[short] > 0 and anchor in need.required_roles:
+            if grow[short] <= 0 or anchor not in need.required_roles:
+                continue
+            if (not self.rebalance and grow[anchor] == 0) or (
+                need.service,
+                anchor,
+            ) in self.greedy_anchored:
                 gate = self._add_anchored_groups(need, grow, placed, anchor)
                 if gate is not None:
                     gates.append((anchor, gate))
@@ -719,13 +744,10 @@ class _Solve:
         """Wall-clock limit of a deterministic solve: only a guard against runaway."""
         return max(3.0 * self.options.time_limit_s, self.options.time_limit_s + 2.0)
 
-    def _hint_from_greedy(self) -> PlacementResult:
-        """Run the greedy scheduler on the same request and give its layout to CP-SAT
-        as a solution hint (a feasible start; the result is never worse than it in the
-        model's objective). Returns the greedy result (the fallback)."""
-        from reconciler.placement.greedy import GreedyPlacer
-
-        baseline = GreedyPlacer().place(self.problem.request)
+    def _hint_from_greedy(self, baseline: PlacementResult) -> None:
+        """Give the greedy scheduler's layout on the same request to CP-SAT as a
+        solution hint (a feasible start; the result is never worse than it in the
+        model's objective)."""
         before = {(g.service, g.group_id): g for gs in self.problem.groups.values() for g in gs}
         grown: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
         # New groups by (service, domain, type pair, anchor role or None).
@@ -811,7 +833,6 @@ class _Solve:
         proto = self.model.proto
         for index in range(len(proto.variables)):
             self.model.add_hint(self.model.get_int_var_from_proto_index(index), hint.get(index, 0))
-        return baseline
 
     # ------------------------------------------------------------------ realise
     def _realise(

@@ -468,8 +468,9 @@ def _dynamic_ratio(
     Estimator. Balanced means each role is as loaded as the other against its
     per-instance capacity: ``P x C_p / prefill_tps = D x C_d / decode_tps``, so
     ``P/D = (prefill_tps / decode_tps) x C_d / C_p``. The decode capacity ``C_d`` is
-    the policy's per-instance target; the prefill capacity is not configured, so it
-    is derived from the ratio target and the decode target under the assumption
+    the policy's per-instance target; the prefill capacity is not read from the
+    optional ``prefill_target_per_instance`` (that is the floor of rule 5a), but
+    derived from the ratio target and the decode target under the assumption
     that the configured target balances the traffic mix first observed (the
     *anchor* mix ``m0`` of prefill to decode tokens/s): ``C_p = m0 x C_d / target``.
     Substituting gives ``balanced = target x m / m0`` -- the ratio follows shifts in
@@ -698,11 +699,12 @@ def decide(
         floor = _prefill_floor(
             n, n.prefill_floor_target, metrics.prefill_tps, current[0], now_s, parts
         )
-        if floor is not None and floor > wants[0]:
-            wants[0] = floor
-            fired[0] = None  # the floor, not the feedback, sets prefill
+        if floor is not None and floor >= wants[0]:
+            if floor > wants[0]:
+                wants[0] = floor
+                fired[0] = None  # the floor, not the feedback, sets prefill
             if floor != current[0]:
-                within_tolerance = False  # a signal asked for a change
+                within_tolerance = False  # the prompt load asks for this change
     recommendation = _shape(n, wants[0], wants[1], clamps)
 
     # 6. Stabilisation, per role.

@@ -1,8 +1,8 @@
 """Policy curation by stress test (HeteroScale paper, section on policy curation):
 sweep the prefill/decode split of a fixed GPU budget in the simulator, find the
 throughput under SLO of each split (a bell-shaped curve over the P/D ratio), and
-derive a service's ``pd_ratio.target`` and ``scaling.target_per_instance`` from the
-peak. ``heteroscale tune`` (``reconciler.commands.tune``) prints, verifies and writes
+derive a service's ``pd_ratio.target``, ``scaling.target_per_instance`` and
+``scaling.prefill_target_per_instance`` from the peak. ``heteroscale tune`` (``reconciler.commands.tune``) prints, verifies and writes
 them back.
 
 Method and assumptions:
@@ -41,12 +41,21 @@ Method and assumptions:
    the tolerance band fits below the SLO limit, and the headroom (default 10 %)
    covers the load's growth while new instances start. Rounded to 50 tokens/s.
    Utilisation and latency metrics get no target recommendation.
+4a. **The prefill floor target** (``scaling.prefill_target_per_instance``, used by
+   the coordinated policy only with a decode-driven metric, so recommended only
+   then): prompt tokens/s per prefill instance at the best split's SLO-limited rate,
+   through the same formula and rounding. At the peak of the bell both roles are
+   near their limits; where decode binds first the figure sits below prefill's own
+   limit, so the floor errs towards more prefill, never less.
 5. **Verification** replays the ``heteroscale`` policy with the current and the
    recommended values on the same load (``reconciler.sim.evaluate.evaluate``) so the
    GPU-hours and attainment of both read side by side.
 6. **Write-back** edits only the changed values with
    ``reconciler.desired.roundtrip.set_value`` (comments, order and quoting kept), so
-   the file's diff is exactly the recommended lines.
+   the file's diff is exactly the recommended lines; a key the file lacks
+   (``prefill_target_per_instance`` in an older file) is inserted after its sibling
+   (``target_per_instance``), the comment lines below that sibling staying with the
+   key they introduce.
 
 Everything here is pure computation over the desired state and the simulator; the
 command module does the file and terminal I/O.
@@ -54,6 +63,7 @@ command module does the file and terminal I/O.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from collections.abc import Callable, Sequence
@@ -66,10 +76,11 @@ from ruamel.yaml.scalarstring import ScalarString
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio, parse_ratio
-from reconciler.desired.roundtrip import load_roundtrip, set_value
+from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_value
 from reconciler.errors import PermanentError
 from reconciler.placement.base import Placer
 from reconciler.policy import make_autoscaler
+from reconciler.policy.coordinated import policy_numbers
 from reconciler.sim.engine import LoadProfile, SimConfig
 from reconciler.sim.evaluate import (
     PolicyResult,
@@ -494,6 +505,9 @@ class Recommendation:
     tolerance: float  # scaling.tolerance the target leaves room for
     changes: tuple[ValueChange, ...]
     warnings: tuple[str, ...] = ()
+    # The prefill floor (module docstring, 4a); None: the metric drives prefill.
+    prefill_capacity_per_instance: float | None = None  # prompt tokens/s at the SLO limit
+    prefill_target_per_instance: float | None = None
 
 
 def round_target(tps: float, step: int = TARGET_STEP_TPS) -> int:
@@ -553,6 +567,15 @@ def recommend(
     per_instance = (
         round_target(capacity * (1.0 - headroom) / (1.0 + tolerance)) if capacity else None
     )
+    # The floor applies only under a decode-driven metric (the policy's own rule).
+    prefill_capacity: float | None = None
+    prefill_per_instance: int | None = None
+    if policy_numbers(policy).driven_role == "decode":
+        prefill_capacity = best.prefill_tps_per_instance
+        if prefill_capacity > 0:
+            prefill_per_instance = round_target(
+                prefill_capacity * (1.0 - headroom) / (1.0 + tolerance)
+            )
 
     changes: list[ValueChange] = []
     for key, old, new in (("target", ratios.target, target), ("min", ratios.min, low)):
@@ -581,6 +604,18 @@ def recommend(
                 per_instance,
             )
         )
+    current_prefill = policy.scaling.prefill_target_per_instance
+    if prefill_per_instance is not None and (
+        current_prefill is None or not math.isclose(current_prefill, prefill_per_instance)
+    ):
+        changes.append(
+            ValueChange(
+                ("scaling", "prefill_target_per_instance"),
+                "unset" if current_prefill is None else f"{current_prefill:g}",
+                f"{prefill_per_instance:g}",
+                prefill_per_instance,
+            )
+        )
     return Recommendation(
         service=policy.name,
         pd_ratio_target=target,
@@ -594,6 +629,8 @@ def recommend(
         tolerance=tolerance,
         changes=tuple(changes),
         warnings=tuple(warnings),
+        prefill_capacity_per_instance=prefill_capacity,
+        prefill_target_per_instance=prefill_per_instance,
     )
 
 
@@ -610,6 +647,12 @@ def with_recommendation(policy: ServicePolicy, recommendation: Recommendation) -
     if recommendation.target_per_instance is not None:
         scaling = scaling.model_copy(
             update={"target_per_instance": float(recommendation.target_per_instance)}
+        )
+    if recommendation.prefill_target_per_instance is not None:
+        scaling = scaling.model_copy(
+            update={
+                "prefill_target_per_instance": float(recommendation.prefill_target_per_instance)
+            }
         )
     return policy.model_copy(update={"pd_ratio": pd_ratio, "scaling": scaling})
 
@@ -720,14 +763,52 @@ def verify(
 # --------------------------------------------------------------------------- write back
 
 
+# Where a recommended key a file may lack goes: after this sibling (module docstring, 6).
+_INSERT_AFTER: dict[tuple[str, ...], str] = {
+    ("scaling", "prefill_target_per_instance"): "target_per_instance",
+}
+
+
+def _insert_value(text: str, key_path: tuple[str, ...], value: Any) -> str:
+    """``text`` with a new key at ``key_path`` (its parent mapping must exist), placed
+    after its sibling from ``_INSERT_AFTER`` (else last). Comment lines that followed
+    the sibling introduce the key after it, so they move below the new key; the
+    sibling keeps its end-of-line comment."""
+    document = load_roundtrip(text)
+    parent: Any = document
+    for part in key_path[:-1]:
+        parent = parent[part]
+    key = key_path[-1]
+    sibling = _INSERT_AFTER.get(key_path)
+    keys = list(parent.keys())
+    if sibling is None or sibling not in keys:
+        parent[key] = value
+        return dump_roundtrip(document)
+    parent.insert(keys.index(sibling) + 1, key, value)
+    entry = parent.ca.items.get(sibling)
+    if entry is not None and len(entry) > 2 and entry[2] is not None:
+        token = entry[2]
+        end_of_line, newline, following = token.value.partition("\n")
+        if following:
+            moved = copy.copy(token)
+            moved.value = "\n" + following
+            token.value = end_of_line + newline
+            parent.ca.items[key] = [None, None, moved, None]
+    return dump_roundtrip(document)
+
+
 def apply_changes(text: str, changes: Sequence[ValueChange]) -> str:
-    """``text`` with each change written by ``set_value``; a quoted value stays quoted
-    the same way."""
+    """``text`` with each change written by ``set_value`` (or inserted, for a key the
+    file lacks); a quoted value stays quoted the same way."""
     for change in changes:
         document = load_roundtrip(text)
         node: Any = document
-        for part in change.key_path:
+        for part in change.key_path[:-1]:
             node = node[part]
+        if change.key_path[-1] not in node:
+            text = _insert_value(text, change.key_path, change.value)
+            continue
+        node = node[change.key_path[-1]]
         value = change.value
         if isinstance(node, ScalarString) and isinstance(value, str):
             value = type(node)(value)

@@ -128,17 +128,27 @@ def test_utilisation_counts_starting_instances_as_capacity():
 def test_message_has_the_numbers_in_the_documented_shape():
     # The chat example with its decode target and ratio pinned to the example:
     # 41200 / 1600 = 25.75 -> 26 decode; ceil(26 / 3) = 9 prefill. Latency and KV
-    # signals are fine, so they add nothing.
+    # signals are fine, so they add nothing. The prefill floor (chat's 10200 prompt
+    # tokens/s per instance): 81600 / (6 x 10200) = 1.33 > 1.1 -> ceil(81600 / 10200)
+    # = 8 prefill, below the ratio's 9, so it is stated but does not bind.
     policy = with_overrides(
         example_policy("chat"),
         pd_ratio={"target": "1:3", "min": "1:5", "max": "1:1", "dynamic": False},
-        scaling={"target_per_instance": 1600},
+        scaling={"target_per_instance": 1600, "prefill_target_per_instance": 10200},
     )
-    signals = metrics(NOW, service="chat", decode_tps=41200, tbt=30, ttft=500, decode_kv_usage=0.5)
+    signals = metrics(
+        NOW,
+        service="chat",
+        decode_tps=41200,
+        prefill_tps=81600,
+        tbt=30,
+        ttft=500,
+        decode_kv_usage=0.5,
+    )
     decision = decide(policy, fleet(6, 18), signals, PolicyHistory(), NOW)
-    assert (
-        decision.message
-        == "decode_tps 41200 / target 1600 per instance -> 26 decode; ratio 1:3 -> 9 prefill"
+    assert decision.message == (
+        "decode_tps 41200 / target 1600 per instance -> 26 decode; ratio 1:3 -> 9 prefill; "
+        "prefill_tps 81600 / target 10200 per instance -> 8 prefill (floor)"
     )
     assert (decision.prefill, decision.decode, decision.reason) == (9, 26, "scale_out")
     assert decision.service == "chat"

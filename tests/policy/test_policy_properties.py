@@ -71,6 +71,8 @@ def policy_overrides(draw, granularity: str = "instance") -> dict:
             "max_step_percent": draw(st.sampled_from([10, 50, 100, 300])),
             "latency_tiers": tiers,
             "granularity": granularity,
+            # The prefill floor (rule 5a); ignored by the prefill_tps metric.
+            "prefill_target_per_instance": draw(st.sampled_from([None, None, 2000, 5000, 12000])),
         },
     }
 
@@ -166,6 +168,21 @@ def test_monotone_in_load(overrides, fleet, values, history, factor):
 
 
 @SETTINGS
+@given(policy_overrides(), fleets, signal_values(), histories(), st.floats(1.0, 6.0))
+def test_monotone_in_prefill_load_alone(overrides, fleet, values, history, factor):
+    # More prompt tokens/s with the same decode load never means fewer instances of
+    # either role (the floor only lifts prefill; the dynamic ratio only rises).
+    overrides["scaling"]["metric"] = "decode_tps"
+    overrides["scaling"]["prefill_target_per_instance"] = 5000
+    policy = make_policy(**overrides)
+    more_prompt = {**values, "prefill_tps": values["prefill_tps"] * factor}
+    lower = decide(policy, fleet, signals(values), history, NOW)
+    higher = decide(policy, fleet, signals(more_prompt), history, NOW)
+    assert higher.prefill >= lower.prefill, (lower.message, higher.message)
+    assert higher.decode >= lower.decode, (lower.message, higher.message)
+
+
+@SETTINGS
 @given(policy_overrides(), histories(), st.data())
 def test_no_change_inside_the_tolerance_band(overrides, history, data):
     overrides["pd_ratio"]["dynamic"] = False
@@ -185,12 +202,18 @@ def test_no_change_inside_the_tolerance_band(overrides, history, data):
     assume(policy.prefill.min_instances <= prefill <= policy.prefill.max_instances)
     assume(policy.decode.min_instances <= decode <= policy.decode.max_instances)
     assume(ratio_inside(prefill, decode, ratio.min, ratio.max))
-    usage = data.draw(st.floats(1 - scaling.tolerance, 1 + scaling.tolerance), label="usage")
+    band = st.floats(1 - scaling.tolerance, 1 + scaling.tolerance)
+    usage = data.draw(band, label="usage")
     load = count * scaling.target_per_instance * usage
+    observed = {scaling.metric: Sample(load, NOW)}
+    if driven == "decode" and scaling.prefill_target_per_instance is not None:
+        # The prompt load inside the floor's band too.
+        prefill_usage = data.draw(band, label="prefill usage")
+        observed["prefill_tps"] = Sample(
+            prefill * scaling.prefill_target_per_instance * prefill_usage, NOW
+        )
     fleet = ServiceFleet("svc", RoleCount(ready=prefill), RoleCount(ready=decode))
-    decision = decide(
-        policy, fleet, ServiceMetrics("svc", **{scaling.metric: Sample(load, NOW)}), history, NOW
-    )
+    decision = decide(policy, fleet, ServiceMetrics("svc", **observed), history, NOW)
     assert (decision.prefill, decision.decode) == (prefill, decode), decision.message
     assert decision.reason == "within_tolerance"
 

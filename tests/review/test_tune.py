@@ -158,6 +158,62 @@ def test_recommendation_lies_inside_the_bounds(chat_sweep: Sweep, state: Desired
     assert "pd_ratio.min" not in keys and "pd_ratio.max" not in keys
 
 
+def test_prefill_floor_target_comes_from_the_best_split_with_the_same_headroom(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    policy = state.policies["chat"]
+    rec = recommend(policy, chat_sweep, headroom=0.1)
+    best = chat_sweep.best
+    # Prompt tokens/s per prefill instance at the best split's SLO-limited rate.
+    assert rec.prefill_capacity_per_instance == pytest.approx(best.prefill_tps_per_instance)
+    assert best.best is not None
+    assert rec.prefill_capacity_per_instance == pytest.approx(best.best.prompt_tps / best.prefill)
+    assert rec.prefill_target_per_instance is not None
+    assert rec.prefill_target_per_instance % 50 == 0
+    expected = rec.prefill_capacity_per_instance * 0.9 / (1 + policy.scaling.tolerance)
+    assert abs(rec.prefill_target_per_instance - expected) <= 25
+    keys = {c.key for c in rec.changes}
+    assert ("scaling.prefill_target_per_instance" in keys) == (
+        policy.scaling.prefill_target_per_instance != rec.prefill_target_per_instance
+    )
+    # A larger headroom gives a lower floor target.
+    cautious = recommend(policy, chat_sweep, headroom=0.3)
+    assert cautious.prefill_target_per_instance is not None
+    assert cautious.prefill_target_per_instance < rec.prefill_target_per_instance
+
+
+def test_an_unset_prefill_floor_target_is_recommended_as_a_new_value(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    base = state.policies["chat"]
+    unset = base.model_copy(
+        update={"scaling": base.scaling.model_copy(update={"prefill_target_per_instance": None})}
+    )
+    rec = recommend(unset, chat_sweep)
+    change = next(c for c in rec.changes if c.key == "scaling.prefill_target_per_instance")
+    assert change.old_text == "unset"
+    assert change.value == rec.prefill_target_per_instance
+
+
+@pytest.mark.parametrize("metric", ["prefill_tps", "prefill_gpu_util"])
+def test_a_prefill_driven_metric_gets_no_prefill_floor_target(
+    chat_sweep: Sweep, state: DesiredState, metric: str
+) -> None:
+    # The policy ignores the floor when its metric drives prefill, so tune leaves it.
+    base = state.policies["chat"]
+    prefill_driven = base.model_copy(
+        update={
+            "scaling": base.scaling.model_copy(
+                update={"metric": metric, "target_per_instance": 0.7}
+            )
+        }
+    )
+    rec = recommend(prefill_driven, chat_sweep)
+    assert rec.prefill_target_per_instance is None
+    assert rec.prefill_capacity_per_instance is None
+    assert all(c.key != "scaling.prefill_target_per_instance" for c in rec.changes)
+
+
 def test_an_optimum_outside_the_bounds_is_clamped_with_a_warning_or_widened(
     chat_sweep: Sweep, state: DesiredState
 ) -> None:
@@ -211,9 +267,10 @@ def test_targets_round_to_50_tokens_per_second(tps: float, rounded: int) -> None
     prefill=st.integers(min_value=1, max_value=12),
     decode=st.integers(min_value=1, max_value=12),
     target=st.integers(min_value=1, max_value=60).map(lambda k: k * 50),
+    prefill_target=st.integers(min_value=1, max_value=600).map(lambda k: k * 50),
 )
 def test_apply_changes_rewrites_only_the_changed_lines(
-    file_index: int, prefill: int, decode: int, target: int
+    file_index: int, prefill: int, decode: int, target: int, prefill_target: int
 ) -> None:
     path = SERVICE_FILES[file_index]
     before = path.read_text()
@@ -221,21 +278,62 @@ def test_apply_changes_rewrites_only_the_changed_lines(
     changes = [
         ValueChange(("pd_ratio", "target"), "", ratio, ratio),
         ValueChange(("scaling", "target_per_instance"), "", str(target), target),
+        ValueChange(
+            ("scaling", "prefill_target_per_instance"), "", str(prefill_target), prefill_target
+        ),
     ]
     after = apply_changes(before, changes)
     old_lines, new_lines = before.splitlines(), after.splitlines()
     assert len(old_lines) == len(new_lines)
+    expected = {"target_per_instance": target, "prefill_target_per_instance": prefill_target}
     for old, new in zip(old_lines, new_lines, strict=True):
         if old == new:
             continue
         key = old.split(":", 1)[0].strip()
-        assert key in {"target", "target_per_instance"}, (old, new)
+        assert key in {"target", *expected}, (old, new)
         assert new.startswith(old.split(":", 1)[0] + ":")  # same key, same indentation
         if key == "target":
             assert new.strip() == f'target: "{ratio}"'  # quoted as before
         else:
-            assert new.split(":", 1)[1].split("#")[0].strip() == str(target)
+            assert new.split(":", 1)[1].split("#")[0].strip() == str(expected[key])
             assert ("#" in old) == ("#" in new)  # an end-of-line comment survives
+
+
+PREFILL_TARGET_LINE = re.compile(r"^  prefill_target_per_instance: \d+\n", re.MULTILINE)
+
+
+@pytest.mark.parametrize("path", SERVICE_FILES, ids=lambda p: p.stem)
+def test_apply_changes_inserts_a_missing_prefill_target_as_one_new_line(path: Path) -> None:
+    # An older file without the key: the write-back adds exactly one line, right
+    # after target_per_instance, and leaves every other line (comments too) alone.
+    before, removed = PREFILL_TARGET_LINE.subn("", path.read_text())
+    assert removed == 1
+    change = ValueChange(("scaling", "prefill_target_per_instance"), "unset", "7350", 7350)
+    after = apply_changes(before, [change])
+    old_lines, new_lines = before.splitlines(), after.splitlines()
+    assert len(new_lines) == len(old_lines) + 1
+    index = next(i for i, line in enumerate(old_lines) if line.startswith("  target_per_instance:"))
+    assert new_lines[index + 1] == "  prefill_target_per_instance: 7350"
+    assert new_lines[: index + 1] + new_lines[index + 2 :] == old_lines
+
+
+def test_apply_changes_keeps_comment_lines_with_the_key_they_introduce() -> None:
+    before = (
+        "scaling:\n"
+        "  target_per_instance: 1300   # decode\n"
+        "\n"
+        "  # about the tolerance\n"
+        "  tolerance: 0.1\n"
+    )
+    change = ValueChange(("scaling", "prefill_target_per_instance"), "unset", "9000", 9000)
+    assert apply_changes(before, [change]) == (
+        "scaling:\n"
+        "  target_per_instance: 1300   # decode\n"
+        "  prefill_target_per_instance: 9000\n"
+        "\n"
+        "  # about the tolerance\n"
+        "  tolerance: 0.1\n"
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -253,9 +351,13 @@ TARGET_RE = re.compile(r"^  target_per_instance: \d+", re.MULTILINE)
 RATIO_RE = re.compile(r'^  target: "[\d:]+"', re.MULTILINE)
 
 
+PREFILL_TARGET_RE = re.compile(r"^  prefill_target_per_instance: \d+", re.MULTILINE)
+
+
 def _with_low_target(chat: Path) -> str:
-    """chat.yaml with a deliberately low decode target, so both values change."""
+    """chat.yaml with deliberately low decode and prefill targets, so all values change."""
     text = TARGET_RE.sub("  target_per_instance: 900", chat.read_text(), count=1)
+    text = PREFILL_TARGET_RE.sub("  prefill_target_per_instance: 1000", text, count=1)
     chat.write_text(text)
     return text
 
@@ -264,6 +366,8 @@ RECOMMENDED_RE = re.compile(
     r"recommended: pd_ratio.target (\d+:\d+) \(current [\d:]+\), "
     r"scaling.target_per_instance (\d+) \(current \d+\)"
 )
+# The command prints the file's diff; the prefill floor target is read from it.
+PREFILL_DIFF_RE = re.compile(r"^\+  prefill_target_per_instance: (\d+)$", re.MULTILINE)
 
 
 def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
@@ -279,11 +383,18 @@ def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
     match = RECOMMENDED_RE.search(result.stdout)
     assert match, result.stdout
     ratio, per_instance = match.group(1), int(match.group(2))
+    prefill_match = PREFILL_DIFF_RE.search(result.stdout)
+    assert prefill_match, result.stdout
+    prefill_per_instance = int(prefill_match.group(1))
     after = chat.read_text()
     changed = _diff_lines(start, after)
     target_line = f'  target: "{ratio}"'
     per_instance_line = f"  target_per_instance: {per_instance}"
-    wanted = {("  target_per_instance: 900", per_instance_line)}
+    prefill_line = f"  prefill_target_per_instance: {prefill_per_instance}"
+    wanted = {
+        ("  target_per_instance: 900", per_instance_line),
+        ("  prefill_target_per_instance: 1000", prefill_line),
+    }
     if ratio_before != target_line:
         wanted.add((ratio_before, target_line))
     assert set(changed) == wanted
@@ -293,6 +404,7 @@ def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
     # The written file is valid and carries the values.
     tuned = load_desired_state(example_repo).policies["chat"]
     assert tuned.scaling.target_per_instance == per_instance
+    assert tuned.scaling.prefill_target_per_instance == prefill_per_instance
     assert tuned.pd_ratio.target == pytest.approx(parse_ratio(ratio))
     assert tuned.pd_ratio.min <= tuned.pd_ratio.target <= tuned.pd_ratio.max
 
