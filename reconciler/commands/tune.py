@@ -111,7 +111,11 @@ def render_sweep(sweep: Sweep) -> Table:
 
 
 def render_recommendation(
-    recommendation: Recommendation, sweep: Sweep, current_target: float, current_ratio: float
+    recommendation: Recommendation,
+    sweep: Sweep,
+    current_target: float,
+    current_ratio: float,
+    current_prefill_target: float | None = None,
 ) -> list[str]:
     best = sweep.best
     lines = [
@@ -134,6 +138,12 @@ def render_recommendation(
             f", scaling.target_per_instance {recommendation.target_per_instance:g} "
             f"(current {current_target:g})"
             if recommendation.target_per_instance is not None
+            else ""
+        )
+        + (
+            f", scaling.prefill_target_per_instance {recommendation.prefill_target_per_instance:g} "
+            f"(current {'unset' if current_prefill_target is None else f'{current_prefill_target:g}'})"
+            if recommendation.prefill_target_per_instance is not None
             else ""
         )
     )
@@ -357,6 +367,7 @@ def register(app: typer.Typer) -> None:
                 sweep,
                 policy.scaling.target_per_instance,
                 policy.pd_ratio.target,
+                policy.scaling.prefill_target_per_instance,
             ):
                 console.print(line, soft_wrap=True)
             for warning in recommendation.warnings:
