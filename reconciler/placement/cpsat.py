@@ -653,12 +653,15 @@ class _Solve:
         anchor_upper = sum(upper for _a, upper in self.anchor_vars)
         if anchor_upper >= W_SHORT_PER_RANK:
             # Keeps level 1b below one GPU short (never reached by a real cycle).
-            m.add(sum(anchors) <= W_SHORT_PER_RANK - 1)
+            m.add(cp_model.LinearExpr.sum(anchors) <= W_SHORT_PER_RANK - 1)
             anchor_upper = W_SHORT_PER_RANK - 1
 
         # Phase 1: meet the targets (priority-weighted), from the greedy hint, with as
         # few anchors as that takes (level 1b, 1 per anchor instance).
-        m.minimize(shortfall + W_ANCHOR_PHASE1 * sum(anchors) if anchors else shortfall)
+        anchor_sum = cp_model.LinearExpr.sum(anchors)
+        m.minimize(
+            expr(self.short_terms + [(W_ANCHOR_PHASE1, a) for a in anchors], self.short_offset)
+        )
         first, first_status = self._run(0.7 * budget, 0.7)
         if first_status not in ("OPTIMAL", "FEASIBLE"):
             return first_status, None, None, None
@@ -666,7 +669,7 @@ class _Solve:
         # A bound on level 1 alone: the phase bound less what anchors can add to it.
         short_bound = max(0.0, first.best_objective_bound - W_ANCHOR_PHASE1 * anchor_upper)
         if anchors:
-            m.add(sum(anchors) <= sum(first.value(a) for a in anchors))
+            m.add(anchor_sum <= sum(first.value(a) for a in anchors))
         # Phase 2: hold level 1 -- every service keeps at least the instances phase 1
         # placed (simple bounds; one dense weighted constraint slows the LP down) --
         # and optimise everything, from phase 1's solution.
@@ -773,16 +776,16 @@ class _Solve:
             domain = self.topology.domain_of_group(group)
             if domain is None:
                 continue
-            key = (
+            new_key = (
                 group.service,
                 domain.key,
                 group.prefill.gpu_type,
                 group.decode.gpu_type,
                 anchored_by.get((group.service, group.group_id)),
             )
-            opened[key] += 1
+            opened[new_key] += 1
             for r in ROLES:
-                opened_n[(*key, r)] += group.role(r).instances
+                opened_n[(*new_key, r)] += group.role(r).instances
         hint: dict[int, int] = {}
         for cls in self.existing:
             if cls.domain is None:
@@ -801,20 +804,20 @@ class _Solve:
             if cls.overflow is not None:
                 hint[cls.overflow.index] = max(0, total - cls.room)
         for new in self.new:
-            key = (
+            new_key = (
                 new.service,
                 new.domain.key,
                 new.types["prefill"],
                 new.types["decode"],
                 new.anchor_role,
             )
-            count = opened.get(key, 0)
+            count = opened.get(new_key, 0)
             hint[new.groups.index] = count
             total = 0
             for r, var in new.instances.items():
                 if var is not None:
-                    hint[var.index] = opened_n.get((*key, r), 0)
-                    total += opened_n.get((*key, r), 0)
+                    hint[var.index] = opened_n.get((*new_key, r), 0)
+                    total += opened_n.get((*new_key, r), 0)
             if new.anchors is not None:
                 hint[new.anchors.index] = ANCHOR_INSTANCES * count
                 total += ANCHOR_INSTANCES * count

@@ -190,6 +190,24 @@ def needed_class_rank(prefill_type: str, decode_type: str, affinity: Affinity) -
 # --------------------------------------------------------------------------- groups
 
 
+# Instances a live group runs whose Pods are not bound to a node yet (Pending): the
+# group's instance count says they exist, its node list cannot say where. They stay
+# part of the group under this pseudo-node, so a group whose Pods are still being
+# scheduled is neither mistaken for an empty one (and re-placed) nor grown twice.
+# They hold no node's GPUs in the accounting, and scale-in removes them first (an
+# unknown node sorts before every real one).
+UNSCHEDULED = ""
+
+
+def role_nodes(group_role: GroupRole) -> dict[str, int]:
+    """Instances per node of one role of a group, unscheduled ones under ``UNSCHEDULED``."""
+    nodes = {p.node: p.instances for p in group_role.nodes if p.instances > 0}
+    unscheduled = group_role.instances - sum(nodes.values())
+    if unscheduled > 0:
+        nodes[UNSCHEDULED] = nodes.get(UNSCHEDULED, 0) + unscheduled
+    return nodes
+
+
 @dataclass
 class WorkGroup:
     """A deployment group while a placer works on it (mutable, private to one call)."""
@@ -238,7 +256,11 @@ class WorkGroup:
             r: GroupRole(
                 gpu_type=self.gpu_type[r],
                 instances=self.count(r),
-                nodes=tuple(NodeInstances(n, c) for n, c in sorted(self.nodes[r].items()) if c > 0),
+                nodes=tuple(
+                    NodeInstances(n, c)
+                    for n, c in sorted(self.nodes[r].items())
+                    if c > 0 and n != UNSCHEDULED
+                ),
                 gpus_per_instance=self.original.role(r).gpus_per_instance
                 if self.original
                 else None,
@@ -258,8 +280,7 @@ class WorkGroup:
     def _changed(self) -> bool:
         assert self.original is not None
         for r in ROLES:
-            before = {p.node: p.instances for p in self.original.role(r).nodes if p.instances}
-            if before != {n: c for n, c in self.nodes[r].items() if c}:
+            if role_nodes(self.original.role(r)) != {n: c for n, c in self.nodes[r].items() if c}:
                 return True
         return False
 
@@ -273,10 +294,7 @@ class WorkGroup:
             subgroup=group.subgroup,
             domain=topology.domain_of_group(group),
             gpu_type={r: group.role(r).gpu_type for r in ROLES},
-            nodes={
-                r: {p.node: p.instances for p in group.role(r).nodes if p.instances > 0}
-                for r in ROLES
-            },
+            nodes={r: role_nodes(group.role(r)) for r in ROLES},
             original=group,
         )
 
