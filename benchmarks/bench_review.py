@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.fleetgen import write_large_fleet  # noqa: E402
-from reconciler.desired import load_desired_state  # noqa: E402
-from reconciler.placement.cpsat import CpSatPlacer  # noqa: E402
-from reconciler.review.command import plan_review  # noqa: E402
-from reconciler.review.review import ReviewOptions  # noqa: E402
+from benchmarks.fleetgen import write_large_fleet
+from reconciler.desired import load_desired_state
+from reconciler.placement.cpsat import CpSatPlacer
+from reconciler.review.command import plan_review
+from reconciler.review.review import ReviewOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,9 @@ def make_repo(root: Path, service: str) -> None:
 def run(label: str, root: Path, options: ReviewOptions) -> None:
     start = time.perf_counter()
     cpu_start = time.process_time()
-    review, _text, _ = plan_review(root, "HEAD~1", "HEAD", fmt="markdown", placer=CpSatPlacer(), options=options)
+    review, _text, _ = plan_review(
+        root, "HEAD~1", "HEAD", fmt="markdown", placer=CpSatPlacer(), options=options
+    )
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
     changed = [s.service for s in review.fleet.services if s.changed] if review.fleet else []
@@ -71,7 +73,9 @@ def run(label: str, root: Path, options: ReviewOptions) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--diurnal-hours", type=float, default=8.0, help="length of the replayed synthetic day")
+    parser.add_argument(
+        "--diurnal-hours", type=float, default=8.0, help="length of the replayed synthetic day"
+    )
     args = parser.parse_args()
     options = ReviewOptions(diurnal_hours=args.diurnal_hours)
     with tempfile.TemporaryDirectory() as tmp:

@@ -218,10 +218,10 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
     for key_path in sorted(
         old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]
     ):
-        old, new = old_leaves.get(key_path), new_leaves.get(key_path)
-        if old != new:
+        old_value, new_value = old_leaves.get(key_path), new_leaves.get(key_path)
+        if old_value != new_value:
             key = format_key_path(key_path)
-            add(key, key, _show(old), _show(new), key_path)
+            add(key, key, _show(old_value), _show(new_value), key_path)
     return changes
 
 

@@ -244,13 +244,19 @@ def test_validate_exits_2_on_usage_errors(tmp_path: Path) -> None:
 
 def test_a_metric_query_override_for_an_unknown_signal_is_located(example_repo: Path) -> None:
     policy = example_repo / "policies/svc-a.yaml"
-    policy.write_text(policy.read_text() + "metrics:\n  queries:\n    decode_tsp: sum(rate(x[1m]))\n")
+    policy.write_text(
+        policy.read_text() + "metrics:\n  queries:\n    decode_tsp: sum(rate(x[1m]))\n"
+    )
     [message] = problems(example_repo)
-    assert message.endswith("metrics.queries.decode_tsp: unknown signal 'decode_tsp'; did you mean 'decode_tps'?")
+    assert message.endswith(
+        "metrics.queries.decode_tsp: unknown signal 'decode_tsp'; did you mean 'decode_tps'?"
+    )
 
 
 def test_a_metric_label_that_prometheus_cannot_carry_is_refused(example_repo: Path) -> None:
     policy = example_repo / "policies/svc-a.yaml"
     policy.write_text(policy.read_text() + "metrics:\n  service_label: heteroscale.io/service\n")
     [message] = problems(example_repo)
-    assert "metrics.service_label: 'heteroscale.io/service' is not a Prometheus label name" in message
+    assert (
+        "metrics.service_label: 'heteroscale.io/service' is not a Prometheus label name" in message
+    )
