@@ -5,6 +5,7 @@ instances. Internally a ratio is the float ``prefill / decode`` (``"1:3"`` -> 0.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
@@ -39,6 +40,7 @@ def parse_ratio(value: Any) -> float:
     return ratio
 
 
+@lru_cache(maxsize=4096)  # messages format the same few ratios every cycle
 def format_ratio(ratio: float) -> str:
     """0.333 -> '1:3', 2.0 -> '2:1', 0.4 -> '2:5' (small integers where exact enough)."""
     from fractions import Fraction
