@@ -62,7 +62,7 @@ def run(label: str, root: Path, options: ReviewOptions) -> None:
     cpu = time.process_time() - cpu_start
     changed = [s.service for s in review.fleet.services if s.changed] if review.fleet else []
     print(
-        f"{label}: plan --base --head with what-if: {wall:.1f} s wall, {cpu:.1f} s CPU; "
+        f"{label}: plan --base --head with what-if: {wall:.1f} s wall, {cpu:.1f} s CPU in this process (the replay runs in a second one); "
         f"{len(review.config_changes)} config change(s), {len(changed)} service(s) sized differently, "
         f"{len(review.what_if)} replayed, exit code {review.exit_code}"
     )

@@ -168,7 +168,7 @@ def _policy_changes(name: str, base: DesiredState, head: DesiredState) -> list[C
         if old == new:
             continue
         if key == "pd_ratio.target":
-            old_text, new_text = format_ratio(old), format_ratio(new)  # type: ignore[arg-type]
+            old_text, new_text = format_ratio(old), format_ratio(new)
         else:
             old_text, new_text = _show(old, key), _show(new, key)
         add(key, _label(key, after), old_text, new_text, key_path)

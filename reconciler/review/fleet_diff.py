@@ -32,7 +32,9 @@ from reconciler.policy.base import Autoscaler, PolicyHistory
 from reconciler.state import ROLES, ServiceMetrics
 
 RECONCILE_INTERVAL_S = 30.0
-WARMUP_S = 300.0
+# The simulated fleet starts warm (placed and serving); the first cycle only needs one
+# full metrics window (60 s) behind it, plus a margin.
+WARMUP_S = 90.0
 WARM_DAY_HOURS = 2.0
 
 

@@ -94,6 +94,10 @@ def run_review(
         return Review(base_rev, head.source_label, base_errors=tuple(exc.issues))
 
     changes = tuple(config_diff(base, head))
+    services = changed_services(changes, base, head) if options.what_if else []
+    # The what-if replay and the fleet diff are independent and each CPU-bound: the
+    # replay runs in a second process while this one plans the fleet.
+    pending = _start_replay(base, head, services, options) if services else None
     fleet = review_fleet(
         base,
         head,
@@ -105,30 +109,8 @@ def run_review(
     )
     what_if: list[WhatIf] = []
     evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
-    services = changed_services(changes, base, head)
-    if options.what_if and services:
-        from reconciler.commands.simulate import load_for
-
-        config = SimConfig()
-        what_if, evaluations = replay(
-            base,
-            head,
-            services,
-            lambda state, service: load_for(
-                state,
-                service,
-                options.trace,
-                options.rate_scale,
-                options.diurnal_hours,
-                options.seed,
-                config,
-            ),
-            lambda service: describe_trace(
-                options.trace, options.rate_scale, options.diurnal_hours
-            ),
-            seed=options.seed,
-            config=config,
-        )
+    if pending is not None:
+        what_if, evaluations = pending()
     return Review(
         base_label=base.source_label,
         head_label=head.source_label,
@@ -137,3 +119,59 @@ def run_review(
         what_if=tuple(what_if),
         evaluations=evaluations,
     )
+
+
+def replay_services(
+    base: DesiredState, head: DesiredState, services: list[str], options: ReviewOptions
+) -> tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]:
+    """The what-if replay of ``services`` on the load the options describe (the load
+    ``heteroscale simulate`` builds from the same options)."""
+    from reconciler.commands.simulate import load_for
+
+    config = SimConfig()
+    return replay(
+        base,
+        head,
+        services,
+        lambda state, service: load_for(
+            state,
+            service,
+            options.trace,
+            options.rate_scale,
+            options.diurnal_hours,
+            options.seed,
+            config,
+        ),
+        lambda service: describe_trace(options.trace, options.rate_scale, options.diurnal_hours),
+        seed=options.seed,
+        config=config,
+    )
+
+
+def _start_replay(
+    base: DesiredState, head: DesiredState, services: list[str], options: ReviewOptions
+) -> Callable[
+    [], tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]
+]:
+    """Run ``replay_services`` in a forked worker; the returned callable waits for it.
+    Where a worker cannot be started, the replay runs here when asked for."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("fork")
+        )
+        future = executor.submit(replay_services, base, head, services, options)
+    except (OSError, ValueError):
+        return lambda: replay_services(base, head, services, options)
+
+    def wait() -> tuple[
+        list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]
+    ]:
+        try:
+            return future.result()
+        finally:
+            executor.shutdown()
+
+    return wait
