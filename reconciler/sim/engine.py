@@ -445,6 +445,34 @@ class DecodePool:
 class ServiceSim:
     """The per-second fluid state of one service (see the module docstring)."""
 
+    def _role_perfs(self, role: str) -> list[tuple[str, InstancePerf]]:
+        """Instance performance on each allowed GPU type of a role, most preferred
+        first; types missing from the cluster, or too small for the model, are noted."""
+        policy, cluster = self.policy, self.cluster
+        role_policy = policy.role(role)
+        out: list[tuple[str, InstancePerf]] = []
+        for gpu_type in role_policy.preferred_gpu_types():
+            gpu = cluster.gpu_types.get(gpu_type)
+            if gpu is None:
+                self.notes.append(
+                    f"{policy.name}: {role} GPU type '{gpu_type}' is not in cluster {cluster.name}"
+                )
+                continue
+            perf = instance_perf(
+                policy.model,
+                gpu_type,
+                gpu,
+                role_policy.gpus_per_instance,
+                max_batch=self.config.max_batch,
+            )
+            if not perf.fits:
+                self.notes.append(
+                    f"{policy.name}: the model does not fit a {role} instance of "
+                    f"{role_policy.gpus_per_instance} {gpu_type} GPUs (no capacity)"
+                )
+            out.append((gpu_type, perf))
+        return out
+
     def __init__(
         self,
         policy: ServicePolicy,
@@ -465,21 +493,7 @@ class ServiceSim:
         # Work per prompt in compute-equivalent FLOPs: w_lin * S + w_att * S^2.
         fit_probe = None
         self.prefill_pools: list[PrefillPool] = []
-        for gpu_type in policy.prefill.preferred_gpu_types():
-            gpu = cluster.gpu_types.get(gpu_type)
-            if gpu is None:
-                self.notes.append(
-                    f"{policy.name}: prefill GPU type '{gpu_type}' is not in cluster {cluster.name}"
-                )
-                continue
-            perf = instance_perf(
-                model, gpu_type, gpu, policy.prefill.gpus_per_instance, max_batch=cfg.max_batch
-            )
-            if not perf.fits:
-                self.notes.append(
-                    f"{policy.name}: the model does not fit a prefill instance of {policy.prefill.gpus_per_instance} "
-                    f"{gpu_type} GPUs (no capacity)"
-                )
+        for gpu_type, perf in self._role_perfs("prefill"):
             fit_probe = fit_probe or perf
             work_per_token = float(perf.prefill_work(profile.prompt_mean)) / profile.prompt_mean
             for link in LINKS:
@@ -500,21 +514,7 @@ class ServiceSim:
         self.work_attention = 2.0 * kvb / eta_attention
         mean_ctx = profile.prompt_mean + profile.output_mean / 2.0
         self.decode_pools: list[DecodePool] = []
-        for gpu_type in policy.decode.preferred_gpu_types():
-            gpu = cluster.gpu_types.get(gpu_type)
-            if gpu is None:
-                self.notes.append(
-                    f"{policy.name}: decode GPU type '{gpu_type}' is not in cluster {cluster.name}"
-                )
-                continue
-            perf = instance_perf(
-                model, gpu_type, gpu, policy.decode.gpus_per_instance, max_batch=cfg.max_batch
-            )
-            if not perf.fits:
-                self.notes.append(
-                    f"{policy.name}: the model does not fit a decode instance of {policy.decode.gpus_per_instance} "
-                    f"{gpu_type} GPUs (no capacity)"
-                )
+        for gpu_type, perf in self._role_perfs("decode"):
             slo_cap = perf.decode_capacity_tps(policy.slo.tbt_ms / 1000.0, mean_ctx)
             self.decode_pools.append(
                 DecodePool(gpu_type, perf, max(slo_cap, 1e-6 if perf.fits else 0.0))
