@@ -17,58 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reconciler.desired.loader import DesiredState, load_desired_state
+from reconciler.desired.loader import load_desired_state
 from reconciler.errors import ConfigError, PermanentError
-from reconciler.sim.engine import LoadProfile, SimConfig
+from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import DEFAULT_POLICIES, EvaluationResult, default_placer, evaluate
-from reconciler.sim.workload import TraceError, read_trace
+from reconciler.sim.load import load_for
+from reconciler.sim.workload import TraceError
 
 console = Console(highlight=False)
 if not console.is_terminal:
     console = Console(highlight=False, width=200)  # logs and CI: one table row per line
 err_console = Console(stderr=True, highlight=False)
-
-# Rate scaling beyond this many requests is done on the binned load (fluid), not by
-# replicating request arrays (memory).
-MAX_REQUEST_ARRAYS = 12_000_000
-
-
-def load_for(
-    state: DesiredState,
-    service: str,
-    trace: Path | None,
-    rate_scale: float | None,
-    diurnal_hours: float | None,
-    seed: int,
-    config: SimConfig,
-) -> LoadProfile:
-    """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
-    synthetic diurnal day for the service sized to the fleet."""
-    if trace is None:
-        from reconciler.sim.default import synthetic_load_for
-
-        profile = synthetic_load_for(
-            state, state.policies[service], hours=diurnal_hours or 8.0, seed=seed, config=config
-        )
-        return (
-            profile.scaled(rate_scale, seed=seed) if rate_scale and rate_scale != 1.0 else profile
-        )
-    workload = read_trace(trace, seed=seed)
-    if diurnal_hours:
-        workload = workload.diurnal(diurnal_hours, seed=seed)
-    fluid_factor = 1.0
-    if rate_scale and rate_scale != 1.0:
-        if workload.requests * rate_scale <= MAX_REQUEST_ARRAYS:
-            workload = workload.rate_scaled(rate_scale, seed=seed)
-        else:
-            fluid_factor = rate_scale
-    profile = LoadProfile.from_workload(
-        workload,
-        length_classes=config.length_classes,
-        sample_limit=config.request_sample_limit,
-        seed=seed,
-    )
-    return profile.scaled(fluid_factor, seed=seed) if fluid_factor != 1.0 else profile
 
 
 def _pct(value: float | None) -> str:

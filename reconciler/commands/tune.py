@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reconciler.commands.simulate import load_for, render_table
+from reconciler.commands.simulate import render_table
 from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
@@ -44,6 +44,7 @@ from reconciler.review.tune import (
 )
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import EvaluationResult, default_placer
+from reconciler.sim.load import load_for
 from reconciler.sim.workload import TraceError, read_trace
 
 console = Console(highlight=False)

@@ -126,7 +126,7 @@ def replay_services(
 ) -> tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]:
     """The what-if replay of ``services`` on the load the options describe (the load
     ``heteroscale simulate`` builds from the same options)."""
-    from reconciler.commands.simulate import load_for
+    from reconciler.sim.load import load_for
 
     config = SimConfig()
     return replay(

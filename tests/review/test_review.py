@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.commands.simulate import load_for
 from reconciler.desired import load_desired_state
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.review.command import plan_review, render
 from reconciler.review.review import Review, ReviewOptions
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import evaluate
+from reconciler.sim.load import load_for
 
 GOLDEN = Path(__file__).parent / "golden"
 OPTIONS = ReviewOptions(diurnal_hours=1.0, seed=3)

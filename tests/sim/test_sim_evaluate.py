@@ -210,7 +210,7 @@ def test_simulate_command_rejects_an_unknown_service(repo_root: Path, tmp_path: 
 def test_rate_scale_keeps_request_arrays_unless_too_large(
     state: DesiredState, tmp_path: Path
 ) -> None:
-    from reconciler.commands import simulate as command
+    from reconciler.sim import load as command
     from reconciler.sim.engine import SimConfig
 
     trace = _trace(tmp_path)
