@@ -9,7 +9,9 @@ one-GPU instances of an 8 B model (``policies/svc-b.yaml`` with its limits raise
 synthetic 3,072-GPU cluster of three mixed H800/H20 pods. Without the shared folder a
 synthetic 8-hour day of the same size is used instead.
 
-Run: ``python benchmarks/bench_sim.py [--policies oracle,heteroscale] [--hours 8]``.
+Run: ``python benchmarks/bench_sim.py [--policies oracle-min,heteroscale] [--hours 8]``.
+Each policy is one :func:`reconciler.sim.evaluate.evaluate` call, ``oracle-min`` (the
+lower bound: its plan, then the simulator run that follows it) included.
 Prints, per policy: wall and CPU time (CPU time is what the run costs on a shared
 machine; wall time is what it costs on an idle one when they agree), peak memory (the process's RSS high-water mark, from
 ``resource.getrusage``; tracemalloc is not used because tracing every small numpy
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from reconciler.desired import load_desired_state  # noqa: E402
 from reconciler.desired.loader import DesiredState  # noqa: E402
 from reconciler.desired.models import ClusterSpec  # noqa: E402
-from reconciler.sim.calibrate import shared_dir  # noqa: E402
+from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
 from reconciler.sim.engine import LoadProfile, synthetic_profile  # noqa: E402
 from reconciler.sim.evaluate import evaluate, role_capacity  # noqa: E402
 from reconciler.sim.workload import read_trace  # noqa: E402
@@ -108,7 +110,7 @@ def bench_load(state: DesiredState, hours: float) -> LoadProfile:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="oracle,heteroscale")
+    parser.add_argument("--policies", default="oracle-min,heteroscale")
     parser.add_argument("--hours", type=float, default=8.0)
     args = parser.parse_args()
     t0 = time.perf_counter()

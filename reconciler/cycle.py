@@ -15,7 +15,7 @@ from reconciler.desired.loader import DesiredState
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementOptions, PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
-from reconciler.policy.base import Autoscaler, PolicyHistory
+from reconciler.policy.base import Autoscaler, PolicyHistory, decide_with
 from reconciler.state import ROLES, Role, ServiceMetrics, Targets
 
 
@@ -48,7 +48,9 @@ def plan_cluster(
     targets: dict[str, Targets] = {}
     for name, policy in policies.items():
         fleet = observation.fleet.service_fleet(name)
-        decision = autoscaler.decide(
+        decision = decide_with(
+            autoscaler,
+            spec,
             policy,
             fleet,
             metrics.get(name, ServiceMetrics(service=name)),

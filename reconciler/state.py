@@ -61,6 +61,27 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class LengthBuckets:
+    """A token-length histogram as serving engines export it (vLLM's
+    ``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens``): cumulative
+    request counts (or rates: only proportions matter) per bucket upper bound ``le``
+    over the metrics window, the last bound possibly ``inf``; sampled at ``at_s``."""
+
+    le: tuple[float, ...]
+    cumulative: tuple[float, ...]
+    at_s: float
+
+    def is_usable(self, now_s: float, max_age_s: float) -> bool:
+        """Fresh, finite and holding at least one request."""
+        return (
+            (now_s - self.at_s) <= max_age_s
+            and bool(self.cumulative)
+            and all(math.isfinite(c) for c in self.cumulative)
+            and max(self.cumulative) > 0
+        )
+
+
+@dataclass(frozen=True)
 class ServiceMetrics:
     """The signals of one service at one moment. ``None`` means missing.
 
@@ -80,6 +101,9 @@ class ServiceMetrics:
     prefill_sm_active: Sample | None = None
     decode_sm_active: Sample | None = None
     decode_kv_usage: Sample | None = None
+    # The live request mix (prompt and output lengths), when the engine exports it.
+    prompt_tokens: LengthBuckets | None = None
+    output_tokens: LengthBuckets | None = None
 
     def get(self, name: MetricName) -> Sample | None:
         sample: Sample | None = getattr(self, name)

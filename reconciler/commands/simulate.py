@@ -14,19 +14,27 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from reconciler.desired.loader import load_desired_state
 from reconciler.errors import ConfigError, PermanentError
 from reconciler.sim.engine import SimConfig
-from reconciler.sim.evaluate import DEFAULT_POLICIES, EvaluationResult, default_placer, evaluate
-from reconciler.sim.load import load_for
+from reconciler.sim.evaluate import (
+    DEFAULT_POLICIES,
+    EvaluationResult,
+    default_placer,
+    evaluate,
+    policy_labels,
+)
+from reconciler.sim.load import load_with_requests
+from reconciler.sim.oracle import DEFAULT_WINDOW_S
 from reconciler.sim.workload import TraceError
 
 console = Console(highlight=False)
 if not console.is_terminal:
-    console = Console(highlight=False, width=200)  # logs and CI: one table row per line
+    console = Console(highlight=False, width=260)  # logs and CI: one table row per line
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -58,12 +66,14 @@ def render_table(result: EvaluationResult) -> Table:
     for column, justify in (
         ("policy", "left"),
         ("GPU-hours", "right"),
+        ("x oracle-min", "right"),
         ("vs static", "right"),
         ("util P / D", "right"),
         ("SM P / D", "right"),
         ("TTFT ok", "right"),
         ("TBT ok", "right"),
         ("both ok", "right"),
+        ("unattainable", "right"),
         (f"TTFT p{q} ms", "right"),
         (f"TBT p{q} ms", "right"),
         ("actions", "right"),
@@ -72,21 +82,28 @@ def render_table(result: EvaluationResult) -> Table:
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     static = result.policies.get("static-peak")
+    if static is not None and static.failed is not None:
+        static = None
     for name, r in result.policies.items():
+        if r.failed is not None:  # no figure of a failed run means anything
+            table.add_row(name, "[red]failed[/red]", *["-"] * (len(table.columns) - 2))
+            continue
         saving = "-"
         if static is not None and static.gpu_hours > 0 and name != "static-peak":
             saving = f"{(r.gpu_hours / static.gpu_hours - 1) * 100:+.1f}%"
         table.add_row(
             name,
             f"{r.gpu_hours:,.1f}",
+            "-" if r.oracle_min_multiple is None else f"{r.oracle_min_multiple:.2f}",
             saving,
             f"{_pct(r.mean_gpu_util_prefill)} / {_pct(r.mean_gpu_util_decode)}",
             f"{_pct(r.mean_sm_active_prefill)} / {_pct(r.mean_sm_active_decode)}",
             _pct(r.ttft_attainment),
             _pct(r.tbt_attainment),
             _pct(r.slo_attainment),
+            _pct(r.unattainable_share),
             _ms(r.ttft_quantile_ms),
-            _ms(r.tbt_quantile_ms),
+            _ms(r.tbt_token_quantile_ms),
             str(r.scaling_actions),
             _ratio_range(r.pd_ratio_min, r.pd_ratio_max),
             f"{r.dropped:,.0f}",
@@ -102,7 +119,7 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = list(result.policies)
+    names = [name for name, r in result.policies.items() if r.failed is None]
     fig, axes = plt.subplots(
         len(names), 3, figsize=(16, 3.2 * len(names)), squeeze=False, sharex=True
     )
@@ -179,6 +196,20 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
     plt.close(fig)
 
 
+def _hpa_target(text: str) -> float | None:
+    """``--hpa-target``: None for ``auto`` (sweep), else a utilisation in (0, 1]."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        err_console.print(f"error: --hpa-target must be 'auto' or a number in (0, 1], got '{text}'")
+        raise typer.Exit(2)
+    return value
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def simulate(
@@ -213,7 +244,8 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 "--policies",
-                help="comma-separated: heteroscale, hpa-gpu-util, static-peak, oracle, schedule:PATH",
+                help="comma-separated: heteroscale, heteroscale-paper, hpa-gpu-util, hpa-decode-tps, "
+                "static-peak, oracle-min, schedule:PATH, python:MODULE:CLASS",
             ),
         ] = ",".join(DEFAULT_POLICIES),
         json_path: Annotated[
@@ -229,6 +261,31 @@ def register(app: typer.Typer) -> None:
             float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
         ] = 30.0,
         placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
+        export_path: Annotated[
+            Path | None,
+            typer.Option(
+                "--export-workload",
+                help="write the requests replayed (after rate scaling and tiling) as a CSV "
+                "arrival_s,prompt_tokens,output_tokens that --trace reads back",
+            ),
+        ] = None,
+        hpa_target: Annotated[
+            str,
+            typer.Option(
+                "--hpa-target",
+                help="hpa-gpu-util's target utilisation in (0, 1], or 'auto': the cheapest of "
+                "0.4-0.9 reaching the SLO attainment goal on this trace",
+            ),
+        ] = "auto",
+        oracle_window_s: Annotated[
+            int,
+            typer.Option(
+                "--oracle-window",
+                help="oracle-min's window in seconds: per window, the fewest instances meeting "
+                "the SLO goal",
+                min=1,
+            ),
+        ] = DEFAULT_WINDOW_S,
     ) -> None:
         """Run autoscaling policies side by side on one trace in the simulated fleet."""
         try:
@@ -249,15 +306,28 @@ def register(app: typer.Typer) -> None:
         if placer not in ("greedy", "cpsat"):
             err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
             raise typer.Exit(2)
+        hpa_target_value = _hpa_target(hpa_target)
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
         if not chosen:
             err_console.print("error: --policies is empty")
             raise typer.Exit(2)
         config = SimConfig()
         try:
-            profile = load_for(state, name, trace, rate_scale, diurnal_hours, seed, config)
+            load = load_with_requests(state, name, trace, rate_scale, diurnal_hours, seed, config)
+            profile = load.profile
             for note in profile.notes:
                 err_console.print(f"note: {note}", soft_wrap=True)
+            if export_path is not None:
+                if load.workload is None:
+                    err_console.print(
+                        f"[red]error[/red] --export-workload: {load.fluid_reason}; "
+                        "there is no per-request workload to export (nothing simulated)",
+                        soft_wrap=True,
+                    )
+                    raise typer.Exit(1)
+                export_path.parent.mkdir(parents=True, exist_ok=True)
+                load.workload.to_csv(export_path)
+                console.print(f"wrote {export_path} ({load.workload.requests:,} requests)")
             with Progress(
                 TextColumn("{task.description:<16}"),
                 BarColumn(),
@@ -266,7 +336,8 @@ def register(app: typer.Typer) -> None:
                 console=err_console,
                 transient=False,
             ) as progress:
-                tasks = {p: progress.add_task(p, total=1.0) for p in chosen}
+                labels = policy_labels(chosen)  # evaluate reports under these names
+                tasks = {labels[p]: progress.add_task(labels[p], total=1.0) for p in chosen}
 
                 def report(policy: str, fraction: float) -> None:
                     progress.update(tasks[policy], completed=fraction)
@@ -281,16 +352,23 @@ def register(app: typer.Typer) -> None:
                     config=config,
                     placer=default_placer(placer),
                     progress=report,
+                    hpa_target=hpa_target_value,
+                    oracle_window_s=oracle_window_s,
                 )
                 for task in tasks.values():
                     progress.update(task, completed=1.0)
-        except (TraceError, PermanentError) as exc:
+        except (TraceError, PermanentError, OSError) as exc:
             err_console.print(f"[red]error[/red] {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
         console.print(render_table(result))
+        failed = {n: r.failed for n, r in result.policies.items() if r.failed is not None}
         for policy_name, r in result.policies.items():
             if r.description:
                 console.print(f"  {policy_name}: {r.description}", soft_wrap=True)
+            if r.failed is not None:
+                console.print(
+                    f"  {policy_name}: [red]FAILED[/red]: {escape(r.failed)}", soft_wrap=True
+                )
             for note in r.notes:
                 console.print(f"  {policy_name}: note: {note}", soft_wrap=True)
         if json_path is not None:
@@ -304,10 +382,20 @@ def register(app: typer.Typer) -> None:
                 "policies": chosen,
                 "interval_s": interval_s,
                 "placer": placer,
+                "hpa_target": hpa_target_value if hpa_target_value is not None else "auto",
+                "oracle_window_s": oracle_window_s,
+                "export_workload": str(export_path) if export_path else None,
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(document, indent=2) + "\n")
             console.print(f"wrote {json_path}")
-        if plot_path is not None:
+        if plot_path is not None and len(failed) < len(result.policies):
             write_plot(result, plot_path)
             console.print(f"wrote {plot_path}")
+        if failed:
+            for error in failed.values():
+                err_console.print(f"[red]error[/red] {escape(error)}", soft_wrap=True)
+            err_console.print(
+                f"{len(failed)} of {len(result.policies)} policies failed: {', '.join(failed)}"
+            )
+            raise typer.Exit(1)

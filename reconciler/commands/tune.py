@@ -114,7 +114,7 @@ def render_sweep(sweep: Sweep) -> Table:
 def render_recommendation(
     recommendation: Recommendation,
     sweep: Sweep,
-    current_target: float,
+    current_target: float | None,
     current_ratio: float,
     current_prefill_target: float | None = None,
 ) -> list[str]:
@@ -137,7 +137,7 @@ def render_recommendation(
         f"(current {format_ratio(current_ratio)})"
         + (
             f", scaling.target_per_instance {recommendation.target_per_instance:g} "
-            f"(current {current_target:g})"
+            f"(current {'unset' if current_target is None else f'{current_target:g}'})"
             if recommendation.target_per_instance is not None
             else ""
         )

@@ -147,14 +147,19 @@ class Scaling(StrictModel):
     """How the policy turns signals into instance counts."""
 
     metric: ScalingMetric = Field(default="decode_tps", description="the primary signal")
-    target_per_instance: PositiveFloat = Field(
-        description="per-instance target of the primary metric (tokens/s for TPS, fraction for utilisation)"
+    target_per_instance: PositiveFloat | None = Field(
+        default=None,
+        description="per-instance target of the primary metric (tokens/s for TPS, fraction for "
+        "utilisation). Omitted (the default): heteroscale derives each role's capacity from the "
+        "performance model for the live request mix; given, it overrides the derived decode "
+        "capacity (with metric decode_tps) and is what heteroscale-paper scales on",
     )
     prefill_target_per_instance: PositiveFloat | None = Field(
         default=None,
-        description="prompt tokens/s per prefill instance: with a decode-driven metric, prefill "
-        "never falls below ceil(prefill_tps / this) (same tolerance band), so a shift towards "
-        "longer prompts adds prefill at once; ignored when the metric drives prefill",
+        description="prompt tokens/s per prefill instance. Omitted: derived from the "
+        "performance model; given, it overrides the derived prefill capacity, and for "
+        "heteroscale-paper with a decode-driven metric prefill never falls below "
+        "ceil(prefill_tps / this) (same tolerance band)",
     )
     tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.1, description="no change while observed/target stays within 1 +- tolerance"
@@ -198,7 +203,8 @@ class MetricsConfig(StrictModel):
     )
     queries: dict[str, str] = Field(
         default_factory=dict,
-        description="PromQL per signal overriding the preset; must aggregate 'by (service, role)' labels",
+        description="PromQL per signal overriding the preset; must aggregate 'by (service, role)' "
+        "labels, or 'by (service, le)' for the request-mix histograms prompt_tokens and output_tokens",
     )
     service_label: str = Field(default="service")
     role_label: str = Field(default="role")

@@ -22,24 +22,27 @@ from reconciler.policy.base import (
 )
 from reconciler.policy.baselines import (
     AutoscalerConfigError,
-    DemandSeries,
     HpaGpuUtilAutoscaler,
-    OracleAutoscaler,
+    HpaTokensAutoscaler,
+    PaperCoordinatedAutoscaler,
+    PerRoleHpa,
     StaticPeakAutoscaler,
 )
 from reconciler.policy.coordinated import CoordinatedAutoscaler, decide, decide_many
 
 AUTOSCALERS: dict[str, Callable[..., Autoscaler]] = {
     CoordinatedAutoscaler.name: CoordinatedAutoscaler,
+    PaperCoordinatedAutoscaler.name: PaperCoordinatedAutoscaler,
     HpaGpuUtilAutoscaler.name: HpaGpuUtilAutoscaler,
+    HpaTokensAutoscaler.name: HpaTokensAutoscaler,
     StaticPeakAutoscaler.name: StaticPeakAutoscaler,
-    OracleAutoscaler.name: OracleAutoscaler,
 }
 
 
 def make_autoscaler(name: str, **kwargs: Any) -> Autoscaler:
     """Build the autoscaler registered as ``name`` with its constructor's keyword
-    arguments (``heteroscale`` takes none; see each class for the others).
+    arguments (``heteroscale`` and ``heteroscale-paper`` take none; see each class
+    for the others).
 
     Raises ``AutoscalerConfigError`` for an unknown name or arguments the
     constructor does not accept."""
@@ -63,9 +66,10 @@ __all__ = [
     "Clamp",
     "CoordinatedAutoscaler",
     "Decision",
-    "DemandSeries",
     "HpaGpuUtilAutoscaler",
-    "OracleAutoscaler",
+    "HpaTokensAutoscaler",
+    "PaperCoordinatedAutoscaler",
+    "PerRoleHpa",
     "PolicyHistory",
     "Reason",
     "Recommendation",

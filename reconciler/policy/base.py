@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from reconciler.desired.models import ServicePolicy
+from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.state import ServiceFleet, ServiceMetrics
 
 Reason = Literal[
@@ -62,6 +62,9 @@ class PolicyHistory:
     # The dynamic P/D ratio target (prefill/decode), when the policy moves it.
     dynamic_ratio: float | None = None
     extra: tuple[tuple[str, float], ...] = field(default=())
+    # The planner's memory (``reconciler.policy.planner.PlannerMemory``): demand
+    # forecasters, latency correction, last known request mix. Opaque to the rest.
+    planner: object | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,41 @@ class Decision:
 
     def changes(self, fleet: ServiceFleet) -> bool:
         return self.prefill != fleet.prefill.active or self.decode != fleet.decode.active
+
+
+class ClusterAwareAutoscaler(Protocol):
+    """An autoscaler that also needs the service's cluster (its GPU catalogue and
+    network) to size, e.g. from the performance model."""
+
+    name: str
+
+    def decide_in_cluster(
+        self,
+        cluster: ClusterSpec,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision: ...
+
+
+def decide_with(
+    autoscaler: Autoscaler,
+    cluster: ClusterSpec,
+    policy: ServicePolicy,
+    fleet: ServiceFleet,
+    metrics: ServiceMetrics,
+    history: PolicyHistory,
+    now_s: float,
+) -> Decision:
+    """One decision, giving the cluster to autoscalers that size from it: the one call
+    every harness (the cycle, the simulator) makes."""
+    in_cluster = getattr(autoscaler, "decide_in_cluster", None)
+    if in_cluster is not None:
+        decision: Decision = in_cluster(cluster, policy, fleet, metrics, history, now_s)
+        return decision
+    return autoscaler.decide(policy, fleet, metrics, history, now_s)
 
 
 class Autoscaler(Protocol):

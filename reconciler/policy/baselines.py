@@ -4,31 +4,35 @@
 - :class:`HpaGpuUtilAutoscaler` (``hpa-gpu-util``): what a Kubernetes user gets
   from a HorizontalPodAutoscaler per role on DCGM GPU utilisation: each role scaled
   on its own, no P/D coordination.
+- :class:`HpaTokensAutoscaler` (``hpa-decode-tps``): the same HPA per role on the
+  tokens/s signal the coordinated policy uses, so a comparison separates the signal
+  from the coordination. Both share :class:`PerRoleHpa` (the HPA arithmetic, at the
+  HPA's 15 s sync period).
 - :class:`StaticPeakAutoscaler` (``static-peak``): provision for the peak and never
   change (the common practice the paper's savings are measured against).
-- :class:`OracleAutoscaler` (``oracle``): knows future demand exactly and sizes each
-  role for the most it will see before a new instance could start; no real
-  autoscaler can use fewer GPU-hours without queueing, so it is the lower bound.
+- :class:`PaperCoordinatedAutoscaler` (``heteroscale-paper``): the coordinated
+  policy exactly as the paper has it, for comparisons with a changed default.
 
-All three use the shared arithmetic in ``reconciler.policy.clamps`` (rounding,
-min/max, step) and report ``reason="baseline"``.
+The HPAs and static peak use the shared arithmetic in
+``reconciler.policy.clamps`` (rounding, min/max, step) and report
+``reason="baseline"``; ``heteroscale-paper`` reports the coordinated policy's reasons.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import numpy as np
+from typing import Literal
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
 from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
 from reconciler.policy.clamps import RoleBounds, ceil_count, clamp_bounds, clamp_step
-from reconciler.policy.coordinated import policy_numbers, sample_problem
-from reconciler.state import ROLES, Role, ServiceFleet, ServiceMetrics
+from reconciler.policy.coordinated import CoordinatedAutoscaler, policy_numbers, sample_problem
+from reconciler.policy.coordinated import decide as coordinated_decide
+from reconciler.state import ROLES, MetricName, Role, ServiceFleet, ServiceMetrics
 
 
 class AutoscalerConfigError(PermanentError):
@@ -42,6 +46,26 @@ class AutoscalerConfigError(PermanentError):
 # recommendation in that case, so stabilisation windows skip this value.
 NO_RECOMMENDATION = -1
 
+# The HPA controller's default sync period (--horizontal-pod-autoscaler-sync-period).
+# Its default scale-up policies (4 pods, 100%) have ``periodSeconds: 15`` too, so one
+# limit per sync is the HPA's own clock.
+HPA_SYNC_PERIOD_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class HpaTarget:
+    """What one role's HPA reads and aims for.
+
+    ``role_total`` says how the per-instance average the HPA compares with ``target``
+    is formed: True for a role total (tokens/s summed over instances) divided by the
+    ready instances (the HPA's ``AverageValue`` target); False for a signal the source
+    already averages over the ready instances' GPUs (the HPA's ``Utilization``)."""
+
+    metric: MetricName
+    target: float
+    role_total: bool
+    number_format: str  # for messages: ".2f" for fractions, ".0f" for tokens/s
+
 
 @dataclass(frozen=True, slots=True)
 class _HpaRole:
@@ -49,17 +73,17 @@ class _HpaRole:
     text: str
 
 
-class HpaGpuUtilAutoscaler:
-    """The Kubernetes HPA algorithm (``pkg/controller/podautoscaler``) on GPU
-    utilisation, one independent HPA per role.
+class PerRoleHpa(ABC):
+    """The Kubernetes HPA algorithm (``pkg/controller/podautoscaler``), one independent
+    HPA per role; subclasses say which metric and target each role's HPA reads
+    (:meth:`hpa_target`).
 
-    Per role, each cycle:
-    - ``usage = observed / target`` with ``observed`` the role's average utilisation
-      (the metrics source averages over the GPUs of *ready* instances, as the HPA
-      averages over ready pods);
+    Per role, each sync (every :attr:`interval_s`, the HPA's 15 s):
+    - ``usage = observed / target`` with ``observed`` the role's average per *ready*
+      instance (the HPA averages over ready pods);
     - inside ``1 +- tolerance`` (10%): keep the current replicas;
     - otherwise ``desired = ceil(usage x ready)``; when scaling up with instances
-      still starting, the HPA counts those at 0% utilisation and recomputes
+      still starting, the HPA counts those at 0 and recomputes
       (``usage' = observed x ready / (ready + starting) / target``), keeping the
       current replicas if that lands inside the tolerance or flips direction;
     - missing data: a metric that is absent, NaN or older than ``metric_max_age_s``
@@ -67,58 +91,53 @@ class HpaGpuUtilAutoscaler:
       role (its ``ScalingActive=False`` condition): no scale either way, and no
       recommendation stored; the same with no ready instance to report. Per-pod
       gaps (the HPA assumes 100% on scale-down, 0% on scale-up for pods without
-      metrics) cannot arise here: the source delivers one average per role;
+      metrics) cannot arise here: the source delivers one figure per role;
     - a target of 0 replicas disables scaling (the HPA never scales from zero),
       except to reach ``min_instances``;
-    - scale-down stabilisation: the highest recommendation over the last
-      ``scale_down_window_s`` (default 300 s), the current one included;
+    - scale-down stabilisation: the highest recommendation made after
+      ``now - scale_down_window_s`` (default 300 s), the current one included; it
+      compares timestamps, so it holds whatever the sync period;
     - scale-up rate limit, the HPA's default ``behavior``: at most
-      ``max(4 pods, 100%)`` more per cycle (the HPA's 15 s sync period);
+      ``max(4 pods, 100%)`` more per sync. The real HPA counts it per 15 s period;
+      with ``decide`` called once per sync (the harness honours :attr:`interval_s`)
+      the two agree. Called more often, this would scale up faster than the HPA;
     - then ``min_instances``/``max_instances`` of the policy.
-
-    Target utilisation defaults to 0.6: the usual setting for GPU inference HPAs,
-    leaving headroom for a burst during the minutes a new instance takes to load
-    (``startup_s``). It is a parameter so a sweep can reproduce other operating
-    points; the paper's point is that no single value works for decode, whose
-    utilisation stays high at light load.
     """
 
-    name = "hpa-gpu-util"
+    name = "hpa"
+    interval_s = HPA_SYNC_PERIOD_S
 
     def __init__(
         self,
-        target_utilisation: float = 0.6,
         *,
         tolerance: float = 0.1,
         scale_down_window_s: float = 300.0,
-        signal: Literal["gpu_util", "sm_active"] = "gpu_util",
         scale_up_limit_instances: int = 4,
         scale_up_limit_percent: float = 100.0,
         metric_max_age_s: float | None = None,
     ) -> None:
-        if not 0.0 < target_utilisation <= 1.0:
-            raise AutoscalerConfigError(
-                f"hpa-gpu-util: target_utilisation must be in (0, 1], got {target_utilisation}"
-            )
         if not 0.0 <= tolerance < 1.0:
             raise AutoscalerConfigError(
-                f"hpa-gpu-util: tolerance must be in [0, 1), got {tolerance}"
+                f"{self.name}: tolerance must be in [0, 1), got {tolerance}"
             )
-        if signal not in ("gpu_util", "sm_active"):
+        if scale_down_window_s < 0:
             raise AutoscalerConfigError(
-                f"hpa-gpu-util: signal must be 'gpu_util' or 'sm_active', got {signal!r}"
+                f"{self.name}: scale_down_window_s must not be negative, got {scale_down_window_s}"
             )
-        self.target_utilisation = target_utilisation
         self.tolerance = tolerance
         self.scale_down_window_s = scale_down_window_s
-        self.signal = signal
         self.scale_up_limit_instances = scale_up_limit_instances
         self.scale_up_limit_percent = scale_up_limit_percent
         self.metric_max_age_s = metric_max_age_s
 
+    @abstractmethod
+    def hpa_target(self, policy: ServicePolicy, role: Role) -> HpaTarget:
+        """The metric and target of ``role``'s HPA for this service."""
+
     def _recommend(
         self,
         role: Role,
+        target: HpaTarget,
         fleet: ServiceFleet,
         metrics: ServiceMetrics,
         max_age_s: float,
@@ -126,18 +145,25 @@ class HpaGpuUtilAutoscaler:
     ) -> _HpaRole:
         count = fleet.role(role)
         current, ready, starting = count.active, count.ready, count.starting
-        metric = f"{role}_{self.signal}"
-        problem = sample_problem(metrics.get(metric), metric, now_s, max_age_s)  # type: ignore[arg-type]
+        metric = target.metric
+        sample = metrics.get(metric)
+        problem = sample_problem(sample, metric, now_s, max_age_s)
         if problem is None and ready == 0:
             problem = f"{metric}: no ready {role} instance reports it"
-        if problem is not None:
+        if problem is not None or sample is None:
             return _HpaRole(NO_RECOMMENDATION, f"{problem}: hold {current} {role}")
-        observed = metrics.get(metric).value  # type: ignore[arg-type, union-attr]
-        usage = observed / self.target_utilisation
-        head = f"{metric} {observed:.2f} / target {self.target_utilisation:.2f} = {usage:.2f}"
+        fmt = target.number_format
+        if target.role_total:
+            observed = sample.value / ready
+            head = f"{metric} {sample.value:{fmt}} / {ready} ready = {observed:{fmt}}"
+        else:
+            observed = sample.value
+            head = f"{metric} {observed:{fmt}}"
+        usage = observed / target.target
+        head += f" / target {target.target:{fmt}} = {usage:.2f}"
         if starting > 0 and usage > 1.0:
-            # Unready pods count as 0% on scale-up (replica_calculator.go).
-            adjusted = observed * ready / (ready + starting) / self.target_utilisation
+            # Unready pods count as 0 on scale-up (replica_calculator.go).
+            adjusted = observed * ready / (ready + starting) / target.target
             if abs(1.0 - adjusted) <= self.tolerance + 1e-9 or adjusted < 1.0:
                 return _HpaRole(
                     current,
@@ -173,7 +199,9 @@ class HpaGpuUtilAutoscaler:
         final: dict[str, int] = {}
         for role in ROLES:
             current = fleet.role(role).active
-            proposal = self._recommend(role, fleet, metrics, max_age_s, now_s)
+            proposal = self._recommend(
+                role, self.hpa_target(policy, role), fleet, metrics, max_age_s, now_s
+            )
             parts.append(proposal.text)
             recommendations[role] = proposal.recommendation
             bounds = policy.role(role)
@@ -201,7 +229,7 @@ class HpaGpuUtilAutoscaler:
                 clamps,
             )
         changed = final["prefill"] != fleet.prefill.active or final["decode"] != fleet.decode.active
-        message = "hpa: " + "; ".join(parts)
+        message = f"{self.name}: " + "; ".join(parts)
         if clamps:
             message += "; clamps: " + ", ".join(str(c) for c in clamps)
         return Decision(
@@ -251,6 +279,143 @@ class HpaGpuUtilAutoscaler:
                 )
             )
         return stabilised
+
+
+class HpaGpuUtilAutoscaler(PerRoleHpa):
+    """A Kubernetes HPA per role on GPU utilisation (``Utilization`` target):
+    ``observed`` is the role's utilisation, which the metrics source averages over
+    the GPUs of ready instances (:class:`PerRoleHpa` has the algorithm).
+
+    Target utilisation defaults to 0.6: the usual setting for GPU inference HPAs,
+    leaving headroom for a burst during the minutes a new instance takes to load
+    (``startup_s``). It is a parameter so a sweep can pick the operating point
+    (``reconciler.sim.sweep``); the paper's point is that no single value works for
+    decode, whose utilisation stays high at light load.
+    """
+
+    name = "hpa-gpu-util"
+
+    def __init__(
+        self,
+        target_utilisation: float = 0.6,
+        *,
+        tolerance: float = 0.1,
+        scale_down_window_s: float = 300.0,
+        signal: Literal["gpu_util", "sm_active"] = "gpu_util",
+        scale_up_limit_instances: int = 4,
+        scale_up_limit_percent: float = 100.0,
+        metric_max_age_s: float | None = None,
+    ) -> None:
+        if not 0.0 < target_utilisation <= 1.0:
+            raise AutoscalerConfigError(
+                f"{self.name}: target_utilisation must be in (0, 1], got {target_utilisation}"
+            )
+        if signal not in ("gpu_util", "sm_active"):
+            raise AutoscalerConfigError(
+                f"{self.name}: signal must be 'gpu_util' or 'sm_active', got {signal!r}"
+            )
+        super().__init__(
+            tolerance=tolerance,
+            scale_down_window_s=scale_down_window_s,
+            scale_up_limit_instances=scale_up_limit_instances,
+            scale_up_limit_percent=scale_up_limit_percent,
+            metric_max_age_s=metric_max_age_s,
+        )
+        self.target_utilisation = target_utilisation
+        self.signal = signal
+        self._targets: dict[Role, HpaTarget] = {
+            role: HpaTarget(f"{role}_{signal}", target_utilisation, False, ".2f")  # type: ignore[arg-type]
+            for role in ROLES
+        }
+
+    def hpa_target(self, policy: ServicePolicy, role: Role) -> HpaTarget:
+        return self._targets[role]
+
+
+def policy_tps_targets(policy: ServicePolicy) -> tuple[float | None, float | None]:
+    """The per-instance tokens/s targets the policy itself sets: (prefill, decode),
+    None for a role it sets none for. ``target_per_instance`` belongs to the role
+    the primary metric measures; ``prefill_target_per_instance`` is the prefill
+    floor's, which the policy ignores when the primary metric is prefill's."""
+    scaling = policy.scaling
+    if scaling.metric == "prefill_tps":
+        return scaling.target_per_instance, None
+    decode = scaling.target_per_instance if scaling.metric == "decode_tps" else None
+    return scaling.prefill_target_per_instance, decode
+
+
+class HpaTokensAutoscaler(PerRoleHpa):
+    """A Kubernetes HPA per role on the tokens/s signal the coordinated policy uses,
+    without its P/D coordination: prefill on ``prefill_tps``, decode on
+    ``decode_tps``, each an ``AverageValue`` target per instance (the role's tokens/s
+    divided by its ready instances, against ``*_tps_per_instance``). Everything else
+    is :class:`PerRoleHpa`. A target left None is the policy's own
+    (:func:`policy_tps_targets`); a role with neither cannot be scaled and is an
+    error. What separates it from ``heteroscale`` is then only the coordination
+    (ratio, latency tiers, cooldown), not the signal."""
+
+    name = "hpa-decode-tps"
+
+    def __init__(
+        self,
+        prefill_tps_per_instance: float | None = None,
+        decode_tps_per_instance: float | None = None,
+        *,
+        tolerance: float = 0.1,
+        scale_down_window_s: float = 300.0,
+        scale_up_limit_instances: int = 4,
+        scale_up_limit_percent: float = 100.0,
+        metric_max_age_s: float | None = None,
+    ) -> None:
+        for what, value in (
+            ("prefill_tps_per_instance", prefill_tps_per_instance),
+            ("decode_tps_per_instance", decode_tps_per_instance),
+        ):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise AutoscalerConfigError(
+                    f"{self.name}: {what} must be positive tokens/s, got {value}"
+                )
+        super().__init__(
+            tolerance=tolerance,
+            scale_down_window_s=scale_down_window_s,
+            scale_up_limit_instances=scale_up_limit_instances,
+            scale_up_limit_percent=scale_up_limit_percent,
+            metric_max_age_s=metric_max_age_s,
+        )
+        self.prefill_tps_per_instance = prefill_tps_per_instance
+        self.decode_tps_per_instance = decode_tps_per_instance
+
+    def hpa_target(self, policy: ServicePolicy, role: Role) -> HpaTarget:
+        given = self.prefill_tps_per_instance if role == "prefill" else self.decode_tps_per_instance
+        target = given if given is not None else policy_tps_targets(policy)[ROLES.index(role)]
+        if target is None:
+            raise AutoscalerConfigError(
+                f"{self.name}: no {role} tokens/s target for service '{policy.name}': pass "
+                f"{role}_tps_per_instance= or set it in the policy's scaling"
+            )
+        return HpaTarget(f"{role}_tps", target, True, ".0f")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- paper policy
+
+
+class PaperCoordinatedAutoscaler(CoordinatedAutoscaler):
+    """The coordinated policy as the paper describes it (today's ``heteroscale``),
+    kept under its own name so a later default of ``heteroscale`` is measured
+    against it. Calls :func:`reconciler.policy.coordinated.decide` directly, so a
+    change to ``CoordinatedAutoscaler`` does not reach it."""
+
+    name = "heteroscale-paper"
+
+    def decide(
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision:
+        return coordinated_decide(policy, fleet, metrics, history, now_s)
 
 
 def _trim(
@@ -344,198 +509,15 @@ class StaticPeakAutoscaler:
         )
 
 
-# --------------------------------------------------------------------------- oracle
-
-DemandFunction = Callable[[float], tuple[float, float]]
-
-
-@dataclass(frozen=True)
-class DemandSeries:
-    """Demand over time as a step function: from ``t_s[i]`` until ``t_s[i + 1]`` the
-    service needs ``prefill_tps[i]`` and ``decode_tps[i]`` tokens/s (before the first
-    sample, the first sample's demand)."""
-
-    t_s: np.ndarray
-    prefill_tps: np.ndarray
-    decode_tps: np.ndarray
-
-    @classmethod
-    def of(
-        cls, t_s: Sequence[float], prefill_tps: Sequence[float], decode_tps: Sequence[float]
-    ) -> DemandSeries:
-        times = np.asarray(t_s, dtype=float)
-        prefill = np.asarray(prefill_tps, dtype=float)
-        decode = np.asarray(decode_tps, dtype=float)
-        if not (times.ndim == prefill.ndim == decode.ndim == 1) or not (
-            len(times) == len(prefill) == len(decode) > 0
-        ):
-            raise AutoscalerConfigError(
-                "oracle demand: t_s, prefill_tps and decode_tps must be 1-D and of one non-zero length"
-            )
-        if np.any(np.diff(times) < 0):
-            raise AutoscalerConfigError("oracle demand: t_s must be sorted ascending")
-        if not (np.all(np.isfinite(prefill)) and np.all(np.isfinite(decode))):
-            raise AutoscalerConfigError("oracle demand: tokens/s must be finite")
-        return cls(times, prefill, decode)
-
-    def max_over(self, start_s: float, end_s: float) -> tuple[float, float]:
-        """Highest prefill and decode demand in force at any time in [start, end]."""
-        first = max(int(np.searchsorted(self.t_s, start_s, side="right")) - 1, 0)
-        last = max(int(np.searchsorted(self.t_s, end_s, side="right")), first + 1)
-        return float(self.prefill_tps[first:last].max()), float(self.decode_tps[first:last].max())
-
-
-def _sampled_max(
-    demand: DemandFunction, start_s: float, end_s: float, step_s: float
-) -> tuple[float, float]:
-    """Highest demand of a callable sampled every ``step_s`` over [start, end] (both ends)."""
-    steps = max(0, math.ceil((end_s - start_s) / step_s - 1e-9))
-    best_prefill = best_decode = 0.0
-    for index in range(steps + 1):
-        prefill, decode = demand(min(start_s + index * step_s, end_s))
-        best_prefill = max(best_prefill, prefill)
-        best_decode = max(best_decode, decode)
-    return best_prefill, best_decode
-
-
-DemandInput = (
-    DemandSeries | DemandFunction | tuple[Sequence[float], Sequence[float], Sequence[float]]
-)
-
-
-class OracleAutoscaler:
-    """Sizes each role for the highest demand over ``[now, now + lookahead]``.
-
-    ``lookahead_s`` defaults to each role's ``startup_s``: an instance asked for now
-    serves only after it has started, so covering the demand up to then is exactly
-    what a clairvoyant policy must do, and nothing more. Counts are
-    ``ceil(max demand / per-instance capacity)`` within the policy's min/max. The
-    oracle keeps neither the ratio bounds nor a step limit: both are heuristics for
-    policies that do not know the future, and the oracle is the lower bound on
-    GPU-hours that other policies are measured against.
-
-    ``demand`` is a :class:`DemandSeries`, a ``(t_s, prefill_tps, decode_tps)``
-    triple of arrays, or a callable ``t_s -> (prefill_tps, decode_tps)`` sampled
-    every ``sample_step_s``; it and the capacities may also be mappings by service
-    name, for one oracle over many services.
-    """
-
-    name = "oracle"
-
-    def __init__(
-        self,
-        demand: DemandInput | Mapping[str, DemandInput],
-        prefill_tps_per_instance: float | Mapping[str, float],
-        decode_tps_per_instance: float | Mapping[str, float],
-        *,
-        lookahead_s: float | None = None,
-        sample_step_s: float = 5.0,
-    ) -> None:
-        if sample_step_s <= 0:
-            raise AutoscalerConfigError(
-                f"oracle: sample_step_s must be positive, got {sample_step_s}"
-            )
-        if lookahead_s is not None and lookahead_s < 0:
-            raise AutoscalerConfigError(
-                f"oracle: lookahead_s must not be negative, got {lookahead_s}"
-            )
-        for capacity in (prefill_tps_per_instance, decode_tps_per_instance):
-            values = capacity.values() if isinstance(capacity, Mapping) else [capacity]
-            if any(not (v > 0 and math.isfinite(v)) for v in values):
-                raise AutoscalerConfigError(
-                    "oracle: per-instance capacities must be positive tokens/s"
-                )
-        if isinstance(demand, Mapping):
-            self._demand: (
-                Mapping[str, DemandSeries | DemandFunction] | DemandSeries | DemandFunction
-            ) = {service: _demand_of(value) for service, value in demand.items()}
-        else:
-            self._demand = _demand_of(demand)
-        self.prefill_tps_per_instance = prefill_tps_per_instance
-        self.decode_tps_per_instance = decode_tps_per_instance
-        self.lookahead_s = lookahead_s
-        self.sample_step_s = sample_step_s
-
-    def _max_demand(
-        self, demand: DemandSeries | DemandFunction, start_s: float, end_s: float
-    ) -> tuple[float, float]:
-        if isinstance(demand, DemandSeries):
-            return demand.max_over(start_s, end_s)
-        return _sampled_max(demand, start_s, end_s, self.sample_step_s)
-
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
-        service = policy.name
-        demand = _for_service(self._demand, service, "demand")
-        capacity = {
-            "prefill": _for_service(self.prefill_tps_per_instance, service, "prefill capacity"),
-            "decode": _for_service(self.decode_tps_per_instance, service, "decode capacity"),
-        }
-        clamps: list[Clamp] = []
-        parts: list[str] = []
-        counts: dict[str, int] = {}
-        for index, role in enumerate(ROLES):
-            lookahead_s = (
-                self.lookahead_s if self.lookahead_s is not None else policy.role(role).startup_s
-            )
-            peak = self._max_demand(demand, now_s, now_s + lookahead_s)[index]
-            needed = ceil_count(peak / capacity[role])
-            parts.append(
-                f"max {role} demand {peak:.0f} tps over the next {lookahead_s:g} s / "
-                f"{capacity[role]:g} per instance -> {needed} {role}"
-            )
-            counts[role] = clamp_bounds(needed, _bounds(policy, role), clamps)
-        message = "oracle: " + "; ".join(parts)
-        if clamps:
-            message += "; clamps: " + ", ".join(str(c) for c in clamps)
-        changed = (
-            counts["prefill"] != fleet.prefill.active or counts["decode"] != fleet.decode.active
-        )
-        return Decision(
-            service=service,
-            prefill=counts["prefill"],
-            decode=counts["decode"],
-            reason="baseline",
-            message=message,
-            clamps=tuple(clamps),
-            history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
-        )
-
-
-def _demand_of(value: DemandInput) -> DemandSeries | DemandFunction:
-    if isinstance(value, DemandSeries):
-        return value
-    if isinstance(value, tuple) and len(value) == 3:
-        return DemandSeries.of(*value)
-    if callable(value):
-        return value
-    raise AutoscalerConfigError(
-        "oracle demand must be a DemandSeries, a (t_s, prefill_tps, decode_tps) tuple of arrays, "
-        "or a callable t_s -> (prefill_tps, decode_tps)"
-    )
-
-
-def _for_service(value: Any, service: str, what: str) -> Any:
-    if isinstance(value, Mapping):
-        if service not in value:
-            raise AutoscalerConfigError(
-                f"oracle has no {what} for service '{service}' (known: {', '.join(sorted(value))})"
-            )
-        return value[service]
-    return value
-
-
 __all__ = [
+    "HPA_SYNC_PERIOD_S",
     "NO_RECOMMENDATION",
     "AutoscalerConfigError",
-    "DemandSeries",
     "HpaGpuUtilAutoscaler",
-    "OracleAutoscaler",
+    "HpaTarget",
+    "HpaTokensAutoscaler",
+    "PaperCoordinatedAutoscaler",
+    "PerRoleHpa",
     "StaticPeakAutoscaler",
+    "policy_tps_targets",
 ]

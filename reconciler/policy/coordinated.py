@@ -136,7 +136,7 @@ class PolicyNumbers:
     driven_index: int  # 0 prefill, 1 decode
     proportional: bool  # False: ttft/tbt as the primary metric (latency tiers only)
     per_ready_instance: bool  # utilisation/SM activity: an average over ready instances
-    target_per_instance: float
+    target_per_instance: float | None  # None: not set (the paper policy cannot size)
     target_text: str  # "target 1600 per instance", preformatted for messages
     tolerance: float
     tolerance_text: str
@@ -220,7 +220,11 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
         proportional=metric not in ("ttft", "tbt"),
         per_ready_instance=metric.endswith(("_gpu_util", "_sm_active")),
         target_per_instance=scaling.target_per_instance,
-        target_text=f"target {_fmt_value(metric, scaling.target_per_instance)} per instance",
+        target_text=(
+            f"target {_fmt_value(metric, scaling.target_per_instance)} per instance"
+            if scaling.target_per_instance is not None
+            else "no target"
+        ),
         tolerance=scaling.tolerance,
         tolerance_text=f"{scaling.tolerance:.0%}",
         scale_out_window_s=scaling.scale_out_window_s,
@@ -521,16 +525,19 @@ def _dynamic_ratio(
         )
         new = min(max(new, n.ratio_min), n.ratio_max)
         capacity = ""
-        if n.metric == "decode_tps":
+        target = n.target_per_instance
+        if target is None:
+            pass  # no hand-set target: nothing to derive the other role's capacity from
+        elif n.metric == "decode_tps":
             capacity = (
-                f"; C_d {n.target_per_instance:.0f} tps, C_p = {anchor:.2f} x {n.target_per_instance:.0f}"
-                f" / {format_ratio(n.ratio_target)} = {anchor * n.target_per_instance / n.ratio_target:.0f} tps"
+                f"; C_d {target:.0f} tps, C_p = {anchor:.2f} x {target:.0f}"
+                f" / {format_ratio(n.ratio_target)} = {anchor * target / n.ratio_target:.0f} tps"
             )
         elif n.metric == "prefill_tps":
             capacity = (
-                f"; C_p {n.target_per_instance:.0f} tps, C_d = {n.target_per_instance:.0f} x "
+                f"; C_p {target:.0f} tps, C_d = {target:.0f} x "
                 f"{format_ratio(n.ratio_target)} / {anchor:.2f} = "
-                f"{n.target_per_instance * n.ratio_target / anchor:.0f} tps"
+                f"{target * n.ratio_target / anchor:.0f} tps"
             )
         parts.append(
             f"dynamic ratio {current:.3f} -> {new:.3f}: prefill/decode tokens {smoothed:.2f}"
@@ -580,6 +587,11 @@ def decide(
     problem = sample_problem(primary, n.metric, now_s, n.metric_max_age_s)
     if problem is None and n.per_ready_instance and ready[di] == 0:
         problem = f"{n.metric} has no ready {driven} instance to report it"
+    if problem is None and n.proportional and n.target_per_instance is None:
+        problem = (
+            "scaling.target_per_instance is not set (this policy scales on a hand-set "
+            f"target of {n.metric}; heteroscale derives capacity from the model)"
+        )
     if problem is not None:
         return _hold(n, current, history, past, kv_samples, now_s, problem)
 
@@ -595,9 +607,11 @@ def decide(
         else:
             total = value
             observed = f"{n.metric} {value:.0f}"
-        capacity = current[di] * n.target_per_instance
+        target = n.target_per_instance
+        assert target is not None  # checked with the signal (rule 1)
+        capacity = current[di] * target
         usage = total / capacity if capacity > 0 else (math.inf if total > 0 else 1.0)
-        proportional = ceil_count(total / n.target_per_instance)
+        proportional = ceil_count(total / target)
         if abs(usage - 1.0) <= n.tolerance + 1e-9:  # slack: 11000 / 10000 - 1 > 0.1 in floats
             within_tolerance = True
             wants[di] = current[di]
@@ -708,6 +722,50 @@ def decide(
                 within_tolerance = False  # the prompt load asks for this change
     recommendation = _shape(n, wants[0], wants[1], clamps)
 
+    # 6-7. Stabilisation per role, then the max step per cycle and the shape again.
+    prefill, decode = stabilise(n, recommendation, current, past, history, now_s, clamps, floor)
+
+    reason = _reason(current, prefill, decode, recommendation, within_tolerance, fired)
+    message = "; ".join(parts)
+    if clamps:
+        message += (
+            "; clamps: "
+            + ", ".join([str(c) for c in clamps])
+            + f" => {prefill} prefill, {decode} decode (now {current[0]}, {current[1]})"
+        )
+    changed = prefill != current[0] or decode != current[1]
+    return Decision(
+        service=n.service,
+        prefill=prefill,
+        decode=decode,
+        reason=reason,
+        message=message,
+        clamps=tuple(clamps),
+        history=PolicyHistory(
+            recommendations=(*past, Recommendation(now_s, recommendation[0], recommendation[1])),
+            last_change_at_s=now_s if changed else history.last_change_at_s,
+            ttft_ms=history.ttft_ms,
+            tbt_ms=history.tbt_ms,
+            kv_usage=kv_samples,
+            dynamic_ratio=ratio if n.dynamic_ratio else None,
+            extra=extra,
+        ),
+    )
+
+
+def stabilise(
+    n: PolicyNumbers,
+    recommendation: tuple[int, int],
+    current: list[int],
+    past: tuple[Recommendation, ...],
+    history: PolicyHistory,
+    now_s: float,
+    clamps: list[Clamp],
+    floor: int | None = None,
+) -> tuple[int, int]:
+    """Rules 6 and 7 of the module docstring: stabilisation per role (scale-out window,
+    scale-in window, cooldown), then the max step per cycle and the shape again.
+    ``floor``: a prefill count that scales out at once (the prefill floor)."""
     # 6. Stabilisation, per role.
     cooling = (
         history.last_change_at_s is not None and now_s - history.last_change_at_s < n.cooldown_s
@@ -786,32 +844,7 @@ def decide(
     if prefill != recommendation[0] or decode != recommendation[1]:
         prefill, decode = _shape(n, prefill, decode, clamps)  # the recommendation is shaped
 
-    reason = _reason(current, prefill, decode, recommendation, within_tolerance, fired)
-    message = "; ".join(parts)
-    if clamps:
-        message += (
-            "; clamps: "
-            + ", ".join([str(c) for c in clamps])
-            + f" => {prefill} prefill, {decode} decode (now {current[0]}, {current[1]})"
-        )
-    changed = prefill != current[0] or decode != current[1]
-    return Decision(
-        service=n.service,
-        prefill=prefill,
-        decode=decode,
-        reason=reason,
-        message=message,
-        clamps=tuple(clamps),
-        history=PolicyHistory(
-            recommendations=(*past, Recommendation(now_s, recommendation[0], recommendation[1])),
-            last_change_at_s=now_s if changed else history.last_change_at_s,
-            ttft_ms=history.ttft_ms,
-            tbt_ms=history.tbt_ms,
-            kv_usage=kv_samples,
-            dynamic_ratio=ratio if n.dynamic_ratio else None,
-            extra=extra,
-        ),
-    )
+    return prefill, decode
 
 
 def _reason(
@@ -873,6 +906,7 @@ def _hold(
             kv_usage=kv_samples,
             dynamic_ratio=history.dynamic_ratio,
             extra=history.extra,
+            planner=history.planner,
         ),
     )
 

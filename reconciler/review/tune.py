@@ -595,11 +595,11 @@ def recommend(
             )
         )
     current = policy.scaling.target_per_instance
-    if per_instance is not None and not math.isclose(current, per_instance):
+    if per_instance is not None and (current is None or not math.isclose(current, per_instance)):
         changes.append(
             ValueChange(
                 ("scaling", "target_per_instance"),
-                f"{current:g}",
+                "unset" if current is None else f"{current:g}",
                 f"{per_instance:g}",
                 per_instance,
             )

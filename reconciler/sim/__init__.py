@@ -4,7 +4,7 @@ GPU measurements (``calibrate``, ``perf``), with trace readers and synthetic loa
 the reconciler's MetricsSource/ClusterBackend interfaces (``fleet``, ``default``) and
 the side-by-side policy evaluation (``reconciler.sim.evaluate.evaluate``).
 
-Names below are loaded lazily, so ``python -m reconciler.sim.calibrate`` and light
+Names below are loaded lazily, so ``python -m reconciler.perfmodel.calibrate`` and light
 imports do not pull in the whole simulator.
 """
 

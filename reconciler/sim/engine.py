@@ -37,10 +37,15 @@ Per-request latencies are then exact functions of that per-second state:
   + decode admission wait + one decode step (the first token streams from the decode
   instance). The prefill pool is a mixture: a request lands on pool ``p`` with the
   pool's share of capacity that second.
-- TBT = the request's mean time between tokens: ``(psi^-1(psi(start) + L) - start) / L``
-  on its decode pool's clock, mixed over pools by their share of that second's
-  admissions.
-- Attainment counts a dropped (or unfinished) request as missing both SLOs.
+- TBT is judged per token: a request meets it when at most ``1 - quantile`` of its
+  ``L`` tokens came with a gap above the SLO (the SLO quantile of its own gaps is
+  within the SLO); its tokens span ``psi(start) .. psi(start) + L`` on its decode
+  pool's clock, and every token of a second takes the pool's step time of that second.
+  Pools are mixed by their share of that second's admissions. The mean gap
+  ``(psi^-1(psi(start) + L) - start) / L`` is kept as a reported figure.
+- A request meets both SLOs when it meets each (per request, not the product of two
+  rates). Attainment counts a dropped (or unfinished) request as missing both SLOs;
+  requests that miss TTFT even on an idle instance are reported as unattainable.
 
 Signals (``window_metrics``, units as in ``reconciler.state.ServiceMetrics``), over the
 last ``metrics_window_s`` (60 s, like a PromQL ``rate(...[1m])``): prefill and decode
@@ -86,7 +91,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.sim.perf import DEFAULT_MAX_BATCH, InstancePerf, instance_perf, kv_transfer_s
+from reconciler.perfmodel.instance import (
+    DEFAULT_MAX_BATCH,
+    InstancePerf,
+    instance_perf,
+    kv_transfer_s,
+)
+from reconciler.perfmodel.queueing import ggc_wait_s
+from reconciler.policy.capacity import one_two_five_buckets
 from reconciler.sim.workload import (
     Burst,
     LengthShape,
@@ -265,7 +277,8 @@ class LoadProfile:
 
     def demand_series(self, window_s: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(t_s, prompt tokens/s, output tokens/s) averaged over ``window_s`` bins: the
-        demand an oracle sizes for (output tokens attributed to the arrival second)."""
+        demand static provisioning sizes for (output tokens attributed to the arrival
+        second)."""
         n = self.horizon_s
         bins = math.ceil(n / window_s)
         pad = bins * window_s - n
@@ -363,21 +376,6 @@ def _survival(output: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def ggc_wait_s(rho: float, servers: float, mean_service_s: float, scv_sum: float) -> float:
-    """Mean wait of a G/G/c queue (Allen-Cunneen with Sakasegawa's exponent); ``rho`` is
-    capped just below 1 (beyond it the fluid backlog carries the delay)."""
-    if servers <= 0 or rho <= 0:
-        return 0.0
-    rho = min(rho, 0.995)
-    return (
-        mean_service_s
-        * scv_sum
-        / 2.0
-        * rho ** (math.sqrt(2.0 * (servers + 1.0)) - 1.0)
-        / (servers * (1.0 - rho))
-    )
-
-
 def fifo_delay(position: np.ndarray, served_cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """When a FIFO server has served ``position`` units, given the cumulative amount served
     by the end of each second (``served_cum[t]`` at time t + 1, 0 at time 0; linear in
@@ -437,6 +435,46 @@ class DecodePool:
     gpu_type: str
     perf: InstancePerf
     slo_capacity_tps: float  # routing weight: decode tokens/s at the TBT SLO
+
+
+# vLLM's bucket bounds for its token-count histograms (1, 2, 5, 10, ... up to the
+# context length; 1 M covers every model here), then +Inf.
+_TOKEN_BUCKETS: tuple[float, ...] = (*one_two_five_buckets(1_000_000), math.inf)
+
+# Mutable state of ``ServiceSim`` besides the queues, cohorts and counters.
+_SNAPSHOT_SCALARS = (
+    "queue_work",
+    "queue_requests",
+    "arrival_rate_work",
+    "admit_requests",
+    "admit_tokens",
+    "in_decode",
+    "prefill_instances",
+)
+_SNAPSHOT_LISTS = (
+    "psi",
+    "coh_head",
+    "coh_tail",
+    "alive_end",
+    "kv_end",
+    "prefill_count",
+    "decode_ready",
+    "decode_draining",
+)
+
+
+@dataclass(frozen=True)
+class SimSnapshot:
+    """The state of a ``ServiceSim`` at one second (``ServiceSim.snapshot``)."""
+
+    t: int
+    rows: int
+    scalars: Mapping[str, float]
+    lists: Mapping[str, list[float]]
+    queue: tuple[tuple[float, ...], ...]
+    admit_queue: tuple[tuple[float, ...], ...]
+    cohorts: tuple[tuple[np.ndarray, ...], ...]
+    cum: Mapping[str, float]
 
 
 # --------------------------------------------------------------------------- one service
@@ -952,6 +990,45 @@ class ServiceSim:
 
     # ------------------------------------------------------------------ state
 
+    def snapshot(self) -> SimSnapshot:
+        """Everything ``step`` changes, so a search can try counts and come back
+        (``restore``); rows written after the snapshot are overwritten on the way."""
+        return SimSnapshot(
+            t=self.t,
+            rows=self.series.rows,
+            scalars={name: getattr(self, name) for name in _SNAPSHOT_SCALARS},
+            lists={name: list(getattr(self, name)) for name in _SNAPSHOT_LISTS},
+            queue=tuple(tuple(cohort) for cohort in self.queue),
+            admit_queue=tuple(tuple(cohort) for cohort in self.admit_queue),
+            cohorts=tuple(
+                tuple(a[: self.coh_tail[q]].copy() for a in arrays)
+                for q, arrays in enumerate(
+                    zip(self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale, strict=True)
+                )
+            ),
+            cum=dict(self.cum),
+        )
+
+    def restore(self, snap: SimSnapshot) -> None:
+        self.t = snap.t
+        self.series.rows = snap.rows
+        for name, value in snap.scalars.items():
+            setattr(self, name, value)
+        for name, values in snap.lists.items():
+            setattr(self, name, list(values))
+        self.queue = deque(list(c) for c in snap.queue)
+        self.admit_queue = deque(list(c) for c in snap.admit_queue)
+        for q, arrays in enumerate(snap.cohorts):
+            for target, saved in zip(
+                (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale), arrays, strict=True
+            ):
+                fill = 1.0 if target is self.coh_scale else 0.0  # the scale's neutral value
+                grown = np.full(max(1024, saved.size * 2), fill)
+                grown[: saved.size] = saved
+                target[q] = grown
+        self.cum = dict(snap.cum)
+        self._derive_capacity()
+
     @property
     def in_flight(self) -> float:
         """Requests admitted and not yet completed (prefill queue, admission, decode)."""
@@ -1041,6 +1118,75 @@ class ServiceSim:
         ttft = self._window_ttft_s(start, end, quantile)
         out["ttft"] = ttft * 1000.0 if ttft is not None else None
         return out
+
+    def window_detail(
+        self, window_s: float, quantiles: Sequence[float] = (0.5, 0.9)
+    ) -> dict[str, float | None]:
+        """What a planner reads beside the nine signals, over the last ``window_s``
+        seconds: ``requests_per_s`` (arrivals), ``mean_prompt_tokens`` and
+        ``mean_output_tokens`` (of those arrivals), and ``ttft_pQ_ms`` / ``tbt_pQ_ms``
+        for each quantile (``p50`` for 0.5). ``None`` where nothing was observed. Kept
+        apart from :meth:`window_metrics` so only callers that ask (external
+        autoscalers, ``reconciler.sim.plugins``) pay for the extra quantiles."""
+        labels = [f"p{q * 100:g}" for q in quantiles]
+        out: dict[str, float | None] = dict.fromkeys(
+            ["requests_per_s", "mean_prompt_tokens", "mean_output_tokens"]
+            + [f"{kind}_{label}_ms" for label in labels for kind in ("ttft", "tbt")]
+        )
+        end = self.t
+        start = max(0, end - round(window_s))
+        if end <= start:
+            return out
+        s = self.series
+        out["requests_per_s"] = float(s.col("arrived", start, end).sum()) / float(end - start)
+        profile = self.profile
+        seconds = np.arange(start, end)
+        seconds = (
+            seconds % profile.horizon_s if profile.cyclic else seconds[seconds < len(profile.count)]
+        )
+        arrived = float(profile.count[seconds].sum())
+        if arrived > 0:
+            out["mean_prompt_tokens"] = float(profile.prompt_sum[seconds].sum()) / arrived
+            out["mean_output_tokens"] = float(profile.output_sum[seconds].sum()) / arrived
+        tau = [s.col(f"d{q}_tau", start, end) for q in range(len(self.decode_pools))]
+        tokens = [s.col(f"d{q}_tokens", start, end) for q in range(len(self.decode_pools))]
+        for q, label in zip(quantiles, labels, strict=True):
+            ttft = self._window_ttft_s(start, end, q)
+            out[f"ttft_{label}_ms"] = ttft * 1000.0 if ttft is not None else None
+            # Step time weighted by the tokens generated at it, as window_metrics does.
+            tbt = weighted_quantile(np.concatenate(tau), np.concatenate(tokens), q) if tau else None
+            out[f"tbt_{label}_ms"] = tbt * 1000.0 if tbt is not None else None
+        return out
+
+    def window_lengths(
+        self, window_s: float
+    ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None:
+        """Prompt- and output-length histograms of the requests that arrived over the
+        last ``window_s`` seconds, as an engine exports them: cumulative counts per
+        vLLM-style 1-2-5 bucket bound (``le``, up to ``+Inf``). From the profile's
+        request sample (proportions are what a policy reads). None without requests."""
+        sample = self.profile.sample
+        if sample is None or sample.requests == 0:
+            return None
+        start, end = self.t - window_s, float(self.t)
+        if self.profile.cyclic:
+            horizon = float(self.profile.horizon_s)
+            start, end = start % horizon, (end - 1e-9) % horizon + 1e-9
+        lo, hi = np.searchsorted(sample.arrival_s, [start, end], side="left")
+        if start > end:  # the window wraps around a cyclic profile
+            picked = np.concatenate([np.arange(lo, sample.requests), np.arange(0, hi)])
+        else:
+            picked = np.arange(lo, hi)
+        if picked.size == 0:
+            return None
+        bounds = np.asarray(_TOKEN_BUCKETS)
+        out = []
+        for values in (sample.prompt_tokens[picked], sample.output_tokens[picked]):
+            counts = np.bincount(
+                np.searchsorted(bounds, values, side="left"), minlength=bounds.size
+            )
+            out.append(tuple(float(c) for c in np.cumsum(counts)[: bounds.size]))
+        return _TOKEN_BUCKETS, out[0], out[1]
 
     def utilisation_series(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Per second: GPU-utilisation and SM-activity counters summed over instances
@@ -1172,41 +1318,92 @@ class ServiceSim:
 @dataclass(frozen=True)
 class RequestOutcomes:
     """Per-request results of one service over one run (fractions over all requests,
-    dropped ones included as missing both SLOs)."""
+    dropped ones included as missing both SLOs).
+
+    A request meets TTFT when its time to first token is within the SLO, and TBT when
+    the SLO quantile of its own inter-token gaps is within the SLO (at most ``1 -
+    quantile`` of its tokens came slower), so a decode step that stretches during a
+    ramp fails the requests it slowed even if their mean gap looks fine. It meets both
+    when it meets each, request by request. ``unattainable_share`` is the share that
+    cannot meet TTFT even on an idle instance of the fastest allowed type; they still
+    count as misses."""
 
     requests: float  # requests represented (sample x weight)
     dropped: float  # dropped at arrival, too long for the KV cache, or unfinished
     ttft_attainment: float
     tbt_attainment: float
-    slo_attainment: float  # both SLOs
+    slo_attainment: float  # both SLOs, per request
     ttft_p50_ms: float | None
     ttft_quantile_ms: float | None  # at the SLO quantile, over completed requests
-    tbt_p50_ms: float | None
-    tbt_quantile_ms: float | None
+    tbt_p50_ms: float | None  # of each request's mean inter-token gap
+    tbt_quantile_ms: float | None  # same, at the SLO quantile over requests
     completed_fraction: float
+    tbt_token_quantile_ms: float | None = None  # SLO quantile over every generated token
+    unattainable_share: float = 0.0
     notes: tuple[str, ...] = ()
 
 
-def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> RequestOutcomes:
-    """Vectorised per-request latencies from the per-second state (module docstring)."""
-    profile = sim.profile
-    sample = profile.sample
+@dataclass(frozen=True)
+class PerRequest:
+    """Per-request outcome arrays (probabilities where routing mixes over pools)."""
+
+    arrival_s: np.ndarray
+    ttft_ok: np.ndarray  # P(TTFT within the SLO)
+    tbt_ok: np.ndarray  # P(SLO quantile of the inter-token gaps within the SLO)
+    both_ok: np.ndarray  # P(both), times ``complete``
+    complete: np.ndarray  # share of the request served to completion (0..1)
+    unattainable: np.ndarray  # bool: misses TTFT even on an idle instance
+    ttft_values: list[np.ndarray]  # per prefill pool
+    ttft_weights: list[np.ndarray]
+    tbt_values: list[np.ndarray]  # per decode pool: the mean gap
+    tbt_weights: list[np.ndarray]
+    notes: tuple[str, ...]
+
+
+def idle_ttft_s(sim: ServiceSim, prompt: np.ndarray) -> np.ndarray:
+    """The TTFT of each prompt alone on an idle instance of the fastest allowed type and
+    link (own prefill + unloaded KV transfer + one decode step at batch 1): what no
+    amount of capacity can improve."""
+    if not sim.prefill_pools:
+        return np.full(prompt.size, np.inf)
+    latency, transfer = sim._prefill_tables(prompt)
+    first_step = min((s for s in sim._idle_step_s if s > 0), default=0.0)
+    best: np.ndarray = (latency + transfer).min(axis=0) + first_step
+    return best
+
+
+def bad_token_curves(sim: ServiceSim, tbt_slo_s: float) -> list[np.ndarray]:
+    """Per decode pool: tokens generated per sequence with a gap above the SLO, by the
+    end of each second (the curve starts at 0 at time 0). Every sequence of a pool
+    takes the pool's step time in a second, so a request's slow tokens between two
+    times are the difference of this curve."""
+    s = sim.series
+    curves = []
+    for q in range(len(sim.decode_pools)):
+        psi = s.col(f"d{q}_psi")
+        dpsi = np.diff(np.concatenate(([0.0], psi)))
+        slow = s.col(f"d{q}_tau") > tbt_slo_s
+        curves.append(np.concatenate(([0.0], np.cumsum(dpsi * slow))))
+    return curves
+
+
+def per_request(
+    sim: ServiceSim,
+    arrival: np.ndarray,
+    prompt: np.ndarray,
+    output: np.ndarray,
+    *,
+    unfinished_so_far: bool = False,
+) -> PerRequest:
+    """Vectorised per-request latencies from the per-second state (module docstring).
+
+    ``unfinished_so_far``: a request still decoding when the simulation stops is judged
+    on the tokens it has generated so far (oracle-min's look at one window, whose
+    future windows are sized to serve it); otherwise it counts as not completed."""
     slo = sim.policy.slo
+    tbt_slo_s = slo.tbt_ms / 1000.0
     notes: list[str] = []
-    if sample is None or sample.requests == 0 or sim.t == 0:
-        return RequestOutcomes(
-            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",)
-        )
-    keep = sample.arrival_s < sim.t
-    arrival = sample.arrival_s[keep]
-    prompt = sample.prompt_tokens[keep].astype(np.float64)
-    output = sample.output_tokens[keep].astype(np.float64)
     n = arrival.size
-    weight = profile.sample_weight
-    if n == 0:
-        return RequestOutcomes(
-            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, ("no requests",)
-        )
     s = sim.series
     seconds = np.floor(arrival).astype(np.int64)
     arrived = s.col("arrived")[seconds]
@@ -1226,8 +1423,9 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     too_long = prompt + output > kv_limit
     if too_long.any():
         notes.append(
-            f"{int(too_long.sum() * weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)"
+            f"{int(too_long.sum() * sim.profile.sample_weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)"
         )
+    unattainable = idle_ttft_s(sim, prompt) > slo.ttft_ms / 1000.0
 
     ttft_ok = np.zeros(n)
     ttft_mean = np.zeros(n)
@@ -1256,8 +1454,13 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
     for q in range(len(sim.decode_pools)):
         admitted_total += s.col(f"d{q}_admitted")[start_second]
         instances_total += s.col(f"d{q}_instances")[start_second]
+    # A request's gaps are its pool's step times while it decodes: it meets TBT when at
+    # most (1 - quantile) of its tokens came slower than the SLO.
+    slow_allowance = (1.0 - slo.quantile) * output + 1e-9
+    slow_curves = bad_token_curves(sim, tbt_slo_s)
     for q in range(len(sim.decode_pools)):
         psi_curve = np.concatenate(([0.0], s.col(f"d{q}_psi")))
+        grid = np.arange(psi_curve.size, dtype=np.float64)
         admitted_q = s.col(f"d{q}_admitted")[start_second]
         instances_q = s.col(f"d{q}_instances")[start_second]
         # The pool's share of that second's admissions; in a second without any, its
@@ -1272,22 +1475,84 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
             ),
         )
         t_clamped = np.clip(decode_start, 0.0, float(sim.t))
-        psi_start = np.interp(t_clamped, np.arange(psi_curve.size, dtype=np.float64), psi_curve)
+        psi_start = np.interp(t_clamped, grid, psi_curve)
         end_time, end_ok = fifo_delay(
             psi_start + output, psi_curve[1:] if psi_curve.size > 1 else psi_curve
         )
         ok = end_ok & np.isfinite(decode_start) & (end_time < np.inf)
         tbt_pool = np.where(ok, (end_time - t_clamped) / output, np.inf)
-        tbt_ok += share * (tbt_pool <= slo.tbt_ms / 1000.0)
-        finished += share * ok
+        until = np.where(ok, end_time, float(sim.t))
+        slow_tokens = np.interp(until, grid, slow_curves[q]) - np.interp(
+            t_clamped, grid, slow_curves[q]
+        )
+        within = slow_tokens <= slow_allowance
+        if unfinished_so_far:
+            counted = np.isfinite(decode_start)
+            tbt_ok += share * (within & counted)
+            finished += share * counted
+        else:
+            tbt_ok += share * (within & ok)
+            finished += share * ok
         tbt_values.append(tbt_pool)
         tbt_weights.append(share * served_share)
 
     complete = served_share * np.minimum(finished, 1.0) * resolved * ~too_long
-    ttft_att = ttft_ok * complete
-    tbt_att = tbt_ok * complete
+    # Prefill and decode pools are chosen independently, so P(both) = P(TTFT) P(TBT)
+    # for each request; the product is per request, never of the two rates.
     both = np.where(complete > 0, ttft_ok * tbt_ok * complete, 0.0)
-    dropped = float(n - complete.sum())
+    return PerRequest(
+        arrival_s=arrival,
+        ttft_ok=ttft_ok * complete,
+        tbt_ok=tbt_ok * complete,
+        both_ok=both,
+        complete=complete,
+        unattainable=unattainable,
+        ttft_values=ttft_values,
+        ttft_weights=ttft_weights,
+        tbt_values=tbt_values,
+        tbt_weights=tbt_weights,
+        notes=tuple(notes),
+    )
+
+
+def token_gap_quantile_s(
+    sim: ServiceSim, quantile: float, start: int = 0, stop: int | None = None
+) -> float | None:
+    """The ``quantile`` of the inter-token gap over every token generated in
+    [start, stop), all decode pools together (weighted by tokens)."""
+    values, weights = [], []
+    for q in range(len(sim.decode_pools)):
+        values.append(sim.series.col(f"d{q}_tau", start, stop))
+        weights.append(sim.series.col(f"d{q}_tokens", start, stop))
+    if not values:
+        return None
+    return weighted_quantile(np.concatenate(values), np.concatenate(weights), quantile)
+
+
+def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> RequestOutcomes:
+    """Per-request attainment over the profile's request sample (``per_request``)."""
+    profile = sim.profile
+    sample = profile.sample
+    slo = sim.policy.slo
+    if sample is None or sample.requests == 0 or sim.t == 0:
+        return RequestOutcomes(
+            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, notes=("no requests",)
+        )
+    keep = sample.arrival_s < sim.t
+    if not keep.any():
+        return RequestOutcomes(
+            0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, notes=("no requests",)
+        )
+    weight = profile.sample_weight
+    arrival = sample.arrival_s[keep]
+    r = per_request(
+        sim,
+        arrival,
+        sample.prompt_tokens[keep].astype(np.float64),
+        sample.output_tokens[keep].astype(np.float64),
+    )
+    n = arrival.size
+    notes = list(r.notes)
 
     def quantiles(
         values: list[np.ndarray], weights: list[np.ndarray]
@@ -1295,29 +1560,38 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
         if not values:
             return None, None
         v = np.concatenate(values)
-        w = np.concatenate(weights) * np.tile(complete > 0, len(values))
+        w = np.concatenate(weights) * np.tile(r.complete > 0, len(values))
         finite = np.isfinite(v)
         v, w = v[finite], w[finite]
         p50 = weighted_quantile(v, w, 0.5)
         pq = weighted_quantile(v, w, slo.quantile)
         return (p50 * 1000 if p50 is not None else None), (pq * 1000 if pq is not None else None)
 
-    ttft_p50, ttft_q = quantiles(ttft_values, ttft_weights)
-    tbt_p50, tbt_q = quantiles(tbt_values, tbt_weights)
-    if complete.sum() == 0:
+    ttft_p50, ttft_q = quantiles(r.ttft_values, r.ttft_weights)
+    tbt_p50, tbt_q = quantiles(r.tbt_values, r.tbt_weights)
+    token_q = token_gap_quantile_s(sim, slo.quantile)
+    if r.complete.sum() == 0:
         notes.append(
             "no request completed: the fleet is too small (or has no ready prefill or decode instance)"
         )
+    unattainable_share = float(r.unattainable.mean())
+    if unattainable_share * n >= 1.0:  # at least one sampled request
+        notes.append(
+            f"{100 * unattainable_share:.2g}% of requests cannot meet the {slo.ttft_ms:g} ms TTFT "
+            "even on an idle instance (counted as misses)"
+        )
     return RequestOutcomes(
         requests=n * weight,
-        dropped=dropped * weight,
-        ttft_attainment=float(ttft_att.mean()),
-        tbt_attainment=float(tbt_att.mean()),
-        slo_attainment=float(both.mean()),
+        dropped=float(n - r.complete.sum()) * weight,
+        ttft_attainment=float(r.ttft_ok.mean()),
+        tbt_attainment=float(r.tbt_ok.mean()),
+        slo_attainment=float(r.both_ok.mean()),
         ttft_p50_ms=ttft_p50,
         ttft_quantile_ms=ttft_q,
         tbt_p50_ms=tbt_p50,
         tbt_quantile_ms=tbt_q,
-        completed_fraction=float(complete.mean()),
+        completed_fraction=float(r.complete.mean()),
+        tbt_token_quantile_ms=token_q * 1000.0 if token_q is not None else None,
+        unattainable_share=unattainable_share,
         notes=tuple(notes),
     )

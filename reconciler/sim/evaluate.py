@@ -13,20 +13,28 @@ Policies:
 - ``hpa-gpu-util``: one Kubernetes HPA per role on GPU utilisation;
 - ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
   of prompt and output tokens/s) at the per-instance capacity below;
-- ``oracle``: knows the demand ahead (60-second averages) and the per-instance
-  capacity; sizes each role for the peak over its start-up time plus one interval
-  (what an instance asked for now must cover before the next decision can add more);
+- ``oracle-min``: the lower bound (``reconciler.sim.oracle``): with the whole workload
+  known, per window the fewest instances of each role with which the simulator's own
+  model meets the SLO goal; every policy's GPU-hours are also given as a multiple of
+  its GPU-hours (``oracle_min_multiple``), the project's efficiency figure;
 - ``schedule:PATH``: replays a CSV ``t_s,service,prefill,decode`` (counts hold from
-  their ``t_s`` until the next row), so any external autoscaler can be scored.
+  their ``t_s`` until the next row), so any external autoscaler can be scored; a file
+  naming one other service is replayed for this one (with a note). Shown as
+  ``schedule:FILENAME``;
+- ``python:MODULE:CLASS``: an external autoscaler class asked every cycle
+  (``reconciler.sim.plugins``). One that fails is reported as failed
+  (``PolicyResult.failed``) and the other policies still run.
 
-Per-instance capacity (oracle and static-peak): prefill tokens/s of the most
+Per-instance capacity (static-peak): prefill tokens/s of the most
 preferred GPU type at 85 % of its compute (headroom for arrival bursts inside a
 minute), decode tokens/s at 70 % of the TBT SLO at the trace's mean context, both
-from ``reconciler.sim.perf``.
+from ``reconciler.perfmodel.instance``.
 
-Every policy starts warm: the fleet at time 0 is what the oracle would run then (the
-static and schedule policies start at their own counts), placed and already serving,
-so no policy pays a cold start the others do not. GPU-hours count every GPU an
+Every policy starts warm from the same state: the fleet at time 0 is what oracle-min
+runs or has already started then (its most over the windows that begin within a
+start-up: ``oracle.warm_counts``), placed and already serving, so no policy pays a cold start the others do
+not (``schedule:`` and plugins included). Static provisioning is the one exception: its
+constant counts are its own warm state. GPU-hours count every GPU an
 instance holds from creation (start-up included) to the end of its drain, up to the
 end of the trace; in-flight requests are then served to completion (up to
 ``SimConfig.drain_tail_s``) for the latency figures.
@@ -35,9 +43,11 @@ end of the trace; in-flight requests are then served to completion (up to
 from __future__ import annotations
 
 import csv
+import difflib
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +56,31 @@ import numpy as np
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
+from reconciler.perfmodel.instance import instance_perf
 from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
-from reconciler.policy.base import Autoscaler, Decision, PolicyHistory
+from reconciler.policy.base import Autoscaler, Decision, PolicyHistory, decide_with
 from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, request_outcomes
 from reconciler.sim.fleet import SimulatedFleet
-from reconciler.sim.perf import instance_perf
+from reconciler.sim.oracle import (
+    DEFAULT_WINDOW_S,
+    OracleMinPlan,
+    oracle_min_initial_counts,
+    per_second_counts,
+    plan_oracle_min,
+    warm_counts,
+)
+from reconciler.sim.plugins import PLUGIN_PREFIX, PluginAutoscaler, PluginError
 from reconciler.sim.workload import Workload
 from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Targets
 
-DEFAULT_POLICIES: tuple[str, ...] = ("heteroscale", "hpa-gpu-util", "static-peak", "oracle")
+DEFAULT_POLICIES: tuple[str, ...] = (
+    "heteroscale",
+    "hpa-gpu-util",
+    "hpa-decode-tps",
+    "static-peak",
+    "oracle-min",
+)
 PREFILL_HEADROOM = 0.85
 DECODE_SLO_HEADROOM = 0.7
 DEMAND_WINDOW_S = 60
@@ -73,9 +98,15 @@ class ScheduleAutoscaler:
 
     name = "schedule"
 
-    def __init__(self, path: str, rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    def __init__(
+        self,
+        path: str,
+        rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+        notes: Sequence[str] = (),
+    ):
         self.path = path
         self.rows = dict(rows)  # service -> (t_s, prefill, decode), sorted by t_s
+        self.notes = tuple(notes)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> ScheduleAutoscaler:
@@ -124,6 +155,29 @@ class ScheduleAutoscaler:
             )
         return cls(str(path), rows)
 
+    def for_service(self, service: str) -> ScheduleAutoscaler:
+        """This schedule for ``service``: a file that names only another service is
+        taken as that service's schedule (with a note); one naming several others is
+        an error."""
+        if service in self.rows:
+            return self
+        if len(self.rows) == 1:
+            ((other, rows),) = self.rows.items()
+            return ScheduleAutoscaler(
+                self.path,
+                {service: rows},
+                (
+                    *self.notes,
+                    f"{Path(self.path).name} names only service '{other}', not '{service}': "
+                    f"its rows are replayed for '{service}'",
+                ),
+            )
+        raise EvaluationError(
+            f"{self.path}: no rows for service '{service}', and the schedule names "
+            f"{len(self.rows)} other services ({', '.join(sorted(self.rows))}), so none is "
+            "taken in its place"
+        )
+
     def counts_at(self, service: str, now_s: float) -> tuple[int, int]:
         if service not in self.rows:
             raise EvaluationError(
@@ -150,6 +204,17 @@ class ScheduleAutoscaler:
             message=f"schedule {Path(self.path).name}: {prefill} prefill, {decode} decode at t={now_s:g} s",
             history=history,
         )
+
+
+def policy_labels(names: Sequence[str]) -> dict[str, str]:
+    """The name each policy is shown and keyed under: ``schedule:PATH`` as
+    ``schedule:FILENAME`` (the whole spec where two file names would collide)."""
+    short = {
+        n: f"schedule:{Path(n.split(':', 1)[1]).name}" if n.startswith("schedule:") else n
+        for n in names
+    }
+    taken = Counter(short.values())
+    return {n: label if taken[label] == 1 else n for n, label in short.items()}
 
 
 # --------------------------------------------------------------------------- capacities
@@ -211,14 +276,21 @@ def build_autoscaler(
     profile: LoadProfile,
     capacity: Capacity,
     interval_s: float = 30.0,
+    *,
+    hpa_target: float | None = None,
 ) -> tuple[Autoscaler, str]:
-    """An autoscaler by name (module docstring) and a one-line description."""
+    """An autoscaler by name (module docstring) and a one-line description.
+    ``hpa_target`` is ``hpa-gpu-util``'s target utilisation (None: its default;
+    :func:`evaluate` sweeps for one instead)."""
     if name.startswith("schedule:"):
-        schedule = ScheduleAutoscaler.from_csv(name.split(":", 1)[1])
-        schedule.counts_at(policy.name, 0.0)  # fail early if the service is missing
+        schedule = ScheduleAutoscaler.from_csv(name.split(":", 1)[1]).for_service(policy.name)
         return schedule, f"replays {schedule.path}"
+    if name.startswith(PLUGIN_PREFIX):
+        plugin = PluginAutoscaler(name, policy)
+        return plugin, f"external autoscaler {plugin.class_name}, asked every cycle"
     try:
-        from reconciler.policy import make_autoscaler
+        from reconciler.policy import AUTOSCALERS, make_autoscaler
+        from reconciler.policy.baselines import policy_tps_targets
     except ImportError as exc:  # pragma: no cover - the policy package ships with the product
         raise EvaluationError(f"autoscaler '{name}' needs reconciler.policy ({exc})") from exc
     if name == "static-peak":
@@ -228,19 +300,36 @@ def build_autoscaler(
         return make_autoscaler(name, prefill=prefill, decode=decode), (
             f"{prefill} prefill + {decode} decode for peaks of {peak_prefill:.0f} prompt and {peak_decode:.0f} output tokens/s"
         )
-    if name == "oracle":
-        t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
-        # An instance asked for now serves after its start-up and is next reconsidered
-        # one interval later: it must cover the demand until then.
-        lookahead_s = max(policy.prefill.startup_s, policy.decode.startup_s) + interval_s
+    if name == "oracle-min":
+        raise EvaluationError(
+            "oracle-min is not an autoscaler: evaluate() computes it from the whole workload"
+        )
+    if name == "hpa-gpu-util" and hpa_target is not None:
+        return make_autoscaler(name, target_utilisation=hpa_target), (
+            f"target utilisation {hpa_target:g} (given)"
+        )
+    if name == "hpa-decode-tps":
+        # The policy's own tokens/s targets where it sets them, else the capacity at SLO.
+        own_prefill, own_decode = policy_tps_targets(policy)
+        prefill_target = own_prefill if own_prefill is not None else capacity.prefill_tps
+        decode_target = own_decode if own_decode is not None else capacity.decode_tps
+        prefill_from = "policy" if own_prefill is not None else "capacity"
+        decode_from = "policy" if own_decode is not None else "capacity"
         return make_autoscaler(
             name,
-            demand=(t_s, prefill_tps, decode_tps),
-            prefill_tps_per_instance=capacity.prefill_tps,
-            decode_tps_per_instance=capacity.decode_tps,
-            lookahead_s=lookahead_s,
+            prefill_tps_per_instance=prefill_target,
+            decode_tps_per_instance=decode_target,
         ), (
-            f"future demand; {capacity.prefill_tps:.0f} prefill and {capacity.decode_tps:.0f} decode tokens/s per instance"
+            f"targets {prefill_target:.0f} prompt tokens/s per prefill instance ({prefill_from}), "
+            f"{decode_target:.0f} output tokens/s per decode instance ({decode_from})"
+        )
+    if name not in AUTOSCALERS:
+        known = [*AUTOSCALERS, "oracle-min"]
+        hint = difflib.get_close_matches(name, known, n=1)
+        suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise EvaluationError(
+            f"unknown autoscaler '{name}' (known: {', '.join(known)}, "
+            f"schedule:PATH, {PLUGIN_PREFIX}MODULE:CLASS){suffix}"
         )
     try:
         return make_autoscaler(name), ""
@@ -249,27 +338,20 @@ def build_autoscaler(
 
 
 def initial_counts(
-    autoscaler: Autoscaler, policy: ServicePolicy, profile: LoadProfile, capacity: Capacity
+    autoscaler: Autoscaler,
+    state: DesiredState,
+    policy: ServicePolicy,
+    profile: LoadProfile,
+    config: SimConfig,
 ) -> tuple[int, int]:
-    """Warm start (module docstring)."""
-    if isinstance(autoscaler, ScheduleAutoscaler):
-        return autoscaler.counts_at(policy.name, 0.0)
+    """Warm start (module docstring): oracle-min's counts at t = 0, for
+    every policy but static provisioning, whose constant counts are its warm state."""
     if getattr(autoscaler, "name", "") == "static-peak":
         decision = autoscaler.decide(
             policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0
         )
         return decision.prefill, decision.decode
-    counts = []
-    _t_s, prefill_tps, decode_tps = profile.demand_series(DEMAND_WINDOW_S)
-    for role, demand, per_instance in (
-        ("prefill", prefill_tps, capacity.prefill_tps),
-        ("decode", decode_tps, capacity.decode_tps),
-    ):
-        role_policy = policy.role(role)
-        upto = max(1, math.ceil(role_policy.startup_s / DEMAND_WINDOW_S) + 1)
-        need = math.ceil(float(demand[:upto].max()) / per_instance)
-        counts.append(min(max(need, role_policy.min_instances, 1), role_policy.max_instances))
-    return counts[0], counts[1]
+    return oracle_min_initial_counts(policy, state.clusters[policy.cluster], profile, config)
 
 
 def default_placer(kind: str = "greedy") -> Placer:
@@ -315,10 +397,21 @@ class PolicyResult:
     placement_shortfalls: int
     timeline: Mapping[str, np.ndarray] = field(repr=False)
     notes: tuple[str, ...] = ()
+    failed: str | None = None  # why the policy could not run (then no figure is meaningful)
+    unattainable_share: float = 0.0  # requests missing TTFT even on an idle instance
+    tbt_token_quantile_ms: float | None = None  # SLO quantile over every token's gap
+    oracle_min_multiple: float | None = None  # GPU-hours / oracle-min's GPU-hours
 
     def to_json(self) -> dict[str, Any]:
+        if self.failed is not None:
+            return {
+                "description": self.description,
+                "failed": self.failed,
+                "notes": list(self.notes),
+            }
         out: dict[str, Any] = {
             "description": self.description,
+            "failed": None,
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_hours_prefill": round(self.gpu_hours_prefill, 3),
             "gpu_hours_decode": round(self.gpu_hours_decode, 3),
@@ -333,6 +426,9 @@ class PolicyResult:
             "ttft_attainment": round(self.ttft_attainment, 5),
             "tbt_attainment": round(self.tbt_attainment, 5),
             "slo_attainment": round(self.slo_attainment, 5),
+            "gpu_hours_vs_oracle_min": _round_or_none(self.oracle_min_multiple, 4),
+            "unattainable_share": round(self.unattainable_share, 5),
+            "tbt_token_quantile_ms": _round_or_none(self.tbt_token_quantile_ms),
             "ttft_quantile_ms": _round_or_none(self.ttft_quantile_ms),
             "tbt_quantile_ms": _round_or_none(self.tbt_quantile_ms),
             "requests": round(self.requests),
@@ -354,6 +450,38 @@ class PolicyResult:
             },
         }
         return out
+
+
+def _failed_result(name: str, description: str, error: str) -> PolicyResult:
+    """The result of a policy that could not run: every figure NaN or 0, no timeline."""
+    nan = math.nan
+    return PolicyResult(
+        name=name,
+        description=description,
+        gpu_hours=nan,
+        gpu_hours_prefill=nan,
+        gpu_hours_decode=nan,
+        mean_gpu_util_prefill=nan,
+        mean_gpu_util_decode=nan,
+        mean_sm_active_prefill=nan,
+        mean_sm_active_decode=nan,
+        ttft_attainment=nan,
+        tbt_attainment=nan,
+        slo_attainment=nan,
+        ttft_quantile_ms=None,
+        tbt_quantile_ms=None,
+        requests=nan,
+        dropped=nan,
+        scaling_actions=0,
+        instance_changes=0,
+        pd_ratio_min=None,
+        pd_ratio_max=None,
+        peak_prefill_instances=0,
+        peak_decode_instances=0,
+        placement_shortfalls=0,
+        timeline={},
+        failed=error,
+    )
 
 
 def _round_or_none(value: float | None, digits: int = 2) -> float | None:
@@ -400,8 +528,12 @@ def evaluate(
     config: SimConfig | None = None,
     placer: Placer | None = None,
     progress: Progress | None = None,
+    hpa_target: float | None = None,
+    oracle_window_s: int = DEFAULT_WINDOW_S,
 ) -> EvaluationResult:
-    """Run each policy on the same load in its own simulated fleet (module docstring)."""
+    """Run each policy on the same load in its own simulated fleet (module docstring).
+    ``hpa_target``: ``hpa-gpu-util``'s target utilisation; None sweeps for the
+    cheapest one reaching the SLO goal (``reconciler.sim.sweep``)."""
     if service not in state.policies:
         raise EvaluationError(
             f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})"
@@ -428,21 +560,67 @@ def evaluate(
     capacity = role_capacity(state, policy, profile)
     results: dict[str, PolicyResult] = {}
     notes = list(profile.notes)
+    labels = policy_labels(policies)
+    cluster = state.clusters[policy.cluster]
+    # Every policy starts from oracle-min's state at t = 0 (module docstring).
+    oracle_plan: OracleMinPlan | None = None
+    if "oracle-min" in policies:
+        oracle_plan = plan_oracle_min(policy, cluster, profile, config, window_s=oracle_window_s)
+        warm = warm_counts(oracle_plan, policy)
+    else:
+        warm = oracle_min_initial_counts(policy, cluster, profile, config, oracle_window_s)
     for name in policies:
-        autoscaler, description = build_autoscaler(name, policy, profile, capacity, interval_s)
-        results[name] = _run_policy(
-            state,
-            policy,
-            profile,
-            name,
-            autoscaler,
-            description,
-            capacity,
-            config,
-            placer,
-            interval_s,
-            progress,
-        )
+        if name == "oracle-min" and oracle_plan is not None:
+            results[name] = oracle_min_result(policy, profile, oracle_plan, config)
+            continue
+        if name == "hpa-gpu-util" and hpa_target is None:
+            from reconciler.sim.sweep import choose_hpa_target  # sweep imports this module
+
+            sweep = choose_hpa_target(
+                state,
+                service,
+                profile,
+                config=config,
+                placer=placer,
+                interval_s=interval_s,
+                progress=progress,
+                warm=warm,
+            )
+            results[name] = sweep.result
+            continue
+        label = labels[name]
+        # An external autoscaler's failure is its own result; the others still run.
+        try:
+            autoscaler, description = build_autoscaler(
+                name, policy, profile, capacity, interval_s, hpa_target=hpa_target
+            )
+            run = _run_policy(
+                state,
+                policy,
+                profile,
+                label,
+                autoscaler,
+                description,
+                capacity,
+                config,
+                placer,
+                interval_s,
+                progress,
+                warm=warm,
+            )
+        except PluginError as exc:
+            results[label] = _failed_result(label, f"external autoscaler {name}", str(exc))
+            continue
+        own_notes = tuple(getattr(autoscaler, "notes", ()))
+        results[label] = replace(run, notes=(*own_notes, *run.notes)) if own_notes else run
+    bound = results.get("oracle-min")
+    if bound is not None and bound.gpu_hours > 0:
+        results = {
+            label: replace(r, oracle_min_multiple=r.gpu_hours / bound.gpu_hours)
+            if r.failed is None
+            else r
+            for label, r in results.items()
+        }
     return EvaluationResult(
         service=service,
         workload=profile.name,
@@ -470,9 +648,11 @@ def run_autoscaler(
     placer: Placer | None = None,
     interval_s: float = 30.0,
     progress: Progress | None = None,
+    warm: tuple[int, int] | None = None,
 ) -> PolicyResult:
     """Run one ready-made autoscaler on ``profile`` in its own simulated fleet, exactly
-    as :func:`evaluate` runs each named policy (same warm start, cycle and figures).
+    as :func:`evaluate` runs each named policy (same warm start, cycle and figures;
+    ``warm`` gives the starting counts when the caller already knows them).
     For callers that build their own autoscaler, e.g. ``heteroscale tune``'s fixed
     prefill/decode splits."""
     if service not in state.policies:
@@ -496,6 +676,7 @@ def run_autoscaler(
         placer or default_placer(),
         interval_s,
         progress,
+        warm=warm,
     )
 
 
@@ -534,12 +715,15 @@ def _run_policy(
     placer: Placer,
     interval_s: float,
     progress: Progress | None,
+    warm: tuple[int, int] | None = None,
 ) -> PolicyResult:
     service = policy.name
     cluster = state.clusters[policy.cluster]
     fleet = SimulatedFleet({cluster.name: cluster}, {service: policy}, {service: profile}, config)
     notes: list[str] = list(fleet.notes)
-    prefill0, decode0 = initial_counts(autoscaler, policy, profile, capacity)
+    if warm is None or getattr(autoscaler, "name", "") == "static-peak":
+        warm = initial_counts(autoscaler, state, policy, profile, config)
+    prefill0, decode0 = warm
     plan, shortfall = _place(
         state, policy, fleet.fleet_state(cluster.name), prefill0, decode0, placer
     )
@@ -552,13 +736,16 @@ def _run_policy(
     decision_times: list[float] = []
     ttft_ms: list[float] = []
     tbt_ms: list[float] = []
-    step = max(1.0, float(interval_s))
+    # An autoscaler may run on its own sync period (the HPA syncs every 15 s); the
+    # others run on the reconcile interval.
+    own_interval = getattr(autoscaler, "interval_s", None)
+    step = max(1.0, float(own_interval if own_interval else interval_s))
     now = 0.0
     while now < horizon:
         fleet.advance_to(now)
         metrics = fleet.fetch([policy], now)[service]
         view = fleet.fleet_state(cluster.name).service_fleet(service)
-        decision = autoscaler.decide(policy, view, metrics, history, now)
+        decision = decide_with(autoscaler, cluster, policy, view, metrics, history, now)
         history = decision.history
         decision_times.append(now)
         ttft_ms.append(metrics.ttft.value if metrics.ttft else math.nan)
@@ -622,6 +809,73 @@ def _run_policy(
         placement_shortfalls=shortfalls,
         timeline=timeline,
         notes=tuple(notes),
+        unattainable_share=outcome.unattainable_share,
+        tbt_token_quantile_ms=outcome.tbt_token_quantile_ms,
+    )
+
+
+def oracle_min_result(
+    policy: ServicePolicy, profile: LoadProfile, plan: OracleMinPlan, config: SimConfig
+) -> PolicyResult:
+    """oracle-min's figures, from the simulator run that follows its plan (the same
+    outcome and GPU-hour accounting as every policy)."""
+    sim = plan.sim
+    horizon = profile.horizon_s
+    tail_end = horizon + int(config.drain_tail_s)
+    while sim.t < tail_end and sim.in_flight > 1e-6:
+        sim.step()  # in-flight requests finish on the last window's counts
+    outcome = request_outcomes(sim)
+    counts = per_second_counts(plan, policy, horizon)
+    usage = _usage(sim, counts, horizon, policy)
+    prefill = np.array([w.prefill for w in plan.windows])
+    decode = np.array([w.decode for w in plan.windows])
+    steps = np.abs(np.diff(prefill)) + np.abs(np.diff(decode))
+    unmet = sum(not w.met for w in plan.windows)
+    notes = list(outcome.notes)
+    if unmet:
+        notes.append(
+            f"{unmet} of {len(plan.windows)} windows cannot meet the goal even at max_instances"
+        )
+    ratio = prefill / np.maximum(decode, 1)
+    return PolicyResult(
+        name="oracle-min",
+        description=(
+            f"fewest {plan.prefill_gpu_type} prefill and {plan.decode_gpu_type} decode "
+            f"instances meeting {100 * policy.slo.attainment_goal:g}% of each {plan.window_s} s "
+            f"window's attainable requests, workload known ({plan.trials} trial windows)"
+        ),
+        gpu_hours=usage["gpu_hours_prefill"] + usage["gpu_hours_decode"],
+        gpu_hours_prefill=usage["gpu_hours_prefill"],
+        gpu_hours_decode=usage["gpu_hours_decode"],
+        mean_gpu_util_prefill=usage["util_prefill"],
+        mean_gpu_util_decode=usage["util_decode"],
+        mean_sm_active_prefill=usage["sm_prefill"],
+        mean_sm_active_decode=usage["sm_decode"],
+        ttft_attainment=outcome.ttft_attainment,
+        tbt_attainment=outcome.tbt_attainment,
+        slo_attainment=outcome.slo_attainment,
+        ttft_quantile_ms=outcome.ttft_quantile_ms,
+        tbt_quantile_ms=outcome.tbt_quantile_ms,
+        requests=outcome.requests,
+        dropped=outcome.dropped,
+        scaling_actions=int((steps > 0).sum()),
+        instance_changes=int(steps.sum()),
+        pd_ratio_min=float(ratio.min()),
+        pd_ratio_max=float(ratio.max()),
+        peak_prefill_instances=int(prefill.max()),
+        peak_decode_instances=int(decode.max()),
+        placement_shortfalls=0,
+        timeline=_timeline(
+            sim,
+            counts,
+            horizon,
+            [float(w.start_s) for w in plan.windows],
+            [math.nan] * len(plan.windows),
+            [math.nan] * len(plan.windows),
+        ),
+        notes=tuple(notes),
+        unattainable_share=outcome.unattainable_share,
+        tbt_token_quantile_ms=outcome.tbt_token_quantile_ms,
     )
 
 
@@ -708,6 +962,7 @@ __all__ = [
     "evaluate",
     "initial_counts",
     "peak_demand",
+    "policy_labels",
     "role_capacity",
     "run_autoscaler",
 ]

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -56,6 +56,7 @@ from reconciler.state import (
     DeploymentGroup,
     FleetState,
     GroupRole,
+    LengthBuckets,
     NodeInstances,
     Role,
     Sample,
@@ -76,6 +77,29 @@ FLEET_COLUMNS = (
 
 PREFILL, DECODE = 0, 1
 ROLE_CODE: dict[str, int] = {"prefill": PREFILL, "decode": DECODE}
+
+
+@dataclass(frozen=True)
+class SimulatedServiceMetrics(ServiceMetrics):
+    """``ServiceMetrics`` as the simulated fleet reports them, with a handle on the
+    readings a planner would also get from Prometheus but the nine signals leave out
+    (request rate, mean lengths, other latency quantiles: ``ServiceSim.window_detail``).
+    Computed only when asked, so autoscalers that never ask pay nothing; valid until
+    the fleet advances."""
+
+    sim: ServiceSim | None = field(default=None, repr=False, compare=False)
+    window_s: float = 60.0
+    at_second: int = 0  # the simulation second the metrics were read at
+
+    def detail(self, quantiles: Sequence[float] = (0.5, 0.9)) -> dict[str, float | None]:
+        if self.sim is None:
+            return {}
+        if self.sim.t != self.at_second:
+            raise RuntimeError(
+                f"{self.service}: the fleet advanced from second {self.at_second} to "
+                f"{self.sim.t} since these metrics were fetched"
+            )
+        return self.sim.window_detail(self.window_s, quantiles)
 
 
 @dataclass(frozen=True)
@@ -369,7 +393,21 @@ class SimulatedFleet:
                 for name, value in values.items()
                 if value is not None and math.isfinite(value)
             }
-            out[policy.name] = ServiceMetrics(policy.name, **samples)
+            lengths = sim.window_lengths(self.config.metrics_window_s)
+            prompt_tokens = output_tokens = None
+            if lengths is not None:
+                le, prompt_cum, output_cum = lengths
+                prompt_tokens = LengthBuckets(le, prompt_cum, now_s)
+                output_tokens = LengthBuckets(le, output_cum, now_s)
+            out[policy.name] = SimulatedServiceMetrics(
+                policy.name,
+                **samples,
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+                sim=sim,
+                window_s=self.config.metrics_window_s,
+                at_second=sim.t,
+            )
         return out
 
     # ------------------------------------------------------------------ ClusterBackend

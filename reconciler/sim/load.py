@@ -4,15 +4,27 @@ equal requests."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.desired.loader import DesiredState
 from reconciler.sim.engine import LoadProfile, SimConfig
-from reconciler.sim.workload import read_trace
+from reconciler.sim.workload import Workload, read_trace
 
 # Rate scaling beyond this many requests is done on the binned load (fluid), not by
 # replicating request arrays (memory).
 MAX_REQUEST_ARRAYS = 12_000_000
+
+
+@dataclass(frozen=True)
+class SimulationLoad:
+    """The load a simulation runs, and the exact requests it replays when it has them."""
+
+    profile: LoadProfile
+    # One entry per request replayed (after rate scaling and diurnal tiling), or None
+    # when the load was binned as a fluid (no per-request arrays).
+    workload: Workload | None
+    fluid_reason: str | None = None  # why ``workload`` is None
 
 
 def load_for(
@@ -26,14 +38,35 @@ def load_for(
 ) -> LoadProfile:
     """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
     synthetic diurnal day for the service sized to the fleet."""
+    return load_with_requests(
+        state, service, trace, rate_scale, diurnal_hours, seed, config
+    ).profile
+
+
+def load_with_requests(
+    state: DesiredState,
+    service: str,
+    trace: Path | None,
+    rate_scale: float | None,
+    diurnal_hours: float | None,
+    seed: int,
+    config: SimConfig,
+) -> SimulationLoad:
+    """:func:`load_for`, keeping the per-request workload the profile was binned from."""
     if trace is None:
         from reconciler.sim.default import synthetic_load_for
 
         profile = synthetic_load_for(
             state, state.policies[service], hours=diurnal_hours or 8.0, seed=seed, config=config
         )
-        return (
+        scaled = (
             profile.scaled(rate_scale, seed=seed) if rate_scale and rate_scale != 1.0 else profile
+        )
+        return SimulationLoad(
+            scaled,
+            None,
+            "the synthetic load (no --trace) is drawn per second as a fluid, without "
+            "per-request arrays",
         )
     workload = read_trace(trace, seed=seed)
     if diurnal_hours:
@@ -50,4 +83,12 @@ def load_for(
         sample_limit=config.request_sample_limit,
         seed=seed,
     )
-    return profile.scaled(fluid_factor, seed=seed) if fluid_factor != 1.0 else profile
+    if fluid_factor == 1.0:
+        return SimulationLoad(profile, workload)
+    return SimulationLoad(
+        profile.scaled(fluid_factor, seed=seed),
+        None,
+        f"rate scale x{fluid_factor:g} would make ~{workload.requests * fluid_factor:,.0f} "
+        f"requests, more than the {MAX_REQUEST_ARRAYS:,} held as arrays, so the load is "
+        "scaled as a fluid, without per-request arrays",
+    )

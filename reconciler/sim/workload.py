@@ -17,7 +17,9 @@ Readers (:func:`read_trace`; the format is detected from the file's content):
   half the requests share a timestamp with another.
 - **BurstGPT CSV** (``Timestamp,Model,Request tokens,Response tokens,...``; seconds).
 - **Plain CSV** ``arrival_s,prompt_tokens,output_tokens`` (what :meth:`Workload.to_csv`
-  writes).
+  and ``heteroscale simulate --export-workload`` write): seconds from the start of the
+  load, kept as written (not shifted to start at 0), so an exported workload replays
+  on the same seconds.
 
 Bad input raises :class:`TraceError` naming the file and line: an empty file or a
 header with no rows, a truncated file (cut mid-row or a gzip stream that ends early),
@@ -180,10 +182,18 @@ class Workload:
         )
 
     def to_csv(self, path: Path) -> None:
+        """Write the plain CSV that :func:`read_trace` reads back as this workload:
+        arrival times as they are and at full (round-trip) precision, so a replay bins
+        every request into the same second."""
+        rows = zip(
+            self.arrival_s.tolist(),
+            self.prompt_tokens.tolist(),
+            self.output_tokens.tolist(),
+            strict=True,
+        )
         with path.open("w", newline="") as handle:
             handle.write("arrival_s,prompt_tokens,output_tokens\n")
-            for a, p, o in zip(self.arrival_s, self.prompt_tokens, self.output_tokens, strict=True):
-                handle.write(f"{a:.6f},{int(p)},{int(o)}\n")
+            handle.writelines(f"{a!r},{int(p)},{int(o)}\n" for a, p, o in rows)
 
 
 def diurnal_curve(t_s: np.ndarray, horizon_s: float, trough_ratio: float = 1.0 / 3.0) -> np.ndarray:
@@ -328,7 +338,7 @@ def _read_csv(path: Path, text: str) -> Workload:
         arrival = _parse_numbers(path, times, lines, "timestamp", float)
     prompt = _parse_numbers(path, prompts, lines, "prompt tokens", int)
     output = _parse_numbers(path, outputs, lines, "output tokens", int)
-    return _finish(path, arrival, prompt, output, lines)
+    return _finish(path, arrival, prompt, output, lines, rebase=kind != "plain")
 
 
 def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.ndarray:
@@ -467,7 +477,13 @@ def _spread_ticks(workload: Workload, seed: int) -> Workload:
 
 
 def _finish(
-    path: Path, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, lines: np.ndarray
+    path: Path,
+    arrival: np.ndarray,
+    prompt: np.ndarray,
+    output: np.ndarray,
+    lines: np.ndarray,
+    *,
+    rebase: bool = True,
 ) -> Workload:
     notes: list[str] = []
     for name, values in (("prompt tokens", prompt), ("output tokens", output)):
@@ -495,7 +511,8 @@ def _finish(
             f"{path.name}: {int(zero_output.sum())} requests with 0 output tokens counted as 1 (the first token)"
         )
         output = np.maximum(output, 1)
-    arrival = arrival - arrival[0]
+    if rebase:  # wall-clock timestamps: the first request arrives at 0
+        arrival = arrival - arrival[0]
     return Workload(arrival, prompt, output, name=path.name, notes=tuple(notes))
 
 

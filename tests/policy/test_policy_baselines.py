@@ -1,10 +1,9 @@
 """The baselines behind the same Autoscaler interface: Kubernetes HPA on GPU
-utilisation per role, static peak provisioning, and the future-knowing oracle; and
-the registry that builds them by name."""
+utilisation per role and static peak provisioning; and the registry that builds them
+by name."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from policy_testkit import fleet, make_policy, metrics, replay
 
@@ -13,9 +12,8 @@ from reconciler.policy import (
     AUTOSCALERS,
     AutoscalerConfigError,
     CoordinatedAutoscaler,
-    DemandSeries,
     HpaGpuUtilAutoscaler,
-    OracleAutoscaler,
+    PaperCoordinatedAutoscaler,
     PolicyHistory,
     StaticPeakAutoscaler,
     make_autoscaler,
@@ -247,130 +245,27 @@ def test_static_peak_needs_counts():
         StaticPeakAutoscaler(prefill=-1, decode=3)
 
 
-# --------------------------------------------------------------------------- oracle
-
-# Demand steps: 8000/2000 tps until 100 s, 40000/10000 from 100 s, 16000/4000 from 400 s.
-SERIES = (
-    np.array([0.0, 100.0, 400.0]),
-    np.array([8000.0, 40000.0, 16000.0]),
-    np.array([2000.0, 10000.0, 4000.0]),
-)
-
-
-@pytest.mark.parametrize(
-    ("now_s", "expected"),
-    [
-        # lookahead = startup 120 s: [0, 120] sees the 100 s step: 40000 / 8000 = 5
-        # prefill, 10000 / 1000 = 10 decode
-        (0.0, (5, 10)),
-        # [300, 420]: the step at 400 s goes down, the max is still the 100 s level
-        (300.0, (5, 10)),
-        # [401, 521]: 16000 / 8000 = 2 prefill, 4000 / 1000 = 4 decode
-        (401.0, (2, 4)),
-    ],
-)
-def test_oracle_sizes_for_the_max_demand_over_the_startup_lookahead(now_s, expected):
-    oracle = OracleAutoscaler(SERIES, 8000, 1000)
-    decision = oracle.decide(policy(), fleet(1, 1), metrics(now_s), PolicyHistory(), now_s)
-    assert (decision.prefill, decision.decode) == expected
-    assert decision.reason == "baseline"
-
-
-def test_oracle_lookahead_per_role_defaults_to_its_startup():
-    # prefill starts in 30 s, decode in 120 s: at 50 s prefill sees [50, 80] (before
-    # the step: 8000 / 8000 = 1), decode sees [50, 170] (the step: 10).
-    p = policy(prefill={"startup_s": 30})
-    decision = OracleAutoscaler(SERIES, 8000, 1000).decide(
-        p, fleet(1, 1), metrics(50), PolicyHistory(), 50
-    )
-    assert (decision.prefill, decision.decode) == (1, 10)
-    explicit = OracleAutoscaler(SERIES, 8000, 1000, lookahead_s=0).decide(
-        p, fleet(1, 1), metrics(50), PolicyHistory(), 50
-    )
-    assert (explicit.prefill, explicit.decode) == (1, 2)
-
-
-def test_oracle_with_a_callable_and_per_service_inputs():
-    def demand(t: float) -> tuple[float, float]:
-        return (t * 100.0, t * 10.0)
-
-    oracle = OracleAutoscaler(
-        {"svc": demand}, {"svc": 1000.0}, {"svc": 100.0}, lookahead_s=60, sample_step_s=7
-    )
-    # max over [100, 160] sampled at 100, 107, ..., 156, 160 (the end included):
-    # 16000 / 1000 = 16 prefill; 1600 / 100 = 16 decode
-    decision = oracle.decide(policy(), fleet(1, 1), metrics(100), PolicyHistory(), 100)
-    assert (decision.prefill, decision.decode) == (16, 16)
-    with pytest.raises(AutoscalerConfigError, match="no demand for service 'other'"):
-        oracle.decide(
-            make_policy(name="other"),
-            fleet(1, 1),
-            metrics(100, service="other"),
-            PolicyHistory(),
-            100,
-        )
-
-
-def test_oracle_respects_min_and_max():
-    big = (np.array([0.0]), np.array([1e9]), np.array([0.0]))
-    decision = OracleAutoscaler(big, 8000, 1000).decide(
-        policy(), fleet(1, 1), metrics(0), PolicyHistory(), 0
-    )
-    assert (decision.prefill, decision.decode) == (50, 1)
-
-
-def test_oracle_uses_no_more_gpu_time_than_the_coordinated_policy():
-    # Same demand through both: the oracle's instance-seconds are a lower bound.
-    def decode_tps(t: float) -> float:
-        return 20000.0 if t < 900 else 45000.0 if t < 1800 else 15000.0
-
-    times = np.arange(0.0, 3600.0, 15.0)
-    series = DemandSeries.of(
-        times, [8 * decode_tps(t) for t in times], [decode_tps(t) for t in times]
-    )
-    p = policy(scaling={"scale_in_window_s": 300, "cooldown_s": 120})
-    signals = lambda t: metrics(t, decode_tps=decode_tps(t))  # noqa: E731
-    oracle = replay(
-        p,
-        signals,
-        prefill=10,
-        decode=20,
-        until_s=3585,
-        autoscaler=OracleAutoscaler(series, 16000, 1000),
-    )
-    ours = replay(p, signals, prefill=10, decode=20, until_s=3585)
-    assert sum(d.decode for d in oracle.decisions) <= sum(d.decode for d in ours.decisions)
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ((np.array([1.0, 0.0]), np.array([1.0, 1.0]), np.array([1.0, 1.0])), 1, 1),  # unsorted
-        ((np.array([]), np.array([]), np.array([])), 1, 1),  # empty
-        ((np.array([0.0]), np.array([1.0, 2.0]), np.array([1.0])), 1, 1),  # ragged
-        (SERIES, 0, 1),  # zero capacity
-        ("not demand", 1, 1),
-    ],
-)
-def test_oracle_rejects_bad_inputs(args):
-    with pytest.raises(AutoscalerConfigError):
-        OracleAutoscaler(*args)
-
-
 # --------------------------------------------------------------------------- registry
 
 
 def test_registry_builds_every_autoscaler_by_name():
-    assert set(AUTOSCALERS) == {"heteroscale", "hpa-gpu-util", "static-peak", "oracle"}
+    assert set(AUTOSCALERS) == {
+        "heteroscale",
+        "heteroscale-paper",
+        "hpa-gpu-util",
+        "hpa-decode-tps",
+        "static-peak",
+    }
     assert isinstance(make_autoscaler("heteroscale"), CoordinatedAutoscaler)
+    assert isinstance(make_autoscaler("heteroscale-paper"), PaperCoordinatedAutoscaler)
     assert make_autoscaler("hpa-gpu-util", target_utilisation=0.7).target_utilisation == 0.7
-    assert make_autoscaler("static-peak", prefill=1, decode=2).default == (1, 2)
-    oracle = make_autoscaler(
-        "oracle", demand=SERIES, prefill_tps_per_instance=1.0, decode_tps_per_instance=1.0
+    tokens = make_autoscaler(
+        "hpa-decode-tps", prefill_tps_per_instance=8000, decode_tps_per_instance=1000
     )
+    assert (tokens.prefill_tps_per_instance, tokens.decode_tps_per_instance) == (8000, 1000)
+    assert make_autoscaler("static-peak", prefill=1, decode=2).default == (1, 2)
     for name in AUTOSCALERS:
         assert AUTOSCALERS[name].name == name
-    assert oracle.name == "oracle"
 
 
 def test_registry_errors_are_permanent_and_helpful():

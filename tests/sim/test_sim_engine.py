@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.desired import DesiredState
+from reconciler.perfmodel.instance import kv_transfer_s
 from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, fifo_delay, synthetic_profile
 from reconciler.sim.fleet import SimulatedFleet
-from reconciler.sim.perf import kv_transfer_s
 from reconciler.sim.workload import Workload, synthetic_workload
 from reconciler.state import DeploymentGroup, GroupRole, NodeInstances
 
@@ -70,7 +70,8 @@ def test_every_request_completes_once_or_is_dropped(
     assert (
         0.0 <= outcome.slo_attainment <= min(outcome.ttft_attainment, outcome.tbt_attainment) <= 1.0
     )
-    assert outcome.completed_fraction + outcome.dropped / outcome.requests == pytest.approx(1.0)
+    # The per-request view (a sample) agrees with the fluid counters on what completed.
+    assert outcome.completed_fraction == pytest.approx(c["completed"] / c["arrived"], abs=0.02)
     if prefill == 0 or decode == 0:
         assert c["completed"] == 0.0
         assert any("no request completed" in note for note in outcome.notes)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,23 @@ from typer.testing import CliRunner
 
 from reconciler.cli import app
 from reconciler.desired import DesiredState
+from reconciler.policy import HpaTokensAutoscaler
 from reconciler.sim.engine import LoadProfile, synthetic_profile
-from reconciler.sim.evaluate import EvaluationError, ScheduleAutoscaler, evaluate
+from reconciler.sim.evaluate import (
+    EvaluationError,
+    ScheduleAutoscaler,
+    build_autoscaler,
+    evaluate,
+    role_capacity,
+    run_autoscaler,
+)
+from reconciler.sim.sweep import (
+    DEFAULT_HPA_TARGETS,
+    HpaSweep,
+    SweepPoint,
+    choose_hpa_target,
+    pick_target,
+)
 from reconciler.sim.workload import Workload, synthetic_workload
 
 SERVICE = "svc-b"
@@ -26,13 +43,13 @@ def load() -> LoadProfile:
 @pytest.fixture(scope="module")
 def result(state: DesiredState, load: LoadProfile):  # type: ignore[no-untyped-def]
     return evaluate(
-        state, SERVICE, load, ["heteroscale", "hpa-gpu-util", "static-peak", "oracle"], seed=0
+        state, SERVICE, load, ["heteroscale", "hpa-gpu-util", "static-peak", "oracle-min"], seed=0
     )
 
 
 def test_every_policy_reports_every_figure(result) -> None:  # type: ignore[no-untyped-def]
     document = json.loads(json.dumps(result.to_json()))
-    assert set(document["policies"]) == {"heteroscale", "hpa-gpu-util", "static-peak", "oracle"}
+    assert set(document["policies"]) == {"heteroscale", "hpa-gpu-util", "static-peak", "oracle-min"}
     for name, figures in document["policies"].items():
         for key in (
             "gpu_hours",
@@ -57,8 +74,8 @@ def test_static_peak_gpu_hours_are_its_counts_times_the_horizon(result, load: Lo
     assert static.pd_ratio_min == static.pd_ratio_max
 
 
-def test_the_oracle_uses_fewer_gpu_hours_than_static_peak(result) -> None:  # type: ignore[no-untyped-def]
-    assert result.policies["oracle"].gpu_hours < result.policies["static-peak"].gpu_hours
+def test_oracle_min_uses_fewer_gpu_hours_than_static_peak(result) -> None:  # type: ignore[no-untyped-def]
+    assert result.policies["oracle-min"].gpu_hours < result.policies["static-peak"].gpu_hours
     assert result.policies["static-peak"].ttft_attainment > 0.95
 
 
@@ -66,15 +83,15 @@ def test_decode_utilisation_reads_busy_for_every_policy(result) -> None:  # type
     """The paper's point, emerging from the model: decode looks ~fully utilised whatever
     its load, so an HPA on it keeps scaling decode up (until the instances outnumber
     the sequences)."""
-    for name in ("static-peak", "oracle"):
+    for name in ("static-peak", "oracle-min"):
         assert result.policies[name].mean_gpu_util_decode > 0.85
     hpa = result.policies["hpa-gpu-util"]
     assert hpa.peak_decode_instances > 2 * result.policies["static-peak"].peak_decode_instances
 
 
 def test_same_seed_same_evaluation(state: DesiredState, load: LoadProfile) -> None:
-    first = evaluate(state, SERVICE, load, ["oracle"], seed=5).to_json()
-    second = evaluate(state, SERVICE, load, ["oracle"], seed=5).to_json()
+    first = evaluate(state, SERVICE, load, ["oracle-min"], seed=5).to_json()
+    second = evaluate(state, SERVICE, load, ["oracle-min"], seed=5).to_json()
     assert first == second
 
 
@@ -88,12 +105,13 @@ def test_schedule_policy_replays_instance_counts(state: DesiredState, tmp_path: 
     load = synthetic_profile("b", hours=0.25, peak_rps=10, seed=1)
     path = _schedule(tmp_path, f"0,{SERVICE},3,5\n300,{SERVICE},6,9\n600,other,1,1\n")
     outcome = evaluate(state, SERVICE, load, [f"schedule:{path}"], seed=0)
-    run = outcome.policies[f"schedule:{path}"]
+    run = outcome.policies["schedule:schedule.csv"]  # shown by file name
     prefill = np.asarray(run.timeline["prefill_instances"])
     decode = np.asarray(run.timeline["decode_instances"])
     assert prefill[:5].tolist() == [3] * 5 and decode[:5].tolist() == [5] * 5
     assert prefill[5:].tolist() == [6] * 10 and decode[5:].tolist() == [9] * 10
-    assert run.scaling_actions == 1
+    # From the shared warm start to its first row at t = 0, then its second row.
+    assert run.scaling_actions == 2
 
 
 @pytest.mark.parametrize(
@@ -102,7 +120,7 @@ def test_schedule_policy_replays_instance_counts(state: DesiredState, tmp_path: 
         ("0,svc-b,-1,2\n", "must not be negative"),
         ("zero,svc-b,1,2\n", "t_s must be a number"),
         ("0,svc-b,1\n", "expected 4 fields"),
-        ("0,chat,1,1\n", "no rows for service 'svc-b'"),
+        ("0,chat,1,1\n0,svc-a,1,1\n", "no rows for service 'svc-b'"),
     ],
 )
 def test_bad_schedules_are_reported(
@@ -122,7 +140,7 @@ def test_a_fleet_too_small_to_serve_is_reported_not_a_crash(
 ) -> None:
     load = synthetic_profile("b", hours=0.1, peak_rps=5, seed=1)
     path = _schedule(tmp_path, f"0,{SERVICE},2,0\n")
-    run = evaluate(state, SERVICE, load, [f"schedule:{path}"]).policies[f"schedule:{path}"]
+    run = evaluate(state, SERVICE, load, [f"schedule:{path}"]).policies["schedule:schedule.csv"]
     assert run.slo_attainment == 0.0
     assert run.dropped == pytest.approx(run.requests)
     assert any("no request completed" in note for note in run.notes)
@@ -130,11 +148,19 @@ def test_a_fleet_too_small_to_serve_is_reported_not_a_crash(
 
 def test_unknown_names_are_errors(state: DesiredState, load: LoadProfile) -> None:
     with pytest.raises(EvaluationError, match="unknown service 'nope'"):
-        evaluate(state, "nope", load, ["oracle"])
+        evaluate(state, "nope", load, ["oracle-min"])
     with pytest.raises(
-        EvaluationError, match=r"unknown autoscaler 'orcale'.*did you mean 'oracle'"
-    ):
+        EvaluationError, match=r"unknown autoscaler 'orcale'.*did you mean 'oracle-min'\?$"
+    ) as info:
         evaluate(state, SERVICE, load, ["orcale"])
+    assert "schedule:PATH" in str(info.value) and "python:MODULE:CLASS" in str(info.value)
+    # The old baseline's name points at its replacement.
+    with pytest.raises(EvaluationError, match=r"unknown autoscaler 'oracle'.*'oracle-min'\?$"):
+        evaluate(state, SERVICE, load, ["oracle"])
+    # oracle-min is computed by evaluate() itself, never built as an autoscaler.
+    policy = state.policies[SERVICE]
+    with pytest.raises(EvaluationError, match="oracle-min is not an autoscaler"):
+        build_autoscaler("oracle-min", policy, load, role_capacity(state, policy, load))
 
 
 # --------------------------------------------------------------------------- the command
@@ -161,7 +187,7 @@ def test_simulate_command_prints_the_table_and_writes_json_and_png(
             "--rate-scale",
             "3",
             "--policies",
-            "static-peak,oracle",
+            "static-peak,oracle-min",
             "--json",
             str(out_json),
             "--plot",
@@ -174,10 +200,10 @@ def test_simulate_command_prints_the_table_and_writes_json_and_png(
     assert (
         "GPU-hours" in result.output
         and "static-peak" in result.output
-        and "oracle" in result.output
+        and "oracle-min" in result.output
     )
     document = json.loads(out_json.read_text())
-    assert set(document["policies"]) == {"static-peak", "oracle"}
+    assert set(document["policies"]) == {"static-peak", "oracle-min"}
     assert document["command"]["rate_scale"] == 3.0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -226,3 +252,193 @@ def test_rate_scale_keeps_request_arrays_unless_too_large(
     assert fluid.requests == pytest.approx(small.requests, rel=0.1)
     workload: Workload = small.sample  # type: ignore[assignment]
     assert workload.requests == small.requests
+
+
+# --------------------------------------------------------------------------- HPA baselines
+
+
+def _with_goal(state: DesiredState, goal: float) -> DesiredState:
+    """``state`` with svc-b's both-SLO attainment goal set to ``goal``."""
+    policy = state.policies[SERVICE]
+    changed = policy.model_copy(
+        update={"slo": policy.slo.model_copy(update={"attainment_goal": goal})}
+    )
+    return dataclasses.replace(state, policies={**state.policies, SERVICE: changed})
+
+
+@pytest.mark.parametrize(
+    ("points", "goal", "expected", "reached"),
+    [
+        # 0.9 is cheapest but misses; of those reaching 0.99, 0.6 is cheaper than 0.4/0.5
+        (
+            [(0.4, 30.0, 0.999), (0.5, 25.0, 0.995), (0.6, 20.0, 0.991), (0.9, 10.0, 0.90)],
+            0.99,
+            0.6,
+            True,
+        ),
+        # cost need not fall with the target: the cheapest reaching one is picked
+        ([(0.5, 18.0, 0.995), (0.6, 22.0, 0.996), (0.7, 15.0, 0.95)], 0.99, 0.5, True),
+        # none reaches: the best attainment, the cheaper on a tie
+        ([(0.4, 30.0, 0.98), (0.5, 25.0, 0.98), (0.9, 10.0, 0.70)], 0.99, 0.5, False),
+    ],
+)
+def test_the_sweep_picks_the_cheapest_target_reaching_the_goal(
+    points: list[tuple[float, float, float]], goal: float, expected: float, reached: bool
+) -> None:
+    chosen, ok = pick_target([SweepPoint(*p) for p in points], goal)
+    assert (chosen.target, ok) == (expected, reached)
+
+
+@pytest.fixture(scope="module")
+def goal_state(state: DesiredState) -> DesiredState:
+    # On this load targets 0.4-0.6 keep ~99% of requests within both SLOs and higher
+    # ones fall well short, so a 90% goal separates them (99.5% is out of reach).
+    return _with_goal(state, 0.9)
+
+
+@pytest.fixture(scope="module")
+def sweep(goal_state: DesiredState, load: LoadProfile) -> HpaSweep:
+    return choose_hpa_target(goal_state, SERVICE, load)
+
+
+def test_the_hpa_sweep_runs_every_target_and_reports_the_cheapest_reaching_the_goal(
+    sweep: HpaSweep,
+) -> None:
+    assert [p.target for p in sweep.points] == list(DEFAULT_HPA_TARGETS)
+    # The goal applies to the requests that are attainable at all.
+    assert sweep.goal == pytest.approx(0.9 * (1.0 - sweep.result.unattainable_share))
+    reaching = [p for p in sweep.points if p.slo_attainment >= sweep.goal]
+    cheapest = min(sweep.points, key=lambda p: p.gpu_hours)
+    # The case is not trivial: some targets miss the goal, among them the cheapest.
+    assert reaching and len(reaching) < len(sweep.points)
+    assert cheapest.slo_attainment < sweep.goal
+    assert sweep.reached_goal
+    assert sweep.target == min(reaching, key=lambda p: p.gpu_hours).target
+    assert sweep.result.name == "hpa-gpu-util"
+    assert sweep.result.description.startswith(
+        f"target {sweep.target:g} chosen by sweep: cheapest reaching {sweep.goal:.1%}"
+    )
+    chosen = next(p for p in sweep.points if p.target == sweep.target)
+    assert sweep.result.gpu_hours == chosen.gpu_hours
+    assert any(note.startswith("target sweep: 0.4: ") for note in sweep.result.notes)
+
+
+def test_evaluate_reports_hpa_gpu_util_at_the_swept_target(
+    goal_state: DesiredState, load: LoadProfile, sweep: HpaSweep
+) -> None:
+    seen: list[tuple[str, float]] = []
+    swept = evaluate(
+        goal_state, SERVICE, load, ["hpa-gpu-util"], progress=lambda n, f: seen.append((n, f))
+    ).policies["hpa-gpu-util"]
+    given = evaluate(goal_state, SERVICE, load, ["hpa-gpu-util"], hpa_target=sweep.target)
+    fixed = given.policies["hpa-gpu-util"]
+    assert swept.description == sweep.result.description
+    assert fixed.description == f"target utilisation {sweep.target:g} (given)"
+    # The figures reported are those of the run at the chosen target.
+    figures, at_target = swept.to_json(), fixed.to_json()
+    for document in (figures, at_target):
+        document.pop("description")
+        document.pop("notes")
+    assert figures == at_target
+    # One progress bar over the whole sweep.
+    fractions = [f for _name, f in seen]
+    assert {name for name, _f in seen} == {"hpa-gpu-util"}
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_the_default_evaluation_says_which_hpa_target_it_chose_and_why(result) -> None:  # type: ignore[no-untyped-def]
+    description = result.policies["hpa-gpu-util"].description
+    assert re.fullmatch(
+        r"target 0\.\d chosen by sweep: (cheapest reaching \d+\.\d%|none reaches \d+\.\d%, "
+        r"best attainment \(\d+\.\d\d%\)) \(swept 0\.4, 0\.5, 0\.6, 0\.7, 0\.8, 0\.9\)",
+        description,
+    ), description
+
+
+def test_hpa_decode_tps_targets_are_the_policys_else_the_capacity(
+    state: DesiredState, load: LoadProfile
+) -> None:
+    policy = state.policies[SERVICE]
+    capacity = role_capacity(state, policy, load)
+    hpa, description = build_autoscaler("hpa-decode-tps", policy, load, capacity)
+    assert isinstance(hpa, HpaTokensAutoscaler)
+    # svc-b sets both: 24,050 prompt tokens/s per prefill instance, 1,250 decode.
+    assert (hpa.prefill_tps_per_instance, hpa.decode_tps_per_instance) == (24050, 1250)
+    assert "(policy)" in description and "(capacity)" not in description
+    no_floor = policy.model_copy(
+        update={"scaling": policy.scaling.model_copy(update={"prefill_target_per_instance": None})}
+    )
+    hpa, description = build_autoscaler("hpa-decode-tps", no_floor, load, capacity)
+    assert isinstance(hpa, HpaTokensAutoscaler)
+    assert hpa.prefill_tps_per_instance == capacity.prefill_tps
+    assert hpa.decode_tps_per_instance == 1250
+    assert "per prefill instance (capacity)" in description
+
+
+def test_the_hpas_decide_every_15_s_in_the_harness(state: DesiredState) -> None:
+    short = synthetic_profile("b", hours=0.05, peak_rps=10, seed=1)
+    times: list[float] = []
+
+    class Recording(HpaTokensAutoscaler):
+        def decide(self, policy, fleet, metrics, history, now_s):  # type: ignore[no-untyped-def]
+            times.append(now_s)
+            return super().decide(policy, fleet, metrics, history, now_s)
+
+    run = run_autoscaler(state, SERVICE, short, Recording(24050, 1250), interval_s=30.0)
+    assert times == [15.0 * k for k in range(12)]  # 180 s horizon
+    assert run.name == "hpa-decode-tps"
+
+
+@pytest.mark.parametrize(
+    ("option", "description", "recorded"),
+    [
+        (["--hpa-target", "0.7"], r"target utilisation 0\.7 \(given\)", 0.7),
+        ([], r"target 0\.\d chosen by sweep: .*", "auto"),
+        (["--hpa-target", "auto"], r"target 0\.\d chosen by sweep: .*", "auto"),
+    ],
+)
+def test_simulate_command_hpa_target_is_given_or_swept(
+    repo_root: Path, tmp_path: Path, option: list[str], description: str, recorded: object
+) -> None:
+    out_json = tmp_path / "result.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--trace",
+            str(_trace(tmp_path)),
+            "--service",
+            SERVICE,
+            "--policies",
+            "hpa-gpu-util",
+            "--json",
+            str(out_json),
+            "--repo",
+            str(repo_root),
+            *option,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(out_json.read_text())
+    assert re.fullmatch(description, document["policies"]["hpa-gpu-util"]["description"])
+    assert document["command"]["hpa_target"] == recorded
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "high"])
+def test_simulate_command_rejects_a_bad_hpa_target(
+    repo_root: Path, tmp_path: Path, value: str
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--trace",
+            str(_trace(tmp_path)),
+            "--hpa-target",
+            value,
+            "--repo",
+            str(repo_root),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--hpa-target must be 'auto' or a number in (0, 1]" in result.output.replace("\n", "")

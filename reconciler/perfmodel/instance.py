@@ -2,9 +2,9 @@
 capacity, KV transfer time and the GPU counters, per (model, GPU type, tensor-parallel size).
 
 The coefficients come from ``calibration_fit.json``, fitted by
-``python -m reconciler.sim.calibrate`` to real measurements of an 8 B model on an H200 and
+``python -m reconciler.perfmodel.calibrate`` to real measurements of an 8 B model on an H200 and
 an H100 and of a 32.8 B model on the H200 (``shared/calibration``); the fitted forms are
-described in ``reconciler.sim.calibrate``. They reproduce every measured point within 5 %
+described in ``reconciler.perfmodel.calibrate``. They reproduce every measured point within 5 %
 (decode 3.3 %, prefill 3.9 % worst case).
 
 Assumptions (each one a modelling choice, not a measurement):
@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from reconciler.desired.models import GpuType, ModelSpec
-from reconciler.sim.calibrate import FIT_PATH, decode_step_s, prefill_latency_s
+from reconciler.perfmodel.calibrate import FIT_PATH, decode_step_s, prefill_latency_s
 
 GIB = 1024**3
 TP_EFFICIENCY_PER_DOUBLING = 0.9

@@ -1,7 +1,7 @@
 """Fit the simulator's performance model to the real GPU measurements in ``shared/calibration``.
 
-Run ``python -m reconciler.sim.calibrate`` to refit and rewrite
-``reconciler/sim/calibration_fit.json`` (the reviewed file the simulator loads, so the
+Run ``python -m reconciler.perfmodel.calibrate`` to refit and rewrite
+``reconciler/perfmodel/calibration_fit.json`` (the reviewed file the simulator loads, so the
 package works without ``shared/``); ``--check`` refits and exits 1 if the shipped file
 is stale. The raw measurements are never copied into the repository.
 
@@ -519,7 +519,7 @@ def fit_all(calibration_dir: Path) -> dict[str, Any]:
     return _round(
         {
             "version": FIT_VERSION,
-            "source": "shared/calibration (graph_fused rows); refit with `python -m reconciler.sim.calibrate`",
+            "source": "shared/calibration (graph_fused rows); refit with `python -m reconciler.perfmodel.calibrate`",
             "source_sha256": data.files,
             "measured_cards": MEASURED_CARDS,
             "decode": decode,
@@ -562,7 +562,7 @@ def first_difference(a: Any, b: Any, rtol: float = 1e-4, path: str = "") -> str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m reconciler.sim.calibrate", description=__doc__.splitlines()[0]
+        prog="python -m reconciler.perfmodel.calibrate", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--calibration", type=Path, help="calibration folder (default: <shared>/calibration)"
@@ -593,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         difference = first_difference(current, fitted)
         if difference is not None:
             print(
-                f"stale: {args.out} ({difference}); run `python -m reconciler.sim.calibrate`",
+                f"stale: {args.out} ({difference}); run `python -m reconciler.perfmodel.calibrate`",
                 file=sys.stderr,
             )
             return 1

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.desired.models import GpuType, ModelSpec
-from reconciler.sim.perf import instance_perf, kv_transfer_s, tp_scale
+from reconciler.perfmodel.instance import instance_perf, kv_transfer_s, tp_scale
 
 H200 = GpuType(memory_gib=141, bf16_tflops=989, memory_bandwidth_gbps=4800)
 H100 = GpuType(memory_gib=80, bf16_tflops=989, memory_bandwidth_gbps=3350)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from reconciler.desired.models import GpuType, ModelSpec
-from reconciler.sim import calibrate
-from reconciler.sim.perf import instance_perf, load_fit
+from reconciler.perfmodel import calibrate
+from reconciler.perfmodel.instance import instance_perf, load_fit
 
 TOLERANCE = 0.05
 
@@ -47,7 +47,7 @@ def test_refit_reproduces_the_shipped_coefficients(shared: Path) -> None:
     refit = json.loads(json.dumps(calibrate.fit_all(shared / "calibration")))
     difference = calibrate.first_difference(shipped, refit)
     assert difference is None, (
-        f"calibration_fit.json is stale ({difference}): run `python -m reconciler.sim.calibrate`"
+        f"calibration_fit.json is stale ({difference}): run `python -m reconciler.perfmodel.calibrate`"
     )
 
 

@@ -1,0 +1,199 @@
+"""The evaluation matrix: every policy on traffic no policy was tuned for, against the
+lower bound.
+
+Cells (the repository's own ``policies/`` and ``clusters/``, nothing tuned per cell):
+
+- ``azure-x50``: the Azure LLM inference conversation trace x50, tiled over an 8-hour
+  diurnal day, seed 7, service ``chat``;
+- ``mooncake-x10``: the Mooncake conversation trace x10, 8-hour diurnal day, seed 7,
+  service ``chat``;
+- ``burst-S-N``: the synthetic one-hour day with sudden bursts, seeds 0 to 3, for every
+  example service ``S``.
+
+Policies: heteroscale, heteroscale-paper, hpa-gpu-util (target utilisation chosen by a
+sweep), hpa-decode-tps, static-peak and oracle-min, the lower bound; each policy's
+GPU-hours are also given as a multiple of oracle-min's (the project's efficiency
+figure).
+
+Run: ``python benchmarks/bench_matrix.py [--json F] [--markdown F] [--cells a,b]
+[--policies p,q] [--jobs N]``. Prints one table. A benchmark, not a test: the whole
+matrix takes tens of minutes on two cores (``--jobs 2`` runs two cells at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from reconciler.desired import load_desired_state  # noqa: E402
+from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
+from reconciler.sim.engine import SimConfig  # noqa: E402
+from reconciler.sim.evaluate import evaluate  # noqa: E402
+from reconciler.sim.load import load_for  # noqa: E402
+
+POLICIES = (
+    "heteroscale",
+    "heteroscale-paper",
+    "hpa-gpu-util",
+    "hpa-decode-tps",
+    "static-peak",
+    "oracle-min",
+)
+BURST_SEEDS = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    service: str
+    trace: str | None  # file name under shared/traces, None = synthetic day
+    rate_scale: float | None
+    hours: float
+    seed: int
+
+
+def all_cells(services: list[str]) -> list[Cell]:
+    cells = [
+        Cell("azure-x50", "chat", "AzureLLMInferenceTrace_conv.csv", 50.0, 8.0, 7),
+        Cell("mooncake-x10", "chat", "mooncake_conversation_trace.jsonl.gz", 10.0, 8.0, 7),
+    ]
+    for service in services:
+        for seed in BURST_SEEDS:
+            cells.append(Cell(f"burst-{service}-{seed}", service, None, None, 1.0, seed))
+    return cells
+
+
+def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
+    state = load_desired_state(REPO)
+    config = SimConfig()
+    trace = None
+    if cell.trace is not None:
+        shared = shared_dir()
+        if shared is None:
+            raise SystemExit("shared/ not found: set HETEROSCALE_SHARED (it holds traces/)")
+        trace = shared / "traces" / cell.trace
+    started = time.perf_counter()
+    profile = load_for(state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config)
+    result = evaluate(state, cell.service, profile, policies, seed=cell.seed, config=config)
+    document = result.to_json()
+    for figures in document["policies"].values():
+        figures.pop("timeline", None)
+    document["cell"] = cell.name
+    document["goal"] = state.policies[cell.service].slo.attainment_goal
+    document["wall_s"] = round(time.perf_counter() - started, 1)
+    return document
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+COLUMNS = (
+    "cell",
+    "policy",
+    "GPU-hours",
+    "x oracle-min",
+    "vs static",
+    "both SLOs",
+    "TTFT p90 ms",
+    "TBT p90 ms (tokens)",
+    "unattainable",
+    "actions",
+)
+
+
+def rows(documents: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for document in documents:
+        policies = document["policies"]
+        static = policies.get("static-peak", {}).get("gpu_hours")
+        for name, r in policies.items():
+            if r.get("failed"):
+                out.append([document["cell"], name, "failed", *[""] * 7])
+                continue
+            vs_static = (
+                f"{100 * (r['gpu_hours'] / static - 1):+.1f}%"
+                if static and name != "static-peak"
+                else "-"
+            )
+            out.append(
+                [
+                    document["cell"],
+                    name,
+                    _num(r["gpu_hours"], 1),
+                    _num(r.get("gpu_hours_vs_oracle_min"), 2),
+                    vs_static,
+                    _pct(r["slo_attainment"]),
+                    _num(r["ttft_quantile_ms"]),
+                    _num(r.get("tbt_token_quantile_ms")),
+                    _pct(r.get("unattainable_share")),
+                    str(r["scaling_actions"]),
+                ]
+            )
+    return out
+
+
+def text_table(table: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    for r in table:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def markdown_table(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
+    parser.add_argument("--cells", help="comma-separated cell names or prefixes (default: all)")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (processes)")
+    args = parser.parse_args()
+    state = load_desired_state(REPO)
+    cells = all_cells(sorted(state.policies))
+    if args.cells:
+        wanted = [w.strip() for w in args.cells.split(",") if w.strip()]
+        cells = [c for c in cells if any(c.name.startswith(w) for w in wanted)]
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    started = time.perf_counter()
+    documents: list[dict[str, Any]] = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(run_cell, c, policies) for c in cells]
+            for cell, future in zip(cells, futures, strict=True):
+                documents.append(future.result())
+                print(f"{cell.name}: {documents[-1]['wall_s']} s", file=sys.stderr, flush=True)
+    else:
+        for cell in cells:
+            documents.append(run_cell(cell, policies))
+            print(f"{cell.name}: {documents[-1]['wall_s']} s", file=sys.stderr, flush=True)
+    table = rows(documents)
+    print(text_table(table))
+    print(f"\n{len(cells)} cells in {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(documents, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()

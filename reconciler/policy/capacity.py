@@ -1,0 +1,875 @@
+"""Per-instance capacity of prefill and decode, derived from the performance model for
+the live request mix (DESIGN.md, "Capacity from the model", "Unattainable requests").
+
+Pure functions over plain data: they read ``reconciler.perfmodel`` (the calibrated
+instance model the simulator also uses) and never the simulator itself.
+
+The pieces, and where every number comes from:
+
+- :class:`RequestMix`: the prompt- and output-length histograms as the engines export
+  them (vLLM's ``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens`` are
+  Prometheus histograms). Within a bucket the lengths are spread evenly, which is the
+  linear interpolation of ``histogram_quantile``; the ``+Inf`` bucket sits at the
+  highest finite bound, as ``histogram_quantile`` reports it.
+- :func:`unattainable`: the prompt length above which even an idle instance misses the
+  TTFT SLO (own prefill latency + KV transfer + one decode step), and the mix's share
+  above it. Those requests are reported, never chased.
+- :func:`prefill_capacity`: prompt tokens/s per instance at the highest utilisation at
+  which the TTFT quantile of the attainable requests stays within the SLO.
+- :func:`decode_capacity`: output tokens/s per instance at the largest batch whose step
+  time meets the TBT SLO, within the batch limit and the KV cache.
+- :class:`LatencyCorrection`: a bounded, smoothed factor per role by which the real
+  instance is slower (> 1) or faster (< 1) than the model, learnt online from observed
+  latency; every capacity function takes it as ``latency_factor``.
+- :func:`role_capacities` puts them together into :class:`RoleCapacities`, whose
+  ``explain()`` is one line for the decision's reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from reconciler.perfmodel.instance import InstancePerf, kv_transfer_s
+from reconciler.perfmodel.queueing import (
+    MAX_GGC_UTILISATION,
+    ggc_wait_probability,
+    ggc_wait_s,
+)
+from reconciler.state import Role
+
+# Poisson arrivals: the squared CV of inter-arrival times is 1. Many independent
+# clients superpose to a Poisson stream (Palm-Khintchine); the simulator assumes the same.
+POISSON_ARRIVAL_SCV = 1.0
+
+# Points per histogram bucket when the mix is evaluated (lengths spread evenly within a
+# bucket). 16 points put the second moment within (width / 16)^2 / 12 of the uniform
+# bucket's exact value; the mean is exact.
+POINTS_PER_BUCKET = 16
+
+# Geometric bucket grid for ``RequestMix.from_samples``: 8 buckets per doubling (~9 %
+# wide), fine enough that in-bucket spreading moves the mix's moments by well under 1 %.
+SAMPLE_BUCKETS_PER_DOUBLING = 8
+
+# Bisection stops when the bracket is this narrow (utilisation, relative prompt length,
+# relative factor): far below any figure the policy rounds to.
+_BISECTION_STEPS = 60
+
+
+# --------------------------------------------------------------------------- the mix
+
+
+def one_two_five_buckets(max_tokens: float) -> tuple[float, ...]:
+    """Bucket upper bounds 1, 2, 5, 10, 20, 50, ... up to ``max_tokens`` (the shape vLLM
+    gives its token-count histograms, up to the model's context length)."""
+    bounds: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = float(mantissa * 10**exponent)
+            if value > max_tokens:
+                return tuple(bounds)
+            bounds.append(value)
+        exponent += 1
+
+
+@dataclass(frozen=True)
+class LengthHistogram:
+    """A token-length histogram: bucket upper bounds (increasing; the last may be
+    ``inf``) and the count in each bucket (not cumulative)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.bounds) != len(self.counts) or not self.bounds:
+            raise ValueError("a histogram needs one count per bucket bound, at least one")
+        if any(b <= a for a, b in zip(self.bounds, self.bounds[1:], strict=False)):
+            raise ValueError(f"bucket bounds must increase: {self.bounds}")
+        if any(c < 0 or not math.isfinite(c) for c in self.counts):
+            raise ValueError(f"bucket counts must be finite and >= 0: {self.counts}")
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.counts))
+
+    def _buckets(self) -> Iterable[tuple[float, float, float]]:
+        """(lower, upper, count) per bucket, the ``+Inf`` bucket collapsed onto the
+        highest finite bound, and the first bucket starting at 0 (as
+        ``histogram_quantile`` does for a positive first bound)."""
+        lower = 0.0
+        for upper, count in zip(self.bounds, self.counts, strict=True):
+            if math.isinf(upper):
+                yield lower, lower, count
+            else:
+                yield lower, upper, count
+                lower = upper
+
+    def points(
+        self, upper: float | None = None, per_bucket: int = POINTS_PER_BUCKET
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Representative lengths and their weights (counts), lengths spread evenly
+        within each bucket; with ``upper``, only the mass at or below ``upper``."""
+        lengths: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
+        for lo, hi, count in self._buckets():
+            if count <= 0:
+                continue
+            if hi <= lo:  # a point mass (the +Inf bucket)
+                if upper is None or lo <= upper:
+                    lengths.append(np.array([lo]))
+                    weights.append(np.array([count]))
+                continue
+            top = hi if upper is None else min(hi, upper)
+            if top <= lo:
+                continue
+            kept = count * (top - lo) / (hi - lo)
+            lengths.append(lo + (np.arange(per_bucket) + 0.5) / per_bucket * (top - lo))
+            weights.append(np.full(per_bucket, kept / per_bucket))
+        if not lengths:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(lengths), np.concatenate(weights)
+
+    def cdf(self, tokens: float) -> float:
+        """Share of the mass at or below ``tokens`` (linear within a bucket)."""
+        total = self.total
+        if total <= 0:
+            return 0.0
+        below = 0.0
+        for lo, hi, count in self._buckets():
+            if tokens >= hi:
+                below += count
+            elif tokens > lo:
+                below += count * (tokens - lo) / (hi - lo)
+        return below / total
+
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile, interpolated as Prometheus' ``histogram_quantile`` does."""
+        total = self.total
+        if total <= 0:
+            return math.nan
+        rank = min(max(q, 0.0), 1.0) * total
+        seen = 0.0
+        last = 0.0
+        for lo, hi, count in self._buckets():
+            if count > 0 and seen + count >= rank:
+                return lo + (hi - lo) * (rank - seen) / count if hi > lo else lo
+            seen += count
+            last = hi
+        return last
+
+    def moment(self, power: int, upper: float | None = None) -> float:
+        """``E[L^power]`` over the mass at or below ``upper`` (all of it by default)."""
+        lengths, weights = self.points(upper)
+        if weights.sum() <= 0:
+            return 0.0
+        return float(weights @ lengths**power / weights.sum())
+
+
+@dataclass(frozen=True)
+class RequestMix:
+    """The live request mix: prompt- and output-length histograms."""
+
+    prompt: LengthHistogram
+    output: LengthHistogram
+
+    @classmethod
+    def from_samples(
+        cls,
+        prompt_tokens: Sequence[float] | np.ndarray,
+        output_tokens: Sequence[float] | np.ndarray,
+        bounds: Sequence[float] | None = None,
+    ) -> RequestMix:
+        """Bin raw request lengths (tests, the simulator). ``bounds`` defaults to a
+        geometric grid of ``SAMPLE_BUCKETS_PER_DOUBLING`` buckets per doubling from 1
+        token to the longest sample, plus ``+Inf``."""
+        prompt = np.asarray(prompt_tokens, dtype=float)
+        output = np.asarray(output_tokens, dtype=float)
+        if prompt.size == 0 or output.size == 0:
+            raise ValueError("a request mix needs at least one prompt and one output length")
+
+        def grid(values: np.ndarray) -> tuple[float, ...]:
+            if bounds is not None:
+                given = tuple(float(b) for b in bounds)
+                return given if math.isinf(given[-1]) else (*given, math.inf)
+            top = max(float(values.max()), 1.0)
+            steps = math.ceil(math.log2(top) * SAMPLE_BUCKETS_PER_DOUBLING) + 1
+            edges = 2.0 ** (np.arange(steps + 1) / SAMPLE_BUCKETS_PER_DOUBLING)
+            return (*(float(e) for e in edges), math.inf)
+
+        def histogram(values: np.ndarray) -> LengthHistogram:
+            upper = grid(values)
+            # Bucket i holds lengths in (upper[i-1], upper[i]] (Prometheus' "le").
+            index = np.searchsorted(np.asarray(upper), values, side="left")
+            counts = np.bincount(index, minlength=len(upper))
+            return LengthHistogram(upper, tuple(float(c) for c in counts))
+
+        return cls(histogram(prompt), histogram(output))
+
+    @classmethod
+    def from_cumulative(
+        cls,
+        prompt_buckets: Iterable[tuple[float, float]],
+        output_buckets: Iterable[tuple[float, float]],
+    ) -> RequestMix | None:
+        """From Prometheus-style cumulative buckets ``(le, count)`` (counts, increases or
+        rates: only proportions matter), ``le`` may be ``inf``. Like
+        ``histogram_quantile``, non-monotonic cumulative counts (rate artefacts) are
+        raised to the running maximum. ``None`` when either histogram has no
+        observations (nothing to size from: the caller holds)."""
+
+        def histogram(buckets: Iterable[tuple[float, float]]) -> LengthHistogram | None:
+            rows = sorted((float(le), float(c)) for le, c in buckets)
+            if not rows or any(not math.isfinite(c) for _, c in rows):
+                return None
+            cumulative = np.maximum.accumulate(np.maximum([c for _, c in rows], 0.0))
+            counts = np.diff(np.concatenate(([0.0], cumulative)))
+            if cumulative[-1] <= 0:
+                return None
+            return LengthHistogram(tuple(le for le, _ in rows), tuple(float(c) for c in counts))
+
+        prompt = histogram(prompt_buckets)
+        output = histogram(output_buckets)
+        if prompt is None or output is None:
+            return None
+        return cls(prompt, output)
+
+    @property
+    def prompt_mean_tokens(self) -> float:
+        return self.prompt.moment(1)
+
+    @property
+    def output_mean_tokens(self) -> float:
+        return self.output.moment(1)
+
+    @property
+    def live_context_tokens(self) -> float:
+        """Mean context of a sequence in the decode batch: its prompt plus the tokens it
+        has generated so far. A sequence of ``L`` output tokens stays in the batch for
+        ``L`` steps, so the batch holds sequences in proportion to their length
+        (length-biased), each half-way through on average: ``E[L^2] / (2 E[L])``. This
+        is ``E[L] / 2`` when every output has one length and more when lengths vary
+        (by ``(1 + CV^2)``); prompts are independent of output lengths."""
+        mean_output = self.output.moment(1)
+        if mean_output <= 0:
+            return self.prompt_mean_tokens
+        return self.prompt_mean_tokens + self.output.moment(2) / (2.0 * mean_output)
+
+
+# --------------------------------------------------------------------------- unattainable
+
+
+@dataclass(frozen=True)
+class Unattainable:
+    """The part of the mix that misses the TTFT SLO even on an idle instance."""
+
+    share: float  # of requests
+    above_prompt_tokens: float | None  # prompt length from which the SLO is out of reach
+    idle_ttft_s_at_mean: float  # idle TTFT of a mean-length prompt (for the message)
+
+
+def transfer_s_per_token(kv_bytes_per_token: float, link_gbps: float) -> float:
+    """Seconds per prompt token to ship its KV cache over an idle link of ``link_gbps``."""
+    return float(kv_transfer_s(1.0, kv_bytes_per_token, link_gbps))
+
+
+def idle_ttft_s(
+    perf: InstancePerf,
+    prompt_tokens: np.ndarray | float,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float = 1.0,
+) -> np.ndarray:
+    """TTFT on an idle instance and idle link: own prefill latency (one prompt alone,
+    ``perf.prefill_latency_s``, times the learnt factor) + KV transfer + one decode
+    step (the first token streams from the decode instance)."""
+    prompt = np.asarray(prompt_tokens, dtype=float)
+    own: np.ndarray = perf.prefill_latency_s(prompt) * latency_factor
+    return own + prompt * transfer_s_per_token + decode_first_step_s
+
+
+def unattainable(
+    perf: InstancePerf,
+    mix: RequestMix,
+    ttft_slo_s: float,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float = 1.0,
+) -> Unattainable:
+    """The share of the mix whose TTFT exceeds the SLO even on an idle instance, and the
+    prompt length above which it does (``None``: every length in the mix is
+    attainable). Idle TTFT grows with the prompt, so the threshold is the one length
+    where it equals the SLO (bisection)."""
+    mean = mix.prompt_mean_tokens
+    at_mean = float(
+        idle_ttft_s(perf, mean, transfer_s_per_token, decode_first_step_s, latency_factor)
+    )
+    lengths, _ = mix.prompt.points()
+    longest = float(lengths.max()) if lengths.size else 0.0
+
+    def misses(tokens: float) -> bool:
+        ttft = idle_ttft_s(perf, tokens, transfer_s_per_token, decode_first_step_s, latency_factor)
+        return bool(ttft > ttft_slo_s)
+
+    if not misses(longest):
+        return Unattainable(0.0, None, at_mean)
+    if misses(0.0):  # not even an empty prompt: the fixed costs alone exceed the SLO
+        return Unattainable(1.0, 0.0, at_mean)
+    lo, hi = 0.0, longest
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if misses(mid) else (mid, hi)
+        if hi - lo <= 1e-6 * hi:
+            break
+    return Unattainable(1.0 - mix.prompt.cdf(lo), lo, at_mean)
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+@dataclass(frozen=True)
+class PrefillCapacity:
+    """What one prefill instance sustains within the TTFT SLO for a mix."""
+
+    tps_per_instance: float  # prompt tokens/s of attainable requests at the SLO
+    utilisation: float  # the busy fraction at that rate (rho)
+    sustained_tps_per_instance: float  # at 100 % busy (compute, or the link if slower)
+    work_per_token: float  # compute-equivalent FLOPs per attainable prompt token
+    wait_s: float  # mean queue wait at that rate (G/G/c)
+    ttft_quantile_s: float  # the TTFT at the SLO quantile at that rate
+    instances: int  # servers assumed for the queue
+    unattainable: Unattainable
+
+    def demand_tps(self, perf: InstancePerf, mix: RequestMix, prompt_tps: float) -> float:
+        """Observed prompt tokens/s (every request, unattainable ones included) as
+        tokens/s of the attainable mix, so it can be divided by ``tps_per_instance``:
+        unattainable requests are still served and their long, dear prompts take
+        instance time; only the SLO is not chased for them."""
+        lengths, weights = mix.prompt.points()
+        tokens = float(weights @ lengths)
+        if tokens <= 0 or self.work_per_token <= 0:
+            return prompt_tps
+        all_work_per_token = float(weights @ perf.prefill_work(lengths)) / tokens
+        return prompt_tps * all_work_per_token / self.work_per_token
+
+
+class _PrefillQueue:
+    """The prefill pool as one G/G/c queue for (the part up to ``upper`` of) a mix."""
+
+    def __init__(
+        self,
+        perf: InstancePerf,
+        mix: RequestMix,
+        transfer_s_per_token: float,
+        decode_first_step_s: float,
+        latency_factor: float,
+        instances: int,
+        upper: float | None,
+    ):
+        lengths, weights = mix.prompt.points(upper)
+        mass = float(weights.sum())
+        self.empty = mass <= 0 or not perf.fits or float(weights @ lengths) <= 0
+        self.instances = max(int(instances), 1)
+        self.weights = weights / mass if mass > 0 else weights
+        self.transfer_s = lengths * transfer_s_per_token
+        self.transfer_s_per_token = transfer_s_per_token
+        # Own latency (one prompt alone) and the first decode step do not depend on load.
+        self.fixed_s = perf.prefill_latency_s(lengths) * latency_factor + decode_first_step_s
+        if self.empty:
+            self.work_per_token = self.sustained_tps = self.mean_service_s = 0.0
+            self.service_scv = 0.0
+            return
+        work = perf.prefill_work(lengths)
+        mean_work = float(self.weights @ work)
+        mean_tokens = float(self.weights @ lengths)
+        self.work_per_token = mean_work / mean_tokens
+        # A busy instance batches prompts: it sustains its compute at the fitted
+        # efficiency (perfmodel assumption 5), slower by the learnt factor ...
+        compute_tps = perf.prefill_capacity_work_per_s / latency_factor / self.work_per_token
+        # ... and cannot ship KV cache faster than its link (assumption 6).
+        link_tps = 1.0 / transfer_s_per_token if transfer_s_per_token > 0 else math.inf
+        self.sustained_tps = min(compute_tps, link_tps)
+        # The mean prompt's service time at the sustained rate; its CV is that of the
+        # work (attention makes work grow faster than tokens).
+        self.mean_service_s = mean_tokens / self.sustained_tps
+        self.service_scv = float(self.weights @ (work - mean_work) ** 2) / mean_work**2
+
+    def wait(self, rho: float) -> tuple[float, float]:
+        """(mean wait, probability of waiting) at utilisation ``rho``."""
+        mean = ggc_wait_s(
+            rho, self.instances, self.mean_service_s, POISSON_ARRIVAL_SCV + self.service_scv
+        )
+        return mean, ggc_wait_probability(rho, self.instances)
+
+    def _ready_s(self, rho: float) -> np.ndarray:
+        """Per point: TTFT without the queue wait at utilisation ``rho``."""
+        link_rho = min(rho * self.sustained_tps * self.transfer_s_per_token, MAX_GGC_UTILISATION)
+        ready: np.ndarray = self.fixed_s + self.transfer_s / (1.0 - link_rho)
+        return ready
+
+    def attainment(self, rho: float, ttft_s: float) -> float:
+        """Share of the requests with TTFT <= ``ttft_s`` at utilisation ``rho``."""
+        slack = ttft_s - self._ready_s(rho)
+        mean, p_wait = self.wait(rho)
+        if p_wait <= 0 or mean <= 0:
+            return float(self.weights @ (slack >= 0))
+        conditional = mean / p_wait
+        ok = 1.0 - p_wait * np.exp(-np.maximum(slack, 0.0) / conditional)
+        return float(self.weights @ np.where(slack >= 0, ok, 0.0))
+
+    def ttft_quantile_s(self, rho: float, quantile: float) -> float:
+        """The TTFT at ``quantile`` (attainment is monotone in the bound: bisection)."""
+        ready = self._ready_s(rho)
+        mean, p_wait = self.wait(rho)
+        lo = float(ready.min())
+        tail = mean / p_wait * math.log(max(p_wait / max(1.0 - quantile, 1e-12), 1.0))
+        hi = float(ready.max()) + (tail if p_wait > 0 else 0.0) + 1e-9
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.attainment(rho, mid) < quantile else (lo, mid)
+            if hi - lo < 1e-6:
+                break
+        return hi
+
+
+def prefill_capacity(
+    perf: InstancePerf,
+    mix: RequestMix,
+    ttft_slo_s: float,
+    quantile: float,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    instances_hint: int,
+    latency_factor: float = 1.0,
+) -> PrefillCapacity:
+    """Prompt tokens/s per prefill instance at which the TTFT at the SLO ``quantile``
+    over the attainable part of ``mix`` stays within ``ttft_slo_s``.
+
+    The model (each item a modelling choice; no number here is fitted to a case):
+
+    - **TTFT** = queue wait + own prefill latency + KV transfer + one decode step
+      (``decode_first_step_s``: the first token streams from the decode instance; the
+      caller passes the decode step at its operating point, at most the TBT SLO).
+    - **Own latency**: ``perf.prefill_latency_s`` of the prompt alone (batch 1), times
+      ``latency_factor`` (the online correction).
+    - **Work and sustained rate**: a busy instance batches prompts and sustains
+      ``perf.prefill_capacity_work_per_s`` compute-equivalent FLOPs/s (perfmodel
+      assumption 5); a prompt costs ``perf.prefill_work`` (linear layers + causal
+      attention, so long prompts cost more per token). The sustained rate in prompt
+      tokens/s is that divided by the mix's work per token ``E[work] / E[tokens]``,
+      and no more than the link ships KV cache (``1 / transfer_s_per_token``).
+    - **Queue wait**: the instances are ``instances_hint`` servers of one G/G/c queue
+      (a shared scheduler in front of them). Its mean is Allen-Cunneen
+      (``ggc_wait_s``) with Poisson arrivals (squared CV 1: many independent clients)
+      and the squared CV of the work per prompt over the mix, the service time being
+      the mean prompt at the sustained rate. Its *spread* has the M/M/c form: no wait
+      with probability ``1 - P_w`` (``ggc_wait_probability``, the Erlang-C
+      approximation inside Allen-Cunneen), else exponential with mean
+      ``E[W] / P_w`` (exact for M/M/c; for G/G/c its mean is Allen-Cunneen's). The
+      wait is independent of the request's own prompt (FIFO).
+    - **KV transfer**: ``prompt x transfer_s_per_token`` on an idle link, times
+      ``1 / (1 - link utilisation)`` (M/M/1 sojourn on the instance's shared link).
+    - **Quantile**: a rate meets the SLO when at least ``quantile`` of the attainable
+      requests have TTFT <= SLO, i.e. the mixture over the prompt lengths (histogram
+      points) of ``P(wait <= SLO - rest of TTFT)`` is at least ``quantile``.
+    - **Unattainable requests** (above :func:`unattainable`'s threshold) are left out
+      of the quantile, the work per token and the service-time CV: no capacity helps
+      them, and letting them in would let a few of them size the pool. Their work
+      still has to be served: :meth:`PrefillCapacity.demand_tps` converts the
+      observed prompt rate into tokens of the attainable mix.
+    - **Solve**: attainment falls as the utilisation ``rho`` rises; the highest
+      ``rho`` in ``[0, MAX_GGC_UTILISATION]`` that meets the SLO is found by
+      bisection, and the capacity is ``rho x`` the sustained rate. Capacity per
+      instance grows with ``instances_hint`` (pooling): :func:`prefill_instances_for`
+      finds the count consistent with a demand.
+    """
+    instances = max(int(instances_hint), 1)
+    lost = unattainable(
+        perf, mix, ttft_slo_s, transfer_s_per_token, decode_first_step_s, latency_factor
+    )
+    queue = _PrefillQueue(
+        perf,
+        mix,
+        transfer_s_per_token,
+        decode_first_step_s,
+        latency_factor,
+        instances,
+        lost.above_prompt_tokens,
+    )
+    if queue.empty:  # nothing attainable, or the model does not fit
+        return PrefillCapacity(0.0, 0.0, 0.0, 0.0, 0.0, math.inf, instances, lost)
+
+    def meets(rho: float) -> bool:
+        return queue.attainment(rho, ttft_slo_s) >= quantile
+
+    lo, hi = 0.0, MAX_GGC_UTILISATION
+    if meets(hi):
+        lo = hi
+    else:
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+            if hi - lo < 1e-5:
+                break
+    return PrefillCapacity(
+        tps_per_instance=lo * queue.sustained_tps,
+        utilisation=lo,
+        sustained_tps_per_instance=queue.sustained_tps,
+        work_per_token=queue.work_per_token,
+        wait_s=queue.wait(lo)[0],
+        ttft_quantile_s=queue.ttft_quantile_s(lo, quantile),
+        instances=instances,
+        unattainable=lost,
+    )
+
+
+def prefill_instances_for(
+    demand_tps: float,
+    perf: InstancePerf,
+    mix: RequestMix,
+    ttft_slo_s: float,
+    quantile: float,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float = 1.0,
+    max_instances: int = 4096,
+) -> tuple[int, PrefillCapacity]:
+    """The fewest instances ``n`` whose capacity at ``n`` servers covers
+    ``demand_tps`` (attainable-mix tokens/s, see ``PrefillCapacity.demand_tps``), and
+    that capacity. ``n x capacity(n)`` grows with ``n`` (a larger pool queues less),
+    so a bisection over ``n`` finds it; ``max_instances`` when even that is short."""
+
+    def at(n: int) -> PrefillCapacity:
+        return prefill_capacity(
+            perf,
+            mix,
+            ttft_slo_s,
+            quantile,
+            transfer_s_per_token,
+            decode_first_step_s,
+            n,
+            latency_factor,
+        )
+
+    lo, hi = 1, max(int(max_instances), 1)
+    cap = at(lo)
+    if demand_tps <= cap.tps_per_instance:
+        return lo, cap
+    # Never fewer than the sustained rate allows: start the bracket there.
+    if cap.sustained_tps_per_instance > 0:
+        lo = min(max(lo, math.ceil(demand_tps / cap.sustained_tps_per_instance) - 1), hi)
+    top = at(hi)
+    if hi * top.tps_per_instance < demand_tps:
+        return hi, top
+    while hi - lo > 1:  # invariant: lo falls short (or is 1 below the floor), hi covers
+        mid = (lo + hi) // 2
+        if mid * at(mid).tps_per_instance >= demand_tps:
+            hi = mid
+        else:
+            lo = mid
+    return hi, at(hi)
+
+
+def predicted_ttft_s(
+    perf: InstancePerf,
+    mix: RequestMix,
+    quantile: float,
+    prompt_tps_per_instance: float,
+    instances: int,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float = 1.0,
+) -> float:
+    """The model's TTFT at the SLO quantile over the whole mix (as observed:
+    unattainable requests included) when each of ``instances`` instances receives
+    ``prompt_tps_per_instance``; ``inf`` at or beyond saturation."""
+    queue = _PrefillQueue(
+        perf, mix, transfer_s_per_token, decode_first_step_s, latency_factor, instances, None
+    )
+    if queue.empty:
+        return math.inf
+    rho = prompt_tps_per_instance / queue.sustained_tps
+    if rho >= MAX_GGC_UTILISATION:
+        return math.inf
+    return queue.ttft_quantile_s(rho, quantile)
+
+
+# --------------------------------------------------------------------------- decode
+
+DecodeLimit = Literal["tbt_slo", "max_batch", "kv_cache"]
+
+
+@dataclass(frozen=True)
+class DecodeCapacity:
+    """What one decode instance sustains within the TBT SLO for a mix."""
+
+    tps_per_instance: float  # output tokens/s
+    batch: float  # sequences per instance at that rate
+    step_s: float  # step time (time between tokens) at that batch
+    context_tokens: float  # live context per sequence
+    limit: DecodeLimit
+
+
+def _step_s(perf: InstancePerf, batch: float, context: float, factor: float) -> float:
+    return float(perf.decode_step_s(batch, batch * context, context)) * factor
+
+
+def decode_capacity(
+    perf: InstancePerf,
+    mix: RequestMix,
+    tbt_slo_s: float,
+    latency_factor: float = 1.0,
+) -> DecodeCapacity:
+    """Output tokens/s per decode instance at the largest batch whose step time meets
+    ``tbt_slo_s``, at the mix's live context (:attr:`RequestMix.live_context_tokens`),
+    within ``perf.max_batch`` and the KV cache.
+
+    - Every sequence of a batch advances one token per step, so an instance at batch
+      ``b`` emits ``b / step(b)`` tokens/s; that grows with ``b`` (the step has a fixed
+      part), so the capacity sits at the largest allowed batch.
+    - The SLO-bound batch is where ``step(b) x latency_factor = tbt_slo_s``; its rate
+      agrees with ``perf.decode_capacity_tps`` (which searches a grid of batches).
+    - KV cache: admission reserves a sequence's prompt plus its output (no
+      preemption), so at most ``kv_capacity / (E[prompt] + E[output])`` sequences fit.
+    """
+    context = mix.live_context_tokens
+    zero = DecodeCapacity(0.0, 0.0, 0.0, context, "tbt_slo")
+    if not perf.fits:
+        return zero
+    reserve = mix.prompt_mean_tokens + mix.output_mean_tokens
+    kv_batch = perf.kv_capacity_tokens / max(reserve, 1.0)
+    limits: list[tuple[float, DecodeLimit]] = [
+        (float(perf.max_batch), "max_batch"),
+        (kv_batch, "kv_cache"),
+    ]
+    if _step_s(perf, 1.0, context, latency_factor) > tbt_slo_s:
+        return zero
+    top = min(b for b, _ in limits)
+    if top < 1.0:
+        return DecodeCapacity(0.0, 0.0, 0.0, context, "kv_cache")
+    if _step_s(perf, top, context, latency_factor) <= tbt_slo_s:
+        batch, limit = top, min(limits)[1]
+    else:
+        lo, hi = 1.0, top
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (
+                (mid, hi) if _step_s(perf, mid, context, latency_factor) <= tbt_slo_s else (lo, mid)
+            )
+            if hi - lo < 1e-6 * hi:
+                break
+        batch, limit = lo, "tbt_slo"
+    step = _step_s(perf, batch, context, latency_factor)
+    return DecodeCapacity(batch / step, batch, step, context, limit)
+
+
+# --------------------------------------------------------------------------- correction
+
+
+@dataclass(frozen=True)
+class LatencyCorrection:
+    """How much slower (> 1) or faster (< 1) each role's instances are than the model,
+    learnt online from latency. Immutable: ``updated`` returns a new one.
+
+    Each cycle an observation gives an *implied factor*: the factor at which the
+    model reproduces the observed latency (:func:`implied_decode_factor`,
+    :func:`implied_prefill_factor`). The stored factor moves towards it by an EWMA in
+    log space (so 2x too slow and 2x too fast weigh alike):
+    ``ln f' = (1 - SMOOTHING) ln f + SMOOTHING ln implied``, bounded to
+    ``[MIN_FACTOR, MAX_FACTOR]`` (a factor beyond these means a broken model or
+    broken metrics, not a calibration error: the bound keeps one bad signal from
+    halving or doubling the fleet).
+
+    Why ``SMOOTHING = 0.5``: with a steady implied factor the log error shrinks by
+    ``(1 - 0.5)`` per cycle, so a model 30 % off (``ln 1.3 = 0.26``) is within 3.3 %
+    after 3 cycles and 1.7 % after 4 (1.5-2 minutes at a 30 s cycle). Each cycle's
+    latency comes from a 60 s quantile window, which at a 30 s cycle overlaps the
+    previous one by half: a cycle brings about half new information, and weighting it
+    by one half matches that. The EWMA's variance is ``0.5 / (2 - 0.5) = 1/3`` of one
+    observation's, so one noisy window moves capacity by a third of its error.
+    """
+
+    prefill: float = 1.0
+    decode: float = 1.0
+
+    SMOOTHING = 0.5
+    MIN_FACTOR = 0.5
+    MAX_FACTOR = 2.0
+
+    def factor(self, role: Role) -> float:
+        return self.prefill if role == "prefill" else self.decode
+
+    def updated(self, role: Role, implied_factor: float | None) -> LatencyCorrection:
+        """After one observation (``None``, NaN or non-positive: unchanged)."""
+        if implied_factor is None or not math.isfinite(implied_factor) or implied_factor <= 0:
+            return self
+        target = min(max(implied_factor, self.MIN_FACTOR), self.MAX_FACTOR)
+        old = self.factor(role)
+        new = math.exp((1.0 - self.SMOOTHING) * math.log(old) + self.SMOOTHING * math.log(target))
+        new = min(max(new, self.MIN_FACTOR), self.MAX_FACTOR)
+        return replace(self, **{role: new})
+
+    def to_extra(self) -> tuple[tuple[str, float], ...]:
+        """As ``PolicyHistory.extra`` entries."""
+        return (("latency_factor_prefill", self.prefill), ("latency_factor_decode", self.decode))
+
+    @classmethod
+    def from_extra(cls, extra: Iterable[tuple[str, float]]) -> LatencyCorrection:
+        values = dict(extra)
+        return cls(
+            prefill=float(values.get("latency_factor_prefill", 1.0)),
+            decode=float(values.get("latency_factor_decode", 1.0)),
+        )
+
+
+def implied_decode_factor(
+    perf: InstancePerf,
+    mix: RequestMix,
+    observed_tbt_s: float,
+    output_tps_per_instance: float,
+) -> float | None:
+    """The factor by which the real decode step is slower than the model's.
+
+    At ``output_tps_per_instance`` with a step of ``observed_tbt_s``, an instance holds
+    ``b = tps x tbt`` sequences (Little's law: every sequence emits one token per
+    step); the model's step at that batch and the mix's live context is the
+    prediction, and ``observed / predicted`` is the factor (the step scales with it
+    one to one). ``None`` without load or latency to compare."""
+    if not (observed_tbt_s > 0 and output_tps_per_instance > 0) or not perf.fits:
+        return None
+    if not (math.isfinite(observed_tbt_s) and math.isfinite(output_tps_per_instance)):
+        return None
+    batch = max(output_tps_per_instance * observed_tbt_s, 1.0)
+    predicted = _step_s(perf, batch, mix.live_context_tokens, 1.0)
+    return observed_tbt_s / predicted if predicted > 0 else None
+
+
+def implied_prefill_factor(
+    perf: InstancePerf,
+    mix: RequestMix,
+    observed_ttft_s: float,
+    quantile: float,
+    prompt_tps_per_instance: float,
+    instances: int,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+) -> float | None:
+    """The factor at which the model's TTFT (:func:`predicted_ttft_s`) equals the
+    observed one at the observed load. Not the plain ratio of TTFTs: only the
+    prefill part of TTFT scales with the instance's speed (transfer and the decode step
+    do not), and near saturation the wait grows much faster than the speed factor, so
+    a plain ratio would over-correct. TTFT grows with the factor, so bisection over
+    ``[MIN_FACTOR, MAX_FACTOR]`` inverts it; outside that range the bound is
+    returned. ``None`` without a usable observation."""
+    if not (math.isfinite(observed_ttft_s) and observed_ttft_s > 0):
+        return None
+    if not (math.isfinite(prompt_tps_per_instance) and prompt_tps_per_instance >= 0):
+        return None
+
+    def within(factor: float) -> bool:
+        """Whether the model with ``factor`` predicts a TTFT quantile <= observed."""
+        queue = _PrefillQueue(
+            perf, mix, transfer_s_per_token, decode_first_step_s, factor, instances, None
+        )
+        if queue.empty:
+            return False
+        rho = prompt_tps_per_instance / queue.sustained_tps
+        return rho < MAX_GGC_UTILISATION and queue.attainment(rho, observed_ttft_s) >= quantile
+
+    lo, hi = LatencyCorrection.MIN_FACTOR, LatencyCorrection.MAX_FACTOR
+    if not within(lo):
+        return lo
+    if within(hi):
+        return hi
+    for _ in range(_BISECTION_STEPS):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+        if hi / lo - 1.0 < 1e-6:
+            break
+    return math.sqrt(lo * hi)
+
+
+# --------------------------------------------------------------------------- together
+
+
+@dataclass(frozen=True)
+class RoleCapacities:
+    """Per-instance capacity of both roles for one service, and why."""
+
+    prefill_gpu_type: str
+    decode_gpu_type: str
+    prefill: PrefillCapacity
+    decode: DecodeCapacity
+    correction: LatencyCorrection
+    prompt_mean_tokens: float
+    output_mean_tokens: float
+
+    @property
+    def prefill_tps_per_instance(self) -> float:
+        return self.prefill.tps_per_instance
+
+    @property
+    def decode_tps_per_instance(self) -> float:
+        return self.decode.tps_per_instance
+
+    def explain(self) -> str:
+        """One line for the decision's reasons."""
+        p, d, lost = self.prefill, self.decode, self.prefill.unattainable
+        unattainable_text = (
+            f"; {lost.share:.2%} of requests unattainable (prompts > "
+            f"{lost.above_prompt_tokens:.0f} tokens miss TTFT even on an idle instance)"
+            if lost.above_prompt_tokens is not None
+            else ""
+        )
+        return (
+            f"capacity from the model for prompts ~{self.prompt_mean_tokens:.0f} / outputs "
+            f"~{self.output_mean_tokens:.0f} tokens: prefill {p.tps_per_instance:.0f} prompt "
+            f"tokens/s per {self.prefill_gpu_type} instance ({p.utilisation:.0%} busy at "
+            f"{p.instances} instances, TTFT q {p.ttft_quantile_s * 1000:.0f} ms), decode "
+            f"{d.tps_per_instance:.0f} output tokens/s per {self.decode_gpu_type} instance "
+            f"(batch {d.batch:.0f}, step {d.step_s * 1000:.1f} ms, bound by {d.limit}); "
+            f"latency factors prefill x{self.correction.prefill:.2f}, decode "
+            f"x{self.correction.decode:.2f}{unattainable_text}"
+        )
+
+
+def role_capacities(
+    prefill_perf: InstancePerf,
+    decode_perf: InstancePerf,
+    mix: RequestMix,
+    *,
+    ttft_slo_s: float,
+    tbt_slo_s: float,
+    quantile: float,
+    link_gbps: float,
+    prefill_instances_hint: int,
+    correction: LatencyCorrection | None = None,
+) -> RoleCapacities:
+    """Both roles' capacity for ``mix``: decode first, since its step time at the
+    operating point is the TTFT's last part (the first token)."""
+    correction = correction or LatencyCorrection()
+    decode = decode_capacity(decode_perf, mix, tbt_slo_s, correction.decode)
+    first_step_s = decode.step_s if decode.step_s > 0 else tbt_slo_s
+    prefill = prefill_capacity(
+        prefill_perf,
+        mix,
+        ttft_slo_s,
+        quantile,
+        transfer_s_per_token(prefill_perf.kv_bytes_per_token, link_gbps),
+        first_step_s,
+        prefill_instances_hint,
+        correction.prefill,
+    )
+    return RoleCapacities(
+        prefill_gpu_type=prefill_perf.gpu_type,
+        decode_gpu_type=decode_perf.gpu_type,
+        prefill=prefill,
+        decode=decode,
+        correction=correction,
+        prompt_mean_tokens=mix.prompt_mean_tokens,
+        output_mean_tokens=mix.output_mean_tokens,
+    )

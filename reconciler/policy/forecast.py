@@ -1,0 +1,349 @@
+"""A short-horizon demand forecaster for sizing at the time a new instance would serve
+(DESIGN.md, "Capacity from the model": start-up lag is covered by the forecast plus
+headroom from the forecaster's own recent errors).
+
+Pure and immutable: :func:`update` takes a :class:`ForecastState` and one demand
+sample and returns a new state; :func:`forecast` reads one. The state is plain floats
+and tuples (``to_extra`` / ``from_extra`` flatten it into ``PolicyHistory.extra``-style
+``(key, float)`` pairs), so it survives a restart like the other policy memory.
+
+The method, and where its numbers come from:
+
+- **Holt's linear method** (level + trend) on the demand sampled each cycle; what
+  :func:`forecast` returns (and what its errors are scored on) is that forecast but
+  never below the latest sample (:func:`_sizing_forecast`). Sampling
+  may be irregular (a cycle runs late, a sample is missing), so the smoothing
+  constants come from *spans* in seconds, per sample ``alpha = 2 / (span / dt + 1)``
+  (the usual EWMA span convention, whose mean age equals that of a ``span``-long
+  moving average). The level's span is one start-up (120 s: the demand a new
+  instance must meet is the one about a start-up from now, so the level should not
+  remember much older load); the trend's span is the minimum window (300 s: a slope
+  read from fewer than ~10 cycles of a noisy 60 s rate is mostly noise).
+- **A daily curve**: per time-of-day bin (96 of 15 minutes), the mean demand seen in
+  that bin, with a memory of about one day (a running mean over the first visit,
+  then an EWMA with weight ``dt / bin_s`` per sample, i.e. about one visit). Once a
+  full day of history exists the curve's factors (bin mean / mean of the bins,
+  linear between bin centres) deseasonalise the samples Holt sees and reseasonalise
+  the forecast, so the forecast turns at a daily peak instead of extrapolating the
+  morning ramp.
+- **Headroom**: every update files the forecast for each tracked horizon; when a
+  later sample arrives at its due time the relative error ``(actual - forecast) /
+  forecast`` is kept (the last ``error_window_s`` worth). The headroom at a horizon is
+  the ``error_quantile`` (0.95) of those errors, at least ``min_headroom``: a bursty
+  series under-forecasts more often and by more, and carries more headroom.
+- **Too little history**: with samples spanning less than ``window_s`` (5 minutes)
+  :func:`forecast` returns ``None``; the caller sizes for the current demand plus
+  ``min_headroom``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ForecastConfig:
+    """The forecaster's spans and windows (module docstring for each choice)."""
+
+    interval_s: float = 30.0  # the reconcile cycle: one sample each
+    level_span_s: float = 120.0  # one start-up
+    trend_span_s: float = 300.0  # the minimum window
+    window_s: float = 300.0  # history needed before any forecast
+    horizons_s: tuple[float, ...] = (150.0,)  # tracked for errors: start-up + one cycle
+    error_window_s: float = 3600.0  # errors kept (the last hour)
+    error_quantile: float = 0.95
+    min_headroom: float = 0.1  # the caller's configured floor
+    day_s: float = 86_400.0
+    day_bins: int = 96  # 15-minute bins
+    # Deseasonalising divides by the factor; a near-empty bin would turn noise into a
+    # huge level. Bins below this share of the day's mean count as this share.
+    min_daily_factor: float = 0.1
+
+    @property
+    def bin_s(self) -> float:
+        return self.day_s / self.day_bins
+
+    @property
+    def errors_kept(self) -> int:
+        return max(1, round(self.error_window_s / self.interval_s))
+
+
+@dataclass(frozen=True)
+class ForecastState:
+    """Everything the forecaster remembers (plain floats and tuples)."""
+
+    samples: int = 0
+    first_at_s: float = math.nan
+    last_at_s: float = math.nan
+    last_value: float = math.nan
+    level: float = 0.0  # deseasonalised once ``seasonal`` is set
+    trend: float = 0.0  # per second, same scale as ``level``
+    seasonal: float = 0.0  # 1.0 once the daily curve is in use
+    day_mean: tuple[float, ...] = ()  # mean demand per time-of-day bin
+    day_count: tuple[float, ...] = ()  # samples seen per bin (capped)
+    # Forecasts awaiting their actual value: (due_s, horizon index, forecast).
+    pending: tuple[tuple[float, float, float], ...] = ()
+    # Relative errors per tracked horizon, oldest first.
+    errors: tuple[tuple[float, ...], ...] = ()
+
+    def to_extra(self, prefix: str = "forecast") -> tuple[tuple[str, float], ...]:
+        """Flattened into ``(key, float)`` pairs (``PolicyHistory.extra``)."""
+        out: list[tuple[str, float]] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = f"{prefix}.{f.name}"
+            if isinstance(value, tuple):
+                out.append((f"{key}.n", float(len(value))))
+                for i, item in enumerate(value):
+                    if isinstance(item, tuple):
+                        out.append((f"{key}.{i}.n", float(len(item))))
+                        out += [(f"{key}.{i}.{j}", float(x)) for j, x in enumerate(item)]
+                    else:
+                        out.append((f"{key}.{i}", float(item)))
+            else:
+                out.append((key, float(value)))
+        return tuple(out)
+
+    @classmethod
+    def from_extra(
+        cls, extra: Iterable[tuple[str, float]], prefix: str = "forecast"
+    ) -> ForecastState:
+        """The inverse of :meth:`to_extra`; missing keys give a fresh state."""
+        values = {k: v for k, v in extra if k.startswith(prefix + ".")}
+        if not values:
+            return cls()
+        kwargs: dict[str, object] = {}
+        defaults = cls()
+        for f in fields(cls):
+            key = f"{prefix}.{f.name}"
+            default = getattr(defaults, f.name)
+            if isinstance(default, tuple):
+                count = int(values.get(f"{key}.n", 0))
+                items: list[object] = []
+                for i in range(count):
+                    inner = values.get(f"{key}.{i}.n")
+                    if inner is None:
+                        items.append(values[f"{key}.{i}"])
+                    else:
+                        items.append(tuple(values[f"{key}.{i}.{j}"] for j in range(int(inner))))
+                kwargs[f.name] = tuple(items)
+            elif f.name == "samples":
+                kwargs[f.name] = int(values.get(key, 0))
+            else:
+                kwargs[f.name] = float(values.get(key, default))
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Demand expected ``horizon_s`` from now, and the headroom to size with."""
+
+    demand: float
+    headroom: float  # fraction: size for demand x (1 + headroom)
+    horizon_s: float
+    errors_used: int  # errors behind the headroom (0: min_headroom alone)
+    seasonal: bool  # the daily curve shaped this forecast
+
+    @property
+    def with_headroom(self) -> float:
+        return self.demand * (1.0 + self.headroom)
+
+
+def _alpha(span_s: float, dt_s: float) -> float:
+    return 2.0 / (span_s / max(dt_s, 1e-9) + 1.0)
+
+
+def _daily_factor(state: ForecastState, config: ForecastConfig, at_s: float) -> float:
+    """The daily curve's factor at ``at_s`` (1.0 before it is in use); linear between
+    bin centres, wrapping around midnight."""
+    if not state.seasonal or not state.day_mean:
+        return 1.0
+    means = np.asarray(state.day_mean)
+    overall = float(means.mean())
+    if overall <= 0:
+        return 1.0
+    position = (at_s % config.day_s) / config.bin_s - 0.5
+    lo = math.floor(position)
+    frac = position - lo
+    bins = config.day_bins
+    value = (1.0 - frac) * means[lo % bins] + frac * means[(lo + 1) % bins]
+    return max(float(value) / overall, config.min_daily_factor)
+
+
+def _raw_forecast(
+    state: ForecastState, config: ForecastConfig, horizon_s: float
+) -> tuple[float, bool]:
+    at = state.last_at_s + horizon_s
+    if state.seasonal:
+        # With the daily curve carrying the day's shape, the trend is a deviation from
+        # it, read over ``trend_span_s``: damp it over that span instead of extrapolating
+        # it for hours (trend x tau x (1 - exp(-h / tau)), ~linear for h << tau).
+        tau = config.trend_span_s
+        drift = state.trend * tau * -math.expm1(-horizon_s / tau)
+    else:
+        drift = state.trend * horizon_s
+    value = (state.level + drift) * _daily_factor(state, config, at)
+    return max(value, 0.0), bool(state.seasonal)
+
+
+def _sizing_forecast(
+    state: ForecastState, config: ForecastConfig, horizon_s: float
+) -> tuple[float, bool]:
+    """What a planner sizes for: the forecast, never below the latest sample. Capacity
+    added now must also serve the demand of now, and a trend read from a noisy series
+    overshoots both ways; only the floor's errors matter for headroom (actual above
+    it), so they are what is scored."""
+    value, seasonal = _raw_forecast(state, config, horizon_s)
+    return max(value, state.last_value), seasonal
+
+
+def update(
+    state: ForecastState, at_s: float, demand: float, config: ForecastConfig | None = None
+) -> ForecastState:
+    """The state after one demand sample taken at ``at_s`` (non-finite or negative
+    samples, and samples not after the last one, leave it unchanged)."""
+    config = config or ForecastConfig()
+    if not math.isfinite(demand) or demand < 0 or not math.isfinite(at_s):
+        return state
+    if state.samples and at_s <= state.last_at_s:
+        return state
+    bins = config.day_bins
+    day_mean = list(state.day_mean) if state.day_mean else [0.0] * bins
+    day_count = list(state.day_count) if state.day_count else [0.0] * bins
+
+    # 1. Score the forecasts that fall due (the actual is this sample).
+    errors = [list(e) for e in state.errors] or [[] for _ in config.horizons_s]
+    pending: list[tuple[float, float, float]] = []
+    for due, index, predicted in state.pending:
+        if due <= at_s + config.interval_s / 2.0:
+            if at_s - due <= config.interval_s and predicted > 0:
+                errors[int(index)].append((demand - predicted) / predicted)
+        else:
+            pending.append((due, index, predicted))
+    kept = config.errors_kept
+    errors = [e[-kept:] for e in errors]
+
+    # 2. The daily curve: this sample joins its time-of-day bin.
+    b = int((at_s % config.day_s) // config.bin_s) % bins
+    per_visit = config.bin_s / config.interval_s
+    day_count[b] = min(day_count[b] + 1.0, per_visit)
+    day_mean[b] += (demand - day_mean[b]) / day_count[b]
+
+    # 3. Holt on the (deseasonalised) demand.
+    if state.samples == 0:
+        new = replace(
+            state,
+            samples=1,
+            first_at_s=at_s,
+            last_at_s=at_s,
+            last_value=demand,
+            level=demand,
+            trend=0.0,
+        )
+    else:
+        seasonal = state.seasonal
+        level, trend = state.level, state.trend
+        full_day = at_s - state.first_at_s >= config.day_s and all(c > 0 for c in day_count)
+        if not seasonal and full_day:
+            # Switch to the daily curve: re-base the level on the deseasonalised scale;
+            # the slope so far was mostly the daily ramp, which the curve now carries.
+            seasonal = 1.0
+            probe = replace(state, seasonal=1.0, day_mean=tuple(day_mean))
+            level = level / _daily_factor(probe, config, state.last_at_s)
+            trend = 0.0
+        probe = replace(state, seasonal=seasonal, day_mean=tuple(day_mean))
+        y = demand / _daily_factor(probe, config, at_s)
+        dt = at_s - state.last_at_s
+        a = _alpha(config.level_span_s, dt)
+        beta = _alpha(config.trend_span_s, dt)
+        new_level = a * y + (1.0 - a) * (level + trend * dt)
+        trend = beta * (new_level - level) / dt + (1.0 - beta) * trend
+        new = replace(
+            state,
+            samples=state.samples + 1,
+            last_at_s=at_s,
+            last_value=demand,
+            level=new_level,
+            trend=trend,
+            seasonal=seasonal,
+        )
+    new = replace(new, day_mean=tuple(day_mean), day_count=tuple(day_count))
+
+    # 4. File this cycle's forecasts for scoring (only once forecasts are made).
+    if _has_history(new, config):
+        for index, horizon in enumerate(config.horizons_s):
+            predicted, _ = _sizing_forecast(new, config, horizon)
+            pending.append((at_s + horizon, float(index), predicted))
+    return replace(new, pending=tuple(pending), errors=tuple(tuple(e) for e in errors))
+
+
+def _has_history(state: ForecastState, config: ForecastConfig) -> bool:
+    return state.samples > 1 and state.last_at_s - state.first_at_s >= config.window_s
+
+
+def headroom(
+    state: ForecastState, horizon_s: float, config: ForecastConfig | None = None
+) -> tuple[float, int]:
+    """(headroom fraction, errors behind it) at ``horizon_s``: the ``error_quantile`` of
+    the recent relative errors of the tracked horizon nearest at or above it (the
+    largest if none is), at least ``min_headroom``."""
+    config = config or ForecastConfig()
+    if not state.errors:
+        return config.min_headroom, 0
+    horizons = config.horizons_s
+    above = [i for i, h in enumerate(horizons) if h >= horizon_s]
+    index = min(above, key=lambda i: horizons[i]) if above else int(np.argmax(horizons))
+    recent = state.errors[index] if index < len(state.errors) else ()
+    if not recent:
+        return config.min_headroom, 0
+    upper = float(np.quantile(np.asarray(recent), config.error_quantile))
+    return max(upper, config.min_headroom), len(recent)
+
+
+def trend_forecast(
+    state: ForecastState, horizon_s: float, config: ForecastConfig | None = None
+) -> float | None:
+    """The model's own forecast (Holt, shaped by the daily curve once in use), without
+    the floor at the latest sample that :func:`forecast` applies for sizing."""
+    config = config or ForecastConfig()
+    if not _has_history(state, config):
+        return None
+    return _raw_forecast(state, config, horizon_s)[0]
+
+
+def forecast(
+    state: ForecastState, horizon_s: float, config: ForecastConfig | None = None
+) -> Forecast | None:
+    """Demand expected ``horizon_s`` after the last sample, with its headroom; ``None``
+    with less than ``window_s`` of history (the caller uses the current demand plus
+    ``min_headroom``)."""
+    config = config or ForecastConfig()
+    if not _has_history(state, config):
+        return None
+    demand, seasonal = _sizing_forecast(state, config, horizon_s)
+    room, used = headroom(state, horizon_s, config)
+    return Forecast(demand, room, horizon_s, used, seasonal)
+
+
+def stays_below(
+    state: ForecastState,
+    threshold: float,
+    window_s: float,
+    config: ForecastConfig | None = None,
+) -> bool:
+    """Scale-in guard: whether the forecast *with headroom* stays at or below
+    ``threshold`` at every cycle over the next ``window_s`` (the stabilisation window).
+    ``False`` without a forecast: no history, no evidence that demand will stay low."""
+    config = config or ForecastConfig()
+    if not _has_history(state, config):
+        return False
+    steps = max(1, math.ceil(window_s / config.interval_s))
+    for k in range(steps + 1):
+        predicted = forecast(state, min(k * config.interval_s, window_s), config)
+        if predicted is None or predicted.with_headroom > threshold:
+            return False
+    return True

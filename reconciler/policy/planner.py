@@ -1,0 +1,535 @@
+"""The SLO-guaranteed planner: the default ``heteroscale`` policy.
+
+It sizes prefill and decode from what it can know, not from hand-set targets: the
+performance model (``reconciler.perfmodel``, the one the simulator uses), the live
+request mix (the engines' prompt- and output-length histograms), the latency it
+observes, and a forecast of the demand at the time a new instance would serve.
+
+One cycle, in order (each step that changes a number says so in the message):
+
+1. **Signals.** Prompt tokens/s (``prefill_tps``) and output tokens/s
+   (``decode_tps``) must be usable (present, finite, fresh), else both roles hold:
+   a broken metric never scales in.
+2. **Mix.** The request mix from ``metrics.prompt_tokens`` / ``output_tokens``;
+   missing or stale, the last known mix (the message says from when). With no mix
+   ever seen and no override, the planner holds.
+3. **Latency correction.** In steady state (no instance of the role starting, load at
+   or below the model's capacity) the ratio of observed to predicted latency
+   corrects the model (``capacity.LatencyCorrection``: log-space EWMA, bounded).
+   Under overload the latency measures the queue, not the model, so it is not used.
+   Prefill takes only evidence of a slower instance (``_corrected`` says why).
+4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
+   prompt tokens/s at which the TTFT quantile of the attainable requests meets the
+   SLO; decode output tokens/s at the batch whose step time meets the TBT SLO at the
+   live context. ``scaling.prefill_target_per_instance`` / ``target_per_instance``,
+   when given, override the derived figure.
+5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
+   metrics window from now; each role's demand is forecast at that horizon
+   (``forecast``: Holt's trend plus the daily curve once a day of history exists) and
+   sized for ``max(now, forecast) x (1 + headroom)``, the headroom being the 95th
+   percentile of the forecaster's own recent errors at that horizon, at least
+   ``MIN_HEADROOM``: a bursty service carries more on its own. Too little history:
+   current demand x (1 + ``MIN_HEADROOM``).
+6. **Unattainable requests** (TTFT missed even on an idle instance) are left out of
+   the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
+   with the prompt length beyond which the SLO is out of reach, and never chased:
+   the TTFT tiers are skipped when they alone exceed the SLO's tail (``1 -
+   quantile``).
+7. **Latency tiers** stay as a safety net (the policy's ``latency_tiers``), damped: a
+   role with instances still starting does not escalate.
+8. **Shape and stabilisation** exactly as the paper policy
+   (``coordinated._shape``, ``coordinated.stabilise``): min/max, P/D ratio bounds,
+   whole groups, scale-out at once, scale-in only after the recommendation (which
+   includes the forecast and headroom) stayed lower for the whole scale-in window,
+   cooldown, max step. The P/D ratio is the outcome of sizing each role on its own;
+   when a bound keeps a role below what the SLO needs, the message says so.
+
+Everything is pure; the planner's memory (forecasters, correction, last mix) travels
+in ``PolicyHistory.planner``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
+from reconciler.policy.capacity import (
+    LatencyCorrection,
+    RequestMix,
+    RoleCapacities,
+    implied_decode_factor,
+    implied_prefill_factor,
+    role_capacities,
+    transfer_s_per_token,
+)
+from reconciler.policy.clamps import ceil_count
+from reconciler.policy.coordinated import (
+    _feedback_target,
+    _hold,
+    _reason,
+    _shape,
+    _trim_recommendations,
+    policy_numbers,
+    sample_problem,
+    stabilise,
+)
+from reconciler.policy.forecast import (
+    Forecast,
+    ForecastConfig,
+    ForecastState,
+    forecast,
+    update,
+)
+from reconciler.state import LengthBuckets, ServiceFleet, ServiceMetrics
+
+# The headroom floor: the rate signals are 60 s averages and Poisson arrivals at the
+# scale of one instance vary by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 %
+# within a minute; 10 % covers that spread before the forecaster has errors to go by.
+MIN_HEADROOM = 0.1
+# The reconcile interval the forecaster samples at (the loop's default).
+CYCLE_S = 30.0
+# The metrics window behind every rate (a PromQL rate over one minute).
+METRICS_WINDOW_S = 60.0
+# Capacities are cached per quantised mix: bucket shares rounded to this.
+_MIX_SHARE_STEP = 0.005
+_CACHE_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class PlannerMemory:
+    """What the planner remembers between cycles (immutable)."""
+
+    prefill_demand: ForecastState = field(default_factory=ForecastState)
+    decode_demand: ForecastState = field(default_factory=ForecastState)
+    correction: LatencyCorrection = field(default_factory=LatencyCorrection)
+    mix: RequestMix | None = None
+    mix_at_s: float | None = None
+
+
+@dataclass(frozen=True)
+class PerfContext:
+    """The performance model of one service's instances in its cluster."""
+
+    prefill: InstancePerf
+    decode: InstancePerf
+    link_gbps: float  # KV transfer inside one RDMA subgroup (a group's link)
+
+
+_perf_cache: dict[tuple[int, int], tuple[ServicePolicy, ClusterSpec, PerfContext | None]] = {}
+
+
+def perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | None:
+    """Each role's most preferred allowed GPU type that exists in the cluster and fits
+    the model; None when a role has none. Cached per (policy, cluster) object: hashing
+    a whole cluster model every cycle would cost more than the decision."""
+    key = (id(policy), id(cluster))
+    hit = _perf_cache.get(key)
+    if hit is not None and hit[0] is policy and hit[1] is cluster:
+        return hit[2]
+    context = _perf_context(policy, cluster)
+    if len(_perf_cache) > 4096:
+        _perf_cache.clear()
+    _perf_cache[key] = (policy, cluster, context)
+    return context
+
+
+def _perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | None:
+    perfs: list[InstancePerf] = []
+    for role in ("prefill", "decode"):
+        role_policy = policy.role(role)
+        chosen = None
+        for gpu_type in role_policy.preferred_gpu_types():
+            gpu = cluster.gpu_types.get(gpu_type)
+            if gpu is None:
+                continue
+            perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
+            if perf.fits:
+                chosen = perf
+                break
+        if chosen is None:
+            return None
+        perfs.append(chosen)
+    return PerfContext(perfs[0], perfs[1], cluster.network.rdma_gbps)
+
+
+def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float]:
+    """The forecaster's settings for a policy, and each role's horizon: start-up, plus
+    one cycle until the decision, plus the metrics window until the load shows. The
+    headroom is the SLO quantile of the recent errors: the SLO asks latency to hold
+    for that share of requests, the headroom asks capacity to cover the demand for
+    that share of horizons (the scale-in window's maximum covers more)."""
+    return _forecast_config(policy.prefill.startup_s, policy.decode.startup_s, policy.slo.quantile)
+
+
+@lru_cache(maxsize=1024)
+def _forecast_config(
+    prefill_startup_s: float, decode_startup_s: float, quantile: float
+) -> tuple[ForecastConfig, float, float]:
+    horizons = tuple(
+        startup_s + CYCLE_S + METRICS_WINDOW_S
+        for startup_s in (prefill_startup_s, decode_startup_s)
+    )
+    config = ForecastConfig(
+        interval_s=CYCLE_S,
+        level_span_s=max(prefill_startup_s, decode_startup_s, CYCLE_S),
+        horizons_s=tuple(sorted(set(horizons))),
+        error_quantile=quantile,
+        min_headroom=MIN_HEADROOM,
+    )
+    return config, horizons[0], horizons[1]
+
+
+def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> RequestMix | None:
+    prompt, output = metrics.prompt_tokens, metrics.output_tokens
+    if not (_usable(prompt, now_s, max_age_s) and _usable(output, now_s, max_age_s)):
+        return None
+    assert prompt is not None and output is not None
+    return RequestMix.from_cumulative(
+        zip(prompt.le, prompt.cumulative, strict=True),
+        zip(output.le, output.cumulative, strict=True),
+    )
+
+
+def _usable(buckets: LengthBuckets | None, now_s: float, max_age_s: float) -> bool:
+    return buckets is not None and buckets.is_usable(now_s, max_age_s)
+
+
+def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mix as bucket shares rounded to ``_MIX_SHARE_STEP``: mixes that differ by
+    less share one cached capacity (far below what moves an instance count)."""
+
+    def shares(counts: tuple[float, ...]) -> tuple[float, ...]:
+        total = sum(counts) or 1.0
+        return tuple(round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts)
+
+    return (
+        mix.prompt.bounds + shares(mix.prompt.counts),
+        mix.output.bounds + shares(mix.output.counts),
+    )
+
+
+_capacity_cache: OrderedDict[tuple[object, ...], RoleCapacities] = OrderedDict()
+
+
+def capacities_for(
+    policy: ServicePolicy,
+    perf: PerfContext,
+    mix: RequestMix,
+    instances_hint: int,
+    correction: LatencyCorrection,
+) -> RoleCapacities:
+    """``capacity.role_capacities`` for the policy's SLO, cached per quantised mix,
+    instance count and correction (a decision must stay cheap at 1,000 services)."""
+    key = (
+        policy.slo.ttft_ms,
+        policy.slo.tbt_ms,
+        policy.slo.quantile,
+        id(perf),  # contexts are cached per (policy, cluster): stable while in use
+        _mix_key(mix),
+        instances_hint,
+        round(correction.prefill, 3),
+        round(correction.decode, 3),
+    )
+    cached = _capacity_cache.get(key)
+    if cached is not None:
+        _capacity_cache.move_to_end(key)
+        return cached
+    result = role_capacities(
+        perf.prefill,
+        perf.decode,
+        mix,
+        ttft_slo_s=policy.slo.ttft_ms / 1000.0,
+        tbt_slo_s=policy.slo.tbt_ms / 1000.0,
+        quantile=policy.slo.quantile,
+        link_gbps=perf.link_gbps,
+        prefill_instances_hint=max(1, instances_hint),
+        correction=correction,
+    )
+    _capacity_cache[key] = result
+    if len(_capacity_cache) > _CACHE_SIZE:
+        _capacity_cache.popitem(last=False)
+    return result
+
+
+def _sized_demand(now_tps: float, predicted: Forecast | None) -> tuple[float, str]:
+    """The demand to size for, and how it was found."""
+    if predicted is None:
+        demand = now_tps * (1.0 + MIN_HEADROOM)
+        return demand, f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history)"
+    return predicted.with_headroom, (
+        f"{predicted.demand:.0f} forecast in {predicted.horizon_s:.0f} s ({now_tps:.0f} now) "
+        f"+{predicted.headroom:.0%} headroom"
+    )
+
+
+def plan_decide(
+    policy: ServicePolicy,
+    fleet: ServiceFleet,
+    metrics: ServiceMetrics,
+    history: PolicyHistory,
+    now_s: float,
+    perf: PerfContext | None,
+) -> Decision:
+    """The planner's decision for one service at ``now_s`` (module docstring)."""
+    n = policy_numbers(policy)
+    current = [
+        fleet.prefill.ready + fleet.prefill.starting,
+        fleet.decode.ready + fleet.decode.starting,
+    ]
+    ready = [fleet.prefill.ready, fleet.decode.ready]
+    starting = [fleet.prefill.starting, fleet.decode.starting]
+    past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
+    memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
+    clamps: list[Clamp] = []
+    parts: list[str] = []
+
+    # 1. Signals.
+    for name in ("prefill_tps", "decode_tps"):
+        problem = sample_problem(getattr(metrics, name), name, now_s, n.metric_max_age_s)
+        if problem is not None:
+            return _hold(n, current, history, past, history.kv_usage, now_s, problem)
+    prefill_tps = metrics.prefill_tps.value  # type: ignore[union-attr]
+    decode_tps = metrics.decode_tps.value  # type: ignore[union-attr]
+
+    # 2. Mix.
+    mix = _mix_from(metrics, now_s, n.metric_max_age_s)
+    if mix is not None:
+        memory = replace(memory, mix=mix, mix_at_s=now_s)
+    elif memory.mix is not None:
+        mix = memory.mix
+        parts.append(f"request mix missing: the last known one (t={memory.mix_at_s:.0f} s)")
+
+    # 5 (first, it only needs demand). Demand at each role's horizon.
+    config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
+    prefill_state = update(memory.prefill_demand, now_s, prefill_tps, config)
+    decode_state = update(memory.decode_demand, now_s, decode_tps, config)
+    memory = replace(memory, prefill_demand=prefill_state, decode_demand=decode_state)
+    prefill_demand, prefill_how = _sized_demand(
+        prefill_tps, forecast(prefill_state, horizon_prefill_s, config)
+    )
+    decode_demand, decode_how = _sized_demand(
+        decode_tps, forecast(decode_state, horizon_decode_s, config)
+    )
+
+    # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
+    override_prefill = policy.scaling.prefill_target_per_instance
+    override_decode = policy.scaling.target_per_instance if n.metric == "decode_tps" else None
+    caps: RoleCapacities | None = None
+    if perf is not None and mix is not None:
+        correction = _corrected(memory.correction, policy, perf, mix, metrics, ready, starting)
+        memory = replace(memory, correction=correction)
+        caps = capacities_for(policy, perf, mix, current[0], correction)
+    if caps is None and (override_prefill is None or override_decode is None):
+        why = "no request mix observed yet" if perf is not None else "no GPU type of a role fits"
+        return _hold(
+            n,
+            current,
+            replace(history, planner=memory),
+            past,
+            history.kv_usage,
+            now_s,
+            f"{why} and no target_per_instance to size from",
+        )
+
+    wants = [0, 0]
+    unattainable_share = 0.0
+    if override_prefill is not None:
+        wants[0] = ceil_count(prefill_demand / override_prefill)
+        parts.append(
+            f"prefill {prefill_how} = {prefill_demand:.0f} prompt tokens/s / "
+            f"{override_prefill:g} per instance (override) -> {wants[0]}"
+        )
+    else:
+        assert caps is not None and perf is not None and mix is not None
+        attainable_tps = caps.prefill.demand_tps(perf.prefill, mix, prefill_demand)
+        wants[0] = ceil_count(attainable_tps / caps.prefill_tps_per_instance)
+        parts.append(
+            f"prefill {prefill_how} = {prefill_demand:.0f} prompt tokens/s / "
+            f"{caps.prefill_tps_per_instance:.0f} per instance -> {wants[0]}"
+        )
+    if override_decode is not None:
+        wants[1] = ceil_count(decode_demand / override_decode)
+        parts.append(
+            f"decode {decode_how} = {decode_demand:.0f} output tokens/s / "
+            f"{override_decode:g} per instance (override) -> {wants[1]}"
+        )
+    else:
+        assert caps is not None
+        wants[1] = ceil_count(decode_demand / caps.decode_tps_per_instance)
+        parts.append(
+            f"decode {decode_how} = {decode_demand:.0f} output tokens/s / "
+            f"{caps.decode_tps_per_instance:.0f} per instance -> {wants[1]}"
+        )
+    if caps is not None:
+        parts.append(caps.explain())
+        unattainable_share = caps.prefill.unattainable.share
+
+    # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
+    fired: list[str | None] = [None, None]
+    tail = 1.0 - policy.slo.quantile
+    for rule in n.latency_rules:
+        sample = getattr(metrics, rule.metric)
+        if sample_problem(sample, rule.metric, now_s, n.metric_max_age_s) is not None:
+            continue
+        of_slo = sample.value / rule.slo_ms
+        tier = next((t for t in rule.tiers if of_slo > t[0]), None)
+        if tier is None:
+            continue
+        ri = rule.role_index
+        if rule.metric == "ttft" and unattainable_share >= tail:
+            parts.append(
+                f"ttft {sample.value:.0f} ms above SLO, but {unattainable_share:.1%} of "
+                f"requests cannot meet it on any instance (> the {tail:.0%} tail): not chased"
+            )
+            continue
+        if starting[ri] > 0:
+            parts.append(
+                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: "
+                f"{starting[ri]} {rule.role} instances still starting, no escalation"
+            )
+            continue
+        asked = _feedback_target(ready[ri], tier[1])
+        if asked > wants[ri]:
+            wants[ri] = asked
+            fired[ri] = "latency"
+        parts.append(
+            f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO > {tier[0]:g}: "
+            f"{rule.role} +{tier[1]:g}% of {ready[ri]} ready -> {asked}"
+        )
+
+    # 8. Shape, then say when a bound keeps a role below what the SLO needs.
+    recommendation = _shape(n, wants[0], wants[1], clamps)
+    for ri, role in enumerate(("prefill", "decode")):
+        if recommendation[ri] < wants[ri]:
+            limit = next(
+                (c for c in reversed(clamps) if c.role in (role, "both") and c.after < c.before),
+                None,
+            )
+            parts.append(
+                f"SLO at risk: {role} needs {wants[ri]}, "
+                f"{limit.name if limit else 'a bound'} allows {recommendation[ri]}"
+            )
+    prefill, decode = stabilise(n, recommendation, current, past, history, now_s, clamps)
+
+    within = recommendation == (current[0], current[1])
+    reason = _reason(current, prefill, decode, recommendation, within, fired)
+    message = "; ".join(parts)
+    if clamps:
+        message += (
+            "; clamps: "
+            + ", ".join(str(c) for c in clamps)
+            + f" => {prefill} prefill, {decode} decode (now {current[0]}, {current[1]})"
+        )
+    changed = prefill != current[0] or decode != current[1]
+    return Decision(
+        service=n.service,
+        prefill=prefill,
+        decode=decode,
+        reason=reason,
+        message=message,
+        clamps=tuple(clamps),
+        history=PolicyHistory(
+            recommendations=(*past, Recommendation(now_s, recommendation[0], recommendation[1])),
+            last_change_at_s=now_s if changed else history.last_change_at_s,
+            ttft_ms=history.ttft_ms,
+            tbt_ms=history.tbt_ms,
+            kv_usage=history.kv_usage,
+            dynamic_ratio=None,
+            extra=history.extra,
+            planner=memory,
+        ),
+    )
+
+
+def _corrected(
+    correction: LatencyCorrection,
+    policy: ServicePolicy,
+    perf: PerfContext,
+    mix: RequestMix,
+    metrics: ServiceMetrics,
+    ready: list[int],
+    starting: list[int],
+) -> LatencyCorrection:
+    """The correction updated from this cycle's latency, in steady state only (module
+    docstring, step 3): no instance of the role starting, and load at or below the
+    capacity the model (as corrected so far) gives it."""
+    slo = policy.slo
+    caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
+    tbt, ttft = metrics.tbt, metrics.ttft
+    decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
+    prefill_tps = metrics.prefill_tps.value if metrics.prefill_tps else math.nan
+    if tbt is not None and ready[1] > 0 and starting[1] == 0:
+        per_instance = decode_tps / ready[1]
+        if 0 < per_instance <= caps.decode_tps_per_instance:
+            correction = correction.updated(
+                "decode",
+                implied_decode_factor(perf.decode, mix, tbt.value / 1000.0, per_instance),
+            )
+    attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
+    if ttft is not None and ready[0] > 0 and starting[0] == 0 and attainable_tail:
+        per_instance = prefill_tps / ready[0]
+        if 0 < per_instance <= caps.prefill_tps_per_instance:
+            implied = implied_prefill_factor(
+                perf.prefill,
+                mix,
+                ttft.value / 1000.0,
+                slo.quantile,
+                per_instance,
+                ready[0],
+                transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps),
+                caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0,
+            )
+            # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
+            # (1-2-5): spread evenly within a wide bucket the model's tail sits too
+            # long, so observed TTFT below the prediction says as much about the
+            # buckets as about the instance. Evidence of a slower instance (> 1) is
+            # taken; a faster one never raises prefill capacity above the model's.
+            if implied is not None:
+                correction = correction.updated("prefill", max(1.0, implied))
+    return correction
+
+
+class PlannerAutoscaler:
+    """The default policy (``heteroscale``): ``plan_decide`` with the service's
+    performance model taken from its cluster."""
+
+    name = "heteroscale"
+
+    def decide_in_cluster(
+        self,
+        cluster: ClusterSpec,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision:
+        return plan_decide(policy, fleet, metrics, history, now_s, perf_context(policy, cluster))
+
+    def decide(
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision:
+        """Without the cluster: sizes only from the policy's overrides (else holds)."""
+        return plan_decide(policy, fleet, metrics, history, now_s, None)
+
+
+__all__ = [
+    "MIN_HEADROOM",
+    "PerfContext",
+    "PlannerAutoscaler",
+    "PlannerMemory",
+    "capacities_for",
+    "forecast_config",
+    "perf_context",
+    "plan_decide",
+]

@@ -1,0 +1,242 @@
+"""External autoscalers in the simulator's loop: ``--policies python:MODULE:CLASS``.
+
+A plugin is any class with a constructor taking the service's validated
+``ServicePolicy`` and a ``decide(observation)`` method returning
+``(prefill_instances, decode_instances)``::
+
+    class Planner:
+        def __init__(self, service):
+            self.slo_ttft_ms = service.slo.ttft_ms
+
+        def decide(self, observation):
+            rps = observation.requests_per_s or 0.0
+            return max(1, round(rps / 4)), max(1, round(rps / 2))
+
+``MODULE`` is imported from the working directory or ``PYTHONPATH``; ``CLASS`` is
+constructed once per evaluation and asked every cycle (the reconcile interval, 30 s
+by default) with a :class:`PlannerObservation`: what a planner would read from
+Prometheus and the cluster. :class:`PluginAutoscaler` adapts it to the ``Autoscaler``
+protocol, so its counts go through the policy's min/max, placement and start-up like
+every other policy's.
+
+A plugin that cannot be imported or constructed, raises in ``decide`` or returns
+anything but two non-negative integers raises :class:`PluginError`, naming the plugin
+and the cycle; ``reconciler.sim.evaluate`` marks that policy failed and still reports
+the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from reconciler.desired.models import ServicePolicy
+from reconciler.errors import PermanentError
+from reconciler.policy.base import Clamp, Decision, PolicyHistory
+from reconciler.policy.clamps import clamp_bounds
+from reconciler.policy.coordinated import policy_numbers
+from reconciler.sim.fleet import SimulatedServiceMetrics
+from reconciler.state import ROLES, Sample, ServiceFleet, ServiceMetrics
+
+PLUGIN_PREFIX = "python:"
+DETAIL_QUANTILES = (0.5, 0.9)
+
+
+class PluginError(PermanentError):
+    """An external autoscaler failed; the message names the plugin and the cycle."""
+
+
+@dataclass(frozen=True)
+class PlannerObservation:
+    """One cycle's view of a service, as a planner would read it from Prometheus and
+    the cluster. Rates, means and quantiles cover the last ``window_s`` seconds; a
+    value is ``None`` when nothing was observed (e.g. no request finished its prefill
+    in the window, or the first cycle, before any window has elapsed)."""
+
+    now_s: float  # the cycle's time: simulation seconds since the load began
+    window_s: float | None  # the window of every rate and quantile below
+    requests_per_s: float | None  # requests arriving per second
+    prompt_tokens_per_s: float | None  # prompt tokens prefilled per second, all prefill instances
+    output_tokens_per_s: float | None  # output tokens generated per second, all decode instances
+    mean_prompt_tokens: float | None  # prompt tokens per request arriving in the window
+    mean_output_tokens: float | None  # output tokens per request arriving in the window
+    ttft_p50_ms: float | None  # time to first token, median over requests, milliseconds
+    ttft_p90_ms: float | None  # ... 90th percentile
+    tbt_p50_ms: float | None  # time between tokens, median over generated tokens, milliseconds
+    tbt_p90_ms: float | None  # ... 90th percentile
+    prefill_gpu_util: float | None  # fraction in [0, 1], mean over ready prefill GPUs
+    decode_gpu_util: float | None  # fraction in [0, 1], mean over decode GPUs (reads ~1 when busy)
+    decode_kv_usage: float | None  # fraction in [0, 1] of decode KV-cache capacity in use
+    prefill_ready: int  # prefill instances serving
+    decode_ready: int  # decode instances serving
+    prefill_starting: int  # prefill instances created, still loading the model
+    decode_starting: int  # decode instances created, still loading the model
+    prefill_draining: int  # prefill instances leaving: out of routing, finishing their work
+    decode_draining: int  # decode instances leaving
+
+
+def _value(sample: Sample | None) -> float | None:
+    return sample.value if sample is not None and math.isfinite(sample.value) else None
+
+
+def observe(
+    policy: ServicePolicy, fleet: ServiceFleet, metrics: ServiceMetrics, now_s: float
+) -> PlannerObservation:
+    """The observation of one cycle from what the fleet exposes: the fetched metrics
+    (with the simulated fleet's extra readings when it is the source) and the fleet view."""
+    detail: dict[str, float | None] = {}
+    window_s: float | None = None
+    if isinstance(metrics, SimulatedServiceMetrics) and metrics.sim is not None:
+        detail = metrics.detail(DETAIL_QUANTILES)
+        window_s = metrics.window_s
+    # Without the simulator's detail the SLO-quantile latency stands in where it is p90.
+    at_slo = policy.slo.quantile == 0.9
+    return PlannerObservation(
+        now_s=float(now_s),
+        window_s=window_s,
+        requests_per_s=detail.get("requests_per_s"),
+        prompt_tokens_per_s=_value(metrics.prefill_tps),
+        output_tokens_per_s=_value(metrics.decode_tps),
+        mean_prompt_tokens=detail.get("mean_prompt_tokens"),
+        mean_output_tokens=detail.get("mean_output_tokens"),
+        ttft_p50_ms=detail.get("ttft_p50_ms"),
+        ttft_p90_ms=detail.get("ttft_p90_ms", _value(metrics.ttft) if at_slo else None),
+        tbt_p50_ms=detail.get("tbt_p50_ms"),
+        tbt_p90_ms=detail.get("tbt_p90_ms", _value(metrics.tbt) if at_slo else None),
+        prefill_gpu_util=_value(metrics.prefill_gpu_util),
+        decode_gpu_util=_value(metrics.decode_gpu_util),
+        decode_kv_usage=_value(metrics.decode_kv_usage),
+        prefill_ready=fleet.prefill.ready,
+        decode_ready=fleet.decode.ready,
+        prefill_starting=fleet.prefill.starting,
+        decode_starting=fleet.decode.starting,
+        prefill_draining=fleet.prefill.draining,
+        decode_draining=fleet.decode.draining,
+    )
+
+
+def load_plugin_class(spec: str) -> type:
+    """The class ``python:MODULE:CLASS`` names (``CLASS`` may be dotted)."""
+    body = spec[len(PLUGIN_PREFIX) :] if spec.startswith(PLUGIN_PREFIX) else spec
+    module_name, _, class_name = body.rpartition(":")
+    if not module_name or not class_name:
+        raise PluginError(f"{spec}: expected python:MODULE:CLASS, e.g. python:my_planner:Planner")
+    cwd = os.getcwd()
+    # A console script's sys.path starts at its bin directory, not the working one.
+    on_path = any(os.path.abspath(p or ".") == cwd for p in sys.path)
+    if not on_path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the module's own code may raise anything on import
+        raise PluginError(
+            f"{spec}: cannot import module '{module_name}' ({type(exc).__name__}: {exc}); "
+            f"looked in the working directory {cwd} and on PYTHONPATH (before the first cycle)"
+        ) from exc
+    finally:
+        if not on_path:
+            sys.path.remove(cwd)
+    found: Any = module
+    for part in class_name.split("."):
+        if not hasattr(found, part):
+            raise PluginError(
+                f"{spec}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no "
+                f"'{class_name}' (before the first cycle)"
+            )
+        found = getattr(found, part)
+    if not isinstance(found, type):
+        raise PluginError(
+            f"{spec}: '{class_name}' in module '{module_name}' is a {type(found).__name__}, "
+            "not a class (before the first cycle)"
+        )
+    return found
+
+
+def _counts(spec: str, result: Any, now_s: float) -> tuple[int, int]:
+    def whole(x: Any) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0
+
+    if isinstance(result, tuple | list) and len(result) == 2 and all(whole(x) for x in result):
+        return int(result[0]), int(result[1])
+    shown = repr(result)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    raise PluginError(
+        f"{spec}: decide() returned {shown} in the cycle at t={now_s:g} s; expected "
+        "(prefill_instances, decode_instances), two non-negative integers"
+    )
+
+
+class PluginAutoscaler:
+    """An external autoscaler class behind the ``Autoscaler`` protocol (module
+    docstring): constructed once, asked every cycle, its counts clamped to the
+    service's min/max instances like the other baselines'."""
+
+    def __init__(self, spec: str, service: ServicePolicy) -> None:
+        self.name = spec
+        self.spec = spec
+        cls = load_plugin_class(spec)
+        self.class_name = f"{cls.__module__}.{cls.__qualname__}"
+        try:
+            self.plugin = cls(service)
+        except Exception as exc:  # plugin code: report, never crash the evaluation
+            raise PluginError(
+                f"{spec}: {cls.__qualname__}(service) raised {type(exc).__name__}: {exc} "
+                "(constructing it, before the first cycle)"
+            ) from exc
+        if not callable(getattr(self.plugin, "decide", None)):
+            raise PluginError(
+                f"{spec}: {cls.__qualname__} has no decide(observation) method "
+                "(before the first cycle)"
+            )
+
+    def decide(
+        self,
+        policy: ServicePolicy,
+        fleet: ServiceFleet,
+        metrics: ServiceMetrics,
+        history: PolicyHistory,
+        now_s: float,
+    ) -> Decision:
+        observation = observe(policy, fleet, metrics, now_s)
+        try:
+            result = self.plugin.decide(observation)
+        except Exception as exc:  # plugin code: report, never crash the evaluation
+            raise PluginError(
+                f"{self.spec}: decide() raised {type(exc).__name__}: {exc} "
+                f"in the cycle at t={now_s:g} s"
+            ) from exc
+        asked = _counts(self.spec, result, now_s)
+        clamps: list[Clamp] = []
+        numbers_ = policy_numbers(policy)
+        prefill, decode = (
+            clamp_bounds(count, numbers_.bounds(role), clamps)
+            for count, role in zip(asked, ROLES, strict=True)
+        )
+        message = f"{self.class_name}: {asked[0]} prefill, {asked[1]} decode"
+        if clamps:
+            message += "; clamps: " + ", ".join(str(c) for c in clamps)
+        changed = prefill != fleet.prefill.active or decode != fleet.decode.active
+        return Decision(
+            service=policy.name,
+            prefill=prefill,
+            decode=decode,
+            reason="baseline",
+            message=message,
+            clamps=tuple(clamps),
+            history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
+        )
+
+
+__all__ = [
+    "PLUGIN_PREFIX",
+    "PlannerObservation",
+    "PluginAutoscaler",
+    "PluginError",
+    "load_plugin_class",
+    "observe",
+]

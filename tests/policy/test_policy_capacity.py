@@ -1,0 +1,533 @@
+"""Capacity from the performance model: the request mix, prefill and decode capacity,
+unattainable requests, the online latency correction -- and the derived capacity
+against the simulator's measured saturation point."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from policy_testkit import REPO_ROOT
+
+from reconciler.desired import load_desired_state
+from reconciler.desired.models import ServicePolicy
+from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.policy.capacity import (
+    LatencyCorrection,
+    LengthHistogram,
+    RequestMix,
+    decode_capacity,
+    idle_ttft_s,
+    implied_decode_factor,
+    implied_prefill_factor,
+    one_two_five_buckets,
+    predicted_ttft_s,
+    prefill_capacity,
+    prefill_instances_for,
+    role_capacities,
+    transfer_s_per_token,
+    unattainable,
+)
+from reconciler.sim.engine import LoadProfile, ServiceSim
+from reconciler.sim.workload import synthetic_workload
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@cache
+def chat() -> tuple[ServicePolicy, InstancePerf, InstancePerf, float]:
+    """The repository's chat service: TP4 H800 prefill, TP4 H20 decode, RDMA link."""
+    state = load_desired_state(REPO_ROOT)
+    policy = state.policies["chat"]
+    cluster = state.clusters[policy.cluster]
+    prefill = instance_perf(policy.model, "h800", cluster.gpu_types["h800"], 4)
+    decode = instance_perf(policy.model, "h20", cluster.gpu_types["h20"], 4)
+    return policy, prefill, decode, cluster.network.rdma_gbps
+
+
+def lognormal_lengths(mean: float, cv: float, n: int = 2000) -> np.ndarray:
+    """``n`` equal-probability lengths of a log-normal (deterministic: its quantiles)."""
+    sigma = math.sqrt(math.log(1.0 + cv * cv))
+    mu = math.log(mean) - sigma * sigma / 2.0
+    z = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    return np.maximum(np.rint(np.exp(mu + sigma * z)), 1.0)
+
+
+def chat_mix(prompt_scale: float = 1.0) -> RequestMix:
+    return RequestMix.from_samples(
+        lognormal_lengths(1150 * prompt_scale, 0.8), lognormal_lengths(210, 0.9)
+    )
+
+
+def tpt() -> float:
+    _, prefill, _, link = chat()
+    return transfer_s_per_token(prefill.kv_bytes_per_token, link)
+
+
+# --------------------------------------------------------------------------- the mix
+
+
+def test_prometheus_buckets_interpolate_like_histogram_quantile() -> None:
+    """Cumulative (le, count): 5 up to 10 tokens, 10 more up to 20, 5 beyond (+Inf)."""
+    mix = RequestMix.from_cumulative(
+        [(10.0, 5.0), (20.0, 15.0), (math.inf, 20.0)], [(100.0, 1.0), (math.inf, 1.0)]
+    )
+    assert mix is not None
+    # rank 10 of 20 falls half-way into (10, 20]: 10 + 10 x 5/10
+    assert mix.prompt.quantile(0.5) == pytest.approx(15.0)
+    # the first bucket starts at 0: rank 2.5 of 5 -> 5
+    assert mix.prompt.quantile(0.125) == pytest.approx(5.0)
+    # a rank in the +Inf bucket reports the highest finite bound, and so does its mass
+    assert mix.prompt.quantile(0.95) == 20.0
+    assert mix.prompt.cdf(20.0) == pytest.approx(1.0)
+    # mean: 5 x 5 + 10 x 15 + 5 x 20 over 20
+    assert mix.prompt_mean_tokens == pytest.approx((25 + 150 + 100) / 20)
+
+
+def test_rate_artefacts_are_made_monotonic_and_empty_histograms_give_no_mix() -> None:
+    bumpy = RequestMix.from_cumulative(
+        [(10.0, 5.0), (20.0, 4.0), (math.inf, 8.0)], [(math.inf, 3.0)]
+    )
+    assert bumpy is not None
+    assert bumpy.prompt.counts == (5.0, 0.0, 3.0)
+    assert RequestMix.from_cumulative([(10.0, 0.0), (math.inf, 0.0)], [(math.inf, 3.0)]) is None
+    assert RequestMix.from_cumulative([], [(math.inf, 3.0)]) is None
+
+
+def test_samples_binned_finely_keep_the_mix_moments() -> None:
+    prompt = lognormal_lengths(1150, 0.8)
+    output = lognormal_lengths(210, 0.9)
+    mix = RequestMix.from_samples(prompt, output)
+    assert mix.prompt_mean_tokens == pytest.approx(prompt.mean(), rel=0.01)
+    assert mix.prompt.moment(2) == pytest.approx((prompt**2).mean(), rel=0.02)
+    assert mix.output_mean_tokens == pytest.approx(output.mean(), rel=0.01)
+    # live context: the batch holds sequences length-biased, half-way through
+    expected = prompt.mean() + (output**2).mean() / (2 * output.mean())
+    assert mix.live_context_tokens == pytest.approx(expected, rel=0.02)
+
+
+def test_vllm_style_one_two_five_buckets() -> None:
+    assert one_two_five_buckets(1000) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+    coarse = RequestMix.from_samples(
+        lognormal_lengths(1150, 0.8), lognormal_lengths(210, 0.9), one_two_five_buckets(32768)
+    )
+    # Spreading evenly inside wide 1-2-5 buckets (histogram_quantile's interpolation)
+    # overstates a right-skewed mix's mean: the mass of (1000, 2000] sits near 1000. The
+    # bias is towards longer prompts, i.e. less capacity (the safe side), and bounded.
+    fine = chat_mix().prompt_mean_tokens
+    assert fine < coarse.prompt_mean_tokens < 1.15 * fine
+
+
+def test_a_histogram_rejects_malformed_buckets() -> None:
+    with pytest.raises(ValueError):
+        LengthHistogram((10.0, 5.0), (1.0, 1.0))
+    with pytest.raises(ValueError):
+        LengthHistogram((10.0,), (-1.0,))
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    mean=st.floats(300, 2000),
+    longer=st.floats(1.1, 2.5),
+    slo_s=st.floats(3.0, 6.0),
+    instances=st.integers(1, 32),
+)
+def test_prefill_capacity_falls_as_prompts_get_longer(
+    mean: float, longer: float, slo_s: float, instances: int
+) -> None:
+    """Longer prompts cost more per token (attention) and take longer alone; with every
+    request attainable (SLOs of seconds against these lengths) prompt tokens/s per
+    instance can only fall."""
+    _, prefill, _, _ = chat()
+    output = lognormal_lengths(200, 0.5, 200)
+    short = RequestMix.from_samples(lognormal_lengths(mean, 0.6, 400), output)
+    long = RequestMix.from_samples(lognormal_lengths(mean * longer, 0.6, 400), output)
+    caps = [
+        prefill_capacity(prefill, mix, slo_s, 0.9, tpt(), 0.05, instances) for mix in (short, long)
+    ]
+    assert caps[1].unattainable.share == 0.0
+    assert caps[1].tps_per_instance < caps[0].tps_per_instance
+    assert caps[1].work_per_token > caps[0].work_per_token
+
+
+@settings(max_examples=25, deadline=None)
+@given(slo_s=st.floats(2.0, 5.0), tighter=st.floats(0.5, 0.95), instances=st.integers(1, 32))
+def test_prefill_capacity_falls_as_the_slo_tightens(
+    slo_s: float, tighter: float, instances: int
+) -> None:
+    """A tighter TTFT leaves less room for queueing: the utilisation and the capacity
+    fall (within the SLOs where every request of the mix stays attainable)."""
+    _, prefill, _, _ = chat()
+    mix = RequestMix.from_samples(lognormal_lengths(1150, 0.6, 400), lognormal_lengths(210, 0.5))
+    loose = prefill_capacity(prefill, mix, slo_s, 0.9, tpt(), 0.05, instances)
+    tight = prefill_capacity(prefill, mix, slo_s * tighter, 0.9, tpt(), 0.05, instances)
+    assert tight.unattainable.share == 0.0
+    assert tight.tps_per_instance <= loose.tps_per_instance
+    assert tight.ttft_quantile_s <= slo_s * tighter + 1e-3
+
+
+def test_prefill_capacity_meets_the_slo_at_the_returned_rate_and_not_above() -> None:
+    _, prefill, _, _ = chat()
+    mix = chat_mix()
+    cap = prefill_capacity(prefill, mix, 1.0, 0.9, tpt(), 0.05, 4)
+    assert cap.unattainable.share == 0.0  # so the whole mix is what the SLO covers
+    assert 0.5 < cap.utilisation < 0.99
+    at = predicted_ttft_s(prefill, mix, 0.9, cap.tps_per_instance, 4, tpt(), 0.05)
+    above = predicted_ttft_s(prefill, mix, 0.9, cap.tps_per_instance * 1.01, 4, tpt(), 0.05)
+    assert at == pytest.approx(cap.ttft_quantile_s)
+    assert at <= 1.0 + 1e-4 < above
+
+
+def test_a_larger_pool_sustains_more_per_instance() -> None:
+    """Pooling: the same utilisation queues less with more servers."""
+    _, prefill, _, _ = chat()
+    caps = [prefill_capacity(prefill, chat_mix(), 0.5, 0.9, tpt(), 0.05, n) for n in (1, 4, 32)]
+    assert caps[0].tps_per_instance < caps[1].tps_per_instance < caps[2].tps_per_instance
+    assert caps[2].tps_per_instance < caps[2].sustained_tps_per_instance
+
+
+def test_instances_for_a_demand_are_the_fewest_that_cover_it() -> None:
+    _, prefill, _, _ = chat()
+    mix = chat_mix()
+    demand = 100_000.0
+    n, cap = prefill_instances_for(demand, prefill, mix, 0.5, 0.9, tpt(), 0.05)
+    assert n * cap.tps_per_instance >= demand
+    fewer = prefill_capacity(prefill, mix, 0.5, 0.9, tpt(), 0.05, n - 1)
+    assert (n - 1) * fewer.tps_per_instance < demand
+
+
+# --------------------------------------------------------------------------- unattainable
+
+
+def with_long_prompts(mix: RequestMix, tokens: float, share: float) -> RequestMix:
+    """``mix`` plus ``share`` (of the result) requests of ``tokens`` prompt tokens."""
+    bounds = list(mix.prompt.bounds)
+    counts = list(mix.prompt.counts)
+    finite = [b for b in bounds if math.isfinite(b)]
+    assert tokens > finite[-1]
+    extra = share / (1.0 - share) * mix.prompt.total
+    # a bucket (tokens * 0.99, tokens] just below +Inf
+    bounds[-1:-1] = [tokens * 0.99, tokens]
+    counts[-1:-1] = [0.0, extra]
+    return RequestMix(LengthHistogram(tuple(bounds), tuple(counts)), mix.output)
+
+
+def test_unattainable_requests_do_not_change_the_prefill_capacity_of_the_rest() -> None:
+    _, prefill, _, _ = chat()
+    base = chat_mix()
+    slo_s = 1.5
+    plain = prefill_capacity(prefill, base, slo_s, 0.9, tpt(), 0.05, 8)
+    # 60,000-token prompts take ~5 s alone on a TP4 H800: beyond a 1.5 s TTFT.
+    polluted = with_long_prompts(base, 60_000, 0.05)
+    lost = unattainable(prefill, polluted, slo_s, tpt(), 0.05)
+    assert lost.above_prompt_tokens is not None
+    assert lost.share == pytest.approx(0.05)
+    mixed = prefill_capacity(prefill, polluted, slo_s, 0.9, tpt(), 0.05, 8)
+    assert mixed.tps_per_instance == pytest.approx(plain.tps_per_instance, rel=1e-6)
+    assert mixed.utilisation == pytest.approx(plain.utilisation, rel=1e-6)
+    # ... but their work is still served: the demand in attainable-mix tokens grows.
+    assert mixed.demand_tps(prefill, polluted, 10_000.0) > 10_000.0 * 1.05
+    assert plain.unattainable.share == 0.0
+    assert plain.demand_tps(prefill, base, 10_000.0) == pytest.approx(10_000.0)
+
+
+@pytest.mark.parametrize("slo_s", [0.3, 0.8, 1.5, 3.0])
+def test_the_unattainable_threshold_is_where_an_idle_instance_just_misses(slo_s: float) -> None:
+    _, prefill, _, _ = chat()
+    mix = with_long_prompts(chat_mix(), 60_000, 0.02)
+    lost = unattainable(prefill, mix, slo_s, tpt(), 0.05)
+    assert lost.above_prompt_tokens is not None
+    threshold = lost.above_prompt_tokens
+    just_below = float(idle_ttft_s(prefill, threshold * 0.999, tpt(), 0.05))
+    just_above = float(idle_ttft_s(prefill, threshold * 1.001, tpt(), 0.05))
+    assert just_below <= slo_s < just_above
+    assert lost.share == pytest.approx(1.0 - mix.prompt.cdf(threshold))
+
+
+def test_nothing_is_unattainable_when_the_longest_prompt_makes_it() -> None:
+    _, prefill, _, _ = chat()
+    lost = unattainable(prefill, chat_mix(), 60.0, tpt(), 0.05)
+    assert lost.share == 0.0 and lost.above_prompt_tokens is None
+
+
+def test_everything_is_unattainable_when_the_fixed_costs_exceed_the_slo() -> None:
+    _, prefill, _, _ = chat()
+    lost = unattainable(prefill, chat_mix(), 0.04, tpt(), 0.05)  # one decode step > SLO
+    assert lost.share == 1.0
+    cap = prefill_capacity(prefill, chat_mix(), 0.04, 0.9, tpt(), 0.05, 8)
+    assert cap.tps_per_instance == 0.0
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def test_decode_capacity_agrees_with_the_perf_model_when_the_slo_binds() -> None:
+    _, _, decode, _ = chat()
+    mix = chat_mix()
+    cap = decode_capacity(decode, mix, 0.05)
+    assert cap.limit == "tbt_slo"
+    assert cap.step_s == pytest.approx(0.05, rel=1e-4)
+    assert cap.tps_per_instance == pytest.approx(
+        decode.decode_capacity_tps(0.05, mix.live_context_tokens), rel=0.01
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(tbt_s=st.floats(0.03, 0.12), tighter=st.floats(0.5, 0.95), longer=st.floats(1.2, 4.0))
+def test_decode_capacity_falls_as_the_slo_tightens_and_contexts_grow(
+    tbt_s: float, tighter: float, longer: float
+) -> None:
+    _, _, decode, _ = chat()
+    mix = chat_mix()
+    loose = decode_capacity(decode, mix, tbt_s)
+    assert decode_capacity(decode, mix, tbt_s * tighter).tps_per_instance <= loose.tps_per_instance
+    assert decode_capacity(decode, chat_mix(longer), tbt_s).tps_per_instance <= (
+        loose.tps_per_instance
+    )
+
+
+def test_decode_capacity_is_bounded_by_max_batch_and_the_kv_cache() -> None:
+    policy, _, _, _ = chat()
+    state = load_desired_state(REPO_ROOT)
+    h20 = state.clusters[policy.cluster].gpu_types["h20"]
+    small_batch = instance_perf(policy.model, "h20", h20, 4, max_batch=16)
+    cap = decode_capacity(small_batch, chat_mix(), 0.2)
+    assert cap.limit == "max_batch" and cap.batch == 16
+    # 40,000-token prompts + outputs: the KV cache (681k tokens on 4 H20) holds ~17.
+    _, _, decode, _ = chat()
+    long = RequestMix.from_samples(np.full(100, 40_000.0), np.full(100, 200.0))
+    kv = decode_capacity(decode, long, 1.0)
+    assert kv.limit == "kv_cache"
+    assert kv.batch == pytest.approx(decode.kv_capacity_tokens / 40_200.0, rel=0.02)
+    assert kv.tps_per_instance == pytest.approx(kv.batch / kv.step_s)
+
+
+# --------------------------------------------------------------------------- vs the simulator
+
+
+def saturation_per_instance(
+    policy: ServicePolicy,
+    *,
+    prefill: int,
+    decode: int,
+    tokens_per_request: float,
+    rate_unit_tps: float,
+    meets: str,
+    minutes: float = 20.0,
+) -> float:
+    """Bisection on the arrival rate (in units of ``rate_unit_tps`` per instance of the
+    role under test) for the highest constant rate at which the simulator's quantile
+    of ``meets`` ('ttft' or 'tbt', per request) stays within the SLO; returned as
+    tokens/s per instance of that role."""
+    state = load_desired_state(REPO_ROOT)
+    cluster = state.clusters[policy.cluster]
+    count = prefill if meets == "ttft" else decode
+    slo_ms = policy.slo.ttft_ms if meets == "ttft" else policy.slo.tbt_ms
+
+    def ok(fraction: float) -> bool:
+        rps = fraction * rate_unit_tps * count / tokens_per_request
+        workload = synthetic_workload(
+            "chat", hours=minutes / 60, peak_rps=rps, seed=0, trough_ratio=1.0, bursts=()
+        )
+        profile = LoadProfile.from_workload(workload)
+        sim = ServiceSim(policy, cluster, profile)
+        sim.set_counts({("h800", "rdma"): float(prefill)}, {"h20": decode}, {})
+        while sim.t < profile.horizon_s + 300:
+            sim.step()
+        outcome = sim.request_outcomes()
+        value = outcome.ttft_quantile_ms if meets == "ttft" else outcome.tbt_quantile_ms
+        return value is not None and value <= slo_ms
+
+    lo, hi = 0.4, 1.1
+    assert ok(lo) and not ok(hi)
+    for _ in range(8):  # 0.7 / 2^8: 0.3 % of the unit
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo * rate_unit_tps
+
+
+def sim_mix() -> RequestMix:
+    """The synthetic chat load's lengths, as a policy would read them (an hour's worth,
+    another seed than the load under test)."""
+    workload = synthetic_workload(
+        "chat", hours=1.0, peak_rps=30.0, seed=1, trough_ratio=1.0, bursts=()
+    )
+    return RequestMix.from_samples(workload.prompt_tokens, workload.output_tokens)
+
+
+@pytest.mark.parametrize(
+    ("prefill", "ttft_ms"),
+    [(8, None), (3, None), (8, 400.0), (2, 500.0)],
+    ids=[
+        "chat-slo-8-instances",
+        "chat-slo-3-instances",
+        "ttft-400ms-8-instances",
+        "ttft-500ms-2-instances",
+    ],
+)
+def test_prefill_capacity_matches_the_simulated_saturation_point(
+    prefill: int, ttft_ms: float | None
+) -> None:
+    """The chat policy (and tighter TTFTs, where queueing decides more): the capacity
+    derived for the mix is within 10 % of the highest constant prompt rate per instance
+    at which the simulator keeps the TTFT quantile within the SLO. The last case is the
+    one a queue-blind figure (the sustained rate) would miss by ~20 %."""
+    policy, prefill_perf, decode_perf, link = chat()
+    if ttft_ms is not None:
+        policy = policy.model_copy(
+            update={"slo": policy.slo.model_copy(update={"ttft_ms": ttft_ms})}
+        )
+    mix = sim_mix()
+    capacities = role_capacities(
+        prefill_perf,
+        decode_perf,
+        mix,
+        ttft_slo_s=policy.slo.ttft_ms / 1000,
+        tbt_slo_s=policy.slo.tbt_ms / 1000,
+        quantile=policy.slo.quantile,
+        link_gbps=link,
+        prefill_instances_hint=prefill,
+    )
+    measured = saturation_per_instance(
+        policy,
+        prefill=prefill,
+        decode=80,  # ample: no admission wait
+        tokens_per_request=mix.prompt_mean_tokens,
+        rate_unit_tps=capacities.prefill.sustained_tps_per_instance,
+        meets="ttft",
+    )
+    print(
+        f"prefill x{prefill}, TTFT {policy.slo.ttft_ms:g} ms: model "
+        f"{capacities.prefill_tps_per_instance:.0f}, simulator {measured:.0f} prompt tokens/s "
+        f"per instance ({capacities.prefill_tps_per_instance / measured - 1:+.1%})"
+    )
+    assert capacities.prefill_tps_per_instance == pytest.approx(measured, rel=0.10)
+
+
+def test_decode_capacity_matches_the_simulated_saturation_point() -> None:
+    policy, _, decode_perf, _ = chat()
+    mix = sim_mix()
+    capacity = decode_capacity(decode_perf, mix, policy.slo.tbt_ms / 1000)
+    measured = saturation_per_instance(
+        policy,
+        prefill=40,  # ample: prefill never queues
+        decode=4,
+        tokens_per_request=mix.output_mean_tokens,
+        rate_unit_tps=capacity.tps_per_instance,
+        meets="tbt",
+    )
+    print(
+        f"decode x4, TBT {policy.slo.tbt_ms:g} ms: model {capacity.tps_per_instance:.0f}, "
+        f"simulator {measured:.0f} output tokens/s per instance "
+        f"({capacity.tps_per_instance / measured - 1:+.1%})"
+    )
+    assert capacity.tps_per_instance == pytest.approx(measured, rel=0.10)
+
+
+# --------------------------------------------------------------------------- correction
+
+
+def test_decode_correction_converges_within_a_few_cycles_when_the_model_is_30_percent_off() -> None:
+    """The real instance steps 1.3x slower than the model. Each cycle the policy sees
+    the decode rate and TBT of instances run at the corrected capacity; the factor
+    reaches 1.3 within 5 % in 3 cycles and within 2 % in 4 (ln 1.3 halves each cycle)."""
+    _, _, decode, _ = chat()
+    mix = chat_mix()
+    slo_s = 0.05
+    truth = 1.3
+    correction = LatencyCorrection()
+    factors = []
+    for _ in range(6):
+        planned = decode_capacity(decode, mix, slo_s, correction.decode)
+        # The real instance at the planned batch: step truth x the model's.
+        real_step = truth * float(
+            decode.decode_step_s(
+                planned.batch, planned.batch * mix.live_context_tokens, mix.live_context_tokens
+            )
+        )
+        observed_tps = planned.batch / real_step
+        correction = correction.updated(
+            "decode", implied_decode_factor(decode, mix, real_step, observed_tps)
+        )
+        factors.append(correction.decode)
+    assert factors[2] == pytest.approx(truth, rel=0.05)
+    assert factors[3] == pytest.approx(truth, rel=0.02)
+    assert correction.prefill == 1.0  # roles are separate
+    # The corrected capacity is what a 1.3x slower instance sustains at the SLO.
+    corrected = decode_capacity(decode, mix, slo_s, correction.decode)
+    assert corrected.step_s == pytest.approx(slo_s, rel=1e-3)
+    assert corrected.tps_per_instance < decode_capacity(decode, mix, slo_s).tps_per_instance
+
+
+@pytest.mark.parametrize("truth", [1.3, 1 / 1.3])
+def test_prefill_correction_converges_within_a_few_cycles_when_the_model_is_30_percent_off(
+    truth: float,
+) -> None:
+    """The observed TTFT is what the model predicts for an instance ``truth`` x slower
+    at the observed load; inverting the model recovers the factor although only part
+    of the TTFT scales with it, and the correction converges like the decode one."""
+    _, prefill, _, _ = chat()
+    mix = chat_mix()
+    correction = LatencyCorrection()
+    factors = []
+    for cycle in range(5):
+        load = 6_000.0 + 500.0 * cycle  # prompt tokens/s per instance, below saturation
+        observed = predicted_ttft_s(prefill, mix, 0.9, load, 8, tpt(), 0.05, truth)
+        implied = implied_prefill_factor(prefill, mix, observed, 0.9, load, 8, tpt(), 0.05)
+        assert implied == pytest.approx(truth, rel=1e-3)
+        correction = correction.updated("prefill", implied)
+        factors.append(correction.prefill)
+    assert factors[2] == pytest.approx(truth, rel=0.05)
+    assert factors[3] == pytest.approx(truth, rel=0.02)
+    assert correction.decode == 1.0
+
+
+def test_the_correction_is_bounded_and_ignores_unusable_observations() -> None:
+    correction = LatencyCorrection()
+    for _ in range(20):
+        correction = correction.updated("decode", 10.0)
+    # an implied factor beyond the bound counts as the bound: the factor approaches it
+    assert correction.decode <= LatencyCorrection.MAX_FACTOR
+    assert correction.decode == pytest.approx(LatencyCorrection.MAX_FACTOR, rel=1e-4)
+    for _ in range(20):
+        correction = correction.updated("prefill", 0.01)
+    assert correction.prefill >= LatencyCorrection.MIN_FACTOR
+    assert correction.prefill == pytest.approx(LatencyCorrection.MIN_FACTOR, rel=1e-4)
+    for bad in (None, math.nan, math.inf, 0.0, -1.0):
+        assert correction.updated("decode", bad) == correction
+    assert LatencyCorrection.from_extra(correction.to_extra()) == correction
+    assert LatencyCorrection.from_extra(()) == LatencyCorrection()
+
+
+# --------------------------------------------------------------------------- together
+
+
+def test_role_capacities_explain_in_one_line() -> None:
+    _, prefill, decode, link = chat()
+    mix = with_long_prompts(chat_mix(), 60_000, 0.01)
+    capacities = role_capacities(
+        prefill,
+        decode,
+        mix,
+        ttft_slo_s=1.5,
+        tbt_slo_s=0.05,
+        quantile=0.9,
+        link_gbps=link,
+        prefill_instances_hint=8,
+    )
+    line = capacities.explain()
+    assert "\n" not in line
+    assert "h800" in line and "h20" in line
+    assert f"{capacities.prefill_tps_per_instance:.0f} prompt tokens/s" in line
+    assert f"{capacities.decode_tps_per_instance:.0f} output tokens/s" in line
+    assert "unattainable" in line
+    # The first decode step in TTFT is decode's own step at its operating point.
+    assert capacities.decode.step_s <= 0.05

@@ -1,0 +1,216 @@
+"""The short-horizon demand forecaster: Holt's level and trend, the daily curve, the
+headroom from its own errors, and the scale-in guard."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.policy.forecast import (
+    ForecastConfig,
+    ForecastState,
+    forecast,
+    headroom,
+    stays_below,
+    trend_forecast,
+    update,
+)
+
+CYCLE_S = 30.0
+
+
+def feed(
+    series: Callable[[float], float],
+    cycles: int,
+    config: ForecastConfig | None = None,
+    state: ForecastState | None = None,
+    start_s: float = 0.0,
+) -> ForecastState:
+    state = state or ForecastState()
+    for k in range(cycles):
+        t = start_s + k * CYCLE_S
+        state = update(state, t, series(t), config)
+    return state
+
+
+def noisy(mean: float, relative_sd: float, seed: int) -> Callable[[float], float]:
+    rng = np.random.default_rng(seed)
+    return lambda _t: max(0.0, mean * (1.0 + relative_sd * float(rng.standard_normal())))
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_no_forecast_before_a_window_of_history() -> None:
+    """Ten cycles span 270 s, less than the 300 s window: no forecast, and the scale-in
+    guard says no; the eleventh (300 s) brings the first forecast."""
+    state = feed(lambda _t: 1000.0, 10)
+    assert forecast(state, 150.0) is None
+    assert not stays_below(state, 10_000.0, 600.0)
+    state = update(state, 10 * CYCLE_S, 1000.0)
+    first = forecast(state, 150.0)
+    assert first is not None
+    assert first.demand == pytest.approx(1000.0)
+    # No error has come due yet: the configured minimum headroom alone.
+    assert first.errors_used == 0 and first.headroom == ForecastConfig().min_headroom
+
+
+def test_bad_samples_leave_the_state_unchanged() -> None:
+    state = feed(lambda _t: 1000.0, 12)
+    for at_s, value in ((400.0, math.nan), (400.0, -5.0), (400.0, math.inf), (100.0, 1.0)):
+        assert update(state, at_s, value) == state
+
+
+# --------------------------------------------------------------------------- Holt
+
+
+def test_holt_follows_a_linear_ramp() -> None:
+    """Demand growing 2 tokens/s every second: after 20 minutes the forecast 150 s ahead
+    is the ramp's value then, not today's."""
+    state = feed(lambda t: 1000.0 + 2.0 * t, 41)
+    now_s = 40 * CYCLE_S
+    predicted = forecast(state, 150.0)
+    assert predicted is not None
+    assert predicted.demand == pytest.approx(1000.0 + 2.0 * (now_s + 150.0), rel=0.01)
+    assert predicted.demand > 1000.0 + 2.0 * now_s
+
+
+def test_holt_handles_irregular_cycles() -> None:
+    """A late cycle (90 s gap) is one sample: the spans are in seconds, not samples."""
+    times = [k * CYCLE_S for k in range(30)] + [
+        29 * CYCLE_S + 90.0 + k * CYCLE_S for k in range(12)
+    ]
+    state = ForecastState()
+    for t in times:
+        state = update(state, t, 1000.0 + 2.0 * t)
+    predicted = forecast(state, 150.0)
+    assert predicted is not None
+    assert predicted.demand == pytest.approx(1000.0 + 2.0 * (times[-1] + 150.0), rel=0.01)
+
+
+# --------------------------------------------------------------------------- headroom
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    calm_sd=st.floats(0.0, 0.05),
+    bursty_sd=st.floats(0.2, 0.4),
+    seed=st.integers(0, 10_000),
+)
+def test_headroom_grows_with_the_variance_of_the_demand(
+    calm_sd: float, bursty_sd: float, seed: int
+) -> None:
+    """Same mean, different noise, two hours of cycles: the bursty series under-forecasts
+    by more, so its 95th-percentile error -- its headroom -- is larger."""
+    calm = feed(noisy(1000.0, calm_sd, seed), 240)
+    bursty = feed(noisy(1000.0, bursty_sd, seed + 1), 240)
+    calm_room, calm_used = headroom(calm, 150.0)
+    bursty_room, bursty_used = headroom(bursty, 150.0)
+    assert calm_used == bursty_used == ForecastConfig().errors_kept  # the last hour
+    assert bursty_room > calm_room >= ForecastConfig().min_headroom
+    # roughly the noise's own 95th percentile (1.645 sd) plus the forecaster's error
+    assert bursty_room > 1.645 * bursty_sd
+
+
+def test_headroom_is_measured_at_its_horizon() -> None:
+    """On a steady ramp Holt's forecast at 150 s is nearly right (a few per cent while
+    the trend is still being learnt), so the recorded errors are small; a step of
+    +1000 the forecaster could not foresee shows up, when the forecast made 150 s
+    before it comes due, as 1000 / (the ramp's 2200) = 45 %."""
+    config = ForecastConfig(min_headroom=0.0)
+    state = feed(lambda t: 1000.0 + t, 40, config)
+    room, used = headroom(state, 150.0, config)
+    assert used > 0 and room < 0.05
+    now_s = 40 * CYCLE_S
+    state = feed(lambda t: 1000.0 + t + 1000.0, 1, config, state, now_s)
+    assert state.errors[0][-1] == pytest.approx(1000.0 / (1000.0 + now_s), rel=0.02)
+
+
+# --------------------------------------------------------------------------- daily curve
+
+
+def diurnal(t: float) -> float:
+    return 1000.0 * (1.0 + 0.6 * math.sin(2.0 * math.pi * t / 86_400.0))
+
+
+def test_the_daily_curve_is_used_once_a_day_of_history_exists() -> None:
+    """Two days of a diurnal series with 5 % noise. Before a full day the forecast is
+    Holt alone; after it the daily curve shapes it, and 15 minutes ahead it is much
+    closer to the truth than Holt's extrapolated slope (the same forecaster with a
+    10-day 'day' never gets a curve)."""
+    horizon_s = 900.0
+    results = {}
+    for label, config in (
+        ("curve", ForecastConfig(horizons_s=(horizon_s,))),
+        ("holt", ForecastConfig(horizons_s=(horizon_s,), day_s=10 * 86_400.0)),
+    ):
+        rng = np.random.default_rng(7)
+        state = ForecastState()
+        errors = []
+        seasonal_flags = []
+        for k in range(2 * 2880):
+            t = k * CYCLE_S
+            state = update(state, t, diurnal(t) * (1.0 + 0.05 * rng.standard_normal()), config)
+            predicted = forecast(state, horizon_s, config)
+            if predicted is None:
+                continue
+            seasonal_flags.append((t, predicted.seasonal))
+            if t >= 86_400.0 + 3600.0:
+                model = trend_forecast(state, horizon_s, config)
+                assert model is not None and predicted.demand >= model
+                errors.append(abs(model / diurnal(t + horizon_s) - 1.0))
+        results[label] = (float(np.mean(errors)), seasonal_flags)
+    curve_error, flags = results["curve"]
+    holt_error, holt_flags = results["holt"]
+    assert all(not seasonal for t, seasonal in flags if t < 86_400.0)
+    assert all(seasonal for t, seasonal in flags if t >= 86_400.0 + 15 * 60)
+    assert not any(seasonal for _, seasonal in holt_flags)
+    assert curve_error < 0.5 * holt_error
+
+
+# --------------------------------------------------------------------------- scale-in
+
+
+def test_scale_in_guard_checks_the_forecast_over_the_window() -> None:
+    steady = feed(noisy(1000.0, 0.01, 3), 60)
+    # min headroom 10 %: 1000 x 1.1 fits under 1300, not under 1050
+    assert stays_below(steady, 1300.0, 600.0)
+    assert not stays_below(steady, 1050.0, 600.0)
+    # A ramp that is below the threshold now but crosses it within the window.
+    ramp = feed(lambda t: 500.0 + 0.5 * t, 60)  # 1385 now, +300 over 600 s
+    now = 500.0 + 0.5 * 59 * CYCLE_S
+    assert stays_below(ramp, 2000.0, 600.0)
+    assert not stays_below(ramp, now * 1.2, 600.0)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def test_the_state_round_trips_through_policy_history_extra() -> None:
+    state = feed(noisy(1000.0, 0.1, 5), 50)
+    extra = state.to_extra()
+    assert all(isinstance(k, str) and isinstance(v, float) for k, v in extra)
+    assert ForecastState.from_extra(extra) == state
+    assert ForecastState.from_extra(()) == ForecastState()
+    # other keys in the same storage are ignored
+    assert ForecastState.from_extra((*extra, ("pd_mix_ewma", 0.5))) == state
+
+
+def test_what_is_sized_for_never_falls_below_the_latest_sample() -> None:
+    """A falling trend may forecast less, but capacity added now also serves the demand
+    of now: the sizing forecast is floored at the latest sample, and its errors (the
+    headroom) are scored on that floored value."""
+    config = ForecastConfig()
+    state = ForecastState()
+    for k in range(40):
+        state = update(state, k * CYCLE_S, 10_000.0 - 200.0 * k, config)
+    model = trend_forecast(state, 150.0, config)
+    predicted = forecast(state, 150.0, config)
+    assert model is not None and predicted is not None
+    assert model < state.last_value
+    assert predicted.demand == state.last_value
