@@ -18,7 +18,6 @@ from reconciler.desired.models import (
     iter_s0,
 )
 from reconciler.desired.names import expand_range
-from reconciler.state import METRIC_NAMES
 
 Path = tuple[object, ...]
 Problem = tuple[Path, str]
@@ -193,11 +192,13 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
                     f"two {metric} tiers share one threshold",
                 )
             )
+    # Imported here: the presets import this package's models.
+    from reconciler.observe.presets import QUERY_KEYS, check_metrics_config
+
     for key in policy.metrics.queries:
-        if key not in METRIC_NAMES:
-            problems.append((("metrics", "queries", key), _unknown("signal", key, METRIC_NAMES)))
+        if key not in QUERY_KEYS:
+            problems.append((("metrics", "queries", key), _unknown("signal", key, QUERY_KEYS)))
     # Label names, query placeholders, and a source for every signal the policy acts on.
-    from reconciler.observe.presets import check_metrics_config
 
     problems.extend(check_metrics_config(policy))
     return problems

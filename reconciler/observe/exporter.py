@@ -29,11 +29,19 @@ Engines: ``vllm`` (``vllm:prompt_tokens_total``, ``vllm:prefix_cache_queries_tot
 ``vllm:prefix_cache_hits_total``, ``vllm:generation_tokens_total``,
 ``vllm:time_to_first_token_seconds``, the inter-token histogram under
 ``vllm_tbt_metric`` — ``vllm:time_per_output_token_seconds`` by default, its name before
-vLLM 0.11 — and ``vllm:kv_cache_usage_perc``) and ``sglang`` (``sglang:prompt_tokens_total``,
-``sglang:cached_tokens_total``, ``sglang:generation_tokens_total``,
-``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``,
-``sglang:token_usage``). DCGM: ``DCGM_FI_DEV_GPU_UTIL`` (percent) and
+vLLM 0.11 — ``vllm:kv_cache_usage_perc``, and the request-length histograms
+``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens``) and ``sglang``
+(``sglang:prompt_tokens_total``, ``sglang:cached_tokens_total``,
+``sglang:generation_tokens_total``, ``sglang:time_to_first_token_seconds``,
+``sglang:inter_token_latency_seconds``, ``sglang:token_usage``, and
+``sglang:prompt_tokens_histogram`` / ``sglang:generation_tokens_histogram`` as with
+``--collect-tokens-histogram``). DCGM: ``DCGM_FI_DEV_GPU_UTIL`` (percent) and
 ``DCGM_FI_PROF_SM_ACTIVE`` (ratio), one series per GPU of the instance.
+
+Request lengths are observed once per request at ``requests_per_s`` (in steady state as
+many finish as start), with the engines' own bucket bounds. As on a real P/D fleet, a
+prefill instance's requests end after one generated token (``ONE_TOKEN``), and a decode
+instance also sees every prompt: a scenario says so through its loads.
 """
 
 from __future__ import annotations
@@ -77,6 +85,33 @@ SGLANG_ITL_BUCKETS_S: tuple[float, ...] = (
 )  # fmt: skip
 
 
+def build_1_2_5_buckets(max_value: float) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_value``: vLLM's request-length bounds
+    (``build_1_2_5_buckets(max_model_len)``)."""
+    out: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = float(mantissa * 10**exponent)
+            if value > max_value:
+                return tuple(out)
+            out.append(value)
+        exponent += 1
+
+
+VLLM_MAX_MODEL_LEN = 32768
+VLLM_LENGTH_BUCKETS: tuple[float, ...] = build_1_2_5_buckets(VLLM_MAX_MODEL_LEN)
+# SGLang's defaults with --collect-tokens-histogram (sglang/srt/metrics/collector.py).
+SGLANG_PROMPT_BUCKETS: tuple[float, ...] = (
+    100, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000,
+    10000, 12000, 15000, 20000, 22000, 25000, 30000, 35000, 40000,
+)  # fmt: skip
+SGLANG_GENERATION_BUCKETS: tuple[float, ...] = (
+    100, 300, 500, 1000, 1200, 1500, 1700, 2000, 2500, 3000, 3500, 4000, 4500, 5000,
+    6000, 7000, 8000, 9000, 10000,
+)  # fmt: skip
+
+
 class LatencyDistribution(Protocol):
     """A latency distribution in seconds."""
 
@@ -85,6 +120,39 @@ class LatencyDistribution(Protocol):
     @property
     def mean_s(self) -> float: ...
 
+
+class LengthDistribution(Protocol):
+    """A distribution of request lengths in tokens."""
+
+    def cdf(self, tokens: float) -> float: ...
+
+    @property
+    def mean_tokens(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class DiscreteLengths:
+    """Requests of exactly these lengths: ``(tokens, weight)`` pairs (weights need not sum
+    to one). The share at or below any bucket bound is exact, so tests know precisely
+    what each bucket must hold."""
+
+    weights: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.weights or any(t < 0 or w <= 0 for t, w in self.weights):
+            raise ValueError("need (tokens >= 0, weight > 0) pairs")
+
+    def cdf(self, tokens: float) -> float:
+        total = sum(w for _, w in self.weights)
+        return sum(w for t, w in self.weights if t <= tokens) / total
+
+    @property
+    def mean_tokens(self) -> float:
+        return sum(t * w for t, w in self.weights) / sum(w for _, w in self.weights)
+
+
+ONE_TOKEN = DiscreteLengths(((1.0, 1.0),))
+"""The output length a prefill instance records for every request it hands over."""
 
 _Z90 = NormalDist().inv_cdf(0.9)
 
@@ -145,6 +213,10 @@ class InstanceLoad:
     """DCGM_FI_DEV_GPU_UTIL, percent 0..100 (the same on every GPU of the instance)."""
     sm_active: float | None = None
     """DCGM_FI_PROF_SM_ACTIVE, ratio 0..1."""
+    prompt_lengths: LengthDistribution | None = None
+    """Prompt lengths of the requests finishing here (observed at ``requests_per_s``)."""
+    output_lengths: LengthDistribution | None = None
+    """Output lengths of the requests finishing here (``ONE_TOKEN`` on prefill)."""
 
     def __post_init__(self) -> None:
         rates = (self.prompt_tps, self.cached_prompt_tps, self.generation_tps, self.requests_per_s)
@@ -174,17 +246,35 @@ class _Totals:
     ttft_sum: float = 0.0
     tbt_buckets: tuple[float, ...] = ()
     tbt_sum: float = 0.0
+    prompt_len_buckets: tuple[float, ...] = ()
+    prompt_len_sum: float = 0.0
+    output_len_buckets: tuple[float, ...] = ()
+    output_len_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """Bucket upper bounds (without +Inf) of one engine's histograms."""
+
+    ttft: Sequence[float]
+    tbt: Sequence[float]
+    prompt_len: Sequence[float]
+    output_len: Sequence[float]
+
+
+class _Cdf(Protocol):
+    def cdf(self, x: float, /) -> float: ...
 
 
 @functools.lru_cache(maxsize=1024)
-def _cdf_at_bounds(dist: LatencyDistribution, bounds: tuple[float, ...]) -> tuple[float, ...]:
+def _cdf_at_bounds(dist: _Cdf, bounds: tuple[float, ...]) -> tuple[float, ...]:
     """Share of observations at or below each bound, +Inf last (cached: a scrape of a
     large fleet would otherwise spend its time in erf)."""
     return (*(dist.cdf(le) for le in bounds), 1.0)
 
 
 def _grow(
-    buckets: tuple[float, ...], bounds: Sequence[float], dist: LatencyDistribution | None, n: float
+    buckets: tuple[float, ...], bounds: Sequence[float], dist: _Cdf | None, n: float
 ) -> tuple[float, ...]:
     """Cumulative bucket counts (last = +Inf) after ``n`` more observations of ``dist``."""
     base = buckets or (0.0,) * (len(bounds) + 1)
@@ -204,21 +294,25 @@ class _Instance:
     since_s: float
     at_since: _Totals
 
-    def totals(
-        self, now_s: float, ttft_bounds: Sequence[float], tbt_bounds: Sequence[float]
-    ) -> _Totals:
+    def totals(self, now_s: float, bounds: _Bounds) -> _Totals:
         dt = max(0.0, now_s - self.since_s)
         load, base = self.load, self.at_since
         ttft_n = load.requests_per_s * dt
         tbt_n = load.generation_tps * dt
+        prompts, outputs = load.prompt_lengths, load.output_lengths
         return _Totals(
             prompt=base.prompt + load.prompt_tps * dt,
             cached=base.cached + load.cached_prompt_tps * dt,
             generation=base.generation + load.generation_tps * dt,
-            ttft_buckets=_grow(base.ttft_buckets, ttft_bounds, load.ttft, ttft_n),
+            ttft_buckets=_grow(base.ttft_buckets, bounds.ttft, load.ttft, ttft_n),
             ttft_sum=base.ttft_sum + (ttft_n * load.ttft.mean_s if load.ttft else 0.0),
-            tbt_buckets=_grow(base.tbt_buckets, tbt_bounds, load.tbt, tbt_n),
+            tbt_buckets=_grow(base.tbt_buckets, bounds.tbt, load.tbt, tbt_n),
             tbt_sum=base.tbt_sum + (tbt_n * load.tbt.mean_s if load.tbt else 0.0),
+            # One length observation per finished request, as many as reach a first token.
+            prompt_len_buckets=_grow(base.prompt_len_buckets, bounds.prompt_len, prompts, ttft_n),
+            prompt_len_sum=base.prompt_len_sum + (ttft_n * prompts.mean_tokens if prompts else 0.0),
+            output_len_buckets=_grow(base.output_len_buckets, bounds.output_len, outputs, ttft_n),
+            output_len_sum=base.output_len_sum + (ttft_n * outputs.mean_tokens if outputs else 0.0),
         )
 
 
@@ -271,8 +365,7 @@ class FleetExporter:
                 raise ValueError("an exporter without identity labels plays exactly one instance")
             current = self._instances.get(key)
             if current is not None and current.engine == engine:
-                ttft_b, tbt_b = self._bounds(engine)
-                totals = current.totals(now_s, ttft_b, tbt_b)
+                totals = current.totals(now_s, _BOUNDS[engine])
             else:
                 totals = _Totals()
             self._instances[key] = _Instance(engine, load, now_s, totals)
@@ -304,17 +397,20 @@ class FleetExporter:
 
     # -- exposition
 
-    def _bounds(self, engine: ExporterEngine) -> tuple[Sequence[float], Sequence[float]]:
-        if engine == "vllm":
-            return VLLM_TTFT_BUCKETS_S, VLLM_ITL_BUCKETS_S
-        return VLLM_TTFT_BUCKETS_S, SGLANG_ITL_BUCKETS_S
-
     def bucket_bounds_s(
         self, engine: ExporterEngine, histogram: Literal["ttft", "tbt"]
     ) -> Sequence[float]:
         """Upper bounds (without +Inf) of an engine's TTFT or TBT histogram."""
-        ttft, tbt = self._bounds(engine)
-        return ttft if histogram == "ttft" else tbt
+        bounds = _BOUNDS[engine]
+        return bounds.ttft if histogram == "ttft" else bounds.tbt
+
+    @staticmethod
+    def length_bounds(
+        engine: ExporterEngine, histogram: Literal["prompt", "output"]
+    ) -> Sequence[float]:
+        """Upper bounds (without +Inf) of an engine's prompt- or output-length histogram."""
+        bounds = _BOUNDS[engine]
+        return bounds.prompt_len if histogram == "prompt" else bounds.output_len
 
     def _emit(self, sink: _Sink) -> None:
         """Every series of every instance, at one instant, into ``sink``."""
@@ -322,8 +418,8 @@ class FleetExporter:
         with self._lock:
             snapshot = list(self._instances.items())
         for key, inst in snapshot:
-            ttft_b, tbt_b = self._bounds(inst.engine)
-            totals = inst.totals(now_s, ttft_b, tbt_b)
+            bounds = _BOUNDS[inst.engine]
+            totals = inst.totals(now_s, bounds)
             identity = (
                 (("service", key.service), ("role", key.role), ("instance", key.instance))
                 if self.identity_labels
@@ -338,10 +434,28 @@ class FleetExporter:
             sink.sample("counter", names["cached"], labels, totals.cached)
             sink.sample("counter", names["generation"], labels, totals.generation)
             if load.ttft is not None:
-                sink.histogram(names["ttft"], labels, ttft_b, totals.ttft_buckets, totals.ttft_sum)
+                sink.histogram(
+                    names["ttft"], labels, bounds.ttft, totals.ttft_buckets, totals.ttft_sum
+                )
             if load.tbt is not None:
                 tbt_name = self.vllm_tbt_metric if inst.engine == "vllm" else names["tbt"]
-                sink.histogram(tbt_name, labels, tbt_b, totals.tbt_buckets, totals.tbt_sum)
+                sink.histogram(tbt_name, labels, bounds.tbt, totals.tbt_buckets, totals.tbt_sum)
+            if load.prompt_lengths is not None:
+                sink.histogram(
+                    names["prompt_len"],
+                    labels,
+                    bounds.prompt_len,
+                    totals.prompt_len_buckets,
+                    totals.prompt_len_sum,
+                )
+            if load.output_lengths is not None:
+                sink.histogram(
+                    names["output_len"],
+                    labels,
+                    bounds.output_len,
+                    totals.output_len_buckets,
+                    totals.output_len_sum,
+                )
             if load.kv_usage is not None:
                 sink.sample("gauge", names["kv"], labels, load.kv_usage)
             for gpu in range(load.gpus):
@@ -432,12 +546,22 @@ class FleetExporter:
 
 
 Labels = tuple[tuple[str, str], ...]
+_BOUNDS: dict[ExporterEngine, _Bounds] = {
+    "vllm": _Bounds(
+        VLLM_TTFT_BUCKETS_S, VLLM_ITL_BUCKETS_S, VLLM_LENGTH_BUCKETS, VLLM_LENGTH_BUCKETS
+    ),
+    "sglang": _Bounds(
+        VLLM_TTFT_BUCKETS_S, SGLANG_ITL_BUCKETS_S, SGLANG_PROMPT_BUCKETS, SGLANG_GENERATION_BUCKETS
+    ),
+}
 _VLLM_NAMES = {
     "prompt": "vllm:prompt_tokens",
     "cached": "vllm:prefix_cache_hits",
     "generation": "vllm:generation_tokens",
     "ttft": "vllm:time_to_first_token_seconds",
     "kv": "vllm:kv_cache_usage_perc",
+    "prompt_len": "vllm:request_prompt_tokens",
+    "output_len": "vllm:request_generation_tokens",
 }
 _SGLANG_NAMES = {
     "prompt": "sglang:prompt_tokens",
@@ -446,6 +570,8 @@ _SGLANG_NAMES = {
     "ttft": "sglang:time_to_first_token_seconds",
     "tbt": "sglang:inter_token_latency_seconds",
     "kv": "sglang:token_usage",
+    "prompt_len": "sglang:prompt_tokens_histogram",
+    "output_len": "sglang:generation_tokens_histogram",
 }
 _HELP = {
     "vllm:prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
@@ -454,12 +580,16 @@ _HELP = {
     "vllm:generation_tokens": "Number of generation tokens processed.",
     "vllm:time_to_first_token_seconds": "Histogram of time to first token in seconds.",
     "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "vllm:request_prompt_tokens": "Number of prefill tokens processed.",
+    "vllm:request_generation_tokens": "Number of generation tokens processed.",
     "sglang:prompt_tokens": "Number of prefill tokens processed.",
     "sglang:cached_tokens": "Number of cached prompt tokens.",
     "sglang:generation_tokens": "Number of generation tokens processed.",
     "sglang:time_to_first_token_seconds": "Histogram of time to first token in seconds.",
     "sglang:inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
     "sglang:token_usage": "The token usage.",
+    "sglang:prompt_tokens_histogram": "Histogram of prompt token length.",
+    "sglang:generation_tokens_histogram": "Histogram of generation token length.",
     "DCGM_FI_DEV_GPU_UTIL": "GPU utilization (in %).",
     "DCGM_FI_PROF_SM_ACTIVE": "The ratio of cycles an SM has at least 1 warp assigned.",
 }
@@ -622,6 +752,18 @@ def expected_histogram_quantile_s(
         sum(rate for rate, _ in parts)
     ]
     return bucket_quantile(q, bounds, cumulative)
+
+
+def expected_length_buckets(
+    bounds: Sequence[float], components: Iterable[tuple[float, LengthDistribution]]
+) -> tuple[float, ...]:
+    """What ``sum(rate(..._bucket))`` reports per bound (+Inf last) for instances that
+    finish ``rate`` requests/s with each length distribution."""
+    parts = list(components)
+    return (
+        *(sum(rate * dist.cdf(le) for rate, dist in parts) for le in bounds),
+        sum(rate for rate, _ in parts),
+    )
 
 
 def scaled(load: InstanceLoad, factor: float) -> InstanceLoad:

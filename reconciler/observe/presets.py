@@ -18,6 +18,8 @@ signal                        role     meaning (unit)
 ``prefill_sm_active``         prefill  DCGM SM activity averaged over GPUs (0..1)
 ``decode_sm_active``          decode   idem for decode
 ``decode_kv_usage``           decode   KV-cache usage averaged over instances (0..1)
+``prompt_tokens``             prefill  prompt-length histogram: requests/s per bucket
+``output_tokens``             decode   output-length histogram: requests/s per bucket
 ============================  =======  ==================================================
 
 *Prefill TPS counts cache misses*: raw prompt tokens/s is inflated by prefix-cache hits
@@ -33,6 +35,25 @@ TTFT of a router or frontend, override ``metrics.queries.ttft`` with a query tha
 aggregates ``by (service)`` only (a result row without a role label is accepted for
 any role).
 
+*The request mix* (``prompt_tokens``, ``output_tokens``; ``reconciler.state.LengthBuckets``)
+is one query per histogram, ``sum by (service, le) (rate(<name>_bucket{role=...}[w]))``:
+the rate of requests per length bucket over the window, cumulative in ``le`` (only the
+proportions matter). The engines observe both lengths once per request, when it
+finishes on that instance, and in a P/D deployment every request finishes twice:
+
+- on the prefill instance right after its first token (vLLM's P/D proxy and llm-d send
+  it with ``max_tokens=1``, Dynamo's prefill worker likewise, SGLang's prefill server
+  hands over after the first token), so its output histogram is all ones and useless;
+  its prompt histogram is exactly the prompts prefill computes (with Dynamo's
+  conditional disaggregation, short prompts prefilled on the decode worker cost prefill
+  nothing and are rightly left out);
+- on the decode instance when generation ends, with the full output length.
+
+So prompt lengths are read on the prefill role and output lengths on the decode role.
+Both are optional: a service whose engine exports no such histogram (TensorRT-LLM, SGLang
+without ``--collect-tokens-histogram``) or that served no request in the window gets
+``None``, and the planner keeps the last known mix.
+
 Engine presets (``metrics.preset``, defaulting to the service's ``engine``)
 --------------------------------------------------------------------------
 - ``vllm``: ``vllm:prompt_tokens_total``, ``vllm:prefix_cache_hits_total``,
@@ -40,16 +61,26 @@ Engine presets (``metrics.preset``, defaulting to the service's ``engine``)
   ``vllm:inter_token_latency_seconds`` (vLLM >= 0.11) falling back to
   ``vllm:time_per_output_token_seconds`` (its name before 0.11, removed in 0.13),
   ``vllm:kv_cache_usage_perc`` (V1) falling back to ``vllm:gpu_cache_usage_perc`` (V0).
-  Both KV gauges are fractions 0..1 despite "perc".
+  Both KV gauges are fractions 0..1 despite "perc". Request mix:
+  ``vllm:request_prompt_tokens`` and ``vllm:request_generation_tokens`` (histograms with
+  1-2-5 buckets up to ``max_model_len``, ``vllm/v1/metrics/loggers.py``).
 - ``sglang``: ``sglang:prompt_tokens_total``, ``sglang:cached_tokens_total`` (all cache
   sources summed), ``sglang:generation_tokens_total``,
   ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds`` falling
-  back to ``sglang:time_per_output_token_seconds``, ``sglang:token_usage`` (0..1).
+  back to ``sglang:time_per_output_token_seconds``, ``sglang:token_usage`` (0..1). Request
+  mix: ``sglang:prompt_tokens_histogram`` and ``sglang:generation_tokens_histogram``
+  (``TokenizerMetricsCollector`` in ``sglang/srt/metrics/collector.py``), exported only
+  when the server runs with ``--collect-tokens-histogram``; without it the mix is missing.
 - ``dynamo``: Dynamo workers pass the backend engine's metrics through on their system
   port; the preset assumes the most common backend, vLLM, and adds Dynamo's
   ``dynamo_component_kvstats_gpu_cache_usage_percent`` (0..1) as KV fallback.
   *Caveat*: with an SGLang or TensorRT-LLM backend set ``metrics.preset: sglang`` or
-  ``trtllm``.
+  ``trtllm``. Request mix: the vLLM workers' histograms. Dynamo's frontend has its own
+  (``dynamo_frontend_input_sequence_tokens`` / ``dynamo_frontend_output_sequence_tokens``,
+  labelled by ``model``, on a pod without a role); to use them instead, override
+  ``metrics.queries.prompt_tokens`` with a service-level query, e.g.
+  ``sum by (service, le) (rate(dynamo_frontend_input_sequence_tokens_bucket[$__window]))``
+  once the frontend's series carry the service label.
 - ``trtllm``: TensorRT-LLM (1.1) exports only latency histograms to Prometheus:
   ``trtllm_time_to_first_token_seconds`` and ``trtllm_time_per_output_token_seconds``
   (the ``trtllm:`` spelling of older Dynamo releases is accepted as fallback), KV usage
@@ -57,7 +88,9 @@ Engine presets (``metrics.preset``, defaulting to the service's ``engine``)
   token, so it is smoother than a true inter-token latency; and it exports **no token
   counters**, so ``prefill_tps`` and ``decode_tps`` are missing unless overridden in
   ``metrics.queries`` (``check_metrics_config`` reports a policy that scales on them
-  without an override).
+  without an override). Nor does it export prompt- or output-length histograms (neither
+  1.1 nor the current ``tensorrt_llm/metrics/collector.py``, which has token counters
+  only), so ``prompt_tokens`` and ``output_tokens`` are missing unless overridden.
 - DCGM exporter (every preset): ``DCGM_FI_DEV_GPU_UTIL`` (percent 0..100, divided by
   100) and ``DCGM_FI_PROF_SM_ACTIVE`` (ratio 0..1), each averaged over the rate window
   per GPU and then over the role's GPUs.
@@ -125,7 +158,8 @@ The latency histograms dominate a cycle's cost (every bucket of every instance g
 through ``rate``: 2,000 instances with ~20 buckets are 40,000 series). ``recording_rules``
 generates a rules file that pre-aggregates their bucket rates by service, role and
 ``le``; with it loaded and the adapter's ``recorded_histograms`` on, the quantile queries
-read those few series instead.
+read those few series instead. A second rule group does the same for the request-mix
+histograms (their buckets are as many: vLLM's 1-2-5 grid has ~15 up to 32k tokens).
 
 Query overrides
 ---------------
@@ -133,7 +167,9 @@ Query overrides
 the signal in its unit (tokens/s, milliseconds, fraction) with one series per
 ``(service, role)`` — or per ``service`` — carrying the service's name in the service
 label. ``$__quantile`` is replaced by the policy's SLO quantile and ``$__window`` by the
-adapter's rate window (e.g. ``60s``), as in Grafana. Overrides carry no sample age: the
+adapter's rate window (e.g. ``60s``), as in Grafana. ``prompt_tokens`` and
+``output_tokens`` overrides return one series per ``(service, le)``: the request rate (or
+count) at or below each bound ``le``, ``+Inf`` included. Overrides carry no sample age: the
 adapter stamps them with the evaluation time and relies on Prometheus' own staleness
 handling (series of a vanished target disappear at the next failed scrape).
 """
@@ -143,10 +179,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.state import METRIC_NAMES, MetricName, Role
+
+LengthName = Literal["prompt_tokens", "output_tokens"]
+LENGTH_NAMES: tuple[LengthName, ...] = ("prompt_tokens", "output_tokens")
+"""The request-mix histograms of ``ServiceMetrics`` (``LengthBuckets``, not ``Sample``)."""
+
+SignalName = MetricName | LengthName
+QUERY_KEYS: tuple[SignalName, ...] = (*METRIC_NAMES, *LENGTH_NAMES)
+"""Every key ``metrics.queries`` accepts."""
 
 # ----------------------------------------------------------------------------- specs
 
@@ -182,6 +226,14 @@ class GaugeAverage:
     metrics: tuple[str, ...]
     scale: float = 1.0
     over_window: bool = False
+
+
+@dataclass(frozen=True)
+class LengthHistogram:
+    """Request rate per bucket of a token-length histogram, summed over the role's
+    series by service and ``le`` (``metrics``: alternative names, newest first)."""
+
+    metrics: tuple[str, ...]
 
 
 SignalSpec = CounterRate | HistogramQuantile | GaugeAverage
@@ -258,6 +310,45 @@ PRESETS: Mapping[str, Mapping[MetricName, SignalSpec]] = {
     "trtllm": _TRTLLM,
 }
 
+# Prompt lengths as prefill computes them, output lengths as decode generates them (a
+# prefill instance finishes every request after one token): see the module docstring.
+LENGTH_ROLE: Mapping[LengthName, Role] = {"prompt_tokens": "prefill", "output_tokens": "decode"}
+
+_VLLM_LENGTHS: dict[LengthName, LengthHistogram] = {
+    "prompt_tokens": LengthHistogram(("vllm:request_prompt_tokens",)),
+    "output_tokens": LengthHistogram(("vllm:request_generation_tokens",)),
+}
+
+LENGTH_PRESETS: Mapping[str, Mapping[LengthName, LengthHistogram]] = {
+    "vllm": _VLLM_LENGTHS,
+    "sglang": {
+        # Only with --collect-tokens-histogram (newer releases: with --enable-metrics).
+        "prompt_tokens": LengthHistogram(("sglang:prompt_tokens_histogram",)),
+        "output_tokens": LengthHistogram(("sglang:generation_tokens_histogram",)),
+    },
+    "dynamo": _VLLM_LENGTHS,  # the vLLM workers' histograms, passed through
+    "trtllm": {},  # TensorRT-LLM exports no length histograms
+}
+
+
+_ROLE_OF: dict[str, Role] = dict([*SIGNAL_ROLE.items(), *LENGTH_ROLE.items()])
+
+
+_SPECS: dict[str, dict[str, SignalSpec | LengthHistogram]] = {
+    preset: dict([*PRESETS[preset].items(), *LENGTH_PRESETS[preset].items()]) for preset in PRESETS
+}
+
+
+def preset_spec(preset: str, signal: SignalName) -> SignalSpec | LengthHistogram | None:
+    """Where a preset reads a signal, or None if it has no source for it."""
+    return _SPECS[preset].get(signal)
+
+
+def signal_role(signal: SignalName) -> Role:
+    """The role whose series a signal (or request-mix histogram) is read from."""
+    return _ROLE_OF[signal]
+
+
 PART_LABEL = "heteroscale_part"
 """Label the batching adds to tell the parts of one merged query apart."""
 
@@ -319,7 +410,7 @@ def _alternatives(exprs: list[str]) -> str:
 
 
 def render_spec(
-    spec: SignalSpec,
+    spec: SignalSpec | LengthHistogram,
     *,
     role: Role,
     quantile: float,
@@ -334,7 +425,10 @@ def render_spec(
     the service label, so that one of several parts of a merged query does not
     recompute what the other parts compute). ``recorded_histograms`` reads histogram
     bucket rates from the series of ``recording_rules`` instead of aggregating the
-    engines' buckets (freshness still comes from the raw ``_count`` series)."""
+    engines' buckets (freshness still comes from the raw ``_count`` series).
+
+    A ``LengthHistogram`` is grouped by service and ``le`` only: its one role is fixed
+    by the matcher, so the role label would add nothing."""
     by = f"{service_label}, {role_label}"
     window = format_duration(window_s)
     names = _spellings(spec.metrics)
@@ -345,8 +439,21 @@ def render_spec(
     def sel(metric: str) -> str:
         return f"{metric}{{{matchers}}}"
 
-    def freshness(metrics: tuple[str, ...]) -> str:
-        return _alternatives([f"min by ({by}) (timestamp({sel(m)}))" for m in metrics])
+    def freshness(metrics: tuple[str, ...], group: str = by) -> str:
+        return _alternatives([f"min by ({group}) (timestamp({sel(m)}))" for m in metrics])
+
+    def bucket_rates(metrics: tuple[str, ...]) -> list[str]:
+        if recorded_histograms:
+            # One recorded series per histogram covers both spellings of its name.
+            return [
+                sel(r) for r in dict.fromkeys(recorded_bucket_rate(m, window_s) for m in metrics)
+            ]
+        return [f"rate({sel(m + '_bucket')}[{window}])" for m in metrics]
+
+    if isinstance(spec, LengthHistogram):
+        value = _alternatives([f"sum by ({service_label}, le) ({s})" for s in bucket_rates(names)])
+        counts = tuple(f"{m}_count" for m in names)
+        return SignalQuery(value, freshness(counts, service_label))
 
     if isinstance(spec, CounterRate):
         total = _alternatives([f"sum by ({by}) (rate({sel(m)}[{window}]))" for m in names])
@@ -360,16 +467,11 @@ def render_spec(
         return SignalQuery(value, freshness(names))
     if isinstance(spec, HistogramQuantile):
         q = format_number(quantile)
-
-        if recorded_histograms:
-            # One recorded series per histogram covers both spellings of its name.
-            sources = [
-                sel(r) for r in dict.fromkeys(recorded_bucket_rate(m, window_s) for m in names)
-            ]
-        else:
-            sources = [f"rate({sel(m + '_bucket')}[{window}])" for m in names]
         value = _alternatives(
-            [f"histogram_quantile({q}, sum by ({by}, le) ({source}))" for source in sources]
+            [
+                f"histogram_quantile({q}, sum by ({by}, le) ({source}))"
+                for source in bucket_rates(names)
+            ]
         )
         if spec.scale != 1.0:
             value = f"{value} * {format_number(spec.scale)}"
@@ -390,25 +492,25 @@ def render_override(query: str, *, quantile: float, window_s: float) -> SignalQu
 
 def signal_query(
     policy: ServicePolicy,
-    signal: MetricName,
+    signal: SignalName,
     *,
     window_s: float,
     services: Sequence[str] | None = None,
     recorded_histograms: bool = False,
 ) -> SignalQuery | None:
-    """The query that reads ``signal`` for ``policy``: its override if it has one, else
-    its preset's (restricted to ``services`` if given), else None (the preset has no
-    source for the signal)."""
+    """The query that reads ``signal`` (or a request-mix histogram) for ``policy``: its
+    override if it has one, else its preset's (restricted to ``services`` if given), else
+    None (the preset has no source for the signal)."""
     config = policy.metrics
     override = config.queries.get(signal)
     if override is not None:
         return render_override(override, quantile=policy.slo.quantile, window_s=window_s)
-    spec = PRESETS[config.preset or policy.engine].get(signal)
+    spec = preset_spec(config.preset or policy.engine, signal)
     if spec is None:
         return None
     return render_spec(
         spec,
-        role=SIGNAL_ROLE[signal],
+        role=signal_role(signal),
         quantile=policy.slo.quantile,
         window_s=window_s,
         service_label=config.service_label,
@@ -435,7 +537,8 @@ def recording_rules(
     interval_s: float | None = None,
 ) -> dict[str, Any]:
     """A Prometheus rules file (as a dict; dump it as YAML or JSON) that pre-aggregates
-    the bucket rates of every preset's latency histograms by service, role and ``le``.
+    the bucket rates of every preset's latency histograms by service, role and ``le``
+    (first group) and of its request-mix histograms (second group).
 
     For large fleets: the histogram signals are the expensive part of a cycle (every
     bucket of every instance goes through ``rate``); with these rules loaded and the
@@ -445,25 +548,39 @@ def recording_rules(
     """
     by = f"{service_label}, {role_label}, le"
     window = format_duration(window_s)
-    spellings: dict[str, list[str]] = {}  # record name -> the metric names it reads
-    for preset in PRESETS.values():
-        for spec in preset.values():
-            if isinstance(spec, HistogramQuantile):
-                for m in _spellings(spec.metrics):
-                    names = spellings.setdefault(recorded_bucket_rate(m, window_s), [])
-                    if m not in names:
-                        names.append(m)
-    rules = [
-        {
-            "record": record,
-            "expr": " or ".join(f"sum by ({by}) (rate({m}_bucket[{window}]))" for m in names),
-        }
-        for record, names in spellings.items()
+
+    def group(name: str, histograms: list[tuple[str, ...]]) -> dict[str, Any]:
+        spellings: dict[str, list[str]] = {}  # record name -> the metric names it reads
+        for metrics in histograms:
+            for m in _spellings(metrics):
+                names = spellings.setdefault(recorded_bucket_rate(m, window_s), [])
+                if m not in names:
+                    names.append(m)
+        rules = [
+            {
+                "record": record,
+                "expr": " or ".join(f"sum by ({by}) (rate({m}_bucket[{window}]))" for m in names),
+            }
+            for record, names in spellings.items()
+        ]
+        out: dict[str, Any] = {"name": name, "rules": rules}
+        if interval_s is not None:
+            out["interval"] = format_duration(interval_s)
+        return out
+
+    latency = [
+        spec.metrics
+        for preset in PRESETS.values()
+        for spec in preset.values()
+        if isinstance(spec, HistogramQuantile)
     ]
-    group: dict[str, Any] = {"name": "heteroscale-latency-histograms", "rules": rules}
-    if interval_s is not None:
-        group["interval"] = format_duration(interval_s)
-    return {"groups": [group]}
+    lengths = [spec.metrics for preset in LENGTH_PRESETS.values() for spec in preset.values()]
+    return {
+        "groups": [
+            group("heteroscale-latency-histograms", latency),
+            group("heteroscale-length-histograms", lengths),
+        ]
+    }
 
 
 _RE2_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")

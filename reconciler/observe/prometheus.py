@@ -8,10 +8,10 @@ Usage::
 
 Design
 ------
-One cycle sends **one HTTP request per signal** (nine at most), however many services
-there are. For a signal, services whose rendered PromQL is identical (same preset, SLO
-quantile, label names) share one *part*; services with a per-service override or a
-different quantile get their own part. All parts of a signal are merged into one
+One cycle sends **one HTTP request per signal** (nine at most, plus one per request-mix
+histogram: eleven), however many services there are. For a signal, services whose
+rendered PromQL is identical (same preset, SLO quantile, label names) share one *part*;
+services with a per-service override or a different quantile get their own part. All parts of a signal are merged into one
 instant query::
 
     label_replace(<value of part 0>, "heteroscale_part", "0", "", "")
@@ -38,6 +38,15 @@ without observations in the window), +-Inf and missing series all come back as `
 the reason is recorded in ``last_report.gaps``. Counter resets are handled by
 ``rate()``. Query overrides carry no freshness query; they are stamped with the
 evaluation time (see ``reconciler.observe.presets``).
+
+The request mix (``ServiceMetrics.prompt_tokens`` / ``output_tokens``) comes from one
+query per histogram, ``sum by (service, le) (rate(<name>_bucket{role=...}[w]))``, batched
+and freshness-checked like the signals, and turned into ``LengthBuckets`` sorted by
+``le`` (``+Inf`` as ``math.inf``). A histogram that is missing, empty (no request
+finished in the window), NaN or stale comes back as ``None``, and the planner keeps the
+last known mix. The mix is optional: when its query fails for good (timeouts, 5xx after
+the retries) its services get ``None`` with the error as the gap reason, and neither
+the cycle nor the other signals fail.
 
 Queries are evaluated at ``now_s`` (the ``time`` parameter), so a cycle can be replayed
 against recorded data.
@@ -89,14 +98,24 @@ from urllib3.util.retry import Retry
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import MetricsUnavailable
 from reconciler.observe.presets import (
+    LENGTH_NAMES,
     PART_LABEL,
-    SIGNAL_ROLE,
+    LengthName,
+    SignalName,
     SignalQuery,
     format_number,
     is_label_name,
     signal_query,
+    signal_role,
 )
-from reconciler.state import METRIC_NAMES, MetricName, Role, Sample, ServiceMetrics
+from reconciler.state import (
+    METRIC_NAMES,
+    LengthBuckets,
+    MetricName,
+    Role,
+    Sample,
+    ServiceMetrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +137,16 @@ class PrometheusSettings:
     scrape intervals, so that a missed scrape does not empty the window."""
     signals: tuple[MetricName, ...] = METRIC_NAMES
     """Signals to read each cycle (the rest stay ``None``)."""
+    lengths: tuple[LengthName, ...] = LENGTH_NAMES
+    """Request-mix histograms to read each cycle (optional: a failing query leaves
+    only them missing); ``()`` reads none."""
     max_concurrency: int = 4
     """Signal requests in flight at once (Prometheus evaluates them in parallel);
     1 = one after the other."""
     recorded_histograms: bool = False
-    """Read TTFT/TBT bucket rates from ``presets.recording_rules(rate_window_s)`` (which
-    must be loaded into Prometheus) instead of aggregating every engine's buckets."""
+    """Read TTFT/TBT and request-mix bucket rates from
+    ``presets.recording_rules(rate_window_s)`` (which must be loaded into Prometheus)
+    instead of aggregating every engine's buckets."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra HTTP headers, e.g. ``Authorization`` for a secured Prometheus."""
     verify_tls: bool = True
@@ -135,7 +158,7 @@ class PrometheusSettings:
             raise ValueError("retries and backoffs must not be negative")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        unknown = set(self.signals) - set(METRIC_NAMES)
+        unknown = (set(self.signals) - set(METRIC_NAMES)) | (set(self.lengths) - set(LENGTH_NAMES))
         if unknown:
             raise ValueError(f"unknown signals: {sorted(unknown)}")
 
@@ -166,11 +189,17 @@ class QueryPart:
 
 @dataclass(frozen=True)
 class SignalRequest:
-    """Everything one HTTP request reads: one signal, all its parts."""
+    """Everything one HTTP request reads: one signal (or request-mix histogram), all its
+    parts."""
 
-    signal: MetricName
+    signal: SignalName
     role: Role
     parts: tuple[QueryPart, ...]
+
+    @property
+    def optional(self) -> bool:
+        """A request-mix histogram: its failure must not fail the cycle."""
+        return self.signal in LENGTH_NAMES
 
     def promql(self) -> str:
         return " or ".join(part.promql() for part in self.parts)
@@ -181,13 +210,13 @@ class SignalGap:
     """Why one service's signal came back missing."""
 
     service: str
-    signal: MetricName
+    signal: SignalName
     reason: str
 
 
 def plan_requests(
     policies: Sequence[ServicePolicy],
-    signals: Sequence[MetricName],
+    signals: Sequence[SignalName],
     *,
     window_s: float,
     recorded_histograms: bool = False,
@@ -237,7 +266,7 @@ def plan_requests(
                 query = restricted
             parts.append(QueryPart(str(i), query, names, service_label, role_label))
         if parts:
-            requests_out.append(SignalRequest(signal, SIGNAL_ROLE[signal], tuple(parts)))
+            requests_out.append(SignalRequest(signal, signal_role(signal), tuple(parts)))
     return tuple(requests_out), tuple(gaps)
 
 
@@ -277,7 +306,14 @@ class QueryRejected:
     message: str
 
 
-PartOutcome = list[Row] | QueryRejected
+@dataclass(frozen=True)
+class QueryFailed:
+    """An optional query (request mix) found Prometheus unavailable; the cycle went on."""
+
+    message: str
+
+
+PartOutcome = list[Row] | QueryRejected | QueryFailed
 
 
 def split_by_part(rows: Sequence[Row]) -> dict[str, list[Row]]:
@@ -300,17 +336,18 @@ def _describe(value: float) -> str:
 
 def assemble(
     plan: Sequence[SignalRequest],
-    outcomes: Mapping[tuple[MetricName, str], PartOutcome],
+    outcomes: Mapping[tuple[SignalName, str], PartOutcome],
     policies: Sequence[ServicePolicy],
     now_s: float,
 ) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
     """Turn query results into one ``ServiceMetrics`` per policy.
 
     ``outcomes`` maps (signal, part id) to the rows of that part (value rows tagged
-    with the part id, freshness rows with the id + ``t``) or to a rejection.
+    with the part id, freshness rows with the id + ``t``) or to a rejection or failure.
     """
     by_name = {policy.name: policy for policy in policies}
     values: dict[str, dict[str, Sample]] = {name: {} for name in by_name}
+    mixes: dict[str, dict[str, LengthBuckets]] = {name: {} for name in by_name}
     gaps: list[SignalGap] = []
     split_cache: dict[int, dict[str, list[Row]]] = {}
     for request in plan:
@@ -320,9 +357,10 @@ def assemble(
             if outcome is None:
                 gaps += [SignalGap(s, request.signal, "not queried") for s in part.services]
                 continue
-            if isinstance(outcome, QueryRejected):
+            if isinstance(outcome, QueryRejected | QueryFailed):
+                why = "rejected by Prometheus" if isinstance(outcome, QueryRejected) else "failed"
                 gaps += [
-                    SignalGap(s, request.signal, f"query rejected by Prometheus: {outcome.message}")
+                    SignalGap(s, request.signal, f"query {why}: {outcome.message}")
                     for s in part.services
                 ]
                 continue
@@ -332,8 +370,13 @@ def assemble(
             tagged = split_cache[key]
             value_rows = _index(tagged.get(part.part_id, []), part)
             fresh_rows = _index(tagged.get(part.part_id + "t", []), part)
+            if request.optional:
+                # Histogram rows: one per le, matched by service whatever their role label
+                # (the preset aggregates it away; an override may keep one role).
+                value_rows, fresh_rows = _by_service(value_rows), _by_service(fresh_rows)
             for service in part.services:
-                sample, reason = _pick(
+                found: Sample | LengthBuckets | None
+                found, reason = (_pick_buckets if request.optional else _pick)(
                     service,
                     role,
                     value_rows,
@@ -341,11 +384,16 @@ def assemble(
                     now_s=now_s,
                     max_age_s=by_name[service].scaling.metric_max_age_s,
                 )
-                if sample is None:
+                if found is None:
                     gaps.append(SignalGap(service, request.signal, reason))
+                elif isinstance(found, LengthBuckets):
+                    mixes[service][request.signal] = found
                 else:
-                    values[service][request.signal] = sample
-    metrics = {name: ServiceMetrics(service=name, **values[name]) for name in by_name}
+                    values[service][request.signal] = found
+    # Keys are ServiceMetrics' field names (signals and mixes); Any spares mypy matching
+    # every value type against every field.
+    fields: dict[str, dict[str, Any]] = {name: {**values[name], **mixes[name]} for name in by_name}
+    metrics = {name: ServiceMetrics(service=name, **fields[name]) for name in by_name}
     return metrics, tuple(gaps)
 
 
@@ -356,6 +404,16 @@ def _index(rows: Sequence[Row], part: QueryPart) -> dict[tuple[str, str | None],
         service = row.labels.get(part.service_label)
         if service is not None:
             out[(service, row.labels.get(part.role_label))].append(row)
+    return out
+
+
+def _by_service(
+    rows: Mapping[tuple[str, str | None], list[Row]],
+) -> dict[tuple[str, str | None], list[Row]]:
+    """Rows re-keyed by (service, None): every role's rows of a service together."""
+    out: dict[tuple[str, str | None], list[Row]] = defaultdict(list)
+    for (service, _role), group in rows.items():
+        out[(service, None)].extend(group)
     return out
 
 
@@ -396,12 +454,61 @@ def _pick(
     return Sample(value, at_s), ""
 
 
+def _pick_buckets(
+    service: str,
+    role: Role,
+    value_rows: Mapping[tuple[str, str | None], list[Row]],
+    fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
+    *,
+    now_s: float,
+    max_age_s: float,
+) -> tuple[LengthBuckets | None, str]:
+    """One service's request-mix histogram from its rows (keyed by ``_by_service``),
+    one per ``le``."""
+    rows = value_rows.get((service, None))
+    if not rows:
+        return None, f"no histogram series for role {role}"
+    by_le: dict[float, float] = {}
+    for row in rows:
+        text = row.labels.get("le")
+        if text is None:
+            return None, "a series without an 'le' label; the query must aggregate by (service, le)"
+        try:
+            le = float(text)  # "+Inf" included
+        except ValueError:
+            return None, f"le={text!r} is not a bucket bound"
+        if le in by_le:
+            return (
+                None,
+                "several series for one (service, le); the query must aggregate by (service, le)",
+            )
+        by_le[le] = row.value
+    bounds = tuple(sorted(by_le))
+    cumulative = tuple(by_le[le] for le in bounds)
+    for value in cumulative:
+        if not math.isfinite(value):
+            return None, f"a bucket is {_describe(value)}"
+    if max(cumulative) <= 0:
+        return None, "empty: no request finished in the window"
+    if fresh_rows is None:
+        at_s = min(row.evaluated_at_s for row in rows)
+    else:
+        fresh = fresh_rows.get((service, None))
+        if not fresh:
+            return None, "no current sample (series stale: target gone or not scraped)"
+        at_s = min(row.value for row in fresh)
+    age_s = now_s - at_s
+    if age_s > max_age_s:
+        return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"
+    return LengthBuckets(bounds, cumulative, at_s), ""
+
+
 # ----------------------------------------------------------------------------- I/O
 
 
 @dataclass(frozen=True)
 class QueryTiming:
-    signal: MetricName
+    signal: SignalName
     promql: str
     seconds: float
     http_requests: int
@@ -439,7 +546,7 @@ class _Retryable(Exception):
     pass
 
 
-_Result = tuple[dict[tuple[MetricName, str], PartOutcome], QueryTiming]
+_Result = tuple[dict[tuple[SignalName, str], PartOutcome], QueryTiming]
 
 
 class _Connection:
@@ -507,12 +614,12 @@ class PrometheusMetricsSource:
         sent_before = self.http_requests_sent
         plan, plan_gaps = plan_requests(
             policies,
-            self.settings.signals,
+            (*self.settings.signals, *self.settings.lengths),
             window_s=self.settings.rate_window_s,
             recorded_histograms=self.settings.recorded_histograms,
         )
         results = self._run_all(plan, now_s)
-        outcomes: dict[tuple[MetricName, str], PartOutcome] = {}
+        outcomes: dict[tuple[SignalName, str], PartOutcome] = {}
         for part_outcomes, _timing in results:
             outcomes.update(part_outcomes)
         metrics, gaps = assemble(plan, outcomes, policies, now_s)
@@ -560,7 +667,15 @@ class PrometheusMetricsSource:
         connection = self._idle.get()
         try:
             started, sent = self._clock(), connection.session.sent
-            outcomes = self._run(request, now_s, connection)
+            try:
+                outcomes = self._run(request, now_s, connection)
+            except MetricsUnavailable as exc:
+                if not request.optional:
+                    raise
+                # The request mix is optional: the planner keeps the last known mix.
+                log.warning("%s missing for this cycle: %s", request.signal, exc)
+                failed = QueryFailed(exc.cause or str(exc))
+                outcomes = {(request.signal, part.part_id): failed for part in request.parts}
             timing = QueryTiming(
                 request.signal,
                 request.promql(),
@@ -573,7 +688,7 @@ class PrometheusMetricsSource:
 
     def _run(
         self, request: SignalRequest, now_s: float, connection: _Connection
-    ) -> dict[tuple[MetricName, str], PartOutcome]:
+    ) -> dict[tuple[SignalName, str], PartOutcome]:
         """Outcomes of every part of one signal: one request, more only when Prometheus
         rejects the merged query and the culprit must be found."""
         outcome = self._query(request.promql(), request.signal, now_s, connection)
@@ -589,7 +704,7 @@ class PrometheusMetricsSource:
         }
 
     def _query(
-        self, promql: str, signal: MetricName, now_s: float, connection: _Connection
+        self, promql: str, signal: SignalName, now_s: float, connection: _Connection
     ) -> PartOutcome:
         attempts = self.settings.retries + 1
         cause = ""
@@ -610,7 +725,7 @@ class PrometheusMetricsSource:
         )
 
     def _attempt(
-        self, promql: str, signal: MetricName, now_s: float, connection: _Connection
+        self, promql: str, signal: SignalName, now_s: float, connection: _Connection
     ) -> PartOutcome:
         params = {"time": f"{now_s:.3f}", "timeout": format_number(self.settings.timeout_s)}
         try:
@@ -648,7 +763,7 @@ class PrometheusMetricsSource:
         self,
         exc: PrometheusApiClientException,
         promql: str,
-        signal: MetricName,
+        signal: SignalName,
         connection: _Connection,
     ) -> QueryRejected:
         response = connection.session.last_response

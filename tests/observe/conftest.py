@@ -118,11 +118,11 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
 
 
 @pytest.fixture
-def fake_prometheus() -> Iterator[Callable[[list[Reply]], FakePrometheus]]:
+def fake_prometheus() -> Iterator[Callable[..., FakePrometheus]]:
     servers: list[FakePrometheus] = []
 
-    def start(replies: list[Reply]) -> FakePrometheus:
-        server = FakePrometheus(replies)
+    def start(replies: list[Reply], route: Callable[[str], Reply] | None = None) -> FakePrometheus:
+        server = FakePrometheus(replies, route)
         servers.append(server)
         return server
 

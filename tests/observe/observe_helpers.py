@@ -12,10 +12,11 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 from ruamel.yaml import YAML
@@ -23,16 +24,21 @@ from ruamel.yaml import YAML
 from reconciler.desired import ServicePolicy, load_desired_state
 from reconciler.desired.models import MetricsConfig
 from reconciler.observe.exporter import (
+    ONE_TOKEN,
     SGLANG_ITL_BUCKETS_S,
     VLLM_ITL_BUCKETS_S,
     VLLM_TTFT_BUCKETS_S,
+    DiscreteLengths,
     FleetExporter,
     InstanceLoad,
     Lognormal,
     expected_histogram_quantile_s,
+    expected_length_buckets,
 )
 from reconciler.observe.local_prometheus import LocalPrometheus
+from reconciler.observe.presets import LENGTH_NAMES
 from reconciler.observe.prometheus import PrometheusSettings
+from reconciler.state import METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _BASE_POLICY: ServicePolicy = load_desired_state(REPO_ROOT).policies["chat"]
@@ -68,6 +74,10 @@ def make_policy(
     )
 
 
+REQUESTS_PER_CYCLE = len(METRIC_NAMES) + len(LENGTH_NAMES)
+"""HTTP requests of one cycle: one per signal and one per request-mix histogram."""
+
+
 def settings_for(url: str, **overrides: Any) -> PrometheusSettings:
     values: dict[str, Any] = {"url": url, "rate_window_s": RATE_WINDOW_S, "timeout_s": 5.0}
     values.update(overrides)
@@ -80,6 +90,14 @@ TTFT = Lognormal.from_median_p90(0.25, 0.5)
 TBT = Lognormal.from_median_p90(0.03, 0.05)
 SLOW_TBT = Lognormal.from_median_p90(0.06, 0.12)
 
+# The request mix. 25,000-token prompts lie beyond vLLM's last finite bound (20,000 for
+# max_model_len 32,768), so the +Inf bucket matters; SGLang's bounds reach 40,000.
+PROMPTS = DiscreteLengths(((150.0, 0.4), (800.0, 0.3), (3000.0, 0.2), (25000.0, 0.1)))
+OUTPUTS = DiscreteLengths(((40.0, 0.5), (300.0, 0.3), (1500.0, 0.2)))
+
+# As on a real P/D fleet, both roles record both lengths: prefill ends every request
+# after one token, decode sees the prompt too (at a different request rate here, so a
+# query reading the wrong role would be caught by the totals).
 PREFILL = InstanceLoad(
     prompt_tps=1200.0,
     cached_prompt_tps=300.0,
@@ -88,6 +106,8 @@ PREFILL = InstanceLoad(
     gpus=2,
     gpu_util_pct=60.0,
     sm_active=0.5,
+    prompt_lengths=PROMPTS,
+    output_lengths=ONE_TOKEN,
 )
 DECODE = InstanceLoad(
     generation_tps=700.0,
@@ -97,6 +117,8 @@ DECODE = InstanceLoad(
     gpus=1,
     gpu_util_pct=95.0,
     sm_active=0.8,
+    prompt_lengths=PROMPTS,
+    output_lengths=OUTPUTS,
 )
 
 
@@ -126,6 +148,20 @@ def _mixed_tbt(name: str) -> Scenario:
     )
 
 
+def _without_mix(name: str) -> Scenario:
+    """An engine that exports no length histograms (SGLang without
+    --collect-tokens-histogram): every other signal as usual."""
+    prefill = replace(PREFILL, prompt_lengths=None, output_lengths=None)
+    decode = replace(DECODE, prompt_lengths=None, output_lengths=None)
+    return Scenario().add("prefill", 3, prefill, name).add("decode", 5, decode, name)
+
+
+def _idle_mix(name: str) -> Scenario:
+    """Histograms exported but no request finishing: every bucket's rate is zero."""
+    prefill, decode = replace(PREFILL, requests_per_s=0.0), replace(DECODE, requests_per_s=0.0)
+    return Scenario().add("prefill", 1, prefill, name).add("decode", 1, decode, name)
+
+
 def _gauges(name: str) -> Scenario:
     scenario = Scenario()
     scenario.instances += [
@@ -140,10 +176,21 @@ def _gauges(name: str) -> Scenario:
 FLEET_SIZE = 100
 FLEET_QUANTILES = (0.9, 0.95, 0.99)
 FLEET_DECODE = InstanceLoad(
-    generation_tps=100.0, tbt=TBT, kv_usage=0.3, gpu_util_pct=80.0, sm_active=0.6
+    generation_tps=100.0,
+    requests_per_s=1.0,
+    tbt=TBT,
+    kv_usage=0.3,
+    gpu_util_pct=80.0,
+    sm_active=0.6,
+    output_lengths=OUTPUTS,
 )
 FLEET_PREFILL = InstanceLoad(
-    prompt_tps=400.0, requests_per_s=1.0, ttft=TTFT, gpu_util_pct=50.0, sm_active=0.4
+    prompt_tps=400.0,
+    requests_per_s=1.0,
+    ttft=TTFT,
+    gpu_util_pct=50.0,
+    sm_active=0.4,
+    prompt_lengths=PROMPTS,
 )
 FLEET_DECODE_OVERRIDE = (
     'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[$__window]))'
@@ -173,6 +220,8 @@ MAIN_SCENARIOS: dict[str, Scenario] = {
     "live-sglang": _standard("live-sglang", engine="sglang"),
     "live-gauges": _gauges("live-gauges"),
     "live-remove": _standard("live-remove"),
+    "live-nomix": _without_mix("live-nomix"),
+    "live-idle-mix": _idle_mix("live-idle-mix"),
 }
 FLEET_SCENARIOS: dict[str, Scenario] = {
     policy.name: Scenario(policy.engine)
@@ -231,6 +280,32 @@ def _om_value(value: float) -> str:
 HIST_BOUNDS = (0.1, 0.5, 1.0)
 HIST_PER_S = (10.0, 60.0, 90.0, 100.0)  # cumulative observations/s per bound, +Inf last
 JOIN_UTIL = {"p0": ("decode", 30.0), "p1": ("decode", 60.0), "p2": ("prefill", 90.0)}
+MIX_BOUNDS = (100.0, 1000.0)
+MIX_PROMPT_PER_S = (2.0, 5.0, 8.0)  # per prefill instance (2 of them), +Inf last
+MIX_OUTPUT_PER_S = (1.0, 3.0, 4.0)  # per decode instance (3 of them), +Inf last
+MIX_STALE_LAST_S = 30.0  # bf-mix-stale's histograms end this long before the end
+
+
+def _histogram(
+    w: OpenMetricsWriter,
+    name: str,
+    labels: dict[str, str],
+    per_s: tuple[float, ...],
+    times: list[float],
+    *,
+    nan_inf_bucket: bool = False,
+) -> None:
+    """Buckets (``MIX_BOUNDS`` and +Inf) growing at ``per_s`` observations/s, and the
+    ``_count`` the freshness query reads."""
+    start = times[0]
+    for bound, rate in zip([*map(repr, MIX_BOUNDS), "+Inf"], per_s, strict=True):
+        nan = nan_inf_bucket and bound == "+Inf"
+        w.add(
+            f"{name}_bucket",
+            {**labels, "le": bound},
+            [(t, math.nan if nan else rate * (t - start)) for t in times],
+        )
+    w.add(f"{name}_count", labels, [(t, per_s[-1] * (t - start)) for t in times])
 
 
 def build_backfill(end_s: float) -> str:
@@ -258,6 +333,30 @@ def build_backfill(end_s: float) -> str:
             labels,
             [(t, HIST_PER_S[-1] * (t - start)) for t in times],
         )
+    # bf-mix: exactly known request mix. The prefill instances' output histogram holds
+    # their one-token hand-overs and must not be read.
+    for i in range(2):
+        labels = {"service": "bf-mix", "role": "prefill", "instance": f"p{i}"}
+        _histogram(w, "vllm:request_prompt_tokens", labels, MIX_PROMPT_PER_S, times)
+        _histogram(w, "vllm:request_generation_tokens", labels, (8.0, 8.0, 8.0), times)
+    for i in range(3):
+        labels = {"service": "bf-mix", "role": "decode", "instance": f"d{i}"}
+        _histogram(w, "vllm:request_generation_tokens", labels, MIX_OUTPUT_PER_S, times)
+    # bf-mix-nan: a NaN bucket in the prompt histogram; the output histogram is fine.
+    labels = {"service": "bf-mix-nan", "role": "prefill", "instance": "p0"}
+    _histogram(
+        w, "vllm:request_prompt_tokens", labels, MIX_PROMPT_PER_S, times, nan_inf_bucket=True
+    )
+    labels = {"service": "bf-mix-nan", "role": "decode", "instance": "d0"}
+    _histogram(w, "vllm:request_generation_tokens", labels, MIX_OUTPUT_PER_S, times)
+    # bf-mix-stale: both histograms end MIX_STALE_LAST_S before the end.
+    early = [t for t in times if t <= end_s - MIX_STALE_LAST_S]
+    for role, name in (
+        ("prefill", "vllm:request_prompt_tokens"),
+        ("decode", "vllm:request_generation_tokens"),
+    ):
+        labels = {"service": "bf-mix-stale", "role": role, "instance": f"{role}-0"}
+        _histogram(w, name, labels, MIX_PROMPT_PER_S, early)
     kv_series = {
         "bf-stale": (0.7, end_s - 120),  # last sample 120 s before the end: older than 90 s
         "bf-fresh": (0.3, end_s - 30),
@@ -411,10 +510,12 @@ class Reply:
 
 
 class FakePrometheus(_Server):
-    """Answers each request with the next scripted ``Reply`` (the last one repeats)."""
+    """Answers each request with the next scripted ``Reply`` (the last one repeats), or
+    with ``route(promql)`` when given (for concurrent requests, whose order is not fixed)."""
 
-    def __init__(self, replies: list[Reply]) -> None:
+    def __init__(self, replies: list[Reply], route: Callable[[str], Reply] | None = None) -> None:
         self.replies = replies
+        self.route = route
         self.received = 0
         self.lock = threading.Lock()
         super().__init__(_FakeHandler)
@@ -426,6 +527,9 @@ class _FakeHandler(BaseHTTPRequestHandler):
         with fake.lock:
             reply = fake.replies[min(fake.received, len(fake.replies) - 1)]
             fake.received += 1
+        if fake.route is not None:
+            query = parse_qs(urlsplit(self.path).query).get("query", [""])[0]
+            reply = fake.route(query)
         time.sleep(reply.delay_s)
         body = reply.body.encode()
         try:
@@ -479,6 +583,31 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         "decode_sm_active": gpu_average(decode, "sm_active", 1.0),
         "decode_kv_usage": sum(kv) / len(kv) if kv else None,
     }
+
+
+def expected_mix(
+    scenario: Scenario,
+) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None]:
+    """The request mix the adapter should report, per histogram: (bounds with +Inf,
+    cumulative requests/s). Prompt lengths as the prefill instances record them, output
+    lengths as the decode instances do (None: no such histogram, or no requests)."""
+    engine = scenario.engine
+    out: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {}
+    for name, role, kind, attr in (
+        ("prompt_tokens", "prefill", "prompt", "prompt_lengths"),
+        ("output_tokens", "decode", "output", "output_lengths"),
+    ):
+        parts = [
+            (load.requests_per_s, getattr(load, attr))
+            for load in scenario.loads(role)
+            if getattr(load, attr) is not None
+        ]
+        if not parts or sum(rate for rate, _ in parts) <= 0:
+            out[name] = None
+            continue
+        bounds = tuple(FleetExporter.length_bounds(engine, kind))  # type: ignore[arg-type]
+        out[name] = ((*bounds, math.inf), expected_length_buckets(bounds, parts))
+    return out
 
 
 def wait_until(

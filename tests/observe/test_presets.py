@@ -12,6 +12,8 @@ from observe_helpers import REPO_ROOT, make_policy
 
 from reconciler.desired import load_desired_state
 from reconciler.observe.presets import (
+    LENGTH_NAMES,
+    LENGTH_PRESETS,
     PRESETS,
     SIGNAL_ROLE,
     CounterRate,
@@ -117,6 +119,108 @@ class TestOtherPresets:
         policy = make_policy("svc", engine="dynamo", metrics={"preset": "sglang"})
         query = signal_query(policy, "decode_tps", window_s=60)
         assert query is not None and "sglang:generation_tokens_total" in query.value
+
+
+def _mix(engine: str, histogram: str) -> tuple[str, str]:
+    """The value and freshness queries of a request-mix histogram (60 s window)."""
+    policy = make_policy("svc", engine=engine)
+    query = signal_query(policy, histogram, window_s=60)  # type: ignore[arg-type]
+    assert query is not None and query.sampled_at is not None
+    return query.value, query.sampled_at
+
+
+class TestRequestMixQueries:
+    def test_every_preset_says_where_its_mix_comes_from(self) -> None:
+        assert set(LENGTH_PRESETS) == set(PRESETS)
+        for preset in ("vllm", "sglang", "dynamo"):
+            assert set(LENGTH_PRESETS[preset]) == set(LENGTH_NAMES)
+        assert LENGTH_PRESETS["trtllm"] == {}
+
+    def test_vllm_prompt_lengths_per_bucket_from_prefill_in_both_spellings(self) -> None:
+        value, fresh = _mix("vllm", "prompt_tokens")
+        assert value == (
+            '(sum by (service, le) (rate(vllm:request_prompt_tokens_bucket{role="prefill"}[60s]))'
+            ' or sum by (service, le) (rate(vllm_request_prompt_tokens_bucket{role="prefill"}[60s])))'
+        )
+        assert fresh == (
+            '(min by (service) (timestamp(vllm:request_prompt_tokens_count{role="prefill"}))'
+            ' or min by (service) (timestamp(vllm_request_prompt_tokens_count{role="prefill"})))'
+        )
+
+    def test_vllm_output_lengths_come_from_decode(self) -> None:
+        # A prefill instance finishes every request after one token: decode has the lengths.
+        value, fresh = _mix("vllm", "output_tokens")
+        assert value == (
+            '(sum by (service, le) (rate(vllm:request_generation_tokens_bucket{role="decode"}[60s]))'
+            ' or sum by (service, le) (rate(vllm_request_generation_tokens_bucket{role="decode"}[60s])))'
+        )
+        assert 'vllm:request_generation_tokens_count{role="decode"}' in fresh
+
+    def test_sglang_reads_its_token_histograms(self) -> None:
+        value, _ = _mix("sglang", "prompt_tokens")
+        assert value.startswith(
+            '(sum by (service, le) (rate(sglang:prompt_tokens_histogram_bucket{role="prefill"}[60s]))'
+        )
+        value, fresh = _mix("sglang", "output_tokens")
+        assert 'rate(sglang:generation_tokens_histogram_bucket{role="decode"}[60s])' in value
+        assert 'rate(sglang_generation_tokens_histogram_bucket{role="decode"}[60s])' in value
+        assert "sglang:generation_tokens_histogram_count" in fresh
+
+    def test_dynamo_reads_the_vllm_workers_histograms(self) -> None:
+        assert _mix("dynamo", "prompt_tokens") == _mix("vllm", "prompt_tokens")
+        assert _mix("dynamo", "output_tokens") == _mix("vllm", "output_tokens")
+
+    def test_trtllm_has_no_mix_unless_overridden(self) -> None:
+        policy = make_policy("svc", engine="trtllm")
+        assert signal_query(policy, "prompt_tokens", window_s=60) is None
+        assert signal_query(policy, "output_tokens", window_s=60) is None
+        override = "sum by (service, le) (rate(my_prompt_len_bucket[$__window]))"
+        policy = make_policy(
+            "svc", engine="trtllm", metrics={"queries": {"prompt_tokens": override}}
+        )
+        query = signal_query(policy, "prompt_tokens", window_s=30)
+        assert query is not None
+        assert query.value == "sum by (service, le) (rate(my_prompt_len_bucket[30s]))"
+        assert query.sampled_at is None
+
+    def test_custom_labels_and_service_restriction(self) -> None:
+        policy = make_policy("svc", metrics={"service_label": "app", "role_label": "pd"})
+        query = signal_query(policy, "output_tokens", window_s=60, services=["svc", "b"])
+        assert query is not None and query.sampled_at is not None
+        assert "sum by (app, le)" in query.value and "min by (app)" in query.sampled_at
+        selectors = re.findall(r"\{[^}]*\}", query.value + query.sampled_at)
+        assert selectors and all(sel == '{pd="decode", app=~"b|svc"}' for sel in selectors)
+
+    def test_recorded_mode_reads_the_recorded_bucket_rates(self) -> None:
+        policy = make_policy("svc")
+        query = signal_query(policy, "prompt_tokens", window_s=60, recorded_histograms=True)
+        assert query is not None and query.sampled_at is not None
+        assert query.value == (
+            "sum by (service, le) "
+            '(heteroscale:vllm_request_prompt_tokens_bucket:rate60s{role="prefill"})'
+        )
+        assert "timestamp(vllm:request_prompt_tokens_count" in query.sampled_at
+
+    def test_the_mix_keys_are_valid_query_overrides(self) -> None:
+        from reconciler.desired.checks import check_policy
+
+        good = make_policy(
+            "svc",
+            metrics={
+                "queries": {
+                    "prompt_tokens": "sum by (service, le) (rate(x_bucket[$__window]))",
+                    "output_tokens": "sum by (service, le) (rate(y_bucket[$__window]))",
+                }
+            },
+        )
+        assert check_policy(good) == []
+        bad = make_policy("svc", metrics={"queries": {"prompt_token": "x"}})
+        assert check_policy(bad) == [
+            (
+                ("metrics", "queries", "prompt_token"),
+                "unknown signal 'prompt_token'; did you mean 'prompt_tokens'?",
+            )
+        ]
 
 
 class TestLabelsAndOverrides:
@@ -235,6 +339,26 @@ class TestRecordingRules:
         assert "rate(" not in query.value
         assert query.sampled_at is not None
         assert "timestamp(vllm:inter_token_latency_seconds_count" in query.sampled_at
+
+    def test_a_second_group_records_the_request_mix_histograms(self) -> None:
+        latency, lengths = recording_rules(60, interval_s=10)["groups"]
+        assert latency["name"] == "heteroscale-latency-histograms"
+        assert lengths["name"] == "heteroscale-length-histograms"
+        assert lengths["interval"] == "10s"
+        records = {rule["record"]: rule["expr"] for rule in lengths["rules"]}
+        assert records["heteroscale:vllm_request_prompt_tokens_bucket:rate60s"] == (
+            "sum by (service, role, le) (rate(vllm:request_prompt_tokens_bucket[60s]))"
+            " or sum by (service, role, le) (rate(vllm_request_prompt_tokens_bucket[60s]))"
+        )
+        assert set(records) == {
+            f"heteroscale:{name}_bucket:rate60s"
+            for name in (
+                "vllm_request_prompt_tokens",
+                "vllm_request_generation_tokens",
+                "sglang_prompt_tokens_histogram",
+                "sglang_generation_tokens_histogram",
+            )
+        }
 
     def test_rules_follow_custom_labels(self) -> None:
         rule = recording_rules(30, service_label="app", role_label="pd", interval_s=15)["groups"][0]

@@ -16,10 +16,14 @@ from observe_helpers import EMPTY_VECTOR, FakePrometheus, Reply, make_policy, se
 from reconciler.errors import MetricsUnavailable, TemporaryError
 from reconciler.observe.base import MetricsSource
 from reconciler.observe.local_prometheus import free_loopback_port
+from reconciler.observe.presets import LENGTH_NAMES
 from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
 from reconciler.state import METRIC_NAMES
 
-StartFake = Callable[[list[Reply]], FakePrometheus]
+REQUESTS = len(METRIC_NAMES) + len(LENGTH_NAMES)
+"""HTTP requests of one cycle: one per signal and one per request-mix histogram."""
+
+StartFake = Callable[..., FakePrometheus]
 
 
 class Sleeps(list[float]):
@@ -62,11 +66,10 @@ def test_server_errors_are_retried_with_backoff_then_succeed(fake_prometheus: St
     source = _source(server.url, sleeps, retries=2, backoff_s=0.1)
     metrics = source.fetch([make_policy("a")], 1000.0)
     assert all(metrics["a"].get(s) is None for s in METRIC_NAMES)  # empty answers: missing
+    assert metrics["a"].prompt_tokens is None and metrics["a"].output_tokens is None
     assert sleeps == [0.1]
-    assert server.received == len(METRIC_NAMES) + 1
-    assert (
-        source.last_report is not None and source.last_report.http_requests == len(METRIC_NAMES) + 1
-    )
+    assert server.received == REQUESTS + 1
+    assert source.last_report is not None and source.last_report.http_requests == REQUESTS + 1
 
 
 def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(
@@ -91,7 +94,7 @@ def test_backoff_doubles_up_to_its_cap_and_the_error_names_the_cause(
 def test_too_many_requests_is_retried(fake_prometheus: StartFake) -> None:
     server = fake_prometheus([Reply(status=429, body="slow down"), Reply()])
     _source(server.url, retries=1).fetch([make_policy("a")], 1000.0)
-    assert server.received == len(METRIC_NAMES) + 1
+    assert server.received == REQUESTS + 1
 
 
 def test_authentication_failure_is_not_retried(fake_prometheus: StartFake) -> None:
@@ -140,7 +143,7 @@ def test_a_rejected_single_part_query_is_a_gap_not_an_outage(fake_prometheus: St
         "prefill_tps",
         "query rejected by Prometheus: bad_data: parse error at char 3",
     )
-    assert server.received == len(METRIC_NAMES)  # one part: no splitting needed
+    assert server.received == REQUESTS  # one part: no splitting needed
 
 
 def test_parameters_sent_to_prometheus(fake_prometheus: StartFake) -> None:
@@ -153,6 +156,7 @@ def test_parameters_sent_to_prometheus(fake_prometheus: StartFake) -> None:
             url=server.url,
             timeout_s=2.5,
             signals=("decode_tps",),
+            lengths=(),
             headers={"X-Scope-OrgID": "t1"},
         )
     )
@@ -186,8 +190,8 @@ def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus: St
     source = _source(server.url, max_concurrency=4)
     source.fetch([make_policy("a")], 1000.0)
     assert source.last_report is not None
-    assert [q.signal for q in source.last_report.queries] == list(METRIC_NAMES)
-    assert source.last_report.http_requests == server.received == len(METRIC_NAMES)
+    assert [q.signal for q in source.last_report.queries] == [*METRIC_NAMES, *LENGTH_NAMES]
+    assert source.last_report.http_requests == server.received == REQUESTS
     source.close()
 
 
@@ -198,6 +202,8 @@ def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus: St
         {"rate_window_s": -1},
         {"retries": -1},
         {"signals": ("nope",)},
+        {"signals": ("prompt_tokens",)},
+        {"lengths": ("decode_tps",)},
         {"max_concurrency": 0},
     ],
 )
@@ -209,3 +215,55 @@ def test_settings_are_validated(bad: dict[str, object]) -> None:
 def test_the_adapter_is_a_metrics_source() -> None:
     source: MetricsSource = PrometheusMetricsSource(PrometheusSettings())  # checked by mypy
     assert callable(source.fetch)
+
+
+def _every_role_answers(value: float, at_s: float) -> str:
+    """A merged single-part answer in which every (service a, role) has ``value``,
+    sampled at ``at_s``: whatever signal asked, it gets a usable number."""
+    rows = [
+        {"metric": {"heteroscale_part": tag, "service": "a", "role": role}, "value": [at_s, v]}
+        for role in ("prefill", "decode")
+        for tag, v in (("0", str(value)), ("0t", str(at_s)))
+    ]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": rows}})
+
+
+def test_a_failing_mix_query_leaves_only_the_mix_missing(fake_prometheus: StartFake) -> None:
+    """The request-mix histograms are optional: Prometheus failing them for good (after
+    the retries) costs the mix of this cycle, never the signals or the cycle."""
+    down = Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"down"}')
+    # One at a time, signals first: nine answers, then the two histograms fail.
+    server = fake_prometheus([*[Reply(body=_every_role_answers(5.0, 1000.0))] * 9, down])
+    sleeps = Sleeps()
+    source = _source(server.url, sleeps, retries=1, backoff_s=0.1)
+    metrics = source.fetch([make_policy("a")], 1000.0)["a"]
+    for signal in METRIC_NAMES:
+        sample = metrics.get(signal)
+        assert sample is not None and sample.value == 5.0, signal
+    assert metrics.prompt_tokens is None and metrics.output_tokens is None
+    assert server.received == len(METRIC_NAMES) + 2 * 2  # each histogram: 1 try + 1 retry
+    assert sleeps == [0.1, 0.1]
+    report = source.last_report
+    assert report is not None
+    assert [(g.signal, g.reason) for g in report.gaps] == [
+        ("prompt_tokens", "query failed: HTTP 503: unavailable: down"),
+        ("output_tokens", "query failed: HTTP 503: unavailable: down"),
+    ]
+    assert [q.signal for q in report.queries][-2:] == ["prompt_tokens", "output_tokens"]
+
+
+def test_a_mix_timing_out_under_concurrency_fails_nothing_else(fake_prometheus: StartFake) -> None:
+    """All requests in flight at once; the histograms' time out, the rest answer."""
+    slow = Reply(delay_s=1.0)
+    ok = Reply(body=_every_role_answers(7.0, 1000.0))
+    server = fake_prometheus([ok], route=lambda promql: slow if "vllm:request_" in promql else ok)
+    source = _source(server.url, timeout_s=0.3, retries=0, max_concurrency=11)
+    try:
+        metrics = source.fetch([make_policy("a")], 1000.0)["a"]
+    finally:
+        source.close()
+    assert all(metrics.get(s) is not None for s in METRIC_NAMES)
+    assert metrics.prompt_tokens is None and metrics.output_tokens is None
+    assert source.last_report is not None
+    reasons = {g.reason for g in source.last_report.gaps}
+    assert reasons == {"query failed: no answer within 0.3 s (ReadTimeout)"}

@@ -18,6 +18,7 @@ import pytest
 from observe_helpers import (
     FLEET_DECODE,
     RATE_WINDOW_S,
+    REQUESTS_PER_CYCLE,
     CountingProxy,
     PrometheusStack,
     expected_metrics,
@@ -127,20 +128,23 @@ def test_hundred_services_take_one_http_request_per_signal(
     prometheus_stack: PrometheusStack, counting_proxy: Callable[[str], CountingProxy]
 ) -> None:
     """100 services (vLLM and SGLang, three quantiles, five overrides) in one cycle:
-    nine HTTP requests, counted independently by a loopback proxy."""
+    eleven HTTP requests (nine signals, two request-mix histograms), counted
+    independently by a loopback proxy."""
     proxy = counting_proxy(prometheus_stack.url)
     policies = fleet_policies()
     with PrometheusMetricsSource(settings_for(proxy.url)) as source:
         metrics = source.fetch(policies, time.time())
         report = source.last_report
     assert report is not None
-    assert proxy.count == report.http_requests == len(METRIC_NAMES) <= 10
+    assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 11
     assert all(path.startswith("/api/v1/query?") for path in proxy.paths)
     for policy in policies:
         decode_tps = metrics[policy.name].decode_tps
         assert decode_tps is not None, policy.name
         assert decode_tps.value == pytest.approx(FLEET_DECODE.generation_tps, rel=TPS_TOLERANCE)
         assert metrics[policy.name].tbt is not None
+        assert metrics[policy.name].prompt_tokens is not None
+        assert metrics[policy.name].output_tokens is not None
     assert report.gaps == ()
 
 
@@ -172,7 +176,9 @@ def test_unknown_service_comes_back_all_missing(prometheus_stack: PrometheusStac
         metrics = source.fetch([make_policy("nobody-serves-this")], time.time())
         report = source.last_report
     assert all(metrics["nobody-serves-this"].get(s) is None for s in METRIC_NAMES)
-    assert report is not None and len(report.gaps) == len(METRIC_NAMES)
+    assert metrics["nobody-serves-this"].prompt_tokens is None
+    assert metrics["nobody-serves-this"].output_tokens is None
+    assert report is not None and len(report.gaps) == REQUESTS_PER_CYCLE
 
 
 def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: PrometheusStack) -> None:
@@ -208,7 +214,10 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
         report = source.last_report
     assert took_s < RATE_WINDOW_S  # see test_removed_instances_go_missing_at_the_next_scrape
     assert all(metrics["live-vanish"].get(s) is None for s in METRIC_NAMES)
+    assert metrics["live-vanish"].prompt_tokens is None
+    assert metrics["live-vanish"].output_tokens is None
     assert metrics["live-tps"].decode_tps is not None  # other targets unaffected
+    assert metrics["live-tps"].prompt_tokens is not None
     assert report is not None
     reasons = {
         g.reason for g in report.gaps if g.service == "live-vanish" and g.signal == "decode_tps"
@@ -239,7 +248,7 @@ def test_recorded_histograms_give_the_same_latencies(prometheus_stack: Prometheu
         raw_metrics = raw.fetch(policies, now_s)
         recorded_metrics = recorded.fetch(policies, now_s)
         report = recorded.last_report
-    assert report is not None and report.http_requests == len(METRIC_NAMES)
+    assert report is not None and report.http_requests == REQUESTS_PER_CYCLE
     tbt_query = next(q.promql for q in report.queries if q.signal == "tbt")
     assert "heteroscale:vllm_time_per_output_token_seconds_bucket:rate10s" in tbt_query
     for policy in policies:

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from observe_helpers import make_policy
 
 from reconciler.desired import ServicePolicy
-from reconciler.observe.presets import PART_LABEL
+from reconciler.observe.presets import LENGTH_NAMES, PART_LABEL, SignalName
 from reconciler.observe.prometheus import (
     PartOutcome,
+    QueryFailed,
     QueryRejected,
     Row,
     SignalGap,
@@ -22,7 +23,7 @@ from reconciler.observe.prometheus import (
     parse_vector,
     plan_requests,
 )
-from reconciler.state import METRIC_NAMES, MetricName, ServiceMetrics
+from reconciler.state import METRIC_NAMES, LengthBuckets, MetricName, ServiceMetrics
 
 NOW = 1_000_000.0
 
@@ -158,7 +159,7 @@ class TestAssemble:
     ) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
         policies = policies or [make_policy("a"), make_policy("b")]
         plan, _ = plan_requests(policies, [signal], window_s=60)
-        outcomes: dict[tuple[MetricName, str], PartOutcome] = {
+        outcomes: dict[tuple[SignalName, str], PartOutcome] = {
             (signal, part.part_id): rows for part in plan[0].parts
         }
         return assemble(plan, outcomes, policies, NOW)
@@ -243,7 +244,7 @@ class TestAssemble:
             make_policy("b", metrics={"queries": {"decode_tps": "broken("}}),
         ]
         plan, _ = plan_requests(policies, ["decode_tps"], window_s=60)
-        outcomes: dict[tuple[MetricName, str], PartOutcome] = {
+        outcomes: dict[tuple[SignalName, str], PartOutcome] = {
             ("decode_tps", "0"): [_row("0", "a", "decode", 1.0), _row("0t", "a", "decode", NOW)],
             ("decode_tps", "1"): QueryRejected("bad_data: parse error"),
         }
@@ -269,3 +270,120 @@ class TestAssemble:
         metrics, _ = assemble(plan, {("ttft", "0"): rows, ("ttft", "1"): rows}, policies, NOW)
         assert metrics["a"].ttft is not None and metrics["a"].ttft.value == 100.0
         assert metrics["b"].ttft is not None and metrics["b"].ttft.value == 200.0
+
+
+def _bucket(part: str, service: str, le: str | None, value: float, role: str | None = None) -> Row:
+    labels = {PART_LABEL: part, "service": service}
+    if le is not None:
+        labels["le"] = le
+    if role is not None:
+        labels["role"] = role
+    return Row(labels, value, NOW)
+
+
+class TestRequestMix:
+    def test_one_request_per_histogram_read_on_the_role_that_sees_it(self) -> None:
+        policies = [
+            make_policy("v"),
+            make_policy("d", engine="dynamo"),
+            make_policy("s", engine="sglang"),
+            make_policy("t", engine="trtllm"),
+        ]
+        plan, gaps = plan_requests(policies, LENGTH_NAMES, window_s=60)
+        assert [(r.signal, r.role, r.optional) for r in plan] == [
+            ("prompt_tokens", "prefill", True),
+            ("output_tokens", "decode", True),
+        ]
+        # vLLM and Dynamo render the same query: one part; SGLang its own.
+        assert [p.services for p in plan[0].parts] == [("v", "d"), ("s",)]
+        assert sorted((g.service, g.signal) for g in gaps) == [
+            ("t", "output_tokens"),
+            ("t", "prompt_tokens"),
+        ]
+        assert all("no source" in g.reason for g in gaps)
+
+    def _assemble(
+        self, rows: list[Row], policies: list[ServicePolicy] | None = None
+    ) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
+        policies = policies or [make_policy("a"), make_policy("b")]
+        plan, _ = plan_requests(policies, ["prompt_tokens"], window_s=60)
+        outcomes: dict[tuple[SignalName, str], PartOutcome] = {
+            ("prompt_tokens", part.part_id): rows for part in plan[0].parts
+        }
+        return assemble(plan, outcomes, policies, NOW)
+
+    def test_buckets_are_sorted_by_bound_with_inf_last(self) -> None:
+        rows = [
+            _bucket("0", "a", "+Inf", 16.0),
+            _bucket("0", "a", "1000.0", 10.0),
+            _bucket("0", "a", "100.0", 4.0),
+            _bucket("0", "b", "100.0", 1.0),  # another service's rows stay its own
+            _bucket("0t", "a", None, NOW - 5),
+        ]
+        metrics, gaps = self._assemble(rows)
+        mix = metrics["a"].prompt_tokens
+        assert mix == LengthBuckets((100.0, 1000.0, math.inf), (4.0, 10.0, 16.0), NOW - 5)
+        assert metrics["a"].output_tokens is None and metrics["a"].decode_tps is None
+        # b has rows but no current sample.
+        assert metrics["b"].prompt_tokens is None
+        assert [(g.service, g.reason) for g in gaps] == [
+            ("b", "no current sample (series stale: target gone or not scraped)")
+        ]
+
+    @pytest.mark.parametrize(
+        ("rows", "reason"),
+        [
+            ([], "no histogram series for role prefill"),
+            (
+                [_bucket("0", "a", "100.0", math.nan), _bucket("0", "a", "+Inf", 2.0)],
+                "a bucket is NaN",
+            ),
+            (
+                [_bucket("0", "a", "100.0", 0.0), _bucket("0", "a", "+Inf", 0.0)],
+                "empty: no request finished in the window",
+            ),
+            (
+                [_bucket("0", "a", None, 3.0)],
+                "a series without an 'le' label; the query must aggregate by (service, le)",
+            ),
+            ([_bucket("0", "a", "lots", 3.0)], "le='lots' is not a bucket bound"),
+        ],
+    )
+    def test_unusable_histograms_are_missing_with_a_reason(
+        self, rows: list[Row], reason: str
+    ) -> None:
+        metrics, gaps = self._assemble([*rows, _bucket("0t", "a", None, NOW)], [make_policy("a")])
+        assert metrics["a"].prompt_tokens is None
+        assert [g.reason for g in gaps] == [reason]
+
+    @pytest.mark.parametrize(("age_s", "usable"), [(90.0, True), (90.5, False)])
+    def test_age_bound_comes_from_the_policy(self, age_s: float, usable: bool) -> None:
+        rows = [_bucket("0", "a", "+Inf", 2.0), _bucket("0t", "a", None, NOW - age_s)]
+        metrics, gaps = self._assemble(rows, [make_policy("a")])
+        assert (metrics["a"].prompt_tokens is not None) is usable
+        assert usable or gaps[0].reason == "stale: newest sample 90 s old > 90 s"
+
+    def test_an_override_may_keep_one_role_but_not_two(self) -> None:
+        policies = [make_policy("a", metrics={"queries": {"prompt_tokens": "q"}})]
+        one_role = [_bucket("0", "a", "+Inf", 2.0, role="decode")]
+        metrics, gaps = self._assemble(one_role, policies)
+        assert gaps == ()
+        assert metrics["a"].prompt_tokens == LengthBuckets((math.inf,), (2.0,), NOW)
+        two_roles = [*one_role, _bucket("0", "a", "+Inf", 3.0, role="prefill")]
+        metrics, gaps = self._assemble(two_roles, policies)
+        assert metrics["a"].prompt_tokens is None
+        assert "aggregate by (service, le)" in gaps[0].reason
+
+    def test_a_failed_mix_query_is_a_gap_for_its_services(self) -> None:
+        policies = [make_policy("a")]
+        plan, _ = plan_requests(policies, ["decode_tps", "prompt_tokens"], window_s=60)
+        outcomes: dict[tuple[SignalName, str], PartOutcome] = {
+            ("decode_tps", "0"): [_row("0", "a", "decode", 1.0), _row("0t", "a", "decode", NOW)],
+            ("prompt_tokens", "0"): QueryFailed("HTTP 503: busy"),
+        }
+        metrics, gaps = assemble(plan, outcomes, policies, NOW)
+        assert metrics["a"].decode_tps is not None
+        assert metrics["a"].prompt_tokens is None
+        assert [(g.signal, g.reason) for g in gaps] == [
+            ("prompt_tokens", "query failed: HTTP 503: busy")
+        ]
