@@ -4,12 +4,16 @@ Sweeps the prefill/decode split of a GPU budget in the simulator, prints the
 throughput-under-SLO curve (table and text bars; ``--plot`` for a PNG), recommends
 ``pd_ratio.target`` and ``scaling.target_per_instance``, verifies them by replaying
 the heteroscale policy against the current values, and with ``--write`` writes the
-changed values into the service's YAML file keeping its comments and layout. The
-method is documented in ``reconciler.review.tune``; this module reads inputs and
-renders.
+changed values into the service's YAML file keeping its layout. It writes only values
+that keep both SLOs for the goal's share of (attainable) requests on the verification
+day and cost no more than the current ones when those already do
+(``Verification.shortfall``); the comments that described the old values are replaced
+by one saying what was verified. The method is documented in
+``reconciler.review.tune``; this module reads inputs and renders.
 
 Exit codes: 0 done (with or without changes), 1 invalid desired state, unknown
-service, unreadable trace or a sweep that cannot run, 2 usage.
+service, unreadable trace, a sweep that cannot run, or values that fall short of the
+goal with ``--write`` (nothing written), 2 usage (``--write`` with ``--no-verify``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,6 +43,7 @@ from reconciler.review.tune import (
     apply_changes,
     length_pool,
     recommend,
+    refresh_comments,
     sweep_splits,
     unified_diff,
     verify,
@@ -310,6 +316,9 @@ def register(app: typer.Typer) -> None:
         if placer not in ("greedy", "cpsat"):
             err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
             raise typer.Exit(2)
+        if write and not do_verify:
+            err_console.print("error: --write writes only verified values: drop --no-verify")
+            raise typer.Exit(2)
         if not repo.is_dir():
             err_console.print(f"error: {repo}: no such directory")
             raise typer.Exit(2)
@@ -376,6 +385,7 @@ def register(app: typer.Typer) -> None:
             if plot_path is not None:
                 write_sweep_plot(sweep, plot_path)
                 console.print(f"wrote {plot_path}")
+            verification: Verification | None = None
             if do_verify:
                 hours = diurnal_hours
                 if quick and trace is None and hours is None:
@@ -409,8 +419,24 @@ def register(app: typer.Typer) -> None:
         file_path = repo / path
         before = file_path.read_text()
         after = apply_changes(before, recommendation.changes)
+        shortfall = verification.shortfall() if verification is not None else None
+        if verification is not None and shortfall is None:
+            after = refresh_comments(
+                after,
+                [change.key_path for change in recommendation.changes],
+                f"heteroscale tune: verified on {verification.load} "
+                f"({100 * verification.recommended.slo_attainment:.1f}% within both SLOs, "  # type: ignore[union-attr]
+                f"{verification.recommended.gpu_hours:,.1f} GPU-hours)",  # type: ignore[union-attr]
+            )
         console.print(unified_diff(path, before, after), markup=False, highlight=False, end="")
         if write:
+            if shortfall is not None:
+                err_console.print(
+                    f"[red]not written[/red]: {escape(shortfall)}; the best values found are "
+                    "shown above",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1)
             file_path.write_text(after)
             console.print(f"wrote {len(recommendation.changes)} value(s) to {file_path}")
         else:

@@ -29,10 +29,12 @@ from reconciler.policy.baselines import (
     StaticPeakAutoscaler,
 )
 from reconciler.policy.coordinated import CoordinatedAutoscaler, decide, decide_many
+from reconciler.policy.planner import PlannerAutoscaler
 
 AUTOSCALERS: dict[str, Callable[..., Autoscaler]] = {
     CoordinatedAutoscaler.name: CoordinatedAutoscaler,
     PaperCoordinatedAutoscaler.name: PaperCoordinatedAutoscaler,
+    PlannerAutoscaler.name: PlannerAutoscaler,
     HpaGpuUtilAutoscaler.name: HpaGpuUtilAutoscaler,
     HpaTokensAutoscaler.name: HpaTokensAutoscaler,
     StaticPeakAutoscaler.name: StaticPeakAutoscaler,
@@ -70,6 +72,7 @@ __all__ = [
     "HpaTokensAutoscaler",
     "PaperCoordinatedAutoscaler",
     "PerRoleHpa",
+    "PlannerAutoscaler",
     "PolicyHistory",
     "Reason",
     "Recommendation",

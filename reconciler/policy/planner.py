@@ -1,4 +1,4 @@
-"""The SLO-guaranteed planner: the default ``heteroscale`` policy.
+"""The SLO-guaranteed planner (``heteroscale-planner``).
 
 It sizes prefill and decode from what it can know, not from hand-set targets: the
 performance model (``reconciler.perfmodel``, the one the simulator uses), the live
@@ -55,6 +55,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+import numpy as np
+
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
@@ -95,6 +97,10 @@ MIN_HEADROOM = 0.1
 CYCLE_S = 30.0
 # The metrics window behind every rate (a PromQL rate over one minute).
 METRICS_WINDOW_S = 60.0
+# Errors behind the headroom: the last hour of 30 s cycles; with fewer than ten
+# (five minutes) the forecaster's own errors stand in.
+KEPT_ERRORS = 120
+MIN_KEPT_ERRORS = 10
 # Capacities are cached per quantised mix: bucket shares rounded to this.
 _MIX_SHARE_STEP = 0.005
 _CACHE_SIZE = 8192
@@ -109,6 +115,42 @@ class PlannerMemory:
     correction: LatencyCorrection = field(default_factory=LatencyCorrection)
     mix: RequestMix | None = None
     mix_at_s: float | None = None
+    prefill_kept: KeptCapacity = field(default_factory=lambda: KeptCapacity())
+    decode_kept: KeptCapacity = field(default_factory=lambda: KeptCapacity())
+
+
+@dataclass(frozen=True)
+class KeptCapacity:
+    """The headroom's evidence for one role: what the planner sized for (before
+    headroom) each cycle, and how far the demand that then arrived exceeded what it
+    kept in force.
+
+    Instances asked for at ``s`` serve from ``s + horizon``, and the scale-in window
+    keeps the largest recent size: the demand at ``t`` meets the largest sizing made
+    in ``[t - horizon - window, t - horizon]``. The relative excess of the demand over
+    that is the error that matters (a forecast's own error ignores what the window
+    keeps, and counts the same risk twice). The headroom is its SLO quantile."""
+
+    sized: tuple[tuple[float, float], ...] = ()  # (made at s, demand sized for)
+    errors: tuple[float, ...] = ()  # demand / kept - 1, oldest first
+
+    def observe(
+        self, now_s: float, demand: float, sized: float, horizon_s: float, window_s: float
+    ) -> KeptCapacity:
+        oldest, newest = now_s - horizon_s - window_s, now_s - horizon_s
+        in_force = [v for at, v in self.sized if oldest <= at <= newest]
+        errors = self.errors
+        if in_force and max(in_force) > 0:
+            errors = (*errors, demand / max(in_force) - 1.0)[-KEPT_ERRORS:]
+        kept = tuple((at, v) for at, v in self.sized if at >= oldest)
+        return KeptCapacity((*kept, (now_s, sized)), errors)
+
+    def headroom(self, quantile: float) -> float | None:
+        """The ``quantile`` of the recent errors, None with fewer than
+        ``MIN_KEPT_ERRORS`` of them."""
+        if len(self.errors) < MIN_KEPT_ERRORS:
+            return None
+        return float(np.quantile(np.asarray(self.errors), quantile))
 
 
 @dataclass(frozen=True)
@@ -256,14 +298,32 @@ def capacities_for(
     return result
 
 
-def _sized_demand(now_tps: float, predicted: Forecast | None) -> tuple[float, str]:
-    """The demand to size for, and how it was found."""
+def _sized_demand(
+    now_s: float,
+    now_tps: float,
+    predicted: Forecast | None,
+    kept: KeptCapacity,
+    quantile: float,
+    horizon_s: float,
+    window_s: float,
+) -> tuple[float, str, KeptCapacity]:
+    """The demand to size for (forecast plus headroom), how it was found, and the
+    headroom's evidence updated (``KeptCapacity``)."""
+    base = now_tps if predicted is None else predicted.demand
+    kept = kept.observe(now_s, now_tps, base, horizon_s, window_s)
     if predicted is None:
         demand = now_tps * (1.0 + MIN_HEADROOM)
-        return demand, f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history)"
-    return predicted.with_headroom, (
-        f"{predicted.demand:.0f} forecast in {predicted.horizon_s:.0f} s ({now_tps:.0f} now) "
-        f"+{predicted.headroom:.0%} headroom"
+        return demand, f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history)", kept
+    from_kept = kept.headroom(quantile)
+    if from_kept is None:
+        room, source = predicted.headroom, "forecast errors"
+    else:
+        room, source = max(from_kept, MIN_HEADROOM), "shortfalls of the capacity kept"
+    return (
+        base * (1.0 + room),
+        f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom "
+        f"({source})",
+        kept,
     )
 
 
@@ -308,12 +368,35 @@ def plan_decide(
     config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
     prefill_state = update(memory.prefill_demand, now_s, prefill_tps, config)
     decode_state = update(memory.decode_demand, now_s, decode_tps, config)
-    memory = replace(memory, prefill_demand=prefill_state, decode_demand=decode_state)
-    prefill_demand, prefill_how = _sized_demand(
-        prefill_tps, forecast(prefill_state, horizon_prefill_s, config)
+    # How often the demand may outrun what is kept (module docstring, step 5): a TTFT
+    # has no slack, so prefill covers the attainment goal's share of cycles; a
+    # request's TBT tolerates 1 - quantile of slow tokens, so decode covers the SLO
+    # quantile's share.
+    window_s = n.scale_in_window_s
+    prefill_demand, prefill_how, prefill_kept = _sized_demand(
+        now_s,
+        prefill_tps,
+        forecast(prefill_state, horizon_prefill_s, config),
+        memory.prefill_kept,
+        policy.slo.attainment_goal,
+        horizon_prefill_s,
+        window_s,
     )
-    decode_demand, decode_how = _sized_demand(
-        decode_tps, forecast(decode_state, horizon_decode_s, config)
+    decode_demand, decode_how, decode_kept = _sized_demand(
+        now_s,
+        decode_tps,
+        forecast(decode_state, horizon_decode_s, config),
+        memory.decode_kept,
+        policy.slo.quantile,
+        horizon_decode_s,
+        window_s,
+    )
+    memory = replace(
+        memory,
+        prefill_demand=prefill_state,
+        decode_demand=decode_state,
+        prefill_kept=prefill_kept,
+        decode_kept=decode_kept,
     )
 
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
@@ -495,10 +578,11 @@ def _corrected(
 
 
 class PlannerAutoscaler:
-    """The default policy (``heteroscale``): ``plan_decide`` with the service's
-    performance model taken from its cluster."""
+    """``heteroscale-planner``: ``plan_decide`` with the service's performance model
+    taken from its cluster. Opt-in while it does not beat the paper policy on the
+    evaluation matrix (``benchmarks/bench_matrix.py``)."""
 
-    name = "heteroscale"
+    name = "heteroscale-planner"
 
     def decide_in_cluster(
         self,

@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -676,6 +677,38 @@ class Verification:
             return "the recommendation equals the current values: nothing to replay"
         return compare(self.current, self.recommended, self.attainment_goal)
 
+    def shortfall(self) -> str | None:
+        """Why the recommended values must not be written, or None when they may: they
+        must keep both SLOs for the goal's share of the requests any fleet could serve
+        in time (those missing TTFT even on an idle instance are out of reach) on the
+        verification day, and must not cost more than the current values unless the
+        current ones miss the goal."""
+        recommended = self.recommended
+        if recommended is None:
+            return None
+        goal = self.attainment_goal * (1.0 - recommended.unattainable_share)
+        reached = recommended.slo_attainment >= goal
+        if not reached:
+            return (
+                f"the recommended values keep both SLOs for {_pct(recommended.slo_attainment)}"
+                f" of requests on {self.load}, below the {_pct(goal)} goal"
+                + (
+                    f" ({_pct(self.attainment_goal)} of the attainable)"
+                    if recommended.unattainable_share > 0
+                    else ""
+                )
+            )
+        current = self.current
+        current_reaches = current.slo_attainment >= self.attainment_goal * (
+            1.0 - current.unattainable_share
+        )
+        if current_reaches and recommended.gpu_hours > current.gpu_hours * 1.0005:
+            return (
+                f"the current values already reach the goal with fewer GPU-hours "
+                f"({current.gpu_hours:.1f} against {recommended.gpu_hours:.1f})"
+            )
+        return None
+
     @property
     def notes(self) -> tuple[str, ...]:
         """Why the replay may not tell the two apart."""
@@ -816,6 +849,54 @@ def apply_changes(text: str, changes: Sequence[ValueChange]) -> str:
     return text
 
 
+_END_OF_LINE_COMMENT = re.compile(r"^(?P<body>[^#\n]*?)\s+#.*$")
+
+
+def refresh_comments(text: str, key_paths: Sequence[tuple[str, ...]], note: str) -> str:
+    """``text`` with the comments that described the old values of ``key_paths`` gone
+    (the comment lines directly above each key, at its indentation, its end-of-line
+    comment, and, for the first key of a mapping, the comment lines above the
+    mapping) and ``note`` above each key instead: a comment never stays beside a
+    value it no longer describes."""
+    document = load_roundtrip(text)
+    lines = text.splitlines(keepends=True)
+    located = []
+    stale_above_parent = []  # comments above a mapping whose first key changes
+    for path in key_paths:
+        node: Any = document
+        parent: Any = None
+        for part in path[:-1]:
+            parent = node
+            node = node[part]
+        line, column = node.lc.key(path[-1])
+        located.append((line, column))
+        if parent is not None and next(iter(node)) == path[-1]:
+            stale_above_parent.append(parent.lc.key(path[-2]))
+    for line, column in sorted(set(stale_above_parent), reverse=True):
+        start = _comment_block_start(lines, line, column)
+        del lines[start:line]
+        located = [(k - (line - start), c) if k > line else (k, c) for k, c in located]
+    for line, column in sorted(set(located), reverse=True):
+        match = _END_OF_LINE_COMMENT.match(lines[line].rstrip("\n"))
+        if match is not None:
+            lines[line] = match.group("body") + "\n"
+        start = _comment_block_start(lines, line, column)
+        lines[start:line] = [" " * column + f"# {note}\n"]
+    return "".join(lines)
+
+
+def _comment_block_start(lines: list[str], line: int, column: int) -> int:
+    """The first of the comment lines directly above ``line`` at ``column``."""
+    start = line
+    while start > 0:
+        above = lines[start - 1]
+        stripped = above.lstrip(" ")
+        if not stripped.startswith("#") or len(above) - len(stripped) != column:
+            break
+        start -= 1
+    return start
+
+
 def unified_diff(path: str, before: str, after: str) -> str:
     return "".join(
         difflib.unified_diff(
@@ -843,6 +924,7 @@ __all__ = [
     "length_pool",
     "max_rate_under_slo",
     "recommend",
+    "refresh_comments",
     "round_target",
     "split_candidates",
     "sweep_splits",

@@ -183,8 +183,18 @@ def _judge_s(policy: ServicePolicy, profile: LoadProfile) -> int:
     )
 
 
+def _ttft_judge_s(policy: ServicePolicy) -> int:
+    """How long a window's arrivals are followed when only their TTFT is asked."""
+    return math.ceil(policy.slo.ttft_ms / 1000.0) + JUDGE_MARGIN_S
+
+
 class _WindowSearch:
-    """Trial runs of one window from the state the previous windows left."""
+    """Trial runs of one window from the state the previous windows left.
+
+    A trial that only asks about TTFT follows the window's arrivals until their first
+    token (``ttft_s`` after it ends); one that asks about both SLOs follows them until
+    nearly all have finished (``judge_s``). The state at the window's end is the same
+    either way, so either trial can be kept."""
 
     def __init__(
         self,
@@ -193,16 +203,19 @@ class _WindowSearch:
         prefill_type: str,
         decode_type: str,
         judge_s: int,
+        ttft_s: int,
     ):
         self.sim = sim
         self.judge = judge
         self.prefill_type = prefill_type
         self.decode_type = decode_type
         self.judge_s = judge_s
+        self.ttft_s = min(ttft_s, judge_s)
         self.trials = 0
         self.start = self.end = 0
         self.base: SimSnapshot | None = None
-        self.cache: dict[tuple[int, int], tuple[_Verdict, SimSnapshot]] = {}
+        # (prefill, decode) -> (verdict, state at the window's end, followed to judge_s)
+        self.cache: dict[tuple[int, int], tuple[_Verdict, SimSnapshot, bool]] = {}
         self.last: tuple[int, int] | None = None
 
     def begin(self, start_s: int, end_s: int) -> None:
@@ -210,9 +223,10 @@ class _WindowSearch:
         self.base = self.sim.snapshot()
         self.cache = {}
 
-    def run(self, prefill: int, decode: int) -> _Verdict:
-        if (prefill, decode) in self.cache:
-            return self.cache[(prefill, decode)][0]
+    def run(self, prefill: int, decode: int, full: bool = True) -> _Verdict:
+        cached = self.cache.get((prefill, decode))
+        if cached is not None and (cached[2] or not full):
+            return cached[0]
         assert self.base is not None, "begin() a window first"
         sim = self.sim
         self.trials += 1
@@ -223,15 +237,16 @@ class _WindowSearch:
         while sim.t < self.end:
             sim.step()
         at_end = sim.snapshot()
-        while sim.t < self.end + self.judge_s:
+        follow_s = self.judge_s if full else self.ttft_s
+        while sim.t < self.end + follow_s:
             sim.step()
         verdict = self.judge(self.start, self.end)
-        self.cache[(prefill, decode)] = (verdict, at_end)
+        self.cache[(prefill, decode)] = (verdict, at_end, full)
         self.last = (prefill, decode)
         return verdict
 
     def ttft_meets(self, goal: float, decode: int, prefill: int) -> bool:
-        return self.run(prefill, decode).ttft_share >= goal
+        return self.run(prefill, decode, full=False).ttft_share >= goal
 
     def both_meets(self, goal: float, prefill: int, decode: int) -> bool:
         return self.run(prefill, decode).both_share >= goal
@@ -277,7 +292,7 @@ def plan_oracle_min(
         if windows is None
         else min(windows, math.ceil(horizon / window_s))
     )
-    search = _WindowSearch(sim, judge, prefill_type, decode_type, judge_s)
+    search = _WindowSearch(sim, judge, prefill_type, decode_type, judge_s, _ttft_judge_s(policy))
     chosen: list[OracleWindow] = []
     prefill, decode = p_lo, d_lo
     for k in range(count):
@@ -328,7 +343,12 @@ def replay_window(
     sim = ServiceSim(policy, cluster, profile, config or SimConfig())
     judge_s = _judge_s(policy, profile)
     search = _WindowSearch(
-        sim, _WindowJudge(sim, plan.window_s), plan.prefill_gpu_type, plan.decode_gpu_type, judge_s
+        sim,
+        _WindowJudge(sim, plan.window_s),
+        plan.prefill_gpu_type,
+        plan.decode_gpu_type,
+        judge_s,
+        _ttft_judge_s(policy),
     )
     for k in range(window + 1):
         start = k * plan.window_s

@@ -252,6 +252,7 @@ def test_registry_builds_every_autoscaler_by_name():
     assert set(AUTOSCALERS) == {
         "heteroscale",
         "heteroscale-paper",
+        "heteroscale-planner",
         "hpa-gpu-util",
         "hpa-decode-tps",
         "static-peak",

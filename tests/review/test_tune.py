@@ -23,6 +23,7 @@ from reconciler.review.tune import (
     flat_workload,
     length_pool,
     recommend,
+    refresh_comments,
     round_target,
     split_candidates,
     sweep_splits,
@@ -370,14 +371,27 @@ RECOMMENDED_RE = re.compile(
 PREFILL_DIFF_RE = re.compile(r"^\+  prefill_target_per_instance: (\d+)$", re.MULTILINE)
 
 
-def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
+def _with_goal(chat: Path, goal: float) -> str:
+    """chat.yaml asking ``goal`` of requests within both SLOs."""
+    text = chat.read_text().replace(
+        "  quantile: 0.9\n", f"  quantile: 0.9\n  attainment_goal: {goal}\n", 1
+    )
+    chat.write_text(text)
+    return text
+
+
+def test_write_puts_verified_values_in_place_of_the_old_ones_and_their_comments(
+    example_repo: Path,
+) -> None:
     chat = example_repo / "policies" / "chat.yaml"
-    start = _with_low_target(chat)
+    _with_low_target(chat)
+    start = _with_goal(chat, 0.5)  # a goal the verification day reaches
     ratio_match = RATIO_RE.search(start)
     assert ratio_match
     ratio_before = ratio_match.group(0)
     result = CliRunner().invoke(
-        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--no-verify", "--write"]
+        app,
+        ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5", "--write"],
     )
     assert result.exit_code == 0, result.output
     match = RECOMMENDED_RE.search(result.stdout)
@@ -387,26 +401,55 @@ def test_write_changes_only_the_recommended_lines(example_repo: Path) -> None:
     assert prefill_match, result.stdout
     prefill_per_instance = int(prefill_match.group(1))
     after = chat.read_text()
-    changed = _diff_lines(start, after)
-    target_line = f'  target: "{ratio}"'
-    per_instance_line = f"  target_per_instance: {per_instance}"
-    prefill_line = f"  prefill_target_per_instance: {prefill_per_instance}"
-    wanted = {
-        ("  target_per_instance: 900", per_instance_line),
-        ("  prefill_target_per_instance: 1000", prefill_line),
+    removed = [line for line in start.splitlines() if line not in after.splitlines()]
+    added = [line for line in after.splitlines() if line not in start.splitlines()]
+    values = {
+        f"  target_per_instance: {per_instance}",
+        f"  prefill_target_per_instance: {prefill_per_instance}",
     }
-    if ratio_before != target_line:
-        wanted.add((ratio_before, target_line))
-    assert set(changed) == wanted
-    assert "--- a/policies/chat.yaml" in result.stdout
-    assert f"+{per_instance_line}" in result.stdout
+    if ratio_before != f'  target: "{ratio}"':
+        values.add(f'  target: "{ratio}"')
+    # Only the values and the comments that described the old ones changed...
+    assert {line for line in added if not line.lstrip().startswith("#")} == values
+    assert all(
+        line.lstrip().startswith("#")
+        or line.split(":")[0].strip()
+        in {"target_per_instance", "prefill_target_per_instance", "target"}
+        for line in removed
+    )
+    # ...the old explanations ("1,450 left 7% ...") are gone, and each new value says
+    # what verified it.
+    assert not any("1,450 left 7%" in line for line in after.splitlines())
+    notes = [line for line in added if line.lstrip().startswith("# heteroscale tune: verified")]
+    assert len(notes) == len(values)
     assert "wrote" in result.stdout
-    # The written file is valid and carries the values.
     tuned = load_desired_state(example_repo).policies["chat"]
     assert tuned.scaling.target_per_instance == per_instance
     assert tuned.scaling.prefill_target_per_instance == prefill_per_instance
     assert tuned.pd_ratio.target == pytest.approx(parse_ratio(ratio))
     assert tuned.pd_ratio.min <= tuned.pd_ratio.target <= tuned.pd_ratio.max
+
+
+def test_write_refuses_values_that_miss_the_goal_and_exits_1(example_repo: Path) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    _with_low_target(chat)
+    start = _with_goal(chat, 0.9999)  # no reactive policy keeps this on a bursty day
+    result = CliRunner().invoke(
+        app,
+        ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5", "--write"],
+    )
+    assert result.exit_code == 1, result.output
+    assert chat.read_text() == start
+    assert "not written" in result.stderr and "below the" in result.stderr
+    assert RECOMMENDED_RE.search(result.stdout)  # the best values found are still shown
+
+
+def test_write_without_verification_is_a_usage_error(example_repo: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--no-verify", "--write"]
+    )
+    assert result.exit_code == 2
+    assert "--write writes only verified values" in result.stderr
 
 
 def test_without_write_the_file_is_untouched_and_the_replay_is_shown(example_repo: Path) -> None:
@@ -446,3 +489,40 @@ def test_usage_errors_exit_2(example_repo: Path) -> None:
         == 2
     )
     assert runner.invoke(app, ["tune", "chat", "--headroom", "2"]).exit_code == 2
+
+
+def test_refreshed_values_lose_the_comments_that_described_the_old_ones() -> None:
+    text = (
+        "# the file\n"
+        "name: chat\n"
+        "\n"
+        "# why 3:4 (above the mapping)\n"
+        "pd_ratio:\n"
+        '  target: "3:4"   # old ratio\n'
+        '  min: "1:3"\n'
+        "scaling:\n"
+        "  metric: decode_tps\n"
+        "  # why 1300\n"
+        "  # (two lines)\n"
+        "  target_per_instance: 1300\n"
+        "  # about the tolerance\n"
+        "  tolerance: 0.1\n"
+    )
+    out = refresh_comments(
+        text, [("pd_ratio", "target"), ("scaling", "target_per_instance")], "new"
+    )
+    assert out == (
+        "# the file\n"
+        "name: chat\n"
+        "\n"
+        "pd_ratio:\n"
+        "  # new\n"
+        '  target: "3:4"\n'
+        '  min: "1:3"\n'
+        "scaling:\n"
+        "  metric: decode_tps\n"
+        "  # new\n"
+        "  target_per_instance: 1300\n"
+        "  # about the tolerance\n"
+        "  tolerance: 0.1\n"
+    )
