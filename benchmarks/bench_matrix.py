@@ -17,7 +17,9 @@ hpa-decode-tps, static-peak and oracle-min, the lower bound; each policy's GPU-h
 are also given as a multiple of oracle-min's (the project's efficiency figure).
 
 Run: ``python benchmarks/bench_matrix.py [--json F] [--markdown F] [--cells a,b]
-[--policies p,q] [--jobs N]``. Prints one table. A benchmark, not a test: the whole
+[--policies p,q] [--jobs N]``. Prints one table (a row per cell and policy), then the
+same as one row per cell (each policy's GPU-hours as a multiple of oracle-min, and its
+share of requests within both SLOs). A benchmark, not a test: the whole
 matrix takes tens of minutes on two cores (``--jobs 2`` runs two cells at once).
 """
 
@@ -188,6 +190,29 @@ def markdown_table(table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def pivot_table(documents: list[dict[str, Any]], policies: tuple[str, ...]) -> str:
+    """One row per cell: for each policy, GPU-hours as a multiple of oracle-min and the
+    share of requests within both SLOs (``failed`` where the policy failed)."""
+    header = ["cell", "unattainable", *policies]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for document in documents:
+        figures = document["policies"]
+        unattainable = next(
+            (f.get("unattainable_share") for f in figures.values() if not f.get("failed")), None
+        )
+        cells = [document["cell"], _pct(unattainable)]
+        for name in policies:
+            f = figures.get(name)
+            if f is None or f.get("failed"):
+                cells.append("failed" if f else "-")
+                continue
+            cells.append(
+                f"{_num(f.get('gpu_hours_vs_oracle_min'), 2)}x, {_pct(f['slo_attainment'])}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write every figure as JSON here")
@@ -219,8 +244,12 @@ def main() -> None:
     print(f"\n{len(cells)} cells in {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(documents, indent=2) + "\n")
+    print()
+    print(pivot_table(documents, policies))
     if args.markdown:
-        args.markdown.write_text(markdown_table(table) + "\n")
+        args.markdown.write_text(
+            pivot_table(documents, policies) + "\n\n" + markdown_table(table) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -726,6 +726,44 @@ def decide(
     prefill, decode = stabilise(n, recommendation, current, past, history, now_s, clamps, floor)
 
     reason = _reason(current, prefill, decode, recommendation, within_tolerance, fired)
+    return finish(
+        n,
+        current,
+        (prefill, decode),
+        recommendation,
+        reason,
+        parts,
+        clamps,
+        past,
+        history,
+        now_s,
+        kv_usage=kv_samples,
+        dynamic_ratio=ratio if n.dynamic_ratio else None,
+        extra=extra,
+        planner=None,
+    )
+
+
+def finish(
+    n: PolicyNumbers,
+    current: list[int],
+    decided: tuple[int, int],
+    recommendation: tuple[int, int],
+    reason: Reason,
+    parts: list[str],
+    clamps: list[Clamp],
+    past: tuple[Recommendation, ...],
+    history: PolicyHistory,
+    now_s: float,
+    *,
+    kv_usage: tuple[tuple[float, float], ...],
+    dynamic_ratio: float | None,
+    extra: tuple[tuple[str, float], ...],
+    planner: object | None,
+) -> Decision:
+    """The decision with its one-line message (reasons, then the clamps and the result)
+    and the history the next cycle needs: this cycle's recommendation appended."""
+    prefill, decode = decided
     message = "; ".join(parts)
     if clamps:
         message += (
@@ -746,9 +784,10 @@ def decide(
             last_change_at_s=now_s if changed else history.last_change_at_s,
             ttft_ms=history.ttft_ms,
             tbt_ms=history.tbt_ms,
-            kv_usage=kv_samples,
-            dynamic_ratio=ratio if n.dynamic_ratio else None,
+            kv_usage=kv_usage,
+            dynamic_ratio=dynamic_ratio,
             extra=extra,
+            planner=planner,
         ),
     )
 

@@ -59,7 +59,7 @@ import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
-from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
+from reconciler.policy.base import Clamp, Decision, PolicyHistory
 from reconciler.policy.capacity import (
     LatencyCorrection,
     RequestMix,
@@ -76,6 +76,7 @@ from reconciler.policy.coordinated import (
     _reason,
     _shape,
     _trim_recommendations,
+    finish,
     policy_numbers,
     sample_problem,
     stabilise,
@@ -501,31 +502,21 @@ def plan_decide(
 
     within = recommendation == (current[0], current[1])
     reason = _reason(current, prefill, decode, recommendation, within, fired)
-    message = "; ".join(parts)
-    if clamps:
-        message += (
-            "; clamps: "
-            + ", ".join(str(c) for c in clamps)
-            + f" => {prefill} prefill, {decode} decode (now {current[0]}, {current[1]})"
-        )
-    changed = prefill != current[0] or decode != current[1]
-    return Decision(
-        service=n.service,
-        prefill=prefill,
-        decode=decode,
-        reason=reason,
-        message=message,
-        clamps=tuple(clamps),
-        history=PolicyHistory(
-            recommendations=(*past, Recommendation(now_s, recommendation[0], recommendation[1])),
-            last_change_at_s=now_s if changed else history.last_change_at_s,
-            ttft_ms=history.ttft_ms,
-            tbt_ms=history.tbt_ms,
-            kv_usage=history.kv_usage,
-            dynamic_ratio=None,
-            extra=history.extra,
-            planner=memory,
-        ),
+    return finish(
+        n,
+        current,
+        (prefill, decode),
+        recommendation,
+        reason,
+        parts,
+        clamps,
+        past,
+        history,
+        now_s,
+        kv_usage=history.kv_usage,
+        dynamic_ratio=None,
+        extra=history.extra,
+        planner=memory,
     )
 
 

@@ -60,7 +60,13 @@ from reconciler.perfmodel.instance import instance_perf
 from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy.base import Autoscaler, Decision, PolicyHistory, decide_with
-from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, request_outcomes
+from reconciler.sim.engine import (
+    LoadProfile,
+    RequestOutcomes,
+    ServiceSim,
+    SimConfig,
+    request_outcomes,
+)
 from reconciler.sim.fleet import SimulatedFleet
 from reconciler.sim.oracle import (
     DEFAULT_WINDOW_S,
@@ -776,13 +782,46 @@ def _run_policy(
         notes.append(
             f"placement could not place {shortfalls} instance-cycles (cluster full or constraints)"
         )
+    timeline = _timeline(sim, counts, horizon, decision_times, ttft_ms, tbt_ms)
+    return _result(
+        name,
+        description,
+        sim,
+        counts,
+        horizon,
+        policy,
+        outcome,
+        actions=actions,
+        changes=changes,
+        shortfalls=shortfalls,
+        timeline=timeline,
+        notes=notes,
+    )
+
+
+def _result(
+    name: str,
+    description: str,
+    sim: ServiceSim,
+    counts: Mapping[str, np.ndarray],
+    horizon: int,
+    policy: ServicePolicy,
+    outcome: RequestOutcomes,
+    *,
+    actions: int,
+    changes: int,
+    shortfalls: int,
+    timeline: Mapping[str, np.ndarray],
+    notes: Sequence[str],
+) -> PolicyResult:
+    """A run's figures from its simulator and its per-second instance counts: the one
+    accounting every policy and oracle-min share."""
     usage = _usage(sim, counts, horizon, policy)
     active_prefill = counts["prefill_ready"][:horizon] + counts["prefill_starting"][:horizon]
     active_decode = counts["decode_ready"][:horizon] + counts["decode_starting"][:horizon]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(active_decode > 0, active_prefill / np.maximum(active_decode, 1), np.nan)
     finite_ratio = ratio[np.isfinite(ratio)]
-    timeline = _timeline(sim, counts, horizon, decision_times, ttft_ms, tbt_ms)
     return PolicyResult(
         name=name,
         description=description,
@@ -826,7 +865,6 @@ def oracle_min_result(
         sim.step()  # in-flight requests finish on the last window's counts
     outcome = request_outcomes(sim)
     counts = per_second_counts(plan, policy, horizon)
-    usage = _usage(sim, counts, horizon, policy)
     prefill = np.array([w.prefill for w in plan.windows])
     decode = np.array([w.decode for w in plan.windows])
     steps = np.abs(np.diff(prefill)) + np.abs(np.diff(decode))
@@ -836,46 +874,23 @@ def oracle_min_result(
         notes.append(
             f"{unmet} of {len(plan.windows)} windows cannot meet the goal even at max_instances"
         )
-    ratio = prefill / np.maximum(decode, 1)
-    return PolicyResult(
-        name="oracle-min",
-        description=(
-            f"fewest {plan.prefill_gpu_type} prefill and {plan.decode_gpu_type} decode "
-            f"instances meeting {100 * policy.slo.attainment_goal:g}% of each {plan.window_s} s "
-            f"window's attainable requests, workload known ({plan.trials} trial windows)"
-        ),
-        gpu_hours=usage["gpu_hours_prefill"] + usage["gpu_hours_decode"],
-        gpu_hours_prefill=usage["gpu_hours_prefill"],
-        gpu_hours_decode=usage["gpu_hours_decode"],
-        mean_gpu_util_prefill=usage["util_prefill"],
-        mean_gpu_util_decode=usage["util_decode"],
-        mean_sm_active_prefill=usage["sm_prefill"],
-        mean_sm_active_decode=usage["sm_decode"],
-        ttft_attainment=outcome.ttft_attainment,
-        tbt_attainment=outcome.tbt_attainment,
-        slo_attainment=outcome.slo_attainment,
-        ttft_quantile_ms=outcome.ttft_quantile_ms,
-        tbt_quantile_ms=outcome.tbt_quantile_ms,
-        requests=outcome.requests,
-        dropped=outcome.dropped,
-        scaling_actions=int((steps > 0).sum()),
-        instance_changes=int(steps.sum()),
-        pd_ratio_min=float(ratio.min()),
-        pd_ratio_max=float(ratio.max()),
-        peak_prefill_instances=int(prefill.max()),
-        peak_decode_instances=int(decode.max()),
-        placement_shortfalls=0,
-        timeline=_timeline(
-            sim,
-            counts,
-            horizon,
-            [float(w.start_s) for w in plan.windows],
-            [math.nan] * len(plan.windows),
-            [math.nan] * len(plan.windows),
-        ),
-        notes=tuple(notes),
-        unattainable_share=outcome.unattainable_share,
-        tbt_token_quantile_ms=outcome.tbt_token_quantile_ms,
+    starts = [float(w.start_s) for w in plan.windows]
+    no_signal = [math.nan] * len(plan.windows)
+    return _result(
+        "oracle-min",
+        f"fewest {plan.prefill_gpu_type} prefill and {plan.decode_gpu_type} decode instances "
+        f"meeting {100 * policy.slo.attainment_goal:g}% of each {plan.window_s} s window's "
+        f"attainable requests, workload known ({plan.trials} trial windows)",
+        sim,
+        counts,
+        horizon,
+        policy,
+        outcome,
+        actions=int((steps > 0).sum()),
+        changes=int(steps.sum()),
+        shortfalls=0,
+        timeline=_timeline(sim, counts, horizon, starts, no_signal, no_signal),
+        notes=notes,
     )
 
 

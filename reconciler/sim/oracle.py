@@ -30,8 +30,9 @@ have been found, so taking one instance out of any window breaks that window's S
 (or the role is at ``min_instances``): this is what makes the bound minimal, and a test
 checks it.
 
-Counts are searched by galloping from the previous window's count and then bisecting,
-so a day costs a few trial windows per window rather than a full search. The bound
+Counts are searched by galloping from an estimate (the window's demand over one
+instance's capacity, scaled as the previous window's answer was) and then bisecting, so
+a day costs a few trial windows per window rather than a full search. The bound
 assumes more instances never hurt a window (true in the model: capacity only grows).
 
 Cost: an instance that a window needs and the previous one did not have is started
@@ -183,6 +184,37 @@ def _judge_s(policy: ServicePolicy, profile: LoadProfile) -> int:
     )
 
 
+class _DemandEstimate:
+    """Instances a window's arrivals would keep busy: its prompt work over one prefill
+    instance's compute, its output tokens over one decode instance's tokens/s at the
+    TBT SLO (the simulator's own figures)."""
+
+    def __init__(self, sim: ServiceSim, prefill_type: str, decode_type: str):
+        profile = sim.profile
+        self.work = np.concatenate(
+            (
+                [0.0],
+                np.cumsum(
+                    sim.work_linear * profile.prompt_sum
+                    + sim.work_attention * profile.prompt_sq_sum
+                ),
+            )
+        )
+        self.output = np.concatenate(([0.0], np.cumsum(profile.output_sum)))
+        prefill_pool = next(p for p in sim.prefill_pools if p.gpu_type == prefill_type)
+        decode_pool = next(p for p in sim.decode_pools if p.gpu_type == decode_type)
+        self.prefill_work_per_s = max(prefill_pool.capacity_work_per_s, 1e-9)
+        self.decode_tps = max(decode_pool.slo_capacity_tps, 1e-9)
+
+    def __call__(self, start_s: int, end_s: int) -> tuple[float, float]:
+        span = max(end_s - start_s, 1)
+        end = min(end_s, self.work.size - 1)
+        start = min(start_s, end)
+        prefill = (self.work[end] - self.work[start]) / span / self.prefill_work_per_s
+        decode = (self.output[end] - self.output[start]) / span / self.decode_tps
+        return prefill, decode
+
+
 def _ttft_judge_s(policy: ServicePolicy) -> int:
     """How long a window's arrivals are followed when only their TTFT is asked."""
     return math.ceil(policy.slo.ttft_ms / 1000.0) + JUDGE_MARGIN_S
@@ -214,9 +246,9 @@ class _WindowSearch:
         self.trials = 0
         self.start = self.end = 0
         self.base: SimSnapshot | None = None
-        # (prefill, decode) -> (verdict, state at the window's end, followed to judge_s)
-        self.cache: dict[tuple[int, int], tuple[_Verdict, SimSnapshot, bool]] = {}
-        self.last: tuple[int, int] | None = None
+        # (prefill, decode) -> (verdict, state at the window's end, the window's rows of
+        # the per-second series, followed to judge_s)
+        self.cache: dict[tuple[int, int], tuple[_Verdict, SimSnapshot, np.ndarray, bool]] = {}
 
     def begin(self, start_s: int, end_s: int) -> None:
         self.start, self.end = start_s, end_s
@@ -225,7 +257,7 @@ class _WindowSearch:
 
     def run(self, prefill: int, decode: int, full: bool = True) -> _Verdict:
         cached = self.cache.get((prefill, decode))
-        if cached is not None and (cached[2] or not full):
+        if cached is not None and (cached[3] or not full):
             return cached[0]
         assert self.base is not None, "begin() a window first"
         sim = self.sim
@@ -237,12 +269,12 @@ class _WindowSearch:
         while sim.t < self.end:
             sim.step()
         at_end = sim.snapshot()
+        rows = sim.series.data[self.base.rows : at_end.rows].copy()
         follow_s = self.judge_s if full else self.ttft_s
         while sim.t < self.end + follow_s:
             sim.step()
         verdict = self.judge(self.start, self.end)
-        self.cache[(prefill, decode)] = (verdict, at_end, full)
-        self.last = (prefill, decode)
+        self.cache[(prefill, decode)] = (verdict, at_end, rows, full)
         return verdict
 
     def ttft_meets(self, goal: float, decode: int, prefill: int) -> bool:
@@ -252,13 +284,13 @@ class _WindowSearch:
         return self.run(prefill, decode).both_share >= goal
 
     def accept(self, prefill: int, decode: int) -> _Verdict:
-        """Keep these counts for the window: the state moves to its end. The per-second
-        series holds the last trial's rows, so the chosen counts run again unless they
-        were the last tried."""
-        if self.last != (prefill, decode):
-            self.cache.pop((prefill, decode), None)
+        """Keep these counts for the window: the state moves to its end, and the
+        window's rows of the per-second series (the last trial wrote its own) are put
+        back."""
         verdict = self.run(prefill, decode)
-        self.sim.restore(self.cache[(prefill, decode)][1])
+        _verdict, at_end, rows, _full = self.cache[(prefill, decode)]
+        self.sim.restore(at_end)
+        self.sim.series.data[at_end.rows - rows.shape[0] : at_end.rows] = rows
         return verdict
 
 
@@ -294,19 +326,32 @@ def plan_oracle_min(
     )
     search = _WindowSearch(sim, judge, prefill_type, decode_type, judge_s, _ttft_judge_s(policy))
     chosen: list[OracleWindow] = []
-    prefill, decode = p_lo, d_lo
+    # Where each window's search starts: the window's demand over one instance's
+    # capacity, scaled by how the previous window's answer compared with its own
+    # estimate (the search is exact either way; a close start saves trials).
+    estimate = _DemandEstimate(sim, prefill_type, decode_type)
+    scale = [1.0, 1.0]
     for k in range(count):
         start = k * window_s
         end = min(start + window_s, horizon)
         search.begin(start, end)
+        guess_p, guess_d = estimate(start, end)
         # Prefill first, against as much decode as the policy allows (decode only
         # shortens TTFT: admission wait, first step); then the fewest decode with it.
         prefill, prefill_met = _gallop_min(
-            functools.partial(search.ttft_meets, goal, d_hi), p_lo, p_hi, prefill
+            functools.partial(search.ttft_meets, goal, d_hi),
+            p_lo,
+            p_hi,
+            round(guess_p * scale[0]),
         )
         decode, decode_met = _gallop_min(
-            functools.partial(search.both_meets, goal, prefill), d_lo, d_hi, decode
+            functools.partial(search.both_meets, goal, prefill),
+            d_lo,
+            d_hi,
+            round(guess_d * scale[1]),
         )
+        if guess_p > 0 and guess_d > 0:
+            scale = [prefill / guess_p, decode / guess_d]
         verdict = search.accept(prefill, decode)
         chosen.append(
             OracleWindow(
