@@ -35,26 +35,19 @@ from observe_helpers import (
     example_engine_job,
     pod_target,
     register,
+    require_prometheus,
 )
 
 from reconciler.observe.exporter import FleetExporter
-from reconciler.observe.local_prometheus import LocalPrometheus, find_binary, write_file_sd
+from reconciler.observe.local_prometheus import LocalPrometheus, write_file_sd
 from reconciler.observe.presets import recording_rules
-
-
-def _require_prometheus() -> None:
-    if find_binary("prometheus") is None or find_binary("promtool") is None:
-        pytest.skip(
-            "the prometheus/promtool binaries are not installed "
-            "(apt-get install prometheus); CI installs them"
-        )
 
 
 @pytest.fixture(scope="session")
 def prometheus_stack() -> Iterator[PrometheusStack]:
     """A real Prometheus (1 s scrapes, temporary storage) scraping four exporters, with
     backfilled history; stopped and deleted after the session."""
-    _require_prometheus()
+    require_prometheus()
     backfill_end_s = float(math.floor(time.time()) - 3 * 3600)
     main, fleet, openmetrics, vanishing = (
         FleetExporter(),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import requests
 from ruamel.yaml import YAML
 
@@ -35,7 +36,7 @@ from reconciler.observe.exporter import (
     expected_histogram_quantile_s,
     expected_length_buckets,
 )
-from reconciler.observe.local_prometheus import LocalPrometheus
+from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
 from reconciler.observe.presets import LENGTH_NAMES
 from reconciler.observe.prometheus import PrometheusSettings
 from reconciler.state import METRIC_NAMES
@@ -620,3 +621,12 @@ def wait_until(
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
     return time.monotonic() - started
+
+
+def require_prometheus() -> None:
+    """Skip, with the reason, where the Prometheus binaries are not installed."""
+    if find_binary("prometheus") is None or find_binary("promtool") is None:
+        pytest.skip(
+            "the prometheus/promtool binaries are not installed "
+            "(apt-get install prometheus); CI installs them"
+        )
