@@ -8,13 +8,15 @@ an error, 2 usage error, 3 ``plan`` found changes (like ``terraform plan
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from reconciler.desired.loader import load_desired_state
+from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.errors import ConfigError
 
 app = typer.Typer(
@@ -24,8 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# User text (values, file names, errors) goes through these: no :emoji: codes, and
+# every print of it escapes markup or turns it off (a value may contain "[/red]").
+console = Console(highlight=False, emoji=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 SCHEMA_FILES = {"service-policy.json": "ServicePolicy", "cluster.json": "ClusterSpec"}
 
@@ -33,7 +37,7 @@ SCHEMA_FILES = {"service-policy.json": "ServicePolicy", "cluster.json": "Cluster
 def report_config_error(exc: ConfigError) -> None:
     """One line per problem, on stderr, no traceback."""
     for issue in exc.issues:
-        err_console.print(f"[red]error[/red] {issue}", soft_wrap=True, markup=True)
+        err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True, markup=True)
     count = len(exc.issues)
     err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
 
@@ -47,10 +51,25 @@ def validate(
         str | None,
         typer.Option("--rev", help="validate this Git revision, without checking it out"),
     ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="also warn for every service that cannot meet its TTFT SLO for more than 1% "
+            "of this trace's requests even on an idle instance (formats as simulate --trace)",
+        ),
+    ] = None,
+    rate_scale: Annotated[
+        float | None,
+        typer.Option("--rate-scale", help="with --trace: multiply its arrival rate by K"),
+    ] = None,
 ) -> None:
     """Validate the desired state (policies/, clusters/ and the templates they name)."""
     if not path.exists():
-        err_console.print(f"error: {path}: no such directory")
+        err_console.print(f"error: {path}: no such directory", markup=False)
+        raise typer.Exit(2)
+    if rate_scale is not None and not (rate_scale > 0 and math.isfinite(rate_scale)):
+        err_console.print(f"error: --rate-scale must be a positive number, got {rate_scale:g}")
         raise typer.Exit(2)
     try:
         state = load_desired_state(path, rev=rev)
@@ -62,8 +81,49 @@ def validate(
     console.print(
         f"valid: {len(state.policies)} service{'s' if len(state.policies) != 1 else ''}, "
         f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
-        f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
+        f"({nodes} nodes, {gpus} GPUs) from {state.source_label}",
+        markup=False,
     )
+    if trace is not None:
+        _check_trace(state, trace, rate_scale)
+
+
+def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> None:
+    """Warn (exit code unchanged) for every service that loses more than
+    ``WARN_SHARE`` of the trace's requests to TTFT on any capacity; exit 1 when the
+    trace cannot be read."""
+    from reconciler.policy.attainability import WARN_SHARE, trace_attainability
+    from reconciler.sim.workload import TraceError, read_trace
+
+    try:
+        # The same reader and seed (0) as `simulate --trace`.
+        workload = read_trace(trace)
+        if rate_scale is not None and rate_scale != 1.0:
+            workload = workload.rate_scaled(rate_scale)
+    except (TraceError, OSError) as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if workload.requests == 0:
+        err_console.print(f"[red]error[/red] {escape(str(trace))}: no requests", soft_wrap=True)
+        raise typer.Exit(1)
+    for name, policy in sorted(state.policies.items()):
+        cluster = state.clusters.get(policy.cluster)
+        found = (
+            None
+            if cluster is None
+            else trace_attainability(
+                policy, cluster, workload.prompt_tokens, workload.output_tokens
+            )
+        )
+        if found is None:
+            err_console.print(
+                f"warning: service {name}: no allowed GPU type of a role fits in cluster "
+                f"{policy.cluster}; TTFT attainability of {trace.name} not checked",
+                soft_wrap=True,
+                markup=False,
+            )
+        elif found.share > WARN_SHARE:
+            err_console.print(f"warning: {found.warning(trace.name)}", soft_wrap=True, markup=False)
 
 
 def render_schemas() -> dict[str, str]:
@@ -100,9 +160,9 @@ def schema(
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-        console.print(f"wrote {target}")
+        console.print(f"wrote {target}", markup=False)
     if stale:
-        err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`")
+        err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`", markup=False)
         raise typer.Exit(1)
 
 

@@ -212,7 +212,12 @@ ClusterOpt = Annotated[
 ]
 PlacerOpt = Annotated[str, typer.Option("--placer", help="cp-sat or greedy")]
 PolicyOpt = Annotated[
-    str, typer.Option("--autoscaler", help="autoscaling policy (heteroscale or a baseline)")
+    str,
+    typer.Option(
+        "--autoscaler",
+        help="autoscaling policy: heteroscale (the paper's, the default), heteroscale-planner "
+        "(sized from the performance model) or a baseline",
+    ),
 ]
 PromOpt = Annotated[
     str | None,
@@ -268,6 +273,13 @@ def _settings(
         raise typer.BadParameter("--placer must be cp-sat or greedy")
     if drain_window < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
+    from reconciler.policy import AUTOSCALERS
+
+    # Here, not at build time: an unknown name is a usage error (exit 2), not a traceback.
+    if autoscaler not in AUTOSCALERS:
+        raise typer.BadParameter(
+            f"--autoscaler must be one of {', '.join(AUTOSCALERS)}, got '{autoscaler}'"
+        )
     return Settings(
         repo,
         rev,
@@ -312,6 +324,13 @@ WhatIfOpt = Annotated[
     bool,
     typer.Option("--what-if/--no-what-if", help="review: replay both revisions in the simulator"),
 ]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        help="review: time budget in seconds; what does not fit is skipped, named, and exits 1",
+    ),
+]
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", help="review: write the what-if plot (one PNG per replayed service)"),
@@ -331,8 +350,11 @@ def _review(
     diurnal_hours: float | None,
     what_if: bool,
     plot: Path | None,
+    timeout: float = 600.0,
 ) -> int:
     """`plan --base --head`: the review lives in reconciler.review; this only wires it."""
+    if not timeout > 0:
+        raise typer.BadParameter("--timeout must be a positive number of seconds")
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     if placer not in ("cp-sat", "greedy"):
@@ -344,7 +366,12 @@ def _review(
     from reconciler.review.review import ReviewOptions
 
     options = ReviewOptions(
-        trace=trace, rate_scale=rate_scale, diurnal_hours=diurnal_hours, seed=seed, what_if=what_if
+        trace=trace,
+        rate_scale=rate_scale,
+        diurnal_hours=diurnal_hours,
+        seed=seed,
+        what_if=what_if,
+        timeout_s=timeout,
     )
     review, text, written = plan_review(
         repo,
@@ -361,7 +388,7 @@ def _review(
     else:
         print(text, end="" if text.endswith("\n") else "\n")
     for path in written:
-        err_console.print(f"wrote {path}")
+        err_console.print(f"wrote {path}", markup=False)
     return review.exit_code
 
 
@@ -428,6 +455,7 @@ def register(app: typer.Typer) -> None:
         diurnal_hours: DiurnalOpt = None,
         what_if: WhatIfOpt = True,
         plot: PlotOpt = None,
+        timeout: TimeoutOpt = 600.0,
     ) -> None:
         """One dry-run cycle: decide, place and diff every cluster, and print exactly what
         `apply` would do. Exit 0: no change, 3: changes, 1: error.
@@ -449,6 +477,7 @@ def register(app: typer.Typer) -> None:
                     diurnal_hours,
                     what_if,
                     plot,
+                    timeout,
                 )
             )
         settings = _settings(

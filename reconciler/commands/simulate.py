@@ -32,10 +32,12 @@ from reconciler.sim.load import load_with_requests
 from reconciler.sim.oracle import DEFAULT_WINDOW_S
 from reconciler.sim.workload import TraceError
 
-console = Console(highlight=False)
+console = Console(highlight=False, emoji=False)  # user text: no :emoji: codes
 if not console.is_terminal:
-    console = Console(highlight=False, width=260)  # logs and CI: one table row per line
-err_console = Console(stderr=True, highlight=False)
+    console = Console(
+        highlight=False, emoji=False, width=260
+    )  # logs and CI: one table row per line
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 
 def _pct(value: float | None) -> str:
@@ -58,7 +60,8 @@ def render_table(result: EvaluationResult) -> Table:
     q = round(float(slo["quantile"]) * 100)
     table = Table(
         title=(
-            f"{result.service}: {result.workload}, {result.horizon_s / 3600:.1f} h, {result.requests:,.0f} requests; "
+            f"{escape(result.service)}: {escape(result.workload)}, {result.horizon_s / 3600:.1f} h, "
+            f"{result.requests:,.0f} requests; "
             f"SLO TTFT {slo['ttft_ms']:g} ms, TBT {slo['tbt_ms']:g} ms at p{q}"
         ),
         title_justify="left",
@@ -86,13 +89,13 @@ def render_table(result: EvaluationResult) -> Table:
         static = None
     for name, r in result.policies.items():
         if r.failed is not None:  # no figure of a failed run means anything
-            table.add_row(name, "[red]failed[/red]", *["-"] * (len(table.columns) - 2))
+            table.add_row(escape(name), "[red]failed[/red]", *["-"] * (len(table.columns) - 2))
             continue
         saving = "-"
         if static is not None and static.gpu_hours > 0 and name != "static-peak":
             saving = f"{(r.gpu_hours / static.gpu_hours - 1) * 100:+.1f}%"
         table.add_row(
-            name,
+            escape(name),
             f"{r.gpu_hours:,.1f}",
             "-" if r.oracle_min_multiple is None else f"{r.oracle_min_multiple:.2f}",
             saving,
@@ -292,19 +295,22 @@ def register(app: typer.Typer) -> None:
             state = load_desired_state(repo)
         except ConfigError as exc:
             for issue in exc.issues:
-                err_console.print(f"[red]error[/red] {issue}", soft_wrap=True)
+                err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True)
             raise typer.Exit(1) from None
         if not state.policies:
-            err_console.print(f"error: {repo}: no services in policies/")
+            err_console.print(f"error: {repo}: no services in policies/", markup=False)
             raise typer.Exit(1)
         name = service or sorted(state.policies)[0]
         if name not in state.policies:
             err_console.print(
-                f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})"
+                f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})",
+                markup=False,
             )
             raise typer.Exit(2)
         if placer not in ("greedy", "cpsat"):
-            err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
+            err_console.print(
+                f"error: --placer must be greedy or cpsat, got '{placer}'", markup=False
+            )
             raise typer.Exit(2)
         hpa_target_value = _hpa_target(hpa_target)
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
@@ -316,18 +322,20 @@ def register(app: typer.Typer) -> None:
             load = load_with_requests(state, name, trace, rate_scale, diurnal_hours, seed, config)
             profile = load.profile
             for note in profile.notes:
-                err_console.print(f"note: {note}", soft_wrap=True)
+                err_console.print(f"note: {note}", soft_wrap=True, markup=False)
             if export_path is not None:
                 if load.workload is None:
                     err_console.print(
-                        f"[red]error[/red] --export-workload: {load.fluid_reason}; "
+                        f"[red]error[/red] --export-workload: {escape(str(load.fluid_reason))}; "
                         "there is no per-request workload to export (nothing simulated)",
                         soft_wrap=True,
                     )
                     raise typer.Exit(1)
                 export_path.parent.mkdir(parents=True, exist_ok=True)
                 load.workload.to_csv(export_path)
-                console.print(f"wrote {export_path} ({load.workload.requests:,} requests)")
+                console.print(
+                    f"wrote {export_path} ({load.workload.requests:,} requests)", markup=False
+                )
             with Progress(
                 TextColumn("{task.description:<16}"),
                 BarColumn(),
@@ -358,19 +366,19 @@ def register(app: typer.Typer) -> None:
                 for task in tasks.values():
                     progress.update(task, completed=1.0)
         except (TraceError, PermanentError, OSError) as exc:
-            err_console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+            err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
         console.print(render_table(result))
         failed = {n: r.failed for n, r in result.policies.items() if r.failed is not None}
         for policy_name, r in result.policies.items():
             if r.description:
-                console.print(f"  {policy_name}: {r.description}", soft_wrap=True)
+                console.print(f"  {policy_name}: {r.description}", soft_wrap=True, markup=False)
             if r.failed is not None:
                 console.print(
                     f"  {policy_name}: [red]FAILED[/red]: {escape(r.failed)}", soft_wrap=True
                 )
             for note in r.notes:
-                console.print(f"  {policy_name}: note: {note}", soft_wrap=True)
+                console.print(f"  {policy_name}: note: {note}", soft_wrap=True, markup=False)
         if json_path is not None:
             document: dict[str, Any] = result.to_json()
             document["command"] = {
@@ -388,14 +396,15 @@ def register(app: typer.Typer) -> None:
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(document, indent=2) + "\n")
-            console.print(f"wrote {json_path}")
+            console.print(f"wrote {json_path}", markup=False)
         if plot_path is not None and len(failed) < len(result.policies):
             write_plot(result, plot_path)
-            console.print(f"wrote {plot_path}")
+            console.print(f"wrote {plot_path}", markup=False)
         if failed:
             for error in failed.values():
                 err_console.print(f"[red]error[/red] {escape(error)}", soft_wrap=True)
             err_console.print(
-                f"{len(failed)} of {len(result.policies)} policies failed: {', '.join(failed)}"
+                f"{len(failed)} of {len(result.policies)} policies failed: {', '.join(failed)}",
+                markup=False,
             )
             raise typer.Exit(1)

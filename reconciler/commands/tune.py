@@ -53,10 +53,12 @@ from reconciler.sim.evaluate import EvaluationResult, default_placer
 from reconciler.sim.load import load_for
 from reconciler.sim.workload import TraceError, read_trace
 
-console = Console(highlight=False)
+console = Console(highlight=False, emoji=False)  # user text: no :emoji: codes
 if not console.is_terminal:
-    console = Console(highlight=False, width=160)  # logs and CI: one table row per line
-err_console = Console(stderr=True, highlight=False)
+    console = Console(
+        highlight=False, emoji=False, width=160
+    )  # logs and CI: one table row per line
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 BAR_WIDTH = 30
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -76,8 +78,9 @@ def render_sweep(sweep: Sweep) -> Table:
     goal = sweep.attainment_goal
     table = Table(
         title=(
-            f"{sweep.service}: throughput under SLO per prefill/decode split of {sweep.budget_gpus} GPUs "
-            f"({sweep.duration_s} s flat load, lengths from {sweep.workload}, "
+            f"{escape(sweep.service)}: throughput under SLO per prefill/decode split of "
+            f"{sweep.budget_gpus} GPUs ({sweep.duration_s} s flat load, lengths from "
+            f"{escape(sweep.workload)}, "
             f"TTFT and TBT attainment >= {goal * 100:.1f}%)"
         ),
         title_justify="left",
@@ -314,13 +317,15 @@ def register(app: typer.Typer) -> None:
         from reconciler.cli import report_config_error
 
         if placer not in ("greedy", "cpsat"):
-            err_console.print(f"error: --placer must be greedy or cpsat, got '{placer}'")
+            err_console.print(
+                f"error: --placer must be greedy or cpsat, got '{placer}'", markup=False
+            )
             raise typer.Exit(2)
         if write and not do_verify:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)
         if not repo.is_dir():
-            err_console.print(f"error: {repo}: no such directory")
+            err_console.print(f"error: {repo}: no such directory", markup=False)
             raise typer.Exit(2)
         try:
             state = load_desired_state(repo)
@@ -330,7 +335,8 @@ def register(app: typer.Typer) -> None:
         if service not in state.policies:
             known = ", ".join(sorted(state.policies)) or "none"
             err_console.print(
-                f"[red]error[/red] unknown service '{service}' in {repo / 'policies'} (known: {known})",
+                f"[red]error[/red] unknown service '{escape(service)}' in "
+                f"{escape(str(repo / 'policies'))} (known: {escape(known)})",
                 soft_wrap=True,
             )
             raise typer.Exit(1)
@@ -379,12 +385,12 @@ def register(app: typer.Typer) -> None:
                 policy.pd_ratio.target,
                 policy.scaling.prefill_target_per_instance,
             ):
-                console.print(line, soft_wrap=True)
+                console.print(line, soft_wrap=True)  # numbers only, with markup
             for warning in recommendation.warnings:
-                console.print(f"[yellow]warning[/yellow] {warning}", soft_wrap=True)
+                console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
             if plot_path is not None:
                 write_sweep_plot(sweep, plot_path)
-                console.print(f"wrote {plot_path}")
+                console.print(f"wrote {plot_path}", markup=False)
             verification: Verification | None = None
             if do_verify:
                 hours = diurnal_hours
@@ -392,7 +398,7 @@ def register(app: typer.Typer) -> None:
                     hours = QUICK_VERIFY_HOURS
                 profile = load_for(state, service, trace, rate_scale, hours, seed, config)
                 for note in profile.notes:
-                    err_console.print(f"note: {note}", soft_wrap=True)
+                    err_console.print(f"note: {note}", soft_wrap=True, markup=False)
                 err_console.print("replaying the heteroscale policy (current vs recommended) ...")
                 verification = verify(
                     state,
@@ -405,16 +411,18 @@ def register(app: typer.Typer) -> None:
                     interval_s=interval_s,
                 )
                 console.print(render_verification(verification, recommendation, policy))
-                console.print(verification.verdict(), soft_wrap=True)
+                console.print(verification.verdict(), soft_wrap=True, markup=False)
                 for note in verification.notes:
-                    console.print(f"[yellow]note[/yellow] {note}", soft_wrap=True)
+                    console.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
         except (TraceError, PermanentError) as exc:
-            err_console.print(f"[red]error[/red] {exc}", soft_wrap=True)
+            err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
 
         path = state.policy_files[service]
         if not recommendation.changes:
-            console.print(f"{path}: already at the recommended values, nothing to change")
+            console.print(
+                f"{path}: already at the recommended values, nothing to change", markup=False
+            )
             return
         file_path = repo / path
         before = file_path.read_text()
@@ -438,8 +446,11 @@ def register(app: typer.Typer) -> None:
                 )
                 raise typer.Exit(1)
             file_path.write_text(after)
-            console.print(f"wrote {len(recommendation.changes)} value(s) to {file_path}")
+            console.print(
+                f"wrote {len(recommendation.changes)} value(s) to {file_path}", markup=False
+            )
         else:
             console.print(
-                f"(dry run: --write puts these {len(recommendation.changes)} value(s) into {path})"
+                f"(dry run: --write puts these {len(recommendation.changes)} value(s) into {path})",
+                markup=False,
             )

@@ -8,12 +8,19 @@ YAML is read with ruamel.yaml: composed (C parser where ruamel.yaml.clib is
 installed) so the position of every key is known, then constructed with the YAML 1.2
 resolver. Writing files back with comments and order intact is
 ``reconciler.desired.roundtrip``'s job.
+
+The files may come from an untrusted pull request, so before anything is built the
+text is checked against fixed limits (size, control characters, nesting depth,
+aliases and the nodes they expand to, digits of an integer) on the parser's event
+stream, which stops at the first event over a limit: a hostile file costs bounded
+memory and time and gives a located error, never a traceback.
 """
 
 from __future__ import annotations
 
 import difflib
 import io
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +32,13 @@ from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    NodeEvent,
+    ScalarEvent,
+)
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler.desired.checks import (
@@ -32,17 +46,35 @@ from reconciler.desired.checks import (
 )
 from reconciler.desired.checks import (
     check_cluster,
+    check_fleet_budget,
     check_policy,
     check_policy_against_cluster,
 )
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.desired.sources import DirectorySource, GitSource, Source, SourceError
+from reconciler.desired.sources import (
+    MAX_FILE_BYTES,
+    DirectorySource,
+    GitSource,
+    Source,
+    SourceError,
+)
 from reconciler.errors import ConfigError, ConfigIssue
 
 POLICIES_DIR = "policies"
 CLUSTERS_DIR = "clusters"
 
 Location = tuple[int, int]  # 1-based line and column
+
+# Limits on one YAML document. Each is far above what a configuration file needs (the
+# example 2,048-GPU cluster file: 3.6 KB, depth 9, ~400 nodes, no aliases) and low
+# enough that parsing, building and validating what passes stays well under a second.
+MAX_DOCUMENT_BYTES = MAX_FILE_BYTES
+MAX_DEPTH = 64  # nested mappings/sequences; our schema needs 9
+MAX_ALIASES = 1_000  # `*name` references in one document
+MAX_NODES = 500_000  # YAML nodes with every alias expanded (a billion laughs stops here)
+MAX_INT_DIGITS = 100  # Python refuses int() of more than 4,300 digits; no field needs 20
+# YAML 1.2 allows only these characters (tab, LF, CR, printable Unicode; the BOM too).
+_NOT_PRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 @dataclass(frozen=True)
@@ -90,25 +122,36 @@ def _safe_yaml() -> YAML:
     return yaml
 
 
-def _record_locations(node: Node, path: KeyPath, locations: dict[KeyPath, Location]) -> None:
-    """Walk the composed node tree and note where each key and list item starts."""
-    if isinstance(node, MappingNode):
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, ScalarNode):
-                continue
-            child = (*path, _scalar_key(key_node))
-            locations[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _record_locations(value_node, child, locations)
-    elif isinstance(node, SequenceNode):
-        for index, item in enumerate(node.value):
-            child = (*path, index)
-            locations[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _record_locations(item, child, locations)
+def _record_locations(root: Node, locations: dict[KeyPath, Location]) -> None:
+    """Walk the composed node tree and note where each key and list item starts.
+    Iterative, and a node reached again through an alias is not walked twice: paths
+    below an alias are located at the alias (``ParsedFile.locate`` takes the prefix)."""
+    seen: set[int] = set()
+    stack: list[tuple[Node, KeyPath]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, ScalarNode):
+                    continue
+                child = (*path, _scalar_key(key_node))
+                locations.setdefault(
+                    child, (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                )
+                stack.append((value_node, child))
+        elif isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                child = (*path, index)
+                locations[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                stack.append((item, child))
 
 
 def _scalar_key(node: ScalarNode) -> object:
     """Keys are strings in our files; integer-looking keys stay as YAML resolved them."""
-    if (node.tag or "").endswith(":int"):
+    if (node.tag or "").endswith(":int") and len(node.value) <= MAX_INT_DIGITS:
         try:
             return int(node.value)
         except ValueError:
@@ -116,8 +159,146 @@ def _scalar_key(node: ScalarNode) -> object:
     return node.value
 
 
+def _position(text: str, index: int) -> Location:
+    """1-based line and column of a character offset."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _refuse(path: str, line: int | None, column: int | None, message: str) -> ConfigError:
+    # Every refusal names a place: where the parser stopped, or the file's start.
+    return ConfigError([ConfigIssue(path, line or 1, column or 1, "", message)])
+
+
+def _mark_of(exc: MarkedYAMLError) -> tuple[int | None, int | None]:
+    mark = exc.problem_mark or exc.context_mark
+    return (mark.line + 1, mark.column + 1) if mark else (None, None)
+
+
+def _prescan(path: str, text: str, yaml: YAML) -> None:
+    """Walk the parser's events (no nodes, no objects) and stop at the first one over
+    a limit: nesting depth, aliases, nodes with aliases expanded, integer digits.
+    Sizes are counted per anchor, so nine levels of nine aliases are refused after a
+    few hundred events instead of being expanded to 9**9 nodes."""
+    anchors: dict[str, int] = {}  # anchor -> nodes it stands for, once complete
+    open_anchors: set[str] = set()
+    stack: list[list[Any]] = [[0, None]]  # per open collection: [nodes so far, anchor]
+    aliases = 0
+    last: tuple[int, int] = (1, 1)
+    events = yaml.parse(io.StringIO(text))
+    while True:
+        try:
+            event = next(events)
+        except StopIteration:
+            return
+        except MarkedYAMLError as exc:
+            line, column = _mark_of(exc)
+            if line is None:
+                line, column = last
+            raise _refuse(
+                path, line, column, f"YAML syntax error: {exc.problem or exc.context or exc}"
+            ) from None
+        except YAMLError as exc:
+            raise _refuse(path, *last, f"YAML error: {exc}") from None
+        mark = event.start_mark
+        if mark is not None:
+            last = (mark.line + 1, mark.column + 1)
+        if not isinstance(event, NodeEvent | CollectionEndEvent):
+            continue
+        size = 0
+        if isinstance(event, CollectionStartEvent):
+            if len(stack) > MAX_DEPTH:
+                raise _refuse(path, *last, f"nested deeper than {MAX_DEPTH} levels")
+            stack.append([1, event.anchor])
+            if event.anchor:
+                open_anchors.add(event.anchor)
+            continue
+        if isinstance(event, CollectionEndEvent):
+            size, anchor = stack.pop()
+            if anchor:
+                anchors[anchor] = size
+                open_anchors.discard(anchor)
+        elif isinstance(event, AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise _refuse(path, *last, f"more than {MAX_ALIASES} aliases in one document")
+            if event.anchor in open_anchors:
+                raise _refuse(path, *last, f"alias *{event.anchor} refers to its own ancestor")
+            if event.anchor not in anchors:
+                raise _refuse(path, *last, f"alias *{event.anchor} has no anchor before it")
+            size = anchors[event.anchor]
+        elif isinstance(event, ScalarEvent):
+            size = 1
+            if len(event.value) > MAX_INT_DIGITS and _is_int(yaml, event):
+                raise _refuse(
+                    path,
+                    *last,
+                    f"integer of {len(event.value)} characters (at most {MAX_INT_DIGITS})",
+                )
+            if event.anchor:
+                anchors[event.anchor] = 1
+        stack[-1][0] += size
+        if stack[-1][0] > MAX_NODES:
+            raise _refuse(
+                path, *last, f"expands to more than {MAX_NODES:,} YAML nodes (aliases included)"
+            )
+
+
+def _is_int(yaml: YAML, event: ScalarEvent) -> bool:
+    tag = event.tag
+    if tag is None or tag == "!":
+        tag = yaml.resolver.resolve(ScalarNode, event.value, event.implicit)
+    return str(tag).endswith(":int")
+
+
+def _construct(path: str, yaml: YAML, node: Node) -> Any:
+    """Build the Python data; a scalar the constructor cannot convert (a timestamp
+    like 2001-02-30, an empty ``!!int``) raises a plain exception without a place,
+    so find and locate that scalar."""
+    try:
+        return yaml.constructor.construct_document(node)
+    except YAMLError:
+        raise  # located by parse_yaml
+    except Exception as exc:  # ruamel's constructors fail on hostile scalars in many ways
+        # (ValueError, IndexError on an empty !!int, OverflowError, ...)
+        # A fresh constructor: the failed one keeps the half-built node as in progress.
+        constructor = _safe_yaml().constructor
+        stack = [node]
+        seen: set[int] = set()
+        while stack:
+            item = stack.pop()
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, ScalarNode):
+                try:
+                    constructor.construct_object(item, deep=True)
+                except YAMLError:
+                    raise
+                except Exception as inner:
+                    mark = item.start_mark
+                    raise _refuse(
+                        path, mark.line + 1, mark.column + 1, f"invalid value: {inner}"
+                    ) from None
+            elif isinstance(item, MappingNode):
+                stack.extend(n for pair in item.value for n in pair)
+            elif isinstance(item, SequenceNode):
+                stack.extend(item.value)
+        raise _refuse(path, 1, 1, f"invalid value: {exc}") from None
+
+
 def parse_yaml(path: str, raw: bytes) -> ParsedFile:
     """Decode and parse one file; raise ConfigError with its location on failure."""
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        line = raw.count(b"\n", 0, MAX_DOCUMENT_BYTES) + 1
+        column = MAX_DOCUMENT_BYTES - (raw.rfind(b"\n", 0, MAX_DOCUMENT_BYTES) + 1) + 1
+        raise _refuse(
+            path,
+            line,
+            column,
+            f"file is over the {MAX_DOCUMENT_BYTES // (1024 * 1024)} MiB limit for a "
+            "configuration file",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -126,12 +307,20 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
         raise ConfigError(
             [ConfigIssue(path, line, column, "", f"not valid UTF-8 (byte 0x{raw[exc.start]:02x})")]
         ) from None
+    bad = _NOT_PRINTABLE.search(text)
+    if bad is not None:
+        raise _refuse(
+            path,
+            *_position(text, bad.start()),
+            f"control character U+{ord(bad.group()):04X} is not allowed in YAML",
+        )
     if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
-        raise ConfigError([ConfigIssue(path, None, None, "", "file is empty")])
+        raise _refuse(path, 1, 1, "file is empty (no YAML content)")
     yaml = _safe_yaml()
     try:
+        _prescan(path, text, yaml)
         node = yaml.compose(io.StringIO(text))
-        data = yaml.constructor.construct_document(node) if node is not None else None
+        data = _construct(path, yaml, node) if node is not None else None
     except DuplicateKeyError as exc:
         mark = exc.problem_mark
         key = (exc.problem or "").split('"')[1] if '"' in (exc.problem or "") else ""
@@ -139,29 +328,18 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
             [
                 ConfigIssue(
                     path,
-                    mark.line + 1 if mark else None,
-                    mark.column + 1 if mark else None,
+                    mark.line + 1 if mark else 1,
+                    mark.column + 1 if mark else 1,
                     key,
                     "duplicate key (each key may appear once in a mapping)",
                 )
             ]
         ) from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    path,
-                    mark.line + 1 if mark else None,
-                    mark.column + 1 if mark else None,
-                    "",
-                    f"YAML syntax error: {problem}",
-                )
-            ]
-        ) from None
+        raise _refuse(path, *_mark_of(exc), f"YAML syntax error: {problem}") from None
     except YAMLError as exc:
-        raise ConfigError([ConfigIssue(path, None, None, "", f"YAML error: {exc}")]) from None
+        raise _refuse(path, 1, 1, f"YAML error: {exc}") from None
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else type(data).__name__
         raise ConfigError(
@@ -172,7 +350,7 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
             ]
         )
     locations: dict[KeyPath, Location] = {(): (1, 1)}
-    _record_locations(node, (), locations)
+    _record_locations(node, locations)
     return ParsedFile(path, data, locations)
 
 
@@ -309,9 +487,18 @@ def _parse_all(source: Source, paths: list[str], issues: list[ConfigIssue]) -> l
     parsed: list[ParsedFile] = []
     for path in paths:
         try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 in a file name (kept by os.fsdecode as
+            # surrogates) cannot be printed or reviewed: refuse the file by name.
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            issues.append(ConfigIssue(shown, 1, 1, "", "file name is not valid UTF-8; rename it"))
+            continue
+        try:
             parsed.append(parse_yaml(path, source.read(path)))
         except SourceError as exc:
-            issues.append(ConfigIssue(exc.path, None, None, "", exc.message))
+            # A listed file that cannot be read: the whole file is at fault.
+            issues.append(ConfigIssue(exc.path, 1, 1, "", exc.message))
         except ConfigError as exc:
             issues.extend(exc.issues)
     return parsed
@@ -344,12 +531,13 @@ def load_from_source(source: Source) -> DesiredState:
     files: dict[str, ParsedFile] = {}
     clusters: dict[str, ClusterSpec] = {}
     cluster_files: dict[str, str] = {}
+    range_names_used: dict[str, int] = {}  # over every cluster file: a fleet-wide budget
     for parsed in _parse_all(source, cluster_paths, issues):
         files[parsed.path] = parsed
         spec = _validate_as(ClusterSpec, parsed, issues)
         if not isinstance(spec, ClusterSpec):
             continue
-        problems = check_cluster(spec)
+        problems = check_fleet_budget(spec, range_names_used) or check_cluster(spec)
         issues.extend(_issue(parsed, path, msg) for path, msg in problems)
         if spec.name in clusters:
             issues.append(

@@ -29,6 +29,20 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction01 = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
+# Upper bounds. Every number has one, so a value no deployment would write (1e18 s,
+# 1e16 instances) is a located error here instead of a hang or a solver crash later.
+# Each is well beyond real use; the field descriptions say why.
+HOUR_S = 3_600.0
+DAY_S = 86_400.0
+MAX_INSTANCES = 100_000  # per role of one service: 100,000+ GPUs, beyond any fleet
+# Windows and cooldowns: the review warms a fleet up over the longest one at a
+# 30 s cycle, so an hour is 120 cycles; HPA's stabilisation default is 5 minutes.
+WindowSeconds = Annotated[float, Field(ge=0, le=HOUR_S, allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1, max_length=253)]  # a Kubernetes object name
+ShortText = Annotated[str, Field(max_length=253)]
+LabelValue = Annotated[str, Field(max_length=63)]
+LabelKey = Annotated[str, Field(min_length=1, max_length=317)]  # 253 prefix + / + 63
+
 Engine = Literal["vllm", "sglang", "trtllm", "dynamo"]
 Affinity = Literal["s1", "s2", "cluster"]
 SubgroupClass = Literal["low", "medium", "high"]
@@ -57,23 +71,29 @@ class StrictModel(BaseModel):
 class ModelSpec(StrictModel):
     """The served model, as far as capacity planning and simulation need it."""
 
-    name: str = Field(description="model name as the engine serves it, e.g. 'llama-3.1-70b'")
-    params_b: PositiveFloat = Field(
-        description="parameters, in billions (prefill cost scales with it)"
+    name: Name = Field(description="model name as the engine serves it, e.g. 'llama-3.1-70b'")
+    params_b: Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)] = Field(
+        description="parameters, in billions (prefill cost scales with it); at most 100,000 "
+        "(100 T, fifty times the largest models served today)"
     )
-    kv_bytes_per_token: Annotated[int, Field(gt=0)] = Field(
-        description="KV-cache bytes per token over all layers (2 x layers x kv_heads x head_dim x bytes)"
+    kv_bytes_per_token: Annotated[int, Field(gt=0, le=1 << 30)] = Field(
+        description="KV-cache bytes per token over all layers (2 x layers x kv_heads x head_dim "
+        "x bytes); at most 1 GiB (GPT-3 175B without GQA needs 4.5 MiB)"
     )
-    weight_bytes_per_param: PositiveFloat = Field(
-        default=2.0, description="2 for bf16/fp16 weights, 1 for fp8"
+    weight_bytes_per_param: Annotated[float, Field(gt=0, le=8, allow_inf_nan=False)] = Field(
+        default=2.0, description="2 for bf16/fp16 weights, 1 for fp8; at most 8 (fp64)"
     )
 
 
 class SLO(StrictModel):
     """Latency objectives, judged at a quantile of requests."""
 
-    ttft_ms: PositiveFloat = Field(description="time to first token, milliseconds")
-    tbt_ms: PositiveFloat = Field(description="time between tokens, milliseconds")
+    ttft_ms: Annotated[float, Field(gt=0, le=DAY_S * 1000, allow_inf_nan=False)] = Field(
+        description="time to first token, milliseconds; at most a day (no client waits longer)"
+    )
+    tbt_ms: Annotated[float, Field(gt=0, le=HOUR_S * 1000, allow_inf_nan=False)] = Field(
+        description="time between tokens, milliseconds; at most an hour"
+    )
     quantile: Fraction01 = Field(default=0.9, description="e.g. 0.9 for p90, 0.99 for p99")
     attainment_goal: Fraction01 = Field(
         default=0.995,
@@ -87,17 +107,25 @@ class RolePolicy(StrictModel):
     gpus_per_instance: Annotated[int, Field(ge=1, le=64)] = Field(
         description="GPUs one engine instance of this role uses (its tensor-parallel size)"
     )
-    gpu_types: dict[str, PositiveFloat] = Field(
+    gpu_types: dict[ShortText, Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]] = Field(
         min_length=1,
-        description="allowed GPU types and their preference weights (higher is preferred)",
+        max_length=64,
+        description="allowed GPU types and their preference weights (higher is preferred; "
+        "at most 1000, weights are relative)",
     )
-    min_instances: Annotated[int, Field(ge=0)] = Field(default=1)
-    max_instances: Annotated[int, Field(ge=1)] = Field(default=1000)
-    template: str = Field(
+    min_instances: Annotated[int, Field(ge=0, le=MAX_INSTANCES)] = Field(
+        default=1, description="at most 100,000"
+    )
+    max_instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES)] = Field(
+        default=1000,
+        description="at most 100,000 (over 100,000 GPUs for one role of one service)",
+    )
+    template: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
         description="path (from the repository root) of the pod template YAML the applier renders"
     )
-    startup_s: NonNegativeSeconds = Field(
-        default=120.0, description="time from scheduling to serving (model load, warm-up)"
+    startup_s: Annotated[float, Field(ge=0, le=DAY_S, allow_inf_nan=False)] = Field(
+        default=120.0,
+        description="time from scheduling to serving (model load, warm-up); at most a day",
     )
 
     def preferred_gpu_types(self) -> list[str]:
@@ -123,15 +151,17 @@ class PDRatioPolicy(StrictModel):
 class DeploymentGroupShape(StrictModel):
     """The size of one deployment group: placement fills groups to this shape."""
 
-    prefill_instances: Annotated[int, Field(ge=1)]
-    decode_instances: Annotated[int, Field(ge=1)]
+    prefill_instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES)]
+    decode_instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES)]
 
 
 class LatencyTier(StrictModel):
     """Negative feedback: when ``metric`` exceeds ``above`` x SLO, scale its role by ``step_percent``."""
 
     metric: LatencyMetric
-    above: PositiveFloat = Field(description="fraction of the SLO, e.g. 1.0 or 1.5")
+    above: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] = Field(
+        description="fraction of the SLO, e.g. 1.0 or 1.5; at most 1000"
+    )
     step_percent: Annotated[float, Field(gt=0, le=400)]
 
 
@@ -139,7 +169,7 @@ class KVCachePressure(StrictModel):
     """Scale decode out when KV-cache usage stays above a threshold (beyond the paper)."""
 
     threshold: Fraction01 = 0.9
-    window_s: NonNegativeSeconds = 60.0
+    window_s: WindowSeconds = Field(default=60.0, description="seconds; at most an hour")
     step_percent: Annotated[float, Field(gt=0, le=400)] = 10.0
 
 
@@ -147,16 +177,19 @@ class Scaling(StrictModel):
     """How the policy turns signals into instance counts."""
 
     metric: ScalingMetric = Field(default="decode_tps", description="the primary signal")
-    target_per_instance: PositiveFloat | None = Field(
+    target_per_instance: Annotated[float, Field(gt=0, le=1e8, allow_inf_nan=False)] | None = Field(
         default=None,
-        description="per-instance target of the primary metric (tokens/s for TPS, fraction for "
+        description="at most 1e8 (a hundred times the fastest instance's tokens/s). "
+        "Per-instance target of the primary metric (tokens/s for TPS, fraction for "
         "utilisation). Omitted (the default): heteroscale derives each role's capacity from the "
         "performance model for the live request mix; given, it overrides the derived decode "
         "capacity (with metric decode_tps) and is what heteroscale-paper scales on",
     )
-    prefill_target_per_instance: PositiveFloat | None = Field(
+    prefill_target_per_instance: (
+        Annotated[float, Field(gt=0, le=1e8, allow_inf_nan=False)] | None
+    ) = Field(
         default=None,
-        description="prompt tokens/s per prefill instance. Omitted: derived from the "
+        description="prompt tokens/s per prefill instance, at most 1e8. Omitted: derived from the "
         "performance model; given, it overrides the derived prefill capacity, and for "
         "heteroscale-paper with a decode-driven metric prefill never falls below "
         "ceil(prefill_tps / this) (same tolerance band)",
@@ -164,29 +197,35 @@ class Scaling(StrictModel):
     tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.1, description="no change while observed/target stays within 1 +- tolerance"
     )
-    scale_out_window_s: NonNegativeSeconds = Field(
+    scale_out_window_s: WindowSeconds = Field(
         default=0.0,
-        description="scale-out takes the lowest recommendation over this window (0 = at once)",
+        description="scale-out takes the lowest recommendation over this window (0 = at once); "
+        "at most an hour (a longer window could not follow a daily load)",
     )
-    scale_in_window_s: NonNegativeSeconds = Field(
-        default=300.0, description="scale-in takes the highest recommendation over this window"
+    scale_in_window_s: WindowSeconds = Field(
+        default=300.0,
+        description="scale-in takes the highest recommendation over this window; at most an "
+        "hour (HPA's default is 5 minutes; the review replays the window before judging)",
     )
-    cooldown_s: NonNegativeSeconds = Field(
-        default=120.0, description="no scale-in within this long after any change"
+    cooldown_s: WindowSeconds = Field(
+        default=120.0, description="no scale-in within this long after any change; at most an hour"
     )
     max_step_percent: Annotated[float, Field(gt=0, le=1000)] = Field(
         default=100.0, description="largest change per cycle, percent of the current size"
     )
-    max_step_instances: Annotated[int, Field(ge=1)] = Field(
+    max_step_instances: Annotated[int, Field(ge=1, le=MAX_INSTANCES)] = Field(
         default=4, description="a change of up to this many instances is always allowed"
     )
-    latency_tiers: tuple[LatencyTier, ...] = Field(default=())
+    latency_tiers: tuple[LatencyTier, ...] = Field(
+        default=(), max_length=32, description="at most 32 tiers"
+    )
     latency_scale_in_below: Fraction01 = Field(
         default=0.5,
         description="latency may drive scale-in only while below this fraction of the SLO for the whole scale-in window",
     )
-    metric_max_age_s: PositiveFloat = Field(
-        default=90.0, description="older samples count as missing (the policy then holds)"
+    metric_max_age_s: Annotated[float, Field(gt=0, le=HOUR_S, allow_inf_nan=False)] = Field(
+        default=90.0,
+        description="older samples count as missing (the policy then holds); at most an hour",
     )
     kv_cache_pressure: KVCachePressure | None = None
     granularity: Literal["instance", "group"] = Field(
@@ -201,13 +240,14 @@ class MetricsConfig(StrictModel):
     preset: Literal["vllm", "sglang", "trtllm", "dynamo"] | None = Field(
         default=None, description="metric-name preset; defaults to the service's engine"
     )
-    queries: dict[str, str] = Field(
+    queries: dict[ShortText, Annotated[str, Field(max_length=10_000)]] = Field(
         default_factory=dict,
+        max_length=64,
         description="PromQL per signal overriding the preset; must aggregate 'by (service, role)' "
         "labels, or 'by (service, le)' for the request-mix histograms prompt_tokens and output_tokens",
     )
-    service_label: str = Field(default="service")
-    role_label: str = Field(default="role")
+    service_label: ShortText = Field(default="service")
+    role_label: ShortText = Field(default="role")
 
 
 class ServicePolicy(StrictModel):
@@ -216,7 +256,7 @@ class ServicePolicy(StrictModel):
     name: DnsLabel
     model: ModelSpec
     engine: Engine = "vllm"
-    cluster: str = Field(description="name of the cluster (clusters/*.yaml) that runs it")
+    cluster: Name = Field(description="name of the cluster (clusters/*.yaml) that runs it")
     namespace: DnsLabel
     priority: Annotated[int, Field(ge=0, le=1000)] = Field(
         default=100, description="higher is served first when capacity is short"
@@ -243,11 +283,17 @@ class ServicePolicy(StrictModel):
 class GpuType(StrictModel):
     """A GPU model in the fleet's catalogue (datasheet figures)."""
 
-    memory_gib: PositiveFloat
-    bf16_tflops: PositiveFloat = Field(description="dense bf16 TFLOP/s")
-    memory_bandwidth_gbps: PositiveFloat = Field(description="HBM/GDDR bandwidth, GB/s")
-    interconnect: str = Field(default="pcie", description="e.g. nvlink-400, pcie-gen4")
-    node_label: str | None = Field(
+    memory_gib: Annotated[float, Field(gt=0, le=65_536, allow_inf_nan=False)] = Field(
+        description="GiB; at most 64 TiB (today's largest card has 288 GB)"
+    )
+    bf16_tflops: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = Field(
+        description="dense bf16 TFLOP/s; at most 1e6 (B200: 2,250)"
+    )
+    memory_bandwidth_gbps: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = Field(
+        description="HBM/GDDR bandwidth, GB/s; at most 1e6 (B200: 8,000)"
+    )
+    interconnect: ShortText = Field(default="pcie", description="e.g. nvlink-400, pcie-gen4")
+    node_label: LabelValue | None = Field(
         default=None, description="value of the GPU-type node label; defaults to the type's name"
     )
 
@@ -255,27 +301,27 @@ class GpuType(StrictModel):
 class NodeDefaults(StrictModel):
     """Values inherited by the nodes below a switch (closest switch wins)."""
 
-    gpu_type: str | None = None
+    gpu_type: ShortText | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=256)
 
 
 class NodeSpec(StrictModel):
     """One node, or a range of identical nodes (``name: gpu-[001-016]``)."""
 
-    name: str
-    gpu_type: str | None = None
+    name: Name
+    gpu_type: ShortText | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=256)
 
 
 class S0Switch(StrictModel):
     """A leaf switch (or a range of them, ``leaf-a1-[1-4]``, sharing the node list in
     equal consecutive blocks)."""
 
-    name: str
+    name: Name
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)
-    nodes: str | tuple[NodeSpec | str, ...] = Field(
+    nodes: Name | tuple[NodeSpec | Name, ...] = Field(
         description="a node-name range such as 'h20-[0001-0032]', or a list of nodes/ranges"
     )
 
@@ -283,7 +329,7 @@ class S0Switch(StrictModel):
 class S1Switch(StrictModel):
     """A mini-pod switch."""
 
-    name: str
+    name: Name
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)
     s0: tuple[S0Switch, ...] = Field(min_length=1)
 
@@ -291,7 +337,7 @@ class S1Switch(StrictModel):
 class S2Switch(StrictModel):
     """A big-pod (spine) switch."""
 
-    name: str
+    name: Name
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)
     s1: tuple[S1Switch, ...] = Field(min_length=1)
 
@@ -299,8 +345,8 @@ class S2Switch(StrictModel):
 class RdmaSubgroup(StrictModel):
     """A set of S1 or S2 switches whose machines reach each other over RDMA."""
 
-    name: str
-    switches: tuple[str, ...] = Field(min_length=1)
+    name: Name
+    switches: tuple[Name, ...] = Field(min_length=1)
     declared_class: SubgroupClass | None = Field(
         default=None,
         alias="class",
@@ -311,21 +357,23 @@ class RdmaSubgroup(StrictModel):
 class TopologyLabels(StrictModel):
     """Node label keys that carry the topology (used by the applier and drift checks)."""
 
-    s2: str = "heteroscale.io/s2"
-    s1: str = "heteroscale.io/s1"
-    s0: str = "heteroscale.io/s0"
-    gpu_type: str = "heteroscale.io/gpu-type"
+    s2: LabelKey = "heteroscale.io/s2"
+    s1: LabelKey = "heteroscale.io/s1"
+    s0: LabelKey = "heteroscale.io/s0"
+    gpu_type: LabelKey = "heteroscale.io/gpu-type"
 
 
 class Network(StrictModel):
     """Link speeds for KV-cache transfer between a prefill and a decode instance."""
 
-    rdma_gbps: PositiveFloat = Field(
-        default=400.0, description="per-instance RDMA, inside a subgroup"
+    rdma_gbps: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = Field(
+        default=400.0,
+        description="per-instance RDMA, inside a subgroup; at most 1e6 (today's NICs: 800)",
     )
-    cross_subgroup_gbps: PositiveFloat = Field(
+    cross_subgroup_gbps: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = Field(
         default=50.0,
-        description="per-instance bandwidth across spines (outside any shared subgroup)",
+        description="per-instance bandwidth across spines (outside any shared subgroup); at "
+        "most 1e6",
     )
 
 
@@ -347,8 +395,10 @@ class ClusterSpec(StrictModel):
     """One Kubernetes cluster: GPU catalogue, switch hierarchy, nodes and RDMA subgroups."""
 
     name: DnsLabel
-    kube_context: str | None = Field(default=None, description="kubeconfig context; none = current")
-    gpu_types: dict[str, GpuType] = Field(min_length=1)
+    kube_context: ShortText | None = Field(
+        default=None, description="kubeconfig context; none = current"
+    )
+    gpu_types: dict[ShortText, GpuType] = Field(min_length=1, max_length=64)
     labels: TopologyLabels = Field(default_factory=TopologyLabels)
     network: Network = Field(default_factory=Network)
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
+MIN_RATIO = 1e-3
+MAX_RATIO = 1e3
 _RATIO_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 
 
@@ -37,6 +39,9 @@ def parse_ratio(value: Any) -> float:
         raise ValueError("a P/D ratio is 'P:D' (e.g. '1:3') or a positive number")
     if not ratio > 0 or ratio == float("inf"):
         raise ValueError(f"P/D ratio must be positive and finite (got {value!r})")
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        # No service runs a thousand instances of one role per instance of the other.
+        raise ValueError(f"P/D ratio must lie between 1:1000 and 1000:1 (got {value!r})")
     return ratio
 
 
@@ -59,9 +64,10 @@ PDRatio = Annotated[
         {
             "anyOf": [
                 {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*:\s*\d+(\.\d+)?\s*$"},
-                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "number", "minimum": MIN_RATIO, "maximum": MAX_RATIO},
             ],
-            "description": "prefill:decode instances, e.g. '1:3', or prefill/decode as a number",
+            "description": "prefill:decode instances, e.g. '1:3', or prefill/decode as a number; "
+            "between 1:1000 and 1000:1",
         }
     ),
 ]

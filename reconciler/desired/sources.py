@@ -13,7 +13,7 @@ import posixpath
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 MAX_FILE_BYTES = 5 * 1024 * 1024
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -40,6 +40,11 @@ class Source(Protocol):
     def exists(self, path: str) -> bool: ...
 
 
+def _reason(exc: BaseException) -> str:
+    """An OS error without the file name it carries (which may be absolute)."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+
+
 def _check_size(path: str, size: int) -> None:
     if size > MAX_FILE_BYTES:
         raise SourceError(
@@ -62,34 +67,47 @@ class DirectorySource:
 
     def _resolve(self, path: str) -> Path:
         full = self.root / path
-        resolved = full.resolve()
+        try:
+            resolved = full.resolve()
+        except RuntimeError:  # Python 3.11 raises this on a symlink loop
+            raise SourceError(path, "is a symlink loop; refused") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+            raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
         # Anything that resolves outside the root (a symlink, or a link in a parent
         # directory) is refused: a reviewer could not see its content in the repo.
+        # The target is not named: errors must not reveal paths outside the root.
         if not resolved.is_relative_to(self.root):
-            raise SourceError(path, f"is a symlink to {resolved}, outside the repository; refused")
+            raise SourceError(path, "is a symlink to a file outside the repository; refused")
         return resolved
 
     def list_yaml(self, directory: str) -> list[str]:
         base = self.root / directory
         if not base.is_dir():
             return []
+        # Files and symlinks only, as Git lists blobs: a directory named x.yaml, a
+        # FIFO or a socket is not configuration in either mode.
         return sorted(
             f"{directory}/{entry.name}"
             for entry in base.iterdir()
-            if entry.name.endswith(YAML_SUFFIXES) and not entry.name.startswith(".")
+            if entry.name.endswith(YAML_SUFFIXES)
+            and not entry.name.startswith(".")
+            and (entry.is_symlink() or entry.is_file())
         )
 
     def read(self, path: str) -> bytes:
         resolved = self._resolve(path)
-        if not resolved.is_file():
-            raise SourceError(path, "no such file")
-        _check_size(path, resolved.stat().st_size)
-        return resolved.read_bytes()
+        try:
+            if not resolved.is_file():
+                raise SourceError(path, "no such file")
+            _check_size(path, resolved.stat().st_size)
+            return resolved.read_bytes()
+        except OSError as exc:
+            raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
 
     def exists(self, path: str) -> bool:
         try:
             return self._resolve(path).is_file()
-        except SourceError:
+        except (SourceError, OSError):
             return False
 
 
@@ -107,28 +125,31 @@ class GitSource:
         try:
             commit = self._git("rev-parse", "--verify", "--quiet", f"{self.rev}^{{commit}}").strip()
         except SourceError:
-            raise SourceError(
-                self.rev, f"not a revision of the Git repository at {self.repo}"
-            ) from None
+            raise SourceError(self.rev, "not a revision of the Git repository") from None
         self.commit = commit
         self.label = self.label or f"{self.rev} ({commit[:12]})"
-        listing = self._git("ls-tree", "-r", "-l", "--full-tree", commit)
-        for line in listing.splitlines():
-            meta, path = line.split("\t", 1)
-            mode, kind, sha, size = meta.split()
+        # -z: names as raw bytes, never quoted (without it Git quotes names such as
+        # chät.yaml or a"b.yaml and a line-based listing would not match them).
+        # Decoded like os.listdir does, so both modes see the same names.
+        listing = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", commit, text=False)
+        for record in listing.split(b"\0"):
+            if not record:
+                continue
+            meta, raw_path = record.split(b"\t", 1)
+            mode, kind, sha, size = meta.decode().split()
             if kind == "blob":
+                path = os.fsdecode(raw_path)
                 self._tree[path] = (mode, sha, int(size) if size != "-" else 0)
 
-    def _git(self, *args: str, stdin: bytes | None = None) -> str:
+    def _git(self, *args: str, text: bool = True) -> Any:
         result = subprocess.run(
-            ["git", "-C", str(self.repo), *args],
-            input=stdin,
-            capture_output=True,
-            check=False,
+            ["git", "-C", str(self.repo), *args], capture_output=True, check=False
         )
         if result.returncode != 0:
-            raise SourceError(" ".join(args), result.stderr.decode(errors="replace").strip())
-        return result.stdout.decode()
+            message = result.stderr.decode(errors="replace").strip()
+            # Git names the repository's absolute path in its errors; keep it out.
+            raise SourceError(" ".join(args), message.replace(str(self.repo), "<repository>"))
+        return result.stdout.decode() if text else result.stdout
 
     def _blob(self, sha: str) -> bytes:
         result = subprocess.run(
@@ -140,14 +161,14 @@ class GitSource:
         entry = self._tree.get(path)
         if entry is None:
             raise SourceError(path, f"no such file at revision {self.rev}")
-        mode, sha, _size = entry
+        mode, sha, size = entry
         if mode == "120000":
+            if size > 4096:  # PATH_MAX: a bigger "symlink" is not one
+                raise SourceError(path, "is a symlink with an impossibly long target; refused")
             target = self._blob(sha).decode(errors="replace")
             joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
             if target.startswith("/") or joined.startswith(".."):
-                raise SourceError(
-                    path, f"is a symlink to {target}, outside the repository; refused"
-                )
+                raise SourceError(path, "is a symlink to a file outside the repository; refused")
             if depth > 8:
                 raise SourceError(path, "symlink chain too long")
             return self._follow(joined, depth + 1)

@@ -61,7 +61,9 @@ from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory
 from reconciler.policy.capacity import (
+    POINTS_PER_BUCKET,
     LatencyCorrection,
+    LengthHistogram,
     RequestMix,
     RoleCapacities,
     implied_decode_factor,
@@ -227,14 +229,42 @@ def _forecast_config(
     return config, horizons[0], horizons[1]
 
 
+class _PointsOnce(LengthHistogram):
+    """A ``LengthHistogram`` that spreads its whole mass into points once. One decision
+    reads them about ten times, and some twenty more with a latency correction (the
+    mean, the live context, the unattainable threshold, and each bisection step of
+    ``implied_prefill_factor`` builds a queue from them): the same arrays each time,
+    so every number, and the decision, is unchanged. The arrays are read-only."""
+
+    def points(
+        self, upper: float | None = None, per_bucket: int = POINTS_PER_BUCKET
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if upper is not None or per_bucket != POINTS_PER_BUCKET:
+            return super().points(upper, per_bucket)
+        cached: tuple[np.ndarray, np.ndarray] | None = self.__dict__.get("_points")
+        if cached is None:
+            lengths, weights = super().points()
+            lengths.setflags(write=False)
+            weights.setflags(write=False)
+            cached = (lengths, weights)
+            object.__setattr__(self, "_points", cached)  # frozen: a cache, not a field
+        return cached
+
+
 def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> RequestMix | None:
     prompt, output = metrics.prompt_tokens, metrics.output_tokens
     if not (_usable(prompt, now_s, max_age_s) and _usable(output, now_s, max_age_s)):
         return None
     assert prompt is not None and output is not None
-    return RequestMix.from_cumulative(
+    mix = RequestMix.from_cumulative(
         zip(prompt.le, prompt.cumulative, strict=True),
         zip(output.le, output.cumulative, strict=True),
+    )
+    if mix is None:
+        return None
+    return RequestMix(
+        _PointsOnce(mix.prompt.bounds, mix.prompt.counts),
+        _PointsOnce(mix.output.bounds, mix.output.counts),
     )
 
 

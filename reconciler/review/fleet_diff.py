@@ -18,6 +18,7 @@ Where the observation comes from:
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ RECONCILE_INTERVAL_S = 30.0
 # full metrics window (60 s) behind it, plus a margin.
 WARMUP_S = 90.0
 WARM_DAY_HOURS = 2.0
+
+
+class ReviewTimeout(Exception):
+    """The review's time budget ran out before the fleet diff was complete."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ReviewTimeout
 
 
 @dataclass(frozen=True)
@@ -135,11 +145,14 @@ def review_fleet(
     seed: int = 0,
     placement_options: PlacementOptions | None = None,
     now_s: float | None = None,
+    deadline: float | None = None,
 ) -> FleetReview:
     """Plan ``base`` and ``head`` from the same observation (module docstring).
 
     ``edges(cluster)`` returns the live backend and metrics source of a cluster; when
-    it is None the simulated fleet stands in for every cluster.
+    it is None the simulated fleet stands in for every cluster. Raises
+    ``ReviewTimeout`` once ``deadline`` (``time.monotonic()``) has passed, checked
+    between cycles and between plans.
     """
     notes: list[str] = []
     histories: dict[str, PolicyHistory] = {}
@@ -164,6 +177,7 @@ def review_fleet(
         cycles = max(1, math.ceil(longest_window_s / RECONCILE_INTERVAL_S) + 1)
         t = WARMUP_S
         for _ in range(cycles):
+            _check_deadline(deadline)
             fleet.advance_to(t)
             for name in sorted(base.clusters):
                 policies = base.policies_for(name)
@@ -222,6 +236,7 @@ def review_fleet(
         for state, plans in ((base, base_plans), (head, head_plans)):
             if name not in state.clusters:
                 continue
+            _check_deadline(deadline)
             plan, _ = plan_cluster(
                 state,
                 name,

@@ -1,15 +1,115 @@
 """A review in three shapes: terminal text, a markdown pull-request comment (summary
 table first, details folded), and JSON for bots. All three render the same
-``Review``; none computes anything of its own."""
+``Review``; none computes anything of its own.
+
+The markdown goes to a pull request whose files anyone may have written, so every
+string that comes from them (names, values, file names, error messages, revision
+labels) is made inert before it is placed: outside code it is escaped (no HTML,
+emphasis, links, images, tables, math, @mentions or autolinks), inside code it
+sits in a fence longer than any backtick run it contains, on one line. Each such
+string is cut to a bounded length and the whole comment stays under GitHub's
+65,536-character limit, with a note saying what was cut.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from reconciler.review.fleet_diff import ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
+
+MAX_VALUE_CHARS = 200  # one user string: a name, a label, a note
+MAX_LINE_CHARS = 600  # one line that quotes user strings (a config change, an error)
+MAX_COMMENT_CHARS = 65_536  # GitHub's limit for a comment
+_COMMENT_BUDGET = MAX_COMMENT_CHARS - 1_536  # room for the closing tags and the note
+
+# Control characters, line breaks, and bidirectional overrides (which reorder what a
+# reviewer sees).
+_INVISIBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]+")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
+_ZWSP = "&#8203;"  # a zero-width space: breaks a mention or an autolink, reads the same
+
+
+def _one_line(text: object, limit: int) -> str:
+    """Control characters and line breaks become spaces (one line can open nothing
+    on the next), then the text is cut to ``limit`` characters."""
+    flat = _INVISIBLE.sub(" ", str(text))
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def md(text: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """User text as inert inline markdown: one line, cut, escaped."""
+    flat = _one_line(text, limit)
+    flat = flat.replace("&", "&amp;").replace("<", "&lt;")  # no HTML, no entities of theirs
+    flat = _MD_SPECIAL.sub(r"\\\1", flat)  # no code, emphasis, links, images, cells, math
+    flat = flat.replace("@", "@" + _ZWSP)  # no mentions
+    flat = flat.replace("://", ":" + _ZWSP + "//")  # no autolinks
+    return re.sub(r"(?i)www\.", lambda m: m.group()[:3] + _ZWSP + ".", flat)
+
+
+def _fence(lines: list[str]) -> str:
+    """A code fence longer than any backtick run in ``lines``, so none can close it."""
+    longest = max((len(run) for line in lines for run in re.findall("`+", line)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _code(text: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """User text as an inline code span (backticks inside cannot close it)."""
+    flat = _one_line(text, limit)
+    ticks = "`" * (max((len(r) for r in re.findall("`+", flat)), default=0) + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{ticks}{pad}{flat}{pad}{ticks}"
+
+
+class _Comment:
+    """Lines of a markdown comment under a character budget: once a line does not
+    fit, the rest is left out, an open fence and open details are closed, and a note
+    says how much was cut."""
+
+    def __init__(self, budget: int = _COMMENT_BUDGET) -> None:
+        self.lines: list[str] = []
+        self.size = 0
+        self.budget = budget
+        self.omitted = 0
+        self.fence: str | None = None
+        self.open_details = 0
+
+    def add(self, *lines: str) -> None:
+        for line in lines:
+            if self.omitted or self.size + len(line) + 1 > self.budget:
+                self.omitted += 1
+                continue
+            self.lines.append(line)
+            self.size += len(line) + 1
+            if line and set(line) == {"`"} and (self.fence is None or line == self.fence):
+                self.fence = None if self.fence else line
+            elif self.fence is None and line.startswith("<details>"):
+                self.open_details += 1
+            elif self.fence is None and line == "</details>":
+                self.open_details -= 1
+
+    def code_block(self, lines: list[str]) -> None:
+        body = [_one_line(line, MAX_LINE_CHARS) for line in lines]
+        fence = _fence(body)
+        self.add(fence, *body, fence)
+
+    def text(self) -> str:
+        out = list(self.lines)
+        if self.omitted:
+            if self.fence:
+                out.append(self.fence)
+            out += ["", "</details>"] * self.open_details
+            out += [
+                "",
+                f"**This comment was cut to stay under GitHub's {MAX_COMMENT_CHARS:,}-character "
+                f"limit: {self.omitted} line(s) left out. Run `heteroscale plan --base … --head …` "
+                "(or `--format json`) for the whole review.**",
+            ]
+        text = "\n".join(out)
+        return text if text.endswith("\n") else text + "\n"
 
 
 def _targets(value: tuple[int, int] | None) -> str:
@@ -29,6 +129,8 @@ def _headline(review: Review) -> str:
         return f"head {review.head_label} does not validate: {len(review.errors)} problem(s)"
     if review.base_errors:
         return f"base {review.base_label} does not validate: {len(review.base_errors)} problem(s)"
+    if review.incomplete and not review.has_changes:
+        return "incomplete: the time budget ran out before the change was evaluated"
     if not review.has_changes:
         return "no change: the fleet would stay as it is"
     parts = [f"{len(review.config_changes)} config change(s)"]
@@ -63,6 +165,7 @@ def format_text(review: Review) -> str:
         lines.append(f"  error {issue}")
     if review.errors or review.base_errors:
         return "\n".join(lines).rstrip() + "\n"
+    lines += [f"incomplete: {line}" for line in _skipped_lines(review)]
     lines.append("config changes:")
     lines += [f"  {change}" for change in review.config_changes] or ["  none"]
     if review.fleet is not None:
@@ -95,59 +198,84 @@ def format_text(review: Review) -> str:
 # ----------------------------------------------------------------------- markdown
 
 
+def _skipped_lines(review: Review) -> list[str]:
+    """What the time budget left out, one line each (plain text, names as given)."""
+    out = []
+    if review.fleet_skipped:
+        out.append(
+            f"fleet diff skipped: the review's time budget ({review.timeout_s:g} s, --timeout) "
+            "ran out before both revisions were planned"
+        )
+    if review.skipped:
+        out.append(
+            f"what-if replay skipped for {len(review.skipped)} service(s) when the time budget "
+            f"({review.timeout_s:g} s, --timeout) ran out: {', '.join(review.skipped)}"
+        )
+    return out
+
+
 def format_markdown(review: Review) -> str:
-    out = [
-        f"### heteroscale plan: `{review.base_label}` → `{review.head_label}`",
+    comment = _Comment()
+    comment.add(
+        f"### heteroscale plan: {_code(review.base_label)} → {_code(review.head_label)}",
         "",
-        f"**{_headline(review)}**",
+        f"**{md(_headline(review), MAX_LINE_CHARS)}**",
         "",
-    ]
+    )
     if review.errors or review.base_errors:
-        out += ["```"] + [str(issue) for issue in (*review.errors, *review.base_errors)] + ["```"]
-        return "\n".join(out) + "\n"
+        comment.code_block([str(issue) for issue in (*review.errors, *review.base_errors)])
+        return comment.text()
+    for line in _skipped_lines(review):
+        comment.add(f"> **Incomplete review:** {md(line, MAX_LINE_CHARS)}", "")
     if review.what_if:
-        out += [
+        comment.add(
             "| service | GPU-hours base → head | TTFT attainment | TBT attainment | verdict |",
             "| --- | --- | --- | --- | --- |",
-        ]
+        )
         for item in review.what_if:
             b, h = _result_cells(item.base), _result_cells(item.head)
-            out.append(
-                f"| {item.service} | {b[0]} → {h[0]} | {b[1]} → {h[1]} | {b[2]} → {h[2]} | {item.verdict} |"
+            comment.add(
+                f"| {md(item.service)} | {b[0]} → {h[0]} | {b[1]} → {h[1]} | {b[2]} → {h[2]} "
+                f"| {md(item.verdict, MAX_LINE_CHARS)} |"
             )
-        out.append("")
+        comment.add("")
     rows = _service_rows(review)
     if rows:
-        out += [
+        comment.add(
             "| service | targets base → head | GPUs | by switch domain |",
             "| --- | --- | --- | --- |",
-        ]
+        )
         for row in rows:
-            out.append(
-                f"| {row.service} | {_targets(row.base_targets)} → {_targets(row.head_targets)} "
-                f"| {_delta(row.gpu_delta())} | {_delta(row.domain_delta())} |"
+            comment.add(
+                f"| {md(row.service)} | {_targets(row.base_targets)} → {_targets(row.head_targets)} "
+                f"| {md(_delta(row.gpu_delta()), MAX_LINE_CHARS)} "
+                f"| {md(_delta(row.domain_delta()), MAX_LINE_CHARS)} |"
             )
-        out.append("")
-    out += ["<details><summary>Config changes</summary>", ""]
-    out += [f"- {change}" for change in review.config_changes] or ["- none"]
-    out += ["", "</details>", ""]
+        comment.add("")
+    comment.add("<details><summary>Config changes</summary>", "")
+    comment.add(
+        *[f"- {md(change, MAX_LINE_CHARS)}" for change in review.config_changes] or ["- none"]
+    )
+    comment.add("", "</details>", "")
     if review.fleet is not None:
         changes = [c for plan in review.fleet.head_plans.values() for c in plan.changes]
-        out += [
-            f"<details><summary>Apply after merge: {len(changes)} group change(s)</summary>",
-            "",
-            "```",
-        ]
-        out += [str(change) for change in changes] or ["nothing"]
-        out += ["```", ""]
-        out += [f"- {note}" for note in review.fleet.notes]
-        out += ["", f"Observed load: {review.fleet.source}.", "", "</details>", ""]
+        comment.add(
+            f"<details><summary>Apply after merge: {len(changes)} group change(s)</summary>", ""
+        )
+        comment.code_block([str(change) for change in changes] or ["nothing"])
+        comment.add("")
+        comment.add(*[f"- {md(note, MAX_LINE_CHARS)}" for note in review.fleet.notes])
+        comment.add(
+            "", f"Observed load: {md(review.fleet.source, MAX_LINE_CHARS)}.", "", "</details>", ""
+        )
     if review.what_if:
-        out += ["<details><summary>What-if details</summary>", ""]
+        comment.add("<details><summary>What-if details</summary>", "")
         for item in review.what_if:
-            out.append(f"- **{item.service}** on {item.load}: {item.verdict}")
-        out += ["", "</details>", ""]
-    return "\n".join(out)
+            comment.add(
+                f"- **{md(item.service)}** on {md(item.load)}: {md(item.verdict, MAX_LINE_CHARS)}"
+            )
+        comment.add("", "</details>", "")
+    return comment.text()
 
 
 # --------------------------------------------------------------------------- json
@@ -169,6 +297,8 @@ def format_json(review: Review) -> str:
         "has_changes": review.has_changes,
         "errors": [str(i) for i in review.errors],
         "base_errors": [str(i) for i in review.base_errors],
+        "skipped": list(review.skipped),
+        "fleet_skipped": review.fleet_skipped,
         "config_changes": [
             {
                 "kind": c.kind,

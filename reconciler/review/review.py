@@ -5,12 +5,20 @@ checkout): the config diff, the fleet diff, and the what-if replay.
 Validation errors at head block the rest: the review then carries only the located
 errors (exit 1). A base that does not validate is reported, and the fleet diff and
 replay are skipped (there is nothing sound to compare against).
+
+The review runs on untrusted pull requests, so it has a time budget
+(``ReviewOptions.timeout_s``): what is not done when it runs out (the fleet diff, the
+replay of some services) is skipped and named in the report, and the review exits 1
+rather than pass a change nobody evaluated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from reconciler.desired.loader import DesiredState, load_desired_state
@@ -18,7 +26,7 @@ from reconciler.errors import ConfigError, ConfigIssue
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.policy.base import Autoscaler
 from reconciler.review.config_diff import ConfigChange, config_diff
-from reconciler.review.fleet_diff import FleetReview, review_fleet
+from reconciler.review.fleet_diff import FleetReview, ReviewTimeout, review_fleet
 from reconciler.review.whatif import WhatIf, describe_trace, replay
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import EvaluationResult
@@ -32,6 +40,7 @@ class ReviewOptions:
     seed: int = 0
     what_if: bool = True
     placement: PlacementOptions = field(default_factory=PlacementOptions)
+    timeout_s: float = 600.0  # the whole review; what does not fit is skipped and named
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,14 @@ class Review:
     evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = field(
         default_factory=dict
     )
+    # Out of time: services whose replay did not run, and whether the fleet diff did not.
+    skipped: tuple[str, ...] = ()
+    fleet_skipped: bool = False
+    timeout_s: float = 0.0
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.skipped) or self.fleet_skipped
 
     @property
     def has_changes(self) -> bool:
@@ -57,7 +74,7 @@ class Review:
     @property
     def exit_code(self) -> int:
         """0 no change, 1 error, 3 changes present (like terraform plan -detailed-exitcode)."""
-        if self.errors or self.base_errors:
+        if self.errors or self.base_errors or self.incomplete:
             return 1
         return 3 if self.has_changes else 0
 
@@ -84,6 +101,7 @@ def run_review(
     edges: Callable[[str], tuple[object, object]] | None = None,
 ) -> Review:
     options = options or ReviewOptions()
+    deadline = time.monotonic() + options.timeout_s
     try:
         head = load_desired_state(repo, rev=head_rev)
     except ConfigError as exc:
@@ -97,20 +115,24 @@ def run_review(
     services = changed_services(changes, base, head) if options.what_if else []
     # The what-if replay and the fleet diff are independent and each CPU-bound: the
     # replay runs in a second process while this one plans the fleet.
-    pending = _start_replay(base, head, services, options) if services else None
-    fleet = review_fleet(
-        base,
-        head,
-        autoscaler_factory=autoscaler_factory,
-        placer=placer,
-        edges=edges,  # type: ignore[arg-type]
-        seed=options.seed,
-        placement_options=options.placement,
-    )
+    pending = _start_replay(base, head, services, options, deadline) if services else None
+    fleet: FleetReview | None = None
+    with contextlib.suppress(ReviewTimeout):  # fleet stays None: reported as skipped
+        fleet = review_fleet(
+            base,
+            head,
+            autoscaler_factory=autoscaler_factory,
+            placer=placer,
+            edges=edges,  # type: ignore[arg-type]
+            seed=options.seed,
+            placement_options=options.placement,
+            deadline=deadline,
+        )
     what_if: list[WhatIf] = []
     evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
+    skipped: list[str] = []
     if pending is not None:
-        what_if, evaluations = pending()
+        what_if, evaluations, skipped = pending()
     return Review(
         base_label=base.source_label,
         head_label=head.source_label,
@@ -118,14 +140,27 @@ def run_review(
         fleet=fleet,
         what_if=tuple(what_if),
         evaluations=evaluations,
+        skipped=tuple(skipped),
+        fleet_skipped=fleet is None,
+        timeout_s=options.timeout_s,
     )
 
 
+Evaluations = dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]
+ReplayResult = tuple[list[WhatIf], Evaluations, list[str]]
+_GRACE_S = 5.0  # for the worker to send what it finished after the deadline
+
+
 def replay_services(
-    base: DesiredState, head: DesiredState, services: list[str], options: ReviewOptions
-) -> tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]:
+    base: DesiredState,
+    head: DesiredState,
+    services: list[str],
+    options: ReviewOptions,
+    deadline: float | None = None,
+) -> ReplayResult:
     """The what-if replay of ``services`` on the load the options describe (the load
-    ``heteroscale simulate`` builds from the same options)."""
+    ``heteroscale simulate`` builds from the same options); services not started by
+    ``deadline`` (``time.monotonic()``) are returned as skipped."""
     from reconciler.sim.load import load_for
 
     config = SimConfig()
@@ -145,33 +180,68 @@ def replay_services(
         lambda service: describe_trace(options.trace, options.rate_scale, options.diurnal_hours),
         seed=options.seed,
         config=config,
+        deadline=deadline,
     )
 
 
+def _replay_worker(
+    conn: Connection,
+    base: DesiredState,
+    head: DesiredState,
+    services: list[str],
+    options: ReviewOptions,
+    deadline: float,
+) -> None:
+    try:
+        conn.send(("ok", replay_services(base, head, services, options, deadline)))
+    except Exception as exc:  # sent to the parent, which raises it there
+        conn.send(("error", exc))
+    finally:
+        conn.close()
+
+
 def _start_replay(
-    base: DesiredState, head: DesiredState, services: list[str], options: ReviewOptions
-) -> Callable[
-    [], tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]
-]:
-    """Run ``replay_services`` in a forked worker; the returned callable waits for it.
-    Where a worker cannot be started, the replay runs here when asked for."""
+    base: DesiredState,
+    head: DesiredState,
+    services: list[str],
+    options: ReviewOptions,
+    deadline: float,
+) -> Callable[[], ReplayResult]:
+    """Run ``replay_services`` in a forked worker; the returned callable waits for it
+    until the deadline (plus a grace to hand over what it finished) and then stops
+    it, counting every service it did not return as skipped. Where a worker cannot be
+    started, the replay runs here when asked for."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     try:
-        executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("fork")
+        receiver, sender = context.Pipe(duplex=False)
+        worker = context.Process(
+            target=_replay_worker,
+            args=(sender, base, head, services, options, deadline),
+            daemon=True,
         )
-        future = executor.submit(replay_services, base, head, services, options)
+        worker.start()
+        sender.close()
     except (OSError, ValueError):
-        return lambda: replay_services(base, head, services, options)
+        return lambda: replay_services(base, head, services, options, deadline)
 
-    def wait() -> tuple[
-        list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]
-    ]:
+    def wait() -> ReplayResult:
         try:
-            return future.result()
+            remaining = max(0.0, deadline - time.monotonic()) + _GRACE_S
+            if not receiver.poll(remaining):
+                return [], {}, list(services)
+            try:
+                status, payload = receiver.recv()
+            except EOFError:  # the worker died without an answer
+                return [], {}, list(services)
+            if status == "error":
+                raise payload
+            return payload
         finally:
-            executor.shutdown()
+            receiver.close()
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
 
     return wait

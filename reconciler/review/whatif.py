@@ -8,6 +8,7 @@ simulate`` prints for the same inputs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,22 @@ def replay(
     *,
     seed: int = 0,
     config: SimConfig | None = None,
-) -> tuple[list[WhatIf], dict[str, tuple[EvaluationResult | None, EvaluationResult | None]]]:
+    deadline: float | None = None,
+) -> tuple[
+    list[WhatIf],
+    dict[str, tuple[EvaluationResult | None, EvaluationResult | None]],
+    list[str],
+]:
     """Replay each service under both revisions on the same load (built from head's
-    view of the service when it exists, so both sides see identical requests)."""
+    view of the service when it exists, so both sides see identical requests).
+    Services not started by ``deadline`` (``time.monotonic()``) come back skipped."""
     out: list[WhatIf] = []
     raw: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
+    skipped: list[str] = []
     for service in services:
+        if deadline is not None and time.monotonic() >= deadline:
+            skipped.append(service)
+            continue
         reference = head if service in head.policies else base
         load = load_for(reference, service)
         results: list[EvaluationResult | None] = []
@@ -112,7 +123,7 @@ def replay(
             )
         )
         raw[service] = (base_eval, head_eval)
-    return out, raw
+    return out, raw, skipped
 
 
 def describe_trace(

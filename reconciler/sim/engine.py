@@ -47,15 +47,33 @@ Per-request latencies are then exact functions of that per-second state:
   rates). Attainment counts a dropped (or unfinished) request as missing both SLOs;
   requests that miss TTFT even on an idle instance are reported as unattainable.
 
-Signals (``window_metrics``, units as in ``reconciler.state.ServiceMetrics``), over the
-last ``metrics_window_s`` (60 s, like a PromQL ``rate(...[1m])``): prefill and decode
-tokens/s; TTFT at the SLO quantile over the requests whose prefill completed in the
-window; TBT at the SLO quantile of the step times, weighted by tokens; prefill GPU
-utilisation and SM activity from the busy fraction, averaged over ready prefill
-instances; decode GPU utilisation = the share of decode instances running at least one
-sequence (routing fills instances before it stacks them, so ``min(1, sequences /
-instances)``) times the calibrated 100 %, and SM activity from the calibrated
-batch curve; KV-cache usage = cached tokens / capacity.
+Signals (``window_metrics``, units as in ``reconciler.state.ServiceMetrics``) are read
+as Prometheus returns them (``SimConfig.prometheus_like``, on by default): from the last
+scrape (every ``scrape_interval_s``, 15 s, from second 0) at or before the read, over the
+``metrics_window_s`` (60 s) before that scrape, using only what was known at it:
+
+- prefill and decode tokens/s (and requests/s): the window's total over 60 s, as
+  ``rate(x[1m])`` evaluated at the scrape;
+- TTFT at the SLO quantile over the requests whose prefill completed in the window (one
+  still waiting for decode admission counts with its wait so far), TBT at the SLO
+  quantile of the window's inter-token gaps (each second's decode step time, once per
+  token generated: vLLM observes one gap per token); both through vLLM's histogram
+  buckets (``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds``)
+  and PromQL's ``histogram_quantile``: linear within the bucket holding the rank, the
+  highest finite bound when the rank is in +Inf;
+- prefill GPU utilisation and SM activity from the busy fraction, averaged over ready
+  prefill instances; decode GPU utilisation = the share of decode instances running at
+  least one sequence (routing fills instances before it stacks them, so ``min(1,
+  sequences / instances)``) times the calibrated 100 %, and SM activity from the
+  calibrated batch curve; each a DCGM gauge, so ``avg_over_time`` of the samples
+  scraped in the window (the state in the second before each scrape);
+- KV-cache usage = cached tokens / capacity per decode instance, the last sample
+  averaged over instances (``avg(vllm:kv_cache_usage_perc)``).
+
+``SimulatedFleet.fetch`` stamps every sample with its scrape's time, so a policy's
+``metric_max_age_s`` sees its real age. ``prometheus_like=False`` reads everything at
+the moment asked, exactly: rates over the 60 s before it, exact weighted quantiles,
+gauges averaged over every second of the window.
 
 Assumptions beyond ``perf`` (each one a modelling choice):
 
@@ -135,6 +153,10 @@ class SimConfig:
     load_smoothing_s: float = 30.0  # averaging of the arrival rate for the G/G/c term
     max_link_utilisation: float = 0.95
     request_sample_limit: int = 500_000  # per-request outcomes on a uniform sample of this many
+    # Metrics as Prometheus gives them: read at the last scrape (every scrape_interval_s),
+    # latency quantiles from vLLM's histogram buckets. False: exact at the moment read.
+    prometheus_like: bool = True
+    scrape_interval_s: float = 15.0
 
 
 # --------------------------------------------------------------------------- load
@@ -392,6 +414,7 @@ def fifo_delay(position: np.ndarray, served_cum: np.ndarray) -> tuple[np.ndarray
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float | None:
+    """The exact ``q`` quantile of ``values`` weighted by ``weights`` (None: no weight)."""
     mask = weights > 0
     if not mask.any():
         return None
@@ -400,6 +423,60 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     cum = np.cumsum(w[order])
     index = int(np.searchsorted(cum, q * cum[-1], side="left"))
     return float(v[order][min(index, v.size - 1)])
+
+
+def bucket_counts(values: np.ndarray, weights: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
+    """Cumulative weight per bucket upper bound ``le`` of ``bounds`` (finite, ascending),
+    plus the +Inf bucket last: a Prometheus histogram's ``_bucket`` series after
+    observing each value ``weight`` times (a value equal to a bound counts in it)."""
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left")
+    per_bucket = np.bincount(index, weights=weights, minlength=len(bounds) + 1)
+    cumulative: np.ndarray = np.cumsum(per_bucket)
+    return cumulative
+
+
+def histogram_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float:
+    """PromQL ``histogram_quantile(q, ...)`` over one histogram (Prometheus'
+    ``promql/quantile.go``): ``bounds`` the finite upper bounds, ascending; ``cumulative``
+    the count at or below each, then the +Inf count. The rank ``q x total`` is found in
+    the first bucket whose cumulative count reaches it and interpolated linearly between
+    the bucket's lower bound (0 for the first bucket) and its upper bound; a rank in the
+    +Inf bucket returns the highest finite bound. NaN without observations, -Inf / +Inf
+    for ``q`` below 0 / above 1."""
+    if len(cumulative) != len(bounds) + 1 or not bounds:
+        raise ValueError("cumulative needs one count per finite bound plus the +Inf count")
+    if math.isnan(q):
+        return math.nan
+    if q < 0:
+        return -math.inf
+    if q > 1:
+        return math.inf
+    total = float(cumulative[-1])
+    if not total > 0:
+        return math.nan
+    rank = q * total
+    b = next(i for i, count in enumerate(cumulative) if count >= rank)
+    if b == len(bounds):
+        return float(bounds[-1])
+    if b == 0 and bounds[0] <= 0:
+        return float(bounds[0])
+    start = 0.0 if b == 0 else float(bounds[b - 1])
+    below = 0.0 if b == 0 else float(cumulative[b - 1])
+    in_bucket = float(cumulative[b]) - below
+    if in_bucket <= 0:  # q = 0 over an empty first bucket: 0/0 in PromQL
+        return math.nan
+    return start + (float(bounds[b]) - start) * (rank - below) / in_bucket
+
+
+def _bucket_quantile(
+    values: np.ndarray, weights: np.ndarray, q: float, bounds: Sequence[float]
+) -> float | None:
+    """``histogram_quantile`` over ``values`` observed ``weights`` times each (None: no
+    observation), the way Prometheus reads a window of an engine's histogram."""
+    if not (weights > 0).any():
+        return None
+    value = histogram_quantile(q, bounds, bucket_counts(values, weights, bounds).tolist())
+    return value if math.isfinite(value) else None
 
 
 class _Grow:
@@ -440,6 +517,19 @@ class DecodePool:
 # vLLM's bucket bounds for its token-count histograms (1, 2, 5, 10, ... up to the
 # context length; 1 M covers every model here), then +Inf.
 _TOKEN_BUCKETS: tuple[float, ...] = (*one_two_five_buckets(1_000_000), math.inf)
+# vLLM's latency histogram bounds in seconds (``vllm/v1/metrics/loggers.py``), +Inf
+# implied: ``vllm:time_to_first_token_seconds`` and ``vllm:inter_token_latency_seconds``
+# (its older name ``vllm:time_per_output_token_seconds`` has the same buckets). The same
+# bounds as ``reconciler.observe.exporter``, kept here so the simulator does not import
+# the exporter's HTTP server.
+VLLM_TTFT_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+VLLM_ITL_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 
 # Mutable state of ``ServiceSim`` besides the queues, cohorts and counters.
 _SNAPSHOT_SCALARS = (
@@ -1046,11 +1136,48 @@ class ServiceSim:
 
     # ------------------------------------------------------------------ metrics
 
-    def window_metrics(self, window_s: float) -> dict[str, float | None]:
-        """The eight signals plus KV usage over the last ``window_s`` seconds (units as in
-        ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed."""
-        end = self.t
-        start = max(0, end - round(window_s))
+    def scrape_s(self) -> int:
+        """The second the metrics read now come from: the last scrape at or before now
+        (scrapes every ``scrape_interval_s`` from second 0, rounded down to whole
+        seconds), or now itself when ``prometheus_like`` is off."""
+        if not self.config.prometheus_like:
+            return self.t
+        interval = self.config.scrape_interval_s
+        return min(self.t, int(math.floor(self.t / interval) * interval))
+
+    def _window(self, window_s: float, at_s: int | None) -> tuple[int, int]:
+        """Seconds ``[start, end)`` of the window ending at ``at_s`` (default now)."""
+        end = self.t if at_s is None else max(0, min(int(at_s), self.t))
+        return max(0, end - round(window_s)), end
+
+    def _gauge_rows(self, start: int, end: int, window_s: float) -> np.ndarray:
+        """The seconds whose state a window's gauge readings average: every second
+        (exact), or, as ``avg_over_time(g[window])`` at a scrape, the second before each
+        scrape in ``(end - window_s, end]`` (a gauge sample is the state just then)."""
+        if not self.config.prometheus_like:
+            return np.arange(start, end)
+        scrapes = np.arange(float(end), end - window_s, -self.config.scrape_interval_s)
+        rows = np.floor(scrapes).astype(np.int64) - 1
+        return rows[(rows >= start) & (rows < end)][::-1]
+
+    def _quantile(
+        self, values: np.ndarray, weights: np.ndarray, q: float, bounds: Sequence[float]
+    ) -> float | None:
+        """Exact weighted quantile, or ``histogram_quantile`` over vLLM's ``bounds``."""
+        if self.config.prometheus_like:
+            return _bucket_quantile(values, weights, q, bounds)
+        return weighted_quantile(values, weights, q)
+
+    def window_metrics(self, window_s: float, at_s: int | None = None) -> dict[str, float | None]:
+        """The eight signals plus KV usage over the ``window_s`` seconds before ``at_s``
+        (default now), as known at ``at_s`` (units as in
+        ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed.
+
+        With ``prometheus_like`` (a read at a scrape): rates over the window; TTFT and
+        TBT by ``histogram_quantile`` over vLLM's buckets; GPU utilisation and SM
+        activity averaged over the scraped samples in the window; KV usage the last
+        sample, averaged over decode instances. Otherwise every value is exact."""
+        start, end = self._window(window_s, at_s)
         if end <= start:
             return dict.fromkeys(
                 (
@@ -1071,9 +1198,10 @@ class ServiceSim:
             "prefill_tps": float(s.col("prefill_tokens", start, end).sum()) / span,
             "decode_tps": float(s.col("decode_tokens", start, end).sum()) / span,
         }
+        rows = self._gauge_rows(start, end, window_s)
         # Prefill counters: averaged over ready prefill instances, as DCGM + a mean would.
-        instances = s.col("prefill_instances", start, end)
-        busy = s.col("prefill_busy", start, end)
+        instances = s.col("prefill_instances")[rows]
+        busy = s.col("prefill_busy")[rows]
         probe = self.prefill_pools[0].perf if self.prefill_pools else None
         if probe is not None and instances.sum() > 0:
             w = instances / instances.sum()
@@ -1083,12 +1211,13 @@ class ServiceSim:
             out["prefill_gpu_util"] = out["prefill_sm_active"] = None
         # Decode counters: per pool, weighted by GPUs.
         util_num = sm_num = kv_num = kv_den = gpu_den = 0.0
+        kv_last = kv_last_instances = 0.0
         tbt_values: list[np.ndarray] = []
         tbt_weights: list[np.ndarray] = []
         for q, pool in enumerate(self.decode_pools):
-            inst = s.col(f"d{q}_instances", start, end)
-            alive = s.col(f"d{q}_alive", start, end)
-            kv = s.col(f"d{q}_kv", start, end)
+            inst = s.col(f"d{q}_instances")[rows]
+            alive = s.col(f"d{q}_alive")[rows]
+            kv = s.col(f"d{q}_kv")[rows]
             if inst.sum() <= 0:
                 continue
             active_fraction = np.where(
@@ -1102,15 +1231,26 @@ class ServiceSim:
             gpu_den += float(inst.sum())
             kv_num += float(kv.sum())
             kv_den += float((inst * pool.perf.kv_capacity_tokens).sum())
+            if inst[-1] > 0:  # each instance's gauge at the last sample: an equal share
+                kv_last += float(kv[-1]) / pool.perf.kv_capacity_tokens
+                kv_last_instances += float(inst[-1])
             tbt_values.append(s.col(f"d{q}_tau", start, end))
             tbt_weights.append(s.col(f"d{q}_tokens", start, end))
         out["decode_gpu_util"] = util_num / gpu_den if gpu_den > 0 else None
         out["decode_sm_active"] = sm_num / gpu_den if gpu_den > 0 else None
-        out["decode_kv_usage"] = kv_num / kv_den if kv_den > 0 else None
+        if self.config.prometheus_like:
+            # avg(vllm:kv_cache_usage_perc): the latest sample, a mean over instances
+            out["decode_kv_usage"] = kv_last / kv_last_instances if kv_last_instances else None
+        else:
+            out["decode_kv_usage"] = kv_num / kv_den if kv_den > 0 else None
         quantile = self.policy.slo.quantile
         if tbt_values:
-            tbt = weighted_quantile(
-                np.concatenate(tbt_values), np.concatenate(tbt_weights), quantile
+            # vLLM observes one inter-token gap per token: step times weighted by tokens.
+            tbt = self._quantile(
+                np.concatenate(tbt_values),
+                np.concatenate(tbt_weights),
+                quantile,
+                VLLM_ITL_BUCKETS_S,
             )
             out["tbt"] = tbt * 1000.0 if tbt is not None else None
         else:
@@ -1120,12 +1260,16 @@ class ServiceSim:
         return out
 
     def window_detail(
-        self, window_s: float, quantiles: Sequence[float] = (0.5, 0.9)
+        self,
+        window_s: float,
+        quantiles: Sequence[float] = (0.5, 0.9),
+        at_s: int | None = None,
     ) -> dict[str, float | None]:
-        """What a planner reads beside the nine signals, over the last ``window_s``
-        seconds: ``requests_per_s`` (arrivals), ``mean_prompt_tokens`` and
-        ``mean_output_tokens`` (of those arrivals), and ``ttft_pQ_ms`` / ``tbt_pQ_ms``
-        for each quantile (``p50`` for 0.5). ``None`` where nothing was observed. Kept
+        """What a planner reads beside the nine signals, over the ``window_s`` seconds
+        before ``at_s`` (default now): ``requests_per_s`` (arrivals),
+        ``mean_prompt_tokens`` and ``mean_output_tokens`` (of those arrivals), and
+        ``ttft_pQ_ms`` / ``tbt_pQ_ms`` for each quantile (``p50`` for 0.5), computed as
+        :meth:`window_metrics` computes them. ``None`` where nothing was observed. Kept
         apart from :meth:`window_metrics` so only callers that ask (external
         autoscalers, ``reconciler.sim.plugins``) pay for the extra quantiles."""
         labels = [f"p{q * 100:g}" for q in quantiles]
@@ -1133,8 +1277,7 @@ class ServiceSim:
             ["requests_per_s", "mean_prompt_tokens", "mean_output_tokens"]
             + [f"{kind}_{label}_ms" for label in labels for kind in ("ttft", "tbt")]
         )
-        end = self.t
-        start = max(0, end - round(window_s))
+        start, end = self._window(window_s, at_s)
         if end <= start:
             return out
         s = self.series
@@ -1148,27 +1291,39 @@ class ServiceSim:
         if arrived > 0:
             out["mean_prompt_tokens"] = float(profile.prompt_sum[seconds].sum()) / arrived
             out["mean_output_tokens"] = float(profile.output_sum[seconds].sum()) / arrived
-        tau = [s.col(f"d{q}_tau", start, end) for q in range(len(self.decode_pools))]
-        tokens = [s.col(f"d{q}_tokens", start, end) for q in range(len(self.decode_pools))]
+        pools = range(len(self.decode_pools))
+        tau = [s.col(f"d{q}_tau", start, end) for q in pools]
+        tokens = [s.col(f"d{q}_tokens", start, end) for q in pools]
+        ttft_samples = self._window_ttft_samples(start, end)
         for q, label in zip(quantiles, labels, strict=True):
-            ttft = self._window_ttft_s(start, end, q)
+            ttft = (
+                self._quantile(*ttft_samples, q, VLLM_TTFT_BUCKETS_S)
+                if ttft_samples is not None
+                else None
+            )
             out[f"ttft_{label}_ms"] = ttft * 1000.0 if ttft is not None else None
             # Step time weighted by the tokens generated at it, as window_metrics does.
-            tbt = weighted_quantile(np.concatenate(tau), np.concatenate(tokens), q) if tau else None
+            tbt = (
+                self._quantile(np.concatenate(tau), np.concatenate(tokens), q, VLLM_ITL_BUCKETS_S)
+                if tau
+                else None
+            )
             out[f"tbt_{label}_ms"] = tbt * 1000.0 if tbt is not None else None
         return out
 
     def window_lengths(
-        self, window_s: float
+        self, window_s: float, at_s: int | None = None
     ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None:
         """Prompt- and output-length histograms of the requests that arrived over the
-        last ``window_s`` seconds, as an engine exports them: cumulative counts per
-        vLLM-style 1-2-5 bucket bound (``le``, up to ``+Inf``). From the profile's
-        request sample (proportions are what a policy reads). None without requests."""
+        ``window_s`` seconds before ``at_s`` (default now), as an engine exports them:
+        cumulative counts per vLLM-style 1-2-5 bucket bound (``le``, up to ``+Inf``).
+        From the profile's request sample (proportions are what a policy reads). None
+        without requests."""
         sample = self.profile.sample
         if sample is None or sample.requests == 0:
             return None
-        start, end = self.t - window_s, float(self.t)
+        at = self.t if at_s is None else max(0, min(int(at_s), self.t))
+        start, end = at - window_s, float(at)
         if self.profile.cyclic:
             horizon = float(self.profile.horizon_s)
             start, end = start % horizon, (end - 1e-9) % horizon + 1e-9
@@ -1229,23 +1384,24 @@ class ServiceSim:
         )
         return latency, transfer
 
-    def cohort_delays(self, seconds: np.ndarray) -> dict[str, np.ndarray]:
+    def cohort_delays(self, seconds: np.ndarray, until: int | None = None) -> dict[str, np.ndarray]:
         """For arrival seconds ``seconds``: fluid prefill wait, G/G/c wait, prefill
-        completion second, decode admission wait (inf = not yet resolved)."""
+        completion second, decode admission wait (inf = not yet resolved), as known at
+        second ``until`` (default now: what happened later is not yet resolved)."""
         s = self.series
-        cum_in = s.col("cum_work_in")
-        cum_out = s.col("cum_work_out")
-        work_in = s.col("work_in")
-        seconds = np.clip(seconds, 0, max(self.t - 1, 0)).astype(np.int64)
+        until = self.t if until is None else min(until, self.t)
+        last = max(until - 1, 0)
+        cum_in = s.col("cum_work_in", 0, until)
+        cum_out = s.col("cum_work_out", 0, until)
+        work_in = s.col("work_in", 0, until)
+        seconds = np.clip(seconds, 0, last).astype(np.int64)
         position = cum_in[seconds] - work_in[seconds] / 2.0
         depart, resolved = fifo_delay(position, cum_out)
         wait = np.where(resolved, np.maximum(0.0, depart - (seconds + 0.5)), np.inf)
-        done_second = np.where(
-            resolved, np.floor(np.minimum(depart, max(self.t - 1, 0))), 0
-        ).astype(np.int64)
-        admit_in_cum = s.col("cum_admit_in")
-        admit_in = s.col("admit_in")
-        admit_out_cum = s.col("cum_admit_out")
+        done_second = np.where(resolved, np.floor(np.minimum(depart, last)), 0).astype(np.int64)
+        admit_in_cum = s.col("cum_admit_in", 0, until)
+        admit_in = s.col("admit_in", 0, until)
+        admit_out_cum = s.col("cum_admit_out", 0, until)
         admit_pos = admit_in_cum[done_second] - admit_in[done_second] / 2.0
         admit_time, admit_resolved = fifo_delay(admit_pos, admit_out_cum)
         admit_wait = np.where(
@@ -1274,13 +1430,24 @@ class ServiceSim:
         return np.where(den > 0, num / np.maximum(den, 1e-12), fallback)
 
     def _window_ttft_s(self, start: int, end: int, quantile: float) -> float | None:
-        """TTFT quantile of the requests whose prefill completed in [start, end)."""
+        """TTFT quantile (exact or from vLLM's buckets) of the requests whose prefill
+        completed in [start, end), as known at ``end``."""
+        samples = self._window_ttft_samples(start, end)
+        if samples is None:
+            return None
+        return self._quantile(*samples, quantile, VLLM_TTFT_BUCKETS_S)
+
+    def _window_ttft_samples(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """TTFT in seconds and weight (requests) per (arrival second, pool, prompt class)
+        of the requests whose prefill completed in [start, end), as known at ``end``;
+        None without any. One still waiting for decode admission at ``end`` counts
+        with the wait so far."""
         if not self.prefill_pools:
             return None
         first = max(0, start - int(self.config.max_queue_wait_s) - 30)
         seconds = np.arange(first, end)
         admitted = self.series.col("admitted", first, end)
-        delays = self.cohort_delays(seconds)
+        delays = self.cohort_delays(seconds, until=end)
         in_window = (delays["depart_s"] >= start) & (delays["depart_s"] < end) & (admitted > 0)
         if not in_window.any():
             return None
@@ -1306,7 +1473,7 @@ class ServiceSim:
             v = base[:, None] + latency[p][None, :] + transfer[p][None, :] * slow[:, None]
             values.append(v.ravel())
             weights.append(np.repeat(weights_n * share, latency.shape[1]))
-        return weighted_quantile(np.concatenate(values), np.concatenate(weights), quantile)
+        return np.concatenate(values), np.concatenate(weights)
 
     # ------------------------------------------------------------------ outcomes
 

@@ -83,13 +83,14 @@ ROLE_CODE: dict[str, int] = {"prefill": PREFILL, "decode": DECODE}
 class SimulatedServiceMetrics(ServiceMetrics):
     """``ServiceMetrics`` as the simulated fleet reports them, with a handle on the
     readings a planner would also get from Prometheus but the nine signals leave out
-    (request rate, mean lengths, other latency quantiles: ``ServiceSim.window_detail``).
-    Computed only when asked, so autoscalers that never ask pay nothing; valid until
-    the fleet advances."""
+    (request rate, mean lengths, other latency quantiles: ``ServiceSim.window_detail``),
+    read at the same scrape as the signals. Computed only when asked, so autoscalers
+    that never ask pay nothing; valid until the fleet advances."""
 
     sim: ServiceSim | None = field(default=None, repr=False, compare=False)
     window_s: float = 60.0
-    at_second: int = 0  # the simulation second the metrics were read at
+    at_second: int = 0  # the simulation second the metrics were fetched at
+    scrape_second: int = 0  # the simulation second of the scrape they come from
 
     def detail(self, quantiles: Sequence[float] = (0.5, 0.9)) -> dict[str, float | None]:
         if self.sim is None:
@@ -99,7 +100,7 @@ class SimulatedServiceMetrics(ServiceMetrics):
                 f"{self.service}: the fleet advanced from second {self.at_second} to "
                 f"{self.sim.t} since these metrics were fetched"
             )
-        return self.sim.window_detail(self.window_s, quantiles)
+        return self.sim.window_detail(self.window_s, quantiles, at_s=self.scrape_second)
 
 
 @dataclass(frozen=True)
@@ -380,33 +381,41 @@ class SimulatedFleet:
     # ------------------------------------------------------------------ MetricsSource
 
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        """Every service's signals as Prometheus would return them at ``now_s``: from
+        the last scrape at or before it, each ``Sample.at_s`` that scrape's time on the
+        caller's clock (``SimConfig.prometheus_like``; without it, exact at ``now_s``)."""
         self.advance_to(self._sim_time(now_s))
+        origin_s = self.time_origin_s if self.time_origin_s is not None else 0.0
+        window_s = self.config.metrics_window_s
         out: dict[str, ServiceMetrics] = {}
         for policy in policies:
             sim = self.sims.get(policy.name)
             if sim is None:
                 out[policy.name] = ServiceMetrics(policy.name)
                 continue
-            values = sim.window_metrics(self.config.metrics_window_s)
+            scrape = sim.scrape_s()
+            sampled_at_s = origin_s + scrape if self.config.prometheus_like else now_s
+            values = sim.window_metrics(window_s, at_s=scrape)
             samples = {
-                name: Sample(float(value), now_s)
+                name: Sample(float(value), sampled_at_s)
                 for name, value in values.items()
                 if value is not None and math.isfinite(value)
             }
-            lengths = sim.window_lengths(self.config.metrics_window_s)
+            lengths = sim.window_lengths(window_s, at_s=scrape)
             prompt_tokens = output_tokens = None
             if lengths is not None:
                 le, prompt_cum, output_cum = lengths
-                prompt_tokens = LengthBuckets(le, prompt_cum, now_s)
-                output_tokens = LengthBuckets(le, output_cum, now_s)
+                prompt_tokens = LengthBuckets(le, prompt_cum, sampled_at_s)
+                output_tokens = LengthBuckets(le, output_cum, sampled_at_s)
             out[policy.name] = SimulatedServiceMetrics(
                 policy.name,
                 **samples,
                 prompt_tokens=prompt_tokens,
                 output_tokens=output_tokens,
                 sim=sim,
-                window_s=self.config.metrics_window_s,
+                window_s=window_s,
                 at_second=sim.t,
+                scrape_second=scrape,
             )
         return out
 

@@ -54,9 +54,11 @@ class PluginError(PermanentError):
 @dataclass(frozen=True)
 class PlannerObservation:
     """One cycle's view of a service, as a planner would read it from Prometheus and
-    the cluster. Rates, means and quantiles cover the last ``window_s`` seconds; a
-    value is ``None`` when nothing was observed (e.g. no request finished its prefill
-    in the window, or the first cycle, before any window has elapsed)."""
+    the cluster. Rates, means and quantiles cover the ``window_s`` seconds before the
+    last scrape (the scrape every policy's metrics come from; quantiles from histogram
+    buckets unless the simulator runs exact); a value is ``None`` when nothing was
+    observed (e.g. no request finished its prefill in the window, or the first cycle,
+    before any window has elapsed)."""
 
     now_s: float  # the cycle's time: simulation seconds since the load began
     window_s: float | None  # the window of every rate and quantile below

@@ -1,0 +1,102 @@
+"""`heteroscale validate --trace`: the share of a trace's requests each service cannot
+serve within its TTFT SLO even on an idle instance, warned about above 1 %."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+from reconciler.desired import load_desired_state
+from reconciler.policy.capacity import idle_ttft_s, transfer_s_per_token
+from reconciler.policy.planner import perf_context
+
+runner = CliRunner()
+
+# Prompt lengths around the repository's services' idle-TTFT thresholds (chat: TTFT
+# 1500 ms on a TP4 H800, ~17,700 tokens; svc-a: 1000 ms on a TP2 H800, ~13,800 tokens).
+SHORT_TOKENS = 1_000  # attainable for every service
+MIDDLE_TOKENS = 16_000  # attainable for chat, not for svc-a
+LONG_TOKENS = 100_000  # attainable for none
+
+
+def write_trace(path: Path, prompts: list[int]) -> Path:
+    rows = [f"{i * 0.5:.1f},{prompt},200" for i, prompt in enumerate(prompts)]
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def warnings(stderr: str) -> dict[str, str]:
+    found = {}
+    for line in stderr.splitlines():
+        match = re.match(r"warning: service (\S+): ", line)
+        if match:
+            found[match.group(1)] = line
+    return found
+
+
+def test_a_service_losing_more_than_one_percent_is_warned_with_its_share(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    prompts = [SHORT_TOKENS] * 92 + [MIDDLE_TOKENS] * 5 + [LONG_TOKENS] * 3
+    trace = write_trace(tmp_path / "mixed.csv", prompts)
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("valid: ")
+    warned = warnings(result.stderr)
+    # chat meets its SLO for the 16,000-token prompts, svc-a does not.
+    assert (
+        "3.0% of the requests in mixed.csv cannot meet TTFT 1500 ms even on an idle h800 "
+        "instance (prompts above " in warned["chat"]
+    )
+    assert (
+        "8.0% of the requests in mixed.csv cannot meet TTFT 1000 ms even on an idle h800 "
+        "instance (prompts above " in warned["svc-a"]
+    )
+    # The threshold quoted is where the idle TTFT crosses the SLO.
+    state = load_desired_state(repo_root)
+    for service in ("chat", "svc-a"):
+        match = re.search(r"prompts above ([\d,]+) tokens", warned[service])
+        assert match is not None
+        above = float(match[1].replace(",", ""))
+        policy = state.policies[service]
+        perf = perf_context(policy, state.clusters[policy.cluster])
+        assert perf is not None
+        per_token_s = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
+        first_step_s = perf.decode.decode_step_scalar_s(1.0, 1.0, 1.0)
+        slo_s = policy.slo.ttft_ms / 1000.0
+        assert idle_ttft_s(perf.prefill, above * 0.99, per_token_s, first_step_s) < slo_s
+        assert idle_ttft_s(perf.prefill, above * 1.01, per_token_s, first_step_s) > slo_s
+
+
+def test_one_percent_or_less_is_not_warned(repo_root: Path, tmp_path: Path) -> None:
+    # Exactly 1 %: "more than 1 %" is not reached.
+    trace = write_trace(tmp_path / "rare.csv", [SHORT_TOKENS] * 99 + [LONG_TOKENS])
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("valid: ")
+    assert "warning" not in result.output
+    # Two in a hundred are.
+    trace = write_trace(tmp_path / "two.csv", [SHORT_TOKENS] * 98 + [LONG_TOKENS] * 2)
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert set(warnings(result.stderr)) == {"chat", "summarize", "svc-a", "svc-b"}
+    assert all(" 2.0% of the requests" in line for line in warnings(result.stderr).values())
+
+
+def test_a_trace_that_cannot_be_read_is_an_error_naming_it(repo_root: Path, tmp_path: Path) -> None:
+    absent = tmp_path / "absent.csv"
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(absent)])
+    assert result.exit_code == 1
+    assert f"{absent}: no such file" in result.stderr
+    broken = tmp_path / "broken.csv"
+    broken.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,12,x\n")
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(broken)])
+    assert result.exit_code == 1
+    assert str(broken) in result.stderr and "warning" not in result.stderr
+    result = runner.invoke(
+        app, ["validate", str(repo_root), "--trace", str(broken), "--rate-scale", "0"]
+    )
+    assert result.exit_code == 2

@@ -1,0 +1,154 @@
+"""`plan --base --head` on a hostile pull request: every file the reconciler would
+load is shown, nothing in the comment is interpreted, the comment stays within
+GitHub's limit, the review keeps to its time budget, and no error names a path
+outside the repository. Each case is a committed file in a temporary repository."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reconciler.desired import load_desired_state
+from reconciler.placement.greedy import GreedyPlacer
+from reconciler.review.command import plan_review, render
+from reconciler.review.config_diff import ConfigChange
+from reconciler.review.report import MAX_COMMENT_CHARS, format_markdown, md
+from reconciler.review.review import Review, ReviewOptions
+from tests.review.test_review import edit, git
+
+FAST = ReviewOptions(what_if=False, seed=0)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, repo_root: Path) -> Path:
+    root = tmp_path / "repo"
+    for sub in ("policies", "clusters", "templates"):
+        shutil.copytree(repo_root / sub, root / sub)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "base")
+    return root
+
+
+def commit(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", message)
+
+
+def copy_policy(repo: Path, name: str, service: str) -> None:
+    text = (repo / "policies/svc-a.yaml").read_text().replace("name: svc-a", f"name: {service}")
+    (repo / "policies" / name).write_text(text)
+
+
+@pytest.mark.parametrize("name", ["chät.yaml", 'a"b.yaml', "tab\tname.yaml"])
+def test_a_file_name_git_would_quote_is_seen_loaded_and_shown(repo: Path, name: str) -> None:
+    copy_policy(repo, name, "sneaky")
+    commit(repo, "add a service under an odd name")
+    head = load_desired_state(repo, rev="HEAD")
+    assert head.policy_files["sneaky"] == f"policies/{name}"
+    # The same set as the deployed reconciler's directory mode loads from the work tree.
+    assert head.policy_files == load_desired_state(repo).policy_files
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3
+    assert f"service sneaky: added (policies/{name}:" in text
+
+
+INJECTION = "nope\\n```\\n## approved @org/admins\\n![x](https://example.invalid/p.png)\\n```"
+
+
+def test_an_error_message_cannot_break_out_of_its_code_block(repo: Path) -> None:
+    edit(repo / "policies/svc-a.yaml", "cluster: prod-east", f'cluster: "{INJECTION}"')
+    commit(repo, "inject")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="markdown", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 1
+    lines = text.splitlines()
+    fences = [line for line in lines if line and set(line) == {"`"}]
+    # One block, opened and closed by a fence longer than the payload's backtick run.
+    assert len(fences) == 2 and fences[0] == fences[1] and len(fences[0]) > 3
+    inside = lines[lines.index(fences[0]) + 1 : len(lines) - lines[::-1].index(fences[1]) - 1]
+    assert len(inside) == 1 and "## approved" in inside[0]
+    assert not any(line.startswith("## ") or line.startswith("![") for line in lines)
+
+
+def test_html_and_markdown_in_a_config_value_are_escaped(repo: Path) -> None:
+    edit(
+        repo / "policies/svc-a.yaml",
+        "  name: qwen2.5-32b",
+        '  name: "x</details><img src=x> @org/admins ![i](https://e.invalid/p.png) `c` *b* | cell"',
+    )
+    commit(repo, "model name")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="markdown", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3
+    [line] = [line for line in text.splitlines() if "model.name" in line]
+    assert "&lt;/details>&lt;img" in line
+    assert "@&#8203;org/admins" in line and "https:&#8203;//" in line
+    assert "!\\[i\\]" in line and "\\`c\\`" in line and "\\*b\\*" in line and "\\| cell" in line
+    assert text.count("</details>") == text.count("<details>")
+
+
+def test_md_cuts_each_value_to_a_bounded_length() -> None:
+    assert len(md("x" * 4_000_000)) == 200
+    assert md("a\nb\r\x1b[31mc\u202ed") == "a b \\[31mc d"
+
+
+def test_a_huge_review_is_cut_under_the_comment_limit_with_a_note() -> None:
+    changes = tuple(
+        ConfigChange(
+            "service",
+            f"svc-{i}",
+            "modified",
+            "model.name",
+            "model.name",
+            "a",
+            "b" * 10_000,
+            "policies/x.yaml",
+            i,
+        )
+        for i in range(2_000)
+    )
+    text = format_markdown(Review("base", "head", config_changes=changes))
+    assert len(text) < MAX_COMMENT_CHARS
+    assert "This comment was cut" in text and "line(s) left out" in text
+    assert text.count("</details>") == text.count("<details>")
+
+
+def test_the_review_keeps_to_its_time_budget_and_names_what_it_skipped(repo: Path) -> None:
+    copy_policy(repo, "new-1.yaml", "new-1")
+    copy_policy(repo, "new-2.yaml", "new-2")
+    commit(repo, "two new services")
+    options = ReviewOptions(what_if=True, seed=0, timeout_s=0.001)
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="markdown", placer=GreedyPlacer(), options=options
+    )
+    assert review.skipped == ("new-1", "new-2") and review.fleet_skipped
+    assert review.exit_code == 1  # an unevaluated change does not pass
+    assert "what-if replay skipped for 2 service(s)" in text and "new-1, new-2" in text
+    assert "fleet diff skipped" in render(review, "text")
+
+
+def test_errors_never_name_paths_outside_the_repository(repo: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret-dir" / "policy.yaml"
+    secret.parent.mkdir()
+    secret.write_text((repo / "policies/svc-a.yaml").read_text())
+    (repo / "policies/svc-a.yaml").unlink()
+    (repo / "policies/svc-a.yaml").symlink_to(secret)
+    commit(repo, "link outside")
+    for fmt in ("text", "markdown", "json"):
+        review, text, _ = plan_review(
+            repo, "HEAD~1", "HEAD", fmt=fmt, placer=GreedyPlacer(), options=FAST
+        )
+        assert review.exit_code == 1
+        assert "outside the repository; refused" in text
+        assert str(tmp_path) not in text and "secret-dir" not in text
+    review, text, _ = plan_review(
+        repo, "no-such-rev", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 1 and str(tmp_path) not in text
