@@ -9,7 +9,10 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   is unreachable or errors is reported and skipped, never blocking the others, and
   is retried with exponential backoff (capped at ``max_backoff_s``).
 - With leader election, only the Lease holder acts (applies); a standby replica
-  still observes and plans, so its metrics and health stay meaningful.
+  still observes and plans, so its metrics and health stay meaningful. An election
+  that reaches no valid decision for a bounded time (``LeaseElector.health_problem``)
+  fails ``/healthz``, so Kubernetes restarts the stuck replica; its failed rounds are
+  counted in ``heteroscale_lease_errors_total``.
 - Policy histories (stabilisation windows) live in memory between cycles.
 
 Its own Prometheus metrics (``LoopMetrics``) and a health endpoint are served by
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,6 +38,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from reconciler.apply.report import ClusterDiff, summarise_drift
 from reconciler.apply.softscale import SloStatus, slo_status
@@ -170,6 +175,47 @@ class LoopMetrics:
         )
 
 
+@runtime_checkable
+class LeaderElection(Protocol):
+    """What the loop reads from a leader election (``reconciler.apply.lease.LeaseElector``)."""
+
+    def is_leader(self) -> bool: ...
+
+    def health_problem(self) -> str | None: ...
+
+    def error_counts(self) -> dict[str, int]: ...
+
+    def decision_age_s(self) -> float: ...
+
+
+class _LeaseCollector(Collector):
+    """The election's own counters, read at scrape time: the elector runs (and fails)
+    before the loop exists, so nothing is lost by pulling instead of pushing."""
+
+    def __init__(self, election: LeaderElection) -> None:
+        self.election = election
+
+    def collect(self) -> Any:
+        errors = CounterMetricFamily(
+            "heteroscale_lease_errors",
+            "Failed leader-election rounds by error kind (each retried with backoff)",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.election.error_counts().items()):
+            errors.add_metric([kind], count)
+        yield errors
+        yield GaugeMetricFamily(
+            "heteroscale_lease_decision_age_seconds",
+            "Seconds since the leader election last reached a valid decision",
+            value=self.election.decision_age_s(),
+        )
+        yield GaugeMetricFamily(
+            "heteroscale_lease_healthy",
+            "1 while the leader election reaches decisions within its bound",
+            value=0.0 if self.election.health_problem() else 1.0,
+        )
+
+
 # ---------------------------------------------------------------------- the loop
 
 
@@ -239,7 +285,11 @@ class ReconcileLoop:
         max_backoff_s: float = 300.0,
         only_clusters: tuple[str, ...] = (),
         prune_removed_services: bool = False,
+        leader_election: LeaderElection | None = None,
     ):
+        """``leader_election`` feeds ``/healthz`` and the lease metrics; when it is not
+        given and ``is_leader`` is a bound method of an election (``run`` passes
+        ``elector.is_leader``), that election is used."""
         self.load_desired = load_desired
         self.backend_for = backend_for
         self.metrics_for = metrics_for
@@ -261,6 +311,13 @@ class ReconcileLoop:
         self.last_cycle_end_s: float | None = None
         self.cycles_run = 0
         self.acted_cycles = 0
+        if leader_election is None:
+            owner = getattr(is_leader, "__self__", None)
+            if isinstance(owner, LeaderElection):
+                leader_election = owner
+        self.leader_election = leader_election
+        if leader_election is not None:
+            self.metrics.registry.register(_LeaseCollector(leader_election))
 
     # ------------------------------------------------------------- desired state
 
@@ -466,12 +523,24 @@ class ReconcileLoop:
                     on_cycle(result)
             stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
+    def health_problems(self, now_s: float | None = None) -> list[str]:
+        """Why this replica should be restarted: its cycles stalled, or its leader
+        election reaches no decision (empty when healthy)."""
+        problems = []
+        if self.last_cycle_end_s is not None:
+            now = self.clock() if now_s is None else now_s
+            if now - self.last_cycle_end_s > 3 * self.interval_s + 30:
+                problems.append(f"stalled: no cycle ended for {now - self.last_cycle_end_s:.0f} s")
+        if self.leader_election is not None:
+            lease_problem = self.leader_election.health_problem()
+            if lease_problem is not None:
+                problems.append(lease_problem)
+        return problems
+
     def healthy(self, now_s: float | None = None) -> bool:
-        """Alive: a cycle ended within three intervals (or none was due yet)."""
-        if self.last_cycle_end_s is None:
-            return True
-        now = self.clock() if now_s is None else now_s
-        return now - self.last_cycle_end_s <= 3 * self.interval_s + 30
+        """Alive: a cycle ended within three intervals (or none was due yet), and the
+        leader election (if any) reached a decision within its bound."""
+        return not self.health_problems(now_s)
 
 
 # ----------------------------------------------------------------------- serving
@@ -490,10 +559,10 @@ def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer
                     CONTENT_TYPE_LATEST,
                 )
             elif self.path.startswith("/healthz"):
-                ok = loop.healthy()
+                problems = loop.health_problems()
                 body, status, kind = (
-                    (b"ok\n" if ok else b"stalled\n"),
-                    (200 if ok else 503),
+                    ("\n".join(problems) + "\n").encode() if problems else b"ok\n",
+                    (503 if problems else 200),
                     "text/plain",
                 )
             elif self.path.startswith("/readyz"):

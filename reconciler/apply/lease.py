@@ -12,19 +12,39 @@ every ``retry_period_s`` and stops acting when it has not renewed for
 else may start).
 
 ``lease_decision`` is the pure part; ``LeaseElector`` does the I/O.
+
+Errors never end the election thread: any error of a round (a temporary one, but also
+a missing lease namespace, a 403 from RBAC, a bug) is logged, counted by kind
+(``error_counts``) and retried with a bounded, jittered exponential backoff (never
+slower than ``retry_period_s`` while this replica still leads, so it keeps trying to
+renew within its deadline). ``health_problem`` reports when no round has reached a
+valid decision (renewed, acquired, or saw a live holder) for ``unhealthy_after_s``
+(three lease durations by default): the loop's ``/healthz`` then fails, so Kubernetes
+restarts a replica stuck without a working election instead of it idling as a
+standby forever.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from reconciler.apply.kubeclient import KubeClient, NotFound, ResourceConflict, leases_path
+from reconciler.apply.kubeclient import (
+    KubeApiError,
+    KubeClient,
+    NotFound,
+    ResourceConflict,
+    leases_path,
+)
 from reconciler.errors import TemporaryError
+
+log = logging.getLogger("heteroscale.lease")
 
 
 @dataclass(frozen=True)
@@ -84,9 +104,23 @@ class LeaseElector:
         retry_period_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_backoff_s: float | None = None,
+        unhealthy_after_s: float | None = None,
+        rng: random.Random | None = None,
     ):
+        """``max_backoff_s`` caps the wait between failed rounds (default: one lease
+        duration); ``unhealthy_after_s`` is how long without a valid decision makes
+        ``health_problem`` report (default: three lease durations)."""
         if not renew_deadline_s < lease_duration_s:
             raise ValueError("renew_deadline_s must be shorter than lease_duration_s")
+        self.max_backoff_s = float(lease_duration_s) if max_backoff_s is None else max_backoff_s
+        self.unhealthy_after_s = (
+            3.0 * lease_duration_s if unhealthy_after_s is None else unhealthy_after_s
+        )
+        if self.max_backoff_s < retry_period_s or self.unhealthy_after_s <= 0:
+            raise ValueError(
+                "max_backoff_s must be at least retry_period_s and unhealthy_after_s positive"
+            )
         self.client = client
         self.namespace = namespace
         self.name = name
@@ -103,7 +137,12 @@ class LeaseElector:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rng = rng or random.Random()
         self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self._error_counts: dict[str, int] = {}
+        # A fresh elector has until unhealthy_after_s to reach its first decision.
+        self._decided_at_s = clock()
 
     # ----------------------------------------------------------------------- state
 
@@ -112,6 +151,39 @@ class LeaseElector:
         with self._lock:
             renewed = self._renewed_at_s
         return renewed is not None and self.clock() - renewed < self.renew_deadline_s
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed rounds since construction, by error kind (the exception's class)."""
+        with self._lock:
+            return dict(self._error_counts)
+
+    def decision_age_s(self) -> float:
+        """Seconds since the last valid lease decision (or since construction)."""
+        with self._lock:
+            decided = self._decided_at_s
+        return self.clock() - decided
+
+    def health_problem(self) -> str | None:
+        """Why this replica's election is stuck, or None while decisions keep coming."""
+        age = self.decision_age_s()
+        if age <= self.unhealthy_after_s:
+            return None
+        return (
+            f"no valid decision on Lease {self.namespace}/{self.name} for {age:.0f} s "
+            f"(> {self.unhealthy_after_s:g} s): {self.last_error or 'no round completed'}"
+        )
+
+    def next_wait_s(self) -> float:
+        """The pause before the next round: ``retry_period_s`` after a decision; after
+        failures a doubling backoff capped at ``max_backoff_s`` (at ``retry_period_s``
+        while still leading), jittered down by up to half so replicas that failed
+        together do not retry in lockstep."""
+        failures = self.consecutive_failures
+        if failures == 0:
+            return self.retry_period_s
+        cap = self.retry_period_s if self.is_leader() else self.max_backoff_s
+        base = min(cap, self.retry_period_s * 2 ** min(failures - 1, 30))
+        return base * (0.5 + 0.5 * self._rng.random())
 
     def _spec(self, record: LeaseRecord | None, now_wall_s: float) -> dict:
         taking_over = record is None or record.holder != self.identity
@@ -130,51 +202,91 @@ class LeaseElector:
     # ------------------------------------------------------------------------- I/O
 
     def try_acquire_or_renew(self) -> bool:
-        """One election round; True when this candidate holds the Lease afterwards."""
+        """One election round; True when this candidate holds the Lease afterwards.
+        Never raises: a failed round is recorded (see the module docstring) and leaves
+        leadership to the renew deadline."""
+        try:
+            return self._round()
+        except Exception as exc:  # any error: the election thread must outlive it
+            self._failed(exc)
+            return self.is_leader()
+
+    def _failed(self, exc: Exception) -> None:
+        kind = type(exc).__name__
+        with self._lock:
+            self._error_counts[kind] = self._error_counts.get(kind, 0) + 1
+            self.consecutive_failures += 1
+            failures = self.consecutive_failures
+        self.last_error = f"{kind}: {exc}"
+        expected = isinstance(exc, KubeApiError | TemporaryError | OSError)
+        log.warning(
+            f"Lease {self.namespace}/{self.name}: round failed ({failures} in a row), "
+            f"retrying with backoff: {self.last_error}",
+            exc_info=not expected,  # a traceback only for what the API did not say
+            extra={
+                "event": "lease_error",
+                "error_kind": kind,
+                "failures": failures,
+                "lease": f"{self.namespace}/{self.name}",
+            },
+        )
+
+    def _decided(self, now: float) -> None:
+        """A valid decision: the round read or wrote the Lease and knows who leads."""
+        with self._lock:
+            failures, self.consecutive_failures = self.consecutive_failures, 0
+            self._decided_at_s = now
+        if failures:
+            log.info(
+                f"Lease {self.namespace}/{self.name}: election works again after "
+                f"{failures} failed round(s)",
+                extra={"event": "lease_recovered", "failures": failures},
+            )
+
+    def _round(self) -> bool:
         now = self.clock()
         path = leases_path(self.namespace, self.name)
         try:
+            current = self.client.get(path)
+        except NotFound:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(None, self.wall_clock()),
+            }
             try:
-                current = self.client.get(path)
-            except NotFound:
-                body = {
-                    "apiVersion": "coordination.k8s.io/v1",
-                    "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace},
-                    "spec": self._spec(None, self.wall_clock()),
-                }
-                try:
-                    self.client.request("POST", leases_path(self.namespace), body=body)
-                except ResourceConflict:  # AlreadyExists: someone else created it first
-                    return self._lost()
-                return self._won(now)
-            record = parse_lease(current)
-            if record != self._observed:
-                self._observed, self._observed_at_s = record, now
-            action = lease_decision(record, self.identity, self._observed_at_s, now)
-            if action == "wait":
+                self.client.request("POST", leases_path(self.namespace), body=body)
+            except ResourceConflict:  # AlreadyExists: someone else created it first
                 return self._lost()
-            current["spec"] = self._spec(record, self.wall_clock())
-            try:
-                self.client.request("PUT", path, body=current)  # carries resourceVersion
-            except ResourceConflict:
-                return self._lost()
-            if action == "acquire":
-                self.transitions_seen += 1
             return self._won(now)
-        except TemporaryError as exc:
-            self.last_error = str(exc)
-            return self.is_leader()
+        record = parse_lease(current)
+        if record != self._observed:
+            self._observed, self._observed_at_s = record, now
+        action = lease_decision(record, self.identity, self._observed_at_s, now)
+        if action == "wait":
+            return self._lost()
+        current["spec"] = self._spec(record, self.wall_clock())
+        try:
+            self.client.request("PUT", path, body=current)  # carries resourceVersion
+        except ResourceConflict:
+            return self._lost()
+        if action == "acquire":
+            self.transitions_seen += 1
+        return self._won(now)
 
     def _won(self, now: float) -> bool:
         with self._lock:
             self._renewed_at_s = now
         self.last_error = None
+        self._decided(now)
         return True
 
     def _lost(self) -> bool:
+        """Another candidate holds the Lease (or won the race): a valid decision too."""
         with self._lock:
             self._renewed_at_s = None
+        self._decided(self.clock())
         return False
 
     def release(self) -> None:
@@ -187,9 +299,14 @@ class LeaseElector:
             if parse_lease(current).holder == self.identity:
                 current["spec"]["holderIdentity"] = ""
                 self.client.request("PUT", path, body=current)
-        except (TemporaryError, NotFound):
-            pass
-        self._lost()
+        except Exception as exc:  # shutdown must finish; the Lease then simply expires
+            log.warning(
+                f"Lease {self.namespace}/{self.name}: not released ({type(exc).__name__}: "
+                f"{exc}); a standby takes over when it expires",
+                extra={"event": "lease_release_failed"},
+            )
+        with self._lock:
+            self._renewed_at_s = None
 
     # ---------------------------------------------------------------- background
 
@@ -202,7 +319,7 @@ class LeaseElector:
         def run() -> None:
             while not self._stop.is_set():
                 self.try_acquire_or_renew()
-                self._stop.wait(self.retry_period_s)
+                self._stop.wait(self.next_wait_s())
 
         self._thread = threading.Thread(target=run, name=f"lease-{self.name}", daemon=True)
         self._thread.start()

@@ -366,11 +366,15 @@ class SignalQuery:
 
     ``value`` returns the signal per (service, role); ``sampled_at`` (None for
     overrides) returns, per (service, role), the timestamp of the oldest of the newest
-    raw samples behind it, so a value can say how fresh it is.
+    raw samples behind it, so a value can say how fresh it is; ``samples`` (None for
+    overrides and gauges) returns, per (service, role), how many raw samples the
+    best-covered series behind a windowed value holds in the window, so a value whose
+    window is only partly covered (after a gap) can be told from a low one.
     """
 
     value: str
     sampled_at: str | None
+    samples: str | None = None
 
 
 def format_duration(seconds: float) -> str:
@@ -442,6 +446,13 @@ def render_spec(
     def freshness(metrics: tuple[str, ...], group: str = by) -> str:
         return _alternatives([f"min by ({group}) (timestamp({sel(m)}))" for m in metrics])
 
+    def coverage(metrics: tuple[str, ...], group: str = by) -> str:
+        # max, not min: one new pod with a short history must not blank its service,
+        # while after a Prometheus restart or a gap every series is short.
+        return _alternatives(
+            [f"max by ({group}) (count_over_time({sel(m)}[{window}]))" for m in metrics]
+        )
+
     def bucket_rates(metrics: tuple[str, ...]) -> list[str]:
         if recorded_histograms:
             # One recorded series per histogram covers both spellings of its name.
@@ -453,7 +464,7 @@ def render_spec(
     if isinstance(spec, LengthHistogram):
         value = _alternatives([f"sum by ({service_label}, le) ({s})" for s in bucket_rates(names)])
         counts = tuple(f"{m}_count" for m in names)
-        return SignalQuery(value, freshness(counts, service_label))
+        return SignalQuery(value, freshness(counts, service_label), coverage(counts, service_label))
 
     if isinstance(spec, CounterRate):
         total = _alternatives([f"sum by ({by}) (rate({sel(m)}[{window}]))" for m in names])
@@ -464,7 +475,9 @@ def render_spec(
             )
             # "or total * 0": no hit counter for this (service, role) subtracts nothing.
             value = f"clamp_min({total} - ({hits} or {total} * 0), 0)"
-        return SignalQuery(value, freshness(names))
+        # A short window of the hit counter only reads high (a hold), so only the
+        # counter itself must cover it.
+        return SignalQuery(value, freshness(names), coverage(names))
     if isinstance(spec, HistogramQuantile):
         q = format_number(quantile)
         value = _alternatives(
@@ -475,11 +488,13 @@ def render_spec(
         )
         if spec.scale != 1.0:
             value = f"{value} * {format_number(spec.scale)}"
-        return SignalQuery(value, freshness(tuple(f"{m}_count" for m in names)))
+        counts = tuple(f"{m}_count" for m in names)
+        return SignalQuery(value, freshness(counts), coverage(counts))
     inner = (lambda m: f"avg_over_time({sel(m)}[{window}])") if spec.over_window else sel
     value = _alternatives([f"avg by ({by}) ({inner(m)})" for m in names])
     if spec.scale != 1.0:
         value = f"{value} * {format_number(spec.scale)}"
+    # No coverage for gauges: an average over part of the window is not biased low.
     return SignalQuery(value, freshness(names))
 
 

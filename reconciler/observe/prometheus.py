@@ -36,7 +36,20 @@ out of ``timestamp()`` at once, while ``rate()`` over the window would still ret
 Values older than the policy's ``scaling.metric_max_age_s``, NaN (e.g. a histogram
 without observations in the window), +-Inf and missing series all come back as ``None``;
 the reason is recorded in ``last_report.gaps``. Counter resets are handled by
-``rate()``. Query overrides carry no freshness query; they are stamped with the
+``rate()``.
+
+Window coverage: after a gap (Prometheus restarted, a target came back) ``rate()``
+sees samples over only part of its window and reads low by about the uncovered part,
+which would look like falling load. Each windowed preset part therefore also returns
+``max by (service, role) (count_over_time(<series>[w]))``, tagged like the freshness
+rows (``"0c"``), in the same request; a value whose best-covered series holds fewer
+samples than ``WindowCoverage.required`` (three quarters of ``window / scrape
+interval`` by default) is missing with the reason "window not covered: k of n
+samples", so the policy holds. ``max`` over a service's series: one new pod with a
+short history does not blank its service, a restart (every series short) does. This
+covers the token rates, the latency histograms and the request mix, in the recorded
+mode too (counted on the raw ``_count`` series); gauges (an average over part of the
+window is not biased) and query overrides (the user's PromQL) are not counted. Query overrides carry no freshness query; they are stamped with the
 evaluation time (see ``reconciler.observe.presets``).
 
 The request mix (``ServiceMetrics.prompt_tokens`` / ``output_tokens``) comes from one
@@ -135,6 +148,12 @@ class PrometheusSettings:
     rate_window_s: float = 60.0
     """Window of ``rate()``, ``histogram_quantile`` and gauge averaging: at least four
     scrape intervals, so that a missed scrape does not empty the window."""
+    scrape_interval_s: float = 15.0
+    """How often Prometheus scrapes the engines: with ``rate_window_s`` it says how many
+    samples a covered window holds (see ``window_coverage``)."""
+    min_window_coverage: float = 0.75
+    """Fraction of those samples that the best-covered series of a (service, role) must
+    hold for a windowed signal to count (0 turns the check off)."""
     signals: tuple[MetricName, ...] = METRIC_NAMES
     """Signals to read each cycle (the rest stay ``None``)."""
     lengths: tuple[LengthName, ...] = LENGTH_NAMES
@@ -158,9 +177,57 @@ class PrometheusSettings:
             raise ValueError("retries and backoffs must not be negative")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if self.scrape_interval_s <= 0 or not 0 <= self.min_window_coverage <= 1:
+            raise ValueError("scrape_interval_s must be positive and min_window_coverage in [0, 1]")
         unknown = (set(self.signals) - set(METRIC_NAMES)) | (set(self.lengths) - set(LENGTH_NAMES))
         if unknown:
             raise ValueError(f"unknown signals: {sorted(unknown)}")
+
+    @property
+    def window_coverage(self) -> WindowCoverage | None:
+        """The sample count below which a windowed signal is missing (None: no check)."""
+        if self.min_window_coverage == 0:
+            return None
+        return WindowCoverage.of(
+            self.rate_window_s, self.scrape_interval_s, self.min_window_coverage
+        )
+
+
+@dataclass(frozen=True)
+class WindowCoverage:
+    """How many raw samples a rate window must hold to be read.
+
+    ``rate()`` divides the increase it sees by the whole window: when samples cover
+    only part of it (Prometheus restarted, a target came back after a gap) the rate
+    reads low by about the uncovered share, and a policy would scale in on it. A
+    window holds ``expected = window / scrape interval`` samples per series;
+    ``required = max(2, ceil(fraction x expected))``: with the default three quarters a
+    60 s window at 15 s scrapes needs 3 of 4, so one missed scrape mid-window (which
+    does not bias ``rate()``) is tolerated, while a window covered by 2 samples (read
+    40 to 60 % low) or fewer is missing. The price: a window just at the threshold
+    after a gap still reads up to ``(expected - required + 0.5) / expected`` low (a
+    quarter to three eighths at 3 of 4), for at most ``expected - required`` scrape
+    intervals, which the policy's scale-in window absorbs; ``fraction`` 1 removes it
+    but holds after every missed scrape. Two is the least ``rate()`` works with."""
+
+    expected: float
+    required: int
+
+    @classmethod
+    def of(cls, window_s: float, scrape_interval_s: float, fraction: float) -> WindowCoverage:
+        expected = window_s / scrape_interval_s
+        # The epsilon keeps 0.75 x 4 at 3 despite binary floating point.
+        return cls(expected, max(2, math.ceil(fraction * expected - 1e-9)))
+
+    def problem(self, samples: float) -> str | None:
+        """Why a window holding ``samples`` (of its best-covered series) is not read."""
+        if samples >= self.required:
+            return None
+        return (
+            f"window not covered: {format_number(samples)} of "
+            f"{format_number(round(self.expected, 1))} samples "
+            f"(at least {self.required} needed)"
+        )
 
 
 # ----------------------------------------------------------------------------- plan (pure)
@@ -175,6 +242,8 @@ class QueryPart:
     services: tuple[str, ...]
     service_label: str
     role_label: str
+    coverage: WindowCoverage | None = None
+    """Set when the query counts its window's samples (``SignalQuery.samples``)."""
 
     def promql(self) -> str:
         """This part alone, tagged like inside a merged query."""
@@ -183,6 +252,11 @@ class QueryPart:
             text += (
                 f' or label_replace({self.query.sampled_at}, "{PART_LABEL}", '
                 f'"{self.part_id}t", "", "")'
+            )
+        if self.coverage is not None and self.query.samples is not None:
+            text += (
+                f' or label_replace({self.query.samples}, "{PART_LABEL}", '
+                f'"{self.part_id}c", "", "")'
             )
         return text
 
@@ -220,11 +294,14 @@ def plan_requests(
     *,
     window_s: float,
     recorded_histograms: bool = False,
+    coverage: WindowCoverage | None = None,
 ) -> tuple[tuple[SignalRequest, ...], tuple[SignalGap, ...]]:
     """Group services by identical PromQL, per signal. When a signal needs several parts,
     each preset part is restricted to its own services, so the parts together aggregate
     every series once (overrides are the user's PromQL and stay as written). Services
-    that cannot be read (no source in their preset, invalid label names) are gaps."""
+    that cannot be read (no source in their preset, invalid label names) are gaps.
+    ``coverage`` (``PrometheusSettings.window_coverage``) makes each windowed preset
+    part count its window's samples too, in the same request."""
     requests_out: list[SignalRequest] = []
     gaps: list[SignalGap] = []
     for signal in signals:
@@ -264,7 +341,8 @@ def plan_requests(
                 )
                 assert restricted is not None  # same preset as the unrestricted query
                 query = restricted
-            parts.append(QueryPart(str(i), query, names, service_label, role_label))
+            part_coverage = coverage if query.samples is not None else None
+            parts.append(QueryPart(str(i), query, names, service_label, role_label, part_coverage))
         if parts:
             requests_out.append(SignalRequest(signal, signal_role(signal), tuple(parts)))
     return tuple(requests_out), tuple(gaps)
@@ -370,10 +448,12 @@ def assemble(
             tagged = split_cache[key]
             value_rows = _index(tagged.get(part.part_id, []), part)
             fresh_rows = _index(tagged.get(part.part_id + "t", []), part)
+            count_rows = _index(tagged.get(part.part_id + "c", []), part)
             if request.optional:
                 # Histogram rows: one per le, matched by service whatever their role label
                 # (the preset aggregates it away; an override may keep one role).
                 value_rows, fresh_rows = _by_service(value_rows), _by_service(fresh_rows)
+                count_rows = _by_service(count_rows)
             for service in part.services:
                 found: Sample | LengthBuckets | None
                 found, reason = (_pick_buckets if request.optional else _pick)(
@@ -384,6 +464,10 @@ def assemble(
                     now_s=now_s,
                     max_age_s=by_name[service].scaling.metric_max_age_s,
                 )
+                if found is not None and part.coverage is not None:
+                    reason = _coverage_problem(service, role, count_rows, part.coverage) or ""
+                    if reason:
+                        found = None
                 if found is None:
                     gaps.append(SignalGap(service, request.signal, reason))
                 elif isinstance(found, LengthBuckets):
@@ -415,6 +499,18 @@ def _by_service(
     for (service, _role), group in rows.items():
         out[(service, None)].extend(group)
     return out
+
+
+def _coverage_problem(
+    service: str,
+    role: Role,
+    count_rows: Mapping[tuple[str, str | None], list[Row]],
+    coverage: WindowCoverage,
+) -> str | None:
+    """Why a value's window is not covered by samples, or None when it is. No count row
+    means no sample in the window at all (``count_over_time`` returns nothing)."""
+    rows = count_rows.get((service, role)) or count_rows.get((service, None)) or []
+    return coverage.problem(max((row.value for row in rows), default=0.0))
 
 
 def _pick(
@@ -617,6 +713,7 @@ class PrometheusMetricsSource:
             (*self.settings.signals, *self.settings.lengths),
             window_s=self.settings.rate_window_s,
             recorded_histograms=self.settings.recorded_histograms,
+            coverage=self.settings.window_coverage,
         )
         results = self._run_all(plan, now_s)
         outcomes: dict[tuple[SignalName, str], PartOutcome] = {}

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.apply.lease import LeaseRecord, format_micro_time, lease_decision, parse_lease
+from reconciler.apply.kubeclient import Forbidden, NotFound
+from reconciler.apply.lease import (
+    LeaseElector,
+    LeaseRecord,
+    format_micro_time,
+    lease_decision,
+    parse_lease,
+)
 
 
 def record(holder: str, duration_s: int = 15) -> LeaseRecord:
@@ -45,3 +54,91 @@ def test_lease_objects_round_trip() -> None:
     )
     assert parsed == LeaseRecord("a", 15, None, stamp, 2)
     assert parse_lease({}).holder == ""
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+class _FailingClient:
+    """A client whose every request raises ``error``, until ``error`` is None; then
+    the Lease is free (404 on read, created on write)."""
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.calls = 0
+
+    def get(self, path: str) -> dict:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        raise NotFound(404, "NotFound", "no lease")
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return body or {}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _elector(client: _FailingClient, clock: _Clock, **kwargs: object) -> LeaseElector:
+    return LeaseElector(
+        client,  # type: ignore[arg-type]
+        "ns",
+        "lease",
+        "me",
+        clock=clock,
+        rng=random.Random(7),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_any_error_is_recorded_not_raised_and_backs_off_up_to_a_jittered_cap() -> None:
+    clock = _Clock()
+    elector = _elector(_FailingClient(RuntimeError("a bug")), clock, max_backoff_s=8.0)
+    assert elector.next_wait_s() == 2.0  # the retry period while rounds succeed
+    waits = []
+    for _ in range(8):
+        assert elector.try_acquire_or_renew() is False
+        waits.append(elector.next_wait_s())
+    assert elector.error_counts() == {"RuntimeError": 8}
+    bases = [2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
+    assert all(base / 2 <= wait <= base for wait, base in zip(waits, bases, strict=True))
+    assert len(set(waits)) == len(waits), "jittered"
+
+
+def test_health_fails_after_the_bound_without_a_decision_and_recovers() -> None:
+    clock = _Clock()
+    client = _FailingClient(Forbidden(403, "Forbidden", "leases is forbidden"))
+    elector = _elector(client, clock)  # lease 15 s: unhealthy after 45 s
+    elector.try_acquire_or_renew()
+    clock.now = 45.0
+    assert elector.health_problem() is None
+    clock.now = 45.5
+    elector.try_acquire_or_renew()
+    problem = elector.health_problem()
+    assert problem is not None and "Forbidden" in problem and "46 s" in problem
+    client.error = None  # permission granted: the next round takes the free Lease
+    assert elector.try_acquire_or_renew() is True
+    assert elector.health_problem() is None and elector.consecutive_failures == 0
+    assert elector.next_wait_s() == 2.0
+
+
+def test_a_leader_that_fails_retries_at_its_retry_period_to_renew_in_time() -> None:
+    clock = _Clock()
+    client = _FailingClient(None)
+    elector = _elector(client, clock)
+    assert elector.try_acquire_or_renew() is True
+    client.error = Forbidden(403, "Forbidden", "revoked")
+    for _ in range(5):
+        assert elector.try_acquire_or_renew() is True  # until the renew deadline
+        assert elector.next_wait_s() <= elector.retry_period_s
+    clock.now = 10.0
+    assert elector.try_acquire_or_renew() is False

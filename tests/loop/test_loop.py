@@ -151,6 +151,51 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
     assert not loop.healthy(now_s=1000.0 + 10 * 30.0), "a stalled loop is unhealthy"
 
 
+class _StuckElection:
+    """A leader election whose health the test sets."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+
+    def is_leader(self) -> bool:
+        return False
+
+    def health_problem(self) -> str | None:
+        return self.problem
+
+    def error_counts(self) -> dict[str, int]:
+        return {"Forbidden": 3} if self.problem else {}
+
+    def decision_age_s(self) -> float:
+        return 50.0 if self.problem else 1.0
+
+
+def test_a_stuck_leader_election_fails_healthz_and_shows_in_metrics(state: DesiredState) -> None:
+    election = _StuckElection()
+    # Wired as ``run`` does: only the bound is_leader method is passed.
+    loop = make_loop(
+        state, {"prod-east": RecordingBackend("prod-east")}, is_leader=election.is_leader
+    )
+    assert loop.leader_election is election
+    server = serve_http(loop, "127.0.0.1", 0)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert urllib.request.urlopen(base + "/healthz").status == 200
+        election.problem = "no valid decision on Lease ns/x for 50 s (> 45 s): Forbidden: no"
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(base + "/healthz")
+        assert raised.value.code == 503
+        assert raised.value.read().decode() == election.problem + "\n"
+        text = urllib.request.urlopen(base + "/metrics").read().decode()
+        assert 'heteroscale_lease_errors_total{kind="Forbidden"} 3.0' in text
+        assert "heteroscale_lease_decision_age_seconds 50.0" in text
+        assert "heteroscale_lease_healthy 0.0" in text
+        election.problem = None
+        assert urllib.request.urlopen(base + "/healthz").status == 200
+    finally:
+        server.shutdown()
+
+
 def test_json_logs_carry_structured_fields() -> None:
     record = logging.LogRecord(
         "heteroscale.loop", logging.INFO, __file__, 1, "cluster %s ok", ("east",), None

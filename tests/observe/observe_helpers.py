@@ -80,7 +80,13 @@ REQUESTS_PER_CYCLE = len(METRIC_NAMES) + len(LENGTH_NAMES)
 
 
 def settings_for(url: str, **overrides: Any) -> PrometheusSettings:
-    values: dict[str, Any] = {"url": url, "rate_window_s": RATE_WINDOW_S, "timeout_s": 5.0}
+    """Settings of the test Prometheus: 1 s scrapes (and history), ``RATE_WINDOW_S``."""
+    values: dict[str, Any] = {
+        "url": url,
+        "rate_window_s": RATE_WINDOW_S,
+        "scrape_interval_s": 1.0,
+        "timeout_s": 5.0,
+    }
     values.update(overrides)
     return PrometheusSettings(**values)
 
@@ -285,6 +291,11 @@ MIX_BOUNDS = (100.0, 1000.0)
 MIX_PROMPT_PER_S = (2.0, 5.0, 8.0)  # per prefill instance (2 of them), +Inf last
 MIX_OUTPUT_PER_S = (1.0, 3.0, 4.0)  # per decode instance (3 of them), +Inf last
 MIX_STALE_LAST_S = 30.0  # bf-mix-stale's histograms end this long before the end
+# bf-gap and bf-newpod: history that resumes GAP_RESUMED_BEFORE_END_S before the end
+# after GAP_S seconds without samples (a Prometheus restart, a target back after a gap).
+GAP_RESUMED_BEFORE_END_S = 60.0
+GAP_S = 120.0
+GAP_DECODE_PER_S = 1300.0  # per decode instance (3 of them): the chat policy's target
 
 
 def _histogram(
@@ -358,6 +369,7 @@ def build_backfill(end_s: float) -> str:
     ):
         labels = {"service": "bf-mix-stale", "role": role, "instance": f"{role}-0"}
         _histogram(w, name, labels, MIX_PROMPT_PER_S, early)
+    _gap_history(w, end_s, times)
     kv_series = {
         "bf-stale": (0.7, end_s - 120),  # last sample 120 s before the end: older than 90 s
         "bf-fresh": (0.3, end_s - 30),
@@ -384,6 +396,47 @@ def build_backfill(end_s: float) -> str:
             [(t, 1.0) for t in times],
         )
     return w.text()
+
+
+def _gap_history(w: OpenMetricsWriter, end_s: float, times: list[float]) -> None:
+    """bf-gap: every series of the service has no sample for ``GAP_S`` seconds before
+    ``end_s - GAP_RESUMED_BEFORE_END_S`` (as after a Prometheus restart); the counters
+    carry on where they were (the engines kept running). bf-newpod: two decode pods
+    with the whole history and a third whose history starts at the resumption."""
+    resumed = end_s - GAP_RESUMED_BEFORE_END_S
+    start = times[0]
+    gapped = [t for t in times if t < resumed - GAP_S or t >= resumed]
+    for i in range(3):
+        labels = {"service": "bf-gap", "role": "decode", "instance": f"d{i}"}
+        w.add(
+            "vllm:generation_tokens_total",
+            labels,
+            [(t, GAP_DECODE_PER_S * (t - start)) for t in gapped],
+        )
+        _histogram(w, "vllm:request_generation_tokens", labels, MIX_OUTPUT_PER_S, gapped)
+    for i in range(2):
+        labels = {"service": "bf-gap", "role": "prefill", "instance": f"p{i}"}
+        for bound, per_s in zip([*map(repr, HIST_BOUNDS), "+Inf"], HIST_PER_S, strict=True):
+            w.add(
+                "vllm:time_to_first_token_seconds_bucket",
+                {**labels, "le": bound},
+                [(t, per_s * (t - start)) for t in gapped],
+            )
+        w.add(
+            "vllm:time_to_first_token_seconds_count",
+            labels,
+            [(t, HIST_PER_S[-1] * (t - start)) for t in gapped],
+        )
+        _histogram(w, "vllm:request_prompt_tokens", labels, MIX_PROMPT_PER_S, gapped)
+    late = [t for t in times if t >= resumed]
+    for i, samples in enumerate((times, times, late)):
+        labels = {"service": "bf-newpod", "role": "decode", "instance": f"d{i}"}
+        first = samples[0]
+        w.add(
+            "vllm:generation_tokens_total",
+            labels,
+            [(t, GAP_DECODE_PER_S * (t - first)) for t in samples],
+        )
 
 
 # ----------------------------------------------------------------------------- the stack

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 import requests
-from observe_helpers import EMPTY_VECTOR, FakePrometheus, Reply, make_policy, settings_for
+from observe_helpers import (
+    EMPTY_VECTOR,
+    RATE_WINDOW_S,
+    FakePrometheus,
+    Reply,
+    make_policy,
+    settings_for,
+)
 
 from reconciler.errors import MetricsUnavailable, TemporaryError
 from reconciler.observe.base import MetricsSource
@@ -219,11 +226,13 @@ def test_the_adapter_is_a_metrics_source() -> None:
 
 def _every_role_answers(value: float, at_s: float) -> str:
     """A merged single-part answer in which every (service a, role) has ``value``,
-    sampled at ``at_s``: whatever signal asked, it gets a usable number."""
+    sampled at ``at_s`` with a fully covered window: whatever signal asked, it gets a
+    usable number."""
+    full = str(RATE_WINDOW_S)  # samples of a covered window at the helpers' 1 s scrapes
     rows = [
         {"metric": {"heteroscale_part": tag, "service": "a", "role": role}, "value": [at_s, v]}
         for role in ("prefill", "decode")
-        for tag, v in (("0", str(value)), ("0t", str(at_s)))
+        for tag, v in (("0", str(value)), ("0t", str(at_s)), ("0c", full))
     ]
     return json.dumps({"status": "success", "data": {"resultType": "vector", "result": rows}})
 

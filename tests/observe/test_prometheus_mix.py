@@ -237,10 +237,19 @@ def test_a_nan_bucket_makes_only_that_histogram_missing(prometheus_stack: Promet
 
 def test_stale_histograms_are_missing(prometheus_stack: PrometheusStack) -> None:
     """bf-mix-stale's histograms end 30 s before the end. With a 60 s window rate() still
-    answers; the age of their newest sample against the policy's bound decides."""
+    answers; the age of their newest sample against the policy's bound decides first,
+    and within the bound the window, half without samples, is not covered."""
     end_s = prometheus_stack.backfill_end_s
-    policy = make_policy("bf-mix-stale")  # 90 s bound: still usable
-    metrics, _ = _fetch(prometheus_stack.url, [policy], end_s, rate_window_s=60.0)
+    policy = make_policy("bf-mix-stale")  # 90 s bound: young enough
+    metrics, reasons = _fetch(prometheus_stack.url, [policy], end_s, rate_window_s=60.0)
+    assert metrics["bf-mix-stale"].prompt_tokens is None
+    assert reasons[("bf-mix-stale", "prompt_tokens")] == [
+        "window not covered: 31 of 60 samples (at least 45 needed)"
+    ]
+    # Read as the same history 30 s earlier, with the window covered, it is usable.
+    metrics, _ = _fetch(
+        prometheus_stack.url, [policy], end_s - MIX_STALE_LAST_S, rate_window_s=60.0
+    )
     prompt = metrics["bf-mix-stale"].prompt_tokens
     assert prompt is not None and prompt.at_s == end_s - MIX_STALE_LAST_S
     strict = make_policy("bf-mix-stale", max_age_s=20.0)

@@ -1,0 +1,232 @@
+"""Fault: leader election that fails for a reason that is not temporary (the lease
+namespace missing, a 403 from RBAC) on a real API server. The election thread must
+stay alive, retry with backoff, count the errors in the loop's metrics, fail
+``/healthz`` within its bound (so Kubernetes restarts the stuck replica), and recover
+by itself once the namespace exists or the permission is granted.
+
+The loop is wired as ``heteroscale run`` wires it: ``is_leader=elector.is_leader``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from kubetestkit import ControlPlane, ensure_namespace, make_desired_state
+
+from reconciler.apply.kubeclient import KubeClient, leases_path
+from reconciler.apply.lease import LeaseElector, parse_lease
+from reconciler.loop import ReconcileLoop, serve_http
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
+from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
+
+pytestmark = [pytest.mark.kubernetes, pytest.mark.fault]
+
+UNHEALTHY_AFTER_S = 1.5
+MAX_BACKOFF_S = 0.4
+SLACK_S = 2.0  # one request to a loaded API server, and the poll interval
+
+
+def _elector(client: KubeClient, namespace: str, who: str) -> LeaseElector:
+    return LeaseElector(
+        client,
+        namespace,
+        "fault",
+        who,
+        lease_duration_s=2,
+        renew_deadline_s=1.0,
+        retry_period_s=0.1,
+        max_backoff_s=MAX_BACKOFF_S,
+        unhealthy_after_s=UNHEALTHY_AFTER_S,
+    )
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait_for_status(url: str, status: int, timeout_s: float) -> tuple[float, str]:
+    """Poll ``url`` until it answers ``status``; the seconds it took and the body."""
+    started = time.monotonic()
+    while True:
+        got, body = _get(url)
+        if got == status:
+            return time.monotonic() - started, body
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"{url} still {got} after {timeout_s} s: {body}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[list[tuple[LeaseElector, ThreadingHTTPServer]]]:
+    """Started electors and their loops' HTTP servers, stopped after the test."""
+    running: list[tuple[LeaseElector, ThreadingHTTPServer]] = []
+    yield running
+    for elector, server in running:
+        elector.stop(release=True)
+        server.shutdown()
+        server.server_close()
+
+
+def _serve(
+    elector: LeaseElector,
+    tmp_path: Path,
+    running: list[tuple[LeaseElector, ThreadingHTTPServer]],
+) -> tuple[ReconcileLoop, str]:
+    state = make_desired_state(tmp_path, "lease-fault")
+    backend = RecordingBackend("lease-fault")
+    loop = ReconcileLoop(
+        load_desired=lambda: state,
+        backend_for=lambda spec: backend,
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(),
+        placer=OneGroupPlacer(),
+        is_leader=elector.is_leader,
+    )
+    server = serve_http(loop, "127.0.0.1", 0)
+    running.append((elector, server))
+    host, port = server.server_address[:2]
+    return loop, f"http://{host!s}:{port}"
+
+
+def _assert_stuck_then_recovers(
+    elector: LeaseElector,
+    loop: ReconcileLoop,
+    url: str,
+    kind: str,
+    repair: Callable[[], None],
+) -> None:
+    """Start the election, see it fail for ``kind`` without dying, see /healthz fail in
+    time, ``repair()``, see it lead and /healthz pass again."""
+    assert _get(url + "/healthz")[0] == 200  # a fresh elector is within its bound
+    elector.start()
+    took_s, body = _wait_for_status(url + "/healthz", 503, UNHEALTHY_AFTER_S + SLACK_S + 5)
+    assert took_s <= UNHEALTHY_AFTER_S + SLACK_S, took_s
+    assert kind in body and "no valid decision on Lease" in body, body
+    failures_then = elector.error_counts()[kind]
+    time.sleep(3 * MAX_BACKOFF_S)
+    assert elector._thread is not None and elector._thread.is_alive()
+    retried = elector.error_counts()[kind] - failures_then
+    # Backed off to its cap by now: every wait lies in [cap / 2, cap] (jitter), so
+    # 1.2 s hold 3 to 7 rounds; a hot loop at the 0.1 s retry period would hold 12.
+    assert 1 <= retried <= 7, retried
+    assert not elector.is_leader()
+    status, metrics = _get(url + "/metrics")
+    assert status == 200
+    assert f'heteroscale_lease_errors_total{{kind="{kind}"}}' in metrics
+    assert "heteroscale_lease_healthy 0.0" in metrics
+    # The rest of the loop still runs (as a standby) while the election is stuck.
+    result = loop.run_cycle()
+    assert [c.outcome for c in result.clusters] == ["standby"]
+
+    repair()
+    took_s, body = _wait_for_status(url + "/healthz", 200, MAX_BACKOFF_S + SLACK_S + 5)
+    assert took_s <= MAX_BACKOFF_S + SLACK_S, took_s
+    assert body == "ok\n"
+    deadline = time.monotonic() + SLACK_S
+    while not elector.is_leader() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert elector.is_leader()
+    assert "heteroscale_lease_healthy 1.0" in _get(url + "/metrics")[1]
+
+
+def test_a_missing_lease_namespace_fails_healthz_in_time_and_recovers_once_created(
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    served: list[tuple[LeaseElector, ThreadingHTTPServer]],
+) -> None:
+    admin = control_plane.client()
+    namespace = f"lease-missing-{uuid.uuid4().hex[:8]}"
+    elector = _elector(control_plane.client(), namespace, "replica-a")
+    loop, url = _serve(elector, tmp_path, served)
+    _assert_stuck_then_recovers(
+        elector, loop, url, "NotFound", lambda: ensure_namespace(admin, namespace)
+    )
+    lease = parse_lease(admin.get(leases_path(namespace, "fault")))
+    assert lease.holder == "replica-a"
+
+
+def _restricted_client(admin: KubeClient, namespace: str) -> KubeClient:
+    """A ServiceAccount token that RBAC allows nothing on Leases (until granted)."""
+    ensure_namespace(admin, namespace)
+    admin.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "elector"}},
+    )
+    response = admin.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/elector/token",
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
+    )
+    return admin.with_token(
+        response["status"]["token"], name=f"system:serviceaccount:{namespace}:elector"
+    )
+
+
+def _grant_leases(admin: KubeClient, namespace: str) -> None:
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    admin.request(
+        "POST",
+        f"{rbac}/roles",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "leases", "namespace": namespace},
+            "rules": [
+                {
+                    "apiGroups": ["coordination.k8s.io"],
+                    "resources": ["leases"],
+                    "verbs": ["get", "create", "update"],
+                }
+            ],
+        },
+    )
+    admin.request(
+        "POST",
+        f"{rbac}/rolebindings",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "leases", "namespace": namespace},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "leases",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "elector", "namespace": namespace}],
+        },
+    )
+
+
+def test_a_forbidden_lease_fails_healthz_in_time_and_recovers_once_granted(
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    served: list[tuple[LeaseElector, ThreadingHTTPServer]],
+) -> None:
+    admin = control_plane.client()
+    namespace = f"lease-rbac-{uuid.uuid4().hex[:8]}"
+    restricted = _restricted_client(admin, namespace)
+    elector = _elector(restricted, namespace, "replica-b")
+    loop, url = _serve(elector, tmp_path, served)
+    _assert_stuck_then_recovers(
+        elector, loop, url, "Forbidden", lambda: _grant_leases(admin, namespace)
+    )
+    lease = parse_lease(admin.get(leases_path(namespace, "fault")))
+    assert lease.holder == "replica-b"
