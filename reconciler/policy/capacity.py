@@ -27,6 +27,7 @@ The pieces, and where every number comes from:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -377,26 +378,43 @@ class _PrefillQueue:
         self.weights = weights / mass if mass > 0 else weights
         self.transfer_s = lengths * transfer_s_per_token
         self.transfer_s_per_token = transfer_s_per_token
+        # What does not depend on the latency factor, computed once (the correction
+        # bisects over the factor): own latency alone, the first decode step, the work.
+        self._own_latency_s = perf.prefill_latency_s(lengths)
+        self._first_step_s = decode_first_step_s
+        self._capacity_work_per_s = perf.prefill_capacity_work_per_s
+        self.work_per_token = self.mean_service_s = self.service_scv = 0.0
+        self._mean_tokens = 0.0
+        if not self.empty:
+            work = perf.prefill_work(lengths)
+            mean_work = float(self.weights @ work)
+            self._mean_tokens = float(self.weights @ lengths)
+            self.work_per_token = mean_work / self._mean_tokens
+            # The service time's CV is that of the work (attention makes work grow
+            # faster than tokens).
+            self.service_scv = float(self.weights @ (work - mean_work) ** 2) / mean_work**2
+        self._set_factor(latency_factor)
+
+    def _set_factor(self, latency_factor: float) -> None:
         # Own latency (one prompt alone) and the first decode step do not depend on load.
-        self.fixed_s = perf.prefill_latency_s(lengths) * latency_factor + decode_first_step_s
+        self.fixed_s = self._own_latency_s * latency_factor + self._first_step_s
         if self.empty:
-            self.work_per_token = self.sustained_tps = self.mean_service_s = 0.0
-            self.service_scv = 0.0
+            self.sustained_tps = 0.0
             return
-        work = perf.prefill_work(lengths)
-        mean_work = float(self.weights @ work)
-        mean_tokens = float(self.weights @ lengths)
-        self.work_per_token = mean_work / mean_tokens
         # A busy instance batches prompts: it sustains its compute at the fitted
         # efficiency (perfmodel assumption 5), slower by the learnt factor ...
-        compute_tps = perf.prefill_capacity_work_per_s / latency_factor / self.work_per_token
+        compute_tps = self._capacity_work_per_s / latency_factor / self.work_per_token
         # ... and cannot ship KV cache faster than its link (assumption 6).
-        link_tps = 1.0 / transfer_s_per_token if transfer_s_per_token > 0 else math.inf
+        link_tps = 1.0 / self.transfer_s_per_token if self.transfer_s_per_token > 0 else math.inf
         self.sustained_tps = min(compute_tps, link_tps)
-        # The mean prompt's service time at the sustained rate; its CV is that of the
-        # work (attention makes work grow faster than tokens).
-        self.mean_service_s = mean_tokens / self.sustained_tps
-        self.service_scv = float(self.weights @ (work - mean_work) ** 2) / mean_work**2
+        # The mean prompt's service time at the sustained rate.
+        self.mean_service_s = self._mean_tokens / self.sustained_tps
+
+    def with_factor(self, latency_factor: float) -> _PrefillQueue:
+        """The same queue for an instance slower by ``latency_factor``."""
+        other = copy.copy(self)
+        other._set_factor(latency_factor)
+        return other
 
     def wait(self, rho: float) -> tuple[float, float]:
         """(mean wait, probability of waiting) at utilisation ``rho``."""
@@ -770,11 +788,11 @@ def implied_prefill_factor(
     if not (math.isfinite(prompt_tps_per_instance) and prompt_tps_per_instance >= 0):
         return None
 
+    base = _PrefillQueue(perf, mix, transfer_s_per_token, decode_first_step_s, 1.0, instances, None)
+
     def within(factor: float) -> bool:
         """Whether the model with ``factor`` predicts a TTFT quantile <= observed."""
-        queue = _PrefillQueue(
-            perf, mix, transfer_s_per_token, decode_first_step_s, factor, instances, None
-        )
+        queue = base.with_factor(factor)
         if queue.empty:
             return False
         rho = prompt_tps_per_instance / queue.sustained_tps
