@@ -13,7 +13,13 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   that reaches no valid decision for a bounded time (``LeaseElector.health_problem``)
   fails ``/healthz``, so Kubernetes restarts the stuck replica; its failed rounds are
   counted in ``heteroscale_lease_errors_total``.
-- Policy histories (stabilisation windows) live in memory between cycles.
+- Policy histories (stabilisation windows) live in memory between cycles and, with a
+  ``state_store`` (``reconciler.apply.statestore``), in the cluster: read before a
+  cluster's first cycle and again when this replica becomes the leader (merged with
+  what it planned as a standby), written by the leader after every acting cycle with
+  the last known good revision and the applied plan's identity. A stored object that
+  cannot be read is reported (log, ``heteroscale_errors_total{kind="StateUnreadable"}``,
+  ``state_problems``) and ignored: the windows start fresh.
 
 Its own Prometheus metrics (``LoopMetrics``) and a health endpoint are served by
 ``serve_http``; logs are structured (``configure_logging(json=True)`` for JSON).
@@ -46,6 +52,15 @@ from reconciler.apply.softscale import SloStatus, slo_status
 from reconciler.cycle import plan_cluster
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec
+from reconciler.durable import (
+    AppliedPlan,
+    DurableState,
+    StateFormatError,
+    StateTooLarge,
+    merge_history,
+    plan_identity,
+    revision_of,
+)
 from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
 from reconciler.observe.base import ClusterBackend, MetricsSource, Observation
 from reconciler.placement.base import PlacementOptions, Placer
@@ -173,6 +188,18 @@ class LoopMetrics:
         self.last_cycle = Gauge(
             "heteroscale_last_cycle_timestamp_seconds", "When the last full cycle ended", registry=r
         )
+        self.desired_from_store = Gauge(
+            "heteroscale_desired_state_from_store",
+            "1 while the desired state in force is the stored last known good revision "
+            "(the latest was invalid when this process started)",
+            registry=r,
+        )
+        self.state_writes = Counter(
+            "heteroscale_state_writes_total",
+            "Writes of the durable state object by outcome (written, skipped, failed)",
+            ["cluster", "outcome"],
+            registry=r,
+        )
 
 
 @runtime_checkable
@@ -221,6 +248,16 @@ class _LeaseCollector(Collector):
 
 class DesiredStateLoader(Protocol):
     def __call__(self) -> DesiredState: ...
+
+
+class StateStore(Protocol):
+    """Where the durable state lives (``reconciler.apply.statestore.ConfigMapStateStore``)."""
+
+    def load(self, cluster: str) -> DurableState | None: ...
+
+    def save(self, state: DurableState) -> bool: ...
+
+    def describe(self, cluster: str) -> str: ...
 
 
 @dataclass
@@ -286,6 +323,8 @@ class ReconcileLoop:
         only_clusters: tuple[str, ...] = (),
         prune_removed_services: bool = False,
         leader_election: LeaderElection | None = None,
+        state_store: StateStore | None = None,
+        identity: str = "",
     ):
         """``leader_election`` feeds ``/healthz`` and the lease metrics; when it is not
         given and ``is_leader`` is a bound method of an election (``run`` passes
@@ -315,6 +354,15 @@ class ReconcileLoop:
             owner = getattr(is_leader, "__self__", None)
             if isinstance(owner, LeaderElection):
                 leader_election = owner
+        self.state_store = state_store
+        self.identity = identity
+        # Per cluster: the state read from the store, whether this replica led in its
+        # last cycle there (a takeover re-reads), and why a stored object was ignored.
+        self.stored: dict[str, DurableState] = {}
+        self._leading: dict[str, bool] = {}
+        self.state_problems: dict[str, str] = {}
+        # The latest revision's error, while the last known good one is in force.
+        self.desired_error: str | None = None
         self.leader_election = leader_election
         if leader_election is not None:
             self.metrics.registry.register(_LeaseCollector(leader_election))
@@ -332,8 +380,11 @@ class ReconcileLoop:
                 message,
                 extra={"event": "desired_invalid", "problems": [str(i) for i in exc.issues]},
             )
+            self.desired_error = message
             return self.last_good, message
         self.metrics.desired_valid.set(1)
+        self.metrics.desired_from_store.set(0)
+        self.desired_error = None
         self.last_good = state
         return state, None
 
@@ -405,6 +456,7 @@ class ReconcileLoop:
             backend.state = state
         observation = backend.observe(spec, policies)
         outcome.observation = observation
+        self._restore(name, leader)
         now = self.clock()
         try:
             metrics: Mapping[str, ServiceMetrics] = self.metrics_for(spec).fetch(policies, now)
@@ -448,6 +500,7 @@ class ReconcileLoop:
             else:
                 outcome.lines = tuple(backend.apply(plan))
             outcome.applied = True
+            self._persist(state, name, plan, now)
         elif hasattr(backend, "diff_cluster"):
             outcome.diff = backend.diff_cluster(plan)
             outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
@@ -474,6 +527,83 @@ class ReconcileLoop:
                 "leader": leader,
             },
         )
+
+    # ------------------------------------------------------------ durable state
+
+    def _restore(self, cluster: str, leader: bool) -> None:
+        """Read the stored state before the first cycle and on becoming the leader.
+        API errors propagate (the cluster holds and retries with backoff: acting
+        without the windows could scale in too early)."""
+        acting = leader and not self.dry_run
+        first = cluster not in self._leading
+        takeover = acting and not self._leading.get(cluster, False)
+        if self.state_store is None or not (first or takeover):
+            self._leading[cluster] = acting
+            return
+        where = self.state_store.describe(cluster)
+        try:
+            stored = self.state_store.load(cluster)
+        except StateFormatError as exc:
+            problem = f"{where} ignored, starting fresh: {exc}"
+            self.state_problems[cluster] = problem
+            self.metrics.errors.labels(cluster, "StateUnreadable").inc()
+            log.error(problem, extra={"event": "state_unreadable", "cluster": cluster})
+            self._leading[cluster] = acting
+            return
+        self._leading[cluster] = acting  # only once read: a failed read is retried
+        if stored is None:
+            return
+        self.stored[cluster] = stored
+        local = self.histories.get(cluster, {})
+        self.histories[cluster] = {
+            svc: merge_history(h, local[svc]) if svc in local else h
+            for svc, h in stored.histories.items()
+        } | {svc: h for svc, h in local.items() if svc not in stored.histories}
+        log.info(
+            f"cluster {cluster}: resumed {len(stored.histories)} service histories from "
+            f"{where} (written by {stored.writer or 'unknown'}"
+            + (
+                f", revision {stored.revision.label or stored.revision.id}"
+                if stored.revision
+                else ""
+            )
+            + ")",
+            extra={"event": "state_restored", "cluster": cluster, "takeover": not first},
+        )
+
+    def _persist(self, state: DesiredState, cluster: str, plan: Plan, now: float) -> None:
+        """Write what a successor needs; a failure is reported, never fails the cycle
+        (the cluster already got its changes; the next cycle writes again)."""
+        if self.state_store is None:
+            return
+        revision = revision_of(state)
+        previous = self.stored.get(cluster)
+        last_plan = previous.last_plan if previous is not None else None
+        identity = plan_identity(plan)
+        if plan.has_changes or last_plan is None or last_plan.id != identity:
+            last_plan = AppliedPlan(identity, revision.id, now)
+        record = DurableState(
+            cluster=cluster,
+            saved_at_s=now,
+            writer=self.identity,
+            revision=revision,
+            histories=dict(self.histories.get(cluster, {})),
+            last_plan=last_plan,
+        )
+        try:
+            written = self.state_store.save(record)
+        except (HeteroscaleError, OSError, StateTooLarge) as exc:
+            self.metrics.state_writes.labels(cluster, "failed").inc()
+            log.error(
+                f"cluster {cluster}: state not saved to {self.state_store.describe(cluster)}: "
+                f"{type(exc).__name__}: {exc}",
+                extra={"event": "state_write_failed", "cluster": cluster},
+            )
+            return
+        self.metrics.state_writes.labels(cluster, "written" if written else "skipped").inc()
+        if written:
+            self.stored[cluster] = record
+            self.state_problems.pop(cluster, None)
 
     def _record_plan(self, cluster: str, plan: Plan, observation: Observation) -> None:
         for service, decision in plan.decisions.items():

@@ -58,6 +58,14 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.apply.render import ObjectKey, render_groups
 from reconciler.apply.report import ClusterDiff, DiffMode, ObjectDiff, PodAction, summarise_drift
+from reconciler.apply.savedplan import (
+    Observed,
+    ObservedDeployment,
+    WriteStep,
+    deployment_fingerprint,
+    node_fingerprint,
+    relabel_patch,
+)
 from reconciler.apply.softscale import SloStatus
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -139,6 +147,7 @@ class KubernetesBackend:
         self._watch: ClusterWatch | None = None
         self._watch_cluster = ""
         self._stats_lock = threading.Lock()
+        self._last_work: dict[str, WorkloadWork] = {}
 
     # ------------------------------------------------------------------- observe
 
@@ -252,7 +261,8 @@ class KubernetesBackend:
             drift=self._drift(objects),
             notes=tuple(notes) + self._manual_drain_notes(),
         )
-        return diff, {str(w.key): w for w in work}
+        self._last_work = {str(w.key): w for w in work}
+        return diff, self._last_work
 
     def diff(self, plan: Plan) -> list[str]:
         diff = self.diff_cluster(plan)
@@ -488,39 +498,93 @@ class KubernetesBackend:
         return result.lines() + summarise_drift(result.drift)
 
     def _carry_out(self, w: WorkloadWork, *, write_object: bool) -> None:
-        namespace = w.key.namespace
         now = self.clock()
+        for step in self._steps(w, write_object=write_object):
+            if step.op == "apply":
+                self._apply_manifest(w)
+            elif step.op in ("drain", "put_back"):
+                self._relabel(
+                    step.namespace,
+                    step.name,
+                    drain=step.op == "drain",
+                    now_s=now,
+                    source=step.source,
+                )
+            else:
+                path = (
+                    deployments_path(step.namespace, step.name)
+                    if step.op == "delete_deployment"
+                    else pods_path(step.namespace, step.name)
+                )
+                try:
+                    self.client.delete(path, propagation="Background")
+                    self.stats.writes += 1
+                except NotFound:
+                    pass
+
+    def _steps(self, w: WorkloadWork, *, write_object: bool) -> list[WriteStep]:
+        """The writes of one workload, in order (shared by apply and saved plans, so a
+        saved plan writes what apply would). Preconditions are the observed
+        resourceVersions; the live apply path re-reads on a 409, a saved plan refuses."""
+        namespace = w.key.namespace
+        pod_rv = (
+            {p.key.name: p.resource_version for p in self._snapshot.pods} if self._snapshot else {}
+        )
+
+        def pods(op: Literal["drain", "put_back"], names_: Sequence[str]) -> list[WriteStep]:
+            source = w.key.name if op == "drain" else ""
+            return [WriteStep(op, namespace, n, pod_rv.get(n), source=source) for n in names_]
+
+        steps: list[WriteStep] = []
         if w.action in ("create", "update"):
             assert w.manifest is not None
+            rv = w.live.resource_version if w.live is not None else None
+            write = (
+                [WriteStep("apply", namespace, w.key.name, rv, w.manifest)] if write_object else []
+            )
             if w.scale.put_back or w.scale.replicas >= w.replicas_before:
                 # Capacity first: replicas up, then the drained Pods back in.
-                if write_object:
-                    self._apply_manifest(w)
-                for pod in w.scale.put_back:
-                    self._relabel(namespace, pod, drain=False, now_s=now, source=w.key.name)
+                steps += write + pods("put_back", w.scale.put_back)
             else:
                 # Out of service discovery first, then fewer replicas.
-                for pod in w.scale.drain:
-                    self._relabel(namespace, pod, drain=True, now_s=now, source=w.key.name)
-                if write_object:
-                    self._apply_manifest(w)
+                steps += pods("drain", w.scale.drain) + write
         elif w.action == "delete":
-            for pod in w.scale.drain:
-                self._relabel(namespace, pod, drain=True, now_s=now, source=w.key.name)
             assert w.live is not None
-            try:
-                self.client.delete(
-                    deployments_path(namespace, w.key.name), propagation="Background"
+            steps += pods("drain", w.scale.drain)
+            steps.append(
+                WriteStep("delete_deployment", namespace, w.key.name, w.live.resource_version)
+            )
+        steps += [WriteStep("delete_pod", namespace, p, pod_rv.get(p)) for p in w.scale.finish]
+        return steps
+
+    # -------------------------------------------------------------- saved plans
+
+    def observed(self) -> Observed:
+        """What the last observation read, as a saved plan records it."""
+        assert self._snapshot is not None
+        return Observed(
+            deployments={
+                str(k): ObservedDeployment(
+                    d.resource_version,
+                    int(d.raw.get("metadata", {}).get("generation", 0)),
+                    deployment_fingerprint(d.raw),
                 )
-                self.stats.writes += 1
-            except NotFound:
-                pass
-        for pod in w.scale.finish:
-            try:
-                self.client.delete(pods_path(namespace, pod), propagation="Background")
-                self.stats.writes += 1
-            except NotFound:
-                pass
+                for k, d in self._snapshot.deployments.items()
+            },
+            pods={str(p.key): p.resource_version for p in self._snapshot.pods},
+            nodes={n.name: node_fingerprint(n.labels, n.gpus) for n in self._snapshot.nodes},
+        )
+
+    def saved_writes(self, diff: ClusterDiff) -> tuple[WriteStep, ...]:
+        """The writes ``apply_cluster`` would make for the dry run ``diff`` (the last
+        one this backend computed), in order: what a saved plan carries out."""
+        steps: list[WriteStep] = []
+        for obj in diff.objects:
+            if obj.action in ("conflict", "error", "keep") or not obj.changes_something:
+                continue
+            w = self._last_work[obj.key]
+            steps += self._steps(w, write_object=bool(obj.fields) or obj.action == "create")
+        return tuple(steps)
 
     def _apply_manifest(self, w: WorkloadWork) -> None:
         manifest = w.manifest
@@ -543,29 +607,7 @@ class KubernetesBackend:
 
     def _relabel(self, namespace: str, pod: str, *, drain: bool, now_s: float, source: str) -> None:
         """Flip a Pod out of (or back into) service discovery and its ReplicaSet."""
-        if drain:
-            patch: dict[str, Any] = {
-                "metadata": {
-                    "labels": {names.SERVING_LABEL: names.DRAINING},
-                    "annotations": {
-                        names.DRAINED_AT_ANNOTATION: f"{now_s:.3f}",
-                        names.DRAINED_FROM_ANNOTATION: source,
-                    },
-                    # Leave the ReplicaSet now, so deleting the Deployment cannot
-                    # garbage-collect a Pod that is still draining.
-                    "ownerReferences": None,
-                }
-            }
-        else:
-            patch = {
-                "metadata": {
-                    "labels": {names.SERVING_LABEL: names.SERVING},
-                    "annotations": {
-                        names.DRAINED_AT_ANNOTATION: None,
-                        names.DRAINED_FROM_ANNOTATION: None,
-                    },
-                }
-            }
+        patch = relabel_patch(drain=drain, now_s=now_s, source=source)
         try:
             self.client.merge_patch(
                 pods_path(namespace, pod), patch, field_manager=names.FIELD_MANAGER

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -402,15 +402,29 @@ def _render(result: Any, fmt: str, title: str) -> str:
     return cyclereport.format_text(result, title=title)
 
 
-def _one_cycle(settings: Settings, *, dry_run: bool, fmt: str, verb: str) -> int:
+def _one_cycle(
+    settings: Settings, *, dry_run: bool, fmt: str, verb: str, out: Path | None = None
+) -> int:
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     from reconciler.cli import console, err_console, report_config_error
 
+    named_rev = settings.rev
     try:
+        if out is not None and settings.rev:
+            # Pin the commit first: a branch that moves during the cycle must not make
+            # the plan record a revision other than the one it was computed from.
+            settings = replace(settings, rev=_resolve_commit(settings.repo, settings.rev))
         loop, wiring = build_loop(settings, dry_run=dry_run)
     except ConfigError as exc:
         report_config_error(exc)
+        return 1
+    if out is not None and wiring.simulated:
+        err_console.print(
+            "plan --out needs a Kubernetes cluster: the simulated fleet has no "
+            "resourceVersions to pin a plan to",
+            markup=False,
+        )
         return 1
     result = loop.run_cycle()
     title = f"heteroscale {verb}: {result.source_label} -> {wiring.describe}"
@@ -422,10 +436,177 @@ def _one_cycle(settings: Settings, *, dry_run: bool, fmt: str, verb: str) -> int
     if result.has_errors or (result.desired_error and not result.clusters):
         if fmt != "text":
             err_console.print("one or more clusters failed; see the report")
+        if out is not None:
+            err_console.print(f"no plan written to {out}: a cluster failed", markup=False)
         return 1
+    if out is not None:
+        from reconciler.apply.savedplan import write_plan
+
+        write_plan(_saved_plan(loop, result, settings, named_rev), out)
+        err_console.print(
+            f"wrote plan {out}: `heteroscale apply {out}` applies exactly it", markup=False
+        )
     if dry_run:
         return 3 if result.has_changes else 0
     return 0
+
+
+# ------------------------------------------------------------------ saved plans
+
+
+def _resolve_commit(repo: Path, rev: str) -> str:
+    from reconciler.desired.sources import GitSource, SourceError
+    from reconciler.errors import ConfigIssue
+
+    try:
+        return GitSource(repo, rev).commit
+    except SourceError as exc:
+        raise ConfigError([ConfigIssue(exc.path, None, None, "", exc.message)]) from None
+
+
+def _saved_plan(loop: Any, result: Any, settings: Settings, named_rev: str | None) -> Any:
+    """The saved plan of the cycle ``loop`` just ran (dry run, Kubernetes backends)."""
+    from reconciler.apply.cyclereport import to_json
+    from reconciler.apply.savedplan import (
+        PlanSource,
+        SavedCluster,
+        SavedPlan,
+        desired_content_hash,
+    )
+
+    state = loop.last_good
+    content = desired_content_hash(state)
+    source = (
+        PlanSource("git", content, rev=named_rev, commit=settings.rev)
+        if settings.rev
+        else PlanSource("directory", content)
+    )
+    report = {c["cluster"]: c for c in to_json(result)["clusters"]}
+    clusters = []
+    for outcome in result.clusters:
+        backend = loop.backends[outcome.cluster]
+        entry = report[outcome.cluster]
+        clusters.append(
+            SavedCluster(
+                cluster=outcome.cluster,
+                observed=backend.observed(),
+                writes=backend.saved_writes(outcome.diff),
+                decisions=entry.get("decisions", {}),
+                group_changes=tuple(entry.get("group_changes", ())),
+                report=outcome.diff.to_json(),
+            )
+        )
+    return SavedPlan(
+        source=source,
+        clusters=tuple(clusters),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+def _apply_saved(plan_file: Path, settings: Settings, fmt: str) -> int:
+    """`apply PLAN.json`: exactly the saved writes, or nothing when what the plan was
+    computed from moved (desired-state revision, resourceVersions)."""
+    import json
+
+    from reconciler.apply import names
+    from reconciler.apply.savedplan import (
+        PlanFileError,
+        desired_content_hash,
+        execute,
+        moved_objects,
+        read_plan,
+    )
+    from reconciler.cli import err_console, report_config_error
+
+    if fmt not in ("text", "json"):
+        raise typer.BadParameter("apply PLAN: --format must be text or json")
+
+    def finish(moved: list[str], done: dict[str, list[str]], refused: str | None) -> int:
+        ok = not moved and refused is None
+        if fmt == "json":
+            print(
+                json.dumps(
+                    {
+                        "plan": str(plan_file),
+                        "applied": ok,
+                        "stale": moved,
+                        "refused": refused,
+                        "done": done,
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            for cluster, steps in done.items():
+                print(f"cluster {cluster}: {len(steps)} write(s)")
+                print("".join(f"  {step}\n" for step in steps), end="")
+        if moved:
+            err_console.print(
+                f"refused: {plan_file} is stale, nothing applied; run `heteroscale plan --out` again:\n"
+                + "".join(f"  {m}\n" for m in moved),
+                markup=False,
+                soft_wrap=True,
+                end="",
+            )
+        if refused is not None:
+            err_console.print(
+                f"refused: {refused}; the writes listed before it were made, nothing after it",
+                markup=False,
+                soft_wrap=True,
+            )
+        return 0 if ok else 1
+
+    try:
+        saved = read_plan(plan_file)
+    except PlanFileError as exc:
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 1
+    rev = settings.rev or (saved.source.rev if saved.source.kind == "git" else None)
+    try:
+        commit = _resolve_commit(settings.repo, rev) if rev else None
+        state = load_desired_state(settings.repo, rev=commit)
+    except ConfigError as exc:
+        report_config_error(exc)
+        return 1
+    moved: list[str] = []
+    if saved.source.kind == "git" and commit != saved.source.commit:
+        moved.append(
+            f"desired state: {saved.source.describe()} in the plan, {rev} is now "
+            f"{(commit or 'a directory')[:12]}"
+        )
+    elif desired_content_hash(state) != saved.source.content_hash:
+        moved.append(f"desired state: content differs from the plan's {saved.source.describe()}")
+    wiring = wire(replace(settings, simulate=False), state)
+    if wiring.simulated:
+        err_console.print(
+            f"error: {plan_file}: applying a saved plan needs a kubeconfig", markup=False
+        )
+        return 1
+    backends = {}
+    for cluster in saved.clusters:
+        spec = state.clusters.get(cluster.cluster)
+        if spec is None:
+            moved.append(f"cluster {cluster.cluster}: not in the desired state")
+            continue
+        backend = backends[cluster.cluster] = wiring.backend_for(spec)
+        backend.observe(spec, state.policies_for(spec.name))
+        moved += [
+            f"cluster {spec.name}: {m}" for m in moved_objects(cluster.observed, backend.observed())
+        ]
+    if moved:
+        return finish(moved, {}, None)
+    done: dict[str, list[str]] = {}
+    for cluster in saved.clusters:
+        outcome = execute(
+            backends[cluster.cluster].client,
+            cluster,
+            field_manager=names.FIELD_MANAGER,
+            now_s=time.time(),
+        )
+        done[cluster.cluster] = outcome.done
+        if outcome.refused is not None:
+            return finish([], done, f"cluster {cluster.cluster}: {outcome.refused}")
+    return finish([], done, None)
 
 
 # ------------------------------------------------------------------ commands
@@ -456,6 +637,12 @@ def register(app: typer.Typer) -> None:
         what_if: WhatIfOpt = True,
         plot: PlotOpt = None,
         timeout: TimeoutOpt = 600.0,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out", help="also write the exact plan to this file, for `apply PLAN` (JSON)"
+            ),
+        ] = None,
     ) -> None:
         """One dry-run cycle: decide, place and diff every cluster, and print exactly what
         `apply` would do. Exit 0: no change, 3: changes, 1: error.
@@ -495,10 +682,17 @@ def register(app: typer.Typer) -> None:
             seed,
             prune_removed_services,
         )
-        raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, verb="plan"))
+        raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, verb="plan", out=out))
 
     @app.command()
     def apply(
+        plan_file: Annotated[
+            Path | None,
+            typer.Argument(
+                metavar="[PLAN]",
+                help="a plan written by `plan --out`: apply exactly it, or nothing if stale",
+            ),
+        ] = None,
         repo: RepoOpt = Path("."),
         rev: RevOpt = None,
         kubeconfig: KubeOpt = None,
@@ -515,7 +709,11 @@ def register(app: typer.Typer) -> None:
         format: FormatOpt = "text",
     ) -> None:
         """One applied cycle: what `plan` prints, carried out (capacity first, soft
-        scale-in). Exit 0: done, 1: error."""
+        scale-in). Exit 0: done, 1: error.
+
+        With PLAN: exactly the writes of that saved plan, no new decision or placement;
+        refused (exit 1, naming what moved) when the desired-state revision or any
+        object it was computed from changed since."""
         settings = _settings(
             repo,
             rev,
@@ -531,6 +729,8 @@ def register(app: typer.Typer) -> None:
             seed,
             prune_removed_services,
         )
+        if plan_file is not None:
+            raise typer.Exit(_apply_saved(plan_file, settings, format))
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply"))
 
     @app.command()
@@ -614,10 +814,13 @@ def register(app: typer.Typer) -> None:
             prune_removed_services,
         )
         elector = None
+        store = None
         real = not settings.simulate and kubeconfig_available(settings.kubeconfig)
-        if leader_elect and real:
+        who = identity or f"{socket.gethostname()}-{os.getpid()}"
+        if real:
             from reconciler.apply.kubeclient import KubeClient
             from reconciler.apply.lease import LeaseElector
+            from reconciler.apply.statestore import ConfigMapStateStore
 
             if (
                 settings.kubeconfig is None
@@ -627,8 +830,11 @@ def register(app: typer.Typer) -> None:
                 lease_client = KubeClient.in_cluster(name="lease")
             else:
                 lease_client = KubeClient.from_kubeconfig(settings.kubeconfig, lease_context)
-            who = identity or f"{socket.gethostname()}-{os.getpid()}"
+            # The durable state lives next to the Lease (README, "Kubernetes").
+            store = ConfigMapStateStore(lease_client, lease_namespace, who)
+        if leader_elect and real:
             elector = LeaseElector(lease_client, lease_namespace, lease_name, who)
+            store.is_leader = elector.is_leader  # type: ignore[union-attr]
             elector.start()
             log.info(
                 f"leader election on Lease {lease_namespace}/{lease_name} as {who}",
@@ -643,10 +849,41 @@ def register(app: typer.Typer) -> None:
                 watch=True,
             )
         except ConfigError as exc:
+            from reconciler.apply.statestore import resume_desired_state
             from reconciler.cli import report_config_error
 
             report_config_error(exc)
-            raise typer.Exit(1) from None
+            resumed, why = (
+                resume_desired_state(store, settings.repo, settings.rev, settings.clusters)
+                if store is not None
+                else (None, "no state store (simulated fleet)")
+            )
+            if resumed is None:
+                log.error(f"cannot start: {why}", extra={"event": "desired_invalid_at_start"})
+                if elector is not None:
+                    elector.stop(release=True)
+                reset_logging(handler)
+                raise typer.Exit(1) from None
+            # Start on the stored last known good revision; every cycle still loads
+            # the requested one and reports it while it stays invalid.
+            loop, wiring = build_loop(
+                replace(settings, rev=resumed.revision.id),
+                dry_run=dry_run,
+                interval_s=interval,
+                is_leader=elector.is_leader if elector else None,
+                watch=True,
+            )
+            loop.load_desired = lambda: load_desired_state(settings.repo, rev=settings.rev)
+            loop.last_good = resumed.state
+            loop.desired_error = (
+                "desired state invalid at start; reconciling to the stored last known good "
+                f"revision {resumed.revision.label or resumed.revision.id}: {exc}"
+            )
+            loop.metrics.desired_valid.set(0)
+            loop.metrics.desired_from_store.set(1)
+            log.error(loop.desired_error, extra={"event": "desired_from_store"})
+        if store is not None:
+            loop.state_store, loop.identity = store, who
         server = None
         host, _, port_text = listen.rpartition(":")
         if port_text and int(port_text) > 0:

@@ -105,6 +105,8 @@ class DesiredState:
     cluster_files: Mapping[str, str] = field(default_factory=dict)
     templates: Mapping[str, Any] = field(default_factory=dict)
     source_label: str = ""
+    # The Git commit it was read from ("" in directory mode).
+    revision: str = ""
 
     def policies_for(self, cluster: str) -> list[ServicePolicy]:
         return [p for p in self.policies.values() if p.cluster == cluster]
@@ -606,6 +608,7 @@ def load_from_source(source: Source) -> DesiredState:
         cluster_files=cluster_files,
         templates=templates,
         source_label=source.label,
+        revision=getattr(source, "commit", ""),
     )
 
 

@@ -49,7 +49,7 @@ Per-request latencies are then exact functions of that per-second state:
 
 Signals (``window_metrics``, units as in ``reconciler.state.ServiceMetrics``) are read
 as Prometheus returns them (``SimConfig.prometheus_like``, on by default): from the last
-scrape (every ``scrape_interval_s``, 15 s, from second 0) at or before the read, over the
+scrape (every ``scrape_interval_s``, 15 s, from ``scrape_offset_s``, 7 s) at or before the read, over the
 ``metrics_window_s`` (60 s) before that scrape, using only what was known at it:
 
 - prefill and decode tokens/s (and requests/s): the window's total over 60 s, as
@@ -157,6 +157,10 @@ class SimConfig:
     # latency quantiles from vLLM's histogram buckets. False: exact at the moment read.
     prometheus_like: bool = True
     scrape_interval_s: float = 15.0
+    # Scrapes fall this far after each multiple of the interval: a reconcile loop is not
+    # in phase with Prometheus, so a decision (every 30 s, from 0) reads a scrape 8 s
+    # old, about half an interval, as at a random phase.
+    scrape_offset_s: float = 7.0
 
 
 # --------------------------------------------------------------------------- load
@@ -1138,12 +1142,15 @@ class ServiceSim:
 
     def scrape_s(self) -> int:
         """The second the metrics read now come from: the last scrape at or before now
-        (scrapes every ``scrape_interval_s`` from second 0, rounded down to whole
+        (scrapes every ``scrape_interval_s`` from ``scrape_offset_s``, in whole
         seconds), or now itself when ``prometheus_like`` is off."""
         if not self.config.prometheus_like:
             return self.t
         interval = self.config.scrape_interval_s
-        return min(self.t, int(math.floor(self.t / interval) * interval))
+        offset = self.config.scrape_offset_s % interval
+        if self.t < offset:
+            return 0  # before the first scrape: the state at the start
+        return min(self.t, int(math.floor((self.t - offset) / interval) * interval + offset))
 
     def _window(self, window_s: float, at_s: int | None) -> tuple[int, int]:
         """Seconds ``[start, end)`` of the window ending at ``at_s`` (default now)."""

@@ -144,3 +144,28 @@ def test_it_is_refused_on_secrets_and_on_deployments_elsewhere(
             },
         )
     assert admin.get(deployments_path("not-managed", "bystander"))["spec"]["replicas"] == 1
+
+
+def test_it_may_keep_its_state_configmap_and_no_other(
+    control_plane: ControlPlane, reconciler_token: KubeClient
+) -> None:
+    from reconciler.apply.kubeclient import Forbidden
+    from reconciler.apply.statestore import ConfigMapStateStore, configmaps_path
+    from reconciler.durable import DurableState
+
+    ns = "heteroscale-system"
+    store = ConfigMapStateStore(reconciler_token, ns, "probe")
+    assert store.save(DurableState("prod-east", 1.0, "probe"))  # create
+    assert store.save(DurableState("prod-east", 2.0, "probe"))  # update
+    assert store.load("prod-east") is not None  # get
+    control_plane.client().request(
+        "POST", configmaps_path(ns), body={"metadata": {"name": "other-config"}, "data": {}}
+    )
+    with pytest.raises(Forbidden):
+        reconciler_token.get(configmaps_path(ns, "other-config"))
+    with pytest.raises(Forbidden):
+        reconciler_token.get(configmaps_path(ns))  # no list
+    with pytest.raises(Forbidden):
+        reconciler_token.delete(configmaps_path(ns, "heteroscale-state-prod-east"))
+    with pytest.raises(Forbidden):
+        reconciler_token.get(configmaps_path("chat", "heteroscale-state-prod-east"))

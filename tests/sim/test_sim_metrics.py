@@ -85,7 +85,10 @@ def test_the_simulated_engine_ships_the_exporters_vllm_buckets() -> None:
 
 
 def _fleet(state: DesiredState, config: SimConfig | None = None) -> SimulatedFleet:
-    """svc-b at a steady 10 requests/s on 6 prefill and 10 decode instances."""
+    """svc-b at a steady 10 requests/s on 6 prefill and 10 decode instances, scraped
+    every 15 s from second 0 (round times in these tests; the default phase is
+    checked on its own below)."""
+    config = config or SimConfig(scrape_offset_s=0.0)
     profile = synthetic_profile("b", hours=1.0, peak_rps=10, seed=0, trough_ratio=1.0, bursts=())
     policy = state.policies[SERVICE]
     fleet = SimulatedFleet(state.clusters, {SERVICE: policy}, {SERVICE: profile}, config)
@@ -148,7 +151,8 @@ def test_scrape_times_are_on_the_callers_clock(state: DesiredState) -> None:
     fleet.fetch([policy], 1_800_000_000.0)  # anchors simulation second 0 here
     metrics = fleet.fetch([policy], 1_800_000_100.5)[SERVICE]
     assert fleet.now_s == 100.0
-    assert metrics.prefill_tps is not None and metrics.prefill_tps.at_s == 1_800_000_090.0
+    # The last scrape: 7 s past a multiple of 15 s of simulation time (97), shifted.
+    assert metrics.prefill_tps is not None and metrics.prefill_tps.at_s == 1_800_000_097.0
 
 
 def test_a_rate_at_the_scrape_covers_exactly_the_minute_before_it(state: DesiredState) -> None:
@@ -279,3 +283,16 @@ def test_the_exact_mode_reads_everything_at_the_moment_asked(state: DesiredState
     )
     assert metrics.decode_kv_usage is not None
     assert metrics.decode_kv_usage.value == pytest.approx(kv / capacity)
+
+
+def test_by_default_a_decision_reads_a_scrape_about_half_an_interval_old(
+    state: DesiredState,
+) -> None:
+    """The reconcile loop is not in phase with Prometheus: scrapes fall 7 s past each
+    multiple of 15 s, so a decision at 240 s reads the scrape of 232 s."""
+    fleet = _fleet(state, SimConfig())
+    metrics = fleet.fetch([state.policies[SERVICE]], 240.0)[SERVICE]
+    assert metrics.decode_tps is not None and metrics.decode_tps.at_s == 232.0
+    later = fleet.fetch([state.policies[SERVICE]], 246.0)[SERVICE]
+    assert later.decode_tps == metrics.decode_tps  # no scrape in between
+    assert fleet.fetch([state.policies[SERVICE]], 247.0)[SERVICE].decode_tps.at_s == 247.0  # type: ignore[union-attr]

@@ -1,0 +1,534 @@
+"""Saved plans: ``plan --out PLAN.json`` records the exact writes of one dry-run cycle
+and what they were computed from; ``apply PLAN.json`` carries out exactly those
+writes, or nothing when the live state moved since.
+
+The file (``SCHEMA_VERSION`` 1)::
+
+    {"format": "heteroscale-plan", "schema_version": 1, "created_at": ...,
+     "source": {"kind": "git"|"directory", "rev": ..., "commit": ..., "content_hash": ...},
+     "clusters": [{"cluster", "decisions", "group_changes", "report",
+                   "observed": {"deployments": {"ns/name": {"resource_version",
+                                                            "generation", "fingerprint"}},
+                                "pods": {"ns/name": "resourceVersion"},
+                                "nodes": {"name": "fingerprint"}},
+                   "writes": [WriteStep, ...]}],
+     "digest": "sha256 of everything above"}
+
+Staleness is judged by resourceVersion for every Deployment and Pod the plan read or
+writes. Nodes are the exception: a Node's resourceVersion moves with every kubelet
+status heartbeat, which would make every plan stale within minutes, so a Node is
+recorded by a fingerprint of exactly what the placement reads from it (its labels
+and GPU capacity).
+
+The digest makes any hand edit a refused file (the plan a reviewer approved is the
+one applied); it is a checksum, not a signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reconciler.apply import names
+from reconciler.apply.kubeclient import (
+    FieldOwnershipConflict,
+    KubeClient,
+    NotFound,
+    ResourceConflict,
+    deployments_path,
+    pods_path,
+)
+from reconciler.errors import PermanentError
+
+FORMAT = "heteroscale-plan"
+SCHEMA_VERSION = 1
+MAX_PLAN_BYTES = 64 * 1024 * 1024
+
+WriteOp = Literal["apply", "drain", "put_back", "delete_deployment", "delete_pod"]
+_OPS = ("apply", "drain", "put_back", "delete_deployment", "delete_pod")
+
+
+class PlanFileError(PermanentError):
+    """A plan file that cannot be read, is not a plan, or was edited."""
+
+    def __init__(self, path: str | Path, message: str):
+        self.path = str(path)
+        super().__init__(f"plan file {path}: {message}")
+
+
+class StalePlan(PermanentError):
+    """The live state or the desired state moved since the plan was computed."""
+
+    def __init__(self, moved: list[str]):
+        self.moved = moved
+        super().__init__("the plan is stale: " + "; ".join(moved))
+
+
+@dataclass(frozen=True)
+class WriteStep:
+    """One write to the API server, in the order apply makes them.
+
+    ``resource_version`` is the precondition (the object as observed); None only for
+    an ``apply`` that creates the object, which must then not exist."""
+
+    op: WriteOp
+    namespace: str
+    name: str
+    resource_version: str | None = None
+    manifest: dict[str, Any] | None = None  # apply only
+    source: str = ""  # drain only: the Deployment the Pod leaves
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        what = "Pod" if self.op in ("drain", "put_back", "delete_pod") else "Deployment"
+        verb = {
+            "apply": "create" if self.resource_version is None else "apply",
+            "drain": "drain",
+            "put_back": "put back",
+            "delete_deployment": "delete",
+            "delete_pod": "delete",
+        }[self.op]
+        return f"{verb} {what} {self.key}"
+
+
+@dataclass(frozen=True)
+class ObservedDeployment:
+    resource_version: str
+    generation: int
+    fingerprint: str  # labels, annotations and spec: what someone else could edit
+
+
+@dataclass(frozen=True)
+class Observed:
+    deployments: Mapping[str, ObservedDeployment] = field(default_factory=dict)
+    pods: Mapping[str, str] = field(default_factory=dict)
+    nodes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SavedCluster:
+    cluster: str
+    observed: Observed
+    writes: tuple[WriteStep, ...]
+    decisions: Mapping[str, Any] = field(default_factory=dict)  # for the reader
+    group_changes: tuple[Mapping[str, Any], ...] = ()
+    report: Mapping[str, Any] = field(default_factory=dict)  # the dry-run diff
+
+
+@dataclass(frozen=True)
+class PlanSource:
+    """Which desired state the plan was computed from."""
+
+    kind: Literal["git", "directory"]
+    content_hash: str
+    rev: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "git":
+            return f"revision {self.rev} ({(self.commit or '')[:12]})"
+        return f"directory content {self.content_hash[:16]}"
+
+
+@dataclass(frozen=True)
+class SavedPlan:
+    source: PlanSource
+    clusters: tuple[SavedCluster, ...]
+    created_at: str = ""
+
+    @property
+    def writes(self) -> int:
+        return sum(len(c.writes) for c in self.clusters)
+
+
+# ------------------------------------------------------------------ fingerprints
+
+
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def deployment_fingerprint(obj: Mapping[str, Any]) -> str:
+    """What a person or another tool can change on a Deployment: status moves with
+    the controllers (and with our own drains) and is left out."""
+    meta = obj.get("metadata") or {}
+    return _hash(
+        {
+            "labels": meta.get("labels") or {},
+            "annotations": meta.get("annotations") or {},
+            "spec": obj.get("spec") or {},
+        }
+    )[:32]
+
+
+def node_fingerprint(labels: Mapping[str, str], gpus: int) -> str:
+    return _hash({"labels": dict(labels), "gpus": gpus})[:32]
+
+
+def desired_content_hash(state: Any) -> str:
+    """Hash of everything the cycle reads from the desired state (policies, clusters,
+    pod templates), the same for a directory and the Git revision holding it."""
+    return _hash(
+        {
+            "policies": {n: p.model_dump(mode="json") for n, p in state.policies.items()},
+            "clusters": {n: c.model_dump(mode="json") for n, c in state.clusters.items()},
+            "templates": dict(state.templates),
+        }
+    )
+
+
+# ---------------------------------------------------------------- (de)serialising
+
+
+def to_json(plan: SavedPlan) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created_at": plan.created_at,
+        "source": {k: v for k, v in asdict(plan.source).items() if v is not None},
+        "clusters": [
+            {
+                "cluster": c.cluster,
+                "decisions": dict(c.decisions),
+                "group_changes": [dict(g) for g in c.group_changes],
+                "report": dict(c.report),
+                "observed": {
+                    "deployments": {
+                        k: asdict(v) for k, v in sorted(c.observed.deployments.items())
+                    },
+                    "pods": dict(sorted(c.observed.pods.items())),
+                    "nodes": dict(sorted(c.observed.nodes.items())),
+                },
+                "writes": [
+                    {k: v for k, v in asdict(w).items() if v not in (None, "")} for w in c.writes
+                ],
+            }
+            for c in plan.clusters
+        ],
+    }
+    body["digest"] = "sha256:" + _hash(body)
+    return body
+
+
+def write_plan(plan: SavedPlan, path: Path) -> None:
+    text = json.dumps(to_json(plan), indent=2, sort_keys=True, default=str) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # never a half-written plan under the final name
+
+
+def _want(cond: bool, path: Path, message: str) -> None:
+    if not cond:
+        raise PlanFileError(path, message)
+
+
+def _str_map(value: Any, path: Path, where: str) -> dict[str, str]:
+    _want(isinstance(value, dict), path, f"{where} must be an object")
+    _want(
+        all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
+        path,
+        f"{where} must map names to strings",
+    )
+    return dict(value)
+
+
+def _step(raw: Any, path: Path, where: str) -> WriteStep:
+    _want(isinstance(raw, dict), path, f"{where} must be an object")
+    op = raw.get("op")
+    _want(op in _OPS, path, f"{where}.op must be one of {', '.join(_OPS)}")
+    for key in ("namespace", "name"):
+        _want(isinstance(raw.get(key), str) and raw[key], path, f"{where}.{key} missing")
+    rv = raw.get("resource_version")
+    _want(rv is None or isinstance(rv, str), path, f"{where}.resource_version must be a string")
+    manifest = raw.get("manifest")
+    if op == "apply":
+        _want(isinstance(manifest, dict), path, f"{where}.manifest missing")
+    else:
+        _want(manifest is None, path, f"{where}: only an apply carries a manifest")
+        _want(rv is not None, path, f"{where}.resource_version missing")
+    unknown = set(raw) - {"op", "namespace", "name", "resource_version", "manifest", "source"}
+    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    return WriteStep(op, raw["namespace"], raw["name"], rv, manifest, str(raw.get("source", "")))
+
+
+def _cluster(raw: Any, path: Path, where: str) -> SavedCluster:
+    _want(isinstance(raw, dict), path, f"{where} must be an object")
+    _want(isinstance(raw.get("cluster"), str), path, f"{where}.cluster missing")
+    observed = raw.get("observed")
+    _want(isinstance(observed, dict), path, f"{where}.observed missing")
+    deployments = observed.get("deployments")
+    _want(isinstance(deployments, dict), path, f"{where}.observed.deployments missing")
+    parsed: dict[str, ObservedDeployment] = {}
+    for key, value in deployments.items():
+        _want(
+            isinstance(value, dict)
+            and isinstance(value.get("resource_version"), str)
+            and isinstance(value.get("generation"), int)
+            and isinstance(value.get("fingerprint"), str),
+            path,
+            f"{where}.observed.deployments[{key}] is not a recorded Deployment",
+        )
+        parsed[key] = ObservedDeployment(
+            value["resource_version"], value["generation"], value["fingerprint"]
+        )
+    writes = raw.get("writes")
+    _want(isinstance(writes, list), path, f"{where}.writes missing")
+    return SavedCluster(
+        cluster=raw["cluster"],
+        observed=Observed(
+            parsed,
+            _str_map(observed.get("pods"), path, f"{where}.observed.pods"),
+            _str_map(observed.get("nodes"), path, f"{where}.observed.nodes"),
+        ),
+        writes=tuple(_step(w, path, f"{where}.writes[{i}]") for i, w in enumerate(writes)),
+        decisions=raw.get("decisions") or {},
+        group_changes=tuple(raw.get("group_changes") or ()),
+        report=raw.get("report") or {},
+    )
+
+
+def from_json(data: Any, path: Path) -> SavedPlan:
+    """The plan in ``data``, checked whole before anything is used: a file that is
+    not exactly what ``plan --out`` wrote is refused."""
+    _want(isinstance(data, dict), path, "not a JSON object")
+    _want(data.get("format") == FORMAT, path, f"not a heteroscale plan (format != '{FORMAT}')")
+    version = data.get("schema_version")
+    _want(
+        version == SCHEMA_VERSION,
+        path,
+        f"schema_version {version!r} is not supported (this heteroscale reads {SCHEMA_VERSION})",
+    )
+    body = {k: v for k, v in data.items() if k != "digest"}
+    _want(
+        data.get("digest") == "sha256:" + _hash(body),
+        path,
+        "digest does not match the content: the file was edited or damaged after `plan --out`",
+    )
+    source = data.get("source")
+    _want(isinstance(source, dict), path, "source missing")
+    kind = source.get("kind")
+    _want(kind in ("git", "directory"), path, "source.kind must be git or directory")
+    _want(isinstance(source.get("content_hash"), str), path, "source.content_hash missing")
+    if kind == "git":
+        _want(isinstance(source.get("commit"), str), path, "source.commit missing")
+    clusters = data.get("clusters")
+    _want(isinstance(clusters, list), path, "clusters missing")
+    return SavedPlan(
+        source=PlanSource(kind, source["content_hash"], source.get("rev"), source.get("commit")),
+        clusters=tuple(_cluster(c, path, f"clusters[{i}]") for i, c in enumerate(clusters)),
+        created_at=str(data.get("created_at", "")),
+    )
+
+
+def read_plan(path: Path) -> SavedPlan:
+    try:
+        size = path.stat().st_size
+        _want(size <= MAX_PLAN_BYTES, path, f"{size} bytes, over the plan size limit")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanFileError(
+            path, f"cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+    except UnicodeDecodeError:
+        raise PlanFileError(path, "not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and RecursionError's cousins
+        raise PlanFileError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise PlanFileError(path, "not valid JSON (nested too deeply)") from None
+    return from_json(data, path)
+
+
+# ------------------------------------------------------------------ staleness
+
+
+def moved_objects(recorded: Observed, now: Observed, *, limit: int = 20) -> list[str]:
+    """What differs between the state a plan was computed from and the state now,
+    each named (at most ``limit``, then a count)."""
+    moved: list[str] = []
+
+    def compare(kind: str, before: Mapping[str, Any], after: Mapping[str, Any], what: str) -> None:
+        for key in sorted(before.keys() | after.keys()):
+            if key not in after:
+                moved.append(f"{kind} {key} vanished")
+            elif key not in before:
+                moved.append(f"{kind} {key} appeared")
+            elif before[key] != after[key]:
+                moved.append(f"{kind} {key} changed ({what} {before[key]} -> {after[key]})")
+
+    compare(
+        "Deployment",
+        {k: v.resource_version for k, v in recorded.deployments.items()},
+        {k: v.resource_version for k, v in now.deployments.items()},
+        "resourceVersion",
+    )
+    compare("Pod", recorded.pods, now.pods, "resourceVersion")
+    compare("Node", recorded.nodes, now.nodes, "labels/GPU fingerprint")
+    if len(moved) > limit:
+        moved = [*moved[:limit], f"... and {len(moved) - limit} more"]
+    return moved
+
+
+# ------------------------------------------------------------------ carrying out
+
+
+@dataclass
+class SavedApplyResult:
+    cluster: str
+    done: list[str] = field(default_factory=list)
+    refused: str | None = None  # what moved between the check and a write
+
+
+def execute(
+    client: KubeClient, saved: SavedCluster, *, field_manager: str, now_s: float
+) -> SavedApplyResult:
+    """Carry out ``saved.writes`` in order, each with its precondition: a create must
+    not find the object, every other write must find it at the recorded
+    resourceVersion. The first write the server refuses stops the cluster (the
+    writes before it stay: the order adds capacity before it removes any).
+
+    Our own writes move resourceVersions (a drain, then deleting that Pod), so the
+    precondition of a later write to the same object is what our last write returned.
+    A Deployment whose resourceVersion moved while its labels, annotations and spec
+    did not (its status, updated by the controllers, e.g. after our drain) is written
+    at its new resourceVersion: status is not part of what the plan was approved on."""
+    result = SavedApplyResult(saved.cluster)
+    latest: dict[str, str] = {}
+    for step in saved.writes:
+        rv = latest.get(step.key, step.resource_version)
+        try:
+            new_rv = _write(client, step, rv, field_manager=field_manager, now_s=now_s)
+        except ResourceConflict as exc:
+            moved = _status_only(client, step, saved.observed)
+            if moved is None:
+                result.refused = f"{step}: {_conflict_reason(step, exc)}"
+                return result
+            try:
+                new_rv = _write(client, step, moved, field_manager=field_manager, now_s=now_s)
+            except ResourceConflict as again:
+                result.refused = f"{step}: {_conflict_reason(step, again)}"
+                return result
+            except NotFound:
+                result.refused = f"{step}: vanished since the plan"
+                return result
+        except FieldOwnershipConflict as exc:
+            result.refused = f"{step}: changed by another field manager ({'; '.join(exc.conflicts) or exc.api_message})"
+            return result
+        except NotFound:
+            result.refused = f"{step}: vanished since the plan"
+            return result
+        if new_rv:
+            latest[step.key] = new_rv
+        result.done.append(str(step))
+    return result
+
+
+def _conflict_reason(step: WriteStep, exc: ResourceConflict) -> str:
+    if step.op == "apply" and step.resource_version is None:
+        return "appeared since the plan (it was to be created)"
+    return f"changed since the plan (resourceVersion precondition failed: {exc.api_message})"
+
+
+def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str | None:
+    """The fresh resourceVersion of a Deployment whose only change since the plan is
+    its status; None when anything else moved (or it is not a Deployment)."""
+    recorded = observed.deployments.get(step.key)
+    if recorded is None or step.op not in ("apply", "delete_deployment"):
+        return None
+    try:
+        fresh = client.get(deployments_path(step.namespace, step.name))
+    except NotFound:
+        return None
+    if deployment_fingerprint(fresh) != recorded.fingerprint:
+        return None
+    return str(fresh["metadata"]["resourceVersion"])
+
+
+def _write(
+    client: KubeClient, step: WriteStep, rv: str | None, *, field_manager: str, now_s: float
+) -> str | None:
+    """One write with its precondition; the object's new resourceVersion."""
+    if step.op == "apply":
+        assert step.manifest is not None
+        path = deployments_path(step.namespace, step.name)
+        manifest = {**step.manifest, "metadata": dict(step.manifest["metadata"])}
+        manifest["metadata"].pop("resourceVersion", None)
+        if rv is None:
+            # Server-side apply creates whatever resourceVersion it is given, so a
+            # create that must not find the object is a POST (409 AlreadyExists)...
+            created = client.request(
+                "POST",
+                deployments_path(step.namespace),
+                query={"fieldManager": field_manager},
+                body=manifest,
+            )
+            rv = str(created["metadata"]["resourceVersion"])
+            # ...whose fields the server records as our "Update", not our "Apply": our
+            # next server-side apply would then conflict with ourselves. Re-label that
+            # entry as our apply (what kubectl's client- to server-side apply upgrade
+            # does), at the created resourceVersion.
+            entries = [
+                {**e, "operation": "Apply"}
+                if e.get("manager") == field_manager and e.get("operation") == "Update"
+                else e
+                for e in created["metadata"].get("managedFields") or []
+            ]
+            answer = client.merge_patch(
+                path,
+                {"metadata": {"managedFields": entries, "resourceVersion": rv}},
+                field_manager=field_manager,
+            )
+            return str(answer["metadata"]["resourceVersion"])
+        manifest["metadata"]["resourceVersion"] = rv
+        return str(
+            client.apply(path, manifest, field_manager=field_manager)["metadata"]["resourceVersion"]
+        )
+    if step.op in ("drain", "put_back"):
+        patch = relabel_patch(drain=step.op == "drain", now_s=now_s, source=step.source)
+        patch["metadata"]["resourceVersion"] = rv
+        answer = client.merge_patch(
+            pods_path(step.namespace, step.name), patch, field_manager=field_manager
+        )
+        return str(answer["metadata"]["resourceVersion"])
+    path = (
+        deployments_path(step.namespace, step.name)
+        if step.op == "delete_deployment"
+        else pods_path(step.namespace, step.name)
+    )
+    client.delete(path, propagation="Background", resource_version=rv)
+    return None
+
+
+def relabel_patch(*, drain: bool, now_s: float, source: str) -> dict[str, Any]:
+    """The merge patch that takes a Pod out of (or back into) service discovery."""
+    if drain:
+        return {
+            "metadata": {
+                "labels": {names.SERVING_LABEL: names.DRAINING},
+                "annotations": {
+                    names.DRAINED_AT_ANNOTATION: f"{now_s:.3f}",
+                    names.DRAINED_FROM_ANNOTATION: source,
+                },
+                # Leave the ReplicaSet now, so deleting the Deployment cannot
+                # garbage-collect a Pod that is still draining.
+                "ownerReferences": None,
+            }
+        }
+    return {
+        "metadata": {
+            "labels": {names.SERVING_LABEL: names.SERVING},
+            "annotations": {
+                names.DRAINED_AT_ANNOTATION: None,
+                names.DRAINED_FROM_ANNOTATION: None,
+            },
+        }
+    }

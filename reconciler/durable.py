@@ -1,0 +1,417 @@
+"""The reconciler's state that outlives the process, as data and as JSON.
+
+One ``DurableState`` per cluster: the last known good desired-state revision, each
+service's ``PolicyHistory`` (stabilisation windows, cooldown, the dynamic P/D ratio
+and its ``extra`` keys, the planner's memory) and the identity of the last applied
+plan. ``encode`` / ``decode`` are pure; ``reconciler.apply.statestore`` keeps the JSON
+in a ConfigMap.
+
+The JSON carries ``schema`` and ``version``: an object of another schema or version
+is refused (``StateFormatError``), never half-read. Non-finite floats (the
+forecaster's NaN "not yet") are written as the strings ``"nan"``, ``"inf"``,
+``"-inf"`` so the document stays strict JSON. ``encode`` bounds the size: every time
+series is trimmed to the longest window the schema allows (an hour) and a count cap;
+if the document is still over ``MAX_STATE_BYTES`` the planner memories go first, then
+``StateTooLarge`` is raised (the caller reports it and keeps the old object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.desired.loader import DesiredState
+from reconciler.desired.models import HOUR_S
+from reconciler.plan import Plan
+from reconciler.policy.base import PolicyHistory, Recommendation
+from reconciler.policy.capacity import LatencyCorrection, LengthHistogram, RequestMix
+from reconciler.policy.forecast import ForecastState
+from reconciler.policy.planner import KeptCapacity, PlannerMemory
+
+SCHEMA = "heteroscale.io/reconciler-state"
+VERSION = 1
+# A ConfigMap holds at most 1 MiB; a quarter of it is far more than a few services'
+# windows need (an hour of 30 s cycles is 120 entries per series).
+MAX_STATE_BYTES = 256 * 1024
+# Every window is at most an hour (``WindowSeconds``); one entry older than that is
+# kept as the value in force at a window's start.
+KEEP_S = float(HOUR_S)
+MAX_ENTRIES = 1000  # per series: an hour at a 3.6 s cycle
+MAX_SERVICES = 1000
+
+
+class StateFormatError(ValueError):
+    """The stored document is not a state this version can read (corrupt, foreign
+    schema or version, oversized)."""
+
+
+class StateTooLarge(ValueError):
+    """Even without planner memories the state exceeds ``MAX_STATE_BYTES``."""
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A desired-state revision: a Git commit, or a content hash in directory mode."""
+
+    kind: str  # "git" | "content"
+    id: str
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class AppliedPlan:
+    """Which plan was last applied: a hash of its groups, the revision it came from."""
+
+    id: str
+    revision: str
+    applied_at_s: float
+
+
+@dataclass(frozen=True)
+class DurableState:
+    cluster: str
+    saved_at_s: float
+    writer: str = ""
+    revision: Revision | None = None
+    histories: Mapping[str, PolicyHistory] = field(default_factory=dict)
+    last_plan: AppliedPlan | None = None
+
+
+# ------------------------------------------------------------------- identities
+
+
+def revision_of(state: DesiredState) -> Revision:
+    """The Git commit the state was read from, else a hash of its parsed content."""
+    if state.revision:
+        return Revision("git", state.revision, state.source_label)
+    content = {
+        "files": {path: parsed.data for path, parsed in sorted(state.files.items())},
+        "templates": dict(sorted(state.templates.items())),
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode())
+    return Revision("content", "sha256:" + digest.hexdigest(), state.source_label)
+
+
+def plan_identity(plan: Plan) -> str:
+    """A stable hash of what the plan makes the cluster look like (its groups)."""
+    groups = sorted(
+        (dataclasses.asdict(g) for g in plan.groups),
+        key=lambda g: (g["service"], g["group_id"]),
+    )
+    return "sha256:" + hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------- floats
+
+
+def _f(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _num(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise StateFormatError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    raise StateFormatError(f"{where}: expected a number, got {type(value).__name__}")
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StateFormatError(f"{where}: expected an integer")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise StateFormatError(f"{where}: expected a list")
+    if len(value) > MAX_ENTRIES * 4:
+        raise StateFormatError(f"{where}: {len(value)} entries, more than any window keeps")
+    return value
+
+
+# ------------------------------------------------- planner memory (typed dataclasses)
+
+# The planner memory is frozen dataclasses of floats, ints and tuples of them; each
+# class is named here, so decoding never instantiates anything else.
+_PLANNER_CLASSES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        PlannerMemory,
+        ForecastState,
+        LatencyCorrection,
+        RequestMix,
+        LengthHistogram,
+        KeptCapacity,
+    )
+}
+
+
+def _encode_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if type(value).__name__ not in _PLANNER_CLASSES:
+            raise TypeError(f"cannot store a {type(value).__name__}")
+        return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return _f(value)
+    raise TypeError(f"cannot store a {type(value).__name__}")
+
+
+def _decode_typed(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode_typed(inner, value, where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        items = _list(value, where)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise StateFormatError(f"{where}: expected {len(args)} items")
+        return tuple(
+            _decode_typed(a, v, f"{where}[{i}]")
+            for i, (a, v) in enumerate(zip(args, items, strict=True))
+        )
+    if hint is float:
+        return _num(value, where)
+    if hint is int:
+        return _int(value, where)
+    if isinstance(hint, type) and hint.__name__ in _PLANNER_CLASSES:
+        return _decode_dataclass(hint, value, where)
+    raise StateFormatError(f"{where}: cannot read a {hint!r}")
+
+
+def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise StateFormatError(f"{where}: expected an object")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in value:
+            kwargs[f.name] = _decode_typed(hints[f.name], value[f.name], f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # the class's own validation
+        raise StateFormatError(f"{where}: {exc}") from None
+
+
+# ------------------------------------------------------------------- histories
+
+
+def _trim(series: tuple[Any, ...], now_s: float) -> tuple[Any, ...]:
+    """Entries within ``KEEP_S`` (plus the one in force at its start), at most
+    ``MAX_ENTRIES``; every series is sorted by time, its first item."""
+    first = 0
+    for i, item in enumerate(series):
+        if item[0] >= now_s - KEEP_S:
+            first = max(0, i - 1)
+            break
+    else:
+        first = max(0, len(series) - 1)
+    return series[first:][-MAX_ENTRIES:]
+
+
+def _encode_history(h: PolicyHistory, now_s: float, with_planner: bool) -> dict[str, Any]:
+    recs = _trim(tuple((r.at_s, r.prefill, r.decode) for r in h.recommendations), now_s)
+    planner = None
+    if with_planner and isinstance(h.planner, PlannerMemory):
+        planner = _encode_value(h.planner)
+    return {
+        "recommendations": [[_f(at), p, d] for at, p, d in recs],
+        "last_change_at_s": None if h.last_change_at_s is None else _f(h.last_change_at_s),
+        "ttft_ms": [[_f(a), _f(v)] for a, v in _trim(h.ttft_ms, now_s)],
+        "tbt_ms": [[_f(a), _f(v)] for a, v in _trim(h.tbt_ms, now_s)],
+        "kv_usage": [[_f(a), _f(v)] for a, v in _trim(h.kv_usage, now_s)],
+        "dynamic_ratio": None if h.dynamic_ratio is None else _f(h.dynamic_ratio),
+        "extra": [[k, _f(v)] for k, v in h.extra[:MAX_ENTRIES]],
+        "planner": planner,
+    }
+
+
+def _pairs(value: Any, where: str) -> tuple[tuple[float, float], ...]:
+    out = []
+    for i, item in enumerate(_list(value, where)):
+        if not isinstance(item, list) or len(item) != 2:
+            raise StateFormatError(f"{where}[{i}]: expected [at_s, value]")
+        out.append((_num(item[0], f"{where}[{i}]"), _num(item[1], f"{where}[{i}]")))
+    return tuple(out)
+
+
+def _decode_history(value: Any, where: str) -> PolicyHistory:
+    if not isinstance(value, dict):
+        raise StateFormatError(f"{where}: expected an object")
+    recs = []
+    for i, item in enumerate(_list(value.get("recommendations", []), f"{where}.recommendations")):
+        if not isinstance(item, list) or len(item) != 3:
+            raise StateFormatError(f"{where}.recommendations[{i}]: expected [at_s, p, d]")
+        at = _num(item[0], f"{where}.recommendations[{i}]")
+        recs.append(Recommendation(at, _int(item[1], where), _int(item[2], where)))
+    extra = []
+    for i, item in enumerate(_list(value.get("extra", []), f"{where}.extra")):
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise StateFormatError(f"{where}.extra[{i}]: expected [key, value]")
+        extra.append((item[0], _num(item[1], f"{where}.extra[{i}]")))
+    last = value.get("last_change_at_s")
+    ratio = value.get("dynamic_ratio")
+    planner = value.get("planner")
+    return PolicyHistory(
+        recommendations=tuple(recs),
+        last_change_at_s=None if last is None else _num(last, f"{where}.last_change_at_s"),
+        ttft_ms=_pairs(value.get("ttft_ms", []), f"{where}.ttft_ms"),
+        tbt_ms=_pairs(value.get("tbt_ms", []), f"{where}.tbt_ms"),
+        kv_usage=_pairs(value.get("kv_usage", []), f"{where}.kv_usage"),
+        dynamic_ratio=None if ratio is None else _num(ratio, f"{where}.dynamic_ratio"),
+        extra=tuple(extra),
+        planner=None
+        if planner is None
+        else _decode_dataclass(PlannerMemory, planner, f"{where}.planner"),
+    )
+
+
+# ---------------------------------------------------------------- the document
+
+
+def _document(state: DurableState, with_planner: bool) -> dict[str, Any]:
+    now = state.saved_at_s
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "cluster": state.cluster,
+        "saved_at_s": _f(now),
+        "writer": state.writer,
+        "revision": None if state.revision is None else dataclasses.asdict(state.revision),
+        "last_plan": None
+        if state.last_plan is None
+        else {
+            **dataclasses.asdict(state.last_plan),
+            "applied_at_s": _f(state.last_plan.applied_at_s),
+        },
+        "services": {
+            name: _encode_history(h, now, with_planner)
+            for name, h in sorted(state.histories.items())
+        },
+    }
+
+
+def encode(state: DurableState) -> tuple[str, bool]:
+    """The JSON text, and whether the planner memories had to be left out to fit."""
+    for with_planner in (True, False):
+        text = json.dumps(_document(state, with_planner), separators=(",", ":"), allow_nan=False)
+        if len(text.encode()) <= MAX_STATE_BYTES:
+            return text, not with_planner
+    raise StateTooLarge(
+        f"state of cluster {state.cluster} is {len(text.encode())} bytes without planner "
+        f"memories (limit {MAX_STATE_BYTES})"
+    )
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 1024:
+        raise StateFormatError(f"{where}: expected a short string")
+    return value
+
+
+def decode(text: str | bytes) -> DurableState:
+    """The state in ``text``; ``StateFormatError`` when it is not one this version
+    reads (never any other exception)."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > MAX_STATE_BYTES:
+        raise StateFormatError(f"{size} bytes, more than the limit of {MAX_STATE_BYTES}")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise StateFormatError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise StateFormatError(f"not a {SCHEMA} document")
+    if doc.get("version") != VERSION:
+        raise StateFormatError(
+            f"schema version {doc.get('version')!r}; this reconciler reads version {VERSION}"
+        )
+    services = doc.get("services", {})
+    if not isinstance(services, dict) or len(services) > MAX_SERVICES:
+        raise StateFormatError("services: expected an object of services")
+    revision = doc.get("revision")
+    if revision is not None:
+        if not isinstance(revision, dict) or revision.get("kind") not in ("git", "content"):
+            raise StateFormatError("revision: expected {kind: git|content, id, label}")
+        revision = Revision(
+            revision["kind"],
+            _str(revision.get("id"), "revision.id"),
+            _str(revision.get("label", ""), "revision.label"),
+        )
+    last_plan = doc.get("last_plan")
+    if last_plan is not None:
+        if not isinstance(last_plan, dict):
+            raise StateFormatError("last_plan: expected an object")
+        last_plan = AppliedPlan(
+            _str(last_plan.get("id"), "last_plan.id"),
+            _str(last_plan.get("revision"), "last_plan.revision"),
+            _num(last_plan.get("applied_at_s"), "last_plan.applied_at_s"),
+        )
+    return DurableState(
+        cluster=_str(doc.get("cluster"), "cluster"),
+        saved_at_s=_num(doc.get("saved_at_s"), "saved_at_s"),
+        writer=_str(doc.get("writer", ""), "writer"),
+        revision=revision,
+        histories={
+            _str(name, "services"): _decode_history(h, f"services.{name}")
+            for name, h in services.items()
+        },
+        last_plan=last_plan,
+    )
+
+
+# ------------------------------------------------------------------- merging
+
+
+def _union(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    by_time = {item[0]: item for item in a}
+    by_time.update({item[0]: item for item in b})
+    return tuple(by_time[t] for t in sorted(by_time))
+
+
+def merge_history(stored: PolicyHistory, local: PolicyHistory) -> PolicyHistory:
+    """What a replica taking over keeps: the windows' entries of both (the stored
+    leader's and its own, planned as a standby), the latest change (a cooldown keeps
+    running), and the leader's ratio, extra keys and planner memory."""
+    recs = _union(
+        tuple((r.at_s, r) for r in local.recommendations),
+        tuple((r.at_s, r) for r in stored.recommendations),
+    )
+    changes = [t for t in (stored.last_change_at_s, local.last_change_at_s) if t is not None]
+    return PolicyHistory(
+        recommendations=tuple(r for _, r in recs),
+        last_change_at_s=max(changes) if changes else None,
+        ttft_ms=_union(local.ttft_ms, stored.ttft_ms),
+        tbt_ms=_union(local.tbt_ms, stored.tbt_ms),
+        kv_usage=_union(local.kv_usage, stored.kv_usage),
+        dynamic_ratio=stored.dynamic_ratio
+        if stored.dynamic_ratio is not None
+        else local.dynamic_ratio,
+        extra=stored.extra or local.extra,
+        planner=stored.planner if stored.planner is not None else local.planner,
+    )

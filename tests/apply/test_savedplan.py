@@ -1,0 +1,146 @@
+"""The saved-plan file (pure): it round-trips exactly, and anything that is not
+exactly what `plan --out` wrote is refused with the file named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reconciler.apply.savedplan import (
+    SCHEMA_VERSION,
+    Observed,
+    ObservedDeployment,
+    PlanFileError,
+    PlanSource,
+    SavedCluster,
+    SavedPlan,
+    WriteStep,
+    deployment_fingerprint,
+    moved_objects,
+    read_plan,
+    to_json,
+    write_plan,
+)
+
+MANIFEST = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "d1", "namespace": "ns", "resourceVersion": "41"},
+    "spec": {"replicas": 3},
+}
+
+
+def sample() -> SavedPlan:
+    observed = Observed(
+        deployments={"ns/d1": ObservedDeployment("41", 2, "f" * 32)},
+        pods={"ns/p1": "40"},
+        nodes={"n1": "a" * 32},
+    )
+    writes = (
+        WriteStep("apply", "ns", "d0", None, {**MANIFEST, "metadata": {"name": "d0"}}),
+        WriteStep("drain", "ns", "p1", "40", source="d1"),
+        WriteStep("apply", "ns", "d1", "41", MANIFEST),
+        WriteStep("delete_pod", "ns", "p1", "40"),
+    )
+    return SavedPlan(
+        source=PlanSource("git", "c" * 64, rev="main", commit="b" * 40),
+        clusters=(
+            SavedCluster(
+                "east",
+                observed,
+                writes,
+                decisions={"svc": {"prefill": 2, "decode": 4}},
+                group_changes=({"kind": "create", "service": "svc"},),
+                report={"mode": "server-dry-run"},
+            ),
+        ),
+        created_at="2026-01-01T00:00:00Z",
+    )
+
+
+def test_a_plan_round_trips_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    write_plan(sample(), path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "heteroscale-plan" and data["schema_version"] == SCHEMA_VERSION
+    assert read_plan(path) == sample()
+    assert not (tmp_path / "plan.json.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda text: text[: len(text) // 2], "not valid JSON"),
+        (lambda text: "\x00\xff garbage", "not valid JSON"),
+        (lambda text: "[1, 2]", "not a JSON object"),
+        (lambda text: text.replace('"replicas": 3', '"replicas": 30'), "digest does not match"),
+        (
+            lambda text: text.replace('"resource_version": "41"', '"resource_version": "42"', 1),
+            "digest",
+        ),
+        (
+            lambda text: text.replace('"schema_version": 1', '"schema_version": 2'),
+            "schema_version 2",
+        ),
+        (lambda text: text.replace('"heteroscale-plan"', '"terraform"'), "not a heteroscale plan"),
+    ],
+)
+def test_a_damaged_or_edited_plan_is_refused_naming_the_file(
+    tmp_path: Path, damage, expected: str
+) -> None:
+    path = tmp_path / "plan.json"
+    write_plan(sample(), path)
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(PlanFileError) as info:
+        read_plan(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_a_structurally_wrong_plan_with_a_valid_digest_is_refused(tmp_path: Path) -> None:
+    # Someone recomputed the checksum: the structure is still checked whole.
+    data = to_json(sample())
+    del data["digest"]
+    data["clusters"][0]["writes"][1]["op"] = "scale"
+    from reconciler.apply.savedplan import _hash
+
+    data["digest"] = "sha256:" + _hash(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanFileError, match=r"writes\[1\]\.op must be one of"):
+        read_plan(path)
+
+
+def test_a_missing_plan_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PlanFileError, match="cannot be read"):
+        read_plan(tmp_path / "nope.json")
+
+
+def test_moved_objects_names_what_changed_appeared_and_vanished() -> None:
+    before = sample().clusters[0].observed
+    after = Observed(
+        deployments={
+            "ns/d1": ObservedDeployment("44", 3, "e" * 32),
+            "ns/d2": ObservedDeployment("45", 1, "e" * 32),
+        },
+        pods={},
+        nodes={"n1": "a" * 32},
+    )
+    assert moved_objects(before, after) == [
+        "Deployment ns/d1 changed (resourceVersion 41 -> 44)",
+        "Deployment ns/d2 appeared",
+        "Pod ns/p1 vanished",
+    ]
+    assert moved_objects(before, before) == []
+
+
+def test_the_deployment_fingerprint_ignores_status_only() -> None:
+    obj = {"metadata": {"labels": {"a": "1"}, "resourceVersion": "1"}, "spec": {"replicas": 1}}
+    moved_status = {
+        **obj,
+        "status": {"replicas": 1},
+        "metadata": {**obj["metadata"], "resourceVersion": "9"},
+    }
+    assert deployment_fingerprint(obj) == deployment_fingerprint(moved_status)
+    assert deployment_fingerprint(obj) != deployment_fingerprint({**obj, "spec": {"replicas": 2}})

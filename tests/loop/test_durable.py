@@ -1,0 +1,187 @@
+"""The durable state's JSON: round trips (hypothesis), trimming to the windows,
+size bounds, and refusal of anything this version cannot read."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.apply.statestore import configmap_name
+from reconciler.durable import (
+    MAX_STATE_BYTES,
+    AppliedPlan,
+    DurableState,
+    Revision,
+    StateFormatError,
+    StateTooLarge,
+    decode,
+    encode,
+    merge_history,
+)
+from reconciler.policy.base import PolicyHistory, Recommendation
+from reconciler.policy.capacity import LatencyCorrection, RequestMix
+from reconciler.policy.forecast import ForecastState
+from reconciler.policy.planner import KeptCapacity, PlannerMemory
+
+NOW = 100_000.0
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+times = st.floats(min_value=NOW - 3000, max_value=NOW)
+counts = st.integers(min_value=0, max_value=10_000)
+
+
+def _series(values: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(st.tuples(times, values), max_size=20).map(lambda xs: tuple(sorted(xs)))
+
+
+histories = st.builds(
+    PolicyHistory,
+    recommendations=st.lists(st.builds(Recommendation, times, counts, counts), max_size=20).map(
+        lambda xs: tuple(sorted(xs, key=lambda r: r.at_s))
+    ),
+    last_change_at_s=st.none() | times,
+    ttft_ms=_series(finite),
+    tbt_ms=_series(finite),
+    kv_usage=_series(finite),
+    dynamic_ratio=st.none() | finite,
+    extra=st.lists(st.tuples(st.text(max_size=20), finite), max_size=8).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    services=st.dictionaries(st.text(min_size=1, max_size=30), histories, max_size=4),
+    revision=st.none()
+    | st.builds(Revision, st.sampled_from(["git", "content"]), st.text(max_size=64)),
+)
+def test_round_trip_keeps_every_history(
+    services: dict[str, PolicyHistory], revision: Revision | None
+) -> None:
+    state = DurableState(
+        "east", NOW, "replica-a", revision, services, AppliedPlan("sha256:x", "abc", NOW - 5)
+    )
+    text, dropped = encode(state)
+    assert not dropped
+    json.loads(text, parse_constant=pytest.fail)  # strict JSON: no NaN/Infinity tokens
+    assert decode(text) == state
+
+
+def _planner_memory() -> PlannerMemory:
+    mix = RequestMix.from_samples([100, 200, 4000], [50, 300, 800])
+    forecast = ForecastState(
+        samples=3,
+        first_at_s=NOW - 60,
+        last_at_s=NOW,
+        last_value=12.5,
+        pending=((NOW + 30, 0.0, 11.0),),
+        errors=((0.1, -0.2), ()),
+    )
+    return PlannerMemory(
+        prefill_demand=forecast,
+        decode_demand=ForecastState(),  # NaN fields: "not yet"
+        correction=LatencyCorrection(1.3, 0.9),
+        mix=mix,
+        mix_at_s=NOW - 10,
+        prefill_kept=KeptCapacity(((NOW - 30, 100.0),), (0.05,)),
+    )
+
+
+def test_planner_memory_round_trips_including_nan_and_inf() -> None:
+    memory = _planner_memory()
+    assert math.isinf(memory.mix.prompt.bounds[-1]) and math.isnan(ForecastState().last_value)
+    state = DurableState("east", NOW, histories={"svc": PolicyHistory(planner=memory)})
+    text, dropped = encode(state)
+    assert not dropped
+    back = decode(text).histories["svc"].planner
+    assert isinstance(back, PlannerMemory) and isinstance(back.mix, RequestMix)
+    assert back.mix == memory.mix and back.correction == memory.correction
+    assert back.prefill_kept == memory.prefill_kept and back.prefill_demand == memory.prefill_demand
+    assert math.isnan(back.decode_demand.last_value)
+    assert (
+        encode(DurableState("east", NOW, histories={"svc": PolicyHistory(planner=back)}))[0] == text
+    )
+
+
+def test_series_are_trimmed_to_the_longest_window_keeping_the_one_in_force() -> None:
+    recs = tuple(Recommendation(NOW - age, 1, age) for age in (7200, 5000, 3700, 3000, 10))
+    state = DurableState("east", NOW, histories={"svc": PolicyHistory(recommendations=recs)})
+    kept = decode(encode(state)[0]).histories["svc"].recommendations
+    assert [r.decode for r in kept] == [3700, 3000, 10]
+
+
+def test_oversized_state_drops_planner_memories_first_then_refuses() -> None:
+    memory = _planner_memory()
+    many = {f"svc-{i}": PolicyHistory(planner=memory) for i in range(400)}
+    text, dropped = encode(DurableState("east", NOW, histories=many))
+    assert dropped and len(text) <= MAX_STATE_BYTES
+    assert all(h.planner is None for h in decode(text).histories.values())
+    huge = PolicyHistory(extra=tuple((f"k{i}" * 50, 1.0) for i in range(1000)))
+    with pytest.raises(StateTooLarge):
+        encode(DurableState("east", NOW, histories={f"s{i}": huge for i in range(10)}))
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "not JSON"),
+        ("[]", "not a heteroscale.io"),
+        ('{"schema": "other", "version": 1}', "not a heteroscale.io"),
+        ('{"schema": "heteroscale.io/reconciler-state", "version": 2}', "schema version 2"),
+        ("x" * (MAX_STATE_BYTES + 1), "more than the limit"),
+        ("[" * 100_000, "not JSON"),
+    ],
+)
+def test_unreadable_documents_are_refused_with_the_reason(text: str, why: str) -> None:
+    with pytest.raises(StateFormatError, match=why):
+        decode(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_mutated_document_is_read_or_refused_never_a_crash(data: st.DataObject) -> None:
+    state = DurableState(
+        "east",
+        NOW,
+        revision=Revision("git", "abc"),
+        histories={
+            "svc": PolicyHistory(
+                recommendations=(Recommendation(NOW, 1, 2),), planner=_planner_memory()
+            )
+        },
+    )
+    doc = json.loads(encode(state)[0])
+    svc = doc["services"]["svc"]
+    junk = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(max_size=5)
+        | st.lists(st.integers(), max_size=3)
+    )
+    target = data.draw(st.sampled_from([doc, svc, svc["planner"], svc["planner"]["mix"]["prompt"]]))
+    key = data.draw(st.sampled_from(sorted(target)))
+    target[key] = data.draw(junk)
+    with contextlib.suppress(StateFormatError):
+        decode(json.dumps(doc))
+
+
+def test_a_takeover_merges_the_windows_and_keeps_the_latest_change() -> None:
+    stored = PolicyHistory(
+        (Recommendation(1.0, 4, 8), Recommendation(31.0, 4, 8)), 1.0, dynamic_ratio=0.5
+    )
+    local = PolicyHistory((Recommendation(31.0, 1, 2), Recommendation(61.0, 1, 2)), 40.0)
+    merged = merge_history(stored, local)
+    assert [r.at_s for r in merged.recommendations] == [1.0, 31.0, 61.0]
+    assert merged.recommendations[1].decode == 8  # the leader's entry wins a tie
+    assert merged.last_change_at_s == 40.0 and merged.dynamic_ratio == 0.5
+
+
+def test_configmap_names_are_valid_and_distinct() -> None:
+    assert configmap_name("prod-east") == "heteroscale-state-prod-east"
+    odd = [configmap_name(n) for n in ("Prod_East", "prod.east", "prod-east-")]
+    assert len(set(odd)) == 3
+    assert all(len(n) <= 253 and n.replace("-", "").isalnum() and n == n.lower() for n in odd)
