@@ -252,6 +252,17 @@ PruneOpt = Annotated[
 FormatOpt = Annotated[str, typer.Option("--format", help="text, markdown or json")]
 
 
+def _check_autoscaler(autoscaler: str) -> None:
+    """An unknown ``--autoscaler`` is a usage error (exit 2), checked before anything
+    runs, not a traceback when the policy is built."""
+    from reconciler.policy import AUTOSCALERS
+
+    if autoscaler not in AUTOSCALERS:
+        raise typer.BadParameter(
+            f"--autoscaler must be one of {', '.join(AUTOSCALERS)}, got '{autoscaler}'"
+        )
+
+
 def _settings(
     repo: Path,
     rev: str | None,
@@ -273,13 +284,7 @@ def _settings(
         raise typer.BadParameter("--placer must be cp-sat or greedy")
     if drain_window < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
-    from reconciler.policy import AUTOSCALERS
-
-    # Here, not at build time: an unknown name is a usage error (exit 2), not a traceback.
-    if autoscaler not in AUTOSCALERS:
-        raise typer.BadParameter(
-            f"--autoscaler must be one of {', '.join(AUTOSCALERS)}, got '{autoscaler}'"
-        )
+    _check_autoscaler(autoscaler)
     return Settings(
         repo,
         rev,
@@ -650,6 +655,7 @@ def register(app: typer.Typer) -> None:
         With --base REV (and --head REV, default HEAD): the pull-request review of the
         change from base to head: config diff, fleet diff and what-if replay."""
         if base is not None or head is not None:
+            _check_autoscaler(autoscaler)
             raise typer.Exit(
                 _review(
                     repo,

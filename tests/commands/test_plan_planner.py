@@ -85,7 +85,8 @@ def test_plan_reports_the_planners_capacity_and_unattainable_share(
         assert rows["summarize"].endswith(" |")
 
 
-def test_plan_rejects_an_unknown_autoscaler_as_a_usage_error() -> None:
-    result = CliRunner().invoke(app, ["plan", "--autoscaler", "heteroscale-planer"])
-    assert result.exit_code == 2
+@pytest.mark.parametrize("review", [[], ["--base", "HEAD~1"]], ids=["plan", "review"])
+def test_plan_rejects_an_unknown_autoscaler_as_a_usage_error(review: list[str]) -> None:
+    result = CliRunner().invoke(app, ["plan", *review, "--autoscaler", "heteroscale-planer"])
+    assert result.exit_code == 2, result.output
     assert "heteroscale-planner" in result.output
