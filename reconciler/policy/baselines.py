@@ -491,22 +491,35 @@ class StaticPeakAutoscaler:
                 f"static-peak has no counts for service '{policy.name}' "
                 f"(known: {', '.join(sorted(self.counts)) or 'none'})"
             )
-        clamps: list[Clamp] = []
-        prefill = clamp_bounds(pair[0], _bounds(policy, "prefill"), clamps)
-        decode = clamp_bounds(pair[1], _bounds(policy, "decode"), clamps)
-        message = f"static peak: {prefill} prefill, {decode} decode"
-        if clamps:
-            message += "; clamps: " + ", ".join(str(c) for c in clamps)
-        changed = prefill != fleet.prefill.active or decode != fleet.decode.active
-        return Decision(
-            service=policy.name,
-            prefill=prefill,
-            decode=decode,
-            reason="baseline",
-            message=message,
-            clamps=tuple(clamps),
-            history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
-        )
+        return fixed_counts(policy, fleet, history, now_s, pair, "static peak")
+
+
+def fixed_counts(
+    policy: ServicePolicy,
+    fleet: ServiceFleet,
+    history: PolicyHistory,
+    now_s: float,
+    asked: tuple[int, int],
+    label: str,
+) -> Decision:
+    """The decision of an autoscaler that names its counts outright (static peak, an
+    external planner): ``asked`` within the policy's min/max, each clamp recorded."""
+    clamps: list[Clamp] = []
+    prefill = clamp_bounds(asked[0], _bounds(policy, "prefill"), clamps)
+    decode = clamp_bounds(asked[1], _bounds(policy, "decode"), clamps)
+    message = f"{label}: {asked[0]} prefill, {asked[1]} decode"
+    if clamps:
+        message += "; clamps: " + ", ".join(str(c) for c in clamps)
+    changed = prefill != fleet.prefill.active or decode != fleet.decode.active
+    return Decision(
+        service=policy.name,
+        prefill=prefill,
+        decode=decode,
+        reason="baseline",
+        message=message,
+        clamps=tuple(clamps),
+        history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
+    )
 
 
 __all__ = [
@@ -519,5 +532,6 @@ __all__ = [
     "PaperCoordinatedAutoscaler",
     "PerRoleHpa",
     "StaticPeakAutoscaler",
+    "fixed_counts",
     "policy_tps_targets",
 ]

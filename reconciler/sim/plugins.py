@@ -37,11 +37,10 @@ from typing import Any
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
-from reconciler.policy.base import Clamp, Decision, PolicyHistory
-from reconciler.policy.clamps import clamp_bounds
-from reconciler.policy.coordinated import policy_numbers
+from reconciler.policy.base import Decision, PolicyHistory
+from reconciler.policy.baselines import fixed_counts
 from reconciler.sim.fleet import SimulatedServiceMetrics
-from reconciler.state import ROLES, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import Sample, ServiceFleet, ServiceMetrics
 
 PLUGIN_PREFIX = "python:"
 DETAIL_QUANTILES = (0.5, 0.9)
@@ -213,25 +212,7 @@ class PluginAutoscaler:
                 f"in the cycle at t={now_s:g} s"
             ) from exc
         asked = _counts(self.spec, result, now_s)
-        clamps: list[Clamp] = []
-        numbers_ = policy_numbers(policy)
-        prefill, decode = (
-            clamp_bounds(count, numbers_.bounds(role), clamps)
-            for count, role in zip(asked, ROLES, strict=True)
-        )
-        message = f"{self.class_name}: {asked[0]} prefill, {asked[1]} decode"
-        if clamps:
-            message += "; clamps: " + ", ".join(str(c) for c in clamps)
-        changed = prefill != fleet.prefill.active or decode != fleet.decode.active
-        return Decision(
-            service=policy.name,
-            prefill=prefill,
-            decode=decode,
-            reason="baseline",
-            message=message,
-            clamps=tuple(clamps),
-            history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
-        )
+        return fixed_counts(policy, fleet, history, now_s, asked, self.class_name)
 
 
 __all__ = [
