@@ -453,6 +453,46 @@ def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str
     return str(fresh["metadata"]["resourceVersion"])
 
 
+# A Deployment just created gets its status written by the controllers at once, which
+# moves its resourceVersion under our relabelling patch: retry on those moves only.
+RELABEL_ATTEMPTS = 5
+
+
+def _relabel_created(
+    client: KubeClient, path: str, created: dict[str, Any], field_manager: str
+) -> str:
+    """The POST's fields are recorded as our "Update", not our "Apply": our next
+    server-side apply would then conflict with ourselves. Re-label that entry as our
+    apply (what kubectl's client- to server-side apply upgrade does), at the created
+    object's resourceVersion; when only its status moved since (same generation: the
+    controllers, not a person), again at the new one. The new resourceVersion."""
+    current = created
+    generation = created["metadata"].get("generation")
+    for attempt in range(RELABEL_ATTEMPTS):
+        entries = [
+            {**e, "operation": "Apply"}
+            if e.get("manager") == field_manager and e.get("operation") == "Update"
+            else e
+            for e in current["metadata"].get("managedFields") or []
+        ]
+        rv = str(current["metadata"]["resourceVersion"])
+        try:
+            answer = client.merge_patch(
+                path,
+                {"metadata": {"managedFields": entries, "resourceVersion": rv}},
+                field_manager=field_manager,
+            )
+            return str(answer["metadata"]["resourceVersion"])
+        except ResourceConflict:
+            current = client.get(path)
+            if (
+                current["metadata"].get("generation") != generation
+                or attempt == RELABEL_ATTEMPTS - 1
+            ):
+                raise  # its spec changed: not ours to relabel over
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 def _write(
     client: KubeClient, step: WriteStep, rv: str | None, *, field_manager: str, now_s: float
 ) -> str | None:
@@ -471,23 +511,7 @@ def _write(
                 query={"fieldManager": field_manager},
                 body=manifest,
             )
-            rv = str(created["metadata"]["resourceVersion"])
-            # ...whose fields the server records as our "Update", not our "Apply": our
-            # next server-side apply would then conflict with ourselves. Re-label that
-            # entry as our apply (what kubectl's client- to server-side apply upgrade
-            # does), at the created resourceVersion.
-            entries = [
-                {**e, "operation": "Apply"}
-                if e.get("manager") == field_manager and e.get("operation") == "Update"
-                else e
-                for e in created["metadata"].get("managedFields") or []
-            ]
-            answer = client.merge_patch(
-                path,
-                {"metadata": {"managedFields": entries, "resourceVersion": rv}},
-                field_manager=field_manager,
-            )
-            return str(answer["metadata"]["resourceVersion"])
+            return _relabel_created(client, path, created, field_manager)
         manifest["metadata"]["resourceVersion"] = rv
         return str(
             client.apply(path, manifest, field_manager=field_manager)["metadata"]["resourceVersion"]

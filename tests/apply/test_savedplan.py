@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.apply.kubeclient import ResourceConflict
 from reconciler.apply.savedplan import (
     SCHEMA_VERSION,
     Observed,
@@ -17,6 +18,7 @@ from reconciler.apply.savedplan import (
     SavedCluster,
     SavedPlan,
     WriteStep,
+    _relabel_created,
     deployment_fingerprint,
     moved_objects,
     read_plan,
@@ -144,3 +146,52 @@ def test_the_deployment_fingerprint_ignores_status_only() -> None:
     }
     assert deployment_fingerprint(obj) == deployment_fingerprint(moved_status)
     assert deployment_fingerprint(obj) != deployment_fingerprint({**obj, "spec": {"replicas": 2}})
+
+
+class _StatusRacingClient:
+    """Answers the relabelling patch after a create with a conflict ``conflicts``
+    times, as when the controllers write a new Deployment's status first."""
+
+    def __init__(self, conflicts: int, generation_after: int = 1):
+        self.conflicts = conflicts
+        self.generation_after = generation_after
+        self.patched_at: list[str] = []
+
+    def merge_patch(self, path: str, body: dict, field_manager: str) -> dict:  # type: ignore[type-arg]
+        self.patched_at.append(body["metadata"]["resourceVersion"])
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            raise ResourceConflict(409, "Conflict", "the object has been modified")
+        return {"metadata": {"resourceVersion": "99"}}
+
+    def get(self, path: str) -> dict:  # type: ignore[type-arg]
+        version = str(10 + len(self.patched_at))
+        return {
+            "metadata": {
+                "resourceVersion": version,
+                "generation": self.generation_after,
+                "managedFields": [{"manager": "heteroscale", "operation": "Update"}],
+            }
+        }
+
+
+CREATED = {
+    "metadata": {
+        "resourceVersion": "10",
+        "generation": 1,
+        "managedFields": [{"manager": "heteroscale", "operation": "Update"}],
+    }
+}
+
+
+def test_a_created_deployment_is_relabelled_past_its_controllers_status_writes() -> None:
+    client = _StatusRacingClient(conflicts=2)
+    assert _relabel_created(client, "/p", CREATED, "heteroscale") == "99"  # type: ignore[arg-type]
+    assert client.patched_at == ["10", "11", "12"]  # each time at the fresh version
+
+
+def test_a_created_deployment_whose_spec_changed_is_not_relabelled() -> None:
+    client = _StatusRacingClient(conflicts=1, generation_after=2)
+    with pytest.raises(ResourceConflict):
+        _relabel_created(client, "/p", CREATED, "heteroscale")  # type: ignore[arg-type]
+    assert client.patched_at == ["10"]

@@ -1,0 +1,520 @@
+"""``heteroscale status``: Argo CD style sync and health, per cluster and service.
+
+Sync comes from one dry-run cycle, built and run exactly as ``plan`` does
+(``build_loop(dry_run=True)`` then ``run_cycle``), never from a second diff: a service
+is OutOfSync when that cycle would change something for it (a group change, an
+object write) or is held off one of its objects because someone else changed it
+(drift). Health: Degraded when the service's decision holds for a reason that needs a
+person (missing metrics, an invalid revision, drift, the planner reporting an
+unattainable SLO or a bound below what the SLO needs, read from the decision's
+reason and message); Progressing while instances start or drain; else Healthy.
+
+The applied revision comes from the per-cluster state ConfigMap
+(``reconciler.apply.statestore``) and the leader from the Lease, both in the
+reconciler's namespace. ``apply`` does not write that ConfigMap (only ``run`` does),
+so after a bare ``apply`` the revision is "unknown".
+
+Exit codes: 0 everything Synced and Healthy, 3 something OutOfSync, 4 all Synced but
+something Progressing or Degraded, 1 error (invalid desired state, a cluster or the
+reconciler's home API server unreachable).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from reconciler.commands.reconcile import (
+    ClusterOpt,
+    KubeOpt,
+    PlacerOpt,
+    PolicyOpt,
+    PromOpt,
+    PruneOpt,
+    RepoOpt,
+    RevOpt,
+    SeedOpt,
+    Settings,
+    SimOpt,
+    _settings,
+    build_loop,
+)
+from reconciler.errors import ConfigError
+
+if TYPE_CHECKING:  # the loop pulls in prometheus_client: only when status runs
+    from reconciler.loop import ClusterOutcome, CycleResult
+
+Sync = Literal["Synced", "OutOfSync", "Unknown"]
+Health = Literal["Healthy", "Progressing", "Degraded", "Unknown"]
+SIMULATED = "none (simulated)"
+EXIT_OUT_OF_SYNC = 3
+EXIT_NOT_HEALTHY = 4
+
+# Markers the planner puts in a decision's message (reconciler.policy.planner, step
+# 7 and 8) when the SLO cannot be met: by any instance, or within a bound.
+_SLO_MARKERS = (
+    ("SLO at risk:", "slo_bound", "a bound keeps a role below what the SLO needs"),
+    ("cannot meet it on any instance", "slo_unattainable", "SLO unattainable"),
+)
+DEGRADING = {"metrics_missing", "invalid_revision", "drift", "slo_bound", "slo_unattainable"}
+
+
+@dataclass
+class Hold:
+    kind: str  # metrics_missing | invalid_revision | drift | slo_* | stabilised
+    why: str
+
+    @property
+    def degrading(self) -> bool:
+        return self.kind in DEGRADING
+
+
+@dataclass
+class ServiceStatus:
+    service: str
+    sync: Sync
+    health: Health
+    reason: str
+    message: str
+    current: dict[str, dict[str, int]]
+    target: dict[str, int]
+    changes: list[str] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "sync": self.sync,
+            "health": self.health,
+            "reason": self.reason,
+            "message": self.message,
+            "current": self.current,
+            "target": self.target,
+            "changes": self.changes,
+            "holds": [{"kind": h.kind, "why": h.why} for h in self.holds],
+        }
+
+
+@dataclass
+class AppliedRevision:
+    revision: str  # the id, "unknown" or SIMULATED
+    label: str = ""
+    applied_at: str | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        if self.revision in ("unknown", SIMULATED):
+            return self.revision + (f" ({self.detail})" if self.detail else "")
+        label = f" ({self.label})" if self.label else ""
+        return f"{self.revision[:19]}{label} applied {self.applied_at}"
+
+
+@dataclass
+class ClusterStatus:
+    cluster: str
+    outcome: str
+    error: str | None
+    revision: AppliedRevision
+    services: list[ServiceStatus] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Leader:
+    holder: str | None
+    renew_time: str | None
+    detail: str
+
+    def describe(self) -> str:
+        if self.holder:
+            return f"{self.holder} (renewed {self.renew_time or 'never'}{self.detail})"
+        return self.detail
+
+
+def _iso(at_s: float) -> str:
+    return dt.datetime.fromtimestamp(at_s, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ------------------------------------------------------------------- per service
+
+
+def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], list[Hold]]:
+    """The cycle's object writes for ``service``, and its objects held off by drift."""
+    changes: list[str] = []
+    holds: list[Hold] = []
+    if outcome.diff is None:
+        return changes, holds
+    # Objects the same cycle saw changed by someone else (the observation's drift).
+    drifted = {d.name: d.detail for d in outcome.diff.drift if d.kind == "object_modified"}
+    for obj in outcome.diff.objects:
+        if obj.service != service:
+            continue
+        if obj.action in ("conflict", "error"):
+            # Git says otherwise but the cycle will not write it: out of sync, held.
+            changes.append(" ".join(obj.headline().split()))
+            holds.append(Hold("drift", f"{obj.key}: {'; '.join(obj.notes) or obj.action}"))
+        elif obj.key in drifted:
+            # A hand edit the decision then held on (e.g. missing metrics keep the
+            # current size) writes nothing, yet the live object is not what Git made.
+            changes.append(f"Deployment {obj.key} changed outside Git")
+            holds.append(Hold("drift", f"{obj.key}: {drifted[obj.key]}"))
+        elif obj.changes_something:
+            changes.append(" ".join(obj.headline().split()))
+    return changes, holds
+
+
+def service_status(
+    outcome: ClusterOutcome, service: str, desired_error: str | None
+) -> ServiceStatus:
+    plan = outcome.plan
+    assert plan is not None
+    decision = plan.decisions[service]
+    fleet = plan.current.service_fleet(service)
+    changes = [" ".join(str(c).split()) for c in plan.changes if c.service == service]
+    object_changes, holds = _object_changes(outcome, service)
+    # With a Kubernetes backend the object diff is what apply does; the group changes
+    # say the same at group level, so keep both lines but count once.
+    changes += [c for c in object_changes if c not in changes]
+    if decision.reason == "metrics_missing":
+        holds.insert(0, Hold("metrics_missing", decision.message))
+    elif decision.reason == "stabilised":
+        holds.insert(0, Hold("stabilised", decision.message))
+    for marker, kind, what in _SLO_MARKERS:
+        if marker in decision.message:
+            holds.append(Hold(kind, f"{what}: {decision.message}"))
+    if desired_error:
+        holds.append(Hold("invalid_revision", desired_error))
+    moving = any(count.starting or count.draining for count in (fleet.prefill, fleet.decode))
+    health: Health = (
+        "Degraded" if any(h.degrading for h in holds) else "Progressing" if moving else "Healthy"
+    )
+    return ServiceStatus(
+        service=service,
+        sync="OutOfSync" if changes else "Synced",
+        health=health,
+        reason=decision.reason,
+        message=decision.message,
+        current={
+            role: {
+                "ready": count.ready,
+                "starting": count.starting,
+                "draining": count.draining,
+            }
+            for role, count in (("prefill", fleet.prefill), ("decode", fleet.decode))
+        },
+        target={"prefill": decision.prefill, "decode": decision.decode},
+        changes=changes,
+        holds=holds,
+    )
+
+
+# ------------------------------------------------------ the reconciler's home cluster
+
+
+@dataclass
+class Home:
+    """Where the Lease and the state ConfigMaps live (as ``run`` finds them)."""
+
+    namespace: str
+    lease_name: str
+    context: str | None
+
+
+def _home_client(settings: Settings, home: Home) -> Any:
+    from reconciler.apply.kubeclient import KubeClient
+
+    if (
+        settings.kubeconfig is None
+        and os.environ.get("KUBERNETES_SERVICE_HOST")
+        and not home.context
+    ):
+        return KubeClient.in_cluster(name="status")
+    return KubeClient.from_kubeconfig(settings.kubeconfig, home.context)
+
+
+def read_leader(client: Any, home: Home, now_s: float) -> Leader:
+    from reconciler.apply.kubeclient import NotFound, leases_path
+    from reconciler.apply.lease import parse_lease
+
+    try:
+        record = parse_lease(client.get(leases_path(home.namespace, home.lease_name)))
+    except NotFound:
+        return Leader(None, None, f"none (no Lease {home.namespace}/{home.lease_name})")
+    if not record.holder:
+        return Leader(None, record.renew_time, "none (the Lease is released)")
+    detail = ""
+    if record.renew_time:
+        renewed = dt.datetime.strptime(record.renew_time[:19], "%Y-%m-%dT%H:%M:%S")
+        age = now_s - renewed.replace(tzinfo=dt.UTC).timestamp()
+        if age > record.duration_s:
+            detail = f"; expired {age - record.duration_s:.0f} s ago"
+    return Leader(record.holder, record.renew_time, detail)
+
+
+def read_revision(store: Any, cluster: str) -> AppliedRevision:
+    from reconciler.durable import StateFormatError
+
+    where = store.describe(cluster)
+    try:
+        stored = store.load(cluster)
+    except StateFormatError as exc:
+        return AppliedRevision("unknown", detail=f"{where} unreadable: {exc}")
+    if stored is None:
+        return AppliedRevision(
+            "unknown", detail=f"no {where}: written by `heteroscale run`, not by `apply`"
+        )
+    if stored.last_plan is None:
+        return AppliedRevision("unknown", detail=f"{where} records no applied plan")
+    plan = stored.last_plan
+    label = stored.revision.label if stored.revision and stored.revision.id == plan.revision else ""
+    return AppliedRevision(plan.revision, label, _iso(plan.applied_at_s))
+
+
+# ---------------------------------------------------------------------- assembly
+
+
+@dataclass
+class Status:
+    source: str
+    target: str
+    simulated: bool
+    leader: Leader
+    desired_error: str | None
+    clusters: list[ClusterStatus]
+    errors: list[str]
+
+    @property
+    def services(self) -> list[ServiceStatus]:
+        return [s for c in self.clusters for s in c.services]
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors:
+            return 1
+        if any(s.sync != "Synced" for s in self.services):
+            return EXIT_OUT_OF_SYNC
+        if any(s.health != "Healthy" for s in self.services):
+            return EXIT_NOT_HEALTHY
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "simulated": self.simulated,
+            "leader": {
+                "holder": self.leader.holder,
+                "renew_time": self.leader.renew_time,
+                "describe": self.leader.describe(),
+            },
+            "desired_error": self.desired_error,
+            "clusters": [
+                {
+                    "cluster": c.cluster,
+                    "outcome": c.outcome,
+                    "error": c.error,
+                    "revision": {
+                        "revision": c.revision.revision,
+                        "label": c.revision.label,
+                        "applied_at": c.revision.applied_at,
+                        "detail": c.revision.detail,
+                    },
+                    "drift": c.drift,
+                    "notes": c.notes,
+                    "services": [s.to_json() for s in c.services],
+                }
+                for c in self.clusters
+            ],
+            "synced": all(s.sync == "Synced" for s in self.services),
+            "healthy": all(s.health == "Healthy" for s in self.services),
+            "errors": self.errors,
+            "exit_code": self.exit_code,
+        }
+
+
+def cluster_status(
+    outcome: ClusterOutcome, result: CycleResult, revision: AppliedRevision
+) -> ClusterStatus:
+    status = ClusterStatus(outcome.cluster, outcome.outcome, outcome.error, revision)
+    if outcome.plan is None:
+        return status
+    status.services = [
+        service_status(outcome, name, result.desired_error)
+        for name in sorted(outcome.plan.decisions)
+    ]
+    drift = outcome.diff.drift if outcome.diff is not None else ()
+    if not drift and outcome.observation is not None:
+        drift = outcome.observation.drift
+    status.drift = [f"{d.kind} {d.name}: {d.detail}" for d in drift]
+    # Drift is listed above; the plan repeats it among its notes.
+    status.notes = [n for n in outcome.plan.notes if not n.startswith("drift ")]
+    return status
+
+
+def collect_status(settings: Settings, home: Home) -> Status:
+    """One dry-run cycle (plan's code path) plus the Lease and state objects.
+    Raises ``ConfigError`` when the desired state is invalid."""
+    loop, wiring = build_loop(settings, dry_run=True)
+    result = loop.run_cycle()
+    errors = [f"cluster {c.cluster}: {c.error}" for c in result.clusters if c.outcome == "error"]
+    if result.desired_error and not result.clusters:
+        errors.append(result.desired_error)
+    store: Any = None
+    if wiring.simulated:
+        leader = Leader(None, None, SIMULATED)
+    else:
+        from reconciler.apply.statestore import ConfigMapStateStore
+
+        try:
+            client = _home_client(settings, home)
+            leader = read_leader(client, home, loop.clock())
+            store = ConfigMapStateStore(client, home.namespace, "heteroscale-status")
+        except Exception as exc:  # any failure to reach the home cluster: exit 1, no traceback
+            leader = Leader(None, None, f"error: {type(exc).__name__}: {exc}")
+            errors.append(f"Lease {home.namespace}/{home.lease_name}: {type(exc).__name__}: {exc}")
+    clusters = []
+    for outcome in result.clusters:
+        if wiring.simulated:
+            revision = AppliedRevision(SIMULATED)
+        elif store is None:
+            revision = AppliedRevision(
+                "unknown", detail="the reconciler's namespace is unreachable"
+            )
+        else:
+            try:
+                revision = read_revision(store, outcome.cluster)
+            except Exception as exc:  # as above: reported, exit 1
+                revision = AppliedRevision("unknown", detail=f"{type(exc).__name__}: {exc}")
+                errors.append(f"{store.describe(outcome.cluster)}: {type(exc).__name__}: {exc}")
+        clusters.append(cluster_status(outcome, result, revision))
+    return Status(
+        source=result.source_label,
+        target=wiring.describe,
+        simulated=wiring.simulated,
+        leader=leader,
+        desired_error=result.desired_error,
+        clusters=clusters,
+        errors=errors,
+    )
+
+
+# ------------------------------------------------------------------------- text
+
+
+def format_text(status: Status) -> str:
+    out = [f"heteroscale status: {status.source} -> {status.target}"]
+    out.append(f"leader: {status.leader.describe()}")
+    if status.desired_error:
+        out.append(f"! {status.desired_error}")
+    for cluster in status.clusters:
+        out.append("")
+        if cluster.outcome in ("error", "skipped"):
+            out.append(f"cluster {cluster.cluster}: {cluster.outcome.upper()}: {cluster.error}")
+            continue
+        out.append(f"cluster {cluster.cluster}: revision {cluster.revision.describe()}")
+        rows = [
+            (
+                s.service,
+                s.sync,
+                s.health,
+                f"prefill {_active(s, 'prefill')}->{s.target['prefill']}, "
+                f"decode {_active(s, 'decode')}->{s.target['decode']}",
+                s.reason,
+            )
+            for s in cluster.services
+        ]
+        header = ("SERVICE", "SYNC", "HEALTH", "INSTANCES", "REASON")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            out.append(
+                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            )
+        for s in cluster.services:
+            for change in s.changes:
+                out.append(f"    {s.service}: change {change}")
+            for hold in s.holds:
+                out.append(f"    {s.service}: hold ({hold.kind}) {hold.why}")
+        out.extend(f"    drift {d}" for d in cluster.drift)
+        out.extend(f"    note: {n}" for n in cluster.notes)
+    out.append("")
+    out.extend(f"error: {e}" for e in status.errors)
+    services = status.services
+    out_of_sync = sum(s.sync != "Synced" for s in services)
+    unhealthy = sum(s.health != "Healthy" for s in services)
+    out.append(f"{len(services)} service(s): {out_of_sync} OutOfSync, {unhealthy} not Healthy")
+    return "\n".join(out)
+
+
+def _active(s: ServiceStatus, role: str) -> int:
+    return s.current[role]["ready"] + s.current[role]["starting"]
+
+
+# ---------------------------------------------------------------------- command
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def status(
+        repo: RepoOpt = Path("."),
+        rev: RevOpt = None,
+        kubeconfig: KubeOpt = None,
+        simulate: SimOpt = False,
+        cluster: ClusterOpt = None,
+        placer: PlacerOpt = "cp-sat",
+        autoscaler: PolicyOpt = "heteroscale",
+        prometheus_url: PromOpt = None,
+        seed: SeedOpt = 0,
+        prune_removed_services: PruneOpt = False,
+        format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+        lease_namespace: Annotated[
+            str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")
+        ] = "heteroscale-system",
+        lease_name: Annotated[str, typer.Option("--lease-name")] = "heteroscale-reconciler",
+        lease_context: Annotated[
+            str | None,
+            typer.Option(
+                "--lease-context",
+                help="kube context holding the Lease and state (default: current / in-cluster)",
+            ),
+        ] = None,
+    ) -> None:
+        """Sync and health per cluster and service (Argo CD style), from one dry-run
+        cycle, the state ConfigMaps and the Lease. Exit 0: all Synced and Healthy,
+        3: something OutOfSync, 4: all Synced but something Progressing or Degraded,
+        1: error."""
+        from reconciler.cli import console, report_config_error
+
+        if format not in ("text", "json"):
+            raise typer.BadParameter("--format must be text or json")
+        settings = _settings(
+            repo,
+            rev,
+            kubeconfig,
+            simulate,
+            cluster,
+            placer,
+            autoscaler,
+            prometheus_url,
+            False,  # force: status never takes anything back
+            120.0,
+            "auto",
+            seed,
+            prune_removed_services,
+        )
+        try:
+            found = collect_status(settings, Home(lease_namespace, lease_name, lease_context))
+        except ConfigError as exc:
+            report_config_error(exc)
+            raise typer.Exit(1) from None
+        if format == "json":
+            print(json.dumps(found.to_json(), indent=2))
+        else:
+            console.print(format_text(found), markup=False, soft_wrap=True, highlight=False)
+        raise typer.Exit(found.exit_code)

@@ -1,0 +1,139 @@
+"""`heteroscale status` against the real API server: Synced after `apply`, the applied
+revision from the state ConfigMap once `run` wrote it, and OutOfSync naming the
+service whose Deployment someone scaled by hand."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from kubetestkit import (
+    ControlPlane,
+    create_nodes,
+    ensure_namespace,
+    list_deployments,
+    make_desired_state,
+    wait_for,
+)
+from typer.testing import CliRunner
+
+from reconciler.apply.kubeclient import deployments_path, leases_path
+from reconciler.apply.lease import format_micro_time
+from reconciler.cli import app
+
+pytestmark = pytest.mark.kubernetes
+
+
+def _status(common: list[str]) -> tuple[int, dict]:
+    result = CliRunner().invoke(app, ["status", *common, "--format", "json"])
+    assert result.exit_code in (0, 3, 4), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_status_after_apply_run_and_a_hand_scale(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    name = "status-e2e"
+    home = "status-home"
+    state = make_desired_state(tmp_path, name, services=("alpha", "beta"))
+    client = control_plane.client()
+    ensure_namespace(client, name)
+    ensure_namespace(client, home)
+    create_nodes(client, state.clusters[name])
+    common = [
+        "--repo",
+        str(tmp_path),
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--placer",
+        "greedy",
+    ]
+    where = [*common, "--lease-namespace", home]
+    runner = CliRunner()
+
+    code, before = _status(where)
+    assert code == 3 and {s["sync"] for s in before["clusters"][0]["services"]} == {"OutOfSync"}
+    assert before["leader"]["holder"] is None and "no Lease" in before["leader"]["describe"]
+
+    assert runner.invoke(app, ["apply", *common]).exit_code == 0
+    wait_for(
+        lambda: all(
+            p["spec"].get("nodeName") for p in client.list(f"/api/v1/namespaces/{name}/pods")
+        ),
+        what="scheduled pods",
+    )
+    code, after = _status(where)
+    (cluster,) = after["clusters"]
+    services = {s["service"]: s for s in cluster["services"]}
+    assert set(services) == {"alpha", "beta"}
+    assert {s["sync"] for s in services.values()} == {"Synced"}, services
+    # No Prometheus: every decision holds on missing metrics, which is Degraded.
+    assert {s["health"] for s in services.values()} == {"Degraded"}
+    assert all(s["holds"][0]["kind"] == "metrics_missing" for s in services.values())
+    assert code == 4, "synced but not healthy"
+    # `apply` does not write the state ConfigMap (only `run` does).
+    assert cluster["revision"]["revision"] == "unknown"
+    assert "written by `heteroscale run`" in cluster["revision"]["detail"]
+
+    # One cycle of the loop writes the state ConfigMap and takes the Lease.
+    ran = runner.invoke(
+        app,
+        [
+            "run",
+            *where,
+            "--cycles",
+            "1",
+            "--interval",
+            "0.2",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-leader-elect",  # a cycle before the first election would be a standby's
+        ],
+    )
+    assert ran.exit_code == 0, ran.output
+    code, stored = _status(where)
+    revision = stored["clusters"][0]["revision"]
+    assert revision["revision"].startswith("sha256:") and revision["applied_at"]
+    assert revision["label"] == str(tmp_path)
+    assert "no Lease" in stored["leader"]["describe"]
+    # A replica holds the Lease: status names it and when it renewed.
+    renewed = format_micro_time(time.time())
+    client.request(
+        "POST",
+        leases_path(home),
+        body={
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "heteroscale-reconciler", "namespace": home},
+            "spec": {
+                "holderIdentity": "replica-1",
+                "leaseDurationSeconds": 15,
+                "renewTime": renewed,
+            },
+        },
+    )
+    code, led = _status(where)
+    assert led["leader"]["holder"] == "replica-1" and led["leader"]["renew_time"] == renewed
+    text = runner.invoke(app, ["status", *where])
+    assert f"revision {revision['revision'][:19]} ({tmp_path}) applied" in text.stdout
+
+    # Someone scales one of alpha's Deployments by hand.
+    victim = next(n for n in list_deployments(client, name) if n.startswith("alpha-"))
+    client.merge_patch(
+        deployments_path(name, victim), {"spec": {"replicas": 9}}, field_manager="kubectl-edit"
+    )
+    code, drifted = _status(where)
+    services = {s["service"]: s for s in drifted["clusters"][0]["services"]}
+    assert code == 3
+    assert services["alpha"]["sync"] == "OutOfSync" and services["beta"]["sync"] == "Synced"
+    assert any(victim in c for c in services["alpha"]["changes"]), services["alpha"]
+    assert any(
+        h["kind"] == "drift" and "kubectl-edit" in h["why"] for h in services["alpha"]["holds"]
+    )
+    text = runner.invoke(app, ["status", *where])
+    assert text.exit_code == 3
+    assert any(line.split()[:2] == ["alpha", "OutOfSync"] for line in text.stdout.splitlines()), (
+        text.stdout
+    )

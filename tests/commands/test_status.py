@@ -1,0 +1,198 @@
+"""`heteroscale status` on the embedded default (no kubeconfig: the simulated fleet),
+its JSON shape and exit codes, and the health rules on hand-built cycle outcomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+from reconciler.commands.status import (
+    AppliedRevision,
+    ClusterStatus,
+    Leader,
+    Status,
+    service_status,
+)
+from reconciler.loop import ClusterOutcome
+from reconciler.placement.base import PlacementResult
+from reconciler.plan import Plan
+from reconciler.policy.base import Decision
+from reconciler.state import DeploymentGroup, FleetState, GroupRole
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def no_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+
+
+def test_the_embedded_default_is_out_of_sync_where_plan_finds_changes() -> None:
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", "--repo", str(REPO), "--format", "json"])
+    assert planned.exit_code == 3, planned.output
+    (plan_cluster,) = json.loads(planned.stdout)["clusters"]
+    changed = {c["service"] for c in plan_cluster["group_changes"]}
+
+    result = runner.invoke(app, ["status", "--repo", str(REPO), "--format", "json"])
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    (cluster,) = report["clusters"]
+    out_of_sync = {s["service"] for s in cluster["services"] if s["sync"] == "OutOfSync"}
+    assert out_of_sync == changed, "status is plan's cycle, service by service"
+    assert report["synced"] is False and report["exit_code"] == 3
+
+
+def test_json_shape_on_the_simulated_fleet() -> None:
+    result = CliRunner().invoke(app, ["status", "--repo", str(REPO), "--format", "json"])
+    report = json.loads(result.stdout)
+    assert report["simulated"] is True
+    assert report["leader"] == {"holder": None, "renew_time": None, "describe": "none (simulated)"}
+    assert report["errors"] == [] and report["desired_error"] is None
+    (cluster,) = report["clusters"]
+    assert cluster["cluster"] == "prod-east" and cluster["outcome"] == "ok"
+    assert cluster["revision"]["revision"] == "none (simulated)"
+    services = {s["service"]: s for s in cluster["services"]}
+    assert set(services) == {"chat", "summarize", "svc-a", "svc-b"}
+    for s in services.values():
+        assert set(s) == {
+            "service",
+            "sync",
+            "health",
+            "reason",
+            "message",
+            "current",
+            "target",
+            "changes",
+            "holds",
+        }
+        assert s["sync"] in ("Synced", "OutOfSync")
+        assert s["health"] in ("Healthy", "Progressing", "Degraded")
+        assert (s["sync"] == "OutOfSync") == bool(s["changes"])
+        assert set(s["current"]["decode"]) == {"ready", "starting", "draining"}
+        assert all(set(h) == {"kind", "why"} for h in s["holds"])
+
+
+def test_text_names_every_service_and_the_simulated_leader() -> None:
+    result = CliRunner().invoke(app, ["status", "--repo", str(REPO)])
+    assert result.exit_code == 3, result.output
+    assert "leader: none (simulated)" in result.output
+    assert "cluster prod-east: revision none (simulated)" in result.output
+    lines = result.output.splitlines()
+    assert lines[4].split() == ["SERVICE", "SYNC", "HEALTH", "INSTANCES", "REASON"]
+    rows = {line.split()[0]: line.split()[1] for line in lines[5:9]}
+    assert rows == dict.fromkeys(("chat", "summarize", "svc-a", "svc-b"), "OutOfSync")
+
+
+def test_errors_exit_1_and_usage_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "policies" / "x.yaml").write_text("name: [broken\n")
+    assert runner.invoke(app, ["status", "--repo", str(tmp_path)]).exit_code == 1
+    assert runner.invoke(app, ["status", "--repo", str(REPO), "--format", "yaml"]).exit_code == 2
+
+
+def test_an_unreachable_api_server_is_an_error(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("""\
+apiVersion: v1
+kind: Config
+clusters: [{name: down, cluster: {server: "https://127.0.0.1:9", insecure-skip-tls-verify: true}}]
+users: [{name: admin, user: {token: test-token}}]
+contexts: [{name: down, context: {cluster: down, user: admin}}]
+current-context: down
+""")
+    result = CliRunner().invoke(
+        app,
+        [
+            "status",
+            "--repo",
+            str(REPO),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--placer",
+            "greedy",
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["clusters"][0]["outcome"] == "error"
+    assert any("127.0.0.1:9" in e for e in report["errors"])
+
+
+# ------------------------------------------------------------ health, by hand
+
+
+def _outcome(message: str, reason: str = "within_tolerance", starting: int = 0) -> ClusterOutcome:
+    group = DeploymentGroup("svc", "c", "g1", "c", None, GroupRole("h20", 2), GroupRole("h20", 4))
+    fleet = FleetState("c", (group,), starting={("svc", "decode"): starting})
+    decision = Decision("svc", 2, 4, reason, message)  # type: ignore[arg-type]
+    plan = Plan("c", {"svc": decision}, PlacementResult("c", (group,)), (), fleet)
+    return ClusterOutcome(cluster="c", plan=plan)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "starting", "health", "kinds"),
+    [
+        ("decode_tps 100 within 10%", "within_tolerance", 0, "Healthy", []),
+        ("decode_tps 100 within 10%", "within_tolerance", 2, "Progressing", []),
+        (
+            "decode_tps missing: hold 2 prefill, 4 decode",
+            "metrics_missing",
+            2,
+            "Degraded",
+            ["metrics_missing"],
+        ),
+        ("scale-in held by the 300 s window", "stabilised", 0, "Healthy", ["stabilised"]),
+        (
+            "SLO at risk: decode needs 9, max_instances allows 4",
+            "bounds",
+            0,
+            "Degraded",
+            ["slo_bound"],
+        ),
+        (
+            "ttft 900 ms above SLO, but 30% of requests cannot meet it on any instance",
+            "scale_out",
+            0,
+            "Degraded",
+            ["slo_unattainable"],
+        ),
+    ],
+)
+def test_health_from_the_decision(
+    message: str, reason: str, starting: int, health: str, kinds: list[str]
+) -> None:
+    found = service_status(_outcome(message, reason, starting), "svc", None)
+    assert found.sync == "Synced" and found.health == health
+    assert [h.kind for h in found.holds] == kinds
+
+
+def test_an_invalid_revision_degrades_every_service() -> None:
+    found = service_status(_outcome("ok"), "svc", "desired state invalid (1 problem(s))")
+    assert found.health == "Degraded" and [h.kind for h in found.holds] == ["invalid_revision"]
+
+
+def test_exit_code_precedence() -> None:
+    def status(*services: tuple[str, str], errors: tuple[str, ...] = ()) -> Status:
+        cluster = ClusterStatus("c", "ok", None, AppliedRevision("unknown"))
+        for sync, health in services:
+            s = service_status(_outcome("ok"), "svc", None)
+            s.sync, s.health = sync, health  # type: ignore[assignment]
+            cluster.services.append(s)
+        return Status("src", "tgt", True, Leader(None, None, ""), None, [cluster], list(errors))
+
+    assert status(("Synced", "Healthy")).exit_code == 0
+    assert status(("Synced", "Healthy"), ("Synced", "Degraded")).exit_code == 4
+    assert status(("Synced", "Progressing")).exit_code == 4
+    assert status(("OutOfSync", "Healthy"), ("Synced", "Degraded")).exit_code == 3
+    assert status(("OutOfSync", "Healthy"), errors=("cluster c: down",)).exit_code == 1
