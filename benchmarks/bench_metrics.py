@@ -218,6 +218,7 @@ def main() -> int:
                 PrometheusSettings(
                     url=prometheus.url,
                     rate_window_s=window_s,
+                    scrape_interval_s=args.scrape_interval,  # the window-coverage check
                     max_concurrency=mode[0],
                     recorded_histograms=mode[1],
                 )
