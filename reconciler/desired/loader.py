@@ -617,5 +617,6 @@ def load_desired_state(root: str | Path = ".", rev: str | None = None) -> Desire
     try:
         source: Source = GitSource(Path(root), rev) if rev else DirectorySource(Path(root))
     except SourceError as exc:
-        raise ConfigError([ConfigIssue(exc.path, None, None, "", exc.message)]) from None
+        column = 1 if exc.line is not None else None
+        raise ConfigError([ConfigIssue(exc.path, exc.line, column, "", exc.message)]) from None
     return load_from_source(source)

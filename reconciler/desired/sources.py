@@ -19,13 +19,20 @@ MAX_FILE_BYTES = 5 * 1024 * 1024
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
+# gitattributes that change what a file says between the committed blob and a
+# checkout. Line-ending conversions (text, eol, crlf) are not among them: YAML reads
+# LF and CRLF alike.
+CHECKOUT_CONVERSIONS = frozenset({"filter", "working-tree-encoding", "ident"})
+
+
 class SourceError(Exception):
     """A file could not be read as configuration; ``path`` is repository-relative."""
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, line: int | None = None):
         self.path = path
         self.message = message
-        super().__init__(f"{path}: {message}")
+        self.line = line  # 1-based, when the problem is on one line of the file
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
 class Source(Protocol):
@@ -140,6 +147,28 @@ class GitSource:
             if kind == "blob":
                 path = os.fsdecode(raw_path)
                 self._tree[path] = (mode, sha, int(size) if size != "-" else 0)
+        self._refuse_checkout_conversions()
+
+    def _refuse_checkout_conversions(self) -> None:
+        """The review reads blobs as committed; a reconciler in directory mode reads a
+        checkout. A ``.gitattributes`` that rewrites content on checkout (a filter, a
+        working-tree encoding, ident expansion) would make them read different text:
+        refused, located, rather than reviewed as something the reconciler will not
+        see."""
+        for path in sorted(p for p in self._tree if posixpath.basename(p) == ".gitattributes"):
+            text = self.read(path).decode(errors="replace")
+            for number, line in enumerate(text.splitlines(), start=1):
+                fields = line.split("#", 1)[0].split()
+                for attribute in fields[1:]:
+                    name = attribute.split("=", 1)[0]
+                    if name in CHECKOUT_CONVERSIONS:  # set, or set to a value
+                        raise SourceError(
+                            path,
+                            f"'{attribute}' converts files on checkout, so the reconciler "
+                            "would read other bytes than this review; remove it "
+                            "(conversions are not supported in a desired-state repository)",
+                            line=number,
+                        )
 
     def _git(self, *args: str, text: bool = True) -> Any:
         result = subprocess.run(

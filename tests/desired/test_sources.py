@@ -70,6 +70,30 @@ def test_a_committed_symlink_out_of_the_repository_is_refused(git_repo: Path) ->
         load_desired_state(git_repo, rev="HEAD")
 
 
+def test_a_gitattributes_that_rewrites_content_on_checkout_is_refused_located(
+    git_repo: Path,
+) -> None:
+    """The review reads blobs; a reconciler in directory mode reads a checkout. A
+    filter would make them see different text, so the revision is refused."""
+    (git_repo / ".gitattributes").write_text(
+        "*.png binary\n* text=auto eol=lf\npolicies/*.yaml filter=secret  # smudged\n"
+    )
+    git(git_repo, "add", "-A")
+    git(git_repo, "commit", "-qm", "attributes")
+    with pytest.raises(ConfigError) as caught:
+        load_desired_state(git_repo, rev="HEAD")
+    issue = caught.value.issues[0]
+    assert (issue.file, issue.line) == (".gitattributes", 3)
+    assert "'filter=secret' converts files on checkout" in issue.message
+
+
+def test_line_ending_attributes_are_accepted(git_repo: Path) -> None:
+    (git_repo / ".gitattributes").write_text("* text=auto\n*.yaml eol=crlf -ident\n")
+    git(git_repo, "add", "-A")
+    git(git_repo, "commit", "-qm", "line endings only")
+    assert load_desired_state(git_repo, rev="HEAD").policies
+
+
 def test_validate_accepts_a_revision(git_repo: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(git_repo), "--rev", "main"])
     assert result.exit_code == 0, result.output
