@@ -172,8 +172,10 @@ def test_recorded_mode_gives_the_same_mix(prometheus_stack: PrometheusStack) -> 
             assert _proportions(got.cumulative) == pytest.approx(
                 _proportions(want.cumulative), rel=1e-6, abs=1e-9
             )
-            # Rules evaluate every second: their rates may trail the raw ones by a scrape.
-            assert got.cumulative[-1] == pytest.approx(want.cumulative[-1], rel=0.01)
+            # Rules evaluate every second and may trail the raw rates by a scrape; on a
+            # loaded machine a late evaluation shifts the 10 s window by a second or
+            # two, so the totals agree to a few percent (the proportions exactly).
+            assert got.cumulative[-1] == pytest.approx(want.cumulative[-1], rel=0.05)
 
 
 def test_a_mix_override_reads_what_it_says(prometheus_stack: PrometheusStack) -> None:
