@@ -88,11 +88,6 @@ class OracleMinPlan:
     sim: ServiceSim  # advanced to the end of the horizon under the chosen counts
     trials: int  # trial windows simulated by the search
 
-    def counts_at(self, t_s: float) -> tuple[int, int]:
-        index = min(max(0, int(t_s // self.window_s)), len(self.windows) - 1)
-        window = self.windows[index]
-        return window.prefill, window.decode
-
 
 def _role_type(sim: ServiceSim, policy: ServicePolicy, role: str) -> str:
     """The most preferred allowed GPU type of a role that the model fits."""
