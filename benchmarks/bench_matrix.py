@@ -104,7 +104,11 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     # targets (which the paper policy needs, and which would override the derivation).
     derived = [p for p in policies if p in DERIVING]
     rest = [p for p in policies if p not in DERIVING]
-    document = evaluate(state, cell.service, profile, rest, seed=cell.seed, config=config).to_json()
+    document: dict[str, Any] = {"policies": {}}
+    if rest:
+        document = evaluate(
+            state, cell.service, profile, rest, seed=cell.seed, config=config
+        ).to_json()
     if derived:
         untuned = without_targets(state, cell.service)
         extra = evaluate(untuned, cell.service, profile, derived, seed=cell.seed, config=config)

@@ -22,7 +22,8 @@ from typing import Literal
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
 
-# The paper's eight signals, plus KV-cache usage (an optional extra signal).
+# The paper's eight signals, plus KV-cache usage and the requests waiting in each role's
+# queue (optional extra signals).
 MetricName = Literal[
     "prefill_tps",
     "decode_tps",
@@ -33,6 +34,8 @@ MetricName = Literal[
     "prefill_sm_active",
     "decode_sm_active",
     "decode_kv_usage",
+    "prefill_queue",
+    "decode_queue",
 ]
 METRIC_NAMES: tuple[MetricName, ...] = (
     "prefill_tps",
@@ -44,6 +47,8 @@ METRIC_NAMES: tuple[MetricName, ...] = (
     "prefill_sm_active",
     "decode_sm_active",
     "decode_kv_usage",
+    "prefill_queue",
+    "decode_queue",
 )
 
 
@@ -88,7 +93,8 @@ class ServiceMetrics:
     Units: TPS in tokens/s summed over all instances of the role; ``ttft`` and
     ``tbt`` in milliseconds at the policy's SLO quantile; utilisation and SM
     activity as fractions in [0, 1] averaged over the role's GPUs; KV-cache usage as
-    a fraction in [0, 1] averaged over decode instances.
+    a fraction in [0, 1] averaged over decode instances; queues in requests summed
+    over the role's instances.
     """
 
     service: str
@@ -101,6 +107,10 @@ class ServiceMetrics:
     prefill_sm_active: Sample | None = None
     decode_sm_active: Sample | None = None
     decode_kv_usage: Sample | None = None
+    # Requests waiting for the role (not yet started), summed over its instances: under
+    # overload the served token rates stop at capacity and only the queue shows demand.
+    prefill_queue: Sample | None = None
+    decode_queue: Sample | None = None
     # The live request mix (prompt and output lengths), when the engine exports it.
     prompt_tokens: LengthBuckets | None = None
     output_tokens: LengthBuckets | None = None

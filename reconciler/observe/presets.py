@@ -18,6 +18,8 @@ signal                        role     meaning (unit)
 ``prefill_sm_active``         prefill  DCGM SM activity averaged over GPUs (0..1)
 ``decode_sm_active``          decode   idem for decode
 ``decode_kv_usage``           decode   KV-cache usage averaged over instances (0..1)
+``prefill_queue``             prefill  requests waiting to start prefill, summed (requests)
+``decode_queue``              decode   requests waiting for a decode slot, summed (requests)
 ``prompt_tokens``             prefill  prompt-length histogram: requests/s per bucket
 ``output_tokens``             decode   output-length histogram: requests/s per bucket
 ============================  =======  ==================================================
@@ -26,6 +28,14 @@ signal                        role     meaning (unit)
 (a hit costs no prefill compute), so where the engine counts hits in tokens
 (vLLM ``vllm:prefix_cache_hits_total``, SGLang ``sglang:cached_tokens_total``) the preset
 subtracts them; where it does not, the subtraction falls back to zero.
+
+*Queues* are the engines' waiting-request gauges (vLLM ``vllm:num_requests_waiting``,
+SGLang ``sglang:num_queue_reqs``), the latest sample summed over the role's instances.
+Under overload the token counters stop at what the instances serve, so only the queue
+shows the demand beyond it. Both are optional (the planner falls back to the served
+rates). With Dynamo's own prefill queue (NATS) the prefill workers' waiting count shows
+only what they have pulled: point ``metrics.queries.prefill_queue`` at the queue's depth.
+TensorRT-LLM exports none.
 
 *TTFT is read on the prefill role*: in every P/D flow (proxy-first as in vLLM's
 examples and llm-d, decode-first as in Dynamo, parallel as in SGLang's router) the
@@ -221,11 +231,13 @@ class HistogramQuantile:
 class GaugeAverage:
     """Average of a gauge over the role's series, times ``scale``. ``over_window``
     first averages each series over the rate window (for sampled, noisy gauges such as
-    GPU utilisation); otherwise the latest sample counts."""
+    GPU utilisation); otherwise the latest sample counts. ``total`` sums the series
+    instead of averaging them (a queue length: the role's queue is every instance's)."""
 
     metrics: tuple[str, ...]
     scale: float = 1.0
     over_window: bool = False
+    total: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,8 @@ SIGNAL_ROLE: Mapping[MetricName, Role] = {
     "prefill_sm_active": "prefill",
     "decode_sm_active": "decode",
     "decode_kv_usage": "decode",
+    "prefill_queue": "prefill",
+    "decode_queue": "decode",
 }
 
 _DCGM: dict[MetricName, SignalSpec] = {
@@ -267,6 +281,8 @@ _VLLM: dict[MetricName, SignalSpec] = {
         ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
     ),
     "decode_kv_usage": GaugeAverage(("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+    "prefill_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
+    "decode_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
     **_DCGM,
 }
 
@@ -280,6 +296,8 @@ _SGLANG: dict[MetricName, SignalSpec] = {
         ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")
     ),
     "decode_kv_usage": GaugeAverage(("sglang:token_usage",)),
+    "prefill_queue": GaugeAverage(("sglang:num_queue_reqs",), total=True),
+    "decode_queue": GaugeAverage(("sglang:num_queue_reqs",), total=True),
     **_DCGM,
 }
 
@@ -491,7 +509,8 @@ def render_spec(
         counts = tuple(f"{m}_count" for m in names)
         return SignalQuery(value, freshness(counts), coverage(counts))
     inner = (lambda m: f"avg_over_time({sel(m)}[{window}])") if spec.over_window else sel
-    value = _alternatives([f"avg by ({by}) ({inner(m)})" for m in names])
+    aggregate = "sum" if spec.total else "avg"
+    value = _alternatives([f"{aggregate} by ({by}) ({inner(m)})" for m in names])
     if spec.scale != 1.0:
         value = f"{value} * {format_number(spec.scale)}"
     # No coverage for gauges: an average over part of the window is not biased low.

@@ -59,7 +59,8 @@ and freshness-checked like the signals, and turned into ``LengthBuckets`` sorted
 finished in the window), NaN or stale comes back as ``None``, and the planner keeps the
 last known mix. The mix is optional: when its query fails for good (timeouts, 5xx after
 the retries) its services get ``None`` with the error as the gap reason, and neither
-the cycle nor the other signals fail.
+the cycle nor the other signals fail. The queues (``prefill_queue``, ``decode_queue``)
+are optional the same way (``OPTIONAL_SIGNALS``).
 
 Queries are evaluated at ``now_s`` (the ``time`` parameter), so a cycle can be replayed
 against recorded data.
@@ -131,6 +132,11 @@ from reconciler.state import (
 )
 
 log = logging.getLogger(__name__)
+
+OPTIONAL_SIGNALS: frozenset[SignalName] = frozenset(
+    (*LENGTH_NAMES, "prefill_queue", "decode_queue")
+)
+"""Signals whose query may fail for good without failing the cycle."""
 
 
 @dataclass(frozen=True)
@@ -271,9 +277,15 @@ class SignalRequest:
     parts: tuple[QueryPart, ...]
 
     @property
-    def optional(self) -> bool:
-        """A request-mix histogram: its failure must not fail the cycle."""
+    def histogram(self) -> bool:
+        """A request-mix histogram: rows per ``le``, read as ``LengthBuckets``."""
         return self.signal in LENGTH_NAMES
+
+    @property
+    def optional(self) -> bool:
+        """A request-mix histogram or a queue: its failure must not fail the cycle (the
+        planner keeps the last known mix, and reads the served rates without a queue)."""
+        return self.signal in OPTIONAL_SIGNALS
 
     def promql(self) -> str:
         return " or ".join(part.promql() for part in self.parts)
@@ -449,14 +461,14 @@ def assemble(
             value_rows = _index(tagged.get(part.part_id, []), part)
             fresh_rows = _index(tagged.get(part.part_id + "t", []), part)
             count_rows = _index(tagged.get(part.part_id + "c", []), part)
-            if request.optional:
+            if request.histogram:
                 # Histogram rows: one per le, matched by service whatever their role label
                 # (the preset aggregates it away; an override may keep one role).
                 value_rows, fresh_rows = _by_service(value_rows), _by_service(fresh_rows)
                 count_rows = _by_service(count_rows)
             for service in part.services:
                 found: Sample | LengthBuckets | None
-                found, reason = (_pick_buckets if request.optional else _pick)(
+                found, reason = (_pick_buckets if request.histogram else _pick)(
                     service,
                     role,
                     value_rows,
@@ -769,7 +781,7 @@ class PrometheusMetricsSource:
             except MetricsUnavailable as exc:
                 if not request.optional:
                     raise
-                # The request mix is optional: the planner keeps the last known mix.
+                # The request mix and the queues are optional (``SignalRequest.optional``).
                 log.warning("%s missing for this cycle: %s", request.signal, exc)
                 failed = QueryFailed(exc.cause or str(exc))
                 outcomes = {(request.signal, part.part_id): failed for part in request.parts}

@@ -9,7 +9,11 @@ One cycle, in order (each step that changes a number says so in the message):
 
 1. **Signals.** Prompt tokens/s (``prefill_tps``) and output tokens/s
    (``decode_tps``) must be usable (present, finite, fresh), else both roles hold:
-   a broken metric never scales in.
+   a broken metric never scales in. They count what the instances *served*: under
+   overload that stops at capacity, so the demand is read as served plus the growth
+   of the role's queue (``prefill_queue`` / ``decode_queue``, requests waiting, times
+   the mix's mean prompt or output length), and the queue itself is sized to drain
+   within ``DRAIN_S``. Without a queue signal the served rate stands in (noted).
 2. **Mix.** The request mix from ``metrics.prompt_tokens`` / ``output_tokens``;
    missing or stale, the last known mix (the message says from when). With no mix
    ever seen and no override, the planner holds.
@@ -90,7 +94,7 @@ from reconciler.policy.forecast import (
     forecast,
     update,
 )
-from reconciler.state import LengthBuckets, ServiceFleet, ServiceMetrics
+from reconciler.state import LengthBuckets, Sample, ServiceFleet, ServiceMetrics
 
 # The headroom floor: the rate signals are 60 s averages and Poisson arrivals at the
 # scale of one instance vary by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 %
@@ -104,6 +108,11 @@ METRICS_WINDOW_S = 60.0
 # (five minutes) the forecaster's own errors stand in.
 KEPT_ERRORS = 120
 MIN_KEPT_ERRORS = 10
+# A backlog is sized to drain within one metrics window once the capacity is there:
+# every request behind it misses its TTFT while it lasts (so slower draining loses
+# more requests), and a window is the soonest the loop can see that it drained (the
+# rates it reads are 60 s averages).
+DRAIN_S = METRICS_WINDOW_S
 # Capacities are cached per quantised mix: bucket shares rounded to this.
 _MIX_SHARE_STEP = 0.005
 _CACHE_SIZE = 8192
@@ -120,6 +129,63 @@ class PlannerMemory:
     mix_at_s: float | None = None
     prefill_kept: KeptCapacity = field(default_factory=lambda: KeptCapacity())
     decode_kept: KeptCapacity = field(default_factory=lambda: KeptCapacity())
+    prefill_backlog: Backlog | None = None
+    decode_backlog: Backlog | None = None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A role's queue as last read: tokens of work waiting, at the sample's time."""
+
+    at_s: float
+    tokens: float
+
+
+@dataclass(frozen=True)
+class RoleDemand:
+    """What a role is asked to serve, from what it served and its queue."""
+
+    arriving_tps: float  # served + the queue's growth: the demand to forecast
+    drain_tps: float  # the queue's tokens over DRAIN_S: added on top, not forecast
+    backlog: Backlog | None  # the reading to remember
+    note: str | None  # how it was read, when the queue changed it or was missing
+
+
+def role_demand(
+    role: str,
+    served_tps: float,
+    queue: Sample | None,
+    tokens_per_request: float | None,
+    previous: Backlog | None,
+    now_s: float,
+    max_age_s: float,
+) -> RoleDemand:
+    """The demand on a role (module docstring, step 1). The queue's growth between two
+    readings is demand the instances could not serve; a queue reading that is missing,
+    stale or not convertible to tokens (no mix) leaves the served rate alone."""
+    problem = sample_problem(queue, f"{role}_queue", now_s, max_age_s)
+    if problem is not None or tokens_per_request is None or tokens_per_request <= 0:
+        why = problem or "no request mix to weigh its queue"
+        return RoleDemand(served_tps, 0.0, previous, f"{role} queue unread ({why}): served rate")
+    assert queue is not None
+    backlog = Backlog(queue.at_s, max(0.0, queue.value) * tokens_per_request)
+    growth_tps = 0.0
+    if previous is not None and backlog.at_s > previous.at_s:
+        growth_tps = (backlog.tokens - previous.tokens) / (backlog.at_s - previous.at_s)
+    elif previous is not None:
+        backlog = previous  # the same scrape again: keep the older reading's time
+    arriving = max(0.0, served_tps + growth_tps)
+    drain = backlog.tokens / DRAIN_S
+    note = None
+    # Say so when the queue moves the demand by more than a percent (a real engine's
+    # queue flickers by a few requests every scrape).
+    if max(abs(growth_tps), drain) > 0.01 * max(served_tps, 1.0):
+        note = (
+            f"{role}: {served_tps:.0f} tokens/s served {growth_tps:+.0f} queue growth = "
+            f"{arriving:.0f} arriving; {queue.value:.0f} queued: +{drain:.0f} to drain "
+            f"in {DRAIN_S:.0f} s"
+        )
+    return RoleDemand(arriving, drain, backlog, note)
 
 
 @dataclass(frozen=True)
@@ -132,13 +198,19 @@ class KeptCapacity:
     keeps the largest recent size: the demand at ``t`` meets the largest sizing made
     in ``[t - horizon - window, t - horizon]``. The relative excess of the demand over
     that is the error that matters (a forecast's own error ignores what the window
-    keeps, and counts the same risk twice). The headroom is its SLO quantile."""
+    keeps, and counts the same risk twice). The headroom is its SLO quantile.
+
+    Only sizings made from a forecast are filed (``sized=None`` otherwise): before the
+    forecaster has a window of history the planner sizes from the current demand, and
+    the fleet keeps what it had (the warm start, min_instances, the cooldown), so such
+    a sizing says nothing of what was kept; filed, a low first reading would be
+    remembered for an hour as a shortfall of several hundred percent."""
 
     sized: tuple[tuple[float, float], ...] = ()  # (made at s, demand sized for)
     errors: tuple[float, ...] = ()  # demand / kept - 1, oldest first
 
     def observe(
-        self, now_s: float, demand: float, sized: float, horizon_s: float, window_s: float
+        self, now_s: float, demand: float, sized: float | None, horizon_s: float, window_s: float
     ) -> KeptCapacity:
         oldest, newest = now_s - horizon_s - window_s, now_s - horizon_s
         in_force = [v for at, v in self.sized if oldest <= at <= newest]
@@ -146,7 +218,9 @@ class KeptCapacity:
         if in_force and max(in_force) > 0:
             errors = (*errors, demand / max(in_force) - 1.0)[-KEPT_ERRORS:]
         kept = tuple((at, v) for at, v in self.sized if at >= oldest)
-        return KeptCapacity((*kept, (now_s, sized)), errors)
+        if sized is not None:
+            kept = (*kept, (now_s, sized))
+        return KeptCapacity(kept, errors)
 
     def headroom(self, quantile: float) -> float | None:
         """The ``quantile`` of the recent errors, None with fewer than
@@ -331,29 +405,35 @@ def capacities_for(
 
 def _sized_demand(
     now_s: float,
-    now_tps: float,
+    demand: RoleDemand,
     predicted: Forecast | None,
     kept: KeptCapacity,
     quantile: float,
     horizon_s: float,
     window_s: float,
 ) -> tuple[float, str, KeptCapacity]:
-    """The demand to size for (forecast plus headroom), how it was found, and the
-    headroom's evidence updated (``KeptCapacity``)."""
+    """The demand to size for (forecast plus headroom, plus the queue's drain), how it
+    was found, and the headroom's evidence updated (``KeptCapacity``)."""
+    now_tps = demand.arriving_tps
     base = now_tps if predicted is None else predicted.demand
-    kept = kept.observe(now_s, now_tps, base, horizon_s, window_s)
+    kept = kept.observe(now_s, now_tps, None if predicted is None else base, horizon_s, window_s)
+    drain = ""
+    if demand.drain_tps > 0:
+        drain = f" +{demand.drain_tps:.0f} to drain the queue"
     if predicted is None:
-        demand = now_tps * (1.0 + MIN_HEADROOM)
-        return demand, f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history)", kept
+        sized = now_tps * (1.0 + MIN_HEADROOM) + demand.drain_tps
+        how = f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history){drain}"
+        return sized, how, kept
     from_kept = kept.headroom(quantile)
     if from_kept is None:
         room, source = predicted.headroom, "forecast errors"
     else:
         room, source = max(from_kept, MIN_HEADROOM), "shortfalls of the capacity kept"
+    sized = base * (1.0 + room)
     return (
-        base * (1.0 + room),
+        sized + demand.drain_tps,
         f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom "
-        f"({source})",
+        f"({source}){drain}",
         kept,
     )
 
@@ -395,10 +475,32 @@ def plan_decide(
         mix = memory.mix
         parts.append(f"request mix missing: the last known one (t={memory.mix_at_s:.0f} s)")
 
+    # 1 (continued). Demand: what was served plus what queued up.
+    prefill_in = role_demand(
+        "prefill",
+        prefill_tps,
+        metrics.prefill_queue,
+        mix.prompt_mean_tokens if mix is not None else None,
+        memory.prefill_backlog,
+        now_s,
+        n.metric_max_age_s,
+    )
+    decode_in = role_demand(
+        "decode",
+        decode_tps,
+        metrics.decode_queue,
+        mix.output_mean_tokens if mix is not None else None,
+        memory.decode_backlog,
+        now_s,
+        n.metric_max_age_s,
+    )
+    memory = replace(memory, prefill_backlog=prefill_in.backlog, decode_backlog=decode_in.backlog)
+    parts.extend(d.note for d in (prefill_in, decode_in) if d.note)
+
     # 5 (first, it only needs demand). Demand at each role's horizon.
     config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
-    prefill_state = update(memory.prefill_demand, now_s, prefill_tps, config)
-    decode_state = update(memory.decode_demand, now_s, decode_tps, config)
+    prefill_state = update(memory.prefill_demand, now_s, prefill_in.arriving_tps, config)
+    decode_state = update(memory.decode_demand, now_s, decode_in.arriving_tps, config)
     # How often the demand may outrun what is kept (module docstring, step 5): a TTFT
     # has no slack, so prefill covers the attainment goal's share of cycles; a
     # request's TBT tolerates 1 - quantile of slow tokens, so decode covers the SLO
@@ -406,7 +508,7 @@ def plan_decide(
     window_s = n.scale_in_window_s
     prefill_demand, prefill_how, prefill_kept = _sized_demand(
         now_s,
-        prefill_tps,
+        prefill_in,
         forecast(prefill_state, horizon_prefill_s, config),
         memory.prefill_kept,
         policy.slo.attainment_goal,
@@ -415,7 +517,7 @@ def plan_decide(
     )
     decode_demand, decode_how, decode_kept = _sized_demand(
         now_s,
-        decode_tps,
+        decode_in,
         forecast(decode_state, horizon_decode_s, config),
         memory.decode_kept,
         policy.slo.quantile,

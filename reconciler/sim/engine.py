@@ -68,7 +68,9 @@ scrape (every ``scrape_interval_s``, 15 s, from ``scrape_offset_s``, 7 s) at or 
   calibrated batch curve; each a DCGM gauge, so ``avg_over_time`` of the samples
   scraped in the window (the state in the second before each scrape);
 - KV-cache usage = cached tokens / capacity per decode instance, the last sample
-  averaged over instances (``avg(vllm:kv_cache_usage_perc)``).
+  averaged over instances (``avg(vllm:kv_cache_usage_perc)``);
+- queues: requests waiting for prefill and prompts waiting for a decode slot, the last
+  sample (``sum(vllm:num_requests_waiting)`` per role).
 
 ``SimulatedFleet.fetch`` stamps every sample with its scrape's time, so a policy's
 ``metric_max_age_s`` sees its real age. ``prometheus_like=False`` reads everything at
@@ -1176,7 +1178,7 @@ class ServiceSim:
         return weighted_quantile(values, weights, q)
 
     def window_metrics(self, window_s: float, at_s: int | None = None) -> dict[str, float | None]:
-        """The eight signals plus KV usage over the ``window_s`` seconds before ``at_s``
+        """The eight signals plus KV usage and queues over the ``window_s`` seconds before ``at_s``
         (default now), as known at ``at_s`` (units as in
         ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed.
 
@@ -1197,6 +1199,8 @@ class ServiceSim:
                     "prefill_sm_active",
                     "decode_sm_active",
                     "decode_kv_usage",
+                    "prefill_queue",
+                    "decode_queue",
                 )
             )
         s = self.series
@@ -1264,6 +1268,11 @@ class ServiceSim:
             out["tbt"] = None
         ttft = self._window_ttft_s(start, end, quantile)
         out["ttft"] = ttft * 1000.0 if ttft is not None else None
+        # Waiting requests (vllm:num_requests_waiting summed over the role): the last
+        # sample; the decode queue is the prompts done with prefill awaiting a slot.
+        last = int(rows[-1]) if len(rows) else end - 1
+        out["prefill_queue"] = float(s.col("queue_requests")[last])
+        out["decode_queue"] = float(s.col("admit_queue")[last])
         return out
 
     def window_detail(

@@ -73,6 +73,8 @@ class PlannerObservation:
     prefill_gpu_util: float | None  # fraction in [0, 1], mean over ready prefill GPUs
     decode_gpu_util: float | None  # fraction in [0, 1], mean over decode GPUs (reads ~1 when busy)
     decode_kv_usage: float | None  # fraction in [0, 1] of decode KV-cache capacity in use
+    prefill_queue: float | None  # requests waiting for prefill (the last scrape)
+    decode_queue: float | None  # prefilled requests waiting for a decode slot
     prefill_ready: int  # prefill instances serving
     decode_ready: int  # decode instances serving
     prefill_starting: int  # prefill instances created, still loading the model
@@ -112,6 +114,8 @@ def observe(
         prefill_gpu_util=_value(metrics.prefill_gpu_util),
         decode_gpu_util=_value(metrics.decode_gpu_util),
         decode_kv_usage=_value(metrics.decode_kv_usage),
+        prefill_queue=_value(metrics.prefill_queue),
+        decode_queue=_value(metrics.decode_queue),
         prefill_ready=fleet.prefill.ready,
         decode_ready=fleet.decode.ready,
         prefill_starting=fleet.prefill.starting,

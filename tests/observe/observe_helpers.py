@@ -115,6 +115,7 @@ PREFILL = InstanceLoad(
     sm_active=0.5,
     prompt_lengths=PROMPTS,
     output_lengths=ONE_TOKEN,
+    waiting_requests=4.0,
 )
 DECODE = InstanceLoad(
     generation_tps=700.0,
@@ -126,6 +127,7 @@ DECODE = InstanceLoad(
     sm_active=0.8,
     prompt_lengths=PROMPTS,
     output_lengths=OUTPUTS,
+    waiting_requests=2.0,
 )
 
 
@@ -190,6 +192,7 @@ FLEET_DECODE = InstanceLoad(
     gpu_util_pct=80.0,
     sm_active=0.6,
     output_lengths=OUTPUTS,
+    waiting_requests=0.0,
 )
 FLEET_PREFILL = InstanceLoad(
     prompt_tps=400.0,
@@ -198,6 +201,7 @@ FLEET_PREFILL = InstanceLoad(
     gpu_util_pct=50.0,
     sm_active=0.4,
     prompt_lengths=PROMPTS,
+    waiting_requests=1.0,
 )
 FLEET_DECODE_OVERRIDE = (
     'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[$__window]))'
@@ -624,6 +628,11 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         return expected_histogram_quantile_s(quantile, bounds, pairs) * 1000
 
     kv = [load.kv_usage for load in decode if load.kv_usage is not None]
+
+    def queue(loads: list[InstanceLoad]) -> float | None:
+        waiting = [load.waiting_requests for load in loads if load.waiting_requests is not None]
+        return sum(waiting) if waiting else None
+
     return {
         "prefill_tps": sum(load.prompt_tps - load.cached_prompt_tps for load in prefill)
         if prefill
@@ -636,6 +645,8 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         "prefill_sm_active": gpu_average(prefill, "sm_active", 1.0),
         "decode_sm_active": gpu_average(decode, "sm_active", 1.0),
         "decode_kv_usage": sum(kv) / len(kv) if kv else None,
+        "prefill_queue": queue(prefill),
+        "decode_queue": queue(decode),
     }
 
 

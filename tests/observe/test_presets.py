@@ -45,7 +45,12 @@ class TestPresetCoverage:
         assert set(PRESETS[preset]) == set(METRIC_NAMES)
 
     def test_trtllm_has_no_token_counters_but_latencies_kv_and_dcgm(self) -> None:
-        assert set(METRIC_NAMES) - set(PRESETS["trtllm"]) == {"prefill_tps", "decode_tps"}
+        assert set(METRIC_NAMES) - set(PRESETS["trtllm"]) == {
+            "prefill_tps",
+            "decode_tps",
+            "prefill_queue",
+            "decode_queue",
+        }
 
     def test_every_signal_is_read_from_a_role(self) -> None:
         assert set(SIGNAL_ROLE) == set(METRIC_NAMES)
@@ -78,6 +83,13 @@ class TestVllmQueries:
             "vllm:time_per_output_token_seconds_bucket"
         )
         assert 'role="decode"' in tbt
+
+    def test_queues_sum_the_waiting_requests_of_each_role(self) -> None:
+        for signal, role in (("prefill_queue", "prefill"), ("decode_queue", "decode")):
+            q = _query("vllm", signal)
+            assert f'sum by (service, role) (vllm:num_requests_waiting{{role="{role}"}})' in q
+            assert "avg" not in q and "rate(" not in q  # the latest sample, summed
+        assert "sglang:num_queue_reqs" in _query("sglang", "prefill_queue")
 
     def test_kv_usage_prefers_the_v1_gauge(self) -> None:
         q = _query("vllm", "decode_kv_usage")

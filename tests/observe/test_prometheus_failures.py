@@ -241,8 +241,9 @@ def test_a_failing_mix_query_leaves_only_the_mix_missing(fake_prometheus: StartF
     """The request-mix histograms are optional: Prometheus failing them for good (after
     the retries) costs the mix of this cycle, never the signals or the cycle."""
     down = Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"down"}')
-    # One at a time, signals first: nine answers, then the two histograms fail.
-    server = fake_prometheus([*[Reply(body=_every_role_answers(5.0, 1000.0))] * 9, down])
+    # One at a time, signals first: every signal answers, then the two histograms fail.
+    answers = [Reply(body=_every_role_answers(5.0, 1000.0))] * len(METRIC_NAMES)
+    server = fake_prometheus([*answers, down])
     sleeps = Sleeps()
     source = _source(server.url, sleeps, retries=1, backoff_s=0.1)
     metrics = source.fetch([make_policy("a")], 1000.0)["a"]
@@ -263,12 +264,12 @@ def test_a_failing_mix_query_leaves_only_the_mix_missing(fake_prometheus: StartF
 
 def test_a_mix_timing_out_under_concurrency_fails_nothing_else(fake_prometheus: StartFake) -> None:
     """All requests in flight at once; the histograms' time out, the rest answer. (The
-    timeout leaves a loaded two-core machine time to accept eleven connections; the
+    timeout leaves a loaded two-core machine time to accept thirteen connections; the
     histograms' answer comes well after it.)"""
     slow = Reply(delay_s=4.0)
     ok = Reply(body=_every_role_answers(7.0, 1000.0))
     server = fake_prometheus([ok], route=lambda promql: slow if "vllm:request_" in promql else ok)
-    source = _source(server.url, timeout_s=1.5, retries=0, max_concurrency=11)
+    source = _source(server.url, timeout_s=1.5, retries=0, max_concurrency=13)
     try:
         metrics = source.fetch([make_policy("a")], 1000.0)["a"]
     finally:
@@ -278,3 +279,20 @@ def test_a_mix_timing_out_under_concurrency_fails_nothing_else(fake_prometheus: 
     assert source.last_report is not None
     reasons = {g.reason for g in source.last_report.gaps}
     assert reasons == {"query failed: no answer within 1.5 s (ReadTimeout)"}
+
+
+def test_a_failing_queue_query_leaves_only_the_queues_missing(fake_prometheus: StartFake) -> None:
+    """The queues are optional like the mix: the planner reads the served rates
+    without them, so Prometheus failing them costs nothing else."""
+    down = Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"down"}')
+    ok = Reply(body=_every_role_answers(3.0, 1000.0))
+    server = fake_prometheus([ok], route=lambda q: down if "num_requests_waiting" in q else ok)
+    source = _source(server.url, retries=0)
+    metrics = source.fetch([make_policy("a")], 1000.0)["a"]
+    assert metrics.prefill_queue is None and metrics.decode_queue is None
+    for signal in METRIC_NAMES:
+        if signal not in ("prefill_queue", "decode_queue"):
+            assert metrics.get(signal) is not None, signal
+    assert source.last_report is not None
+    failed = {g.signal for g in source.last_report.gaps if "503" in g.reason}
+    assert failed == {"prefill_queue", "decode_queue"}

@@ -128,7 +128,7 @@ def test_hundred_services_take_one_http_request_per_signal(
     prometheus_stack: PrometheusStack, counting_proxy: Callable[[str], CountingProxy]
 ) -> None:
     """100 services (vLLM and SGLang, three quantiles, five overrides) in one cycle:
-    eleven HTTP requests (nine signals, two request-mix histograms), counted
+    thirteen HTTP requests (eleven signals, two request-mix histograms), counted
     independently by a loopback proxy."""
     proxy = counting_proxy(prometheus_stack.url)
     policies = fleet_policies()
@@ -136,7 +136,7 @@ def test_hundred_services_take_one_http_request_per_signal(
         metrics = source.fetch(policies, time.time())
         report = source.last_report
     assert report is not None
-    assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 11
+    assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 13
     assert all(path.startswith("/api/v1/query?") for path in proxy.paths)
     for policy in policies:
         decode_tps = metrics[policy.name].decode_tps

@@ -59,6 +59,11 @@ def test_relabelled_engine_pods_are_read_by_the_presets(prometheus_stack: Promet
     assert metrics.decode_tps is not None
     assert metrics.decode_tps.value == pytest.approx(DECODE.generation_tps, rel=0.03)
     assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == DECODE.kv_usage
+    # One pod per role here: each role's queue is that pod's waiting requests.
+    assert metrics.prefill_queue is not None
+    assert metrics.prefill_queue.value == PREFILL.waiting_requests
+    assert metrics.decode_queue is not None
+    assert metrics.decode_queue.value == DECODE.waiting_requests
 
 
 def test_pods_without_the_service_label_are_not_scraped(prometheus_stack: PrometheusStack) -> None:

@@ -15,13 +15,16 @@ from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, decide_with
 from reconciler.policy.capacity import RequestMix
 from reconciler.policy.planner import (
+    DRAIN_S,
     MIN_HEADROOM,
+    Backlog,
     KeptCapacity,
     PlannerAutoscaler,
     PlannerMemory,
     capacities_for,
     perf_context,
     plan_decide,
+    role_demand,
 )
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -50,6 +53,7 @@ def _metrics(
     prompts: np.ndarray | None = None,
     ttft_ms: float | None = None,
     tbt_ms: float | None = None,
+    prefill_queue: float | None = None,
 ) -> ServiceMetrics:
     rng = np.random.default_rng(1)
     prompts = prompts if prompts is not None else rng.lognormal(math.log(1000), 0.6, 4000)
@@ -61,6 +65,7 @@ def _metrics(
         decode_tps=sample(decode_tps),
         ttft=sample(ttft_ms),
         tbt=sample(tbt_ms),
+        prefill_queue=sample(prefill_queue),
         prompt_tokens=_buckets(prompts, now_s),
         output_tokens=_buckets(outputs, now_s),
     )
@@ -266,3 +271,80 @@ def test_the_request_mix_is_read_from_the_engines_histograms() -> None:
     assert mix is not None
     # Coarse 1-2-5 buckets spread evenly: the mean within ~15 % of the samples'.
     assert mix.prompt_mean_tokens == pytest.approx(float(prompts.mean()), rel=0.15)
+
+
+# ---------------------------------------------------------------- demand beyond what was served
+
+
+def test_a_growing_queue_is_demand_the_served_rate_does_not_show() -> None:
+    first = role_demand("prefill", 100_000.0, Sample(0.0, 0.0), 1000.0, None, 0.0, 60.0)
+    assert first.arriving_tps == 100_000.0 and first.drain_tps == 0.0
+    # 30 s later 600 requests of ~1,000 prompt tokens are waiting: 20,000 tokens/s
+    # arrived that the instances could not serve, and the backlog must drain too.
+    later = role_demand(
+        "prefill", 100_000.0, Sample(600.0, 30.0), 1000.0, first.backlog, 30.0, 60.0
+    )
+    assert later.arriving_tps == pytest.approx(120_000.0)
+    assert later.drain_tps == pytest.approx(600 * 1000.0 / DRAIN_S)
+    assert later.note is not None and "queue growth" in later.note
+
+
+def test_a_draining_queue_is_not_counted_as_demand() -> None:
+    # The instances serve 150,000 tokens/s while the queue shrinks by 1,500,000 tokens in
+    # 30 s: 50,000 of the served tokens/s were the backlog, not new arrivals.
+    before = Backlog(0.0, 2_000_000.0)
+    demand = role_demand("prefill", 150_000.0, Sample(500.0, 30.0), 1000.0, before, 30.0, 60.0)
+    assert demand.arriving_tps == pytest.approx(100_000.0)
+
+
+def test_without_a_usable_queue_the_served_rate_stands_in() -> None:
+    for queue, tokens in (
+        (None, 1000.0),
+        (Sample(math.nan, 0.0), 1000.0),
+        (Sample(5.0, 0.0), None),
+    ):
+        demand = role_demand("prefill", 100_000.0, queue, tokens, None, 0.0, 60.0)
+        assert (demand.arriving_tps, demand.drain_tps) == (100_000.0, 0.0)
+        assert demand.note is not None and "served rate" in demand.note
+    stale = role_demand("decode", 10_000.0, Sample(5.0, 0.0), 200.0, None, 600.0, 60.0)
+    assert stale.arriving_tps == 10_000.0 and "served rate" in (stale.note or "")
+
+
+def test_the_same_scrape_read_twice_adds_no_growth() -> None:
+    first = role_demand("prefill", 100_000.0, Sample(100.0, 0.0), 1000.0, None, 0.0, 60.0)
+    again = role_demand("prefill", 100_000.0, Sample(100.0, 0.0), 1000.0, first.backlog, 10.0, 60.0)
+    assert again.arriving_tps == 100_000.0
+    assert again.backlog == first.backlog
+
+
+def test_an_overloaded_prefill_is_sized_beyond_what_it_serves() -> None:
+    """Saturated, prefill serves the same tokens/s whatever arrives; only its queue
+    shows the rest. Sized from the queue, it asks for more than from the served rate."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = PolicyHistory()
+    sizes: dict[str, int] = {}
+    for label, queues in (("served only", (None, None)), ("with queue", (0.0, 3000.0))):
+        history = PolicyHistory()
+        decision = None
+        for k, queue in enumerate(queues):
+            now = 30.0 * k
+            metrics = _metrics(now, 300_000.0, 40_000.0, prefill_queue=queue)
+            decision = plan_decide(policy, _fleet(25, 30), metrics, history, now, perf)
+            history = decision.history
+        assert decision is not None
+        sizes[label] = decision.prefill
+    # 3,000 requests of ~1,200 prompt tokens queued in 30 s: ~120,000 tokens/s more
+    # arriving than served, and a backlog to drain on top.
+    assert sizes["with queue"] > 1.5 * sizes["served only"] > 15
+
+
+def test_sizings_made_before_any_forecast_are_not_remembered_as_kept() -> None:
+    """Before the forecaster has a window of history the planner sizes from the demand
+    of now, while the fleet keeps what it has: a low first reading must not come back
+    as a shortfall of several hundred percent for the next hour."""
+    kept = KeptCapacity()
+    kept = kept.observe(0.0, 20_000.0, None, 210.0, 600.0)  # no forecast yet
+    for k in range(1, 40):
+        kept = kept.observe(30.0 * k, 120_000.0, 120_000.0, 210.0, 600.0)
+    assert kept.errors and max(kept.errors) == pytest.approx(0.0)

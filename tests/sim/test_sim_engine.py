@@ -144,6 +144,8 @@ def test_window_metrics_report_all_signals(state: DesiredState) -> None:
         "prefill_sm_active",
         "decode_sm_active",
         "decode_kv_usage",
+        "prefill_queue",
+        "decode_queue",
     }
     assert all(v is not None and v >= 0 for v in metrics.values())
     assert metrics["prefill_tps"] == pytest.approx(10 * 7800, rel=0.25)

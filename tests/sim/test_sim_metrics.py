@@ -84,7 +84,9 @@ def test_the_simulated_engine_ships_the_exporters_vllm_buckets() -> None:
 # --------------------------------------------------------------------------- the fleet's reads
 
 
-def _fleet(state: DesiredState, config: SimConfig | None = None) -> SimulatedFleet:
+def _fleet(
+    state: DesiredState, config: SimConfig | None = None, prefill: int = 6
+) -> SimulatedFleet:
     """svc-b at a steady 10 requests/s on 6 prefill and 10 decode instances, scraped
     every 15 s from second 0 (round times in these tests; the default phase is
     checked on its own below)."""
@@ -99,7 +101,7 @@ def _fleet(state: DesiredState, config: SimConfig | None = None) -> SimulatedFle
             cluster=cluster,
             policies={SERVICE: policy},
             current=current,
-            targets={SERVICE: Targets(SERVICE, 6, 10)},
+            targets={SERVICE: Targets(SERVICE, prefill, 10)},
         )
     )
     gpus = {(SERVICE, role): policy.role(role).gpus_per_instance for role in ROLES}
@@ -212,6 +214,31 @@ def test_gauges_are_the_scraped_samples(state: DesiredState) -> None:
     expected = float(weights @ sim.prefill_pools[0].perf.prefill_gpu_util(busy) / weights.sum())
     assert metrics.prefill_gpu_util is not None
     assert metrics.prefill_gpu_util.value == pytest.approx(expected)
+
+
+def test_queues_are_the_last_scraped_sample_and_grow_under_overload(
+    state: DesiredState,
+) -> None:
+    """``sum(vllm:num_requests_waiting)`` per role: the state in the second before the
+    scrape. With one prefill instance for a load that needs six, the prefill queue
+    grows until clients time out, while the served prompt tokens/s stay flat."""
+    fleet = _fleet(state)
+    metrics = _read(fleet, 254.0)
+    s = fleet.sims[SERVICE].series
+    assert metrics.prefill_queue is not None and metrics.decode_queue is not None
+    assert metrics.prefill_queue.value == s.col("queue_requests")[239]
+    assert metrics.decode_queue.value == s.col("admit_queue")[239]
+
+    starved = _fleet(state, prefill=1)
+    queues, served = [], []
+    for now_s in (31.0, 61.0, 121.0, 181.0, 241.0):
+        reading = _read(starved, now_s)
+        assert reading.prefill_queue is not None and reading.prefill_tps is not None
+        queues.append(reading.prefill_queue.value)
+        served.append(reading.prefill_tps.value)
+    assert 0 < queues[0] < queues[1] < queues[2]
+    assert min(queues) > 10 * max(1.0, metrics.prefill_queue.value)
+    assert max(served[2:]) == pytest.approx(min(served[2:]), rel=0.05)
 
 
 def _with_max_age(policy: ServicePolicy, max_age_s: float) -> ServicePolicy:
