@@ -16,6 +16,12 @@ hand-set targets), hpa-gpu-util (target utilisation chosen by a sweep),
 hpa-decode-tps, static-peak and oracle-min, the lower bound; each policy's GPU-hours
 are also given as a multiple of oracle-min's (the project's efficiency figure).
 
+Each cell also carries the *reactive reference* (``reconciler.sim.reactive``): the
+headroom a policy that knew each past minute's demand exactly, reacted at once and
+kept the highest minute of its scale-in window would need for the attainment goal, per
+role, and the capacity that costs over following demand exactly. Where it exceeds a
+goal's multiple, no policy sizing from the past reaches that goal on that traffic.
+
 Run: ``python benchmarks/bench_matrix.py [--json F] [--markdown F] [--cells a,b]
 [--policies p,q] [--jobs N]``. Prints one table (a row per cell and policy), then the
 same as one row per cell (each policy's GPU-hours as a multiple of oracle-min, and its
@@ -44,6 +50,7 @@ from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
 from reconciler.sim.engine import SimConfig  # noqa: E402
 from reconciler.sim.evaluate import evaluate  # noqa: E402
 from reconciler.sim.load import load_for  # noqa: E402
+from reconciler.sim.reactive import reactive_reference  # noqa: E402
 
 POLICIES = (
     "heteroscale",
@@ -123,6 +130,9 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
         figures.pop("timeline", None)
     document["cell"] = cell.name
     document["goal"] = state.policies[cell.service].slo.attainment_goal
+    document["reactive_reference"] = reactive_reference(
+        profile, state.policies[cell.service]
+    ).to_json()
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document
 
@@ -194,17 +204,31 @@ def markdown_table(table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _reference(document: dict[str, Any]) -> str:
+    """The reactive reference (``reconciler.sim.reactive``): headroom and capacity
+    multiple per role, prefill then decode."""
+    ref = document.get("reactive_reference")
+    if not ref:
+        return "-"
+    p, d = ref["prefill"], ref["decode"]
+    return (
+        f"P +{100 * p['headroom']:.0f}% ({p['capacity_multiple']:.2f}x), "
+        f"D +{100 * d['headroom']:.0f}% ({d['capacity_multiple']:.2f}x)"
+    )
+
+
 def pivot_table(documents: list[dict[str, Any]], policies: tuple[str, ...]) -> str:
-    """One row per cell: for each policy, GPU-hours as a multiple of oracle-min and the
-    share of requests within both SLOs (``failed`` where the policy failed)."""
-    header = ["cell", "unattainable", *policies]
+    """One row per cell: the reactive reference, then for each policy GPU-hours as a
+    multiple of oracle-min and the share of requests within both SLOs (``failed``
+    where the policy failed)."""
+    header = ["cell", "unattainable", "reactive reference", *policies]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for document in documents:
         figures = document["policies"]
         unattainable = next(
             (f.get("unattainable_share") for f in figures.values() if not f.get("failed")), None
         )
-        cells = [document["cell"], _pct(unattainable)]
+        cells = [document["cell"], _pct(unattainable), _reference(document)]
         for name in policies:
             f = figures.get(name)
             if f is None or f.get("failed"):

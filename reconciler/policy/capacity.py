@@ -866,9 +866,11 @@ def role_capacities(
     link_gbps: float,
     prefill_instances_hint: int,
     correction: LatencyCorrection | None = None,
+    ttft_share: float | None = None,
 ) -> RoleCapacities:
     """Both roles' capacity for ``mix``: decode first, since its step time at the
-    operating point is the TTFT's last part (the first token)."""
+    operating point is the TTFT's last part (the first token). Prefill meets the TTFT
+    SLO for ``ttft_share`` of the attainable requests (default the SLO ``quantile``)."""
     correction = correction or LatencyCorrection()
     decode = decode_capacity(decode_perf, mix, tbt_slo_s, correction.decode)
     first_step_s = decode.step_s if decode.step_s > 0 else tbt_slo_s
@@ -876,7 +878,7 @@ def role_capacities(
         prefill_perf,
         mix,
         ttft_slo_s,
-        quantile,
+        quantile if ttft_share is None else ttft_share,
         transfer_s_per_token(prefill_perf.kv_bytes_per_token, link_gbps),
         first_step_s,
         prefill_instances_hint,

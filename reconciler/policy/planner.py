@@ -23,8 +23,8 @@ One cycle, in order (each step that changes a number says so in the message):
    Under overload the latency measures the queue, not the model, so it is not used.
    Prefill takes only evidence of a slower instance (``_corrected`` says why).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
-   prompt tokens/s at which the TTFT quantile of the attainable requests meets the
-   SLO; decode output tokens/s at the batch whose step time meets the TBT SLO at the
+   prompt tokens/s at which the attainment goal's share of the attainable requests
+   meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s at the batch whose step time meets the TBT SLO at the
    live context. ``scaling.prefill_target_per_instance`` / ``target_per_instance``,
    when given, override the derived figure.
 5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
@@ -376,6 +376,7 @@ def capacities_for(
         policy.slo.ttft_ms,
         policy.slo.tbt_ms,
         policy.slo.quantile,
+        policy.slo.attainment_goal,
         id(perf),  # contexts are cached per (policy, cluster): stable while in use
         _mix_key(mix),
         instances_hint,
@@ -396,6 +397,10 @@ def capacities_for(
         link_gbps=perf.link_gbps,
         prefill_instances_hint=max(1, instances_hint),
         correction=correction,
+        # Each request is judged on its own TTFT, and the goal is the share that meets
+        # it: prefill sizes for that share, not for the SLO quantile the TTFT
+        # histogram reports (which the latency correction compares against).
+        ttft_share=policy.slo.attainment_goal,
     )
     _capacity_cache[key] = result
     if len(_capacity_cache) > _CACHE_SIZE:

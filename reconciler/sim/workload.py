@@ -31,14 +31,21 @@ Time scaling:
 
 - :meth:`Workload.rate_scaled` multiplies the arrival rate by K, deterministically for a
   seed: every request is kept ``floor(K)`` times plus once more with probability
-  ``K - floor(K)`` (K < 1 thins). Each extra copy keeps its original's token counts and
-  arrives up to +-30 s (``jitter_s``) from its original, so the token-length
-  distribution and the rate curve at minute scale are preserved while the sub-minute
-  noise becomes that of a K-times denser stream, not K copies of the same bursts.
-- :meth:`Workload.diurnal` tiles the trace end to end over H hours and thins it under a
-  diurnal curve ``trough + (1 - trough) * sin^2(pi t / H)``: the H hours are one
-  compressed day, trough (default one third of peak) at both ends, peak in the middle,
-  where the rate equals the original trace's.
+  ``K - floor(K)`` (K < 1 thins). Each extra copy arrives up to +-5 min (``jitter_s``)
+  from its original and takes the token counts (prompt and output, as a pair) of a
+  request drawn from the trace within that same neighbourhood. A K-times larger
+  population is K times as many independent users, not K clones: clones keep the
+  original's relative noise (the Azure conversation trace's ~330 requests a minute
+  make prompt tokens/s jump ~9% from one minute to the next, and K clones of a long
+  prompt arrive together), where K times the users average it down by ``sqrt(K)``.
+  What survives is what the trace says about the population: its token-length
+  distribution, its pairs, and its rate and mix curves at scales above ten minutes.
+- :meth:`Workload.diurnal` tiles the trace over H hours, every other tile mirrored in
+  time (so each boundary joins the trace to its own neighbourhood, not its last minute
+  to its first), and thins it under a diurnal curve
+  ``trough + (1 - trough) * sin^2(pi t / H)``: the H hours are one compressed day,
+  trough (default one third of peak) at both ends, peak in the middle, where the rate
+  equals the original trace's.
 - :func:`synthetic_workload` draws a non-homogeneous Poisson process with the same
   diurnal curve plus optional bursts, and log-normal prompt/output lengths; the
   :data:`SERVICE_SHAPES` ``"a"`` (~3000/350 tokens) and ``"b"`` (~7800/700) are the
@@ -100,7 +107,7 @@ class Workload:
     def with_note(self, note: str) -> Workload:
         return replace(self, notes=(*self.notes, note))
 
-    def rate_scaled(self, factor: float, seed: int = 0, jitter_s: float = 60.0) -> Workload:
+    def rate_scaled(self, factor: float, seed: int = 0, jitter_s: float = 600.0) -> Workload:
         """K times the arrival rate (see the module docstring)."""
         if not (factor > 0 and math.isfinite(factor)):
             raise ValueError(f"rate scale must be a positive number, got {factor}")
@@ -114,13 +121,17 @@ class Workload:
         copies = np.full(self.requests, whole, dtype=np.int64) + extra
         index = np.repeat(np.arange(self.requests), copies)
         # The first copy of each kept request is the original; the others are moved by a
-        # uniform jitter of +-jitter_s/2, which keeps the rate curve at minute scale
-        # but does not repeat the original's sub-minute bursts K times over.
+        # uniform jitter of +-jitter_s/2 and take the lengths of a request of the same
+        # neighbourhood (module docstring): independent users, not clones.
         first = (
             np.concatenate(([True], index[1:] != index[:-1])) if index.size else index.astype(bool)
         )
         shift = (rng.random(index.size) - 0.5) * jitter_s
         arrival = self.arrival_s[index] + np.where(first, 0.0, shift)
+        reach = round(jitter_s / 2 / self._mean_gap_s()) if self.requests > 1 else 0
+        neighbour = index + rng.integers(-reach, reach + 1, index.size)
+        neighbour = np.clip(neighbour, 0, self.requests - 1)
+        lengths_of = np.where(first, index, neighbour)
         end = self.duration_s
         arrival = np.where(arrival < 0, -arrival, arrival)  # reflect at the ends
         arrival = np.where(arrival > end, 2 * end - arrival, arrival)
@@ -128,12 +139,13 @@ class Workload:
         order = np.argsort(arrival, kind="stable")
         return Workload(
             arrival[order],
-            self.prompt_tokens[index][order],
-            self.output_tokens[index][order],
+            self.prompt_tokens[lengths_of][order],
+            self.output_tokens[lengths_of][order],
             name=f"{self.name} x{factor:g}",
             notes=(
                 *self.notes,
-                f"rate scaled x{factor:g} (seed {seed}, copies jittered by up to +-{jitter_s / 2:g} s): "
+                f"rate scaled x{factor:g} (seed {seed}, copies jittered by up to "
+                f"+-{jitter_s / 2:g} s, lengths from requests within it): "
                 f"{self.requests} -> {index.size} requests",
             ),
         )
@@ -153,22 +165,31 @@ class Workload:
         period_s = self.duration_s + self._mean_gap_s()
         tiles = max(1, math.ceil(horizon_s / period_s))
         offsets = np.repeat(np.arange(tiles) * period_s, self.requests)
-        arrival = np.tile(self.arrival_s, tiles) + offsets
+        # Odd tiles run the trace backwards (a mirror), so every boundary joins a
+        # stretch of the trace to its own neighbourhood: end to end, start to start.
+        # End to start would put the trace's last minute next to its first, a step in
+        # rate and mix the trace never had (the Azure conversation trace's first
+        # minutes carry ~1.7x the prompt tokens/s of its last), once per tile.
+        backwards = np.repeat(np.arange(tiles) % 2 == 1, self.requests)
+        within = np.tile(self.arrival_s, tiles)
+        arrival = np.where(backwards, self.duration_s - within, within) + offsets
         keep_in_horizon = arrival < horizon_s
         rng = np.random.default_rng([seed, 0xD1A1])
         curve = diurnal_curve(arrival, horizon_s, trough_ratio)
         keep = keep_in_horizon & (rng.random(arrival.size) < curve)
-        prompt = np.tile(self.prompt_tokens, tiles)[keep]
-        output = np.tile(self.output_tokens, tiles)[keep]
+        order = np.argsort(arrival[keep], kind="stable")
+        prompt = np.tile(self.prompt_tokens, tiles)[keep][order]
+        output = np.tile(self.output_tokens, tiles)[keep][order]
         return Workload(
-            arrival[keep],
+            arrival[keep][order],
             prompt,
             output,
             name=f"{self.name} over {hours:g} h",
             notes=(
                 *self.notes,
-                f"tiled {tiles}x over {hours:g} h under a diurnal curve (trough {trough_ratio:.2f} of peak, "
-                f"seed {seed}): {int(keep.sum())} requests",
+                f"tiled {tiles}x over {hours:g} h, every other tile mirrored, under a "
+                f"diurnal curve (trough {trough_ratio:.2f} of peak, seed {seed}): "
+                f"{int(keep.sum())} requests",
             ),
         )
 

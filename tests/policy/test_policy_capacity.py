@@ -531,3 +531,29 @@ def test_role_capacities_explain_in_one_line() -> None:
     assert "unattainable" in line
     # The first decode step in TTFT is decode's own step at its operating point.
     assert capacities.decode.step_s <= 0.05
+
+
+def test_prefill_sized_for_a_larger_share_of_requests_takes_less_per_instance() -> None:
+    """Each request is judged on its own TTFT: sizing for the attainment goal's share
+    (99.5 %) of the attainable requests leaves less load per instance than sizing for
+    the SLO quantile (90 %) when long prompts make the TTFT bind, and the same when
+    compute binds first."""
+    _, prefill, decode, link = chat()
+
+    def per_instance(mix: RequestMix, share: float) -> float:
+        caps = role_capacities(
+            prefill,
+            decode,
+            mix,
+            ttft_slo_s=1.5,
+            tbt_slo_s=0.05,
+            quantile=0.9,
+            link_gbps=link,
+            prefill_instances_hint=8,
+            ttft_share=share,
+        )
+        return caps.prefill_tps_per_instance
+
+    long_prompts = with_long_prompts(chat_mix(), 12_000, 0.2)
+    assert per_instance(long_prompts, 0.995) < per_instance(long_prompts, 0.9)
+    assert per_instance(chat_mix(), 0.995) <= per_instance(chat_mix(), 0.9)

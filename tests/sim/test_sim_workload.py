@@ -210,6 +210,26 @@ def test_rate_scaling_smooths_sub_minute_bursts() -> None:
     assert per_second.std() / per_second.mean() < 0.35
 
 
+def test_rate_scaled_copies_are_independent_users_not_clones() -> None:
+    """K times the users average the minute-to-minute noise of prompt tokens/s down
+    by ~sqrt(K); K clones would keep the original's (long prompts arriving K at a
+    time)."""
+    base = _poisson_workload(n=20_000)  # ~2.8 h at 2 requests/s
+
+    def minute_noise(workload: Workload) -> float:
+        minutes = (workload.arrival_s // 60).astype(int)
+        tokens = np.bincount(minutes, weights=workload.prompt_tokens)[2:-2]
+        return float(np.abs(np.diff(tokens)).mean() / tokens.mean())
+
+    scaled = base.rate_scaled(25, seed=3)
+    assert minute_noise(scaled) < minute_noise(base) / 3
+    # Lengths still come from the trace's own requests, in pairs.
+    pairs = set(zip(base.prompt_tokens.tolist(), base.output_tokens.tolist(), strict=True))
+    assert set(zip(scaled.prompt_tokens.tolist(), scaled.output_tokens.tolist(), strict=True)) <= (
+        pairs
+    )
+
+
 def test_diurnal_tiling_has_a_trough_of_a_third_of_the_peak() -> None:
     base = _poisson_workload(n=8000)  # ~67 minutes at 2 requests/s
     day = base.diurnal(4.0, seed=0)
@@ -224,6 +244,25 @@ def test_diurnal_tiling_has_a_trough_of_a_third_of_the_peak() -> None:
     assert day.requests == pytest.approx(
         base.requests * 4 * 3600 / base.duration_s * 2 / 3, rel=0.05
     )
+
+
+def test_diurnal_tiles_join_the_trace_to_its_own_neighbourhood() -> None:
+    """A trace whose prompts grow through its hour: tiled end to start, each boundary
+    would put its longest prompts right after its shortest. Mirrored, the prompts
+    just after a boundary are those just before it."""
+    n = 3600
+    arrival = np.arange(n, dtype=float)
+    prompt = np.linspace(100, 4000, n).round().astype(np.int64)
+    base = Workload(arrival, prompt, np.full(n, 100, dtype=np.int64), name="growing")
+    day = base.diurnal(3.0, seed=0, trough_ratio=1.0)
+    assert np.all(np.diff(day.arrival_s) >= 0)
+    period = base.duration_s + 1.0
+    for boundary in (period, 2 * period):
+        before = day.prompt_tokens[(day.arrival_s > boundary - 60) & (day.arrival_s < boundary)]
+        after = day.prompt_tokens[(day.arrival_s >= boundary) & (day.arrival_s < boundary + 60)]
+        assert abs(after.mean() - before.mean()) < 0.05 * before.mean()
+    # Every request of the trace is still there once per tile (no thinning at trough 1).
+    assert day.requests == pytest.approx(3 * n, abs=3)
 
 
 def test_diurnal_curve_shape() -> None:
