@@ -4,6 +4,14 @@ This is the glue the loop, ``plan``, the simulator and the pull-request what-if 
 share, so a dry-run report, an applied cycle and a simulated one come from the same
 code. It does no I/O: the observation and metrics are read by the caller (through a
 ``ClusterBackend`` and a ``MetricsSource``), the plan is applied by the caller.
+
+Held services (``held``, service -> why): the caller found that a scale change of
+the service would be refused (drift: someone else owns a field heteroscale would
+write, see ``reconciler.observe.kubernetes``). A held service is still decided (the
+decision is reported and its windows advance), but every one of its groups keeps the
+size it has in the observation, so no scale change is spread over its other groups
+in a way that breaks the deployment-group shape, and the cooldown is not re-armed by
+a change that does not happen (``last_change_at_s`` stays what it was).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ def plan_cluster(
     *,
     placement_options: PlacementOptions | None = None,
     prune_removed_services: bool = False,
+    held: Mapping[str, str] | None = None,
 ) -> tuple[Plan, dict[str, PolicyHistory]]:
     """Decide targets for every service of ``cluster``, place them, and diff the
     placement against what runs now.
@@ -41,6 +50,7 @@ def plan_cluster(
     """
     spec = state.clusters[cluster]
     policies = {p.name: p for p in sorted(state.policies_for(cluster), key=lambda p: p.name)}
+    held = {name: why for name, why in (held or {}).items() if name in policies}
     notes: list[str] = []
 
     decisions = {}
@@ -58,6 +68,22 @@ def plan_cluster(
             now_s,
         )
         decisions[name] = decision
+        if name in held:
+            groups = [g for g in observation.fleet.groups if g.service == name]
+            running = (
+                sum(g.prefill.instances for g in groups),
+                sum(g.decode.instances for g in groups),
+            )
+            previous = histories.get(name, PolicyHistory())
+            new_histories[name] = replace(
+                decision.history, last_change_at_s=previous.last_change_at_s
+            )
+            targets[name] = Targets(name, *running)
+            notes.append(
+                f"service {name} held at {running[0]} prefill, {running[1]} decode "
+                f"(the decision asks {decision.prefill}, {decision.decode}): {held[name]}"
+            )
+            continue
         new_histories[name] = decision.history
         targets[name] = Targets(name, decision.prefill, decision.decode)
 
@@ -76,12 +102,17 @@ def plan_cluster(
         options=placement_options or PlacementOptions(),
     )
     result = placer.place(request)
-    placed = tuple(g for g in result.groups if g.service in policies)
+    # A held service keeps exactly the groups it runs, whatever the placer did.
+    placed = tuple(
+        g for g in result.groups if g.service in policies and g.service not in held
+    ) + tuple(g for g in observation.fleet.groups if g.service in held)
     if not prune_removed_services:
         placed += orphans
     result = replace(result, groups=placed)
 
     for shortfall in result.shortfalls:
+        if shortfall.service in held:
+            continue
         notes.append(
             f"{shortfall.service}/{shortfall.role}: {shortfall.instances} instances not placed "
             f"({shortfall.constraint}: {shortfall.detail})"
@@ -102,5 +133,6 @@ def plan_cluster(
         changes=changes,
         current=observation.fleet,
         notes=tuple(notes),
+        held=held,
     )
     return plan, new_histories

@@ -20,6 +20,17 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   the last known good revision and the applied plan's identity. A stored object that
   cannot be read is reported (log, ``heteroscale_errors_total{kind="StateUnreadable"}``,
   ``state_problems``) and ignored: the windows start fresh.
+- Drift (``reconciler.observe.kubernetes``, "Replica drift") is logged item by item
+  when first seen (event ``drift``: object, field, live and desired value; ``drift
+  resolved`` when it goes), counted in ``heteroscale_drift_total{cluster,kind}`` and
+  shown as ``heteroscale_drift_items{cluster,kind}`` while it lasts, and listed in
+  every report. The cycle's dry run comes first (``apply`` then carries out that very
+  dry run): when the API server refuses a scale change of a service (someone else
+  owns a field we would write), the cycle is planned again with that service held
+  (``plan_cluster(held=...)``): none of its groups changes size, so the change is not
+  spread over its other groups, it is not counted as a change and the cooldown is not
+  re-armed; the report and ``status`` say why. A refusal that appears only while
+  applying (a race) also leaves the cooldown as it was.
 
 Its own Prometheus metrics (``LoopMetrics``) and a health endpoint are served by
 ``serve_http``; logs are structured (``configure_logging(json=True)`` for JSON).
@@ -32,7 +43,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, runtime_checkable
 
@@ -62,7 +73,7 @@ from reconciler.durable import (
     revision_of,
 )
 from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
-from reconciler.observe.base import ClusterBackend, MetricsSource, Observation
+from reconciler.observe.base import ClusterBackend, Drift, MetricsSource, Observation
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.plan import Plan
 from reconciler.policy.base import Autoscaler, PolicyHistory
@@ -163,9 +174,22 @@ class LoopMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
         )
         self.drift = Gauge(
-            "heteroscale_drift",
+            "heteroscale_drift_items",
             "Drift items seen in the last cycle",
             ["cluster", "kind"],
+            registry=r,
+        )
+        self.drift_total = Counter(
+            "heteroscale_drift_total",
+            "Drift items newly seen (an object field whose live value is not the desired "
+            "one, a node that disagrees with the cluster file), by kind",
+            ["cluster", "kind"],
+            registry=r,
+        )
+        self.held = Gauge(
+            "heteroscale_services_held",
+            "Services held in the last cycle because a scale change was refused (drift)",
+            ["cluster"],
             registry=r,
         )
         self.errors = Counter(
@@ -241,6 +265,46 @@ class _LeaseCollector(Collector):
             "1 while the leader election reaches decisions within its bound",
             value=0.0 if self.election.health_problem() else 1.0,
         )
+
+
+# ------------------------------------------------------------------------ drift
+
+# Kinds always exported (0 when absent), so an alert on them has a series to watch.
+DRIFT_KINDS = (
+    "node_missing",
+    "node_label",
+    "node_capacity",
+    "node_unexpected",
+    "object_modified",
+    "replicas_changed",
+)
+
+
+def refused_scale_changes(diff: ClusterDiff) -> dict[str, str]:
+    """Services with a scale change the API server refuses (a ``conflict``: someone
+    else owns a field we would write, or a delete would overwrite theirs), with why.
+    Carrying out the rest of such a service's changes could break its groups' shape,
+    so the loop holds the whole service."""
+    refused: dict[str, str] = {}
+    for obj in diff.objects:
+        if obj.action == "conflict" and obj.replicas_before != obj.replicas_after:
+            refused.setdefault(
+                obj.service,
+                f"Deployment {obj.key} refused the scale change {obj.replicas_before} -> "
+                f"{obj.replicas_after}: {'; '.join(obj.notes[-1:]) or 'conflict'}",
+            )
+    return refused
+
+
+def scaled_services(diff: ClusterDiff) -> set[str]:
+    """Services at least one of whose Deployments changed size."""
+    return {
+        o.service
+        for o in diff.objects
+        if o.action not in ("conflict", "error")
+        and o.changes_something
+        and o.replicas_before != o.replicas_after
+    }
 
 
 # ---------------------------------------------------------------------- the loop
@@ -361,6 +425,8 @@ class ReconcileLoop:
         self.stored: dict[str, DurableState] = {}
         self._leading: dict[str, bool] = {}
         self.state_problems: dict[str, str] = {}
+        # Per cluster: the drift items of the last cycle (logged and counted when new).
+        self._drift_seen: dict[str, dict[tuple[str, str, str], Drift]] = {}
         # The latest revision's error, while the last known good one is in force.
         self.desired_error: str | None = None
         self.leader_election = leader_election
@@ -468,28 +534,43 @@ class ReconcileLoop:
             )
             self.metrics.errors.labels(name, "MetricsUnavailable").inc()
             metrics = {}
-        plan, histories = plan_cluster(
-            state,
-            name,
-            observation,
-            metrics,
-            self.histories.get(name, {}),
-            now,
-            self.autoscaler,
-            self.placer,
-            placement_options=self.placement_options,
-            prune_removed_services=self.prune_removed_services,
-        )
-        self.histories[name] = histories
-        outcome.plan = plan
-        self._record_plan(name, plan, observation)
+        previous = self.histories.get(name, {})
 
+        def plan_for(held: Mapping[str, str]) -> tuple[Plan, dict[str, PolicyHistory]]:
+            return plan_cluster(
+                state,
+                name,
+                observation,
+                metrics,
+                previous,
+                now,
+                self.autoscaler,
+                self.placer,
+                placement_options=self.placement_options,
+                prune_removed_services=self.prune_removed_services,
+                held=held,
+            )
+
+        plan, histories = plan_for({})
         if hasattr(backend, "slo"):
             by_name = {p.name: p for p in policies}
             statuses: dict[str, SloStatus] = {
                 svc: slo_status(by_name[svc], metrics.get(svc), now) for svc in by_name
             }
             backend.slo = statuses
+        preview: ClusterDiff | None = None
+        if hasattr(backend, "diff_cluster"):
+            # The dry run first: a scale change the API server refuses holds its
+            # service (module doc), and apply_cluster carries out this very dry run.
+            preview = backend.diff_cluster(plan)
+            held = refused_scale_changes(preview)
+            if held:
+                plan, histories = plan_for(held)
+                preview = backend.diff_cluster(plan)
+        self.histories[name] = histories
+        outcome.plan = plan
+        self._record_plan(name, plan, observation)
+
         act = leader and not self.dry_run
         if not leader and not self.dry_run:
             outcome.outcome = "standby"
@@ -497,15 +578,19 @@ class ReconcileLoop:
             if hasattr(backend, "apply_cluster"):
                 outcome.diff = backend.apply_cluster(plan)
                 outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
+                self._keep_cooldown(name, plan, outcome.diff, previous)
             else:
                 outcome.lines = tuple(backend.apply(plan))
             outcome.applied = True
             self._persist(state, name, plan, now)
-        elif hasattr(backend, "diff_cluster"):
-            outcome.diff = backend.diff_cluster(plan)
+        elif preview is not None:
+            outcome.diff = preview
             outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
         else:
             outcome.lines = tuple(backend.diff(plan))
+        self._record_drift(
+            name, outcome.diff.drift if outcome.diff is not None else observation.drift
+        )
         changes = len(outcome.diff.changed) if outcome.diff is not None else len(plan.changes)
         self.metrics.plan_changes.labels(name).set(changes)
         log.info(
@@ -527,6 +612,67 @@ class ReconcileLoop:
                 "leader": leader,
             },
         )
+
+    # -------------------------------------------------------------------- drift
+
+    def _record_drift(self, cluster: str, drift: tuple[Drift, ...]) -> None:
+        """Log each drift item when first seen (and when it goes), count it, and show
+        how many of each kind there are now."""
+        seen = self._drift_seen.get(cluster, {})
+        now = {(d.kind, d.name, d.detail): d for d in drift}
+        for key, item in now.items():
+            if key in seen:
+                continue
+            self.metrics.drift_total.labels(cluster, item.kind).inc()
+            log.warning(
+                f"cluster {cluster}: drift {item.kind} {item.name}: {item.detail}",
+                extra={
+                    "event": "drift",
+                    "cluster": cluster,
+                    "kind": item.kind,
+                    "object": item.name,
+                    "field": getattr(item, "path", ""),
+                    "live": getattr(item, "live", None),
+                    "desired": getattr(item, "desired", None),
+                },
+            )
+        for key, item in seen.items():
+            if key not in now:
+                log.info(
+                    f"cluster {cluster}: drift resolved: {item.kind} {item.name}",
+                    extra={
+                        "event": "drift_resolved",
+                        "cluster": cluster,
+                        "kind": item.kind,
+                        "object": item.name,
+                    },
+                )
+        self._drift_seen[cluster] = now
+        kinds: dict[str, int] = {kind: 0 for kind in DRIFT_KINDS}
+        kinds.update({kind: 0 for kind, _, _ in seen})
+        for kind, _, _ in now:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in kinds.items():
+            self.metrics.drift.labels(cluster, kind).set(count)
+
+    def _keep_cooldown(
+        self,
+        cluster: str,
+        plan: Plan,
+        applied: ClusterDiff,
+        previous: Mapping[str, PolicyHistory],
+    ) -> None:
+        """A service whose scale change was refused while applying (and none of whose
+        Deployments changed size) did not change: its cooldown stays as it was."""
+        histories = self.histories.get(cluster, {})
+        scaled = scaled_services(applied)
+        for service in refused_scale_changes(applied):
+            if service in plan.held or service in scaled or service not in histories:
+                continue
+            before = previous.get(service, PolicyHistory())
+            histories[service] = replace(
+                histories[service], last_change_at_s=before.last_change_at_s
+            )
 
     # ------------------------------------------------------------ durable state
 
@@ -624,17 +770,12 @@ class ReconcileLoop:
         stats = plan.placement.stats
         if stats is not None:
             self.metrics.placement_solve.labels(cluster, stats.solver).observe(stats.wall_s)
-        kinds: dict[str, int] = {}
-        for item in observation.drift:
-            kinds[item.kind] = kinds.get(item.kind, 0) + 1
-        for kind in (
-            "node_missing",
-            "node_label",
-            "node_capacity",
-            "node_unexpected",
-            "object_modified",
-        ):
-            self.metrics.drift.labels(cluster, kind).set(kinds.get(kind, 0))
+        self.metrics.held.labels(cluster).set(len(plan.held))
+        for service, why in plan.held.items():
+            log.warning(
+                f"cluster {cluster}: {service} held: {why}",
+                extra={"event": "service_held", "cluster": cluster, "service": service},
+            )
 
     # ---------------------------------------------------------------- forever
 

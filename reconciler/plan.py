@@ -103,6 +103,9 @@ class Plan:
     changes: tuple[GroupChange, ...]
     current: FleetState
     notes: tuple[str, ...] = field(default=())  # held services, skipped stages, drift
+    # Services held this cycle (their groups keep their sizes), with why: a scale
+    # change the API server refused because of drift (``reconciler.cycle``).
+    held: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def groups(self) -> tuple[DeploymentGroup, ...]:

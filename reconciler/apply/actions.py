@@ -106,7 +106,14 @@ def effective_manifest(
     source = desired.manifest
     manifest = {
         **source,
-        "metadata": {**source["metadata"], "annotations": dict(source["metadata"]["annotations"])},
+        "metadata": {
+            **source["metadata"],
+            "annotations": {
+                **source["metadata"]["annotations"],
+                # What we set, so a change by anyone else shows (replica drift).
+                names.APPLIED_REPLICAS_ANNOTATION: str(replicas),
+            },
+        },
         "spec": {**source["spec"], "replicas": replicas},
     }
     manifest["metadata"]["annotations"][names.APPLIED_HASH_ANNOTATION] = manifest_hash(manifest)

@@ -21,7 +21,24 @@ Conflicts:
   changed since the observation answers 409; it is re-read and applied again (up to
   ``conflict_retries`` times);
 - a field-ownership conflict (someone else set a field we own, e.g. ``kubectl
-  scale``) is drift: reported, not overwritten, unless ``force``.
+  edit``) is drift: reported, not overwritten, unless ``force``; the refused object
+  writes nothing (its drains are not carried out either) and is not a change. A
+  refused scale change makes the loop hold the whole service (``reconciler.loop``);
+  replica drift is described in ``reconciler.observe.kubernetes``.
+
+Ownership (RBAC cannot restrict writes by label, so it is checked here, in code):
+only objects listed by the ownership selector are ever planned for, and every write
+carries the observed ``resourceVersion`` as a precondition. When that fails (409),
+the object is re-read and written again only while it still carries our ownership
+labels for this cluster (``names.owned_by_us``); otherwise it is left alone and the
+object is reported (``NotOurs``). A create is a POST, which fails when an object of
+that name appeared meanwhile; that object is then written only if it is ours. The
+one exception is ``--force``, which takes over a Deployment of exactly a name
+heteroscale renders (the dry run says so first) and writes a Deployment that lost
+our labels since it was observed; Pods that are not ours are never relabelled or
+deleted and Deployments that are not ours never deleted, ``--force`` or not. A
+Deployment whose spec someone else also manages is not deleted without ``--force``
+either (a delete would overwrite their fields, which server-side apply refuses).
 
 Errors: transport errors, 429 and 5xx are retried with backoff inside the client and
 then abort the cycle (``ClusterUnavailable``); whatever was not done is done by the
@@ -59,9 +76,12 @@ from reconciler.apply.kubeclient import (
 from reconciler.apply.render import ObjectKey, render_groups
 from reconciler.apply.report import ClusterDiff, DiffMode, ObjectDiff, PodAction, summarise_drift
 from reconciler.apply.savedplan import (
+    ROLLOUT_WAIT_S,
     Observed,
     ObservedDeployment,
     WriteStep,
+    adopt_created,
+    await_rollout,
     deployment_fingerprint,
     node_fingerprint,
     relabel_patch,
@@ -74,6 +94,7 @@ from reconciler.observe.base import Drift, Observation
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
     ClusterWatch,
+    FieldDrift,
     LiveDeployment,
     observation_from_snapshot,
     parse_deployment,
@@ -94,6 +115,12 @@ class ApplyOptions:
     # Keep Pods and Nodes in a list+watch cache between cycles (the loop) instead of
     # listing them every cycle (one-shot plan/apply).
     watch: bool = False
+    # How long a put-back waits for the ReplicaSet to get the raised replicas first.
+    rollout_wait_s: float = ROLLOUT_WAIT_S
+
+
+class NotOurs(PermanentError):
+    """An object to write no longer carries heteroscale's ownership labels: left alone."""
 
 
 @dataclass
@@ -116,9 +143,35 @@ def _dry_run_unsupported(exc: KubeApiError) -> bool:
 
 def _visible(changes: tuple[FieldChange, ...]) -> tuple[FieldChange, ...]:
     """Field changes worth reporting: the applied-hash annotation follows every other
-    change and would only repeat it."""
-    hidden = f"metadata.annotations.{names.APPLIED_HASH_ANNOTATION}"
-    return tuple(c for c in changes if c.path != hidden)
+    change, the applied-replicas one every replicas change; they would only repeat them."""
+    hidden = {
+        f"metadata.annotations.{names.APPLIED_HASH_ANNOTATION}",
+        f"metadata.annotations.{names.APPLIED_REPLICAS_ANNOTATION}",
+    }
+    return tuple(c for c in changes if c.path not in hidden)
+
+
+def _value_at(obj: Mapping[str, Any] | None, path: str) -> Any:
+    """The value at a server-side apply field path (``.spec.replicas``); keys that
+    contain dots (label and annotation keys) are matched greedily. None if absent."""
+    node: Any = obj
+    parts = [p for p in path.strip(".").split(".") if p]
+    i = 0
+    while i < len(parts):
+        if not isinstance(node, Mapping):
+            return None
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if key in node:
+                node, i = node[key], j
+                break
+        else:
+            return None
+    return node
+
+
+def _shown(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class KubernetesBackend:
@@ -148,6 +201,10 @@ class KubernetesBackend:
         self._watch_cluster = ""
         self._stats_lock = threading.Lock()
         self._last_work: dict[str, WorkloadWork] = {}
+        # Field-ownership conflicts of the last dry run, as drift (object, field, values).
+        self._conflict_drift: dict[str, tuple[Drift, ...]] = {}
+        # The last diff_cluster: (plan, diff, work), reused by apply_cluster(plan).
+        self._preview: tuple[Plan, ClusterDiff, dict[str, WorkloadWork]] | None = None
 
     # ------------------------------------------------------------------- observe
 
@@ -162,10 +219,13 @@ class KubernetesBackend:
                 ClusterWatch.start(self.client, cluster.name),
                 cluster.name,
             )
+        self._preview = None
         self._snapshot = read_snapshot(
             self.client, cluster, namespaces, now_s=self.clock(), watch=self._watch
         )
-        self._observation = observation_from_snapshot(self._snapshot, cluster, self._policies)
+        self._observation = observation_from_snapshot(
+            self._snapshot, cluster, self._policies, force=self.options.force
+        )
         return self._observation
 
     @property
@@ -211,11 +271,15 @@ class KubernetesBackend:
     # -------------------------------------------------------------------- diff
 
     def diff_cluster(self, plan: Plan) -> ClusterDiff:
-        """The exact dry run of ``apply(plan)``."""
-        return self._diff(plan)[0]
+        """The exact dry run of ``apply(plan)``. ``apply_cluster`` of the same plan
+        object, next, carries out this very dry run (no second one)."""
+        diff, work = self._diff(plan)
+        self._preview = (plan, diff, work)
+        return diff
 
     def _diff(self, plan: Plan) -> tuple[ClusterDiff, dict[str, WorkloadWork]]:
         self.stats = ApplyStats()
+        self._conflict_drift = {}
         work = self.plan_work(plan)
         mode: DiffMode = "client-side" if self.options.diff_mode == "client" else "server-dry-run"
         notes: list[str] = []
@@ -254,6 +318,7 @@ class KubernetesBackend:
             for w in to_dry_run:
                 results[w.key] = self._client_side_one(w)
         objects = tuple(results.get(w.key) or self._no_apply_diff(w) for w in work)
+        self._last_work = {str(w.key): w for w in work}
         diff = ClusterDiff(
             cluster=plan.cluster,
             mode=mode,
@@ -261,7 +326,6 @@ class KubernetesBackend:
             drift=self._drift(objects),
             notes=tuple(notes) + self._manual_drain_notes(),
         )
-        self._last_work = {str(w.key): w for w in work}
         return diff, self._last_work
 
     def diff(self, plan: Plan) -> list[str]:
@@ -271,12 +335,57 @@ class KubernetesBackend:
     def _drift(self, objects: Sequence[ObjectDiff]) -> tuple[Drift, ...]:
         assert self._observation is not None
         base = self._observation.drift
-        extra = tuple(
-            Drift("object_modified", o.key, "; ".join(o.notes))
-            for o in objects
-            if o.action == "conflict"
-        )
-        return base + extra
+        extra: list[Drift] = []
+        for o in objects:
+            if o.action != "conflict":
+                continue
+            known = self._conflict_drift.get(o.key)
+            if known:
+                extra.extend(known)
+                continue
+            w = self._last_work.get(o.key)
+            if w is not None and w.live is not None:  # ours, changed by someone else
+                path, live = "spec", f"managed by {', '.join(w.live.other_managers) or 'others'}"
+                desired = f"managed by {names.FIELD_MANAGER}"
+            else:  # an object of that name that is not ours
+                path, live = f"metadata.labels.{names.MANAGED_BY_LABEL}", "not heteroscale's"
+                desired = names.MANAGED_BY_VALUE
+            extra.append(
+                FieldDrift(
+                    "object_modified",
+                    o.key,
+                    "; ".join(o.notes),
+                    path=path,
+                    live=live,
+                    desired=desired,
+                )
+            )
+        return base + tuple(extra)
+
+    def _record_conflict(
+        self, w: WorkloadWork, exc: FieldOwnershipConflict, live: Mapping[str, Any] | None
+    ) -> None:
+        """Each conflicting field as drift: who changed it, live and desired value."""
+        causes = exc.body.get("details", {}).get("causes", []) or []
+        items: list[Drift] = []
+        for cause in causes:
+            path = str(cause.get("field", "?"))
+            live_value = _value_at(live, path)
+            desired = _value_at(w.manifest, path)
+            items.append(
+                FieldDrift(
+                    "object_modified",
+                    str(w.key),
+                    f"{path.lstrip('.')} is {live_value!r}, heteroscale wants {desired!r} "
+                    f"({cause.get('message', 'conflict')}); not overwritten without --force",
+                    path=path.lstrip("."),
+                    live=_shown(live_value),
+                    desired=_shown(desired),
+                )
+            )
+        if items:
+            with self._stats_lock:
+                self._conflict_drift[str(w.key)] = tuple(items)
 
     def _manual_drain_notes(self) -> tuple[str, ...]:
         assert self._snapshot is not None
@@ -328,6 +437,9 @@ class KubernetesBackend:
         fields: tuple[FieldChange, ...],
         notes: tuple[str, ...] = (),
     ) -> ObjectDiff:
+        # A refused object writes nothing: its Pods are not drained, put back or
+        # deleted either, so it changes nothing and is not counted as a change.
+        refused = action in ("conflict", "error")
         return ObjectDiff(
             key=str(w.key),
             service=w.service,
@@ -337,13 +449,22 @@ class KubernetesBackend:
             replicas_before=w.replicas_before,
             replicas_after=w.replicas_after,
             fields=fields,
-            pods=self._pod_actions(w),
+            pods=() if refused else self._pod_actions(w),
             notes=tuple(w.scale.notes) + ((w.reason,) if w.reason else ()) + notes,
             summary=self._summary(w) if action == "create" else "",
         )
 
     def _no_apply_diff(self, w: WorkloadWork) -> ObjectDiff:
         # A delete removes the whole object: the headline says so (replicas n -> 0).
+        if (
+            w.action == "delete"
+            and w.live is not None
+            and w.live.other_managers
+            and not self.options.force
+        ):
+            # Deleting overwrites every field someone else set: refused like an apply
+            # that would (server-side apply refuses those; a delete would not).
+            return self._object_diff(w, "conflict", (), self._foreign_owned(w))
         return self._object_diff(w, w.action, ())
 
     def _dry_run_one(
@@ -366,13 +487,19 @@ class KubernetesBackend:
         except FieldOwnershipConflict as exc:
             with self._stats_lock:
                 self.stats.ownership_conflicts += 1
+            self._record_conflict(
+                w, exc, live if live is not None else (w.live.raw if w.live else None)
+            )
             return self._object_diff(w, "conflict", (), self._conflict_notes(exc))
         except ResourceConflict as exc:
             # Changed since we observed it (often just a status or revision update by
             # the controllers): dry-run again on a fresh read and compare against it.
             if attempt >= self.options.conflict_retries:
                 return self._object_diff(w, "error", (), (str(exc),))
-            manifest, fresh = self._refresh(w)
+            try:
+                manifest, fresh = self._refresh(w)
+            except NotOurs as gone:
+                return self._object_diff(w, "conflict", (), (str(gone),))
             return self._dry_run_one(replace(w, manifest=manifest), attempt + 1, fresh)
         except ApiRejected as exc:
             if _dry_run_unsupported(exc):
@@ -428,8 +555,10 @@ class KubernetesBackend:
     def _foreign_owned(w: WorkloadWork) -> tuple[str, ...]:
         if w.live is None or not w.live.other_managers:
             return ()
+        what = "not deleted" if w.action == "delete" else "use --force to take them back"
         return (
-            f"spec fields also managed by {', '.join(w.live.other_managers)}; use --force to take them back",
+            f"spec fields also managed by {', '.join(w.live.other_managers)}; {what}"
+            + (" without --force" if w.action == "delete" else ""),
         )
 
     @staticmethod
@@ -442,7 +571,8 @@ class KubernetesBackend:
 
     def _refresh(self, w: WorkloadWork) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Re-read a Deployment after a 409; the manifest rebased on its
-        resourceVersion, and the fresh object (None when it is gone)."""
+        resourceVersion, and the fresh object (None when it is gone). Raises
+        ``NotOurs`` when it no longer carries our ownership labels (unless ``force``)."""
         assert w.manifest is not None
         with self._stats_lock:
             self.stats.conflicts_retried += 1
@@ -455,6 +585,8 @@ class KubernetesBackend:
             fresh = None
             metadata.pop("resourceVersion", None)
         else:
+            if not self.options.force:
+                self._check_ours(fresh, f"Deployment {w.key}")
             metadata["resourceVersion"] = fresh["metadata"]["resourceVersion"]
         manifest["metadata"] = metadata
         return manifest, fresh
@@ -466,7 +598,11 @@ class KubernetesBackend:
         and conflicts are known), then writes in capacity-safe order. Returns the
         report of what was done (``mode="applied"``). Raises ``ClusterUnavailable``
         when the API server stops answering; the next cycle finishes the job."""
-        preview, work = self._diff(plan)
+        if self._preview is not None and self._preview[0] is plan and self._snapshot is not None:
+            _plan, preview, work = self._preview
+        else:
+            preview, work = self._diff(plan)
+        self._preview = None
         done: list[ObjectDiff] = []
         for obj in preview.objects:
             if obj.action in ("conflict", "error", "keep") or not obj.changes_something:
@@ -476,6 +612,17 @@ class KubernetesBackend:
                 self._carry_out(
                     work[obj.key], write_object=bool(obj.fields) or obj.action == "create"
                 )
+            except (NotOurs, FieldOwnershipConflict) as exc:
+                # Refused because someone else changed or took the object since the
+                # dry run: drift, left alone (writes before it in its order stay done).
+                self.stats.errors.append(f"{obj.key}: {exc}")
+                notes = (
+                    self._conflict_notes(exc)
+                    if isinstance(exc, FieldOwnershipConflict)
+                    else (str(exc),)
+                )
+                done.append(replace(obj, action="conflict", notes=(*obj.notes, *notes)))
+                continue
             except (PermanentError, NotFound, ResourceConflict) as exc:
                 self.stats.errors.append(f"{obj.key}: {exc}")
                 done.append(replace(obj, action="error", notes=(*obj.notes, str(exc))))
@@ -499,9 +646,22 @@ class KubernetesBackend:
 
     def _carry_out(self, w: WorkloadWork, *, write_object: bool) -> None:
         now = self.clock()
-        for step in self._steps(w, write_object=write_object):
+        steps = self._steps(w, write_object=write_object)
+        for index, step in enumerate(steps):
             if step.op == "apply":
-                self._apply_manifest(w)
+                generation = self._apply_manifest(w)
+                if any(s.op == "put_back" for s in steps[index + 1 :]) and not await_rollout(
+                    self.client,
+                    w.key.namespace,
+                    w.key.name,
+                    generation,
+                    timeout_s=self.options.rollout_wait_s,
+                ):
+                    raise PermanentError(
+                        f"Deployment {w.key} did not pass its new replicas on to its "
+                        f"ReplicaSet within {self.options.rollout_wait_s:g} s; drained Pods "
+                        "not put back (a later cycle does)"
+                    )
             elif step.op in ("drain", "put_back"):
                 self._relabel(
                     step.namespace,
@@ -509,18 +669,85 @@ class KubernetesBackend:
                     drain=step.op == "drain",
                     now_s=now,
                     source=step.source,
+                    resource_version=step.resource_version,
                 )
-            else:
-                path = (
-                    deployments_path(step.namespace, step.name)
-                    if step.op == "delete_deployment"
-                    else pods_path(step.namespace, step.name)
+            elif step.op == "delete_deployment":
+                self._delete(
+                    deployments_path(step.namespace, step.name),
+                    step.resource_version,
+                    what=f"Deployment {step.namespace}/{step.name}",
                 )
+            else:  # delete_pod: a drained Pod whose window passed
+                self._delete(
+                    pods_path(step.namespace, step.name),
+                    step.resource_version,
+                    what=f"Pod {step.namespace}/{step.name}",
+                    still_wanted=_still_drained,
+                )
+
+    def _delete(
+        self,
+        path: str,
+        resource_version: str | None,
+        *,
+        what: str,
+        still_wanted: Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> None:
+        def write(rv: str | None) -> Any:
+            return self.client.delete(path, propagation="Background", resource_version=rv)
+
+        self._guarded(path, resource_version, write, what=what, still_wanted=still_wanted)
+
+    # ------------------------------------------------------------ ownership
+
+    def _check_ours(self, obj: Mapping[str, Any], what: str) -> None:
+        cluster = self._cluster.name if self._cluster is not None else ""
+        if not names.owned_by_us(obj, cluster):
+            raise NotOurs(
+                f"{what} no longer carries heteroscale's ownership labels for cluster "
+                f"{cluster} ({names.ownership_selector(cluster)}); not touched"
+            )
+
+    def _guarded(
+        self,
+        path: str,
+        resource_version: str | None,
+        write: Callable[[str | None], Any],
+        *,
+        what: str,
+        still_wanted: Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> Any:
+        """One write with the observed ``resourceVersion`` as its precondition. On a
+        409 (or with no observed version) the object is re-read and written at its
+        fresh version only while it is still ours (else ``NotOurs``) and, with
+        ``still_wanted``, still in the state the write was planned for (else skipped).
+        A vanished object is skipped. Returns the write's answer (None if skipped)."""
+        rv = resource_version
+        for attempt in range(self.options.conflict_retries + 2):
+            if rv is None or attempt > 0:
                 try:
-                    self.client.delete(path, propagation="Background")
-                    self.stats.writes += 1
+                    fresh = self.client.get(path)
                 except NotFound:
-                    pass
+                    return None
+                self._check_ours(fresh, what)
+                if still_wanted is not None and not still_wanted(fresh):
+                    return None
+                rv = str(fresh["metadata"]["resourceVersion"])
+            try:
+                answer = write(rv)
+            except NotFound:
+                return None
+            except ResourceConflict:
+                with self._stats_lock:
+                    self.stats.conflicts_retried += 1
+                continue
+            self.stats.writes += 1
+            return answer
+        raise ResourceConflict(
+            409,
+            "Conflict",
+            f"{what} kept changing; gave up after {self.options.conflict_retries} re-reads",
+        )
 
     def _steps(self, w: WorkloadWork, *, write_object: bool) -> list[WriteStep]:
         """The writes of one workload, in order (shared by apply and saved plans, so a
@@ -586,17 +813,53 @@ class KubernetesBackend:
             steps += self._steps(w, write_object=bool(obj.fields) or obj.action == "create")
         return tuple(steps)
 
-    def _apply_manifest(self, w: WorkloadWork) -> None:
+    def _create(self, w: WorkloadWork) -> dict[str, Any] | None:
+        """Create a Deployment that must not exist: a POST (server-side apply would
+        write over an object of that name that appeared since the dry run). Returns
+        the manifest to apply instead when one appeared and is ours (written at its
+        resourceVersion), None when created; raises ``NotOurs`` when it is not ours."""
+        assert w.manifest is not None
+        path = deployments_path(w.key.namespace, w.key.name)
+        body = {**w.manifest, "metadata": dict(w.manifest["metadata"])}
+        body["metadata"].pop("resourceVersion", None)
+        try:
+            created = self.client.request(
+                "POST",
+                deployments_path(w.key.namespace),
+                query={"fieldManager": names.FIELD_MANAGER},
+                body=body,
+            )
+        except ResourceConflict:  # 409 AlreadyExists
+            try:
+                existing = self.client.get(path)
+            except NotFound:
+                return dict(body)  # gone again: server-side apply creates it
+            self._check_ours(existing, f"Deployment {w.key} (created by someone else)")
+            manifest, _fresh = self._refresh(w)
+            return manifest
+        self.stats.writes += 1
+        # The POST's fields are our "Update"; make them our "Apply", so our next
+        # server-side apply owns them (as ``apply PLAN`` does).
+        adopt_created(self.client, path, created, names.FIELD_MANAGER)
+        return None
+
+    def _apply_manifest(self, w: WorkloadWork) -> int | None:
+        """Write the manifest; the written object's generation (None when created)."""
         manifest = w.manifest
         path = deployments_path(w.key.namespace, w.key.name)
+        if w.live is None and not self.options.force:
+            manifest = self._create(w)
+            if manifest is None:
+                return None
         for _attempt in range(self.options.conflict_retries + 1):
             assert manifest is not None
             try:
-                self.client.apply(
+                written = self.client.apply(
                     path, manifest, field_manager=names.FIELD_MANAGER, force=self.options.force
                 )
                 self.stats.writes += 1
-                return
+                generation = written.get("metadata", {}).get("generation")
+                return int(generation) if generation is not None else None
             except ResourceConflict:
                 manifest, _fresh = self._refresh(replace(w, manifest=manifest))
         raise ResourceConflict(
@@ -605,16 +868,32 @@ class KubernetesBackend:
             f"{w.key} kept changing; gave up after {self.options.conflict_retries} re-reads",
         )
 
-    def _relabel(self, namespace: str, pod: str, *, drain: bool, now_s: float, source: str) -> None:
-        """Flip a Pod out of (or back into) service discovery and its ReplicaSet."""
-        patch = relabel_patch(drain=drain, now_s=now_s, source=source)
-        try:
-            self.client.merge_patch(
-                pods_path(namespace, pod), patch, field_manager=names.FIELD_MANAGER
-            )
-            self.stats.writes += 1
-        except NotFound:
-            pass  # gone already: nothing to drain or put back
+    def _relabel(
+        self,
+        namespace: str,
+        pod: str,
+        *,
+        drain: bool,
+        now_s: float,
+        source: str,
+        resource_version: str | None = None,
+    ) -> None:
+        """Flip a Pod out of (or back into) service discovery and its ReplicaSet, at
+        the observed resourceVersion, and only while it is ours (``_guarded``)."""
+        path = pods_path(namespace, pod)
+
+        def write(rv: str | None) -> Any:
+            patch = relabel_patch(drain=drain, now_s=now_s, source=source)
+            patch["metadata"]["resourceVersion"] = rv
+            return self.client.merge_patch(path, patch, field_manager=names.FIELD_MANAGER)
+
+        # Gone already: nothing to drain or put back (``_guarded`` skips it).
+        self._guarded(path, resource_version, write, what=f"Pod {namespace}/{pod}")
+
+
+def _still_drained(pod: Mapping[str, Any]) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(names.SERVING_LABEL) == names.DRAINING
 
 
 def deployment_from_api(client: KubeClient, key: ObjectKey) -> LiveDeployment | None:

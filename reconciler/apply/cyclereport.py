@@ -197,6 +197,7 @@ def to_json(result: CycleResult) -> dict[str, Any]:
                 for c in outcome.plan.changes
             ]
             entry["notes"] = list(outcome.plan.notes)
+            entry["held"] = dict(outcome.plan.held)
         if outcome.diff is not None:
             entry["objects"] = outcome.diff.to_json()
         else:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from reconciler.state import Role
 
@@ -47,6 +49,10 @@ TEMPLATE_HASH_ANNOTATION = f"{PREFIX}/template-hash"
 # still carries it, holds every value we set, and nobody else manages it, applying the
 # same manifest again is provably a no-op and the diff skips its dry run.
 APPLIED_HASH_ANNOTATION = f"{PREFIX}/applied-hash"
+# The spec.replicas heteroscale last applied. A live value that differs was changed by
+# someone else, even when the write left no managed-fields entry (the scale
+# subresource on Kubernetes 1.20): replica drift (``observe.kubernetes.replica_drift``).
+APPLIED_REPLICAS_ANNOTATION = f"{PREFIX}/applied-replicas"
 # On a drained Pod: when it left service discovery (seconds since the epoch) and the
 # Deployment it came from. Kept on the Pod so the drain survives reconciler restarts.
 DRAINED_AT_ANNOTATION = f"{PREFIX}/drained-at"
@@ -106,3 +112,13 @@ def selector_labels(service: str, group_id: str, role: Role) -> dict[str, str]:
 def ownership_selector(cluster: str) -> str:
     """Label selector for every object this reconciler owns in one cluster."""
     return f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{CLUSTER_LABEL}={label_value(cluster)}"
+
+
+def owned_by_us(obj: Mapping[str, Any], cluster: str) -> bool:
+    """The object carries this reconciler's ownership labels for ``cluster`` (what
+    ``ownership_selector`` selects). RBAC cannot restrict writes by label, so every
+    write path checks this in code before it touches an object it re-read."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE and labels.get(
+        CLUSTER_LABEL
+    ) == label_value(cluster)

@@ -143,9 +143,21 @@ class ClusterDiff:
             "mode": self.mode,
             "objects": [o.to_json() for o in self.objects if o.action != "unchanged" or o.notes],
             "unchanged": sum(1 for o in self.objects if o.action == "unchanged" and not o.notes),
-            "drift": [{"kind": d.kind, "name": d.name, "detail": d.detail} for d in self.drift],
+            "drift": [drift_json(d) for d in self.drift],
             "notes": list(self.notes),
         }
+
+
+def drift_json(item: Drift) -> dict[str, Any]:
+    """One drift item as JSON: kind, object, detail and, when known, the field with
+    its live and desired value."""
+    out: dict[str, Any] = {"kind": item.kind, "name": item.name, "detail": item.detail}
+    path = getattr(item, "path", "")
+    if path:
+        out.update(
+            field=path, live=getattr(item, "live", None), desired=getattr(item, "desired", None)
+        )
+    return out
 
 
 def summarise_drift(drift: Sequence[Drift], limit: int = 10) -> list[str]:

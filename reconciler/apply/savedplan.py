@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -380,6 +381,35 @@ def moved_objects(recorded: Observed, now: Observed, *, limit: int = 20) -> list
 
 # ------------------------------------------------------------------ carrying out
 
+# How long a put-back waits for the Deployment controller to pass the raised replicas
+# on to the ReplicaSet (``await_rollout``).
+ROLLOUT_WAIT_S = 10.0
+
+
+def await_rollout(
+    client: KubeClient,
+    namespace: str,
+    name: str,
+    generation: int | None = None,
+    *,
+    timeout_s: float = ROLLOUT_WAIT_S,
+) -> bool:
+    """Wait until the Deployment controller has acted on the Deployment's spec
+    (``status.observedGeneration`` >= ``generation``, default: the current one), so its
+    ReplicaSet has the new replicas. A put-back must wait for it: the ReplicaSet adopts
+    a relabelled Pod at once, and one still at the old, lower replicas would delete a
+    serving Pod to make room (seen on 1.20: a ready instance lost). False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    path = deployments_path(namespace, name)
+    while True:
+        obj = client.get(path)
+        want = generation if generation is not None else obj["metadata"].get("generation", 0)
+        if int(obj.get("status", {}).get("observedGeneration", 0)) >= int(want):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
 
 @dataclass
 class SavedApplyResult:
@@ -403,7 +433,19 @@ def execute(
     at its new resourceVersion: status is not part of what the plan was approved on."""
     result = SavedApplyResult(saved.cluster)
     latest: dict[str, str] = {}
-    for step in saved.writes:
+    for index, step in enumerate(saved.writes):
+        previous = saved.writes[index - 1] if index else None
+        if (
+            step.op == "put_back"
+            and previous is not None
+            and previous.op == "apply"
+            and not await_rollout(client, previous.namespace, previous.name)
+        ):
+            result.refused = (
+                f"{step}: Deployment {previous.key} did not pass its new replicas on to its "
+                f"ReplicaSet within {ROLLOUT_WAIT_S:g} s; not put back (a later cycle does)"
+            )
+            return result
         rv = latest.get(step.key, step.resource_version)
         try:
             new_rv = _write(client, step, rv, field_manager=field_manager, now_s=now_s)
@@ -458,7 +500,7 @@ def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str
 RELABEL_ATTEMPTS = 5
 
 
-def _relabel_created(
+def adopt_created(
     client: KubeClient, path: str, created: dict[str, Any], field_manager: str
 ) -> str:
     """The POST's fields are recorded as our "Update", not our "Apply": our next
@@ -511,7 +553,7 @@ def _write(
                 query={"fieldManager": field_manager},
                 body=manifest,
             )
-            return _relabel_created(client, path, created, field_manager)
+            return adopt_created(client, path, created, field_manager)
         manifest["metadata"]["resourceVersion"] = rv
         return str(
             client.apply(path, manifest, field_manager=field_manager)["metadata"]["resourceVersion"]

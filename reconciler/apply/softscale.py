@@ -13,8 +13,17 @@ again. The mechanism, chosen to work on Kubernetes 1.20 (no pod-deletion-cost):
   replacement, which it deletes again as the newest unready Pod; capacity is never
   below the target.) The drain time and the Deployment it came from are annotations
   on the Pod, so a drain survives restarts of the reconciler.
-- *Putting back* is the reverse: replicas up first, then the label flips back and the
-  ReplicaSet adopts the Pod (only when it still runs the current template).
+- *Putting back* is the reverse: replicas up first, then, once the Deployment
+  controller has passed them on to the ReplicaSet (``savedplan.await_rollout``), the
+  label flips back and the ReplicaSet adopts the Pod (only when it still runs the
+  current template). Without that wait a ReplicaSet still at the old replicas adopts
+  the Pod and deletes a serving one to make room.
+- A restart between a drain and its shrink leaves the drained Pods drained (their
+  annotations survive) and the Deployment at the old replicas, so the ReplicaSet
+  replaces them; the next cycle lowers replicas without draining again while the
+  replacements are still starting (the ReplicaSet removes unready Pods first), and
+  the first drained Pods keep their drain time (tested in
+  ``tests/apply/test_kube_apply.py``, fault suite).
 - *Finishing* deletes a drained Pod whose window passed while the SLOs held.
 - Pods that are not ready (still starting, or unscheduled) carry no traffic: they
   are removed by lowering replicas alone (the ReplicaSet deletes unready Pods

@@ -4,8 +4,10 @@ Sync comes from one dry-run cycle, built and run exactly as ``plan`` does
 (``build_loop(dry_run=True)`` then ``run_cycle``), never from a second diff: a service
 is OutOfSync when that cycle would change something for it (a group change, an
 object write) or is held off one of its objects because someone else changed it
-(drift). Health: Degraded when the service's decision holds for a reason that needs a
-person (missing metrics, an invalid revision, drift, the planner reporting an
+(drift), or held because such a change refused one of its scale changes (the loop
+holds the whole service, ``reconciler.loop``). Health: Degraded when the service's
+decision holds for a reason that needs a person (missing metrics, an invalid
+revision, drift, the planner reporting an
 unattainable SLO or a bound below what the SLO needs, read from the decision's
 reason and message); Progressing while instances start or drain; else Healthy.
 
@@ -152,7 +154,11 @@ def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], l
     if outcome.diff is None:
         return changes, holds
     # Objects the same cycle saw changed by someone else (the observation's drift).
-    drifted = {d.name: d.detail for d in outcome.diff.drift if d.kind == "object_modified"}
+    drifted = {
+        d.name: d.detail
+        for d in outcome.diff.drift
+        if d.kind in ("object_modified", "replicas_changed")
+    }
     for obj in outcome.diff.objects:
         if obj.service != service:
             continue
@@ -189,6 +195,9 @@ def service_status(
     for marker, kind, what in _SLO_MARKERS:
         if marker in decision.message:
             holds.append(Hold(kind, f"{what}: {decision.message}"))
+    if service in plan.held:
+        # A scale change refused because of drift: the whole service waits.
+        holds.append(Hold("drift", f"service held: {plan.held[service]}"))
     if desired_error:
         holds.append(Hold("invalid_revision", desired_error))
     moving = any(count.starting or count.draining for count in (fleet.prefill, fleet.decode))

@@ -14,6 +14,29 @@ plain JSON. Everything after it is pure and tested without a server:
   does not know.
 - ``ownership_drift``: a Deployment whose spec fields are also managed by someone
   else (``managedFields``): it was changed outside Git.
+- ``replica_drift``: a Deployment whose ``spec.replicas`` is not what heteroscale last
+  applied (the ``heteroscale.io/applied-replicas`` annotation it writes with every
+  apply). This catches what ``managedFields`` cannot: on Kubernetes 1.20 a change
+  through the scale subresource (``kubectl scale``) leaves no managed-fields entry.
+
+Replica drift, the behaviour (decided here, followed by the cycle and the loop): the
+fleet counts a drifted Deployment at the replicas heteroscale last applied, never at
+the hand-edited value, so the decision and the placement see every deployment group
+in the shape heteroscale left it and a planned scale-in is never spread over the
+other groups to make up for the hand edit. Then:
+
+- nobody else owns ``spec.replicas`` (the scale subresource on 1.20, or any writer
+  that leaves no managed-fields entry): the plan takes the hand edit back, in the
+  group's shape, through the normal write path (a hand scale-up leaves through soft
+  scale-in, a hand scale-down is scaled up again);
+- another field manager owns it (``kubectl edit``/``patch``/``apply``, or the scale
+  subresource on servers that record it): server-side apply refuses to overwrite
+  it without ``--force``; the loop then holds the whole service (no group of it
+  changes size this cycle, the cooldown is not re-armed) and reports why, until the
+  edit is reverted or ``--force`` takes it back.
+
+Either way the drift is a ``FieldDrift`` (object, field, live and desired value):
+logged by the loop, counted in ``heteroscale_drift_total``, listed in every report.
 
 Deployments are listed cluster-wide when allowed, else namespace by namespace (the
 least-privilege RBAC of deploy/ grants only the managed namespaces).
@@ -50,6 +73,16 @@ SYSTEM_MANAGERS = frozenset({"kube-controller-manager", names.FIELD_MANAGER})
 
 
 @dataclass(frozen=True)
+class FieldDrift(Drift):
+    """A drift item that names the field, its live value and the value heteroscale
+    (or the cluster file) wants; ``detail`` is the same as one line."""
+
+    path: str = ""
+    live: str | None = None
+    desired: str | None = None
+
+
+@dataclass(frozen=True)
 class LiveDeployment:
     key: ObjectKey
     service: str
@@ -67,6 +100,22 @@ class LiveDeployment:
     foreign_managers: tuple[str, ...]  # managers other than ours and the controllers, any field
     applied_hash: str
     raw: JsonObject = field(repr=False, compare=False)
+    # spec.replicas as heteroscale last applied it (None: written before the annotation).
+    applied_replicas: int | None = None
+    replicas_managers: tuple[str, ...] = ()  # managers other than ours owning spec.replicas
+
+    @property
+    def replicas_drifted(self) -> bool:
+        """``spec.replicas`` is not what heteroscale last applied."""
+        return self.applied_replicas is not None and self.replicas != self.applied_replicas
+
+    @property
+    def counted_replicas(self) -> int:
+        """The instances the fleet counts: what heteroscale applied, not a hand edit."""
+        if self.replicas_drifted:
+            assert self.applied_replicas is not None
+            return self.applied_replicas
+        return self.replicas
 
 
 @dataclass(frozen=True)
@@ -155,6 +204,59 @@ def _spec_managers(obj: JsonObject) -> tuple[str, ...]:
     return tuple(sorted(managers))
 
 
+def _owns_replicas(fields: Mapping[str, Any]) -> bool:
+    spec = fields.get("f:spec")
+    return isinstance(spec, Mapping) and "f:replicas" in spec
+
+
+def _replicas_managers(obj: JsonObject) -> tuple[str, ...]:
+    return tuple(
+        sorted(
+            {
+                entry.get("manager", "") or "(unnamed)"
+                for entry in obj.get("metadata", {}).get("managedFields") or []
+                if entry.get("manager", "") not in SYSTEM_MANAGERS
+                and _owns_replicas(entry.get("fieldsV1") or {})
+            }
+        )
+    )
+
+
+def _spec_paths(obj: JsonObject, managers: Iterable[str], limit: int = 5) -> list[str]:
+    """The spec fields ``managers`` own, as dotted paths (the first ``limit``)."""
+    wanted = set(managers)
+    out: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        children = [k for k in node if k != "."]
+        if not children and prefix:
+            out.append(prefix)
+            return
+        for key in sorted(children):
+            if key.startswith("f:"):
+                walk(node[key] or {}, f"{prefix}.{key[2:]}" if prefix else key[2:])
+            elif key.startswith("k:"):
+                walk(node[key] or {}, f"{prefix}[{key[2:]}]")
+            elif key.startswith("v:"):
+                out.append(f"{prefix}[{key[2:]}]")
+
+    for entry in obj.get("metadata", {}).get("managedFields") or []:
+        if (entry.get("manager", "") or "(unnamed)") in wanted:
+            spec = (entry.get("fieldsV1") or {}).get("f:spec")
+            if isinstance(spec, Mapping):
+                walk(spec, "spec")
+    unique = sorted(set(out))
+    return unique[:limit] + ([f"... {len(unique) - limit} more"] if len(unique) > limit else [])
+
+
+def _applied_replicas(annotations: Mapping[str, Any]) -> int | None:
+    value = annotations.get(names.APPLIED_REPLICAS_ANNOTATION)
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
     """Our view of a Deployment; None when it lacks the labels we render."""
     meta = obj.get("metadata", {})
@@ -185,6 +287,8 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         foreign_managers=_foreign_managers(obj),
         applied_hash=annotations.get(names.APPLIED_HASH_ANNOTATION, ""),
         raw=obj,
+        applied_replicas=_applied_replicas(annotations),
+        replicas_managers=_replicas_managers(obj),
     )
 
 
@@ -442,7 +546,16 @@ def fleet_from_snapshot(
     nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
     for deployment in snapshot.deployments.values():
         counts: dict[str, int] = defaultdict(int)
-        for pod in snapshot.pods_of(deployment):
+        # At most as many Pods as the Deployment counts: the placers count instances
+        # from the nodes, and Pods beyond the counted replicas (a hand scale-up being
+        # taken back, or Pods the ReplicaSet is about to delete) are not the group's.
+        # Kept: ready ones first, then the oldest (the ReplicaSet deletes unready
+        # Pods first, soft scale-in drains the newest).
+        pods = sorted(
+            snapshot.pods_of(deployment),
+            key=lambda p: (not (p.ready and p.scheduled), p.created, p.key.name),
+        )
+        for pod in pods[: deployment.counted_replicas]:
             if pod.node:
                 counts[pod.node] += 1
         nodes_by_key[deployment.key] = counts
@@ -462,13 +575,15 @@ def fleet_from_snapshot(
                 group_roles[role] = GroupRole(gpu_type=fallback, instances=0)
                 continue
             node_counts = nodes_by_key.get(live.key, {})
+            # A hand-edited replica count is not counted (replica drift, module doc):
+            # the group keeps the shape heteroscale gave it.
             group_roles[role] = GroupRole(
                 gpu_type=live.gpu_type,
-                instances=live.replicas,
+                instances=live.counted_replicas,
                 nodes=tuple(NodeInstances(n, c) for n, c in sorted(node_counts.items())),
                 gpus_per_instance=live.gpus_per_instance,
             )
-            starting[(service, role)] += max(0, live.replicas - live.ready_replicas)
+            starting[(service, role)] += max(0, live.counted_replicas - live.ready_replicas)
         groups.append(
             DeploymentGroup(
                 service=service,
@@ -501,10 +616,13 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
         seen = live.get(node.name)
         if seen is None:
             out.append(
-                Drift(
+                FieldDrift(
                     "node_missing",
                     node.name,
                     f"in {cluster.name}'s cluster file, not in the cluster",
+                    path="node",
+                    live="absent",
+                    desired="present",
                 )
             )
             continue
@@ -520,28 +638,37 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
             if got != want:
                 shown = "missing" if got is None else f"'{got}'"
                 out.append(
-                    Drift(
+                    FieldDrift(
                         "node_label",
                         node.name,
                         f"label {key} is {shown}, the cluster file says '{want}'",
+                        path=f"metadata.labels.{key}",
+                        live=got,
+                        desired=want,
                     )
                 )
         if seen.gpus != node.gpus:
             out.append(
-                Drift(
+                FieldDrift(
                     "node_capacity",
                     node.name,
                     f"{names.GPU_RESOURCE} capacity is {seen.gpus}, the cluster file says {node.gpus}",
+                    path=f"status.capacity.{names.GPU_RESOURCE}",
+                    live=str(seen.gpus),
+                    desired=str(node.gpus),
                 )
             )
     known = cluster.node_by_name
     for live_node in nodes:
         if live_node.name not in known and labels.gpu_type in live_node.labels:
             out.append(
-                Drift(
+                FieldDrift(
                     "node_unexpected",
                     live_node.name,
                     f"GPU node ({labels.gpu_type}={live_node.labels[labels.gpu_type]}) not in {cluster.name}'s cluster file",
+                    path="node",
+                    live="present",
+                    desired="absent",
                 )
             )
     return tuple(out)
@@ -549,22 +676,72 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
 
 def ownership_drift(deployments: Iterable[LiveDeployment]) -> tuple[Drift, ...]:
     """Deployments whose spec someone else also manages (changed outside Git)."""
-    return tuple(
-        Drift(
-            "object_modified",
-            str(d.key),
-            f"spec fields also managed by {', '.join(d.other_managers)} (changed outside Git; "
-            "apply reports the conflicting fields and takes them back only with --force)",
+    out: list[Drift] = []
+    for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name)):
+        if not d.other_managers:
+            continue
+        paths = _spec_paths(d.raw, d.other_managers)
+        out.append(
+            FieldDrift(
+                "object_modified",
+                str(d.key),
+                f"spec fields also managed by {', '.join(d.other_managers)}"
+                + (f" ({', '.join(paths)})" if paths else "")
+                + " (changed outside Git; apply reports the conflicting fields and takes "
+                "them back only with --force)",
+                path=", ".join(paths) or "spec",
+                live=f"managed by {', '.join(d.other_managers)}",
+                desired=f"managed by {names.FIELD_MANAGER} only",
+            )
         )
-        for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name))
-        if d.other_managers
-    )
+    return tuple(out)
+
+
+def replica_drift(
+    deployments: Iterable[LiveDeployment], *, force: bool = False
+) -> tuple[Drift, ...]:
+    """Deployments whose ``spec.replicas`` is not what heteroscale last applied, and
+    what happens to each (module doc, "Replica drift")."""
+    out: list[Drift] = []
+    for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name)):
+        if not d.replicas_drifted:
+            continue
+        if not d.replicas_managers:
+            how = (
+                "changed without a managed-fields entry (e.g. `kubectl scale` through the "
+                "scale subresource); taken back in the group's shape"
+            )
+        elif force:
+            how = f"changed by {', '.join(d.replicas_managers)}; taken back (--force)"
+        else:
+            how = (
+                f"changed by {', '.join(d.replicas_managers)}, which now owns the field; "
+                f"not overwritten without --force (service {d.service} is held while it conflicts)"
+            )
+        out.append(
+            FieldDrift(
+                "replicas_changed",
+                str(d.key),
+                f"spec.replicas is {d.replicas}, heteroscale set {d.applied_replicas}: {how}",
+                path="spec.replicas",
+                live=str(d.replicas),
+                desired=str(d.applied_replicas),
+            )
+        )
+    return tuple(out)
 
 
 def observation_from_snapshot(
     snapshot: ClusterSnapshot,
     cluster: ClusterSpec,
     policies: Mapping[str, ServicePolicy] | None = None,
+    *,
+    force: bool = False,
 ) -> Observation:
-    drift = node_drift(cluster, snapshot.nodes) + ownership_drift(snapshot.deployments.values())
+    deployments = snapshot.deployments.values()
+    drift = (
+        node_drift(cluster, snapshot.nodes)
+        + ownership_drift(deployments)
+        + replica_drift(deployments, force=force)
+    )
     return Observation(fleet=fleet_from_snapshot(snapshot, policies), drift=drift)

@@ -87,6 +87,12 @@ def _groups(env: Env, g1_decode: int = 3, with_g2: bool = True) -> list[Deployme
     return out
 
 
+def _bound(pods: list[dict], count: int) -> bool:
+    """``count`` Pods, all bound to a node (the observer counts a Pod as ready only
+    once it is scheduled; a slow scheduler must not make a test flaky)."""
+    return len(pods) == count and all(p["spec"].get("nodeName") for p in pods)
+
+
 def _replicas(env: Env) -> dict[str, int]:
     return {name: d["spec"]["replicas"] for name, d in env.deployments().items()}
 
@@ -390,8 +396,8 @@ def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_sl
     backend.apply_cluster(env.plan(backend, base))
     selector = f"{names.GROUP_LABEL}=s1,{names.ROLE_LABEL}=decode"
     pods = wait_for(
-        lambda: (p := list_pods(env.client, env.name, selector)) and len(p) == 4 and p,
-        what="4 decode pods",
+        lambda: (p := list_pods(env.client, env.name, selector)) and _bound(p, 4) and p,
+        what="4 scheduled decode pods",
     )
     for pod in pods:
         mark_ready(env.client, env.name, pod)
@@ -406,7 +412,7 @@ def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_sl
     diff = backend.diff_cluster(plan)
     decode = next(o for o in diff.objects if o.key.endswith("svc-s1-d"))
     drained_names = [p.pod for p in decode.pods if p.action == "drain"]
-    assert len(drained_names) == 2 and decode.replicas_after == 2
+    assert len(drained_names) == 2 and decode.replicas_after == 2, decode.lines()
     backend.apply_cluster(plan)
     drained_selector = f"{names.SERVING_LABEL}=false,{names.GROUP_LABEL}=s1"
     drained = list_pods(env.client, env.name, drained_selector)
@@ -468,3 +474,310 @@ def test_soft_scale_in_drains_first_deletes_after_the_window_and_puts_back_on_sl
         lambda: not list_pods(env.client, env.name, drained_selector), what="drained pods deleted"
     )
     assert env.deployments()["svc-s1-d"]["spec"]["replicas"] == 2
+
+
+class Crash(BaseException):
+    """The reconciler process dies here (nothing in it catches a BaseException)."""
+
+
+def _serving_decode(env: Env, group_id: str) -> list[dict]:
+    return list_pods(
+        env.client,
+        env.name,
+        f"{names.SERVING_LABEL}=true,{names.GROUP_LABEL}={group_id},{names.ROLE_LABEL}=decode",
+    )
+
+
+def _is_ready(pod: dict) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+@pytest.mark.fault
+def test_a_restart_in_the_middle_of_a_soft_scale_in_neither_loses_nor_doubles_instances(
+    env: Env,
+) -> None:
+    backend = env.backend(soft_scale_in_window_s=60)
+    backend.slo = {"svc": "held"}
+    base = [group("svc", env.name, "r1", f"{env.name}-pa", ("h800", 1), ("h800", 4))]
+    backend.apply_cluster(env.plan(backend, base))
+    pods = wait_for(
+        lambda: (p := _serving_decode(env, "r1")) and _bound(p, 4) and p,
+        what="4 scheduled decode pods",
+    )
+    for pod in pods:
+        mark_ready(env.client, env.name, pod)
+    wait_for(
+        lambda: env.deployments()["svc-r1-d"].get("status", {}).get("readyReplicas") == 4,
+        what="4 ready",
+    )
+    original = {p["metadata"]["name"] for p in pods}
+
+    # Scale decode 4 -> 2; the process dies after the two drains, before the
+    # Deployment's replicas go down.
+    smaller = [group("svc", env.name, "r1", f"{env.name}-pa", ("h800", 1), ("h800", 2))]
+
+    def die_before_the_shrink(method: str, path: str) -> None:
+        if method == "PATCH" and "/deployments/svc-r1-d?" in path and "dryRun" not in path:
+            raise Crash()
+
+    backend.client.hooks.append(die_before_the_shrink)
+    try:
+        with pytest.raises(Crash):
+            backend.apply_cluster(env.plan(backend, smaller))
+    finally:
+        backend.client.hooks.clear()
+    drained_selector = f"{names.SERVING_LABEL}=false,{names.GROUP_LABEL}=r1"
+    drained = {p["metadata"]["name"] for p in list_pods(env.client, env.name, drained_selector)}
+    assert len(drained) == 2 and drained <= original
+    assert env.deployments()["svc-r1-d"]["spec"]["replicas"] == 4, "the shrink was lost"
+    # Meanwhile the ReplicaSet replaces the two Pods that left it (still starting).
+    wait_for(lambda: len(_serving_decode(env, "r1")) == 4, what="two replacement pods")
+    replacements = {p["metadata"]["name"] for p in _serving_decode(env, "r1")} - original
+    assert len(replacements) == 2
+
+    # A new process: it resumes the scale-in. No Pod is drained a second time and no
+    # ready Pod is added to the drained ones (the starting replacements go, by the
+    # replicas alone); the drained Pods keep their drain time (the window goes on).
+    env.clock_s += 10
+    restarted = env.backend(soft_scale_in_window_s=60)
+    restarted.slo = {"svc": "held"}
+    plan = env.plan(restarted, smaller)
+    decode = next(o for o in restarted.diff_cluster(plan).objects if o.key.endswith("svc-r1-d"))
+    assert [p.action for p in decode.pods] == [], decode.lines()
+    assert (decode.replicas_before, decode.replicas_after) == (4, 2)
+    restarted.apply_cluster(plan)
+    assert env.deployments()["svc-r1-d"]["spec"]["replicas"] == 2
+    serving = wait_for(
+        lambda: (p := _serving_decode(env, "r1")) and len(p) == 2 and p,
+        what="the replacements removed",
+    )
+    assert {p["metadata"]["name"] for p in serving} == original - drained, "the ready ones stay"
+    assert all(map(_is_ready, serving)), "capacity never below the target"
+    assert {
+        p["metadata"]["name"] for p in list_pods(env.client, env.name, drained_selector)
+    } == drained
+    observation = env.observe(restarted)
+    assert observation.fleet.service_fleet("svc").decode.draining == 2
+    assert observation.fleet.service_fleet("svc").decode.ready == 2
+
+    # The window counts from the first drain: 50 s later (60 s after it) they go.
+    env.clock_s += 50
+    restarted.apply_cluster(env.plan(restarted, smaller))
+    wait_for(
+        lambda: not list_pods(env.client, env.name, drained_selector), what="drained pods deleted"
+    )
+    decode_pods = list_pods(
+        env.client, env.name, f"{names.GROUP_LABEL}=r1,{names.ROLE_LABEL}=decode"
+    )
+    assert {p["metadata"]["name"] for p in decode_pods} == original - drained
+    assert not restarted.diff_cluster(env.plan(restarted, smaller)).has_changes
+
+
+# ------------------------------------------------------------------ ownership
+
+
+def _unmanaged_deployment(name: str, labels: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "x", "image": "example.invalid/x"}]},
+            },
+        },
+    }
+
+
+def _unmanaged_pod(name: str, labels: dict[str, str], annotations: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        # No scheduler picks it up: nothing but us could change it.
+        "spec": {
+            "schedulerName": "nobody",
+            "containers": [{"name": "x", "image": "example.invalid/x"}],
+        },
+    }
+
+
+def _untouched(obj: dict) -> tuple:
+    """What any write of ours would change (not what the controllers write: status,
+    the Deployment's revision annotation)."""
+    meta = obj["metadata"]
+    annotations = {
+        k: v
+        for k, v in (meta.get("annotations") or {}).items()
+        if not k.startswith("deployment.kubernetes.io/")
+    }
+    ours = any(e["manager"] == names.FIELD_MANAGER for e in meta.get("managedFields") or [])
+    return (meta.get("labels"), annotations, obj.get("spec"), ours)
+
+
+def test_unmanaged_deployments_and_pods_in_a_managed_namespace_are_never_written(
+    env: Env,
+) -> None:
+    """RBAC cannot restrict writes by label: whatever the desired state says, an
+    object without our ownership labels (for this cluster) is never patched, scaled
+    or deleted, even when it looks like ours in every other label."""
+    cluster_label = names.label_value(env.name)
+    look_alike = {
+        names.SERVICE_LABEL: "svc",
+        names.ROLE_LABEL: "decode",
+        names.CLUSTER_LABEL: cluster_label,
+    }
+    deployments = {
+        # The name the plan creates next.
+        "svc-g1-p": _unmanaged_deployment(
+            "svc-g1-p", {**look_alike, names.GROUP_LABEL: "g1", names.ROLE_LABEL: "prefill"}
+        ),
+        # A group the desired state does not have: would be pruned if it were ours.
+        "svc-old-d": _unmanaged_deployment("svc-old-d", {**look_alike, names.GROUP_LABEL: "old"}),
+        # Ours, but another cluster's (same API server).
+        "svc-g9-d": _unmanaged_deployment(
+            "svc-g9-d",
+            {
+                **look_alike,
+                names.GROUP_LABEL: "g9",
+                names.MANAGED_BY_LABEL: names.MANAGED_BY_VALUE,
+                names.CLUSTER_LABEL: "elsewhere",
+            },
+        ),
+    }
+    for body in deployments.values():
+        env.client.request("POST", deployments_path(env.name), body=body)
+    pods = {
+        # Looks drained from a Deployment we manage, long ago: would be deleted.
+        "stray-drained": _unmanaged_pod(
+            "stray-drained",
+            {**look_alike, names.GROUP_LABEL: "g2", names.SERVING_LABEL: names.DRAINING},
+            {names.DRAINED_AT_ANNOTATION: "1", names.DRAINED_FROM_ANNOTATION: "svc-g2-d"},
+        ),
+        # Looks like a serving instance of a group we scale in: would be drained.
+        "stray-serving": _unmanaged_pod(
+            "stray-serving",
+            {**look_alike, names.GROUP_LABEL: "g2", names.SERVING_LABEL: "true"},
+            {},
+        ),
+    }
+    for body in pods.values():
+        env.client.request("POST", f"/api/v1/namespaces/{env.name}/pods", body=body)
+
+    def snapshot() -> dict[str, tuple]:
+        live = {n: _untouched(d) for n, d in env.deployments().items() if n in deployments}
+        live |= {
+            p["metadata"]["name"]: _untouched(p)
+            for p in list_pods(env.client, env.name)
+            if p["metadata"]["name"] in pods
+        }
+        return live
+
+    before = snapshot()
+    assert set(before) == set(deployments) | set(pods)
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.slo = {"svc": "held"}
+    # Create (g1 clashes with the look-alike), scale in, then prune everything.
+    for groups in (
+        [
+            group("svc", env.name, "g1", f"{env.name}-pa", ("h800", 1), ("h800", 1)),
+            group("svc", env.name, "g2", env.name, ("h800", 1), ("h20", 3)),
+        ],
+        [group("svc", env.name, "g2", env.name, ("h800", 1), ("h20", 1))],
+        [],
+    ):
+        diff = backend.apply_cluster(env.plan(backend, groups))
+        assert snapshot() == before, diff.lines()
+    assert set(env.deployments()) == set(deployments), "ours pruned, the others kept"
+
+
+@pytest.mark.fault
+def test_objects_that_stop_being_ours_during_an_apply_are_left_alone(env: Env) -> None:
+    """Between the observation and the write, someone takes an object over (removes
+    our ownership label) or creates one of the name we create: each write is refused
+    by its precondition and, re-read, found not ours, so it is not written."""
+    backend = env.backend(soft_scale_in_window_s=60)
+    backend.slo = {"svc": "held"}
+    a1 = group("svc", env.name, "a1", f"{env.name}-pa", ("h800", 1), ("h800", 2))
+    a2 = group("svc", env.name, "a2", f"{env.name}-pa", ("h800", 1), ("h800", 1))
+    a4 = group("svc", env.name, "a4", f"{env.name}-pa", ("h800", 1), ("h800", 2))
+    backend.apply_cluster(env.plan(backend, [a1, a2, a4]))
+    for group_id in ("a1", "a4"):
+        for pod in wait_for(
+            lambda g=group_id: (p := _serving_decode(env, g)) and _bound(p, 2) and p,
+            what=f"{group_id} scheduled decode pods",
+        ):
+            mark_ready(env.client, env.name, pod)
+    wait_for(
+        lambda: all(
+            env.deployments()[f"svc-{g}-d"].get("status", {}).get("readyReplicas") == 2
+            for g in ("a1", "a4")
+        ),
+        what="ready decode pods",
+    )
+    # a1's decode goes 2 -> 1 (one Pod drained), and the window passes.
+    a1_small = group("svc", env.name, "a1", f"{env.name}-pa", ("h800", 1), ("h800", 1))
+    backend.apply_cluster(env.plan(backend, [a1_small, a2, a4]))
+    env.clock_s += 61
+
+    # This cycle: finish a1's drained Pod, prune a2, create a3, drain one of a4's.
+    a3 = group("svc", env.name, "a3", f"{env.name}-pa", ("h800", 1), ("h800", 1))
+    a4_small = group("svc", env.name, "a4", f"{env.name}-pa", ("h800", 1), ("h800", 1))
+    plan = env.plan(backend, [a1_small, a3, a4_small])
+    preview = {o.key.rsplit("/", 1)[1]: o for o in backend.diff_cluster(plan).objects}
+    (finished,) = [p.pod for p in preview["svc-a1-d"].pods if p.action == "finish"]
+    (drained,) = [p.pod for p in preview["svc-a4-d"].pods if p.action == "drain"]
+    assert preview["svc-a2-p"].action == "delete" and preview["svc-a3-p"].action == "create"
+
+    intruder = env.plane.client()
+    strip = {"metadata": {"labels": {names.MANAGED_BY_LABEL: None}}}
+    interfered: list[str] = []
+
+    def interfere(method: str, path: str) -> None:
+        if "dryRun" in path:
+            return
+        target = path.split("?")[0]
+        if method == "DELETE" and target.endswith(f"/pods/{finished}"):
+            intruder.merge_patch(target, strip, field_manager="intruder")
+        elif method == "DELETE" and target.endswith("/deployments/svc-a2-p"):
+            intruder.merge_patch(target, strip, field_manager="intruder")
+        elif method == "POST" and target.endswith("/deployments") and "svc-a3-p" not in interfered:
+            intruder.request(
+                "POST",
+                deployments_path(env.name),
+                body=_unmanaged_deployment("svc-a3-p", {"team": "someone-else"}),
+            )
+        elif method == "PATCH" and target.endswith(f"/pods/{drained}"):
+            intruder.merge_patch(target, strip, field_manager="intruder")
+        else:
+            return
+        interfered.append(target.rsplit("/", 1)[1] if method != "POST" else "svc-a3-p")
+
+    backend.client.hooks.append(interfere)
+    try:
+        done = {o.key.rsplit("/", 1)[1]: o for o in backend.apply_cluster(plan).objects}
+    finally:
+        backend.client.hooks.clear()
+    assert sorted(interfered) == sorted([finished, "svc-a2-p", "svc-a3-p", drained])
+    for key in ("svc-a1-d", "svc-a2-p", "svc-a3-p", "svc-a4-d"):
+        assert done[key].action == "conflict", done[key].lines()
+        assert "ownership labels" in done[key].notes[-1], done[key].lines()
+
+    live = env.deployments()
+    assert "svc-a2-p" in live, "not deleted once it was not ours"
+    assert "svc-a2-d" not in live, "its other half was ours: pruned"
+    squatter = live["svc-a3-p"]
+    assert (
+        squatter["spec"]["replicas"] == 0
+        and names.MANAGED_BY_LABEL not in (squatter["metadata"]["labels"])
+    )
+    assert "heteroscale" not in {e["manager"] for e in squatter["metadata"]["managedFields"]}
+    assert live["svc-a4-d"]["spec"]["replicas"] == 2, "no shrink without its drain"
+    assert "svc-a3-d" in live, "the rest of the plan went ahead"
+    pods = {p["metadata"]["name"]: p for p in list_pods(env.client, env.name)}
+    assert finished in pods, "a drained Pod that is not ours any more is not deleted"
+    assert pods[drained]["metadata"]["labels"][names.SERVING_LABEL] == "true", "not drained"

@@ -185,3 +185,51 @@ def test_objects_managed_by_someone_else_are_drift(state: DesiredState) -> None:
 def test_objects_without_our_labels_are_ignored() -> None:
     assert parse_deployment({"metadata": {"name": "x", "labels": {"app": "x"}}}) is None
     assert ObjectKey("a", "b").__str__() == "a/b"
+
+
+def test_replicas_not_as_applied_are_drift_and_the_fleet_counts_what_was_applied(
+    state: DesiredState,
+) -> None:
+    group = DeploymentGroup(
+        "chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 1), GroupRole("h20", 3)
+    )
+    decode = next(v for k, v in _live(state, [group]).items() if k.name.endswith("-d"))
+    raw = decode.raw
+    raw["metadata"]["annotations"][names.APPLIED_REPLICAS_ANNOTATION] = "3"
+    raw["spec"]["replicas"] = 7  # `kubectl scale`: no managed-fields entry
+    scaled = parse_deployment(raw)
+    assert scaled is not None and scaled.replicas_drifted and scaled.replicas_managers == ()
+    snapshot = ClusterSnapshot("prod-east", {scaled.key: scaled}, (), (), 0.0)
+    cluster = state.clusters["prod-east"]
+    observation = observation_from_snapshot(snapshot, cluster, state.policies)
+    assert observation.fleet.service_fleet("chat").decode.active == 3, "the group keeps its shape"
+    (item,) = [d for d in observation.drift if d.kind == "replicas_changed"]
+    assert (item.path, item.live, item.desired) == ("spec.replicas", "7", "3")  # type: ignore[attr-defined]
+    assert "taken back in the group's shape" in item.detail
+
+    # Another field manager owns spec.replicas now: not overwritten without --force.
+    raw["metadata"]["managedFields"] = [
+        {
+            "manager": "kubectl-edit",
+            "operation": "Update",
+            "fieldsV1": {"f:spec": {"f:replicas": {}}},
+        }
+    ]
+    edited = parse_deployment(raw)
+    assert edited is not None and edited.replicas_managers == ("kubectl-edit",)
+    snapshot = ClusterSnapshot("prod-east", {edited.key: edited}, (), (), 0.0)
+    for force, words in ((False, "is held while it conflicts"), (True, "taken back (--force)")):
+        drift = observation_from_snapshot(snapshot, cluster, state.policies, force=force).drift
+        (item,) = [d for d in drift if d.kind == "replicas_changed"]
+        assert "kubectl-edit" in item.detail and words in item.detail
+    (modified,) = [d for d in drift if d.kind == "object_modified"]
+    assert modified.path == "spec.replicas"  # type: ignore[attr-defined]
+
+    # As applied: no drift; written before the annotation existed: unknown, no drift.
+    raw["metadata"]["managedFields"] = []
+    raw["spec"]["replicas"] = 3
+    assert not parse_deployment(raw).replicas_drifted  # type: ignore[union-attr]
+    del raw["metadata"]["annotations"][names.APPLIED_REPLICAS_ANNOTATION]
+    raw["spec"]["replicas"] = 9
+    legacy = parse_deployment(raw)
+    assert legacy is not None and not legacy.replicas_drifted and legacy.counted_replicas == 9

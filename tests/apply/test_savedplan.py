@@ -18,7 +18,7 @@ from reconciler.apply.savedplan import (
     SavedCluster,
     SavedPlan,
     WriteStep,
-    _relabel_created,
+    adopt_created,
     deployment_fingerprint,
     moved_objects,
     read_plan,
@@ -186,12 +186,12 @@ CREATED = {
 
 def test_a_created_deployment_is_relabelled_past_its_controllers_status_writes() -> None:
     client = _StatusRacingClient(conflicts=2)
-    assert _relabel_created(client, "/p", CREATED, "heteroscale") == "99"  # type: ignore[arg-type]
+    assert adopt_created(client, "/p", CREATED, "heteroscale") == "99"  # type: ignore[arg-type]
     assert client.patched_at == ["10", "11", "12"]  # each time at the fresh version
 
 
 def test_a_created_deployment_whose_spec_changed_is_not_relabelled() -> None:
     client = _StatusRacingClient(conflicts=1, generation_after=2)
     with pytest.raises(ResourceConflict):
-        _relabel_created(client, "/p", CREATED, "heteroscale")  # type: ignore[arg-type]
+        adopt_created(client, "/p", CREATED, "heteroscale")  # type: ignore[arg-type]
     assert client.patched_at == ["10"]

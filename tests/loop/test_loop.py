@@ -7,6 +7,7 @@ import json
 import logging
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from looptestkit import (
@@ -139,7 +140,9 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
             'heteroscale_cycle_duration_seconds_count{cluster="prod-east"} 1.0',
             'heteroscale_decisions_total{reason="baseline",service="chat"} 1.0',
             "heteroscale_placement_solve_seconds_count",
-            'heteroscale_drift{cluster="prod-east",kind="node_missing"} 0.0',
+            'heteroscale_drift_items{cluster="prod-east",kind="node_missing"} 0.0',
+            'heteroscale_drift_items{cluster="prod-east",kind="replicas_changed"} 0.0',
+            'heteroscale_services_held{cluster="prod-east"} 0.0',
             "heteroscale_errors_total",
             'heteroscale_cycles_total{cluster="prod-east",outcome="ok"} 1.0',
         ):
@@ -207,3 +210,72 @@ def test_json_logs_carry_structured_fields() -> None:
         line["msg"] == "cluster east ok" and line["cluster"] == "east" and line["event"] == "cycle"
     )
     assert line["level"] == "info"
+
+
+def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -> None:
+    """``plan_cluster(held=...)``: the decision is still made and reported, but no
+    group of the held service changes size and ``last_change_at_s`` stays."""
+    from reconciler.cycle import plan_cluster
+    from reconciler.observe.base import Observation
+    from reconciler.policy.base import Decision, PolicyHistory
+    from reconciler.state import DeploymentGroup, FleetState, GroupRole
+
+    service = sorted(p.name for p in state.policies_for("prod-east"))[0]
+    policy = state.policies[service]
+    running = DeploymentGroup(
+        service=service,
+        cluster="prod-east",
+        group_id="g0",
+        domain=state.clusters["prod-east"].s2[0].name,
+        subgroup=None,
+        prefill=GroupRole(policy.prefill.preferred_gpu_types()[0], 3),
+        decode=GroupRole(policy.decode.preferred_gpu_types()[0], 5),
+    )
+    observation = Observation(FleetState("prod-east", groups=(running,)))
+
+    class Arming(FixedAutoscaler):
+        def decide(self, policy, fleet, metrics, history, now_s):  # type: ignore[no-untyped-def]
+            return Decision(
+                policy.name, 1, 2, "scale_in", "1/2", history=PolicyHistory(last_change_at_s=now_s)
+            )
+
+    before = {service: PolicyHistory(last_change_at_s=10.0)}
+    args = (state, "prod-east", observation, {}, before, 500.0, Arming(), OneGroupPlacer())
+    free, histories = plan_cluster(*args)
+    assert any(c.service == service for c in free.changes)
+    assert histories[service].last_change_at_s == 500.0
+
+    held, histories = plan_cluster(*args, held={service: "a write was refused"})
+    assert not [c for c in held.changes if c.service == service]
+    assert [g for g in held.groups if g.service == service] == [running]
+    assert held.decisions[service].decode == 2, "the decision is still reported"
+    assert histories[service].last_change_at_s == 10.0, "cooldown not re-armed"
+    assert held.held == {service: "a write was refused"}
+    assert any(n.startswith(f"service {service} held at 3 prefill, 5 decode") for n in held.notes)
+
+
+def test_refused_scale_changes_name_the_services_to_hold() -> None:
+    from reconciler.apply.fields import FieldChange
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.loop import refused_scale_changes, scaled_services
+
+    def obj(key: str, service: str, action: str, before: int, after: int) -> ObjectDiff:
+        fields = (FieldChange("spec.replicas", before, after),) if action == "update" else ()
+        return ObjectDiff(
+            key, service, "g", "decode", cast(Any, action), before, after, fields, notes=("why",)
+        )
+
+    diff = ClusterDiff(
+        "c",
+        "server-dry-run",
+        (
+            obj("ns/a-d", "a", "conflict", 7, 4),  # a refused scale change
+            obj("ns/a-p", "a", "delete", 2, 0),
+            obj("ns/b-d", "b", "conflict", 4, 4),  # refused, but not a scale change
+            obj("ns/c-d", "c", "update", 4, 2),
+        ),
+    )
+    assert refused_scale_changes(diff) == {
+        "a": "Deployment ns/a-d refused the scale change 7 -> 4: why"
+    }
+    assert scaled_services(diff) == {"a", "c"}
