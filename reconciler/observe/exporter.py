@@ -66,23 +66,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from reconciler.latency_buckets import (  # re-exported: the tests read them from here
+    SGLANG_ITL_BUCKETS_S,
+    VLLM_ITL_BUCKETS_S,
+    VLLM_TTFT_BUCKETS_S,
+)
 from reconciler.state import Role
 
 ExporterEngine = Literal["vllm", "sglang"]
-
-# Bucket bounds (seconds) as the engines ship them (vLLM V1 and SGLang defaults).
-VLLM_TTFT_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-VLLM_ITL_BUCKETS_S: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-SGLANG_ITL_BUCKETS_S: tuple[float, ...] = (
-    0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040,
-    0.060, 0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.0, 2.0, 4.0, 6.0, 8.0,
-)  # fmt: skip
 
 
 def build_1_2_5_buckets(max_value: float) -> tuple[float, ...]:

@@ -56,12 +56,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.latency_buckets import bucket_around, policy_latency_buckets
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory
 from reconciler.policy.capacity import (
@@ -72,6 +74,7 @@ from reconciler.policy.capacity import (
     RoleCapacities,
     implied_decode_factor,
     implied_prefill_factor,
+    predicted_ttft_s,
     role_capacities,
     transfer_s_per_token,
 )
@@ -677,23 +680,47 @@ def _corrected(
     if tbt is not None and ready[1] > 0 and starting[1] == 0:
         per_instance = decode_tps / ready[1]
         if 0 < per_instance <= caps.decode_tps_per_instance:
+            decode_tps_now = per_instance
             correction = correction.updated(
                 "decode",
-                implied_decode_factor(perf.decode, mix, tbt.value / 1000.0, per_instance),
+                within_bucket(
+                    lambda s: implied_decode_factor(perf.decode, mix, s, decode_tps_now),
+                    tbt.value / 1000.0,
+                    policy_latency_buckets(policy, "tbt"),
+                    correction.decode,
+                ),
             )
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
     if ttft is not None and ready[0] > 0 and starting[0] == 0 and attainable_tail:
         per_instance = prefill_tps / ready[0]
         if 0 < per_instance <= caps.prefill_tps_per_instance:
-            implied = implied_prefill_factor(
-                perf.prefill,
-                mix,
+            prefill_tps_now, instances = per_instance, ready[0]
+            transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
+            first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
+            implied = within_bucket(
+                lambda s: implied_prefill_factor(
+                    perf.prefill,
+                    mix,
+                    s,
+                    slo.quantile,
+                    prefill_tps_now,
+                    instances,
+                    transfer,
+                    first_step_s,
+                ),
                 ttft.value / 1000.0,
-                slo.quantile,
-                per_instance,
-                ready[0],
-                transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps),
-                caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0,
+                policy_latency_buckets(policy, "ttft"),
+                correction.prefill,
+                lambda factor: predicted_ttft_s(
+                    perf.prefill,
+                    mix,
+                    slo.quantile,
+                    prefill_tps_now,
+                    instances,
+                    transfer,
+                    first_step_s,
+                    factor,
+                ),
             )
             # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
             # (1-2-5): spread evenly within a wide bucket the model's tail sits too
@@ -703,6 +730,42 @@ def _corrected(
             if implied is not None:
                 correction = correction.updated("prefill", max(1.0, implied))
     return correction
+
+
+def within_bucket(
+    implied_at: Callable[[float], float | None],
+    observed_s: float,
+    bounds: tuple[float, ...] | None,
+    current: float,
+    predicted_at: Callable[[float], float] | None = None,
+) -> float | None:
+    """The correction factor an observed latency quantile supports.
+
+    Read through ``histogram_quantile``, a quantile is only known to lie in its bucket
+    (``reconciler.latency_buckets``): vLLM's p90 inter-token latency reads 47.5 ms for
+    any step between 25 and 50 ms. Every factor whose prediction falls in that bucket
+    agrees with the reading, so the current factor is kept when it is among them and
+    otherwise moved to the nearest that is (``implied_at`` gives the factor at which
+    the model predicts a latency; larger latencies need larger factors). A model off
+    by less than a bucket cannot be told from the histogram. With unknown bounds (an
+    override, an engine not listed) the reading is taken as exact. ``predicted_at``
+    (the model's latency at a factor), when given, spares the inversions: the current
+    factor's prediction tells which edge of the bucket, if any, it is outside."""
+    if bounds is None:
+        return implied_at(observed_s)
+    lower_s, upper_s = bucket_around(observed_s, bounds)
+    if predicted_at is not None:
+        predicted_s = predicted_at(current)
+        if lower_s < predicted_s <= upper_s:
+            return current
+        if predicted_s <= lower_s:
+            return implied_at(lower_s) if lower_s > 0 else current
+        return implied_at(upper_s) if math.isfinite(upper_s) else current
+    low = implied_at(lower_s) if lower_s > 0 else LatencyCorrection.MIN_FACTOR
+    high = implied_at(upper_s) if math.isfinite(upper_s) else LatencyCorrection.MAX_FACTOR
+    if low is None or high is None:
+        return None
+    return min(max(current, low), high)
 
 
 class PlannerAutoscaler:

@@ -11,6 +11,7 @@ import pytest
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, decide_with
 from reconciler.policy.capacity import RequestMix
@@ -25,6 +26,7 @@ from reconciler.policy.planner import (
     perf_context,
     plan_decide,
     role_demand,
+    within_bucket,
 )
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -348,3 +350,49 @@ def test_sizings_made_before_any_forecast_are_not_remembered_as_kept() -> None:
     for k in range(1, 40):
         kept = kept.observe(30.0 * k, 120_000.0, 120_000.0, 210.0, 600.0)
     assert kept.errors and max(kept.errors) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- latency read through buckets
+
+
+def test_a_reading_in_the_predicted_bucket_keeps_the_correction() -> None:
+    """vLLM's p90 inter-token latency reads 47.5 ms for any step in (25, 50] ms: a model
+    predicting 30 ms agrees with it, and the factor stays where it was."""
+    implied = lambda s: s / 0.030  # noqa: E731  (the model's step is 30 ms at factor 1)
+    assert within_bucket(implied, 0.0475, VLLM_ITL_BUCKETS_S, 1.0) == 1.0
+    assert within_bucket(implied, 0.0475, VLLM_ITL_BUCKETS_S, 1.2) == 1.2
+    # Taken as exact (no known bounds), the same reading would claim a 58% slower model.
+    assert within_bucket(implied, 0.0475, None, 1.0) == pytest.approx(0.0475 / 0.030)
+
+
+def test_a_reading_outside_the_predicted_bucket_moves_the_factor_to_its_nearest_edge() -> None:
+    implied = lambda s: s / 0.030  # noqa: E731
+    # Read in (50, 75] ms: the model (30 ms) is at least 50/30 slower than it says.
+    assert within_bucket(implied, 0.07, VLLM_ITL_BUCKETS_S, 1.0) == pytest.approx(0.05 / 0.03)
+    # Read in (10, 25] ms while the factor predicts 60 ms: at most 25/30.
+    assert within_bucket(implied, 0.02, VLLM_ITL_BUCKETS_S, 2.0) == pytest.approx(0.025 / 0.03)
+    # With the model's prediction given, the same answers without inverting both edges.
+    predicted = lambda f: 0.030 * f  # noqa: E731
+    assert within_bucket(implied, 0.07, VLLM_ITL_BUCKETS_S, 1.0, predicted) == pytest.approx(
+        0.05 / 0.03
+    )
+    assert within_bucket(implied, 0.0475, VLLM_ITL_BUCKETS_S, 1.0, predicted) == 1.0
+
+
+def test_steady_tbt_read_through_buckets_does_not_inflate_the_decode_correction() -> None:
+    """At a steady load the histogram reads the top of the step's bucket; the planner's
+    decode correction stays at 1 instead of reading the interpolation as a slower
+    instance (which cost decode capacity on every cycle)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    assert perf is not None
+    history = PolicyHistory()
+    # 1,450 output tokens/s per instance: the model's step is in (25, 50] ms there.
+    for k in range(20):
+        now = 30.0 * k
+        metrics = _metrics(now, 200_000.0, 30 * 1450.0, tbt_ms=47.5, ttft_ms=900.0)
+        decision = plan_decide(policy, _fleet(30, 30), metrics, history, now, perf)
+        history = decision.history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    assert memory.correction.decode == pytest.approx(1.0)

@@ -1,0 +1,51 @@
+"""Latency histogram bounds: which bucket a histogram_quantile reading lies in, and
+which bounds a policy's readings come through (reconciler.latency_buckets)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from reconciler.desired import load_desired_state
+from reconciler.latency_buckets import (
+    SGLANG_ITL_BUCKETS_S,
+    VLLM_ITL_BUCKETS_S,
+    VLLM_TTFT_BUCKETS_S,
+    bucket_around,
+    policy_latency_buckets,
+)
+
+
+@pytest.mark.parametrize(
+    ("value_s", "bucket"),
+    [
+        (0.0475, (0.025, 0.05)),  # vLLM's p90 reading of any step in (25, 50] ms
+        (0.05, (0.025, 0.05)),  # on a bound: the rank is at the top of that bucket
+        (0.005, (0.0, 0.01)),  # below the first bound
+        (80.0, (40.0, math.inf)),  # the last bound: PromQL's answer for the +Inf bucket too
+        (100.0, (80.0, math.inf)),
+    ],
+)
+def test_a_reading_lies_in_the_bucket_that_holds_it(
+    value_s: float, bucket: tuple[float, float]
+) -> None:
+    assert bucket_around(value_s, VLLM_ITL_BUCKETS_S) == bucket
+
+
+def test_each_engine_reads_through_its_own_bounds_and_overrides_through_none(
+    repo_root: Path,
+) -> None:
+    state = load_desired_state(repo_root)
+    chat, summarize = state.policies["chat"], state.policies["summarize"]
+    assert chat.engine == "vllm" and summarize.engine == "sglang"
+    assert policy_latency_buckets(chat, "tbt") == VLLM_ITL_BUCKETS_S
+    assert policy_latency_buckets(summarize, "tbt") == SGLANG_ITL_BUCKETS_S
+    assert policy_latency_buckets(summarize, "ttft") == VLLM_TTFT_BUCKETS_S
+    trtllm = chat.model_copy(update={"engine": "trtllm"})
+    assert policy_latency_buckets(trtllm, "tbt") is None
+    metrics = chat.metrics.model_copy(update={"queries": {"tbt": "my_tbt_ms"}})
+    overridden = chat.model_copy(update={"metrics": metrics})
+    assert policy_latency_buckets(overridden, "tbt") is None
+    assert policy_latency_buckets(overridden, "ttft") == VLLM_TTFT_BUCKETS_S
