@@ -18,15 +18,19 @@ Per second ``t`` the service does, in order:
 3. **Decode admission**: prompts done with prefill wait in a FIFO until a decode
    instance has room: at most ``max_batch`` sequences and KV cache for the prompt plus
    the mean output. Admissions are split over the decode pools (one per GPU type) in
-   proportion to their capacity at the TBT SLO, spilling over when one is full.
-4. **Decode**: each decode pool advances a *decode clock* ``psi`` (tokens generated per
-   running sequence so far) by ``1 / step_time`` where the step time comes from the
-   pool's batch and KV cache per instance. A cohort (the requests admitted in one
-   second) that entered at ``psi_0`` has generated ``x = psi - psi_0`` tokens; the
-   share still running is the output-length survival ``P(L > x)``, the trace-wide
-   length distribution scaled to the cohort's own mean output (so decode load follows
-   the actual tokens of the requests admitted, not just their count). Completions,
-   decode tokens, batch and KV usage all follow.
+   proportion to their capacity at the TBT SLO, spilling over when one is full. Within
+   a pool a router spreads them over its *generations* (below), least loaded first, by
+   the load the instances reported ``router_staleness_s`` ago.
+4. **Decode**: a decode pool is split into generations (``reconciler.sim.generations``):
+   sub-pools of instances that share one per-instance load, because a sequence stays
+   on the instance it was admitted to. Each generation advances its own *decode clock*
+   ``psi`` (tokens generated per running sequence so far) by ``1 / step_time``, the
+   step time coming from its own batch and KV cache per instance. A cohort (the
+   requests admitted to it in one second) that entered at ``psi_0`` has generated ``x
+   = psi - psi_0`` tokens; the share still running is the output-length survival ``P(L
+   > x)``, the trace-wide length distribution scaled to the cohort's own mean output
+   (so decode load follows the actual tokens of the requests admitted, not just their
+   count). Completions, decode tokens, batch and KV usage all follow.
 
 Per-request latencies are then exact functions of that per-second state:
 
@@ -39,10 +43,12 @@ Per-request latencies are then exact functions of that per-second state:
   pool's share of capacity that second.
 - TBT is judged per token: a request meets it when at most ``1 - quantile`` of its
   ``L`` tokens came with a gap above the SLO (the SLO quantile of its own gaps is
-  within the SLO); its tokens span ``psi(start) .. psi(start) + L`` on its decode
-  pool's clock, and every token of a second takes the pool's step time of that second.
-  Pools are mixed by their share of that second's admissions. The mean gap
-  ``(psi^-1(psi(start) + L) - start) / L`` is kept as a reported figure.
+  within the SLO); its tokens span ``psi(start) .. psi(start) + L`` on the clock of the
+  generation it was admitted to (followed through merges, and through a drain's split
+  with the split's share: ``generations.chase``), and every token of a second takes
+  that generation's step time of that second. Generations (of every pool) are mixed by
+  their share of that second's admissions. The mean gap ``(psi^-1(psi(start) + L) -
+  start) / L`` is kept as a reported figure.
 - A request meets both SLOs when it meets each (per request, not the product of two
   rates). Attainment counts a dropped (or unfinished) request as missing both SLOs;
   requests that miss TTFT even on an idle instance are reported as unattainable.
@@ -57,16 +63,19 @@ scrape (every ``scrape_interval_s``, 15 s, from ``scrape_offset_s``, 7 s) at or 
 - TTFT at the SLO quantile over the requests whose prefill completed in the window (one
   still waiting for decode admission counts with its wait so far), TBT at the SLO
   quantile of the window's inter-token gaps (each second's decode step time, once per
-  token generated: vLLM observes one gap per token); both through vLLM's histogram
-  buckets (``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds``)
-  and PromQL's ``histogram_quantile``: linear within the bucket holding the rank, the
-  highest finite bound when the rank is in +Inf;
+  token generated: vLLM observes one gap per token); both through the engine's
+  histogram buckets (``reconciler.latency_buckets``: vLLM's
+  ``vllm:time_to_first_token_seconds`` and ``vllm:inter_token_latency_seconds``, SGLang's
+  inter-token bounds for an SGLang service) and PromQL's ``histogram_quantile``: linear
+  within the bucket holding the rank, the highest finite bound when the rank is in +Inf;
 - prefill GPU utilisation and SM activity from the busy fraction, averaged over ready
   prefill instances; decode GPU utilisation = the share of decode instances running at
-  least one sequence (routing fills instances before it stacks them, so ``min(1,
-  sequences / instances)``) times the calibrated 100 %, and SM activity from the
-  calibrated batch curve; each a DCGM gauge, so ``avg_over_time`` of the samples
-  scraped in the window (the state in the second before each scrape);
+  least one sequence (a generation's instances share its sequences equally, so
+  ``min(1, sequences / instances)`` per generation: a new generation or a drained one
+  can sit idle while others are busy) times the calibrated 100 %, and SM activity from
+  the calibrated batch curve of each generation; each a DCGM gauge, so
+  ``avg_over_time`` of the samples scraped in the window (the state in the second
+  before each scrape); the TBT histogram observes every generation's step time;
 - KV-cache usage = cached tokens / capacity per decode instance, the last sample
   averaged over instances (``avg(vllm:kv_cache_usage_perc)``);
 - queues: requests waiting for prefill and prompts waiting for a decode slot, the last
@@ -93,9 +102,29 @@ Assumptions beyond ``perf`` (each one a modelling choice):
   when still unfinished ``drain_tail_s`` after the last arrival.
 - Prompt and output lengths are independent; each cohort's outputs follow the
   trace-wide shape scaled to the cohort's mean.
-- All sequences of a decode pool progress at one rate (balanced routing). A draining
-  decode instance keeps its share of the pool's batch until the sequences it held would
-  have finished (the pool's clock advances by the 99th-percentile output length).
+- Decode pinning: a decode request stays on the instances it started on until it
+  finishes. Instances that become ready in one second form a new generation, empty,
+  that takes only new admissions (it does not relieve the running sequences);
+  instances scaled in are split off their generation with their share of its
+  sequences (per-instance load being equal within a generation, the split is exact),
+  keep them until they finish and get no new ones. The fleet ends a drain once the
+  pool's drain clock (``decode_clock``: the slowest draining generation's clock) has
+  advanced by the 99th-percentile output length; the few sequences still running then
+  move to the least loaded generation. Generations whose per-instance batch and step
+  time agree within ``generation_merge_tolerance`` (2 %) merge (cohorts re-based onto
+  one clock, so every sequence keeps its progress); at most ``decode_generations`` (4)
+  live per pool (a new one beyond that merges the two closest; 1 is the fluid pool of
+  old, where a new instance relieves the running sequences at once). Within a
+  generation the instances share its sequences evenly (no per-instance variance). Instances removed without a
+  drain (counts set directly, as oracle-min does) leave their sequences to their
+  generation's remaining instances, the least loaded generation's first.
+- Stale routing: the admissions of a second are water-filled over a pool's
+  generations, least loaded (running sequences per instance) first, on the loads the
+  instances reported ``router_staleness_s`` (1) seconds before that second, plus the
+  second's own placements; none beyond an instance's free batch and KV cache (it
+  would refuse them). So a burst goes mostly to the instances that looked emptiest a
+  second ago, and a new generation keeps getting admissions a second after it has
+  caught up (0: a perfect router, which keeps generations level).
 - Admission reserves KV cache for the prompt plus the mean output (no preemption).
 - Per-request outcomes use a uniform sample of at most ``request_sample_limit``
   requests when there are more (attainment error ~0.1 %).
@@ -111,6 +140,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.latency_buckets import engine_latency_buckets
 from reconciler.perfmodel.instance import (
     DEFAULT_MAX_BATCH,
     InstancePerf,
@@ -119,6 +149,13 @@ from reconciler.perfmodel.instance import (
 )
 from reconciler.perfmodel.queueing import ggc_wait_s
 from reconciler.policy.capacity import one_two_five_buckets
+from reconciler.sim.generations import (
+    SLOT_COLUMNS,
+    DecodeGenerations,
+    GenerationsState,
+    SlotCurves,
+    chase,
+)
 from reconciler.sim.workload import (
     Burst,
     LengthShape,
@@ -156,13 +193,23 @@ class SimConfig:
     max_link_utilisation: float = 0.95
     request_sample_limit: int = 500_000  # per-request outcomes on a uniform sample of this many
     # Metrics as Prometheus gives them: read at the last scrape (every scrape_interval_s),
-    # latency quantiles from vLLM's histogram buckets. False: exact at the moment read.
+    # latency quantiles from the engine's histogram buckets. False: exact at the moment read.
     prometheus_like: bool = True
     scrape_interval_s: float = 15.0
     # Scrapes fall this far after each multiple of the interval: a reconcile loop is not
     # in phase with Prometheus, so a decision (every 30 s, from 0) reads a scrape 8 s
     # old, about half an interval, as at a random phase.
     scrape_offset_s: float = 7.0
+    # Decode pinning (reconciler.sim.generations): a decode pool is split into at most
+    # this many generations, sub-pools whose sequences stay on their instances (1: one
+    # fluid pool, where a new instance relieves the running sequences at once).
+    decode_generations: int = 4
+    # Generations whose per-instance batch and step time (in the last second) agree
+    # within this (relative) merge; negative: never, unless a new one needs a slot.
+    generation_merge_tolerance: float = 0.02
+    # The decode router fills the least loaded instances first by the load they
+    # reported this many seconds ago (0: the current load, a perfect router).
+    router_staleness_s: int = 1
 
 
 # --------------------------------------------------------------------------- load
@@ -523,20 +570,6 @@ class DecodePool:
 # vLLM's bucket bounds for its token-count histograms (1, 2, 5, 10, ... up to the
 # context length; 1 M covers every model here), then +Inf.
 _TOKEN_BUCKETS: tuple[float, ...] = (*one_two_five_buckets(1_000_000), math.inf)
-# vLLM's latency histogram bounds in seconds (``vllm/v1/metrics/loggers.py``), +Inf
-# implied: ``vllm:time_to_first_token_seconds`` and ``vllm:inter_token_latency_seconds``
-# (its older name ``vllm:time_per_output_token_seconds`` has the same buckets). The same
-# bounds as ``reconciler.observe.exporter``, kept here so the simulator does not import
-# the exporter's HTTP server.
-VLLM_TTFT_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-VLLM_ITL_BUCKETS_S: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-
 # Mutable state of ``ServiceSim`` besides the queues, cohorts and counters.
 _SNAPSHOT_SCALARS = (
     "queue_work",
@@ -548,11 +581,6 @@ _SNAPSHOT_SCALARS = (
     "prefill_instances",
 )
 _SNAPSHOT_LISTS = (
-    "psi",
-    "coh_head",
-    "coh_tail",
-    "alive_end",
-    "kv_end",
     "prefill_count",
     "decode_ready",
     "decode_draining",
@@ -569,7 +597,7 @@ class SimSnapshot:
     lists: Mapping[str, list[float]]
     queue: tuple[tuple[float, ...], ...]
     admit_queue: tuple[tuple[float, ...], ...]
-    cohorts: tuple[tuple[np.ndarray, ...], ...]
+    decode: tuple[GenerationsState, ...]  # per decode pool: generations, cohorts, router
     cum: Mapping[str, float]
 
 
@@ -618,6 +646,10 @@ class ServiceSim:
         self.cluster = cluster
         self.profile = profile
         self.config = config or SimConfig()
+        # The engine's own latency histogram bounds (vLLM's; SGLang's TBT for SGLang).
+        preset = policy.metrics.preset or policy.engine
+        self.ttft_buckets = engine_latency_buckets(preset, "ttft")
+        self.tbt_buckets = engine_latency_buckets(preset, "tbt")
         cfg = self.config
         model = policy.model
         kvb = float(model.kv_bytes_per_token)
@@ -699,17 +731,22 @@ class ServiceSim:
         self.admit_queue: deque[list[float]] = deque()
         self.admit_requests = 0.0
         self.admit_tokens = 0.0
-        # Decode clocks and cohorts per pool.
+        # Decode generations (clocks, cohorts, router) per pool.
         n_pools = len(self.decode_pools)
-        self.psi = [0.0] * n_pools
-        self.coh_entry = [np.zeros(1024) for _ in range(n_pools)]
-        self.coh_n = [np.zeros(1024) for _ in range(n_pools)]
-        self.coh_prompt = [np.zeros(1024) for _ in range(n_pools)]
-        self.coh_scale = [np.ones(1024) for _ in range(n_pools)]
-        self.coh_head = [0] * n_pools
-        self.coh_tail = [0] * n_pools
-        self.alive_end = [0.0] * n_pools
-        self.kv_end = [0.0] * n_pools
+        self.decode_gens = [
+            DecodeGenerations(
+                pool.perf,
+                slots=cfg.decode_generations,
+                staleness=cfg.router_staleness_s,
+                tolerance=cfg.generation_merge_tolerance,
+                idle_step_s=idle,
+                out_p99=self.out_p99,
+                out_max=self.out_max,
+                lengths_at=self._lengths_at,
+            )
+            for pool, idle in zip(self.decode_pools, self._idle_step_s, strict=True)
+        ]
+        self.slots = max(1, cfg.decode_generations)
         self.in_decode = 0.0
 
         # Cumulative counters.
@@ -758,8 +795,21 @@ class ServiceSim:
                 f"d{q}_admitted",
                 f"d{q}_instances",
                 f"d{q}_tokens",
+                f"d{q}_generations",
             ]
+            for k in range(self.slots):
+                columns += [f"d{q}g{k}_{name}" for name in SLOT_COLUMNS]
         self.series = _Grow(columns)
+        # Column of each slot field, slots of every pool in order (pool q, slot k at
+        # q * slots + k).
+        self._slot_columns = {
+            name: [
+                self.series.index[f"d{q}g{k}_{name}"]
+                for q in range(n_pools)
+                for k in range(self.slots)
+            ]
+            for name in SLOT_COLUMNS
+        }
         self.t = 0  # next second to simulate
 
     # ------------------------------------------------------------------ fleet input
@@ -777,6 +827,10 @@ class ServiceSim:
         self.prefill_instances = round(sum(self.prefill_count))
         self.decode_ready = [int(decode_ready.get(p.gpu_type, 0)) for p in self.decode_pools]
         self.decode_draining = [int(decode_draining.get(p.gpu_type, 0)) for p in self.decode_pools]
+        for gens, ready, draining in zip(
+            self.decode_gens, self.decode_ready, self.decode_draining, strict=True
+        ):
+            gens.set_counts(ready, draining, self.t)
         self._derive_capacity()
 
     def _derive_capacity(self) -> None:
@@ -799,8 +853,11 @@ class ServiceSim:
         self._decode_ready_total = sum(self.decode_ready)
 
     def decode_clock(self, gpu_type: str) -> float:
+        """The pool's drain clock: tokens per sequence generated by its slowest draining
+        generation (else its slowest busy one) since the start; a drain that began at
+        clock ``c`` has had every sequence it held advance by ``decode_clock - c``."""
         index = self.decode_index.get(gpu_type)
-        return self.psi[index] if index is not None else 0.0
+        return self.decode_gens[index].clock if index is not None else 0.0
 
     # ------------------------------------------------------------------ one second
 
@@ -894,7 +951,10 @@ class ServiceSim:
             cum["admit_in"] += served_n
         n_pools = len(self.decode_pools)
         admitted_to = [0.0] * n_pools
+        room_of: list[list[float]] = []
         prompt_of_admitted = output_of_admitted = 0.0
+        for gens in self.decode_gens:
+            gens.prepare()  # orphaned sequences find instances, equal generations merge
         if self.admit_requests > 1e-12 and decode_ready_total > 0:
             mean_prompt = self.admit_tokens / self.admit_requests
             reserve = mean_prompt + self.out_mean
@@ -902,15 +962,14 @@ class ServiceSim:
             weights = []
             for q, pool in enumerate(self.decode_pools):
                 ready = self.decode_ready[q]
-                total = ready + self.decode_draining[q]
                 if ready == 0 or not pool.perf.fits:
+                    room_of.append([])
                     slots.append(0.0)
                     weights.append(0.0)
                     continue
-                own = ready / total
-                free_batch = pool.perf.max_batch * ready - self.alive_end[q] * own
-                free_kv = (pool.perf.kv_capacity_tokens * ready - self.kv_end[q] * own) / reserve
-                slots.append(max(0.0, min(free_batch, free_kv)))
+                room = self.decode_gens[q].room(reserve)
+                room_of.append(room)
+                slots.append(sum(room))
                 weights.append(ready * pool.slo_capacity_tps)
             want = self.admit_requests
             weight_sum = sum(weights)
@@ -958,72 +1017,34 @@ class ServiceSim:
         mean_admitted_output = output_of_admitted / max(sum(admitted_to), 1e-12)
         length_scale = self.out_mean / max(mean_admitted_output, 1e-9)
 
-        # 4. decode progress per pool
+        # 4. decode: the router spreads each pool's admissions over its generations,
+        # then every generation runs one second
         decode_tokens = 0.0
         completed = 0.0
         pool_rows: list[float] = []
-        for q, pool in enumerate(self.decode_pools):
+        for q, gens in enumerate(self.decode_gens):
             if admitted_to[q] > 1e-12:
-                self._add_cohort(q, admitted_to[q], mean_admitted_prompt, length_scale)
-            lo, hi = self.coh_head[q], self.coh_tail[q]
-            instances = self.decode_ready[q] + self.decode_draining[q]
-            tau = alive = kv = 0.0
-            pool_tokens = 0.0
-            if hi > lo and instances > 0:
-                entry = self.coh_entry[q][lo:hi]
-                n = self.coh_n[q][lo:hi]
-                prompt = self.coh_prompt[q][lo:hi]
-                scale = self.coh_scale[q][lo:hi]
-                x = self.psi[q] - entry
-                g, gen_before = self._lengths_at(x * scale)
-                alive_n = n * g
-                alive = float(alive_n.sum())
-                kv = float(alive_n @ (prompt + x))
-                if alive > 1e-12:
-                    # Predictor-corrector: the step time of the batch in the middle of the
-                    # second, not at its start (a sizeable share finishes within it).
-                    step_time = pool.perf.decode_step_scalar_s
-                    tau = step_time(alive / instances, kv / instances, kv / alive)
-                    x2 = x + 1.0 / tau
-                    g2, _ = self._lengths_at(x2 * scale)
-                    alive_mid = 0.5 * (alive + float(n @ g2))
-                    kv_mid = 0.5 * (kv + float((n * g2) @ (prompt + x2)))
-                    if alive_mid > 1e-12:
-                        tau = step_time(
-                            alive_mid / instances, kv_mid / instances, kv_mid / alive_mid
-                        )
-                    dpsi = 1.0 / tau
-                    x2 = x + dpsi
-                    g2, gen_after = self._lengths_at(x2 * scale)
-                    done = float(n @ (g - g2))
-                    pool_tokens = float(n @ ((gen_after - gen_before) / scale))
-                    self.psi[q] += dpsi
-                    alive_after = n * g2
-                    self.alive_end[q] = float(alive_after.sum())
-                    self.kv_end[q] = float(alive_after @ (prompt + x2))
-                    # Cohorts are oldest first; drop the finished prefix.
-                    done_mask = x2 * scale >= self.out_max
-                    finished = (
-                        (int(done_mask.argmin()) if not done_mask.all() else hi - lo)
-                        if done_mask[0]
-                        else 0
-                    )
-                    self.coh_head[q] = lo + finished
-                    completed += done
-                    decode_tokens += pool_tokens
-                else:
-                    self.alive_end[q] = self.kv_end[q] = 0.0
-                    self.coh_head[q] = hi
-            if tau == 0.0:
-                tau = self._idle_step_s[q]  # for plots only
+                to_slots: list[float] | None = gens.route(admitted_to[q], room_of[q])
+            else:
+                to_slots = None
+            gens.report()
+            totals, slot_row = gens.advance(to_slots, mean_admitted_prompt, length_scale)
+            pool_tokens, pool_done, alive, kv, instances, tau_tokens, busiest = totals
+            completed += pool_done
+            decode_tokens += pool_tokens
+            # The pool's step time: weighted by tokens (without tokens, the busiest
+            # generation's or the idle one: plots only).
+            tau = tau_tokens / pool_tokens if pool_tokens > 0 else busiest or self._idle_step_s[q]
             pool_rows += [
                 tau,
                 alive,
                 kv,
-                self.psi[q],
+                gens.clock,
                 admitted_to[q],
-                float(instances),
+                instances,
                 pool_tokens,
+                float(gens.live()),
+                *slot_row,
             ]
         cum["completed"] += completed
         self.in_decode = max(0.0, self.in_decode - completed)
@@ -1063,27 +1084,6 @@ class ServiceSim:
             _interp(tokens, self.out_grid, self.out_generated),
         )
 
-    def _add_cohort(self, q: int, count: float, prompt_mean: float, length_scale: float) -> None:
-        tail = self.coh_tail[q]
-        if tail == self.coh_entry[q].size:
-            head = self.coh_head[q]
-            live = tail - head
-            if live * 2 > self.coh_entry[q].size:
-                size = self.coh_entry[q].size * 2
-                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale):
-                    grown = np.zeros(size)
-                    grown[:live] = arrays[q][head:tail]
-                    arrays[q] = grown
-            else:
-                for arrays in (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale):
-                    arrays[q][:live] = arrays[q][head:tail]
-            self.coh_head[q], tail = 0, live
-        self.coh_entry[q][tail] = self.psi[q]
-        self.coh_n[q][tail] = count
-        self.coh_prompt[q][tail] = prompt_mean
-        self.coh_scale[q][tail] = length_scale
-        self.coh_tail[q] = tail + 1
-
     # ------------------------------------------------------------------ state
 
     def snapshot(self) -> SimSnapshot:
@@ -1096,12 +1096,7 @@ class ServiceSim:
             lists={name: list(getattr(self, name)) for name in _SNAPSHOT_LISTS},
             queue=tuple(tuple(cohort) for cohort in self.queue),
             admit_queue=tuple(tuple(cohort) for cohort in self.admit_queue),
-            cohorts=tuple(
-                tuple(a[: self.coh_tail[q]].copy() for a in arrays)
-                for q, arrays in enumerate(
-                    zip(self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale, strict=True)
-                )
-            ),
+            decode=tuple(gens.snapshot() for gens in self.decode_gens),
             cum=dict(self.cum),
         )
 
@@ -1114,14 +1109,8 @@ class ServiceSim:
             setattr(self, name, list(values))
         self.queue = deque(list(c) for c in snap.queue)
         self.admit_queue = deque(list(c) for c in snap.admit_queue)
-        for q, arrays in enumerate(snap.cohorts):
-            for target, saved in zip(
-                (self.coh_entry, self.coh_n, self.coh_prompt, self.coh_scale), arrays, strict=True
-            ):
-                fill = 1.0 if target is self.coh_scale else 0.0  # the scale's neutral value
-                grown = np.full(max(1024, saved.size * 2), fill)
-                grown[: saved.size] = saved
-                target[q] = grown
+        for gens, state in zip(self.decode_gens, snap.decode, strict=True):
+            gens.restore(state)
         self.cum = dict(snap.cum)
         self._derive_capacity()
 
@@ -1227,26 +1216,22 @@ class ServiceSim:
         tbt_weights: list[np.ndarray] = []
         for q, pool in enumerate(self.decode_pools):
             inst = s.col(f"d{q}_instances")[rows]
-            alive = s.col(f"d{q}_alive")[rows]
             kv = s.col(f"d{q}_kv")[rows]
             if inst.sum() <= 0:
                 continue
-            active_fraction = np.where(
-                inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0
-            )
-            batch_busy = np.where(
-                alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0
-            )
-            util_num += float(inst @ pool.perf.decode_gpu_util(active_fraction))
-            sm_num += float(inst @ pool.perf.decode_sm_active(batch_busy, active_fraction))
+            # Per generation: its instances share its load equally.
+            util, sm = self._decode_activity(q, rows)
+            util_num += float(util.sum())
+            sm_num += float(sm.sum())
             gpu_den += float(inst.sum())
             kv_num += float(kv.sum())
             kv_den += float((inst * pool.perf.kv_capacity_tokens).sum())
-            if inst[-1] > 0:  # each instance's gauge at the last sample: an equal share
+            if inst[-1] > 0:  # each instance's gauge at the last sample: its share
                 kv_last += float(kv[-1]) / pool.perf.kv_capacity_tokens
                 kv_last_instances += float(inst[-1])
-            tbt_values.append(s.col(f"d{q}_tau", start, end))
-            tbt_weights.append(s.col(f"d{q}_tokens", start, end))
+            tau, tokens = self._step_times(q, start, end)
+            tbt_values.append(tau)
+            tbt_weights.append(tokens)
         out["decode_gpu_util"] = util_num / gpu_den if gpu_den > 0 else None
         out["decode_sm_active"] = sm_num / gpu_den if gpu_den > 0 else None
         if self.config.prometheus_like:
@@ -1261,7 +1246,7 @@ class ServiceSim:
                 np.concatenate(tbt_values),
                 np.concatenate(tbt_weights),
                 quantile,
-                VLLM_ITL_BUCKETS_S,
+                self.tbt_buckets,
             )
             out["tbt"] = tbt * 1000.0 if tbt is not None else None
         else:
@@ -1308,19 +1293,20 @@ class ServiceSim:
             out["mean_prompt_tokens"] = float(profile.prompt_sum[seconds].sum()) / arrived
             out["mean_output_tokens"] = float(profile.output_sum[seconds].sum()) / arrived
         pools = range(len(self.decode_pools))
-        tau = [s.col(f"d{q}_tau", start, end) for q in pools]
-        tokens = [s.col(f"d{q}_tokens", start, end) for q in pools]
+        steps = [self._step_times(q, start, end) for q in pools]
+        tau = [step for step, _tokens in steps]
+        tokens = [weight for _step, weight in steps]
         ttft_samples = self._window_ttft_samples(start, end)
         for q, label in zip(quantiles, labels, strict=True):
             ttft = (
-                self._quantile(*ttft_samples, q, VLLM_TTFT_BUCKETS_S)
+                self._quantile(*ttft_samples, q, self.ttft_buckets)
                 if ttft_samples is not None
                 else None
             )
             out[f"ttft_{label}_ms"] = ttft * 1000.0 if ttft is not None else None
             # Step time weighted by the tokens generated at it, as window_metrics does.
             tbt = (
-                self._quantile(np.concatenate(tau), np.concatenate(tokens), q, VLLM_ITL_BUCKETS_S)
+                self._quantile(np.concatenate(tau), np.concatenate(tokens), q, self.tbt_buckets)
                 if tau
                 else None
             )
@@ -1376,18 +1362,39 @@ class ServiceSim:
             perf = self.prefill_pools[0].perf
             out["prefill_util_sum"] = perf.prefill_gpu_util(busy) * instances
             out["prefill_sm_sum"] = perf.prefill_sm_active(busy) * instances
-        for q, pool in enumerate(self.decode_pools):
-            inst = s.col(f"d{q}_instances", start, stop)
-            alive = s.col(f"d{q}_alive", start, stop)
-            active_fraction = np.where(
-                inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0
-            )
-            batch_busy = np.where(
-                alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0
-            )
-            out["decode_util_sum"] += pool.perf.decode_gpu_util(active_fraction) * inst
-            out["decode_sm_sum"] += pool.perf.decode_sm_active(batch_busy, active_fraction) * inst
+        for q in range(len(self.decode_pools)):
+            util, sm = self._decode_activity(q, np.arange(start, stop))
+            out["decode_util_sum"] += util
+            out["decode_sm_sum"] += sm
         return out
+
+    def _slot_block(self, name: str, q: int, rows: np.ndarray) -> np.ndarray:
+        """Slot field ``name`` of decode pool ``q``'s slots in use: (slots, rows)."""
+        used = max(1, self.decode_gens[q].used)
+        columns = self._slot_columns[name][q * self.slots : q * self.slots + used]
+        block: np.ndarray = self.series.data[np.ix_(rows, np.asarray(columns))].T
+        return block
+
+    def _decode_activity(self, q: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """GPU-utilisation and SM-activity counters of pool ``q`` summed over its
+        instances at ``rows``: a generation's instances share its sequences equally, so
+        the share running at least one is ``min(1, sequences / instances)``."""
+        perf = self.decode_pools[q].perf
+        inst = self._slot_block("instances", q, rows)
+        alive = self._slot_block("alive", q, rows)
+        active_fraction = np.where(inst > 0, np.minimum(1.0, alive / np.maximum(inst, 1e-12)), 0.0)
+        batch_busy = np.where(alive > 0, alive / np.maximum(np.minimum(inst, alive), 1e-12), 0.0)
+        util: np.ndarray = (perf.decode_gpu_util(active_fraction) * inst).sum(axis=0)
+        sm: np.ndarray = (perf.decode_sm_active(batch_busy, active_fraction) * inst).sum(axis=0)
+        return util, sm
+
+    def _step_times(self, q: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pool ``q``'s decode step times in [start, stop) and the tokens generated at each
+        (every generation's), flattened: the inter-token gaps vLLM observes."""
+        rows = np.arange(start, min(stop, self.series.rows))
+        tau = self._slot_block("tau", q, rows).ravel()
+        tokens = self._slot_block("tokens", q, rows).ravel()
+        return tau, tokens
 
     def _prefill_tables(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per pool (rows) and prompt (columns): own prefill latency and unloaded KV transfer."""
@@ -1433,16 +1440,17 @@ class ServiceSim:
         }
 
     def _first_step_s(self, seconds: np.ndarray) -> np.ndarray:
-        s = self.series
+        """The first token's step in a second: the step time of the generation a request
+        was admitted to, weighted by that second's admissions (none: the slowest)."""
         num = np.zeros(seconds.size)
         den = np.zeros(seconds.size)
-        for q in range(len(self.decode_pools)):
-            admitted = s.col(f"d{q}_admitted")[seconds]
-            num += admitted * s.col(f"d{q}_tau")[seconds]
-            den += admitted
         fallback = np.zeros(seconds.size)
         for q in range(len(self.decode_pools)):
-            fallback = np.maximum(fallback, s.col(f"d{q}_tau")[seconds])
+            admitted = self._slot_block("admitted", q, seconds)
+            tau = self._slot_block("tau", q, seconds)
+            num += (admitted * tau).sum(axis=0)
+            den += admitted.sum(axis=0)
+            fallback = np.maximum(fallback, tau.max(axis=0))
         return np.where(den > 0, num / np.maximum(den, 1e-12), fallback)
 
     def _window_ttft_s(self, start: int, end: int, quantile: float) -> float | None:
@@ -1451,7 +1459,7 @@ class ServiceSim:
         samples = self._window_ttft_samples(start, end)
         if samples is None:
             return None
-        return self._quantile(*samples, quantile, VLLM_TTFT_BUCKETS_S)
+        return self._quantile(*samples, quantile, self.ttft_buckets)
 
     def _window_ttft_samples(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
         """TTFT in seconds and weight (requests) per (arrival second, pool, prompt class)
@@ -1555,19 +1563,15 @@ def idle_ttft_s(sim: ServiceSim, prompt: np.ndarray) -> np.ndarray:
     return best
 
 
-def bad_token_curves(sim: ServiceSim, tbt_slo_s: float) -> list[np.ndarray]:
-    """Per decode pool: tokens generated per sequence with a gap above the SLO, by the
-    end of each second (the curve starts at 0 at time 0). Every sequence of a pool
-    takes the pool's step time in a second, so a request's slow tokens between two
-    times are the difference of this curve."""
-    s = sim.series
-    curves = []
-    for q in range(len(sim.decode_pools)):
-        psi = s.col(f"d{q}_psi")
-        dpsi = np.diff(np.concatenate(([0.0], psi)))
-        slow = s.col(f"d{q}_tau") > tbt_slo_s
-        curves.append(np.concatenate(([0.0], np.cumsum(dpsi * slow))))
-    return curves
+def slot_curves(sim: ServiceSim, tbt_slo_s: float, start: int = 0) -> SlotCurves:
+    """Every decode slot's clock and slow-token curves from second ``start`` to now
+    (``reconciler.sim.generations.SlotCurves``), slots of all pools in order."""
+    end = max(sim.t, start + 1)
+    rows = np.arange(start, end)
+    columns = {}
+    for name in ("dpsi", "tau", "gen", "to", "frac"):
+        columns[name] = sim.series.data[np.ix_(rows, np.asarray(sim._slot_columns[name]))].T
+    return SlotCurves.build(columns, start, end, tbt_slo_s)
 
 
 def per_request(
@@ -1625,59 +1629,67 @@ def per_request(
             ttft_values.append(ttft_p)
             ttft_weights.append(share * served_share)
 
-    # Decode: each pool's clock as a function of time (psi(0) = 0, psi(t + 1) = end of t).
+    # Decode: a request's sequence starts on the generation it was admitted to (mixed
+    # over the generations by their share of that second's admissions; in a second
+    # without any, by ready instances) and follows it through merges and splits; its
+    # gaps are that generation's step times, and it meets TBT when at most
+    # (1 - quantile) of its tokens came slower than the SLO.
     decode_start = arrival + ttft_mean
-    start_second = np.clip(np.floor(decode_start), 0, sim.t - 1).astype(np.int64)
+    t_clamped = np.clip(decode_start, 0.0, float(sim.t))
+    start_second = np.clip(np.floor(t_clamped), 0, max(sim.t - 1, 0)).astype(np.int64)
+    slow_allowance = (1.0 - slo.quantile) * output + 1e-9
+    n_pools = len(sim.decode_pools)
     tbt_ok = np.zeros(n)
     finished = np.zeros(n)
-    tbt_values = []
-    tbt_weights = []
-    admitted_total = np.zeros(n)
-    instances_total = np.zeros(n)
-    for q in range(len(sim.decode_pools)):
-        admitted_total += s.col(f"d{q}_admitted")[start_second]
-        instances_total += s.col(f"d{q}_instances")[start_second]
-    # A request's gaps are its pool's step times while it decodes: it meets TBT when at
-    # most (1 - quantile) of its tokens came slower than the SLO.
-    slow_allowance = (1.0 - slo.quantile) * output + 1e-9
-    slow_curves = bad_token_curves(sim, tbt_slo_s)
-    for q in range(len(sim.decode_pools)):
-        psi_curve = np.concatenate(([0.0], s.col(f"d{q}_psi")))
-        grid = np.arange(psi_curve.size, dtype=np.float64)
-        admitted_q = s.col(f"d{q}_admitted")[start_second]
-        instances_q = s.col(f"d{q}_instances")[start_second]
-        # The pool's share of that second's admissions; in a second without any, its
-        # share of the instances.
-        share = np.where(
-            admitted_total > 0,
-            admitted_q / np.maximum(admitted_total, 1e-12),
-            np.where(
-                instances_total > 0,
-                instances_q / np.maximum(instances_total, 1e-12),
-                1.0 / len(sim.decode_pools),
-            ),
+    tbt_values: list[np.ndarray] = [np.full(n, np.inf) for _ in range(n_pools)]
+    tbt_weights: list[np.ndarray] = [np.zeros(n) for _ in range(n_pools)]
+    if n > 0 and n_pools > 0 and sim.t > 0:
+        first = int(start_second.min())
+        curves = slot_curves(sim, tbt_slo_s, first)
+        data = sim.series.data
+        used = [
+            q * sim.slots + k
+            for q, gens in enumerate(sim.decode_gens)
+            for k in range(max(1, gens.used))
+        ]
+        admitted_col, ready_col = sim._slot_columns["admitted"], sim._slot_columns["ready"]
+        total = np.zeros(n)
+        ready_total = np.zeros(n)
+        for g in used:
+            total += data[start_second, admitted_col[g]]
+            ready_total += data[start_second, ready_col[g]]
+        requests, slots, weights = [], [], []
+        for g in used:
+            weight = np.where(
+                total > 0,
+                data[start_second, admitted_col[g]] / np.maximum(total, 1e-12),
+                data[start_second, ready_col[g]] / np.maximum(ready_total, 1e-12),
+            )
+            picked = np.flatnonzero(weight > 0)
+            requests.append(picked)
+            slots.append(np.full(picked.size, g, dtype=np.int64))
+            weights.append(weight[picked])
+        pool_of_slot = np.arange(n_pools * sim.slots) // sim.slots
+        chased = chase(
+            curves,
+            np.concatenate(requests),
+            np.concatenate(slots),
+            np.concatenate(weights),
+            t_clamped,
+            output,
+            slow_allowance,
+            n,
+            pool_of_slot,
+            n_pools,
         )
-        t_clamped = np.clip(decode_start, 0.0, float(sim.t))
-        psi_start = np.interp(t_clamped, grid, psi_curve)
-        end_time, end_ok = fifo_delay(
-            psi_start + output, psi_curve[1:] if psi_curve.size > 1 else psi_curve
-        )
-        ok = end_ok & np.isfinite(decode_start) & (end_time < np.inf)
-        tbt_pool = np.where(ok, (end_time - t_clamped) / output, np.inf)
-        until = np.where(ok, end_time, float(sim.t))
-        slow_tokens = np.interp(until, grid, slow_curves[q]) - np.interp(
-            t_clamped, grid, slow_curves[q]
-        )
-        within = slow_tokens <= slow_allowance
         if unfinished_so_far:
-            counted = np.isfinite(decode_start)
-            tbt_ok += share * (within & counted)
-            finished += share * counted
+            tbt_ok = chased.within_so_far
+            finished = np.minimum(np.sum(chased.pool_weight, axis=0), 1.0)
         else:
-            tbt_ok += share * (within & ok)
-            finished += share * ok
-        tbt_values.append(tbt_pool)
-        tbt_weights.append(share * served_share)
+            tbt_ok = chased.within_finished
+            finished = chased.finished
+        tbt_values = chased.pool_gap
+        tbt_weights = [w * served_share for w in chased.pool_weight]
 
     complete = served_share * np.minimum(finished, 1.0) * resolved * ~too_long
     # Prefill and decode pools are chosen independently, so P(both) = P(TTFT) P(TBT)
@@ -1704,9 +1716,11 @@ def token_gap_quantile_s(
     """The ``quantile`` of the inter-token gap over every token generated in
     [start, stop), all decode pools together (weighted by tokens)."""
     values, weights = [], []
+    stop = sim.t if stop is None else stop
     for q in range(len(sim.decode_pools)):
-        values.append(sim.series.col(f"d{q}_tau", start, stop))
-        weights.append(sim.series.col(f"d{q}_tokens", start, stop))
+        tau, tokens = sim._step_times(q, start, stop)
+        values.append(tau)
+        weights.append(tokens)
     if not values:
         return None
     return weighted_quantile(np.concatenate(values), np.concatenate(weights), quantile)

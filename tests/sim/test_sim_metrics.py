@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 from reconciler.desired import DesiredState, ServicePolicy
-from reconciler.observe.exporter import VLLM_ITL_BUCKETS_S, VLLM_TTFT_BUCKETS_S
+from reconciler.observe.exporter import (
+    SGLANG_ITL_BUCKETS_S,
+    VLLM_ITL_BUCKETS_S,
+    VLLM_TTFT_BUCKETS_S,
+)
 from reconciler.placement.base import PlacementRequest
 from reconciler.placement.greedy import GreedyPlacer
 from reconciler.plan import Plan, diff_groups
@@ -74,11 +78,16 @@ def test_observations_fill_buckets_by_le() -> None:
     assert counts.tolist() == [5.0, 7.0, 7.0, 10.0]
 
 
-def test_the_simulated_engine_ships_the_exporters_vllm_buckets() -> None:
-    """vLLM's bounds (vllm/v1/metrics/loggers.py), as the test exporter serves them."""
-    assert engine.VLLM_TTFT_BUCKETS_S == VLLM_TTFT_BUCKETS_S
-    assert engine.VLLM_ITL_BUCKETS_S == VLLM_ITL_BUCKETS_S
+def test_each_simulated_service_reads_through_its_engines_buckets(state: DesiredState) -> None:
+    """vLLM's bounds (vllm/v1/metrics/loggers.py) for a vLLM service, SGLang's
+    inter-token bounds for an SGLang one: the bounds the test exporter serves and the
+    planner compares against (reconciler.latency_buckets)."""
     assert len(VLLM_TTFT_BUCKETS_S) == 22 and len(VLLM_ITL_BUCKETS_S) == 19
+    profile = synthetic_profile("b", hours=0.1, peak_rps=1, seed=0, bursts=())
+    for name, tbt in (("chat", VLLM_ITL_BUCKETS_S), ("summarize", SGLANG_ITL_BUCKETS_S)):
+        policy = state.policies[name]
+        sim = engine.ServiceSim(policy, state.clusters[policy.cluster], profile)
+        assert (sim.ttft_buckets, sim.tbt_buckets) == (VLLM_TTFT_BUCKETS_S, tbt), name
 
 
 # --------------------------------------------------------------------------- the fleet's reads
