@@ -108,6 +108,19 @@ def plan_identity(plan: Plan) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(groups, sort_keys=True).encode()).hexdigest()
 
 
+def next_applied_plan(
+    previous: AppliedPlan | None, identity: str, changed: bool, revision: str, now_s: float
+) -> AppliedPlan:
+    """The applied-plan record after a plan was applied: a new one (applied now) when
+    the plan changed something, is another plan than the recorded one, or comes from
+    another revision (a revision that changes only a pod template, or nothing at all,
+    is applied too); else the recorded one, so its time stays when that plan was
+    first applied."""
+    if changed or previous is None or previous.id != identity or previous.revision != revision:
+        return AppliedPlan(identity, revision, now_s)
+    return previous
+
+
 # ----------------------------------------------------------------- floats
 
 

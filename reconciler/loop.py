@@ -20,6 +20,14 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   the last known good revision and the applied plan's identity. A stored object that
   cannot be read is reported (log, ``heteroscale_errors_total{kind="StateUnreadable"}``,
   ``state_problems``) and ignored: the windows start fresh.
+- A metrics source that cannot be read (``MetricsUnavailable``: Prometheus down)
+  holds every service of the cluster at its size; the cycle goes on (drift, desired
+  state), the outcome carries the cause (``metrics_error``), it is counted in
+  ``heteroscale_errors_total{kind="MetricsUnavailable"}`` and shown as
+  ``heteroscale_metrics_available{cluster} 0``; ``/healthz`` stays up (a restart
+  would not bring Prometheus back). When it returns, windows only partly covered by
+  samples read as missing (``reconciler.observe.prometheus``, window coverage), so
+  the loop keeps holding until a whole window is there, never scales in on them.
 - Drift (``reconciler.observe.kubernetes``, "Replica drift") is logged item by item
   when first seen (event ``drift``: object, field, live and desired value; ``drift
   resolved`` when it goes), counted in ``heteroscale_drift_total{cluster,kind}`` and
@@ -64,11 +72,11 @@ from reconciler.cycle import plan_cluster
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec
 from reconciler.durable import (
-    AppliedPlan,
     DurableState,
     StateFormatError,
     StateTooLarge,
     merge_history,
+    next_applied_plan,
     plan_identity,
     revision_of,
 )
@@ -218,6 +226,13 @@ class LoopMetrics:
             "(the latest was invalid when this process started)",
             registry=r,
         )
+        self.metrics_available = Gauge(
+            "heteroscale_metrics_available",
+            "1 when the cluster's last cycle read its metrics source, 0 when the source was "
+            "unavailable (MetricsUnavailable: every service of the cluster held its size)",
+            ["cluster"],
+            registry=r,
+        )
         self.state_writes = Counter(
             "heteroscale_state_writes_total",
             "Writes of the durable state object by outcome (written, skipped, failed)",
@@ -337,6 +352,9 @@ class ClusterOutcome:
     outcome: str = "ok"  # ok | error | skipped | standby
     error: str | None = None
     duration_s: float = 0.0
+    # Why the metrics source could not be read this cycle (every service held), e.g.
+    # "MetricsUnavailable: ..."; None when it was read.
+    metrics_error: str | None = None
 
     @property
     def has_changes(self) -> bool:
@@ -533,7 +551,11 @@ class ReconcileLoop:
                 extra={"event": "metrics_unavailable", "cluster": name},
             )
             self.metrics.errors.labels(name, "MetricsUnavailable").inc()
+            self.metrics.metrics_available.labels(name).set(0)
+            outcome.metrics_error = f"MetricsUnavailable: {exc}"
             metrics = {}
+        else:
+            self.metrics.metrics_available.labels(name).set(1)
         previous = self.histories.get(name, {})
 
         def plan_for(held: Mapping[str, str]) -> tuple[Plan, dict[str, PolicyHistory]]:
@@ -724,10 +746,13 @@ class ReconcileLoop:
             return
         revision = revision_of(state)
         previous = self.stored.get(cluster)
-        last_plan = previous.last_plan if previous is not None else None
-        identity = plan_identity(plan)
-        if plan.has_changes or last_plan is None or last_plan.id != identity:
-            last_plan = AppliedPlan(identity, revision.id, now)
+        last_plan = next_applied_plan(
+            previous.last_plan if previous is not None else None,
+            plan_identity(plan),
+            plan.has_changes,
+            revision.id,
+            now,
+        )
         record = DurableState(
             cluster=cluster,
             saved_at_s=now,

@@ -71,6 +71,46 @@ def parse_lease(obj: dict) -> LeaseRecord:
     )
 
 
+def parse_micro_time(text: str | None) -> float | None:
+    """Seconds since the epoch of a Lease's MicroTime (``2024-05-01T12:00:00.123456Z``;
+    whole seconds and an explicit offset are accepted too); None when absent or not
+    a time."""
+    if not text:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def read_lease(client: KubeClient, namespace: str, name: str) -> LeaseRecord | None:
+    """The Lease's record, None when there is no such Lease (API errors propagate)."""
+    try:
+        return parse_lease(client.get(leases_path(namespace, name)))
+    except NotFound:
+        return None
+
+
+def live_holder(record: LeaseRecord | None, now_s: float) -> str | None:
+    """Who holds the Lease at ``now_s`` (wall clock), judged from the record alone;
+    None when nobody does (no Lease, released, or not renewed within its duration).
+
+    For a one-shot reader (``heteroscale apply``), which cannot watch the record for a
+    lease duration as a candidate does (``lease_decision``), so it trusts
+    ``renewTime``: clock skew between it and the holder shifts the expiry by the
+    skew. A holder without a readable ``renewTime`` counts as live (never assume a
+    leader is gone without evidence)."""
+    if record is None or not record.holder:
+        return None
+    renewed = parse_micro_time(record.renew_time)
+    if renewed is not None and now_s > renewed + record.duration_s:
+        return None
+    return record.holder
+
+
 LeaseAction = Literal["acquire", "renew", "wait"]
 
 

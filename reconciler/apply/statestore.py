@@ -13,6 +13,13 @@ store re-reads and, while this replica still holds the Lease, writes its own sta
 over the newer version (the leader wins); a replica that lost the Lease drops its
 write. An object that cannot be read (corrupt, oversized, another schema version)
 is reported by the caller and later overwritten by the leader.
+
+One other writer: a one-shot ``heteroscale apply`` records the plan and revision it
+applied (``reconciler.commands.reconcile.record_applied``), and only while no other
+holder's Lease is live. It never writes a whole state of its own: ``update`` reads
+the object, changes the applied-plan identity and the revision, and writes at the
+``resourceVersion`` it read; a conflict reads again, so the windows a leader stored
+are kept whatever the interleaving.
 """
 
 from __future__ import annotations
@@ -100,15 +107,8 @@ class ConfigMapStateStore:
     def save(self, state: DurableState) -> bool:
         """Write ``state`` (only while this replica leads); True when written. Raises
         ``StateTooLarge`` and API errors other than a lost race."""
-        text, dropped_planner = encode(state)
-        if dropped_planner:
-            log.warning(
-                f"{self.describe(state.cluster)}: planner memories left out to stay under "
-                "the size limit",
-                extra={"event": "state_trimmed", "cluster": state.cluster},
-            )
+        text = self._encode(state)
         cluster = state.cluster
-        name = configmap_name(cluster)
         for _ in range(WRITE_ATTEMPTS):
             if not self.is_leader():
                 log.info(
@@ -118,33 +118,8 @@ class ConfigMapStateStore:
                 return False
             if cluster not in self._versions:
                 self._get(cluster)
-            version = self._versions[cluster]
-            metadata: dict[str, object] = {"name": name}
-            if version:
-                metadata["resourceVersion"] = version
-            body = {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    **metadata,
-                    "namespace": self.namespace,
-                    "labels": {
-                        "app.kubernetes.io/managed-by": "heteroscale",
-                        "app.kubernetes.io/component": "reconciler-state",
-                    },
-                    "annotations": {"heteroscale.io/cluster": cluster},
-                },
-                "data": {KEY: text},
-            }
             try:
-                if version:
-                    written = self.client.request(
-                        "PUT", configmaps_path(self.namespace, name), body=body
-                    )
-                else:
-                    written = self.client.request(
-                        "POST", configmaps_path(self.namespace), body=body
-                    )
+                self._write(cluster, text)
             except ResourceConflict:
                 # Someone wrote (or created) it since we read: re-read the version and,
                 # if still the leader, write ours over it.
@@ -154,13 +129,88 @@ class ConfigMapStateStore:
                 )
                 self._get(cluster)
                 continue
-            self._versions[cluster] = str(written.get("metadata", {}).get("resourceVersion", ""))
             return True
         log.error(
             f"{self.describe(cluster)}: not written after {WRITE_ATTEMPTS} conflicts",
             extra={"event": "state_write_failed", "cluster": cluster},
         )
         return False
+
+    def update(
+        self, cluster: str, change: Callable[[DurableState | None], DurableState | None]
+    ) -> bool:
+        """Read-modify-write for a writer that does not own the whole object (``heteroscale
+        apply`` recording the plan it applied): read the stored state, let ``change``
+        derive the new one from it (None: nothing to write), and write that with the
+        ``resourceVersion`` read as a precondition. A 409 (someone wrote in between)
+        reads again and derives again from what is there now, so the other writer's
+        windows are kept, never overwritten with an older copy. ``is_leader`` is asked
+        before every attempt (False: nothing written).
+
+        True when written. False when ``is_leader`` said no, ``change`` had nothing to
+        write, or after ``WRITE_ATTEMPTS`` conflicts. Raises ``StateFormatError`` for a
+        stored object it cannot read (left as it is: it may be a newer reconciler's),
+        ``StateTooLarge`` and API errors."""
+        for _ in range(WRITE_ATTEMPTS):
+            if not self.is_leader():
+                return False
+            new = change(self.load(cluster))
+            if new is None:
+                return False
+            if new.cluster != cluster:
+                raise ValueError(f"state of cluster {new.cluster} offered for {cluster}")
+            try:
+                self._write(cluster, self._encode(new))
+            except ResourceConflict:
+                log.info(
+                    f"{self.describe(cluster)}: changed since read; reading it again",
+                    extra={"event": "state_conflict", "cluster": cluster},
+                )
+                continue
+            return True
+        log.error(
+            f"{self.describe(cluster)}: not written after {WRITE_ATTEMPTS} conflicts",
+            extra={"event": "state_write_failed", "cluster": cluster},
+        )
+        return False
+
+    def _encode(self, state: DurableState) -> str:
+        text, dropped_planner = encode(state)
+        if dropped_planner:
+            log.warning(
+                f"{self.describe(state.cluster)}: planner memories left out to stay under "
+                "the size limit",
+                extra={"event": "state_trimmed", "cluster": state.cluster},
+            )
+        return text
+
+    def _write(self, cluster: str, text: str) -> None:
+        """One write at the version last read (a POST when there was no object); raises
+        ``ResourceConflict`` when it moved (or appeared) since."""
+        name = configmap_name(cluster)
+        version = self._versions[cluster]
+        metadata: dict[str, object] = {"name": name}
+        if version:
+            metadata["resourceVersion"] = version
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                **metadata,
+                "namespace": self.namespace,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "heteroscale",
+                    "app.kubernetes.io/component": "reconciler-state",
+                },
+                "annotations": {"heteroscale.io/cluster": cluster},
+            },
+            "data": {KEY: text},
+        }
+        if version:
+            written = self.client.request("PUT", configmaps_path(self.namespace, name), body=body)
+        else:
+            written = self.client.request("POST", configmaps_path(self.namespace), body=body)
+        self._versions[cluster] = str(written.get("metadata", {}).get("resourceVersion", ""))
 
 
 # --------------------------------------------------------------------- start-up

@@ -11,6 +11,10 @@ Where they act:
 
 Exit codes (plan): 0 no change, 3 changes, 1 error (any cluster failed or the
 desired state is invalid). apply: 0 done, 1 error. run: runs until interrupted.
+
+``apply`` on real clusters records what it applied in the durable state ConfigMap
+(``reconciler.apply.statestore``, next to the Lease: ``--lease-namespace``), so
+``heteroscale status`` names the applied revision (``record_applied``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -32,6 +36,9 @@ from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import ConfigError, MetricsUnavailable
 from reconciler.state import ServiceMetrics
+
+if TYPE_CHECKING:
+    from reconciler.durable import Revision
 
 Format = Literal["text", "markdown", "json"]
 SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
@@ -250,6 +257,24 @@ PruneOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help="text, markdown or json")]
+LeaseNamespaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--lease-namespace",
+        envvar="POD_NAMESPACE",
+        help="namespace of the reconciler's Lease and state ConfigMaps",
+    ),
+]
+LeaseNameOpt = Annotated[str, typer.Option("--lease-name", help="the reconciler's Lease")]
+LeaseContextOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lease-context",
+        help="kube context holding the Lease and state (default: current / in-cluster)",
+    ),
+]
+DEFAULT_LEASE_NAMESPACE = "heteroscale-system"
+DEFAULT_LEASE_NAME = "heteroscale-reconciler"
 
 
 def _check_autoscaler(autoscaler: str) -> None:
@@ -408,8 +433,16 @@ def _render(result: Any, fmt: str, title: str) -> str:
 
 
 def _one_cycle(
-    settings: Settings, *, dry_run: bool, fmt: str, verb: str, out: Path | None = None
+    settings: Settings,
+    *,
+    dry_run: bool,
+    fmt: str,
+    verb: str,
+    out: Path | None = None,
+    lease: LeaseRef | None = None,
 ) -> int:
+    """One cycle of ``plan`` (``dry_run``) or ``apply``; with ``lease`` (apply on real
+    clusters) the applied plans are recorded in the state ConfigMaps next to it."""
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     from reconciler.cli import console, err_console, report_config_error
@@ -432,12 +465,25 @@ def _one_cycle(
         )
         return 1
     result = loop.run_cycle()
+    records: list[StateRecord] | None = None
+    if not dry_run and lease is not None and not wiring.simulated:
+        records = _record_cycle(loop, result, settings, lease)
     title = f"heteroscale {verb}: {result.source_label} -> {wiring.describe}"
     text = _render(result, fmt, title)
+    if fmt == "json" and records is not None:
+        import json
+
+        from reconciler.apply import cyclereport
+
+        data = cyclereport.to_json(result)
+        data["state"] = [r.to_json() for r in records]
+        text = json.dumps(data, indent=2, default=str)
     if fmt == "json":
         print(text)
     else:
         console.print(text, markup=False, soft_wrap=True, highlight=False)
+    if records:
+        _print_state(records)
     if result.has_errors or (result.desired_error and not result.clusters):
         if fmt != "text":
             err_console.print("one or more clusters failed; see the report")
@@ -454,6 +500,202 @@ def _one_cycle(
     if dry_run:
         return 3 if result.has_changes else 0
     return 0
+
+
+# ------------------------------------------------------- the reconciler's home
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """Where the reconciler's Lease and state ConfigMaps live (``run``'s
+    ``--lease-namespace``, ``--lease-name``, ``--lease-context``)."""
+
+    namespace: str = DEFAULT_LEASE_NAMESPACE
+    name: str = DEFAULT_LEASE_NAME
+    context: str | None = None
+
+
+def home_client(kubeconfig: str | None, context: str | None, name: str) -> Any:
+    """A client of the reconciler's home cluster: in-cluster inside a Pod (no
+    kubeconfig, no context given), else the kubeconfig's context (default: current)."""
+    from reconciler.apply.kubeclient import KubeClient
+
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not context:
+        return KubeClient.in_cluster(name=name)
+    return KubeClient.from_kubeconfig(kubeconfig, context)
+
+
+@dataclass(frozen=True)
+class AppliedCluster:
+    """One cluster whose plan ``apply`` carried out in full."""
+
+    cluster: str
+    plan_id: str
+    changed: bool
+    # A saved plan without writes applied nothing: it is recorded only where nothing is.
+    only_if_unrecorded: bool = False
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """What ``apply`` did with one cluster's state ConfigMap, and why."""
+
+    cluster: str
+    recorded: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "recorded": self.recorded, "detail": self.detail}
+
+
+def record_applied(
+    kubeconfig: str | None,
+    lease: LeaseRef,
+    applied: Sequence[AppliedCluster],
+    revision: Revision,
+    *,
+    now_s: float,
+    identity: str | None = None,
+) -> list[StateRecord]:
+    """Record, after a one-shot ``apply``, which plan and revision each cluster got, in
+    its ``heteroscale-state-<cluster>`` ConfigMap. Never raises: what could not be
+    recorded is returned with the reason (the clusters already have their changes).
+
+    A ``heteroscale run`` leader may be active at the same time, and the object is its
+    memory (the stabilisation windows). So:
+
+    - the Lease is read first; while another holder's lease is live
+      (``lease.live_holder``), the object is left alone: that leader records its
+      own cycles (its next cycle plans from the live fleet this apply left); a Lease that cannot be read (403, unreachable) leaves it alone too, since a
+      leader cannot be ruled out;
+    - otherwise only the applied-plan identity (plan hash, revision, time) and the
+      last known good revision (this revision loaded cleanly and was applied) are
+      changed by a read-modify-write with the ``resourceVersion`` read as the
+      precondition (``ConfigMapStateStore.update``): the windows, the cooldown and
+      the planner memories stay as stored; a conflicting write in between makes it
+      read again, and the Lease is read again before every attempt;
+    - an object that cannot be read (corrupt, another schema version) is left alone.
+    """
+    from dataclasses import replace as replace_state
+
+    from reconciler.apply.lease import live_holder, read_lease
+    from reconciler.apply.statestore import WRITE_ATTEMPTS, ConfigMapStateStore
+    from reconciler.durable import DurableState, StateFormatError, next_applied_plan
+
+    if not applied:
+        return []
+    who = identity or f"heteroscale-apply@{socket.gethostname()}-{os.getpid()}"
+    where_lease = f"Lease {lease.namespace}/{lease.name}"
+    try:
+        client = home_client(kubeconfig, lease.context, "state")
+        store = ConfigMapStateStore(client, lease.namespace, who)
+    except Exception as exc:  # reported, never fatal: the apply itself is done
+        why = f"not recorded: the reconciler's home cluster is unreachable: {type(exc).__name__}: {exc}"
+        return [StateRecord(a.cluster, False, why) for a in applied]
+
+    def foreign_holder() -> tuple[str | None, str]:
+        """Another live holder of the Lease (or None), and a description of it."""
+        record = read_lease(client, lease.namespace, lease.name)
+        holder = live_holder(record, time.time())
+        if holder is None or record is None:
+            return None, ""
+        return holder, f"{where_lease} is held by {holder} (renewed {record.renew_time or 'never'})"
+
+    def left_alone(cluster: str, why: str) -> StateRecord:
+        return StateRecord(cluster, False, f"{store.describe(cluster)} left alone: {why}")
+
+    try:
+        holder, held_by = foreign_holder()
+    except Exception as exc:
+        why = (
+            f"cannot read {where_lease} to rule out an active `heteroscale run` leader "
+            f"({type(exc).__name__}: {exc})"
+        )
+        return [left_alone(a.cluster, why) for a in applied]
+    if holder is not None:
+        why = f"{held_by}; that leader records its own cycles"
+        return [left_alone(a.cluster, why) for a in applied]
+    store.is_leader = lambda: foreign_holder()[0] is None  # asked before every write
+
+    out: list[StateRecord] = []
+    for item in applied:
+
+        def change(stored: DurableState | None, item: AppliedCluster = item) -> Any:
+            previous = stored.last_plan if stored is not None else None
+            if item.only_if_unrecorded and previous is not None:
+                return None
+            last_plan = next_applied_plan(previous, item.plan_id, item.changed, revision.id, now_s)
+            if stored is None:
+                return DurableState(item.cluster, now_s, who, revision, {}, last_plan)
+            return replace_state(
+                stored, saved_at_s=now_s, writer=who, revision=revision, last_plan=last_plan
+            )
+
+        where = store.describe(item.cluster)
+        try:
+            written = store.update(item.cluster, change)
+        except StateFormatError as exc:
+            out.append(left_alone(item.cluster, f"unreadable ({exc})"))
+            continue
+        except Exception as exc:  # StateTooLarge, API errors, ...: reported, never fatal
+            out.append(
+                StateRecord(
+                    item.cluster, False, f"{where}: not recorded: {type(exc).__name__}: {exc}"
+                )
+            )
+            continue
+        if written:
+            label = revision.label or revision.id[:12]
+            out.append(
+                StateRecord(
+                    item.cluster,
+                    True,
+                    f"{where}: recorded revision {label}, plan {item.plan_id[:19]}",
+                )
+            )
+            continue
+        try:
+            holder, held_by = foreign_holder()
+        except Exception as exc:
+            why = f"{where_lease} became unreadable ({type(exc).__name__}: {exc})"
+            out.append(left_alone(item.cluster, why))
+            continue
+        if holder is not None:
+            out.append(left_alone(item.cluster, f"{held_by}; that leader records its own cycles"))
+        elif item.only_if_unrecorded:
+            out.append(left_alone(item.cluster, "the plan wrote nothing; the record stands"))
+        else:
+            out.append(
+                StateRecord(
+                    item.cluster,
+                    False,
+                    f"{where}: not recorded after {WRITE_ATTEMPTS} conflicting writes",
+                )
+            )
+    return out
+
+
+def _print_state(records: Sequence[StateRecord]) -> None:
+    from reconciler.cli import err_console
+
+    for record in records:
+        err_console.print(f"state: {record.detail}", markup=False, soft_wrap=True)
+
+
+def _record_cycle(loop: Any, result: Any, settings: Settings, lease: LeaseRef) -> list[StateRecord]:
+    """The clusters the cycle applied, recorded (``record_applied``)."""
+    from reconciler.durable import plan_identity, revision_of
+
+    applied = [
+        AppliedCluster(c.cluster, plan_identity(c.plan), c.has_changes)
+        for c in result.clusters
+        if c.applied and c.plan is not None
+    ]
+    if not applied or loop.last_good is None:
+        return []
+    return record_applied(
+        settings.kubeconfig, lease, applied, revision_of(loop.last_good), now_s=time.time()
+    )
 
 
 # ------------------------------------------------------------------ saved plans
@@ -508,9 +750,25 @@ def _saved_plan(loop: Any, result: Any, settings: Settings, named_rev: str | Non
     )
 
 
-def _apply_saved(plan_file: Path, settings: Settings, fmt: str) -> int:
+def saved_plan_identity(cluster: Any) -> str:
+    """The applied-plan identity of a saved plan's cluster: a hash of its writes (a
+    saved plan carries the writes, not the groups ``durable.plan_identity`` hashes;
+    the next ``run`` cycle records its own identity)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    writes = [dataclasses.asdict(w) for w in cluster.writes]
+    text = json.dumps(writes, sort_keys=True, separators=(",", ":"), default=str)
+    return "saved-plan:sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _apply_saved(
+    plan_file: Path, settings: Settings, fmt: str, lease: LeaseRef | None = None
+) -> int:
     """`apply PLAN.json`: exactly the saved writes, or nothing when what the plan was
-    computed from moved (desired-state revision, resourceVersions)."""
+    computed from moved (desired-state revision, resourceVersions). With ``lease``,
+    every cluster whose writes were all made is recorded (``record_applied``)."""
     import json
 
     from reconciler.apply import names
@@ -526,25 +784,29 @@ def _apply_saved(plan_file: Path, settings: Settings, fmt: str) -> int:
     if fmt not in ("text", "json"):
         raise typer.BadParameter("apply PLAN: --format must be text or json")
 
-    def finish(moved: list[str], done: dict[str, list[str]], refused: str | None) -> int:
+    def finish(
+        moved: list[str],
+        done: dict[str, list[str]],
+        refused: str | None,
+        records: Sequence[StateRecord] = (),
+    ) -> int:
         ok = not moved and refused is None
         if fmt == "json":
-            print(
-                json.dumps(
-                    {
-                        "plan": str(plan_file),
-                        "applied": ok,
-                        "stale": moved,
-                        "refused": refused,
-                        "done": done,
-                    },
-                    indent=2,
-                )
-            )
+            report: dict[str, Any] = {
+                "plan": str(plan_file),
+                "applied": ok,
+                "stale": moved,
+                "refused": refused,
+                "done": done,
+            }
+            if lease is not None:
+                report["state"] = [r.to_json() for r in records]
+            print(json.dumps(report, indent=2))
         else:
             for cluster, steps in done.items():
                 print(f"cluster {cluster}: {len(steps)} write(s)")
                 print("".join(f"  {step}\n" for step in steps), end="")
+        _print_state(records)
         if moved:
             err_console.print(
                 f"refused: {plan_file} is stale, nothing applied; run `heteroscale plan --out` again:\n"
@@ -601,6 +863,8 @@ def _apply_saved(plan_file: Path, settings: Settings, fmt: str) -> int:
     if moved:
         return finish(moved, {}, None)
     done: dict[str, list[str]] = {}
+    complete: list[AppliedCluster] = []
+    refused: str | None = None
     for cluster in saved.clusters:
         outcome = execute(
             backends[cluster.cluster].client,
@@ -610,8 +874,25 @@ def _apply_saved(plan_file: Path, settings: Settings, fmt: str) -> int:
         )
         done[cluster.cluster] = outcome.done
         if outcome.refused is not None:
-            return finish([], done, f"cluster {cluster.cluster}: {outcome.refused}")
-    return finish([], done, None)
+            refused = f"cluster {cluster.cluster}: {outcome.refused}"
+            break
+        complete.append(
+            AppliedCluster(
+                cluster.cluster,
+                saved_plan_identity(cluster),
+                changed=bool(cluster.writes),
+                only_if_unrecorded=not cluster.writes,
+            )
+        )
+    records: list[StateRecord] = []
+    if lease is not None and complete:
+        from reconciler.durable import Revision, revision_of
+
+        revision = revision_of(state)
+        if revision.kind == "git" and rev:
+            revision = Revision("git", revision.id, f"{rev} ({revision.id[:12]})")
+        records = record_applied(settings.kubeconfig, lease, complete, revision, now_s=time.time())
+    return finish([], done, refused, records)
 
 
 # ------------------------------------------------------------------ commands
@@ -713,13 +994,21 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         prune_removed_services: PruneOpt = False,
         format: FormatOpt = "text",
+        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
+        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
+        lease_context: LeaseContextOpt = None,
     ) -> None:
         """One applied cycle: what `plan` prints, carried out (capacity first, soft
         scale-in). Exit 0: done, 1: error.
 
         With PLAN: exactly the writes of that saved plan, no new decision or placement;
         refused (exit 1, naming what moved) when the desired-state revision or any
-        object it was computed from changed since."""
+        object it was computed from changed since.
+
+        On real clusters the applied plan and revision are recorded in the state
+        ConfigMap next to the reconciler's Lease (for `heteroscale status`), unless a
+        `heteroscale run` leader holds the Lease: it records its own cycles, and the
+        ConfigMap is left alone (said on stderr, and in the JSON under "state")."""
         settings = _settings(
             repo,
             rev,
@@ -735,9 +1024,10 @@ def register(app: typer.Typer) -> None:
             seed,
             prune_removed_services,
         )
+        lease = LeaseRef(lease_namespace, lease_name, lease_context)
         if plan_file is not None:
-            raise typer.Exit(_apply_saved(plan_file, settings, format))
-        raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply"))
+            raise typer.Exit(_apply_saved(plan_file, settings, format, lease))
+        raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply", lease=lease))
 
     @app.command()
     def run(
@@ -774,17 +1064,9 @@ def register(app: typer.Typer) -> None:
                 help="coordinate replicas through a Lease (real clusters)",
             ),
         ] = True,
-        lease_namespace: Annotated[
-            str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")
-        ] = "heteroscale-system",
-        lease_name: Annotated[str, typer.Option("--lease-name")] = "heteroscale-reconciler",
-        lease_context: Annotated[
-            str | None,
-            typer.Option(
-                "--lease-context",
-                help="kube context holding the Lease (default: current / in-cluster)",
-            ),
-        ] = None,
+        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
+        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
+        lease_context: LeaseContextOpt = None,
         identity: Annotated[
             str | None,
             typer.Option("--identity", envvar="POD_NAME", help="this replica's name in the Lease"),
@@ -824,18 +1106,10 @@ def register(app: typer.Typer) -> None:
         real = not settings.simulate and kubeconfig_available(settings.kubeconfig)
         who = identity or f"{socket.gethostname()}-{os.getpid()}"
         if real:
-            from reconciler.apply.kubeclient import KubeClient
             from reconciler.apply.lease import LeaseElector
             from reconciler.apply.statestore import ConfigMapStateStore
 
-            if (
-                settings.kubeconfig is None
-                and os.environ.get("KUBERNETES_SERVICE_HOST")
-                and not lease_context
-            ):
-                lease_client = KubeClient.in_cluster(name="lease")
-            else:
-                lease_client = KubeClient.from_kubeconfig(settings.kubeconfig, lease_context)
+            lease_client = home_client(settings.kubeconfig, lease_context, "lease")
             # The durable state lives next to the Lease (README, "Kubernetes").
             store = ConfigMapStateStore(lease_client, lease_namespace, who)
         if leader_elect and real:

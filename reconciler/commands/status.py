@@ -13,8 +13,9 @@ reason and message); Progressing while instances start or drain; else Healthy.
 
 The applied revision comes from the per-cluster state ConfigMap
 (``reconciler.apply.statestore``) and the leader from the Lease, both in the
-reconciler's namespace. ``apply`` does not write that ConfigMap (only ``run`` does),
-so after a bare ``apply`` the revision is "unknown".
+reconciler's namespace. ``run`` writes it after each acting cycle, ``apply`` after
+its own (unless a live ``run`` leader holds the Lease: that leader records its own
+cycles); with neither the revision is "unknown".
 
 Exit codes: 0 everything Synced and Healthy, 3 something OutOfSync, 4 all Synced but
 something Progressing or Degraded, 1 error (invalid desired state, a cluster or the
@@ -277,7 +278,7 @@ def read_revision(store: Any, cluster: str) -> AppliedRevision:
         return AppliedRevision("unknown", detail=f"{where} unreadable: {exc}")
     if stored is None:
         return AppliedRevision(
-            "unknown", detail=f"no {where}: written by `heteroscale run`, not by `apply`"
+            "unknown", detail=f"no {where}: written by `heteroscale run` and `heteroscale apply`"
         )
     if stored.last_plan is None:
         return AppliedRevision("unknown", detail=f"{where} records no applied plan")

@@ -13,7 +13,9 @@ from reconciler.apply.lease import (
     LeaseRecord,
     format_micro_time,
     lease_decision,
+    live_holder,
     parse_lease,
+    parse_micro_time,
 )
 
 
@@ -37,6 +39,20 @@ def test_a_live_holder_is_never_displaced(
         record("other", duration_s), "me", observed_at_s, observed_at_s + elapsed_s
     )
     assert (decision == "wait") == (elapsed_s < duration_s)
+
+
+def test_a_one_shot_reader_sees_a_holder_live_until_its_renewal_plus_the_duration() -> None:
+    """``live_holder`` (what ``apply`` asks before recording its plan)."""
+    renewed = 1_700_000_000.25
+    held = LeaseRecord("replica-1", 15, None, format_micro_time(renewed), 0)
+    assert parse_micro_time(format_micro_time(renewed)) == renewed
+    assert live_holder(held, renewed + 14.9) == "replica-1"
+    assert live_holder(held, renewed + 15.1) is None  # expired
+    assert live_holder(None, renewed) is None  # no Lease
+    assert live_holder(LeaseRecord("", 15, None, None, 0), renewed) is None  # released
+    # A holder without a readable renewal time is not presumed gone.
+    assert live_holder(LeaseRecord("replica-1", 15, None, None, 0), renewed) == "replica-1"
+    assert live_holder(LeaseRecord("replica-1", 15, None, "yesterday", 0), renewed) == "replica-1"
 
 
 def test_lease_objects_round_trip() -> None:

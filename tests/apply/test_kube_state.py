@@ -152,6 +152,7 @@ def test_a_scale_in_held_by_the_window_stays_held_across_a_restart(
     assert decode_now < 8, "the window has passed since t=1330: the scale-in happens"
 
 
+@pytest.mark.fault
 def test_a_replica_taking_over_the_lease_resumes_the_windows(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:

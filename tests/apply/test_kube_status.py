@@ -1,6 +1,6 @@
 """`heteroscale status` against the real API server: Synced after `apply`, the applied
-revision from the state ConfigMap once `run` wrote it, and OutOfSync naming the
-service whose Deployment someone scaled by hand."""
+revision from the state ConfigMap once `apply` or `run` wrote it, and OutOfSync
+naming the service whose Deployment someone scaled by hand."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def test_status_after_apply_run_and_a_hand_scale(
     code, before = _status(where)
     assert code == 3 and {s["sync"] for s in before["clusters"][0]["services"]} == {"OutOfSync"}
     assert before["leader"]["holder"] is None and "no Lease" in before["leader"]["describe"]
+    assert before["clusters"][0]["revision"]["revision"] == "unknown"
 
-    assert runner.invoke(app, ["apply", *common]).exit_code == 0
+    assert runner.invoke(app, ["apply", *where]).exit_code == 0
     wait_for(
         lambda: all(
             p["spec"].get("nodeName") for p in client.list(f"/api/v1/namespaces/{name}/pods")
@@ -73,11 +74,12 @@ def test_status_after_apply_run_and_a_hand_scale(
     assert {s["health"] for s in services.values()} == {"Degraded"}
     assert all(s["holds"][0]["kind"] == "metrics_missing" for s in services.values())
     assert code == 4, "synced but not healthy"
-    # `apply` does not write the state ConfigMap (only `run` does).
-    assert cluster["revision"]["revision"] == "unknown"
-    assert "written by `heteroscale run`" in cluster["revision"]["detail"]
+    # `apply` recorded what it applied (a content hash: the repository is a directory).
+    applied = cluster["revision"]
+    assert applied["revision"].startswith("sha256:") and applied["applied_at"]
+    assert applied["label"] == str(tmp_path)
 
-    # One cycle of the loop writes the state ConfigMap and takes the Lease.
+    # One cycle of the loop writes the state ConfigMap too (nothing to change).
     ran = runner.invoke(
         app,
         [

@@ -22,6 +22,7 @@ from reconciler.durable import (
     decode,
     encode,
     merge_history,
+    next_applied_plan,
 )
 from reconciler.policy.base import PolicyHistory, Recommendation
 from reconciler.policy.capacity import LatencyCorrection, RequestMix
@@ -185,3 +186,20 @@ def test_configmap_names_are_valid_and_distinct() -> None:
     odd = [configmap_name(n) for n in ("Prod_East", "prod.east", "prod-east-")]
     assert len(set(odd)) == 3
     assert all(len(n) <= 253 and n.replace("-", "").isalnum() and n == n.lower() for n in odd)
+
+
+def test_the_applied_plan_record_moves_with_a_change_another_plan_or_revision() -> None:
+    recorded = AppliedPlan("sha256:p", "rev-a", 100.0)
+    assert next_applied_plan(None, "sha256:p", False, "rev-a", 200.0) == AppliedPlan(
+        "sha256:p", "rev-a", 200.0
+    )
+    # Nothing changed, same plan and revision: it was applied at 100 and still is.
+    assert next_applied_plan(recorded, "sha256:p", False, "rev-a", 200.0) is recorded
+    for plan_id, changed, revision in (
+        ("sha256:p", True, "rev-a"),  # a change
+        ("sha256:q", False, "rev-a"),  # another plan
+        ("sha256:p", False, "rev-b"),  # another revision (e.g. only an image moved)
+    ):
+        assert next_applied_plan(recorded, plan_id, changed, revision, 200.0) == AppliedPlan(
+            plan_id, revision, 200.0
+        )
