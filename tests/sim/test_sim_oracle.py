@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -18,6 +21,11 @@ from reconciler.sim.engine import (
 )
 from reconciler.sim.evaluate import evaluate, run_autoscaler
 from reconciler.sim.oracle import (
+    _judge_s,
+    _least_passing,
+    _ttft_judge_s,
+    _WindowJudge,
+    _WindowSearch,
     oracle_min_initial_counts,
     per_second_counts,
     plan_oracle_min,
@@ -267,3 +275,64 @@ def test_prompts_beyond_an_idle_instances_reach_are_unattainable(state: DesiredS
     outcome = request_outcomes(sim)
     assert outcome.unattainable_share == pytest.approx(0.1, abs=0.01)
     assert outcome.ttft_attainment <= 0.9 + 1e-9  # they still count as misses
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@pytest.mark.parametrize("answer", [1, 2, 7, 40, 199, 200])
+def test_the_search_is_exact_however_poor_its_estimates(answer: int) -> None:
+    """Estimates only choose which counts to try: right, wrong, wild or missing, the
+    search returns the least passing count, in O(log) trials."""
+    rng = np.random.default_rng(answer)
+    estimates: list[Callable[[], float | None]] = [
+        lambda: float(answer),
+        lambda: answer - 0.5,  # one below, rounded up
+        lambda: 1.0,
+        lambda: 1e9,
+        lambda: None,
+        lambda: float(rng.uniform(-50, 400)),
+        lambda: math.nan,
+    ]
+    for propose in estimates:
+        tried: list[int] = []
+
+        def passes(n: int, tried: list[int] = tried) -> bool:
+            tried.append(n)
+            return n >= answer
+
+        assert _least_passing(passes, 1, 200, propose) == (answer, True)
+        assert len(tried) <= 3 * math.log2(200) + 4
+    assert _least_passing(lambda n: False, 1, 200, lambda: 50.0) == (200, False)
+
+
+def test_a_trial_settled_early_misses_in_full(state: DesiredState, burst_load, plan) -> None:  # type: ignore[no-untyped-def]
+    """A trial stopped early as lost is lost when followed to the end too."""
+    policy = state.policies[SERVICE]
+    cluster = state.clusters[policy.cluster]
+    window = 6  # in the burst
+    chosen = plan.windows[window]
+    sim = ServiceSim(policy, cluster, burst_load)
+    judge = _WindowJudge(sim, plan.window_s, policy.slo.attainment_goal)
+    search = _WindowSearch(
+        sim,
+        judge,
+        plan.prefill_gpu_type,
+        plan.decode_gpu_type,
+        _judge_s(policy, burst_load),
+        _ttft_judge_s(policy),
+    )
+    for k in range(window + 1):
+        start = k * plan.window_s
+        search.begin(start, start + plan.window_s)
+        if k < window:
+            search.accept(plan.windows[k].prefill, plan.windows[k].decode)
+    start, end = window * plan.window_s, (window + 1) * plan.window_s
+    decode = max(chosen.decode // 2, policy.decode.min_instances)
+    early = search.run(chosen.prefill, decode, checks=(start + 30, end))
+    assert early.settled and early.both_share < policy.slo.attainment_goal
+    search.cache.clear()
+    full = search.run(chosen.prefill, decode)
+    assert not full.settled
+    assert full.both_share <= early.both_share < policy.slo.attainment_goal
+    assert full.tbt_share <= early.tbt_share and full.ttft_share <= early.ttft_share
