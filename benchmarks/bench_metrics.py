@@ -60,6 +60,7 @@ PREFILL = InstanceLoad(
     sm_active=0.6,
     prompt_lengths=PROMPTS,
     output_lengths=ONE_TOKEN,
+    waiting_requests=3.0,
 )
 DECODE = InstanceLoad(
     generation_tps=1500.0,
@@ -71,6 +72,7 @@ DECODE = InstanceLoad(
     sm_active=0.8,
     prompt_lengths=PROMPTS,
     output_lengths=OUTPUTS,
+    waiting_requests=1.0,
 )
 
 
@@ -263,7 +265,8 @@ def main() -> int:
         print(
             "   HTTP requests per cycle: adapter counted "
             f"{sorted(set(stat.requests_adapter))}, Prometheus served "
-            f"{sorted(set(stat.requests_server))} (target: one per signal and mix histogram, 11)"
+            f"{sorted(set(stat.requests_server))} (target: one per signal and mix histogram, "
+            f"{len(METRIC_NAMES) + len(LENGTH_NAMES)})"
         )
         print(
             "   median per signal: "
