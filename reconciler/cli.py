@@ -34,6 +34,26 @@ err_console = Console(stderr=True, highlight=False, emoji=False)
 SCHEMA_FILES = {"service-policy.json": "ServicePolicy", "cluster.json": "ClusterSpec"}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"heteroscale {version('heteroscale')}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", callback=_print_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Coordinated autoscaler for prefill/decode-disaggregated LLM serving, driven from Git."""
+
+
 def report_config_error(exc: ConfigError) -> None:
     """One line per problem, on stderr, no traceback."""
     for issue in exc.issues:
@@ -168,13 +188,16 @@ def schema(
 
 def _register_commands() -> None:
     """Each module of ``reconciler.commands`` adds its commands with ``register(app)``,
-    so features land without editing this file."""
+    so features land without editing this file (``_``-prefixed modules are shared
+    helpers, such as the options several commands use)."""
     import importlib
     import pkgutil
 
     import reconciler.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"reconciler.commands.{info.name}")
         module.register(app)
 

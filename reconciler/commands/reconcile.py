@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from reconciler.commands._options import PlacerOpt, checked_placer
 from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import ConfigError, MetricsUnavailable
@@ -217,7 +218,6 @@ SimOpt = Annotated[
 ClusterOpt = Annotated[
     list[str] | None, typer.Option("--cluster", help="only these clusters (repeatable)")
 ]
-PlacerOpt = Annotated[str, typer.Option("--placer", help="cp-sat or greedy")]
 PolicyOpt = Annotated[
     str,
     typer.Option(
@@ -305,8 +305,7 @@ def _settings(
 ) -> Settings:
     if diff_mode not in ("auto", "server", "client"):
         raise typer.BadParameter("--diff-mode must be auto, server or client")
-    if placer not in ("cp-sat", "greedy"):
-        raise typer.BadParameter("--placer must be cp-sat or greedy")
+    checked_placer(placer)
     if drain_window < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(autoscaler)
@@ -387,8 +386,7 @@ def _review(
         raise typer.BadParameter("--timeout must be a positive number of seconds")
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
-    if placer not in ("cp-sat", "greedy"):
-        raise typer.BadParameter("--placer must be cp-sat or greedy")
+    checked_placer(placer)
     if trace is not None and not trace.is_file():
         raise typer.BadParameter(f"--trace {trace}: no such file")
     from reconciler.cli import console, err_console

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from reconciler.commands._options import PlacerOpt, checked_placer
 from reconciler.desired.loader import load_desired_state
 from reconciler.errors import ConfigError, PermanentError
 from reconciler.sim.engine import SimConfig
@@ -263,7 +264,7 @@ def register(app: typer.Typer) -> None:
         interval_s: Annotated[
             float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
         ] = 30.0,
-        placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
+        placer: PlacerOpt = "greedy",
         export_path: Annotated[
             Path | None,
             typer.Option(
@@ -307,11 +308,7 @@ def register(app: typer.Typer) -> None:
                 markup=False,
             )
             raise typer.Exit(2)
-        if placer not in ("greedy", "cpsat"):
-            err_console.print(
-                f"error: --placer must be greedy or cpsat, got '{placer}'", markup=False
-            )
-            raise typer.Exit(2)
+        checked_placer(placer)
         hpa_target_value = _hpa_target(hpa_target)
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
         if not chosen:

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from reconciler.commands._options import PlacerOpt
 from reconciler.commands.reconcile import (
     ClusterOpt,
     KubeOpt,
-    PlacerOpt,
     PolicyOpt,
     PromOpt,
     PruneOpt,

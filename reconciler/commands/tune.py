@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from reconciler.commands._options import PlacerOpt, checked_placer
 from reconciler.commands.simulate import render_table
 from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
@@ -310,17 +311,13 @@ def register(app: typer.Typer) -> None:
         interval_s: Annotated[
             float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
         ] = 30.0,
-        placer: Annotated[str, typer.Option("--placer", help="greedy (fast) or cpsat")] = "greedy",
+        placer: PlacerOpt = "greedy",
     ) -> None:
         """Sweep the P/D ratio and the per-instance TPS target in the simulator and
         recommend values (--write puts them into the service's YAML)."""
         from reconciler.cli import report_config_error
 
-        if placer not in ("greedy", "cpsat"):
-            err_console.print(
-                f"error: --placer must be greedy or cpsat, got '{placer}'", markup=False
-            )
-            raise typer.Exit(2)
+        checked_placer(placer)
         if write and not do_verify:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)

@@ -361,8 +361,8 @@ def initial_counts(
 
 
 def default_placer(kind: str = "greedy") -> Placer:
-    """The greedy (paper) placer, or CP-SAT."""
-    if kind == "cpsat":
+    """The greedy (paper) placer, or CP-SAT (``cp-sat``, the command line's spelling)."""
+    if kind == "cp-sat":
         from reconciler.placement.cpsat import CpSatPlacer
 
         return CpSatPlacer()

@@ -23,6 +23,7 @@ from observe_helpers import (
     GAP_DECODE_PER_S,
     GAP_RESUMED_BEFORE_END_S,
     PREFILL,
+    RATE_TOLERANCE,
     RATE_WINDOW_S,
     PrometheusStack,
     Scenario,
@@ -204,7 +205,7 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
         with PrometheusMetricsSource(settings_for(prometheus.url)) as source:
             before = source.fetch([policy], time.time())[RESTART_SERVICE]
         assert before.decode_tps is not None
-        assert before.decode_tps.value == pytest.approx(expected["decode_tps"], rel=0.03)
+        assert before.decode_tps.value == pytest.approx(expected["decode_tps"], rel=RATE_TOLERANCE)
 
         prometheus.stop()
         time.sleep(RATE_WINDOW_S + 1)  # the gap: longer than the window

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 from observe_helpers import (
     FLEET_DECODE,
+    RATE_TOLERANCE,
     RATE_WINDOW_S,
     REQUESTS_PER_CYCLE,
     CountingProxy,
@@ -33,7 +34,7 @@ from reconciler.state import METRIC_NAMES, ServiceMetrics
 
 pytestmark = pytest.mark.prometheus
 
-TPS_TOLERANCE = 0.03
+TPS_TOLERANCE = RATE_TOLERANCE
 
 
 def _assert_matches(

@@ -15,6 +15,7 @@ import time
 import pytest
 from observe_helpers import (
     MIX_STALE_LAST_S,
+    RATE_TOLERANCE,
     PrometheusStack,
     expected_metrics,
     expected_mix,
@@ -29,7 +30,7 @@ from reconciler.state import METRIC_NAMES, LengthBuckets, ServiceMetrics
 
 pytestmark = pytest.mark.prometheus
 
-TOTAL_TOLERANCE = 0.03
+TOTAL_TOLERANCE = RATE_TOLERANCE
 
 
 Reasons = dict[tuple[str, str], list[str]]

@@ -15,6 +15,7 @@ from observe_helpers import (
     DECODE,
     ENGINE_JOB,
     PREFILL,
+    RATE_TOLERANCE,
     RELABEL_SERVICE,
     PrometheusStack,
     example_scrape_config,
@@ -54,10 +55,10 @@ def test_relabelled_engine_pods_are_read_by_the_presets(prometheus_stack: Promet
         metrics = source.fetch([make_policy(RELABEL_SERVICE)], time.time())[RELABEL_SERVICE]
     assert metrics.prefill_tps is not None
     assert metrics.prefill_tps.value == pytest.approx(
-        PREFILL.prompt_tps - PREFILL.cached_prompt_tps, rel=0.03
+        PREFILL.prompt_tps - PREFILL.cached_prompt_tps, rel=RATE_TOLERANCE
     )
     assert metrics.decode_tps is not None
-    assert metrics.decode_tps.value == pytest.approx(DECODE.generation_tps, rel=0.03)
+    assert metrics.decode_tps.value == pytest.approx(DECODE.generation_tps, rel=RATE_TOLERANCE)
     assert metrics.decode_kv_usage is not None and metrics.decode_kv_usage.value == DECODE.kv_usage
     # One pod per role here: each role's queue is that pod's waiting requests.
     assert metrics.prefill_queue is not None
