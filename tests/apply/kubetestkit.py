@@ -128,6 +128,20 @@ spec:
 """
 
 
+def git(repo: Path, *args: str) -> str:
+    """Run git in ``repo``; its stdout, stripped."""
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def commit_all(repo: Path, message: str) -> str:
+    """Commit everything in ``repo``; the new commit's hash."""
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
 def make_desired_state(
     root: Path, cluster: str, services: Iterable[str] = ("svc",), affinity: str = "s2"
 ) -> DesiredState:

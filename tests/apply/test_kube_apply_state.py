@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from kubetestkit import ControlPlane, create_nodes, ensure_namespace, make_desired_state
+from kubetestkit import (
+    ControlPlane,
+    commit_all,
+    create_nodes,
+    ensure_namespace,
+    git,
+    make_desired_state,
+)
 from typer.testing import CliRunner, Result
 
 from reconciler.apply.kubeclient import KubeClient, NotFound, leases_path
@@ -28,24 +34,12 @@ HOME = "apply-state-home"
 LEASE = "heteroscale-reconciler"
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-def _commit(repo: Path, message: str) -> str:
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
-    return _git(repo, "rev-parse", "HEAD")
-
-
 def _setup(plane: ControlPlane, repo: Path, cluster: str) -> tuple[KubeClient, str]:
     """A Git repository with one valid commit on main, the cluster's Nodes, no Lease
     and no state object; returns the client and the commit."""
     state = make_desired_state(repo, cluster)
-    _git(repo, "init", "-q", "-b", "main")
-    commit = _commit(repo, "first")
+    git(repo, "init", "-q", "-b", "main")
+    commit = commit_all(repo, "first")
     client = plane.client()
     ensure_namespace(client, cluster)
     ensure_namespace(client, HOME)
@@ -159,7 +153,7 @@ def test_apply_records_the_revision_for_status_and_keeps_a_leaders_windows(
     assert ConfigMapStateStore(client, HOME, "replica-a").save(windows)
     template = repo / "templates" / "decode.yaml"
     template.write_text(template.read_text().replace("engine:decode", "engine:decode-v2"))
-    second = _commit(repo, "new image")
+    second = commit_all(repo, "new image")
     again = _invoke("apply", *args)
     assert again.exit_code == 0, again.output
     assert f"recorded revision main ({second[:12]})" in again.stderr

@@ -18,7 +18,6 @@ read from a Git branch) while the fault happens.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,8 +26,10 @@ from pathlib import Path
 import pytest
 from kubetestkit import (
     ControlPlane,
+    commit_all,
     create_nodes,
     ensure_namespace,
+    git,
     list_deployments,
     make_desired_state,
 )
@@ -264,18 +265,6 @@ def test_prometheus_stopping_mid_run_holds_every_service_and_the_loop_resumes_wi
 # ------------------------------------------------------------ a broken commit
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-def _commit(repo: Path, message: str) -> str:
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
-    return _git(repo, "rev-parse", "HEAD")
-
-
 def _images(client: KubeClient, namespace: str) -> dict[str, str]:
     return {
         d["metadata"]["labels"]["heteroscale.io/role"]: d["spec"]["template"]["spec"]["containers"][
@@ -291,8 +280,8 @@ def test_the_loop_holds_a_broken_commit_at_the_last_good_one_and_picks_up_the_fi
     cluster = "loop-git"
     repo = tmp_path / "repo"
     state = make_desired_state(repo, cluster)
-    _git(repo, "init", "-q", "-b", "main")
-    good = _commit(repo, "good")
+    git(repo, "init", "-q", "-b", "main")
+    good = commit_all(repo, "good")
     client = control_plane.client()
     ensure_namespace(client, cluster)
     ensure_namespace(client, STATE_NAMESPACE)
@@ -351,7 +340,7 @@ def test_the_loop_holds_a_broken_commit_at_the_last_good_one_and_picks_up_the_fi
         policy.write_text(
             valid_policy.replace("target_per_instance: 1000", "target_per_instance: -1")
         )
-        broken = _commit(repo, "broken")
+        broken = commit_all(repo, "broken")
         for _ in range(2):
             result = loop.run_cycle()
             assert result.desired_error is not None and "policies/svc.yaml" in result.desired_error
@@ -365,7 +354,7 @@ def test_the_loop_holds_a_broken_commit_at_the_last_good_one_and_picks_up_the_fi
 
         # The fix lands: the next cycle applies it (with the new image).
         policy.write_text(valid_policy)
-        fixed = _commit(repo, "fixed")
+        fixed = commit_all(repo, "fixed")
         assert fixed != broken
         result = loop.run_cycle()
         assert result.desired_error is None

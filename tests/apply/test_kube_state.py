@@ -8,13 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from kubetestkit import ControlPlane, ensure_namespace, make_desired_state
+from kubetestkit import ControlPlane, commit_all, ensure_namespace, git, make_desired_state
 from typer.testing import CliRunner
 
 from reconciler.apply.kubeclient import KubeClient, NotFound
@@ -181,27 +180,19 @@ def test_a_replica_taking_over_the_lease_resumes_the_windows(
     assert written.writer == "replica-b"
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 @pytest.mark.fault
 def test_run_with_an_invalid_head_reconciles_to_the_stored_revision(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
     make_desired_state(repo, "st-run")
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "add", ".")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "good")
-    good = _git(repo, "rev-parse", "HEAD")
+    git(repo, "init", "-q", "-b", "main")
+    good = commit_all(repo, "good")
     client = control_plane.client()
     store = _fresh_store(client, "st-run", "previous-process")
     assert store.save(DurableState("st-run", 900.0, "previous-process", Revision("git", good)))
     (repo / "policies" / "svc.yaml").write_text("name: [broken\n")
-    _git(repo, "commit", "-qam", "broken")
+    git(repo, "commit", "-qam", "broken")
     common = [
         "run",
         "--repo",
