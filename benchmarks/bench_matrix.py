@@ -10,11 +10,14 @@ Cells (the repository's own ``policies/`` and ``clusters/``, nothing tuned per c
 - ``burst-S-N``: the synthetic one-hour day with sudden bursts, seeds 0 to 3, for every
   example service ``S``.
 
-Policies: heteroscale (today the paper's coordinated policy, heteroscale-paper),
-heteroscale-planner (capacity from the performance model, run without the policies'
-hand-set targets), hpa-gpu-util (target utilisation chosen by a sweep),
-hpa-decode-tps, static-peak and oracle-min, the lower bound; each policy's GPU-hours
-are also given as a multiple of oracle-min's (the project's efficiency figure).
+Policies: heteroscale (the default planner: capacity from the performance model, the
+example policies set no targets), heteroscale-paper (the paper's coordinated policy) and
+hpa-decode-tps (an HPA per role on the same tokens/s signal, no coordination), both on
+the hand-set targets the example policies carried before the planner
+(``reconciler.sim.hand_targets``: the paper policy cannot run without them, and the HPA
+on the same targets isolates the gain from coordination), hpa-gpu-util (target utilisation chosen by a sweep),
+static-peak and oracle-min, the lower bound; each policy's GPU-hours are also given as
+a multiple of oracle-min's (the project's efficiency figure).
 
 Each cell also carries the *reactive reference* (``reconciler.sim.reactive``): the
 headroom a policy that knew each past minute's demand exactly, reacted at once and
@@ -49,20 +52,20 @@ from reconciler.desired.loader import DesiredState  # noqa: E402
 from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
 from reconciler.sim.engine import SimConfig  # noqa: E402
 from reconciler.sim.evaluate import evaluate  # noqa: E402
+from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets  # noqa: E402
 from reconciler.sim.load import load_for  # noqa: E402
 from reconciler.sim.reactive import reactive_reference  # noqa: E402
 
 POLICIES = (
     "heteroscale",
-    "heteroscale-planner",
+    "heteroscale-paper",
     "hpa-gpu-util",
     "hpa-decode-tps",
     "static-peak",
     "oracle-min",
 )
 BURST_SEEDS = (0, 1, 2, 3)
-# Policies that derive capacity from the model: run without the hand-set targets.
-DERIVING = ("heteroscale-planner",)
+HAND_TUNED = ("heteroscale-paper", "hpa-decode-tps")
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,10 @@ def all_cells(services: list[str]) -> list[Cell]:
     return cells
 
 
-def without_targets(state: DesiredState, service: str) -> DesiredState:
-    """The desired state with ``service``'s hand-set capacity targets removed."""
-    policy = state.policies[service]
-    scaling = policy.scaling.model_copy(
-        update={"target_per_instance": None, "prefill_target_per_instance": None}
-    )
-    untuned = policy.model_copy(update={"scaling": scaling})
-    return dataclasses.replace(state, policies={**state.policies, service: untuned})
+def with_hand_targets_for(state: DesiredState, service: str) -> DesiredState:
+    """The desired state with ``service``'s ``HAND_TARGETS`` set in its scaling."""
+    tuned = with_hand_targets(state.policies[service])
+    return dataclasses.replace(state, policies={**state.policies, service: tuned})
 
 
 def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
@@ -107,23 +106,27 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
         trace = shared / "traces" / cell.trace
     started = time.perf_counter()
     profile = load_for(state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config)
-    # The planner derives capacity itself: it runs on the policy without its hand-set
-    # targets (which the paper policy needs, and which would override the derivation).
-    derived = [p for p in policies if p in DERIVING]
-    rest = [p for p in policies if p not in DERIVING]
+    # Policies that scale on hand-set targets run on a copy of the policy that has them;
+    # the rest run on the repository's policy as it is (no targets: derived).
+    tuned = [p for p in policies if p in HAND_TUNED]
+    rest = [p for p in policies if p not in HAND_TUNED]
     document: dict[str, Any] = {"policies": {}}
     if rest:
         document = evaluate(
             state, cell.service, profile, rest, seed=cell.seed, config=config
         ).to_json()
-    if derived:
-        untuned = without_targets(state, cell.service)
-        extra = evaluate(untuned, cell.service, profile, derived, seed=cell.seed, config=config)
+    if tuned:
+        hand = with_hand_targets_for(state, cell.service)
+        extra = evaluate(hand, cell.service, profile, tuned, seed=cell.seed, config=config)
         bound = document["policies"].get("oracle-min", {}).get("gpu_hours")
+        decode_tps, prefill_tps = HAND_TARGETS[cell.service]
         for name, figures in extra.to_json()["policies"].items():
             if bound and figures.get("gpu_hours") is not None:
                 figures["gpu_hours_vs_oracle_min"] = round(figures["gpu_hours"] / bound, 4)
-            figures["description"] = "without the policy's hand-set targets"
+            figures["description"] = (
+                f"hand-set targets: {decode_tps:g} output tokens/s per decode instance, "
+                f"{prefill_tps:g} prompt tokens/s per prefill instance"
+            )
             document["policies"][name] = figures
         document["policies"] = {p: document["policies"][p] for p in policies}
     for figures in document["policies"].values():

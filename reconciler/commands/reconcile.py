@@ -222,8 +222,8 @@ PolicyOpt = Annotated[
     str,
     typer.Option(
         "--autoscaler",
-        help="autoscaling policy: heteroscale (the paper's, the default), heteroscale-planner "
-        "(sized from the performance model) or a baseline",
+        help="autoscaling policy: heteroscale (the default: sized from the performance "
+        "model), heteroscale-paper (the paper's, needs hand-set targets) or a baseline",
     ),
 ]
 PromOpt = Annotated[

@@ -1,9 +1,13 @@
 """``heteroscale tune SERVICE``: the paper's policy-curation stress test.
 
 Sweeps the prefill/decode split of a GPU budget in the simulator, prints the
-throughput-under-SLO curve (table and text bars; ``--plot`` for a PNG), recommends
-``pd_ratio.target`` and ``scaling.target_per_instance``, verifies them by replaying
-the heteroscale policy against the current values, and with ``--write`` writes the
+throughput-under-SLO curve (table and text bars; ``--plot`` for a PNG) and recommends
+``pd_ratio.target``. Under the default planner (``--autoscaler heteroscale``) it checks
+the capacity per instance the planner derives from the performance model against what
+the sweep measured (and any override the policy sets); under ``--autoscaler
+heteroscale-paper`` it also recommends the hand-set ``scaling.target_per_instance`` and
+``prefill_target_per_instance`` that policy scales on. It verifies the recommendation by
+replaying that autoscaler against the current values, and with ``--write`` writes the
 changed values into the service's YAML file keeping its layout. It writes only values
 that keep both SLOs for the goal's share of (attainable) requests on the verification
 day and cost no more than the current ones when those already do
@@ -36,12 +40,16 @@ from reconciler.desired.ratio import format_ratio
 from reconciler.errors import ConfigError, PermanentError
 from reconciler.review.tune import (
     DEFAULT_HEADROOM,
+    PAPER,
+    PLANNER,
     QUICK_SETTINGS,
+    TUNED_AUTOSCALERS,
     Recommendation,
     Sweep,
     SweepSettings,
     Verification,
     apply_changes,
+    check_capacity,
     length_pool,
     recommend,
     refresh_comments,
@@ -135,7 +143,9 @@ def render_recommendation(
         f"{best.max_rate_rps:.1f} req/s"
         + ("" if sweep.has_interior_peak else " [yellow](peak at the edge of the sweep)[/yellow]"),
     ]
-    if recommendation.capacity_per_instance is not None:
+    if recommendation.capacity_per_instance is not None and (
+        recommendation.target_per_instance is not None
+    ):
         role = "decode" if recommendation.metric == "decode_tps" else "prefill"
         lines.append(
             f"{role} capacity at the SLO limit: {recommendation.capacity_per_instance:,.0f} tokens/s "
@@ -162,7 +172,10 @@ def render_recommendation(
 
 
 def render_verification(
-    verification: Verification, recommendation: Recommendation, policy: ServicePolicy
+    verification: Verification,
+    recommendation: Recommendation,
+    policy: ServicePolicy,
+    autoscaler: str = PLANNER,
 ) -> Table:
     """The replay as ``heteroscale simulate``'s table, one row per set of values."""
     policies = {"current": verification.current}
@@ -171,7 +184,7 @@ def render_verification(
     return render_table(
         EvaluationResult(
             service=recommendation.service,
-            workload=f"heteroscale policy on {verification.load}",
+            workload=f"{autoscaler} on {verification.load}",
             horizon_s=verification.horizon_s,
             requests=verification.requests,
             slo={
@@ -292,7 +305,7 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--verify/--no-verify",
-                help="replay the heteroscale policy with the current and recommended values",
+                help="replay the autoscaler with the current and recommended values",
             ),
         ] = True,
         write: Annotated[
@@ -312,12 +325,28 @@ def register(app: typer.Typer) -> None:
             float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
         ] = 30.0,
         placer: PlacerOpt = "greedy",
+        autoscaler: Annotated[
+            str,
+            typer.Option(
+                "--autoscaler",
+                help="the autoscaler the service runs under: heteroscale (check the capacity "
+                "it derives) or heteroscale-paper (also recommend its hand-set targets)",
+            ),
+        ] = PLANNER,
     ) -> None:
-        """Sweep the P/D ratio and the per-instance TPS target in the simulator and
-        recommend values (--write puts them into the service's YAML)."""
+        """Sweep the P/D ratio in the simulator, check the planner's derived capacity
+        (or, for heteroscale-paper, recommend hand-set targets) and verify the
+        recommendation (--write puts it into the service's YAML)."""
         from reconciler.cli import report_config_error
 
         checked_placer(placer)
+        if autoscaler not in TUNED_AUTOSCALERS:
+            err_console.print(
+                f"error: --autoscaler must be one of {', '.join(TUNED_AUTOSCALERS)}, "
+                f"got '{autoscaler}'",
+                markup=False,
+            )
+            raise typer.Exit(2)
         if write and not do_verify:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)
@@ -373,7 +402,13 @@ def register(app: typer.Typer) -> None:
                     placer=chosen_placer,
                     progress=report,
                 )
-            recommendation = recommend(policy, sweep, headroom, widen_bounds=widen_bounds)
+            recommendation = recommend(
+                policy,
+                sweep,
+                headroom,
+                widen_bounds=widen_bounds,
+                hand_targets=autoscaler == PAPER,
+            )
             console.print(render_sweep(sweep))
             for line in render_recommendation(
                 recommendation,
@@ -383,7 +418,17 @@ def register(app: typer.Typer) -> None:
                 policy.scaling.prefill_target_per_instance,
             ):
                 console.print(line, soft_wrap=True)  # numbers only, with markup
-            for warning in recommendation.warnings:
+            warnings = list(recommendation.warnings)
+            if autoscaler == PLANNER:
+                checks = check_capacity(state, service, sweep, pool)
+                if not checks:
+                    warnings.append(
+                        "no allowed GPU type fits the model: the planner cannot derive capacity"
+                    )
+                for check in checks:
+                    console.print(check.line(), soft_wrap=True, markup=False)
+                    warnings.extend(check.warnings())
+            for warning in warnings:
                 console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
             if plot_path is not None:
                 write_sweep_plot(sweep, plot_path)
@@ -396,7 +441,7 @@ def register(app: typer.Typer) -> None:
                 profile = load_for(state, service, trace, rate_scale, hours, seed, config)
                 for note in profile.notes:
                     err_console.print(f"note: {note}", soft_wrap=True, markup=False)
-                err_console.print("replaying the heteroscale policy (current vs recommended) ...")
+                err_console.print(f"replaying {autoscaler} (current vs recommended) ...")
                 verification = verify(
                     state,
                     service,
@@ -406,8 +451,9 @@ def register(app: typer.Typer) -> None:
                     config=config,
                     placer=chosen_placer,
                     interval_s=interval_s,
+                    autoscaler=autoscaler,
                 )
-                console.print(render_verification(verification, recommendation, policy))
+                console.print(render_verification(verification, recommendation, policy, autoscaler))
                 console.print(verification.verdict(), soft_wrap=True, markup=False)
                 for note in verification.notes:
                     console.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)

@@ -1,4 +1,5 @@
-"""Autoscaling decisions: the coordinated HeteroScale policy and its baselines.
+"""Autoscaling decisions: the planner (the default, ``heteroscale``), the paper's
+coordinated policy (``heteroscale-paper``) and the baselines.
 
 Every autoscaler implements ``reconciler.policy.base.Autoscaler`` and is pure: time
 comes in as an argument and memory between cycles as a ``PolicyHistory``.
@@ -24,7 +25,6 @@ from reconciler.policy.baselines import (
     AutoscalerConfigError,
     HpaGpuUtilAutoscaler,
     HpaTokensAutoscaler,
-    PaperCoordinatedAutoscaler,
     PerRoleHpa,
     StaticPeakAutoscaler,
 )
@@ -32,9 +32,8 @@ from reconciler.policy.coordinated import CoordinatedAutoscaler, decide, decide_
 from reconciler.policy.planner import PlannerAutoscaler
 
 AUTOSCALERS: dict[str, Callable[..., Autoscaler]] = {
-    CoordinatedAutoscaler.name: CoordinatedAutoscaler,
-    PaperCoordinatedAutoscaler.name: PaperCoordinatedAutoscaler,
     PlannerAutoscaler.name: PlannerAutoscaler,
+    CoordinatedAutoscaler.name: CoordinatedAutoscaler,
     HpaGpuUtilAutoscaler.name: HpaGpuUtilAutoscaler,
     HpaTokensAutoscaler.name: HpaTokensAutoscaler,
     StaticPeakAutoscaler.name: StaticPeakAutoscaler,
@@ -70,7 +69,6 @@ __all__ = [
     "Decision",
     "HpaGpuUtilAutoscaler",
     "HpaTokensAutoscaler",
-    "PaperCoordinatedAutoscaler",
     "PerRoleHpa",
     "PlannerAutoscaler",
     "PolicyHistory",

@@ -10,12 +10,13 @@
   HPA's 15 s sync period).
 - :class:`StaticPeakAutoscaler` (``static-peak``): provision for the peak and never
   change (the common practice the paper's savings are measured against).
-- :class:`PaperCoordinatedAutoscaler` (``heteroscale-paper``): the coordinated
-  policy exactly as the paper has it, for comparisons with a changed default.
+
+The paper's coordinated policy (``heteroscale-paper``) is
+``reconciler.policy.coordinated.CoordinatedAutoscaler``.
 
 The HPAs and static peak use the shared arithmetic in
 ``reconciler.policy.clamps`` (rounding, min/max, step) and report
-``reason="baseline"``; ``heteroscale-paper`` reports the coordinated policy's reasons.
+``reason="baseline"``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
 from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
 from reconciler.policy.clamps import RoleBounds, ceil_count, clamp_bounds, clamp_step
-from reconciler.policy.coordinated import CoordinatedAutoscaler, policy_numbers, sample_problem
-from reconciler.policy.coordinated import decide as coordinated_decide
+from reconciler.policy.coordinated import policy_numbers, sample_problem
 from reconciler.state import ROLES, MetricName, Role, ServiceFleet, ServiceMetrics
 
 
@@ -399,25 +399,6 @@ class HpaTokensAutoscaler(PerRoleHpa):
 # --------------------------------------------------------------------------- paper policy
 
 
-class PaperCoordinatedAutoscaler(CoordinatedAutoscaler):
-    """The coordinated policy as the paper describes it (today's ``heteroscale``),
-    kept under its own name so a later default of ``heteroscale`` is measured
-    against it. Calls :func:`reconciler.policy.coordinated.decide` directly, so a
-    change to ``CoordinatedAutoscaler`` does not reach it."""
-
-    name = "heteroscale-paper"
-
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
-        return coordinated_decide(policy, fleet, metrics, history, now_s)
-
-
 def _trim(
     history: tuple[Recommendation, ...], now_s: float, window_s: float
 ) -> tuple[Recommendation, ...]:
@@ -529,7 +510,6 @@ __all__ = [
     "HpaGpuUtilAutoscaler",
     "HpaTarget",
     "HpaTokensAutoscaler",
-    "PaperCoordinatedAutoscaler",
     "PerRoleHpa",
     "StaticPeakAutoscaler",
     "fixed_counts",

@@ -972,9 +972,12 @@ def decide_many(
 
 
 class CoordinatedAutoscaler:
-    """The HeteroScale policy behind the ``Autoscaler`` protocol."""
+    """The coordinated policy exactly as the paper has it (``heteroscale-paper``):
+    proportional control on the policy's hand-set ``target_per_instance``, latency
+    tiers, the P/D ratio kept. Kept for comparison with the default planner
+    (``reconciler.policy.planner``) and for services that pin their targets."""
 
-    name = "heteroscale"
+    name = "heteroscale-paper"
 
     def decide(
         self,

@@ -1,4 +1,4 @@
-"""The SLO-guaranteed planner (``heteroscale-planner``).
+"""The SLO-guaranteed planner, the default policy (``heteroscale``).
 
 It sizes prefill and decode from what it can know, not from hand-set targets: the
 performance model (``reconciler.perfmodel``, the one the simulator uses), the live
@@ -769,11 +769,11 @@ def within_bucket(
 
 
 class PlannerAutoscaler:
-    """``heteroscale-planner``: ``plan_decide`` with the service's performance model
-    taken from its cluster. Opt-in while it does not beat the paper policy on the
-    evaluation matrix (``benchmarks/bench_matrix.py``)."""
+    """``heteroscale``, the default: ``plan_decide`` with the service's performance
+    model taken from its cluster. The paper's coordinated policy, which needs hand-set
+    targets, stays available as ``heteroscale-paper`` for comparison."""
 
-    name = "heteroscale-planner"
+    name = "heteroscale"
 
     def decide_in_cluster(
         self,

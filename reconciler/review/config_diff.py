@@ -100,7 +100,10 @@ def _label(key: str, policy: ServicePolicy | None) -> str:
 
 def _show(value: Any, key: str = "") -> str:
     if value is None:
-        return "not allowed" if ".gpu_types." in f".{key}" else "unset"
+        if ".gpu_types." in f".{key}":
+            return "not allowed"
+        # An unset capacity target is the default planner's derivation, not a gap.
+        return "derived from the model" if key.endswith("target_per_instance") else "unset"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float) and value.is_integer():

@@ -1,9 +1,20 @@
 """Policy curation by stress test (HeteroScale paper, section on policy curation):
 sweep the prefill/decode split of a fixed GPU budget in the simulator, find the
 throughput under SLO of each split (a bell-shaped curve over the P/D ratio), and
-derive a service's ``pd_ratio.target``, ``scaling.target_per_instance`` and
-``scaling.prefill_target_per_instance`` from the peak. ``heteroscale tune`` (``reconciler.commands.tune``) prints, verifies and writes
-them back.
+derive a service's ``pd_ratio.target`` from the peak. ``heteroscale tune``
+(``reconciler.commands.tune``) prints, verifies and writes it back.
+
+What else it does depends on the autoscaler the service runs under:
+
+- ``heteroscale`` (the default planner) derives each role's capacity per instance from
+  the performance model every cycle, so tune *checks* that derivation instead of
+  searching for targets: :func:`check_capacity` sets the capacity the planner derives
+  for the sweep's request mix beside what the sweep measured at its best split (and
+  beside any ``target_per_instance`` override the policy sets), and says where they
+  part by more than ``CAPACITY_CHECK_TOLERANCE``.
+- ``heteroscale-paper`` scales on hand-set targets: tune also derives
+  ``scaling.target_per_instance`` and ``scaling.prefill_target_per_instance`` from the
+  peak (steps 4 and 4a below).
 
 Method and assumptions:
 
@@ -18,7 +29,8 @@ Method and assumptions:
    serving from time 0) on a *flat* Poisson load of ``duration_s`` (default 600 s).
 2. **Throughput under SLO.** For each split, the highest request rate at which both
    the TTFT and the TBT attainment (share of requests meeting each SLO, dropped ones
-   failing) reach ``slo.attainment_goal`` is found by bracketing (x1.5 steps from
+   failing) reach ``slo.attainment_goal`` (TTFT's read over the requests an idle
+   instance could serve in time: ``Probe.ttft_goal``) is found by bracketing (x1.5 steps from
    the analytic estimate of ``role_capacity``) and bisection to ``rate_tolerance``
    (default 3 %). Attainment falls with the rate, and every probe of a split replays
    the *same* random stream (common random numbers: a unit-rate Poisson process
@@ -47,8 +59,8 @@ Method and assumptions:
    through the same formula and rounding. At the peak of the bell both roles are
    near their limits; where decode binds first the figure sits below prefill's own
    limit, so the floor errs towards more prefill, never less.
-5. **Verification** replays the ``heteroscale`` policy with the current and the
-   recommended values on the same load (``reconciler.sim.evaluate.evaluate``) so the
+5. **Verification** replays the service's autoscaler (``heteroscale`` or
+   ``heteroscale-paper``) with the current and the recommended values on the same load (``reconciler.sim.evaluate.evaluate``) so the
    GPU-hours and attainment of both read side by side.
 6. **Write-back** edits only the changed values with
    ``reconciler.desired.roundtrip.set_value`` (comments, order and quoting kept), so
@@ -81,7 +93,9 @@ from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_val
 from reconciler.errors import PermanentError
 from reconciler.placement.base import Placer
 from reconciler.policy import make_autoscaler
+from reconciler.policy.capacity import LatencyCorrection, RequestMix, one_two_five_buckets
 from reconciler.policy.coordinated import policy_numbers
+from reconciler.policy.planner import capacities_for, perf_context
 from reconciler.sim.engine import LoadProfile, SimConfig
 from reconciler.sim.evaluate import (
     PolicyResult,
@@ -102,7 +116,19 @@ TARGET_STEP_TPS = 50
 WARMUP_S = 60  # first minute of a flat run: decode batches still filling
 BRACKET_FACTOR = 1.5
 MAX_BRACKET_STEPS = 12
-VERIFY_POLICY = "heteroscale"
+# The autoscalers tune can curate for: the default planner (checks its derived
+# capacity) and the paper policy (derives its hand-set targets).
+PLANNER = "heteroscale"
+PAPER = "heteroscale-paper"
+TUNED_AUTOSCALERS = (PLANNER, PAPER)
+# Derived and measured capacity further apart than this are reported: the planner's
+# latency correction bounds what a wrong model costs, but not by much more (its
+# smoothing takes a few cycles to move), and the issue's own check of the model
+# against the simulator's saturation point allows 10%.
+CAPACITY_CHECK_TOLERANCE = 0.10
+# The length-histogram bounds the engines export (vLLM's 1-2-5 buckets, as the
+# simulated engines in reconciler.sim.engine export them): the mix the planner sees.
+_LENGTH_BOUNDS = (*one_two_five_buckets(1_000_000), math.inf)
 # Length pool for a service without a trace: enough requests that resampling does
 # not repeat a visible pattern over a 600 s run.
 SYNTHETIC_POOL_HOURS = 0.25
@@ -209,11 +235,18 @@ class Probe:
     output_tps: float  # served, after warm-up
     prompt_tps: float
     placement_shortfalls: int
+    # Requests that miss TTFT even on an idle instance: no split serves them in time,
+    # so they count against TTFT at every rate and the goal is read over the rest.
+    unattainable_share: float = 0.0
+
+    def ttft_goal(self, goal: float) -> float:
+        """The TTFT attainment that reaches ``goal`` of the attainable requests."""
+        return goal * (1.0 - self.unattainable_share)
 
     def meets(self, goal: float) -> bool:
         return (
             self.placement_shortfalls == 0
-            and self.ttft_attainment >= goal
+            and self.ttft_attainment >= self.ttft_goal(goal)
             and self.tbt_attainment >= goal
         )
 
@@ -260,8 +293,11 @@ class SplitResult:
             return "-"
         failed = [
             label
-            for label, value in (("TTFT", probe.ttft_attainment), ("TBT", probe.tbt_attainment))
-            if value < goal
+            for label, value, needed in (
+                ("TTFT", probe.ttft_attainment, probe.ttft_goal(goal)),
+                ("TBT", probe.tbt_attainment, goal),
+            )
+            if value < needed
         ]
         return "+".join(failed) or "-"
 
@@ -348,6 +384,7 @@ def probe_split(
         output_tps=_steady_mean(result, "decode_tps"),
         prompt_tps=_steady_mean(result, "prefill_tps"),
         placement_shortfalls=result.placement_shortfalls,
+        unattainable_share=result.unattainable_share,
     )
 
 
@@ -525,8 +562,12 @@ def recommend(
     headroom: float = DEFAULT_HEADROOM,
     *,
     widen_bounds: bool = False,
+    hand_targets: bool = False,
 ) -> Recommendation:
-    """P/D target and per-instance target from the sweep (module docstring)."""
+    """The P/D target from the sweep and, with ``hand_targets`` (a service under
+    ``heteroscale-paper``), the per-instance targets (module docstring). Without it the
+    measured capacities are still reported, but no target is recommended: the default
+    planner derives capacity itself, and a target would override that."""
     if not 0 <= headroom < 1:
         raise TuneError(f"headroom must be in [0, 1), got {headroom}")
     best = sweep.best
@@ -560,20 +601,23 @@ def recommend(
         capacity = best.prefill_tps_per_instance
     else:
         capacity = None
-        warnings.append(
-            f"scaling.metric is {metric}: the sweep measures tokens/s, so "
-            "scaling.target_per_instance is left as it is"
-        )
+        if hand_targets:
+            warnings.append(
+                f"scaling.metric is {metric}: the sweep measures tokens/s, so "
+                "scaling.target_per_instance is left as it is"
+            )
     tolerance = policy.scaling.tolerance
     per_instance = (
-        round_target(capacity * (1.0 - headroom) / (1.0 + tolerance)) if capacity else None
+        round_target(capacity * (1.0 - headroom) / (1.0 + tolerance))
+        if capacity and hand_targets
+        else None
     )
     # The floor applies only under a decode-driven metric (the policy's own rule).
     prefill_capacity: float | None = None
     prefill_per_instance: int | None = None
     if policy_numbers(policy).driven_role == "decode":
         prefill_capacity = best.prefill_tps_per_instance
-        if prefill_capacity > 0:
+        if prefill_capacity > 0 and hand_targets:
             prefill_per_instance = round_target(
                 prefill_capacity * (1.0 - headroom) / (1.0 + tolerance)
             )
@@ -656,6 +700,112 @@ def with_recommendation(policy: ServicePolicy, recommendation: Recommendation) -
             }
         )
     return policy.model_copy(update={"pd_ratio": pd_ratio, "scaling": scaling})
+
+
+# --------------------------------------------------------------------------- capacity check
+
+
+@dataclass(frozen=True)
+class CapacityCheck:
+    """One role's capacity per instance as the default planner derives it from the
+    performance model for the sweep's request mix, beside what the sweep measured at
+    its best split and beside the policy's override, if it sets one.
+
+    The measured figure is the role's tokens/s per instance at the best split's
+    SLO-limited rate; it is the role's capacity only when that role's SLO is what failed
+    just above that rate (``limiting``), and a lower bound of it otherwise."""
+
+    role: str  # "prefill" or "decode"
+    gpu_type: str
+    derived_tps: float
+    measured_tps: float
+    limiting: bool
+    override_tps: float | None
+
+    @property
+    def derived_vs_measured(self) -> float:
+        return self.derived_tps / self.measured_tps if self.measured_tps > 0 else math.inf
+
+    def line(self) -> str:
+        unit = "prompt" if self.role == "prefill" else "output"
+        text = (
+            f"{self.role} capacity per {self.gpu_type} instance: derived from the model "
+            f"{self.derived_tps:,.0f} {unit} tokens/s, measured at the SLO limit "
+            f"{self.measured_tps:,.0f} ({self.derived_vs_measured:.2f}x"
+            + ("" if self.limiting else f"; {self.role} did not limit the best split")
+            + ")"
+        )
+        if self.override_tps is not None:
+            text += f"; the policy overrides it with {self.override_tps:,.0f}"
+        return text
+
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        ratio = self.derived_vs_measured
+        if self.limiting and ratio > 1.0 + CAPACITY_CHECK_TOLERANCE:
+            out.append(
+                f"the model overestimates {self.role} capacity by {100 * (ratio - 1):.0f}% on "
+                "this mix: the planner relies on its latency correction to find the SLO "
+                "limit, and under-provisions until it has"
+            )
+        if self.limiting and ratio < 1.0 - CAPACITY_CHECK_TOLERANCE:
+            out.append(
+                f"the model underestimates {self.role} capacity by {100 * (1 - ratio):.0f}% on "
+                "this mix: the planner provisions more than the SLO needs until its latency "
+                "correction catches up (prefill takes only evidence of a slower instance)"
+            )
+        if (
+            self.override_tps is not None
+            and self.override_tps > self.measured_tps
+            and self.limiting
+        ):
+            out.append(
+                f"the {self.role} override {self.override_tps:,.0f} tokens/s per instance is "
+                f"above the measured capacity at the SLO limit ({self.measured_tps:,.0f}): "
+                "sizing on it misses the SLO; remove it to let the planner derive capacity"
+            )
+        return out
+
+
+def check_capacity(
+    state: DesiredState, service: str, sweep: Sweep, pool: Workload
+) -> tuple[CapacityCheck, ...]:
+    """The default planner's derived capacity for ``pool``'s request mix (binned as the
+    engines export it) against the sweep's best split, per role (``CapacityCheck``).
+    Empty when the planner cannot size the service (no allowed GPU type fits)."""
+    policy = state.policies[service]
+    perf = perf_context(policy, state.clusters[policy.cluster])
+    if perf is None:
+        return ()
+    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, _LENGTH_BOUNDS)
+    best = sweep.best
+    derived = capacities_for(policy, perf, mix, max(1, best.prefill), LatencyCorrection())
+    limited = sweep.best.limited_by(sweep.attainment_goal)
+    scaling = policy.scaling
+    decode_override = scaling.target_per_instance if scaling.metric == "decode_tps" else None
+    prefill_override = (
+        scaling.target_per_instance
+        if scaling.metric == "prefill_tps"
+        else scaling.prefill_target_per_instance
+    )
+    return (
+        CapacityCheck(
+            "prefill",
+            derived.prefill_gpu_type,
+            derived.prefill_tps_per_instance,
+            best.prefill_tps_per_instance,
+            "TTFT" in limited,
+            prefill_override,
+        ),
+        CapacityCheck(
+            "decode",
+            derived.decode_gpu_type,
+            derived.decode_tps_per_instance,
+            best.decode_tps_per_instance,
+            "TBT" in limited,
+            decode_override,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- verify
@@ -761,8 +911,9 @@ def verify(
     config: SimConfig | None = None,
     placer: Placer | None = None,
     interval_s: float = 30.0,
+    autoscaler: str = PLANNER,
 ) -> Verification:
-    """Replay the heteroscale policy with both sets of values on ``profile``."""
+    """Replay ``autoscaler`` with both sets of values on ``profile``."""
     policy = state.policies[service]
     runs: dict[str, PolicyResult] = {}
     variants = [("current", state)]
@@ -776,13 +927,13 @@ def verify(
             variant,
             service,
             profile,
-            [VERIFY_POLICY],
+            [autoscaler],
             seed,
             interval_s=interval_s,
             config=config,
             placer=placer,
         )
-        runs[label] = result.policies[VERIFY_POLICY]
+        runs[label] = result.policies[autoscaler]
     return Verification(
         load=profile.name,
         horizon_s=profile.horizon_s,
@@ -909,8 +1060,13 @@ def unified_diff(path: str, before: str, after: str) -> str:
 
 
 __all__ = [
+    "CAPACITY_CHECK_TOLERANCE",
     "DEFAULT_HEADROOM",
+    "PAPER",
+    "PLANNER",
     "QUICK_SETTINGS",
+    "TUNED_AUTOSCALERS",
+    "CapacityCheck",
     "Probe",
     "Recommendation",
     "SplitResult",
@@ -920,6 +1076,7 @@ __all__ = [
     "ValueChange",
     "Verification",
     "apply_changes",
+    "check_capacity",
     "flat_workload",
     "length_pool",
     "max_rate_under_slo",

@@ -71,7 +71,10 @@ def _loop(
         load_desired=lambda: state,
         backend_for=lambda spec: backend,
         metrics_for=lambda spec: load,
-        autoscaler=make_autoscaler("heteroscale"),  # scale-in window 300 s, cooldown 120 s
+        # The paper policy: its proportional arithmetic on the test policy's hand-set
+        # target makes the window arithmetic below exact (scale-in window 300 s, cooldown
+        # 120 s); the planner's memory is persisted too (tests/loop/test_durable.py).
+        autoscaler=make_autoscaler("heteroscale-paper"),
         placer=OneGroupPlacer(),
         clock=clock,
         is_leader=is_leader,  # type: ignore[arg-type]

@@ -34,15 +34,13 @@ def git_repo(example_repo: Path) -> Path:
 
 def test_a_revision_loads_without_touching_the_work_tree(git_repo: Path) -> None:
     policy = git_repo / "policies/svc-a.yaml"
-    policy.write_text(
-        policy.read_text().replace("target_per_instance: 1250", "target_per_instance: 2000")
-    )
-    git(git_repo, "commit", "-qam", "lower target")
+    policy.write_text(policy.read_text().replace("cooldown_s: 120", "cooldown_s: 240"))
+    git(git_repo, "commit", "-qam", "longer cooldown")
     shutil.rmtree(git_repo / "clusters")  # the work tree is now broken; revisions are not
     head = load_desired_state(git_repo, rev="HEAD")
     base = load_desired_state(git_repo, rev="HEAD~1")
-    assert head.policies["svc-a"].scaling.target_per_instance == 2000
-    assert base.policies["svc-a"].scaling.target_per_instance == 1250
+    assert head.policies["svc-a"].scaling.cooldown_s == 240
+    assert base.policies["svc-a"].scaling.cooldown_s == 120
     assert head.source_label.startswith("HEAD (")
 
 
@@ -124,8 +122,8 @@ def test_schema_check_flags_a_stale_file(tmp_path: Path) -> None:
 
 def test_round_trip_edits_change_only_the_edited_line(repo_root: Path) -> None:
     text = (repo_root / "policies/chat.yaml").read_text()
-    edited = set_value(text, ["scaling", "target_per_instance"], 1400)
+    edited = set_value(text, ["scaling", "cooldown_s"], 240)
     changed = [
         (a, b) for a, b in zip(text.splitlines(), edited.splitlines(), strict=True) if a != b
     ]
-    assert changed == [("  target_per_instance: 1300", "  target_per_instance: 1400")]
+    assert changed == [("  cooldown_s: 180", "  cooldown_s: 240")]

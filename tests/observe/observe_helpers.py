@@ -39,10 +39,12 @@ from reconciler.observe.exporter import (
 from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
 from reconciler.observe.presets import LENGTH_NAMES
 from reconciler.observe.prometheus import PrometheusSettings
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_BASE_POLICY: ServicePolicy = load_desired_state(REPO_ROOT).policies["chat"]
+# With the hand-set targets the paper policy's ``decide`` (used by these tests) scales on.
+_BASE_POLICY: ServicePolicy = with_hand_targets(load_desired_state(REPO_ROOT).policies["chat"])
 
 RATE_WINDOW_S = 10.0
 """Rate window of the live tests: ten 1 s scrape intervals. The simulated exporter

@@ -21,6 +21,7 @@ from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.policy import Decision, PolicyHistory, decide
 from reconciler.policy.base import Autoscaler, Recommendation
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,12 @@ def make_policy(**overrides: Any) -> ServicePolicy:
 def example_policy(name: str) -> ServicePolicy:
     """A policy from the repository's own ``policies/`` directory."""
     return load_desired_state(REPO_ROOT).policies[name]
+
+
+def paper_example_policy(name: str) -> ServicePolicy:
+    """An example policy with the hand-set targets the paper policy scales on
+    (``reconciler.sim.hand_targets``: the example files set none)."""
+    return with_hand_targets(example_policy(name))
 
 
 def with_overrides(policy: ServicePolicy, **overrides: Any) -> ServicePolicy:

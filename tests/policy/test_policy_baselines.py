@@ -13,7 +13,7 @@ from reconciler.policy import (
     AutoscalerConfigError,
     CoordinatedAutoscaler,
     HpaGpuUtilAutoscaler,
-    PaperCoordinatedAutoscaler,
+    PlannerAutoscaler,
     PolicyHistory,
     StaticPeakAutoscaler,
     make_autoscaler,
@@ -252,13 +252,12 @@ def test_registry_builds_every_autoscaler_by_name():
     assert set(AUTOSCALERS) == {
         "heteroscale",
         "heteroscale-paper",
-        "heteroscale-planner",
         "hpa-gpu-util",
         "hpa-decode-tps",
         "static-peak",
     }
-    assert isinstance(make_autoscaler("heteroscale"), CoordinatedAutoscaler)
-    assert isinstance(make_autoscaler("heteroscale-paper"), PaperCoordinatedAutoscaler)
+    assert isinstance(make_autoscaler("heteroscale"), PlannerAutoscaler)  # the default
+    assert isinstance(make_autoscaler("heteroscale-paper"), CoordinatedAutoscaler)
     assert make_autoscaler("hpa-gpu-util", target_utilisation=0.7).target_utilisation == 0.7
     tokens = make_autoscaler(
         "hpa-decode-tps", prefill_tps_per_instance=8000, decode_tps_per_instance=1000

@@ -15,6 +15,7 @@ from policy_testkit import (
     fleet,
     make_policy,
     metrics,
+    paper_example_policy,
     steady_history,
     with_overrides,
 )
@@ -804,7 +805,7 @@ def test_autoscaler_protocol_and_decide_many_agree_with_decide():
     expected = [decide(*item, NOW) for item in inputs]
     assert decide_many(inputs, NOW) == expected
     assert [CoordinatedAutoscaler().decide(*item, NOW) for item in inputs] == expected
-    assert CoordinatedAutoscaler.name == "heteroscale"
+    assert CoordinatedAutoscaler.name == "heteroscale-paper"
 
 
 def test_policy_numbers_are_read_once_per_policy_object():
@@ -817,7 +818,7 @@ def test_policy_numbers_are_read_once_per_policy_object():
 @pytest.mark.parametrize("name", ["chat", "summarize", "svc-a", "svc-b"])
 def test_every_example_policy_sizes_a_doubling_of_load(name):
     # Each example service at its target with 20 decode, then twice that load.
-    policy = example_policy(name)
+    policy = paper_example_policy(name)
     target = policy.scaling.target_per_instance
     prefill = math.ceil(20 * policy.pd_ratio.target)
     signals = metrics(NOW, service=name, decode_tps=40 * target, prefill_tps=40 * target * 8)

@@ -2,7 +2,8 @@
 ``hpa-decode-tps`` share one HPA algorithm (tolerance, scale-down stabilisation,
 the scale-up limit, missing metrics) at the HPA's 15 s sync period; the tokens/s
 HPA scales each role on its own signal with no P/D coordination. Also: the paper's
-coordinated policy under its own name, ``heteroscale-paper``."""
+coordinated policy, ``heteroscale-paper``, decides exactly as it did while it was the
+default (golden cases recorded then)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from reconciler.policy import (
     CoordinatedAutoscaler,
     HpaGpuUtilAutoscaler,
     HpaTokensAutoscaler,
-    PaperCoordinatedAutoscaler,
     PerRoleHpa,
     PolicyHistory,
     decide,
 )
 from reconciler.policy.base import Recommendation
 from reconciler.policy.baselines import HPA_SYNC_PERIOD_S, NO_RECOMMENDATION, policy_tps_targets
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import Sample, ServiceMetrics
 
 NOW = 1000.0
@@ -298,14 +299,15 @@ def test_tokens_hpa_rejects_bad_settings(kwargs):
 
 
 def _paper_cases():
-    svc_b = example_policy("svc-b")
+    # svc-b with the hand-set targets it carried while the paper policy was the default
+    svc_b = with_hand_targets(example_policy("svc-b"))
     window = policy(scaling={"scale_in_window_s": 300, "cooldown_s": 120})
     return [
         # scale-out on decode tokens/s
         (policy(), fleet(10, 20), metrics(NOW, decode_tps=30000), PolicyHistory()),
         # inside the tolerance band
         (policy(), fleet(10, 20), metrics(NOW, decode_tps=20500), PolicyHistory()),
-        # a TBT tier fires
+        # TBT above the SLO but below this policy's tiers
         (policy(), fleet(10, 20), metrics(NOW, decode_tps=20000, tbt=70), PolicyHistory()),
         # metrics missing
         (policy(), fleet(10, 20), metrics(NOW), PolicyHistory()),
@@ -328,26 +330,76 @@ def _paper_cases():
     ]
 
 
+# (prefill, decode, reason, message) of each case, recorded at 40c834f, when this
+# policy was the default ``heteroscale``.
+PAPER_GOLDEN = [
+    (
+        15,
+        30,
+        "scale_out",
+        "decode_tps 30000 / target 1000 per instance -> 30 decode; ratio 1:2 -> 15 prefill",
+    ),
+    (
+        10,
+        20,
+        "within_tolerance",
+        "decode_tps 20500 / target 1000 per instance = 1.02 of 20 decode, within 10%: hold 20 "
+        "decode; ratio 1:2 -> 10 prefill; clamps: tolerance(decode: 21 -> 20; usage 1.02 "
+        "within 1 +- 0.1) => 10 prefill, 20 decode (now 10, 20)",
+    ),
+    (
+        10,
+        20,
+        "within_tolerance",
+        "decode_tps 20000 / target 1000 per instance = 1.00 of 20 decode, within 10%: hold 20 "
+        "decode; ratio 1:2 -> 10 prefill",
+    ),
+    (10, 20, "metrics_missing", "decode_tps missing: hold 10 prefill, 20 decode"),
+    (
+        10,
+        20,
+        "stabilised",
+        "decode_tps 10000 / target 1000 per instance -> 10 decode; ratio 1:2 -> 5 prefill; "
+        "clamps: scale_in_window(prefill: 5 -> 10; history covers 100 s of the 300 s "
+        "window), scale_in_window(decode: 10 -> 20; history covers 100 s of the 300 s "
+        "window) => 10 prefill, 20 decode (now 10, 20)",
+    ),
+    (
+        9,
+        12,
+        "scale_out",
+        "decode_tps 15000 / target 1250 per instance -> 12 decode; ratio 3:5 -> 8 prefill; "
+        "prefill_tps 200000 / target 24050 per instance -> 9 prefill (floor)",
+    ),
+]
+
+
 @pytest.mark.parametrize("case", range(6))
-def test_heteroscale_paper_decides_exactly_as_heteroscale(case):
+def test_heteroscale_paper_decides_as_it_did_as_the_default(case):
     p, current, signals, history = _paper_cases()[case]
-    paper = PaperCoordinatedAutoscaler().decide(p, current, signals, history, NOW)
-    today = CoordinatedAutoscaler().decide(p, current, signals, history, NOW)
-    assert paper == today
-    assert PaperCoordinatedAutoscaler.name == "heteroscale-paper"
+    decision = CoordinatedAutoscaler().decide(p, current, signals, history, NOW)
+    assert (decision.prefill, decision.decode, decision.reason, decision.message) == (
+        PAPER_GOLDEN[case]
+    )
+    assert decision == decide(p, current, signals, history, NOW)
+    assert CoordinatedAutoscaler.name == "heteroscale-paper"
 
 
-def test_heteroscale_paper_replays_as_heteroscale():
+def test_heteroscale_paper_replays_as_it_did_as_the_default():
     def signals(t: float) -> ServiceMetrics:
         load = 20000 if t < 600 else 45000 if t < 1200 else 12000
         return metrics(t, decode_tps=load, tbt=30 if t < 900 else 50)
 
     p = policy(scaling={"scale_in_window_s": 300, "cooldown_s": 120})
     paper = replay(
-        p, signals, prefill=10, decode=20, until_s=2400, autoscaler=PaperCoordinatedAutoscaler()
-    )
-    today = replay(
         p, signals, prefill=10, decode=20, until_s=2400, autoscaler=CoordinatedAutoscaler()
     )
-    assert paper.decisions == today.decisions
-    assert len(paper.changes()) >= 3  # the run does scale out and in
+    counts = [(d.prefill, d.decode) for d in paper.decisions]
+    # recorded at 40c834f: 40 cycles held, the step-limited scale-out, the rest of it,
+    # then the scale-in once the window allowed
+    assert counts == [(10, 20)] * 40 + [(20, 40)] + [(23, 45)] * 59 + [(6, 12)] * 61
+    assert [(c.prefill, c.decode, c.reason) for c in paper.changes()] == [
+        (20, 40, "scale_out"),
+        (23, 45, "scale_out"),
+        (6, 12, "scale_in"),
+    ]

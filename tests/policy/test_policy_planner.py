@@ -1,4 +1,4 @@
-"""The SLO-guaranteed planner (``heteroscale-planner``): capacity from the model for the
+"""The SLO-guaranteed planner (``heteroscale``, the default): capacity from the model for the
 live mix, headroom from what was kept, unattainable requests not chased, damped tiers."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _fleet(prefill: int, decode: int, prefill_starting: int = 0, decode_starting
 
 def test_is_registered_and_sizes_from_its_cluster() -> None:
     policy, cluster = _chat()
-    planner = make_autoscaler("heteroscale-planner")
+    planner = make_autoscaler("heteroscale")
     assert isinstance(planner, PlannerAutoscaler)
     decision = decide_with(
         planner,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from policy_testkit import example_policy, fleet, make_policy, metrics, replay, with_overrides
+from policy_testkit import fleet, make_policy, metrics, paper_example_policy, replay, with_overrides
 
 from reconciler.policy import PolicyHistory, decide
 from reconciler.policy.base import Recommendation
@@ -100,7 +100,7 @@ def test_message_states_the_floor_with_its_numbers():
     # decode_tps 39000 / (30 x 1300) = 1.0 holds 30 decode; ratio 3:4 -> ceil(22.5) = 23
     # prefill; prompt load 435000 / (23 x 10200) = 1.85 -> ceil(42.6) = 43 prefill.
     # Max step max(4, 100% of 23) = 23 allows +20; 43 / 30 = 1.43 is inside 1:3..3:2.
-    policy = with_overrides(example_policy("chat"), pd_ratio={"dynamic": False})
+    policy = with_overrides(paper_example_policy("chat"), pd_ratio={"dynamic": False})
     assert policy.scaling.prefill_target_per_instance == 10200
     signals = metrics(
         NOW,

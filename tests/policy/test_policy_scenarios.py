@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 
-from policy_testkit import example_policy, make_policy, metrics, replay
+from policy_testkit import make_policy, metrics, paper_example_policy, replay
 
 from reconciler.state import ServiceMetrics
 
@@ -129,7 +129,7 @@ def test_example_chat_policy_on_a_noisy_plateau_with_dynamic_ratio_makes_zero_ch
     # pressure), sized from its own numbers: load = 0.99 x 26 instances' worth, so
     # 26 decode and ceil(26 x ratio) prefill; every signal noisy but inside its band.
     rng = random.Random(11)
-    policy = example_policy("chat")
+    policy = paper_example_policy("chat")
     target, ratio = policy.scaling.target_per_instance, policy.pd_ratio.target
     load = 0.99 * 26 * target
     band = policy.scaling.tolerance * 0.8

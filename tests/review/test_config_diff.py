@@ -24,7 +24,8 @@ def test_no_change_reads_as_nothing(repo_root: Path, example_repo: Path) -> None
 
 def test_policy_fields_read_in_words_with_their_line(repo_root: Path, example_repo: Path) -> None:
     chat = example_repo / "policies/chat.yaml"
-    edit(chat, "target_per_instance: 1300", "target_per_instance: 1400")
+    # an override of the derived decode capacity, added
+    edit(chat, "  metric: decode_tps", "  metric: decode_tps\n  target_per_instance: 1400")
     edit(chat, 'min: "1:3"', 'min: "1:4"')
     edit(chat, "tbt_ms: 50", "tbt_ms: 45")
     edit(chat, "{h20: 1.0, h800: 0.4}", "{h20: 1.0}")
@@ -34,7 +35,7 @@ def test_policy_fields_read_in_words_with_their_line(repo_root: Path, example_re
     assert lines == [
         f"service chat: P/D ratio bounds: 1:3..3:2 -> 1:4..3:2 (policies/chat.yaml:{line_of(chat, 'min: ')})",
         f"service chat: decode GPU type h800 preference: 0.4 -> not allowed (policies/chat.yaml:{line_of(chat, '{h20: 1.0}')})",
-        f"service chat: decode target TPS per instance: 1300 -> 1400 (policies/chat.yaml:{line_of(chat, 'target_per_instance')})",
+        f"service chat: decode target TPS per instance: derived from the model -> 1400 (policies/chat.yaml:{line_of(chat, 'target_per_instance')})",
         f"service chat: TBT SLO (ms): 50 -> 45 (policies/chat.yaml:{line_of(chat, 'tbt_ms')})",
     ]
 

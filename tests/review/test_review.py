@@ -64,11 +64,11 @@ def pr_repo(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "base")
-    # Lower chat's decode target by 150 tokens/s, whatever the example says today.
+    # Tighten chat's TTFT SLO by 300 ms, whatever the example says today.
     chat = repo / "policies/chat.yaml"
-    current = load_desired_state(repo).policies["chat"].scaling.target_per_instance
-    edit(chat, f"  target_per_instance: {current:g}", f"  target_per_instance: {current - 150:g}")
-    git(repo, "commit", "-qam", "chat: lower the decode target")
+    current = load_desired_state(repo).policies["chat"].slo.ttft_ms
+    edit(chat, f"  ttft_ms: {current:g}", f"  ttft_ms: {current - 300:g}")
+    git(repo, "commit", "-qam", "chat: a tighter TTFT SLO")
     edit(repo / "clusters/prod-east.yaml", 'nodes: "h800-a-[041-060]"', 'nodes: "h800-a-[041-064]"')
     git(repo, "commit", "-qam", "prod-east: four more H800 nodes in pod-a")
     edit(
@@ -106,7 +106,7 @@ def test_the_report_matches_the_golden_file(reviewed: Review, fmt: str, golden: 
 def test_changes_exit_3_with_config_fleet_and_what_if(reviewed: Review) -> None:
     assert reviewed.exit_code == 3
     fields = [(c.kind, c.name, c.field) for c in reviewed.config_changes]
-    assert ("service", "chat", "scaling.target_per_instance") in fields
+    assert ("service", "chat", "slo.ttft_ms") in fields
     assert ("cluster", "prod-east", "s2.pod-a") in fields
     assert [w.service for w in reviewed.what_if] == ["chat", "summarize", "svc-a", "svc-b"]
 

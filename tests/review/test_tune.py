@@ -4,22 +4,27 @@ comment-preserving write-back (reconciler.review.tune, reconciler.commands.tune)
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from reconciler.cli import app
 from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.desired.ratio import format_ratio, parse_ratio
 from reconciler.review.tune import (
+    CAPACITY_CHECK_TOLERANCE,
     QUICK_SETTINGS,
+    CapacityCheck,
+    Probe,
     Sweep,
     ValueChange,
     apply_changes,
+    check_capacity,
     flat_workload,
     length_pool,
     recommend,
@@ -28,9 +33,23 @@ from reconciler.review.tune import (
     split_candidates,
     sweep_splits,
 )
+from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE_FILES = sorted((REPO_ROOT / "policies").glob("*.yaml"))
+METRIC_LINE = "  metric: decode_tps\n"
+
+
+def with_hand_target_lines(text: str, service: str, *, prefill: bool = True) -> str:
+    """A policy file's text with the paper policy's hand-set targets
+    (``reconciler.sim.hand_targets``) as lines after ``metric:``, each with an
+    end-of-line comment (the example files set none: the planner derives capacity)."""
+    decode_tps, prefill_tps = HAND_TARGETS[service]
+    lines = f"  target_per_instance: {decode_tps:g}   # decode, by hand\n"
+    if prefill:
+        lines += f"  prefill_target_per_instance: {prefill_tps:g}   # prefill floor, by hand\n"
+    assert text.count(METRIC_LINE) == 1
+    return text.replace(METRIC_LINE, METRIC_LINE + lines)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +156,8 @@ def test_flat_load_replays_the_same_stream_at_every_rate(
 
 
 def test_recommendation_lies_inside_the_bounds(chat_sweep: Sweep, state: DesiredState) -> None:
-    policy = state.policies["chat"]
-    rec = recommend(policy, chat_sweep, headroom=0.1)
+    policy = with_hand_targets(state.policies["chat"])
+    rec = recommend(policy, chat_sweep, headroom=0.1, hand_targets=True)
     assert policy.pd_ratio.min <= rec.pd_ratio_target <= policy.pd_ratio.max
     assert rec.pd_ratio_target == pytest.approx(chat_sweep.best.ratio)
     assert not rec.warnings
@@ -159,11 +178,58 @@ def test_recommendation_lies_inside_the_bounds(chat_sweep: Sweep, state: Desired
     assert "pd_ratio.min" not in keys and "pd_ratio.max" not in keys
 
 
+def test_under_the_planner_no_target_is_recommended(chat_sweep: Sweep, state: DesiredState) -> None:
+    # The default planner derives capacity itself; a target would override it.
+    rec = recommend(state.policies["chat"], chat_sweep)
+    assert rec.target_per_instance is None and rec.prefill_target_per_instance is None
+    assert {c.key for c in rec.changes} <= {"pd_ratio.target", "pd_ratio.min", "pd_ratio.max"}
+    assert rec.capacity_per_instance == pytest.approx(chat_sweep.best.decode_tps_per_instance)
+
+
+def test_the_planners_derived_capacity_matches_the_sweep_where_it_limits(
+    chat_sweep: Sweep, state: DesiredState
+) -> None:
+    pool = length_pool(state.policies["chat"], None, seed=0)
+    checks = {c.role: c for c in check_capacity(state, "chat", chat_sweep, pool)}
+    assert set(checks) == {"prefill", "decode"}
+    limiting = [c for c in checks.values() if c.limiting]
+    assert limiting, chat_sweep.best.limited_by(chat_sweep.attainment_goal)
+    for check in limiting:
+        # The model and the simulator share the performance model: within the
+        # check's own tolerance, so tune reports no warning for the example service.
+        assert abs(check.derived_vs_measured - 1) <= CAPACITY_CHECK_TOLERANCE, check.line()
+        assert not check.warnings()
+    assert checks["decode"].gpu_type == "h20" and checks["prefill"].gpu_type == "h800"
+    assert all(c.override_tps is None for c in checks.values())
+
+
+def test_a_capacity_check_warns_about_a_model_off_or_an_override_above_the_limit() -> None:
+    off = CapacityCheck("decode", "h20", 1500.0, 1000.0, True, None)
+    assert "overestimates decode capacity by 50%" in off.warnings()[0]
+    low = CapacityCheck("prefill", "h800", 8000.0, 10000.0, True, None)
+    assert "underestimates prefill capacity by 20%" in low.warnings()[0]
+    # A role that did not limit the best split was measured below its capacity.
+    assert not CapacityCheck("decode", "h20", 1500.0, 1000.0, False, None).warnings()
+    over = CapacityCheck("decode", "h20", 1000.0, 1000.0, True, 1300.0)
+    [warning] = over.warnings()
+    assert "override 1,300" in warning and "remove it" in warning
+    assert "the policy overrides it with 1,300" in over.line()
+
+
+def test_requests_no_instance_can_serve_in_time_do_not_fail_a_probe() -> None:
+    # 0.8% of prompts miss TTFT even on an idle instance: a TTFT attainment of 98.8%
+    # is 99.6% of the attainable requests, which meets a 99.5% goal.
+    probe = Probe(10.0, 0.988, 1.0, 1000.0, 10000.0, 0, unattainable_share=0.008)
+    assert probe.meets(0.995)
+    assert not replace(probe, ttft_attainment=0.985).meets(0.995)
+    assert not replace(probe, unattainable_share=0.0).meets(0.995)
+
+
 def test_prefill_floor_target_comes_from_the_best_split_with_the_same_headroom(
     chat_sweep: Sweep, state: DesiredState
 ) -> None:
-    policy = state.policies["chat"]
-    rec = recommend(policy, chat_sweep, headroom=0.1)
+    policy = with_hand_targets(state.policies["chat"])
+    rec = recommend(policy, chat_sweep, headroom=0.1, hand_targets=True)
     best = chat_sweep.best
     # Prompt tokens/s per prefill instance at the best split's SLO-limited rate.
     assert rec.prefill_capacity_per_instance == pytest.approx(best.prefill_tps_per_instance)
@@ -178,7 +244,7 @@ def test_prefill_floor_target_comes_from_the_best_split_with_the_same_headroom(
         policy.scaling.prefill_target_per_instance != rec.prefill_target_per_instance
     )
     # A larger headroom gives a lower floor target.
-    cautious = recommend(policy, chat_sweep, headroom=0.3)
+    cautious = recommend(policy, chat_sweep, headroom=0.3, hand_targets=True)
     assert cautious.prefill_target_per_instance is not None
     assert cautious.prefill_target_per_instance < rec.prefill_target_per_instance
 
@@ -186,11 +252,11 @@ def test_prefill_floor_target_comes_from_the_best_split_with_the_same_headroom(
 def test_an_unset_prefill_floor_target_is_recommended_as_a_new_value(
     chat_sweep: Sweep, state: DesiredState
 ) -> None:
-    base = state.policies["chat"]
+    base = with_hand_targets(state.policies["chat"])
     unset = base.model_copy(
         update={"scaling": base.scaling.model_copy(update={"prefill_target_per_instance": None})}
     )
-    rec = recommend(unset, chat_sweep)
+    rec = recommend(unset, chat_sweep, hand_targets=True)
     change = next(c for c in rec.changes if c.key == "scaling.prefill_target_per_instance")
     assert change.old_text == "unset"
     assert change.value == rec.prefill_target_per_instance
@@ -201,7 +267,7 @@ def test_a_prefill_driven_metric_gets_no_prefill_floor_target(
     chat_sweep: Sweep, state: DesiredState, metric: str
 ) -> None:
     # The policy ignores the floor when its metric drives prefill, so tune leaves it.
-    base = state.policies["chat"]
+    base = with_hand_targets(state.policies["chat"])
     prefill_driven = base.model_copy(
         update={
             "scaling": base.scaling.model_copy(
@@ -209,7 +275,7 @@ def test_a_prefill_driven_metric_gets_no_prefill_floor_target(
             )
         }
     )
-    rec = recommend(prefill_driven, chat_sweep)
+    rec = recommend(prefill_driven, chat_sweep, hand_targets=True)
     assert rec.prefill_target_per_instance is None
     assert rec.prefill_capacity_per_instance is None
     assert all(c.key != "scaling.prefill_target_per_instance" for c in rec.changes)
@@ -248,7 +314,7 @@ def test_a_non_tps_metric_gets_no_target_recommendation(
             )
         }
     )
-    rec = recommend(util, chat_sweep)
+    rec = recommend(util, chat_sweep, hand_targets=True)
     assert rec.target_per_instance is None
     assert all(c.key != "scaling.target_per_instance" for c in rec.changes)
     assert any("decode_gpu_util" in w for w in rec.warnings)
@@ -274,7 +340,7 @@ def test_apply_changes_rewrites_only_the_changed_lines(
     file_index: int, prefill: int, decode: int, target: int, prefill_target: int
 ) -> None:
     path = SERVICE_FILES[file_index]
-    before = path.read_text()
+    before = with_hand_target_lines(path.read_text(), path.stem)
     ratio = format_ratio(prefill / decode)
     changes = [
         ValueChange(("pd_ratio", "target"), "", ratio, ratio),
@@ -307,8 +373,8 @@ PREFILL_TARGET_LINE = re.compile(r"^  prefill_target_per_instance: \d+\n", re.MU
 def test_apply_changes_inserts_a_missing_prefill_target_as_one_new_line(path: Path) -> None:
     # An older file without the key: the write-back adds exactly one line, right
     # after target_per_instance, and leaves every other line (comments too) alone.
-    before, removed = PREFILL_TARGET_LINE.subn("", path.read_text())
-    assert removed == 1
+    before = with_hand_target_lines(path.read_text(), path.stem, prefill=False)
+    assert not PREFILL_TARGET_LINE.search(before)
     change = ValueChange(("scaling", "prefill_target_per_instance"), "unset", "7350", 7350)
     after = apply_changes(before, [change])
     old_lines, new_lines = before.splitlines(), after.splitlines()
@@ -355,12 +421,28 @@ RATIO_RE = re.compile(r'^  target: "[\d:]+"', re.MULTILINE)
 PREFILL_TARGET_RE = re.compile(r"^  prefill_target_per_instance: \d+", re.MULTILINE)
 
 
+LOW_TARGET_NOTE = "  # 900 was set by hand, long ago"
+
+
 def _with_low_target(chat: Path) -> str:
-    """chat.yaml with deliberately low decode and prefill targets, so all values change."""
-    text = TARGET_RE.sub("  target_per_instance: 900", chat.read_text(), count=1)
+    """chat.yaml with deliberately low decode and prefill targets for the paper policy,
+    so all values change, and a comment line that explains the old decode target."""
+    text = with_hand_target_lines(chat.read_text(), "chat")
+    text = TARGET_RE.sub(f"{LOW_TARGET_NOTE}\n  target_per_instance: 900", text, count=1)
     text = PREFILL_TARGET_RE.sub("  prefill_target_per_instance: 1000", text, count=1)
     chat.write_text(text)
     return text
+
+
+PAPER = ["--autoscaler", "heteroscale-paper"]
+
+
+def _tune_chat_for_the_paper_policy(repo: Path, *extra: str) -> Result:
+    """``heteroscale tune chat`` (fast sweep, half-hour verification) for
+    ``heteroscale-paper``."""
+    return CliRunner().invoke(
+        app, ["tune", "chat", "--repo", str(repo), *FAST, *PAPER, "--diurnal-hours", "0.5", *extra]
+    )
 
 
 RECOMMENDED_RE = re.compile(
@@ -389,10 +471,7 @@ def test_write_puts_verified_values_in_place_of_the_old_ones_and_their_comments(
     ratio_match = RATIO_RE.search(start)
     assert ratio_match
     ratio_before = ratio_match.group(0)
-    result = CliRunner().invoke(
-        app,
-        ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5", "--write"],
-    )
+    result = _tune_chat_for_the_paper_policy(example_repo, "--write")
     assert result.exit_code == 0, result.output
     match = RECOMMENDED_RE.search(result.stdout)
     assert match, result.stdout
@@ -417,9 +496,8 @@ def test_write_puts_verified_values_in_place_of_the_old_ones_and_their_comments(
         in {"target_per_instance", "prefill_target_per_instance", "target"}
         for line in removed
     )
-    # ...the old explanations ("1,450 left 7% ...") are gone, and each new value says
-    # what verified it.
-    assert not any("1,450 left 7%" in line for line in after.splitlines())
+    # ...the old explanation is gone, and each new value says what verified it.
+    assert LOW_TARGET_NOTE not in after.splitlines()
     notes = [line for line in added if line.lstrip().startswith("# heteroscale tune: verified")]
     assert len(notes) == len(values)
     assert "wrote" in result.stdout
@@ -434,10 +512,7 @@ def test_write_refuses_values_that_miss_the_goal_and_exits_1(example_repo: Path)
     chat = example_repo / "policies" / "chat.yaml"
     _with_low_target(chat)
     start = _with_goal(chat, 0.9999)  # no reactive policy keeps this on a bursty day
-    result = CliRunner().invoke(
-        app,
-        ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5", "--write"],
-    )
+    result = _tune_chat_for_the_paper_policy(example_repo, "--write")
     assert result.exit_code == 1, result.output
     assert chat.read_text() == start
     assert "not written" in result.stderr and "below the" in result.stderr
@@ -455,9 +530,7 @@ def test_write_without_verification_is_a_usage_error(example_repo: Path) -> None
 def test_without_write_the_file_is_untouched_and_the_replay_is_shown(example_repo: Path) -> None:
     chat = example_repo / "policies" / "chat.yaml"
     start = _with_low_target(chat)
-    result = CliRunner().invoke(
-        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--diurnal-hours", "0.5"]
-    )
+    result = _tune_chat_for_the_paper_policy(example_repo)
     assert result.exit_code == 0, result.output
     assert chat.read_text() == start
     assert "◀ best" in result.stdout

@@ -23,6 +23,7 @@ from reconciler.sim.evaluate import (
     role_capacity,
     run_autoscaler,
 )
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.sim.sweep import (
     DEFAULT_HPA_TARGETS,
     HpaSweep,
@@ -361,11 +362,11 @@ def test_the_default_evaluation_says_which_hpa_target_it_chose_and_why(result) -
 def test_hpa_decode_tps_targets_are_the_policys_else_the_capacity(
     state: DesiredState, load: LoadProfile
 ) -> None:
-    policy = state.policies[SERVICE]
+    policy = with_hand_targets(state.policies[SERVICE])
     capacity = role_capacity(state, policy, load)
     hpa, description = build_autoscaler("hpa-decode-tps", policy, load, capacity)
     assert isinstance(hpa, HpaTokensAutoscaler)
-    # svc-b sets both: 24,050 prompt tokens/s per prefill instance, 1,250 decode.
+    # svc-b's hand targets: 24,050 prompt tokens/s per prefill instance, 1,250 decode.
     assert (hpa.prefill_tps_per_instance, hpa.decode_tps_per_instance) == (24050, 1250)
     assert "(policy)" in description and "(capacity)" not in description
     no_floor = policy.model_copy(

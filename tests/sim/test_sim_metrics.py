@@ -33,6 +33,7 @@ from reconciler.sim.engine import (
     weighted_quantile,
 )
 from reconciler.sim.fleet import SimulatedFleet, SimulatedServiceMetrics
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.sim.plugins import observe
 from reconciler.state import METRIC_NAMES, ROLES, ServiceMetrics, Targets
 
@@ -251,6 +252,9 @@ def test_queues_are_the_last_scraped_sample_and_grow_under_overload(
 
 
 def _with_max_age(policy: ServicePolicy, max_age_s: float) -> ServicePolicy:
+    """``policy`` for the paper policy's ``decide`` (its hand-set targets) with the given
+    ``metric_max_age_s``."""
+    policy = with_hand_targets(policy)
     scaling = policy.scaling.model_copy(update={"metric_max_age_s": max_age_s})
     return policy.model_copy(update={"scaling": scaling})
 
