@@ -3,6 +3,12 @@
 Exit codes, everywhere: 0 success (and, for ``plan``, no change), 1 invalid input or
 an error, 2 usage error, 3 ``plan`` found changes (like ``terraform plan
 -detailed-exitcode``).
+
+A command's module is imported when that command runs (help imports them all), and
+each imports its heavy dependencies inside the command: ``validate`` pays for
+pydantic and ruamel.yaml, not for the simulator, numpy or the Kubernetes client.
+What commands share is in ``reconciler.commands._options``, so no module needs to
+import this one (under ``python -m reconciler.cli`` that would load it twice).
 """
 
 from __future__ import annotations
@@ -10,14 +16,92 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from typer.core import TyperGroup
 
-from reconciler.desired.loader import DesiredState, load_desired_state
-from reconciler.errors import ConfigError
+from reconciler.commands._options import (
+    checked_repository,
+    console,
+    err_console,
+    report_config_error,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from reconciler.desired.loader import DesiredState
+
+# The module of reconciler.commands that registers each command, so running one
+# imports only that module. A name missing here is found all the same (an unknown
+# name imports every module); tests/commands/test_cli_lazy.py keeps it in step.
+COMMAND_MODULES: dict[str, str] = {
+    "plan": "reconcile",
+    "apply": "reconcile",
+    "run": "reconcile",
+    "simulate": "simulate",
+    "status": "status",
+    "tune": "tune",
+}
+
+_registered_modules: set[str] = set()
+
+
+def _command_modules() -> list[str]:
+    """Every module of ``reconciler.commands`` that adds commands (``_``-prefixed
+    ones are shared helpers), listed without importing any."""
+    import pkgutil
+
+    import reconciler.commands as commands
+
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(commands.__path__)
+        if not info.name.startswith("_")
+    )
+
+
+def _register(module_names: Iterable[str]) -> None:
+    """Each module of ``reconciler.commands`` adds its commands with
+    ``register(app)``, so features land without editing this file."""
+    import importlib
+
+    for name in module_names:
+        if name not in _registered_modules:
+            importlib.import_module(f"reconciler.commands.{name}").register(app)
+            _registered_modules.add(name)
+
+    # Help lists the commands in one order however they were loaded: this file's
+    # first, then by module name, each module's in its own order.
+    def order(info: Any) -> tuple[bool, str]:
+        module = getattr(info.callback, "__module__", "")
+        return module != __name__, module
+
+    app.registered_commands.sort(key=order)
+
+
+class _LazyCommands(TyperGroup):
+    """Registers a command's module on first use instead of at import.
+
+    ``ctx`` is Any: it is click's Context, which typer versions import from different
+    places."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            self._load([COMMAND_MODULES[cmd_name]])
+        if cmd_name not in self.commands:
+            self._load(_command_modules())
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        self._load(_command_modules())
+        return super().list_commands(ctx)
+
+    def _load(self, module_names: Iterable[str]) -> None:
+        _register(module_names)
+        self.commands = typer.main.get_group(app).commands
+
 
 app = typer.Typer(
     name="heteroscale",
@@ -25,11 +109,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_LazyCommands,
 )
-# User text (values, file names, errors) goes through these: no :emoji: codes, and
-# every print of it escapes markup or turns it off (a value may contain "[/red]").
-console = Console(highlight=False, emoji=False)
-err_console = Console(stderr=True, highlight=False, emoji=False)
 
 SCHEMA_FILES = {"service-policy.json": "ServicePolicy", "cluster.json": "ClusterSpec"}
 
@@ -52,14 +133,6 @@ def _main(
     ] = False,
 ) -> None:
     """Coordinated autoscaler for prefill/decode-disaggregated LLM serving, driven from Git."""
-
-
-def report_config_error(exc: ConfigError) -> None:
-    """One line per problem, on stderr, no traceback."""
-    for issue in exc.issues:
-        err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True, markup=True)
-    count = len(exc.issues)
-    err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
 
 
 @app.command()
@@ -85,9 +158,10 @@ def validate(
     ] = None,
 ) -> None:
     """Validate the desired state (policies/, clusters/ and the templates they name)."""
-    if not path.exists():
-        err_console.print(f"error: {path}: no such directory", markup=False)
-        raise typer.Exit(2)
+    from reconciler.desired.loader import load_desired_state
+    from reconciler.errors import ConfigError
+
+    checked_repository(path, rev=rev)
     if rate_scale is not None and not (rate_scale > 0 and math.isfinite(rate_scale)):
         err_console.print(f"error: --rate-scale must be a positive number, got {rate_scale:g}")
         raise typer.Exit(2)
@@ -98,11 +172,11 @@ def validate(
         raise typer.Exit(1) from None
     gpus = sum(node.gpus for spec in state.clusters.values() for node in spec.nodes)
     nodes = sum(len(spec.nodes) for spec in state.clusters.values())
-    console.print(
+    # One unwrapped line, printed without rich: a valid run needs nothing more.
+    typer.echo(
         f"valid: {len(state.policies)} service{'s' if len(state.policies) != 1 else ''}, "
         f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
-        f"({nodes} nodes, {gpus} GPUs) from {state.source_label}",
-        markup=False,
+        f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
     )
     if trace is not None:
         _check_trace(state, trace, rate_scale)
@@ -112,6 +186,8 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
     """Warn (exit code unchanged) for every service that loses more than
     ``WARN_SHARE`` of the trace's requests to TTFT on any capacity; exit 1 when the
     trace cannot be read."""
+    from rich.markup import escape
+
     from reconciler.policy.attainability import WARN_SHARE, trace_attainability
     from reconciler.sim.workload import TraceError, read_trace
 
@@ -184,25 +260,6 @@ def schema(
     if stale:
         err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`", markup=False)
         raise typer.Exit(1)
-
-
-def _register_commands() -> None:
-    """Each module of ``reconciler.commands`` adds its commands with ``register(app)``,
-    so features land without editing this file (``_``-prefixed modules are shared
-    helpers, such as the options several commands use)."""
-    import importlib
-    import pkgutil
-
-    import reconciler.commands as commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"reconciler.commands.{info.name}")
-        module.register(app)
-
-
-_register_commands()
 
 
 def main() -> None:

@@ -399,8 +399,7 @@ def build_topology(spec: ClusterSpec, *, gpu_slots: bool = False) -> Topology:
     domains: dict[Affinity, list[SchedulingDomain]] = {"s1": [], "s2": [], "cluster": []}
     for sg in subgroups.values():
         domains["cluster"].append(make_domain("cluster", spec.name, sg, list(sg.s1_switches)))
-        for s2_name in sg.s2_switches:
-            part = [name for name in sg.s1_switches if s1_parent[name] == s2_name]
+        for s2_name, part in _s1_by_s2(sg, s1_parent).items():
             domains["s2"].append(make_domain("s2", s2_name, sg, part))
         for s1_name in sg.s1_switches:
             domains["s1"].append(make_domain("s1", s1_name, sg, [s1_name]))
@@ -433,10 +432,8 @@ def _derive_subgroups(
 
     def make(name: str, s1s: Iterable[str], declared: bool) -> Subgroup:
         ordered = sorted(set(s1s), key=position.__getitem__)
-        s2s = sorted(
-            {s1_parent[s1] for s1 in ordered},
-            key=lambda s2: position[next(s for s in ordered if s1_parent[s] == s2)],
-        )
+        # S2 switches in the order of their first S1.
+        s2s = dict.fromkeys(s1_parent[s1] for s1 in ordered)
         return Subgroup(
             name=name,
             s1_switches=tuple(ordered),
@@ -468,6 +465,15 @@ def _derive_subgroups(
     return out
 
 
+def _s1_by_s2(subgroup: Subgroup, s1_parent: Mapping[str, str]) -> dict[str, list[str]]:
+    """The subgroup's S1 switches under each of its S2 switches, both in order: one
+    pass over the S1 switches, not one per S2."""
+    parts: dict[str, list[str]] = {s2: [] for s2 in subgroup.s2_switches}
+    for s1 in subgroup.s1_switches:
+        parts[s1_parent[s1]].append(s1)
+    return parts
+
+
 def _build_regions(
     cluster: str,
     s1_order: list[str],
@@ -491,8 +497,7 @@ def _build_regions(
     region_of_s1: dict[str, int] = {}
     for sg in subgroups.values():
         sg_region = add(sg.s1_switches, root, 1, sg.name)
-        for s2 in sg.s2_switches:
-            part = [s1 for s1 in sg.s1_switches if s1_parent[s1] == s2]
+        for s2, part in _s1_by_s2(sg, s1_parent).items():
             part_region = add(part, sg_region, 2, s2)
             for s1 in part:
                 region_of_s1[s1] = add([s1], part_region, 3, s1)

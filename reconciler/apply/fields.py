@@ -149,6 +149,12 @@ def client_side_changes(
         before, after = have.get(path, _ABSENT), want[path]
         if before is _ABSENT or _normalise(before) != _normalise(after):
             changes.append(FieldChange(path, None if before is _ABSENT else before, after))
+    # What the projection holds beyond the desired paths is the tail of a positional
+    # list that desired sets shorter: applying it drops those items (``contains``
+    # agrees). An empty-container marker on the way to a desired path is not extra.
+    on_the_way = {path[:i] for path in want for i, c in enumerate(path) if c in ".["}
+    for path in sorted(have.keys() - want.keys() - on_the_way):
+        changes.append(FieldChange(path, have[path], None))
     return tuple(changes)
 
 

@@ -1,10 +1,42 @@
-"""Options several commands share, defined once so they are spelled alike everywhere."""
+"""What several commands share, defined once so it reads alike everywhere: options,
+the consoles, how invalid input is reported, and the repository-path check.
+
+Light on purpose: the command line imports it before knowing which command runs.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from reconciler.errors import ConfigError
+
+
+class _ConsoleOnFirstUse:
+    """A rich Console built when first used: importing rich costs ~20 ms, which a
+    command that never prints through it (a valid ``validate``) does not pay."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+# User text (values, file names, errors) goes through these: no :emoji: codes, and
+# every print of it escapes markup or turns it off (a value may contain "[/red]").
+console = cast("Console", _ConsoleOnFirstUse(highlight=False, emoji=False))
+err_console = cast("Console", _ConsoleOnFirstUse(stderr=True, highlight=False, emoji=False))
 
 PLACERS = ("cp-sat", "greedy")
 
@@ -27,4 +59,36 @@ def checked_placer(placer: str) -> str:
     return placer
 
 
-__all__ = ["PLACERS", "PlacerOpt", "checked_placer"]
+def checked_repository(path: Path, *, rev: str | None = None) -> Path:
+    """``path`` if it can be the desired-state repository (read at Git revision
+    ``rev`` when given, so only the directory must exist); otherwise
+    ``error: PATH: why`` on stderr and a usage error (exit 2), worded alike by every
+    command (``reconciler.desired.loader.repository_problem``)."""
+    from reconciler.desired.loader import repository_problem
+
+    problem = repository_problem(path, work_tree=rev is None)
+    if problem is not None:
+        err_console.print(f"error: {path}: {problem}", markup=False, soft_wrap=True)
+        raise typer.Exit(2)
+    return path
+
+
+def report_config_error(exc: ConfigError) -> None:
+    """One line per problem, on stderr, no traceback."""
+    from rich.markup import escape
+
+    for issue in exc.issues:
+        err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True, markup=True)
+    count = len(exc.issues)
+    err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
+
+
+__all__ = [
+    "PLACERS",
+    "PlacerOpt",
+    "checked_placer",
+    "checked_repository",
+    "console",
+    "err_console",
+    "report_config_error",
+]

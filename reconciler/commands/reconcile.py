@@ -32,14 +32,21 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from reconciler.commands._options import PlacerOpt, checked_placer
-from reconciler.desired.loader import DesiredState, load_desired_state
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.commands._options import (
+    PlacerOpt,
+    checked_placer,
+    checked_repository,
+    console,
+    err_console,
+    report_config_error,
+)
 from reconciler.errors import ConfigError, MetricsUnavailable
-from reconciler.state import ServiceMetrics
 
 if TYPE_CHECKING:
+    from reconciler.desired.loader import DesiredState
+    from reconciler.desired.models import ClusterSpec, ServicePolicy
     from reconciler.durable import Revision
+    from reconciler.state import ServiceMetrics
 
 Format = Literal["text", "markdown", "json"]
 SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
@@ -174,6 +181,7 @@ def build_loop(
 ) -> tuple[Any, Wiring]:
     """The loop for ``settings``; ``watch`` keeps Pods and Nodes in a watch cache
     between cycles (``run``), instead of listing them each cycle (one-shot commands)."""
+    from reconciler.desired.loader import load_desired_state
     from reconciler.loop import ReconcileLoop
 
     def load() -> DesiredState:
@@ -309,6 +317,7 @@ def _settings(
     if drain_window < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(autoscaler)
+    checked_repository(repo, rev=rev)
     return Settings(
         repo,
         rev,
@@ -389,7 +398,7 @@ def _review(
     checked_placer(placer)
     if trace is not None and not trace.is_file():
         raise typer.BadParameter(f"--trace {trace}: no such file")
-    from reconciler.cli import console, err_console
+    checked_repository(repo, rev=head)  # the review reads Git revisions, not the work tree
     from reconciler.review.command import plan_review
     from reconciler.review.review import ReviewOptions
 
@@ -443,8 +452,6 @@ def _one_cycle(
     clusters) the applied plans are recorded in the state ConfigMaps next to it."""
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
-    from reconciler.cli import console, err_console, report_config_error
-
     named_rev = settings.rev
     try:
         if out is not None and settings.rev:
@@ -674,8 +681,6 @@ def record_applied(
 
 
 def _print_state(records: Sequence[StateRecord]) -> None:
-    from reconciler.cli import err_console
-
     for record in records:
         err_console.print(f"state: {record.detail}", markup=False, soft_wrap=True)
 
@@ -777,7 +782,7 @@ def _apply_saved(
         moved_objects,
         read_plan,
     )
-    from reconciler.cli import err_console, report_config_error
+    from reconciler.desired.loader import load_desired_state
 
     if fmt not in ("text", "json"):
         raise typer.BadParameter("apply PLAN: --format must be text or json")
@@ -1082,8 +1087,6 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--interval must be positive")
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
-        handler = configure_logging(json_format=log_format == "json")
-        log = logging.getLogger("heteroscale.run")
         settings = _settings(
             repo,
             rev,
@@ -1099,6 +1102,9 @@ def register(app: typer.Typer) -> None:
             seed,
             prune_removed_services,
         )
+        # After the checks above: a refused option or path leaves logging as it was.
+        handler = configure_logging(json_format=log_format == "json")
+        log = logging.getLogger("heteroscale.run")
         elector = None
         store = None
         real = not settings.simulate and kubeconfig_available(settings.kubeconfig)
@@ -1128,7 +1134,7 @@ def register(app: typer.Typer) -> None:
             )
         except ConfigError as exc:
             from reconciler.apply.statestore import resume_desired_state
-            from reconciler.cli import report_config_error
+            from reconciler.desired.loader import load_desired_state
 
             report_config_error(exc)
             resumed, why = (

@@ -10,28 +10,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from reconciler.commands._options import PlacerOpt, checked_placer
-from reconciler.desired.loader import load_desired_state
+from reconciler.commands._options import PlacerOpt, checked_placer, checked_repository
 from reconciler.errors import ConfigError, PermanentError
-from reconciler.sim.engine import SimConfig
-from reconciler.sim.evaluate import (
-    DEFAULT_POLICIES,
-    EvaluationResult,
-    default_placer,
-    evaluate,
-    policy_labels,
-)
-from reconciler.sim.load import load_with_requests
-from reconciler.sim.oracle import DEFAULT_WINDOW_S
-from reconciler.sim.workload import TraceError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from reconciler.sim.evaluate import EvaluationResult
 
 console = Console(highlight=False, emoji=False)  # user text: no :emoji: codes
 if not console.is_terminal:
@@ -57,6 +48,8 @@ def _ratio_range(low: float | None, high: float | None) -> str:
 
 
 def render_table(result: EvaluationResult) -> Table:
+    from rich.table import Table
+
     slo = result.slo
     q = round(float(slo["quantile"]) * 100)
     table = Table(
@@ -215,6 +208,10 @@ def _hpa_target(text: str) -> float | None:
 
 
 def register(app: typer.Typer) -> None:
+    # Option defaults; the rest of the simulator is imported when the command runs.
+    from reconciler.sim.evaluate import DEFAULT_POLICIES
+    from reconciler.sim.oracle import DEFAULT_WINDOW_S
+
     @app.command()
     def simulate(
         trace: Annotated[
@@ -292,6 +289,15 @@ def register(app: typer.Typer) -> None:
         ] = DEFAULT_WINDOW_S,
     ) -> None:
         """Run autoscaling policies side by side on one trace in the simulated fleet."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from reconciler.desired.loader import load_desired_state
+        from reconciler.sim.engine import SimConfig
+        from reconciler.sim.evaluate import default_placer, evaluate, policy_labels
+        from reconciler.sim.load import load_with_requests
+        from reconciler.sim.workload import TraceError
+
+        checked_repository(repo)
         try:
             state = load_desired_state(repo)
         except ConfigError as exc:

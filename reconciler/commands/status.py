@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from reconciler.commands._options import PlacerOpt
+from reconciler.commands._options import PlacerOpt, console, report_config_error
 from reconciler.commands.reconcile import (
     ClusterOpt,
     KubeOpt,
@@ -499,8 +499,6 @@ def register(app: typer.Typer) -> None:
         cycle, the state ConfigMaps and the Lease. Exit 0: all Synced and Healthy,
         3: something OutOfSync, 4: all Synced but something Progressing or Degraded,
         1: error."""
-        from reconciler.cli import console, report_config_error
-
         if format not in ("text", "json"):
             raise typer.BadParameter("--format must be text or json")
         settings = _settings(

@@ -32,7 +32,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reconciler.commands._options import PlacerOpt, checked_placer
+from reconciler.commands._options import PlacerOpt, checked_placer, checked_repository
 from reconciler.commands.simulate import render_table
 from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
@@ -337,7 +337,7 @@ def register(app: typer.Typer) -> None:
         """Sweep the P/D ratio in the simulator, check the planner's derived capacity
         (or, for heteroscale-paper, recommend hand-set targets) and verify the
         recommendation (--write puts it into the service's YAML)."""
-        from reconciler.cli import report_config_error
+        from reconciler.commands._options import report_config_error
 
         checked_placer(placer)
         if autoscaler not in TUNED_AUTOSCALERS:
@@ -350,9 +350,7 @@ def register(app: typer.Typer) -> None:
         if write and not do_verify:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)
-        if not repo.is_dir():
-            err_console.print(f"error: {repo}: no such directory", markup=False)
-            raise typer.Exit(2)
+        checked_repository(repo)
         try:
             state = load_desired_state(repo)
         except ConfigError as exc:

@@ -14,7 +14,6 @@ from reconciler.desired.models import (
     ClusterSpec,
     ServicePolicy,
     SubgroupClass,
-    iter_nodes,
     iter_s0,
 )
 from reconciler.desired.names import expand_range, range_size
@@ -44,8 +43,8 @@ def derive_subgroup_class(types_per_s1: Mapping[str, Iterable[str]]) -> Subgroup
 
 def subgroup_s1_members(spec: ClusterSpec, switches: Iterable[str]) -> dict[str, str] | None:
     """Map each S1 under the named S1/S2 switches to its S2. None if a name is unknown."""
-    s1_parent = {s1.name: s2.name for s2 in spec.s2 for s1 in s2.s1}
-    s2_children = {s2.name: [s1.name for s1 in s2.s1] for s2 in spec.s2}
+    s1_parent = spec.s2_of_s1
+    s2_children = spec.s1_under_s2
     members: dict[str, str] = {}
     for name in switches:
         if name in s2_children:
@@ -155,7 +154,7 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
 
     # Nodes: expandable, typed, unique.
     try:
-        nodes = iter_nodes(spec)
+        nodes = spec.located_nodes
     except ValueError as exc:
         path = exc.args[1] if len(exc.args) > 1 else ()
         problems.append((path, exc.args[0]))
@@ -262,10 +261,8 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
 def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
     """GPU types a service asks for exist in its cluster, and one instance fits a node."""
     problems: list[Problem] = []
-    max_gpus_per_type: dict[str, int] = defaultdict(int)
     try:
-        for node in cluster.nodes:
-            max_gpus_per_type[node.gpu_type] = max(max_gpus_per_type[node.gpu_type], node.gpus)
+        max_gpus_per_type = cluster.largest_node_gpus
     except ValueError:
         return problems  # the cluster file reports its own problem
     for role in ("prefill", "decode"):

@@ -612,8 +612,24 @@ def load_from_source(source: Source) -> DesiredState:
     )
 
 
+def repository_problem(root: Path, *, work_tree: bool = True) -> str | None:
+    """Why ``root`` cannot be the desired-state repository, or None: it must be a
+    directory, and (when its ``work_tree`` is read, not a Git revision) hold
+    policies/ or clusters/. Every command says a wrong path with this."""
+    if not root.exists():
+        return "no such directory"
+    if not root.is_dir():
+        return "not a directory"
+    if work_tree and not any((root / sub).is_dir() for sub in (POLICIES_DIR, CLUSTERS_DIR)):
+        return f"not a desired-state repository (neither {POLICIES_DIR}/ nor {CLUSTERS_DIR}/ in it)"
+    return None
+
+
 def load_desired_state(root: str | Path = ".", rev: str | None = None) -> DesiredState:
     """Load ``root`` as a directory, or revision ``rev`` of the Git repository at ``root``."""
+    problem = repository_problem(Path(root), work_tree=rev is None)
+    if problem is not None:
+        raise ConfigError([ConfigIssue(str(root), None, None, "", problem)])
     try:
         source: Source = GitSource(Path(root), rev) if rev else DirectorySource(Path(root))
     except SourceError as exc:

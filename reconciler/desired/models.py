@@ -405,15 +405,43 @@ class ClusterSpec(StrictModel):
     s2: tuple[S2Switch, ...] = Field(min_length=1)
     rdma_subgroups: tuple[RdmaSubgroup, ...] = Field(default=())
 
+    # Validation and every later reader share these: a cluster's nodes are expanded
+    # and indexed once, never once per service that runs on it.
+
+    @cached_property
+    def located_nodes(self) -> tuple[tuple[Node, tuple[object, ...]], ...]:
+        """Every node with the YAML path that declared it (``iter_nodes``); raises
+        ValueError like it (a failure is not cached)."""
+        return tuple(iter_nodes(self))
+
     @cached_property
     def nodes(self) -> tuple[Node, ...]:
         """Every node, with ranges expanded and defaults inherited. Assumes the spec
         passed ``reconciler.desired.checks.check_cluster``."""
-        return tuple(node for node, _path in iter_nodes(self))
+        return tuple(node for node, _path in self.located_nodes)
 
     @cached_property
     def node_by_name(self) -> dict[str, Node]:
         return {node.name: node for node in self.nodes}
+
+    @cached_property
+    def largest_node_gpus(self) -> dict[str, int]:
+        """GPUs of the largest node of each GPU type present on a node."""
+        largest: dict[str, int] = {}
+        for node in self.nodes:
+            if node.gpus > largest.get(node.gpu_type, 0):
+                largest[node.gpu_type] = node.gpus
+        return largest
+
+    @cached_property
+    def s2_of_s1(self) -> dict[str, str]:
+        """The S2 switch above each S1 switch (the last one for a repeated name)."""
+        return {s1.name: s2.name for s2 in self.s2 for s1 in s2.s1}
+
+    @cached_property
+    def s1_under_s2(self) -> dict[str, tuple[str, ...]]:
+        """The S1 switches under each S2 switch (the last one for a repeated name)."""
+        return {s2.name: tuple(s1.name for s1 in s2.s1) for s2 in self.s2}
 
 
 def _merge(*layers: NodeDefaults | NodeSpec) -> tuple[str | None, int | None, dict[str, str]]:

@@ -144,8 +144,22 @@ def test_no_reported_change_means_equal_flattened_views(a: dict, b: dict) -> Non
         )
 
 
+def test_a_positional_list_set_shorter_drops_the_live_tail() -> None:
+    # Applying [a] where [a, b] runs removes b: the report says so, and contains() agrees.
+    live = {"metadata": {}, "spec": {"args": ["--a", "--b"], "env": {}}}
+    desired = {"metadata": {}, "spec": {"args": ["--a"], "env": {"X": "1"}}}
+    changes = client_side_changes(live, desired)
+    assert [(c.path, c.before, c.after) for c in changes] == [
+        ("spec.env.X", None, "1"),
+        ("spec.args[1]", "--b", None),
+    ]
+    from reconciler.apply.fields import contains
+
+    assert not contains(live, desired)
+
+
 @given(objects, objects)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_contains_agrees_with_the_client_side_report(live: dict, desired: dict) -> None:
     from reconciler.apply.fields import contains
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,53 @@ def test_a_reference_to_an_unknown_gpu_type_is_located(example_repo: Path) -> No
     )
     [message] = problems(example_repo)
     assert "decode.gpu_types.h100: unknown GPU type in cluster 'prod-east' 'h100'" in message
+
+
+def test_an_instance_larger_than_every_node_of_its_type_is_located(example_repo: Path) -> None:
+    """Checked against each GPU type's largest node, indexed once per cluster."""
+    edit(example_repo / "clusters/prod-east.yaml", "gpus_per_node: 8", "gpus_per_node: 2")
+    assert [m for m in problems(example_repo) if "policies/chat.yaml" in m] == [
+        "policies/chat.yaml:22:3: prefill.gpus_per_instance: 4 GPUs per instance do not fit a "
+        "h800 node (2 GPUs); multi-node instances are not supported yet",
+        "policies/chat.yaml:29:3: decode.gpus_per_instance: 4 GPUs per instance do not fit a "
+        "h20 node (2 GPUs); multi-node instances are not supported yet",
+        "policies/chat.yaml:29:3: decode.gpus_per_instance: 4 GPUs per instance do not fit a "
+        "h800 node (2 GPUs); multi-node instances are not supported yet",
+    ]
+
+
+def test_subgroup_switches_are_known_and_in_one_subgroup(example_repo: Path) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, "switches: [pod-b]", "switches: [pod-b, pod-x]")
+    edit(cluster, "switches: [pod-c]", "switches: [pod-c, mp-a1]")
+    assert problems(example_repo) == [
+        "clusters/prod-east.yaml:95:36: rdma_subgroups[1].switches[1]: unknown S1/S2 switch "
+        "'pod-x'; did you mean 'pod-d'?",
+        "clusters/prod-east.yaml:96:18: rdma_subgroups[2].switches: S1 'mp-a1' is already in "
+        "subgroup 'rg-a'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda tmp: tmp / "absent", "no such directory"),
+        (lambda tmp: tmp / "policies", "not a directory"),
+        (
+            lambda tmp: tmp,
+            "not a desired-state repository (neither policies/ nor clusters/ in it)",
+        ),
+    ],
+    ids=["missing", "a file", "no policies/ or clusters/"],
+)
+def test_a_wrong_root_is_one_problem_naming_it(
+    make: Callable[[Path], Path], problem: str, tmp_path: Path
+) -> None:
+    (tmp_path / "policies").write_text("not a folder\n")
+    if problem.startswith("not a desired-state"):
+        (tmp_path / "policies").unlink()
+    root = make(tmp_path)
+    assert problems(root) == [f"{root}: {problem}"]
 
 
 def test_a_missing_template_is_reported(example_repo: Path) -> None:

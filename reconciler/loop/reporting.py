@@ -1,0 +1,390 @@
+"""What the loop tells the outside: structured logs (``configure_logging``), its own
+Prometheus metrics (``LoopMetrics``, with the leader election's counters read at
+scrape time), the per-cycle records (decisions, held services, drift, the cycle's
+summary line) and the HTTP endpoints (``serve_http``: /metrics, /healthz, /readyz).
+
+It decides nothing: the schedule and the cluster cycle call it with what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from reconciler.loop.protocols import LeaderElection
+from reconciler.observe.base import Drift
+from reconciler.plan import Plan
+
+if TYPE_CHECKING:
+    from reconciler.loop.cluster_cycle import ClusterOutcome
+    from reconciler.loop.schedule import ReconcileLoop
+
+# Every part of the loop logs under this one name, so log filters and the JSON
+# "logger" field do not depend on how the loop is split into modules.
+log = logging.getLogger("heteroscale.loop")
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any ``extra``."""
+
+    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
+        "message",
+        "asctime",
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._RESERVED:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(*, json_format: bool = False, level: int = logging.INFO) -> logging.Handler:
+    """Log the ``heteroscale`` loggers to stderr (JSON lines or text); returns the
+    handler so a caller can remove it again."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if json_format
+        else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    )
+    root = logging.getLogger("heteroscale")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    return handler
+
+
+def reset_logging(handler: logging.Handler) -> None:
+    root = logging.getLogger("heteroscale")
+    if handler in root.handlers:
+        root.removeHandler(handler)
+    root.propagate = True
+    root.setLevel(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class LoopMetrics:
+    """The loop's own Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.cycle_duration = Histogram(
+            "heteroscale_cycle_duration_seconds",
+            "Wall time of one cluster's reconcile cycle",
+            ["cluster"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.cycles = Counter(
+            "heteroscale_cycles_total",
+            "Cluster cycles by outcome (ok, error, skipped, standby)",
+            ["cluster", "outcome"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "heteroscale_decisions_total",
+            "Autoscaling decisions by reason",
+            ["service", "reason"],
+            registry=r,
+        )
+        self.target_instances = Gauge(
+            "heteroscale_target_instances",
+            "Instances the policy asks for",
+            ["service", "role"],
+            registry=r,
+        )
+        self.placement_solve = Histogram(
+            "heteroscale_placement_solve_seconds",
+            "Placement solver wall time",
+            ["cluster", "solver"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )
+        self._add_drift_and_error_metrics(r)
+        self._add_state_metrics(r)
+
+    def _add_drift_and_error_metrics(self, r: CollectorRegistry) -> None:
+        self.drift = Gauge(
+            "heteroscale_drift_items",
+            "Drift items seen in the last cycle",
+            ["cluster", "kind"],
+            registry=r,
+        )
+        self.drift_total = Counter(
+            "heteroscale_drift_total",
+            "Drift items newly seen (an object field whose live value is not the desired "
+            "one, a node that disagrees with the cluster file), by kind",
+            ["cluster", "kind"],
+            registry=r,
+        )
+        self.held = Gauge(
+            "heteroscale_services_held",
+            "Services held in the last cycle because a scale change was refused (drift)",
+            ["cluster"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "heteroscale_errors_total",
+            "Errors by cluster and kind",
+            ["cluster", "kind"],
+            registry=r,
+        )
+        self.plan_changes = Gauge(
+            "heteroscale_plan_changes", "Object changes in the last plan", ["cluster"], registry=r
+        )
+
+    def _add_state_metrics(self, r: CollectorRegistry) -> None:
+        self.leader = Gauge(
+            "heteroscale_is_leader", "1 while this replica holds the Lease", registry=r
+        )
+        self.desired_valid = Gauge(
+            "heteroscale_desired_state_valid",
+            "1 when the latest desired state loaded cleanly",
+            registry=r,
+        )
+        self.last_cycle = Gauge(
+            "heteroscale_last_cycle_timestamp_seconds", "When the last full cycle ended", registry=r
+        )
+        self.desired_from_store = Gauge(
+            "heteroscale_desired_state_from_store",
+            "1 while the desired state in force is the stored last known good revision "
+            "(the latest was invalid when this process started)",
+            registry=r,
+        )
+        self.metrics_available = Gauge(
+            "heteroscale_metrics_available",
+            "1 when the cluster's last cycle read its metrics source, 0 when the source was "
+            "unavailable (MetricsUnavailable: every service of the cluster held its size)",
+            ["cluster"],
+            registry=r,
+        )
+        self.state_writes = Counter(
+            "heteroscale_state_writes_total",
+            "Writes of the durable state object by outcome (written, skipped, failed)",
+            ["cluster", "outcome"],
+            registry=r,
+        )
+
+
+class LeaseCollector(Collector):
+    """The election's own counters, read at scrape time: the elector runs (and fails)
+    before the loop exists, so nothing is lost by pulling instead of pushing."""
+
+    def __init__(self, election: LeaderElection) -> None:
+        self.election = election
+
+    def collect(self) -> Any:
+        errors = CounterMetricFamily(
+            "heteroscale_lease_errors",
+            "Failed leader-election rounds by error kind (each retried with backoff)",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.election.error_counts().items()):
+            errors.add_metric([kind], count)
+        yield errors
+        yield GaugeMetricFamily(
+            "heteroscale_lease_decision_age_seconds",
+            "Seconds since the leader election last reached a valid decision",
+            value=self.election.decision_age_s(),
+        )
+        yield GaugeMetricFamily(
+            "heteroscale_lease_healthy",
+            "1 while the leader election reaches decisions within its bound",
+            value=0.0 if self.election.health_problem() else 1.0,
+        )
+
+
+# ------------------------------------------------------------------ cycle records
+
+
+def record_plan(metrics: LoopMetrics, cluster: str, plan: Plan) -> None:
+    """Each decision (counted, its targets shown, logged), the solver's time and the
+    services held."""
+    for service, decision in plan.decisions.items():
+        metrics.decisions.labels(service, decision.reason).inc()
+        metrics.target_instances.labels(service, "prefill").set(decision.prefill)
+        metrics.target_instances.labels(service, "decode").set(decision.decode)
+        log.info(
+            f"{service}: {decision.message}",
+            extra={
+                "event": "decision",
+                "cluster": cluster,
+                "service": service,
+                "reason": decision.reason,
+                "prefill": decision.prefill,
+                "decode": decision.decode,
+            },
+        )
+    stats = plan.placement.stats
+    if stats is not None:
+        metrics.placement_solve.labels(cluster, stats.solver).observe(stats.wall_s)
+    metrics.held.labels(cluster).set(len(plan.held))
+    for service, why in plan.held.items():
+        log.warning(
+            f"cluster {cluster}: {service} held: {why}",
+            extra={"event": "service_held", "cluster": cluster, "service": service},
+        )
+
+
+def record_cycle(
+    metrics: LoopMetrics,
+    cluster: str,
+    plan: Plan,
+    outcome: ClusterOutcome,
+    *,
+    leader: bool,
+    dry_run: bool,
+) -> None:
+    """The cycle's summary line and its object change count."""
+    changes = len(outcome.diff.changed) if outcome.diff is not None else len(plan.changes)
+    metrics.plan_changes.labels(cluster).set(changes)
+    log.info(
+        f"cluster {cluster}: {len(plan.changes)} group change(s), {changes} object change(s)"
+        + (
+            " applied"
+            if outcome.applied
+            else " (dry run)"
+            if dry_run
+            else " (standby)"
+            if not leader
+            else ""
+        ),
+        extra={
+            "event": "cycle",
+            "cluster": cluster,
+            "group_changes": [str(c) for c in plan.changes],
+            "applied": outcome.applied,
+            "leader": leader,
+        },
+    )
+
+
+# Kinds always exported (0 when absent), so an alert on them has a series to watch.
+DRIFT_KINDS = (
+    "node_missing",
+    "node_label",
+    "node_capacity",
+    "node_unexpected",
+    "object_modified",
+    "replicas_changed",
+)
+
+
+class DriftLog:
+    """The drift items of each cluster's last cycle: each is logged and counted when
+    first seen, logged again when it goes, and shown by kind while it lasts."""
+
+    def __init__(self, metrics: LoopMetrics) -> None:
+        self.metrics = metrics
+        self._seen: dict[str, dict[tuple[str, str, str], Drift]] = {}
+
+    def record(self, cluster: str, drift: tuple[Drift, ...]) -> None:
+        seen = self._seen.get(cluster, {})
+        now = {(d.kind, d.name, d.detail): d for d in drift}
+        for key, item in now.items():
+            if key not in seen:
+                self._log_new(cluster, item)
+        for key, item in seen.items():
+            if key not in now:
+                log.info(
+                    f"cluster {cluster}: drift resolved: {item.kind} {item.name}",
+                    extra={
+                        "event": "drift_resolved",
+                        "cluster": cluster,
+                        "kind": item.kind,
+                        "object": item.name,
+                    },
+                )
+        self._seen[cluster] = now
+        # A kind seen last cycle and gone now drops to 0 rather than keeping its count.
+        kinds: dict[str, int] = {kind: 0 for kind in DRIFT_KINDS}
+        kinds.update({kind: 0 for kind, _, _ in seen})
+        for kind, _, _ in now:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in kinds.items():
+            self.metrics.drift.labels(cluster, kind).set(count)
+
+    def _log_new(self, cluster: str, item: Drift) -> None:
+        self.metrics.drift_total.labels(cluster, item.kind).inc()
+        log.warning(
+            f"cluster {cluster}: drift {item.kind} {item.name}: {item.detail}",
+            extra={
+                "event": "drift",
+                "cluster": cluster,
+                "kind": item.kind,
+                "object": item.name,
+                "field": getattr(item, "path", ""),
+                "live": getattr(item, "live", None),
+                "desired": getattr(item, "desired", None),
+            },
+        )
+
+
+# ----------------------------------------------------------------------- serving
+
+
+def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer:
+    """``/metrics`` (Prometheus text), ``/healthz`` (alive) and ``/readyz`` (a valid
+    desired state is loaded) in a daemon thread. Port 0 picks a free port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, status, kind = _respond(loop, self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="heteroscale-http", daemon=True)
+    thread.start()
+    return server
+
+
+def _respond(loop: ReconcileLoop, path: str) -> tuple[bytes, int, str]:
+    """Body, status and content type for a GET of ``path``."""
+    if path.startswith("/metrics"):
+        return generate_latest(loop.metrics.registry), 200, CONTENT_TYPE_LATEST
+    if path.startswith("/healthz"):
+        problems = loop.health_problems()
+        if problems:
+            return ("\n".join(problems) + "\n").encode(), 503, "text/plain"
+        return b"ok\n", 200, "text/plain"
+    if path.startswith("/readyz"):
+        if loop.last_good is not None:
+            return b"ok\n", 200, "text/plain"
+        return b"no valid desired state yet\n", 503, "text/plain"
+    return b"not found\n", 404, "text/plain"
