@@ -232,7 +232,7 @@ def load_calibration(calibration_dir: Path) -> CalibrationData:
 # --------------------------------------------------------------------------- model forms
 
 
-def smooth_max(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+def smooth_max(a: Num, b: Num, k: float) -> np.ndarray:
     """``(a^k + b^k)^(1/k)``: a roofline with a soft knee (k -> inf is max)."""
     hi = np.maximum(a, b)
     lo = np.minimum(a, b)
@@ -240,6 +240,42 @@ def smooth_max(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(hi > 0, lo / np.where(hi > 0, hi, 1.0), 0.0)
     return hi * (1.0 + ratio**k) ** (1.0 / k)
+
+
+def smooth_max_float(a: float, b: float, k: float) -> float:
+    """:func:`smooth_max` of two floats, bit for bit as numpy evaluates it on one point
+    (a bisection calls it one point at a time, where numpy's per-call cost dominates).
+    On one point numpy's inner power runs on a 0-d array (its ufunc) and the outer one
+    on a numpy scalar (libm's ``pow``, as Python's ``**``); the two round differently
+    in the last bit for some inputs, so each is kept."""
+    hi, lo = (a, b) if a >= b else (b, a)
+    ratio = lo / hi if hi > 0 else 0.0
+    result: float = hi * (1.0 + float(np.power(ratio, k))) ** (1.0 / k)
+    return result
+
+
+def _decode_terms(
+    params: Mapping[str, float],
+    batch: Num,
+    kv_tokens: Num,
+    max_seq_tokens: Num,
+    weight_bytes: Num,
+    model_params: Num,
+    kv_bytes_per_token: Num,
+    bandwidth_bps: Num,
+    flops: Num,
+    eta_bw: Num,
+    eta_compute: Num,
+) -> tuple[Num, Num, Num, Num, Num]:
+    """The decode form's fixed overhead and the two operands of each roofline, in the
+    same arithmetic for floats and arrays (so both forms below agree bit for bit)."""
+    return (
+        params["overhead_s"] + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9,
+        weight_bytes / (eta_bw * bandwidth_bps),
+        2.0 * model_params * batch / (eta_compute * flops),
+        params["attention_floor_s_per_kv_gb"] * max_seq_tokens * kv_bytes_per_token / 1e9,
+        kv_tokens * kv_bytes_per_token / (eta_bw * bandwidth_bps),
+    )
 
 
 def decode_step_s(
@@ -260,21 +296,77 @@ def decode_step_s(
 
     ``kv_tokens`` is the cache read per step (sum of contexts over the batch),
     ``max_seq_tokens`` one sequence's context (the latency floor of attention)."""
-    gemm = smooth_max(
-        np.zeros_like(batch, dtype=float) + weight_bytes / (eta_bw * bandwidth_bps),
-        2.0 * model_params * batch / (eta_compute * flops),
-        params["k_gemm"],
+    fixed, weights, compute, floor, reads = _decode_terms(
+        params,
+        batch,
+        kv_tokens,
+        max_seq_tokens,
+        weight_bytes,
+        model_params,
+        kv_bytes_per_token,
+        bandwidth_bps,
+        flops,
+        eta_bw,
+        eta_compute,
     )
-    attention = smooth_max(
-        params["attention_floor_s_per_kv_gb"] * max_seq_tokens * kv_bytes_per_token / 1e9,
-        kv_tokens * kv_bytes_per_token / (eta_bw * bandwidth_bps),
-        params["k_attention"],
+    gemm = smooth_max(np.zeros_like(batch, dtype=float) + weights, compute, params["k_gemm"])
+    attention = smooth_max(floor, reads, params["k_attention"])
+    result: np.ndarray = fixed + gemm + attention
+    return result
+
+
+def decode_step_float_s(
+    params: Mapping[str, float],
+    *,
+    batch: float,
+    kv_tokens: float,
+    max_seq_tokens: float,
+    weight_bytes: float,
+    model_params: float,
+    kv_bytes_per_token: float,
+    bandwidth_bps: float,
+    flops: float,
+    eta_bw: float,
+    eta_compute: float,
+) -> float:
+    """:func:`decode_step_s` of one point, bit for bit (see :func:`smooth_max_float`)."""
+    fixed, weights, compute, floor, reads = _decode_terms(
+        params,
+        batch,
+        kv_tokens,
+        max_seq_tokens,
+        weight_bytes,
+        model_params,
+        kv_bytes_per_token,
+        bandwidth_bps,
+        flops,
+        eta_bw,
+        eta_compute,
+    )
+    gemm = smooth_max_float(float(weights), float(compute), params["k_gemm"])
+    attention = smooth_max_float(float(floor), float(reads), params["k_attention"])
+    return float(fixed) + gemm + attention
+
+
+def _prefill_terms(
+    params: Mapping[str, float],
+    batch: Num,
+    prompt: Num,
+    weight_bytes: Num,
+    model_params: Num,
+    kv_bytes_per_token: Num,
+    bandwidth_bps: Num,
+    flops: Num,
+) -> tuple[Num, Num]:
+    """The prefill form's memory floor and compute time, in the same arithmetic for
+    floats and arrays (``prompt * prompt`` is what numpy's ``prompt**2`` computes)."""
+    work = (
+        2.0 * model_params * batch * prompt
+        + 2.0 * kv_bytes_per_token * batch * (prompt * prompt) / params["eta_attention"]
     )
     return (
-        params["overhead_s"]
-        + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9
-        + gemm
-        + attention
+        weight_bytes / (params["eta_floor_bw"] * bandwidth_bps),
+        work / (params["eta_compute"] * flops),
     )
 
 
@@ -290,15 +382,30 @@ def prefill_latency_s(
     flops: Num,
 ) -> np.ndarray:
     """The prefill latency form (see the module docstring), vectorised."""
-    work = (
-        2.0 * model_params * batch * prompt
-        + 2.0 * kv_bytes_per_token * batch * prompt**2 / params["eta_attention"]
+    floor, compute = _prefill_terms(
+        params, batch, prompt, weight_bytes, model_params, kv_bytes_per_token, bandwidth_bps, flops
     )
     return params["overhead_s"] + smooth_max(
-        np.zeros_like(work, dtype=float) + weight_bytes / (params["eta_floor_bw"] * bandwidth_bps),
-        work / (params["eta_compute"] * flops),
-        params["k"],
+        np.zeros_like(compute, dtype=float) + floor, compute, params["k"]
     )
+
+
+def prefill_latency_float_s(
+    params: Mapping[str, float],
+    *,
+    batch: float,
+    prompt: float,
+    weight_bytes: float,
+    model_params: float,
+    kv_bytes_per_token: float,
+    bandwidth_bps: float,
+    flops: float,
+) -> float:
+    """:func:`prefill_latency_s` of one point, bit for bit (see :func:`smooth_max_float`)."""
+    floor, compute = _prefill_terms(
+        params, batch, prompt, weight_bytes, model_params, kv_bytes_per_token, bandwidth_bps, flops
+    )
+    return params["overhead_s"] + smooth_max_float(float(floor), float(compute), params["k"])
 
 
 # --------------------------------------------------------------------------- fitting

@@ -62,7 +62,13 @@ from typing import Any
 import numpy as np
 
 from reconciler.desired.models import GpuType, ModelSpec
-from reconciler.perfmodel.calibrate import FIT_PATH, decode_step_s, prefill_latency_s
+from reconciler.perfmodel.calibrate import (
+    FIT_PATH,
+    decode_step_float_s,
+    decode_step_s,
+    prefill_latency_float_s,
+    prefill_latency_s,
+)
 
 GIB = 1024**3
 TP_EFFICIENCY_PER_DOUBLING = 0.9
@@ -140,6 +146,20 @@ class InstancePerf:
             flops=self.flops,
         )
 
+    def prefill_latency_one_s(self, prompt_tokens: float) -> float:
+        """:meth:`prefill_latency_s` of one prompt alone, as a float and bit for bit the
+        same (for the planner's bisections over a prompt length)."""
+        return prefill_latency_float_s(
+            self.prefill_params,
+            batch=1.0,
+            prompt=prompt_tokens,
+            weight_bytes=self.weight_bytes,
+            model_params=self.params,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            bandwidth_bps=self.bandwidth_bps,
+            flops=self.flops,
+        )
+
     def prefill_work(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
         """Work of one prompt in compute-equivalent FLOPs (linear layers + attention at
         its fitted relative efficiency). Capacity below is in the same unit."""
@@ -173,6 +193,24 @@ class InstancePerf:
             kv_tokens=np.asarray(kv_tokens, dtype=float),
             # Heads are split over the TP group: one sequence's cache per GPU shrinks.
             max_seq_tokens=np.asarray(mean_context, dtype=float) / self.gpus,
+            weight_bytes=self.weight_bytes,
+            model_params=self.params,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            bandwidth_bps=self.bandwidth_bps,
+            flops=self.flops,
+            eta_bw=self.eta_bandwidth,
+            eta_compute=self.eta_compute_decode,
+        )
+
+    def decode_step_float_s(self, batch: float, kv_tokens: float, mean_context: float) -> float:
+        """:meth:`decode_step_s` of one instance as a float, bit for bit the same (for the
+        planner's bisections over a batch; :meth:`decode_step_scalar_s` is faster still
+        but rounds differently in the last bits)."""
+        return decode_step_float_s(
+            self.decode_params,
+            batch=max(batch, 1e-9),
+            kv_tokens=kv_tokens,
+            max_seq_tokens=mean_context / self.gpus,
             weight_bytes=self.weight_bytes,
             model_params=self.params,
             kv_bytes_per_token=self.kv_bytes_per_token,

@@ -23,15 +23,23 @@ The pieces, and where every number comes from:
   latency; every capacity function takes it as ``latency_factor``.
 - :func:`role_capacities` puts them together into :class:`RoleCapacities`, whose
   ``explain()`` is one line for the decision's reasons.
+
+The planner runs these for every service every cycle, so they are kept cheap without
+moving a number: what depends on a histogram alone is computed once per histogram
+(``cached_on``), what depends on its bucket layout alone once per layout, bisections
+over one point evaluate the model in floats exactly as numpy does for one point
+(``InstancePerf.decode_step_float_s``), and :func:`predicted_ttft_side` places the
+TTFT against a latency bucket without its bisection where that provably gives the
+same answer.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -59,6 +67,35 @@ SAMPLE_BUCKETS_PER_DOUBLING = 8
 # Bisection stops when the bracket is this narrow (utilisation, relative prompt length,
 # relative factor): far below any figure the policy rounds to.
 _BISECTION_STEPS = 60
+# The TTFT quantile's bisection stops once its bracket is narrower than this.
+_TTFT_TOLERANCE_S = 1e-6
+# ``predicted_ttft_side`` answers without the bisection only when the bisection is
+# sure to stop on its tolerance, not its step limit (2^60 x 1e-6 s ~ 1e12 s).
+_SIDE_MAX_SPAN_S = 1e9
+
+_T = TypeVar("_T")
+
+
+def cached_on(owner: object, key: Hashable, compute: Callable[[], _T]) -> _T:
+    """``compute()`` once per ``owner`` and ``key``, kept in the owner's ``__dict__``: a
+    frozen dataclass carries it without a field, so its equality, repr and the durable
+    encoding (which walk the fields) never see it. For values that depend on the
+    owner's fields alone, or on other objects named in ``key`` and held by the value
+    (so that an ``id`` in the key cannot be reused while the entry lives)."""
+    memo: dict[Hashable, object] | None = owner.__dict__.get("_memo")
+    if memo is None:
+        memo = owner.__dict__["_memo"] = {}
+    if key in memo:
+        return memo[key]  # type: ignore[return-value]
+    value = memo[key] = compute()
+    return value
+
+
+def _read_only(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two arrays, made read-only: cached, they are shared by every reader."""
+    first.setflags(write=False)
+    second.setflags(write=False)
+    return first, second
 
 
 # --------------------------------------------------------------------------- the mix
@@ -78,6 +115,57 @@ def one_two_five_buckets(max_tokens: float) -> tuple[float, ...]:
         exponent += 1
 
 
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """The points of a histogram's whole mass, less their weights: fixed by its bucket
+    bounds and which buckets hold any mass, so every histogram with that layout (one
+    engine's buckets, cycle after cycle) shares them, and what is computed per point
+    from the lengths alone (``cached_on`` the layout: an instance's own latency and
+    work per point)."""
+
+    lengths: np.ndarray  # read-only, as ``LengthHistogram._spread`` makes them
+    kept: tuple[int, ...]  # the buckets holding mass, in order
+    spread: np.ndarray  # per kept bucket: spread over points (else a point mass)
+    widths: np.ndarray  # per kept bucket: its width (1 for a point mass: unused)
+    rows: np.ndarray  # per point: its bucket's position in ``kept``
+
+
+_LAYOUTS: dict[tuple[tuple[float, ...], tuple[bool, ...]], _Layout] = {}
+_LAYOUTS_LIMIT = 4096
+
+
+def clear_layouts() -> None:
+    """Forget the shared layouts (and what is kept with them): as after a start."""
+    _LAYOUTS.clear()
+
+
+def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
+    held = tuple(c > 0 for c in counts)
+    key = (bounds, held)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        shape = LengthHistogram(bounds, tuple(1.0 if h else 0.0 for h in held))
+        lengths, _ = shape._spread(None, POINTS_PER_BUCKET)
+        lengths.setflags(write=False)
+        spread, widths, rows = [], [], []
+        for lo, hi, count in shape._buckets():
+            if count > 0:  # a held bucket: spread, or a point mass (hi <= lo)
+                spread.append(hi > lo)
+                widths.append(hi - lo if hi > lo else 1.0)
+                rows += [len(spread) - 1] * (POINTS_PER_BUCKET if hi > lo else 1)
+        layout = _Layout(
+            lengths,
+            tuple(i for i, h in enumerate(held) if h),
+            np.array(spread, dtype=bool),
+            np.array(widths),
+            np.array(rows, dtype=np.intp),
+        )
+        if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
 @dataclass(frozen=True)
 class LengthHistogram:
     """A token-length histogram: bucket upper bounds (increasing; the last may be
@@ -89,9 +177,9 @@ class LengthHistogram:
     def __post_init__(self) -> None:
         if len(self.bounds) != len(self.counts) or not self.bounds:
             raise ValueError("a histogram needs one count per bucket bound, at least one")
-        if any(b <= a for a, b in zip(self.bounds, self.bounds[1:], strict=False)):
+        if any(map(operator.ge, self.bounds, self.bounds[1:])):
             raise ValueError(f"bucket bounds must increase: {self.bounds}")
-        if any(c < 0 or not math.isfinite(c) for c in self.counts):
+        if min(self.counts) < 0 or not all(map(math.isfinite, self.counts)):
             raise ValueError(f"bucket counts must be finite and >= 0: {self.counts}")
 
     @property
@@ -114,14 +202,54 @@ class LengthHistogram:
         self, upper: float | None = None, per_bucket: int = POINTS_PER_BUCKET
     ) -> tuple[np.ndarray, np.ndarray]:
         """Representative lengths and their weights (counts), lengths spread evenly
-        within each bucket; with ``upper``, only the mass at or below ``upper``."""
+        within each bucket; with ``upper``, only the mass at or below ``upper``. The
+        whole mass at the default spread is computed once per histogram (a decision
+        reads it some ten times) and returned read-only."""
+        if upper is None and per_bucket == POINTS_PER_BUCKET:
+            return cached_on(self, "points", self._whole)
+        return self._spread(upper, per_bucket)
+
+    def layout(self) -> _Layout:
+        """Where the points of the whole mass lie (:class:`_Layout`)."""
+        return cached_on(self, "layout", lambda: _layout(self.bounds, self.counts))
+
+    def _whole(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_spread` of the whole mass, its lengths from the shared layout and
+        only the weights computed: ``count x width / width / n`` per spread bucket
+        (the arithmetic ``_spread`` does with ``top = hi``), the count for a point
+        mass."""
+        layout = self.layout()
+        if not layout.kept:
+            return _read_only(np.zeros(0), np.zeros(0))
+        counts = np.array([self.counts[i] for i in layout.kept])
+        spread = counts * layout.widths / layout.widths / POINTS_PER_BUCKET
+        weights = np.where(layout.spread, spread, counts)[layout.rows]
+        weights.setflags(write=False)
+        return layout.lengths, weights
+
+    def _spread(self, upper: float | None, per_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        # Buckets in order: a point mass (the +Inf bucket) as one point, any other as
+        # ``per_bucket`` points. Consecutive spread buckets go through numpy together,
+        # with the arithmetic of one bucket at a time element by element (the same
+        # floats): lo + (i + 0.5) / n x width, each weighing kept / n.
         lengths: list[np.ndarray] = []
         weights: list[np.ndarray] = []
+        run: list[tuple[float, float, float]] = []  # (lo, width, weight per point)
+        offsets = (np.arange(per_bucket) + 0.5) / per_bucket
+
+        def flush() -> None:
+            if run:
+                lo, width, each = (np.array(column) for column in zip(*run, strict=True))
+                lengths.append((lo[:, None] + offsets[None, :] * width[:, None]).ravel())
+                weights.append(np.repeat(each, per_bucket))
+                run.clear()
+
         for lo, hi, count in self._buckets():
             if count <= 0:
                 continue
             if hi <= lo:  # a point mass (the +Inf bucket)
                 if upper is None or lo <= upper:
+                    flush()
                     lengths.append(np.array([lo]))
                     weights.append(np.array([count]))
                 continue
@@ -129,8 +257,8 @@ class LengthHistogram:
             if top <= lo:
                 continue
             kept = count * (top - lo) / (hi - lo)
-            lengths.append(lo + (np.arange(per_bucket) + 0.5) / per_bucket * (top - lo))
-            weights.append(np.full(per_bucket, kept / per_bucket))
+            run.append((lo, top - lo, kept / per_bucket))
+        flush()
         if not lengths:
             return np.zeros(0), np.zeros(0)
         return np.concatenate(lengths), np.concatenate(weights)
@@ -165,6 +293,11 @@ class LengthHistogram:
 
     def moment(self, power: int, upper: float | None = None) -> float:
         """``E[L^power]`` over the mass at or below ``upper`` (all of it by default)."""
+        if upper is None:
+            return cached_on(self, ("moment", power), lambda: self._moment(power, None))
+        return self._moment(power, upper)
+
+    def _moment(self, power: int, upper: float | None) -> float:
         lengths, weights = self.points(upper)
         if weights.sum() <= 0:
             return 0.0
@@ -225,13 +358,17 @@ class RequestMix:
 
         def histogram(buckets: Iterable[tuple[float, float]]) -> LengthHistogram | None:
             rows = sorted((float(le), float(c)) for le, c in buckets)
-            if not rows or any(not math.isfinite(c) for _, c in rows):
+            if not rows:
                 return None
-            cumulative = np.maximum.accumulate(np.maximum([c for _, c in rows], 0.0))
-            counts = np.diff(np.concatenate(([0.0], cumulative)))
+            bounds, cumulative_counts = zip(*rows, strict=True)
+            if not all(map(math.isfinite, cumulative_counts)):
+                return None
+            cumulative = np.maximum.accumulate(np.maximum(cumulative_counts, 0.0)).tolist()
             if cumulative[-1] <= 0:
                 return None
-            return LengthHistogram(tuple(le for le, _ in rows), tuple(float(c) for c in counts))
+            # np.diff's subtractions, one by one (numpy costs more than it saves here).
+            counts = map(operator.sub, cumulative, [0.0, *cumulative[:-1]])
+            return LengthHistogram(bounds, tuple(counts))
 
         prompt = histogram(prompt_buckets)
         output = histogram(output_buckets)
@@ -293,6 +430,18 @@ def idle_ttft_s(
     return own + prompt * transfer_s_per_token + decode_first_step_s
 
 
+def _idle_ttft_one_s(
+    perf: InstancePerf,
+    prompt_tokens: float,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float,
+) -> float:
+    """:func:`idle_ttft_s` of one prompt, as a float and bit for bit the same."""
+    own = perf.prefill_latency_one_s(prompt_tokens) * latency_factor
+    return own + prompt_tokens * transfer_s_per_token + decode_first_step_s
+
+
 def unattainable(
     perf: InstancePerf,
     mix: RequestMix,
@@ -306,15 +455,17 @@ def unattainable(
     attainable). Idle TTFT grows with the prompt, so the threshold is the one length
     where it equals the SLO (bisection)."""
     mean = mix.prompt_mean_tokens
-    at_mean = float(
-        idle_ttft_s(perf, mean, transfer_s_per_token, decode_first_step_s, latency_factor)
+    at_mean = _idle_ttft_one_s(
+        perf, mean, transfer_s_per_token, decode_first_step_s, latency_factor
     )
     lengths, _ = mix.prompt.points()
     longest = float(lengths.max()) if lengths.size else 0.0
 
     def misses(tokens: float) -> bool:
-        ttft = idle_ttft_s(perf, tokens, transfer_s_per_token, decode_first_step_s, latency_factor)
-        return bool(ttft > ttft_slo_s)
+        ttft = _idle_ttft_one_s(
+            perf, tokens, transfer_s_per_token, decode_first_step_s, latency_factor
+        )
+        return ttft > ttft_slo_s
 
     if not misses(longest):
         return Unattainable(0.0, None, at_mean)
@@ -350,12 +501,95 @@ class PrefillCapacity:
         tokens/s of the attainable mix, so it can be divided by ``tps_per_instance``:
         unattainable requests are still served and their long, dear prompts take
         instance time; only the SLO is not chased for them."""
-        lengths, weights = mix.prompt.points()
-        tokens = float(weights @ lengths)
+        tokens, all_work_per_token = cached_on(
+            mix.prompt, ("work per token", id(perf)), lambda: _work_per_token(perf, mix.prompt)
+        )[1]
         if tokens <= 0 or self.work_per_token <= 0:
             return prompt_tps
-        all_work_per_token = float(weights @ perf.prefill_work(lengths)) / tokens
         return prompt_tps * all_work_per_token / self.work_per_token
+
+
+def _work_per_token(
+    perf: InstancePerf, prompt: LengthHistogram
+) -> tuple[InstancePerf, tuple[float, float]]:
+    """(``perf``, (prompt tokens of the whole mass, its work per token)); ``perf`` rides
+    along so that its ``id`` in the cache key stays its own."""
+    lengths, weights = prompt.points()
+    tokens = float(weights @ lengths)
+    if tokens <= 0:
+        return perf, (tokens, 0.0)
+    return perf, (tokens, float(weights @ _per_point(perf, prompt, None)[1]) / tokens)
+
+
+def _per_point(
+    perf: InstancePerf, prompt: LengthHistogram, upper: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per point of ``prompt.points(upper)``: one prompt's own latency alone and its
+    work. For the whole mass they depend on the layout alone, so they are kept with it
+    (the same lengths every cycle: the same numbers)."""
+    if upper is not None:
+        lengths, _ = prompt.points(upper)
+        return perf.prefill_latency_s(lengths), perf.prefill_work(lengths)
+    layout = prompt.layout()
+
+    def compute() -> tuple[InstancePerf, np.ndarray, np.ndarray]:
+        own, work = _read_only(
+            perf.prefill_latency_s(layout.lengths), perf.prefill_work(layout.lengths)
+        )
+        return perf, own, work  # perf held: its id in the key stays its own
+
+    _, own, work = cached_on(layout, ("per point", id(perf)), compute)
+    return own, work
+
+
+@dataclass(frozen=True)
+class _QueueShape:
+    """What a prefill queue takes from the mix (the part up to ``upper``) and the
+    instance alone: the same for every load, factor, link and pool size, so it is
+    computed once per prompt histogram, instance and ``upper``."""
+
+    perf: InstancePerf  # held, so that its id in the cache key stays its own
+    lengths: np.ndarray
+    weights: np.ndarray  # normalised to 1
+    empty: bool
+    own_latency_s: np.ndarray  # one prompt alone, factor 1
+    work_per_token: float
+    mean_tokens: float
+    service_scv: float
+
+
+def _queue_shape(perf: InstancePerf, prompt: LengthHistogram, upper: float | None) -> _QueueShape:
+    lengths, weights = prompt.points(upper)
+    mass = float(weights.sum())
+    empty = mass <= 0 or not perf.fits or float(weights @ lengths) <= 0
+    weights = weights / mass if mass > 0 else weights
+    own, work = _per_point(perf, prompt, upper)
+    work_per_token = mean_tokens = service_scv = 0.0
+    if not empty:
+        mean_work = float(weights @ work)
+        mean_tokens = float(weights @ lengths)
+        work_per_token = mean_work / mean_tokens
+        # The service time's CV is that of the work (attention makes work grow faster
+        # than tokens).
+        service_scv = float(weights @ (work - mean_work) ** 2) / mean_work**2
+    return _QueueShape(
+        perf,
+        lengths,
+        weights,
+        empty,
+        own,
+        work_per_token,
+        mean_tokens,
+        service_scv,
+    )
+
+
+def bucket_side(value: float, lower: float, upper: float) -> int:
+    """Where ``value`` lies against the bucket ``(lower, upper]``: -1 at or below
+    ``lower``, 0 inside, 1 above (or NaN)."""
+    if lower < value <= upper:
+        return 0
+    return -1 if value <= lower else 1
 
 
 class _PrefillQueue:
@@ -371,28 +605,23 @@ class _PrefillQueue:
         instances: int,
         upper: float | None,
     ):
-        lengths, weights = mix.prompt.points(upper)
-        mass = float(weights.sum())
-        self.empty = mass <= 0 or not perf.fits or float(weights @ lengths) <= 0
+        shape = cached_on(
+            mix.prompt, ("queue", id(perf), upper), lambda: _queue_shape(perf, mix.prompt, upper)
+        )
+        self.empty = shape.empty
         self.instances = max(int(instances), 1)
-        self.weights = weights / mass if mass > 0 else weights
-        self.transfer_s = lengths * transfer_s_per_token
+        self.weights = shape.weights
+        self.transfer_s = shape.lengths * transfer_s_per_token
         self.transfer_s_per_token = transfer_s_per_token
         # What does not depend on the latency factor, computed once (the correction
         # bisects over the factor): own latency alone, the first decode step, the work.
-        self._own_latency_s = perf.prefill_latency_s(lengths)
+        self._own_latency_s = shape.own_latency_s
         self._first_step_s = decode_first_step_s
         self._capacity_work_per_s = perf.prefill_capacity_work_per_s
-        self.work_per_token = self.mean_service_s = self.service_scv = 0.0
-        self._mean_tokens = 0.0
-        if not self.empty:
-            work = perf.prefill_work(lengths)
-            mean_work = float(self.weights @ work)
-            self._mean_tokens = float(self.weights @ lengths)
-            self.work_per_token = mean_work / self._mean_tokens
-            # The service time's CV is that of the work (attention makes work grow
-            # faster than tokens).
-            self.service_scv = float(self.weights @ (work - mean_work) ** 2) / mean_work**2
+        self.work_per_token = shape.work_per_token
+        self.service_scv = shape.service_scv
+        self._mean_tokens = shape.mean_tokens
+        self.mean_service_s = 0.0
         self._set_factor(latency_factor)
 
     def _set_factor(self, latency_factor: float) -> None:
@@ -412,7 +641,8 @@ class _PrefillQueue:
 
     def with_factor(self, latency_factor: float) -> _PrefillQueue:
         """The same queue for an instance slower by ``latency_factor``."""
-        other = copy.copy(self)
+        other = object.__new__(_PrefillQueue)
+        other.__dict__.update(self.__dict__)
         other._set_factor(latency_factor)
         return other
 
@@ -431,8 +661,13 @@ class _PrefillQueue:
 
     def attainment(self, rho: float, ttft_s: float) -> float:
         """Share of the requests with TTFT <= ``ttft_s`` at utilisation ``rho``."""
-        slack = ttft_s - self._ready_s(rho)
         mean, p_wait = self.wait(rho)
+        return self._attainment(self._ready_s(rho), mean, p_wait, ttft_s)
+
+    def _attainment(self, ready: np.ndarray, mean: float, p_wait: float, ttft_s: float) -> float:
+        """:meth:`attainment` with the load's terms given (a search over ``ttft_s`` at one
+        load computes them once)."""
+        slack = ttft_s - ready
         if p_wait <= 0 or mean <= 0:
             return float(self.weights @ (slack >= 0))
         conditional = mean / p_wait
@@ -443,15 +678,62 @@ class _PrefillQueue:
         """The TTFT at ``quantile`` (attainment is monotone in the bound: bisection)."""
         ready = self._ready_s(rho)
         mean, p_wait = self.wait(rho)
+        lo, hi = self._ttft_bracket(ready, mean, p_wait, quantile)
+        return self._ttft_bisection(ready, mean, p_wait, quantile, lo, hi)
+
+    @staticmethod
+    def _ttft_bracket(
+        ready: np.ndarray, mean: float, p_wait: float, quantile: float
+    ) -> tuple[float, float]:
         lo = float(ready.min())
         tail = mean / p_wait * math.log(max(p_wait / max(1.0 - quantile, 1e-12), 1.0))
         hi = float(ready.max()) + (tail if p_wait > 0 else 0.0) + 1e-9
+        return lo, hi
+
+    def _ttft_bisection(
+        self, ready: np.ndarray, mean: float, p_wait: float, quantile: float, lo: float, hi: float
+    ) -> float:
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self.attainment(rho, mid) < quantile else (lo, mid)
-            if hi - lo < 1e-6:
+            lo, hi = (
+                (mid, hi) if self._attainment(ready, mean, p_wait, mid) < quantile else (lo, mid)
+            )
+            if hi - lo < _TTFT_TOLERANCE_S:
                 break
         return hi
+
+    def ttft_side(self, rho: float, quantile: float, lower_s: float, upper_s: float) -> int:
+        """``bucket_side(ttft_quantile_s(rho, quantile), lower_s, upper_s)``, the same answer,
+        mostly from two attainments instead of the bisection's twenty-odd.
+
+        Why it is the same: attainment ``A(t)`` does not decrease with ``t`` (each
+        point's term does not, the weights are >= 0, and rounded sums keep that). The
+        bisection's ``hi`` is its start ``H`` or a bound with ``A >= q``; its ``lo`` is
+        its start (the least ready time ``L``) or a bound with ``A < q``; it stops with
+        ``hi - lo < tol``. So ``A(u) < q`` and ``H > u`` put the answer above ``u``;
+        ``A(u - 2 tol) >= q`` puts ``lo <= u - 2 tol`` (``L`` too: ``A > 0`` needs a
+        ready time at or below), hence the answer below ``u``; ``H <= u`` does too. The
+        same two tests at ``lower_s`` place it against the lower edge. Within ``2 tol``
+        of an edge, or when the bisection might stop on its step limit, it runs."""
+        ready = self._ready_s(rho)
+        mean, p_wait = self.wait(rho)
+        lo, hi = self._ttft_bracket(ready, mean, p_wait, quantile)
+        margin_s = 2.0 * _TTFT_TOLERANCE_S
+        if quantile > 0 and math.isfinite(lo) and math.isfinite(hi) and hi - lo < _SIDE_MAX_SPAN_S:
+
+            def attains(ttft_s: float) -> bool:
+                return self._attainment(ready, mean, p_wait, ttft_s) >= quantile
+
+            if hi <= upper_s or attains(upper_s - margin_s):  # at or below upper_s
+                if not attains(lower_s):
+                    return 0 if hi > lower_s else -1
+                if attains(lower_s - margin_s):
+                    return -1
+            elif not attains(upper_s):
+                return 1
+        return bucket_side(
+            self._ttft_bisection(ready, mean, p_wait, quantile, lo, hi), lower_s, upper_s
+        )
 
 
 def prefill_capacity(
@@ -592,6 +874,28 @@ def prefill_instances_for(
     return hi, at(hi)
 
 
+def _loaded_queue(
+    perf: InstancePerf,
+    mix: RequestMix,
+    prompt_tps_per_instance: float,
+    instances: int,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float,
+) -> tuple[_PrefillQueue, float] | None:
+    """The whole mix's queue and its utilisation at a load; None when the model has no
+    capacity for it or the load saturates it (the TTFT is then infinite)."""
+    queue = _PrefillQueue(
+        perf, mix, transfer_s_per_token, decode_first_step_s, latency_factor, instances, None
+    )
+    if queue.empty:
+        return None
+    rho = prompt_tps_per_instance / queue.sustained_tps
+    if rho >= MAX_GGC_UTILISATION:
+        return None
+    return queue, rho
+
+
 def predicted_ttft_s(
     perf: InstancePerf,
     mix: RequestMix,
@@ -605,15 +909,50 @@ def predicted_ttft_s(
     """The model's TTFT at the SLO quantile over the whole mix (as observed:
     unattainable requests included) when each of ``instances`` instances receives
     ``prompt_tps_per_instance``; ``inf`` at or beyond saturation."""
-    queue = _PrefillQueue(
-        perf, mix, transfer_s_per_token, decode_first_step_s, latency_factor, instances, None
+    loaded = _loaded_queue(
+        perf,
+        mix,
+        prompt_tps_per_instance,
+        instances,
+        transfer_s_per_token,
+        decode_first_step_s,
+        latency_factor,
     )
-    if queue.empty:
+    if loaded is None:
         return math.inf
-    rho = prompt_tps_per_instance / queue.sustained_tps
-    if rho >= MAX_GGC_UTILISATION:
-        return math.inf
+    queue, rho = loaded
     return queue.ttft_quantile_s(rho, quantile)
+
+
+def predicted_ttft_side(
+    perf: InstancePerf,
+    mix: RequestMix,
+    quantile: float,
+    prompt_tps_per_instance: float,
+    instances: int,
+    transfer_s_per_token: float,
+    decode_first_step_s: float,
+    latency_factor: float,
+    lower_s: float,
+    upper_s: float,
+) -> int:
+    """Where :func:`predicted_ttft_s` (same arguments) lies against the latency bucket
+    ``(lower_s, upper_s]``: -1 at or below ``lower_s``, 0 inside, 1 above. The same
+    answer as computing it and comparing, without its bisection in most cases
+    (``_PrefillQueue.ttft_side`` says why)."""
+    loaded = _loaded_queue(
+        perf,
+        mix,
+        prompt_tps_per_instance,
+        instances,
+        transfer_s_per_token,
+        decode_first_step_s,
+        latency_factor,
+    )
+    if loaded is None:
+        return bucket_side(math.inf, lower_s, upper_s)
+    queue, rho = loaded
+    return queue.ttft_side(rho, quantile, lower_s, upper_s)
 
 
 # --------------------------------------------------------------------------- decode
@@ -633,7 +972,7 @@ class DecodeCapacity:
 
 
 def _step_s(perf: InstancePerf, batch: float, context: float, factor: float) -> float:
-    return float(perf.decode_step_s(batch, batch * context, context)) * factor
+    return perf.decode_step_float_s(batch, batch * context, context) * factor
 
 
 def decode_capacity(

@@ -60,21 +60,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-import numpy as np
-
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory
 from reconciler.policy.capacity import (
-    POINTS_PER_BUCKET,
     LatencyCorrection,
-    LengthHistogram,
     RequestMix,
     RoleCapacities,
+    bucket_side,
+    cached_on,
+    clear_layouts,
     implied_decode_factor,
     implied_prefill_factor,
-    predicted_ttft_s,
+    predicted_ttft_side,
     role_capacities,
     transfer_s_per_token,
 )
@@ -91,10 +90,11 @@ from reconciler.policy.coordinated import (
     stabilise,
 )
 from reconciler.policy.forecast import (
-    Forecast,
     ForecastConfig,
     ForecastState,
-    forecast,
+    headroom,
+    quantile_linear,
+    sizing_demand,
     update,
 )
 from reconciler.state import LengthBuckets, Sample, ServiceFleet, ServiceMetrics
@@ -116,7 +116,12 @@ MIN_KEPT_ERRORS = 10
 # more requests), and a window is the soonest the loop can see that it drained (the
 # rates it reads are 60 s averages).
 DRAIN_S = METRICS_WINDOW_S
-# Capacities are cached per quantised mix: bucket shares rounded to this.
+# Capacities are cached per quantised mix: bucket shares rounded to this. Not below the
+# model's resolution everywhere: two mixes of one key may differ by up to a step in
+# each bucket, which in a long-prompt bucket moves the mean prompt by up to ~13 % and
+# the prefill count by up to ~5 % (the example services' shapes); the entry of the
+# first mix seen is the one used. The correction's factors are rounded to 0.001: half
+# of that moves either capacity by under 0.07 %, far below the model's 3-4 % fit error.
 _MIX_SHARE_STEP = 0.005
 _CACHE_SIZE = 8192
 
@@ -230,7 +235,7 @@ class KeptCapacity:
         ``MIN_KEPT_ERRORS`` of them."""
         if len(self.errors) < MIN_KEPT_ERRORS:
             return None
-        return float(np.quantile(np.asarray(self.errors), quantile))
+        return quantile_linear(self.errors, quantile)
 
 
 @dataclass(frozen=True)
@@ -306,42 +311,14 @@ def _forecast_config(
     return config, horizons[0], horizons[1]
 
 
-class _PointsOnce(LengthHistogram):
-    """A ``LengthHistogram`` that spreads its whole mass into points once. One decision
-    reads them about ten times, and some twenty more with a latency correction (the
-    mean, the live context, the unattainable threshold, and each bisection step of
-    ``implied_prefill_factor`` builds a queue from them): the same arrays each time,
-    so every number, and the decision, is unchanged. The arrays are read-only."""
-
-    def points(
-        self, upper: float | None = None, per_bucket: int = POINTS_PER_BUCKET
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if upper is not None or per_bucket != POINTS_PER_BUCKET:
-            return super().points(upper, per_bucket)
-        cached: tuple[np.ndarray, np.ndarray] | None = self.__dict__.get("_points")
-        if cached is None:
-            lengths, weights = super().points()
-            lengths.setflags(write=False)
-            weights.setflags(write=False)
-            cached = (lengths, weights)
-            object.__setattr__(self, "_points", cached)  # frozen: a cache, not a field
-        return cached
-
-
 def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> RequestMix | None:
     prompt, output = metrics.prompt_tokens, metrics.output_tokens
     if not (_usable(prompt, now_s, max_age_s) and _usable(output, now_s, max_age_s)):
         return None
     assert prompt is not None and output is not None
-    mix = RequestMix.from_cumulative(
+    return RequestMix.from_cumulative(
         zip(prompt.le, prompt.cumulative, strict=True),
         zip(output.le, output.cumulative, strict=True),
-    )
-    if mix is None:
-        return None
-    return RequestMix(
-        _PointsOnce(mix.prompt.bounds, mix.prompt.counts),
-        _PointsOnce(mix.output.bounds, mix.output.counts),
     )
 
 
@@ -363,7 +340,9 @@ def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
     )
 
 
-_capacity_cache: OrderedDict[tuple[object, ...], RoleCapacities] = OrderedDict()
+# Each entry holds its PerfContext: while it does, the context's id in the key cannot
+# be reused by another context (``perf_context``'s cache may drop contexts).
+_capacity_cache: OrderedDict[tuple[object, ...], tuple[PerfContext, RoleCapacities]] = OrderedDict()
 
 
 def capacities_for(
@@ -380,8 +359,8 @@ def capacities_for(
         policy.slo.tbt_ms,
         policy.slo.quantile,
         policy.slo.attainment_goal,
-        id(perf),  # contexts are cached per (policy, cluster): stable while in use
-        _mix_key(mix),
+        id(perf),
+        cached_on(mix, "capacity key", lambda: _mix_key(mix)),
         instances_hint,
         round(correction.prefill, 3),
         round(correction.decode, 3),
@@ -389,7 +368,7 @@ def capacities_for(
     cached = _capacity_cache.get(key)
     if cached is not None:
         _capacity_cache.move_to_end(key)
-        return cached
+        return cached[1]
     result = role_capacities(
         perf.prefill,
         perf.decode,
@@ -405,16 +384,25 @@ def capacities_for(
         # histogram reports (which the latency correction compares against).
         ttft_share=policy.slo.attainment_goal,
     )
-    _capacity_cache[key] = result
+    _capacity_cache[key] = (perf, result)
     if len(_capacity_cache) > _CACHE_SIZE:
         _capacity_cache.popitem(last=False)
     return result
 
 
+def clear_caches() -> None:
+    """Forget every cached performance context, capacity and mix layout: the state
+    after a start (what a benchmark's cold call measures)."""
+    _perf_cache.clear()
+    _capacity_cache.clear()
+    clear_layouts()
+
+
 def _sized_demand(
     now_s: float,
     demand: RoleDemand,
-    predicted: Forecast | None,
+    state: ForecastState,
+    config: ForecastConfig,
     kept: KeptCapacity,
     quantile: float,
     horizon_s: float,
@@ -423,8 +411,9 @@ def _sized_demand(
     """The demand to size for (forecast plus headroom, plus the queue's drain), how it
     was found, and the headroom's evidence updated (``KeptCapacity``)."""
     now_tps = demand.arriving_tps
-    base = now_tps if predicted is None else predicted.demand
-    kept = kept.observe(now_s, now_tps, None if predicted is None else base, horizon_s, window_s)
+    predicted = sizing_demand(state, horizon_s, config)
+    base = now_tps if predicted is None else predicted
+    kept = kept.observe(now_s, now_tps, predicted, horizon_s, window_s)
     drain = ""
     if demand.drain_tps > 0:
         drain = f" +{demand.drain_tps:.0f} to drain the queue"
@@ -434,7 +423,7 @@ def _sized_demand(
         return sized, how, kept
     from_kept = kept.headroom(quantile)
     if from_kept is None:
-        room, source = predicted.headroom, "forecast errors"
+        room, source = headroom(state, horizon_s, config)[0], "forecast errors"
     else:
         room, source = max(from_kept, MIN_HEADROOM), "shortfalls of the capacity kept"
     sized = base * (1.0 + room)
@@ -476,11 +465,9 @@ def plan_decide(
     decode_tps = metrics.decode_tps.value  # type: ignore[union-attr]
 
     # 2. Mix.
-    mix = _mix_from(metrics, now_s, n.metric_max_age_s)
-    if mix is not None:
-        memory = replace(memory, mix=mix, mix_at_s=now_s)
-    elif memory.mix is not None:
-        mix = memory.mix
+    fresh_mix = _mix_from(metrics, now_s, n.metric_max_age_s)
+    mix = fresh_mix if fresh_mix is not None else memory.mix
+    if fresh_mix is None and mix is not None:
         parts.append(f"request mix missing: the last known one (t={memory.mix_at_s:.0f} s)")
 
     # 1 (continued). Demand: what was served plus what queued up.
@@ -502,7 +489,6 @@ def plan_decide(
         now_s,
         n.metric_max_age_s,
     )
-    memory = replace(memory, prefill_backlog=prefill_in.backlog, decode_backlog=decode_in.backlog)
     parts.extend(d.note for d in (prefill_in, decode_in) if d.note)
 
     # 5 (first, it only needs demand). Demand at each role's horizon.
@@ -517,7 +503,8 @@ def plan_decide(
     prefill_demand, prefill_how, prefill_kept = _sized_demand(
         now_s,
         prefill_in,
-        forecast(prefill_state, horizon_prefill_s, config),
+        prefill_state,
+        config,
         memory.prefill_kept,
         policy.slo.attainment_goal,
         horizon_prefill_s,
@@ -526,28 +513,33 @@ def plan_decide(
     decode_demand, decode_how, decode_kept = _sized_demand(
         now_s,
         decode_in,
-        forecast(decode_state, horizon_decode_s, config),
+        decode_state,
+        config,
         memory.decode_kept,
         policy.slo.quantile,
         horizon_decode_s,
         window_s,
-    )
-    memory = replace(
-        memory,
-        prefill_demand=prefill_state,
-        decode_demand=decode_state,
-        prefill_kept=prefill_kept,
-        decode_kept=decode_kept,
     )
 
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
     override_prefill = policy.scaling.prefill_target_per_instance
     override_decode = policy.scaling.target_per_instance if n.metric == "decode_tps" else None
     caps: RoleCapacities | None = None
+    correction = memory.correction
     if perf is not None and mix is not None:
-        correction = _corrected(memory.correction, policy, perf, mix, metrics, ready, starting)
-        memory = replace(memory, correction=correction)
+        correction = _corrected(correction, policy, perf, mix, metrics, ready, starting)
         caps = capacities_for(policy, perf, mix, current[0], correction)
+    memory = PlannerMemory(
+        prefill_demand=prefill_state,
+        decode_demand=decode_state,
+        correction=correction,
+        mix=mix,
+        mix_at_s=now_s if fresh_mix is not None else memory.mix_at_s,
+        prefill_kept=prefill_kept,
+        decode_kept=decode_kept,
+        prefill_backlog=prefill_in.backlog,
+        decode_backlog=decode_in.backlog,
+    )
     if caps is None and (override_prefill is None or override_decode is None):
         why = "no request mix observed yet" if perf is not None else "no GPU type of a role fits"
         return _hold(
@@ -711,7 +703,7 @@ def _corrected(
                 ttft.value / 1000.0,
                 policy_latency_buckets(policy, "ttft"),
                 correction.prefill,
-                lambda factor: predicted_ttft_s(
+                side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
                     perf.prefill,
                     mix,
                     slo.quantile,
@@ -720,6 +712,8 @@ def _corrected(
                     transfer,
                     first_step_s,
                     factor,
+                    lower_s,
+                    upper_s,
                 ),
             )
             # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
@@ -738,6 +732,7 @@ def within_bucket(
     bounds: tuple[float, ...] | None,
     current: float,
     predicted_at: Callable[[float], float] | None = None,
+    side_at: Callable[[float, float, float], int] | None = None,
 ) -> float | None:
     """The correction factor an observed latency quantile supports.
 
@@ -750,15 +745,23 @@ def within_bucket(
     by less than a bucket cannot be told from the histogram. With unknown bounds (an
     override, an engine not listed) the reading is taken as exact. ``predicted_at``
     (the model's latency at a factor), when given, spares the inversions: the current
-    factor's prediction tells which edge of the bucket, if any, it is outside."""
+    factor's prediction tells which edge of the bucket, if any, it is outside.
+    ``side_at(factor, lower_s, upper_s)`` does the same without the prediction itself:
+    -1, 0 or 1 as it lies at or below, in or above the bucket (``capacity.bucket_side``)."""
     if bounds is None:
         return implied_at(observed_s)
     lower_s, upper_s = bucket_around(observed_s, bounds)
-    if predicted_at is not None:
-        predicted_s = predicted_at(current)
-        if lower_s < predicted_s <= upper_s:
+    if side_at is None and predicted_at is not None:
+        predicted = predicted_at
+
+        def side_at(factor: float, lower_s: float, upper_s: float) -> int:
+            return bucket_side(predicted(factor), lower_s, upper_s)
+
+    if side_at is not None:
+        side = side_at(current, lower_s, upper_s)
+        if side == 0:
             return current
-        if predicted_s <= lower_s:
+        if side < 0:
             return implied_at(lower_s) if lower_s > 0 else current
         return implied_at(upper_s) if math.isfinite(upper_s) else current
     low = implied_at(lower_s) if lower_s > 0 else LatencyCorrection.MIN_FACTOR
@@ -804,6 +807,7 @@ __all__ = [
     "PlannerAutoscaler",
     "PlannerMemory",
     "capacities_for",
+    "clear_caches",
     "forecast_config",
     "perf_context",
     "plan_decide",

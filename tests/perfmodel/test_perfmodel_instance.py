@@ -128,3 +128,24 @@ def test_counters_read_decode_as_busy_at_any_batch() -> None:
     assert float(perf.prefill_gpu_util(0.3)) == pytest.approx(0.3, abs=0.02)
     low, high = float(perf.decode_sm_active(1, 1.0)), float(perf.decode_sm_active(200, 1.0))
     assert 0.4 < low < high <= 1.0
+
+
+@pytest.mark.parametrize(
+    "model, gpu, tp",
+    [(LLAMA_8B, H200, 1), (QWEN_32B, H100, 2), (LLAMA_70B, H20, 4), (LLAMA_8B, L20, 8)],
+)
+def test_the_float_forms_are_the_one_point_forms_bit_for_bit(
+    model: ModelSpec, gpu: GpuType, tp: int
+) -> None:
+    """The planner's bisections call the float forms one point at a time; they must
+    give exactly what numpy gives for that one point (or a decision would move)."""
+    perf = instance_perf(model, "gpu", gpu, tp)
+    rng = np.random.default_rng(tp)
+    batches = [0.0, 1e-12, 1.0, 256.0, *rng.uniform(0.0, 300.0, 400)]
+    contexts = [0.0, 1.0, 1_000.0, 131_072.0, *rng.uniform(0.0, 200_000.0, 400)]
+    for batch, context in zip(batches, contexts, strict=True):
+        one_point = float(perf.decode_step_s(batch, batch * context, context))
+        assert perf.decode_step_float_s(batch, batch * context, context) == one_point
+    prompts = [0.0, 1.0, *rng.uniform(0.0, 200.0, 300), *rng.uniform(0.0, 200_000.0, 300)]
+    for prompt in prompts:
+        assert perf.prefill_latency_one_s(float(prompt)) == float(perf.prefill_latency_s(prompt))

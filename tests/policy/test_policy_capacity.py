@@ -21,12 +21,14 @@ from reconciler.policy.capacity import (
     LatencyCorrection,
     LengthHistogram,
     RequestMix,
+    bucket_side,
     decode_capacity,
     idle_ttft_s,
     implied_decode_factor,
     implied_prefill_factor,
     one_two_five_buckets,
     predicted_ttft_s,
+    predicted_ttft_side,
     prefill_capacity,
     prefill_instances_for,
     role_capacities,
@@ -557,3 +559,54 @@ def test_prefill_sized_for_a_larger_share_of_requests_takes_less_per_instance() 
     long_prompts = with_long_prompts(chat_mix(), 12_000, 0.2)
     assert per_instance(long_prompts, 0.995) < per_instance(long_prompts, 0.9)
     assert per_instance(chat_mix(), 0.995) <= per_instance(chat_mix(), 0.9)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bounds=st.lists(st.floats(-10, 1e6), min_size=1, max_size=20, unique=True),
+    counts=st.lists(
+        st.sampled_from([0.0, 1.0, 3.5, 1e-300]) | st.floats(0, 1e5), min_size=21, max_size=21
+    ),
+    with_inf=st.booleans(),
+)
+def test_the_whole_mass_from_the_shared_layout_is_the_spread_bit_for_bit(
+    bounds: list[float], counts: list[float], with_inf: bool
+) -> None:
+    """``points()`` takes its lengths from a layout shared by every histogram with the
+    same buckets held; they and its weights must be exactly what spreading the buckets
+    one by one gives (``upper=inf`` spreads every bucket whole)."""
+    edges = (*sorted(bounds), math.inf) if with_inf else tuple(sorted(bounds))
+    histogram = LengthHistogram(edges, tuple(counts[: len(edges)]))
+    lengths, weights = histogram.points()
+    spread_lengths, spread_weights = histogram.points(math.inf)
+    assert lengths.tobytes() == spread_lengths.tobytes()
+    assert weights.tobytes() == spread_weights.tobytes()
+
+
+def test_the_predicted_ttfts_side_of_a_bucket_is_the_predictions() -> None:
+    """``predicted_ttft_side`` skips the TTFT quantile's bisection where two attainments
+    settle it; placed against any bucket, edges within the bisection's tolerance of the
+    prediction included, it must answer as comparing the prediction does."""
+    _, prefill, _, _ = chat()
+    checked = 0
+    for mix in (chat_mix(), chat_mix(4.0)):
+        for instances in (1, 8):
+            full = prefill_capacity(prefill, mix, 10.0, 0.9, tpt(), 0.05, instances)
+            for share in (0.1, 0.6, 0.95):
+                for factor in (0.5, 1.0, 1.7):
+                    args = (prefill, mix, 0.9, full.sustained_tps_per_instance * share, instances)
+                    rest = (tpt(), 0.05, factor)
+                    predicted = predicted_ttft_s(*args, *rest)
+                    edges = {0.0, 0.1, 1.0, math.inf}
+                    for delta in (0.0, 1e-7, 1e-6, 1.9e-6, 2e-6, 2.1e-6, 1e-5, 1e-3):
+                        edges |= {predicted - delta, predicted + delta}
+                    ordered = sorted(e for e in edges if e >= 0)
+                    for i, lower in enumerate(ordered):
+                        for upper in ordered[i + 1 :]:
+                            side = predicted_ttft_side(*args, *rest, lower, upper)
+                            assert side == bucket_side(predicted, lower, upper)
+                            checked += 1
+    assert checked > 4_000

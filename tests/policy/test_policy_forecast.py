@@ -16,6 +16,8 @@ from reconciler.policy.forecast import (
     ForecastState,
     forecast,
     headroom,
+    quantile_linear,
+    sizing_demand,
     stays_below,
     trend_forecast,
     update,
@@ -214,3 +216,31 @@ def test_what_is_sized_for_never_falls_below_the_latest_sample() -> None:
     assert model is not None and predicted is not None
     assert model < state.last_value
     assert predicted.demand == state.last_value
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(-10, 10, allow_nan=False) | st.sampled_from([0.0, 0.5, -0.25]),
+        min_size=1,
+        max_size=130,
+    ),
+    q=st.sampled_from([0.0, 0.5, 0.9, 0.95, 0.99, 1.0]) | st.floats(0, 1),
+)
+def test_the_headroom_quantile_is_numpys_bit_for_bit(values: list[float], q: float) -> None:
+    assert quantile_linear(tuple(values), q) == float(np.quantile(np.asarray(values), q))
+
+
+def test_the_sizing_demand_is_the_forecasts() -> None:
+    state = ForecastState()
+    for k in range(60):
+        demand = 100.0 + 40.0 * math.sin(k / 7.0) + 3.0 * (k % 5)
+        state = update(state, k * CYCLE_S, demand)
+        predicted = forecast(state, 150.0)
+        alone = sizing_demand(state, 150.0)
+        assert (alone is None) == (predicted is None)
+        assert predicted is None or alone == predicted.demand
+    assert sizing_demand(state, 150.0) is not None

@@ -4,6 +4,7 @@ live mix, headroom from what was kept, unattainable requests not chased, damped 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, decide_with
@@ -23,6 +25,7 @@ from reconciler.policy.planner import (
     PlannerAutoscaler,
     PlannerMemory,
     capacities_for,
+    clear_caches,
     perf_context,
     plan_decide,
     role_demand,
@@ -396,3 +399,54 @@ def test_steady_tbt_read_through_buckets_does_not_inflate_the_decode_correction(
     memory = history.planner
     assert isinstance(memory, PlannerMemory)
     assert memory.correction.decode == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- caches and memory
+
+
+def _cycles(
+    policy: ServicePolicy, cluster: ClusterSpec, before_each: Callable[[], None]
+) -> list[str]:
+    """The planner's decisions (reprs) over twelve cycles of a swinging load with
+    latency read, from an empty memory; ``before_each`` runs before every cycle."""
+    history, out = PolicyHistory(), []
+    for k in range(12):
+        before_each()
+        now = 30.0 * k
+        load = 1.0 + 0.2 * math.sin(k / 3.0)
+        metrics = _metrics(now, 250_000.0 * load, 35_000.0 * load, ttft_ms=700.0, tbt_ms=47.5)
+        perf = perf_context(policy, cluster)
+        decision = plan_decide(policy, _fleet(30, 30), metrics, history, now, perf)
+        history = decision.history
+        out.append(repr(decision))
+    return out
+
+
+def test_emptied_caches_decide_as_kept_ones() -> None:
+    """Caches only spare work: with every cache emptied before each cycle the planner
+    decides exactly as with them kept (for one mix throughout: a capacity cached for
+    a mix whose shares moved by less than the key's step is reused as it is)."""
+    policy, cluster = _chat()
+    clear_caches()
+    kept = _cycles(policy, cluster, lambda: None)
+    assert _cycles(policy, cluster, clear_caches) == kept
+
+
+def test_the_memory_of_a_live_mix_is_stored_durably() -> None:
+    """The mix read from the engines' histograms is kept as plain ``LengthHistogram``s
+    (what the durable state stores), whatever the planner cached on them."""
+    policy, cluster = _chat()
+    decision = plan_decide(
+        policy,
+        _fleet(20, 20),
+        _metrics(0.0, 300_000.0, 40_000.0, ttft_ms=700.0, tbt_ms=47.5),
+        PolicyHistory(),
+        0.0,
+        perf_context(policy, cluster),
+    )
+    memory = decision.history.planner
+    assert isinstance(memory, PlannerMemory) and memory.mix is not None
+    text, dropped = encode(DurableState("east", 0.0, histories={"chat": decision.history}))
+    assert not dropped
+    back = decode(text).histories["chat"].planner
+    assert isinstance(back, PlannerMemory) and back.mix == memory.mix
