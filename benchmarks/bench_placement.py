@@ -1,28 +1,35 @@
 """Placement at 20,000-GPU scale: CP-SAT against the paper's greedy scheduler.
 
-Scenario (deterministic from --seed):
+Per seed (deterministic from it):
 1. the fleet of benchmarks/fleetgen.py: 2,500 nodes x 8 GPUs under 8 S2, 40 S1 and
    ~313 S0 switches, 100 services (70% heterogeneous P/D, mixed shapes, affinities and
    priorities);
 2. initial targets filling about --fill of the fleet, placed from scratch by CP-SAT
    (setup, not timed: generous time limit) -> the running state;
-3. every service's targets changed by about 10% (up or down at random, both roles);
-4. the same request is placed by CP-SAT (timed; default options: 2 s limit,
+3. four scenarios, each placed by CP-SAT (timed; default options: 2 s limit,
    deterministic single-thread search; and with 2 parallel threads) and by the greedy
-   scheduler, and both layouts are measured.
+   scheduler, both layouts measured:
+   - "~10% change": every service's targets up or down by about --change;
+   - "prefill only": every service's prefill target grows by --prefill-growth, decode
+     unchanged (TTFT feedback, the fleet half full: anchored groups where a group's
+     domain is full);
+   - "empty fleet": the initial targets on an empty fleet (the first cycle);
+   - "short": every service grows by --short-growth, so capacity runs out and the
+     placers must choose whom to serve.
 
-Two more scenarios on the same fleet: "initial placement" places the initial targets
-on an empty fleet (the first cycle, the hardest case), and "short" grows every
-service by --short-growth so capacity runs out and the placers must choose whom to
-serve.
+Prints per run: topology build time, full placement time per placer (wall and process
+CPU time; "cold" = first call on a new ClusterSpec, which builds the topology), CP-SAT
+status, objective, bound and gap, the time per phase, and the quality measures of
+reconciler.placement.quality side by side (the terms of "worse than greedy" first).
+The CPU time is the figure to trust on a shared machine. Ends with a summary per
+scenario over the seeds, the CP-SAT runs over 2 s of CPU, and the line
 
-Prints: topology build time (graph with aggregated and with per-GPU slots), full
-placement time per placer (wall and process CPU time; "cold" = first call on a new
-ClusterSpec, which builds the topology), CP-SAT status, objective, bound and gap, the
-time per phase, and the quality measures of reconciler.placement.quality side by side.
-The CPU time is the figure to trust on a shared machine.
+    cp-sat worse than greedy: K of M runs
 
-    python benchmarks/bench_placement.py [--seed 0] [--fill 0.65] [--workers 2]
+(``reconciler.placement.quality.worse_than``, the deterministic CP-SAT run against the
+greedy one, every scenario and seed).
+
+    python benchmarks/bench_placement.py [--seed 0 | --seeds N] [--fill 0.5] [--workers 2]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,7 +48,12 @@ from reconciler.desired.models import ServicePolicy
 from reconciler.placement.base import PlacementOptions, PlacementRequest, PlacementResult
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.placement.greedy import GreedyPlacer
-from reconciler.placement.quality import PlacementQuality, measure
+from reconciler.placement.quality import (
+    PlacementQuality,
+    first_worse_term,
+    measure,
+    objective_terms,
+)
 from reconciler.state import FleetState, Targets
 from reconciler.topology import build_topology, topology_for
 
@@ -110,17 +123,24 @@ def describe(result: PlacementResult) -> str:
     if len(shown) < len(s.notes):
         shown.append(f"{len(s.notes) - len(shown)} anchored group(s)")
     notes = f"; notes: {' | '.join(shown)}" if shown else ""
-    return f"{s.wall_s:.3f} s, status {s.status}, objective {objective}, bound {bound}, gap {gap} [{phases}]{notes}"
+    layout = " (greedy layout kept)" if s.kept_greedy else ""
+    return (
+        f"{s.wall_s:.3f} s, status {s.status}{layout}, objective {objective}, bound {bound}, "
+        f"gap {gap} [{phases}]{notes}"
+    )
 
 
 def table(rows: dict[str, PlacementQuality]) -> None:
     names = list(rows)
-    print(f"  {'measure':<58}" + "".join(f"{n:>12}" for n in names))
+    print(f"  {'measure':<72}" + "".join(f"{n:>12}" for n in names))
 
     def line(label: str, values: list[str]) -> None:
-        print(f"  {label:<58}" + "".join(f"{v:>12}" for v in values))
+        print(f"  {label:<72}" + "".join(f"{v:>12}" for v in values))
 
     q = list(rows.values())
+    print("  worse-than-greedy terms, in order (lower is better):")
+    for i, (name, _value) in enumerate(objective_terms(q[0])):
+        line(f"  {i + 1}. {name}", [f"{objective_terms(x)[i][1]:,.0f}" for x in q])
     line("groups in one RDMA subgroup (all groups)", [f"{x.share_in_one_subgroup:.1%}" for x in q])
     line(
         "groups in one RDMA subgroup (groups changed this cycle)",
@@ -146,17 +166,37 @@ def table(rows: dict[str, PlacementQuality]) -> None:
     line("  GPUs beyond target held by their anchors", [str(x.overshoot_gpus) for x in q])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fill", type=float, default=0.5)
-    parser.add_argument("--change", type=float, default=0.10)
-    parser.add_argument("--short-growth", type=float, default=0.5)
-    parser.add_argument("--prefill-growth", type=float, default=0.5)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--time-limit", type=float, default=2.0)
-    args = parser.parse_args()
+@dataclass
+class Run:
+    """One scenario of one seed: the measures and CPU times to summarise."""
 
+    seed: int
+    scenario: str
+    cp_sat: PlacementQuality
+    greedy: PlacementQuality
+    cp_sat_cpu_s: float
+    greedy_cpu_s: float
+    kept_greedy: bool
+    worse_on: str | None
+
+
+def scenarios(
+    args: argparse.Namespace, running: FleetState, targets0: dict[str, Targets]
+) -> dict[str, tuple[FleetState, dict[str, Targets]]]:
+    return {
+        f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed)),
+        # Prefill alone grows (TTFT feedback) with the fleet half full: where a group's
+        # domain is full, an anchored group (one decode beyond target) opens elsewhere.
+        f"prefill only (+{args.prefill_growth:.0%})": (
+            running,
+            grown_targets(targets0, args.prefill_growth, roles=("prefill",)),
+        ),
+        "initial placement (empty fleet)": (FleetState("large"), targets0),
+        f"short (+{args.short_growth:.0%})": (running, grown_targets(targets0, args.short_growth)),
+    }
+
+
+def run_seed(args: argparse.Namespace) -> list[Run]:
     state = large_desired_state(nodes=2500, services=100, seed=args.seed)
     spec = state.clusters["large"]
     policies = {p.name: p for p in state.policies_for("large")}
@@ -165,7 +205,8 @@ def main() -> None:
     s1 = len({n.s1 for n in spec.nodes})
     s2 = len({n.s2 for n in spec.nodes})
     print(
-        f"fleet: {len(spec.nodes)} nodes, {total_gpus} GPUs, {s0} S0 / {s1} S1 / {s2} S2 switches, {len(policies)} services"
+        f"\n=== seed {args.seed}: fleet {len(spec.nodes)} nodes, {total_gpus} GPUs, "
+        f"{s0} S0 / {s1} S1 / {s2} S2 switches, {len(policies)} services"
     )
 
     start = time.perf_counter()
@@ -203,42 +244,34 @@ def main() -> None:
         time_limit_s=args.time_limit, workers=args.workers, seed=args.seed, deterministic=False
     )
     topology = topology_for(spec)
-    empty = FleetState("large")
-    scenarios = {
-        "initial placement (empty fleet)": (empty, targets0),
-        f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed)),
-        f"short (+{args.short_growth:.0%})": (running, grown_targets(targets0, args.short_growth)),
-        # Prefill alone grows (TTFT feedback) with the fleet half full: where a group's
-        # domain is full, an anchored group (one decode beyond target) opens elsewhere.
-        f"prefill only (+{args.prefill_growth:.0%})": (
-            running,
-            grown_targets(targets0, args.prefill_growth, roles=("prefill",)),
-        ),
-    }
-    for label, (fleet, targets) in scenarios.items():
+    runs: list[Run] = []
+    for label, (fleet, targets) in scenarios(args, running, targets0).items():
         grow = shrink = 0
         for name, t in targets.items():
             now = fleet.service_fleet(name)
             grow += max(0, t.prefill - now.prefill.active) + max(0, t.decode - now.decode.active)
             shrink += max(0, now.prefill.active - t.prefill) + max(0, now.decode.active - t.decode)
-        print(f"\nscenario {label}: +{grow} / -{shrink} instances against the running state")
+        print(
+            f"\nscenario {label} (seed {args.seed}): +{grow} / -{shrink} instances against the running state"
+        )
         request = PlacementRequest(spec, policies, fleet, targets, options)
-        runs: list[tuple[str, PlacementRequest]] = []
+        placements: list[tuple[str, PlacementRequest]] = []
         if label.startswith("~"):
             # Cold: a new ClusterSpec object (as after a Git revision) rebuilds the topology.
-            runs.append(
+            placements.append(
                 (
                     "cp-sat cold",
                     PlacementRequest(spec.model_copy(), policies, fleet, targets, options),
                 )
             )
-        runs += [
+        placements += [
             ("cp-sat", request),
             ("cp-sat 2 threads", PlacementRequest(spec, policies, fleet, targets, parallel)),
             ("greedy", request),
         ]
-        results = {}
-        for name, req in runs:
+        results: dict[str, PlacementResult] = {}
+        cpu_s: dict[str, float] = {}
+        for name, req in placements:
             placer = GreedyPlacer() if name == "greedy" else CpSatPlacer()
             cpu = time.process_time()
             result = placer.place(req)
@@ -246,9 +279,92 @@ def main() -> None:
             print(f"  {name:<17} {describe(result)}; CPU {cpu:.3f} s")
             if name in ("cp-sat", "greedy"):
                 results[name] = result
+                cpu_s[name] = cpu
         again = CpSatPlacer().place(request)
         print(f"  cp-sat rerun gives the same layout: {again.groups == results['cp-sat'].groups}")
-        table({name: measure(topology, policies, fleet, r) for name, r in results.items()})
+        measured = {
+            name: measure(topology, policies, fleet, r, targets) for name, r in results.items()
+        }
+        table(measured)
+        worse_on = first_worse_term(measured["cp-sat"], measured["greedy"])
+        cp_stats = results["cp-sat"].stats
+        assert cp_stats is not None
+        runs.append(
+            Run(
+                seed=args.seed,
+                scenario=label,
+                cp_sat=measured["cp-sat"],
+                greedy=measured["greedy"],
+                cp_sat_cpu_s=cpu_s["cp-sat"],
+                greedy_cpu_s=cpu_s["greedy"],
+                kept_greedy=cp_stats.kept_greedy,
+                worse_on=worse_on,
+            )
+        )
+        print(
+            f"  cp-sat {'worse than greedy on ' + worse_on if worse_on else 'not worse than greedy'}"
+            f"; CPU cp-sat {cpu_s['cp-sat']:.3f} s, greedy {cpu_s['greedy']:.3f} s"
+        )
+    return runs
+
+
+def summary(runs: list[Run], cpu_limit_s: float) -> None:
+    """Per scenario over the seeds: the mean of every worse-than-greedy term, CPU
+    times, how often the greedy layout was kept; then the runs over the CPU limit and
+    the verdict line."""
+    seeds = sorted({r.seed for r in runs})
+    print(
+        f"\n=== summary over seed(s) {', '.join(map(str, seeds))} (mean per run, cp-sat vs greedy)"
+    )
+    for label in dict.fromkeys(r.scenario for r in runs):
+        mine = [r for r in runs if r.scenario == label]
+        print(f"\n{label}: {len(mine)} run(s)")
+        terms = [objective_terms(r.cp_sat) for r in mine]
+        baseline = [objective_terms(r.greedy) for r in mine]
+        for i, (name, _value) in enumerate(terms[0]):
+            cp = sum(t[i][1] for t in terms) / len(mine)
+            gr = sum(t[i][1] for t in baseline) / len(mine)
+            print(f"  {name:<66} {cp:>12,.1f} {gr:>12,.1f}")
+        share = [sum(r.cp_sat.share_in_one_subgroup for r in mine) / len(mine)]
+        share.append(sum(r.greedy.share_in_one_subgroup for r in mine) / len(mine))
+        print(f"  {'groups in one RDMA subgroup':<66} {share[0]:>12.1%} {share[1]:>12.1%}")
+        scarce = [sum(r.cp_sat.scarce_gpus_unneeded for r in mine) / len(mine)]
+        scarce.append(sum(r.greedy.scarce_gpus_unneeded for r in mine) / len(mine))
+        label_scarce = "scarce-subgroup GPUs held by groups not needing them"
+        print(f"  {label_scarce:<66} {scarce[0]:>12,.1f} {scarce[1]:>12,.1f}")
+        cpu = [r.cp_sat_cpu_s for r in mine]
+        cpu_greedy = [r.greedy_cpu_s for r in mine]
+        print(
+            f"  CPU s: cp-sat mean {sum(cpu) / len(cpu):.3f} max {max(cpu):.3f}; "
+            f"greedy mean {sum(cpu_greedy) / len(cpu_greedy):.3f} max {max(cpu_greedy):.3f}; "
+            f"greedy layout kept by cp-sat in {sum(r.kept_greedy for r in mine)} run(s)"
+        )
+    over = [r for r in runs if r.cp_sat_cpu_s >= cpu_limit_s]
+    listed = ", ".join(f"{r.scenario} seed {r.seed} ({r.cp_sat_cpu_s:.2f} s)" for r in over)
+    print(
+        f"\ncp-sat runs at or over {cpu_limit_s:g} s CPU: {len(over)} of {len(runs)}"
+        + (f": {listed}" if over else "")
+    )
+    worse = sum(r.worse_on is not None for r in runs)
+    print(f"cp-sat worse than greedy: {worse} of {len(runs)} runs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0, help="the one seed to run (without --seeds)")
+    parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1")
+    parser.add_argument("--fill", type=float, default=0.5)
+    parser.add_argument("--change", type=float, default=0.10)
+    parser.add_argument("--short-growth", type=float, default=0.5)
+    parser.add_argument("--prefill-growth", type=float, default=0.5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, default=2.0)
+    args = parser.parse_args()
+    seeds = list(range(args.seeds)) if args.seeds is not None else [args.seed]
+    runs: list[Run] = []
+    for seed in seeds:
+        runs += run_seed(argparse.Namespace(**{**vars(args), "seed": seed}))
+    summary(runs, cpu_limit_s=2.0)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ class PlacementOptions:
 
 
 @dataclass(frozen=True)
+class DrainingInstances:
+    """Instances of one role of a service that left their deployment group but still
+    run, holding their GPUs: soft scale-in took them out of service discovery until
+    their observation window ends (``reconciler.apply.softscale``)."""
+
+    service: str
+    role: Role
+    node: str | None  # None: not known (placement then holds them near the service's groups)
+    instances: int
+    gpus_per_instance: int | None = None  # None: the policy's
+
+
+@dataclass(frozen=True)
 class PlacementRequest:
     """Everything placement needs for one cluster and one cycle."""
 
@@ -37,6 +50,10 @@ class PlacementRequest:
     current: FleetState  # groups as they run now
     targets: Mapping[str, Targets]  # per service, from the policy
     options: PlacementOptions = field(default_factory=PlacementOptions)
+    # Draining instances by node where the caller knows it. Instances that
+    # ``current.draining`` counts beyond these are held without a known node (see
+    # reconciler.placement.problem, "Pending and draining instances hold capacity").
+    draining: tuple[DrainingInstances, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,9 @@ class SolverStats:
     # on the way (e.g. a node-packing fallback, a solver that timed out).
     phases_s: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()
+    # CP-SAT only: the layout is the greedy scheduler's, because the search found
+    # nothing better (``notes`` says why; see reconciler.placement.cpsat).
+    kept_greedy: bool = False
 
     @property
     def gap(self) -> float | None:

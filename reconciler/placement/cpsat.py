@@ -16,23 +16,25 @@ decode_instances`` of its shape, see ``reconciler.placement.problem``):
   they are exact;
 - ``sum of added instances <= target - running`` per role (targets are never exceeded,
   except by anchors, below);
-- *anchored groups* (``reconciler.placement.problem``): for a growing role whose other role runs, per candidate domain and allowed type
-  pair, anchored groups ``g_a``, the growing role's instances ``n >= g_a`` and anchor
-  instances ``a = ANCHOR_INSTANCES * g_a`` of the other role, which count for capacity
-  but *not* against the other role's target (they are its overshoot),
-  ``n + a <= S*g_a + o``. When the other role grows too, a boolean ``met`` gates them:
-  ``g_a <= U*met`` and ``met => (other role's placed == its growth)``, so an anchor
-  never stands in for a missing instance of its own role. To keep the model small,
-  these classes exist only when the other role does not grow (without rebalancing)
-  or when the greedy layout (computed first) needed anchors for that service and
-  role, so the greedy layout is always a solution of the model.
+- *anchored groups* (``reconciler.placement.problem``): for a growing role whose other
+  role runs, per candidate domain and allowed type pair, anchored groups ``g_a``, the
+  growing role's instances ``n >= g_a`` and anchor instances ``a = ANCHOR_INSTANCES *
+  g_a`` of the other role, which count for capacity but *not* against the other role's
+  target (they are its overshoot), ``n + a <= S*g_a + o``. When the other role grows
+  too, a boolean ``met`` gates them: ``g_a <= U*met`` and ``met => (other role's placed
+  == its growth)``, so an anchor never stands in for a missing instance of its own
+  role. To keep the model small, these classes exist only when the other role does
+  not grow (without rebalancing) or when the greedy layout (computed first) needed
+  anchors for that service and role, so the greedy layout is always a solution of the
+  model.
 
 Capacity is written on the laminar region tree (``Topology.regions``): per region and
 GPU type, GPUs added by every domain inside it <= GPUs free in it. On a tree this is
 exact for GPU counts. Node granularity is approximated by valid slot inequalities (per
 instance size k: instances of size >= k <= sum over nodes of floor(free / k)) and made
 exact by the second step, ``reconciler.placement.packing`` (best fit, verified, with an
-exact CP-SAT re-pack per RDMA subgroup when best fit fails).
+exact CP-SAT re-pack per RDMA subgroup when best fit fails). GPUs free are those no
+running, pending or draining instance holds (``reconciler.placement.problem``).
 
 Objective (minimise; lexicographic in this order)
 -------------------------------------------------
@@ -42,7 +44,7 @@ level  term                                                 weight
 1      GPUs short of target                                 5,000 x (priority rank + 1)
                                                             per GPU (rank: 0 = lowest
                                                             priority present)
-1b     an anchor instance (overshoot of the other role's    1 per instance in phase 1,
+1b     an anchor GPU (overshoot of the other role's         1 per GPU in phase 1,
        target to open an anchored group)                    4,000 per GPU in phase 2
 2      a loose group spanning subgroups (KV off RDMA)       2,500 per GPU
 2      subgroup class above what the GPU type pair needs    1,000 per GPU per class step
@@ -57,23 +59,25 @@ level  term                                                 weight
        whole nodes)
 =====  ===================================================  ===========================
 
-Level 1 is strictly first: it is solved on its own (phase 1), and phase 2 then
+Level 1 is strictly first: when the greedy layout leaves demand unmet it is solved on
+its own (phase 1, with level 1b at 1 per anchor GPU: below every GPU short, and the
+total of anchor GPUs is capped below 5,000, a cap no real cycle reaches, so phase 1
+uses as few anchors as meeting the targets takes); when the greedy layout meets every
+target, level 1 is already at its optimum, 0, and phase 1 is skipped. Phase 2 then
 optimises the weighted sum of all levels while every (service, role) keeps at least
-the instances phase 1 placed. Level 1b rides in phase 1 at 1 per anchor instance:
-below every GPU short (>= 5,000; the total of anchors is capped below that, a cap no
-real cycle reaches), so an anchor is opened only where it places instances that
-would otherwise be short, and phase 1 uses as few anchors as that needs; phase 2
-holds the anchor count at phase 1's value or below and charges an anchor GPU 4,000
-(above every level-2 cost of a GPU) in the reported objective. So anchors come after
-placing in the existing groups' domains (in place or by overflow) and, when both
-roles grow, after full-shaped new groups; they never replace a placement without. (A single weighted objective let the solver trade one
-unmet instance for many GPUs of scarce-subgroup savings; measured on the benchmark it
-also reached worse layouts within the time limit.) Inside level 1, priorities weigh
-per GPU: a GPU of a higher-priority service outweighs a GPU of the next lower one,
-but not nine (exact priority order would need exponential weights); priorities enter
-as dense ranks so the coefficients stay small (large coefficients slow the LP down).
-Below level 1 the weights make every level outweigh all lower ones together per GPU
-(1,000 > 99 + 300 + 30 + 8), not across very different amounts.
+the instances of the starting layout (phase 1's when it placed more, or as much with
+fewer anchor GPUs; else the greedy layout's) and the anchor GPUs stay at or below the
+starting layout's; an anchor GPU costs 4,000 there (above every level-2 cost of a
+GPU). So anchors come after placing in the existing groups' domains (in place or by
+overflow) and, when both roles grow, after full-shaped new groups; they never replace a
+placement without. (A single weighted objective let the solver trade one unmet
+instance for many GPUs of scarce-subgroup savings; measured on the benchmark it also
+reached worse layouts within the time limit.) Inside level 1, priorities weigh per
+GPU: a GPU of a higher-priority service outweighs a GPU of the next lower one, but not
+nine (exact priority order would need exponential weights); priorities enter as dense
+ranks so the coefficients stay small (large coefficients slow the LP down). Below
+level 1 the weights make every level outweigh all lower ones together per GPU (1,000 >
+99 + 300 + 30 + 8), not across very different amounts.
 
 Level 2 keeps the scarce subgroups for the heterogeneous P/D services that need them:
 a homogeneous group in a medium/high subgroup, or a two-type S2 group in a high one,
@@ -91,22 +95,43 @@ amount is a constant offset), so instances move only to meet targets or to leave
 subgroup class they do not need. GPUs freed that way are reused in the same cycle (the
 caller accepts that its rollout must delete before it creates for those).
 
-Search
-------
-The paper's greedy scheduler runs first and its layout is given to CP-SAT as a
-complete solution hint, so the answer is never worse than the baseline in the
-objective, and the greedy layout is the fallback if CP-SAT finds nothing in time
-(status ``UNKNOWN+greedy``). Presolve runs without probing and symmetry detection
-(2-3x faster to a proven optimum on the benchmark). Determinism:
-``PlacementOptions.deterministic`` (default) runs one search thread stopped by a
-deterministic-time budget (``time_limit_s`` x ``DETERMINISTIC_UNITS_PER_S``, up to 70%
-for phase 1, the rest for phase 2; the node packing fallback likewise): the same input
-gives the same layout on any machine and at any load, so ``plan`` and ``apply``
-agree. (CP-SAT's parallel portfolio exchanges solutions in timing-dependent order,
-and its interleaved deterministic mode always spends its whole budget.) The wall
-clock (3 x the limit) is only a runaway guard; a run stopped by it says so in
-``stats.notes``. With ``deterministic=False``, ``workers`` threads search until
-``time_limit_s``. The result carries the combined objective, its bound and the gap.
+Search: never worse than greedy
+-------------------------------
+The paper's greedy scheduler runs first; its layout, written in the model's variables
+(checked to satisfy every row), is the starting solution. The model is recorded as a
+``reconciler.placement.decompose.BlockModel`` with one block per service and searched
+by *decomposition* (``decompose.improve``): sub-models of one service, then of a
+service and those it shares binding capacity with, every other service fixed where
+the incumbent has it, each solved by CP-SAT from the incumbent, services furthest
+above their floor (their cheapest conceivable placement) first; a model of up to
+``WHOLE_MODEL_VARS`` variables is solved whole after the one-service passes, which
+proves optimality on small and medium cycles. (One CP-SAT thread on the whole model of
+a 20,000-GPU fleet spends a 2 s budget in presolve and the root LP without improving
+on the greedy layout; a one-service sub-model is solved exactly in milliseconds.)
+The incumbent only ever improves, so the model's objective never ends above the
+greedy layout's.
+
+The greedy layout is returned instead (``SolverStats.kept_greedy``, said in
+``stats.notes``) when the search found nothing better in the model -- no solution in
+time, or none below the greedy layout's level 1 and objective -- or when the realised
+CP-SAT layout (after node packing, which can lose instances to fragmentation) is
+*worse than greedy*: ``reconciler.placement.quality.worse_than`` on the measured terms
+in the objective's order. So a CP-SAT result is never worse than the greedy one.
+
+Determinism: ``PlacementOptions.deterministic`` (default) runs one search thread per
+solve, bounded by a deterministic-time budget (``time_limit_s`` x
+``DETERMINISTIC_UNITS_PER_S`` in all, phase 1 up to ``PHASE1_SHARE`` of it, the node
+packing fallback likewise) plus a fixed charge per sub-model: the same input gives the
+same layout on any machine and at any load, so ``plan`` and ``apply`` agree. (CP-SAT's
+parallel portfolio exchanges solutions in timing-dependent order, and its interleaved
+deterministic mode always spends its whole budget.) The process's CPU time (3 x the
+limit) is only a runaway guard, and CP-SAT's wall clock a far looser one, so a loaded
+machine does not change the answer; a run stopped by the guard says so in
+``stats.notes``. With ``deterministic=False``, the search runs until ``time_limit_s``
+and a whole-model solve uses ``workers`` threads. Presolve runs without probing and symmetry detection
+(2-3x faster to a proven optimum on the benchmark). The result carries the combined
+objective and, when a whole-model solve gave one, its bound and the gap (the
+per-service floors of the decomposition ignore capacity: too weak to report alone).
 """
 
 from __future__ import annotations
@@ -116,9 +141,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
+from reconciler.placement.decompose import (
+    BlockModel,
+    Objective,
+    SearchBudget,
+    SolverSettings,
+    improve,
+    solve,
+)
 from reconciler.placement.explain import shortfalls_for
 from reconciler.placement.packing import PackItem, component_of, pack
 from reconciler.placement.problem import (
@@ -134,6 +166,7 @@ from reconciler.placement.problem import (
     split_growth,
     split_new_groups,
 )
+from reconciler.placement.quality import first_worse_term, measure
 from reconciler.state import ROLES, Role
 from reconciler.topology import CLASS_RANK, SchedulingDomain, Topology
 
@@ -145,14 +178,26 @@ W_SPAN = 2_500
 W_OVERFLOW = 300
 W_MOVE = 500
 W_KEEP_CLASS = 200
-W_ANCHOR = 4_000  # per anchor GPU, phase 2 (phase 1: W_ANCHOR_PHASE1 per instance)
+W_ANCHOR = 4_000  # per anchor GPU, phase 2 (phase 1: W_ANCHOR_PHASE1 per GPU)
 W_ANCHOR_PHASE1 = 1
 
 # Deterministic-time budget of the solver per second of PlacementOptions.time_limit_s.
-# One CP-SAT thread gets through 0.13-0.2 units per CPU second on this model on the
-# 2-core reference machine; 0.1 leaves about a quarter of the limit for preparation,
-# the greedy hint and node packing (benchmarks/bench_placement.py prints the split).
-DETERMINISTIC_UNITS_PER_S = 0.1
+# One CP-SAT thread gets through about 0.1 units per CPU second on this model (whole or
+# in parts, sub-model building included) on the 2-core reference machine. The solver
+# gets 0.08 units per second of the limit less OVERHEAD_UNITS_PER_VAR per model
+# variable, since large models take longer around the solver (greedy layout, model
+# building, node packing, measuring: ~0.5 s of CPU at 5,000 variables): a 2 s limit
+# then keeps every placement of the 20,000-GPU benchmark under 2 s of CPU
+# (benchmarks/bench_placement.py prints every run's CPU time and its phases).
+DETERMINISTIC_UNITS_PER_S = 0.08
+OVERHEAD_UNITS_PER_VAR = 1.2e-5
+# Phase 1 (level 1 alone, whole model) may take this share of the budget.
+PHASE1_SHARE = 0.5
+# The exact node re-pack (when best fit leaves instances over) may take this share.
+PACKING_SHARE = 0.25
+# Above this many variables the model is not solved whole in phase 2 (its presolve
+# alone would take most of the budget); the decomposed search does all the work.
+WHOLE_MODEL_VARS = 3_000
 
 
 @dataclass
@@ -162,7 +207,7 @@ class _Term:
     region: int
     type_code: int
     size: int
-    var: cp_model.IntVar
+    var: int  # index in the BlockModel
     upper: int
     slot_counted: bool = True  # False: kept instances (rebalance) in GPU constraints only
 
@@ -173,9 +218,9 @@ class _ExistingClass:
     domain: SchedulingDomain | None
     types: dict[Role, str]
     groups: list[WorkGroup]
-    grow: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
-    keep: dict[Role, cp_model.IntVar | None] = field(default_factory=dict)
-    overflow: cp_model.IntVar | None = None
+    grow: dict[Role, int | None] = field(default_factory=dict)
+    keep: dict[Role, int | None] = field(default_factory=dict)
+    overflow: int | None = None
     room: int = 0
 
 
@@ -184,12 +229,24 @@ class _NewClass:
     service: str
     domain: SchedulingDomain
     types: dict[Role, str]
-    groups: cp_model.IntVar
-    instances: dict[Role, cp_model.IntVar | None]
-    overflow: cp_model.IntVar | None = None
+    groups: int
+    instances: dict[Role, int | None]
+    overflow: int | None = None
     # Anchored groups: the anchor role and its instances (beyond its target).
     anchor_role: Role | None = None
-    anchors: cp_model.IntVar | None = None
+    anchors: int | None = None
+
+
+@dataclass(frozen=True)
+class _Searched:
+    """The outcome of the search: the solution (None: none in time), its phase-2
+    objective and bound, and the status to report."""
+
+    status: str
+    values: np.ndarray | None
+    objective: float | None = None
+    bound: float | None = None
+    improved_on_greedy: bool = False
 
 
 class _RegionStats:
@@ -242,70 +299,117 @@ class _Solve:
         self.rebalance = rebalance
         self.initial_free = problem.free()
         self.stats_region = _RegionStats(self.topology, self.initial_free, problem.used)
-        self.model = cp_model.CpModel()
+        self.model = BlockModel()
+        self.block = -1  # block (service index) of the variables being created
         self.terms: list[_Term] = []
         self.existing: list[_ExistingClass] = []
         self.new: list[_NewClass] = []
-        # Level 1 (GPUs short of target) is optimised first, the rest under it.
-        self.short_terms: list[tuple[int, cp_model.IntVar]] = []
+        # Level 1 (GPUs short of target) is optimised first, the rest under it; terms
+        # are (coefficient, variable).
+        self.short_terms: list[tuple[int, int]] = []
         self.short_offset = 0
-        self.placed_vars: list[list[cp_model.IntVar]] = []  # per (service, role)
-        self.objective_terms: list[tuple[int, cp_model.IntVar]] = []
+        self.placed_vars: dict[tuple[str, Role], list[int]] = {}
+        self.grow_of: dict[tuple[str, Role], int] = {}  # the bound on placed_vars' sum
+        self.objective_terms: list[tuple[int, int]] = []
         self.objective_offset = 0
         self.notes: list[str] = []
         self._freed_capacity: dict[tuple[int, int], int] = {}
-        self.fragment_vars: list[tuple[cp_model.IntVar, list[_Term], int]] = []
-        self.anchor_vars: list[tuple[cp_model.IntVar, int]] = []  # (instances, upper)
-        self.anchor_gates: list[tuple[str, Role, cp_model.IntVar]] = []  # (service, role, met)
+        self.fragment_vars: list[tuple[int, list[_Term], int]] = []
+        self.anchor_vars: list[tuple[int, int]] = []  # (instances, GPUs per instance)
+        self.anchor_gates: list[tuple[str, Role, int]] = []  # (service, role, met)
         self.greedy_anchored: set[tuple[str, Role]] = set()
+        self.type_codes: dict[str, int] = {}
+        # Per service (block), a lower bound of its new-group and overflow costs.
+        self.group_floor: dict[int, int] = {}
         # Dense rank of each priority (0 = lowest present): keeps the weights small.
         priorities = sorted({n.priority for n in problem.needs.values()})
         self.priority_rank = {p: i for i, p in enumerate(priorities)}
 
-    # ------------------------------------------------------------------ build
+    def _code(self, gpu_type: str) -> int:
+        """``Topology.type_code``, looked up once per type (it is asked per class)."""
+        code = self.type_codes.get(gpu_type)
+        if code is None:
+            code = self.type_codes[gpu_type] = self.topology.type_code(gpu_type)
+        return code
+
+    def _var(self, upper: int) -> int:
+        """A new variable in [0, upper] of the service being added."""
+        return self.model.new_var(0, upper, self.block)
+
+    # ------------------------------------------------------------------ run
     def run(self) -> PlacementResult:
         mark = time.perf_counter()
         from reconciler.placement.greedy import GreedyPlacer
 
-        # The greedy layout first: the hint, the fallback, and which services needed
-        # anchors where this model offers none by default (see _add_service).
-        greedy: PlacementResult | None = GreedyPlacer().place(self.problem.request)
-        assert greedy is not None
+        # The greedy layout first: the starting solution, the fallback, and which
+        # services needed anchors where this model offers none by default.
+        greedy = GreedyPlacer().place(self.problem.request)
         self.greedy_anchored = {(a.service, a.role) for a in greedy.anchors}
         mark = self.problem.lap("greedy_hint", mark)
-        for need in self.problem.services_by_priority():
+        for block, need in enumerate(self.problem.services_by_priority()):
+            self.block = block
             self._add_service(need)
         self._add_capacity()
         mark = self.problem.lap("build_model", mark)
-        baseline = greedy if self.short_terms or self.objective_terms else None
-        if baseline is not None:
-            self._hint_from_greedy(baseline)
+        hint = self._hint_from_greedy(greedy)
         mark = self.problem.lap("greedy_hint", mark)
-        status, objective, bound, solver = self._solve()
+        searched = self._search(hint)
         mark = self.problem.lap("solve", mark)
-        if solver is None and baseline is not None and status not in ("OPTIMAL",):
-            # No CP-SAT solution in time: the greedy layout is a valid answer.
-            assert baseline.stats is not None
-            anchor_notes = tuple(n for n in baseline.stats.notes if n.startswith("anchored group"))
-            notes = (
-                *self.notes,
-                f"cp-sat returned {status}; using the greedy layout",
-                *anchor_notes,
+        if searched.values is None:
+            return self._keep_greedy(
+                greedy, f"{searched.status}+greedy", f"cp-sat returned {searched.status}"
             )
-            stats = SolverStats(
-                solver="cp-sat",
-                status=f"{status}+greedy",
-                wall_s=time.perf_counter() - self.problem.started_s,
-                phases_s=tuple(sorted(self.problem.timings_s.items())),
-                notes=notes,
+        if not searched.improved_on_greedy:
+            return self._keep_greedy(
+                greedy,
+                searched.status,
+                "the search found nothing better than it in the model",
+                objective=searched.objective,
+                bound=searched.bound,
             )
-            return PlacementResult(
-                baseline.cluster, baseline.groups, baseline.shortfalls, stats, baseline.anchors
-            )
-        takers, hints, free_after = self._realise(solver)
+        takers, hints, free_after = self._realise(searched.values)
         mark = self.problem.lap("pack", mark)
         shortfalls = shortfalls_for(self.problem, free_after, self.initial_free, takers, hints)
-        self.problem.lap("explain", mark)
+        mark = self.problem.lap("explain", mark)
+        stats = SolverStats(
+            solver="cp-sat",
+            status=searched.status,
+            wall_s=time.perf_counter() - self.problem.started_s,
+            objective=searched.objective,
+            best_bound=searched.bound,
+            phases_s=tuple(sorted(self.problem.timings_s.items())),
+            notes=tuple(self.notes),
+        )
+        result = finalize(self.problem, stats, shortfalls)
+        request = self.problem.request
+        worse = first_worse_term(
+            measure(self.topology, request.policies, request.current, result, request.targets),
+            measure(self.topology, request.policies, request.current, greedy, request.targets),
+        )
+        self.problem.lap("compare", mark)
+        if worse is not None:
+            return self._keep_greedy(
+                greedy,
+                searched.status,
+                f"the cp-sat layout measured worse than it on {worse} after node packing",
+            )
+        return result
+
+    def _keep_greedy(
+        self,
+        greedy: PlacementResult,
+        status: str,
+        why: str,
+        objective: float | None = None,
+        bound: float | None = None,
+    ) -> PlacementResult:
+        """The greedy layout as this placer's answer, saying why."""
+        assert greedy.stats is not None
+        notes = (
+            *self.notes,
+            f"greedy layout kept: {why}",
+            *greedy.stats.notes,
+        )
         stats = SolverStats(
             solver="cp-sat",
             status=status,
@@ -313,10 +417,14 @@ class _Solve:
             objective=objective,
             best_bound=bound,
             phases_s=tuple(sorted(self.problem.timings_s.items())),
-            notes=tuple(self.notes),
+            notes=notes,
+            kept_greedy=True,
         )
-        return finalize(self.problem, stats, shortfalls)
+        return PlacementResult(
+            greedy.cluster, greedy.groups, greedy.shortfalls, stats, greedy.anchors
+        )
 
+    # ------------------------------------------------------------------ build
     def _domain_cost(
         self, need: ServiceNeed, domain: SchedulingDomain | None, tp: str, td: str
     ) -> int:
@@ -331,9 +439,7 @@ class _Solve:
         return domain.subgroup is None and len(self.topology.subgroups) > 1
 
     def _add_service(self, need: ServiceNeed) -> None:
-        topo = self.topology
-        m = self.model
-        placed: dict[Role, list[cp_model.IntVar]] = {r: [] for r in ROLES}
+        placed: dict[Role, list[int]] = {r: [] for r in ROLES}
         if self.rebalance:
             grow = {r: need.role(r).target for r in ROLES}
         else:
@@ -360,16 +466,16 @@ class _Solve:
                 need, cls.domain, cls.types["prefill"], cls.types["decode"]
             )
             region = cls.domain.region if cls.domain is not None else 0
-            growth: list[cp_model.IntVar] = []
+            growth: list[int] = []
             growth_upper = 0
             for role in ROLES:
                 rn = need.role(role)
                 gpu_type = cls.types[role]
-                code = topo.type_code(gpu_type)
+                code = self._code(gpu_type)
                 per_instance = rn.gpus_per_instance * (place_cost + rn.preference_cost(gpu_type))
                 current = sum(g.count(role) for g in cls.groups)
                 if self.rebalance and current:
-                    keep = m.new_int_var(0, current, "")
+                    keep = self._var(current)
                     cls.keep[role] = keep
                     placed[role].append(keep)
                     rank = cls.domain.class_rank if cls.domain else CLASS_RANK["high"]
@@ -407,7 +513,7 @@ class _Solve:
                 upper = min(grow[role], self.stats_region.slots(region, code, rn.gpus_per_instance))
                 if upper <= 0:
                     continue
-                x = m.new_int_var(0, upper, "")
+                x = self._var(upper)
                 cls.grow[role] = x
                 growth.append(x)
                 growth_upper += upper
@@ -418,9 +524,9 @@ class _Solve:
                 room = sum(need.room(g) for g in cls.groups)
                 cls.room = room
                 if growth_upper > room:
-                    overflow = m.new_int_var(0, growth_upper - room, "")
+                    overflow = self._var(growth_upper - room)
                     cls.overflow = overflow
-                    m.add(sum(growth) <= room + overflow)
+                    self.model.add([(1, x) for x in growth] + [(-1, overflow)], upper=room)
                     self.objective_terms.append((W_OVERFLOW, overflow))
             self.existing.append(cls)
 
@@ -432,7 +538,7 @@ class _Solve:
             may_open = bool(required) and all(grow[r] > 0 for r in required)
         if may_open:
             self._add_new_groups(need, grow, placed)
-        gates: list[tuple[Role, cp_model.IntVar]] = []
+        gates: list[tuple[Role, int]] = []
         # Anchored classes where they can matter, keeping the model small: the other
         # role does not grow (the common case), or the greedy layout needed anchors
         # (e.g. the other role's growth fits in place; with allow_rebalance ``grow`` is
@@ -450,24 +556,41 @@ class _Solve:
                     gates.append((anchor, gate))
         for anchor, gate in gates:
             # Anchors only once the anchor role's own growth is all placed.
-            m.add(sum(placed[anchor]) >= grow[anchor]).only_enforce_if(gate)
+            self.model.add([(1, v) for v in placed[anchor]], lower=grow[anchor], enforce=gate)
 
+        if not self.rebalance:
+            # What the growing groups' room cannot take needs new groups (30 each, of at
+            # most S instances) or, for a role growing alone, overflow (300 an instance)
+            # or anchored groups (an anchor costs 4,000 a GPU, for S - 1 instances):
+            # at least this much. The floor lets the search skip services already there.
+            room = sum(cls.room for cls in classes.values() if any(cls.grow.values()))
+            beyond = max(0, sum(grow.values()) - room)
+            size = max(1, need.group_size)
+            if may_open:
+                extra = W_OPEN_GROUP * -(-beyond // size)
+            else:
+                per_instance = W_OVERFLOW
+                if size > ANCHOR_INSTANCES:
+                    anchor_gpus = min(need.role(r).gpus_per_instance for r in ROLES)
+                    anchored = W_ANCHOR * ANCHOR_INSTANCES * anchor_gpus + W_OPEN_GROUP
+                    per_instance = min(W_OVERFLOW, anchored // (size - ANCHOR_INSTANCES))
+                extra = beyond * per_instance
+            self.group_floor[self.block] = extra
         for role in ROLES:
             rn = need.role(role)
             if placed[role]:
-                m.add(sum(placed[role]) <= grow[role])
+                self.model.add([(1, v) for v in placed[role]], upper=grow[role])
+                self.placed_vars[(need.service, role)] = placed[role]
+                self.grow_of[(need.service, role)] = grow[role]
             unit = weight_short * rn.gpus_per_instance
             self.short_offset += unit * grow[role]
             for var in placed[role]:
                 self.short_terms.append((-unit, var))
-            if placed[role]:
-                self.placed_vars.append(placed[role])
 
     def _add_new_groups(
-        self, need: ServiceNeed, grow: dict[Role, int], placed: dict[Role, list[cp_model.IntVar]]
+        self, need: ServiceNeed, grow: dict[Role, int], placed: dict[Role, list[int]]
     ) -> None:
         topo = self.topology
-        m = self.model
         required = need.required_roles
         size = need.group_size
         max_groups = min(grow[r] for r in required)
@@ -495,39 +618,43 @@ class _Solve:
             for pair in pairs:
                 bounds = {
                     r: self.stats_region.slots(
-                        region, topo.type_code(pair[r]), need.role(r).gpus_per_instance
+                        region, self._code(pair[r]), need.role(r).gpus_per_instance
                     )
                     for r in required
                 }
                 if len(required) == 2 and pair["prefill"] == pair["decode"]:
-                    joint = self.stats_region.free_gpus(region, topo.type_code(pair["prefill"]))
+                    joint = self.stats_region.free_gpus(region, self._code(pair["prefill"]))
                     if joint < need.prefill.gpus_per_instance + need.decode.gpus_per_instance:
                         continue
                 upper_groups = min([max_groups, *bounds.values()])
                 if upper_groups <= 0:
                     continue
-                g = m.new_int_var(0, upper_groups, "")
+                g = self._var(upper_groups)
                 self.objective_terms.append((W_OPEN_GROUP, g))
                 place_cost = self._domain_cost(need, domain, pair["prefill"], pair["decode"])
-                instances: dict[Role, cp_model.IntVar | None] = {r: None for r in ROLES}
+                instances: dict[Role, int | None] = {r: None for r in ROLES}
                 for r in required:
                     rn = need.role(r)
                     upper = min(grow[r], bounds[r])
-                    n = m.new_int_var(0, upper, "")
-                    m.add(n >= g)
+                    n = self._var(upper)
+                    self.model.add([(1, n), (-1, g)], lower=0)
                     instances[r] = n
                     placed[r].append(n)
                     self.terms.append(
-                        _Term(region, topo.type_code(pair[r]), rn.gpus_per_instance, n, upper)
+                        _Term(region, self._code(pair[r]), rn.gpus_per_instance, n, upper)
                     )
                     cost = rn.gpus_per_instance * (place_cost + rn.preference_cost(pair[r]))
                     self.objective_terms.append((cost, n))
                 # At most the group size per group; beyond it only by overflow (a role
                 # that grows alone once the other role's need is met).
                 most = sum(grow[r] for r in required)
-                overflow = m.new_int_var(0, most, "")
-                m.add(overflow <= most * g)  # no group, no overflow
-                m.add(sum(v for v in instances.values() if v is not None) <= size * g + overflow)
+                overflow = self._var(most)
+                self.model.add([(1, overflow), (-most, g)], upper=0)  # no group, no overflow
+                self.model.add(
+                    [(1, v) for v in instances.values() if v is not None]
+                    + [(-size, g), (-1, overflow)],
+                    upper=0,
+                )
                 self.objective_terms.append((W_OVERFLOW, overflow))
                 self.new.append(_NewClass(need.service, domain, dict(pair), g, instances, overflow))  # type: ignore[arg-type]
 
@@ -535,16 +662,15 @@ class _Solve:
         self,
         need: ServiceNeed,
         grow: dict[Role, int],
-        placed: dict[Role, list[cp_model.IntVar]],
+        placed: dict[Role, list[int]],
         anchor: Role,
-    ) -> cp_model.IntVar | None:
+    ) -> int | None:
         """Anchored groups for ``anchor``'s other role (see the module docstring).
         Returns the gate (``met``) when ``anchor`` grows too and anchored classes exist."""
         topo = self.topology
-        m = self.model
         short: Role = "decode" if anchor == "prefill" else "prefill"
         rs, ra = need.role(short), need.role(anchor)
-        gate: cp_model.IntVar | None = None
+        gate: int | None = None
         domains = list(topo.domains(need.affinity))
         if need.affinity == "cluster" and self._spans(topo.cluster_domain):
             domains.append(topo.cluster_domain)
@@ -552,7 +678,7 @@ class _Solve:
             region = domain.region
             for ts in (t for t in rs.allowed_types if t in domain.gpu_types):
                 for ta in (t for t in ra.allowed_types if t in domain.gpu_types):
-                    code_s, code_a = topo.type_code(ts), topo.type_code(ta)
+                    code_s, code_a = self._code(ts), self._code(ta)
                     short_slots = self.stats_region.slots(region, code_s, rs.gpus_per_instance)
                     anchor_slots = self.stats_region.slots(region, code_a, ra.gpus_per_instance)
                     if ts == ta:
@@ -564,35 +690,35 @@ class _Solve:
                         continue
                     pair: dict[Role, str] = {short: ts, anchor: ta}
                     place_cost = self._domain_cost(need, domain, pair["prefill"], pair["decode"])
-                    g = m.new_int_var(0, upper_groups, "")
+                    g = self._var(upper_groups)
                     if grow[anchor] > 0:
                         if gate is None:
-                            gate = m.new_bool_var("")
+                            gate = self._var(1)
                             self.anchor_gates.append((need.service, anchor, gate))
-                        m.add(g <= upper_groups * gate)
+                        self.model.add([(1, g), (-upper_groups, gate)], upper=0)
                     self.objective_terms.append((W_OPEN_GROUP, g))
                     upper_n = min(grow[short], short_slots)
-                    n = m.new_int_var(0, upper_n, "")
-                    m.add(n >= g)
+                    n = self._var(upper_n)
+                    self.model.add([(1, n), (-1, g)], lower=0)
                     placed[short].append(n)
                     self.terms.append(_Term(region, code_s, rs.gpus_per_instance, n, upper_n))
                     self.objective_terms.append(
                         (rs.gpus_per_instance * (place_cost + rs.preference_cost(ts)), n)
                     )
                     upper_a = ANCHOR_INSTANCES * upper_groups
-                    a = m.new_int_var(0, upper_a, "")
-                    m.add(a == ANCHOR_INSTANCES * g)
+                    a = self._var(upper_a)
+                    self.model.add([(1, a), (-ANCHOR_INSTANCES, g)], lower=0, upper=0)
                     self.terms.append(_Term(region, code_a, ra.gpus_per_instance, a, upper_a))
                     self.objective_terms.append(
                         (ra.gpus_per_instance * (place_cost + ra.preference_cost(ta) + W_ANCHOR), a)
                     )
-                    self.anchor_vars.append((a, upper_a))
+                    self.anchor_vars.append((a, ra.gpus_per_instance))
                     # The growing role beyond the group size overflows (no group, none).
-                    overflow = m.new_int_var(0, upper_n, "")
-                    m.add(overflow <= upper_n * g)
-                    m.add(n + a <= need.group_size * g + overflow)
+                    overflow = self._var(upper_n)
+                    self.model.add([(1, overflow), (-upper_n, g)], upper=0)
+                    self.model.add([(1, n), (1, a), (-need.group_size, g), (-1, overflow)], upper=0)
                     self.objective_terms.append((W_OVERFLOW, overflow))
-                    instances: dict[Role, cp_model.IntVar | None] = {short: n, anchor: None}
+                    instances: dict[Role, int | None] = {short: n, anchor: None}
                     self.new.append(
                         _NewClass(need.service, domain, pair, g, instances, overflow, anchor, a)
                     )
@@ -600,7 +726,6 @@ class _Solve:
 
     def _add_capacity(self) -> None:
         topo = self.topology
-        m = self.model
         by_region: dict[tuple[int, int], list[_Term]] = defaultdict(list)
         for term in self.terms:
             for ancestor in topo.region_ancestors(term.region):
@@ -614,164 +739,200 @@ class _Solve:
             free = self.stats_region.free_gpus(region, code) + freed_in.get((region, code), 0)
             upper = sum(t.size * t.upper for t in terms)
             if upper > free:
-                m.add(sum(t.size * t.var for t in terms) <= free)
+                self.model.add([(t.size, t.var) for t in terms], upper=free)
             slot_terms = [t for t in terms if t.slot_counted]
             for size in sorted({t.size for t in slot_terms if t.size > 1}):
                 big = [t for t in slot_terms if t.size >= size]
                 cap = self.stats_region.slots(region, code, size)
                 if sum(t.upper for t in big) > cap:
-                    m.add(sum(t.var for t in big) <= cap)
+                    self.model.add([(1, t.var) for t in big], upper=cap)
             if (region, code) in term_regions:
                 # GPUs added beyond what partly used nodes offer break whole nodes.
                 partial = self.stats_region.partial_gpus(region, code)
                 bound = sum(t.size * t.upper for t in slot_terms)
                 if bound > partial:
-                    over = m.new_int_var(0, bound - partial, "")
+                    over = self.model.new_var(0, bound - partial)  # shared by the services
                     self.fragment_vars.append((over, slot_terms, partial))
-                    m.add(over >= sum(t.size * t.var for t in slot_terms) - partial)
+                    self.model.add(
+                        [(1, over)] + [(-t.size, t.var) for t in slot_terms], lower=-partial
+                    )
                     self.objective_terms.append((W_FRAGMENT, over))
+        anchor_gpus = [(gpus, a) for a, gpus in self.anchor_vars]
+        if sum(gpus * self.model.upper(a) for gpus, a in anchor_gpus) >= W_SHORT_PER_RANK:
+            # Keeps level 1b below one GPU short in phase 1 (never reached by a real cycle).
+            self.model.add(anchor_gpus, upper=W_SHORT_PER_RANK - 1)
 
-    # ------------------------------------------------------------------ solve
-    def _solve(self) -> tuple[str, float | None, float | None, cp_model.CpSolver | None]:
-        """Lexicographic in two solves: first the GPUs short of target (level 1), then,
-        with level 1 held at the value found, everything else. Returns the status,
-        the combined objective and bound, and the solver holding the final solution."""
-        m = self.model
-        if not self.short_terms and not self.objective_terms:
-            total = float(self.short_offset + self.objective_offset)
-            return "OPTIMAL", total, total, None
+    # ------------------------------------------------------------------ search
+    def _vector(self, terms: list[tuple[int, int]]) -> np.ndarray:
+        out = np.zeros(self.model.num_vars, dtype=np.int64)
+        for coeff, var in terms:
+            out[var] += coeff
+        return out
 
-        def expr(terms: list[tuple[int, cp_model.IntVar]], offset: int) -> cp_model.LinearExprT:
-            return (
-                cp_model.LinearExpr.weighted_sum([v for _c, v in terms], [c for c, _v in terms])
-                + offset
-            )
-
-        shortfall = expr(self.short_terms, self.short_offset)
-        budget = self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
-        anchors = [a for a, _upper in self.anchor_vars]
-        anchor_upper = sum(upper for _a, upper in self.anchor_vars)
-        if anchor_upper >= W_SHORT_PER_RANK:
-            # Keeps level 1b below one GPU short (never reached by a real cycle).
-            m.add(cp_model.LinearExpr.sum(anchors) <= W_SHORT_PER_RANK - 1)
-            anchor_upper = W_SHORT_PER_RANK - 1
-
-        # Phase 1: meet the targets (priority-weighted), from the greedy hint, with as
-        # few anchors as that takes (level 1b, 1 per anchor instance).
-        anchor_sum = cp_model.LinearExpr.sum(anchors)
-        m.minimize(
-            expr(self.short_terms + [(W_ANCHOR_PHASE1, a) for a in anchors], self.short_offset)
-        )
-        first, first_status = self._run(0.7 * budget, 0.7)
-        if first_status not in ("OPTIMAL", "FEASIBLE"):
-            return first_status, None, None, None
-        short_value = round(first.value(shortfall))
-        # A bound on level 1 alone: the phase bound less what anchors can add to it.
-        short_bound = max(0.0, first.best_objective_bound - W_ANCHOR_PHASE1 * anchor_upper)
-        if anchors:
-            m.add(anchor_sum <= sum(first.value(a) for a in anchors))
-        # Phase 2: hold level 1 -- every service keeps at least the instances phase 1
-        # placed (simple bounds; one dense weighted constraint slows the LP down) --
-        # and optimise everything, from phase 1's solution.
-        for variables in self.placed_vars:
-            m.add(sum(variables) >= sum(first.value(v) for v in variables))
-        hint = [
-            first.value(m.get_int_var_from_proto_index(i)) for i in range(len(m.proto.variables))
-        ]
-        m.clear_hints()
-        for index, value in enumerate(hint):
-            m.add_hint(m.get_int_var_from_proto_index(index), value)
-        m.minimize(
-            expr(self.short_terms + self.objective_terms, self.short_offset + self.objective_offset)
-        )
-        second, second_status = self._run(max(0.3 * budget, budget - first.deterministic_time), 1.0)
-        phases = f"targets {first_status}, layout {second_status}"
-        if second_status not in ("OPTIMAL", "FEASIBLE"):
-            # Phase 1's solution stands; its full objective is level 1 plus the rest
-            # evaluated on it, and level 1's bound bounds it (the rest is >= 0).
-            self.notes.append(f"cp-sat phases: {phases}; layout from the targets phase")
-            rest = expr(self.objective_terms, self.objective_offset)
-            return (
-                "FEASIBLE",
-                float(short_value + first.value(rest)),
-                max(0.0, float(short_bound)),  # every level is >= 0
-                first,
-            )
-        both_optimal = first_status == "OPTIMAL" and second_status == "OPTIMAL"
-        if not both_optimal:
-            self.notes.append(f"cp-sat phases: {phases}")
-        # The combined objective is comparable across phases; its bound is the weaker of
-        # phase 1's bound on level 1 plus the rest, and phase 2's bound.
-        rest_bound = second.best_objective_bound - short_value
-        return (
-            "OPTIMAL" if both_optimal else "FEASIBLE",
-            float(second.objective_value),
-            max(0.0, float(min(second.best_objective_bound, short_bound + max(0.0, rest_bound)))),
-            second,
-        )
-
-    def _run(
-        self, deterministic_time: float, share_of_remaining: float
-    ) -> tuple[cp_model.CpSolver, str]:
-        solver = cp_model.CpSolver()
-        params = solver.parameters
-        params.random_seed = self.options.seed
-        params.num_workers = max(1, self.options.workers)
-        # Light presolve: probing and symmetry detection cost more than they return on
-        # this model (measured: 2-3x faster to a proven optimum on the benchmark).
-        params.cp_model_probing_level = 0
-        params.symmetry_level = 0
-        if self.options.deterministic:
-            # One search thread stopped by deterministic time only: the same input gives
-            # the same answer on any machine and at any load (parallel threads exchange
-            # solutions in timing-dependent order). The wall clock is a runaway guard.
-            params.num_workers = 1
-            params.max_deterministic_time = deterministic_time
-            params.max_time_in_seconds = self._wall_guard_s()
+    def _budget(self) -> SearchBudget:
+        options = self.options
+        if options.deterministic:
+            # The runaway guard counts this process's CPU time from here.
+            deadline_s = time.process_time() + self._guard_s()
         else:
-            elapsed = time.perf_counter() - self.problem.started_s
-            params.max_time_in_seconds = max(
-                0.05, (self.options.time_limit_s - elapsed) * share_of_remaining
-            )
-        status = solver.solve(self.model)
-        guard_hit = (
-            status != cp_model.OPTIMAL and solver.wall_time >= params.max_time_in_seconds * 0.99
+            deadline_s = self.problem.started_s + options.time_limit_s
+        # The work around the solver grows with the model; the solver gets what that
+        # leaves of the limit (at least half).
+        total = options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+        units = max(0.5 * total, total - OVERHEAD_UNITS_PER_VAR * self.model.num_vars)
+        return SearchBudget(
+            deterministic=options.deterministic,
+            units=units,
+            deadline_s=deadline_s,
+            units_per_s=DETERMINISTIC_UNITS_PER_S,
         )
-        if guard_hit and self.options.deterministic:
-            self.notes.append(
-                "cp-sat stopped on the wall-clock guard: result may vary between runs"
-            )
-        return solver, solver.status_name(status)
 
-    def _wall_guard_s(self) -> float:
-        """Wall-clock limit of a deterministic solve: only a guard against runaway."""
+    def _search(self, hint: np.ndarray) -> _Searched:
+        """Phase 1 when needed, then the decomposed phase 2 (module docstring)."""
+        model = self.model
+        level1 = Objective(self._vector(self.short_terms), self.short_offset)
+        anchor_gpus = self._vector([(gpus, a) for a, gpus in self.anchor_vars])
+        full = Objective(
+            level1.coefficients + self._vector(self.objective_terms),
+            self.short_offset + self.objective_offset,
+        )
+        if model.num_vars == 0:
+            return _Searched("OPTIMAL", hint, float(full.offset), float(full.offset))
+        budget = self._budget()
+        settings = SolverSettings(seed=self.options.seed, workers=self.options.workers)
+        violated = model.violated_rows(hint)
+        if violated:
+            # Not expected (the model represents every greedy layout); searched anyway.
+            self.notes.append(
+                f"the greedy layout breaks {len(violated)} constraint(s) of the model; "
+                "cp-sat searched without it as a start"
+            )
+        greedy_rank = (level1.value(hint), int(anchor_gpus @ hint))
+        start = hint
+        # Level 1 is >= 0: a greedy layout that meets every target is at its optimum.
+        level1_proven = not violated and greedy_rank[0] == 0
+        level1_bound: float | None = None
+        phases: list[str] = []
+        if not level1_proven:
+            phase1 = Objective(level1.coefficients + W_ANCHOR_PHASE1 * anchor_gpus, level1.offset)
+            first = solve(model, phase1, hint, budget, settings, limit=PHASE1_SHARE * budget.left())
+            phases.append(f"targets {first.status}")
+            if first.values is None:
+                if violated:
+                    return _Searched(first.status, None)
+            else:
+                rank = (level1.value(first.values), int(anchor_gpus @ first.values))
+                if violated or rank < greedy_rank:
+                    start = first.values
+                level1_proven = first.status == "OPTIMAL"
+                if first.bound is not None:
+                    # Phase 1's bound less what anchors can add to it bounds level 1.
+                    anchors_most = min(W_SHORT_PER_RANK - 1, int(anchor_gpus @ model.uppers()))
+                    level1_bound = max(0.0, first.bound - W_ANCHOR_PHASE1 * anchors_most)
+        # Phase 2 holds level 1 (and the anchors) where the starting layout has them:
+        # simple bounds per service and role (one dense weighted row slows the LP).
+        for variables in self.placed_vars.values():
+            self.model.add([(1, v) for v in variables], lower=int(start[variables].sum()))
+        if self.anchor_vars:
+            self.model.add(
+                [(gpus, a) for a, gpus in self.anchor_vars], upper=int(anchor_gpus @ start)
+            )
+        floors = self._floors(full)
+        values, report = improve(model, full, start, floors, budget, settings, WHOLE_MODEL_VARS)
+        phases.append(f"layout {report.whole_status or 'decomposed'}")
+        if report.sub_solves > 1 or report.whole_status is None:
+            self.notes.append(report.describe())
+        failed = [status for status in report.unsolved if status != "UNKNOWN"]
+        if failed:  # out of time (UNKNOWN) is the budget at work; anything else is not
+            self.notes.append(
+                f"{len(failed)} sub-model(s) without a solution ({', '.join(sorted(set(failed)))})"
+            )
+        if budget.guard_hit:
+            self.notes.append(
+                "cp-sat stopped on the runaway guard (3 x the time limit): result may vary "
+                "between runs"
+            )
+        optimal = level1_proven and report.whole_status == "OPTIMAL"
+        if not optimal:
+            self.notes.append(f"cp-sat phases: {', '.join(phases)}")
+        # Bounds: the floors (valid, but capacity ignored), raised by the whole model's
+        # bound when level 1 is settled, or by phase 1's bound on level 1 (every other
+        # level is >= 0). Without either, no bound worth reporting.
+        floor = float(sum(floors.values()) + full.offset)
+        bound: float | None = None
+        if level1_proven and report.whole_bound is not None:
+            bound = max(floor, report.whole_bound)
+        elif level1_bound is not None:
+            bound = max(floor, level1_bound)
+        else:
+            self.notes.append("no bound: the model was only solved in parts")
+        improved = bool(violated) or (level1.value(values), full.value(values)) < (
+            level1.value(hint),
+            full.value(hint),
+        )
+        return _Searched(
+            "OPTIMAL" if optimal else "FEASIBLE",
+            values,
+            float(full.value(values)),
+            None if bound is None else max(0.0, bound),
+            improved,
+        )
+
+    def _floors(self, objective: Objective) -> dict[int, int]:
+        """Per service (block), a lower bound of its part of ``objective``, capacity
+        ignored: each role's growth at its cheapest variable, other variables at their
+        cheapest bound, plus the fewest new groups the growth beyond the room of the
+        growing groups takes. (Placing fewer instances only raises the part: a GPU
+        short costs more than any placement.)"""
+        coefficients = objective.coefficients
+        blocks = self.model.blocks()
+        upper = self.model.uppers()
+        floors = {b: 0 for b in blocks}
+        counted = np.zeros(self.model.num_vars, dtype=bool)
+        for key, variables in self.placed_vars.items():
+            cheapest = min(0, int(coefficients[variables].min()))
+            floors[self.model.block_of(variables[0])] += self.grow_of[key] * cheapest
+            counted[variables] = True
+        for block, members in blocks.items():
+            rest = members[~counted[members]]
+            floors[block] += int(np.minimum(coefficients[rest], 0) @ upper[rest])
+            floors[block] += self.group_floor.get(block, 0)
+        return floors
+
+    def _guard_s(self) -> float:
+        """Time limit of a deterministic search: only a guard against runaway."""
         return max(3.0 * self.options.time_limit_s, self.options.time_limit_s + 2.0)
 
-    def _hint_from_greedy(self, baseline: PlacementResult) -> None:
-        """Give the greedy scheduler's layout on the same request to CP-SAT as a
-        solution hint (a feasible start; the result is never worse than it in the
-        model's objective)."""
-        before = {(g.service, g.group_id): g for gs in self.problem.groups.values() for g in gs}
-        grown: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
+    def _hint_from_greedy(self, baseline: PlacementResult) -> np.ndarray:
+        """The greedy scheduler's layout on the same request in the model's variables
+        (the starting solution; ``BlockModel.violated_rows`` checks it)."""
+        hint = np.zeros(self.model.num_vars, dtype=np.int64)
+        after = {(g.service, g.group_id): g for g in baseline.groups}
+        for cls in self.existing:
+            total = 0
+            for r in ROLES:
+                kept = grown = 0
+                for old in cls.groups:
+                    now = after.get((old.service, old.group_id))
+                    count = now.role(r).instances if now is not None else 0
+                    kept += min(count, old.count(r))
+                    grown += max(0, count - old.count(r))
+                var = cls.grow.get(r)
+                if var is not None:
+                    hint[var] = grown
+                    total += grown
+                keep = cls.keep.get(r)
+                if keep is not None:
+                    hint[keep] = kept
+            if cls.overflow is not None:
+                hint[cls.overflow] = max(0, total - cls.room)
         # New groups by (service, domain, type pair, anchor role or None).
+        before = {(g.service, g.group_id) for gs in self.problem.groups.values() for g in gs}
+        anchored_by = {(a.service, a.group_id): a.role for a in baseline.anchors}
         opened: dict[tuple[str, str, str, str, Role | None], int] = defaultdict(int)
         opened_n: dict[tuple[str, str, str, str, Role | None, Role], int] = defaultdict(int)
-        anchored_by = {(a.service, a.group_id): a.role for a in baseline.anchors}
-        kept: dict[tuple[str, str, str, str, Role], int] = defaultdict(int)
         for group in baseline.groups:
-            old = before.get((group.service, group.group_id))
-            if old is not None:
-                if old.domain is None:
-                    continue
-                key = (
-                    group.service,
-                    old.domain.key,
-                    old.gpu_type["prefill"],
-                    old.gpu_type["decode"],
-                )
-                for r in ROLES:
-                    kept[(*key, r)] += min(group.role(r).instances, old.count(r))
-                    grown[(*key, r)] += max(0, group.role(r).instances - old.count(r))
+            if (group.service, group.group_id) in before:
                 continue
             domain = self.topology.domain_of_group(group)
             if domain is None:
@@ -786,23 +947,6 @@ class _Solve:
             opened[new_key] += 1
             for r in ROLES:
                 opened_n[(*new_key, r)] += group.role(r).instances
-        hint: dict[int, int] = {}
-        for cls in self.existing:
-            if cls.domain is None:
-                continue
-            key = (cls.service, cls.domain.key, cls.types["prefill"], cls.types["decode"])
-            total = 0
-            for r in ROLES:
-                var = cls.grow.get(r)
-                if var is not None:
-                    value = grown.get((*key, r), 0)
-                    hint[var.index] = value
-                    total += value
-                keep = cls.keep.get(r)
-                if keep is not None:
-                    hint[keep.index] = kept.get((*key, r), 0)
-            if cls.overflow is not None:
-                hint[cls.overflow.index] = max(0, total - cls.room)
         for new in self.new:
             new_key = (
                 new.service,
@@ -812,51 +956,46 @@ class _Solve:
                 new.anchor_role,
             )
             count = opened.get(new_key, 0)
-            hint[new.groups.index] = count
+            hint[new.groups] = count
             total = 0
             for r, var in new.instances.items():
                 if var is not None:
-                    hint[var.index] = opened_n.get((*new_key, r), 0)
+                    hint[var] = opened_n.get((*new_key, r), 0)
                     total += opened_n.get((*new_key, r), 0)
             if new.anchors is not None:
-                hint[new.anchors.index] = ANCHOR_INSTANCES * count
+                hint[new.anchors] = ANCHOR_INSTANCES * count
                 total += ANCHOR_INSTANCES * count
             if new.overflow is not None:
-                hint[new.overflow.index] = max(
+                hint[new.overflow] = max(
                     0, total - count * self.problem.needs[new.service].group_size
                 )
         for service, role, gate in self.anchor_gates:
             met = baseline.placed(service, role) - baseline.overshoot(service, role)
-            hint[gate.index] = int(met >= self.problem.needs[service].role(role).target)
-        # Complete the hint (CP-SAT uses a complete, feasible hint as its first solution).
+            hint[gate] = int(met >= self.problem.needs[service].role(role).target)
         for over, terms, partial in self.fragment_vars:
-            hint[over.index] = max(
-                0, sum(t.size * hint.get(t.var.index, 0) for t in terms) - partial
-            )
-        proto = self.model.proto
-        for index in range(len(proto.variables)):
-            self.model.add_hint(self.model.get_int_var_from_proto_index(index), hint.get(index, 0))
+            hint[over] = max(0, sum(t.size * int(hint[t.var]) for t in terms) - partial)
+        return hint
 
     # ------------------------------------------------------------------ realise
     def _realise(
-        self, solver: cp_model.CpSolver | None
+        self, values: np.ndarray
     ) -> tuple[dict[str, dict[str, int]], dict[tuple[str, Role], tuple[str, str]], np.ndarray]:
         topo = self.topology
         free = self.initial_free.copy()
-        value = (lambda v: int(solver.value(v))) if solver is not None else (lambda v: 0)
+
+        def value(var: int) -> int:
+            return int(values[var])
 
         # Rebalance: drop what the model did not keep (scale-in rule inside each class),
         # and return those GPUs to the free pool.
-        if self.rebalance and solver is not None:
+        if self.rebalance:
             before = self._usage_by_node()
             for cls in self.existing:
                 need = self.problem.needs[cls.service]
-                drop = {
-                    r: (sum(g.count(r) for g in cls.groups) - value(cls.keep[r]))
-                    if cls.keep.get(r) is not None
-                    else 0
-                    for r in ROLES
-                }
+                drop = {r: sum(g.count(r) for g in cls.groups) for r in ROLES}
+                for r in ROLES:
+                    kept = cls.keep.get(r)
+                    drop[r] = drop[r] - value(kept) if kept is not None else 0
                 if any(drop.values()):
                     subset = list(cls.groups)
                     scale_in(subset, need, drop, topo, self.problem.used)
@@ -926,9 +1065,10 @@ class _Solve:
         outcome = pack(
             free,
             items,
-            time_limit_s=self._wall_guard_s() if self.options.deterministic else remaining,
+            # Loaded machines stretch the wall clock: the guard is generous.
+            time_limit_s=10 * self._guard_s() if self.options.deterministic else remaining,
             deterministic_time=(
-                self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
+                PACKING_SHARE * self.options.time_limit_s * DETERMINISTIC_UNITS_PER_S
                 if self.options.deterministic
                 else None
             ),

@@ -28,7 +28,7 @@ fallback is rare; the benchmark prints how often it ran.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,9 +107,11 @@ def exact_pack(
     workers: int,
     capacity: np.ndarray | None = None,
     deterministic_time: float | None = None,
+    hint: Mapping[Hashable, Mapping[int, int]] | None = None,
 ) -> tuple[dict[Hashable, dict[int, int]], dict[Hashable, int], str]:
     """Exact re-pack of ``items`` onto ``free`` (mutated): maximise the weighted GPUs
-    placed, then touch as few whole nodes as possible.
+    placed, then touch as few whole nodes as possible. ``hint`` (instances per item and
+    node, e.g. best fit's) is the search's starting point.
 
     Items that are interchangeable (same candidate nodes, size and weight, e.g. the
     groups of one service in one domain) share one integer variable per node, which
@@ -133,6 +135,9 @@ def exact_pack(
             if cap <= 0:
                 continue
             var = model.new_int_var(0, min(cap, count), "")
+            if hint is not None:
+                start = sum(hint.get(it.key, {}).get(node, 0) for it in members)
+                model.add_hint(var, min(start, cap, count))
             entries.append((node, var))
             per_node[node].append((size, var))
             placed_value.append((weight * size * total_gpus, var))
@@ -186,6 +191,11 @@ def exact_pack(
     return placed, unplaced, solver.status_name(status)
 
 
+def _value(items: Sequence[PackItem], unplaced: Mapping[Hashable, int]) -> int:
+    """Weighted GPUs of ``items`` left unplaced (what the exact re-pack minimises)."""
+    return sum(it.weight * it.size * unplaced.get(it.key, 0) for it in items)
+
+
 def pack(
     free: np.ndarray,
     items: Sequence[PackItem],
@@ -201,6 +211,7 @@ def pack(
     ``deterministic_time`` bounds it reproducibly (the wall clock stays a guard)."""
     start_free = free.copy()
     placed, unplaced = best_fit(free, items)
+    fitted, fitted_missing = dict(placed), dict(unplaced)
     fallback_components = 0
     worst = ""
     if unplaced:
@@ -221,15 +232,28 @@ def pack(
         for component in sorted(by_component):
             fallback_components += 1
             share = 1.0 / max(1, len(by_component))
+            members = by_component[component]
             got, missing, status = exact_pack(
                 free,
-                by_component[component],
+                members,
                 time_limit_s * share,
                 seed,
                 workers,
                 capacity,
                 deterministic_time * share if deterministic_time is not None else None,
+                hint=fitted,
             )
+            if _value(members, missing) > _value(members, fitted_missing):
+                # Out of time before matching best fit: best fit's placement stands.
+                for it in members:
+                    for node, count in got.get(it.key, {}).items():
+                        free[node] += count * it.size
+                    for node, count in fitted.get(it.key, {}).items():
+                        free[node] -= count * it.size
+                got = {it.key: fitted.get(it.key, {}) for it in members}
+                missing = {
+                    it.key: fitted_missing[it.key] for it in members if it.key in fitted_missing
+                }
             placed.update(got)
             unplaced.update(missing)
             if status not in ("OPTIMAL",):

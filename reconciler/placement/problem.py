@@ -44,6 +44,18 @@ Decisions (documented here once, followed by every placer):
   instance running through its observation window, so those GPUs are still busy when
   new instances start. Free capacity is therefore measured against everything that
   runs now (the CP-SAT placer relaxes this only with ``allow_rebalance``).
+- **Pending and draining instances hold capacity.** Every GPU a running instance
+  holds is busy for placement, and so are the GPUs of instances that hold capacity
+  without sitting in a group's node list: *pending* instances of a live group (its
+  instance count says they exist, no node is bound yet: the scheduler will put them
+  inside the group's domain on the role's GPU type, so that is where their GPUs are
+  held) and *draining* instances (soft scale-in took them out of their group; they run
+  until their window ends). A draining instance with a known node
+  (``PlacementRequest.draining``) holds its GPUs there; one only counted
+  (``FleetState.draining``) is held on the nodes of the service's groups running that
+  role, the place it left. Held-without-a-node instances take the fullest nodes that
+  fit them (best fit, as node packing does), so whole nodes stay whole; what fits
+  nowhere holds nothing, and ``stats.notes`` says so (as it says what is held).
 - **Scale-in rule** (the paper's order): remove from groups in the scarcest RDMA
   subgroup class first, then on the least preferred GPU type, then the most
   fragmenting place; a group that can be emptied in both roles is deleted whole; no
@@ -77,6 +89,7 @@ from reconciler.placement.base import (
     Shortfall,
     SolverStats,
 )
+from reconciler.placement.packing import PackItem, best_fit
 from reconciler.state import ROLES, DeploymentGroup, GroupRole, NodeInstances, Role
 from reconciler.topology import (
     CLASS_RANK,
@@ -91,6 +104,15 @@ from reconciler.topology import (
 ANCHOR_INSTANCES = 1
 
 # --------------------------------------------------------------------------- needs
+
+
+def preference_cost(weights: Mapping[str, float], gpu_type: str) -> int:
+    """Per GPU of ``gpu_type`` under a role's preference ``weights``: 0 for the most
+    preferred type, up to 99 for the least (99 x (1 - weight / best weight))."""
+    if not weights:
+        return 0
+    best = max(weights.values())
+    return round(99 * (1.0 - weights.get(gpu_type, 0.0) / best))
 
 
 @dataclass(frozen=True)
@@ -114,10 +136,7 @@ class RoleNeed:
 
     def preference_cost(self, gpu_type: str) -> int:
         """0 for the most preferred type, up to 99 for the least (per GPU)."""
-        if not self.weights:
-            return 0
-        best = max(self.weights.values())
-        return round(99 * (1.0 - self.weights.get(gpu_type, 0.0) / best))
+        return preference_cost(self.weights, gpu_type)
 
 
 @dataclass(frozen=True)
@@ -328,6 +347,7 @@ class PlacementProblem:
     shortfalls: list[Shortfall] = field(default_factory=list)
     started_s: float = field(default_factory=time.perf_counter)
     timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # reported in every result's stats
 
     @property
     def cluster(self) -> str:
@@ -361,6 +381,8 @@ def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> Placem
     policies = request.policies
     size_of = gpus_per_instance_of(policies)
     used = used_gpus(topology, request.current.groups, size_of)
+    held, hold_notes = held_gpus(request, topology, used)
+    used = used + held
 
     groups: dict[str, list[WorkGroup]] = defaultdict(list)
     for group in request.current.groups:
@@ -410,6 +432,7 @@ def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> Placem
         used=used,
         shortfalls=shortfalls,
         started_s=started,
+        notes=hold_notes,
     )
     mark = problem.lap("prepare", started)
     if apply_scale_in:
@@ -424,6 +447,98 @@ def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> Placem
                 )
         problem.lap("scale_in", mark)
     return problem
+
+
+# --------------------------------------------------------------------------- held
+
+
+def held_gpus(
+    request: PlacementRequest, topology: Topology, used: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """GPUs per node held by pending and draining instances (module docstring), on top
+    of ``used`` (the groups' instances on their nodes), and notes saying what is held."""
+    policies = request.policies
+    held = np.zeros_like(used)
+    items: list[PackItem] = []
+    counts = {"pending": 0, "draining": 0}
+    lost: list[str] = []
+
+    def size_of(service: str, role: Role, observed: int | None) -> int | None:
+        policy = policies.get(service)
+        return observed or (policy.role(role).gpus_per_instance if policy else None)
+
+    def hold(kind: str, what: str, nodes: np.ndarray, size: int, count: int) -> None:
+        counts[kind] += count
+        key = f"{kind} instance(s) of {what}"
+        items.append(PackItem(key, nodes, size, count, 0, 1, 0, (key,)))
+
+    groups_of: dict[str, list[DeploymentGroup]] = defaultdict(list)
+    for group in request.current.groups:
+        groups_of[group.service].append(group)
+        if group.service not in policies:
+            continue  # pruned this cycle: its Pods go
+        domain = topology.domain_of_group(group)
+        for role in ROLES:
+            pending = role_nodes(group.role(role)).get(UNSCHEDULED, 0)
+            size = size_of(group.service, role, group.role(role).gpus_per_instance)
+            if not pending or size is None:
+                continue
+            if domain is None:
+                lost.append(f"{pending} pending {role} of {group.service}/{group.group_id}")
+                continue
+            nodes = topology.domain_nodes(domain, group.role(role).gpu_type)
+            hold("pending", f"{group.service}/{group.group_id}/{role}", nodes, size, pending)
+
+    # Draining instances: on their node when known, else near the service's groups.
+    listed: dict[tuple[str, Role], int] = defaultdict(int)
+    located: dict[tuple[str, Role], int] = defaultdict(int)
+    for drained in request.draining:
+        listed[(drained.service, drained.role)] += drained.instances
+        if drained.node is None:
+            continue
+        located[(drained.service, drained.role)] += drained.instances
+        index = topology.node_index.get(drained.node)
+        if index is None:
+            continue  # a node the cluster file no longer lists: not capacity here
+        size = size_of(drained.service, drained.role, drained.gpus_per_instance)
+        counts["draining"] += drained.instances
+        # Unknown size (a service without a policy): its whole node, as used_gpus does.
+        held[index] += drained.instances * size if size is not None else topology.node_gpus[index]
+    for service, role in sorted({*listed, *request.current.draining}):
+        left = max(listed[(service, role)], request.current.draining.get((service, role), 0))
+        left -= located[(service, role)]
+        running = [g for g in groups_of.get(service, ()) if g.role(role).instances]
+        observed = next((g.role(role).gpus_per_instance for g in running), None)
+        size = size_of(service, role, observed)
+        if left <= 0 or size is None:
+            continue
+        domains = [
+            (d, g.role(role).gpu_type)
+            for g in running
+            if (d := topology.domain_of_group(g)) is not None
+        ]
+        if not domains:
+            lost.append(f"{left} draining {role} of {service}")
+            continue
+        nodes = np.unique(np.concatenate([topology.domain_nodes(d, t) for d, t in domains]))
+        hold("draining", f"{service}/{role}", nodes, size, left)
+
+    placed, unplaced = best_fit(topology.free_gpus(used + held), items)
+    for item in items:
+        for node, count in placed.get(item.key, {}).items():
+            held[node] += count * item.size
+        missing = unplaced.get(item.key, 0)
+        if missing:
+            lost.append(f"{missing} {item.key}: no room left in their domain")
+    notes = []
+    if counts["pending"] or counts["draining"]:
+        notes.append(
+            f"capacity held for {counts['pending']} pending and {counts['draining']} draining "
+            f"instance(s): {int(held.sum())} GPUs"
+        )
+    if lost:
+        notes.append(f"held nowhere (node unknown or no room): {'; '.join(lost)}")
+    return held, notes
 
 
 # --------------------------------------------------------------------------- scale-in
@@ -582,8 +697,7 @@ def finalize(
         key=lambda s: (s.service, s.role, s.constraint),
     )
     anchors = anchors_of(problem)
-    if anchors:
-        stats = replace(stats, notes=(*stats.notes, *(anchor_note(a) for a in anchors)))
+    stats = replace(stats, notes=(*problem.notes, *stats.notes, *(anchor_note(a) for a in anchors)))
     return PlacementResult(
         cluster=problem.cluster,
         groups=tuple(groups),
@@ -628,8 +742,10 @@ __all__ = [
     "anchor_note",
     "anchors_of",
     "finalize",
+    "held_gpus",
     "needed_class_rank",
     "new_group_id",
+    "preference_cost",
     "prepare",
     "scale_in",
     "scale_in_order_key",

@@ -8,13 +8,34 @@ policies), so any two placers can be compared on the same request:
 - ``scarce_gpus_unneeded``: GPUs in medium/high subgroups held by groups whose GPU type
   pair and affinity would have been satisfied by a less scarce class (a homogeneous
   group in a mixed subgroup, or a two-type S2 group in an S1-heterogeneous one);
-  ``_added`` counts only GPUs added in this cycle;
+  ``_added`` counts only GPUs added in this cycle; ``scarce_gpu_steps`` weighs each of
+  them by the class steps above the need (a homogeneous group in a high subgroup: 2);
+- ``spanning_gpus``: GPUs of groups whose instances sit in more than one subgroup;
 - ``whole_nodes_free``: nodes with no GPU in use after the cycle;
 - ``unmet_gpus`` / ``unmet_weighted``: GPUs short of target, and weighted by priority+1;
+  ``unmet_rank_weighted`` weights them as the CP-SAT objective does, by the dense rank
+  of the service's priority among the services with a target, plus 1;
 - ``preferred_share_added``: share of the GPUs added this cycle that are on each role's
-  most preferred GPU type;
+  most preferred GPU type; ``preference_cost_added`` charges them as the CP-SAT
+  objective does (``reconciler.placement.problem.preference_cost``: 0 for the most
+  preferred type, up to 99 per GPU);
 - ``anchored_groups`` / ``overshoot_gpus``: anchored groups opened for a role growing
-  alone, and the GPUs their anchors hold beyond the other role's target.
+  alone, and the GPUs their anchors hold beyond the other role's target;
+- ``overflow_instances``: instances beyond their group's size (both roles together).
+
+**Worse than greedy**, the one definition the CP-SAT placer, its tests and the
+benchmark use (``worse_than``): two layouts of the same request are compared on the
+measured terms in the order of the CP-SAT objective's levels (``objective_terms``),
+lexicographically: unmet demand weighted by priority rank (level 1), GPUs held by
+anchors beyond target (1b), GPUs of groups spanning RDMA subgroups, then scarce
+subgroup GPUs x class steps held by groups that do not need them (2), instances
+beyond their group's size (2b), the GPU type preference cost of the added GPUs (3),
+and nodes not left whole (4). A layout is worse than another when, at the first term
+where they differ, its value is higher. Each term is measured in the objective's own
+unit (GPU class steps, not GPUs; preference cost, not the share on the best type), so
+an improvement the objective sees is not mistaken for a loss. (Per-term dominance
+would call every trade the objective makes on purpose -- a less preferred GPU type to
+keep a scarce subgroup free -- a loss.)
 """
 
 from __future__ import annotations
@@ -26,8 +47,8 @@ import numpy as np
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.placement.base import PlacementResult
-from reconciler.placement.problem import needed_class_rank
-from reconciler.state import ROLES, DeploymentGroup, FleetState
+from reconciler.placement.problem import needed_class_rank, preference_cost
+from reconciler.state import ROLES, DeploymentGroup, FleetState, Targets
 from reconciler.topology import Topology, gpus_per_instance_of, used_gpus
 
 
@@ -46,6 +67,11 @@ class PlacementQuality:
     preferred_share_added: float
     anchored_groups: int = 0
     overshoot_gpus: int = 0
+    unmet_rank_weighted: int = 0
+    overflow_instances: int = 0
+    scarce_gpu_steps: int = 0
+    spanning_gpus: int = 0
+    preference_cost_added: int = 0
 
     @property
     def share_in_one_subgroup(self) -> float:
@@ -76,11 +102,15 @@ def measure(
     policies: Mapping[str, ServicePolicy],
     current: FleetState,
     result: PlacementResult,
+    targets: Mapping[str, Targets] | None = None,
 ) -> PlacementQuality:
+    """The measures of ``result`` (placed from ``current``); ``targets``, the
+    request's, define the priority ranks of ``unmet_rank_weighted`` (default: every
+    service in ``policies``)."""
     before = {(g.service, g.group_id): g for g in current.groups}
     size_of = gpus_per_instance_of(policies)
-    in_one = changed = changed_in_one = 0
-    scarce = scarce_added = added_total = preferred_added = 0
+    in_one = changed = changed_in_one = overflow = spanning = 0
+    scarce = scarce_added = scarce_steps = added_total = preferred_added = preference = 0
     for group in result.groups:
         policy = policies.get(group.service)
         one = len(group_subgroups(topology, group)) <= 1
@@ -91,12 +121,21 @@ def measure(
             changed_in_one += one
         if policy is None:
             continue
+        shape = policy.deployment_group
+        overflow += max(
+            0,
+            group.prefill.instances
+            + group.decode.instances
+            - shape.prefill_instances
+            - shape.decode_instances,
+        )
         need_rank = needed_class_rank(
             group.prefill.gpu_type, group.decode.gpu_type, policy.affinity
         )
         for role in ROLES:
             size = policy.role(role).gpus_per_instance
             best = policy.role(role).preferred_gpu_types()[0]
+            unit_cost = preference_cost(policy.role(role).gpu_types, group.role(role).gpu_type)
             old_nodes = {p.node: p.instances for p in old.role(role).nodes} if old else {}
             for placed in group.role(role).nodes:
                 index = topology.node_index.get(placed.node)
@@ -106,13 +145,19 @@ def measure(
                 gpus = placed.instances * size
                 new_gpus = max(0, placed.instances - old_nodes.get(placed.node, 0)) * size
                 added_total += new_gpus
+                preference += new_gpus * unit_cost
+                if not one:
+                    spanning += gpus
                 if group.role(role).gpu_type == best:
                     preferred_added += new_gpus
                 if rank > need_rank:
                     scarce += gpus
                     scarce_added += new_gpus
+                    scarce_steps += gpus * (rank - need_rank)
     used = used_gpus(topology, result.groups, size_of)
-    unmet = unmet_weighted = 0
+    ranked = [s for s in (policies if targets is None else targets) if s in policies]
+    priority_rank = {p: i for i, p in enumerate(sorted({policies[s].priority for s in ranked}))}
+    unmet = unmet_weighted = unmet_ranked = 0
     for shortfall in result.shortfalls:
         policy = policies.get(shortfall.service)
         gpus = shortfall.instances * (
@@ -120,6 +165,7 @@ def measure(
         )
         unmet += gpus
         unmet_weighted += gpus * ((policy.priority if policy else 0) + 1)
+        unmet_ranked += gpus * (priority_rank.get(policy.priority, -1) + 1 if policy else 0)
     return PlacementQuality(
         groups=len(result.groups),
         groups_in_one_subgroup=in_one,
@@ -138,7 +184,50 @@ def measure(
             for a in result.anchors
             if a.service in policies
         ),
+        unmet_rank_weighted=unmet_ranked,
+        overflow_instances=overflow,
+        scarce_gpu_steps=scarce_steps,
+        spanning_gpus=spanning,
+        preference_cost_added=preference,
     )
 
 
-__all__ = ["PlacementQuality", "group_subgroups", "measure"]
+def objective_terms(quality: PlacementQuality) -> tuple[tuple[str, float], ...]:
+    """The measured terms in the CP-SAT objective's order, each ``(name, value)`` with
+    lower values better (the module docstring, "worse than greedy")."""
+    q = quality
+    return (
+        ("unmet demand (GPUs x priority rank)", q.unmet_rank_weighted),
+        ("GPUs held by anchors beyond target", q.overshoot_gpus),
+        ("GPUs of groups spanning RDMA subgroups", q.spanning_gpus),
+        ("scarce-subgroup GPUs x class steps held by groups not needing them", q.scarce_gpu_steps),
+        ("instances beyond their group's size", q.overflow_instances),
+        ("GPU type preference cost of the added GPUs", q.preference_cost_added),
+        ("nodes not left whole", -q.whole_nodes_free),
+    )
+
+
+def first_worse_term(layout: PlacementQuality, baseline: PlacementQuality) -> str | None:
+    """The term that makes ``layout`` worse than ``baseline`` (the first one where they
+    differ, when ``layout`` is higher there), or None when it is not worse."""
+    for (name, mine), (_name, theirs) in zip(
+        objective_terms(layout), objective_terms(baseline), strict=True
+    ):
+        if mine != theirs:
+            return name if mine > theirs else None
+    return None
+
+
+def worse_than(layout: PlacementQuality, baseline: PlacementQuality) -> bool:
+    """Whether ``layout`` is worse than ``baseline`` (the module docstring)."""
+    return first_worse_term(layout, baseline) is not None
+
+
+__all__ = [
+    "PlacementQuality",
+    "first_worse_term",
+    "group_subgroups",
+    "measure",
+    "objective_terms",
+    "worse_than",
+]
