@@ -14,6 +14,10 @@ One cycle, in order (each step that changes a number says so in the message):
    of the role's queue (``prefill_queue`` / ``decode_queue``, requests waiting, times
    the mix's mean prompt or output length), and the queue itself is sized to drain
    within ``DRAIN_S``. Without a queue signal the served rate stands in (noted).
+   Decode is also asked for what prefill holds back (its queue's growth and backlog,
+   converted at the mix's output per prompt token: ``decode_follows_prefill``): a
+   surge reaches prefill first, and decode's own rates would show it only once
+   prefill let it through.
 2. **Mix.** The request mix from ``metrics.prompt_tokens`` / ``output_tokens``;
    missing or stale, the last known mix (the message says from when). With no mix
    ever seen and no override, the planner holds.
@@ -194,6 +198,37 @@ def role_demand(
             f"in {DRAIN_S:.0f} s"
         )
     return RoleDemand(arriving, drain, backlog, note)
+
+
+def decode_follows_prefill(
+    decode: RoleDemand,
+    prefill: RoleDemand,
+    prefill_served_tps: float,
+    output_per_prompt_token: float,
+) -> RoleDemand:
+    """Decode's demand, with what prefill holds back added. Every request that reaches
+    prefill reaches decode within a TTFT: the requests prefill is asked for beyond what
+    it served (its queue's growth) and those waiting in its backlog are decode work
+    that decode's own rates cannot show yet, at the mix's output tokens per prompt
+    token. A surge shows at prefill first; without this, decode would see it only once
+    prefill had let it through, a start-up later. Only the excess is converted, so in
+    steady state (no queue growth, no backlog) decode's own reading stands whatever the
+    mix's estimate of the conversion."""
+    held_back_tps = max(0.0, prefill.arriving_tps - prefill_served_tps) * output_per_prompt_token
+    backlog_tps = prefill.drain_tps * output_per_prompt_token
+    if held_back_tps + backlog_tps <= 0.01 * max(decode.arriving_tps, 1.0):
+        return decode
+    note = (
+        f"decode: +{held_back_tps:.0f} output tokens/s held back at prefill"
+        + (f", +{backlog_tps:.0f} as its backlog drains" if backlog_tps > 0 else "")
+        + f" ({output_per_prompt_token:.3f} output per prompt token)"
+    )
+    return replace(
+        decode,
+        arriving_tps=decode.arriving_tps + held_back_tps,
+        drain_tps=decode.drain_tps + backlog_tps,
+        note="; ".join(n for n in (decode.note, note) if n),
+    )
 
 
 @dataclass(frozen=True)
@@ -489,6 +524,10 @@ def plan_decide(
         now_s,
         n.metric_max_age_s,
     )
+    if mix is not None and mix.prompt_mean_tokens > 0:
+        decode_in = decode_follows_prefill(
+            decode_in, prefill_in, prefill_tps, mix.output_mean_tokens / mix.prompt_mean_tokens
+        )
     parts.extend(d.note for d in (prefill_in, decode_in) if d.note)
 
     # 5 (first, it only needs demand). Demand at each role's horizon.

@@ -24,8 +24,10 @@ from reconciler.policy.planner import (
     KeptCapacity,
     PlannerAutoscaler,
     PlannerMemory,
+    RoleDemand,
     capacities_for,
     clear_caches,
+    decode_follows_prefill,
     perf_context,
     plan_decide,
     role_demand,
@@ -342,6 +344,45 @@ def test_an_overloaded_prefill_is_sized_beyond_what_it_serves() -> None:
     # 3,000 requests of ~1,200 prompt tokens queued in 30 s: ~120,000 tokens/s more
     # arriving than served, and a backlog to drain on top.
     assert sizes["with queue"] > 1.5 * sizes["served only"] > 15
+
+
+def test_in_steady_state_decode_demand_is_its_own() -> None:
+    # Prefill serves what it is asked for and holds no backlog: decode's reading
+    # stands, whatever the mix says about output per prompt token.
+    decode = RoleDemand(20_000.0, 0.0, None, None)
+    prefill = RoleDemand(100_000.0, 0.0, None, None)
+    assert decode_follows_prefill(decode, prefill, 100_000.0, 0.5) is decode
+
+
+def test_a_surge_held_back_at_prefill_is_decode_demand_before_decode_sees_it() -> None:
+    # Prefill serves 100,000 prompt tokens/s but is asked for 180,000, and holds a
+    # backlog it drains at 50,000: at 0.2 output per prompt token decode will be asked
+    # for 16,000 more output tokens/s, and 10,000 more while the backlog drains.
+    decode = RoleDemand(20_000.0, 0.0, None, None)
+    prefill = RoleDemand(180_000.0, 50_000.0, None, None)
+    raised = decode_follows_prefill(decode, prefill, 100_000.0, 0.2)
+    assert raised.arriving_tps == pytest.approx(36_000.0)
+    assert raised.drain_tps == pytest.approx(10_000.0)
+    assert raised.note is not None and "+16000 output tokens/s held back at prefill" in raised.note
+
+
+def test_decode_is_sized_for_a_prefill_surge_in_the_same_cycle() -> None:
+    """A burst reaches decode only after prefill lets it through; sized from prefill's
+    demand, decode grows in the cycle the surge shows at prefill, not a TTFT later."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    sizes: dict[str, int] = {}
+    for label, queues in (("steady", (0.0, 0.0)), ("surge", (0.0, 3000.0))):
+        history = PolicyHistory()
+        decision = None
+        for k, queue in enumerate(queues):
+            now = 30.0 * k
+            metrics = _metrics(now, 120_000.0, 24_000.0, prefill_queue=queue)
+            decision = plan_decide(policy, _fleet(12, 16), metrics, history, now, perf)
+            history = decision.history
+        assert decision is not None
+        sizes[label] = decision.decode
+    assert sizes["surge"] > 1.5 * sizes["steady"]
 
 
 def test_sizings_made_before_any_forecast_are_not_remembered_as_kept() -> None:

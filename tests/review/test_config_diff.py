@@ -33,7 +33,7 @@ def test_policy_fields_read_in_words_with_their_line(repo_root: Path, example_re
         str(c) for c in config_diff(load_desired_state(repo_root), load_desired_state(example_repo))
     ]
     assert lines == [
-        f"service chat: P/D ratio bounds: 1:3..3:2 -> 1:4..3:2 (policies/chat.yaml:{line_of(chat, 'min: ')})",
+        f"service chat: P/D ratio bounds: 1:3..4:1 -> 1:4..4:1 (policies/chat.yaml:{line_of(chat, 'min: ')})",
         f"service chat: decode GPU type h800 preference: 0.4 -> not allowed (policies/chat.yaml:{line_of(chat, '{h20: 1.0}')})",
         f"service chat: decode target TPS per instance: derived from the model -> 1400 (policies/chat.yaml:{line_of(chat, 'target_per_instance')})",
         f"service chat: TBT SLO (ms): 50 -> 45 (policies/chat.yaml:{line_of(chat, 'tbt_ms')})",

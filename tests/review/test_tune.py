@@ -426,8 +426,12 @@ LOW_TARGET_NOTE = "  # 900 was set by hand, long ago"
 
 def _with_low_target(chat: Path) -> str:
     """chat.yaml with deliberately low decode and prefill targets for the paper policy,
-    so all values change, and a comment line that explains the old decode target."""
+    so all values change, and a comment line that explains the old decode target. The
+    P/D ratio's upper bound is the 3:2 the paper policy's hand targets were tuned with
+    (its ratio follows decode, and the planner's wider bound lets it starve decode)."""
     text = with_hand_target_lines(chat.read_text(), "chat")
+    assert text.count('  max: "4:1"\n') == 1
+    text = text.replace('  max: "4:1"\n', '  max: "3:2"\n')
     text = TARGET_RE.sub(f"{LOW_TARGET_NOTE}\n  target_per_instance: 900", text, count=1)
     text = PREFILL_TARGET_RE.sub("  prefill_target_per_instance: 1000", text, count=1)
     chat.write_text(text)
