@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from reconciler.cost import GpuPrices
 from reconciler.desired.loader import DesiredState
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementOptions, PlacementRequest, Placer
@@ -134,5 +135,7 @@ def plan_cluster(
         current=observation.fleet,
         notes=tuple(notes),
         held=held,
+        prices=GpuPrices.of_cluster(spec),
+        gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories

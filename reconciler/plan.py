@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reconciler.cost import Cost, CostChange, GpuPrices, groups_cost_per_hour
 from reconciler.placement.base import PlacementResult
 from reconciler.policy.base import Decision
 from reconciler.state import ROLES, DeploymentGroup, FleetState, Role
@@ -106,10 +107,29 @@ class Plan:
     # Services held this cycle (their groups keep their sizes), with why: a scale
     # change the API server refused because of drift (``reconciler.cycle``).
     held: Mapping[str, str] = field(default_factory=dict)
+    # For the cost lines of the reports: the cluster's GPU prices (None: no cost is
+    # reported) and each service's GPUs per instance by role (the policy's).
+    prices: GpuPrices | None = None
+    gpus_per_instance: Mapping[tuple[str, Role], int] = field(default_factory=dict)
 
     @property
     def groups(self) -> tuple[DeploymentGroup, ...]:
         return self.placement.groups
+
+    def cost_per_hour(self, service: str | None = None) -> CostChange | None:
+        """What ``service`` (None: every group of the cluster, services without a
+        policy included) costs per hour now and once the plan is carried out; None
+        without prices. Counts the instances of the groups (ready and starting):
+        instances draining after a scale-in hold their GPUs a little longer."""
+        prices = self.prices
+        if prices is None:
+            return None
+
+        def cost(groups: tuple[DeploymentGroup, ...]) -> Cost:
+            mine = [g for g in groups if service is None or g.service == service]
+            return groups_cost_per_hour(mine, self.gpus_per_instance, prices)
+
+        return CostChange(current=cost(self.current.groups), planned=cost(self.groups))
 
     @property
     def has_changes(self) -> bool:

@@ -13,7 +13,10 @@ import json
 from typing import Any
 
 from reconciler.apply.report import summarise_drift
+from reconciler.cost import CostChange, money
 from reconciler.loop import ClusterOutcome, CycleResult
+
+CLUSTER_TOTAL = "cluster total"  # a row label no service can have (names are DNS labels)
 
 
 def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
@@ -30,6 +33,69 @@ def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
         # The message already names every clamp (JSON carries them separately).
         rows.append((service, sizes, decision.reason, decision.message))
     return rows
+
+
+def _cost_rows(outcome: ClusterOutcome) -> list[tuple[str, CostChange]]:
+    """Cost per hour of each decided service, then of the whole cluster (every group,
+    services without a policy included); empty when the plan has no prices."""
+    plan = outcome.plan
+    total = plan.cost_per_hour() if plan is not None else None
+    if plan is None or total is None:
+        return []
+    rows = [(service, plan.cost_per_hour(service)) for service in sorted(plan.decisions)]
+    return [(name, change) for name, change in rows if change is not None] + [
+        (CLUSTER_TOTAL, total)
+    ]
+
+
+def _cost_unknown_because(total: CostChange) -> str:
+    """Why some cost is unknown ("" if none is): the GPU types without a price."""
+    reasons = {total.current.why_unknown(), total.planned.why_unknown()} - {""}
+    return "; ".join(sorted(reasons))
+
+
+def _cost_lines(outcome: ClusterOutcome) -> list[str]:
+    rows = _cost_rows(outcome)
+    if not rows:
+        return []
+    total = rows[-1][1]
+    width = max(len(name) for name, _change in rows)
+    out = [f"  cost per hour ({total.current.currency}), now -> planned:"]
+    for name, change in rows:
+        out.append(
+            f"    {name:<{width}}  {money(change.current.amount):>10} -> "
+            f"{money(change.planned.amount):>10}  {money(change.delta, signed=True)}"
+        )
+    why = _cost_unknown_because(total)
+    if why:
+        out.append(f"    unknown: {why} (cost_per_hour in the cluster file)")
+    return out
+
+
+def _cost_json(outcome: ClusterOutcome) -> dict[str, Any] | None:
+    rows = _cost_rows(outcome)
+    if not rows:
+        return None
+
+    def figures(change: CostChange) -> dict[str, float | None]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
+        return {
+            "current": rounded(change.current.amount),
+            "planned": rounded(change.planned.amount),
+            "delta": rounded(change.delta),
+        }
+
+    total = rows[-1][1]
+    return {
+        "currency": total.current.currency,
+        "services": {name: figures(change) for name, change in rows[:-1]},
+        "total": figures(total),
+        "unpriced_gpu_types": sorted(
+            {*total.current.unpriced_types, *total.planned.unpriced_types}
+        ),
+    }
 
 
 def _object_lines(outcome: ClusterOutcome) -> list[str]:
@@ -78,6 +144,7 @@ def format_text(result: CycleResult, *, title: str) -> str:
             width = max(len(r[0]) for r in rows)
             for service, sizes, reason, message in rows:
                 out.append(f"    {service:<{width}}  {sizes:<32} {reason}: {message}")
+        out.extend(_cost_lines(outcome))
         if plan.changes:
             out.append("  group changes (apply order: capacity first):")
             out.extend(f"    {change}" for change in plan.changes)
@@ -143,6 +210,23 @@ def format_markdown(result: CycleResult, *, title: str) -> str:
             out += ["| service | instances | reason | why |", "|---|---|---|---|"]
             out += [f"| {s} | {z} | {r} | {m.replace('|', '/')} |" for s, z, r, m in rows]
             out.append("")
+        costs = _cost_rows(outcome)
+        if costs:
+            currency = costs[-1][1].current.currency
+            out += [
+                f"| cost per hour ({currency}) | now | planned | change |",
+                "|---|--:|--:|--:|",
+            ]
+            out += [
+                f"| {name} | {money(c.current.amount)} | {money(c.planned.amount)} "
+                f"| {money(c.delta, signed=True)} |"
+                for name, c in costs
+            ]
+            why = _cost_unknown_because(costs[-1][1])
+            out += (
+                ["", f"Cost unknown: {why} (`cost_per_hour` in the cluster file)."] if why else []
+            )
+            out.append("")
         if plan.changes:
             out += ["**Group changes** (apply order):", ""]
             out += [f"- `{change}`" for change in plan.changes]
@@ -198,6 +282,9 @@ def to_json(result: CycleResult) -> dict[str, Any]:
             ]
             entry["notes"] = list(outcome.plan.notes)
             entry["held"] = dict(outcome.plan.held)
+            cost = _cost_json(outcome)
+            if cost is not None:
+                entry["cost_per_hour"] = cost
         if outcome.diff is not None:
             entry["objects"] = outcome.diff.to_json()
         else:

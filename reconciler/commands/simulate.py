@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from reconciler.commands._options import PlacerOpt, checked_placer, checked_repository
+from reconciler.cost import money
 from reconciler.errors import ConfigError, PermanentError
 
 if TYPE_CHECKING:
@@ -38,6 +39,11 @@ def _pct(value: float | None) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:,.0f}"
+
+
+def _cost(amount: float | None, digits: int = 2) -> str:
+    """Money as the table shows it: "-" when unknown (a GPU type without a price)."""
+    return "-" if amount is None else money(amount, digits)
 
 
 def _ratio_range(low: float | None, high: float | None) -> str:
@@ -63,6 +69,8 @@ def render_table(result: EvaluationResult) -> Table:
     for column, justify in (
         ("policy", "left"),
         ("GPU-hours", "right"),
+        (f"cost {result.currency}", "right"),
+        (f"{result.currency}/Mtok", "right"),
         ("x oracle-min", "right"),
         ("vs static", "right"),
         ("util P / D", "right"),
@@ -91,6 +99,8 @@ def render_table(result: EvaluationResult) -> Table:
         table.add_row(
             escape(name),
             f"{r.gpu_hours:,.1f}",
+            _cost(r.cost_usd),
+            _cost(r.usd_per_mtok, 3),
             "-" if r.oracle_min_multiple is None else f"{r.oracle_min_multiple:.2f}",
             saving,
             f"{_pct(r.mean_gpu_util_prefill)} / {_pct(r.mean_gpu_util_decode)}",

@@ -34,6 +34,10 @@ NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 # Each is well beyond real use; the field descriptions say why.
 HOUR_S = 3_600.0
 DAY_S = 86_400.0
+# Per GPU per hour, in the cluster's currency: a million leaves room for currencies with
+# small units (a B200 at 15 USD/h is about 375,000 VND/h); in USD it is 100,000 times
+# today's on-demand list prices.
+MAX_COST_PER_HOUR = 1_000_000.0
 MAX_INSTANCES = 100_000  # per role of one service: 100,000+ GPUs, beyond any fleet
 # Windows and cooldowns: the review warms a fleet up over the longest one at a
 # 30 s cycle, so an hour is 120 cycles; HPA's stabilisation default is 5 minutes.
@@ -296,6 +300,14 @@ class GpuType(StrictModel):
     node_label: LabelValue | None = Field(
         default=None, description="value of the GPU-type node label; defaults to the type's name"
     )
+    cost_per_hour: (
+        Annotated[float, Field(gt=0, le=MAX_COST_PER_HOUR, allow_inf_nan=False)] | None
+    ) = Field(
+        default=None,
+        description="price of one GPU of this type for one hour, in the cluster's currency; "
+        "at most 1,000,000 (room for currencies with small units). Omitted: the type has no "
+        "price and reports give the cost of what runs on it as unknown",
+    )
 
 
 class NodeDefaults(StrictModel):
@@ -397,6 +409,10 @@ class ClusterSpec(StrictModel):
     name: DnsLabel
     kube_context: ShortText | None = Field(
         default=None, description="kubeconfig context; none = current"
+    )
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = Field(
+        default="USD",
+        description="ISO 4217 code (three capital letters) of the GPU types' cost_per_hour",
     )
     gpu_types: dict[ShortText, GpuType] = Field(min_length=1, max_length=64)
     labels: TopologyLabels = Field(default_factory=TopologyLabels)

@@ -38,6 +38,15 @@ constant counts are its own warm state. GPU-hours count every GPU an
 instance holds from creation (start-up included) to the end of its drain, up to the
 end of the trace; in-flight requests are then served to completion (up to
 ``SimConfig.drain_tail_s``) for the latency figures.
+
+Cost (``reconciler.cost``): ``cost_usd`` prices those GPU-hours, per GPU type, at the
+cluster's ``cost_per_hour`` (in its ``currency``, USD unless the cluster file says
+otherwise). ``usd_per_mtok`` divides it by the millions of output tokens served within
+SLO: the output tokens of the requests that met both SLOs (TTFT and TBT, judged per
+request as the attainment figures are) and were served to completion; where routing
+mixes a request over pools, its tokens count with its probability of meeting both.
+Both are None when a GPU type the run used has no price (``unpriced_gpu_types``
+names it), and ``usd_per_mtok`` also when no token was served within SLO.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from reconciler.cost import GpuPrices, cost_of_gpu_hours, per_million
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
@@ -65,6 +75,7 @@ from reconciler.sim.engine import (
     RequestOutcomes,
     ServiceSim,
     SimConfig,
+    per_request,
     request_outcomes,
 )
 from reconciler.sim.fleet import SimulatedFleet
@@ -407,6 +418,13 @@ class PolicyResult:
     unattainable_share: float = 0.0  # requests missing TTFT even on an idle instance
     tbt_token_quantile_ms: float | None = None  # SLO quantile over every token's gap
     oracle_min_multiple: float | None = None  # GPU-hours / oracle-min's GPU-hours
+    # Cost (module docstring), in ``currency``; None when a type used has no price.
+    gpu_hours_by_type: Mapping[str, float] = field(default_factory=dict)
+    currency: str = "USD"
+    cost_usd: float | None = None
+    unpriced_gpu_types: tuple[str, ...] = ()
+    output_tokens_within_slo: float = 0.0
+    usd_per_mtok: float | None = None  # cost per million output tokens served within SLO
 
     def to_json(self) -> dict[str, Any]:
         if self.failed is not None:
@@ -421,6 +439,12 @@ class PolicyResult:
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_hours_prefill": round(self.gpu_hours_prefill, 3),
             "gpu_hours_decode": round(self.gpu_hours_decode, 3),
+            "gpu_hours_by_type": {t: round(h, 3) for t, h in self.gpu_hours_by_type.items()},
+            "currency": self.currency,
+            "cost_usd": _round_or_none(self.cost_usd),
+            "usd_per_mtok": _round_or_none(self.usd_per_mtok, 4),
+            "unpriced_gpu_types": list(self.unpriced_gpu_types),
+            "output_tokens_within_slo": round(self.output_tokens_within_slo),
             "mean_gpu_util": {
                 "prefill": round(self.mean_gpu_util_prefill, 4),
                 "decode": round(self.mean_gpu_util_decode, 4),
@@ -505,6 +529,7 @@ class EvaluationResult:
     slo: Mapping[str, float]
     policies: Mapping[str, PolicyResult]
     notes: tuple[str, ...] = ()
+    currency: str = "USD"  # of every policy's cost figures
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -513,6 +538,7 @@ class EvaluationResult:
             "horizon_s": self.horizon_s,
             "requests": round(self.requests),
             "slo": dict(self.slo),
+            "currency": self.currency,
             "notes": list(self.notes),
             "policies": {name: result.to_json() for name, result in self.policies.items()},
         }
@@ -577,7 +603,9 @@ def evaluate(
         warm = oracle_min_initial_counts(policy, cluster, profile, config, oracle_window_s)
     for name in policies:
         if name == "oracle-min" and oracle_plan is not None:
-            results[name] = oracle_min_result(policy, profile, oracle_plan, config)
+            results[name] = oracle_min_result(
+                policy, profile, oracle_plan, config, prices=GpuPrices.of_cluster(cluster)
+            )
             continue
         if name == "hpa-gpu-util" and hpa_target is None:
             from reconciler.sim.sweep import choose_hpa_target  # sweep imports this module
@@ -639,6 +667,7 @@ def evaluate(
         },
         policies=results,
         notes=tuple(notes),
+        currency=cluster.currency,
     )
 
 
@@ -791,6 +820,8 @@ def _run_policy(
         horizon,
         policy,
         outcome,
+        gpus_by_type=fleet.gpus_by_type(service),
+        prices=GpuPrices.of_cluster(cluster),
         actions=actions,
         changes=changes,
         shortfalls=shortfalls,
@@ -808,15 +839,27 @@ def _result(
     policy: ServicePolicy,
     outcome: RequestOutcomes,
     *,
+    gpus_by_type: Mapping[str, np.ndarray],
+    prices: GpuPrices,
     actions: int,
     changes: int,
     shortfalls: int,
     timeline: Mapping[str, np.ndarray],
     notes: Sequence[str],
 ) -> PolicyResult:
-    """A run's figures from its simulator and its per-second instance counts: the one
-    accounting every policy and oracle-min share."""
+    """A run's figures from its simulator and its per-second instance counts (and GPUs
+    per type, ``gpus_by_type``): the one accounting every policy and oracle-min share."""
     usage = _usage(sim, counts, horizon, policy)
+    gpu_hours_by_type = {
+        gpu_type: float(gpus[:horizon].sum()) / 3600.0
+        for gpu_type, gpus in sorted(gpus_by_type.items())
+        if gpus[:horizon].any()
+    }
+    cost = cost_of_gpu_hours(gpu_hours_by_type, prices)
+    tokens_within_slo = _output_tokens_within_slo(sim)
+    if cost.amount is None:
+        why = f"cost unknown: {cost.why_unknown()} (cost_per_hour in the cluster file)"
+        notes = [*notes, why]
     active_prefill = counts["prefill_ready"][:horizon] + counts["prefill_starting"][:horizon]
     active_decode = counts["decode_ready"][:horizon] + counts["decode_starting"][:horizon]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -850,11 +893,39 @@ def _result(
         notes=tuple(notes),
         unattainable_share=outcome.unattainable_share,
         tbt_token_quantile_ms=outcome.tbt_token_quantile_ms,
+        gpu_hours_by_type=gpu_hours_by_type,
+        currency=cost.currency,
+        cost_usd=cost.amount,
+        unpriced_gpu_types=cost.unpriced_types,
+        output_tokens_within_slo=tokens_within_slo,
+        usd_per_mtok=per_million(cost.amount, tokens_within_slo),
     )
 
 
+def _output_tokens_within_slo(sim: ServiceSim) -> float:
+    """Output tokens of the requests that met both SLOs (module docstring), over the
+    requests ``request_outcomes`` judges: the sample's, arrived before the run ended,
+    scaled by its weight."""
+    sample = sim.profile.sample
+    if sample is None or sample.requests == 0 or sim.t == 0:
+        return 0.0
+    keep = sample.arrival_s < sim.t
+    if not keep.any():
+        return 0.0
+    output = sample.output_tokens[keep].astype(np.float64)
+    judged = per_request(
+        sim, sample.arrival_s[keep], sample.prompt_tokens[keep].astype(np.float64), output
+    )
+    return float(judged.both_ok @ output) * sim.profile.sample_weight
+
+
 def oracle_min_result(
-    policy: ServicePolicy, profile: LoadProfile, plan: OracleMinPlan, config: SimConfig
+    policy: ServicePolicy,
+    profile: LoadProfile,
+    plan: OracleMinPlan,
+    config: SimConfig,
+    *,
+    prices: GpuPrices,
 ) -> PolicyResult:
     """oracle-min's figures, from the simulator run that follows its plan (the same
     outcome and GPU-hour accounting as every policy)."""
@@ -876,6 +947,13 @@ def oracle_min_result(
         )
     starts = [float(w.start_s) for w in plan.windows]
     no_signal = [math.nan] * len(plan.windows)
+    # oracle-min runs every instance of a role on its plan's GPU type for the role.
+    gpus_by_type: dict[str, np.ndarray] = {}
+    for gpu_type, gpus in (
+        (plan.prefill_gpu_type, counts["prefill_gpus"]),
+        (plan.decode_gpu_type, counts["decode_gpus"]),
+    ):
+        gpus_by_type[gpu_type] = gpus_by_type.get(gpu_type, np.zeros_like(gpus)) + gpus
     return _result(
         "oracle-min",
         f"fewest {plan.prefill_gpu_type} prefill and {plan.decode_gpu_type} decode instances "
@@ -886,6 +964,8 @@ def oracle_min_result(
         horizon,
         policy,
         outcome,
+        gpus_by_type=gpus_by_type,
+        prices=prices,
         actions=int((steps > 0).sum()),
         changes=int(steps.sum()),
         shortfalls=0,

@@ -222,11 +222,17 @@ class SimulatedFleet:
         self._group_types: dict[tuple[int, int], str] = {}
         self.table = _InstanceTable()
         self.fleet_series: dict[str, _Grow] = {name: _Grow(FLEET_COLUMNS) for name in self.sims}
+        # GPUs held per GPU type (both roles, draining included) per second: what the
+        # reports price (``gpus_by_type``).
+        self.gpu_type_series: dict[str, _Grow] = {name: _Grow(self.gpu_types) for name in self.sims}
         self.t = 0
         self._dirty: set[int] = {self.service_index[name] for name in self.sims}
         self._next_event_s = math.inf
         self._has_decode_drains = False
         self._allocated: dict[str, list[float]] = {name: [0.0] * 8 for name in self.sims}
+        self._allocated_by_type: dict[str, list[float]] = {
+            name: [0.0] * len(self.gpu_types) for name in self.sims
+        }
         self._version = 0
         self._state_cache: dict[tuple[str, tuple[str, ...] | None], tuple[int, FleetState]] = {}
 
@@ -253,6 +259,7 @@ class SimulatedFleet:
             for name, sim in self.sims.items():
                 sim.step()
                 self.fleet_series[name].append(self._allocated[name])
+                self.gpu_type_series[name].append(self._allocated_by_type[name])
             self.t += 1
 
     def _changed(self, services: np.ndarray | list[int]) -> None:
@@ -323,11 +330,17 @@ class SimulatedFleet:
         allocated[6] *= policy.prefill.gpus_per_instance
         allocated[7] *= policy.decode.gpus_per_instance
         self._allocated[service] = allocated
+        n_types = len(self.gpu_types)
+        gpu = tab["gpu_type"]
+        by_type = np.zeros(n_types)
+        for code, rp in ((PREFILL, policy.prefill), (DECODE, policy.decode)):
+            by_type += np.bincount(gpu[mine & (role == code)], minlength=n_types) * (
+                rp.gpus_per_instance
+            )
+        self._allocated_by_type[service] = by_type.tolist()
         sim = self.sims.get(service)
         if sim is None:
             return
-        n_types = len(self.gpu_types)
-        gpu = tab["gpu_type"]
         decode_rows = mine & (role == DECODE)
         decode_ready = np.bincount(gpu[decode_rows & ~draining & ready], minlength=n_types)
         decode_draining = np.bincount(gpu[decode_rows & draining], minlength=n_types)
@@ -645,3 +658,9 @@ class SimulatedFleet:
         """Per-second instance and GPU counts of a service."""
         series = self.fleet_series[service]
         return {name: series.col(name) for name in FLEET_COLUMNS}
+
+    def gpus_by_type(self, service: str) -> dict[str, np.ndarray]:
+        """Per-second GPUs a service holds on each GPU type (both roles, from creation
+        to the end of a drain, as ``instance_counts``' ``*_gpus``)."""
+        series = self.gpu_type_series[service]
+        return {name: series.col(name) for name in self.gpu_types}

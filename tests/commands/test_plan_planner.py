@@ -43,14 +43,15 @@ def tight_ttft_repo(example_repo: Path) -> Path:
 
 
 def decision_rows(output: str, fmt: str) -> dict[str, str]:
-    """Each service's decision line (text) or table row (markdown)."""
-    rows = {}
+    """Each service's decision line (text) or table row (markdown): the first line
+    naming it (its cost line follows the decisions)."""
+    rows: dict[str, str] = {}
     for line in output.splitlines():
         for service in SERVICES:
             if (fmt == "text" and line.startswith(f"    {service} ")) or (
                 fmt == "markdown" and line.startswith(f"| {service} |")
             ):
-                rows[service] = line
+                rows.setdefault(service, line)
     return rows
 
 

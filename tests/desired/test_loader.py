@@ -114,11 +114,12 @@ def test_subgroup_switches_are_known_and_in_one_subgroup(example_repo: Path) -> 
     cluster = example_repo / "clusters/prod-east.yaml"
     edit(cluster, "switches: [pod-b]", "switches: [pod-b, pod-x]")
     edit(cluster, "switches: [pod-c]", "switches: [pod-c, mp-a1]")
+    rg_b, rg_c = line_of(cluster, "name: rg-b"), line_of(cluster, "name: rg-c")
     assert problems(example_repo) == [
-        "clusters/prod-east.yaml:95:36: rdma_subgroups[1].switches[1]: unknown S1/S2 switch "
-        "'pod-x'; did you mean 'pod-d'?",
-        "clusters/prod-east.yaml:96:18: rdma_subgroups[2].switches: S1 'mp-a1' is already in "
-        "subgroup 'rg-a'",
+        f"clusters/prod-east.yaml:{rg_b}:36: rdma_subgroups[1].switches[1]: unknown S1/S2 "
+        "switch 'pod-x'; did you mean 'pod-d'?",
+        f"clusters/prod-east.yaml:{rg_c}:18: rdma_subgroups[2].switches: S1 'mp-a1' is already "
+        "in subgroup 'rg-a'",
     ]
 
 

@@ -75,6 +75,98 @@ def test_static_peak_gpu_hours_are_its_counts_times_the_horizon(result, load: Lo
     assert static.pd_ratio_min == static.pd_ratio_max
 
 
+def test_a_constant_runs_cost_is_its_gpus_times_the_hours_times_the_price(  # type: ignore[no-untyped-def]
+    result, load: LoadProfile, state: DesiredState
+) -> None:
+    static = result.policies["static-peak"]
+    prices = state.clusters["prod-east"].gpu_types
+    hours = load.horizon_s / 3600
+    # svc-b: one GPU per instance, prefill on h800, decode on h20 (its preferred types).
+    assert static.gpu_hours_by_type == pytest.approx(
+        {"h800": static.peak_prefill_instances * hours, "h20": static.peak_decode_instances * hours}
+    )
+    assert static.cost_usd == pytest.approx(
+        static.peak_prefill_instances * hours * prices["h800"].cost_per_hour
+        + static.peak_decode_instances * hours * prices["h20"].cost_per_hour
+    )
+    assert (static.currency, result.currency, static.unpriced_gpu_types) == ("USD", "USD", ())
+
+
+def test_every_policys_cost_prices_its_gpu_hours_per_type(  # type: ignore[no-untyped-def]
+    result, load: LoadProfile, state: DesiredState
+) -> None:
+    prices = state.clusters["prod-east"].gpu_types
+    assert load.sample is not None
+    output_tokens = float(load.sample.output_tokens.sum()) * load.sample_weight
+    for name, r in result.policies.items():
+        assert sum(r.gpu_hours_by_type.values()) == pytest.approx(r.gpu_hours), name
+        assert r.cost_usd == pytest.approx(
+            sum(h * prices[t].cost_per_hour for t, h in r.gpu_hours_by_type.items())
+        ), name
+        # Tokens served within SLO: some of the output, at most all of it.
+        assert 0 < r.output_tokens_within_slo <= output_tokens * (1 + 1e-9), name
+        assert r.usd_per_mtok == pytest.approx(r.cost_usd / r.output_tokens_within_slo * 1e6)
+        figures = r.to_json()
+        assert figures["cost_usd"] == pytest.approx(r.cost_usd, abs=0.01)
+        assert figures["usd_per_mtok"] == pytest.approx(r.usd_per_mtok, abs=1e-4)
+    # static-peak meets both SLOs for nearly every request: nearly every token counts.
+    static = result.policies["static-peak"]
+    assert static.output_tokens_within_slo > 0.9 * output_tokens
+
+
+def test_a_type_without_a_price_makes_the_cost_unknown_and_says_which(
+    state: DesiredState,
+) -> None:
+    spec = state.clusters["prod-east"]
+    unpriced_h20 = spec.gpu_types["h20"].model_copy(update={"cost_per_hour": None})
+    spec = spec.model_copy(update={"gpu_types": {**spec.gpu_types, "h20": unpriced_h20}})
+    partial = dataclasses.replace(state, clusters={**state.clusters, "prod-east": spec})
+    load = synthetic_profile("b", hours=0.25, peak_rps=10, seed=1)
+    result = evaluate(partial, SERVICE, load, ["static-peak"], seed=0)
+    static = result.policies["static-peak"]
+    assert (static.cost_usd, static.usd_per_mtok, static.unpriced_gpu_types) == (
+        None,
+        None,
+        ("h20",),
+    )
+    assert static.gpu_hours_by_type["h20"] > 0  # the hours are known, their price is not
+    assert any("cost unknown: no price for h20" in note for note in static.notes)
+    figures = static.to_json()
+    assert (figures["cost_usd"], figures["usd_per_mtok"]) == (None, None)
+    assert figures["unpriced_gpu_types"] == ["h20"]
+    table = _rendered(result)
+    row = next(line for line in table.splitlines() if "static-peak" in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[2:4] == ["-", "-"]  # cost USD, USD/Mtok
+
+
+def _rendered(result) -> str:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    from reconciler.commands.simulate import render_table
+
+    console = Console(width=300, record=True)
+    with console.capture() as captured:
+        console.print(render_table(result))
+    return captured.get()
+
+
+def test_the_table_shows_cost_and_cost_per_million_tokens_within_slo(result) -> None:  # type: ignore[no-untyped-def]
+    table = _rendered(result)
+    header = next(line for line in table.splitlines() if "policy" in line)
+    assert [c.strip() for c in header.split("┃")[1:5]] == [
+        "policy",
+        "GPU-hours",
+        "cost USD",
+        "USD/Mtok",
+    ]
+    static = result.policies["static-peak"]
+    row = next(line for line in table.splitlines() if "static-peak" in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[2] == f"{static.cost_usd:,.2f}"
+    assert cells[3] == f"{static.usd_per_mtok:,.3f}"
+
+
 def test_oracle_min_uses_fewer_gpu_hours_than_static_peak(result) -> None:  # type: ignore[no-untyped-def]
     assert result.policies["oracle-min"].gpu_hours < result.policies["static-peak"].gpu_hours
     assert result.policies["static-peak"].ttft_attainment > 0.95
