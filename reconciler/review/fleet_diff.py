@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from reconciler.cost import CostChange, groups_cost_per_hour
 from reconciler.cycle import plan_cluster
 from reconciler.desired.loader import DesiredState
 from reconciler.errors import MetricsUnavailable
@@ -106,6 +107,23 @@ class FleetReview:
     @property
     def differs(self) -> bool:
         return any(s.changed for s in self.services)
+
+    def cost_per_hour(self) -> dict[str, CostChange]:
+        """Per cluster, what the base plan's groups and the head plan's groups cost per
+        hour, both at head's prices (a price change alone moves neither side: the
+        config diff shows it). Clusters without prices in head are left out."""
+        out: dict[str, CostChange] = {}
+        for name, head in sorted(self.head_plans.items()):
+            if head.prices is None:
+                continue
+            base = self.base_plans.get(name)
+            base_groups = base.groups if base is not None else ()
+            sizes = {**(base.gpus_per_instance if base else {}), **head.gpus_per_instance}
+            out[name] = CostChange(
+                current=groups_cost_per_hour(base_groups, sizes, head.prices),
+                planned=groups_cost_per_hour(head.groups, head.gpus_per_instance, head.prices),
+            )
+        return out
 
 
 def _gpus_by(

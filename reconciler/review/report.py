@@ -17,7 +17,8 @@ import json
 import re
 from typing import Any
 
-from reconciler.review.fleet_diff import ServiceFleetDiff
+from reconciler.cost import money
+from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
 
@@ -141,6 +142,24 @@ def _headline(review: Review) -> str:
     return "; ".join(parts)
 
 
+def _cost_lines(fleet: FleetReview) -> list[str]:
+    """Per cluster: the cost per hour of the base plan and the head plan, at head's
+    prices, and the change a merge makes to it."""
+    out = []
+    for cluster, change in fleet.cost_per_hour().items():
+        currency = change.planned.currency
+        line = (
+            f"cost per hour, cluster {cluster}: base plan {money(change.current.amount)} -> "
+            f"head plan {money(change.planned.amount)} {currency} "
+            f"({money(change.delta, signed=True)}, at head's prices)"
+        )
+        unpriced = sorted({*change.current.unpriced_types, *change.planned.unpriced_types})
+        if unpriced:
+            line += f"; no price for {', '.join(unpriced)}"
+        out.append(line)
+    return out
+
+
 def _service_rows(review: Review) -> list[ServiceFleetDiff]:
     return [s for s in review.fleet.services if s.changed] if review.fleet else []
 
@@ -178,6 +197,7 @@ def format_text(review: Review) -> str:
             )
         if not rows:
             lines.append("  every service sized and placed the same under both revisions")
+        lines += [f"  {line}" for line in _cost_lines(review.fleet)]
         lines += ["", "apply after merge (head plan against the fleet as it runs):"]
         changes = [c for plan in review.fleet.head_plans.values() for c in plan.changes]
         lines += [f"  {change}" for change in changes] or ["  nothing"]
@@ -252,6 +272,8 @@ def format_markdown(review: Review) -> str:
                 f"| {md(_delta(row.domain_delta()), MAX_LINE_CHARS)} |"
             )
         comment.add("")
+    if review.fleet is not None and (costs := _cost_lines(review.fleet)):
+        comment.add(*[md(line, MAX_LINE_CHARS) for line in costs], "")
     comment.add("<details><summary>Config changes</summary>", "")
     comment.add(
         *[f"- {md(change, MAX_LINE_CHARS)}" for change in review.config_changes] or ["- none"]
@@ -348,6 +370,18 @@ def format_json(review: Review) -> str:
                 for c in plan.changes
             ],
             "notes": list(review.fleet.notes),
+            "cost_per_hour": {
+                cluster: {
+                    "currency": change.planned.currency,
+                    "base": change.current.amount,
+                    "head": change.planned.amount,
+                    "delta": change.delta,
+                    "unpriced_gpu_types": sorted(
+                        {*change.current.unpriced_types, *change.planned.unpriced_types}
+                    ),
+                }
+                for cluster, change in review.fleet.cost_per_hour().items()
+            },
         }
     data["what_if"] = [
         {

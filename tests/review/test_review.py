@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.cost import money
 from reconciler.desired import load_desired_state
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.review.command import plan_review, render
@@ -109,6 +110,20 @@ def test_changes_exit_3_with_config_fleet_and_what_if(reviewed: Review) -> None:
     assert ("service", "chat", "slo.ttft_ms") in fields
     assert ("cluster", "prod-east", "s2.pod-a") in fields
     assert [w.service for w in reviewed.what_if] == ["chat", "summarize", "svc-a", "svc-b"]
+
+
+def test_the_cost_per_hour_of_both_plans_is_reported_at_heads_prices(reviewed: Review) -> None:
+    assert reviewed.fleet is not None
+    [(cluster, change)] = reviewed.fleet.cost_per_hour().items()
+    assert cluster == "prod-east" and change.planned.currency == "USD"
+    assert change.current.amount is not None and change.planned.amount is not None
+    # No price changes in this pull request: the base plan at head's prices is what
+    # the base plan itself reports.
+    own = reviewed.fleet.base_plans["prod-east"].cost_per_hour()
+    assert own is not None and change.current.amount == pytest.approx(own.planned.amount)
+    text = render(reviewed, "text")
+    assert f"cost per hour, cluster prod-east: base plan {money(change.current.amount)} -> " in text
+    assert "cost_per_hour" in json.loads(render(reviewed, "json"))["fleet"]
 
 
 def test_the_what_if_equals_simulate_on_the_same_inputs(reviewed: Review, pr_repo: Path) -> None:
