@@ -15,7 +15,9 @@ lower bound: its plan, then the simulator run that follows it) included.
 Prints, per policy: wall and CPU time (CPU time is what the run costs on a shared
 machine; wall time is what it costs on an idle one when they agree), peak memory (the process's RSS high-water mark, from
 ``resource.getrusage``; tracemalloc is not used because tracing every small numpy
-allocation slows the run tenfold), peak instances and results.
+allocation slows the run tenfold), peak instances and results; then, when oracle-min
+ran beside a policy, its CPU time as a multiple of that policy's (the target: under
+``BOUND_CPU_TARGET``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from reconciler.sim.workload import read_trace  # noqa: E402
 
 PODS = 3
 TARGET_INSTANCES = 2000
+# oracle-min's CPU time, as a multiple of a policy run's, it should stay under.
+BOUND_CPU_TARGET = 3.0
 
 
 def bench_cluster() -> ClusterSpec:
@@ -124,10 +128,12 @@ def main() -> int:
         f"{'policy':<14}{'wall s':>8}{'CPU s':>8}{'peak RSS MiB':>14}{'peak P+D':>10}"
         f"{'GPU-h':>9}{'TTFT ok':>9}{'TBT ok':>8}{'actions':>9}"
     )
+    cpu_s: dict[str, float] = {}
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         start, cpu_start = time.perf_counter(), time.process_time()
         result = evaluate(state, "svc-b", load, [name], seed=0)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        cpu_s[name] = cpu
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         r = result.policies[name]
         print(
@@ -135,6 +141,13 @@ def main() -> int:
             f"{r.peak_prefill_instances + r.peak_decode_instances:>10}{r.gpu_hours:>9.0f}"
             f"{r.ttft_attainment:>9.3f}{r.tbt_attainment:>8.3f}{r.scaling_actions:>9}"
         )
+    bound_cpu_s = cpu_s.pop("oracle-min", None)
+    for name, cpu in cpu_s.items():
+        if bound_cpu_s is not None and cpu > 0:
+            print(
+                f"oracle-min CPU / {name} CPU: {bound_cpu_s / cpu:.1f}x "
+                f"(target: under {BOUND_CPU_TARGET:g}x)"
+            )
     print(
         f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )

@@ -136,6 +136,7 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -153,8 +154,10 @@ from reconciler.sim.generations import (
     SLOT_COLUMNS,
     DecodeGenerations,
     GenerationsState,
+    LengthCurves,
     SlotCurves,
     chase,
+    fast_clip,
 )
 from reconciler.sim.workload import (
     Burst,
@@ -166,16 +169,6 @@ from reconciler.sim.workload import (
 )
 
 LINKS: tuple[str, str] = ("rdma", "cross")
-
-try:  # numpy's C interpolation without the Python wrapper (hot loop, tiny arrays)
-    from numpy._core.multiarray import interp as _c_interp  # numpy >= 2
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import interp as _c_interp  # type: ignore[no-redef]
-
-
-def _interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    result: np.ndarray = _c_interp(x, xp, fp, None, None)
-    return result
 
 
 @dataclass(frozen=True)
@@ -451,17 +444,28 @@ def _survival(output: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def fifo_delay(position: np.ndarray, served_cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fifo_delay(
+    position: np.ndarray, served_cum: np.ndarray, first: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """When a FIFO server has served ``position`` units, given the cumulative amount served
     by the end of each second (``served_cum[t]`` at time t + 1, 0 at time 0; linear in
-    between). Returns (time, resolved); unresolved entries get ``inf``."""
-    curve = np.concatenate(([0.0], served_cum))
+    between). Returns (time, resolved); unresolved entries get ``inf``.
+
+    ``first``: where the positions are expected to lie beyond what was served by time
+    ``first``, only the curve from there is searched (a late window of a long run need
+    not copy the whole day); if any does not, the whole curve is, so the answer is the
+    same whatever ``first``."""
+    first = min(max(first, 0), max(served_cum.size - 1, 0))
+    # curve[i]: served by time first + i
+    curve = np.concatenate(([served_cum[first - 1] if first else 0.0], served_cum[first:]))
     index = np.searchsorted(curve, position, side="left")
+    if first and not index.all():  # a position at or below curve[0]: search it all
+        return fifo_delay(position, served_cum)
     resolved = index < curve.size
-    index = np.clip(index, 1, curve.size - 1)
+    index = fast_clip(index, 1, curve.size - 1)
     lo, hi = curve[index - 1], curve[index]
     frac = np.where(hi > lo, (position - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-    time = (index - 1) + np.clip(frac, 0.0, 1.0)
+    time = (index - 1 + first) + fast_clip(frac, 0.0, 1.0)
     time = np.where(position <= 0, 0.0, time)
     return np.where(resolved, time, np.inf), resolved
 
@@ -585,6 +589,52 @@ _SNAPSHOT_LISTS = (
     "decode_ready",
     "decode_draining",
 )
+
+
+class PrefillSecond(NamedTuple):
+    """What steps 1 and 2 of a second (arrivals, prefill) hand on to the rest of it."""
+
+    arrived: float
+    admitted: float
+    dropped: float
+    admitted_work: float
+    served_requests: float
+    served_tokens: float
+    served_output: float
+    busy: float
+    servers: float
+    ggc_wait_s: float
+    shares_slowdowns: tuple[float, ...]  # per prefill pool: its share, its link slowdown
+
+
+# The counters steps 1 and 2 change.
+_PREFILL_COUNTERS = (
+    "arrived",
+    "dropped_no_endpoint",
+    "dropped_timeout",
+    "admitted",
+    "prefilled",
+    "prefill_work_in",
+    "prefill_work_out",
+)
+
+
+@dataclass(eq=False)
+class PrefillTape:
+    """Steps 1 and 2 (arrivals, prefill) of consecutive seconds from ``start``, recorded
+    by ``ServiceSim.step`` while attached as ``ServiceSim.prefill_tape``.
+
+    They depend only on the state the run starts from, the prefill counts and whether a
+    decode instance is ready, not on how many: another run from that state with those
+    prefill counts replays the seconds the tape holds (the same rows and state as
+    simulating them) and records on where it ends. The caller attaches a tape only to
+    runs from the state it was started at; a run whose prefill counts differ from the
+    first's (or that has no decode instance ready where it had) neither replays nor
+    records."""
+
+    start: int
+    seconds: list[tuple[PrefillSecond, tuple[Any, ...]]] = field(default_factory=list)
+    key: tuple[float, int, bool] | None = None  # capacity, instances, decode ready
 
 
 @dataclass(frozen=True)
@@ -724,6 +774,9 @@ class ServiceSim:
 
         # Prefill queue: cohorts [requests, prompt tokens, work]; totals.
         self.queue: deque[list[float]] = deque()
+        # The queue's cohorts after seconds replayed from ``prefill_tape`` (None: current).
+        self._queue_from: tuple[tuple[float, ...], ...] | None = None
+        self.prefill_tape: PrefillTape | None = None
         self.queue_work = 0.0
         self.queue_requests = 0.0
         self.arrival_rate_work = 0.0
@@ -742,7 +795,7 @@ class ServiceSim:
                 idle_step_s=idle,
                 out_p99=self.out_p99,
                 out_max=self.out_max,
-                lengths_at=self._lengths_at,
+                lengths=LengthCurves(self.out_grid, self.out_survival, self.out_generated),
             )
             for pool, idle in zip(self.decode_pools, self._idle_step_s, strict=True)
         ]
@@ -863,85 +916,22 @@ class ServiceSim:
 
     def step(self) -> None:
         t = self.t
-        cfg = self.config
         cum = self.cum
-        n_arr, s_sum, s2_sum, out_sum = self.profile.bin(t)
-        work_in = self.work_linear * s_sum + self.work_attention * s2_sum
-
+        (
+            n_arr,
+            admitted,
+            dropped,
+            admitted_work,
+            served_n,
+            served_tokens,
+            served_output,
+            busy,
+            servers,
+            ggc,
+            shares_slowdowns,
+        ) = self._prefill_second(t)
         capacity = self._capacity
         decode_ready_total = self._decode_ready_total
-
-        # 1. arrivals
-        admitted = 0.0
-        admitted_work = 0.0
-        dropped = 0.0
-        if n_arr > 0:
-            cum["arrived"] += n_arr
-            if capacity <= 0.0 or decode_ready_total == 0:
-                dropped = n_arr
-                cum["dropped_no_endpoint"] += n_arr
-            elif self.queue_work / capacity > cfg.max_queue_wait_s:
-                dropped = n_arr
-                cum["dropped_timeout"] += n_arr
-            else:
-                admitted, admitted_work = n_arr, work_in
-                self.queue.append([n_arr, s_sum, work_in, out_sum])
-                self.queue_work += work_in
-                self.queue_requests += n_arr
-                cum["admitted"] += n_arr
-                cum["prefill_work_in"] += work_in
-
-        # 2. prefill, FIFO at the pooled capacity
-        budget = capacity
-        served_work = served_n = served_tokens = served_output = 0.0
-        queue = self.queue
-        while budget > 0.0 and queue:
-            head = queue[0]
-            if head[2] <= budget:
-                budget -= head[2]
-                served_work += head[2]
-                served_n += head[0]
-                served_tokens += head[1]
-                served_output += head[3]
-                queue.popleft()
-            else:
-                frac = budget / head[2]
-                take_n, take_tok, take_out = head[0] * frac, head[1] * frac, head[3] * frac
-                head[0] -= take_n
-                head[1] -= take_tok
-                head[3] -= take_out
-                head[2] -= budget
-                served_work += budget
-                served_n += take_n
-                served_tokens += take_tok
-                served_output += take_out
-                budget = 0.0
-        self.queue_work = max(0.0, self.queue_work - served_work)
-        self.queue_requests = max(0.0, self.queue_requests - served_n)
-        if not queue:
-            self.queue_work = self.queue_requests = 0.0
-        cum["prefill_work_out"] += served_work
-        cum["prefilled"] += served_n
-        busy = served_work / capacity if capacity > 0 else 0.0
-        alpha = 1.0 / max(cfg.load_smoothing_s, 1.0)
-        self.arrival_rate_work += (admitted_work - self.arrival_rate_work) * alpha
-        servers = float(self.prefill_instances)
-        ggc = 0.0
-        if capacity > 0 and servers > 0:
-            per_instance = capacity / servers
-            ggc = ggc_wait_s(
-                self.arrival_rate_work / capacity,
-                servers,
-                self.mean_work / per_instance,
-                cfg.arrival_scv + self.service_scv,
-            )
-        shares_slowdowns: list[float] = []
-        max_rho = cfg.max_link_utilisation
-        for share, link_load in zip(self._shares, self._link_load, strict=True):
-            slowdown = (
-                1.0 if link_load is None else 1.0 / (1.0 - min(served_tokens * link_load, max_rho))
-            )
-            shares_slowdowns += [share, slowdown]
 
         # 3. decode admission
         if served_n > 0:
@@ -954,7 +944,8 @@ class ServiceSim:
         room_of: list[list[float]] = []
         prompt_of_admitted = output_of_admitted = 0.0
         for gens in self.decode_gens:
-            gens.prepare()  # orphaned sequences find instances, equal generations merge
+            if gens.used:  # a pool that never had an instance has nothing to prepare
+                gens.prepare()  # orphaned sequences find instances, equal generations merge
         if self.admit_requests > 1e-12 and decode_ready_total > 0:
             mean_prompt = self.admit_tokens / self.admit_requests
             reserve = mean_prompt + self.out_mean
@@ -1012,9 +1003,10 @@ class ServiceSim:
                 cum["admit_out"] += total_admit
                 cum["decode_admitted"] += total_admit
                 self.in_decode += total_admit
-        mean_admitted_prompt = prompt_of_admitted / max(sum(admitted_to), 1e-12)
+        admitted_total = max(sum(admitted_to), 1e-12)
+        mean_admitted_prompt = prompt_of_admitted / admitted_total
         # The cohort's outputs follow the trace-wide length shape scaled to its own mean.
-        mean_admitted_output = output_of_admitted / max(sum(admitted_to), 1e-12)
+        mean_admitted_output = output_of_admitted / admitted_total
         length_scale = self.out_mean / max(mean_admitted_output, 1e-9)
 
         # 4. decode: the router spreads each pool's admissions over its generations,
@@ -1027,7 +1019,8 @@ class ServiceSim:
                 to_slots: list[float] | None = gens.route(admitted_to[q], room_of[q])
             else:
                 to_slots = None
-            gens.report()
+            if gens.used:
+                gens.report()
             totals, slot_row = gens.advance(to_slots, mean_admitted_prompt, length_scale)
             pool_tokens, pool_done, alive, kv, instances, tau_tokens, busiest = totals
             completed += pool_done
@@ -1076,12 +1069,144 @@ class ServiceSim:
         )
         self.t = t + 1
 
-    def _lengths_at(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Survival ``P(L > x)`` and tokens generated ``E[min(L, x)]`` at ``x = tokens``,
-        linear between integer lengths."""
+    def _prefill_second(self, t: int) -> PrefillSecond:
+        """Steps 1 and 2 of second ``t`` (arrivals, prefill), or their record on the
+        attached ``prefill_tape`` (the same values and state)."""
+        tape = self.prefill_tape
+        if tape is not None:
+            key = (self._capacity, self.prefill_instances, self._decode_ready_total > 0)
+            index = t - tape.start
+            if tape.key == key and 0 <= index < len(tape.seconds):
+                second, state = tape.seconds[index]
+                self._set_prefill_state(state)
+                return second
+            second = self._simulate_prefill(t)
+            if index == len(tape.seconds) and tape.key in (None, key):
+                tape.key = key
+                tape.seconds.append((second, self._prefill_state()))
+            return second
+        return self._simulate_prefill(t)
+
+    def _prefill_state(self) -> tuple[Any, ...]:
+        """What ``_simulate_prefill`` changes (its queue, counters and smoothed rate)."""
         return (
-            _interp(tokens, self.out_grid, self.out_survival),
-            _interp(tokens, self.out_grid, self.out_generated),
+            tuple(tuple(cohort) for cohort in self.queue),
+            self.queue_work,
+            self.queue_requests,
+            self.arrival_rate_work,
+            tuple(self.cum[name] for name in _PREFILL_COUNTERS),
+        )
+
+    def _set_prefill_state(self, state: tuple[Any, ...]) -> None:
+        """Back to a ``_prefill_state``; the queue itself only when next read
+        (``_prefill_queue``), as replayed seconds do not read it."""
+        self._queue_from, self.queue_work, self.queue_requests, self.arrival_rate_work = state[:4]
+        cum = self.cum
+        for name, value in zip(_PREFILL_COUNTERS, state[4], strict=True):
+            cum[name] = value
+
+    def _prefill_queue(self) -> deque[list[float]]:
+        """The prefill queue, rebuilt after replayed seconds."""
+        if self._queue_from is not None:
+            self.queue = deque(list(cohort) for cohort in self._queue_from)
+            self._queue_from = None
+        return self.queue
+
+    def _simulate_prefill(self, t: int) -> PrefillSecond:
+        """Steps 1 and 2 of second ``t``: arrivals join the prefill queue (or are
+        dropped), which is served FIFO at the pooled capacity; returns what the rest of
+        the second reads."""
+        cfg = self.config
+        cum = self.cum
+        queue = self._prefill_queue()
+        n_arr, s_sum, s2_sum, out_sum = self.profile.bin(t)
+        work_in = self.work_linear * s_sum + self.work_attention * s2_sum
+
+        capacity = self._capacity
+        decode_ready_total = self._decode_ready_total
+
+        # 1. arrivals
+        admitted = 0.0
+        admitted_work = 0.0
+        dropped = 0.0
+        if n_arr > 0:
+            cum["arrived"] += n_arr
+            if capacity <= 0.0 or decode_ready_total == 0:
+                dropped = n_arr
+                cum["dropped_no_endpoint"] += n_arr
+            elif self.queue_work / capacity > cfg.max_queue_wait_s:
+                dropped = n_arr
+                cum["dropped_timeout"] += n_arr
+            else:
+                admitted, admitted_work = n_arr, work_in
+                queue.append([n_arr, s_sum, work_in, out_sum])
+                self.queue_work += work_in
+                self.queue_requests += n_arr
+                cum["admitted"] += n_arr
+                cum["prefill_work_in"] += work_in
+
+        # 2. prefill, FIFO at the pooled capacity
+        budget = capacity
+        served_work = served_n = served_tokens = served_output = 0.0
+        while budget > 0.0 and queue:
+            head = queue[0]
+            if head[2] <= budget:
+                budget -= head[2]
+                served_work += head[2]
+                served_n += head[0]
+                served_tokens += head[1]
+                served_output += head[3]
+                queue.popleft()
+            else:
+                frac = budget / head[2]
+                take_n, take_tok, take_out = head[0] * frac, head[1] * frac, head[3] * frac
+                head[0] -= take_n
+                head[1] -= take_tok
+                head[3] -= take_out
+                head[2] -= budget
+                served_work += budget
+                served_n += take_n
+                served_tokens += take_tok
+                served_output += take_out
+                budget = 0.0
+        self.queue_work = max(0.0, self.queue_work - served_work)
+        self.queue_requests = max(0.0, self.queue_requests - served_n)
+        if not queue:
+            self.queue_work = self.queue_requests = 0.0
+        cum["prefill_work_out"] += served_work
+        cum["prefilled"] += served_n
+        busy = served_work / capacity if capacity > 0 else 0.0
+        alpha = 1.0 / max(cfg.load_smoothing_s, 1.0)
+        self.arrival_rate_work += (admitted_work - self.arrival_rate_work) * alpha
+        servers = float(self.prefill_instances)
+        ggc = 0.0
+        if capacity > 0 and servers > 0:
+            per_instance = capacity / servers
+            ggc = ggc_wait_s(
+                self.arrival_rate_work / capacity,
+                servers,
+                self.mean_work / per_instance,
+                cfg.arrival_scv + self.service_scv,
+            )
+        shares_slowdowns: list[float] = []
+        max_rho = cfg.max_link_utilisation
+        for share, link_load in zip(self._shares, self._link_load, strict=True):
+            slowdown = (
+                1.0 if link_load is None else 1.0 / (1.0 - min(served_tokens * link_load, max_rho))
+            )
+            shares_slowdowns += [share, slowdown]
+        return PrefillSecond(
+            n_arr,
+            admitted,
+            dropped,
+            admitted_work,
+            served_n,
+            served_tokens,
+            served_output,
+            busy,
+            servers,
+            ggc,
+            tuple(shares_slowdowns),
         )
 
     # ------------------------------------------------------------------ state
@@ -1094,7 +1219,7 @@ class ServiceSim:
             rows=self.series.rows,
             scalars={name: getattr(self, name) for name in _SNAPSHOT_SCALARS},
             lists={name: list(getattr(self, name)) for name in _SNAPSHOT_LISTS},
-            queue=tuple(tuple(cohort) for cohort in self.queue),
+            queue=tuple(tuple(cohort) for cohort in self._prefill_queue()),
             admit_queue=tuple(tuple(cohort) for cohort in self.admit_queue),
             decode=tuple(gens.snapshot() for gens in self.decode_gens),
             cum=dict(self.cum),
@@ -1108,6 +1233,7 @@ class ServiceSim:
         for name, values in snap.lists.items():
             setattr(self, name, list(values))
         self.queue = deque(list(c) for c in snap.queue)
+        self._queue_from = None
         self.admit_queue = deque(list(c) for c in snap.admit_queue)
         for gens, state in zip(self.decode_gens, snap.decode, strict=True):
             gens.restore(state)
@@ -1368,11 +1494,15 @@ class ServiceSim:
             out["decode_sm_sum"] += sm
         return out
 
-    def _slot_block(self, name: str, q: int, rows: np.ndarray) -> np.ndarray:
-        """Slot field ``name`` of decode pool ``q``'s slots in use: (slots, rows)."""
+    def _slot_block(self, name: str, q: int, rows: np.ndarray | slice) -> np.ndarray:
+        """Slot field ``name`` of decode pool ``q``'s slots in use: (slots, rows); ``rows``
+        seconds, or a slice of them (the same block, read faster)."""
         used = max(1, self.decode_gens[q].used)
-        columns = self._slot_columns[name][q * self.slots : q * self.slots + used]
-        block: np.ndarray = self.series.data[np.ix_(rows, np.asarray(columns))].T
+        columns = np.asarray(self._slot_columns[name][q * self.slots : q * self.slots + used])
+        data = self.series.data
+        block: np.ndarray = (
+            data[rows, columns] if isinstance(rows, slice) else data[np.ix_(rows, columns)]
+        ).T
         return block
 
     def _decode_activity(self, q: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1388,13 +1518,16 @@ class ServiceSim:
         sm: np.ndarray = (perf.decode_sm_active(batch_busy, active_fraction) * inst).sum(axis=0)
         return util, sm
 
-    def _step_times(self, q: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def _step_times(
+        self, q: int, start: int, stop: int, flat: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Pool ``q``'s decode step times in [start, stop) and the tokens generated at each
-        (every generation's), flattened: the inter-token gaps vLLM observes."""
-        rows = np.arange(start, min(stop, self.series.rows))
-        tau = self._slot_block("tau", q, rows).ravel()
-        tokens = self._slot_block("tokens", q, rows).ravel()
-        return tau, tokens
+        (every generation's), flattened: the inter-token gaps vLLM observes (``flat``
+        off: per generation slot (rows) and second)."""
+        rows = slice(start, max(start, min(stop, self.series.rows)))
+        tau = self._slot_block("tau", q, rows)
+        tokens = self._slot_block("tokens", q, rows)
+        return (tau.ravel(), tokens.ravel()) if flat else (tau, tokens)
 
     def _prefill_tables(self, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per pool (rows) and prompt (columns): own prefill latency and unloaded KV transfer."""
@@ -1417,16 +1550,19 @@ class ServiceSim:
         cum_in = s.col("cum_work_in", 0, until)
         cum_out = s.col("cum_work_out", 0, until)
         work_in = s.col("work_in", 0, until)
-        seconds = np.clip(seconds, 0, last).astype(np.int64)
+        seconds = fast_clip(seconds, 0, last).astype(np.int64)
+        # Work that arrived at a second is served from that second on (and admitted to
+        # decode after it): the FIFO curves are searched from the earliest one.
+        first = int(seconds.min()) if seconds.size else 0
         position = cum_in[seconds] - work_in[seconds] / 2.0
-        depart, resolved = fifo_delay(position, cum_out)
+        depart, resolved = fifo_delay(position, cum_out, first)
         wait = np.where(resolved, np.maximum(0.0, depart - (seconds + 0.5)), np.inf)
         done_second = np.where(resolved, np.floor(np.minimum(depart, last)), 0).astype(np.int64)
         admit_in_cum = s.col("cum_admit_in", 0, until)
         admit_in = s.col("admit_in", 0, until)
         admit_out_cum = s.col("cum_admit_out", 0, until)
         admit_pos = admit_in_cum[done_second] - admit_in[done_second] / 2.0
-        admit_time, admit_resolved = fifo_delay(admit_pos, admit_out_cum)
+        admit_time, admit_resolved = fifo_delay(admit_pos, admit_out_cum, first)
         admit_wait = np.where(
             admit_resolved, np.maximum(0.0, admit_time - (done_second + 0.5)), np.inf
         )
@@ -1442,9 +1578,18 @@ class ServiceSim:
     def _first_step_s(self, seconds: np.ndarray) -> np.ndarray:
         """The first token's step in a second: the step time of the generation a request
         was admitted to, weighted by that second's admissions (none: the slowest)."""
-        num = np.zeros(seconds.size)
-        den = np.zeros(seconds.size)
-        fallback = np.zeros(seconds.size)
+        if seconds.size:
+            first, last = int(seconds.min()), int(seconds.max())
+            if last - first + 1 < seconds.size:  # requests share seconds: each second once
+                return self._first_step_per_second(slice(first, last + 1))[seconds - first]
+        return self._first_step_per_second(seconds)
+
+    def _first_step_per_second(self, seconds: np.ndarray | slice) -> np.ndarray:
+        """``_first_step_s`` of each second of ``seconds`` (an array, or a slice of them)."""
+        size = seconds.stop - seconds.start if isinstance(seconds, slice) else seconds.size
+        num = np.zeros(size)
+        den = np.zeros(size)
+        fallback = np.zeros(size)
         for q in range(len(self.decode_pools)):
             admitted = self._slot_block("admitted", q, seconds)
             tau = self._slot_block("tau", q, seconds)
@@ -1551,26 +1696,48 @@ class PerRequest:
     notes: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class PromptTables:
+    """What each request's prompt costs on its own (``prompt_tables``), worked out once
+    for requests that are judged many times: per prefill pool (rows) and request
+    (columns) its own prefill latency and unloaded KV transfer, and per request its
+    TTFT on an idle instance (``idle_ttft_s``)."""
+
+    latency_s: np.ndarray
+    transfer_s: np.ndarray
+    idle_ttft_s: np.ndarray
+
+    def head(self, count: int) -> PromptTables:
+        """The tables of the first ``count`` requests (the same values)."""
+        return PromptTables(
+            self.latency_s[:, :count], self.transfer_s[:, :count], self.idle_ttft_s[:count]
+        )
+
+
+def prompt_tables(sim: ServiceSim, prompt: np.ndarray) -> PromptTables:
+    """``PromptTables`` of these prompts on the service's prefill pools."""
+    if not sim.prefill_pools:
+        none = np.zeros((0, prompt.size))
+        return PromptTables(none, none, np.full(prompt.size, np.inf))
+    latency, transfer = sim._prefill_tables(prompt)
+    first_step = min((s for s in sim._idle_step_s if s > 0), default=0.0)
+    return PromptTables(latency, transfer, (latency + transfer).min(axis=0) + first_step)
+
+
 def idle_ttft_s(sim: ServiceSim, prompt: np.ndarray) -> np.ndarray:
     """The TTFT of each prompt alone on an idle instance of the fastest allowed type and
     link (own prefill + unloaded KV transfer + one decode step at batch 1): what no
     amount of capacity can improve."""
-    if not sim.prefill_pools:
-        return np.full(prompt.size, np.inf)
-    latency, transfer = sim._prefill_tables(prompt)
-    first_step = min((s for s in sim._idle_step_s if s > 0), default=0.0)
-    best: np.ndarray = (latency + transfer).min(axis=0) + first_step
-    return best
+    return prompt_tables(sim, prompt).idle_ttft_s
 
 
 def slot_curves(sim: ServiceSim, tbt_slo_s: float, start: int = 0) -> SlotCurves:
     """Every decode slot's clock and slow-token curves from second ``start`` to now
     (``reconciler.sim.generations.SlotCurves``), slots of all pools in order."""
     end = max(sim.t, start + 1)
-    rows = np.arange(start, end)
     columns = {}
     for name in ("dpsi", "tau", "gen", "to", "frac"):
-        columns[name] = sim.series.data[np.ix_(rows, np.asarray(sim._slot_columns[name]))].T
+        columns[name] = sim.series.data[start:end, np.asarray(sim._slot_columns[name])].T
     return SlotCurves.build(columns, start, end, tbt_slo_s)
 
 
@@ -1581,12 +1748,15 @@ def per_request(
     output: np.ndarray,
     *,
     unfinished_so_far: bool = False,
+    tables: PromptTables | None = None,
 ) -> PerRequest:
     """Vectorised per-request latencies from the per-second state (module docstring).
 
     ``unfinished_so_far``: a request still decoding when the simulation stops is judged
     on the tokens it has generated so far (oracle-min's look at one window, whose
-    future windows are sized to serve it); otherwise it counts as not completed."""
+    future windows are sized to serve it); otherwise it counts as not completed.
+    ``tables``: the requests' ``prompt_tables`` when the caller keeps them (the same
+    outcomes as without)."""
     slo = sim.policy.slo
     tbt_slo_s = slo.tbt_ms / 1000.0
     notes: list[str] = []
@@ -1612,14 +1782,15 @@ def per_request(
         notes.append(
             f"{int(too_long.sum() * sim.profile.sample_weight)} requests longer than the largest decode KV cache ({kv_limit:.0f} tokens)"
         )
-    unattainable = idle_ttft_s(sim, prompt) > slo.ttft_ms / 1000.0
+    tables = prompt_tables(sim, prompt) if tables is None else tables
+    unattainable = tables.idle_ttft_s > slo.ttft_ms / 1000.0
 
     ttft_ok = np.zeros(n)
     ttft_mean = np.zeros(n)
     ttft_values = []
     ttft_weights = []
     if sim.prefill_pools:
-        latency, transfer = sim._prefill_tables(prompt)
+        latency, transfer = tables.latency_s, tables.transfer_s
         for p in range(len(sim.prefill_pools)):
             share = s.col(f"p{p}_share")[seconds]
             slow = s.col(f"p{p}_slowdown")[seconds]
@@ -1635,8 +1806,8 @@ def per_request(
     # gaps are that generation's step times, and it meets TBT when at most
     # (1 - quantile) of its tokens came slower than the SLO.
     decode_start = arrival + ttft_mean
-    t_clamped = np.clip(decode_start, 0.0, float(sim.t))
-    start_second = np.clip(np.floor(t_clamped), 0, max(sim.t - 1, 0)).astype(np.int64)
+    t_clamped = fast_clip(decode_start, 0.0, float(sim.t))
+    start_second = fast_clip(np.floor(t_clamped), 0, max(sim.t - 1, 0)).astype(np.int64)
     slow_allowance = (1.0 - slo.quantile) * output + 1e-9
     n_pools = len(sim.decode_pools)
     tbt_ok = np.zeros(n)
@@ -1715,15 +1886,26 @@ def token_gap_quantile_s(
 ) -> float | None:
     """The ``quantile`` of the inter-token gap over every token generated in
     [start, stop), all decode pools together (weighted by tokens)."""
-    values, weights = [], []
-    stop = sim.t if stop is None else stop
-    for q in range(len(sim.decode_pools)):
-        tau, tokens = sim._step_times(q, start, stop)
-        values.append(tau)
-        weights.append(tokens)
-    if not values:
-        return None
-    return weighted_quantile(np.concatenate(values), np.concatenate(weights), quantile)
+    return token_gap_quantiles_s(sim, quantile, start, (sim.t if stop is None else stop,))[0]
+
+
+def token_gap_quantiles_s(
+    sim: ServiceSim, quantile: float, start: int, stops: Sequence[int]
+) -> list[float | None]:
+    """``token_gap_quantile_s`` over [start, stop) for each of ``stops`` (the same
+    values), reading the series once."""
+    if not sim.decode_pools or not stops:
+        return [None] * len(stops)
+    steps = [
+        sim._step_times(q, start, max(stops), flat=False) for q in range(len(sim.decode_pools))
+    ]
+    out = []
+    for stop in stops:
+        seconds = max(0, min(stop, sim.series.rows) - start)
+        values = np.concatenate([tau[:, :seconds].ravel() for tau, _tokens in steps])
+        weights = np.concatenate([tokens[:, :seconds].ravel() for _tau, tokens in steps])
+        out.append(weighted_quantile(values, weights, quantile))
+    return out
 
 
 def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> RequestOutcomes:

@@ -32,13 +32,24 @@ splits to its last token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from reconciler.perfmodel.instance import InstancePerf
+
+# numpy's C interpolation, and the ufunc behind np.clip, without their Python wrappers
+# (hot loops on tiny arrays; the same results).
+try:
+    from numpy._core.multiarray import interp as _c_interp  # numpy >= 2
+    from numpy._core.umath import clip as fast_clip  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import interp as _c_interp  # type: ignore[no-redef]
+    from numpy.core.umath import clip as fast_clip  # type: ignore[no-redef]
+
+_sum = np.add.reduce  # ndarray.sum without its Python wrapper (the same sum)
 
 EPS = 1e-12
 SLOT_COLUMNS = (
@@ -54,7 +65,16 @@ SLOT_COLUMNS = (
     "frac",  # that share (1: the whole generation, a merge)
 )
 
-LengthsAt = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+@dataclass(frozen=True)
+class LengthCurves:
+    """The output-length distribution every cohort follows (scaled to its own mean), at
+    integer lengths ``grid`` = 0 .. max: the survival ``P(L > x)`` and the tokens
+    generated per sequence ``E[min(L, x)]``, linear between them."""
+
+    grid: np.ndarray
+    survival: np.ndarray
+    generated: np.ndarray
 
 
 def water_fill(
@@ -132,7 +152,7 @@ class DecodeGenerations:
         idle_step_s: float,
         out_p99: float,
         out_max: float,
-        lengths_at: LengthsAt,
+        lengths: LengthCurves,
     ):
         self.perf = perf
         self.slots = max(1, int(slots))
@@ -141,7 +161,7 @@ class DecodeGenerations:
         self.idle_step_s = idle_step_s
         self.out_p99 = out_p99
         self.out_max = out_max
-        self.lengths_at = lengths_at
+        self.lengths = lengths
         k = self.slots
         self.gen = [-1] * k  # generation id per slot, -1 free
         self.ready = [0] * k
@@ -187,7 +207,7 @@ class DecodeGenerations:
         return sum(self.draining)
 
     def live(self) -> int:
-        return sum(1 for g in self.gen if g >= 0)
+        return len(self.gen) - self.gen.count(-1)
 
     def _instances(self, k: int) -> int:
         return self.ready[k] + self.draining[k]
@@ -574,7 +594,7 @@ class DecodeGenerations:
             return [0.0] * 7, self._free_rows[self.slots]
         perf = self.perf
         step_time = perf.decode_step_scalar_s
-        lengths_at = self.lengths_at
+        grid, survival, generated = self.lengths.grid, self.lengths.survival, self.lengths.generated
         out_max = self.out_max
         tokens_total = completed_total = alive_total = kv_total = 0.0
         instances_total = tau_tokens = busiest = 0.0
@@ -601,16 +621,18 @@ class DecodeGenerations:
                 prompt = self.prompt[k][lo:hi]
                 scale = self.scale[k][lo:hi]
                 x = self.psi[k] - entry
-                g, gen_before = lengths_at(x * scale)
+                length = x * scale
+                g = _c_interp(length, grid, survival, None, None)
+                gen_before = _c_interp(length, grid, generated, None, None)
                 alive_n = n * g
-                alive = float(alive_n.sum())
+                alive = float(_sum(alive_n))
                 kv = float(alive_n @ (prompt + x))
                 if alive > EPS:
                     # Predictor-corrector: the step time of the batch in the middle of the
                     # second, not at its start (a sizeable share finishes within it).
                     tau = step_time(alive / instances, kv / instances, kv / alive)
                     x2 = x + 1.0 / tau
-                    g2, _ = lengths_at(x2 * scale)
+                    g2 = _c_interp(x2 * scale, grid, survival, None, None)
                     alive_mid = 0.5 * (alive + float(n @ g2))
                     kv_mid = 0.5 * (kv + float((n * g2) @ (prompt + x2)))
                     if alive_mid > EPS:
@@ -619,7 +641,9 @@ class DecodeGenerations:
                         )
                     dpsi = 1.0 / tau
                     x2 = x + dpsi
-                    g2, gen_after = lengths_at(x2 * scale)
+                    length = x2 * scale
+                    g2 = _c_interp(length, grid, survival, None, None)
+                    gen_after = _c_interp(length, grid, generated, None, None)
                     completed_total += float(n @ (g - g2))
                     tokens = float(n @ ((gen_after - gen_before) / scale))
                     tokens_total += tokens
@@ -627,10 +651,10 @@ class DecodeGenerations:
                     busiest = max(busiest, tau)
                     self.psi[k] += dpsi
                     alive_after = n * g2
-                    self.alive_end[k] = float(alive_after.sum())
+                    self.alive_end[k] = float(_sum(alive_after))
                     self.kv_end[k] = float(alive_after @ (prompt + x2))
                     # Cohorts are oldest first; drop the finished prefix.
-                    done_mask = x2 * scale >= out_max
+                    done_mask = length >= out_max
                     finished = (
                         (int(done_mask.argmin()) if not done_mask.all() else hi - lo)
                         if done_mask[0]
@@ -742,9 +766,11 @@ class DecodeGenerations:
         self.touched = dict(state.lists["touched"])
         self.moves = dict(state.lists["moves"])
         for k, (entry, count, prompt, scale) in enumerate(state.cohorts):
-            self._set_cohorts(k, entry, count, prompt, scale)
             if entry.size:
+                self._set_cohorts(k, entry, count, prompt, scale)
                 self.used = max(self.used, k + 1)
+            else:  # nothing to copy: only [head, tail) is ever read
+                self.head[k] = self.tail[k] = 0
         self.used = max(
             self.used, max((k + 1 for k, g in enumerate(self.gen) if g >= 0), default=0)
         )
@@ -816,7 +842,7 @@ class SlotCurves:
 
     def at(self, curve: np.ndarray, step: np.ndarray, g: np.ndarray, t: np.ndarray) -> np.ndarray:
         """``curve`` of slots ``g`` at times ``t`` (linear within a second)."""
-        s = np.clip(np.floor(t).astype(np.int64) - self.start, 0, self.dpsi.shape[1] - 1)
+        s = fast_clip(np.floor(t).astype(np.int64) - self.start, 0, self.dpsi.shape[1] - 1)
         value: np.ndarray = curve[g, s] + (t - self.start - s) * step[g, s]
         return value
 
@@ -826,11 +852,11 @@ class SlotCurves:
         if g.size == 0:
             return np.zeros(0)
         index = np.searchsorted(self.flat, level + self.shift[g], side="left") - g * seconds
-        index = np.clip(index, 1, seconds - 1)
+        index = fast_clip(index, 1, seconds - 1)
         lo = self.clock[g, index - 1]
         hi = self.clock[g, index]
         frac = np.where(hi > lo, (level - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-        out: np.ndarray = self.start + index - 1 + np.clip(frac, 0.0, 1.0)
+        out: np.ndarray = self.start + index - 1 + fast_clip(frac, 0.0, 1.0)
         return out
 
 
@@ -876,7 +902,7 @@ def chase(
         mine = origin_pool == q
         np.add.at(pool_weight[q], request[mine], weight[mine])
     req, g, w = request, slot, weight.astype(np.float64)
-    t0 = np.clip(decode_start[request].astype(np.float64), curves.start, curves.end)
+    t0 = fast_clip(decode_start[request].astype(np.float64), curves.start, curves.end)
     pool0 = origin_pool
     remaining = output[req].astype(np.float64)
     slow = np.zeros(req.size)
@@ -884,7 +910,7 @@ def chase(
     for _round in range(max_rounds):
         if req.size == 0:
             break
-        s = np.clip(np.floor(t0).astype(np.int64), curves.start, end - 1)
+        s = fast_clip(np.floor(t0).astype(np.int64), curves.start, end - 1)
         edge = curves.next_event[g, s - curves.start]
         clock0 = curves.at(curves.clock, curves.dpsi, g, t0)
         slow0 = curves.at(curves.slow, curves.slow_step, g, t0)
@@ -916,7 +942,7 @@ def chase(
         slow_now = slow + curves.slow[g, edge - curves.start] - slow0[cont]
         remaining = remaining - seg[cont]
         at_end = edge >= end
-        column = np.clip(edge - curves.start, 0, curves.dpsi.shape[1] - 1)
+        column = fast_clip(edge - curves.start, 0, curves.dpsi.shape[1] - 1)
         to = np.where(at_end, -1, curves.to[g, column]).astype(np.int64)
         frac = np.where(at_end, 0.0, curves.frac[g, column])
         stays = ~at_end & (curves.gen[g, column] == curves.gen[g, column - 1])

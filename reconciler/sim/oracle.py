@@ -52,21 +52,35 @@ a TTFT. Models of the trials only choose which counts to try:
   at decode's most, ``k``, ``g`` through two trials): TBT holds from where the gap
   reaches the TBT SLO (lower where the failing trials' TBT share says a slow second is
   tolerated), TTFT from where its margin reaches 0. The first count tried is the last
-  exact TBT need, scaled by the peak 20 s of output tokens.
+  exact TBT need, scaled by the peak 20 s of output tokens. Decode counts above the
+  window's starting count add a generation that the stale router floods, so the gap
+  follows another curve there: once a count above it has failed TBT, only the trials
+  above it are followed (once one at or below it has met TBT, only those).
 
-A try is kept strictly inside what the trials have decided; estimates that keep
-missing on one side make the steps grow, then halve the bracket. A trial that has
-already lost its window stops early: at its checks (a decode trial 30 s in, at the
-window's end and half-way through following it, once a token has come slower than the
-TBT SLO; the prefill trial when the model expects its misses to have shown), the
-requests whose first token has resolved and that already miss the SLO (which no later
-second can undo) are counted, and once they are more than the goal allows the trial is
-a miss. On the bench day a window costs about one short prefill trial and five decode
-trials (two to three on the chat service, whose decode answer moves less).
+A try is kept strictly inside what the trials have decided; an estimate beyond a
+decided count steps away from it by a growing share (or halves the bracket), the
+curves pull in the far side when trials keep landing on one side (Illinois), and
+estimates that keep missing on one side make the steps grow, then halve the bracket.
+A trial that has already lost its window stops early: at its checks (a decode trial
+30 s in, at the window's end and half-way through following it, once a token has come
+slower than the TBT SLO; the prefill trial when the model expects its misses to have
+shown), the requests whose first token has resolved and that already miss the SLO
+(which no later second can undo) are counted, and once they are more than the goal
+allows the trial is a miss. On the bench day a window costs about one short prefill
+trial and six to seven decode trials (two to three on the chat service, whose decode
+answer moves less).
+
+What a trial costs: the window's prefill side (arrivals, the prefill queue) depends on
+the prefill count alone, so the trials of a window with one prefill count replay the
+first one's (``engine.PrefillTape``); the requests' own prefill costs are worked out
+once a window (``engine.PromptTables``), and the judging reads only the seconds since
+the window's arrivals. None of this changes a trial's outcome.
 
 Under a simulator in which a count can pass while more fail (not monotone), a
 count found this way still passes with the count below failing, but it need not be the
-least that passes, and another search can stop at another one.
+least that passes, and another search can stop at another one. The decode-pinned engine
+is such a simulator around the window's starting count (a few instances more form a
+flooded generation, which can fail where the starting count passed).
 
 Cost: an instance that a window needs and the previous one did not have is started
 ``startup_s`` before the window and charged from its start (from t = 0 at the
@@ -90,12 +104,15 @@ from reconciler.errors import PermanentError
 from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.sim.engine import (
     LoadProfile,
+    PrefillTape,
+    PromptTables,
     ServiceSim,
     SimConfig,
     SimSnapshot,
     idle_ttft_s,
     per_request,
-    token_gap_quantile_s,
+    prompt_tables,
+    token_gap_quantiles_s,
 )
 
 DEFAULT_WINDOW_S = 60
@@ -110,6 +127,9 @@ DECODE_CHECKS_S: tuple[int, ...] = (30,)
 # window has one decode trial: about where the calibrated step time turns from reading
 # the weights to computing (it was 3-9 over the bench day; 6 guessed best there).
 GAP_EXPONENT = 6.0
+# How far past a decided count the search steps when the model's estimate lies beyond it
+# (a share of that count, doubling with each further trial on that side).
+REACH = 0.04
 
 
 class OracleError(PermanentError):
@@ -181,13 +201,20 @@ class _WindowJudge:
         self.window_s = window_s
         self.goal = goal
         self.ttft_slo_s = sim.policy.slo.ttft_ms / 1000.0
-        self._attainable_key: tuple[int, int] | None = None
-        self._attainable = np.zeros(0, dtype=bool)
+        self._tables_key: tuple[int, int] | None = None
+        self._tables = prompt_tables(sim, np.zeros(0))
 
     def span(self, start_s: int, end_s: int) -> tuple[int, int]:
         """The sample's requests arriving in [start_s, end_s)."""
         lo, hi = np.searchsorted(self.arrival, [start_s, end_s], side="left")
         return int(lo), int(hi)
+
+    def tables(self, lo: int, hi: int) -> PromptTables:
+        """The ``PromptTables`` of requests ``lo:hi`` (a window's, judged by every trial)."""
+        if self._tables_key != (lo, hi):
+            self._tables_key = (lo, hi)
+            self._tables = prompt_tables(self.sim, self.prompt[lo:hi])
+        return self._tables
 
     def __call__(self, start_s: int, end_s: int) -> _Verdict:
         lo, hi = self.span(start_s, end_s)
@@ -199,6 +226,7 @@ class _WindowJudge:
             self.prompt[lo:hi],
             self.output[lo:hi],
             unfinished_so_far=True,
+            tables=self.tables(lo, hi),
         )
         attainable = ~r.unattainable
         n = int(attainable.sum())
@@ -232,12 +260,8 @@ class _WindowJudge:
         lo, hi = self.span(start_s, end_s)
         if hi <= lo:
             return None
-        key = (start_s, end_s)
-        if self._attainable_key != key:
-            idle = idle_ttft_s(self.sim, self.prompt[lo:hi])
-            self._attainable_key = key
-            self._attainable = idle <= self.ttft_slo_s
-        attainable = self._attainable
+        tables = self.tables(lo, hi)
+        attainable = tables.idle_ttft_s <= self.ttft_slo_s
         n = int(attainable.sum())
         arrived = int(np.searchsorted(self.arrival[lo:hi], now_s - 1, side="left"))
         if n == 0 or arrived == 0:
@@ -248,6 +272,7 @@ class _WindowJudge:
             self.prompt[lo : lo + arrived],
             self.output[lo : lo + arrived],
             unfinished_so_far=True,
+            tables=tables.head(arrived),
         )
         mine = attainable[:arrived]
         ttft = np.full(arrived, -np.inf)
@@ -269,6 +294,17 @@ class _WindowJudge:
             ttft_s=full_ttft,
             settled=True,
         )
+
+
+def _with_gaps(verdict: _Verdict, gaps: Sequence[float | None]) -> _Verdict:
+    """``verdict`` with the trial's longest inter-token gap overall and within the
+    window (``token_gap_quantiles_s`` at 1, in that order; nan: no token)."""
+    gap, gap_window = gaps
+    return replace(
+        verdict,
+        gap_max_s=math.nan if gap is None else gap,
+        gap_window_s=math.nan if gap_window is None else gap_window,
+    )
 
 
 def _judge_s(policy: ServicePolicy, profile: LoadProfile) -> int:
@@ -312,6 +348,10 @@ class _WindowSearch:
         self.trials = 0
         self.start = self.end = 0
         self.base: SimSnapshot | None = None
+        self.previous_decode = 0  # the decode count the window starts from
+        # Per prefill count, the window's prefill side as its first trial ran it: the
+        # trials with other decode counts replay it (``PrefillTape``).
+        self.tapes: dict[int, PrefillTape] = {}
         # (prefill, decode) -> (verdict, state at the window's end, the window's rows of
         # the per-second series, followed to judge_s); a trial settled early has no state.
         self.cache: dict[
@@ -322,6 +362,8 @@ class _WindowSearch:
     def begin(self, start_s: int, end_s: int) -> None:
         self.start, self.end = start_s, end_s
         self.base = self.sim.snapshot()
+        self.tapes = {}
+        self.previous_decode = self.sim.decode_ready[self.sim.decode_index[self.decode_type]]
         self.cache = {}
 
     def run(
@@ -341,6 +383,16 @@ class _WindowSearch:
         sim.set_counts(
             {(self.prefill_type, PREFILL_LINK): float(prefill)}, {self.decode_type: decode}, {}
         )
+        sim.prefill_tape = self.tapes.setdefault(prefill, PrefillTape(self.start))
+        try:
+            return self._follow(prefill, decode, full, checks)
+        finally:
+            sim.prefill_tape = None
+
+    def _follow(self, prefill: int, decode: int, full: bool, checks: Sequence[int]) -> _Verdict:
+        """``run``'s trial, its counts set."""
+        assert self.base is not None
+        sim = self.sim
         start, end, step = self.start, self.end, sim.step
         stop = end + (self.judge_s if full else self.ttft_s)
         at_end: SimSnapshot | None = None
@@ -353,28 +405,20 @@ class _WindowSearch:
                 rows = sim.series.data[self.base.rows : at_end.rows].copy()
             if point == stop or point not in checks:
                 continue
-            if full:
-                gap = token_gap_quantile_s(sim, 1.0, start, point)
-                if gap is None or gap <= self.tbt_slo_s:
-                    continue
+            gaps = (
+                token_gap_quantiles_s(sim, 1.0, start, (point, min(point, end))) if full else None
+            )
+            if gaps is not None and (gaps[0] is None or gaps[0] <= self.tbt_slo_s):
+                continue
             verdict = self.judge.settled(start, end, point, full)
             if verdict is not None:
-                gap = token_gap_quantile_s(sim, 1.0, start, point)
-                gap_window = token_gap_quantile_s(sim, 1.0, start, min(point, end))
-                verdict = replace(
-                    verdict,
-                    gap_max_s=math.nan if gap is None else gap,
-                    gap_window_s=math.nan if gap_window is None else gap_window,
-                )
+                if gaps is None:
+                    gaps = token_gap_quantiles_s(sim, 1.0, start, (point, min(point, end)))
+                verdict = _with_gaps(verdict, gaps)
                 self.cache[(prefill, decode)] = (verdict, None, None, True)
                 return verdict
-        verdict = self.judge(start, end)
-        gap = token_gap_quantile_s(sim, 1.0, start, sim.t)
-        gap_window = token_gap_quantile_s(sim, 1.0, start, end)
-        verdict = replace(
-            verdict,
-            gap_max_s=math.nan if gap is None else gap,
-            gap_window_s=math.nan if gap_window is None else gap_window,
+        verdict = _with_gaps(
+            self.judge(start, end), token_gap_quantiles_s(sim, 1.0, start, (sim.t, end))
         )
         assert at_end is not None and rows is not None
         self.cache[(prefill, decode)] = (verdict, at_end, rows, full)
@@ -410,11 +454,14 @@ def _least_passing(
 
     ``bad`` and ``good`` are what is already known (a failing count, ``lo - 1`` if none;
     a passing one). ``propose()`` estimates the answer from the trials so far; the
-    search tries it, kept strictly between ``bad`` and ``good``: an estimate at or above
-    ``good`` asks for ``good - 1`` (which settles the answer if it fails), one at or
-    below ``bad`` for ``bad + 1``. After three trials in a row on one side of the answer
-    the next reaches past the estimate, twice as far each time, and after four the
-    bracket is halved: a poor estimate costs O(log) trials, never a wrong answer."""
+    search tries it, kept strictly between ``bad`` and ``good``: an estimate at ``good``
+    asks for ``good - 1`` (which settles the answer if it fails), one at ``bad`` for
+    ``bad + 1``. An estimate further beyond either says the model is wrong there: the
+    search halves the bracket, or with one end only steps ``REACH`` of that count away
+    from it, twice as far with each further trial on that side. After three trials in a
+    row on one side of the answer the next reaches past the estimate, twice as far each
+    time, and after four the bracket is halved: a poor estimate costs O(log) trials,
+    never a wrong answer."""
     bad = lo - 1 if bad is None else bad
     streak = 0  # > 0: passes in a row, < 0: failures in a row
     while True:
@@ -428,6 +475,13 @@ def _least_passing(
             n = (bad + top + 1) // 2
         else:
             n = math.ceil(estimate - 1e-9)
+            if n < bad or (good is not None and n > good):
+                if good is not None and bad >= lo:
+                    n = (bad + good) // 2
+                elif n < bad:
+                    n = bad + max(1, math.ceil(REACH * bad * 2 ** max(-streak, 0)))
+                elif good is not None:
+                    n = good - max(1, math.ceil(REACH * good * 2 ** max(streak, 0)))
         if streak >= 3 and good is not None:  # estimates keep landing above the answer
             n = min(n, good - 2 ** (streak - 2))
         elif streak <= -3:  # ... below it
@@ -684,6 +738,7 @@ class _DecodeModel:
         self.anchor_gap = math.nan  # the longest gap with decode at its most
         self.load = self.demand = 0.0
         self.need: tuple[int, float] | None = None  # the last exact TBT need, its load
+        self.previous = 0  # the decode count the window starts from
         self.gap_g = [GAP_EXPONENT]
         self.margin_g: list[float] = []  # the TTFT margin's
 
@@ -698,12 +753,19 @@ class _DecodeModel:
         return float(rate.max())
 
     def begin(
-        self, start: int, end: int, anchor: tuple[int, _Verdict] | None, anchor_gap: float
+        self,
+        start: int,
+        end: int,
+        anchor: tuple[int, _Verdict] | None,
+        anchor_gap: float,
+        previous: int,
     ) -> None:
         """A new window; ``anchor``: the prefill count's TTFT with decode at its most;
-        ``anchor_gap``: a trial's longest gap there (nan: keep the last window's)."""
+        ``anchor_gap``: a trial's longest gap there (nan: keep the last window's);
+        ``previous``: the decode count the window starts from."""
         self.trials = []
         self.anchor = anchor
+        self.previous = previous
         if anchor_gap > 0:
             self.anchor_gap = anchor_gap
         self.load = self._load(start, end)
@@ -733,13 +795,23 @@ class _DecodeModel:
     ) -> float | None:
         """Where the figure reaches ``target``: along the curve through the anchor and
         the two trials nearest the target (on either side of it when there are), with
-        one trial along the last windows' exponent; else the line in ``1 / decode``."""
+        one trial along the last windows' exponent; else the line in ``1 / decode``.
+        ``points`` in the order tried: when the last ones all fell on one side of the
+        target, the nearest on the other is pulled in by half for each (Illinois), so
+        the estimates do not creep up on the answer from one side."""
         points = [p for p in points if math.isfinite(p[1]) and p[0] < self.hi]
         if not points:
             return None
         above = sorted((p for p in points if p[1] > target), key=lambda p: p[1] - target)
         below = sorted((p for p in points if p[1] <= target), key=lambda p: target - p[1])
         pair = [above[0], below[0]] if above and below else (above + below)[:2]
+        if above and below:
+            sides = [y > target for _n, y in points]
+            run = next((i for i, side in enumerate(reversed(sides)) if side != sides[-1]), 0)
+            if run > 1:
+                far = 1 if sides[-1] else 0
+                n_far, y_far = pair[far]
+                pair[far] = (n_far, target + (y_far - target) * 0.5 ** (run - 1))
         estimate = None
         if anchor is not None and math.isfinite(anchor[1]):
             if len(pair) == 2:
@@ -772,9 +844,22 @@ class _DecodeModel:
         return estimate
 
     def _tbt(self) -> float | None:
-        """Where TBT starts to meet the goal, from the trials so far."""
+        """Where TBT starts to meet the goal, from the trials so far.
+
+        Counts above the previous window's add a generation that the stale router
+        floods with admissions (its steps far slower than at the previous count, however
+        few instances are added), so the gap follows another curve on either side of
+        that count: once a count above it has failed TBT, only the trials above it are
+        followed (once one at or below it has met TBT, only those)."""
         goal, slo = self.goal, self.tbt_slo_s
         trials = [(d, v) for d, v in self.trials if v.gap_max_s > 0]
+        if self.previous > 0:
+            above = [(d, v) for d, v in trials if d > self.previous]
+            at_or_below = [(d, v) for d, v in trials if d <= self.previous]
+            if any(v.tbt_share < goal for _d, v in above):
+                trials = above
+            elif any(v.tbt_share >= goal for _d, v in at_or_below):
+                trials = at_or_below
         met = sorted(d for d, v in trials if v.tbt_share >= goal)
         unmet = sorted(((d, v.tbt_share) for d, v in trials if v.tbt_share < goal), reverse=True)
         # Along the failing trials' TBT share, rising to the goal.
@@ -905,7 +990,13 @@ class _Sizer:
             at_most = [
                 v.gap_max_s for (_p, d), (v, *_rest) in search.cache.items() if d == self.d_hi
             ]
-            self.decode_model.begin(start, end, (self.d_hi, anchor), max(at_most, default=math.nan))
+            self.decode_model.begin(
+                start,
+                end,
+                (self.d_hi, anchor),
+                max(at_most, default=math.nan),
+                search.previous_decode,
+            )
             try:
                 decode, decode_met = _least_passing(
                     self.decode_passes, self.d_lo, self.d_hi, self.decode_model.propose

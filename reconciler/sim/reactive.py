@@ -120,7 +120,9 @@ def covered_share(
     demand, known, weight = _windows(per_second, requests, lag_s, hold_s)
     if weight.size == 0:
         return 1.0
-    within = demand <= (1.0 + headroom) * known
+    # reactive_role's headroom is a window's demand / known - 1: adding the 1 back can
+    # round just below the ratio it came from, so allow the last bits of a double.
+    within = demand <= (1.0 + headroom) * known * (1.0 + 1e-12)
     return float(weight[within].sum() / weight.sum())
 
 
