@@ -254,6 +254,20 @@ class MetricsConfig(StrictModel):
     role_label: ShortText = Field(default="role")
 
 
+class RequestShape(StrictModel):
+    """The typical request of a service: what the planner sizes from until it has read
+    the engines' prompt- and output-length histograms (a new service, or an engine that
+    exports none). The histograms replace it as soon as they are read."""
+
+    prompt_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        description="mean prompt tokens per request; at most 10,000,000 (ten times the "
+        "longest context served today)"
+    )
+    output_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        description="mean output tokens per request; at most 10,000,000"
+    )
+
+
 class ServicePolicy(StrictModel):
     """One served model: its SLOs, shapes, GPU preferences and scaling rules."""
 
@@ -276,6 +290,11 @@ class ServicePolicy(StrictModel):
     )
     scaling: Scaling
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    request_shape: RequestShape | None = Field(
+        default=None,
+        description="the typical request; the planner sizes from it (with a warning, never "
+        "scaling in) until the engines' length histograms are read",
+    )
 
     def role(self, role: str) -> RolePolicy:
         return self.prefill if role == "prefill" else self.decode

@@ -115,6 +115,11 @@ def one_two_five_buckets(max_tokens: float) -> tuple[float, ...]:
         exponent += 1
 
 
+# The length-histogram bounds the engines export (vLLM's 1-2-5 buckets up to a million
+# tokens, then +Inf): the mix the planner reads, as the simulated engines export it.
+ENGINE_LENGTH_BOUNDS: tuple[float, ...] = (*one_two_five_buckets(1_000_000), math.inf)
+
+
 @dataclass(frozen=True, eq=False)
 class _Layout:
     """The points of a histogram's whole mass, less their weights: fixed by its bucket

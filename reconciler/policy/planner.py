@@ -64,11 +64,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory
 from reconciler.policy.capacity import (
+    ENGINE_LENGTH_BOUNDS,
     LatencyCorrection,
     RequestMix,
     RoleCapacities,
@@ -357,6 +358,15 @@ def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> Reques
     )
 
 
+@lru_cache(maxsize=256)
+def declared_mix(shape: RequestShape) -> RequestMix:
+    """A policy's declared typical request as a mix (every request at the declared
+    means, binned as the engines bin lengths): the planner's last fallback."""
+    return RequestMix.from_samples(
+        [float(shape.prompt_tokens)], [float(shape.output_tokens)], ENGINE_LENGTH_BOUNDS
+    )
+
+
 def _usable(buckets: LengthBuckets | None, now_s: float, max_age_s: float) -> bool:
     return buckets is not None and buckets.is_usable(now_s, max_age_s)
 
@@ -504,6 +514,13 @@ def plan_decide(
     mix = fresh_mix if fresh_mix is not None else memory.mix
     if fresh_mix is None and mix is not None:
         parts.append(f"request mix missing: the last known one (t={memory.mix_at_s:.0f} s)")
+    if mix is None and policy.request_shape is not None:
+        mix = declared_mix(policy.request_shape)
+        parts.append(
+            f"request mix never read: the declared request_shape ("
+            f"{policy.request_shape.prompt_tokens} prompt / "
+            f"{policy.request_shape.output_tokens} output tokens)"
+        )
 
     # 1 (continued). Demand: what was served plus what queued up.
     prefill_in = role_demand(
@@ -572,7 +589,7 @@ def plan_decide(
         prefill_demand=prefill_state,
         decode_demand=decode_state,
         correction=correction,
-        mix=mix,
+        mix=fresh_mix if fresh_mix is not None else memory.mix,  # observed mixes only
         mix_at_s=now_s if fresh_mix is not None else memory.mix_at_s,
         prefill_kept=prefill_kept,
         decode_kept=decode_kept,
@@ -580,7 +597,11 @@ def plan_decide(
         decode_backlog=decode_in.backlog,
     )
     if caps is None and (override_prefill is None or override_decode is None):
-        why = "no request mix observed yet" if perf is not None else "no GPU type of a role fits"
+        why = (
+            "no request mix observed yet, no request_shape declared"
+            if perf is not None
+            else "no GPU type of a role fits"
+        )
         return _hold(
             n,
             current,
@@ -656,6 +677,14 @@ def plan_decide(
             f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO > {tier[0]:g}: "
             f"{rule.role} +{tier[1]:g}% of {ready[ri]} ready -> {asked}"
         )
+
+    # Sized from a mix not read this cycle (the last known or the declared one): the
+    # live mix may be heavier, so no role is taken below what runs.
+    if fresh_mix is None and caps is not None:
+        for ri, role in enumerate(("prefill", "decode")):
+            if wants[ri] < current[ri]:
+                parts.append(f"{role}: no scale-in on a mix not read this cycle")
+                wants[ri] = current[ri]
 
     # 8. Shape, then say when a bound keeps a role below what the SLO needs.
     recommendation = _shape(n, wants[0], wants[1], clamps)

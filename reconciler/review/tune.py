@@ -93,7 +93,7 @@ from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_val
 from reconciler.errors import PermanentError
 from reconciler.placement.base import Placer
 from reconciler.policy import make_autoscaler
-from reconciler.policy.capacity import LatencyCorrection, RequestMix, one_two_five_buckets
+from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
 from reconciler.policy.coordinated import policy_numbers
 from reconciler.policy.planner import capacities_for, perf_context
 from reconciler.sim.engine import LoadProfile, SimConfig
@@ -126,9 +126,6 @@ TUNED_AUTOSCALERS = (PLANNER, PAPER)
 # smoothing takes a few cycles to move), and the issue's own check of the model
 # against the simulator's saturation point allows 10%.
 CAPACITY_CHECK_TOLERANCE = 0.10
-# The length-histogram bounds the engines export (vLLM's 1-2-5 buckets, as the
-# simulated engines in reconciler.sim.engine export them): the mix the planner sees.
-_LENGTH_BOUNDS = (*one_two_five_buckets(1_000_000), math.inf)
 # Length pool for a service without a trace: enough requests that resampling does
 # not repeat a visible pattern over a 600 s run.
 SYNTHETIC_POOL_HOURS = 0.25
@@ -777,7 +774,7 @@ def check_capacity(
     perf = perf_context(policy, state.clusters[policy.cluster])
     if perf is None:
         return ()
-    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, _LENGTH_BOUNDS)
+    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
     best = sweep.best
     derived = capacities_for(policy, perf, mix, max(1, best.prefill), LatencyCorrection())
     limited = sweep.best.limited_by(sweep.attainment_goal)

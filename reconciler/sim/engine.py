@@ -149,7 +149,7 @@ from reconciler.perfmodel.instance import (
     kv_transfer_s,
 )
 from reconciler.perfmodel.queueing import ggc_wait_s
-from reconciler.policy.capacity import one_two_five_buckets
+from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS
 from reconciler.sim.generations import (
     SLOT_COLUMNS,
     DecodeGenerations,
@@ -573,7 +573,7 @@ class DecodePool:
 
 # vLLM's bucket bounds for its token-count histograms (1, 2, 5, 10, ... up to the
 # context length; 1 M covers every model here), then +Inf.
-_TOKEN_BUCKETS: tuple[float, ...] = (*one_two_five_buckets(1_000_000), math.inf)
+_TOKEN_BUCKETS = ENGINE_LENGTH_BOUNDS
 # Mutable state of ``ServiceSim`` besides the queues, cohorts and counters.
 _SNAPSHOT_SCALARS = (
     "queue_work",

@@ -100,13 +100,18 @@ def test_a_reference_to_an_unknown_gpu_type_is_located(example_repo: Path) -> No
 def test_an_instance_larger_than_every_node_of_its_type_is_located(example_repo: Path) -> None:
     """Checked against each GPU type's largest node, indexed once per cluster."""
     edit(example_repo / "clusters/prod-east.yaml", "gpus_per_node: 8", "gpus_per_node: 2")
+    chat = example_repo / "policies/chat.yaml"
+    lines = chat.read_text().splitlines()
+    prefill = lines.index("prefill:") + 2  # its gpus_per_instance, the role's first key
+    decode = lines.index("decode:") + 2
+    assert lines[prefill - 1] == lines[decode - 1] == "  gpus_per_instance: 4"
     assert [m for m in problems(example_repo) if "policies/chat.yaml" in m] == [
-        "policies/chat.yaml:22:3: prefill.gpus_per_instance: 4 GPUs per instance do not fit a "
-        "h800 node (2 GPUs); multi-node instances are not supported yet",
-        "policies/chat.yaml:29:3: decode.gpus_per_instance: 4 GPUs per instance do not fit a "
-        "h20 node (2 GPUs); multi-node instances are not supported yet",
-        "policies/chat.yaml:29:3: decode.gpus_per_instance: 4 GPUs per instance do not fit a "
-        "h800 node (2 GPUs); multi-node instances are not supported yet",
+        f"policies/chat.yaml:{prefill}:3: prefill.gpus_per_instance: 4 GPUs per instance do "
+        "not fit a h800 node (2 GPUs); multi-node instances are not supported yet",
+        f"policies/chat.yaml:{decode}:3: decode.gpus_per_instance: 4 GPUs per instance do not "
+        "fit a h20 node (2 GPUs); multi-node instances are not supported yet",
+        f"policies/chat.yaml:{decode}:3: decode.gpus_per_instance: 4 GPUs per instance do not "
+        "fit a h800 node (2 GPUs); multi-node instances are not supported yet",
     ]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from reconciler.desired import load_desired_state
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
@@ -149,8 +149,9 @@ def test_an_override_replaces_the_derived_capacity() -> None:
     assert "(override)" in decision.message
 
 
-def test_with_no_mix_ever_seen_and_no_override_it_holds() -> None:
+def test_with_no_mix_ever_seen_no_declared_shape_and_no_override_it_holds() -> None:
     policy, cluster = _chat()
+    policy = policy.model_copy(update={"request_shape": None})
     metrics = ServiceMetrics(
         "chat", prefill_tps=Sample(300_000.0, 0.0), decode_tps=Sample(40_000.0, 0.0)
     )
@@ -173,6 +174,47 @@ def test_a_missing_mix_falls_back_to_the_last_known_one() -> None:
     second = plan_decide(policy, _fleet(30, 30), bare, first.history, 30.0, perf)
     assert "the last known one (t=0 s)" in second.message
     assert (second.prefill, second.decode) == (first.prefill, first.decode)
+
+
+def _declared(policy: ServicePolicy, prompt_tokens: int, output_tokens: int) -> ServicePolicy:
+    shape = RequestShape(prompt_tokens=prompt_tokens, output_tokens=output_tokens)
+    return policy.model_copy(update={"request_shape": shape})
+
+
+def test_with_no_mix_ever_seen_it_sizes_from_the_declared_request_shape() -> None:
+    # A new service, or an engine without length histograms: 300,000 prompt tokens/s
+    # of ~1,150-token prompts is far beyond 5 prefill instances.
+    policy, cluster = _chat()
+    declared = _declared(policy, 1150, 210)
+    bare = ServiceMetrics(
+        "chat", prefill_tps=Sample(300_000.0, 0.0), decode_tps=Sample(40_000.0, 0.0)
+    )
+    decision = plan_decide(
+        declared, _fleet(5, 5), bare, PolicyHistory(), 0.0, perf_context(declared, cluster)
+    )
+    assert decision.prefill > 5 and decision.decode > 5
+    assert "the declared request_shape (1150 prompt / 210 output tokens)" in decision.message
+    # The declared shape is not remembered as an observed mix.
+    assert decision.history.planner is not None and decision.history.planner.mix is None
+
+
+def test_a_mix_not_read_this_cycle_never_scales_a_role_in() -> None:
+    policy, cluster = _chat()
+    declared = _declared(policy, 1150, 210)
+    light = ServiceMetrics(
+        "chat", prefill_tps=Sample(10_000.0, 0.0), decode_tps=Sample(2_000.0, 0.0)
+    )
+    decision = plan_decide(
+        declared, _fleet(30, 30), light, PolicyHistory(), 0.0, perf_context(declared, cluster)
+    )
+    assert (decision.prefill, decision.decode) == (30, 30)
+    assert "prefill: no scale-in on a mix not read this cycle" in decision.message
+    # Read this cycle, the same light load scales in (after the window allows it).
+    read = _metrics(0.0, 10_000.0, 2_000.0)
+    fresh = plan_decide(
+        declared, _fleet(30, 30), read, PolicyHistory(), 0.0, perf_context(declared, cluster)
+    )
+    assert "no scale-in on a mix not read" not in fresh.message
 
 
 def test_unattainable_prompts_are_reported_and_never_chased() -> None:
