@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import reconciler.sim.default as sim_default
-from benchmarks.bench_validate import gpu_counts
+from benchmarks.bench_validate import add_gpus_option
 from benchmarks.fleetgen import GPUS_PER_NODE, write_large_fleet
 from reconciler.desired import load_desired_state
 from reconciler.placement.cpsat import CpSatPlacer
@@ -144,14 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--gpus",
-        "--sizes",
-        dest="gpus",
-        type=gpu_counts,
-        default=[TARGET_GPUS],
-        help=f"generated fleet sizes in GPUs, comma-separated (default {TARGET_GPUS})",
-    )
+    add_gpus_option(parser, [TARGET_GPUS])
     parser.add_argument("--skip-example", action="store_true", help="only the generated fleets")
     parser.add_argument(
         "--skip-large", action="store_true", help="only the example fleet (same as --gpus '')"

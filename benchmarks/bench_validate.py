@@ -75,6 +75,20 @@ def gpu_counts(text: str) -> list[int]:
     return counts
 
 
+def add_gpus_option(parser: argparse.ArgumentParser, default: list[int]) -> None:
+    """``--gpus`` (also ``--sizes``): the generated fleet sizes a benchmark runs."""
+    parser.add_argument(
+        "--gpus",
+        "--sizes",
+        dest="gpus",
+        type=gpu_counts,
+        default=default,
+        help="generated fleet sizes in GPUs, comma-separated (default "
+        + ",".join(str(g) for g in default)
+        + ")",
+    )
+
+
 @dataclass(frozen=True)
 class Timing:
     wall_s: float
@@ -148,14 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--gpus",
-        "--sizes",
-        dest="gpus",
-        type=gpu_counts,
-        default=[20_000, 80_000, 160_000],
-        help="fleet sizes in GPUs, comma-separated (default 20000,80000,160000)",
-    )
+    add_gpus_option(parser, [20_000, 80_000, 160_000])
     parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
     args = parser.parse_args()
     command = validate_command()

@@ -92,7 +92,8 @@ from reconciler.desired.ratio import format_ratio, parse_ratio
 from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_value
 from reconciler.errors import PermanentError
 from reconciler.placement.base import Placer
-from reconciler.policy import make_autoscaler
+from reconciler.policy import CoordinatedAutoscaler, PlannerAutoscaler, make_autoscaler
+from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
 from reconciler.policy.coordinated import policy_numbers
 from reconciler.policy.planner import capacities_for, perf_context
@@ -118,8 +119,8 @@ BRACKET_FACTOR = 1.5
 MAX_BRACKET_STEPS = 12
 # The autoscalers tune can curate for: the default planner (checks its derived
 # capacity) and the paper policy (derives its hand-set targets).
-PLANNER = "heteroscale"
-PAPER = "heteroscale-paper"
+PLANNER = PlannerAutoscaler.name
+PAPER = CoordinatedAutoscaler.name
 TUNED_AUTOSCALERS = (PLANNER, PAPER)
 # Derived and measured capacity further apart than this are reported: the planner's
 # latency correction bounds what a wrong model costs, but not by much more (its
@@ -777,14 +778,8 @@ def check_capacity(
     mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
     best = sweep.best
     derived = capacities_for(policy, perf, mix, max(1, best.prefill), LatencyCorrection())
-    limited = sweep.best.limited_by(sweep.attainment_goal)
-    scaling = policy.scaling
-    decode_override = scaling.target_per_instance if scaling.metric == "decode_tps" else None
-    prefill_override = (
-        scaling.target_per_instance
-        if scaling.metric == "prefill_tps"
-        else scaling.prefill_target_per_instance
-    )
+    limited = best.limited_by(sweep.attainment_goal)
+    prefill_override, decode_override = policy_tps_targets(policy)
     return (
         CapacityCheck(
             "prefill",

@@ -573,7 +573,6 @@ class DecodePool:
 
 # vLLM's bucket bounds for its token-count histograms (1, 2, 5, 10, ... up to the
 # context length; 1 M covers every model here), then +Inf.
-_TOKEN_BUCKETS = ENGINE_LENGTH_BOUNDS
 # Mutable state of ``ServiceSim`` besides the queues, cohorts and counters.
 _SNAPSHOT_SCALARS = (
     "queue_work",
@@ -1462,14 +1461,14 @@ class ServiceSim:
             picked = np.arange(lo, hi)
         if picked.size == 0:
             return None
-        bounds = np.asarray(_TOKEN_BUCKETS)
+        bounds = np.asarray(ENGINE_LENGTH_BOUNDS)
         out = []
         for values in (sample.prompt_tokens[picked], sample.output_tokens[picked]):
             counts = np.bincount(
                 np.searchsorted(bounds, values, side="left"), minlength=bounds.size
             )
             out.append(tuple(float(c) for c in np.cumsum(counts)[: bounds.size]))
-        return _TOKEN_BUCKETS, out[0], out[1]
+        return ENGINE_LENGTH_BOUNDS, out[0], out[1]
 
     def utilisation_series(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Per second: GPU-utilisation and SM-activity counters summed over instances

@@ -9,6 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from repo_edits import edit
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -34,12 +35,6 @@ def problems(repo: Path) -> list[str]:
         load_desired_state(repo)
     assert all(i.line is not None and i.column is not None for i in caught.value.issues)
     return [str(issue) for issue in caught.value.issues]
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
 
 
 def billion_laughs() -> bytes:

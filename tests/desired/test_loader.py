@@ -11,29 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from repo_edits import edit, line_of, problems
 from typer.testing import CliRunner
 
 from reconciler.cli import app
 from reconciler.desired import load_desired_state
-from reconciler.errors import ConfigError
 
 runner = CliRunner()
-
-
-def problems(repo: Path) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load_desired_state(repo)
-    return [str(issue) for issue in caught.value.issues]
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
 
 
 def test_a_wrong_value_names_file_line_column_field_and_value(example_repo: Path) -> None:

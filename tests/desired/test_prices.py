@@ -6,27 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from repo_edits import edit, line_of, problems
 
 from reconciler.desired import load_desired_state
-from reconciler.errors import ConfigError
 
 CLUSTER = "clusters/prod-east.yaml"
-
-
-def problems(repo: Path) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load_desired_state(repo)
-    return [str(issue) for issue in caught.value.issues]
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
 
 
 def test_the_example_prices_and_currency_load(repo_root: Path) -> None:

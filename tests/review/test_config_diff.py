@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from repo_edits import edit, line_of
+
 from reconciler.desired import load_desired_state
 from reconciler.review.config_diff import config_diff
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_of(path: Path, needle: str) -> int:
-    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
 
 
 def test_no_change_reads_as_nothing(repo_root: Path, example_repo: Path) -> None:

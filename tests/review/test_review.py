@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from repo_edits import edit
 
 from reconciler.cost import money
 from reconciler.desired import load_desired_state
@@ -47,12 +48,6 @@ def git(repo: Path, *args: str) -> None:
         capture_output=True,
         env=env,
     )
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text
-    path.write_text(text.replace(old, new, 1))
 
 
 @pytest.fixture(scope="module")

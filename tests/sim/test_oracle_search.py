@@ -9,24 +9,10 @@ import pytest
 
 from reconciler.desired import DesiredState
 from reconciler.sim import oracle
-from reconciler.sim.engine import LoadProfile, synthetic_profile
+from reconciler.sim.engine import LoadProfile
 from reconciler.sim.oracle import REACH, _least_passing, plan_oracle_min, replay_window
-from reconciler.sim.workload import Burst
 
 SERVICE = "chat"
-
-
-@pytest.fixture(scope="module")
-def burst_load() -> LoadProfile:
-    return synthetic_profile(
-        "chat",
-        hours=0.2,
-        peak_rps=60.0,
-        seed=3,
-        trough_ratio=0.5,
-        bursts=(Burst(start_s=290.0, duration_s=150.0, factor=1.8),),
-        sample_limit=40_000,
-    )
 
 
 @pytest.mark.parametrize("answer", [3, 60, 300, 1500])

@@ -17,7 +17,6 @@ from reconciler.sim.engine import (
     idle_ttft_s,
     per_request,
     request_outcomes,
-    synthetic_profile,
 )
 from reconciler.sim.evaluate import evaluate, run_autoscaler
 from reconciler.sim.oracle import (
@@ -32,24 +31,10 @@ from reconciler.sim.oracle import (
     replay_window,
     warm_counts,
 )
-from reconciler.sim.workload import Burst, Workload
+from reconciler.sim.workload import Workload
 from reconciler.state import ServiceFleet, ServiceMetrics
 
 SERVICE = "chat"
-
-
-@pytest.fixture(scope="module")
-def burst_load() -> LoadProfile:
-    """Twelve minutes of chat traffic with a 1.8x burst in the middle."""
-    return synthetic_profile(
-        "chat",
-        hours=0.2,
-        peak_rps=60.0,
-        seed=3,
-        trough_ratio=0.5,
-        bursts=(Burst(start_s=290.0, duration_s=150.0, factor=1.8),),
-        sample_limit=40_000,
-    )
 
 
 @pytest.fixture(scope="module")
