@@ -37,7 +37,9 @@ One cycle, in order (each step that changes a number says so in the message):
    sized for ``max(now, forecast) x (1 + headroom)``, the headroom being the 95th
    percentile of the forecaster's own recent errors at that horizon, at least
    ``MIN_HEADROOM``: a bursty service carries more on its own. Too little history:
-   current demand x (1 + ``MIN_HEADROOM``).
+   current demand x (1 + ``MIN_HEADROOM``). The headroom is relative, so it never
+   takes the size above ``max(peak, forecast) x (1 + MIN_HEADROOM)``, ``peak`` being
+   the highest demand of the headroom's own memory (``KeptCapacity.peak_tps``).
 6. **Unattainable requests** (TTFT missed even on an idle instance) are left out of
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
    with the prompt length beyond which the SLO is out of reach, and never chased:
@@ -116,6 +118,8 @@ METRICS_WINDOW_S = 60.0
 # (five minutes) the forecaster's own errors stand in.
 KEPT_ERRORS = 120
 MIN_KEPT_ERRORS = 10
+# The highest demand the headroom's ceiling goes by is remembered as long as its errors.
+PEAK_MEMORY_S = KEPT_ERRORS * CYCLE_S
 # A backlog is sized to drain within one metrics window once the capacity is there:
 # every request behind it misses its TTFT while it lasts (so slower draining loses
 # more requests), and a window is the soonest the loop can see that it drained (the
@@ -252,6 +256,9 @@ class KeptCapacity:
 
     sized: tuple[tuple[float, float], ...] = ()  # (made at s, demand sized for)
     errors: tuple[float, ...] = ()  # demand / kept - 1, oldest first
+    # The demand's sliding maximum over PEAK_MEMORY_S: (at s, demand), each entry
+    # higher than every later one (so it stays short).
+    peaks: tuple[tuple[float, float], ...] = ()
 
     def observe(
         self, now_s: float, demand: float, sized: float | None, horizon_s: float, window_s: float
@@ -264,7 +271,15 @@ class KeptCapacity:
         kept = tuple((at, v) for at, v in self.sized if at >= oldest)
         if sized is not None:
             kept = (*kept, (now_s, sized))
-        return KeptCapacity(kept, errors)
+        since_s = now_s - PEAK_MEMORY_S
+        peaks = (*(p for p in self.peaks if p[0] >= since_s and p[1] > demand), (now_s, demand))
+        return KeptCapacity(kept, errors, peaks)
+
+    @property
+    def peak_tps(self) -> float:
+        """The highest demand of the last ``PEAK_MEMORY_S`` (0 before any). Read over
+        every entry, not just the first: a stored memory need not be ordered."""
+        return max((demand for _, demand in self.peaks), default=0.0)
 
     def headroom(self, quantile: float) -> float | None:
         """The ``quantile`` of the recent errors, None with fewer than
@@ -472,12 +487,18 @@ def _sized_demand(
     else:
         room, source = max(from_kept, MIN_HEADROOM), "shortfalls of the capacity kept"
     sized = base * (1.0 + room)
-    return (
-        sized + demand.drain_tps,
-        f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom "
-        f"({source}){drain}",
-        kept,
-    )
+    how = f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom ({source})"
+    # The headroom is the relative excess of demand over what was kept, so after a
+    # burst it multiplies whatever level the demand is at: on a higher base it would
+    # hold up to twice a level this service has not reached within the memory the
+    # headroom itself comes from. Above that hour's peak (with the floor's spread) the
+    # capacity guards only against a level never seen, and the burst days show it buys
+    # no attainment there (it held decode at max_instances for half an hour).
+    ceiling = max(kept.peak_tps, base) * (1.0 + MIN_HEADROOM)
+    if sized > ceiling:
+        sized = ceiling
+        how += f", held to the hour's peak {kept.peak_tps:.0f} +{MIN_HEADROOM:.0%}"
+    return sized + demand.drain_tps, how + drain, kept
 
 
 def plan_decide(

@@ -20,6 +20,7 @@ from reconciler.policy.capacity import RequestMix
 from reconciler.policy.planner import (
     DRAIN_S,
     MIN_HEADROOM,
+    PEAK_MEMORY_S,
     Backlog,
     KeptCapacity,
     PlannerAutoscaler,
@@ -288,6 +289,57 @@ def test_headroom_grows_with_how_far_demand_outruns_what_was_kept() -> None:
     bursty = calm.copy()
     bursty[rng.choice(200, 30, replace=False)] *= 1.8
     assert headroom(calm, calm) < 0.05 < 0.5 < headroom(calm, bursty)
+
+
+def test_the_kept_peak_is_the_highest_demand_of_the_memory() -> None:
+    rng = np.random.default_rng(5)
+    demands = rng.lognormal(10.0, 0.5, 400)
+    kept = KeptCapacity()
+    for k, value in enumerate(demands):
+        now = 30.0 * k
+        kept = kept.observe(now, float(value), float(value), 210.0, 600.0)
+        first = max(0, k - int(PEAK_MEMORY_S // 30.0))
+        assert kept.peak_tps == float(demands[first : k + 1].max())
+    assert len(kept.peaks) < 30  # the sliding maximum stays short
+
+
+def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
+    """Forty minutes of chat at 20k output tokens/s, with three 2x bursts when
+    ``bursty``, then fifteen steady minutes at the bursts' level (longer than the
+    scale-in window, shorter than the headroom's memory); the fleet and the message of
+    the last cycle."""
+    policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
+    perf = perf_context(policy, cluster)
+    history, fleet = PolicyHistory(), _fleet(40, 40)
+    message = ""
+    for k in range(110):
+        in_burst = k >= 80 or (bursty and k % 20 in (10, 11, 12))
+        level = 2.0 if in_burst or not bursty else 1.0
+        decision = plan_decide(
+            policy,
+            fleet,
+            _metrics(30.0 * k, 100_000.0 * level, 20_000.0 * level),
+            history,
+            30.0 * k,
+            perf,
+        )
+        history, message = decision.history, decision.message
+        fleet = _fleet(decision.prefill, decision.decode)
+    return fleet, message
+
+
+def test_headroom_never_holds_more_than_the_hours_peak_demand() -> None:
+    """Bursts leave shortfalls of +100% in the headroom's evidence; on a base as high
+    as the bursts' that would hold twice a level not seen within the hour. The size
+    stays at what the peak with the floor's headroom needs: what a service that always
+    ran at that level gets."""
+    bursty, message = _burst_history(bursty=True)
+    steady, _ = _burst_history(bursty=False)
+    assert "held to the hour's peak" in message
+    assert (bursty.prefill.ready, bursty.decode.ready) == (
+        steady.prefill.ready,
+        steady.decode.ready,
+    )
 
 
 def test_too_few_errors_give_no_headroom_of_their_own() -> None:
