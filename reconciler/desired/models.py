@@ -186,8 +186,9 @@ class Scaling(StrictModel):
         description="at most 1e8 (a hundred times the fastest instance's tokens/s). "
         "Per-instance target of the primary metric (tokens/s for TPS, fraction for "
         "utilisation). Omitted (the default): heteroscale derives each role's capacity from the "
-        "performance model for the live request mix; given, it overrides the derived decode "
-        "capacity (with metric decode_tps) and is what heteroscale-paper scales on",
+        "performance model for the live request mix; given, it overrides the derived capacity "
+        "of the role the metric measures (decode with decode_tps, prefill with prefill_tps) "
+        "and is what heteroscale-paper scales on",
     )
     prefill_target_per_instance: (
         Annotated[float, Field(gt=0, le=1e8, allow_inf_nan=False)] | None

@@ -691,8 +691,9 @@ class _PrefillQueue:
         ready: np.ndarray, mean: float, p_wait: float, quantile: float
     ) -> tuple[float, float]:
         lo = float(ready.min())
-        tail = mean / p_wait * math.log(max(p_wait / max(1.0 - quantile, 1e-12), 1.0))
-        hi = float(ready.max()) + (tail if p_wait > 0 else 0.0) + 1e-9
+        hi = float(ready.max()) + 1e-9
+        if p_wait > 0:  # at zero load nobody waits (and the conditional wait is 0 / 0)
+            hi += mean / p_wait * math.log(max(p_wait / max(1.0 - quantile, 1e-12), 1.0))
         return lo, hi
 
     def _ttft_bisection(

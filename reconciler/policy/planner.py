@@ -28,9 +28,12 @@ One cycle, in order (each step that changes a number says so in the message):
    Prefill takes only evidence of a slower instance (``_corrected`` says why).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
-   meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s at the batch whose step time meets the TBT SLO at the
-   live context. ``scaling.prefill_target_per_instance`` / ``target_per_instance``,
-   when given, override the derived figure.
+   meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
+   at the batch whose step time meets the TBT SLO at the live context. The policy's
+   own tokens/s targets, when given, override the derived figure of their role
+   (``baselines.policy_tps_targets``: ``target_per_instance`` is the role its metric
+   measures, ``prefill_target_per_instance`` prefill's unless that role is already
+   set).
 5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
    metrics window from now; each role's demand is forecast at that horizon
    (``forecast``: Holt's trend plus the daily curve once a day of history exists) and
@@ -70,6 +73,7 @@ from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, PolicyHistory
+from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
     ENGINE_LENGTH_BOUNDS,
     LatencyCorrection,
@@ -599,8 +603,7 @@ def plan_decide(
     )
 
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
-    override_prefill = policy.scaling.prefill_target_per_instance
-    override_decode = policy.scaling.target_per_instance if n.metric == "decode_tps" else None
+    override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
     correction = memory.correction
     if perf is not None and mix is not None:

@@ -188,6 +188,16 @@ def test_prefill_capacity_meets_the_slo_at_the_returned_rate_and_not_above() -> 
     assert at <= 1.0 + 1e-4 < above
 
 
+def test_at_zero_load_the_predicted_ttft_is_the_idle_one() -> None:
+    """Nobody waits on an idle pool: the prediction is the limit of a vanishing load
+    (it divided 0 by 0 before)."""
+    _, prefill, _, _ = chat()
+    mix = chat_mix()
+    idle = predicted_ttft_s(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05)
+    assert idle == pytest.approx(predicted_ttft_s(prefill, mix, 0.9, 1e-9, 4, tpt(), 0.05))
+    assert predicted_ttft_side(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05, 1.0, 0.0, idle * 2) == 0
+
+
 def test_a_larger_pool_sustains_more_per_instance() -> None:
     """Pooling: the same utilisation queues less with more servers."""
     _, prefill, _, _ = chat()

@@ -150,6 +150,22 @@ def test_an_override_replaces_the_derived_capacity() -> None:
     assert "(override)" in decision.message
 
 
+def test_with_a_prefill_metric_the_target_overrides_prefill_and_decode_is_derived() -> None:
+    """``target_per_instance`` belongs to the role the metric measures (as for every
+    policy: ``policy_tps_targets``): with ``prefill_tps`` it is prefill's."""
+    policy, cluster = _chat(metric="prefill_tps", target_per_instance=10_000.0)
+    derived, _ = _chat()
+    metrics = _metrics(0.0, 300_000.0, 40_000.0)
+    decision = plan_decide(
+        policy, _fleet(30, 30), metrics, PolicyHistory(), 0.0, perf_context(policy, cluster)
+    )
+    reference = plan_decide(
+        derived, _fleet(30, 30), metrics, PolicyHistory(), 0.0, perf_context(derived, cluster)
+    )
+    assert decision.prefill == math.ceil(300_000 * (1 + MIN_HEADROOM) / 10_000.0)
+    assert decision.decode == reference.decode
+
+
 def test_with_no_mix_ever_seen_no_declared_shape_and_no_override_it_holds() -> None:
     policy, cluster = _chat()
     policy = policy.model_copy(update={"request_shape": None})
