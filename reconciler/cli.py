@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from reconciler.commands._options import (
+    PlainFlagsCommand,
     checked_repository,
     console,
     err_console,
     report_config_error,
+    without_flag_types,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +73,10 @@ def _register(module_names: Iterable[str]) -> None:
         if name not in _registered_modules:
             importlib.import_module(f"reconciler.commands.{name}").register(app)
             _registered_modules.add(name)
+    for info in app.registered_commands:
+        # Given here, so no module has to remember it (typer's default is TyperCommand).
+        if info.cls in (None, TyperCommand):
+            info.cls = PlainFlagsCommand
 
     # Help lists the commands in one order however they were loaded: this file's
     # first, then by module name, each module's in its own order.
@@ -97,6 +103,9 @@ class _LazyCommands(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         self._load(_command_modules())
         return super().list_commands(ctx)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return without_flag_types(super().get_params(ctx))
 
     def _load(self, module_names: Iterable[str]) -> None:
         _register(module_names)
@@ -135,7 +144,7 @@ def _main(
     """Coordinated autoscaler for prefill/decode-disaggregated LLM serving, driven from Git."""
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def validate(
     path: Annotated[
         Path, typer.Argument(help="repository root holding policies/ and clusters/")
@@ -236,7 +245,7 @@ def render_schemas() -> dict[str, str]:
     return out
 
 
-@app.command()
+@app.command(cls=PlainFlagsCommand)
 def schema(
     out_dir: Annotated[Path, typer.Option("--out", help="directory to write into")] = Path(
         "schemas"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -37,6 +38,27 @@ class _ConsoleOnFirstUse:
 # every print of it escapes markup or turns it off (a value may contain "[/red]").
 console = cast("Console", _ConsoleOnFirstUse(highlight=False, emoji=False))
 err_console = cast("Console", _ConsoleOnFirstUse(stderr=True, highlight=False, emoji=False))
+
+
+def without_flag_types(params: list[Any]) -> list[Any]:
+    """``params``, each flag given an empty metavar: a flag takes no value, yet
+    typer's help would show ``<bool>`` where other options show their value's type.
+
+    Parameters and contexts are Any: they are click's, which typer versions import
+    from different places (some vendor click)."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class PlainFlagsCommand(TyperCommand):
+    """Every command's class (``reconciler.cli`` gives it to each): help without
+    ``<bool>`` after flags, ``--help`` included (click adds it in ``get_params``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return without_flag_types(super().get_params(ctx))
+
 
 PLACERS = ("cp-sat", "greedy")
 
@@ -86,9 +108,11 @@ def report_config_error(exc: ConfigError) -> None:
 __all__ = [
     "PLACERS",
     "PlacerOpt",
+    "PlainFlagsCommand",
     "checked_placer",
     "checked_repository",
     "console",
     "err_console",
     "report_config_error",
+    "without_flag_types",
 ]

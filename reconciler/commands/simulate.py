@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,106 +17,109 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reconciler.commands._options import PlacerOpt, checked_placer, checked_repository
-from reconciler.cost import money
+from reconciler.commands._options import (
+    PlacerOpt,
+    checked_placer,
+    checked_repository,
+    console,
+)
+from reconciler.commands._table import (
+    MISSING,
+    Column,
+    cost,
+    decimal,
+    pair,
+    percent,
+    print_table,
+    render,
+    signed_percent,
+    whole,
+)
 from reconciler.errors import ConfigError, PermanentError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from reconciler.sim.evaluate import EvaluationResult
+    from reconciler.sim.evaluate import EvaluationResult, PolicyResult
 
-console = Console(highlight=False, emoji=False)  # user text: no :emoji: codes
-if not console.is_terminal:
-    console = Console(
-        highlight=False, emoji=False, width=260
-    )  # logs and CI: one table row per line
+STATIC_PEAK = "static-peak"  # the policy "vs static" compares with
+
+# Progress bars need a Console itself (they enter it as a context manager), not the
+# shared one, which is built on first use behind a proxy.
 err_console = Console(stderr=True, highlight=False, emoji=False)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value * 100:.1f}%"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:,.0f}"
-
-
-def _cost(amount: float | None, digits: int = 2) -> str:
-    """Money as the table shows it: "-" when unknown (a GPU type without a price)."""
-    return "-" if amount is None else money(amount, digits)
 
 
 def _ratio_range(low: float | None, high: float | None) -> str:
     """Prefill/decode instance ratio range, as decimals (0.33 = 1:3)."""
     if low is None or high is None:
-        return "-"
+        return MISSING
     return f"{low:.2f}-{high:.2f}"
 
 
-def render_table(result: EvaluationResult) -> Table:
-    from rich.table import Table
+@dataclass(frozen=True)
+class PolicyRow:
+    """One policy's line of the table; ``static_gpu_hours`` is static-peak's (when it
+    ran), the baseline of "vs static"."""
 
+    name: str
+    result: PolicyResult
+    static_gpu_hours: float | None
+
+
+def _vs_static(row: PolicyRow) -> str:
+    static = row.static_gpu_hours
+    if static is None or static <= 0 or row.name == STATIC_PEAK:
+        return MISSING
+    return signed_percent(row.result.gpu_hours / static - 1)
+
+
+def policy_columns(currency: str, quantile_pct: int) -> list[Column[PolicyRow]]:
+    """The columns of ``simulate``'s table (and of ``tune``'s replay)."""
+    return [
+        Column("policy", lambda row: row.name, "left"),
+        Column("GPU-hours", lambda row: decimal(row.result.gpu_hours)),
+        Column(f"cost {currency}", lambda row: cost(row.result.cost_usd)),
+        Column(f"{currency}/Mtok", lambda row: cost(row.result.usd_per_mtok, 3)),
+        Column("x oracle-min", lambda row: decimal(row.result.oracle_min_multiple, 2)),
+        Column("vs static", _vs_static),
+        Column(
+            "util P / D",
+            lambda row: pair(
+                percent(row.result.mean_gpu_util_prefill), percent(row.result.mean_gpu_util_decode)
+            ),
+        ),
+        Column(
+            "SM P / D",
+            lambda row: pair(
+                percent(row.result.mean_sm_active_prefill),
+                percent(row.result.mean_sm_active_decode),
+            ),
+        ),
+        Column("TTFT ok", lambda row: percent(row.result.ttft_attainment)),
+        Column("TBT ok", lambda row: percent(row.result.tbt_attainment)),
+        Column("both ok", lambda row: percent(row.result.slo_attainment)),
+        Column("unattainable", lambda row: percent(row.result.unattainable_share)),
+        Column(f"TTFT p{quantile_pct} ms", lambda row: whole(row.result.ttft_quantile_ms)),
+        Column(f"TBT p{quantile_pct} ms", lambda row: whole(row.result.tbt_token_quantile_ms)),
+        Column("actions", lambda row: whole(row.result.scaling_actions)),
+        Column("P/D", lambda row: _ratio_range(row.result.pd_ratio_min, row.result.pd_ratio_max)),
+        Column("dropped", lambda row: whole(row.result.dropped)),
+    ]
+
+
+def render_table(result: EvaluationResult) -> Table:
     slo = result.slo
     q = round(float(slo["quantile"]) * 100)
-    table = Table(
-        title=(
-            f"{escape(result.service)}: {escape(result.workload)}, {result.horizon_s / 3600:.1f} h, "
-            f"{result.requests:,.0f} requests; "
-            f"SLO TTFT {slo['ttft_ms']:g} ms, TBT {slo['tbt_ms']:g} ms at p{q}"
-        ),
-        title_justify="left",
+    static = result.policies.get(STATIC_PEAK)
+    static_gpu_hours = static.gpu_hours if static is not None and static.failed is None else None
+    return render(
+        f"{result.service}: {result.workload}, {result.horizon_s / 3600:.1f} h, "
+        f"{whole(result.requests)} requests; "
+        f"SLO TTFT {slo['ttft_ms']:g} ms, TBT {slo['tbt_ms']:g} ms at p{q}",
+        policy_columns(result.currency, q),
+        (PolicyRow(name, r, static_gpu_hours) for name, r in result.policies.items()),
+        failed=lambda row: row.result.failed is not None,
     )
-    for column, justify in (
-        ("policy", "left"),
-        ("GPU-hours", "right"),
-        (f"cost {result.currency}", "right"),
-        (f"{result.currency}/Mtok", "right"),
-        ("x oracle-min", "right"),
-        ("vs static", "right"),
-        ("util P / D", "right"),
-        ("SM P / D", "right"),
-        ("TTFT ok", "right"),
-        ("TBT ok", "right"),
-        ("both ok", "right"),
-        ("unattainable", "right"),
-        (f"TTFT p{q} ms", "right"),
-        (f"TBT p{q} ms", "right"),
-        ("actions", "right"),
-        ("P/D", "right"),
-        ("dropped", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    static = result.policies.get("static-peak")
-    if static is not None and static.failed is not None:
-        static = None
-    for name, r in result.policies.items():
-        if r.failed is not None:  # no figure of a failed run means anything
-            table.add_row(escape(name), "[red]failed[/red]", *["-"] * (len(table.columns) - 2))
-            continue
-        saving = "-"
-        if static is not None and static.gpu_hours > 0 and name != "static-peak":
-            saving = f"{(r.gpu_hours / static.gpu_hours - 1) * 100:+.1f}%"
-        table.add_row(
-            escape(name),
-            f"{r.gpu_hours:,.1f}",
-            _cost(r.cost_usd),
-            _cost(r.usd_per_mtok, 3),
-            "-" if r.oracle_min_multiple is None else f"{r.oracle_min_multiple:.2f}",
-            saving,
-            f"{_pct(r.mean_gpu_util_prefill)} / {_pct(r.mean_gpu_util_decode)}",
-            f"{_pct(r.mean_sm_active_prefill)} / {_pct(r.mean_sm_active_decode)}",
-            _pct(r.ttft_attainment),
-            _pct(r.tbt_attainment),
-            _pct(r.slo_attainment),
-            _pct(r.unattainable_share),
-            _ms(r.ttft_quantile_ms),
-            _ms(r.tbt_token_quantile_ms),
-            str(r.scaling_actions),
-            _ratio_range(r.pd_ratio_min, r.pd_ratio_max),
-            f"{r.dropped:,.0f}",
-        )
-    return table
 
 
 def write_plot(result: EvaluationResult, path: Path) -> None:
@@ -186,7 +190,7 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
         lat_ax.text(
             0.01,
             0.95,
-            f"TTFT ok {_pct(r.ttft_attainment)}, TBT ok {_pct(r.tbt_attainment)}",
+            f"TTFT ok {percent(r.ttft_attainment)}, TBT ok {percent(r.tbt_attainment)}",
             transform=lat_ax.transAxes,
             va="top",
             fontsize=8,
@@ -212,7 +216,11 @@ def _hpa_target(text: str) -> float | None:
     except ValueError:
         value = math.nan
     if not 0.0 < value <= 1.0:  # NaN fails too
-        err_console.print(f"error: --hpa-target must be 'auto' or a number in (0, 1], got '{text}'")
+        err_console.print(
+            f"error: --hpa-target must be 'auto' or a number in (0, 1], got '{text}'",
+            markup=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
     return value
 
@@ -347,7 +355,9 @@ def register(app: typer.Typer) -> None:
                 export_path.parent.mkdir(parents=True, exist_ok=True)
                 load.workload.to_csv(export_path)
                 console.print(
-                    f"wrote {export_path} ({load.workload.requests:,} requests)", markup=False
+                    f"wrote {export_path} ({load.workload.requests:,} requests)",
+                    markup=False,
+                    soft_wrap=True,
                 )
             with Progress(
                 TextColumn("{task.description:<16}"),
@@ -381,7 +391,7 @@ def register(app: typer.Typer) -> None:
         except (TraceError, PermanentError, OSError) as exc:
             err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
-        console.print(render_table(result))
+        print_table(console, render_table(result))
         failed = {n: r.failed for n, r in result.policies.items() if r.failed is not None}
         for policy_name, r in result.policies.items():
             if r.description:
@@ -409,10 +419,10 @@ def register(app: typer.Typer) -> None:
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(document, indent=2) + "\n")
-            console.print(f"wrote {json_path}", markup=False)
+            console.print(f"wrote {json_path}", markup=False, soft_wrap=True)
         if plot_path is not None and len(failed) < len(result.policies):
             write_plot(result, plot_path)
-            console.print(f"wrote {plot_path}", markup=False)
+            console.print(f"wrote {plot_path}", markup=False, soft_wrap=True)
         if failed:
             for error in failed.values():
                 err_console.print(f"[red]error[/red] {escape(error)}", soft_wrap=True)

@@ -24,15 +24,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from reconciler.commands._options import PlacerOpt, checked_placer, checked_repository
+from reconciler.commands._options import (
+    PlacerOpt,
+    checked_placer,
+    checked_repository,
+    console,
+)
+from reconciler.commands._table import (
+    MISSING,
+    Column,
+    decimal,
+    percent,
+    print_table,
+    render,
+    whole,
+)
 from reconciler.commands.simulate import render_table
 from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
@@ -45,6 +58,7 @@ from reconciler.review.tune import (
     QUICK_SETTINGS,
     TUNED_AUTOSCALERS,
     Recommendation,
+    SplitResult,
     Sweep,
     SweepSettings,
     Verification,
@@ -62,11 +76,11 @@ from reconciler.sim.evaluate import EvaluationResult, default_placer
 from reconciler.sim.load import load_for
 from reconciler.sim.workload import TraceError, read_trace
 
-console = Console(highlight=False, emoji=False)  # user text: no :emoji: codes
-if not console.is_terminal:
-    console = Console(
-        highlight=False, emoji=False, width=160
-    )  # logs and CI: one table row per line
+if TYPE_CHECKING:
+    from rich.table import Table
+
+# Progress bars need a Console itself (they enter it as a context manager), not the
+# shared one, which is built on first use behind a proxy.
 err_console = Console(stderr=True, highlight=False, emoji=False)
 
 BAR_WIDTH = 30
@@ -83,50 +97,36 @@ def text_bar(value: float, top: float, width: int = BAR_WIDTH) -> str:
     return "█" * full + (_EIGHTHS[part] if part else "")
 
 
-def render_sweep(sweep: Sweep) -> Table:
+def sweep_columns(sweep: Sweep) -> list[Column[SplitResult]]:
+    """The columns of the sweep's table, one row per split of the budget."""
     goal = sweep.attainment_goal
-    table = Table(
-        title=(
-            f"{escape(sweep.service)}: throughput under SLO per prefill/decode split of "
-            f"{sweep.budget_gpus} GPUs ({sweep.duration_s} s flat load, lengths from "
-            f"{escape(sweep.workload)}, "
-            f"TTFT and TBT attainment >= {goal * 100:.1f}%)"
-        ),
-        title_justify="left",
-    )
-    for column, justify in (
-        ("P:D", "right"),
-        ("prefill", "right"),
-        ("decode", "right"),
-        ("GPUs", "right"),
-        ("max req/s", "right"),
-        ("limit", "left"),
-        ("output tok/s", "right"),
-        ("tok/s/GPU", "right"),
-        ("decode tok/s/inst", "right"),
-        ("throughput", "left"),
-        ("", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    best = sweep.best_index
     top = max(s.throughput_tps for s in sweep.splits)
-    for index, split in enumerate(sweep.splits):
-        is_best = index == best
-        table.add_row(
-            format_ratio(split.ratio),
-            str(split.prefill),
-            str(split.decode),
-            str(split.gpus),
-            f"{split.max_rate_rps:.1f}" if split.best else "-",
-            split.limited_by(goal),
-            f"{split.throughput_tps:,.0f}",
-            f"{split.throughput_tps / sweep.budget_gpus:,.0f}",
-            f"{split.decode_tps_per_instance:,.0f}",
-            text_bar(split.throughput_tps, top),
-            "◀ best" if is_best else "",
-            style="bold green" if is_best else None,
-        )
-    return table
+    best = sweep.best
+    return [
+        Column("P:D", lambda split: format_ratio(split.ratio)),
+        Column("prefill", lambda split: whole(split.prefill)),
+        Column("decode", lambda split: whole(split.decode)),
+        Column("GPUs", lambda split: whole(split.gpus)),
+        Column("max req/s", lambda split: decimal(split.max_rate_rps) if split.best else MISSING),
+        Column("limit", lambda split: split.limited_by(goal), "left"),
+        Column("output tok/s", lambda split: whole(split.throughput_tps)),
+        Column("tok/s/GPU", lambda split: whole(split.throughput_tps / sweep.budget_gpus)),
+        Column("decode tok/s/inst", lambda split: whole(split.decode_tps_per_instance)),
+        Column("throughput", lambda split: text_bar(split.throughput_tps, top), "left"),
+        Column("", lambda split: "◀ best" if split is best else "", "left"),
+    ]
+
+
+def render_sweep(sweep: Sweep) -> Table:
+    best = sweep.best
+    return render(
+        f"{sweep.service}: throughput under SLO per prefill/decode split of "
+        f"{whole(sweep.budget_gpus)} GPUs ({sweep.duration_s} s flat load, lengths from "
+        f"{sweep.workload}, TTFT and TBT attainment >= {percent(sweep.attainment_goal)})",
+        sweep_columns(sweep),
+        sweep.splits,
+        highlighted=lambda split: split is best,
+    )
 
 
 def render_recommendation(
@@ -139,8 +139,8 @@ def render_recommendation(
     best = sweep.best
     lines = [
         f"best split: {best.prefill} prefill + {best.decode} decode "
-        f"(P/D {format_ratio(best.ratio)}), {best.throughput_tps:,.0f} output tokens/s at "
-        f"{best.max_rate_rps:.1f} req/s"
+        f"(P/D {format_ratio(best.ratio)}), {whole(best.throughput_tps)} output tokens/s at "
+        f"{decimal(best.max_rate_rps)} req/s"
         + ("" if sweep.has_interior_peak else " [yellow](peak at the edge of the sweep)[/yellow]"),
     ]
     if recommendation.capacity_per_instance is not None and (
@@ -148,7 +148,7 @@ def render_recommendation(
     ):
         role = "decode" if recommendation.metric == "decode_tps" else "prefill"
         lines.append(
-            f"{role} capacity at the SLO limit: {recommendation.capacity_per_instance:,.0f} tokens/s "
+            f"{role} capacity at the SLO limit: {whole(recommendation.capacity_per_instance)} tokens/s "
             f"per instance; target = capacity x (1 - {recommendation.headroom:g} headroom) "
             f"/ (1 + {recommendation.tolerance:g} tolerance), rounded to 50"
         )
@@ -407,7 +407,7 @@ def register(app: typer.Typer) -> None:
                 widen_bounds=widen_bounds,
                 hand_targets=autoscaler == PAPER,
             )
-            console.print(render_sweep(sweep))
+            print_table(console, render_sweep(sweep))
             for line in render_recommendation(
                 recommendation,
                 sweep,
@@ -430,7 +430,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
             if plot_path is not None:
                 write_sweep_plot(sweep, plot_path)
-                console.print(f"wrote {plot_path}", markup=False)
+                console.print(f"wrote {plot_path}", markup=False, soft_wrap=True)
             verification: Verification | None = None
             if do_verify:
                 hours = diurnal_hours
@@ -451,7 +451,9 @@ def register(app: typer.Typer) -> None:
                     interval_s=interval_s,
                     autoscaler=autoscaler,
                 )
-                console.print(render_verification(verification, recommendation, policy, autoscaler))
+                print_table(
+                    console, render_verification(verification, recommendation, policy, autoscaler)
+                )
                 console.print(verification.verdict(), soft_wrap=True, markup=False)
                 for note in verification.notes:
                     console.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
@@ -462,7 +464,9 @@ def register(app: typer.Typer) -> None:
         path = state.policy_files[service]
         if not recommendation.changes:
             console.print(
-                f"{path}: already at the recommended values, nothing to change", markup=False
+                f"{path}: already at the recommended values, nothing to change",
+                markup=False,
+                soft_wrap=True,
             )
             return
         file_path = repo / path
@@ -474,10 +478,12 @@ def register(app: typer.Typer) -> None:
                 after,
                 [change.key_path for change in recommendation.changes],
                 f"heteroscale tune: verified on {verification.load} "
-                f"({100 * verification.recommended.slo_attainment:.1f}% within both SLOs, "  # type: ignore[union-attr]
-                f"{verification.recommended.gpu_hours:,.1f} GPU-hours)",  # type: ignore[union-attr]
+                f"({percent(verification.recommended.slo_attainment)} within both SLOs, "  # type: ignore[union-attr]
+                f"{decimal(verification.recommended.gpu_hours)} GPU-hours)",  # type: ignore[union-attr]
             )
-        console.print(unified_diff(path, before, after), markup=False, highlight=False, end="")
+        console.print(
+            unified_diff(path, before, after), markup=False, highlight=False, end="", soft_wrap=True
+        )
         if write:
             if shortfall is not None:
                 err_console.print(
@@ -488,10 +494,13 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(1)
             file_path.write_text(after)
             console.print(
-                f"wrote {len(recommendation.changes)} value(s) to {file_path}", markup=False
+                f"wrote {len(recommendation.changes)} value(s) to {file_path}",
+                markup=False,
+                soft_wrap=True,
             )
         else:
             console.print(
                 f"(dry run: --write puts these {len(recommendation.changes)} value(s) into {path})",
                 markup=False,
+                soft_wrap=True,
             )

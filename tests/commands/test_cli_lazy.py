@@ -63,6 +63,11 @@ def test_validate_imports_nothing_heavy(repo_root: Path) -> None:
     assert heavy_modules_after(code) == []
 
 
+def test_the_table_helper_imports_nothing_heavy() -> None:
+    """Any command may print a table: the helper must not pull in the simulator."""
+    assert heavy_modules_after("import reconciler.commands._table") == []
+
+
 def registered_by(module: str) -> list[str]:
     scratch = typer.Typer()
     __import__(f"reconciler.commands.{module}", fromlist=["register"]).register(scratch)
