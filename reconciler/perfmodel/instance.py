@@ -124,6 +124,33 @@ class InstancePerf:
     decode_params: Mapping[str, float] = field(compare=False, repr=False)
     prefill_params: Mapping[str, float] = field(compare=False, repr=False)
     util: Mapping[str, Any] = field(compare=False, repr=False)
+    # The parts of ``decode_step_scalar_s`` that do not depend on its arguments, worked
+    # out once (``__post_init__``): the simulator calls it twice per generation-second.
+    _decode_terms: tuple[float, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        d = self.decode_params
+        bandwidth = self.eta_bandwidth * self.bandwidth_bps
+        # Each term as decode_step_scalar_s groups it, so every result is bit for bit the
+        # same as computing it in full.
+        object.__setattr__(
+            self,
+            "_decode_terms",
+            (
+                d["overhead_s"] + d["overhead_s_per_weight_gb"] * self.weight_bytes / 1e9,
+                self.weight_bytes / bandwidth,
+                2.0 * self.params,
+                self.eta_compute_decode * self.flops,
+                d["attention_floor_s_per_kv_gb"],
+                float(self.gpus),
+                self.kv_bytes_per_token,
+                bandwidth,
+                d["k_gemm"],
+                1.0 / d["k_gemm"],
+                d["k_attention"],
+                1.0 / d["k_attention"],
+            ),
+        )
 
     # ------------------------------------------------------------------ prefill
 
@@ -221,24 +248,35 @@ class InstancePerf:
         )
 
     def decode_step_scalar_s(self, batch: float, kv_tokens: float, mean_context: float) -> float:
-        """:meth:`decode_step_s` for one instance, in plain floats (the engine's hot loop)."""
-        d = self.decode_params
-        weights = self.weight_bytes / (self.eta_bandwidth * self.bandwidth_bps)
-        compute = 2.0 * self.params * max(batch, 1e-9) / (self.eta_compute_decode * self.flops)
-        floor = (
-            d["attention_floor_s_per_kv_gb"]
-            * mean_context
-            / self.gpus
-            * self.kv_bytes_per_token
-            / 1e9
-        )
-        reads = kv_tokens * self.kv_bytes_per_token / (self.eta_bandwidth * self.bandwidth_bps)
-        return (
-            d["overhead_s"]
-            + d["overhead_s_per_weight_gb"] * self.weight_bytes / 1e9
-            + _smooth_max(weights, compute, d["k_gemm"])
-            + _smooth_max(floor, reads, d["k_attention"])
-        )
+        """:meth:`decode_step_s` for one instance, in plain floats (the engine's hot loop).
+
+        The overheads plus the smooth maximum of the weight reads and the batch's GEMMs,
+        plus that of the attention floor and the KV-cache reads; the constant parts come
+        from ``_decode_terms``."""
+        (
+            overhead_s,
+            weights_s,
+            two_params,
+            compute_flops,
+            floor_s_per_kv_gb,
+            gpus,
+            kv_bytes_per_token,
+            bandwidth_bps,
+            k_gemm,
+            inv_k_gemm,
+            k_attention,
+            inv_k_attention,
+        ) = self._decode_terms
+        # ``max(batch, 1e-9)``, inlined (the same operand on ties and NaN).
+        compute_s = two_params * (1e-9 if batch < 1e-9 else batch) / compute_flops
+        floor_s = floor_s_per_kv_gb * mean_context / gpus * kv_bytes_per_token / 1e9
+        reads_s = kv_tokens * kv_bytes_per_token / bandwidth_bps
+        # _smooth_max, inlined: hi (1 + (lo / hi)^k)^(1/k), 0 when hi <= 0.
+        hi, lo = (weights_s, compute_s) if weights_s >= compute_s else (compute_s, weights_s)
+        gemm_s = 0.0 if hi <= 0.0 else hi * (1.0 + (lo / hi) ** k_gemm) ** inv_k_gemm
+        hi, lo = (floor_s, reads_s) if floor_s >= reads_s else (reads_s, floor_s)
+        attention_s = 0.0 if hi <= 0.0 else hi * (1.0 + (lo / hi) ** k_attention) ** inv_k_attention
+        return overhead_s + gemm_s + attention_s
 
     def decode_capacity_tps(self, tbt_slo_s: float, mean_context: float) -> float:
         """Decode tokens/s one instance sustains with its step time within ``tbt_slo_s``,
@@ -285,13 +323,6 @@ class InstancePerf:
         return np.interp(b, batches, values) * np.clip(
             np.asarray(active_fraction, dtype=float), 0.0, 1.0
         )
-
-
-def _smooth_max(a: float, b: float, k: float) -> float:
-    hi, lo = (a, b) if a >= b else (b, a)
-    if hi <= 0.0:
-        return 0.0
-    return hi * (1.0 + (lo / hi) ** k) ** (1.0 / k)
 
 
 def instance_perf(

@@ -570,6 +570,9 @@ class _PrefillModel:
         self.idle = np.zeros(0)
         self.arrival = np.zeros(0)
         self.index = np.zeros(0, dtype=np.int64)
+        # ``wait_s`` at each request's second, per count: it depends only on what
+        # ``begin`` set, and the bisections of ``least`` ask for the same counts again.
+        self._request_wait: dict[int, np.ndarray] = {}
 
     def begin(
         self, start: int, end: int, follow_s: int, arrival: np.ndarray, prompt: np.ndarray
@@ -597,6 +600,7 @@ class _PrefillModel:
         self.index = (np.floor(self.arrival).astype(np.int64) - start).clip(0, span - 1)
         self.idle = idle[attainable]
         self.extra = self.idle + self.extra_bias
+        self._request_wait = {}
 
     def wait_s(self, count: int) -> np.ndarray:
         """Fluid + G/G/c wait of each second's arrivals with ``count`` instances."""
@@ -620,11 +624,20 @@ class _PrefillModel:
         result: np.ndarray = wait + ggc
         return result
 
+    def request_wait_s(self, count: int) -> np.ndarray:
+        """``wait_s`` at each attainable request's second (kept for the window; read
+        only)."""
+        wait = self._request_wait.get(count)
+        if wait is None:
+            wait = self._request_wait[count] = self.wait_s(count)[self.index]
+            wait.flags.writeable = False
+        return wait
+
     def calibrate(self, count: int, ttft: np.ndarray | None) -> None:
         """Take each request's TTFT beyond the queue from a trial at ``count``."""
         if ttft is None or ttft.size != self.idle.size:
             return
-        wait = self.wait_s(count)[self.index]
+        wait = self.request_wait_s(count)
         known = np.isfinite(ttft) & np.isfinite(wait)
         extra = np.where(known, ttft - np.where(known, wait, 0.0), np.inf)
         if known.any():
@@ -637,7 +650,7 @@ class _PrefillModel:
         may_miss = math.floor(n * (1.0 - self.goal) + 1e-9)
         if may_miss >= n:
             return -math.inf
-        excess = self.extra + self.wait_s(count)[self.index] - self.slo_s
+        excess = self.extra + self.request_wait_s(count) - self.slo_s
         return float(-np.partition(-excess, may_miss)[may_miss])
 
     def settles_by(self, count: int) -> int | None:
@@ -646,7 +659,7 @@ class _PrefillModel:
         miss (None: it expects no miss)."""
         n = self.extra.size
         may_miss = math.floor(n * (1.0 - self.goal) + 1e-9)
-        ttft = self.extra + self.wait_s(count)[self.index]
+        ttft = self.extra + self.request_wait_s(count)
         late = np.sort((self.arrival + ttft)[ttft > self.slo_s])
         if late.size <= may_miss or not math.isfinite(late[may_miss]):
             return None

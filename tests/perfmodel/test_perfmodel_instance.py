@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.desired.models import GpuType, ModelSpec
-from reconciler.perfmodel.instance import instance_perf, kv_transfer_s, tp_scale
+from reconciler.perfmodel.instance import InstancePerf, instance_perf, kv_transfer_s, tp_scale
 
 H200 = GpuType(memory_gib=141, bf16_tflops=989, memory_bandwidth_gbps=4800)
 H100 = GpuType(memory_gib=80, bf16_tflops=989, memory_bandwidth_gbps=3350)
@@ -149,3 +149,51 @@ def test_the_float_forms_are_the_one_point_forms_bit_for_bit(
     prompts = [0.0, 1.0, *rng.uniform(0.0, 200.0, 300), *rng.uniform(0.0, 200_000.0, 300)]
     for prompt in prompts:
         assert perf.prefill_latency_one_s(float(prompt)) == float(perf.prefill_latency_s(prompt))
+
+
+def _decode_step_in_full_s(perf: InstancePerf, batch: float, kv: float, context: float) -> float:
+    """``decode_step_scalar_s`` as first written, every term from the fitted parameters
+    (the form its precomputed ``_decode_terms`` must reproduce bit for bit)."""
+
+    def smooth_max(a: float, b: float, k: float) -> float:
+        hi, lo = (a, b) if a >= b else (b, a)
+        if hi <= 0.0:
+            return 0.0
+        return hi * (1.0 + (lo / hi) ** k) ** (1.0 / k)
+
+    d = perf.decode_params
+    weights = perf.weight_bytes / (perf.eta_bandwidth * perf.bandwidth_bps)
+    compute = 2.0 * perf.params * max(batch, 1e-9) / (perf.eta_compute_decode * perf.flops)
+    floor = d["attention_floor_s_per_kv_gb"] * context / perf.gpus * perf.kv_bytes_per_token / 1e9
+    reads = kv * perf.kv_bytes_per_token / (perf.eta_bandwidth * perf.bandwidth_bps)
+    return (
+        d["overhead_s"]
+        + d["overhead_s_per_weight_gb"] * perf.weight_bytes / 1e9
+        + smooth_max(weights, compute, d["k_gemm"])
+        + smooth_max(floor, reads, d["k_attention"])
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    card=st.sampled_from([("h200", H200), ("h100", H100), ("h20", H20), ("l20", L20)]),
+    model=st.sampled_from([LLAMA_8B, QWEN_32B, LLAMA_70B]),
+    gpus=st.sampled_from([1, 2, 4, 8]),
+    batch=st.one_of(st.floats(0, 512), st.integers(0, 512), st.just(1e-9), st.just(1e-12)),
+    kv=st.one_of(st.floats(0, 1e7), st.integers(0, 10**7)),
+    context=st.one_of(st.floats(0, 1e5), st.integers(0, 10**5)),
+)
+def test_decode_step_scalar_is_bit_identical_to_the_formula_in_full(
+    card: tuple[str, GpuType],
+    model: ModelSpec,
+    gpus: int,
+    batch: float,
+    kv: float,
+    context: float,
+) -> None:
+    """The simulator's hot loop and the planner read ``decode_step_scalar_s``; working its
+    constant terms out once must not move a single bit of its result."""
+    perf = instance_perf(model, card[0], card[1], gpus)
+    fast = perf.decode_step_scalar_s(batch, kv, context)
+    assert fast == _decode_step_in_full_s(perf, batch, kv, context)
+    assert fast.hex() == _decode_step_in_full_s(perf, batch, kv, context).hex()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from reconciler.desired import DesiredState
 from reconciler.sim import oracle
-from reconciler.sim.engine import LoadProfile
+from reconciler.sim.engine import LoadProfile, ServiceSim
 from reconciler.sim.oracle import REACH, _least_passing, plan_oracle_min, replay_window
 
 SERVICE = "chat"
@@ -75,3 +76,44 @@ def test_every_window_passes_and_one_decode_fewer_fails(
                 policy, cluster, burst_load, plan, k, window.prefill, window.decode - 1
             )
             assert fewer < goal, f"window {k}: one decode instance fewer still meets it"
+
+
+def test_the_prefill_models_kept_waits_change_no_trial(
+    state: DesiredState, burst_load: LoadProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefill model keeps each count's queue wait for the window; working it out
+    afresh every time gives the same trials, counts and rows."""
+    policy = state.policies[SERVICE]
+    cluster = state.clusters[policy.cluster]
+    kept = plan_oracle_min(policy, cluster, burst_load)
+
+    def afresh(model: oracle._PrefillModel, count: int) -> np.ndarray:
+        wait: np.ndarray = model.wait_s(count)[model.index]
+        return wait
+
+    monkeypatch.setattr(oracle._PrefillModel, "request_wait_s", afresh)
+    plain = plan_oracle_min(policy, cluster, burst_load)
+    assert kept.windows == plain.windows
+    assert kept.trials == plain.trials
+    assert kept.sim.series.data[: kept.sim.t].tobytes() == (
+        plain.sim.series.data[: plain.sim.t].tobytes()
+    )
+
+
+def test_the_prefill_models_kept_waits_are_read_only_and_per_window(
+    state: DesiredState, burst_load: LoadProfile
+) -> None:
+    policy = state.policies[SERVICE]
+    sim = ServiceSim(policy, state.clusters[policy.cluster], burst_load)
+    sample = burst_load.sample
+    assert sample is not None
+    model = oracle._PrefillModel(sim, "h800", policy.slo.attainment_goal)
+    for start in (0, 300):
+        lo, hi = np.searchsorted(sample.arrival_s, [start, start + 60])
+        prompt = sample.prompt_tokens[lo:hi].astype(np.float64)
+        model.begin(start, start + 60, 3, sample.arrival_s[lo:hi], prompt)
+        for count in (1, 2, 5, 1, 40, 2):
+            wait = model.request_wait_s(count)
+            assert wait.tobytes() == model.wait_s(count)[model.index].tobytes()
+            with pytest.raises(ValueError):
+                wait[:1] = 0.0

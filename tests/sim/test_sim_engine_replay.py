@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reconciler.desired import DesiredState
 from reconciler.sim.engine import (
@@ -12,6 +14,7 @@ from reconciler.sim.engine import (
     PrefillTape,
     ServiceSim,
     SimSnapshot,
+    _Grow,
     fifo_delay,
     per_request,
     prompt_tables,
@@ -199,3 +202,45 @@ def test_judging_shortcuts_give_the_same_numbers(state: DesiredState, load: Load
     seconds = np.floor(arrival).astype(np.int64) + 3
     per_second = sim._first_step_s(seconds)
     assert per_second.tobytes() == sim._first_step_per_second(seconds).tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    columns=st.integers(1, 40),
+    rows=st.lists(st.lists(st.floats(allow_nan=False), min_size=40, max_size=40), max_size=12),
+)
+def test_rows_packed_in_place_equal_rows_appended(columns: int, rows: list[list[float]]) -> None:
+    """The simulator packs each second's row into its table (``next_row``); the table
+    holds the same bytes as appending the row as a list, across its growth too."""
+    names = [f"c{i}" for i in range(columns)]
+    appended, packed = _Grow(names, capacity=2), _Grow(names, capacity=2)
+    for row in rows:
+        appended.append(row[:columns])
+        offset = packed.next_row()
+        packed.row_format.pack_into(packed.data.data, offset, *row[:columns])
+    assert packed.rows == appended.rows == len(rows)
+    assert packed.data[: packed.rows].tobytes() == appended.data[: appended.rows].tobytes()
+
+
+def test_a_run_read_while_replaying_reads_as_simulated(
+    state: DesiredState, load: LoadProfile
+) -> None:
+    """Replayed seconds set the prefill state only when it is read: what a reader sees
+    in between (requests in flight, the counters) is what simulating them leaves."""
+    plain = warm(state, load)
+    taped = warm(state, load)
+    base = taped.snapshot()
+    tape = PrefillTape(START_S)
+    taped.prefill_tape = tape
+    trial(taped, 7, 15)
+    taped.restore(base)
+    taped.set_counts({PREFILL: 7}, {"h20": 12}, {})
+    plain.set_counts({PREFILL: 7}, {"h20": 12}, {})
+    for stop in (START_S + 1, START_S + 20, START_S + 21, STOP_S):
+        while taped.t < stop:
+            taped.step()
+            plain.step()
+        assert taped.conservation() == plain.conservation()
+        assert taped.in_flight == plain.in_flight
+    taped.prefill_tape = None
+    assert state_of(taped) == state_of(plain)
