@@ -8,9 +8,11 @@ outside it, files too large to be configuration, bytes that are not UTF-8.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import subprocess
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,6 +120,76 @@ class DirectorySource:
             return False
 
 
+class _BlobReader:
+    """Blobs read through one ``git cat-file --batch`` process, started on the first
+    read: a revision of a 100-service repository is hundreds of files, and one
+    ``git`` process per file cost more than parsing them. Each request is one object
+    id (hex, from ``ls-tree``, never a path from the tree), and the answer is framed by
+    the size in its header, so no file name or content can desynchronise the stream;
+    the size is checked against the tree's before anything is read (bounded memory)."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            self._proc = subprocess.Popen(
+                ["git", "-C", str(self.repo), "cat-file", "--batch"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # failures show on stdout ("missing") or as EOF
+            )
+            # The owner (a GitSource) does not say when it is done: stop with it.
+            self._finalizer = weakref.finalize(self, _stop_process, self._proc)
+        return self._proc
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._proc = None
+        self._finalizer = None
+
+    def read(self, path: str, sha: str, size: int) -> bytes:
+        """The blob ``sha`` of ``size`` bytes (as the tree lists it) at ``path``."""
+        proc = self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(sha.encode("ascii") + b"\n")
+            proc.stdin.flush()
+            header = proc.stdout.readline(512)
+        except OSError:  # the process is gone (a broken pipe)
+            header = b""
+        fields = header.split()
+        if fields != [sha.encode("ascii"), b"blob", str(size).encode()]:
+            # Missing, gone, or not the size the tree lists: never read on from a
+            # stream that may be out of step.
+            self.close()
+            missing = header.endswith(b" missing\n")
+            raise SourceError(
+                path, f"cannot be read (object {'missing' if missing else 'unreadable'})"
+            )
+        data = proc.stdout.read(size)  # a buffered read: all of it, or less only at EOF
+        if len(data) != size or proc.stdout.read(1) != b"\n":
+            self.close()
+            raise SourceError(path, "cannot be read (object truncated)")
+        return data
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """End a ``cat-file --batch`` process: EOF on its input ends it; kill if it lingers."""
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class GitSource:
     """Files of one revision of a Git repository, read with ``git cat-file``."""
@@ -129,6 +201,7 @@ class GitSource:
 
     def __post_init__(self) -> None:
         self.repo = Path(self.repo).resolve()
+        self._blobs = _BlobReader(self.repo)
         try:
             commit = self._git("rev-parse", "--verify", "--quiet", f"{self.rev}^{{commit}}").strip()
         except SourceError:
@@ -180,11 +253,12 @@ class GitSource:
             raise SourceError(" ".join(args), message.replace(str(self.repo), "<repository>"))
         return result.stdout.decode() if text else result.stdout
 
-    def _blob(self, sha: str) -> bytes:
-        result = subprocess.run(
-            ["git", "-C", str(self.repo), "cat-file", "blob", sha], capture_output=True, check=True
-        )
-        return result.stdout
+    def close(self) -> None:
+        """End the blob reader's process now (it also ends when this source is freed)."""
+        self._blobs.close()
+
+    def _blob(self, path: str, sha: str, size: int) -> bytes:
+        return self._blobs.read(path, sha, size)
 
     def _follow(self, path: str, depth: int = 0) -> tuple[str, str, int]:
         entry = self._tree.get(path)
@@ -194,7 +268,7 @@ class GitSource:
         if mode == "120000":
             if size > 4096:  # PATH_MAX: a bigger "symlink" is not one
                 raise SourceError(path, "is a symlink with an impossibly long target; refused")
-            target = self._blob(sha).decode(errors="replace")
+            target = self._blob(path, sha, size).decode(errors="replace")
             joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
             if target.startswith("/") or joined.startswith(".."):
                 raise SourceError(path, "is a symlink to a file outside the repository; refused")
@@ -217,7 +291,7 @@ class GitSource:
     def read(self, path: str) -> bytes:
         _mode, sha, size = self._follow(path)
         _check_size(path, size)
-        return self._blob(sha)
+        return self._blob(path, sha, size)
 
     def exists(self, path: str) -> bool:
         try:

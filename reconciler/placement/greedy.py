@@ -34,7 +34,9 @@ in ``stats.notes``).
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
+from threading import Lock
 
 import numpy as np
 
@@ -51,7 +53,7 @@ from reconciler.placement.problem import (
     split_growth,
 )
 from reconciler.state import ROLES, Role
-from reconciler.topology import CLASS_RANK, SchedulingDomain
+from reconciler.topology import CLASS_RANK, SchedulingDomain, Topology
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -66,6 +68,39 @@ def first_fit(free: np.ndarray, nodes: np.ndarray, size: int, count: int) -> dic
     take = np.minimum(np.maximum(count - before, 0), cap)
     hit = np.flatnonzero(take)
     return dict(zip(nodes[hit].tolist(), take[hit].tolist(), strict=True))
+
+
+# Per topology (itself memoised per cluster spec), the node order loose-affinity groups
+# fill: built once, not per placement (a simulation places hundreds of times a run,
+# and the per-node Python loop cost milliseconds at thousands of nodes).
+_LOOSE_NODES: weakref.WeakKeyDictionary[Topology, dict[str, np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+_LOOSE_NODES_LOCK = Lock()
+
+
+def loose_nodes(topology: Topology) -> dict[str, np.ndarray]:
+    """Per GPU type, every node of that type by subgroup priority, then node order (the
+    order loose-affinity roles take nodes in). Cached per topology; read-only."""
+    with _LOOSE_NODES_LOCK:
+        cached = _LOOSE_NODES.get(topology)
+    if cached is not None:
+        return cached
+    # A node's class is its S1 switch's subgroup's: looked up once per switch in use.
+    rank_of_s1 = np.zeros(len(topology.s1_switches), dtype=np.int64)
+    for s1 in np.unique(topology.node_s1).tolist():
+        subgroup = topology.subgroup_of_s1[topology.s1_switches[s1]]
+        rank_of_s1[s1] = topology.subgroups[subgroup].class_rank
+    class_of_node = rank_of_s1[np.asarray(topology.node_s1, dtype=np.int64)]
+    out: dict[str, np.ndarray] = {}
+    for code, gpu_type in enumerate(topology.gpu_types):
+        nodes = np.nonzero(topology.node_type == code)[0]
+        order = np.lexsort((nodes, class_of_node[nodes]))
+        ordered = nodes[order].astype(np.int64)
+        ordered.setflags(write=False)  # shared by every placement on this topology
+        out[gpu_type] = ordered
+    with _LOOSE_NODES_LOCK:
+        return _LOOSE_NODES.setdefault(topology, out)
 
 
 class GreedyPlacer:
@@ -88,17 +123,7 @@ class _Greedy:
         self.notes: list[str] = []
         if problem.request.options.allow_rebalance:
             self.notes.append("greedy never moves running instances; allow_rebalance ignored")
-        topo = self.topology
-        class_of_node = np.array(
-            [topo.subgroups[topo.subgroup_of_node(i)].class_rank for i in range(len(topo.nodes))],
-            dtype=np.int64,
-        )
-        # Loose affinity: every node of a type, by subgroup priority then node order.
-        self.loose_nodes: dict[str, np.ndarray] = {}
-        for code, gpu_type in enumerate(topo.gpu_types):
-            nodes = np.nonzero(topo.node_type == code)[0]
-            order = np.lexsort((nodes, class_of_node[nodes]))
-            self.loose_nodes[gpu_type] = nodes[order].astype(np.int64)
+        self.loose_nodes = loose_nodes(self.topology)
 
     def run(self) -> PlacementResult:
         mark = time.perf_counter()
@@ -340,4 +365,4 @@ class _Greedy:
         return group
 
 
-__all__ = ["GreedyPlacer", "first_fit"]
+__all__ = ["GreedyPlacer", "first_fit", "loose_nodes"]
