@@ -944,24 +944,33 @@ def plot(document: dict[str, Any], folder: Path) -> list[Path]:
     x = np.arange(len(labels))
     loaded = [k["runs"][lb]["kv_gbps"] for lb in labels]
     bare = [k["runs"][lb]["kv_gbps_unloaded"] for lb in labels]
-    b1 = bw_ax.bar(x - 0.2, bare, 0.4, label="links unloaded", color="#8da0cb")
-    b2 = bw_ax.bar(x + 0.2, loaded, 0.4, label="with link load (M/M/1)", color="#4c72b0")
-    bw_ax.bar_label(b1, labels=[f"{v:.0f}" for v in bare], fontsize=8)
-    bw_ax.bar_label(b2, labels=[f"{v:.0f}" for v in loaded], fontsize=8)
-    bw_ax.set_xticks(x, labels, fontsize=8)
+
+    def paired_bars(
+        ax: Any, left: tuple[str, list[float], str], right: tuple[str, list[float], str]
+    ) -> None:
+        """Two bars per placement, each (legend, values, colour), labelled."""
+        for offset, (legend, values, colour) in ((-0.2, left), (0.2, right)):
+            bars = ax.bar(x + offset, values, 0.4, label=legend, color=colour)
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.legend(fontsize=8)
+
+    paired_bars(
+        bw_ax,
+        ("links unloaded", bare, "#8da0cb"),
+        ("with link load (M/M/1)", loaded, "#4c72b0"),
+    )
     bw_ax.set_ylabel("effective KV Gb/s per P/D pair")
     bw_ax.set_title(f"{k['service']} day: KV-transfer bandwidth")
-    bw_ax.legend(fontsize=8)
     idle = [k["runs"][lb]["idle_ttft_ms_mean_prompt"] for lb in labels]
     p90 = [k["runs"][lb]["ttft_p90_ms"] or 0.0 for lb in labels]
-    t1 = ttft_ax.bar(x - 0.2, idle, 0.4, label="mean prompt, idle instance", color="#a6d854")
-    t2 = ttft_ax.bar(x + 0.2, p90, 0.4, label="p90 over the day (simulated)", color="#66a61e")
-    ttft_ax.bar_label(t1, labels=[f"{v:.0f}" for v in idle], fontsize=8)
-    ttft_ax.bar_label(t2, labels=[f"{v:.0f}" for v in p90], fontsize=8)
-    ttft_ax.set_xticks(x, labels, fontsize=8)
+    paired_bars(
+        ttft_ax,
+        ("mean prompt, idle instance", idle, "#a6d854"),
+        ("p90 over the day (simulated)", p90, "#66a61e"),
+    )
     ttft_ax.set_ylabel("TTFT ms")
     ttft_ax.set_title("TTFT")
-    ttft_ax.legend(fontsize=8)
     static = k["static_placement"]
     services = sorted({s for placed in static.values() for s in placed["services"]})
     width = 0.8 / max(len(static), 1)

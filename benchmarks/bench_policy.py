@@ -17,7 +17,7 @@ figures:
   without other processes competing for the CPU (a slight underestimate).
 
 ``heteroscale`` (the planner, the default; ``--planner-repeats``, 0 skips it), called
-per service through ``reconciler.policy.base.decide_with`` with the service's cluster
+per service through its ``decide`` with the service's cluster in the ``DecisionInput``
 (the planner sizes from the cluster's GPU types and link). Its inputs add what it
 reads: prompt- and output-length histograms (``LengthBuckets`` in vLLM's 1-2-5
 buckets, log-normal around each example service's shape, per service varied), no
@@ -71,7 +71,7 @@ from reconciler.desired import load_desired_state
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.policy import PlannerAutoscaler, PolicyHistory, decide, decide_many
 from reconciler.policy import planner as planner_module
-from reconciler.policy.base import Decision, Recommendation, decide_with
+from reconciler.policy.base import Decision, DecisionInput, Recommendation
 from reconciler.policy.capacity import one_two_five_buckets
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
@@ -267,7 +267,9 @@ def build_planner_inputs(count: int, seed: int = 11) -> list[PlannerService]:
             at_s = NOW_S - PLANNER_CYCLE_S * (PLANNER_HISTORY_CYCLES - k)
             swing = 1.0 + 0.15 * math.sin(2 * math.pi * at_s / 1_800.0) + rng.gauss(0.0, 0.03)
             metrics = planner_metrics(policy.name, load_tps * swing, mix, at_s - 5, rng, latency_ms)
-            history = decide_with(planner, cluster, policy, fleet, metrics, history, at_s).history
+            history = planner.decide(
+                DecisionInput(policy, fleet, metrics, history, at_s, cluster)
+            ).history
         services.append(PlannerService(cluster, policy, fleet, history, mix, load_tps, *latency_ms))
     return services
 
@@ -277,7 +279,7 @@ def decide_all_planner(
 ) -> list[Decision]:
     """One call deciding every service: what the cycle does per cluster."""
     return [
-        decide_with(planner, s.cluster, s.policy, s.fleet, m, s.history, NOW_S)
+        planner.decide(DecisionInput(s.policy, s.fleet, m, s.history, NOW_S, s.cluster))
         for s, m in zip(services, metrics, strict=True)
     ]
 
@@ -335,7 +337,10 @@ def bench_planner(count: int, repeats: int) -> None:
     best_ns = sum(
         min(
             timed_ns(
-                partial(decide_with, planner, s.cluster, s.policy, s.fleet, m, s.history, NOW_S)
+                partial(
+                    planner.decide,
+                    DecisionInput(s.policy, s.fleet, m, s.history, NOW_S, s.cluster),
+                )
             )
             for _ in range(5)
         )
@@ -345,7 +350,7 @@ def bench_planner(count: int, repeats: int) -> None:
     for decision in decisions:
         reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
     print(
-        f"heteroscale (the planner; decide_with per service, with its cluster): {count} "
+        f"heteroscale (the planner; decide per service, with its cluster): {count} "
         f"services (history of {PLANNER_HISTORY_CYCLES} cycles built in {setup_s:.1f} s)"
     )
     print(f"  load average over the last minute: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")

@@ -24,7 +24,7 @@ from reconciler.desired.loader import DesiredState
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementOptions, PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
-from reconciler.policy.base import Autoscaler, PolicyHistory, decide_with
+from reconciler.policy.base import Autoscaler, DecisionInput, PolicyHistory
 from reconciler.state import ROLES, Role, ServiceMetrics, Targets
 
 
@@ -59,14 +59,15 @@ def plan_cluster(
     targets: dict[str, Targets] = {}
     for name, policy in policies.items():
         fleet = observation.fleet.service_fleet(name)
-        decision = decide_with(
-            autoscaler,
-            spec,
-            policy,
-            fleet,
-            metrics.get(name, ServiceMetrics(service=name)),
-            histories.get(name, PolicyHistory()),
-            now_s,
+        decision = autoscaler.decide(
+            DecisionInput(
+                policy,
+                fleet,
+                metrics.get(name, ServiceMetrics(service=name)),
+                histories.get(name, PolicyHistory()),
+                now_s,
+                spec,
+            )
         )
         decisions[name] = decision
         if name in held:

@@ -1,8 +1,9 @@
 """The autoscaling decision as data, and the interface every autoscaler implements.
 
-An autoscaler is a pure function of (policy, fleet, metrics, history, now): no I/O,
-no clock reads. ``history`` holds what earlier cycles recommended; it is never
-mutated, a new one comes back inside the ``Decision``.
+An autoscaler is a pure function of one ``DecisionInput`` (policy, fleet, metrics,
+history, now and the service's cluster): no I/O, no clock reads. ``history`` holds
+what earlier cycles recommended; it is never mutated, a new one comes back inside
+the ``Decision``.
 """
 
 from __future__ import annotations
@@ -83,51 +84,31 @@ class Decision:
         return self.prefill != fleet.prefill.active or self.decode != fleet.decode.active
 
 
-class ClusterAwareAutoscaler(Protocol):
-    """An autoscaler that also needs the service's cluster (its GPU catalogue and
-    network) to size, e.g. from the performance model."""
+@dataclass(frozen=True)
+class DecisionInput:
+    """Everything one decision reads: an autoscaler is a pure function of this."""
 
-    name: str
+    policy: ServicePolicy
+    fleet: ServiceFleet
+    metrics: ServiceMetrics
+    history: PolicyHistory
+    now_s: float
+    # The service's cluster (GPU catalogue and network), for autoscalers that size
+    # from the performance model; None where none is known (such autoscalers then
+    # size only from the policy's own targets, or hold).
+    cluster: ClusterSpec | None = None
 
-    def decide_in_cluster(
+    def unpacked(
         self,
-        cluster: ClusterSpec,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision: ...
-
-
-def decide_with(
-    autoscaler: Autoscaler,
-    cluster: ClusterSpec,
-    policy: ServicePolicy,
-    fleet: ServiceFleet,
-    metrics: ServiceMetrics,
-    history: PolicyHistory,
-    now_s: float,
-) -> Decision:
-    """One decision, giving the cluster to autoscalers that size from it: the one call
-    every harness (the cycle, the simulator) makes."""
-    in_cluster = getattr(autoscaler, "decide_in_cluster", None)
-    if in_cluster is not None:
-        decision: Decision = in_cluster(cluster, policy, fleet, metrics, history, now_s)
-        return decision
-    return autoscaler.decide(policy, fleet, metrics, history, now_s)
+    ) -> tuple[ServicePolicy, ServiceFleet, ServiceMetrics, PolicyHistory, float]:
+        """(policy, fleet, metrics, history, now_s), for code written over them."""
+        return self.policy, self.fleet, self.metrics, self.history, self.now_s
 
 
 class Autoscaler(Protocol):
-    """Anything that sizes a service: the coordinated policy and every baseline."""
+    """Anything that sizes a service: the planner, the paper's policy, every baseline.
+    Every harness (the cycle, the simulator, the benchmarks) makes this one call."""
 
     name: str
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision: ...
+    def decide(self, inputs: DecisionInput) -> Decision: ...

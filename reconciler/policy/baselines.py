@@ -29,7 +29,7 @@ from typing import Literal
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
-from reconciler.policy.base import Clamp, Decision, PolicyHistory, Recommendation
+from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory, Recommendation
 from reconciler.policy.clamps import RoleBounds, ceil_count, clamp_bounds, clamp_step
 from reconciler.policy.coordinated import policy_numbers, sample_problem
 from reconciler.state import ROLES, MetricName, Role, ServiceFleet, ServiceMetrics
@@ -179,14 +179,8 @@ class PerRoleHpa(ABC):
         desired = ceil_count(usage * ready)
         return _HpaRole(desired, f"{head} x {ready} ready -> {desired} {role}")
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, fleet, metrics, history, now_s = inputs.unpacked()
         max_age_s = (
             self.metric_max_age_s
             if self.metric_max_age_s is not None
@@ -458,14 +452,8 @@ class StaticPeakAutoscaler:
             decode=ceil_count(peak_decode_tps / decode_tps_per_instance),
         )
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, fleet, history, now_s = inputs.policy, inputs.fleet, inputs.history, inputs.now_s
         pair = self.counts.get(policy.name, self.default)
         if pair is None:
             raise AutoscalerConfigError(

@@ -84,7 +84,14 @@ from dataclasses import dataclass
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
-from reconciler.policy.base import Clamp, Decision, PolicyHistory, Reason, Recommendation
+from reconciler.policy.base import (
+    Clamp,
+    Decision,
+    DecisionInput,
+    PolicyHistory,
+    Reason,
+    Recommendation,
+)
 from reconciler.policy.clamps import (
     RoleBounds,
     ceil_count,
@@ -979,15 +986,8 @@ class CoordinatedAutoscaler:
 
     name = "heteroscale-paper"
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
-        return decide(policy, fleet, metrics, history, now_s)
+    def decide(self, inputs: DecisionInput) -> Decision:
+        return decide(inputs.policy, inputs.fleet, inputs.metrics, inputs.history, inputs.now_s)
 
 
 __all__ = [

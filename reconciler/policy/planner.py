@@ -72,7 +72,7 @@ from functools import lru_cache
 from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
-from reconciler.policy.base import Clamp, Decision, PolicyHistory
+from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
     ENGINE_LENGTH_BOUNDS,
@@ -870,27 +870,13 @@ class PlannerAutoscaler:
 
     name = "heteroscale"
 
-    def decide_in_cluster(
-        self,
-        cluster: ClusterSpec,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
-        return plan_decide(policy, fleet, metrics, history, now_s, perf_context(policy, cluster))
-
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
-        """Without the cluster: sizes only from the policy's overrides (else holds)."""
-        return plan_decide(policy, fleet, metrics, history, now_s, None)
+    def decide(self, inputs: DecisionInput) -> Decision:
+        """Sized from the cluster's performance model; without a cluster, only from
+        the policy's own targets (else it holds)."""
+        perf = perf_context(inputs.policy, inputs.cluster) if inputs.cluster else None
+        return plan_decide(
+            inputs.policy, inputs.fleet, inputs.metrics, inputs.history, inputs.now_s, perf
+        )
 
 
 __all__ = [

@@ -69,7 +69,7 @@ from reconciler.errors import PermanentError
 from reconciler.perfmodel.instance import instance_perf
 from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
-from reconciler.policy.base import Autoscaler, Decision, PolicyHistory, decide_with
+from reconciler.policy.base import Autoscaler, Decision, DecisionInput, PolicyHistory
 from reconciler.sim.engine import (
     LoadProfile,
     RequestOutcomes,
@@ -204,14 +204,8 @@ class ScheduleAutoscaler:
         index = max(0, int(np.searchsorted(t_s, now_s, side="right")) - 1)
         return int(prefill[index]), int(decode[index])
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, history, now_s = inputs.policy, inputs.history, inputs.now_s
         prefill, decode = self.counts_at(policy.name, now_s)
         return Decision(
             service=policy.name,
@@ -365,7 +359,9 @@ def initial_counts(
     every policy but static provisioning, whose constant counts are its warm state."""
     if getattr(autoscaler, "name", "") == "static-peak":
         decision = autoscaler.decide(
-            policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0
+            DecisionInput(
+                policy, ServiceFleet(policy.name), ServiceMetrics(policy.name), PolicyHistory(), 0.0
+            )
         )
         return decision.prefill, decision.decode
     return oracle_min_initial_counts(policy, state.clusters[policy.cluster], profile, config)
@@ -780,7 +776,7 @@ def _run_policy(
         fleet.advance_to(now)
         metrics = fleet.fetch([policy], now)[service]
         view = fleet.fleet_state(cluster.name).service_fleet(service)
-        decision = decide_with(autoscaler, cluster, policy, view, metrics, history, now)
+        decision = autoscaler.decide(DecisionInput(policy, view, metrics, history, now, cluster))
         history = decision.history
         decision_times.append(now)
         ttft_ms.append(metrics.ttft.value if metrics.ttft else math.nan)

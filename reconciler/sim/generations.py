@@ -88,12 +88,13 @@ def water_fill(
     live = [i for i in range(n) if weights[i] > 0 and caps[i] > EPS]
     if total <= EPS or not live:
         return out
+    if len(live) == 1:  # the common case, ahead of the sum (its two answers in one)
+        cap = caps[live[0]]
+        out[live[0]] = cap if cap <= total else total
+        return out
     if sum(caps[i] for i in live) <= total:
         for i in live:
             out[i] = caps[i]
-        return out
-    if len(live) == 1:
-        out[live[0]] = min(total, caps[live[0]])
         return out
 
     def filled(lam: float) -> float:
@@ -611,7 +612,15 @@ class DecodeGenerations:
                 continue
             admit = admitted[k] if admitted is not None else 0.0
             if admit > EPS:
-                self._add_cohort(k, admit, prompt_mean, length_scale)
+                tail = self.tail[k]
+                if tail < self.entry[k].size:  # _add_cohort's common case, inlined (hot)
+                    self.entry[k][tail] = self.psi[k]
+                    self.count[k][tail] = admit
+                    self.prompt[k][tail] = prompt_mean
+                    self.scale[k][tail] = length_scale
+                    self.tail[k] = tail + 1
+                else:
+                    self._add_cohort(k, admit, prompt_mean, length_scale)
             lo, hi = self.head[k], self.tail[k]
             instances = self.ready[k] + self.draining[k]
             tau = alive = kv = tokens = dpsi = 0.0
@@ -626,15 +635,18 @@ class DecodeGenerations:
                 gen_before = _c_interp(length, grid, generated, None, None)
                 alive_n = n * g
                 alive = float(_sum(alive_n))
-                kv = float(alive_n @ (prompt + x))
+                # ndarray.dot, not @: without matmul's ufunc overhead, the same bits on
+                # these non-negative operands (matmul's sum starts from +0.0, so on signed
+                # ones only an exact zero's sign may differ; pinned by tests).
+                kv = float(alive_n.dot(prompt + x))
                 if alive > EPS:
                     # Predictor-corrector: the step time of the batch in the middle of the
                     # second, not at its start (a sizeable share finishes within it).
                     tau = step_time(alive / instances, kv / instances, kv / alive)
                     x2 = x + 1.0 / tau
                     g2 = _c_interp(x2 * scale, grid, survival, None, None)
-                    alive_mid = 0.5 * (alive + float(n @ g2))
-                    kv_mid = 0.5 * (kv + float((n * g2) @ (prompt + x2)))
+                    alive_mid = 0.5 * (alive + float(n.dot(g2)))
+                    kv_mid = 0.5 * (kv + float((n * g2).dot(prompt + x2)))
                     if alive_mid > EPS:
                         tau = step_time(
                             alive_mid / instances, kv_mid / instances, kv_mid / alive_mid
@@ -644,23 +656,21 @@ class DecodeGenerations:
                     length = x2 * scale
                     g2 = _c_interp(length, grid, survival, None, None)
                     gen_after = _c_interp(length, grid, generated, None, None)
-                    completed_total += float(n @ (g - g2))
-                    tokens = float(n @ ((gen_after - gen_before) / scale))
+                    completed_total += float(n.dot(g - g2))
+                    tokens = float(n.dot((gen_after - gen_before) / scale))
                     tokens_total += tokens
                     tau_tokens += tau * tokens
                     busiest = max(busiest, tau)
                     self.psi[k] += dpsi
                     alive_after = n * g2
                     self.alive_end[k] = float(_sum(alive_after))
-                    self.kv_end[k] = float(alive_after @ (prompt + x2))
-                    # Cohorts are oldest first; drop the finished prefix.
-                    done_mask = length >= out_max
-                    finished = (
-                        (int(done_mask.argmin()) if not done_mask.all() else hi - lo)
-                        if done_mask[0]
-                        else 0
-                    )
-                    self.head[k] = lo + finished
+                    self.kv_end[k] = float(alive_after.dot(prompt + x2))
+                    # Cohorts are oldest first; drop the finished prefix. A scalar scan:
+                    # the prefix is short (about a cohort a second), cheaper than a mask.
+                    first = lo
+                    while first < hi and length[first - lo] >= out_max:
+                        first += 1
+                    self.head[k] = first
                 else:
                     self.alive_end[k] = self.kv_end[k] = 0.0
                     self.head[k] = hi

@@ -37,7 +37,7 @@ from typing import Any
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
-from reconciler.policy.base import Decision, PolicyHistory
+from reconciler.policy.base import Decision, DecisionInput
 from reconciler.policy.baselines import fixed_counts
 from reconciler.sim.fleet import SimulatedServiceMetrics
 from reconciler.state import Sample, ServiceFleet, ServiceMetrics
@@ -199,14 +199,8 @@ class PluginAutoscaler:
                 "(before the first cycle)"
             )
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, fleet, metrics, history, now_s = inputs.unpacked()
         observation = observe(policy, fleet, metrics, now_s)
         try:
             result = self.plugin.decide(observation)

@@ -25,11 +25,9 @@ from reconciler.apply import cyclereport, names
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import KubeClient, deployments_path
 from reconciler.desired import DesiredState
-from reconciler.desired.models import ServicePolicy
 from reconciler.loop import ClusterOutcome, CycleResult, ReconcileLoop
 from reconciler.placement.greedy import GreedyPlacer
-from reconciler.policy.base import Decision, PolicyHistory
-from reconciler.state import ServiceFleet, ServiceMetrics
+from reconciler.policy.base import Decision, DecisionInput, PolicyHistory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
 from looptestkit import StaticMetrics
@@ -46,14 +44,8 @@ class Wants:
     decode: int
     name: str = "wants"
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, fleet, _metrics, history, now_s = inputs.unpacked()
         changed = (self.prefill, self.decode) != (fleet.prefill.active, fleet.decode.active)
         return Decision(
             policy.name,

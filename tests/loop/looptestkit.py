@@ -12,8 +12,8 @@ from reconciler.errors import ClusterUnavailable
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
 from reconciler.plan import Plan
-from reconciler.policy.base import Decision, PolicyHistory
-from reconciler.state import DeploymentGroup, FleetState, GroupRole, ServiceFleet, ServiceMetrics
+from reconciler.policy.base import Decision, DecisionInput
+from reconciler.state import DeploymentGroup, FleetState, GroupRole, ServiceMetrics
 
 
 @dataclass
@@ -52,14 +52,8 @@ class FixedAutoscaler:
     decode: int = 2
     name: str = "fixed"
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, history = inputs.policy, inputs.history
         return Decision(
             policy.name,
             self.prefill,

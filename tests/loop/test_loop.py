@@ -21,6 +21,7 @@ from looptestkit import (
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.errors import ConfigError, ConfigIssue
 from reconciler.loop import JsonFormatter, ReconcileLoop, serve_http
+from reconciler.policy.base import Decision, DecisionInput
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -234,9 +235,14 @@ def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -
     observation = Observation(FleetState("prod-east", groups=(running,)))
 
     class Arming(FixedAutoscaler):
-        def decide(self, policy, fleet, metrics, history, now_s):  # type: ignore[no-untyped-def]
+        def decide(self, inputs: DecisionInput) -> Decision:
             return Decision(
-                policy.name, 1, 2, "scale_in", "1/2", history=PolicyHistory(last_change_at_s=now_s)
+                inputs.policy.name,
+                1,
+                2,
+                "scale_in",
+                "1/2",
+                history=PolicyHistory(last_change_at_s=inputs.now_s),
             )
 
     before = {service: PolicyHistory(last_change_at_s=10.0)}

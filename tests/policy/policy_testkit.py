@@ -20,7 +20,7 @@ from typing import Any
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.policy import Decision, PolicyHistory, decide
-from reconciler.policy.base import Autoscaler, Recommendation
+from reconciler.policy.base import Autoscaler, DecisionInput, Recommendation
 from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -192,7 +192,9 @@ def replay(
         if autoscaler is None:
             decision = decide(policy, current, signals(now_s), history, now_s)
         else:
-            decision = autoscaler.decide(policy, current, signals(now_s), history, now_s)
+            decision = autoscaler.decide(
+                DecisionInput(policy, current, signals(now_s), history, now_s)
+            )
         fleet_sim.apply(decision, now_s)
         history = decision.history
         now_s += cycle_s

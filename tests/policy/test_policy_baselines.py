@@ -18,7 +18,7 @@ from reconciler.policy import (
     StaticPeakAutoscaler,
     make_autoscaler,
 )
-from reconciler.policy.base import Recommendation
+from reconciler.policy.base import DecisionInput, Recommendation
 from reconciler.policy.baselines import NO_RECOMMENDATION
 from reconciler.state import Sample, ServiceMetrics
 
@@ -60,7 +60,9 @@ def test_hpa_replica_formula_per_role(util, ready, starting, expected):
     hpa = HpaGpuUtilAutoscaler(0.6)
     signals = metrics(NOW, decode_gpu_util=util, prefill_gpu_util=0.6)
     decision = hpa.decide(
-        policy(), fleet(5, ready, decode_starting=starting), signals, PolicyHistory(), NOW
+        DecisionInput(
+            policy(), fleet(5, ready, decode_starting=starting), signals, PolicyHistory(), NOW
+        )
     )
     assert decision.decode == expected
     assert decision.prefill == 5  # 0.6 / 0.6 = 1.0: the prefill HPA holds
@@ -71,11 +73,13 @@ def test_hpa_scale_up_rate_limit_is_the_default_behavior():
     # 1.0 / 0.1 = 10 x 2 ready = 20 wanted; limit max(4 pods, 100% of 2) = 4 -> 6
     hpa = HpaGpuUtilAutoscaler(0.1)
     decision = hpa.decide(
-        policy(),
-        fleet(2, 2),
-        metrics(NOW, decode_gpu_util=1.0, prefill_gpu_util=0.1),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(2, 2),
+            metrics(NOW, decode_gpu_util=1.0, prefill_gpu_util=0.1),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert decision.decode == 6
     assert any(c.name == "max_step" for c in decision.clamps)
@@ -85,11 +89,13 @@ def test_hpa_roles_are_independent_no_ratio():
     # prefill 0.9 / 0.6 x 4 = 6; decode 0.3 / 0.6 x 20 = 10; ratio 6:10 is not kept at 1:2
     hpa = HpaGpuUtilAutoscaler()
     decision = hpa.decide(
-        policy(),
-        fleet(4, 20),
-        metrics(NOW, prefill_gpu_util=0.9, decode_gpu_util=0.3),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(4, 20),
+            metrics(NOW, prefill_gpu_util=0.9, decode_gpu_util=0.3),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert (decision.prefill, decision.decode) == (6, 10)
 
@@ -105,11 +111,13 @@ def test_hpa_scale_down_stabilisation_takes_the_max_over_300_s():
     hpa = HpaGpuUtilAutoscaler()
     # 0.3 / 0.6 x 20 = 10 now; highest in window 14 -> 14
     decision = hpa.decide(
-        policy(),
-        fleet(5, 20),
-        metrics(NOW, decode_gpu_util=0.3, prefill_gpu_util=0.6),
-        history,
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(5, 20),
+            metrics(NOW, decode_gpu_util=0.3, prefill_gpu_util=0.6),
+            history,
+            NOW,
+        )
     )
     assert decision.decode == 14
     # The new history keeps only what the window can reach, plus this cycle's.
@@ -124,16 +132,18 @@ def test_hpa_scale_down_stabilisation_takes_the_max_over_300_s():
 def test_hpa_missing_metrics_hold_and_store_no_recommendation(sample):
     hpa = HpaGpuUtilAutoscaler()
     signals = ServiceMetrics("svc", decode_gpu_util=sample, prefill_gpu_util=Sample(0.6, NOW))
-    decision = hpa.decide(policy(), fleet(5, 20), signals, PolicyHistory(), NOW)
+    decision = hpa.decide(DecisionInput(policy(), fleet(5, 20), signals, PolicyHistory(), NOW))
     assert decision.decode == 20
     assert decision.history.recommendations[-1].decode == NO_RECOMMENDATION
     # A later scale-down does not see the skipped cycle as a recommendation of 20.
     later = hpa.decide(
-        policy(),
-        fleet(5, 20),
-        metrics(NOW + 15, decode_gpu_util=0.3, prefill_gpu_util=0.6),
-        decision.history,
-        NOW + 15,
+        DecisionInput(
+            policy(),
+            fleet(5, 20),
+            metrics(NOW + 15, decode_gpu_util=0.3, prefill_gpu_util=0.6),
+            decision.history,
+            NOW + 15,
+        )
     )
     assert later.decode == 10
 
@@ -141,19 +151,23 @@ def test_hpa_missing_metrics_hold_and_store_no_recommendation(sample):
 def test_hpa_does_not_scale_from_zero_except_to_min():
     hpa = HpaGpuUtilAutoscaler()
     decision = hpa.decide(
-        policy(decode={"min_instances": 0}),
-        fleet(5, 0),
-        metrics(NOW, decode_gpu_util=0.9, prefill_gpu_util=0.6),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(decode={"min_instances": 0}),
+            fleet(5, 0),
+            metrics(NOW, decode_gpu_util=0.9, prefill_gpu_util=0.6),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert decision.decode == 0
     decision = hpa.decide(
-        policy(),
-        fleet(5, 0),
-        metrics(NOW, decode_gpu_util=0.9, prefill_gpu_util=0.6),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(5, 0),
+            metrics(NOW, decode_gpu_util=0.9, prefill_gpu_util=0.6),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert decision.decode == 1
 
@@ -161,11 +175,13 @@ def test_hpa_does_not_scale_from_zero_except_to_min():
 def test_hpa_respects_min_and_max():
     hpa = HpaGpuUtilAutoscaler()
     decision = hpa.decide(
-        policy(),
-        fleet(40, 50),
-        metrics(NOW, decode_gpu_util=1.0, prefill_gpu_util=0.01),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(40, 50),
+            metrics(NOW, decode_gpu_util=1.0, prefill_gpu_util=0.01),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert (decision.prefill, decision.decode) == (1, 60)
 
@@ -174,7 +190,10 @@ def test_hpa_on_sm_activity():
     hpa = HpaGpuUtilAutoscaler(0.5, signal="sm_active")
     signals = metrics(NOW, decode_sm_active=0.75, prefill_sm_active=0.5)
     # 0.75 / 0.5 x 10 = 15
-    assert hpa.decide(policy(), fleet(5, 10), signals, PolicyHistory(), NOW).decode == 15
+    assert (
+        hpa.decide(DecisionInput(policy(), fleet(5, 10), signals, PolicyHistory(), NOW)).decode
+        == 15
+    )
 
 
 @pytest.mark.parametrize(
@@ -217,19 +236,25 @@ def test_static_peak_holds_fixed_counts():
     static = StaticPeakAutoscaler(prefill=12, decode=30)
     for load in (0, 10000, 90000):
         decision = static.decide(
-            policy(), fleet(3, 3), metrics(NOW, decode_tps=load), PolicyHistory(), NOW
+            DecisionInput(
+                policy(), fleet(3, 3), metrics(NOW, decode_tps=load), PolicyHistory(), NOW
+            )
         )
         assert (decision.prefill, decision.decode, decision.reason) == (12, 30, "baseline")
 
 
 def test_static_peak_per_service_counts_and_bounds():
     static = StaticPeakAutoscaler(counts={"svc": (80, 30)})
-    decision = static.decide(policy(), fleet(3, 3), metrics(NOW), PolicyHistory(), NOW)
+    decision = static.decide(
+        DecisionInput(policy(), fleet(3, 3), metrics(NOW), PolicyHistory(), NOW)
+    )
     assert (decision.prefill, decision.decode) == (50, 30)  # prefill max 50
     assert [c.name for c in decision.clamps] == ["max_instances"]
     other = make_policy(name="other")
     with pytest.raises(AutoscalerConfigError, match="no counts for service 'other'"):
-        static.decide(other, fleet(3, 3), metrics(NOW, service="other"), PolicyHistory(), NOW)
+        static.decide(
+            DecisionInput(other, fleet(3, 3), metrics(NOW, service="other"), PolicyHistory(), NOW)
+        )
 
 
 def test_static_peak_from_peak_demand():

@@ -21,7 +21,7 @@ from policy_testkit import (
 )
 
 from reconciler.policy import CoordinatedAutoscaler, PolicyHistory, decide, decide_many
-from reconciler.policy.base import Recommendation
+from reconciler.policy.base import DecisionInput, Recommendation
 from reconciler.policy.coordinated import policy_numbers
 from reconciler.state import Sample, ServiceMetrics
 
@@ -804,7 +804,9 @@ def test_autoscaler_protocol_and_decide_many_agree_with_decide():
     ]
     expected = [decide(*item, NOW) for item in inputs]
     assert decide_many(inputs, NOW) == expected
-    assert [CoordinatedAutoscaler().decide(*item, NOW) for item in inputs] == expected
+    assert [
+        CoordinatedAutoscaler().decide(DecisionInput(*item, NOW)) for item in inputs
+    ] == expected
     assert CoordinatedAutoscaler.name == "heteroscale-paper"
 
 

@@ -22,7 +22,7 @@ from reconciler.policy import (
     PolicyHistory,
     decide,
 )
-from reconciler.policy.base import Recommendation
+from reconciler.policy.base import DecisionInput, Recommendation
 from reconciler.policy.baselines import HPA_SYNC_PERIOD_S, NO_RECOMMENDATION, policy_tps_targets
 from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import Sample, ServiceMetrics
@@ -92,11 +92,13 @@ def test_tokens_hpa_is_an_average_value_target_per_ready_instance(
     decode_tps, ready, starting, expected
 ):
     decision = tokens_hpa().decide(
-        policy(),
-        fleet(5, ready, decode_starting=starting),
-        metrics(NOW, decode_tps=decode_tps, prefill_tps=5 * 8000),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(5, ready, decode_starting=starting),
+            metrics(NOW, decode_tps=decode_tps, prefill_tps=5 * 8000),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert decision.decode == expected
     assert decision.prefill == 5  # 40000 / 5 = 8000 = target: holds
@@ -108,7 +110,9 @@ def test_tokens_hpa_is_an_average_value_target_per_ready_instance(
 def test_tolerance_band_holds_and_its_edge_moves(make_hpa, signals):
     hpa = make_hpa()
     for load, expected in ((1.1, 20), (0.9, 20), (1.15, 23), (0.85, 17)):
-        decision = hpa.decide(policy(), fleet(5, 20), signals(NOW, load), PolicyHistory(), NOW)
+        decision = hpa.decide(
+            DecisionInput(policy(), fleet(5, 20), signals(NOW, load), PolicyHistory(), NOW)
+        )
         assert (decision.prefill, decision.decode) == (5, expected), load
 
 
@@ -166,7 +170,9 @@ def test_stabilisation_reads_timestamps_not_cycle_counts(make_hpa, signals):
     low = signals(NOW, 0.5)  # recommends 10
     for age_s, expected in ((299.0, 20), (300.0, 10)):
         history = PolicyHistory(recommendations=(Recommendation(NOW - age_s, 5, 20),))
-        assert hpa.decide(policy(), fleet(5, 20), low, history, NOW).decode == expected
+        assert (
+            hpa.decide(DecisionInput(policy(), fleet(5, 20), low, history, NOW)).decode == expected
+        )
 
 
 # --------------------------------------------------------------------------- missing metrics
@@ -180,27 +186,31 @@ def test_stabilisation_reads_timestamps_not_cycle_counts(make_hpa, signals):
 def test_tokens_hpa_missing_metric_holds_and_stores_no_recommendation(sample):
     hpa = tokens_hpa()
     signals = ServiceMetrics("svc", decode_tps=sample, prefill_tps=Sample(40000.0, NOW))
-    decision = hpa.decide(policy(), fleet(5, 20), signals, PolicyHistory(), NOW)
+    decision = hpa.decide(DecisionInput(policy(), fleet(5, 20), signals, PolicyHistory(), NOW))
     assert (decision.prefill, decision.decode) == (5, 20)
     assert decision.history.recommendations[-1] == Recommendation(NOW, 5, NO_RECOMMENDATION)
     # The skipped cycle is no recommendation of 20 for a later scale-down.
     later = hpa.decide(
-        policy(),
-        fleet(5, 20),
-        metrics(NOW + 15, decode_tps=10000, prefill_tps=40000),
-        decision.history,
-        NOW + 15,
+        DecisionInput(
+            policy(),
+            fleet(5, 20),
+            metrics(NOW + 15, decode_tps=10000, prefill_tps=40000),
+            decision.history,
+            NOW + 15,
+        )
     )
     assert later.decode == 10
 
 
 def test_tokens_hpa_holds_a_role_with_no_ready_instance():
     decision = tokens_hpa().decide(
-        policy(),
-        fleet(5, 0, decode_starting=4),
-        metrics(NOW, decode_tps=50000, prefill_tps=40000),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(5, 0, decode_starting=4),
+            metrics(NOW, decode_tps=50000, prefill_tps=40000),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert decision.decode == 4
     assert "no ready decode instance" in decision.message
@@ -215,11 +225,13 @@ def test_tokens_hpa_holds_a_role_with_no_ready_instance():
 def test_tokens_hpa_prefill_load_does_not_move_decode(prefill_tps, expected_prefill):
     # Prefill 10 at 8000 each; decode 20 x 1000 = 20000: decode holds whatever prefill does.
     decision = tokens_hpa().decide(
-        policy(),
-        fleet(10, 20),
-        metrics(NOW, prefill_tps=prefill_tps, decode_tps=20000),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            policy(),
+            fleet(10, 20),
+            metrics(NOW, prefill_tps=prefill_tps, decode_tps=20000),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert (decision.prefill, decision.decode) == (expected_prefill, 20)
 
@@ -227,7 +239,9 @@ def test_tokens_hpa_prefill_load_does_not_move_decode(prefill_tps, expected_pref
 @pytest.mark.parametrize(("decode_tps", "expected_decode"), [(10000, 10), (20000, 20), (30000, 30)])
 def test_tokens_hpa_decode_load_does_not_move_prefill(decode_tps, expected_decode):
     signals = metrics(NOW, prefill_tps=80000, decode_tps=decode_tps)
-    decision = tokens_hpa().decide(policy(), fleet(10, 20), signals, PolicyHistory(), NOW)
+    decision = tokens_hpa().decide(
+        DecisionInput(policy(), fleet(10, 20), signals, PolicyHistory(), NOW)
+    )
     assert (decision.prefill, decision.decode) == (10, expected_decode)
 
 
@@ -237,7 +251,7 @@ def test_the_coordinated_policy_on_the_same_signal_does_move_prefill():
     # (prefill 15), the per-role HPA leaves prefill at 10.
     signals = metrics(NOW, prefill_tps=80000, decode_tps=30000)
     ours = decide(policy(), fleet(10, 20), signals, PolicyHistory(), NOW)
-    hpa = tokens_hpa().decide(policy(), fleet(10, 20), signals, PolicyHistory(), NOW)
+    hpa = tokens_hpa().decide(DecisionInput(policy(), fleet(10, 20), signals, PolicyHistory(), NOW))
     assert (ours.prefill, ours.decode) == (15, 30)
     assert (hpa.prefill, hpa.decode) == (10, 30)
 
@@ -249,20 +263,24 @@ def test_tokens_hpa_targets_default_to_the_policys_own():
     with_floor = policy(scaling={"prefill_target_per_instance": 8000})
     assert policy_tps_targets(with_floor) == (8000, 1000)
     decision = HpaTokensAutoscaler().decide(
-        with_floor,
-        fleet(10, 20),
-        metrics(NOW, prefill_tps=120000, decode_tps=30000),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            with_floor,
+            fleet(10, 20),
+            metrics(NOW, prefill_tps=120000, decode_tps=30000),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert (decision.prefill, decision.decode) == (15, 30)
     # An explicit target wins over the policy's.
     explicit = HpaTokensAutoscaler(decode_tps_per_instance=1500).decide(
-        with_floor,
-        fleet(10, 20),
-        metrics(NOW, prefill_tps=80000, decode_tps=30000),
-        PolicyHistory(),
-        NOW,
+        DecisionInput(
+            with_floor,
+            fleet(10, 20),
+            metrics(NOW, prefill_tps=80000, decode_tps=30000),
+            PolicyHistory(),
+            NOW,
+        )
     )
     assert explicit.decode == 20
 
@@ -277,7 +295,9 @@ def test_tokens_hpa_without_a_target_for_a_role_is_an_error():
     signals = metrics(NOW, prefill_tps=80000, decode_tps=20000)
     for p, role in ((policy(), "prefill"), (prefill_driven, "decode")):
         with pytest.raises(AutoscalerConfigError, match=f"no {role} tokens/s target"):
-            HpaTokensAutoscaler().decide(p, fleet(10, 20), signals, PolicyHistory(), NOW)
+            HpaTokensAutoscaler().decide(
+                DecisionInput(p, fleet(10, 20), signals, PolicyHistory(), NOW)
+            )
 
 
 @pytest.mark.parametrize(
@@ -377,7 +397,7 @@ PAPER_GOLDEN = [
 @pytest.mark.parametrize("case", range(6))
 def test_heteroscale_paper_decides_as_it_did_as_the_default(case):
     p, current, signals, history = _paper_cases()[case]
-    decision = CoordinatedAutoscaler().decide(p, current, signals, history, NOW)
+    decision = CoordinatedAutoscaler().decide(DecisionInput(p, current, signals, history, NOW))
     assert (decision.prefill, decision.decode, decision.reason, decision.message) == (
         PAPER_GOLDEN[case]
     )

@@ -15,7 +15,7 @@ from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
-from reconciler.policy.base import PolicyHistory, decide_with
+from reconciler.policy.base import DecisionInput, PolicyHistory
 from reconciler.policy.capacity import RequestMix
 from reconciler.policy.planner import (
     DRAIN_S,
@@ -89,14 +89,10 @@ def test_is_registered_and_sizes_from_its_cluster() -> None:
     policy, cluster = _chat()
     planner = make_autoscaler("heteroscale")
     assert isinstance(planner, PlannerAutoscaler)
-    decision = decide_with(
-        planner,
-        cluster,
-        policy,
-        _fleet(10, 20),
-        _metrics(0.0, 100_000, 20_000),
-        PolicyHistory(),
-        0.0,
+    decision = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
+        )
     )
     assert "capacity from the model" in decision.message
 

@@ -11,7 +11,13 @@ import pytest
 from reconciler.desired import DesiredState
 from reconciler.sim import oracle
 from reconciler.sim.engine import LoadProfile, ServiceSim
-from reconciler.sim.oracle import REACH, _least_passing, plan_oracle_min, replay_window
+from reconciler.sim.oracle import (
+    REACH,
+    OracleMinPlan,
+    _least_passing,
+    plan_oracle_min,
+    replay_window,
+)
 
 SERVICE = "chat"
 
@@ -41,6 +47,15 @@ def test_estimates_stuck_beyond_a_decided_count_step_away_from_it(answer: int, w
         assert good - tried[0] >= REACH * good
 
 
+def assert_same_plan(first: OracleMinPlan, second: OracleMinPlan) -> None:
+    """The same windows, after the same trials, with the same simulated rows."""
+    assert first.windows == second.windows
+    assert first.trials == second.trials
+    assert first.sim.series.data[: first.sim.t].tobytes() == (
+        second.sim.series.data[: second.sim.t].tobytes()
+    )
+
+
 def test_prefill_tapes_change_no_trial(
     state: DesiredState, burst_load: LoadProfile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -48,12 +63,7 @@ def test_prefill_tapes_change_no_trial(
     cluster = state.clusters[policy.cluster]
     taped = plan_oracle_min(policy, cluster, burst_load)
     monkeypatch.setattr(oracle, "PrefillTape", lambda start: None)
-    plain = plan_oracle_min(policy, cluster, burst_load)
-    assert taped.windows == plain.windows
-    assert taped.trials == plain.trials
-    assert taped.sim.series.data[: taped.sim.t].tobytes() == (
-        plain.sim.series.data[: plain.sim.t].tobytes()
-    )
+    assert_same_plan(taped, plan_oracle_min(policy, cluster, burst_load))
 
 
 def test_every_window_passes_and_one_decode_fewer_fails(
@@ -92,12 +102,7 @@ def test_the_prefill_models_kept_waits_change_no_trial(
         return wait
 
     monkeypatch.setattr(oracle._PrefillModel, "request_wait_s", afresh)
-    plain = plan_oracle_min(policy, cluster, burst_load)
-    assert kept.windows == plain.windows
-    assert kept.trials == plain.trials
-    assert kept.sim.series.data[: kept.sim.t].tobytes() == (
-        plain.sim.series.data[: plain.sim.t].tobytes()
-    )
+    assert_same_plan(kept, plan_oracle_min(policy, cluster, burst_load))
 
 
 def test_the_prefill_models_kept_waits_are_read_only_and_per_window(

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from reconciler.cli import app
 from reconciler.desired import DesiredState
 from reconciler.policy import HpaTokensAutoscaler
+from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import LoadProfile, synthetic_profile
 from reconciler.sim.evaluate import (
     EvaluationError,
@@ -476,9 +477,9 @@ def test_the_hpas_decide_every_15_s_in_the_harness(state: DesiredState) -> None:
     times: list[float] = []
 
     class Recording(HpaTokensAutoscaler):
-        def decide(self, policy, fleet, metrics, history, now_s):  # type: ignore[no-untyped-def]
-            times.append(now_s)
-            return super().decide(policy, fleet, metrics, history, now_s)
+        def decide(self, inputs: DecisionInput) -> Decision:
+            times.append(inputs.now_s)
+            return super().decide(inputs)
 
     run = run_autoscaler(state, SERVICE, short, Recording(24050, 1250), interval_s=30.0)
     assert times == [15.0 * k for k in range(12)]  # 180 s horizon

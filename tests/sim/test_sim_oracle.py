@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from reconciler.desired import DesiredState
-from reconciler.desired.models import ServicePolicy
-from reconciler.policy.base import Decision, PolicyHistory
+from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import (
     LoadProfile,
     ServiceSim,
@@ -32,7 +31,6 @@ from reconciler.sim.oracle import (
     warm_counts,
 )
 from reconciler.sim.workload import Workload
-from reconciler.state import ServiceFleet, ServiceMetrics
 
 SERVICE = "chat"
 
@@ -115,14 +113,8 @@ class _Hold:
 
     name = "hold"
 
-    def decide(
-        self,
-        policy: ServicePolicy,
-        fleet: ServiceFleet,
-        metrics: ServiceMetrics,
-        history: PolicyHistory,
-        now_s: float,
-    ) -> Decision:
+    def decide(self, inputs: DecisionInput) -> Decision:
+        policy, fleet, history = inputs.policy, inputs.fleet, inputs.history
         return Decision(
             policy.name, fleet.prefill.active, fleet.decode.active, "baseline", "hold", (), history
         )
