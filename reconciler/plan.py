@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from reconciler.cost import Cost, CostChange, GpuPrices, groups_cost_per_hour
 from reconciler.placement.base import PlacementResult
@@ -37,6 +37,21 @@ class GroupChange:
     @property
     def gpu_delta(self) -> int:
         return (self.after - self.before) * self.gpus_per_instance
+
+    def to_json(self, group_key: str = "group_id") -> dict[str, Any]:
+        """The change as a JSON object (``group_key`` names the group field: the cycle
+        report and the review's apply-after-merge list spell it differently)."""
+        return {
+            "kind": self.kind,
+            "service": self.service,
+            group_key: self.group_id,
+            "role": self.role,
+            "gpu_type": self.gpu_type,
+            "domain": self.domain,
+            "before": self.before,
+            "after": self.after,
+            "gpu_delta": self.gpu_delta,
+        }
 
     def __str__(self) -> str:
         return (

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
@@ -37,19 +37,8 @@ MetricName = Literal[
     "prefill_queue",
     "decode_queue",
 ]
-METRIC_NAMES: tuple[MetricName, ...] = (
-    "prefill_tps",
-    "decode_tps",
-    "ttft",
-    "tbt",
-    "prefill_gpu_util",
-    "decode_gpu_util",
-    "prefill_sm_active",
-    "decode_sm_active",
-    "decode_kv_usage",
-    "prefill_queue",
-    "decode_queue",
-)
+# Read from the Literal so that the type and the runtime tuple cannot drift apart.
+METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
 
 
 @dataclass(frozen=True)

@@ -266,20 +266,7 @@ def to_json(result: CycleResult) -> dict[str, Any]:
                 }
                 for s, d in sorted(outcome.plan.decisions.items())
             }
-            entry["group_changes"] = [
-                {
-                    "kind": c.kind,
-                    "service": c.service,
-                    "group_id": c.group_id,
-                    "role": c.role,
-                    "gpu_type": c.gpu_type,
-                    "domain": c.domain,
-                    "before": c.before,
-                    "after": c.after,
-                    "gpu_delta": c.gpu_delta,
-                }
-                for c in outcome.plan.changes
-            ]
+            entry["group_changes"] = [c.to_json() for c in outcome.plan.changes]
             entry["notes"] = list(outcome.plan.notes)
             entry["held"] = dict(outcome.plan.held)
             cost = _cost_json(outcome)

@@ -130,11 +130,7 @@ class ConfigMapStateStore:
                 self._get(cluster)
                 continue
             return True
-        log.error(
-            f"{self.describe(cluster)}: not written after {WRITE_ATTEMPTS} conflicts",
-            extra={"event": "state_write_failed", "cluster": cluster},
-        )
-        return False
+        return self._gave_up(cluster)
 
     def update(
         self, cluster: str, change: Callable[[DurableState | None], DurableState | None]
@@ -168,6 +164,10 @@ class ConfigMapStateStore:
                 )
                 continue
             return True
+        return self._gave_up(cluster)
+
+    def _gave_up(self, cluster: str) -> bool:
+        """Logs that every write attempt lost a race; False (not written)."""
         log.error(
             f"{self.describe(cluster)}: not written after {WRITE_ATTEMPTS} conflicts",
             extra={"event": "state_write_failed", "cluster": cluster},

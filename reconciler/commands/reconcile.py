@@ -901,6 +901,9 @@ def _apply_saved(
 # ------------------------------------------------------------------ commands
 
 
+# The commands' parameter lists repeat on purpose: typer reads each command's options
+# from its own signature. What is shared is defined once, in ``_options`` (the ``*Opt``
+# types, spelling and help); the lists only name which options a command takes.
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(

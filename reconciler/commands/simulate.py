@@ -122,6 +122,9 @@ def render_table(result: EvaluationResult) -> Table:
     )
 
 
+_ROLE_COLORS = (("prefill", "tab:blue"), ("decode", "tab:orange"))
+
+
 def write_plot(result: EvaluationResult, path: Path) -> None:
     """One row per policy: load, instances per role, TTFT and TBT against the SLO."""
     import matplotlib
@@ -143,40 +146,23 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
         load_ax.plot(hours, tl["requests_per_s"], color="tab:gray", label="requests/s")
         load_ax.set_ylabel(f"{name}\nrequests/s")
         tps_ax = load_ax.twinx()
-        tps_ax.plot(
-            hours,
-            np.asarray(tl["prefill_tps"]) / 1000.0,
-            color="tab:blue",
-            lw=0.8,
-            label="prefill ktok/s",
-        )
-        tps_ax.plot(
-            hours,
-            np.asarray(tl["decode_tps"]) / 1000.0,
-            color="tab:orange",
-            lw=0.8,
-            label="decode ktok/s",
-        )
+        for role, color in _ROLE_COLORS:
+            tps_ax.plot(
+                hours,
+                np.asarray(tl[f"{role}_tps"]) / 1000.0,
+                color=color,
+                lw=0.8,
+                label=f"{role} ktok/s",
+            )
         tps_ax.set_ylabel("k tokens/s")
         if row == 0:
             load_ax.set_title("load")
             tps_ax.legend(loc="upper right", fontsize=7)
         inst_ax = axes[row][1]
-        inst_ax.step(
-            hours, tl["prefill_instances"], where="post", color="tab:blue", label="prefill"
-        )
-        inst_ax.step(
-            hours, tl["decode_instances"], where="post", color="tab:orange", label="decode"
-        )
+        for role, color in _ROLE_COLORS:
+            inst_ax.step(hours, tl[f"{role}_instances"], where="post", color=color, label=role)
         inst_ax.set_ylabel("instances")
-        inst_ax.text(
-            0.01,
-            0.95,
-            f"{r.gpu_hours:,.0f} GPU-h, {r.scaling_actions} actions",
-            transform=inst_ax.transAxes,
-            va="top",
-            fontsize=8,
-        )
+        _corner_note(inst_ax, f"{r.gpu_hours:,.0f} GPU-h, {r.scaling_actions} actions")
         if row == 0:
             inst_ax.set_title("instances (ready + starting)")
             inst_ax.legend(loc="upper right", fontsize=7)
@@ -187,13 +173,8 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
         lat_ax.axhline(float(slo["tbt_ms"]), color="tab:green", ls="--", lw=0.8)
         lat_ax.set_yscale("log")
         lat_ax.set_ylabel(f"ms (p{round(float(slo['quantile']) * 100)})")
-        lat_ax.text(
-            0.01,
-            0.95,
-            f"TTFT ok {percent(r.ttft_attainment)}, TBT ok {percent(r.tbt_attainment)}",
-            transform=lat_ax.transAxes,
-            va="top",
-            fontsize=8,
+        _corner_note(
+            lat_ax, f"TTFT ok {percent(r.ttft_attainment)}, TBT ok {percent(r.tbt_attainment)}"
         )
         if row == 0:
             lat_ax.set_title("latency vs SLO (dashed)")
@@ -205,6 +186,11 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _corner_note(ax: Any, text: str) -> None:
+    """A small note in the top left corner of one panel (``ax``: a matplotlib Axes)."""
+    ax.text(0.01, 0.95, text, transform=ax.transAxes, va="top", fontsize=8)
 
 
 def _hpa_target(text: str) -> float | None:

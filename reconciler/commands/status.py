@@ -469,6 +469,9 @@ def _active(s: ServiceStatus, role: str) -> int:
 # ---------------------------------------------------------------------- command
 
 
+# The commands' parameter lists repeat on purpose: typer reads each command's options
+# from its own signature. What is shared is defined once, in ``_options`` (the ``*Opt``
+# types, spelling and help); the lists only name which options a command takes.
 def register(app: typer.Typer) -> None:
     @app.command()
     def status(

@@ -599,6 +599,9 @@ def _help(name: str) -> str:
 
 
 class _Sink(Protocol):
+    """Where the exporter writes its samples; ``_FamilySink`` and ``_TextSink`` implement
+    it, hence their matching signatures."""
+
     def sample(self, kind: str, name: str, labels: Labels, value: float) -> None: ...
 
     def histogram(

@@ -525,6 +525,30 @@ def _coverage_problem(
     return coverage.problem(max((row.value for row in rows), default=0.0))
 
 
+def _sampled_at(
+    rows: Sequence[Row],
+    fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
+    key: tuple[str, str | None],
+    *,
+    now_s: float,
+    max_age_s: float,
+) -> tuple[float | None, str]:
+    """When the value read from ``rows`` was sampled (the freshness rows under ``key``
+    hold its newest sample's time; without them, the query's evaluation time), or None
+    and why it is stale or too old."""
+    if fresh_rows is None:
+        at_s = min(row.evaluated_at_s for row in rows)
+    else:
+        fresh = fresh_rows.get(key)
+        if not fresh:
+            return None, "no current sample (series stale: target gone or not scraped)"
+        at_s = min(row.value for row in fresh)
+    age_s = now_s - at_s
+    if age_s > max_age_s:
+        return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"
+    return at_s, ""
+
+
 def _pick(
     service: str,
     role: Role,
@@ -549,16 +573,9 @@ def _pick(
     value = rows[0].value
     if not math.isfinite(value):
         return None, f"value is {_describe(value)}"
-    if fresh_rows is None:
-        at_s = rows[0].evaluated_at_s
-    else:
-        fresh = fresh_rows.get(key)
-        if not fresh:
-            return None, "no current sample (series stale: target gone or not scraped)"
-        at_s = min(row.value for row in fresh)
-    age_s = now_s - at_s
-    if age_s > max_age_s:
-        return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"
+    at_s, problem = _sampled_at(rows, fresh_rows, key, now_s=now_s, max_age_s=max_age_s)
+    if at_s is None:
+        return None, problem
     return Sample(value, at_s), ""
 
 
@@ -598,16 +615,9 @@ def _pick_buckets(
             return None, f"a bucket is {_describe(value)}"
     if max(cumulative) <= 0:
         return None, "empty: no request finished in the window"
-    if fresh_rows is None:
-        at_s = min(row.evaluated_at_s for row in rows)
-    else:
-        fresh = fresh_rows.get((service, None))
-        if not fresh:
-            return None, "no current sample (series stale: target gone or not scraped)"
-        at_s = min(row.value for row in fresh)
-    age_s = now_s - at_s
-    if age_s > max_age_s:
-        return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"
+    at_s, problem = _sampled_at(rows, fresh_rows, (service, None), now_s=now_s, max_age_s=max_age_s)
+    if at_s is None:
+        return None, problem
     return LengthBuckets(bounds, cumulative, at_s), ""
 
 

@@ -162,6 +162,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _capacity_points(
+    path: Path, length_column: str, seconds_column: str
+) -> list[tuple[int, int, float]]:
+    """(batch, length, seconds) of each successful capacity-mode row of a timing table."""
+    return [
+        (int(row["batch"]), int(row[length_column]), float(row[seconds_column]))
+        for row in _read_csv(path)
+        if row["mode"] == CAPACITY_MODE and row["status"] == "ok"
+    ]
+
+
 def load_calibration(calibration_dir: Path) -> CalibrationData:
     """Read every dataset's prefill, decode and util tables and the model shapes."""
     decode: list[DecodePoint] = []
@@ -183,30 +194,18 @@ def load_calibration(calibration_dir: Path) -> CalibrationData:
         )
         for name in ("decode.csv", "prefill.csv", "util.csv"):
             files[f"{sub + '/' if sub else ''}{name}"] = _sha256(folder / name)
-        for row in _read_csv(folder / "decode.csv"):
-            if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
-                decode.append(
-                    DecodePoint(
-                        label,
-                        card,
-                        model,
-                        int(row["batch"]),
-                        int(row["ctx"]),
-                        float(row["step_s_median"]),
-                    )
-                )
-        for row in _read_csv(folder / "prefill.csv"):
-            if row["mode"] == CAPACITY_MODE and row["status"] == "ok":
-                prefill.append(
-                    PrefillPoint(
-                        label,
-                        card,
-                        model,
-                        int(row["batch"]),
-                        int(row["prompt_len"]),
-                        float(row["latency_s_median"]),
-                    )
-                )
+        decode.extend(
+            DecodePoint(label, card, model, batch, ctx, step_s)
+            for batch, ctx, step_s in _capacity_points(
+                folder / "decode.csv", "ctx", "step_s_median"
+            )
+        )
+        prefill.extend(
+            PrefillPoint(label, card, model, batch, prompt_len, latency_s)
+            for batch, prompt_len, latency_s in _capacity_points(
+                folder / "prefill.csv", "prompt_len", "latency_s_median"
+            )
+        )
         for row in _read_csv(folder / "util.csv"):
             if row["workload"] == "idle":
                 idle[label] = float(row["smi_power_w_mean"])

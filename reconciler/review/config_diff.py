@@ -12,7 +12,7 @@ describe the same machines reads as no change.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,18 +134,26 @@ def _line(parsed: ParsedFile | None, key_path: tuple[Any, ...]) -> int | None:
     return loc[0] if loc else None
 
 
+class _ModifiedFields:
+    """Collects the modified fields of one service or cluster, each located in head's file."""
+
+    def __init__(self, kind: Literal["service", "cluster"], name: str, head: DesiredState):
+        self.kind, self.name = kind, name
+        self.file = (head.policy_files if kind == "service" else head.cluster_files)[name]
+        self._parsed = head.files.get(self.file)
+        self.changes: list[ConfigChange] = []
+
+    def add(self, field: str, label: str, old: str, new: str, key_path: tuple[Any, ...]) -> None:
+        line = _line(self._parsed, key_path)
+        self.changes.append(
+            ConfigChange(self.kind, self.name, "modified", field, label, old, new, self.file, line)
+        )
+
+
 def _policy_changes(name: str, base: DesiredState, head: DesiredState) -> list[ConfigChange]:
     before, after = base.policies[name], head.policies[name]
-    file = head.policy_files[name]
-    parsed = head.files.get(file)
-    changes: list[ConfigChange] = []
-
-    def add(field: str, label: str, old: str, new: str, key_path: tuple[Any, ...]) -> None:
-        changes.append(
-            ConfigChange(
-                "service", name, "modified", field, label, old, new, file, _line(parsed, key_path)
-            )
-        )
+    modified = _ModifiedFields("service", name, head)
+    add, changes = modified.add, modified.changes
 
     # The ratio bounds read as one range.
     old_bounds = (before.pd_ratio.min, before.pd_ratio.max)
@@ -184,16 +192,8 @@ def _node_summary(spec: ClusterSpec) -> dict[str, tuple[str, str, int]]:
 
 def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[ConfigChange]:
     before, after = base.clusters[name], head.clusters[name]
-    file = head.cluster_files[name]
-    parsed = head.files.get(file)
-    changes: list[ConfigChange] = []
-
-    def add(field: str, label: str, old: str, new: str, key_path: tuple[Any, ...]) -> None:
-        changes.append(
-            ConfigChange(
-                "cluster", name, "modified", field, label, old, new, file, _line(parsed, key_path)
-            )
-        )
+    modified = _ModifiedFields("cluster", name, head)
+    add, changes = modified.add, modified.changes
 
     old_nodes, new_nodes = _node_summary(before), _node_summary(after)
     if old_nodes != new_nodes:
@@ -228,6 +228,16 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
     return changes
 
 
+# What is diffed per kind of object: its kind, its objects in base and in head, and the
+# diff of one object present in both.
+_Section = tuple[
+    Literal["service", "cluster"],
+    Mapping[str, object],
+    Mapping[str, object],
+    Callable[[str, DesiredState, DesiredState], list[ConfigChange]],
+]
+
+
 def config_diff(base: DesiredState, head: DesiredState) -> list[ConfigChange]:
     """Every change from ``base`` to ``head``: clusters first, then services, by name."""
     changes: list[ConfigChange] = []
@@ -239,18 +249,16 @@ def config_diff(base: DesiredState, head: DesiredState) -> list[ConfigChange]:
         line = _line(state.files.get(file), ("name",))
         changes.append(ConfigChange(kind, name, change, "", "", "", "", file, line))
 
-    for name in sorted(base.clusters.keys() | head.clusters.keys()):
-        if name not in base.clusters:
-            whole("cluster", name, "added", head)
-        elif name not in head.clusters:
-            whole("cluster", name, "removed", base)
-        else:
-            changes.extend(_cluster_changes(name, base, head))
-    for name in sorted(base.policies.keys() | head.policies.keys()):
-        if name not in base.policies:
-            whole("service", name, "added", head)
-        elif name not in head.policies:
-            whole("service", name, "removed", base)
-        else:
-            changes.extend(_policy_changes(name, base, head))
+    sections: tuple[_Section, ...] = (
+        ("cluster", base.clusters, head.clusters, _cluster_changes),
+        ("service", base.policies, head.policies, _policy_changes),
+    )
+    for kind, in_base, in_head, modified_fields in sections:
+        for name in sorted(in_base.keys() | in_head.keys()):
+            if name not in in_base:
+                whole(kind, name, "added", head)
+            elif name not in in_head:
+                whole(kind, name, "removed", base)
+            else:
+                changes.extend(modified_fields(name, base, head))
     return changes

@@ -354,18 +354,7 @@ def format_json(review: Review) -> str:
                 for s in review.fleet.services
             ],
             "apply_after_merge": [
-                {
-                    "cluster": plan.cluster,
-                    "kind": c.kind,
-                    "service": c.service,
-                    "group": c.group_id,
-                    "role": c.role,
-                    "gpu_type": c.gpu_type,
-                    "domain": c.domain,
-                    "before": c.before,
-                    "after": c.after,
-                    "gpu_delta": c.gpu_delta,
-                }
+                {"cluster": plan.cluster, **c.to_json(group_key="group")}
                 for plan in review.fleet.head_plans.values()
                 for c in plan.changes
             ],

@@ -168,6 +168,7 @@ from reconciler.sim.workload import (
     rate_curve,
     synthetic_workload,
 )
+from reconciler.state import METRIC_NAMES
 
 LINKS: tuple[str, str] = ("rdma", "cross")
 
@@ -239,6 +240,43 @@ class LoadProfile:
         return float(self.count.sum())
 
     @classmethod
+    def from_bins(
+        cls,
+        count: np.ndarray,
+        prompt_sum: np.ndarray,
+        prompt_sq_sum: np.ndarray,
+        output_sum: np.ndarray,
+        prompt: np.ndarray,
+        output: np.ndarray,
+        *,
+        length_classes: int,
+        sample: Workload | None,
+        sample_weight: float,
+        name: str,
+        cyclic: bool,
+        notes: tuple[str, ...],
+    ) -> LoadProfile:
+        """A profile from its per-second sums, with the length statistics read from the
+        per-request ``prompt`` and ``output`` lengths they were binned (or drawn) from."""
+        return cls(
+            count=count,
+            prompt_sum=prompt_sum,
+            prompt_sq_sum=prompt_sq_sum,
+            output_sum=output_sum,
+            prompt_classes=_quantile_classes(prompt, length_classes),
+            output_survival=_survival(output),
+            prompt_mean=float(prompt.mean()),
+            prompt_sq_mean=float((prompt * prompt).mean()),
+            output_mean=float(output.mean()),
+            output_p99=float(np.quantile(output, 0.99)),
+            sample=sample,
+            sample_weight=sample_weight,
+            name=name,
+            cyclic=cyclic,
+            notes=notes,
+        )
+
+    @classmethod
     def from_workload(
         cls,
         workload: Workload,
@@ -275,17 +313,14 @@ class LoadProfile:
                 kept.arrival_s[pick], kept.prompt_tokens[pick], kept.output_tokens[pick], kept.name
             )
             weight = kept.requests / sample_limit
-        return cls(
-            count=count,
-            prompt_sum=prompt_sum,
-            prompt_sq_sum=prompt_sq_sum,
-            output_sum=output_sum,
-            prompt_classes=_quantile_classes(prompt, length_classes),
-            output_survival=_survival(output),
-            prompt_mean=float(prompt.mean()),
-            prompt_sq_mean=float((prompt * prompt).mean()),
-            output_mean=float(output.mean()),
-            output_p99=float(np.quantile(output, 0.99)),
+        return cls.from_bins(
+            count,
+            prompt_sum,
+            prompt_sq_sum,
+            output_sum,
+            prompt,
+            output,
+            length_classes=length_classes,
             sample=sample,
             sample_weight=weight,
             name=workload.name,
@@ -405,17 +440,14 @@ def synthetic_profile(
     output_sum = gamma_sums(output)
     # Squared prompts follow the per-second prompt mass (attention work).
     prompt_sq_sum = prompt_sum * float((prompt * prompt).mean() / prompt.mean())
-    return LoadProfile(
-        count=count,
-        prompt_sum=prompt_sum,
-        prompt_sq_sum=prompt_sq_sum,
-        output_sum=output_sum,
-        prompt_classes=_quantile_classes(prompt, length_classes),
-        output_survival=_survival(output),
-        prompt_mean=float(prompt.mean()),
-        prompt_sq_mean=float((prompt * prompt).mean()),
-        output_mean=float(output.mean()),
-        output_p99=float(np.quantile(output, 0.99)),
+    return LoadProfile.from_bins(
+        count,
+        prompt_sum,
+        prompt_sq_sum,
+        output_sum,
+        prompt,
+        output,
+        length_classes=length_classes,
         sample=sample,
         sample_weight=float(count.sum()) / max(sample.requests, 1),
         name=sample.name,
@@ -1356,21 +1388,7 @@ class ServiceSim:
         sample, averaged over decode instances. Otherwise every value is exact."""
         start, end = self._window(window_s, at_s)
         if end <= start:
-            return dict.fromkeys(
-                (
-                    "prefill_tps",
-                    "decode_tps",
-                    "ttft",
-                    "tbt",
-                    "prefill_gpu_util",
-                    "decode_gpu_util",
-                    "prefill_sm_active",
-                    "decode_sm_active",
-                    "decode_kv_usage",
-                    "prefill_queue",
-                    "decode_queue",
-                )
-            )
+            return dict.fromkeys(METRIC_NAMES)
         s = self.series
         span = float(end - start)
         out: dict[str, float | None] = {
