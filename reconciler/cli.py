@@ -23,6 +23,9 @@ from typer.core import TyperCommand, TyperGroup
 
 from reconciler.commands._options import (
     PlainFlagsCommand,
+    RateScaleOpt,
+    RevOpt,
+    TraceOpt,
     checked_repository,
     console,
     err_console,
@@ -149,24 +152,14 @@ def validate(
     path: Annotated[
         Path, typer.Argument(help="repository root holding policies/ and clusters/")
     ] = Path("."),
-    rev: Annotated[
-        str | None,
-        typer.Option("--rev", help="validate this Git revision, without checking it out"),
-    ] = None,
-    trace: Annotated[
-        Path | None,
-        typer.Option(
-            "--trace",
-            help="also warn for every service that cannot meet its TTFT SLO for more than 1% "
-            "of this trace's requests even on an idle instance (formats as simulate --trace)",
-        ),
-    ] = None,
-    rate_scale: Annotated[
-        float | None,
-        typer.Option("--rate-scale", help="with --trace: multiply its arrival rate by K"),
-    ] = None,
+    rev: RevOpt = None,
+    trace: TraceOpt = None,
+    rate_scale: RateScaleOpt = None,
 ) -> None:
-    """Validate the desired state (policies/, clusters/ and the templates they name)."""
+    """Validate the desired state (policies/, clusters/ and the templates they name).
+
+    With --trace, also warn for every service that cannot meet its TTFT SLO for more
+    than 1% of the trace's requests even on an idle instance."""
     from reconciler.desired.loader import load_desired_state
     from reconciler.errors import ConfigError
 

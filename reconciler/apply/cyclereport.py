@@ -15,11 +15,13 @@ from typing import Any
 from reconciler.apply.report import summarise_drift
 from reconciler.cost import CostChange, money
 from reconciler.loop import ClusterOutcome, CycleResult
+from reconciler.tables import Column, plain_lines, transition
 
 CLUSTER_TOTAL = "cluster total"  # a row label no service can have (names are DNS labels)
 
 
 def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
+    """Per decided service: its name, instances now and decided, reason and message."""
     rows: list[tuple[str, str, str, str]] = []
     if outcome.plan is None:
         return rows
@@ -27,12 +29,19 @@ def _decision_rows(outcome: ClusterOutcome) -> list[tuple[str, str, str, str]]:
     for service, decision in sorted(outcome.plan.decisions.items()):
         current = fleet.service_fleet(service)
         sizes = (
-            f"prefill {current.prefill.active}->{decision.prefill}, "
-            f"decode {current.decode.active}->{decision.decode}"
+            f"prefill {transition(current.prefill.active, decision.prefill)}, "
+            f"decode {transition(current.decode.active, decision.decode)}"
         )
         # The message already names every clamp (JSON carries them separately).
         rows.append((service, sizes, decision.reason, decision.message))
     return rows
+
+
+_DECISION_COLUMNS: tuple[Column[tuple[str, str, str, str]], ...] = (
+    Column("service", lambda row: row[0], "left"),
+    Column("instances", lambda row: row[1], "left"),
+    Column("why", lambda row: f"{row[2]}: {row[3]}", "left"),
+)
 
 
 def _cost_rows(outcome: ClusterOutcome) -> list[tuple[str, CostChange]]:
@@ -141,9 +150,7 @@ def format_text(result: CycleResult, *, title: str) -> str:
         rows = _decision_rows(outcome)
         if rows:
             out.append("  decisions:")
-            width = max(len(r[0]) for r in rows)
-            for service, sizes, reason, message in rows:
-                out.append(f"    {service:<{width}}  {sizes:<32} {reason}: {message}")
+            out.extend(f"    {line}" for line in plain_lines(_DECISION_COLUMNS, rows, header=False))
         out.extend(_cost_lines(outcome))
         if plan.changes:
             out.append("  group changes (apply order: capacity first):")

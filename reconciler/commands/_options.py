@@ -71,6 +71,133 @@ PlacerOpt = Annotated[
 ]
 
 
+# ------------------------------------------------------------ shared options
+# One definition per option name: a command offering an option uses the type here, so
+# its spelling, help and checks are the same wherever it appears
+# (tests/commands/test_options.py fails when two commands define one name apart).
+
+RepoOpt = Annotated[
+    Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
+]
+RevOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rev",
+        help="read the desired state at this Git revision, without checking it out "
+        "(run: re-resolved every cycle)",
+    ),
+]
+KubeconfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    ),
+]
+SimulateOpt = Annotated[
+    bool,
+    typer.Option("--simulate", help="act on the simulated fleet even when a kubeconfig exists"),
+]
+ClusterOpt = Annotated[
+    list[str] | None, typer.Option("--cluster", help="only these clusters (repeatable)")
+]
+AutoscalerOpt = Annotated[
+    str,
+    typer.Option(
+        "--autoscaler",
+        help="autoscaling policy: heteroscale (the default: sized from the performance "
+        "model), heteroscale-paper (the paper's, needs hand-set targets) or a baseline "
+        "(tune: the first two)",
+    ),
+]
+PrometheusUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics"
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="take back fields someone else changed (otherwise reported as drift)"
+    ),
+]
+DrainWindowOpt = Annotated[
+    float,
+    typer.Option(
+        "--drain-window", help="soft scale-in observation window, seconds (0: delete at once)"
+    ),
+]
+DiffModeOpt = Annotated[
+    str,
+    typer.Option("--diff-mode", help="auto (server dry run, client fallback), server, or client"),
+]
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", help="seed of everything random: the simulated fleet, loads, sampling"),
+]
+PruneRemovedServicesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prune-removed-services",
+        help="tear down groups of services whose policy file was removed",
+    ),
+]
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="text or json (plan and apply: also markdown)")
+]
+LeaseNamespaceOpt = Annotated[
+    str,
+    typer.Option(
+        "--lease-namespace",
+        envvar="POD_NAMESPACE",
+        help="namespace of the reconciler's Lease and state ConfigMaps",
+    ),
+]
+LeaseNameOpt = Annotated[str, typer.Option("--lease-name", help="the reconciler's Lease")]
+LeaseContextOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lease-context",
+        help="kube context holding the Lease and state (default: current / in-cluster)",
+    ),
+]
+DEFAULT_LEASE_NAMESPACE = "heteroscale-system"
+DEFAULT_LEASE_NAME = "heteroscale-reconciler"
+
+# What a trace drives (a replay, a sweep, a check) is in each command's description.
+TraceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--trace",
+        help="request trace (Azure CSV, Mooncake JSONL[.gz], BurstGPT or plain CSV); "
+        "omitted: a synthetic diurnal day per service",
+    ),
+]
+RateScaleOpt = Annotated[
+    float | None,
+    typer.Option("--rate-scale", help="multiply the trace's arrival rate by K", min=0.0),
+]
+DiurnalHoursOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--diurnal-hours",
+        help="tile the trace over H hours under a diurnal curve (no trace: a synthetic "
+        "load of H hours)",
+        min=0.0,
+    ),
+]
+# simulate and tune step simulated time; run's --interval is wall-clock time instead.
+DecisionIntervalOpt = Annotated[
+    float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot", help="write the command's plot as a PNG here (plan: one per replayed service)"
+    ),
+]
+
+
 def checked_placer(placer: str) -> str:
     """``placer`` if it is one of ``PLACERS``; a usage error (exit 2) naming them
     otherwise."""
@@ -106,9 +233,32 @@ def report_config_error(exc: ConfigError) -> None:
 
 
 __all__ = [
+    "DEFAULT_LEASE_NAME",
+    "DEFAULT_LEASE_NAMESPACE",
     "PLACERS",
+    "AutoscalerOpt",
+    "ClusterOpt",
+    "DecisionIntervalOpt",
+    "DiffModeOpt",
+    "DiurnalHoursOpt",
+    "DrainWindowOpt",
+    "ForceOpt",
+    "FormatOpt",
+    "KubeconfigOpt",
+    "LeaseContextOpt",
+    "LeaseNameOpt",
+    "LeaseNamespaceOpt",
     "PlacerOpt",
     "PlainFlagsCommand",
+    "PlotOpt",
+    "PrometheusUrlOpt",
+    "PruneRemovedServicesOpt",
+    "RateScaleOpt",
+    "RepoOpt",
+    "RevOpt",
+    "SeedOpt",
+    "SimulateOpt",
+    "TraceOpt",
     "checked_placer",
     "checked_repository",
     "console",

@@ -33,7 +33,29 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from reconciler.commands._options import (
+    DEFAULT_LEASE_NAME,
+    DEFAULT_LEASE_NAMESPACE,
+    AutoscalerOpt,
+    ClusterOpt,
+    DiffModeOpt,
+    DiurnalHoursOpt,
+    DrainWindowOpt,
+    ForceOpt,
+    FormatOpt,
+    KubeconfigOpt,
+    LeaseContextOpt,
+    LeaseNameOpt,
+    LeaseNamespaceOpt,
     PlacerOpt,
+    PlotOpt,
+    PrometheusUrlOpt,
+    PruneRemovedServicesOpt,
+    RateScaleOpt,
+    RepoOpt,
+    RevOpt,
+    SeedOpt,
+    SimulateOpt,
+    TraceOpt,
     checked_placer,
     checked_repository,
     console,
@@ -206,83 +228,8 @@ def build_loop(
 
 
 # ------------------------------------------------------------------- options
-
-RepoOpt = Annotated[
-    Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
-]
-RevOpt = Annotated[
-    str | None, typer.Option("--rev", help="reconcile this Git revision (re-resolved every cycle)")
-]
-KubeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
-    ),
-]
-SimOpt = Annotated[
-    bool,
-    typer.Option("--simulate", help="act on the simulated fleet even when a kubeconfig exists"),
-]
-ClusterOpt = Annotated[
-    list[str] | None, typer.Option("--cluster", help="only these clusters (repeatable)")
-]
-PolicyOpt = Annotated[
-    str,
-    typer.Option(
-        "--autoscaler",
-        help="autoscaling policy: heteroscale (the default: sized from the performance "
-        "model), heteroscale-paper (the paper's, needs hand-set targets) or a baseline",
-    ),
-]
-PromOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics"
-    ),
-]
-ForceOpt = Annotated[
-    bool,
-    typer.Option(
-        "--force", help="take back fields someone else changed (otherwise reported as drift)"
-    ),
-]
-WindowOpt = Annotated[
-    float,
-    typer.Option(
-        "--drain-window", help="soft scale-in observation window, seconds (0: delete at once)"
-    ),
-]
-DiffOpt = Annotated[
-    str,
-    typer.Option("--diff-mode", help="auto (server dry run, client fallback), server, or client"),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="seed of the simulated fleet")]
-PruneOpt = Annotated[
-    bool,
-    typer.Option(
-        "--prune-removed-services",
-        help="tear down groups of services whose policy file was removed",
-    ),
-]
-FormatOpt = Annotated[str, typer.Option("--format", help="text, markdown or json")]
-LeaseNamespaceOpt = Annotated[
-    str,
-    typer.Option(
-        "--lease-namespace",
-        envvar="POD_NAMESPACE",
-        help="namespace of the reconciler's Lease and state ConfigMaps",
-    ),
-]
-LeaseNameOpt = Annotated[str, typer.Option("--lease-name", help="the reconciler's Lease")]
-LeaseContextOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--lease-context",
-        help="kube context holding the Lease and state (default: current / in-cluster)",
-    ),
-]
-DEFAULT_LEASE_NAMESPACE = "heteroscale-system"
-DEFAULT_LEASE_NAME = "heteroscale-reconciler"
+# Those several commands take are in ``_options``; the review's (only ``plan``
+# takes them) below.
 
 
 def _check_autoscaler(autoscaler: str) -> None:
@@ -342,22 +289,6 @@ BaseOpt = Annotated[
 HeadOpt = Annotated[
     str | None, typer.Option("--head", help="review: the revision under review (default HEAD)")
 ]
-TraceOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--trace",
-        help="review: recorded load for the what-if replay (default: a synthetic day per service)",
-    ),
-]
-RateScaleOpt = Annotated[
-    float | None, typer.Option("--rate-scale", help="review: multiply the trace's arrival rate")
-]
-DiurnalOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--diurnal-hours", help="review: tile the trace over this many hours under a diurnal curve"
-    ),
-]
 WhatIfOpt = Annotated[
     bool,
     typer.Option("--what-if/--no-what-if", help="review: replay both revisions in the simulator"),
@@ -368,10 +299,6 @@ TimeoutOpt = Annotated[
         "--timeout",
         help="review: time budget in seconds; what does not fit is skipped, named, and exits 1",
     ),
-]
-PlotOpt = Annotated[
-    Path | None,
-    typer.Option("--plot", help="review: write the what-if plot (one PNG per replayed service)"),
 ]
 
 
@@ -909,23 +836,23 @@ def register(app: typer.Typer) -> None:
     def plan(
         repo: RepoOpt = Path("."),
         rev: RevOpt = None,
-        kubeconfig: KubeOpt = None,
-        simulate: SimOpt = False,
+        kubeconfig: KubeconfigOpt = None,
+        simulate: SimulateOpt = False,
         cluster: ClusterOpt = None,
         placer: PlacerOpt = "cp-sat",
-        autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None,
+        autoscaler: AutoscalerOpt = "heteroscale",
+        prometheus_url: PrometheusUrlOpt = None,
         force: ForceOpt = False,
-        drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto",
+        drain_window: DrainWindowOpt = 120.0,
+        diff_mode: DiffModeOpt = "auto",
         seed: SeedOpt = 0,
-        prune_removed_services: PruneOpt = False,
+        prune_removed_services: PruneRemovedServicesOpt = False,
         format: FormatOpt = "text",
         base: BaseOpt = None,
         head: HeadOpt = None,
         trace: TraceOpt = None,
         rate_scale: RateScaleOpt = None,
-        diurnal_hours: DiurnalOpt = None,
+        diurnal_hours: DiurnalHoursOpt = None,
         what_if: WhatIfOpt = True,
         plot: PlotOpt = None,
         timeout: TimeoutOpt = 600.0,
@@ -940,7 +867,8 @@ def register(app: typer.Typer) -> None:
         `apply` would do. Exit 0: no change, 3: changes, 1: error.
 
         With --base REV (and --head REV, default HEAD): the pull-request review of the
-        change from base to head: config diff, fleet diff and what-if replay."""
+        change from base to head: config diff, fleet diff and what-if replay (of
+        --trace, or a synthetic day per service; --plot writes one PNG per service)."""
         if base is not None or head is not None:
             _check_autoscaler(autoscaler)
             raise typer.Exit(
@@ -988,17 +916,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         repo: RepoOpt = Path("."),
         rev: RevOpt = None,
-        kubeconfig: KubeOpt = None,
-        simulate: SimOpt = False,
+        kubeconfig: KubeconfigOpt = None,
+        simulate: SimulateOpt = False,
         cluster: ClusterOpt = None,
         placer: PlacerOpt = "cp-sat",
-        autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None,
+        autoscaler: AutoscalerOpt = "heteroscale",
+        prometheus_url: PrometheusUrlOpt = None,
         force: ForceOpt = False,
-        drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto",
+        drain_window: DrainWindowOpt = 120.0,
+        diff_mode: DiffModeOpt = "auto",
         seed: SeedOpt = 0,
-        prune_removed_services: PruneOpt = False,
+        prune_removed_services: PruneRemovedServicesOpt = False,
         format: FormatOpt = "text",
         lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
         lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
@@ -1039,17 +967,17 @@ def register(app: typer.Typer) -> None:
     def run(
         repo: RepoOpt = Path("."),
         rev: RevOpt = None,
-        kubeconfig: KubeOpt = None,
-        simulate: SimOpt = False,
+        kubeconfig: KubeconfigOpt = None,
+        simulate: SimulateOpt = False,
         cluster: ClusterOpt = None,
         placer: PlacerOpt = "cp-sat",
-        autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None,
+        autoscaler: AutoscalerOpt = "heteroscale",
+        prometheus_url: PrometheusUrlOpt = None,
         force: ForceOpt = False,
-        drain_window: WindowOpt = 120.0,
-        diff_mode: DiffOpt = "auto",
+        drain_window: DrainWindowOpt = 120.0,
+        diff_mode: DiffModeOpt = "auto",
         seed: SeedOpt = 0,
-        prune_removed_services: PruneOpt = False,
+        prune_removed_services: PruneRemovedServicesOpt = False,
         interval: Annotated[
             float, typer.Option("--interval", help="seconds between cycles")
         ] = 30.0,

@@ -18,7 +18,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from reconciler.commands._options import (
+    DecisionIntervalOpt,
+    DiurnalHoursOpt,
     PlacerOpt,
+    PlotOpt,
+    RateScaleOpt,
+    RepoOpt,
+    SeedOpt,
+    TraceOpt,
     checked_placer,
     checked_repository,
     console,
@@ -218,33 +225,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def simulate(
-        trace: Annotated[
-            Path | None,
-            typer.Option(
-                "--trace",
-                help="request trace (Azure CSV, Mooncake JSONL[.gz], BurstGPT or plain CSV); "
-                "omitted: a synthetic diurnal day for the service, sized to the fleet",
-            ),
-        ] = None,
+        trace: TraceOpt = None,
         service: Annotated[
             str | None,
             typer.Option(
                 "--service", help="service in policies/ the trace drives (default: the first)"
             ),
         ] = None,
-        rate_scale: Annotated[
-            float | None,
-            typer.Option("--rate-scale", help="multiply the arrival rate by K", min=0.0),
-        ] = None,
-        diurnal_hours: Annotated[
-            float | None,
-            typer.Option(
-                "--diurnal-hours", help="tile the trace over H hours under a diurnal curve", min=0.0
-            ),
-        ] = None,
-        seed: Annotated[
-            int, typer.Option("--seed", help="seed for scaling, jitter and sampling")
-        ] = 0,
+        rate_scale: RateScaleOpt = None,
+        diurnal_hours: DiurnalHoursOpt = None,
+        seed: SeedOpt = 0,
         policies: Annotated[
             str,
             typer.Option(
@@ -256,15 +246,9 @@ def register(app: typer.Typer) -> None:
         json_path: Annotated[
             Path | None, typer.Option("--json", help="write every figure as JSON here")
         ] = None,
-        plot_path: Annotated[
-            Path | None, typer.Option("--plot", help="write a PNG (one row per policy) here")
-        ] = None,
-        repo: Annotated[
-            Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
-        ] = Path("."),
-        interval_s: Annotated[
-            float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
-        ] = 30.0,
+        plot_path: PlotOpt = None,
+        repo: RepoOpt = Path("."),
+        interval_s: DecisionIntervalOpt = 30.0,
         placer: PlacerOpt = "greedy",
         export_path: Annotated[
             Path | None,
@@ -292,7 +276,10 @@ def register(app: typer.Typer) -> None:
             ),
         ] = DEFAULT_WINDOW_S,
     ) -> None:
-        """Run autoscaling policies side by side on one trace in the simulated fleet."""
+        """Run autoscaling policies side by side on one trace in the simulated fleet.
+
+        Without --trace: a synthetic diurnal day for the service, sized to the fleet.
+        --plot: one row per policy."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from reconciler.desired.loader import load_desired_state

@@ -29,26 +29,37 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
-from reconciler.commands._options import PlacerOpt, console, report_config_error
-from reconciler.commands.reconcile import (
+from reconciler.commands._options import (
+    DEFAULT_LEASE_NAME,
+    DEFAULT_LEASE_NAMESPACE,
+    AutoscalerOpt,
     ClusterOpt,
-    KubeOpt,
-    PolicyOpt,
-    PromOpt,
-    PruneOpt,
+    FormatOpt,
+    KubeconfigOpt,
+    LeaseContextOpt,
+    LeaseNameOpt,
+    LeaseNamespaceOpt,
+    PlacerOpt,
+    PrometheusUrlOpt,
+    PruneRemovedServicesOpt,
     RepoOpt,
     RevOpt,
     SeedOpt,
+    SimulateOpt,
+    console,
+    report_config_error,
+)
+from reconciler.commands.reconcile import (
     Settings,
-    SimOpt,
     _settings,
     build_loop,
 )
 from reconciler.errors import ConfigError
+from reconciler.tables import Column, plain_lines, transition
 
 if TYPE_CHECKING:  # the loop pulls in prometheus_client: only when status runs
     from reconciler.loop import ClusterOutcome, CycleResult
@@ -429,23 +440,7 @@ def format_text(status: Status) -> str:
             out.append(f"cluster {cluster.cluster}: {cluster.outcome.upper()}: {cluster.error}")
             continue
         out.append(f"cluster {cluster.cluster}: revision {cluster.revision.describe()}")
-        rows = [
-            (
-                s.service,
-                s.sync,
-                s.health,
-                f"prefill {_active(s, 'prefill')}->{s.target['prefill']}, "
-                f"decode {_active(s, 'decode')}->{s.target['decode']}",
-                s.reason,
-            )
-            for s in cluster.services
-        ]
-        header = ("SERVICE", "SYNC", "HEALTH", "INSTANCES", "REASON")
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            out.append(
-                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
-            )
+        out.extend(f"  {line}" for line in plain_lines(_SERVICE_COLUMNS, cluster.services))
         for s in cluster.services:
             for change in s.changes:
                 out.append(f"    {s.service}: change {change}")
@@ -466,6 +461,23 @@ def _active(s: ServiceStatus, role: str) -> int:
     return s.current[role]["ready"] + s.current[role]["starting"]
 
 
+def instances(s: ServiceStatus) -> str:
+    """Active instances per role and what the decision asks: as ``plan`` shows them."""
+    return (
+        f"prefill {transition(_active(s, 'prefill'), s.target['prefill'])}, "
+        f"decode {transition(_active(s, 'decode'), s.target['decode'])}"
+    )
+
+
+_SERVICE_COLUMNS: tuple[Column[ServiceStatus], ...] = (
+    Column("service", lambda s: s.service, "left"),
+    Column("sync", lambda s: s.sync, "left"),
+    Column("health", lambda s: s.health, "left"),
+    Column("instances", instances, "left"),
+    Column("reason", lambda s: s.reason, "left"),
+)
+
+
 # ---------------------------------------------------------------------- command
 
 
@@ -477,26 +489,18 @@ def register(app: typer.Typer) -> None:
     def status(
         repo: RepoOpt = Path("."),
         rev: RevOpt = None,
-        kubeconfig: KubeOpt = None,
-        simulate: SimOpt = False,
+        kubeconfig: KubeconfigOpt = None,
+        simulate: SimulateOpt = False,
         cluster: ClusterOpt = None,
         placer: PlacerOpt = "cp-sat",
-        autoscaler: PolicyOpt = "heteroscale",
-        prometheus_url: PromOpt = None,
+        autoscaler: AutoscalerOpt = "heteroscale",
+        prometheus_url: PrometheusUrlOpt = None,
         seed: SeedOpt = 0,
-        prune_removed_services: PruneOpt = False,
-        format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
-        lease_namespace: Annotated[
-            str, typer.Option("--lease-namespace", envvar="POD_NAMESPACE")
-        ] = "heteroscale-system",
-        lease_name: Annotated[str, typer.Option("--lease-name")] = "heteroscale-reconciler",
-        lease_context: Annotated[
-            str | None,
-            typer.Option(
-                "--lease-context",
-                help="kube context holding the Lease and state (default: current / in-cluster)",
-            ),
-        ] = None,
+        prune_removed_services: PruneRemovedServicesOpt = False,
+        format: FormatOpt = "text",
+        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
+        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
+        lease_context: LeaseContextOpt = None,
     ) -> None:
         """Sync and health per cluster and service (Argo CD style), from one dry-run
         cycle, the state ConfigMaps and the Lease. Exit 0: all Synced and Healthy,

@@ -32,7 +32,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler.commands._options import (
+    AutoscalerOpt,
+    DecisionIntervalOpt,
+    DiurnalHoursOpt,
     PlacerOpt,
+    PlotOpt,
+    RateScaleOpt,
+    RepoOpt,
+    SeedOpt,
+    TraceOpt,
     checked_placer,
     checked_repository,
     console,
@@ -239,29 +247,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def tune(
         service: Annotated[str, typer.Argument(help="service (policies/*.yaml name) to tune")],
-        trace: Annotated[
-            Path | None,
-            typer.Option(
-                "--trace",
-                help="request trace: its lengths drive the sweep and its load the verification; "
-                "omitted: the service's synthetic shape and a synthetic day",
-            ),
-        ] = None,
-        rate_scale: Annotated[
-            float | None,
-            typer.Option(
-                "--rate-scale", help="verification load: multiply the arrival rate by K", min=0.0
-            ),
-        ] = None,
-        diurnal_hours: Annotated[
-            float | None,
-            typer.Option(
-                "--diurnal-hours",
-                help="verification load: tile the trace over H hours under a diurnal curve "
-                "(synthetic: H hours, default 8)",
-                min=0.0,
-            ),
-        ] = None,
+        trace: TraceOpt = None,
+        rate_scale: RateScaleOpt = None,
+        diurnal_hours: DiurnalHoursOpt = None,
         gpus: Annotated[
             int | None,
             typer.Option(
@@ -314,29 +302,20 @@ def register(app: typer.Typer) -> None:
                 "--write", help="write the recommended values into the service's YAML file"
             ),
         ] = False,
-        plot_path: Annotated[
-            Path | None, typer.Option("--plot", help="write the throughput curve as a PNG here")
-        ] = None,
-        repo: Annotated[
-            Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
-        ] = Path("."),
-        seed: Annotated[int, typer.Option("--seed", help="seed for loads and sampling")] = 0,
-        interval_s: Annotated[
-            float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
-        ] = 30.0,
+        plot_path: PlotOpt = None,
+        repo: RepoOpt = Path("."),
+        seed: SeedOpt = 0,
+        interval_s: DecisionIntervalOpt = 30.0,
         placer: PlacerOpt = "greedy",
-        autoscaler: Annotated[
-            str,
-            typer.Option(
-                "--autoscaler",
-                help="the autoscaler the service runs under: heteroscale (check the capacity "
-                "it derives) or heteroscale-paper (also recommend its hand-set targets)",
-            ),
-        ] = PLANNER,
+        autoscaler: AutoscalerOpt = PLANNER,
     ) -> None:
         """Sweep the P/D ratio in the simulator, check the planner's derived capacity
         (or, for heteroscale-paper, recommend hand-set targets) and verify the
-        recommendation (--write puts it into the service's YAML)."""
+        recommendation (--write puts it into the service's YAML).
+
+        --trace: its lengths drive the sweep and its load the verification (without
+        one: the service's synthetic shape, and a synthetic day of --diurnal-hours,
+        default 8). --plot: the throughput curve."""
         from reconciler.commands._options import report_config_error
 
         checked_placer(placer)

@@ -21,6 +21,7 @@ from reconciler.cost import money
 from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
+from reconciler.tables import MISSING, decimal, percent, whole
 
 MAX_VALUE_CHARS = 200  # one user string: a name, a label, a note
 MAX_LINE_CHARS = 600  # one line that quotes user strings (a config change, an error)
@@ -166,12 +167,12 @@ def _service_rows(review: Review) -> list[ServiceFleetDiff]:
 
 def _result_cells(result: PolicyResult | None) -> list[str]:
     if result is None:
-        return ["-", "-", "-", "-"]
+        return [MISSING] * 4
     return [
-        f"{result.gpu_hours:.1f}",
-        f"{100 * result.ttft_attainment:.2f}%",
-        f"{100 * result.tbt_attainment:.2f}%",
-        str(result.scaling_actions),
+        decimal(result.gpu_hours),
+        percent(result.ttft_attainment, 2),
+        percent(result.tbt_attainment, 2),
+        whole(result.scaling_actions),
     ]
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from importlib.metadata import version
+from typing import Any
 
 import pytest
+import typer
+from typer.core import TyperOption
 from typer.testing import CliRunner
 
 from reconciler.cli import COMMAND_MODULES, app
@@ -50,3 +53,58 @@ def test_help_still_shows_the_type_of_an_option_taking_a_value() -> None:
     assert "<int>" in next(line for line in rows if "--seed " in line)
     assert "<" not in next(line for line in rows if "--simulate " in line)
     assert "<" not in next(line for line in rows if "--what-if " in line)
+
+
+# Names two commands define apart on purpose, and why: each is checked alike within
+# the commands that share its meaning.
+DEFINED_PER_COMMAND = {
+    # run sleeps this long in wall-clock time (tests use 0.1 s); simulate and tune
+    # step simulated time, at least 1 s (both use _options.DecisionIntervalOpt).
+    "--interval": "run vs simulate and tune",
+    # plan writes a saved plan (a file); schema writes its files into a directory.
+    "--out": "plan vs schema",
+}
+
+
+def _value_type(param: Any) -> object:
+    """The option's value type; typer versions keep it under different names."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is None:
+        return param.type.name
+    return descriptor.annotation
+
+
+def _definition(param: Any) -> tuple[object, ...]:
+    """What an option means to its user, its default aside (a command may default
+    differently, e.g. --placer)."""
+    return (
+        tuple(param.opts),
+        tuple(param.secondary_opts),
+        param.help,
+        param.envvar,
+        _value_type(param),
+        param.is_flag,
+        param.multiple,
+        getattr(param, "min", None),
+        getattr(param, "max", None),
+    )
+
+
+def test_an_option_name_means_the_same_in_every_command() -> None:
+    """One spelling, one definition: a command offering an option another also offers
+    uses the shared definition (``reconciler.commands._options``), not a copy that
+    drifts (help, environment variable, type or bounds)."""
+    group = typer.main.get_group(app)
+    context = typer.Context(group)
+    seen: dict[str, dict[tuple[object, ...], list[str]]] = {}
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        assert command is not None
+        for param in command.params:
+            if isinstance(param, TyperOption) and param.opts[0] not in DEFINED_PER_COMMAND:
+                seen.setdefault(param.opts[0], {}).setdefault(_definition(param), []).append(name)
+    differing = {option: defs for option, defs in seen.items() if len(defs) > 1}
+    assert not differing, differing
+    assert {"--repo", "--seed", "--format", "--lease-namespace"} <= {
+        option for option, defs in seen.items() if len(next(iter(defs.values()))) > 1
+    }
