@@ -34,6 +34,21 @@ SGLANG_ITL_BUCKETS_S: tuple[float, ...] = (
 
 LatencySignal = Literal["ttft", "tbt"]
 
+
+def one_two_five_buckets(max_tokens: float) -> tuple[float, ...]:
+    """Bucket upper bounds 1, 2, 5, 10, 20, 50, ... up to ``max_tokens``: the shape vLLM
+    gives its token-count histograms (``build_1_2_5_buckets(max_model_len)``)."""
+    bounds: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = float(mantissa * 10**exponent)
+            if value > max_tokens:
+                return tuple(bounds)
+            bounds.append(value)
+        exponent += 1
+
+
 # Per preset (``metrics.preset``, default the engine): TTFT and TBT bounds. SGLang's
 # TTFT histogram uses vLLM's bounds; Dynamo passes its vLLM workers' histograms
 # through; TensorRT-LLM's bounds are not known here (its reading is taken as exact).

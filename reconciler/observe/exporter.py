@@ -70,28 +70,15 @@ from reconciler.latency_buckets import (  # re-exported: the tests read them fro
     SGLANG_ITL_BUCKETS_S,
     VLLM_ITL_BUCKETS_S,
     VLLM_TTFT_BUCKETS_S,
+    one_two_five_buckets,
 )
 from reconciler.state import Role
 
 ExporterEngine = Literal["vllm", "sglang"]
 
 
-def build_1_2_5_buckets(max_value: float) -> tuple[float, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to ``max_value``: vLLM's request-length bounds
-    (``build_1_2_5_buckets(max_model_len)``)."""
-    out: list[float] = []
-    exponent = 0
-    while True:
-        for mantissa in (1, 2, 5):
-            value = float(mantissa * 10**exponent)
-            if value > max_value:
-                return tuple(out)
-            out.append(value)
-        exponent += 1
-
-
 VLLM_MAX_MODEL_LEN = 32768
-VLLM_LENGTH_BUCKETS: tuple[float, ...] = build_1_2_5_buckets(VLLM_MAX_MODEL_LEN)
+VLLM_LENGTH_BUCKETS: tuple[float, ...] = one_two_five_buckets(VLLM_MAX_MODEL_LEN)
 # SGLang's defaults with --collect-tokens-histogram (sglang/srt/metrics/collector.py).
 SGLANG_PROMPT_BUCKETS: tuple[float, ...] = (
     100, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000,

@@ -335,31 +335,36 @@ def parse_node(obj: JsonObject) -> LiveNode:
 # --------------------------------------------------------------------------- reading
 
 
-def list_owned_deployments(
-    client: KubeClient, cluster: str, namespaces: Iterable[str]
+def _list_owned(
+    client: KubeClient,
+    cluster: str,
+    namespaces: Iterable[str],
+    path_for: Callable[[str | None], str],
 ) -> list[JsonObject]:
-    """Our Deployments: one cluster-wide list when RBAC allows it, else per namespace."""
+    """Our objects of one kind (``path_for(namespace)`` lists them, all namespaces with
+    None): one cluster-wide list when RBAC allows it, else per namespace."""
     selector = names.ownership_selector(cluster)
     try:
-        return list(client.list(deployments_path(), label_selector=selector))
+        return list(client.list(path_for(None), label_selector=selector))
     except Forbidden:
         out: list[JsonObject] = []
         for namespace in sorted(set(namespaces)):
-            out.extend(client.list(deployments_path(namespace), label_selector=selector))
+            out.extend(client.list(path_for(namespace), label_selector=selector))
         return out
+
+
+def list_owned_deployments(
+    client: KubeClient, cluster: str, namespaces: Iterable[str]
+) -> list[JsonObject]:
+    """Our Deployments (:func:`_list_owned`)."""
+    return _list_owned(client, cluster, namespaces, deployments_path)
 
 
 def list_owned_pods(
     client: KubeClient, cluster: str, namespaces: Iterable[str]
 ) -> list[JsonObject]:
-    selector = names.ownership_selector(cluster)
-    try:
-        return list(client.list(pods_path(), label_selector=selector))
-    except Forbidden:
-        out: list[JsonObject] = []
-        for namespace in sorted(set(namespaces)):
-            out.extend(client.list(pods_path(namespace), label_selector=selector))
-        return out
+    """Our Pods (:func:`_list_owned`)."""
+    return _list_owned(client, cluster, namespaces, pods_path)
 
 
 T = TypeVar("T")

@@ -308,6 +308,8 @@ class HpaGpuUtilAutoscaler(PerRoleHpa):
             raise AutoscalerConfigError(
                 f"{self.name}: signal must be 'gpu_util' or 'sm_active', got {signal!r}"
             )
+        # Each HPA spells out the shared settings (rather than **kwargs) so its signature
+        # stays typed and readable where autoscalers are built by name and swept.
         super().__init__(
             tolerance=tolerance,
             scale_down_window_s=scale_down_window_s,
@@ -480,6 +482,8 @@ def fixed_counts(
     if clamps:
         message += "; clamps: " + ", ".join(str(c) for c in clamps)
     changed = prefill != fleet.prefill.active or decode != fleet.decode.active
+    # Built like the paper's policy's hold (coordinated._hold) but kept apart: a
+    # baseline remembers only its last change, the hold its whole history.
     return Decision(
         service=policy.name,
         prefill=prefill,

@@ -43,6 +43,7 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
+from reconciler.latency_buckets import one_two_five_buckets
 from reconciler.perfmodel.instance import InstancePerf, kv_transfer_s
 from reconciler.perfmodel.queueing import (
     MAX_GGC_UTILISATION,
@@ -99,20 +100,6 @@ def _read_only(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 # --------------------------------------------------------------------------- the mix
-
-
-def one_two_five_buckets(max_tokens: float) -> tuple[float, ...]:
-    """Bucket upper bounds 1, 2, 5, 10, 20, 50, ... up to ``max_tokens`` (the shape vLLM
-    gives its token-count histograms, up to the model's context length)."""
-    bounds: list[float] = []
-    exponent = 0
-    while True:
-        for mantissa in (1, 2, 5):
-            value = float(mantissa * 10**exponent)
-            if value > max_tokens:
-                return tuple(bounds)
-            bounds.append(value)
-        exponent += 1
 
 
 # The length-histogram bounds the engines export (vLLM's 1-2-5 buckets up to a million
@@ -930,6 +917,8 @@ def predicted_ttft_s(
     return queue.ttft_quantile_s(rho, quantile)
 
 
+# A twin of predicted_ttft_s by design: the same arguments and loaded queue, answering
+# only the bucket test the planner needs on its hot path.
 def predicted_ttft_side(
     perf: InstancePerf,
     mix: RequestMix,

@@ -159,6 +159,9 @@ def enforce_ratio(
     if _ratio_ok(prefill, decode, ratio_min, ratio_max):
         return prefill, decode
     bounds_text = f"ratio bounds {format_ratio(ratio_min)}..{format_ratio(ratio_max)}"
+    # The two branches mirror each other (prefill short / decode short) rather than
+    # share a helper: each keeps its own float arithmetic (x ratio_min, / ratio_max)
+    # and clamp wording, which the golden decisions pin.
     if decode > 0 and prefill < decode * ratio_min:
         needed = ceil_count(decode * ratio_min)
         if needed <= prefill_bounds.max_instances and _ratio_ok(

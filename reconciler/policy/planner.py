@@ -108,7 +108,7 @@ from reconciler.policy.forecast import (
     sizing_demand,
     update,
 )
-from reconciler.state import LengthBuckets, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import LengthBuckets, Role, Sample, ServiceFleet, ServiceMetrics
 
 # The headroom floor: the rate signals are 60 s averages and Poisson arrivals at the
 # scale of one instance vary by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 %
@@ -639,32 +639,36 @@ def plan_decide(
     wants = [0, 0]
     unattainable_share = 0.0
     if override_prefill is not None:
-        wants[0] = ceil_count(prefill_demand / override_prefill)
-        parts.append(
-            f"prefill {prefill_how} = {prefill_demand:.0f} prompt tokens/s / "
-            f"{override_prefill:g} per instance (override) -> {wants[0]}"
+        wants[0], text = _count_for_demand(
+            "prefill", prefill_how, prefill_demand, prefill_demand, override_prefill, override=True
         )
     else:
         assert caps is not None and perf is not None and mix is not None
         attainable_tps = caps.prefill.demand_tps(perf.prefill, mix, prefill_demand)
-        wants[0] = ceil_count(attainable_tps / caps.prefill_tps_per_instance)
-        parts.append(
-            f"prefill {prefill_how} = {prefill_demand:.0f} prompt tokens/s / "
-            f"{caps.prefill_tps_per_instance:.0f} per instance -> {wants[0]}"
+        wants[0], text = _count_for_demand(
+            "prefill",
+            prefill_how,
+            prefill_demand,
+            attainable_tps,
+            caps.prefill_tps_per_instance,
+            override=False,
         )
+    parts.append(text)
     if override_decode is not None:
-        wants[1] = ceil_count(decode_demand / override_decode)
-        parts.append(
-            f"decode {decode_how} = {decode_demand:.0f} output tokens/s / "
-            f"{override_decode:g} per instance (override) -> {wants[1]}"
+        wants[1], text = _count_for_demand(
+            "decode", decode_how, decode_demand, decode_demand, override_decode, override=True
         )
     else:
         assert caps is not None
-        wants[1] = ceil_count(decode_demand / caps.decode_tps_per_instance)
-        parts.append(
-            f"decode {decode_how} = {decode_demand:.0f} output tokens/s / "
-            f"{caps.decode_tps_per_instance:.0f} per instance -> {wants[1]}"
+        wants[1], text = _count_for_demand(
+            "decode",
+            decode_how,
+            decode_demand,
+            decode_demand,
+            caps.decode_tps_per_instance,
+            override=False,
         )
+    parts.append(text)
     if caps is not None:
         parts.append(caps.explain())
         unattainable_share = caps.prefill.unattainable.share
@@ -726,6 +730,8 @@ def plan_decide(
 
     within = recommendation == (current[0], current[1])
     reason = _reason(current, prefill, decode, recommendation, within, fired)
+    # The paper's policy ends with the same call (coordinated.py): one shared ``finish``
+    # builds the decision, each policy passing what it remembers.
     return finish(
         n,
         current,
@@ -742,6 +748,27 @@ def plan_decide(
         extra=history.extra,
         planner=memory,
     )
+
+
+def _count_for_demand(
+    role: Role,
+    how: str,
+    demand_tps: float,
+    sized_tps: float,
+    tps_per_instance: float,
+    *,
+    override: bool,
+) -> tuple[int, str]:
+    """A role's instance count for ``sized_tps`` (the part of ``demand_tps`` it can
+    serve) at ``tps_per_instance`` each, and the line saying how it was reached."""
+    count = ceil_count(sized_tps / tps_per_instance)
+    tokens = "prompt" if role == "prefill" else "output"
+    per_instance = (
+        f"{tps_per_instance:g} per instance (override)"
+        if override
+        else f"{tps_per_instance:.0f} per instance"
+    )
+    return count, f"{role} {how} = {demand_tps:.0f} {tokens} tokens/s / {per_instance} -> {count}"
 
 
 def _corrected(
@@ -778,34 +805,17 @@ def _corrected(
     if ttft is not None and ready[0] > 0 and starting[0] == 0 and attainable_tail:
         per_instance = prefill_tps / ready[0]
         if 0 < per_instance <= caps.prefill_tps_per_instance:
-            prefill_tps_now, instances = per_instance, ready[0]
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
             first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
+            # The observed load, as both the inversion and the bucket test read it.
+            load = (slo.quantile, per_instance, ready[0], transfer, first_step_s)
             implied = within_bucket(
-                lambda s: implied_prefill_factor(
-                    perf.prefill,
-                    mix,
-                    s,
-                    slo.quantile,
-                    prefill_tps_now,
-                    instances,
-                    transfer,
-                    first_step_s,
-                ),
+                lambda s: implied_prefill_factor(perf.prefill, mix, s, *load),
                 ttft.value / 1000.0,
                 policy_latency_buckets(policy, "ttft"),
                 correction.prefill,
                 side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
-                    perf.prefill,
-                    mix,
-                    slo.quantile,
-                    prefill_tps_now,
-                    instances,
-                    transfer,
-                    first_step_s,
-                    factor,
-                    lower_s,
-                    upper_s,
+                    perf.prefill, mix, *load, factor, lower_s, upper_s
                 ),
             )
             # The TTFT tail reads the prompt-length tail, which engines bucket coarsely

@@ -100,8 +100,10 @@ from reconciler.policy.planner import capacities_for, perf_context
 from reconciler.sim.engine import LoadProfile, SimConfig
 from reconciler.sim.evaluate import (
     PolicyResult,
+    compare_results,
     default_placer,
     evaluate,
+    percent_text,
     role_capacity,
     run_autoscaler,
 )
@@ -832,10 +834,10 @@ class Verification:
         reached = recommended.slo_attainment >= goal
         if not reached:
             return (
-                f"the recommended values keep both SLOs for {_pct(recommended.slo_attainment)}"
-                f" of requests on {self.load}, below the {_pct(goal)} goal"
+                f"the recommended values keep both SLOs for {percent_text(recommended.slo_attainment)}"
+                f" of requests on {self.load}, below the {percent_text(goal)} goal"
                 + (
-                    f" ({_pct(self.attainment_goal)} of the attainable)"
+                    f" ({percent_text(self.attainment_goal)} of the attainable)"
                     if recommended.unattainable_share > 0
                     else ""
                 )
@@ -865,32 +867,13 @@ class Verification:
         return ()
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def compare(current: PolicyResult, recommended: PolicyResult, goal: float) -> str:
     """One line: GPU-hours and attainment, recommended against current."""
-    parts = []
-    if current.gpu_hours > 0:
-        change = recommended.gpu_hours / current.gpu_hours - 1.0
-        if abs(change) < 0.0005:
-            parts.append(f"recommended uses the same GPU-hours ({recommended.gpu_hours:.1f})")
-        else:
-            word = "fewer" if change < 0 else "more"
-            parts.append(
-                f"recommended uses {abs(100 * change):.1f}% {word} GPU-hours "
-                f"({current.gpu_hours:.1f} -> {recommended.gpu_hours:.1f})"
-            )
-    for label, before, after in (
-        ("TTFT", current.ttft_attainment, recommended.ttft_attainment),
-        ("TBT", current.tbt_attainment, recommended.tbt_attainment),
-    ):
-        text = f"{label} attainment {_pct(before)} -> {_pct(after)}"
-        if after < goal:
-            text += f" (below the {_pct(goal)} goal)"
-        parts.append(text)
-    return "; ".join(parts)
+
+    def goal_note(_before: float, after: float) -> str:
+        return f" (below the {percent_text(goal)} goal)" if after < goal else ""
+
+    return compare_results("recommended", current, recommended, goal_note)
 
 
 def verify(

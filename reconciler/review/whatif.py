@@ -15,7 +15,13 @@ from pathlib import Path
 
 from reconciler.desired.loader import DesiredState
 from reconciler.sim.engine import LoadProfile, SimConfig
-from reconciler.sim.evaluate import EvaluationResult, PolicyResult, evaluate
+from reconciler.sim.evaluate import (
+    EvaluationResult,
+    PolicyResult,
+    compare_results,
+    evaluate,
+    percent_text,
+)
 
 WHATIF_POLICY = "heteroscale"
 
@@ -42,37 +48,21 @@ class WhatIf:
         return EvaluationResult(self.service, self.load, horizon_s, requests, service_slo, policies)
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def verdict(base: PolicyResult | None, head: PolicyResult | None, goal: float) -> str:
     """One line: GPU-hours change and every attainment change, flagging the goal."""
     if head is None:
         return "service removed at head: its GPUs are freed"
     if base is None:
         return f"new service: {head.gpu_hours:.1f} GPU-hours over the replay"
-    parts: list[str] = []
-    if base.gpu_hours > 0:
-        change = (head.gpu_hours - base.gpu_hours) / base.gpu_hours
-        if abs(change) < 0.0005:
-            parts.append(f"head uses the same GPU-hours ({head.gpu_hours:.1f})")
-        else:
-            word = "fewer" if change < 0 else "more"
-            parts.append(
-                f"head uses {abs(100 * change):.1f}% {word} GPU-hours ({base.gpu_hours:.1f} -> {head.gpu_hours:.1f})"
-            )
-    for label, before, after in (
-        ("TTFT", base.ttft_attainment, head.ttft_attainment),
-        ("TBT", base.tbt_attainment, head.tbt_attainment),
-    ):
-        text = f"{label} attainment {_pct(before)} -> {_pct(after)}"
+
+    def goal_note(before: float, after: float) -> str:
         if after < goal <= before:
-            text += f", below the {_pct(goal)} goal"
-        elif after < goal:
-            text += f", still below the {_pct(goal)} goal"
-        parts.append(text)
-    return "; ".join(parts)
+            return f", below the {percent_text(goal)} goal"
+        if after < goal:
+            return f", still below the {percent_text(goal)} goal"
+        return ""
+
+    return compare_results("head", base, head, goal_note)
 
 
 def replay(

@@ -510,10 +510,54 @@ def _failed_result(name: str, description: str, error: str) -> PolicyResult:
     )
 
 
+def percent_text(share: float) -> str:
+    """A share as the review's one-line comparisons print it (``0.953`` -> ``95.3%``)."""
+    return f"{100 * share:.1f}%"
+
+
+def compare_results(
+    subject: str,
+    before: PolicyResult,
+    after: PolicyResult,
+    goal_note: Callable[[float, float], str],
+) -> str:
+    """One line comparing two runs of a service: ``after``'s GPU-hours against
+    ``before``'s (said of ``subject``), then each SLO's attainment with
+    ``goal_note(before, after)`` appended (empty when the goal is no concern)."""
+    parts: list[str] = []
+    if before.gpu_hours > 0:
+        change = (after.gpu_hours - before.gpu_hours) / before.gpu_hours
+        if abs(change) < 0.0005:
+            parts.append(f"{subject} uses the same GPU-hours ({after.gpu_hours:.1f})")
+        else:
+            word = "fewer" if change < 0 else "more"
+            parts.append(
+                f"{subject} uses {abs(100 * change):.1f}% {word} GPU-hours "
+                f"({before.gpu_hours:.1f} -> {after.gpu_hours:.1f})"
+            )
+    for label, was, now in (
+        ("TTFT", before.ttft_attainment, after.ttft_attainment),
+        ("TBT", before.tbt_attainment, after.tbt_attainment),
+    ):
+        parts.append(
+            f"{label} attainment {percent_text(was)} -> {percent_text(now)}{goal_note(was, now)}"
+        )
+    return "; ".join(parts)
+
+
 def _round_or_none(value: float | None, digits: int = 2) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return round(value, digits)
+
+
+def slo_summary(policy: ServicePolicy) -> dict[str, float]:
+    """The service's SLO as an evaluation reports it (``EvaluationResult.slo``)."""
+    return {
+        "ttft_ms": policy.slo.ttft_ms,
+        "tbt_ms": policy.slo.tbt_ms,
+        "quantile": policy.slo.quantile,
+    }
 
 
 @dataclass(frozen=True)
@@ -656,11 +700,7 @@ def evaluate(
         workload=profile.name,
         horizon_s=profile.horizon_s,
         requests=profile.requests,
-        slo={
-            "ttft_ms": policy.slo.ttft_ms,
-            "tbt_ms": policy.slo.tbt_ms,
-            "quantile": policy.slo.quantile,
-        },
+        slo=slo_summary(policy),
         policies=results,
         notes=tuple(notes),
         currency=cluster.currency,
