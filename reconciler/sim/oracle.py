@@ -88,7 +88,9 @@ earliest: the instances the windows within a start-up need are running at t = 0,
 warm state every policy starts from, ``warm_counts``).
 Instances run on the most preferred allowed GPU type that fits, on RDMA links (a
 deployment group inside one subgroup): the optimistic case, as a bound should be.
-The GPU catalogue has no prices yet, so "cheapest" is the policy's preference order.
+The order is the policy's preference order, not price or capacity per dollar: the
+bound is on instance counts of the preferred types (a policy that put a role on a
+faster allowed type could need fewer GPU-hours; none here does).
 """
 
 from __future__ import annotations
