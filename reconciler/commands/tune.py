@@ -72,6 +72,7 @@ from reconciler.review.tune import (
     Verification,
     apply_changes,
     check_capacity,
+    gpu_type_economics,
     length_pool,
     recommend,
     refresh_comments,
@@ -405,6 +406,13 @@ def register(app: typer.Typer) -> None:
                 for check in checks:
                     console.print(check.line(), soft_wrap=True, markup=False)
                     warnings.extend(check.warnings())
+                currency = state.clusters[policy.cluster].currency
+                for economics in gpu_type_economics(state, service, sweep, pool):
+                    if len(economics.types) > 1:  # a choice only where a role allows several
+                        console.print(economics.line(currency), soft_wrap=True, markup=False)
+                    warning = economics.warning(currency)
+                    if warning is not None:
+                        warnings.append(warning)
             for warning in warnings:
                 console.print(f"[yellow]warning[/yellow] {escape(warning)}", soft_wrap=True)
             if plot_path is not None:

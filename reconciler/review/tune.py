@@ -96,6 +96,7 @@ from reconciler.policy import CoordinatedAutoscaler, PlannerAutoscaler, make_aut
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
 from reconciler.policy.coordinated import policy_numbers
+from reconciler.policy.gpu_economics import RoleEconomics, role_economics
 from reconciler.policy.planner import capacities_for, perf_context
 from reconciler.sim.engine import LoadProfile, SimConfig
 from reconciler.sim.evaluate import (
@@ -802,6 +803,20 @@ def check_capacity(
     )
 
 
+def gpu_type_economics(
+    state: DesiredState, service: str, sweep: Sweep, pool: Workload
+) -> tuple[RoleEconomics, RoleEconomics]:
+    """What each GPU type the roles allow delivers per unit of the cluster's currency
+    for ``pool``'s request mix, at the best split's prefill pool size
+    (``reconciler.policy.gpu_economics``): a preference that costs more per token than
+    another allowed type is reported."""
+    policy = state.policies[service]
+    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
+    return role_economics(
+        policy, state.clusters[policy.cluster], mix, prefill_instances=max(1, sweep.best.prefill)
+    )
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -1053,6 +1068,7 @@ __all__ = [
     "apply_changes",
     "check_capacity",
     "flat_workload",
+    "gpu_type_economics",
     "length_pool",
     "max_rate_under_slo",
     "recommend",

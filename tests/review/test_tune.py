@@ -544,6 +544,23 @@ def test_without_write_the_file_is_untouched_and_the_replay_is_shown(example_rep
     assert "dry run" in result.stdout
 
 
+def test_under_the_planner_tune_reports_each_allowed_types_cost_per_token(
+    example_repo: Path,
+) -> None:
+    """chat's decode allows H20 (preferred) and H800; in the performance model the H800
+    serves a decode token for less (``reconciler.policy.gpu_economics``), which tune
+    says, as a warning, beside the derived capacity."""
+    result = CliRunner().invoke(
+        app, ["tune", "chat", "--repo", str(example_repo), *FAST, "--no-verify"]
+    )
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # unwrapped
+    assert "decode by allowed GPU type, preferred first: h20" in output
+    assert "M per USD" in output
+    assert "decode prefers h20, but a decode token costs" in output
+    assert "prefill by allowed GPU type" not in output  # one allowed type: no choice
+
+
 def test_unknown_service_exits_1_naming_the_known_ones(example_repo: Path) -> None:
     result = CliRunner().invoke(app, ["tune", "chatt", "--repo", str(example_repo), "--quick"])
     assert result.exit_code == 1
