@@ -151,25 +151,18 @@ def role_economics(
             ttft_share=slo.attainment_goal,
         )
 
-    preferred_decode = decode[0][0]
-    preferred_prefill = prefill[0][0]
-    prefill_types = tuple(
-        TypeEconomics(
-            perf.gpu_type,
-            capacities(perf, preferred_decode).prefill_tps_per_instance,
-            price,
-        )
-        for perf, price in prefill
-    )
-    decode_types = tuple(
-        TypeEconomics(
-            perf.gpu_type,
-            capacities(preferred_prefill, perf).decode_tps_per_instance,
-            price,
-        )
-        for perf, price in decode
-    )
-    return RoleEconomics("prefill", prefill_types), RoleEconomics("decode", decode_types)
+    def economics(role: Role, candidates: list[tuple[InstancePerf, float | None]]) -> RoleEconomics:
+        """Each candidate in ``role``, the other role on its preferred type."""
+        types = []
+        for perf, price in candidates:
+            if role == "prefill":
+                tps = capacities(perf, decode[0][0]).prefill_tps_per_instance
+            else:
+                tps = capacities(prefill[0][0], perf).decode_tps_per_instance
+            types.append(TypeEconomics(perf.gpu_type, tps, price))
+        return RoleEconomics(role, tuple(types))
+
+    return economics("prefill", prefill), economics("decode", decode)
 
 
 __all__ = ["COSTLIER_TOLERANCE", "RoleEconomics", "TypeEconomics", "role_economics"]
