@@ -37,8 +37,10 @@ One cycle, in order (each step that changes a number says so in the message):
 5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
    metrics window from now; each role's demand is forecast at that horizon
    (``forecast``: Holt's trend plus the daily curve once a day of history exists) and
-   sized for ``max(now, forecast) x (1 + headroom)``, the headroom being the 95th
-   percentile of the forecaster's own recent errors at that horizon, at least
+   sized for ``max(now, forecast) x (1 + headroom)``. The headroom is a high quantile
+   (prefill: the attainment goal; decode: the SLO quantile) of how far the demand
+   outran the capacity kept in force over the last hour (``KeptCapacity``), the
+   forecaster's own errors at that horizon until ten of those exist, and at least
    ``MIN_HEADROOM``: a bursty service carries more on its own. Too little history:
    current demand x (1 + ``MIN_HEADROOM``). The headroom is relative, so it never
    takes the size above ``max(peak, forecast) x (1 + MIN_HEADROOM)``, ``peak`` being
