@@ -51,19 +51,16 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import reconciler.sim.evaluate as evaluate_module  # noqa: E402
 from reconciler.desired import load_desired_state  # noqa: E402
 from reconciler.desired.checks import check_cluster  # noqa: E402
 from reconciler.desired.loader import DesiredState  # noqa: E402
@@ -76,6 +73,7 @@ from reconciler.placement.base import (  # noqa: E402
     Placer,
     Shortfall,
 )
+from reconciler.policy import make_autoscaler  # noqa: E402
 from reconciler.sim.default import synthetic_load_for  # noqa: E402
 from reconciler.sim.engine import (  # noqa: E402
     LoadProfile,
@@ -86,9 +84,9 @@ from reconciler.sim.engine import (  # noqa: E402
 from reconciler.sim.evaluate import (  # noqa: E402
     PolicyResult,
     default_placer,
-    evaluate,
     peak_demand,
     role_capacity,
+    run_autoscaler,
 )
 from reconciler.sim.fleet import SimulatedFleet  # noqa: E402
 from reconciler.sim.load import load_for  # noqa: E402
@@ -561,21 +559,6 @@ def static_placement(
     return out
 
 
-@contextmanager
-def recording_fleets() -> Iterator[list[SimulatedFleet]]:
-    """The fleets ``evaluate`` builds inside it: the link figures need the simulator's
-    per-second link shares and slowdowns, which its result does not carry."""
-    made: list[SimulatedFleet] = []
-
-    class Recording(SimulatedFleet):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    with mock.patch.object(evaluate_module, "SimulatedFleet", Recording):
-        yield made
-
-
 def link_figures(sim: ServiceSim, horizon_s: int) -> dict[str, Any]:
     """The simulator's KV links over the run, weighted by the prompt tokens each second
     moved: the effective bandwidth per P/D pair (KV bytes / time moving them, M/M/1
@@ -621,11 +604,19 @@ def run_chat(
     config: SimConfig,
     placer: Placer | None = None,
 ) -> ChatRun:
-    """``chat`` under the default autoscaler, with its simulator's link figures."""
-    with recording_fleets() as fleets:
-        result = evaluate(
-            state, SERVICE, profile, [AUTOSCALER], seed=seed, config=config, placer=placer
-        ).policies[AUTOSCALER]
+    """``chat`` under the default autoscaler, with its simulator's link figures (read
+    from the run's fleet: its result does not carry the per-second link shares)."""
+    fleets: list[SimulatedFleet] = []
+    result = run_autoscaler(
+        state,
+        SERVICE,
+        profile,
+        make_autoscaler(AUTOSCALER),
+        name=AUTOSCALER,
+        config=config,
+        placer=placer,
+        on_fleet=fleets.append,
+    )
     if result.failed is not None:
         raise RuntimeError(f"{AUTOSCALER} failed: {result.failed}")
     return ChatRun(result, link_figures(fleets[-1].sims[SERVICE], profile.horizon_s))

@@ -720,12 +720,15 @@ def run_autoscaler(
     interval_s: float = 30.0,
     progress: Progress | None = None,
     warm: tuple[int, int] | None = None,
+    on_fleet: Callable[[SimulatedFleet], None] | None = None,
 ) -> PolicyResult:
     """Run one ready-made autoscaler on ``profile`` in its own simulated fleet, exactly
     as :func:`evaluate` runs each named policy (same warm start, cycle and figures;
     ``warm`` gives the starting counts when the caller already knows them).
     For callers that build their own autoscaler, e.g. ``heteroscale tune``'s fixed
-    prefill/decode splits."""
+    prefill/decode splits. ``on_fleet`` receives the simulated fleet once built, for
+    callers that read more of the run than the result carries (e.g. the KV links of
+    ``benchmarks/bench_findings.py``)."""
     if service not in state.policies:
         raise EvaluationError(
             f"unknown service '{service}' (known: {', '.join(sorted(state.policies))})"
@@ -748,6 +751,7 @@ def run_autoscaler(
         interval_s,
         progress,
         warm=warm,
+        on_fleet=on_fleet,
     )
 
 
@@ -787,10 +791,13 @@ def _run_policy(
     interval_s: float,
     progress: Progress | None,
     warm: tuple[int, int] | None = None,
+    on_fleet: Callable[[SimulatedFleet], None] | None = None,
 ) -> PolicyResult:
     service = policy.name
     cluster = state.clusters[policy.cluster]
     fleet = SimulatedFleet({cluster.name: cluster}, {service: policy}, {service: profile}, config)
+    if on_fleet is not None:
+        on_fleet(fleet)
     notes: list[str] = list(fleet.notes)
     if warm is None or getattr(autoscaler, "name", "") == "static-peak":
         warm = initial_counts(autoscaler, state, policy, profile, config)

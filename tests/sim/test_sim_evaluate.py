@@ -486,6 +486,21 @@ def test_the_hpas_decide_every_15_s_in_the_harness(state: DesiredState) -> None:
     assert run.name == "hpa-decode-tps"
 
 
+def test_a_caller_can_read_the_fleet_a_run_used(state: DesiredState) -> None:
+    """``on_fleet`` hands over the simulated fleet the run steps (once), so a caller can
+    read what the result does not carry, e.g. the per-second KV link shares."""
+    short = synthetic_profile("b", hours=0.05, peak_rps=10, seed=1)
+    fleets = []
+    run = run_autoscaler(
+        state, SERVICE, short, HpaTokensAutoscaler(24050, 1250), on_fleet=fleets.append
+    )
+    [fleet] = fleets
+    sim = fleet.sims[SERVICE]
+    served = float(sim.series.col("prefill_tokens", 0, short.horizon_s).sum())
+    assert sim.t >= short.horizon_s and served > 0  # the fleet that ran, to the end
+    assert run.requests > 0
+
+
 @pytest.mark.parametrize(
     ("option", "description", "recorded"),
     [
