@@ -22,8 +22,9 @@ One cycle, in order (each step that changes a number says so in the message):
    missing or stale, the last known mix (the message says from when). With no mix
    ever seen and no override, the planner holds.
 3. **Latency correction.** In steady state (no instance of the role starting, load at
-   or below the model's capacity) the ratio of observed to predicted latency
-   corrects the model (``capacity.LatencyCorrection``: log-space EWMA, bounded).
+   or below the model's capacity, and for decode its size settled: ``decode_settled``)
+   the ratio of observed to predicted latency corrects the model
+   (``capacity.LatencyCorrection``: log-space EWMA, bounded).
    Under overload the latency measures the queue, not the model, so it is not used.
    Prefill takes only evidence of a slower instance (``_corrected`` says why).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
@@ -154,6 +155,10 @@ class PlannerMemory:
     decode_kept: KeptCapacity = field(default_factory=lambda: KeptCapacity())
     prefill_backlog: Backlog | None = None
     decode_backlog: Backlog | None = None
+    # Decode's ready count as last seen, and since when it has neither changed nor had
+    # instances starting (``decode_settled``).
+    decode_ready_seen: int | None = None
+    decode_steady_since_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -608,8 +613,12 @@ def plan_decide(
     override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
     correction = memory.correction
+    steady_since_s = memory.decode_steady_since_s
+    if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
+        steady_since_s = now_s
     if perf is not None and mix is not None:
-        correction = _corrected(correction, policy, perf, mix, metrics, ready, starting)
+        settled = decode_settled(policy, mix, steady_since_s, now_s)
+        correction = _corrected(correction, policy, perf, mix, metrics, ready, starting, settled)
         caps = capacities_for(policy, perf, mix, current[0], correction)
     memory = PlannerMemory(
         prefill_demand=prefill_state,
@@ -621,6 +630,8 @@ def plan_decide(
         decode_kept=decode_kept,
         prefill_backlog=prefill_in.backlog,
         decode_backlog=decode_in.backlog,
+        decode_ready_seen=ready[1],
+        decode_steady_since_s=steady_since_s,
     )
     if caps is None and (override_prefill is None or override_decode is None):
         why = (
@@ -773,6 +784,21 @@ def _count_for_demand(
     return count, f"{role} {how} = {demand_tps:.0f} {tokens} tokens/s / {per_instance} -> {count}"
 
 
+def decode_settled(
+    policy: ServicePolicy, mix: RequestMix, steady_since_s: float, now_s: float
+) -> bool:
+    """Whether decode's latency can say how fast its instances are.
+
+    Decode sequences stay on the instance that admitted them: after decode's size
+    changes, the instances that were there keep the batches they had (after a surge,
+    overloaded ones) while the new ones fill from new work, so the TBT quantile reads
+    the busiest instances at a mean load that says little about them. That lasts until
+    the sequences admitted before the change have finished (the SLO quantile's output
+    length at the SLO's step time) and one metrics window has passed without them."""
+    finish_s = mix.output.quantile(policy.slo.quantile) * policy.slo.tbt_ms / 1000.0
+    return now_s - steady_since_s >= METRICS_WINDOW_S + finish_s
+
+
 def _corrected(
     correction: LatencyCorrection,
     policy: ServicePolicy,
@@ -781,6 +807,7 @@ def _corrected(
     metrics: ServiceMetrics,
     ready: list[int],
     starting: list[int],
+    decode_steady: bool = True,
 ) -> LatencyCorrection:
     """The correction updated from this cycle's latency, in steady state only (module
     docstring, step 3): no instance of the role starting, and load at or below the
@@ -790,7 +817,7 @@ def _corrected(
     tbt, ttft = metrics.tbt, metrics.ttft
     decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
     prefill_tps = metrics.prefill_tps.value if metrics.prefill_tps else math.nan
-    if tbt is not None and ready[1] > 0 and starting[1] == 0:
+    if tbt is not None and ready[1] > 0 and starting[1] == 0 and decode_steady:
         per_instance = decode_tps / ready[1]
         if 0 < per_instance <= caps.decode_tps_per_instance:
             decode_tps_now = per_instance

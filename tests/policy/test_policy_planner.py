@@ -28,7 +28,9 @@ from reconciler.policy.planner import (
     RoleDemand,
     capacities_for,
     clear_caches,
+    declared_mix,
     decode_follows_prefill,
+    decode_settled,
     perf_context,
     plan_decide,
     role_demand,
@@ -546,6 +548,44 @@ def test_steady_tbt_read_through_buckets_does_not_inflate_the_decode_correction(
     memory = history.planner
     assert isinstance(memory, PlannerMemory)
     assert memory.correction.decode == pytest.approx(1.0)
+
+
+def _decode_factor_after(fleet_at: Callable[[float], ServiceFleet], cycles: int) -> float:
+    """The decode correction after ``cycles`` cycles at 20 output tokens/s per decode
+    instance (a light load: the model's step is short) with TBT reading 47.5 ms, the
+    fleet at each cycle given by ``fleet_at``."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = PolicyHistory()
+    for k in range(cycles):
+        now = 30.0 * k
+        fleet = fleet_at(now)
+        metrics = _metrics(now, 100_000.0, 20.0 * fleet.decode.ready, tbt_ms=47.5)
+        history = plan_decide(policy, fleet, metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    return memory.correction.decode
+
+
+def test_decode_latency_corrects_the_model_only_once_its_size_has_settled() -> None:
+    """After decode's size changes, the instances that were there keep their batches
+    (sequences are pinned) while new ones start empty: the TBT quantile reads the old,
+    busy ones at a mean load that says little about them. A reading far above what the
+    model predicts moves the correction only once the size has held for a metrics
+    window plus the time the earlier sequences take to finish."""
+    policy, _ = _chat()
+    mix = declared_mix(policy.request_shape)
+    settle_s = 60.0 + mix.output.quantile(policy.slo.quantile) * policy.slo.tbt_ms / 1000.0
+    assert not decode_settled(policy, mix, 100.0, 100.0 + settle_s - 1.0)
+    assert decode_settled(policy, mix, 100.0, 100.0 + settle_s)
+    # Grown from 20 to 60 at 60 s, then held: no correction until it settles...
+    grown = lambda now: _fleet(30, 20 if now < 60 else 60)  # noqa: E731
+    unsettled = math.ceil((60.0 + settle_s) / 30.0)  # cycles, the last before 60 s + settle
+    assert _decode_factor_after(grown, unsettled) == pytest.approx(1.0)
+    # ...and the same reading moves it once the size has held long enough.
+    assert _decode_factor_after(grown, unsettled + 4) > 1.05
+    held = lambda now: _fleet(30, 60)  # noqa: E731
+    assert _decode_factor_after(held, 8) > 1.05
 
 
 # ---------------------------------------------------------------- caches and memory
