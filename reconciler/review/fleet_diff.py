@@ -181,10 +181,6 @@ def review_fleet(
     if edges is None:
         from reconciler.sim import default_simulated_fleet
 
-        # A short synthetic day is enough: the review observes the fleet once, after
-        # the warm-up, and generating a 24-hour load for every service costs seconds.
-        fleet = default_simulated_fleet(base, seed, time_origin_s=0.0, hours=WARM_DAY_HOURS)
-        autoscaler = autoscaler_factory()
         longest_window_s = max(
             (
                 max(p.scaling.scale_in_window_s, p.scaling.cooldown_s)
@@ -193,6 +189,15 @@ def review_fleet(
             default=0.0,
         )
         cycles = max(1, math.ceil(longest_window_s / RECONCILE_INTERVAL_S) + 1)
+        # A short synthetic day is enough: the review observes the fleet once, after
+        # the warm-up, and generating a 24-hour load for every service costs seconds.
+        # Per-request outcomes are drawn only as far as the warm-up reads (one more
+        # cycle of margin): the whole day's sample was half of the review's time.
+        warm_until_s = WARMUP_S + (cycles + 1) * RECONCILE_INTERVAL_S
+        fleet = default_simulated_fleet(
+            base, seed, time_origin_s=0.0, hours=WARM_DAY_HOURS, sample_until_s=warm_until_s
+        )
+        autoscaler = autoscaler_factory()
         t = WARMUP_S
         for _ in range(cycles):
             _check_deadline(deadline)

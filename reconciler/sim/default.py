@@ -35,9 +35,10 @@ def synthetic_load_for(
     peak_share: float = 0.4,
     config: SimConfig | None = None,
     cyclic: bool = False,
+    sample_until_s: float | None = None,
 ) -> LoadProfile:
     """A synthetic diurnal day for one service, its peak sized to the fleet (module
-    docstring)."""
+    docstring); ``sample_until_s`` as for ``synthetic_profile``."""
     config = config or SimConfig()
     shape = shape_for_service(policy.name)
     # Capacity depends on the lengths: size from a short probe with the same shape.
@@ -55,6 +56,7 @@ def synthetic_load_for(
         seed=seed,
         length_classes=config.length_classes,
         cyclic=cyclic,
+        sample_until_s=sample_until_s,
     )
 
 
@@ -67,11 +69,14 @@ def default_simulated_fleet(
     config: SimConfig | None = None,
     placer: Placer | None = None,
     time_origin_s: float | None = None,
+    sample_until_s: float | None = None,
 ) -> SimulatedFleet:
     """A warm simulated fleet serving every service of ``state`` (module docstring).
 
     ``time_origin_s=None`` anchors simulation time at the first ``fetch``, so the
-    reconcile loop can pass wall-clock seconds."""
+    reconcile loop can pass wall-clock seconds. ``sample_until_s``: per-request
+    outcomes (latency, length histograms) only before it, for a caller that simulates
+    no further (``synthetic_profile``)."""
     config = config or SimConfig()
     placer = placer or default_placer()
     loads: dict[str, LoadProfile] = {}
@@ -86,6 +91,7 @@ def default_simulated_fleet(
             peak_share=peak_share,
             config=config,
             cyclic=True,
+            sample_until_s=sample_until_s,
         )
     fleet = SimulatedFleet(
         state.clusters, dict(state.policies), loads, config, time_origin_s=time_origin_s

@@ -397,6 +397,13 @@ class LoadProfile:
         return np.arange(bins) * float(window_s), average(self.prompt_sum), average(self.output_sum)
 
 
+def sampled_s(horizon_s: int, sample_until_s: float | None) -> int:
+    """The seconds a profile's request sample covers (all of them without a limit)."""
+    if sample_until_s is None:
+        return horizon_s
+    return max(0, min(horizon_s, math.ceil(sample_until_s)))
+
+
 def synthetic_profile(
     shape: str | LengthShape,
     *,
@@ -408,13 +415,18 @@ def synthetic_profile(
     length_classes: int = 32,
     sample_limit: int = 200_000,
     cyclic: bool = False,
+    sample_until_s: float | None = None,
 ) -> LoadProfile:
     """The load of ``synthetic_workload`` binned directly, without a Python-side array
     per request: per second a Poisson count of the rate curve, and token sums drawn
     from a gamma distribution with the sum's exact mean and variance (``n`` times the
     length distribution's). For fleets too large for per-request arrays (the
     benchmark, the embedded default fleet). Per-request outcomes use a sample of the
-    same process (at most ``sample_limit`` requests)."""
+    same process (at most ``sample_limit`` requests over the day). ``sample_until_s``:
+    the sample, at the same density, covers only the day's first seconds: for a caller
+    that simulates no further (the review's warm-up reads ~12 minutes of a 2-hour day,
+    and drawing the whole day's sample was half of its time). Per-request outcomes and
+    length histograms after it are empty."""
     horizon = round(hours * 3600)
     rng = np.random.default_rng([seed, 0xB1A5])
     if bursts is None:
@@ -422,7 +434,13 @@ def synthetic_profile(
     expected = peak_rps * horizon * (1.0 + trough_ratio) / 2.0
     sample_rps = peak_rps * min(1.0, sample_limit / max(expected, 1.0))
     sample = synthetic_workload(
-        shape, hours=hours, peak_rps=sample_rps, seed=seed, trough_ratio=trough_ratio, bursts=bursts
+        shape,
+        hours=hours,
+        peak_rps=sample_rps,
+        seed=seed,
+        trough_ratio=trough_ratio,
+        bursts=bursts,
+        until_s=sample_until_s,
     )
     t = np.arange(horizon) + 0.5
     rate = rate_curve(t, float(horizon), peak_rps, trough_ratio, bursts)
@@ -449,7 +467,9 @@ def synthetic_profile(
         output,
         length_classes=length_classes,
         sample=sample,
-        sample_weight=float(count.sum()) / max(sample.requests, 1),
+        # Requests one sample request stands for, over the span the sample covers.
+        sample_weight=float(count[: sampled_s(horizon, sample_until_s)].sum())
+        / max(sample.requests, 1),
         name=sample.name,
         cyclic=cyclic,
         notes=(

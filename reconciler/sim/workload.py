@@ -629,20 +629,24 @@ def synthetic_workload(
     seed: int = 0,
     trough_ratio: float = 1.0 / 3.0,
     bursts: tuple[Burst, ...] | None = None,
+    until_s: float | None = None,
 ) -> Workload:
     """A diurnal Poisson workload with log-normal lengths; ``bursts=None`` adds three
-    seeded bursts (1.5-2x for 3-10 minutes), ``()`` none."""
+    seeded bursts (1.5-2x for 3-10 minutes), ``()`` none. ``until_s``: only the
+    arrivals before it, of the same day (the same process, other draws than the whole
+    day's: for callers that never look further)."""
     lengths = SERVICE_SHAPES[shape.lower()] if isinstance(shape, str) else shape
     if not (hours > 0 and peak_rps > 0):
         raise ValueError("synthetic workload needs positive hours and peak_rps")
     horizon_s = hours * 3600.0
+    span_s = horizon_s if until_s is None else min(horizon_s, max(0.0, until_s))
     rng = np.random.default_rng([seed, 0x5E7])
     if bursts is None:
         bursts = default_bursts(hours, seed)
     # Thinning of a homogeneous process at the highest rate (exact for any curve).
     top = peak_rps * max([1.0, *[b.factor for b in bursts]])
-    total = rng.poisson(top * horizon_s)
-    candidates = np.sort(rng.random(total) * horizon_s)
+    total = rng.poisson(top * span_s)
+    candidates = np.sort(rng.random(total) * span_s)
     keep = rng.random(total) * top < rate_curve(
         candidates, horizon_s, peak_rps, trough_ratio, bursts
     )
@@ -662,7 +666,8 @@ def synthetic_workload(
         name=f"synthetic-{label}",
         notes=(
             f"synthetic '{label}' load: {hours:g} h diurnal, peak {peak_rps:g} req/s, trough {trough_ratio:.2f} of peak, "
-            f"prompt ~{lengths.prompt_mean:g}, output ~{lengths.output_mean:g} tokens, seed {seed}"
+            + (f"arrivals of its first {span_s:g} s only, " if until_s is not None else "")
+            + f"prompt ~{lengths.prompt_mean:g}, output ~{lengths.output_mean:g} tokens, seed {seed}"
             + (f"; bursts {burst_text}" if bursts else ""),
         ),
     )

@@ -262,6 +262,22 @@ def test_synthetic_profile_has_the_load_of_its_rate_curve() -> None:
     assert profile.sample_weight * profile.sample.requests == pytest.approx(profile.count.sum())
 
 
+def test_a_sample_of_the_days_first_minutes_stands_for_their_requests() -> None:
+    """``sample_until_s`` (the review's warm-up): the per-second load is the whole
+    day's, the request sample covers the first seconds at the same density, and each
+    sample request stands for the requests of those seconds, not of the day."""
+    full = synthetic_profile("a", hours=1, peak_rps=500, seed=1, trough_ratio=1.0, bursts=())
+    part = synthetic_profile(
+        "a", hours=1, peak_rps=500, seed=1, trough_ratio=1.0, bursts=(), sample_until_s=600
+    )
+    np.testing.assert_array_equal(part.count, full.count)
+    assert part.sample is not None and full.sample is not None
+    assert float(part.sample.arrival_s.max()) < 600
+    assert part.sample_weight * part.sample.requests == pytest.approx(part.count[:600].sum())
+    assert part.sample_weight == pytest.approx(full.sample_weight, rel=0.05)  # same density
+    assert part.prompt_sum.sum() / part.count.sum() == pytest.approx(3000, rel=0.03)
+
+
 def test_sim_config_defaults_are_documented_values() -> None:
     config = SimConfig()
     assert config.metrics_window_s == 60 and config.max_batch == 256

@@ -292,6 +292,22 @@ def test_synthetic_bursts_raise_the_rate() -> None:
     assert inside / before == pytest.approx(2.0, rel=0.15)
 
 
+def test_a_prefix_of_the_day_has_its_arrivals_at_the_days_rate() -> None:
+    """``until_s`` draws only the day's first seconds: the same curve (the rate at 10
+    minutes into a 2-hour day, not into a 15-minute one), the same density."""
+    day = synthetic_workload("chat", hours=2.0, peak_rps=40, seed=4, bursts=())
+    prefix = synthetic_workload("chat", hours=2.0, peak_rps=40, seed=4, bursts=(), until_s=900)
+    assert prefix.requests > 0 and float(prefix.arrival_s.max()) < 900
+    in_day = int(np.sum(day.arrival_s < 900))
+    assert abs(prefix.requests - in_day) < 5 * np.sqrt(in_day)  # Poisson spread
+    short_day = synthetic_workload("chat", hours=0.25, peak_rps=40, seed=4, bursts=())
+    assert prefix.requests < 0.8 * short_day.requests  # not a day compressed into 900 s
+    assert "first 900 s only" in prefix.notes[0]
+    # Without it, the whole day, draw for draw as before.
+    whole = synthetic_workload("chat", hours=2.0, peak_rps=40, seed=4, bursts=(), until_s=None)
+    np.testing.assert_array_equal(whole.arrival_s, day.arrival_s)
+
+
 def test_service_names_pick_shapes() -> None:
     assert shape_for_service("svc-a") == "a"
     assert shape_for_service("svc-b") == "b"
