@@ -2,7 +2,7 @@
 
 A policy's ``gpu_types`` weights are a person's preference; this module says what the
 model makes of them: for a request mix, each allowed type's capacity per instance at
-the SLO (the planner's own derivation, ``capacity.role_capacities``), the instance's
+the SLO (the planner's own derivation, ``planner.capacities_for``), the instance's
 price (``gpus_per_instance x cost_per_hour``) and so the tokens it serves per dollar.
 Prefill is compute-bound and decode memory-bandwidth-bound until its batch runs out of
 compute, so the cheapest type per token differs by role, model and mix: for the
@@ -21,13 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.perfmodel.instance import InstancePerf, instance_perf
-from reconciler.policy.capacity import (
-    LatencyCorrection,
-    RequestMix,
-    RoleCapacities,
-    role_capacities,
-)
+from reconciler.perfmodel.instance import InstancePerf
+from reconciler.policy.capacity import LatencyCorrection, RequestMix
+from reconciler.policy.planner import PerfContext, capacities_for, fitting_perfs
 from reconciler.state import Role
 
 # A preferred type that serves this much fewer tokens per dollar than the best allowed
@@ -106,59 +102,36 @@ class RoleEconomics:
         )
 
 
-def _fitting_perf(
-    policy: ServicePolicy, cluster: ClusterSpec, role: Role
-) -> list[tuple[InstancePerf, float | None]]:
-    """(performance model, instance price) of each allowed type present that fits."""
-    role_policy = policy.role(role)
-    out: list[tuple[InstancePerf, float | None]] = []
-    for gpu_type in role_policy.preferred_gpu_types():
-        gpu = cluster.gpu_types.get(gpu_type)
-        if gpu is None:
-            continue
-        perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
-        if not perf.fits:
-            continue
-        price = gpu.cost_per_hour
-        out.append((perf, None if price is None else price * role_policy.gpus_per_instance))
-    return out
+def _instance_usd_per_hour(
+    policy: ServicePolicy, cluster: ClusterSpec, role: Role, gpu_type: str
+) -> float | None:
+    price = cluster.gpu_types[gpu_type].cost_per_hour
+    return None if price is None else price * policy.role(role).gpus_per_instance
 
 
 def role_economics(
     policy: ServicePolicy, cluster: ClusterSpec, mix: RequestMix, prefill_instances: int = 8
 ) -> tuple[RoleEconomics, RoleEconomics]:
     """Both roles' ``RoleEconomics`` for ``mix``. Each type's capacity is the planner's
-    derivation with the other role on its preferred type (decode's step is the last
-    part of a TTFT); ``prefill_instances`` is the pool size prefill is sized at
-    (pooling lets a larger pool run busier)."""
-    prefill = _fitting_perf(policy, cluster, "prefill")
-    decode = _fitting_perf(policy, cluster, "decode")
+    own (``planner.capacities_for``), with the other role on its preferred type
+    (decode's step is the last part of a TTFT); ``prefill_instances`` is the pool size
+    prefill is sized at (pooling lets a larger pool run busier)."""
+    prefill = fitting_perfs(policy, cluster, "prefill")
+    decode = fitting_perfs(policy, cluster, "decode")
     if not prefill or not decode:
         return RoleEconomics("prefill", ()), RoleEconomics("decode", ())
-    slo = policy.slo
 
-    def capacities(prefill_perf: InstancePerf, decode_perf: InstancePerf) -> RoleCapacities:
-        return role_capacities(
-            prefill_perf,
-            decode_perf,
-            mix,
-            ttft_slo_s=slo.ttft_ms / 1000.0,
-            tbt_slo_s=slo.tbt_ms / 1000.0,
-            quantile=slo.quantile,
-            link_gbps=cluster.network.rdma_gbps,
-            prefill_instances_hint=max(1, prefill_instances),
-            correction=LatencyCorrection(),
-            ttft_share=slo.attainment_goal,
-        )
-
-    def economics(role: Role, candidates: list[tuple[InstancePerf, float | None]]) -> RoleEconomics:
+    def economics(role: Role, candidates: list[InstancePerf]) -> RoleEconomics:
         """Each candidate in ``role``, the other role on its preferred type."""
         types = []
-        for perf, price in candidates:
-            if role == "prefill":
-                tps = capacities(perf, decode[0][0]).prefill_tps_per_instance
-            else:
-                tps = capacities(prefill[0][0], perf).decode_tps_per_instance
+        for perf in candidates:
+            pair = (perf, decode[0]) if role == "prefill" else (prefill[0], perf)
+            context = PerfContext(*pair, cluster.network.rdma_gbps)
+            caps = capacities_for(policy, context, mix, prefill_instances, LatencyCorrection())
+            tps = (
+                caps.prefill_tps_per_instance if role == "prefill" else caps.decode_tps_per_instance
+            )
+            price = _instance_usd_per_hour(policy, cluster, role, perf.gpu_type)
             types.append(TypeEconomics(perf.gpu_type, tps, price))
         return RoleEconomics(role, tuple(types))
 

@@ -327,23 +327,27 @@ def perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | N
     return context
 
 
+def fitting_perfs(policy: ServicePolicy, cluster: ClusterSpec, role: Role) -> list[InstancePerf]:
+    """The performance model of each GPU type ``role`` allows that exists in the
+    cluster and fits the model, in the policy's preference order."""
+    role_policy = policy.role(role)
+    out: list[InstancePerf] = []
+    for gpu_type in role_policy.preferred_gpu_types():
+        gpu = cluster.gpu_types.get(gpu_type)
+        if gpu is None:
+            continue
+        perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
+        if perf.fits:
+            out.append(perf)
+    return out
+
+
 def _perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | None:
-    perfs: list[InstancePerf] = []
-    for role in ("prefill", "decode"):
-        role_policy = policy.role(role)
-        chosen = None
-        for gpu_type in role_policy.preferred_gpu_types():
-            gpu = cluster.gpu_types.get(gpu_type)
-            if gpu is None:
-                continue
-            perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
-            if perf.fits:
-                chosen = perf
-                break
-        if chosen is None:
-            return None
-        perfs.append(chosen)
-    return PerfContext(perfs[0], perfs[1], cluster.network.rdma_gbps)
+    prefill = fitting_perfs(policy, cluster, "prefill")
+    decode = fitting_perfs(policy, cluster, "decode")
+    if not prefill or not decode:
+        return None
+    return PerfContext(prefill[0], decode[0], cluster.network.rdma_gbps)
 
 
 def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float]:
@@ -617,8 +621,9 @@ def plan_decide(
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
         steady_since_s = now_s
     if perf is not None and mix is not None:
-        settled = decode_settled(policy, mix, steady_since_s, now_s)
-        correction = _corrected(correction, policy, perf, mix, metrics, ready, starting, settled)
+        correction = _corrected(
+            correction, policy, perf, mix, metrics, ready, starting, steady_since_s, now_s
+        )
         caps = capacities_for(policy, perf, mix, current[0], correction)
     memory = PlannerMemory(
         prefill_demand=prefill_state,
@@ -807,7 +812,8 @@ def _corrected(
     metrics: ServiceMetrics,
     ready: list[int],
     starting: list[int],
-    decode_steady: bool = True,
+    decode_steady_since_s: float,
+    now_s: float,
 ) -> LatencyCorrection:
     """The correction updated from this cycle's latency, in steady state only (module
     docstring, step 3): no instance of the role starting, and load at or below the
@@ -817,7 +823,12 @@ def _corrected(
     tbt, ttft = metrics.tbt, metrics.ttft
     decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
     prefill_tps = metrics.prefill_tps.value if metrics.prefill_tps else math.nan
-    if tbt is not None and ready[1] > 0 and starting[1] == 0 and decode_steady:
+    if (
+        tbt is not None
+        and ready[1] > 0
+        and starting[1] == 0
+        and decode_settled(policy, mix, decode_steady_since_s, now_s)
+    ):
         per_instance = decode_tps / ready[1]
         if 0 < per_instance <= caps.decode_tps_per_instance:
             decode_tps_now = per_instance
@@ -925,6 +936,7 @@ __all__ = [
     "PlannerMemory",
     "capacities_for",
     "clear_caches",
+    "fitting_perfs",
     "forecast_config",
     "perf_context",
     "plan_decide",

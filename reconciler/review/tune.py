@@ -768,6 +768,11 @@ class CapacityCheck:
         return out
 
 
+def engine_mix(pool: Workload) -> RequestMix:
+    """``pool``'s request mix binned as the engines export it: what the planner reads."""
+    return RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
+
+
 def check_capacity(
     state: DesiredState, service: str, sweep: Sweep, pool: Workload
 ) -> tuple[CapacityCheck, ...]:
@@ -778,7 +783,7 @@ def check_capacity(
     perf = perf_context(policy, state.clusters[policy.cluster])
     if perf is None:
         return ()
-    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
+    mix = engine_mix(pool)
     best = sweep.best
     derived = capacities_for(policy, perf, mix, max(1, best.prefill), LatencyCorrection())
     limited = best.limited_by(sweep.attainment_goal)
@@ -811,7 +816,7 @@ def gpu_type_economics(
     (``reconciler.policy.gpu_economics``): a preference that costs more per token than
     another allowed type is reported."""
     policy = state.policies[service]
-    mix = RequestMix.from_samples(pool.prompt_tokens, pool.output_tokens, ENGINE_LENGTH_BOUNDS)
+    mix = engine_mix(pool)
     return role_economics(
         policy, state.clusters[policy.cluster], mix, prefill_instances=max(1, sweep.best.prefill)
     )
