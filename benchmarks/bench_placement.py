@@ -55,7 +55,7 @@ from reconciler.placement.quality import (
     objective_terms,
 )
 from reconciler.state import FleetState, Targets
-from reconciler.topology import build_topology, topology_for
+from reconciler.topology import build_topology
 
 
 def initial_targets(
@@ -243,7 +243,6 @@ def run_seed(args: argparse.Namespace) -> list[Run]:
     parallel = PlacementOptions(
         time_limit_s=args.time_limit, workers=args.workers, seed=args.seed, deterministic=False
     )
-    topology = topology_for(spec)
     runs: list[Run] = []
     for label, (fleet, targets) in scenarios(args, running, targets0).items():
         grow = shrink = 0
@@ -282,9 +281,7 @@ def run_seed(args: argparse.Namespace) -> list[Run]:
                 cpu_s[name] = cpu
         again = CpSatPlacer().place(request)
         print(f"  cp-sat rerun gives the same layout: {again.groups == results['cp-sat'].groups}")
-        measured = {
-            name: measure(topology, policies, fleet, r, targets) for name, r in results.items()
-        }
+        measured = {name: measure(spec, policies, fleet, r, targets) for name, r in results.items()}
         table(measured)
         worse_on = first_worse_term(measured["cp-sat"], measured["greedy"])
         cp_stats = results["cp-sat"].stats

@@ -117,6 +117,9 @@ class RoleCount:
     ready: int = 0
     starting: int = 0
     draining: int = 0
+    # Placed instances (ready and starting) per GPU type, by type name; empty where
+    # the caller does not know the types (then all count as the role's first type).
+    by_type: tuple[tuple[str, int], ...] = ()
 
     @property
     def active(self) -> int:
@@ -188,16 +191,24 @@ class FleetState:
 
     def service_fleet(self, service: str) -> ServiceFleet:
         counts: dict[Role, int] = {"prefill": 0, "decode": 0}
+        by_type: dict[Role, dict[str, int]] = {"prefill": {}, "decode": {}}
         for group in self.groups:
             if group.service == service:
-                counts["prefill"] += group.prefill.instances
-                counts["decode"] += group.decode.instances
+                for role in ROLES:
+                    placed = group.role(role)
+                    counts[role] += placed.instances
+                    if placed.instances:
+                        types = by_type[role]
+                        types[placed.gpu_type] = types.get(placed.gpu_type, 0) + placed.instances
 
         def role_count(role: Role) -> RoleCount:
             starting = self.starting.get((service, role), 0)
             draining = self.draining.get((service, role), 0)
             return RoleCount(
-                ready=max(0, counts[role] - starting), starting=starting, draining=draining
+                ready=max(0, counts[role] - starting),
+                starting=starting,
+                draining=draining,
+                by_type=tuple(sorted(by_type[role].items())),
             )
 
         return ServiceFleet(service, role_count("prefill"), role_count("decode"))

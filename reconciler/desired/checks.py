@@ -288,6 +288,17 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
                         f"({max_gpus_per_type[gpu_type]} GPUs); multi-node instances are not supported yet",
                     )
                 )
+        known = [t for t in rp.gpu_types if t in cluster.gpu_types]
+        if known and not any(max_gpus_per_type.get(t, 0) for t in known):
+            # A pinned type (the only one allowed), or every allowed one, with no node
+            # to run on: the role could never be placed.
+            problems.append(
+                (
+                    (role, "gpu_types"),
+                    f"no node of cluster '{cluster.name}' has GPU type "
+                    f"{' or '.join(repr(t) for t in known)}: the {role} role can never be placed",
+                )
+            )
     return problems
 
 

@@ -117,6 +117,14 @@ class RolePolicy(StrictModel):
         description="allowed GPU types and their preference weights (higher is preferred; "
         "at most 1000, weights are relative)",
     )
+    gpu_choice: Literal["cost", "preference"] = Field(
+        default="cost",
+        description="how the allowed types are ranked: 'cost' (the default) puts first the "
+        "type that serves the most tokens per unit of price at the SLO for the declared "
+        "request_shape (the weights break ties within 10%); 'preference' keeps the weights' "
+        "order. The first type takes new instances, the next ones take what its inventory "
+        "cannot. List one type to pin it",
+    )
     min_instances: Annotated[int, Field(ge=0, le=MAX_INSTANCES)] = Field(
         default=1, description="at most 100,000"
     )

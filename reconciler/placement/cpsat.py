@@ -383,8 +383,8 @@ class _Solve:
         result = finalize(self.problem, stats, shortfalls)
         request = self.problem.request
         worse = first_worse_term(
-            measure(self.topology, request.policies, request.current, result, request.targets),
-            measure(self.topology, request.policies, request.current, greedy, request.targets),
+            measure(request.cluster, request.policies, request.current, result, request.targets),
+            measure(request.cluster, request.policies, request.current, greedy, request.targets),
         )
         self.problem.lap("compare", mark)
         if worse is not None:

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from reconciler.desired.models import Affinity, ServicePolicy
+from reconciler.desired.models import Affinity, ClusterSpec, ServicePolicy
 from reconciler.placement.base import (
     Anchor,
     PlacementRequest,
@@ -90,6 +90,7 @@ from reconciler.placement.base import (
     SolverStats,
 )
 from reconciler.placement.packing import PackItem, best_fit
+from reconciler.policy.gpu_economics import ranked_gpu_types, ranked_weights
 from reconciler.state import ROLES, DeploymentGroup, GroupRole, NodeInstances, Role
 from reconciler.topology import (
     CLASS_RANK,
@@ -115,6 +116,17 @@ def preference_cost(weights: Mapping[str, float], gpu_type: str) -> int:
     return round(99 * (1.0 - weights.get(gpu_type, 0.0) / best))
 
 
+def role_ranking(
+    policy: ServicePolicy, cluster: ClusterSpec, role: Role
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """``role``'s allowed GPU types in the policy's ranking (by cost at the SLO unless
+    the policy keeps its preference: ``gpu_economics.choose_gpu_types``), and its
+    weights moved onto that ranking, so that new instances go to the first type and
+    scale-in removes the last-ranked first."""
+    order = ranked_gpu_types(policy, cluster, role)
+    return order, ranked_weights(policy.role(role).gpu_types, order)
+
+
 @dataclass(frozen=True)
 class RoleNeed:
     """One role of one service for this cycle."""
@@ -122,7 +134,7 @@ class RoleNeed:
     role: Role
     gpus_per_instance: int
     allowed_types: tuple[str, ...]  # allowed by the policy AND present in the cluster, best first
-    weights: Mapping[str, float]  # the policy's preference weights
+    weights: Mapping[str, float]  # the policy's weights moved onto the ranking
     target: int
     current: int  # instances running now
 
@@ -414,11 +426,12 @@ def prepare(request: PlacementRequest, *, apply_scale_in: bool = True) -> Placem
         for role in ROLES:
             rp = policy.role(role)
             present = set(topology.gpu_types)
+            order, weights = role_ranking(policy, request.cluster, role)
             roles[role] = RoleNeed(
                 role=role,
                 gpus_per_instance=rp.gpus_per_instance,
-                allowed_types=tuple(t for t in rp.preferred_gpu_types() if t in present),
-                weights=dict(rp.gpu_types),
+                allowed_types=tuple(t for t in order if t in present),
+                weights=weights,
                 target=max(0, getattr(targets, role)),
                 current=sum(g.count(role) for g in groups.get(service, ())),
             )

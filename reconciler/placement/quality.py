@@ -16,7 +16,7 @@ policies), so any two placers can be compared on the same request:
   ``unmet_rank_weighted`` weights them as the CP-SAT objective does, by the dense rank
   of the service's priority among the services with a target, plus 1;
 - ``preferred_share_added``: share of the GPUs added this cycle that are on each role's
-  most preferred GPU type; ``preference_cost_added`` charges them as the CP-SAT
+  first-ranked GPU type (``problem.role_ranking``); ``preference_cost_added`` charges them as the CP-SAT
   objective does (``reconciler.placement.problem.preference_cost``: 0 for the most
   preferred type, up to 99 per GPU);
 - ``anchored_groups`` / ``overshoot_gpus``: anchored groups opened for a role growing
@@ -45,11 +45,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reconciler.desired.models import ServicePolicy
+from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.placement.base import PlacementResult
-from reconciler.placement.problem import needed_class_rank, preference_cost
+from reconciler.placement.problem import needed_class_rank, preference_cost, role_ranking
 from reconciler.state import ROLES, DeploymentGroup, FleetState, Targets
-from reconciler.topology import Topology, gpus_per_instance_of, used_gpus
+from reconciler.topology import Topology, gpus_per_instance_of, topology_for, used_gpus
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def group_subgroups(topology: Topology, group: DeploymentGroup) -> set[str]:
 
 
 def measure(
-    topology: Topology,
+    cluster: ClusterSpec,
     policies: Mapping[str, ServicePolicy],
     current: FleetState,
     result: PlacementResult,
@@ -107,6 +107,7 @@ def measure(
     """The measures of ``result`` (placed from ``current``); ``targets``, the
     request's, define the priority ranks of ``unmet_rank_weighted`` (default: every
     service in ``policies``)."""
+    topology = topology_for(cluster)
     before = {(g.service, g.group_id): g for g in current.groups}
     size_of = gpus_per_instance_of(policies)
     in_one = changed = changed_in_one = overflow = spanning = 0
@@ -134,8 +135,9 @@ def measure(
         )
         for role in ROLES:
             size = policy.role(role).gpus_per_instance
-            best = policy.role(role).preferred_gpu_types()[0]
-            unit_cost = preference_cost(policy.role(role).gpu_types, group.role(role).gpu_type)
+            order, weights = role_ranking(policy, cluster, role)
+            best = order[0] if order else group.role(role).gpu_type
+            unit_cost = preference_cost(weights, group.role(role).gpu_type)
             old_nodes = {p.node: p.instances for p in old.role(role).nodes} if old else {}
             for placed in group.role(role).nodes:
                 index = topology.node_index.get(placed.node)

@@ -67,28 +67,22 @@ in ``PolicyHistory.planner``.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
+from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
-from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
-    ENGINE_LENGTH_BOUNDS,
     LatencyCorrection,
     RequestMix,
     RoleCapacities,
     bucket_side,
-    cached_on,
-    clear_layouts,
     implied_decode_factor,
     implied_prefill_factor,
     predicted_ttft_side,
-    role_capacities,
     transfer_s_per_token,
 )
 from reconciler.policy.clamps import ceil_count
@@ -110,6 +104,20 @@ from reconciler.policy.forecast import (
     quantile_linear,
     sizing_demand,
     update,
+)
+from reconciler.policy.gpu_economics import (
+    choose_gpu_types,
+    clear_choice_caches,
+    perf_context,
+    perf_variant,
+    ranked_gpu_types,
+)
+from reconciler.policy.perf_context import (
+    PerfContext,
+    capacities_for,
+    clear_capacity_caches,
+    declared_mix,
+    fitting_perfs,
 )
 from reconciler.state import LengthBuckets, Role, Sample, ServiceFleet, ServiceMetrics
 
@@ -138,8 +146,6 @@ DRAIN_S = METRICS_WINDOW_S
 # the prefill count by up to ~5 % (the example services' shapes); the entry of the
 # first mix seen is the one used. The correction's factors are rounded to 0.001: half
 # of that moves either capacity by under 0.07 %, far below the model's 3-4 % fit error.
-_MIX_SHARE_STEP = 0.005
-_CACHE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -300,56 +306,6 @@ class KeptCapacity:
         return quantile_linear(self.errors, quantile)
 
 
-@dataclass(frozen=True)
-class PerfContext:
-    """The performance model of one service's instances in its cluster."""
-
-    prefill: InstancePerf
-    decode: InstancePerf
-    link_gbps: float  # KV transfer inside one RDMA subgroup (a group's link)
-
-
-_perf_cache: dict[tuple[int, int], tuple[ServicePolicy, ClusterSpec, PerfContext | None]] = {}
-
-
-def perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | None:
-    """Each role's most preferred allowed GPU type that exists in the cluster and fits
-    the model; None when a role has none. Cached per (policy, cluster) object: hashing
-    a whole cluster model every cycle would cost more than the decision."""
-    key = (id(policy), id(cluster))
-    hit = _perf_cache.get(key)
-    if hit is not None and hit[0] is policy and hit[1] is cluster:
-        return hit[2]
-    context = _perf_context(policy, cluster)
-    if len(_perf_cache) > 4096:
-        _perf_cache.clear()
-    _perf_cache[key] = (policy, cluster, context)
-    return context
-
-
-def fitting_perfs(policy: ServicePolicy, cluster: ClusterSpec, role: Role) -> list[InstancePerf]:
-    """The performance model of each GPU type ``role`` allows that exists in the
-    cluster and fits the model, in the policy's preference order."""
-    role_policy = policy.role(role)
-    out: list[InstancePerf] = []
-    for gpu_type in role_policy.preferred_gpu_types():
-        gpu = cluster.gpu_types.get(gpu_type)
-        if gpu is None:
-            continue
-        perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
-        if perf.fits:
-            out.append(perf)
-    return out
-
-
-def _perf_context(policy: ServicePolicy, cluster: ClusterSpec) -> PerfContext | None:
-    prefill = fitting_perfs(policy, cluster, "prefill")
-    decode = fitting_perfs(policy, cluster, "decode")
-    if not prefill or not decode:
-        return None
-    return PerfContext(prefill[0], decode[0], cluster.network.rdma_gbps)
-
-
 def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float]:
     """The forecaster's settings for a policy, and each role's horizon: start-up, plus
     one cycle until the decision, plus the metrics window until the load shows. The
@@ -388,89 +344,8 @@ def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> Reques
     )
 
 
-@lru_cache(maxsize=256)
-def declared_mix(shape: RequestShape) -> RequestMix:
-    """A policy's declared typical request as a mix (every request at the declared
-    means, binned as the engines bin lengths): the planner's last fallback."""
-    return RequestMix.from_samples(
-        [float(shape.prompt_tokens)], [float(shape.output_tokens)], ENGINE_LENGTH_BOUNDS
-    )
-
-
 def _usable(buckets: LengthBuckets | None, now_s: float, max_age_s: float) -> bool:
     return buckets is not None and buckets.is_usable(now_s, max_age_s)
-
-
-def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mix as bucket shares rounded to ``_MIX_SHARE_STEP``: mixes that differ by
-    less share one cached capacity (far below what moves an instance count)."""
-
-    def shares(counts: tuple[float, ...]) -> tuple[float, ...]:
-        total = sum(counts) or 1.0
-        return tuple(round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts)
-
-    return (
-        mix.prompt.bounds + shares(mix.prompt.counts),
-        mix.output.bounds + shares(mix.output.counts),
-    )
-
-
-# Each entry holds its PerfContext: while it does, the context's id in the key cannot
-# be reused by another context (``perf_context``'s cache may drop contexts).
-_capacity_cache: OrderedDict[tuple[object, ...], tuple[PerfContext, RoleCapacities]] = OrderedDict()
-
-
-def capacities_for(
-    policy: ServicePolicy,
-    perf: PerfContext,
-    mix: RequestMix,
-    instances_hint: int,
-    correction: LatencyCorrection,
-) -> RoleCapacities:
-    """``capacity.role_capacities`` for the policy's SLO, cached per quantised mix,
-    instance count and correction (a decision must stay cheap at 1,000 services)."""
-    key = (
-        policy.slo.ttft_ms,
-        policy.slo.tbt_ms,
-        policy.slo.quantile,
-        policy.slo.attainment_goal,
-        id(perf),
-        cached_on(mix, "capacity key", lambda: _mix_key(mix)),
-        instances_hint,
-        round(correction.prefill, 3),
-        round(correction.decode, 3),
-    )
-    cached = _capacity_cache.get(key)
-    if cached is not None:
-        _capacity_cache.move_to_end(key)
-        return cached[1]
-    result = role_capacities(
-        perf.prefill,
-        perf.decode,
-        mix,
-        ttft_slo_s=policy.slo.ttft_ms / 1000.0,
-        tbt_slo_s=policy.slo.tbt_ms / 1000.0,
-        quantile=policy.slo.quantile,
-        link_gbps=perf.link_gbps,
-        prefill_instances_hint=max(1, instances_hint),
-        correction=correction,
-        # Each request is judged on its own TTFT, and the goal is the share that meets
-        # it: prefill sizes for that share, not for the SLO quantile the TTFT
-        # histogram reports (which the latency correction compares against).
-        ttft_share=policy.slo.attainment_goal,
-    )
-    _capacity_cache[key] = (perf, result)
-    if len(_capacity_cache) > _CACHE_SIZE:
-        _capacity_cache.popitem(last=False)
-    return result
-
-
-def clear_caches() -> None:
-    """Forget every cached performance context, capacity and mix layout: the state
-    after a start (what a benchmark's cold call measures)."""
-    _perf_cache.clear()
-    _capacity_cache.clear()
-    clear_layouts()
 
 
 def _sized_demand(
@@ -516,6 +391,13 @@ def _sized_demand(
     return sized + demand.drain_tps, how + drain, kept
 
 
+def clear_caches() -> None:
+    """Forget every cached ranking, performance context, capacity and mix layout: the
+    state after a start (what a benchmark's cold call measures)."""
+    clear_choice_caches()
+    clear_capacity_caches()
+
+
 def plan_decide(
     policy: ServicePolicy,
     fleet: ServiceFleet,
@@ -523,8 +405,14 @@ def plan_decide(
     history: PolicyHistory,
     now_s: float,
     perf: PerfContext | None,
+    notes: tuple[str, ...] = (),
+    held: Mapping[Role, tuple[HeldInstances, ...]] | None = None,
 ) -> Decision:
-    """The planner's decision for one service at ``now_s`` (module docstring)."""
+    """The planner's decision for one service at ``now_s`` (module docstring);
+    ``notes`` lead its message (the GPU-type choice, when cost moved it); ``held``,
+    per role whose instances do not all run on ``perf``'s type, the instances per
+    type in the ranking's order (``held_instances``)."""
+    held = held or {}
     n = policy_numbers(policy)
     current = [
         fleet.prefill.ready + fleet.prefill.starting,
@@ -535,7 +423,7 @@ def plan_decide(
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
     memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
     clamps: list[Clamp] = []
-    parts: list[str] = []
+    parts: list[str] = list(notes)
 
     # 1. Signals.
     for name in ("prefill_tps", "decode_tps"):
@@ -621,8 +509,20 @@ def plan_decide(
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
         steady_since_s = now_s
     if perf is not None and mix is not None:
+        # The correction learns the model of the type the planner sizes with: the
+        # latency of a fleet spread over several types says nothing clean about it.
+        one_type = [role not in held for role in ("prefill", "decode")]
         correction = _corrected(
-            correction, policy, perf, mix, metrics, ready, starting, steady_since_s, now_s
+            correction,
+            policy,
+            perf,
+            mix,
+            metrics,
+            ready,
+            starting,
+            steady_since_s,
+            now_s,
+            one_type,
         )
         caps = capacities_for(policy, perf, mix, current[0], correction)
     memory = PlannerMemory(
@@ -655,6 +555,7 @@ def plan_decide(
         )
 
     wants = [0, 0]
+    sized_tps = [prefill_demand, decode_demand]  # what each role's count serves
     unattainable_share = 0.0
     if override_prefill is not None:
         wants[0], text = _count_for_demand(
@@ -662,12 +563,12 @@ def plan_decide(
         )
     else:
         assert caps is not None and perf is not None and mix is not None
-        attainable_tps = caps.prefill.demand_tps(perf.prefill, mix, prefill_demand)
+        sized_tps[0] = caps.prefill.demand_tps(perf.prefill, mix, prefill_demand)
         wants[0], text = _count_for_demand(
             "prefill",
             prefill_how,
             prefill_demand,
-            attainable_tps,
+            sized_tps[0],
             caps.prefill_tps_per_instance,
             override=False,
         )
@@ -690,6 +591,24 @@ def plan_decide(
     if caps is not None:
         parts.append(caps.explain())
         unattainable_share = caps.prefill.unattainable.share
+    # 4b. Instances on another type than the first-ranked count at their own capacity.
+    role_overrides: tuple[tuple[int, Role, float | None], ...] = (
+        (0, "prefill", override_prefill),
+        (1, "decode", override_decode),
+    )
+    for ri, mixed_role, override in role_overrides:
+        if mixed_role in held and override is None and caps is not None and mix is not None:
+            wants[ri], text = _count_on_types(
+                policy,
+                mixed_role,
+                held[mixed_role],
+                sized_tps[ri],
+                caps,
+                mix,
+                current[0],
+                correction,
+            )
+            parts.append(text)
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     fired: list[str | None] = [None, None]
@@ -789,6 +708,92 @@ def _count_for_demand(
     return count, f"{role} {how} = {demand_tps:.0f} {tokens} tokens/s / {per_instance} -> {count}"
 
 
+@dataclass(frozen=True)
+class HeldInstances:
+    """A role's placed instances on one GPU type, and that type's model (None: the
+    type no longer fits or is no longer allowed, so it counts as no capacity)."""
+
+    gpu_type: str
+    instances: int
+    perf: PerfContext | None
+
+
+def held_instances(
+    policy: ServicePolicy, cluster: ClusterSpec, fleet: ServiceFleet, perf: PerfContext
+) -> dict[Role, tuple[HeldInstances, ...]]:
+    """Per role whose placed instances are not all on the type ``perf`` sizes with:
+    its instances per type, in the order placement keeps them (the ranking, first
+    kept longest; types outside it last). Roles all on that type are left out."""
+    out: dict[Role, tuple[HeldInstances, ...]] = {}
+    for role in ("prefill", "decode"):
+        by_type = dict(fleet.role(role).by_type)
+        first = perf.prefill.gpu_type if role == "prefill" else perf.decode.gpu_type
+        if not by_type or set(by_type) == {first}:
+            continue
+        order = ranked_gpu_types(policy, cluster, role)
+        keep = [t for t in order if t in by_type] + sorted(t for t in by_type if t not in order)
+        out[role] = tuple(
+            HeldInstances(t, by_type[t], perf_variant(policy, cluster, role, t)) for t in keep
+        )
+    return out
+
+
+def count_on_types(needed_tps: float, first_tps: float, held: list[tuple[int, float]]) -> int:
+    """The fewest instances whose capacity covers ``needed_tps`` when placement keeps
+    the ``held`` ones ((instances, tokens/s each), in the order it keeps them) and adds
+    new ones at ``first_tps`` each: a fleet on a weaker type is never cut to the count
+    the first type would need, and one on a stronger type is not grown for nothing."""
+    capacity = 0.0
+    count = 0
+    for instances, tps_each in held:
+        if capacity >= needed_tps or tps_each <= 0:
+            break
+        take = min(instances, ceil_count((needed_tps - capacity) / tps_each))
+        capacity += take * tps_each
+        count += take
+        if take < instances:
+            return count
+    if capacity >= needed_tps or first_tps <= 0:
+        return count
+    return count + ceil_count((needed_tps - capacity) / first_tps)
+
+
+def _count_on_types(
+    policy: ServicePolicy,
+    role: Role,
+    held: tuple[HeldInstances, ...],
+    needed_tps: float,
+    caps: RoleCapacities,
+    mix: RequestMix,
+    prefill_hint: int,
+    correction: LatencyCorrection,
+) -> tuple[int, str]:
+    """``count_on_types`` for ``role`` with each held type's capacity from the model,
+    and the line saying so."""
+
+    def tps_of(context: PerfContext | None) -> float:
+        if context is None:
+            return 0.0
+        other = capacities_for(policy, context, mix, prefill_hint, correction)
+        return (
+            other.prefill_tps_per_instance if role == "prefill" else other.decode_tps_per_instance
+        )
+
+    first_tps = caps.prefill_tps_per_instance if role == "prefill" else caps.decode_tps_per_instance
+    sized = [(h.instances, tps_of(h.perf)) for h in held]
+    count = count_on_types(needed_tps, first_tps, sized)
+    on = ", ".join(
+        f"{h.instances} on {h.gpu_type} at {tps:.0f}"
+        for h, (_, tps) in zip(held, sized, strict=True)
+    )
+    tokens = "prompt" if role == "prefill" else "output"
+    return count, (
+        f"{role} runs on several GPU types ({on} {tokens} tokens/s each, kept in that "
+        f"order; new instances on the first-ranked): {needed_tps:.0f} {tokens} tokens/s "
+        f"-> {count}"
+    )
+
+
 def decode_settled(
     policy: ServicePolicy, mix: RequestMix, steady_since_s: float, now_s: float
 ) -> bool:
@@ -814,10 +819,12 @@ def _corrected(
     starting: list[int],
     decode_steady_since_s: float,
     now_s: float,
+    one_type: list[bool],
 ) -> LatencyCorrection:
     """The correction updated from this cycle's latency, in steady state only (module
-    docstring, step 3): no instance of the role starting, and load at or below the
-    capacity the model (as corrected so far) gives it."""
+    docstring, step 3): no instance of the role starting, all of them on the type the
+    model is of (``one_type``, per role), and load at or below the capacity the model
+    (as corrected so far) gives it."""
     slo = policy.slo
     caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
     tbt, ttft = metrics.tbt, metrics.ttft
@@ -825,6 +832,7 @@ def _corrected(
     prefill_tps = metrics.prefill_tps.value if metrics.prefill_tps else math.nan
     if (
         tbt is not None
+        and one_type[1]
         and ready[1] > 0
         and starting[1] == 0
         and decode_settled(policy, mix, decode_steady_since_s, now_s)
@@ -842,7 +850,7 @@ def _corrected(
                 ),
             )
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
-    if ttft is not None and ready[0] > 0 and starting[0] == 0 and attainable_tail:
+    if ttft is not None and one_type[0] and ready[0] > 0 and starting[0] == 0 and attainable_tail:
         per_instance = prefill_tps / ready[0]
         if 0 < per_instance <= caps.prefill_tps_per_instance:
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
@@ -923,21 +931,30 @@ class PlannerAutoscaler:
     def decide(self, inputs: DecisionInput) -> Decision:
         """Sized from the cluster's performance model; without a cluster, only from
         the policy's own targets (else it holds)."""
-        perf = perf_context(inputs.policy, inputs.cluster) if inputs.cluster else None
+        policy, cluster, fleet = inputs.policy, inputs.cluster, inputs.fleet
+        perf = perf_context(policy, cluster) if cluster is not None else None
+        if cluster is None or perf is None:
+            return plan_decide(policy, fleet, inputs.metrics, inputs.history, inputs.now_s, perf)
+        notes = tuple(c.reason for c in choose_gpu_types(policy, cluster) if c.by_cost)
+        held = held_instances(policy, cluster, fleet, perf)
         return plan_decide(
-            inputs.policy, inputs.fleet, inputs.metrics, inputs.history, inputs.now_s, perf
+            policy, fleet, inputs.metrics, inputs.history, inputs.now_s, perf, notes, held
         )
 
 
 __all__ = [
     "MIN_HEADROOM",
+    "HeldInstances",
     "PerfContext",
     "PlannerAutoscaler",
     "PlannerMemory",
     "capacities_for",
     "clear_caches",
+    "count_on_types",
+    "declared_mix",
     "fitting_perfs",
     "forecast_config",
+    "held_instances",
     "perf_context",
     "plan_decide",
 ]

@@ -816,9 +816,13 @@ def gpu_type_economics(
     (``reconciler.policy.gpu_economics``): a preference that costs more per token than
     another allowed type is reported."""
     policy = state.policies[service]
-    mix = engine_mix(pool)
+    cluster = state.clusters[policy.cluster]
     return role_economics(
-        policy, state.clusters[policy.cluster], mix, prefill_instances=max(1, sweep.best.prefill)
+        policy,
+        cluster,
+        engine_mix(pool),
+        prefill_instances=max(1, sweep.best.prefill),
+        running=perf_context(policy, cluster),
     )
 
 

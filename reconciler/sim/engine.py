@@ -137,7 +137,7 @@ import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -151,6 +151,7 @@ from reconciler.perfmodel.instance import (
 )
 from reconciler.perfmodel.queueing import ggc_wait_s
 from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS
+from reconciler.policy.gpu_economics import ranked_gpu_types
 from reconciler.sim.generations import (
     SLOT_COLUMNS,
     DecodeGenerations,
@@ -168,7 +169,7 @@ from reconciler.sim.workload import (
     rate_curve,
     synthetic_workload,
 )
-from reconciler.state import METRIC_NAMES
+from reconciler.state import METRIC_NAMES, Role
 
 LINKS: tuple[str, str] = ("rdma", "cross")
 
@@ -727,18 +728,19 @@ class ServiceSim:
     """The per-second fluid state of one service (see the module docstring)."""
 
     def _role_perfs(self, role: str) -> list[tuple[str, InstancePerf]]:
-        """Instance performance on each allowed GPU type of a role, most preferred
-        first; types missing from the cluster, or too small for the model, are noted."""
+        """Instance performance on each allowed GPU type of a role, in the policy's
+        ranking (``gpu_economics.ranked_gpu_types``: the first is what new instances
+        run on); types missing from the cluster, or too small for the model, are noted."""
         policy, cluster = self.policy, self.cluster
         role_policy = policy.role(role)
-        out: list[tuple[str, InstancePerf]] = []
         for gpu_type in role_policy.preferred_gpu_types():
-            gpu = cluster.gpu_types.get(gpu_type)
-            if gpu is None:
+            if gpu_type not in cluster.gpu_types:
                 self.notes.append(
                     f"{policy.name}: {role} GPU type '{gpu_type}' is not in cluster {cluster.name}"
                 )
-                continue
+        out: list[tuple[str, InstancePerf]] = []
+        for gpu_type in ranked_gpu_types(policy, cluster, cast(Role, role)):
+            gpu = cluster.gpu_types[gpu_type]
             perf = instance_perf(
                 policy.model,
                 gpu_type,

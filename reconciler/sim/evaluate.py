@@ -70,6 +70,7 @@ from reconciler.perfmodel.instance import instance_perf
 from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy.base import Autoscaler, Decision, DecisionInput, PolicyHistory
+from reconciler.policy.gpu_economics import ranked_gpu_types
 from reconciler.sim.engine import (
     LoadProfile,
     RequestOutcomes,
@@ -233,7 +234,8 @@ def policy_labels(names: Sequence[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Capacity:
-    """Per-instance tokens/s of each role at SLO, on the most preferred GPU type."""
+    """Per-instance tokens/s of each role at SLO, on its first-ranked GPU type
+    (``gpu_economics.ranked_gpu_types``)."""
 
     prefill_tps: float
     decode_tps: float
@@ -243,8 +245,8 @@ class Capacity:
 
 def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfile) -> Capacity:
     cluster = state.clusters[policy.cluster]
-    prefill_type = next(t for t in policy.prefill.preferred_gpu_types() if t in cluster.gpu_types)
-    decode_type = next(t for t in policy.decode.preferred_gpu_types() if t in cluster.gpu_types)
+    prefill_type = ranked_gpu_types(policy, cluster, "prefill")[0]
+    decode_type = ranked_gpu_types(policy, cluster, "decode")[0]
     prefill = instance_perf(
         policy.model,
         prefill_type,

@@ -81,6 +81,23 @@ def test_a_reference_to_an_unknown_gpu_type_is_located(example_repo: Path) -> No
     assert "decode.gpu_types.h100: unknown GPU type in cluster 'prod-east' 'h100'" in message
 
 
+def test_a_pinned_gpu_type_without_a_node_in_the_cluster_is_located(example_repo: Path) -> None:
+    """A type the catalogue knows but no node has: a role pinned to it never places."""
+    edit(
+        example_repo / "clusters/prod-east.yaml",
+        "  l20:\n",
+        "  b200:\n    memory_gib: 192\n    bf16_tflops: 2250\n    memory_bandwidth_gbps: 8000\n"
+        "    interconnect: nvlink-1800\n    cost_per_hour: 5.0\n  l20:\n",
+    )
+    svc_b = example_repo / "policies/svc-b.yaml"
+    edit(svc_b, "gpu_types: {h800: 1.0}", "gpu_types: {b200: 1.0}")
+    line = line_of(svc_b, "gpu_types: {b200: 1.0}")
+    assert problems(example_repo) == [
+        f"policies/svc-b.yaml:{line}:3: prefill.gpu_types: no node of cluster 'prod-east' has "
+        "GPU type 'b200': the prefill role can never be placed"
+    ]
+
+
 def test_an_instance_larger_than_every_node_of_its_type_is_located(example_repo: Path) -> None:
     """Checked against each GPU type's largest node, indexed once per cluster."""
     edit(example_repo / "clusters/prod-east.yaml", "gpus_per_node: 8", "gpus_per_node: 2")

@@ -24,13 +24,12 @@ from reconciler.placement.quality import (
     objective_terms,
     worse_than,
 )
-from reconciler.topology import topology_for
 
 HOMOGENEOUS = {"prefill": (1, {"h800": 1.0}), "decode": (1, {"h800": 1.0})}
 
 
 def measured(req, result) -> PlacementQuality:
-    return measure(topology_for(req.cluster), req.policies, req.current, result, req.targets)
+    return measure(req.cluster, req.policies, req.current, result, req.targets)
 
 
 def both(req):

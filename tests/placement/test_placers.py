@@ -525,3 +525,21 @@ def test_greedy_ignores_rebalance_and_says_so(spec):
     )
     assert result.groups == (stuck,)
     assert any("allow_rebalance ignored" in n for n in result.stats.notes)
+
+
+def test_example_fleet_puts_new_instances_on_the_type_ranked_first(repo_root):
+    """Placement reads the policy's ranking (``gpu_economics.ranked_gpu_types``): chat's
+    decode kept on H20 by preference lands there; ranked by cost, on H800."""
+    from reconciler.desired import load_desired_state
+
+    state = load_desired_state(repo_root)
+    spec = state.clusters["prod-east"]
+    chat = state.policies["chat"]
+    by_cost = chat.model_copy(
+        update={"decode": chat.decode.model_copy(update={"gpu_choice": "cost"})}
+    )
+    for placer in PLACERS:
+        for pol, decode_type in ((chat, "h20"), (by_cost, "h800")):
+            result = place(placer, request(spec, [pol], {"chat": (4, 12)}))
+            assert not result.shortfalls
+            assert {g.decode.gpu_type for g in result.groups} == {decode_type}, placer.name

@@ -1,0 +1,145 @@
+"""The performance model of a service's instances, and their capacity at its SLO.
+
+The pieces the planner sizes with and the GPU-type choice prices with
+(``gpu_economics``): one derivation, so the capacity that ranks the types is the one
+the planner sizes the chosen type with. Pure; the caches keep a decision cheap at
+1,000 services (``clear_caches`` forgets them).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
+from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.policy.capacity import (
+    ENGINE_LENGTH_BOUNDS,
+    LatencyCorrection,
+    RequestMix,
+    RoleCapacities,
+    cached_on,
+    clear_layouts,
+    role_capacities,
+)
+from reconciler.state import Role
+
+# Mixes whose bucket shares differ by less than this share one cached capacity.
+_MIX_SHARE_STEP = 0.005
+_CACHE_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class PerfContext:
+    """The performance model of one service's instances in its cluster."""
+
+    prefill: InstancePerf
+    decode: InstancePerf
+    link_gbps: float  # KV transfer inside one RDMA subgroup (a group's link)
+
+
+def fitting_perfs(
+    policy: ServicePolicy, cluster: ClusterSpec, role: Role, order: Sequence[str] | None = None
+) -> list[InstancePerf]:
+    """The performance model of each GPU type ``role`` allows that exists in the
+    cluster and fits the model, in ``order`` (default: the policy's preference order)."""
+    role_policy = policy.role(role)
+    out: list[InstancePerf] = []
+    for gpu_type in role_policy.preferred_gpu_types() if order is None else order:
+        gpu = cluster.gpu_types.get(gpu_type)
+        if gpu is None or gpu_type not in role_policy.gpu_types:
+            continue
+        perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
+        if perf.fits:
+            out.append(perf)
+    return out
+
+
+@lru_cache(maxsize=256)
+def declared_mix(shape: RequestShape) -> RequestMix:
+    """A policy's declared typical request as a mix (every request at the declared
+    means, binned as the engines bin lengths): the planner's last fallback."""
+    return RequestMix.from_samples(
+        [float(shape.prompt_tokens)], [float(shape.output_tokens)], ENGINE_LENGTH_BOUNDS
+    )
+
+
+def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mix as bucket shares rounded to ``_MIX_SHARE_STEP``: mixes that differ by
+    less share one cached capacity (far below what moves an instance count)."""
+
+    def shares(counts: tuple[float, ...]) -> tuple[float, ...]:
+        total = sum(counts) or 1.0
+        return tuple(round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts)
+
+    return (
+        mix.prompt.bounds + shares(mix.prompt.counts),
+        mix.output.bounds + shares(mix.output.counts),
+    )
+
+
+# Each entry holds its PerfContext: while it does, the context's id in the key cannot
+# be reused by another context (``gpu_economics.perf_context``'s cache may drop contexts).
+_capacity_cache: OrderedDict[tuple[object, ...], tuple[PerfContext, RoleCapacities]] = OrderedDict()
+
+
+def capacities_for(
+    policy: ServicePolicy,
+    perf: PerfContext,
+    mix: RequestMix,
+    instances_hint: int,
+    correction: LatencyCorrection,
+) -> RoleCapacities:
+    """``capacity.role_capacities`` for the policy's SLO, cached per quantised mix,
+    instance count and correction (a decision must stay cheap at 1,000 services)."""
+    key = (
+        policy.slo.ttft_ms,
+        policy.slo.tbt_ms,
+        policy.slo.quantile,
+        policy.slo.attainment_goal,
+        id(perf),
+        cached_on(mix, "capacity key", lambda: _mix_key(mix)),
+        instances_hint,
+        round(correction.prefill, 3),
+        round(correction.decode, 3),
+    )
+    cached = _capacity_cache.get(key)
+    if cached is not None:
+        _capacity_cache.move_to_end(key)
+        return cached[1]
+    result = role_capacities(
+        perf.prefill,
+        perf.decode,
+        mix,
+        ttft_slo_s=policy.slo.ttft_ms / 1000.0,
+        tbt_slo_s=policy.slo.tbt_ms / 1000.0,
+        quantile=policy.slo.quantile,
+        link_gbps=perf.link_gbps,
+        prefill_instances_hint=max(1, instances_hint),
+        correction=correction,
+        # Each request is judged on its own TTFT, and the goal is the share that meets
+        # it: prefill sizes for that share, not for the SLO quantile the TTFT
+        # histogram reports (which the latency correction compares against).
+        ttft_share=policy.slo.attainment_goal,
+    )
+    _capacity_cache[key] = (perf, result)
+    if len(_capacity_cache) > _CACHE_SIZE:
+        _capacity_cache.popitem(last=False)
+    return result
+
+
+def clear_capacity_caches() -> None:
+    """Forget every cached capacity and mix layout."""
+    _capacity_cache.clear()
+    clear_layouts()
+
+
+__all__ = [
+    "PerfContext",
+    "capacities_for",
+    "clear_capacity_caches",
+    "declared_mix",
+    "fitting_perfs",
+]
