@@ -10,7 +10,8 @@ report of what it did.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from reconciler.apply.report import summarise_drift
 from reconciler.cost import CostChange, money
@@ -63,18 +64,22 @@ def _cost_unknown_because(total: CostChange) -> str:
     return "; ".join(sorted(reasons))
 
 
+_COST_COLUMNS: tuple[Column[tuple[str, CostChange]], ...] = (
+    Column("service", lambda row: row[0], "left"),
+    Column("now", lambda row: money(row[1].current.amount)),
+    Column("", lambda _row: "->", "left"),
+    Column("planned", lambda row: money(row[1].planned.amount)),
+    Column("change", lambda row: money(row[1].delta, signed=True)),
+)
+
+
 def _cost_lines(outcome: ClusterOutcome) -> list[str]:
     rows = _cost_rows(outcome)
     if not rows:
         return []
     total = rows[-1][1]
-    width = max(len(name) for name, _change in rows)
     out = [f"  cost per hour ({total.current.currency}), now -> planned:"]
-    for name, change in rows:
-        out.append(
-            f"    {name:<{width}}  {money(change.current.amount):>10} -> "
-            f"{money(change.planned.amount):>10}  {money(change.delta, signed=True)}"
-        )
+    out.extend(f"    {line}" for line in plain_lines(_COST_COLUMNS, rows, header=False))
     why = _cost_unknown_because(total)
     if why:
         out.append(f"    unknown: {why} (cost_per_hour in the cluster file)")
@@ -131,15 +136,41 @@ def _verb(outcome: ClusterOutcome) -> str:
     return "dry run"
 
 
+class ClusterLike(Protocol):
+    """A cluster's part of a text report (``ClusterOutcome``, ``status``'s
+    ``ClusterStatus``): what ``cluster_sections`` reads of it."""
+
+    @property
+    def cluster(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+Cluster = TypeVar("Cluster", bound=ClusterLike)
+
+
+def cluster_sections(
+    out: list[str], desired_error: str | None, clusters: Iterable[Cluster]
+) -> Iterator[Cluster]:
+    """The frame of the text reports (``plan``/``apply``, ``status``), written to
+    ``out``: the desired-state error, then per cluster a blank line and, when it failed
+    or was skipped, the line saying why. Yields the other clusters, for the caller to
+    write their part."""
+    if desired_error:
+        out.append(f"! {desired_error}")
+    for cluster in clusters:
+        out.append("")
+        if cluster.outcome in ("error", "skipped"):
+            out.append(f"cluster {cluster.cluster}: {cluster.outcome.upper()}: {cluster.error}")
+            continue
+        yield cluster
+
+
 def format_text(result: CycleResult, *, title: str) -> str:
     out = [title]
-    if result.desired_error:
-        out.append(f"! {result.desired_error}")
-    for outcome in result.clusters:
-        out.append("")
-        if outcome.outcome in ("error", "skipped"):
-            out.append(f"cluster {outcome.cluster}: {outcome.outcome.upper()}: {outcome.error}")
-            continue
+    for outcome in cluster_sections(out, result.desired_error, result.clusters):
         plan = outcome.plan
         assert plan is not None
         mode = f", {outcome.diff.mode}" if outcome.diff is not None else ""

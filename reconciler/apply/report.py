@@ -8,7 +8,7 @@ object ``done``), so the two read the same way line for line.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from reconciler.apply.fields import FieldChange
@@ -94,18 +94,12 @@ class ObjectDiff:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """Every field, in order; the tuples as lists."""
         return {
-            "key": self.key,
-            "service": self.service,
-            "group_id": self.group_id,
-            "role": self.role,
-            "action": self.action,
-            "replicas_before": self.replicas_before,
-            "replicas_after": self.replicas_after,
-            "fields": [{"path": f.path, "before": f.before, "after": f.after} for f in self.fields],
-            "pods": [{"action": p.action, "pod": p.pod, "detail": p.detail} for p in self.pods],
+            **asdict(self),
+            "fields": [asdict(f) for f in self.fields],
+            "pods": [asdict(p) for p in self.pods],
             "notes": list(self.notes),
-            "summary": self.summary,
         }
 
 

@@ -448,20 +448,12 @@ def execute(
             return result
         rv = latest.get(step.key, step.resource_version)
         try:
-            new_rv = _write(client, step, rv, field_manager=field_manager, now_s=now_s)
+            new_rv = _write_past_status(
+                client, step, rv, saved.observed, field_manager=field_manager, now_s=now_s
+            )
         except ResourceConflict as exc:
-            moved = _status_only(client, step, saved.observed)
-            if moved is None:
-                result.refused = f"{step}: {_conflict_reason(step, exc)}"
-                return result
-            try:
-                new_rv = _write(client, step, moved, field_manager=field_manager, now_s=now_s)
-            except ResourceConflict as again:
-                result.refused = f"{step}: {_conflict_reason(step, again)}"
-                return result
-            except NotFound:
-                result.refused = f"{step}: vanished since the plan"
-                return result
+            result.refused = f"{step}: {_conflict_reason(step, exc)}"
+            return result
         except FieldOwnershipConflict as exc:
             result.refused = f"{step}: changed by another field manager ({'; '.join(exc.conflicts) or exc.api_message})"
             return result
@@ -472,6 +464,26 @@ def execute(
             latest[step.key] = new_rv
         result.done.append(str(step))
     return result
+
+
+def _write_past_status(
+    client: KubeClient,
+    step: WriteStep,
+    rv: str | None,
+    observed: Observed,
+    *,
+    field_manager: str,
+    now_s: float,
+) -> str | None:
+    """``_write`` at ``rv``; when the precondition fails only because the Deployment's
+    status moved (``_status_only``), once more at its fresh resourceVersion."""
+    try:
+        return _write(client, step, rv, field_manager=field_manager, now_s=now_s)
+    except ResourceConflict:
+        moved = _status_only(client, step, observed)
+        if moved is None:
+            raise
+    return _write(client, step, moved, field_manager=field_manager, now_s=now_s)
 
 
 def _conflict_reason(step: WriteStep, exc: ResourceConflict) -> str:

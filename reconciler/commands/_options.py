@@ -1,11 +1,14 @@
-"""What several commands share, defined once so it reads alike everywhere: options,
-the consoles, how invalid input is reported, and the repository-path check.
+"""What several commands share, defined once so it reads alike everywhere: options
+(and ``option_group``, for options several commands take together), the consoles, how invalid input is reported, and the repository-path check.
 
 Light on purpose: the command line imports it before knowing which command runs.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -198,6 +201,42 @@ PlotOpt = Annotated[
 ]
 
 
+Command = Callable[..., None]
+
+
+def option_group(
+    param: str, build: Callable[..., Any], **fixed: Any
+) -> Callable[[Command], Command]:
+    """A command taking ``param`` offers, in its place, the options ``build`` takes
+    (all but those ``fixed`` to a value), and is called with what ``build`` makes of
+    them. Typer reads a command's options from its signature: the wrapper's is the
+    command's, ``build``'s options spliced in where ``param`` stands."""
+    shared = [
+        p
+        for p in inspect.signature(build, eval_str=True).parameters.values()
+        if p.name not in fixed
+    ]
+
+    def decorate(command: Command) -> Command:
+        own = inspect.signature(command, eval_str=True)
+        params = list(own.parameters.values())
+        at = [p.name for p in params].index(param)
+        params[at : at + 1] = shared
+        # Typer passes every parameter by name.
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+
+        @functools.wraps(command)
+        def with_group(**kwargs: Any) -> None:
+            options = {p.name: kwargs.pop(p.name) for p in shared}
+            command(**{param: build(**options, **fixed)}, **kwargs)
+
+        with_group.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        with_group.__annotations__ = {p.name: p.annotation for p in params}
+        return with_group
+
+    return decorate
+
+
 def checked_placer(placer: str) -> str:
     """``placer`` if it is one of ``PLACERS``; a usage error (exit 2) naming them
     otherwise."""
@@ -238,6 +277,7 @@ __all__ = [
     "PLACERS",
     "AutoscalerOpt",
     "ClusterOpt",
+    "Command",
     "DecisionIntervalOpt",
     "DiffModeOpt",
     "DiurnalHoursOpt",
@@ -263,6 +303,7 @@ __all__ = [
     "checked_repository",
     "console",
     "err_console",
+    "option_group",
     "report_config_error",
     "without_flag_types",
 ]

@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -37,6 +37,7 @@ from reconciler.commands._options import (
     DEFAULT_LEASE_NAMESPACE,
     AutoscalerOpt,
     ClusterOpt,
+    Command,
     DiffModeOpt,
     DiurnalHoursOpt,
     DrainWindowOpt,
@@ -60,6 +61,7 @@ from reconciler.commands._options import (
     checked_repository,
     console,
     err_console,
+    option_group,
     report_config_error,
 )
 from reconciler.errors import ConfigError, MetricsUnavailable
@@ -244,33 +246,28 @@ def _check_autoscaler(autoscaler: str) -> None:
 
 
 def _settings(
-    repo: Path,
-    rev: str | None,
-    kubeconfig: str | None,
-    simulate: bool,
-    clusters: list[str] | None,
-    placer: str,
-    autoscaler: str,
-    prometheus_url: str | None,
-    force: bool,
-    drain_window: float,
-    diff_mode: str,
-    seed: int,
-    prune: bool,
+    repo: RepoOpt = Path("."),
+    rev: RevOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    simulate: SimulateOpt = False,
+    cluster: ClusterOpt = None,
+    placer: PlacerOpt = "cp-sat",
+    autoscaler: AutoscalerOpt = "heteroscale",
+    prometheus_url: PrometheusUrlOpt = None,
+    force: ForceOpt = False,
+    drain_window: DrainWindowOpt = 120.0,
+    diff_mode: DiffModeOpt = "auto",
+    seed: SeedOpt = 0,
+    prune_removed_services: PruneRemovedServicesOpt = False,
 ) -> Settings:
-    if diff_mode not in ("auto", "server", "client"):
-        raise typer.BadParameter("--diff-mode must be auto, server or client")
-    checked_placer(placer)
-    if drain_window < 0:
-        raise typer.BadParameter("--drain-window cannot be negative")
-    _check_autoscaler(autoscaler)
-    checked_repository(repo, rev=rev)
+    """The options of one cycle, as given: their one list (``with_cycle_options``
+    offers them to the commands that run a cycle), unchecked (``_checked``)."""
     return Settings(
         repo,
         rev,
         kubeconfig,
         simulate,
-        tuple(clusters or ()),
+        tuple(cluster or ()),
         placer,
         autoscaler,
         prometheus_url,
@@ -278,8 +275,48 @@ def _settings(
         drain_window,
         diff_mode,
         seed,
-        prune,
+        prune_removed_services,
     )
+
+
+def _checked(settings: Settings) -> Settings:
+    """``settings`` if valid; a usage error (exit 2) naming the option otherwise."""
+    if settings.diff_mode not in ("auto", "server", "client"):
+        raise typer.BadParameter("--diff-mode must be auto, server or client")
+    checked_placer(settings.placer)
+    if settings.drain_window_s < 0:
+        raise typer.BadParameter("--drain-window cannot be negative")
+    _check_autoscaler(settings.autoscaler)
+    checked_repository(settings.repo, rev=settings.rev)
+    return settings
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """Where the reconciler's Lease and state ConfigMaps live (``--lease-namespace``,
+    ``--lease-name``, ``--lease-context``: ``_lease``)."""
+
+    namespace: str = DEFAULT_LEASE_NAMESPACE
+    name: str = DEFAULT_LEASE_NAME
+    context: str | None = None
+
+
+def _lease(
+    lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
+    lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
+    lease_context: LeaseContextOpt = None,
+) -> LeaseRef:
+    """The options naming the reconciler's home (``with_lease_options``)."""
+    return LeaseRef(lease_namespace, lease_name, lease_context)
+
+
+def with_cycle_options(**fixed: Any) -> Callable[[Command], Command]:
+    """``settings: Settings`` offered as the options of ``_settings``: as given, for the
+    command to check (``_checked``) where it checks its own."""
+    return option_group("settings", _settings, **fixed)
+
+
+with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its three options
 
 
 BaseOpt = Annotated[
@@ -435,16 +472,6 @@ def _one_cycle(
 
 
 # ------------------------------------------------------- the reconciler's home
-
-
-@dataclass(frozen=True)
-class LeaseRef:
-    """Where the reconciler's Lease and state ConfigMaps live (``run``'s
-    ``--lease-namespace``, ``--lease-name``, ``--lease-context``)."""
-
-    namespace: str = DEFAULT_LEASE_NAMESPACE
-    name: str = DEFAULT_LEASE_NAME
-    context: str | None = None
 
 
 def home_client(kubeconfig: str | None, context: str | None, name: str) -> Any:
@@ -828,25 +855,14 @@ def _apply_saved(
 # ------------------------------------------------------------------ commands
 
 
-# The commands' parameter lists repeat on purpose: typer reads each command's options
-# from its own signature. What is shared is defined once, in ``_options`` (the ``*Opt``
-# types, spelling and help); the lists only name which options a command takes.
+# Each option is defined once, in ``_options`` (the ``*Opt`` types, spelling and help);
+# the options of one cycle, which plan, apply, run and status share, are listed once,
+# in ``_settings`` (``with_cycle_options``).
 def register(app: typer.Typer) -> None:
     @app.command()
+    @with_cycle_options()
     def plan(
-        repo: RepoOpt = Path("."),
-        rev: RevOpt = None,
-        kubeconfig: KubeconfigOpt = None,
-        simulate: SimulateOpt = False,
-        cluster: ClusterOpt = None,
-        placer: PlacerOpt = "cp-sat",
-        autoscaler: AutoscalerOpt = "heteroscale",
-        prometheus_url: PrometheusUrlOpt = None,
-        force: ForceOpt = False,
-        drain_window: DrainWindowOpt = 120.0,
-        diff_mode: DiffModeOpt = "auto",
-        seed: SeedOpt = 0,
-        prune_removed_services: PruneRemovedServicesOpt = False,
+        settings: Settings,
         format: FormatOpt = "text",
         base: BaseOpt = None,
         head: HeadOpt = None,
@@ -870,16 +886,16 @@ def register(app: typer.Typer) -> None:
         change from base to head: config diff, fleet diff and what-if replay (of
         --trace, or a synthetic day per service; --plot writes one PNG per service)."""
         if base is not None or head is not None:
-            _check_autoscaler(autoscaler)
+            _check_autoscaler(settings.autoscaler)
             raise typer.Exit(
                 _review(
-                    repo,
+                    settings.repo,
                     base or "HEAD~1",
                     head or "HEAD",
                     format,
-                    placer,
-                    autoscaler,
-                    seed,
+                    settings.placer,
+                    settings.autoscaler,
+                    settings.seed,
                     trace,
                     rate_scale,
                     diurnal_hours,
@@ -888,24 +904,12 @@ def register(app: typer.Typer) -> None:
                     timeout,
                 )
             )
-        settings = _settings(
-            repo,
-            rev,
-            kubeconfig,
-            simulate,
-            cluster,
-            placer,
-            autoscaler,
-            prometheus_url,
-            force,
-            drain_window,
-            diff_mode,
-            seed,
-            prune_removed_services,
-        )
+        settings = _checked(settings)
         raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, verb="plan", out=out))
 
     @app.command()
+    @with_cycle_options()
+    @with_lease_options
     def apply(
         plan_file: Annotated[
             Path | None,
@@ -914,23 +918,10 @@ def register(app: typer.Typer) -> None:
                 help="a plan written by `plan --out`: apply exactly it, or nothing if stale",
             ),
         ] = None,
-        repo: RepoOpt = Path("."),
-        rev: RevOpt = None,
-        kubeconfig: KubeconfigOpt = None,
-        simulate: SimulateOpt = False,
-        cluster: ClusterOpt = None,
-        placer: PlacerOpt = "cp-sat",
-        autoscaler: AutoscalerOpt = "heteroscale",
-        prometheus_url: PrometheusUrlOpt = None,
-        force: ForceOpt = False,
-        drain_window: DrainWindowOpt = 120.0,
-        diff_mode: DiffModeOpt = "auto",
-        seed: SeedOpt = 0,
-        prune_removed_services: PruneRemovedServicesOpt = False,
+        *,
+        settings: Settings,
         format: FormatOpt = "text",
-        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
-        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
-        lease_context: LeaseContextOpt = None,
+        lease: LeaseRef,
     ) -> None:
         """One applied cycle: what `plan` prints, carried out (capacity first, soft
         scale-in). Exit 0: done, 1: error.
@@ -943,41 +934,17 @@ def register(app: typer.Typer) -> None:
         ConfigMap next to the reconciler's Lease (for `heteroscale status`), unless a
         `heteroscale run` leader holds the Lease: it records its own cycles, and the
         ConfigMap is left alone (said on stderr, and in the JSON under "state")."""
-        settings = _settings(
-            repo,
-            rev,
-            kubeconfig,
-            simulate,
-            cluster,
-            placer,
-            autoscaler,
-            prometheus_url,
-            force,
-            drain_window,
-            diff_mode,
-            seed,
-            prune_removed_services,
-        )
-        lease = LeaseRef(lease_namespace, lease_name, lease_context)
+        settings = _checked(settings)
         if plan_file is not None:
             raise typer.Exit(_apply_saved(plan_file, settings, format, lease))
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply", lease=lease))
 
     @app.command()
+    @with_cycle_options()
+    @with_lease_options
     def run(
-        repo: RepoOpt = Path("."),
-        rev: RevOpt = None,
-        kubeconfig: KubeconfigOpt = None,
-        simulate: SimulateOpt = False,
-        cluster: ClusterOpt = None,
-        placer: PlacerOpt = "cp-sat",
-        autoscaler: AutoscalerOpt = "heteroscale",
-        prometheus_url: PrometheusUrlOpt = None,
-        force: ForceOpt = False,
-        drain_window: DrainWindowOpt = 120.0,
-        diff_mode: DiffModeOpt = "auto",
-        seed: SeedOpt = 0,
-        prune_removed_services: PruneRemovedServicesOpt = False,
+        *,
+        settings: Settings,
         interval: Annotated[
             float, typer.Option("--interval", help="seconds between cycles")
         ] = 30.0,
@@ -998,9 +965,7 @@ def register(app: typer.Typer) -> None:
                 help="coordinate replicas through a Lease (real clusters)",
             ),
         ] = True,
-        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
-        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
-        lease_context: LeaseContextOpt = None,
+        lease: LeaseRef,
         identity: Annotated[
             str | None,
             typer.Option("--identity", envvar="POD_NAME", help="this replica's name in the Lease"),
@@ -1018,21 +983,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--interval must be positive")
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
-        settings = _settings(
-            repo,
-            rev,
-            kubeconfig,
-            simulate,
-            cluster,
-            placer,
-            autoscaler,
-            prometheus_url,
-            force,
-            drain_window,
-            diff_mode,
-            seed,
-            prune_removed_services,
-        )
+        settings = _checked(settings)
         # After the checks above: a refused option or path leaves logging as it was.
         handler = configure_logging(json_format=log_format == "json")
         log = logging.getLogger("heteroscale.run")
@@ -1044,15 +995,15 @@ def register(app: typer.Typer) -> None:
             from reconciler.apply.lease import LeaseElector
             from reconciler.apply.statestore import ConfigMapStateStore
 
-            lease_client = home_client(settings.kubeconfig, lease_context, "lease")
+            lease_client = home_client(settings.kubeconfig, lease.context, "lease")
             # The durable state lives next to the Lease (README, "Kubernetes").
-            store = ConfigMapStateStore(lease_client, lease_namespace, who)
+            store = ConfigMapStateStore(lease_client, lease.namespace, who)
         if leader_elect and real:
-            elector = LeaseElector(lease_client, lease_namespace, lease_name, who)
+            elector = LeaseElector(lease_client, lease.namespace, lease.name, who)
             store.is_leader = elector.is_leader  # type: ignore[union-attr]
             elector.start()
             log.info(
-                f"leader election on Lease {lease_namespace}/{lease_name} as {who}",
+                f"leader election on Lease {lease.namespace}/{lease.name} as {who}",
                 extra={"event": "leader_election", "identity": who},
             )
         try:

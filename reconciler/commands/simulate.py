@@ -189,6 +189,14 @@ def write_plot(result: EvaluationResult, path: Path) -> None:
     for ax in axes[-1]:
         ax.set_xlabel("hours")
     fig.suptitle(f"{result.service}: {result.workload}", fontsize=10)
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG (parents created), as every command's plot
+    is written, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -26,37 +26,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
 from reconciler.commands._options import (
-    DEFAULT_LEASE_NAME,
-    DEFAULT_LEASE_NAMESPACE,
-    AutoscalerOpt,
-    ClusterOpt,
     FormatOpt,
-    KubeconfigOpt,
-    LeaseContextOpt,
-    LeaseNameOpt,
-    LeaseNamespaceOpt,
-    PlacerOpt,
-    PrometheusUrlOpt,
-    PruneRemovedServicesOpt,
-    RepoOpt,
-    RevOpt,
-    SeedOpt,
-    SimulateOpt,
     console,
     report_config_error,
 )
 from reconciler.commands.reconcile import (
+    LeaseRef,
     Settings,
-    _settings,
+    _checked,
     build_loop,
+    home_client,
+    with_cycle_options,
+    with_lease_options,
 )
 from reconciler.errors import ConfigError
 from reconciler.tables import Column, plain_lines, transition
@@ -102,17 +89,7 @@ class ServiceStatus:
     holds: list[Hold] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "sync": self.sync,
-            "health": self.health,
-            "reason": self.reason,
-            "message": self.message,
-            "current": self.current,
-            "target": self.target,
-            "changes": self.changes,
-            "holds": [{"kind": h.kind, "why": h.why} for h in self.holds],
-        }
+        return asdict(self)  # every field, in order
 
 
 @dataclass
@@ -239,35 +216,14 @@ def service_status(
 # ------------------------------------------------------ the reconciler's home cluster
 
 
-@dataclass
-class Home:
-    """Where the Lease and the state ConfigMaps live (as ``run`` finds them)."""
-
-    namespace: str
-    lease_name: str
-    context: str | None
-
-
-def _home_client(settings: Settings, home: Home) -> Any:
-    from reconciler.apply.kubeclient import KubeClient
-
-    if (
-        settings.kubeconfig is None
-        and os.environ.get("KUBERNETES_SERVICE_HOST")
-        and not home.context
-    ):
-        return KubeClient.in_cluster(name="status")
-    return KubeClient.from_kubeconfig(settings.kubeconfig, home.context)
-
-
-def read_leader(client: Any, home: Home, now_s: float) -> Leader:
+def read_leader(client: Any, home: LeaseRef, now_s: float) -> Leader:
     from reconciler.apply.kubeclient import NotFound, leases_path
     from reconciler.apply.lease import parse_lease
 
     try:
-        record = parse_lease(client.get(leases_path(home.namespace, home.lease_name)))
+        record = parse_lease(client.get(leases_path(home.namespace, home.name)))
     except NotFound:
-        return Leader(None, None, f"none (no Lease {home.namespace}/{home.lease_name})")
+        return Leader(None, None, f"none (no Lease {home.namespace}/{home.name})")
     if not record.holder:
         return Leader(None, record.renew_time, "none (the Lease is released)")
     detail = ""
@@ -341,12 +297,7 @@ class Status:
                     "cluster": c.cluster,
                     "outcome": c.outcome,
                     "error": c.error,
-                    "revision": {
-                        "revision": c.revision.revision,
-                        "label": c.revision.label,
-                        "applied_at": c.revision.applied_at,
-                        "detail": c.revision.detail,
-                    },
+                    "revision": asdict(c.revision),
                     "drift": c.drift,
                     "notes": c.notes,
                     "services": [s.to_json() for s in c.services],
@@ -379,7 +330,7 @@ def cluster_status(
     return status
 
 
-def collect_status(settings: Settings, home: Home) -> Status:
+def collect_status(settings: Settings, home: LeaseRef) -> Status:
     """One dry-run cycle (plan's code path) plus the Lease and state objects.
     Raises ``ConfigError`` when the desired state is invalid."""
     loop, wiring = build_loop(settings, dry_run=True)
@@ -394,12 +345,12 @@ def collect_status(settings: Settings, home: Home) -> Status:
         from reconciler.apply.statestore import ConfigMapStateStore
 
         try:
-            client = _home_client(settings, home)
+            client = home_client(settings.kubeconfig, home.context, "status")
             leader = read_leader(client, home, loop.clock())
             store = ConfigMapStateStore(client, home.namespace, "heteroscale-status")
         except Exception as exc:  # any failure to reach the home cluster: exit 1, no traceback
             leader = Leader(None, None, f"error: {type(exc).__name__}: {exc}")
-            errors.append(f"Lease {home.namespace}/{home.lease_name}: {type(exc).__name__}: {exc}")
+            errors.append(f"Lease {home.namespace}/{home.name}: {type(exc).__name__}: {exc}")
     clusters = []
     for outcome in result.clusters:
         if wiring.simulated:
@@ -430,15 +381,11 @@ def collect_status(settings: Settings, home: Home) -> Status:
 
 
 def format_text(status: Status) -> str:
+    from reconciler.apply.cyclereport import cluster_sections  # imports the loop
+
     out = [f"heteroscale status: {status.source} -> {status.target}"]
     out.append(f"leader: {status.leader.describe()}")
-    if status.desired_error:
-        out.append(f"! {status.desired_error}")
-    for cluster in status.clusters:
-        out.append("")
-        if cluster.outcome in ("error", "skipped"):
-            out.append(f"cluster {cluster.cluster}: {cluster.outcome.upper()}: {cluster.error}")
-            continue
+    for cluster in cluster_sections(out, status.desired_error, status.clusters):
         out.append(f"cluster {cluster.cluster}: revision {cluster.revision.describe()}")
         out.extend(f"  {line}" for line in plain_lines(_SERVICE_COLUMNS, cluster.services))
         for s in cluster.services:
@@ -481,26 +428,18 @@ _SERVICE_COLUMNS: tuple[Column[ServiceStatus], ...] = (
 # ---------------------------------------------------------------------- command
 
 
-# The commands' parameter lists repeat on purpose: typer reads each command's options
-# from its own signature. What is shared is defined once, in ``_options`` (the ``*Opt``
-# types, spelling and help); the lists only name which options a command takes.
+# Each option is defined once, in ``_options``; the cycle's are listed once, in
+# ``reconcile._settings`` (``with_cycle_options``).
 def register(app: typer.Typer) -> None:
     @app.command()
+    # status never takes anything back, nor writes: no --force, --drain-window, --diff-mode
+    @with_cycle_options(force=False, drain_window=120.0, diff_mode="auto")
+    @with_lease_options
     def status(
-        repo: RepoOpt = Path("."),
-        rev: RevOpt = None,
-        kubeconfig: KubeconfigOpt = None,
-        simulate: SimulateOpt = False,
-        cluster: ClusterOpt = None,
-        placer: PlacerOpt = "cp-sat",
-        autoscaler: AutoscalerOpt = "heteroscale",
-        prometheus_url: PrometheusUrlOpt = None,
-        seed: SeedOpt = 0,
-        prune_removed_services: PruneRemovedServicesOpt = False,
+        *,
+        settings: Settings,
         format: FormatOpt = "text",
-        lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
-        lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
-        lease_context: LeaseContextOpt = None,
+        lease: LeaseRef,
     ) -> None:
         """Sync and health per cluster and service (Argo CD style), from one dry-run
         cycle, the state ConfigMaps and the Lease. Exit 0: all Synced and Healthy,
@@ -508,23 +447,9 @@ def register(app: typer.Typer) -> None:
         1: error."""
         if format not in ("text", "json"):
             raise typer.BadParameter("--format must be text or json")
-        settings = _settings(
-            repo,
-            rev,
-            kubeconfig,
-            simulate,
-            cluster,
-            placer,
-            autoscaler,
-            prometheus_url,
-            False,  # force: status never takes anything back
-            120.0,
-            "auto",
-            seed,
-            prune_removed_services,
-        )
+        settings = _checked(settings)
         try:
-            found = collect_status(settings, Home(lease_namespace, lease_name, lease_context))
+            found = collect_status(settings, lease)
         except ConfigError as exc:
             report_config_error(exc)
             raise typer.Exit(1) from None

@@ -54,7 +54,7 @@ from reconciler.commands._table import (
     render,
     whole,
 )
-from reconciler.commands.simulate import render_table
+from reconciler.commands.simulate import render_table, save_png
 from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
@@ -238,10 +238,7 @@ def write_sweep_plot(sweep: Sweep, path: Path) -> None:
         fontsize=10,
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def register(app: typer.Typer) -> None:

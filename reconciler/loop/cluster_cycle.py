@@ -12,7 +12,7 @@ Errors of the cluster propagate to the schedule, which reports them and backs of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from reconciler.apply.report import ClusterDiff, summarise_drift
 from reconciler.apply.softscale import SloStatus, slo_status
@@ -92,36 +92,26 @@ class _Seen:
     now_s: float
 
 
+@dataclass(kw_only=True, eq=False)
 class ClusterCycle:
     """Runs one cluster's cycle (``run``); owns the backend of each cluster, built on
     first use and kept (a watch cache lives in it)."""
 
-    def __init__(
-        self,
-        *,
-        backend_for: Callable[[ClusterSpec], ClusterBackend],
-        metrics_for: Callable[[ClusterSpec], MetricsSource],
-        autoscaler: Autoscaler,
-        placer: Placer,
-        metrics: LoopMetrics,
-        windows: PolicyWindows,
-        clock: Callable[[], float],
-        dry_run: bool,
-        placement_options: PlacementOptions | None,
-        prune_removed_services: bool,
-    ) -> None:
-        self.backend_for = backend_for
-        self.metrics_for = metrics_for
-        self.autoscaler = autoscaler
-        self.placer = placer
-        self.metrics = metrics
-        self.windows = windows
-        self.drift = DriftLog(metrics)
-        self.clock = clock
-        self.dry_run = dry_run
-        self.placement_options = placement_options
-        self.prune_removed_services = prune_removed_services
-        self.backends: dict[str, ClusterBackend] = {}
+    backend_for: Callable[[ClusterSpec], ClusterBackend]
+    metrics_for: Callable[[ClusterSpec], MetricsSource]
+    autoscaler: Autoscaler
+    placer: Placer
+    metrics: LoopMetrics
+    windows: PolicyWindows
+    clock: Callable[[], float]
+    dry_run: bool
+    placement_options: PlacementOptions | None
+    prune_removed_services: bool
+    drift: DriftLog = field(init=False)
+    backends: dict[str, ClusterBackend] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.drift = DriftLog(self.metrics)
 
     def run(
         self, state: DesiredState, spec: ClusterSpec, leader: bool, outcome: ClusterOutcome

@@ -97,6 +97,8 @@ class LoopMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Alike by nature: each metric declared in full (name, help, labels), as
+        # prometheus_client takes it, so each reads and greps as it is exported.
         self.cycle_duration = Histogram(
             "heteroscale_cycle_duration_seconds",
             "Wall time of one cluster's reconcile cycle",

@@ -271,6 +271,8 @@ _DCGM: dict[MetricName, SignalSpec] = {
     "decode_sm_active": GaugeAverage(("DCGM_FI_PROF_SM_ACTIVE",), over_window=True),
 }
 
+# vLLM's and SGLang's tables are alike on purpose, each metric name spelled out in
+# full (searchable, and free to diverge as the engines rename theirs).
 _VLLM: dict[MetricName, SignalSpec] = {
     "prefill_tps": CounterRate(
         ("vllm:prompt_tokens_total",), minus=("vllm:prefix_cache_hits_total",)

@@ -102,6 +102,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import requests
@@ -468,11 +469,12 @@ def assemble(
                 count_rows = _by_service(count_rows)
             for service in part.services:
                 found: Sample | LengthBuckets | None
-                found, reason = (_pick_buckets if request.histogram else _pick)(
+                found, reason = _pick(
                     service,
                     role,
                     value_rows,
                     fresh_rows if part.query.sampled_at is not None else None,
+                    histogram=request.histogram,
                     now_s=now_s,
                     max_age_s=by_name[service].scaling.metric_max_age_s,
                 )
@@ -555,16 +557,33 @@ def _pick(
     value_rows: Mapping[tuple[str, str | None], list[Row]],
     fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
     *,
+    histogram: bool,
     now_s: float,
     max_age_s: float,
-) -> tuple[Sample | None, str]:
+) -> tuple[Sample | LengthBuckets | None, str]:
+    """One service's value, or with ``histogram`` its request-mix histogram (rows
+    keyed by ``_by_service``, one per ``le``), if fresh; else None and why."""
     key: tuple[str, str | None] = (service, role)
-    rows = value_rows.get(key)
+    rows = None if histogram else value_rows.get(key)
     if not rows:
         key = (service, None)
         rows = value_rows.get(key)
     if not rows:
-        return None, f"no series for role {role}"
+        return None, f"no {'histogram ' if histogram else ''}series for role {role}"
+    read, problem = _buckets(rows) if histogram else _value(rows)
+    if read is None:
+        return None, problem
+    at_s, problem = _sampled_at(rows, fresh_rows, key, now_s=now_s, max_age_s=max_age_s)
+    if at_s is None:
+        return None, problem
+    return read(at_s), ""
+
+
+# What a row set reads as, given the time it was sampled at; or None and why not.
+_Read = tuple[Callable[[float], Sample | LengthBuckets] | None, str]
+
+
+def _value(rows: Sequence[Row]) -> _Read:
     if len(rows) > 1:
         return None, (
             f"{len(rows)} series for one (service, role); the query must aggregate "
@@ -573,26 +592,10 @@ def _pick(
     value = rows[0].value
     if not math.isfinite(value):
         return None, f"value is {_describe(value)}"
-    at_s, problem = _sampled_at(rows, fresh_rows, key, now_s=now_s, max_age_s=max_age_s)
-    if at_s is None:
-        return None, problem
-    return Sample(value, at_s), ""
+    return partial(Sample, value), ""
 
 
-def _pick_buckets(
-    service: str,
-    role: Role,
-    value_rows: Mapping[tuple[str, str | None], list[Row]],
-    fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
-    *,
-    now_s: float,
-    max_age_s: float,
-) -> tuple[LengthBuckets | None, str]:
-    """One service's request-mix histogram from its rows (keyed by ``_by_service``),
-    one per ``le``."""
-    rows = value_rows.get((service, None))
-    if not rows:
-        return None, f"no histogram series for role {role}"
+def _buckets(rows: Sequence[Row]) -> _Read:
     by_le: dict[float, float] = {}
     for row in rows:
         text = row.labels.get("le")
@@ -615,10 +618,7 @@ def _pick_buckets(
             return None, f"a bucket is {_describe(value)}"
     if max(cumulative) <= 0:
         return None, "empty: no request finished in the window"
-    at_s, problem = _sampled_at(rows, fresh_rows, (service, None), now_s=now_s, max_age_s=max_age_s)
-    if at_s is None:
-        return None, problem
-    return LengthBuckets(bounds, cumulative, at_s), ""
+    return partial(LengthBuckets, bounds, cumulative), ""
 
 
 # ----------------------------------------------------------------------------- I/O

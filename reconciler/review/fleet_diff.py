@@ -73,20 +73,20 @@ class ServiceFleetDiff:
         )
 
     def gpu_delta(self) -> dict[str, int]:
-        types = sorted(set(self.base_gpus) | set(self.head_gpus))
-        return {
-            t: self.head_gpus.get(t, 0) - self.base_gpus.get(t, 0)
-            for t in types
-            if self.head_gpus.get(t, 0) != self.base_gpus.get(t, 0)
-        }
+        return _delta(self.base_gpus, self.head_gpus)
 
     def domain_delta(self) -> dict[str, int]:
-        names = sorted(set(self.base_domains) | set(self.head_domains))
-        return {
-            d: self.head_domains.get(d, 0) - self.base_domains.get(d, 0)
-            for d in names
-            if self.head_domains.get(d, 0) != self.base_domains.get(d, 0)
-        }
+        return _delta(self.base_domains, self.head_domains)
+
+
+def _delta(base: Mapping[str, int], head: Mapping[str, int]) -> dict[str, int]:
+    """``head - base`` per key of either (a missing key counts 0), sorted by key; keys
+    that did not change left out."""
+    return {
+        key: head.get(key, 0) - base.get(key, 0)
+        for key in sorted(set(base) | set(head))
+        if head.get(key, 0) != base.get(key, 0)
+    }
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.apply.kubeclient import ResourceConflict
+from reconciler.apply.kubeclient import NotFound, ResourceConflict
 from reconciler.apply.savedplan import (
     SCHEMA_VERSION,
     Observed,
@@ -20,6 +20,7 @@ from reconciler.apply.savedplan import (
     WriteStep,
     adopt_created,
     deployment_fingerprint,
+    execute,
     moved_objects,
     read_plan,
     to_json,
@@ -195,3 +196,64 @@ def test_a_created_deployment_whose_spec_changed_is_not_relabelled() -> None:
     with pytest.raises(ResourceConflict):
         adopt_created(client, "/p", CREATED, "heteroscale")  # type: ignore[arg-type]
     assert client.patched_at == ["10"]
+
+
+class _DeleteClient:
+    """Answers each delete of a Deployment with the next of ``answers`` (an exception
+    to raise, or None: deleted); the Deployment itself moved only in its status."""
+
+    def __init__(self, *answers: Exception | None, spec: dict | None = None):  # type: ignore[type-arg]
+        self.answers = list(answers)
+        self.spec = spec or {"replicas": 3}
+        self.deleted_at: list[str | None] = []
+
+    def delete(self, path: str, propagation: str, resource_version: str | None) -> None:
+        self.deleted_at.append(resource_version)
+        answer = self.answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    def get(self, path: str) -> dict:  # type: ignore[type-arg]
+        return {"metadata": {"resourceVersion": "77"}, "spec": self.spec, "status": {}}
+
+
+def _delete_plan() -> SavedCluster:
+    recorded = deployment_fingerprint({"metadata": {}, "spec": {"replicas": 3}})
+    observed = Observed(
+        deployments={"ns/d1": ObservedDeployment("41", 3, recorded)}, pods={}, nodes={}
+    )
+    step = WriteStep("delete_deployment", "ns", "d1", "41")
+    return SavedCluster("east", observed, (step,), decisions={}, group_changes=(), report={})
+
+
+def _conflict() -> ResourceConflict:
+    return ResourceConflict(409, "Conflict", "the object has been modified")
+
+
+def test_a_write_whose_object_moved_only_in_status_is_retried_at_its_fresh_version() -> None:
+    client = _DeleteClient(_conflict(), None)
+    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
+    assert result.refused is None and len(result.done) == 1
+    assert client.deleted_at == ["41", "77"]
+
+
+@pytest.mark.parametrize(
+    ("retry_answer", "why"),
+    [
+        (_conflict(), "changed since the plan (resourceVersion precondition failed"),
+        (NotFound(404, "NotFound", "gone"), "vanished since the plan"),
+    ],
+)
+def test_a_retry_the_server_refuses_again_stops_the_cluster(
+    retry_answer: Exception, why: str
+) -> None:
+    client = _DeleteClient(_conflict(), retry_answer)
+    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
+    assert result.done == [] and result.refused is not None and why in result.refused
+
+
+def test_a_write_whose_object_changed_beyond_status_is_not_retried() -> None:
+    client = _DeleteClient(_conflict(), spec={"replicas": 5})
+    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
+    assert result.refused is not None and "changed since the plan" in result.refused
+    assert client.deleted_at == ["41"]
