@@ -1109,6 +1109,11 @@ class ServiceSim:
         pool_rows: list[float] = []
         for q, gens in enumerate(decode_gens):
             admitted_q = admitted_to[q]
+            if not gens.used and admitted_q <= 1e-12:
+                # A pool that never had an instance: only its drain clock moves (the
+                # same row ``advance`` would give, without building its totals).
+                pool_rows += gens.idle_rows(self._idle_step_s[q], admitted_q)
+                continue
             to_slots = gens.route(admitted_q, room_of[q]) if admitted_q > 1e-12 else None
             if gens.used:
                 gens.report()
@@ -1182,7 +1187,7 @@ class ServiceSim:
     def _prefill_state(self) -> tuple[Any, ...]:
         """What ``_simulate_prefill`` changes (its queue, counters and smoothed rate)."""
         return (
-            tuple(tuple(cohort) for cohort in self.queue),
+            tuple(map(tuple, self.queue)),
             self.queue_work,
             self.queue_requests,
             self.arrival_rate_work,

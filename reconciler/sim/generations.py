@@ -52,6 +52,8 @@ except ImportError:  # pragma: no cover - numpy 1.x
 _sum = np.add.reduce  # ndarray.sum without its Python wrapper (the same sum)
 
 EPS = 1e-12
+# The row values (``SLOT_COLUMNS``) of a free slot that nothing moved from.
+_FREE_SLOT_ROW = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0)
 SLOT_COLUMNS = (
     "dpsi",  # decode clock advance in the second (tokens per running sequence)
     "tau",  # step time (the idle step when nothing runs)
@@ -194,8 +196,7 @@ class DecodeGenerations:
         self.touched: dict[int, str] = {}
         self.moves: dict[int, tuple[int, float]] = {}
         self.used = 0  # slots ever used (a bound for readers of the rows)
-        free = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0]
-        self._free_rows = [free * m for m in range(k + 1)]  # rows of m unused slots
+        self._free_rows = [list(_FREE_SLOT_ROW) * m for m in range(k + 1)]  # rows of m unused slots
 
     # ------------------------------------------------------------------ counts
 
@@ -566,11 +567,18 @@ class DecodeGenerations:
         load they reported ``staleness`` seconds ago, none beyond a slot's room (per
         slot in use)."""
         used = self.used
+        ready = self.ready
+        takers = [k for k in range(used) if ready[k] > 0 and room[k] > EPS]
+        if len(takers) == 1 and total > EPS:  # water_fill's common case, without its inputs
+            out = [0.0] * used
+            cap = room[takers[0]]
+            out[takers[0]] = cap if cap <= total else total
+            return out
         if self.staleness:
             levels = [h[0] for h in self.history[:used]]
         else:
             levels = [self._load(k) for k in range(used)]
-        return water_fill(total, levels, [float(r) for r in self.ready[:used]], room)
+        return water_fill(total, levels, [float(r) for r in ready[:used]], room)
 
     def report(self) -> None:
         """Every instance reports its load at this second's start (after routing)."""
@@ -580,6 +588,23 @@ class DecodeGenerations:
                     history = self.history[k]
                     history.pop(0)
                     history.append(self._load(k))
+
+    def idle_rows(self, idle_tau_s: float, admitted: float) -> list[float]:
+        """A second of a pool that never had an instance (``used`` 0): its drain clock
+        moves as ``advance`` moves it, and its pool and slot row values (the engine's
+        pool columns, then ``SLOT_COLUMNS`` per slot) are those of an idle pool."""
+        self.clock += 1.0 / self.idle_step_s if self.idle_step_s > 0 else 0.0
+        return [
+            idle_tau_s,
+            0.0,
+            0.0,
+            self.clock,
+            admitted,
+            0.0,
+            0.0,
+            0.0,
+            *self._free_rows[self.slots],
+        ]
 
     def advance(
         self, admitted: Sequence[float] | None, prompt_mean: float, length_scale: float
@@ -603,33 +628,42 @@ class DecodeGenerations:
         inf = float("inf")
         clock_step = clock_any = inf
         moves = self.moves
+        # The per-slot lists, read once (attribute lookups add up in this loop).
+        gens, ready_of, draining_of = self.gen, self.ready, self.draining
+        psi_of, head_of, tail_of = self.psi, self.head, self.tail
+        entry_of, count_of, prompt_of, scale_of = self.entry, self.count, self.prompt, self.scale
         for k in range(self.used):
-            gid = self.gen[k]
+            gid = gens[k]
             move = moves.get(k) if moves else None
-            to, frac = (float(move[0]), move[1]) if move is not None else (-1.0, 0.0)
             if gid < 0:
-                row += [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, to, frac]
+                row += (
+                    _FREE_SLOT_ROW
+                    if move is None
+                    else (*_FREE_SLOT_ROW[:8], float(move[0]), move[1])
+                )
                 continue
+            to, frac = (float(move[0]), move[1]) if move is not None else (-1.0, 0.0)
             admit = admitted[k] if admitted is not None else 0.0
             if admit > EPS:
-                tail = self.tail[k]
-                if tail < self.entry[k].size:  # _add_cohort's common case, inlined (hot)
-                    self.entry[k][tail] = self.psi[k]
-                    self.count[k][tail] = admit
-                    self.prompt[k][tail] = prompt_mean
-                    self.scale[k][tail] = length_scale
-                    self.tail[k] = tail + 1
+                tail = tail_of[k]
+                if tail < entry_of[k].size:  # _add_cohort's common case, inlined (hot)
+                    entry_of[k][tail] = psi_of[k]
+                    count_of[k][tail] = admit
+                    prompt_of[k][tail] = prompt_mean
+                    scale_of[k][tail] = length_scale
+                    tail_of[k] = tail + 1
                 else:
                     self._add_cohort(k, admit, prompt_mean, length_scale)
-            lo, hi = self.head[k], self.tail[k]
-            instances = self.ready[k] + self.draining[k]
+            lo, hi = head_of[k], tail_of[k]
+            ready = ready_of[k]
+            instances = ready + draining_of[k]
             tau = alive = kv = tokens = dpsi = 0.0
             if hi > lo and instances > 0:
-                entry = self.entry[k][lo:hi]
-                n = self.count[k][lo:hi]
-                prompt = self.prompt[k][lo:hi]
-                scale = self.scale[k][lo:hi]
-                x = self.psi[k] - entry
+                entry = entry_of[k][lo:hi]
+                n = count_of[k][lo:hi]
+                prompt = prompt_of[k][lo:hi]
+                scale = scale_of[k][lo:hi]
+                x = psi_of[k] - entry
                 length = x * scale
                 g = _c_interp(length, grid, survival, None, None)
                 gen_before = _c_interp(length, grid, generated, None, None)
@@ -660,8 +694,9 @@ class DecodeGenerations:
                     tokens = float(n.dot((gen_after - gen_before) / scale))
                     tokens_total += tokens
                     tau_tokens += tau * tokens
-                    busiest = max(busiest, tau)
-                    self.psi[k] += dpsi
+                    if tau > busiest:  # max(busiest, tau)
+                        busiest = tau
+                    psi_of[k] += dpsi
                     alive_after = n * g2
                     self.alive_end[k] = float(_sum(alive_after))
                     self.kv_end[k] = float(alive_after.dot(prompt + x2))
@@ -670,19 +705,18 @@ class DecodeGenerations:
                     first = lo
                     while first < hi and length[first - lo] >= out_max:
                         first += 1
-                    self.head[k] = first
+                    head_of[k] = first
                 else:
                     self.alive_end[k] = self.kv_end[k] = 0.0
-                    self.head[k] = hi
+                    head_of[k] = hi
+            if tau == 0.0:
+                tau = self.idle_step_s  # for plots only
             if instances > 0:
                 step = dpsi if dpsi > 0 else idle_dpsi
                 if alive > EPS and step < clock_any:
                     clock_any = step
-                if self.draining[k] > 0 and step < clock_step:
+                if draining_of[k] > 0 and step < clock_step:
                     clock_step = step
-            if tau == 0.0:
-                tau = self.idle_step_s  # for plots only
-            if instances > 0:
                 self.batch_ran[k] = alive / instances
                 self.tau_ran[k] = tau
             self.inst_ran[k] = instances
@@ -695,7 +729,7 @@ class DecodeGenerations:
                 tokens,
                 alive,
                 admit,
-                float(self.ready[k]),
+                float(ready),
                 float(instances),
                 float(gid),
                 to,

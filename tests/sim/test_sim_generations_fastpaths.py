@@ -1,13 +1,17 @@
-"""The shortcuts in ``reconciler.sim.generations``' hot paths give bit-identical results to
-the forms they replaced (the simulator's figures must not move when it gets faster)."""
+"""The shortcuts in the simulator's hot paths (``reconciler.sim.generations``, the
+oracle's search) give bit-identical results to the forms they replaced (the simulator's
+figures must not move when it gets faster)."""
 
 from __future__ import annotations
+
+from typing import Any, cast
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.sim.generations import EPS, water_fill
+from reconciler.sim.generations import EPS, DecodeGenerations, LengthCurves, water_fill
+from reconciler.sim.oracle import _power_fit
 
 _nonnegative = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
 _signed = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
@@ -66,3 +70,90 @@ def test_water_fill_one_usable_bin_as_before(
         cap = caps[usable]
         expected[usable] = cap if cap <= total else min(total, cap)
     assert [np.float64(x).tobytes() for x in out] == [np.float64(x).tobytes() for x in expected]
+
+
+def _generations(slots: int, staleness: int) -> DecodeGenerations:
+    """A pool's generations for the router and idle-second shortcuts, which read
+    neither the performance model nor the length curves."""
+    curves = LengthCurves(np.arange(3.0), np.array([1.0, 0.5, 0.0]), np.array([0.0, 1.0, 1.5]))
+    return DecodeGenerations(
+        cast(Any, None),
+        slots=slots,
+        staleness=staleness,
+        tolerance=0.05,
+        idle_step_s=0.011,
+        out_p99=100.0,
+        out_max=200.0,
+        lengths=curves,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    total=st.floats(0, 500),
+    ready=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    data=st.data(),
+)
+def test_route_one_taker_as_water_fill(total: float, ready: list[int], data: st.DataObject) -> None:
+    # route() answers one slot with room before building water_fill's inputs.
+    gens = _generations(len(ready), staleness=2)
+    gens.used = len(ready)
+    gens.ready = list(ready)
+    gens.history = [[data.draw(st.floats(0, 50)), 0.0] for _ in ready]
+    room = data.draw(st.lists(st.floats(0, 200), min_size=len(ready), max_size=len(ready)))
+    levels = [h[0] for h in gens.history]
+    expected = water_fill(total, levels, [float(r) for r in ready], room)
+    out = gens.route(total, room)
+    assert [np.float64(x).tobytes() for x in out] == [np.float64(x).tobytes() for x in expected]
+
+
+def test_idle_rows_as_advance() -> None:
+    # The engine writes a never-used pool's row with idle_rows(), not advance().
+    stepped, idle = _generations(3, staleness=2), _generations(3, staleness=2)
+    for _second in range(5):
+        totals, slot_row = stepped.advance(None, 500.0, 1.0)
+        tokens, _done, alive, kv, instances, tau_tokens, busiest = totals
+        tau = tau_tokens / tokens if tokens > 0 else busiest or 0.02
+        expected = [tau, alive, kv, stepped.clock, 0.0, instances, tokens, 0.0, *slot_row]
+        assert idle.idle_rows(0.02, 0.0) == expected
+        assert idle.clock == stepped.clock
+
+
+def _power_fit_on_arrays(
+    p1: tuple[int, float], p2: tuple[int, float], anchor: tuple[int, float]
+) -> float | None:
+    """``oracle._power_fit`` as it was, its bisection on 0-d arrays."""
+    (n1, y1), (n2, y2), (na, ya) = p1, p2, anchor
+    if n1 == n2 or max(n1, n2) >= na or y1 <= ya or y2 <= ya:
+        return None
+
+    def mismatch(g: np.ndarray) -> np.ndarray:
+        result: np.ndarray = (y1 - ya) / (n1**-g - na**-g) - (y2 - ya) / (n2**-g - na**-g)
+        return result
+
+    grid = np.linspace(0.05, 12.0, 120)
+    values = mismatch(grid)
+    sign = np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) <= 0)
+    if sign.size == 0:
+        return None
+    a, b = float(grid[sign[0]]), float(grid[sign[0] + 1])
+    va = float(values[sign[0]])
+    for _ in range(40):
+        mid = (a + b) / 2.0
+        if (float(mismatch(np.array(mid))) > 0) == (va > 0):
+            a = mid
+        else:
+            b = mid
+    return (a + b) / 2.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.lists(st.integers(1, 3000), min_size=3, max_size=3, unique=True),
+    ys=st.lists(st.floats(0.0, 0.2, allow_subnormal=False), min_size=3, max_size=3),
+)
+def test_power_fit_bisects_in_floats_as_on_arrays(counts: list[int], ys: list[float]) -> None:
+    # _power_fit's bisection runs on Python floats (the same operations as on 0-d arrays).
+    n1, n2, na = sorted(counts)
+    points = ((n1, ys[0]), (n2, ys[1]), (na, min(ys[2], ys[0], ys[1]) / 2.0))
+    assert _power_fit(*points) == _power_fit_on_arrays(*points)
