@@ -5,7 +5,9 @@ is deducted within the cycle:
 
 1. requests (services that grow) are sorted by priority, highest first (ties: name);
 2. each grows its existing deployment groups in place first (lowest subgroup class
-   first), up to the group size (the room shared by the roles in proportion to need);
+   first), up to the group size (the room shared by the roles in proportion to need),
+   a role only in groups where it runs on its first-ranked GPU type (``gpu_choice``:
+   after a ranking change, the groups of the old type do not take the growth);
 3. then opens new groups of up to the group size: GPU type pairs are tried preferred first,
    then the compatible ones (by the sum of the two roles' normalised weights), and for
    each pair the candidate domains are scored by subgroup priority (low before medium
@@ -17,14 +19,17 @@ is deducted within the cycle:
    by their subgroup's priority, so such a group may span subgroups (its ``subgroup``
    is then ``None``);
 5. a role that still grows alone (no new group can be opened without exceeding the
-   other role's target) overflows the existing groups, as in the CP-SAT placer;
+   other role's target) overflows the existing groups of its first-ranked type, as in
+   the CP-SAT placer;
 6. what even overflow cannot place (the existing groups' domains are full) opens an
    *anchored* group (``reconciler.placement.problem``): the growing role (up to the
    group size less the anchor, halved until it fits) plus ``ANCHOR_INSTANCES`` of the
    other role beyond its target, chosen like step 3 (preferred pair, least scarce
    domain); the rest of the role then overflows that group before another anchored
    group is opened. Only once the other role's target is met (it did not grow, or
-   steps 2-5 placed all of its growth).
+   steps 2-5 placed all of its growth);
+7. what the first-ranked type has no room for spills, beyond the group size, into the
+   groups of the role's other allowed types.
 
 Scale-in uses the shared rule (``reconciler.placement.problem.scale_in``). The greedy
 scheduler never moves running instances (``allow_rebalance`` is ignored, and said so
@@ -36,6 +41,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from threading import Lock
 
 import numpy as np
@@ -165,10 +171,17 @@ class _Greedy:
         def allowed(group: WorkGroup, role: Role) -> bool:
             return group.gpu_type[role] in need.role(role).allowed_types
 
+        def first_ranked(group: WorkGroup, role: Role) -> bool:
+            """On the role's first-ranked type (``problem.role_ranking``): where a role
+            grows first, so that a ranking change (a price, ``gpu_choice``) moves new
+            instances to the new first type instead of into groups of the old one."""
+            types = need.role(role).allowed_types
+            return bool(types) and group.gpu_type[role] == types[0]
+
         # 1. Existing groups in place, up to their size; the room is shared by the roles
         #    in proportion to what each still needs.
         for group in growable:
-            want = {r: grow[r] if grow[r] > 0 and allowed(group, r) else 0 for r in ROLES}
+            want = {r: grow[r] if grow[r] > 0 and first_ranked(group, r) else 0 for r in ROLES}
             total = sum(want.values())
             room = need.room(group)
             if total == 0 or room == 0:
@@ -192,21 +205,39 @@ class _Greedy:
                 break
             for r in required:
                 grow[r] -= sizes[r]
-        # 3. A role that still grows alone overflows the groups (old and just opened).
+        # 3. A role that still grows alone overflows the groups (old and just opened) on
+        #    its first-ranked type.
         growable = sorted(
             (g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id)
         )
-        for role in ROLES:
-            for group in growable:
-                if grow[role] <= 0:
-                    break
-                if allowed(group, role):
-                    grow[role] -= self._place_in(group, role, grow[role], need)
+        self._overflow(growable, grow, need, first_ranked)
         # 4. Still short with nowhere left to overflow, and the other role's target met
         #    (it did not grow, or all of its growth is placed): anchored groups.
         anchor = need.anchor_role(grow)
         if anchor is not None:
             self._grow_anchored(need, anchor, grow)
+        # 5. What the first-ranked type had no room for spills into groups of the
+        #    role's other allowed types.
+        growable = sorted(
+            (g for g in groups if g.domain is not None), key=lambda g: (g.class_rank(), g.group_id)
+        )
+        self._overflow(growable, grow, need, allowed)
+
+    def _overflow(
+        self,
+        growable: list[WorkGroup],
+        grow: dict[Role, int],
+        need: ServiceNeed,
+        takes: Callable[[WorkGroup, Role], bool],
+    ) -> None:
+        """Place what each role still needs (``grow``, updated) in ``growable`` groups
+        beyond their size, in order, where ``takes(group, role)``."""
+        for role in ROLES:
+            for group in growable:
+                if grow[role] <= 0:
+                    break
+                if takes(group, role):
+                    grow[role] -= self._place_in(group, role, grow[role], need)
 
     def _grow_anchored(self, need: ServiceNeed, anchor: Role, grow: dict[Role, int]) -> None:
         """Open as few anchored groups as the short role needs (see step 6)."""

@@ -7,6 +7,8 @@ pod-d H800 and H20 under each S1 (high).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from placement_fixtures import (
     check_invariants,
@@ -543,3 +545,52 @@ def test_example_fleet_puts_new_instances_on_the_type_ranked_first(repo_root):
             result = place(placer, request(spec, [pol], {"chat": (4, 12)}))
             assert not result.shortfalls
             assert {g.decode.gpu_type for g in result.groups} == {decode_type}, placer.name
+
+
+RANKED_DECODE = {"prefill": (1, {"h800": 1.0}), "decode": (1, {"h800": 1.0, "h20": 0.5})}
+
+
+def test_greedy_grows_a_role_on_its_first_ranked_type_not_in_groups_of_another(spec):
+    """A group whose decode runs on H20 (placed before the ranking put H800 first) does
+    not take the role's growth: it goes to a group on H800, so a ranking change moves
+    new instances to the new first type."""
+    old = group("svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 2}), ("h20", {"c2n-1": 2}))
+    result = place(
+        GreedyPlacer(), request(spec, [policy("svc", **RANKED_DECODE)], {"svc": (2, 4)}, [old])
+    )
+    kept = next(g for g in result.groups if g.group_id == "g1")
+    assert kept.decode.instances == 2  # the H20 ones stay, none added
+    added = sum(g.decode.instances for g in result.groups if g.decode.gpu_type == "h800")
+    assert added == 2
+
+
+def test_greedy_spills_growth_to_another_allowed_type_when_the_first_is_full(spec):
+    """No H800 GPU free: the growth goes where the role's other allowed type runs."""
+    h800_nodes = ["a1n-1", "a1n-2", "a2n-1", "a2n-2"]
+    blocker = group(
+        "blk", "b1", "pod-a", "rg-pod-a", ("h800", {n: 8 for n in h800_nodes}), ("h800", {})
+    )
+    others = [
+        group("blk", "b2", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 8, "c1n-2": 8}), ("h800", {})),
+        group(
+            "blk",
+            "b3",
+            "pod-d",
+            "rg-pod-d",
+            ("h800", {"d1x-1": 8, "d1x-2": 8, "d2x-1": 8, "d2x-2": 8}),
+            ("h800", {}),
+        ),
+    ]
+    old = group("svc", "g1", "pod-c", "rg-pod-c", ("h800", {"c1n-1": 0}), ("h20", {"c2n-1": 2}))
+    old = replace(old, prefill=replace(old.prefill, instances=0, nodes=()))
+    blk = policy("blk", prefill=(1, {"h800": 1.0}), decode=(1, {"h800": 1.0}), shape=(64, 1))
+    req = request(
+        spec,
+        [policy("svc", **RANKED_DECODE), blk],
+        {"svc": (0, 4), "blk": (48, 0)},
+        [blocker, *others, old],
+    )
+    result = place(GreedyPlacer(), req)
+    decode = [(g.decode.gpu_type, g.decode.instances) for g in groups_of(result, "svc")]
+    assert {t for t, n in decode if n} == {"h20"} and sum(n for _, n in decode) == 4
+    assert not [s for s in result.shortfalls if s.service == "svc"]
