@@ -87,6 +87,8 @@ class ServiceMetrics:
     """
 
     service: str
+    # One optional sample per ``MetricName`` (``get`` reads them by name): the repeated
+    # lines are the schema, not copied logic.
     prefill_tps: Sample | None = None
     decode_tps: Sample | None = None
     ttft: Sample | None = None

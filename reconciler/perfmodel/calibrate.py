@@ -106,6 +106,8 @@ def shared_dir() -> Path | None:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The measured model's size: parameters, weight bytes, KV-cache bytes per token."""
+
     params: float
     weight_bytes: float
     kv_bytes_per_token: float
@@ -113,6 +115,8 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class DecodePoint:
+    """One decode timing: ``batch`` sequences at context ``ctx``, a step's seconds."""
+
     dataset: str
     card: str
     model: ModelShape
@@ -123,6 +127,8 @@ class DecodePoint:
 
 @dataclass(frozen=True)
 class PrefillPoint:
+    """One prefill timing: ``batch`` prompts of ``prompt`` tokens, the pass's seconds."""
+
     dataset: str
     card: str
     model: ModelShape
@@ -133,6 +139,8 @@ class PrefillPoint:
 
 @dataclass(frozen=True)
 class UtilPhase:
+    """One load phase of ``util.csv``: the busy fraction and the counters read over it."""
+
     dataset: str
     workload: str
     batch: int | None
@@ -144,6 +152,8 @@ class UtilPhase:
 
 @dataclass(frozen=True)
 class CalibrationData:
+    """Every dataset's rows, the idle power per dataset, and the files' hashes."""
+
     decode: tuple[DecodePoint, ...]
     prefill: tuple[PrefillPoint, ...]
     util: tuple[UtilPhase, ...]
@@ -253,157 +263,89 @@ def smooth_max_float(a: float, b: float, k: float) -> float:
     return result
 
 
-def _decode_terms(
+@dataclass(frozen=True)
+class ModelOnCard:
+    """The model's size and the card's datasheet rates that both forms read: floats for
+    one instance, or arrays (one value per point) while fitting."""
+
+    weight_bytes: Num
+    model_params: Num
+    kv_bytes_per_token: Num
+    bandwidth_bps: Num
+    flops: Num
+
+
+def decode_terms(
     params: Mapping[str, float],
+    *,
     batch: Num,
     kv_tokens: Num,
     max_seq_tokens: Num,
-    weight_bytes: Num,
-    model_params: Num,
-    kv_bytes_per_token: Num,
-    bandwidth_bps: Num,
-    flops: Num,
+    model: ModelOnCard,
     eta_bw: Num,
     eta_compute: Num,
 ) -> tuple[Num, Num, Num, Num, Num]:
     """The decode form's fixed overhead and the two operands of each roofline, in the
-    same arithmetic for floats and arrays (so both forms below agree bit for bit)."""
-    return (
-        params["overhead_s"] + params["overhead_s_per_weight_gb"] * weight_bytes / 1e9,
-        weight_bytes / (eta_bw * bandwidth_bps),
-        2.0 * model_params * batch / (eta_compute * flops),
-        params["attention_floor_s_per_kv_gb"] * max_seq_tokens * kv_bytes_per_token / 1e9,
-        kv_tokens * kv_bytes_per_token / (eta_bw * bandwidth_bps),
-    )
-
-
-def decode_step_s(
-    params: Mapping[str, float],
-    *,
-    batch: np.ndarray,
-    kv_tokens: np.ndarray,
-    max_seq_tokens: np.ndarray,
-    weight_bytes: Num,
-    model_params: Num,
-    kv_bytes_per_token: Num,
-    bandwidth_bps: Num,
-    flops: Num,
-    eta_bw: Num,
-    eta_compute: Num,
-) -> np.ndarray:
-    """The decode step-time form (see the module docstring), vectorised.
+    same arithmetic for floats and arrays (so both forms below agree bit for bit).
 
     ``kv_tokens`` is the cache read per step (sum of contexts over the batch),
     ``max_seq_tokens`` one sequence's context (the latency floor of attention)."""
-    fixed, weights, compute, floor, reads = _decode_terms(
-        params,
-        batch,
-        kv_tokens,
-        max_seq_tokens,
-        weight_bytes,
-        model_params,
-        kv_bytes_per_token,
-        bandwidth_bps,
-        flops,
-        eta_bw,
-        eta_compute,
+    return (
+        params["overhead_s"] + params["overhead_s_per_weight_gb"] * model.weight_bytes / 1e9,
+        model.weight_bytes / (eta_bw * model.bandwidth_bps),
+        2.0 * model.model_params * batch / (eta_compute * model.flops),
+        params["attention_floor_s_per_kv_gb"] * max_seq_tokens * model.kv_bytes_per_token / 1e9,
+        kv_tokens * model.kv_bytes_per_token / (eta_bw * model.bandwidth_bps),
     )
-    gemm = smooth_max(np.zeros_like(batch, dtype=float) + weights, compute, params["k_gemm"])
+
+
+def decode_step_s(params: Mapping[str, float], terms: tuple[Num, Num, Num, Num, Num]) -> np.ndarray:
+    """The decode step-time form (see the module docstring) of :func:`decode_terms`,
+    vectorised."""
+    fixed, weights, compute, floor, reads = terms
+    gemm = smooth_max(np.zeros_like(compute, dtype=float) + weights, compute, params["k_gemm"])
     attention = smooth_max(floor, reads, params["k_attention"])
     result: np.ndarray = fixed + gemm + attention
     return result
 
 
 def decode_step_float_s(
-    params: Mapping[str, float],
-    *,
-    batch: float,
-    kv_tokens: float,
-    max_seq_tokens: float,
-    weight_bytes: float,
-    model_params: float,
-    kv_bytes_per_token: float,
-    bandwidth_bps: float,
-    flops: float,
-    eta_bw: float,
-    eta_compute: float,
+    params: Mapping[str, float], terms: tuple[Num, Num, Num, Num, Num]
 ) -> float:
     """:func:`decode_step_s` of one point, bit for bit (see :func:`smooth_max_float`)."""
-    fixed, weights, compute, floor, reads = _decode_terms(
-        params,
-        batch,
-        kv_tokens,
-        max_seq_tokens,
-        weight_bytes,
-        model_params,
-        kv_bytes_per_token,
-        bandwidth_bps,
-        flops,
-        eta_bw,
-        eta_compute,
-    )
+    fixed, weights, compute, floor, reads = terms
     gemm = smooth_max_float(float(weights), float(compute), params["k_gemm"])
     attention = smooth_max_float(float(floor), float(reads), params["k_attention"])
     return float(fixed) + gemm + attention
 
 
-def _prefill_terms(
-    params: Mapping[str, float],
-    batch: Num,
-    prompt: Num,
-    weight_bytes: Num,
-    model_params: Num,
-    kv_bytes_per_token: Num,
-    bandwidth_bps: Num,
-    flops: Num,
+def prefill_terms(
+    params: Mapping[str, float], *, batch: Num, prompt: Num, model: ModelOnCard
 ) -> tuple[Num, Num]:
     """The prefill form's memory floor and compute time, in the same arithmetic for
     floats and arrays (``prompt * prompt`` is what numpy's ``prompt**2`` computes)."""
     work = (
-        2.0 * model_params * batch * prompt
-        + 2.0 * kv_bytes_per_token * batch * (prompt * prompt) / params["eta_attention"]
+        2.0 * model.model_params * batch * prompt
+        + 2.0 * model.kv_bytes_per_token * batch * (prompt * prompt) / params["eta_attention"]
     )
     return (
-        weight_bytes / (params["eta_floor_bw"] * bandwidth_bps),
-        work / (params["eta_compute"] * flops),
+        model.weight_bytes / (params["eta_floor_bw"] * model.bandwidth_bps),
+        work / (params["eta_compute"] * model.flops),
     )
 
 
-def prefill_latency_s(
-    params: Mapping[str, float],
-    *,
-    batch: np.ndarray,
-    prompt: np.ndarray,
-    weight_bytes: Num,
-    model_params: Num,
-    kv_bytes_per_token: Num,
-    bandwidth_bps: Num,
-    flops: Num,
-) -> np.ndarray:
-    """The prefill latency form (see the module docstring), vectorised."""
-    floor, compute = _prefill_terms(
-        params, batch, prompt, weight_bytes, model_params, kv_bytes_per_token, bandwidth_bps, flops
-    )
+def prefill_latency_s(params: Mapping[str, float], terms: tuple[Num, Num]) -> np.ndarray:
+    """The prefill latency form (see the module docstring) of :func:`prefill_terms`,
+    vectorised."""
+    floor, compute = terms
     return params["overhead_s"] + smooth_max(
         np.zeros_like(compute, dtype=float) + floor, compute, params["k"]
     )
 
 
-def prefill_latency_float_s(
-    params: Mapping[str, float],
-    *,
-    batch: float,
-    prompt: float,
-    weight_bytes: float,
-    model_params: float,
-    kv_bytes_per_token: float,
-    bandwidth_bps: float,
-    flops: float,
-) -> float:
+def prefill_latency_float_s(params: Mapping[str, float], terms: tuple[Num, Num]) -> float:
     """:func:`prefill_latency_s` of one point, bit for bit (see :func:`smooth_max_float`)."""
-    floor, compute = _prefill_terms(
-        params, batch, prompt, weight_bytes, model_params, kv_bytes_per_token, bandwidth_bps, flops
-    )
+    floor, compute = terms
     return params["overhead_s"] + smooth_max_float(float(floor), float(compute), params["k"])
 
 
@@ -476,6 +418,17 @@ def _card(name: str) -> tuple[float, float]:
     return spec["memory_bandwidth_gbps"] * 1e9, spec["bf16_tflops"] * 1e12
 
 
+def _models_on_cards(points: Sequence[DecodePoint] | Sequence[PrefillPoint]) -> ModelOnCard:
+    """Each point's model and card, one array a field."""
+    return ModelOnCard(
+        weight_bytes=np.array([p.model.weight_bytes for p in points]),
+        model_params=np.array([p.model.params for p in points]),
+        kv_bytes_per_token=np.array([p.model.kv_bytes_per_token for p in points]),
+        bandwidth_bps=np.array([_card(p.card)[0] for p in points]),
+        flops=np.array([_card(p.card)[1] for p in points]),
+    )
+
+
 def fit_decode(points: Sequence[DecodePoint]) -> tuple[dict[str, Any], np.ndarray]:
     cards = sorted({p.card for p in points})
     shared_names = ["overhead_s", "overhead_s_per_weight_gb", "attention_floor_s_per_kv_gb"]
@@ -492,11 +445,7 @@ def fit_decode(points: Sequence[DecodePoint]) -> tuple[dict[str, Any], np.ndarra
         return shared, per_card
 
     card_index = np.array([cards.index(p.card) for p in points])
-    bandwidth = np.array([_card(p.card)[0] for p in points])
-    flops = np.array([_card(p.card)[1] for p in points])
-    weight_bytes = np.array([p.model.weight_bytes for p in points])
-    model_params = np.array([p.model.params for p in points])
-    kv_bytes = np.array([p.model.kv_bytes_per_token for p in points])
+    model = _models_on_cards(points)
     batch = np.array([float(p.batch) for p in points])
     ctx = np.array([float(p.ctx + 1) for p in points])  # the step attends over ctx + 1 positions
 
@@ -504,19 +453,16 @@ def fit_decode(points: Sequence[DecodePoint]) -> tuple[dict[str, Any], np.ndarra
         shared, per_card = unpack(theta)
         eta_bw = np.array([per_card[c]["eta_bandwidth"] for c in cards])[card_index]
         eta_compute = np.array([per_card[c]["eta_compute"] for c in cards])[card_index]
-        return decode_step_s(
+        terms = decode_terms(
             shared,
             batch=batch,
             kv_tokens=batch * ctx,
             max_seq_tokens=ctx,
-            weight_bytes=weight_bytes,
-            model_params=model_params,
-            kv_bytes_per_token=kv_bytes,
-            bandwidth_bps=bandwidth,
-            flops=flops,
+            model=model,
             eta_bw=eta_bw,
             eta_compute=eta_compute,
         )
+        return decode_step_s(shared, terms)
 
     measured = np.array([p.step_s for p in points])
     theta0 = np.log(np.array([1e-3, 3e-5, 3e-3, 1.5, 3.0] + [0.8, 0.6] * len(cards)))
@@ -534,24 +480,14 @@ def fit_prefill(points: Sequence[PrefillPoint]) -> tuple[dict[str, float], np.nd
         params["k"] = 1.0 + float(pos[4])
         return params
 
-    bandwidth = np.array([_card(p.card)[0] for p in points])
-    flops = np.array([_card(p.card)[1] for p in points])
-    weight_bytes = np.array([p.model.weight_bytes for p in points])
-    model_params = np.array([p.model.params for p in points])
-    kv_bytes = np.array([p.model.kv_bytes_per_token for p in points])
+    model = _models_on_cards(points)
     batch = np.array([float(p.batch) for p in points])
     prompt = np.array([float(p.prompt) for p in points])
 
     def predict(theta: np.ndarray) -> np.ndarray:
+        params = unpack(theta)
         return prefill_latency_s(
-            unpack(theta),
-            batch=batch,
-            prompt=prompt,
-            weight_bytes=weight_bytes,
-            model_params=model_params,
-            kv_bytes_per_token=kv_bytes,
-            bandwidth_bps=bandwidth,
-            flops=flops,
+            params, prefill_terms(params, batch=batch, prompt=prompt, model=model)
         )
 
     measured = np.array([p.latency_s for p in points])

@@ -64,10 +64,14 @@ import numpy as np
 from reconciler.desired.models import GpuType, ModelSpec
 from reconciler.perfmodel.calibrate import (
     FIT_PATH,
+    ModelOnCard,
+    Num,
     decode_step_float_s,
     decode_step_s,
+    decode_terms,
     prefill_latency_float_s,
     prefill_latency_s,
+    prefill_terms,
 )
 
 GIB = 1024**3
@@ -127,8 +131,15 @@ class InstancePerf:
     # The parts of ``decode_step_scalar_s`` that do not depend on its arguments, worked
     # out once (``__post_init__``): the simulator calls it twice per generation-second.
     _decode_terms: tuple[float, ...] = field(init=False, compare=False, repr=False)
+    # The model and card operands of the fitted forms (calibrate's decode and prefill).
+    _model_on_card: ModelOnCard = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        # In ModelOnCard's field order: the model's sizes, then the card's rates.
+        model_on_card = ModelOnCard(
+            self.weight_bytes, self.params, self.kv_bytes_per_token, self.bandwidth_bps, self.flops
+        )
+        object.__setattr__(self, "_model_on_card", model_on_card)
         d = self.decode_params
         bandwidth = self.eta_bandwidth * self.bandwidth_bps
         # Each term as decode_step_scalar_s groups it, so every result is bit for bit the
@@ -162,30 +173,21 @@ class InstancePerf:
     def prefill_latency_s(self, prompt_tokens: np.ndarray | float, batch: int = 1) -> np.ndarray:
         """Time for one prefill pass over ``batch`` prompts of ``prompt_tokens`` each."""
         prompt = np.asarray(prompt_tokens, dtype=float)
-        return prefill_latency_s(
+        terms = prefill_terms(
             self.prefill_params,
             batch=np.zeros_like(prompt) + batch,
             prompt=prompt,
-            weight_bytes=self.weight_bytes,
-            model_params=self.params,
-            kv_bytes_per_token=self.kv_bytes_per_token,
-            bandwidth_bps=self.bandwidth_bps,
-            flops=self.flops,
+            model=self._model_on_card,
         )
+        return prefill_latency_s(self.prefill_params, terms)
 
     def prefill_latency_one_s(self, prompt_tokens: float) -> float:
         """:meth:`prefill_latency_s` of one prompt alone, as a float and bit for bit the
         same (for the planner's bisections over a prompt length)."""
-        return prefill_latency_float_s(
-            self.prefill_params,
-            batch=1.0,
-            prompt=prompt_tokens,
-            weight_bytes=self.weight_bytes,
-            model_params=self.params,
-            kv_bytes_per_token=self.kv_bytes_per_token,
-            bandwidth_bps=self.bandwidth_bps,
-            flops=self.flops,
+        terms = prefill_terms(
+            self.prefill_params, batch=1.0, prompt=prompt_tokens, model=self._model_on_card
         )
+        return prefill_latency_float_s(self.prefill_params, terms)
 
     def prefill_work(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
         """Work of one prompt in compute-equivalent FLOPs (linear layers + attention at
@@ -214,35 +216,29 @@ class InstancePerf:
         """Time between tokens for an instance decoding ``batch`` sequences holding
         ``kv_tokens`` tokens of cache in total (their mean context ``mean_context``)."""
         b = np.maximum(np.asarray(batch, dtype=float), 1e-9)
-        return decode_step_s(
-            self.decode_params,
-            batch=b,
-            kv_tokens=np.asarray(kv_tokens, dtype=float),
-            # Heads are split over the TP group: one sequence's cache per GPU shrinks.
-            max_seq_tokens=np.asarray(mean_context, dtype=float) / self.gpus,
-            weight_bytes=self.weight_bytes,
-            model_params=self.params,
-            kv_bytes_per_token=self.kv_bytes_per_token,
-            bandwidth_bps=self.bandwidth_bps,
-            flops=self.flops,
-            eta_bw=self.eta_bandwidth,
-            eta_compute=self.eta_compute_decode,
+        terms = self._decode_terms_at(
+            b, np.asarray(kv_tokens, dtype=float), np.asarray(mean_context, dtype=float)
         )
+        return decode_step_s(self.decode_params, terms)
 
     def decode_step_float_s(self, batch: float, kv_tokens: float, mean_context: float) -> float:
         """:meth:`decode_step_s` of one instance as a float, bit for bit the same (for the
         planner's bisections over a batch; :meth:`decode_step_scalar_s` is faster still
         but rounds differently in the last bits)."""
-        return decode_step_float_s(
+        terms = self._decode_terms_at(max(batch, 1e-9), kv_tokens, mean_context)
+        return decode_step_float_s(self.decode_params, terms)
+
+    def _decode_terms_at(
+        self, batch: Num, kv_tokens: Num, mean_context: Num
+    ) -> tuple[Num, Num, Num, Num, Num]:
+        """calibrate's :func:`decode_terms` of this instance (``batch`` already floored)."""
+        return decode_terms(
             self.decode_params,
-            batch=max(batch, 1e-9),
+            batch=batch,
             kv_tokens=kv_tokens,
+            # Heads are split over the TP group: one sequence's cache per GPU shrinks.
             max_seq_tokens=mean_context / self.gpus,
-            weight_bytes=self.weight_bytes,
-            model_params=self.params,
-            kv_bytes_per_token=self.kv_bytes_per_token,
-            bandwidth_bps=self.bandwidth_bps,
-            flops=self.flops,
+            model=self._model_on_card,
             eta_bw=self.eta_bandwidth,
             eta_compute=self.eta_compute_decode,
         )

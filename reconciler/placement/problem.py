@@ -281,6 +281,8 @@ class WorkGroup:
         return self.domain.class_rank if self.domain is not None else CLASS_RANK["high"]
 
     def freeze(self) -> DeploymentGroup:
+        """The deployment group this work group now stands for (the inverse of
+        :meth:`from_group`, field for field): the original when nothing moved."""
         if self.original is not None and not self._changed():
             return self.original
         roles = {
@@ -317,6 +319,7 @@ class WorkGroup:
 
     @staticmethod
     def from_group(group: DeploymentGroup, topology: Topology) -> WorkGroup:
+        """A deployed group as a work group to edit (:meth:`freeze` turns it back)."""
         return WorkGroup(
             service=group.service,
             cluster=group.cluster,

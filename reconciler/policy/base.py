@@ -8,7 +8,8 @@ the ``Decision``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -103,6 +104,37 @@ class DecisionInput:
     ) -> tuple[ServicePolicy, ServiceFleet, ServiceMetrics, PolicyHistory, float]:
         """(policy, fleet, metrics, history, now_s), for code written over them."""
         return self.policy, self.fleet, self.metrics, self.history, self.now_s
+
+
+def clamps_note(clamps: Sequence[Clamp]) -> str:
+    """``"; clamps: "`` and the clamps, for the end of a decision's message ("" if none)."""
+    return "; clamps: " + ", ".join(str(c) for c in clamps) if clamps else ""
+
+
+def decided(
+    service: str,
+    counts: tuple[int, int],
+    before: Sequence[int],
+    reason: Reason,
+    message: str,
+    clamps: Sequence[Clamp],
+    remembered: PolicyHistory,
+    now_s: float,
+) -> Decision:
+    """The decision to run ``counts`` (prefill, decode) of ``service``, carrying
+    ``remembered`` as the next cycle's history, its last change moved to ``now_s``
+    when the counts differ from those ``before``. Every autoscaler ends here."""
+    if counts[0] != before[0] or counts[1] != before[1]:
+        remembered = replace(remembered, last_change_at_s=now_s)
+    return Decision(
+        service=service,
+        prefill=counts[0],
+        decode=counts[1],
+        reason=reason,
+        message=message,
+        clamps=tuple(clamps),
+        history=remembered,
+    )
 
 
 class Autoscaler(Protocol):

@@ -25,11 +25,19 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
-from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory, Recommendation
+from reconciler.policy.base import (
+    Clamp,
+    Decision,
+    DecisionInput,
+    PolicyHistory,
+    Recommendation,
+    clamps_note,
+    decided,
+)
 from reconciler.policy.clamps import RoleBounds, ceil_count, clamp_bounds, clamp_step
 from reconciler.policy.coordinated import policy_numbers, sample_problem
 from reconciler.state import ROLES, MetricName, Role, ServiceFleet, ServiceMetrics
@@ -71,6 +79,17 @@ class HpaTarget:
 class _HpaRole:
     recommendation: int  # NO_RECOMMENDATION when the metric was unusable
     text: str
+
+
+class HpaSettings(TypedDict, total=False):
+    """The settings every :class:`PerRoleHpa` takes by keyword (defaults there), typed
+    for the subclasses' ``**settings``."""
+
+    tolerance: float
+    scale_down_window_s: float
+    scale_up_limit_instances: int
+    scale_up_limit_percent: float
+    metric_max_age_s: float | None
 
 
 class PerRoleHpa(ABC):
@@ -222,25 +241,14 @@ class PerRoleHpa(ABC):
                 _bounds(policy, role),
                 clamps,
             )
-        changed = final["prefill"] != fleet.prefill.active or final["decode"] != fleet.decode.active
-        message = f"{self.name}: " + "; ".join(parts)
-        if clamps:
-            message += "; clamps: " + ", ".join(str(c) for c in clamps)
-        return Decision(
-            service=policy.name,
-            prefill=final["prefill"],
-            decode=final["decode"],
-            reason="baseline",
-            message=message,
-            clamps=tuple(clamps),
-            history=PolicyHistory(
-                recommendations=(
-                    *past,
-                    Recommendation(now_s, recommendations["prefill"], recommendations["decode"]),
-                ),
-                last_change_at_s=now_s if changed else history.last_change_at_s,
-            ),
+        message = f"{self.name}: " + "; ".join(parts) + clamps_note(clamps)
+        asked = Recommendation(now_s, recommendations["prefill"], recommendations["decode"])
+        remembered = PolicyHistory(
+            recommendations=(*past, asked), last_change_at_s=history.last_change_at_s
         )
+        counts = (final["prefill"], final["decode"])
+        before = (fleet.prefill.active, fleet.decode.active)
+        return decided(policy.name, counts, before, "baseline", message, clamps, remembered, now_s)
 
     def _stabilise(
         self,
@@ -293,12 +301,8 @@ class HpaGpuUtilAutoscaler(PerRoleHpa):
         self,
         target_utilisation: float = 0.6,
         *,
-        tolerance: float = 0.1,
-        scale_down_window_s: float = 300.0,
         signal: Literal["gpu_util", "sm_active"] = "gpu_util",
-        scale_up_limit_instances: int = 4,
-        scale_up_limit_percent: float = 100.0,
-        metric_max_age_s: float | None = None,
+        **settings: Unpack[HpaSettings],
     ) -> None:
         if not 0.0 < target_utilisation <= 1.0:
             raise AutoscalerConfigError(
@@ -308,15 +312,7 @@ class HpaGpuUtilAutoscaler(PerRoleHpa):
             raise AutoscalerConfigError(
                 f"{self.name}: signal must be 'gpu_util' or 'sm_active', got {signal!r}"
             )
-        # Each HPA spells out the shared settings (rather than **kwargs) so its signature
-        # stays typed and readable where autoscalers are built by name and swept.
-        super().__init__(
-            tolerance=tolerance,
-            scale_down_window_s=scale_down_window_s,
-            scale_up_limit_instances=scale_up_limit_instances,
-            scale_up_limit_percent=scale_up_limit_percent,
-            metric_max_age_s=metric_max_age_s,
-        )
+        super().__init__(**settings)
         self.target_utilisation = target_utilisation
         self.signal = signal
         self._targets: dict[Role, HpaTarget] = {
@@ -356,12 +352,7 @@ class HpaTokensAutoscaler(PerRoleHpa):
         self,
         prefill_tps_per_instance: float | None = None,
         decode_tps_per_instance: float | None = None,
-        *,
-        tolerance: float = 0.1,
-        scale_down_window_s: float = 300.0,
-        scale_up_limit_instances: int = 4,
-        scale_up_limit_percent: float = 100.0,
-        metric_max_age_s: float | None = None,
+        **settings: Unpack[HpaSettings],
     ) -> None:
         for what, value in (
             ("prefill_tps_per_instance", prefill_tps_per_instance),
@@ -371,13 +362,7 @@ class HpaTokensAutoscaler(PerRoleHpa):
                 raise AutoscalerConfigError(
                     f"{self.name}: {what} must be positive tokens/s, got {value}"
                 )
-        super().__init__(
-            tolerance=tolerance,
-            scale_down_window_s=scale_down_window_s,
-            scale_up_limit_instances=scale_up_limit_instances,
-            scale_up_limit_percent=scale_up_limit_percent,
-            metric_max_age_s=metric_max_age_s,
-        )
+        super().__init__(**settings)
         self.prefill_tps_per_instance = prefill_tps_per_instance
         self.decode_tps_per_instance = decode_tps_per_instance
 
@@ -478,20 +463,12 @@ def fixed_counts(
     clamps: list[Clamp] = []
     prefill = clamp_bounds(asked[0], _bounds(policy, "prefill"), clamps)
     decode = clamp_bounds(asked[1], _bounds(policy, "decode"), clamps)
-    message = f"{label}: {asked[0]} prefill, {asked[1]} decode"
-    if clamps:
-        message += "; clamps: " + ", ".join(str(c) for c in clamps)
-    changed = prefill != fleet.prefill.active or decode != fleet.decode.active
-    # Built like the paper's policy's hold (coordinated._hold) but kept apart: a
-    # baseline remembers only its last change, the hold its whole history.
-    return Decision(
-        service=policy.name,
-        prefill=prefill,
-        decode=decode,
-        reason="baseline",
-        message=message,
-        clamps=tuple(clamps),
-        history=PolicyHistory(last_change_at_s=now_s if changed else history.last_change_at_s),
+    message = f"{label}: {asked[0]} prefill, {asked[1]} decode" + clamps_note(clamps)
+    # A baseline remembers only its last change (the paper policy's hold, its whole history).
+    remembered = PolicyHistory(last_change_at_s=history.last_change_at_s)
+    before = (fleet.prefill.active, fleet.decode.active)
+    return decided(
+        policy.name, (prefill, decode), before, "baseline", message, clamps, remembered, now_s
     )
 
 
@@ -500,6 +477,7 @@ __all__ = [
     "NO_RECOMMENDATION",
     "AutoscalerConfigError",
     "HpaGpuUtilAutoscaler",
+    "HpaSettings",
     "HpaTarget",
     "HpaTokensAutoscaler",
     "PerRoleHpa",

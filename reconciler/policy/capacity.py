@@ -821,33 +821,13 @@ def prefill_capacity(
 
 
 def prefill_instances_for(
-    demand_tps: float,
-    perf: InstancePerf,
-    mix: RequestMix,
-    ttft_slo_s: float,
-    quantile: float,
-    transfer_s_per_token: float,
-    decode_first_step_s: float,
-    latency_factor: float = 1.0,
-    max_instances: int = 4096,
+    demand_tps: float, at: Callable[[int], PrefillCapacity], max_instances: int = 4096
 ) -> tuple[int, PrefillCapacity]:
-    """The fewest instances ``n`` whose capacity at ``n`` servers covers
-    ``demand_tps`` (attainable-mix tokens/s, see ``PrefillCapacity.demand_tps``), and
-    that capacity. ``n x capacity(n)`` grows with ``n`` (a larger pool queues less),
-    so a bisection over ``n`` finds it; ``max_instances`` when even that is short."""
-
-    def at(n: int) -> PrefillCapacity:
-        return prefill_capacity(
-            perf,
-            mix,
-            ttft_slo_s,
-            quantile,
-            transfer_s_per_token,
-            decode_first_step_s,
-            n,
-            latency_factor,
-        )
-
+    """The fewest instances ``n`` whose capacity ``at(n)`` (:func:`prefill_capacity`
+    with ``n`` as its ``instances_hint``) covers ``demand_tps`` (attainable-mix
+    tokens/s, see ``PrefillCapacity.demand_tps``), and that capacity. ``n x
+    capacity(n)`` grows with ``n`` (a larger pool queues less), so a bisection over
+    ``n`` finds it; ``max_instances`` when even that is short."""
     lo, hi = 1, max(int(max_instances), 1)
     cap = at(lo)
     if demand_tps <= cap.tps_per_instance:
@@ -867,87 +847,67 @@ def prefill_instances_for(
     return hi, at(hi)
 
 
-def _loaded_queue(
-    perf: InstancePerf,
-    mix: RequestMix,
-    prompt_tps_per_instance: float,
-    instances: int,
-    transfer_s_per_token: float,
-    decode_first_step_s: float,
-    latency_factor: float,
-) -> tuple[_PrefillQueue, float] | None:
-    """The whole mix's queue and its utilisation at a load; None when the model has no
-    capacity for it or the load saturates it (the TTFT is then infinite)."""
-    queue = _PrefillQueue(
-        perf, mix, transfer_s_per_token, decode_first_step_s, latency_factor, instances, None
-    )
-    if queue.empty:
-        return None
-    rho = prompt_tps_per_instance / queue.sustained_tps
-    if rho >= MAX_GGC_UTILISATION:
-        return None
-    return queue, rho
+@dataclass(frozen=True)
+class PrefillLoad:
+    """A prefill load as the TTFT model reads it: ``prompt_tps_per_instance`` on each
+    of ``instances`` instances of ``perf`` serving ``mix``, the TTFT read at
+    ``quantile``; a request's first token also waits for its KV transfer
+    (``transfer_s_per_token``) and one decode step (``decode_first_step_s``)."""
+
+    perf: InstancePerf
+    mix: RequestMix
+    quantile: float
+    prompt_tps_per_instance: float
+    instances: int
+    transfer_s_per_token: float
+    decode_first_step_s: float
+
+    def unloaded(self, latency_factor: float) -> _PrefillQueue:
+        """The whole mix's queue on these instances, its load not yet applied."""
+        return _PrefillQueue(
+            self.perf,
+            self.mix,
+            self.transfer_s_per_token,
+            self.decode_first_step_s,
+            latency_factor,
+            self.instances,
+            None,
+        )
+
+    def queue(self, latency_factor: float) -> tuple[_PrefillQueue, float] | None:
+        """The whole mix's queue and its utilisation at this load; None when the model
+        has no capacity for it or the load saturates it (the TTFT is then infinite)."""
+        queue = self.unloaded(latency_factor)
+        if queue.empty:
+            return None
+        rho = self.prompt_tps_per_instance / queue.sustained_tps
+        if rho >= MAX_GGC_UTILISATION:
+            return None
+        return queue, rho
 
 
-def predicted_ttft_s(
-    perf: InstancePerf,
-    mix: RequestMix,
-    quantile: float,
-    prompt_tps_per_instance: float,
-    instances: int,
-    transfer_s_per_token: float,
-    decode_first_step_s: float,
-    latency_factor: float = 1.0,
-) -> float:
+def predicted_ttft_s(load: PrefillLoad, latency_factor: float = 1.0) -> float:
     """The model's TTFT at the SLO quantile over the whole mix (as observed:
-    unattainable requests included) when each of ``instances`` instances receives
-    ``prompt_tps_per_instance``; ``inf`` at or beyond saturation."""
-    loaded = _loaded_queue(
-        perf,
-        mix,
-        prompt_tps_per_instance,
-        instances,
-        transfer_s_per_token,
-        decode_first_step_s,
-        latency_factor,
-    )
+    unattainable requests included) at ``load``; ``inf`` at or beyond saturation."""
+    loaded = load.queue(latency_factor)
     if loaded is None:
         return math.inf
     queue, rho = loaded
-    return queue.ttft_quantile_s(rho, quantile)
+    return queue.ttft_quantile_s(rho, load.quantile)
 
 
-# A twin of predicted_ttft_s by design: the same arguments and loaded queue, answering
-# only the bucket test the planner needs on its hot path.
 def predicted_ttft_side(
-    perf: InstancePerf,
-    mix: RequestMix,
-    quantile: float,
-    prompt_tps_per_instance: float,
-    instances: int,
-    transfer_s_per_token: float,
-    decode_first_step_s: float,
-    latency_factor: float,
-    lower_s: float,
-    upper_s: float,
+    load: PrefillLoad, latency_factor: float, lower_s: float, upper_s: float
 ) -> int:
     """Where :func:`predicted_ttft_s` (same arguments) lies against the latency bucket
     ``(lower_s, upper_s]``: -1 at or below ``lower_s``, 0 inside, 1 above. The same
     answer as computing it and comparing, without its bisection in most cases
     (``_PrefillQueue.ttft_side`` says why)."""
-    loaded = _loaded_queue(
-        perf,
-        mix,
-        prompt_tps_per_instance,
-        instances,
-        transfer_s_per_token,
-        decode_first_step_s,
-        latency_factor,
-    )
+    loaded = load.queue(latency_factor)
     if loaded is None:
         return bucket_side(math.inf, lower_s, upper_s)
     queue, rho = loaded
-    return queue.ttft_side(rho, quantile, lower_s, upper_s)
+    return queue.ttft_side(rho, load.quantile, lower_s, upper_s)
 
 
 # --------------------------------------------------------------------------- decode
@@ -1100,18 +1060,9 @@ def implied_decode_factor(
     return observed_tbt_s / predicted if predicted > 0 else None
 
 
-def implied_prefill_factor(
-    perf: InstancePerf,
-    mix: RequestMix,
-    observed_ttft_s: float,
-    quantile: float,
-    prompt_tps_per_instance: float,
-    instances: int,
-    transfer_s_per_token: float,
-    decode_first_step_s: float,
-) -> float | None:
+def implied_prefill_factor(load: PrefillLoad, observed_ttft_s: float) -> float | None:
     """The factor at which the model's TTFT (:func:`predicted_ttft_s`) equals the
-    observed one at the observed load. Not the plain ratio of TTFTs: only the
+    observed one at the observed ``load``. Not the plain ratio of TTFTs: only the
     prefill part of TTFT scales with the instance's speed (transfer and the decode step
     do not), and near saturation the wait grows much faster than the speed factor, so
     a plain ratio would over-correct. TTFT grows with the factor, so bisection over
@@ -1119,10 +1070,11 @@ def implied_prefill_factor(
     returned. ``None`` without a usable observation."""
     if not (math.isfinite(observed_ttft_s) and observed_ttft_s > 0):
         return None
+    prompt_tps_per_instance = load.prompt_tps_per_instance
     if not (math.isfinite(prompt_tps_per_instance) and prompt_tps_per_instance >= 0):
         return None
-
-    base = _PrefillQueue(perf, mix, transfer_s_per_token, decode_first_step_s, 1.0, instances, None)
+    quantile = load.quantile
+    base = load.unloaded(1.0)
 
     def within(factor: float) -> bool:
         """Whether the model with ``factor`` predicts a TTFT quantile <= observed."""

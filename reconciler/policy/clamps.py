@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from reconciler.desired.ratio import format_ratio
 from reconciler.policy.base import Clamp
+from reconciler.state import Role
 
 # Float slack for ceil/floor: 41600 / 1600 must be 26, not 27 after a rounding error.
 _EPS = 1e-9
@@ -159,80 +160,26 @@ def enforce_ratio(
     if _ratio_ok(prefill, decode, ratio_min, ratio_max):
         return prefill, decode
     bounds_text = f"ratio bounds {format_ratio(ratio_min)}..{format_ratio(ratio_max)}"
-    # The two branches mirror each other (prefill short / decode short) rather than
-    # share a helper: each keeps its own float arithmetic (x ratio_min, / ratio_max)
-    # and clamp wording, which the golden decisions pin.
+    # The role short of the ratio, the count it needs and its maximum, and what the
+    # other role comes to if it stops at that maximum: each side in its own float
+    # arithmetic (x ratio_min, / ratio_max), which the golden decisions pin.
+    short: Role | None = None
     if decode > 0 and prefill < decode * ratio_min:
+        short, capped = "prefill", prefill_bounds.max_instances
         needed = ceil_count(decode * ratio_min)
-        if needed <= prefill_bounds.max_instances and _ratio_ok(
-            needed, decode, ratio_min, ratio_max
-        ):
-            clamps.append(
-                Clamp("ratio_min", "prefill", prefill, needed, f"{bounds_text}, {decode} decode")
-            )
-            return needed, decode
-        if needed > prefill_bounds.max_instances:
-            capped = prefill_bounds.max_instances
-            fed = max(floor_count(capped / ratio_min), decode_bounds.min_instances)
-            if fed < decode and _ratio_ok(capped, fed, ratio_min, ratio_max):
-                if capped != prefill:
-                    clamps.append(
-                        Clamp("ratio_min", "prefill", prefill, capped, f"{bounds_text}, max")
-                    )
-                clamps.append(
-                    Clamp(
-                        "ratio_min",
-                        "decode",
-                        decode,
-                        fed,
-                        f"{bounds_text}: prefill at max {capped} feeds at most {fed} decode",
-                    )
-                )
-                return capped, fed
+        fed = max(floor_count(capped / ratio_min), decode_bounds.min_instances)
     elif prefill > decode * ratio_max:
+        short, capped = "decode", decode_bounds.max_instances
         needed = ceil_count(prefill / ratio_max)
-        if needed <= decode_bounds.max_instances and _ratio_ok(
-            prefill, needed, ratio_min, ratio_max
-        ):
-            clamps.append(
-                Clamp("ratio_max", "decode", decode, needed, f"{bounds_text}, {prefill} prefill")
-            )
-            return prefill, needed
-        if needed > decode_bounds.max_instances:
-            capped = decode_bounds.max_instances
-            fed = max(floor_count(capped * ratio_max), prefill_bounds.min_instances)
-            if fed < prefill and _ratio_ok(fed, capped, ratio_min, ratio_max):
-                if capped != decode:
-                    clamps.append(
-                        Clamp("ratio_max", "decode", decode, capped, f"{bounds_text}, max")
-                    )
-                clamps.append(
-                    Clamp(
-                        "ratio_max",
-                        "prefill",
-                        prefill,
-                        fed,
-                        f"{bounds_text}: decode at max {capped} takes at most {fed} prefill",
-                    )
-                )
-                return fed, capped
-    return _nearest_feasible_pair(
-        prefill, decode, ratio_min, ratio_max, prefill_bounds, decode_bounds, clamps, bounds_text
-    )
-
-
-def _nearest_feasible_pair(
-    prefill: int,
-    decode: int,
-    ratio_min: float,
-    ratio_max: float,
-    prefill_bounds: RoleBounds,
-    decode_bounds: RoleBounds,
-    clamps: list[Clamp],
-    bounds_text: str,
-) -> tuple[int, int]:
-    """Rare path of :func:`enforce_ratio`: scan decode counts outward from ``decode``
-    (upward first) for one that admits an integer prefill count inside the bounds."""
+        fed = max(floor_count(capped * ratio_max), prefill_bounds.min_instances)
+    if short is not None:
+        grown = _grow_short_role(
+            short, needed, capped, fed, prefill, decode, ratio_min, ratio_max, clamps, bounds_text
+        )
+        if grown is not None:
+            return grown
+    # 3-4. Rare: scan decode counts outward from ``decode`` (upward first) for one that
+    # admits an integer prefill count inside the bounds.
     lowest, highest = decode_bounds.min_instances, decode_bounds.max_instances
     for distance in range(0, max(highest - lowest, 0) + 1):
         for candidate in (decode + distance, decode - distance):
@@ -258,6 +205,48 @@ def _nearest_feasible_pair(
         )
     )
     return prefill, decode
+
+
+def _grow_short_role(
+    short: Role,
+    needed: int,
+    capped: int,
+    fed: int,
+    prefill: int,
+    decode: int,
+    ratio_min: float,
+    ratio_max: float,
+    clamps: list[Clamp],
+    bounds_text: str,
+) -> tuple[int, int] | None:
+    """Steps 1-2 of :func:`enforce_ratio` for the ``short`` role: grow it to the
+    ``needed`` count, or, past its maximum (``capped``), shrink the other role to the
+    ``fed`` count that maximum serves. None where neither lands inside the ratio."""
+    name, other, verb = (
+        ("ratio_min", "decode", "feeds")
+        if short == "prefill"
+        else ("ratio_max", "prefill", "takes")
+    )
+    count, other_count = (prefill, decode) if short == "prefill" else (decode, prefill)
+
+    def pair(short_count: int, other_count: int) -> tuple[int, int]:
+        """(prefill, decode) of a count of each."""
+        return (short_count, other_count) if short == "prefill" else (other_count, short_count)
+
+    if needed <= capped and _ratio_ok(*pair(needed, other_count), ratio_min, ratio_max):
+        clamps.append(Clamp(name, short, count, needed, f"{bounds_text}, {other_count} {other}"))
+        return pair(needed, other_count)
+    if (
+        needed > capped
+        and fed < other_count
+        and _ratio_ok(*pair(capped, fed), ratio_min, ratio_max)
+    ):
+        if capped != count:
+            clamps.append(Clamp(name, short, count, capped, f"{bounds_text}, max"))
+        detail = f"{bounds_text}: {short} at max {capped} {verb} at most {fed} {other}"
+        clamps.append(Clamp(name, other, other_count, fed, detail))
+        return pair(capped, fed)
+    return None
 
 
 def round_to_groups(

@@ -80,7 +80,7 @@ import math
 import operator
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
@@ -91,6 +91,8 @@ from reconciler.policy.base import (
     PolicyHistory,
     Reason,
     Recommendation,
+    clamps_note,
+    decided,
 )
 from reconciler.policy.clamps import (
     RoleBounds,
@@ -733,70 +735,39 @@ def decide(
     prefill, decode = stabilise(n, recommendation, current, past, history, now_s, clamps, floor)
 
     reason = _reason(current, prefill, decode, recommendation, within_tolerance, fired)
-    return finish(
-        n,
-        current,
-        (prefill, decode),
-        recommendation,
-        reason,
-        parts,
-        clamps,
-        past,
+    this_cycle = Recommendation(now_s, recommendation[0], recommendation[1])
+    remembered = replace(
         history,
-        now_s,
+        recommendations=(*past, this_cycle),
         kv_usage=kv_samples,
         dynamic_ratio=ratio if n.dynamic_ratio else None,
         extra=extra,
         planner=None,
     )
+    return finish(n, current, (prefill, decode), reason, parts, clamps, remembered, now_s)
 
 
 def finish(
     n: PolicyNumbers,
     current: list[int],
-    decided: tuple[int, int],
-    recommendation: tuple[int, int],
+    counts: tuple[int, int],
     reason: Reason,
     parts: list[str],
     clamps: list[Clamp],
-    past: tuple[Recommendation, ...],
-    history: PolicyHistory,
+    remembered: PolicyHistory,
     now_s: float,
-    *,
-    kv_usage: tuple[tuple[float, float], ...],
-    dynamic_ratio: float | None,
-    extra: tuple[tuple[str, float], ...],
-    planner: object | None,
 ) -> Decision:
-    """The decision with its one-line message (reasons, then the clamps and the result)
-    and the history the next cycle needs: this cycle's recommendation appended."""
-    prefill, decode = decided
+    """The decision for ``counts`` with its one-line message (reasons, then the clamps
+    and the result), carrying what the policy ``remembered`` for the next cycle (this
+    cycle's recommendation among them)."""
+    prefill, decode = counts
     message = "; ".join(parts)
     if clamps:
         message += (
-            "; clamps: "
-            + ", ".join([str(c) for c in clamps])
+            clamps_note(clamps)
             + f" => {prefill} prefill, {decode} decode (now {current[0]}, {current[1]})"
         )
-    changed = prefill != current[0] or decode != current[1]
-    return Decision(
-        service=n.service,
-        prefill=prefill,
-        decode=decode,
-        reason=reason,
-        message=message,
-        clamps=tuple(clamps),
-        history=PolicyHistory(
-            recommendations=(*past, Recommendation(now_s, recommendation[0], recommendation[1])),
-            last_change_at_s=now_s if changed else history.last_change_at_s,
-            ttft_ms=history.ttft_ms,
-            tbt_ms=history.tbt_ms,
-            kv_usage=kv_usage,
-            dynamic_ratio=dynamic_ratio,
-            extra=extra,
-            planner=planner,
-        ),
-    )
+    return decided(n.service, counts, current, reason, message, clamps, remembered, now_s)
 
 
 def stabilise(
@@ -933,27 +904,11 @@ def _hold(
     clamps: list[Clamp] = []
     prefill = clamp_bounds(current[0], n.prefill_bounds, clamps)
     decode = clamp_bounds(current[1], n.decode_bounds, clamps)
-    message = f"{problem}: hold {current[0]} prefill, {current[1]} decode"
-    if clamps:
-        message += "; clamps: " + ", ".join(str(c) for c in clamps)
-    changed = prefill != current[0] or decode != current[1]
-    return Decision(
-        service=n.service,
-        prefill=prefill,
-        decode=decode,
-        reason="metrics_missing",
-        message=message,
-        clamps=tuple(clamps),
-        history=PolicyHistory(
-            recommendations=(*past, Recommendation(now_s, prefill, decode)),
-            last_change_at_s=now_s if changed else history.last_change_at_s,
-            ttft_ms=history.ttft_ms,
-            tbt_ms=history.tbt_ms,
-            kv_usage=kv_samples,
-            dynamic_ratio=history.dynamic_ratio,
-            extra=history.extra,
-            planner=history.planner,
-        ),
+    message = f"{problem}: hold {current[0]} prefill, {current[1]} decode" + clamps_note(clamps)
+    held = Recommendation(now_s, prefill, decode)
+    remembered = replace(history, recommendations=(*past, held), kv_usage=kv_samples)
+    return decided(
+        n.service, (prefill, decode), current, "metrics_missing", message, clamps, remembered, now_s
     )
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -292,30 +292,31 @@ def update(
         seasonal=seasonal,
         day_mean=curve,
         day_count=tuple(day_count),
-    )
-
-    # 4. File this cycle's forecasts for scoring (only once forecasts are made).
-    if _has_history(new, config):
-        for index, horizon in enumerate(config.horizons_s):
-            predicted, _ = _sizing_forecast(new, config, horizon)
-            pending.append((at_s + horizon, float(index), predicted))
-    return ForecastState(
-        samples=new.samples,
-        first_at_s=new.first_at_s,
-        last_at_s=new.last_at_s,
-        last_value=new.last_value,
-        level=new.level,
-        trend=new.trend,
-        seasonal=new.seasonal,
-        day_mean=new.day_mean,
-        day_count=new.day_count,
         pending=tuple(pending),
         errors=tuple(tuple(e) for e in errors),
     )
 
+    # 4. File this cycle's forecasts for scoring (only once forecasts are made).
+    if _has_history(new, config):
+        filed = tuple(
+            (at_s + horizon, float(index), _sizing_forecast(new, config, horizon)[0])
+            for index, horizon in enumerate(config.horizons_s)
+        )
+        new = replace(new, pending=new.pending + filed)
+    return new
+
 
 def _has_history(state: ForecastState, config: ForecastConfig) -> bool:
     return state.samples > 1 and state.last_at_s - state.first_at_s >= config.window_s
+
+
+def _config_if_history(
+    state: ForecastState, config: ForecastConfig | None
+) -> ForecastConfig | None:
+    """``config`` (the default when None) if ``state`` has the history to forecast from,
+    else None: the guard of every public forecast below."""
+    config = config or ForecastConfig()
+    return config if _has_history(state, config) else None
 
 
 def headroom(
@@ -342,10 +343,8 @@ def trend_forecast(
 ) -> float | None:
     """The model's own forecast (Holt, shaped by the daily curve once in use), without
     the floor at the latest sample that :func:`forecast` applies for sizing."""
-    config = config or ForecastConfig()
-    if not _has_history(state, config):
-        return None
-    return _raw_forecast(state, config, horizon_s)[0]
+    config = _config_if_history(state, config)
+    return None if config is None else _raw_forecast(state, config, horizon_s)[0]
 
 
 def sizing_demand(
@@ -353,10 +352,8 @@ def sizing_demand(
 ) -> float | None:
     """:func:`forecast`'s demand alone (None likewise): for a caller that takes its
     headroom from elsewhere and reads :func:`headroom` only when it needs it."""
-    config = config or ForecastConfig()
-    if not _has_history(state, config):
-        return None
-    return _sizing_forecast(state, config, horizon_s)[0]
+    config = _config_if_history(state, config)
+    return None if config is None else _sizing_forecast(state, config, horizon_s)[0]
 
 
 def forecast(
@@ -365,8 +362,8 @@ def forecast(
     """Demand expected ``horizon_s`` after the last sample, with its headroom; ``None``
     with less than ``window_s`` of history (the caller uses the current demand plus
     ``min_headroom``)."""
-    config = config or ForecastConfig()
-    if not _has_history(state, config):
+    config = _config_if_history(state, config)
+    if config is None:
         return None
     demand, seasonal = _sizing_forecast(state, config, horizon_s)
     room, used = headroom(state, horizon_s, config)
@@ -382,8 +379,8 @@ def stays_below(
     """Scale-in guard: whether the forecast *with headroom* stays at or below
     ``threshold`` at every cycle over the next ``window_s`` (the stabilisation window).
     ``False`` without a forecast: no history, no evidence that demand will stay low."""
-    config = config or ForecastConfig()
-    if not _has_history(state, config):
+    config = _config_if_history(state, config)
+    if config is None:
         return False
     steps = max(1, math.ceil(window_s / config.interval_s))
     for k in range(steps + 1):

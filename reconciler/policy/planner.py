@@ -73,10 +73,11 @@ from functools import lru_cache
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets
-from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory
+from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory, Recommendation
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
     LatencyCorrection,
+    PrefillLoad,
     RequestMix,
     RoleCapacities,
     bucket_side,
@@ -447,23 +448,13 @@ def plan_decide(
         )
 
     # 1 (continued). Demand: what was served plus what queued up.
-    prefill_in = role_demand(
-        "prefill",
-        prefill_tps,
-        metrics.prefill_queue,
-        mix.prompt_mean_tokens if mix is not None else None,
-        memory.prefill_backlog,
-        now_s,
-        n.metric_max_age_s,
-    )
-    decode_in = role_demand(
-        "decode",
-        decode_tps,
-        metrics.decode_queue,
-        mix.output_mean_tokens if mix is not None else None,
-        memory.decode_backlog,
-        now_s,
-        n.metric_max_age_s,
+    means = (None, None) if mix is None else (mix.prompt_mean_tokens, mix.output_mean_tokens)
+    prefill_in, decode_in = (
+        role_demand(role, served, queue, mean, backlog, now_s, n.metric_max_age_s)
+        for role, served, queue, mean, backlog in (
+            ("prefill", prefill_tps, metrics.prefill_queue, means[0], memory.prefill_backlog),
+            ("decode", decode_tps, metrics.decode_queue, means[1], memory.decode_backlog),
+        )
     )
     if mix is not None and mix.prompt_mean_tokens > 0:
         decode_in = decode_follows_prefill(
@@ -667,24 +658,11 @@ def plan_decide(
 
     within = recommendation == (current[0], current[1])
     reason = _reason(current, prefill, decode, recommendation, within, fired)
-    # The paper's policy ends with the same call (coordinated.py): one shared ``finish``
-    # builds the decision, each policy passing what it remembers.
-    return finish(
-        n,
-        current,
-        (prefill, decode),
-        recommendation,
-        reason,
-        parts,
-        clamps,
-        past,
-        history,
-        now_s,
-        kv_usage=history.kv_usage,
-        dynamic_ratio=None,
-        extra=history.extra,
-        planner=memory,
+    this_cycle = Recommendation(now_s, recommendation[0], recommendation[1])
+    remembered = replace(
+        history, recommendations=(*past, this_cycle), dynamic_ratio=None, planner=memory
     )
+    return finish(n, current, (prefill, decode), reason, parts, clamps, remembered, now_s)
 
 
 def _count_for_demand(
@@ -856,14 +834,16 @@ def _corrected(
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
             first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
             # The observed load, as both the inversion and the bucket test read it.
-            load = (slo.quantile, per_instance, ready[0], transfer, first_step_s)
+            load = PrefillLoad(
+                perf.prefill, mix, slo.quantile, per_instance, ready[0], transfer, first_step_s
+            )
             implied = within_bucket(
-                lambda s: implied_prefill_factor(perf.prefill, mix, s, *load),
+                lambda s: implied_prefill_factor(load, s),
                 ttft.value / 1000.0,
                 policy_latency_buckets(policy, "ttft"),
                 correction.prefill,
                 side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
-                    perf.prefill, mix, *load, factor, lower_s, upper_s
+                    load, factor, lower_s, upper_s
                 ),
             )
             # The TTFT tail reads the prompt-length tail, which engines bucket coarsely

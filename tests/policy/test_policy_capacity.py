@@ -20,6 +20,8 @@ from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.capacity import (
     LatencyCorrection,
     LengthHistogram,
+    PrefillCapacity,
+    PrefillLoad,
     RequestMix,
     bucket_side,
     decode_capacity,
@@ -182,8 +184,10 @@ def test_prefill_capacity_meets_the_slo_at_the_returned_rate_and_not_above() -> 
     cap = prefill_capacity(prefill, mix, 1.0, 0.9, tpt(), 0.05, 4)
     assert cap.unattainable.share == 0.0  # so the whole mix is what the SLO covers
     assert 0.5 < cap.utilisation < 0.99
-    at = predicted_ttft_s(prefill, mix, 0.9, cap.tps_per_instance, 4, tpt(), 0.05)
-    above = predicted_ttft_s(prefill, mix, 0.9, cap.tps_per_instance * 1.01, 4, tpt(), 0.05)
+    at = predicted_ttft_s(PrefillLoad(prefill, mix, 0.9, cap.tps_per_instance, 4, tpt(), 0.05))
+    above = predicted_ttft_s(
+        PrefillLoad(prefill, mix, 0.9, cap.tps_per_instance * 1.01, 4, tpt(), 0.05)
+    )
     assert at == pytest.approx(cap.ttft_quantile_s)
     assert at <= 1.0 + 1e-4 < above
 
@@ -193,9 +197,14 @@ def test_at_zero_load_the_predicted_ttft_is_the_idle_one() -> None:
     (it divided 0 by 0 before)."""
     _, prefill, _, _ = chat()
     mix = chat_mix()
-    idle = predicted_ttft_s(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05)
-    assert idle == pytest.approx(predicted_ttft_s(prefill, mix, 0.9, 1e-9, 4, tpt(), 0.05))
-    assert predicted_ttft_side(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05, 1.0, 0.0, idle * 2) == 0
+    idle = predicted_ttft_s(PrefillLoad(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05))
+    assert idle == pytest.approx(
+        predicted_ttft_s(PrefillLoad(prefill, mix, 0.9, 1e-9, 4, tpt(), 0.05))
+    )
+    assert (
+        predicted_ttft_side(PrefillLoad(prefill, mix, 0.9, 0.0, 4, tpt(), 0.05), 1.0, 0.0, idle * 2)
+        == 0
+    )
 
 
 def test_a_larger_pool_sustains_more_per_instance() -> None:
@@ -210,9 +219,13 @@ def test_instances_for_a_demand_are_the_fewest_that_cover_it() -> None:
     _, prefill, _, _ = chat()
     mix = chat_mix()
     demand = 100_000.0
-    n, cap = prefill_instances_for(demand, prefill, mix, 0.5, 0.9, tpt(), 0.05)
+
+    def at(instances: int) -> PrefillCapacity:
+        return prefill_capacity(prefill, mix, 0.5, 0.9, tpt(), 0.05, instances)
+
+    n, cap = prefill_instances_for(demand, at)
     assert n * cap.tps_per_instance >= demand
-    fewer = prefill_capacity(prefill, mix, 0.5, 0.9, tpt(), 0.05, n - 1)
+    fewer = at(n - 1)
     assert (n - 1) * fewer.tps_per_instance < demand
 
 
@@ -492,8 +505,9 @@ def test_prefill_correction_converges_within_a_few_cycles_when_the_model_is_30_p
     factors = []
     for cycle in range(5):
         load = 6_000.0 + 500.0 * cycle  # prompt tokens/s per instance, below saturation
-        observed = predicted_ttft_s(prefill, mix, 0.9, load, 8, tpt(), 0.05, truth)
-        implied = implied_prefill_factor(prefill, mix, observed, 0.9, load, 8, tpt(), 0.05)
+        at_load = PrefillLoad(prefill, mix, 0.9, load, 8, tpt(), 0.05)
+        observed = predicted_ttft_s(at_load, truth)
+        implied = implied_prefill_factor(at_load, observed)
         assert implied == pytest.approx(truth, rel=1e-3)
         correction = correction.updated("prefill", implied)
         factors.append(correction.prefill)
@@ -607,16 +621,23 @@ def test_the_predicted_ttfts_side_of_a_bucket_is_the_predictions() -> None:
             full = prefill_capacity(prefill, mix, 10.0, 0.9, tpt(), 0.05, instances)
             for share in (0.1, 0.6, 0.95):
                 for factor in (0.5, 1.0, 1.7):
-                    args = (prefill, mix, 0.9, full.sustained_tps_per_instance * share, instances)
-                    rest = (tpt(), 0.05, factor)
-                    predicted = predicted_ttft_s(*args, *rest)
+                    load = PrefillLoad(
+                        prefill,
+                        mix,
+                        0.9,
+                        full.sustained_tps_per_instance * share,
+                        instances,
+                        tpt(),
+                        0.05,
+                    )
+                    predicted = predicted_ttft_s(load, factor)
                     edges = {0.0, 0.1, 1.0, math.inf}
                     for delta in (0.0, 1e-7, 1e-6, 1.9e-6, 2e-6, 2.1e-6, 1e-5, 1e-3):
                         edges |= {predicted - delta, predicted + delta}
                     ordered = sorted(e for e in edges if e >= 0)
                     for i, lower in enumerate(ordered):
                         for upper in ordered[i + 1 :]:
-                            side = predicted_ttft_side(*args, *rest, lower, upper)
+                            side = predicted_ttft_side(load, factor, lower, upper)
                             assert side == bucket_side(predicted, lower, upper)
                             checked += 1
     assert checked > 4_000
