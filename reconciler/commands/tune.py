@@ -59,6 +59,7 @@ from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
 from reconciler.errors import ConfigError, PermanentError
+from reconciler.policy.gpu_economics import choose_gpu_types
 from reconciler.review.tune import (
     DEFAULT_HEADROOM,
     PAPER,
@@ -404,9 +405,15 @@ def register(app: typer.Typer) -> None:
                     console.print(check.line(), soft_wrap=True, markup=False)
                     warnings.extend(check.warnings())
                 currency = state.clusters[policy.cluster].currency
-                for economics in gpu_type_economics(state, service, sweep, pool):
+                declared = choose_gpu_types(policy, state.clusters[policy.cluster])
+                for economics, choice in zip(
+                    gpu_type_economics(state, service, sweep, pool), declared, strict=True
+                ):
                     if len(economics.types) > 1:  # a choice only where a role allows several
                         console.print(economics.line(currency), soft_wrap=True, markup=False)
+                    drift = economics.ranking_drift(choice.first, currency)
+                    if drift is not None:
+                        warnings.append(drift)
                     warning = economics.warning(currency)
                     if warning is not None:
                         warnings.append(warning)

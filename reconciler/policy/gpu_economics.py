@@ -139,6 +139,27 @@ class RoleEconomics:
         order = "cheapest first" if self.ranked() != self.types else "preferred first"
         return f"{self.role} by allowed GPU type, {order}: " + "; ".join(parts)
 
+    def ranking_drift(self, declared_first: str | None, currency: str) -> str | None:
+        """Ranked by cost, the policy prices its types at its declared
+        ``request_shape`` (``declared_first`` comes first there); when this mix puts
+        another type first by more than ``COSTLIER_TOLERANCE``, the line that says so
+        (the declared shape no longer describes the traffic); else None."""
+        ranked = self.ranked()
+        if self.gpu_choice != "cost" or not ranked or declared_first is None:
+            return None
+        best = ranked[0]
+        declared = next((t for t in self.types if t.gpu_type == declared_first), None)
+        if best.gpu_type == declared_first or declared is None:
+            return None
+        ratio = self.cost_ratio(declared)
+        if ratio is None or ratio <= 1.0 + COSTLIER_TOLERANCE:
+            return None
+        return (
+            f"{self.role} is ranked by cost at the declared request_shape ({declared_first} "
+            f"first), but at this mix a {self.role} token costs {ratio:.2f}x as much there "
+            f"as on {best.gpu_type} ({currency}): update request_shape to the traffic"
+        )
+
     def warning(self, currency: str) -> str | None:
         ratio = self.costlier_preference()
         if ratio is None:

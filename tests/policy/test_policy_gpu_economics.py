@@ -8,7 +8,7 @@ import pytest
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.loader import DesiredState
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.policy.capacity import LatencyCorrection
 from reconciler.policy.gpu_economics import (
     COSTLIER_TOLERANCE,
@@ -202,3 +202,24 @@ def test_a_difference_within_the_tolerance_or_an_unpriced_type_is_not_reported()
     assert unpriced.costlier_preference() is None and unpriced.cheapest is not None
     assert unpriced.types[0].mtok_per_usd is None
     assert economics().preferred is None and economics().warning("USD") is None
+
+
+def test_a_live_mix_that_reverses_the_declared_ranking_is_reported(state: DesiredState) -> None:
+    """Ranked by cost at chat's declared shape (1,150 / 210 tokens) H800 decodes for
+    less; at long contexts (7,800 / 700) decode reads far more KV cache per token, the
+    H800's compute edge shrinks and the H20 is cheaper: tune says the declared shape no
+    longer describes the traffic. The declared mix itself raises nothing."""
+    policy = with_choice(state.policies["chat"], "decode", "cost")
+    cluster = state.clusters[policy.cluster]
+    _, declared_choice = choose_gpu_types(policy, cluster)
+    assert declared_choice.first == "h800"
+    _, declared = role_economics(policy, cluster, declared_mix(policy.request_shape))
+    assert declared.ranking_drift(declared_choice.first, "USD") is None
+    long_mix = declared_mix(RequestShape(prompt_tokens=7800, output_tokens=700))
+    _, live = role_economics(policy, cluster, long_mix)
+    drift = live.ranking_drift(declared_choice.first, "USD")
+    assert drift is not None and "update request_shape" in drift and "on h20" in drift
+    # Kept by preference, nothing is ranked by cost, so nothing drifts.
+    kept = with_choice(policy, "decode", "preference")
+    _, live_kept = role_economics(kept, cluster, long_mix)
+    assert live_kept.ranking_drift("h20", "USD") is None
