@@ -30,6 +30,16 @@ scenario over the seeds, the CP-SAT runs over 2 s of CPU, and the line
 greedy one, every scenario and seed).
 
     python benchmarks/bench_placement.py [--seed 0 | --seeds N] [--fill 0.5] [--workers 2]
+
+With ``--gpus N[,N...]`` (the shared option of benchmarks/bench_validate.py), the run
+is a curve instead: per size, a fleetgen fleet of N GPUs (100 services) filled to about
+--fill by the initial targets (placed by CP-SAT, not timed), then the "~10% change"
+scenario only (all four with --all-scenarios), both placers, the same table and summary
+lines, and at the end one line per run (CPU and wall time per placer, CP-SAT status, the worse-than-greedy terms,
+how many runs were worse):
+
+    python benchmarks/bench_placement.py --gpus 10000,20000,40000,80000,160000 [--seeds 2]
+        [--all-scenarios]
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.fleetgen import large_desired_state
+from benchmarks.bench_validate import add_gpus_option
+from benchmarks.fleetgen import GPUS_PER_NODE, large_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.placement.base import PlacementOptions, PlacementRequest, PlacementResult
 from reconciler.placement.cpsat import CpSatPlacer
@@ -178,13 +189,24 @@ class Run:
     greedy_cpu_s: float
     kept_greedy: bool
     worse_on: str | None
+    gpus: int = 0
+    cp_sat_wall_s: float = 0.0
+    greedy_wall_s: float = 0.0
+    status: str = ""
+    gap: float | None = None
+    same_on_rerun: bool = True
 
 
 def scenarios(
     args: argparse.Namespace, running: FleetState, targets0: dict[str, Targets]
 ) -> dict[str, tuple[FleetState, dict[str, Targets]]]:
+    change = {
+        f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed))
+    }
+    if args.change_only:
+        return change
     return {
-        f"~{args.change:.0%} change": (running, changed_targets(targets0, args.change, args.seed)),
+        **change,
         # Prefill alone grows (TTFT feedback) with the fleet half full: where a group's
         # domain is full, an anchored group (one decode beyond target) opens elsewhere.
         f"prefill only (+{args.prefill_growth:.0%})": (
@@ -197,7 +219,7 @@ def scenarios(
 
 
 def run_seed(args: argparse.Namespace) -> list[Run]:
-    state = large_desired_state(nodes=2500, services=100, seed=args.seed)
+    state = large_desired_state(nodes=args.nodes, services=100, seed=args.seed)
     spec = state.clusters["large"]
     policies = {p.name: p for p in state.policies_for("large")}
     total_gpus = sum(n.gpus for n in spec.nodes)
@@ -270,17 +292,22 @@ def run_seed(args: argparse.Namespace) -> list[Run]:
         ]
         results: dict[str, PlacementResult] = {}
         cpu_s: dict[str, float] = {}
+        wall_s: dict[str, float] = {}
         for name, req in placements:
             placer = GreedyPlacer() if name == "greedy" else CpSatPlacer()
             cpu = time.process_time()
+            wall = time.perf_counter()
             result = placer.place(req)
+            wall = time.perf_counter() - wall
             cpu = time.process_time() - cpu
             print(f"  {name:<17} {describe(result)}; CPU {cpu:.3f} s")
             if name in ("cp-sat", "greedy"):
                 results[name] = result
                 cpu_s[name] = cpu
+                wall_s[name] = wall
         again = CpSatPlacer().place(request)
-        print(f"  cp-sat rerun gives the same layout: {again.groups == results['cp-sat'].groups}")
+        same = again.groups == results["cp-sat"].groups
+        print(f"  cp-sat rerun gives the same layout: {same}")
         measured = {name: measure(spec, policies, fleet, r, targets) for name, r in results.items()}
         table(measured)
         worse_on = first_worse_term(measured["cp-sat"], measured["greedy"])
@@ -296,6 +323,12 @@ def run_seed(args: argparse.Namespace) -> list[Run]:
                 greedy_cpu_s=cpu_s["greedy"],
                 kept_greedy=cp_stats.kept_greedy,
                 worse_on=worse_on,
+                gpus=total_gpus,
+                cp_sat_wall_s=wall_s["cp-sat"],
+                greedy_wall_s=wall_s["greedy"],
+                status=cp_stats.status,
+                gap=cp_stats.gap,
+                same_on_rerun=same,
             )
         )
         print(
@@ -346,6 +379,46 @@ def summary(runs: list[Run], cpu_limit_s: float) -> None:
     print(f"cp-sat worse than greedy: {worse} of {len(runs)} runs")
 
 
+SHORT_TERMS = ("unmet", "anchor", "span", "scarce steps", "overflow", "pref cost", "-whole")
+
+
+def curve(runs: list[Run], cpu_limit_s: float) -> None:
+    """One line per run of the --gpus sizes: times, status and the worse-than-greedy
+    terms of both placers (cp-sat / greedy), then per size the worse count."""
+    print("\n=== curve (terms cp-sat / greedy, lower is better)")
+    print("  terms, in order: " + ", ".join(f"{i + 1}. {t}" for i, t in enumerate(SHORT_TERMS)))
+    print(
+        f"  {'GPUs':>8} {'seed':>4} {'scenario':<14} {'cp-sat CPU':>10} {'wall':>7} "
+        f"{'greedy CPU':>10} {'wall':>7} {'status':<16} {'kept':>4} {'rerun':>5}  "
+        "terms 1-7 (cp-sat/greedy)"
+    )
+    for r in runs:
+        terms = " ".join(
+            f"{a:,.0f}/{b:,.0f}"
+            for (_n, a), (_m, b) in zip(
+                objective_terms(r.cp_sat), objective_terms(r.greedy), strict=True
+            )
+        )
+        print(
+            f"  {r.gpus:>8,} {r.seed:>4} {r.scenario[:14]:<14} {r.cp_sat_cpu_s:>8.3f} s "
+            f"{r.cp_sat_wall_s:>5.2f} s {r.greedy_cpu_s:>8.3f} s {r.greedy_wall_s:>5.2f} s "
+            f"{r.status:<16} {'yes' if r.kept_greedy else 'no':>4} "
+            f"{'same' if r.same_on_rerun else 'DIFF':>5}  {terms}"
+            + (f"  WORSE on {r.worse_on}" if r.worse_on else "")
+        )
+    for gpus in dict.fromkeys(r.gpus for r in runs):
+        mine = [r for r in runs if r.gpus == gpus]
+        worse = sum(r.worse_on is not None for r in mine)
+        cpu = max(r.cp_sat_cpu_s for r in mine)
+        over = " (at or over the limit)" if cpu >= cpu_limit_s else ""
+        print(
+            f"  {gpus:>8,} GPUs: cp-sat worse than greedy: {worse} of {len(mine)} runs; "
+            f"cp-sat CPU max {cpu:.3f} s{over}, greedy CPU max "
+            f"{max(r.greedy_cpu_s for r in mine):.3f} s; rerun differs in "
+            f"{sum(not r.same_on_rerun for r in mine)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0, help="the one seed to run (without --seeds)")
@@ -356,12 +429,38 @@ def main() -> None:
     parser.add_argument("--prefill-growth", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=2.0)
+    add_gpus_option(parser, [])
+    parser.add_argument(
+        "--all-scenarios",
+        action="store_true",
+        help="with --gpus: all four scenarios per size, not only the ~10%% change",
+    )
     args = parser.parse_args()
     seeds = list(range(args.seeds)) if args.seeds is not None else [args.seed]
     runs: list[Run] = []
-    for seed in seeds:
-        runs += run_seed(argparse.Namespace(**{**vars(args), "seed": seed}))
+    if not args.gpus:
+        for seed in seeds:
+            runs += run_seed(
+                argparse.Namespace(
+                    **{**vars(args), "seed": seed, "nodes": 2500, "change_only": False}
+                )
+            )
+        summary(runs, cpu_limit_s=2.0)
+        return
+    for gpus in args.gpus:
+        for seed in seeds:
+            runs += run_seed(
+                argparse.Namespace(
+                    **{
+                        **vars(args),
+                        "seed": seed,
+                        "nodes": gpus // GPUS_PER_NODE,
+                        "change_only": not args.all_scenarios,
+                    }
+                )
+            )
     summary(runs, cpu_limit_s=2.0)
+    curve(runs, cpu_limit_s=2.0)
 
 
 if __name__ == "__main__":

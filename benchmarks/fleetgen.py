@@ -3,9 +3,10 @@
 
 The cluster mixes the three RDMA subgroup classes like the example fleet:
 pods 0-2 are H800-only and 3-5 H20-only (class low), pod 6 has one type per S1
-(medium), pod 7 mixes H800 and H20 under every S1 (high). Services vary in model
-size, tensor parallelism, GPU preferences, affinity and priority, deterministically
-from the seed.
+(medium), pod 7 mixes H800 and H20 under every S1 (high: its S0 leaves alternate
+types, at least two leaves per S1, so the smallest fleet is MIN_NODES = 80 nodes).
+Services vary in model size, tensor parallelism, GPU preferences, affinity and
+priority, deterministically from the seed.
 
     python benchmarks/fleetgen.py OUT_DIR [--nodes 2500] [--services 100] [--seed 0]
 """
@@ -23,6 +24,8 @@ S2_COUNT = 8
 S1_PER_S2 = 5
 NODES_PER_S0 = 8
 GPUS_PER_NODE = 8
+# Two nodes under every S1: the fewest that keep pod-7 mixed (class high) under each.
+MIN_NODES = 2 * S2_COUNT * S1_PER_S2
 
 GPU_CATALOGUE = """\
 gpu_types:
@@ -54,6 +57,11 @@ def cluster_yaml(nodes: int = 2500, name: str = "large") -> str:
         f"defaults: {{gpus_per_node: {GPUS_PER_NODE}}}",
         "s2:",
     ]
+    if nodes < MIN_NODES:
+        raise ValueError(
+            f"{nodes} nodes: at least {MIN_NODES} (two under every S1, so pod-7's S1 "
+            "switches can mix GPU types)"
+        )
     per_s1 = _split(nodes, S2_COUNT * S1_PER_S2)
     s1_index = 0
     for pod in range(S2_COUNT):
@@ -73,7 +81,12 @@ def cluster_yaml(nodes: int = 2500, name: str = "large") -> str:
                     f"        defaults: {{gpu_type: {'h800' if mini % 2 == 0 else 'h20'}}}"
                 )
             lines.append("        s0:")
-            leaves = _split(count, max(1, round(count / NODES_PER_S0)))
+            leaf_count = max(1, round(count / NODES_PER_S0))
+            if pod == 7:
+                # Class high: both GPU types under every S1, so at least two leaves
+                # (one H800, one H20) even where the S1 has fewer than 1.5 leaves' nodes.
+                leaf_count = max(2, leaf_count)
+            leaves = _split(count, leaf_count)
             first = 0
             for leaf, leaf_nodes in enumerate(leaves):
                 gpu_type = ""
@@ -171,6 +184,8 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.nodes < MIN_NODES:
+        parser.error(f"--nodes {args.nodes}: at least {MIN_NODES}")
     write_large_fleet(args.out_dir, nodes=args.nodes, services=args.services, seed=args.seed)
     print(f"wrote {args.nodes} nodes and {args.services} services under {args.out_dir}")
 

@@ -265,9 +265,18 @@ def pack(
         raise AssertionError("node packing overbooked a node")
     used_now = start_free - free
     expect = np.zeros_like(free)
+    # Items of one domain and type share one node array: each array is made a set once
+    # (a set per item was most of the packing time on a 160,000-GPU fleet).
+    allowed_of: dict[int, tuple[np.ndarray, set[int]]] = {}
     for it in items:
-        allowed = set(it.nodes.tolist())
-        for node, count in placed.get(it.key, {}).items():
+        spot = placed.get(it.key)
+        if not spot:
+            continue
+        cached = allowed_of.get(id(it.nodes))
+        if cached is None or cached[0] is not it.nodes:
+            cached = allowed_of[id(it.nodes)] = (it.nodes, set(it.nodes.tolist()))
+        allowed = cached[1]
+        for node, count in spot.items():
             if node not in allowed:
                 raise AssertionError(f"item {it.key!r} placed outside its domain")
             expect[node] += count * it.size

@@ -363,6 +363,7 @@ class PlacementProblem:
     started_s: float = field(default_factory=time.perf_counter)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # reported in every result's stats
+    _running_ids: dict[str, frozenset[str]] | None = field(default=None, init=False, repr=False)
 
     @property
     def cluster(self) -> str:
@@ -371,9 +372,17 @@ class PlacementProblem:
     def free(self) -> np.ndarray:
         return self.topology.free_gpus(self.used)
 
-    def running_ids(self, service: str) -> set[str]:
-        """Ids of the service's groups at the start of the cycle (never reused in it)."""
-        return {g.group_id for g in self.request.current.groups if g.service == service}
+    def running_ids(self, service: str) -> frozenset[str]:
+        """Ids of the service's groups at the start of the cycle (never reused in it).
+
+        Indexed once per problem: asked per new group, a scan of every running group
+        made opening groups quadratic in the fleet (0.36 s at 160,000 GPUs)."""
+        if self._running_ids is None:
+            index: dict[str, set[str]] = defaultdict(set)
+            for g in self.request.current.groups:
+                index[g.service].add(g.group_id)
+            self._running_ids = {k: frozenset(v) for k, v in index.items()}
+        return self._running_ids.get(service, frozenset())
 
     def services_by_priority(self) -> list[ServiceNeed]:
         """Highest priority first, then by name (the order capacity is handed out in)."""
