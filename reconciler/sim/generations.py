@@ -32,9 +32,10 @@ splits to its last token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -44,12 +45,16 @@ from reconciler.perfmodel.instance import InstancePerf
 # (hot loops on tiny arrays; the same results).
 try:
     from numpy._core.multiarray import interp as _c_interp  # numpy >= 2
+    from numpy._core.multiarray import interp_complex as _c_interp_pair
     from numpy._core.umath import clip as fast_clip  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import interp as _c_interp  # type: ignore[no-redef]
+    from numpy.core.multiarray import interp_complex as _c_interp_pair  # type: ignore[no-redef]
     from numpy.core.umath import clip as fast_clip  # type: ignore[no-redef]
 
 _sum = np.add.reduce  # ndarray.sum without its Python wrapper (the same sum)
+# interp on complex values: the real and imaginary curves interpolated in one call.
+_interp_pair = cast(Callable[..., np.ndarray], _c_interp_pair)
 
 EPS = 1e-12
 # The row values (``SLOT_COLUMNS``) of a free slot that nothing moved from.
@@ -165,6 +170,22 @@ class DecodeGenerations:
         self.out_p99 = out_p99
         self.out_max = out_max
         self.lengths = lengths
+        # survival + i * generated: one complex interpolation gives both curves, the same
+        # bits as two real ones on this unit-spaced grid (numpy divides by the spacing in
+        # one, multiplies by its inverse in the other: both exact at 1).
+        if not np.array_equal(lengths.grid, np.arange(lengths.grid.size, dtype=np.float64)):
+            raise ValueError("LengthCurves.grid must be the integers 0 .. max")
+        self._curve_pair = np.empty(lengths.grid.size, dtype=np.complex128)
+        self._curve_pair.real = lengths.survival
+        self._curve_pair.imag = lengths.generated
+        # What every ``advance`` reads (the idle clock advance, the length curves), at once.
+        self._advance_constants = (
+            1.0 / idle_step_s if idle_step_s > 0 else 0.0,
+            lengths.grid,
+            lengths.survival,
+            self._curve_pair,
+            out_max,
+        )
         k = self.slots
         self.gen = [-1] * k  # generation id per slot, -1 free
         self.ready = [0] * k
@@ -550,15 +571,22 @@ class DecodeGenerations:
     def room(self, reserve: float) -> list[float]:
         """Sequences each slot in use can admit now: free batch and KV cache of its ready
         instances (draining ones keep their share of the generation's load)."""
-        perf = self.perf
+        max_batch, kv_capacity = self.perf.max_batch, self.perf.kv_capacity_tokens
+        gen, ready_of, draining, alive_end, kv_end = (
+            self.gen,
+            self.ready,
+            self.draining,
+            self.alive_end,
+            self.kv_end,
+        )
         out = [0.0] * self.used
         for k in range(self.used):
-            ready = self.ready[k]
-            if ready == 0 or self.gen[k] < 0:
+            ready = ready_of[k]
+            if ready == 0 or gen[k] < 0:
                 continue
-            own = ready / (ready + self.draining[k])
-            free_batch = perf.max_batch * ready - self.alive_end[k] * own
-            free_kv = (perf.kv_capacity_tokens * ready - self.kv_end[k] * own) / reserve
+            own = ready / (ready + draining[k])
+            free_batch = max_batch * ready - alive_end[k] * own
+            free_kv = (kv_capacity * ready - kv_end[k] * own) / reserve
             out[k] = max(0.0, min(free_batch, free_kv))
         return out
 
@@ -568,11 +596,15 @@ class DecodeGenerations:
         slot in use)."""
         used = self.used
         ready = self.ready
-        takers = [k for k in range(used) if ready[k] > 0 and room[k] > EPS]
-        if len(takers) == 1 and total > EPS:  # water_fill's common case, without its inputs
+        takers = taker = 0
+        for k in range(used):
+            if ready[k] > 0 and room[k] > EPS:
+                takers += 1
+                taker = k
+        if takers == 1 and total > EPS:  # water_fill's common case, without its inputs
             out = [0.0] * used
-            cap = room[takers[0]]
-            out[takers[0]] = cap if cap <= total else total
+            cap = room[taker]
+            out[taker] = cap if cap <= total else total
             return out
         if self.staleness:
             levels = [h[0] for h in self.history[:used]]
@@ -583,11 +615,13 @@ class DecodeGenerations:
     def report(self) -> None:
         """Every instance reports its load at this second's start (after routing)."""
         if self.staleness:
+            gen, ready, draining, alive_end = self.gen, self.ready, self.draining, self.alive_end
             for k in range(self.used):
-                if self.gen[k] >= 0:
+                if gen[k] >= 0:
                     history = self.history[k]
                     history.pop(0)
-                    history.append(self._load(k))
+                    instances = ready[k] + draining[k]  # _load(k), inlined (hot)
+                    history.append(alive_end[k] / instances if instances > 0 else 0.0)
 
     def idle_rows(self, idle_tau_s: float, admitted: float) -> list[float]:
         """A second of a pool that never had an instance (``used`` 0): its drain clock
@@ -612,26 +646,26 @@ class DecodeGenerations:
         """Admit (``admitted`` per slot in use, None: nothing), then run one second of
         decode on every generation. Returns the pool's totals (tokens generated,
         sequences completed, running sequences, cached tokens, instances, step time x
-        tokens, the busiest generation's step) and the slots' row values
-        (``SLOT_COLUMNS`` order, every slot)."""
-        idle_dpsi = 1.0 / self.idle_step_s if self.idle_step_s > 0 else 0.0
+        tokens, the busiest generation's step, live generations: ``live()``) and the
+        slots' row values (``SLOT_COLUMNS`` order, every slot)."""
+        idle_dpsi, grid, survival, curve_pair, out_max = self._advance_constants
         if self.used == 0:  # a pool that never had an instance
             self.clock += idle_dpsi
-            return [0.0] * 7, self._free_rows[self.slots]
-        perf = self.perf
-        step_time = perf.decode_step_scalar_s
-        grid, survival, generated = self.lengths.grid, self.lengths.survival, self.lengths.generated
-        out_max = self.out_max
+            return [0.0] * 8, self._free_rows[self.slots]
+        step_time = self.perf.decode_step_scalar_s
         tokens_total = completed_total = alive_total = kv_total = 0.0
         instances_total = tau_tokens = busiest = 0.0
+        live = 0
         row: list[float] = []
-        inf = float("inf")
+        inf = math.inf
         clock_step = clock_any = inf
         moves = self.moves
         # The per-slot lists, read once (attribute lookups add up in this loop).
         gens, ready_of, draining_of = self.gen, self.ready, self.draining
         psi_of, head_of, tail_of = self.psi, self.head, self.tail
         entry_of, count_of, prompt_of, scale_of = self.entry, self.count, self.prompt, self.scale
+        alive_end, kv_end = self.alive_end, self.kv_end
+        batch_ran, tau_ran, inst_ran = self.batch_ran, self.tau_ran, self.inst_ran
         for k in range(self.used):
             gid = gens[k]
             move = moves.get(k) if moves else None
@@ -642,6 +676,7 @@ class DecodeGenerations:
                     else (*_FREE_SLOT_ROW[:8], float(move[0]), move[1])
                 )
                 continue
+            live += 1
             to, frac = (float(move[0]), move[1]) if move is not None else (-1.0, 0.0)
             admit = admitted[k] if admitted is not None else 0.0
             if admit > EPS:
@@ -665,8 +700,8 @@ class DecodeGenerations:
                 scale = scale_of[k][lo:hi]
                 x = psi_of[k] - entry
                 length = x * scale
-                g = _c_interp(length, grid, survival, None, None)
-                gen_before = _c_interp(length, grid, generated, None, None)
+                before = _interp_pair(length, grid, curve_pair, None, None)
+                g, gen_before = before.real, before.imag
                 alive_n = n * g
                 alive = float(_sum(alive_n))
                 # ndarray.dot, not @: without matmul's ufunc overhead, the same bits on
@@ -688,8 +723,8 @@ class DecodeGenerations:
                     dpsi = 1.0 / tau
                     x2 = x + dpsi
                     length = x2 * scale
-                    g2 = _c_interp(length, grid, survival, None, None)
-                    gen_after = _c_interp(length, grid, generated, None, None)
+                    after = _interp_pair(length, grid, curve_pair, None, None)
+                    g2, gen_after = after.real, after.imag
                     completed_total += float(n.dot(g - g2))
                     tokens = float(n.dot((gen_after - gen_before) / scale))
                     tokens_total += tokens
@@ -698,8 +733,8 @@ class DecodeGenerations:
                         busiest = tau
                     psi_of[k] += dpsi
                     alive_after = n * g2
-                    self.alive_end[k] = float(_sum(alive_after))
-                    self.kv_end[k] = float(alive_after.dot(prompt + x2))
+                    alive_end[k] = float(_sum(alive_after))
+                    kv_end[k] = float(alive_after.dot(prompt + x2))
                     # Cohorts are oldest first; drop the finished prefix. A scalar scan:
                     # the prefix is short (about a cohort a second), cheaper than a mask.
                     first = lo
@@ -707,7 +742,7 @@ class DecodeGenerations:
                         first += 1
                     head_of[k] = first
                 else:
-                    self.alive_end[k] = self.kv_end[k] = 0.0
+                    alive_end[k] = kv_end[k] = 0.0
                     head_of[k] = hi
             if tau == 0.0:
                 tau = self.idle_step_s  # for plots only
@@ -717,9 +752,9 @@ class DecodeGenerations:
                     clock_any = step
                 if draining_of[k] > 0 and step < clock_step:
                     clock_step = step
-                self.batch_ran[k] = alive / instances
-                self.tau_ran[k] = tau
-            self.inst_ran[k] = instances
+                batch_ran[k] = alive / instances
+                tau_ran[k] = tau
+            inst_ran[k] = instances
             alive_total += alive
             kv_total += kv
             instances_total += instances
@@ -753,6 +788,7 @@ class DecodeGenerations:
             instances_total,
             tau_tokens,
             busiest,
+            float(live),
         ]
         return totals, row
 
@@ -930,11 +966,16 @@ def chase(
     pool_of_slot: np.ndarray,
     pools: int,
     max_rounds: int = 10_000,
+    so_far_only: bool = False,
 ) -> Chased:
     """Follow each sequence (``request``, starting on ``slot`` at ``decode_start`` with
     probability ``weight``; per-request arrays are indexed by ``request``) through its generation's moves until its ``output`` tokens
     are generated: a merge carries it to the target slot; a split carries it there with
-    the split's share and leaves the rest. Returns per-request sums (``Chased``)."""
+    the split's share and leaves the rest. Returns per-request sums (``Chased``).
+
+    ``so_far_only``: only ``within_so_far`` and ``pool_weight`` are summed (the rest stay
+    zero, the gaps inf): what judging unfinished requests on their tokens so far reads,
+    at a fraction of the cost."""
     finished = np.zeros(n)
     within_finished = np.zeros(n)
     within_so_far = np.zeros(n)
@@ -969,15 +1010,16 @@ def chase(
             r = req[done]
             ok = slow_total <= allowance[r]
             wd = w[done]
-            np.add.at(finished, r, wd)
-            np.add.at(within_finished, r, wd * ok)
             np.add.at(within_so_far, r, wd * ok)
-            gap = (t_end - decode_start[r]) / np.maximum(output[r], 1.0)
-            for q in range(pools):
-                mine = pool0[done] == q
-                if mine.any():
-                    np.add.at(gap_num[q], r[mine], wd[mine] * gap[mine])
-                    np.add.at(gap_den[q], r[mine], wd[mine])
+            if not so_far_only:
+                np.add.at(finished, r, wd)
+                np.add.at(within_finished, r, wd * ok)
+                gap = (t_end - decode_start[r]) / np.maximum(output[r], 1.0)
+                for q in range(pools):
+                    mine = pool0[done] == q
+                    if mine.any():
+                        np.add.at(gap_num[q], r[mine], wd[mine] * gap[mine])
+                        np.add.at(gap_den[q], r[mine], wd[mine])
         cont = ~done
         if not cont.any():
             break

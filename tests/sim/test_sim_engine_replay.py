@@ -22,6 +22,7 @@ from reconciler.sim.engine import (
     token_gap_quantile_s,
     token_gap_quantiles_s,
 )
+from reconciler.sim.oracle import _steps_within
 
 SERVICE = "svc-b"
 PREFILL = ("h800", "rdma")
@@ -244,3 +245,47 @@ def test_a_run_read_while_replaying_reads_as_simulated(
         assert taped.in_flight == plain.in_flight
     taped.prefill_tape = None
     assert state_of(taped) == state_of(plain)
+
+
+def test_judging_without_mean_gaps_gives_the_same_numbers(
+    state: DesiredState, load: LoadProfile
+) -> None:
+    # oracle-min's judge asks per_request for no mean gaps (mean_gaps=False): the
+    # sequences are followed for the so-far sums only, every figure it reads the same.
+    sim = warm(state, load)
+    trial(sim, 7, 12)
+    sample = load.sample
+    assert sample is not None
+    lo, hi = np.searchsorted(sample.arrival_s, [START_S, START_S + 60])
+    arrival = sample.arrival_s[lo:hi]
+    prompt = sample.prompt_tokens[lo:hi].astype(np.float64)
+    output = sample.output_tokens[lo:hi].astype(np.float64)
+    for count in (hi - lo, (hi - lo) // 2, 1):
+        args = (sim, arrival[:count], prompt[:count], output[:count])
+        plain = per_request(*args, unfinished_so_far=True)
+        lean = per_request(*args, unfinished_so_far=True, mean_gaps=False)
+        for name in ("ttft_ok", "tbt_ok", "both_ok", "complete", "unattainable"):
+            assert getattr(lean, name).tobytes() == getattr(plain, name).tobytes()
+        for name in ("ttft_values", "ttft_weights", "tbt_weights"):
+            for values, same in zip(getattr(lean, name), getattr(plain, name), strict=True):
+                assert values.tobytes() == same.tobytes()
+
+
+def test_steps_within_agrees_with_the_longest_gap(state: DesiredState, load: LoadProfile) -> None:
+    # oracle-min skips token_gap_quantiles_s when every step with tokens is within the
+    # limit (_steps_within): then the longest gap is within it too.
+    sim = warm(state, load)
+    trial(sim, 7, 9)
+    for stop in (START_S + 1, START_S + 30, START_S + 60, sim.t, sim.t + 5):
+        longest = token_gap_quantile_s(sim, 1.0, START_S, stop)
+        steps: set[float] = {0.0, 1.0}
+        for q in range(len(sim.decode_pools)):
+            tau, tokens = sim._step_times(q, START_S, stop)
+            steps |= set(tau[tokens > 0].tolist())
+        for step in sorted(steps):
+            for limit in (step, float(np.nextafter(step, -np.inf))):
+                within = _steps_within(sim, START_S, stop, limit)
+                if within:
+                    assert longest is None or longest <= limit
+                # Within exactly when the slowest step with tokens is.
+                assert within == all(s <= limit for s in steps - {0.0, 1.0})

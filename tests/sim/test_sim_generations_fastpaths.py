@@ -7,10 +7,17 @@ from __future__ import annotations
 from typing import Any, cast
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.sim.generations import EPS, DecodeGenerations, LengthCurves, water_fill
+from reconciler.sim.generations import (
+    EPS,
+    DecodeGenerations,
+    LengthCurves,
+    _interp_pair,
+    water_fill,
+)
 from reconciler.sim.oracle import _power_fit
 
 _nonnegative = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
@@ -112,7 +119,7 @@ def test_idle_rows_as_advance() -> None:
     stepped, idle = _generations(3, staleness=2), _generations(3, staleness=2)
     for _second in range(5):
         totals, slot_row = stepped.advance(None, 500.0, 1.0)
-        tokens, _done, alive, kv, instances, tau_tokens, busiest = totals
+        tokens, _done, alive, kv, instances, tau_tokens, busiest, _live = totals
         tau = tau_tokens / tokens if tokens > 0 else busiest or 0.02
         expected = [tau, alive, kv, stepped.clock, 0.0, instances, tokens, 0.0, *slot_row]
         assert idle.idle_rows(0.02, 0.0) == expected
@@ -157,3 +164,46 @@ def test_power_fit_bisects_in_floats_as_on_arrays(counts: list[int], ys: list[fl
     n1, n2, na = sorted(counts)
     points = ((n1, ys[0]), (n2, ys[1]), (na, min(ys[2], ys[0], ys[1]) / 2.0))
     assert _power_fit(*points) == _power_fit_on_arrays(*points)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    survival=st.lists(st.floats(0, 1), min_size=2, max_size=400),
+    lengths=st.lists(st.floats(-5, 500, allow_nan=False), min_size=1, max_size=40),
+    whole=st.booleans(),
+    many=st.booleans(),
+)
+def test_interp_pair_is_two_interps_bit_for_bit(
+    survival: list[float], lengths: list[float], whole: bool, many: bool
+) -> None:
+    # advance() interpolates survival and generated tokens in one complex interp on the
+    # integer grid: the same bits as two real ones (with or without numpy's slope table,
+    # which it builds when there are more points than grid steps).
+    grid = np.arange(float(len(survival)))
+    curve = np.sort(np.array(survival))[::-1]
+    generated = np.concatenate(([0.0], np.cumsum((curve[:-1] + curve[1:]) / 2.0)))
+    pair = np.empty(grid.size, dtype=np.complex128)
+    pair.real, pair.imag = curve, generated
+    x = np.array(lengths)
+    if whole:
+        x = np.floor(x)
+    if many:  # more points than the grid: numpy's slope-table branch
+        x = np.resize(x, grid.size + 1)
+    both = _interp_pair(x, grid, pair, None, None)
+    assert both.real.tobytes() == np.interp(x, grid, curve).tobytes()
+    assert both.imag.tobytes() == np.interp(x, grid, generated).tobytes()
+
+
+def test_length_curves_on_the_integer_grid_only() -> None:
+    curves = LengthCurves(np.array([0.0, 2.0, 4.0]), np.array([1.0, 0.5, 0.0]), np.zeros(3))
+    with pytest.raises(ValueError):
+        DecodeGenerations(
+            cast(Any, None),
+            slots=1,
+            staleness=0,
+            tolerance=0.05,
+            idle_step_s=0.011,
+            out_p99=100.0,
+            out_max=200.0,
+            lengths=curves,
+        )
