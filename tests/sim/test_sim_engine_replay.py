@@ -176,7 +176,11 @@ def test_fifo_delay_from_a_later_second_gives_the_same_answer() -> None:
             assert part[1].tolist() == whole[1].tolist()
 
 
-def test_judging_shortcuts_give_the_same_numbers(state: DesiredState, load: LoadProfile) -> None:
+def judged_window(
+    state: DesiredState, load: LoadProfile
+) -> tuple[ServiceSim, np.ndarray, np.ndarray, np.ndarray]:
+    """A warm simulator after one trial, and the sampled requests of the minute from
+    ``START_S`` (arrival, prompt and output tokens) that the judging tests replay."""
     sim = warm(state, load)
     trial(sim, 7, 12)
     sample = load.sample
@@ -185,8 +189,13 @@ def test_judging_shortcuts_give_the_same_numbers(state: DesiredState, load: Load
     arrival = sample.arrival_s[lo:hi]
     prompt = sample.prompt_tokens[lo:hi].astype(np.float64)
     output = sample.output_tokens[lo:hi].astype(np.float64)
+    return sim, arrival, prompt, output
+
+
+def test_judging_shortcuts_give_the_same_numbers(state: DesiredState, load: LoadProfile) -> None:
+    sim, arrival, prompt, output = judged_window(state, load)
     tables = prompt_tables(sim, prompt)
-    for count in (hi - lo, (hi - lo) // 2):
+    for count in (len(arrival), len(arrival) // 2):
         plain = per_request(sim, arrival[:count], prompt[:count], output[:count])
         kept = per_request(
             sim, arrival[:count], prompt[:count], output[:count], tables=tables.head(count)
@@ -252,15 +261,8 @@ def test_judging_without_mean_gaps_gives_the_same_numbers(
 ) -> None:
     # oracle-min's judge asks per_request for no mean gaps (mean_gaps=False): the
     # sequences are followed for the so-far sums only, every figure it reads the same.
-    sim = warm(state, load)
-    trial(sim, 7, 12)
-    sample = load.sample
-    assert sample is not None
-    lo, hi = np.searchsorted(sample.arrival_s, [START_S, START_S + 60])
-    arrival = sample.arrival_s[lo:hi]
-    prompt = sample.prompt_tokens[lo:hi].astype(np.float64)
-    output = sample.output_tokens[lo:hi].astype(np.float64)
-    for count in (hi - lo, (hi - lo) // 2, 1):
+    sim, arrival, prompt, output = judged_window(state, load)
+    for count in (len(arrival), len(arrival) // 2, 1):
         args = (sim, arrival[:count], prompt[:count], output[:count])
         plain = per_request(*args, unfinished_so_far=True)
         lean = per_request(*args, unfinished_so_far=True, mean_gaps=False)
