@@ -160,6 +160,7 @@ def validate(
 
     With --trace, also warn for every service that cannot meet its TTFT SLO for more
     than 1% of the trace's requests even on an idle instance."""
+    from reconciler.desired.checks import gpu_choice_warnings
     from reconciler.desired.loader import load_desired_state
     from reconciler.errors import ConfigError
 
@@ -180,6 +181,10 @@ def validate(
         f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
         f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
     )
+    for _name, policy in sorted(state.policies.items()):
+        cluster = state.clusters.get(policy.cluster)
+        for warning in gpu_choice_warnings(policy, cluster) if cluster is not None else ():
+            err_console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if trace is not None:
         _check_trace(state, trace, rate_scale)
 

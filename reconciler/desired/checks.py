@@ -302,6 +302,30 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
     return problems
 
 
+def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]:
+    """Roles asked to rank several GPU types by cost (``gpu_choice: cost``) that will
+    be ranked by their weights instead, and why: no ``request_shape`` to price the types
+    at, or a cluster without prices (``reconciler.policy.gpu_economics``). Warnings,
+    not errors: the weights' order is a valid ranking."""
+    out: list[str] = []
+    for role in ("prefill", "decode"):
+        rp = policy.role(role)
+        present = [t for t in rp.gpu_types if t in cluster.gpu_types]
+        if rp.gpu_choice != "cost" or len(present) < 2:
+            continue
+        if policy.request_shape is None:
+            why = "the policy declares no request_shape to price them at"
+        elif any(cluster.gpu_types[t].cost_per_hour is None for t in present):
+            why = f"cluster '{cluster.name}' has no cost_per_hour for them"
+        else:
+            continue
+        out.append(
+            f"service {policy.name}: {role} ranks {', '.join(present)} by cost, but {why}: "
+            "they are ranked by their weights"
+        )
+    return out
+
+
 def _unknown(what: str, name: str, known: Iterable[str]) -> str:
     import difflib
 
@@ -328,5 +352,6 @@ __all__ = [
     "check_policy_against_cluster",
     "derive_subgroup_class",
     "expand_range",
+    "gpu_choice_warnings",
     "subgroup_s1_members",
 ]
