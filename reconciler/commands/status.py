@@ -85,6 +85,9 @@ class ServiceStatus:
     message: str
     current: dict[str, dict[str, int]]
     target: dict[str, int]
+    # Placed instances per GPU type, per role (several types while a ranking change or
+    # a spill is being worked through).
+    gpu_types: dict[str, dict[str, int]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
 
@@ -205,6 +208,10 @@ def service_status(
                 "starting": count.starting,
                 "draining": count.draining,
             }
+            for role, count in (("prefill", fleet.prefill), ("decode", fleet.decode))
+        },
+        gpu_types={
+            role: dict(count.by_type)
             for role, count in (("prefill", fleet.prefill), ("decode", fleet.decode))
         },
         target={"prefill": decision.prefill, "decode": decision.decode},
@@ -409,11 +416,17 @@ def _active(s: ServiceStatus, role: str) -> int:
 
 
 def instances(s: ServiceStatus) -> str:
-    """Active instances per role and what the decision asks: as ``plan`` shows them."""
-    return (
-        f"prefill {transition(_active(s, 'prefill'), s.target['prefill'])}, "
-        f"decode {transition(_active(s, 'decode'), s.target['decode'])}"
-    )
+    """Active instances per role and what the decision asks: as ``plan`` shows them;
+    a role on several GPU types says how many run on each."""
+
+    def role(name: str) -> str:
+        text = f"{name} {transition(_active(s, name), s.target[name])}"
+        types = s.gpu_types.get(name, {})
+        if len(types) > 1:
+            text += " (" + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) + ")"
+        return text
+
+    return f"{role('prefill')}, {role('decode')}"
 
 
 _SERVICE_COLUMNS: tuple[Column[ServiceStatus], ...] = (

@@ -69,6 +69,7 @@ def test_json_shape_on_the_simulated_fleet() -> None:
             "message",
             "current",
             "target",
+            "gpu_types",
             "changes",
             "holds",
         }
@@ -76,7 +77,10 @@ def test_json_shape_on_the_simulated_fleet() -> None:
         assert s["health"] in ("Healthy", "Progressing", "Degraded")
         assert (s["sync"] == "OutOfSync") == bool(s["changes"])
         assert set(s["current"]["decode"]) == {"ready", "starting", "draining"}
+        active = s["current"]["decode"]["ready"] + s["current"]["decode"]["starting"]
+        assert sum(s["gpu_types"]["decode"].values()) == active
         assert all(set(h) == {"kind", "why"} for h in s["holds"])
+    assert set(services["chat"]["gpu_types"]["decode"]) == {"h20"}  # kept by preference
 
 
 def test_text_names_every_service_and_the_simulated_leader() -> None:
@@ -196,3 +200,22 @@ def test_exit_code_precedence() -> None:
     assert status(("Synced", "Progressing")).exit_code == 4
     assert status(("OutOfSync", "Healthy"), ("Synced", "Degraded")).exit_code == 3
     assert status(("OutOfSync", "Healthy"), errors=("cluster c: down",)).exit_code == 1
+
+
+def test_a_role_on_several_gpu_types_shows_each() -> None:
+    """While a ranking change or a spill is worked through, a role runs on several
+    types: the INSTANCES column says how many on each."""
+    from reconciler.commands.status import ServiceStatus, instances
+
+    counts = {"ready": 30, "starting": 2, "draining": 0}
+    status = ServiceStatus(
+        service="chat",
+        sync="OutOfSync",
+        health="Progressing",
+        reason="scale_out",
+        message="",
+        current={"prefill": dict(counts), "decode": dict(counts)},
+        target={"prefill": 32, "decode": 34},
+        gpu_types={"prefill": {"h800": 32}, "decode": {"h20": 28, "h800": 4}},
+    )
+    assert instances(status) == "prefill 32->32, decode 32->34 (h20 28, h800 4)"
