@@ -198,7 +198,8 @@ def main() -> int:
 
     # The rules are loaded in every mode, so every mode pays for their evaluation.
     prometheus = LocalPrometheus(
-        scrape_interval_s=args.scrape_interval, rules=recording_rules(window_s)
+        scrape_interval_s=args.scrape_interval,
+        rules=recording_rules(window_s, offset_s=args.scrape_interval),
     )
     try:
         prometheus.set_targets(addresses)

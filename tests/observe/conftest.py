@@ -27,6 +27,7 @@ from observe_helpers import (
     RATE_WINDOW_S,
     RELABEL_SERVICE,
     VANISHING_SCENARIOS,
+    WINDOW_OFFSET_S,
     CountingProxy,
     FakePrometheus,
     PrometheusStack,
@@ -71,7 +72,7 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
         scrape_interval_s=1.0,
         workdir=workdir,
         extra_scrape_configs=[example_engine_job(pods_sd)],
-        rules=recording_rules(RATE_WINDOW_S),
+        rules=recording_rules(RATE_WINDOW_S, offset_s=WINDOW_OFFSET_S),
     )
     try:
         prometheus.backfill(build_backfill(backfill_end_s))

@@ -61,6 +61,12 @@ uses this guards errors far larger (a missed prefix-cache subtraction is 25%, a 
 window or role a factor); proportions and quantiles are compared exactly or to 1%."""
 
 
+WINDOW_OFFSET_S = 1.0
+"""The adapter's counter and histogram windows end one scrape interval (1 s) before the
+evaluation time (``PrometheusSettings.window_offset``): a window ending at ``t`` is read
+by evaluating at ``t + WINDOW_OFFSET_S``."""
+
+
 def make_policy(
     name: str,
     *,

@@ -302,6 +302,43 @@ class TestLabelsAndOverrides:
         )
         assert query.value == 'sum by (s, r) (rate(c_total{r="prefill"}[1500ms]))'
 
+    def test_an_offset_shifts_the_rate_windows_and_their_counts_not_freshness_or_gauges(
+        self,
+    ) -> None:
+        """``offset_s`` ends the rate windows (and their sample counts) that long before
+        the evaluation time (``settled_range``); freshness and gauges stay at it."""
+        policy = make_policy("svc")
+        tps = signal_query(policy, "prefill_tps", window_s=60, offset_s=15)
+        assert tps is not None and tps.samples is not None and tps.sampled_at is not None
+        assert 'rate(vllm:prompt_tokens_total{role="prefill"}[60s] offset 15s)' in tps.value
+        assert 'rate(vllm:prefix_cache_hits_total{role="prefill"}[60s] offset 15s)' in tps.value
+        assert "[60s])" not in tps.value  # every window is shifted
+        assert 'count_over_time(vllm:prompt_tokens_total{role="prefill"}[60s] offset 15s)' in (
+            tps.samples
+        )
+        assert "offset" not in tps.sampled_at
+        ttft = signal_query(policy, "ttft", window_s=10, offset_s=1)
+        assert ttft is not None
+        assert 'vllm:time_to_first_token_seconds_bucket{role="prefill"}[10s] offset 1s' in (
+            ttft.value
+        )
+        mix = signal_query(policy, "prompt_tokens", window_s=10, offset_s=1.5)
+        assert mix is not None and "[10s] offset 1500ms)" in mix.value
+        gauge = signal_query(policy, "decode_gpu_util", window_s=60, offset_s=15)
+        assert gauge is not None and "offset" not in gauge.value
+        unshifted = signal_query(policy, "prefill_tps", window_s=60)
+        assert unshifted is not None and "offset" not in unshifted.value
+
+    def test_recording_rules_take_the_offset_too(self) -> None:
+        rules = recording_rules(60, offset_s=15)["groups"][0]["rules"]
+        records = {rule["record"]: rule["expr"] for rule in rules}
+        assert records["heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s"] == (
+            "sum by (service, role, le) "
+            "(rate(vllm:time_to_first_token_seconds_bucket[60s] offset 15s))"
+            " or sum by (service, role, le) "
+            "(rate(vllm_time_to_first_token_seconds_bucket[60s] offset 15s))"
+        )
+
 
 class TestServiceRestriction:
     def test_matcher_on_every_selector(self) -> None:

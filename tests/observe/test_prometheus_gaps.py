@@ -6,7 +6,9 @@ On the session's backfilled history (``_gap_history``: every bf-gap series resum
 after a 120 s gap; bf-newpod has one decode pod whose history starts there) the
 evaluation time fixes exactly how many samples each window holds; with 1 s samples
 and a 10 s window a covered window holds 11 and the adapter needs 8
-(``WindowCoverage``: three quarters of 10).
+(``WindowCoverage``: three quarters of 10). The adapter's windows end
+``WINDOW_OFFSET_S`` before the evaluation time, so a window ending at ``t`` is read at
+``t + WINDOW_OFFSET_S``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from observe_helpers import (
     PREFILL,
     RATE_TOLERANCE,
     RATE_WINDOW_S,
+    WINDOW_OFFSET_S,
     PrometheusStack,
     Scenario,
     expected_metrics,
@@ -84,9 +87,10 @@ def _fleet(prefill: int, decode: int) -> ServiceFleet:
 def test_a_window_resumed_after_a_gap_is_missing_not_low_and_the_policy_holds(
     prometheus_stack: PrometheusStack,
 ) -> None:
-    now_s = _resumed(prometheus_stack) + 3  # 4 samples in the 10 s window
+    window_end_s = _resumed(prometheus_stack) + 3  # 4 samples in the 10 s window
+    now_s = window_end_s + WINDOW_OFFSET_S
     true_rate = 3 * GAP_DECODE_PER_S
-    raw = _raw_decode_rate(prometheus_stack, "bf-gap", now_s)
+    raw = _raw_decode_rate(prometheus_stack, "bf-gap", window_end_s)
     assert raw < 0.5 * true_rate, "the fault itself: the partial window reads far too low"
 
     policy = make_policy("bf-gap", quantile=0.75)
@@ -121,7 +125,7 @@ def test_the_threshold_is_three_quarters_of_the_window(
     prometheus_stack: PrometheusStack, after_s: int, covered: bool
 ) -> None:
     """7 samples of 10 are missing, 8 are read: N = ceil(0.75 x 10 s / 1 s)."""
-    now_s = _resumed(prometheus_stack) + after_s
+    now_s = _resumed(prometheus_stack) + after_s + WINDOW_OFFSET_S
     metrics, reasons = _fetch(prometheus_stack, [make_policy("bf-gap")], now_s)
     for signal in WINDOWED:
         assert (getattr(metrics["bf-gap"], signal) is not None) is covered, signal
@@ -134,7 +138,7 @@ def test_the_threshold_is_three_quarters_of_the_window(
 def test_once_the_window_is_covered_again_every_signal_reads_exactly(
     prometheus_stack: PrometheusStack,
 ) -> None:
-    now_s = _resumed(prometheus_stack) + 10  # 11 samples: the whole window
+    now_s = _resumed(prometheus_stack) + 10 + WINDOW_OFFSET_S  # 11 samples: the whole window
     metrics, reasons = _fetch(prometheus_stack, [make_policy("bf-gap", quantile=0.75)], now_s)
     got = metrics["bf-gap"]
     assert not [r for (service, _), r in reasons.items() if service == "bf-gap" and "window" in r]
@@ -153,7 +157,7 @@ def test_once_the_window_is_covered_again_every_signal_reads_exactly(
 def test_a_new_pod_with_a_short_history_does_not_blank_its_service(
     prometheus_stack: PrometheusStack,
 ) -> None:
-    now_s = _resumed(prometheus_stack) + 3  # the new pod has 4 samples, the others 11
+    now_s = _resumed(prometheus_stack) + 3 + WINDOW_OFFSET_S  # new pod: 4 samples, others 11
     metrics, reasons = _fetch(prometheus_stack, [make_policy("bf-newpod")], now_s)
     decode = metrics["bf-newpod"].decode_tps
     assert decode is not None, reasons.get(("bf-newpod", "decode_tps"))
@@ -193,7 +197,9 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
     exporter = FleetExporter()
     register(exporter, {RESTART_SERVICE: scenario})
     prometheus = LocalPrometheus(
-        scrape_interval_s=1.0, workdir=tmp_path, rules=recording_rules(RATE_WINDOW_S)
+        scrape_interval_s=1.0,
+        workdir=tmp_path,
+        rules=recording_rules(RATE_WINDOW_S, offset_s=WINDOW_OFFSET_S),
     )
     policy = make_policy(RESTART_SERVICE)
     exporter.start()
@@ -244,7 +250,7 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
         now_s = time.time()
         times = _sample_times(prometheus.url, now_s, 4 * int(RATE_WINDOW_S))
         resumed = next(b for a, b in itertools.pairwise(times) if b - a > RATE_WINDOW_S)
-        at_s = resumed + 3.5
+        at_s = resumed + 3.5 + WINDOW_OFFSET_S
         for recorded in (False, True):
             settings = settings_for(prometheus.url, recorded_histograms=recorded)
             with PrometheusMetricsSource(settings) as source:
@@ -255,7 +261,9 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
                     for g in source.last_report.gaps
                     if g.service == RESTART_SERVICE
                 }
-                covered = source.fetch([policy], resumed + RATE_WINDOW_S + 0.5)[RESTART_SERVICE]
+                covered = source.fetch([policy], resumed + RATE_WINDOW_S + 0.5 + WINDOW_OFFSET_S)[
+                    RESTART_SERVICE
+                ]
             for signal in ("decode_tps", "prefill_tps", "ttft", "tbt", *LENGTH_NAMES):
                 assert getattr(early, signal) is None, (recorded, signal)
                 assert reasons[signal].startswith("window not covered"), (recorded, signal)

@@ -248,7 +248,8 @@ def test_stale_histograms_are_missing(prometheus_stack: PrometheusStack) -> None
     metrics, reasons = _fetch(prometheus_stack.url, [policy], end_s, rate_window_s=60.0)
     assert metrics["bf-mix-stale"].prompt_tokens is None
     assert reasons[("bf-mix-stale", "prompt_tokens")] == [
-        "window not covered: 31 of 60 samples (at least 45 needed)"
+        # The window ends WINDOW_OFFSET_S before the evaluation: end - 61 s .. end - 30 s.
+        "window not covered: 32 of 60 samples (at least 45 needed)"
     ]
     # Read as the same history 30 s earlier, with the window covered, it is usable.
     metrics, _ = _fetch(

@@ -83,7 +83,7 @@ def test_generated_recording_rules_pass_promtool(tmp_path: Path) -> None:
         pytest.skip("promtool not installed (apt-get install prometheus)")
     path = tmp_path / "rules.yml"
     with path.open("w") as out:
-        YAML(typ="safe").dump(recording_rules(60, interval_s=30), out)
+        YAML(typ="safe").dump(recording_rules(60, interval_s=30, offset_s=15), out)
     done = subprocess.run(
         [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
     )
