@@ -515,6 +515,141 @@ class PrometheusStack:
     def url(self) -> str:
         return self.prometheus.url
 
+    def targets_of(self, services: Iterable[str]) -> list[str]:
+        """The scrape targets (exporter addresses) that export any of ``services``."""
+        wanted = set(services)
+        exporters = (self.main, self.fleet, self.openmetrics, self.vanishing, *self.pods)
+        return [
+            exporter.address
+            for exporter in exporters
+            if any(key.service in wanted for key in exporter.instances())
+        ]
+
+    def settled_now(self, *services: str, extra_s: float = 0.0) -> float:
+        """An evaluation time at which the adapter reads ``services`` from cleanly
+        scraped windows: ``wait_for_clean_window`` on the targets that export them."""
+        return wait_for_clean_window(self.url, self.targets_of(services), extra_s=extra_s)
+
+
+# ----------------------------------------------------------------------------- clean windows
+
+MAX_CLEAN_SCRAPE_S = 0.75 * RATE_TOLERANCE * (RATE_WINDOW_S - 1.0)
+"""The longest scrape of a window that counts as clean (0.675 s). A scrape's samples are
+stamped with its start but the exporter computes its counters somewhere within it, so a
+rate read over ``RATE_WINDOW_S`` (at least nine 1 s intervals between its first and last
+sample) is off by at most this / 9: three quarters of ``RATE_TOLERANCE``. (Under four
+CPU burners the OpenMetrics exporter's scrapes take 0.5 to 0.6 s for minutes on end.)"""
+
+CLEAN_WINDOW_TIMEOUT_S = 60.0
+"""How long a live test waits for a cleanly scraped window before it fails."""
+
+RECORDING_LAG_S = 3.0
+"""``extra_s`` for tests that read the recording rules too: a late rule evaluation reads
+a window ending up to this much before the adapter's."""
+
+
+@dataclass(frozen=True)
+class ScrapeHealth:
+    """Per target, over the window a read at ``at_s`` uses: the lowest ``up``, the
+    longest scrape and the number of scrapes."""
+
+    at_s: float
+    up_min: dict[str, float]
+    duration_max: dict[str, float]
+    scrapes: dict[str, int]
+
+    def problems(self, targets: Iterable[str], needed: int, max_duration_s: float) -> list[str]:
+        out = []
+        for target in targets:
+            up, took = self.up_min.get(target), self.duration_max.get(target)
+            count = self.scrapes.get(target, 0)
+            if up is None or up < 1:
+                out.append(f"{target}: a scrape failed (min up {up})")
+            if took is None or took > max_duration_s:
+                out.append(f"{target}: a scrape took {took} s (> {max_duration_s} s)")
+            if count < needed:
+                out.append(f"{target}: {count} scrapes in the window (< {needed})")
+        return out
+
+
+def _per_target(url: str, promql: str, at_s: float) -> dict[str, float]:
+    response = requests.get(
+        f"{url}/api/v1/query", params={"query": promql, "time": f"{at_s:.3f}"}, timeout=10
+    )
+    response.raise_for_status()
+    return {
+        series["metric"].get("instance", ""): float(series["value"][1])
+        for series in response.json()["data"]["result"]
+    }
+
+
+def scrape_health(
+    url: str, at_s: float, *, window_s: float, offset_s: float, extra_s: float = 0.0
+) -> ScrapeHealth:
+    """``ScrapeHealth`` of every target of the Prometheus at ``url``, evaluated at
+    ``at_s``: ``up`` and durations from the window's start (``extra_s`` earlier) up to
+    ``at_s``, the scrape count over the window itself (ending ``offset_s`` before)."""
+    span = f"{math.ceil((window_s + offset_s + extra_s) * 1000)}ms"
+    window = f"{math.ceil(window_s * 1000)}ms"
+    offset = f" offset {math.ceil(offset_s * 1000)}ms" if offset_s > 0 else ""
+    return ScrapeHealth(
+        at_s,
+        _per_target(url, f"min_over_time(up[{span}])", at_s),
+        _per_target(url, f"max_over_time(scrape_duration_seconds[{span}])", at_s),
+        {
+            target: int(count)
+            for target, count in _per_target(
+                url, f"count_over_time(up[{window}]{offset})", at_s
+            ).items()
+        },
+    )
+
+
+def wait_for_clean_window(
+    url: str,
+    targets: Iterable[str],
+    *,
+    window_s: float = RATE_WINDOW_S,
+    offset_s: float = WINDOW_OFFSET_S,
+    scrape_interval_s: float = 1.0,
+    extra_s: float = 0.0,
+    max_duration_s: float = MAX_CLEAN_SCRAPE_S,
+    timeout_s: float = CLEAN_WINDOW_TIMEOUT_S,
+) -> float:
+    """Wait until the window that a read *now* would use has been scraped cleanly from
+    every one of ``targets`` and return that evaluation time; read at exactly it.
+
+    Clean: every scrape from ``extra_s`` before the window's start on succeeded
+    (``up`` 1) and took at most ``max_duration_s``, and the window (``window_s`` ending
+    ``offset_s`` before the time) holds a scrape every ``scrape_interval_s``. On a
+    starved machine scrapes time out, answer late or are skipped; Prometheus then
+    really lacks samples and the adapter rightly reads the signal low or missing. The
+    live tests assert what the adapter makes of a fully scraped window, so they wait
+    for one; a window of scrapes already finished does not change afterwards (an
+    unfinished one shows as a missing sample and is waited for). Fails, saying what
+    was unclean, if no window is clean within ``timeout_s``: never reads an unclean one.
+    """
+    targets = sorted(set(targets))
+    assert targets, "no scrape target exports the services to read"
+    needed = math.floor(window_s / scrape_interval_s + 1e-9)
+    deadline = time.monotonic() + timeout_s
+    attempts = 0
+    while True:
+        at_s = time.time()
+        health = scrape_health(url, at_s, window_s=window_s, offset_s=offset_s, extra_s=extra_s)
+        attempts += 1
+        problems = health.problems(targets, needed, max_duration_s)
+        if not problems:
+            return at_s
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"scrapes were not clean: no window of {window_s:g} s (ending {offset_s:g} s "
+                f"before the read, plus {extra_s:g} s before it) was scraped cleanly from "
+                f"{targets} within {timeout_s:g} s ({attempts} checks; the machine is "
+                f"likely starved of CPU). Last check, at {at_s:.3f}: " + "; ".join(problems)
+            )
+        time.sleep(0.5)
+
 
 # ----------------------------------------------------------------------------- loopback helpers
 

@@ -35,6 +35,7 @@ from observe_helpers import (
     register,
     require_prometheus,
     settings_for,
+    wait_for_clean_window,
 )
 
 from reconciler.desired import ServicePolicy
@@ -208,8 +209,9 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
         prometheus.start()
         prometheus.wait_for_targets([exporter.address], timeout_s=30)
         time.sleep(RATE_WINDOW_S + 2)
+        now_s = wait_for_clean_window(prometheus.url, [exporter.address])
         with PrometheusMetricsSource(settings_for(prometheus.url)) as source:
-            before = source.fetch([policy], time.time())[RESTART_SERVICE]
+            before = source.fetch([policy], now_s)[RESTART_SERVICE]
         assert before.decode_tps is not None
         assert before.decode_tps.value == pytest.approx(expected["decode_tps"], rel=RATE_TOLERANCE)
 

@@ -1,9 +1,10 @@
 """The adapter against a real Prometheus scraping the simulated fleet every second.
 
-Tolerances: token rates within 3 % (``rate()`` over a full 10 s window of linear
-counters is exact up to the jitter in the delay between a scrape's timestamp and the
-exporter computing its values: typically a few ms, i.e. under 0.3 %, but up to ~0.2 s
-when other processes saturate the CPU); latency quantiles within 1 % of what
+Tolerances: token rates within ``RATE_TOLERANCE`` (10 %; ``rate()`` over a full 10 s
+window of linear counters is exact up to the jitter in the delay between a scrape's
+timestamp and the exporter computing its values: typically a few ms, i.e. under 0.3 %,
+but up to ~0.2 s when other processes saturate the CPU; every read waits until its
+window was scraped cleanly, ``wait_for_clean_window``); latency quantiles within 1 % of what
 ``histogram_quantile`` must return for the injected distributions
 (``expected_histogram_quantile_s``: linear interpolation inside the engine's buckets,
 which is within one bucket of the true quantile); gauges exact.
@@ -19,6 +20,7 @@ from observe_helpers import (
     FLEET_DECODE,
     RATE_TOLERANCE,
     RATE_WINDOW_S,
+    RECORDING_LAG_S,
     REQUESTS_PER_CYCLE,
     CountingProxy,
     PrometheusStack,
@@ -67,8 +69,8 @@ def test_every_signal_matches_the_injected_load(
 ) -> None:
     scenario = prometheus_stack.scenarios[service]
     policy = make_policy(service, engine=scenario.engine, quantile=quantile)
+    now_s = prometheus_stack.settled_now(service)
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        now_s = time.time()
         metrics = source.fetch([policy], now_s)
     _assert_matches(metrics[service], expected_metrics(scenario, quantile), now_s)
 
@@ -77,8 +79,9 @@ def test_underscore_spelling_of_engine_names_is_read_too(prometheus_stack: Prome
     """The 'om-*' services are scraped through OpenMetrics negotiation, which stores
     ``vllm:...`` as ``vllm_...`` (prometheus/client_python#1177): same answers."""
     scenario = prometheus_stack.scenarios["om-vllm"]
+    now_s = prometheus_stack.settled_now("om-vllm", "live-tps")
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        metrics = source.fetch([make_policy("om-vllm"), make_policy("live-tps")], time.time())
+        metrics = source.fetch([make_policy("om-vllm"), make_policy("live-tps")], now_s)
     assert metrics["om-vllm"].decode_tps is not None
     assert metrics["om-vllm"].decode_tps.value == pytest.approx(
         expected_metrics(scenario, 0.9)["decode_tps"], rel=TPS_TOLERANCE
@@ -88,8 +91,9 @@ def test_underscore_spelling_of_engine_names_is_read_too(prometheus_stack: Prome
 def test_gpu_signals_average_over_gpus_and_kv_over_instances(
     prometheus_stack: PrometheusStack,
 ) -> None:
+    now_s = prometheus_stack.settled_now("live-gauges")
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        metrics = source.fetch([make_policy("live-gauges")], time.time())["live-gauges"]
+        metrics = source.fetch([make_policy("live-gauges")], now_s)["live-gauges"]
     assert metrics.prefill_gpu_util is not None and metrics.prefill_gpu_util.value == pytest.approx(
         0.70
     )
@@ -110,8 +114,8 @@ def test_gpu_signals_average_over_gpus_and_kv_over_instances(
 
 def test_quantile_groups_share_one_request_per_signal(prometheus_stack: PrometheusStack) -> None:
     policies = [make_policy("live-tps", quantile=0.9), make_policy("live-p99", quantile=0.99)]
+    now_s = prometheus_stack.settled_now("live-tps", "live-p99")
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        now_s = time.time()
         metrics = source.fetch(policies, now_s)
         report = source.last_report
     assert report is not None
@@ -133,8 +137,9 @@ def test_hundred_services_take_one_http_request_per_signal(
     independently by a loopback proxy."""
     proxy = counting_proxy(prometheus_stack.url)
     policies = fleet_policies()
+    now_s = prometheus_stack.settled_now(*(policy.name for policy in policies))
     with PrometheusMetricsSource(settings_for(proxy.url)) as source:
-        metrics = source.fetch(policies, time.time())
+        metrics = source.fetch(policies, now_s)
         report = source.last_report
     assert report is not None
     assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 13
@@ -160,8 +165,9 @@ def test_a_broken_override_costs_only_its_own_service_that_signal(
             }
         },
     )
+    now_s = prometheus_stack.settled_now("live-tps")
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        metrics = source.fetch([make_policy("live-tps"), broken], time.time())
+        metrics = source.fetch([make_policy("live-tps"), broken], now_s)
         report = source.last_report
     assert metrics["live-tps"].decode_tps is not None
     assert metrics["live-broken"].decode_tps is None
@@ -186,7 +192,8 @@ def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: Prome
     policy = make_policy("live-remove")
     exporter = prometheus_stack.main
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        assert source.fetch([policy], time.time())["live-remove"].decode_tps is not None
+        now_s = prometheus_stack.settled_now("live-remove")
+        assert source.fetch([policy], now_s)["live-remove"].decode_tps is not None
         for key in exporter.instances():
             if key.service == "live-remove" and key.role == "decode":
                 exporter.remove(key.service, key.role, key.instance)
@@ -194,7 +201,7 @@ def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: Prome
             lambda: source.fetch([policy], time.time())["live-remove"].decode_tps is None,
             timeout_s=2 * RATE_WINDOW_S,
         )
-        metrics = source.fetch([policy], time.time())["live-remove"]
+        metrics = source.fetch([policy], prometheus_stack.settled_now("live-remove"))["live-remove"]
     # Missing from the next scrape's staleness markers on (typically ~1 s), long before
     # rate() would run out of samples (the window) or the 5 min lookback would end.
     assert took_s < RATE_WINDOW_S
@@ -205,13 +212,15 @@ def test_removed_instances_go_missing_at_the_next_scrape(prometheus_stack: Prome
 def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) -> None:
     policies = [make_policy("live-vanish"), make_policy("live-tps")]
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        assert source.fetch(policies, time.time())["live-vanish"].decode_tps is not None
+        now_s = prometheus_stack.settled_now("live-vanish", "live-tps")
+        assert source.fetch(policies, now_s)["live-vanish"].decode_tps is not None
         prometheus_stack.vanishing.stop()  # the pod is gone: scrapes fail from now on
         took_s = wait_until(
             lambda: source.fetch(policies, time.time())["live-vanish"].decode_tps is None,
             timeout_s=2 * RATE_WINDOW_S,
         )
-        metrics = source.fetch(policies, time.time())
+        # The vanished target cannot be clean any more: wait for live-tps's only.
+        metrics = source.fetch(policies, prometheus_stack.settled_now("live-tps"))
         report = source.last_report
     assert took_s < RATE_WINDOW_S  # see test_removed_instances_go_missing_at_the_next_scrape
     assert all(metrics["live-vanish"].get(s) is None for s in METRIC_NAMES)
@@ -241,11 +250,13 @@ def test_recorded_histograms_give_the_same_latencies(prometheus_stack: Prometheu
     ]
     raw_settings = settings_for(prometheus_stack.url)
     recorded_settings = settings_for(prometheus_stack.url, recorded_histograms=True)
+    now_s = prometheus_stack.settled_now(
+        *(policy.name for policy in policies), extra_s=RECORDING_LAG_S
+    )
     with (
         PrometheusMetricsSource(raw_settings) as raw,
         PrometheusMetricsSource(recorded_settings) as recorded,
     ):
-        now_s = time.time()
         raw_metrics = raw.fetch(policies, now_s)
         recorded_metrics = recorded.fetch(policies, now_s)
         report = recorded.last_report

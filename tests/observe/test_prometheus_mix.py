@@ -11,12 +11,13 @@ everywhere live rates are read (observe_helpers says why).
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 from observe_helpers import (
     MIX_STALE_LAST_S,
     RATE_TOLERANCE,
+    RECORDING_LAG_S,
+    WINDOW_OFFSET_S,
     PrometheusStack,
     expected_metrics,
     expected_mix,
@@ -61,9 +62,11 @@ def _assert_exact(got: LengthBuckets | None, cumulative: tuple[float, ...], at_s
     assert got.cumulative == pytest.approx(cumulative, rel=1e-9)
 
 
-def _assert_mix_matches(metrics: ServiceMetrics, service: str, stack: PrometheusStack) -> None:
+def _assert_mix_matches(
+    metrics: ServiceMetrics, service: str, stack: PrometheusStack, now_s: float
+) -> None:
+    """``metrics`` as read at ``now_s``."""
     expected = expected_mix(stack.scenarios[service])
-    now_s = time.time()
     for name in LENGTH_NAMES:
         got: LengthBuckets | None = getattr(metrics, name)
         want = expected[name]
@@ -86,8 +89,9 @@ def test_the_mix_has_the_injected_proportions_per_bucket(
     ``vllm_...`` / ``sglang_...``): every bucket holds the injected share of requests."""
     scenario = prometheus_stack.scenarios[service]
     policy = make_policy(service, engine=scenario.engine)
-    metrics, reasons = _fetch(prometheus_stack.url, [policy], time.time())
-    _assert_mix_matches(metrics[service], service, prometheus_stack)
+    now_s = prometheus_stack.settled_now(service)
+    metrics, reasons = _fetch(prometheus_stack.url, [policy], now_s)
+    _assert_mix_matches(metrics[service], service, prometheus_stack, now_s)
     assert not [key for key in reasons if key[1] in LENGTH_NAMES]
 
 
@@ -109,7 +113,8 @@ def test_output_lengths_are_read_on_decode_not_from_prefill_handovers(
     """Every prefill instance records each request with one output token; reading them
     would put requests in the le=1 bucket. Prompt lengths come from the three prefill
     instances only (the five decode ones record them too, at 10 requests/s)."""
-    metrics, _ = _fetch(prometheus_stack.url, [make_policy("live-tps")], time.time())
+    now_s = prometheus_stack.settled_now("live-tps")
+    metrics, _ = _fetch(prometheus_stack.url, [make_policy("live-tps")], now_s)
     output, prompt = metrics["live-tps"].output_tokens, metrics["live-tps"].prompt_tokens
     assert output is not None and prompt is not None
     assert output.le[0] == 1.0 and output.cumulative[0] == 0.0
@@ -123,7 +128,7 @@ def test_a_service_without_histograms_gets_none_and_keeps_its_signals(
     """live-nomix's engine exports no length histograms (SGLang without
     --collect-tokens-histogram); it is read in the same cycle as live-tps."""
     policies = [make_policy("live-nomix"), make_policy("live-tps")]
-    now_s = time.time()
+    now_s = prometheus_stack.settled_now("live-nomix", "live-tps")
     metrics, reasons = _fetch(prometheus_stack.url, policies, now_s)
     nomix = metrics["live-nomix"]
     assert nomix.prompt_tokens is None and nomix.output_tokens is None
@@ -134,13 +139,14 @@ def test_a_service_without_histograms_gets_none_and_keeps_its_signals(
         sample, want = nomix.get(signal), expected[signal]
         assert sample is not None and want is not None, signal
         assert sample.value == pytest.approx(want, rel=RATE_TOLERANCE), signal
-    _assert_mix_matches(metrics["live-tps"], "live-tps", prometheus_stack)
+    _assert_mix_matches(metrics["live-tps"], "live-tps", prometheus_stack, now_s)
 
 
 def test_a_histogram_without_requests_in_the_window_is_missing_not_zero(
     prometheus_stack: PrometheusStack,
 ) -> None:
-    metrics, reasons = _fetch(prometheus_stack.url, [make_policy("live-idle-mix")], time.time())
+    now_s = prometheus_stack.settled_now("live-idle-mix")
+    metrics, reasons = _fetch(prometheus_stack.url, [make_policy("live-idle-mix")], now_s)
     assert metrics["live-idle-mix"].prompt_tokens is None
     assert metrics["live-idle-mix"].output_tokens is None
     for name in LENGTH_NAMES:
@@ -151,7 +157,7 @@ def test_a_histogram_without_requests_in_the_window_is_missing_not_zero(
 def test_recorded_mode_gives_the_same_mix(prometheus_stack: PrometheusStack) -> None:
     """The session's Prometheus has ``recording_rules`` loaded, length group included."""
     policies = [make_policy("live-tps"), make_policy("live-sglang", engine="sglang")]
-    now_s = time.time()
+    now_s = prometheus_stack.settled_now("live-tps", "live-sglang", extra_s=RECORDING_LAG_S)
     with (
         PrometheusMetricsSource(settings_for(prometheus_stack.url)) as raw,
         PrometheusMetricsSource(
@@ -192,7 +198,9 @@ def test_a_mix_override_reads_what_it_says(prometheus_stack: PrometheusStack) ->
             }
         },
     )
-    now_s = time.time()
+    # The user's PromQL has no offset: evaluated at the end of a cleanly scraped window
+    # (settled_now less the adapter's offset), every scrape it reads has finished.
+    now_s = prometheus_stack.settled_now("live-tps") - WINDOW_OFFSET_S
     metrics, _ = _fetch(prometheus_stack.url, [policy], now_s)
     prompt = metrics["live-tps"].prompt_tokens
     want = expected_mix(prometheus_stack.scenarios["live-tps"])["prompt_tokens"]
@@ -209,7 +217,8 @@ def test_a_rejected_mix_override_costs_only_that_histogram(
         "live-tps",
         metrics={"queries": {"output_tokens": "sum by (service, le) (rate(x[$__window])"}},
     )
-    metrics, reasons = _fetch(prometheus_stack.url, [broken], time.time())
+    now_s = prometheus_stack.settled_now("live-tps")
+    metrics, reasons = _fetch(prometheus_stack.url, [broken], now_s)
     assert metrics["live-tps"].output_tokens is None
     assert reasons[("live-tps", "output_tokens")][0].startswith(
         "query rejected by Prometheus: bad_data"

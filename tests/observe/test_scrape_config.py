@@ -6,7 +6,6 @@ presets read."""
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,9 @@ def test_example_config_passes_promtool(tmp_path: Path) -> None:
 
 
 def test_relabelled_engine_pods_are_read_by_the_presets(prometheus_stack: PrometheusStack) -> None:
+    now_s = prometheus_stack.settled_now(RELABEL_SERVICE)
     with PrometheusMetricsSource(settings_for(prometheus_stack.url)) as source:
-        metrics = source.fetch([make_policy(RELABEL_SERVICE)], time.time())[RELABEL_SERVICE]
+        metrics = source.fetch([make_policy(RELABEL_SERVICE)], now_s)[RELABEL_SERVICE]
     assert metrics.prefill_tps is not None
     assert metrics.prefill_tps.value == pytest.approx(
         PREFILL.prompt_tps - PREFILL.cached_prompt_tps, rel=RATE_TOLERANCE
