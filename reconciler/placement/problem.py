@@ -90,7 +90,7 @@ from reconciler.placement.base import (
     SolverStats,
 )
 from reconciler.placement.packing import PackItem, best_fit
-from reconciler.policy.gpu_economics import ranked_gpu_types, ranked_weights
+from reconciler.policy.gpu_economics import role_choice
 from reconciler.state import ROLES, DeploymentGroup, GroupRole, NodeInstances, Role
 from reconciler.topology import (
     CLASS_RANK,
@@ -118,13 +118,13 @@ def preference_cost(weights: Mapping[str, float], gpu_type: str) -> int:
 
 def role_ranking(
     policy: ServicePolicy, cluster: ClusterSpec, role: Role
-) -> tuple[tuple[str, ...], dict[str, float]]:
+) -> tuple[tuple[str, ...], Mapping[str, float]]:
     """``role``'s allowed GPU types in the policy's ranking (by cost at the SLO unless
     the policy keeps its preference: ``gpu_economics.choose_gpu_types``), and its
     weights moved onto that ranking, so that new instances go to the first type and
-    scale-in removes the last-ranked first."""
-    order = ranked_gpu_types(policy, cluster, role)
-    return order, ranked_weights(policy.role(role).gpu_types, order)
+    scale-in removes the last-ranked first. Cached with the ranking."""
+    choice = role_choice(policy, cluster, role)
+    return choice.order, choice.weights
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,6 @@ def _measure(
     in_one = changed = changed_in_one = overflow = spanning = 0
     scarce = scarce_added = scarce_steps = added_total = preferred_added = preference = 0
     measured = list(measured_groups)
-    rankings: dict[tuple[str, str], tuple[tuple[str, ...], dict[str, float]]] = {}
     for group in measured:
         policy = policies.get(group.service)
         one = len(group_subgroups(topology, group)) <= 1
@@ -184,10 +183,7 @@ def _measure(
         )
         for role in ROLES:
             size = policy.role(role).gpus_per_instance
-            ranking = rankings.get((group.service, role))
-            if ranking is None:
-                ranking = rankings[(group.service, role)] = role_ranking(policy, cluster, role)
-            order, weights = ranking
+            order, weights = role_ranking(policy, cluster, role)
             best = order[0] if order else group.role(role).gpu_type
             unit_cost = preference_cost(weights, group.role(role).gpu_type)
             old_nodes = {p.node: p.instances for p in old.role(role).nodes} if old else {}

@@ -1120,6 +1120,10 @@ class RoleCapacities:
     def decode_tps_per_instance(self) -> float:
         return self.decode.tps_per_instance
 
+    def tps_per_instance(self, role: Role) -> float:
+        """``role``'s tokens/s per instance (prompt for prefill, output for decode)."""
+        return self.prefill.tps_per_instance if role == "prefill" else self.decode.tps_per_instance
+
     def explain(self) -> str:
         """One line for the decision's reasons."""
         p, d, lost = self.prefill, self.decode, self.prefill.unattainable

@@ -32,7 +32,8 @@ Pure: no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf
@@ -131,12 +132,13 @@ class RoleEconomics:
 
     def line(self, currency: str) -> str:
         unit = "prompt" if self.role == "prefill" else "output"
+        ranked = self.ranked()
         parts = []
-        for t in self.ranked():
+        for t in ranked:
             rate = t.mtok_per_usd
             price = "unpriced" if rate is None else f"{rate:.2f} M per {currency}"
             parts.append(f"{t.gpu_type} {t.tps_per_instance:,.0f} {unit} tokens/s ({price})")
-        order = "cheapest first" if self.ranked() != self.types else "preferred first"
+        order = "cheapest first" if ranked != self.types else "preferred first"
         return f"{self.role} by allowed GPU type, {order}: " + "; ".join(parts)
 
     def ranking_drift(self, declared_first: str | None, currency: str) -> str | None:
@@ -206,9 +208,7 @@ def role_economics(
             pair = (perf, other_decode) if role == "prefill" else (other_prefill, perf)
             context = PerfContext(*pair, cluster.network.rdma_gbps)
             caps = capacities_for(policy, context, mix, prefill_instances, LatencyCorrection())
-            tps = (
-                caps.prefill_tps_per_instance if role == "prefill" else caps.decode_tps_per_instance
-            )
+            tps = caps.tps_per_instance(role)
             price = _instance_usd_per_hour(policy, cluster, role, perf.gpu_type)
             types.append(TypeEconomics(perf.gpu_type, tps, price))
         return RoleEconomics(role, tuple(types), policy.role(role).gpu_choice)
@@ -227,6 +227,9 @@ class GpuChoice:
     order: tuple[str, ...]  # allowed and present in the cluster; new instances on the first
     by_cost: bool  # the cost ranking put first another type than the weights do
     reason: str  # one line, empty when the weights' order stands unopposed
+    # The policy's weights moved onto ``order`` (``ranked_weights``): placement's
+    # preference costs. Read-only: every placement of the cycle shares it.
+    weights: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def first(self) -> str | None:
@@ -249,19 +252,21 @@ def _choose(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[GpuChoice, Gpu
     choices = []
     for role_economics_, preference in zip(economics, present, strict=True):
         role = role_economics_.role
-        ranked = [t.gpu_type for t in role_economics_.ranked()]
+        ranked_economics = role_economics_.ranked()
+        ranked = [t.gpu_type for t in ranked_economics]
         # Types that do not fit the model keep their place after those that do.
         order = tuple(ranked + [t for t in preference if t not in ranked])
         by_cost = bool(order) and bool(preference) and order[0] != preference[0]
         reason = ""
         if by_cost:
-            first, preferred = role_economics_.ranked()[0], role_economics_.types[0]
+            first, preferred = ranked_economics[0], role_economics_.types[0]
             reason = (
                 f"{role} on {first.gpu_type} by cost: {first.mtok_per_usd:.2f} M tokens per "
                 f"{currency} against {preferred.mtok_per_usd:.2f} on the preferred "
                 f"{preferred.gpu_type} at the declared request shape"
             )
-        choices.append(GpuChoice(role, order, by_cost, reason))
+        weights = MappingProxyType(ranked_weights(policy.role(role).gpu_types, order))
+        choices.append(GpuChoice(role, order, by_cost, reason, weights))
     return choices[0], choices[1]
 
 
@@ -284,10 +289,15 @@ def choose_gpu_types(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[GpuCh
     return choice
 
 
+def role_choice(policy: ServicePolicy, cluster: ClusterSpec, role: Role) -> GpuChoice:
+    """``role``'s part of ``choose_gpu_types`` (cached with it)."""
+    prefill, decode = choose_gpu_types(policy, cluster)
+    return prefill if role == "prefill" else decode
+
+
 def ranked_gpu_types(policy: ServicePolicy, cluster: ClusterSpec, role: Role) -> tuple[str, ...]:
     """``role``'s allowed types present in ``cluster``, best first."""
-    prefill, decode = choose_gpu_types(policy, cluster)
-    return (prefill if role == "prefill" else decode).order
+    return role_choice(policy, cluster, role).order
 
 
 def ranked_weights(weights: Mapping[str, float], order: tuple[str, ...]) -> dict[str, float]:
@@ -345,7 +355,9 @@ def perf_variant(
     base = perf_context(policy, cluster)
     fitting = fitting_perfs(policy, cluster, role, (gpu_type,))
     variant = None
-    if base is not None and fitting:
+    if base is not None and base.role(role).gpu_type == gpu_type:
+        variant = base  # the first-ranked type itself: one context, one capacity cache entry
+    elif base is not None and fitting:
         variant = (
             replace(base, prefill=fitting[0])
             if role == "prefill"
@@ -375,5 +387,6 @@ __all__ = [
     "perf_variant",
     "ranked_gpu_types",
     "ranked_weights",
+    "role_choice",
     "role_economics",
 ]

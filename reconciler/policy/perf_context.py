@@ -39,6 +39,9 @@ class PerfContext:
     decode: InstancePerf
     link_gbps: float  # KV transfer inside one RDMA subgroup (a group's link)
 
+    def role(self, role: Role) -> InstancePerf:
+        return self.prefill if role == "prefill" else self.decode
+
 
 def fitting_perfs(
     policy: ServicePolicy, cluster: ClusterSpec, role: Role, order: Sequence[str] | None = None

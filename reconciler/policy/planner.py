@@ -705,7 +705,7 @@ def held_instances(
     out: dict[Role, tuple[HeldInstances, ...]] = {}
     for role in ("prefill", "decode"):
         by_type = dict(fleet.role(role).by_type)
-        first = perf.prefill.gpu_type if role == "prefill" else perf.decode.gpu_type
+        first = perf.role(role).gpu_type
         if not by_type or set(by_type) == {first}:
             continue
         order = ranked_gpu_types(policy, cluster, role)
@@ -752,12 +752,9 @@ def _count_on_types(
     def tps_of(context: PerfContext | None) -> float:
         if context is None:
             return 0.0
-        other = capacities_for(policy, context, mix, prefill_hint, correction)
-        return (
-            other.prefill_tps_per_instance if role == "prefill" else other.decode_tps_per_instance
-        )
+        return capacities_for(policy, context, mix, prefill_hint, correction).tps_per_instance(role)
 
-    first_tps = caps.prefill_tps_per_instance if role == "prefill" else caps.decode_tps_per_instance
+    first_tps = caps.tps_per_instance(role)
     sized = [(h.instances, tps_of(h.perf)) for h in held]
     count = count_on_types(needed_tps, first_tps, sized)
     on = ", ".join(
