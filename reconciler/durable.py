@@ -33,7 +33,7 @@ from reconciler.plan import Plan
 from reconciler.policy.base import PolicyHistory, Recommendation
 from reconciler.policy.capacity import LatencyCorrection, LengthHistogram, RequestMix
 from reconciler.policy.forecast import ForecastState
-from reconciler.policy.planner import KeptCapacity, PlannerMemory
+from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
 
 SCHEMA = "heteroscale.io/reconciler-state"
 VERSION = 1
@@ -161,7 +161,7 @@ def _list(value: Any, where: str) -> list[Any]:
 
 # The planner memory is frozen dataclasses of floats, ints and tuples of them; each
 # class is named here, so decoding never instantiates anything else.
-_PLANNER_CLASSES: dict[str, type] = {
+STORABLE_PLANNER_TYPES: dict[str, type] = {
     c.__name__: c
     for c in (
         PlannerMemory,
@@ -170,13 +170,14 @@ _PLANNER_CLASSES: dict[str, type] = {
         RequestMix,
         LengthHistogram,
         KeptCapacity,
+        Backlog,
     )
 }
 
 
 def _encode_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if type(value).__name__ not in _PLANNER_CLASSES:
+        if type(value).__name__ not in STORABLE_PLANNER_TYPES:
             raise TypeError(f"cannot store a {type(value).__name__}")
         return {f.name: _encode_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, tuple):
@@ -213,7 +214,7 @@ def _decode_typed(hint: Any, value: Any, where: str) -> Any:
         return _num(value, where)
     if hint is int:
         return _int(value, where)
-    if isinstance(hint, type) and hint.__name__ in _PLANNER_CLASSES:
+    if isinstance(hint, type) and hint.__name__ in STORABLE_PLANNER_TYPES:
         return _decode_dataclass(hint, value, where)
     raise StateFormatError(f"{where}: cannot read a {hint!r}")
 

@@ -4,16 +4,21 @@ size bounds, and refusal of anything this version cannot read."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import typing
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.apply.statestore import configmap_name
+from reconciler.desired import load_desired_state
 from reconciler.durable import (
     MAX_STATE_BYTES,
+    STORABLE_PLANNER_TYPES,
     AppliedPlan,
     DurableState,
     Revision,
@@ -27,7 +32,9 @@ from reconciler.durable import (
 from reconciler.policy.base import PolicyHistory, Recommendation
 from reconciler.policy.capacity import LatencyCorrection, RequestMix
 from reconciler.policy.forecast import ForecastState
-from reconciler.policy.planner import KeptCapacity, PlannerMemory
+from reconciler.policy.gpu_economics import perf_context
+from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory, plan_decide
+from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 NOW = 100_000.0
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -88,6 +95,9 @@ def _planner_memory() -> PlannerMemory:
         mix=mix,
         mix_at_s=NOW - 10,
         prefill_kept=KeptCapacity(((NOW - 30, 100.0),), (0.05,)),
+        prefill_backlog=Backlog(NOW - 30, 1.5e6),
+        decode_ready_seen=12,
+        decode_steady_since_s=NOW - 600,
     )
 
 
@@ -105,6 +115,59 @@ def test_planner_memory_round_trips_including_nan_and_inf() -> None:
     assert (
         encode(DurableState("east", NOW, histories={"svc": PolicyHistory(planner=back)}))[0] == text
     )
+
+
+def _dataclasses_in(hint: object) -> set[type]:
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return {hint}
+    return {c for arg in typing.get_args(hint) for c in _dataclasses_in(arg)}
+
+
+def test_every_type_the_planner_memory_holds_can_be_stored() -> None:
+    """Every dataclass a field of the memory can hold, at any depth, is one the state
+    stores: a field of a new type fails here, not at a cluster's first save."""
+    found: set[type] = set()
+    todo = [PlannerMemory]
+    while todo:
+        cls = todo.pop()
+        if cls in found:
+            continue
+        found.add(cls)
+        for hint in typing.get_type_hints(cls).values():
+            todo.extend(_dataclasses_in(hint))
+    assert Backlog in found
+    assert found <= set(STORABLE_PLANNER_TYPES.values())
+
+
+def test_the_memory_a_planner_leaves_behind_round_trips() -> None:
+    """Three cycles of the planner on metrics with both queues (what a vLLM preset
+    reads): whatever it remembers is stored and read back unchanged."""
+    state = load_desired_state(Path(__file__).resolve().parents[2])
+    policy = state.policies["chat"]
+    perf = perf_context(policy, state.clusters[policy.cluster])
+    bounds = (128.0, 512.0, 2048.0, 8192.0, math.inf)
+    history = PolicyHistory()
+    for k, queued in enumerate((0.0, 40.0, 10.0)):
+        now = NOW + 30 * k
+        buckets = LengthBuckets(bounds, (100.0 * k, 300.0, 900.0, 1000.0, 1000.0 + k), now)
+        metrics = ServiceMetrics(
+            "chat",
+            prefill_tps=Sample(120_000.0, now),
+            decode_tps=Sample(20_000.0, now),
+            ttft=Sample(800.0, now),
+            tbt=Sample(30.0, now),
+            prefill_queue=Sample(queued, now),
+            decode_queue=Sample(queued / 2, now),
+            prompt_tokens=buckets,
+            output_tokens=buckets,
+        )
+        fleet = ServiceFleet("chat", RoleCount(12), RoleCount(16))
+        history = plan_decide(policy, fleet, metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory) and memory.prefill_backlog is not None
+    text, dropped = encode(DurableState("east", NOW + 60, histories={"chat": history}))
+    assert not dropped
+    assert decode(text).histories["chat"].planner == memory
 
 
 def test_series_are_trimmed_to_the_longest_window_keeping_the_one_in_force() -> None:
