@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,8 @@ from reconciler.durable import DurableState, Revision, decode
 from reconciler.loop import ReconcileLoop
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, Recommendation
-from reconciler.state import Sample, ServiceMetrics
+from reconciler.policy.planner import PlannerMemory
+from reconciler.state import LengthBuckets, Sample, ServiceMetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
 from looptestkit import OneGroupPlacer, RecordingBackend
@@ -66,6 +68,7 @@ def _loop(
     clock: Clock,
     store: ConfigMapStateStore | None,
     is_leader: object = lambda: True,
+    policy: str = "heteroscale-paper",
 ) -> ReconcileLoop:
     return ReconcileLoop(
         load_desired=lambda: state,
@@ -74,13 +77,42 @@ def _loop(
         # The paper policy: its proportional arithmetic on the test policy's hand-set
         # target makes the window arithmetic below exact (scale-in window 300 s, cooldown
         # 120 s); the planner's memory is persisted too (tests/loop/test_durable.py).
-        autoscaler=make_autoscaler("heteroscale-paper"),
+        autoscaler=make_autoscaler(policy),
         placer=OneGroupPlacer(),
         clock=clock,
         is_leader=is_leader,  # type: ignore[arg-type]
         state_store=store,
         identity=store.identity if store else "",
     )
+
+
+class EngineLoad(Load):
+    """Everything a vLLM preset reads: rates, latencies, both queues and the length
+    histograms (the planner's full input)."""
+
+    LE = (128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, math.inf)
+
+    def __init__(self, tps: float, queued: float) -> None:
+        super().__init__(tps)
+        self.queued = queued
+
+    def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        prompts = LengthBuckets(self.LE, (5.0, 20.0, 60.0, 150.0, 190.0, 199.0, 200.0), now_s)
+        outputs = LengthBuckets(self.LE, (60.0, 150.0, 190.0, 198.0, 200.0, 200.0, 200.0), now_s)
+        return {
+            p.name: ServiceMetrics(
+                p.name,
+                decode_tps=Sample(self.tps, now_s),
+                prefill_tps=Sample(4 * self.tps, now_s),
+                ttft=Sample(400.0, now_s),
+                tbt=Sample(30.0, now_s),
+                prefill_queue=Sample(self.queued, now_s),
+                decode_queue=Sample(self.queued / 4, now_s),
+                prompt_tokens=prompts,
+                output_tokens=outputs,
+            )
+            for p in policies
+        }
 
 
 def _decision(loop: ReconcileLoop) -> tuple[int, str]:
@@ -152,6 +184,45 @@ def test_a_scale_in_held_by_the_window_stays_held_across_a_restart(
         clock.now += 30
         decode_now, _ = _decision(restarted)
     assert decode_now < 8, "the window has passed since t=1330: the scale-in happens"
+
+
+def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The default planner (``heteroscale``) on an engine's full signals, queues
+    included: every cycle's state write succeeds, and a new process resumes the
+    forecaster, headroom and queue readings where the old one left them."""
+    state = make_desired_state(tmp_path, "st-planner")
+    store = _fresh_store(control_plane.client(), "st-planner", "replica-a")
+    backend, load, clock = RecordingBackend("st-planner"), EngineLoad(8000, 40.0), Clock(1000.0)
+    loop = _loop(state, backend, load, clock, store, policy="heteroscale")
+    for k in range(12):
+        load.queued = 40.0 + 10 * (k % 3)
+        (outcome,) = loop.run_cycle().clusters
+        assert outcome.outcome == "ok", outcome.error
+        clock.now += 30
+    stored = decode(
+        control_plane.client().get(configmaps_path(NAMESPACE, configmap_name("st-planner")))[
+            "data"
+        ]["state.json"]
+    )
+    memory = stored.histories["svc"].planner
+    assert isinstance(memory, PlannerMemory)
+    assert memory.prefill_demand.samples == 12 and memory.prefill_backlog is not None
+    restarted = _loop(
+        state,
+        backend,
+        load,
+        clock,
+        ConfigMapStateStore(control_plane.client(), NAMESPACE, "b"),
+        policy="heteroscale",
+    )
+    (outcome,) = restarted.run_cycle().clusters
+    assert outcome.outcome == "ok" and outcome.plan is not None, outcome.error
+    resumed = outcome.plan.decisions["svc"].history.planner
+    assert isinstance(resumed, PlannerMemory)
+    assert resumed.prefill_demand.samples == 13  # one more sample on the stored twelve
+    assert resumed.prefill_kept.sized[: len(memory.prefill_kept.sized)] == memory.prefill_kept.sized
 
 
 @pytest.mark.fault
