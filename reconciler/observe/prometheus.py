@@ -104,6 +104,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections import defaultdict
@@ -188,6 +189,11 @@ class PrometheusSettings:
     instead of aggregating every engine's buckets."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Extra HTTP headers, e.g. ``Authorization`` for a secured Prometheus."""
+    bearer_token_file: str | None = None
+    """A file holding a bearer token for a Prometheus behind an authenticating proxy
+    (a Kubernetes service-account token): read again every cycle, so a rotated token is
+    used from the next cycle on; unreadable or empty, the cycle's metrics are
+    unavailable (every service holds)."""
     verify_tls: bool = True
 
     def __post_init__(self) -> None:
@@ -758,6 +764,10 @@ class PrometheusMetricsSource:
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
         started = self._clock()
         sent_before = self.http_requests_sent
+        if self.settings.bearer_token_file is not None:
+            authorization = f"Bearer {read_bearer_token(self.settings.bearer_token_file)}"
+            for connection in self._connections:
+                connection.session.headers["Authorization"] = authorization
         plan, plan_gaps = plan_requests(
             policies,
             (*self.settings.signals, *self.settings.lengths),
@@ -940,3 +950,89 @@ def _error_message(response: requests.Response | None) -> str:
         kind = body.get("errorType")
         return f"{kind}: {body['error']}" if kind else str(body["error"])
     return response.text[:300]
+
+
+# ------------------------------------------------------------------- set-up checks
+
+
+def read_bearer_token(path: str) -> str:
+    """The token in ``path`` (surrounding white space removed); ``MetricsUnavailable``
+    when it cannot be read or is empty, so the cycle holds instead of querying
+    unauthenticated."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read(64 * 1024).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsUnavailable(
+            f"cannot read the Prometheus bearer token file {path}: {exc}"
+        ) from None
+    if not token:
+        raise MetricsUnavailable(f"the Prometheus bearer token file {path} is empty")
+    return token
+
+
+_DURATION_UNITS_S = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86_400.0,
+    "w": 604_800.0,
+    "y": 31_536_000.0,
+}
+
+
+def parse_duration_s(text: str) -> float | None:
+    """Seconds in a Prometheus duration (``15s``, ``1m30s``, ``500ms``); None when
+    ``text`` is not one."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|[smhdwy])", text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _DURATION_UNITS_S[u] for n, u in parts)
+
+
+def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
+    """What is wrong with the scrape interval ``settings`` assume, read from
+    Prometheus's active targets (``/api/v1/targets``): a target scraped less often
+    holds fewer samples per window than the coverage check requires, so every signal
+    it carries stays missing and the services it serves hold for ever. None when every
+    target is scraped often enough (or coverage is not checked), or when the targets
+    cannot be read (the cycles report that themselves)."""
+    coverage = settings.window_coverage
+    if coverage is None:
+        return None
+    session = requests.Session()
+    session.verify = settings.verify_tls
+    session.headers.update(settings.headers)
+    try:
+        if settings.bearer_token_file is not None:
+            token = read_bearer_token(settings.bearer_token_file)
+            session.headers["Authorization"] = f"Bearer {token}"
+        response = session.get(
+            settings.url.rstrip("/") + "/api/v1/targets",
+            params={"state": "active"},
+            timeout=settings.timeout_s,
+        )
+        response.raise_for_status()
+        targets = response.json()["data"]["activeTargets"]
+        intervals = [parse_duration_s(str(t.get("scrapeInterval", ""))) for t in targets]
+    except (requests.RequestException, MetricsUnavailable, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        session.close()
+    too_slow = [
+        i for i in intervals if i is not None and settings.rate_window_s / i < coverage.required
+    ]
+    if not too_slow:
+        return None
+    slowest = max(too_slow)
+    return (
+        f"Prometheus scrapes {len(too_slow)} of {len(targets)} active targets less often "
+        f"than the reconciler assumes (every {format_number(settings.scrape_interval_s)} s; "
+        f"the slowest every {format_number(slowest)} s): a "
+        f"{format_number(settings.rate_window_s)} s window of theirs holds "
+        f"{format_number(round(settings.rate_window_s / slowest, 1))} samples, fewer than "
+        f"the {coverage.required} the coverage check requires, so the services they serve "
+        f"hold every cycle; set the scrape interval to {format_number(slowest)} s (the "
+        f"rate window then at least {format_number(4 * slowest)} s)"
+    )

@@ -676,11 +676,15 @@ class _Server:
 
 class CountingProxy(_Server):
     """Forwards every request to ``upstream`` and counts them: an independent count of
-    the HTTP requests an adapter sends."""
+    the HTTP requests an adapter sends. With ``authorization`` set it plays an
+    authenticating proxy: a request whose ``Authorization`` header differs gets 401
+    (counted, not forwarded)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.paths: list[str] = []
+        self.authorization: str | None = None
+        self.refused = 0
         self.lock = threading.Lock()
         super().__init__(_ProxyHandler)
 
@@ -695,6 +699,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: CountingProxy = self.server.owner  # type: ignore[attr-defined]
         with proxy.lock:
             proxy.paths.append(self.path)
+            refuse = proxy.authorization not in (None, self.headers.get("Authorization"))
+            proxy.refused += refuse
+        if refuse:
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         upstream = requests.get(proxy.upstream + self.path, timeout=30)
         self.send_response(upstream.status_code)
         self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
