@@ -89,7 +89,7 @@ from reconciler.sim.evaluate import (  # noqa: E402
     run_autoscaler,
 )
 from reconciler.sim.fleet import SimulatedFleet  # noqa: E402
-from reconciler.sim.load import load_for  # noqa: E402
+from reconciler.sim.load import load_with_requests  # noqa: E402
 from reconciler.sim.workload import shape_for_service  # noqa: E402
 from reconciler.state import (  # noqa: E402
     ROLES,
@@ -125,9 +125,9 @@ def chat_load(
         shared = shared_dir()
         candidate = shared / "traces" / TRACE if shared is not None else None
         trace = candidate if candidate is not None and candidate.is_file() else None
-    return load_for(
+    return load_with_requests(
         state, SERVICE, trace, RATE_SCALE if trace is not None else None, hours, seed, config
-    )
+    ).profile
 
 
 # --------------------------------------------------------------------------- (d) heterogeneity

@@ -53,7 +53,7 @@ from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
 from reconciler.sim.engine import SimConfig  # noqa: E402
 from reconciler.sim.evaluate import evaluate  # noqa: E402
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets  # noqa: E402
-from reconciler.sim.load import load_for  # noqa: E402
+from reconciler.sim.load import load_with_requests  # noqa: E402
 from reconciler.sim.reactive import reactive_reference  # noqa: E402
 
 POLICIES = (
@@ -105,7 +105,9 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
             raise SystemExit("shared/ not found: set HETEROSCALE_SHARED (it holds traces/)")
         trace = shared / "traces" / cell.trace
     started = time.perf_counter()
-    profile = load_for(state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config)
+    profile = load_with_requests(
+        state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config
+    ).profile
     # Policies that scale on hand-set targets run on a copy of the policy that has them;
     # the rest run on the repository's policy as it is (no targets: derived).
     tuned = [p for p in policies if p in HAND_TUNED]

@@ -17,6 +17,7 @@ from typer.core import TyperCommand, TyperOption
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress
 
     from reconciler.errors import ConfigError
 
@@ -29,18 +30,24 @@ class _ConsoleOnFirstUse:
         self._options = options
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def built(self) -> Console:
+        """The Console itself, for what needs one rather than its attributes (a
+        progress display enters it as a context manager, which no proxy can stand for)."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.built(), name)
 
 
 # User text (values, file names, errors) goes through these: no :emoji: codes, and
 # every print of it escapes markup or turns it off (a value may contain "[/red]").
 console = cast("Console", _ConsoleOnFirstUse(highlight=False, emoji=False))
-err_console = cast("Console", _ConsoleOnFirstUse(stderr=True, highlight=False, emoji=False))
+_err_console = _ConsoleOnFirstUse(stderr=True, highlight=False, emoji=False)
+err_console = cast("Console", _err_console)
 
 
 def without_flag_types(params: list[Any]) -> list[Any]:
@@ -261,6 +268,22 @@ def checked_repository(path: Path, *, rev: str | None = None) -> Path:
     return path
 
 
+def progress_bars(counter: str) -> Progress:
+    """A progress display on stderr (``err_console``), kept when done: per task its
+    description, a bar, ``counter`` (a rich format of the task's fields, e.g.
+    ``"{task.percentage:>5.1f}%"``) and the time elapsed. Enter it with ``with``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        TextColumn(counter),
+        TimeElapsedColumn(),
+        console=_err_console.built(),
+        transient=False,
+    )
+
+
 def report_config_error(exc: ConfigError) -> None:
     """One line per problem, on stderr, no traceback."""
     from rich.markup import escape
@@ -304,6 +327,7 @@ __all__ = [
     "console",
     "err_console",
     "option_group",
+    "progress_bars",
     "report_config_error",
     "without_flag_types",
 ]

@@ -319,6 +319,8 @@ def with_cycle_options(**fixed: Any) -> Callable[[Command], Command]:
 with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its three options
 
 
+# Options only `plan --base/--head` (the review) takes, hence here and not in _options;
+# declared in typer's form like every option, their meanings shared with no other.
 BaseOpt = Annotated[
     str | None,
     typer.Option("--base", help="review: the revision the change starts from (e.g. origin/main)"),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from reconciler.commands._options import (
@@ -29,6 +28,8 @@ from reconciler.commands._options import (
     checked_placer,
     checked_repository,
     console,
+    err_console,
+    progress_bars,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -50,10 +51,6 @@ if TYPE_CHECKING:
     from reconciler.sim.evaluate import EvaluationResult, PolicyResult
 
 STATIC_PEAK = "static-peak"  # the policy "vs static" compares with
-
-# Progress bars need a Console itself (they enter it as a context manager), not the
-# shared one, which is built on first use behind a proxy.
-err_console = Console(stderr=True, highlight=False, emoji=False)
 
 
 def _ratio_range(low: float | None, high: float | None) -> str:
@@ -288,8 +285,6 @@ def register(app: typer.Typer) -> None:
 
         Without --trace: a synthetic diurnal day for the service, sized to the fleet.
         --plot: one row per policy."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         from reconciler.desired.loader import load_desired_state
         from reconciler.sim.engine import SimConfig
         from reconciler.sim.evaluate import default_placer, evaluate, policy_labels
@@ -340,14 +335,7 @@ def register(app: typer.Typer) -> None:
                     markup=False,
                     soft_wrap=True,
                 )
-            with Progress(
-                TextColumn("{task.description:<16}"),
-                BarColumn(),
-                TextColumn("{task.percentage:>5.1f}%"),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=False,
-            ) as progress:
+            with progress_bars("{task.percentage:>5.1f}%") as progress:
                 labels = policy_labels(chosen)  # evaluate reports under these names
                 tasks = {labels[p]: progress.add_task(labels[p], total=1.0) for p in chosen}
 

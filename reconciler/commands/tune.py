@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reconciler.commands._options import (
     AutoscalerOpt,
@@ -44,6 +42,8 @@ from reconciler.commands._options import (
     checked_placer,
     checked_repository,
     console,
+    err_console,
+    progress_bars,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -83,15 +83,12 @@ from reconciler.review.tune import (
 )
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import EvaluationResult, default_placer
-from reconciler.sim.load import load_for
+from reconciler.sim.load import load_with_requests
 from reconciler.sim.workload import TraceError, read_trace
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-# Progress bars need a Console itself (they enter it as a context manager), not the
-# shared one, which is built on first use behind a proxy.
-err_console = Console(stderr=True, highlight=False, emoji=False)
 
 BAR_WIDTH = 30
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -356,14 +353,7 @@ def register(app: typer.Typer) -> None:
         try:
             workload = read_trace(trace, seed=seed) if trace is not None else None
             pool = length_pool(policy, workload, seed)
-            with Progress(
-                TextColumn("{task.description:<16}"),
-                BarColumn(),
-                TextColumn("{task.completed:>3.0f}/{task.total:.0f}"),
-                TimeElapsedColumn(),
-                console=err_console,
-                transient=False,
-            ) as progress:
+            with progress_bars("{task.completed:>3.0f}/{task.total:.0f}") as progress:
                 task = progress.add_task("split sweep", total=1)
 
                 def report(done: int, total: int) -> None:
@@ -427,7 +417,9 @@ def register(app: typer.Typer) -> None:
                 hours = diurnal_hours
                 if quick and trace is None and hours is None:
                     hours = QUICK_VERIFY_HOURS
-                profile = load_for(state, service, trace, rate_scale, hours, seed, config)
+                profile = load_with_requests(
+                    state, service, trace, rate_scale, hours, seed, config
+                ).profile
                 for note in profile.notes:
                     err_console.print(f"note: {note}", soft_wrap=True, markup=False)
                 err_console.print(f"replaying {autoscaler} (current vs recommended) ...")

@@ -215,6 +215,29 @@ class InstanceKey:
     instance: str
 
 
+class _Cdf(Protocol):
+    def cdf(self, x: float, /) -> float: ...
+
+
+@dataclass(frozen=True)
+class _Histogram:
+    """One histogram's totals: cumulative counts per bound (+Inf last; empty before any
+    observation) and the sum of what it observed. Its bounds are the engine's
+    (``_Bounds``), given where it is grown or written."""
+
+    buckets: tuple[float, ...] = ()
+    sum: float = 0.0
+
+    def grown(
+        self, bounds: Sequence[float], dist: _Cdf | None, n: float, mean: float
+    ) -> _Histogram:
+        """After ``n`` more observations of ``dist`` (none without it), whose mean is
+        ``mean``."""
+        return _Histogram(
+            _grow(self.buckets, bounds, dist, n), self.sum + (n * mean if dist else 0.0)
+        )
+
+
 @dataclass(frozen=True)
 class _Totals:
     """Counter and histogram totals of one instance at one moment."""
@@ -222,14 +245,10 @@ class _Totals:
     prompt: float = 0.0
     cached: float = 0.0
     generation: float = 0.0
-    ttft_buckets: tuple[float, ...] = ()
-    ttft_sum: float = 0.0
-    tbt_buckets: tuple[float, ...] = ()
-    tbt_sum: float = 0.0
-    prompt_len_buckets: tuple[float, ...] = ()
-    prompt_len_sum: float = 0.0
-    output_len_buckets: tuple[float, ...] = ()
-    output_len_sum: float = 0.0
+    ttft: _Histogram = _Histogram()
+    tbt: _Histogram = _Histogram()
+    prompt_len: _Histogram = _Histogram()
+    output_len: _Histogram = _Histogram()
 
 
 @dataclass(frozen=True)
@@ -240,10 +259,6 @@ class _Bounds:
     tbt: Sequence[float]
     prompt_len: Sequence[float]
     output_len: Sequence[float]
-
-
-class _Cdf(Protocol):
-    def cdf(self, x: float, /) -> float: ...
 
 
 @functools.lru_cache(maxsize=1024)
@@ -284,15 +299,17 @@ class _Instance:
             prompt=base.prompt + load.prompt_tps * dt,
             cached=base.cached + load.cached_prompt_tps * dt,
             generation=base.generation + load.generation_tps * dt,
-            ttft_buckets=_grow(base.ttft_buckets, bounds.ttft, load.ttft, ttft_n),
-            ttft_sum=base.ttft_sum + (ttft_n * load.ttft.mean_s if load.ttft else 0.0),
-            tbt_buckets=_grow(base.tbt_buckets, bounds.tbt, load.tbt, tbt_n),
-            tbt_sum=base.tbt_sum + (tbt_n * load.tbt.mean_s if load.tbt else 0.0),
+            ttft=base.ttft.grown(
+                bounds.ttft, load.ttft, ttft_n, load.ttft.mean_s if load.ttft else 0.0
+            ),
+            tbt=base.tbt.grown(bounds.tbt, load.tbt, tbt_n, load.tbt.mean_s if load.tbt else 0.0),
             # One length observation per finished request, as many as reach a first token.
-            prompt_len_buckets=_grow(base.prompt_len_buckets, bounds.prompt_len, prompts, ttft_n),
-            prompt_len_sum=base.prompt_len_sum + (ttft_n * prompts.mean_tokens if prompts else 0.0),
-            output_len_buckets=_grow(base.output_len_buckets, bounds.output_len, outputs, ttft_n),
-            output_len_sum=base.output_len_sum + (ttft_n * outputs.mean_tokens if outputs else 0.0),
+            prompt_len=base.prompt_len.grown(
+                bounds.prompt_len, prompts, ttft_n, prompts.mean_tokens if prompts else 0.0
+            ),
+            output_len=base.output_len.grown(
+                bounds.output_len, outputs, ttft_n, outputs.mean_tokens if outputs else 0.0
+            ),
         )
 
 
@@ -414,28 +431,14 @@ class FleetExporter:
             sink.sample("counter", names["cached"], labels, totals.cached)
             sink.sample("counter", names["generation"], labels, totals.generation)
             if load.ttft is not None:
-                sink.histogram(
-                    names["ttft"], labels, bounds.ttft, totals.ttft_buckets, totals.ttft_sum
-                )
+                sink.histogram(names["ttft"], labels, bounds.ttft, totals.ttft)
             if load.tbt is not None:
                 tbt_name = self.vllm_tbt_metric if inst.engine == "vllm" else names["tbt"]
-                sink.histogram(tbt_name, labels, bounds.tbt, totals.tbt_buckets, totals.tbt_sum)
+                sink.histogram(tbt_name, labels, bounds.tbt, totals.tbt)
             if load.prompt_lengths is not None:
-                sink.histogram(
-                    names["prompt_len"],
-                    labels,
-                    bounds.prompt_len,
-                    totals.prompt_len_buckets,
-                    totals.prompt_len_sum,
-                )
+                sink.histogram(names["prompt_len"], labels, bounds.prompt_len, totals.prompt_len)
             if load.output_lengths is not None:
-                sink.histogram(
-                    names["output_len"],
-                    labels,
-                    bounds.output_len,
-                    totals.output_len_buckets,
-                    totals.output_len_sum,
-                )
+                sink.histogram(names["output_len"], labels, bounds.output_len, totals.output_len)
             if load.kv_usage is not None:
                 sink.sample("gauge", names["kv"], labels, load.kv_usage)
             if load.waiting_requests is not None:
@@ -592,12 +595,7 @@ class _Sink(Protocol):
     def sample(self, kind: str, name: str, labels: Labels, value: float) -> None: ...
 
     def histogram(
-        self,
-        name: str,
-        labels: Labels,
-        bounds: Sequence[float],
-        cumulative: Sequence[float],
-        sum_value: float,
+        self, name: str, labels: Labels, bounds: Sequence[float], histogram: _Histogram
     ) -> None: ...
 
 
@@ -622,15 +620,12 @@ class _FamilySink:
         self._family(kind, name, [n for n, _ in labels]).add_metric([v for _, v in labels], value)
 
     def histogram(
-        self,
-        name: str,
-        labels: Labels,
-        bounds: Sequence[float],
-        cumulative: Sequence[float],
-        sum_value: float,
+        self, name: str, labels: Labels, bounds: Sequence[float], histogram: _Histogram
     ) -> None:
         self._family("histogram", name, [n for n, _ in labels]).add_metric(
-            [v for _, v in labels], buckets=_bucket_pairs(bounds, cumulative), sum_value=sum_value
+            [v for _, v in labels],
+            buckets=_bucket_pairs(bounds, histogram.buckets),
+            sum_value=histogram.sum,
         )
 
 
@@ -659,19 +654,14 @@ class _TextSink:
         self._lines_of(kind, name).append(f"{exposed}{{{self._labels(labels)}}} {_number(value)}")
 
     def histogram(
-        self,
-        name: str,
-        labels: Labels,
-        bounds: Sequence[float],
-        cumulative: Sequence[float],
-        sum_value: float,
+        self, name: str, labels: Labels, bounds: Sequence[float], histogram: _Histogram
     ) -> None:
         lines = self._lines_of("histogram", name)
         label_text = self._labels(labels)
-        for bound, count in zip([*bounds, math.inf], cumulative, strict=True):
-            lines.append(f'{name}_bucket{{{label_text},le="{_le(bound)}"}} {_number(count)}')
-        lines.append(f"{name}_count{{{label_text}}} {_number(cumulative[-1])}")
-        lines.append(f"{name}_sum{{{label_text}}} {_number(sum_value)}")
+        for le, count in _bucket_pairs(bounds, histogram.buckets):
+            lines.append(f'{name}_bucket{{{label_text},le="{le}"}} {_number(count)}')
+        lines.append(f"{name}_count{{{label_text}}} {_number(histogram.buckets[-1])}")
+        lines.append(f"{name}_sum{{{label_text}}} {_number(histogram.sum)}")
 
     def text(self) -> bytes:
         return ("\n".join(line for lines in self._lines.values() for line in lines) + "\n").encode()

@@ -161,21 +161,23 @@ def replay_services(
     """The what-if replay of ``services`` on the load the options describe (the load
     ``heteroscale simulate`` builds from the same options); services not started by
     ``deadline`` (``time.monotonic()``) are returned as skipped."""
-    from reconciler.sim.load import load_for
+    from reconciler.sim.load import load_with_requests
 
     config = SimConfig()
     return replay(
         base,
         head,
         services,
-        lambda state, service: load_for(
-            state,
-            service,
-            options.trace,
-            options.rate_scale,
-            options.diurnal_hours,
-            options.seed,
-            config,
+        lambda state, service: (
+            load_with_requests(
+                state,
+                service,
+                options.trace,
+                options.rate_scale,
+                options.diurnal_hours,
+                options.seed,
+                config,
+            ).profile
         ),
         lambda service: describe_trace(options.trace, options.rate_scale, options.diurnal_hours),
         seed=options.seed,

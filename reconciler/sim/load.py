@@ -27,22 +27,6 @@ class SimulationLoad:
     fluid_reason: str | None = None  # why ``workload`` is None
 
 
-def load_for(
-    state: DesiredState,
-    service: str,
-    trace: Path | None,
-    rate_scale: float | None,
-    diurnal_hours: float | None,
-    seed: int,
-    config: SimConfig,
-) -> LoadProfile:
-    """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
-    synthetic diurnal day for the service sized to the fleet."""
-    return load_with_requests(
-        state, service, trace, rate_scale, diurnal_hours, seed, config
-    ).profile
-
-
 def load_with_requests(
     state: DesiredState,
     service: str,
@@ -52,7 +36,10 @@ def load_with_requests(
     seed: int,
     config: SimConfig,
 ) -> SimulationLoad:
-    """:func:`load_for`, keeping the per-request workload the profile was binned from."""
+    """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
+    synthetic diurnal day for the service sized to the fleet; with the per-request
+    workload the profile was binned from, when there is one (callers that only replay
+    take ``.profile``)."""
     if trace is None:
         from reconciler.sim.default import synthetic_load_for
 

@@ -621,6 +621,8 @@ def rate_curve(
     return rate
 
 
+# ``sim.engine.synthetic_profile`` takes these parameters too, on purpose: it is this
+# load binned per second for fleets too large for per-request arrays, and passes them on.
 def synthetic_workload(
     shape: str | LengthShape,
     *,

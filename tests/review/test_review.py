@@ -24,7 +24,7 @@ from reconciler.review.command import plan_review, render
 from reconciler.review.review import Review, ReviewOptions
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import evaluate
-from reconciler.sim.load import load_for
+from reconciler.sim.load import load_with_requests
 
 GOLDEN = Path(__file__).parent / "golden"
 OPTIONS = ReviewOptions(diurnal_hours=1.0, seed=3)
@@ -124,7 +124,9 @@ def test_the_cost_per_hour_of_both_plans_is_reported_at_heads_prices(reviewed: R
 def test_the_what_if_equals_simulate_on_the_same_inputs(reviewed: Review, pr_repo: Path) -> None:
     head = load_desired_state(pr_repo, rev="HEAD~1")
     config = SimConfig()
-    load = load_for(head, "chat", None, None, OPTIONS.diurnal_hours, OPTIONS.seed, config)
+    load = load_with_requests(
+        head, "chat", None, None, OPTIONS.diurnal_hours, OPTIONS.seed, config
+    ).profile
     simulated = evaluate(head, "chat", load, ["heteroscale"], OPTIONS.seed, config=config)
     [chat] = [w for w in reviewed.what_if if w.service == "chat"]
     assert chat.head is not None

@@ -337,12 +337,12 @@ def test_rate_scale_keeps_request_arrays_unless_too_large(
     from reconciler.sim.engine import SimConfig
 
     trace = _trace(tmp_path)
-    small = command.load_for(state, SERVICE, trace, 2.0, None, 0, SimConfig())
+    small = command.load_with_requests(state, SERVICE, trace, 2.0, None, 0, SimConfig()).profile
     assert small.sample_weight == 1.0 and "rate scaled x2" in " ".join(small.notes)
     original = command.MAX_REQUEST_ARRAYS
     try:
         command.MAX_REQUEST_ARRAYS = 10
-        fluid = command.load_for(state, SERVICE, trace, 2.0, None, 0, SimConfig())
+        fluid = command.load_with_requests(state, SERVICE, trace, 2.0, None, 0, SimConfig()).profile
     finally:
         command.MAX_REQUEST_ARRAYS = original
     assert fluid.sample_weight == pytest.approx(2.0, rel=0.1)
