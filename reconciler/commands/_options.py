@@ -125,6 +125,31 @@ PrometheusUrlOpt = Annotated[
         "--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics"
     ),
 ]
+PrometheusScrapeIntervalOpt = Annotated[
+    float,
+    typer.Option(
+        "--prometheus-scrape-interval",
+        envvar="HETEROSCALE_PROMETHEUS_SCRAPE_INTERVAL",
+        help="seconds between Prometheus's scrapes of the engines (what a covered rate "
+        "window must hold follows from it)",
+    ),
+]
+PrometheusRateWindowOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--prometheus-rate-window",
+        envvar="HETEROSCALE_PROMETHEUS_RATE_WINDOW",
+        help="seconds of rate() and latency windows (default: four scrape intervals, at least 60)",
+    ),
+]
+PrometheusTokenFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-bearer-token-file",
+        envvar="HETEROSCALE_PROMETHEUS_BEARER_TOKEN_FILE",
+        help="bearer token for a Prometheus behind an authenticating proxy (read every cycle)",
+    ),
+]
 ForceOpt = Annotated[
     bool,
     typer.Option(
@@ -314,6 +339,9 @@ __all__ = [
     "PlacerOpt",
     "PlainFlagsCommand",
     "PlotOpt",
+    "PrometheusRateWindowOpt",
+    "PrometheusScrapeIntervalOpt",
+    "PrometheusTokenFileOpt",
     "PrometheusUrlOpt",
     "PruneRemovedServicesOpt",
     "RateScaleOpt",

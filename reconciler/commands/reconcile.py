@@ -20,6 +20,7 @@ desired state is invalid). apply: 0 done, 1 error. run: runs until interrupted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -49,6 +50,9 @@ from reconciler.commands._options import (
     LeaseNamespaceOpt,
     PlacerOpt,
     PlotOpt,
+    PrometheusRateWindowOpt,
+    PrometheusScrapeIntervalOpt,
+    PrometheusTokenFileOpt,
     PrometheusUrlOpt,
     PruneRemovedServicesOpt,
     RateScaleOpt,
@@ -94,6 +98,22 @@ class Settings:
     diff_mode: str
     seed: int
     prune_removed_services: bool
+    prometheus_scrape_interval_s: float = 15.0
+    prometheus_rate_window_s: float | None = None  # None: four scrape intervals, >= 60 s
+    prometheus_bearer_token_file: str | None = None
+
+    def prometheus(self) -> Any:
+        """The ``PrometheusSettings`` these options give (``--prometheus-url`` set)."""
+        from reconciler.observe.prometheus import PrometheusSettings
+
+        interval_s = self.prometheus_scrape_interval_s
+        window_s = self.prometheus_rate_window_s or max(60.0, 4 * interval_s)
+        return PrometheusSettings(
+            url=self.prometheus_url or "",
+            scrape_interval_s=interval_s,
+            rate_window_s=window_s,
+            bearer_token_file=self.prometheus_bearer_token_file,
+        )
 
 
 def kubeconfig_available(explicit: str | None) -> bool:
@@ -181,9 +201,16 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
         return KubernetesBackend(client, state=state, options=options)
 
     if settings.prometheus_url:
-        from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
+        from reconciler.observe.prometheus import PrometheusMetricsSource, scrape_interval_problem
 
-        source: Any = PrometheusMetricsSource(PrometheusSettings(url=settings.prometheus_url))
+        prometheus = settings.prometheus()
+        problem = scrape_interval_problem(prometheus)
+        if problem is not None:
+            logging.getLogger("heteroscale.metrics").warning(
+                problem + " (--prometheus-scrape-interval, --prometheus-rate-window)",
+                extra={"event": "scrape_interval_mismatch"},
+            )
+        source: Any = PrometheusMetricsSource(prometheus)
     else:
         source = NoMetrics()
     return Wiring(
@@ -254,6 +281,9 @@ def _settings(
     placer: PlacerOpt = "cp-sat",
     autoscaler: AutoscalerOpt = "heteroscale",
     prometheus_url: PrometheusUrlOpt = None,
+    prometheus_scrape_interval: PrometheusScrapeIntervalOpt = 15.0,
+    prometheus_rate_window: PrometheusRateWindowOpt = None,
+    prometheus_bearer_token_file: PrometheusTokenFileOpt = None,
     force: ForceOpt = False,
     drain_window: DrainWindowOpt = 120.0,
     diff_mode: DiffModeOpt = "auto",
@@ -276,6 +306,9 @@ def _settings(
         diff_mode,
         seed,
         prune_removed_services,
+        prometheus_scrape_interval,
+        prometheus_rate_window,
+        prometheus_bearer_token_file,
     )
 
 
@@ -287,6 +320,17 @@ def _checked(settings: Settings) -> Settings:
     if settings.drain_window_s < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(settings.autoscaler)
+    interval_s, window_s = settings.prometheus_scrape_interval_s, settings.prometheus_rate_window_s
+    if not (math.isfinite(interval_s) and interval_s > 0):
+        raise typer.BadParameter("--prometheus-scrape-interval must be a positive number")
+    if window_s is not None and not (math.isfinite(window_s) and window_s >= 2 * interval_s):
+        raise typer.BadParameter(
+            "--prometheus-rate-window must be at least two scrape intervals "
+            f"({2 * interval_s:g} s): rate() needs two samples"
+        )
+    token = settings.prometheus_bearer_token_file
+    if token is not None and not os.access(token, os.R_OK):
+        raise typer.BadParameter(f"--prometheus-bearer-token-file: cannot read {token}")
     checked_repository(settings.repo, rev=settings.rev)
     return settings
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from kubetestkit import ControlPlane
 
+from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts" / "k8s"
 TOOLS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -53,3 +55,16 @@ def control_plane(
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[LocalPrometheus]:
+    """A real Prometheus scraping every second (targets set by the test), deleted after
+    the test; skipped, with the reason, without the binary."""
+    if find_binary("prometheus") is None:
+        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
+    server = LocalPrometheus(scrape_interval_s=1.0, workdir=tmp_path / "prometheus")
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ from reconciler.durable import decode
 from reconciler.loop import ClusterOutcome, ReconcileLoop, serve_http
 from reconciler.observe import local_prometheus
 from reconciler.observe.exporter import FleetExporter, InstanceLoad
-from reconciler.observe.local_prometheus import LocalPrometheus, find_binary
+from reconciler.observe.local_prometheus import LocalPrometheus
 from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
 from reconciler.placement.greedy import GreedyPlacer
 from reconciler.policy import make_autoscaler
@@ -104,17 +103,6 @@ def _decode_load(total_tps: float) -> InstanceLoad:
 
 def _prefill_load(total_tps: float) -> InstanceLoad:
     return InstanceLoad(prompt_tps=total_tps, requests_per_s=1.0)
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[LocalPrometheus]:
-    if find_binary("prometheus") is None:
-        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
-    server = LocalPrometheus(scrape_interval_s=1.0, workdir=tmp_path / "prometheus")
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.mark.prometheus

@@ -108,3 +108,46 @@ def test_an_option_name_means_the_same_in_every_command() -> None:
     assert {"--repo", "--seed", "--format", "--lease-namespace"} <= {
         option for option, defs in seen.items() if len(next(iter(defs.values()))) > 1
     }
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prometheus-scrape-interval", "0"], "--prometheus-scrape-interval must be a positive"),
+        (
+            ["--prometheus-scrape-interval", "nan"],
+            "--prometheus-scrape-interval must be a positive",
+        ),
+        (
+            ["--prometheus-scrape-interval", "30", "--prometheus-rate-window", "45"],
+            "--prometheus-rate-window must be at least two scrape intervals (60 s)",
+        ),
+        (
+            ["--prometheus-bearer-token-file", "/nonexistent/token"],
+            "--prometheus-bearer-token-file: cannot read /nonexistent/token",
+        ),
+    ],
+)
+def test_prometheus_options_are_checked_before_any_work(args: list[str], message: str) -> None:
+    for command in ("plan", "apply", "run"):
+        result = runner.invoke(app, [command, *args], terminal_width=200)
+        assert result.exit_code == 2, (command, result.output)
+        assert message in " ".join(result.output.replace("│", " ").split()), (
+            command,
+            result.output,
+        )
+
+
+def test_the_rate_window_follows_the_scrape_interval_unless_given() -> None:
+    from pathlib import Path
+
+    from reconciler.commands.reconcile import _settings
+
+    def window(**options: Any) -> float:
+        settings = _settings(Path("."), prometheus_url="http://p:9090", **options)
+        return float(settings.prometheus().rate_window_s)
+
+    assert window() == 60.0  # 15 s scrapes: four intervals, at least a minute
+    assert window(prometheus_scrape_interval=30.0) == 120.0
+    assert window(prometheus_scrape_interval=5.0) == 60.0
+    assert window(prometheus_scrape_interval=30.0, prometheus_rate_window=90.0) == 90.0
