@@ -11,8 +11,10 @@ is refused (``StateFormatError``), never half-read. Non-finite floats (the
 forecaster's NaN "not yet") are written as the strings ``"nan"``, ``"inf"``,
 ``"-inf"`` so the document stays strict JSON. ``encode`` bounds the size: every time
 series is trimmed to the longest window the schema allows (an hour) and a count cap;
-if the document is still over ``MAX_STATE_BYTES`` the planner memories go first, then
-``StateTooLarge`` is raised (the caller reports it and keeps the old object).
+as many planner memories as fit under ``MAX_STATE_BYTES`` are kept, service by
+service in name order, the others left out (counted; those services' planners start
+afresh after a restart). Without any memory, a state over the limit raises
+``StateTooLarge`` (the caller reports it and keeps the old object).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
 
 SCHEMA = "heteroscale.io/reconciler-state"
 VERSION = 1
-# A ConfigMap holds at most 1 MiB; a quarter of it is far more than a few services'
-# windows need (an hour of 30 s cycles is 120 entries per series).
-MAX_STATE_BYTES = 256 * 1024
+# A ConfigMap holds at most 1 MiB, metadata included. A service's windows take about
+# 1 KB, its planner memory about 17 KB once it holds an hour of errors (an 8-hour day
+# of the matrix's azure-x50 cell), so some 45 services keep theirs; beyond, the
+# planners of the others start afresh after a restart (``encode``).
+MAX_STATE_BYTES = 800 * 1024
 # Every window is at most an hour (``WindowSeconds``); one entry older than that is
 # kept as the value in force at a window's start.
 KEEP_S = float(HOUR_S)
@@ -331,16 +335,34 @@ def _document(state: DurableState, with_planner: bool) -> dict[str, Any]:
     }
 
 
-def encode(state: DurableState) -> tuple[str, bool]:
-    """The JSON text, and whether the planner memories had to be left out to fit."""
-    for with_planner in (True, False):
-        text = json.dumps(_document(state, with_planner), separators=(",", ":"), allow_nan=False)
-        if len(text.encode()) <= MAX_STATE_BYTES:
-            return text, not with_planner
-    raise StateTooLarge(
-        f"state of cluster {state.cluster} is {len(text.encode())} bytes without planner "
-        f"memories (limit {MAX_STATE_BYTES})"
-    )
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def encode(state: DurableState) -> tuple[str, int]:
+    """The JSON text, and how many services' planner memories were left out to fit
+    (module docstring)."""
+    doc = _document(state, with_planner=False)
+    size = len(_dumps(doc).encode())
+    if size > MAX_STATE_BYTES:
+        raise StateTooLarge(
+            f"state of cluster {state.cluster} is {size} bytes without planner memories "
+            f"(limit {MAX_STATE_BYTES})"
+        )
+    dropped = 0
+    for name, history in sorted(state.histories.items()):
+        if not isinstance(history.planner, PlannerMemory):
+            continue
+        memory = _encode_value(history.planner)
+        # It replaces the ``null`` the document holds (the serialisation of an object
+        # is that of its members, so sizes add up exactly).
+        grown = len(_dumps(memory).encode()) - len("null")
+        if size + grown <= MAX_STATE_BYTES:
+            doc["services"][name]["planner"] = memory
+            size += grown
+        else:
+            dropped += 1
+    return _dumps(doc), dropped
 
 
 def _str(value: Any, where: str) -> str:

@@ -175,12 +175,13 @@ class ConfigMapStateStore:
         return False
 
     def _encode(self, state: DurableState) -> str:
-        text, dropped_planner = encode(state)
-        if dropped_planner:
+        text, dropped = encode(state)
+        if dropped:
             log.warning(
-                f"{self.describe(state.cluster)}: planner memories left out to stay under "
-                "the size limit",
-                extra={"event": "state_trimmed", "cluster": state.cluster},
+                f"{self.describe(state.cluster)}: the planner memories of {dropped} of "
+                f"{len(state.histories)} services left out to stay under the size limit "
+                "(their planners start afresh after a restart)",
+                extra={"event": "state_trimmed", "cluster": state.cluster, "dropped": dropped},
             )
         return text
 

@@ -22,11 +22,11 @@ from reconciler.apply.statestore import ConfigMapStateStore, configmap_name, con
 from reconciler.cli import app
 from reconciler.desired import DesiredState
 from reconciler.desired.models import ServicePolicy
-from reconciler.durable import DurableState, Revision, decode
+from reconciler.durable import MAX_STATE_BYTES, DurableState, Revision, decode, encode
 from reconciler.loop import ReconcileLoop
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, Recommendation
-from reconciler.policy.planner import PlannerMemory
+from reconciler.policy.planner import KeptCapacity, PlannerMemory
 from reconciler.state import LengthBuckets, Sample, ServiceMetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
@@ -223,6 +223,29 @@ def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
     assert isinstance(resumed, PlannerMemory)
     assert resumed.prefill_demand.samples == 13  # one more sample on the stored twelve
     assert resumed.prefill_kept.sized[: len(memory.prefill_kept.sized)] == memory.prefill_kept.sized
+
+
+def test_a_state_at_the_size_limit_is_stored_and_read_back(control_plane: ControlPlane) -> None:
+    """The largest document ``encode`` makes fits a ConfigMap on a real API server:
+    planner memories for as many services as fit under ``MAX_STATE_BYTES``."""
+    store = _fresh_store(control_plane.client(), "st-large", "replica-a")
+    histories = {}
+    for i in range(200):  # more than fit: encode keeps what does
+        memory = PlannerMemory(
+            prefill_kept=KeptCapacity(
+                tuple((1000.0 + 30 * k, 1e5 + k / 3) for k in range(20)),
+                tuple(0.1 * k / 7 for k in range(120)),
+            ),
+            decode_kept=KeptCapacity((), tuple(0.2 * k / 7 for k in range(120))),
+        )
+        histories[f"svc-{i:03d}"] = PolicyHistory(planner=memory)
+    state = DurableState("st-large", 1000.0, "replica-a", None, histories)
+    text, dropped = encode(state)
+    assert 0 < dropped < 200 and len(text.encode()) > 0.95 * MAX_STATE_BYTES
+    assert store.save(state)
+    back = store.load("st-large")
+    assert back is not None
+    assert sum(h.planner is not None for h in back.histories.values()) == 200 - dropped
 
 
 @pytest.mark.fault

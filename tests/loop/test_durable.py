@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,15 +178,49 @@ def test_series_are_trimmed_to_the_longest_window_keeping_the_one_in_force() -> 
     assert [r.decode for r in kept] == [3700, 3000, 10]
 
 
-def test_oversized_state_drops_planner_memories_first_then_refuses() -> None:
+def test_oversized_state_keeps_the_planner_memories_that_fit_then_refuses() -> None:
+    """Over the limit, planner memories are left out service by service (name order),
+    never the windows; the text stays under the limit, and every memory kept reads
+    back whole. Only a state too large without any memory is refused."""
     memory = _planner_memory()
-    many = {f"svc-{i}": PolicyHistory(planner=memory) for i in range(400)}
+    one = len(encode(DurableState("east", NOW, histories={"s": PolicyHistory(planner=memory)}))[0])
+    count = 3 * MAX_STATE_BYTES // one  # about three times what fits
+    many = {f"svc-{i:04d}": PolicyHistory(planner=memory) for i in range(count)}
     text, dropped = encode(DurableState("east", NOW, histories=many))
-    assert dropped and len(text) <= MAX_STATE_BYTES
-    assert all(h.planner is None for h in decode(text).histories.values())
+    assert len(text.encode()) <= MAX_STATE_BYTES
+    back = decode(text).histories
+    kept = [name for name, h in sorted(back.items()) if h.planner is not None]
+    assert len(kept) + dropped == count and 0 < len(kept) < count
+    assert kept == sorted(many)[: len(kept)]  # the first names, in order
+    assert all(back[name].planner == memory for name in kept)
+    # One more memory would not have fitted.
+    assert len(text.encode()) + one > MAX_STATE_BYTES
     huge = PolicyHistory(extra=tuple((f"k{i}" * 50, 1.0) for i in range(1000)))
     with pytest.raises(StateTooLarge):
-        encode(DurableState("east", NOW, histories={f"s{i}": huge for i in range(10)}))
+        encode(DurableState("east", NOW, histories={f"s{i}": huge for i in range(40)}))
+
+
+def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
+    """Forty services each holding an hour of headroom errors and a day's curve (the
+    largest a memory grows) fit with all their memories."""
+    memory = _planner_memory()
+    full = replace(
+        memory,
+        prefill_demand=replace(
+            memory.prefill_demand,
+            day_mean=tuple(1000.0 + i / 7 for i in range(96)),
+            day_count=(30.0,) * 96,
+            errors=(tuple(0.01 * i / 3 for i in range(120)),),
+        ),
+        prefill_kept=KeptCapacity(
+            tuple((NOW - 30 * i, 1e5 + i / 3) for i in range(20)),
+            tuple(0.1 * i / 7 for i in range(120)),
+        ),
+    )
+    full = replace(full, decode_demand=full.prefill_demand, decode_kept=full.prefill_kept)
+    histories = {f"svc-{i}": PolicyHistory(planner=full) for i in range(40)}
+    text, dropped = encode(DurableState("east", NOW, histories=histories))
+    assert dropped == 0, len(text)
 
 
 @pytest.mark.parametrize(
