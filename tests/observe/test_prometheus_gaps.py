@@ -41,7 +41,7 @@ from observe_helpers import (
 from reconciler.desired import ServicePolicy
 from reconciler.observe.exporter import FleetExporter
 from reconciler.observe.local_prometheus import LocalPrometheus
-from reconciler.observe.presets import LENGTH_NAMES, recording_rules
+from reconciler.observe.presets import LENGTH_NAMES, SignalName, recording_rules
 from reconciler.observe.prometheus import PrometheusMetricsSource
 from reconciler.policy.base import PolicyHistory
 from reconciler.policy.coordinated import decide
@@ -195,6 +195,8 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
     scenario = Scenario().add("prefill", 2, PREFILL, RESTART_SERVICE)
     scenario.add("decode", 3, DECODE, RESTART_SERVICE)
     expected = expected_metrics(scenario, 0.9)
+    expected_decode_tps = expected["decode_tps"]
+    assert expected_decode_tps is not None
     exporter = FleetExporter()
     register(exporter, {RESTART_SERVICE: scenario})
     prometheus = LocalPrometheus(
@@ -244,7 +246,7 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
         for value, _reason in readings:
             # An accepted window holds 8 or more samples of 10: rate() then reads at
             # least 7.5 of 10 s worth (WindowCoverage), against 1.5 to 2.5 with 2 samples.
-            assert value is None or value >= 0.7 * expected["decode_tps"], readings
+            assert value is None or value >= 0.7 * expected_decode_tps, readings
 
         # Deterministically, at the fourth sample after the gap, once Prometheus holds a
         # whole window after it.
@@ -266,7 +268,8 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
                 covered = source.fetch([policy], resumed + RATE_WINDOW_S + 0.5 + WINDOW_OFFSET_S)[
                     RESTART_SERVICE
                 ]
-            for signal in ("decode_tps", "prefill_tps", "ttft", "tbt", *LENGTH_NAMES):
+            signals: tuple[SignalName, ...] = ("decode_tps", "prefill_tps", "ttft", "tbt")
+            for signal in (*signals, *LENGTH_NAMES):
                 assert getattr(early, signal) is None, (recorded, signal)
                 assert reasons[signal].startswith("window not covered"), (recorded, signal)
                 assert getattr(covered, signal) is not None, (recorded, signal)
