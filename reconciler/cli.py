@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 COMMAND_MODULES: dict[str, str] = {
     "plan": "reconcile",
     "apply": "reconcile",
+    "prometheus-rules": "prometheus",
     "run": "reconcile",
     "simulate": "simulate",
     "status": "status",

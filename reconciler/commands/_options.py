@@ -142,6 +142,14 @@ PrometheusRateWindowOpt = Annotated[
         help="seconds of rate() and latency windows (default: four scrape intervals, at least 60)",
     ),
 ]
+PrometheusRecordingRulesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prometheus-recording-rules",
+        help="read the histograms from the recording rules `heteroscale prometheus-rules` "
+        "prints (large fleets; load them into Prometheus first)",
+    ),
+]
 PrometheusTokenFileOpt = Annotated[
     str | None,
     typer.Option(
@@ -340,6 +348,7 @@ __all__ = [
     "PlainFlagsCommand",
     "PlotOpt",
     "PrometheusRateWindowOpt",
+    "PrometheusRecordingRulesOpt",
     "PrometheusScrapeIntervalOpt",
     "PrometheusTokenFileOpt",
     "PrometheusUrlOpt",

@@ -51,6 +51,7 @@ from reconciler.commands._options import (
     PlacerOpt,
     PlotOpt,
     PrometheusRateWindowOpt,
+    PrometheusRecordingRulesOpt,
     PrometheusScrapeIntervalOpt,
     PrometheusTokenFileOpt,
     PrometheusUrlOpt,
@@ -101,19 +102,39 @@ class Settings:
     prometheus_scrape_interval_s: float = 15.0
     prometheus_rate_window_s: float | None = None  # None: four scrape intervals, >= 60 s
     prometheus_bearer_token_file: str | None = None
+    prometheus_recording_rules: bool = False
 
     def prometheus(self) -> Any:
         """The ``PrometheusSettings`` these options give (``--prometheus-url`` set)."""
         from reconciler.observe.prometheus import PrometheusSettings
 
-        interval_s = self.prometheus_scrape_interval_s
-        window_s = self.prometheus_rate_window_s or max(60.0, 4 * interval_s)
+        interval_s, window_s = prometheus_windows(
+            self.prometheus_scrape_interval_s, self.prometheus_rate_window_s
+        )
         return PrometheusSettings(
             url=self.prometheus_url or "",
             scrape_interval_s=interval_s,
             rate_window_s=window_s,
             bearer_token_file=self.prometheus_bearer_token_file,
+            recorded_histograms=self.prometheus_recording_rules,
         )
+
+
+def prometheus_windows(interval_s: float, window_s: float | None) -> tuple[float, float]:
+    """The scrape interval and rate window ``--prometheus-scrape-interval`` and
+    ``--prometheus-rate-window`` give (the window four intervals and at least a minute
+    when not given: a missed scrape then still leaves three of four samples); a usage
+    error naming the option when they cannot work."""
+    if not (math.isfinite(interval_s) and interval_s > 0):
+        raise typer.BadParameter("--prometheus-scrape-interval must be a positive number")
+    if window_s is None:
+        return interval_s, max(60.0, 4 * interval_s)
+    if not (math.isfinite(window_s) and window_s >= 2 * interval_s):
+        raise typer.BadParameter(
+            "--prometheus-rate-window must be at least two scrape intervals "
+            f"({2 * interval_s:g} s): rate() needs two samples"
+        )
+    return interval_s, window_s
 
 
 def kubeconfig_available(explicit: str | None) -> bool:
@@ -201,15 +222,29 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
         return KubernetesBackend(client, state=state, options=options)
 
     if settings.prometheus_url:
-        from reconciler.observe.prometheus import PrometheusMetricsSource, scrape_interval_problem
+        from reconciler.observe.prometheus import (
+            PrometheusMetricsSource,
+            recording_rules_problem,
+            scrape_interval_problem,
+        )
 
         prometheus = settings.prometheus()
-        problem = scrape_interval_problem(prometheus)
-        if problem is not None:
-            logging.getLogger("heteroscale.metrics").warning(
-                problem + " (--prometheus-scrape-interval, --prometheus-rate-window)",
-                extra={"event": "scrape_interval_mismatch"},
-            )
+        # Set-up mistakes that would hold every service cycle after cycle, named once.
+        problems = {
+            "scrape_interval_mismatch": (
+                scrape_interval_problem(prometheus),
+                "--prometheus-scrape-interval, --prometheus-rate-window",
+            ),
+            "recording_rules_missing": (
+                recording_rules_problem(prometheus),
+                "or drop --prometheus-recording-rules",
+            ),
+        }
+        for event, (problem, hint) in problems.items():
+            if problem is not None:
+                logging.getLogger("heteroscale.metrics").warning(
+                    f"{problem} ({hint})", extra={"event": event}
+                )
         source: Any = PrometheusMetricsSource(prometheus)
     else:
         source = NoMetrics()
@@ -284,6 +319,7 @@ def _settings(
     prometheus_scrape_interval: PrometheusScrapeIntervalOpt = 15.0,
     prometheus_rate_window: PrometheusRateWindowOpt = None,
     prometheus_bearer_token_file: PrometheusTokenFileOpt = None,
+    prometheus_recording_rules: PrometheusRecordingRulesOpt = False,
     force: ForceOpt = False,
     drain_window: DrainWindowOpt = 120.0,
     diff_mode: DiffModeOpt = "auto",
@@ -309,6 +345,7 @@ def _settings(
         prometheus_scrape_interval,
         prometheus_rate_window,
         prometheus_bearer_token_file,
+        prometheus_recording_rules,
     )
 
 
@@ -320,14 +357,7 @@ def _checked(settings: Settings) -> Settings:
     if settings.drain_window_s < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(settings.autoscaler)
-    interval_s, window_s = settings.prometheus_scrape_interval_s, settings.prometheus_rate_window_s
-    if not (math.isfinite(interval_s) and interval_s > 0):
-        raise typer.BadParameter("--prometheus-scrape-interval must be a positive number")
-    if window_s is not None and not (math.isfinite(window_s) and window_s >= 2 * interval_s):
-        raise typer.BadParameter(
-            "--prometheus-rate-window must be at least two scrape intervals "
-            f"({2 * interval_s:g} s): rate() needs two samples"
-        )
+    prometheus_windows(settings.prometheus_scrape_interval_s, settings.prometheus_rate_window_s)
     token = settings.prometheus_bearer_token_file
     if token is not None and not os.access(token, os.R_OK):
         raise typer.BadParameter(f"--prometheus-bearer-token-file: cannot read {token}")

@@ -127,6 +127,7 @@ from reconciler.observe.presets import (
     LengthName,
     SignalName,
     SignalQuery,
+    format_duration,
     format_number,
     is_label_name,
     signal_query,
@@ -991,16 +992,10 @@ def parse_duration_s(text: str) -> float | None:
     return sum(float(n) * _DURATION_UNITS_S[u] for n, u in parts)
 
 
-def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
-    """What is wrong with the scrape interval ``settings`` assume, read from
-    Prometheus's active targets (``/api/v1/targets``): a target scraped less often
-    holds fewer samples per window than the coverage check requires, so every signal
-    it carries stays missing and the services it serves hold for ever. None when every
-    target is scraped often enough (or coverage is not checked), or when the targets
-    cannot be read (the cycles report that themselves)."""
-    coverage = settings.window_coverage
-    if coverage is None:
-        return None
+def _setup_query(settings: PrometheusSettings, path: str, params: Mapping[str, str]) -> Any:
+    """The ``data`` of one API answer, read as the adapter would (headers, token, TLS,
+    timeout), for the set-up checks; ``None`` when it cannot be read (the cycles report
+    that themselves)."""
     session = requests.Session()
     session.verify = settings.verify_tls
     session.headers.update(settings.headers)
@@ -1009,17 +1004,32 @@ def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
             token = read_bearer_token(settings.bearer_token_file)
             session.headers["Authorization"] = f"Bearer {token}"
         response = session.get(
-            settings.url.rstrip("/") + "/api/v1/targets",
-            params={"state": "active"},
-            timeout=settings.timeout_s,
+            settings.url.rstrip("/") + path, params=dict(params), timeout=settings.timeout_s
         )
         response.raise_for_status()
-        targets = response.json()["data"]["activeTargets"]
-        intervals = [parse_duration_s(str(t.get("scrapeInterval", ""))) for t in targets]
+        return response.json()["data"]
     except (requests.RequestException, MetricsUnavailable, ValueError, KeyError, TypeError):
         return None
     finally:
         session.close()
+
+
+def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
+    """What is wrong with the scrape interval ``settings`` assume, read from
+    Prometheus's active targets (``/api/v1/targets``): a target scraped less often
+    holds fewer samples per window than the coverage check requires, so every signal
+    it carries stays missing and the services it serves hold for ever. None when every
+    target is scraped often enough (or coverage is not checked), or when the targets
+    cannot be read."""
+    coverage = settings.window_coverage
+    if coverage is None:
+        return None
+    data = _setup_query(settings, "/api/v1/targets", {"state": "active"})
+    try:
+        targets = data["activeTargets"]
+        intervals = [parse_duration_s(str(t.get("scrapeInterval", ""))) for t in targets]
+    except (KeyError, TypeError, AttributeError):
+        return None
     too_slow = [
         i for i in intervals if i is not None and settings.rate_window_s / i < coverage.required
     ]
@@ -1035,4 +1045,24 @@ def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
         f"the {coverage.required} the coverage check requires, so the services they serve "
         f"hold every cycle; set the scrape interval to {format_number(slowest)} s (the "
         f"rate window then at least {format_number(4 * slowest)} s)"
+    )
+
+
+def recording_rules_problem(settings: PrometheusSettings) -> str | None:
+    """With ``recorded_histograms`` on: whether Prometheus holds any series the
+    recording rules for ``rate_window_s`` record (``presets.recording_rules``). None
+    when it does, when the mode is off, or when Prometheus cannot be asked; else why
+    every histogram signal will be missing."""
+    if not settings.recorded_histograms:
+        return None
+    suffix = f":rate{format_duration(settings.rate_window_s)}"
+    query = f'group by (__name__) ({{__name__=~"heteroscale:.+{suffix}"}})'
+    data = _setup_query(settings, "/api/v1/query", {"query": query})
+    if data is None or not isinstance(data.get("result"), list) or data["result"]:
+        return None
+    return (
+        f"no series of the recording rules for a {format_number(settings.rate_window_s)} s "
+        f"window (heteroscale:*{suffix}) in Prometheus: the latency and request-mix "
+        "histograms will be missing every cycle; load the rules `heteroscale "
+        "prometheus-rules` prints (same scrape interval and rate window) into Prometheus"
     )

@@ -21,6 +21,7 @@ from kubetestkit import (
     list_deployments,
     make_desired_state,
 )
+from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
 from reconciler.apply.kubeclient import NotFound
@@ -116,24 +117,44 @@ def _run(control_plane: ControlPlane, repo: Path, url: str, *extra: str) -> list
     return [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
 
 
+def _cluster(control_plane: ControlPlane, repo: Path, cluster: str) -> None:
+    """The desired state for ``cluster`` in ``repo``, its nodes and namespaces on the
+    API server, and no state object yet."""
+    state = make_desired_state(repo, cluster, affinity="cluster")
+    client = control_plane.client()
+    for namespace in (cluster, STATE_NAMESPACE):
+        ensure_namespace(client, namespace)
+    create_nodes(client, state.clusters[cluster])
+    with contextlib.suppress(NotFound):
+        client.delete(configmaps_path(STATE_NAMESPACE, configmap_name(cluster)))
+
+
+def _serve(prometheus: LocalPrometheus, exporter: FleetExporter) -> None:
+    """Prometheus scraping ``exporter`` (started), with a whole window of samples."""
+    exporter.start()
+    prometheus.set_targets([exporter.address])
+    prometheus.start()
+    prometheus.wait_for_targets([exporter.address], timeout_s=30)
+    time.sleep(WINDOW_S + 2)  # rate() reads the load
+
+
+def _stored_memory(control_plane: ControlPlane, cluster: str) -> PlannerMemory:
+    client = control_plane.client()
+    text = client.get(configmaps_path(STATE_NAMESPACE, configmap_name(cluster)))["data"]
+    memory = decode(text["state.json"]).histories["svc"].planner
+    assert isinstance(memory, PlannerMemory)
+    return memory
+
+
 def test_run_scales_from_engine_metrics_and_keeps_the_planners_memory(
     control_plane: ControlPlane, tmp_path: Path, prometheus: LocalPrometheus
 ) -> None:
     repo = tmp_path / "repo"
-    state = make_desired_state(repo, CLUSTER, affinity="cluster")
+    _cluster(control_plane, repo, CLUSTER)
     client = control_plane.client()
-    for namespace in (CLUSTER, STATE_NAMESPACE):
-        ensure_namespace(client, namespace)
-    create_nodes(client, state.clusters[CLUSTER])
-    with contextlib.suppress(NotFound):
-        client.delete(configmaps_path(STATE_NAMESPACE, configmap_name(CLUSTER)))
     exporter = _engines()
-    exporter.start()
     try:
-        prometheus.set_targets([exporter.address])
-        prometheus.start()
-        prometheus.wait_for_targets([exporter.address], timeout_s=30)
-        time.sleep(WINDOW_S + 2)  # a whole window of samples: rate() reads the load
+        _serve(prometheus, exporter)
 
         # A wrong scrape interval is named at start (a 1.5 s window at an assumed 0.5 s
         # must hold 3 samples; at the real 1 s it holds 1.5).
@@ -172,12 +193,36 @@ def test_run_scales_from_engine_metrics_and_keeps_the_planners_memory(
 
     # Every cycle's state was written, the planner's memory with it: the forecaster
     # has one sample a cycle and the queues were read.
-    stored = decode(
-        client.get(configmaps_path(STATE_NAMESPACE, configmap_name(CLUSTER)))["data"]["state.json"]
-    )
-    memory = stored.histories["svc"].planner
-    assert isinstance(memory, PlannerMemory)
+    memory = _stored_memory(control_plane, CLUSTER)
     assert memory.prefill_demand.samples == 4, memory.prefill_demand
     assert memory.prefill_backlog and memory.decode_backlog
     assert memory.mix is not None
     assert math.isclose(memory.mix.prompt_mean_tokens, PROMPTS.mean_tokens, rel_tol=0.5)
+
+
+def test_run_reads_the_histograms_from_the_rules_the_command_prints(
+    control_plane: ControlPlane, tmp_path: Path, prometheus: LocalPrometheus
+) -> None:
+    """The large-fleet mode end to end: ``heteroscale prometheus-rules`` for the same
+    interval and window, loaded into Prometheus, and ``run --prometheus-recording-rules``
+    reading the latency and length histograms from the recorded series."""
+    repo, cluster = tmp_path / "repo", "run-live-rules"
+    _cluster(control_plane, repo, cluster)
+    windows = ["--prometheus-scrape-interval", "1", "--prometheus-rate-window", str(WINDOW_S)]
+    printed = CliRunner().invoke(app, ["prometheus-rules", "--repo", str(repo), *windows])
+    assert printed.exit_code == 0, printed.output
+    prometheus.rules = YAML(typ="safe").load(printed.output)
+    exporter = _engines()
+    try:
+        _serve(prometheus, exporter)
+        events = _run(
+            control_plane, repo, prometheus.url, "--prometheus-recording-rules", "--cycles", "3"
+        )
+    finally:
+        exporter.stop()
+    kinds = [e.get("event") for e in events]
+    assert "recording_rules_missing" not in kinds and "cycle_crash" not in kinds, events
+    memory = _stored_memory(control_plane, cluster)
+    assert memory.prefill_demand.samples == 3  # every cycle read usable rates
+    assert memory.mix is not None  # the length histograms, from the recorded series
+    assert math.isclose(memory.mix.output_mean_tokens, OUTPUTS.mean_tokens, rel_tol=0.5)

@@ -15,6 +15,7 @@ from reconciler.errors import MetricsUnavailable
 from reconciler.observe.prometheus import (
     PrometheusMetricsSource,
     parse_duration_s,
+    recording_rules_problem,
     scrape_interval_problem,
 )
 
@@ -96,3 +97,15 @@ def test_a_bearer_token_file_is_read_again_every_cycle(
     ):
         source.fetch([policy], now_s)
     assert proxy.refused > 0
+
+
+def test_recording_rules_that_are_not_loaded_are_named(prometheus_stack: PrometheusStack) -> None:
+    # The test Prometheus records the histograms for its own window only.
+    loaded = settings_for(prometheus_stack.url, recorded_histograms=True)
+    assert recording_rules_problem(loaded) is None
+    other = settings_for(prometheus_stack.url, recorded_histograms=True, rate_window_s=20.0)
+    problem = recording_rules_problem(other)
+    assert problem is not None and "heteroscale:*:rate20s" in problem
+    assert "heteroscale prometheus-rules" in problem
+    # Not asked for, not checked.
+    assert recording_rules_problem(settings_for(prometheus_stack.url, rate_window_s=20.0)) is None
