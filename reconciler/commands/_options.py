@@ -150,6 +150,20 @@ PrometheusRecordingRulesOpt = Annotated[
         "prints (large fleets; load them into Prometheus first)",
     ),
 ]
+PrometheusCaFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-ca-file",
+        envvar="HETEROSCALE_PROMETHEUS_CA_FILE",
+        help="PEM certificate authorities to verify an HTTPS Prometheus with (an internal CA)",
+    ),
+]
+PrometheusTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--prometheus-timeout", help="seconds per Prometheus request (connect, and each read)"
+    ),
+]
 PrometheusTokenFileOpt = Annotated[
     str | None,
     typer.Option(
@@ -347,9 +361,11 @@ __all__ = [
     "PlacerOpt",
     "PlainFlagsCommand",
     "PlotOpt",
+    "PrometheusCaFileOpt",
     "PrometheusRateWindowOpt",
     "PrometheusRecordingRulesOpt",
     "PrometheusScrapeIntervalOpt",
+    "PrometheusTimeoutOpt",
     "PrometheusTokenFileOpt",
     "PrometheusUrlOpt",
     "PruneRemovedServicesOpt",

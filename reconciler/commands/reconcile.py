@@ -50,9 +50,11 @@ from reconciler.commands._options import (
     LeaseNamespaceOpt,
     PlacerOpt,
     PlotOpt,
+    PrometheusCaFileOpt,
     PrometheusRateWindowOpt,
     PrometheusRecordingRulesOpt,
     PrometheusScrapeIntervalOpt,
+    PrometheusTimeoutOpt,
     PrometheusTokenFileOpt,
     PrometheusUrlOpt,
     PruneRemovedServicesOpt,
@@ -103,6 +105,8 @@ class Settings:
     prometheus_rate_window_s: float | None = None  # None: four scrape intervals, >= 60 s
     prometheus_bearer_token_file: str | None = None
     prometheus_recording_rules: bool = False
+    prometheus_ca_file: str | None = None
+    prometheus_timeout_s: float = 5.0
 
     def prometheus(self) -> Any:
         """The ``PrometheusSettings`` these options give (``--prometheus-url`` set)."""
@@ -117,6 +121,8 @@ class Settings:
             rate_window_s=window_s,
             bearer_token_file=self.prometheus_bearer_token_file,
             recorded_histograms=self.prometheus_recording_rules,
+            ca_file=self.prometheus_ca_file,
+            timeout_s=self.prometheus_timeout_s,
         )
 
 
@@ -320,6 +326,8 @@ def _settings(
     prometheus_rate_window: PrometheusRateWindowOpt = None,
     prometheus_bearer_token_file: PrometheusTokenFileOpt = None,
     prometheus_recording_rules: PrometheusRecordingRulesOpt = False,
+    prometheus_ca_file: PrometheusCaFileOpt = None,
+    prometheus_timeout: PrometheusTimeoutOpt = 5.0,
     force: ForceOpt = False,
     drain_window: DrainWindowOpt = 120.0,
     diff_mode: DiffModeOpt = "auto",
@@ -346,6 +354,8 @@ def _settings(
         prometheus_rate_window,
         prometheus_bearer_token_file,
         prometheus_recording_rules,
+        prometheus_ca_file,
+        prometheus_timeout,
     )
 
 
@@ -358,9 +368,15 @@ def _checked(settings: Settings) -> Settings:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(settings.autoscaler)
     prometheus_windows(settings.prometheus_scrape_interval_s, settings.prometheus_rate_window_s)
-    token = settings.prometheus_bearer_token_file
-    if token is not None and not os.access(token, os.R_OK):
-        raise typer.BadParameter(f"--prometheus-bearer-token-file: cannot read {token}")
+    for option, path in (
+        ("--prometheus-bearer-token-file", settings.prometheus_bearer_token_file),
+        ("--prometheus-ca-file", settings.prometheus_ca_file),
+    ):
+        if path is not None and not os.access(path, os.R_OK):
+            raise typer.BadParameter(f"{option}: cannot read {path}")
+    timeout_s = settings.prometheus_timeout_s
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise typer.BadParameter("--prometheus-timeout must be a positive number")
     checked_repository(settings.repo, rev=settings.rev)
     return settings
 

@@ -196,6 +196,14 @@ class PrometheusSettings:
     used from the next cycle on; unreadable or empty, the cycle's metrics are
     unavailable (every service holds)."""
     verify_tls: bool = True
+    ca_file: str | None = None
+    """A PEM bundle of the certificate authorities to verify an HTTPS Prometheus with
+    (an internal CA), instead of the system's."""
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What ``requests`` verifies the server with: the CA bundle, or on/off."""
+        return self.ca_file if self.verify_tls and self.ca_file else self.verify_tls
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.rate_window_s <= 0:
@@ -707,7 +715,7 @@ class _Connection:
 
     def __init__(self, settings: PrometheusSettings) -> None:
         self.session = _RecordingSession()
-        self.session.verify = settings.verify_tls
+        self.session.verify = settings.tls_verify
         self.client = PrometheusConnect(
             url=settings.url.rstrip("/"),
             headers=dict(settings.headers) or None,
@@ -997,14 +1005,18 @@ def _setup_query(settings: PrometheusSettings, path: str, params: Mapping[str, s
     timeout), for the set-up checks; ``None`` when it cannot be read (the cycles report
     that themselves)."""
     session = requests.Session()
-    session.verify = settings.verify_tls
     session.headers.update(settings.headers)
     try:
         if settings.bearer_token_file is not None:
             token = read_bearer_token(settings.bearer_token_file)
             session.headers["Authorization"] = f"Bearer {token}"
+        # ``verify`` per request, as the adapter's client passes it: a session's own is
+        # overridden by $REQUESTS_CA_BUNDLE, which container images often set.
         response = session.get(
-            settings.url.rstrip("/") + path, params=dict(params), timeout=settings.timeout_s
+            settings.url.rstrip("/") + path,
+            params=dict(params),
+            timeout=settings.timeout_s,
+            verify=settings.tls_verify,
         )
         response.raise_for_status()
         return response.json()["data"]

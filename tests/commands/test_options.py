@@ -126,6 +126,8 @@ def test_an_option_name_means_the_same_in_every_command() -> None:
             ["--prometheus-bearer-token-file", "/nonexistent/token"],
             "--prometheus-bearer-token-file: cannot read /nonexistent/token",
         ),
+        (["--prometheus-ca-file", "/nonexistent/ca.pem"], "--prometheus-ca-file: cannot read"),
+        (["--prometheus-timeout", "0"], "--prometheus-timeout must be a positive number"),
     ],
 )
 def test_prometheus_options_are_checked_before_any_work(args: list[str], message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -692,6 +693,79 @@ class CountingProxy(_Server):
     def count(self) -> int:
         with self.lock:
             return len(self.paths)
+
+
+class TlsProxy(CountingProxy):
+    """A ``CountingProxy`` that answers over HTTPS with ``certfile``/``keyfile``: a
+    Prometheus behind TLS signed by an internal CA."""
+
+    def __init__(self, upstream: str, certfile: Path, keyfile: Path) -> None:
+        super().__init__(upstream)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+
+    @property
+    def url(self) -> str:
+        return super().url.replace("http://", "https://", 1)
+
+
+def internal_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A certificate authority and a server certificate it signed for 127.0.0.1:
+    (CA bundle, server certificate, server key), PEM files in ``directory``."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("heteroscale test CA"))
+        .issuer_name(name("heteroscale test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):

@@ -6,10 +6,18 @@ every cycle for a Prometheus behind an authenticating proxy."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from observe_helpers import CountingProxy, PrometheusStack, make_policy, settings_for
+from observe_helpers import (
+    CountingProxy,
+    PrometheusStack,
+    TlsProxy,
+    internal_ca,
+    make_policy,
+    settings_for,
+)
 
 from reconciler.errors import MetricsUnavailable
 from reconciler.observe.prometheus import (
@@ -109,3 +117,25 @@ def test_recording_rules_that_are_not_loaded_are_named(prometheus_stack: Prometh
     assert "heteroscale prometheus-rules" in problem
     # Not asked for, not checked.
     assert recording_rules_problem(settings_for(prometheus_stack.url, rate_window_s=20.0)) is None
+
+
+def test_an_https_prometheus_signed_by_an_internal_ca_is_read_with_its_bundle(
+    prometheus_stack: PrometheusStack, tmp_path: Path
+) -> None:
+    ca, cert, key = internal_ca(tmp_path)
+    proxy = TlsProxy(prometheus_stack.url, cert, key)
+    try:
+        policy = make_policy("live-gauges")
+        now_s = prometheus_stack.settled_now("live-gauges")
+        trusted = settings_for(proxy.url, ca_file=str(ca), retries=0)
+        with PrometheusMetricsSource(trusted) as source:
+            assert source.fetch([policy], now_s)["live-gauges"].decode_kv_usage is not None
+        assert scrape_interval_problem(replace(trusted, scrape_interval_s=0.5, rate_window_s=1.5))
+        # The system's authorities do not know the internal CA: nothing is read.
+        with (
+            PrometheusMetricsSource(settings_for(proxy.url, retries=0)) as source,
+            pytest.raises(MetricsUnavailable),
+        ):
+            source.fetch([policy], now_s)
+    finally:
+        proxy.close()
