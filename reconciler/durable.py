@@ -40,9 +40,10 @@ from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
 SCHEMA = "heteroscale.io/reconciler-state"
 VERSION = 1
 # A ConfigMap holds at most 1 MiB, metadata included. A service's windows take about
-# 1 KB, its planner memory about 17 KB once it holds an hour of errors (an 8-hour day
-# of the matrix's azure-x50 cell), so some 45 services keep theirs; beyond, the
-# planners of the others start afresh after a restart (``encode``).
+# 1 KB, its planner memory about 12 KB once it holds an hour of headroom errors (13 KB
+# in all at the end of the matrix's 8-hour azure-x50 day) and about 14 KB with a whole
+# day's curve, so some 55 services keep theirs; beyond, the planners of the others
+# start afresh after a restart (``encode``).
 MAX_STATE_BYTES = 800 * 1024
 # Every window is at most an hour (``WindowSeconds``); one entry older than that is
 # kept as the value in force at a window's start.

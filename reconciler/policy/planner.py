@@ -330,6 +330,11 @@ def _forecast_config(
         horizons_s=tuple(sorted(set(horizons))),
         error_quantile=quantile,
         min_headroom=MIN_HEADROOM,
+        # The forecaster's own errors stand in only until the capacity kept has
+        # MIN_KEPT_ERRORS of its own, and both gain one a cycle from the first forecast
+        # on: more of them are never read, and an hour's worth was a third of the
+        # memory the durable state stores per service.
+        error_window_s=MIN_KEPT_ERRORS * CYCLE_S,
     )
     return config, horizons[0], horizons[1]
 

@@ -201,8 +201,9 @@ def test_oversized_state_keeps_the_planner_memories_that_fit_then_refuses() -> N
 
 
 def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
-    """Forty services each holding an hour of headroom errors and a day's curve (the
-    largest a memory grows) fit with all their memories."""
+    """Fifty-five services each holding an hour of headroom errors, the forecaster's ten
+    and a whole day's curve (the largest a planner's memory grows, about 14 KB) fit
+    with all their memories."""
     memory = _planner_memory()
     full = replace(
         memory,
@@ -210,7 +211,7 @@ def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
             memory.prefill_demand,
             day_mean=tuple(1000.0 + i / 7 for i in range(96)),
             day_count=(30.0,) * 96,
-            errors=(tuple(0.01 * i / 3 for i in range(120)),),
+            errors=(tuple(0.01 * i / 3 for i in range(10)),),
         ),
         prefill_kept=KeptCapacity(
             tuple((NOW - 30 * i, 1e5 + i / 3) for i in range(20)),
@@ -218,7 +219,7 @@ def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
         ),
     )
     full = replace(full, decode_demand=full.prefill_demand, decode_kept=full.prefill_kept)
-    histories = {f"svc-{i}": PolicyHistory(planner=full) for i in range(40)}
+    histories = {f"svc-{i}": PolicyHistory(planner=full) for i in range(55)}
     text, dropped = encode(DurableState("east", NOW, histories=histories))
     assert dropped == 0, len(text)
 
