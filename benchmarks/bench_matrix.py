@@ -25,6 +25,11 @@ kept the highest minute of its scale-in window would need for the attainment goa
 role, and the capacity that costs over following demand exactly. Where it exceeds a
 goal's multiple, no policy sizing from the past reaches that goal on that traffic.
 
+And a last column runs static provisioning at heteroscale's GPU-hours (static peak's
+counts scaled down alike, ``static:P+D``; ``static_at_cost_of``): static peak sizes
+from the day's own peak, which no reactive policy knows, and this says what that
+hindsight keeps at the same spend.
+
 Run: ``python benchmarks/bench_matrix.py [--json F] [--markdown F] [--cells a,b]
 [--policies p,q] [--jobs N]``. Prints one table (a row per cell and policy), then the
 same as one row per cell (each policy's GPU-hours as a multiple of oracle-min, and its
@@ -66,6 +71,7 @@ POLICIES = (
 )
 BURST_SEEDS = (0, 1, 2, 3)
 HAND_TUNED = ("heteroscale-paper", "hpa-decode-tps")
+STATIC_AT_COST = "static at heteroscale's GPU-hours"
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
             )
             document["policies"][name] = figures
         document["policies"] = {p: document["policies"][p] for p in policies}
+    static_at_cost_of(document, "heteroscale", state, cell, profile, config)
     for figures in document["policies"].values():
         figures.pop("timeline", None)
     document["cell"] = cell.name
@@ -140,6 +147,42 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     ).to_json()
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document
+
+
+def static_at_cost_of(
+    document: dict[str, Any],
+    reference: str,
+    state: DesiredState,
+    cell: Cell,
+    profile: Any,
+    config: SimConfig,
+) -> None:
+    """Static provisioning at ``reference``'s GPU-hours: static peak's counts scaled by
+    the ratio of the two policies' GPU-hours (both roles alike, whole instances), run
+    as ``static:P+D``; filed as ``document["static_at_cost"]``. Static peak is sized
+    from the day's own peak, which no policy that reacts can know: this is what that
+    hindsight buys at the reference's spend, the fair comparison where the two keep
+    different shares of requests within the SLO."""
+    figures = document["policies"]
+    ref, static = figures.get(reference), figures.get("static-peak")
+    if not ref or not static or ref.get("failed") or static.get("failed"):
+        return
+    scale = ref["gpu_hours"] / static["gpu_hours"]
+    prefill, decode = (
+        max(1, round(static["peak_instances"][role] * scale)) for role in ("prefill", "decode")
+    )
+    name = f"static:{prefill}+{decode}"
+    run = evaluate(state, cell.service, profile, (name,), seed=cell.seed, config=config)
+    result = run.to_json()["policies"][name]
+    bound = figures.get("oracle-min", {}).get("gpu_hours")
+    document["static_at_cost"] = {
+        "of": reference,
+        "scale": round(scale, 4),
+        "policy": name,
+        "gpu_hours": result["gpu_hours"],
+        "gpu_hours_vs_oracle_min": round(result["gpu_hours"] / bound, 4) if bound else None,
+        "slo_attainment": result["slo_attainment"],
+    }
 
 
 def _pct(value: float | None) -> str:
@@ -226,7 +269,7 @@ def pivot_table(documents: list[dict[str, Any]], policies: tuple[str, ...]) -> s
     """One row per cell: the reactive reference, then for each policy GPU-hours as a
     multiple of oracle-min and the share of requests within both SLOs (``failed``
     where the policy failed)."""
-    header = ["cell", "unattainable", "reactive reference", *policies]
+    header = ["cell", "unattainable", "reactive reference", *policies, STATIC_AT_COST]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for document in documents:
         figures = document["policies"]
@@ -242,6 +285,13 @@ def pivot_table(documents: list[dict[str, Any]], policies: tuple[str, ...]) -> s
             cells.append(
                 f"{_num(f.get('gpu_hours_vs_oracle_min'), 2)}x, {_pct(f['slo_attainment'])}"
             )
+        equal = document.get("static_at_cost")
+        cells.append(
+            "-"
+            if equal is None
+            else f"{equal['policy'].split(':', 1)[1]}: "
+            f"{_num(equal['gpu_hours_vs_oracle_min'], 2)}x, {_pct(equal['slo_attainment'])}"
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ Policies:
 - ``hpa-gpu-util``: one Kubernetes HPA per role on GPU utilisation;
 - ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
   of prompt and output tokens/s) at the per-instance capacity below;
+- ``static:P+D``: a fixed fleet of ``P`` prefill and ``D`` decode instances (static
+  provisioning at a size of one's choosing, e.g. the GPU-hours another policy spent);
 - ``oracle-min``: the lower bound (``reconciler.sim.oracle``): with the whole workload
   known, per window the fewest instances of each role with which the simulator's own
   model meets the SLO goal; every policy's GPU-hours are also given as a multiple of
@@ -283,6 +285,25 @@ def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[
 # --------------------------------------------------------------------------- autoscalers
 
 
+STATIC_PREFIX = "static:"
+
+
+def static_counts(name: str) -> tuple[int, int]:
+    """The counts of a ``static:P+D`` policy name (``+``, not a comma: policy lists are
+    comma-separated); ``EvaluationError`` naming it when they are not two whole
+    numbers, at least one each."""
+    text = name[len(STATIC_PREFIX) :]
+    parts = text.split("+")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        prefill, decode = (int(p) for p in parts)
+        if prefill >= 1 and decode >= 1:
+            return prefill, decode
+    raise EvaluationError(
+        f"'{name}': expected static:PREFILL+DECODE with two whole numbers of at least 1, "
+        "e.g. static:12+16"
+    )
+
+
 def build_autoscaler(
     name: str,
     policy: ServicePolicy,
@@ -306,6 +327,11 @@ def build_autoscaler(
         from reconciler.policy.baselines import policy_tps_targets
     except ImportError as exc:  # pragma: no cover - the policy package ships with the product
         raise EvaluationError(f"autoscaler '{name}' needs reconciler.policy ({exc})") from exc
+    if name.startswith(STATIC_PREFIX):
+        prefill, decode = static_counts(name)
+        return make_autoscaler("static-peak", prefill=prefill, decode=decode), (
+            f"{prefill} prefill + {decode} decode, fixed"
+        )
     if name == "static-peak":
         peak_prefill, peak_decode = peak_demand(profile)
         prefill = max(1, math.ceil(peak_prefill / capacity.prefill_tps))
@@ -342,7 +368,7 @@ def build_autoscaler(
         suffix = f"; did you mean '{hint[0]}'?" if hint else ""
         raise EvaluationError(
             f"unknown autoscaler '{name}' (known: {', '.join(known)}, "
-            f"schedule:PATH, {PLUGIN_PREFIX}MODULE:CLASS){suffix}"
+            f"static:P+D, schedule:PATH, {PLUGIN_PREFIX}MODULE:CLASS){suffix}"
         )
     try:
         return make_autoscaler(name), ""

@@ -232,6 +232,21 @@ def test_bad_schedules_are_reported(
         ScheduleAutoscaler.from_csv(bad_header)
 
 
+def test_a_static_fleet_of_given_counts_holds_them_from_the_start(state: DesiredState) -> None:
+    load = synthetic_profile("b", hours=0.1, peak_rps=10, seed=1)
+    run = evaluate(state, SERVICE, load, ["static:3+5"], seed=0).policies["static:3+5"]
+    assert set(run.timeline["prefill_instances"]) == {3}
+    assert set(run.timeline["decode_instances"]) == {5}
+    assert run.scaling_actions == 0  # its counts are its warm state
+    assert run.description == "3 prefill + 5 decode, fixed"
+
+
+@pytest.mark.parametrize("name", ["static:3,5", "static:0+5", "static:3+", "static:a+b"])
+def test_bad_static_counts_are_reported(state: DesiredState, load: LoadProfile, name: str) -> None:
+    with pytest.raises(EvaluationError, match=r"expected static:PREFILL\+DECODE"):
+        evaluate(state, SERVICE, load, [name])
+
+
 def test_a_fleet_too_small_to_serve_is_reported_not_a_crash(
     state: DesiredState, tmp_path: Path
 ) -> None:
