@@ -1048,12 +1048,13 @@ def scrape_interval_problem(settings: PrometheusSettings) -> str | None:
     if not too_slow:
         return None
     slowest = max(too_slow)
+    samples = round(settings.rate_window_s / slowest, 1)
     return (
         f"Prometheus scrapes {len(too_slow)} of {len(targets)} active targets less often "
         f"than the reconciler assumes (every {format_number(settings.scrape_interval_s)} s; "
         f"the slowest every {format_number(slowest)} s): a "
         f"{format_number(settings.rate_window_s)} s window of theirs holds "
-        f"{format_number(round(settings.rate_window_s / slowest, 1))} samples, fewer than "
+        f"{format_number(samples)} sample{'' if samples == 1 else 's'}, fewer than "
         f"the {coverage.required} the coverage check requires, so the services they serve "
         f"hold every cycle; set the scrape interval to {format_number(slowest)} s (the "
         f"rate window then at least {format_number(4 * slowest)} s)"
