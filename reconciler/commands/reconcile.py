@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -101,29 +101,46 @@ class Settings:
     diff_mode: str
     seed: int
     prune_removed_services: bool
-    prometheus_scrape_interval_s: float = 15.0
-    prometheus_rate_window_s: float | None = None  # None: four scrape intervals, >= 60 s
-    prometheus_bearer_token_file: str | None = None
-    prometheus_recording_rules: bool = False
-    prometheus_ca_file: str | None = None
-    prometheus_timeout_s: float = 5.0
+    prometheus: PrometheusOptions = field(default_factory=lambda: PrometheusOptions())
 
-    def prometheus(self) -> Any:
-        """The ``PrometheusSettings`` these options give (``--prometheus-url`` set)."""
+
+@dataclass(frozen=True)
+class PrometheusOptions:
+    """How to read Prometheus beyond its URL: the other ``--prometheus-*`` options."""
+
+    scrape_interval_s: float = 15.0
+    rate_window_s: float | None = None  # None: four scrape intervals, at least 60 s
+    bearer_token_file: str | None = None
+    recording_rules: bool = False
+    ca_file: str | None = None
+    timeout_s: float = 5.0
+
+    def settings(self, url: str) -> Any:
+        """The adapter's ``PrometheusSettings`` for ``url``."""
         from reconciler.observe.prometheus import PrometheusSettings
 
-        interval_s, window_s = prometheus_windows(
-            self.prometheus_scrape_interval_s, self.prometheus_rate_window_s
-        )
+        interval_s, window_s = prometheus_windows(self.scrape_interval_s, self.rate_window_s)
         return PrometheusSettings(
-            url=self.prometheus_url or "",
+            url=url,
             scrape_interval_s=interval_s,
             rate_window_s=window_s,
-            bearer_token_file=self.prometheus_bearer_token_file,
-            recorded_histograms=self.prometheus_recording_rules,
-            ca_file=self.prometheus_ca_file,
-            timeout_s=self.prometheus_timeout_s,
+            bearer_token_file=self.bearer_token_file,
+            recorded_histograms=self.recording_rules,
+            ca_file=self.ca_file,
+            timeout_s=self.timeout_s,
         )
+
+    def check(self) -> None:
+        """A usage error (exit 2) naming the option that cannot work."""
+        prometheus_windows(self.scrape_interval_s, self.rate_window_s)
+        for option, path in (
+            ("--prometheus-bearer-token-file", self.bearer_token_file),
+            ("--prometheus-ca-file", self.ca_file),
+        ):
+            if path is not None and not os.access(path, os.R_OK):
+                raise typer.BadParameter(f"{option}: cannot read {path}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise typer.BadParameter("--prometheus-timeout must be a positive number")
 
 
 def prometheus_windows(interval_s: float, window_s: float | None) -> tuple[float, float]:
@@ -234,7 +251,7 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
             scrape_interval_problem,
         )
 
-        prometheus = settings.prometheus()
+        prometheus = settings.prometheus.settings(settings.prometheus_url)
         # Set-up mistakes that would hold every service cycle after cycle, named once.
         problems = {
             "scrape_interval_mismatch": (
@@ -350,12 +367,14 @@ def _settings(
         diff_mode,
         seed,
         prune_removed_services,
-        prometheus_scrape_interval,
-        prometheus_rate_window,
-        prometheus_bearer_token_file,
-        prometheus_recording_rules,
-        prometheus_ca_file,
-        prometheus_timeout,
+        PrometheusOptions(
+            prometheus_scrape_interval,
+            prometheus_rate_window,
+            prometheus_bearer_token_file,
+            prometheus_recording_rules,
+            prometheus_ca_file,
+            prometheus_timeout,
+        ),
     )
 
 
@@ -367,16 +386,7 @@ def _checked(settings: Settings) -> Settings:
     if settings.drain_window_s < 0:
         raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(settings.autoscaler)
-    prometheus_windows(settings.prometheus_scrape_interval_s, settings.prometheus_rate_window_s)
-    for option, path in (
-        ("--prometheus-bearer-token-file", settings.prometheus_bearer_token_file),
-        ("--prometheus-ca-file", settings.prometheus_ca_file),
-    ):
-        if path is not None and not os.access(path, os.R_OK):
-            raise typer.BadParameter(f"{option}: cannot read {path}")
-    timeout_s = settings.prometheus_timeout_s
-    if not (math.isfinite(timeout_s) and timeout_s > 0):
-        raise typer.BadParameter("--prometheus-timeout must be a positive number")
+    settings.prometheus.check()
     checked_repository(settings.repo, rev=settings.rev)
     return settings
 

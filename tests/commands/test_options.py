@@ -147,7 +147,7 @@ def test_the_rate_window_follows_the_scrape_interval_unless_given() -> None:
 
     def window(**options: Any) -> float:
         settings = _settings(Path("."), prometheus_url="http://p:9090", **options)
-        return float(settings.prometheus().rate_window_s)
+        return float(settings.prometheus.settings("http://p:9090").rate_window_s)
 
     assert window() == 60.0  # 15 s scrapes: four intervals, at least a minute
     assert window(prometheus_scrape_interval=30.0) == 120.0

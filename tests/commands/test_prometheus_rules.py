@@ -68,6 +68,7 @@ def test_a_bad_window_is_a_usage_error() -> None:
 
 
 def test_the_flag_turns_the_recorded_mode_on() -> None:
-    off = _settings(REPO, prometheus_url="http://p:9090").prometheus()
+    off = _settings(REPO, prometheus_url="http://p:9090").prometheus.settings("http://p:9090")
     on = _settings(REPO, prometheus_url="http://p:9090", prometheus_recording_rules=True)
-    assert not off.recorded_histograms and on.prometheus().recorded_histograms
+    assert not off.recorded_histograms
+    assert on.prometheus.settings("http://p:9090").recorded_histograms
