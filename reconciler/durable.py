@@ -6,25 +6,27 @@ and its ``extra`` keys, the planner's memory) and the identity of the last appli
 plan. ``encode`` / ``decode`` are pure; ``reconciler.apply.statestore`` keeps the JSON
 in a ConfigMap.
 
-The JSON carries ``schema`` and ``version``: an object of another schema or version
-is refused (``StateFormatError``), never half-read. Non-finite floats (the
+The JSON carries ``schema`` and ``version`` (``READABLE_VERSIONS``): an object of
+another schema or version is refused (``StateFormatError``), never half-read. Non-finite floats (the
 forecaster's NaN "not yet") are written as the strings ``"nan"``, ``"inf"``,
 ``"-inf"`` so the document stays strict JSON. ``encode`` bounds the size: every time
 series is trimmed to the longest window the schema allows (an hour) and a count cap;
-as many planner memories as fit under ``MAX_STATE_BYTES`` are kept, service by
-service in name order, the others left out (counted; those services' planners start
-afresh after a restart). Without any memory, a state over the limit raises
+planner memories are stored compressed (base64 of zlib'd JSON), and as many as fit
+under ``MAX_STATE_BYTES`` are kept, service by service in name order, the others
+left out (counted; those services' planners start afresh after a restart). Without any memory, a state over the limit raises
 ``StateTooLarge`` (the caller reports it and keeps the old object).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import math
 import types
 import typing
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +40,15 @@ from reconciler.policy.forecast import ForecastState
 from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
 
 SCHEMA = "heteroscale.io/reconciler-state"
-VERSION = 1
+VERSION = 2
+# Version 1 stored each planner memory as a JSON object; 2 stores it compressed (a
+# string, ``_pack``). Both are read.
+READABLE_VERSIONS = (1, 2)
 # A ConfigMap holds at most 1 MiB, metadata included. A service's windows take about
-# 1 KB, its planner memory about 12 KB once it holds an hour of headroom errors (13 KB
-# in all at the end of the matrix's 8-hour azure-x50 day) and about 14 KB with a whole
-# day's curve, so some 55 services keep theirs; beyond, the planners of the others
-# start afresh after a restart (``encode``).
+# 1 KB; its planner memory, about 12 KB of JSON once it holds an hour of headroom
+# errors, is stored compressed (``_pack``): the 8-hour azure-x50 day leaves 6,910 bytes
+# per service in all, so some 110 services keep theirs; beyond, the planners of the
+# others start afresh after a restart (``encode``).
 MAX_STATE_BYTES = 800 * 1024
 # Every window is at most an hour (``WindowSeconds``); one entry older than that is
 # kept as the value in force at a window's start.
@@ -238,6 +243,34 @@ def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
         raise StateFormatError(f"{where}: {exc}") from None
 
 
+# A planner memory is mostly floats printed in full, which compress about 2.5x; it is
+# stored as base64 of zlib'd JSON. Reading one back is bounded (a hostile or corrupt
+# object could claim to unpack to any size): at most the whole document's limit.
+_UNPACKED_LIMIT = 4 * 1024 * 1024
+
+
+def _pack(memory: dict[str, Any]) -> str:
+    return base64.b64encode(zlib.compress(_dumps(memory).encode(), 6)).decode("ascii")
+
+
+def _unpack(value: Any, where: str) -> Any:
+    """The memory's JSON object: a version-1 object as it is, a packed string read
+    back; ``StateFormatError`` for anything else or beyond ``_UNPACKED_LIMIT``."""
+    if not isinstance(value, str):
+        return value  # version 1, or a malformed value _decode_dataclass refuses
+    try:
+        packed = base64.b64decode(value.encode("ascii"), validate=True)
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(packed, _UNPACKED_LIMIT)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise StateFormatError(f"{where}.planner: not a whole memory within the limit")
+        return json.loads(text)
+    except (ValueError, zlib.error, UnicodeError, RecursionError) as exc:
+        if isinstance(exc, StateFormatError):
+            raise
+        raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
+
+
 # ------------------------------------------------------------------- histories
 
 
@@ -307,7 +340,7 @@ def _decode_history(value: Any, where: str) -> PolicyHistory:
         extra=tuple(extra),
         planner=None
         if planner is None
-        else _decode_dataclass(PlannerMemory, planner, f"{where}.planner"),
+        else _decode_dataclass(PlannerMemory, _unpack(planner, where), f"{where}.planner"),
     )
 
 
@@ -354,7 +387,7 @@ def encode(state: DurableState) -> tuple[str, int]:
     for name, history in sorted(state.histories.items()):
         if not isinstance(history.planner, PlannerMemory):
             continue
-        memory = _encode_value(history.planner)
+        memory = _pack(_encode_value(history.planner))
         # It replaces the ``null`` the document holds (the serialisation of an object
         # is that of its members, so sizes add up exactly).
         grown = len(_dumps(memory).encode()) - len("null")
@@ -384,9 +417,10 @@ def decode(text: str | bytes) -> DurableState:
         raise StateFormatError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise StateFormatError(f"not a {SCHEMA} document")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in READABLE_VERSIONS:
         raise StateFormatError(
-            f"schema version {doc.get('version')!r}; this reconciler reads version {VERSION}"
+            f"schema version {doc.get('version')!r}; this reconciler reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     services = doc.get("services", {})
     if not isinstance(services, dict) or len(services) > MAX_SERVICES:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,23 +230,24 @@ def test_a_state_at_the_size_limit_is_stored_and_read_back(control_plane: Contro
     """The largest document ``encode`` makes fits a ConfigMap on a real API server:
     planner memories for as many services as fit under ``MAX_STATE_BYTES``."""
     store = _fresh_store(control_plane.client(), "st-large", "replica-a")
+    rng = random.Random(5)  # values as irregular as a real memory's (compressed alike)
     histories = {}
-    for i in range(200):  # more than fit: encode keeps what does
+    for i in range(400):  # more than fit: encode keeps what does
         memory = PlannerMemory(
             prefill_kept=KeptCapacity(
-                tuple((1000.0 + 30 * k, 1e5 + k / 3) for k in range(20)),
-                tuple(0.1 * k / 7 for k in range(120)),
+                tuple((1000.0 + 30 * k, rng.uniform(1e4, 1e5)) for k in range(20)),
+                tuple(rng.uniform(-0.3, 0.5) for _ in range(120)),
             ),
-            decode_kept=KeptCapacity((), tuple(0.2 * k / 7 for k in range(120))),
+            decode_kept=KeptCapacity((), tuple(rng.uniform(-0.3, 0.5) for _ in range(120))),
         )
         histories[f"svc-{i:03d}"] = PolicyHistory(planner=memory)
     state = DurableState("st-large", 1000.0, "replica-a", None, histories)
     text, dropped = encode(state)
-    assert 0 < dropped < 200 and len(text.encode()) > 0.95 * MAX_STATE_BYTES
+    assert 0 < dropped < 400 and len(text.encode()) > 0.95 * MAX_STATE_BYTES
     assert store.save(state)
     back = store.load("st-large")
     assert back is not None
-    assert sum(h.planner is not None for h in back.histories.values()) == 200 - dropped
+    assert sum(h.planner is not None for h in back.histories.values()) == 400 - dropped
 
 
 @pytest.mark.fault

@@ -3,11 +3,14 @@ size bounds, and refusal of anything this version cannot read."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
 import math
+import random
 import typing
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,7 +185,7 @@ def test_oversized_state_keeps_the_planner_memories_that_fit_then_refuses() -> N
     """Over the limit, planner memories are left out service by service (name order),
     never the windows; the text stays under the limit, and every memory kept reads
     back whole. Only a state too large without any memory is refused."""
-    memory = _planner_memory()
+    memory = _full_memory()
     one = len(encode(DurableState("east", NOW, histories={"s": PolicyHistory(planner=memory)}))[0])
     count = 3 * MAX_STATE_BYTES // one  # about three times what fits
     many = {f"svc-{i:04d}": PolicyHistory(planner=memory) for i in range(count)}
@@ -200,28 +203,72 @@ def test_oversized_state_keeps_the_planner_memories_that_fit_then_refuses() -> N
         encode(DurableState("east", NOW, histories={f"s{i}": huge for i in range(40)}))
 
 
-def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
-    """Fifty-five services each holding an hour of headroom errors, the forecaster's ten
-    and a whole day's curve (the largest a planner's memory grows, about 14 KB) fit
-    with all their memories."""
+def _full_memory() -> PlannerMemory:
+    """The largest a planner's memory grows: an hour of headroom errors per role, the
+    forecaster's ten, a whole day's curve, with values as irregular as a real
+    memory's (they compress as much)."""
+    rng = random.Random(7)
     memory = _planner_memory()
-    full = replace(
-        memory,
-        prefill_demand=replace(
-            memory.prefill_demand,
-            day_mean=tuple(1000.0 + i / 7 for i in range(96)),
-            day_count=(30.0,) * 96,
-            errors=(tuple(0.01 * i / 3 for i in range(10)),),
-        ),
-        prefill_kept=KeptCapacity(
-            tuple((NOW - 30 * i, 1e5 + i / 3) for i in range(20)),
-            tuple(0.1 * i / 7 for i in range(120)),
-        ),
+    demand = replace(
+        memory.prefill_demand,
+        day_mean=tuple(rng.uniform(1e4, 1e5) for _ in range(96)),
+        day_count=(30.0,) * 96,
+        errors=(tuple(rng.uniform(-0.3, 0.3) for _ in range(10)),),
     )
-    full = replace(full, decode_demand=full.prefill_demand, decode_kept=full.prefill_kept)
-    histories = {f"svc-{i}": PolicyHistory(planner=full) for i in range(55)}
+    kept = KeptCapacity(
+        tuple((NOW - 30 * i, rng.uniform(1e4, 1e5)) for i in range(20)),
+        tuple(rng.uniform(-0.3, 0.5) for _ in range(120)),
+    )
+    return replace(
+        memory,
+        prefill_demand=demand,
+        decode_demand=demand,
+        prefill_kept=kept,
+        decode_kept=kept,
+    )
+
+
+def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
+    """A hundred services, each memory at its largest, fit with all their memories
+    (stored compressed: about 7 KB each)."""
+    histories = {f"svc-{i}": PolicyHistory(planner=_full_memory()) for i in range(100)}
     text, dropped = encode(DurableState("east", NOW, histories=histories))
     assert dropped == 0, len(text)
+    assert all(h.planner == _full_memory() for h in decode(text).histories.values())
+
+
+def test_a_version_1_document_is_still_read() -> None:
+    """Version 1 stored each planner memory as a plain JSON object."""
+    memory = _full_memory()
+    doc = json.loads(
+        encode(DurableState("east", NOW, histories={"svc": PolicyHistory(planner=memory)}))[0]
+    )
+    doc["version"] = 1
+    doc["services"]["svc"]["planner"] = json.loads(
+        zlib.decompress(base64.b64decode(doc["services"]["svc"]["planner"]))
+    )
+    assert decode(json.dumps(doc)).histories["svc"].planner == memory
+
+
+@pytest.mark.parametrize(
+    "packed, why",
+    [
+        ("not base64!", "not a packed memory"),
+        (base64.b64encode(b"not zlib").decode(), "not a packed memory"),
+        (base64.b64encode(zlib.compress(b"[1, 2")).decode(), "not a packed memory"),
+        # A bomb: 64 MB of zeros in a few tens of kilobytes.
+        (base64.b64encode(zlib.compress(b"0" * (64 << 20), 9)).decode(), "within the limit"),
+    ],
+)
+def test_a_corrupt_packed_memory_is_refused(packed: str, why: str) -> None:
+    doc = json.loads(
+        encode(
+            DurableState("east", NOW, histories={"svc": PolicyHistory(planner=_planner_memory())})
+        )[0]
+    )
+    doc["services"]["svc"]["planner"] = packed
+    with pytest.raises(StateFormatError, match=why):
+        decode(json.dumps(doc))
 
 
 @pytest.mark.parametrize(
@@ -230,7 +277,7 @@ def test_a_platform_sized_cluster_keeps_every_planner_memory() -> None:
         ("{not json", "not JSON"),
         ("[]", "not a heteroscale.io"),
         ('{"schema": "other", "version": 1}', "not a heteroscale.io"),
-        ('{"schema": "heteroscale.io/reconciler-state", "version": 2}', "schema version 2"),
+        ('{"schema": "heteroscale.io/reconciler-state", "version": 3}', "schema version 3"),
         ("x" * (MAX_STATE_BYTES + 1), "more than the limit"),
         ("[" * 100_000, "not JSON"),
     ],
@@ -255,6 +302,8 @@ def test_a_mutated_document_is_read_or_refused_never_a_crash(data: st.DataObject
     )
     doc = json.loads(encode(state)[0])
     svc = doc["services"]["svc"]
+    # Mutated inside: the memory as version 1 stored it (an object), read alike.
+    svc["planner"] = json.loads(zlib.decompress(base64.b64decode(svc["planner"])))
     junk = (
         st.none()
         | st.booleans()
