@@ -47,8 +47,8 @@ READABLE_VERSIONS = (1, 2)
 # A ConfigMap holds at most 1 MiB, metadata included. A service's windows take about
 # 1 KB; its planner memory, about 12 KB of JSON once it holds an hour of headroom
 # errors, is stored compressed (``_pack``): the 8-hour azure-x50 day leaves 6,910 bytes
-# per service in all, so some 110 services keep theirs; beyond, the planners of the
-# others start afresh after a restart (``encode``).
+# per service in all, so 118 services keep theirs (``benchmarks/bench_state.py``);
+# beyond, the planners of the others start afresh after a restart (``encode``).
 MAX_STATE_BYTES = 800 * 1024
 # Every window is at most an hour (``WindowSeconds``); one entry older than that is
 # kept as the value in force at a window's start.
