@@ -7,14 +7,15 @@ plan. ``encode`` / ``decode`` are pure; ``reconciler.apply.statestore`` keeps th
 in a ConfigMap.
 
 The JSON carries ``schema`` and ``version`` (``READABLE_VERSIONS``): an object of
-another schema or version is refused (``StateFormatError``), never half-read. Non-finite floats (the
-forecaster's NaN "not yet") are written as the strings ``"nan"``, ``"inf"``,
-``"-inf"`` so the document stays strict JSON. ``encode`` bounds the size: every time
-series is trimmed to the longest window the schema allows (an hour) and a count cap;
-planner memories are stored compressed (base64 of zlib'd JSON), and as many as fit
-under ``MAX_STATE_BYTES`` are kept, service by service in name order, the others
-left out (counted; those services' planners start afresh after a restart). Without any memory, a state over the limit raises
-``StateTooLarge`` (the caller reports it and keeps the old object).
+another schema or version is refused (``StateFormatError``), never half-read.
+Non-finite floats (the forecaster's NaN "not yet") are written as the strings
+``"nan"``, ``"inf"``, ``"-inf"`` so the document stays strict JSON. ``encode`` bounds
+the size: every time series is trimmed to the longest window the schema allows (an
+hour) and a count cap; planner memories are stored compressed (base64 of zlib'd
+JSON), and as many as fit under ``MAX_STATE_BYTES`` are kept, service by service in
+name order, the others left out (counted; those services' planners start afresh
+after a restart). Without any memory, a state over the limit raises ``StateTooLarge``
+(the caller reports it and keeps the old object).
 """
 
 from __future__ import annotations
@@ -243,9 +244,10 @@ def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
         raise StateFormatError(f"{where}: {exc}") from None
 
 
-# A planner memory is mostly floats printed in full, which compress about 2.5x; it is
-# stored as base64 of zlib'd JSON. Reading one back is bounded (a hostile or corrupt
-# object could claim to unpack to any size): at most the whole document's limit.
+# A planner memory is mostly floats printed in full, which compress about 2x; it is
+# stored as base64 of zlib'd JSON. Reading one back is bounded, since a corrupt or
+# hostile object could claim to unpack to any size: a memory is about 12 KB of JSON,
+# this is hundreds of times that.
 _UNPACKED_LIMIT = 4 * 1024 * 1024
 
 
@@ -259,15 +261,15 @@ def _unpack(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value  # version 1, or a malformed value _decode_dataclass refuses
     try:
-        packed = base64.b64decode(value.encode("ascii"), validate=True)
         inflate = zlib.decompressobj()
-        text = inflate.decompress(packed, _UNPACKED_LIMIT)
-        if inflate.unconsumed_tail or not inflate.eof:
-            raise StateFormatError(f"{where}.planner: not a whole memory within the limit")
+        text = inflate.decompress(base64.b64decode(value, validate=True), _UNPACKED_LIMIT)
+    except (ValueError, zlib.error) as exc:
+        raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise StateFormatError(f"{where}.planner: not a whole memory within the limit")
+    try:
         return json.loads(text)
-    except (ValueError, zlib.error, UnicodeError, RecursionError) as exc:
-        if isinstance(exc, StateFormatError):
-            raise
+    except (ValueError, RecursionError) as exc:
         raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
 
 

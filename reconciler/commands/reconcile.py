@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from reconciler.desired.loader import DesiredState
     from reconciler.desired.models import ClusterSpec, ServicePolicy
     from reconciler.durable import Revision
+    from reconciler.observe.prometheus import PrometheusSettings
     from reconciler.state import ServiceMetrics
 
 Format = Literal["text", "markdown", "json"]
@@ -84,24 +85,6 @@ SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
 
 
 # ------------------------------------------------------------------- wiring
-
-
-@dataclass(frozen=True)
-class Settings:
-    repo: Path
-    rev: str | None
-    kubeconfig: str | None
-    simulate: bool
-    clusters: tuple[str, ...]
-    placer: str
-    autoscaler: str
-    prometheus_url: str | None
-    force: bool
-    drain_window_s: float
-    diff_mode: str
-    seed: int
-    prune_removed_services: bool
-    prometheus: PrometheusOptions = field(default_factory=lambda: PrometheusOptions())
 
 
 @dataclass(frozen=True)
@@ -115,7 +98,7 @@ class PrometheusOptions:
     ca_file: str | None = None
     timeout_s: float = 5.0
 
-    def settings(self, url: str) -> Any:
+    def settings(self, url: str) -> PrometheusSettings:
         """The adapter's ``PrometheusSettings`` for ``url``."""
         from reconciler.observe.prometheus import PrometheusSettings
 
@@ -141,6 +124,24 @@ class PrometheusOptions:
                 raise typer.BadParameter(f"{option}: cannot read {path}")
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise typer.BadParameter("--prometheus-timeout must be a positive number")
+
+
+@dataclass(frozen=True)
+class Settings:
+    repo: Path
+    rev: str | None
+    kubeconfig: str | None
+    simulate: bool
+    clusters: tuple[str, ...]
+    placer: str
+    autoscaler: str
+    prometheus_url: str | None
+    force: bool
+    drain_window_s: float
+    diff_mode: str
+    seed: int
+    prune_removed_services: bool
+    prometheus: PrometheusOptions = PrometheusOptions()
 
 
 def prometheus_windows(interval_s: float, window_s: float | None) -> tuple[float, float]:

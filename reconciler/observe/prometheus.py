@@ -773,10 +773,8 @@ class PrometheusMetricsSource:
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
         started = self._clock()
         sent_before = self.http_requests_sent
-        if self.settings.bearer_token_file is not None:
-            authorization = f"Bearer {read_bearer_token(self.settings.bearer_token_file)}"
-            for connection in self._connections:
-                connection.session.headers["Authorization"] = authorization
+        for connection in self._connections:
+            connection.session.headers.update(token_headers(self.settings))
         plan, plan_gaps = plan_requests(
             policies,
             (*self.settings.signals, *self.settings.lengths),
@@ -980,6 +978,14 @@ def read_bearer_token(path: str) -> str:
     return token
 
 
+def token_headers(settings: PrometheusSettings) -> dict[str, str]:
+    """The ``Authorization`` header of ``settings.bearer_token_file``, read now (none
+    without one); ``MetricsUnavailable`` as ``read_bearer_token``."""
+    if settings.bearer_token_file is None:
+        return {}
+    return {"Authorization": f"Bearer {read_bearer_token(settings.bearer_token_file)}"}
+
+
 _DURATION_UNITS_S = {
     "ms": 0.001,
     "s": 1.0,
@@ -1007,9 +1013,7 @@ def _setup_query(settings: PrometheusSettings, path: str, params: Mapping[str, s
     session = requests.Session()
     session.headers.update(settings.headers)
     try:
-        if settings.bearer_token_file is not None:
-            token = read_bearer_token(settings.bearer_token_file)
-            session.headers["Authorization"] = f"Bearer {token}"
+        session.headers.update(token_headers(settings))
         # ``verify`` per request, as the adapter's client passes it: a session's own is
         # overridden by $REQUESTS_CA_BUNDLE, which container images often set.
         response = session.get(
@@ -1071,7 +1075,7 @@ def recording_rules_problem(settings: PrometheusSettings) -> str | None:
     suffix = f":rate{format_duration(settings.rate_window_s)}"
     query = f'group by (__name__) ({{__name__=~"heteroscale:.+{suffix}"}})'
     data = _setup_query(settings, "/api/v1/query", {"query": query})
-    if data is None or not isinstance(data.get("result"), list) or data["result"]:
+    if not isinstance(data, dict) or not isinstance(data.get("result"), list) or data["result"]:
         return None
     return (
         f"no series of the recording rules for a {format_number(settings.rate_window_s)} s "

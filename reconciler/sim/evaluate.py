@@ -294,7 +294,7 @@ def static_counts(name: str) -> tuple[int, int]:
     numbers, at least one each."""
     text = name[len(STATIC_PREFIX) :]
     parts = text.split("+")
-    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+    if len(parts) == 2 and all(p.strip().isdecimal() for p in parts):
         prefill, decode = (int(p) for p in parts)
         if prefill >= 1 and decode >= 1:
             return prefill, decode
