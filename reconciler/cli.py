@@ -91,6 +91,13 @@ def _register(module_names: Iterable[str]) -> None:
     app.registered_commands.sort(key=order)
 
 
+def _first_paragraph(text: str) -> str:
+    """A help text's first paragraph on one line."""
+    import inspect
+
+    return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
+
+
 class _LazyCommands(TyperGroup):
     """Registers a command's module on first use instead of at import.
 
@@ -111,6 +118,18 @@ class _LazyCommands(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return without_flag_types(super().get_params(ctx))
 
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with its whole first paragraph, wrapped to the terminal
+        (click would cut it to one line with "...")."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, _first_paragraph(command.short_help or command.help or "")))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def _load(self, module_names: Iterable[str]) -> None:
         _register(module_names)
         self.commands = typer.main.get_group(app).commands
@@ -122,6 +141,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help layout, not rich's panels: it wraps every option to the
+    # terminal's width, where rich's tables cut long option names and env var names
+    # short at 80 columns (``--prometheus-scrap…``). Up to 120 columns on a wide one.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
     cls=_LazyCommands,
 )
 
