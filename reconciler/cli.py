@@ -184,7 +184,9 @@ def validate(
     """Validate the desired state (policies/, clusters/ and the templates they name).
 
     With --trace, also warn for every service that cannot meet its TTFT SLO for more
-    than 1% of the trace's requests even on an idle instance."""
+    than 1% of the trace's requests even on an idle instance, and for every service
+    whose pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds
+    one role above what it needs)."""
     from reconciler.desired.checks import gpu_choice_warnings
     from reconciler.desired.loader import load_desired_state
     from reconciler.errors import ConfigError
@@ -216,11 +218,13 @@ def validate(
 
 def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> None:
     """Warn (exit code unchanged) for every service that loses more than
-    ``WARN_SHARE`` of the trace's requests to TTFT on any capacity; exit 1 when the
-    trace cannot be read."""
+    ``WARN_SHARE`` of the trace's requests to TTFT on any capacity, or whose P/D
+    bounds exclude the ratio the trace needs (``ratio_need``); exit 1 when the trace
+    cannot be read."""
     from rich.markup import escape
 
     from reconciler.policy.attainability import WARN_SHARE, trace_attainability
+    from reconciler.policy.ratio_need import trace_ratio_need
     from reconciler.sim.workload import TraceError, read_trace
 
     try:
@@ -243,15 +247,23 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
                 policy, cluster, workload.prompt_tokens, workload.output_tokens
             )
         )
-        if found is None:
+        if cluster is None or found is None:
             err_console.print(
                 f"warning: service {name}: no allowed GPU type of a role fits in cluster "
-                f"{policy.cluster}; TTFT attainability of {trace.name} not checked",
+                f"{policy.cluster}; TTFT attainability and P/D ratio of {trace.name} not "
+                "checked",
                 soft_wrap=True,
                 markup=False,
             )
-        elif found.share > WARN_SHARE:
+            continue
+        if found.share > WARN_SHARE:
             err_console.print(f"warning: {found.warning(trace.name)}", soft_wrap=True, markup=False)
+        need = trace_ratio_need(
+            policy, cluster, workload.prompt_tokens, workload.output_tokens, workload.duration_s
+        )
+        text = need.warning(trace.name) if need is not None else None
+        if text is not None:
+            err_console.print(f"warning: {text}", soft_wrap=True, markup=False)
 
 
 def render_schemas() -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -28,11 +29,13 @@ def write_trace(path: Path, prompts: list[int]) -> Path:
     return path
 
 
-def warnings(stderr: str) -> dict[str, str]:
+def warnings(stderr: str, about: str = "cannot meet TTFT") -> dict[str, str]:
+    """The warnings per service that say ``about`` (a long prompt also moves the P/D
+    ratio a service needs: ``test_validate_ratio.py``)."""
     found = {}
     for line in stderr.splitlines():
         match = re.match(r"warning: service (\S+): ", line)
-        if match:
+        if match and about in line:
             found[match.group(1)] = line
     return found
 
@@ -77,7 +80,7 @@ def test_one_percent_or_less_is_not_warned(repo_root: Path, tmp_path: Path) -> N
     result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("valid: ")
-    assert "warning" not in result.output
+    assert warnings(result.stderr) == {}
     # Two in a hundred are.
     trace = write_trace(tmp_path / "two.csv", [SHORT_TOKENS] * 98 + [LONG_TOKENS] * 2)
     result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
@@ -100,3 +103,30 @@ def test_a_trace_that_cannot_be_read_is_an_error_naming_it(repo_root: Path, tmp_
         app, ["validate", str(repo_root), "--trace", str(broken), "--rate-scale", "0"]
     )
     assert result.exit_code == 2
+
+
+def test_a_ratio_bound_that_excludes_the_traces_mix_is_warned(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """Long-context conversation needs more prefill per decode than svc-a's 2:1
+    maximum; the warning says by how much the bound holds decode above its need
+    (``reconciler.policy.ratio_need``). Chat-shaped requests stay within it."""
+    rng = np.random.default_rng(7)
+    count = 3_000
+    path = tmp_path / "long.csv"
+    prompts = rng.lognormal(np.log(9_000), 0.5, count).round()
+    outputs = rng.lognormal(np.log(330), 0.4, count).round().clip(1)
+    rows = [
+        f"{i / 30.0:.3f},{p:.0f},{o:.0f}"
+        for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))
+    ]
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n")
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(path)])
+    assert result.exit_code == 0, result.output
+    ratio = warnings(result.stderr, about="pd_ratio")
+    assert "pd_ratio max 2:1 holds decode at" in ratio["svc-a"]
+    assert "the mix in long.csv" in ratio["svc-a"]
+    short = write_trace(tmp_path / "short.csv", [SHORT_TOKENS] * 100)
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(short)])
+    assert result.exit_code == 0, result.output
+    assert "svc-a" not in warnings(result.stderr, about="pd_ratio")

@@ -1,0 +1,129 @@
+"""The P/D ratio a load needs against the policy's bounds (``validate --trace``): what
+the planner would size each role to, so a bound that excludes it is found before the
+traffic is."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reconciler.desired import load_desired_state
+from reconciler.desired.loader import DesiredState
+from reconciler.policy.base import PolicyHistory
+from reconciler.policy.planner import perf_context, plan_decide
+from reconciler.policy.ratio_need import RATIO_SLACK, RatioNeed, trace_ratio_need
+from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKETS = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), math.inf)
+DURATION_S = 600.0
+
+
+@pytest.fixture(scope="module")
+def state() -> DesiredState:
+    return load_desired_state(REPO)
+
+
+def lengths(median: float, sigma: float, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.maximum(1, rng.lognormal(math.log(median), sigma, count)).round()
+
+
+def need(state: DesiredState, service: str, prompts: np.ndarray, outputs: np.ndarray) -> RatioNeed:
+    policy = state.policies[service]
+    found = trace_ratio_need(policy, state.clusters[policy.cluster], prompts, outputs, DURATION_S)
+    assert found is not None
+    return found
+
+
+# Long-context conversation (the Mooncake trace's shape): ~10,000-token prompts,
+# ~350-token outputs, 30 requests/s.
+LONG_PROMPTS = lengths(9_000, 0.5, 18_000, 1)
+LONG_OUTPUTS = lengths(330, 0.4, 18_000, 2)
+# Chat (the Azure trace's shape): ~1,000 / ~200 tokens.
+CHAT_PROMPTS = lengths(1_000, 0.6, 18_000, 3)
+CHAT_OUTPUTS = lengths(200, 0.5, 18_000, 4)
+
+
+def test_long_prompts_need_more_prefill_than_a_2_to_1_bound_allows(state: DesiredState) -> None:
+    """svc-a allows at most 2 prefill per decode; long prompts need more, so the
+    bound would hold decode above its need by the ratio over the bound."""
+    found = need(state, "svc-a", LONG_PROMPTS, LONG_OUTPUTS)
+    assert found.ratio_max == pytest.approx(2.0)
+    assert found.ratio > 2.0 * (1.0 + RATIO_SLACK)
+    assert found.excess == pytest.approx(found.ratio / 2.0)
+    text = found.warning("long.csv")
+    assert text is not None
+    assert text.startswith("service svc-a: the mix in long.csv")
+    assert "pd_ratio max 2:1 holds decode at" in text
+    assert f"{found.excess:.2f}x what it needs" in text
+
+
+def test_the_same_service_on_chat_traffic_is_within_its_bounds(state: DesiredState) -> None:
+    found = need(state, "svc-a", CHAT_PROMPTS, CHAT_OUTPUTS)
+    assert found.ratio_min <= found.ratio <= found.ratio_max
+    assert found.excess == 1.0
+    assert found.warning("chat.csv") is None
+
+
+def test_short_prompts_with_long_outputs_fall_below_the_minimum(state: DesiredState) -> None:
+    """chat keeps at least 1 prefill per 3 decode; 100-token prompts with
+    3,000-token outputs need far less, so the minimum holds prefill up."""
+    found = need(state, "chat", lengths(100, 0.3, 18_000, 5), lengths(3_000, 0.3, 18_000, 6))
+    assert found.ratio < found.ratio_min / (1.0 + RATIO_SLACK)
+    assert found.excess == pytest.approx(found.ratio_min / found.ratio)
+    text = found.warning("gen.csv")
+    assert text is not None and "pd_ratio min 1:3 holds prefill at" in text
+
+
+def test_each_role_is_sized_on_its_own_capacity_at_the_mean_load(state: DesiredState) -> None:
+    """Decode instances x decode capacity is the mean output rate; prefill's count
+    is at least the prompt rate over its capacity (more where unattainable prompts'
+    work weighs more than the attainable mix the capacity is stated for)."""
+    found = need(state, "svc-a", LONG_PROMPTS, LONG_OUTPUTS)
+    rate = LONG_PROMPTS.size / DURATION_S
+    assert found.decode_instances * found.decode_tps_per_instance == pytest.approx(
+        rate * LONG_OUTPUTS.mean()
+    )
+    assert found.prefill_instances * found.prefill_tps_per_instance >= rate * LONG_PROMPTS.mean()
+
+
+def _buckets(values: np.ndarray, at_s: float) -> LengthBuckets:
+    bounds = np.asarray(BUCKETS)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=bounds.size)
+    return LengthBuckets(BUCKETS, tuple(float(c) for c in np.cumsum(counts)), at_s)
+
+
+def test_the_planner_raises_decode_by_about_the_excess_the_check_states(
+    state: DesiredState,
+) -> None:
+    """One planner cycle at the mean load of the long-prompt mix: the ratio clamp
+    lifts decode from what decode needs to prefill / max, the excess ``validate``
+    warns about (within whole instances)."""
+    policy = state.policies["svc-a"]
+    cluster = state.clusters[policy.cluster]
+    found = need(state, "svc-a", LONG_PROMPTS, LONG_OUTPUTS)
+    rate = LONG_PROMPTS.size / DURATION_S
+    metrics = ServiceMetrics(
+        "svc-a",
+        prefill_tps=Sample(rate * LONG_PROMPTS.mean(), 0.0),
+        decode_tps=Sample(rate * LONG_OUTPUTS.mean(), 0.0),
+        prompt_tokens=_buckets(LONG_PROMPTS, 0.0),
+        output_tokens=_buckets(LONG_OUTPUTS, 0.0),
+    )
+    prefill_now = math.ceil(found.prefill_instances)
+    decode_now = math.ceil(found.decode_instances)
+    fleet = ServiceFleet("svc-a", RoleCount(prefill_now), RoleCount(decode_now))
+    decision = plan_decide(
+        policy, fleet, metrics, PolicyHistory(), 0.0, perf_context(policy, cluster)
+    )
+    clamp = re.search(r"ratio_max\(decode: (\d+) -> (\d+);", decision.message)
+    assert clamp is not None, decision.message
+    sized, held = int(clamp[1]), int(clamp[2])
+    # Both counts carry the planner's headroom; their quotient is the excess.
+    assert held / sized == pytest.approx(found.excess, rel=0.15)
+    assert decision.prefill / decision.decode == pytest.approx(found.ratio_max, rel=0.1)
