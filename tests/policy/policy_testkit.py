@@ -17,14 +17,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.policy import Decision, PolicyHistory, decide
 from reconciler.policy.base import Autoscaler, DecisionInput, Recommendation
 from reconciler.sim.hand_targets import with_hand_targets
-from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# vLLM's request length buckets (1-2-5 up to 500,000 tokens, then +Inf).
+LENGTH_BUCKETS = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), float("inf"))
 
 BASE_POLICY: dict[str, Any] = {
     "name": "svc",
@@ -102,6 +106,13 @@ def fleet(
         RoleCount(ready=prefill, starting=prefill_starting),
         RoleCount(ready=decode, starting=decode_starting),
     )
+
+
+def length_buckets(values: np.ndarray, at_s: float) -> LengthBuckets:
+    """Request lengths as an engine exports them: cumulative counts per bucket."""
+    bounds = np.asarray(LENGTH_BUCKETS)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=bounds.size)
+    return LengthBuckets(LENGTH_BUCKETS, tuple(float(c) for c in np.cumsum(counts)), at_s)
 
 
 def metrics(at_s: float = 0.0, service: str = "svc", **values: float | None) -> ServiceMetrics:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from policy_testkit import length_buckets
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
@@ -36,10 +37,9 @@ from reconciler.policy.planner import (
     role_demand,
     within_bucket,
 )
-from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[2]
-BUCKETS = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), math.inf)
 
 
 def _chat(**scaling: object) -> tuple[ServicePolicy, ClusterSpec]:
@@ -48,12 +48,6 @@ def _chat(**scaling: object) -> tuple[ServicePolicy, ClusterSpec]:
     updates = {"target_per_instance": None, "prefill_target_per_instance": None, **scaling}
     policy = policy.model_copy(update={"scaling": policy.scaling.model_copy(update=updates)})
     return policy, state.clusters[policy.cluster]
-
-
-def _buckets(values: np.ndarray, at_s: float) -> LengthBuckets:
-    bounds = np.asarray(BUCKETS)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=bounds.size)
-    return LengthBuckets(BUCKETS, tuple(float(c) for c in np.cumsum(counts)), at_s)
 
 
 def _metrics(
@@ -76,8 +70,8 @@ def _metrics(
         ttft=sample(ttft_ms),
         tbt=sample(tbt_ms),
         prefill_queue=sample(prefill_queue),
-        prompt_tokens=_buckets(prompts, now_s),
-        output_tokens=_buckets(outputs, now_s),
+        prompt_tokens=length_buckets(prompts, now_s),
+        output_tokens=length_buckets(outputs, now_s),
     )
 
 

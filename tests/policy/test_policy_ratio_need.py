@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from policy_testkit import length_buckets
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.loader import DesiredState
 from reconciler.policy.base import PolicyHistory
 from reconciler.policy.planner import perf_context, plan_decide
 from reconciler.policy.ratio_need import RATIO_SLACK, RatioNeed, trace_ratio_need
-from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[2]
-BUCKETS = (*(float(m * 10**e) for e in range(6) for m in (1, 2, 5)), math.inf)
 DURATION_S = 600.0
 
 
@@ -92,12 +92,6 @@ def test_each_role_is_sized_on_its_own_capacity_at_the_mean_load(state: DesiredS
     assert found.prefill_instances * found.prefill_tps_per_instance >= rate * LONG_PROMPTS.mean()
 
 
-def _buckets(values: np.ndarray, at_s: float) -> LengthBuckets:
-    bounds = np.asarray(BUCKETS)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=bounds.size)
-    return LengthBuckets(BUCKETS, tuple(float(c) for c in np.cumsum(counts)), at_s)
-
-
 def test_the_planner_raises_decode_by_about_the_excess_the_check_states(
     state: DesiredState,
 ) -> None:
@@ -112,8 +106,8 @@ def test_the_planner_raises_decode_by_about_the_excess_the_check_states(
         "svc-a",
         prefill_tps=Sample(rate * LONG_PROMPTS.mean(), 0.0),
         decode_tps=Sample(rate * LONG_OUTPUTS.mean(), 0.0),
-        prompt_tokens=_buckets(LONG_PROMPTS, 0.0),
-        output_tokens=_buckets(LONG_OUTPUTS, 0.0),
+        prompt_tokens=length_buckets(LONG_PROMPTS, 0.0),
+        output_tokens=length_buckets(LONG_OUTPUTS, 0.0),
     )
     prefill_now = math.ceil(found.prefill_instances)
     decode_now = math.ceil(found.decode_instances)
