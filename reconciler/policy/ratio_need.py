@@ -25,7 +25,12 @@ import numpy as np
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.desired.ratio import format_ratio
-from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
+from reconciler.policy.capacity import (
+    ENGINE_LENGTH_BOUNDS,
+    LatencyCorrection,
+    RequestMix,
+    RoleCapacities,
+)
 from reconciler.policy.perf_context import capacities_for
 from reconciler.policy.planner import perf_context
 
@@ -109,19 +114,24 @@ def trace_ratio_need(
     prompt_tps = requests_per_s * float(np.mean(prompt_tokens))
     output_tps = requests_per_s * float(np.mean(output_tokens))
     correction = LatencyCorrection()
-    # The prefill capacity depends on the count it is pooled over: start from one
-    # instance, then size again at the count that gives (twice settles it: the
-    # capacity changes slowly with the count).
-    prefill_count = 1
-    for _ in range(3):
-        caps = capacities_for(policy, perf, mix, prefill_count, correction)
-        prefill = caps.prefill.demand_tps(perf.prefill, mix, prompt_tps) / max(
-            caps.prefill_tps_per_instance, 1e-9
-        )
-        count = max(1, math.ceil(prefill))
-        if count == prefill_count:
-            break
-        prefill_count = count
+
+    def sized(count: int) -> tuple[float, RoleCapacities]:
+        """Prefill instances the load needs at the capacity pooled over ``count``."""
+        caps = capacities_for(policy, perf, mix, count, correction)
+        demand = caps.prefill.demand_tps(perf.prefill, mix, prompt_tps)
+        return demand / max(caps.prefill_tps_per_instance, 1e-9), caps
+
+    # Capacity per instance grows with the count it is pooled over, so the count the
+    # load needs is the least n with sized(n) <= n: sized(1) is an upper bound (no
+    # count has less capacity than one), and sized falls as n grows: bisect.
+    low, high = 0, max(1, math.ceil(sized(1)[0]))
+    while high - low > 1:
+        middle = (low + high) // 2
+        if sized(middle)[0] <= middle:
+            high = middle
+        else:
+            low = middle
+    prefill, caps = sized(high)
     decode = output_tps / max(caps.decode_tps_per_instance, 1e-9)
     if not (prefill > 0 and decode > 0):
         return None

@@ -15,6 +15,8 @@ from policy_testkit import length_buckets
 from reconciler.desired import load_desired_state
 from reconciler.desired.loader import DesiredState
 from reconciler.policy.base import PolicyHistory
+from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
+from reconciler.policy.perf_context import capacities_for
 from reconciler.policy.planner import perf_context, plan_decide
 from reconciler.policy.ratio_need import RATIO_SLACK, RatioNeed, trace_ratio_need
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
@@ -121,3 +123,28 @@ def test_the_planner_raises_decode_by_about_the_excess_the_check_states(
     # Both counts carry the planner's headroom; their quotient is the excess.
     assert held / sized == pytest.approx(found.excess, rel=0.15)
     assert decision.prefill / decision.decode == pytest.approx(found.ratio_max, rel=0.1)
+
+
+def test_prefill_is_sized_at_the_least_count_whose_pooled_capacity_carries_the_load(
+    state: DesiredState,
+) -> None:
+    """A prefill instance's capacity grows with the count it is pooled over, so the
+    need is stated at the fixed point: the least count whose capacity carries the
+    load (one fewer does not)."""
+    policy = state.policies["svc-a"]
+    perf = perf_context(policy, state.clusters[policy.cluster])
+    assert perf is not None
+    found = need(state, "svc-a", LONG_PROMPTS, LONG_OUTPUTS)
+    mix = RequestMix.from_samples(LONG_PROMPTS, LONG_OUTPUTS, ENGINE_LENGTH_BOUNDS)
+    prompt_tps = LONG_PROMPTS.size / DURATION_S * LONG_PROMPTS.mean()
+
+    def instances_needed(count: int) -> float:
+        caps = capacities_for(policy, perf, mix, count, LatencyCorrection())
+        return (
+            caps.prefill.demand_tps(perf.prefill, mix, prompt_tps) / caps.prefill_tps_per_instance
+        )
+
+    # The least count that carries the load, by a plain scan (the module bisects).
+    count = next(n for n in range(1, 1000) if instances_needed(n) <= n)
+    assert count > 1 and instances_needed(count - 1) > count - 1
+    assert found.prefill_instances == pytest.approx(instances_needed(count))
