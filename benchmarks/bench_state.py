@@ -10,7 +10,12 @@ history and memory at the end of the day encoded as ``heteroscale run`` stores t
 
 Figures: the state of one service in bytes (all of it, and without the planner memory),
 the planner memory as plain JSON (state version 1) against as stored (version 2,
-compressed), and how many such services fit under the limit with their memories.
+compressed), how many such services fit under the limit with their memories in the
+state object alone (``--state-memory-shards 0``), and how many keep them with the
+default memory shards (``durable.DEFAULT_MEMORY_SHARDS`` more objects, each under the
+limit; services named svc-0000, svc-0001, ..., so placed by the hash of their names):
+the most services that all keep theirs, and how many of ``durable.MAX_SERVICES`` do.
+Both are measured by encoding that many services as ``heteroscale run`` stores them.
 
     python benchmarks/bench_state.py [--hours 8]
 """
@@ -30,10 +35,13 @@ sys.path.insert(0, str(REPO))
 
 from reconciler.desired import load_desired_state  # noqa: E402
 from reconciler.durable import (  # noqa: E402
+    DEFAULT_MEMORY_SHARDS,
+    MAX_SERVICES,
     MAX_STATE_BYTES,
     DurableState,
     _encode_value,  # the memory as state version 1 stored it (plain JSON)
     encode,
+    encode_state,
 )
 from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
 from reconciler.policy import planner  # noqa: E402
@@ -94,6 +102,32 @@ def main() -> None:
         f"{whole - windows:,} as stored (version 2, compressed)"
     )
     print(f"  services that keep their memories under {MAX_STATE_BYTES:,} bytes: {fit}")
+
+    def sharded(count: int) -> tuple[int, int, int]:
+        """Of ``count`` such services, how many keep their memories with the default
+        shards; the fullest shard's memories and bytes."""
+        histories = {f"svc-{i:04d}": history for i in range(count)}
+        state = DurableState("east", at_s, histories=histories)
+        encoded = encode_state(state, DEFAULT_MEMORY_SHARDS)
+        fullest = max(encoded.shards, key=len)
+        return count - encoded.dropped, len(json.loads(fullest)["memories"]), len(fullest)
+
+    kept, memories, fullest_bytes = sharded(MAX_SERVICES)
+    # The most services that all keep theirs: drops only grow with the count (each
+    # shard's services are a superset), so a bisection finds it.
+    low, high = (MAX_SERVICES, MAX_SERVICES) if kept == MAX_SERVICES else (0, MAX_SERVICES - 1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sharded(middle)[0] == middle:
+            low = middle
+        else:
+            high = middle - 1
+    print(
+        f"  with {DEFAULT_MEMORY_SHARDS} memory shards (the default), each under the limit: "
+        f"all of up to {low:,} services keep their memories ({kept:,} of {MAX_SERVICES:,}, "
+        f"the most a state holds; its fullest shard: {memories} memories, "
+        f"{fullest_bytes:,} bytes)"
+    )
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

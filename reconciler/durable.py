@@ -3,19 +3,29 @@
 One ``DurableState`` per cluster: the last known good desired-state revision, each
 service's ``PolicyHistory`` (stabilisation windows, cooldown, the dynamic P/D ratio
 and its ``extra`` keys, the planner's memory) and the identity of the last applied
-plan. ``encode`` / ``decode`` are pure; ``reconciler.apply.statestore`` keeps the JSON
-in a ConfigMap.
+plan. Everything here is pure (no I/O); ``reconciler.apply.statestore`` keeps the
+JSON in ConfigMaps.
 
-The JSON carries ``schema`` and ``version`` (``READABLE_VERSIONS``): an object of
-another schema or version is refused (``StateFormatError``), never half-read.
-Non-finite floats (the forecaster's NaN "not yet") are written as the strings
-``"nan"``, ``"inf"``, ``"-inf"`` so the document stays strict JSON. ``encode`` bounds
-the size: every time series is trimmed to the longest window the schema allows (an
-hour) and a count cap; planner memories are stored compressed (base64 of zlib'd
-JSON), and as many as fit under ``MAX_STATE_BYTES`` are kept, service by service in
-name order, the others left out (counted; those services' planners start afresh
-after a restart). Without any memory, a state over the limit raises ``StateTooLarge``
-(the caller reports it and keeps the old object).
+The state is one main document (``encode_state``), and with ``memory_shards`` N > 0
+the planner memories go into N more "memory shard" documents: a service's memory in
+shard ``memory_shard_of(service, N)`` (a CRC-32 of its name, the same in every
+process). The main document records N, and a reader reads the memories of every
+shard it lists wherever they are (``attach_memories``), so a memory written under
+another shard count is still found, then written where it belongs. With N = 0 the
+memories stay in the main document (``encode``: versions 1 and 2 only had that).
+
+Every document carries ``schema`` and ``version`` (``READABLE_VERSIONS``,
+``SHARD_READABLE_VERSIONS``): one of another schema or version is refused
+(``StateFormatError``), never half-read; a memory shard that cannot be read loses
+only its own services' memories. Non-finite floats (the forecaster's NaN "not yet")
+are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so the documents stay
+strict JSON. Sizes are bounded: every time series is trimmed to the longest window
+the schema allows (an hour) and a count cap; planner memories are stored compressed
+(base64 of zlib'd JSON); each document holds as many memories as fit under
+``MAX_STATE_BYTES``, service by service in name order, the others left out (counted;
+those services' planners start afresh after a restart). Without any memory, a main
+document over the limit raises ``StateTooLarge`` (the caller reports it and keeps the
+old object).
 """
 
 from __future__ import annotations
@@ -41,16 +51,25 @@ from reconciler.policy.forecast import ForecastState
 from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
 
 SCHEMA = "heteroscale.io/reconciler-state"
-VERSION = 2
+VERSION = 3
 # Version 1 stored each planner memory as a JSON object; 2 stores it compressed (a
-# string, ``_pack``). Both are read.
-READABLE_VERSIONS = (1, 2)
-# A ConfigMap holds at most 1 MiB, metadata included. A service's windows take about
-# 1 KB; its planner memory, about 12 KB of JSON once it holds an hour of headroom
-# errors, is stored compressed (``_pack``): the 8-hour azure-x50 day leaves 6,910 bytes
-# per service in all, so 118 services keep theirs (``benchmarks/bench_state.py``);
-# beyond, the planners of the others start afresh after a restart (``encode``).
+# string, ``_pack``); 3 records ``memory_shards`` (0: the memories are in the main
+# document, as in 1 and 2). All three are read.
+READABLE_VERSIONS = (1, 2, 3)
+# A memory shard: its own schema, so it can never be read as a main document.
+SHARD_SCHEMA = "heteroscale.io/reconciler-memories"
+SHARD_VERSION = 1
+SHARD_READABLE_VERSIONS = (1,)
+# A ConfigMap holds at most 1 MiB, metadata included; each document stays under this.
+# A service's windows take about 0.5 KB; its planner memory, about 12 KB of JSON once
+# it holds an hour of headroom errors, is stored compressed (``_pack``): the 8-hour
+# azure-x50 day leaves 6,910 bytes per service in all, so 118 services keep theirs in
+# one document (``benchmarks/bench_state.py``); the memory shards hold the rest.
 MAX_STATE_BYTES = 800 * 1024
+# Memory shards per cluster when nothing else is said (``--state-memory-shards``), and
+# at most: every shard is an object RBAC must name, so the set stays finite.
+DEFAULT_MEMORY_SHARDS = 8
+MAX_MEMORY_SHARDS = 64
 # Every window is at most an hour (``WindowSeconds``); one entry older than that is
 # kept as the value in force at a window's start.
 KEEP_S = float(HOUR_S)
@@ -289,11 +308,9 @@ def _trim(series: tuple[Any, ...], now_s: float) -> tuple[Any, ...]:
     return series[first:][-MAX_ENTRIES:]
 
 
-def _encode_history(h: PolicyHistory, now_s: float, with_planner: bool) -> dict[str, Any]:
+def _encode_history(h: PolicyHistory, now_s: float) -> dict[str, Any]:
+    """The history without its planner memory (``null``: ``encode_state`` places it)."""
     recs = _trim(tuple((r.at_s, r.prefill, r.decode) for r in h.recommendations), now_s)
-    planner = None
-    if with_planner and isinstance(h.planner, PlannerMemory):
-        planner = _encode_value(h.planner)
     return {
         "recommendations": [[_f(at), p, d] for at, p, d in recs],
         "last_change_at_s": None if h.last_change_at_s is None else _f(h.last_change_at_s),
@@ -302,7 +319,7 @@ def _encode_history(h: PolicyHistory, now_s: float, with_planner: bool) -> dict[
         "kv_usage": [[_f(a), _f(v)] for a, v in _trim(h.kv_usage, now_s)],
         "dynamic_ratio": None if h.dynamic_ratio is None else _f(h.dynamic_ratio),
         "extra": [[k, _f(v)] for k, v in h.extra[:MAX_ENTRIES]],
-        "planner": planner,
+        "planner": None,
     }
 
 
@@ -346,10 +363,27 @@ def _decode_history(value: Any, where: str) -> PolicyHistory:
     )
 
 
-# ---------------------------------------------------------------- the document
+# ---------------------------------------------------------------- the documents
 
 
-def _document(state: DurableState, with_planner: bool) -> dict[str, Any]:
+def memory_shard_of(service: str, memory_shards: int) -> int:
+    """The memory shard holding ``service``'s planner memory: a CRC-32 of its name
+    modulo the shard count, the same in every process (unlike ``hash``, salted per
+    process)."""
+    if memory_shards < 1:
+        raise ValueError(f"memory_shards is {memory_shards}: no shard holds a memory")
+    return zlib.crc32(service.encode()) % memory_shards
+
+
+def valid_memory_shards(memory_shards: int) -> int:
+    """``memory_shards`` if a shard count this format allows (0..``MAX_MEMORY_SHARDS``);
+    ``ValueError`` naming the range otherwise."""
+    if isinstance(memory_shards, bool) or not 0 <= memory_shards <= MAX_MEMORY_SHARDS:
+        raise ValueError(f"memory_shards must be 0 to {MAX_MEMORY_SHARDS}, got {memory_shards!r}")
+    return memory_shards
+
+
+def _document(state: DurableState, memory_shards: int) -> dict[str, Any]:
     now = state.saved_at_s
     return {
         "schema": SCHEMA,
@@ -364,41 +398,94 @@ def _document(state: DurableState, with_planner: bool) -> dict[str, Any]:
             **dataclasses.asdict(state.last_plan),
             "applied_at_s": _f(state.last_plan.applied_at_s),
         },
-        "services": {
-            name: _encode_history(h, now, with_planner)
-            for name, h in sorted(state.histories.items())
-        },
+        "memory_shards": memory_shards,
+        "services": {name: _encode_history(h, now) for name, h in sorted(state.histories.items())},
     }
 
 
+def _shard_document(cluster: str) -> dict[str, Any]:
+    return {"schema": SHARD_SCHEMA, "version": SHARD_VERSION, "cluster": cluster, "memories": {}}
+
+
+def empty_shard(cluster: str) -> str:
+    """The text of a memory shard of ``cluster`` holding no memory (what an absent
+    shard object stands for)."""
+    return _dumps(_shard_document(cluster))
+
+
 def _dumps(value: Any) -> str:
+    # ASCII only (``ensure_ascii``): a text's length is its size in bytes.
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def encode(state: DurableState) -> tuple[str, int]:
-    """The JSON text, and how many services' planner memories were left out to fit
-    (module docstring)."""
-    doc = _document(state, with_planner=False)
-    size = len(_dumps(doc).encode())
+@dataclass(frozen=True)
+class EncodedState:
+    """A state as ``encode_state`` writes it: the main document, the memory shard
+    documents (shard k at index k; none with 0 shards) and how many services' planner
+    memories were left out to stay under ``MAX_STATE_BYTES``."""
+
+    text: str
+    shards: tuple[str, ...]
+    dropped: int
+
+
+def encode_state(
+    state: DurableState, memory_shards: int, *, shards_wanted: bool = True
+) -> EncodedState:
+    """The state's documents (module docstring). With ``memory_shards`` 0 the memories
+    go into the main document, else each into its shard (``memory_shard_of``); either
+    way a document takes them in name order while they fit. ``shards_wanted`` False:
+    the main document only (no shard documents, nothing counted), for a writer with no
+    shard to write, sparing the compression of every memory. Raises ``StateTooLarge``
+    when the main document alone is over the limit, ``ValueError`` for a shard count
+    outside 0..``MAX_MEMORY_SHARDS``."""
+    valid_memory_shards(memory_shards)
+    doc = _document(state, memory_shards)
+    size = len(_dumps(doc))
     if size > MAX_STATE_BYTES:
         raise StateTooLarge(
             f"state of cluster {state.cluster} is {size} bytes without planner memories "
             f"(limit {MAX_STATE_BYTES})"
         )
+    if memory_shards and not shards_wanted:
+        return EncodedState(_dumps(doc), (), 0)
+    memories = [
+        (name, _pack(_encode_value(h.planner)))
+        for name, h in sorted(state.histories.items())
+        if isinstance(h.planner, PlannerMemory)
+    ]
     dropped = 0
-    for name, history in sorted(state.histories.items()):
-        if not isinstance(history.planner, PlannerMemory):
-            continue
-        memory = _pack(_encode_value(history.planner))
-        # It replaces the ``null`` the document holds (the serialisation of an object
-        # is that of its members, so sizes add up exactly).
-        grown = len(_dumps(memory).encode()) - len("null")
-        if size + grown <= MAX_STATE_BYTES:
-            doc["services"][name]["planner"] = memory
-            size += grown
+    if not memory_shards:
+        for name, memory in memories:
+            # It replaces the ``null`` the document holds (the serialisation of an
+            # object is that of its members, so sizes add up exactly).
+            grown = len(_dumps(memory)) - len("null")
+            if size + grown <= MAX_STATE_BYTES:
+                doc["services"][name]["planner"] = memory
+                size += grown
+            else:
+                dropped += 1
+        return EncodedState(_dumps(doc), (), dropped)
+    shards = [_shard_document(state.cluster) for _ in range(memory_shards)]
+    sizes = [len(_dumps(shard)) for shard in shards]
+    for name, memory in memories:
+        k = memory_shard_of(name, memory_shards)
+        held = shards[k]["memories"]
+        # A member "name":"memory", and a comma after the first.
+        grown = len(_dumps(name)) + 1 + len(_dumps(memory)) + (1 if held else 0)
+        if sizes[k] + grown <= MAX_STATE_BYTES:
+            held[name] = memory
+            sizes[k] += grown
         else:
             dropped += 1
-    return _dumps(doc), dropped
+    return EncodedState(_dumps(doc), tuple(_dumps(shard) for shard in shards), dropped)
+
+
+def encode(state: DurableState) -> tuple[str, int]:
+    """One document holding the memories too (no memory shards), and how many
+    services' planner memories were left out to fit."""
+    encoded = encode_state(state, 0)
+    return encoded.text, encoded.dropped
 
 
 def _str(value: Any, where: str) -> str:
@@ -407,9 +494,9 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
-def decode(text: str | bytes) -> DurableState:
-    """The state in ``text``; ``StateFormatError`` when it is not one this version
-    reads (never any other exception)."""
+def _parsed(text: str | bytes, schema: str, versions: tuple[int, ...]) -> dict[str, Any]:
+    """The JSON object in ``text`` when it is a document of ``schema`` at one of
+    ``versions`` within ``MAX_STATE_BYTES``; ``StateFormatError`` otherwise."""
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_STATE_BYTES:
         raise StateFormatError(f"{size} bytes, more than the limit of {MAX_STATE_BYTES}")
@@ -417,13 +504,28 @@ def decode(text: str | bytes) -> DurableState:
         doc = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise StateFormatError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise StateFormatError(f"not a {SCHEMA} document")
-    if doc.get("version") not in READABLE_VERSIONS:
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise StateFormatError(f"not a {schema} document")
+    if doc.get("version") not in versions:
         raise StateFormatError(
             f"schema version {doc.get('version')!r}; this reconciler reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            f"{', '.join(map(str, versions))}"
         )
+    return doc
+
+
+def decode_document(text: str | bytes) -> tuple[DurableState, int]:
+    """The state in the main document ``text`` (with the memories it holds itself)
+    and how many memory shards it lists (0 before version 3); ``StateFormatError``
+    when it is not one this version reads (never any other exception)."""
+    doc = _parsed(text, SCHEMA, READABLE_VERSIONS)
+    memory_shards = 0
+    if doc["version"] >= 3:
+        memory_shards = _int(doc.get("memory_shards"), "memory_shards")
+        if not 0 <= memory_shards <= MAX_MEMORY_SHARDS:
+            raise StateFormatError(
+                f"memory_shards: {memory_shards}, expected 0 to {MAX_MEMORY_SHARDS}"
+            )
     services = doc.get("services", {})
     if not isinstance(services, dict) or len(services) > MAX_SERVICES:
         raise StateFormatError("services: expected an object of services")
@@ -445,7 +547,7 @@ def decode(text: str | bytes) -> DurableState:
             _str(last_plan.get("revision"), "last_plan.revision"),
             _num(last_plan.get("applied_at_s"), "last_plan.applied_at_s"),
         )
-    return DurableState(
+    state = DurableState(
         cluster=_str(doc.get("cluster"), "cluster"),
         saved_at_s=_num(doc.get("saved_at_s"), "saved_at_s"),
         writer=_str(doc.get("writer", ""), "writer"),
@@ -456,6 +558,59 @@ def decode(text: str | bytes) -> DurableState:
         },
         last_plan=last_plan,
     )
+    return state, memory_shards
+
+
+def decode(text: str | bytes) -> DurableState:
+    """The state in the main document ``text`` (``decode_document``), without the
+    memories its shards hold."""
+    return decode_document(text)[0]
+
+
+def decode_shard(text: str | bytes, cluster: str, shard: int) -> dict[str, PlannerMemory]:
+    """The planner memories (service -> memory) in memory shard ``shard`` of
+    ``cluster``'s state; as strict and bounded as ``decode``: ``StateFormatError``
+    naming the shard (and the service, for a memory it cannot read) when it is not a
+    shard of that cluster this version reads, never any other exception."""
+    where = f"memory shard {shard}"
+    try:
+        doc = _parsed(text, SHARD_SCHEMA, SHARD_READABLE_VERSIONS)
+    except StateFormatError as exc:
+        raise StateFormatError(f"{where}: {exc}") from None
+    owner = _str(doc.get("cluster"), f"{where}: cluster")
+    if owner != cluster:
+        raise StateFormatError(f"{where}: holds memories of cluster {owner!r}, not {cluster!r}")
+    memories = doc.get("memories")
+    if not isinstance(memories, dict) or len(memories) > MAX_SERVICES:
+        raise StateFormatError(f"{where}: memories: expected an object of services")
+    out: dict[str, PlannerMemory] = {}
+    for name, packed in memories.items():
+        service = f"{where}: services.{_str(name, f'{where}: services')}"
+        if not isinstance(packed, str):
+            raise StateFormatError(f"{service}.planner: expected a packed memory")
+        out[name] = _decode_dataclass(PlannerMemory, _unpack(packed, service), f"{service}.planner")
+    return out
+
+
+def attach_memories(
+    state: DurableState,
+    found: Mapping[int, Mapping[str, PlannerMemory]],
+    memory_shards: int,
+) -> DurableState:
+    """``state`` with the memories read from its shards (``found``: shard -> service ->
+    memory). Placement is not checked: a memory is taken from whichever shard holds it
+    (written under another shard count), from the shard ``memory_shard_of`` names
+    first, else the lowest-numbered. Memories of services ``state`` does not list (a
+    service removed since) are left out."""
+    histories = dict(state.histories)
+    for name, history in state.histories.items():
+        home = memory_shard_of(name, memory_shards) if memory_shards else -1
+        for k in sorted(found, key=lambda k: (k != home, k)):
+            memory = found[k].get(name)
+            if memory is not None:
+                histories[name] = dataclasses.replace(history, planner=memory)
+                break
+    return dataclasses.replace(state, histories=histories)
 
 
 # ------------------------------------------------------------------- merging

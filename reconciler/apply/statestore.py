@@ -1,25 +1,35 @@
-"""The reconciler's durable state (``reconciler.durable``) in one ConfigMap per
-cluster, ``heteroscale-state-<cluster>`` in the reconciler's own namespace, key
-``state.json``.
+"""The reconciler's durable state (``reconciler.durable``) in ConfigMaps in the
+reconciler's own namespace: per cluster one state object, ``heteroscale-state-<cluster>``
+(key ``state.json``), and a fixed number of memory shards holding the planners'
+memories, ``heteroscale-state-<cluster>-memories-<k>`` (``memory_shard_names``, key
+``memories.json``; ``--state-memory-shards``, default ``DEFAULT_MEMORY_SHARDS``; 0
+keeps the memories in the state object itself, as before version 3).
 
-Why a ConfigMap there: the reconciler's namespace exists only in the cluster it runs
-in, RBAC can name the object (get/update by ``resourceNames``), and a ConfigMap
-needs no CRD. All clusters' objects live next to the Lease, so a replica reads its
-state from the same API server it elects through.
+Why ConfigMaps there: the reconciler's namespace exists only in the cluster it runs
+in, RBAC can name the objects (get/update by ``resourceNames``: the shards are a fixed,
+listable set for that reason), and a ConfigMap needs no CRD. All clusters' objects
+live next to the Lease, so a replica reads its state from the same API server it
+elects through.
 
 Only the leader writes, and every write carries the ``resourceVersion`` it read. A
 409 means someone wrote in between (a replica that still believed it led): the
 store re-reads and, while this replica still holds the Lease, writes its own state
 over the newer version (the leader wins); a replica that lost the Lease drops its
-write. An object that cannot be read (corrupt, oversized, another schema version)
-is reported by the caller and later overwritten by the leader.
+write. The memory shards are written the same way (``_write_as_leader``), after the
+state object, and only those whose content changed, each at most once every
+``MEMORY_WRITE_INTERVAL_S`` of the states' ``saved_at_s``: a restart therefore loses
+at most the last five minutes of planner memory (the windows and cooldowns, in the
+state object, are written every cycle). An object that cannot be read (corrupt,
+oversized, another schema version) is reported by the caller and later overwritten by
+the leader; a memory shard that cannot be read loses only its own services' memories
+(``load_problems``), never the state.
 
 One other writer: a one-shot ``heteroscale apply`` records the plan and revision it
 applied (``reconciler.commands.reconcile.record_applied``), and only while no other
 holder's Lease is live. It never writes a whole state of its own: ``update`` reads
-the object, changes the applied-plan identity and the revision, and writes at the
-``resourceVersion`` it read; a conflict reads again, so the windows a leader stored
-are kept whatever the interleaving.
+the state object, changes the applied-plan identity and the revision, and writes at
+the ``resourceVersion`` it read, never touching the memory shards; a conflict reads
+again, so the windows a leader stored are kept whatever the interleaving.
 """
 
 from __future__ import annotations
@@ -34,26 +44,74 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from reconciler.apply.kubeclient import KubeClient, NotFound, ResourceConflict
+from reconciler.apply.kubeclient import Forbidden, KubeClient, NotFound, ResourceConflict
 from reconciler.desired.loader import DesiredState, load_desired_state
-from reconciler.durable import DurableState, Revision, StateFormatError, decode, encode
-from reconciler.errors import ConfigError
+from reconciler.durable import (
+    DEFAULT_MEMORY_SHARDS,
+    MAX_MEMORY_SHARDS,
+    DurableState,
+    EncodedState,
+    Revision,
+    StateFormatError,
+    attach_memories,
+    decode_document,
+    decode_shard,
+    empty_shard,
+    encode_state,
+    valid_memory_shards,
+)
+from reconciler.errors import ConfigError, HeteroscaleError
+from reconciler.policy.planner import PlannerMemory
 
 log = logging.getLogger("heteroscale.state")
 
 PREFIX = "heteroscale-state-"
 KEY = "state.json"
+MEMORIES_KEY = "memories.json"
 WRITE_ATTEMPTS = 3
+# Memories change every cycle: rewriting N shards of up to 800 KiB each cycle would load etcd.
+MEMORY_WRITE_INTERVAL_S = 300.0
+_MAX_NAME = 253  # a ConfigMap's name is a DNS subdomain
+_SHARD_SUFFIX = "-memories-"
+_LOOKS_LIKE_A_SHARD = re.compile(r"-memories-[0-9]+$")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def configmap_name(cluster: str) -> str:
     """``heteroscale-state-<cluster>``; a cluster name that is not a valid object name
-    is folded to one, with a hash of the original so two names never collide."""
+    (or would read as another cluster's memory shard, ``-memories-<k>``) is folded to
+    one, with a hash of the original so two names never collide."""
     name = re.sub(r"[^a-z0-9-]+", "-", cluster.lower()).strip("-")
-    if name == cluster and len(PREFIX + name) <= 253:
+    if name == cluster and len(PREFIX + name) <= _MAX_NAME and not _LOOKS_LIKE_A_SHARD.search(name):
         return PREFIX + name
-    digest = hashlib.sha256(cluster.encode()).hexdigest()[:10]
-    return f"{PREFIX}{name[:200]}-{digest}".replace("--", "-")
+    return f"{PREFIX}{name[:200]}-{_digest(cluster)}".replace("--", "-")
+
+
+def memory_shard_names(cluster: str, memory_shards: int) -> tuple[str, ...]:
+    """The names of ``cluster``'s memory shards, shard k at index k:
+    ``<configmap_name(cluster)>-memories-<k>``. A state object name too long to take
+    the suffix is folded first (200 characters and a hash of it), as ``configmap_name``
+    folds, so the names stay valid and distinct."""
+    base = configmap_name(cluster)
+    if len(f"{base}{_SHARD_SUFFIX}{MAX_MEMORY_SHARDS}") > _MAX_NAME:
+        base = f"{base[:200]}-{_digest(base)}".replace("--", "-")
+    return tuple(f"{base}{_SHARD_SUFFIX}{k}" for k in range(memory_shards))
+
+
+def _rbac_hint(exc: BaseException, cluster: str, memory_shards: int) -> str:
+    """For a refusal by RBAC: what to grant (an upgrade from a version without memory
+    shards needs the new names in the Role, or ``--state-memory-shards 0``)."""
+    if not isinstance(exc, Forbidden):
+        return ""
+    names = memory_shard_names(cluster, memory_shards)
+    return (
+        f"; the Role must name every memory shard of cluster {cluster} under "
+        f"resourceNames ({names[0]} to {names[-1]}, get and update: deploy/rbac.yaml), "
+        "or run with --state-memory-shards 0 to keep the memories in the state object"
+    )
 
 
 def configmaps_path(namespace: str, name: str | None = None) -> str:
@@ -63,7 +121,9 @@ def configmaps_path(namespace: str, name: str | None = None) -> str:
 
 class ConfigMapStateStore:
     """Reads and writes the state objects through one client (the reconciler's home
-    cluster: in-cluster, or the Lease's context)."""
+    cluster: in-cluster, or the Lease's context). ``memory_shards``: how many memory
+    shards it writes (None: ``DEFAULT_MEMORY_SHARDS``; 0: memories in the state
+    object); it reads as many as the stored state object lists, whatever it writes."""
 
     def __init__(
         self,
@@ -72,65 +132,146 @@ class ConfigMapStateStore:
         identity: str,
         *,
         is_leader: Callable[[], bool] = lambda: True,
+        memory_shards: int | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.identity = identity
         self.is_leader = is_leader
-        # The resourceVersion last read or written, per cluster ("" = no object yet).
+        self.memory_shards = valid_memory_shards(
+            DEFAULT_MEMORY_SHARDS if memory_shards is None else memory_shards
+        )
+        # The resourceVersion last read or written, per object name ("" = no object yet).
         self._versions: dict[str, str] = {}
+        # Per memory shard name: its text as last read or written (None: no object;
+        # not here: unknown). Per cluster: the saved_at_s of its last round of shard
+        # writes (``_write_memories``).
+        self._shard_texts: dict[str, str | None] = {}
+        self._memories_round_at_s: dict[str, float] = {}
+        # Per cluster: what its last ``load`` could not read (memory shards).
+        self._load_problems: dict[str, tuple[str, ...]] = {}
 
     def describe(self, cluster: str) -> str:
-        return f"ConfigMap {self.namespace}/{configmap_name(cluster)}"
+        return self._describe_object(configmap_name(cluster))
 
-    def _get(self, cluster: str) -> dict | None:
+    def _describe_object(self, name: str) -> str:
+        return f"ConfigMap {self.namespace}/{name}"
+
+    def _get(self, name: str) -> dict | None:
         try:
-            obj = self.client.get(configmaps_path(self.namespace, configmap_name(cluster)))
+            obj = self.client.get(configmaps_path(self.namespace, name))
         except NotFound:
-            self._versions[cluster] = ""
+            self._versions[name] = ""
             return None
-        self._versions[cluster] = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+        self._versions[name] = str((obj.get("metadata") or {}).get("resourceVersion", ""))
         return obj
 
-    def load(self, cluster: str) -> DurableState | None:
-        """The stored state, None when there is none. Raises ``StateFormatError`` for
-        an object it cannot read, API errors as they come (the caller holds)."""
-        obj = self._get(cluster)
+    def _load_document(self, cluster: str) -> tuple[DurableState, int] | None:
+        """The state object's state (with the memories it holds itself) and the number
+        of memory shards it lists; None when there is none."""
+        obj = self._get(configmap_name(cluster))
         if obj is None:
             return None
-        data = obj.get("data") or {}
-        text = data.get(KEY)
+        text = (obj.get("data") or {}).get(KEY)
         if not isinstance(text, str):
             raise StateFormatError(f"no '{KEY}' key")
-        return decode(text)
+        return decode_document(text)
+
+    def load(self, cluster: str, *, with_memories: bool = True) -> DurableState | None:
+        """The stored state, None when there is none. Raises ``StateFormatError`` for
+        a state object it cannot read, API errors as they come (the caller holds).
+
+        With ``with_memories`` the memory shards the state object lists are read too
+        (all of them, wherever a memory lies: ``attach_memories``); one that cannot be
+        read (unreadable, or an API error) is left out, its services' planners start
+        afresh, and why is listed in ``load_problems``; its object is overwritten by
+        the next write."""
+        self._load_problems[cluster] = ()
+        document = self._load_document(cluster)
+        if document is None:
+            return None
+        state, memory_shards = document
+        if not with_memories or not memory_shards:
+            return state
+        found: dict[int, dict[str, PlannerMemory]] = {}
+        problems = []
+        for k, name in enumerate(memory_shard_names(cluster, memory_shards)):
+            try:
+                found[k] = self._read_shard(name, cluster, k)
+            except (StateFormatError, HeteroscaleError, OSError) as exc:
+                problems.append(
+                    f"{self._describe_object(name)} unreadable, the planner memories it "
+                    f"holds are left out (those planners start afresh): {exc}"
+                    + _rbac_hint(exc, cluster, memory_shards)
+                )
+        self._load_problems[cluster] = tuple(problems)
+        return attach_memories(state, found, memory_shards)
+
+    def load_problems(self, cluster: str) -> tuple[str, ...]:
+        """What the last ``load`` of ``cluster`` could not read and left out (memory
+        shards), one line each with the reason; empty when it read everything."""
+        return self._load_problems.get(cluster, ())
+
+    def _read_shard(self, name: str, cluster: str, shard: int) -> dict[str, PlannerMemory]:
+        self._shard_texts.pop(name, None)  # unknown until read
+        obj = self._get(name)
+        if obj is None:
+            self._shard_texts[name] = None
+            return {}
+        text = (obj.get("data") or {}).get(MEMORIES_KEY)
+        if not isinstance(text, str):
+            raise StateFormatError(f"memory shard {shard}: no '{MEMORIES_KEY}' key")
+        self._shard_texts[name] = text
+        return decode_shard(text, cluster, shard)
 
     def save(self, state: DurableState) -> bool:
-        """Write ``state`` (only while this replica leads); True when written. Raises
-        ``StateTooLarge`` and API errors other than a lost race."""
-        text = self._encode(state)
-        cluster = state.cluster
-        for _ in range(WRITE_ATTEMPTS):
-            if not self.is_leader():
-                log.info(
-                    f"{self.describe(cluster)}: not written, this replica no longer leads",
-                    extra={"event": "state_not_leader", "cluster": cluster},
-                )
-                return False
-            if cluster not in self._versions:
-                self._get(cluster)
-            try:
-                self._write(cluster, text)
-            except ResourceConflict:
-                # Someone wrote (or created) it since we read: re-read the version and,
-                # if still the leader, write ours over it.
-                log.warning(
-                    f"{self.describe(cluster)}: changed since read; re-reading",
-                    extra={"event": "state_conflict", "cluster": cluster},
-                )
-                self._get(cluster)
+        """Write ``state`` (only while this replica leads); True when the state object
+        was written. The memory shards follow (``_write_memories``): one that cannot be
+        written is logged and tried again later, never fails the save. Raises
+        ``StateTooLarge`` and API errors (of the state object) other than a lost race."""
+        due = self._memories_due(state.cluster, state.saved_at_s)
+        encoded = self._encode(state, self.memory_shards, shards_wanted=due)
+        name = configmap_name(state.cluster)
+        if not self._write_as_leader(name, state.cluster, KEY, encoded.text):
+            return False
+        if due:
+            self._write_memories(state.cluster, encoded.shards, state.saved_at_s)
+        return True
+
+    def _memories_due(self, cluster: str, now_s: float) -> bool:
+        """Whether ``cluster``'s memory shards may be written at ``now_s``: none written
+        yet by this store, or the last round ``MEMORY_WRITE_INTERVAL_S`` ago or more (or
+        the clock went back)."""
+        if not self.memory_shards:
+            return False
+        last_s = self._memories_round_at_s.get(cluster)
+        return last_s is None or not 0 <= now_s - last_s < MEMORY_WRITE_INTERVAL_S
+
+    def _write_memories(self, cluster: str, shards: tuple[str, ...], now_s: float) -> None:
+        """One round of memory shard writes (``_memories_due``; ``now_s``: the state's
+        ``saved_at_s``): each shard whose text differs from the stored one (an absent
+        object stands for an empty shard), so each is written at most once every
+        ``MEMORY_WRITE_INTERVAL_S``. One that cannot be written is logged and tried again
+        at the next round."""
+        self._memories_round_at_s[cluster] = now_s
+        empty = empty_shard(cluster)
+        for name, text in zip(memory_shard_names(cluster, len(shards)), shards, strict=True):
+            stored = self._shard_texts.get(name, "")  # "": unknown, never a shard's text
+            if (empty if stored is None else stored) == text:
                 continue
-            return True
-        return self._gave_up(cluster)
+            try:
+                written = self._write_as_leader(name, cluster, MEMORIES_KEY, text)
+            except (HeteroscaleError, OSError) as exc:
+                log.error(
+                    f"{self._describe_object(name)}: planner memories not written "
+                    f"(tried again in {MEMORY_WRITE_INTERVAL_S:.0f} s): "
+                    f"{type(exc).__name__}: {exc}" + _rbac_hint(exc, cluster, len(shards)),
+                    extra={"event": "state_memories_write_failed", "cluster": cluster},
+                )
+                continue
+            if not written:
+                return  # no longer the leader, or another writer kept winning
+            self._shard_texts[name] = text
 
     def update(
         self, cluster: str, change: Callable[[DurableState | None], DurableState | None]
@@ -141,22 +282,28 @@ class ConfigMapStateStore:
         ``resourceVersion`` read as a precondition. A 409 (someone wrote in between)
         reads again and derives again from what is there now, so the other writer's
         windows are kept, never overwritten with an older copy. ``is_leader`` is asked
-        before every attempt (False: nothing written).
+        before every attempt (False: nothing written). Only the state object is read
+        and written, in the layout it was stored in: ``change`` sees no memory held in
+        a memory shard, and those stay as they are.
 
         True when written. False when ``is_leader`` said no, ``change`` had nothing to
         write, or after ``WRITE_ATTEMPTS`` conflicts. Raises ``StateFormatError`` for a
         stored object it cannot read (left as it is: it may be a newer reconciler's),
         ``StateTooLarge`` and API errors."""
+        name = configmap_name(cluster)
         for _ in range(WRITE_ATTEMPTS):
             if not self.is_leader():
                 return False
-            new = change(self.load(cluster))
+            document = self._load_document(cluster)
+            stored, memory_shards = document if document else (None, self.memory_shards)
+            new = change(stored)
             if new is None:
                 return False
             if new.cluster != cluster:
                 raise ValueError(f"state of cluster {new.cluster} offered for {cluster}")
             try:
-                self._write(cluster, self._encode(new))
+                encoded = self._encode(new, memory_shards, shards_wanted=False)
+                self._write(name, cluster, KEY, encoded.text)
             except ResourceConflict:
                 log.info(
                     f"{self.describe(cluster)}: changed since read; reading it again",
@@ -164,35 +311,69 @@ class ConfigMapStateStore:
                 )
                 continue
             return True
-        return self._gave_up(cluster)
+        return self._gave_up(name, cluster)
 
-    def _gave_up(self, cluster: str) -> bool:
+    def _write_as_leader(self, name: str, cluster: str, key: str, text: str) -> bool:
+        """Write ``text`` under ``key`` of object ``name`` while this replica leads, at
+        the version last read; on a conflict re-read the version and write over it (the
+        leader wins). True when written, False when no longer the leader or after
+        ``WRITE_ATTEMPTS`` conflicts; API errors other than a lost race propagate."""
+        for _ in range(WRITE_ATTEMPTS):
+            if not self.is_leader():
+                log.info(
+                    f"{self._describe_object(name)}: not written, this replica no longer leads",
+                    extra={"event": "state_not_leader", "cluster": cluster},
+                )
+                return False
+            if name not in self._versions:
+                self._get(name)
+            try:
+                self._write(name, cluster, key, text)
+            except ResourceConflict:
+                # Someone wrote (or created) it since we read: re-read the version and,
+                # if still the leader, write ours over it.
+                log.warning(
+                    f"{self._describe_object(name)}: changed since read; re-reading",
+                    extra={"event": "state_conflict", "cluster": cluster},
+                )
+                self._get(name)
+                continue
+            return True
+        return self._gave_up(name, cluster)
+
+    def _gave_up(self, name: str, cluster: str) -> bool:
         """Logs that every write attempt lost a race; False (not written)."""
         log.error(
-            f"{self.describe(cluster)}: not written after {WRITE_ATTEMPTS} conflicts",
+            f"{self._describe_object(name)}: not written after {WRITE_ATTEMPTS} conflicts",
             extra={"event": "state_write_failed", "cluster": cluster},
         )
         return False
 
-    def _encode(self, state: DurableState) -> str:
-        text, dropped = encode(state)
-        if dropped:
+    def _encode(
+        self, state: DurableState, memory_shards: int, *, shards_wanted: bool = True
+    ) -> EncodedState:
+        encoded = encode_state(state, memory_shards, shards_wanted=shards_wanted)
+        if encoded.dropped:
             log.warning(
-                f"{self.describe(state.cluster)}: the planner memories of {dropped} of "
-                f"{len(state.histories)} services left out to stay under the size limit "
+                f"{self.describe(state.cluster)}: the planner memories of {encoded.dropped} "
+                f"of {len(state.histories)} services left out to stay under the size limit "
                 "(their planners start afresh after a restart)",
-                extra={"event": "state_trimmed", "cluster": state.cluster, "dropped": dropped},
+                extra={
+                    "event": "state_trimmed",
+                    "cluster": state.cluster,
+                    "dropped": encoded.dropped,
+                },
             )
-        return text
+        return encoded
 
-    def _write(self, cluster: str, text: str) -> None:
-        """One write at the version last read (a POST when there was no object); raises
-        ``ResourceConflict`` when it moved (or appeared) since."""
-        name = configmap_name(cluster)
-        version = self._versions[cluster]
+    def _write(self, name: str, cluster: str, key: str, text: str) -> None:
+        """One write of object ``name`` at the version last read (a POST when there was
+        no object); raises ``ResourceConflict`` when it moved (or appeared) since."""
+        version = self._versions[name]
         metadata: dict[str, object] = {"name": name}
         if version:
             metadata["resourceVersion"] = version
+        component = "reconciler-state" if key == KEY else "reconciler-memories"
         body = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -201,17 +382,17 @@ class ConfigMapStateStore:
                 "namespace": self.namespace,
                 "labels": {
                     "app.kubernetes.io/managed-by": "heteroscale",
-                    "app.kubernetes.io/component": "reconciler-state",
+                    "app.kubernetes.io/component": component,
                 },
                 "annotations": {"heteroscale.io/cluster": cluster},
             },
-            "data": {KEY: text},
+            "data": {key: text},
         }
         if version:
             written = self.client.request("PUT", configmaps_path(self.namespace, name), body=body)
         else:
             written = self.client.request("POST", configmaps_path(self.namespace), body=body)
-        self._versions[cluster] = str(written.get("metadata", {}).get("resourceVersion", ""))
+        self._versions[name] = str(written.get("metadata", {}).get("resourceVersion", ""))
 
 
 # --------------------------------------------------------------------- start-up
@@ -260,7 +441,7 @@ def resume_desired_state(
     reasons: list[str] = []
     for cluster in candidate_clusters(repo, rev, only):
         try:
-            stored = store.load(cluster)
+            stored = store.load(cluster, with_memories=False)
         except StateFormatError as exc:
             reasons.append(f"{store.describe(cluster)} unreadable: {exc}")
             continue

@@ -218,6 +218,15 @@ LeaseContextOpt = Annotated[
         help="kube context holding the Lease and state (default: current / in-cluster)",
     ),
 ]
+StateMemoryShardsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--state-memory-shards",
+        help="ConfigMaps per cluster holding the planners' memories, named after its "
+        "state ConfigMap: <state>-memories-0 .. N-1 (RBAC must name each; 0: in the "
+        "state ConfigMap itself; default 8, at most 64)",
+    ),
+]
 DEFAULT_LEASE_NAMESPACE = "heteroscale-system"
 DEFAULT_LEASE_NAME = "heteroscale-reconciler"
 
@@ -301,6 +310,20 @@ def checked_placer(placer: str) -> str:
     return placer
 
 
+def checked_memory_shards(shards: int | None) -> int | None:
+    """``shards`` (None: the default, ``reconciler.durable.DEFAULT_MEMORY_SHARDS``) if
+    within 0..``MAX_MEMORY_SHARDS``; a usage error (exit 2) naming the option
+    otherwise."""
+    from reconciler.durable import MAX_MEMORY_SHARDS
+
+    if shards is not None and not 0 <= shards <= MAX_MEMORY_SHARDS:
+        raise typer.BadParameter(
+            f"must be 0 to {MAX_MEMORY_SHARDS} (ConfigMaps per cluster), got {shards}",
+            param_hint="--state-memory-shards",
+        )
+    return shards
+
+
 def checked_repository(path: Path, *, rev: str | None = None) -> Path:
     """``path`` if it can be the desired-state repository (read at Git revision
     ``rev`` when given, so only the directory must exist); otherwise
@@ -374,7 +397,9 @@ __all__ = [
     "RevOpt",
     "SeedOpt",
     "SimulateOpt",
+    "StateMemoryShardsOpt",
     "TraceOpt",
+    "checked_memory_shards",
     "checked_placer",
     "checked_repository",
     "console",

@@ -63,7 +63,9 @@ from reconciler.commands._options import (
     RevOpt,
     SeedOpt,
     SimulateOpt,
+    StateMemoryShardsOpt,
     TraceOpt,
+    checked_memory_shards,
     checked_placer,
     checked_repository,
     console,
@@ -395,20 +397,26 @@ def _checked(settings: Settings) -> Settings:
 @dataclass(frozen=True)
 class LeaseRef:
     """Where the reconciler's Lease and state ConfigMaps live (``--lease-namespace``,
-    ``--lease-name``, ``--lease-context``: ``_lease``)."""
+    ``--lease-name``, ``--lease-context``) and how many memory shards the state is
+    written with (``--state-memory-shards``; None: the store's default): ``_lease``."""
 
     namespace: str = DEFAULT_LEASE_NAMESPACE
     name: str = DEFAULT_LEASE_NAME
     context: str | None = None
+    memory_shards: int | None = None
 
 
 def _lease(
     lease_namespace: LeaseNamespaceOpt = DEFAULT_LEASE_NAMESPACE,
     lease_name: LeaseNameOpt = DEFAULT_LEASE_NAME,
     lease_context: LeaseContextOpt = None,
+    state_memory_shards: StateMemoryShardsOpt = None,
 ) -> LeaseRef:
-    """The options naming the reconciler's home (``with_lease_options``)."""
-    return LeaseRef(lease_namespace, lease_name, lease_context)
+    """The options naming the reconciler's home and its state's layout
+    (``with_lease_options``); a usage error (exit 2) for a shard count out of range."""
+    return LeaseRef(
+        lease_namespace, lease_name, lease_context, checked_memory_shards(state_memory_shards)
+    )
 
 
 def with_cycle_options(**fixed: Any) -> Callable[[Command], Command]:
@@ -417,7 +425,7 @@ def with_cycle_options(**fixed: Any) -> Callable[[Command], Command]:
     return option_group("settings", _settings, **fixed)
 
 
-with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its three options
+with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its four options
 
 
 # Options only `plan --base/--head` (the review) takes, hence here and not in _options;
@@ -650,7 +658,7 @@ def record_applied(
     where_lease = f"Lease {lease.namespace}/{lease.name}"
     try:
         client = home_client(kubeconfig, lease.context, "state")
-        store = ConfigMapStateStore(client, lease.namespace, who)
+        store = ConfigMapStateStore(client, lease.namespace, who, memory_shards=lease.memory_shards)
     except Exception as exc:  # reported, never fatal: the apply itself is done
         why = f"not recorded: the reconciler's home cluster is unreachable: {type(exc).__name__}: {exc}"
         return [StateRecord(a.cluster, False, why) for a in applied]
@@ -1100,7 +1108,9 @@ def register(app: typer.Typer) -> None:
 
             lease_client = home_client(settings.kubeconfig, lease.context, "lease")
             # The durable state lives next to the Lease (README, "Kubernetes").
-            store = ConfigMapStateStore(lease_client, lease.namespace, who)
+            store = ConfigMapStateStore(
+                lease_client, lease.namespace, who, memory_shards=lease.memory_shards
+            )
         if leader_elect and real:
             elector = LeaseElector(lease_client, lease.namespace, lease.name, who)
             store.is_leader = elector.is_leader  # type: ignore[union-attr]

@@ -247,7 +247,7 @@ def read_revision(store: Any, cluster: str) -> AppliedRevision:
 
     where = store.describe(cluster)
     try:
-        stored = store.load(cluster)
+        stored = store.load(cluster, with_memories=False)  # only the applied plan
     except StateFormatError as exc:
         return AppliedRevision("unknown", detail=f"{where} unreadable: {exc}")
     if stored is None:
@@ -354,7 +354,9 @@ def collect_status(settings: Settings, home: LeaseRef) -> Status:
         try:
             client = home_client(settings.kubeconfig, home.context, "status")
             leader = read_leader(client, home, loop.clock())
-            store = ConfigMapStateStore(client, home.namespace, "heteroscale-status")
+            store = ConfigMapStateStore(
+                client, home.namespace, "heteroscale-status", memory_shards=home.memory_shards
+            )
         except Exception as exc:  # any failure to reach the home cluster: exit 1, no traceback
             leader = Leader(None, None, f"error: {type(exc).__name__}: {exc}")
             errors.append(f"Lease {home.namespace}/{home.name}: {type(exc).__name__}: {exc}")

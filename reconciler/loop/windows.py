@@ -5,7 +5,8 @@ The stored object is read before a cluster's first cycle and again when this rep
 becomes the leader there (merged with what it planned as a standby), and written by
 the leader after every acting cycle with the last known good revision and the applied
 plan's identity. An object that cannot be read is reported and ignored: the windows
-start fresh.
+start fresh. A memory shard that cannot be read is reported alike (once per read) and
+only its services' planners start afresh.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class PolicyWindows:
             self._leading[cluster] = acting
             return
         self._leading[cluster] = acting  # only once read: a failed read is retried
+        for problem in self.state_store.load_problems(cluster):
+            self.problems[cluster] = problem
+            self.metrics.errors.labels(cluster, "StateUnreadable").inc()
+            log.error(problem, extra={"event": "state_memories_unreadable", "cluster": cluster})
         if stored is None:
             return
         self.stored[cluster] = stored

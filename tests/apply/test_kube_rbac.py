@@ -150,14 +150,40 @@ def test_it_may_keep_its_state_configmap_and_no_other(
     control_plane: ControlPlane, reconciler_token: KubeClient
 ) -> None:
     from reconciler.apply.kubeclient import Forbidden
-    from reconciler.apply.statestore import ConfigMapStateStore, configmaps_path
-    from reconciler.durable import DurableState
+    from reconciler.apply.statestore import (
+        ConfigMapStateStore,
+        configmaps_path,
+        memory_shard_names,
+    )
+    from reconciler.durable import DEFAULT_MEMORY_SHARDS, DurableState
+    from reconciler.policy.base import PolicyHistory
+    from reconciler.policy.planner import PlannerMemory
 
     ns = "heteroscale-system"
     store = ConfigMapStateStore(reconciler_token, ns, "probe")
     assert store.save(DurableState("prod-east", 1.0, "probe"))  # create
     assert store.save(DurableState("prod-east", 2.0, "probe"))  # update
     assert store.load("prod-east") is not None  # get
+
+    # Its memory shards, each named in rbac.yaml: created by the first write, read by a
+    # new process, updated by its write.
+    def memories(at_s: float) -> dict[str, PolicyHistory]:
+        return {f"svc-{i}": PolicyHistory(planner=PlannerMemory(mix_at_s=at_s)) for i in range(40)}
+
+    assert store.save(DurableState("prod-east", 3.0, "probe", histories=memories(3.0)))
+    shards = memory_shard_names("prod-east", DEFAULT_MEMORY_SHARDS)
+    for name in shards:  # every one holds memories, as written by the reconciler
+        assert control_plane.client().get(configmaps_path(ns, name))["data"]["memories.json"]
+    restarted = ConfigMapStateStore(reconciler_token, ns, "probe")
+    assert restarted.load("prod-east") is not None and restarted.load_problems("prod-east") == ()
+    assert restarted.save(DurableState("prod-east", 4.0, "probe", histories=memories(4.0)))
+    back = ConfigMapStateStore(reconciler_token, ns, "probe").load("prod-east")
+    assert back is not None
+    assert {h.planner.mix_at_s for h in back.histories.values() if h.planner} == {4.0}
+    with pytest.raises(Forbidden):
+        reconciler_token.delete(configmaps_path(ns, shards[0]))
+    with pytest.raises(Forbidden):  # a shard of a cluster not listed
+        reconciler_token.get(configmaps_path(ns, "heteroscale-state-prod-west-memories-0"))
     control_plane.client().request(
         "POST", configmaps_path(ns), body={"metadata": {"name": "other-config"}, "data": {}}
     )
@@ -169,3 +195,33 @@ def test_it_may_keep_its_state_configmap_and_no_other(
         reconciler_token.delete(configmaps_path(ns, "heteroscale-state-prod-east"))
     with pytest.raises(Forbidden):
         reconciler_token.get(configmaps_path("chat", "heteroscale-state-prod-east"))
+
+
+def test_memory_shards_the_role_does_not_name_are_reported_with_what_to_grant(
+    control_plane: ControlPlane, reconciler_token: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More shards than rbac.yaml lists (as after an upgrade whose Role was not
+    updated): the state object is still written and read, and the refused shards say
+    which names the Role must grant, or how to keep the memories inline."""
+    from reconciler.apply.statestore import ConfigMapStateStore, memory_shard_names
+    from reconciler.durable import DurableState
+    from reconciler.policy.base import PolicyHistory
+    from reconciler.policy.planner import PlannerMemory
+
+    ns = "heteroscale-system"
+    histories = {f"svc-{i}": PolicyHistory(planner=PlannerMemory(mix_at_s=5.0)) for i in range(40)}
+    store = ConfigMapStateStore(reconciler_token, ns, "probe", memory_shards=16)
+    with caplog.at_level("ERROR", logger="heteroscale.state"):
+        assert store.save(DurableState("prod-east", 5.0, "probe", histories=histories))
+    names = memory_shard_names("prod-east", 16)
+    refused = [
+        r.getMessage() for r in caplog.records if "planner memories not written" in r.getMessage()
+    ]
+    assert refused and all("Forbidden" in m for m in refused)
+    assert all(f"({names[0]} to {names[-1]}, get and update" in m for m in refused)
+    assert all("--state-memory-shards 0" in m for m in refused)
+    restarted = ConfigMapStateStore(reconciler_token, ns, "probe", memory_shards=16)
+    state = restarted.load("prod-east")
+    assert state is not None  # the state object itself is readable
+    problems = restarted.load_problems("prod-east")
+    assert problems and all("the Role must name every memory shard" in p for p in problems)

@@ -1,7 +1,9 @@
-"""The reconciler's durable state in a ConfigMap on a real API server: windows survive
+"""The reconciler's durable state in ConfigMaps on a real API server: windows survive
 a restart and a failover, ``run`` starts on the stored last known good revision when
 HEAD is invalid, an unreadable object is ignored, and a stale writer never overwrites
-the leader's write."""
+the leader's write; the planners' memories of hundreds of services in the memory
+shards, a corrupt shard losing only its own services', shards written only when
+changed and at most once per ``MEMORY_WRITE_INTERVAL_S``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,14 +22,30 @@ from kubetestkit import ControlPlane, commit_all, ensure_namespace, git, make_de
 from typer.testing import CliRunner
 
 from reconciler.apply.kubeclient import KubeClient, NotFound
-from reconciler.apply.statestore import ConfigMapStateStore, configmap_name, configmaps_path
+from reconciler.apply.statestore import (
+    MEMORY_WRITE_INTERVAL_S,
+    ConfigMapStateStore,
+    configmap_name,
+    configmaps_path,
+    memory_shard_names,
+)
 from reconciler.cli import app
 from reconciler.desired import DesiredState
 from reconciler.desired.models import ServicePolicy
-from reconciler.durable import MAX_STATE_BYTES, DurableState, Revision, decode, encode
+from reconciler.durable import (
+    DEFAULT_MEMORY_SHARDS,
+    MAX_MEMORY_SHARDS,
+    MAX_STATE_BYTES,
+    DurableState,
+    Revision,
+    decode,
+    encode,
+    memory_shard_of,
+)
 from reconciler.loop import ReconcileLoop
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import PolicyHistory, Recommendation
+from reconciler.policy.forecast import ForecastState
 from reconciler.policy.planner import KeptCapacity, PlannerMemory
 from reconciler.state import LengthBuckets, Sample, ServiceMetrics
 
@@ -124,11 +143,15 @@ def _decision(loop: ReconcileLoop) -> tuple[int, str]:
     return decision.decode, decision.reason
 
 
-def _fresh_store(client: KubeClient, cluster: str, who: str) -> ConfigMapStateStore:
+def _fresh_store(
+    client: KubeClient, cluster: str, who: str, memory_shards: int | None = None
+) -> ConfigMapStateStore:
+    """A store on no stored object of ``cluster`` (state object and every shard name)."""
     ensure_namespace(client, NAMESPACE)
-    with contextlib.suppress(NotFound):
-        client.delete(configmaps_path(NAMESPACE, configmap_name(cluster)))
-    return ConfigMapStateStore(client, NAMESPACE, who)
+    for name in (configmap_name(cluster), *memory_shard_names(cluster, MAX_MEMORY_SHARDS)):
+        with contextlib.suppress(NotFound):
+            client.delete(configmaps_path(NAMESPACE, name))
+    return ConfigMapStateStore(client, NAMESPACE, who, memory_shards=memory_shards)
 
 
 def _run_up_to_the_drop(loop: ReconcileLoop, load: Load, clock: Clock) -> None:
@@ -192,7 +215,9 @@ def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
 ) -> None:
     """The default planner (``heteroscale``) on an engine's full signals, queues
     included: every cycle's state write succeeds, and a new process resumes the
-    forecaster, headroom and queue readings where the old one left them."""
+    forecaster, headroom and queue readings where the old one left them (its memory
+    shard written at the first cycle and then once every ``MEMORY_WRITE_INTERVAL_S``:
+    what the eleventh cycle, 300 s later, remembered)."""
     state = make_desired_state(tmp_path, "st-planner")
     store = _fresh_store(control_plane.client(), "st-planner", "replica-a")
     backend, load, clock = RecordingBackend("st-planner"), EngineLoad(8000, 40.0), Clock(1000.0)
@@ -202,14 +227,12 @@ def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
         (outcome,) = loop.run_cycle().clusters
         assert outcome.outcome == "ok", outcome.error
         clock.now += 30
-    stored = decode(
-        control_plane.client().get(configmaps_path(NAMESPACE, configmap_name("st-planner")))[
-            "data"
-        ]["state.json"]
-    )
+    assert MEMORY_WRITE_INTERVAL_S == 300.0
+    stored = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader").load("st-planner")
+    assert stored is not None and stored.saved_at_s == 1330.0  # windows: every cycle
     memory = stored.histories["svc"].planner
     assert isinstance(memory, PlannerMemory)
-    assert memory.prefill_demand.samples == 12 and memory.prefill_backlog is not None
+    assert memory.prefill_demand.samples == 11 and memory.prefill_backlog is not None
     restarted = _loop(
         state,
         backend,
@@ -222,14 +245,15 @@ def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
     assert outcome.outcome == "ok" and outcome.plan is not None, outcome.error
     resumed = outcome.plan.decisions["svc"].history.planner
     assert isinstance(resumed, PlannerMemory)
-    assert resumed.prefill_demand.samples == 13  # one more sample on the stored twelve
+    assert resumed.prefill_demand.samples == 12  # one more sample on the stored eleven
     assert resumed.prefill_kept.sized[: len(memory.prefill_kept.sized)] == memory.prefill_kept.sized
 
 
 def test_a_state_at_the_size_limit_is_stored_and_read_back(control_plane: ControlPlane) -> None:
     """The largest document ``encode`` makes fits a ConfigMap on a real API server:
-    planner memories for as many services as fit under ``MAX_STATE_BYTES``."""
-    store = _fresh_store(control_plane.client(), "st-large", "replica-a")
+    planner memories for as many services as fit under ``MAX_STATE_BYTES`` (no memory
+    shards: all in the state object, as ``--state-memory-shards 0`` stores them)."""
+    store = _fresh_store(control_plane.client(), "st-large", "replica-a", memory_shards=0)
     rng = random.Random(5)  # values as irregular as a real memory's (compressed alike)
     histories = {}
     for i in range(400):  # more than fit: encode keeps what does
@@ -393,9 +417,210 @@ def test_a_stale_writer_never_overwrites_the_leaders_write(control_plane: Contro
     # leader's write with an old resourceVersion conflicts, re-reads and wins.
     stale.load("st-race")
     roles["stale"] = True
-    leader._versions["st-race"] = stale._versions["st-race"]
+    name = configmap_name("st-race")
+    leader._versions[name] = stale._versions[name]
     assert stale.save(record("stale", 4.0))
     roles["stale"] = False
     assert leader.save(record("leader", 5.0))
     final = leader.load("st-race")
     assert final is not None and final.writer == "leader" and final.saved_at_s == 5.0
+
+
+# ------------------------------------------------------------------ memory shards
+
+
+def _full_memory(rng: random.Random, at_s: float = 1000.0) -> PlannerMemory:
+    """As large as a planner's memory grows (a day's curve, the forecaster's pending
+    forecasts and errors, an hour of headroom errors per role), with values as
+    irregular as a real memory's (they compress alike), and no NaN (compared with ==)."""
+    demand = ForecastState(
+        samples=960,
+        first_at_s=at_s - 28_800,
+        last_at_s=at_s,
+        last_value=rng.uniform(1e4, 1e5),
+        level=rng.uniform(1e4, 1e5),
+        trend=rng.uniform(-1.0, 1.0),
+        seasonal=1.0,
+        day_mean=tuple(rng.uniform(1e4, 1e5) for _ in range(96)),
+        day_count=(30.0,) * 96,
+        errors=tuple(tuple(rng.uniform(-0.3, 0.3) for _ in range(10)) for _ in range(2)),
+    )
+    kept = KeptCapacity(
+        tuple((at_s - 30 * k, rng.uniform(1e4, 1e5)) for k in range(20)),
+        tuple(rng.uniform(-0.3, 0.5) for _ in range(120)),
+    )
+    return PlannerMemory(
+        prefill_demand=demand,
+        decode_demand=demand,
+        mix_at_s=at_s,
+        prefill_kept=kept,
+        decode_kept=kept,
+        decode_ready_seen=12,
+        decode_steady_since_s=at_s - 600,
+    )
+
+
+def _shard_versions(client: KubeClient, cluster: str, shards: int) -> list[str]:
+    return [
+        client.get(configmaps_path(NAMESPACE, name))["metadata"]["resourceVersion"]
+        for name in memory_shard_names(cluster, shards)
+    ]
+
+
+def test_hundreds_of_services_keep_their_planner_memories_across_a_restart(
+    control_plane: ControlPlane,
+) -> None:
+    """500 services, each memory at its largest: far more than the state object alone
+    holds, all kept in the default memory shards and read back whole by a new process."""
+    client = control_plane.client()
+    store = _fresh_store(client, "st-many", "replica-a")
+    rng = random.Random(11)
+    histories = {
+        f"svc-{i:03d}": PolicyHistory(
+            recommendations=(Recommendation(990.0, 2, 4),), planner=_full_memory(rng)
+        )
+        for i in range(500)
+    }
+    state = DurableState("st-many", 1000.0, "replica-a", Revision("git", "abc"), histories)
+    assert encode(state)[1] > 300  # the memories in the state object: most left out
+    assert store.save(state)
+    for name in memory_shard_names("st-many", DEFAULT_MEMORY_SHARDS):
+        text = client.get(configmaps_path(NAMESPACE, name))["data"]["memories.json"]
+        assert 0 < len(text.encode()) <= MAX_STATE_BYTES
+    main = client.get(configmaps_path(NAMESPACE, configmap_name("st-many")))["data"]["state.json"]
+    assert all(h.planner is None for h in decode(main).histories.values())
+    restarted = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
+    assert restarted.load("st-many") == state
+    assert restarted.load_problems("st-many") == ()
+
+
+@pytest.mark.fault
+def test_a_corrupt_memory_shard_loses_only_its_services_memories(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One shard object corrupted on the API server: a new process reads every other
+    shard, reports the corrupt one once (log, ``StateUnreadable``), cycles on with
+    those services' planners afresh, and its write replaces the object."""
+    cluster = "st-shard-corrupt"
+    state = make_desired_state(tmp_path, cluster)  # one service, "svc"
+    client = control_plane.client()
+    rng = random.Random(3)
+    histories = {f"other-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
+    histories["svc"] = PolicyHistory(planner=_full_memory(rng))
+    stored = DurableState(cluster, 1000.0, "replica-a", None, histories)
+    assert _fresh_store(client, cluster, "replica-a").save(stored)
+    bad = memory_shard_of("svc", DEFAULT_MEMORY_SHARDS)
+    name = memory_shard_names(cluster, DEFAULT_MEMORY_SHARDS)[bad]
+    obj = client.get(configmaps_path(NAMESPACE, name))
+    obj["data"]["memories.json"] = '{"schema": "heteroscale.io/reconciler-memories", "ver'
+    client.request("PUT", configmaps_path(NAMESPACE, name), body=obj)
+
+    reader = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    back = reader.load(cluster)
+    assert back is not None
+    lost = {n for n in histories if memory_shard_of(n, DEFAULT_MEMORY_SHARDS) == bad}
+    assert "svc" in lost and len(lost) < len(histories)
+    for service, history in histories.items():
+        expected = None if service in lost else history.planner
+        assert back.histories[service].planner == expected, service
+    (problem,) = reader.load_problems(cluster)
+    assert name in problem and "memory shard" in problem and "not JSON" in problem
+
+    clock = Clock(1030.0)
+    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
+    loop = _loop(
+        state, RecordingBackend(cluster), EngineLoad(8000, 40.0), clock, store, policy="heteroscale"
+    )
+    with caplog.at_level(logging.ERROR, logger="heteroscale"):
+        caplog.clear()
+        for _ in range(3):
+            (outcome,) = loop.run_cycle().clusters
+            assert outcome.outcome == "ok", outcome.error
+            clock.now += 30
+    reports = [r for r in caplog.records if getattr(r, "event", "") == "state_memories_unreadable"]
+    assert len(reports) == 1 and name in reports[0].getMessage(), caplog.records
+    unreadable = loop.metrics.registry.get_sample_value(
+        "heteroscale_errors_total", {"cluster": cluster, "kind": "StateUnreadable"}
+    )
+    assert unreadable == 1
+    assert outcome.plan is not None
+    fresh = outcome.plan.decisions["svc"].history.planner
+    assert isinstance(fresh, PlannerMemory) and fresh.prefill_demand.samples == 3  # afresh
+    # The leader's first write replaced the corrupt object: it reads again.
+    again = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader").load(cluster)
+    assert again is not None
+    memory = again.histories["svc"].planner
+    assert isinstance(memory, PlannerMemory) and memory.prefill_demand.samples == 1
+
+
+def test_memory_shards_are_written_only_when_changed_and_at_most_once_per_interval(
+    control_plane: ControlPlane,
+) -> None:
+    """Counted by the objects' resourceVersions: the state object is written on every
+    save; a shard only when its memories changed, and then not within
+    ``MEMORY_WRITE_INTERVAL_S`` of its last write (a restart loses at most that)."""
+    client = control_plane.client()
+    cluster = "st-interval"
+    store = _fresh_store(client, cluster, "replica-a", memory_shards=4)
+    rng = random.Random(5)
+    memories = {f"svc-{i}": _full_memory(rng) for i in range(12)}
+    changing = memory_shard_of("svc-0", 4)
+
+    def save(at_s: float, svc0_at_s: float = 1000.0) -> str:
+        histories = {
+            n: PolicyHistory(planner=replace(m, mix_at_s=svc0_at_s) if n == "svc-0" else m)
+            for n, m in memories.items()
+        }
+        assert store.save(DurableState(cluster, at_s, "replica-a", None, histories))
+        obj = client.get(configmaps_path(NAMESPACE, configmap_name(cluster)))
+        return str(obj["metadata"]["resourceVersion"])
+
+    interval = MEMORY_WRITE_INTERVAL_S
+    main = save(1000.0)
+    first = _shard_versions(client, cluster, 4)
+    # Unchanged: no shard rewritten; the state object is, on every save.
+    assert save(1030.0) != main and _shard_versions(client, cluster, 4) == first
+    # svc-0's memory changes within the interval since its shard's last write (t=1000):
+    # held...
+    save(1060.0, svc0_at_s=1060.0)
+    assert _shard_versions(client, cluster, 4) == first
+    # ... and written once the interval has passed, that shard only.
+    save(1000.0 + interval, svc0_at_s=1060.0)
+    second = _shard_versions(client, cluster, 4)
+    assert [a != b for a, b in zip(first, second, strict=True)] == [k == changing for k in range(4)]
+    save(1030.0 + interval, svc0_at_s=1030.0 + interval)  # changed again: held
+    assert _shard_versions(client, cluster, 4) == second
+    # A restart now resumes svc-0's memory as last written (at most the interval old).
+    restarted = ConfigMapStateStore(control_plane.client(), NAMESPACE, "b").load(cluster)
+    assert restarted is not None and restarted.saved_at_s == 1030.0 + interval
+    kept = restarted.histories["svc-0"].planner
+    assert kept is not None and kept.mix_at_s == 1060.0
+    save(1000.0 + 2 * interval, svc0_at_s=1030.0 + interval)
+    third = _shard_versions(client, cluster, 4)
+    assert third[changing] != second[changing]
+    # Unchanged, long after: still not rewritten.
+    save(1000.0 + 10 * interval, svc0_at_s=1030.0 + interval)
+    assert _shard_versions(client, cluster, 4) == third
+
+
+def test_a_new_shard_count_reads_the_old_shards_and_moves_the_memories(
+    control_plane: ControlPlane,
+) -> None:
+    """Written with 8 shards, read by a replica configured for 3: every memory found
+    (the document lists the 8), then written where 3 shards place them."""
+    client = control_plane.client()
+    cluster = "st-reshard"
+    rng = random.Random(8)
+    histories = {f"svc-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(30)}
+    state = DurableState(cluster, 1000.0, "replica-a", None, histories)
+    assert _fresh_store(client, cluster, "replica-a", memory_shards=8).save(state)
+    three = ConfigMapStateStore(control_plane.client(), NAMESPACE, "b", memory_shards=3)
+    assert three.load(cluster) == state
+    moved = DurableState(cluster, 1030.0, "b", None, histories)
+    assert three.save(moved)
+    main = client.get(configmaps_path(NAMESPACE, configmap_name(cluster)))["data"]["state.json"]
+    assert json.loads(main)["memory_shards"] == 3
+    for k, name in enumerate(memory_shard_names(cluster, 3)):
+        text = client.get(configmaps_path(NAMESPACE, name))["data"]["memories.json"]
+        assert {memory_shard_of(n, 3) for n in json.loads(text)["memories"]} == {k}
+    assert ConfigMapStateStore(control_plane.client(), NAMESPACE, "c").load(cluster) == moved

@@ -153,3 +153,24 @@ def test_the_rate_window_follows_the_scrape_interval_unless_given() -> None:
     assert window(prometheus_scrape_interval=30.0) == 120.0
     assert window(prometheus_scrape_interval=5.0) == 60.0
     assert window(prometheus_scrape_interval=30.0, prometheus_rate_window=90.0) == 90.0
+
+
+@pytest.mark.parametrize("shards", ["-1", "65"])
+def test_state_memory_shards_out_of_range_is_a_usage_error_naming_it(shards: str) -> None:
+    """Every command taking the state options refuses a shard count RBAC could not
+    list (0 to 64) before any work, with exit 2 naming the option."""
+    for command in ("run", "apply", "status"):
+        result = runner.invoke(app, [command, "--state-memory-shards", shards], terminal_width=200)
+        assert result.exit_code == 2, (command, result.output)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert "--state-memory-shards" in text and "must be 0 to 64" in text, text
+        assert f"got {shards}" in text, text
+
+
+def test_state_memory_shards_help_states_the_default_and_the_bound() -> None:
+    from reconciler.durable import DEFAULT_MEMORY_SHARDS, MAX_MEMORY_SHARDS
+
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "--state-memory-shards" in text
+    assert f"default {DEFAULT_MEMORY_SHARDS}, at most {MAX_MEMORY_SHARDS}" in text

@@ -1,5 +1,7 @@
 """The durable state's JSON: round trips (hypothesis), trimming to the windows,
-size bounds, and refusal of anything this version cannot read."""
+size bounds, and refusal of anything this version cannot read; the planner memories
+in memory shards (placement by name, reading whatever shard holds a memory, a shard
+that cannot be read losing only its own)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import typing
 import zlib
 from dataclasses import replace
@@ -18,18 +23,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.apply.statestore import configmap_name
+from reconciler.apply.statestore import configmap_name, memory_shard_names
 from reconciler.desired import load_desired_state
 from reconciler.durable import (
+    DEFAULT_MEMORY_SHARDS,
+    MAX_MEMORY_SHARDS,
     MAX_STATE_BYTES,
     STORABLE_PLANNER_TYPES,
     AppliedPlan,
     DurableState,
+    EncodedState,
     Revision,
     StateFormatError,
     StateTooLarge,
+    attach_memories,
     decode,
+    decode_document,
+    decode_shard,
     encode,
+    encode_state,
+    memory_shard_of,
     merge_history,
     next_applied_plan,
 )
@@ -277,7 +290,7 @@ def test_a_corrupt_packed_memory_is_refused(packed: str, why: str) -> None:
         ("{not json", "not JSON"),
         ("[]", "not a heteroscale.io"),
         ('{"schema": "other", "version": 1}', "not a heteroscale.io"),
-        ('{"schema": "heteroscale.io/reconciler-state", "version": 3}', "schema version 3"),
+        ('{"schema": "heteroscale.io/reconciler-state", "version": 4}', "schema version 4"),
         ("x" * (MAX_STATE_BYTES + 1), "more than the limit"),
         ("[" * 100_000, "not JSON"),
     ],
@@ -351,3 +364,275 @@ def test_the_applied_plan_record_moves_with_a_change_another_plan_or_revision() 
         assert next_applied_plan(recorded, plan_id, changed, revision, 200.0) == AppliedPlan(
             plan_id, revision, 200.0
         )
+
+
+# ------------------------------------------------------------------ memory shards
+
+
+def _read_back(encoded: EncodedState, cluster: str = "east") -> DurableState:
+    """What a reader makes of the documents: the main one, then every shard it lists."""
+    state, shards = decode_document(encoded.text)
+    assert shards == len(encoded.shards)
+    found = {k: decode_shard(text, cluster, k) for k, text in enumerate(encoded.shards)}
+    return attach_memories(state, found, shards)
+
+
+def _memory(seen: int, at_s: float) -> PlannerMemory:
+    return replace(_planner_memory(), decode_ready_seen=seen, mix_at_s=at_s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    services=st.dictionaries(
+        st.text(min_size=1, max_size=30),
+        st.tuples(histories, st.none() | st.builds(_memory, counts, times)),
+        max_size=12,
+    ),
+    shards=st.integers(min_value=0, max_value=MAX_MEMORY_SHARDS),
+)
+def test_round_trip_with_memory_shards_keeps_every_history_and_memory(
+    services: dict[str, tuple[PolicyHistory, PlannerMemory | None]], shards: int
+) -> None:
+    state = DurableState(
+        "east",
+        NOW,
+        "replica-a",
+        Revision("git", "abc"),
+        {name: replace(h, planner=m) for name, (h, m) in services.items()},
+    )
+    encoded = encode_state(state, shards)
+    assert not encoded.dropped and len(encoded.shards) == shards
+    for text in (encoded.text, *encoded.shards):
+        json.loads(text, parse_constant=pytest.fail)  # strict JSON
+    if shards:  # the main document holds no memory, each shard only its own services'
+        assert all(h["planner"] is None for h in json.loads(encoded.text)["services"].values())
+        for k, text in enumerate(encoded.shards):
+            assert all(memory_shard_of(n, shards) == k for n in json.loads(text)["memories"])
+    back = _read_back(encoded)
+    # Memories hold NaN ("not yet"), never equal to itself: compared as written.
+    assert encode_state(back, shards) == encoded
+    assert {n: replace(h, planner=None) for n, h in back.histories.items()} == {
+        n: replace(h, planner=None) for n, h in state.histories.items()
+    }
+    assert {n for n, h in back.histories.items() if h.planner} == {
+        n for n, (_, m) in services.items() if m
+    }
+
+
+def test_a_service_lands_in_the_same_shard_in_every_process() -> None:
+    """The shard is a CRC-32 of the name, not Python's ``hash`` (salted per process):
+    another interpreter, with another hash seed, places every service alike."""
+    names = ["chat", "summarize", "svc-0007", "Ünïcode-svc", "a" * 200]
+    code = (
+        "import json, sys\n"
+        "from reconciler.durable import memory_shard_of\n"
+        f"print(json.dumps([memory_shard_of(n, k) for n in {names!r} for k in (1, 8, 64)]))"
+    )
+    for seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        here = [memory_shard_of(n, k) for n in names for k in (1, 8, 64)]
+        assert json.loads(other.stdout) == here
+    assert memory_shard_of("chat", 8) == zlib.crc32(b"chat") % 8
+
+
+def test_a_version_2_document_is_still_read_with_its_memories_inline() -> None:
+    memory = _full_memory()
+    doc = json.loads(
+        encode(DurableState("east", NOW, histories={"svc": PolicyHistory(planner=memory)}))[0]
+    )
+    assert doc["version"] == 3 and doc["memory_shards"] == 0
+    doc["version"] = 2
+    del doc["memory_shards"]
+    state, shards = decode_document(json.dumps(doc))
+    assert shards == 0 and state.histories["svc"].planner == memory
+
+
+def test_a_memory_in_another_shard_than_its_hashs_is_read() -> None:
+    """After the shard count changed (or a shard was copied), a memory is found in
+    whichever shard the document lists; where two shards hold one, the one its name
+    maps to wins."""
+    memory, older = _full_memory(), _memory(1, NOW - 900)
+    state = DurableState("east", NOW, histories={"svc": PolicyHistory(planner=memory)})
+    encoded = encode_state(state, 4)
+    home = memory_shard_of("svc", 4)
+    elsewhere = (home + 1) % 4
+    docs = [json.loads(text) for text in encoded.shards]
+    docs[elsewhere]["memories"] = docs[home]["memories"]
+    docs[home]["memories"] = {}
+    moved = EncodedState(encoded.text, tuple(json.dumps(d) for d in docs), 0)
+    assert _read_back(moved).histories["svc"].planner == memory
+    # Written under 3 shards, read as listed by a document written under 4.
+    three = encode_state(state, 3)
+    found = {k: decode_shard(text, "east", k) for k, text in enumerate(three.shards)}
+    assert attach_memories(decode(encoded.text), found, 4).histories["svc"].planner == memory
+    # Two copies: the home shard's is taken.
+    both = {home: {"svc": memory}, elsewhere: {"svc": older}}
+    assert attach_memories(decode(encoded.text), both, 4).histories["svc"].planner == memory
+    # A memory of a service the state no longer lists is left out.
+    gone = attach_memories(decode(encoded.text), {0: {"removed": older}}, 4)
+    assert set(gone.histories) == {"svc"}
+
+
+def _corrupt_memory(packed: str) -> str:
+    return json.dumps(
+        {
+            "schema": "heteroscale.io/reconciler-memories",
+            "version": 1,
+            "cluster": "east",
+            "memories": {"svc-x": packed},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "memory shard 2: not JSON"),
+        ("x" * (MAX_STATE_BYTES + 1), "memory shard 2: .* more than the limit"),
+        ("[" * 100_000, "memory shard 2: not JSON"),
+        # A main document is not a shard, nor is a shard of a newer version.
+        (
+            encode(DurableState("east", NOW))[0],
+            "memory shard 2: not a heteroscale.io/reconciler-memories document",
+        ),
+        (
+            '{"schema": "heteroscale.io/reconciler-memories", "version": 2}',
+            "memory shard 2: schema version 2",
+        ),
+        (
+            '{"schema": "heteroscale.io/reconciler-memories", "version": 1, "cluster": "west",'
+            ' "memories": {}}',
+            "memory shard 2: holds memories of cluster 'west', not 'east'",
+        ),
+        (
+            '{"schema": "heteroscale.io/reconciler-memories", "version": 1, "cluster": "east",'
+            ' "memories": []}',
+            "memory shard 2: memories: expected an object",
+        ),
+        (_corrupt_memory("not base64!"), r"memory shard 2: services.svc-x.planner: not a packed"),
+        (
+            _corrupt_memory(base64.b64encode(b"not zlib").decode()),
+            r"memory shard 2: services.svc-x.planner: not a packed",
+        ),
+        (
+            _corrupt_memory(base64.b64encode(zlib.compress(b"0" * (64 << 20), 9)).decode()),
+            r"memory shard 2: services.svc-x.planner: not a whole memory within the limit",
+        ),
+        (
+            _corrupt_memory(base64.b64encode(zlib.compress(b'{"mix_at_s": "x"}')).decode()),
+            r"memory shard 2: services.svc-x.planner.mix_at_s: expected a number",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": "heteroscale.io/reconciler-memories",
+                    "version": 1,
+                    "cluster": "east",
+                    "memories": {"svc-x": {"mix_at_s": 1.0}},
+                }
+            ),
+            r"memory shard 2: services.svc-x.planner: expected a packed memory",
+        ),
+    ],
+)
+def test_a_corrupt_oversized_or_foreign_shard_is_refused_and_the_others_still_load(
+    text: str, why: str
+) -> None:
+    histories = {f"svc-{i}": PolicyHistory(planner=_full_memory()) for i in range(24)}
+    encoded = encode_state(DurableState("east", NOW, histories=histories), 4)
+    with pytest.raises(StateFormatError, match=why):
+        decode_shard(text, "east", 2)
+    # What a reader does: every other shard read, the refused one's services afresh.
+    found = {k: decode_shard(t, "east", k) for k, t in enumerate(encoded.shards) if k != 2}
+    back = attach_memories(decode(encoded.text), found, 4)
+    lost = {n for n in histories if memory_shard_of(n, 4) == 2}
+    assert lost and len(lost) < len(histories)
+    assert all((back.histories[n].planner is None) == (n in lost) for n in histories)
+    assert all(back.histories[n].planner == _full_memory() for n in histories if n not in lost)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_a_mutated_shard_is_read_or_refused_never_a_crash(data: st.DataObject) -> None:
+    encoded = encode_state(
+        DurableState("east", NOW, histories={"svc": PolicyHistory(planner=_planner_memory())}), 1
+    )
+    doc = json.loads(encoded.shards[0])
+    memories = doc["memories"]
+    memories["svc"] = json.loads(zlib.decompress(base64.b64decode(memories["svc"])))
+    junk = st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.lists(st.integers())
+    target = data.draw(st.sampled_from([doc, memories, memories["svc"]]))
+    key = data.draw(st.sampled_from(sorted(target)))
+    target[key] = data.draw(junk)
+    if isinstance(memories.get("svc"), dict):  # packed again, as shards store memories
+        raw = json.dumps(memories["svc"]).encode()
+        memories["svc"] = base64.b64encode(zlib.compress(raw)).decode()
+    with contextlib.suppress(StateFormatError):
+        decode_shard(json.dumps(doc), "east", 0)
+
+
+def test_a_full_shard_keeps_the_memories_that_fit_in_name_order_and_counts_the_rest() -> None:
+    """Each shard takes its own services' memories in name order while it stays under
+    the limit; the others are dropped and counted, as in one document."""
+    memory = _full_memory()
+    one = len(
+        encode_state(
+            DurableState("east", NOW, histories={"s": PolicyHistory(planner=memory)}), 1
+        ).shards[0]
+    )
+    count = 5 * MAX_STATE_BYTES // one  # about two and a half times what two shards hold
+    many = {f"svc-{i:04d}": PolicyHistory(planner=memory) for i in range(count)}
+    encoded = encode_state(DurableState("east", NOW, histories=many), 2)
+    assert all(len(text.encode()) <= MAX_STATE_BYTES for text in encoded.shards)
+    back = _read_back(encoded).histories
+    kept = {n for n, h in back.items() if h.planner is not None}
+    assert len(kept) + encoded.dropped == count and 0 < len(kept) < count
+    for k, text in enumerate(encoded.shards):
+        own = sorted(n for n in many if memory_shard_of(n, 2) == k)
+        held = sorted(n for n in kept if memory_shard_of(n, 2) == k)
+        assert held == own[: len(held)] and len(held) < len(own)  # the first names
+        assert len(text.encode()) + one > MAX_STATE_BYTES  # the next would not fit
+    assert all(back[n].planner == memory for n in kept)
+    # The main document holds every service's windows, whatever its shard dropped.
+    assert set(back) == set(many)
+
+
+def test_the_default_shards_keep_a_thousand_services_memories() -> None:
+    """A thousand services (the most a state holds), each memory at its largest: every
+    memory kept with the default shard count, none with the memories inline."""
+    histories = {f"svc-{i:04d}": PolicyHistory(planner=_full_memory()) for i in range(1000)}
+    state = DurableState("east", NOW, histories=histories)
+    assert encode_state(state, DEFAULT_MEMORY_SHARDS).dropped == 0
+    assert encode_state(state, 0).dropped > 800
+
+
+@pytest.mark.parametrize("shards", ["8", "-1", "65", "true"])
+def test_a_document_listing_an_impossible_shard_count_is_refused(shards: str) -> None:
+    doc = json.loads(encode(DurableState("east", NOW))[0])
+    doc["memory_shards"] = json.loads(shards)
+    if shards == "8":
+        assert decode_document(json.dumps(doc))[1] == 8
+        return
+    with pytest.raises(StateFormatError, match="memory_shards"):
+        decode_document(json.dumps(doc))
+    with pytest.raises(ValueError, match="memory_shards must be 0 to 64"):
+        encode_state(DurableState("east", NOW), json.loads(shards))
+
+
+def test_memory_shard_names_derive_from_the_state_objects_and_stay_valid() -> None:
+    assert memory_shard_names("prod-east", 3) == (
+        "heteroscale-state-prod-east-memories-0",
+        "heteroscale-state-prod-east-memories-1",
+        "heteroscale-state-prod-east-memories-2",
+    )
+    clusters = ["prod-east", "Prod_East", "x" * 235, "x" * 300, "east-memories-0", "east"]
+    names = [n for c in clusters for n in (configmap_name(c), *memory_shard_names(c, 64))]
+    assert len(set(names)) == len(names)  # no shard is another cluster's object
+    assert all(len(n) <= 253 and n.replace("-", "").isalnum() and n == n.lower() for n in names)
+    assert memory_shard_names("x" * 300, 1)[0].startswith(configmap_name("x" * 300)[:200])
