@@ -17,9 +17,10 @@ store re-reads and, while this replica still holds the Lease, writes its own sta
 over the newer version (the leader wins); a replica that lost the Lease drops its
 write. The memory shards are written the same way (``_write_as_leader``), after the
 state object, and only those whose content changed, each at most once every
-``MEMORY_WRITE_INTERVAL_S`` of the states' ``saved_at_s``: a restart therefore loses
+``MEMORY_WRITE_INTERVAL_S`` of the states' ``saved_at_s``: a crash therefore loses
 at most the last five minutes of planner memory (the windows and cooldowns, in the
-state object, are written every cycle). An object that cannot be read (corrupt,
+state object, are written every cycle); a graceful stop writes what was held back
+(``flush_memories``, before the Lease is released). An object that cannot be read (corrupt,
 oversized, another schema version) is reported by the caller and later overwritten by
 the leader; a memory shard that cannot be read loses only its own services' memories
 (``load_problems``), never the state.
@@ -150,6 +151,8 @@ class ConfigMapStateStore:
         self._memories_round_at_s: dict[str, float] = {}
         # Per cluster: what its last ``load`` could not read (memory shards).
         self._load_problems: dict[str, tuple[str, ...]] = {}
+        # Per cluster: the state last saved (``flush_memories`` writes its memories).
+        self._saved: dict[str, DurableState] = {}
 
     def describe(self, cluster: str) -> str:
         return self._describe_object(configmap_name(cluster))
@@ -234,9 +237,28 @@ class ConfigMapStateStore:
         name = configmap_name(state.cluster)
         if not self._write_as_leader(name, state.cluster, KEY, encoded.text):
             return False
+        self._saved[state.cluster] = state
         if due:
             self._write_memories(state.cluster, encoded.shards, state.saved_at_s)
         return True
+
+    def flush_memories(self) -> None:
+        """Write the memory shards of every cluster whose last saved state's memories
+        wait for the next round (``MEMORY_WRITE_INTERVAL_S``): at a graceful stop, while
+        this replica still leads, so a rolling update loses none of them. Errors are
+        logged (``_write_memories``), never raised: the process is stopping anyway."""
+        for cluster, state in list(self._saved.items()):
+            if self._memories_round_at_s.get(cluster) == state.saved_at_s:
+                continue  # written with that state already
+            try:
+                encoded = self._encode(state, self.memory_shards)
+            except ValueError as exc:  # StateTooLarge: that save did not happen either
+                log.error(
+                    f"{self.describe(cluster)}: planner memories not flushed: {exc}",
+                    extra={"event": "state_memories_write_failed", "cluster": cluster},
+                )
+                continue
+            self._write_memories(cluster, encoded.shards, state.saved_at_s)
 
     def _memories_due(self, cluster: str, now_s: float) -> bool:
         """Whether ``cluster``'s memory shards may be written at ``now_s``: none written

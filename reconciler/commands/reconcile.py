@@ -1190,6 +1190,8 @@ def register(app: typer.Typer) -> None:
         try:
             loop.run_forever(stop, on_cycle=on_cycle)
         finally:
+            if store is not None:
+                store.flush_memories()  # before the Lease goes: only the leader writes
             if elector is not None:
                 elector.stop(release=True)
             if server is not None:

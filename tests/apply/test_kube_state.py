@@ -603,6 +603,37 @@ def test_memory_shards_are_written_only_when_changed_and_at_most_once_per_interv
     assert _shard_versions(client, cluster, 4) == third
 
 
+def test_a_graceful_stop_flushes_the_memories_the_interval_held_back(
+    control_plane: ControlPlane,
+) -> None:
+    """``flush_memories`` (``run`` calls it on SIGTERM, before releasing the Lease)
+    writes the last saved state's memories that the interval held back, so a rolling
+    update resumes them all; with nothing held back it writes nothing."""
+    client = control_plane.client()
+    cluster = "st-flush"
+    store = _fresh_store(client, cluster, "replica-a", memory_shards=4)
+    rng = random.Random(6)
+    memories = {f"svc-{i}": _full_memory(rng) for i in range(12)}
+
+    def state(at_s: float) -> DurableState:
+        histories = {
+            n: PolicyHistory(planner=replace(m, mix_at_s=at_s)) for n, m in memories.items()
+        }
+        return DurableState(cluster, at_s, "replica-a", None, histories)
+
+    assert store.save(state(1000.0))  # the shards written
+    assert store.save(state(1030.0))  # held: within the interval
+    held = ConfigMapStateStore(client, NAMESPACE, "b").load(cluster)
+    assert held is not None
+    assert {h.planner.mix_at_s for h in held.histories.values() if h.planner} == {1000.0}
+    store.flush_memories()
+    flushed = ConfigMapStateStore(client, NAMESPACE, "b").load(cluster)
+    assert flushed is not None and flushed.histories == state(1030.0).histories
+    versions = _shard_versions(client, cluster, 4)
+    store.flush_memories()  # nothing held back any more
+    assert _shard_versions(client, cluster, 4) == versions
+
+
 def test_a_new_shard_count_reads_the_old_shards_and_moves_the_memories(
     control_plane: ControlPlane,
 ) -> None:
