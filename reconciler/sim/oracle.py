@@ -53,9 +53,10 @@ a TTFT. Models of the trials only choose which counts to try:
   reaches the TBT SLO (lower where the failing trials' TBT share says a slow second is
   tolerated), TTFT from where its margin reaches 0. The first count tried is the last
   exact TBT need, scaled by the peak 20 s of output tokens. Decode counts above the
-  window's starting count add a generation that the stale router floods, so the gap
-  follows another curve there: once a count above it has failed TBT, only the trials
-  above it are followed (once one at or below it has met TBT, only those).
+  window's starting count add a generation of new instances, whose gap can follow
+  another curve (under a stale router, which floods them, far another): once a count
+  above it has failed TBT, only the trials above it are followed (once one at or
+  below it has met TBT, only those).
 
 A try is kept strictly inside what the trials have decided; an estimate beyond a
 decided count steps away from it by a growing share (or halves the bracket), the
@@ -67,8 +68,7 @@ slower than the TBT SLO; the prefill trial when the model expects its misses to 
 shown), the requests whose first token has resolved and that already miss the SLO
 (which no later second can undo) are counted, and once they are more than the goal
 allows the trial is a miss. On the bench day a window costs about one short prefill
-trial and six to seven decode trials (two to three on the chat service, whose decode
-answer moves less).
+trial and five to six decode trials.
 
 What a trial costs: the window's prefill side (arrivals, the prefill queue) depends on
 the prefill count alone, so the trials of a window with one prefill count replay the
@@ -80,14 +80,22 @@ Under a simulator in which a count can pass while more fail (not monotone), a
 count found this way still passes with the count below failing, but it need not be the
 least that passes, and another search can stop at another one. The decode-pinned engine
 is such a simulator around the window's starting count (a few instances more form a
-flooded generation, which can fail where the starting count passed).
+new generation, which can fail where the starting count passed).
 
 Cost: an instance that a window needs and the previous one did not have is started
 ``startup_s`` before the window and charged from its start (from t = 0 at the
 earliest: the instances the windows within a start-up need are running at t = 0, the
 warm state every policy starts from, ``warm_counts``).
 Instances run on the most preferred allowed GPU type that fits, on RDMA links (a
-deployment group inside one subgroup): the optimistic case, as a bound should be.
+deployment group inside one subgroup), and the decode router places work by each
+instance's current load (``bound_config``: the policies' runs route by the load
+reported a second before): the optimistic case, as a bound should be. With the
+stale router a window sized at its least leaves the next to scale out, the router
+floods the new instances with the admissions that queued meanwhile, and they need
+more: a per-window search pays that as a saw-tooth (on the bench day of
+``benchmarks/bench_sim.py`` 227 of 480 windows needed more decode than the one
+before, at a median 1.34x, and the bound was 9% higher), which no whole day's fleet
+has to, so it would raise the bound above what a steadier fleet needs.
 The order is the policy's preference order, not price or capacity per dollar: the
 bound is on instance counts of the preferred types (a policy that put a role on a
 faster allowed type could need fewer GPU-hours; none here does).
@@ -883,11 +891,12 @@ class _DecodeModel:
     def _tbt(self) -> float | None:
         """Where TBT starts to meet the goal, from the trials so far.
 
-        Counts above the previous window's add a generation that the stale router
-        floods with admissions (its steps far slower than at the previous count, however
-        few instances are added), so the gap follows another curve on either side of
-        that count: once a count above it has failed TBT, only the trials above it are
-        followed (once one at or below it has met TBT, only those)."""
+        Counts above the previous window's add a generation of new instances (under a
+        stale router, flooded with admissions: its steps far slower than at the
+        previous count, however few instances are added), so the gap can follow another
+        curve on either side of that count: once a count above it has failed TBT, only
+        the trials above it are followed (once one at or below it has met TBT, only
+        those)."""
         goal, slo = self.goal, self.tbt_slo_s
         trials = [(d, v) for d, v in self.trials if v.gap_max_s > 0]
         if self.previous > 0:
@@ -1055,6 +1064,12 @@ class _Sizer:
         return prefill, decode, prefill_met and decode_met, verdict
 
 
+def bound_config(config: SimConfig | None) -> SimConfig:
+    """The simulator settings the bound is found and judged under: ``config`` with a
+    decode router that knows each instance's current load (module docstring, Cost)."""
+    return replace(config or SimConfig(), router_staleness_s=0)
+
+
 def plan_oracle_min(
     policy: ServicePolicy,
     cluster: ClusterSpec,
@@ -1068,8 +1083,7 @@ def plan_oracle_min(
     warm start needs only the first)."""
     if window_s < 1:
         raise OracleError(f"oracle-min: window must be at least 1 s, got {window_s}")
-    config = config or SimConfig()
-    sim = ServiceSim(policy, cluster, profile, config)
+    sim = ServiceSim(policy, cluster, profile, bound_config(config))
     prefill_type = _role_type(sim, policy, "prefill")
     decode_type = _role_type(sim, policy, "decode")
     judge = _WindowJudge(sim, window_s, policy.slo.attainment_goal)
@@ -1125,7 +1139,7 @@ def replay_window(
     """(TTFT share, both-SLO share) of window ``window``'s attainable arrivals when the
     windows before it run the plan's counts and it runs ``prefill`` and ``decode``,
     judged exactly as the search judged it: how a reader checks the bound's minimality."""
-    sim = ServiceSim(policy, cluster, profile, config or SimConfig())
+    sim = ServiceSim(policy, cluster, profile, bound_config(config))
     judge_s = _judge_s(policy, profile)
     search = _WindowSearch(
         sim,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import (
     LoadProfile,
     ServiceSim,
+    SimConfig,
     idle_ttft_s,
     per_request,
     request_outcomes,
@@ -24,6 +26,7 @@ from reconciler.sim.oracle import (
     _ttft_judge_s,
     _WindowJudge,
     _WindowSearch,
+    bound_config,
     oracle_min_initial_counts,
     per_second_counts,
     plan_oracle_min,
@@ -51,6 +54,24 @@ def test_oracle_min_meets_the_goal_it_sizes_for(state: DesiredState, burst_load,
     # Over the whole run (every request, not only the attainable ones), within a
     # sampling error of the goal.
     assert request_outcomes(sim).slo_attainment >= policy.slo.attainment_goal - 0.005
+
+
+def test_the_bound_routes_decode_work_by_the_current_load(
+    state: DesiredState, burst_load: LoadProfile, plan
+) -> None:  # type: ignore[no-untyped-def]
+    """The optimistic case, as a bound should be: the policies' runs route by the load
+    reported a second before (a stale router floods new instances), the bound's by the
+    load now, whatever configuration it is handed; its minimality is judged alike."""
+    assert SimConfig().router_staleness_s == 1
+    assert plan.sim.config.router_staleness_s == 0
+    stale = SimConfig(router_staleness_s=3)
+    assert bound_config(stale) == replace(stale, router_staleness_s=0)
+    policy = state.policies[SERVICE]
+    handed = plan_oracle_min(policy, state.clusters[policy.cluster], burst_load, stale, windows=2)
+    assert handed.sim.config.router_staleness_s == 0
+    assert [(w.prefill, w.decode) for w in handed.windows] == [
+        (w.prefill, w.decode) for w in plan.windows[:2]
+    ]
 
 
 def test_the_burst_needs_more_instances_than_the_calm(burst_load, plan) -> None:  # type: ignore[no-untyped-def]
