@@ -44,12 +44,7 @@ class RatioNeed:
     """The prefill instances per decode instance one service needs for a load."""
 
     service: str
-    prefill_gpu_type: str
-    decode_gpu_type: str
-    prompt_mean_tokens: float
-    output_mean_tokens: float
-    prefill_tps_per_instance: float
-    decode_tps_per_instance: float
+    capacities: RoleCapacities  # each role's per instance, as the planner derives them
     prefill_instances: float  # at the load's mean rate, unrounded
     decode_instances: float
     ratio_min: float  # the policy's bounds (prefill / decode)
@@ -82,13 +77,14 @@ class RatioNeed:
             if above
             else (f"pd_ratio min {format_ratio(self.ratio_min)}", "prefill")
         )
+        caps = self.capacities
         return (
             f"service {self.service}: the mix in {trace_name} (prompts ~"
-            f"{self.prompt_mean_tokens:,.0f} / outputs ~{self.output_mean_tokens:,.0f} "
+            f"{caps.prompt_mean_tokens:,.0f} / outputs ~{caps.output_mean_tokens:,.0f} "
             f"tokens) needs about {self.ratio:.2f} prefill per decode instance at its mean "
-            f"load ({self.prefill_tps_per_instance:,.0f} prompt tokens/s per "
-            f"{self.prefill_gpu_type} prefill instance, {self.decode_tps_per_instance:,.0f} "
-            f"output tokens/s per {self.decode_gpu_type} decode instance); {bound} holds "
+            f"load ({caps.prefill_tps_per_instance:,.0f} prompt tokens/s per "
+            f"{caps.prefill_gpu_type} prefill instance, {caps.decode_tps_per_instance:,.0f} "
+            f"output tokens/s per {caps.decode_gpu_type} decode instance); {bound} holds "
             f"{held} at {self.excess:.2f}x what it needs"
         )
 
@@ -135,19 +131,7 @@ def trace_ratio_need(
     decode = output_tps / max(caps.decode_tps_per_instance, 1e-9)
     if not (prefill > 0 and decode > 0):
         return None
-    return RatioNeed(
-        service=policy.name,
-        prefill_gpu_type=caps.prefill_gpu_type,
-        decode_gpu_type=caps.decode_gpu_type,
-        prompt_mean_tokens=caps.prompt_mean_tokens,
-        output_mean_tokens=caps.output_mean_tokens,
-        prefill_tps_per_instance=caps.prefill_tps_per_instance,
-        decode_tps_per_instance=caps.decode_tps_per_instance,
-        prefill_instances=prefill,
-        decode_instances=decode,
-        ratio_min=policy.pd_ratio.min,
-        ratio_max=policy.pd_ratio.max,
-    )
+    return RatioNeed(policy.name, caps, prefill, decode, policy.pd_ratio.min, policy.pd_ratio.max)
 
 
 __all__ = ["RATIO_SLACK", "RatioNeed", "trace_ratio_need"]

@@ -88,10 +88,13 @@ def test_each_role_is_sized_on_its_own_capacity_at_the_mean_load(state: DesiredS
     work weighs more than the attainable mix the capacity is stated for)."""
     found = need(state, "svc-a", LONG_PROMPTS, LONG_OUTPUTS)
     rate = LONG_PROMPTS.size / DURATION_S
-    assert found.decode_instances * found.decode_tps_per_instance == pytest.approx(
+    assert found.decode_instances * found.capacities.decode_tps_per_instance == pytest.approx(
         rate * LONG_OUTPUTS.mean()
     )
-    assert found.prefill_instances * found.prefill_tps_per_instance >= rate * LONG_PROMPTS.mean()
+    assert (
+        found.prefill_instances * found.capacities.prefill_tps_per_instance
+        >= rate * LONG_PROMPTS.mean()
+    )
 
 
 def test_the_planner_raises_decode_by_about_the_excess_the_check_states(
