@@ -61,7 +61,7 @@ from reconciler.durable import (
     encode_state,
     valid_memory_shards,
 )
-from reconciler.errors import ConfigError, HeteroscaleError
+from reconciler.errors import ClusterUnavailable, ConfigError, HeteroscaleError
 from reconciler.policy.planner import PlannerMemory
 
 log = logging.getLogger("heteroscale.state")
@@ -246,10 +246,12 @@ class ConfigMapStateStore:
         """Write the memory shards of every cluster whose last saved state's memories
         wait for the next round (``MEMORY_WRITE_INTERVAL_S``): at a graceful stop, while
         this replica still leads, so a rolling update loses none of them. Errors are
-        logged (``_write_memories``), never raised: the process is stopping anyway."""
+        logged (``_write_memories``, which stops a cluster's round at an API server
+        that does not answer), never raised: the process is stopping anyway. The
+        caller bounds its wait (``run``: ``FLUSH_WAIT_S``)."""
         for cluster, state in list(self._saved.items()):
-            if self._memories_round_at_s.get(cluster) == state.saved_at_s:
-                continue  # written with that state already
+            # Shards already holding what this state would write are skipped by
+            # ``_write_memories`` (a round that failed part-way is tried again).
             try:
                 encoded = self._encode(state, self.memory_shards)
             except ValueError as exc:  # StateTooLarge: that save did not happen either
@@ -290,6 +292,8 @@ class ConfigMapStateStore:
                     f"{type(exc).__name__}: {exc}" + _rbac_hint(exc, cluster, len(shards)),
                     extra={"event": "state_memories_write_failed", "cluster": cluster},
                 )
+                if isinstance(exc, ClusterUnavailable):
+                    return  # the API server does not answer: neither would it for the rest
                 continue
             if not written:
                 return  # no longer the leader, or another writer kept winning

@@ -283,6 +283,30 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
     )
 
 
+# How long a stopping ``run`` waits for the planner memories to be written: a third of
+# Kubernetes' default 30 s termination grace period, which the Lease's release and the
+# exit must fit in too (an API server that does not answer would hold each write for
+# its retries' read timeouts, minutes in all).
+FLUSH_WAIT_S = 10.0
+
+
+def flush_memories_bounded(store: Any, wait_s: float = FLUSH_WAIT_S) -> bool:
+    """``store.flush_memories()`` on a daemon thread, waited for at most ``wait_s``;
+    True when it finished. Past that the stop goes on (logged); a write still in flight
+    dies with the process, each shard being written whole or not at all."""
+    flusher = threading.Thread(target=store.flush_memories, name="flush-memories", daemon=True)
+    flusher.start()
+    flusher.join(wait_s)
+    if flusher.is_alive():
+        logging.getLogger("heteroscale.run").warning(
+            f"planner memories not all written within {wait_s:g} s of the stop: the API "
+            "server is slow or does not answer; the memories since their last write are lost",
+            extra={"event": "state_memories_flush_timeout"},
+        )
+        return False
+    return True
+
+
 def build_loop(
     settings: Settings,
     *,
@@ -1190,8 +1214,8 @@ def register(app: typer.Typer) -> None:
         try:
             loop.run_forever(stop, on_cycle=on_cycle)
         finally:
-            if store is not None:
-                store.flush_memories()  # before the Lease goes: only the leader writes
+            if store is not None:  # before the Lease goes: only the leader writes
+                flush_memories_bounded(store)
             if elector is not None:
                 elector.stop(release=True)
             if server is not None:

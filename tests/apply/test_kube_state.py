@@ -634,6 +634,71 @@ def test_a_graceful_stop_flushes_the_memories_the_interval_held_back(
     assert _shard_versions(client, cluster, 4) == versions
 
 
+@pytest.mark.fault
+def test_a_flush_stops_at_an_api_server_that_does_not_answer(
+    control_plane: ControlPlane,
+) -> None:
+    """Saved through the real API server, flushed against one that accepts connections
+    and never answers: the round stops at the first shard's failure instead of waiting
+    out every shard's retries, and ``run``'s bounded wait returns in its own time."""
+    import socket
+    import threading
+    import time
+
+    from reconciler.apply.kubeclient import RetryPolicy
+    from reconciler.commands.reconcile import flush_memories_bounded
+
+    client = control_plane.client()
+    cluster = "st-flush-dead"
+    store = _fresh_store(client, cluster, "replica-a", memory_shards=8)
+    rng = random.Random(7)
+    memories = {f"svc-{i}": _full_memory(rng) for i in range(24)}
+
+    def state(at_s: float) -> DurableState:
+        histories = {
+            n: PolicyHistory(planner=replace(m, mix_at_s=at_s)) for n, m in memories.items()
+        }
+        return DurableState(cluster, at_s, "replica-a", None, histories)
+
+    assert store.save(state(1000.0)) and store.save(state(1030.0))  # the second held back
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        store.client = KubeClient(
+            f"http://127.0.0.1:{silent.getsockname()[1]}",
+            timeout_s=(0.5, 0.5),
+            retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01),
+        )
+        started = time.monotonic()
+        store.flush_memories()
+        assert store.client.stats.requests == 2  # one shard's attempts, then it stopped
+        assert time.monotonic() - started < 3.0
+        store.client = KubeClient(
+            f"http://127.0.0.1:{silent.getsockname()[1]}",
+            timeout_s=(0.5, 30.0),  # a read that would hang for half a minute
+            retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01),
+        )
+        started = time.monotonic()
+        assert flush_memories_bounded(store, wait_s=1.0) is False
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        silent.close()
+        for conn in accepted:
+            conn.close()
+
+
 def test_a_new_shard_count_reads_the_old_shards_and_moves_the_memories(
     control_plane: ControlPlane,
 ) -> None:
