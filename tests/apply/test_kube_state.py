@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -603,6 +603,21 @@ def test_memory_shards_are_written_only_when_changed_and_at_most_once_per_interv
     assert _shard_versions(client, cluster, 4) == third
 
 
+def _states_at(cluster: str, services: int, seed: int) -> Callable[[float], DurableState]:
+    """The states of ``services`` services with full planner memories, saved at a given
+    time (their memories stamped with it, so each time's differ)."""
+    rng = random.Random(seed)
+    memories = {f"svc-{i}": _full_memory(rng) for i in range(services)}
+
+    def state(at_s: float) -> DurableState:
+        histories = {
+            n: PolicyHistory(planner=replace(m, mix_at_s=at_s)) for n, m in memories.items()
+        }
+        return DurableState(cluster, at_s, "replica-a", None, histories)
+
+    return state
+
+
 def test_a_graceful_stop_flushes_the_memories_the_interval_held_back(
     control_plane: ControlPlane,
 ) -> None:
@@ -612,15 +627,7 @@ def test_a_graceful_stop_flushes_the_memories_the_interval_held_back(
     client = control_plane.client()
     cluster = "st-flush"
     store = _fresh_store(client, cluster, "replica-a", memory_shards=4)
-    rng = random.Random(6)
-    memories = {f"svc-{i}": _full_memory(rng) for i in range(12)}
-
-    def state(at_s: float) -> DurableState:
-        histories = {
-            n: PolicyHistory(planner=replace(m, mix_at_s=at_s)) for n, m in memories.items()
-        }
-        return DurableState(cluster, at_s, "replica-a", None, histories)
-
+    state = _states_at(cluster, services=12, seed=6)
     assert store.save(state(1000.0))  # the shards written
     assert store.save(state(1030.0))  # held: within the interval
     held = ConfigMapStateStore(client, NAMESPACE, "b").load(cluster)
@@ -651,15 +658,7 @@ def test_a_flush_stops_at_an_api_server_that_does_not_answer(
     client = control_plane.client()
     cluster = "st-flush-dead"
     store = _fresh_store(client, cluster, "replica-a", memory_shards=8)
-    rng = random.Random(7)
-    memories = {f"svc-{i}": _full_memory(rng) for i in range(24)}
-
-    def state(at_s: float) -> DurableState:
-        histories = {
-            n: PolicyHistory(planner=replace(m, mix_at_s=at_s)) for n, m in memories.items()
-        }
-        return DurableState(cluster, at_s, "replica-a", None, histories)
-
+    state = _states_at(cluster, services=24, seed=7)
     assert store.save(state(1000.0)) and store.save(state(1030.0))  # the second held back
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
