@@ -32,10 +32,12 @@ preferred GPU type at 85 % of its compute (headroom for arrival bursts inside a
 minute), decode tokens/s at 70 % of the TBT SLO at the trace's mean context, both
 from ``reconciler.perfmodel.instance``.
 
-Every policy starts warm from the same state: the fleet at time 0 is what oracle-min
-runs or has already started then (its most over the windows that begin within a
-start-up: ``oracle.warm_counts``), placed and already serving, so no policy pays a cold start the others do
-not (``schedule:`` and plugins included). Static provisioning is the one exception: its
+Every policy starts warm from the same state: the fleet at time 0 is what oracle-min's
+search runs or has already started then (its most over the windows that begin within a
+start-up: ``oracle.oracle_min_initial_counts``), searched in the policies' own
+environment (their router; the bound itself routes by the current load), placed and
+already serving, so no policy pays a cold start the others do not (``schedule:`` and
+plugins included). Static provisioning is the one exception: its
 constant counts are its own warm state. GPU-hours count every GPU an
 instance holds from creation (start-up included) to the end of its drain, up to the
 end of the trace; in-flight requests are then served to completion (up to
@@ -88,7 +90,6 @@ from reconciler.sim.oracle import (
     oracle_min_initial_counts,
     per_second_counts,
     plan_oracle_min,
-    warm_counts,
 )
 from reconciler.sim.plugins import PLUGIN_PREFIX, PluginAutoscaler, PluginError
 from reconciler.sim.workload import Workload
@@ -662,13 +663,12 @@ def evaluate(
     notes = list(profile.notes)
     labels = policy_labels(policies)
     cluster = state.clusters[policy.cluster]
-    # Every policy starts from oracle-min's state at t = 0 (module docstring).
+    # Every policy starts from oracle-min's state at t = 0 in the policies' own
+    # environment (module docstring).
     oracle_plan: OracleMinPlan | None = None
     if "oracle-min" in policies:
         oracle_plan = plan_oracle_min(policy, cluster, profile, config, window_s=oracle_window_s)
-        warm = warm_counts(oracle_plan, policy)
-    else:
-        warm = oracle_min_initial_counts(policy, cluster, profile, config, oracle_window_s)
+    warm = oracle_min_initial_counts(policy, cluster, profile, config, oracle_window_s)
     for name in policies:
         if name == "oracle-min" and oracle_plan is not None:
             results[name] = oracle_min_result(

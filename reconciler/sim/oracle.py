@@ -1078,12 +1078,16 @@ def plan_oracle_min(
     *,
     window_s: int = DEFAULT_WINDOW_S,
     windows: int | None = None,
+    optimistic: bool = True,
 ) -> OracleMinPlan:
     """Size every window (module docstring); ``windows`` stops after that many (the
-    warm start needs only the first)."""
+    warm start needs only the first). ``optimistic`` False searches in the policies'
+    own environment (``config`` as given: their router) instead of the bound's."""
     if window_s < 1:
         raise OracleError(f"oracle-min: window must be at least 1 s, got {window_s}")
-    sim = ServiceSim(policy, cluster, profile, bound_config(config))
+    sim = ServiceSim(
+        policy, cluster, profile, bound_config(config) if optimistic else config or SimConfig()
+    )
     prefill_type = _role_type(sim, policy, "prefill")
     decode_type = _role_type(sim, policy, "decode")
     judge = _WindowJudge(sim, window_s, policy.slo.attainment_goal)
@@ -1166,13 +1170,17 @@ def oracle_min_initial_counts(
     config: SimConfig | None = None,
     window_s: int = DEFAULT_WINDOW_S,
 ) -> tuple[int, int]:
-    """The warm state every policy starts in: what oracle-min runs or has started at
-    t = 0, i.e. the most of each role over the windows that begin within a start-up
-    (oracle-min started those instances before t = 0, so another policy could not
-    have asked for them in time)."""
+    """The warm state every policy starts in: what oracle-min's search runs or has
+    started at t = 0, i.e. the most of each role over the windows that begin within a
+    start-up (started before t = 0, so no policy could have asked for them in time),
+    searched in the policies' own environment (their router, not the bound's: a fleet
+    that holds the first minutes for the bound's perfect router can fall short under
+    theirs, and every policy would start in that hole)."""
     lead_s = max(policy.prefill.startup_s, policy.decode.startup_s)
     windows = math.floor(lead_s / window_s) + 1
-    plan = plan_oracle_min(policy, cluster, profile, config, window_s=window_s, windows=windows)
+    plan = plan_oracle_min(
+        policy, cluster, profile, config, window_s=window_s, windows=windows, optimistic=False
+    )
     return warm_counts(plan, policy)
 
 
