@@ -153,6 +153,8 @@ class ConfigMapStateStore:
         self._load_problems: dict[str, tuple[str, ...]] = {}
         # Per cluster: the state last saved (``flush_memories`` writes its memories).
         self._saved: dict[str, DurableState] = {}
+        # Per cluster: the memory shards the state object last read listed.
+        self._loaded_shards: dict[str, int] = {}
 
     def describe(self, cluster: str) -> str:
         return self._describe_object(configmap_name(cluster))
@@ -194,6 +196,7 @@ class ConfigMapStateStore:
         if document is None:
             return None
         state, memory_shards = document
+        self._loaded_shards[cluster] = memory_shards
         if not with_memories or not memory_shards:
             return state
         found: dict[int, dict[str, PlannerMemory]] = {}
@@ -214,6 +217,11 @@ class ConfigMapStateStore:
         """What the last ``load`` of ``cluster`` could not read and left out (memory
         shards), one line each with the reason; empty when it read everything."""
         return self._load_problems.get(cluster, ())
+
+    def loaded_memory_shards(self, cluster: str) -> int | None:
+        """How many memory shards the state object read last listed (0: the memories
+        are in it; None: no state object read)."""
+        return self._loaded_shards.get(cluster)
 
     def _read_shard(self, name: str, cluster: str, shard: int) -> dict[str, PlannerMemory]:
         self._shard_texts.pop(name, None)  # unknown until read

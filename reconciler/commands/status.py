@@ -110,6 +110,21 @@ class AppliedRevision:
 
 
 @dataclass
+class StoredMemories:
+    """The planners' memories the state objects hold for one cluster: what a
+    restarted reconciler would resume."""
+
+    services: int  # with a stored planner memory
+    shards: int  # memory shards the state object lists (0: in the state object)
+    problems: list[str] = field(default_factory=list)  # shards that could not be read
+
+    def describe(self) -> str:
+        where = f"in {self.shards} memory shards" if self.shards else "in the state object"
+        unread = f"; {len(self.problems)} shard(s) unreadable" if self.problems else ""
+        return f"{self.services} service(s) {where}{unread}"
+
+
+@dataclass
 class ClusterStatus:
     cluster: str
     outcome: str
@@ -118,6 +133,7 @@ class ClusterStatus:
     services: list[ServiceStatus] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    memories: StoredMemories | None = None  # None: simulated, or no state object
 
 
 @dataclass
@@ -242,6 +258,23 @@ def read_leader(client: Any, home: LeaseRef, now_s: float) -> Leader:
     return Leader(record.holder, record.renew_time, detail)
 
 
+def read_memories(store: Any, cluster: str) -> StoredMemories | None:
+    """The planner memories stored for ``cluster`` (None without a readable state
+    object: ``read_revision`` says why)."""
+    from reconciler.durable import StateFormatError
+    from reconciler.policy.planner import PlannerMemory
+
+    try:
+        stored = store.load(cluster)
+    except StateFormatError:
+        return None
+    if stored is None:
+        return None
+    held = sum(isinstance(h.planner, PlannerMemory) for h in stored.histories.values())
+    shards = store.loaded_memory_shards(cluster) or 0
+    return StoredMemories(held, shards, list(store.load_problems(cluster)))
+
+
 def read_revision(store: Any, cluster: str) -> AppliedRevision:
     from reconciler.durable import StateFormatError
 
@@ -307,6 +340,7 @@ class Status:
                     "revision": asdict(c.revision),
                     "drift": c.drift,
                     "notes": c.notes,
+                    "memories": asdict(c.memories) if c.memories else None,
                     "services": [s.to_json() for s in c.services],
                 }
                 for c in self.clusters
@@ -362,6 +396,7 @@ def collect_status(settings: Settings, home: LeaseRef) -> Status:
             errors.append(f"Lease {home.namespace}/{home.name}: {type(exc).__name__}: {exc}")
     clusters = []
     for outcome in result.clusters:
+        memories: StoredMemories | None = None
         if wiring.simulated:
             revision = AppliedRevision(SIMULATED)
         elif store is None:
@@ -371,10 +406,12 @@ def collect_status(settings: Settings, home: LeaseRef) -> Status:
         else:
             try:
                 revision = read_revision(store, outcome.cluster)
+                memories = read_memories(store, outcome.cluster)
             except Exception as exc:  # as above: reported, exit 1
                 revision = AppliedRevision("unknown", detail=f"{type(exc).__name__}: {exc}")
                 errors.append(f"{store.describe(outcome.cluster)}: {type(exc).__name__}: {exc}")
         clusters.append(cluster_status(outcome, result, revision))
+        clusters[-1].memories = memories
     return Status(
         source=result.source_label,
         target=wiring.describe,
@@ -396,6 +433,9 @@ def format_text(status: Status) -> str:
     out.append(f"leader: {status.leader.describe()}")
     for cluster in cluster_sections(out, status.desired_error, status.clusters):
         out.append(f"cluster {cluster.cluster}: revision {cluster.revision.describe()}")
+        if cluster.memories is not None:
+            out.append(f"  planner memories: {cluster.memories.describe()}")
+            out.extend(f"    {problem}" for problem in cluster.memories.problems)
         out.extend(f"  {line}" for line in plain_lines(_SERVICE_COLUMNS, cluster.services))
         for s in cluster.services:
             for change in s.changes:

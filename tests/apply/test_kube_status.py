@@ -139,3 +139,61 @@ def test_status_after_apply_run_and_a_hand_scale(
     assert any(line.split()[:2] == ["alpha", "OutOfSync"] for line in text.stdout.splitlines()), (
         text.stdout
     )
+
+
+def test_status_says_which_planner_memories_a_restart_would_resume(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The memories the state objects hold, in how many shards, and a shard that cannot
+    be read (its services' planners would start afresh), without changing the exit
+    code: nothing is out of sync for it."""
+    from reconciler.apply.statestore import (
+        ConfigMapStateStore,
+        configmaps_path,
+        memory_shard_names,
+    )
+    from reconciler.durable import DurableState, memory_shard_of
+    from reconciler.policy.base import PolicyHistory
+    from reconciler.policy.planner import PlannerMemory
+
+    name = "status-memories"
+    home = "status-memories-home"
+    state = make_desired_state(tmp_path, name, services=("alpha", "beta"))
+    client = control_plane.client()
+    ensure_namespace(client, name)
+    ensure_namespace(client, home)
+    create_nodes(client, state.clusters[name])
+    where = [
+        "--repo",
+        str(tmp_path),
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--placer",
+        "greedy",
+        "--lease-namespace",
+        home,
+    ]
+    code, nothing = _status(where)
+    assert nothing["clusters"][0]["memories"] is None  # no state object yet
+
+    histories = {s: PolicyHistory(planner=PlannerMemory(mix_at_s=5.0)) for s in ("alpha", "beta")}
+    store = ConfigMapStateStore(client, home, "writer", memory_shards=8)
+    assert store.save(DurableState(name, 5.0, "writer", histories=histories))
+    code, stored = _status(where)
+    assert stored["clusters"][0]["memories"] == {"services": 2, "shards": 8, "problems": []}
+    text = CliRunner().invoke(app, ["status", *where])
+    assert "planner memories: 2 service(s) in 8 memory shards" in text.stdout
+
+    # One shard corrupted: the memory it held is reported lost, the exit code stays.
+    shard = memory_shard_names(name, 8)[memory_shard_of("alpha", 8)]
+    client.merge_patch(
+        configmaps_path(home, shard),
+        {"data": {"memories.json": "{not json"}},
+        field_manager="kubectl-edit",
+    )
+    again, broken = _status(where)
+    memories = broken["clusters"][0]["memories"]
+    lost = 1 + (memory_shard_of("beta", 8) == memory_shard_of("alpha", 8))
+    assert memories["services"] == 2 - lost and memories["shards"] == 8
+    assert len(memories["problems"]) == 1 and shard in memories["problems"][0]
+    assert again == code
