@@ -163,6 +163,26 @@ def make_desired_state(
     return load_desired_state(root)
 
 
+def cluster_for_cli(
+    control_plane: ControlPlane, root: Path, cluster: str, services: Iterable[str] = ("svc",)
+) -> tuple[DesiredState, list[str]]:
+    """``make_desired_state`` in ``root``, its namespace and nodes on the real API
+    server, and the options a command needs to act on it (greedy placement)."""
+    state = make_desired_state(root, cluster, services)
+    client = control_plane.client()
+    ensure_namespace(client, cluster)
+    create_nodes(client, state.clusters[cluster])
+    options = [
+        "--repo",
+        str(root),
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--placer",
+        "greedy",
+    ]
+    return state, options
+
+
 def ensure_namespace(client: KubeClient, name: str) -> None:
     with contextlib.suppress(ResourceConflict):
         client.request(

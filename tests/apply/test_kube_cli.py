@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from kubetestkit import (
     ControlPlane,
+    cluster_for_cli,
     create_nodes,
     ensure_namespace,
     list_deployments,
@@ -27,19 +28,9 @@ def test_plan_then_apply_then_nothing_left_to_do(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     name = "cli-e2e"
-    state = make_desired_state(tmp_path, name)
+    _state, common = cluster_for_cli(control_plane, tmp_path, name)
     client = control_plane.client()
-    ensure_namespace(client, name)
-    create_nodes(client, state.clusters[name])
     runner = CliRunner()
-    common = [
-        "--repo",
-        str(tmp_path),
-        "--kubeconfig",
-        str(control_plane.kubeconfig),
-        "--placer",
-        "greedy",
-    ]
 
     # No Prometheus configured: every service holds, which from nothing means its floor.
     planned = runner.invoke(app, ["plan", *common, "--format", "json"])

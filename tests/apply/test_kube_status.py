@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from kubetestkit import (
     ControlPlane,
-    create_nodes,
+    cluster_for_cli,
     ensure_namespace,
     list_deployments,
-    make_desired_state,
     wait_for,
 )
 from typer.testing import CliRunner
@@ -37,19 +36,9 @@ def test_status_after_apply_run_and_a_hand_scale(
 ) -> None:
     name = "status-e2e"
     home = "status-home"
-    state = make_desired_state(tmp_path, name, services=("alpha", "beta"))
+    _state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha", "beta"))
     client = control_plane.client()
-    ensure_namespace(client, name)
     ensure_namespace(client, home)
-    create_nodes(client, state.clusters[name])
-    common = [
-        "--repo",
-        str(tmp_path),
-        "--kubeconfig",
-        str(control_plane.kubeconfig),
-        "--placer",
-        "greedy",
-    ]
     where = [*common, "--lease-namespace", home]
     runner = CliRunner()
 
@@ -158,21 +147,10 @@ def test_status_says_which_planner_memories_a_restart_would_resume(
 
     name = "status-memories"
     home = "status-memories-home"
-    state = make_desired_state(tmp_path, name, services=("alpha", "beta"))
+    _state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha", "beta"))
     client = control_plane.client()
-    ensure_namespace(client, name)
     ensure_namespace(client, home)
-    create_nodes(client, state.clusters[name])
-    where = [
-        "--repo",
-        str(tmp_path),
-        "--kubeconfig",
-        str(control_plane.kubeconfig),
-        "--placer",
-        "greedy",
-        "--lease-namespace",
-        home,
-    ]
+    where = [*common, "--lease-namespace", home]
     code, nothing = _status(where)
     assert nothing["clusters"][0]["memories"] is None  # no state object yet
 
