@@ -184,9 +184,10 @@ def validate(
     """Validate the desired state (policies/, clusters/ and the templates they name).
 
     With --trace, also warn for every service that cannot meet its TTFT SLO for more
-    than 1% of the trace's requests even on an idle instance, and for every service
-    whose pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds
-    one role above what it needs)."""
+    than 1% of the trace's requests even on an idle instance, for every service whose
+    pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds one
+    role above what it needs), and for every service whose max_instances is below what
+    the trace's busiest minute needs."""
     from reconciler.desired.checks import gpu_choice_warnings
     from reconciler.desired.loader import load_desired_state
     from reconciler.errors import ConfigError
@@ -219,12 +220,12 @@ def validate(
 def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> None:
     """Warn (exit code unchanged) for every service that loses more than
     ``WARN_SHARE`` of the trace's requests to TTFT on any capacity, or whose P/D
-    bounds exclude the ratio the trace needs (``ratio_need``); exit 1 when the trace
-    cannot be read."""
+    bounds or ``max_instances`` exclude what the trace needs (``trace_needs``); exit 1
+    when the trace cannot be read."""
     from rich.markup import escape
 
     from reconciler.policy.attainability import WARN_SHARE, trace_attainability
-    from reconciler.policy.ratio_need import trace_ratio_need
+    from reconciler.policy.trace_needs import trace_peak_need, trace_ratio_need
     from reconciler.sim.workload import TraceError, read_trace
 
     try:
@@ -258,12 +259,16 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
             continue
         if found.share > WARN_SHARE:
             err_console.print(f"warning: {found.warning(trace.name)}", soft_wrap=True, markup=False)
-        need = trace_ratio_need(
+        ratio = trace_ratio_need(
             policy, cluster, workload.prompt_tokens, workload.output_tokens, workload.duration_s
         )
-        text = need.warning(trace.name) if need is not None else None
-        if text is not None:
-            err_console.print(f"warning: {text}", soft_wrap=True, markup=False)
+        peak = trace_peak_need(
+            policy, cluster, workload.arrival_s, workload.prompt_tokens, workload.output_tokens
+        )
+        for need in (ratio, peak):
+            text = need.warning(trace.name) if need is not None else None
+            if text is not None:
+                err_console.print(f"warning: {text}", soft_wrap=True, markup=False)
 
 
 def render_schemas() -> dict[str, str]:

@@ -110,7 +110,7 @@ def test_a_ratio_bound_that_excludes_the_traces_mix_is_warned(
 ) -> None:
     """Long-context conversation needs more prefill per decode than svc-a's 2:1
     maximum; the warning says by how much the bound holds decode above its need
-    (``reconciler.policy.ratio_need``). Chat-shaped requests stay within it."""
+    (``reconciler.policy.trace_needs``). Chat-shaped requests stay within it."""
     rng = np.random.default_rng(7)
     count = 3_000
     path = tmp_path / "long.csv"
@@ -130,3 +130,24 @@ def test_a_ratio_bound_that_excludes_the_traces_mix_is_warned(
     result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(short)])
     assert result.exit_code == 0, result.output
     assert "svc-a" not in warnings(result.stderr, about="pd_ratio")
+
+
+def test_a_busiest_minute_beyond_max_instances_is_warned(repo_root: Path, tmp_path: Path) -> None:
+    """One minute at 1,000 requests/s of chat-shaped traffic needs more prefill than
+    chat's 64 instances; the warning names the minute's rate and the bound."""
+    burst = [f"{1_800 + i / 1_000:.4f},1000,200" for i in range(60_000)]
+    quiet = [f"{i * 0.5:.1f},1000,200" for i in range(7_200)]
+    rows = sorted(quiet + burst, key=lambda row: float(row.split(",")[0]))
+    path = tmp_path / "burst.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n")
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(path)])
+    assert result.exit_code == 0, result.output
+    peak = warnings(result.stderr, about="busiest minute")
+    assert (
+        # The burst and the quiet hour's two requests a second within it.
+        "the busiest minute of burst.csv (1,002.0 requests/s) needs prefill about" in peak["chat"]
+    )
+    assert "max_instances 64" in peak["chat"]
+    calm = write_trace(tmp_path / "calm.csv", [SHORT_TOKENS] * 100)
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(calm)])
+    assert warnings(result.stderr, about="busiest minute") == {}

@@ -1,6 +1,6 @@
-"""The P/D ratio a load needs against the policy's bounds (``validate --trace``): what
-the planner would size each role to, so a bound that excludes it is found before the
-traffic is."""
+"""What a load needs of each role against the policy's bounds (``validate --trace``):
+the P/D ratio at its mean rate and the counts at its busiest minute, as the planner
+would size them, so a bound that excludes them is found before the traffic is."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from reconciler.policy.base import PolicyHistory
 from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS, LatencyCorrection, RequestMix
 from reconciler.policy.perf_context import capacities_for
 from reconciler.policy.planner import perf_context, plan_decide
-from reconciler.policy.ratio_need import RATIO_SLACK, RatioNeed, trace_ratio_need
+from reconciler.policy.trace_needs import (
+    RATIO_SLACK,
+    RatioNeed,
+    trace_peak_need,
+    trace_ratio_need,
+)
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,3 +156,47 @@ def test_prefill_is_sized_at_the_least_count_whose_pooled_capacity_carries_the_l
     count = next(n for n in range(1, 1000) if instances_needed(n) <= n)
     assert count > 1 and instances_needed(count - 1) > count - 1
     assert found.prefill_instances == pytest.approx(instances_needed(count))
+
+
+def _arrivals(per_s: float, seconds: float, start_s: float = 0.0) -> np.ndarray:
+    return start_s + np.arange(int(per_s * seconds)) / per_s
+
+
+def test_the_busiest_minute_is_measured_and_sized_against_max_instances(
+    state: DesiredState,
+) -> None:
+    """A quiet hour at 2 requests/s with one minute at 1,000: the counts are stated at
+    that minute's rate, and chat's 64 prefill instances cannot serve it."""
+    arrival = np.sort(np.concatenate([_arrivals(2.0, 3_600.0), _arrivals(998.0, 60.0, 1_800.0)]))
+    count = arrival.size
+    prompts, outputs = lengths(1_000, 0.6, count, 3), lengths(200, 0.5, count, 4)
+    policy = state.policies["chat"]
+    found = trace_peak_need(policy, state.clusters[policy.cluster], arrival, prompts, outputs)
+    assert found is not None
+    assert found.requests_per_s == pytest.approx(1_000.0, abs=2.0)
+    assert found.prefill_max == 64 and found.prefill_instances > 64
+    text = found.warning("burst.csv")
+    assert text is not None and text.startswith("service chat: the busiest minute of burst.csv")
+    assert "prefill about" in text and "max_instances 64" in text
+    # The same hour without the busy minute fits.
+    quiet = _arrivals(2.0, 3_600.0)
+    calm = trace_peak_need(
+        policy, state.clusters[policy.cluster], quiet, prompts[: quiet.size], outputs[: quiet.size]
+    )
+    assert calm is not None and calm.requests_per_s == pytest.approx(2.0, abs=0.05)
+    assert calm.warning("calm.csv") is None
+
+
+def test_the_peak_counts_are_the_same_sizing_as_the_ratio_at_that_rate(
+    state: DesiredState,
+) -> None:
+    """At a steady rate the busiest minute is the mean: both checks size alike."""
+    arrival = _arrivals(30.0, DURATION_S)
+    prompts, outputs = LONG_PROMPTS[: arrival.size], LONG_OUTPUTS[: arrival.size]
+    policy = state.policies["svc-a"]
+    cluster = state.clusters[policy.cluster]
+    peak = trace_peak_need(policy, cluster, arrival, prompts, outputs)
+    ratio = trace_ratio_need(policy, cluster, prompts, outputs, arrival.size / 30.0)
+    assert peak is not None and ratio is not None
+    assert peak.prefill_instances == pytest.approx(ratio.prefill_instances, rel=0.02)
+    assert peak.decode_instances == pytest.approx(ratio.decode_instances, rel=0.02)

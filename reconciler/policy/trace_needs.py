@@ -1,19 +1,21 @@
-"""Which prefill-to-decode ratio a recorded load needs, against the policy's bounds:
+"""What a recorded load needs of each role, against the policy's bounds:
 ``heteroscale validate --trace``.
 
 The planner sizes each role from its own capacity, so the P/D ratio is the outcome;
 ``pd_ratio.min``/``max`` only add instances to one role when the outcome leaves them
-(``clamps.enforce_ratio``). A bound that excludes what the traffic needs therefore costs
-instances every cycle, silently but for a clamp in each decision's message: a 2:1
-maximum on long-context traffic that needs 3 prefill per decode keeps decode at 1.5x
-what it needs all day. This check says so before the traffic arrives, from the same
-pieces the planner sizes with: the instance models of ``planner.perf_context``, the
-trace's request mix binned as the engines export it, the capacities of ``perf_context.capacities_for`` (prefill counted
-on the whole prompt work, unattainable requests included, as
-``PrefillCapacity.demand_tps`` does) at the trace's mean load.
+(``clamps.enforce_ratio``), and ``max_instances`` caps a role below what the SLO needs.
+Either costs silently but for a clamp in each decision's message: a 2:1 maximum on
+long-context traffic that needs 3 prefill per decode keeps decode at 1.5x what it needs
+all day; a ``max_instances`` below the busiest minute's need loses that minute's SLO
+whatever the autoscaler does. These checks say so before the traffic arrives, from the
+same pieces the planner sizes with: the instance models of ``planner.perf_context``,
+the trace's request mix binned as the engines export it, the capacities of
+``perf_context.capacities_for`` (prefill counted on the whole prompt work,
+unattainable requests included, as ``PrefillCapacity.demand_tps`` does).
 
-Prefill capacity per instance grows with the instance count (queueing pools), so the
-need is stated at a load: the trace's mean rate, after ``--rate-scale``.
+Prefill capacity per instance grows with the instance count (queueing pools), so a
+need is stated at a load: the ratio at the trace's mean rate (after ``--rate-scale``),
+the counts at its busiest ``PEAK_WINDOW_S``, with the whole trace's mix.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from reconciler.policy.planner import perf_context
 # Outside a bound by more than this share the check warns: the planner's rounding to
 # whole instances and groups moves a small fleet's ratio by about this much anyway.
 RATIO_SLACK = 0.1
+# The busiest stretch the counts are checked at: the planner's rates are one-minute
+# averages, and a minute is the shortest stretch it sizes for.
+PEAK_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,38 @@ class RatioNeed:
         )
 
 
+@dataclass(frozen=True)
+class PeakNeed:
+    """Each role's instances one service needs at a load's busiest minute, against
+    its ``max_instances``."""
+
+    service: str
+    capacities: RoleCapacities
+    requests_per_s: float  # over the busiest PEAK_WINDOW_S
+    prefill_instances: float
+    decode_instances: float
+    prefill_max: int
+    decode_max: int
+
+    def warning(self, trace_name: str) -> str | None:
+        """The warning ``validate --trace`` prints, None when both roles fit."""
+        short = [
+            f"{role} about {need:,.1f} instances, max_instances {most}"
+            for role, need, most in (
+                ("prefill", self.prefill_instances, self.prefill_max),
+                ("decode", self.decode_instances, self.decode_max),
+            )
+            if math.ceil(need - 1e-9) > most
+        ]
+        if not short:
+            return None
+        return (
+            f"service {self.service}: the busiest minute of {trace_name} "
+            f"({self.requests_per_s:,.1f} requests/s) needs {' and '.join(short)}: the "
+            "SLO cannot hold there whatever the autoscaler does"
+        )
+
+
 def trace_ratio_need(
     policy: ServicePolicy,
     cluster: ClusterSpec,
@@ -99,14 +136,60 @@ def trace_ratio_need(
     """The ratio the requests (one entry each, arriving over ``duration_s``) need at
     their mean rate. None when a role has no GPU type in the cluster that fits the
     model, or there is no load to size for."""
+    if len(prompt_tokens) == 0 or not duration_s > 0:
+        return None
+    needs = _needs(policy, cluster, prompt_tokens, output_tokens, len(prompt_tokens) / duration_s)
+    if needs is None:
+        return None
+    prefill, decode, caps = needs
+    return RatioNeed(policy.name, caps, prefill, decode, policy.pd_ratio.min, policy.pd_ratio.max)
+
+
+def trace_peak_need(
+    policy: ServicePolicy,
+    cluster: ClusterSpec,
+    arrival_s: np.ndarray,
+    prompt_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+) -> PeakNeed | None:
+    """Each role's need at the busiest ``PEAK_WINDOW_S`` of the requests (arrival times
+    sorted), with the whole trace's mix. None as ``trace_ratio_need``."""
+    if len(arrival_s) == 0:
+        return None
+    arrival = np.asarray(arrival_s, dtype=float)
+    ends = np.searchsorted(arrival, arrival + PEAK_WINDOW_S, side="left")
+    busiest = int((ends - np.arange(arrival.size)).max())
+    rate = busiest / PEAK_WINDOW_S
+    needs = _needs(policy, cluster, prompt_tokens, output_tokens, rate)
+    if needs is None:
+        return None
+    prefill, decode, caps = needs
+    return PeakNeed(
+        policy.name,
+        caps,
+        rate,
+        prefill,
+        decode,
+        policy.prefill.max_instances,
+        policy.decode.max_instances,
+    )
+
+
+def _needs(
+    policy: ServicePolicy,
+    cluster: ClusterSpec,
+    prompt_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    requests_per_s: float,
+) -> tuple[float, float, RoleCapacities] | None:
+    """Each role's instances (unrounded) for the requests' mix at ``requests_per_s``,
+    and the capacities they were sized with; None without a fitting GPU type."""
     perf = perf_context(policy, cluster)
-    requests = len(prompt_tokens)
-    if perf is None or requests == 0 or not duration_s > 0:
+    if perf is None or not requests_per_s > 0:
         return None
     # Binned as the engines export it (vLLM's 1-2-5 buckets), as the planner reads it:
     # on long prompts near the TTFT reach the derived capacity depends on the bins.
     mix = RequestMix.from_samples(prompt_tokens, output_tokens, ENGINE_LENGTH_BOUNDS)
-    requests_per_s = requests / duration_s
     prompt_tps = requests_per_s * float(np.mean(prompt_tokens))
     output_tps = requests_per_s * float(np.mean(output_tokens))
     correction = LatencyCorrection()
@@ -131,7 +214,14 @@ def trace_ratio_need(
     decode = output_tps / max(caps.decode_tps_per_instance, 1e-9)
     if not (prefill > 0 and decode > 0):
         return None
-    return RatioNeed(policy.name, caps, prefill, decode, policy.pd_ratio.min, policy.pd_ratio.max)
+    return prefill, decode, caps
 
 
-__all__ = ["RATIO_SLACK", "RatioNeed", "trace_ratio_need"]
+__all__ = [
+    "PEAK_WINDOW_S",
+    "RATIO_SLACK",
+    "PeakNeed",
+    "RatioNeed",
+    "trace_peak_need",
+    "trace_ratio_need",
+]
