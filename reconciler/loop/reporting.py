@@ -30,6 +30,7 @@ from reconciler.observe.base import Drift
 from reconciler.plan import Plan
 
 if TYPE_CHECKING:
+    from reconciler.desired.loader import DesiredState
     from reconciler.loop.cluster_cycle import ClusterOutcome
     from reconciler.loop.schedule import ReconcileLoop
 
@@ -122,6 +123,18 @@ class LoopMetrics:
             "heteroscale_target_instances",
             "Instances the policy asks for",
             ["service", "role"],
+            registry=r,
+        )
+        self.current_instances = Gauge(
+            "heteroscale_current_instances",
+            "Instances the fleet runs (ready) or starts when the cycle observed it",
+            ["service", "role", "state"],
+            registry=r,
+        )
+        self.slo_seconds = Gauge(
+            "heteroscale_slo_seconds",
+            "The latency SLO of the service's policy in force (slo: ttft, tbt)",
+            ["service", "slo"],
             registry=r,
         )
         self.placement_solve = Histogram(
@@ -235,6 +248,10 @@ def record_plan(metrics: LoopMetrics, cluster: str, plan: Plan) -> None:
         metrics.decisions.labels(service, decision.reason).inc()
         metrics.target_instances.labels(service, "prefill").set(decision.prefill)
         metrics.target_instances.labels(service, "decode").set(decision.decode)
+        fleet = plan.current.service_fleet(service)
+        for role, count in (("prefill", fleet.prefill), ("decode", fleet.decode)):
+            metrics.current_instances.labels(service, role, "ready").set(count.ready)
+            metrics.current_instances.labels(service, role, "starting").set(count.starting)
         log.info(
             f"{service}: {decision.message}",
             extra={
@@ -255,6 +272,14 @@ def record_plan(metrics: LoopMetrics, cluster: str, plan: Plan) -> None:
             f"cluster {cluster}: {service} held: {why}",
             extra={"event": "service_held", "cluster": cluster, "service": service},
         )
+
+
+def record_slos(metrics: LoopMetrics, state: DesiredState) -> None:
+    """Each service's latency SLOs, as the policies in force state them (the
+    dashboard draws the engines' latency against them)."""
+    for service, policy in state.policies.items():
+        metrics.slo_seconds.labels(service, "ttft").set(policy.slo.ttft_ms / 1000.0)
+        metrics.slo_seconds.labels(service, "tbt").set(policy.slo.tbt_ms / 1000.0)
 
 
 def record_cycle(

@@ -18,7 +18,7 @@ from reconciler.durable import DurableState
 from reconciler.errors import ConfigError, HeteroscaleError
 from reconciler.loop.cluster_cycle import ClusterCycle, ClusterOutcome
 from reconciler.loop.protocols import DesiredStateLoader, LeaderElection, StateStore
-from reconciler.loop.reporting import LeaseCollector, LoopMetrics, log
+from reconciler.loop.reporting import LeaseCollector, LoopMetrics, log, record_slos
 from reconciler.loop.windows import PolicyWindows
 from reconciler.observe.base import ClusterBackend, MetricsSource
 from reconciler.placement.base import PlacementOptions, Placer
@@ -173,6 +173,7 @@ class ReconcileLoop:
         if state is None:
             self.cycles_run += 1
             return result
+        record_slos(self.metrics, state)  # of the state in force, the last good one included
         result.source_label = state.source_label
         leader = self.is_leader()
         self.metrics.leader.set(1 if leader else 0)

@@ -146,6 +146,13 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
             'heteroscale_services_held{cluster="prod-east"} 0.0',
             "heteroscale_errors_total",
             'heteroscale_cycles_total{cluster="prod-east",outcome="ok"} 1.0',
+            # What the dashboard (deploy/grafana-dashboard.json) draws against each other:
+            # the policy's SLOs, what runs and what is decided.
+            'heteroscale_slo_seconds{service="chat",slo="ttft"} 1.5',
+            'heteroscale_slo_seconds{service="chat",slo="tbt"} 0.05',
+            'heteroscale_current_instances{role="decode",service="chat",state="ready"}',
+            'heteroscale_current_instances{role="prefill",service="chat",state="starting"}',
+            'heteroscale_target_instances{role="decode",service="chat"}',
         ):
             assert metric in text, metric
         assert urllib.request.urlopen(base + "/healthz").status == 200
