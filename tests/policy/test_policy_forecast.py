@@ -115,8 +115,13 @@ def test_headroom_grows_with_the_variance_of_the_demand(
     bursty_room, bursty_used = headroom(bursty, 150.0)
     assert calm_used == bursty_used == ForecastConfig().errors_kept  # the last hour
     assert bursty_room > calm_room >= ForecastConfig().min_headroom
-    # roughly the noise's own 95th percentile (1.645 sd) plus the forecaster's error
-    assert bursty_room > 1.645 * bursty_sd
+    # The noise's own 95th percentile (1.645 sd) plus the forecaster's error: a median
+    # of 2.8 sd over 600 random draws. It is a sample quantile of the last hour's 120
+    # errors, though, whose spread is a fifth of an sd and more (sqrt(0.05 x 0.95 / 120)
+    # over the normal density at 1.645): hypothesis found 1.49 sd (seed 132, sd 0.25),
+    # below the 1.645 this checked before. Above 1.2 sd it still says the headroom
+    # follows the noise (the calm series' stays at the floor).
+    assert bursty_room > 1.2 * bursty_sd
 
 
 def test_headroom_is_measured_at_its_horizon() -> None:
