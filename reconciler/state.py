@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal, get_args
 
 Role = Literal["prefill", "decode"]
@@ -191,17 +192,26 @@ class FleetState:
     starting: Mapping[tuple[str, Role], int] = field(default_factory=dict)
     draining: Mapping[tuple[str, Role], int] = field(default_factory=dict)
 
+    @cached_property
+    def _groups_by_service(self) -> Mapping[str, tuple[DeploymentGroup, ...]]:
+        """The groups per service, built once: every cycle asks ``service_fleet`` of
+        each service several times (decide, report, metrics), which scanning every
+        group each time made services x groups."""
+        by_service: dict[str, list[DeploymentGroup]] = {}
+        for group in self.groups:
+            by_service.setdefault(group.service, []).append(group)
+        return {service: tuple(groups) for service, groups in by_service.items()}
+
     def service_fleet(self, service: str) -> ServiceFleet:
         counts: dict[Role, int] = {"prefill": 0, "decode": 0}
         by_type: dict[Role, dict[str, int]] = {"prefill": {}, "decode": {}}
-        for group in self.groups:
-            if group.service == service:
-                for role in ROLES:
-                    placed = group.role(role)
-                    counts[role] += placed.instances
-                    if placed.instances:
-                        types = by_type[role]
-                        types[placed.gpu_type] = types.get(placed.gpu_type, 0) + placed.instances
+        for group in self._groups_by_service.get(service, ()):
+            for role in ROLES:
+                placed = group.role(role)
+                counts[role] += placed.instances
+                if placed.instances:
+                    types = by_type[role]
+                    types[placed.gpu_type] = types.get(placed.gpu_type, 0) + placed.instances
 
         def role_count(role: Role) -> RoleCount:
             starting = self.starting.get((service, role), 0)
