@@ -258,40 +258,30 @@ def read_leader(client: Any, home: LeaseRef, now_s: float) -> Leader:
     return Leader(record.holder, record.renew_time, detail)
 
 
-def read_memories(store: Any, cluster: str) -> StoredMemories | None:
-    """The planner memories stored for ``cluster`` (None without a readable state
-    object: ``read_revision`` says why)."""
+def read_stored(store: Any, cluster: str) -> tuple[AppliedRevision, StoredMemories | None]:
+    """The applied revision and the planner memories the state objects hold for
+    ``cluster``, from one read of them (memories None without a readable state
+    object: the revision says why)."""
     from reconciler.durable import StateFormatError
     from reconciler.policy.planner import PlannerMemory
 
-    try:
-        stored = store.load(cluster)
-    except StateFormatError:
-        return None
-    if stored is None:
-        return None
-    held = sum(isinstance(h.planner, PlannerMemory) for h in stored.histories.values())
-    shards = store.loaded_memory_shards(cluster) or 0
-    return StoredMemories(held, shards, list(store.load_problems(cluster)))
-
-
-def read_revision(store: Any, cluster: str) -> AppliedRevision:
-    from reconciler.durable import StateFormatError
-
     where = store.describe(cluster)
     try:
-        stored = store.load(cluster, with_memories=False)  # only the applied plan
+        stored = store.load(cluster)
     except StateFormatError as exc:
-        return AppliedRevision("unknown", detail=f"{where} unreadable: {exc}")
+        return AppliedRevision("unknown", detail=f"{where} unreadable: {exc}"), None
     if stored is None:
         return AppliedRevision(
             "unknown", detail=f"no {where}: written by `heteroscale run` and `heteroscale apply`"
-        )
+        ), None
+    held = sum(isinstance(h.planner, PlannerMemory) for h in stored.histories.values())
+    shards = store.loaded_memory_shards(cluster) or 0
+    memories = StoredMemories(held, shards, list(store.load_problems(cluster)))
     if stored.last_plan is None:
-        return AppliedRevision("unknown", detail=f"{where} records no applied plan")
+        return AppliedRevision("unknown", detail=f"{where} records no applied plan"), memories
     plan = stored.last_plan
     label = stored.revision.label if stored.revision and stored.revision.id == plan.revision else ""
-    return AppliedRevision(plan.revision, label, _iso(plan.applied_at_s))
+    return AppliedRevision(plan.revision, label, _iso(plan.applied_at_s)), memories
 
 
 # ---------------------------------------------------------------------- assembly
@@ -405,8 +395,7 @@ def collect_status(settings: Settings, home: LeaseRef) -> Status:
             )
         else:
             try:
-                revision = read_revision(store, outcome.cluster)
-                memories = read_memories(store, outcome.cluster)
+                revision, memories = read_stored(store, outcome.cluster)
             except Exception as exc:  # as above: reported, exit 1
                 revision = AppliedRevision("unknown", detail=f"{type(exc).__name__}: {exc}")
                 errors.append(f"{store.describe(outcome.cluster)}: {type(exc).__name__}: {exc}")
