@@ -225,7 +225,7 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
     from rich.markup import escape
 
     from reconciler.policy.attainability import WARN_SHARE, trace_attainability
-    from reconciler.policy.trace_needs import trace_peak_need, trace_ratio_need
+    from reconciler.policy.trace_needs import TraceLoad, trace_peak_need, trace_ratio_need
     from reconciler.sim.workload import TraceError, read_trace
 
     try:
@@ -239,6 +239,9 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
     if workload.requests == 0:
         err_console.print(f"[red]error[/red] {escape(str(trace))}: no requests", soft_wrap=True)
         raise typer.Exit(1)
+    load = TraceLoad.of(
+        workload.arrival_s, workload.prompt_tokens, workload.output_tokens, workload.duration_s
+    )
     for name, policy in sorted(state.policies.items()):
         cluster = state.clusters.get(policy.cluster)
         found = (
@@ -259,13 +262,12 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
             continue
         if found.share > WARN_SHARE:
             err_console.print(f"warning: {found.warning(trace.name)}", soft_wrap=True, markup=False)
-        ratio = trace_ratio_need(
-            policy, cluster, workload.prompt_tokens, workload.output_tokens, workload.duration_s
-        )
-        peak = trace_peak_need(
-            policy, cluster, workload.arrival_s, workload.prompt_tokens, workload.output_tokens
-        )
-        for need in (ratio, peak):
+        if load is None:
+            continue
+        for need in (
+            trace_ratio_need(policy, cluster, load),
+            trace_peak_need(policy, cluster, load),
+        ):
             text = need.warning(trace.name) if need is not None else None
             if text is not None:
                 err_console.print(f"warning: {text}", soft_wrap=True, markup=False)

@@ -126,19 +126,49 @@ class PeakNeed:
         )
 
 
+@dataclass(frozen=True)
+class TraceLoad:
+    """What the checks read of a trace, whatever the service: its request mix, binned
+    as the engines export it (vLLM's 1-2-5 buckets, as the planner reads it: on long
+    prompts near the TTFT reach the derived capacity depends on the bins), its mean
+    lengths, and its mean and busiest ``PEAK_WINDOW_S`` request rates."""
+
+    mix: RequestMix
+    prompt_mean_tokens: float
+    output_mean_tokens: float
+    mean_requests_per_s: float
+    peak_requests_per_s: float
+
+    @classmethod
+    def of(
+        cls,
+        arrival_s: np.ndarray,
+        prompt_tokens: np.ndarray,
+        output_tokens: np.ndarray,
+        duration_s: float,
+    ) -> TraceLoad | None:
+        """The requests (one entry each, arrival times sorted, arriving over
+        ``duration_s``); None when there is no load to size for."""
+        if len(arrival_s) == 0 or not duration_s > 0:
+            return None
+        arrival = np.asarray(arrival_s, dtype=float)
+        ends = np.searchsorted(arrival, arrival + PEAK_WINDOW_S, side="left")
+        busiest = int((ends - np.arange(arrival.size)).max())
+        return cls(
+            RequestMix.from_samples(prompt_tokens, output_tokens, ENGINE_LENGTH_BOUNDS),
+            float(np.mean(prompt_tokens)),
+            float(np.mean(output_tokens)),
+            len(arrival) / duration_s,
+            busiest / PEAK_WINDOW_S,
+        )
+
+
 def trace_ratio_need(
-    policy: ServicePolicy,
-    cluster: ClusterSpec,
-    prompt_tokens: np.ndarray,
-    output_tokens: np.ndarray,
-    duration_s: float,
+    policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad
 ) -> RatioNeed | None:
-    """The ratio the requests (one entry each, arriving over ``duration_s``) need at
-    their mean rate. None when a role has no GPU type in the cluster that fits the
-    model, or there is no load to size for."""
-    if len(prompt_tokens) == 0 or not duration_s > 0:
-        return None
-    needs = _needs(policy, cluster, prompt_tokens, output_tokens, len(prompt_tokens) / duration_s)
+    """The ratio the load needs at its mean rate. None when a role has no GPU type in
+    the cluster that fits the model."""
+    needs = _needs(policy, cluster, load, load.mean_requests_per_s)
     if needs is None:
         return None
     prefill, decode, caps = needs
@@ -146,21 +176,12 @@ def trace_ratio_need(
 
 
 def trace_peak_need(
-    policy: ServicePolicy,
-    cluster: ClusterSpec,
-    arrival_s: np.ndarray,
-    prompt_tokens: np.ndarray,
-    output_tokens: np.ndarray,
+    policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad
 ) -> PeakNeed | None:
-    """Each role's need at the busiest ``PEAK_WINDOW_S`` of the requests (arrival times
-    sorted), with the whole trace's mix. None as ``trace_ratio_need``."""
-    if len(arrival_s) == 0:
-        return None
-    arrival = np.asarray(arrival_s, dtype=float)
-    ends = np.searchsorted(arrival, arrival + PEAK_WINDOW_S, side="left")
-    busiest = int((ends - np.arange(arrival.size)).max())
-    rate = busiest / PEAK_WINDOW_S
-    needs = _needs(policy, cluster, prompt_tokens, output_tokens, rate)
+    """Each role's need at the load's busiest ``PEAK_WINDOW_S``, with the whole trace's
+    mix. None as ``trace_ratio_need``."""
+    rate = load.peak_requests_per_s
+    needs = _needs(policy, cluster, load, rate)
     if needs is None:
         return None
     prefill, decode, caps = needs
@@ -176,22 +197,16 @@ def trace_peak_need(
 
 
 def _needs(
-    policy: ServicePolicy,
-    cluster: ClusterSpec,
-    prompt_tokens: np.ndarray,
-    output_tokens: np.ndarray,
-    requests_per_s: float,
+    policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad, requests_per_s: float
 ) -> tuple[float, float, RoleCapacities] | None:
-    """Each role's instances (unrounded) for the requests' mix at ``requests_per_s``,
-    and the capacities they were sized with; None without a fitting GPU type."""
+    """Each role's instances (unrounded) for the load's mix at ``requests_per_s``, and
+    the capacities they were sized with; None without a fitting GPU type."""
     perf = perf_context(policy, cluster)
     if perf is None or not requests_per_s > 0:
         return None
-    # Binned as the engines export it (vLLM's 1-2-5 buckets), as the planner reads it:
-    # on long prompts near the TTFT reach the derived capacity depends on the bins.
-    mix = RequestMix.from_samples(prompt_tokens, output_tokens, ENGINE_LENGTH_BOUNDS)
-    prompt_tps = requests_per_s * float(np.mean(prompt_tokens))
-    output_tps = requests_per_s * float(np.mean(output_tokens))
+    mix = load.mix
+    prompt_tps = requests_per_s * load.prompt_mean_tokens
+    output_tps = requests_per_s * load.output_mean_tokens
     correction = LatencyCorrection()
 
     def sized(count: int) -> tuple[float, RoleCapacities]:
@@ -222,6 +237,7 @@ __all__ = [
     "RATIO_SLACK",
     "PeakNeed",
     "RatioNeed",
+    "TraceLoad",
     "trace_peak_need",
     "trace_ratio_need",
 ]

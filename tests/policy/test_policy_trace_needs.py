@@ -21,6 +21,7 @@ from reconciler.policy.planner import perf_context, plan_decide
 from reconciler.policy.trace_needs import (
     RATIO_SLACK,
     RatioNeed,
+    TraceLoad,
     trace_peak_need,
     trace_ratio_need,
 )
@@ -42,9 +43,23 @@ def lengths(median: float, sigma: float, count: int, seed: int) -> np.ndarray:
 
 def need(state: DesiredState, service: str, prompts: np.ndarray, outputs: np.ndarray) -> RatioNeed:
     policy = state.policies[service]
-    found = trace_ratio_need(policy, state.clusters[policy.cluster], prompts, outputs, DURATION_S)
+    found = trace_ratio_need(policy, state.clusters[policy.cluster], load_of(prompts, outputs))
     assert found is not None
     return found
+
+
+def load_of(
+    prompts: np.ndarray, outputs: np.ndarray, arrival: np.ndarray | None = None
+) -> TraceLoad:
+    """The requests as the checks read them; without arrival times, spread evenly over
+    ``DURATION_S``; with them, over time 0 to the last (as ``Workload.duration_s``)."""
+    if arrival is None:
+        arrival, duration_s = np.arange(prompts.size) * (DURATION_S / prompts.size), DURATION_S
+    else:
+        duration_s = float(arrival[-1])
+    load = TraceLoad.of(arrival, prompts, outputs, duration_s)
+    assert load is not None
+    return load
 
 
 # Long-context conversation (the Mooncake trace's shape): ~10,000-token prompts,
@@ -171,7 +186,9 @@ def test_the_busiest_minute_is_measured_and_sized_against_max_instances(
     count = arrival.size
     prompts, outputs = lengths(1_000, 0.6, count, 3), lengths(200, 0.5, count, 4)
     policy = state.policies["chat"]
-    found = trace_peak_need(policy, state.clusters[policy.cluster], arrival, prompts, outputs)
+    found = trace_peak_need(
+        policy, state.clusters[policy.cluster], load_of(prompts, outputs, arrival)
+    )
     assert found is not None
     assert found.requests_per_s == pytest.approx(1_000.0, abs=2.0)
     assert found.prefill_max == 64 and found.prefill_instances > 64
@@ -181,7 +198,9 @@ def test_the_busiest_minute_is_measured_and_sized_against_max_instances(
     # The same hour without the busy minute fits.
     quiet = _arrivals(2.0, 3_600.0)
     calm = trace_peak_need(
-        policy, state.clusters[policy.cluster], quiet, prompts[: quiet.size], outputs[: quiet.size]
+        policy,
+        state.clusters[policy.cluster],
+        load_of(prompts[: quiet.size], outputs[: quiet.size], quiet),
     )
     assert calm is not None and calm.requests_per_s == pytest.approx(2.0, abs=0.05)
     assert calm.warning("calm.csv") is None
@@ -195,8 +214,9 @@ def test_the_peak_counts_are_the_same_sizing_as_the_ratio_at_that_rate(
     prompts, outputs = LONG_PROMPTS[: arrival.size], LONG_OUTPUTS[: arrival.size]
     policy = state.policies["svc-a"]
     cluster = state.clusters[policy.cluster]
-    peak = trace_peak_need(policy, cluster, arrival, prompts, outputs)
-    ratio = trace_ratio_need(policy, cluster, prompts, outputs, arrival.size / 30.0)
+    load = load_of(prompts, outputs, arrival)
+    peak = trace_peak_need(policy, cluster, load)
+    ratio = trace_ratio_need(policy, cluster, load)
     assert peak is not None and ratio is not None
     assert peak.prefill_instances == pytest.approx(ratio.prefill_instances, rel=0.02)
     assert peak.decode_instances == pytest.approx(ratio.decode_instances, rel=0.02)
