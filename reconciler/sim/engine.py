@@ -1008,6 +1008,8 @@ class ServiceSim:
     def step(self) -> None:
         t = self.t
         cum = self.cum
+        # PrefillSecond's fields, in its order, as locals: the rest of the second (the
+        # simulator's innermost loop) reads most of them several times.
         (
             n_arr,
             admitted,

@@ -1,0 +1,118 @@
+"""``benchmarks/bench_matrix.py``'s verdicts against the planner's goals: each goal is
+judged from a cell's figures as the issue states it (attainment, or static peak's less
+half a point where static peak itself falls short; cheaper than static peak; within
+1.25x of oracle-min; within 0.70x of static peak on the 8-hour days), and the reactive
+reference is weighted by oracle-min's GPU-hours per role."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_matrix.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_matrix", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(
+    *,
+    planner_gpu_h: float = 1_200.0,
+    planner_slo: float = 0.999,
+    static_gpu_h: float = 2_000.0,
+    static_slo: float = 1.0,
+    bound_prefill_gpu_h: float = 300.0,
+    bound_decode_gpu_h: float = 700.0,
+    hours: float = 8.0,
+    reactive: tuple[float, float] = (1.5, 1.1),
+) -> dict[str, Any]:
+    bound = bound_prefill_gpu_h + bound_decode_gpu_h
+    return {
+        "cell": "c",
+        "hours": hours,
+        "horizon_s": hours * 3600,
+        "policies": {
+            "heteroscale": {
+                "gpu_hours": planner_gpu_h,
+                "gpu_hours_vs_oracle_min": planner_gpu_h / bound,
+                "slo_attainment": planner_slo,
+            },
+            "static-peak": {"gpu_hours": static_gpu_h, "slo_attainment": static_slo},
+            "oracle-min": {
+                "gpu_hours": bound,
+                "gpu_hours_prefill": bound_prefill_gpu_h,
+                "gpu_hours_decode": bound_decode_gpu_h,
+                "slo_attainment": 1.0,
+            },
+        },
+        "reactive_reference": {
+            "prefill": {"capacity_multiple": reactive[0]},
+            "decode": {"capacity_multiple": reactive[1]},
+        },
+    }
+
+
+def test_a_cell_meeting_every_goal_has_no_miss(bench: ModuleType) -> None:
+    verdict = bench.goal_verdict(cell())
+    assert verdict.misses == ()
+    assert verdict.vs_static == pytest.approx(0.6)
+    assert verdict.vs_bound == pytest.approx(1.2)
+
+
+def test_attainment_below_the_goal_is_a_miss_while_static_peak_reaches_it(
+    bench: ModuleType,
+) -> None:
+    assert bench.goal_verdict(cell(planner_slo=0.985)).misses == ("attainment 98.50% < 99.00%",)
+
+
+def test_where_static_peak_falls_short_half_a_point_below_it_is_enough(bench: ModuleType) -> None:
+    assert bench.goal_verdict(cell(planner_slo=0.776, static_slo=0.78)).misses == ()
+    verdict = bench.goal_verdict(cell(planner_slo=0.774, static_slo=0.78))
+    assert verdict.attainment_needed == pytest.approx(0.775)
+    assert verdict.misses == ("attainment 77.40% < 77.50%",)
+
+
+def test_costing_static_peak_or_more_is_one_miss_not_two(bench: ModuleType) -> None:
+    misses = bench.goal_verdict(cell(planner_gpu_h=1_100.0, static_gpu_h=1_000.0)).misses
+    assert [m for m in misses if "static peak" in m] == ["1.100x static peak"]
+
+
+def test_the_diurnal_goal_applies_to_the_8_hour_days_only(bench: ModuleType) -> None:
+    eight = bench.goal_verdict(cell(planner_gpu_h=1_200.0, static_gpu_h=1_600.0))
+    assert eight.misses == ("0.750x static peak on an 8-hour day",)
+    one = bench.goal_verdict(cell(planner_gpu_h=1_200.0, static_gpu_h=1_600.0, hours=1.0))
+    assert one.misses == ()
+
+
+def test_the_bound_multiple_is_judged_and_set_beside_start_up_lag_weighted_by_role(
+    bench: ModuleType,
+) -> None:
+    verdict = bench.goal_verdict(cell(planner_gpu_h=1_300.0))
+    # (1.5 x 300 + 1.1 x 700) / 1,000 prefill and decode GPU-hours of the bound.
+    assert verdict.reactive_multiple == pytest.approx(1.22)
+    assert verdict.misses == ("1.300x oracle-min (start-up lag alone: 1.22x)",)
+
+
+def test_a_failed_or_missing_policy_is_not_judged(bench: ModuleType) -> None:
+    document = cell()
+    document["policies"]["heteroscale"] = {"failed": "boom"}
+    assert bench.goal_verdict(document) is None
+    assert "not judged" in bench.goals_table([document])
+
+
+def test_the_table_counts_the_cells_meeting_every_goal(bench: ModuleType) -> None:
+    table = bench.goals_table([cell(), cell(planner_slo=0.9), cell(planner_gpu_h=900.0)])
+    assert table.splitlines()[-1] == "heteroscale meets every goal on 2 of 3 cells judged."
+    assert table.count("| none |") == 2
