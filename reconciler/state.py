@@ -71,7 +71,7 @@ class LengthBuckets:
         return (
             (now_s - self.at_s) <= max_age_s
             and bool(self.cumulative)
-            and all(math.isfinite(c) for c in self.cumulative)
+            and all(map(math.isfinite, self.cumulative))
             and max(self.cumulative) > 0
         )
 

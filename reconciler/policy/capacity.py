@@ -38,7 +38,8 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -117,8 +118,8 @@ class _Layout:
 
     lengths: np.ndarray  # read-only, as ``LengthHistogram._spread`` makes them
     kept: tuple[int, ...]  # the buckets holding mass, in order
-    spread: np.ndarray  # per kept bucket: spread over points (else a point mass)
-    widths: np.ndarray  # per kept bucket: its width (1 for a point mass: unused)
+    # Per kept bucket: its width when spread over points, None for a point mass.
+    widths: tuple[float | None, ...]
     rows: np.ndarray  # per point: its bucket's position in ``kept``
 
 
@@ -139,17 +140,16 @@ def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
         shape = LengthHistogram(bounds, tuple(1.0 if h else 0.0 for h in held))
         lengths, _ = shape._spread(None, POINTS_PER_BUCKET)
         lengths.setflags(write=False)
-        spread, widths, rows = [], [], []
+        widths: list[float | None] = []
+        rows: list[int] = []
         for lo, hi, count in shape._buckets():
             if count > 0:  # a held bucket: spread, or a point mass (hi <= lo)
-                spread.append(hi > lo)
-                widths.append(hi - lo if hi > lo else 1.0)
-                rows += [len(spread) - 1] * (POINTS_PER_BUCKET if hi > lo else 1)
+                widths.append(hi - lo if hi > lo else None)
+                rows += [len(widths) - 1] * (POINTS_PER_BUCKET if hi > lo else 1)
         layout = _Layout(
             lengths,
             tuple(i for i, h in enumerate(held) if h),
-            np.array(spread, dtype=bool),
-            np.array(widths),
+            tuple(widths),
             np.array(rows, dtype=np.intp),
         )
         if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
@@ -208,14 +208,17 @@ class LengthHistogram:
     def _whole(self) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_spread` of the whole mass, its lengths from the shared layout and
         only the weights computed: ``count x width / width / n`` per spread bucket
-        (the arithmetic ``_spread`` does with ``top = hi``), the count for a point
-        mass."""
+        (the arithmetic ``_spread`` does with ``top = hi``; in Python floats, the same
+        IEEE operations as numpy's on a dozen buckets, for less), the count for a
+        point mass."""
         layout = self.layout()
         if not layout.kept:
             return _read_only(np.zeros(0), np.zeros(0))
-        counts = np.array([self.counts[i] for i in layout.kept])
-        spread = counts * layout.widths / layout.widths / POINTS_PER_BUCKET
-        weights = np.where(layout.spread, spread, counts)[layout.rows]
+        per_bucket = [
+            self.counts[i] if width is None else self.counts[i] * width / width / POINTS_PER_BUCKET
+            for i, width in zip(layout.kept, layout.widths, strict=True)
+        ]
+        weights = np.array(per_bucket)[layout.rows]
         weights.setflags(write=False)
         return layout.lengths, weights
 
@@ -291,9 +294,38 @@ class LengthHistogram:
 
     def _moment(self, power: int, upper: float | None) -> float:
         lengths, weights = self.points(upper)
-        if weights.sum() <= 0:
+        mass = weights.sum()
+        if mass <= 0:
             return 0.0
-        return float(weights @ lengths**power / weights.sum())
+        return float(weights @ lengths**power / mass)
+
+
+def _histogram_from_cumulative(
+    le: Sequence[float], cumulative: Sequence[float]
+) -> LengthHistogram | None:
+    """:meth:`RequestMix.from_cumulative`'s histogram of one column pair (bounds, then
+    cumulative counts), None when empty, non-finite or holding no observation."""
+    if len(le) != len(cumulative):
+        raise ValueError("a histogram needs one cumulative count per bucket bound")
+    bounds = tuple(map(float, le))
+    cumulative_counts = tuple(map(float, cumulative))
+    if not bounds:
+        return None
+    if not all(map(operator.lt, bounds, bounds[1:])):  # not in order: sort the pairs
+        rows = sorted(zip(bounds, cumulative_counts, strict=True))
+        bounds = tuple(le for le, _ in rows)
+        cumulative_counts = tuple(c for _, c in rows)
+    if not all(map(math.isfinite, cumulative_counts)):
+        return None
+    # The running maximum of the counts floored at 0 (``histogram_quantile``'s repair of
+    # rate artefacts), in floats: numpy's ``maximum.accumulate(maximum(c, 0.0))`` gives
+    # the same values, and costs more than it saves on a couple of dozen buckets.
+    running = list(accumulate((c if c > 0.0 else 0.0 for c in cumulative_counts), max))
+    if running[-1] <= 0:
+        return None
+    # np.diff's subtractions, one by one.
+    counts = map(operator.sub, running, [0.0, *running[:-1]])
+    return LengthHistogram(bounds, tuple(counts))
 
 
 @dataclass(frozen=True)
@@ -348,22 +380,25 @@ class RequestMix:
         raised to the running maximum. ``None`` when either histogram has no
         observations (nothing to size from: the caller holds)."""
 
-        def histogram(buckets: Iterable[tuple[float, float]]) -> LengthHistogram | None:
+        def columns(buckets: Iterable[tuple[float, float]]) -> tuple[list[float], list[float]]:
             rows = sorted((float(le), float(c)) for le, c in buckets)
-            if not rows:
-                return None
-            bounds, cumulative_counts = zip(*rows, strict=True)
-            if not all(map(math.isfinite, cumulative_counts)):
-                return None
-            cumulative = np.maximum.accumulate(np.maximum(cumulative_counts, 0.0)).tolist()
-            if cumulative[-1] <= 0:
-                return None
-            # np.diff's subtractions, one by one (numpy costs more than it saves here).
-            counts = map(operator.sub, cumulative, [0.0, *cumulative[:-1]])
-            return LengthHistogram(bounds, tuple(counts))
+            return [le for le, _ in rows], [c for _, c in rows]
 
-        prompt = histogram(prompt_buckets)
-        output = histogram(output_buckets)
+        return cls.from_cumulative_columns(*columns(prompt_buckets), *columns(output_buckets))
+
+    @classmethod
+    def from_cumulative_columns(
+        cls,
+        prompt_le: Sequence[float],
+        prompt_cumulative: Sequence[float],
+        output_le: Sequence[float],
+        output_cumulative: Sequence[float],
+    ) -> RequestMix | None:
+        """:meth:`from_cumulative` from the bounds and cumulative counts as two columns
+        each (as ``LengthBuckets`` holds them): the same histograms, without pairing
+        every bucket up (a decision reads two histograms every cycle)."""
+        prompt = _histogram_from_cumulative(prompt_le, prompt_cumulative)
+        output = _histogram_from_cumulative(output_le, output_cumulative)
         if prompt is None or output is None:
             return None
         return cls(prompt, output)
@@ -1023,7 +1058,9 @@ class LatencyCorrection:
         old = self.factor(role)
         new = math.exp((1.0 - self.SMOOTHING) * math.log(old) + self.SMOOTHING * math.log(target))
         new = min(max(new, self.MIN_FACTOR), self.MAX_FACTOR)
-        return replace(self, **{role: new})
+        if role == "prefill":
+            return LatencyCorrection(prefill=new, decode=self.decode)
+        return LatencyCorrection(prefill=self.prefill, decode=new)
 
     def to_extra(self) -> tuple[tuple[str, float], ...]:
         """As ``PolicyHistory.extra`` entries."""
@@ -1125,7 +1162,11 @@ class RoleCapacities:
         return self.prefill.tps_per_instance if role == "prefill" else self.decode.tps_per_instance
 
     def explain(self) -> str:
-        """One line for the decision's reasons."""
+        """One line for the decision's reasons (written once: the capacities are
+        cached, and every decision sized with them says the same)."""
+        return cached_on(self, "explain", self._explain)
+
+    def _explain(self) -> str:
         p, d, lost = self.prefill, self.decode, self.prefill.unattainable
         unattainable_text = (
             f"; {lost.share:.2%} of requests unattainable (prompts > "

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -178,15 +178,11 @@ def _alpha(span_s: float, dt_s: float) -> float:
     return 2.0 / (span_s / max(dt_s, 1e-9) + 1.0)
 
 
-def _daily_factor(state: ForecastState, config: ForecastConfig, at_s: float) -> float:
-    """The daily curve's factor at ``at_s`` (1.0 before it is in use); linear between
-    bin centres, wrapping around midnight."""
-    return _curve_factor(state.seasonal, state.day_mean, config, at_s)
-
-
 def _curve_factor(
     seasonal: float, day_mean: tuple[float, ...], config: ForecastConfig, at_s: float
 ) -> float:
+    """The daily curve's factor at ``at_s`` (1.0 before it is in use); linear between
+    bin centres, wrapping around midnight."""
     if not seasonal or not day_mean:
         return 1.0
     means = np.asarray(day_mean)
@@ -204,17 +200,34 @@ def _curve_factor(
 def _raw_forecast(
     state: ForecastState, config: ForecastConfig, horizon_s: float
 ) -> tuple[float, bool]:
-    at = state.last_at_s + horizon_s
-    if state.seasonal:
+    value = _holt_forecast(
+        state.level, state.trend, state.seasonal, state.day_mean, state.last_at_s, config, horizon_s
+    )
+    return value, bool(state.seasonal)
+
+
+def _holt_forecast(
+    level: float,
+    trend: float,
+    seasonal: float,
+    day_mean: tuple[float, ...],
+    last_at_s: float,
+    config: ForecastConfig,
+    horizon_s: float,
+) -> float:
+    """:func:`_raw_forecast`'s value from the state's parts (``update`` files forecasts
+    before the new state exists)."""
+    at = last_at_s + horizon_s
+    if seasonal:
         # With the daily curve carrying the day's shape, the trend is a deviation from
         # it, read over ``trend_span_s``: damp it over that span instead of extrapolating
         # it for hours (trend x tau x (1 - exp(-h / tau)), ~linear for h << tau).
         tau = config.trend_span_s
-        drift = state.trend * tau * -math.expm1(-horizon_s / tau)
+        drift = trend * tau * -math.expm1(-horizon_s / tau)
     else:
-        drift = state.trend * horizon_s
-    value = (state.level + drift) * _daily_factor(state, config, at)
-    return max(value, 0.0), bool(state.seasonal)
+        drift = trend * horizon_s
+    value = (level + drift) * _curve_factor(seasonal, day_mean, config, at)
+    return max(value, 0.0)
 
 
 def _sizing_forecast(
@@ -243,16 +256,18 @@ def update(
     day_count = list(state.day_count) if state.day_count else [0.0] * bins
 
     # 1. Score the forecasts that fall due (the actual is this sample).
-    errors = [list(e) for e in state.errors] or [[] for _ in config.horizons_s]
+    errors = list(state.errors) or [() for _ in config.horizons_s]
     pending: list[tuple[float, float, float]] = []
-    for due, index, predicted in state.pending:
-        if due <= at_s + config.interval_s / 2.0:
+    due_by_s = at_s + config.interval_s / 2.0
+    for entry in state.pending:
+        due, index, predicted = entry
+        if due <= due_by_s:
             if at_s - due <= config.interval_s and predicted > 0:
-                errors[int(index)].append((demand - predicted) / predicted)
+                scored = int(index)
+                errors[scored] = (*errors[scored], (demand - predicted) / predicted)
         else:
-            pending.append((due, index, predicted))
+            pending.append(entry)
     kept = config.errors_kept
-    errors = [e[-kept:] for e in errors]
 
     # 2. The daily curve: this sample joins its time-of-day bin.
     b = int((at_s % config.day_s) // config.bin_s) % bins
@@ -282,7 +297,14 @@ def update(
         new_level = a * y + (1.0 - a) * (level + trend * dt)
         trend = beta * (new_level - level) / dt + (1.0 - beta) * trend
         level = new_level
-    new = ForecastState(
+    # 4. File this cycle's forecasts for scoring, once forecasts are made: each
+    # ``_sizing_forecast`` of the new state (its ``last_value`` is this demand), worked
+    # out from its parts so that the state is built once.
+    if _spans_window(samples, first_at_s, at_s, config):
+        for index, horizon in enumerate(config.horizons_s):
+            value = _holt_forecast(level, trend, seasonal, curve, at_s, config, horizon)
+            pending.append((at_s + horizon, float(index), max(value, demand)))
+    return ForecastState(
         samples=samples,
         first_at_s=first_at_s,
         last_at_s=at_s,
@@ -293,21 +315,20 @@ def update(
         day_mean=curve,
         day_count=tuple(day_count),
         pending=tuple(pending),
-        errors=tuple(tuple(e) for e in errors),
+        errors=tuple(tuple(e[-kept:]) for e in errors),
     )
-
-    # 4. File this cycle's forecasts for scoring (only once forecasts are made).
-    if _has_history(new, config):
-        filed = tuple(
-            (at_s + horizon, float(index), _sizing_forecast(new, config, horizon)[0])
-            for index, horizon in enumerate(config.horizons_s)
-        )
-        new = replace(new, pending=new.pending + filed)
-    return new
 
 
 def _has_history(state: ForecastState, config: ForecastConfig) -> bool:
-    return state.samples > 1 and state.last_at_s - state.first_at_s >= config.window_s
+    return _spans_window(state.samples, state.first_at_s, state.last_at_s, config)
+
+
+def _spans_window(
+    samples: int, first_at_s: float, last_at_s: float, config: ForecastConfig
+) -> bool:
+    """Whether a history of ``samples`` from ``first_at_s`` to ``last_at_s`` is enough
+    to forecast from (two samples at least, a window apart)."""
+    return samples > 1 and last_at_s - first_at_s >= config.window_s
 
 
 def _config_if_history(

@@ -75,7 +75,7 @@ def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
     def shares(counts: tuple[float, ...]) -> tuple[float, ...]:
         total = sum(counts) or 1.0
-        return tuple(round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts)
+        return tuple([round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts])
 
     return (
         mix.prompt.bounds + shares(mix.prompt.counts),

@@ -246,10 +246,10 @@ def decode_follows_prefill(
         + (f", +{backlog_tps:.0f} as its backlog drains" if backlog_tps > 0 else "")
         + f" ({output_per_prompt_token:.3f} output per prompt token)"
     )
-    return replace(
-        decode,
+    return RoleDemand(
         arriving_tps=decode.arriving_tps + held_back_tps,
         drain_tps=decode.drain_tps + backlog_tps,
+        backlog=decode.backlog,
         note="; ".join(n for n in (decode.note, note) if n),
     )
 
@@ -282,16 +282,19 @@ class KeptCapacity:
         self, now_s: float, demand: float, sized: float | None, horizon_s: float, window_s: float
     ) -> KeptCapacity:
         oldest, newest = now_s - horizon_s - window_s, now_s - horizon_s
-        in_force = [v for at, v in self.sized if oldest <= at <= newest]
+        # The sizings still remembered (made at or after ``oldest``), and of those the
+        # ones in force now (made by ``newest``): the entries themselves, not copies.
+        kept = [entry for entry in self.sized if entry[0] >= oldest]
+        in_force = [v for at, v in kept if at <= newest]
         errors = self.errors
         if in_force and max(in_force) > 0:
             errors = (*errors, demand / max(in_force) - 1.0)[-KEPT_ERRORS:]
-        kept = tuple((at, v) for at, v in self.sized if at >= oldest)
         if sized is not None:
-            kept = (*kept, (now_s, sized))
+            kept.append((now_s, sized))
         since_s = now_s - PEAK_MEMORY_S
-        peaks = (*(p for p in self.peaks if p[0] >= since_s and p[1] > demand), (now_s, demand))
-        return KeptCapacity(kept, errors, peaks)
+        peaks = [p for p in self.peaks if p[0] >= since_s and p[1] > demand]
+        peaks.append((now_s, demand))
+        return KeptCapacity(tuple(kept), errors, tuple(peaks))
 
     @property
     def peak_tps(self) -> float:
@@ -344,9 +347,8 @@ def _mix_from(metrics: ServiceMetrics, now_s: float, max_age_s: float) -> Reques
     if not (_usable(prompt, now_s, max_age_s) and _usable(output, now_s, max_age_s)):
         return None
     assert prompt is not None and output is not None
-    return RequestMix.from_cumulative(
-        zip(prompt.le, prompt.cumulative, strict=True),
-        zip(output.le, output.cumulative, strict=True),
+    return RequestMix.from_cumulative_columns(
+        prompt.le, prompt.cumulative, output.le, output.cumulative
     )
 
 

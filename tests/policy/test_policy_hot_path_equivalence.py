@@ -1,0 +1,84 @@
+"""The planner's hot path computes some figures in plain Python floats where it once
+used numpy (a decision reads a couple of dozen buckets, where numpy's per-call cost
+outweighs its speed): these tests pin that the floats are the same, bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.policy.capacity import LengthHistogram, RequestMix
+from reconciler.policy.forecast import ForecastConfig, ForecastState, update
+
+
+def numpy_repair(cumulative: list[float]) -> tuple[float, ...]:
+    """``histogram_quantile``'s repair as numpy does it: counts floored at 0, raised to
+    the running maximum, then per-bucket differences."""
+    running = np.maximum.accumulate(np.maximum(cumulative, 0.0)).tolist()
+    return tuple(np.diff([0.0, *running]).tolist())
+
+
+counts = st.floats(min_value=-5.0, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(counts, min_size=1, max_size=25), st.randoms(use_true_random=False))
+def test_cumulative_buckets_repair_like_numpy(cumulative: list[float], rng) -> None:
+    bounds = [float(2**i) for i in range(len(cumulative) - 1)] + [math.inf]
+    pairs = list(zip(bounds, cumulative, strict=True))
+    rng.shuffle(pairs)  # the pairs may come in any order
+    mix = RequestMix.from_cumulative(pairs, [(math.inf, 1.0)])
+    repaired = numpy_repair(cumulative)
+    if max(cumulative) <= 0:
+        assert mix is None
+        return
+    assert mix is not None
+    assert mix.prompt.bounds == tuple(bounds)
+    assert mix.prompt.counts == repaired
+    assert [math.copysign(1.0, c) for c in mix.prompt.counts] == [
+        math.copysign(1.0, c) for c in repaired
+    ]
+    columns = RequestMix.from_cumulative_columns(bounds, cumulative, [math.inf], [1.0])
+    assert columns == mix
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1e5), min_size=20, max_size=20))
+def test_the_whole_mass_weighs_each_point_like_the_spread(raw: list[float]) -> None:
+    """``points()`` (the shared layout, weights in floats) against ``_spread`` (numpy),
+    bit for bit, and the moments from them."""
+    bounds = (*(float(10 * 2**i) for i in range(19)), math.inf)
+    histogram = LengthHistogram(bounds, tuple(raw))
+    lengths, weights = histogram.points()
+    spread_lengths, spread_weights = histogram.points(math.inf)
+    assert lengths.tolist() == spread_lengths.tolist()
+    assert weights.tolist() == spread_weights.tolist()
+    if sum(raw) > 0:
+        expected = float(spread_weights @ spread_lengths**2 / spread_weights.sum())
+        assert histogram.moment(2) == expected
+
+
+def test_forecast_files_what_the_new_state_forecasts() -> None:
+    """``update`` files its forecasts before the new state exists: they are the new
+    state's own sizing forecasts, as ``forecast`` reads them."""
+    from reconciler.policy.forecast import _sizing_forecast
+
+    config = ForecastConfig(horizons_s=(150.0, 270.0), error_window_s=300.0)
+    state = ForecastState()
+    for k in range(40):
+        at_s = 30.0 * k
+        before = state.pending
+        state = update(state, at_s, 1000.0 + 50.0 * math.sin(k / 4.0) + 3.0 * k, config)
+        filed = [p for p in state.pending if p not in before]
+        if state.samples > 1 and state.last_at_s - state.first_at_s >= config.window_s:
+            assert filed == [
+                (at_s + h, float(i), _sizing_forecast(state, config, h)[0])
+                for i, h in enumerate(config.horizons_s)
+            ]
+        else:
+            assert filed == []
+        assert all(len(e) <= config.errors_kept for e in state.errors)
+        assert all(isinstance(e, tuple) for e in state.errors)
