@@ -304,17 +304,17 @@ def policy_numbers(policy: ServicePolicy) -> PolicyNumbers:
 
 
 def sample_problem(sample: Sample | None, name: str, now_s: float, max_age_s: float) -> str | None:
-    """Why ``sample`` cannot be acted on, or None if it can."""
-    if (
-        sample is not None
-        and now_s - sample.at_s <= max_age_s
-        and -math.inf < sample.value < math.inf
-    ):
-        return None  # the common case first: present, fresh, finite (NaN fails <)
+    """Why ``sample`` cannot be acted on, or None if it can. Every signal is a rate, a
+    latency, a share or a count: a negative one is broken (a custom query's
+    subtraction, a counter reset), never a reason to scale in."""
+    if sample is not None and now_s - sample.at_s <= max_age_s and 0.0 <= sample.value < math.inf:
+        return None  # the common case first: present, fresh, finite, >= 0 (NaN fails <=)
     if sample is None:
         return f"{name} missing"
     if not math.isfinite(sample.value):
         return f"{name} is {sample.value}"
+    if sample.value < 0:
+        return f"{name} is negative ({sample.value:g})"
     age_s = now_s - sample.at_s
     if age_s > max_age_s:
         return f"{name} stale (sampled {age_s:.0f} s ago > metric_max_age_s {max_age_s:g})"

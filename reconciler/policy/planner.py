@@ -555,6 +555,16 @@ def plan_decide(
     wants = [0, 0]
     sized_tps = [prefill_demand, decode_demand]  # what each role's count serves
     unattainable_share = 0.0
+    # A role no instance of which meets its SLO for this mix (capacity 0): more
+    # instances would not help, so it is held where it runs and never chased.
+    role_overrides: tuple[tuple[int, Role, float | None], ...] = (
+        (0, "prefill", override_prefill),
+        (1, "decode", override_decode),
+    )
+    out_of_reach = [
+        None if caps is None or override is not None else _out_of_reach(policy, caps, role)
+        for _, role, override in role_overrides
+    ]
     if override_prefill is not None:
         wants[0], text = _count_for_demand(
             "prefill", prefill_how, prefill_demand, prefill_demand, override_prefill, override=True
@@ -590,10 +600,6 @@ def plan_decide(
         parts.append(caps.explain())
         unattainable_share = caps.prefill.unattainable.share
     # 4b. Instances on another type than the first-ranked count at their own capacity.
-    role_overrides: tuple[tuple[int, Role, float | None], ...] = (
-        (0, "prefill", override_prefill),
-        (1, "decode", override_decode),
-    )
     for ri, mixed_role, override in role_overrides:
         if mixed_role in held and override is None and caps is not None and mix is not None:
             wants[ri], text = _count_on_types(
@@ -608,6 +614,11 @@ def plan_decide(
             )
             parts.append(text)
 
+    for ri, role in enumerate(("prefill", "decode")):
+        if out_of_reach[ri] is not None:
+            wants[ri] = current[ri]
+            parts.append(f"{role}: SLO out of reach, {out_of_reach[ri]}: held at {current[ri]}")
+
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     fired: list[str | None] = [None, None]
     tail = 1.0 - policy.slo.quantile
@@ -620,6 +631,11 @@ def plan_decide(
         if tier is None:
             continue
         ri = rule.role_index
+        if out_of_reach[ri] is not None:
+            parts.append(
+                f"{rule.metric} {sample.value:.0f} ms above SLO: {rule.role} out of reach, not chased"
+            )
+            continue
         if rule.metric == "ttft" and unattainable_share >= tail:
             parts.append(
                 f"ttft {sample.value:.0f} ms above SLO, but {unattainable_share:.1%} of "
@@ -672,6 +688,22 @@ def plan_decide(
     return finish(n, current, (prefill, decode), reason, parts, clamps, remembered, now_s)
 
 
+def _out_of_reach(policy: ServicePolicy, caps: RoleCapacities, role: Role) -> str | None:
+    """Why no instance of ``role`` meets its SLO for the mix ``caps`` were derived for
+    (its capacity per instance is 0), None when one does."""
+    if caps.tps_per_instance(role) > 0:
+        return None
+    if role == "prefill":
+        if caps.prefill.unattainable.share >= 1.0:
+            return f"no prompt of the mix meets the {policy.slo.ttft_ms:g} ms TTFT even on an idle instance"
+        return (
+            f"the {policy.slo.ttft_ms:g} ms TTFT quantile is out of reach for the mix at any load"
+        )
+    if caps.decode.limit == "kv_cache":
+        return "one sequence of the mix (prompt and output) does not fit an instance's KV cache"
+    return f"no batch meets the {policy.slo.tbt_ms:g} ms TBT at the mix's context, not even one sequence"
+
+
 def _count_for_demand(
     role: Role,
     how: str,
@@ -683,8 +715,10 @@ def _count_for_demand(
 ) -> tuple[int, str]:
     """A role's instance count for ``sized_tps`` (the part of ``demand_tps`` it can
     serve) at ``tps_per_instance`` each, and the line saying how it was reached."""
-    count = ceil_count(sized_tps / tps_per_instance)
     tokens = "prompt" if role == "prefill" else "output"
+    if tps_per_instance <= 0:  # no instance meets the SLO: the caller holds the role
+        return 0, f"{role} {how} = {demand_tps:.0f} {tokens} tokens/s, none within the SLO"
+    count = ceil_count(sized_tps / tps_per_instance)
     per_instance = (
         f"{tps_per_instance:g} per instance (override)"
         if override

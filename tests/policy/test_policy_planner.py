@@ -108,6 +108,27 @@ def test_a_missing_rate_holds_both_roles() -> None:
         assert decision.reason == "metrics_missing"
 
 
+def test_a_tbt_no_batch_can_meet_holds_decode_where_it_runs_and_is_not_chased() -> None:
+    # 2 ms between tokens: slower than the model's step for one sequence on any type.
+    # No count of decode instances meets it, so decode is neither sized from a
+    # capacity of 0 (a division by zero until found by the planner's property tests)
+    # nor driven to max_instances by the TBT tiers; prefill is sized as usual.
+    policy, cluster = _chat()
+    policy = policy.model_copy(update={"slo": policy.slo.model_copy(update={"tbt_ms": 2.0})})
+    decision = plan_decide(
+        policy,
+        _fleet(10, 20),
+        _metrics(0.0, 100_000.0, 20_000.0, tbt_ms=60.0),
+        PolicyHistory(),
+        0.0,
+        perf_context(policy, cluster),
+    )
+    assert decision.decode == 20
+    assert "decode: SLO out of reach, no batch meets the 2 ms TBT" in decision.message
+    assert "tbt 60 ms above SLO: decode out of reach, not chased" in decision.message
+    assert 5 <= decision.prefill <= 15  # ~100,000 x 1.1 / ~13,000 per instance
+
+
 def test_without_overrides_each_role_is_sized_from_the_models_capacity() -> None:
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
