@@ -1,8 +1,8 @@
 """One reconcile cycle for one cluster, as a pure function: decide -> place -> diff.
 
-This is the glue the loop, ``plan``, the simulator and the pull-request what-if all
-share, so a dry-run report, an applied cycle and a simulated one come from the same
-code. It does no I/O: the observation and metrics are read by the caller (through a
+This is the glue the loop, ``plan`` and the pull-request what-if share, so a dry-run
+report and an applied cycle come from the same code (the simulator chains the same
+decide, placer and diff for its one service in ``reconciler.sim.evaluate``). It does no I/O: the observation and metrics are read by the caller (through a
 ``ClusterBackend`` and a ``MetricsSource``), the plan is applied by the caller.
 
 Held services (``held``, service -> why): the caller found that a scale change of
@@ -12,20 +12,29 @@ decision is reported and its windows advance), but every one of its groups keeps
 size it has in the observation, so no scale change is spread over its other groups
 in a way that breaks the deployment-group shape, and the cooldown is not re-armed by
 a change that does not happen (``last_change_at_s`` stays what it was).
+
+A service whose autoscaler raises (a bug, for one service's inputs) is held the same
+way, its history kept as it was, with a ``decision_failed`` decision naming the error
+and where it was raised: one service's failure never stops its cluster's cycle.
 """
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from reconciler.cost import GpuPrices
 from reconciler.desired.loader import DesiredState
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementOptions, PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
-from reconciler.policy.base import Autoscaler, DecisionInput, PolicyHistory
-from reconciler.state import ROLES, Role, ServiceMetrics, Targets
+from reconciler.policy.base import Autoscaler, Decision, DecisionInput, PolicyHistory
+from reconciler.state import ROLES, Role, ServiceFleet, ServiceMetrics, Targets
+
+# How much of a failed decision's error message a note carries.
+_ERROR_CHARS = 300
 
 
 def plan_cluster(
@@ -59,16 +68,21 @@ def plan_cluster(
     targets: dict[str, Targets] = {}
     for name, policy in policies.items():
         fleet = observation.fleet.service_fleet(name)
-        decision = autoscaler.decide(
-            DecisionInput(
-                policy,
-                fleet,
-                metrics.get(name, ServiceMetrics(service=name)),
-                histories.get(name, PolicyHistory()),
-                now_s,
-                spec,
+        previous = histories.get(name, PolicyHistory())
+        try:
+            decision = autoscaler.decide(
+                DecisionInput(
+                    policy,
+                    fleet,
+                    metrics.get(name, ServiceMetrics(service=name)),
+                    previous,
+                    now_s,
+                    spec,
+                )
             )
-        )
+        except Exception as exc:  # one service's failure must not stop the cluster's cycle
+            decision = failed_decision(name, fleet, previous, exc)
+            held[name] = decision.message
         decisions[name] = decision
         if name in held:
             groups = [g for g in observation.fleet.groups if g.service == name]
@@ -76,14 +90,18 @@ def plan_cluster(
                 sum(g.prefill.instances for g in groups),
                 sum(g.decode.instances for g in groups),
             )
-            previous = histories.get(name, PolicyHistory())
             new_histories[name] = replace(
                 decision.history, last_change_at_s=previous.last_change_at_s
             )
             targets[name] = Targets(name, *running)
+            asks = (
+                ""
+                if decision.reason == "decision_failed"
+                else f" (the decision asks {decision.prefill}, {decision.decode})"
+            )
             notes.append(
-                f"service {name} held at {running[0]} prefill, {running[1]} decode "
-                f"(the decision asks {decision.prefill}, {decision.decode}): {held[name]}"
+                f"service {name} held at {running[0]} prefill, {running[1]} decode{asks}: "
+                f"{held[name]}"
             )
             continue
         new_histories[name] = decision.history
@@ -140,3 +158,26 @@ def plan_cluster(
         gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories
+
+
+def failed_decision(
+    service: str, fleet: ServiceFleet, history: PolicyHistory, error: Exception
+) -> Decision:
+    """The decision standing in for one that raised ``error``: the service's active
+    counts, its history as it was, and a message naming the error and the line of code
+    that raised it (the traceback itself goes to no log from here: this module does no
+    I/O)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    text = str(error)
+    if len(text) > _ERROR_CHARS:
+        text = text[:_ERROR_CHARS] + "..."
+    return Decision(
+        service,
+        fleet.prefill.active,
+        fleet.decode.active,
+        "decision_failed",
+        f"the autoscaler failed ({type(error).__name__}: {text}{where}): "
+        f"hold {fleet.prefill.active} prefill, {fleet.decode.active} decode",
+        history=history,
+    )

@@ -62,13 +62,21 @@ EXIT_NOT_HEALTHY = 4
 _SLO_MARKERS = (
     ("SLO at risk:", "slo_bound", "a bound keeps a role below what the SLO needs"),
     ("cannot meet it on any instance", "slo_unattainable", "SLO unattainable"),
+    ("SLO out of reach,", "slo_unattainable", "SLO unattainable"),
 )
-DEGRADING = {"metrics_missing", "invalid_revision", "drift", "slo_bound", "slo_unattainable"}
+DEGRADING = {
+    "metrics_missing",
+    "decision_failed",
+    "invalid_revision",
+    "drift",
+    "slo_bound",
+    "slo_unattainable",
+}
 
 
 @dataclass
 class Hold:
-    kind: str  # metrics_missing | invalid_revision | drift | slo_* | stabilised
+    kind: str  # metrics_missing | decision_failed | invalid_revision | drift | slo_* | stabilised
     why: str
 
     @property
@@ -196,14 +204,12 @@ def service_status(
     # With a Kubernetes backend the object diff is what apply does; the group changes
     # say the same at group level, so keep both lines but count once.
     changes += [c for c in object_changes if c not in changes]
-    if decision.reason == "metrics_missing":
-        holds.insert(0, Hold("metrics_missing", decision.message))
-    elif decision.reason == "stabilised":
-        holds.insert(0, Hold("stabilised", decision.message))
+    if decision.reason in ("metrics_missing", "decision_failed", "stabilised"):
+        holds.insert(0, Hold(decision.reason, decision.message))
     for marker, kind, what in _SLO_MARKERS:
         if marker in decision.message:
             holds.append(Hold(kind, f"{what}: {decision.message}"))
-    if service in plan.held:
+    if service in plan.held and decision.reason != "decision_failed":
         # A scale change refused because of drift: the whole service waits.
         holds.append(Hold("drift", f"service held: {plan.held[service]}"))
     if desired_error:

@@ -22,6 +22,7 @@ Reason = Literal[
     "latency_feedback",  # a TTFT/TBT tier fired
     "kv_cache_pressure",  # decode KV-cache usage above threshold
     "metrics_missing",  # missing/stale/NaN signal: hold current size
+    "decision_failed",  # the autoscaler raised (a bug): hold current size (reconciler.cycle)
     "stabilised",  # a scale-in was held back by the window or cooldown
     "bounds",  # only min/max/ratio enforcement changed the size
     "baseline",  # a baseline autoscaler's own logic

@@ -267,6 +267,53 @@ def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -
     assert any(n.startswith(f"service {service} held at 3 prefill, 5 decode") for n in held.notes)
 
 
+def test_a_service_whose_autoscaler_raises_is_held_and_the_others_still_reconcile(
+    state: DesiredState,
+) -> None:
+    """One service's decision failing (a bug for its inputs) holds that service where
+    it runs, says what raised and where, and leaves every other service's cycle and
+    the loop's cycle outcome alone; ``status`` calls it a degrading hold."""
+    from reconciler.commands.status import service_status
+
+    broken = sorted(p.name for p in state.policies_for("prod-east"))[0]
+
+    class FailsForOne(FixedAutoscaler):
+        def decide(self, inputs: DecisionInput) -> Decision:
+            if inputs.policy.name == broken:
+                raise ZeroDivisionError("float division by zero")
+            return super().decide(inputs)
+
+    backends = {"prod-east": RecordingBackend("prod-east")}
+    loop = make_loop(state, backends)
+    first = loop.run_cycle()  # every service placed once
+    loop.cluster_cycle.autoscaler = FailsForOne(prefill=2, decode=3)
+    outcome = loop.run_cycle().clusters[0]
+    assert outcome.outcome == "ok" and outcome.applied
+    plan = outcome.plan
+    assert plan is not None
+    decision = plan.decisions[broken]
+    assert decision.reason == "decision_failed"
+    assert (decision.prefill, decision.decode) == (1, 2)
+    assert decision.message.startswith(
+        "the autoscaler failed (ZeroDivisionError: float division by zero at test_loop.py:"
+    )
+    assert [g for g in plan.groups if g.service == broken] == [
+        g
+        for g in first.clusters[0].plan.groups
+        if g.service == broken  # type: ignore[union-attr]
+    ]
+    assert any(
+        n.startswith(f"service {broken} held at 1 prefill, 2 decode: the autoscaler failed")
+        for n in plan.notes
+    )
+    others = [c for c in plan.changes if c.service != broken]
+    assert len({c.service for c in others}) == len(state.policies_for("prod-east")) - 1
+    status = service_status(outcome, broken, None)
+    assert status.health == "Degraded"
+    assert [h.kind for h in status.holds] == ["decision_failed"]
+    assert loop.metrics.decisions.labels(broken, "decision_failed")._value.get() == 1
+
+
 def test_refused_scale_changes_name_the_services_to_hold() -> None:
     from reconciler.apply.fields import FieldChange
     from reconciler.apply.report import ClusterDiff, ObjectDiff
