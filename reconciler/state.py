@@ -55,6 +55,13 @@ class Sample:
         return math.isfinite(self.value) and (now_s - self.at_s) <= max_age_s
 
 
+# No model serves a context this long (the longest are ~10 million tokens), and no
+# window holds this many requests (a million a second for thirty years): a length
+# histogram beyond either is broken, and sizing from it overflows.
+MAX_REQUEST_TOKENS = 1e8
+MAX_HISTOGRAM_COUNT = 1e15
+
+
 @dataclass(frozen=True)
 class LengthBuckets:
     """A token-length histogram as serving engines export it (vLLM's
@@ -67,12 +74,18 @@ class LengthBuckets:
     at_s: float
 
     def is_usable(self, now_s: float, max_age_s: float) -> bool:
-        """Fresh, finite and holding at least one request."""
+        """Fresh, one count per bound, the bounds distinct numbers (two series of one
+        bound, ``le="1"`` and ``le="1.0"``, make a histogram no one can read) within
+        ``MAX_REQUEST_TOKENS`` or ``+Inf``, the counts finite and within
+        ``MAX_HISTOGRAM_COUNT``, and at least one request."""
         return (
             (now_s - self.at_s) <= max_age_s
             and bool(self.cumulative)
+            and len(self.le) == len(self.cumulative)
+            and len(set(self.le)) == len(self.le)
+            and all(le <= MAX_REQUEST_TOKENS or le == math.inf for le in self.le)
             and all(map(math.isfinite, self.cumulative))
-            and max(self.cumulative) > 0
+            and 0 < max(self.cumulative) <= MAX_HISTOGRAM_COUNT
         )
 
 

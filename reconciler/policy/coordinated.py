@@ -303,18 +303,31 @@ def policy_numbers(policy: ServicePolicy) -> PolicyNumbers:
 # --------------------------------------------------------------------------- small helpers
 
 
+# No real signal reaches this: 1e12 tokens/s is ten million GPUs at 100,000 tokens/s
+# each, 1e12 ms is 31 years, 1e12 requests would not fit any queue. A value beyond it is
+# broken, and sizing from it (times tokens per request, times headroom) would overflow.
+MAX_SIGNAL_VALUE = 1e12
+
+
 def sample_problem(sample: Sample | None, name: str, now_s: float, max_age_s: float) -> str | None:
     """Why ``sample`` cannot be acted on, or None if it can. Every signal is a rate, a
     latency, a share or a count: a negative one is broken (a custom query's
-    subtraction, a counter reset), never a reason to scale in."""
-    if sample is not None and now_s - sample.at_s <= max_age_s and 0.0 <= sample.value < math.inf:
-        return None  # the common case first: present, fresh, finite, >= 0 (NaN fails <=)
+    subtraction, a counter reset), never a reason to scale in, and so is one beyond
+    ``MAX_SIGNAL_VALUE``."""
+    if (
+        sample is not None
+        and now_s - sample.at_s <= max_age_s
+        and 0.0 <= sample.value <= MAX_SIGNAL_VALUE
+    ):
+        return None  # the common case first: present, fresh, in range (NaN fails <=)
     if sample is None:
         return f"{name} missing"
     if not math.isfinite(sample.value):
         return f"{name} is {sample.value}"
     if sample.value < 0:
         return f"{name} is negative ({sample.value:g})"
+    if sample.value > MAX_SIGNAL_VALUE:
+        return f"{name} is beyond any real reading ({sample.value:g})"
     age_s = now_s - sample.at_s
     if age_s > max_age_s:
         return f"{name} stale (sampled {age_s:.0f} s ago > metric_max_age_s {max_age_s:g})"

@@ -561,11 +561,12 @@ def test_history_is_returned_anew_never_mutated():
         # A negative rate is broken (a custom query's subtraction, a counter reset),
         # never a reason to scale in.
         (Sample(-250.0, NOW), "decode_tps is negative (-250)"),
+        (Sample(5e295, NOW), "decode_tps is beyond any real reading (5e+295)"),
         # default metric_max_age_s is 90 s; sampled 120 s ago
         (Sample(1.0, NOW - 120), "decode_tps stale (sampled 120 s ago > metric_max_age_s 90)"),
     ],
 )
-def test_missing_stale_nan_or_negative_primary_holds_and_says_why(sample, why):
+def test_a_missing_stale_or_out_of_range_primary_holds_and_says_why(sample, why):
     # The fleet is 10x too large for the (last known) load, and still holds.
     signals = ServiceMetrics("svc", decode_tps=sample, tbt=Sample(400.0, NOW))
     policy = make_policy(scaling={"latency_tiers": TIERS})

@@ -11,7 +11,10 @@ cycles of a wandering load. Whatever the inputs:
 - a rate that is missing, NaN, infinite or negative holds every role where it is
   (within min/max);
 - a request mix that cannot be read this cycle (missing, or a NaN count) never takes
-  a role below what runs (a fleet within the policy's bounds: a bound may).
+  a role below what runs (a fleet within the policy's bounds: a bound may);
+- hostile readings (any float, however large, in any signal; histograms with
+  duplicated, NaN or absurd bounds and counts) never make it raise, and the counts
+  stay within min/max.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from policy_strategies import fleets, policy_overrides, ratio_feasible, ratio_inside
 from policy_testkit import REPO_ROOT, length_buckets, with_overrides
@@ -279,3 +282,73 @@ def test_a_mix_not_read_this_cycle_never_takes_a_role_below_what_runs(
     decision = decide(policy, fleet, blind, history)
     assert decision.prefill >= fleet.prefill.ready, decision.message
     assert decision.decode >= fleet.decode.ready, decision.message
+
+
+any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0.0, 1e7),
+    st.floats(1e300, 1e308),
+)
+
+
+@st.composite
+def hostile_buckets(draw: st.DrawFn) -> LengthBuckets | None:
+    bounds = draw(st.lists(st.one_of(any_float, st.floats(0.0, 1e6)), max_size=25))
+    counts = draw(st.lists(any_float, min_size=len(bounds), max_size=len(bounds)))
+    return draw(st.sampled_from([None, LengthBuckets(tuple(bounds), tuple(counts), NOW)]))
+
+
+def hostile_case(
+    rates: tuple[float, float, float, float, float],
+    prompt_tokens: LengthBuckets | None,
+    output_tokens: LengthBuckets | None,
+) -> ServiceMetrics:
+    prefill_tps, decode_tps, ttft, tbt, queue = (Sample(v, NOW) for v in rates)
+    return ServiceMetrics(
+        "svc",
+        prefill_tps=prefill_tps,
+        decode_tps=decode_tps,
+        ttft=ttft,
+        tbt=tbt,
+        prefill_queue=queue,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+    )
+
+
+DUPLICATE_BOUNDS = LengthBuckets((0.0, 0.0), (0.0, 1.0), NOW)  # le="0" and le="0.0"
+CONTEXT_NO_MODEL_HAS = LengthBuckets((2.1e16,), (1.0,), NOW)
+COUNTS_NO_WINDOW_HOLDS = LengthBuckets((1.0, 2.0, 0.5), (0.0, 1.7e297, 0.0), NOW)
+ONE_SHORT_REQUEST = LengthBuckets((1.0,), (1.0,), NOW)
+
+
+@SETTINGS
+@given(
+    planner_policies(),
+    fleets,
+    st.tuples(any_float, any_float, any_float, any_float, any_float),
+    hostile_buckets(),
+    hostile_buckets(),
+)
+# Each found by this test before the planner and LengthBuckets.is_usable refused it: a
+# queue of 5e295 requests (its tokens overflowed to inf), two series of one bound,
+# a bound beyond any context and counts beyond any window (NaN capacities).
+@example(None, None, (0.0, 0.0, 0.0, 0.0, 5.06e295), None, None)
+@example(None, None, (0.0,) * 5, DUPLICATE_BOUNDS, ONE_SHORT_REQUEST)
+@example(None, None, (0.0,) * 5, CONTEXT_NO_MODEL_HAS, ONE_SHORT_REQUEST)
+@example(None, None, (0.0,) * 5, COUNTS_NO_WINDOW_HOLDS, ONE_SHORT_REQUEST)
+def test_hostile_readings_never_raise_and_keep_the_bounds(
+    policy: ServicePolicy | None,
+    fleet: ServiceFleet | None,
+    rates: tuple[float, float, float, float, float],
+    prompt_tokens: LengthBuckets | None,
+    output_tokens: LengthBuckets | None,
+) -> None:
+    policy = policy or repository().policies["chat"]
+    fleet = fleet or ServiceFleet("svc", RoleCount(0, 0), RoleCount(0, 0))
+    history = PolicyHistory()
+    for _ in range(2):  # the second cycle reads the memory the first one filed
+        decision = decide(policy, fleet, hostile_case(rates, prompt_tokens, output_tokens), history)
+        history = decision.history
+        assert policy.prefill.min_instances <= decision.prefill <= policy.prefill.max_instances
+        assert policy.decode.min_instances <= decision.decode <= policy.decode.max_instances
