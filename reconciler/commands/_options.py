@@ -243,6 +243,9 @@ RateScaleOpt = Annotated[
     float | None,
     typer.Option("--rate-scale", help="multiply the trace's arrival rate by K", min=0.0),
 ]
+# The simulator's longest day: sim.workload.MAX_TRACE_SPAN_S in hours (a test pins it;
+# not imported, so that the options import no simulator).
+MAX_DAY_HOURS = 7 * 24.0
 DiurnalHoursOpt = Annotated[
     float | None,
     typer.Option(
@@ -250,6 +253,7 @@ DiurnalHoursOpt = Annotated[
         help="tile the trace over H hours under a diurnal curve (no trace: a synthetic "
         "load of H hours)",
         min=0.0,
+        max=MAX_DAY_HOURS,
     ),
 ]
 # simulate and tune step simulated time; run's --interval is wall-clock time instead.

@@ -227,6 +227,10 @@ def diurnal_curve(t_s: np.ndarray, horizon_s: float, trough_ratio: float = 1.0 /
 
 # --------------------------------------------------------------------------- readers
 
+# The longest span a trace may cover: the simulator steps every second (a week is
+# ~600,000 steps, minutes per policy on two cores); a longer one, or a timestamp years
+# away from the rest, would have it allocate per-second arrays without bound.
+MAX_TRACE_SPAN_S = 7 * 24 * 3600
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 BURSTGPT_COLUMNS = (
@@ -534,6 +538,16 @@ def _finish(
         output = np.maximum(output, 1)
     if rebase:  # wall-clock timestamps: the first request arrives at 0
         arrival = arrival - arrival[0]
+    beyond = arrival > MAX_TRACE_SPAN_S
+    if beyond.any():
+        where = np.flatnonzero(beyond)[0]
+        line = int(lines[order[where]] if backwards.size else lines[where])
+        raise TraceError(
+            path,
+            f"arrival {arrival[where]:g} s is beyond the longest span a trace may cover "
+            f"({MAX_TRACE_SPAN_S // 86400} days from the start); split the trace",
+            line=line,
+        )
     return Workload(arrival, prompt, output, name=path.name, notes=tuple(notes))
 
 

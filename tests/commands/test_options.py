@@ -174,3 +174,18 @@ def test_state_memory_shards_help_states_the_default_and_the_bound() -> None:
     text = " ".join(result.output.replace("│", " ").split())
     assert "--state-memory-shards" in text
     assert f"default {DEFAULT_MEMORY_SHARDS}, at most {MAX_MEMORY_SHARDS}" in text
+
+
+@pytest.mark.parametrize("hours", ["169", "1e9", "inf"])
+def test_a_day_longer_than_the_simulator_takes_is_a_usage_error(hours: str) -> None:
+    """A week at most (the longest span a trace may cover): 1e9 hours asked the
+    simulator for 26 TiB of per-second arrays, inf raised an OverflowError."""
+    from reconciler.commands._options import MAX_DAY_HOURS
+    from reconciler.sim.workload import MAX_TRACE_SPAN_S
+
+    assert MAX_DAY_HOURS * 3600 == MAX_TRACE_SPAN_S
+    for command in (["simulate"], ["tune", "chat"]):
+        result = runner.invoke(app, [*command, "--diurnal-hours", hours], terminal_width=200)
+        assert result.exit_code == 2, (command, result.output)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert "--diurnal-hours" in text and "less than or equal to 168" in text, text

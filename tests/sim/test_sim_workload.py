@@ -84,6 +84,20 @@ def test_reads_the_mooncake_trace_spreading_its_3_second_ticks(mooncake_trace: P
         (AZURE_HEADER + "2023-11-16 18:15:46,374,-4\r\n", 2, "negative output tokens"),
         ("when,prompt,completion\n1,2,3\n", 1, "unknown columns ['when', 'prompt', 'completion']"),
         ("arrival_s,prompt_tokens,output_tokens\n0.5,-10,3\n", 2, "negative prompt tokens"),
+        # A timestamp years away: the simulator's per-second arrays would not fit memory
+        # (7.45 GiB for 1e9 s; an OverflowError for 1e308 s).
+        (
+            "arrival_s,prompt_tokens,output_tokens\n0,100,10\n1e9,100,10\n",
+            3,
+            "arrival 1e+09 s is beyond the longest span a trace may cover (7 days",
+        ),
+        (
+            AZURE_HEADER
+            + "2023-11-16 18:15:46.6805900,374,44\r\n2093-11-16 18:15:50,5,44\r\n"
+            + "2023-11-16 18:15:47,374,44\r\n",
+            3,  # the line it was read from, though sorted last
+            "beyond the longest span a trace may cover",
+        ),
     ],
 )
 def test_bad_csv_names_file_and_line(tmp_path: Path, content: str, line: int, message: str) -> None:
