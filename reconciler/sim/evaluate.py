@@ -114,6 +114,11 @@ class EvaluationError(PermanentError):
 # --------------------------------------------------------------------------- schedule policy
 
 
+# More instances of one role than any fleet holds: a schedule asking for more is wrong
+# (and a count past 2**63 does not fit the replay's arrays).
+MAX_SCHEDULE_INSTANCES = 1_000_000
+
+
 class ScheduleAutoscaler:
     """Replays instance counts from a CSV ``t_s,service,prefill,decode``."""
 
@@ -159,9 +164,14 @@ class ScheduleAutoscaler:
                     raise EvaluationError(
                         f"{path}:{line}: t_s must be a number, prefill and decode integers"
                     ) from None
-                if prefill < 0 or decode < 0 or not math.isfinite(t_s):
+                if not (
+                    0 <= prefill <= MAX_SCHEDULE_INSTANCES
+                    and 0 <= decode <= MAX_SCHEDULE_INSTANCES
+                    and math.isfinite(t_s)
+                ):
                     raise EvaluationError(
-                        f"{path}:{line}: counts must not be negative and t_s must be finite"
+                        f"{path}:{line}: counts must be 0 to {MAX_SCHEDULE_INSTANCES:,} "
+                        "and t_s must be finite"
                     )
                 per_service.setdefault(row[1].strip(), []).append((t_s, prefill, decode))
         if not per_service:

@@ -214,7 +214,10 @@ def test_schedule_policy_replays_instance_counts(state: DesiredState, tmp_path: 
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ("0,svc-b,-1,2\n", "must not be negative"),
+        ("0,svc-b,-1,2\n", "counts must be 0 to 1,000,000"),
+        # Past 2**63 it raised an OverflowError building the replay's arrays.
+        ("0,svc-b,999999999999999999999999,2\n", "counts must be 0 to 1,000,000"),
+        ("nan,svc-b,1,2\n", "t_s must be finite"),
         ("zero,svc-b,1,2\n", "t_s must be a number"),
         ("0,svc-b,1\n", "expected 4 fields"),
         ("0,chat,1,1\n0,svc-a,1,1\n", "no rows for service 'svc-b'"),
