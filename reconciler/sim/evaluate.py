@@ -114,9 +114,9 @@ class EvaluationError(PermanentError):
 # --------------------------------------------------------------------------- schedule policy
 
 
-# More instances of one role than any fleet holds: a schedule asking for more is wrong
-# (and a count past 2**63 does not fit the replay's arrays).
-MAX_SCHEDULE_INSTANCES = 1_000_000
+# More instances of one role than any fleet holds: a schedule or static fleet asking
+# for more is wrong (and a count past 2**63 does not fit the replay's arrays).
+MAX_REPLAYED_INSTANCES = 1_000_000
 
 
 class ScheduleAutoscaler:
@@ -165,12 +165,12 @@ class ScheduleAutoscaler:
                         f"{path}:{line}: t_s must be a number, prefill and decode integers"
                     ) from None
                 if not (
-                    0 <= prefill <= MAX_SCHEDULE_INSTANCES
-                    and 0 <= decode <= MAX_SCHEDULE_INSTANCES
+                    0 <= prefill <= MAX_REPLAYED_INSTANCES
+                    and 0 <= decode <= MAX_REPLAYED_INSTANCES
                     and math.isfinite(t_s)
                 ):
                     raise EvaluationError(
-                        f"{path}:{line}: counts must be 0 to {MAX_SCHEDULE_INSTANCES:,} "
+                        f"{path}:{line}: counts must be 0 to {MAX_REPLAYED_INSTANCES:,} "
                         "and t_s must be finite"
                     )
                 per_service.setdefault(row[1].strip(), []).append((t_s, prefill, decode))
@@ -302,16 +302,16 @@ STATIC_PREFIX = "static:"
 def static_counts(name: str) -> tuple[int, int]:
     """The counts of a ``static:P+D`` policy name (``+``, not a comma: policy lists are
     comma-separated); ``EvaluationError`` naming it when they are not two whole
-    numbers, at least one each."""
+    numbers, 1 to ``MAX_REPLAYED_INSTANCES`` each."""
     text = name[len(STATIC_PREFIX) :]
     parts = text.split("+")
     if len(parts) == 2 and all(p.strip().isdecimal() for p in parts):
         prefill, decode = (int(p) for p in parts)
-        if prefill >= 1 and decode >= 1:
+        if 1 <= prefill <= MAX_REPLAYED_INSTANCES and 1 <= decode <= MAX_REPLAYED_INSTANCES:
             return prefill, decode
     raise EvaluationError(
-        f"'{name}': expected static:PREFILL+DECODE with two whole numbers of at least 1, "
-        "e.g. static:12+16"
+        f"'{name}': expected static:PREFILL+DECODE with two whole numbers from 1 to "
+        f"{MAX_REPLAYED_INSTANCES:,}, e.g. static:12+16"
     )
 
 

@@ -244,7 +244,9 @@ def test_a_static_fleet_of_given_counts_holds_them_from_the_start(state: Desired
     assert run.description == "3 prefill + 5 decode, fixed"
 
 
-@pytest.mark.parametrize("name", ["static:3,5", "static:0+5", "static:3+", "static:a+b"])
+@pytest.mark.parametrize(
+    "name", ["static:3,5", "static:0+5", "static:3+", "static:a+b", "static:1000001+5"]
+)
 def test_bad_static_counts_are_reported(state: DesiredState, load: LoadProfile, name: str) -> None:
     with pytest.raises(EvaluationError, match=r"expected static:PREFILL\+DECODE"):
         evaluate(state, SERVICE, load, [name])
