@@ -268,26 +268,47 @@ def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
 # hostile object could claim to unpack to any size: a memory is about 12 KB of JSON,
 # this is hundreds of times that.
 _UNPACKED_LIMIT = 4 * 1024 * 1024
+# And a document's memories together: a full shard (800 KiB packed, ~126 memories)
+# unpacks to ~1.6 MB. Without a total, a hostile shard of a thousand memories each
+# just under the limit above would take minutes to read.
+_DOCUMENT_UNPACKED_LIMIT = 16 * 1024 * 1024
+
+
+class _UnpackBudget:
+    """What one document's packed memories may still unpack to, together."""
+
+    def __init__(self) -> None:
+        self.left = _DOCUMENT_UNPACKED_LIMIT
+
+    def unpack(self, value: Any, where: str) -> Any:
+        """``_unpack`` within what is left."""
+        memory, unpacked = _unpack(value, where, self.left)
+        self.left -= unpacked
+        return memory
 
 
 def _pack(memory: dict[str, Any]) -> str:
     return base64.b64encode(zlib.compress(_dumps(memory).encode(), 6)).decode("ascii")
 
 
-def _unpack(value: Any, where: str) -> Any:
-    """The memory's JSON object: a version-1 object as it is, a packed string read
-    back; ``StateFormatError`` for anything else or beyond ``_UNPACKED_LIMIT``."""
+def _unpack(value: Any, where: str, limit: int = _UNPACKED_LIMIT) -> tuple[Any, int]:
+    """The memory's JSON object (a version-1 object as it is, a packed string read
+    back) and the bytes it unpacked to; ``StateFormatError`` for anything else or
+    beyond ``limit`` bytes (at most ``_UNPACKED_LIMIT``)."""
     if not isinstance(value, str):
-        return value  # version 1, or a malformed value _decode_dataclass refuses
+        return value, 0  # version 1, or a malformed value _decode_dataclass refuses
+    limit = min(limit, _UNPACKED_LIMIT)
     try:
         inflate = zlib.decompressobj()
-        text = inflate.decompress(base64.b64decode(value, validate=True), _UNPACKED_LIMIT)
+        text = inflate.decompress(base64.b64decode(value, validate=True), limit + 1)
     except (ValueError, zlib.error) as exc:
         raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
-    if inflate.unconsumed_tail or not inflate.eof:
-        raise StateFormatError(f"{where}.planner: not a whole memory within the limit")
+    if len(text) > limit or inflate.unconsumed_tail or not inflate.eof:
+        raise StateFormatError(
+            f"{where}.planner: not a whole memory within the limit ({limit:,} bytes left)"
+        )
     try:
-        return json.loads(text)
+        return json.loads(text), len(text)
     except (ValueError, RecursionError) as exc:
         raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
 
@@ -332,7 +353,7 @@ def _pairs(value: Any, where: str) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def _decode_history(value: Any, where: str) -> PolicyHistory:
+def _decode_history(value: Any, where: str, budget: _UnpackBudget) -> PolicyHistory:
     if not isinstance(value, dict):
         raise StateFormatError(f"{where}: expected an object")
     recs = []
@@ -359,7 +380,7 @@ def _decode_history(value: Any, where: str) -> PolicyHistory:
         extra=tuple(extra),
         planner=None
         if planner is None
-        else _decode_dataclass(PlannerMemory, _unpack(planner, where), f"{where}.planner"),
+        else _decode_dataclass(PlannerMemory, budget.unpack(planner, where), f"{where}.planner"),
     )
 
 
@@ -547,13 +568,14 @@ def decode_document(text: str | bytes) -> tuple[DurableState, int]:
             _str(last_plan.get("revision"), "last_plan.revision"),
             _num(last_plan.get("applied_at_s"), "last_plan.applied_at_s"),
         )
+    budget = _UnpackBudget()
     state = DurableState(
         cluster=_str(doc.get("cluster"), "cluster"),
         saved_at_s=_num(doc.get("saved_at_s"), "saved_at_s"),
         writer=_str(doc.get("writer", ""), "writer"),
         revision=revision,
         histories={
-            _str(name, "services"): _decode_history(h, f"services.{name}")
+            _str(name, "services"): _decode_history(h, f"services.{name}", budget)
             for name, h in services.items()
         },
         last_plan=last_plan,
@@ -584,11 +606,13 @@ def decode_shard(text: str | bytes, cluster: str, shard: int) -> dict[str, Plann
     if not isinstance(memories, dict) or len(memories) > MAX_SERVICES:
         raise StateFormatError(f"{where}: memories: expected an object of services")
     out: dict[str, PlannerMemory] = {}
+    budget = _UnpackBudget()
     for name, packed in memories.items():
         service = f"{where}: services.{_str(name, f'{where}: services')}"
         if not isinstance(packed, str):
             raise StateFormatError(f"{service}.planner: expected a packed memory")
-        out[name] = _decode_dataclass(PlannerMemory, _unpack(packed, service), f"{service}.planner")
+        memory = budget.unpack(packed, service)
+        out[name] = _decode_dataclass(PlannerMemory, memory, f"{service}.planner")
     return out
 
 

@@ -480,14 +480,22 @@ def test_a_memory_in_another_shard_than_its_hashs_is_read() -> None:
 
 
 def _corrupt_memory(packed: str) -> str:
+    return _shard_of({"svc-x": packed})
+
+
+def _shard_of(memories: dict[str, str]) -> str:
     return json.dumps(
         {
             "schema": "heteroscale.io/reconciler-memories",
             "version": 1,
             "cluster": "east",
-            "memories": {"svc-x": packed},
+            "memories": memories,
         }
     )
+
+
+# Each memory within its own limit (4 MiB unpacked), together beyond a document's.
+_THREE_MIB_OF_BLANKS = base64.b64encode(zlib.compress(b" " * (3 << 20) + b"{}", 9)).decode()
 
 
 @pytest.mark.parametrize(
@@ -523,6 +531,12 @@ def _corrupt_memory(packed: str) -> str:
         (
             _corrupt_memory(base64.b64encode(zlib.compress(b"0" * (64 << 20), 9)).decode()),
             r"memory shard 2: services.svc-x.planner: not a whole memory within the limit",
+        ),
+        (
+            # Five memories of 3 MiB + 2 bytes leave 16 MiB - 15 MiB - 10 bytes for the sixth.
+            _shard_of({f"svc-{i}": _THREE_MIB_OF_BLANKS for i in range(6)}),
+            r"memory shard 2: services.svc-5.planner: not a whole memory within the limit "
+            r"\(1,048,566 bytes left\)",
         ),
         (
             _corrupt_memory(base64.b64encode(zlib.compress(b'{"mix_at_s": "x"}')).decode()),
