@@ -320,8 +320,14 @@ def build_loop(
     from reconciler.desired.loader import load_desired_state
     from reconciler.loop import ReconcileLoop
 
+    loaded: list[DesiredState] = []  # the last state loaded, for load_desired_state
+
     def load() -> DesiredState:
-        return load_desired_state(settings.repo, rev=settings.rev)
+        state = load_desired_state(
+            settings.repo, rev=settings.rev, previous=loaded[-1] if loaded else None
+        )
+        loaded[:] = [state]
+        return state
 
     state = load()  # fail fast (exit 1) when the desired state is invalid at start
     wiring = wire(settings, state, watch=watch)

@@ -24,7 +24,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -612,6 +612,27 @@ def load_from_source(source: Source) -> DesiredState:
     )
 
 
+def reuse_unchanged(previous: DesiredState | None, state: DesiredState) -> DesiredState:
+    """``state`` with each policy and cluster equal to ``previous``'s of the same name
+    replaced by ``previous``'s object. The loop loads the desired state every cycle,
+    and what is derived from a policy (its GPU ranking, performance models and
+    capacities: milliseconds a service) is cached per object, as hashing a whole
+    cluster model every cycle would cost more than it saves: without this every cycle
+    would derive it all again for every service. The models are frozen, so an equal
+    object is as good as the new one."""
+    if previous is None:
+        return state
+
+    def reuse(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: old[name] if old.get(name) == obj else obj for name, obj in new.items()}
+
+    return replace(
+        state,
+        policies=reuse(previous.policies, state.policies),
+        clusters=reuse(previous.clusters, state.clusters),
+    )
+
+
 def repository_problem(root: Path, *, work_tree: bool = True) -> str | None:
     """Why ``root`` cannot be the desired-state repository, or None: it must be a
     directory, and (when its ``work_tree`` is read, not a Git revision) hold
@@ -625,8 +646,13 @@ def repository_problem(root: Path, *, work_tree: bool = True) -> str | None:
     return None
 
 
-def load_desired_state(root: str | Path = ".", rev: str | None = None) -> DesiredState:
-    """Load ``root`` as a directory, or revision ``rev`` of the Git repository at ``root``."""
+def load_desired_state(
+    root: str | Path = ".", rev: str | None = None, *, previous: DesiredState | None = None
+) -> DesiredState:
+    """Load ``root`` as a directory, or revision ``rev`` of the Git repository at ``root``.
+    ``previous``, a state loaded before, comes back as it is when ``rev`` resolves to the
+    commit it was read from: a commit's files cannot change, and reading a large fleet
+    again every cycle costs seconds."""
     problem = repository_problem(Path(root), work_tree=rev is None)
     if problem is not None:
         raise ConfigError([ConfigIssue(str(root), None, None, "", problem)])
@@ -635,4 +661,7 @@ def load_desired_state(root: str | Path = ".", rev: str | None = None) -> Desire
     except SourceError as exc:
         column = 1 if exc.line is not None else None
         raise ConfigError([ConfigIssue(exc.path, exc.line, column, "", exc.message)]) from None
+    commit = getattr(source, "commit", "")
+    if previous is not None and commit and previous.revision == commit:
+        return previous
     return load_from_source(source)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from reconciler.desired.loader import DesiredState
+from reconciler.desired.loader import DesiredState, reuse_unchanged
 from reconciler.desired.models import ClusterSpec
 from reconciler.durable import DurableState
 from reconciler.errors import ConfigError, HeteroscaleError
@@ -149,7 +149,7 @@ class ReconcileLoop:
     def refresh_desired(self) -> tuple[DesiredState | None, str | None]:
         """Load the desired state; on failure keep the last known good one."""
         try:
-            state = self.load_desired()
+            state = reuse_unchanged(self.last_good, self.load_desired())
         except ConfigError as exc:
             self.metrics.desired_valid.set(0)
             message = f"desired state invalid ({len(exc.issues)} problem(s)); keeping the last known good one: {exc}"

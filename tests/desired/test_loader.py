@@ -317,3 +317,24 @@ def test_a_metric_label_that_prometheus_cannot_carry_is_refused(example_repo: Pa
     assert (
         "metrics.service_label: 'heteroscale.io/service' is not a Prometheus label name" in message
     )
+
+
+def test_reuse_unchanged_keeps_the_objects_of_services_and_clusters_that_did_not_change(
+    example_repo: Path,
+) -> None:
+    """What is derived from a policy is cached per object, and the loop loads the
+    desired state every cycle: equal policies and clusters keep their old objects, a
+    changed one is the new one, and services come and go with the new state."""
+    from reconciler.desired.loader import reuse_unchanged
+
+    before = load_desired_state(example_repo)
+    edit(example_repo / "policies/svc-a.yaml", "cooldown_s: 120", "cooldown_s: 240")
+    (example_repo / "policies/summarize.yaml").unlink()
+    after = reuse_unchanged(before, load_desired_state(example_repo))
+    assert set(after.policies) == set(before.policies) - {"summarize"}
+    assert after.policies["svc-a"] is not before.policies["svc-a"]
+    assert after.policies["svc-a"].scaling.cooldown_s == 240
+    assert all(after.policies[n] is before.policies[n] for n in ("chat", "svc-b"))
+    assert all(after.clusters[n] is before.clusters[n] for n in before.clusters)
+    fresh = load_desired_state(example_repo)
+    assert reuse_unchanged(None, fresh) is fresh

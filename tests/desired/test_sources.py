@@ -44,6 +44,21 @@ def test_a_revision_loads_without_touching_the_work_tree(git_repo: Path) -> None
     assert head.source_label.startswith("HEAD (")
 
 
+def test_a_revision_still_at_the_commit_loaded_before_is_not_read_again(git_repo: Path) -> None:
+    """The loop loads its revision every cycle: while the branch stays on one commit
+    the state it loaded comes back as it is (and everything cached per policy with
+    it); a new commit is read."""
+    first = load_desired_state(git_repo, rev="main")
+    assert load_desired_state(git_repo, rev="main", previous=first) is first
+    policy = git_repo / "policies/svc-a.yaml"
+    policy.write_text(policy.read_text().replace("cooldown_s: 120", "cooldown_s: 240"))
+    git(git_repo, "commit", "-qam", "longer cooldown")
+    moved = load_desired_state(git_repo, rev="main", previous=first)
+    assert moved is not first and moved.policies["svc-a"].scaling.cooldown_s == 240
+    # A directory has no commit to go by: it is read again.
+    assert load_desired_state(git_repo, previous=first) is not first
+
+
 def test_an_invalid_revision_is_located_like_a_directory(git_repo: Path) -> None:
     policy = git_repo / "policies/svc-b.yaml"
     policy.write_text(policy.read_text().replace("tbt_ms: 20", "tbt_ms: -1"))
