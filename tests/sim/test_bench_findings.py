@@ -5,31 +5,23 @@ link speeds, the topology-unaware placer places every instance on a node with ro
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from benchkit import load_benchmark
 
 from reconciler.desired import DesiredState
 from reconciler.sim.engine import LoadProfile, SimConfig, synthetic_profile
 from reconciler.state import FleetState, Targets
 from reconciler.topology import topology_for
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_findings.py"
-
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_findings", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_findings")
 
 
 @pytest.fixture(scope="module")
