@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
+from reconciler.desired.models import ClusterSpec, GpuType, ModelSpec, RequestShape, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.capacity import (
     ENGINE_LENGTH_BOUNDS,
@@ -54,10 +54,20 @@ def fitting_perfs(
         gpu = cluster.gpu_types.get(gpu_type)
         if gpu is None or gpu_type not in role_policy.gpu_types:
             continue
-        perf = instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
+        perf = shared_instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
         if perf.fits:
             out.append(perf)
     return out
+
+
+@lru_cache(maxsize=1024)
+def shared_instance_perf(
+    model: ModelSpec, gpu_type: str, gpu: GpuType, gpus_per_instance: int
+) -> InstancePerf:
+    """``instance_perf``, one object per (model, GPU type, instance size): capacities
+    are cached per performance model object, so every service of one model on one type
+    shares them (a fleet's first cycle derived them again for each service)."""
+    return instance_perf(model, gpu_type, gpu, gpus_per_instance)
 
 
 @lru_cache(maxsize=256)
@@ -134,8 +144,9 @@ def capacities_for(
 
 
 def clear_capacity_caches() -> None:
-    """Forget every cached capacity and mix layout."""
+    """Forget every cached capacity, performance model and mix layout."""
     _capacity_cache.clear()
+    shared_instance_perf.cache_clear()
     clear_layouts()
 
 
