@@ -12,8 +12,10 @@ Scenario (deterministic from --seed):
    as the loop does: ``reuse_unchanged``), observe the cluster from the
    API server (Deployments, Pods, Nodes -> FleetState + drift), fetch metrics (a
    synthetic source: every service's decode TPS near its target, --change of them
-   moved by +-25% so the policy scales them), decide (``--autoscaler``, by default the
-   paper's policy, which scales on the generated policies' targets), place
+   moved by +-25% so the policy scales them), decide (``--autoscaler``: by default the
+   paper's policy, which scales on the generated policies' targets; ``heteroscale``,
+   the planner, sizes from the model for the length histograms the metrics then carry,
+   and the running state is what it asked at the base load), place
    (CP-SAT, default options: 2 s limit, 2 workers), and diff (server-side dry run of
    every Deployment that could change; the others are proven unchanged locally).
 
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
+from benchmarks.bench_policy import length_buckets
 from benchmarks.fleetgen import write_large_fleet
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import KubeClient, ResourceConflict, nodes_path, pods_path
@@ -58,7 +61,16 @@ from reconciler.placement.base import PlacementOptions, PlacementRequest
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy import make_autoscaler
-from reconciler.state import ROLES, DeploymentGroup, Sample, ServiceMetrics, Targets
+from reconciler.policy.base import Autoscaler, DecisionInput, PolicyHistory
+from reconciler.state import (
+    ROLES,
+    DeploymentGroup,
+    RoleCount,
+    Sample,
+    ServiceFleet,
+    ServiceMetrics,
+    Targets,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "k8s"
@@ -140,36 +152,74 @@ def initial_targets(
 
 class SyntheticMetrics:
     """Decode TPS at the target per instance for the running size (within tolerance),
-    except a few services whose load moved; latencies well inside their SLOs."""
+    except a few services whose load moved; latencies well inside their SLOs. With
+    ``mixes``, each service's prompt and output lengths too (log-normal around a
+    conversation-like shape of its own, as vLLM's histograms export them), which the
+    planner sizes from."""
 
-    def __init__(self, decode_instances: dict[str, int], change: float, seed: int):
+    def __init__(
+        self, decode_instances: dict[str, int], change: float, seed: int, mixes: bool = False
+    ):
         rng = random.Random(seed)
         self.load = {}
+        self.shapes: dict[str, tuple[float, float]] = {}
         for name, decode in sorted(decode_instances.items()):
             factor = rng.choice([0.75, 1.25]) if rng.random() < change else 1.0
             self.load[name] = decode * factor
+            if mixes:  # median prompt and output tokens
+                self.shapes[name] = (rng.uniform(600, 3000), rng.uniform(120, 500))
 
     def fetch(self, policies: list[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
         out = {}
         for p in policies:
-            decode_tps = self.load.get(p.name, 1.0) * p.scaling.target_per_instance
+            decode_tps = self.load.get(p.name, 1.0) * (p.scaling.target_per_instance or 1.0)
+            shape = self.shapes.get(p.name)
             out[p.name] = ServiceMetrics(
                 p.name,
                 prefill_tps=Sample(decode_tps * 8, now_s),
                 decode_tps=Sample(decode_tps, now_s),
                 ttft=Sample(p.slo.ttft_ms * 0.4, now_s),
                 tbt=Sample(p.slo.tbt_ms * 0.4, now_s),
+                prompt_tokens=None if shape is None else length_buckets(shape[0], 0.7, 1e4, now_s),
+                output_tokens=None if shape is None else length_buckets(shape[1], 0.6, 1e4, now_s),
             )
         return out
 
 
+def planner_targets(
+    state: DesiredState,
+    metrics: SyntheticMetrics,
+    autoscaler: Autoscaler,
+    start: dict[str, Targets],
+    rounds: int = 20,
+) -> dict[str, Targets]:
+    """The counts ``autoscaler`` settles at for ``metrics``' load, from ``start``: each
+    round runs what it asked the round before (its steps are bounded), until it asks
+    for what runs. The running state it would have built, so that a cycle at the same
+    load changes only the services whose load moved."""
+    spec = state.clusters["large"]
+    now = time.time()
+    out = {}
+    for policy in state.policies_for("large"):
+        reading = metrics.fetch([policy], now)[policy.name]
+        counts = (start[policy.name].prefill, start[policy.name].decode)
+        history = PolicyHistory()
+        for _ in range(rounds):
+            fleet = ServiceFleet(policy.name, RoleCount(counts[0]), RoleCount(counts[1]))
+            decision = autoscaler.decide(DecisionInput(policy, fleet, reading, history, now, spec))
+            history = decision.history
+            if (decision.prefill, decision.decode) == counts:
+                break
+            counts = (decision.prefill, decision.decode)
+        out[policy.name] = Targets(policy.name, *counts)
+    return out
+
+
 def setup_running_state(
-    state: DesiredState, backend: KubernetesBackend, fill: float, seed: int
+    state: DesiredState, backend: KubernetesBackend, targets: dict[str, Targets]
 ) -> dict[str, int]:
     spec = state.clusters["large"]
     policies = {p.name: p for p in state.policies_for("large")}
-    total = sum(n.gpus for n in spec.nodes)
-    targets = initial_targets(policies, total, fill, seed)
     observation = backend.observe(spec, list(policies.values()))
     result = CpSatPlacer().place(
         PlacementRequest(spec, policies, observation.fleet, targets, PlacementOptions())
@@ -240,11 +290,12 @@ def main() -> None:
     parser.add_argument("--change", type=float, default=0.1)
     parser.add_argument("--nodes", type=int, default=2500)
     parser.add_argument("--services", type=int, default=100)
-    # The generated policies carry decode targets and no request shape, and the metrics
-    # here no length histograms: the paper policy scales on those targets, while the
-    # planner would hold every service for want of a request mix (it did until this
-    # option: every cycle measured holds, 0 group changes).
-    parser.add_argument("--autoscaler", default="heteroscale-paper")
+    # heteroscale-paper scales on the generated policies' decode targets; heteroscale
+    # (the planner) sizes from the model for length histograms the synthetic metrics
+    # then carry, and the running state is set up from its own decisions.
+    parser.add_argument(
+        "--autoscaler", default="heteroscale-paper", choices=["heteroscale-paper", "heteroscale"]
+    )
     parser.add_argument(
         "--no-watch", dest="watch", action="store_false", help="list Pods and Nodes every cycle"
     )
@@ -270,7 +321,22 @@ def main() -> None:
                 client, spec, {p.namespace for p in state.policies.values()}
             )
             backend = KubernetesBackend(client, state=state, options=ApplyOptions())
-            decode = setup_running_state(state, backend, args.fill, args.seed)
+            policies = {p.name: p for p in state.policies_for("large")}
+            base = initial_targets(policies, sum(n.gpus for n in spec.nodes), args.fill, args.seed)
+            autoscaler = make_autoscaler(args.autoscaler)
+            planner = args.autoscaler == "heteroscale"
+            if planner:
+                # The planner sizes from its own capacity, not the generated targets:
+                # the running state is what it asks at the base load.
+                loads = {name: t.decode for name, t in base.items()}
+                targets = planner_targets(
+                    state, SyntheticMetrics(loads, 0.0, args.seed, mixes=True), autoscaler, base
+                )
+                decode = setup_running_state(state, backend, targets)
+                metrics = SyntheticMetrics(loads, args.change, args.seed, mixes=True)
+            else:
+                decode = setup_running_state(state, backend, base)
+                metrics = SyntheticMetrics(decode, args.change, args.seed)
             deployments = len(list(client.list("/apis/apps/v1/deployments")))
             gpus = sum(n.gpus for n in spec.nodes)
             print(
@@ -279,8 +345,6 @@ def main() -> None:
             )
 
             backend = KubernetesBackend(client, state=state, options=ApplyOptions(watch=args.watch))
-            metrics = SyntheticMetrics(decode, args.change, args.seed)
-            autoscaler = make_autoscaler(args.autoscaler)
             placer = CpSatPlacer()
             rows = []
             for cycle in range(args.cycles):
