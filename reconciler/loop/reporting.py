@@ -268,9 +268,16 @@ def record_plan(metrics: LoopMetrics, cluster: str, plan: Plan) -> None:
         metrics.placement_solve.labels(cluster, stats.solver).observe(stats.wall_s)
     metrics.held.labels(cluster).set(len(plan.held))
     for service, why in plan.held.items():
-        log.warning(
+        # A decision that raised is a bug to report, not a state of the fleet.
+        failed = plan.decisions[service].reason == "decision_failed"
+        log.log(
+            logging.ERROR if failed else logging.WARNING,
             f"cluster {cluster}: {service} held: {why}",
-            extra={"event": "service_held", "cluster": cluster, "service": service},
+            extra={
+                "event": "decision_failed" if failed else "service_held",
+                "cluster": cluster,
+                "service": service,
+            },
         )
 
 

@@ -268,7 +268,7 @@ def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -
 
 
 def test_a_service_whose_autoscaler_raises_is_held_and_the_others_still_reconcile(
-    state: DesiredState,
+    state: DesiredState, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One service's decision failing (a bug for its inputs) holds that service where
     it runs, says what raised and where, and leaves every other service's cycle and
@@ -287,7 +287,10 @@ def test_a_service_whose_autoscaler_raises_is_held_and_the_others_still_reconcil
     loop = make_loop(state, backends)
     first = loop.run_cycle()  # every service placed once
     loop.cluster_cycle.autoscaler = FailsForOne(prefill=2, decode=3)
-    outcome = loop.run_cycle().clusters[0]
+    with caplog.at_level(logging.INFO, logger="heteroscale.loop"):
+        outcome = loop.run_cycle().clusters[0]
+    failures = [r for r in caplog.records if getattr(r, "event", "") == "decision_failed"]
+    assert [(r.levelname, getattr(r, "service", "")) for r in failures] == [("ERROR", broken)]
     assert outcome.outcome == "ok" and outcome.applied
     plan = outcome.plan
     assert plan is not None
