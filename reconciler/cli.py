@@ -184,7 +184,8 @@ def validate(
     """Validate the desired state (policies/, clusters/ and the templates they name).
 
     With --trace, also warn for every service that cannot meet its TTFT SLO for more
-    than 1% of the trace's requests even on an idle instance, for every service whose
+    than 1% of the trace's requests even on an idle instance, or one of whose roles no
+    instance can serve within its SLO for the trace's mix, for every service whose
     pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds one
     role above what it needs), and for every service whose max_instances is below what
     the trace's busiest minute needs."""
@@ -225,7 +226,12 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
     from rich.markup import escape
 
     from reconciler.policy.attainability import WARN_SHARE, trace_attainability
-    from reconciler.policy.trace_needs import TraceLoad, trace_peak_need, trace_ratio_need
+    from reconciler.policy.trace_needs import (
+        TraceLoad,
+        trace_out_of_reach,
+        trace_peak_need,
+        trace_ratio_need,
+    )
     from reconciler.sim.workload import TraceError, read_trace
 
     try:
@@ -264,6 +270,13 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
             err_console.print(f"warning: {found.warning(trace.name)}", soft_wrap=True, markup=False)
         if load is None:
             continue
+        for role, why in trace_out_of_reach(policy, cluster, load):
+            err_console.print(
+                f"warning: service {name}: {role} SLO out of reach for the mix in "
+                f"{trace.name}: {why}; the planner holds {role} where it runs",
+                soft_wrap=True,
+                markup=False,
+            )
         for need in (
             trace_ratio_need(policy, cluster, load),
             trace_peak_need(policy, cluster, load),

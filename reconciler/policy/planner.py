@@ -561,8 +561,8 @@ def plan_decide(
         (0, "prefill", override_prefill),
         (1, "decode", override_decode),
     )
-    out_of_reach = [
-        None if caps is None or override is not None else _out_of_reach(policy, caps, role)
+    unreachable = [
+        None if caps is None or override is not None else out_of_reach(policy, caps, role)
         for _, role, override in role_overrides
     ]
     if override_prefill is not None:
@@ -615,9 +615,9 @@ def plan_decide(
             parts.append(text)
 
     for ri, role in enumerate(("prefill", "decode")):
-        if out_of_reach[ri] is not None:
+        if unreachable[ri] is not None:
             wants[ri] = current[ri]
-            parts.append(f"{role}: SLO out of reach, {out_of_reach[ri]}: held at {current[ri]}")
+            parts.append(f"{role}: SLO out of reach, {unreachable[ri]}: held at {current[ri]}")
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     fired: list[str | None] = [None, None]
@@ -631,7 +631,7 @@ def plan_decide(
         if tier is None:
             continue
         ri = rule.role_index
-        if out_of_reach[ri] is not None:
+        if unreachable[ri] is not None:
             parts.append(
                 f"{rule.metric} {sample.value:.0f} ms above SLO: {rule.role} out of reach, not chased"
             )
@@ -688,7 +688,7 @@ def plan_decide(
     return finish(n, current, (prefill, decode), reason, parts, clamps, remembered, now_s)
 
 
-def _out_of_reach(policy: ServicePolicy, caps: RoleCapacities, role: Role) -> str | None:
+def out_of_reach(policy: ServicePolicy, caps: RoleCapacities, role: Role) -> str | None:
     """Why no instance of ``role`` meets its SLO for the mix ``caps`` were derived for
     (its capacity per instance is 0), None when one does."""
     if caps.tps_per_instance(role) > 0:

@@ -34,7 +34,8 @@ from reconciler.policy.capacity import (
     RoleCapacities,
 )
 from reconciler.policy.perf_context import capacities_for
-from reconciler.policy.planner import perf_context
+from reconciler.policy.planner import out_of_reach, perf_context
+from reconciler.state import ROLES, Role
 
 # Outside a bound by more than this share the check warns: the planner's rounding to
 # whole instances and groups moves a small fleet's ratio by about this much anyway.
@@ -163,6 +164,20 @@ class TraceLoad:
         )
 
 
+def trace_out_of_reach(
+    policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad
+) -> tuple[tuple[Role, str], ...]:
+    """Each role no instance of which meets its SLO for the load's mix, and why (the
+    planner holds such a role where it runs and says so: ``planner.out_of_reach``);
+    empty when every role can, or no GPU type of a role fits."""
+    perf = perf_context(policy, cluster)
+    if perf is None:
+        return ()
+    caps = capacities_for(policy, perf, load.mix, 1, LatencyCorrection())
+    found = ((role, out_of_reach(policy, caps, role)) for role in ROLES)
+    return tuple((role, why) for role, why in found if why is not None)
+
+
 def trace_ratio_need(
     policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad
 ) -> RatioNeed | None:
@@ -226,7 +241,9 @@ def _needs(
         else:
             low = middle
     prefill, caps = sized(high)
-    decode = output_tps / max(caps.decode_tps_per_instance, 1e-9)
+    if not (caps.prefill_tps_per_instance > 0 and caps.decode_tps_per_instance > 0):
+        return None  # a role out of reach: no count serves it (trace_out_of_reach)
+    decode = output_tps / caps.decode_tps_per_instance
     if not (prefill > 0 and decode > 0):
         return None
     return prefill, decode, caps
@@ -238,6 +255,7 @@ __all__ = [
     "PeakNeed",
     "RatioNeed",
     "TraceLoad",
+    "trace_out_of_reach",
     "trace_peak_need",
     "trace_ratio_need",
 ]

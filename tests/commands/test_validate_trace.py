@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from repo_edits import edit
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -151,3 +152,20 @@ def test_a_busiest_minute_beyond_max_instances_is_warned(repo_root: Path, tmp_pa
     calm = write_trace(tmp_path / "calm.csv", [SHORT_TOKENS] * 100)
     result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(calm)])
     assert warnings(result.stderr, about="busiest minute") == {}
+
+
+def test_a_role_no_instance_can_serve_for_the_trace_is_named(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """A TBT below one sequence's step: the warning names the role and why, and no
+    P/D-ratio or busiest-minute warning sizes that role at a capacity of 0."""
+    edit(example_repo / "policies/chat.yaml", "tbt_ms: 50", "tbt_ms: 2")
+    trace = write_trace(tmp_path / "chat.csv", [SHORT_TOKENS] * 100)
+    result = runner.invoke(app, ["validate", str(example_repo), "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    chat = [line for line in result.stderr.splitlines() if "service chat:" in line]
+    assert chat == [
+        "warning: service chat: decode SLO out of reach for the mix in chat.csv: no batch "
+        "meets the 2 ms TBT at the mix's context, not even one sequence; the planner holds "
+        "decode where it runs"
+    ]

@@ -22,6 +22,7 @@ from reconciler.policy.trace_needs import (
     RATIO_SLACK,
     RatioNeed,
     TraceLoad,
+    trace_out_of_reach,
     trace_peak_need,
     trace_ratio_need,
 )
@@ -220,3 +221,18 @@ def test_the_peak_counts_are_the_same_sizing_as_the_ratio_at_that_rate(
     assert peak is not None and ratio is not None
     assert peak.prefill_instances == pytest.approx(ratio.prefill_instances, rel=0.02)
     assert peak.decode_instances == pytest.approx(ratio.decode_instances, rel=0.02)
+
+
+def test_a_role_no_instance_can_serve_is_named_not_sized(state: DesiredState) -> None:
+    """A 2 ms TBT is below one sequence's step for chat's model on any of its decode
+    types: the check says so instead of sizing decode at a capacity of 0 (which would
+    have read as billions of instances against max_instances)."""
+    policy = state.policies["chat"]
+    tight = policy.model_copy(update={"slo": policy.slo.model_copy(update={"tbt_ms": 2.0})})
+    cluster = state.clusters[policy.cluster]
+    load = load_of(CHAT_PROMPTS, CHAT_OUTPUTS)
+    assert trace_out_of_reach(policy, cluster, load) == ()
+    (found,) = trace_out_of_reach(tight, cluster, load)
+    assert found[0] == "decode" and "no batch meets the 2 ms TBT" in found[1]
+    assert trace_ratio_need(tight, cluster, load) is None
+    assert trace_peak_need(tight, cluster, load) is None
