@@ -80,9 +80,12 @@ def replay(
     dict[str, tuple[EvaluationResult | None, EvaluationResult | None]],
     list[str],
 ]:
-    """Replay each service under both revisions on the same load (built from head's
-    view of the service when it exists, so both sides see identical requests).
-    Services not started by ``deadline`` (``time.monotonic()``) come back skipped."""
+    """Replay each service under both revisions on the same load, so both sides see
+    identical requests: built from base's view of the service when it exists there,
+    the traffic it serves today (a load sized from head's view would move with the
+    change under review: a TBT no instance meets sized head's synthetic day at 0.1
+    requests/s), else from head's. Services not started by ``deadline``
+    (``time.monotonic()``) come back skipped."""
     out: list[WhatIf] = []
     raw: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
     skipped: list[str] = []
@@ -90,7 +93,7 @@ def replay(
         if deadline is not None and time.monotonic() >= deadline:
             skipped.append(service)
             continue
-        reference = head if service in head.policies else base
+        reference = base if service in base.policies else head
         load = load_for(reference, service)
         results: list[EvaluationResult | None] = []
         for state in (base, head):
@@ -101,7 +104,8 @@ def replay(
         base_eval, head_eval = results
         base_result = base_eval.policies[WHATIF_POLICY] if base_eval else None
         head_result = head_eval.policies[WHATIF_POLICY] if head_eval else None
-        goal = reference.policies[service].slo.attainment_goal
+        # Head is judged against its own goal (the change may move it).
+        goal = (head if service in head.policies else base).policies[service].slo.attainment_goal
         out.append(
             WhatIf(
                 service=service,

@@ -81,11 +81,13 @@ def test_each_load_is_built_once_and_both_revisions_replay_the_same_one(
     services = changed_services(tuple(config_diff(base, head)), base, head)
     assert services == ["chat", "svc-a"]
     replay_services(base, head, services, ReviewOptions(diurnal_hours=REPLAY_HOURS))
-    # One load per service, sized from head, and the very same profile replayed under
-    # base and head, also where the revisions size it differently (svc-a).
-    assert built == [("head", name, REPLAY_HOURS) for name in services]
+    # One load per service, sized from base (the traffic it serves today, which the
+    # change under review does not move), and the very same profile replayed under base
+    # and head, also where the revisions size it differently (svc-a).
+    assert built == [("base", name, REPLAY_HOURS) for name in services]
     assert sorted(replayed) == services
     for loads in replayed.values():
         assert len(loads) == 2 and loads[0] is loads[1]
     sized_by_base = build(base, base.policies["svc-a"], hours=REPLAY_HOURS)
-    assert replayed["svc-a"][0].requests < sized_by_base.requests
+    sized_by_head = build(head, head.policies["svc-a"], hours=REPLAY_HOURS)
+    assert replayed["svc-a"][0].requests == sized_by_base.requests > sized_by_head.requests
