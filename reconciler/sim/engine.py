@@ -1282,9 +1282,14 @@ class ServiceSim:
                 budget = 0.0
         self.queue_work = max(0.0, self.queue_work - served_work)
         self.queue_requests = max(0.0, self.queue_requests - served_n)
+        cum["prefill_work_out"] += served_work
         if not queue:
             self.queue_work = self.queue_requests = 0.0
-        cum["prefill_work_out"] += served_work
+            # Everything that arrived is served: say so exactly. Summed piece by piece,
+            # the served total drifts a rounding below the arrived one, and a request
+            # in a later second without arrivals (a synthetic day's sample at a low
+            # rate) would then wait, in cohort_delays, for the next arrival's service.
+            cum["prefill_work_out"] = cum["prefill_work_in"]
         cum["prefilled"] += served_n
         busy = served_work / capacity if capacity > 0 else 0.0
         alpha = 1.0 / max(cfg.load_smoothing_s, 1.0)

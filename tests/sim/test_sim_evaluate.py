@@ -587,3 +587,16 @@ def test_a_quiet_synthetic_day_is_served_not_dropped(state: DesiredState) -> Non
     for run in runs.values():
         assert run.slo_attainment > 0.99 and run.dropped == 0
     assert runs["heteroscale"].gpu_hours < 30
+
+
+def test_a_request_in_a_quiet_second_after_the_queue_emptied_does_not_wait(
+    state: DesiredState,
+) -> None:
+    """The prefill queue's served total, summed piece by piece, drifted a rounding below
+    what arrived once the queue emptied; a sampled request in a later second without
+    binned arrivals then waited, in the FIFO search, for the next arrival's service: at
+    0.2 summarize requests/s the TTFT p90 read 8.7 s and static peak kept 79%."""
+    load = synthetic_profile("summarize", hours=1, peak_rps=0.2, seed=1)
+    run = evaluate(state, "summarize", load, ["static-peak"], seed=1).policies["static-peak"]
+    assert run.ttft_attainment > 0.99
+    assert run.ttft_quantile_ms is not None and run.ttft_quantile_ms < 3_000
