@@ -42,6 +42,12 @@ MetricName = Literal[
 METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
 
 
+# No real signal reaches this: 1e12 tokens/s is ten million GPUs at 100,000 tokens/s
+# each, 1e12 ms is 31 years, 1e12 requests would not fit any queue. A value beyond it is
+# broken, and sizing from it (times tokens per request, times headroom) would overflow.
+MAX_SIGNAL_VALUE = 1e12
+
+
 @dataclass(frozen=True)
 class Sample:
     """One observed value and the time (seconds since the epoch, or simulation
@@ -51,8 +57,10 @@ class Sample:
     at_s: float
 
     def is_usable(self, now_s: float, max_age_s: float) -> bool:
-        """Finite and fresh enough to act on."""
-        return math.isfinite(self.value) and (now_s - self.at_s) <= max_age_s
+        """Fresh enough to act on, and in range: every signal is a rate, a latency, a
+        share or a count, so a negative one is broken (a custom query's subtraction, a
+        counter reset), and so is one beyond ``MAX_SIGNAL_VALUE`` (NaN fails <=)."""
+        return 0.0 <= self.value <= MAX_SIGNAL_VALUE and (now_s - self.at_s) <= max_age_s
 
 
 # No model serves a context this long (the longest are ~10 million tokens), and no

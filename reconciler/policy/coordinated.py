@@ -104,7 +104,7 @@ from reconciler.policy.clamps import (
     follow_ratio,
     round_to_groups,
 )
-from reconciler.state import Role, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import MAX_SIGNAL_VALUE, Role, Sample, ServiceFleet, ServiceMetrics
 
 # Scale-in step with a latency metric as the primary signal and no tier to borrow it from.
 DEFAULT_LATENCY_SCALE_IN_PERCENT = 10.0
@@ -303,23 +303,10 @@ def policy_numbers(policy: ServicePolicy) -> PolicyNumbers:
 # --------------------------------------------------------------------------- small helpers
 
 
-# No real signal reaches this: 1e12 tokens/s is ten million GPUs at 100,000 tokens/s
-# each, 1e12 ms is 31 years, 1e12 requests would not fit any queue. A value beyond it is
-# broken, and sizing from it (times tokens per request, times headroom) would overflow.
-MAX_SIGNAL_VALUE = 1e12
-
-
 def sample_problem(sample: Sample | None, name: str, now_s: float, max_age_s: float) -> str | None:
-    """Why ``sample`` cannot be acted on, or None if it can. Every signal is a rate, a
-    latency, a share or a count: a negative one is broken (a custom query's
-    subtraction, a counter reset), never a reason to scale in, and so is one beyond
-    ``MAX_SIGNAL_VALUE``."""
-    if (
-        sample is not None
-        and now_s - sample.at_s <= max_age_s
-        and 0.0 <= sample.value <= MAX_SIGNAL_VALUE
-    ):
-        return None  # the common case first: present, fresh, in range (NaN fails <=)
+    """Why ``sample`` cannot be acted on (``Sample.is_usable``), or None if it can."""
+    if sample is not None and sample.is_usable(now_s, max_age_s):
+        return None  # the common case first
     if sample is None:
         return f"{name} missing"
     if not math.isfinite(sample.value):

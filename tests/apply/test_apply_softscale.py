@@ -148,3 +148,8 @@ def test_slo_status_needs_fresh_ttft_and_tbt() -> None:
         == "unknown"
     )
     assert slo_status(policy, None, 0.0) == "unknown"
+    # A broken reading is no evidence the SLO held (it would let soft scale-in drain):
+    # a negative latency, or one beyond any real reading, as the policies refuse them.
+    for broken in (-5.0, 5e295):
+        metrics = ServiceMetrics("chat", ttft=fresh(broken), tbt=fresh(40))
+        assert slo_status(policy, metrics, 100.0) == "unknown"
