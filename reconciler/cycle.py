@@ -2,8 +2,9 @@
 
 This is the glue the loop, ``plan`` and the pull-request what-if share, so a dry-run
 report and an applied cycle come from the same code (the simulator chains the same
-decide, placer and diff for its one service in ``reconciler.sim.evaluate``). It does no I/O: the observation and metrics are read by the caller (through a
-``ClusterBackend`` and a ``MetricsSource``), the plan is applied by the caller.
+decide, placer and diff for its one service in ``reconciler.sim.evaluate``). It does no
+I/O: the observation and metrics are read by the caller (through a ``ClusterBackend``
+and a ``MetricsSource``), the plan is applied by the caller.
 
 Held services (``held``, service -> why): the caller found that a scale change of
 the service would be refused (drift: someone else owns a field heteroscale would

@@ -620,7 +620,7 @@ def reuse_unchanged(previous: DesiredState | None, state: DesiredState) -> Desir
     cluster model every cycle would cost more than it saves: without this every cycle
     would derive it all again for every service. The models are frozen, so an equal
     object is as good as the new one."""
-    if previous is None:
+    if previous is None or previous is state:  # the same commit: load_desired_state(previous=)
         return state
 
     def reuse(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
