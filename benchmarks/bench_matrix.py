@@ -8,7 +8,13 @@ Cells (the repository's own ``policies/`` and ``clusters/``, nothing tuned per c
 - ``mooncake-x10``: the Mooncake conversation trace x10, 8-hour diurnal day, seed 7,
   service ``chat``;
 - ``burst-S-N``: the synthetic one-hour day with sudden bursts, seeds 0 to 3, for every
-  example service ``S``.
+  example service ``S``: the service's first hour, with no memory of any burst;
+- ``burst-S-N-warm``: the same hour after a warm-up hour of the same service's traffic
+  with other bursts (the day of seed ``N + WARMUP_SEED_OFFSET``), simulated but not
+  judged (``LoadProfile.preceded_by``): a service that has been running, whose
+  policies remember its bursts as a deployed autoscaler's durable memory does. Static
+  peak and oracle-min are sized and planned on the judged hour alone, so they are the
+  same as in ``burst-S-N``.
 
 Policies: heteroscale (the default planner: capacity from the performance model, the
 example policies set no targets), heteroscale-paper (the paper's coordinated policy) and
@@ -82,6 +88,9 @@ POLICIES = (
     "oracle-min",
 )
 BURST_SEEDS = (0, 1, 2, 3)
+# The warm-up hour of a ``-warm`` cell is the day of another seed, far from the judged
+# ones (so never one of their days): other bursts at other times.
+WARMUP_SEED_OFFSET = 100
 HAND_TUNED = ("heteroscale-paper", "hpa-decode-tps")
 STATIC_AT_COST = "static at heteroscale's GPU-hours"
 
@@ -94,6 +103,7 @@ class Cell:
     rate_scale: float | None
     hours: float
     seed: int
+    warmup_seed: int | None = None  # the synthetic day run before it, not judged
 
 
 AZURE_TRACE = "AzureLLMInferenceTrace_conv.csv"
@@ -126,6 +136,19 @@ def all_cells(services: list[str]) -> list[Cell]:
     for service in services:
         for seed in BURST_SEEDS:
             cells.append(Cell(f"burst-{service}-{seed}", service, None, None, 1.0, seed))
+    for service in services:
+        for seed in BURST_SEEDS:
+            cells.append(
+                Cell(
+                    f"burst-{service}-{seed}-warm",
+                    service,
+                    None,
+                    None,
+                    1.0,
+                    seed,
+                    warmup_seed=seed + WARMUP_SEED_OFFSET,
+                )
+            )
     return cells
 
 
@@ -148,6 +171,11 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     profile = load_with_requests(
         state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config
     ).profile
+    if cell.warmup_seed is not None:
+        warmup = load_with_requests(
+            state, cell.service, trace, cell.rate_scale, cell.hours, cell.warmup_seed, config
+        ).profile
+        profile = profile.preceded_by(warmup)
     # Policies that scale on hand-set targets run on a copy of the policy that has them;
     # the rest run on the repository's policy as it is (no targets: derived).
     tuned = [p for p in policies if p in HAND_TUNED]
@@ -178,7 +206,7 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     document["hours"] = cell.hours
     document["goal"] = state.policies[cell.service].slo.attainment_goal
     document["reactive_reference"] = reactive_reference(
-        profile, state.policies[cell.service]
+        profile.judged(), state.policies[cell.service]
     ).to_json()
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document

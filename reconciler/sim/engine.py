@@ -231,10 +231,71 @@ class LoadProfile:
     name: str = "load"
     cyclic: bool = False  # repeat forever (the embedded default fleet)
     notes: tuple[str, ...] = field(default=())
+    # Seconds before this are a warm-up (``preceded_by``): simulated, so every policy
+    # enters the judged part with the memory and the fleet that traffic left it, but
+    # neither judged nor counted.
+    judged_from_s: int = 0
 
     @property
     def horizon_s(self) -> int:
         return len(self.count)
+
+    def preceded_by(self, warmup: LoadProfile) -> LoadProfile:
+        """This load after ``warmup``: one profile whose first ``warmup.horizon_s``
+        seconds are ``warmup``'s and are not judged (``judged_from_s``). The length
+        statistics, sample weight and name stay this load's; the request sample is
+        both samples, this one's shifted by the warm-up."""
+        if self.cyclic or warmup.cyclic or self.judged_from_s or warmup.judged_from_s:
+            raise ValueError("a warm-up joins two plain (not cyclic, not warmed-up) loads")
+        if self.sample is None or warmup.sample is None:
+            raise ValueError("a warm-up needs both loads' request samples")
+        shift = warmup.horizon_s
+        sample = Workload(
+            np.concatenate([warmup.sample.arrival_s, self.sample.arrival_s + shift]),
+            np.concatenate([warmup.sample.prompt_tokens, self.sample.prompt_tokens]),
+            np.concatenate([warmup.sample.output_tokens, self.sample.output_tokens]),
+            self.sample.name,
+        )
+        return replace(
+            self,
+            count=np.concatenate([warmup.count, self.count]),
+            prompt_sum=np.concatenate([warmup.prompt_sum, self.prompt_sum]),
+            prompt_sq_sum=np.concatenate([warmup.prompt_sq_sum, self.prompt_sq_sum]),
+            output_sum=np.concatenate([warmup.output_sum, self.output_sum]),
+            sample=sample,
+            judged_from_s=shift,
+            notes=(
+                *self.notes,
+                f"after a warm-up of {shift / 3600:g} h ({warmup.name}; not judged): "
+                + "; ".join(warmup.notes),
+            ),
+        )
+
+    def judged(self) -> LoadProfile:
+        """The judged part alone, as a plain profile from time 0 (itself without a
+        warm-up): what a policy that needs no memory (static provisioning, oracle-min,
+        the reactive reference) is sized or planned on."""
+        start = self.judged_from_s
+        if start == 0:
+            return self
+        sample = self.sample
+        if sample is not None:
+            keep = sample.arrival_s >= start
+            sample = Workload(
+                sample.arrival_s[keep] - start,
+                sample.prompt_tokens[keep],
+                sample.output_tokens[keep],
+                sample.name,
+            )
+        return replace(
+            self,
+            count=self.count[start:],
+            prompt_sum=self.prompt_sum[start:],
+            prompt_sq_sum=self.prompt_sq_sum[start:],
+            output_sum=self.output_sum[start:],
+            sample=sample,
+            judged_from_s=0,
+        )
 
     @property
     def requests(self) -> float:
@@ -1763,9 +1824,9 @@ class ServiceSim:
 
     # ------------------------------------------------------------------ outcomes
 
-    def request_outcomes(self, horizon_end_s: int | None = None) -> RequestOutcomes:
+    def request_outcomes(self) -> RequestOutcomes:
         """Per-request TTFT/TBT attainment for the profile's request sample."""
-        return request_outcomes(self, horizon_end_s)
+        return request_outcomes(self)
 
 
 @dataclass(frozen=True)
@@ -2042,8 +2103,19 @@ def token_gap_quantiles_s(
     return [by_seconds[max(0, min(stop, sim.series.rows) - start)] for stop in stops]
 
 
-def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> RequestOutcomes:
-    """Per-request attainment over the profile's request sample (``per_request``)."""
+def judged_requests(sim: ServiceSim) -> np.ndarray:
+    """Which of the profile's sampled requests a run is judged on: those that arrived
+    after any warm-up (``LoadProfile.judged_from_s``) and before the run ended."""
+    sample = sim.profile.sample
+    if sample is None:
+        return np.zeros(0, dtype=bool)
+    keep: np.ndarray = (sample.arrival_s >= sim.profile.judged_from_s) & (sample.arrival_s < sim.t)
+    return keep
+
+
+def request_outcomes(sim: ServiceSim) -> RequestOutcomes:
+    """Per-request attainment over the profile's request sample (``per_request``), the
+    requests ``judged_requests`` keeps."""
     profile = sim.profile
     sample = profile.sample
     slo = sim.policy.slo
@@ -2051,7 +2123,7 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
         return RequestOutcomes(
             0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, notes=("no requests",)
         )
-    keep = sample.arrival_s < sim.t
+    keep = judged_requests(sim)
     if not keep.any():
         return RequestOutcomes(
             0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, None, 0.0, notes=("no requests",)
@@ -2082,7 +2154,7 @@ def request_outcomes(sim: ServiceSim, horizon_end_s: int | None = None) -> Reque
 
     ttft_p50, ttft_q = quantiles(r.ttft_values, r.ttft_weights)
     tbt_p50, tbt_q = quantiles(r.tbt_values, r.tbt_weights)
-    token_q = token_gap_quantile_s(sim, slo.quantile)
+    token_q = token_gap_quantile_s(sim, slo.quantile, start=profile.judged_from_s)
     if r.complete.sum() == 0:
         notes.append(
             "no request completed: the fleet is too small (or has no ready prefill or decode instance)"

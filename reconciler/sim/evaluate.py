@@ -43,6 +43,14 @@ instance holds from creation (start-up included) to the end of its drain, up to 
 end of the trace; in-flight requests are then served to completion (up to
 ``SimConfig.drain_tail_s``) for the latency figures.
 
+A load with a warm-up (``LoadProfile.preceded_by``) is run from the warm-up's start
+(the warm state above is the warm-up's), and judged only after it: attainment on the
+requests that arrive after it, GPU-hours, utilisation and the timeline over the
+seconds after it. So a policy meets the judged traffic with the memory and the fleet
+the warm-up left, as a service running for a while does. What needs no memory
+(``needs_no_memory``: fixed counts, replayed schedules, oracle-min) runs on the judged
+part alone, static peak sized for its peak.
+
 Cost (``reconciler.cost``): ``cost_usd`` prices those GPU-hours, per GPU type, at the
 cluster's ``cost_per_hour`` (in its ``currency``, USD unless the cluster file says
 otherwise). ``usd_per_mtok`` divides it by the millions of output tokens served within
@@ -80,6 +88,7 @@ from reconciler.sim.engine import (
     RequestOutcomes,
     ServiceSim,
     SimConfig,
+    judged_requests,
     per_request,
     request_outcomes,
 )
@@ -289,7 +298,9 @@ def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfi
 
 
 def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[float, float]:
-    _t, prefill, decode = profile.demand_series(window_s)
+    """The highest prompt and output tokens/s of the judged part (static peak's sizing:
+    the peak of the traffic it is judged on, not of a warm-up)."""
+    _t, prefill, decode = profile.judged().demand_series(window_s)
     return float(prefill.max()), float(decode.max())
 
 
@@ -313,6 +324,13 @@ def static_counts(name: str) -> tuple[int, int]:
         f"'{name}': expected static:PREFILL+DECODE with two whole numbers from 1 to "
         f"{MAX_REPLAYED_INSTANCES:,}, e.g. static:12+16"
     )
+
+
+def needs_no_memory(name: str) -> bool:
+    """Fixed counts and replayed schedules: what they run at a moment does not depend
+    on the traffic before it, so after a warm-up they run on the judged part alone (a
+    schedule's times count from its start; static peak is sized for it)."""
+    return name == "static-peak" or name.startswith((STATIC_PREFIX, "schedule:"))
 
 
 def build_autoscaler(
@@ -678,7 +696,11 @@ def evaluate(
     cluster = state.clusters[policy.cluster]
     oracle_plan: OracleMinPlan | None = None
     if "oracle-min" in policies:
-        oracle_plan = plan_oracle_min(policy, cluster, profile, config, window_s=oracle_window_s)
+        # Knowing the whole workload, oracle-min needs no warm-up: it plans the judged
+        # part alone.
+        oracle_plan = plan_oracle_min(
+            policy, cluster, profile.judged(), config, window_s=oracle_window_s
+        )
     # Every policy starts from oracle-min's state at t = 0 in the policies' own
     # environment (module docstring).
     warm = (
@@ -689,7 +711,7 @@ def evaluate(
     for name in policies:
         if name == "oracle-min" and oracle_plan is not None:
             results[name] = oracle_min_result(
-                policy, profile, oracle_plan, config, prices=GpuPrices.of_cluster(cluster)
+                policy, profile.judged(), oracle_plan, config, prices=GpuPrices.of_cluster(cluster)
             )
             continue
         placer = placer or default_placer()
@@ -709,15 +731,21 @@ def evaluate(
             results[name] = sweep.result
             continue
         label = labels[name]
+        run_profile, run_warm = profile, warm
+        if profile.judged_from_s and needs_no_memory(name):
+            run_profile = profile.judged()
+            run_warm = oracle_min_initial_counts(
+                policy, cluster, run_profile, config, oracle_window_s
+            )
         # An external autoscaler's failure is its own result; the others still run.
         try:
             autoscaler, description = build_autoscaler(
-                name, policy, profile, capacity, interval_s, hpa_target=hpa_target
+                name, policy, run_profile, capacity, interval_s, hpa_target=hpa_target
             )
             run = _run_policy(
                 state,
                 policy,
-                profile,
+                run_profile,
                 label,
                 autoscaler,
                 description,
@@ -726,7 +754,7 @@ def evaluate(
                 placer,
                 interval_s,
                 progress,
-                warm=warm,
+                warm=run_warm,
             )
         except PluginError as exc:
             results[label] = _failed_result(label, f"external autoscaler {name}", str(exc))
@@ -744,8 +772,8 @@ def evaluate(
     return EvaluationResult(
         service=service,
         workload=profile.name,
-        horizon_s=profile.horizon_s,
-        requests=profile.requests,
+        horizon_s=profile.judged().horizon_s,
+        requests=profile.judged().requests,
         slo=slo_summary(policy),
         policies=results,
         notes=tuple(notes),
@@ -900,7 +928,9 @@ def _run_policy(
         notes.append(
             f"placement could not place {shortfalls} instance-cycles (cluster full or constraints)"
         )
-    timeline = _timeline(sim, counts, horizon, decision_times, ttft_ms, tbt_ms)
+    timeline = _timeline(
+        sim, counts, horizon, decision_times, ttft_ms, tbt_ms, start=profile.judged_from_s
+    )
     return _result(
         name,
         description,
@@ -937,20 +967,22 @@ def _result(
     notes: Sequence[str],
 ) -> PolicyResult:
     """A run's figures from its simulator and its per-second instance counts (and GPUs
-    per type, ``gpus_by_type``): the one accounting every policy and oracle-min share."""
-    usage = _usage(sim, counts, horizon, policy)
+    per type, ``gpus_by_type``): the one accounting every policy and oracle-min share,
+    over the judged seconds (from the profile's ``judged_from_s`` to ``horizon``)."""
+    judged = slice(sim.profile.judged_from_s, horizon)
+    usage = _usage(sim, counts, judged, policy)
     gpu_hours_by_type = {
-        gpu_type: float(gpus[:horizon].sum()) / 3600.0
+        gpu_type: float(gpus[judged].sum()) / 3600.0
         for gpu_type, gpus in sorted(gpus_by_type.items())
-        if gpus[:horizon].any()
+        if gpus[judged].any()
     }
     cost = cost_of_gpu_hours(gpu_hours_by_type, prices)
     tokens_within_slo = _output_tokens_within_slo(sim)
     if cost.amount is None:
         why = f"cost unknown: {cost.why_unknown()} (cost_per_hour in the cluster file)"
         notes = [*notes, why]
-    active_prefill = counts["prefill_ready"][:horizon] + counts["prefill_starting"][:horizon]
-    active_decode = counts["decode_ready"][:horizon] + counts["decode_starting"][:horizon]
+    active_prefill = counts["prefill_ready"][judged] + counts["prefill_starting"][judged]
+    active_decode = counts["decode_ready"][judged] + counts["decode_starting"][judged]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(active_decode > 0, active_prefill / np.maximum(active_decode, 1), np.nan)
     finite_ratio = ratio[np.isfinite(ratio)]
@@ -993,12 +1025,11 @@ def _result(
 
 def _output_tokens_within_slo(sim: ServiceSim) -> float:
     """Output tokens of the requests that met both SLOs (module docstring), over the
-    requests ``request_outcomes`` judges: the sample's, arrived before the run ended,
-    scaled by its weight."""
+    requests ``request_outcomes`` judges (``judged_requests``), scaled by its weight."""
     sample = sim.profile.sample
     if sample is None or sample.requests == 0 or sim.t == 0:
         return 0.0
-    keep = sample.arrival_s < sim.t
+    keep = judged_requests(sim)
     if not keep.any():
         return 0.0
     output = sample.output_tokens[keep].astype(np.float64)
@@ -1064,12 +1095,13 @@ def oracle_min_result(
 
 
 def _usage(
-    sim: ServiceSim, counts: Mapping[str, np.ndarray], horizon: int, policy: ServicePolicy
+    sim: ServiceSim, counts: Mapping[str, np.ndarray], judged: slice, policy: ServicePolicy
 ) -> dict[str, float]:
-    """GPU-hours and GPU-hour-weighted mean utilisation per role over the horizon."""
-    util = sim.utilisation_series(0, horizon)
-    prefill_gpus = counts["prefill_gpus"][:horizon]
-    decode_gpus = counts["decode_gpus"][:horizon]
+    """GPU-hours and GPU-hour-weighted mean utilisation per role over the judged
+    seconds."""
+    util = sim.utilisation_series(judged.start, judged.stop)
+    prefill_gpus = counts["prefill_gpus"][judged]
+    decode_gpus = counts["decode_gpus"][judged]
     prefill_instances = np.maximum(prefill_gpus / policy.prefill.gpus_per_instance, 1e-12)
     decode_instances = np.maximum(decode_gpus / policy.decode.gpus_per_instance, 1e-12)
     # Utilisation summed over instances, divided by every allocated instance
@@ -1100,13 +1132,17 @@ def _timeline(
     decision_times: Sequence[float],
     ttft_ms: Sequence[float],
     tbt_ms: Sequence[float],
+    *,
+    start: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Per-minute series for the plot and the JSON."""
-    minutes = max(1, math.ceil(horizon / 60))
-    pad = minutes * 60 - horizon
+    """Per-minute series for the plot and the JSON, over the judged seconds ``[start,
+    horizon)``, minutes counted from ``start``."""
+    span = horizon - start
+    minutes = max(1, math.ceil(span / 60))
+    pad = minutes * 60 - span
 
     def per_minute(values: np.ndarray, how: str = "mean") -> np.ndarray:
-        v = np.concatenate([values[:horizon], np.full(pad, np.nan)]).reshape(minutes, 60)
+        v = np.concatenate([values[start:horizon], np.full(pad, np.nan)]).reshape(minutes, 60)
         out: np.ndarray = np.nanmean(v, axis=1) if how == "mean" else np.nanmax(v, axis=1)
         return out
 
@@ -1114,7 +1150,7 @@ def _timeline(
     t_min = np.arange(minutes, dtype=float)
     decisions = np.asarray(decision_times)
     index = np.clip(
-        np.searchsorted(decisions, t_min * 60.0 + 59.0, side="right") - 1,
+        np.searchsorted(decisions, start + t_min * 60.0 + 59.0, side="right") - 1,
         0,
         max(len(decisions) - 1, 0),
     )

@@ -281,3 +281,37 @@ def test_a_sample_of_the_days_first_minutes_stands_for_their_requests() -> None:
 def test_sim_config_defaults_are_documented_values() -> None:
     config = SimConfig()
     assert config.metrics_window_s == 60 and config.max_batch == 256
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def test_a_load_after_a_warm_up_is_the_warm_up_then_the_load_judged_from_its_end() -> None:
+    warmup = synthetic_profile("chat", hours=0.1, peak_rps=20, seed=100)
+    load = synthetic_profile("chat", hours=0.2, peak_rps=10, seed=1)
+    joined = load.preceded_by(warmup)
+    assert joined.horizon_s == warmup.horizon_s + load.horizon_s
+    assert joined.judged_from_s == warmup.horizon_s
+    assert np.array_equal(joined.count[: warmup.horizon_s], warmup.count)
+    assert joined.sample is not None and warmup.sample is not None and load.sample is not None
+    assert joined.sample.requests == warmup.sample.requests + load.sample.requests
+    assert "after a warm-up of 0.1 h" in joined.notes[-1]
+    # Its judged part is the load itself, array for array.
+    judged = joined.judged()
+    assert judged.judged_from_s == 0
+    for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
+        assert np.array_equal(getattr(judged, name), getattr(load, name))
+    assert judged.sample is not None
+    assert np.allclose(judged.sample.arrival_s, load.sample.arrival_s)
+    assert np.array_equal(judged.sample.output_tokens, load.sample.output_tokens)
+    assert load.judged() is load
+
+
+def test_only_plain_loads_take_a_warm_up() -> None:
+    warmup = synthetic_profile("chat", hours=0.1, peak_rps=20, seed=100)
+    load = synthetic_profile("chat", hours=0.1, peak_rps=10, seed=1)
+    cyclic = synthetic_profile("chat", hours=0.1, peak_rps=10, seed=1, cyclic=True)
+    with pytest.raises(ValueError, match="warm-up"):
+        cyclic.preceded_by(warmup)
+    with pytest.raises(ValueError, match="warm-up"):
+        load.preceded_by(warmup).preceded_by(warmup)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from reconciler.cli import app
 from reconciler.desired import DesiredState
-from reconciler.policy import HpaTokensAutoscaler
+from reconciler.policy import HpaTokensAutoscaler, make_autoscaler
 from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import LoadProfile, synthetic_profile
 from reconciler.sim.evaluate import (
@@ -626,3 +626,47 @@ def test_a_static_fleet_keeps_a_quiet_day_as_well_as_a_busier_one(
         assert load.sample is not None
         slack.append(1.0 / load.sample.requests + 0.01)
     assert kept[0] >= kept[1] - slack[0] and kept[1] >= kept[2] - slack[1], kept
+
+
+def test_a_warm_up_is_run_but_neither_judged_nor_counted(state: DesiredState) -> None:
+    """A load after a warm-up (``LoadProfile.preceded_by``) is run from the warm-up's
+    start and judged after it only: a fixed fleet's GPU-hours are its GPUs over the
+    judged hours, its requests and timeline the judged ones."""
+    load = synthetic_profile("b", hours=0.2, peak_rps=8, seed=3)
+    warmup = synthetic_profile("b", hours=0.3, peak_rps=8, seed=103)
+    fixed = make_autoscaler("static-peak", prefill=3, decode=5)
+    run = run_autoscaler(state, SERVICE, load.preceded_by(warmup), fixed, warm=(3, 5))
+    policy = state.policies[SERVICE]
+    gpus = 3 * policy.prefill.gpus_per_instance + 5 * policy.decode.gpus_per_instance
+    assert run.gpu_hours == pytest.approx(gpus * 0.2)
+    assert run.requests == pytest.approx(load.requests, rel=0.05)
+    assert len(run.timeline["t_min"]) == 12  # the judged 12 minutes
+
+
+def test_after_a_warm_up_what_needs_no_memory_runs_on_the_judged_part_alone(
+    state: DesiredState,
+) -> None:
+    """Static peak (sized for the judged peak, which a heavier warm-up would overload),
+    fixed counts and oracle-min give exactly their figures without the warm-up."""
+    load = synthetic_profile("b", hours=0.2, peak_rps=8, seed=3)
+    warmup = synthetic_profile("b", hours=0.3, peak_rps=30, seed=103)
+    names = ["static:3+5", "static-peak", "oracle-min"]
+    cold = evaluate(state, SERVICE, load, names, seed=0)
+    warm = evaluate(state, SERVICE, load.preceded_by(warmup), names, seed=0)
+    assert warm.horizon_s == load.horizon_s and warm.requests == load.requests
+    for name in names:
+        assert warm.policies[name].gpu_hours == cold.policies[name].gpu_hours
+        assert warm.policies[name].slo_attainment == cold.policies[name].slo_attainment
+
+
+def test_a_warm_up_leaves_its_fleet_to_the_judged_part(state: DesiredState) -> None:
+    """The planner meets the judged traffic with the fleet the warm-up left: after a
+    busy warm-up hour it starts the judged quiet part larger than without one (and
+    scales in within the judged part, which counts)."""
+    load = synthetic_profile("b", hours=0.2, peak_rps=4, seed=3, trough_ratio=1.0, bursts=())
+    warmup = synthetic_profile("b", hours=0.3, peak_rps=40, seed=103, trough_ratio=1.0, bursts=())
+    cold = evaluate(state, SERVICE, load, ["heteroscale"], seed=0).policies["heteroscale"]
+    warm = evaluate(state, SERVICE, load.preceded_by(warmup), ["heteroscale"], seed=0)
+    first = warm.policies["heteroscale"].timeline["decode_instances"][0]
+    assert first > cold.timeline["decode_instances"][0]
+    assert warm.policies["heteroscale"].gpu_hours > cold.gpu_hours
