@@ -4,6 +4,7 @@ live mix, headroom from what was kept, unattainable requests not chased, damped 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -369,6 +370,35 @@ def test_headroom_never_holds_more_than_the_hours_peak_demand() -> None:
         steady.prefill.ready,
         steady.decode.ready,
     )
+
+
+def test_decode_carries_the_bursts_headroom_as_prefill_does() -> None:
+    """A shortfall lasts until new instances serve (a start-up at least), longer than a
+    request decodes, so it slows most tokens of every request decoding through it:
+    the share of slow tokens a request's TBT tolerates does not make a decode shortfall
+    cheaper than a prefill one. Decode covers the attainment goal's share of the
+    shortfalls as prefill does; at the SLO quantile's share, three 2x bursts in twenty
+    minutes left decode +10% where prefill carried +85%, and the next burst broke the
+    TBT of the requests in it."""
+    policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
+    perf = perf_context(policy, cluster)
+    history, fleet = PolicyHistory(), _fleet(40, 40)
+    message = ""
+    for k in range(75):
+        level = 2.0 if k % 20 in (10, 11, 12) else 1.0
+        decision = plan_decide(
+            policy,
+            fleet,
+            _metrics(30.0 * k, 100_000.0 * level, 20_000.0 * level),
+            history,
+            30.0 * k,
+            perf,
+        )
+        history, message = decision.history, decision.message
+        fleet = _fleet(decision.prefill, decision.decode)
+    rooms = dict(re.findall(r"(prefill|decode) [^;]*?\+(\d+)% headroom", message))
+    assert int(rooms["prefill"]) > 50
+    assert int(rooms["decode"]) == pytest.approx(int(rooms["prefill"]), abs=10)
 
 
 def test_too_few_errors_give_no_headroom_of_their_own() -> None:
