@@ -333,22 +333,19 @@ def test_the_kept_peak_is_the_highest_demand_of_the_memory() -> None:
     assert len(kept.peaks) < 30  # the sliding maximum stays short
 
 
-def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
-    """Forty minutes of chat at 20k output tokens/s, with three 2x bursts when
-    ``bursty``, then fifteen steady minutes at the bursts' level (longer than the
-    scale-in window, shorter than the headroom's memory); the fleet and the message of
-    the last cycle."""
+def _run_chat(cycles: int, level: Callable[[int], float]) -> tuple[ServiceFleet, str]:
+    """``cycles`` 30 s cycles of chat at ``level(k)`` x (100k prompt, 20k output
+    tokens/s), scale-in window 300 s, no cooldown; the fleet and the message of the
+    last cycle."""
     policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
     perf = perf_context(policy, cluster)
     history, fleet = PolicyHistory(), _fleet(40, 40)
     message = ""
-    for k in range(110):
-        in_burst = k >= 80 or (bursty and k % 20 in (10, 11, 12))
-        level = 2.0 if in_burst or not bursty else 1.0
+    for k in range(cycles):
         decision = plan_decide(
             policy,
             fleet,
-            _metrics(30.0 * k, 100_000.0 * level, 20_000.0 * level),
+            _metrics(30.0 * k, 100_000.0 * level(k), 20_000.0 * level(k)),
             history,
             30.0 * k,
             perf,
@@ -356,6 +353,18 @@ def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
         history, message = decision.history, decision.message
         fleet = _fleet(decision.prefill, decision.decode)
     return fleet, message
+
+
+def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
+    """Forty minutes of chat at 20k output tokens/s, with three 2x bursts when
+    ``bursty``, then fifteen steady minutes at the bursts' level (longer than the
+    scale-in window, shorter than the headroom's memory)."""
+
+    def level(k: int) -> float:
+        in_burst = k >= 80 or (bursty and k % 20 in (10, 11, 12))
+        return 2.0 if in_burst or not bursty else 1.0
+
+    return _run_chat(110, level)
 
 
 def test_headroom_never_holds_more_than_the_hours_peak_demand() -> None:
@@ -380,22 +389,7 @@ def test_decode_carries_the_bursts_headroom_as_prefill_does() -> None:
     shortfalls as prefill does; at the SLO quantile's share, three 2x bursts in twenty
     minutes left decode +10% where prefill carried +85%, and the next burst broke the
     TBT of the requests in it."""
-    policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
-    perf = perf_context(policy, cluster)
-    history, fleet = PolicyHistory(), _fleet(40, 40)
-    message = ""
-    for k in range(75):
-        level = 2.0 if k % 20 in (10, 11, 12) else 1.0
-        decision = plan_decide(
-            policy,
-            fleet,
-            _metrics(30.0 * k, 100_000.0 * level, 20_000.0 * level),
-            history,
-            30.0 * k,
-            perf,
-        )
-        history, message = decision.history, decision.message
-        fleet = _fleet(decision.prefill, decision.decode)
+    _fleet_after, message = _run_chat(75, lambda k: 2.0 if k % 20 in (10, 11, 12) else 1.0)
     rooms = dict(re.findall(r"(prefill|decode) [^;]*?\+(\d+)% headroom", message))
     assert int(rooms["prefill"]) > 50
     assert int(rooms["decode"]) == pytest.approx(int(rooms["prefill"]), abs=10)
