@@ -96,6 +96,24 @@ def test_the_bound_multiple_is_judged_and_set_beside_start_up_lag_weighted_by_ro
     assert verdict.misses == ("1.300x oracle-min (start-up lag alone: 1.22x)",)
 
 
+def test_the_bound_goal_can_be_read_as_what_start_up_lag_alone_costs_where_that_is_more(
+    bench: ModuleType,
+) -> None:
+    # Start-up lag alone costs 2.0x: a planner at 1.8x misses the 1.25x goal, not that.
+    lagging = bench.goal_verdict(cell(planner_gpu_h=1_800.0, reactive=(2.0, 2.0), hours=1.0))
+    assert lagging.misses == ("1.800x oracle-min (start-up lag alone: 2.00x)",)
+    assert lagging.misses_beyond_start_up_lag == ()
+    beyond = bench.goal_verdict(cell(planner_gpu_h=1_900.0, reactive=(1.5, 1.5), hours=1.0))
+    assert beyond.misses_beyond_start_up_lag == beyond.misses
+    # Below 1.25x start-up lag does not lower the goal.
+    low = bench.goal_verdict(cell(planner_gpu_h=1_240.0, reactive=(1.0, 1.0)))
+    assert low.misses == low.misses_beyond_start_up_lag == ()
+    worse = bench.goal_verdict(
+        cell(planner_gpu_h=1_200.0, planner_slo=0.9, reactive=(2.0, 2.0), hours=1.0)
+    )
+    assert worse.misses_beyond_start_up_lag == ("attainment 90.00% < 99.00%",)
+
+
 def test_a_failed_or_missing_policy_is_not_judged(bench: ModuleType) -> None:
     document = cell()
     document["policies"]["heteroscale"] = {"failed": "boom"}
@@ -104,6 +122,10 @@ def test_a_failed_or_missing_policy_is_not_judged(bench: ModuleType) -> None:
 
 
 def test_the_table_counts_the_cells_meeting_every_goal(bench: ModuleType) -> None:
-    table = bench.goals_table([cell(), cell(planner_slo=0.9), cell(planner_gpu_h=900.0)])
-    assert table.splitlines()[-1] == "heteroscale meets every goal on 2 of 3 cells judged."
-    assert table.count("| none |") == 2
+    table = bench.goals_table(
+        [cell(), cell(planner_slo=0.9), cell(planner_gpu_h=1_800.0, reactive=(2.0, 2.0), hours=1.0)]
+    )
+    last = table.splitlines()[-2:]
+    assert last[0] == "heteroscale meets every goal on 1 of 3 cells judged."
+    assert last[1].startswith("heteroscale meets every goal on 2 of 3 cells with the 1.25x")
+    assert table.count("| none |") == 1
