@@ -25,8 +25,10 @@ One cycle, in order (each step that changes a number says so in the message):
    or below the model's capacity, and for decode its size settled: ``decode_settled``)
    the ratio of observed to predicted latency corrects the model
    (``capacity.LatencyCorrection``: log-space EWMA, bounded).
-   Under overload the latency measures the queue, not the model, so it is not used.
-   Prefill takes only evidence of a slower instance (``_corrected`` says why).
+   Under overload the latency measures the queue, not the model, so it is not used;
+   nor is prefill's TTFT while a backlog beyond what the instances prefill within the
+   SLO is in its metrics window (it reads the backlog's wait). Prefill takes only
+   evidence of a slower instance (``_corrected`` says why).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
    meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
@@ -166,6 +168,9 @@ class PlannerMemory:
     # instances starting (``decode_settled``).
     decode_ready_seen: int | None = None
     decode_steady_since_s: float | None = None
+    # The last prefill queue reading whose wait alone exceeded the TTFT SLO
+    # (``_corrected``): TTFTs read over a window reaching back to it read that wait.
+    prefill_backlog_seen_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -508,6 +513,7 @@ def plan_decide(
     override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
     correction = memory.correction
+    backlog_seen_s = memory.prefill_backlog_seen_s
     steady_since_s = memory.decode_steady_since_s
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
         steady_since_s = now_s
@@ -515,7 +521,7 @@ def plan_decide(
         # The correction learns the model of the type the planner sizes with: the
         # latency of a fleet spread over several types says nothing clean about it.
         one_type = [role not in held for role in ("prefill", "decode")]
-        correction = _corrected(
+        correction, backlog_seen_s = _corrected(
             correction,
             policy,
             perf,
@@ -526,6 +532,8 @@ def plan_decide(
             steady_since_s,
             now_s,
             one_type,
+            prefill_in,
+            backlog_seen_s,
         )
         caps = capacities_for(policy, perf, mix, current[0], correction)
     memory = PlannerMemory(
@@ -540,6 +548,7 @@ def plan_decide(
         decode_backlog=decode_in.backlog,
         decode_ready_seen=ready[1],
         decode_steady_since_s=steady_since_s,
+        prefill_backlog_seen_s=backlog_seen_s,
     )
     if caps is None and (override_prefill is None or override_decode is None):
         why = (
@@ -841,16 +850,25 @@ def _corrected(
     decode_steady_since_s: float,
     now_s: float,
     one_type: list[bool],
-) -> LatencyCorrection:
+    prefill_demand: RoleDemand,
+    backlog_seen_s: float | None,
+) -> tuple[LatencyCorrection, float | None]:
     """The correction updated from this cycle's latency, in steady state only (module
     docstring, step 3): no instance of the role starting, all of them on the type the
     model is of (``one_type``, per role), and load at or below the capacity the model
-    (as corrected so far) gives it."""
+    (as corrected so far) gives it; and the time of the last prefill backlog.
+
+    Prefill's load is what it is asked for (arriving plus its queue's drain), not what
+    it served, which an overloaded prefill holds at its capacity. And no prefill queue
+    reading within the TTFT's metrics window may have held more work than the ready
+    instances prefill within the TTFT SLO (``backlog_seen_s``): no load within capacity
+    leaves such a backlog in the model's steady state, and the TTFTs read over it are
+    its wait, not the instances' speed. Draining a burst's backlog taught the planner a
+    1.35x slower prefill, kept for the next two hours (burst-summarize-3-warm)."""
     slo = policy.slo
     caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
     tbt, ttft = metrics.tbt, metrics.ttft
     decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
-    prefill_tps = metrics.prefill_tps.value if metrics.prefill_tps else math.nan
     if (
         tbt is not None
         and one_type[1]
@@ -870,9 +888,24 @@ def _corrected(
                     correction.decode,
                 ),
             )
+    backlog = prefill_demand.backlog
+    if backlog is not None and backlog.tokens > 0:
+        prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0
+        if backlog.tokens > prefilled_in_slo:
+            backlog_seen_s = backlog.at_s
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
-    if ttft is not None and one_type[0] and ready[0] > 0 and starting[0] == 0 and attainable_tail:
-        per_instance = prefill_tps / ready[0]
+    quiet = backlog_seen_s is None or (
+        ttft is not None and ttft.at_s - backlog_seen_s > METRICS_WINDOW_S
+    )
+    if (
+        ttft is not None
+        and quiet
+        and one_type[0]
+        and ready[0] > 0
+        and starting[0] == 0
+        and attainable_tail
+    ):
+        per_instance = (prefill_demand.arriving_tps + prefill_demand.drain_tps) / ready[0]
         if 0 < per_instance <= caps.prefill_tps_per_instance:
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
             first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
@@ -896,7 +929,7 @@ def _corrected(
             # taken; a faster one never raises prefill capacity above the model's.
             if implied is not None:
                 correction = correction.updated("prefill", max(1.0, implied))
-    return correction
+    return correction, backlog_seen_s
 
 
 def within_bucket(

@@ -627,6 +627,32 @@ def test_decode_latency_corrects_the_model_only_once_its_size_has_settled() -> N
     assert _decode_factor_after(held, 8) > 1.05
 
 
+def test_ttft_read_over_a_backlog_does_not_teach_a_slower_prefill() -> None:
+    """A queue holding more work than the ready instances prefill within the TTFT SLO
+    is one no load within capacity leaves: TTFTs read over it (and for the metrics
+    window after it) are its wait, not the instances' speed. Learned from, draining
+    one burst's backlog taught the planner a 1.35x slower prefill for two hours."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = PolicyHistory()
+
+    def factor_after(now: float, ttft_ms: float, queue: float) -> float:
+        nonlocal history
+        metrics = _metrics(now, 200_000.0, 20_000.0, ttft_ms=ttft_ms, prefill_queue=queue)
+        history = plan_decide(policy, _fleet(30, 30), metrics, history, now, perf).history
+        memory = history.planner
+        assert isinstance(memory, PlannerMemory)
+        return memory.correction.prefill
+
+    # 700 requests of ~1,200 prompt tokens wait: more than 30 instances prefill in 1.5 s.
+    assert all(factor_after(30.0 * k, 60_000.0, 700.0) == 1.0 for k in range(10))
+    # The queue is empty, but the TTFT's window still holds requests that waited.
+    assert factor_after(300.0, 5_000.0, 0.0) == 1.0
+    assert factor_after(330.0, 5_000.0, 0.0) == 1.0
+    # A window after the last backlog, the same reading says the instances are slower.
+    assert factor_after(360.0, 5_000.0, 0.0) > 1.05
+
+
 # ---------------------------------------------------------------- caches and memory
 
 
