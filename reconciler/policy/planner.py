@@ -318,11 +318,12 @@ class KeptCapacity:
 
 def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float]:
     """The forecaster's settings for a policy, and each role's horizon: start-up, plus
-    one cycle until the decision, plus the metrics window until the load shows. The
-    headroom is the SLO quantile of the recent errors: the SLO asks latency to hold
-    for that share of requests, the headroom asks capacity to cover the demand for
-    that share of horizons (the scale-in window's maximum covers more)."""
-    return _forecast_config(policy.prefill.startup_s, policy.decode.startup_s, policy.slo.quantile)
+    one cycle until the decision, plus the metrics window until the load shows. Its
+    errors stand in for the headroom's own evidence until that has ``MIN_KEPT_ERRORS``,
+    at the same quantile: the attainment goal's (``_sized_demand``)."""
+    return _forecast_config(
+        policy.prefill.startup_s, policy.decode.startup_s, policy.slo.attainment_goal
+    )
 
 
 @lru_cache(maxsize=1024)
@@ -368,12 +369,13 @@ def _sized_demand(
     state: ForecastState,
     config: ForecastConfig,
     kept: KeptCapacity,
-    quantile: float,
     horizon_s: float,
     window_s: float,
 ) -> tuple[float, str, KeptCapacity]:
     """The demand to size for (forecast plus headroom, plus the queue's drain), how it
-    was found, and the headroom's evidence updated (``KeptCapacity``)."""
+    was found, and the headroom's evidence updated (``KeptCapacity``). The headroom is
+    ``config.error_quantile`` (the attainment goal, ``forecast_config``) of the capacity
+    kept's shortfalls, or of the forecaster's own errors until those are too few."""
     now_tps = demand.arriving_tps
     predicted = sizing_demand(state, horizon_s, config)
     base = now_tps if predicted is None else predicted
@@ -385,7 +387,7 @@ def _sized_demand(
         sized = now_tps * (1.0 + MIN_HEADROOM) + demand.drain_tps
         how = f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history){drain}"
         return sized, how, kept
-    from_kept = kept.headroom(quantile)
+    from_kept = kept.headroom(config.error_quantile)
     if from_kept is None:
         room, source = headroom(state, horizon_s, config)[0], "forecast errors"
     else:
@@ -480,7 +482,8 @@ def plan_decide(
     prefill_state = update(memory.prefill_demand, now_s, prefill_in.arriving_tps, config)
     decode_state = update(memory.decode_demand, now_s, decode_in.arriving_tps, config)
     # How often the demand may outrun what is kept (module docstring, step 5): the
-    # attainment goal's share of cycles, for both roles. A TTFT has no slack. A
+    # attainment goal's share of cycles, for both roles (``forecast_config``). A TTFT
+    # has no slack. A
     # request's TBT tolerates 1 - quantile of slow tokens, but a shortfall lasts until
     # new instances serve (a start-up at least, 120 s), longer than a request decodes
     # (chat's 0.9 quantile of ~500 output tokens at 50 ms: 25 s), so it slows most
@@ -494,7 +497,6 @@ def plan_decide(
         prefill_state,
         config,
         memory.prefill_kept,
-        policy.slo.attainment_goal,
         horizon_prefill_s,
         window_s,
     )
@@ -504,7 +506,6 @@ def plan_decide(
         decode_state,
         config,
         memory.decode_kept,
-        policy.slo.attainment_goal,
         horizon_decode_s,
         window_s,
     )
