@@ -129,21 +129,26 @@ HELD_OUT = (
 HELD_OUT_BURST_SEEDS = (10, 11)
 
 
+def burst_cell(prefix: str, service: str, seed: int, *, warm: bool) -> Cell:
+    """A one-hour burst day of ``seed``; ``warm``: after the day of ``seed +
+    WARMUP_SEED_OFFSET`` as its warm-up (named ``...-warm``)."""
+    if not warm:
+        return Cell(f"{prefix}-{service}-{seed}", service, None, None, 1.0, seed)
+    return Cell(
+        f"{prefix}-{service}-{seed}-warm",
+        service,
+        None,
+        None,
+        1.0,
+        seed,
+        warmup_seed=seed + WARMUP_SEED_OFFSET,
+    )
+
+
 def held_out_cells(services: list[str]) -> list[Cell]:
     cells = [Cell(*row) for row in HELD_OUT]
     for service in services:
-        for seed in HELD_OUT_BURST_SEEDS:
-            cells.append(
-                Cell(
-                    f"held-burst-{service}-{seed}-warm",
-                    service,
-                    None,
-                    None,
-                    1.0,
-                    seed,
-                    warmup_seed=seed + WARMUP_SEED_OFFSET,
-                )
-            )
+        cells += [burst_cell("held-burst", service, s, warm=True) for s in HELD_OUT_BURST_SEEDS]
     return cells
 
 
@@ -152,22 +157,9 @@ def all_cells(services: list[str]) -> list[Cell]:
         Cell("azure-x50", "chat", AZURE_TRACE, 50.0, 8.0, 7),
         Cell("mooncake-x10", "chat", MOONCAKE_TRACE, 10.0, 8.0, 7),
     ]
-    for service in services:
-        for seed in BURST_SEEDS:
-            cells.append(Cell(f"burst-{service}-{seed}", service, None, None, 1.0, seed))
-    for service in services:
-        for seed in BURST_SEEDS:
-            cells.append(
-                Cell(
-                    f"burst-{service}-{seed}-warm",
-                    service,
-                    None,
-                    None,
-                    1.0,
-                    seed,
-                    warmup_seed=seed + WARMUP_SEED_OFFSET,
-                )
-            )
+    for warm in (False, True):
+        for service in services:
+            cells += [burst_cell("burst", service, s, warm=warm) for s in BURST_SEEDS]
     return cells
 
 
