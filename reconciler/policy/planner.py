@@ -889,6 +889,10 @@ def _corrected(
                     correction.decode,
                 ),
             )
+    if backlog_seen_s is not None and not (
+        math.isfinite(backlog_seen_s) and backlog_seen_s <= now_s
+    ):
+        backlog_seen_s = None  # a damaged or foreign memory: no reading is in the future
     backlog = prefill_demand.backlog
     if backlog is not None and backlog.tokens > 0:
         prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0

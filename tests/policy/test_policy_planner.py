@@ -653,6 +653,27 @@ def test_ttft_read_over_a_backlog_does_not_teach_a_slower_prefill() -> None:
     assert factor_after(360.0, 5_000.0, 0.0) > 1.05
 
 
+@pytest.mark.parametrize("seen_s", [math.nan, math.inf, 1e12])
+def test_a_backlog_time_from_a_damaged_memory_does_not_stop_the_correction(
+    seen_s: float,
+) -> None:
+    """A memory read back from a damaged state document may carry any float: a backlog
+    time that is not a past reading counts as none, or it would keep the prefill
+    correction from ever learning again."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    memory = PlannerMemory(prefill_backlog_seen_s=seen_s)
+    history = PolicyHistory(planner=memory)
+    for k in range(3):
+        now = 600.0 + 30.0 * k
+        metrics = _metrics(now, 200_000.0, 20_000.0, ttft_ms=5_000.0, prefill_queue=0.0)
+        history = plan_decide(policy, _fleet(30, 30), metrics, history, now, perf).history
+    learned = history.planner
+    assert isinstance(learned, PlannerMemory)
+    assert learned.correction.prefill > 1.05
+    assert learned.prefill_backlog_seen_s is None
+
+
 # ---------------------------------------------------------------- caches and memory
 
 
