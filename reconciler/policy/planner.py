@@ -515,7 +515,7 @@ def plan_decide(
     caps: RoleCapacities | None = None
     correction = memory.correction
     backlog_seen_s = memory.prefill_backlog_seen_s
-    steady_since_s = memory.decode_steady_since_s
+    steady_since_s = past_time(memory.decode_steady_since_s, now_s)
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
         steady_since_s = now_s
     if perf is not None and mix is not None:
@@ -825,6 +825,16 @@ def _count_on_types(
     )
 
 
+def past_time(at_s: float | None, now_s: float) -> float | None:
+    """A time the memory holds, or None where it cannot be one of this planner's past
+    readings (NaN, infinite, after ``now_s``): a memory read back from a damaged state
+    document may carry any float, and a "since" or "last seen" time that never passes
+    would keep the latency correction from learning for good."""
+    if at_s is None or not (math.isfinite(at_s) and at_s <= now_s):
+        return None
+    return at_s
+
+
 def decode_settled(
     policy: ServicePolicy, mix: RequestMix, steady_since_s: float, now_s: float
 ) -> bool:
@@ -889,10 +899,7 @@ def _corrected(
                     correction.decode,
                 ),
             )
-    if backlog_seen_s is not None and not (
-        math.isfinite(backlog_seen_s) and backlog_seen_s <= now_s
-    ):
-        backlog_seen_s = None  # a damaged or foreign memory: no reading is in the future
+    backlog_seen_s = past_time(backlog_seen_s, now_s)
     backlog = prefill_demand.backlog
     if backlog is not None and backlog.tokens > 0:
         prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0

@@ -33,6 +33,7 @@ from reconciler.policy.planner import (
     declared_mix,
     decode_follows_prefill,
     decode_settled,
+    past_time,
     perf_context,
     plan_decide,
     role_demand,
@@ -672,6 +673,27 @@ def test_a_backlog_time_from_a_damaged_memory_does_not_stop_the_correction(
     assert isinstance(learned, PlannerMemory)
     assert learned.correction.prefill > 1.05
     assert learned.prefill_backlog_seen_s is None
+
+
+@pytest.mark.parametrize("since_s", [math.nan, math.inf, 1e12])
+def test_a_decode_steady_time_from_a_damaged_memory_starts_afresh(since_s: float) -> None:
+    """Likewise decode's "steady since": one that never passes would keep its size from
+    ever counting as settled; it starts from the cycle that reads it."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    memory = PlannerMemory(decode_ready_seen=60, decode_steady_since_s=since_s)
+    decision = plan_decide(
+        policy,
+        _fleet(30, 60),
+        _metrics(600.0, 100_000.0, 1_200.0),
+        PolicyHistory(planner=memory),
+        600.0,
+        perf,
+    )
+    learned = decision.history.planner
+    assert isinstance(learned, PlannerMemory)
+    assert learned.decode_steady_since_s == 600.0
+    assert past_time(599.0, 600.0) == 599.0 and past_time(None, 600.0) is None
 
 
 # ---------------------------------------------------------------- caches and memory
