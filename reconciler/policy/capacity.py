@@ -1050,6 +1050,21 @@ class LatencyCorrection:
     def factor(self, role: Role) -> float:
         return self.prefill if role == "prefill" else self.decode
 
+    def sanitized(self) -> LatencyCorrection:
+        """Itself, or with each factor a damaged memory holds (NaN or infinite: 1;
+        outside the bounds: the nearest) made one ``updated`` could have left. A zero
+        factor divided the capacity by zero."""
+
+        def sane(factor: float) -> float:
+            if not math.isfinite(factor):
+                return 1.0
+            return min(max(factor, self.MIN_FACTOR), self.MAX_FACTOR)
+
+        prefill, decode = sane(self.prefill), sane(self.decode)
+        if (prefill, decode) == (self.prefill, self.decode):
+            return self
+        return LatencyCorrection(prefill=prefill, decode=decode)
+
     def updated(self, role: Role, implied_factor: float | None) -> LatencyCorrection:
         """After one observation (``None``, NaN or non-positive: unchanged)."""
         if implied_factor is None or not math.isfinite(implied_factor) or implied_factor <= 0:

@@ -122,7 +122,14 @@ from reconciler.policy.perf_context import (
     declared_mix,
     fitting_perfs,
 )
-from reconciler.state import LengthBuckets, Role, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import (
+    MAX_SIGNAL_VALUE,
+    LengthBuckets,
+    Role,
+    Sample,
+    ServiceFleet,
+    ServiceMetrics,
+)
 
 # The headroom floor: the rate signals are 60 s averages and Poisson arrivals at the
 # scale of one instance vary by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 %
@@ -209,6 +216,8 @@ def role_demand(
         return RoleDemand(served_tps, 0.0, previous, f"{role} queue unread ({why}): served rate")
     assert queue is not None
     backlog = Backlog(queue.at_s, max(0.0, queue.value) * tokens_per_request)
+    if previous is not None and not _plausible_backlog(previous, backlog, tokens_per_request):
+        previous = None  # a damaged memory: read this queue as the first one
     growth_tps = 0.0
     if previous is not None and backlog.at_s > previous.at_s:
         growth_tps = (backlog.tokens - previous.tokens) / (backlog.at_s - previous.at_s)
@@ -226,6 +235,18 @@ def role_demand(
             f"in {DRAIN_S:.0f} s"
         )
     return RoleDemand(arriving, drain, backlog, note)
+
+
+def _plausible_backlog(previous: Backlog, now: Backlog, tokens_per_request: float) -> bool:
+    """Whether a remembered backlog could be one of this queue's earlier readings: at or
+    before the new one, finite, and within what a usable reading holds
+    (``MAX_SIGNAL_VALUE`` requests at the mix's tokens each). A state document read
+    back damaged could hold any float, and 8e298 tokens overflowed the sizing."""
+    return (
+        math.isfinite(previous.at_s)
+        and previous.at_s <= now.at_s
+        and 0.0 <= previous.tokens <= MAX_SIGNAL_VALUE * tokens_per_request
+    )
 
 
 def decode_follows_prefill(
@@ -513,7 +534,7 @@ def plan_decide(
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
     override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
-    correction = memory.correction
+    correction = memory.correction.sanitized()
     backlog_seen_s = memory.prefill_backlog_seen_s
     steady_since_s = past_time(memory.decode_steady_since_s, now_s)
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:

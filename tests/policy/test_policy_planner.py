@@ -18,7 +18,7 @@ from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import DecisionInput, PolicyHistory
-from reconciler.policy.capacity import RequestMix
+from reconciler.policy.capacity import LatencyCorrection, RequestMix
 from reconciler.policy.planner import (
     DRAIN_S,
     MIN_HEADROOM,
@@ -694,6 +694,31 @@ def test_a_decode_steady_time_from_a_damaged_memory_starts_afresh(since_s: float
     assert isinstance(learned, PlannerMemory)
     assert learned.decode_steady_since_s == 600.0
     assert past_time(599.0, 600.0) == 599.0 and past_time(None, 600.0) is None
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        # Found by the damaged-memory property test: a remembered backlog of 8e298
+        # tokens overflowed the sizing to inf, and a zero correction factor divided the
+        # capacity by zero.
+        PlannerMemory(prefill_backlog=Backlog(600.0, 7.6e298)),
+        PlannerMemory(prefill_backlog=Backlog(math.nan, 1000.0)),
+        PlannerMemory(correction=LatencyCorrection(prefill=0.0, decode=math.inf)),
+        PlannerMemory(correction=LatencyCorrection(prefill=math.nan, decode=1e-300)),
+    ],
+)
+def test_a_damaged_memory_is_read_as_a_fresh_reading_would_be(memory: PlannerMemory) -> None:
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    metrics = _metrics(600.0, 200_000.0, 20_000.0, ttft_ms=900.0, prefill_queue=10.0)
+    history = PolicyHistory(planner=memory)
+    decision = plan_decide(policy, _fleet(30, 30), metrics, history, 600.0, perf)
+    fresh = plan_decide(policy, _fleet(30, 30), metrics, PolicyHistory(), 600.0, perf)
+    assert (decision.prefill, decision.decode) == (fresh.prefill, fresh.decode)
+    learned = decision.history.planner
+    assert isinstance(learned, PlannerMemory)
+    assert learned.correction.sanitized() is learned.correction
 
 
 # ---------------------------------------------------------------- caches and memory

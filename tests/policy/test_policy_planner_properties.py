@@ -14,11 +14,16 @@ cycles of a wandering load. Whatever the inputs:
   a role below what runs (a fleet within the policy's bounds: a bound may);
 - hostile readings (any float, however large, in any signal; histograms with
   duplicated, NaN or absurd bounds and counts) never make it raise, and the counts
-  stay within min/max.
+  stay within min/max;
+- a damaged memory (any floats in place of some of those a planner filed, as a state
+  document read back could hold them; what the memory's own types refuse, the
+  durable layer refuses too) never makes it raise, and the counts stay within
+  min/max.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from functools import cache
@@ -349,6 +354,77 @@ def test_hostile_readings_never_raise_and_keep_the_bounds(
     history = PolicyHistory()
     for _ in range(2):  # the second cycle reads the memory the first one filed
         decision = decide(policy, fleet, hostile_case(rates, prompt_tokens, output_tokens), history)
+        history = decision.history
+        assert policy.prefill.min_instances <= decision.prefill <= policy.prefill.max_instances
+        assert policy.decode.min_instances <= decision.decode <= policy.decode.max_instances
+
+
+def float_leaves(value: Any) -> int:
+    """How many floats a memory holds, in the order ``with_floats`` replaces them."""
+    if isinstance(value, float):
+        return 1
+    if isinstance(value, tuple):
+        return sum(float_leaves(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(float_leaves(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+def with_floats(value: Any, replace: dict[int, float], start: int = 0) -> tuple[Any, int]:
+    """``value`` with its floats numbered ``start``, ``start + 1``, ... replaced where
+    ``replace`` says (every other leaf kept), and the next number."""
+    if isinstance(value, float):
+        return replace.get(start, value), start + 1
+    if isinstance(value, tuple):
+        out = []
+        for item in value:
+            item, start = with_floats(item, replace, start)
+            out.append(item)
+        return tuple(out), start
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {}
+        for f in dataclasses.fields(value):
+            changes[f.name], start = with_floats(getattr(value, f.name), replace, start)
+        return dataclasses.replace(value, **changes), start
+    return value, start
+
+
+@SETTINGS
+@given(cases(), st.data())
+def test_a_damaged_memory_never_raises_and_keeps_the_bounds(
+    case: tuple, data: st.DataObject
+) -> None:
+    policy, fleet, metrics, history = case
+    memory = history.planner
+    assume(memory is not None)
+    # Damage one to three of the memory's parts (forecasters, correction, backlogs,
+    # times...), a few floats in each: drawn over all its floats alike, the few scalar
+    # parts would hardly ever be hit among the forecasters' hundreds.
+    parts = [f.name for f in dataclasses.fields(memory) if float_leaves(getattr(memory, f.name))]
+    assume(parts)
+    changes = {}
+    try:
+        for name in data.draw(st.lists(st.sampled_from(parts), min_size=1, max_size=3)):
+            part = getattr(memory, name)
+            count = float_leaves(part)
+            positions = data.draw(st.lists(st.integers(0, count - 1), min_size=1, max_size=4))
+            changes[name], _ = with_floats(part, {i: data.draw(any_float) for i in positions})
+        damaged = dataclasses.replace(memory, **changes)
+    except (TypeError, ValueError):
+        return  # the memory's own types refuse it, and so does the durable layer
+    history = dataclasses.replace(history, planner=damaged)
+    for k in range(2):  # the second cycle reads what the first filed from the damage
+        at_s = NOW + CYCLE_S * k
+        cycle = dataclasses.replace(
+            metrics,
+            **{
+                name: Sample(getattr(metrics, name).value, at_s)
+                for name in ("prefill_tps", "decode_tps", "ttft", "tbt", "prefill_queue")
+                if getattr(metrics, name) is not None
+            },
+        )
+        cluster = repository().clusters[policy.cluster]
+        decision = PLANNER.decide(DecisionInput(policy, fleet, cycle, history, at_s, cluster))
         history = decision.history
         assert policy.prefill.min_instances <= decision.prefill <= policy.prefill.max_instances
         assert policy.decode.min_instances <= decision.decode <= policy.decode.max_instances
