@@ -635,6 +635,11 @@ def plan_decide(
     if caps is not None:
         parts.append(caps.explain())
         unattainable_share = caps.prefill.unattainable.share
+        if backlog_in_window(backlog_seen_s, metrics.ttft):
+            parts.append(
+                f"prefill's latency factor kept: the TTFT's window reaches back to a "
+                f"backlog beyond the SLO (read at t={backlog_seen_s:.0f} s)"
+            )
     # 4b. Instances on another type than the first-ranked count at their own capacity.
     for ri, mixed_role, override in role_overrides:
         if mixed_role in held and override is None and caps is not None and mix is not None:
@@ -846,6 +851,14 @@ def _count_on_types(
     )
 
 
+def backlog_in_window(backlog_seen_s: float | None, ttft: Sample | None) -> bool:
+    """Whether the TTFT quantile's metrics window reaches back to the last prefill
+    backlog (``_corrected``): its readings are then that backlog's wait."""
+    if backlog_seen_s is None or ttft is None:
+        return False
+    return ttft.at_s - backlog_seen_s <= METRICS_WINDOW_S
+
+
 def past_time(at_s: float | None, now_s: float) -> float | None:
     """A time the memory holds, or None where it cannot be one of this planner's past
     readings (NaN, infinite, after ``now_s``): a memory read back from a damaged state
@@ -927,12 +940,9 @@ def _corrected(
         if backlog.tokens > prefilled_in_slo:
             backlog_seen_s = backlog.at_s
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
-    quiet = backlog_seen_s is None or (
-        ttft is not None and ttft.at_s - backlog_seen_s > METRICS_WINDOW_S
-    )
     if (
         ttft is not None
-        and quiet
+        and not backlog_in_window(backlog_seen_s, ttft)
         and one_type[0]
         and ready[0] > 0
         and starting[0] == 0

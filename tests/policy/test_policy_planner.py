@@ -647,6 +647,15 @@ def test_ttft_read_over_a_backlog_does_not_teach_a_slower_prefill() -> None:
 
     # 700 requests of ~1,200 prompt tokens wait: more than 30 instances prefill in 1.5 s.
     assert all(factor_after(30.0 * k, 60_000.0, 700.0) == 1.0 for k in range(10))
+    decision = plan_decide(
+        policy,
+        _fleet(30, 30),
+        _metrics(290.0, 200_000.0, 20_000.0, ttft_ms=60_000.0, prefill_queue=700.0),
+        history,
+        290.0,
+        perf,
+    )
+    assert "prefill's latency factor kept: the TTFT's window reaches back" in decision.message
     # The queue is empty, but the TTFT's window still holds requests that waited.
     assert factor_after(300.0, 5_000.0, 0.0) == 1.0
     assert factor_after(330.0, 5_000.0, 0.0) == 1.0
