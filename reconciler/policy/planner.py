@@ -506,11 +506,11 @@ def plan_decide(
     # attainment goal's share of cycles, for both roles (``forecast_config``). A TTFT
     # has no slack. A request's TBT tolerates 1 - quantile of slow tokens, but a
     # shortfall lasts until new instances serve (a start-up at least, 120 s), longer
-    # than a request decodes (chat's 0.9 quantile of ~500 output tokens at 50 ms:
-    # 25 s), so it slows most tokens of every request decoding through it. At the SLO
-    # quantile decode carried +10% where prefill carried +85% after three bursts and
-    # lost the next burst's TBT (bench_matrix's -warm cells at 99% or more: 2 of 16
-    # before, 14 after, fdcf816).
+    # than a request decodes (the 0.9 quantile of chat's synthetic outputs, ~420
+    # tokens, at 50 ms: 21 s), so it slows most tokens of every request decoding
+    # through it. At the SLO quantile decode carried +10% where prefill carried +85%
+    # after three bursts and lost the next burst's TBT (bench_matrix's -warm cells at
+    # 99% or more: 2 of 16 before, 14 after, fdcf816).
     window_s = n.scale_in_window_s
     prefill_demand, prefill_how, prefill_kept = _sized_demand(
         now_s,
