@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from reconciler.commands._options import (
+    MAX_DAY_HOURS,
     DecisionIntervalOpt,
     DiurnalHoursOpt,
     PlacerOpt,
@@ -271,6 +272,17 @@ def register(app: typer.Typer) -> None:
                 "0.4-0.9 reaching the SLO attainment goal on this trace",
             ),
         ] = "auto",
+        warm_up_hours: Annotated[
+            float,
+            typer.Option(
+                "--warm-up-hours",
+                help="run the load's first H hours but judge only what follows (every "
+                "policy meets it with the memory and fleet those hours left; static peak "
+                "and oracle-min size and plan on the judged part alone)",
+                min=0.0,
+                max=MAX_DAY_HOURS,
+            ),
+        ] = 0.0,
         oracle_window_s: Annotated[
             int,
             typer.Option(
@@ -318,6 +330,16 @@ def register(app: typer.Typer) -> None:
         try:
             load = load_with_requests(state, name, trace, rate_scale, diurnal_hours, seed, config)
             profile = load.profile
+            if warm_up_hours or math.isnan(warm_up_hours):
+                try:
+                    if math.isnan(warm_up_hours):
+                        raise ValueError("not a number of hours")
+                    profile = profile.judged_after(round(warm_up_hours * 3600))
+                except ValueError as exc:
+                    err_console.print(
+                        f"error: --warm-up-hours: {exc}", markup=False, soft_wrap=True
+                    )
+                    raise typer.Exit(2) from None
             for note in profile.notes:
                 err_console.print(f"note: {note}", soft_wrap=True, markup=False)
             if export_path is not None:
@@ -384,6 +406,7 @@ def register(app: typer.Typer) -> None:
                 "placer": placer,
                 "hpa_target": hpa_target_value if hpa_target_value is not None else "auto",
                 "oracle_window_s": oracle_window_s,
+                "warm_up_hours": warm_up_hours,
                 "export_workload": str(export_path) if export_path else None,
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -271,6 +271,17 @@ class LoadProfile:
             ),
         )
 
+    def judged_after(self, warmup_s: int) -> LoadProfile:
+        """This load with its first ``warmup_s`` seconds a warm-up (run, not judged:
+        ``judged_from_s``), for a caller that has no other traffic to precede it."""
+        if self.cyclic or self.judged_from_s:
+            raise ValueError("a warm-up is set once, on a plain (not cyclic) load")
+        if not 0 <= warmup_s < self.horizon_s:
+            raise ValueError(
+                f"a warm-up of {warmup_s} s leaves nothing of this {self.horizon_s} s load to judge"
+            )
+        return replace(self, judged_from_s=warmup_s)
+
     def judged(self) -> LoadProfile:
         """The judged part alone, as a plain profile from time 0 (itself without a
         warm-up): what a policy that needs no memory (static provisioning, oracle-min,

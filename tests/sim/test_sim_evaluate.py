@@ -670,3 +670,29 @@ def test_a_warm_up_leaves_its_fleet_to_the_judged_part(state: DesiredState) -> N
     first = warm.policies["heteroscale"].timeline["decode_instances"][0]
     assert first > cold.timeline["decode_instances"][0]
     assert warm.policies["heteroscale"].gpu_hours > cold.gpu_hours
+
+
+def test_simulate_command_judges_after_a_warm_up(repo_root: Path, tmp_path: Path) -> None:
+    """``--warm-up-hours H`` runs the load's first H hours and judges the rest: a fixed
+    fleet's GPU-hours are its GPUs over the judged hours only."""
+    out_json = tmp_path / "warm.json"
+    args = ["simulate", "--service", "chat", "--diurnal-hours", "0.2", "--repo", str(repo_root)]
+    result = CliRunner().invoke(
+        app,
+        [*args, "--warm-up-hours", "0.05", "--policies", "static:2+3", "--json", str(out_json)],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(out_json.read_text())
+    assert document["horizon_s"] == 540 and document["command"]["warm_up_hours"] == 0.05
+    gpus = 2 * 4 + 3 * 4  # chat's instances hold 4 GPUs each
+    assert document["policies"]["static:2+3"]["gpu_hours"] == pytest.approx(gpus * 0.15)
+
+
+@pytest.mark.parametrize("hours", ["0.2", "nan", "inf", "-1"])
+def test_simulate_command_refuses_a_warm_up_that_leaves_nothing_to_judge(
+    repo_root: Path, hours: str
+) -> None:
+    args = ["simulate", "--service", "chat", "--diurnal-hours", "0.2", "--repo", str(repo_root)]
+    result = CliRunner().invoke(app, [*args, "--warm-up-hours", hours, "--policies", "static:2+3"])
+    assert result.exit_code == 2, result.output
+    assert "--warm-up-hours" in result.output
