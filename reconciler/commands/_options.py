@@ -256,6 +256,17 @@ DiurnalHoursOpt = Annotated[
         max=MAX_DAY_HOURS,
     ),
 ]
+WarmUpHoursOpt = Annotated[
+    float,
+    typer.Option(
+        "--warm-up-hours",
+        help="run the load's first H hours but judge only what follows (every policy "
+        "meets it with the memory and fleet those hours left; static peak and oracle-min "
+        "size and plan on the judged part alone)",
+        min=0.0,
+        max=MAX_DAY_HOURS,
+    ),
+]
 # simulate and tune step simulated time; run's --interval is wall-clock time instead.
 DecisionIntervalOpt = Annotated[
     float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)

@@ -65,6 +65,7 @@ from reconciler.commands._options import (
     SimulateOpt,
     StateMemoryShardsOpt,
     TraceOpt,
+    WarmUpHoursOpt,
     checked_memory_shards,
     checked_placer,
     checked_repository,
@@ -494,10 +495,13 @@ def _review(
     what_if: bool,
     plot: Path | None,
     timeout: float = 600.0,
+    warm_up_hours: float = 0.0,
 ) -> int:
     """`plan --base --head`: the review lives in reconciler.review; this only wires it."""
     if not timeout > 0:
         raise typer.BadParameter("--timeout must be a positive number of seconds")
+    if not warm_up_hours >= 0:  # NaN passes the option's own range check
+        raise typer.BadParameter("--warm-up-hours must be a number of hours, 0 or more")
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     checked_placer(placer)
@@ -505,26 +509,31 @@ def _review(
         raise typer.BadParameter(f"--trace {trace}: no such file")
     checked_repository(repo, rev=head)  # the review reads Git revisions, not the work tree
     from reconciler.review.command import plan_review
-    from reconciler.review.review import ReviewOptions
+    from reconciler.review.review import ReviewOptions, WhatIfError
 
     options = ReviewOptions(
         trace=trace,
         rate_scale=rate_scale,
         diurnal_hours=diurnal_hours,
+        warm_up_hours=warm_up_hours,
         seed=seed,
         what_if=what_if,
         timeout_s=timeout,
     )
-    review, text, written = plan_review(
-        repo,
-        base,
-        head,
-        fmt=fmt,
-        placer=make_placer(placer),
-        autoscaler_name=autoscaler,
-        options=options,
-        plot=plot,
-    )
+    try:
+        review, text, written = plan_review(
+            repo,
+            base,
+            head,
+            fmt=fmt,
+            placer=make_placer(placer),
+            autoscaler_name=autoscaler,
+            options=options,
+            plot=plot,
+        )
+    except WhatIfError as exc:
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 1
     if fmt == "text":
         console.print(text, markup=False, soft_wrap=True, highlight=False, end="")
     else:
@@ -1010,6 +1019,7 @@ def register(app: typer.Typer) -> None:
         trace: TraceOpt = None,
         rate_scale: RateScaleOpt = None,
         diurnal_hours: DiurnalHoursOpt = None,
+        warm_up_hours: WarmUpHoursOpt = 0.0,
         what_if: WhatIfOpt = True,
         plot: PlotOpt = None,
         timeout: TimeoutOpt = 600.0,
@@ -1043,6 +1053,7 @@ def register(app: typer.Typer) -> None:
                     what_if,
                     plot,
                     timeout,
+                    warm_up_hours,
                 )
             )
         settings = _checked(settings)

@@ -17,7 +17,6 @@ import typer
 from rich.markup import escape
 
 from reconciler.commands._options import (
-    MAX_DAY_HOURS,
     DecisionIntervalOpt,
     DiurnalHoursOpt,
     PlacerOpt,
@@ -26,6 +25,7 @@ from reconciler.commands._options import (
     RepoOpt,
     SeedOpt,
     TraceOpt,
+    WarmUpHoursOpt,
     checked_placer,
     checked_repository,
     console,
@@ -272,17 +272,7 @@ def register(app: typer.Typer) -> None:
                 "0.4-0.9 reaching the SLO attainment goal on this trace",
             ),
         ] = "auto",
-        warm_up_hours: Annotated[
-            float,
-            typer.Option(
-                "--warm-up-hours",
-                help="run the load's first H hours but judge only what follows (every "
-                "policy meets it with the memory and fleet those hours left; static peak "
-                "and oracle-min size and plan on the judged part alone)",
-                min=0.0,
-                max=MAX_DAY_HOURS,
-            ),
-        ] = 0.0,
+        warm_up_hours: WarmUpHoursOpt = 0.0,
         oracle_window_s: Annotated[
             int,
             typer.Option(
@@ -299,8 +289,13 @@ def register(app: typer.Typer) -> None:
         --plot: one row per policy."""
         from reconciler.desired.loader import load_desired_state
         from reconciler.sim.engine import SimConfig
-        from reconciler.sim.evaluate import default_placer, evaluate, policy_labels
-        from reconciler.sim.load import load_with_requests
+        from reconciler.sim.evaluate import (
+            EvaluationError,
+            default_placer,
+            evaluate,
+            policy_labels,
+        )
+        from reconciler.sim.load import after_warm_up, load_with_requests
         from reconciler.sim.workload import TraceError
 
         checked_repository(repo)
@@ -330,16 +325,11 @@ def register(app: typer.Typer) -> None:
         try:
             load = load_with_requests(state, name, trace, rate_scale, diurnal_hours, seed, config)
             profile = load.profile
-            if warm_up_hours or math.isnan(warm_up_hours):
-                try:
-                    if math.isnan(warm_up_hours):
-                        raise ValueError("not a number of hours")
-                    profile = profile.judged_after(round(warm_up_hours * 3600))
-                except ValueError as exc:
-                    err_console.print(
-                        f"error: --warm-up-hours: {exc}", markup=False, soft_wrap=True
-                    )
-                    raise typer.Exit(2) from None
+            try:
+                profile = after_warm_up(profile, warm_up_hours)
+            except EvaluationError as exc:
+                err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             for note in profile.notes:
                 err_console.print(f"note: {note}", soft_wrap=True, markup=False)
             if export_path is not None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from reconciler.desired.loader import DesiredState, load_desired_state
-from reconciler.errors import ConfigError, ConfigIssue
+from reconciler.errors import ConfigError, ConfigIssue, PermanentError
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.policy.base import Autoscaler
 from reconciler.review.config_diff import ConfigChange, config_diff
@@ -37,6 +38,7 @@ class ReviewOptions:
     trace: Path | None = None  # recorded load for the what-if; None = synthetic day
     rate_scale: float | None = None
     diurnal_hours: float | None = None
+    warm_up_hours: float = 0.0  # the load's first hours run but not judged
     seed: int = 0
     what_if: bool = True
     placement: PlacementOptions = field(default_factory=PlacementOptions)
@@ -161,14 +163,14 @@ def replay_services(
     """The what-if replay of ``services`` on the load the options describe (the load
     ``heteroscale simulate`` builds from the same options); services not started by
     ``deadline`` (``time.monotonic()``) are returned as skipped."""
-    from reconciler.sim.load import load_with_requests
+    from reconciler.sim.load import after_warm_up, load_with_requests
 
     config = SimConfig()
     return replay(
         base,
         head,
         services,
-        lambda state, service: (
+        lambda state, service: after_warm_up(
             load_with_requests(
                 state,
                 service,
@@ -177,9 +179,12 @@ def replay_services(
                 options.diurnal_hours,
                 options.seed,
                 config,
-            ).profile
+            ).profile,
+            options.warm_up_hours,
         ),
-        lambda service: describe_trace(options.trace, options.rate_scale, options.diurnal_hours),
+        lambda service: describe_trace(
+            options.trace, options.rate_scale, options.diurnal_hours, options.warm_up_hours
+        ),
         seed=options.seed,
         config=config,
         deadline=deadline,
@@ -194,12 +199,21 @@ def _replay_worker(
     options: ReviewOptions,
     deadline: float,
 ) -> None:
+    # The parent raises what went wrong. Sent as text: an exception object need not
+    # survive pickling (TraceError's did not, and the parent died in the unpickling).
     try:
         conn.send(("ok", replay_services(base, head, services, options, deadline)))
-    except Exception as exc:  # sent to the parent, which raises it there
-        conn.send(("error", exc))
+    except PermanentError as exc:  # bad input: the message is what the user needs
+        conn.send(("error", str(exc)))
+    except Exception:  # a bug: keep where it was raised
+        conn.send(("crash", traceback.format_exc()))
     finally:
         conn.close()
+
+
+class WhatIfError(PermanentError):
+    """The what-if replay could not run on the load asked for (a bad trace, a warm-up
+    that leaves nothing to judge); the message says why."""
 
 
 def _start_replay(
@@ -226,7 +240,14 @@ def _start_replay(
         worker.start()
         sender.close()
     except (OSError, ValueError):
-        return lambda: replay_services(base, head, services, options, deadline)
+
+        def here() -> ReplayResult:
+            try:
+                return replay_services(base, head, services, options, deadline)
+            except PermanentError as exc:
+                raise WhatIfError(f"what-if replay: {exc}") from exc
+
+        return here
 
     def wait() -> ReplayResult:
         try:
@@ -238,7 +259,9 @@ def _start_replay(
             except EOFError:  # the worker died without an answer
                 return [], {}, list(services)
             if status == "error":
-                raise payload
+                raise WhatIfError(f"what-if replay: {payload}")
+            if status == "crash":
+                raise RuntimeError(f"what-if replay failed in its worker:\n{payload}")
             return payload
         finally:
             receiver.close()

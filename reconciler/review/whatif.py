@@ -121,14 +121,19 @@ def replay(
 
 
 def describe_trace(
-    trace: Path | None, rate_scale: float | None, diurnal_hours: float | None
+    trace: Path | None,
+    rate_scale: float | None,
+    diurnal_hours: float | None,
+    warm_up_hours: float = 0.0,
 ) -> str:
+    warm_up = f", judged after a {warm_up_hours:g} h warm-up" if warm_up_hours else ""
     if trace is None:
         hours = diurnal_hours or 8.0
-        return f"synthetic diurnal load, {hours:g} h" + (f", x{rate_scale:g}" if rate_scale else "")
+        scale = f", x{rate_scale:g}" if rate_scale else ""
+        return f"synthetic diurnal load, {hours:g} h{scale}{warm_up}"
     text = trace.name
     if rate_scale:
         text += f" x{rate_scale:g}"
     if diurnal_hours:
         text += f" over {diurnal_hours:g} h diurnal"
-    return text
+    return text + warm_up

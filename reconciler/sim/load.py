@@ -4,6 +4,7 @@ equal requests."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,20 @@ def load_with_requests(
         f"requests, more than the {MAX_REQUEST_ARRAYS:,} held as arrays, so the load is "
         "scaled as a fluid, without per-request arrays",
     )
+
+
+def after_warm_up(profile: LoadProfile, hours: float) -> LoadProfile:
+    """``profile`` with its first ``hours`` a warm-up, run but not judged
+    (``LoadProfile.judged_after``): ``--warm-up-hours`` of ``simulate`` and of the
+    review's what-if. ``EvaluationError`` saying why when ``hours`` is not a number of
+    hours or leaves nothing to judge."""
+    from reconciler.sim.evaluate import EvaluationError
+
+    if math.isnan(hours) or hours < 0:
+        raise EvaluationError(f"--warm-up-hours: {hours} is not a number of hours (0 or more)")
+    if hours == 0:
+        return profile
+    try:
+        return profile.judged_after(round(hours * 3600))
+    except (ValueError, OverflowError) as exc:
+        raise EvaluationError(f"--warm-up-hours: {exc}") from None

@@ -186,3 +186,41 @@ def test_the_command_line_exit_codes_follow_terraform(pr_repo: Path) -> None:
     assert unchanged.exit_code == 0, unchanged.output
     assert runner.invoke(app, [*common, "--base", "no-such-rev"]).exit_code == 1
     assert runner.invoke(app, [*common, "--base", "HEAD~1", "--format", "yaml"]).exit_code == 2
+
+
+def test_a_what_if_on_a_bad_trace_is_an_error_naming_its_line(
+    pr_repo: Path, tmp_path: Path
+) -> None:
+    """The replay runs in a worker process; a TraceError did not survive the trip back
+    (its constructor takes more than the message) and the parent died in a traceback."""
+    from typer.testing import CliRunner
+
+    from reconciler.cli import app
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,-5\n")
+    args = ["plan", "--repo", str(pr_repo), "--base", "HEAD~3", "--head", "HEAD~2"]
+    result = CliRunner().invoke(app, [*args, "--trace", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert f"error: what-if replay: {bad}:2: negative output tokens" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_what_if_can_judge_after_a_warm_up(pr_repo: Path) -> None:
+    options = ReviewOptions(diurnal_hours=0.3, warm_up_hours=0.1, seed=0)
+    review, text, _ = plan_review(
+        pr_repo, "HEAD~3", "HEAD~2", fmt="text", placer=CpSatPlacer(), options=options
+    )
+    assert "chat on synthetic diurnal load, 0.3 h, judged after a 0.1 h warm-up:" in text
+    chat = next(w for w in review.what_if if w.service == "chat")
+    assert chat.base is not None and len(chat.base.timeline["t_min"]) == 12  # the judged 0.2 h
+    from typer.testing import CliRunner
+
+    from reconciler.cli import app
+
+    args = ["plan", "--repo", str(pr_repo), "--base", "HEAD~3", "--head", "HEAD~2"]
+    nothing_left = CliRunner().invoke(
+        app, [*args, "--diurnal-hours", "0.3", "--warm-up-hours", "1"]
+    )
+    assert nothing_left.exit_code == 1, nothing_left.output
+    assert "leaves nothing of this 1080 s load to judge" in nothing_left.output
