@@ -115,6 +115,21 @@ _MIX_EWMA = "pd_mix_ewma"
 _MIX_AT_S = "pd_mix_at_s"
 
 
+def _positive(value: float) -> bool:
+    """Finite and above zero: a ratio or token mix as this module writes them."""
+    return math.isfinite(value) and value > 0
+
+
+def _written_here(key: str, value: float, now_s: float) -> bool:
+    """Whether a dynamic-ratio memory entry could have been written by this module: a
+    mix finite and positive, its time finite and not after ``now_s``."""
+    if key in (_MIX_ANCHOR, _MIX_EWMA):
+        return _positive(value)
+    if key == _MIX_AT_S:
+        return math.isfinite(value) and value <= now_s
+    return True
+
+
 # --------------------------------------------------------------------------- policy numbers
 
 
@@ -501,8 +516,13 @@ def _dynamic_ratio(
     from the configured target; with ``granularity: group`` the group shape pins
     the ratio and the dynamic target has no effect on the counts.
     """
-    extra = dict(history.extra)
-    current = history.dynamic_ratio if history.dynamic_ratio is not None else n.ratio_target
+    # What the history holds is read as it could have been written: a state document
+    # read back damaged may hold any float (a NaN ratio raised in its message; a zero
+    # anchor would divide by zero), and such an entry counts as never written.
+    extra = {k: v for k, v in history.extra if _written_here(k, v, now_s)}
+    current = history.dynamic_ratio
+    if current is None or not _positive(current):
+        current = n.ratio_target
     current = min(max(current, n.ratio_min), n.ratio_max)
     prefill_sample, decode_sample = metrics.prefill_tps, metrics.decode_tps
     problem = sample_problem(

@@ -241,6 +241,42 @@ def _sizing_forecast(
     return max(value, state.last_value), seasonal
 
 
+def readable(state: ForecastState, now_s: float, config: ForecastConfig) -> ForecastState:
+    """``state``, or a fresh one where it cannot be a state ``update`` left: a memory
+    read back from a damaged state document may hold any float, and one NaN time or
+    level would make every later forecast NaN. Kept when every number is finite, the
+    times ordered and not after ``now_s``, the daily curve and the errors shaped for
+    ``config``; a state without samples has nothing to keep."""
+    if state.samples <= 0:
+        return ForecastState() if state != ForecastState() else state
+    scalars = (
+        state.first_at_s,
+        state.last_at_s,
+        state.last_value,
+        state.level,
+        state.trend,
+        state.seasonal,
+    )
+    horizons = len(config.horizons_s)
+    ok = (
+        all(math.isfinite(x) for x in scalars)
+        and state.first_at_s <= state.last_at_s <= now_s
+        and len(state.day_mean) in (0, config.day_bins)
+        and len(state.day_count) == len(state.day_mean)
+        and all(math.isfinite(x) and x >= 0 for x in (*state.day_mean, *state.day_count))
+        and all(
+            len(entry) == 3
+            and all(math.isfinite(x) for x in entry)
+            and 0 <= entry[1] < horizons
+            and entry[1] == int(entry[1])
+            for entry in state.pending
+        )
+        and len(state.errors) in (0, horizons)
+        and all(math.isfinite(x) for errors in state.errors for x in errors)
+    )
+    return state if ok else ForecastState()
+
+
 def update(
     state: ForecastState, at_s: float, demand: float, config: ForecastConfig | None = None
 ) -> ForecastState:

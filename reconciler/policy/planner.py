@@ -69,6 +69,7 @@ in ``PolicyHistory.planner``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -105,6 +106,7 @@ from reconciler.policy.forecast import (
     ForecastState,
     headroom,
     quantile_linear,
+    readable,
     sizing_demand,
     update,
 )
@@ -323,6 +325,26 @@ class KeptCapacity:
         peaks.append((now_s, demand))
         return KeptCapacity(tuple(kept), errors, tuple(peaks))
 
+    def readable(self, now_s: float) -> KeptCapacity:
+        """Itself, without the entries it cannot have filed (a damaged memory may hold
+        any float, and one NaN error made the headroom NaN): sizings and peaks at a
+        finite time not after ``now_s`` of a finite demand of 0 or more, finite
+        errors."""
+
+        def filed(at_s: float, value: float) -> bool:
+            return math.isfinite(at_s) and at_s <= now_s and math.isfinite(value) and value >= 0
+
+        sized = tuple(entry for entry in self.sized if filed(*entry))
+        errors = tuple(e for e in self.errors if math.isfinite(e))
+        peaks = tuple(entry for entry in self.peaks if filed(*entry))
+        if (len(sized), len(errors), len(peaks)) == (
+            len(self.sized),
+            len(self.errors),
+            len(self.peaks),
+        ):
+            return self
+        return KeptCapacity(sized, errors, peaks)
+
     @property
     def peak_tps(self) -> float:
         """The highest demand of the last ``PEAK_MEMORY_S`` (0 before any). Read over
@@ -429,10 +451,40 @@ def _sized_demand(
 
 
 def clear_caches() -> None:
-    """Forget every cached ranking, performance context, capacity and mix layout: the
-    state after a start (what a benchmark's cold call measures)."""
+    """Forget every cached ranking, performance context, capacity and mix layout, and
+    which memories this planner made: the state after a start (what a benchmark's cold
+    call measures)."""
     clear_choice_caches()
     clear_capacity_caches()
+    _MEMORIES_MADE.clear()
+
+
+# The memories this process's planner made (by id, while they live): read back as they
+# are. Any other (a state document's, a test's) is checked by ``readable_memory`` first.
+_MEMORIES_MADE: weakref.WeakValueDictionary[int, PlannerMemory] = weakref.WeakValueDictionary()
+
+
+def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig) -> PlannerMemory:
+    """``memory`` as the planner could have left it: a memory read back from a damaged
+    state document may hold any float, and one NaN made every later forecast, headroom
+    or capacity NaN, or a time that never passes stopped the latency correction for
+    good. Forecasters that cannot be one ``update`` left start afresh, the capacity
+    kept loses the entries it cannot have filed, a latency factor goes back within
+    its bounds, and a time that is not a past reading counts as none. A memory this
+    process's planner made is read as it is (the checks cost a fifth of a decision)."""
+    if _MEMORIES_MADE.get(id(memory)) is memory:
+        return memory
+    checked = replace(
+        memory,
+        prefill_demand=readable(memory.prefill_demand, now_s, config),
+        decode_demand=readable(memory.decode_demand, now_s, config),
+        correction=memory.correction.sanitized(),
+        prefill_kept=memory.prefill_kept.readable(now_s),
+        decode_kept=memory.decode_kept.readable(now_s),
+        decode_steady_since_s=past_time(memory.decode_steady_since_s, now_s),
+        prefill_backlog_seen_s=past_time(memory.prefill_backlog_seen_s, now_s),
+    )
+    return checked if checked != memory else memory
 
 
 def plan_decide(
@@ -459,6 +511,7 @@ def plan_decide(
     starting = [fleet.prefill.starting, fleet.decode.starting]
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
     memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
+    memory = readable_memory(memory, now_s, forecast_config(policy)[0])
     clamps: list[Clamp] = []
     parts: list[str] = list(notes)
 
@@ -534,9 +587,9 @@ def plan_decide(
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
     override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
-    correction = memory.correction.sanitized()
+    correction = memory.correction
     backlog_seen_s = memory.prefill_backlog_seen_s
-    steady_since_s = past_time(memory.decode_steady_since_s, now_s)
+    steady_since_s = memory.decode_steady_since_s
     if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
         steady_since_s = now_s
     if perf is not None and mix is not None:
@@ -572,6 +625,7 @@ def plan_decide(
         decode_steady_since_s=steady_since_s,
         prefill_backlog_seen_s=backlog_seen_s,
     )
+    _MEMORIES_MADE[id(memory)] = memory
     if caps is None and (override_prefill is None or override_decode is None):
         why = (
             "no request mix observed yet, no request_shape declared"
@@ -933,7 +987,6 @@ def _corrected(
                     correction.decode,
                 ),
             )
-    backlog_seen_s = past_time(backlog_seen_s, now_s)
     backlog = prefill_demand.backlog
     if backlog is not None and backlog.tokens > 0:
         prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0

@@ -1,15 +1,26 @@
 """Hypothesis strategies and checks shared by the property tests of the paper policy
 (``test_policy_properties``) and of the planner (``test_policy_planner_properties``):
-generated policy overrides, fleets, and whether a P/D ratio is inside its bounds or
-could be within a role's min/max."""
+generated policy overrides, fleets, hostile floats, and whether a P/D ratio is inside
+its bounds or could be within a role's min/max."""
 
 from __future__ import annotations
+
+import math
 
 from hypothesis import strategies as st
 
 from reconciler.desired.ratio import parse_ratio
 from reconciler.policy.clamps import RoleBounds, ceil_count, floor_count
 from reconciler.state import RoleCount, ServiceFleet
+
+# Any float, as a hostile reading or a damaged memory could hold it: the special values
+# often (drawn over all floats alike they are rare), and anything else.
+any_float = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e308]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-1e6, 1e7),
+    st.floats(1e300, 1e308),
+)
 
 RATIOS = ["1:5", "1:4", "1:3", "1:2", "2:3", "1:1", "3:2", "2:1", "3:1", "9:1"]
 

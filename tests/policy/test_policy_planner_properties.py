@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from policy_strategies import fleets, policy_overrides, ratio_feasible, ratio_inside
+from policy_strategies import any_float, fleets, policy_overrides, ratio_feasible, ratio_inside
 from policy_testkit import REPO_ROOT, length_buckets, with_overrides
 
 from reconciler.desired import load_desired_state
@@ -287,13 +287,6 @@ def test_a_mix_not_read_this_cycle_never_takes_a_role_below_what_runs(
     decision = decide(policy, fleet, blind, history)
     assert decision.prefill >= fleet.prefill.ready, decision.message
     assert decision.decode >= fleet.decode.ready, decision.message
-
-
-any_float = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.floats(0.0, 1e7),
-    st.floats(1e300, 1e308),
-)
 
 
 @st.composite

@@ -1,25 +1,37 @@
 """Properties of the coordinated policy over generated policies, fleets, loads and
 histories: monotone in load, never outside min/max, ratio inside its bounds when
-min/max permit, no change inside the tolerance band, deterministic; and of the
-shared ratio arithmetic on its own."""
+min/max permit, no change inside the tolerance band, deterministic; of the shared
+ratio arithmetic on its own; and of every autoscaler given a damaged history."""
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
+from functools import cache
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from policy_strategies import RATIOS, fleets, policy_overrides, ratio_feasible, ratio_inside
-from policy_testkit import make_policy
+from policy_strategies import (
+    RATIOS,
+    any_float,
+    fleets,
+    policy_overrides,
+    ratio_feasible,
+    ratio_inside,
+)
+from policy_testkit import REPO_ROOT, make_policy
 
+from reconciler.desired import load_desired_state
+from reconciler.desired.loader import DesiredState
 from reconciler.desired.ratio import parse_ratio
-from reconciler.policy import PolicyHistory, decide
-from reconciler.policy.base import Recommendation
+from reconciler.policy import PolicyHistory, decide, make_autoscaler
+from reconciler.policy.base import DecisionInput, Recommendation
 from reconciler.policy.clamps import RoleBounds, ceil_count, enforce_ratio
+from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
 
 NOW = 10_000.0
-SETTINGS = settings(max_examples=150, deadline=None)
+SETTINGS = settings(max_examples=int(os.environ.get("POLICY_EXAMPLES", "150")), deadline=None)
 
 
 @st.composite
@@ -212,3 +224,62 @@ def test_enforce_ratio_lands_inside_whenever_a_pair_exists(
         assert ratio_inside(out_prefill, out_decode, low, high)
     else:
         assert [c.name for c in clamps] == ["ratio_unattainable"]
+
+
+@cache
+def repository() -> DesiredState:
+    return load_desired_state(REPO_ROOT)
+
+
+any_pairs = st.lists(st.tuples(any_float, any_float), max_size=5)
+
+
+@st.composite
+def damaged_histories(draw) -> PolicyHistory:
+    counts = st.integers(-(10**9), 10**9)
+    recommendations = draw(
+        st.lists(st.builds(Recommendation, any_float, counts, counts), max_size=6)
+    )
+    # The paper policy's dynamic-ratio memory, and a key no one reads.
+    extra_keys = st.sampled_from(["pd_mix_anchor", "pd_mix_ewma", "pd_mix_at_s", "other"])
+    return PolicyHistory(
+        recommendations=tuple(recommendations),
+        last_change_at_s=draw(st.one_of(st.none(), any_float)),
+        ttft_ms=tuple(draw(any_pairs)),
+        tbt_ms=tuple(draw(any_pairs)),
+        kv_usage=tuple(draw(any_pairs)),
+        dynamic_ratio=draw(st.one_of(st.none(), any_float)),
+        extra=tuple(draw(st.lists(st.tuples(extra_keys, any_float), max_size=4))),
+    )
+
+
+@SETTINGS
+@given(
+    st.sampled_from(["heteroscale", "heteroscale-paper", "hpa-gpu-util", "hpa-decode-tps"]),
+    st.sampled_from(["chat", "summarize", "svc-a", "svc-b"]),
+    fleets,
+    damaged_histories(),
+)
+def test_a_damaged_history_never_makes_an_autoscaler_raise_or_leave_min_max(
+    name, service, fleet, history
+):
+    """Every autoscaler reads the history a state document gave back; whatever numbers
+    it holds, the next two decisions stay within min/max (the hand-set targets give the
+    paper policy and the tokens/s HPA theirs)."""
+    state = repository()
+    policy = with_hand_targets(state.policies[service])
+    autoscaler = make_autoscaler(name)
+    for k in range(2):
+        now = NOW + 15.0 * k
+        metrics = ServiceMetrics(
+            service,
+            prefill_tps=Sample(50_000.0, now),
+            decode_tps=Sample(8_000.0, now),
+            ttft=Sample(900.0, now),
+            tbt=Sample(40.0, now),
+        )
+        inputs = DecisionInput(policy, fleet, metrics, history, now, state.clusters[policy.cluster])
+        decision = autoscaler.decide(inputs)
+        history = decision.history
+        assert policy.prefill.min_instances <= decision.prefill <= policy.prefill.max_instances
+        assert policy.decode.min_instances <= decision.decode <= policy.decode.max_instances
