@@ -248,7 +248,7 @@ def readable(state: ForecastState, now_s: float, config: ForecastConfig) -> Fore
     times ordered and not after ``now_s``, the daily curve and the errors shaped for
     ``config``; a state without samples has nothing to keep."""
     if state.samples <= 0:
-        return ForecastState() if state != ForecastState() else state
+        return ForecastState()
     scalars = (
         state.first_at_s,
         state.last_at_s,

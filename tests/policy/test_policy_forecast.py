@@ -3,6 +3,7 @@ headroom from its own errors, and the scale-in guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from reconciler.policy.forecast import (
     forecast,
     headroom,
     quantile_linear,
+    readable,
     sizing_demand,
     stays_below,
     trend_forecast,
@@ -249,3 +251,25 @@ def test_the_sizing_demand_is_the_forecasts() -> None:
         assert (alone is None) == (predicted is None)
         assert predicted is None or alone == predicted.demand
     assert sizing_demand(state, 150.0) is not None
+
+
+def test_a_state_update_left_is_readable_and_a_damaged_one_starts_afresh() -> None:
+    """A memory read back damaged may hold any float: one NaN level would make every
+    later forecast NaN, a time ahead of now would freeze the forecaster."""
+    config = ForecastConfig()
+    state = ForecastState()
+    for k in range(20):
+        state = update(state, 30.0 * k, 1000.0 + 10.0 * k, config)
+    now = 30.0 * 20
+    assert readable(state, now, config) is state
+    for damage in (
+        {"level": math.nan},
+        {"trend": math.inf},
+        {"last_at_s": now + 1e12},
+        {"day_mean": (math.nan,) * config.day_bins},
+        {"errors": ((math.nan,),)},
+        {"pending": ((now, 7.0, 1.0),)},
+    ):
+        assert readable(dataclasses.replace(state, **damage), now, config) == ForecastState()
+    fresh = readable(ForecastState(samples=0, level=math.nan), now, config)
+    assert fresh.samples == 0 and fresh.level == 0.0
