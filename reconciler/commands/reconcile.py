@@ -500,8 +500,6 @@ def _review(
     """`plan --base --head`: the review lives in reconciler.review; this only wires it."""
     if not timeout > 0:
         raise typer.BadParameter("--timeout must be a positive number of seconds")
-    if not warm_up_hours >= 0:  # NaN passes the option's own range check
-        raise typer.BadParameter("--warm-up-hours must be a number of hours, 0 or more")
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     checked_placer(placer)

@@ -510,8 +510,9 @@ def plan_decide(
     ready = [fleet.prefill.ready, fleet.decode.ready]
     starting = [fleet.prefill.starting, fleet.decode.starting]
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
+    config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
     memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
-    memory = readable_memory(memory, now_s, forecast_config(policy)[0])
+    memory = readable_memory(memory, now_s, config)
     clamps: list[Clamp] = []
     parts: list[str] = list(notes)
 
@@ -552,7 +553,6 @@ def plan_decide(
     parts.extend(d.note for d in (prefill_in, decode_in) if d.note)
 
     # 5 (first, it only needs demand). Demand at each role's horizon.
-    config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
     prefill_state = update(memory.prefill_demand, now_s, prefill_in.arriving_tps, config)
     decode_state = update(memory.decode_demand, now_s, decode_in.arriving_tps, config)
     # How often the demand may outrun what is kept (module docstring, step 5): the

@@ -694,13 +694,12 @@ def evaluate(
     notes = list(profile.notes)
     labels = policy_labels(policies)
     cluster = state.clusters[policy.cluster]
+    judged = profile.judged()  # the profile itself when it has no warm-up
     oracle_plan: OracleMinPlan | None = None
     if "oracle-min" in policies:
         # Knowing the whole workload, oracle-min needs no warm-up: it plans the judged
         # part alone.
-        oracle_plan = plan_oracle_min(
-            policy, cluster, profile.judged(), config, window_s=oracle_window_s
-        )
+        oracle_plan = plan_oracle_min(policy, cluster, judged, config, window_s=oracle_window_s)
     # Every policy starts from oracle-min's state at t = 0 in the policies' own
     # environment (module docstring).
     warm = (
@@ -708,10 +707,11 @@ def evaluate(
         if simulated
         else (0, 0)
     )
+    judged_warm: tuple[int, int] | None = None  # the warm state of ``judged``, when asked
     for name in policies:
         if name == "oracle-min" and oracle_plan is not None:
             results[name] = oracle_min_result(
-                policy, profile.judged(), oracle_plan, config, prices=GpuPrices.of_cluster(cluster)
+                policy, judged, oracle_plan, config, prices=GpuPrices.of_cluster(cluster)
             )
             continue
         placer = placer or default_placer()
@@ -733,10 +733,11 @@ def evaluate(
         label = labels[name]
         run_profile, run_warm = profile, warm
         if profile.judged_from_s and needs_no_memory(name):
-            run_profile = profile.judged()
-            run_warm = oracle_min_initial_counts(
-                policy, cluster, run_profile, config, oracle_window_s
-            )
+            if judged_warm is None:
+                judged_warm = oracle_min_initial_counts(
+                    policy, cluster, judged, config, oracle_window_s
+                )
+            run_profile, run_warm = judged, judged_warm
         # An external autoscaler's failure is its own result; the others still run.
         try:
             autoscaler, description = build_autoscaler(
@@ -772,8 +773,8 @@ def evaluate(
     return EvaluationResult(
         service=service,
         workload=profile.name,
-        horizon_s=profile.judged().horizon_s,
-        requests=profile.judged().requests,
+        horizon_s=judged.horizon_s,
+        requests=judged.requests,
         slo=slo_summary(policy),
         policies=results,
         notes=tuple(notes),
