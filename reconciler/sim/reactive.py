@@ -47,6 +47,12 @@ class ReactiveRole:
     headroom: float  # least h covering the goal's share of requests
     capacity_multiple: float  # capacity held / capacity that follows demand exactly
 
+    def to_json(self) -> dict[str, float]:
+        return {
+            "headroom": round(self.headroom, 4),
+            "capacity_multiple": round(self.capacity_multiple, 4),
+        }
+
 
 @dataclass(frozen=True)
 class ReactiveReference:
@@ -67,14 +73,8 @@ class ReactiveReference:
             "lag_s": self.lag_s,
             "hold_s": self.hold_s,
             "goal": self.goal,
-            "prefill": {
-                "headroom": round(self.prefill.headroom, 4),
-                "capacity_multiple": round(self.prefill.capacity_multiple, 4),
-            },
-            "decode": {
-                "headroom": round(self.decode.headroom, 4),
-                "capacity_multiple": round(self.decode.capacity_multiple, 4),
-            },
+            "prefill": self.prefill.to_json(),
+            "decode": self.decode.to_json(),
         }
 
 
