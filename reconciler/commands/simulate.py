@@ -246,7 +246,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--policies",
                 help="comma-separated: heteroscale, heteroscale-paper, hpa-gpu-util, hpa-decode-tps, "
-                "static-peak, oracle-min, schedule:PATH, python:MODULE:CLASS",
+                "static-peak, static-past-peak (with --warm-up-hours), oracle-min, "
+                "static:P+D, schedule:PATH, python:MODULE:CLASS",
             ),
         ] = ",".join(DEFAULT_POLICIES),
         json_path: Annotated[

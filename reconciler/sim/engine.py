@@ -286,12 +286,26 @@ class LoadProfile:
         """The judged part alone, as a plain profile from time 0 (itself without a
         warm-up): what a policy that needs no memory (static provisioning, oracle-min,
         the reactive reference) is sized or planned on."""
-        start = self.judged_from_s
-        if start == 0:
+        if self.judged_from_s == 0:
             return self
+        return self._part(self.judged_from_s, None)
+
+    def warm_up(self) -> LoadProfile:
+        """The warm-up alone (``preceded_by``), as a plain profile: the service's past
+        when the judged part begins, what provisioning without hindsight is sized on
+        (``static-past-peak``). ``ValueError`` when the load has no warm-up."""
+        if self.judged_from_s == 0:
+            raise ValueError("this load has no warm-up")
+        return self._part(0, self.judged_from_s)
+
+    def _part(self, start: int, stop: int | None) -> LoadProfile:
+        """Seconds ``[start, stop)`` (``stop`` None: to the end) as a plain profile
+        from time 0 (the length statistics stay the whole load's)."""
         sample = self.sample
         if sample is not None:
             keep = sample.arrival_s >= start
+            if stop is not None:
+                keep &= sample.arrival_s < stop
             sample = Workload(
                 sample.arrival_s[keep] - start,
                 sample.prompt_tokens[keep],
@@ -300,10 +314,10 @@ class LoadProfile:
             )
         return replace(
             self,
-            count=self.count[start:],
-            prompt_sum=self.prompt_sum[start:],
-            prompt_sq_sum=self.prompt_sq_sum[start:],
-            output_sum=self.output_sum[start:],
+            count=self.count[start:stop],
+            prompt_sum=self.prompt_sum[start:stop],
+            prompt_sq_sum=self.prompt_sq_sum[start:stop],
+            output_sum=self.output_sum[start:stop],
             sample=sample,
             judged_from_s=0,
         )

@@ -13,6 +13,11 @@ Policies:
 - ``hpa-gpu-util``: one Kubernetes HPA per role on GPU utilisation;
 - ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
   of prompt and output tokens/s) at the per-instance capacity below;
+- ``static-past-peak``: static peak sized on the load's warm-up instead
+  (``LoadProfile.preceded_by``, ``--warm-up-hours``): the counts a team provisioning
+  from the service's past would hold, with no hindsight of the traffic judged. Static
+  peak knows the judged part's own peak, which no policy that reacts can; this is the
+  static fleet with the information a reactive policy has. Needs a warm-up;
 - ``static:P+D``: a fixed fleet of ``P`` prefill and ``D`` decode instances (static
   provisioning at a size of one's choosing, e.g. the GPU-hours another policy spent);
 - ``oracle-min``: the lower bound (``reconciler.sim.oracle``): with the whole workload
@@ -300,7 +305,23 @@ def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfi
 def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[float, float]:
     """The highest prompt and output tokens/s of the judged part (static peak's sizing:
     the peak of the traffic it is judged on, not of a warm-up)."""
-    _t, prefill, decode = profile.judged().demand_series(window_s)
+    return _peaks(profile.judged(), window_s)
+
+
+def past_peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[float, float]:
+    """The highest prompt and output tokens/s of the warm-up (``static-past-peak``'s
+    sizing: the service's past when the judged part begins); ``EvaluationError`` when
+    the load has none."""
+    if not profile.judged_from_s:
+        raise EvaluationError(
+            f"{STATIC_PAST_PEAK} sizes from the traffic before the judged part: give the "
+            "load a warm-up (--warm-up-hours)"
+        )
+    return _peaks(profile.warm_up(), window_s)
+
+
+def _peaks(profile: LoadProfile, window_s: int) -> tuple[float, float]:
+    _t, prefill, decode = profile.demand_series(window_s)
     return float(prefill.max()), float(decode.max())
 
 
@@ -308,6 +329,7 @@ def peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> tuple[
 
 
 STATIC_PREFIX = "static:"
+STATIC_PAST_PEAK = "static-past-peak"
 
 
 def static_counts(name: str) -> tuple[int, int]:
@@ -330,7 +352,9 @@ def needs_no_memory(name: str) -> bool:
     """Fixed counts and replayed schedules: what they run at a moment does not depend
     on the traffic before it, so after a warm-up they run on the judged part alone (a
     schedule's times count from its start; static peak is sized for it)."""
-    return name == "static-peak" or name.startswith((STATIC_PREFIX, "schedule:"))
+    return name in ("static-peak", STATIC_PAST_PEAK) or name.startswith(
+        (STATIC_PREFIX, "schedule:")
+    )
 
 
 def build_autoscaler(
@@ -361,12 +385,15 @@ def build_autoscaler(
         return make_autoscaler("static-peak", prefill=prefill, decode=decode), (
             f"{prefill} prefill + {decode} decode, fixed"
         )
-    if name == "static-peak":
-        peak_prefill, peak_decode = peak_demand(profile)
+    if name in ("static-peak", STATIC_PAST_PEAK):
+        past = name == STATIC_PAST_PEAK
+        peak_prefill, peak_decode = past_peak_demand(profile) if past else peak_demand(profile)
         prefill = max(1, math.ceil(peak_prefill / capacity.prefill_tps))
         decode = max(1, math.ceil(peak_decode / capacity.decode_tps))
-        return make_autoscaler(name, prefill=prefill, decode=decode), (
-            f"{prefill} prefill + {decode} decode for peaks of {peak_prefill:.0f} prompt and {peak_decode:.0f} output tokens/s"
+        of = "the warm-up's " if past else ""
+        return make_autoscaler("static-peak", prefill=prefill, decode=decode), (
+            f"{prefill} prefill + {decode} decode for {of}peaks of {peak_prefill:.0f} "
+            f"prompt and {peak_decode:.0f} output tokens/s"
         )
     if name == "oracle-min":
         raise EvaluationError(
@@ -392,7 +419,7 @@ def build_autoscaler(
             f"{decode_target:.0f} output tokens/s per decode instance ({decode_from})"
         )
     if name not in AUTOSCALERS:
-        known = [*AUTOSCALERS, "oracle-min"]
+        known = [*AUTOSCALERS, STATIC_PAST_PEAK, "oracle-min"]
         hint = difflib.get_close_matches(name, known, n=1)
         suffix = f"; did you mean '{hint[0]}'?" if hint else ""
         raise EvaluationError(
@@ -739,9 +766,11 @@ def evaluate(
                 )
             run_profile, run_warm = judged, judged_warm
         # An external autoscaler's failure is its own result; the others still run.
+        # Sized on the whole load: static peak reads its judged part, static-past-peak
+        # its warm-up.
         try:
             autoscaler, description = build_autoscaler(
-                name, policy, run_profile, capacity, interval_s, hpa_target=hpa_target
+                name, policy, profile, capacity, interval_s, hpa_target=hpa_target
             )
             run = _run_policy(
                 state,

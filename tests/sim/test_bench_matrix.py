@@ -129,3 +129,29 @@ def test_the_table_counts_the_cells_meeting_every_goal(bench: ModuleType) -> Non
     assert last[0] == "heteroscale meets every goal on 1 of 3 cells judged."
     assert last[1].startswith("heteroscale meets every goal on 2 of 3 cells with the 1.25x")
     assert table.count("| none |") == 1
+
+
+def test_the_planner_is_set_against_static_provisioning_sized_on_the_warm_up(
+    bench: ModuleType,
+) -> None:
+    """Where ``static-past-peak`` ran (cells with a warm-up), the run says on how many
+    the planner spends less than it and keeps its share within both SLOs (to half a
+    point, the slack the goals give static peak); cells without it are not counted."""
+
+    def with_past(gpu_h: float, slo: float, planner_slo: float = 0.999) -> dict[str, Any]:
+        document = cell(planner_slo=planner_slo)
+        document["policies"]["static-past-peak"] = {"gpu_hours": gpu_h, "slo_attainment": slo}
+        return document
+
+    line = bench.past_peak_comparison(
+        [
+            with_past(1_300.0, 0.999),  # cheaper, as good
+            with_past(1_100.0, 0.999),  # dearer, as good
+            with_past(1_300.0, 1.0),  # cheaper, 0.1 points below: still as good
+            with_past(1_300.0, 0.999, planner_slo=0.985),  # cheaper, 1.4 points below: not
+            cell(),  # no warm-up: not counted
+        ]
+    )
+    assert "on the 4 cells with a warm-up" in line
+    assert "fewer GPU-hours on 3" in line and "or more on 3" in line and "both on 2" in line
+    assert "no cell ran both" in bench.past_peak_comparison([cell()])

@@ -305,6 +305,16 @@ def test_a_load_after_a_warm_up_is_the_warm_up_then_the_load_judged_from_its_end
     assert np.allclose(judged.sample.arrival_s, load.sample.arrival_s)
     assert np.array_equal(judged.sample.output_tokens, load.sample.output_tokens)
     assert load.judged() is load
+    # And its warm-up part is the warm-up, likewise.
+    past = joined.warm_up()
+    assert past.judged_from_s == 0
+    for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
+        assert np.array_equal(getattr(past, name), getattr(warmup, name))
+    assert past.sample is not None
+    assert np.array_equal(past.sample.arrival_s, warmup.sample.arrival_s)
+    assert np.array_equal(past.sample.prompt_tokens, warmup.sample.prompt_tokens)
+    with pytest.raises(ValueError, match="no warm-up"):
+        load.warm_up()
 
 
 def test_only_plain_loads_take_a_warm_up() -> None:

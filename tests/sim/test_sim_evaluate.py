@@ -21,6 +21,7 @@ from reconciler.sim.evaluate import (
     ScheduleAutoscaler,
     build_autoscaler,
     evaluate,
+    past_peak_demand,
     role_capacity,
     run_autoscaler,
 )
@@ -657,6 +658,53 @@ def test_after_a_warm_up_what_needs_no_memory_runs_on_the_judged_part_alone(
     for name in names:
         assert warm.policies[name].gpu_hours == cold.policies[name].gpu_hours
         assert warm.policies[name].slo_attainment == cold.policies[name].slo_attainment
+
+
+def test_static_past_peak_is_sized_on_the_warm_up_and_run_on_the_judged_part(
+    state: DesiredState,
+) -> None:
+    """``static-past-peak`` holds what the warm-up's peak needs (the fleet a team would
+    provision from the service's past, without static peak's hindsight): after a
+    heavier warm-up it holds more than static peak and keeps as many requests within
+    both SLOs; after a lighter one it holds less. Either way it runs on the judged
+    part alone, as fixed counts do."""
+    load = synthetic_profile("b", hours=0.2, peak_rps=8, seed=3)
+    names = ["static-peak", "static-past-peak"]
+    heavier = evaluate(
+        state,
+        SERVICE,
+        load.preceded_by(synthetic_profile("b", hours=0.3, peak_rps=30, seed=103)),
+        names,
+    )
+    lighter = evaluate(
+        state,
+        SERVICE,
+        load.preceded_by(synthetic_profile("b", hours=0.3, peak_rps=2, seed=103)),
+        names,
+    )
+    for run in (heavier, lighter):
+        assert run.policies["static-peak"].scaling_actions == 0
+        assert run.policies["static-past-peak"].scaling_actions == 0
+    static, past = heavier.policies["static-peak"], heavier.policies["static-past-peak"]
+    assert past.gpu_hours > static.gpu_hours
+    assert past.slo_attainment >= static.slo_attainment
+    assert "warm-up's peaks" in past.description
+    assert (
+        lighter.policies["static-past-peak"].gpu_hours < lighter.policies["static-peak"].gpu_hours
+    )
+    # Sized from the warm-up alone: the judged part's own peak does not move it.
+    peak_prefill, peak_decode = past_peak_demand(
+        load.preceded_by(synthetic_profile("b", hours=0.3, peak_rps=30, seed=103))
+    )
+    warm_up = synthetic_profile("b", hours=0.3, peak_rps=30, seed=103)
+    _t, prefill, decode = warm_up.demand_series(60)
+    assert (peak_prefill, peak_decode) == (float(prefill.max()), float(decode.max()))
+
+
+def test_static_past_peak_needs_a_warm_up(state: DesiredState) -> None:
+    load = synthetic_profile("b", hours=0.2, peak_rps=8, seed=3)
+    with pytest.raises(EvaluationError, match="--warm-up-hours"):
+        evaluate(state, SERVICE, load, ["static-past-peak"])
 
 
 def test_a_warm_up_leaves_its_fleet_to_the_judged_part(state: DesiredState) -> None:
