@@ -3,7 +3,10 @@ reconciler's own namespace: per cluster one state object, ``heteroscale-state-<c
 (key ``state.json``), and a fixed number of memory shards holding the planners'
 memories, ``heteroscale-state-<cluster>-memories-<k>`` (``memory_shard_names``, key
 ``memories.json``; ``--state-memory-shards``, default ``DEFAULT_MEMORY_SHARDS``; 0
-keeps the memories in the state object itself, as before version 3).
+keeps the memories in the state object itself, as before version 3). After the count
+is lowered, the shards past it are written empty once (best effort: a Role that no
+longer names them gets one warning), so that no old memory is read back if it is
+raised again.
 
 Why ConfigMaps there: the reconciler's namespace exists only in the cluster it runs
 in, RBAC can name the objects (get/update by ``resourceNames``: the shards are a fixed,
@@ -155,6 +158,8 @@ class ConfigMapStateStore:
         self._saved: dict[str, DurableState] = {}
         # Per cluster: the memory shards the state object last read listed.
         self._loaded_shards: dict[str, int] = {}
+        # Clusters whose leftover shards (``_leftover_shards``) could not be emptied.
+        self._leftovers_given_up: set[str] = set()
 
     def describe(self, cluster: str) -> str:
         return self._describe_object(configmap_name(cluster))
@@ -274,26 +279,51 @@ class ConfigMapStateStore:
         """Whether ``cluster``'s memory shards may be written at ``now_s``: none written
         yet by this store, or the last round ``MEMORY_WRITE_INTERVAL_S`` ago or more (or
         the clock went back)."""
-        if not self.memory_shards:
+        if not self.memory_shards and not self._leftover_shards(cluster):
             return False
         last_s = self._memories_round_at_s.get(cluster)
         return last_s is None or not 0 <= now_s - last_s < MEMORY_WRITE_INTERVAL_S
+
+    def _leftover_shards(self, cluster: str, written: int | None = None) -> int:
+        """How many memory shards past the ``written`` ones (default: this store's
+        count) the state object last read listed: left by a larger count."""
+        if cluster in self._leftovers_given_up:
+            return 0
+        written = self.memory_shards if written is None else written
+        return max(0, self._loaded_shards.get(cluster, 0) - written)
 
     def _write_memories(self, cluster: str, shards: tuple[str, ...], now_s: float) -> None:
         """One round of memory shard writes (``_memories_due``; ``now_s``: the state's
         ``saved_at_s``): each shard whose text differs from the stored one (an absent
         object stands for an empty shard), so each is written at most once every
-        ``MEMORY_WRITE_INTERVAL_S``. One that cannot be written is logged and tried again
-        at the next round."""
+        ``MEMORY_WRITE_INTERVAL_S``; the shards past them that a larger count left are
+        written empty. One that cannot be written is logged and tried again at the next
+        round."""
         self._memories_round_at_s[cluster] = now_s
         empty = empty_shard(cluster)
-        for name, text in zip(memory_shard_names(cluster, len(shards)), shards, strict=True):
+        # The shards a larger count left (the state object read listed them) are
+        # emptied: raised again, that count would read them as their services' home
+        # shards, before the shards holding the memories written since.
+        texts = (*shards, *(empty,) * self._leftover_shards(cluster, len(shards)))
+        names = memory_shard_names(cluster, len(texts))
+        for k, (name, text) in enumerate(zip(names, texts, strict=True)):
             stored = self._shard_texts.get(name, "")  # "": unknown, never a shard's text
             if (empty if stored is None else stored) == text:
                 continue
             try:
                 written = self._write_as_leader(name, cluster, MEMORIES_KEY, text)
             except (HeteroscaleError, OSError) as exc:
+                if k >= len(shards) and not isinstance(exc, ClusterUnavailable):
+                    # A leftover the Role may no longer name: emptying it is a safeguard
+                    # for a later larger count, not worth an error every round.
+                    log.warning(
+                        f"{self._describe_object(name)}: left by a larger memory shard "
+                        f"count, could not be emptied (not tried again): "
+                        f"{type(exc).__name__}: {exc}",
+                        extra={"event": "state_memories_leftover", "cluster": cluster},
+                    )
+                    self._leftovers_given_up.add(cluster)
+                    return
                 log.error(
                     f"{self._describe_object(name)}: planner memories not written "
                     f"(tried again in {MEMORY_WRITE_INTERVAL_S:.0f} s): "

@@ -225,3 +225,35 @@ def test_memory_shards_the_role_does_not_name_are_reported_with_what_to_grant(
     assert state is not None  # the state object itself is readable
     problems = restarted.load_problems("prod-east")
     assert problems and all("the Role must name every memory shard" in p for p in problems)
+
+
+def test_leftover_shards_the_role_no_longer_names_are_given_up_with_one_warning(
+    control_plane: ControlPlane, reconciler_token: KubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lowered from 16 shards to the 8 rbac.yaml names: the shards past 8 cannot be
+    emptied (Forbidden), which is said once as a warning and not tried again; the state
+    and the 8 shards are written as ever."""
+    from reconciler.apply.statestore import ConfigMapStateStore
+    from reconciler.durable import DEFAULT_MEMORY_SHARDS, DurableState
+    from reconciler.policy.base import PolicyHistory
+    from reconciler.policy.planner import PlannerMemory
+
+    ns = "heteroscale-system"
+    cluster = "prod-east"
+    histories = {f"svc-{i}": PolicyHistory(planner=PlannerMemory(mix_at_s=6.0)) for i in range(40)}
+    admin = ConfigMapStateStore(control_plane.client(), ns, "admin", memory_shards=16)
+    assert admin.save(DurableState(cluster, 6.0, "admin", histories=histories))
+    store = ConfigMapStateStore(reconciler_token, ns, "probe", memory_shards=DEFAULT_MEMORY_SHARDS)
+    store.load(cluster)
+    with caplog.at_level("WARNING", logger="heteroscale.state"):
+        assert store.save(DurableState(cluster, 7.0, "probe", histories=histories))
+        assert store.save(DurableState(cluster, 7.0 + 301.0, "probe", histories=histories))
+    leftover = [
+        r for r in caplog.records if "left by a larger memory shard count" in r.getMessage()
+    ]
+    assert len(leftover) == 1 and leftover[0].levelname == "WARNING"
+    assert "Forbidden" in leftover[0].getMessage()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    back = ConfigMapStateStore(reconciler_token, ns, "probe").load(cluster)
+    assert back is not None
+    assert {h.planner.mix_at_s for h in back.histories.values() if h.planner} == {6.0}

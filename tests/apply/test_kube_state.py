@@ -719,3 +719,45 @@ def test_a_new_shard_count_reads_the_old_shards_and_moves_the_memories(
         text = client.get(configmaps_path(NAMESPACE, name))["data"]["memories.json"]
         assert {memory_shard_of(n, 3) for n in json.loads(text)["memories"]} == {k}
     assert ConfigMapStateStore(control_plane.client(), NAMESPACE, "c").load(cluster) == moved
+
+
+@pytest.mark.parametrize("lower", [3, 0])
+def test_a_smaller_shard_count_empties_the_shards_it_no_longer_writes(
+    control_plane: ControlPlane, lower: int
+) -> None:
+    """Lowered from 8 shards to 3 (or to 0: the memories in the state object), the
+    leader writes the shards past the new count empty. Raised to 8 again, a count reads
+    a service's home shard first: had an old memory stayed there, it would win over the
+    one written since wherever the raised count's shard writes had not yet landed (here:
+    the replica lost the Lease between the state object and its shards)."""
+    client = control_plane.client()
+    cluster = f"st-shrink-{lower}"
+    rng = random.Random(lower)
+    old = {f"svc-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(30)}
+    new = {name: PolicyHistory(planner=_full_memory(rng, at_s=1030.0)) for name in old}
+    first = _fresh_store(client, cluster, "a", memory_shards=8)
+    assert first.save(DurableState(cluster, 1000.0, "a", None, old))
+    smaller = ConfigMapStateStore(control_plane.client(), NAMESPACE, "b", memory_shards=lower)
+    smaller.load(cluster)
+    assert smaller.save(DurableState(cluster, 1030.0, "b", None, new))
+    for name in memory_shard_names(cluster, 8)[lower:]:
+        text = client.get(configmaps_path(NAMESPACE, name))["data"]["memories.json"]
+        assert json.loads(text)["memories"] == {}
+
+    leads = iter([True])  # leads for the state object's write, then no longer
+    raised = ConfigMapStateStore(
+        control_plane.client(),
+        NAMESPACE,
+        "c",
+        memory_shards=8,
+        is_leader=lambda: next(leads, False),
+    )
+    raised.load(cluster)
+    assert raised.save(DurableState(cluster, 1060.0, "c", None, new))
+    loaded = ConfigMapStateStore(control_plane.client(), NAMESPACE, "d").load(cluster)
+    assert loaded is not None
+    for name, history in loaded.histories.items():
+        # 3 shards: each memory still in the shard the 3 placed it in; 0: the state
+        # object listing 8 shards holds none itself, so none is read. Never an old one.
+        expected = new[name].planner if lower else None
+        assert history.planner == expected, name
