@@ -296,23 +296,17 @@ def test_a_load_after_a_warm_up_is_the_warm_up_then_the_load_judged_from_its_end
     assert joined.sample is not None and warmup.sample is not None and load.sample is not None
     assert joined.sample.requests == warmup.sample.requests + load.sample.requests
     assert "after a warm-up of 0.1 h" in joined.notes[-1]
-    # Its judged part is the load itself, array for array.
-    judged = joined.judged()
-    assert judged.judged_from_s == 0
-    for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
-        assert np.array_equal(getattr(judged, name), getattr(load, name))
-    assert judged.sample is not None
-    assert np.allclose(judged.sample.arrival_s, load.sample.arrival_s)
-    assert np.array_equal(judged.sample.output_tokens, load.sample.output_tokens)
+    # Its judged part is the load itself, and its warm-up part the warm-up, array for
+    # array (the sample's times shifted back, to the float).
+    for part, original in ((joined.judged(), load), (joined.warm_up(), warmup)):
+        assert part.judged_from_s == 0
+        for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
+            assert np.array_equal(getattr(part, name), getattr(original, name))
+        assert part.sample is not None and original.sample is not None
+        assert np.allclose(part.sample.arrival_s, original.sample.arrival_s)
+        assert np.array_equal(part.sample.prompt_tokens, original.sample.prompt_tokens)
+        assert np.array_equal(part.sample.output_tokens, original.sample.output_tokens)
     assert load.judged() is load
-    # And its warm-up part is the warm-up, likewise.
-    past = joined.warm_up()
-    assert past.judged_from_s == 0
-    for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
-        assert np.array_equal(getattr(past, name), getattr(warmup, name))
-    assert past.sample is not None
-    assert np.array_equal(past.sample.arrival_s, warmup.sample.arrival_s)
-    assert np.array_equal(past.sample.prompt_tokens, warmup.sample.prompt_tokens)
     with pytest.raises(ValueError, match="no warm-up"):
         load.warm_up()
 
