@@ -31,6 +31,7 @@ from reconciler.commands._options import (
     console,
     err_console,
     progress_bars,
+    report_config_error,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -303,8 +304,7 @@ def register(app: typer.Typer) -> None:
         try:
             state = load_desired_state(repo)
         except ConfigError as exc:
-            for issue in exc.issues:
-                err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True)
+            report_config_error(exc)
             raise typer.Exit(1) from None
         if not state.policies:
             err_console.print(f"error: {repo}: no services in policies/", markup=False)

@@ -44,6 +44,7 @@ from reconciler.commands._options import (
     console,
     err_console,
     progress_bars,
+    report_config_error,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -312,8 +313,6 @@ def register(app: typer.Typer) -> None:
         --trace: its lengths drive the sweep and its load the verification (without
         one: the service's synthetic shape, and a synthetic day of --diurnal-hours,
         default 8). --plot: the throughput curve."""
-        from reconciler.commands._options import report_config_error
-
         checked_placer(placer)
         if autoscaler not in TUNED_AUTOSCALERS:
             err_console.print(

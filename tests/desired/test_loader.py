@@ -294,6 +294,30 @@ def test_validate_exits_1_with_one_line_per_problem_and_no_traceback(example_rep
     assert all(line.startswith("error policies/") for line in lines[:-1])
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["simulate", "--service", "chat", "--diurnal-hours", "0.1", "--repo"],
+        ["tune", "chat", "--repo"],
+    ],
+)
+def test_other_commands_report_a_broken_desired_state_as_validate_does(
+    example_repo: Path, command: list[str]
+) -> None:
+    edit(example_repo / "policies/svc-a.yaml", "tbt_ms: 40", "tbt_ms: -20")
+    proc = subprocess.run(
+        [sys.executable, "-m", "reconciler.cli", *command, str(example_repo)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "1 problem found"
+    assert lines[-2].startswith("error policies/svc-a.yaml:")
+
+
 def test_validate_exits_2_on_usage_errors(tmp_path: Path) -> None:
     assert runner.invoke(app, ["validate", str(tmp_path / "absent")]).exit_code == 2
     assert runner.invoke(app, ["validate", "--no-such-flag"]).exit_code == 2
