@@ -119,6 +119,9 @@ DEFAULT_POLICIES: tuple[str, ...] = (
 PREFILL_HEADROOM = 0.85
 DECODE_SLO_HEADROOM = 0.7
 DEMAND_WINDOW_S = 60
+# Decisions that hold the size because an input was unusable (``_run_policy`` says so
+# when they are half of a run's or more).
+HOLD_REASONS = ("metrics_missing", "decision_failed")
 
 
 class EvaluationError(PermanentError):
@@ -918,6 +921,8 @@ def _run_policy(
     decision_times: list[float] = []
     ttft_ms: list[float] = []
     tbt_ms: list[float] = []
+    holds = 0  # decisions that held the size for want of a usable input
+    hold_message = ""
     # An autoscaler may run on its own sync period (the HPA syncs every 15 s); the
     # others run on the reconcile interval.
     own_interval = getattr(autoscaler, "interval_s", None)
@@ -929,6 +934,9 @@ def _run_policy(
         view = fleet.fleet_state(cluster.name).service_fleet(service)
         decision = autoscaler.decide(DecisionInput(policy, view, metrics, history, now, cluster))
         history = decision.history
+        if decision.reason in HOLD_REASONS:
+            holds += 1
+            hold_message = decision.message
         decision_times.append(now)
         ttft_ms.append(metrics.ttft.value if metrics.ttft else math.nan)
         tbt_ms.append(metrics.tbt.value if metrics.tbt else math.nan)
@@ -946,6 +954,13 @@ def _run_policy(
             progress(name, min(1.0, (now + step) / horizon))
         now += step
     fleet.advance_to(horizon)
+    if decision_times and holds * 2 >= len(decision_times):
+        # Said, or a policy that could not size (the paper's without a hand-set target)
+        # reads as one that sized badly.
+        notes.append(
+            f"held its size at {holds} of {len(decision_times)} decisions, the last "
+            f"because: {hold_message}"
+        )
     sim = fleet.sims[service]
     counts = fleet.instance_counts(service)
     # Serve what is in flight (fleet frozen) for the latency figures.

@@ -629,6 +629,18 @@ def test_a_static_fleet_keeps_a_quiet_day_as_well_as_a_busier_one(
     assert kept[0] >= kept[1] - slack[0] and kept[1] >= kept[2] - slack[1], kept
 
 
+def test_a_policy_that_held_for_want_of_an_input_says_why(state: DesiredState) -> None:
+    """The paper policy on an example policy without a hand-set target holds its
+    starting size every cycle: the run says so and why, where its figures alone would
+    read as a policy that sized badly. The planner, sizing every cycle, has no such
+    note."""
+    load = synthetic_profile("b", hours=0.1, peak_rps=8, seed=3)
+    runs = evaluate(state, SERVICE, load, ["heteroscale-paper", "heteroscale"]).policies
+    held = [n for n in runs["heteroscale-paper"].notes if n.startswith("held its size at")]
+    assert len(held) == 1 and "scaling.target_per_instance is not set" in held[0]
+    assert not [n for n in runs["heteroscale"].notes if n.startswith("held its size")]
+
+
 def test_a_warm_up_is_run_but_neither_judged_nor_counted(state: DesiredState) -> None:
     """A load after a warm-up (``LoadProfile.preceded_by``) is run from the warm-up's
     start and judged after it only: a fixed fleet's GPU-hours are its GPUs over the
