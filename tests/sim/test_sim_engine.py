@@ -311,6 +311,27 @@ def test_a_load_after_a_warm_up_is_the_warm_up_then_the_load_judged_from_its_end
         load.warm_up()
 
 
+_SPLIT_LOAD = synthetic_profile("chat", hours=0.05, peak_rps=20, seed=5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(warm_up_s=st.integers(0, _SPLIT_LOAD.horizon_s - 1))
+def test_the_warm_up_and_the_judged_part_partition_the_load(warm_up_s: int) -> None:
+    """Wherever the judging starts, the warm-up and the judged part are the load's
+    seconds before and from it, and its sampled requests split between them."""
+    load = _SPLIT_LOAD.judged_after(warm_up_s)
+    judged = load.judged()
+    parts = (load.warm_up(), judged) if warm_up_s else (judged,)
+    for name in ("count", "prompt_sum", "prompt_sq_sum", "output_sum"):
+        joined = np.concatenate([getattr(p, name) for p in parts])
+        assert np.array_equal(joined, getattr(_SPLIT_LOAD, name))
+    assert _SPLIT_LOAD.sample is not None
+    assert sum(p.sample.requests for p in parts if p.sample) == _SPLIT_LOAD.sample.requests
+    if not warm_up_s:
+        with pytest.raises(ValueError, match="no warm-up"):
+            load.warm_up()
+
+
 def test_only_plain_loads_take_a_warm_up() -> None:
     warmup = synthetic_profile("chat", hours=0.1, peak_rps=20, seed=100)
     load = synthetic_profile("chat", hours=0.1, peak_rps=10, seed=1)
