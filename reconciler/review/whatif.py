@@ -126,7 +126,13 @@ def describe_trace(
     diurnal_hours: float | None,
     warm_up_hours: float = 0.0,
 ) -> str:
-    warm_up = f", judged after a {warm_up_hours:g} h warm-up" if warm_up_hours else ""
+    # A reviewer reads the attainment of a service's first hour, where no policy
+    # remembers a burst, as that of a running service unless told.
+    warm_up = (
+        f", judged after a {warm_up_hours:g} h warm-up"
+        if warm_up_hours
+        else ", from a cold start (no memory of earlier traffic)"
+    )
     if trace is None:
         hours = diurnal_hours or 8.0
         scale = f", x{rate_scale:g}" if rate_scale else ""
