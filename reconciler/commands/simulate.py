@@ -292,6 +292,7 @@ def register(app: typer.Typer) -> None:
         from reconciler.desired.loader import load_desired_state
         from reconciler.sim.engine import SimConfig
         from reconciler.sim.evaluate import (
+            STATIC_PAST_PEAK,
             EvaluationError,
             default_placer,
             evaluate,
@@ -321,6 +322,13 @@ def register(app: typer.Typer) -> None:
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
         if not chosen:
             err_console.print("error: --policies is empty")
+            raise typer.Exit(2)
+        if STATIC_PAST_PEAK in chosen and not warm_up_hours:
+            err_console.print(
+                f"error: --policies {STATIC_PAST_PEAK} sizes from the traffic before the "
+                "judged part: give --warm-up-hours",
+                markup=False,
+            )
             raise typer.Exit(2)
         config = SimConfig()
         try:

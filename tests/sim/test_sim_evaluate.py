@@ -719,6 +719,14 @@ def test_static_past_peak_needs_a_warm_up(state: DesiredState) -> None:
         evaluate(state, SERVICE, load, ["static-past-peak"])
 
 
+def test_simulate_command_refuses_static_past_peak_without_a_warm_up(repo_root: Path) -> None:
+    """A usage error, said before any load is built."""
+    args = ["simulate", "--service", "chat", "--diurnal-hours", "0.2", "--repo", str(repo_root)]
+    result = CliRunner().invoke(app, [*args, "--policies", "static-peak,static-past-peak"])
+    assert result.exit_code == 2, result.output
+    assert "--warm-up-hours" in result.output and "note:" not in result.output
+
+
 def test_a_warm_up_leaves_its_fleet_to_the_judged_part(state: DesiredState) -> None:
     """The planner meets the judged traffic with the fleet the warm-up left: after a
     busy warm-up hour it starts the judged quiet part larger than without one (and
