@@ -481,6 +481,7 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
         f"x static peak (< 1; <= {DIURNAL_STATIC_GOAL:g} on {DIURNAL_HOURS:g} h days)",
         f"x oracle-min (<= {BOUND_MULTIPLE_GOAL:g})",
         "start-up lag alone",
+        f"x {STATIC_PAST_PEAK} (no goal)",
         "misses",
     ]
     lines = [
@@ -508,6 +509,7 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
                     "-"
                     if verdict.reactive_multiple is None
                     else f"{verdict.reactive_multiple:.2f}x",
+                    _vs_past_peak(document, policy),
                     "; ".join(verdict.misses) or "none",
                 ]
             )
@@ -520,6 +522,16 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
         "where that is more."
     )
     return "\n".join(lines)
+
+
+def _vs_past_peak(document: dict[str, Any], policy: str) -> str:
+    """``policy``'s GPU-hours as a multiple of ``static-past-peak``'s, and the latter's
+    share within both SLOs ("-" where it did not run: no warm-up)."""
+    figures = document["policies"]
+    own, past = figures.get(policy), figures.get(STATIC_PAST_PEAK)
+    if not own or not past or own.get("failed") or past.get("failed") or not past["gpu_hours"]:
+        return "-"
+    return f"{own['gpu_hours'] / past['gpu_hours']:.2f} (it keeps {_pct(past['slo_attainment'])})"
 
 
 def past_peak_comparison(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str:

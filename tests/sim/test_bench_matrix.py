@@ -155,3 +155,14 @@ def test_the_planner_is_set_against_static_provisioning_sized_on_the_warm_up(
     assert "on the 4 cells with a warm-up" in line
     assert "fewer GPU-hours on 3" in line and "or more on 3" in line and "both on 2" in line
     assert "no cell ran both" in bench.past_peak_comparison([cell()])
+
+
+def test_the_goals_table_sets_the_planner_beside_static_past_peak_where_it_ran(
+    bench: ModuleType,
+) -> None:
+    warm = cell()
+    warm["policies"]["static-past-peak"] = {"gpu_hours": 1_500.0, "slo_attainment": 0.995}
+    table = bench.goals_table([warm, cell()])
+    rows = [line for line in table.splitlines() if line.startswith("| c |")]
+    assert "| 0.80 (it keeps 99.5%) |" in rows[0]
+    assert "| - |" in rows[1]
