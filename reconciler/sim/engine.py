@@ -300,7 +300,18 @@ class LoadProfile:
 
     def _part(self, start: int, stop: int | None) -> LoadProfile:
         """Seconds ``[start, stop)`` (``stop`` None: to the end) as a plain profile
-        from time 0 (the length statistics stay the whole load's)."""
+        from time 0 (the length statistics stay the whole load's). Made once per
+        profile: an evaluation reads the judged part for oracle-min, static peak's
+        sizing, the fixed fleets' runs and its totals, and filtering the request
+        sample each time was most of the cost. Kept in the instance's ``__dict__``,
+        outside the fields, so equality, ``replace`` and the repr never see it."""
+        parts: dict[tuple[int, int | None], LoadProfile] = self.__dict__.setdefault("_parts", {})
+        key = (start, stop)
+        if key not in parts:
+            parts[key] = self._sliced(start, stop)
+        return parts[key]
+
+    def _sliced(self, start: int, stop: int | None) -> LoadProfile:
         sample = self.sample
         if sample is not None:
             keep = sample.arrival_s >= start
