@@ -293,6 +293,7 @@ def register(app: typer.Typer) -> None:
         from reconciler.sim.engine import SimConfig
         from reconciler.sim.evaluate import (
             STATIC_PAST_PEAK,
+            STATIC_PAST_PEAK_NEEDS_A_WARM_UP,
             EvaluationError,
             default_placer,
             evaluate,
@@ -325,8 +326,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         if STATIC_PAST_PEAK in chosen and not warm_up_hours:
             err_console.print(
-                f"error: --policies {STATIC_PAST_PEAK} sizes from the traffic before the "
-                "judged part: give --warm-up-hours",
+                f"error: --policies: {STATIC_PAST_PEAK_NEEDS_A_WARM_UP} with --warm-up-hours",
                 markup=False,
             )
             raise typer.Exit(2)

@@ -245,8 +245,7 @@ def _plausible_backlog(previous: Backlog, now: Backlog, tokens_per_request: floa
     (``MAX_SIGNAL_VALUE`` requests at the mix's tokens each). A state document read
     back damaged could hold any float, and 8e298 tokens overflowed the sizing."""
     return (
-        math.isfinite(previous.at_s)
-        and previous.at_s <= now.at_s
+        past_time(previous.at_s, now.at_s) is not None
         and 0.0 <= previous.tokens <= MAX_SIGNAL_VALUE * tokens_per_request
     )
 
@@ -332,7 +331,7 @@ class KeptCapacity:
         errors."""
 
         def filed(at_s: float, value: float) -> bool:
-            return math.isfinite(at_s) and at_s <= now_s and math.isfinite(value) and value >= 0
+            return past_time(at_s, now_s) is not None and math.isfinite(value) and value >= 0
 
         sized = tuple(entry for entry in self.sized if filed(*entry))
         errors = tuple(e for e in self.errors if math.isfinite(e))

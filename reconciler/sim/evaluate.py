@@ -316,10 +316,7 @@ def past_peak_demand(profile: LoadProfile, window_s: int = DEMAND_WINDOW_S) -> t
     sizing: the service's past when the judged part begins); ``EvaluationError`` when
     the load has none."""
     if not profile.judged_from_s:
-        raise EvaluationError(
-            f"{STATIC_PAST_PEAK} sizes from the traffic before the judged part: give the "
-            "load a warm-up (--warm-up-hours)"
-        )
+        raise EvaluationError(f"{STATIC_PAST_PEAK_NEEDS_A_WARM_UP} (--warm-up-hours)")
     return _peaks(profile.warm_up(), window_s)
 
 
@@ -333,6 +330,9 @@ def _peaks(profile: LoadProfile, window_s: int) -> tuple[float, float]:
 
 STATIC_PREFIX = "static:"
 STATIC_PAST_PEAK = "static-past-peak"
+STATIC_PAST_PEAK_NEEDS_A_WARM_UP = (
+    f"{STATIC_PAST_PEAK} sizes from the traffic before the judged part: give the load a warm-up"
+)
 
 
 def static_counts(name: str) -> tuple[int, int]:
