@@ -439,13 +439,26 @@ class GoalVerdict:
         return tuple(out)
 
 
+def _both_ran(
+    document: dict[str, Any], policy: str, other: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The figures of ``policy`` and ``other`` in one cell's document, None unless both
+    ran there and neither failed."""
+    figures = document["policies"]
+    own, theirs = figures.get(policy), figures.get(other)
+    if not own or own.get("failed") or not theirs or theirs.get("failed"):
+        return None
+    return own, theirs
+
+
 def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdict | None:
     """``policy``'s figures in one cell's document against the goals (None when the
     policy did not run there or failed, or static peak's figures are missing)."""
     figures = document["policies"]
-    own, static = figures.get(policy), figures.get("static-peak")
-    if not own or own.get("failed") or not static or static.get("failed"):
+    ran = _both_ran(document, policy, "static-peak")
+    if ran is None:
         return None
+    own, static = ran
     bound = figures.get("oracle-min")
     needed = ATTAINMENT_GOAL
     if static["slo_attainment"] < ATTAINMENT_GOAL:
@@ -527,10 +540,10 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
 def _vs_past_peak(document: dict[str, Any], policy: str) -> str:
     """``policy``'s GPU-hours as a multiple of ``static-past-peak``'s, and the latter's
     share within both SLOs ("-" where it did not run: no warm-up)."""
-    figures = document["policies"]
-    own, past = figures.get(policy), figures.get(STATIC_PAST_PEAK)
-    if not own or not past or own.get("failed") or past.get("failed") or not past["gpu_hours"]:
+    ran = _both_ran(document, policy, STATIC_PAST_PEAK)
+    if ran is None or not ran[1]["gpu_hours"]:
         return "-"
+    own, past = ran
     return f"{own['gpu_hours'] / past['gpu_hours']:.2f} (it keeps {_pct(past['slo_attainment'])})"
 
 
@@ -543,10 +556,10 @@ def past_peak_comparison(documents: list[dict[str, Any]], policy: str = GOALS_FO
     peak)."""
     cheaper = as_good = both = judged = 0
     for document in documents:
-        figures = document["policies"]
-        own, past = figures.get(policy), figures.get(STATIC_PAST_PEAK)
-        if not own or not past or own.get("failed") or past.get("failed"):
+        ran = _both_ran(document, policy, STATIC_PAST_PEAK)
+        if ran is None:
             continue
+        own, past = ran
         judged += 1
         fewer = own["gpu_hours"] < past["gpu_hours"]
         good = own["slo_attainment"] >= past["slo_attainment"] - STATIC_SLACK
