@@ -121,6 +121,19 @@ class _Layout:
     # Per kept bucket: its width when spread over points, None for a point mass.
     widths: tuple[float | None, ...]
     rows: np.ndarray  # per point: its bucket's position in ``kept``
+    # Per kept bucket: the mean over its points of the length and of its square. A
+    # histogram of this layout has as moments its kept counts' weighted mean of these
+    # (each bucket's points weigh alike), a dozen products instead of a pass over
+    # every point (``LengthHistogram.moment``).
+    length_means: tuple[float, ...]
+    square_means: tuple[float, ...]
+
+    def bucket_means(self, per_point: np.ndarray) -> tuple[float, ...]:
+        """Per kept bucket: the mean of ``per_point`` (one value per point of
+        ``lengths``) over its points."""
+        points = np.bincount(self.rows, minlength=len(self.kept))
+        sums = np.bincount(self.rows, weights=per_point, minlength=len(self.kept))
+        return tuple((sums / np.maximum(points, 1)).tolist())
 
 
 _LAYOUTS: dict[tuple[tuple[float, ...], tuple[bool, ...]], _Layout] = {}
@@ -146,12 +159,18 @@ def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
             if count > 0:  # a held bucket: spread, or a point mass (hi <= lo)
                 widths.append(hi - lo if hi > lo else None)
                 rows += [len(widths) - 1] * (POINTS_PER_BUCKET if hi > lo else 1)
-        layout = _Layout(
-            lengths,
-            tuple(i for i, h in enumerate(held) if h),
-            tuple(widths),
-            np.array(rows, dtype=np.intp),
+        kept = tuple(i for i, h in enumerate(held) if h)
+        row_of_point = np.array(rows, dtype=np.intp)
+        points = np.maximum(np.bincount(row_of_point, minlength=len(kept)), 1)
+        length_means, square_means = (
+            tuple(
+                (
+                    np.bincount(row_of_point, weights=lengths**power, minlength=len(kept)) / points
+                ).tolist()
+            )
+            for power in (1, 2)
         )
+        layout = _Layout(lengths, kept, tuple(widths), row_of_point, length_means, square_means)
         if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
             _LAYOUTS.clear()
         _LAYOUTS[key] = layout
@@ -293,11 +312,26 @@ class LengthHistogram:
         return self._moment(power, upper)
 
     def _moment(self, power: int, upper: float | None) -> float:
+        if upper is None and power in (1, 2):
+            layout = self.layout()
+            return self.mean_over_buckets(
+                layout.length_means if power == 1 else layout.square_means
+            )
         lengths, weights = self.points(upper)
         mass = weights.sum()
         if mass <= 0:
             return 0.0
         return float(weights @ lengths**power / mass)
+
+    def mean_over_buckets(self, bucket_means: Sequence[float]) -> float:
+        """The mean over the whole mass of a value whose mean over each kept bucket's
+        points is ``bucket_means`` (``_Layout.bucket_means``): the buckets' means
+        weighted by their counts. 0 without mass."""
+        counts = [self.counts[i] for i in self.layout().kept]
+        mass = sum(counts)
+        if mass <= 0:
+            return 0.0
+        return sum(map(operator.mul, counts, bucket_means)) / mass
 
 
 def _histogram_from_cumulative(
@@ -539,13 +573,19 @@ class PrefillCapacity:
 def _work_per_token(
     perf: InstancePerf, prompt: LengthHistogram
 ) -> tuple[InstancePerf, tuple[float, float]]:
-    """(``perf``, (prompt tokens of the whole mass, its work per token)); ``perf`` rides
-    along so that its ``id`` in the cache key stays its own."""
-    lengths, weights = prompt.points()
-    tokens = float(weights @ lengths)
+    """(``perf``, (mean prompt tokens of the whole mass, its work per token)); ``perf`` rides
+    along so that its ``id`` in the cache key stays its own. Both from the layout's
+    per-bucket means (the work's kept with it per instance), weighted by the counts."""
+    layout = prompt.layout()
+    tokens = prompt.mean_over_buckets(layout.length_means)
     if tokens <= 0:
         return perf, (tokens, 0.0)
-    return perf, (tokens, float(weights @ _per_point(perf, prompt, None)[1]) / tokens)
+
+    def work_means() -> tuple[InstancePerf, tuple[float, ...]]:
+        return perf, layout.bucket_means(_per_point(perf, prompt, None)[1])
+
+    _, means = cached_on(layout, ("work means", id(perf)), work_means)
+    return perf, (tokens, prompt.mean_over_buckets(means) / tokens)
 
 
 def _per_point(

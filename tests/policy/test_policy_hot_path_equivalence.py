@@ -1,6 +1,7 @@
 """The planner's hot path computes some figures in plain Python floats where it once
 used numpy (a decision reads a couple of dozen buckets, where numpy's per-call cost
-outweighs its speed): these tests pin that the floats are the same, bit for bit."""
+outweighs its speed): these tests pin that the floats are the same, bit for bit, or
+to the last bits where only the order of additions differs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_testkit import REPO_ROOT
 
 from reconciler.policy.capacity import LengthHistogram, RequestMix
 from reconciler.policy.forecast import ForecastConfig, ForecastState, update
@@ -49,7 +51,8 @@ def test_cumulative_buckets_repair_like_numpy(cumulative: list[float], rng) -> N
 @given(st.lists(st.floats(min_value=0.0, max_value=1e5), min_size=20, max_size=20))
 def test_the_whole_mass_weighs_each_point_like_the_spread(raw: list[float]) -> None:
     """``points()`` (the shared layout, weights in floats) against ``_spread`` (numpy),
-    bit for bit, and the moments from them."""
+    bit for bit; and the moments, which the layout's per-bucket means give in a dozen
+    products, equal the pass over every point but for the order of the additions."""
     bounds = (*(float(10 * 2**i) for i in range(19)), math.inf)
     histogram = LengthHistogram(bounds, tuple(raw))
     lengths, weights = histogram.points()
@@ -59,7 +62,9 @@ def test_the_whole_mass_weighs_each_point_like_the_spread(raw: list[float]) -> N
     # (Counts of a few subnormals spread to weights that sum to 0: _moment's 0 case.)
     if spread_weights.sum() > 0:
         expected = float(spread_weights @ spread_lengths**2 / spread_weights.sum())
-        assert histogram.moment(2) == expected
+        assert math.isclose(histogram.moment(2), expected, rel_tol=1e-12)
+        first = float(spread_weights @ spread_lengths / spread_weights.sum())
+        assert math.isclose(histogram.moment(1), first, rel_tol=1e-12)
 
 
 def test_forecast_files_what_the_new_state_forecasts() -> None:
@@ -83,3 +88,29 @@ def test_forecast_files_what_the_new_state_forecasts() -> None:
             assert filed == []
         assert all(len(e) <= config.errors_kept for e in state.errors)
         assert all(isinstance(e, tuple) for e in state.errors)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1e5), min_size=20, max_size=20))
+def test_work_per_token_from_bucket_means_equals_the_pass_over_points(raw: list[float]) -> None:
+    """Prefill's work per prompt token of the whole mass (``demand_tps``), from the
+    layout's per-bucket means of the work, against the weighted pass over every point."""
+    from reconciler.desired import load_desired_state
+    from reconciler.perfmodel.instance import instance_perf
+    from reconciler.policy.capacity import _work_per_token
+
+    state = load_desired_state(REPO_ROOT)
+    policy = state.policies["chat"]
+    cluster = state.clusters[policy.cluster]
+    perf = instance_perf(policy.model, "h800", cluster.gpu_types["h800"], 4)
+    bounds = (*(float(10 * 2**i) for i in range(19)), math.inf)
+    histogram = LengthHistogram(bounds, tuple(raw))
+    lengths, weights = histogram.points()
+    tokens, per_token = _work_per_token(perf, histogram)[1]
+    expected_tokens = float(weights @ lengths)
+    if weights.sum() > 0:
+        mean = expected_tokens / float(weights.sum())
+        assert math.isclose(tokens, mean, rel_tol=1e-12, abs_tol=1e-300)
+    if expected_tokens > 0 and tokens > 0:
+        expected = float(weights @ perf.prefill_work(lengths)) / expected_tokens
+        assert math.isclose(per_token, expected, rel_tol=1e-12)
