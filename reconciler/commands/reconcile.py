@@ -556,7 +556,6 @@ def _one_cycle(
     *,
     dry_run: bool,
     fmt: str,
-    verb: str,
     out: Path | None = None,
     lease: LeaseRef | None = None,
 ) -> int:
@@ -585,6 +584,7 @@ def _one_cycle(
     records: list[StateRecord] | None = None
     if not dry_run and lease is not None and not wiring.simulated:
         records = _record_cycle(loop, result, settings, lease)
+    verb = "plan" if dry_run else "apply"
     title = f"heteroscale {verb}: {result.source_label} -> {wiring.describe}"
     text = _render(result, fmt, title)
     if fmt == "json" and records is not None:
@@ -1055,7 +1055,7 @@ def register(app: typer.Typer) -> None:
                 )
             )
         settings = _checked(settings)
-        raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, verb="plan", out=out))
+        raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, out=out))
 
     @app.command()
     @with_cycle_options()
@@ -1087,7 +1087,7 @@ def register(app: typer.Typer) -> None:
         settings = _checked(settings)
         if plan_file is not None:
             raise typer.Exit(_apply_saved(plan_file, settings, format, lease))
-        raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, verb="apply", lease=lease))
+        raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, lease=lease))
 
     @app.command()
     @with_cycle_options()
