@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal, get_args
 
 Role = Literal["prefill", "decode"]
@@ -70,6 +70,14 @@ MAX_REQUEST_TOKENS = 1e8
 MAX_HISTOGRAM_COUNT = 1e15
 
 
+@lru_cache(maxsize=256)
+def _usable_bounds(le: tuple[float, ...]) -> bool:
+    """``LengthBuckets.is_usable``'s test of the bounds: distinct, each within
+    ``MAX_REQUEST_TOKENS`` or ``+Inf``. Kept per bounds: an engine exports the same
+    ones every cycle."""
+    return len(set(le)) == len(le) and all(b <= MAX_REQUEST_TOKENS or b == math.inf for b in le)
+
+
 @dataclass(frozen=True)
 class LengthBuckets:
     """A token-length histogram as serving engines export it (vLLM's
@@ -90,8 +98,7 @@ class LengthBuckets:
             (now_s - self.at_s) <= max_age_s
             and bool(self.cumulative)
             and len(self.le) == len(self.cumulative)
-            and len(set(self.le)) == len(self.le)
-            and all(le <= MAX_REQUEST_TOKENS or le == math.inf for le in self.le)
+            and _usable_bounds(self.le)
             and all(map(math.isfinite, self.cumulative))
             and 0 < max(self.cumulative) <= MAX_HISTOGRAM_COUNT
         )

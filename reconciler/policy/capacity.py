@@ -131,9 +131,14 @@ class _Layout:
     def bucket_means(self, per_point: np.ndarray) -> tuple[float, ...]:
         """Per kept bucket: the mean of ``per_point`` (one value per point of
         ``lengths``) over its points."""
-        points = np.bincount(self.rows, minlength=len(self.kept))
-        sums = np.bincount(self.rows, weights=per_point, minlength=len(self.kept))
-        return tuple((sums / np.maximum(points, 1)).tolist())
+        return _means_per_bucket(self.rows, len(self.kept), per_point)
+
+
+def _means_per_bucket(rows: np.ndarray, buckets: int, per_point: np.ndarray) -> tuple[float, ...]:
+    """Per bucket ``0 .. buckets - 1``: the mean of ``per_point`` over the points whose
+    ``rows`` entry names it."""
+    points = np.maximum(np.bincount(rows, minlength=buckets), 1)
+    return tuple((np.bincount(rows, weights=per_point, minlength=buckets) / points).tolist())
 
 
 _LAYOUTS: dict[tuple[tuple[float, ...], tuple[bool, ...]], _Layout] = {}
@@ -145,8 +150,11 @@ def clear_layouts() -> None:
     _LAYOUTS.clear()
 
 
+_POSITIVE = (0.0).__lt__  # ``0.0 < c``: a bucket holding mass
+
+
 def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
-    held = tuple(c > 0 for c in counts)
+    held = tuple(map(_POSITIVE, counts))
     key = (bounds, held)
     layout = _LAYOUTS.get(key)
     if layout is None:
@@ -161,16 +169,14 @@ def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
                 rows += [len(widths) - 1] * (POINTS_PER_BUCKET if hi > lo else 1)
         kept = tuple(i for i, h in enumerate(held) if h)
         row_of_point = np.array(rows, dtype=np.intp)
-        points = np.maximum(np.bincount(row_of_point, minlength=len(kept)), 1)
-        length_means, square_means = (
-            tuple(
-                (
-                    np.bincount(row_of_point, weights=lengths**power, minlength=len(kept)) / points
-                ).tolist()
-            )
-            for power in (1, 2)
+        layout = _Layout(
+            lengths,
+            kept,
+            tuple(widths),
+            row_of_point,
+            _means_per_bucket(row_of_point, len(kept), lengths),
+            _means_per_bucket(row_of_point, len(kept), lengths**2),
         )
-        layout = _Layout(lengths, kept, tuple(widths), row_of_point, length_means, square_means)
         if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
             _LAYOUTS.clear()
         _LAYOUTS[key] = layout
@@ -192,6 +198,16 @@ class LengthHistogram:
             raise ValueError(f"bucket bounds must increase: {self.bounds}")
         if min(self.counts) < 0 or not all(map(math.isfinite, self.counts)):
             raise ValueError(f"bucket counts must be finite and >= 0: {self.counts}")
+
+    @classmethod
+    def checked(cls, bounds: tuple[float, ...], counts: tuple[float, ...]) -> LengthHistogram:
+        """A histogram whose bounds and counts the caller has already checked as
+        ``__post_init__`` does (every decision reads two, from the engines' cumulative
+        buckets, which ``_histogram_from_cumulative`` checks on the way)."""
+        histogram = object.__new__(cls)
+        object.__setattr__(histogram, "bounds", bounds)
+        object.__setattr__(histogram, "counts", counts)
+        return histogram
 
     @property
     def total(self) -> float:
@@ -327,11 +343,15 @@ class LengthHistogram:
         """The mean over the whole mass of a value whose mean over each kept bucket's
         points is ``bucket_means`` (``_Layout.bucket_means``): the buckets' means
         weighted by their counts. 0 without mass."""
-        counts = [self.counts[i] for i in self.layout().kept]
-        mass = sum(counts)
+        counts, mass = cached_on(self, "kept counts", self._kept_counts)
         if mass <= 0:
             return 0.0
         return sum(map(operator.mul, counts, bucket_means)) / mass
+
+    def _kept_counts(self) -> tuple[list[float], float]:
+        """The counts of the layout's kept buckets, and their sum."""
+        counts = [self.counts[i] for i in self.layout().kept]
+        return counts, sum(counts)
 
 
 def _histogram_from_cumulative(
@@ -349,6 +369,8 @@ def _histogram_from_cumulative(
         rows = sorted(zip(bounds, cumulative_counts, strict=True))
         bounds = tuple(le for le, _ in rows)
         cumulative_counts = tuple(c for _, c in rows)
+        if any(map(operator.ge, bounds, bounds[1:])):  # one bound twice
+            raise ValueError(f"bucket bounds must increase: {bounds}")
     if not all(map(math.isfinite, cumulative_counts)):
         return None
     # The running maximum of the counts floored at 0 (``histogram_quantile``'s repair of
@@ -357,9 +379,10 @@ def _histogram_from_cumulative(
     running = list(accumulate((c if c > 0.0 else 0.0 for c in cumulative_counts), max))
     if running[-1] <= 0:
         return None
-    # np.diff's subtractions, one by one.
-    counts = map(operator.sub, running, [0.0, *running[:-1]])
-    return LengthHistogram(bounds, tuple(counts))
+    # np.diff's subtractions, one by one: finite and >= 0, and the bounds increase
+    # (sorted above), so the checks of ``LengthHistogram`` hold already.
+    counts = tuple(map(operator.sub, running, [0.0, *running[:-1]]))
+    return LengthHistogram.checked(bounds, counts)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,20 @@ def test_rate_artefacts_are_made_monotonic_and_empty_histograms_give_no_mix() ->
     assert RequestMix.from_cumulative([], [(math.inf, 3.0)]) is None
 
 
+def test_one_bucket_bound_twice_is_refused() -> None:
+    """Two series of one bound (``le="10"`` and ``le="10.0"``) make a histogram no one
+    can read: refused as ``LengthHistogram`` refuses bounds that do not increase, in
+    order or not."""
+    for pairs in (
+        [(10.0, 1.0), (10.0, 2.0), (math.inf, 3.0)],
+        [(math.inf, 3.0), (10.0, 1.0), (10.0, 2.0)],
+    ):
+        with pytest.raises(ValueError, match="must increase"):
+            RequestMix.from_cumulative_columns(
+                [le for le, _ in pairs], [c for _, c in pairs], [math.inf], [1.0]
+            )
+
+
 def test_samples_binned_finely_keep_the_mix_moments() -> None:
     prompt = lognormal_lengths(1150, 0.8)
     output = lognormal_lengths(210, 0.9)
