@@ -225,6 +225,33 @@ def _hpa_target(text: str) -> float | None:
     return value
 
 
+def _engine_speeds(text: str) -> tuple[float, float]:
+    """``--engine-speed``: (prefill, decode) from ``F`` (both roles) or
+    ``prefill=F,decode=F`` (a role left out: 1)."""
+    speeds = {"prefill": 1.0, "decode": 1.0}
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if len(parts) == 1 and "=" not in parts[0]:
+            speeds = dict.fromkeys(speeds, float(parts[0]))
+        else:
+            for part in parts:
+                role, _, value = part.partition("=")
+                if role.strip() not in speeds:
+                    raise ValueError(role)
+                speeds[role.strip()] = float(value)
+        if not parts or not all(math.isfinite(v) and 0.0 < v <= 100.0 for v in speeds.values()):
+            raise ValueError(text)
+    except ValueError:
+        err_console.print(
+            f"error: --engine-speed must be a number in (0, 100] or prefill=F,decode=F, "
+            f"got '{text}'",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
+    return speeds["prefill"], speeds["decode"]
+
+
 def register(app: typer.Typer) -> None:
     # Option defaults; the rest of the simulator is imported when the command runs.
     from reconciler.sim.evaluate import DEFAULT_POLICIES
@@ -284,6 +311,16 @@ def register(app: typer.Typer) -> None:
                 min=1,
             ),
         ] = DEFAULT_WINDOW_S,
+        engine_speed: Annotated[
+            str,
+            typer.Option(
+                "--engine-speed",
+                help="the simulated engines' speed against the cluster file's GPU figures "
+                "(the share of declared compute and memory bandwidth they deliver): F for both "
+                "roles or prefill=F,decode=F; the policies' models read the declared figures, "
+                "so 0.77 is a model ~30% optimistic",
+            ),
+        ] = "1",
     ) -> None:
         """Run autoscaling policies side by side on one trace in the simulated fleet.
 
@@ -330,7 +367,8 @@ def register(app: typer.Typer) -> None:
                 markup=False,
             )
             raise typer.Exit(2)
-        config = SimConfig()
+        prefill_speed, decode_speed = _engine_speeds(engine_speed)
+        config = SimConfig(prefill_engine_speed=prefill_speed, decode_engine_speed=decode_speed)
         try:
             load = load_with_requests(state, name, trace, rate_scale, diurnal_hours, seed, config)
             profile = load.profile
@@ -339,8 +377,9 @@ def register(app: typer.Typer) -> None:
             except EvaluationError as exc:
                 err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
                 raise typer.Exit(2) from None
-            for note in profile.notes:
-                err_console.print(f"note: {note}", soft_wrap=True, markup=False)
+            for note in (*profile.notes, config.engines_note):
+                if note is not None:
+                    err_console.print(f"note: {note}", soft_wrap=True, markup=False)
             if export_path is not None:
                 if load.workload is None:
                     err_console.print(
@@ -407,6 +446,7 @@ def register(app: typer.Typer) -> None:
                 "oracle_window_s": oracle_window_s,
                 "warm_up_hours": warm_up_hours,
                 "export_workload": str(export_path) if export_path else None,
+                "engine_speed": {"prefill": prefill_speed, "decode": decode_speed},
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(document, indent=2) + "\n")

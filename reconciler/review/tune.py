@@ -483,7 +483,7 @@ def sweep_splits(
     lengths = LoadProfile.from_workload(
         pool, length_classes=config.length_classes, sample_limit=config.request_sample_limit
     )
-    capacity = role_capacity(state, policy, lengths)
+    capacity = role_capacity(state, policy, lengths, config)
     prefill_rps = capacity.prefill_tps / lengths.prompt_mean
     decode_rps = capacity.decode_tps / lengths.output_mean
     results = []

@@ -141,7 +141,7 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, GpuType, ServicePolicy
 from reconciler.latency_buckets import engine_latency_buckets
 from reconciler.perfmodel.instance import (
     DEFAULT_MAX_BATCH,
@@ -206,6 +206,47 @@ class SimConfig:
     # The decode router fills the least loaded instances first by the load they
     # reported this many seconds ago (0: the current load, a perfect router).
     router_staleness_s: int = 1
+    # The simulated engines' speed against the cluster file's GPU figures, per role: the
+    # share of the declared compute and memory bandwidth their cards deliver (1: as
+    # declared). The policies' performance models read the declared figures, so a
+    # value other than 1 is a model that is off (0.77: engines ~30% slower than the
+    # model says, as a card whose datasheet-scaled figures overstate it would be).
+    prefill_engine_speed: float = 1.0
+    decode_engine_speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_engine_speed", "decode_engine_speed"):
+            speed = getattr(self, name)
+            if not (math.isfinite(speed) and speed > 0):
+                raise ValueError(f"{name} must be a positive number, got {speed!r}")
+
+    def engine_speed(self, role: str) -> float:
+        return self.prefill_engine_speed if role == "prefill" else self.decode_engine_speed
+
+    @property
+    def engines_note(self) -> str | None:
+        """What a report says of engine speeds other than 1 (None when both are 1)."""
+        if self.prefill_engine_speed == 1.0 and self.decode_engine_speed == 1.0:
+            return None
+        return (
+            f"simulated engines at {self.prefill_engine_speed:g}x (prefill) and "
+            f"{self.decode_engine_speed:g}x (decode) the compute and memory bandwidth the "
+            "cluster file declares; the policies' performance models read the declared figures"
+        )
+
+
+def engine_gpu(gpu: GpuType, speed: float) -> GpuType:
+    """The card the simulated engines run on: ``gpu`` delivering ``speed`` x its
+    declared compute and memory bandwidth (``SimConfig.prefill_engine_speed``); ``gpu``
+    itself at 1."""
+    if speed == 1.0:
+        return gpu
+    return gpu.model_copy(
+        update={
+            "bf16_tflops": gpu.bf16_tflops * speed,
+            "memory_bandwidth_gbps": gpu.memory_bandwidth_gbps * speed,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- load
@@ -837,7 +878,7 @@ class ServiceSim:
                 )
         out: list[tuple[str, InstancePerf]] = []
         for gpu_type in ranked_gpu_types(policy, cluster, cast(Role, role)):
-            gpu = cluster.gpu_types[gpu_type]
+            gpu = engine_gpu(cluster.gpu_types[gpu_type], self.config.engine_speed(role))
             perf = instance_perf(
                 policy.model,
                 gpu_type,

@@ -93,6 +93,7 @@ from reconciler.sim.engine import (
     RequestOutcomes,
     ServiceSim,
     SimConfig,
+    engine_gpu,
     judged_requests,
     per_request,
     request_outcomes,
@@ -273,18 +274,30 @@ class Capacity:
     decode_gpu_type: str
 
 
-def role_capacity(state: DesiredState, policy: ServicePolicy, profile: LoadProfile) -> Capacity:
+def role_capacity(
+    state: DesiredState,
+    policy: ServicePolicy,
+    profile: LoadProfile,
+    config: SimConfig | None = None,
+) -> Capacity:
+    """Per-instance capacity of each role's first-ranked type, as the simulated
+    engines deliver it (``config``'s engine speeds): what static peak is sized with,
+    knowing the engines as a load test would."""
+    config = config or SimConfig()
     cluster = state.clusters[policy.cluster]
     prefill_type = ranked_gpu_types(policy, cluster, "prefill")[0]
     decode_type = ranked_gpu_types(policy, cluster, "decode")[0]
     prefill = instance_perf(
         policy.model,
         prefill_type,
-        cluster.gpu_types[prefill_type],
+        engine_gpu(cluster.gpu_types[prefill_type], config.prefill_engine_speed),
         policy.prefill.gpus_per_instance,
     )
     decode = instance_perf(
-        policy.model, decode_type, cluster.gpu_types[decode_type], policy.decode.gpus_per_instance
+        policy.model,
+        decode_type,
+        engine_gpu(cluster.gpu_types[decode_type], config.decode_engine_speed),
+        policy.decode.gpus_per_instance,
     )
     # Attention makes long prompts dearer than their tokens: use the mix's mean work.
     mean_work = (
@@ -719,9 +732,11 @@ def evaluate(
     # placement model (made at the first of them: importing it takes a third of a
     # second) and the warm state.
     simulated = any(name != "oracle-min" for name in policies)
-    capacity = role_capacity(state, policy, profile)
+    capacity = role_capacity(state, policy, profile, config)
     results: dict[str, PolicyResult] = {}
     notes = list(profile.notes)
+    if config.engines_note is not None:
+        notes.append(config.engines_note)
     labels = policy_labels(policies)
     cluster = state.clusters[policy.cluster]
     judged = profile.judged()  # the profile itself when it has no warm-up
@@ -852,7 +867,7 @@ def run_autoscaler(
         name or str(getattr(autoscaler, "name", "autoscaler")),
         autoscaler,
         description,
-        role_capacity(state, policy, profile),
+        role_capacity(state, policy, profile, config),
         config or SimConfig(),
         placer or default_placer(),
         interval_s,
