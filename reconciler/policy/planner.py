@@ -54,7 +54,9 @@ One cycle, in order (each step that changes a number says so in the message):
    the TTFT tiers are skipped when they alone exceed the SLO's tail (``1 -
    quantile``).
 7. **Latency tiers** stay as a safety net (the policy's ``latency_tiers``), damped: a
-   role with instances still starting does not escalate.
+   role with instances still starting does not escalate, and no tier takes a role
+   beyond ``LatencyCorrection.MAX_FACTOR`` times the count the model sizes (the
+   largest model error the correction takes as one).
 8. **Shape and stabilisation** exactly as the paper policy
    (``coordinated._shape``, ``coordinated.stabilise``): min/max, P/D ratio bounds,
    whole groups, scale-out at once, scale-in only after the recommendation (which
@@ -714,6 +716,13 @@ def plan_decide(
             parts.append(f"{role}: SLO out of reach, {unreachable[ri]}: held at {current[ri]}")
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
+    # The net covers a model error as large as the latency correction would take
+    # (``LatencyCorrection.MAX_FACTOR``: instances that much slower need that many times
+    # the instances), not more: latency the sizing's count times that does not bring
+    # down is not the instance count's (a step-time floor of engines slower than their
+    # model), and chasing it grew decode from 25 to 88 instances in half an hour with
+    # its TBT unchanged (svc-b, engines at 0.77x the model, ``simulate --engine-speed``).
+    reach = [math.ceil(LatencyCorrection.MAX_FACTOR * w) for w in wants]
     fired: list[str | None] = [None, None]
     tail = 1.0 - policy.slo.quantile
     for rule in n.latency_rules:
@@ -743,13 +752,20 @@ def plan_decide(
             )
             continue
         asked = _feedback_target(ready[ri], tier[1])
-        if asked > wants[ri]:
-            wants[ri] = asked
-            fired[ri] = "latency"
-        parts.append(
+        text = (
             f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO > {tier[0]:g}: "
             f"{rule.role} +{tier[1]:g}% of {ready[ri]} ready -> {asked}"
         )
+        if asked > max(wants[ri], reach[ri]):
+            asked = max(wants[ri], reach[ri])
+            text += (
+                f", held to {asked} ({LatencyCorrection.MAX_FACTOR:g}x what the model sizes: "
+                "more is no model error the latency correction would take)"
+            )
+        if asked > wants[ri]:
+            wants[ri] = asked
+            fired[ri] = "latency"
+        parts.append(text)
 
     # Sized from a mix not read this cycle (the last known or the declared one): the
     # live mix may be heavier, so no role is taken below what runs.

@@ -267,9 +267,9 @@ def test_unattainable_prompts_are_reported_and_never_chased() -> None:
 def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
-    # Light demand: the model asks for few decode instances; TBT at 2x the SLO fires
-    # the +30% tier on the 40 ready ones.
-    hot = _metrics(0.0, 50_000.0, 5_000.0, tbt_ms=100.0)
+    # The model asks for fewer decode instances than the 40 ready (about 30); TBT at 2x
+    # the SLO fires the +30% tier on the 40.
+    hot = _metrics(0.0, 200_000.0, 40_000.0, tbt_ms=100.0)
     settled = plan_decide(policy, _fleet(20, 40), hot, PolicyHistory(), 0.0, perf)
     starting = plan_decide(
         policy, _fleet(20, 40, decode_starting=4), hot, PolicyHistory(), 0.0, perf
@@ -277,6 +277,26 @@ def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
     assert settled.decode == math.ceil(40 * 1.3)
     assert starting.decode == 44  # holds what it has, starting ones included
     assert "still starting, no escalation" in starting.message
+
+
+def test_latency_tiers_stop_at_the_largest_model_error_the_correction_takes() -> None:
+    """Light demand: the model sizes decode at a handful of instances while 40 run,
+    and TBT still reads 2x the SLO. Ten times the model's count not meeting the SLO is
+    no model error (the correction takes up to ``MAX_FACTOR``, 2x): the +30% tier is
+    held to twice the model's count, so it adds nothing to the 40, and says so. (On
+    engines slower than their model, such a tier grew decode without end.)"""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    hot = _metrics(0.0, 50_000.0, 5_000.0, tbt_ms=100.0)
+    calm = _metrics(0.0, 50_000.0, 5_000.0)
+    loud = plan_decide(policy, _fleet(20, 40), hot, PolicyHistory(), 0.0, perf)
+    quiet = plan_decide(policy, _fleet(20, 40), calm, PolicyHistory(), 0.0, perf)
+    assert loud.decode == quiet.decode == 40
+    held = re.search(
+        r"decode \+30% of 40 ready -> 52, held to (\d+) \(2x what the model sizes", loud.message
+    )
+    assert held is not None, loud.message
+    assert int(held[1]) < 40
 
 
 def test_scale_in_waits_for_the_whole_window() -> None:
