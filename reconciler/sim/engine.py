@@ -221,6 +221,7 @@ class SimConfig:
                 raise ValueError(f"{name} must be a positive number, got {speed!r}")
 
     def engine_speed(self, role: str) -> float:
+        """``role``'s engine speed (``prefill_engine_speed`` or ``decode_engine_speed``)."""
         return self.prefill_engine_speed if role == "prefill" else self.decode_engine_speed
 
     @property

@@ -290,13 +290,13 @@ def role_capacity(
     prefill = instance_perf(
         policy.model,
         prefill_type,
-        engine_gpu(cluster.gpu_types[prefill_type], config.prefill_engine_speed),
+        engine_gpu(cluster.gpu_types[prefill_type], config.engine_speed("prefill")),
         policy.prefill.gpus_per_instance,
     )
     decode = instance_perf(
         policy.model,
         decode_type,
-        engine_gpu(cluster.gpu_types[decode_type], config.decode_engine_speed),
+        engine_gpu(cluster.gpu_types[decode_type], config.engine_speed("decode")),
         policy.decode.gpus_per_instance,
     )
     # Attention makes long prompts dearer than their tokens: use the mix's mean work.
