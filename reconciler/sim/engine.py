@@ -236,6 +236,20 @@ class SimConfig:
         )
 
 
+def engine_perf(
+    policy: ServicePolicy, cluster: ClusterSpec, role: str, gpu_type: str, config: SimConfig
+) -> InstancePerf:
+    """One simulated ``role`` instance of ``policy`` on ``gpu_type`` as it runs: the
+    card at ``config``'s engine speed (``engine_gpu``), ``config``'s batch limit."""
+    return instance_perf(
+        policy.model,
+        gpu_type,
+        engine_gpu(cluster.gpu_types[gpu_type], config.engine_speed(role)),
+        policy.role(role).gpus_per_instance,
+        max_batch=config.max_batch,
+    )
+
+
 def engine_gpu(gpu: GpuType, speed: float) -> GpuType:
     """The card the simulated engines run on: ``gpu`` delivering ``speed`` x its
     declared compute and memory bandwidth (``SimConfig.prefill_engine_speed``); ``gpu``
@@ -879,14 +893,7 @@ class ServiceSim:
                 )
         out: list[tuple[str, InstancePerf]] = []
         for gpu_type in ranked_gpu_types(policy, cluster, cast(Role, role)):
-            gpu = engine_gpu(cluster.gpu_types[gpu_type], self.config.engine_speed(role))
-            perf = instance_perf(
-                policy.model,
-                gpu_type,
-                gpu,
-                role_policy.gpus_per_instance,
-                max_batch=self.config.max_batch,
-            )
+            perf = engine_perf(policy, cluster, role, gpu_type, self.config)
             if not perf.fits:
                 self.notes.append(
                     f"{policy.name}: the model does not fit a {role} instance of "

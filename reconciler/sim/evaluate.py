@@ -83,7 +83,6 @@ from reconciler.cost import GpuPrices, cost_of_gpu_hours, per_million
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import PermanentError
-from reconciler.perfmodel.instance import instance_perf
 from reconciler.placement.base import PlacementRequest, Placer
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy.base import Autoscaler, Decision, DecisionInput, PolicyHistory
@@ -93,7 +92,7 @@ from reconciler.sim.engine import (
     RequestOutcomes,
     ServiceSim,
     SimConfig,
-    engine_gpu,
+    engine_perf,
     judged_requests,
     per_request,
     request_outcomes,
@@ -287,18 +286,8 @@ def role_capacity(
     cluster = state.clusters[policy.cluster]
     prefill_type = ranked_gpu_types(policy, cluster, "prefill")[0]
     decode_type = ranked_gpu_types(policy, cluster, "decode")[0]
-    prefill = instance_perf(
-        policy.model,
-        prefill_type,
-        engine_gpu(cluster.gpu_types[prefill_type], config.engine_speed("prefill")),
-        policy.prefill.gpus_per_instance,
-    )
-    decode = instance_perf(
-        policy.model,
-        decode_type,
-        engine_gpu(cluster.gpu_types[decode_type], config.engine_speed("decode")),
-        policy.decode.gpus_per_instance,
-    )
+    prefill = engine_perf(policy, cluster, "prefill", prefill_type, config)
+    decode = engine_perf(policy, cluster, "decode", decode_type, config)
     # Attention makes long prompts dearer than their tokens: use the mix's mean work.
     mean_work = (
         2.0 * prefill.params * profile.prompt_mean
