@@ -135,7 +135,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
@@ -2196,6 +2196,41 @@ def judged_requests(sim: ServiceSim) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     keep: np.ndarray = (sample.arrival_s >= sim.profile.judged_from_s) & (sample.arrival_s < sim.t)
     return keep
+
+
+def sampled_requests_end_s(sim: ServiceSim) -> float:
+    """When the judged sampled requests are done in the per-request view, at the latest
+    (0 without any): each one's decode starts after its fluid prefill wait, the G/G/c
+    wait the fluid does not hold, its admission wait and its own prefill on the fastest
+    pool, and takes its output at the TBT SLO's step (a request slower than that
+    misses TBT whether it finishes or not). Under a saturated prefill the G/G/c wait is
+    tens of seconds, so the fluid counters drain before this: a run stopped at their
+    drain judged the last requests as never completed. Unresolved requests (never
+    served) are left out."""
+    sample = sim.profile.sample
+    keep = judged_requests(sim)
+    if sample is None or not keep.any():
+        return 0.0
+    arrival = sample.arrival_s[keep]
+    delays = sim.cohort_delays(np.floor(arrival).astype(np.int64))
+    waits = delays["wait_s"] + delays["ggc_s"] + delays["admit_wait_s"]
+    idle_ttft = prompt_tables(sim, sample.prompt_tokens[keep].astype(np.float64)).idle_ttft_s
+    step_s = max(sim.policy.slo.tbt_ms / 1000.0, max(sim._idle_step_s, default=0.0))
+    ends = arrival + waits + idle_ttft + sample.output_tokens[keep] * step_s
+    finite = ends[np.isfinite(ends)]
+    return float(finite.max()) if finite.size else 0.0
+
+
+def serve_in_flight(sim: ServiceSim, until_s: float, advance: Callable[[], None]) -> None:
+    """Keep serving (the fleet as it is; ``advance`` moves the run on) until nothing is
+    in flight and the sampled requests are done (``sampled_requests_end_s``), or
+    ``until_s``: the tail every judged run ends with, so that its figures count the
+    requests it served as completed."""
+    while sim.t < until_s and sim.in_flight > 1e-6:
+        advance()
+    end_s = min(until_s, sampled_requests_end_s(sim))
+    while sim.t < end_s:
+        advance()
 
 
 def request_outcomes(sim: ServiceSim) -> RequestOutcomes:

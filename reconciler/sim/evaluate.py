@@ -96,6 +96,7 @@ from reconciler.sim.engine import (
     judged_requests,
     per_request,
     request_outcomes,
+    serve_in_flight,
 )
 from reconciler.sim.fleet import SimulatedFleet
 from reconciler.sim.oracle import (
@@ -968,9 +969,7 @@ def _run_policy(
     sim = fleet.sims[service]
     counts = fleet.instance_counts(service)
     # Serve what is in flight (fleet frozen) for the latency figures.
-    tail_end = horizon + int(config.drain_tail_s)
-    while sim.t < tail_end and sim.in_flight > 1e-6:
-        fleet.advance_to(sim.t + 60)
+    serve_in_flight(sim, horizon + int(config.drain_tail_s), lambda: fleet.advance_to(sim.t + 60))
     outcome = request_outcomes(sim)
     notes.extend(outcome.notes)
     if shortfalls:
@@ -1100,9 +1099,8 @@ def oracle_min_result(
     outcome and GPU-hour accounting as every policy)."""
     sim = plan.sim
     horizon = profile.horizon_s
-    tail_end = horizon + int(config.drain_tail_s)
-    while sim.t < tail_end and sim.in_flight > 1e-6:
-        sim.step()  # in-flight requests finish on the last window's counts
+    # In-flight requests finish on the last window's counts.
+    serve_in_flight(sim, horizon + int(config.drain_tail_s), sim.step)
     outcome = request_outcomes(sim)
     counts = per_second_counts(plan, policy, horizon)
     prefill = np.array([w.prefill for w in plan.windows])

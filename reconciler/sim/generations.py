@@ -748,6 +748,10 @@ class DecodeGenerations:
                 tau = self.idle_step_s  # for plots only
             if instances > 0:
                 step = dpsi if dpsi > 0 else idle_dpsi
+                # The row's clock is what a sequence admitted in this second advances:
+                # on instances with no batch, an idle step's (recorded as 0, a request
+                # the per-request view starts on an empty generation never finished).
+                dpsi = step
                 if alive > EPS and step < clock_any:
                     clock_any = step
                 if draining_of[k] > 0 and step < clock_step:
