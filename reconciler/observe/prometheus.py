@@ -150,6 +150,15 @@ OPTIONAL_SIGNALS: frozenset[SignalName] = frozenset(
 """Signals whose query may fail for good without failing the cycle."""
 
 
+def evaluation_time(now_s: float) -> str:
+    """``now_s`` as the ``time`` of an instant query: whole milliseconds (Prometheus'
+    resolution), rounded down. Rounded to the nearest, a query at 618.91085 s ran at
+    618.911, and the newest sample's timestamp (``timestamp()``, the freshness every
+    signal reports) came back after the cycle's own clock."""
+    millis = math.floor(now_s * 1000.0)
+    return f"{millis // 1000}.{millis % 1000:03d}"
+
+
 @dataclass(frozen=True)
 class PrometheusSettings:
     """How to reach Prometheus and how to read it."""
@@ -892,7 +901,7 @@ class PrometheusMetricsSource:
     def _attempt(
         self, promql: str, signal: SignalName, now_s: float, connection: _Connection
     ) -> PartOutcome:
-        params = {"time": f"{now_s:.3f}", "timeout": format_number(self.settings.timeout_s)}
+        params = {"time": evaluation_time(now_s), "timeout": format_number(self.settings.timeout_s)}
         try:
             result = connection.client.custom_query(promql, params=params)
         except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON

@@ -5,6 +5,7 @@ when a value counts as missing."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from reconciler.observe.prometheus import (
     Row,
     SignalGap,
     assemble,
+    evaluation_time,
     parse_vector,
     plan_requests,
 )
@@ -387,3 +389,17 @@ class TestRequestMix:
         assert [(g.signal, g.reason) for g in gaps] == [
             ("prompt_tokens", "query failed: HTTP 503: busy")
         ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(now_s=st.floats(0.0, 4e9, allow_nan=False, allow_infinity=False))
+def test_a_query_is_evaluated_at_whole_milliseconds_never_after_the_cycles_clock(
+    now_s: float,
+) -> None:
+    """Prometheus keeps milliseconds: rounded to the nearest, a query at 618.91085 s ran
+    at 618.911, and its newest sample's timestamp came back after the cycle's clock."""
+    text = evaluation_time(now_s)
+    assert re.fullmatch(r"\d+\.\d{3}", text)
+    assert float(text) <= now_s
+    assert now_s - float(text) < 0.0011
+    assert evaluation_time(1796502618.91085) == "1796502618.910"
