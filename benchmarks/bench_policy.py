@@ -189,8 +189,9 @@ def planner_metrics(
     latency_ms: tuple[float, float],
 ) -> ServiceMetrics:
     """One cycle's signals: rates consistent with the mix (prompt tokens/s = requests/s
-    x mean prompt), TTFT and TBT around the service's levels (``latency_ms``), and the
-    two length histograms."""
+    x mean prompt), TTFT and TBT around the service's levels (``latency_ms``; the mean
+    gap below the p90), prefill's GPU utilisation, and the two length histograms: every
+    reading the planner's correction takes, as an engine with DCGM exports them."""
     prompt_median, output_median, prompt_sigma, output_sigma = mix
     mean_prompt = prompt_median * math.exp(prompt_sigma**2 / 2.0)
     mean_output = output_median * math.exp(output_sigma**2 / 2.0)
@@ -204,6 +205,8 @@ def planner_metrics(
         ttft=Sample(ttft_ms * rng.uniform(1 - LATENCY_NOISE, 1 + LATENCY_NOISE), at_s),
         tbt=Sample(tbt_ms * rng.uniform(1 - LATENCY_NOISE, 1 + LATENCY_NOISE), at_s),
         decode_kv_usage=Sample(rng.uniform(0.5, 0.85), at_s),
+        prefill_gpu_util=Sample(rng.uniform(0.3, 0.8), at_s),
+        tbt_mean=Sample(tbt_ms * rng.uniform(0.6, 0.8), at_s),
         prompt_tokens=length_buckets(prompt_median, prompt_sigma, requests, at_s),
         output_tokens=length_buckets(output_median, output_sigma, requests, at_s),
     )

@@ -57,7 +57,7 @@ class GroupChange:
         return (
             f"{self.kind:<10} {self.service}/{self.group_id}/{self.role} on {self.gpu_type} "
             f"under {self.domain}: {self.before} -> {self.after} instances "
-            f"({self.gpu_delta:+d} GPUs)"
+            f"({self.gpu_delta:+d} {'GPU' if abs(self.gpu_delta) == 1 else 'GPUs'})"
         )
 
 

@@ -23,8 +23,8 @@ from typing import Literal, get_args
 Role = Literal["prefill", "decode"]
 ROLES: tuple[Role, Role] = ("prefill", "decode")
 
-# The paper's eight signals, plus KV-cache usage and the requests waiting in each role's
-# queue (optional extra signals).
+# The paper's eight signals, plus KV-cache usage, the requests waiting in each role's
+# queue and the mean inter-token gap (optional extra signals).
 MetricName = Literal[
     "prefill_tps",
     "decode_tps",
@@ -37,6 +37,7 @@ MetricName = Literal[
     "decode_kv_usage",
     "prefill_queue",
     "decode_queue",
+    "tbt_mean",
 ]
 # Read from the Literal so that the type and the runtime tuple cannot drift apart.
 METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
@@ -131,6 +132,9 @@ class ServiceMetrics:
     # overload the served token rates stop at capacity and only the queue shows demand.
     prefill_queue: Sample | None = None
     decode_queue: Sample | None = None
+    # The mean inter-token gap over the window (ms): the TBT histogram's sum over its
+    # count, exact where its quantile is known only to a bucket.
+    tbt_mean: Sample | None = None
     # The live request mix (prompt and output lengths), when the engine exports it.
     prompt_tokens: LengthBuckets | None = None
     output_tokens: LengthBuckets | None = None

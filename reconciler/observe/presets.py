@@ -20,6 +20,7 @@ signal                        role     meaning (unit)
 ``decode_kv_usage``           decode   KV-cache usage averaged over instances (0..1)
 ``prefill_queue``             prefill  requests waiting to start prefill, summed (requests)
 ``decode_queue``              decode   requests waiting for a decode slot, summed (requests)
+``tbt_mean``                  decode   mean time between tokens over the window (ms)
 ``prompt_tokens``             prefill  prompt-length histogram: requests/s per bucket
 ``output_tokens``             decode   output-length histogram: requests/s per bucket
 ============================  =======  ==================================================
@@ -228,6 +229,16 @@ class HistogramQuantile:
 
 
 @dataclass(frozen=True)
+class HistogramMean:
+    """The mean observation of a histogram over the window, its ``_sum``'s rate over its
+    ``_count``'s, times ``scale``: exact where a quantile read from the buckets is known
+    only to lie in one."""
+
+    metrics: tuple[str, ...]
+    scale: float = 1000.0
+
+
+@dataclass(frozen=True)
 class GaugeAverage:
     """Average of a gauge over the role's series, times ``scale``. ``over_window``
     first averages each series over the rate window (for sampled, noisy gauges such as
@@ -248,7 +259,7 @@ class LengthHistogram:
     metrics: tuple[str, ...]
 
 
-SignalSpec = CounterRate | HistogramQuantile | GaugeAverage
+SignalSpec = CounterRate | HistogramQuantile | HistogramMean | GaugeAverage
 
 SIGNAL_ROLE: Mapping[MetricName, Role] = {
     "prefill_tps": "prefill",
@@ -262,6 +273,7 @@ SIGNAL_ROLE: Mapping[MetricName, Role] = {
     "decode_kv_usage": "decode",
     "prefill_queue": "prefill",
     "decode_queue": "decode",
+    "tbt_mean": "decode",
 }
 
 _DCGM: dict[MetricName, SignalSpec] = {
@@ -282,6 +294,9 @@ _VLLM: dict[MetricName, SignalSpec] = {
     "tbt": HistogramQuantile(
         ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
     ),
+    "tbt_mean": HistogramMean(
+        ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+    ),
     "decode_kv_usage": GaugeAverage(("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
     "prefill_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
     "decode_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
@@ -295,6 +310,9 @@ _SGLANG: dict[MetricName, SignalSpec] = {
     "decode_tps": CounterRate(("sglang:generation_tokens_total",)),
     "ttft": HistogramQuantile(("sglang:time_to_first_token_seconds",)),
     "tbt": HistogramQuantile(
+        ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")
+    ),
+    "tbt_mean": HistogramMean(
         ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")
     ),
     "decode_kv_usage": GaugeAverage(("sglang:token_usage",)),
@@ -317,6 +335,9 @@ _TRTLLM: dict[MetricName, SignalSpec] = {
         ("trtllm_time_to_first_token_seconds", "trtllm:time_to_first_token_seconds")
     ),
     "tbt": HistogramQuantile(
+        ("trtllm_time_per_output_token_seconds", "trtllm:time_per_output_token_seconds")
+    ),
+    "tbt_mean": HistogramMean(
         ("trtllm_time_per_output_token_seconds", "trtllm:time_per_output_token_seconds")
     ),
     "decode_kv_usage": GaugeAverage((_DYNAMO_KV,)),
@@ -533,6 +554,20 @@ def render_spec(
             [
                 f"histogram_quantile({q}, sum by ({by}, le) ({source}))"
                 for source in bucket_rates(names)
+            ]
+        )
+        if spec.scale != 1.0:
+            value = f"{value} * {format_number(spec.scale)}"
+        counts = tuple(f"{m}_count" for m in names)
+        return SignalQuery(value, freshness(counts), coverage(counts))
+    if isinstance(spec, HistogramMean):
+        # Sum over count per name, each name's pair on its own: one engine's sum over
+        # another's count would mix two histograms.
+        value = _alternatives(
+            [
+                f"sum by ({by}) (rate({rng(sel(m + '_sum'))})) "
+                f"/ sum by ({by}) (rate({rng(sel(m + '_count'))}))"
+                for m in names
             ]
         )
         if spec.scale != 1.0:

@@ -69,6 +69,19 @@ SAMPLE_BUCKETS_PER_DOUBLING = 8
 # Bisection stops when the bracket is this narrow (utilisation, relative prompt length,
 # relative factor): far below any figure the policy rounds to.
 _BISECTION_STEPS = 60
+# Prefill's busy fraction is a gauge: a window's reading averages the samples scraped in
+# it (GAUGE_SAMPLES_PER_WINDOW: a 15 s scrape in a 60 s window), each about one second
+# of the pool's busy time. Prompts arrive as a Poisson stream of work, so one second's
+# busy time spreads by sqrt((1 + scv) / prompts_per_s) relative (scv: the squared CV
+# of a prompt's work) and a reading by that over sqrt(samples). The correction's EWMA
+# keeps a third of one reading's variance; the reading is taken only where what is
+# left stays within BUSY_READ_MAX_ERROR, half the planner's minimum headroom (10 %):
+# prompts_per_s >= (1 + scv) / (3 x samples x 0.05^2), 33 x (1 + scv) prompts/s. Below
+# that the noise turned into GPU-hours: capacity is scaled out on every high reading at
+# once and in on a low one only after the scale-in window (summarize, ~10-30 prompts/s:
+# +10 % GPU-hours on the burst days).
+GAUGE_SAMPLES_PER_WINDOW = 4
+BUSY_READ_MAX_ERROR = 0.05
 # The TTFT quantile's bisection stops once its bracket is narrower than this.
 _TTFT_TOLERANCE_S = 1e-6
 # ``predicted_ttft_side`` answers without the bisection only when the bisection is
@@ -674,6 +687,13 @@ def _queue_shape(perf: InstancePerf, prompt: LengthHistogram, upper: float | Non
     )
 
 
+def _cached_queue_shape(
+    perf: InstancePerf, prompt: LengthHistogram, upper: float | None
+) -> _QueueShape:
+    """``_queue_shape``, once per histogram, instance model and cut."""
+    return cached_on(prompt, ("queue", id(perf), upper), lambda: _queue_shape(perf, prompt, upper))
+
+
 def bucket_side(value: float, lower: float, upper: float) -> int:
     """Where ``value`` lies against the bucket ``(lower, upper]``: -1 at or below
     ``lower``, 0 inside, 1 above (or NaN)."""
@@ -695,9 +715,7 @@ class _PrefillQueue:
         instances: int,
         upper: float | None,
     ):
-        shape = cached_on(
-            mix.prompt, ("queue", id(perf), upper), lambda: _queue_shape(perf, mix.prompt, upper)
-        )
+        shape = _cached_queue_shape(perf, mix.prompt, upper)
         self.empty = shape.empty
         self.instances = max(int(instances), 1)
         self.weights = shape.weights
@@ -1210,6 +1228,52 @@ def implied_prefill_factor(load: PrefillLoad, observed_ttft_s: float) -> float |
         if hi / lo - 1.0 < 1e-6:
             break
     return math.sqrt(lo * hi)
+
+
+def implied_prefill_factor_from_busy(
+    perf: InstancePerf,
+    mix: RequestMix,
+    prompt_tps: float,
+    instances: int,
+    gpu_util: float,
+) -> float | None:
+    """The factor by which the real prefill instance is slower (> 1) or faster (< 1)
+    than the model, from how busy it was at the prompt tokens/s it served: the GPU
+    utilisation an engine's GPUs report is its busy fraction times the calibrated
+    ``prefill_util_per_busy``, and the model's busy fraction at that rate is the rate's
+    work over the instance's compute. Their ratio is the factor, faster or slower
+    (which the TTFT tail cannot say of a faster instance), and what the mix's bucketing
+    does to the work per token cancels in the throughput it corrects (the prediction
+    and the capacity read the same one). ``prompt_tps`` is what the ``instances`` served together, and
+    ``gpu_util`` their GPUs' mean, over one metrics window. ``None`` where the reading
+    says nothing: no usable figures, or too few prompts for its precision (see
+    ``BUSY_READ_MAX_ERROR``)."""
+    if not (
+        math.isfinite(prompt_tps)
+        and prompt_tps > 0
+        and instances > 0
+        and math.isfinite(gpu_util)
+        and 0 < gpu_util <= 1.0
+    ):
+        return None
+    shape = _cached_queue_shape(perf, mix.prompt, None)
+    util_per_busy = float(perf.util.get("prefill_util_per_busy", 1.0))
+    if shape.empty or not (util_per_busy > 0) or perf.prefill_capacity_work_per_s <= 0:
+        return None
+    prompts_per_s = prompt_tps / shape.mean_tokens
+    smoothing = LatencyCorrection.SMOOTHING
+    kept_variance = smoothing / (2.0 - smoothing)  # the EWMA's share of one reading's
+    needed_per_s = (
+        (1.0 + shape.service_scv)
+        * kept_variance
+        / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
+    )
+    if prompts_per_s < needed_per_s:
+        return None
+    predicted_busy = (
+        prompt_tps / instances * shape.work_per_token / perf.prefill_capacity_work_per_s
+    )
+    return (gpu_util / util_per_busy) / predicted_busy
 
 
 # --------------------------------------------------------------------------- together

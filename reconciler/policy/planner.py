@@ -27,8 +27,14 @@ One cycle, in order (each step that changes a number says so in the message):
    (``capacity.LatencyCorrection``: log-space EWMA, bounded).
    Under overload the latency measures the queue, not the model, so it is not used;
    nor is prefill's TTFT while a backlog beyond what the instances prefill within the
-   SLO is in its metrics window (it reads the backlog's wait). Prefill takes only
-   evidence of a slower instance (``_corrected`` says why).
+   SLO is in its metrics window (it reads the backlog's wait). The latency quantiles
+   are known only to their histogram bucket, so where a finer reading exists it is
+   used: decode's mean inter-token gap (``tbt_mean``, the histogram's sum over its
+   count), and prefill's busy fraction (``prefill_gpu_util`` against the model's work
+   for the prompt tokens/s served, once its count has held for a metrics window).
+   The quantile still counts where it reads slower than the model predicts it
+   (``factor_evidence`` says why); prefill's TTFT alone is taken only as evidence of
+   a slower instance (``_corrected``).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
    meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
@@ -88,6 +94,7 @@ from reconciler.policy.capacity import (
     bucket_side,
     implied_decode_factor,
     implied_prefill_factor,
+    implied_prefill_factor_from_busy,
     predicted_ttft_side,
     transfer_s_per_token,
 )
@@ -179,6 +186,10 @@ class PlannerMemory:
     # instances starting (``decode_settled``).
     decode_ready_seen: int | None = None
     decode_steady_since_s: float | None = None
+    # The same for prefill: its busy fraction reads its speed only over a metrics
+    # window its instances all served through (``_corrected``).
+    prefill_ready_seen: int | None = None
+    prefill_steady_since_s: float | None = None
     # The last prefill queue reading whose wait alone exceeded the TTFT SLO
     # (``_corrected``): TTFTs read over a window reaching back to it read that wait.
     prefill_backlog_seen_s: float | None = None
@@ -483,6 +494,7 @@ def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig)
         prefill_kept=memory.prefill_kept.readable(now_s),
         decode_kept=memory.decode_kept.readable(now_s),
         decode_steady_since_s=past_time(memory.decode_steady_since_s, now_s),
+        prefill_steady_since_s=past_time(memory.prefill_steady_since_s, now_s),
         prefill_backlog_seen_s=past_time(memory.prefill_backlog_seen_s, now_s),
     )
     return checked if checked != memory else memory
@@ -590,9 +602,14 @@ def plan_decide(
     caps: RoleCapacities | None = None
     correction = memory.correction
     backlog_seen_s = memory.prefill_backlog_seen_s
-    steady_since_s = memory.decode_steady_since_s
-    if starting[1] > 0 or ready[1] != memory.decode_ready_seen or steady_since_s is None:
-        steady_since_s = now_s
+    steady_since_s = (
+        steady_since(
+            memory.prefill_ready_seen, memory.prefill_steady_since_s, ready[0], starting[0], now_s
+        ),
+        steady_since(
+            memory.decode_ready_seen, memory.decode_steady_since_s, ready[1], starting[1], now_s
+        ),
+    )
     if perf is not None and mix is not None:
         # The correction learns the model of the type the planner sizes with: the
         # latency of a fleet spread over several types says nothing clean about it.
@@ -623,7 +640,9 @@ def plan_decide(
         prefill_backlog=prefill_in.backlog,
         decode_backlog=decode_in.backlog,
         decode_ready_seen=ready[1],
-        decode_steady_since_s=steady_since_s,
+        decode_steady_since_s=steady_since_s[1],
+        prefill_ready_seen=ready[0],
+        prefill_steady_since_s=steady_since_s[0],
         prefill_backlog_seen_s=backlog_seen_s,
     )
     _MEMORIES_MADE[id(memory)] = memory
@@ -938,6 +957,17 @@ def past_time(at_s: float | None, now_s: float) -> float | None:
     return at_s
 
 
+def steady_since(
+    ready_seen: int | None, since_s: float | None, ready: int, starting: int, now_s: float
+) -> float:
+    """Since when a role has had ``ready`` instances and none starting: ``since_s`` if
+    the last cycle saw the same, else now (a change between two cycles is dated at the
+    later one, so a window that starts after it holds none of it)."""
+    if starting > 0 or ready != ready_seen or since_s is None:
+        return now_s
+    return since_s
+
+
 def decode_settled(
     policy: ServicePolicy, mix: RequestMix, steady_since_s: float, now_s: float
 ) -> bool:
@@ -961,7 +991,7 @@ def _corrected(
     metrics: ServiceMetrics,
     ready: list[int],
     starting: list[int],
-    decode_steady_since_s: float,
+    steady_since_s: tuple[float, float],
     now_s: float,
     one_type: list[bool],
     prefill_demand: RoleDemand,
@@ -978,29 +1008,46 @@ def _corrected(
     instances prefill within the TTFT SLO (``backlog_seen_s``): no load within capacity
     leaves such a backlog in the model's steady state, and the TTFTs read over it are
     its wait, not the instances' speed. Draining a burst's backlog taught the planner a
-    1.35x slower prefill, kept for the next two hours (burst-summarize-3-warm)."""
+    1.35x slower prefill, kept for the next two hours (burst-summarize-3-warm).
+
+    Prefill's busy fraction needs none of that: it is the work the instances served
+    over their compute, at any load, backlog or not; only the window it is read over
+    must hold one prefill count throughout (``steady_since_s``), or the tokens/s per
+    ready instance would be over the wrong count."""
     slo = policy.slo
     caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
     tbt, ttft = metrics.tbt, metrics.ttft
+    tbt_mean = metrics.tbt_mean
+    if sample_problem(tbt_mean, "tbt_mean", now_s, policy.scaling.metric_max_age_s) is not None:
+        tbt_mean = None
     decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
     if (
-        tbt is not None
+        (tbt is not None or tbt_mean is not None)
         and one_type[1]
         and ready[1] > 0
         and starting[1] == 0
-        and decode_settled(policy, mix, decode_steady_since_s, now_s)
+        and decode_settled(policy, mix, steady_since_s[1], now_s)
     ):
         per_instance = decode_tps / ready[1]
         if 0 < per_instance <= caps.decode_tps_per_instance:
             decode_tps_now = per_instance
-            correction = correction.updated(
-                "decode",
-                within_bucket(
+            # The mean gap (the histogram's sum over its count) is exact; the quantile
+            # is known only to its bucket (``factor_evidence`` weighs the two).
+            from_mean = None
+            if tbt_mean is not None:
+                from_mean = implied_decode_factor(
+                    perf.decode, mix, tbt_mean.value / 1000.0, decode_tps_now
+                )
+            from_quantile = None
+            if tbt is not None:
+                from_quantile = within_bucket(
                     lambda s: implied_decode_factor(perf.decode, mix, s, decode_tps_now),
                     tbt.value / 1000.0,
                     policy_latency_buckets(policy, "tbt"),
                     correction.decode,
-                ),
+                )
+            correction = correction.updated(
+                "decode", factor_evidence(from_mean, from_quantile, correction.decode)
             )
     backlog = prefill_demand.backlog
     if backlog is not None and backlog.tokens > 0:
@@ -1008,6 +1055,7 @@ def _corrected(
         if backlog.tokens > prefilled_in_slo:
             backlog_seen_s = backlog.at_s
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
+    ttft_implied: float | None = None
     if (
         ttft is not None
         and not backlog_in_window(backlog_seen_s, ttft)
@@ -1033,14 +1081,50 @@ def _corrected(
                     load, factor, lower_s, upper_s
                 ),
             )
-            # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
-            # (1-2-5): spread evenly within a wide bucket the model's tail sits too
-            # long, so observed TTFT below the prediction says as much about the
-            # buckets as about the instance. Evidence of a slower instance (> 1) is
-            # taken; a faster one never raises prefill capacity above the model's.
-            if implied is not None:
-                correction = correction.updated("prefill", max(1.0, implied))
+            ttft_implied = implied
+    busy_implied = None
+    gpu_util = metrics.prefill_gpu_util
+    if (
+        one_type[0]
+        and ready[0] > 0
+        and now_s - steady_since_s[0] >= METRICS_WINDOW_S
+        and metrics.prefill_tps is not None
+        and gpu_util is not None
+        and sample_problem(gpu_util, "prefill_gpu_util", now_s, policy.scaling.metric_max_age_s)
+        is None
+    ):
+        busy_implied = implied_prefill_factor_from_busy(
+            perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
+        )
+    if busy_implied is None and ttft_implied is not None:
+        # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
+        # (1-2-5): spread evenly within a wide bucket the model's tail sits too long,
+        # so observed TTFT below the prediction says as much about the buckets as about
+        # the instance. Alone, it never raises prefill capacity above the model's.
+        ttft_implied = max(1.0, ttft_implied)
+    evidence = factor_evidence(busy_implied, ttft_implied, correction.prefill)
+    if evidence is not None:
+        correction = correction.updated("prefill", evidence)
     return correction, backlog_seen_s
+
+
+def factor_evidence(fine: float | None, coarse: float | None, current: float) -> float | None:
+    """The factor one cycle's readings of a role imply, from a fine one (exact, either
+    way: prefill's busy fraction, decode's mean inter-token gap) and a coarse one (the
+    latency quantile, known only to its bucket: ``within_bucket``'s factor, which is
+    ``current`` where the model's prediction lies in the observed bucket), either None
+    when unread.
+
+    The fine reading is taken as it is. The coarse one only where it says slower than
+    ``current``, and then the slower of the two wins: the SLO is on the quantile, and a
+    model that predicts it below the bucket it was read in is missing something the
+    fine reading cannot see (a spread of batches or loads over instances and seconds,
+    a slower KV transfer, queueing beyond the model's)."""
+    if fine is None:
+        return coarse
+    if coarse is not None and coarse > current:
+        return max(fine, coarse)
+    return fine
 
 
 def within_bucket(

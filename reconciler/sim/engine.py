@@ -1562,12 +1562,13 @@ class ServiceSim:
         return weighted_quantile(values, weights, q)
 
     def window_metrics(self, window_s: float, at_s: int | None = None) -> dict[str, float | None]:
-        """The eight signals plus KV usage and queues over the ``window_s`` seconds before ``at_s``
-        (default now), as known at ``at_s`` (units as in
+        """The eight signals plus KV usage, queues and the mean TBT over the ``window_s``
+        seconds before ``at_s`` (default now), as known at ``at_s`` (units as in
         ``reconciler.state.ServiceMetrics``). ``None`` where nothing was observed.
 
         With ``prometheus_like`` (a read at a scrape): rates over the window; TTFT and
-        TBT by ``histogram_quantile`` over vLLM's buckets; GPU utilisation and SM
+        TBT by ``histogram_quantile`` over vLLM's buckets (the mean TBT, the
+        histogram's sum over its count, is exact either way); GPU utilisation and SM
         activity averaged over the scraped samples in the window; KV usage the last
         sample, averaged over decode instances. Otherwise every value is exact."""
         start, end = self._window(window_s, at_s)
@@ -1630,8 +1631,12 @@ class ServiceSim:
                 self.tbt_buckets,
             )
             out["tbt"] = tbt * 1000.0 if tbt is not None else None
+            # The histogram's sum over its count: exact, whatever its buckets.
+            generated = float(sum(w.sum() for w in tbt_weights))
+            gaps_s = sum(float(v @ w) for v, w in zip(tbt_values, tbt_weights, strict=True))
+            out["tbt_mean"] = gaps_s / generated * 1000.0 if generated > 0 else None
         else:
-            out["tbt"] = None
+            out["tbt"] = out["tbt_mean"] = None
         ttft = self._window_ttft_s(start, end, quantile)
         out["ttft"] = ttft * 1000.0 if ttft is not None else None
         # Waiting requests (vllm:num_requests_waiting summed over the role): the last

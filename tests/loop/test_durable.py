@@ -115,6 +115,8 @@ def _planner_memory() -> PlannerMemory:
         prefill_backlog=Backlog(NOW - 30, 1.5e6),
         decode_ready_seen=12,
         decode_steady_since_s=NOW - 600,
+        prefill_ready_seen=7,
+        prefill_steady_since_s=NOW - 90,
     )
 
 

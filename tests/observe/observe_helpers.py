@@ -865,6 +865,13 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
 
     kv = [load.kv_usage for load in decode if load.kv_usage is not None]
 
+    def mean_ms(pairs: list[tuple[float, Any]]) -> float | None:
+        """The histograms' sum over their count: observations weighted by their rate."""
+        pairs = [(rate, dist) for rate, dist in pairs if dist is not None and rate > 0]
+        if not pairs:
+            return None
+        return sum(rate * dist.mean_s for rate, dist in pairs) / sum(r for r, _ in pairs) * 1000
+
     def queue(loads: list[InstanceLoad]) -> float | None:
         waiting = [load.waiting_requests for load in loads if load.waiting_requests is not None]
         return sum(waiting) if waiting else None
@@ -883,6 +890,7 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         "decode_kv_usage": sum(kv) / len(kv) if kv else None,
         "prefill_queue": queue(prefill),
         "decode_queue": queue(decode),
+        "tbt_mean": mean_ms([(load.generation_tps, load.tbt) for load in decode]),
     }
 
 

@@ -84,6 +84,23 @@ class TestVllmQueries:
         )
         assert 'role="decode"' in tbt
 
+    def test_the_mean_tbt_is_the_histograms_sum_over_its_count_in_ms(self) -> None:
+        q = _query("vllm", "tbt_mean")
+        assert q.endswith("* 1000")
+        # Each name's sum over its own count (never one histogram's over another's).
+        for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+            assert (
+                f'sum by (service, role) (rate({name}_sum{{role="decode"}}[60s])) '
+                f'/ sum by (service, role) (rate({name}_count{{role="decode"}}[60s]))'
+            ) in q
+        assert q.index("vllm:inter_token_latency_seconds_sum") < q.index(
+            "vllm:time_per_output_token_seconds_sum"
+        )
+        policy = make_policy("svc", engine="vllm")
+        query = signal_query(policy, "tbt_mean", window_s=60)
+        assert query is not None and query.samples is not None and query.sampled_at is not None
+        assert "_count" in query.samples and "_count" in query.sampled_at
+
     def test_queues_sum_the_waiting_requests_of_each_role(self) -> None:
         for signal, role in (("prefill_queue", "prefill"), ("decode_queue", "decode")):
             q = _query("vllm", signal)

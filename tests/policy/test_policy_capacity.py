@@ -18,6 +18,8 @@ from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.policy.capacity import (
+    BUSY_READ_MAX_ERROR,
+    GAUGE_SAMPLES_PER_WINDOW,
     LatencyCorrection,
     LengthHistogram,
     PrefillCapacity,
@@ -28,6 +30,7 @@ from reconciler.policy.capacity import (
     idle_ttft_s,
     implied_decode_factor,
     implied_prefill_factor,
+    implied_prefill_factor_from_busy,
     one_two_five_buckets,
     predicted_ttft_s,
     predicted_ttft_side,
@@ -37,7 +40,7 @@ from reconciler.policy.capacity import (
     transfer_s_per_token,
     unattainable,
 )
-from reconciler.sim.engine import LoadProfile, ServiceSim
+from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig
 from reconciler.sim.workload import synthetic_workload
 
 # --------------------------------------------------------------------------- fixtures
@@ -545,6 +548,62 @@ def test_the_correction_is_bounded_and_ignores_unusable_observations() -> None:
         assert correction.updated("decode", bad) == correction
     assert LatencyCorrection.from_extra(correction.to_extra()) == correction
     assert LatencyCorrection.from_extra(()) == LatencyCorrection()
+
+
+@pytest.mark.parametrize("speed", [0.77, 1.0, 1.3])
+def test_prefills_busy_fraction_reads_how_much_slower_or_faster_the_engine_runs(
+    speed: float,
+) -> None:
+    """A simulated prefill at ``speed`` x the declared GPU's compute, at a steady load,
+    reports a GPU utilisation from which the model's busy fraction for the prompt
+    tokens/s it served recovers ``1 / speed``: either way, and with the mix read from
+    coarse 1-2-5 buckets (their overstated mean prompt is in both the prediction and
+    the capacity it corrects, so it cancels). One reading averages four scrapes of the
+    gauge, each a second's busy fraction (about +-7 %); ten readings, as the
+    correction's EWMA averages them, come within 5 %."""
+    policy, prefill, _, _ = chat()
+    cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
+    workload = synthetic_workload(
+        "chat", hours=0.3, peak_rps=80.0, seed=0, trough_ratio=1.0, bursts=()
+    )
+    config = SimConfig(prefill_engine_speed=speed, decode_engine_speed=speed)
+    sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
+    sim.set_counts({("h800", "rdma"): 16.0}, {"h20": 48}, {})
+    coarse = RequestMix.from_samples(
+        workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
+    )
+    log_factors = []
+    for end_s in range(300, 900, 60):
+        while sim.t < end_s:
+            sim.step()
+        read = sim.window_metrics(60.0)
+        served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
+        assert served_tps is not None and gpu_util is not None and 0.2 < gpu_util < 0.9
+        implied = implied_prefill_factor_from_busy(prefill, coarse, served_tps, 16, gpu_util)
+        assert implied is not None
+        log_factors.append(math.log(implied))
+    assert math.exp(float(np.mean(log_factors))) == pytest.approx(1.0 / speed, rel=0.05)
+
+
+def test_a_busy_fraction_over_too_few_prompts_or_out_of_range_says_nothing() -> None:
+    """One second of a pool's busy time spreads with its Poisson prompts: a reading of
+    four scrapes is taken only from the prompt rate at which what the correction keeps
+    of its spread is within BUSY_READ_MAX_ERROR."""
+    _, prefill, _, _ = chat()
+    mix = chat_mix()
+    work = prefill.prefill_work(lognormal_lengths(1150, 0.8))
+    scv = float(np.var(work)) / float(np.mean(work)) ** 2
+    kept = LatencyCorrection.SMOOTHING / (2 - LatencyCorrection.SMOOTHING)
+    needed = (1 + scv) * kept / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
+    assert 40 < needed < 80  # prompts/s: a few chat instances' worth
+    enough_tps = needed * mix.prompt_mean_tokens * 1.03
+    assert implied_prefill_factor_from_busy(prefill, mix, enough_tps, 8, 0.5) is not None
+    assert implied_prefill_factor_from_busy(prefill, mix, enough_tps * 0.95, 8, 0.5) is None
+    for util in (0.0, -0.1, 1.2, math.nan, math.inf):
+        assert implied_prefill_factor_from_busy(prefill, mix, 2 * enough_tps, 8, util) is None
+    for tps in (0.0, -5.0, math.nan):
+        assert implied_prefill_factor_from_busy(prefill, mix, tps, 8, 0.5) is None
+    assert implied_prefill_factor_from_busy(prefill, mix, 2 * enough_tps, 0, 0.5) is None
 
 
 # --------------------------------------------------------------------------- together

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,11 @@ from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
 from reconciler.policy.base import DecisionInput, PolicyHistory
-from reconciler.policy.capacity import LatencyCorrection, RequestMix
+from reconciler.policy.capacity import (
+    LatencyCorrection,
+    RequestMix,
+    implied_prefill_factor_from_busy,
+)
 from reconciler.policy.planner import (
     DRAIN_S,
     MIN_HEADROOM,
@@ -33,6 +38,7 @@ from reconciler.policy.planner import (
     declared_mix,
     decode_follows_prefill,
     decode_settled,
+    factor_evidence,
     past_time,
     perf_context,
     plan_decide,
@@ -60,6 +66,7 @@ def _metrics(
     ttft_ms: float | None = None,
     tbt_ms: float | None = None,
     prefill_queue: float | None = None,
+    prefill_gpu_util: float | None = None,
 ) -> ServiceMetrics:
     rng = np.random.default_rng(1)
     prompts = prompts if prompts is not None else rng.lognormal(math.log(1000), 0.6, 4000)
@@ -72,6 +79,7 @@ def _metrics(
         ttft=sample(ttft_ms),
         tbt=sample(tbt_ms),
         prefill_queue=sample(prefill_queue),
+        prefill_gpu_util=sample(prefill_gpu_util),
         prompt_tokens=length_buckets(prompts, now_s),
         output_tokens=length_buckets(outputs, now_s),
     )
@@ -705,12 +713,17 @@ def test_a_backlog_time_from_a_damaged_memory_does_not_stop_the_correction(
 
 
 @pytest.mark.parametrize("since_s", [math.nan, math.inf, 1e12])
-def test_a_decode_steady_time_from_a_damaged_memory_starts_afresh(since_s: float) -> None:
-    """Likewise decode's "steady since": one that never passes would keep its size from
-    ever counting as settled; it starts from the cycle that reads it."""
+def test_a_steady_time_from_a_damaged_memory_starts_afresh(since_s: float) -> None:
+    """Likewise each role's "steady since": one that never passes would keep its size
+    from ever counting as settled; it starts from the cycle that reads it."""
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
-    memory = PlannerMemory(decode_ready_seen=60, decode_steady_since_s=since_s)
+    memory = PlannerMemory(
+        decode_ready_seen=60,
+        decode_steady_since_s=since_s,
+        prefill_ready_seen=30,
+        prefill_steady_since_s=since_s,
+    )
     decision = plan_decide(
         policy,
         _fleet(30, 60),
@@ -722,6 +735,7 @@ def test_a_decode_steady_time_from_a_damaged_memory_starts_afresh(since_s: float
     learned = decision.history.planner
     assert isinstance(learned, PlannerMemory)
     assert learned.decode_steady_since_s == 600.0
+    assert learned.prefill_steady_since_s == 600.0
     assert past_time(599.0, 600.0) == 599.0 and past_time(None, 600.0) is None
 
 
@@ -799,3 +813,120 @@ def test_the_memory_of_a_live_mix_is_stored_durably() -> None:
     assert not dropped
     back = decode(text).histories["chat"].planner
     assert isinstance(back, PlannerMemory) and back.mix == memory.mix
+
+
+@pytest.mark.parametrize(
+    ("fine", "coarse", "current", "evidence"),
+    [
+        (None, None, 1.0, None),
+        # The quantile alone, as within_bucket read it.
+        (None, 1.3, 1.0, 1.3),
+        (None, 0.8, 1.0, 0.8),
+        # The fine reading (busy fraction, mean gap) says faster or slower ...
+        (0.77, None, 1.0, 0.77),
+        (1.3, None, 1.0, 1.3),
+        (0.77, 0.9, 1.0, 0.77),
+        (0.77, 1.0, 1.0, 0.77),
+        # ... and a quantile read slower than the current factor predicts wins over it
+        (0.77, 1.2, 1.0, 1.2),
+        (1.3, 1.2, 1.0, 1.3),
+        # ... but one in the predicted bucket (within_bucket's "current") does not hold
+        # a factor above 1 up.
+        (0.9, 1.05, 1.05, 0.9),
+    ],
+)
+def test_factor_evidence_takes_the_fine_reading_and_a_quantile_read_slower(
+    fine: float | None, coarse: float | None, current: float, evidence: float | None
+) -> None:
+    assert factor_evidence(fine, coarse, current) == evidence
+
+
+def _mix_read_from(metrics: ServiceMetrics) -> RequestMix:
+    """The request mix as the planner reads it from the metrics' two histograms."""
+    assert metrics.prompt_tokens is not None and metrics.output_tokens is not None
+    return RequestMix.from_cumulative_columns(
+        metrics.prompt_tokens.le,
+        metrics.prompt_tokens.cumulative,
+        metrics.output_tokens.le,
+        metrics.output_tokens.cumulative,
+    )
+
+
+def _busy_for(util_factor: float, prefill_tps: float, instances: int) -> float:
+    """The GPU utilisation the chat prefill would report serving ``prefill_tps`` on
+    ``instances`` instances ``util_factor`` x slower than the model."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    mix = _mix_read_from(_metrics(0.0, prefill_tps, 20_000.0))
+    predicted = implied_prefill_factor_from_busy(perf.prefill, mix, prefill_tps, instances, 1.0)
+    assert predicted is not None
+    return util_factor / predicted
+
+
+def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_held() -> None:
+    """An instance busy for 0.77 of what the model predicts is 1.3x faster: the
+    correction takes it (which the TTFT tail cannot say) once the prefill count has held
+    for a metrics window, the window the busy fraction is read over; a reading over a
+    window in which the count changed is not taken."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    util = _busy_for(0.77, 200_000.0, 30)
+    history = PolicyHistory()
+    factors = []
+    for k in range(8):
+        now = 600.0 + 30.0 * k
+        prefill = 28 if k == 0 else 30  # two instances became ready at the second cycle
+        metrics = _metrics(now, 200_000.0, 20_000.0, prefill_gpu_util=util * 30 / prefill)
+        history = plan_decide(policy, _fleet(prefill, 60), metrics, history, now, perf).history
+        memory = history.planner
+        assert isinstance(memory, PlannerMemory)
+        factors.append(memory.correction.prefill)
+    # Steady from the second cycle (630 s): readable from 690 s, the fourth cycle.
+    assert factors[:3] == [1.0, 1.0, 1.0]
+    assert factors[3] < 0.9
+    assert factors[-1] == pytest.approx(0.77, rel=0.03)
+
+
+def _mean_gap_ms(factor: float, decode_tps: float, instances: int) -> float:
+    """The mean inter-token gap of the chat decode serving ``decode_tps`` on
+    ``instances`` instances ``factor`` x slower than the model: the step at the batch
+    the rate holds at that step (Little's law), found by iterating to the fixed point."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    mix = _mix_read_from(_metrics(0.0, 100_000.0, decode_tps))
+    context = mix.live_context_tokens
+    step_s = 0.02
+    for _ in range(200):
+        batch = decode_tps / instances * step_s
+        step_s = perf.decode.decode_step_float_s(batch, batch * context, context) * factor
+    return step_s * 1000.0
+
+
+@pytest.mark.parametrize("truth", [0.77, 1.3])
+def test_decode_learns_its_speed_from_the_mean_gap_where_the_p90_bucket_cannot(
+    truth: float,
+) -> None:
+    """vLLM's p90 inter-token latency is known only to its bucket, so a model off by
+    less than a bucket keeps its factor; the histogram's sum over its count is exact,
+    and the correction converges on it either way once decode has settled."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    decode_tps = 20_000.0
+    gap_ms = _mean_gap_ms(truth, decode_tps, 60)
+    model_gap_ms = _mean_gap_ms(1.0, decode_tps, 60)
+    factors: dict[bool, float] = {}
+    for with_mean in (False, True):
+        history = PolicyHistory()
+        for k in range(12):
+            now = 600.0 + 30.0 * k
+            metrics = replace(
+                # The p90 reads the model's own prediction: the bucket says nothing.
+                _metrics(now, 100_000.0, decode_tps, tbt_ms=model_gap_ms),
+                tbt_mean=Sample(gap_ms, now) if with_mean else None,
+            )
+            history = plan_decide(policy, _fleet(30, 60), metrics, history, now, perf).history
+        memory = history.planner
+        assert isinstance(memory, PlannerMemory)
+        factors[with_mean] = memory.correction.decode
+    assert factors[False] == 1.0
+    assert factors[True] == pytest.approx(truth, rel=0.02)

@@ -19,7 +19,7 @@ from reconciler.sim.engine import (
 )
 from reconciler.sim.fleet import SimulatedFleet
 from reconciler.sim.workload import Workload, synthetic_workload
-from reconciler.state import DeploymentGroup, GroupRole, NodeInstances
+from reconciler.state import METRIC_NAMES, DeploymentGroup, GroupRole, NodeInstances
 
 
 def steady_load(rps: float, minutes: float = 10, shape: str = "b", seed: int = 0) -> LoadProfile:
@@ -162,7 +162,9 @@ def test_window_metrics_report_all_signals(state: DesiredState) -> None:
         "decode_kv_usage",
         "prefill_queue",
         "decode_queue",
+        "tbt_mean",
     }
+    assert set(metrics) == set(METRIC_NAMES)
     assert all(v is not None and v >= 0 for v in metrics.values())
     assert metrics["prefill_tps"] == pytest.approx(10 * 7800, rel=0.25)
 

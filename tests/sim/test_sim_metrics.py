@@ -204,6 +204,24 @@ def test_latencies_are_bucket_quantiles_of_the_scraped_window(state: DesiredStat
         assert scraped_ms != pytest.approx(exact_ms, rel=1e-6)
 
 
+def test_the_mean_tbt_is_the_histograms_sum_over_its_count_exact_either_way(
+    state: DesiredState,
+) -> None:
+    """Every token's gap (its second's step time) summed over the tokens: the same
+    value whether read at a scrape or exactly, where the p90 is only its bucket's."""
+    fleet = _fleet(state)
+    metrics = _read(fleet, 254.0)
+    sim = fleet.sims[SERVICE]
+    pools = range(len(sim.decode_pools))
+    gaps_s = np.concatenate([sim.series.col(f"d{q}_tau", 180, 240) for q in pools])
+    tokens = np.concatenate([sim.series.col(f"d{q}_tokens", 180, 240) for q in pools])
+    assert metrics.tbt_mean is not None and tokens.sum() > 0
+    assert metrics.tbt_mean.value == pytest.approx(1000.0 * (gaps_s @ tokens) / tokens.sum())
+    exact = _read(_fleet(state, SimConfig(prometheus_like=False)), 240.0)
+    assert exact.tbt_mean is not None
+    assert metrics.tbt_mean.value == pytest.approx(exact.tbt_mean.value, rel=1e-9)
+
+
 def test_gauges_are_the_scraped_samples(state: DesiredState) -> None:
     """KV usage: the last sample, a mean over decode instances. GPU utilisation:
     ``avg_over_time`` of the samples scraped at 195, 210, 225 and 240 s."""
