@@ -523,13 +523,17 @@ def render_spec(
             [f"max by ({group}) (count_over_time({rng(sel(m))}))" for m in metrics]
         )
 
-    def bucket_rates(metrics: tuple[str, ...]) -> list[str]:
+    def part_rates(metrics: tuple[str, ...], part: str) -> list[str]:
+        """Each histogram's ``_bucket``, ``_sum`` or ``_count`` rates, raw or recorded."""
         if recorded_histograms:
             # One recorded series per histogram covers both spellings of its name.
             return [
-                sel(r) for r in dict.fromkeys(recorded_bucket_rate(m, window_s) for m in metrics)
+                sel(r) for r in dict.fromkeys(recorded_rate(m, part, window_s) for m in metrics)
             ]
-        return [f"rate({rng(sel(m + '_bucket'))})" for m in metrics]
+        return [f"rate({rng(sel(f'{m}_{part}'))})" for m in metrics]
+
+    def bucket_rates(metrics: tuple[str, ...]) -> list[str]:
+        return part_rates(metrics, "bucket")
 
     if isinstance(spec, LengthHistogram):
         value = _alternatives([f"sum by ({service_label}, le) ({s})" for s in bucket_rates(names)])
@@ -563,12 +567,9 @@ def render_spec(
     if isinstance(spec, HistogramMean):
         # Sum over count per name, each name's pair on its own: one engine's sum over
         # another's count would mix two histograms.
+        pairs = zip(part_rates(names, "sum"), part_rates(names, "count"), strict=True)
         value = _alternatives(
-            [
-                f"sum by ({by}) (rate({rng(sel(m + '_sum'))})) "
-                f"/ sum by ({by}) (rate({rng(sel(m + '_count'))}))"
-                for m in names
-            ]
+            [f"sum by ({by}) ({total}) / sum by ({by}) ({count})" for total, count in pairs]
         )
         if spec.scale != 1.0:
             value = f"{value} * {format_number(spec.scale)}"
@@ -625,10 +626,11 @@ def signal_query(
 # ----------------------------------------------------------------------------- recording rules
 
 
-def recorded_bucket_rate(metric: str, window_s: float) -> str:
-    """Name of the recorded per-(service, role, le) bucket rate of a histogram, e.g.
+def recorded_rate(metric: str, part: str, window_s: float) -> str:
+    """Name of the recorded rate of a histogram's ``part`` (``bucket``: per service, role
+    and ``le``; ``sum`` and ``count``: per service and role), e.g.
     ``heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s``."""
-    return f"heteroscale:{metric.replace(':', '_')}_bucket:rate{format_duration(window_s)}"
+    return f"heteroscale:{metric.replace(':', '_')}_{part}:rate{format_duration(window_s)}"
 
 
 def recording_rules(
@@ -640,8 +642,9 @@ def recording_rules(
     offset_s: float = 0.0,
 ) -> dict[str, Any]:
     """A Prometheus rules file (as a dict; dump it as YAML or JSON) that pre-aggregates
-    the bucket rates of every preset's latency histograms by service, role and ``le``
-    (first group) and of its request-mix histograms (second group).
+    the bucket rates of every preset's latency histograms by service, role and ``le``,
+    and the sum and count rates of those it reads a mean of by service and role (first
+    group), and the bucket rates of its request-mix histograms (second group).
 
     For large fleets: the histogram signals are the expensive part of a cycle (every
     bucket of every instance goes through ``rate``); with these rules loaded and the
@@ -651,41 +654,43 @@ def recording_rules(
     ``offset_s`` (the scrape interval; see ``settled_range``) keeps an evaluation that
     falls while a scrape is still in flight from reading the rates low.
     """
-    by = f"{service_label}, {role_label}, le"
+    by = f"{service_label}, {role_label}"
 
-    def group(name: str, histograms: list[tuple[str, ...]]) -> dict[str, Any]:
+    def rules(histograms: list[tuple[str, ...]], part: str) -> list[dict[str, str]]:
+        grouping = f"{by}, le" if part == "bucket" else by
         spellings: dict[str, list[str]] = {}  # record name -> the metric names it reads
         for metrics in histograms:
             for m in _spellings(metrics):
-                names = spellings.setdefault(recorded_bucket_rate(m, window_s), [])
+                names = spellings.setdefault(recorded_rate(m, part, window_s), [])
                 if m not in names:
                     names.append(m)
-        rules = [
+        return [
             {
                 "record": record,
                 "expr": " or ".join(
-                    f"sum by ({by}) (rate({settled_range(m + '_bucket', window_s, offset_s)}))"
+                    f"sum by ({grouping}) "
+                    f"(rate({settled_range(f'{m}_{part}', window_s, offset_s)}))"
                     for m in names
                 ),
             }
             for record, names in spellings.items()
         ]
-        out: dict[str, Any] = {"name": name, "rules": rules}
+
+    def group(name: str, entries: list[dict[str, str]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": name, "rules": entries}
         if interval_s is not None:
             out["interval"] = format_duration(interval_s)
         return out
 
-    latency = [
-        spec.metrics
-        for preset in PRESETS.values()
-        for spec in preset.values()
-        if isinstance(spec, HistogramQuantile)
-    ]
+    specs = [spec for preset in PRESETS.values() for spec in preset.values()]
+    quantiles = [spec.metrics for spec in specs if isinstance(spec, HistogramQuantile)]
+    means = [spec.metrics for spec in specs if isinstance(spec, HistogramMean)]
     lengths = [spec.metrics for preset in LENGTH_PRESETS.values() for spec in preset.values()]
+    latency = rules(quantiles, "bucket") + rules(means, "sum") + rules(means, "count")
     return {
         "groups": [
             group("heteroscale-latency-histograms", latency),
-            group("heteroscale-length-histograms", lengths),
+            group("heteroscale-length-histograms", rules(lengths, "bucket")),
         ]
     }
 

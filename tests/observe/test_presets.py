@@ -394,6 +394,26 @@ class TestRecordingRules:
         trt = records["heteroscale:trtllm_time_per_output_token_seconds_bucket:rate60s"]
         assert "trtllm:time_per_output_token_seconds_bucket" in trt
 
+    def test_the_mean_gap_records_its_sum_and_count_rates_per_service_and_role(self) -> None:
+        rules = recording_rules(60)["groups"][0]["rules"]
+        records = {rule["record"]: rule["expr"] for rule in rules}
+        for part in ("sum", "count"):
+            assert records[f"heteroscale:vllm_inter_token_latency_seconds_{part}:rate60s"] == (
+                f"sum by (service, role) (rate(vllm:inter_token_latency_seconds_{part}[60s]))"
+                f" or sum by (service, role) (rate(vllm_inter_token_latency_seconds_{part}[60s]))"
+            )
+        policy = make_policy("svc")
+        query = signal_query(policy, "tbt_mean", window_s=60, recorded_histograms=True)
+        assert query is not None
+        assert query.value.startswith(
+            "(sum by (service, role) "
+            '(heteroscale:vllm_inter_token_latency_seconds_sum:rate60s{role="decode"}) '
+            "/ sum by (service, role) "
+            '(heteroscale:vllm_inter_token_latency_seconds_count:rate60s{role="decode"})'
+        )
+        assert "rate(" not in query.value
+        assert query.sampled_at is not None and "_count" in query.sampled_at
+
     def test_recorded_mode_reads_the_recorded_series_but_raw_freshness(self) -> None:
         policy = make_policy("svc", metrics={"service_label": "app"})
         query = signal_query(policy, "tbt", window_s=60, recorded_histograms=True)

@@ -241,7 +241,8 @@ def test_vanished_scrape_target_goes_missing(prometheus_stack: PrometheusStack) 
 
 def test_recorded_histograms_give_the_same_latencies(prometheus_stack: PrometheusStack) -> None:
     """With ``presets.recording_rules`` loaded (the session's Prometheus has them), the
-    recorded mode reads pre-aggregated bucket rates: same answers, same request count."""
+    recorded mode reads pre-aggregated bucket rates (and, for the mean gap, sum and
+    count rates): same answers, same request count."""
     policies = [
         make_policy("live-tps"),
         make_policy("live-p99", quantile=0.99),
@@ -263,8 +264,11 @@ def test_recorded_histograms_give_the_same_latencies(prometheus_stack: Prometheu
     assert report is not None and report.http_requests == REQUESTS_PER_CYCLE
     tbt_query = next(q.promql for q in report.queries if q.signal == "tbt")
     assert "heteroscale:vllm_time_per_output_token_seconds_bucket:rate10s" in tbt_query
+    mean_query = next(q.promql for q in report.queries if q.signal == "tbt_mean")
+    assert "heteroscale:vllm_time_per_output_token_seconds_sum:rate10s" in mean_query
+    assert "rate(" not in mean_query.split(" or ")[0]
     for policy in policies:
-        for signal in ("ttft", "tbt"):
+        for signal in ("ttft", "tbt", "tbt_mean"):
             want, got = (
                 raw_metrics[policy.name].get(signal),
                 recorded_metrics[policy.name].get(signal),
