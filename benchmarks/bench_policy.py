@@ -165,6 +165,8 @@ class PlannerService:
     load_tps: float  # output tokens/s the measured cycle is drawn around
     ttft_ms: float  # the level its TTFT readings sit around
     tbt_ms: float  # likewise TBT
+    prefill_util: float  # likewise prefill's GPU utilisation
+    mean_gap_share: float  # its mean inter-token gap as a share of its TBT
 
 
 def length_buckets(median: float, sigma: float, requests: float, at_s: float) -> LengthBuckets:
@@ -186,27 +188,32 @@ def planner_metrics(
     mix: tuple[float, float, float, float],
     at_s: float,
     rng: random.Random,
-    latency_ms: tuple[float, float],
+    levels: tuple[float, float, float, float],
 ) -> ServiceMetrics:
     """One cycle's signals: rates consistent with the mix (prompt tokens/s = requests/s
-    x mean prompt), TTFT and TBT around the service's levels (``latency_ms``; the mean
-    gap below the p90), prefill's GPU utilisation, and the two length histograms: every
-    reading the planner's correction takes, as an engine with DCGM exports them."""
+    x mean prompt), TTFT, TBT, prefill's GPU utilisation and the mean gap (as a share
+    of the TBT) around the service's levels (``levels``, each +-``LATENCY_NOISE``), and
+    the two length histograms: every reading the planner's correction takes, as an
+    engine with DCGM exports them."""
     prompt_median, output_median, prompt_sigma, output_sigma = mix
     mean_prompt = prompt_median * math.exp(prompt_sigma**2 / 2.0)
     mean_output = output_median * math.exp(output_sigma**2 / 2.0)
     requests_per_s = decode_tps / mean_output
     requests = requests_per_s * METRICS_WINDOW_S
-    ttft_ms, tbt_ms = latency_ms
+    ttft_ms, tbt_ms, prefill_util, mean_gap_share = levels
+
+    def around(level: float) -> float:
+        return level * rng.uniform(1 - LATENCY_NOISE, 1 + LATENCY_NOISE)
+
     return ServiceMetrics(
         service,
         prefill_tps=Sample(requests_per_s * mean_prompt, at_s),
         decode_tps=Sample(decode_tps, at_s),
-        ttft=Sample(ttft_ms * rng.uniform(1 - LATENCY_NOISE, 1 + LATENCY_NOISE), at_s),
-        tbt=Sample(tbt_ms * rng.uniform(1 - LATENCY_NOISE, 1 + LATENCY_NOISE), at_s),
+        ttft=Sample(around(ttft_ms), at_s),
+        tbt=Sample(around(tbt_ms), at_s),
         decode_kv_usage=Sample(rng.uniform(0.5, 0.85), at_s),
-        prefill_gpu_util=Sample(rng.uniform(0.3, 0.8), at_s),
-        tbt_mean=Sample(tbt_ms * rng.uniform(0.6, 0.8), at_s),
+        prefill_gpu_util=Sample(min(1.0, around(prefill_util)), at_s),
+        tbt_mean=Sample(around(tbt_ms * mean_gap_share), at_s),
         prompt_tokens=length_buckets(prompt_median, prompt_sigma, requests, at_s),
         output_tokens=length_buckets(output_median, output_sigma, requests, at_s),
     )
@@ -220,7 +227,7 @@ def cycle_metrics(service: PlannerService, rng: random.Random) -> ServiceMetrics
         service.mix,
         NOW_S - 5,
         rng,
-        (service.ttft_ms, service.tbt_ms),
+        (service.ttft_ms, service.tbt_ms, service.prefill_util, service.mean_gap_share),
     )
 
 
@@ -261,19 +268,21 @@ def build_planner_inputs(count: int, seed: int = 11) -> list[PlannerService]:
             RoleCount(ready=decode),
         )
         load_tps = decode * per_instance_tps * rng.uniform(0.6, 1.3)
-        latency_ms = (
+        levels = (
             policy.slo.ttft_ms * rng.uniform(0.3, 1.1),
             policy.slo.tbt_ms * rng.uniform(0.3, 1.1),
+            rng.uniform(0.3, 0.8),
+            rng.uniform(0.6, 0.8),
         )
         history = PolicyHistory()
         for k in range(PLANNER_HISTORY_CYCLES):
             at_s = NOW_S - PLANNER_CYCLE_S * (PLANNER_HISTORY_CYCLES - k)
             swing = 1.0 + 0.15 * math.sin(2 * math.pi * at_s / 1_800.0) + rng.gauss(0.0, 0.03)
-            metrics = planner_metrics(policy.name, load_tps * swing, mix, at_s - 5, rng, latency_ms)
+            metrics = planner_metrics(policy.name, load_tps * swing, mix, at_s - 5, rng, levels)
             history = planner.decide(
                 DecisionInput(policy, fleet, metrics, history, at_s, cluster)
             ).history
-        services.append(PlannerService(cluster, policy, fleet, history, mix, load_tps, *latency_ms))
+        services.append(PlannerService(cluster, policy, fleet, history, mix, load_tps, *levels))
     return services
 
 
