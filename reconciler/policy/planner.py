@@ -165,8 +165,8 @@ DRAIN_S = METRICS_WINDOW_S
 # model's resolution everywhere: two mixes of one key may differ by up to a step in
 # each bucket, which in a long-prompt bucket moves the mean prompt by up to ~13 % and
 # the prefill count by up to ~5 % (the example services' shapes); the entry of the
-# first mix seen is the one used. The correction's factors are rounded to 0.001: half
-# of that moves either capacity by under 0.07 %, far below the model's 3-4 % fit error.
+# first mix seen is the one used. The correction's factors are used in 1 % steps
+# (``perf_context._FACTOR_STEP`` says why).
 
 
 @dataclass(frozen=True)
