@@ -122,16 +122,15 @@ def capacities_for(
         id(perf),
         cached_on(mix, "capacity key", lambda: _mix_key(mix)),
         instances_hint,
-        round(correction.prefill / _FACTOR_STEP),
-        round(correction.decode / _FACTOR_STEP),
+        prefill_steps := round(correction.prefill / _FACTOR_STEP),
+        decode_steps := round(correction.decode / _FACTOR_STEP),
     )
     cached = _capacity_cache.get(key)
     if cached is not None:
         _capacity_cache.move_to_end(key)
         return cached[1]
     stepped = LatencyCorrection(
-        prefill=round(correction.prefill / _FACTOR_STEP) * _FACTOR_STEP,
-        decode=round(correction.decode / _FACTOR_STEP) * _FACTOR_STEP,
+        prefill=prefill_steps * _FACTOR_STEP, decode=decode_steps * _FACTOR_STEP
     )
     result = role_capacities(
         perf.prefill,
