@@ -28,8 +28,8 @@ from reconciler.commands._options import (
     TraceOpt,
     checked_repository,
     console,
+    desired_state_or_exit,
     err_console,
-    report_config_error,
     without_flag_types,
 )
 
@@ -190,18 +190,12 @@ def validate(
     role above what it needs), and for every service whose max_instances is below what
     the trace's busiest minute needs."""
     from reconciler.desired.checks import gpu_choice_warnings
-    from reconciler.desired.loader import load_desired_state
-    from reconciler.errors import ConfigError
 
     checked_repository(path, rev=rev)
     if rate_scale is not None and not (rate_scale > 0 and math.isfinite(rate_scale)):
         err_console.print(f"error: --rate-scale must be a positive number, got {rate_scale:g}")
         raise typer.Exit(2)
-    try:
-        state = load_desired_state(path, rev=rev)
-    except ConfigError as exc:
-        report_config_error(exc)
-        raise typer.Exit(1) from None
+    state = desired_state_or_exit(path, rev=rev)
     gpus = sum(node.gpus for spec in state.clusters.values() for node in spec.nodes)
     nodes = sum(len(spec.nodes) for spec in state.clusters.values())
     # One unwrapped line, printed without rich: a valid run needs nothing more.

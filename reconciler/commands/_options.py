@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
+    from reconciler.desired.loader import DesiredState
     from reconciler.errors import ConfigError
 
 
@@ -353,6 +354,21 @@ def checked_repository(path: Path, *, rev: str | None = None) -> Path:
     return path
 
 
+def desired_state_or_exit(repo: Path, *, rev: str | None = None) -> DesiredState:
+    """The desired state in ``repo`` (at Git revision ``rev`` when given); when it is
+    invalid, its problems on stderr (``report_config_error``) and exit 1. Check the
+    path first (``checked_repository``): a path that cannot be a repository is a
+    usage error instead."""
+    from reconciler.desired.loader import load_desired_state
+    from reconciler.errors import ConfigError
+
+    try:
+        return load_desired_state(repo, rev=rev)
+    except ConfigError as exc:
+        report_config_error(exc)
+        raise typer.Exit(1) from None
+
+
 def progress_bars(counter: str) -> Progress:
     """A progress display on stderr (``err_console``), kept when done: per task its
     description, a bar, ``counter`` (a rich format of the task's fields, e.g.
@@ -418,6 +434,7 @@ __all__ = [
     "checked_placer",
     "checked_repository",
     "console",
+    "desired_state_or_exit",
     "err_console",
     "option_group",
     "progress_bars",

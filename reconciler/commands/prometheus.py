@@ -23,9 +23,8 @@ from reconciler.commands._options import (
     RevOpt,
     checked_repository,
     console,
-    report_config_error,
+    desired_state_or_exit,
 )
-from reconciler.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
@@ -40,18 +39,13 @@ def register(app: typer.Typer) -> None:
         rules file: load it with rule_files), for the repository's policies and the
         given scrape interval and rate window."""
         from reconciler.commands.reconcile import prometheus_windows
-        from reconciler.desired.loader import load_desired_state
         from reconciler.observe.presets import recording_rules
 
         interval_s, window_s = prometheus_windows(
             prometheus_scrape_interval, prometheus_rate_window
         )
         checked_repository(repo, rev=rev)
-        try:
-            state = load_desired_state(repo, rev=rev)
-        except ConfigError as exc:
-            report_config_error(exc)
-            raise typer.Exit(1) from None
+        state = desired_state_or_exit(repo, rev=rev)
         labels = sorted(
             {(p.metrics.service_label, p.metrics.role_label) for p in state.policies.values()}
         )

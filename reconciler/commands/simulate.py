@@ -29,9 +29,9 @@ from reconciler.commands._options import (
     checked_placer,
     checked_repository,
     console,
+    desired_state_or_exit,
     err_console,
     progress_bars,
-    report_config_error,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -45,7 +45,7 @@ from reconciler.commands._table import (
     signed_percent,
     whole,
 )
-from reconciler.errors import ConfigError, PermanentError
+from reconciler.errors import PermanentError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -326,7 +326,6 @@ def register(app: typer.Typer) -> None:
 
         Without --trace: a synthetic diurnal day for the service, sized to the fleet.
         --plot: one row per policy."""
-        from reconciler.desired.loader import load_desired_state
         from reconciler.sim.engine import SimConfig
         from reconciler.sim.evaluate import (
             STATIC_PAST_PEAK,
@@ -340,11 +339,7 @@ def register(app: typer.Typer) -> None:
         from reconciler.sim.workload import TraceError
 
         checked_repository(repo)
-        try:
-            state = load_desired_state(repo)
-        except ConfigError as exc:
-            report_config_error(exc)
-            raise typer.Exit(1) from None
+        state = desired_state_or_exit(repo)
         if not state.policies:
             err_console.print(f"error: {repo}: no services in policies/", markup=False)
             raise typer.Exit(1)

@@ -42,9 +42,9 @@ from reconciler.commands._options import (
     checked_placer,
     checked_repository,
     console,
+    desired_state_or_exit,
     err_console,
     progress_bars,
-    report_config_error,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -56,10 +56,9 @@ from reconciler.commands._table import (
     whole,
 )
 from reconciler.commands.simulate import render_table, save_png
-from reconciler.desired.loader import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
-from reconciler.errors import ConfigError, PermanentError
+from reconciler.errors import PermanentError
 from reconciler.policy.gpu_economics import choose_gpu_types
 from reconciler.review.tune import (
     DEFAULT_HEADROOM,
@@ -325,11 +324,7 @@ def register(app: typer.Typer) -> None:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)
         checked_repository(repo)
-        try:
-            state = load_desired_state(repo)
-        except ConfigError as exc:
-            report_config_error(exc)
-            raise typer.Exit(1) from None
+        state = desired_state_or_exit(repo)
         if service not in state.policies:
             known = ", ".join(sorted(state.policies)) or "none"
             err_console.print(
