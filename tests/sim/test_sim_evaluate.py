@@ -15,17 +15,21 @@ from reconciler.cli import app
 from reconciler.desired import DesiredState
 from reconciler.policy import HpaTokensAutoscaler, make_autoscaler
 from reconciler.policy.base import Decision, DecisionInput
-from reconciler.sim.engine import LoadProfile, synthetic_profile
+from reconciler.sim.engine import LoadProfile, SimConfig, synthetic_profile
 from reconciler.sim.evaluate import (
     EvaluationError,
     ScheduleAutoscaler,
     build_autoscaler,
+    counts_for_peaks,
     evaluate,
     past_peak_demand,
+    peak_demand,
     role_capacity,
     run_autoscaler,
+    warm_start_counts,
 )
 from reconciler.sim.hand_targets import with_hand_targets
+from reconciler.sim.oracle import oracle_min_initial_counts
 from reconciler.sim.sweep import (
     DEFAULT_HPA_TARGETS,
     HpaSweep,
@@ -639,6 +643,35 @@ def test_a_policy_that_held_for_want_of_an_input_says_why(state: DesiredState) -
     held = [n for n in runs["heteroscale-paper"].notes if n.startswith("held its size at")]
     assert len(held) == 1 and "scaling.target_per_instance is not set" in held[0]
     assert not [n for n in runs["heteroscale"].notes if n.startswith("held its size")]
+
+
+def test_the_shared_warm_start_is_at_most_static_peaks_fleet(state: DesiredState) -> None:
+    """Every simulated policy starts from oracle-min's fleet at t = 0, per role no larger
+    than static peak's for the judged traffic. With a 400 ms TTFT, svc-b's longer prompts
+    sit at the edge of an idle instance's reach and the bound buys idle instances for
+    them from its first minute (both roles at ``max_instances``); the policies start at
+    static peak's counts instead. On the policy's own SLO the bound's fleet is the
+    smaller, and they start at the bound's."""
+    policy = state.policies[SERVICE]
+    tight = policy.model_copy(update={"slo": policy.slo.model_copy(update={"ttft_ms": 400.0})})
+    load = synthetic_profile("b", hours=0.25, peak_rps=10, seed=1)
+    cluster = state.clusters[policy.cluster]
+    config = SimConfig()
+    capacity = role_capacity(state, policy, load, config)
+    static = counts_for_peaks(*peak_demand(load), capacity)
+
+    bound = oracle_min_initial_counts(tight, cluster, load, config)
+    assert bound == (tight.prefill.max_instances, tight.decode.max_instances)
+    assert warm_start_counts(tight, cluster, load, config, capacity) == static
+
+    own_bound = oracle_min_initial_counts(policy, cluster, load, config)
+    assert own_bound[0] < static[0] and own_bound[1] < static[1]
+    assert warm_start_counts(policy, cluster, load, config, capacity) == own_bound
+
+    tight_state = dataclasses.replace(state, policies={**state.policies, SERVICE: tight})
+    run = evaluate(tight_state, SERVICE, load, ["heteroscale"], seed=0).policies["heteroscale"]
+    assert run.timeline["prefill_instances"][0] == static[0]
+    assert run.timeline["decode_instances"][0] == static[1]
 
 
 def test_a_warm_up_is_run_but_neither_judged_nor_counted(state: DesiredState) -> None:
