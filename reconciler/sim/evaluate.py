@@ -550,6 +550,10 @@ class PolicyResult:
     unpriced_gpu_types: tuple[str, ...] = ()
     output_tokens_within_slo: float = 0.0
     usd_per_mtok: float | None = None  # cost per million output tokens served within SLO
+    # The (prefill, decode) instances the run started from: the shared warm start, or
+    # static provisioning's own counts (module docstring). None for oracle-min, whose
+    # plan is its own from the first window.
+    start_instances: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.failed is not None:
@@ -598,6 +602,9 @@ class PolicyResult:
                 "prefill": self.peak_prefill_instances,
                 "decode": self.peak_decode_instances,
             },
+            "start_instances": None
+            if self.start_instances is None
+            else {"prefill": self.start_instances[0], "decode": self.start_instances[1]},
             "placement_shortfalls": self.placement_shortfalls,
             "notes": list(self.notes),
             "timeline": {
@@ -1033,6 +1040,7 @@ def _run_policy(
         shortfalls=shortfalls,
         timeline=timeline,
         notes=notes,
+        start_instances=(prefill0, decode0),
     )
 
 
@@ -1052,10 +1060,12 @@ def _result(
     shortfalls: int,
     timeline: Mapping[str, np.ndarray],
     notes: Sequence[str],
+    start_instances: tuple[int, int] | None = None,
 ) -> PolicyResult:
     """A run's figures from its simulator and its per-second instance counts (and GPUs
     per type, ``gpus_by_type``): the one accounting every policy and oracle-min share,
-    over the judged seconds (from the profile's ``judged_from_s`` to ``horizon``)."""
+    over the judged seconds (from the profile's ``judged_from_s`` to ``horizon``);
+    ``start_instances``: the fleet the run started from, where it had one."""
     judged = slice(sim.profile.judged_from_s, horizon)
     usage = _usage(sim, counts, judged, policy)
     gpu_hours_by_type = {
@@ -1107,6 +1117,7 @@ def _result(
         unpriced_gpu_types=cost.unpriced_types,
         output_tokens_within_slo=tokens_within_slo,
         usd_per_mtok=per_million(cost.amount, tokens_within_slo),
+        start_instances=start_instances,
     )
 
 

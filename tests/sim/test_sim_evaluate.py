@@ -669,9 +669,14 @@ def test_the_shared_warm_start_is_at_most_static_peaks_fleet(state: DesiredState
     assert warm_start_counts(policy, cluster, load, config, capacity) == own_bound
 
     tight_state = dataclasses.replace(state, policies={**state.policies, SERVICE: tight})
-    run = evaluate(tight_state, SERVICE, load, ["heteroscale"], seed=0).policies["heteroscale"]
+    runs = evaluate(tight_state, SERVICE, load, ["heteroscale", "oracle-min"], seed=0).policies
+    run = runs["heteroscale"]
     assert run.timeline["prefill_instances"][0] == static[0]
     assert run.timeline["decode_instances"][0] == static[1]
+    # Each run says what it started from; the bound has no start but its own plan.
+    assert run.start_instances == static
+    assert run.to_json()["start_instances"] == {"prefill": static[0], "decode": static[1]}
+    assert runs["oracle-min"].start_instances is None
 
 
 def test_a_warm_up_is_run_but_neither_judged_nor_counted(state: DesiredState) -> None:
