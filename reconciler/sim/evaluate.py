@@ -782,7 +782,7 @@ def evaluate(
         # part alone.
         oracle_plan = plan_oracle_min(policy, cluster, judged, config, window_s=oracle_window_s)
     # Every policy starts from oracle-min's state at t = 0 in the policies' own
-    # environment (module docstring).
+    # environment, at most static peak's fleet (module docstring).
     warm = (
         warm_start_counts(policy, cluster, profile, config, capacity, oracle_window_s)
         if simulated

@@ -657,18 +657,20 @@ def test_the_shared_warm_start_is_at_most_static_peaks_fleet(state: DesiredState
     load = synthetic_profile("b", hours=0.25, peak_rps=10, seed=1)
     cluster = state.clusters[policy.cluster]
     config = SimConfig()
-    capacity = role_capacity(state, policy, load, config)
+    tight_state = dataclasses.replace(state, policies={**state.policies, SERVICE: tight})
+    capacity = role_capacity(tight_state, tight, load, config)
     static = counts_for_peaks(*peak_demand(load), capacity)
 
     bound = oracle_min_initial_counts(tight, cluster, load, config)
     assert bound == (tight.prefill.max_instances, tight.decode.max_instances)
     assert warm_start_counts(tight, cluster, load, config, capacity) == static
 
+    own_capacity = role_capacity(state, policy, load, config)
+    own_static = counts_for_peaks(*peak_demand(load), own_capacity)
     own_bound = oracle_min_initial_counts(policy, cluster, load, config)
-    assert own_bound[0] < static[0] and own_bound[1] < static[1]
-    assert warm_start_counts(policy, cluster, load, config, capacity) == own_bound
+    assert own_bound[0] < own_static[0] and own_bound[1] < own_static[1]
+    assert warm_start_counts(policy, cluster, load, config, own_capacity) == own_bound
 
-    tight_state = dataclasses.replace(state, policies={**state.policies, SERVICE: tight})
     runs = evaluate(tight_state, SERVICE, load, ["heteroscale", "oracle-min"], seed=0).policies
     run = runs["heteroscale"]
     assert run.timeline["prefill_instances"][0] == static[0]
