@@ -68,7 +68,8 @@ finished in the window), NaN or stale comes back as ``None``, and the planner ke
 last known mix. The mix is optional: when its query fails for good (timeouts, 5xx after
 the retries) its services get ``None`` with the error as the gap reason, and neither
 the cycle nor the other signals fail. The queues (``prefill_queue``, ``decode_queue``)
-are optional the same way (``OPTIONAL_SIGNALS``).
+and the mean inter-token gap (``tbt_mean``) are optional the same way
+(``OPTIONAL_SIGNALS``).
 
 Queries are evaluated at ``now_s`` (the ``time`` parameter), so a cycle can be replayed
 against recorded data.
@@ -145,9 +146,11 @@ from reconciler.state import (
 log = logging.getLogger(__name__)
 
 OPTIONAL_SIGNALS: frozenset[SignalName] = frozenset(
-    (*LENGTH_NAMES, "prefill_queue", "decode_queue")
+    (*LENGTH_NAMES, "prefill_queue", "decode_queue", "tbt_mean")
 )
-"""Signals whose query may fail for good without failing the cycle."""
+"""Signals whose query may fail for good without failing the cycle: the planner reads
+around each of them (the last known mix, the served rates without a queue, the TBT p90
+without the mean gap)."""
 
 
 def evaluation_time(now_s: float) -> str:
@@ -328,8 +331,8 @@ class SignalRequest:
 
     @property
     def optional(self) -> bool:
-        """A request-mix histogram or a queue: its failure must not fail the cycle (the
-        planner keeps the last known mix, and reads the served rates without a queue)."""
+        """A request-mix histogram, a queue or the mean inter-token gap: its failure must
+        not fail the cycle (``OPTIONAL_SIGNALS``)."""
         return self.signal in OPTIONAL_SIGNALS
 
     def promql(self) -> str:

@@ -296,3 +296,22 @@ def test_a_failing_queue_query_leaves_only_the_queues_missing(fake_prometheus: S
     assert source.last_report is not None
     failed = {g.signal for g in source.last_report.gaps if "503" in g.reason}
     assert failed == {"prefill_queue", "decode_queue"}
+
+
+def test_a_failing_mean_gap_query_leaves_only_the_mean_gap_missing(
+    fake_prometheus: StartFake,
+) -> None:
+    """The mean inter-token gap only sharpens the latency correction (the TBT p90 is
+    read without it), so Prometheus failing it for good costs nothing else."""
+    down = Reply(status=503, body='{"status":"error","errorType":"unavailable","error":"down"}')
+    ok = Reply(body=_every_role_answers(3.0, 1000.0))
+    server = fake_prometheus([ok], route=lambda q: down if "_seconds_sum" in q else ok)
+    source = _source(server.url, retries=0)
+    metrics = source.fetch([make_policy("a")], 1000.0)["a"]
+    assert metrics.tbt_mean is None
+    for signal in METRIC_NAMES:
+        if signal != "tbt_mean":
+            assert metrics.get(signal) is not None, signal
+    assert source.last_report is not None
+    failed = {g.signal for g in source.last_report.gaps if "503" in g.reason}
+    assert failed == {"tbt_mean"}
