@@ -1054,6 +1054,20 @@ def _corrected(
         prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0
         if backlog.tokens > prefilled_in_slo:
             backlog_seen_s = backlog.at_s
+    busy_implied = None
+    gpu_util = metrics.prefill_gpu_util
+    if (
+        one_type[0]
+        and ready[0] > 0
+        and now_s - steady_since_s[0] >= METRICS_WINDOW_S
+        and metrics.prefill_tps is not None
+        and gpu_util is not None
+        and sample_problem(gpu_util, "prefill_gpu_util", now_s, policy.scaling.metric_max_age_s)
+        is None
+    ):
+        busy_implied = implied_prefill_factor_from_busy(
+            perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
+        )
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
     ttft_implied: float | None = None
     if (
@@ -1080,22 +1094,10 @@ def _corrected(
                 side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
                     load, factor, lower_s, upper_s
                 ),
+                # Beside the busy reading only a slower factor counts (factor_evidence).
+                slower_only=busy_implied is not None,
             )
             ttft_implied = implied
-    busy_implied = None
-    gpu_util = metrics.prefill_gpu_util
-    if (
-        one_type[0]
-        and ready[0] > 0
-        and now_s - steady_since_s[0] >= METRICS_WINDOW_S
-        and metrics.prefill_tps is not None
-        and gpu_util is not None
-        and sample_problem(gpu_util, "prefill_gpu_util", now_s, policy.scaling.metric_max_age_s)
-        is None
-    ):
-        busy_implied = implied_prefill_factor_from_busy(
-            perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
-        )
     if busy_implied is None and ttft_implied is not None:
         # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
         # (1-2-5): spread evenly within a wide bucket the model's tail sits too long,
@@ -1134,6 +1136,7 @@ def within_bucket(
     current: float,
     predicted_at: Callable[[float], float] | None = None,
     side_at: Callable[[float, float, float], int] | None = None,
+    slower_only: bool = False,
 ) -> float | None:
     """The correction factor an observed latency quantile supports.
 
@@ -1148,7 +1151,10 @@ def within_bucket(
     (the model's latency at a factor), when given, spares the inversions: the current
     factor's prediction tells which edge of the bucket, if any, it is outside.
     ``side_at(factor, lower_s, upper_s)`` does the same without the prediction itself:
-    -1, 0 or 1 as it lies at or below, in or above the bucket (``capacity.bucket_side``)."""
+    -1, 0 or 1 as it lies at or below, in or above the bucket (``capacity.bucket_side``).
+    ``slower_only`` (with ``side_at`` or ``predicted_at``): the caller uses no factor
+    below ``current``, so a prediction above the bucket returns ``current`` without an
+    inversion whose result nothing would use."""
     if bounds is None:
         return implied_at(observed_s)
     lower_s, upper_s = bucket_around(observed_s, bounds)
@@ -1164,6 +1170,8 @@ def within_bucket(
             return current
         if side < 0:
             return implied_at(lower_s) if lower_s > 0 else current
+        if slower_only:
+            return current
         return implied_at(upper_s) if math.isfinite(upper_s) else current
     low = implied_at(lower_s) if lower_s > 0 else LatencyCorrection.MIN_FACTOR
     high = implied_at(upper_s) if math.isfinite(upper_s) else LatencyCorrection.MAX_FACTOR
