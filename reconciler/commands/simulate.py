@@ -311,6 +311,15 @@ def register(app: typer.Typer) -> None:
                 min=1,
             ),
         ] = DEFAULT_WINDOW_S,
+        oracle_goal: Annotated[
+            float | None,
+            typer.Option(
+                "--oracle-goal",
+                help="oracle-min's share of each window's attainable requests, in (0, 1] "
+                "(default: the policy's slo.attainment_goal): the bound for another goal; "
+                "windows are sized one after another, so a lower goal can cost more",
+            ),
+        ] = None,
         engine_speed: Annotated[
             str,
             typer.Option(
@@ -352,6 +361,13 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         checked_placer(placer)
         hpa_target_value = _hpa_target(hpa_target)
+        if oracle_goal is not None and not 0.0 < oracle_goal <= 1.0:  # NaN fails too
+            err_console.print(
+                f"error: --oracle-goal must be a number in (0, 1], got {oracle_goal}",
+                markup=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
         if not chosen:
             err_console.print("error: --policies is empty")
@@ -409,6 +425,7 @@ def register(app: typer.Typer) -> None:
                     progress=report,
                     hpa_target=hpa_target_value,
                     oracle_window_s=oracle_window_s,
+                    oracle_goal=oracle_goal,
                 )
                 for task in tasks.values():
                     progress.update(task, completed=1.0)
@@ -439,6 +456,7 @@ def register(app: typer.Typer) -> None:
                 "placer": placer,
                 "hpa_target": hpa_target_value if hpa_target_value is not None else "auto",
                 "oracle_window_s": oracle_window_s,
+                "oracle_goal": oracle_goal,
                 "warm_up_hours": warm_up_hours,
                 "export_workload": str(export_path) if export_path else None,
                 "engine_speed": {"prefill": prefill_speed, "decode": decode_speed},

@@ -17,6 +17,13 @@ windows are sized one after the other, each from the exact state the previous on
    ``attainment_goal`` of them. Where decode limits TTFT (a first step on a large batch
    pushes a request just over the TTFT SLO), this is what decode needs to bring it
    back: the prefill count stays the fewest with which TTFT can meet the goal at all.
+3. **trade**: where one decode instance fewer misses TTFT while meeting TBT, decode's
+   count is set by the requests near the TTFT SLO, and more prefill can let fewer
+   decode instances pass. So prefill + 1, + 2, ... is tried, each with its own decode
+   search, as long as each step lowers the window's GPUs: the Mooncake trace on chat
+   (bench_matrix's ``mooncake-x10``), sized for 98.1% of each window's attainable
+   requests, cost 1,653.5 GPU-hours with prefill's least count taken first and 1,452.4
+   with the trade.
 
 A request is attainable when its TTFT can meet the SLO on an idle instance of the
 fastest allowed type (``reconciler.sim.engine.idle_ttft_s``); the others miss under
@@ -973,6 +980,8 @@ class _Sizer:
         self.d_lo = max(policy.decode.min_instances, 1)
         self.p_hi = max(policy.prefill.max_instances, self.p_lo)
         self.d_hi = max(policy.decode.max_instances, self.d_lo)
+        self.prefill_gpus = policy.prefill.gpus_per_instance
+        self.decode_gpus = policy.decode.gpus_per_instance
         self.prefill_model = _PrefillModel(sim, prefill_type, goal)
         self.decode_model = _DecodeModel(sim, decode_type, goal, self.d_lo, self.d_hi)
         self.prefill = 0
@@ -1027,22 +1036,7 @@ class _Sizer:
         else:
             prefill, prefill_met = estimate, True
         while True:
-            self.prefill = prefill
-            cached = search.cache.get((prefill, self.d_hi))
-            if cached is not None:
-                anchor = cached[0]
-            else:  # the model's word for what a trial at decode's most would show
-                anchor = _Verdict(1.0, 1.0, ttft_margin_s=self.prefill_model.margin_s(prefill))
-            at_most = [
-                v.gap_max_s for (_p, d), (v, *_rest) in search.cache.items() if d == self.d_hi
-            ]
-            self.decode_model.begin(
-                start,
-                end,
-                (self.d_hi, anchor),
-                max(at_most, default=math.nan),
-                search.previous_decode,
-            )
+            self._begin_decode(start, end, prefill)
             try:
                 decode, decode_met = _least_passing(
                     self.decode_passes, self.d_lo, self.d_hi, self.decode_model.propose
@@ -1059,9 +1053,60 @@ class _Sizer:
             prefill, prefill_met = _least_passing(
                 self.prefill_passes, self.p_lo, self.p_hi, self.prefill_propose, prefill
             )
+        if prefill_met and decode_met:
+            prefill, decode = self._traded(start, end, prefill, decode)
         self.decode_model.finish()
         verdict = search.accept(prefill, decode)
         return prefill, decode, prefill_met and decode_met, verdict
+
+    def _begin_decode(self, start: int, end: int, prefill: int) -> None:
+        """Start the decode search of a window at this prefill count."""
+        search = self.search
+        self.prefill = prefill
+        cached = search.cache.get((prefill, self.d_hi))
+        if cached is not None:
+            anchor = cached[0]
+        else:  # the model's word for what a trial at decode's most would show
+            anchor = _Verdict(1.0, 1.0, ttft_margin_s=self.prefill_model.margin_s(prefill))
+        at_most = [v.gap_max_s for (_p, d), (v, *_rest) in search.cache.items() if d == self.d_hi]
+        self.decode_model.begin(
+            start,
+            end,
+            (self.d_hi, anchor),
+            max(at_most, default=math.nan),
+            search.previous_decode,
+        )
+
+    def _traded(self, start: int, end: int, prefill: int, decode: int) -> tuple[int, int]:
+        """The window's pair with the fewest GPUs along prefill + 1, + 2, ... (module
+        docstring, step 3). Where one decode instance fewer misses TTFT while meeting
+        TBT, decode's least count is set by prefill's: the requests near the TTFT SLO
+        that a first decode step on a larger batch takes over it. More prefill shortens
+        their prefill and can let fewer decode instances pass. Each step is taken only
+        when it lowers the GPUs; the pair stays minimal in both roles (a count one
+        below the chosen decode fails at this prefill, and at the prefill below it
+        every decode count under the one found there fails)."""
+        while prefill < self.p_hi and decode > self.d_lo:
+            below = self.search.cache.get((prefill, decode - 1))
+            if below is None:
+                break
+            verdict = below[0]
+            if not verdict.ttft_share < self.goal <= verdict.tbt_share:
+                break  # TBT binds decode there: more prefill does not help it
+            # Fewer GPUs: prefill_gpus * (p + 1) + decode_gpus * d' below the pair's.
+            top = math.ceil(decode - self.prefill_gpus / self.decode_gpus) - 1
+            if top < self.d_lo:
+                break
+            self._begin_decode(start, end, prefill + 1)
+            self.confirmed = True  # more prefill than a count that meets TTFT
+            fewer, met = _least_passing(
+                self.decode_passes, self.d_lo, top, self.decode_model.propose
+            )
+            if not met:
+                self.prefill = prefill
+                break
+            prefill, decode = prefill + 1, fewer
+        return prefill, decode
 
 
 def bound_config(config: SimConfig | None) -> SimConfig:

@@ -581,6 +581,54 @@ def test_simulate_command_rejects_a_bad_hpa_target(
     assert "--hpa-target must be 'auto' or a number in (0, 1]" in result.output.replace("\n", "")
 
 
+def test_simulate_command_bounds_another_goal_and_records_it(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    out_json = tmp_path / "result.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--trace",
+            str(_trace(tmp_path)),
+            "--service",
+            SERVICE,
+            "--policies",
+            "oracle-min",
+            "--oracle-goal",
+            "0.9",
+            "--json",
+            str(out_json),
+            "--repo",
+            str(repo_root),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(out_json.read_text())
+    assert "meeting 90% of each" in document["policies"]["oracle-min"]["description"]
+    assert document["command"]["oracle_goal"] == 0.9
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_simulate_command_rejects_an_oracle_goal_outside_zero_to_one(
+    repo_root: Path, tmp_path: Path, value: str
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--trace",
+            str(_trace(tmp_path)),
+            "--oracle-goal",
+            value,
+            "--repo",
+            str(repo_root),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--oracle-goal must be a number in (0, 1]" in result.output.replace("\n", "")
+
+
 def test_a_quiet_synthetic_day_is_served_not_dropped(state: DesiredState) -> None:
     """A synthetic day's judged requests are a sample of its process, not its binned
     arrivals: at 0.1 requests/s most land in seconds where the bins had none. Such a

@@ -19,7 +19,12 @@ from reconciler.sim.engine import (
     per_request,
     request_outcomes,
 )
-from reconciler.sim.evaluate import evaluate, run_autoscaler
+from reconciler.sim.evaluate import (
+    EvaluationError,
+    evaluate,
+    run_autoscaler,
+    with_attainment_goal,
+)
 from reconciler.sim.oracle import (
     _judge_s,
     _least_passing,
@@ -339,3 +344,75 @@ def test_a_trial_settled_early_misses_in_full(state: DesiredState, burst_load, p
     assert not full.settled
     assert full.both_share <= early.both_share < policy.slo.attainment_goal
     assert full.tbt_share <= early.tbt_share and full.ttft_share <= early.ttft_share
+
+
+def test_the_bound_for_another_goal_sizes_every_window_for_it_and_leaves_the_rest(
+    state: DesiredState, burst_load: LoadProfile
+) -> None:
+    """``oracle_goal`` is a what-if for the bound alone: each of its windows meets that
+    share of its attainable requests, and every other policy runs exactly as without it
+    (the shared warm start stays the policy's own)."""
+    policy = state.policies[SERVICE]
+    lower = 0.9
+    assert lower < policy.slo.attainment_goal
+    names = ["heteroscale", "oracle-min"]
+    own = evaluate(state, SERVICE, burst_load, names, seed=3).policies
+    other = evaluate(state, SERVICE, burst_load, names, seed=3, oracle_goal=lower).policies
+    assert "meeting 90% of each 60 s window" in other["oracle-min"].description
+    assert "meeting 99.5% of each 60 s window" in own["oracle-min"].description
+    ran, reran = own["heteroscale"], other["heteroscale"]
+    assert ran.start_instances == reran.start_instances
+    assert (ran.gpu_hours, ran.slo_attainment, ran.scaling_actions) == (
+        reran.gpu_hours,
+        reran.slo_attainment,
+        reran.scaling_actions,
+    )
+    plan = plan_oracle_min(
+        with_attainment_goal(policy, lower), state.clusters[policy.cluster], burst_load
+    )
+    assert all(w.met and w.attainment >= lower for w in plan.windows)
+    assert other["oracle-min"].gpu_hours == pytest.approx(
+        evaluate(state, SERVICE, burst_load, ["oracle-min"], seed=3, oracle_goal=lower)
+        .policies["oracle-min"]
+        .gpu_hours
+    )
+
+
+@pytest.mark.parametrize("goal", [0.0, 1.5, math.nan])
+def test_an_attainment_goal_outside_zero_to_one_is_refused(
+    state: DesiredState, goal: float
+) -> None:
+    with pytest.raises(EvaluationError, match=r"must lie in \(0, 1\]"):
+        with_attainment_goal(state.policies[SERVICE], goal)
+
+
+def test_more_prefill_is_taken_where_it_lets_fewer_decode_instances_meet_ttft(
+    state: DesiredState, burst_load: LoadProfile
+) -> None:
+    """With a 400 ms TTFT on chat, decode's least count is set in some windows by the
+    requests near the TTFT SLO (a first decode step on a larger batch takes them over
+    it): there the bound holds more prefill than TTFT alone needs, because that lets
+    enough decode instances go to save GPUs. At the prefill count below, the decode
+    count with as many GPUs as the chosen pair misses the goal."""
+    chat = state.policies[SERVICE]
+    policy = chat.model_copy(update={"slo": chat.slo.model_copy(update={"ttft_ms": 400.0})})
+    cluster = state.clusters[policy.cluster]
+    plan = plan_oracle_min(policy, cluster, burst_load)
+    goal = policy.slo.attainment_goal
+    traded = [
+        k
+        for k, w in enumerate(plan.windows)
+        if w.prefill > policy.prefill.min_instances
+        and replay_window(
+            policy, cluster, burst_load, plan, k, w.prefill - 1, policy.decode.max_instances
+        )[0]
+        >= goal
+    ]
+    assert traded, "no window holds more prefill than TTFT needs with decode at its most"
+    extra_decode = policy.prefill.gpus_per_instance // policy.decode.gpus_per_instance
+    for k in traded[:2]:
+        chosen = plan.windows[k]
+        _ttft, both = replay_window(
+            policy, cluster, burst_load, plan, k, chosen.prefill - 1, chosen.decode + extra_decode
+        )
+        assert both < goal, f"window {k}: prefill-first would have cost no more GPUs"
