@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from reconciler.cli import app
 from reconciler.desired import DesiredState
@@ -294,29 +294,23 @@ def _trace(tmp_path: Path) -> Path:
     return path
 
 
+def _simulate(repo_root: Path, tmp_path: Path, *options: str) -> Result:
+    """``heteroscale simulate`` on a short synthetic trace of the example repository."""
+    return CliRunner().invoke(
+        app,
+        ["simulate", "--trace", str(_trace(tmp_path)), "--repo", str(repo_root), *options],
+    )
+
+
 def test_simulate_command_prints_the_table_and_writes_json_and_png(
     repo_root: Path, tmp_path: Path
 ) -> None:
     out_json, out_png = tmp_path / "out" / "result.json", tmp_path / "result.png"
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--service",
-            SERVICE,
-            "--rate-scale",
-            "3",
-            "--policies",
-            "static-peak,oracle-min",
-            "--json",
-            str(out_json),
-            "--plot",
-            str(out_png),
-            "--repo",
-            str(repo_root),
-        ],
+    result = _simulate(
+        repo_root,
+        tmp_path,
+        *("--service", SERVICE, "--rate-scale", "3", "--policies", "static-peak,oracle-min"),
+        *("--json", str(out_json), "--plot", str(out_png)),
     )
     assert result.exit_code == 0, result.output
     assert (
@@ -339,18 +333,7 @@ def test_simulate_command_reports_a_bad_trace(repo_root: Path, tmp_path: Path) -
 
 
 def test_simulate_command_rejects_an_unknown_service(repo_root: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--service",
-            "nope",
-            "--repo",
-            str(repo_root),
-        ],
-    )
+    result = _simulate(repo_root, tmp_path, "--service", "nope")
     assert result.exit_code == 2
     assert "unknown service 'nope'" in result.output
 
@@ -538,22 +521,11 @@ def test_simulate_command_hpa_target_is_given_or_swept(
     repo_root: Path, tmp_path: Path, option: list[str], description: str, recorded: object
 ) -> None:
     out_json = tmp_path / "result.json"
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--service",
-            SERVICE,
-            "--policies",
-            "hpa-gpu-util",
-            "--json",
-            str(out_json),
-            "--repo",
-            str(repo_root),
-            *option,
-        ],
+    result = _simulate(
+        repo_root,
+        tmp_path,
+        *("--service", SERVICE, "--policies", "hpa-gpu-util", "--json", str(out_json)),
+        *option,
     )
     assert result.exit_code == 0, result.output
     document = json.loads(out_json.read_text())
@@ -565,18 +537,7 @@ def test_simulate_command_hpa_target_is_given_or_swept(
 def test_simulate_command_rejects_a_bad_hpa_target(
     repo_root: Path, tmp_path: Path, value: str
 ) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--hpa-target",
-            value,
-            "--repo",
-            str(repo_root),
-        ],
-    )
+    result = _simulate(repo_root, tmp_path, "--hpa-target", value)
     assert result.exit_code == 2
     assert "--hpa-target must be 'auto' or a number in (0, 1]" in result.output.replace("\n", "")
 
@@ -585,23 +546,11 @@ def test_simulate_command_bounds_another_goal_and_records_it(
     repo_root: Path, tmp_path: Path
 ) -> None:
     out_json = tmp_path / "result.json"
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--service",
-            SERVICE,
-            "--policies",
-            "oracle-min",
-            "--oracle-goal",
-            "0.9",
-            "--json",
-            str(out_json),
-            "--repo",
-            str(repo_root),
-        ],
+    result = _simulate(
+        repo_root,
+        tmp_path,
+        *("--service", SERVICE, "--policies", "oracle-min", "--oracle-goal", "0.9"),
+        *("--json", str(out_json)),
     )
     assert result.exit_code == 0, result.output
     document = json.loads(out_json.read_text())
@@ -613,18 +562,7 @@ def test_simulate_command_bounds_another_goal_and_records_it(
 def test_simulate_command_rejects_an_oracle_goal_outside_zero_to_one(
     repo_root: Path, tmp_path: Path, value: str
 ) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--trace",
-            str(_trace(tmp_path)),
-            "--oracle-goal",
-            value,
-            "--repo",
-            str(repo_root),
-        ],
-    )
+    result = _simulate(repo_root, tmp_path, "--oracle-goal", value)
     assert result.exit_code == 2
     assert "--oracle-goal must be a number in (0, 1]" in result.output.replace("\n", "")
 
