@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -302,6 +303,15 @@ def _simulate(repo_root: Path, tmp_path: Path, *options: str) -> Result:
     )
 
 
+def _simulate_json(repo_root: Path, tmp_path: Path, *options: str) -> dict[str, Any]:
+    """``_simulate`` that must succeed, and the document its ``--json`` wrote."""
+    out_json = tmp_path / "result.json"
+    result = _simulate(repo_root, tmp_path, *options, "--json", str(out_json))
+    assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(out_json.read_text())
+    return document
+
+
 def test_simulate_command_prints_the_table_and_writes_json_and_png(
     repo_root: Path, tmp_path: Path
 ) -> None:
@@ -520,51 +530,46 @@ def test_a_caller_can_read_the_fleet_a_run_used(state: DesiredState) -> None:
 def test_simulate_command_hpa_target_is_given_or_swept(
     repo_root: Path, tmp_path: Path, option: list[str], description: str, recorded: object
 ) -> None:
-    out_json = tmp_path / "result.json"
-    result = _simulate(
-        repo_root,
-        tmp_path,
-        *("--service", SERVICE, "--policies", "hpa-gpu-util", "--json", str(out_json)),
-        *option,
+    document = _simulate_json(
+        repo_root, tmp_path, "--service", SERVICE, "--policies", "hpa-gpu-util", *option
     )
-    assert result.exit_code == 0, result.output
-    document = json.loads(out_json.read_text())
     assert re.fullmatch(description, document["policies"]["hpa-gpu-util"]["description"])
     assert document["command"]["hpa_target"] == recorded
-
-
-@pytest.mark.parametrize("value", ["0", "1.5", "nan", "high"])
-def test_simulate_command_rejects_a_bad_hpa_target(
-    repo_root: Path, tmp_path: Path, value: str
-) -> None:
-    result = _simulate(repo_root, tmp_path, "--hpa-target", value)
-    assert result.exit_code == 2
-    assert "--hpa-target must be 'auto' or a number in (0, 1]" in result.output.replace("\n", "")
 
 
 def test_simulate_command_bounds_another_goal_and_records_it(
     repo_root: Path, tmp_path: Path
 ) -> None:
-    out_json = tmp_path / "result.json"
-    result = _simulate(
+    document = _simulate_json(
         repo_root,
         tmp_path,
-        *("--service", SERVICE, "--policies", "oracle-min", "--oracle-goal", "0.9"),
-        *("--json", str(out_json)),
+        "--service",
+        SERVICE,
+        "--policies",
+        "oracle-min",
+        "--oracle-goal",
+        "0.9",
     )
-    assert result.exit_code == 0, result.output
-    document = json.loads(out_json.read_text())
     assert "meeting 90% of each" in document["policies"]["oracle-min"]["description"]
     assert document["command"]["oracle_goal"] == 0.9
 
 
-@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
-def test_simulate_command_rejects_an_oracle_goal_outside_zero_to_one(
-    repo_root: Path, tmp_path: Path, value: str
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        *(
+            ("--hpa-target", v, "must be 'auto' or a number in (0, 1]")
+            for v in ("0", "1.5", "nan", "high")
+        ),
+        *(("--oracle-goal", v, "must be a number in (0, 1]") for v in ("0", "1.5", "nan")),
+    ],
+)
+def test_simulate_command_rejects_a_share_outside_zero_to_one(
+    repo_root: Path, tmp_path: Path, option: str, value: str, message: str
 ) -> None:
-    result = _simulate(repo_root, tmp_path, "--oracle-goal", value)
+    result = _simulate(repo_root, tmp_path, option, value)
     assert result.exit_code == 2
-    assert "--oracle-goal must be a number in (0, 1]" in result.output.replace("\n", "")
+    assert f"{option} {message}" in result.output.replace("\n", "")
 
 
 def test_a_quiet_synthetic_day_is_served_not_dropped(state: DesiredState) -> None:
