@@ -53,7 +53,9 @@ the matrix shows carries over.
 Last, the default planner against the planner issue's goals, a row per cell
 (``goal_verdict``): both SLOs for 99% of requests (or within half a point of static
 peak's where static peak falls short), fewer GPU-hours than static peak, at most 1.25x
-oracle-min's, at most 0.70x static peak's on the 8-hour days; what it misses, with
+oracle-min's (where static peak falls short, oracle-min sized for the share of each
+window's attainable requests the cell needs: ``bound_at_needed_share``), at most 0.70x
+static peak's on the 8-hour days; what it misses, with
 the reactive reference's capacity multiple (its roles weighted by oracle-min's
 GPU-hours) beside the 1.25x goal, and how many cells meet every goal; then how it
 compares with static-past-peak where that ran (``past_peak_comparison``).
@@ -233,6 +235,7 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
             document["policies"][name] = figures
         document["policies"] = {p: document["policies"][p] for p in policies}
     static_at_cost_of(document, "heteroscale", state, cell, profile, config)
+    bound_at_needed_share(document, state, cell, profile, config)
     for figures in document["policies"].values():
         figures.pop("timeline", None)
     document["cell"] = cell.name
@@ -243,6 +246,55 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     ).to_json()
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document
+
+
+def needed_share(document: dict[str, Any]) -> float | None:
+    """The share of each window's attainable requests a bound must meet for the cell's
+    attainment goal where static peak falls short of ``ATTAINMENT_GOAL`` (static peak's
+    less ``STATIC_SLACK``, over the requests some instance can serve in time); None
+    where it does not (the bound at the policy's own goal judges that cell) or static
+    peak did not run."""
+    static = document["policies"].get("static-peak")
+    if not static or static.get("failed") or static["slo_attainment"] >= ATTAINMENT_GOAL:
+        return None
+    attainable = 1.0 - static.get("unattainable_share", 0.0)
+    if attainable <= 0:
+        return None
+    return min(1.0, (static["slo_attainment"] - STATIC_SLACK) / attainable)
+
+
+def bound_at_needed_share(
+    document: dict[str, Any],
+    state: DesiredState,
+    cell: Cell,
+    profile: Any,
+    config: SimConfig,
+) -> None:
+    """oracle-min again, sized for ``needed_share`` (``bound_at_needed`` in the cell's
+    document), where that applies: the goal "at most 1.25x oracle-min" is on the cost of
+    the attainment the cell asks for. On the Mooncake trace the bound at the policy's
+    99.5% buys near-idle instances for prompts at the edge of an idle instance's reach
+    and costs more than static peak, which the goal would then be met against by
+    default."""
+    share = needed_share(document)
+    if share is None or "oracle-min" not in document["policies"]:
+        return
+    figures = evaluate(
+        state,
+        cell.service,
+        profile,
+        ["oracle-min"],
+        seed=cell.seed,
+        config=config,
+        oracle_goal=share,
+    ).to_json()["policies"]["oracle-min"]
+    document["bound_at_needed"] = {
+        "goal": round(share, 5),
+        **{
+            key: figures[key]
+            for key in ("gpu_hours", "gpu_hours_prefill", "gpu_hours_decode", "slo_attainment")
+        },
+    }
 
 
 def static_at_cost_of(
@@ -418,6 +470,13 @@ class GoalVerdict:
     # The reactive reference's capacity multiples, prefill and decode weighted by
     # oracle-min's GPU-hours of each: what start-up lag alone costs over the bound.
     reactive_multiple: float | None
+    # The share of each window's attainable requests the bound was sized for, where it
+    # is the cell's needed one (``bound_at_needed_share``); None: the policy's own goal.
+    bound_goal: float | None = None
+
+    @property
+    def bound_label(self) -> str:
+        return "oracle-min" if self.bound_goal is None else f"oracle-min at {_pct(self.bound_goal)}"
 
     @property
     def misses(self) -> tuple[str, ...]:
@@ -444,7 +503,7 @@ class GoalVerdict:
                 if self.reactive_multiple is None
                 else f" (start-up lag alone: {self.reactive_multiple:.2f}x)"
             )
-            out.append(f"{self.vs_bound:.3f}x oracle-min{reference}")
+            out.append(f"{self.vs_bound:.3f}x {self.bound_label}{reference}")
         if (
             self.diurnal
             and self.vs_static is not None
@@ -475,6 +534,12 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         return None
     own, static = ran
     bound = figures.get("oracle-min")
+    vs_bound = own.get("gpu_hours_vs_oracle_min")
+    bound_goal = None
+    at_needed = document.get("bound_at_needed")
+    if at_needed and at_needed["gpu_hours"] > 0:
+        bound, bound_goal = at_needed, at_needed["goal"]
+        vs_bound = own["gpu_hours"] / at_needed["gpu_hours"]
     needed = ATTAINMENT_GOAL
     if static["slo_attainment"] < ATTAINMENT_GOAL:
         needed = static["slo_attainment"] - STATIC_SLACK
@@ -493,7 +558,8 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         attainment=own["slo_attainment"],
         attainment_needed=needed,
         vs_static=own["gpu_hours"] / static["gpu_hours"] if static["gpu_hours"] else None,
-        vs_bound=own.get("gpu_hours_vs_oracle_min"),
+        vs_bound=vs_bound,
+        bound_goal=bound_goal,
         # The cell's day length (a tiled trace ends a few seconds short of it).
         diurnal=document.get("hours", round(document["horizon_s"] / 3600)) == DIURNAL_HOURS,
         reactive_multiple=weighted,
@@ -533,7 +599,8 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
                     verdict.cell,
                     f"{_pct(verdict.attainment)} ({_pct(verdict.attainment_needed)})",
                     _num(verdict.vs_static, 2),
-                    _num(verdict.vs_bound, 2),
+                    _num(verdict.vs_bound, 2)
+                    + ("" if verdict.bound_goal is None else f" (at {_pct(verdict.bound_goal)})"),
                     "-"
                     if verdict.reactive_multiple is None
                     else f"{verdict.reactive_multiple:.2f}x",

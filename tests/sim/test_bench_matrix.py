@@ -166,3 +166,51 @@ def test_the_goals_table_sets_the_planner_beside_static_past_peak_where_it_ran(
     rows = [line for line in table.splitlines() if line.startswith("| c |")]
     assert "| 0.80 (it keeps 99.5%) |" in rows[0]
     assert "| - |" in rows[1]
+
+
+def test_where_static_peak_falls_short_the_bound_is_sized_for_the_needed_share(
+    bench: ModuleType,
+) -> None:
+    """The Mooncake day on chat: static peak keeps 78.8% and 20.2% of the requests no
+    instance serves in time, so the cell needs 78.3%: 98.1% of the attainable ones."""
+    document = cell(static_slo=0.788)
+    document["policies"]["static-peak"]["unattainable_share"] = 0.202
+    assert bench.needed_share(document) == pytest.approx(0.783 / 0.798)
+    assert bench.needed_share(cell()) is None  # static peak reaches 99%: the policy's goal
+
+
+def test_the_bound_at_the_needed_share_is_what_the_planner_is_judged_against(
+    bench: ModuleType,
+) -> None:
+    document = cell(planner_gpu_h=1_300.0, planner_slo=0.79, static_slo=0.788)
+    document["bound_at_needed"] = {
+        "goal": 0.9812,
+        "gpu_hours": 1_000.0,
+        "gpu_hours_prefill": 500.0,
+        "gpu_hours_decode": 500.0,
+        "slo_attainment": 0.784,
+    }
+    verdict = bench.goal_verdict(document)
+    assert verdict.vs_bound == pytest.approx(1.3) and verdict.bound_goal == 0.9812
+    # Start-up lag alone weighted by the bound judged against: (1.5 + 1.1) / 2.
+    assert verdict.reactive_multiple == pytest.approx(1.3)
+    assert "1.300x oracle-min at 98.1% (start-up lag alone: 1.30x)" in verdict.misses
+    row = next(line for line in bench.goals_table([document]).splitlines() if "| c |" in line)
+    assert "| 1.30 (at 98.1%) |" in row
+
+
+def test_the_needed_bound_is_run_on_the_cells_traffic(bench: ModuleType) -> None:
+    """``bound_at_needed_share`` runs oracle-min for the share on the cell's own load and
+    files its figures; each window then meets that share of its attainable requests."""
+    from reconciler.desired import load_desired_state
+    from reconciler.sim.engine import SimConfig, synthetic_profile
+
+    state = load_desired_state(bench.REPO)
+    profile = synthetic_profile("chat", hours=0.1, peak_rps=20.0, seed=1)
+    document = cell(static_slo=0.9)
+    assert bench.needed_share(document) == pytest.approx(0.895)
+    small = bench.Cell("small", "chat", None, None, 0.1, 1)
+    bench.bound_at_needed_share(document, state, small, profile, SimConfig())
+    filed = document["bound_at_needed"]
+    assert filed["goal"] == pytest.approx(0.895) and filed["gpu_hours"] > 0
+    assert filed["slo_attainment"] >= 0.895 - 0.01  # every request; within a sample's error
