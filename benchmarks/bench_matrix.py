@@ -260,7 +260,15 @@ def needed_share(document: dict[str, Any]) -> float | None:
     attainable = 1.0 - static.get("unattainable_share", 0.0)
     if attainable <= 0:
         return None
-    return min(1.0, (static["slo_attainment"] - STATIC_SLACK) / attainable)
+    return min(1.0, attainment_needed(static) / attainable)
+
+
+def attainment_needed(static: dict[str, Any]) -> float:
+    """The share within both SLOs a cell asks for, from static peak's figures:
+    ``ATTAINMENT_GOAL``, or static peak's less ``STATIC_SLACK`` where it falls short."""
+    if static["slo_attainment"] < ATTAINMENT_GOAL:
+        return float(static["slo_attainment"]) - STATIC_SLACK
+    return ATTAINMENT_GOAL
 
 
 def bound_at_needed_share(
@@ -540,9 +548,7 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
     if at_needed and at_needed["gpu_hours"] > 0:
         bound, bound_goal = at_needed, at_needed["goal"]
         vs_bound = own["gpu_hours"] / at_needed["gpu_hours"]
-    needed = ATTAINMENT_GOAL
-    if static["slo_attainment"] < ATTAINMENT_GOAL:
-        needed = static["slo_attainment"] - STATIC_SLACK
+    needed = attainment_needed(static)
     reactive = document.get("reactive_reference")
     weighted = None
     if reactive and bound and not bound.get("failed"):

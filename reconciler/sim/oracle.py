@@ -1000,7 +1000,7 @@ class _Sizer:
     def decode_passes(self, n: int) -> bool:
         verdict = self.search.run(self.prefill, n, checks=self.decode_checks)
         self.decode_model.add(n, verdict)
-        if not self.confirmed and verdict.ttft_share < self.goal <= verdict.tbt_share:
+        if not self.confirmed and self._ttft_alone_misses(verdict):
             # TTFT misses where TBT holds: is decode what limits it? A trial with decode
             # at its most says (and anchors the decode model's TTFT).
             self.confirmed = True
@@ -1059,6 +1059,11 @@ class _Sizer:
         verdict = search.accept(prefill, decode)
         return prefill, decode, prefill_met and decode_met, verdict
 
+    def _ttft_alone_misses(self, verdict: _Verdict) -> bool:
+        """A decode trial that misses the goal on TTFT while meeting it on TBT: decode's
+        count is set by the requests near the TTFT SLO there, not by its own steps."""
+        return verdict.ttft_share < self.goal <= verdict.tbt_share
+
     def _begin_decode(self, start: int, end: int, prefill: int) -> None:
         """Start the decode search of a window at this prefill count."""
         search = self.search
@@ -1090,8 +1095,7 @@ class _Sizer:
             below = self.search.cache.get((prefill, decode - 1))
             if below is None:
                 break
-            verdict = below[0]
-            if not verdict.ttft_share < self.goal <= verdict.tbt_share:
+            if not self._ttft_alone_misses(below[0]):
                 break  # TBT binds decode there: more prefill does not help it
             # Fewer GPUs: prefill_gpus * (p + 1) + decode_gpus * d' below the pair's.
             top = math.ceil(decode - self.prefill_gpus / self.decode_gpus) - 1
@@ -1103,7 +1107,6 @@ class _Sizer:
                 self.decode_passes, self.d_lo, top, self.decode_model.propose
             )
             if not met:
-                self.prefill = prefill
                 break
             prefill, decode = prefill + 1, fewer
         return prefill, decode

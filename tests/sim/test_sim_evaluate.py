@@ -28,6 +28,7 @@ from reconciler.sim.evaluate import (
     role_capacity,
     run_autoscaler,
     warm_start_counts,
+    with_attainment_goal,
 )
 from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.sim.oracle import oracle_min_initial_counts
@@ -374,10 +375,7 @@ def test_rate_scale_keeps_request_arrays_unless_too_large(
 
 def _with_goal(state: DesiredState, goal: float) -> DesiredState:
     """``state`` with svc-b's both-SLO attainment goal set to ``goal``."""
-    policy = state.policies[SERVICE]
-    changed = policy.model_copy(
-        update={"slo": policy.slo.model_copy(update={"attainment_goal": goal})}
-    )
+    changed = with_attainment_goal(state.policies[SERVICE], goal)
     return dataclasses.replace(state, policies={**state.policies, SERVICE: changed})
 
 
