@@ -11,13 +11,14 @@ One cycle, in order (each step that changes a number says so in the message):
    (``decode_tps``) must be usable (present, finite, fresh), else both roles hold:
    a broken metric never scales in. They count what the instances *served*: under
    overload that stops at capacity, so the demand is read as served plus the growth
-   of the role's queue (``prefill_queue`` / ``decode_queue``, requests waiting, times
-   the mix's mean prompt or output length), and the queue itself is sized to drain
-   within ``DRAIN_S``. Without a queue signal the served rate stands in (noted).
-   Decode is also asked for what prefill holds back (its queue's growth and backlog,
-   converted at the mix's output per prompt token: ``decode_follows_prefill``): a
-   surge reaches prefill first, and decode's own rates would show it only once
-   prefill let it through.
+   of the role's queue over the same window (``prefill_queue`` / ``decode_queue``,
+   requests waiting, times the mix's mean prompt or output length), and the queue
+   itself is sized to drain within ``DRAIN_S``. Without a queue signal the served
+   rate stands in (noted). Decode is also asked for what prefill holds back (its
+   queue's growth and backlog, converted at the mix's output per prompt token:
+   ``decode_follows_prefill``): a surge reaches prefill first, and decode's own rates
+   would show it only once prefill let it through. What prefill releases from its
+   backlog is taken off decode's reading the same way: it is backlog, not demand.
 2. **Mix.** The request mix from ``metrics.prompt_tokens`` / ``output_tokens``;
    missing or stale, the last known mix (the message says from when). With no mix
    ever seen and no override, the planner holds.
@@ -161,6 +162,9 @@ PEAK_MEMORY_S = KEPT_ERRORS * CYCLE_S
 # more requests), and a window is the soonest the loop can see that it drained (the
 # rates it reads are 60 s averages).
 DRAIN_S = METRICS_WINDOW_S
+# Queue readings are remembered this long: a window and a cycle, so the one nearest a
+# window's start is still there when a cycle runs late.
+BACKLOG_MEMORY_S = METRICS_WINDOW_S + CYCLE_S
 # Capacities are cached per quantised mix: bucket shares rounded to this. Not below the
 # model's resolution everywhere: two mixes of one key may differ by up to a step in
 # each bucket, which in a long-prompt bucket moves the mean prompt by up to ~13 % and
@@ -197,10 +201,14 @@ class PlannerMemory:
 
 @dataclass(frozen=True)
 class Backlog:
-    """A role's queue as last read: tokens of work waiting, at the sample's time."""
+    """A role's queue as last read: tokens of work waiting, at the sample's time, and
+    the readings before it that are still within reach of a metrics window
+    (``earlier``, (at s, tokens), oldest first: ``role_demand`` measures the queue's
+    growth over the window the served rate averages)."""
 
     at_s: float
     tokens: float
+    earlier: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -222,22 +230,35 @@ def role_demand(
     now_s: float,
     max_age_s: float,
 ) -> RoleDemand:
-    """The demand on a role (module docstring, step 1). The queue's growth between two
-    readings is demand the instances could not serve; a queue reading that is missing,
-    stale or not convertible to tokens (no mix) leaves the served rate alone."""
+    """The demand on a role (module docstring, step 1). The queue's growth over the
+    metrics window is demand the instances could not serve (or, shrinking, backlog they
+    served beyond what arrived); a queue reading that is missing, stale or not
+    convertible to tokens (no mix) leaves the served rate alone."""
     problem = sample_problem(queue, f"{role}_queue", now_s, max_age_s)
     if problem is not None or tokens_per_request is None or tokens_per_request <= 0:
         why = problem or "no request mix to weigh its queue"
         return RoleDemand(served_tps, 0.0, previous, f"{role} queue unread ({why}): served rate")
     assert queue is not None
     backlog = Backlog(queue.at_s, max(0.0, queue.value) * tokens_per_request)
-    if previous is not None and not _plausible_backlog(previous, backlog, tokens_per_request):
-        previous = None  # a damaged memory: read this queue as the first one
+    readings = (
+        [] if previous is None else _sound_readings(previous, backlog.at_s, tokens_per_request)
+    )
     growth_tps = 0.0
-    if previous is not None and backlog.at_s > previous.at_s:
-        growth_tps = (backlog.tokens - previous.tokens) / (backlog.at_s - previous.at_s)
-    elif previous is not None:
-        backlog = previous  # the same scrape again: keep the older reading's time
+    if readings and readings[-1][0] == backlog.at_s:
+        # The same scrape again: keep the older readings' times.
+        backlog = Backlog(*readings[-1], tuple(readings[:-1]))
+    elif readings:
+        # The served rate is the window's average, so the queue's growth is read over
+        # the same window: from the reading nearest its start. Read over one cycle
+        # instead, a backlog emptied early in the window counted its drain as demand
+        # (served over 60 s, growth 0 over the last 30), and after a burst that
+        # phantom demand was remembered as the hour's peak and held decode at
+        # max_instances for a quarter of an hour (burst-chat-0).
+        start_s = backlog.at_s - METRICS_WINDOW_S
+        at_s, tokens = min(readings, key=lambda reading: abs(reading[0] - start_s))
+        growth_tps = (backlog.tokens - tokens) / (backlog.at_s - at_s)
+        kept = tuple(r for r in readings if r[0] >= backlog.at_s - BACKLOG_MEMORY_S)
+        backlog = Backlog(backlog.at_s, backlog.tokens, kept)
     arriving = max(0.0, served_tps + growth_tps)
     drain = backlog.tokens / DRAIN_S
     note = None
@@ -252,15 +273,28 @@ def role_demand(
     return RoleDemand(arriving, drain, backlog, note)
 
 
-def _plausible_backlog(previous: Backlog, now: Backlog, tokens_per_request: float) -> bool:
-    """Whether a remembered backlog could be one of this queue's earlier readings: at or
-    before the new one, finite, and within what a usable reading holds
-    (``MAX_SIGNAL_VALUE`` requests at the mix's tokens each). A state document read
-    back damaged could hold any float, and 8e298 tokens overflowed the sizing."""
-    return (
-        past_time(previous.at_s, now.at_s) is not None
-        and 0.0 <= previous.tokens <= MAX_SIGNAL_VALUE * tokens_per_request
+def _sound_readings(
+    previous: Backlog, now_s: float, tokens_per_request: float
+) -> list[tuple[float, float]]:
+    """The remembered queue readings (at s, tokens; oldest first) that could be this
+    queue's: the last one at or before ``now_s``, the earlier ones before it, each
+    finite and within what a usable reading holds (``MAX_SIGNAL_VALUE`` requests at
+    the mix's tokens each). A state document read back damaged could hold any float,
+    and 8e298 tokens overflowed the sizing; with none sound, the new reading is read
+    as the first."""
+    top_tokens = MAX_SIGNAL_VALUE * tokens_per_request
+
+    def sound(at_s: float, tokens: float, before_s: float) -> bool:
+        return past_time(at_s, before_s) is not None and 0.0 <= tokens <= top_tokens
+
+    if not sound(previous.at_s, previous.tokens, now_s):
+        return []
+    earlier = sorted(
+        (at_s, tokens)
+        for at_s, tokens in previous.earlier
+        if sound(at_s, tokens, previous.at_s) and at_s < previous.at_s
     )
+    return [*earlier, (previous.at_s, previous.tokens)]
 
 
 def decode_follows_prefill(
@@ -277,17 +311,28 @@ def decode_follows_prefill(
     prefill had let it through, a start-up later. Only the excess is converted, so in
     steady state (no queue growth, no backlog) decode's own reading stands whatever the
     mix's estimate of the conversion."""
-    held_back_tps = max(0.0, prefill.arriving_tps - prefill_served_tps) * output_per_prompt_token
+    excess_tps = (prefill.arriving_tps - prefill_served_tps) * output_per_prompt_token
+    held_back_tps = max(0.0, excess_tps)
+    # The other way round, prefill serving its backlog passes decode more than arrives:
+    # decode's own rate shows that as demand, but it is the backlog (sized by the drain
+    # term below, never forecast), so it is taken off, as prefill's own reading takes
+    # it off (``role_demand``). Left in, after a burst it was remembered as the
+    # hour's peak and as a shortfall of the capacity kept (burst-chat-0: 153,000
+    # output tokens/s read where ~90,000 arrived).
+    released_tps = min(max(0.0, -excess_tps), decode.arriving_tps)
     backlog_tps = prefill.drain_tps * output_per_prompt_token
-    if held_back_tps + backlog_tps <= 0.01 * max(decode.arriving_tps, 1.0):
+    if held_back_tps + released_tps + backlog_tps <= 0.01 * max(decode.arriving_tps, 1.0):
         return decode
     note = (
         f"decode: +{held_back_tps:.0f} output tokens/s held back at prefill"
-        + (f", +{backlog_tps:.0f} as its backlog drains" if backlog_tps > 0 else "")
-        + f" ({output_per_prompt_token:.3f} output per prompt token)"
+        if released_tps == 0
+        else f"decode: -{released_tps:.0f} output tokens/s released from prefill's backlog"
     )
+    note += (
+        f", +{backlog_tps:.0f} as its backlog drains" if backlog_tps > 0 else ""
+    ) + f" ({output_per_prompt_token:.3f} output per prompt token)"
     return RoleDemand(
-        arriving_tps=decode.arriving_tps + held_back_tps,
+        arriving_tps=decode.arriving_tps + held_back_tps - released_tps,
         drain_tps=decode.drain_tps + backlog_tps,
         backlog=decode.backlog,
         note="; ".join(n for n in (decode.note, note) if n),

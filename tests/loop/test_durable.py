@@ -112,7 +112,7 @@ def _planner_memory() -> PlannerMemory:
         mix=mix,
         mix_at_s=NOW - 10,
         prefill_kept=KeptCapacity(((NOW - 30, 100.0),), (0.05,)),
-        prefill_backlog=Backlog(NOW - 30, 1.5e6),
+        prefill_backlog=Backlog(NOW - 30, 1.5e6, ((NOW - 90, 2.0e6), (NOW - 60, 1.8e6))),
         decode_ready_seen=12,
         decode_steady_since_s=NOW - 600,
         prefill_ready_seen=7,

@@ -480,6 +480,37 @@ def test_a_draining_queue_is_not_counted_as_demand() -> None:
     assert demand.arriving_tps == pytest.approx(100_000.0)
 
 
+def test_the_queue_grows_over_the_window_the_served_rate_averages() -> None:
+    """The served rate is a 60 s average, so the queue's growth is read over the same
+    60 s: a backlog of 3,000,000 tokens emptied in the window's first half leaves the
+    queue unchanged over the last cycle, but 50,000 of the 150,000 tokens/s served
+    were that backlog, not new arrivals."""
+    window_start = role_demand("prefill", 100_000.0, Sample(3000.0, 0.0), 1000.0, None, 0.0, 60.0)
+    emptied = role_demand(
+        "prefill", 150_000.0, Sample(0.0, 30.0), 1000.0, window_start.backlog, 30.0, 60.0
+    )
+    now = role_demand("prefill", 150_000.0, Sample(0.0, 60.0), 1000.0, emptied.backlog, 60.0, 60.0)
+    assert now.arriving_tps == pytest.approx(100_000.0)
+    # Readings are kept back to a window and a cycle: the one that opened this window
+    # is still there for a cycle that runs late.
+    assert now.backlog is not None and [at for at, _ in now.backlog.earlier] == [0.0, 30.0]
+    later = role_demand("prefill", 100_000.0, Sample(0.0, 120.0), 1000.0, now.backlog, 120.0, 60.0)
+    assert later.backlog is not None and [at for at, _ in later.backlog.earlier] == [30.0, 60.0]
+
+
+def test_a_damaged_earlier_reading_is_dropped_not_read() -> None:
+    # A state document read back damaged: earlier readings after the last one, NaN or
+    # beyond any usable queue. Only the sound one is measured against.
+    damaged = Backlog(30.0, 0.0, ((0.0, math.nan), (45.0, 1.0), (10.0, 1e300), (0.0, 600_000.0)))
+    demand = role_demand("prefill", 100_000.0, Sample(0.0, 60.0), 1000.0, damaged, 60.0, 60.0)
+    assert demand.arriving_tps == pytest.approx(100_000.0 - 600_000.0 / 60.0)
+    assert demand.backlog is not None and demand.backlog.earlier == ((0.0, 600_000.0), (30.0, 0.0))
+    # The last reading itself damaged: the new one is read as the first.
+    for last in (Backlog(90.0, 0.0, ((0.0, 600_000.0),)), Backlog(math.nan, 0.0)):
+        first = role_demand("prefill", 100_000.0, Sample(0.0, 60.0), 1000.0, last, 60.0, 60.0)
+        assert first.arriving_tps == 100_000.0 and first.backlog == Backlog(60.0, 0.0)
+
+
 def test_without_a_usable_queue_the_served_rate_stands_in() -> None:
     for queue, tokens in (
         (None, 1000.0),
@@ -540,6 +571,21 @@ def test_a_surge_held_back_at_prefill_is_decode_demand_before_decode_sees_it() -
     assert raised.arriving_tps == pytest.approx(36_000.0)
     assert raised.drain_tps == pytest.approx(10_000.0)
     assert raised.note is not None and "+16000 output tokens/s held back at prefill" in raised.note
+
+
+def test_a_backlog_prefill_releases_is_not_decode_demand() -> None:
+    # Prefill serves 150,000 prompt tokens/s of which 50,000 drain its backlog: decode
+    # is passed 10,000 output tokens/s (at 0.2 per prompt token) beyond what arrives,
+    # and reads them as served; that is backlog, not demand to forecast. The backlog
+    # still left (40,000 prompt tokens/s to drain) is sized on top.
+    decode = RoleDemand(30_000.0, 0.0, None, None)
+    prefill = RoleDemand(100_000.0, 40_000.0, None, None)
+    lowered = decode_follows_prefill(decode, prefill, 150_000.0, 0.2)
+    assert lowered.arriving_tps == pytest.approx(20_000.0)
+    assert lowered.drain_tps == pytest.approx(8_000.0)
+    assert lowered.note is not None and "-10000 output tokens/s released" in lowered.note
+    # Never below nothing, whatever the mix's conversion says.
+    assert decode_follows_prefill(decode, prefill, 150_000.0, 5.0).arriving_tps == 0.0
 
 
 def test_decode_is_sized_for_a_prefill_surge_in_the_same_cycle() -> None:
