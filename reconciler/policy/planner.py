@@ -68,8 +68,9 @@ One cycle, in order (each step that changes a number says so in the message):
    (``coordinated._shape``, ``coordinated.stabilise``): min/max, P/D ratio bounds,
    whole groups, scale-out at once, scale-in only after the recommendation (which
    includes the forecast and headroom) stayed lower for the whole scale-in window,
-   cooldown, max step. The P/D ratio is the outcome of sizing each role on its own;
-   when a bound keeps a role below what the SLO needs, the message says so.
+   cooldown, max step; the scale-in window remembers the count without a queue's
+   drain (gone once drained). The P/D ratio is the outcome of sizing each role on its
+   own; when a bound keeps a role below what the SLO needs, the message says so.
 
 Everything is pure; the planner's memory (forecasters, correction, last mix) travels
 in ``PolicyHistory.planner``.
@@ -809,6 +810,16 @@ def plan_decide(
                 f"requests cannot meet it on any instance (> the {tail:.0%} tail): not chased"
             )
             continue
+        if rule.metric == "ttft" and backlog_in_window(backlog_seen_s, sample):
+            # The TTFT reads the wait of a backlog the queue's growth and drain already
+            # size for; escalating on it held prefill at max_instances for ten minutes
+            # after a burst's backlog had drained (burst-chat-0). A model error that
+            # keeps a backlog growing shows in the queue's growth, read every cycle.
+            parts.append(
+                f"ttft {sample.value:.0f} ms above SLO: its window reaches back to a "
+                "backlog beyond the SLO, sized by the queue: not chased"
+            )
+            continue
         if starting[ri] > 0:
             parts.append(
                 f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: "
@@ -855,7 +866,20 @@ def plan_decide(
 
     within = recommendation == (current[0], current[1])
     reason = _reason(current, prefill, decode, recommendation, within, fired)
-    this_cycle = Recommendation(now_s, recommendation[0], recommendation[1])
+    # The scale-in window remembers what the demand needs, not the backlog: a queue is
+    # sized to drain within DRAIN_S and is gone once it has, so a count asked for it
+    # would otherwise be held for the whole window after it drained (burst-chat-0:
+    # prefill and decode at max_instances for ten minutes after the burst's backlog).
+    for_demand = list(wants)
+    for ri, (role_in, sized) in enumerate(
+        ((prefill_in, prefill_demand), (decode_in, decode_demand))
+    ):
+        if fired[ri] is None and 0 < role_in.drain_tps < sized:
+            for_demand[ri] = ceil_count(wants[ri] * (1.0 - role_in.drain_tps / sized))
+    remembered_now = (
+        recommendation if for_demand == wants else _shape(n, for_demand[0], for_demand[1], [])
+    )
+    this_cycle = Recommendation(now_s, remembered_now[0], remembered_now[1])
     remembered = replace(
         history, recommendations=(*past, this_cycle), dynamic_ratio=None, planner=memory
     )

@@ -607,6 +607,36 @@ def test_decode_is_sized_for_a_prefill_surge_in_the_same_cycle() -> None:
     assert sizes["surge"] > 1.5 * sizes["steady"]
 
 
+def test_a_count_asked_for_a_backlog_is_not_held_once_it_has_drained() -> None:
+    """A backlog is sized to drain within DRAIN_S; the scale-in window remembers what
+    the demand needs, so once the queue is gone the extra instances go after the
+    cooldown, not a whole scale-in window later."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    window_s = policy.scaling.scale_in_window_s
+    assert window_s >= 3 * policy.scaling.cooldown_s  # room to tell the two apart
+    mean_prompt = 1000.0 * math.exp(0.6**2 / 2)  # the lognormal mix of ``_metrics``
+    backlog_tps = 3000 * mean_prompt / 60.0  # 3,000 queued, drained within a window
+    history, fleet, counts, remembered = PolicyHistory(), _fleet(20, 30), [], []
+    for k in range(60):
+        now = 30.0 * k
+        # Cycle 40 reads 3,000 queued requests; the instances drain them before the
+        # next read, so the two windows reaching back over the drain served more.
+        queue = 3000.0 if k == 40 else 0.0
+        served = 250_000.0 + (backlog_tps if k in (41, 42) else 0.0)
+        metrics = _metrics(now, served, 35_000.0, prefill_queue=queue)
+        decision = plan_decide(policy, fleet, metrics, history, now, perf)
+        history, fleet = decision.history, _fleet(decision.prefill, decision.decode)
+        counts.append(decision.prefill)
+        remembered.append(history.recommendations[-1].prefill)
+    # The queue's growth is demand too (a surge the forecast and headroom remember);
+    # the drain on top of it is what goes once the queue is gone, before the window.
+    asked, for_demand = counts[40], remembered[40]
+    assert asked > for_demand > counts[39]
+    within_window = counts[41 : 40 + round(window_s / 30.0)]
+    assert for_demand <= min(within_window) < asked
+
+
 def test_sizings_made_before_any_forecast_are_not_remembered_as_kept() -> None:
     """Before the forecaster has a window of history the planner sizes from the demand
     of now, while the fleet keeps what it has: a low first reading must not come back
@@ -700,6 +730,31 @@ def test_decode_latency_corrects_the_model_only_once_its_size_has_settled() -> N
     assert _decode_factor_after(grown, unsettled + 4) > 1.05
     held = lambda now: _fleet(30, 60)  # noqa: E731
     assert _decode_factor_after(held, 8) > 1.05
+
+
+def test_a_ttft_read_over_a_backlog_is_left_to_the_queue_not_the_tiers() -> None:
+    """A TTFT whose window reaches back to a backlog beyond the SLO reads that wait;
+    the queue's growth and drain already size for it, so the TTFT tiers do not add to
+    them (after a burst they held prefill at max_instances for ten minutes). A window
+    after the backlog, a slow TTFT escalates again."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    counts: dict[float, list[int]] = {}
+    for ttft_ms in (60_000.0, 1_000.0):
+        history, counts[ttft_ms] = PolicyHistory(), []
+        for k in range(6):
+            # 700 requests of ~1,200 prompt tokens wait: more than 30 instances prefill
+            # within the 1.5 s SLO.
+            metrics = _metrics(30.0 * k, 200_000.0, 20_000.0, ttft_ms=ttft_ms, prefill_queue=700.0)
+            decision = plan_decide(policy, _fleet(30, 30), metrics, history, 30.0 * k, perf)
+            history = decision.history
+            counts[ttft_ms].append(decision.prefill)
+        if ttft_ms > policy.slo.ttft_ms:
+            assert "backlog beyond the SLO, sized by the queue: not chased" in decision.message
+    assert counts[60_000.0] == counts[1_000.0]
+    later = _metrics(240.0, 200_000.0, 20_000.0, ttft_ms=6_000.0, prefill_queue=0.0)
+    decision = plan_decide(policy, _fleet(30, 30), later, history, 240.0, perf)
+    assert "ttft 6000 ms = 4.00 x SLO > 2: prefill +50% of 30 ready -> 45" in decision.message
 
 
 def test_ttft_read_over_a_backlog_does_not_teach_a_slower_prefill() -> None:
