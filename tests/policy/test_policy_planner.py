@@ -561,30 +561,50 @@ def test_in_steady_state_decode_demand_is_its_own() -> None:
     assert decode_follows_prefill(decode, prefill, 100_000.0, 0.5) is decode
 
 
-def test_a_surge_held_back_at_prefill_is_decode_demand_before_decode_sees_it() -> None:
-    # Prefill serves 100,000 prompt tokens/s but is asked for 180,000, and holds a
-    # backlog it drains at 50,000: at 0.2 output per prompt token decode will be asked
-    # for 16,000 more output tokens/s, and 10,000 more while the backlog drains.
+@pytest.mark.parametrize(
+    ("prefill", "prefill_served", "arriving", "drain", "note"),
+    [
+        # Prefill serves 100,000 prompt tokens/s but is asked for 180,000, and holds a
+        # backlog it drains at 50,000: at 0.2 output per prompt token decode will be
+        # asked for 16,000 more output tokens/s, and 10,000 more while the backlog
+        # drains: a surge is decode demand before decode sees it.
+        pytest.param(
+            RoleDemand(180_000.0, 50_000.0, None, None),
+            100_000.0,
+            20_000.0 + 16_000.0,
+            10_000.0,
+            "+16000 output tokens/s held back at prefill",
+            id="held back",
+        ),
+        # Prefill serves 150,000 prompt tokens/s of which 50,000 drain its backlog:
+        # decode is passed 10,000 output tokens/s beyond what arrives and reads them as
+        # served; that is backlog, not demand to forecast. The backlog still left
+        # (40,000 prompt tokens/s to drain) is sized on top.
+        pytest.param(
+            RoleDemand(100_000.0, 40_000.0, None, None),
+            150_000.0,
+            20_000.0 - 10_000.0,
+            8_000.0,
+            "-10000 output tokens/s released from prefill's backlog",
+            id="released",
+        ),
+    ],
+)
+def test_decode_demand_follows_what_prefill_holds_back_or_releases(
+    prefill: RoleDemand, prefill_served: float, arriving: float, drain: float, note: str
+) -> None:
     decode = RoleDemand(20_000.0, 0.0, None, None)
-    prefill = RoleDemand(180_000.0, 50_000.0, None, None)
-    raised = decode_follows_prefill(decode, prefill, 100_000.0, 0.2)
-    assert raised.arriving_tps == pytest.approx(36_000.0)
-    assert raised.drain_tps == pytest.approx(10_000.0)
-    assert raised.note is not None and "+16000 output tokens/s held back at prefill" in raised.note
+    followed = decode_follows_prefill(decode, prefill, prefill_served, 0.2)
+    assert followed.arriving_tps == pytest.approx(arriving)
+    assert followed.drain_tps == pytest.approx(drain)
+    assert followed.note is not None and note in followed.note
 
 
-def test_a_backlog_prefill_releases_is_not_decode_demand() -> None:
-    # Prefill serves 150,000 prompt tokens/s of which 50,000 drain its backlog: decode
-    # is passed 10,000 output tokens/s (at 0.2 per prompt token) beyond what arrives,
-    # and reads them as served; that is backlog, not demand to forecast. The backlog
-    # still left (40,000 prompt tokens/s to drain) is sized on top.
+def test_a_released_backlog_never_takes_decode_demand_below_nothing() -> None:
+    # Whatever the mix's conversion says: 50,000 prompt tokens/s released at 5 output
+    # tokens each is more than decode served.
     decode = RoleDemand(30_000.0, 0.0, None, None)
     prefill = RoleDemand(100_000.0, 40_000.0, None, None)
-    lowered = decode_follows_prefill(decode, prefill, 150_000.0, 0.2)
-    assert lowered.arriving_tps == pytest.approx(20_000.0)
-    assert lowered.drain_tps == pytest.approx(8_000.0)
-    assert lowered.note is not None and "-10000 output tokens/s released" in lowered.note
-    # Never below nothing, whatever the mix's conversion says.
     assert decode_follows_prefill(decode, prefill, 150_000.0, 5.0).arriving_tps == 0.0
 
 
