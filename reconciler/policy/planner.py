@@ -1171,8 +1171,13 @@ def _corrected(
         # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
         # (1-2-5): spread evenly within a wide bucket the model's tail sits too long,
         # so observed TTFT below the prediction says as much about the buckets as about
-        # the instance. Alone, it never raises prefill capacity above the model's.
-        ttft_implied = max(1.0, ttft_implied)
+        # the instance. Alone, it never raises prefill capacity above the model's, nor
+        # lowers a faster factor the busy fraction taught (a factor below 1 comes only
+        # from that fine reading): the busy reading pauses for a metrics window after
+        # every count change, and the TTFT tail pulling the factor towards 1 meanwhile
+        # cost a fifth of prefill's capacity on 1.3x engines until it resumed (and for
+        # the whole of any scale-out, which freezes the correction).
+        ttft_implied = max(min(1.0, correction.prefill), ttft_implied)
     evidence = factor_evidence(busy_implied, ttft_implied, correction.prefill)
     if evidence is not None:
         correction = correction.updated("prefill", evidence)

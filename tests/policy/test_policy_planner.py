@@ -1008,6 +1008,38 @@ def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_h
     assert factors[-1] == pytest.approx(0.77, rel=0.03)
 
 
+@pytest.mark.parametrize(("ttft_after_ms", "kept"), [(200.0, True), (1_400.0, False)])
+def test_a_faster_prefill_is_kept_while_its_busy_fraction_pauses_for_a_count_change(
+    ttft_after_ms: float, kept: bool
+) -> None:
+    """After a count change the busy fraction is not read for a metrics window; the
+    TTFT tail alone, which reads faster than the instance is (the prompt buckets), then
+    keeps the faster factor the busy fraction taught, and moves it only where it reads
+    slower than that factor."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    util = _busy_for(0.77, 200_000.0, 30)
+    history = PolicyHistory()
+    factors = []
+    for k in range(12):
+        now = 600.0 + 30.0 * k
+        prefill = 30 if k < 8 else 29  # one instance removed at the ninth cycle
+        ttft_ms = 200.0 if k < 8 else ttft_after_ms
+        metrics = _metrics(
+            now, 200_000.0, 20_000.0, ttft_ms=ttft_ms, prefill_gpu_util=util * 30 / prefill
+        )
+        history = plan_decide(policy, _fleet(prefill, 60), metrics, history, now, perf).history
+        memory = history.planner
+        assert isinstance(memory, PlannerMemory)
+        factors.append(memory.correction.prefill)
+    learnt, paused = factors[7], factors[8:10]
+    assert learnt == pytest.approx(0.77, rel=0.03)
+    if kept:
+        assert paused == [learnt, learnt]
+    else:
+        assert min(paused) > learnt * 1.1
+
+
 def _mean_gap_ms(factor: float, decode_tps: float, instances: int) -> float:
     """The mean inter-token gap of the chat decode serving ``decode_tps`` on
     ``instances`` instances ``factor`` x slower than the model: the step at the batch
