@@ -901,6 +901,15 @@ class PrometheusMetricsSource:
             cause=cause,
         )
 
+    def _not_the_api(self, promql: str, exc: Exception) -> MetricsUnavailable:
+        """The error for an answer that is not the Prometheus HTTP API's (caught apart
+        from the transport's errors: requests' JSONDecodeError is one of those too)."""
+        return MetricsUnavailable(
+            f"{self.settings.url} did not answer like the Prometheus HTTP API",
+            query=promql,
+            cause=f"{type(exc).__name__}: {exc}",
+        )
+
     def _attempt(
         self, promql: str, signal: SignalName, now_s: float, connection: _Connection
     ) -> PartOutcome:
@@ -908,11 +917,7 @@ class PrometheusMetricsSource:
         try:
             result = connection.client.custom_query(promql, params=params)
         except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON
-            raise MetricsUnavailable(
-                f"{self.settings.url} did not answer like the Prometheus HTTP API",
-                query=promql,
-                cause=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            raise self._not_the_api(promql, exc) from exc
         except requests.Timeout as exc:
             raise _Retryable(
                 f"no answer within {format_number(self.settings.timeout_s)} s ({type(exc).__name__})"
@@ -922,11 +927,7 @@ class PrometheusMetricsSource:
         except PrometheusApiClientException as exc:
             return self._classify_http_error(exc, promql, signal, connection)
         except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
-            raise MetricsUnavailable(
-                f"{self.settings.url} did not answer like the Prometheus HTTP API",
-                query=promql,
-                cause=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            raise self._not_the_api(promql, exc) from exc
         try:
             return parse_vector(result)
         except ValueError as exc:

@@ -590,18 +590,22 @@ class _Solve:
             for var in placed[role]:
                 self.short_terms.append((-unit, var))
 
+    def _group_domains(self, need: ServiceNeed) -> list[SchedulingDomain]:
+        """The domains a new group of ``need`` may be placed in: those its affinity
+        allows and, for loose affinity, the whole cluster, which may span subgroups at
+        a price (W_SPAN) to meet targets."""
+        domains = list(self.topology.domains(need.affinity))
+        if need.affinity == "cluster" and self._spans(self.topology.cluster_domain):
+            domains.append(self.topology.cluster_domain)
+        return domains
+
     def _add_new_groups(
         self, need: ServiceNeed, grow: dict[Role, int], placed: dict[Role, list[int]]
     ) -> None:
-        topo = self.topology
         required = need.required_roles
         size = need.group_size
         max_groups = min(grow[r] for r in required)
-        domains = list(topo.domains(need.affinity))
-        if need.affinity == "cluster" and self._spans(topo.cluster_domain):
-            # Loose affinity may span subgroups, at a price (W_SPAN), to meet targets.
-            domains.append(topo.cluster_domain)
-        for domain in domains:
+        for domain in self._group_domains(need):
             region = domain.region
             options = {
                 r: [t for t in need.role(r).allowed_types if t in domain.gpu_types]
@@ -670,14 +674,10 @@ class _Solve:
     ) -> int | None:
         """Anchored groups for ``anchor``'s other role (see the module docstring).
         Returns the gate (``met``) when ``anchor`` grows too and anchored classes exist."""
-        topo = self.topology
         short: Role = "decode" if anchor == "prefill" else "prefill"
         rs, ra = need.role(short), need.role(anchor)
         gate: int | None = None
-        domains = list(topo.domains(need.affinity))
-        if need.affinity == "cluster" and self._spans(topo.cluster_domain):
-            domains.append(topo.cluster_domain)
-        for domain in domains:
+        for domain in self._group_domains(need):
             region = domain.region
             for ts in (t for t in rs.allowed_types if t in domain.gpu_types):
                 for ta in (t for t in ra.allowed_types if t in domain.gpu_types):

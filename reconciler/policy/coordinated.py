@@ -581,6 +581,17 @@ def _dynamic_ratio(
 _ROLE_NAMES: tuple[Role, Role] = ("prefill", "decode")
 
 
+def role_counts(fleet: ServiceFleet) -> tuple[list[int], list[int], list[int]]:
+    """Each role's instances (ready and starting), ready ones and starting ones, as
+    [prefill, decode] lists indexed by role (0, 1): cheaper than dicts in the hot path."""
+    prefill, decode = fleet.prefill, fleet.decode
+    return (
+        [prefill.ready + prefill.starting, decode.ready + decode.starting],
+        [prefill.ready, decode.ready],
+        [prefill.starting, decode.starting],
+    )
+
+
 def decide(
     policy: ServicePolicy,
     fleet: ServiceFleet,
@@ -590,13 +601,7 @@ def decide(
 ) -> Decision:
     """The coordinated decision for one service at ``now_s`` (see the module docstring)."""
     n = policy_numbers(policy)
-    # Per-role values are [prefill, decode] lists indexed by role (0, 1): cheaper than
-    # dicts in the hot path.
-    current = [
-        fleet.prefill.ready + fleet.prefill.starting,
-        fleet.decode.ready + fleet.decode.starting,
-    ]
-    ready = [fleet.prefill.ready, fleet.decode.ready]
+    current, ready, _ = role_counts(fleet)
     clamps: list[Clamp] = []
     parts: list[str] = []
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
@@ -835,28 +840,15 @@ def stabilise(
             )
             if not covered:
                 value_now = cur
-                clamps.append(
-                    Clamp(
-                        "scale_in_window",
-                        _ROLE_NAMES[ri],
-                        rec,
-                        cur,
-                        f"history covers {0.0 if oldest_s is None else now_s - oldest_s:.0f} s"
-                        f" of the {n.scale_in_window_s:g} s window",
-                    )
+                why = (
+                    f"history covers {0.0 if oldest_s is None else now_s - oldest_s:.0f} s"
+                    f" of the {n.scale_in_window_s:g} s window"
                 )
             else:
                 value_now = min(cur, rec if highest is None else max(rec, highest))
-                if value_now != rec:
-                    clamps.append(
-                        Clamp(
-                            "scale_in_window",
-                            _ROLE_NAMES[ri],
-                            rec,
-                            value_now,
-                            f"highest recommendation over {n.scale_in_window_s:g} s",
-                        )
-                    )
+                why = f"highest recommendation over {n.scale_in_window_s:g} s"
+            if value_now != rec:
+                clamps.append(Clamp("scale_in_window", _ROLE_NAMES[ri], rec, value_now, why))
             if value_now < cur and cooling:
                 clamps.append(
                     Clamp(

@@ -109,6 +109,7 @@ from reconciler.policy.coordinated import (
     _trim_recommendations,
     finish,
     policy_numbers,
+    role_counts,
     sample_problem,
     stabilise,
 )
@@ -562,12 +563,7 @@ def plan_decide(
     type in the ranking's order (``held_instances``)."""
     held = held or {}
     n = policy_numbers(policy)
-    current = [
-        fleet.prefill.ready + fleet.prefill.starting,
-        fleet.decode.ready + fleet.decode.starting,
-    ]
-    ready = [fleet.prefill.ready, fleet.decode.ready]
-    starting = [fleet.prefill.starting, fleet.decode.starting]
+    current, ready, starting = role_counts(fleet)
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
     config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
     memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
