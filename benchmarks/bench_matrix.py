@@ -57,8 +57,13 @@ oracle-min's (where static peak falls short, oracle-min sized for the share of e
 window's attainable requests the cell needs: ``bound_at_needed_share``), at most 0.70x
 static peak's on the 8-hour days; what it misses, with
 the reactive reference's capacity multiple (its roles weighted by oracle-min's
-GPU-hours) beside the 1.25x goal, and how many cells meet every goal; then how it
-compares with static-past-peak where that ran (``past_peak_comparison``).
+GPU-hours) beside the 1.25x goal, and how many cells meet every goal; beside its
+attainment, the reactive reference's at the planner's own GPU-hours per role
+(``reactive_at_cost``: the share of requests a constant headroom sized from the past
+keeps within capacity for the same spend, so a cell the goals cannot be met on still
+says how far the planner is from what reacting alone allows), and on how many cells the
+planner keeps as much; then how it compares with static-past-peak where that ran
+(``past_peak_comparison``).
 
 Run: ``python benchmarks/bench_matrix.py [--held-out] [--json F] [--markdown F]
 [--cells a,b] [--policies p,q] [--jobs N]``. Prints one table (a row per cell and policy), then the
@@ -85,12 +90,13 @@ sys.path.insert(0, str(REPO))
 
 from reconciler.desired import load_desired_state  # noqa: E402
 from reconciler.desired.loader import DesiredState  # noqa: E402
+from reconciler.desired.models import ServicePolicy  # noqa: E402
 from reconciler.perfmodel.calibrate import shared_dir  # noqa: E402
-from reconciler.sim.engine import SimConfig  # noqa: E402
+from reconciler.sim.engine import LoadProfile, SimConfig  # noqa: E402
 from reconciler.sim.evaluate import STATIC_PAST_PEAK, evaluate  # noqa: E402
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets  # noqa: E402
 from reconciler.sim.load import load_with_requests  # noqa: E402
-from reconciler.sim.reactive import reactive_reference  # noqa: E402
+from reconciler.sim.reactive import covered_at_multiples, reactive_reference  # noqa: E402
 
 POLICIES = (
     "heteroscale",
@@ -244,8 +250,38 @@ def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
     document["reactive_reference"] = reactive_reference(
         profile.judged(), state.policies[cell.service]
     ).to_json()
+    document["reactive_at_cost"] = reactive_at_cost(
+        document, profile.judged(), state.policies[cell.service]
+    )
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document
+
+
+def reactive_at_cost(
+    document: dict[str, Any], judged: LoadProfile, policy: ServicePolicy
+) -> dict[str, float]:
+    """Per policy that ran (oracle-min aside), the share of requests the reactive
+    reference keeps within capacity when it spends what that policy spent on each role,
+    as a multiple of oracle-min's GPU-hours of that role (``covered_at_multiples``):
+    the attainment a constant headroom buys from the past for the same GPU-hours. Empty
+    without oracle-min's figures."""
+    figures = document["policies"]
+    bound = figures.get("oracle-min")
+    if not bound or bound.get("failed"):
+        return {}
+    out = {}
+    for name, own in figures.items():
+        if name == "oracle-min" or own.get("failed") or own.get("gpu_hours") is None:
+            continue
+        multiples = {}
+        for role in ("prefill", "decode"):
+            bound_h = bound[f"gpu_hours_{role}"]
+            if not bound_h:
+                break
+            multiples[role] = own[f"gpu_hours_{role}"] / bound_h
+        else:
+            out[name] = round(covered_at_multiples(judged, policy, multiples), 5)
+    return out
 
 
 def needed_share(document: dict[str, Any]) -> float | None:
@@ -481,6 +517,9 @@ class GoalVerdict:
     # The share of each window's attainable requests the bound was sized for, where it
     # is the cell's needed one (``bound_at_needed_share``); None: the policy's own goal.
     bound_goal: float | None = None
+    # The reactive reference's share of requests within capacity at this policy's own
+    # GPU-hours per role (``reactive_at_cost``); None where the run did not record it.
+    reactive_attainment: float | None = None
 
     @property
     def bound_label(self) -> str:
@@ -569,6 +608,7 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         # The cell's day length (a tiled trace ends a few seconds short of it).
         diurnal=document.get("hours", round(document["horizon_s"] / 3600)) == DIURNAL_HOURS,
         reactive_multiple=weighted,
+        reactive_attainment=document.get("reactive_at_cost", {}).get(policy),
     )
 
 
@@ -581,6 +621,7 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
         f"x static peak (< 1; <= {DIURNAL_STATIC_GOAL:g} on {DIURNAL_HOURS:g} h days)",
         f"x oracle-min (<= {BOUND_MULTIPLE_GOAL:g})",
         "start-up lag alone",
+        "reactive at its GPU-hours (no goal)",
         f"x {STATIC_PAST_PEAK} (no goal)",
         "misses",
     ]
@@ -590,12 +631,15 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
         "|" + "---|" * len(header),
     ]
     met = met_beyond_lag = judged = 0
+    against_reactive: list[float] = []  # own attainment - the reactive reference's
     for document in documents:
         verdict = goal_verdict(document, policy)
         if verdict is None:
             lines.append(f"| {document['cell']} | not judged: {policy} or static-peak missing |")
             continue
         judged += 1
+        if verdict.reactive_attainment is not None:
+            against_reactive.append(verdict.attainment - verdict.reactive_attainment)
         met += not verdict.misses
         met_beyond_lag += not verdict.misses_beyond_start_up_lag
         lines.append(
@@ -610,6 +654,7 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
                     "-"
                     if verdict.reactive_multiple is None
                     else f"{verdict.reactive_multiple:.2f}x",
+                    _pct(verdict.reactive_attainment),
                     _vs_past_peak(document, policy),
                     "; ".join(verdict.misses) or "none",
                 ]
@@ -622,6 +667,20 @@ def goals_table(documents: list[dict[str, Any]], policy: str = GOALS_FOR) -> str
         f"{BOUND_MULTIPLE_GOAL:g}x oracle-min goal raised to what start-up lag alone costs "
         "where that is more."
     )
+    if against_reactive:
+        below = [d for d in against_reactive if d < -STATIC_SLACK]
+        lines.append(
+            f"Against the reactive reference at {policy}'s own GPU-hours per role (the "
+            f"share of requests a constant headroom sized from the past keeps within "
+            f"capacity for that spend) on {len(against_reactive)} cells: {policy}'s share "
+            f"within both SLOs is higher or within {100 * STATIC_SLACK:g} points on "
+            f"{len(against_reactive) - len(below)}, lower on {len(below)}"
+            + (
+                f" (by {100 * -max(below):.1f} to {100 * -min(below):.1f} points)."
+                if below
+                else "."
+            )
+        )
     return "\n".join(lines)
 
 

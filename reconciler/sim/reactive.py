@@ -89,14 +89,16 @@ def _rolling_mean(per_second: np.ndarray, window_s: int) -> np.ndarray:
     return out
 
 
-def _windows(
+def _window_table(
     per_second: np.ndarray, requests: np.ndarray, lag_s: float, hold_s: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per usable window: its demand, what the reference kept for it, its requests."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per window of the load: its demand, what the reference kept for it, its
+    requests, and whether it is usable (decided after the load began, with requests and
+    something known)."""
     bins = per_second.size // WINDOW_S
-    empty = np.zeros(0)
     if bins < 2:
-        return empty, empty, empty
+        empty = np.zeros(0)
+        return empty, empty, empty, np.zeros(0, dtype=bool)
     demand = per_second[: bins * WINDOW_S].reshape(bins, WINDOW_S).mean(axis=1)
     weight = requests[: bins * WINDOW_S].reshape(bins, WINDOW_S).sum(axis=1)
     known_at = _rolling_mean(per_second, WINDOW_S)
@@ -108,6 +110,14 @@ def _windows(
     seconds = np.clip(decided_s[:, None] - looks[None, :], 0, per_second.size)
     known = known_at[seconds].max(axis=1)
     usable &= known > 0
+    return demand, known, weight, usable
+
+
+def _windows(
+    per_second: np.ndarray, requests: np.ndarray, lag_s: float, hold_s: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per usable window: its demand, what the reference kept for it, its requests."""
+    demand, known, weight, usable = _window_table(per_second, requests, lag_s, hold_s)
     return demand[usable], known[usable], weight[usable]
 
 
@@ -145,6 +155,39 @@ def reactive_role(
     return ReactiveRole(headroom, held / exact if exact > 0 else 1.0)
 
 
+def covered_at_multiples(
+    profile: LoadProfile, policy: ServicePolicy, multiples: dict[str, float]
+) -> float:
+    """The share of requests in windows the reference covers on both roles when each
+    role holds ``multiples[role]`` times the capacity that follows its demand exactly:
+    the attainment sizing from the past with a constant headroom buys for a given spend
+    (optimistic as ``covered_share`` is), to set beside a policy's own attainment at
+    that policy's own multiples of oracle-min per role. The headroom that spends a
+    multiple ``m`` is ``m x sum(demand) / sum(known) - 1`` over the role's windows (the
+    capacity multiple is linear in ``1 + h``); below the exact capacity it is negative, and the windows it covers are
+    fewer. 1.0 with no usable window."""
+    hold_s = policy.scaling.scale_in_window_s
+    lags = {"prefill": policy.prefill.startup_s, "decode": policy.decode.startup_s}
+    series = {"prefill": profile.prompt_sum, "decode": profile.output_sum}
+    within: np.ndarray | None = None
+    usable_both: np.ndarray | None = None
+    for role in ("prefill", "decode"):
+        demand, known, weight, usable = _window_table(
+            series[role], profile.count, lags[role], hold_s
+        )
+        if not usable.any():
+            return 1.0
+        # Each role's spend over its own usable windows, as reactive_role counts it.
+        scale = multiples[role] * float(demand[usable].sum()) / float(known[usable].sum())
+        covered = demand <= scale * known * (1.0 + 1e-12)
+        within = covered if within is None else within & covered
+        usable_both = usable if usable_both is None else usable_both & usable
+    assert within is not None and usable_both is not None
+    if not usable_both.any():
+        return 1.0
+    return float(weight[within & usable_both].sum() / weight[usable_both].sum())
+
+
 def reactive_reference(profile: LoadProfile, policy: ServicePolicy) -> ReactiveReference:
     """The reactive reference of a workload for a service: its roles' start-up times,
     its scale-in window and its attainment goal."""
@@ -163,6 +206,7 @@ def reactive_reference(profile: LoadProfile, policy: ServicePolicy) -> ReactiveR
 __all__ = [
     "ReactiveReference",
     "ReactiveRole",
+    "covered_at_multiples",
     "covered_share",
     "reactive_reference",
     "reactive_role",

@@ -214,3 +214,48 @@ def test_the_needed_bound_is_run_on_the_cells_traffic(bench: ModuleType) -> None
     filed = document["bound_at_needed"]
     assert filed["goal"] == pytest.approx(0.895) and filed["gpu_hours"] > 0
     assert filed["slo_attainment"] >= 0.895 - 0.01  # every request; within a sample's error
+
+
+def test_the_goals_table_sets_the_planner_beside_the_reactive_reference_at_its_spend(
+    bench: ModuleType,
+) -> None:
+    """The reactive reference at the planner's own GPU-hours is a column (no goal) and a
+    count: how often the planner keeps as large a share within both SLOs as a constant
+    headroom sized from the past keeps within capacity for the same spend."""
+    above, below, unrecorded = cell(), cell(planner_slo=0.90), cell()
+    above["reactive_at_cost"] = {"heteroscale": 0.95}
+    below["reactive_at_cost"] = {"heteroscale": 0.999}
+    table = bench.goals_table([above, below, unrecorded])
+    rows = [line for line in table.splitlines() if line.startswith("| c |")]
+    assert "| 95.0% |" in rows[0] and "| 99.9% |" in rows[1]
+    assert "| 1.22x | - |" in rows[2]  # the start-up lag column, then none recorded
+    assert table.splitlines()[-1] == (
+        "Against the reactive reference at heteroscale's own GPU-hours per role (the share "
+        "of requests a constant headroom sized from the past keeps within capacity for that "
+        "spend) on 2 cells: heteroscale's share within both SLOs is higher or within 0.5 "
+        "points on 1, lower on 1 (by 9.9 to 9.9 points)."
+    )
+
+
+def test_the_reactive_reference_is_given_each_policys_spend_per_role_over_the_bound(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each policy that ran (not oracle-min, not a failed one) is judged at its own
+    GPU-hours of each role over oracle-min's of that role."""
+    asked: list[dict[str, float]] = []
+
+    def covered(_load: object, _policy: object, multiples: dict[str, float]) -> float:
+        asked.append(multiples)
+        return 0.9
+
+    monkeypatch.setattr(bench, "covered_at_multiples", covered)
+    document = cell()
+    document["policies"]["heteroscale"].update(gpu_hours_prefill=600.0, gpu_hours_decode=600.0)
+    document["policies"]["static-peak"].update(gpu_hours_prefill=900.0, gpu_hours_decode=1100.0)
+    document["policies"]["hpa-gpu-util"] = {"failed": "error"}
+    out = bench.reactive_at_cost(document, None, None)
+    assert out == {"heteroscale": 0.9, "static-peak": 0.9}
+    assert asked == [
+        {"prefill": 2.0, "decode": pytest.approx(600.0 / 700.0)},
+        {"prefill": 3.0, "decode": pytest.approx(1100.0 / 700.0)},
+    ]

@@ -3,14 +3,27 @@ at once, needs for the attainment goal (reconciler.sim.reactive)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.sim.reactive import WINDOW_S, covered_share, reactive_role
+from reconciler.desired import DesiredState, load_desired_state
+from reconciler.desired.models import ServicePolicy
+from reconciler.sim.engine import LoadProfile
+from reconciler.sim.reactive import (
+    WINDOW_S,
+    covered_at_multiples,
+    covered_share,
+    reactive_reference,
+    reactive_role,
+)
 
 HOUR_S = 3600
+# The example chat policy, for the property test (hypothesis does not take fixtures).
+_CHAT_POLICY = load_desired_state(Path(__file__).resolve().parents[2]).policies["chat"]
 
 
 def _flat(level: float, seconds: int = HOUR_S) -> np.ndarray:
@@ -71,3 +84,77 @@ def test_the_headroom_found_is_the_least_that_covers_the_goal(
     assert covered_share(demand, demand, 120.0, hold_s, role.headroom) >= goal
     if role.headroom > 0:
         assert covered_share(demand, demand, 120.0, hold_s, role.headroom * 0.999 - 1e-9) < goal
+
+
+# ------------------------------------------------------- attainment at a given spend
+
+
+def _load(requests_per_s: np.ndarray) -> LoadProfile:
+    """A load of ``requests_per_s`` per second, every request 1,000 prompt and 200
+    output tokens."""
+    prompt, output = np.full(100, 1000.0), np.full(100, 200.0)
+    return LoadProfile.from_bins(
+        requests_per_s,
+        requests_per_s * 1000.0,
+        requests_per_s * 1000.0**2,
+        requests_per_s * 200.0,
+        prompt,
+        output,
+        length_classes=4,
+        sample=None,
+        sample_weight=1.0,
+        name="test",
+        cyclic=False,
+        notes=(),
+    )
+
+
+def _stepped(state: DesiredState) -> tuple[LoadProfile, ServicePolicy]:
+    rps = _flat(10.0)
+    rps[1800:2400] *= 2.0
+    return _load(rps), state.policies["chat"]
+
+
+def test_spending_the_reference_headroom_buys_the_goal_on_both_roles(
+    state: DesiredState,
+) -> None:
+    """At the capacity multiples the reactive reference reports for the goal, its
+    attainment at that spend covers the goal; what a policy spends beyond them buys no
+    more than every request."""
+    load, policy = _stepped(state)
+    reference = reactive_reference(load, policy)
+    multiples = {
+        "prefill": reference.prefill.capacity_multiple,
+        "decode": reference.decode.capacity_multiple,
+    }
+    assert covered_at_multiples(load, policy, multiples) >= policy.slo.attainment_goal
+    assert covered_at_multiples(load, policy, {"prefill": 5.0, "decode": 5.0}) == 1.0
+
+
+def test_the_worse_role_bounds_what_the_spend_buys(state: DesiredState) -> None:
+    """A window counts only where both roles cover it: ample capacity on one role cannot
+    make up for the other held to what follows demand exactly, which misses the step."""
+    load, policy = _stepped(state)
+    ample = {"prefill": 5.0, "decode": 5.0}
+    decode_short = {"prefill": 5.0, "decode": 1.0}
+    prefill_short = {"prefill": 1.0, "decode": 5.0}
+    full = covered_at_multiples(load, policy, ample)
+    assert covered_at_multiples(load, policy, decode_short) < full
+    assert covered_at_multiples(load, policy, prefill_short) < full
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(1.0, 100.0), min_size=20, max_size=60),
+    st.floats(0.5, 3.0),
+    st.floats(1.0, 1.5),
+)
+def test_more_spend_never_covers_fewer_requests(
+    levels: list[float], multiple: float, more: float
+) -> None:
+    load = _load(np.repeat(np.asarray(levels), WINDOW_S))
+    policy = _CHAT_POLICY
+    less = covered_at_multiples(load, policy, {"prefill": multiple, "decode": multiple})
+    for role in ("prefill", "decode"):
+        grown = {"prefill": multiple, "decode": multiple, role: multiple * more}
+        assert covered_at_multiples(load, policy, grown) >= less
