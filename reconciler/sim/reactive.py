@@ -20,6 +20,11 @@ divided by the capacity that follows demand exactly (what oracle-min's counts fo
 up to whole instances). Both per role, on prompt tokens/s (prefill) and output
 tokens/s (decode).
 
+Read the other way (``covered_at_multiples``), the reference says what share of the
+requests a given spend keeps within capacity: at a policy's own GPU-hours per role (as
+multiples of oracle-min's), how much attainment a constant headroom would have bought,
+beside the policy's own, where no policy can meet the goals.
+
 It is a reference, not a bound on every possible policy (one that knew when the
 bursts come could do better; on seeded random bursts none can): where its capacity
 multiple exceeds a goal such as "within 1.25x of oracle-min", no policy sizing from
@@ -164,8 +169,8 @@ def covered_at_multiples(
     (optimistic as ``covered_share`` is), to set beside a policy's own attainment at
     that policy's own multiples of oracle-min per role. The headroom that spends a
     multiple ``m`` is ``m x sum(demand) / sum(known) - 1`` over the role's windows (the
-    capacity multiple is linear in ``1 + h``); below the exact capacity it is negative, and the windows it covers are
-    fewer. 1.0 with no usable window."""
+    capacity multiple is linear in ``1 + h``); below the exact capacity it is negative,
+    and the windows it covers are fewer. 1.0 with no usable window."""
     hold_s = policy.scaling.scale_in_window_s
     lags = {"prefill": policy.prefill.startup_s, "decode": policy.decode.startup_s}
     series = {"prefill": profile.prompt_sum, "decode": profile.output_sum}
