@@ -264,10 +264,14 @@ def reactive_at_cost(
     reference keeps within capacity when it spends what that policy spent on each role,
     as a multiple of oracle-min's GPU-hours of that role (``covered_at_multiples``):
     the attainment a constant headroom buys from the past for the same GPU-hours. Empty
-    without oracle-min's figures."""
+    without oracle-min's figures, and where the bound is sized for less than the
+    policy's goal (``bound_at_needed``: static peak falls short, prompts beyond an idle
+    instance's reach): there oracle-min at the goal buys near-idle instances for the
+    prompts at the edge of that reach, far more than the capacity that follows demand,
+    and a multiple of it says nothing of the spend (mooncake-x10 read 0.0%)."""
     figures = document["policies"]
     bound = figures.get("oracle-min")
-    if not bound or bound.get("failed"):
+    if not bound or bound.get("failed") or document.get("bound_at_needed"):
         return {}
     out = {}
     for name, own in figures.items():
@@ -608,7 +612,10 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         # The cell's day length (a tiled trace ends a few seconds short of it).
         diurnal=document.get("hours", round(document["horizon_s"] / 3600)) == DIURNAL_HOURS,
         reactive_multiple=weighted,
-        reactive_attainment=document.get("reactive_at_cost", {}).get(policy),
+        # Not where the bound is sized for the needed share (``reactive_at_cost``).
+        reactive_attainment=None
+        if bound_goal is not None
+        else document.get("reactive_at_cost", {}).get(policy),
     )
 
 

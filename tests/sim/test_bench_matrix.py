@@ -259,3 +259,23 @@ def test_the_reactive_reference_is_given_each_policys_spend_per_role_over_the_bo
         {"prefill": 2.0, "decode": pytest.approx(600.0 / 700.0)},
         {"prefill": 3.0, "decode": pytest.approx(1100.0 / 700.0)},
     ]
+
+
+def test_no_reactive_attainment_where_the_bound_is_sized_for_the_needed_share(
+    bench: ModuleType,
+) -> None:
+    """Where static peak falls short (prompts beyond an idle instance's reach) the bound
+    at the policy's goal buys near-idle instances, not capacity that follows demand: a
+    multiple of it says nothing of the spend, and neither the run nor the table reads
+    one (an earlier run's figure is not shown)."""
+    document = cell(static_slo=0.788)
+    document["bound_at_needed"] = {
+        "goal": 0.9812,
+        "gpu_hours": 1_000.0,
+        "gpu_hours_prefill": 500.0,
+        "gpu_hours_decode": 500.0,
+    }
+    assert bench.reactive_at_cost(document, None, None) == {}
+    document["reactive_at_cost"] = {"heteroscale": 0.0}
+    assert bench.goal_verdict(document).reactive_attainment is None
+    assert "Against the reactive reference" not in bench.goals_table([document])
