@@ -321,8 +321,8 @@ def main() -> None:
                 client, spec, {p.namespace for p in state.policies.values()}
             )
             backend = KubernetesBackend(client, state=state, options=ApplyOptions())
-            policies = {p.name: p for p in state.policies_for("large")}
-            base = initial_targets(policies, sum(n.gpus for n in spec.nodes), args.fill, args.seed)
+            by_name = {p.name: p for p in state.policies_for("large")}
+            base = initial_targets(by_name, sum(n.gpus for n in spec.nodes), args.fill, args.seed)
             autoscaler = make_autoscaler(args.autoscaler)
             planner = args.autoscaler == "heteroscale"
             if planner:
