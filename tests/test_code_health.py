@@ -17,9 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
     [
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
-        ["mypy", "reconciler"],
+        ["mypy", "reconciler", "benchmarks"],
     ],
-    ids=["ruff check", "ruff format --check", "mypy reconciler"],
+    ids=["ruff check", "ruff format --check", "mypy reconciler benchmarks"],
 )
 def test_the_tree_passes(command: list[str]) -> None:
     result = subprocess.run(
