@@ -87,6 +87,14 @@ def bucket_around(value_s: float, bounds: tuple[float, ...]) -> tuple[float, flo
     return lower, bounds[index]
 
 
+def reading_holds_slo(value_ms: float, slo_ms: float, bounds: tuple[float, ...]) -> bool:
+    """Whether a ``histogram_quantile`` reading of ``value_ms`` lies in a bucket that
+    holds ``slo_ms`` strictly inside: the true quantile may then be on either side of
+    the SLO, and the reading cannot tell a tail that meets it from one that misses."""
+    lower_s, upper_s = bucket_around(value_ms / 1000.0, bounds)
+    return lower_s * 1000.0 < slo_ms < upper_s * 1000.0
+
+
 __all__ = [
     "SGLANG_ITL_BUCKETS_S",
     "VLLM_ITL_BUCKETS_S",
@@ -94,4 +102,5 @@ __all__ = [
     "bucket_around",
     "engine_latency_buckets",
     "policy_latency_buckets",
+    "reading_holds_slo",
 ]

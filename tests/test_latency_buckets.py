@@ -15,6 +15,7 @@ from reconciler.latency_buckets import (
     VLLM_TTFT_BUCKETS_S,
     bucket_around,
     policy_latency_buckets,
+    reading_holds_slo,
 )
 
 
@@ -32,6 +33,23 @@ def test_a_reading_lies_in_the_bucket_that_holds_it(
     value_s: float, bucket: tuple[float, float]
 ) -> None:
     assert bucket_around(value_s, VLLM_ITL_BUCKETS_S) == bucket
+
+
+@pytest.mark.parametrize(
+    ("value_ms", "slo_ms", "holds"),
+    [
+        (23.5, 20.0, True),  # any step in (10, 25] ms reads 23.5: met or missed alike
+        (11.0, 20.0, True),
+        (47.5, 50.0, False),  # the SLO is the bucket's upper bound: met whatever it reads
+        (30.0, 20.0, False),  # (25, 50] lies wholly above the SLO: a miss
+        (9.0, 20.0, False),  # (0, 10] lies wholly below: met
+        (25.0, 25.0, False),  # on a bound: the rank is at the top of (10, 25]
+    ],
+)
+def test_a_reading_holds_the_slo_only_where_its_bucket_straddles_it(
+    value_ms: float, slo_ms: float, holds: bool
+) -> None:
+    assert reading_holds_slo(value_ms, slo_ms, VLLM_ITL_BUCKETS_S) is holds
 
 
 def test_each_engine_reads_through_its_own_bounds_and_overrides_through_none(

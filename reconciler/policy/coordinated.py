@@ -84,6 +84,7 @@ from dataclasses import dataclass, replace
 
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
+from reconciler.latency_buckets import LatencySignal
 from reconciler.policy.base import (
     Clamp,
     Decision,
@@ -137,7 +138,7 @@ def _written_here(key: str, value: float, now_s: float) -> bool:
 class LatencyRule:
     """The tiers of one latency metric: which role they drive and its SLO."""
 
-    metric: str  # "ttft" or "tbt"
+    metric: LatencySignal
     role: Role
     role_index: int  # 0 prefill, 1 decode
     primary: bool  # this metric is the policy's primary signal
@@ -206,10 +207,11 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
     else:
         driven = "prefill" if metric.startswith("prefill_") else "decode"
     latency_rules = []
-    for latency_metric, role, slo_ms in (
+    rule_sources: tuple[tuple[LatencySignal, Role, float], ...] = (
         ("ttft", "prefill", policy.slo.ttft_ms),
         ("tbt", "decode", policy.slo.tbt_ms),
-    ):
+    )
+    for latency_metric, role, slo_ms in rule_sources:
         tiers = sorted(
             (
                 (t.above, t.step_percent)
@@ -223,7 +225,7 @@ def _numbers_from_policy(policy: ServicePolicy) -> PolicyNumbers:
             latency_rules.append(
                 LatencyRule(
                     metric=latency_metric,
-                    role=role,  # type: ignore[arg-type]
+                    role=role,
                     role_index=0 if role == "prefill" else 1,
                     primary=metric == latency_metric,
                     slo_ms=slo_ms,

@@ -287,6 +287,30 @@ def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
     assert "still starting, no escalation" in starting.message
 
 
+def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_escalate() -> None:
+    """svc-b's TBT SLO, 20 ms, lies inside vLLM's (10, 25] ms bucket: its p90 reads
+    23.5 ms for any step in it, so such a reading cannot tell a tail within the SLO
+    from one beyond it and leaves decode where the model sizes it. A reading in the
+    (25, 50] ms bucket is a miss whatever the interpolation, and the tier fires."""
+    state = load_desired_state(REPO)
+    policy = state.policies["svc-b"]
+    assert policy.slo.tbt_ms == 20
+    perf = perf_context(policy, state.clusters[policy.cluster])
+    fleet = _fleet(20, 40)
+
+    def decide(tbt_ms: float | None):  # type: ignore[no-untyped-def]
+        # About 38 decode instances' worth: a +10% tier on the 40 is within the
+        # largest model error the correction takes, so it would show.
+        metrics = _metrics(0.0, 200_000.0, 130_000.0, tbt_ms=tbt_ms)
+        return plan_decide(policy, fleet, metrics, PolicyHistory(), 0.0, perf)
+
+    quiet, ambiguous, missed = decide(None), decide(23.5), decide(30.0)
+    assert ambiguous.decode == quiet.decode == 40  # the model sizes no more than runs
+    assert "read in the bucket 10-25 ms that holds the SLO: no evidence" in ambiguous.message
+    assert missed.decode == math.ceil(40 * 1.1)
+    assert "decode +10% of 40 ready" in missed.message
+
+
 def test_latency_tiers_stop_at_the_largest_model_error_the_correction_takes() -> None:
     """Light demand: the model sizes decode at a handful of instances while 40 run,
     and TBT still reads 2x the SLO. Ten times the model's count not meeting the SLO is
