@@ -298,7 +298,7 @@ def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_escalate() -> 
     perf = perf_context(policy, state.clusters[policy.cluster])
     fleet = _fleet(20, 40)
 
-    def decide(tbt_ms: float | None):  # type: ignore[no-untyped-def]
+    def decide(tbt_ms: float | None, policy: ServicePolicy = policy):  # type: ignore[no-untyped-def]
         # About 38 decode instances' worth: a +10% tier on the 40 is within the
         # largest model error the correction takes, so it would show.
         metrics = _metrics(0.0, 200_000.0, 130_000.0, tbt_ms=tbt_ms)
@@ -309,6 +309,11 @@ def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_escalate() -> 
     assert "read in the bucket 10-25 ms that holds the SLO: no evidence" in ambiguous.message
     assert missed.decode == math.ceil(40 * 1.1)
     assert "decode +10% of 40 ready" in missed.message
+    # Read through the user's own query, the bounds are unknown: the value is taken as
+    # exact and the tier fires on it.
+    queries = policy.metrics.model_copy(update={"queries": {"tbt": "my_tbt_p90_ms"}})
+    overridden = policy.model_copy(update={"metrics": queries})
+    assert decide(23.5, overridden).decode == math.ceil(40 * 1.1)
 
 
 def test_latency_tiers_stop_at_the_largest_model_error_the_correction_takes() -> None:
