@@ -84,14 +84,22 @@ def test_json_shape_on_the_simulated_fleet() -> None:
 
 
 def test_text_names_every_service_and_the_simulated_leader() -> None:
-    result = CliRunner().invoke(app, ["status", "--repo", str(REPO)])
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "--repo", str(REPO)])
     assert result.exit_code == 3, result.output
     assert "leader: none (simulated)" in result.output
     assert "cluster prod-east: revision none (simulated)" in result.output
     lines = result.output.splitlines()
     assert lines[4].split() == ["SERVICE", "SYNC", "HEALTH", "INSTANCES", "REASON"]
     rows = {line.split()[0]: line.split()[1] for line in lines[5:9]}
-    assert rows == dict.fromkeys(("chat", "summarize", "svc-a", "svc-b"), "OutOfSync")
+    # The same sync per service as the JSON report (which the test above ties to plan).
+    report = json.loads(
+        runner.invoke(app, ["status", "--repo", str(REPO), "--format", "json"]).stdout
+    )
+    (cluster,) = report["clusters"]
+    assert rows == {s["service"]: s["sync"] for s in cluster["services"]}
+    assert set(rows) == {"chat", "summarize", "svc-a", "svc-b"}
+    assert "OutOfSync" in rows.values()  # exit 3: something to apply
 
 
 def test_errors_exit_1_and_usage_2(tmp_path: Path) -> None:
