@@ -831,7 +831,7 @@ def plan_decide(
             # svc-b's 20 ms), so it is no evidence of a model error, and the sizing's
             # model, corrected where a reading falls outside its prediction's bucket,
             # stands. Escalating on it took svc-b's decode to 512 (its max_instances)
-            # through a burst the model sized at 270-400 for (burst-svc-b-1), where
+            # through a burst for which the model sized 270-400 (burst-svc-b-1), where
             # static peak's 308 keep 99% of requests within both SLOs.
             lower_s, upper_s = bucket_around(sample.value / 1000.0, bounds)
             parts.append(
