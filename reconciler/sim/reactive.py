@@ -126,6 +126,23 @@ def _windows(
     return demand[usable], known[usable], weight[usable]
 
 
+def _covers(demand: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Which windows' demand the capacity kept for them covers. A headroom read as a
+    window's demand / known - 1 and added back can round just below the ratio it came
+    from, so the last bits of a double are allowed."""
+    return demand <= kept * (1.0 + 1e-12)
+
+
+def _role_inputs(
+    profile: LoadProfile, policy: ServicePolicy
+) -> dict[str, tuple[np.ndarray, float]]:
+    """Per role, its demand series (per second) and the start-up its sizing lags by."""
+    return {
+        "prefill": (profile.prompt_sum, policy.prefill.startup_s),
+        "decode": (profile.output_sum, policy.decode.startup_s),
+    }
+
+
 def covered_share(
     per_second: np.ndarray, requests: np.ndarray, lag_s: float, hold_s: float, headroom: float
 ) -> float:
@@ -135,9 +152,7 @@ def covered_share(
     demand, known, weight = _windows(per_second, requests, lag_s, hold_s)
     if weight.size == 0:
         return 1.0
-    # reactive_role's headroom is a window's demand / known - 1: adding the 1 back can
-    # round just below the ratio it came from, so allow the last bits of a double.
-    within = demand <= (1.0 + headroom) * known * (1.0 + 1e-12)
+    within = _covers(demand, (1.0 + headroom) * known)
     return float(weight[within].sum() / weight.sum())
 
 
@@ -172,19 +187,15 @@ def covered_at_multiples(
     capacity multiple is linear in ``1 + h``); below the exact capacity it is negative,
     and the windows it covers are fewer. 1.0 with no usable window."""
     hold_s = policy.scaling.scale_in_window_s
-    lags = {"prefill": policy.prefill.startup_s, "decode": policy.decode.startup_s}
-    series = {"prefill": profile.prompt_sum, "decode": profile.output_sum}
     within: np.ndarray | None = None
     usable_both: np.ndarray | None = None
-    for role in ("prefill", "decode"):
-        demand, known, weight, usable = _window_table(
-            series[role], profile.count, lags[role], hold_s
-        )
+    for role, (series, lag_s) in _role_inputs(profile, policy).items():
+        demand, known, weight, usable = _window_table(series, profile.count, lag_s, hold_s)
         if not usable.any():
             return 1.0
         # Each role's spend over its own usable windows, as reactive_role counts it.
         scale = multiples[role] * float(demand[usable].sum()) / float(known[usable].sum())
-        covered = demand <= scale * known * (1.0 + 1e-12)
+        covered = _covers(demand, scale * known)
         within = covered if within is None else within & covered
         usable_both = usable if usable_both is None else usable_both & usable
     assert within is not None and usable_both is not None
@@ -198,13 +209,17 @@ def reactive_reference(profile: LoadProfile, policy: ServicePolicy) -> ReactiveR
     its scale-in window and its attainment goal."""
     hold_s = policy.scaling.scale_in_window_s
     goal = policy.slo.attainment_goal
-    lag = {"prefill": policy.prefill.startup_s, "decode": policy.decode.startup_s}
+    inputs = _role_inputs(profile, policy)
+    roles = {
+        role: reactive_role(series, profile.count, lag_s, hold_s, goal)
+        for role, (series, lag_s) in inputs.items()
+    }
     return ReactiveReference(
-        lag_s=lag,
+        lag_s={role: lag_s for role, (_series, lag_s) in inputs.items()},
         hold_s=hold_s,
         goal=goal,
-        prefill=reactive_role(profile.prompt_sum, profile.count, lag["prefill"], hold_s, goal),
-        decode=reactive_role(profile.output_sum, profile.count, lag["decode"], hold_s, goal),
+        prefill=roles["prefill"],
+        decode=roles["decode"],
     )
 
 
