@@ -469,6 +469,14 @@ class ClusterSpec(StrictModel):
         return {node.name: node for node in self.nodes}
 
     @cached_property
+    def gpus_by_type(self) -> dict[str, int]:
+        """Every GPU of the cluster, counted per GPU type: the most any fleet here holds."""
+        total: dict[str, int] = {}
+        for node in self.nodes:
+            total[node.gpu_type] = total.get(node.gpu_type, 0) + node.gpus
+        return total
+
+    @cached_property
     def largest_node_gpus(self) -> dict[str, int]:
         """GPUs of the largest node of each GPU type present on a node."""
         largest: dict[str, int] = {}

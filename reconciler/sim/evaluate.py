@@ -106,8 +106,10 @@ from reconciler.sim.fleet import SimulatedFleet
 from reconciler.sim.oracle import (
     DEFAULT_WINDOW_S,
     OracleMinPlan,
+    inventory_excess,
     oracle_min_initial_counts,
     per_second_counts,
+    plan_gpus_by_type,
     plan_oracle_min,
 )
 from reconciler.sim.plugins import PLUGIN_PREFIX, PluginAutoscaler, PluginError
@@ -1183,15 +1185,10 @@ def oracle_min_result(
         notes.append(
             f"{unmet} of {len(plan.windows)} windows cannot meet the goal even at max_instances"
         )
+    gpus_by_type = plan_gpus_by_type(plan, counts)
+    notes += [e.note() for e in inventory_excess(gpus_by_type, sim.cluster.gpus_by_type)]
     starts = [float(w.start_s) for w in plan.windows]
     no_signal = [math.nan] * len(plan.windows)
-    # oracle-min runs every instance of a role on its plan's GPU type for the role.
-    gpus_by_type: dict[str, np.ndarray] = {}
-    for gpu_type, gpus in (
-        (plan.prefill_gpu_type, counts["prefill_gpus"]),
-        (plan.decode_gpu_type, counts["decode_gpus"]),
-    ):
-        gpus_by_type[gpu_type] = gpus_by_type.get(gpu_type, np.zeros_like(gpus)) + gpus
     return _result(
         "oracle-min",
         f"fewest {plan.prefill_gpu_type} prefill and {plan.decode_gpu_type} decode instances "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from reconciler.desired import DesiredState
+from reconciler.desired.models import ClusterSpec
 from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import (
     LoadProfile,
@@ -26,14 +27,17 @@ from reconciler.sim.evaluate import (
     with_attainment_goal,
 )
 from reconciler.sim.oracle import (
+    OracleWindow,
     _judge_s,
     _least_passing,
     _ttft_judge_s,
     _WindowJudge,
     _WindowSearch,
     bound_config,
+    inventory_excess,
     oracle_min_initial_counts,
     per_second_counts,
+    plan_gpus_by_type,
     plan_oracle_min,
     replay_window,
     warm_counts,
@@ -107,31 +111,53 @@ def test_one_instance_fewer_of_either_role_breaks_the_window(
         assert fewer < goal, f"one {role} instance fewer still meets window {window}"
 
 
-def test_added_instances_are_charged_from_their_start_up(state: DesiredState, plan) -> None:  # type: ignore[no-untyped-def]
+def test_each_second_holds_the_most_instances_any_second_within_a_start_up_serves_with(
+    state: DesiredState,
+    plan,  # type: ignore[no-untyped-def]
+) -> None:
     policy = state.policies[SERVICE]
     horizon = plan.windows[-1].start_s + plan.window_s
     counts = per_second_counts(plan, policy, horizon)
+    for role in ("prefill", "decode"):
+        startup_s = round(policy.role(role).startup_s)
+        ready = counts[f"{role}_ready"]
+        held = ready + counts[f"{role}_starting"]
+        for t in range(0, horizon, 7):
+            assert held[t] == max(ready[t : t + startup_s + 1])
+        assert np.array_equal(counts[f"{role}_gpus"], held * policy.role(role).gpus_per_instance)
+        # Never more than the plan's largest window.
+        assert held.max() == max(getattr(w, role) for w in plan.windows)
+    # An instance a window adds is paid for from a start-up before it.
     windows = plan.windows
     k = next(i for i in range(1, len(windows)) if windows[i].decode > windows[i - 1].decode)
-    before = windows[k].start_s - 1
-    startup_s = policy.decode.startup_s
-    # Every later increase whose start-up covers that second is being paid for.
-    starting = sum(
-        max(0, windows[j].decode - windows[j - 1].decode)
-        for j in range(k, len(windows))
-        if windows[j].start_s - startup_s <= before < windows[j].start_s
+    lead_s = round(policy.decode.startup_s)
+    for t in range(max(0, windows[k].start_s - lead_s), windows[k].start_s):
+        held_t = counts["decode_ready"][t] + counts["decode_starting"][t]
+        assert held_t >= windows[k].decode > counts["decode_ready"][t]
+
+
+def test_an_instance_needed_again_within_a_start_up_is_kept_not_started_twice(
+    state: DesiredState,
+    plan,  # type: ignore[no-untyped-def]
+) -> None:
+    """Decode 5, 3, 5 in 60 s windows with a 120 s start-up: the two instances the dip
+    stops are needed again a minute later, so they are kept. Started afresh they would
+    run beside the five of the first window (7 held), paid for twice."""
+    policy = state.policies[SERVICE]
+    assert round(policy.decode.startup_s) == 120
+    dip = replace(
+        plan,
+        window_s=60,
+        windows=tuple(
+            OracleWindow(start_s=60 * i, prefill=2, decode=d, met=True, attainment=1.0)
+            for i, d in enumerate((5, 3, 5, 5))
+        ),
     )
-    assert starting >= windows[k].decode - windows[k - 1].decode > 0
-    assert counts["decode_starting"][before] == starting
-    assert counts["decode_gpus"][before] == (
-        (windows[k - 1].decode + starting) * policy.decode.gpus_per_instance
-    )
-    # In all, each added instance is paid for its whole start-up (clipped at t = 0).
-    paid = sum(
-        max(0, windows[j].decode - windows[j - 1].decode) * min(startup_s, windows[j].start_s)
-        for j in range(1, len(windows))
-    )
-    assert counts["decode_starting"].sum() == pytest.approx(paid)
+    counts = per_second_counts(dip, policy, 240)
+    held = counts["decode_ready"] + counts["decode_starting"]
+    assert held.tolist() == [5.0] * 240
+    assert counts["decode_starting"][60:120].tolist() == [2.0] * 60  # kept, not serving
+    assert counts["decode_gpus"].sum() / 3600 == 240 * 5 * policy.decode.gpus_per_instance / 3600
 
 
 class _Hold:
@@ -416,3 +442,91 @@ def test_more_prefill_is_taken_where_it_lets_fewer_decode_instances_meet_ttft(
             policy, cluster, burst_load, plan, k, chosen.prefill - 1, chosen.decode + extra_decode
         )
         assert both < goal, f"window {k}: prefill-first would have cost no more GPUs"
+
+
+def _held_gpus(plan, policy):  # type: ignore[no-untyped-def]
+    horizon = plan.windows[-1].start_s + plan.window_s
+    return plan_gpus_by_type(plan, per_second_counts(plan, policy, horizon))
+
+
+def test_a_bound_within_the_clusters_gpus_reports_no_excess(state: DesiredState, plan) -> None:  # type: ignore[no-untyped-def]
+    policy = state.policies[SERVICE]
+    gpus = _held_gpus(plan, policy)
+    assert inventory_excess(gpus, state.clusters[policy.cluster].gpus_by_type) == ()
+
+
+def test_a_bound_over_the_clusters_gpus_of_a_type_is_counted_minute_by_minute(
+    state: DesiredState,
+    plan,  # type: ignore[no-untyped-def]
+) -> None:
+    policy = state.policies[SERVICE]
+    gpus = _held_gpus(plan, policy)
+    prefill = gpus[plan.prefill_gpu_type]
+    most = round(float(prefill.max()))
+    inventory = {plan.prefill_gpu_type: most - 1, plan.decode_gpu_type: 10**6}
+    (excess,) = inventory_excess(gpus, inventory)
+    assert excess.gpu_type == plan.prefill_gpu_type
+    assert (excess.most_gpus, excess.inventory_gpus) == (most, most - 1)
+    over_minutes = {t // 60 for t in range(prefill.size) if prefill[t] > most - 1}
+    assert excess.minutes_over == len(over_minutes) >= 1
+    assert excess.minutes == math.ceil(prefill.size / 60)
+    assert f"up to {most} of {most - 1}" in excess.note()
+
+
+def test_roles_on_one_gpu_type_count_against_its_gpus_together(state: DesiredState, plan) -> None:  # type: ignore[no-untyped-def]
+    policy = state.policies[SERVICE]
+    apart = _held_gpus(plan, policy)
+    shared = _held_gpus(replace(plan, decode_gpu_type=plan.prefill_gpu_type), policy)
+    assert list(shared) == [plan.prefill_gpu_type]
+    together = shared[plan.prefill_gpu_type]
+    assert np.array_equal(together, apart[plan.prefill_gpu_type] + apart[plan.decode_gpu_type])
+    # Enough for either role alone at every second, not for both.
+    alone = round(float(max(g.max() for g in apart.values())))
+    (excess,) = inventory_excess(shared, {plan.prefill_gpu_type: alone})
+    assert excess.most_gpus == round(float(together.max())) > alone
+
+
+def test_the_bounds_figures_say_where_it_holds_more_gpus_than_the_cluster_has(
+    state: DesiredState, burst_load: LoadProfile
+) -> None:
+    """The same service and load on a cluster of 16 H800 and 256 H20 GPUs: oracle-min
+    still sizes to the policy's max_instances, and its result says so."""
+    policy = state.policies[SERVICE]
+    small = ClusterSpec.model_validate(
+        {
+            **state.clusters[policy.cluster].model_dump(
+                include={"name", "kube_context", "currency", "gpu_types", "network"}
+            ),
+            "defaults": {"gpus_per_node": 8},
+            "s2": [
+                {
+                    "name": "pod",
+                    "s1": [
+                        {
+                            "name": "mp-1",
+                            "defaults": {"gpu_type": "h800"},
+                            "s0": [{"name": "leaf-1", "nodes": "h800-[1-2]"}],
+                        },
+                        {
+                            "name": "mp-2",
+                            "defaults": {"gpu_type": "h20"},
+                            "s0": [{"name": "leaf-2", "nodes": "h20-[1-32]"}],
+                        },
+                    ],
+                }
+            ],
+            "rdma_subgroups": [{"name": "rg", "switches": ["pod"]}],
+        }
+    )
+    assert small.gpus_by_type == {"h800": 16, "h20": 256}
+    on_small = replace(state, clusters={**state.clusters, policy.cluster: small})
+    result = evaluate(on_small, SERVICE, burst_load, ["oracle-min"]).policies["oracle-min"]
+    (excess,) = inventory_excess(
+        _held_gpus(plan_oracle_min(policy, small, burst_load), policy), small.gpus_by_type
+    )
+    assert excess.gpu_type == "h800" and excess.minutes_over >= 1
+    notes = [n for n in result.notes if "than the cluster has" in n]
+    assert notes == [excess.note()]
+    assert notes[0].startswith(
+        f"holds more h800 GPUs than the cluster has in {excess.minutes_over} of "
+    )
