@@ -133,6 +133,7 @@ Assumptions beyond ``perf`` (each one a modelling choice):
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -665,7 +666,7 @@ def fifo_delay(
     first = min(max(first, 0), max(served_cum.size - 1, 0))
     # curve[i]: served by time first + i
     curve = np.concatenate(([served_cum[first - 1] if first else 0.0], served_cum[first:]))
-    index = np.searchsorted(curve, position, side="left")
+    index = curve.searchsorted(position, side="left")
     if first and not index.all():  # a position at or below curve[0]: search it all
         return fifo_delay(position, served_cum)
     resolved = index < curve.size
@@ -683,9 +684,10 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     if not mask.any():
         return None
     v, w = values[mask], weights[mask]
-    order = np.argsort(v, kind="stable")
-    cum = np.cumsum(w[order])
-    index = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    # ndarray methods, not np.argsort & co.: the same work without their wrappers.
+    order = v.argsort(kind="stable")
+    cum = w[order].cumsum()
+    index = int(cum.searchsorted(q * cum[-1], side="left"))
     return float(v[order][min(index, v.size - 1)])
 
 
@@ -840,6 +842,8 @@ _PREFILL_COUNTERS = (
     "prefill_work_in",
     "prefill_work_out",
 )
+# Those counters' values, as a tuple in that order.
+_prefill_counter_values = operator.itemgetter(*_PREFILL_COUNTERS)
 
 
 @dataclass(eq=False)
@@ -961,6 +965,9 @@ class ServiceSim:
         self._shares = [0.0] * len(self.prefill_pools)
         self._link_load: list[float | None] = [None] * len(self.prefill_pools)
         self._decode_ready_total = 0
+        self._admit_weights: list[float] = []  # set with the counts (_derive_capacity)
+        self._admit_weight_sum = 0.0
+        self._admitting: list[int] = []
         self.decode_index = {p.gpu_type: i for i, p in enumerate(self.decode_pools)}
 
         # Per-request service-time statistics for the G/G/c term.
@@ -1129,6 +1136,15 @@ class ServiceSim:
             )
         ]
         self._decode_ready_total = sum(self.decode_ready)
+        # The decode router's weight per pool (ready instances x tokens/s at the TBT SLO;
+        # 0 for a pool with none ready or that the model does not fit), their sum, and
+        # the pools that take admissions (a weight above 0).
+        self._admit_weights = [
+            ready * pool.slo_capacity_tps if ready > 0 and pool.perf.fits else 0.0
+            for pool, ready in zip(self.decode_pools, self.decode_ready, strict=True)
+        ]
+        self._admit_weight_sum = sum(self._admit_weights)
+        self._admitting = [q for q, weight in enumerate(self._admit_weights) if weight > 0]
         # What a prefill tape must have been recorded with to be replayed (PrefillTape).
         self._tape_key = (self._capacity, self.prefill_instances, self._decode_ready_total > 0)
 
@@ -1186,7 +1202,7 @@ class ServiceSim:
             cum["admit_in"] += served_n
         n_pools = len(decode_pools)
         admitted_to = [0.0] * n_pools
-        room_of: list[list[float]] = []
+        room_of: list[list[float]] = [[]] * n_pools  # read only for the admitting pools
         prompt_of_admitted = output_of_admitted = 0.0
         for gens in decode_gens:
             if gens.used:  # a pool that never had an instance has nothing to prepare
@@ -1194,23 +1210,16 @@ class ServiceSim:
         if self.admit_requests > 1e-12 and decode_ready_total > 0:
             mean_prompt = self.admit_tokens / self.admit_requests
             reserve = mean_prompt + self.out_mean
-            slots = []
-            weights = []
-            for pool, gens, ready in zip(decode_pools, decode_gens, self.decode_ready, strict=True):
-                if ready == 0 or not pool.perf.fits:
-                    room_of.append([])
-                    slots.append(0.0)
-                    weights.append(0.0)
-                    continue
-                room = gens.room(reserve)
-                room_of.append(room)
-                slots.append(sum(room))
-                weights.append(ready * pool.slo_capacity_tps)
+            slots = [0.0] * n_pools
             want = self.admit_requests
-            weight_sum = sum(weights)
+            weights = self._admit_weights
+            weight_sum = self._admit_weight_sum
+            # A pool without a weight would be given min(0, 0) = 0: it keeps its 0.
+            for q in self._admitting:
+                room = room_of[q] = decode_gens[q].room(reserve)
+                slots[q] = sum(room)
+                admitted_to[q] = min(slots[q], want * weights[q] / weight_sum)
             if weight_sum > 0:
-                for q in range(n_pools):
-                    admitted_to[q] = min(slots[q], want * weights[q] / weight_sum)
                 left = want - sum(admitted_to)
                 if left > 1e-12:
                     room = [slots[q] - admitted_to[q] for q in range(n_pools)]
@@ -1267,7 +1276,7 @@ class ServiceSim:
                 pool_rows += gens.idle_rows(self._idle_step_s[q], admitted_q)
                 continue
             to_slots = gens.route(admitted_q, room_of[q]) if admitted_q > 1e-12 else None
-            if gens.used:
+            if gens.used and gens.staleness:  # a current-load router keeps no reports
                 gens.report()
             totals, slot_row = gens.advance(to_slots, mean_admitted_prompt, length_scale)
             pool_tokens, pool_done, alive, kv, instances, tau_tokens, busiest, live = totals
@@ -1343,7 +1352,7 @@ class ServiceSim:
             self.queue_work,
             self.queue_requests,
             self.arrival_rate_work,
-            tuple(self.cum[name] for name in _PREFILL_COUNTERS),
+            _prefill_counter_values(self.cum),
         )
 
     def _set_prefill_state(self, state: tuple[Any, ...]) -> None:
@@ -2090,9 +2099,12 @@ def per_request(
     n_pools = len(sim.decode_pools)
     tbt_ok = np.zeros(n)
     finished = np.zeros(n)
-    tbt_values: list[np.ndarray] = [np.full(n, np.inf) for _ in range(n_pools)]
-    tbt_weights: list[np.ndarray] = [np.zeros(n) for _ in range(n_pools)]
-    if n > 0 and n_pools > 0 and sim.t > 0:
+    tbt_values: list[np.ndarray]
+    tbt_weights: list[np.ndarray]
+    if not (n > 0 and n_pools > 0 and sim.t > 0):
+        tbt_values = [np.full(n, np.inf) for _ in range(n_pools)]
+        tbt_weights = [np.zeros(n) for _ in range(n_pools)]
+    else:
         first = int(start_second.min())
         curves = slot_curves(sim, tbt_slo_s, first)
         data = sim.series.data
@@ -2120,7 +2132,7 @@ def per_request(
             ready / np.maximum(ready_total, 1e-12),
         )
         # The branches slot by slot, each slot's requests in order.
-        slot_index, request_index = np.nonzero(weight > 0)
+        slot_index, request_index = (weight > 0).nonzero()
         pool_of_slot = np.arange(n_pools * sim.slots) // sim.slots
         chased = chase(
             curves,
@@ -2137,7 +2149,11 @@ def per_request(
         )
         if unfinished_so_far:
             tbt_ok = chased.within_so_far
-            finished = np.minimum(np.sum(chased.pool_weight, axis=0), 1.0)
+            # The pools' weights added in order (np.sum over axis 0, without stacking).
+            weight_total = chased.pool_weight[0]
+            for pool_weight in chased.pool_weight[1:]:
+                weight_total = weight_total + pool_weight
+            finished = np.minimum(weight_total, 1.0)
         else:
             tbt_ok = chased.within_finished
             finished = chased.finished

@@ -896,8 +896,8 @@ class SlotCurves:
         slots, seconds = dpsi.shape
         slow_step = dpsi * (columns["tau"] > tbt_slo_s)
         zeros = np.zeros((slots, 1))
-        clock = np.concatenate((zeros, np.cumsum(dpsi, axis=1)), axis=1)
-        slow = np.concatenate((zeros, np.cumsum(slow_step, axis=1)), axis=1)
+        clock = np.concatenate((zeros, dpsi.cumsum(axis=1)), axis=1)
+        slow = np.concatenate((zeros, slow_step.cumsum(axis=1)), axis=1)
         gen = columns["gen"]
         to = columns["to"]
         event = np.zeros((slots, seconds), dtype=bool)
@@ -924,9 +924,24 @@ class SlotCurves:
             shift,
         )
 
-    def at(self, curve: np.ndarray, step: np.ndarray, g: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """``curve`` of slots ``g`` at times ``t`` (linear within a second)."""
-        s = fast_clip(np.floor(t).astype(np.int64) - self.start, 0, self.dpsi.shape[1] - 1)
+    def column(self, t: np.ndarray) -> np.ndarray:
+        """The column of the second each of times ``t`` falls in (clipped to the curves)."""
+        column: np.ndarray = fast_clip(
+            np.floor(t).astype(np.int64) - self.start, 0, self.dpsi.shape[1] - 1
+        )
+        return column
+
+    def at(
+        self,
+        curve: np.ndarray,
+        step: np.ndarray,
+        g: np.ndarray,
+        t: np.ndarray,
+        column: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``curve`` of slots ``g`` at times ``t`` (linear within a second); ``column``:
+        ``self.column(t)`` when the caller has it."""
+        s = self.column(t) if column is None else column
         value: np.ndarray = curve[g, s] + (t - self.start - s) * step[g, s]
         return value
 
@@ -935,7 +950,7 @@ class SlotCurves:
         seconds = self.clock.shape[1]
         if g.size == 0:
             return np.zeros(0)
-        index = np.searchsorted(self.flat, level + self.shift[g], side="left") - g * seconds
+        index = self.flat.searchsorted(level + self.shift[g], side="left") - g * seconds
         index = fast_clip(index, 1, seconds - 1)
         lo = self.clock[g, index - 1]
         hi = self.clock[g, index]
@@ -983,13 +998,15 @@ def chase(
     finished = np.zeros(n)
     within_finished = np.zeros(n)
     within_so_far = np.zeros(n)
-    gap_num = [np.zeros(n) for _ in range(pools)]
-    gap_den = [np.zeros(n) for _ in range(pools)]
-    pool_weight = [np.zeros(n) for _ in range(pools)]
+    gap_num = [np.zeros(n) for _ in range(pools)] if not so_far_only else []
+    gap_den = [np.zeros(n) for _ in range(pools)] if not so_far_only else []
     origin_pool = pool_of_slot[slot]
-    for q in range(pools):
-        mine = origin_pool == q
-        np.add.at(pool_weight[q], request[mine], weight[mine])
+    # Each request's weight per pool, summed branch by branch in order from 0 (what
+    # np.add.at into zeros gives, bit for bit).
+    pool_weight = [
+        np.bincount(request[mine], weight[mine], minlength=n)
+        for mine in (origin_pool == q for q in range(pools))
+    ]
     req, g, w = request, slot, weight.astype(np.float64)
     t0 = fast_clip(decode_start[request].astype(np.float64), curves.start, curves.end)
     pool0 = origin_pool
@@ -999,10 +1016,10 @@ def chase(
     for _round in range(max_rounds):
         if req.size == 0:
             break
-        s = fast_clip(np.floor(t0).astype(np.int64), curves.start, end - 1)
-        edge = curves.next_event[g, s - curves.start]
-        clock0 = curves.at(curves.clock, curves.dpsi, g, t0)
-        slow0 = curves.at(curves.slow, curves.slow_step, g, t0)
+        column = curves.column(t0)
+        edge = curves.next_event[g, column]
+        clock0 = curves.at(curves.clock, curves.dpsi, g, t0, column)
+        slow0 = curves.at(curves.slow, curves.slow_step, g, t0, column)
         seg = curves.clock[g, edge - curves.start] - clock0
         done = remaining <= seg + 1e-9
         if done.any():
@@ -1054,8 +1071,12 @@ def chase(
         pool0 = np.concatenate((pool0[keep], pool0[shift]))
         remaining = np.concatenate((remaining[keep], remaining[shift]))
         slow = np.concatenate((slow_now[keep], slow_now[shift]))
-    pool_gap = [
-        np.where(d > 0, num / np.where(d > 0, d, 1.0), np.inf)
-        for num, d in zip(gap_num, gap_den, strict=True)
-    ]
+    pool_gap = (
+        [np.full(n, np.inf) for _ in range(pools)]
+        if so_far_only
+        else [
+            np.where(d > 0, num / np.where(d > 0, d, 1.0), np.inf)
+            for num, d in zip(gap_num, gap_den, strict=True)
+        ]
+    )
     return Chased(finished, within_finished, within_so_far, pool_weight, pool_gap)

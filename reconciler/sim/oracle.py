@@ -133,11 +133,11 @@ from reconciler.sim.engine import (
     ServiceSim,
     SimConfig,
     SimSnapshot,
-    idle_ttft_s,
     per_request,
     prompt_tables,
     token_gap_quantiles_s,
 )
+from reconciler.sim.generations import fast_clip
 
 DEFAULT_WINDOW_S = 60
 # Seconds added to how long a window's arrivals are followed (rounding, the first step).
@@ -271,6 +271,20 @@ class _Verdict:
     settled: bool = False  # stopped early, settled as a miss (shares are upper bounds)
 
 
+def _kth_largest(values: np.ndarray, k: int) -> float:
+    """The ``k``-th largest of ``values`` (0: the largest), as ``-np.partition(-values,
+    k)[k]`` gives it: the negated copy is partitioned in place (no wrapper, no second
+    copy)."""
+    negated = -values
+    negated.partition(k)
+    return float(-negated[k])
+
+
+def _mean(values: np.ndarray) -> float:
+    """``float(values.mean())`` (the same sum over the same count) without its wrapper."""
+    return float(np.add.reduce(values)) / values.size
+
+
 class _WindowJudge:
     """Judges one window's arrivals on the simulator's current state."""
 
@@ -290,7 +304,7 @@ class _WindowJudge:
 
     def span(self, start_s: int, end_s: int) -> tuple[int, int]:
         """The sample's requests arriving in [start_s, end_s)."""
-        lo, hi = np.searchsorted(self.arrival, [start_s, end_s], side="left")
+        lo, hi = self.arrival.searchsorted([start_s, end_s], side="left")
         return int(lo), int(hi)
 
     def tables(self, lo: int, hi: int) -> PromptTables:
@@ -325,11 +339,11 @@ class _WindowJudge:
         ttft = np.where(complete & (ttft > -np.inf), ttft, np.inf)
         may_miss = math.floor(n * (1.0 - self.goal) + 1e-9)
         excess = ttft - self.ttft_slo_s
-        margin = float(-np.partition(-excess, may_miss)[may_miss]) if may_miss < n else -math.inf
+        margin = _kth_largest(excess, may_miss) if may_miss < n else -math.inf
         return _Verdict(
-            ttft_share=float(r.ttft_ok[attainable].mean()),
-            both_share=float(r.both_ok[attainable].mean()),
-            tbt_share=float(r.tbt_ok[attainable].mean()),
+            ttft_share=_mean(r.ttft_ok[attainable]),
+            both_share=_mean(r.both_ok[attainable]),
+            tbt_share=_mean(r.tbt_ok[attainable]),
             ttft_margin_s=margin,
             ttft_s=ttft,
         )
@@ -348,7 +362,7 @@ class _WindowJudge:
         tables = self.tables(lo, hi)
         attainable = tables.idle_ttft_s <= self.ttft_slo_s
         n = int(attainable.sum())
-        arrived = int(np.searchsorted(self.arrival[lo:hi], now_s - 1, side="left"))
+        arrived = int(self.arrival[lo:hi].searchsorted(now_s - 1, side="left"))
         if n == 0 or arrived == 0:
             return None
         r = per_request(
@@ -675,9 +689,10 @@ class _PrefillModel:
         self._request_wait: dict[int, np.ndarray] = {}
 
     def begin(
-        self, start: int, end: int, follow_s: int, arrival: np.ndarray, prompt: np.ndarray
+        self, start: int, end: int, follow_s: int, arrival: np.ndarray, idle: np.ndarray
     ) -> None:
-        """A new window: its arrivals' work, the backlog it starts with."""
+        """A new window: its arrivals' work, the backlog it starts with; ``idle``: the
+        arrivals' ``idle_ttft_s``."""
         sim = self.sim
         span = max(end + follow_s - start, 1)
         work = np.zeros(span)
@@ -694,7 +709,6 @@ class _PrefillModel:
         self.rate = rate
         self.half = np.arange(span) + 0.5
         self.ticks = np.arange(1, span + 1, dtype=np.float64)
-        idle = idle_ttft_s(sim, prompt)
         attainable = idle <= self.slo_s
         self.arrival = arrival[attainable]
         self.index = (np.floor(self.arrival).astype(np.int64) - start).clip(0, span - 1)
@@ -707,18 +721,18 @@ class _PrefillModel:
         capacity = count * self.capacity
         work = self.work_s
         # Lindley's recursion q_t = max(0, q_(t-1) + a_t - c), solved at once.
-        net = np.cumsum(work) - capacity * self.ticks
+        net = work.cumsum() - capacity * self.ticks
         queue = net - np.minimum(np.minimum.accumulate(net), -self.queue0)
         before = np.concatenate(([self.queue0], queue[:-1]))
-        served = np.concatenate(([0.0], np.cumsum(before + work - queue)))
-        index = np.searchsorted(served, self.position, side="left")
+        served = np.concatenate(([0.0], (before + work - queue).cumsum()))
+        index = served.searchsorted(self.position, side="left")
         resolved = index < served.size
-        index = np.clip(index, 1, served.size - 1)
+        index = fast_clip(index, 1, served.size - 1)
         lo, hi = served[index - 1], served[index]
         frac = np.where(hi > lo, (self.position - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-        depart = (index - 1) + np.clip(frac, 0.0, 1.0)
+        depart = (index - 1) + fast_clip(frac, 0.0, 1.0)
         wait = np.where(resolved, np.maximum(0.0, depart - self.half), np.inf)
-        rho = np.clip(self.rate / capacity, 0.0, MAX_GGC_UTILISATION)
+        rho = fast_clip(self.rate / capacity, 0.0, MAX_GGC_UTILISATION)
         exponent = math.sqrt(2.0 * (count + 1.0)) - 1.0
         ggc = self.mean_service_s * self.scv_sum / 2.0 * rho**exponent / (count * (1.0 - rho))
         result: np.ndarray = wait + ggc
@@ -751,7 +765,7 @@ class _PrefillModel:
         if may_miss >= n:
             return -math.inf
         excess = self.extra + self.request_wait_s(count) - self.slo_s
-        return float(-np.partition(-excess, may_miss)[may_miss])
+        return _kth_largest(excess, may_miss)
 
     def settles_by(self, count: int) -> int | None:
         """When the model expects a trial at ``count`` to have shown that TTFT misses
@@ -780,6 +794,10 @@ class _PrefillModel:
         return hi
 
 
+# The exponents ``_power_fit`` scans for a sign change (worked out once).
+_POWER_FIT_GRID = np.linspace(0.05, 12.0, 120)
+
+
 def _power_fit(
     p1: tuple[int, float], p2: tuple[int, float], anchor: tuple[int, float]
 ) -> float | None:
@@ -793,7 +811,7 @@ def _power_fit(
         result: np.ndarray = (y1 - ya) / (n1**-g - na**-g) - (y2 - ya) / (n2**-g - na**-g)
         return result
 
-    grid = np.linspace(0.05, 12.0, 120)
+    grid = _POWER_FIT_GRID
     values = mismatch(grid)
     sign = np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) <= 0)
     if sign.size == 0:
@@ -1082,7 +1100,7 @@ class _Sizer:
         search.begin(start, end)
         lo, hi = judge.span(start, end)
         self.prefill_model.begin(
-            start, end, search.ttft_s, judge.arrival[lo:hi], judge.prompt[lo:hi]
+            start, end, search.ttft_s, judge.arrival[lo:hi], judge.tables(lo, hi).idle_ttft_s
         )
         # Prefill: the model's answer is confirmed by one failing trial below it; that
         # it passes follows from any decode trial that meets both SLOs with it.

@@ -10,7 +10,7 @@ import pytest
 
 from reconciler.desired import DesiredState
 from reconciler.sim import oracle
-from reconciler.sim.engine import LoadProfile, ServiceSim
+from reconciler.sim.engine import LoadProfile, ServiceSim, idle_ttft_s
 from reconciler.sim.oracle import (
     REACH,
     OracleMinPlan,
@@ -116,7 +116,7 @@ def test_the_prefill_models_kept_waits_are_read_only_and_per_window(
     for start in (0, 300):
         lo, hi = np.searchsorted(sample.arrival_s, [start, start + 60])
         prompt = sample.prompt_tokens[lo:hi].astype(np.float64)
-        model.begin(start, start + 60, 3, sample.arrival_s[lo:hi], prompt)
+        model.begin(start, start + 60, 3, sample.arrival_s[lo:hi], idle_ttft_s(sim, prompt))
         for count in (1, 2, 5, 1, 40, 2):
             wait = model.request_wait_s(count)
             assert wait.tobytes() == model.wait_s(count)[model.index].tobytes()
