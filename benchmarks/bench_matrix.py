@@ -38,7 +38,8 @@ Each cell also carries the *reactive reference* (``reconciler.sim.reactive``): t
 headroom a policy that knew each past minute's demand exactly, reacted at once and
 kept the highest minute of its scale-in window would need for the attainment goal, per
 role, and the capacity that costs over following demand exactly. Where it exceeds a
-goal's multiple, no policy sizing from the past reaches that goal on that traffic.
+goal's multiple, no policy sizing from the past with a constant headroom reaches that
+goal on that traffic (a reference, not a bound on every policy).
 
 And a last column runs static provisioning at heteroscale's GPU-hours (static peak's
 counts scaled down alike, ``static:P+D``; ``static_at_cost_of``): static peak sizes
@@ -537,7 +538,7 @@ class GoalVerdict:
     def misses_beyond_start_up_lag(self) -> tuple[str, ...]:
         """The misses with the oracle-min goal taken as what start-up lag alone costs
         where that is more than ``BOUND_MULTIPLE_GOAL``: no policy sizing from the past
-        reaches less there (``reconciler.sim.reactive``)."""
+        with a constant headroom reaches less there (``reconciler.sim.reactive``)."""
         return self._misses(max(BOUND_MULTIPLE_GOAL, self.reactive_multiple or 0.0))
 
     def _misses(self, bound_goal: float) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ tokens/s (decode).
 Read the other way (``covered_at_multiples``), the reference says what share of the
 requests a given spend keeps within capacity: at a policy's own GPU-hours per role (as
 multiples of oracle-min's), how much attainment a constant headroom would have bought,
-beside the policy's own, where no policy can meet the goals.
+beside the policy's own, where no such sizing can meet the goals.
 
 It is a reference, not a bound on every possible policy (one that knew when the
 bursts come could do better; on seeded random bursts none can): where its capacity
