@@ -389,8 +389,13 @@ def report_config_error(exc: ConfigError) -> None:
     """One line per problem, on stderr, no traceback."""
     from rich.markup import escape
 
+    from reconciler.text_safety import visible
+
     for issue in exc.issues:
-        err_console.print(f"[red]error[/red] {escape(str(issue))}", soft_wrap=True, markup=True)
+        # A file name may hold a control character: shown as an escape, never acted on.
+        err_console.print(
+            f"[red]error[/red] {escape(visible(str(issue)))}", soft_wrap=True, markup=True
+        )
     count = len(exc.issues)
     err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
 

@@ -59,6 +59,7 @@ from reconciler.desired.sources import (
     SourceError,
 )
 from reconciler.errors import ConfigError, ConfigIssue
+from reconciler.text_safety import describe, unsafe_in_value
 
 POLICIES_DIR = "policies"
 CLUSTERS_DIR = "clusters"
@@ -353,7 +354,45 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
         )
     locations: dict[KeyPath, Location] = {(): (1, 1)}
     _record_locations(node, locations)
-    return ParsedFile(path, data, locations)
+    parsed = ParsedFile(path, data, locations)
+    _refuse_unsafe_strings(parsed)
+    return parsed
+
+
+def _refuse_unsafe_strings(parsed: ParsedFile) -> None:
+    """Refuse a key or value holding a character that acts on or hides from whoever
+    reads it (``reconciler.text_safety``). The file's text passed ``_NOT_PRINTABLE``,
+    but YAML's escapes in quoted scalars (``"\\e[2J"``, ``"\\r\\n"``, ``"\\u202e"``)
+    make such characters only once parsed, and from here they would reach names,
+    environment variables, logs and the review."""
+    stack: list[tuple[KeyPath, Any]] = [((), parsed.data)]
+    while stack:
+        key_path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = (*key_path, key)
+                if isinstance(key, str):
+                    _refuse_unsafe(parsed, child, key, "key")
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend(((*key_path, index), item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _refuse_unsafe(parsed, key_path, value, "value")
+
+
+def _refuse_unsafe(parsed: ParsedFile, key_path: KeyPath, text: str, what: str) -> None:
+    char = unsafe_in_value(text)
+    if char is not None:
+        raise ConfigError(
+            [
+                _issue(
+                    parsed,
+                    key_path,
+                    f"the {what} holds the invisible or control character {describe(char)} "
+                    "(written as an escape in a quoted string?): not allowed in desired state",
+                )
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- errors

@@ -22,15 +22,13 @@ from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
 from reconciler.tables import MISSING, decimal, percent, whole
+from reconciler.text_safety import UNSAFE_RUN, visible
 
 MAX_VALUE_CHARS = 200  # one user string: a name, a label, a note
 MAX_LINE_CHARS = 600  # one line that quotes user strings (a config change, an error)
 MAX_COMMENT_CHARS = 65_536  # GitHub's limit for a comment
 _COMMENT_BUDGET = MAX_COMMENT_CHARS - 1_536  # room for the closing tags and the note
 
-# Control characters, line breaks, and bidirectional overrides (which reorder what a
-# reviewer sees).
-_INVISIBLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]+")
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
 _ZWSP = "&#8203;"  # a zero-width space: breaks a mention or an autolink, reads the same
 
@@ -38,7 +36,7 @@ _ZWSP = "&#8203;"  # a zero-width space: breaks a mention or an autolink, reads 
 def _one_line(text: object, limit: int) -> str:
     """Control characters and line breaks become spaces (one line can open nothing
     on the next), then the text is cut to ``limit`` characters."""
-    flat = _INVISIBLE.sub(" ", str(text))
+    flat = UNSAFE_RUN.sub(" ", str(text))
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
@@ -184,7 +182,7 @@ def format_text(review: Review) -> str:
     for issue in (*review.errors, *review.base_errors):
         lines.append(f"  error {issue}")
     if review.errors or review.base_errors:
-        return "\n".join(lines).rstrip() + "\n"
+        return _text(lines)
     lines += [f"incomplete: {line}" for line in _skipped_lines(review)]
     lines.append("config changes:")
     lines += [f"  {change}" for change in review.config_changes] or ["  none"]
@@ -213,7 +211,14 @@ def format_text(review: Review) -> str:
                     f"    {side}: {gpu_hours} GPU-hours, TTFT {ttft}, TBT {tbt}, {actions} scaling actions"
                 )
             lines.append(f"    verdict: {item.verdict}")
-    return "\n".join(lines).rstrip() + "\n"
+    return _text(lines)
+
+
+def _text(lines: list[str]) -> str:
+    """The text review: each line with any control or invisible character it quotes
+    (a file name, a revision label) shown as an escape, so no string in it can move the
+    cursor, colour the terminal or start a line of its own."""
+    return "\n".join(visible(line) for line in lines).rstrip() + "\n"
 
 
 # ----------------------------------------------------------------------- markdown

@@ -54,7 +54,37 @@ def test_a_file_name_git_would_quote_is_seen_loaded_and_shown(repo: Path, name: 
         repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
     )
     assert review.exit_code == 3
-    assert f"service sneaky: added (policies/{name}:" in text
+    # As named, but for a tab, shown as an escape like every control character.
+    shown = name.replace("\t", "\\t")
+    assert f"service sneaky: added (policies/{shown}:" in text
+
+
+def test_a_file_name_with_terminal_escapes_shows_them_as_escapes_in_the_text_review(
+    repo: Path,
+) -> None:
+    name = "x\x1b[2J\x1b[31mAPPROVED\x1b[0m\nerror fake\u202egnp.yaml"
+    copy_policy(repo, name, "sneaky")
+    commit(repo, "add a service under a hostile name")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3
+    assert "policies/x\\x1b[2J\\x1b[31mAPPROVED\\x1b[0m\\nerror fake\\u202egnp.yaml" in text
+    assert not any(c in text for c in "\x1b\r\u202e")
+    assert not any(line.startswith("error fake") for line in text.splitlines())
+
+
+def test_a_value_written_with_terminal_escapes_is_refused_and_named_in_the_review(
+    repo: Path,
+) -> None:
+    edit(repo / "policies/svc-a.yaml", "  name: qwen2.5-32b", '  name: "q\\e[2J\\rfake"')
+    commit(repo, "escape in a value")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 1
+    assert "model.name: the value holds the invisible or control character U+001B" in text
+    assert "\x1b" not in text
 
 
 INJECTION = "nope\\n```\\n## approved @org/admins\\n![x](https://example.invalid/p.png)\\n```"
@@ -97,6 +127,8 @@ def test_html_and_markdown_in_a_config_value_are_escaped(repo: Path) -> None:
 def test_md_cuts_each_value_to_a_bounded_length() -> None:
     assert len(md("x" * 4_000_000)) == 200
     assert md("a\nb\r\x1b[31mc\u202ed") == "a b \\[31mc d"
+    # Zero-width and invisible formatting characters too (two names that look alike).
+    assert md("a\u200bb\u061cc\u2060d\ufeffe") == "a b c d e"
 
 
 def test_a_huge_review_is_cut_under_the_comment_limit_with_a_note() -> None:

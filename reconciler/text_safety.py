@@ -1,0 +1,50 @@
+"""Characters that change what a reader sees without being seen, in one place.
+
+Desired state comes from pull requests anyone may write. A string that carries a
+terminal escape (``ESC[2J`` clears the screen, ``ESC[31m`` colours a forged
+``APPROVED``), a carriage return or line break (a fake line after the real one), a
+bidirectional override (``U+202E`` shows ``exe.gnp`` as ``png.exe``) or a zero-width
+character (two names that look the same) must never reach a terminal or a review as
+such. Three uses:
+
+- the loader refuses such characters in every parsed key and value
+  (``unsafe_in_value``), so no name, label or message built from the desired state
+  carries them; YAML's escapes (``"\\e"``, ``"\\x1b"``, ``"\\u202e"``) write them in a
+  file whose text is plain;
+- plain-text output shows any that still arrive (a file name, a Git revision label,
+  a message quoting one) as visible escapes (``visible``);
+- the markdown review flattens them to spaces (``UNSAFE_RUN``, in
+  ``reconciler.review.report``).
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls (tab and line feed are checked apart: block scalars hold them), DEL and
+# the C1 controls, the line and paragraph separators, the bidirectional marks,
+# embeddings, overrides and isolates, and the zero-width and invisible formatting
+# characters (zero-width space, joiners, word joiner, invisible operators, the BOM).
+_FORMATTING = "\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+UNSAFE_RUN = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_FORMATTING}]+")
+_UNSAFE_IN_VALUE = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_FORMATTING}]")
+_UNSAFE_ON_A_LINE = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_FORMATTING}]")
+
+
+def unsafe_in_value(text: str) -> str | None:
+    """The first character of ``text`` no configuration value may hold, or None. Tab
+    and line feed pass (a block scalar, a script in a template's arguments)."""
+    found = _UNSAFE_IN_VALUE.search(text)
+    return found.group() if found is not None else None
+
+
+def describe(char: str) -> str:
+    """``U+001B`` for one character: how errors name it without printing it."""
+    return f"U+{ord(char):04X}"
+
+
+def visible(text: str) -> str:
+    """``text`` for one line of a terminal: each unsafe character, tab and line feed
+    included, shown as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``), so it can
+    neither act nor hide."""
+    return _UNSAFE_ON_A_LINE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)

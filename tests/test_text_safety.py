@@ -1,0 +1,32 @@
+"""What no string from a pull request may carry to a reader (``reconciler.text_safety``)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reconciler.text_safety import UNSAFE_RUN, describe, unsafe_in_value, visible
+
+
+@given(st.text())
+def test_visible_text_holds_no_control_or_invisible_character(text: str) -> None:
+    shown = visible(text)
+    assert UNSAFE_RUN.search(shown) is None
+    assert "\n" not in shown and "\t" not in shown
+
+
+@given(st.text(alphabet=st.characters(codec="ascii", min_codepoint=0x20, max_codepoint=0x7E)))
+def test_visible_leaves_printable_text_as_it_is(text: str) -> None:
+    assert visible(text) == text
+
+
+def test_visible_writes_each_character_as_its_escape() -> None:
+    assert visible("a\x1b[31mb\r\nc\u202ed\te\u200bf") == "a\\x1b[31mb\\r\\nc\\u202ed\\te\\u200bf"
+
+
+def test_a_value_may_hold_tabs_and_line_feeds_but_no_other_control() -> None:
+    assert unsafe_in_value("one\ttwo\nthree é 漢字 🙂") is None
+    for char in ("\x00", "\x1b", "\r", "\x7f", "\x85", "\u061c", "\u200d", "\u2028", "\u202e"):
+        assert unsafe_in_value(f"a{char}b") == char
+    assert unsafe_in_value("\ufeffname") == "\ufeff"
+    assert describe("\x1b") == "U+001B"
