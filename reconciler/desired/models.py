@@ -417,8 +417,15 @@ class Network(StrictModel):
     )
 
 
+# Labels one node may hold after inheritance: as many as one level may declare. Every
+# cycle compares each node's labels with the live node's and fingerprints them, so the
+# work grows with nodes x labels.
+MAX_NODE_LABELS = 256
+
+
 class Node(BaseModel):
-    """A node after range expansion and default inheritance (not written in YAML)."""
+    """A node after range expansion and default inheritance (not written in YAML). The
+    nodes of one entry share one ``labels`` dict: read it, never change it."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -548,16 +555,30 @@ def iter_nodes(spec: ClusterSpec) -> list[tuple[Node, tuple[object, ...]]]:
                         (*s0_path, "nodes"),
                     )
                 per_switch = len(expanded) // len(s0_names)
+                # One merge per node entry (a range's nodes, or the leaf's plain names,
+                # share it), and its labels one dict for all of them: a node holding its
+                # own copy of 256 labels from each of five levels took gigabytes for a
+                # range of 100,000 nodes.
+                merged: dict[int, tuple[str | None, int | None, dict[str, str]]] = {}
                 for k, (node_name, node_spec, node_path) in enumerate(expanded):
-                    layers: list[NodeDefaults | NodeSpec] = [
-                        spec.defaults,
-                        s2.defaults,
-                        s1.defaults,
-                        s0.defaults,
-                    ]
-                    if node_spec is not None:
-                        layers.append(node_spec)
-                    gpu_type, gpus, labels = _merge(*layers)
+                    entry_key = id(node_spec)
+                    if entry_key not in merged:
+                        layers: list[NodeDefaults | NodeSpec] = [
+                            spec.defaults,
+                            s2.defaults,
+                            s1.defaults,
+                            s0.defaults,
+                        ]
+                        if node_spec is not None:
+                            layers.append(node_spec)
+                        merged[entry_key] = _merge(*layers)
+                    gpu_type, gpus, labels = merged[entry_key]
+                    if len(labels) > MAX_NODE_LABELS:
+                        raise ValueError(
+                            f"node {node_name} holds {len(labels)} labels, its own and its "
+                            f"switches' defaults together (at most {MAX_NODE_LABELS})",
+                            node_path,
+                        )
                     if gpu_type is None:
                         raise ValueError(
                             f"node {node_name} has no gpu_type (set it on the node or a switch's defaults)",
@@ -568,7 +589,9 @@ def iter_nodes(spec: ClusterSpec) -> list[tuple[Node, tuple[object, ...]]]:
                             f"node {node_name} has no gpus_per_node (set it on the node or a switch's defaults)",
                             node_path,
                         )
-                    node = Node(
+                    # Every field is checked already (the YAML models); construct, not
+                    # validate, so the shared labels are not copied per node.
+                    node = Node.model_construct(
                         name=node_name,
                         s0=s0_names[k // per_switch],
                         s1=s1.name,

@@ -16,6 +16,7 @@ from reconciler.cli import app
 from reconciler.desired import load_desired_state
 from reconciler.desired.checks import MAX_FLEET_NODES
 from reconciler.desired.loader import MAX_DEPTH, parse_yaml
+from reconciler.desired.models import MAX_NODE_LABELS
 from reconciler.errors import ConfigError
 
 runner = CliRunner()
@@ -206,6 +207,49 @@ def test_the_node_total_spans_every_cluster_file(example_repo: Path) -> None:
     # Each file alone is within the total; the second one loaded takes it over.
     assert [m.split(":")[0] for m in found] == ["clusters/big-2.yaml"]
     assert "s2[0].s1[0].s0[0].nodes: the fleet's node names expand to more than" in found[0]
+
+
+def labelled_cluster(per_level: int, nodes: int) -> str:
+    """One cluster of ``nodes`` nodes in one range, ``per_level`` labels declared at
+    each of the five levels a node inherits from (cluster, S2, S1, S0, the node)."""
+
+    def labels(level: str) -> str:
+        return "{" + ", ".join(f"{level}{i}: v" for i in range(per_level)) + "}"
+
+    return (
+        "name: big\ngpu_types: {h20: {memory_gib: 96, bf16_tflops: 148, "
+        "memory_bandwidth_gbps: 4000}}\n"
+        f"defaults: {{gpus_per_node: 8, gpu_type: h20, labels: {labels('c')}}}\n"
+        f"s2:\n  - name: s2\n    defaults: {{labels: {labels('p')}}}\n"
+        f"    s1:\n      - name: s1\n        defaults: {{labels: {labels('m')}}}\n"
+        f"        s0:\n          - name: leaf\n            defaults: {{labels: {labels('l')}}}\n"
+        f'            nodes: [{{name: "n-[1-{nodes}]", labels: {labels("n")}}}]\n'
+    )
+
+
+def test_labels_inherited_past_the_node_limit_are_refused_where_the_node_is_declared(
+    example_repo: Path,
+) -> None:
+    (example_repo / "clusters/big.yaml").write_text(labelled_cluster(256, 99_000))
+    [found] = problems(example_repo)
+    assert found.startswith("clusters/big.yaml:13:")
+    assert "s2[0].s1[0].s0[0].nodes[0]: node n-1 holds 1280 labels" in found
+    assert f"(at most {MAX_NODE_LABELS})" in found
+
+
+def test_the_nodes_of_one_range_share_one_labels_dict(example_repo: Path) -> None:
+    (example_repo / "clusters/big.yaml").write_text(labelled_cluster(51, 20_000))
+    tracemalloc.start()
+    try:
+        state = load_desired_state(example_repo)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    nodes = state.clusters["big"].nodes
+    assert len(nodes) == 20_000 and len(nodes[0].labels) == 255
+    assert all(node.labels is nodes[0].labels for node in nodes)
+    # 20,000 copies of 255 labels alone would take about 200 MB.
+    assert peak < 100_000_000
 
 
 @pytest.mark.parametrize(
