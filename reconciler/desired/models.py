@@ -9,10 +9,21 @@ models themselves only check what a single field can tell.
 
 from __future__ import annotations
 
-from functools import cached_property
+import types
+import typing
+from functools import cache, cached_property
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+)
 
 from reconciler.desired.names import expand_range
 from reconciler.desired.ratio import PDRatio
@@ -64,9 +75,54 @@ LatencyMetric = Literal["ttft", "tbt"]
 
 
 class StrictModel(BaseModel):
-    """Frozen, unknown keys rejected, no coercion surprises beyond pydantic's lax mode."""
+    """Frozen, unknown keys rejected, and a number field takes a number only: pydantic's
+    lax mode would read ``max_instances: true`` as 1, ``ttft_ms: "1500"`` as 1500 and
+    ``priority: 3e2`` as 300, so a typo or a quoted value would pass review looking
+    like something else. (Its strict mode cannot serve: it refuses YAML's lists for
+    tuple fields.)"""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_number_is_written_as_one(cls, value: object, info: ValidationInfo) -> object:
+        kinds = _number_kinds(cls, info.field_name or "")
+        if not kinds or value is None:
+            return value
+        what = "a whole number" if kinds == {int} else "a number"
+        if isinstance(value, bool):
+            raise ValueError(f"must be {what}, not {str(value).lower()}")
+        if isinstance(value, str):
+            raise ValueError(f"must be {what}, not a string (a number is written unquoted)")
+        if kinds == {int} and isinstance(value, float):
+            raise ValueError(f"must be {what}, not a fraction")
+        return value
+
+
+@cache
+def _number_kinds(model: type[BaseModel], field_name: str) -> frozenset[type]:
+    """``{int}``, ``{float}`` or both when the field holds numbers only (None aside),
+    else empty: the types ``StrictModel`` keeps from lax coercion."""
+    field = model.model_fields.get(field_name)
+    # A field with a validator of its own reads its own forms (a P/D ratio's "1:3").
+    if field is None or any(
+        isinstance(rule, BeforeValidator | PlainValidator | WrapValidator)
+        for rule in field.metadata
+    ):
+        return frozenset()
+    members = [m for m in _members(field.annotation) if m is not type(None)]
+    if not members or any(m not in (int, float) for m in members):
+        return frozenset()
+    return frozenset(m for m in members if isinstance(m, type))
+
+
+def _members(annotation: object) -> list[object]:
+    """The types an annotation admits, through Optional, unions and Annotated."""
+    if typing.get_origin(annotation) is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
 
 
 # --------------------------------------------------------------------------- services

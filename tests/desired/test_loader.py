@@ -29,6 +29,42 @@ def test_a_wrong_value_names_file_line_column_field_and_value(example_repo: Path
     ]
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "field", "message"),
+    [
+        (
+            "max_instances: 256",
+            "max_instances: true",
+            "prefill.max_instances",
+            "must be a whole number, not true",
+        ),
+        ("ttft_ms: 1000", 'ttft_ms: "1000"', "slo.ttft_ms", "must be a number, not a string"),
+        ("priority: 400", "priority: 4e2", "priority", "must be a whole number, not a fraction"),
+    ],
+)
+def test_a_number_field_takes_a_number_only_not_what_lax_parsing_would_make_of_it(
+    example_repo: Path, old: str, new: str, field: str, message: str
+) -> None:
+    edit(example_repo / "policies/svc-b.yaml", old, new)
+    [found] = problems(example_repo)
+    assert found.startswith(
+        f"policies/svc-b.yaml:{line_of(example_repo / 'policies/svc-b.yaml', new)}:"
+    )
+    assert f" {field}: {message}" in found
+
+
+def test_a_whole_number_is_a_number_and_a_ratio_still_reads_its_own_forms(
+    example_repo: Path,
+) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, "cost_per_hour: 2.50", "cost_per_hour: 3")
+    edit(example_repo / "policies/svc-b.yaml", "ttft_ms: 1000", "ttft_ms: 1000.0")
+    state = load_desired_state(example_repo)
+    assert state.clusters["prod-east"].gpu_types["h800"].cost_per_hour == 3
+    assert state.policies["svc-b"].slo.ttft_ms == 1000
+    assert state.policies["svc-b"].pd_ratio.target == 3 / 5
+
+
 def test_a_wrong_type_is_reported_with_the_value_given(example_repo: Path) -> None:
     edit(
         example_repo / "policies/svc-b.yaml",
@@ -37,7 +73,7 @@ def test_a_wrong_type_is_reported_with_the_value_given(example_repo: Path) -> No
     )
     [message] = problems(example_repo)
     assert re.fullmatch(
-        r"policies/svc-b.yaml:\d+:3: prefill.min_instances: must be a valid integer.*\(got 'lots'\)",
+        r"policies/svc-b.yaml:\d+:3: prefill.min_instances: must be a whole number, not a string.*\(got 'lots'\)",
         message,
     )
 

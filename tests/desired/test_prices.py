@@ -40,7 +40,7 @@ def test_prices_and_currency_are_optional(example_repo: Path) -> None:
         ("0", "must be greater than 0 (got 0)"),
         (".inf", "must be a finite number (got inf)"),
         ("1e7", "must be less than or equal to 1000000 (got 10000000.0)"),
-        ("cheap", "must be a valid number, unable to parse string as a number (got 'cheap')"),
+        ("cheap", "must be a number, not a string (a number is written unquoted) (got 'cheap')"),
     ],
 )
 def test_a_bad_price_names_file_line_column_and_field(
