@@ -19,6 +19,8 @@ def parse_ratio(value: Any) -> float:
     """``"1:3"`` -> 0.333..., ``"3:1"`` -> 3.0, ``0.5`` -> 0.5. Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError("a P/D ratio is 'P:D' (e.g. '1:3') or a positive number")
+    # The value itself is not quoted here: the loader adds it to the message, cut to a
+    # bounded length (a hostile value may be megabytes).
     if isinstance(value, int | float):
         ratio = float(value)
     elif isinstance(value, str):
@@ -26,22 +28,20 @@ def parse_ratio(value: Any) -> float:
         if match:
             prefill, decode = float(match.group(1)), float(match.group(2))
             if decode == 0:
-                raise ValueError(f"P/D ratio {value!r} has zero decode instances")
+                raise ValueError("a P/D ratio needs decode instances (D > 0)")
             ratio = prefill / decode
         else:
             try:
                 ratio = float(value)
             except ValueError:
-                raise ValueError(
-                    f"P/D ratio {value!r} is not 'P:D' (e.g. '1:3') or a number"
-                ) from None
+                raise ValueError("a P/D ratio is 'P:D' (e.g. '1:3') or a number") from None
     else:
         raise ValueError("a P/D ratio is 'P:D' (e.g. '1:3') or a positive number")
     if not ratio > 0 or ratio == float("inf"):
-        raise ValueError(f"P/D ratio must be positive and finite (got {value!r})")
+        raise ValueError("a P/D ratio must be positive and finite")
     if not MIN_RATIO <= ratio <= MAX_RATIO:
         # No service runs a thousand instances of one role per instance of the other.
-        raise ValueError(f"P/D ratio must lie between 1:1000 and 1000:1 (got {value!r})")
+        raise ValueError("a P/D ratio must lie between 1:1000 and 1000:1")
     return ratio
 
 

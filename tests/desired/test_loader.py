@@ -65,6 +65,23 @@ def test_a_whole_number_is_a_number_and_a_ratio_still_reads_its_own_forms(
     assert state.policies["svc-b"].pd_ratio.target == 3 / 5
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1e308", "a P/D ratio must lie between 1:1000 and 1000:1 (got 1e+308)"),
+        ('"3:0"', "a P/D ratio needs decode instances (D > 0) (got '3:0')"),
+        ('"' + "x" * 800 + '"', "a P/D ratio is 'P:D' (e.g. '1:3') or a number (got 'xxx"),
+    ],
+    ids=["out of range", "no decode", "800 characters"],
+)
+def test_a_bad_ratio_is_quoted_once_and_cut(example_repo: Path, value: str, message: str) -> None:
+    policy = example_repo / "policies/svc-b.yaml"
+    edit(policy, 'target: "3:5"', f"target: {value}")
+    [found] = problems(example_repo)
+    assert f"pd_ratio.target: {message}" in found
+    assert found.count("(got ") == 1 and len(found) < 400
+
+
 def test_a_wrong_type_is_reported_with_the_value_given(example_repo: Path) -> None:
     edit(
         example_repo / "policies/svc-b.yaml",
