@@ -125,10 +125,13 @@ def _safe_yaml() -> YAML:
     return yaml
 
 
-def _record_locations(root: Node, locations: dict[KeyPath, Location]) -> None:
+def _record_locations(root: Node, locations: dict[KeyPath, Location]) -> list[ConfigIssue]:
     """Walk the composed node tree and note where each key and list item starts.
     Iterative, and a node reached again through an alias is not walked twice: paths
-    below an alias are located at the alias (``ParsedFile.locate`` takes the prefix)."""
+    below an alias are located at the alias (``ParsedFile.locate`` takes the prefix).
+    Returns the keys no field can have (null, true, a float, a list or a mapping), each
+    where it is written: the models would name them nowhere (their path is no key)."""
+    odd_keys: list[ConfigIssue] = []
     seen: set[int] = set()
     stack: list[tuple[Node, KeyPath]] = [(root, ())]
     while stack:
@@ -138,8 +141,20 @@ def _record_locations(root: Node, locations: dict[KeyPath, Location]) -> None:
         seen.add(id(node))
         if isinstance(node, MappingNode):
             for key_node, value_node in node.value:
-                if not isinstance(key_node, ScalarNode):
+                kind = _key_kind(key_node)
+                if kind is not None:
+                    mark = key_node.start_mark
+                    odd_keys.append(
+                        ConfigIssue(
+                            "",
+                            mark.line + 1,
+                            mark.column + 1,
+                            format_key_path(path),
+                            f"a key must be a name, not {kind}",
+                        )
+                    )
                     continue
+                assert isinstance(key_node, ScalarNode)
                 child = (*path, _scalar_key(key_node))
                 locations.setdefault(
                     child, (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
@@ -150,6 +165,21 @@ def _record_locations(root: Node, locations: dict[KeyPath, Location]) -> None:
                 child = (*path, index)
                 locations[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
                 stack.append((item, child))
+    return odd_keys
+
+
+def _key_kind(node: Node) -> str | None:
+    """What a mapping key is when no field can be named by it, else None (strings, and
+    integers, which the models report themselves)."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    tag = node.tag or ""
+    for suffix, kind in ((":null", "null"), (":bool", "true or false"), (":float", "a fraction")):
+        if tag.endswith(suffix):
+            return kind
+    return None
 
 
 def _scalar_key(node: ScalarNode) -> object:
@@ -353,7 +383,9 @@ def parse_yaml(path: str, raw: bytes) -> ParsedFile:
             ]
         )
     locations: dict[KeyPath, Location] = {(): (1, 1)}
-    _record_locations(node, locations)
+    odd_keys = _record_locations(node, locations)
+    if odd_keys:
+        raise ConfigError([replace(issue, file=path) for issue in odd_keys])
     parsed = ParsedFile(path, data, locations)
     _refuse_unsafe_strings(parsed)
     return parsed

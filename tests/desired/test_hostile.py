@@ -100,6 +100,12 @@ def test_an_integer_of_thousands_of_digits_is_located() -> None:
         (b"name: *nothing\n", "policies/x.yaml:1:7: alias *nothing has no anchor before it"),
         (b"name: 2001-02-30\n", "policies/x.yaml:1:7: invalid value: day is out of range"),
         (b"name: !!int\n", "policies/x.yaml:1:7: invalid value"),
+        (b"name: a\n~: 1\n", "policies/x.yaml:2:1: a key must be a name, not null"),
+        (
+            b"name: a\nprefill:\n  ? [a, b]\n  : 2\n",
+            "policies/x.yaml:3:5: prefill: a key must be a name, not a list",
+        ),
+        (b"name: a\ntrue: 1\n", "policies/x.yaml:2:1: a key must be a name, not true or false"),
     ],
 )
 def test_control_characters_empty_files_and_bad_scalars_are_located(
