@@ -45,6 +45,8 @@ def md(text: object, limit: int = MAX_VALUE_CHARS) -> str:
     flat = _one_line(text, limit)
     flat = flat.replace("&", "&amp;").replace("<", "&lt;")  # no HTML, no entities of theirs
     flat = _MD_SPECIAL.sub(r"\\\1", flat)  # no code, emphasis, links, images, cells, math
+    # No references to issues (#123): before any entity of ours (&#8203;) is written.
+    flat = re.sub(r"#(?=\d)", "#" + _ZWSP, flat)
     flat = flat.replace("@", "@" + _ZWSP)  # no mentions
     flat = flat.replace("://", ":" + _ZWSP + "//")  # no autolinks
     return re.sub(r"(?i)www\.", lambda m: m.group()[:3] + _ZWSP + ".", flat)

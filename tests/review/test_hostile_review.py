@@ -129,6 +129,8 @@ def test_md_cuts_each_value_to_a_bounded_length() -> None:
     assert md("a\nb\r\x1b[31mc\u202ed") == "a b \\[31mc d"
     # Zero-width and invisible formatting characters too (two names that look alike).
     assert md("a\u200bb\u061cc\u2060d\ufeffe") == "a b c d e"
+    # Nor does it reference an issue or pull request (GitHub links and notifies them).
+    assert md("fixes #123 and org/repo#7") == "fixes #&#8203;123 and org/repo#&#8203;7"
 
 
 def test_a_huge_review_is_cut_under_the_comment_limit_with_a_note() -> None:
