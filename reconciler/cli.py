@@ -189,7 +189,7 @@ def validate(
     pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds one
     role above what it needs), and for every service whose max_instances is below what
     the trace's busiest minute needs."""
-    from reconciler.desired.checks import gpu_choice_warnings
+    from reconciler.desired.checks import gpu_choice_warnings, model_fit_warnings
 
     checked_repository(path, rev=rev)
     if rate_scale is not None and not (rate_scale > 0 and math.isfinite(rate_scale)):
@@ -206,7 +206,12 @@ def validate(
     )
     for _name, policy in sorted(state.policies.items()):
         cluster = state.clusters.get(policy.cluster)
-        for warning in gpu_choice_warnings(policy, cluster) if cluster is not None else ():
+        if cluster is None:
+            continue
+        for warning in (
+            *model_fit_warnings(policy, cluster),
+            *gpu_choice_warnings(policy, cluster),
+        ):
             err_console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if trace is not None:
         _check_trace(state, trace, rate_scale)

@@ -17,6 +17,7 @@ from reconciler.desired.models import (
     iter_s0,
 )
 from reconciler.desired.names import expand_range, range_size
+from reconciler.state import ROLES
 
 Path = tuple[object, ...]
 Problem = tuple[Path, str]
@@ -299,7 +300,58 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
                     f"{' or '.join(repr(t) for t in known)}: the {role} role can never be placed",
                 )
             )
+    problems.extend(check_model_fits(policy, cluster))
     return problems
+
+
+def check_model_fits(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
+    """Each role has an allowed GPU type in the cluster whose instance holds the
+    model's weights and some KV cache: a role with none has no capacity, and the
+    planner could only hold it. Judged as the planner judges which types it may size
+    on (``reconciler.perfmodel.memory``, read by ``perf_context.fitting_perfs``); types
+    missing from the cluster are reported by ``check_policy_against_cluster``."""
+    # Imported here: the performance model imports this package's models.
+    from reconciler.perfmodel.memory import memory_held, memory_need, role_memories
+
+    problems: list[Problem] = []
+    for role in ROLES:
+        memories = role_memories(policy, cluster, role)
+        if not memories or any(memory.fits for memory in memories):
+            continue
+        gpus = policy.role(role).gpus_per_instance
+        problems.append(
+            (
+                ("model", "params_b"),
+                f"no allowed {role} GPU type holds the model at {gpus} GPUs per instance "
+                f"({role}.gpus_per_instance): it needs {memory_need(policy.model, memories[0])}; "
+                f"an instance holds {memory_held(memories)}; allow a larger GPU type or more "
+                "GPUs per instance",
+            )
+        )
+    return problems
+
+
+def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]:
+    """Allowed GPU types of a role that cannot hold the model where another type of
+    the role can: the planner sizes on the types that fit, and an instance placed on
+    one that does not cannot serve. Warnings, not errors: the role still runs."""
+    from reconciler.perfmodel.memory import memory_held, memory_need, role_memories
+
+    out: list[str] = []
+    for role in ROLES:
+        memories = role_memories(policy, cluster, role)
+        misfits = [m for m in memories if not m.fits]
+        if not misfits or len(misfits) == len(memories):
+            continue  # all fit, or none does (an error: check_model_fits)
+        gpus = policy.role(role).gpus_per_instance
+        out.append(
+            f"service {policy.name}: {role} GPU type {', '.join(m.gpu_type for m in misfits)} "
+            f"cannot hold the model at {gpus} GPUs per instance: it needs "
+            f"{memory_need(policy.model, misfits[0])}; an instance holds {memory_held(misfits)}; "
+            f"the role is sized on {', '.join(m.gpu_type for m in memories if m.fits)}, and an "
+            "instance placed on a type that does not fit cannot serve"
+        )
+    return out
 
 
 def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]:
@@ -348,10 +400,12 @@ __all__ = [
     "MAX_FLEET_SWITCHES",
     "check_cluster",
     "check_fleet_budget",
+    "check_model_fits",
     "check_policy",
     "check_policy_against_cluster",
     "derive_subgroup_class",
     "expand_range",
     "gpu_choice_warnings",
+    "model_fit_warnings",
     "subgroup_s1_members",
 ]

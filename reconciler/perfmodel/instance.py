@@ -29,7 +29,8 @@ Assumptions (each one a modelling choice, not a measurement):
    fixed overheads do not shrink; weights and KV cache are split evenly.
 4. **Memory**: an engine may use 90 % of the GPUs' memory (vLLM's default
    ``gpu_memory_utilization``); 1.5 GiB per GPU is kept for activations; the rest after
-   the weights holds the KV cache. A model that does not fit has zero capacity.
+   the weights holds the KV cache. A model that does not fit (room for fewer than 1,024
+   tokens of KV cache: ``reconciler.perfmodel.memory``) has zero capacity.
 5. **Batching**: decode batches at most ``max_batch`` sequences per instance (vLLM's
    ``max_num_seqs`` default, 256) and no more than the KV cache holds. Every sequence in
    an instance's batch sees the same step time, computed at the batch's mean context.
@@ -74,10 +75,10 @@ from reconciler.perfmodel.calibrate import (
     prefill_terms,
 )
 
-GIB = 1024**3
+# Assumption 4 (memory), shared with validate.
+from reconciler.perfmodel.memory import MIN_KV_TOKENS, instance_memory
+
 TP_EFFICIENCY_PER_DOUBLING = 0.9
-GPU_MEMORY_UTILIZATION = 0.9
-ACTIVATION_RESERVE_GIB_PER_GPU = 1.5
 DEFAULT_MAX_BATCH = 256
 MATCH_TOLERANCE = 0.02
 
@@ -167,8 +168,9 @@ class InstancePerf:
 
     @property
     def fits(self) -> bool:
-        """Whether the weights fit with room for at least one long sequence."""
-        return self.kv_capacity_tokens >= 1024
+        """Whether the weights fit with room for at least one long sequence
+        (``memory.InstanceMemory.fits``, on the same figures)."""
+        return self.kv_capacity_tokens >= MIN_KV_TOKENS
 
     def prefill_latency_s(self, prompt_tokens: np.ndarray | float, batch: int = 1) -> np.ndarray:
         """Time for one prefill pass over ``batch`` prompts of ``prompt_tokens`` each."""
@@ -334,13 +336,9 @@ def instance_perf(
     fit = fit or load_fit()
     scale = tp_scale(gpus_per_instance)
     eta_bandwidth, eta_compute_decode = _decode_efficiency(fit, gpu)
-    weight_bytes = model.params_b * 1e9 * model.weight_bytes_per_param
-    usable = (
-        gpus_per_instance
-        * (gpu.memory_gib * GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_GIB_PER_GPU)
-        * GIB
-    )
-    kv_capacity_tokens = max(0.0, (usable - weight_bytes) / model.kv_bytes_per_token)
+    memory = instance_memory(model, gpu_type_name, gpu, gpus_per_instance)
+    weight_bytes = memory.weight_bytes
+    kv_capacity_tokens = memory.kv_capacity_tokens
     return InstancePerf(
         gpu_type=gpu_type_name,
         gpus=gpus_per_instance,

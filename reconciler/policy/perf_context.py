@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from reconciler.desired.models import ClusterSpec, GpuType, ModelSpec, RequestShape, ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.perfmodel.memory import role_memories
 from reconciler.policy.capacity import (
     ENGINE_LENGTH_BOUNDS,
     LatencyCorrection,
@@ -54,17 +55,16 @@ def fitting_perfs(
     policy: ServicePolicy, cluster: ClusterSpec, role: Role, order: Sequence[str] | None = None
 ) -> list[InstancePerf]:
     """The performance model of each GPU type ``role`` allows that exists in the
-    cluster and fits the model, in ``order`` (default: the policy's preference order)."""
-    role_policy = policy.role(role)
-    out: list[InstancePerf] = []
-    for gpu_type in role_policy.preferred_gpu_types() if order is None else order:
-        gpu = cluster.gpu_types.get(gpu_type)
-        if gpu is None or gpu_type not in role_policy.gpu_types:
-            continue
-        perf = shared_instance_perf(policy.model, gpu_type, gpu, role_policy.gpus_per_instance)
-        if perf.fits:
-            out.append(perf)
-    return out
+    cluster and fits the model, in ``order`` (default: the policy's preference order).
+    Empty: no GPU type of the role fits, and the planner holds the service; validate
+    refuses such a policy on the same judgement (``memory.role_memories``)."""
+    return [
+        shared_instance_perf(
+            policy.model, memory.gpu_type, cluster.gpu_types[memory.gpu_type], memory.gpus
+        )
+        for memory in role_memories(policy, cluster, role, order)
+        if memory.fits
+    ]
 
 
 @lru_cache(maxsize=1024)
