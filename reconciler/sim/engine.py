@@ -1615,14 +1615,18 @@ class ServiceSim:
             util_num += float(util.sum())
             sm_num += float(sm.sum())
             gpu_den += float(inst.sum())
+            tau, tokens = self._step_times(q, start, end)
+            tbt_values.append(tau)
+            tbt_weights.append(tokens)
+            if not pool.perf.fits:
+                # The weights leave no KV cache (capacity 0): such an engine cannot
+                # serve, takes no admissions, and has no cache usage to report.
+                continue
             kv_num += float(kv.sum())
             kv_den += float((inst * pool.perf.kv_capacity_tokens).sum())
             if inst[-1] > 0:  # each instance's gauge at the last sample: its share
                 kv_last += float(kv[-1]) / pool.perf.kv_capacity_tokens
                 kv_last_instances += float(inst[-1])
-            tau, tokens = self._step_times(q, start, end)
-            tbt_values.append(tau)
-            tbt_weights.append(tokens)
         out["decode_gpu_util"] = util_num / gpu_den if gpu_den > 0 else None
         out["decode_sm_active"] = sm_num / gpu_den if gpu_den > 0 else None
         if self.config.prometheus_like:
