@@ -507,7 +507,7 @@ def _review(
         raise typer.BadParameter(f"--trace {trace}: no such file")
     checked_repository(repo, rev=head)  # the review reads Git revisions, not the work tree
     from reconciler.review.command import plan_review
-    from reconciler.review.review import ReviewOptions, WhatIfError
+    from reconciler.review.review import ReviewOptions
 
     options = ReviewOptions(
         trace=trace,
@@ -518,20 +518,17 @@ def _review(
         what_if=what_if,
         timeout_s=timeout,
     )
-    try:
-        review, text, written = plan_review(
-            repo,
-            base,
-            head,
-            fmt=fmt,
-            placer=make_placer(placer),
-            autoscaler_name=autoscaler,
-            options=options,
-            plot=plot,
-        )
-    except WhatIfError as exc:
-        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
-        return 1
+    # A what-if that cannot run is in the report (``Review.what_if_error``), exit 1.
+    review, text, written = plan_review(
+        repo,
+        base,
+        head,
+        fmt=fmt,
+        placer=make_placer(placer),
+        autoscaler_name=autoscaler,
+        options=options,
+        plot=plot,
+    )
     if fmt == "text":
         console.print(text, markup=False, soft_wrap=True, highlight=False, end="")
     else:

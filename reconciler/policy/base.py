@@ -27,6 +27,10 @@ Reason = Literal[
     "bounds",  # only min/max/ratio enforcement changed the size
     "baseline",  # a baseline autoscaler's own logic
 ]
+# Reasons of a decision that could not size the service and held it where it runs;
+# every other reason sized it. A review names a service whose decision moves between
+# the two kinds: its counts may stay the same while it stops being sized.
+UNSIZED_REASONS: frozenset[Reason] = frozenset({"metrics_missing", "decision_failed"})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The command-line side of ``heteroscale plan --base REV --head REV``: run the review,
 print it in the asked format, write the what-if plot, return the exit code.
 
-Exit codes: 0 no change, 1 error (head or base invalid), 3 changes present.
+Exit codes: 0 no change, 1 error (head or base invalid, the what-if could not run, out
+of time), 3 changes present.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from reconciler.errors import MetricsUnavailable
 from reconciler.observe.base import ClusterBackend, MetricsSource, Observation
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.plan import Plan
-from reconciler.policy.base import Autoscaler, PolicyHistory
+from reconciler.policy.base import UNSIZED_REASONS, Autoscaler, PolicyHistory
 from reconciler.state import ROLES, ServiceMetrics
 
 RECONCILE_INTERVAL_S = 30.0
@@ -63,6 +63,7 @@ class ServiceFleetDiff:
     head_domains: Mapping[str, int]
     head_reason: str = ""
     head_message: str = ""
+    base_reason: str = ""
 
     @property
     def changed(self) -> bool:
@@ -71,6 +72,15 @@ class ServiceFleetDiff:
             or dict(self.base_gpus) != dict(self.head_gpus)
             or dict(self.base_domains) != dict(self.head_domains)
         )
+
+    @property
+    def decision_kind_changed(self) -> bool:
+        """Base and head both decide for the service, one of them sizing it and the
+        other holding it unsized (``UNSIZED_REASONS``): e.g. head's model fits no GPU
+        type. Counts held where they run look the same, so the reasons must be shown."""
+        if not self.base_reason or not self.head_reason:
+            return False
+        return (self.base_reason in UNSIZED_REASONS) != (self.head_reason in UNSIZED_REASONS)
 
     def gpu_delta(self) -> dict[str, int]:
         return _delta(self.base_gpus, self.head_gpus)
@@ -106,7 +116,7 @@ class FleetReview:
 
     @property
     def differs(self) -> bool:
-        return any(s.changed for s in self.services)
+        return any(s.changed or s.decision_kind_changed for s in self.services)
 
     def cost_per_hour(self) -> dict[str, CostChange]:
         """Per cluster, what the base plan's groups and the head plan's groups cost per
@@ -302,6 +312,7 @@ def review_fleet(
                 head_domains=head_domains,
                 head_reason=head_decision.reason if head_decision else "",
                 head_message=head_decision.message if head_decision else "",
+                base_reason=base_decision.reason if base_decision else "",
             )
         )
     for plan in head_plans.values():

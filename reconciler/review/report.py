@@ -139,6 +139,8 @@ def _headline(review: Review) -> str:
     if review.fleet is not None:
         changed = [s for s in review.fleet.services if s.changed]
         parts.append(f"{len(changed)} service(s) sized or placed differently")
+        if decided := _decision_rows(review):
+            parts.append(f"{len(decided)} service(s) held unsized under one revision only")
         parts.append(f"apply after merge: {review.fleet.apply_changes} group change(s)")
     return "; ".join(parts)
 
@@ -165,6 +167,16 @@ def _service_rows(review: Review) -> list[ServiceFleetDiff]:
     return [s for s in review.fleet.services if s.changed] if review.fleet else []
 
 
+def _decision_rows(review: Review) -> list[ServiceFleetDiff]:
+    """Services sized under one revision and held unsized under the other: their
+    counts can look unchanged, so head's reason and message are shown."""
+    return [s for s in review.fleet.services if s.decision_kind_changed] if review.fleet else []
+
+
+def _what_if_error_line(review: Review) -> str:
+    return f"error: {review.what_if_error}" if review.what_if_error else ""
+
+
 def _result_cells(result: PolicyResult | None) -> list[str]:
     if result is None:
         return [MISSING] * 4
@@ -186,6 +198,8 @@ def format_text(review: Review) -> str:
     if review.errors or review.base_errors:
         return _text(lines)
     lines += [f"incomplete: {line}" for line in _skipped_lines(review)]
+    if review.what_if_error:
+        lines.append(_one_line(_what_if_error_line(review), MAX_LINE_CHARS))
     lines.append("config changes:")
     lines += [f"  {change}" for change in review.config_changes] or ["  none"]
     if review.fleet is not None:
@@ -196,7 +210,16 @@ def format_text(review: Review) -> str:
                 f"  {row.service}: {_targets(row.base_targets)} -> {_targets(row.head_targets)}; "
                 f"GPUs {_delta(row.gpu_delta())}; by domain {_delta(row.domain_delta())}"
             )
-        if not rows:
+        decided = _decision_rows(review)
+        for row in decided:
+            lines.append(
+                _one_line(
+                    f"  {row.service}: decision {row.base_reason} -> {row.head_reason}; "
+                    f"head: {row.head_message}",
+                    MAX_LINE_CHARS,
+                )
+            )
+        if not rows and not decided:
             lines.append("  every service sized and placed the same under both revisions")
         lines += [f"  {line}" for line in _cost_lines(review.fleet)]
         lines += ["", "apply after merge (head plan against the fleet as it runs):"]
@@ -255,6 +278,8 @@ def format_markdown(review: Review) -> str:
         return comment.text()
     for line in _skipped_lines(review):
         comment.add(f"> **Incomplete review:** {md(line, MAX_LINE_CHARS)}", "")
+    if review.what_if_error:
+        comment.add(f"> **Error:** {md(review.what_if_error, MAX_LINE_CHARS)}", "")
     if review.what_if:
         comment.add(
             "| service | GPU-hours base → head | TTFT attainment | TBT attainment | verdict |",
@@ -278,6 +303,14 @@ def format_markdown(review: Review) -> str:
                 f"| {md(row.service)} | {_targets(row.base_targets)} → {_targets(row.head_targets)} "
                 f"| {md(_delta(row.gpu_delta()), MAX_LINE_CHARS)} "
                 f"| {md(_delta(row.domain_delta()), MAX_LINE_CHARS)} |"
+            )
+        comment.add("")
+    if decided := _decision_rows(review):
+        comment.add("| service | decision base → head | head's reason |", "| --- | --- | --- |")
+        for row in decided:
+            comment.add(
+                f"| {md(row.service)} | {md(row.base_reason)} → {md(row.head_reason)} "
+                f"| {md(row.head_message, MAX_LINE_CHARS)} |"
             )
         comment.add("")
     if review.fleet is not None and (costs := _cost_lines(review.fleet)):
@@ -329,6 +362,7 @@ def format_json(review: Review) -> str:
         "base_errors": [str(i) for i in review.base_errors],
         "skipped": list(review.skipped),
         "fleet_skipped": review.fleet_skipped,
+        "what_if_error": review.what_if_error or None,
         "config_changes": [
             {
                 "kind": c.kind,
@@ -358,6 +392,10 @@ def format_json(review: Review) -> str:
                     "gpu_delta": s.gpu_delta(),
                     "domain_delta": s.domain_delta(),
                     "changed": s.changed,
+                    "base_reason": s.base_reason or None,
+                    "head_reason": s.head_reason or None,
+                    "head_message": s.head_message or None,
+                    "decision_kind_changed": s.decision_kind_changed,
                 }
                 for s in review.fleet.services
             ],

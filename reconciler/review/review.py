@@ -9,7 +9,8 @@ replay are skipped (there is nothing sound to compare against).
 The review runs on untrusted pull requests, so it has a time budget
 (``ReviewOptions.timeout_s``): what is not done when it runs out (the fleet diff, the
 replay of some services) is skipped and named in the report, and the review exits 1
-rather than pass a change nobody evaluated.
+rather than pass a change nobody evaluated. A what-if replay that cannot run (a bad
+trace, a service the simulator cannot size) is named in the report and exits 1 too.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class Review:
     skipped: tuple[str, ...] = ()
     fleet_skipped: bool = False
     timeout_s: float = 0.0
+    # The what-if replay could not run (a bad trace, a load with nothing to judge, a
+    # service the simulator cannot size): its message, reported with the rest.
+    what_if_error: str = ""
 
     @property
     def incomplete(self) -> bool:
@@ -76,7 +80,7 @@ class Review:
     @property
     def exit_code(self) -> int:
         """0 no change, 1 error, 3 changes present (like terraform plan -detailed-exitcode)."""
-        if self.errors or self.base_errors or self.incomplete:
+        if self.errors or self.base_errors or self.incomplete or self.what_if_error:
             return 1
         return 3 if self.has_changes else 0
 
@@ -133,8 +137,13 @@ def run_review(
     what_if: list[WhatIf] = []
     evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = {}
     skipped: list[str] = []
+    what_if_error = ""
     if pending is not None:
-        what_if, evaluations, skipped = pending()
+        try:
+            what_if, evaluations, skipped = pending()
+        except WhatIfError as exc:
+            # In the report, not only on stderr: in CI the report is what a reviewer reads.
+            what_if_error = str(exc)
     return Review(
         base_label=base.source_label,
         head_label=head.source_label,
@@ -145,6 +154,7 @@ def run_review(
         skipped=tuple(skipped),
         fleet_skipped=fleet is None,
         timeout_s=options.timeout_s,
+        what_if_error=what_if_error,
     )
 
 

@@ -192,7 +192,8 @@ def test_a_what_if_on_a_bad_trace_is_an_error_naming_its_line(
     pr_repo: Path, tmp_path: Path
 ) -> None:
     """The replay runs in a worker process; a TraceError did not survive the trip back
-    (its constructor takes more than the message) and the parent died in a traceback."""
+    (its constructor takes more than the message) and the parent died in a traceback.
+    The error is in the report itself (in CI the report is all a reviewer sees)."""
     from typer.testing import CliRunner
 
     from reconciler.cli import app
@@ -202,8 +203,12 @@ def test_a_what_if_on_a_bad_trace_is_an_error_naming_its_line(
     args = ["plan", "--repo", str(pr_repo), "--base", "HEAD~3", "--head", "HEAD~2"]
     result = CliRunner().invoke(app, [*args, "--trace", str(bad)])
     assert result.exit_code == 1, result.output
-    assert f"error: what-if replay: {bad}:2: negative output tokens" in result.output
+    assert f"error: what-if replay: {bad}:2: negative output tokens" in result.stdout
     assert "Traceback" not in result.output
+    markdown = CliRunner().invoke(app, [*args, "--trace", str(bad), "--format", "markdown"])
+    assert markdown.exit_code == 1, markdown.output
+    assert "> **Error:** what-if replay: " in markdown.stdout
+    assert "config changes" in markdown.stdout.lower()  # the rest of the review is there too
 
 
 def test_the_what_if_can_judge_after_a_warm_up(pr_repo: Path) -> None:
