@@ -3,7 +3,9 @@ from the object database (no checkout, so ``plan --base/--head`` never touches t
 work tree).
 
 Both refuse what a reviewer could not see in the repository: symlinks that point
-outside it, files too large to be configuration, bytes that are not UTF-8.
+outside it, files too large to be configuration, bytes that are not UTF-8. Both
+resolve a path with the same walk (``_walk``), so a review of a revision reads
+the very file a reconciler reading its checkout loads.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import stat
 import subprocess
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 MAX_FILE_BYTES = 5 * 1024 * 1024
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -63,6 +67,143 @@ def _check_size(path: str, size: int) -> None:
         )
 
 
+# Symlinks followed in resolving one path, as Linux's MAXSYMLINKS: a path the kernel
+# opens is never refused for the number of links on its way.
+MAX_SYMLINKS = 40
+SYMLINK_MODE = "120000"  # a symlink's mode in a Git tree
+
+EntryKind = Literal["file", "directory", "symlink"]
+
+
+class _Tree(Protocol):
+    """What resolving a path needs of a tree. Paths are repository-relative and their
+    directories real directories (the walk has resolved them); nothing is followed."""
+
+    def kind(self, path: str) -> EntryKind | None:
+        """What is at ``path`` (as ``lstat`` sees it); None when nothing is, or nothing
+        a checkout could hold (a FIFO, a device)."""
+        ...
+
+    def link_target(self, path: str) -> str:
+        """The target of the symlink at ``path``, as written."""
+        ...
+
+    def inside(self, absolute: str) -> str | None:
+        """``absolute`` (an absolute path) relative to the tree's root, or None when it
+        is not under the root."""
+        ...
+
+
+class _NotFound(Exception):
+    """A walk ended at nothing, or at a file with names still to walk after it."""
+
+
+def _walk(tree: _Tree, path: str) -> tuple[EntryKind, str]:
+    """The file or directory ``path`` names in ``tree``: its kind and its
+    repository-relative path, with no symlink in it.
+
+    The walk is the kernel's, one name at a time from the root. A symlink, whether the
+    last name or a directory on the way, is replaced by its target before any name
+    after it is walked, and ``..`` goes to the parent of the directory reached so
+    far: ``link/..`` is the parent of where ``link`` points, not the directory
+    ``link`` is in. (Normalising the text first cancels ``link/..`` and names another
+    file than a checkout opens.) Both sources walk with this, each over its own tree,
+    so a revision and its checkout resolve every path alike. Refused, named by
+    ``path`` only (never a target, which may be outside the root): a path or target
+    leading above the root, a symlink loop, more than MAX_SYMLINKS links."""
+    if "\0" in path:
+        raise SourceError(path, "cannot be read (a NUL byte in the name)")
+    walked: list[str] = []  # the directories reached from the root
+    pending: list[str] = []  # the names still to walk, the next one last
+    followed = 0
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def walk_next(text: str) -> None:
+        """Walk ``text`` before what is pending: from the root when it is absolute."""
+        if text.startswith("/"):
+            relative = tree.inside(text)
+            if relative is None:
+                raise _outside(path, followed)
+            walked.clear()
+            text = relative
+        pending.extend(reversed(text.split("/")))
+
+    walk_next(path)
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if not walked:
+                raise _outside(path, followed)
+            walked.pop()
+            continue
+        here = "/".join([*walked, name])
+        try:
+            kind = tree.kind(here)
+            target = tree.link_target(here) if kind == "symlink" else ""
+        except SourceError as exc:  # named by the path asked for, not the one on the way
+            raise SourceError(path, exc.message) from None
+        if kind == "symlink":
+            # The same link with the same names after it: the walk would repeat forever.
+            state = (here, tuple(pending))
+            if state in seen:
+                raise SourceError(path, "is a symlink loop; refused")
+            seen.add(state)
+            followed += 1
+            if followed > MAX_SYMLINKS:
+                raise SourceError(path, f"goes through more than {MAX_SYMLINKS} symlinks; refused")
+            walk_next(target)
+        elif kind == "directory":
+            walked.append(name)
+        elif kind == "file" and not pending:
+            return "file", here
+        else:  # nothing there, or a file with names after it (ENOTDIR)
+            raise _NotFound(path)
+    return "directory", "/".join(walked)
+
+
+def _outside(path: str, followed: int) -> SourceError:
+    if followed:
+        return SourceError(path, "is a symlink to a file outside the repository; refused")
+    return SourceError(path, "is outside the repository; refused")
+
+
+@dataclass
+class _DirectoryTree:
+    """A directory on disk, as ``_walk`` sees it."""
+
+    root: Path  # resolved
+
+    def kind(self, path: str) -> EntryKind | None:
+        try:
+            mode = os.lstat(self.root / path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
+        if stat.S_ISLNK(mode):
+            return "symlink"
+        if stat.S_ISDIR(mode):
+            return "directory"
+        return "file" if stat.S_ISREG(mode) else None
+
+    def link_target(self, path: str) -> str:
+        try:
+            return os.readlink(self.root / path)
+        except OSError as exc:
+            raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
+
+    def inside(self, absolute: str) -> str | None:
+        # The root is resolved, so its own path is the only way into it from "/" that
+        # does not go through a symlink or "..": anything else is refused, not resolved.
+        root = str(self.root)
+        if absolute == root:
+            return ""
+        prefix = root.rstrip("/") + "/"
+        return absolute[len(prefix) :] if absolute.startswith(prefix) else None
+
+
 @dataclass
 class DirectorySource:
     """Files under a directory on disk."""
@@ -74,50 +215,47 @@ class DirectorySource:
         self.root = Path(self.root).resolve()
         self.label = self.label or str(self.root)
 
-    def _resolve(self, path: str) -> Path:
-        full = self.root / path
+    def _find(self, path: str) -> tuple[EntryKind, Path] | None:
+        """What ``path`` resolves to, or None when nothing is there."""
         try:
-            resolved = full.resolve()
-        except RuntimeError:  # Python 3.11 raises this on a symlink loop
-            raise SourceError(path, "is a symlink loop; refused") from None
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-            raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
-        # Anything that resolves outside the root (a symlink, or a link in a parent
-        # directory) is refused: a reviewer could not see its content in the repo.
-        # The target is not named: errors must not reveal paths outside the root.
-        if not resolved.is_relative_to(self.root):
-            raise SourceError(path, "is a symlink to a file outside the repository; refused")
-        return resolved
+            kind, relative = _walk(_DirectoryTree(self.root), path)
+        except _NotFound:
+            return None
+        return kind, self.root / relative
 
     def list_yaml(self, directory: str) -> list[str]:
-        base = self.root / directory
-        if not base.is_dir():
+        try:
+            found = self._find(directory)
+        except SourceError:
+            return []
+        if found is None or found[0] != "directory":
             return []
         # Files and symlinks only, as Git lists blobs: a directory named x.yaml, a
         # FIFO or a socket is not configuration in either mode.
         return sorted(
             f"{directory}/{entry.name}"
-            for entry in base.iterdir()
+            for entry in found[1].iterdir()
             if entry.name.endswith(YAML_SUFFIXES)
             and not entry.name.startswith(".")
             and (entry.is_symlink() or entry.is_file())
         )
 
     def read(self, path: str) -> bytes:
-        resolved = self._resolve(path)
+        found = self._find(path)
+        if found is None or found[0] != "file":
+            raise SourceError(path, "no such file")
         try:
-            if not resolved.is_file():
-                raise SourceError(path, "no such file")
-            _check_size(path, resolved.stat().st_size)
-            return resolved.read_bytes()
+            _check_size(path, found[1].stat().st_size)
+            return found[1].read_bytes()
         except OSError as exc:
             raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
 
     def exists(self, path: str) -> bool:
         try:
-            return self._resolve(path).is_file()
-        except (SourceError, OSError):
+            found = self._find(path)
+        except SourceError:
             return False
+        return found is not None and found[0] == "file"
 
 
 class _BlobReader:
@@ -212,14 +350,21 @@ class GitSource:
         # chät.yaml or a"b.yaml and a line-based listing would not match them).
         # Decoded like os.listdir does, so both modes see the same names.
         listing = self._git("ls-tree", "-r", "-l", "-z", "--full-tree", commit, text=False)
+        directories: set[str] = set()
         for record in listing.split(b"\0"):
             if not record:
                 continue
             meta, raw_path = record.split(b"\t", 1)
             mode, kind, sha, size = meta.decode().split()
+            path = os.fsdecode(raw_path)
             if kind == "blob":
-                path = os.fsdecode(raw_path)
                 self._tree[path] = (mode, sha, int(size) if size != "-" else 0)
+            elif kind == "commit":  # a submodule: a checkout holds a directory there
+                directories.add(path)
+            while "/" in path:  # every directory a checkout creates for the entry
+                path = posixpath.dirname(path)
+                directories.add(path)
+        self._paths = _RevisionTree(self._tree, directories, self._blob)
         self._refuse_checkout_conversions()
 
     def _refuse_checkout_conversions(self) -> None:
@@ -260,42 +405,73 @@ class GitSource:
     def _blob(self, path: str, sha: str, size: int) -> bytes:
         return self._blobs.read(path, sha, size)
 
-    def _follow(self, path: str, depth: int = 0) -> tuple[str, str, int]:
-        entry = self._tree.get(path)
-        if entry is None:
-            raise SourceError(path, f"no such file at revision {self.rev}")
-        mode, sha, size = entry
-        if mode == "120000":
-            if size > 4096:  # PATH_MAX: a bigger "symlink" is not one
-                raise SourceError(path, "is a symlink with an impossibly long target; refused")
-            target = self._blob(path, sha, size).decode(errors="replace")
-            joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-            if target.startswith("/") or joined.startswith(".."):
-                raise SourceError(path, "is a symlink to a file outside the repository; refused")
-            if depth > 8:
-                raise SourceError(path, "symlink chain too long")
-            return self._follow(joined, depth + 1)
-        return entry
+    def _find(self, path: str) -> tuple[EntryKind, str]:
+        try:
+            return _walk(self._paths, path)
+        except _NotFound:
+            raise SourceError(path, f"no such file at revision {self.rev}") from None
 
     def list_yaml(self, directory: str) -> list[str]:
-        prefix = directory.rstrip("/") + "/"
+        try:
+            kind, folder = self._find(directory)
+        except SourceError:
+            return []
+        if kind != "directory":
+            return []
+        # Named through ``directory`` as written, as a directory listing names them:
+        # a symlinked directory's files are read through the link, as on disk.
+        prefix = f"{folder}/" if folder else ""
         return sorted(
-            p
+            f"{directory}/{p[len(prefix) :]}"
             for p in self._tree
             if p.startswith(prefix)
             and "/" not in p[len(prefix) :]
             and p.endswith(YAML_SUFFIXES)
-            and not os.path.basename(p).startswith(".")
+            and not posixpath.basename(p).startswith(".")
         )
 
     def read(self, path: str) -> bytes:
-        _mode, sha, size = self._follow(path)
+        kind, found = self._find(path)
+        if kind != "file":
+            raise SourceError(path, f"no such file at revision {self.rev}")
+        _mode, sha, size = self._tree[found]
         _check_size(path, size)
         return self._blob(path, sha, size)
 
     def exists(self, path: str) -> bool:
         try:
-            self._follow(path)
+            kind, _found = self._find(path)
         except SourceError:
             return False
-        return True
+        return kind == "file"
+
+
+@dataclass
+class _RevisionTree:
+    """A revision's tree as ``_walk`` sees it: what a checkout of it holds on disk."""
+
+    entries: dict[str, tuple[str, str, int]]  # every blob: path -> (mode, sha, size)
+    directories: set[str]
+    read_blob: Callable[[str, str, int], bytes]
+
+    def kind(self, path: str) -> EntryKind | None:
+        entry = self.entries.get(path)
+        if entry is not None:
+            return "symlink" if entry[0] == SYMLINK_MODE else "file"
+        return "directory" if path in self.directories else None
+
+    def link_target(self, path: str) -> str:
+        _mode, sha, size = self.entries[path]
+        if size > 4096:  # PATH_MAX: a checkout could not create this link
+            raise SourceError(path, "is a symlink with an impossibly long target; refused")
+        target = self.read_blob(path, sha, size)
+        if b"\0" in target:  # a checkout would cut the target short there: not guessed at
+            raise SourceError(path, "is a symlink whose target holds a NUL byte; refused")
+        return os.fsdecode(target)  # decoded as os.readlink decodes a target on disk
+
+    def inside(self, absolute: str) -> str | None:
+        # Where the reconciler checks the revision out is not known here, so no
+        # absolute target can be placed in it: refused (a relative link works in
+        # every checkout). The directory mode follows one into its root: the review
+        # refuses what the reconciler would load, never the other way round.
+        return None

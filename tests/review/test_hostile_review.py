@@ -186,3 +186,28 @@ def test_errors_never_name_paths_outside_the_repository(repo: Path, tmp_path: Pa
         repo, "no-such-rev", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
     )
     assert review.exit_code == 1 and str(tmp_path) not in text
+
+
+def test_a_link_through_a_linked_directory_is_reviewed_as_the_checkout_reads_it(
+    repo: Path,
+) -> None:
+    """policies/chat.yaml -> ../lnk/../alt/chat.yaml with lnk -> deep/x: the checkout
+    opens deep/alt/chat.yaml, so that is the file the review shows, not alt/chat.yaml
+    (an unchanged copy that cancelling "lnk/.." as text would have read)."""
+    (repo / "alt").mkdir()
+    shutil.copy(repo / "policies/chat.yaml", repo / "alt/chat.yaml")
+    (repo / "deep/alt").mkdir(parents=True)
+    shutil.copy(repo / "policies/chat.yaml", repo / "deep/alt/chat.yaml")
+    edit(repo / "deep/alt/chat.yaml", "  max_instances: 128", "  max_instances: 2")
+    (repo / "deep/x").mkdir()
+    (repo / "deep/x/.keep").touch()
+    (repo / "lnk").symlink_to("deep/x")
+    (repo / "policies/chat.yaml").unlink()
+    (repo / "policies/chat.yaml").symlink_to("../lnk/../alt/chat.yaml")
+    commit(repo, "a link through a link")
+    assert load_desired_state(repo).policies["chat"].decode.max_instances == 2
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3  # changes present, where it said "no change"
+    assert "service chat: decode max instances: 128 -> 2" in text
