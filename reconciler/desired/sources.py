@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import stat
 import subprocess
+import tempfile
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ YAML_SUFFIXES = (".yaml", ".yml")
 # checkout. Line-ending conversions (text, eol, crlf) are not among them: YAML reads
 # LF and CRLF alike.
 CHECKOUT_CONVERSIONS = frozenset({"filter", "working-tree-encoding", "ident"})
+# Git ignores a gitattributes line this long or longer since the security releases of
+# January 2023 (2.39.1, and 2.30.7 to 2.38.3 on older branches); releases before
+# them apply it.
+GITATTRIBUTES_MAX_LINE = 2048
 
 
 class SourceError(Exception):
@@ -167,6 +173,30 @@ def _outside(path: str, followed: int) -> SourceError:
     if followed:
         return SourceError(path, "is a symlink to a file outside the repository; refused")
     return SourceError(path, "is outside the repository; refused")
+
+
+def _naming_line(
+    attribute_files: dict[str, list[bytes]], path: str, attribute: str
+) -> tuple[str, int | None]:
+    """The .gitattributes file and line that give ``path`` ``attribute``, as far as
+    can be told: Git says what a file's attributes are, not which line set them. The
+    nearest file above ``path`` that names the attribute (a deeper file overrides),
+    at its last line naming it outside a comment (a later line overrides); a macro
+    is named where it is defined. (``path``, None) when no line names it."""
+    name = re.escape(attribute.split("=", 1)[0].encode())
+    # After the blanks Git separates attributes with, set or given a value.
+    naming = re.compile(rb"[ \t\r]" + name + rb"(?:[ \t\r=]|$)")
+    folder = posixpath.dirname(path)
+    while True:
+        candidate = posixpath.join(folder, ".gitattributes")
+        lines = attribute_files.get(candidate, [])
+        for number in range(len(lines), 0, -1):
+            line = lines[number - 1]
+            if not line.lstrip(b" \t\r").startswith(b"#") and naming.search(line):
+                return candidate, number
+        if not folder:
+            return path, None
+        folder = posixpath.dirname(folder)
 
 
 @dataclass
@@ -372,25 +402,106 @@ class GitSource:
         checkout. A ``.gitattributes`` that rewrites content on checkout (a filter, a
         working-tree encoding, ident expansion) would make them read different text:
         refused, located, rather than reviewed as something the reconciler will not
-        see."""
-        for path in sorted(p for p in self._tree if posixpath.basename(p) == ".gitattributes"):
-            text = self.read(path).decode(errors="replace")
-            for number, line in enumerate(text.splitlines(), start=1):
-                fields = line.split("#", 1)[0].split()
-                for attribute in fields[1:]:
-                    name = attribute.split("=", 1)[0]
-                    if name in CHECKOUT_CONVERSIONS:  # set, or set to a value
-                        raise SourceError(
-                            path,
-                            f"'{attribute}' converts files on checkout, so the reconciler "
-                            "would read other bytes than this review; remove it "
-                            "(conversions are not supported in a desired-state repository)",
-                            line=number,
-                        )
+        see.
 
-    def _git(self, *args: str, text: bool = True) -> Any:
+        Git itself says which files a checkout converts: reading gitattributes with a
+        parser of our own was out-argued by its syntax (``#`` starts a comment only at
+        the start of a line, lines end at LF alone and a CR separates attributes, C-style
+        quoted patterns, macros), and any other corner would be the next way to hide an
+        attribute. Refused before asking, as Git releases read them differently: a
+        symlinked ``.gitattributes`` and an overlong line."""
+        attribute_files: dict[str, list[bytes]] = {}
+        for path in sorted(p for p in self._tree if posixpath.basename(p) == ".gitattributes"):
+            if self._tree[path][0] == SYMLINK_MODE:
+                raise SourceError(
+                    path,
+                    "is a symlink, which Git before 2.32 follows and later releases ignore; "
+                    "refused (commit the attributes as a file)",
+                )
+            lines = self.read(path).split(b"\n")  # Git ends a line at LF only
+            for number, line in enumerate(lines, start=1):
+                if len(line) >= GITATTRIBUTES_MAX_LINE:
+                    raise SourceError(
+                        path,
+                        f"line is {len(line)} bytes: Git since 2.39.1 ignores a line of "
+                        f"{GITATTRIBUTES_MAX_LINE} bytes or more, older releases apply it; "
+                        "refused (shorten it)",
+                        line=number,
+                    )
+            attribute_files[path] = lines
+        if not attribute_files:
+            return  # nothing in the revision can ask for a conversion: no Git to ask
+        for converted, attribute in self._checkout_conversions():
+            where, line_number = _naming_line(attribute_files, converted, attribute)
+            raise SourceError(
+                where,
+                f"'{attribute}' converts files on checkout ({converted} among them), so the "
+                "reconciler would read other bytes than this review; remove it "
+                "(conversions are not supported in a desired-state repository)",
+                line=line_number,
+            )
+
+    def _checkout_conversions(self) -> list[tuple[str, str]]:
+        """(file, attribute as "name" or "name=value") for every conversion Git would
+        apply in checking the revision out, by its own .gitattributes files: the
+        attributes of the machine running the review (system and user files) are left
+        out, as they are not the revision's. Only regular files are converted."""
+        files = [os.fsencode(p) for p, (mode, _, _) in self._tree.items() if mode != SYMLINK_MODE]
+        with tempfile.TemporaryDirectory(prefix="heteroscale-attributes-") as scratch:
+            # A private index of the revision, which ``check-attr --cached`` reads the
+            # attributes from: the work tree and the repository's index stay untouched
+            # (``check-attr --source`` would do without it, but needs Git 2.40).
+            env = {
+                **os.environ,
+                "GIT_INDEX_FILE": os.path.join(scratch, "index"),
+                "GIT_ATTR_NOSYSTEM": "1",
+            }
+            # A split index or an fsmonitor would write in the repository: off.
+            self._git(
+                "-c",
+                "core.splitIndex=false",
+                "-c",
+                "core.fsmonitor=false",
+                "read-tree",
+                self.commit,
+                env=env,
+            )
+            output = self._git(
+                "-c",
+                f"core.attributesFile={os.devnull}",
+                "check-attr",
+                "--cached",
+                "--stdin",
+                "-z",
+                "--all",
+                stdin=b"".join(name + b"\0" for name in files),
+                env=env,
+                text=False,
+            )
+        fields = output.split(b"\0")  # path, attribute, value; a NUL after each
+        found: list[tuple[str, str]] = []
+        for raw_path, raw_name, value in zip(
+            fields[0::3], fields[1::3], fields[2::3], strict=False
+        ):
+            name = raw_name.decode(errors="replace")
+            if name in CHECKOUT_CONVERSIONS and value not in (b"unset", b"unspecified"):
+                shown = name if value == b"set" else f"{name}={value.decode(errors='replace')}"
+                found.append((os.fsdecode(raw_path), shown))
+        return found
+
+    def _git(
+        self,
+        *args: str,
+        text: bool = True,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Any:
         result = subprocess.run(
-            ["git", "-C", str(self.repo), *args], capture_output=True, check=False
+            ["git", "-C", str(self.repo), *args],
+            input=stdin,
+            capture_output=True,
+            check=False,
+            env=env,
         )
         if result.returncode != 0:
             message = result.stderr.decode(errors="replace").strip()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from reconciler.cli import app, render_schemas
 from reconciler.desired import load_desired_state
 from reconciler.desired.roundtrip import set_value
-from reconciler.errors import ConfigError
+from reconciler.errors import ConfigError, ConfigIssue
 
 
 def git(repo: Path, *args: str) -> str:
@@ -83,28 +83,119 @@ def test_a_committed_symlink_out_of_the_repository_is_refused(git_repo: Path) ->
         load_desired_state(git_repo, rev="HEAD")
 
 
+def commit_attributes(repo: Path, files: dict[str, bytes]) -> None:
+    for path, content in files.items():
+        (repo / path).write_bytes(content)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "attributes")
+
+
+def refusal(repo: Path) -> ConfigIssue:
+    with pytest.raises(ConfigError) as caught:
+        load_desired_state(repo, rev="HEAD")
+    [issue] = caught.value.issues
+    return issue
+
+
 def test_a_gitattributes_that_rewrites_content_on_checkout_is_refused_located(
     git_repo: Path,
 ) -> None:
     """The review reads blobs; a reconciler in directory mode reads a checkout. A
     filter would make them see different text, so the revision is refused."""
-    (git_repo / ".gitattributes").write_text(
-        "*.png binary\n* text=auto eol=lf\npolicies/*.yaml filter=secret  # smudged\n"
+    commit_attributes(
+        git_repo,
+        {".gitattributes": b"*.png binary\n* text=auto eol=lf\npolicies/*.yaml filter=secret\n"},
     )
-    git(git_repo, "add", "-A")
-    git(git_repo, "commit", "-qm", "attributes")
-    with pytest.raises(ConfigError) as caught:
-        load_desired_state(git_repo, rev="HEAD")
-    issue = caught.value.issues[0]
+    issue = refusal(git_repo)
     assert (issue.file, issue.line) == (".gitattributes", 3)
-    assert "'filter=secret' converts files on checkout" in issue.message
+    assert "'filter=secret' converts files on checkout (policies/" in issue.message
 
 
-def test_line_ending_attributes_are_accepted(git_repo: Path) -> None:
-    (git_repo / ".gitattributes").write_text("* text=auto\n*.yaml eol=crlf -ident\n")
-    git(git_repo, "add", "-A")
-    git(git_repo, "commit", "-qm", "line endings only")
+@pytest.mark.parametrize(
+    ("path", "content", "attribute", "line"),
+    [
+        pytest.param(".gitattributes", b"policies/chat.yaml ident\n", "ident", 1, id="plain"),
+        # "#" starts a comment only at the start of a line: here it is in the pattern.
+        pytest.param(
+            ".gitattributes", b"policies/[c#]hat.yaml ident\n", "ident", 1, id="hash-in-pattern"
+        ),
+        # Git ends lines at LF only, and a CR separates attributes like a blank: line 1
+        # gives a.txt "text" and "b.txt", line 2 gives policies/chat.yaml ident.
+        pytest.param(
+            ".gitattributes",
+            b"a.txt text\rb.txt text\npolicies/chat.yaml\rident\n",
+            "ident",
+            2,
+            id="carriage-returns",
+        ),
+        pytest.param(
+            ".gitattributes", b'"policies/ch\\141t.yaml" ident\n', "ident", 1, id="quoted-pattern"
+        ),
+        pytest.param(
+            ".gitattributes",
+            b"*.png binary\npolicies/*.yaml\tworking-tree-encoding=UTF-16\n",
+            "working-tree-encoding=UTF-16",
+            2,
+            id="tab-and-value",
+        ),
+        # A macro is named where it is defined: the line that names the filter.
+        pytest.param(
+            ".gitattributes",
+            b"[attr]smudged filter=secret\npolicies/chat.yaml smudged\n",
+            "filter=secret",
+            1,
+            id="macro",
+        ),
+        pytest.param("policies/.gitattributes", b"chat.yaml ident\n", "ident", 1, id="nested"),
+    ],
+)
+def test_every_spelling_git_applies_is_refused_at_its_file_and_line(
+    git_repo: Path, path: str, content: bytes, attribute: str, line: int
+) -> None:
+    commit_attributes(git_repo, {path: content})
+    index = (git_repo / ".git/index").read_bytes()
+    issue = refusal(git_repo)
+    assert (issue.file, issue.line) == (path, line)
+    assert f"'{attribute}' converts files on checkout (policies/" in issue.message
+    # Git was asked about a private index of the revision: the repository's is as it was.
+    assert (git_repo / ".git/index").read_bytes() == index
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        b"*.png binary\n* text=auto eol=lf\n",
+        b"* text=auto\n*.yaml eol=crlf -ident !filter\n",
+        b"  # policies/chat.yaml ident\n",  # a comment, after blanks
+        b"*.bin filter=lfs\n",  # no file of the revision is converted
+        # A "#" after the pattern is no comment: Git drops the whole line, as the name
+        # "#" is not a valid attribute, and so converts nothing.
+        b"policies/*.yaml filter=secret  # smudged\n",
+    ],
+)
+def test_attributes_that_convert_no_file_of_the_revision_are_accepted(
+    git_repo: Path, attributes: bytes
+) -> None:
+    commit_attributes(git_repo, {".gitattributes": attributes})
     assert load_desired_state(git_repo, rev="HEAD").policies
+
+
+def test_attributes_git_releases_read_differently_are_refused(git_repo: Path) -> None:
+    """Git since 2.39.1 ignores a line of 2048 bytes or more, since 2.32 a symlinked
+    .gitattributes; the releases before apply both."""
+    long_line = b"policies/chat.yaml ident" + b" " * 2100 + b"\n"
+    commit_attributes(git_repo, {".gitattributes": b"*.png binary\n" + long_line})
+    issue = refusal(git_repo)
+    assert (issue.file, issue.line) == (".gitattributes", 2)
+    assert "Git since 2.39.1 ignores a line of 2048 bytes or more" in issue.message
+    (git_repo / ".gitattributes").unlink()
+    (git_repo / "attributes").write_bytes(b"policies/chat.yaml ident\n")
+    (git_repo / ".gitattributes").symlink_to("attributes")
+    git(git_repo, "add", "-A")
+    git(git_repo, "commit", "-qm", "linked attributes")
+    issue = refusal(git_repo)
+    assert issue.file == ".gitattributes"
+    assert "is a symlink, which Git before 2.32 follows" in issue.message
 
 
 def test_validate_accepts_a_revision(git_repo: Path) -> None:
