@@ -1,5 +1,9 @@
 """Render a placement into Kubernetes manifests (pure: plan in, dicts out).
 
+A pod template must meet the rules of ``reconciler.desired.templates`` (the loader
+checks every template a policy names by them); one that does not is a
+``RenderError`` naming the template and the field.
+
 One apps/v1 Deployment per (service, deployment group, role) with instances > 0,
 built from the service's pod template (``RolePolicy.template``, parsed by the
 loader into ``DesiredState.templates``). The renderer adds:
@@ -37,10 +41,12 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from reconciler.apply import names
+from reconciler.desired.loader import format_key_path
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.templates import template_problems
 from reconciler.errors import PermanentError
 from reconciler.state import ROLES, DeploymentGroup, Role
 
@@ -131,23 +137,18 @@ def _add_node_affinity(pod_spec: dict[str, Any], expressions: list[dict[str, Any
         term["matchExpressions"] = kept + copy.deepcopy(expressions)
 
 
-def _check_template(template: Any, path: str, service: str) -> dict[str, Any]:
-    if not isinstance(template, dict):
-        raise RenderError(f"service {service}: pod template {path} is not a mapping")
-    containers = (
-        template.get("spec", {}).get("containers")
-        if isinstance(template.get("spec"), dict)
-        else None
-    )
-    if (
-        not isinstance(containers, list)
-        or not containers
-        or not all(isinstance(c, dict) for c in containers)
-    ):
-        raise RenderError(
-            f"service {service}: pod template {path} needs spec.containers with at least one container"
-        )
-    return template
+def _check_template(template: Any, path: str, service: str, role: Role) -> dict[str, Any]:
+    """``template`` when it meets the rules the rendering below relies on
+    (``reconciler.desired.templates``, which the loader checks too); a RenderError
+    naming the first field that breaks one, so malformed content never reaches code
+    that would fail on it with a raw AttributeError or TypeError."""
+    problems = template_problems(template)
+    if problems:
+        key_path, message = problems[0]
+        field = f"{format_key_path(key_path)}: " if key_path else ""
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise RenderError(f"service {service}: {role} pod template {path}: {field}{message}{more}")
+    return cast(dict[str, Any], template)
 
 
 def template_hash(pod_template: Mapping[str, Any]) -> str:
@@ -169,7 +170,7 @@ def render_deployment(
     path = role_policy.template
     if path not in templates:
         raise RenderError(f"service {policy.name}: {role} pod template {path} was not loaded")
-    source = _check_template(templates[path], path, policy.name)
+    source = _check_template(templates[path], path, policy.name, role)
     pod = copy.deepcopy(source)
 
     selector = names.selector_labels(policy.name, group.group_id, role)

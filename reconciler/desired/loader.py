@@ -58,6 +58,7 @@ from reconciler.desired.sources import (
     Source,
     SourceError,
 )
+from reconciler.desired.templates import template_problems
 from reconciler.errors import ConfigError, ConfigIssue
 from reconciler.text_safety import describe, unsafe_in_value
 
@@ -105,6 +106,8 @@ class DesiredState:
     policy_files: Mapping[str, str] = field(default_factory=dict)
     cluster_files: Mapping[str, str] = field(default_factory=dict)
     templates: Mapping[str, Any] = field(default_factory=dict)
+    # Each template as parsed, with where its keys are (the review locates changes by it).
+    template_files: Mapping[str, ParsedFile] = field(default_factory=dict)
     source_label: str = ""
     # The Git commit it was read from ("" in directory mode).
     revision: str = ""
@@ -627,6 +630,7 @@ def load_from_source(source: Source) -> DesiredState:
     policies: dict[str, ServicePolicy] = {}
     policy_files: dict[str, str] = {}
     templates: dict[str, Any] = {}
+    template_files: dict[str, ParsedFile] = {}
     for parsed in _parse_all(source, policy_paths, issues):
         files[parsed.path] = parsed
         policy = _validate_as(ServicePolicy, parsed, issues)
@@ -658,12 +662,21 @@ def load_from_source(source: Source) -> DesiredState:
             if template in templates:
                 continue
             try:
-                templates[template] = parse_yaml(template, source.read(template)).data
+                parsed_template = parse_yaml(template, source.read(template))
             except SourceError as exc:
                 message = "no such file" if exc.message.startswith("no such file") else exc.message
                 problems.append(((role, "template"), f"template '{template}': {message}"))
             except ConfigError as exc:
                 issues.extend(exc.issues)
+            else:
+                templates[template] = parsed_template.data
+                template_files[template] = parsed_template
+                # By the renderer's own rules: a template it cannot use makes the
+                # revision invalid here, not the apply of a whole cluster fail later.
+                issues.extend(
+                    _issue(parsed_template, key_path, message)
+                    for key_path, message in template_problems(parsed_template.data)
+                )
         issues.extend(_issue(parsed, path, msg) for path, msg in problems)
         if not problems:
             policies[policy.name] = policy
@@ -678,6 +691,7 @@ def load_from_source(source: Source) -> DesiredState:
         policy_files=policy_files,
         cluster_files=cluster_files,
         templates=templates,
+        template_files=template_files,
         source_label=source.label,
         revision=getattr(source, "commit", ""),
     )

@@ -40,6 +40,14 @@ def _one_line(text: object, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def _terminal_line(text: object, limit: int) -> str:
+    """User text for one line of the text report, cut to ``limit`` characters; any
+    control character in it is shown as its escape when the report is put together
+    (``_text``)."""
+    flat = str(text)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def md(text: object, limit: int = MAX_VALUE_CHARS) -> str:
     """User text as inert inline markdown: one line, cut, escaped."""
     flat = _one_line(text, limit)
@@ -201,7 +209,12 @@ def format_text(review: Review) -> str:
     if review.what_if_error:
         lines.append(_one_line(_what_if_error_line(review), MAX_LINE_CHARS))
     lines.append("config changes:")
-    lines += [f"  {change}" for change in review.config_changes] or ["  none"]
+    for change in review.config_changes:
+        # One line each, whatever the files hold: no control character reaches the terminal.
+        lines.append(f"  {_terminal_line(change, MAX_LINE_CHARS)}")
+        lines += [f"      {_terminal_line(line, MAX_LINE_CHARS)}" for line in change.details]
+    if not review.config_changes:
+        lines.append("  none")
     if review.fleet is not None:
         lines += ["", f"fleet (from the {review.fleet.source}):"]
         rows = _service_rows(review)
@@ -316,9 +329,12 @@ def format_markdown(review: Review) -> str:
     if review.fleet is not None and (costs := _cost_lines(review.fleet)):
         comment.add(*[md(line, MAX_LINE_CHARS) for line in costs], "")
     comment.add("<details><summary>Config changes</summary>", "")
-    comment.add(
-        *[f"- {md(change, MAX_LINE_CHARS)}" for change in review.config_changes] or ["- none"]
-    )
+    for change in review.config_changes:
+        comment.add(f"- {md(change, MAX_LINE_CHARS)}")
+        if change.details:
+            comment.code_block(list(change.details))
+    if not review.config_changes:
+        comment.add("- none")
     comment.add("", "</details>", "")
     if review.fleet is not None:
         changes = [c for plan in review.fleet.head_plans.values() for c in plan.changes]
@@ -374,6 +390,7 @@ def format_json(review: Review) -> str:
                 "after": c.after,
                 "file": c.file,
                 "line": c.line,
+                "details": list(c.details),
             }
             for c in review.config_changes
         ],

