@@ -5,10 +5,12 @@ with the file and line where it changed.
 Services are compared field by field (``decode target TPS per instance: 1600 ->
 1400``); the P/D ratio bounds read as one range (``P/D ratio bounds: 1:4..1:2 ->
 1:5..1:2``). Clusters are compared as hardware, not as YAML: nodes added, removed
-or retyped are summarised per GPU type and switch, so reshuffling ranges that
-describe the same machines reads as no change. Pod templates are compared by their
-content as the renderer reads it: which template changed, which services use it,
-and a bounded diff of it.
+or retyped are summarised per GPU type and switch, nodes that move to another S1 or
+S0 switch (which moves them between placement domains) and node labels that change
+are counted per move and per label, so reshuffling ranges that describe the same
+machines reads as no change. Pod templates are compared by their content as the
+renderer reads it: which template changed, which services use it, and a bounded
+diff of it. Every list a hostile revision could make long is bounded.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from reconciler.desired.loader import DesiredState, ParsedFile, format_key_path
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, Node, NodeDefaults, NodeSpec, ServicePolicy
 from reconciler.desired.ratio import format_ratio
 
 ChangeKind = Literal["added", "removed", "modified"]
 ObjectKind = Literal["service", "cluster", "template"]
 
 # Bounds on what one change may add to a review, whatever the revision holds.
+MAX_AGGREGATE_LINES = 20  # node moves, or node label changes, of one cluster
 MAX_TEMPLATE_USERS = 10  # services named as users of one template
 MAX_DIFF_LINES = 60  # lines of one template's content diff
 MAX_DIFF_LINE_CHARS = 300  # one line of it
@@ -66,6 +69,8 @@ class ConfigChange:
             return f"{self.kind} {self.name}: added ({self.location})"
         if self.change == "removed":
             return f"{self.kind} {self.name}: removed (was {self.location})"
+        if not self.before and not self.after:  # a summary with no before and after
+            return f"{self.kind} {self.name}: {self.label} ({self.location})"
         return f"{self.kind} {self.name}: {self.label}: {self.before} -> {self.after} ({self.location})"
 
     def _template_text(self) -> str:
@@ -253,8 +258,193 @@ def _policy_changes(name: str, base: DesiredState, head: DesiredState) -> list[C
     return changes
 
 
-def _node_summary(spec: ClusterSpec) -> dict[str, tuple[str, str, int]]:
-    return {n.name: (n.gpu_type, n.s2, n.gpus) for n in spec.nodes}
+# ------------------------------------------------------------------ clusters
+
+_AddChange = Callable[[str, str, str, str, KeyPath], None]
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
+def _gpu_changes(
+    old_nodes: Mapping[str, Node],
+    new_nodes: Mapping[str, Node],
+    after: ClusterSpec,
+    add: _AddChange,
+) -> set[tuple[str, str]]:
+    """One line per GPU type and S2 switch whose GPU count changed; returns those
+    (type, S2) pairs."""
+    old_gpus: Counter[tuple[str, str]] = Counter()
+    new_gpus: Counter[tuple[str, str]] = Counter()
+    for node in old_nodes.values():
+        old_gpus[(node.gpu_type, node.s2)] += node.gpus
+    for node in new_nodes.values():
+        new_gpus[(node.gpu_type, node.s2)] += node.gpus
+    changed = set()
+    for gpu_type, s2 in sorted(old_gpus.keys() | new_gpus.keys()):
+        old, new = old_gpus[(gpu_type, s2)], new_gpus[(gpu_type, s2)]
+        if old != new:
+            changed.add((gpu_type, s2))
+            s2_index = next((i for i, s in enumerate(after.s2) if s.name == s2), None)
+            path: KeyPath = ("s2", s2_index) if s2_index is not None else ("s2",)
+            add(f"s2.{s2}", f"{gpu_type} GPUs under {s2}", str(old), str(new), path)
+    return changed
+
+
+def _replaced_nodes(
+    old_nodes: Mapping[str, Node],
+    new_nodes: Mapping[str, Node],
+    changed_gpus: set[tuple[str, str]],
+    add: _AddChange,
+) -> None:
+    """Nodes added, removed, retyped or resized where the GPUs per type and S2 switch
+    came out the same (two nodes swapped for two others): the per-type lines do not
+    show them, so one line counts them."""
+
+    def hidden(*nodes: Node) -> bool:
+        return all((node.gpu_type, node.s2) not in changed_gpus for node in nodes)
+
+    added = [n.name for n in new_nodes.values() if n.name not in old_nodes and hidden(n)]
+    removed = [n.name for n in old_nodes.values() if n.name not in new_nodes and hidden(n)]
+    resized = [
+        n.name
+        for n in new_nodes.values()
+        if n.name in old_nodes
+        and (old_nodes[n.name].gpu_type, old_nodes[n.name].gpus) != (n.gpu_type, n.gpus)
+        and hidden(old_nodes[n.name], n)
+    ]
+    if added or removed or resized:
+        examples = ", ".join([*added, *removed, *resized][:5])
+        add(
+            "nodes",
+            f"{_nodes(len(added))} added, {len(removed)} removed, {len(resized)} retyped or "
+            f"resized, with the GPUs per type and pod unchanged (e.g. {examples})",
+            "",
+            "",
+            ("s2",),
+        )
+
+
+def _switch_move(old: Node, new: Node) -> tuple[str, str, str] | None:
+    """The highest switch level a node changed at: (level, from, to), or None.
+    An S1 move is also an S0 move; it is told as the S1 one."""
+    if old.s1 != new.s1:
+        return ("S1", old.s1, new.s1)
+    if old.s2 != new.s2:
+        return ("S2", old.s2, new.s2)
+    if old.s0 != new.s0:
+        return ("S0", old.s0, new.s0)
+    return None
+
+
+# Where a switch of each level sits in a node's YAML path (s2, i, s1, j, s0, k, ...).
+_SWITCH_PATH_DEPTH = {"S2": 2, "S1": 4, "S0": 6}
+
+
+def _moved_nodes(
+    old_nodes: Mapping[str, Node],
+    new_nodes: Mapping[str, Node],
+    node_paths: Callable[[], Mapping[str, KeyPath]],
+    add: _AddChange,
+) -> None:
+    """Nodes that stay but sit under another switch, counted per (from, to) switch
+    pair: S1 membership decides which placement domain a node is in, S0 the leaf
+    label it carries. At most ``MAX_AGGREGATE_LINES`` pairs, most nodes first."""
+    moves: dict[tuple[str, str, str], list[Any]] = {}  # -> [nodes, GPUs, a node's name]
+    for node in new_nodes.values():
+        old = old_nodes.get(node.name)
+        move = _switch_move(old, node) if old is not None else None
+        if move is not None:
+            tally = moves.setdefault(move, [0, 0, node.name])
+            tally[0] += 1
+            tally[1] += node.gpus
+    order = sorted(moves, key=lambda m: (-moves[m][0], m))
+    for level, source, target in order[:MAX_AGGREGATE_LINES]:
+        nodes, gpus, example = moves[(level, source, target)]
+        path = node_paths()[example][: _SWITCH_PATH_DEPTH[level]]
+        add(
+            f"nodes.{level.lower()}",
+            f"{_nodes(nodes)} ({gpus} GPUs) moved",
+            f"{level} {source}",
+            f"{level} {target}",
+            path,
+        )
+    rest = order[MAX_AGGREGATE_LINES:]
+    if rest:
+        nodes = sum(moves[m][0] for m in rest)
+        add(
+            "nodes",
+            f"{_nodes(nodes)} moved between {len(rest)} more pairs of switches (not listed)",
+            "",
+            "",
+            ("s2",),
+        )
+
+
+def _label_source(spec: ClusterSpec, node_path: KeyPath, key: str) -> KeyPath:
+    """Where the label ``key`` of the node declared at ``node_path`` is set: the node
+    itself or the closest switch's defaults, as ``iter_nodes`` merges them; the node
+    when none sets it (a removed label)."""
+    s2 = spec.s2[node_path[1]]
+    s1 = s2.s1[node_path[3]]
+    s0 = s1.s0[node_path[5]]
+    layers: list[tuple[NodeSpec | NodeDefaults, KeyPath]] = []
+    if len(node_path) > 7 and not isinstance(s0.nodes, str):
+        entry = s0.nodes[node_path[7]]
+        if isinstance(entry, NodeSpec):
+            layers.append((entry, node_path))
+    layers += [
+        (s0.defaults, (*node_path[:6], "defaults")),
+        (s1.defaults, (*node_path[:4], "defaults")),
+        (s2.defaults, (*node_path[:2], "defaults")),
+        (spec.defaults, ("defaults",)),
+    ]
+    for layer, path in layers:
+        if key in layer.labels:
+            return (*path, "labels", key)
+    return node_path
+
+
+def _label_changes(
+    old_nodes: Mapping[str, Node],
+    new_nodes: Mapping[str, Node],
+    after: ClusterSpec,
+    node_paths: Callable[[], Mapping[str, KeyPath]],
+    add: _AddChange,
+) -> None:
+    """Node labels that change on nodes in both revisions, counted per (label, old
+    value, new value): the applier and drift checks expect exactly these labels on the
+    nodes. At most ``MAX_AGGREGATE_LINES``, most nodes first."""
+    changes: dict[tuple[str, str | None, str | None], list[Any]] = {}  # -> [nodes, a node]
+    for node in new_nodes.values():
+        old = old_nodes.get(node.name)
+        if old is None or old.labels == node.labels:
+            continue
+        for key in sorted(old.labels.keys() | node.labels.keys()):
+            if old.labels.get(key) != node.labels.get(key):
+                change = (key, old.labels.get(key), node.labels.get(key))
+                changes.setdefault(change, [0, node.name])[0] += 1
+    order = sorted(changes, key=lambda c: (-changes[c][0], [str(part) for part in c]))
+    for key, old_value, new_value in order[:MAX_AGGREGATE_LINES]:
+        nodes, example = changes[(key, old_value, new_value)]
+        add(
+            f"nodes.labels.{key}",
+            f"node label {key} on {_nodes(nodes)}",
+            _show(old_value),
+            _show(new_value),
+            _label_source(after, node_paths()[example], key),
+        )
+    rest = order[MAX_AGGREGATE_LINES:]
+    if rest:
+        add(
+            "nodes.labels",
+            f"{len(rest)} more node label change(s) on "
+            f"{_nodes(sum(changes[c][0] for c in rest))} (not listed)",
+            "",
+            "",
+            ("s2",),
+        )
 
 
 def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[ConfigChange]:
@@ -262,36 +452,31 @@ def _cluster_changes(name: str, base: DesiredState, head: DesiredState) -> list[
     modified = _ModifiedFields("cluster", name, head)
     add, changes = modified.add, modified.changes
 
-    old_nodes, new_nodes = _node_summary(before), _node_summary(after)
+    old_nodes, new_nodes = before.node_by_name, after.node_by_name
     if old_nodes != new_nodes:
-        old_gpus: Counter[tuple[str, str]] = Counter()
-        new_gpus: Counter[tuple[str, str]] = Counter()
-        for gpu_type, s2, gpus in old_nodes.values():
-            old_gpus[(gpu_type, s2)] += gpus
-        for gpu_type, s2, gpus in new_nodes.values():
-            new_gpus[(gpu_type, s2)] += gpus
-        for gpu_type, s2 in sorted(old_gpus.keys() | new_gpus.keys()):
-            old, new = old_gpus[(gpu_type, s2)], new_gpus[(gpu_type, s2)]
-            if old != new:
-                s2_index = next((i for i, s in enumerate(after.s2) if s.name == s2), None)
-                path: tuple[Any, ...] = ("s2", s2_index) if s2_index is not None else ("s2",)
-                add(f"s2.{s2}", f"{gpu_type} GPUs under {s2}", str(old), str(new), path)
-        moved = sorted(
-            n for n in old_nodes.keys() & new_nodes.keys() if old_nodes[n] != new_nodes[n]
-        )
-        if moved and not changes:
-            add("s2", "nodes moved or retyped", ", ".join(moved[:5]), "changed", ("s2",))
+        paths: dict[str, KeyPath] = {}
 
-    old_dump = before.model_dump(mode="python", by_alias=True, exclude={"s2"})
-    new_dump = after.model_dump(mode="python", by_alias=True, exclude={"s2"})
-    old_leaves, new_leaves = dict(_leaves(old_dump)), dict(_leaves(new_dump))
-    for key_path in sorted(
-        old_leaves.keys() | new_leaves.keys(), key=lambda p: [str(x) for x in p]
+        def node_paths() -> Mapping[str, KeyPath]:
+            # Head's node paths, indexed once, and only when a line needs a location.
+            if not paths:
+                paths.update((node.name, path) for node, path in after.located_nodes)
+            return paths
+
+        changed_gpus = _gpu_changes(old_nodes, new_nodes, after, add)
+        _replaced_nodes(old_nodes, new_nodes, changed_gpus, add)
+        _moved_nodes(old_nodes, new_nodes, node_paths, add)
+        _label_changes(old_nodes, new_nodes, after, node_paths, add)
+
+    # The switches are compared as the nodes above, and so are the labels defaults
+    # give every node (each node label line is located where the label is set).
+    exclude: dict[str, Any] = {"s2": True, "defaults": {"labels"}}
+    old_dump = before.model_dump(mode="python", by_alias=True, exclude=exclude)
+    new_dump = after.model_dump(mode="python", by_alias=True, exclude=exclude)
+    for key_path, old_value, new_value in _differing_leaves(
+        dict(_leaves(old_dump)), dict(_leaves(new_dump))
     ):
-        old_value, new_value = old_leaves.get(key_path), new_leaves.get(key_path)
-        if old_value != new_value:
-            key = format_key_path(key_path)
-            add(key, key, _show(old_value), _show(new_value), key_path)
+        key = format_key_path(key_path)
+        add(key, key, _show(old_value), _show(new_value), key_path)
     return changes
 
 
