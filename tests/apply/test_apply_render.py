@@ -201,6 +201,14 @@ MALFORMED: dict[str, tuple[object, str]] = {
 }
 
 
+def _render_chat_decode(state: DesiredState, template: dict[str, Any]) -> object:
+    """chat's decode Deployment rendered from ``template`` in place of its own."""
+    path = state.policies["chat"].decode.template
+    return render_deployment(
+        _group(), "decode", state.policies["chat"], state.clusters["prod-east"], {path: template}
+    )
+
+
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_template_is_a_render_error_naming_the_template_and_field(
     state: DesiredState, case: str
@@ -210,13 +218,7 @@ def test_a_malformed_template_is_a_render_error_naming_the_template_and_field(
     with pytest.raises(
         RenderError, match=f"service chat: decode pod template {path}: .*{field_and_message}"
     ):
-        render_deployment(
-            _group(),
-            "decode",
-            state.policies["chat"],
-            state.clusters["prod-east"],
-            {path: template},
-        )
+        _render_chat_decode(state, template)
 
 
 # Values of every YAML shape, for the slots of a template the renderer reads or writes.
@@ -288,13 +290,7 @@ def test_any_template_renders_or_is_a_render_error_and_validation_agrees(
     for slot, value in edits:
         template = _with(template, slot, value)
     try:
-        render_deployment(
-            _group(),
-            "decode",
-            state.policies["chat"],
-            state.clusters["prod-east"],
-            {path: template},
-        )
+        _render_chat_decode(state, template)
     except RenderError:
         assert template_problems(template) != []
     else:
