@@ -23,7 +23,11 @@ Readers (:func:`read_trace`; the format is detected from the file's content):
 
 Bad input raises :class:`TraceError` naming the file and line: an empty file or a
 header with no rows, a truncated file (cut mid-row or a gzip stream that ends early),
-a malformed row, unknown columns, negative token counts. Timestamps out of order are
+a malformed row, unknown columns, negative token counts or more than any request has
+(:data:`MAX_TOKENS_PER_REQUEST`), no prompt tokens at all, an Azure timestamp with a
+time zone, a number written as Python reads it but no trace writes it (``1_000``,
+non-ASCII digits, a JSON string or boolean), a file that is not a regular file, or
+more text than :data:`MAX_TRACE_TEXT_BYTES` (after gunzip). Timestamps out of order are
 repaired by a stable sort and reported in ``Workload.notes``; zero output tokens are
 counted as one (every request produces its first token) and also noted.
 
@@ -55,16 +59,18 @@ Time scaling:
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 import math
+import re
+import warnings
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from reconciler.bounded_read import GZIP_MAGIC, BoundedReadError, gunzip_bounded, read_regular_file
 from reconciler.errors import PermanentError
 
 
@@ -231,6 +237,21 @@ def diurnal_curve(t_s: np.ndarray, horizon_s: float, trough_ratio: float = 1.0 /
 # ~600,000 steps, minutes per policy on two cores); a longer one, or a timestamp years
 # away from the rest, would have it allocate per-second arrays without bound.
 MAX_TRACE_SPAN_S = 7 * 24 * 3600
+# The most text a trace may hold (after gunzip; the file itself is read up to the same
+# size). The repository's traces are 0.7 MB; 128 MiB is ~6.7 million rows of plain CSV
+# (~19 bytes a row) or ~3.5 million Azure rows (~37), a day of the Azure conversation
+# trace's rate several times over. Reading holds the file's bytes, its text and ~32
+# bytes of arrays a row (rows are converted in chunks, no Python object per row), so a
+# trace at the limit takes ~0.5 GB; before the limit a 188 MB CSV took 3.6 GB and a
+# 305 KB gzip bomb 1.9 GB.
+MAX_TRACE_TEXT_BYTES = 128 * 1024 * 1024
+# No real request has more prompt or output tokens than this: it is beyond any model's
+# context window. A larger count is a broken row, and a count of billions would have
+# the simulator allocate per-token arrays (an output length of 3e8 took 7 GB).
+MAX_TOKENS_PER_REQUEST = 10_000_000
+# Rows converted to arrays at a time: their strings are freed chunk by chunk.
+_CHUNK_ROWS = 1 << 16
+_FIRST_NON_SPACE = re.compile(r"\S")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 BURSTGPT_COLUMNS = (
@@ -253,48 +274,73 @@ KNOWN_FORMATS = (
 def read_trace(path: str | Path, *, seed: int = 0) -> Workload:
     """Read a trace file of any supported format (detected from its content)."""
     path = Path(path)
-    if not path.exists():
-        raise TraceError(path, "no such file")
-    if path.is_dir():
-        raise TraceError(path, "is a directory, not a trace file")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            text = gzip.decompress(raw).decode("utf-8")
-        except EOFError:
-            # Decompress what is there to say where the stream stops.
-            partial = _partial_gunzip(raw)
-            lines = partial.count(b"\n") + 1
-            raise TraceError(
-                path, f"truncated gzip stream: data ends in line {lines}", line=lines
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TraceError(path, f"not a readable gzip file ({exc})") from None
-    else:
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise TraceError(
-                path, f"not UTF-8 text (byte {exc.start}); expected one of: {KNOWN_FORMATS}"
-            ) from None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if not first:
+    text = _trace_text(path)
+    first = _FIRST_NON_SPACE.search(text)
+    if first is None:
         raise TraceError(path, "empty trace: no requests", line=1)
-    workload = _read_jsonl(path, text, seed) if first.startswith("{") else _read_csv(path, text)
+    workload = _read_jsonl(path, text, seed) if first.group() == "{" else _read_csv(path, text)
     return replace(workload, name=path.name)
 
 
-def _partial_gunzip(raw: bytes) -> bytes:
-    decoder = __import__("zlib").decompressobj(16 + 15)
+def _trace_text(path: Path) -> str:
+    """The file's text, gunzipped if it is gzip, within :data:`MAX_TRACE_TEXT_BYTES`."""
+    limit = f"{MAX_TRACE_TEXT_BYTES // (1024 * 1024)} MiB"
     try:
-        return decoder.decompress(raw)
-    except Exception:
-        return b""
+        raw = read_regular_file(path, MAX_TRACE_TEXT_BYTES)
+    except FileNotFoundError:
+        raise TraceError(path, "no such file") from None
+    except BoundedReadError as exc:
+        hint = ": sample or split the trace" if "limit" in exc.reason else ""
+        raise TraceError(path, f"{exc.reason}{hint}") from None
+    except OSError as exc:
+        raise TraceError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gunzip_bounded(raw, MAX_TRACE_TEXT_BYTES)
+        except BoundedReadError as exc:
+            if exc.partial:
+                # Say where the stream stops: the line the data ends in.
+                lines = exc.partial.count(b"\n") + 1
+                raise TraceError(
+                    path, f"truncated gzip stream: data ends in line {lines}", line=lines
+                ) from None
+            if "limit" in exc.reason:
+                raise TraceError(
+                    path,
+                    f"gzip stream inflates to more than the {limit} limit: sample or split "
+                    "the trace",
+                ) from None
+            raise TraceError(path, exc.reason) from None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(path, f"not a readable gzip file ({exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TraceError(
+            path, f"not UTF-8 text (byte {exc.start}); expected one of: {KNOWN_FORMATS}"
+        ) from None
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` split on ``\\n`` only, each with its ``\\n`` (as iterating an
+    ``io.StringIO`` gives them, without its copy of the text at four bytes a character):
+    JSON strings and CSV fields may hold U+2028 and the other characters
+    ``str.splitlines`` also breaks at."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start : end + 1]
+        start = end + 1
 
 
 def _rows(text: str) -> Iterator[tuple[int, list[str]]]:
     """CSV rows with their 1-based line numbers (blank lines skipped)."""
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(_lines(text))
     for row in reader:
         if not row or all(not cell.strip() for cell in row):
             continue
@@ -326,10 +372,8 @@ def _read_csv(path: Path, text: str) -> Workload:
         )
         raise TraceError(path, f"{detail}; expected one of: {KNOWN_FORMATS}", line=header_line)
     width = len(columns)
-    line_numbers: list[int] = []
-    times: list[str] = []
-    prompts: list[str] = []
-    outputs: list[str] = []
+    time_column, prompt_column, output_column = (0, 2, 3) if kind == "burstgpt" else (0, 1, 2)
+    chunks = _CsvColumns(path, azure_time=kind == "azure")
     ends_with_newline = text.endswith(("\n", "\r"))
     try:
         for line, row in rows:
@@ -343,36 +387,95 @@ def _read_csv(path: Path, text: str) -> Workload:
                 raise TraceError(
                     path, f"expected {width} fields, found {len(row)}{hint}", line=line
                 )
-            line_numbers.append(line)
-            if kind == "burstgpt":
-                times.append(row[0])
-                prompts.append(row[2])
-                outputs.append(row[3])
-            else:
-                times.append(row[0])
-                prompts.append(row[1])
-                outputs.append(row[2])
+            chunks.add(line, row[time_column], row[prompt_column], row[output_column])
     except csv.Error as exc:
         raise TraceError(path, f"malformed CSV: {exc}") from None
-    if not line_numbers:
+    lines, arrival, prompt, output = chunks.arrays()
+    if not lines.size:
         raise TraceError(path, "empty trace: a header but no requests", line=header_line)
-    lines = np.asarray(line_numbers, dtype=np.int64)
-    if kind == "azure":
-        arrival = _parse_timestamps(path, times, lines)
-    else:
-        arrival = _parse_numbers(path, times, lines, "timestamp", float)
-    prompt = _parse_numbers(path, prompts, lines, "prompt tokens", int)
-    output = _parse_numbers(path, outputs, lines, "output tokens", int)
     return _finish(path, arrival, prompt, output, lines, rebase=kind != "plain")
 
 
+class _CsvColumns:
+    """A CSV trace's three columns and line numbers, converted to arrays every
+    :data:`_CHUNK_ROWS` rows (three strings a row would take ~200 bytes; the arrays
+    take 32). Each value converts as it would in one piece, so chunks change nothing."""
+
+    def __init__(self, path: Path, *, azure_time: bool):
+        self.path = path
+        self.azure_time = azure_time
+        self.lines: list[int] = []
+        self.times: list[str] = []
+        self.prompts: list[str] = []
+        self.outputs: list[str] = []
+        self.done: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, line: int, time: str, prompt: str, output: str) -> None:
+        self.lines.append(line)
+        self.times.append(time)
+        self.prompts.append(prompt)
+        self.outputs.append(output)
+        if len(self.lines) >= _CHUNK_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        path = self.path
+        lines = np.asarray(self.lines, dtype=np.int64)
+        times = (
+            _parse_timestamps(path, self.times, lines)
+            if self.azure_time
+            else _parse_numbers(path, self.times, lines, "timestamp", float)
+        )
+        prompt = _parse_numbers(path, self.prompts, lines, "prompt tokens", int)
+        output = _parse_numbers(path, self.outputs, lines, "output tokens", int)
+        self.done.append((lines, times, prompt, output))
+        self.lines, self.times, self.prompts, self.outputs = [], [], [], []
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Line numbers, arrival seconds, prompt and output tokens: Azure timestamps as
+        seconds from the earliest."""
+        if self.lines:
+            self._convert()
+        if not self.done:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty.astype(np.float64), empty, empty
+        lines, times, prompt, output = (
+            np.concatenate(parts) for parts in zip(*self.done, strict=True)
+        )
+        self.done = []
+        if self.azure_time:
+            times = (times - times.min()).astype("timedelta64[ns]").astype(np.int64) / 1e9
+        return lines, times, prompt, output
+
+
+_TIMEZONE_WARNING = ".*timezone"
+
+
 def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.ndarray:
+    """Azure timestamps as ``datetime64[ns]``. They are local times without an offset:
+    numpy would convert one with an offset (``+05:00``, ``Z``) to UTC with a warning,
+    moving that row hours away from the others, so an offset is refused."""
     try:
-        stamps = np.array([v.strip().replace(" ", "T", 1) for v in values], dtype="datetime64[ns]")
-    except ValueError:
+        with warnings.catch_warnings():
+            # numpy's warning that it converted an offset to UTC (its text has varied
+            # between versions, but names time zones).
+            warnings.filterwarnings("error", message=_TIMEZONE_WARNING)
+            stamps = np.array(
+                [v.strip().replace(" ", "T", 1) for v in values], dtype="datetime64[ns]"
+            )
+    except (ValueError, Warning):
         for value, line in zip(values, lines, strict=True):
             try:
-                np.datetime64(value.strip().replace(" ", "T", 1), "ns")
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message=_TIMEZONE_WARNING)
+                    np.datetime64(value.strip().replace(" ", "T", 1), "ns")
+            except Warning:
+                raise TraceError(
+                    path,
+                    f"timestamp {value!r} has a time zone; Azure traces' timestamps have "
+                    "none (convert them all to one time zone and drop the offsets)",
+                    line=int(line),
+                ) from None
             except ValueError:
                 raise TraceError(
                     path,
@@ -383,45 +486,70 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
     if np.isnat(stamps).any():
         line = int(lines[np.isnat(stamps)][0])
         raise TraceError(path, "missing timestamp", line=line)
-    return (stamps - stamps.min()).astype("timedelta64[ns]").astype(np.int64) / 1e9
+    return stamps
 
 
 def _parse_numbers(
     path: Path, values: list[str], lines: np.ndarray, what: str, kind: type
 ) -> np.ndarray:
     dtype = np.int64 if kind is int else np.float64
+    # int() and float() also take "1_000" and non-ASCII digits ("１２"): no trace writes
+    # those, so they are refused as a malformed cell (one check for the whole chunk).
+    joined = "".join(values)
+    strict = joined.isascii() and "_" not in joined
     try:
+        if not strict:
+            raise ValueError
         array = np.array([kind(v) for v in values], dtype=dtype)
-    except ValueError:
+    except (ValueError, OverflowError):
         for value, line in zip(values, lines, strict=True):
             try:
-                kind(value)
+                if not value.isascii() or "_" in value:
+                    raise ValueError
+                number = kind(value)
             except ValueError:
                 raise TraceError(
                     path,
                     f"{what} {value.strip()!r} is not a{'n integer' if kind is int else ' number'}",
                     line=int(line),
                 ) from None
+            if kind is int and not _INT64_MIN <= number <= _INT64_MAX:
+                raise _token_count_error(path, what, number, int(line)) from None
         raise
     if kind is float and not np.isfinite(array).all():
         raise TraceError(path, f"{what} is not finite", line=int(lines[~np.isfinite(array)][0]))
     return array
 
 
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
+def _token_count_error(path: Path, what: str, count: int, line: int) -> TraceError:
+    """The error for a token count out of range (negative, or more than any request has)."""
+    if count < 0:
+        return TraceError(path, f"negative {what} ({count})", line=line)
+    return TraceError(
+        path,
+        f"{what} {count} is more than {MAX_TOKENS_PER_REQUEST:,}, beyond any model's "
+        "context window: not a real request",
+        line=line,
+    )
+
+
 def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
-    times: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    line_numbers: list[int] = []
-    all_lines = text.splitlines()
-    for number, raw_line in enumerate(all_lines, start=1):
+    # Typed arrays, not lists: 8 bytes a value instead of a Python object each.
+    times = array("d")
+    prompts = array("q")
+    outputs = array("q")
+    line_numbers = array("q")
+    for number, raw_line in enumerate(_lines(text), start=1):
         stripped = raw_line.strip()
         if not stripped:
             continue
         try:
             record = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            truncated = number == len(all_lines) and not text.endswith("\n")
+            truncated = not raw_line.endswith("\n")  # the last line, cut mid-record
             hint = " (the file looks truncated: its last line is incomplete)" if truncated else ""
             raise TraceError(path, f"malformed JSON: {exc.msg}{hint}", line=number) from None
         if not isinstance(record, dict):
@@ -433,25 +561,23 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
                 f"missing fields {missing} (found {sorted(record)}); expected one of: {KNOWN_FORMATS}",
                 line=number,
             )
-        try:
-            timestamp = float(record["timestamp"])
-            prompt = record["input_length"]
-            output = record["output_length"]
-            if (
-                isinstance(prompt, bool)
-                or isinstance(output, bool)
-                or not isinstance(prompt, int)
-                or not isinstance(output, int)
-            ):
-                raise TypeError
-        except (TypeError, ValueError):
+        stamp, prompt, output = (record[f] for f in MOONCAKE_FIELDS)
+        # JSON numbers only: float() would also take true, "1000" or "1_000".
+        if not (_is_json_number(stamp) and _is_json_int(prompt) and _is_json_int(output)):
             raise TraceError(
                 path,
                 "timestamp must be a number and input_length/output_length integers",
                 line=number,
-            ) from None
+            )
+        try:
+            timestamp = float(stamp)
+        except OverflowError:  # an integer beyond any float
+            timestamp = math.inf
         if not math.isfinite(timestamp):
             raise TraceError(path, "timestamp is not finite", line=number)
+        for name, count in (("prompt tokens", prompt), ("output tokens", output)):
+            if not _INT64_MIN <= count <= _INT64_MAX:
+                raise _token_count_error(path, name, count, number)
         times.append(timestamp / 1000.0)
         prompts.append(prompt)
         outputs.append(output)
@@ -469,6 +595,14 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
         lines,
     )
     return _spread_ticks(workload, seed)
+
+
+def _is_json_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_json_number(value: object) -> bool:
+    return isinstance(value, float) or _is_json_int(value)
 
 
 def _spread_ticks(workload: Workload, seed: int) -> Workload:
@@ -520,6 +654,17 @@ def _finish(
                 f"negative {name} ({int(values[negative][0])}); {int(negative.sum())} such rows",
                 line=line,
             )
+        beyond = values > MAX_TOKENS_PER_REQUEST
+        if beyond.any():
+            where = np.flatnonzero(beyond)[0]
+            raise _token_count_error(path, name, int(values[where]), int(lines[where]))
+    if not prompt.any():
+        # Prefill is sized by prompt tokens per second: a trace without any is no load
+        # the simulator can size (and not a real service's traffic).
+        raise TraceError(
+            path,
+            f"no prompt tokens at all: every one of the {prompt.size} requests has 0 prompt tokens",
+        )
     if (arrival < 0).any():
         raise TraceError(path, "negative timestamp", line=int(lines[arrival < 0][0]))
     backwards = np.flatnonzero(np.diff(arrival) < 0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconciler.sim import workload as workload_module
 from reconciler.sim.workload import (
     SERVICE_SHAPES,
     TraceError,
@@ -328,3 +332,122 @@ def test_service_names_pick_shapes() -> None:
     assert shape_for_service("summarize") == "summarize"
     assert shape_for_service("anything") == "chat"
     assert set(SERVICE_SHAPES) >= {"a", "b", "chat"}
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+@pytest.fixture
+def one_mib_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The text limit lowered to 1 MiB, so limits are tested without 128 MiB files."""
+    monkeypatch.setattr(workload_module, "MAX_TRACE_TEXT_BYTES", 1 << 20)
+    return 1 << 20
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path, one_mib_limit: int) -> None:
+    path = tmp_path / "bomb.jsonl.gz"
+    path.write_bytes(gzip.compress(b" " * (one_mib_limit * 8)))
+    with pytest.raises(TraceError, match="inflates to more than the 1 MiB limit: sample or split"):
+        read_trace(path)
+
+
+def test_a_file_over_the_limit_is_refused(tmp_path: Path, one_mib_limit: int) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n" + "1,2,3\n" * one_mib_limit)
+    with pytest.raises(TraceError, match="larger than the 1 MiB limit: sample or split"):
+        read_trace(path)
+
+
+def test_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)  # no writer: reading would block for ever
+    with pytest.raises(TraceError, match="not a regular file"):
+        read_trace(fifo)
+    with pytest.raises(TraceError, match="not a regular file"):
+        read_trace("/dev/zero")  # never ends
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        # np.bincount over output lengths would take 7 GB.
+        ("300000000", "output tokens 300000000 is more than 10,000,000, beyond any model's"),
+        ("99999999999999999999999", "output tokens 99999999999999999999999 is more than"),
+        ("-99999999999999999999999", "negative output tokens (-99999999999999999999999)"),
+        # int() takes these; no trace writes them.
+        ("1_000", "output tokens '1_000' is not an integer"),
+        ("\uff11\uff12", "output tokens '\uff11\uff12' is not an integer"),
+    ],
+)
+def test_an_impossible_or_lax_token_count_is_refused_at_its_line(
+    tmp_path: Path, cell: str, message: str
+) -> None:
+    path = _azure(
+        tmp_path, ["2023-11-16 18:15:46,374,44\r\n", f"2023-11-16 18:15:47,374,{cell}\r\n"]
+    )
+    with pytest.raises(TraceError, match=re.escape(message)) as info:
+        read_trace(path)
+    assert info.value.line == 3
+
+
+def test_a_lax_timestamp_is_refused_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "plain.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,1\n1_0.5,10,1\n")
+    with pytest.raises(TraceError, match=r"plain.csv:3: timestamp '1_0.5' is not a number"):
+        read_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("output_length", 300_000_000, "output tokens 300000000 is more than 10,000,000"),
+        ("input_length", 10**30, f"prompt tokens {10**30} is more than 10,000,000"),
+        ("input_length", -(10**30), f"negative prompt tokens (-{10**30})"),
+        ("timestamp", 10**400, "timestamp is not finite"),
+        ("timestamp", True, "timestamp must be a number"),
+        ("timestamp", "1000", "timestamp must be a number"),
+    ],
+)
+def test_jsonl_values_out_of_range_or_of_the_wrong_type_are_refused_at_their_line(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    good = {"timestamp": 0, "input_length": 10, "output_length": 5}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    with pytest.raises(TraceError, match=re.escape(message)) as info:
+        read_trace(path)
+    assert info.value.line == 2
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    # U+2028 (a line separator to str.splitlines) may stand unescaped in a JSON string.
+    records = [
+        {"timestamp": 0, "input_length": 10, "output_length": 5, "text": "a\u2028b\u0085c"},
+        {"timestamp": 1000, "input_length": -1, "output_length": 5},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    with pytest.raises(TraceError, match=r"t.jsonl:2: negative prompt tokens"):
+        read_trace(path)
+    records[1]["input_length"] = 20
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    assert read_trace(path).prompt_tokens.tolist() == [10, 20]
+
+
+@pytest.mark.parametrize("stamp", ["2023-11-16 18:15:47.68+05:00", "2023-11-16 18:15:47Z"])
+def test_an_azure_timestamp_with_a_time_zone_is_refused_without_a_warning(
+    tmp_path: Path, stamp: str
+) -> None:
+    # numpy would convert it to UTC with a warning, hours away from the other rows.
+    path = _azure(tmp_path, ["2023-11-16 18:15:46,374,44\r\n", f"{stamp},374,44\r\n"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TraceError, match=r"trace.csv:3: timestamp .* has a time zone"):
+            read_trace(path)
+
+
+def test_a_trace_without_any_prompt_tokens_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,0,5\n1,0,7\n")
+    with pytest.raises(TraceError, match="no prompt tokens at all: every one of the 2 requests"):
+        read_trace(path)
