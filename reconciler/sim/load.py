@@ -15,6 +15,10 @@ from reconciler.sim.workload import Workload, read_trace
 # Rate scaling beyond this many requests is done on the binned load (fluid), not by
 # replicating request arrays (memory).
 MAX_REQUEST_ARRAYS = 12_000_000
+# The largest rate scale: a million times the Azure conversation trace's ~5.5 requests
+# a second is 5.5 million a second, far beyond any fleet the simulator sizes, and it
+# keeps the fluid scaling's Poisson draws in numpy's range (1e300 failed there).
+MAX_RATE_SCALE = 1_000_000.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,16 @@ def load_with_requests(
     """The load the command runs: a trace (tiled and scaled as asked) or, without one, a
     synthetic diurnal day for the service sized to the fleet; with the per-request
     workload the profile was binned from, when there is one (callers that only replay
-    take ``.profile``)."""
+    take ``.profile``). ``EvaluationError`` when ``rate_scale`` is not a positive
+    number up to :data:`MAX_RATE_SCALE` or the load left has no requests (or, from a
+    trace, no prompt tokens)."""
+    from reconciler.sim.evaluate import EvaluationError
+
+    if rate_scale is not None and not 0 < rate_scale <= MAX_RATE_SCALE:  # NaN fails too
+        # 0 would read as "unscaled" below, infinity fails deep in numpy.
+        raise EvaluationError(
+            f"--rate-scale: {rate_scale} is not a positive number up to {MAX_RATE_SCALE:g}"
+        )
     if trace is None:
         from reconciler.sim.default import synthetic_load_for
 
@@ -50,6 +63,8 @@ def load_with_requests(
         scaled = (
             profile.scaled(rate_scale, seed=seed) if rate_scale and rate_scale != 1.0 else profile
         )
+        if scaled.requests == 0:
+            raise EvaluationError(_none_left(rate_scale, seed, "synthetic load"))
         return SimulationLoad(
             scaled,
             None,
@@ -65,6 +80,14 @@ def load_with_requests(
             workload = workload.rate_scaled(rate_scale, seed=seed)
         else:
             fluid_factor = rate_scale
+    if workload.requests == 0:
+        raise EvaluationError(_none_left(rate_scale, seed, str(trace)))
+    if not workload.prompt_tokens.any():
+        # Prefill is sized by prompt tokens per second (read_trace refuses a trace with
+        # none; thinning can keep only requests without).
+        raise EvaluationError(
+            f"{trace}: no prompt tokens in any of the {workload.requests} requests replayed"
+        )
     profile = LoadProfile.from_workload(
         workload,
         length_classes=config.length_classes,
@@ -79,6 +102,15 @@ def load_with_requests(
         f"rate scale x{fluid_factor:g} would make ~{workload.requests * fluid_factor:,.0f} "
         f"requests, more than the {MAX_REQUEST_ARRAYS:,} held as arrays, so the load is "
         "scaled as a fluid, without per-request arrays",
+    )
+
+
+def _none_left(rate_scale: float | None, seed: int, source: str) -> str:
+    return (
+        f"--rate-scale: x{rate_scale:g} leaves no requests of the {source} (seed {seed}): "
+        "scale by more"
+        if rate_scale is not None
+        else f"{source}: no requests to replay"
     )
 
 

@@ -85,6 +85,11 @@ class TraceError(PermanentError):
         super().__init__(f"{where}: {message}")
 
 
+class WorkloadError(PermanentError, ValueError):
+    """A workload cannot be scaled or tiled as asked (a ``ValueError`` too: the
+    arguments are wrong for this workload)."""
+
+
 @dataclass(frozen=True)
 class Workload:
     """Requests as aligned arrays, sorted by arrival time (seconds, first request at 0
@@ -116,9 +121,9 @@ class Workload:
     def rate_scaled(self, factor: float, seed: int = 0, jitter_s: float = 600.0) -> Workload:
         """K times the arrival rate (see the module docstring)."""
         if not (factor > 0 and math.isfinite(factor)):
-            raise ValueError(f"rate scale must be a positive number, got {factor}")
-        if jitter_s < 0:
-            raise ValueError(f"jitter must not be negative, got {jitter_s}")
+            raise WorkloadError(f"rate scale must be a positive number, got {factor}")
+        if not jitter_s >= 0:
+            raise WorkloadError(f"jitter must not be negative, got {jitter_s}")
         if factor == 1.0 or self.requests == 0:
             return self
         rng = np.random.default_rng([seed, 0x5CA1E])
@@ -134,7 +139,10 @@ class Workload:
         )
         shift = (rng.random(index.size) - 0.5) * jitter_s
         arrival = self.arrival_s[index] + np.where(first, 0.0, shift)
-        reach = round(jitter_s / 2 / self._mean_gap_s()) if self.requests > 1 else 0
+        mean_gap_s = self._mean_gap_s()
+        # Requests within the jitter of each other; all of them when they all arrive at
+        # one time (a trace spanning zero seconds has no gap to count in).
+        reach = round(jitter_s / 2 / mean_gap_s) if mean_gap_s > 0 else self.requests - 1
         neighbour = index + rng.integers(-reach, reach + 1, index.size)
         neighbour = np.clip(neighbour, 0, self.requests - 1)
         lengths_of = np.where(first, index, neighbour)
@@ -162,11 +170,17 @@ class Workload:
     def diurnal(self, hours: float, seed: int = 0, trough_ratio: float = 1.0 / 3.0) -> Workload:
         """Tile over ``hours`` and thin under a diurnal curve (see the module docstring)."""
         if not (hours > 0 and math.isfinite(hours)):
-            raise ValueError(f"diurnal hours must be positive, got {hours}")
+            raise WorkloadError(f"diurnal hours must be positive, got {hours}")
         if not 0.0 < trough_ratio <= 1.0:
-            raise ValueError(f"trough ratio must be in (0, 1], got {trough_ratio}")
+            raise WorkloadError(f"trough ratio must be in (0, 1], got {trough_ratio}")
         if self.requests == 0:
             return self
+        if self.requests > 1 and self.duration_s == 0:
+            # Tiles are one trace long: a trace of zero seconds has no length to tile.
+            raise WorkloadError(
+                f"{self.name}: all {self.requests} requests arrive at one time, a trace "
+                "spanning zero seconds cannot be tiled over a diurnal day"
+            )
         horizon_s = hours * 3600.0
         period_s = self.duration_s + self._mean_gap_s()
         tiles = max(1, math.ceil(horizon_s / period_s))
