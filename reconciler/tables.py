@@ -136,6 +136,15 @@ def percent(share: float | None, digits: int = 1) -> str:
     return f"{share * 100:.{digits}f}%" if _known(share) else MISSING
 
 
+def small_percent(share: float | None) -> str:
+    """A share that may be tiny, to two significant digits (0.0000085 as ``0.00085%``),
+    but never as an exponent (all of them as ``100%``, not ``1e+02%``)."""
+    if not _known(share):
+        return MISSING
+    value = share * 100
+    return f"{value:.2g}%" if abs(value) < 10 else f"{value:.3g}%"
+
+
 def signed_percent(change: float | None) -> str:
     """A relative change (-0.065) as ``-6.5%``."""
     return f"{change * 100:+.1f}%" if _known(change) else MISSING

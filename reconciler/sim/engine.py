@@ -171,6 +171,7 @@ from reconciler.sim.workload import (
     synthetic_workload,
 )
 from reconciler.state import METRIC_NAMES, Role
+from reconciler.tables import small_percent
 
 LINKS: tuple[str, str] = ("rdma", "cross")
 
@@ -2307,7 +2308,7 @@ def request_outcomes(sim: ServiceSim) -> RequestOutcomes:
     unattainable_share = float(r.unattainable.mean())
     if unattainable_share * n >= 1.0:  # at least one sampled request
         notes.append(
-            f"{100 * unattainable_share:.2g}% of requests cannot meet the {slo.ttft_ms:g} ms TTFT "
+            f"{small_percent(unattainable_share)} of requests cannot meet the {slo.ttft_ms:g} ms TTFT "
             "even on an idle instance (counted as misses)"
         )
     return RequestOutcomes(

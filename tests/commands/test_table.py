@@ -25,6 +25,7 @@ from reconciler.commands._table import (
     signed_percent,
     whole,
 )
+from reconciler.tables import small_percent
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ def test_figures_align_right_and_words_left() -> None:
         (signed_percent(0.167), "+16.7%"),
         (cost(1234.5), "1,234.50"),
         (cost(7.51234, 3), "7.512"),
+        (small_percent(0.0000085), "0.00085%"),  # tiny shares: significant digits
+        (small_percent(0.0032), "0.32%"),
+        (small_percent(0.123456), "12.3%"),
+        (small_percent(1.0), "100%"),  # never "1e+02%"
     ],
 )
 def test_figures_read_alike_in_every_table(figure: str, text: str) -> None:
@@ -97,7 +102,13 @@ def test_figures_read_alike_in_every_table(figure: str, text: str) -> None:
 
 @pytest.mark.parametrize("unknown", [None, math.nan, math.inf])
 def test_an_unknown_figure_reads_as_a_dash(unknown: float | None) -> None:
-    assert {decimal(unknown), whole(unknown), percent(unknown), signed_percent(unknown)} == {"-"}
+    assert {
+        decimal(unknown),
+        whole(unknown),
+        percent(unknown),
+        signed_percent(unknown),
+        small_percent(unknown),
+    } == {"-"}
     assert cost(None) == "-"
 
 
