@@ -14,7 +14,6 @@ import this one (under ``python -m reconciler.cli`` that would load it twice).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -192,9 +191,6 @@ def validate(
     from reconciler.desired.checks import gpu_choice_warnings, model_fit_warnings
 
     checked_repository(path, rev=rev)
-    if rate_scale is not None and not (rate_scale > 0 and math.isfinite(rate_scale)):
-        err_console.print(f"error: --rate-scale must be a positive number, got {rate_scale:g}")
-        raise typer.Exit(2)
     state = desired_state_or_exit(path, rev=rev)
     gpus = sum(node.gpus for spec in state.clusters.values() for node in spec.nodes)
     nodes = sum(len(spec.nodes) for spec in state.clusters.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
@@ -82,6 +83,51 @@ PlacerOpt = Annotated[
 ]
 
 
+# ------------------------------------------------------------ number checks
+# typer's min/max let NaN through (every comparison with it is false) and, without a
+# max, infinity: each numeric option's range is checked here instead, once, as its
+# definition's callback, so every command offering the option refuses the same values
+# with the same usage error (exit 2, naming the option) before doing any work.
+
+DAY_S = 24 * 3600.0
+
+
+def number_problem(
+    value: float, *, low: float, high: float, low_open: bool = False, unit: str = ""
+) -> str | None:
+    """Why ``value`` is not a finite number in ``[low, high]`` (``(low, high]`` when
+    ``low_open``), or None when it is."""
+    # An int may exceed what a float holds (math.isfinite would overflow): ints are
+    # finite, and compare exactly.
+    finite = isinstance(value, int) or math.isfinite(value)
+    if finite and (low < value if low_open else low <= value) and value <= high:
+        return None
+    def shown(bound: float) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+    lower = f"above {shown(low)}" if low_open else f"at least {shown(low)}"
+    return f"must be a number {lower} and at most {shown(high)}{unit}, got {value}"
+
+
+def in_range(
+    low: float, high: float, *, low_open: bool = False, unit: str = ""
+) -> Callable[[Any], Any]:
+    """An option callback refusing a value outside ``number_problem``'s range (None,
+    an optional option left out, passes)."""
+
+    def check(value: Any) -> Any:
+        problem = (
+            None
+            if value is None
+            else number_problem(value, low=low, high=high, low_open=low_open, unit=unit)
+        )
+        if problem is not None:
+            raise typer.BadParameter(problem)
+        return value
+
+    return check
+
+
 # ------------------------------------------------------------ shared options
 # One definition per option name: a command offering an option uses the type here, so
 # its spelling, help and checks are the same wherever it appears
@@ -131,8 +177,11 @@ PrometheusScrapeIntervalOpt = Annotated[
     typer.Option(
         "--prometheus-scrape-interval",
         envvar="HETEROSCALE_PROMETHEUS_SCRAPE_INTERVAL",
-        help="seconds between Prometheus's scrapes of the engines (what a covered rate "
-        "window must hold follows from it)",
+        help="seconds between Prometheus's scrapes of the engines, 1 to 86400 (what a "
+        "covered rate window must hold follows from it)",
+        # Prometheus scrapes at most every second in practice, and a scrape a day apart
+        # leaves no rate to read; below a second the rules' durations lose meaning.
+        callback=in_range(1.0, DAY_S, unit=" s"),
     ),
 ]
 PrometheusRateWindowOpt = Annotated[
@@ -140,7 +189,10 @@ PrometheusRateWindowOpt = Annotated[
     typer.Option(
         "--prometheus-rate-window",
         envvar="HETEROSCALE_PROMETHEUS_RATE_WINDOW",
-        help="seconds of rate() and latency windows (default: four scrape intervals, at least 60)",
+        help="seconds of rate() and latency windows, at most 86400 (default: four scrape "
+        "intervals, at least 60)",
+        # A day-long window averages away the load the autoscaler reacts to.
+        callback=in_range(0.0, DAY_S, low_open=True, unit=" s"),
     ),
 ]
 PrometheusRecordingRulesOpt = Annotated[
@@ -162,7 +214,10 @@ PrometheusCaFileOpt = Annotated[
 PrometheusTimeoutOpt = Annotated[
     float,
     typer.Option(
-        "--prometheus-timeout", help="seconds per Prometheus request (connect, and each read)"
+        "--prometheus-timeout",
+        help="seconds per Prometheus request (connect, and each read), at most 3600",
+        # An hour per request would stall a cycle far past any interval.
+        callback=in_range(0.0, 3600.0, low_open=True, unit=" s"),
     ),
 ]
 PrometheusTokenFileOpt = Annotated[
@@ -182,7 +237,10 @@ ForceOpt = Annotated[
 DrainWindowOpt = Annotated[
     float,
     typer.Option(
-        "--drain-window", help="soft scale-in observation window, seconds (0: delete at once)"
+        "--drain-window",
+        help="soft scale-in observation window, seconds, at most 86400 (0: delete at once)",
+        # NaN or infinity would leave drained pods for ever; past a day a drain is stuck.
+        callback=in_range(0.0, DAY_S, unit=" s"),
     ),
 ]
 DiffModeOpt = Annotated[
@@ -191,7 +249,11 @@ DiffModeOpt = Annotated[
 ]
 SeedOpt = Annotated[
     int,
-    typer.Option("--seed", help="seed of everything random: the simulated fleet, loads, sampling"),
+    typer.Option(
+        "--seed",
+        help="seed of everything random: the simulated fleet, loads, sampling (0 or more)",
+        callback=in_range(0, 2**63 - 1),  # numpy's generators take no negative seed
+    ),
 ]
 PruneRemovedServicesOpt = Annotated[
     bool,
@@ -240,9 +302,16 @@ TraceOpt = Annotated[
         "omitted: a synthetic diurnal day per service",
     ),
 ]
+# The replay holds K copies of every request of the trace in memory: a thousand copies
+# of a million-request trace are already more than a workstation holds.
+MAX_RATE_SCALE = 1000.0
 RateScaleOpt = Annotated[
     float | None,
-    typer.Option("--rate-scale", help="multiply the trace's arrival rate by K", min=0.0),
+    typer.Option(
+        "--rate-scale",
+        help=f"multiply the trace's arrival rate by K, above 0 and at most {MAX_RATE_SCALE:g}",
+        callback=in_range(0.0, MAX_RATE_SCALE, low_open=True),
+    ),
 ]
 # The simulator's longest day: sim.workload.MAX_TRACE_SPAN_S in hours (a test pins it;
 # not imported, so that the options import no simulator).
@@ -253,8 +322,7 @@ DiurnalHoursOpt = Annotated[
         "--diurnal-hours",
         help="tile the trace over H hours under a diurnal curve (no trace: a synthetic "
         "load of H hours)",
-        min=0.0,
-        max=MAX_DAY_HOURS,
+        callback=in_range(0.0, MAX_DAY_HOURS, unit=" h"),
     ),
 ]
 WarmUpHoursOpt = Annotated[
@@ -264,13 +332,19 @@ WarmUpHoursOpt = Annotated[
         help="run the load's first H hours but judge only what follows (every policy "
         "meets it with the memory and fleet those hours left; static peak and oracle-min "
         "size and plan on the judged part alone)",
-        min=0.0,
-        max=MAX_DAY_HOURS,
+        callback=in_range(0.0, MAX_DAY_HOURS, unit=" h"),
     ),
 ]
 # simulate and tune step simulated time; run's --interval is wall-clock time instead.
 DecisionIntervalOpt = Annotated[
-    float, typer.Option("--interval", help="seconds between autoscaler decisions", min=1.0)
+    float,
+    typer.Option(
+        "--interval",
+        help="seconds between autoscaler decisions, 1 to 86400",
+        # No policy decides more often than its metrics window; one decision a day
+        # already leaves a simulated day (the longest is a week) without any.
+        callback=in_range(1.0, DAY_S, unit=" s"),
+    ),
 ]
 PlotOpt = Annotated[
     Path | None,
@@ -401,8 +475,10 @@ def report_config_error(exc: ConfigError) -> None:
 
 
 __all__ = [
+    "DAY_S",
     "DEFAULT_LEASE_NAME",
     "DEFAULT_LEASE_NAMESPACE",
+    "MAX_RATE_SCALE",
     "PLACERS",
     "AutoscalerOpt",
     "ClusterOpt",
@@ -441,6 +517,8 @@ __all__ = [
     "console",
     "desired_state_or_exit",
     "err_console",
+    "in_range",
+    "number_problem",
     "option_group",
     "progress_bars",
     "report_config_error",

@@ -20,7 +20,6 @@ desired state is invalid). apply: 0 done, 1 error. run: runs until interrupted.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import socket
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from reconciler.commands._options import (
+    DAY_S,
     DEFAULT_LEASE_NAME,
     DEFAULT_LEASE_NAMESPACE,
     AutoscalerOpt,
@@ -71,6 +71,7 @@ from reconciler.commands._options import (
     checked_repository,
     console,
     err_console,
+    in_range,
     option_group,
     report_config_error,
 )
@@ -84,6 +85,10 @@ if TYPE_CHECKING:
     from reconciler.state import ServiceMetrics
 
 Format = Literal["text", "markdown", "json"]
+# run's cycles: faster than every 0.1 s they would only hammer the API servers with
+# lists (tests run at 0.1 s); slower than a day the loop no longer reacts to load (and
+# its health check waits three intervals).
+MIN_RUN_INTERVAL_S = 0.1
 SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
 
 
@@ -125,8 +130,6 @@ class PrometheusOptions:
         ):
             if path is not None and not os.access(path, os.R_OK):
                 raise typer.BadParameter(f"{option}: cannot read {path}")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise typer.BadParameter("--prometheus-timeout must be a positive number")
 
 
 @dataclass(frozen=True)
@@ -151,12 +154,11 @@ def prometheus_windows(interval_s: float, window_s: float | None) -> tuple[float
     """The scrape interval and rate window ``--prometheus-scrape-interval`` and
     ``--prometheus-rate-window`` give (the window four intervals and at least a minute
     when not given: a missed scrape then still leaves three of four samples); a usage
-    error naming the option when they cannot work."""
-    if not (math.isfinite(interval_s) and interval_s > 0):
-        raise typer.BadParameter("--prometheus-scrape-interval must be a positive number")
+    error naming the option when they cannot work together (each alone is checked by
+    its option's callback)."""
     if window_s is None:
         return interval_s, max(60.0, 4 * interval_s)
-    if not (math.isfinite(window_s) and window_s >= 2 * interval_s):
+    if not window_s >= 2 * interval_s:
         raise typer.BadParameter(
             "--prometheus-rate-window must be at least two scrape intervals "
             f"({2 * interval_s:g} s): rate() needs two samples"
@@ -417,8 +419,6 @@ def _checked(settings: Settings) -> Settings:
     if settings.diff_mode not in ("auto", "server", "client"):
         raise typer.BadParameter("--diff-mode must be auto, server or client")
     checked_placer(settings.placer)
-    if settings.drain_window_s < 0:
-        raise typer.BadParameter("--drain-window cannot be negative")
     _check_autoscaler(settings.autoscaler)
     settings.prometheus.check()
     checked_repository(settings.repo, rev=settings.rev)
@@ -476,7 +476,9 @@ TimeoutOpt = Annotated[
     float,
     typer.Option(
         "--timeout",
-        help="review: time budget in seconds; what does not fit is skipped, named, and exits 1",
+        help="review: time budget in seconds, at most 86400; what does not fit is skipped, "
+        "named, and exits 1",
+        callback=in_range(0.0, DAY_S, low_open=True, unit=" s"),
     ),
 ]
 
@@ -498,8 +500,6 @@ def _review(
     warm_up_hours: float = 0.0,
 ) -> int:
     """`plan --base --head`: the review lives in reconciler.review; this only wires it."""
-    if not timeout > 0:
-        raise typer.BadParameter("--timeout must be a positive number of seconds")
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     checked_placer(placer)
@@ -1093,7 +1093,12 @@ def register(app: typer.Typer) -> None:
         *,
         settings: Settings,
         interval: Annotated[
-            float, typer.Option("--interval", help="seconds between cycles")
+            float,
+            typer.Option(
+                "--interval",
+                help=f"seconds between cycles, {MIN_RUN_INTERVAL_S:g} to 86400",
+                callback=in_range(MIN_RUN_INTERVAL_S, DAY_S, unit=" s"),
+            ),
         ] = 30.0,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="plan and report every cycle, never apply")
@@ -1119,15 +1124,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         cycles: Annotated[
             int,
-            typer.Option("--cycles", help="stop after this many cycles (0: run until interrupted)"),
+            typer.Option(
+                "--cycles",
+                help="stop after this many cycles (0: run until interrupted)",
+                callback=in_range(0, 2**63 - 1),
+            ),
         ] = 0,
     ) -> None:
         """Reconcile every N seconds until interrupted: observe, decide, place, diff and
         apply (or only report with --dry-run), every cluster through its own context."""
         from reconciler.loop import configure_logging, reset_logging, serve_http
 
-        if interval <= 0:
-            raise typer.BadParameter("--interval must be positive")
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
         settings = _checked(settings)

@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from reconciler.commands._options import (
+    MAX_DAY_HOURS,
     DecisionIntervalOpt,
     DiurnalHoursOpt,
     PlacerOpt,
@@ -31,6 +32,7 @@ from reconciler.commands._options import (
     console,
     desired_state_or_exit,
     err_console,
+    in_range,
     progress_bars,
 )
 from reconciler.commands._table import (
@@ -307,8 +309,9 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--oracle-window",
                 help="oracle-min's window in seconds: per window, the fewest instances meeting "
-                "the SLO goal",
-                min=1,
+                "the SLO goal, at most a week",
+                # No simulated day is longer (the simulator's longest is a week).
+                callback=in_range(1, int(MAX_DAY_HOURS * 3600), unit=" s"),
             ),
         ] = DEFAULT_WINDOW_S,
         oracle_goal: Annotated[

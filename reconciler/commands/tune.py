@@ -44,6 +44,7 @@ from reconciler.commands._options import (
     console,
     desired_state_or_exit,
     err_console,
+    in_range,
     progress_bars,
 )
 from reconciler.commands._table import (
@@ -239,6 +240,14 @@ def write_sweep_plot(sweep: Sweep, path: Path) -> None:
     save_png(fig, path)
 
 
+# Every split of the budget is simulated, each with up to that many GPUs busy: a sweep
+# of a few thousand GPUs (a large cluster) already takes hours.
+MAX_SWEEP_GPUS = 4096
+# A probe measures a steady state, which minutes of flat load reach; its requests are
+# all held in memory, so an hour (six times the default) is the most worth paying for.
+MAX_PROBE_S = 3600
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def tune(
@@ -250,8 +259,9 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option(
                 "--gpus",
-                help="GPU budget the sweep splits (default: 16 instances' worth)",
-                min=2,
+                help=f"GPU budget the sweep splits, 2 to {MAX_SWEEP_GPUS} (default: 16 "
+                "instances' worth)",
+                callback=in_range(2, MAX_SWEEP_GPUS),
             ),
         ] = None,
         headroom: Annotated[
@@ -259,16 +269,16 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--headroom",
                 help="target = capacity at the SLO limit x (1 - headroom) / (1 + scaling.tolerance)",
-                min=0.0,
-                max=0.9,
+                callback=in_range(0.0, 0.9),
             ),
         ] = DEFAULT_HEADROOM,
         duration_s: Annotated[
             int | None,
             typer.Option(
                 "--duration",
-                help="seconds of flat load per probe (default 600; --quick 300)",
-                min=120,
+                help=f"seconds of flat load per probe, 120 to {MAX_PROBE_S} (default 600; "
+                "--quick 300)",
+                callback=in_range(120, MAX_PROBE_S, unit=" s"),
             ),
         ] = None,
         quick: Annotated[
