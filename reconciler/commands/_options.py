@@ -102,6 +102,7 @@ def number_problem(
     finite = isinstance(value, int) or math.isfinite(value)
     if finite and (low < value if low_open else low <= value) and value <= high:
         return None
+
     def shown(bound: float) -> str:
         return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
