@@ -310,6 +310,19 @@ def flush_memories_bounded(store: Any, wait_s: float = FLUSH_WAIT_S) -> bool:
     return True
 
 
+def checked_clusters(names: Sequence[str], state: DesiredState) -> None:
+    """A usage error (exit 2) naming the known clusters when ``--cluster`` names one
+    the desired state does not have: a typo would otherwise select nothing, and the
+    command report "no changes" for a cluster it never looked at."""
+    unknown = [name for name in names if name not in state.clusters]
+    if unknown:
+        known = ", ".join(sorted(state.clusters)) or "none"
+        raise typer.BadParameter(
+            f"unknown cluster {', '.join(repr(name) for name in unknown)} (known: {known})",
+            param_hint="--cluster",
+        )
+
+
 def build_loop(
     settings: Settings,
     *,
@@ -333,6 +346,7 @@ def build_loop(
         return state
 
     state = load()  # fail fast (exit 1) when the desired state is invalid at start
+    checked_clusters(settings.clusters, state)
     wiring = wire(settings, state, watch=watch)
     loop = ReconcileLoop(
         load_desired=load,
@@ -1170,6 +1184,11 @@ def register(app: typer.Typer) -> None:
                 is_leader=elector.is_leader if elector else None,
                 watch=True,
             )
+        except typer.BadParameter:  # --cluster naming no cluster: nothing to run
+            if elector is not None:
+                elector.stop(release=True)
+            reset_logging(handler)
+            raise
         except ConfigError as exc:
             from reconciler.apply.statestore import resume_desired_state
             from reconciler.desired.loader import load_desired_state
