@@ -310,6 +310,20 @@ def flush_memories_bounded(store: Any, wait_s: float = FLUSH_WAIT_S) -> bool:
     return True
 
 
+def listen_address(text: str) -> tuple[str, int] | None:
+    """``--listen HOST:PORT`` (or ``:PORT``, ``PORT``) as the address to serve on, None
+    for port 0 (no server); a usage error naming the option for anything else, found
+    before the first cycle rather than when the server is started after it."""
+    host, _, port_text = text.rpartition(":")
+    port = int(port_text) if port_text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise typer.BadParameter(
+            f"must be HOST:PORT with a port from 0 to 65535 (0: no server), got '{text}'",
+            param_hint="--listen",
+        )
+    return (host or "0.0.0.0", port) if port else None
+
+
 def checked_clusters(names: Sequence[str], state: DesiredState) -> None:
     """A usage error (exit 2) naming the known clusters when ``--cluster`` names one
     the desired state does not have: a typo would otherwise select nothing, and the
@@ -1151,6 +1165,7 @@ def register(app: typer.Typer) -> None:
 
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
+        address = listen_address(listen)
         settings = _checked(settings)
         # After the checks above: a refused option or path leaves logging as it was.
         handler = configure_logging(json_format=log_format == "json")
@@ -1226,9 +1241,18 @@ def register(app: typer.Typer) -> None:
         if store is not None:
             loop.state_store, loop.identity = store, who
         server = None
-        host, _, port_text = listen.rpartition(":")
-        if port_text and int(port_text) > 0:
-            server = serve_http(loop, host or "0.0.0.0", int(port_text))
+        if address is not None:
+            try:
+                server = serve_http(loop, *address)
+            except OSError as exc:  # in use, not this host's address, a privileged port
+                log.error(
+                    f"cannot serve on --listen {listen}: {exc.strerror or exc}",
+                    extra={"event": "http_bind_failed", "listen": listen},
+                )
+                if elector is not None:
+                    elector.stop(release=True)
+                reset_logging(handler)
+                raise typer.Exit(1) from None
             log.info(
                 f"serving /metrics, /healthz, /readyz on {listen}",
                 extra={"event": "http", "listen": listen},
