@@ -75,7 +75,7 @@ from reconciler.commands._options import (
     option_group,
     report_config_error,
 )
-from reconciler.errors import ConfigError, MetricsUnavailable
+from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
 
 if TYPE_CHECKING:
     from reconciler.desired.loader import DesiredState
@@ -985,8 +985,16 @@ def _apply_saved(
         if spec is None:
             moved.append(f"cluster {cluster.cluster}: not in the desired state")
             continue
-        backend = backends[cluster.cluster] = wiring.backend_for(spec)
-        backend.observe(spec, state.policies_for(spec.name))
+        try:
+            backend = backends[cluster.cluster] = wiring.backend_for(spec)
+            backend.observe(spec, state.policies_for(spec.name))
+        except (HeteroscaleError, OSError) as exc:  # as a cycle reports them (loop.schedule)
+            err_console.print(
+                f"error: cluster {spec.name}: {type(exc).__name__}: {exc}; nothing applied",
+                markup=False,
+                soft_wrap=True,
+            )
+            return 1
         moved += [
             f"cluster {spec.name}: {m}" for m in moved_objects(cluster.observed, backend.observed())
         ]
