@@ -25,11 +25,13 @@ from reconciler.commands._options import (
     RateScaleOpt,
     RevOpt,
     TraceOpt,
+    checked_output,
     checked_repository,
     console,
     desired_state_or_exit,
     err_console,
     without_flag_types,
+    writing,
 )
 
 if TYPE_CHECKING:
@@ -306,6 +308,8 @@ def schema(
 ) -> None:
     """Write the JSON Schemas of policies/ and clusters/ files (used by editors via the
     `# yaml-language-server: $schema=` line)."""
+    if not check:
+        checked_output(out_dir, "--out", directory=True)
     stale = []
     for filename, text in render_schemas().items():
         target = out_dir / filename
@@ -313,8 +317,9 @@ def schema(
             if not target.exists() or target.read_text() != text:
                 stale.append(str(target))
             continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        with writing(target, "--out"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
         console.print(f"wrote {target}", markup=False)
     if stale:
         err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`", markup=False)

@@ -6,10 +6,12 @@ Light on purpose: the command line imports it before knowing which command runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -415,6 +417,43 @@ def checked_memory_shards(shards: int | None) -> int | None:
     return shards
 
 
+def checked_output(path: Path | None, option: str, *, directory: bool = False) -> Path | None:
+    """``path`` if a command can write its output there (a file, or with ``directory``
+    a directory to write files into); a usage error (exit 2) naming ``option``
+    otherwise, said before the work whose result it would hold. Missing parent
+    directories are created when writing; the nearest existing one must be a
+    directory this process may write into."""
+    if path is None:
+        return None
+    if path.exists() and path.is_dir() != directory:
+        kind = "not a directory" if directory else "a directory, not a file"
+        raise typer.BadParameter(f"{path} is {kind}", param_hint=option)
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise typer.BadParameter(f"{path}: {parent} is not a directory", param_hint=option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{path}: cannot write into {parent}", param_hint=option)
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Writes ``what`` (the option, or a description) to ``path`` inside it; a failure
+    (disk full, a path the checks could not foresee, /proc) is ``error: ...`` on
+    stderr and exit 1, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        err_console.print(
+            f"error: {what} {path}: cannot write: {exc.strerror or exc}",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
 def checked_repository(path: Path, *, rev: str | None = None) -> Path:
     """``path`` if it can be the desired-state repository (read at Git revision
     ``rev`` when given, so only the directory must exist); otherwise
@@ -513,6 +552,7 @@ __all__ = [
     "StateMemoryShardsOpt",
     "TraceOpt",
     "checked_memory_shards",
+    "checked_output",
     "checked_placer",
     "checked_repository",
     "console",
@@ -524,4 +564,5 @@ __all__ = [
     "progress_bars",
     "report_config_error",
     "without_flag_types",
+    "writing",
 ]

@@ -67,6 +67,7 @@ from reconciler.commands._options import (
     TraceOpt,
     WarmUpHoursOpt,
     checked_memory_shards,
+    checked_output,
     checked_placer,
     checked_repository,
     console,
@@ -74,6 +75,7 @@ from reconciler.commands._options import (
     in_range,
     option_group,
     report_config_error,
+    writing,
 )
 from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
 
@@ -533,6 +535,7 @@ def _review(
     checked_placer(placer)
     if trace is not None and not trace.is_file():
         raise typer.BadParameter(f"--trace {trace}: no such file")
+    checked_output(plot, "--plot")
     checked_repository(repo, rev=head)  # the review reads Git revisions, not the work tree
     from reconciler.review.command import plan_review
     from reconciler.review.review import ReviewOptions
@@ -635,7 +638,8 @@ def _one_cycle(
     if out is not None:
         from reconciler.apply.savedplan import write_plan
 
-        write_plan(_saved_plan(loop, result, settings, named_rev), out)
+        with writing(out, "--out"):
+            write_plan(_saved_plan(loop, result, settings, named_rev), out)
         err_console.print(
             f"wrote plan {out}: `heteroscale apply {out}` applies exactly it", markup=False
         )
@@ -1088,6 +1092,7 @@ def register(app: typer.Typer) -> None:
                 )
             )
         settings = _checked(settings)
+        checked_output(out, "--out")
         raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, out=out))
 
     @app.command()

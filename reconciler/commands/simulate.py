@@ -27,6 +27,7 @@ from reconciler.commands._options import (
     SeedOpt,
     TraceOpt,
     WarmUpHoursOpt,
+    checked_output,
     checked_placer,
     checked_repository,
     console,
@@ -34,6 +35,7 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
+    writing,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -199,8 +201,11 @@ def save_png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with writing(path, "--plot"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The format given: matplotlib would otherwise add ".png" to a path without
+        # it, and the file written would not be the one reported.
+        fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -351,6 +356,9 @@ def register(app: typer.Typer) -> None:
         from reconciler.sim.workload import TraceError
 
         checked_repository(repo)
+        checked_output(json_path, "--json")
+        checked_output(plot_path, "--plot")
+        checked_output(export_path, "--export-workload")
         state = desired_state_or_exit(repo)
         if not state.policies:
             err_console.print(f"error: {repo}: no services in policies/", markup=False)
@@ -402,8 +410,9 @@ def register(app: typer.Typer) -> None:
                         soft_wrap=True,
                     )
                     raise typer.Exit(1)
-                export_path.parent.mkdir(parents=True, exist_ok=True)
-                load.workload.to_csv(export_path)
+                with writing(export_path, "--export-workload"):
+                    export_path.parent.mkdir(parents=True, exist_ok=True)
+                    load.workload.to_csv(export_path)
                 console.print(
                     f"wrote {export_path} ({load.workload.requests:,} requests)",
                     markup=False,
@@ -464,8 +473,9 @@ def register(app: typer.Typer) -> None:
                 "export_workload": str(export_path) if export_path else None,
                 "engine_speed": {"prefill": prefill_speed, "decode": decode_speed},
             }
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(document, indent=2) + "\n")
+            with writing(json_path, "--json"):
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps(document, indent=2) + "\n")
             console.print(f"wrote {json_path}", markup=False, soft_wrap=True)
         if plot_path is not None and len(failed) < len(result.policies):
             write_plot(result, plot_path)

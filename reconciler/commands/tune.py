@@ -39,6 +39,7 @@ from reconciler.commands._options import (
     RepoOpt,
     SeedOpt,
     TraceOpt,
+    checked_output,
     checked_placer,
     checked_repository,
     console,
@@ -334,6 +335,7 @@ def register(app: typer.Typer) -> None:
             err_console.print("error: --write writes only verified values: drop --no-verify")
             raise typer.Exit(2)
         checked_repository(repo)
+        checked_output(plot_path, "--plot")
         state = desired_state_or_exit(repo)
         if service not in state.policies:
             known = ", ".join(sorted(state.policies)) or "none"
