@@ -214,16 +214,20 @@ def summary_line(result: CycleResult) -> str:
     failed = [c for c in result.clusters if c.outcome == "error"]
     applied = any(c.applied for c in result.clusters)
     parts = []
-    if not changed:
+    if failed:  # first: a failed cluster is no "no changes", whatever the others say
+        parts.append(f"{len(failed)} cluster(s) failed: {', '.join(c.cluster for c in failed)}.")
+    answered = len(result.clusters) - len(failed)
+    if not changed and not failed:
         parts.append("No changes: the clusters match the desired state.")
+    elif not changed:
+        if answered:
+            parts.append(f"The {answered} other cluster(s) match the desired state.")
     elif applied:
         parts.append(f"Applied changes in {len(changed)} cluster(s).")
     else:
         parts.append(
             f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` carries out exactly these."
         )
-    if failed:
-        parts.append(f"{len(failed)} cluster(s) failed: {', '.join(c.cluster for c in failed)}.")
     return " ".join(parts)
 
 

@@ -483,6 +483,21 @@ def desired_state_or_exit(repo: Path, *, rev: str | None = None) -> DesiredState
         raise typer.Exit(1) from None
 
 
+def checked_service(state: DesiredState, name: str) -> str:
+    """``name`` if ``state`` has that service; otherwise ``error: unknown service``
+    naming the known ones on stderr and a usage error (exit 2), said alike by every
+    command taking a service."""
+    if name not in state.policies:
+        known = ", ".join(sorted(state.policies)) or "none"
+        err_console.print(
+            f"error: unknown service '{name}' in {state.source_label} (known: {known})",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return name
+
+
 def progress_bars(counter: str) -> Progress:
     """A progress display on stderr (``err_console``), kept when done: per task its
     description, a bar, ``counter`` (a rich format of the task's fields, e.g.
@@ -555,6 +570,7 @@ __all__ = [
     "checked_output",
     "checked_placer",
     "checked_repository",
+    "checked_service",
     "console",
     "desired_state_or_exit",
     "err_console",

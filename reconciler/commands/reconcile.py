@@ -1091,6 +1091,21 @@ def register(app: typer.Typer) -> None:
                     warm_up_hours,
                 )
             )
+        # What only the review's what-if replay reads: given without it, refused rather
+        # than silently ignored.
+        replay_only = {
+            "--trace": trace is not None,
+            "--rate-scale": rate_scale is not None,
+            "--diurnal-hours": diurnal_hours is not None,
+            "--warm-up-hours": warm_up_hours != 0.0,
+            "--plot": plot is not None,
+        }
+        given = [option for option, is_given in replay_only.items() if is_given]
+        if given:
+            raise typer.BadParameter(
+                "only a review's what-if replay reads it: add --base REV",
+                param_hint=", ".join(given),
+            )
         settings = _checked(settings)
         checked_output(out, "--out")
         raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, out=out))

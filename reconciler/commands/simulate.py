@@ -30,6 +30,7 @@ from reconciler.commands._options import (
     checked_output,
     checked_placer,
     checked_repository,
+    checked_service,
     console,
     desired_state_or_exit,
     err_console,
@@ -363,13 +364,7 @@ def register(app: typer.Typer) -> None:
         if not state.policies:
             err_console.print(f"error: {repo}: no services in policies/", markup=False)
             raise typer.Exit(1)
-        name = service or sorted(state.policies)[0]
-        if name not in state.policies:
-            err_console.print(
-                f"error: unknown service '{name}' (known: {', '.join(sorted(state.policies))})",
-                markup=False,
-            )
-            raise typer.Exit(2)
+        name = checked_service(state, service or sorted(state.policies)[0])
         checked_placer(placer)
         hpa_target_value = _hpa_target(hpa_target)
         if oracle_goal is not None and not 0.0 < oracle_goal <= 1.0:  # NaN fails too

@@ -15,9 +15,10 @@ day and cost no more than the current ones when those already do
 by one saying what was verified. The method is documented in
 ``reconciler.review.tune``; this module reads inputs and renders.
 
-Exit codes: 0 done (with or without changes), 1 invalid desired state, unknown
-service, unreadable trace, a sweep that cannot run, or values that fall short of the
-goal with ``--write`` (nothing written), 2 usage (``--write`` with ``--no-verify``).
+Exit codes: 0 done (with or without changes), 1 invalid desired state, unreadable
+trace, a sweep that cannot run, or values that fall short of the goal with
+``--write`` (nothing written), 2 usage (an unknown service, ``--write`` with
+``--no-verify``, an option out of range).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from reconciler.commands._options import (
     checked_output,
     checked_placer,
     checked_repository,
+    checked_service,
     console,
     desired_state_or_exit,
     err_console,
@@ -337,14 +339,7 @@ def register(app: typer.Typer) -> None:
         checked_repository(repo)
         checked_output(plot_path, "--plot")
         state = desired_state_or_exit(repo)
-        if service not in state.policies:
-            known = ", ".join(sorted(state.policies)) or "none"
-            err_console.print(
-                f"[red]error[/red] unknown service '{escape(service)}' in "
-                f"{escape(str(repo / 'policies'))} (known: {escape(known)})",
-                soft_wrap=True,
-            )
-            raise typer.Exit(1)
+        checked_service(state, service)
         policy = state.policies[service]
         base = QUICK_SETTINGS if quick else SweepSettings()
         settings = SweepSettings(

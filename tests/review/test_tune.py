@@ -561,9 +561,9 @@ def test_under_the_planner_tune_reports_each_allowed_types_cost_per_token(
     assert "prefill by allowed GPU type" not in output  # one allowed type: no choice
 
 
-def test_unknown_service_exits_1_naming_the_known_ones(example_repo: Path) -> None:
+def test_unknown_service_is_a_usage_error_naming_the_known_ones(example_repo: Path) -> None:
     result = CliRunner().invoke(app, ["tune", "chatt", "--repo", str(example_repo), "--quick"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # as simulate --service
     assert "unknown service 'chatt'" in result.stderr
     assert "chat, summarize, svc-a, svc-b" in result.stderr
 

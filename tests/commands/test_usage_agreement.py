@@ -1,0 +1,73 @@
+"""Small agreements between commands: an unknown service is the same usage error in
+simulate and tune; plan refuses what only a review's replay reads rather than ignore
+it; a plan whose cluster failed never says "No changes"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from reconciler.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args", [["simulate", "--service", "nosuch"], ["tune", "nosuch"]], ids=["simulate", "tune"]
+)
+def test_an_unknown_service_is_a_usage_error_naming_the_known_ones(args: list[str]) -> None:
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "error: unknown service 'nosuch'" in result.output
+    assert "(known: chat, summarize, svc-a, svc-b)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--trace", "trace.csv"], "--trace"),
+        (["--rate-scale", "2"], "--rate-scale"),
+        (["--warm-up-hours", "1"], "--warm-up-hours"),
+        (["--diurnal-hours", "4"], "--diurnal-hours"),
+        (["--plot", "day.png"], "--plot"),
+    ],
+)
+def test_plan_without_base_refuses_what_only_the_review_replays(
+    args: list[str], option: str
+) -> None:
+    result = runner.invoke(app, ["plan", "--simulate", *args], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "add --base REV" in result.output
+
+
+def test_a_plan_whose_cluster_failed_says_so_and_not_no_changes(tmp_path: Path) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
+        "users: [{name: u, user: {token: x}}]\n"
+        "contexts: [{name: prod-east, context: {cluster: c, user: u}}]\n"
+        "current-context: prod-east\n"
+    )
+    result = runner.invoke(app, ["plan", "--kubeconfig", str(config)], terminal_width=200)
+    assert result.exit_code == 1, result.output
+    assert "1 cluster(s) failed: prod-east." in result.output
+    assert "No changes" not in result.output
+
+
+def test_the_summary_of_clusters_that_answered_beside_a_failed_one() -> None:
+    from types import SimpleNamespace
+
+    from reconciler.apply.cyclereport import summary_line
+
+    def cluster(name: str, outcome: str) -> SimpleNamespace:
+        return SimpleNamespace(cluster=name, outcome=outcome, has_changes=False, applied=False)
+
+    result = SimpleNamespace(clusters=[cluster("east", "error"), cluster("west", "ok")])
+    assert summary_line(result) == (  # type: ignore[arg-type]
+        "1 cluster(s) failed: east. The 1 other cluster(s) match the desired state."
+    )
+    result = SimpleNamespace(clusters=[cluster("west", "ok")])
+    assert summary_line(result) == "No changes: the clusters match the desired state."  # type: ignore[arg-type]
