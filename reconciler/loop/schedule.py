@@ -46,6 +46,15 @@ class _Backoff:
     next_attempt_s: float = 0.0
 
 
+def backoff_delay(interval_s: float, max_backoff_s: float, failures: int) -> float:
+    """Seconds a cluster waits after its ``failures``-th failure in a row: the first
+    retries next cycle; then the wait doubles, capped at ``max_backoff_s``. The
+    exponent is capped too: a cluster down for days fails thousands of times, and
+    ``interval_s * 2**1100`` overflows a float."""
+    doublings = min(max(failures - 1, 0), 62)
+    return min(max_backoff_s, interval_s * 2**doublings)
+
+
 class ReconcileLoop:
     """Reconciles every cluster of the desired state, once per ``run_cycle``."""
 
@@ -209,8 +218,7 @@ class ReconcileLoop:
             outcome.outcome = "error"
             outcome.error = f"{type(exc).__name__}: {exc}"
             backoff.failures += 1
-            # The first failure retries next cycle; then the wait doubles, capped.
-            delay = min(self.max_backoff_s, self.interval_s * 2 ** (backoff.failures - 1))
+            delay = backoff_delay(self.interval_s, self.max_backoff_s, backoff.failures)
             backoff.next_attempt_s = now + delay if backoff.failures > 1 else 0.0
             self.metrics.errors.labels(name, type(exc).__name__).inc()
             log.error(

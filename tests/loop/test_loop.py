@@ -361,3 +361,18 @@ def test_refused_scale_changes_name_the_services_to_hold() -> None:
         "a": "Deployment ns/a-d refused the scale change 7 -> 4: why"
     }
     assert scaled_services(diff) == {"a", "c"}
+
+
+def test_the_backoff_doubles_up_to_its_cap_however_long_a_cluster_fails() -> None:
+    from reconciler.loop.schedule import backoff_delay
+
+    assert [backoff_delay(30.0, 300.0, n) for n in (1, 2, 3, 4, 5)] == [
+        30.0,
+        60.0,
+        120.0,
+        240.0,
+        300.0,
+    ]
+    # Days of failures: no OverflowError (30 * 2**1099 is past any float).
+    assert backoff_delay(30.0, 300.0, 1100) == 300.0
+    assert backoff_delay(86400.0, 300.0, 10**6) == 300.0
