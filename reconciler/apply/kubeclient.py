@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import urllib3
 
+from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.errors import ApplyConflict, ClusterUnavailable, HeteroscaleError, PermanentError
 
 JsonObject = dict[str, Any]
@@ -423,24 +424,36 @@ def _error(status: int, body: JsonObject) -> KubeApiError:
 # ------------------------------------------------------------------------ API paths
 
 
+def _collection(base: str, name: str | None, kind: str) -> str:
+    return base if name is None else f"{base}/{name_segment(name, kind)}"
+
+
+# Every name goes through ``dns1123`` (refused unless a valid Kubernetes name): a name
+# holding '/' or '..' would address another object (``quote`` keeps '/'). A namespace
+# of None is every namespace, a name of None the collection; an empty string is
+# refused, not read as either.
 def deployments_path(namespace: str | None = None, name: str | None = None) -> str:
     base = (
-        f"/apis/apps/v1/namespaces/{quote(namespace)}/deployments"
-        if namespace
-        else "/apis/apps/v1/deployments"
+        "/apis/apps/v1/deployments"
+        if namespace is None
+        else f"/apis/apps/v1/namespaces/{namespace_segment(namespace)}/deployments"
     )
-    return f"{base}/{quote(name)}" if name else base
+    return _collection(base, name, "Deployment")
 
 
 def pods_path(namespace: str | None = None, name: str | None = None) -> str:
-    base = f"/api/v1/namespaces/{quote(namespace)}/pods" if namespace else "/api/v1/pods"
-    return f"{base}/{quote(name)}" if name else base
+    base = (
+        "/api/v1/pods"
+        if namespace is None
+        else f"/api/v1/namespaces/{namespace_segment(namespace)}/pods"
+    )
+    return _collection(base, name, "Pod")
 
 
 def nodes_path(name: str | None = None) -> str:
-    return f"/api/v1/nodes/{quote(name)}" if name else "/api/v1/nodes"
+    return _collection("/api/v1/nodes", name, "Node")
 
 
 def leases_path(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
-    return f"{base}/{quote(name)}" if name else base
+    base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace_segment(namespace)}/leases"
+    return _collection(base, name, "Lease")

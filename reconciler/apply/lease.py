@@ -153,6 +153,9 @@ class LeaseElector:
         ``health_problem`` report (default: three lease durations)."""
         if not renew_deadline_s < lease_duration_s:
             raise ValueError("renew_deadline_s must be shorter than lease_duration_s")
+        # Refused here, once (InvalidObjectName): a round swallows its errors to keep
+        # the election alive, so a bad name would otherwise fail every round for ever.
+        leases_path(namespace, name)
         self.max_backoff_s = float(lease_duration_s) if max_backoff_s is None else max_backoff_s
         self.unhealthy_after_s = (
             3.0 * lease_duration_s if unhealthy_after_s is None else unhealthy_after_s

@@ -46,8 +46,8 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import quote
 
+from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.apply.kubeclient import Forbidden, KubeClient, NotFound, ResourceConflict
 from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.durable import (
@@ -119,8 +119,8 @@ def _rbac_hint(exc: BaseException, cluster: str, memory_shards: int) -> str:
 
 
 def configmaps_path(namespace: str, name: str | None = None) -> str:
-    base = f"/api/v1/namespaces/{quote(namespace)}/configmaps"
-    return f"{base}/{quote(name)}" if name else base
+    base = f"/api/v1/namespaces/{namespace_segment(namespace)}/configmaps"
+    return base if name is None else f"{base}/{name_segment(name, 'ConfigMap')}"
 
 
 class ConfigMapStateStore:
@@ -138,6 +138,7 @@ class ConfigMapStateStore:
         is_leader: Callable[[], bool] = lambda: True,
         memory_shards: int | None = None,
     ) -> None:
+        namespace_segment(namespace)  # InvalidObjectName now, not at the first write
         self.client = client
         self.namespace = namespace
         self.identity = identity

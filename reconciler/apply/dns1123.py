@@ -1,0 +1,74 @@
+"""Kubernetes object names as the API server accepts them (DNS-1123), checked before
+a name becomes part of an API URL or is trusted from a file.
+
+A name is a path segment of the request URL (``/api/v1/namespaces/NS/pods/NAME``):
+one that holds ``/`` or ``..`` would address another object than the one named
+(``quote`` keeps ``/``), so every URL builder refuses a name that is not valid.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from reconciler.errors import PermanentError
+
+MAX_LABEL = 63
+MAX_SUBDOMAIN = 253
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+class InvalidObjectName(PermanentError, ValueError):
+    """A namespace or object name that Kubernetes would not accept (and that could
+    address another object in an API URL)."""
+
+    def __init__(self, what: str, value: object, problem: str):
+        self.what = what
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{what} {value!r} is not a valid Kubernetes name: {problem}")
+
+
+def label_problem(value: object) -> str | None:
+    """Why ``value`` is not a DNS-1123 label (a namespace), or None when it is."""
+    if not isinstance(value, str):
+        return "not a string"
+    if len(value) > MAX_LABEL:
+        return f"{len(value)} characters, over {MAX_LABEL}"
+    if not _LABEL.fullmatch(value):
+        return "lower-case letters, digits and '-' only, a letter or digit at both ends"
+    return None
+
+
+def subdomain_problem(value: object) -> str | None:
+    """Why ``value`` is not a DNS-1123 subdomain (an object name), or None when it is."""
+    if not isinstance(value, str):
+        return "not a string"
+    if len(value) > MAX_SUBDOMAIN:
+        return f"{len(value)} characters, over {MAX_SUBDOMAIN}"
+    if not _SUBDOMAIN.fullmatch(value):
+        return (
+            "lower-case letters, digits, '-' and '.' only, each dot-separated part "
+            "starting and ending with a letter or digit"
+        )
+    return None
+
+
+def namespace_segment(namespace: str) -> str:
+    """``namespace`` as a URL path segment; raises ``InvalidObjectName`` unless it is a
+    DNS-1123 label."""
+    problem = label_problem(namespace)
+    if problem is not None:
+        raise InvalidObjectName("namespace", namespace, problem)
+    return quote(namespace, safe="")  # a no-op on a valid name; kept as a backstop
+
+
+def name_segment(name: str, kind: str = "object") -> str:
+    """``name`` as a URL path segment; raises ``InvalidObjectName`` unless it is a
+    DNS-1123 subdomain (which excludes ``/``, ``..`` and anything to encode)."""
+    problem = subdomain_problem(name)
+    if problem is not None:
+        raise InvalidObjectName(f"{kind} name", name, problem)
+    return quote(name, safe="")
