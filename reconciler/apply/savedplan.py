@@ -20,8 +20,15 @@ status heartbeat, which would make every plan stale within minutes, so a Node is
 recorded by a fingerprint of exactly what the placement reads from it (its labels
 and GPU capacity).
 
-The digest makes any hand edit a refused file (the plan a reviewer approved is the
-one applied); it is a checksum, not a signature.
+What the digest protects, and what not: it is a sha256 of the content, a checksum,
+not a signature. It refuses a damaged file and a careless hand edit; anyone who edits
+the file on purpose recomputes it in one line. So ``apply`` trusts nothing in the file
+because of it: every entry is checked for shape and bounds and against what the plan
+says it observed (``from_json``, ``reconciler.apply.plancheck``), each write must be
+within what the desired-state revision the plan names has the reconciler manage
+(``check_scope``), and the live objects must still be those the plan observed. What
+remains trusted is the content of an in-scope Deployment (its pod template and
+replicas): the plan file must come from a trusted ``plan --out``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from reconciler.apply import names
+from reconciler.apply import names, plancheck
+from reconciler.apply.dns1123 import label_problem, subdomain_problem
 from reconciler.apply.kubeclient import (
     FieldOwnershipConflict,
     KubeClient,
@@ -43,6 +51,7 @@ from reconciler.apply.kubeclient import (
     deployments_path,
     pods_path,
 )
+from reconciler.bounded_read import BoundedReadError, read_regular_file
 from reconciler.errors import PermanentError
 
 FORMAT = "heteroscale-plan"
@@ -231,18 +240,32 @@ def _want(cond: bool, path: Path, message: str) -> None:
         raise PlanFileError(path, message)
 
 
-def _str_map(value: Any, path: Path, where: str) -> dict[str, str]:
+def _versions(value: Any, path: Path, where: str) -> dict[str, str]:
+    """``observed.pods``: namespace/name to resourceVersion."""
     _want(isinstance(value, dict), path, f"{where} must be an object")
-    _want(
-        all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()),
-        path,
-        f"{where} must map names to strings",
-    )
+    for key, version in value.items():
+        problem = plancheck.key_problem(key) or plancheck.resource_version_problem(version)
+        _want(problem is None, path, f"{where}[{key!r}]: {problem}")
     return dict(value)
 
 
-def _step(raw: Any, path: Path, where: str) -> WriteStep:
+def _node_fingerprints(value: Any, path: Path, where: str) -> dict[str, str]:
+    _want(isinstance(value, dict), path, f"{where} must be an object")
+    for name, fingerprint in value.items():
+        problem = subdomain_problem(name)
+        _want(problem is None, path, f"{where}[{name!r}]: node name {problem}")
+        problem = plancheck.fingerprint_problem(fingerprint)
+        _want(problem is None, path, f"{where}[{name!r}] {problem}")
+    return dict(value)
+
+
+_STEP_FIELDS = {"op", "namespace", "name", "resource_version", "manifest", "source"}
+
+
+def _step(raw: Any, path: Path, where: str, cluster: str) -> WriteStep:
     _want(isinstance(raw, dict), path, f"{where} must be an object")
+    unknown = set(raw) - _STEP_FIELDS
+    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     op = raw.get("op")
     _want(op in _OPS, path, f"{where}.op must be one of {', '.join(_OPS)}")
     for key in ("namespace", "name"):
@@ -255,50 +278,98 @@ def _step(raw: Any, path: Path, where: str) -> WriteStep:
     else:
         _want(manifest is None, path, f"{where}: only an apply carries a manifest")
         _want(rv is not None, path, f"{where}.resource_version missing")
-    unknown = set(raw) - {"op", "namespace", "name", "resource_version", "manifest", "source"}
-    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    return WriteStep(op, raw["namespace"], raw["name"], rv, manifest, str(raw.get("source", "")))
+    source = raw.get("source", "")
+    _want(isinstance(source, str), path, f"{where}.source must be a string")
+    step = WriteStep(op, raw["namespace"], raw["name"], rv, manifest, source)
+    problem = plancheck.step_problem(step, cluster)
+    _want(problem is None, path, f"{where} ({op}): {problem}")
+    return step
 
 
 def _cluster(raw: Any, path: Path, where: str) -> SavedCluster:
     _want(isinstance(raw, dict), path, f"{where} must be an object")
-    _want(isinstance(raw.get("cluster"), str), path, f"{where}.cluster missing")
+    unknown = set(raw) - {"cluster", "observed", "writes", "decisions", "group_changes", "report"}
+    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    name = raw.get("cluster")
+    problem = label_problem(name)
+    _want(problem is None, path, f"{where}.cluster {name!r}: {problem}")
     observed = raw.get("observed")
     _want(isinstance(observed, dict), path, f"{where}.observed missing")
     deployments = observed.get("deployments")
     _want(isinstance(deployments, dict), path, f"{where}.observed.deployments missing")
     parsed: dict[str, ObservedDeployment] = {}
     for key, value in deployments.items():
+        entry = f"{where}.observed.deployments[{key!r}]"
+        problem = plancheck.key_problem(key)
+        _want(problem is None, path, f"{entry}: {problem}")
         _want(
             isinstance(value, dict)
-            and isinstance(value.get("resource_version"), str)
-            and isinstance(value.get("generation"), int)
-            and isinstance(value.get("fingerprint"), str),
+            and set(value) == {"resource_version", "generation", "fingerprint"},
             path,
-            f"{where}.observed.deployments[{key}] is not a recorded Deployment",
+            f"{entry} is not a recorded Deployment",
         )
+        generation = value["generation"]
+        problem = (
+            plancheck.resource_version_problem(value["resource_version"])
+            or plancheck.fingerprint_problem(value["fingerprint"])
+            or (
+                None
+                if isinstance(generation, int)
+                and not isinstance(generation, bool)
+                and generation >= 0
+                else "generation must be a whole number"
+            )
+        )
+        _want(problem is None, path, f"{entry}: {problem}")
         parsed[key] = ObservedDeployment(
-            value["resource_version"], value["generation"], value["fingerprint"]
+            value["resource_version"], generation, value["fingerprint"]
         )
     writes = raw.get("writes")
     _want(isinstance(writes, list), path, f"{where}.writes missing")
-    return SavedCluster(
-        cluster=raw["cluster"],
+    # Only for the reader (the applier never reads them): objects, or absent.
+    decisions = raw.get("decisions", {})
+    _want(isinstance(decisions, dict), path, f"{where}.decisions must be an object")
+    report = raw.get("report", {})
+    _want(isinstance(report, dict), path, f"{where}.report must be an object")
+    group_changes = raw.get("group_changes", [])
+    _want(
+        isinstance(group_changes, list) and all(isinstance(g, dict) for g in group_changes),
+        path,
+        f"{where}.group_changes must be a list of objects",
+    )
+    cluster = SavedCluster(
+        cluster=name,
         observed=Observed(
             parsed,
-            _str_map(observed.get("pods"), path, f"{where}.observed.pods"),
-            _str_map(observed.get("nodes"), path, f"{where}.observed.nodes"),
+            _versions(observed.get("pods"), path, f"{where}.observed.pods"),
+            _node_fingerprints(observed.get("nodes"), path, f"{where}.observed.nodes"),
         ),
-        writes=tuple(_step(w, path, f"{where}.writes[{i}]") for i, w in enumerate(writes)),
-        decisions=raw.get("decisions") or {},
-        group_changes=tuple(raw.get("group_changes") or ()),
-        report=raw.get("report") or {},
+        writes=tuple(_step(w, path, f"{where}.writes[{i}]", name) for i, w in enumerate(writes)),
+        decisions=decisions,
+        group_changes=tuple(group_changes),
+        report=report,
     )
+    problems = plancheck.writes_problems(cluster, f"{where}.")
+    _want(not problems, path, _listed_problems(problems))
+    return cluster
+
+
+def _listed_problems(problems: list[plancheck.Problem], limit: int = 10) -> str:
+    shown = [f"{entry}: {problem}" for entry, problem in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"... and {len(problems) - limit} more")
+    return "; ".join(shown)
+
+
+_TOP_LEVEL = {"format", "schema_version", "created_at", "source", "clusters", "digest"}
+_SOURCE_FIELDS = {"kind", "content_hash", "rev", "commit"}
 
 
 def from_json(data: Any, path: Path) -> SavedPlan:
     """The plan in ``data``, checked whole before anything is used: a file that is
-    not exactly what ``plan --out`` wrote is refused."""
+    not exactly what ``plan --out`` wrote is refused. The digest catches damage and
+    careless edits only; what may be written is checked entry by entry
+    (``plancheck``), as if the file came from anyone."""
     _want(isinstance(data, dict), path, "not a JSON object")
     _want(data.get("format") == FORMAT, path, f"not a heteroscale plan (format != '{FORMAT}')")
     version = data.get("schema_version")
@@ -313,35 +384,92 @@ def from_json(data: Any, path: Path) -> SavedPlan:
         path,
         "digest does not match the content: the file was edited or damaged after `plan --out`",
     )
+    unknown = set(data) - _TOP_LEVEL
+    _want(not unknown, path, f"unknown field(s) {', '.join(sorted(unknown))}")
+    created_at = data.get("created_at", "")
+    problem = plancheck.text_problem(created_at, limit=64)
+    _want(problem is None, path, f"created_at {problem}")
     source = data.get("source")
     _want(isinstance(source, dict), path, "source missing")
+    unknown = set(source) - _SOURCE_FIELDS
+    _want(not unknown, path, f"source: unknown field(s) {', '.join(sorted(unknown))}")
     kind = source.get("kind")
     _want(kind in ("git", "directory"), path, "source.kind must be git or directory")
-    _want(isinstance(source.get("content_hash"), str), path, "source.content_hash missing")
+    problem = plancheck.content_hash_problem(source.get("content_hash"))
+    _want(problem is None, path, f"source.content_hash {problem}")
     if kind == "git":
-        _want(isinstance(source.get("commit"), str), path, "source.commit missing")
+        problem = plancheck.commit_problem(source.get("commit"))
+        _want(problem is None, path, f"source.commit {problem}")
+    if source.get("rev") is not None:
+        problem = plancheck.rev_problem(source["rev"])
+        _want(problem is None, path, f"source.rev {problem}")
     clusters = data.get("clusters")
     _want(isinstance(clusters, list), path, "clusters missing")
+    parsed = tuple(_cluster(c, path, f"clusters[{i}]") for i, c in enumerate(clusters))
+    seen = [c.cluster for c in parsed]
+    twice = sorted({c for c in seen if seen.count(c) > 1})
+    _want(not twice, path, f"cluster(s) {', '.join(twice)} appear more than once")
     return SavedPlan(
         source=PlanSource(kind, source["content_hash"], source.get("rev"), source.get("commit")),
-        clusters=tuple(_cluster(c, path, f"clusters[{i}]") for i, c in enumerate(clusters)),
-        created_at=str(data.get("created_at", "")),
+        clusters=parsed,
+        created_at=created_at,
     )
 
 
+def check_scope(plan: SavedPlan, state: Any, path: Path) -> None:
+    """Refuse (``PlanFileError``, every offending entry named) a plan that writes
+    anything the desired state ``state`` (the revision the plan names, as loaded by
+    ``apply``) does not have this reconciler manage (``plancheck.scope_problems``).
+    ``apply PLAN`` must call it before its first write."""
+    problems = plancheck.scope_problems(plan, state)
+    _want(
+        not problems,
+        path,
+        "writes outside what the desired state manages: " + _listed_problems(problems),
+    )
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(key)
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys; a reviewer (or a diff tool)
+    may read the first: what is reviewed and what is applied could differ."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_plan(path: Path) -> SavedPlan:
+    """The plan in the file at ``path``, read as a regular file of at most
+    ``MAX_PLAN_BYTES`` (a FIFO or ``/dev/zero`` is refused, not read for ever) and
+    checked whole (``from_json``); ``PlanFileError`` names the file and what is wrong."""
     try:
-        size = path.stat().st_size
-        _want(size <= MAX_PLAN_BYTES, path, f"{size} bytes, over the plan size limit")
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular_file(path, MAX_PLAN_BYTES)
+    except BoundedReadError as exc:
+        raise PlanFileError(path, exc.reason) from None
     except OSError as exc:
         raise PlanFileError(
             path, f"cannot be read ({exc.strerror or type(exc).__name__})"
         ) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise PlanFileError(path, "not UTF-8 text") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise PlanFileError(
+            path,
+            f"key {exc.key!r} appears twice in one object: a reader could see the one "
+            "that is not applied",
+        ) from None
     except ValueError as exc:  # JSONDecodeError, and RecursionError's cousins
         raise PlanFileError(path, f"not valid JSON ({exc})") from None
     except RecursionError:
@@ -432,6 +560,16 @@ def execute(
     did not (its status, updated by the controllers, e.g. after our drain) is written
     at its new resourceVersion: status is not part of what the plan was approved on."""
     result = SavedApplyResult(saved.cluster)
+    # ``read_plan`` checked all this; a plan made in code is checked here, and a bad
+    # one refused before its first write, not halfway.
+    for index, step in enumerate(saved.writes):
+        problem = plancheck.step_problem(step, saved.cluster)
+        if problem is not None:
+            result.refused = f"writes[{index}] ({step.op}): {problem}; nothing written"
+            return result
+    for entry, problem in plancheck.writes_problems(saved):
+        result.refused = f"{entry}: {problem}; nothing written"
+        return result
     latest: dict[str, str] = {}
     for index, step in enumerate(saved.writes):
         previous = saved.writes[index - 1] if index else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,12 +28,29 @@ from reconciler.apply.savedplan import (
     write_plan,
 )
 
-MANIFEST = {
-    "apiVersion": "apps/v1",
-    "kind": "Deployment",
-    "metadata": {"name": "d1", "namespace": "ns", "resourceVersion": "41"},
-    "spec": {"replicas": 3},
-}
+OWNED = {"app.kubernetes.io/managed-by": "heteroscale", "heteroscale.io/cluster": "east"}
+
+
+def deployment(name: str, *, namespace: str = "ns", **metadata: Any) -> dict[str, Any]:
+    """A Deployment manifest as the renderer writes it for cluster east (its shape)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**OWNED, "heteroscale.io/service": "svc"},
+            **metadata,
+        },
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"heteroscale.io/service": "svc"}},
+            "template": {"metadata": {"labels": dict(OWNED)}, "spec": {"containers": []}},
+        },
+    }
+
+
+MANIFEST = deployment("d1", resourceVersion="41")
 
 
 def sample() -> SavedPlan:
@@ -42,7 +60,7 @@ def sample() -> SavedPlan:
         nodes={"n1": "a" * 32},
     )
     writes = (
-        WriteStep("apply", "ns", "d0", None, {**MANIFEST, "metadata": {"name": "d0"}}),
+        WriteStep("apply", "ns", "d0", None, deployment("d0")),
         WriteStep("drain", "ns", "p1", "40", source="d1"),
         WriteStep("apply", "ns", "d1", "41", MANIFEST),
         WriteStep("delete_pod", "ns", "p1", "40"),

@@ -1,0 +1,306 @@
+"""What a saved plan may write: the checks ``apply PLAN`` makes before any write.
+
+The plan's digest is a checksum anyone can recompute (``savedplan``), so a plan file
+is input from whoever handed it over, not from ``plan --out``. What is checked here:
+
+- shape and bounds (``*_problem``): every namespace and name a valid Kubernetes name
+  (DNS-1123: a name is a URL path segment, see ``dns1123``), every resourceVersion
+  a short printable token, every manifest a Deployment of the shape the applier reads
+  (apiVersion, kind, metadata.name and metadata.namespace those of its entry) that
+  carries this reconciler's ownership labels for the plan's cluster, itself and on
+  its Pod template;
+- consistency with what the plan says it observed (``writes_problems``): a write to
+  an existing object names an object the plan recorded, at the recorded
+  resourceVersion, and a create names one it did not. ``apply`` then compares the
+  recorded objects with the live ones, which the observer lists by our ownership
+  labels only: an update, drain or delete can reach only an object that is ours now;
+- scope (``scope_problems``, needs the desired state the plan names): every write
+  is in a namespace that a policy of the plan's cluster deploys to, and a manifest
+  is the Deployment of a policy of that namespace, under the name the renderer gives
+  it.
+
+What is not checked: the pod template and replicas of an in-scope Deployment are
+applied as the plan says. A plan file must come from a trusted ``plan --out`` (the
+CI job's artifact, not a pull request's file) for that; signing plans would close it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from reconciler.apply import names
+from reconciler.apply.dns1123 import label_problem, subdomain_problem
+
+if TYPE_CHECKING:
+    from reconciler.apply.savedplan import SavedCluster, SavedPlan, WriteStep
+    from reconciler.desired.loader import DesiredState
+
+# An entry of a plan (``clusters[0].writes[3]``) and what is wrong with it.
+Problem = tuple[str, str]
+
+# resourceVersions are opaque to clients, but the API server's are decimal tokens;
+# printable ASCII without spaces, bounded, keeps a forged one out of messages and URLs.
+_RESOURCE_VERSION = re.compile(r"[!-~]{1,64}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 repositories
+MAX_REV = 255
+MAX_REPLICAS = 100_000
+MAX_TEXT = 1_000
+
+_MANIFEST_KEYS = {"apiVersion", "kind", "metadata", "spec"}
+# What the renderer writes (resourceVersion: the precondition, replaced at apply).
+# Not ownerReferences (garbage collection), finalizers (blocked deletes) or the like.
+_METADATA_KEYS = {"name", "namespace", "labels", "annotations", "resourceVersion"}
+
+
+def resource_version_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not _RESOURCE_VERSION.fullmatch(value):
+        return "must be a resourceVersion (1 to 64 printable characters, no spaces)"
+    return None
+
+
+def fingerprint_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
+        return "must be a fingerprint (32 lower-case hex digits)"
+    return None
+
+
+def key_problem(key: object) -> str | None:
+    """Why ``key`` is not ``namespace/name`` of valid Kubernetes names, or None."""
+    if not isinstance(key, str) or key.count("/") != 1:
+        return "must be namespace/name"
+    namespace, name = key.split("/")
+    problem = label_problem(namespace)
+    if problem is not None:
+        return f"namespace {namespace!r}: {problem}"
+    problem = subdomain_problem(name)
+    return None if problem is None else f"name {name!r}: {problem}"
+
+
+def text_problem(value: object, *, limit: int = MAX_TEXT) -> str | None:
+    """A short line of text (a revision, a timestamp): no control characters."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > limit:
+        return f"{len(value)} characters, over {limit}"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        return "must not hold control characters"
+    return None
+
+
+def rev_problem(value: object) -> str | None:
+    """A Git revision as the plan names it: it is handed to ``git rev-parse``, so
+    one that reads as an option is refused."""
+    problem = text_problem(value, limit=MAX_REV)
+    if problem is None and str(value).startswith("-"):
+        return "must not start with '-'"
+    return problem
+
+
+def commit_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
+        return "must be a full commit id (40 or 64 lower-case hex digits)"
+    return None
+
+
+def content_hash_problem(value: object) -> str | None:
+    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
+        return "must be a sha256 (64 lower-case hex digits)"
+    return None
+
+
+def _ownership_problem(labels: object, cluster: str, where: str) -> str | None:
+    if not isinstance(labels, Mapping):
+        return f"{where} missing"
+    if labels.get(names.MANAGED_BY_LABEL) != names.MANAGED_BY_VALUE:
+        return f"{where} lack {names.MANAGED_BY_LABEL}={names.MANAGED_BY_VALUE}: not an object heteroscale manages"
+    if labels.get(names.CLUSTER_LABEL) != names.label_value(cluster):
+        return (
+            f"{where}: {names.CLUSTER_LABEL} is {labels.get(names.CLUSTER_LABEL)!r}, "
+            f"not cluster {cluster}'s {names.label_value(cluster)!r}"
+        )
+    return None
+
+
+def manifest_problem(manifest: object, namespace: str, name: str, cluster: str) -> str | None:
+    """Why ``manifest`` is not a Deployment the applier may write as ``namespace/name``
+    of ``cluster``, or None."""
+    if not isinstance(manifest, Mapping):
+        return "must be an object"
+    unknown = set(manifest) - _MANIFEST_KEYS
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(map(str, unknown)))}"
+    if manifest.get("apiVersion") != "apps/v1" or manifest.get("kind") != "Deployment":
+        return (
+            "must be an apps/v1 Deployment, not "
+            f"{manifest.get('apiVersion')!r} {manifest.get('kind')!r}"
+        )
+    metadata = manifest.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return "metadata missing"
+    unknown = set(metadata) - _METADATA_KEYS
+    if unknown:
+        return (
+            f"metadata: field(s) heteroscale never writes: {', '.join(sorted(map(str, unknown)))}"
+        )
+    if metadata.get("name") != name or metadata.get("namespace") != namespace:
+        return (
+            f"metadata names {metadata.get('namespace')!r}/{metadata.get('name')!r}, "
+            f"not the entry's {namespace}/{name}"
+        )
+    if "resourceVersion" in metadata and resource_version_problem(metadata["resourceVersion"]):
+        return "metadata.resourceVersion " + str(
+            resource_version_problem(metadata["resourceVersion"])
+        )
+    annotations = metadata.get("annotations", {})
+    if not isinstance(annotations, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+    ):
+        return "metadata.annotations must map names to strings"
+    problem = _ownership_problem(metadata.get("labels"), cluster, "metadata.labels")
+    if problem is not None:
+        return problem
+    if not isinstance(metadata["labels"].get(names.SERVICE_LABEL), str):
+        return f"metadata.labels lack {names.SERVICE_LABEL}"
+    spec = manifest.get("spec")
+    if not isinstance(spec, Mapping):
+        return "spec missing"
+    replicas = spec.get("replicas")
+    if (
+        isinstance(replicas, bool)
+        or not isinstance(replicas, int)
+        or not 0 <= replicas <= MAX_REPLICAS
+    ):
+        return f"spec.replicas must be a whole number from 0 to {MAX_REPLICAS}"
+    template = spec.get("template")
+    template_meta = template.get("metadata") if isinstance(template, Mapping) else None
+    # The Pods the Deployment makes must be ours too: the observer finds them by these.
+    return _ownership_problem(
+        template_meta.get("labels") if isinstance(template_meta, Mapping) else None,
+        cluster,
+        "spec.template.metadata.labels",
+    )
+
+
+def writes_problems(cluster: SavedCluster, prefix: str = "") -> list[Problem]:
+    """Writes that do not match what the plan recorded as observed (module doc);
+    each entry named ``{prefix}writes[i]``."""
+    problems: list[Problem] = []
+    created: set[str] = set()
+    deployments = cluster.observed.deployments
+    pods = cluster.observed.pods
+    for index, step in enumerate(cluster.writes):
+        entry = f"{prefix}writes[{index}] ({step})"
+        if step.op == "apply" and step.resource_version is None:
+            if step.key in deployments:
+                problems.append((entry, "creates a Deployment the plan observed as existing"))
+            elif step.key in created:
+                problems.append((entry, "creates the same Deployment twice"))
+            created.add(step.key)
+            continue
+        recorded = (
+            pods.get(step.key)
+            if step.op in ("drain", "put_back", "delete_pod")
+            else (deployments[step.key].resource_version if step.key in deployments else None)
+        )
+        if recorded is None and step.key in created:
+            continue  # written after our own create (the applier carries its version)
+        if recorded is None:
+            problems.append(
+                (entry, "writes an object the plan did not observe as heteroscale's own")
+            )
+        elif step.resource_version != recorded:
+            problems.append(
+                (
+                    entry,
+                    f"resourceVersion {step.resource_version} is not the observed {recorded}",
+                )
+            )
+        if step.op == "drain" and f"{step.namespace}/{step.source}" not in deployments:
+            problems.append(
+                (entry, f"drains from Deployment {step.source}, which the plan did not observe")
+            )
+    return problems
+
+
+def step_problem(step: WriteStep, cluster: str) -> str | None:
+    """The shape of one write (for ``execute``'s check of plans made in code)."""
+    problem = label_problem(step.namespace)
+    if problem is not None:
+        return f"namespace {step.namespace!r}: {problem}"
+    problem = subdomain_problem(step.name)
+    if problem is not None:
+        return f"name {step.name!r}: {problem}"
+    if step.resource_version is not None:
+        problem = resource_version_problem(step.resource_version)
+        if problem is not None:
+            return f"resource_version {problem}"
+    elif step.op != "apply":
+        return "resource_version missing (only a create has none)"
+    if step.op == "apply":
+        problem = manifest_problem(step.manifest, step.namespace, step.name, cluster)
+        return None if problem is None else f"manifest: {problem}"
+    if step.manifest is not None:
+        return "only an apply carries a manifest"
+    if step.op == "drain":
+        problem = subdomain_problem(step.source)
+        return None if problem is None else f"source {step.source!r}: {problem}"
+    if step.source:
+        return "only a drain names a source Deployment"
+    return None
+
+
+def scope_problems(plan: SavedPlan, state: DesiredState) -> list[Problem]:
+    """Writes outside what the desired state ``state`` has this reconciler manage:
+    namespaces its policies of the plan's cluster deploy to, and Deployments of those
+    policies under the names the renderer gives them."""
+    problems: list[Problem] = []
+    for c_index, cluster in enumerate(plan.clusters):
+        where = f"clusters[{c_index}]"
+        if cluster.cluster not in state.clusters:
+            problems.append((where, f"cluster {cluster.cluster} is not in the desired state"))
+            continue
+        policies = state.policies_for(cluster.cluster)
+        namespaces = {p.namespace for p in policies}
+        for index, step in enumerate(cluster.writes):
+            entry = f"{where}.writes[{index}] ({step})"
+            if step.namespace not in namespaces:
+                problems.append(
+                    (
+                        entry,
+                        f"namespace {step.namespace} is not one the desired state deploys to "
+                        f"in cluster {cluster.cluster} ({_listed(namespaces)})",
+                    )
+                )
+            elif step.manifest is not None:
+                problem = _rendered_name_problem(step, policies)
+                if problem is not None:
+                    problems.append((entry, problem))
+    return problems
+
+
+def _rendered_name_problem(step: WriteStep, policies: Iterable[Any]) -> str | None:
+    """The manifest is of a policy in its namespace, named as the renderer names it."""
+    assert step.manifest is not None
+    metadata = step.manifest["metadata"]
+    service = metadata["labels"][names.SERVICE_LABEL]
+    if not any(p.name == service and p.namespace == step.namespace for p in policies):
+        return f"service {service!r} has no policy deploying to namespace {step.namespace}"
+    group_id = metadata.get("annotations", {}).get(names.GROUP_ID_ANNOTATION)
+    role = metadata["labels"].get(names.ROLE_LABEL)
+    if not isinstance(group_id, str) or role not in ("prefill", "decode"):
+        return f"lacks the {names.GROUP_ID_ANNOTATION} annotation or {names.ROLE_LABEL} label"
+    expected = names.deployment_name(service, group_id, role)
+    if step.name != expected:
+        return (
+            f"named {step.name}, not {expected} as service {service}'s {role} of group {group_id}"
+        )
+    return None
+
+
+def _listed(values: Iterable[str]) -> str:
+    ordered = sorted(values)
+    return ", ".join(ordered) if ordered else "none"
