@@ -25,6 +25,7 @@ from typer.testing import CliRunner, Result
 from reconciler.apply import names, savedplan
 from reconciler.apply.kubeclient import KubeClient
 from reconciler.cli import app
+from reconciler.desired.loader import load_desired_state
 
 pytestmark = pytest.mark.kubernetes
 
@@ -101,6 +102,8 @@ def test_apply_of_a_saved_plan_does_exactly_the_planned_writes_and_only_once(
     assert promised and {w["op"] for w in writes} == {"apply"}
     assert {f"{w['namespace']}/{w['name']}" for w in writes} == set(promised)
     assert cluster["observed"]["nodes"], "the Nodes the placement read are recorded"
+    # What `plan --out` writes is within what the desired state has heteroscale manage.
+    savedplan.check_scope(savedplan.read_plan(plan_file), load_desired_state(tmp_path), plan_file)
 
     applied = _invoke("apply", str(plan_file), *_common(tmp_path, control_plane))
     assert applied.exit_code == 0, applied.output
