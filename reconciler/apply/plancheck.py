@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from reconciler.apply import names
 from reconciler.apply.dns1123 import label_problem, subdomain_problem
@@ -36,6 +36,7 @@ from reconciler.apply.dns1123 import label_problem, subdomain_problem
 if TYPE_CHECKING:
     from reconciler.apply.savedplan import SavedCluster, SavedPlan, WriteStep
     from reconciler.desired.loader import DesiredState
+    from reconciler.desired.models import ServicePolicy
 
 # An entry of a plan (``clusters[0].writes[3]``) and what is wrong with it.
 Problem = tuple[str, str]
@@ -282,7 +283,7 @@ def scope_problems(plan: SavedPlan, state: DesiredState) -> list[Problem]:
     return problems
 
 
-def _rendered_name_problem(step: WriteStep, policies: Iterable[Any]) -> str | None:
+def _rendered_name_problem(step: WriteStep, policies: Iterable[ServicePolicy]) -> str | None:
     """The manifest is of a policy in its namespace, named as the renderer names it."""
     assert step.manifest is not None
     metadata = step.manifest["metadata"]

@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from reconciler.apply import names, plancheck
 from reconciler.apply.dns1123 import label_problem, subdomain_problem
@@ -53,6 +53,9 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.bounded_read import BoundedReadError, read_regular_file
 from reconciler.errors import PermanentError
+
+if TYPE_CHECKING:
+    from reconciler.desired.loader import DesiredState
 
 FORMAT = "heteroscale-plan"
 SCHEMA_VERSION = 1
@@ -416,7 +419,7 @@ def from_json(data: Any, path: Path) -> SavedPlan:
     )
 
 
-def check_scope(plan: SavedPlan, state: Any, path: Path) -> None:
+def check_scope(plan: SavedPlan, state: DesiredState, path: Path) -> None:
     """Refuse (``PlanFileError``, every offending entry named) a plan that writes
     anything the desired state ``state`` (the revision the plan names, as loaded by
     ``apply``) does not have this reconciler manage (``plancheck.scope_problems``).
