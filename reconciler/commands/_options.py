@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -180,11 +180,11 @@ PrometheusScrapeIntervalOpt = Annotated[
     typer.Option(
         "--prometheus-scrape-interval",
         envvar="HETEROSCALE_PROMETHEUS_SCRAPE_INTERVAL",
-        help="seconds between Prometheus's scrapes of the engines, 1 to 86400 (what a "
+        help="seconds between Prometheus's scrapes of the engines, 0.1 to 86400 (what a "
         "covered rate window must hold follows from it)",
-        # Prometheus scrapes at most every second in practice, and a scrape a day apart
-        # leaves no rate to read; below a second the rules' durations lose meaning.
-        callback=in_range(1.0, DAY_S, unit=" s"),
+        # Sub-second scrapes exist (the tests run Prometheus at 0.5 s), and the rules'
+        # durations are written in milliseconds; a scrape a day apart leaves no rate.
+        callback=in_range(0.1, DAY_S, unit=" s"),
     ),
 ]
 PrometheusRateWindowOpt = Annotated[
@@ -268,15 +268,40 @@ PruneRemovedServicesOpt = Annotated[
 FormatOpt = Annotated[
     str, typer.Option("--format", help="text or json (plan and apply: also markdown)")
 ]
+
+
+def kubernetes_name(kind: Literal["label", "subdomain"]) -> Callable[[Any], Any]:
+    """An option callback refusing what Kubernetes would not take as a namespace (a
+    DNS-1123 label) or an object name (a subdomain): such a value went into API paths
+    (``--lease-namespace ../../x``)."""
+
+    def check(value: Any) -> Any:
+        from reconciler.apply import dns1123
+
+        judge = dns1123.label_problem if kind == "label" else dns1123.subdomain_problem
+        problem = None if value is None else judge(value)
+        if problem is not None:
+            raise typer.BadParameter(f"not a Kubernetes {kind} name ({problem})")
+        return value
+
+    return check
+
+
 LeaseNamespaceOpt = Annotated[
     str,
     typer.Option(
         "--lease-namespace",
         envvar="POD_NAMESPACE",
         help="namespace of the reconciler's Lease and state ConfigMaps",
+        callback=kubernetes_name("label"),
     ),
 ]
-LeaseNameOpt = Annotated[str, typer.Option("--lease-name", help="the reconciler's Lease")]
+LeaseNameOpt = Annotated[
+    str,
+    typer.Option(
+        "--lease-name", help="the reconciler's Lease", callback=kubernetes_name("subdomain")
+    ),
+]
 LeaseContextOpt = Annotated[
     str | None,
     typer.Option(

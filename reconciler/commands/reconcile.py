@@ -908,6 +908,7 @@ def _apply_saved(
     from reconciler.apply import names
     from reconciler.apply.savedplan import (
         PlanFileError,
+        check_scope,
         desired_content_hash,
         execute,
         moved_objects,
@@ -977,6 +978,13 @@ def _apply_saved(
         )
     elif desired_content_hash(state) != saved.source.content_hash:
         moved.append(f"desired state: content differs from the plan's {saved.source.describe()}")
+    try:
+        # Writes only where that desired state deploys, named as it renders them: the
+        # digest is a checksum anyone can recompute, so the file itself is not trusted.
+        check_scope(saved, state, plan_file)
+    except PlanFileError as exc:
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 1
     wiring = wire(replace(settings, simulate=False), state)
     if wiring.simulated:
         err_console.print(
