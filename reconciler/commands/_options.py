@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, cast
 
 import typer
 from typer.core import TyperCommand, TyperOption
@@ -479,6 +479,13 @@ def writing(path: Path, what: str) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def usage_error(message: str) -> NoReturn:
+    """``error: message`` on stderr (user text in it is never read as console markup)
+    and exit 2, as every command's check of its arguments ends."""
+    err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 def checked_repository(path: Path, *, rev: str | None = None) -> Path:
     """``path`` if it can be the desired-state repository (read at Git revision
     ``rev`` when given, so only the directory must exist); otherwise
@@ -488,8 +495,7 @@ def checked_repository(path: Path, *, rev: str | None = None) -> Path:
 
     problem = repository_problem(path, work_tree=rev is None)
     if problem is not None:
-        err_console.print(f"error: {path}: {problem}", markup=False, soft_wrap=True)
-        raise typer.Exit(2)
+        usage_error(f"{path}: {problem}")
     return path
 
 
@@ -514,12 +520,7 @@ def checked_service(state: DesiredState, name: str) -> str:
     command taking a service."""
     if name not in state.policies:
         known = ", ".join(sorted(state.policies)) or "none"
-        err_console.print(
-            f"error: unknown service '{name}' in {state.source_label} (known: {known})",
-            markup=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(2)
+        usage_error(f"unknown service '{name}' in {state.source_label} (known: {known})")
     return name
 
 
@@ -604,6 +605,7 @@ __all__ = [
     "option_group",
     "progress_bars",
     "report_config_error",
+    "usage_error",
     "without_flag_types",
     "writing",
 ]

@@ -36,6 +36,7 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
+    usage_error,
     writing,
 )
 from reconciler.commands._table import (
@@ -224,12 +225,7 @@ def _hpa_target(text: str) -> float | None:
     except ValueError:
         value = math.nan
     if not 0.0 < value <= 1.0:  # NaN fails too
-        err_console.print(
-            f"error: --hpa-target must be 'auto' or a number in (0, 1], got '{text}'",
-            markup=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(2)
+        usage_error(f"--hpa-target must be 'auto' or a number in (0, 1], got '{text}'")
     return value
 
 
@@ -250,13 +246,9 @@ def _engine_speeds(text: str) -> tuple[float, float]:
         if not parts or not all(math.isfinite(v) and 0.0 < v <= 100.0 for v in speeds.values()):
             raise ValueError(text)
     except ValueError:
-        err_console.print(
-            f"error: --engine-speed must be a number in (0, 100] or prefill=F,decode=F, "
-            f"got '{text}'",
-            markup=False,
-            soft_wrap=True,
+        usage_error(
+            f"--engine-speed must be a number in (0, 100] or prefill=F,decode=F, got '{text}'"
         )
-        raise typer.Exit(2) from None
     return speeds["prefill"], speeds["decode"]
 
 
@@ -368,22 +360,12 @@ def register(app: typer.Typer) -> None:
         checked_placer(placer)
         hpa_target_value = _hpa_target(hpa_target)
         if oracle_goal is not None and not 0.0 < oracle_goal <= 1.0:  # NaN fails too
-            err_console.print(
-                f"error: --oracle-goal must be a number in (0, 1], got {oracle_goal}",
-                markup=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(2)
+            usage_error(f"--oracle-goal must be a number in (0, 1], got {oracle_goal}")
         chosen = [p.strip() for p in policies.split(",") if p.strip()]
         if not chosen:
-            err_console.print("error: --policies is empty")
-            raise typer.Exit(2)
+            usage_error("--policies is empty")
         if STATIC_PAST_PEAK in chosen and not warm_up_hours:
-            err_console.print(
-                f"error: --policies: {STATIC_PAST_PEAK_NEEDS_A_WARM_UP} with --warm-up-hours",
-                markup=False,
-            )
-            raise typer.Exit(2)
+            usage_error(f"--policies: {STATIC_PAST_PEAK_NEEDS_A_WARM_UP} with --warm-up-hours")
         prefill_speed, decode_speed = _engine_speeds(engine_speed)
         config = SimConfig(prefill_engine_speed=prefill_speed, decode_engine_speed=decode_speed)
         try:
@@ -392,8 +374,7 @@ def register(app: typer.Typer) -> None:
             try:
                 profile = after_warm_up(profile, warm_up_hours)
             except EvaluationError as exc:
-                err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
-                raise typer.Exit(2) from None
+                usage_error(str(exc))
             for note in (*profile.notes, config.engines_note):
                 if note is not None:
                     err_console.print(f"note: {note}", soft_wrap=True, markup=False)

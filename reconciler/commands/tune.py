@@ -49,6 +49,7 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
+    usage_error,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -327,15 +328,11 @@ def register(app: typer.Typer) -> None:
         default 8). --plot: the throughput curve."""
         checked_placer(placer)
         if autoscaler not in TUNED_AUTOSCALERS:
-            err_console.print(
-                f"error: --autoscaler must be one of {', '.join(TUNED_AUTOSCALERS)}, "
-                f"got '{autoscaler}'",
-                markup=False,
+            usage_error(
+                f"--autoscaler must be one of {', '.join(TUNED_AUTOSCALERS)}, got '{autoscaler}'"
             )
-            raise typer.Exit(2)
         if write and not do_verify:
-            err_console.print("error: --write writes only verified values: drop --no-verify")
-            raise typer.Exit(2)
+            usage_error("--write writes only verified values: drop --no-verify")
         checked_repository(repo)
         checked_output(plot_path, "--plot")
         state = desired_state_or_exit(repo)
