@@ -33,27 +33,31 @@ class InvalidObjectName(PermanentError, ValueError):
 
 def label_problem(value: object) -> str | None:
     """Why ``value`` is not a DNS-1123 label (a namespace), or None when it is."""
-    if not isinstance(value, str):
-        return "not a string"
-    if len(value) > MAX_LABEL:
-        return f"{len(value)} characters, over {MAX_LABEL}"
-    if not _LABEL.fullmatch(value):
-        return "lower-case letters, digits and '-' only, a letter or digit at both ends"
-    return None
+    return _name_problem(
+        value,
+        _LABEL,
+        MAX_LABEL,
+        "lower-case letters, digits and '-' only, a letter or digit at both ends",
+    )
 
 
 def subdomain_problem(value: object) -> str | None:
     """Why ``value`` is not a DNS-1123 subdomain (an object name), or None when it is."""
+    return _name_problem(
+        value,
+        _SUBDOMAIN,
+        MAX_SUBDOMAIN,
+        "lower-case letters, digits, '-' and '.' only, each dot-separated part "
+        "starting and ending with a letter or digit",
+    )
+
+
+def _name_problem(value: object, pattern: re.Pattern[str], limit: int, rule: str) -> str | None:
     if not isinstance(value, str):
         return "not a string"
-    if len(value) > MAX_SUBDOMAIN:
-        return f"{len(value)} characters, over {MAX_SUBDOMAIN}"
-    if not _SUBDOMAIN.fullmatch(value):
-        return (
-            "lower-case letters, digits, '-' and '.' only, each dot-separated part "
-            "starting and ending with a letter or digit"
-        )
-    return None
+    if len(value) > limit:
+        return f"{len(value)} characters, over {limit}"
+    return None if pattern.fullmatch(value) else rule
 
 
 def namespace_segment(namespace: str) -> str:

@@ -27,7 +27,7 @@ CI job's artifact, not a pull request's file) for that; signing plans would clos
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from reconciler.apply import names
@@ -57,16 +57,23 @@ _MANIFEST_KEYS = {"apiVersion", "kind", "metadata", "spec"}
 _METADATA_KEYS = {"name", "namespace", "labels", "annotations", "resourceVersion"}
 
 
-def resource_version_problem(value: object) -> str | None:
-    if not isinstance(value, str) or not _RESOURCE_VERSION.fullmatch(value):
-        return "must be a resourceVersion (1 to 64 printable characters, no spaces)"
-    return None
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[object], str | None]:
+    """A check that a value is a string ``pattern`` matches whole: None, or the rule."""
+
+    def problem(value: object) -> str | None:
+        if isinstance(value, str) and pattern.fullmatch(value):
+            return None
+        return f"must be {what}"
+
+    return problem
 
 
-def fingerprint_problem(value: object) -> str | None:
-    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
-        return "must be a fingerprint (32 lower-case hex digits)"
-    return None
+resource_version_problem = _matching(
+    _RESOURCE_VERSION, "a resourceVersion (1 to 64 printable characters, no spaces)"
+)
+fingerprint_problem = _matching(_FINGERPRINT, "a fingerprint (32 lower-case hex digits)")
+commit_problem = _matching(_COMMIT, "a full commit id (40 or 64 lower-case hex digits)")
+content_hash_problem = _matching(_HEX_DIGEST, "a sha256 (64 lower-case hex digits)")
 
 
 def key_problem(key: object) -> str | None:
@@ -99,18 +106,6 @@ def rev_problem(value: object) -> str | None:
     if problem is None and str(value).startswith("-"):
         return "must not start with '-'"
     return problem
-
-
-def commit_problem(value: object) -> str | None:
-    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
-        return "must be a full commit id (40 or 64 lower-case hex digits)"
-    return None
-
-
-def content_hash_problem(value: object) -> str | None:
-    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
-        return "must be a sha256 (64 lower-case hex digits)"
-    return None
 
 
 def _ownership_problem(labels: object, cluster: str, where: str) -> str | None:
