@@ -17,6 +17,7 @@ from reconciler.apply.report import summarise_drift
 from reconciler.cost import CostChange, money
 from reconciler.loop import ClusterOutcome, CycleResult
 from reconciler.tables import Column, plain_lines, transition
+from reconciler.text_safety import visible
 
 CLUSTER_TOTAL = "cluster total"  # a row label no service can have (names are DNS labels)
 
@@ -206,7 +207,9 @@ def format_text(result: CycleResult, *, title: str) -> str:
             out.extend(f"    {note}" for note in notes)
     out.append("")
     out.append(summary_line(result))
-    return "\n".join(out)
+    # Drift details and notes quote annotations and managers from the live cluster,
+    # which anyone with edit rights there wrote: no escape or line break may act.
+    return "\n".join(visible(line) for line in out)
 
 
 def summary_line(result: CycleResult) -> str:
@@ -283,7 +286,9 @@ def format_markdown(result: CycleResult, *, title: str) -> str:
         if drift:
             out += ["**Drift:**", ""] + [f"- {line}" for line in drift] + [""]
     out.append(summary_line(result))
-    return "\n".join(out)
+    # Drift details and notes quote annotations and managers from the live cluster,
+    # which anyone with edit rights there wrote: no escape or line break may act.
+    return "\n".join(visible(line) for line in out)
 
 
 def to_json(result: CycleResult) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from reconciler.commands.reconcile import (
 )
 from reconciler.errors import ConfigError
 from reconciler.tables import Column, plain_lines, transition
+from reconciler.text_safety import visible
 
 if TYPE_CHECKING:  # the loop pulls in prometheus_client: only when status runs
     from reconciler.loop import ClusterOutcome, CycleResult
@@ -445,7 +446,9 @@ def format_text(status: Status) -> str:
     out_of_sync = sum(s.sync != "Synced" for s in services)
     unhealthy = sum(s.health != "Healthy" for s in services)
     out.append(f"{len(services)} service(s): {out_of_sync} OutOfSync, {unhealthy} not Healthy")
-    return "\n".join(out)
+    # Lease holders, drift details and state-object problems quote text anyone with
+    # edit rights in the cluster wrote: no escape or line break of theirs may act.
+    return "\n".join(visible(line) for line in out)
 
 
 def _active(s: ServiceStatus, role: str) -> int:
