@@ -61,7 +61,9 @@ def plan_cluster(
     """
     spec = state.clusters[cluster]
     policies = {p.name: p for p in sorted(state.policies_for(cluster), key=lambda p: p.name)}
-    held = {name: why for name, why in (held or {}).items() if name in policies}
+    held = {
+        name: why for name, why in {**observation.held, **(held or {})}.items() if name in policies
+    }
     notes: list[str] = []
 
     decisions = {}

@@ -6,7 +6,7 @@ interfaces, so the reconcile loop runs unchanged against either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +44,9 @@ class Observation:
 
     fleet: FleetState
     drift: tuple[Drift, ...] = field(default=())
+    # Services whose live objects could not be read reliably (service -> why): the
+    # cycle holds them at the size they run, never scaling on a guess.
+    held: Mapping[str, str] = field(default_factory=dict)
 
 
 class ClusterBackend(Protocol):

@@ -44,6 +44,7 @@ least-privilege RBAC of deploy/ grants only the managed namespaces).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import defaultdict
@@ -66,6 +67,7 @@ from reconciler.apply.render import ObjectKey
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.observe.base import Drift, Observation
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
+from reconciler.text_safety import visible
 
 # Managers that write our objects as part of normal operation (status, revision
 # annotations); anything else on spec fields is somebody changing them by hand.
@@ -103,6 +105,9 @@ class LiveDeployment:
     # spec.replicas as heteroscale last applied it (None: written before the annotation).
     applied_replicas: int | None = None
     replicas_managers: tuple[str, ...] = ()  # managers other than ours owning spec.replicas
+    # Why heteroscale's own annotations on it cannot be trusted (someone wrote a value
+    # heteroscale never writes); None when they read. Its service is held.
+    unreadable: str | None = None
 
     @property
     def replicas_drifted(self) -> bool:
@@ -249,12 +254,23 @@ def _spec_paths(obj: JsonObject, managers: Iterable[str], limit: int = 5) -> lis
     return unique[:limit] + ([f"... {len(unique) - limit} more"] if len(unique) > limit else [])
 
 
-def _applied_replicas(annotations: Mapping[str, Any]) -> int | None:
-    value = annotations.get(names.APPLIED_REPLICAS_ANNOTATION)
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
+# Kubernetes' own bound on spec.replicas (int32): a larger count was never applied.
+MAX_REPLICAS = 2**31 - 1
+_COUNT = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def _count_annotation(annotations: Mapping[str, Any], key: str, *, least: int) -> int | None:
+    """The whole number ``key`` holds (None when absent); ValueError when it is not one
+    heteroscale writes (a decimal from ``least`` to ``MAX_REPLICAS``)."""
+    value = annotations.get(key)
+    if value is None:
         return None
+    if not isinstance(value, str) or not _COUNT.fullmatch(value):
+        raise ValueError(f"{key} is {visible(repr(str(value)[:40]))}, not a whole number")
+    number = int(value)
+    if not least <= number <= MAX_REPLICAS:
+        raise ValueError(f"{key} is {number}, outside {least}..{MAX_REPLICAS}")
+    return number
 
 
 def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
@@ -268,6 +284,22 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         return None
     spec = obj.get("spec", {})
     status = obj.get("status", {})
+    # Our annotations, as someone with edit rights may have rewritten them: a value
+    # heteroscale never writes is not guessed at (not counted, no replica drift taken
+    # back from it); the service is held until it reads again.
+    unreadable: str | None = None
+    try:
+        applied_replicas = _count_annotation(
+            annotations, names.APPLIED_REPLICAS_ANNOTATION, least=0
+        )
+    except ValueError as exc:
+        applied_replicas, unreadable = None, str(exc)
+    try:
+        gpus_per_instance = _count_annotation(
+            annotations, names.GPUS_PER_INSTANCE_ANNOTATION, least=1
+        )
+    except ValueError as exc:
+        gpus_per_instance, unreadable = None, unreadable or str(exc)
     return LiveDeployment(
         key=ObjectKey(meta.get("namespace", ""), meta.get("name", "")),
         service=service,
@@ -279,16 +311,15 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         replicas=_int(spec.get("replicas", 1)),
         ready_replicas=_int(status.get("readyReplicas", 0)),
         template_hash=annotations.get(names.TEMPLATE_HASH_ANNOTATION, ""),
-        gpus_per_instance=_int(annotations[names.GPUS_PER_INSTANCE_ANNOTATION]) or None
-        if names.GPUS_PER_INSTANCE_ANNOTATION in annotations
-        else None,
+        gpus_per_instance=gpus_per_instance,
         resource_version=meta.get("resourceVersion", ""),
         other_managers=_spec_managers(obj),
         foreign_managers=_foreign_managers(obj),
         applied_hash=annotations.get(names.APPLIED_HASH_ANNOTATION, ""),
         raw=obj,
-        applied_replicas=_applied_replicas(annotations),
+        applied_replicas=applied_replicas,
         replicas_managers=_replicas_managers(obj),
+        unreadable=unreadable,
     )
 
 
@@ -736,6 +767,32 @@ def replica_drift(
     return tuple(out)
 
 
+def unreadable_drift(deployments: Iterable[LiveDeployment]) -> tuple[Drift, ...]:
+    """Deployments whose heteroscale annotations hold values it never writes."""
+    return tuple(
+        FieldDrift(
+            "annotations_unreadable",
+            str(d.key),
+            f"{d.unreadable} (written outside heteroscale); service {d.service} is held "
+            "until the annotation reads again",
+            path="metadata.annotations",
+            live=d.unreadable,
+            desired="as heteroscale writes them",
+        )
+        for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name))
+        if d.unreadable is not None
+    )
+
+
+def unreadable_services(deployments: Iterable[LiveDeployment]) -> dict[str, str]:
+    """Services to hold (service -> why): one of their Deployments is unreadable."""
+    held: dict[str, str] = {}
+    for d in sorted(deployments, key=lambda d: (d.key.namespace, d.key.name)):
+        if d.unreadable is not None:
+            held.setdefault(d.service, f"Deployment {d.key}: {d.unreadable}")
+    return held
+
+
 def observation_from_snapshot(
     snapshot: ClusterSnapshot,
     cluster: ClusterSpec,
@@ -748,5 +805,10 @@ def observation_from_snapshot(
         node_drift(cluster, snapshot.nodes)
         + ownership_drift(deployments)
         + replica_drift(deployments, force=force)
+        + unreadable_drift(deployments)
     )
-    return Observation(fleet=fleet_from_snapshot(snapshot, policies), drift=drift)
+    return Observation(
+        fleet=fleet_from_snapshot(snapshot, policies),
+        drift=drift,
+        held=unreadable_services(deployments),
+    )

@@ -233,3 +233,39 @@ def test_replicas_not_as_applied_are_drift_and_the_fleet_counts_what_was_applied
     raw["spec"]["replicas"] = 9
     legacy = parse_deployment(raw)
     assert legacy is not None and not legacy.replicas_drifted and legacy.counted_replicas == 9
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (names.APPLIED_REPLICAS_ANNOTATION, "2147483648"),  # beyond int32: never applied
+        (names.APPLIED_REPLICAS_ANNOTATION, "-3"),
+        (names.APPLIED_REPLICAS_ANNOTATION, "1e9"),
+        (names.APPLIED_REPLICAS_ANNOTATION, "abc\x1b[2J"),
+        (names.GPUS_PER_INSTANCE_ANNOTATION, "0"),
+        (names.GPUS_PER_INSTANCE_ANNOTATION, "-8"),
+        (names.GPUS_PER_INSTANCE_ANNOTATION, "9" * 100_000),
+    ],
+    ids=["int32+1", "negative", "float", "escapes", "zero-gpus", "negative-gpus", "100kb"],
+)
+def test_our_annotations_rewritten_with_garbage_hold_the_service_at_its_live_size(
+    state: DesiredState, key: str, value: str
+) -> None:
+    group = DeploymentGroup(
+        "chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 1), GroupRole("h20", 3)
+    )
+    decode = next(v for k, v in _live(state, [group]).items() if k.name.endswith("-d"))
+    raw = decode.raw
+    raw["metadata"]["annotations"][key] = value
+    forged = parse_deployment(raw)
+    assert forged is not None and forged.unreadable is not None
+    assert "\x1b" not in forged.unreadable and len(forged.unreadable) < 200
+    snapshot = ClusterSnapshot("prod-east", {forged.key: forged}, (), (), 0.0)
+    observation = observation_from_snapshot(snapshot, state.clusters["prod-east"], state.policies)
+    # Counted at the replicas it runs, not at a number nobody applied; never negative.
+    assert observation.fleet.service_fleet("chat").decode.active == 3
+    assert all((g.decode.gpus_per_instance or 1) > 0 for g in observation.fleet.groups)
+    assert set(observation.held) == {"chat"} and key in observation.held["chat"]
+    (item,) = [d for d in observation.drift if d.kind == "annotations_unreadable"]
+    assert "held" in item.detail
+    assert not [d for d in observation.drift if d.kind == "replicas_changed"]

@@ -266,6 +266,13 @@ def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -
     assert held.held == {service: "a write was refused"}
     assert any(n.startswith(f"service {service} held at 3 prefill, 5 decode") for n in held.notes)
 
+    # An observation that could not read the service's objects holds it the same way.
+    unreadable = Observation(observation.fleet, held={service: "annotation unreadable"})
+    held, histories = plan_cluster(state, "prod-east", unreadable, *args[3:])
+    assert not [c for c in held.changes if c.service == service]
+    assert held.held == {service: "annotation unreadable"}
+    assert histories[service].last_change_at_s == 10.0, "cooldown not re-armed"
+
 
 def test_a_service_whose_autoscaler_raises_is_held_and_the_others_still_reconcile(
     state: DesiredState, caplog: pytest.LogCaptureFixture
