@@ -166,8 +166,15 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 def _num(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise StateFormatError(f"{where}: expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        # JSON integers are unbounded: a hand-edited 10**400 must be a format error,
+        # not an OverflowError traceback.
+        try:
+            return float(value)
+        except OverflowError:
+            raise StateFormatError(f"{where}: a number too large for a float") from None
     if isinstance(value, str) and value in _NON_FINITE:
         return _NON_FINITE[value]
     raise StateFormatError(f"{where}: expected a number, got {type(value).__name__}")

@@ -652,3 +652,16 @@ def test_memory_shard_names_derive_from_the_state_objects_and_stay_valid() -> No
     assert len(set(names)) == len(names)  # no shard is another cluster's object
     assert all(len(n) <= 253 and n.replace("-", "").isalnum() and n == n.lower() for n in names)
     assert memory_shard_names("x" * 300, 1)[0].startswith(configmap_name("x" * 300)[:200])
+
+
+def test_a_hand_edited_integer_too_large_for_a_float_is_a_format_error() -> None:
+    from reconciler.durable import DurableState, StateFormatError, decode, encode
+    from reconciler.policy.base import PolicyHistory
+
+    stored = DurableState(
+        cluster="c", saved_at_s=5.0, histories={"chat": PolicyHistory(last_change_at_s=1.0)}
+    )
+    document = json.loads(encode(stored)[0])
+    document["services"]["chat"]["last_change_at_s"] = 10**400
+    with pytest.raises(StateFormatError, match="too large"):
+        decode(json.dumps(document))
