@@ -811,8 +811,12 @@ def stabilise(
     scale-in window, cooldown), then the max step per cycle and the shape again.
     ``floor``: a prefill count that scales out at once (the prefill floor)."""
     # 6. Stabilisation, per role.
+    # A change dated after now (a clock stepped back, a hand-edited state) is none this
+    # policy can date: no cooldown from it, or one such value would hold every scale
+    # for ever (the next change records now in its place).
     cooling = (
-        history.last_change_at_s is not None and now_s - history.last_change_at_s < n.cooldown_s
+        history.last_change_at_s is not None
+        and 0.0 <= now_s - history.last_change_at_s < n.cooldown_s
     )
     stabilised = [0, 0]
     for ri in (0, 1):

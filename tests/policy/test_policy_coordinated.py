@@ -503,6 +503,18 @@ def test_cooldown_blocks_scale_in_after_any_change():
     assert (decision.prefill, decision.decode) == (5, 10)
 
 
+def test_a_change_dated_in_the_future_starts_no_cooldown():
+    """A clock stepped back or a hand-edited state: a cooldown counted from a future
+    change would never end, and the service would stop scaling in for good."""
+    history = steady_history(5, 10, until_s=NOW, span_s=300)
+    future = PolicyHistory(recommendations=history.recommendations, last_change_at_s=NOW + 1e9)
+    decision = decide(
+        stabilised_policy(), fleet(10, 20), metrics(NOW, decode_tps=10000), future, NOW
+    )
+    assert (decision.prefill, decision.decode) == (5, 10)
+    assert not any(c.name == "cooldown" for c in decision.clamps)
+
+
 def test_scale_out_window_takes_the_lowest_recommendation():
     # 60 s window; 45 s ago the recommendation was 22 -> scale out only to 22, not 30.
     policy = stabilised_policy(scale_out_window_s=60)
