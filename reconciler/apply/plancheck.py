@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.apply import names
 from reconciler.apply.dns1123 import label_problem, subdomain_problem
+from reconciler.desired.models import MAX_INSTANCES
 
 if TYPE_CHECKING:
     from reconciler.apply.savedplan import SavedCluster, SavedPlan, WriteStep
@@ -48,7 +49,6 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1 or SHA-256 repositories
 MAX_REV = 255
-MAX_REPLICAS = 100_000
 MAX_TEXT = 1_000
 
 _MANIFEST_KEYS = {"apiVersion", "kind", "metadata", "spec"}
@@ -168,9 +168,9 @@ def manifest_problem(manifest: object, namespace: str, name: str, cluster: str) 
     if (
         isinstance(replicas, bool)
         or not isinstance(replicas, int)
-        or not 0 <= replicas <= MAX_REPLICAS
+        or not 0 <= replicas <= MAX_INSTANCES
     ):
-        return f"spec.replicas must be a whole number from 0 to {MAX_REPLICAS}"
+        return f"spec.replicas must be a whole number from 0 to {MAX_INSTANCES}"
     template = spec.get("template")
     template_meta = template.get("metadata") if isinstance(template, Mapping) else None
     # The Pods the Deployment makes must be ours too: the observer finds them by these.

@@ -50,6 +50,7 @@ DAY_S = 86_400.0
 # today's on-demand list prices.
 MAX_COST_PER_HOUR = 1_000_000.0
 MAX_INSTANCES = 100_000  # per role of one service: 100,000+ GPUs, beyond any fleet
+MAX_GPUS_PER_INSTANCE = 64  # eight 8-GPU nodes: beyond any engine's tensor parallelism
 # Windows and cooldowns: the review warms a fleet up over the longest one at a
 # 30 s cycle, so an hour is 120 cycles; HPA's stabilisation default is 5 minutes.
 WindowSeconds = Annotated[float, Field(ge=0, le=HOUR_S, allow_inf_nan=False)]
@@ -164,7 +165,7 @@ class SLO(StrictModel):
 class RolePolicy(StrictModel):
     """One role (prefill or decode) of a service."""
 
-    gpus_per_instance: Annotated[int, Field(ge=1, le=64)] = Field(
+    gpus_per_instance: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_INSTANCE)] = Field(
         description="GPUs one engine instance of this role uses (its tensor-parallel size)"
     )
     gpu_types: dict[ShortText, Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]] = Field(

@@ -64,7 +64,12 @@ from reconciler.apply.kubeclient import (
     pods_path,
 )
 from reconciler.apply.render import ObjectKey
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import (
+    MAX_GPUS_PER_INSTANCE,
+    MAX_INSTANCES,
+    ClusterSpec,
+    ServicePolicy,
+)
 from reconciler.observe.base import Drift, Observation
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
 from reconciler.text_safety import visible
@@ -254,22 +259,23 @@ def _spec_paths(obj: JsonObject, managers: Iterable[str], limit: int = 5) -> lis
     return unique[:limit] + ([f"... {len(unique) - limit} more"] if len(unique) > limit else [])
 
 
-# Kubernetes' own bound on spec.replicas (int32): a larger count was never applied.
-MAX_REPLICAS = 2**31 - 1
 _COUNT = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
-def _count_annotation(annotations: Mapping[str, Any], key: str, *, least: int) -> int | None:
+def _count_annotation(
+    annotations: Mapping[str, Any], key: str, *, least: int, most: int
+) -> int | None:
     """The whole number ``key`` holds (None when absent); ValueError when it is not one
-    heteroscale writes (a decimal from ``least`` to ``MAX_REPLICAS``)."""
+    heteroscale writes (a decimal from ``least`` to ``most``: what the policy schema
+    allows, so a hand-written 2**31 - 1 is not counted as instances)."""
     value = annotations.get(key)
     if value is None:
         return None
     if not isinstance(value, str) or not _COUNT.fullmatch(value):
         raise ValueError(f"{key} is {visible(repr(str(value)[:40]))}, not a whole number")
     number = int(value)
-    if not least <= number <= MAX_REPLICAS:
-        raise ValueError(f"{key} is {number}, outside {least}..{MAX_REPLICAS}")
+    if not least <= number <= most:
+        raise ValueError(f"{key} is {number}, outside {least}..{most}")
     return number
 
 
@@ -290,13 +296,13 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
     unreadable: str | None = None
     try:
         applied_replicas = _count_annotation(
-            annotations, names.APPLIED_REPLICAS_ANNOTATION, least=0
+            annotations, names.APPLIED_REPLICAS_ANNOTATION, least=0, most=MAX_INSTANCES
         )
     except ValueError as exc:
         applied_replicas, unreadable = None, str(exc)
     try:
         gpus_per_instance = _count_annotation(
-            annotations, names.GPUS_PER_INSTANCE_ANNOTATION, least=1
+            annotations, names.GPUS_PER_INSTANCE_ANNOTATION, least=1, most=MAX_GPUS_PER_INSTANCE
         )
     except ValueError as exc:
         gpus_per_instance, unreadable = None, unreadable or str(exc)

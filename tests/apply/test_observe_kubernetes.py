@@ -239,6 +239,9 @@ def test_replicas_not_as_applied_are_drift_and_the_fleet_counts_what_was_applied
     ("key", "value"),
     [
         (names.APPLIED_REPLICAS_ANNOTATION, "2147483648"),  # beyond int32: never applied
+        # Within int32, beyond any policy's max_instances: never applied either.
+        (names.APPLIED_REPLICAS_ANNOTATION, "2147483647"),
+        (names.GPUS_PER_INSTANCE_ANNOTATION, "65"),
         (names.APPLIED_REPLICAS_ANNOTATION, "-3"),
         (names.APPLIED_REPLICAS_ANNOTATION, "1e9"),
         (names.APPLIED_REPLICAS_ANNOTATION, "abc\x1b[2J"),
@@ -246,7 +249,17 @@ def test_replicas_not_as_applied_are_drift_and_the_fleet_counts_what_was_applied
         (names.GPUS_PER_INSTANCE_ANNOTATION, "-8"),
         (names.GPUS_PER_INSTANCE_ANNOTATION, "9" * 100_000),
     ],
-    ids=["int32+1", "negative", "float", "escapes", "zero-gpus", "negative-gpus", "100kb"],
+    ids=[
+        "int32+1",
+        "int32",
+        "65-gpus",
+        "negative",
+        "float",
+        "escapes",
+        "zero-gpus",
+        "negative-gpus",
+        "100kb",
+    ],
 )
 def test_our_annotations_rewritten_with_garbage_hold_the_service_at_its_live_size(
     state: DesiredState, key: str, value: str
