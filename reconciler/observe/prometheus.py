@@ -207,6 +207,10 @@ class PrometheusSettings:
     (a Kubernetes service-account token): read again every cycle, so a rotated token is
     used from the next cycle on; unreadable or empty, the cycle's metrics are
     unavailable (every service holds)."""
+    max_answer_bytes: int = 32 * 1024 * 1024
+    """Largest answer body read (decoded); a larger one makes the cycle's metrics
+    unavailable. A preset answer holds a row per (service, role), or per (service,
+    le) for the request mix: about 20 MB for 10,000 services."""
     verify_tls: bool = True
     ca_file: str | None = None
     """A PEM bundle of the certificate authorities to verify an HTTPS Prometheus with
@@ -224,6 +228,8 @@ class PrometheusSettings:
             raise ValueError("retries and backoffs must not be negative")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if self.max_answer_bytes < 1:
+            raise ValueError("max_answer_bytes must be positive")
         if self.window_offset_s is not None and self.window_offset_s < 0:
             raise ValueError("window_offset_s must not be negative")
         if self.scrape_interval_s <= 0 or not 0 <= self.min_window_coverage <= 1:
@@ -231,6 +237,12 @@ class PrometheusSettings:
         unknown = (set(self.signals) - set(METRIC_NAMES)) | (set(self.lengths) - set(LENGTH_NAMES))
         if unknown:
             raise ValueError(f"unknown signals: {sorted(unknown)}")
+
+    @property
+    def answer_deadline_s(self) -> float:
+        """How long one HTTP request may take in full, body included: the evaluation
+        timeout once more for the transfer (``timeout_s`` alone bounds each read)."""
+        return 2 * self.timeout_s
 
     @property
     def window_offset(self) -> float:
@@ -698,21 +710,73 @@ class CycleReport:
     gaps: tuple[SignalGap, ...]
 
 
+class AnswerTooLarge(Exception):
+    """An answer's body exceeded ``PrometheusSettings.max_answer_bytes``."""
+
+
+class AnswerTooSlow(requests.Timeout):
+    """An answer's body did not arrive in full within the request's deadline (a server
+    sending a byte now and then never trips the per-read timeout)."""
+
+
+_READ_CHUNK_BYTES = 64 * 1024
+
+
 class _RecordingSession(requests.Session):
     """A requests session that counts what it sends and keeps the last response, so the
-    adapter can read the HTTP status that prometheus-api-client folds into a message."""
+    adapter can read the HTTP status that prometheus-api-client folds into a message.
 
-    def __init__(self) -> None:
+    It also bounds every answer, which the client would read whole into memory: at
+    most ``max_answer_bytes`` (decoded), all of it within ``deadline_s`` of sending,
+    and never a redirect followed (the 3xx comes back as a refused query: an answer
+    from another host is not our Prometheus's, and our headers must not travel
+    there)."""
+
+    def __init__(self, *, max_answer_bytes: int, deadline_s: float) -> None:
         super().__init__()
         self.sent = 0
         self.last_response: requests.Response | None = None
+        self.max_answer_bytes = max_answer_bytes
+        self.deadline_s = deadline_s
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         self.sent += 1
         self.last_response = None
+        deadline = time.monotonic() + self.deadline_s
+        kwargs.update(stream=True, allow_redirects=False)
         response = super().send(request, **kwargs)
+        try:
+            body = self._bounded_body(response, deadline)
+        finally:
+            response.close()
+        # What requests itself stores after reading a body (``Response.content``).
+        response._content = body
+        response._content_consumed = True
         self.last_response = response
         return response
+
+    def _bounded_body(self, response: requests.Response, deadline: float) -> bytes:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_answer_bytes:
+            raise AnswerTooLarge(f"the answer declares {declared} bytes")
+        body = bytearray()
+        # read1 returns what has arrived (at most a chunk, decompressed), so the
+        # deadline is checked between a trickling server's bytes.
+        while True:
+            try:
+                chunk = response.raw.read1(_READ_CHUNK_BYTES, decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError as exc:  # as requests would say it
+                raise requests.ReadTimeout(str(exc)) from exc
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > self.max_answer_bytes:
+                raise AnswerTooLarge(f"the answer exceeds {self.max_answer_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise AnswerTooSlow(
+                    f"the answer did not arrive in full within {format_number(self.deadline_s)} s"
+                )
+        return bytes(body)
 
 
 class _Retryable(Exception):
@@ -726,7 +790,9 @@ class _Connection:
     """One HTTP session and client; used by one query at a time."""
 
     def __init__(self, settings: PrometheusSettings) -> None:
-        self.session = _RecordingSession()
+        self.session = _RecordingSession(
+            max_answer_bytes=settings.max_answer_bytes, deadline_s=settings.answer_deadline_s
+        )
         self.session.verify = settings.tls_verify
         self.client = PrometheusConnect(
             url=settings.url.rstrip("/"),
@@ -918,6 +984,15 @@ class PrometheusMetricsSource:
             result = connection.client.custom_query(promql, params=params)
         except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON
             raise self._not_the_api(promql, exc) from exc
+        except AnswerTooLarge as exc:  # asking again would only read as much again
+            raise MetricsUnavailable(
+                f"Prometheus at {self.settings.url} answered the {signal} query with more "
+                "than max_answer_bytes",
+                query=promql,
+                cause=str(exc),
+            ) from exc
+        except AnswerTooSlow as exc:
+            raise _Retryable(str(exc)) from exc
         except requests.Timeout as exc:
             raise _Retryable(
                 f"no answer within {format_number(self.settings.timeout_s)} s ({type(exc).__name__})"
@@ -962,6 +1037,8 @@ def _error_message(response: requests.Response | None) -> str:
     """The ``error`` field of a Prometheus API error body, or the body's start."""
     if response is None:
         return ""
+    if response.is_redirect:
+        return f"redirected to {response.headers.get('Location', '?')}, not followed"
     try:
         body = response.json()
     except ValueError:
