@@ -142,6 +142,7 @@ from reconciler.state import (
     Sample,
     ServiceMetrics,
 )
+from reconciler.text_safety import visible
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ def parse_vector(result: Any) -> list[Row]:
             at_s, text = item["value"]
             rows.append(Row(dict(labels), float(text), float(at_s)))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not an instant-vector sample: {item!r}") from exc
+            raise ValueError(f"not an instant-vector sample: {quoted(repr(item))}") from exc
     return rows
 
 
@@ -671,7 +672,7 @@ def _buckets(rows: Sequence[Row]) -> _Read:
         try:
             le = float(text)  # "+Inf" included
         except ValueError:
-            return None, f"le={text!r} is not a bucket bound"
+            return None, f"le={quoted(repr(text))} is not a bucket bound"
         if le in by_le:
             return (
                 None,
@@ -973,7 +974,7 @@ class PrometheusMetricsSource:
         return MetricsUnavailable(
             f"{self.settings.url} did not answer like the Prometheus HTTP API",
             query=promql,
-            cause=f"{type(exc).__name__}: {exc}",
+            cause=quoted(f"{type(exc).__name__}: {exc}"),
         )
 
     def _attempt(
@@ -1021,7 +1022,7 @@ class PrometheusMetricsSource:
     ) -> QueryRejected:
         response = connection.session.last_response
         status = response.status_code if response is not None else None
-        message = _error_message(response) or str(exc)
+        message = _error_message(response) or quoted(str(exc))
         if status in (400, 422):
             return QueryRejected(message)
         if status is not None and (status == 429 or status >= 500):
@@ -1033,20 +1034,32 @@ class PrometheusMetricsSource:
         ) from exc
 
 
+_QUOTED_CHARS = 300
+
+
+def quoted(text: str) -> str:
+    """Text from an answer (an error message quoting a label value, a body) as it may
+    appear in a log line, a gap reason or a status: its start only, and every control
+    or invisible character shown escaped (``text_safety.visible``), so an engine's
+    label value cannot clear a terminal or forge a line."""
+    shortened = text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "..."
+    return visible(shortened)
+
+
 def _error_message(response: requests.Response | None) -> str:
     """The ``error`` field of a Prometheus API error body, or the body's start."""
     if response is None:
         return ""
     if response.is_redirect:
-        return f"redirected to {response.headers.get('Location', '?')}, not followed"
+        return quoted(f"redirected to {response.headers.get('Location', '?')}, not followed")
     try:
         body = response.json()
     except ValueError:
-        return response.text[:300]
+        return quoted(response.text)
     if isinstance(body, dict) and "error" in body:
         kind = body.get("errorType")
-        return f"{kind}: {body['error']}" if kind else str(body["error"])
-    return response.text[:300]
+        return quoted(f"{kind}: {body['error']}" if kind else str(body["error"]))
+    return quoted(response.text)
 
 
 # ------------------------------------------------------------------- set-up checks

@@ -129,3 +129,31 @@ def test_a_redirect_to_another_host_is_not_followed(fake_prometheus: StartFake) 
     assert elsewhere.received == 0  # neither our headers nor our queries went there
     assert "HTTP 302" in str(raised.value)
     assert f"redirected to {elsewhere.url}" in str(raised.value)
+
+
+def test_an_error_message_quoting_a_label_value_is_logged_escaped_and_bounded(
+    fake_prometheus: StartFake, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prometheus' errors quote label sets ("found duplicate series for the match group
+    # {service=...}"), and an engine's label value may hold anything.
+    forged = "\x1b[31mAPPROVED\nfake line " + "A" * 10_000
+    error = json.dumps({"status": "error", "errorType": "execution", "error": forged})
+    server = fake_prometheus([Reply(status=422, body=error)])
+    with caplog.at_level("WARNING"):
+        metrics = _source(server.url).fetch([make_policy("a")], 1000.0)
+    assert metrics["a"].decode_tps is None
+    assert caplog.records
+    for record in caplog.records:
+        line = record.getMessage()
+        assert "\x1b" not in line and "\n" not in line and len(line) < 500
+    assert "\\x1b[31mAPPROVED\\nfake line" in caplog.records[0].getMessage()
+
+
+def test_a_refusal_body_is_escaped_and_bounded_in_the_unavailable_error(
+    fake_prometheus: StartFake,
+) -> None:
+    server = fake_prometheus([Reply(status=401, body="\x1b[2J" + "z" * 10_000)])
+    with pytest.raises(MetricsUnavailable) as raised:
+        _source(server.url).fetch([make_policy("a")], 1000.0)
+    assert raised.value.cause is not None
+    assert "\x1b" not in raised.value.cause and len(raised.value.cause) < 500

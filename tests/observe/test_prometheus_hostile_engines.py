@@ -1,0 +1,107 @@
+"""Engines whose ``/metrics`` are written by whoever runs a pod: label values with
+terminal escapes, bidirectional overrides and 10 KB of text, scraped by a real
+Prometheus. Whatever such a series carries, the text it puts into a gap reason (a log
+line, a status) is escaped and bounded, and its neighbours are read as usual."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+from observe_helpers import RATE_WINDOW_S, _Server, make_policy, require_prometheus, settings_for
+
+from reconciler.observe.local_prometheus import LocalPrometheus
+from reconciler.observe.prometheus import PrometheusMetricsSource
+
+pytestmark = pytest.mark.fault
+
+HOSTILE = "mix-hostile"
+BYSTANDER = "mix-bystander"
+HOSTILE_LE = "\x1b[2J\u202e" + "A" * 10_000
+BOUNDS = ("128", "1024", "+Inf")
+
+
+def _prompt_histogram(service: str, bounds: tuple[str, ...], requests: int) -> list[str]:
+    """vLLM's prompt-length histogram of one prefill pod, ``requests`` observations in
+    each bucket's share (cumulative), in the text exposition format."""
+    name = "vllm:request_prompt_tokens"
+    labels = f'service="{service}",role="prefill"'
+    lines = [
+        f'{name}_bucket{{{labels},le="{le}"}} {requests * (i + 1)}' for i, le in enumerate(bounds)
+    ]
+    lines += [f"{name}_count{{{labels}}} {requests * len(bounds)}", f"{name}_sum{{{labels}}} 0"]
+    return lines
+
+
+class _Engines(_Server):
+    """One ``/metrics`` for both services; its counters grow ten a second."""
+
+    def __init__(self) -> None:
+        self.started_s = time.time()
+        super().__init__(_EnginesHandler)
+
+    def text(self) -> str:
+        requests = int((time.time() - self.started_s) * 10)
+        lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
+        lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
+        return "\n".join(lines) + "\n"
+
+
+class _EnginesHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        engines: _Engines = self.server.owner  # type: ignore[attr-defined]
+        body = engines.text().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def hostile_prometheus() -> Iterator[LocalPrometheus]:
+    require_prometheus()
+    engines = _Engines()
+    workdir = Path(tempfile.mkdtemp(prefix="heteroscale-hostile-"))
+    prometheus = LocalPrometheus(scrape_interval_s=1.0, workdir=workdir)
+    try:
+        prometheus.set_targets([engines.url.removeprefix("http://")])
+        prometheus.start()
+        prometheus.wait_for_targets(prometheus.targets(), timeout_s=30)
+        time.sleep(RATE_WINDOW_S + 2.0)  # one covered rate window
+        yield prometheus
+    finally:
+        engines.close()
+        prometheus.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_hostile_bucket_label_is_missing_with_an_escaped_bounded_reason(
+    hostile_prometheus: LocalPrometheus,
+) -> None:
+    source = PrometheusMetricsSource(
+        settings_for(hostile_prometheus.url, lengths=("prompt_tokens",))
+    )
+    metrics = source.fetch([make_policy(HOSTILE), make_policy(BYSTANDER)], time.time())
+
+    assert metrics[HOSTILE].prompt_tokens is None
+    assert metrics[BYSTANDER].prompt_tokens is not None  # its neighbour is read as usual
+    assert source.last_report is not None
+    reasons = [
+        gap.reason
+        for gap in source.last_report.gaps
+        if gap.service == HOSTILE and gap.signal == "prompt_tokens"
+    ]
+    assert len(reasons) == 1
+    assert "is not a bucket bound" in reasons[0]
+    assert "\x1b" not in reasons[0] and "\u202e" not in reasons[0]
+    assert len(reasons[0]) < 500  # the 10 KB value is cut, not copied into every cycle's report
