@@ -968,9 +968,19 @@ class PrometheusMetricsSource:
             cause=cause,
         )
 
-    def _not_the_api(self, promql: str, exc: Exception) -> MetricsUnavailable:
+    def _not_the_api(
+        self, promql: str, exc: Exception, connection: _Connection
+    ) -> MetricsUnavailable:
         """The error for an answer that is not the Prometheus HTTP API's (caught apart
-        from the transport's errors: requests' JSONDecodeError is one of those too)."""
+        from the transport's errors: requests' JSONDecodeError is one of those too).
+        An error body sent with HTTP 200 (a proxy's) says what went wrong itself."""
+        response = connection.session.last_response
+        if _is_error_body(response):
+            return MetricsUnavailable(
+                f"{self.settings.url} answered with an error body (HTTP 200)",
+                query=promql,
+                cause=_error_message(response),
+            )
         return MetricsUnavailable(
             f"{self.settings.url} did not answer like the Prometheus HTTP API",
             query=promql,
@@ -984,7 +994,7 @@ class PrometheusMetricsSource:
         try:
             result = connection.client.custom_query(promql, params=params)
         except requests.exceptions.JSONDecodeError as exc:  # a 200 that is not JSON
-            raise self._not_the_api(promql, exc) from exc
+            raise self._not_the_api(promql, exc, connection) from exc
         except AnswerTooLarge as exc:  # asking again would only read as much again
             raise MetricsUnavailable(
                 f"Prometheus at {self.settings.url} answered the {signal} query with more "
@@ -1003,7 +1013,7 @@ class PrometheusMetricsSource:
         except PrometheusApiClientException as exc:
             return self._classify_http_error(exc, promql, signal, connection)
         except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
-            raise self._not_the_api(promql, exc) from exc
+            raise self._not_the_api(promql, exc, connection) from exc
         try:
             return parse_vector(result)
         except ValueError as exc:
@@ -1044,6 +1054,17 @@ def quoted(text: str) -> str:
     label value cannot clear a terminal or forge a line."""
     shortened = text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "..."
     return visible(shortened)
+
+
+def _is_error_body(response: requests.Response | None) -> bool:
+    """Whether ``response`` carries a Prometheus API error (``"status": "error"``)."""
+    if response is None:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == "error"
 
 
 def _error_message(response: requests.Response | None) -> str:

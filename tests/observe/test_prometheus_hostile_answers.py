@@ -157,3 +157,14 @@ def test_a_refusal_body_is_escaped_and_bounded_in_the_unavailable_error(
         _source(server.url).fetch([make_policy("a")], 1000.0)
     assert raised.value.cause is not None
     assert "\x1b" not in raised.value.cause and len(raised.value.cause) < 500
+
+
+def test_an_error_body_sent_with_http_200_is_unavailable_with_its_own_message(
+    fake_prometheus: StartFake,
+) -> None:
+    error = {"status": "error", "errorType": "timeout", "error": "query timed out in \x1b[2J"}
+    server = fake_prometheus([Reply(status=200, body=json.dumps(error))])
+    with pytest.raises(MetricsUnavailable) as raised:
+        _source(server.url).fetch([make_policy("a")], 1000.0)
+    assert "error body (HTTP 200)" in str(raised.value)
+    assert raised.value.cause == "timeout: query timed out in \\x1b[2J"
