@@ -672,13 +672,20 @@ def _buckets(rows: Sequence[Row]) -> _Read:
         try:
             le = float(text)  # "+Inf" included
         except ValueError:
+            le = math.nan
+        if math.isnan(le):
             return None, f"le={quoted(repr(text))} is not a bucket bound"
         if le in by_le:
             return (
                 None,
-                "several series for one (service, le); the query must aggregate by (service, le)",
+                f"several series for one (service, le={quoted(repr(text))}); the query must "
+                "aggregate by (service, le) and each bound appear once",
             )
         by_le[le] = row.value
+    if math.inf not in by_le:
+        # Requests above the largest bound are not counted at all: the mix would read
+        # shorter than it is (histogram_quantile calls such a histogram NaN too).
+        return None, "no +Inf bucket: requests above the largest bound are not counted"
     bounds = tuple(sorted(by_le))
     cumulative = tuple(by_le[le] for le in bounds)
     for value in cumulative:

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.fault
 HOSTILE = "mix-hostile"
 BYSTANDER = "mix-bystander"
 HOSTILE_LE = "\x1b[2J\u202e" + "A" * 10_000
+TRUNCATED = "mix-truncated"
 BOUNDS = ("128", "1024", "+Inf")
 
 
@@ -50,6 +51,7 @@ class _Engines(_Server):
         requests = int((time.time() - self.started_s) * 10)
         lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
         lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
+        lines += _prompt_histogram(TRUNCATED, ("128", "1024"), requests)
         return "\n".join(lines) + "\n"
 
 
@@ -105,3 +107,20 @@ def test_a_hostile_bucket_label_is_missing_with_an_escaped_bounded_reason(
     assert "is not a bucket bound" in reasons[0]
     assert "\x1b" not in reasons[0] and "\u202e" not in reasons[0]
     assert len(reasons[0]) < 500  # the 10 KB value is cut, not copied into every cycle's report
+
+
+def test_a_length_histogram_without_an_inf_bucket_is_missing_not_truncated(
+    hostile_prometheus: LocalPrometheus,
+) -> None:
+    # Requests longer than the largest bound would not be counted: the mix would read
+    # shorter than it is, and the planner would size for lighter requests.
+    source = PrometheusMetricsSource(
+        settings_for(hostile_prometheus.url, lengths=("prompt_tokens",))
+    )
+    metrics = source.fetch([make_policy(TRUNCATED)], time.time())
+
+    assert metrics[TRUNCATED].prompt_tokens is None
+    assert source.last_report is not None
+    assert [gap.reason for gap in source.last_report.gaps if gap.signal == "prompt_tokens"] == [
+        "no +Inf bucket: requests above the largest bound are not counted"
+    ]

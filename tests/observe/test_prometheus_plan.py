@@ -320,6 +320,7 @@ class TestRequestMix:
             _bucket("0", "a", "1000.0", 10.0),
             _bucket("0", "a", "100.0", 4.0),
             _bucket("0", "b", "100.0", 1.0),  # another service's rows stay its own
+            _bucket("0", "b", "+Inf", 1.0),
             _bucket("0t", "a", None, NOW - 5),
         ]
         metrics, gaps = self._assemble(rows)
@@ -349,6 +350,11 @@ class TestRequestMix:
                 "a series without an 'le' label; the query must aggregate by (service, le)",
             ),
             ([_bucket("0", "a", "lots", 3.0)], "le='lots' is not a bucket bound"),
+            ([_bucket("0", "a", "NaN", 3.0)], "le='NaN' is not a bucket bound"),
+            (
+                [_bucket("0", "a", "100.0", 3.0)],
+                "no +Inf bucket: requests above the largest bound are not counted",
+            ),
         ],
     )
     def test_unusable_histograms_are_missing_with_a_reason(
