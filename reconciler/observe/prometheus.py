@@ -595,6 +595,10 @@ def _coverage_problem(
     return coverage.problem(max((row.value for row in rows), default=0.0))
 
 
+_FUTURE_LEEWAY_S = 1.0
+"""How far after the evaluation time a sample time may lie (float rounding), at most."""
+
+
 def _sampled_at(
     rows: Sequence[Row],
     fresh_rows: Mapping[tuple[str, str | None], list[Row]] | None,
@@ -613,6 +617,13 @@ def _sampled_at(
         if not fresh:
             return None, "no current sample (series stale: target gone or not scraped)"
         at_s = min(row.value for row in fresh)
+    # Prometheus evaluates at ``now_s`` and never returns a later sample; an answer
+    # that does (or a NaN time, which every age comparison would pass) is broken.
+    if not math.isfinite(at_s) or at_s > now_s + _FUTURE_LEEWAY_S:
+        return (
+            None,
+            f"sample time {format_number(at_s)} is not a time before {format_number(now_s)}",
+        )
     age_s = now_s - at_s
     if age_s > max_age_s:
         return None, f"stale: newest sample {age_s:.0f} s old > {format_number(max_age_s)} s"

@@ -187,6 +187,20 @@ class TestAssemble:
         assert metrics["a"].decode_tps is None
         assert "stale" in gaps[0].reason
 
+    @pytest.mark.parametrize("sampled_at", [NOW + 3600.0, math.nan, math.inf])
+    def test_a_sample_time_after_the_evaluation_or_not_a_number_is_missing(
+        self, sampled_at: float
+    ) -> None:
+        # A broken or forged answer; a NaN time would pass every age comparison.
+        metrics, gaps = self._assemble(
+            [_row("0", "a", "decode", 5.0), _row("0t", "a", "decode", sampled_at)]
+        )
+        assert metrics["a"].decode_tps is None
+        assert any(
+            g.service == "a" and g.signal == "decode_tps" and "is not a time before" in g.reason
+            for g in gaps
+        )
+
     @pytest.mark.parametrize(
         ("age_s", "usable"), [(0.0, True), (90.0, True), (90.5, False), (3600.0, False)]
     )
