@@ -428,26 +428,23 @@ def _collection(base: str, name: str | None, kind: str) -> str:
     return base if name is None else f"{base}/{name_segment(name, kind)}"
 
 
+def _namespaced(api: str, resource: str, kind: str, namespace: str | None, name: str | None) -> str:
+    """``{api}/{resource}`` across namespaces, or in one, and the object ``name``."""
+    if namespace is None:
+        return _collection(f"{api}/{resource}", name, kind)
+    return _collection(f"{api}/namespaces/{namespace_segment(namespace)}/{resource}", name, kind)
+
+
 # Every name goes through ``dns1123`` (refused unless a valid Kubernetes name): a name
 # holding '/' or '..' would address another object (``quote`` keeps '/'). A namespace
 # of None is every namespace, a name of None the collection; an empty string is
 # refused, not read as either.
 def deployments_path(namespace: str | None = None, name: str | None = None) -> str:
-    base = (
-        "/apis/apps/v1/deployments"
-        if namespace is None
-        else f"/apis/apps/v1/namespaces/{namespace_segment(namespace)}/deployments"
-    )
-    return _collection(base, name, "Deployment")
+    return _namespaced("/apis/apps/v1", "deployments", "Deployment", namespace, name)
 
 
 def pods_path(namespace: str | None = None, name: str | None = None) -> str:
-    base = (
-        "/api/v1/pods"
-        if namespace is None
-        else f"/api/v1/namespaces/{namespace_segment(namespace)}/pods"
-    )
-    return _collection(base, name, "Pod")
+    return _namespaced("/api/v1", "pods", "Pod", namespace, name)
 
 
 def nodes_path(name: str | None = None) -> str:
@@ -455,5 +452,4 @@ def nodes_path(name: str | None = None) -> str:
 
 
 def leases_path(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace_segment(namespace)}/leases"
-    return _collection(base, name, "Lease")
+    return _namespaced("/apis/coordination.k8s.io/v1", "leases", "Lease", namespace, name)
