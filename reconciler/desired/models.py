@@ -50,6 +50,9 @@ DAY_S = 86_400.0
 # today's on-demand list prices.
 MAX_COST_PER_HOUR = 1_000_000.0
 MAX_INSTANCES = 100_000  # per role of one service: 100,000+ GPUs, beyond any fleet
+# The least per-instance target: a thousandth of a token/s, or of full utilisation. Any
+# less sized a fleet of 1e305 instances before the clamp, and said so in its message.
+MIN_TARGET = 1e-3
 MAX_GPUS_PER_INSTANCE = 64  # eight 8-GPU nodes: beyond any engine's tensor parallelism
 # Windows and cooldowns: the review warms a fleet up over the longest one at a
 # 30 s cycle, so an hour is 120 cycles; HPA's stabilisation default is 5 minutes.
@@ -246,7 +249,9 @@ class Scaling(StrictModel):
     """How the policy turns signals into instance counts."""
 
     metric: ScalingMetric = Field(default="decode_tps", description="the primary signal")
-    target_per_instance: Annotated[float, Field(gt=0, le=1e8, allow_inf_nan=False)] | None = Field(
+    target_per_instance: (
+        Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)] | None
+    ) = Field(
         default=None,
         description="at most 1e8 (a hundred times the fastest instance's tokens/s). "
         "Per-instance target of the primary metric (tokens/s for TPS, fraction for "
@@ -256,7 +261,7 @@ class Scaling(StrictModel):
         "and is what heteroscale-paper scales on",
     )
     prefill_target_per_instance: (
-        Annotated[float, Field(gt=0, le=1e8, allow_inf_nan=False)] | None
+        Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)] | None
     ) = Field(
         default=None,
         description="prompt tokens/s per prefill instance, at most 1e8. Omitted: derived from the "

@@ -284,6 +284,15 @@ def test_every_number_has_a_sane_upper_bound(
     assert any("policies/chat.yaml:" in m and f" {field}: " in m for m in found), found
 
 
+def test_a_per_instance_target_has_a_floor(example_repo: Path) -> None:
+    """1e-300 tokens/s per instance sized ~1e305 instances before the clamp."""
+    policy = example_repo / "policies/chat.yaml"
+    edit(policy, "scaling:\n", "scaling:\n  target_per_instance: 1e-300\n")
+    [found] = problems(example_repo)
+    assert "policies/chat.yaml:" in found and " scaling.target_per_instance: " in found
+    assert "greater than or equal to 0.001" in found
+
+
 def test_cluster_numbers_are_bounded_too(example_repo: Path) -> None:
     cluster = example_repo / "clusters/prod-east.yaml"
     edit(cluster, "rdma_gbps: 400", "rdma_gbps: 1e12")
