@@ -248,7 +248,7 @@ def service_status(
 
 def read_leader(client: Any, home: LeaseRef, now_s: float) -> Leader:
     from reconciler.apply.kubeclient import NotFound, leases_path
-    from reconciler.apply.lease import parse_lease
+    from reconciler.apply.lease import parse_lease, parse_micro_time
 
     try:
         record = parse_lease(client.get(leases_path(home.namespace, home.name)))
@@ -257,11 +257,15 @@ def read_leader(client: Any, home: LeaseRef, now_s: float) -> Leader:
     if not record.holder:
         return Leader(None, record.renew_time, "none (the Lease is released)")
     detail = ""
-    if record.renew_time:
-        renewed = dt.datetime.strptime(record.renew_time[:19], "%Y-%m-%dT%H:%M:%S")
-        age = now_s - renewed.replace(tzinfo=dt.UTC).timestamp()
+    renewed_s = parse_micro_time(record.renew_time)  # the one reading the elector uses
+    if record.renew_time and renewed_s is None:
+        detail = "; renewTime unreadable"
+    elif renewed_s is not None:
+        age = now_s - renewed_s
         if age > record.duration_s:
             detail = f"; expired {age - record.duration_s:.0f} s ago"
+        elif age < 0:
+            detail = f"; renewed {-age:.0f} s in the future (a clock ahead?)"
     return Leader(record.holder, record.renew_time, detail)
 
 

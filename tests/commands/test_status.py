@@ -3,6 +3,7 @@ its JSON shape and exit codes, and the health rules on hand-built cycle outcomes
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -227,3 +228,35 @@ def test_a_role_on_several_gpu_types_shows_each() -> None:
         gpu_types={"prefill": {"h800": 32}, "decode": {"h20": 28, "h800": 4}},
     )
     assert instances(status) == "prefill 32->32, decode 32->34 (h20 28, h800 4)"
+
+
+class _LeaseOnly:
+    """A client whose one object is the reconciler's Lease, as ``read_leader`` reads it."""
+
+    def __init__(self, renew_time: str) -> None:
+        self.renew_time = renew_time
+
+    def get(self, path: str) -> dict[str, object]:
+        spec = {"holderIdentity": "replica-a", "leaseDurationSeconds": 15}
+        return {"spec": {**spec, "renewTime": self.renew_time}}
+
+
+@pytest.mark.parametrize(
+    ("renew_time", "detail"),
+    [
+        ("2026-01-01T00:00:00.000000Z", ""),  # renewed 10 s ago, a 15 s lease
+        ("2026-01-01T00:00:00Z", ""),  # whole seconds, as some servers write it
+        ("2025-12-31T23:59:00.000000Z", "; expired 55 s ago"),
+        ("2026-01-01T00:10:00.000000Z", "; renewed 590 s in the future (a clock ahead?)"),
+        ("yesterday", "; renewTime unreadable"),  # was a ValueError traceback
+    ],
+)
+def test_the_leader_is_read_from_any_renew_time_the_elector_reads(
+    renew_time: str, detail: str
+) -> None:
+    from reconciler.commands.reconcile import LeaseRef
+    from reconciler.commands.status import read_leader
+
+    now_s = dt.datetime(2026, 1, 1, 0, 0, 10, tzinfo=dt.UTC).timestamp()
+    leader = read_leader(_LeaseOnly(renew_time), LeaseRef(), now_s)
+    assert (leader.holder, leader.detail) == ("replica-a", detail)
