@@ -1080,6 +1080,12 @@ def register(app: typer.Typer) -> None:
         change from base to head: config diff, fleet diff and what-if replay (of
         --trace, or a synthetic day per service; --plot writes one PNG per service)."""
         if base is not None or head is not None:
+            if out is not None:
+                # A review compares two revisions; a saved plan is one cycle of one.
+                raise typer.BadParameter(
+                    "a review writes no saved plan: run `plan --rev REV --out` for one",
+                    param_hint="--out",
+                )
             _check_autoscaler(settings.autoscaler)
             raise typer.Exit(
                 _review(

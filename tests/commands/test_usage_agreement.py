@@ -42,6 +42,17 @@ def test_plan_without_base_refuses_what_only_the_review_replays(
     assert option in result.output and "add --base REV" in result.output
 
 
+def test_a_review_refuses_out_rather_than_write_no_plan(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["plan", "--base", "HEAD", "--out", str(tmp_path / "plan.json")],
+        terminal_width=200,
+    )
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and "a review writes no saved plan" in result.output
+    assert not (tmp_path / "plan.json").exists()
+
+
 def test_a_plan_whose_cluster_failed_says_so_and_not_no_changes(tmp_path: Path) -> None:
     config = tmp_path / "kubeconfig"
     config.write_text(
