@@ -23,9 +23,11 @@ class BoundedReadError(Exception):
     """A file that cannot be read within the bounds; ``reason`` says why, for a
     message that names the file (the caller's error type carries the path)."""
 
-    def __init__(self, reason: str, *, partial: bytes = b""):
+    def __init__(self, reason: str, *, partial: bytes = b"", over_limit: bool = False):
         super().__init__(reason)
         self.reason = reason
+        # The file or its inflated stream is larger than allowed (not unreadable).
+        self.over_limit = over_limit
         # What a truncated gzip stream held before it stopped (to locate the cut).
         self.partial = partial
 
@@ -56,7 +58,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
     with os.fdopen(fd, "rb") as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise BoundedReadError(f"is larger than the {_mib(max_bytes)} limit")
+        raise BoundedReadError(f"is larger than the {_mib(max_bytes)} limit", over_limit=True)
     return data
 
 
@@ -77,7 +79,9 @@ def gunzip_bounded(raw: bytes, max_bytes: int) -> bytes:
         except zlib.error as exc:
             raise BoundedReadError(f"not a readable gzip file ({exc})") from None
         if len(out) > max_bytes:
-            raise BoundedReadError(f"inflates to more than the {_mib(max_bytes)} limit")
+            raise BoundedReadError(
+                f"inflates to more than the {_mib(max_bytes)} limit", over_limit=True
+            )
         if not decoder.eof:
             raise BoundedReadError("truncated gzip stream", partial=bytes(out))
         data = decoder.unused_data

@@ -304,7 +304,7 @@ def _trace_text(path: Path) -> str:
     except FileNotFoundError:
         raise TraceError(path, "no such file") from None
     except BoundedReadError as exc:
-        hint = ": sample or split the trace" if "limit" in exc.reason else ""
+        hint = ": sample or split the trace" if exc.over_limit else ""
         raise TraceError(path, f"{exc.reason}{hint}") from None
     except OSError as exc:
         raise TraceError(path, f"cannot be read ({exc.strerror or exc})") from None
@@ -318,7 +318,7 @@ def _trace_text(path: Path) -> str:
                 raise TraceError(
                     path, f"truncated gzip stream: data ends in line {lines}", line=lines
                 ) from None
-            if "limit" in exc.reason:
+            if exc.over_limit:
                 raise TraceError(
                     path,
                     f"gzip stream inflates to more than the {limit} limit: sample or split "
