@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from reconciler.bounded_read import BoundedReadError, read_regular_file
+
 MAX_FILE_BYTES = 5 * 1024 * 1024
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -276,7 +278,10 @@ class DirectorySource:
             raise SourceError(path, "no such file")
         try:
             _check_size(path, found[1].stat().st_size)
-            return found[1].read_bytes()
+            # Bounded too: a file that grows between the stat and the read.
+            return read_regular_file(found[1], MAX_FILE_BYTES)
+        except BoundedReadError as exc:
+            raise SourceError(path, exc.reason) from None
         except OSError as exc:
             raise SourceError(path, f"cannot be read ({_reason(exc)})") from None
 
