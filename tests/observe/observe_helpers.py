@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import ssl
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -938,3 +941,47 @@ def require_prometheus() -> None:
             "the prometheus/promtool binaries are not installed "
             "(apt-get install prometheus); CI installs them"
         )
+
+
+class TextExporter(_Server):
+    """A ``/metrics`` that serves whatever ``text()`` writes, in the text exposition
+    format: for tests whose series are written by hand (hostile or unusual engines)."""
+
+    def __init__(self, text: Callable[[], str]) -> None:
+        self.text = text
+        super().__init__(_TextHandler)
+
+
+class _TextHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        exporter: TextExporter = self.server.owner  # type: ignore[attr-defined]
+        body = exporter.text().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def scraping(
+    exporter: TextExporter, *, settle_s: float, rules: dict[str, Any] | None = None
+) -> Iterator[LocalPrometheus]:
+    """A real Prometheus scraping ``exporter`` every second (its ``pod`` and ``service``
+    labels honoured), ``settle_s`` after its first scrape; closes both."""
+    require_prometheus()
+    workdir = Path(tempfile.mkdtemp(prefix="heteroscale-text-"))
+    prometheus = LocalPrometheus(scrape_interval_s=1.0, workdir=workdir, rules=rules)
+    try:
+        prometheus.set_targets([exporter.url.removeprefix("http://")])
+        prometheus.start()
+        prometheus.wait_for_targets(prometheus.targets(), timeout_s=30)
+        time.sleep(settle_s)
+        yield prometheus
+    finally:
+        exporter.close()
+        prometheus.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)

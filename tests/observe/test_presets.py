@@ -67,14 +67,14 @@ class TestVllmQueries:
         assert "* 0)" in q
 
     def test_decode_tps_sums_generation_rate_by_service_and_role(self) -> None:
-        q = _query("vllm", "decode_tps")
-        assert (
-            'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[60s]))' in q
+        assert _query("vllm", "decode_tps") == (
+            'sum by (service, role) (rate(vllm:generation_tokens_total{role="decode"}[60s])'
+            ' or rate(vllm_generation_tokens_total{role="decode"}[60s]))'
         )
 
     def test_latencies_are_histogram_quantiles_at_the_policy_quantile_in_ms(self) -> None:
         ttft = _query("vllm", "ttft", quantile=0.99)
-        assert ttft.startswith("(histogram_quantile(0.99, sum by (service, role, le)")
+        assert ttft.startswith("histogram_quantile(0.99, sum by (service, role, le)")
         assert 'vllm:time_to_first_token_seconds_bucket{role="prefill"}[60s]' in ttft
         assert ttft.endswith("* 1000")
         tbt = _query("vllm", "tbt")
@@ -87,15 +87,19 @@ class TestVllmQueries:
     def test_the_mean_tbt_is_the_histograms_sum_over_its_count_in_ms(self) -> None:
         q = _query("vllm", "tbt_mean")
         assert q.endswith("* 1000")
-        # Each name's sum over its own count (never one histogram's over another's).
-        for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
-            assert (
-                f'sum by (service, role) (rate({name}_sum{{role="decode"}}[60s])) '
-                f'/ sum by (service, role) (rate({name}_count{{role="decode"}}[60s]))'
-            ) in q
-        assert q.index("vllm:inter_token_latency_seconds_sum") < q.index(
-            "vllm:time_per_output_token_seconds_sum"
+        # Every name's sums over every name's counts, each pod under the same first
+        # name in both unions (never one histogram's sum over another's count).
+        names = [
+            "vllm:inter_token_latency_seconds",
+            "vllm_inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",
+            "vllm_time_per_output_token_seconds",
+        ]
+        sums, counts = (
+            " or ".join(f'rate({name}_{part}{{role="decode"}}[60s])' for name in names)
+            for part in ("sum", "count")
         )
+        assert q == f"sum by (service, role) ({sums}) / sum by (service, role) ({counts}) * 1000"
         policy = make_policy("svc", engine="vllm")
         query = signal_query(policy, "tbt_mean", window_s=60)
         assert query is not None and query.samples is not None and query.sampled_at is not None
@@ -104,7 +108,10 @@ class TestVllmQueries:
     def test_queues_sum_the_waiting_requests_of_each_role(self) -> None:
         for signal, role in (("prefill_queue", "prefill"), ("decode_queue", "decode")):
             q = _query("vllm", signal)
-            assert f'sum by (service, role) (vllm:num_requests_waiting{{role="{role}"}})' in q
+            assert q == (
+                f'sum by (service, role) (vllm:num_requests_waiting{{role="{role}"}} * 1'
+                f' or vllm_num_requests_waiting{{role="{role}"}} * 1)'
+            )
             assert "avg" not in q and "rate(" not in q  # the latest sample, summed
         assert "sglang:num_queue_reqs" in _query("sglang", "prefill_queue")
 
@@ -168,27 +175,27 @@ class TestRequestMixQueries:
     def test_vllm_prompt_lengths_per_bucket_from_prefill_in_both_spellings(self) -> None:
         value, fresh = _mix("vllm", "prompt_tokens")
         assert value == (
-            '(sum by (service, le) (rate(vllm:request_prompt_tokens_bucket{role="prefill"}[60s]))'
-            ' or sum by (service, le) (rate(vllm_request_prompt_tokens_bucket{role="prefill"}[60s])))'
+            'sum by (service, le) (rate(vllm:request_prompt_tokens_bucket{role="prefill"}[60s])'
+            ' or ignoring (le) rate(vllm_request_prompt_tokens_bucket{role="prefill"}[60s]))'
         )
         assert fresh == (
-            '(min by (service) (timestamp(vllm:request_prompt_tokens_count{role="prefill"}))'
-            ' or min by (service) (timestamp(vllm_request_prompt_tokens_count{role="prefill"})))'
+            'min by (service) (timestamp(vllm:request_prompt_tokens_count{role="prefill"})'
+            ' or timestamp(vllm_request_prompt_tokens_count{role="prefill"}))'
         )
 
     def test_vllm_output_lengths_come_from_decode(self) -> None:
         # A prefill instance finishes every request after one token: decode has the lengths.
         value, fresh = _mix("vllm", "output_tokens")
         assert value == (
-            '(sum by (service, le) (rate(vllm:request_generation_tokens_bucket{role="decode"}[60s]))'
-            ' or sum by (service, le) (rate(vllm_request_generation_tokens_bucket{role="decode"}[60s])))'
+            'sum by (service, le) (rate(vllm:request_generation_tokens_bucket{role="decode"}[60s])'
+            ' or ignoring (le) rate(vllm_request_generation_tokens_bucket{role="decode"}[60s]))'
         )
         assert 'vllm:request_generation_tokens_count{role="decode"}' in fresh
 
     def test_sglang_reads_its_token_histograms(self) -> None:
         value, _ = _mix("sglang", "prompt_tokens")
         assert value.startswith(
-            '(sum by (service, le) (rate(sglang:prompt_tokens_histogram_bucket{role="prefill"}[60s]))'
+            'sum by (service, le) (rate(sglang:prompt_tokens_histogram_bucket{role="prefill"}[60s])'
         )
         value, fresh = _mix("sglang", "output_tokens")
         assert 'rate(sglang:generation_tokens_histogram_bucket{role="decode"}[60s])' in value
@@ -295,7 +302,8 @@ class TestLabelsAndOverrides:
         )
         assert query.sampled_at == 'min by (service, role) (timestamp(m_count{role="decode"}))'
 
-    def test_alternatives_are_parenthesised_before_scaling(self) -> None:
+    def test_a_gauges_names_are_one_union_of_nameless_series_before_averaging(self) -> None:
+        # "* 1" drops the metric name: a pod exporting both names is counted once.
         query = render_spec(
             GaugeAverage(("a", "b"), scale=0.5),
             role="decode",
@@ -304,8 +312,29 @@ class TestLabelsAndOverrides:
             service_label="s",
             role_label="r",
         )
-        assert (
-            query.value == '(avg by (s, r) (a{r="decode"}) or avg by (s, r) (b{r="decode"})) * 0.5'
+        assert query.value == 'avg by (s, r) (a{r="decode"} * 1 or b{r="decode"} * 1) * 0.5'
+        assert query.sampled_at == (
+            'min by (s, r) (timestamp(a{r="decode"}) or timestamp(b{r="decode"}))'
+        )
+
+    def test_a_histograms_names_are_unioned_per_pod_not_per_bucket(self) -> None:
+        # "ignoring (le)": a pod exporting both names gives all its buckets from the
+        # first, never a mix of two bucket layouts.
+        query = render_spec(
+            HistogramQuantile(("a", "b")),
+            role="decode",
+            quantile=0.5,
+            window_s=10,
+            service_label="s",
+            role_label="r",
+        )
+        assert query.value == (
+            'histogram_quantile(0.5, sum by (s, r, le) (rate(a_bucket{r="decode"}[10s])'
+            ' or ignoring (le) rate(b_bucket{r="decode"}[10s]))) * 1000'
+        )
+        assert query.samples == (
+            'max by (s, r) (count_over_time(a_count{r="decode"}[10s])'
+            ' or count_over_time(b_count{r="decode"}[10s]))'
         )
 
     def test_counter_without_minus_is_a_plain_sum_of_rates(self) -> None:
@@ -351,9 +380,8 @@ class TestLabelsAndOverrides:
         records = {rule["record"]: rule["expr"] for rule in rules}
         assert records["heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s"] == (
             "sum by (service, role, le) "
-            "(rate(vllm:time_to_first_token_seconds_bucket[60s] offset 15s))"
-            " or sum by (service, role, le) "
-            "(rate(vllm_time_to_first_token_seconds_bucket[60s] offset 15s))"
+            "(rate(vllm:time_to_first_token_seconds_bucket[60s] offset 15s)"
+            " or ignoring (le) rate(vllm_time_to_first_token_seconds_bucket[60s] offset 15s))"
         )
 
 
@@ -382,34 +410,52 @@ class TestServiceRestriction:
 
 
 class TestRecordingRules:
-    def test_one_rule_per_histogram_covering_both_spellings(self) -> None:
+    def test_one_rule_per_histogram_covering_all_its_names(self) -> None:
         rules = recording_rules(60)["groups"][0]["rules"]
         records = {rule["record"]: rule["expr"] for rule in rules}
         assert len(records) == len(rules)  # no record name twice
         assert records["heteroscale:vllm_time_to_first_token_seconds_bucket:rate60s"] == (
-            "sum by (service, role, le) (rate(vllm:time_to_first_token_seconds_bucket[60s]))"
-            " or sum by (service, role, le) (rate(vllm_time_to_first_token_seconds_bucket[60s]))"
+            "sum by (service, role, le) (rate(vllm:time_to_first_token_seconds_bucket[60s])"
+            " or ignoring (le) rate(vllm_time_to_first_token_seconds_bucket[60s]))"
         )
+        # The inter-token histogram's pre-0.11 name is in its record, not in one of its own.
+        tbt = records["heteroscale:vllm_inter_token_latency_seconds_bucket:rate60s"]
+        assert "vllm:time_per_output_token_seconds_bucket" in tbt
+        assert "heteroscale:vllm_time_per_output_token_seconds_bucket:rate60s" not in records
         # trtllm_* and trtllm:* are two spellings of one histogram.
         trt = records["heteroscale:trtllm_time_per_output_token_seconds_bucket:rate60s"]
         assert "trtllm:time_per_output_token_seconds_bucket" in trt
+
+    def test_two_histograms_sharing_a_record_name_must_list_the_same_names(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # One record would otherwise hold one histogram's names and silently drop the
+        # other's.
+        import reconciler.observe.presets as presets
+
+        clash = {"ttft": HistogramQuantile(("vllm_time_to_first_token_seconds", "other"))}
+        monkeypatch.setitem(presets.PRESETS, "clash", clash)
+        with pytest.raises(ValueError, match="must list the same names"):
+            recording_rules(60)
 
     def test_the_mean_gap_records_its_sum_and_count_rates_per_service_and_role(self) -> None:
         rules = recording_rules(60)["groups"][0]["rules"]
         records = {rule["record"]: rule["expr"] for rule in rules}
         for part in ("sum", "count"):
             assert records[f"heteroscale:vllm_inter_token_latency_seconds_{part}:rate60s"] == (
-                f"sum by (service, role) (rate(vllm:inter_token_latency_seconds_{part}[60s]))"
-                f" or sum by (service, role) (rate(vllm_inter_token_latency_seconds_{part}[60s]))"
+                f"sum by (service, role) (rate(vllm:inter_token_latency_seconds_{part}[60s])"
+                f" or rate(vllm_inter_token_latency_seconds_{part}[60s])"
+                f" or rate(vllm:time_per_output_token_seconds_{part}[60s])"
+                f" or rate(vllm_time_per_output_token_seconds_{part}[60s]))"
             )
         policy = make_policy("svc")
         query = signal_query(policy, "tbt_mean", window_s=60, recorded_histograms=True)
         assert query is not None
-        assert query.value.startswith(
-            "(sum by (service, role) "
+        assert query.value == (
+            "sum by (service, role) "
             '(heteroscale:vllm_inter_token_latency_seconds_sum:rate60s{role="decode"}) '
             "/ sum by (service, role) "
-            '(heteroscale:vllm_inter_token_latency_seconds_count:rate60s{role="decode"})'
+            '(heteroscale:vllm_inter_token_latency_seconds_count:rate60s{role="decode"}) * 1000'
         )
         assert "rate(" not in query.value
         assert query.sampled_at is not None and "_count" in query.sampled_at
@@ -433,8 +479,8 @@ class TestRecordingRules:
         assert lengths["interval"] == "10s"
         records = {rule["record"]: rule["expr"] for rule in lengths["rules"]}
         assert records["heteroscale:vllm_request_prompt_tokens_bucket:rate60s"] == (
-            "sum by (service, role, le) (rate(vllm:request_prompt_tokens_bucket[60s]))"
-            " or sum by (service, role, le) (rate(vllm_request_prompt_tokens_bucket[60s]))"
+            "sum by (service, role, le) (rate(vllm:request_prompt_tokens_bucket[60s])"
+            " or ignoring (le) rate(vllm_request_prompt_tokens_bucket[60s]))"
         )
         assert set(records) == {
             f"heteroscale:{name}_bucket:rate60s"

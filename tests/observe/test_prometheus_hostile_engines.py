@@ -5,16 +5,12 @@ line, a status) is escaped and bounded, and its neighbours are read as usual."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
-from pathlib import Path
-from typing import Any
+from functools import partial
 
 import pytest
-from observe_helpers import RATE_WINDOW_S, _Server, make_policy, require_prometheus, settings_for
+from observe_helpers import RATE_WINDOW_S, TextExporter, make_policy, scraping, settings_for
 
 from reconciler.observe.local_prometheus import LocalPrometheus
 from reconciler.observe.prometheus import PrometheusMetricsSource
@@ -40,51 +36,20 @@ def _prompt_histogram(service: str, bounds: tuple[str, ...], requests: int) -> l
     return lines
 
 
-class _Engines(_Server):
-    """One ``/metrics`` for both services; its counters grow ten a second."""
-
-    def __init__(self) -> None:
-        self.started_s = time.time()
-        super().__init__(_EnginesHandler)
-
-    def text(self) -> str:
-        requests = int((time.time() - self.started_s) * 10)
-        lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
-        lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
-        lines += _prompt_histogram(TRUNCATED, ("128", "1024"), requests)
-        return "\n".join(lines) + "\n"
-
-
-class _EnginesHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        engines: _Engines = self.server.owner  # type: ignore[attr-defined]
-        body = engines.text().encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def _engines_text(started_s: float) -> str:
+    """One ``/metrics`` for every service; its counters grow ten a second."""
+    requests = int((time.time() - started_s) * 10)
+    lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
+    lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
+    lines += _prompt_histogram(TRUNCATED, ("128", "1024"), requests)
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
 def hostile_prometheus() -> Iterator[LocalPrometheus]:
-    require_prometheus()
-    engines = _Engines()
-    workdir = Path(tempfile.mkdtemp(prefix="heteroscale-hostile-"))
-    prometheus = LocalPrometheus(scrape_interval_s=1.0, workdir=workdir)
-    try:
-        prometheus.set_targets([engines.url.removeprefix("http://")])
-        prometheus.start()
-        prometheus.wait_for_targets(prometheus.targets(), timeout_s=30)
-        time.sleep(RATE_WINDOW_S + 2.0)  # one covered rate window
+    engines = TextExporter(partial(_engines_text, time.time()))
+    with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:  # a covered window
         yield prometheus
-    finally:
-        engines.close()
-        prometheus.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_hostile_bucket_label_is_missing_with_an_escaped_bounded_reason(

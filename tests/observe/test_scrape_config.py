@@ -16,6 +16,7 @@ from observe_helpers import (
     PREFILL,
     RATE_TOLERANCE,
     RELABEL_SERVICE,
+    REPO_ROOT,
     PrometheusStack,
     example_scrape_config,
     make_policy,
@@ -23,6 +24,7 @@ from observe_helpers import (
 )
 from ruamel.yaml import YAML
 
+from reconciler.desired import load_desired_state
 from reconciler.observe.local_prometheus import find_binary
 from reconciler.observe.presets import recording_rules
 from reconciler.observe.prometheus import PrometheusMetricsSource
@@ -47,6 +49,28 @@ def test_example_config_passes_promtool(tmp_path: Path) -> None:
         [promtool, "check", "config", str(path)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_engine_discovery_is_kept_to_the_namespaces_the_policies_serve_in() -> None:
+    """Series are selected by their service and role labels: a pod outside the serving
+    namespaces labelled like a service's would be counted as its instance."""
+    jobs = {job["job_name"]: job for job in example_scrape_config()["scrape_configs"]}
+    (discovery,) = jobs[ENGINE_JOB]["kubernetes_sd_configs"]
+    namespaces = {policy.namespace for policy in load_desired_state(REPO_ROOT).policies.values()}
+    assert set(discovery["namespaces"]["names"]) == namespaces
+
+
+def test_kube_state_metrics_passes_only_the_pod_labels_the_join_reads() -> None:
+    # honor_labels trusts its series' labels: nothing else of it may pose as an engine's.
+    (job,) = (
+        j
+        for j in example_scrape_config()["scrape_configs"]
+        if j["job_name"] == "kube-state-metrics"
+    )
+    assert job["honor_labels"] is True
+    assert job["metric_relabel_configs"] == [
+        {"source_labels": ["__name__"], "regex": "kube_pod_labels", "action": "keep"}
+    ]
 
 
 def test_relabelled_engine_pods_are_read_by_the_presets(prometheus_stack: PrometheusStack) -> None:
