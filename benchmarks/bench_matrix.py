@@ -525,6 +525,9 @@ class GoalVerdict:
     # The reactive reference's share of requests within capacity at this policy's own
     # GPU-hours per role (``reactive_at_cost``); None where the run did not record it.
     reactive_attainment: float | None = None
+    # The bound's own GPU-hours / static peak's: where it is above the 8-hour days'
+    # DIURNAL_STATIC_GOAL, no policy meeting the bound's attainment reaches that goal.
+    bound_vs_static: float | None = None
 
     @property
     def bound_label(self) -> str:
@@ -561,7 +564,12 @@ class GoalVerdict:
             and self.vs_static is not None
             and DIURNAL_STATIC_GOAL < self.vs_static < 1.0  # at 1x or more: said above
         ):
-            out.append(f"{self.vs_static:.3f}x static peak on an {DIURNAL_HOURS:g}-hour day")
+            bound = (
+                ""
+                if self.bound_vs_static is None
+                else f" ({self.bound_label} itself: {self.bound_vs_static:.2f}x)"
+            )
+            out.append(f"{self.vs_static:.3f}x static peak on an {DIURNAL_HOURS:g}-hour day{bound}")
         return tuple(out)
 
 
@@ -593,6 +601,11 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         bound, bound_goal = at_needed, at_needed["goal"]
         vs_bound = own["gpu_hours"] / at_needed["gpu_hours"]
     needed = attainment_needed(static)
+    bound_vs_static = (
+        bound["gpu_hours"] / static["gpu_hours"]
+        if bound and not bound.get("failed") and static["gpu_hours"]
+        else None
+    )
     reactive = document.get("reactive_reference")
     weighted = None
     if reactive and bound and not bound.get("failed"):
@@ -617,6 +630,7 @@ def goal_verdict(document: dict[str, Any], policy: str = GOALS_FOR) -> GoalVerdi
         reactive_attainment=None
         if bound_goal is not None
         else document.get("reactive_at_cost", {}).get(policy),
+        bound_vs_static=bound_vs_static,
     )
 
 
