@@ -182,7 +182,8 @@ def deployment_fingerprint(obj: Mapping[str, Any]) -> str:
     )[:32]
 
 
-def node_fingerprint(labels: Mapping[str, str], gpus: int) -> str:
+def node_fingerprint(labels: Mapping[str, str], gpus: int | None) -> str:
+    """``gpus`` None: the capacity did not read (``LiveNode.gpus``)."""
     return _hash({"labels": dict(labels), "gpus": gpus})[:32]
 
 

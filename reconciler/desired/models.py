@@ -54,6 +54,7 @@ MAX_INSTANCES = 100_000  # per role of one service: 100,000+ GPUs, beyond any fl
 # less sized a fleet of 1e305 instances before the clamp, and said so in its message.
 MIN_TARGET = 1e-3
 MAX_GPUS_PER_INSTANCE = 64  # eight 8-GPU nodes: beyond any engine's tensor parallelism
+MAX_GPUS_PER_NODE = 64  # eight times today's 8-GPU servers
 # Windows and cooldowns: the review warms a fleet up over the longest one at a
 # 30 s cycle, so an hour is 120 cycles; HPA's stabilisation default is 5 minutes.
 WindowSeconds = Annotated[float, Field(ge=0, le=HOUR_S, allow_inf_nan=False)]
@@ -404,7 +405,7 @@ class NodeDefaults(StrictModel):
     """Values inherited by the nodes below a switch (closest switch wins)."""
 
     gpu_type: ShortText | None = None
-    gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] | None = None
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=256)
 
 
@@ -413,7 +414,7 @@ class NodeSpec(StrictModel):
 
     name: Name
     gpu_type: ShortText | None = None
-    gpus_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=MAX_GPUS_PER_NODE)] | None = None
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=256)
 
 

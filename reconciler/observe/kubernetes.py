@@ -10,8 +10,10 @@ plain JSON. Everything after it is pure and tested without a server:
   ``draining`` = Pods out of service discovery after a soft scale-in (label
   ``heteroscale.io/serving=false``), which no longer count as capacity.
 - ``node_drift``: the cluster file against the Nodes: a Node missing, a topology or
-  GPU-type label that disagrees, a GPU capacity that differs, a GPU Node the file
-  does not know.
+  GPU-type label that disagrees, a GPU capacity that differs or does not read, a GPU
+  Node the file does not know. Placement counts the cluster file's GPUs, never the
+  live capacity, so a capacity that differs or does not read is reported and changes
+  no plan.
 - ``ownership_drift``: a Deployment whose spec fields are also managed by someone
   else (``managedFields``): it was changed outside Git.
 - ``replica_drift``: a Deployment whose ``spec.replicas`` is not what heteroscale last
@@ -66,6 +68,7 @@ from reconciler.apply.kubeclient import (
 from reconciler.apply.render import ObjectKey
 from reconciler.desired.models import (
     MAX_GPUS_PER_INSTANCE,
+    MAX_GPUS_PER_NODE,
     MAX_INSTANCES,
     ClusterSpec,
     ServicePolicy,
@@ -150,7 +153,10 @@ class LivePod:
 class LiveNode:
     name: str
     labels: Mapping[str, str]
-    gpus: int
+    # status.capacity's GPUs; None when the value does not read (``gpus_unreadable``
+    # says why): never 0, which would report a node that lost its GPUs.
+    gpus: int | None
+    gpus_unreadable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,19 @@ def _spec_paths(obj: JsonObject, managers: Iterable[str], limit: int = 5) -> lis
 _COUNT = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
+def _whole_number(value: Any, what: str, *, least: int, most: int) -> int:
+    """``value``, a string of plain decimal digits, as a number from ``least`` to
+    ``most``; ValueError naming ``what`` and the value (escaped, cut) otherwise."""
+    if not isinstance(value, str) or not _COUNT.fullmatch(value):
+        raise ValueError(
+            f"{what} is {visible(repr(str(value)[:40]))}, not a whole number in plain digits"
+        )
+    number = int(value)
+    if not least <= number <= most:
+        raise ValueError(f"{what} is {number}, outside {least}..{most}")
+    return number
+
+
 def _count_annotation(
     annotations: Mapping[str, Any], key: str, *, least: int, most: int
 ) -> int | None:
@@ -271,12 +290,7 @@ def _count_annotation(
     value = annotations.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not _COUNT.fullmatch(value):
-        raise ValueError(f"{key} is {visible(repr(str(value)[:40]))}, not a whole number")
-    number = int(value)
-    if not least <= number <= most:
-        raise ValueError(f"{key} is {number}, outside {least}..{most}")
-    return number
+    return _whole_number(value, key, least=least, most=most)
 
 
 def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
@@ -359,13 +373,33 @@ def parse_pod(obj: JsonObject) -> LivePod:
     )
 
 
+GPU_CAPACITY_PATH = f"status.capacity.{names.GPU_RESOURCE}"
+
+
 def parse_node(obj: JsonObject) -> LiveNode:
+    """A Node's name, labels and GPU capacity. The capacity reads as plain decimal
+    digits, 0 to ``MAX_GPUS_PER_NODE``, or not at all. An extended resource is an
+    integer quantity, and Kubernetes writes one below 1000 as plain digits (its
+    canonical form): a suffix or an exponent ("4k", "1e9") means 1000 GPUs or more,
+    beyond any node, and a sign, a fraction or other text ("-3", "4.5", "abc") was
+    not written by a device plugin. Such a value is unreadable, not 0 GPUs; a Node
+    without the resource has none."""
     meta = obj.get("metadata", {})
     capacity = obj.get("status", {}).get("capacity") or {}
+    gpus: int | None = 0
+    unreadable: str | None = None
+    if names.GPU_RESOURCE in capacity:
+        try:
+            gpus = _whole_number(
+                capacity[names.GPU_RESOURCE], GPU_CAPACITY_PATH, least=0, most=MAX_GPUS_PER_NODE
+            )
+        except ValueError as exc:
+            gpus, unreadable = None, str(exc)
     return LiveNode(
         name=meta.get("name", ""),
         labels=dict(meta.get("labels") or {}),
-        gpus=_int(capacity.get(names.GPU_RESOURCE, 0)),
+        gpus=gpus,
+        gpus_unreadable=unreadable,
     )
 
 
@@ -689,13 +723,25 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
                         desired=want,
                     )
                 )
-        if seen.gpus != node.gpus:
+        if seen.gpus is None:
+            out.append(
+                FieldDrift(
+                    "node_capacity",
+                    node.name,
+                    f"{seen.gpus_unreadable}: unreadable; the cluster file says "
+                    f"{node.gpus}, which placement goes on counting",
+                    path=GPU_CAPACITY_PATH,
+                    live="unreadable",
+                    desired=str(node.gpus),
+                )
+            )
+        elif seen.gpus != node.gpus:
             out.append(
                 FieldDrift(
                     "node_capacity",
                     node.name,
                     f"{names.GPU_RESOURCE} capacity is {seen.gpus}, the cluster file says {node.gpus}",
-                    path=f"status.capacity.{names.GPU_RESOURCE}",
+                    path=GPU_CAPACITY_PATH,
                     live=str(seen.gpus),
                     desired=str(node.gpus),
                 )

@@ -249,10 +249,20 @@ def test_drift_nodes_and_objects_changed_by_someone_else(env: Env) -> None:
         body={"status": {"capacity": {"nvidia.com/gpu": "4"}}},
         content_type="application/merge-patch+json",
     )
+    # A third's reads 10**9 GPUs: a quantity the API server accepts, no GPU count.
+    third = f"{env.name}-h20-1"
+    env.client.request(
+        "PATCH",
+        f"/api/v1/nodes/{third}/status",
+        body={"status": {"capacity": {"nvidia.com/gpu": "1e9"}}},
+        content_type="application/merge-patch+json",
+    )
     drift = env.observe(backend).drift
     kinds = {(d.kind, d.name) for d in drift}
     assert ("node_label", first) in kinds
     assert ("node_capacity", second) in kinds
+    (unreadable,) = [d for d in drift if (d.kind, d.name) == ("node_capacity", third)]
+    assert unreadable.live == "unreadable" and "'1e9'" in unreadable.detail  # type: ignore[attr-defined]
 
     # Someone scales our Deployment by hand: reported as drift, not overwritten.
     env.client.merge_patch(

@@ -16,6 +16,7 @@ from reconciler.observe.kubernetes import (
     node_drift,
     observation_from_snapshot,
     parse_deployment,
+    parse_node,
     parse_pod,
 )
 from reconciler.state import DeploymentGroup, GroupRole
@@ -149,6 +150,88 @@ def test_node_drift_reports_missing_relabelled_resized_and_unknown_nodes(
     ]
     detail = next(d.detail for d in drift if d.kind == "node_label")
     assert "'mp-x'" in detail and "'mp-b1'" in detail
+
+
+def _node_objects(state: DesiredState, capacity_of: dict[str, str]) -> list[dict]:
+    """prod-east's Nodes as the API server lists them, labelled as the cluster file
+    says; a Node's ``nvidia.com/gpu`` capacity is ``capacity_of[name]`` when given."""
+    cluster = state.clusters["prod-east"]
+    labels = cluster.labels
+    return [
+        {
+            "metadata": {
+                "name": node.name,
+                "labels": {
+                    labels.s2: node.s2,
+                    labels.s1: node.s1,
+                    labels.s0: node.s0,
+                    labels.gpu_type: node.gpu_type,
+                },
+            },
+            "status": {
+                "capacity": {
+                    "cpu": "64",
+                    names.GPU_RESOURCE: capacity_of.get(node.name, str(node.gpus)),
+                }
+            },
+        }
+        for node in cluster.nodes
+    ]
+
+
+def test_a_gpu_capacity_in_plain_digits_reads_and_a_node_without_one_has_no_gpus() -> None:
+    def gpus(capacity: dict) -> int | None:
+        return parse_node({"metadata": {"name": "n"}, "status": {"capacity": capacity}}).gpus
+
+    assert gpus({names.GPU_RESOURCE: "8"}) == 8
+    assert gpus({names.GPU_RESOURCE: "0"}) == 0
+    assert gpus({"cpu": "64"}) == 0  # no device plugin: a CPU node
+
+
+@pytest.mark.parametrize(
+    "capacity",
+    [
+        "1e9",  # a legal quantity, 10**9 GPUs: beyond any node
+        "4k",  # 4000: Kubernetes writes a count below 1000 in plain digits
+        "65",  # plain digits, beyond the 64 GPUs a cluster file allows a node
+        "abc",
+        "-3",
+        "4.5",
+        "",
+        "8\x1b[2J\u202e",
+    ],
+)
+def test_an_unreadable_gpu_capacity_is_drift_said_as_unreadable_and_changes_no_count(
+    state: DesiredState, capacity: str
+) -> None:
+    """Not 0 GPUs ("capacity is 0" reads as a node that lost its GPUs): the drift says
+    unreadable, quoting the value escaped, and what the cycle counts (the fleet, the
+    held services; placement reads the cluster file) is what a readable capacity gives."""
+    cluster = state.clusters["prod-east"]
+    victim = cluster.nodes[0]
+    readable = tuple(parse_node(o) for o in _node_objects(state, {}))
+    nodes = tuple(parse_node(o) for o in _node_objects(state, {victim.name: capacity}))
+    seen = next(n for n in nodes if n.name == victim.name)
+    assert seen.gpus is None and seen.gpus_unreadable is not None
+    assert "\x1b" not in seen.gpus_unreadable and "\u202e" not in seen.gpus_unreadable
+
+    (item,) = node_drift(cluster, nodes)
+    assert (item.kind, item.name) == ("node_capacity", victim.name)
+    assert (item.live, item.desired) == ("unreadable", str(victim.gpus))  # type: ignore[attr-defined]
+    assert "unreadable" in item.detail and "capacity is 0" not in item.detail
+    assert node_drift(cluster, readable) == ()
+
+    group = DeploymentGroup(
+        "chat", "prod-east", "g", "pod-b", "rg-b", GroupRole("h800", 1), GroupRole("h20", 3)
+    )
+    deployments = _live(state, [group])
+    seen_with = observation_from_snapshot(
+        ClusterSnapshot("prod-east", deployments, (), nodes, 0.0), cluster, state.policies
+    )
+    seen_without = observation_from_snapshot(
+        ClusterSnapshot("prod-east", deployments, (), readable, 0.0), cluster, state.policies
+    )
+    assert seen_with.fleet == seen_without.fleet and seen_with.held == seen_without.held == {}
 
 
 def test_objects_managed_by_someone_else_are_drift(state: DesiredState) -> None:
