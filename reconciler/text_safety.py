@@ -15,6 +15,9 @@ such. Three uses:
   a message quoting one) as visible escapes (``visible``);
 - the markdown review flattens them to spaces (``UNSAFE_RUN``, in
   ``reconciler.review.report``).
+
+Such a string may also be long (10 KB in a Lease's holder, a label, a message):
+what quotes it cuts it to a bounded length (``cut``), so it cannot flood a report.
 """
 
 from __future__ import annotations
@@ -48,3 +51,8 @@ def visible(text: str) -> str:
     included, shown as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``), so it can
     neither act nor hide."""
     return _UNSAFE_ON_A_LINE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters, an ellipsis marking a cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

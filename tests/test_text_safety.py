@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.text_safety import UNSAFE_RUN, describe, unsafe_in_value, visible
+from reconciler.text_safety import UNSAFE_RUN, cut, describe, unsafe_in_value, visible
 
 
 @given(st.text())
@@ -30,3 +30,12 @@ def test_a_value_may_hold_tabs_and_line_feeds_but_no_other_control() -> None:
         assert unsafe_in_value(f"a{char}b") == char
     assert unsafe_in_value("\ufeffname") == "\ufeff"
     assert describe("\x1b") == "U+001B"
+
+
+@given(st.text(), st.integers(min_value=1, max_value=300))
+def test_cut_keeps_text_that_fits_and_marks_a_cut_with_an_ellipsis(text: str, limit: int) -> None:
+    shown = cut(text, limit)
+    if len(text) <= limit:
+        assert shown == text
+    else:
+        assert len(shown) == limit and shown.endswith("…") and text.startswith(shown[:-1])

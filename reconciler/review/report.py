@@ -22,7 +22,7 @@ from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
 from reconciler.tables import MISSING, decimal, percent, whole
-from reconciler.text_safety import UNSAFE_RUN, visible
+from reconciler.text_safety import UNSAFE_RUN, cut, visible
 
 MAX_VALUE_CHARS = 200  # one user string: a name, a label, a note
 MAX_LINE_CHARS = 600  # one line that quotes user strings (a config change, an error)
@@ -33,22 +33,17 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
 _ZWSP = "&#8203;"  # a zero-width space: breaks a mention or an autolink, reads the same
 
 
-def _cut(text: str, limit: int) -> str:
-    """``text`` in at most ``limit`` characters, an ellipsis marking a cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _one_line(text: object, limit: int) -> str:
     """Control characters and line breaks become spaces (one line can open nothing
     on the next), then the text is cut to ``limit`` characters."""
-    return _cut(UNSAFE_RUN.sub(" ", str(text)), limit)
+    return cut(UNSAFE_RUN.sub(" ", str(text)), limit)
 
 
 def _terminal_line(text: object, limit: int) -> str:
     """User text for one line of the text report, cut to ``limit`` characters; any
     control character in it is shown as its escape when the report is put together
     (``_text``)."""
-    return _cut(str(text), limit)
+    return cut(str(text), limit)
 
 
 def md(text: object, limit: int = MAX_VALUE_CHARS) -> str:
