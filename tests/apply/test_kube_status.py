@@ -130,6 +130,38 @@ def test_status_after_apply_run_and_a_hand_scale(
     )
 
 
+def test_status_cuts_a_10_kb_lease_holder_the_api_server_stored(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Anyone who may edit the Lease writes its holder: 10 KB of it, escapes included,
+    is one leader line of bounded length in `status` text, escaped."""
+    name = "status-holder"
+    home = "status-holder-home"
+    _state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
+    client = control_plane.client()
+    ensure_namespace(client, home)
+    holder = "evil\x1b[2J\r\nfake line" + "A" * 10_000
+    client.request(
+        "POST",
+        leases_path(home),
+        body={
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": "heteroscale-reconciler", "namespace": home},
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": 15,
+                "renewTime": format_micro_time(time.time()),
+            },
+        },
+    )
+    text = CliRunner().invoke(app, ["status", *common, "--lease-namespace", home]).stdout
+    (line,) = [line for line in text.splitlines() if line.startswith("leader: ")]
+    assert line.startswith("leader: evil\\x1b[2J\\r\\nfake lineAAA") and "A… (renewed " in line
+    assert "\x1b" not in text and len(line) < 400
+    assert not any(line.startswith("fake line") for line in text.splitlines())
+
+
 def test_status_says_which_planner_memories_a_restart_would_resume(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:

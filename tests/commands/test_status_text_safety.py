@@ -31,6 +31,17 @@ def test_status_shows_a_hostile_lease_holder_and_drift_as_escapes() -> None:
     assert "leader: evil\\x1b[2J\\x1b[31mAPPROVED\\r\\nfake line\\u202egnp.exe" in text
 
 
+def test_status_cuts_a_10_kb_lease_holder_to_a_kubernetes_name_still_escaped() -> None:
+    holder = HOSTILE + "A" * 10_000
+    status = Status("src", "tgt", False, Leader(holder, "t", ""), None, [], [])
+    (line,) = [line for line in format_text(status).splitlines() if line.startswith("leader: ")]
+    _assert_inert(line)
+    # 253 characters of the identity (the last an ellipsis), each escape 4 to 6 long.
+    assert line.startswith("leader: evil\\x1b[2J") and "A…" in line and "AAAA" * 64 not in line
+    assert line.endswith("… (renewed t)") and len(line) < 300
+    assert status.to_json()["leader"]["holder"] == holder  # JSON keeps the identity whole
+
+
 def test_plan_text_shows_hostile_notes_and_cluster_errors_as_escapes() -> None:
     plan = Plan("c", {}, PlacementResult("c", ()), (), FleetState("c", ()), notes=(HOSTILE,))
     failed = ClusterOutcome(cluster="d", plan=None, error=HOSTILE, outcome="error")
