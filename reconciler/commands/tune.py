@@ -16,9 +16,11 @@ by one saying what was verified. The method is documented in
 ``reconciler.review.tune``; this module reads inputs and renders.
 
 Exit codes: 0 done (with or without changes), 1 invalid desired state, unreadable
-trace, a sweep that cannot run, or values that fall short of the goal with
-``--write`` (nothing written), 2 usage (an unknown service, ``--write`` with
-``--no-verify``, an option out of range).
+trace, a sweep that cannot run, values that fall short of the goal with ``--write``
+(nothing written), or a YAML file that cannot be read again or written (a write goes
+to a new file renamed over the old one: a failed one leaves the file as it was),
+2 usage (an unknown service, ``--write`` with ``--no-verify``, an option out of
+range).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
+    replace_text,
     usage_error,
+    writing,
 )
 from reconciler.commands._table import (
     MISSING,
@@ -252,6 +256,22 @@ MAX_SWEEP_GPUS = 4096
 MAX_PROBE_S = 3600
 
 
+def _policy_text(repo: Path, path: str) -> str:
+    """The service's YAML file as it is now (the sweep takes minutes: it may have been
+    edited since it was loaded), read as the loader reads it; ``error: ...`` on stderr
+    and exit 1 when it no longer reads."""
+    from reconciler.desired.sources import DirectorySource, SourceError
+
+    try:
+        return DirectorySource(repo).read(path).decode()
+    except (SourceError, UnicodeDecodeError) as exc:
+        reason = exc.message if isinstance(exc, SourceError) else str(exc)
+        err_console.print(
+            f"error: {repo / path}: cannot read it again: {reason}", markup=False, soft_wrap=True
+        )
+        raise typer.Exit(1) from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def tune(
@@ -451,7 +471,7 @@ def register(app: typer.Typer) -> None:
             )
             return
         file_path = repo / path
-        before = file_path.read_text()
+        before = _policy_text(repo, path)
         after = apply_changes(before, recommendation.changes)
         shortfall = verification.shortfall() if verification is not None else None
         if verification is not None and shortfall is None:
@@ -473,7 +493,9 @@ def register(app: typer.Typer) -> None:
                     soft_wrap=True,
                 )
                 raise typer.Exit(1)
-            file_path.write_text(after)
+            # Through a symlink, as the loader read it: the file it names is rewritten.
+            with writing(file_path, "--write"):
+                replace_text(file_path.resolve(), after)
             console.print(
                 f"wrote {len(recommendation.changes)} value(s) to {file_path}",
                 markup=False,

@@ -3,7 +3,12 @@ comment-preserving write-back (reconciler.review.tune, reconciler.commands.tune)
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import subprocess
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -521,6 +526,53 @@ def test_write_refuses_values_that_miss_the_goal_and_exits_1(example_repo: Path)
     assert chat.read_text() == start
     assert "not written" in result.stderr and "below the" in result.stderr
     assert RECOMMENDED_RE.search(result.stdout)  # the best values found are still shown
+
+
+@contextlib.contextmanager
+def unwritable(*paths: Path) -> Iterator[None]:
+    """``paths`` cannot be written, nor a file created in them, by this process: by
+    their modes, or for root, who ignores modes, by ``chattr +i`` (skipped where the
+    file system or the container does not allow it). As they were afterwards."""
+    if os.geteuid() != 0:
+        modes = {path: path.stat().st_mode for path in paths}
+        for path in paths:
+            path.chmod(modes[path] & ~0o222)
+        try:
+            yield
+        finally:
+            for path in paths:
+                path.chmod(modes[path])
+        return
+    names = [str(path) for path in paths]
+    if shutil.which("chattr") is None:
+        pytest.skip("root ignores file modes, and there is no chattr to make a file immutable")
+    if subprocess.run(["chattr", "+i", *names], capture_output=True).returncode != 0:
+        subprocess.run(["chattr", "-i", *names], capture_output=True)
+        pytest.skip("root ignores file modes, and chattr +i is not allowed here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *names], check=True)
+
+
+def test_a_write_that_fails_is_an_error_naming_the_file_and_leaves_it_as_it_was(
+    example_repo: Path,
+) -> None:
+    policies = example_repo / "policies"
+    chat = policies / "chat.yaml"
+    _with_low_target(chat)
+    start = _with_goal(chat, 0.5)  # values the verification accepts: written, if it can
+    with unwritable(chat, policies):
+        result = _tune_chat_for_the_paper_policy(example_repo, "--write")
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), "an error, not a traceback"
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: --write {chat}: cannot write: ")
+    assert "Permission denied" in error or "Operation not permitted" in error
+    assert chat.read_text() == start
+    assert sorted(p.name for p in policies.iterdir()) == sorted(
+        p.name for p in (REPO_ROOT / "policies").iterdir()
+    ), "no temporary file left beside it"
 
 
 def test_write_without_verification_is_a_usage_error(example_repo: Path) -> None:
