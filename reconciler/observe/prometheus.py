@@ -18,14 +18,15 @@ instant query::
       or label_replace(<freshness of part 0>, "heteroscale_part", "0t", "", "")
       or label_replace(<value of part 1>, "heteroscale_part", "1", "", "")  ...
 
-so the number of requests is bounded by the number of signals, and the size of each
-query by the number of *distinct configurations*, never by the number of services.
-When a signal has several parts, each preset part carries a
-``service=~"a|b|..."`` matcher for its own services, so that together they aggregate
-every series once rather than once per part (for histograms at three quantiles this
-cuts the evaluation time by about three); the query text then grows with the number of
-services (about 20 bytes each per selector), which matters only for proxies with short
-URL limits. A single-part signal has no matcher.
+so the number of requests is bounded by the number of signals. Each preset part
+carries a ``service=~"a|b|..."`` matcher for its own services: the answer holds rows
+of the services asked about only, however many other ``service`` values Prometheus
+holds (without it a flood of them would push every answer past ``max_answer_bytes``
+and hold every service), and several parts together aggregate every series once
+rather than once per part (for histograms at three quantiles this cuts the
+evaluation time by about three). The query text grows with the number of services
+(about 20 bytes each per selector), which matters only for proxies with short URL
+limits. Query overrides are the user's PromQL and are sent as written.
 
 Freshness: a value's ``Sample.at_s`` is the timestamp of the *oldest* of the newest raw
 samples behind it (``min by (service, role) (timestamp(<series>))``), not the query
@@ -370,10 +371,11 @@ def plan_requests(
     coverage: WindowCoverage | None = None,
     offset_s: float = 0.0,
 ) -> tuple[tuple[SignalRequest, ...], tuple[SignalGap, ...]]:
-    """Group services by identical PromQL, per signal. When a signal needs several parts,
-    each preset part is restricted to its own services, so the parts together aggregate
-    every series once (overrides are the user's PromQL and stay as written). Services
-    that cannot be read (no source in their preset, invalid label names) are gaps.
+    """Group services by identical PromQL, per signal. Each preset part is restricted to
+    its own services (module doc), so an answer holds no series of anyone else's and
+    the parts together aggregate every series once (overrides are the user's PromQL
+    and stay as written). Services that cannot be read (no source in their preset,
+    invalid label names) are gaps.
     ``coverage`` (``PrometheusSettings.window_coverage``) makes each windowed preset
     part count its window's samples too, in the same request. ``offset_s`` ends the
     presets' counter and histogram windows that long before the evaluation time
@@ -411,7 +413,7 @@ def plan_requests(
         parts: list[QueryPart] = []
         for i, ((query, service_label, role_label), members) in enumerate(groups.items()):
             names = tuple(policy.name for policy in members)
-            if len(groups) > 1 and query.sampled_at is not None:
+            if query.sampled_at is not None:  # a preset's: grouped unrestricted, sent restricted
                 restricted = signal_query(
                     members[0],
                     signal,

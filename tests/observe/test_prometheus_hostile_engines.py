@@ -1,7 +1,8 @@
 """Engines whose ``/metrics`` are written by whoever runs a pod: label values with
 terminal escapes, bidirectional overrides and 10 KB of text, scraped by a real
 Prometheus. Whatever such a series carries, the text it puts into a gap reason (a log
-line, a status) is escaped and bounded, and its neighbours are read as usual."""
+line, a status) is escaped and bounded, and its neighbours are read as usual; however
+many other ``service`` values there are, the services asked about are read."""
 
 from __future__ import annotations
 
@@ -45,10 +46,35 @@ def _engines_text(started_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Two services asked about, among a flood of other ``service`` values: someone else's
+# workloads, or a label whoever runs a pod may write. The answer cap is scaled down
+# with the flood: 32 MiB is to some 100,000 values what 256 KiB is to 3,000.
+FLOODED = ("flooded-a", "flooded-b")
+FLOOD_VALUES = 3_000
+FLOOD_ANSWER_BYTES = 256 * 1024
+
+
+def _flooded_text(started_s: float) -> str:
+    """One decode counter per ``service`` value, ten tokens a second each."""
+    tokens = int((time.time() - started_s) * 10)
+    services = (*FLOODED, *(f"other-{i}" for i in range(FLOOD_VALUES)))
+    return "".join(
+        f'vllm:generation_tokens_total{{service="{service}",role="decode"}} {tokens}\n'
+        for service in services
+    )
+
+
 @pytest.fixture(scope="module")
 def hostile_prometheus() -> Iterator[LocalPrometheus]:
     engines = TextExporter(partial(_engines_text, time.time()))
     with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:  # a covered window
+        yield prometheus
+
+
+@pytest.fixture(scope="module")
+def flooded_prometheus() -> Iterator[LocalPrometheus]:
+    engines = TextExporter(partial(_flooded_text, time.time()))
+    with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:
         yield prometheus
 
 
@@ -89,3 +115,24 @@ def test_a_length_histogram_without_an_inf_bucket_is_missing_not_truncated(
     assert [gap.reason for gap in source.last_report.gaps if gap.signal == "prompt_tokens"] == [
         "no +Inf bucket: requests above the largest bound are not counted"
     ]
+
+
+def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
+    flooded_prometheus: LocalPrometheus,
+) -> None:
+    """Both services share one query part: it asks for them alone, so the answer holds
+    their rows, not one per value of the flood (which would pass the answer cap and
+    make the cycle's metrics unavailable: every service held)."""
+    settings = settings_for(
+        flooded_prometheus.url,
+        signals=("decode_tps",),
+        lengths=(),
+        max_answer_bytes=FLOOD_ANSWER_BYTES,
+    )
+    source = PrometheusMetricsSource(settings)
+    metrics = source.fetch([make_policy(service) for service in FLOODED], time.time())
+
+    for service in FLOODED:
+        decode_tps = metrics[service].decode_tps
+        assert decode_tps is not None, source.last_report
+        assert decode_tps.value == pytest.approx(10.0, rel=0.2)

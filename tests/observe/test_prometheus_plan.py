@@ -20,6 +20,7 @@ from reconciler.observe.prometheus import (
     QueryRejected,
     Row,
     SignalGap,
+    WindowCoverage,
     assemble,
     evaluation_time,
     parse_vector,
@@ -96,8 +97,31 @@ class TestPlan:
         assert ttft.parts[2].query.value == "sum by (service) (x)"  # overrides stay as written
         assert ttft.parts[0].query.sampled_at is not None
         assert 'service=~"s0|s1"' in ttft.parts[0].query.sampled_at
-        # One part serves everyone: no matcher, whatever the number of services.
-        assert len(decode_tps.parts) == 1 and "=~" not in decode_tps.parts[0].query.value
+        # One part serves everyone: restricted to them all the same.
+        assert len(decode_tps.parts) == 1
+        assert 'service=~"o|s0|s1|s2|s3"' in decode_tps.parts[0].query.value
+
+    def test_a_part_serving_every_service_still_asks_only_for_them(self) -> None:
+        """Every selector of every query carries the services' matcher: each other
+        ``service`` value Prometheus holds would be a row of the answer, and a flood of
+        them would push it past ``max_answer_bytes`` (every service held)."""
+        policies = [make_policy("a"), make_policy("b.c")]
+        plan, _ = plan_requests(
+            policies,
+            [*METRIC_NAMES, *LENGTH_NAMES],
+            window_s=60,
+            coverage=WindowCoverage.of(60, 15, 0.75),
+        )
+        assert plan
+        for request in plan:
+            (part,) = request.parts
+            for text in (part.query.value, part.query.sampled_at, part.query.samples):
+                if text is None:
+                    continue
+                selectors = re.findall(r"\{[^}]*\}", text)
+                assert selectors and all(
+                    'service=~"a|b\\\\.c"' in selector for selector in selectors
+                ), text
 
     def test_signals_without_source_are_gaps_not_queries(self) -> None:
         plan, gaps = plan_requests(
