@@ -51,6 +51,7 @@ from reconciler.apply.kubeclient import (
     deployments_path,
     pods_path,
 )
+from reconciler.atomic_write import replace_text
 from reconciler.bounded_read import BoundedReadError, read_regular_file
 from reconciler.errors import PermanentError
 
@@ -234,9 +235,7 @@ def to_json(plan: SavedPlan) -> dict[str, Any]:
 
 def write_plan(plan: SavedPlan, path: Path) -> None:
     text = json.dumps(to_json(plan), indent=2, sort_keys=True, default=str) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # never a half-written plan under the final name
+    replace_text(path, text)  # never a half-written plan under the final name
 
 
 def _want(cond: bool, path: Path, message: str) -> None:

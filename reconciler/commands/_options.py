@@ -479,28 +479,6 @@ def writing(path: Path, what: str) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def replace_text(path: Path, text: str) -> None:
-    """Writes ``text`` to the file ``path`` whole or not at all: into a new file beside
-    it, then renamed over it, so a write that fails (a read-only directory, a full
-    disk, a directory in its place) leaves the old file as it was. The new file keeps
-    the old one's permissions. ``OSError`` when it fails, the new file removed."""
-    import stat
-    import tempfile
-
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the rename makes it the file
-        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def usage_error(message: str) -> NoReturn:
     """``error: message`` on stderr (user text in it is never read as console markup)
     and exit 2, as every command's check of its arguments ends."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from reconciler.atomic_write import replace_text
 from reconciler.commands._options import (
     AutoscalerOpt,
     DecisionIntervalOpt,
@@ -51,7 +52,6 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
-    replace_text,
     usage_error,
     writing,
 )

@@ -33,6 +33,7 @@ from typing import Any
 
 import requests
 
+from reconciler.atomic_write import replace_text
 from reconciler.observe.presets import format_duration
 
 JOB_NAME = "heteroscale-sim"
@@ -49,9 +50,7 @@ def find_binary(name: str = "prometheus") -> str | None:
 def write_file_sd(path: Path, groups: Sequence[Mapping[str, Any]]) -> None:
     """Atomically write file-SD target groups (``{"targets": [...], "labels": {...}}``).
     Labels may include ``__meta_*`` names, which relabelling sees like discovered ones."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(list(groups)))
-    tmp.replace(path)
+    replace_text(path, json.dumps(list(groups)))
 
 
 def free_loopback_port() -> int:

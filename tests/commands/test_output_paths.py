@@ -5,9 +5,7 @@ file rewritten in place (``tune --write``) is replaced whole or left as it was."
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from reconciler.cli import app
-from reconciler.commands._options import replace_text
 
 runner = CliRunner()
 # A short, cheap simulation: what the checks must come before.
@@ -64,40 +61,6 @@ def test_a_write_that_fails_is_an_error_not_a_traceback(option: str) -> None:
     result = runner.invoke(app, [*SIMULATE, option, "/dev/full"])
     assert result.exit_code == 1, result.output
     assert f"error: {option} /dev/full: cannot write: No space left on device" in result.output
-
-
-def test_replace_text_writes_the_whole_file_and_keeps_its_permissions(tmp_path: Path) -> None:
-    path = tmp_path / "chat.yaml"
-    path.write_text("old\n")
-    path.chmod(0o640)
-    replace_text(path, "new\n")
-    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["chat.yaml"]
-
-
-def test_replace_text_over_a_directory_fails_and_leaves_nothing_beside_it(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "chat.yaml"
-    path.mkdir()  # a directory where the file was
-    with pytest.raises(IsADirectoryError):
-        replace_text(path, "new\n")
-    assert path.is_dir() and [p.name for p in tmp_path.iterdir()] == ["chat.yaml"]
-
-
-def test_replace_text_that_fails_on_the_way_to_disk_leaves_the_old_file_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "chat.yaml"
-    path.write_text("old\n")
-
-    def disk_full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
-        replace_text(path, "new\n" * 1000)
-    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["chat.yaml"]
 
 
 def test_a_plot_is_written_exactly_where_it_is_said(tmp_path: Path) -> None:
