@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from reconciler.apply.dns1123 import MAX_SUBDOMAIN
 from reconciler.apply.kubeclient import (
     KubeApiError,
     KubeClient,
@@ -43,6 +44,7 @@ from reconciler.apply.kubeclient import (
     leases_path,
 )
 from reconciler.errors import TemporaryError
+from reconciler.text_safety import cut
 
 log = logging.getLogger("heteroscale.lease")
 
@@ -112,6 +114,13 @@ def live_holder(record: LeaseRecord | None, now_s: float) -> str | None:
 
 
 LeaseAction = Literal["acquire", "renew", "wait"]
+
+
+def shown_holder(holder: str) -> str:
+    """A holder identity as a report quotes it: anyone who may edit the Lease writes
+    it, so it is cut at the length of the Pod name it is in practice (10 KB of it
+    flooded ``status``); the line that prints it escapes it (``text_safety.visible``)."""
+    return cut(holder, MAX_SUBDOMAIN)
 
 
 def lease_decision(

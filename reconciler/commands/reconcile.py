@@ -78,6 +78,7 @@ from reconciler.commands._options import (
     writing,
 )
 from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
+from reconciler.text_safety import visible
 
 if TYPE_CHECKING:
     from reconciler.desired.loader import DesiredState
@@ -714,7 +715,7 @@ def record_applied(
     """
     from dataclasses import replace as replace_state
 
-    from reconciler.apply.lease import live_holder, read_lease
+    from reconciler.apply.lease import live_holder, read_lease, shown_holder
     from reconciler.apply.statestore import WRITE_ATTEMPTS, ConfigMapStateStore
     from reconciler.durable import DurableState, StateFormatError, next_applied_plan
 
@@ -735,7 +736,8 @@ def record_applied(
         holder = live_holder(record, time.time())
         if holder is None or record is None:
             return None, ""
-        return holder, f"{where_lease} is held by {holder} (renewed {record.renew_time or 'never'})"
+        renewed = record.renew_time or "never"
+        return holder, f"{where_lease} is held by {shown_holder(holder)} (renewed {renewed})"
 
     def left_alone(cluster: str, why: str) -> StateRecord:
         return StateRecord(cluster, False, f"{store.describe(cluster)} left alone: {why}")
@@ -813,7 +815,7 @@ def record_applied(
 
 def _print_state(records: Sequence[StateRecord]) -> None:
     for record in records:
-        err_console.print(f"state: {record.detail}", markup=False, soft_wrap=True)
+        err_console.print(f"state: {visible(record.detail)}", markup=False, soft_wrap=True)
 
 
 def _record_cycle(loop: Any, result: Any, settings: Settings, lease: LeaseRef) -> list[StateRecord]:

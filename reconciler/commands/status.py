@@ -47,7 +47,7 @@ from reconciler.commands.reconcile import (
 )
 from reconciler.errors import ConfigError
 from reconciler.tables import Column, plain_lines, transition
-from reconciler.text_safety import cut, visible
+from reconciler.text_safety import visible
 
 if TYPE_CHECKING:  # the loop pulls in prometheus_client: only when status runs
     from reconciler.loop import ClusterOutcome, CycleResult
@@ -152,13 +152,12 @@ class Leader:
     detail: str
 
     def describe(self) -> str:
-        from reconciler.apply.dns1123 import MAX_SUBDOMAIN
+        from reconciler.apply.lease import shown_holder
 
         if self.holder:
-            # Anyone who may edit the Lease writes the identity: cut at the length of
-            # the Pod name it is in practice, so 10 KB of it cannot flood the report.
-            holder = cut(self.holder, MAX_SUBDOMAIN)
-            return f"{holder} (renewed {self.renew_time or 'never'}{self.detail})"
+            return (
+                f"{shown_holder(self.holder)} (renewed {self.renew_time or 'never'}{self.detail})"
+            )
         return self.detail
 
 

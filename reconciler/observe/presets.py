@@ -524,8 +524,9 @@ def render_spec(
 ) -> SignalQuery:
     """The PromQL of a preset signal, grouped by service and role labels and filtered to
     one role: for every service at once, or only for ``services`` (a regex matcher on
-    the service label, so that one of several parts of a merged query does not
-    recompute what the other parts compute). ``recorded_histograms`` reads histogram
+    the service label: the answer then holds no other service's series however many
+    there are, and one of several parts of a merged query does not recompute what the
+    other parts compute; the adapter always restricts). ``recorded_histograms`` reads histogram
     bucket rates from the series of ``recording_rules`` instead of aggregating the
     engines' buckets (freshness still comes from the raw ``_count`` series).
 

@@ -197,6 +197,24 @@ def test_apply_leaves_the_state_alone_while_a_run_leader_holds_the_lease(
     assert stored.histories == windows.histories
 
 
+def test_a_hostile_lease_holder_is_cut_and_escaped_where_apply_names_it(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    # Anyone who may edit the Lease writes its holder: 10 KB with a screen-clearing
+    # escape must neither flood apply's state line nor act on the terminal.
+    cluster = "apply-hostile-holder"
+    repo = tmp_path / "repo"
+    client, _ = _setup(control_plane, repo, cluster)
+    _hold_lease(client, "\x1b[2J" + "x" * 10_000, time.time())
+
+    applied = _invoke("apply", *_args(control_plane, repo, cluster))
+    assert applied.exit_code == 0, applied.output
+    (line,) = [line for line in applied.stderr.splitlines() if "is held by" in line]
+    assert "\x1b" not in line and "\\x1b[2J" in line
+    # Cut at a Kubernetes name's 253 characters: the escape's 4, 248 x's and "…".
+    assert "x" * 248 + "…" in line and "x" * 249 not in line
+
+
 def test_apply_of_a_saved_plan_records_it(control_plane: ControlPlane, tmp_path: Path) -> None:
     cluster = "apply-saved"
     repo = tmp_path / "repo"
