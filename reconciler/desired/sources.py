@@ -449,18 +449,28 @@ class GitSource:
     def _checkout_conversions(self) -> list[tuple[str, str]]:
         """(file, attribute as "name" or "name=value") for every conversion Git would
         apply in checking the revision out, by its own .gitattributes files: the
-        attributes of the machine running the review (system and user files) are left
-        out, as they are not the revision's. Only regular files are converted."""
+        attributes of the machine running the review (system and user files, and the
+        repository's own ``info/attributes``) are left out, as they are not the
+        revision's and another checkout need not have them (the last, which outranks
+        every ``.gitattributes``, could unset what the revision sets). Only regular
+        files are converted."""
         files = [os.fsencode(p) for p, (mode, _, _) in self._tree.items() if mode != SYMLINK_MODE]
+        objects = self._git("rev-parse", "--path-format=absolute", "--git-path", "objects").strip()
         with tempfile.TemporaryDirectory(prefix="heteroscale-attributes-") as scratch:
-            # A private index of the revision, which ``check-attr --cached`` reads the
-            # attributes from: the work tree and the repository's index stay untouched
-            # (``check-attr --source`` would do without it, but needs Git 2.40).
+            # A private repository that borrows the objects (no ``info/attributes`` of
+            # its own) and a private index of the revision, which ``check-attr
+            # --cached`` reads the attributes from: the repository, its index and its
+            # work tree stay untouched (``check-attr --source`` would do without the
+            # index, but needs Git 2.40).
+            git_dir = os.path.join(scratch, "git")
             env = {
                 **os.environ,
+                "GIT_DIR": git_dir,
+                "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects,
                 "GIT_INDEX_FILE": os.path.join(scratch, "index"),
                 "GIT_ATTR_NOSYSTEM": "1",
             }
+            self._git("init", "-q", "--bare", git_dir, env=env)
             # A split index or an fsmonitor would write in the repository: off.
             self._git(
                 "-c",

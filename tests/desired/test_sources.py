@@ -233,3 +233,21 @@ def test_round_trip_edits_change_only_the_edited_line(repo_root: Path) -> None:
         (a, b) for a, b in zip(text.splitlines(), edited.splitlines(), strict=True) if a != b
     ]
     assert changed == [("  cooldown_s: 180", "  cooldown_s: 240")]
+
+
+def test_the_reviewing_repositorys_own_attributes_are_not_the_revisions(
+    git_repo: Path,
+) -> None:
+    """``.git/info/attributes`` belongs to the machine running the review, outranks
+    every ``.gitattributes`` and is in no other checkout: it neither hides a
+    conversion the revision asks for nor refuses a revision that asks for none."""
+    info = git_repo / ".git" / "info" / "attributes"
+    info.parent.mkdir(exist_ok=True)
+    commit_attributes(git_repo, {".gitattributes": b"policies/chat.yaml ident\n"})
+    info.write_bytes(b"* -ident -filter -text -working-tree-encoding\n")
+    issue = refusal(git_repo)
+    assert "'ident' converts files on checkout (policies/chat.yaml" in issue.message
+
+    commit_attributes(git_repo, {".gitattributes": b"*.png binary\n"})
+    info.write_bytes(b"policies/*.yaml filter=secret\n")
+    assert load_desired_state(git_repo, rev="HEAD").policies
