@@ -17,7 +17,8 @@ figures:
   without other processes competing for the CPU (a slight underestimate).
 
 ``heteroscale`` (the planner, the default; ``--planner-repeats``, 0 skips it), called
-per service through its ``decide`` with the service's cluster in the ``DecisionInput``
+for every service at once through its ``decide_many`` (as the cycle calls it), each
+with the service's cluster in its ``DecisionInput``
 (the planner sizes from the cluster's GPU types and link). Its inputs add what it
 reads: prompt- and output-length histograms (``LengthBuckets`` in vLLM's 1-2-5
 buckets, log-normal around each example service's shape, per service varied), no
@@ -290,10 +291,12 @@ def decide_all_planner(
     planner: PlannerAutoscaler, services: list[PlannerService], metrics: list[ServiceMetrics]
 ) -> list[Decision]:
     """One call deciding every service: what the cycle does per cluster."""
-    return [
-        planner.decide(DecisionInput(s.policy, s.fleet, m, s.history, NOW_S, s.cluster))
-        for s, m in zip(services, metrics, strict=True)
-    ]
+    return planner.decide_many(
+        [
+            DecisionInput(s.policy, s.fleet, m, s.history, NOW_S, s.cluster)
+            for s, m in zip(services, metrics, strict=True)
+        ]
+    )
 
 
 def timed(call: Callable[[], object]) -> tuple[float, float]:
@@ -362,7 +365,7 @@ def bench_planner(count: int, repeats: int) -> None:
     for decision in decisions:
         reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
     print(
-        f"heteroscale (the planner; decide per service, with its cluster): {count} "
+        f"heteroscale (the planner, decide_many, each with its cluster): {count} "
         f"services (history of {PLANNER_HISTORY_CYCLES} cycles built in {setup_s:.1f} s)"
     )
     print(f"  load average over the last minute: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")

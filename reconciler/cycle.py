@@ -22,7 +22,7 @@ and where it was raised: one service's failure never stops its cluster's cycle.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,22 +69,22 @@ def plan_cluster(
     decisions = {}
     new_histories: dict[str, PolicyHistory] = {}
     targets: dict[str, Targets] = {}
-    for name, policy in policies.items():
-        fleet = observation.fleet.service_fleet(name)
-        previous = histories.get(name, PolicyHistory())
-        try:
-            decision = autoscaler.decide(
-                DecisionInput(
-                    policy,
-                    fleet,
-                    metrics.get(name, ServiceMetrics(service=name)),
-                    previous,
-                    now_s,
-                    spec,
-                )
-            )
-        except Exception as exc:  # one service's failure must not stop the cluster's cycle
-            decision = failed_decision(name, fleet, previous, exc)
+    inputs = [
+        DecisionInput(
+            policy,
+            observation.fleet.service_fleet(name),
+            metrics.get(name, ServiceMetrics(service=name)),
+            histories.get(name, PolicyHistory()),
+            now_s,
+            spec,
+        )
+        for name, policy in policies.items()
+    ]
+    for name, one, decision in zip(
+        policies, inputs, decide_services(autoscaler, inputs), strict=True
+    ):
+        previous = one.history
+        if decision.reason == "decision_failed":
             held[name] = decision.message
         decisions[name] = decision
         if name in held:
@@ -161,6 +161,29 @@ def plan_cluster(
         gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories
+
+
+def decide_services(autoscaler: Autoscaler, inputs: Sequence[DecisionInput]) -> list[Decision]:
+    """Each service's decision, in order, a failure held to its service
+    (``failed_decision``). An autoscaler with a ``decide_many`` (the planner) decides
+    them as one batch; should the batch raise, each is decided again on its own, so
+    that only the service that raised is held (autoscalers are pure: the others decide
+    as they did in the batch)."""
+    many: Callable[[Sequence[DecisionInput]], list[Decision]] | None = getattr(
+        autoscaler, "decide_many", None
+    )
+    if many is not None:
+        try:
+            return many(inputs)
+        except Exception:  # decided one by one below, which names the service
+            pass
+    decisions = []
+    for one in inputs:
+        try:
+            decisions.append(autoscaler.decide(one))
+        except Exception as exc:  # one service's failure must not stop the cluster's cycle
+            decisions.append(failed_decision(one.policy.name, one.fleet, one.history, exc))
+    return decisions
 
 
 def failed_decision(

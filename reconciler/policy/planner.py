@@ -81,13 +81,20 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets, reading_holds_slo
-from reconciler.policy.base import Clamp, Decision, DecisionInput, PolicyHistory, Recommendation
+from reconciler.policy.base import (
+    Clamp,
+    Decision,
+    DecisionInput,
+    PolicyHistory,
+    Recommendation,
+    gc_paused,
+)
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
     LatencyCorrection,
@@ -1287,6 +1294,13 @@ class PlannerAutoscaler:
         return plan_decide(
             policy, fleet, inputs.metrics, inputs.history, inputs.now_s, perf, notes, held
         )
+
+    def decide_many(self, batch: Sequence[DecisionInput]) -> list[Decision]:
+        """``decide`` for each of many services at once (a cycle's cluster), in order:
+        the same decisions, with the cyclic garbage collector paused for the batch
+        (``base.gc_paused``)."""
+        with gc_paused():
+            return [self.decide(inputs) for inputs in batch]
 
 
 __all__ = [
