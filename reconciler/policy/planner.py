@@ -524,11 +524,19 @@ def clear_caches() -> None:
     clear_choice_caches()
     clear_capacity_caches()
     _MEMORIES_MADE.clear()
+    _MEMORIES_READ.clear()
 
 
 # The memories this process's planner made (by id, while they live): read back as they
 # are. Any other (a state document's, a test's) is checked by ``readable_memory`` first.
 _MEMORIES_MADE: weakref.WeakValueDictionary[int, PlannerMemory] = weakref.WeakValueDictionary()
+# And the memories ``readable_memory`` checked and found readable as they are, by (id,
+# now, config), while they live: the check is a pure function of those three, and a
+# memory read again at the same instant (a cycle retried, the same inputs decided
+# twice) need not walk every entry again (a fifth of a decision).
+_MEMORIES_READ: weakref.WeakValueDictionary[tuple[int, float, ForecastConfig], PlannerMemory] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig) -> PlannerMemory:
@@ -541,6 +549,9 @@ def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig)
     process's planner made is read as it is (the checks cost a fifth of a decision)."""
     if _MEMORIES_MADE.get(id(memory)) is memory:
         return memory
+    key = (id(memory), now_s, config)
+    if _MEMORIES_READ.get(key) is memory:
+        return memory
     checked = replace(
         memory,
         prefill_demand=readable(memory.prefill_demand, now_s, config),
@@ -552,7 +563,10 @@ def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig)
         prefill_steady_since_s=past_time(memory.prefill_steady_since_s, now_s),
         prefill_backlog_seen_s=past_time(memory.prefill_backlog_seen_s, now_s),
     )
-    return checked if checked != memory else memory
+    if checked != memory:
+        return checked
+    _MEMORIES_READ[key] = memory
+    return memory
 
 
 def plan_decide(
