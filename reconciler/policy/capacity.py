@@ -618,20 +618,20 @@ def _work_per_token(
         return perf, (tokens, 0.0)
 
     def work_means() -> tuple[InstancePerf, tuple[float, ...]]:
-        return perf, layout.bucket_means(_per_point(perf, prompt, None)[1])
+        return perf, layout.bucket_means(_per_point(perf, prompt, None, layout.lengths)[1])
 
     _, means = cached_on(layout, ("work means", id(perf)), work_means)
     return perf, (tokens, prompt.mean_over_buckets(means) / tokens)
 
 
 def _per_point(
-    perf: InstancePerf, prompt: LengthHistogram, upper: float | None
+    perf: InstancePerf, prompt: LengthHistogram, upper: float | None, lengths: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per point of ``prompt.points(upper)``: one prompt's own latency alone and its
-    work. For the whole mass they depend on the layout alone, so they are kept with it
-    (the same lengths every cycle: the same numbers)."""
+    """Per point of ``prompt.points(upper)`` (whose ``lengths`` the caller has): one
+    prompt's own latency alone and its work. For the whole mass they depend on the
+    layout alone, so they are kept with it (the same lengths every cycle: the same
+    numbers)."""
     if upper is not None:
-        lengths, _ = prompt.points(upper)
         return perf.prefill_latency_s(lengths), perf.prefill_work(lengths)
     layout = prompt.layout()
 
@@ -666,7 +666,7 @@ def _queue_shape(perf: InstancePerf, prompt: LengthHistogram, upper: float | Non
     mass = float(weights.sum())
     empty = mass <= 0 or not perf.fits or float(weights @ lengths) <= 0
     weights = weights / mass if mass > 0 else weights
-    own, work = _per_point(perf, prompt, upper)
+    own, work = _per_point(perf, prompt, upper, lengths)
     work_per_token = mean_tokens = service_scv = 0.0
     if not empty:
         mean_work = float(weights @ work)
@@ -776,11 +776,20 @@ class _PrefillQueue:
         """:meth:`attainment` with the load's terms given (a search over ``ttft_s`` at one
         load computes them once)."""
         slack = ttft_s - ready
+        met = slack >= 0
         if p_wait <= 0 or mean <= 0:
-            return float(self.weights @ (slack >= 0))
+            return float(self.weights @ met)
+        # ``1 - p_wait x exp(-max(slack, 0) / conditional)`` per point, each step in place
+        # on ``slack`` (this is the planner's most frequent call, and the temporaries
+        # were a third of it); ``x / -c`` is ``-x / c`` bit for bit (IEEE division
+        # rounds the magnitude alike and takes the sign apart).
         conditional = mean / p_wait
-        ok = 1.0 - p_wait * np.exp(-np.maximum(slack, 0.0) / conditional)
-        return float(self.weights @ np.where(slack >= 0, ok, 0.0))
+        ok = np.maximum(slack, 0.0, out=slack)
+        np.divide(ok, -conditional, out=ok)
+        np.exp(ok, out=ok)
+        np.multiply(p_wait, ok, out=ok)
+        np.subtract(1.0, ok, out=ok)
+        return float(self.weights @ np.where(met, ok, 0.0))
 
     def ttft_quantile_s(self, rho: float, quantile: float) -> float:
         """The TTFT at ``quantile`` (attainment is monotone in the bound: bisection)."""
@@ -1207,11 +1216,13 @@ def implied_prefill_factor(load: PrefillLoad, observed_ttft_s: float) -> float |
     if not (math.isfinite(prompt_tps_per_instance) and prompt_tps_per_instance >= 0):
         return None
     quantile = load.quantile
-    base = load.unloaded(1.0)
+    # The bisection's own queue (nothing else holds it), its factor set anew at every
+    # step: the numbers of a copy per factor (``with_factor``), without the copies.
+    queue = load.unloaded(1.0)
 
     def within(factor: float) -> bool:
         """Whether the model with ``factor`` predicts a TTFT quantile <= observed."""
-        queue = base.with_factor(factor)
+        queue._set_factor(factor)
         if queue.empty:
             return False
         rho = prompt_tps_per_instance / queue.sustained_tps
