@@ -132,21 +132,46 @@ def capacities_for(
     stepped = LatencyCorrection(
         prefill=prefill_steps * _FACTOR_STEP, decode=decode_steps * _FACTOR_STEP
     )
-    result = role_capacities(
-        perf.prefill,
-        perf.decode,
-        mix,
-        ttft_slo_s=policy.slo.ttft_ms / 1000.0,
-        tbt_slo_s=policy.slo.tbt_ms / 1000.0,
-        quantile=policy.slo.quantile,
-        link_gbps=perf.link_gbps,
-        prefill_instances_hint=max(1, instances_hint),
-        correction=stepped,
-        # Each request is judged on its own TTFT, and the goal is the share that meets
-        # it: prefill sizes for that share, not for the SLO quantile the TTFT
-        # histogram reports (which the latency correction compares against).
-        ttft_share=policy.slo.attainment_goal,
+
+    def derive() -> tuple[InstancePerf, InstancePerf, RoleCapacities]:
+        return (
+            perf.prefill,
+            perf.decode,
+            role_capacities(
+                perf.prefill,
+                perf.decode,
+                mix,
+                ttft_slo_s=policy.slo.ttft_ms / 1000.0,
+                tbt_slo_s=policy.slo.tbt_ms / 1000.0,
+                quantile=policy.slo.quantile,
+                link_gbps=perf.link_gbps,
+                prefill_instances_hint=max(1, instances_hint),
+                correction=stepped,
+                # Each request is judged on its own TTFT, and the goal is the share that
+                # meets it: prefill sizes for that share, not for the SLO quantile the
+                # TTFT histogram reports (which the latency correction compares against).
+                ttft_share=policy.slo.attainment_goal,
+            ),
+        )
+
+    # The derivation is a pure function of these inputs, kept with the mix (the
+    # instance models ride along, so their ids stay their own): a context made afresh
+    # for the same instances misses the cache above, whose key holds the context's
+    # identity, and the GPU-type ranking makes one per service and type (priced at the
+    # policy's declared mix, one object per request shape): 3,000 derivations, two
+    # thirds of a cold cycle for 1,000 services, where a dozen differ. The cache above
+    # is filled as before, entry for entry, so what it keeps and evicts is unchanged.
+    inputs = (
+        "role capacities",
+        id(perf.prefill),
+        id(perf.decode),
+        perf.link_gbps,
+        *key[:4],
+        max(1, instances_hint),
+        prefill_steps,
+        decode_steps,
     )
+    result = cached_on(mix, inputs, derive)[2]
     _capacity_cache[key] = (perf, result)
     if len(_capacity_cache) > _CACHE_SIZE:
         _capacity_cache.popitem(last=False)
