@@ -79,6 +79,13 @@ def _usable_bounds(le: tuple[float, ...]) -> bool:
     return len(set(le)) == len(le) and all(b <= MAX_REQUEST_TOKENS or b == math.inf for b in le)
 
 
+def usable_length_histogram(le: tuple[float, ...], requests: float) -> bool:
+    """Whether a token-length histogram with bucket bounds ``le`` holding ``requests``
+    in all can be sized from: the bounds distinct, each within ``MAX_REQUEST_TOKENS``
+    or ``+Inf``, and at least one request, at most ``MAX_HISTOGRAM_COUNT`` (NaN fails)."""
+    return _usable_bounds(le) and 0 < requests <= MAX_HISTOGRAM_COUNT
+
+
 @dataclass(frozen=True)
 class LengthBuckets:
     """A token-length histogram as serving engines export it (vLLM's
@@ -99,9 +106,8 @@ class LengthBuckets:
             (now_s - self.at_s) <= max_age_s
             and bool(self.cumulative)
             and len(self.le) == len(self.cumulative)
-            and _usable_bounds(self.le)
             and all(map(math.isfinite, self.cumulative))
-            and 0 < max(self.cumulative) <= MAX_HISTOGRAM_COUNT
+            and usable_length_histogram(self.le, max(self.cumulative))
         )
 
 

@@ -51,7 +51,7 @@ from reconciler.perfmodel.queueing import (
     ggc_wait_probability,
     ggc_wait_s,
 )
-from reconciler.state import Role
+from reconciler.state import Role, usable_length_histogram
 
 # Poisson arrivals: the squared CV of inter-arrival times is 1. Many independent
 # clients superpose to a Poisson stream (Palm-Khintchine); the simulator assumes the same.
@@ -472,6 +472,12 @@ class RequestMix:
         if prompt is None or output is None:
             return None
         return cls(prompt, output)
+
+    def is_usable(self) -> bool:
+        """Whether both histograms are ones a usable engine reading gives
+        (``LengthBuckets.is_usable``): a mix read back from a damaged state document
+        may hold NaN or absurd bounds, or counts whose sum overflows."""
+        return all(usable_length_histogram(h.bounds, h.total) for h in (self.prompt, self.output))
 
     @property
     def prompt_mean_tokens(self) -> float:

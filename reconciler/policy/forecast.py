@@ -241,14 +241,28 @@ def _sizing_forecast(
     return max(value, state.last_value), seasonal
 
 
+# No number a forecaster or a planner files comes near this (demand signals stop at
+# ``MAX_SIGNAL_VALUE``, 1e12; times are seconds since the epoch), and within it no sum
+# or product of two or three of them overflows a float: a trend of 1e300 read back from
+# a hand-edited memory made the forecast infinite and the decision raise.
+MAX_REMEMBERED = 1e100
+
+
+def remembered(x: float) -> bool:
+    """Whether ``x`` is a number a memory may hold: finite and within
+    ``MAX_REMEMBERED`` either side (NaN fails)."""
+    return -MAX_REMEMBERED <= x <= MAX_REMEMBERED
+
+
 def readable(state: ForecastState, now_s: float, config: ForecastConfig) -> ForecastState:
     """``state``, or a fresh one where it cannot be a state ``update`` left: a memory
     read back from a damaged state document may hold any float, and one NaN time or
-    level would make every later forecast NaN. Kept when every number is finite, the
-    times ordered and not after ``now_s``, the daily curve and the errors shaped for
+    level would make every later forecast NaN, a huge trend an infinite one. Kept (the
+    very object) when every number is one a memory may hold (``remembered``), the times
+    ordered and not after ``now_s``, the daily curve and the errors shaped for
     ``config``; a state without samples has nothing to keep."""
     if state.samples <= 0:
-        return ForecastState()
+        return state if state == ForecastState() else ForecastState()
     scalars = (
         state.first_at_s,
         state.last_at_s,
@@ -259,20 +273,20 @@ def readable(state: ForecastState, now_s: float, config: ForecastConfig) -> Fore
     )
     horizons = len(config.horizons_s)
     ok = (
-        all(math.isfinite(x) for x in scalars)
+        all(map(remembered, scalars))
         and state.first_at_s <= state.last_at_s <= now_s
         and len(state.day_mean) in (0, config.day_bins)
         and len(state.day_count) == len(state.day_mean)
-        and all(math.isfinite(x) and x >= 0 for x in (*state.day_mean, *state.day_count))
+        and all(remembered(x) and x >= 0 for x in (*state.day_mean, *state.day_count))
         and all(
             len(entry) == 3
-            and all(math.isfinite(x) for x in entry)
+            and all(map(remembered, entry))
             and 0 <= entry[1] < horizons
             and entry[1] == int(entry[1])
             for entry in state.pending
         )
         and len(state.errors) in (0, horizons)
-        and all(math.isfinite(x) for errors in state.errors for x in errors)
+        and all(remembered(x) for errors in state.errors for x in errors)
     )
     return state if ok else ForecastState()
 

@@ -82,7 +82,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -127,6 +127,7 @@ from reconciler.policy.forecast import (
     headroom,
     quantile_linear,
     readable,
+    remembered,
     sizing_demand,
     update,
 )
@@ -394,15 +395,15 @@ class KeptCapacity:
 
     def readable(self, now_s: float) -> KeptCapacity:
         """Itself, without the entries it cannot have filed (a damaged memory may hold
-        any float, and one NaN error made the headroom NaN): sizings and peaks at a
-        finite time not after ``now_s`` of a finite demand of 0 or more, finite
-        errors."""
+        any float: one NaN error made the headroom NaN, a peak of 1e308 its ceiling
+        infinite): sizings and peaks at a finite time not after ``now_s`` of a demand
+        of 0 or more a memory may hold (``remembered``), errors a memory may hold."""
 
         def filed(at_s: float, value: float) -> bool:
-            return past_time(at_s, now_s) is not None and math.isfinite(value) and value >= 0
+            return past_time(at_s, now_s) is not None and remembered(value) and value >= 0
 
         sized = tuple(entry for entry in self.sized if filed(*entry))
-        errors = tuple(e for e in self.errors if math.isfinite(e))
+        errors = tuple(e for e in self.errors if remembered(e))
         peaks = tuple(entry for entry in self.peaks if filed(*entry))
         if (len(sized), len(errors), len(peaks)) == (
             len(self.sized),
@@ -539,34 +540,49 @@ _MEMORIES_READ: weakref.WeakValueDictionary[tuple[int, float, ForecastConfig], P
 )
 
 
-def readable_memory(memory: PlannerMemory, now_s: float, config: ForecastConfig) -> PlannerMemory:
-    """``memory`` as the planner could have left it: a memory read back from a damaged
-    state document may hold any float, and one NaN made every later forecast, headroom
-    or capacity NaN, or a time that never passes stopped the latency correction for
-    good. Forecasters that cannot be one ``update`` left start afresh, the capacity
-    kept loses the entries it cannot have filed, a latency factor goes back within
-    its bounds, and a time that is not a past reading counts as none. A memory this
-    process's planner made is read as it is (the checks cost a fifth of a decision)."""
+def readable_memory(
+    memory: PlannerMemory, now_s: float, config: ForecastConfig
+) -> tuple[PlannerMemory, tuple[str, ...]]:
+    """``memory`` as the planner could have left it, and the names of the parts that
+    could not be (for the decision to say so): a memory read back from a damaged or
+    hand-edited state document may hold any number, and one NaN made every later
+    forecast, headroom or capacity NaN, a time that never passes stopped the latency
+    correction for good, and a remembered mix without its time or with NaN bounds
+    made the decision raise. Forecasters that cannot be one ``update`` left start
+    afresh, the capacity kept loses the entries it cannot have filed, a latency
+    factor goes back within its bounds, a time that is not a past reading counts as
+    none, and so does a mix an engine's usable reading could not give
+    (``RequestMix.is_usable``) or one without a past time. A memory this process's
+    planner made is read as it is (the checks cost a fifth of a decision)."""
     if _MEMORIES_MADE.get(id(memory)) is memory:
-        return memory
+        return memory, ()
     key = (id(memory), now_s, config)
     if _MEMORIES_READ.get(key) is memory:
-        return memory
+        return memory, ()
+    mix_at_s = past_time(memory.mix_at_s, now_s)
+    sound = memory.mix is not None and mix_at_s is not None and memory.mix.is_usable()
+    mix = memory.mix if sound else None
     checked = replace(
         memory,
         prefill_demand=readable(memory.prefill_demand, now_s, config),
         decode_demand=readable(memory.decode_demand, now_s, config),
         correction=memory.correction.sanitized(),
+        mix=mix,
+        mix_at_s=None if mix is None else mix_at_s,
         prefill_kept=memory.prefill_kept.readable(now_s),
         decode_kept=memory.decode_kept.readable(now_s),
         decode_steady_since_s=past_time(memory.decode_steady_since_s, now_s),
         prefill_steady_since_s=past_time(memory.prefill_steady_since_s, now_s),
         prefill_backlog_seen_s=past_time(memory.prefill_backlog_seen_s, now_s),
     )
-    if checked != memory:
-        return checked
+    # Each check returns the very part it was given when that part is sound.
+    damaged = tuple(
+        f.name for f in fields(memory) if getattr(checked, f.name) is not getattr(memory, f.name)
+    )
+    if damaged:
+        return checked, damaged
     _MEMORIES_READ[key] = memory
-    return memory
+    return memory, ()
 
 
 def plan_decide(
@@ -589,9 +605,11 @@ def plan_decide(
     past = _trim_recommendations(history.recommendations, now_s, n.history_horizon_s)
     config, horizon_prefill_s, horizon_decode_s = forecast_config(policy)
     memory = history.planner if isinstance(history.planner, PlannerMemory) else PlannerMemory()
-    memory = readable_memory(memory, now_s, config)
+    memory, damaged = readable_memory(memory, now_s, config)
     clamps: list[Clamp] = []
     parts: list[str] = list(notes)
+    if damaged:
+        parts.append(f"stored planner memory damaged in {', '.join(damaged)}: read as far as sound")
 
     # 1. Signals.
     for name in ("prefill_tps", "decode_tps"):

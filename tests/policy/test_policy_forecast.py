@@ -269,7 +269,16 @@ def test_a_state_update_left_is_readable_and_a_damaged_one_starts_afresh() -> No
         {"day_mean": (math.nan,) * config.day_bins},
         {"errors": ((math.nan,),)},
         {"pending": ((now, 7.0, 1.0),)},
+        # Finite but beyond any number a forecaster files: the forecast overflowed to
+        # inf (or inf - inf, NaN) and the planner's decision raised.
+        {"trend": 1e300},
+        {"level": 1e308},
+        {"first_at_s": -1e308},
+        {"errors": ((1e308,),)},
     ):
         assert readable(dataclasses.replace(state, **damage), now, config) == ForecastState()
     fresh = readable(ForecastState(samples=0, level=math.nan), now, config)
     assert fresh.samples == 0 and fresh.level == 0.0
+    # A fresh state is kept as the very object: the planner tells damage by identity.
+    unused = ForecastState()
+    assert readable(unused, now, config) is unused

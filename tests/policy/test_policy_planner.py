@@ -21,6 +21,7 @@ from reconciler.policy import make_autoscaler
 from reconciler.policy.base import DecisionInput, PolicyHistory
 from reconciler.policy.capacity import (
     LatencyCorrection,
+    LengthHistogram,
     RequestMix,
     implied_prefill_factor_from_busy,
 )
@@ -912,6 +913,127 @@ def test_a_damaged_memory_is_read_as_a_fresh_reading_would_be(memory: PlannerMem
     learned = decision.history.planner
     assert isinstance(learned, PlannerMemory)
     assert learned.correction.sanitized() is learned.correction
+
+
+def _learnt_history(policy: ServicePolicy, cluster: ClusterSpec) -> PolicyHistory:
+    """The history twenty cycles of a steady load leave: forecasters with a window of
+    history, the capacity kept with its errors, a mix and its time."""
+    perf = perf_context(policy, cluster)
+    history = PolicyHistory()
+    for k in range(20):
+        now = 30.0 * k
+        metrics = _metrics(now, 250_000.0, 35_000.0, ttft_ms=700.0, tbt_ms=47.5)
+        history = plan_decide(policy, _fleet(30, 30), metrics, history, now, perf).history
+    return history
+
+
+HUGE_TIMES_TWELVE = (1e308,) * 12
+
+
+@pytest.mark.parametrize(
+    ("part", "damage"),
+    [
+        # Finite, so a NaN check passes them, but beyond any number a planner files: the
+        # forecast overflowed to inf (or NaN) and the decision raised OverflowError.
+        ("prefill_demand", {"trend": 1e300}),
+        ("decode_demand", {"trend": -1e308}),
+        ("prefill_demand", {"level": 1e308}),
+        # A peak of 1e308 made the headroom's ceiling infinite, and errors as large
+        # took the size past it.
+        ("prefill_kept", {"errors": HUGE_TIMES_TWELVE, "peaks": ((590.0, 1e308),)}),
+    ],
+)
+def test_a_hand_edited_memory_of_absurd_finite_numbers_is_read_as_none_and_said(
+    part: str, damage: dict[str, object]
+) -> None:
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = _learnt_history(policy, cluster)
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    damaged = replace(memory, **{part: replace(getattr(memory, part), **damage)})
+    reset = replace(memory, **{part: type(getattr(memory, part))()})
+    metrics = _metrics(600.0, 250_000.0, 35_000.0, ttft_ms=700.0, tbt_ms=47.5)
+    decision = plan_decide(
+        policy, _fleet(30, 30), metrics, replace(history, planner=damaged), 600.0, perf
+    )
+    without = plan_decide(
+        policy, _fleet(30, 30), metrics, replace(history, planner=reset), 600.0, perf
+    )
+    assert (decision.prefill, decision.decode) == (without.prefill, without.decode)
+    assert f"stored planner memory damaged in {part}: read as far as sound" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("mix", "mix_at_s"),
+    [
+        # A mix without its time: formatting "the last known one (t=...)" raised
+        # TypeError, every cycle, so the service held for good.
+        (RequestMix.from_samples([1000.0] * 10, [200.0] * 10), None),
+        (RequestMix.from_samples([1000.0] * 10, [200.0] * 10), math.nan),
+        # NaN bounds passed LengthHistogram's own checks and raised ValueError in numpy;
+        # counts whose sum overflows made every capacity NaN (ValueError at the count).
+        (
+            RequestMix(
+                LengthHistogram((math.nan, math.inf), (1.0, 1.0)),
+                LengthHistogram((200.0,), (1.0,)),
+            ),
+            500.0,
+        ),
+        (
+            RequestMix(
+                LengthHistogram((1000.0,), (1e308,)),
+                LengthHistogram((200.0, 1000.0), (1e308, 1e308)),
+            ),
+            500.0,
+        ),
+        # Beyond any context a model serves.
+        (
+            RequestMix(
+                LengthHistogram((1e300, math.inf), (1.0, 0.0)),
+                LengthHistogram((200.0,), (1.0,)),
+            ),
+            500.0,
+        ),
+    ],
+)
+def test_a_remembered_mix_no_engine_reading_could_give_is_read_as_none_and_said(
+    mix: RequestMix, mix_at_s: float | None
+) -> None:
+    """When the engines' histograms are missing, the planner sizes from the last mix it
+    read; one from a damaged or hand-edited state document is no mix at all: the
+    decision is the one without it (here the declared request_shape), and says so."""
+    policy, cluster = _chat()
+    declared = _declared(policy, 1150, 210)
+    perf = perf_context(declared, cluster)
+    bare = ServiceMetrics(
+        "chat", prefill_tps=Sample(250_000.0, 600.0), decode_tps=Sample(35_000.0, 600.0)
+    )
+    memory = PlannerMemory(mix=mix, mix_at_s=mix_at_s)
+    decision = plan_decide(
+        declared, _fleet(30, 30), bare, PolicyHistory(planner=memory), 600.0, perf
+    )
+    without = plan_decide(declared, _fleet(30, 30), bare, PolicyHistory(), 600.0, perf)
+    assert (decision.prefill, decision.decode) == (without.prefill, without.decode)
+    assert "stored planner memory damaged in mix" in decision.message
+    assert "the declared request_shape" in decision.message
+    learned = decision.history.planner
+    assert isinstance(learned, PlannerMemory) and learned.mix is None
+
+
+def test_a_sound_memory_read_back_is_not_called_damaged() -> None:
+    policy, cluster = _chat()
+    history = _learnt_history(policy, cluster)
+    assert isinstance(history.planner, PlannerMemory)
+    text, _ = encode(DurableState("c", 600.0, histories={"chat": history}))
+    read_back = decode(text).histories["chat"]
+    assert read_back.planner == history.planner and read_back.planner is not history.planner
+    metrics = _metrics(600.0, 250_000.0, 35_000.0, ttft_ms=700.0, tbt_ms=47.5)
+    perf = perf_context(policy, cluster)
+    decision = plan_decide(policy, _fleet(30, 30), metrics, read_back, 600.0, perf)
+    assert "damaged" not in decision.message
+    fresh = plan_decide(policy, _fleet(30, 30), metrics, PolicyHistory(), 600.0, perf)
+    assert "damaged" not in fresh.message
 
 
 # ---------------------------------------------------------------- caches and memory
