@@ -38,7 +38,7 @@ import math
 import types
 import typing
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,49 +275,70 @@ def _decode_dataclass(cls: type, value: Any, where: str) -> Any:
 # hostile object could claim to unpack to any size: a memory is about 12 KB of JSON,
 # this is hundreds of times that.
 _UNPACKED_LIMIT = 4 * 1024 * 1024
-# And a document's memories together: a full shard (800 KiB packed, ~126 memories)
-# unpacks to ~1.6 MB. Without a total, a hostile shard of a thousand memories each
-# just under the limit above would take minutes to read.
-_DOCUMENT_UNPACKED_LIMIT = 16 * 1024 * 1024
+# And every memory one read of a cluster's state unpacks (the main document's and
+# every memory shard's it lists, which that document names: up to MAX_MEMORY_SHARDS),
+# together: a thousand services' memories after a day at the default cycle are ~13 MB
+# of JSON holding ~1.2 million numbers. The numbers are counted too: a hostile memory
+# of "0," repeated packs a number into two bytes (an honest one takes ~12), and each
+# costs a float object once read. With a limit per document only, 64 shards of four
+# such memories each took 6 minutes and 25 GB to read.
+_LOAD_UNPACKED_LIMIT = 32 * 1024 * 1024
+_LOAD_NUMBERS = MAX_SERVICES * 4000
 
 
-class _UnpackBudget:
-    """What one document's packed memories may still unpack to, together."""
+class _OverBudget(Exception):
+    """Raised from within ``json.loads`` once the numbers a budget allows are read."""
+
+
+class UnpackBudget:
+    """What one read of a cluster's state may still unpack, its planner memories
+    together (``_LOAD_UNPACKED_LIMIT`` bytes, ``_LOAD_NUMBERS`` numbers): the reader
+    passes one to the main document's decode and every shard's."""
 
     def __init__(self) -> None:
-        self.left = _DOCUMENT_UNPACKED_LIMIT
+        self.bytes_left = _LOAD_UNPACKED_LIMIT
+        self.numbers_left = _LOAD_NUMBERS
 
     def unpack(self, value: Any, where: str) -> Any:
-        """``_unpack`` within what is left."""
-        memory, unpacked = _unpack(value, where, self.left)
-        self.left -= unpacked
-        return memory
+        """The memory's JSON object (a version-1 object as it is, bounded by its
+        document's size; a packed string read back); ``StateFormatError`` for anything
+        else, beyond ``_UNPACKED_LIMIT`` or beyond what is left."""
+        if not isinstance(value, str):
+            return value  # version 1, or a malformed value _decode_dataclass refuses
+        limit = min(self.bytes_left, _UNPACKED_LIMIT)
+        try:
+            inflate = zlib.decompressobj()
+            text = inflate.decompress(base64.b64decode(value, validate=True), limit + 1)
+        except (ValueError, zlib.error) as exc:
+            raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
+        if len(text) > limit or inflate.unconsumed_tail or not inflate.eof:
+            raise StateFormatError(
+                f"{where}.planner: not a whole memory within the limit ({limit:,} bytes left)"
+            )
+        self.bytes_left -= len(text)
+
+        def counted(parse: Callable[[str], float | int]) -> Callable[[str], float | int]:
+            def number(literal: str) -> float | int:
+                self.numbers_left -= 1
+                if self.numbers_left < 0:
+                    raise _OverBudget
+                return parse(literal)
+
+            return number
+
+        try:
+            return json.loads(text, parse_int=counted(int), parse_float=counted(float))
+        except _OverBudget:
+            raise StateFormatError(
+                f"{where}.planner: beyond the {_LOAD_NUMBERS:,} numbers the planner "
+                "memories of one state may hold together"
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
 
 
 def _pack(memory: dict[str, Any]) -> str:
     return base64.b64encode(zlib.compress(_dumps(memory).encode(), 6)).decode("ascii")
-
-
-def _unpack(value: Any, where: str, limit: int = _UNPACKED_LIMIT) -> tuple[Any, int]:
-    """The memory's JSON object (a version-1 object as it is, a packed string read
-    back) and the bytes it unpacked to; ``StateFormatError`` for anything else or
-    beyond ``limit`` bytes (at most ``_UNPACKED_LIMIT``)."""
-    if not isinstance(value, str):
-        return value, 0  # version 1, or a malformed value _decode_dataclass refuses
-    limit = min(limit, _UNPACKED_LIMIT)
-    try:
-        inflate = zlib.decompressobj()
-        text = inflate.decompress(base64.b64decode(value, validate=True), limit + 1)
-    except (ValueError, zlib.error) as exc:
-        raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
-    if len(text) > limit or inflate.unconsumed_tail or not inflate.eof:
-        raise StateFormatError(
-            f"{where}.planner: not a whole memory within the limit ({limit:,} bytes left)"
-        )
-    try:
-        return json.loads(text), len(text)
-    except (ValueError, RecursionError) as exc:
-        raise StateFormatError(f"{where}.planner: not a packed memory ({exc})") from None
 
 
 # ------------------------------------------------------------------- histories
@@ -360,7 +381,7 @@ def _pairs(value: Any, where: str) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def _decode_history(value: Any, where: str, budget: _UnpackBudget) -> PolicyHistory:
+def _decode_history(value: Any, where: str, budget: UnpackBudget) -> PolicyHistory:
     if not isinstance(value, dict):
         raise StateFormatError(f"{where}: expected an object")
     recs = []
@@ -542,10 +563,13 @@ def _parsed(text: str | bytes, schema: str, versions: tuple[int, ...]) -> dict[s
     return doc
 
 
-def decode_document(text: str | bytes) -> tuple[DurableState, int]:
-    """The state in the main document ``text`` (with the memories it holds itself)
-    and how many memory shards it lists (0 before version 3); ``StateFormatError``
-    when it is not one this version reads (never any other exception)."""
+def decode_document(
+    text: str | bytes, budget: UnpackBudget | None = None
+) -> tuple[DurableState, int]:
+    """The state in the main document ``text`` (with the memories it holds itself,
+    unpacked within ``budget``: a new one by default) and how many memory shards it
+    lists (0 before version 3); ``StateFormatError`` when it is not one this version
+    reads (never any other exception)."""
     doc = _parsed(text, SCHEMA, READABLE_VERSIONS)
     memory_shards = 0
     if doc["version"] >= 3:
@@ -575,7 +599,7 @@ def decode_document(text: str | bytes) -> tuple[DurableState, int]:
             _str(last_plan.get("revision"), "last_plan.revision"),
             _num(last_plan.get("applied_at_s"), "last_plan.applied_at_s"),
         )
-    budget = _UnpackBudget()
+    budget = budget or UnpackBudget()
     state = DurableState(
         cluster=_str(doc.get("cluster"), "cluster"),
         saved_at_s=_num(doc.get("saved_at_s"), "saved_at_s"),
@@ -596,9 +620,12 @@ def decode(text: str | bytes) -> DurableState:
     return decode_document(text)[0]
 
 
-def decode_shard(text: str | bytes, cluster: str, shard: int) -> dict[str, PlannerMemory]:
+def decode_shard(
+    text: str | bytes, cluster: str, shard: int, budget: UnpackBudget | None = None
+) -> dict[str, PlannerMemory]:
     """The planner memories (service -> memory) in memory shard ``shard`` of
-    ``cluster``'s state; as strict and bounded as ``decode``: ``StateFormatError``
+    ``cluster``'s state, unpacked within ``budget`` (the one the main document was
+    read with: a new one by default); as strict and bounded as ``decode``: ``StateFormatError``
     naming the shard (and the service, for a memory it cannot read) when it is not a
     shard of that cluster this version reads, never any other exception."""
     where = f"memory shard {shard}"
@@ -613,7 +640,7 @@ def decode_shard(text: str | bytes, cluster: str, shard: int) -> dict[str, Plann
     if not isinstance(memories, dict) or len(memories) > MAX_SERVICES:
         raise StateFormatError(f"{where}: memories: expected an object of services")
     out: dict[str, PlannerMemory] = {}
-    budget = _UnpackBudget()
+    budget = budget or UnpackBudget()
     for name, packed in memories.items():
         service = f"{where}: services.{_str(name, f'{where}: services')}"
         if not isinstance(packed, str):

@@ -57,6 +57,7 @@ from reconciler.durable import (
     EncodedState,
     Revision,
     StateFormatError,
+    UnpackBudget,
     attach_memories,
     decode_document,
     decode_shard,
@@ -177,16 +178,18 @@ class ConfigMapStateStore:
         self._versions[name] = str((obj.get("metadata") or {}).get("resourceVersion", ""))
         return obj
 
-    def _load_document(self, cluster: str) -> tuple[DurableState, int] | None:
-        """The state object's state (with the memories it holds itself) and the number
-        of memory shards it lists; None when there is none."""
+    def _load_document(
+        self, cluster: str, budget: UnpackBudget | None = None
+    ) -> tuple[DurableState, int] | None:
+        """The state object's state (with the memories it holds itself, unpacked within
+        ``budget``) and the number of memory shards it lists; None when there is none."""
         obj = self._get(configmap_name(cluster))
         if obj is None:
             return None
         text = (obj.get("data") or {}).get(KEY)
         if not isinstance(text, str):
             raise StateFormatError(f"no '{KEY}' key")
-        return decode_document(text)
+        return decode_document(text, budget)
 
     def load(self, cluster: str, *, with_memories: bool = True) -> DurableState | None:
         """The stored state, None when there is none. Raises ``StateFormatError`` for
@@ -198,7 +201,10 @@ class ConfigMapStateStore:
         afresh, and why is listed in ``load_problems``; its object is overwritten by
         the next write."""
         self._load_problems[cluster] = ()
-        document = self._load_document(cluster)
+        # One budget for every memory this read unpacks: the state object names the
+        # shards, so a budget per document would let it name 64 full ones.
+        budget = UnpackBudget()
+        document = self._load_document(cluster, budget)
         if document is None:
             return None
         state, memory_shards = document
@@ -209,7 +215,7 @@ class ConfigMapStateStore:
         problems = []
         for k, name in enumerate(memory_shard_names(cluster, memory_shards)):
             try:
-                found[k] = self._read_shard(name, cluster, k)
+                found[k] = self._read_shard(name, cluster, k, budget)
             except (StateFormatError, HeteroscaleError, OSError) as exc:
                 problems.append(
                     f"{self._describe_object(name)} unreadable, the planner memories it "
@@ -229,7 +235,9 @@ class ConfigMapStateStore:
         are in it; None: no state object read)."""
         return self._loaded_shards.get(cluster)
 
-    def _read_shard(self, name: str, cluster: str, shard: int) -> dict[str, PlannerMemory]:
+    def _read_shard(
+        self, name: str, cluster: str, shard: int, budget: UnpackBudget
+    ) -> dict[str, PlannerMemory]:
         self._shard_texts.pop(name, None)  # unknown until read
         obj = self._get(name)
         if obj is None:
@@ -239,7 +247,7 @@ class ConfigMapStateStore:
         if not isinstance(text, str):
             raise StateFormatError(f"memory shard {shard}: no '{MEMORIES_KEY}' key")
         self._shard_texts[name] = text
-        return decode_shard(text, cluster, shard)
+        return decode_shard(text, cluster, shard, budget)
 
     def save(self, state: DurableState) -> bool:
         """Write ``state`` (only while this replica leads); True when the state object

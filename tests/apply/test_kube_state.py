@@ -50,7 +50,7 @@ from reconciler.policy.planner import KeptCapacity, PlannerMemory
 from reconciler.state import LengthBuckets, Sample, ServiceMetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
-from looptestkit import OneGroupPlacer, RecordingBackend
+from looptestkit import OneGroupPlacer, RecordingBackend, packed_memory_of_numbers
 
 pytestmark = pytest.mark.kubernetes
 NAMESPACE = "state-tests"
@@ -551,6 +551,42 @@ def test_a_corrupt_memory_shard_loses_only_its_services_memories(
     assert again is not None
     memory = again.histories["svc"].planner
     assert isinstance(memory, PlannerMemory) and memory.prefill_demand.samples == 1
+
+
+@pytest.mark.fault
+def test_shards_full_of_numbers_are_read_within_one_budget(control_plane: ControlPlane) -> None:
+    """Anyone who may edit ConfigMaps in the reconciler's namespace can write the state
+    object, which names how many memory shards to read (up to 64), and the shards: a
+    memory of "0," repeated packs 1.5 million numbers into a few KB. One load reads at
+    most ``_LOAD_NUMBERS`` of them over every shard together (with a budget per shard,
+    64 shards of four such memories took 6 minutes and 25 GB to read); the shards
+    past it are reported and their services' planners start afresh."""
+    cluster = "st-shard-numbers"
+    client = control_plane.client()
+    services = {f"svc-{k}": PolicyHistory() for k in range(4)}
+    assert _fresh_store(client, cluster, "writer", memory_shards=4).save(
+        DurableState(cluster, 1000.0, "writer", None, services)
+    )
+    memory = packed_memory_of_numbers(1_500_000)
+    for k, name in enumerate(memory_shard_names(cluster, 4)):
+        obj = client.get(configmaps_path(NAMESPACE, name))
+        obj["data"]["memories.json"] = json.dumps(
+            {
+                "schema": "heteroscale.io/reconciler-memories",
+                "version": 1,
+                "cluster": cluster,
+                "memories": {f"svc-{k}": memory},
+            }
+        )
+        client.request("PUT", configmaps_path(NAMESPACE, name), body=obj)
+
+    reader = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    back = reader.load(cluster)
+    assert back is not None
+    assert [n for n, h in sorted(back.histories.items()) if h.planner] == ["svc-0", "svc-1"]
+    problems = reader.load_problems(cluster)
+    assert len(problems) == 2
+    assert all("beyond the 4,000,000 numbers" in problem for problem in problems), problems
 
 
 def test_memory_shards_are_written_only_when_changed_and_at_most_once_per_interval(

@@ -1,9 +1,12 @@
 """Fakes for the loop tests: a cluster backend that records what it was asked to do,
 a metrics source, an autoscaler that asks for a fixed size, a placer that keeps one
-group per service. They implement the shared protocols, nothing more."""
+group per service. They implement the shared protocols, nothing more. And a planner
+memory packed as a hostile writer would pack it (``packed_memory_of_numbers``)."""
 
 from __future__ import annotations
 
+import base64
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,3 +96,14 @@ def unreachable(cluster: str) -> RecordingBackend:
     return RecordingBackend(
         cluster, fail_with=ClusterUnavailable(f"cluster {cluster}: connection refused")
     )
+
+
+def packed_memory_of_numbers(numbers: int) -> str:
+    """A planner memory as the state stores it (base64 of zlib'd JSON) holding
+    ``numbers`` zeros in its forecaster's errors, in rows of 4,000 (the most one list
+    may hold; ``numbers`` a multiple of it): two bytes of JSON a number, packed into
+    next to nothing, as a hostile writer would."""
+    row = "[" + ",".join(["0"] * 4000) + "]"
+    errors = "[" + ",".join([row] * (numbers // 4000)) + "]"
+    text = '{"prefill_demand":{"samples":1,"errors":' + errors + "}}"
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")

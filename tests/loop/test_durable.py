@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from looptestkit import packed_memory_of_numbers
 
 from reconciler.apply.statestore import configmap_name, memory_shard_names
 from reconciler.desired import load_desired_state
@@ -36,6 +37,7 @@ from reconciler.durable import (
     Revision,
     StateFormatError,
     StateTooLarge,
+    UnpackBudget,
     attach_memories,
     decode,
     decode_document,
@@ -496,7 +498,7 @@ def _shard_of(memories: dict[str, str]) -> str:
     )
 
 
-# Each memory within its own limit (4 MiB unpacked), together beyond a document's.
+# Each memory within its own limit (4 MiB unpacked), together beyond a read's (32 MiB).
 _THREE_MIB_OF_BLANKS = base64.b64encode(zlib.compress(b" " * (3 << 20) + b"{}", 9)).decode()
 
 
@@ -535,10 +537,10 @@ _THREE_MIB_OF_BLANKS = base64.b64encode(zlib.compress(b" " * (3 << 20) + b"{}", 
             r"memory shard 2: services.svc-x.planner: not a whole memory within the limit",
         ),
         (
-            # Five memories of 3 MiB + 2 bytes leave 16 MiB - 15 MiB - 10 bytes for the sixth.
-            _shard_of({f"svc-{i}": _THREE_MIB_OF_BLANKS for i in range(6)}),
-            r"memory shard 2: services.svc-5.planner: not a whole memory within the limit "
-            r"\(1,048,566 bytes left\)",
+            # Ten memories of 3 MiB + 2 bytes leave 32 MiB - 30 MiB - 20 bytes for the 11th.
+            _shard_of({f"svc-{i}": _THREE_MIB_OF_BLANKS for i in range(11)}),
+            r"memory shard 2: services.svc-10.planner: not a whole memory within the limit "
+            r"\(2,097,132 bytes left\)",
         ),
         (
             _corrupt_memory(base64.b64encode(zlib.compress(b'{"mix_at_s": "x"}')).decode()),
@@ -571,6 +573,27 @@ def test_a_corrupt_oversized_or_foreign_shard_is_refused_and_the_others_still_lo
     assert lost and len(lost) < len(histories)
     assert all((back.histories[n].planner is None) == (n in lost) for n in histories)
     assert all(back.histories[n].planner == _full_memory() for n in histories if n not in lost)
+
+
+def test_one_read_unpacks_a_bounded_count_of_numbers_over_all_its_shards() -> None:
+    """The state object names the shards to read (up to 64), and a memory of "0,"
+    repeated packs 1.5 million numbers into a few KB: one read (one budget, passed to
+    every shard's decode) unpacks at most ``_LOAD_NUMBERS`` of them together. The
+    shards past it are refused with the reason; a reader loses only their services'
+    memories."""
+    budget = UnpackBudget()
+    memory = packed_memory_of_numbers(1_500_000)
+    for k in range(2):
+        (read,) = decode_shard(_shard_of({f"svc-{k}": memory}), "east", k, budget).values()
+        assert sum(map(len, read.prefill_demand.errors)) == 1_500_000
+    for k in (2, 3):
+        with pytest.raises(
+            StateFormatError,
+            match=f"memory shard {k}: services.svc-{k}.planner: beyond the 4,000,000 numbers",
+        ):
+            decode_shard(_shard_of({f"svc-{k}": memory}), "east", k, budget)
+    # A read of its own has the whole budget.
+    assert decode_shard(_shard_of({"svc-3": memory}), "east", 3)
 
 
 @settings(max_examples=200, deadline=None)
