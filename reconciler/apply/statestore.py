@@ -67,6 +67,7 @@ from reconciler.durable import (
 )
 from reconciler.errors import ClusterUnavailable, ConfigError, HeteroscaleError
 from reconciler.policy.planner import PlannerMemory
+from reconciler.text_safety import cut, visible
 
 log = logging.getLogger("heteroscale.state")
 
@@ -525,11 +526,40 @@ def resume_desired_state(
     _, cluster, revision = max(found, key=lambda f: f[0])
     if revision.kind != "git":
         return None, (
-            f"the stored last known good revision is a content hash ({revision.label}): "
-            "a directory's earlier content cannot be restored (use --rev for a Git source)"
+            "the stored last known good revision is a content hash: a directory's earlier "
+            "content cannot be restored (use --rev for a Git source)"
         )
+    problem = _not_resumable(repo, revision.id, rev)
+    if problem is not None:
+        return None, f"{store.describe(cluster)}: {problem}"
     try:
         state = load_desired_state(repo, rev=revision.id)
     except ConfigError as exc:
         return None, f"stored revision {revision.id[:12]} does not load either: {exc}"
-    return Resumed(state, revision, cluster), ""
+    # Named as the loader names it: the stored label is text anyone could have written.
+    return Resumed(state, Revision("git", revision.id, state.source_label), cluster), ""
+
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # SHA-1, or SHA-256
+
+
+def _not_resumable(repo: Path, stored: str, rev: str | None) -> str | None:
+    """Why the stored Git revision ``stored`` is no revision to start from, or None.
+    Anyone who may edit ConfigMaps in the namespace writes it, so it must be a full
+    commit id (never an option or a ref name for Git to resolve) in the history of the
+    revision asked for (``rev``; HEAD without one): a commit reconciled from there
+    before, not any commit the clone holds (an old one, an unreviewed branch's)."""
+    if not _COMMIT_ID.fullmatch(stored):
+        return f"the stored revision '{visible(cut(stored, 80))}' is not a full commit id"
+    wanted = rev or "HEAD"
+    ancestry = subprocess.run(
+        ["git", "-C", str(repo), "merge-base", "--is-ancestor", stored, wanted],
+        capture_output=True,
+        check=False,
+    )
+    if ancestry.returncode != 0:
+        return (
+            f"the stored revision {stored[:12]} is not in the history of {wanted}: not "
+            "resumed (a last known good revision is one reconciled from there)"
+        )
+    return None

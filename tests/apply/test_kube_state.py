@@ -25,9 +25,11 @@ from reconciler.apply.kubeclient import KubeClient, NotFound
 from reconciler.apply.statestore import (
     MEMORY_WRITE_INTERVAL_S,
     ConfigMapStateStore,
+    Resumed,
     configmap_name,
     configmaps_path,
     memory_shard_names,
+    resume_desired_state,
 )
 from reconciler.cli import app
 from reconciler.desired import DesiredState
@@ -349,6 +351,47 @@ def test_run_with_an_invalid_head_reconciles_to_the_stored_revision(
     failed = CliRunner().invoke(app, common)
     assert failed.exit_code == 1
     assert "no last known good revision stored" in failed.output
+
+
+@pytest.mark.fault
+def test_only_a_commit_in_the_history_of_the_asked_revision_is_resumed(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The stored last known good revision is text anyone who may edit ConfigMaps in the
+    namespace writes: with HEAD invalid at start, ``run`` resumes it only when it is a
+    full commit id in the history of the revision asked for. An unreviewed branch's
+    commit, or a ref name for Git to resolve, is refused with the reason; the stored
+    label is never shown as the revision's."""
+    repo = tmp_path / "repo"
+    make_desired_state(repo, "st-resume")
+    git(repo, "init", "-q", "-b", "main")
+    good = commit_all(repo, "good")
+    git(repo, "checkout", "-q", "-b", "unreviewed")
+    (repo / "policies" / "svc.yaml").write_text(
+        (repo / "policies" / "svc.yaml").read_text() + "# not on main\n"
+    )
+    unreviewed = commit_all(repo, "unreviewed")
+    git(repo, "checkout", "-q", "main")
+    (repo / "policies" / "svc.yaml").write_text("name: [broken\n")
+    git(repo, "commit", "-qam", "broken")
+    client = control_plane.client()
+    store = _fresh_store(client, "st-resume", "previous-process")
+
+    def resumed(stored: str) -> tuple[Resumed | None, str]:
+        label = "main (\x1b[2Jforged)"
+        state = DurableState("st-resume", 900.0, "x", Revision("git", stored, label))
+        assert store.save(state)
+        return resume_desired_state(store, repo, "main", ("st-resume",))
+
+    found, why = resumed(unreviewed)
+    assert found is None
+    assert f"the stored revision {unreviewed[:12]} is not in the history of main" in why
+    for ref in ("unreviewed", "main~1", "--output=/tmp/x"):
+        found, why = resumed(ref)
+        assert found is None and "is not a full commit id" in why, why
+    found, why = resumed(good)
+    assert found is not None, why
+    assert found.revision.id == good and "forged" not in found.revision.label
 
 
 @pytest.mark.fault
