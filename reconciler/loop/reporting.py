@@ -386,11 +386,52 @@ class DriftLog:
 # ----------------------------------------------------------------------- serving
 
 
+# A client that opened a connection and sent nothing (or a byte now and then) held a
+# thread for good, and every new one another, until the process ran out of threads or
+# memory. Each read or write of a client gets this long, and at most this many are
+# served at once; a connection past them is closed unanswered (a scraper and the
+# kubelet's probes open one or two at a time, and send their request at once).
+HTTP_CLIENT_TIMEOUT_S = 5.0
+MAX_HTTP_CLIENTS = 64
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A ``ThreadingHTTPServer`` with at most ``MAX_HTTP_CLIENTS`` handler threads."""
+
+    # socketserver's 5 dropped the connections of a burst past it (their SYN retried a
+    # second later), a probe's among them.
+    request_queue_size = MAX_HTTP_CLIENTS
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CLIENTS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing will release the slot
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer:
     """``/metrics`` (Prometheus text), ``/healthz`` (alive) and ``/readyz`` (a valid
-    desired state is loaded) in a daemon thread. Port 0 picks a free port."""
+    desired state is loaded) in a daemon thread. Port 0 picks a free port. Clients are
+    bounded in number and time (``MAX_HTTP_CLIENTS``, ``HTTP_CLIENT_TIMEOUT_S``), and
+    none of them holds anything the reconcile loop waits for."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_CLIENT_TIMEOUT_S  # set on the connection by ``setup``
+
         def do_GET(self) -> None:
             body, status, kind = _respond(loop, self.path)
             self.send_response(status)
@@ -402,7 +443,7 @@ def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = _BoundedHTTPServer((host, port), Handler)
     thread = threading.Thread(target=server.serve_forever, name="heteroscale-http", daemon=True)
     thread.start()
     return server

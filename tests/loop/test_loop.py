@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +24,7 @@ from looptestkit import (
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.errors import ConfigError, ConfigIssue
 from reconciler.loop import JsonFormatter, ReconcileLoop, serve_http
+from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
 from reconciler.policy.base import Decision, DecisionInput
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,6 +164,43 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
     finally:
         server.shutdown()
     assert not loop.healthy(now_s=1000.0 + 10 * 30.0), "a stalled loop is unhealthy"
+
+
+def test_clients_that_never_finish_a_request_are_bounded_in_number_and_time(
+    state: DesiredState,
+) -> None:
+    """A client that connects and sends nothing held a handler thread for good, and a
+    few thousand of them exhausted the process's threads and memory. At most
+    ``MAX_HTTP_CLIENTS`` are served at once (the others closed unanswered), each waits
+    ``HTTP_CLIENT_TIMEOUT_S`` at most for a read, the loop cycles on meanwhile, and once
+    they are dropped the endpoints answer again."""
+    loop = make_loop(state, {"prod-east": RecordingBackend("prod-east")})
+    server = serve_http(loop, "127.0.0.1", 0)
+    address = ("127.0.0.1", server.server_address[1])
+    threads_before = threading.active_count()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(MAX_HTTP_CLIENTS + 100):
+            idle.append(socket.create_connection(address))
+        time.sleep(0.5)
+        assert threading.active_count() <= threads_before + MAX_HTTP_CLIENTS
+        assert loop.run_cycle().clusters[0].outcome == "ok"
+        deadline = time.monotonic() + HTTP_CLIENT_TIMEOUT_S + 5.0
+        while True:
+            try:
+                status = urllib.request.urlopen(f"http://{address[0]}:{address[1]}/healthz").status
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the endpoints never answered again"
+                time.sleep(0.2)
+        assert status == 200
+        # The idle clients were dropped, not kept: the server closed each connection.
+        idle[0].settimeout(1.0)
+        assert idle[0].recv(1) == b""
+    finally:
+        for client in idle:
+            client.close()
+        server.shutdown()
 
 
 class _StuckElection:
