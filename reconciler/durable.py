@@ -49,6 +49,7 @@ from reconciler.policy.base import PolicyHistory, Recommendation
 from reconciler.policy.capacity import LatencyCorrection, LengthHistogram, RequestMix
 from reconciler.policy.forecast import ForecastState
 from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
+from reconciler.text_safety import cut, visible
 
 SCHEMA = "heteroscale.io/reconciler-state"
 VERSION = 3
@@ -79,7 +80,16 @@ MAX_SERVICES = 1000
 
 class StateFormatError(ValueError):
     """The stored document is not a state this version can read (corrupt, foreign
-    schema or version, oversized)."""
+    schema or version, oversized). The message quotes what the document holds (a
+    service name, a version, a histogram's bounds), which anyone who may edit the
+    ConfigMap wrote: it is cut to ``MESSAGE_CHARS`` and its control and invisible
+    characters shown escaped (``text_safety``), so it can neither flood nor forge the
+    log line or ``status`` that reports it."""
+
+    MESSAGE_CHARS = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(visible(cut(message, self.MESSAGE_CHARS)))
 
 
 class StateTooLarge(ValueError):

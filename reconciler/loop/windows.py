@@ -11,6 +11,7 @@ only its services' planners start afresh.
 
 from __future__ import annotations
 
+from reconciler.apply.dns1123 import MAX_SUBDOMAIN
 from reconciler.desired.loader import DesiredState
 from reconciler.durable import (
     DurableState,
@@ -26,6 +27,7 @@ from reconciler.loop.protocols import StateStore
 from reconciler.loop.reporting import LoopMetrics, log
 from reconciler.plan import Plan
 from reconciler.policy.base import PolicyHistory
+from reconciler.text_safety import cut, visible
 
 
 class PolicyWindows:
@@ -72,15 +74,17 @@ class PolicyWindows:
             return
         self.stored[cluster] = stored
         self._merge(cluster, stored)
+        # The writer and the revision are text anyone who may edit the object wrote:
+        # quoted at most as long as a Pod name, as a Lease holder is.
+        writer = visible(cut(stored.writer, MAX_SUBDOMAIN)) or "unknown"
+        revision = (
+            f", revision {visible(cut(stored.revision.label or stored.revision.id, MAX_SUBDOMAIN))}"
+            if stored.revision
+            else ""
+        )
         log.info(
             f"cluster {cluster}: resumed {len(stored.histories)} service histories from "
-            f"{where} (written by {stored.writer or 'unknown'}"
-            + (
-                f", revision {stored.revision.label or stored.revision.id}"
-                if stored.revision
-                else ""
-            )
-            + ")",
+            f"{where} (written by {writer}{revision})",
             extra={"event": "state_restored", "cluster": cluster, "takeover": not first},
         )
 

@@ -436,6 +436,54 @@ def test_a_corrupt_state_object_is_ignored_with_a_logged_error(
 
 
 @pytest.mark.fault
+def test_what_a_stored_state_says_of_itself_is_logged_escaped_and_cut(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer and the revision label a resumed state names, and the service names a
+    refused one quotes, are text anyone who may edit the ConfigMap wrote: the text log
+    format prints a message as it is, so a line break or a terminal escape in them
+    forged a log line or cleared the screen. Logged escaped, and no longer than a Pod
+    name."""
+    cluster = "st-log-text"
+    state = make_desired_state(tmp_path, cluster)
+    client = control_plane.client()
+    forged = "\x1b[2J\n2024-01-01 ERROR forged line" + "x" * 900
+    store = _fresh_store(client, cluster, "replica-a")
+    assert store.save(DurableState(cluster, 900.0, forged, Revision("git", "0" * 40, forged)))
+    loop = _loop(state, RecordingBackend(cluster), Load(8000), Clock(1000.0), store)
+    with caplog.at_level(logging.INFO, logger="heteroscale"):
+        caplog.clear()
+        _decision(loop)
+    (restored,) = [r for r in caplog.records if getattr(r, "event", "") == "state_restored"]
+    message = restored.getMessage()
+    assert "\x1b" not in message and "\n" not in message
+    assert "written by \\x1b[2J\\n2024-01-01 ERROR forged line" in message
+    assert len(message) < 800
+
+    obj = client.get(configmaps_path(NAMESPACE, configmap_name(cluster)))
+    obj["data"]["state.json"] = json.dumps(
+        {
+            "schema": "heteroscale.io/reconciler-state",
+            "version": 3,
+            "memory_shards": 0,
+            "cluster": cluster,
+            "saved_at_s": 1.0,
+            "services": {forged[:40]: {"ttft_ms": "x"}},
+        }
+    )
+    client.request("PUT", configmaps_path(NAMESPACE, configmap_name(cluster)), body=obj)
+    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
+    loop = _loop(state, RecordingBackend(cluster), Load(8000), Clock(1030.0), store)
+    with caplog.at_level(logging.ERROR, logger="heteroscale"):
+        caplog.clear()
+        _decision(loop)
+    (refused,) = [r for r in caplog.records if getattr(r, "event", "") == "state_unreadable"]
+    message = refused.getMessage()
+    assert "\x1b" not in message and "\n" not in message
+    assert "services.\\x1b[2J\\n2024-01-01 ERROR forged line" in message
+
+
+@pytest.mark.fault
 def test_a_stale_writer_never_overwrites_the_leaders_write(control_plane: ControlPlane) -> None:
     client = control_plane.client()
     roles = {"leader": True, "stale": True}  # both believe they lead at first

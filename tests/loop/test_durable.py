@@ -30,6 +30,7 @@ from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
     MAX_MEMORY_SHARDS,
     MAX_STATE_BYTES,
+    SCHEMA,
     STORABLE_PLANNER_TYPES,
     AppliedPlan,
     DurableState,
@@ -54,6 +55,7 @@ from reconciler.policy.forecast import ForecastState
 from reconciler.policy.gpu_economics import perf_context
 from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory, plan_decide
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
+from reconciler.text_safety import visible
 
 NOW = 100_000.0
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -333,6 +335,60 @@ def test_a_mutated_document_is_read_or_refused_never_a_crash(data: st.DataObject
     target[key] = data.draw(junk)
     with contextlib.suppress(StateFormatError):
         decode(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("document", "names"),
+    [
+        ({"schema": SCHEMA, "version": "v" * 500_000}, "schema version 'vvv"),
+        (
+            {
+                "schema": SCHEMA,
+                "version": 3,
+                "memory_shards": 0,
+                "cluster": "c",
+                "saved_at_s": 1.0,
+                "services": {"\x1b[2J\nFAKE LOG LINE": {"ttft_ms": "x"}},
+            },
+            "services.\\x1b[2J\\nFAKE LOG LINE.ttft_ms: expected a list",
+        ),
+        (
+            {
+                "schema": SCHEMA,
+                "version": 1,
+                "cluster": "c",
+                "saved_at_s": 1.0,
+                "services": {
+                    "s": {
+                        "planner": {
+                            "mix": {
+                                "prompt": {
+                                    "bounds": [4000.0 - i for i in range(4000)],
+                                    "counts": [1.0] * 4000,
+                                },
+                                "output": {"bounds": [1.0], "counts": [1.0]},
+                            }
+                        }
+                    }
+                },
+            },
+            "services.s.planner.mix.prompt: bucket bounds must increase: (4000.0, 3999.0",
+        ),
+    ],
+)
+def test_a_refusal_quotes_the_document_escaped_and_cut(
+    document: dict[str, object], names: str
+) -> None:
+    """A refusal is logged and shown by ``status``, and quotes what anyone who may edit
+    the ConfigMap wrote: a 500 KB version, a service name carrying a terminal escape
+    and a line break (a forged log line), a histogram's 4,000 bounds. Each message is
+    cut and shows those characters escaped, and still names the part refused."""
+    with pytest.raises(StateFormatError) as refused:
+        decode_document(json.dumps(document))
+    message = str(refused.value)
+    assert message.startswith(names), message[:200]
+    assert len(message) <= StateFormatError.MESSAGE_CHARS
+    assert visible(message) == message  # nothing left to escape
 
 
 def test_a_takeover_merges_the_windows_and_keeps_the_latest_change() -> None:
