@@ -69,20 +69,30 @@ class Sample:
 # histogram beyond either is broken, and sizing from it overflows.
 MAX_REQUEST_TOKENS = 1e8
 MAX_HISTOGRAM_COUNT = 1e15
+# Nor has any engine this many bounds: vLLM's 1-2-5 grid up to a 10-million-token
+# context has 22, SGLang's default token buckets fewer than 40. The planner's work on
+# a mix grows with its buckets (4,000 cost 0.4 s a decision), so a histogram with more
+# is broken or hostile, and read as missing (the last known mix stands in).
+MAX_LENGTH_BUCKETS = 256
 
 
 @lru_cache(maxsize=256)
 def _usable_bounds(le: tuple[float, ...]) -> bool:
-    """``LengthBuckets.is_usable``'s test of the bounds: distinct, each within
-    ``MAX_REQUEST_TOKENS`` or ``+Inf``. Kept per bounds: an engine exports the same
-    ones every cycle."""
-    return len(set(le)) == len(le) and all(b <= MAX_REQUEST_TOKENS or b == math.inf for b in le)
+    """``LengthBuckets.is_usable``'s test of the bounds: at most ``MAX_LENGTH_BUCKETS``,
+    distinct, each within ``MAX_REQUEST_TOKENS`` or ``+Inf``. Kept per bounds: an
+    engine exports the same ones every cycle."""
+    return (
+        len(le) <= MAX_LENGTH_BUCKETS
+        and len(set(le)) == len(le)
+        and all(b <= MAX_REQUEST_TOKENS or b == math.inf for b in le)
+    )
 
 
 def usable_length_histogram(le: tuple[float, ...], requests: float) -> bool:
     """Whether a token-length histogram with bucket bounds ``le`` holding ``requests``
-    in all can be sized from: the bounds distinct, each within ``MAX_REQUEST_TOKENS``
-    or ``+Inf``, and at least one request, at most ``MAX_HISTOGRAM_COUNT`` (NaN fails)."""
+    in all can be sized from: at most ``MAX_LENGTH_BUCKETS`` bounds, distinct, each
+    within ``MAX_REQUEST_TOKENS`` or ``+Inf``, and at least one request, at most
+    ``MAX_HISTOGRAM_COUNT`` (NaN fails)."""
     return _usable_bounds(le) and 0 < requests <= MAX_HISTOGRAM_COUNT
 
 

@@ -136,6 +136,7 @@ from reconciler.observe.presets import (
     signal_role,
 )
 from reconciler.state import (
+    MAX_LENGTH_BUCKETS,
     METRIC_NAMES,
     LengthBuckets,
     MetricName,
@@ -677,6 +678,8 @@ def _value(rows: Sequence[Row]) -> _Read:
 
 
 def _buckets(rows: Sequence[Row]) -> _Read:
+    if len(rows) > MAX_LENGTH_BUCKETS:
+        return None, f"{len(rows)} buckets, more than any engine exports ({MAX_LENGTH_BUCKETS})"
     by_le: dict[float, float] = {}
     for row in rows:
         text = row.labels.get("le")

@@ -15,6 +15,7 @@ from observe_helpers import RATE_WINDOW_S, TextExporter, make_policy, scraping, 
 
 from reconciler.observe.local_prometheus import LocalPrometheus
 from reconciler.observe.prometheus import PrometheusMetricsSource
+from reconciler.state import MAX_LENGTH_BUCKETS
 
 pytestmark = pytest.mark.fault
 
@@ -22,6 +23,7 @@ HOSTILE = "mix-hostile"
 BYSTANDER = "mix-bystander"
 HOSTILE_LE = "\x1b[2J\u202e" + "A" * 10_000
 TRUNCATED = "mix-truncated"
+MANY_BUCKETS = "mix-many-buckets"
 BOUNDS = ("128", "1024", "+Inf")
 
 
@@ -43,6 +45,8 @@ def _engines_text(started_s: float) -> str:
     lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
     lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
     lines += _prompt_histogram(TRUNCATED, ("128", "1024"), requests)
+    many = (*(str(2 * k) for k in range(1, MAX_LENGTH_BUCKETS + 1)), "+Inf")
+    lines += _prompt_histogram(MANY_BUCKETS, many, requests)
     return "\n".join(lines) + "\n"
 
 
@@ -136,3 +140,23 @@ def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
         decode_tps = metrics[service].decode_tps
         assert decode_tps is not None, source.last_report
         assert decode_tps.value == pytest.approx(10.0, rel=0.2)
+
+
+def test_a_length_histogram_with_more_buckets_than_any_engine_is_missing(
+    hostile_prometheus: LocalPrometheus,
+) -> None:
+    # The planner's work on a mix grows with its buckets: a histogram past the bound is
+    # read as missing (the last known mix stands in), its neighbours as usual.
+    source = PrometheusMetricsSource(
+        settings_for(hostile_prometheus.url, lengths=("prompt_tokens",))
+    )
+    metrics = source.fetch([make_policy(MANY_BUCKETS), make_policy(BYSTANDER)], time.time())
+
+    assert metrics[MANY_BUCKETS].prompt_tokens is None
+    assert metrics[BYSTANDER].prompt_tokens is not None
+    assert source.last_report is not None
+    assert [
+        gap.reason
+        for gap in source.last_report.gaps
+        if gap.service == MANY_BUCKETS and gap.signal == "prompt_tokens"
+    ] == [f"{MAX_LENGTH_BUCKETS + 1} buckets, more than any engine exports ({MAX_LENGTH_BUCKETS})"]
