@@ -246,13 +246,16 @@ class KVCachePressure(StrictModel):
     step_percent: Annotated[float, Field(gt=0, le=400)] = 10.0
 
 
+# A per-instance target, of the primary metric or of prompt tokens/s: at most 1e8, a
+# hundred times the fastest instance's tokens/s.
+TargetPerInstance = Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)]
+
+
 class Scaling(StrictModel):
     """How the policy turns signals into instance counts."""
 
     metric: ScalingMetric = Field(default="decode_tps", description="the primary signal")
-    target_per_instance: (
-        Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)] | None
-    ) = Field(
+    target_per_instance: TargetPerInstance | None = Field(
         default=None,
         description="at most 1e8 (a hundred times the fastest instance's tokens/s). "
         "Per-instance target of the primary metric (tokens/s for TPS, fraction for "
@@ -261,9 +264,7 @@ class Scaling(StrictModel):
         "of the role the metric measures (decode with decode_tps, prefill with prefill_tps) "
         "and is what heteroscale-paper scales on",
     )
-    prefill_target_per_instance: (
-        Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)] | None
-    ) = Field(
+    prefill_target_per_instance: TargetPerInstance | None = Field(
         default=None,
         description="prompt tokens/s per prefill instance, at most 1e8. Omitted: derived from the "
         "performance model; given, it overrides the derived prefill capacity, and for "
