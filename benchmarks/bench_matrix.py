@@ -196,10 +196,24 @@ def with_hand_targets_for(state: DesiredState, service: str) -> DesiredState:
     return dataclasses.replace(state, policies={**state.policies, service: tuned})
 
 
-def run_cell(cell: Cell, policies: tuple[str, ...]) -> dict[str, Any]:
+def with_min_headroom(state: DesiredState, least: float) -> DesiredState:
+    """``state`` with every policy's ``scaling.min_headroom`` set to ``least``: what the
+    planner does where a team sets the floor (``--min-headroom``)."""
+    policies = {
+        name: p.model_copy(update={"scaling": p.scaling.model_copy(update={"min_headroom": least})})
+        for name, p in state.policies.items()
+    }
+    return dataclasses.replace(state, policies=policies)
+
+
+def run_cell(
+    cell: Cell, policies: tuple[str, ...], min_headroom: float | None = None
+) -> dict[str, Any]:
     if cell.warmup_seed is None:  # it sizes on the warm-up: a cold cell has none
         policies = tuple(p for p in policies if p != STATIC_PAST_PEAK)
     state = load_desired_state(REPO)
+    if min_headroom is not None:
+        state = with_min_headroom(state, min_headroom)
     config = SimConfig(
         prefill_engine_speed=cell.engine_speed, decode_engine_speed=cell.engine_speed
     )
@@ -756,6 +770,11 @@ def main() -> None:
         "--held-out", action="store_true", help="run the held-out cells (HELD_OUT) instead"
     )
     parser.add_argument(
+        "--min-headroom",
+        type=float,
+        help="a what-if: every policy's scaling.min_headroom set to this (not the repository's)",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         help="print the tables of a JSON an earlier run wrote (--json) instead of running",
@@ -782,15 +801,19 @@ def main() -> None:
     documents: list[dict[str, Any]] = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(run_cell, c, policies) for c in cells]
+            futures = [pool.submit(run_cell, c, policies, args.min_headroom) for c in cells]
             for cell, future in zip(cells, futures, strict=True):
                 documents.append(future.result())
                 print(f"{cell.name}: {documents[-1]['wall_s']} s", file=sys.stderr, flush=True)
     else:
         for cell in cells:
-            documents.append(run_cell(cell, policies))
+            documents.append(run_cell(cell, policies, args.min_headroom))
             print(f"{cell.name}: {documents[-1]['wall_s']} s", file=sys.stderr, flush=True)
     table = rows(documents)
+    if args.min_headroom is not None:
+        print(f"what-if: every policy's scaling.min_headroom = {args.min_headroom:g}")
+        for document in documents:
+            document["min_headroom"] = args.min_headroom
     print(text_table(table))
     print(f"\n{len(cells)} cells in {time.perf_counter() - started:.0f} s")
     if args.json:

@@ -246,6 +246,11 @@ class KVCachePressure(StrictModel):
     step_percent: Annotated[float, Field(gt=0, le=400)] = 10.0
 
 
+# The planner's least headroom when a policy sets none (``scaling.min_headroom``): the
+# rate signals are 60 s averages and Poisson arrivals at the scale of one instance vary
+# by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 % within a minute; 10 % covers
+# that spread before the forecaster has errors to go by. It covers no burst.
+DEFAULT_MIN_HEADROOM = 0.1
 # A per-instance target, of the primary metric or of prompt tokens/s: at most 1e8, a
 # hundred times the fastest instance's tokens/s.
 TargetPerInstance = Annotated[float, Field(ge=MIN_TARGET, le=1e8, allow_inf_nan=False)]
@@ -273,6 +278,15 @@ class Scaling(StrictModel):
     )
     tolerance: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.1, description="no change while observed/target stays within 1 +- tolerance"
+    )
+    min_headroom: Annotated[float, Field(ge=0, le=4, allow_inf_nan=False)] = Field(
+        default=DEFAULT_MIN_HEADROOM,
+        description="the least headroom heteroscale sizes each role with above the demand it "
+        "forecasts, as a fraction (0.1: 10%), 0 to 4. Its own headroom, learnt from how far "
+        "the demand outran the capacity it kept, is never below this, nor above the peak "
+        "of its memory by more. A service whose bursts outgrow a start-up (about two "
+        "minutes) before any burst has been seen misses its SLO in each until it has "
+        "learnt them: raise this where the bursts are known. heteroscale-paper ignores it",
     )
     scale_out_window_s: WindowSeconds = Field(
         default=0.0,

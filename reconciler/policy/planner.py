@@ -51,9 +51,10 @@ One cycle, in order (each step that changes a number says so in the message):
    (the attainment goal, for both roles) of how far the demand
    outran the capacity kept in force over the last hour (``KeptCapacity``), the
    forecaster's own errors at that horizon until ten of those exist, and at least
-   ``MIN_HEADROOM``: a bursty service carries more on its own. Too little history:
-   current demand x (1 + ``MIN_HEADROOM``). The headroom is relative, so it never
-   takes the size above ``max(peak, forecast) x (1 + MIN_HEADROOM)``, ``peak`` being
+   the policy's ``scaling.min_headroom`` (10 % by default, ``MIN_HEADROOM``): a bursty
+   service carries more on its own. Too little history: current demand x (1 + that
+   floor). The headroom is relative, so it never takes the size above
+   ``max(peak, forecast) x (1 + the floor)``, ``peak`` being
    the highest demand of the headroom's own memory (``KeptCapacity.peak_tps``).
 6. **Unattainable requests** (TTFT missed even on an idle instance) are left out of
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
@@ -85,7 +86,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
-from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.desired.models import DEFAULT_MIN_HEADROOM, ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets, reading_holds_slo
 from reconciler.policy.base import (
     Clamp,
@@ -154,10 +155,9 @@ from reconciler.state import (
     ServiceMetrics,
 )
 
-# The headroom floor: the rate signals are 60 s averages and Poisson arrivals at the
-# scale of one instance vary by more than 1/sqrt(60 s x a few requests/s) ~ 5-10 %
-# within a minute; 10 % covers that spread before the forecaster has errors to go by.
-MIN_HEADROOM = 0.1
+# The headroom floor where a policy sets none (``scaling.min_headroom``; the models
+# module says where 10 % comes from).
+MIN_HEADROOM = DEFAULT_MIN_HEADROOM
 # The reconcile interval the forecaster samples at (the loop's default).
 CYCLE_S = 30.0
 # The metrics window behind every rate (a PromQL rate over one minute).
@@ -433,13 +433,16 @@ def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float
     errors stand in for the headroom's own evidence until that has ``MIN_KEPT_ERRORS``,
     at the same quantile: the attainment goal's (``_sized_demand``)."""
     return _forecast_config(
-        policy.prefill.startup_s, policy.decode.startup_s, policy.slo.attainment_goal
+        policy.prefill.startup_s,
+        policy.decode.startup_s,
+        policy.slo.attainment_goal,
+        policy.scaling.min_headroom,
     )
 
 
 @lru_cache(maxsize=1024)
 def _forecast_config(
-    prefill_startup_s: float, decode_startup_s: float, quantile: float
+    prefill_startup_s: float, decode_startup_s: float, quantile: float, min_headroom: float
 ) -> tuple[ForecastConfig, float, float]:
     horizons = tuple(
         startup_s + CYCLE_S + METRICS_WINDOW_S
@@ -450,7 +453,7 @@ def _forecast_config(
         level_span_s=max(prefill_startup_s, decode_startup_s, CYCLE_S),
         horizons_s=tuple(sorted(set(horizons))),
         error_quantile=quantile,
-        min_headroom=MIN_HEADROOM,
+        min_headroom=min_headroom,
         # The forecaster's own errors stand in only until the capacity kept has
         # MIN_KEPT_ERRORS of its own, and both gain one a cycle from the first forecast
         # on: more of them are never read, and an hour's worth was a third of the
@@ -494,15 +497,16 @@ def _sized_demand(
     drain = ""
     if demand.drain_tps > 0:
         drain = f" +{demand.drain_tps:.0f} to drain the queue"
+    least = config.min_headroom  # the policy's floor (``scaling.min_headroom``)
     if predicted is None:
-        sized = now_tps * (1.0 + MIN_HEADROOM) + demand.drain_tps
-        how = f"{now_tps:.0f} now +{MIN_HEADROOM:.0%} (forecast needs more history){drain}"
+        sized = now_tps * (1.0 + least) + demand.drain_tps
+        how = f"{now_tps:.0f} now +{least:.0%} (forecast needs more history){drain}"
         return sized, how, kept
     from_kept = kept.headroom(config.error_quantile)
     if from_kept is None:
         room, source = headroom(state, horizon_s, config)[0], "forecast errors"
     else:
-        room, source = max(from_kept, MIN_HEADROOM), "shortfalls of the capacity kept"
+        room, source = max(from_kept, least), "shortfalls of the capacity kept"
     sized = base * (1.0 + room)
     how = f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom ({source})"
     # The headroom is the relative excess of demand over what was kept, so after a
@@ -511,10 +515,10 @@ def _sized_demand(
     # headroom itself comes from. Above that hour's peak (with the floor's spread) the
     # capacity guards only against a level never seen, and the burst days show it buys
     # no attainment there (it held decode at max_instances for half an hour).
-    ceiling = max(kept.peak_tps, base) * (1.0 + MIN_HEADROOM)
+    ceiling = max(kept.peak_tps, base) * (1.0 + least)
     if sized > ceiling:
         sized = ceiling
-        how += f", held to the hour's peak {kept.peak_tps:.0f} +{MIN_HEADROOM:.0%}"
+        how += f", held to the hour's peak {kept.peak_tps:.0f} +{least:.0%}"
     return sized + demand.drain_tps, how + drain, kept
 
 

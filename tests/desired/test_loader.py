@@ -95,6 +95,20 @@ def test_a_wrong_type_is_reported_with_the_value_given(example_repo: Path) -> No
     )
 
 
+def test_the_least_headroom_is_a_fraction_from_0_to_4(example_repo: Path) -> None:
+    edit(
+        example_repo / "policies/chat.yaml",
+        "  tolerance: 0.1",
+        "  tolerance: 0.1\n  min_headroom: 5",
+    )
+    [message] = problems(example_repo)
+    assert message.endswith("scaling.min_headroom: must be less than or equal to 4 (got 5)")
+    edit(example_repo / "policies/chat.yaml", "  min_headroom: 5", "  min_headroom: 0.8")
+    chat = load_desired_state(example_repo).policies["chat"]
+    assert chat.scaling.min_headroom == 0.8
+    assert load_desired_state(example_repo).policies["svc-a"].scaling.min_headroom == 0.1
+
+
 def test_an_unknown_key_suggests_the_closest_field(example_repo: Path) -> None:
     edit(example_repo / "policies/chat.yaml", "  tolerance: 0.1", "  tolerence: 0.1")
     [message] = problems(example_repo)

@@ -159,6 +159,50 @@ def test_without_overrides_each_role_is_sized_from_the_models_capacity() -> None
     assert 1_400 < caps.decode_tps_per_instance < 1_900
 
 
+def test_the_policys_least_headroom_replaces_the_default_floor() -> None:
+    """``scaling.min_headroom``: a team that knows its service bursts sets the least
+    headroom; with no forecast yet the size is the demand of now times one plus it
+    (overrides keep the capacity per instance fixed, so the arithmetic is exact)."""
+    for least in (0.0, 0.25, 0.5):  # within max_instances and the P/D ratio bounds
+        policy, cluster = _chat(
+            target_per_instance=1000.0, prefill_target_per_instance=10_000.0, min_headroom=least
+        )
+        decision = plan_decide(
+            policy,
+            _fleet(30, 30),
+            _metrics(0.0, 300_000.0, 40_000.0),
+            PolicyHistory(),
+            0.0,
+            perf_context(policy, cluster),
+        )
+        assert decision.decode == math.ceil(40_000 * (1 + least) / 1000.0)
+        assert decision.prefill == math.ceil(300_000 * (1 + least) / 10_000.0)
+        assert f"+{least:.0%} (forecast needs more history)" in decision.message
+
+
+def test_the_least_headroom_also_raises_the_ceiling_over_the_hours_peak() -> None:
+    # Steady load for an hour: the learnt headroom is ~0, so the floor sets the size,
+    # and the ceiling (the hour's peak plus the floor) does not cut it back.
+    sizes = {}
+    for least in (0.1, 0.6):
+        policy, cluster = _chat(
+            target_per_instance=1000.0,
+            prefill_target_per_instance=10_000.0,
+            min_headroom=least,
+            scale_in_window_s=0.0,
+            cooldown_s=0.0,
+        )
+        perf = perf_context(policy, cluster)
+        history, fleet = PolicyHistory(), _fleet(40, 40)
+        for k in range(40):
+            metrics = _metrics(30.0 * k, 300_000.0, 40_000.0)
+            decision = plan_decide(policy, fleet, metrics, history, 30.0 * k, perf)
+            history, fleet = decision.history, _fleet(decision.prefill, decision.decode)
+        sizes[least] = decision.decode
+    assert sizes[0.1] == math.ceil(40_000 * 1.1 / 1000.0)
+    assert sizes[0.6] == math.ceil(40_000 * 1.6 / 1000.0)
+
+
 def test_an_override_replaces_the_derived_capacity() -> None:
     policy, cluster = _chat(target_per_instance=1000.0, prefill_target_per_instance=10_000.0)
     decision = plan_decide(

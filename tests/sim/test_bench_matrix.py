@@ -285,3 +285,10 @@ def test_no_reactive_attainment_where_the_bound_is_sized_for_the_needed_share(
     document["reactive_at_cost"] = {"heteroscale": 0.0}
     assert bench.goal_verdict(document).reactive_attainment is None
     assert "Against the reactive reference" not in bench.goals_table([document])
+
+
+def test_the_least_headroom_what_if_sets_every_policys_floor(bench: ModuleType) -> None:
+    state = bench.load_desired_state(bench.REPO)
+    changed = bench.with_min_headroom(state, 0.8)
+    assert {p.scaling.min_headroom for p in changed.policies.values()} == {0.8}
+    assert {p.scaling.min_headroom for p in state.policies.values()} == {0.1}
