@@ -18,7 +18,7 @@ from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
 from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
-from reconciler.policy.base import DecisionInput, PolicyHistory
+from reconciler.policy.base import Decision, DecisionInput, PolicyHistory
 from reconciler.policy.capacity import (
     LatencyCorrection,
     LengthHistogram,
@@ -159,22 +159,28 @@ def test_without_overrides_each_role_is_sized_from_the_models_capacity() -> None
     assert 1_400 < caps.decode_tps_per_instance < 1_900
 
 
+def _first_decision_with_overrides(**scaling: object) -> Decision:
+    """chat's first decision (no forecast yet) at 300,000 prompt and 40,000 output
+    tokens/s, with overrides of 1,000 and 10,000 tokens/s per instance, so the
+    arithmetic of the size is exact."""
+    policy, cluster = _chat(
+        target_per_instance=1000.0, prefill_target_per_instance=10_000.0, **scaling
+    )
+    return plan_decide(
+        policy,
+        _fleet(30, 30),
+        _metrics(0.0, 300_000.0, 40_000.0),
+        PolicyHistory(),
+        0.0,
+        perf_context(policy, cluster),
+    )
+
+
 def test_the_policys_least_headroom_replaces_the_default_floor() -> None:
     """``scaling.min_headroom``: a team that knows its service bursts sets the least
-    headroom; with no forecast yet the size is the demand of now times one plus it
-    (overrides keep the capacity per instance fixed, so the arithmetic is exact)."""
+    headroom; with no forecast yet the size is the demand of now times one plus it."""
     for least in (0.0, 0.25, 0.5):  # within max_instances and the P/D ratio bounds
-        policy, cluster = _chat(
-            target_per_instance=1000.0, prefill_target_per_instance=10_000.0, min_headroom=least
-        )
-        decision = plan_decide(
-            policy,
-            _fleet(30, 30),
-            _metrics(0.0, 300_000.0, 40_000.0),
-            PolicyHistory(),
-            0.0,
-            perf_context(policy, cluster),
-        )
+        decision = _first_decision_with_overrides(min_headroom=least)
         assert decision.decode == math.ceil(40_000 * (1 + least) / 1000.0)
         assert decision.prefill == math.ceil(300_000 * (1 + least) / 10_000.0)
         assert f"+{least:.0%} (forecast needs more history)" in decision.message
@@ -204,15 +210,7 @@ def test_the_least_headroom_also_raises_the_ceiling_over_the_hours_peak() -> Non
 
 
 def test_an_override_replaces_the_derived_capacity() -> None:
-    policy, cluster = _chat(target_per_instance=1000.0, prefill_target_per_instance=10_000.0)
-    decision = plan_decide(
-        policy,
-        _fleet(30, 30),
-        _metrics(0.0, 300_000.0, 40_000.0),
-        PolicyHistory(),
-        0.0,
-        perf_context(policy, cluster),
-    )
+    decision = _first_decision_with_overrides()
     assert decision.decode == math.ceil(40_000 * (1 + MIN_HEADROOM) / 1000.0)
     assert decision.prefill == math.ceil(300_000 * (1 + MIN_HEADROOM) / 10_000.0)
     assert "(override)" in decision.message
