@@ -186,7 +186,11 @@ Query overrides
 the signal in its unit (tokens/s, milliseconds, fraction) with one series per
 ``(service, role)`` — or per ``service`` — carrying the service's name in the service
 label. ``$__quantile`` is replaced by the policy's SLO quantile and ``$__window`` by the
-adapter's rate window (e.g. ``60s``), as in Grafana. ``prompt_tokens`` and
+adapter's rate window (e.g. ``60s``), as in Grafana; ``$__services`` by a regex matching
+exactly the services that share the override in one request, so
+``{service=~"$__services"}`` restricts it as every preset query is restricted (without
+it, an override that selects no service reads every ``service`` value Prometheus
+holds, however many). ``prompt_tokens`` and
 ``output_tokens`` overrides return one series per ``(service, le)``: the request rate (or
 count) at or below each bound ``le``, ``+Inf`` included. Overrides carry no sample age: the
 adapter stamps them with the evaluation time and relies on Prometheus' own staleness
@@ -197,7 +201,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from reconciler.desired.models import ServicePolicy
@@ -405,7 +409,7 @@ PART_LABEL = "heteroscale_part"
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _PLACEHOLDER = re.compile(r"\$__([a-zA-Z_]+)")
-PLACEHOLDERS = ("quantile", "window")
+PLACEHOLDERS = ("quantile", "window", "services")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -613,10 +617,24 @@ def _scaled(value: str, scale: float) -> str:
 
 
 def render_override(query: str, *, quantile: float, window_s: float) -> SignalQuery:
-    """A user's PromQL with ``$__quantile`` and ``$__window`` filled in."""
+    """A user's PromQL with ``$__quantile`` and ``$__window`` filled in; ``$__services``
+    stays until the services that share the query are known (``restrict_override``)."""
     values = {"quantile": format_number(quantile), "window": format_duration(window_s)}
     text = _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), query)
     return SignalQuery(text.strip(), None)
+
+
+def restrict_override(query: SignalQuery, services: Sequence[str]) -> SignalQuery:
+    """An override with ``$__services`` replaced by a regex matching exactly
+    ``services`` (the ones that share it in one request), as a preset query is
+    restricted: e.g. ``{service=~"$__services"}``."""
+    regex = services_regex(services)
+    return replace(
+        query,
+        value=_PLACEHOLDER.sub(
+            lambda m: regex if m.group(1) == "services" else m.group(0), query.value
+        ),
+    )
 
 
 def signal_query(

@@ -26,7 +26,9 @@ and hold every service), and several parts together aggregate every series once
 rather than once per part (for histograms at three quantiles this cuts the
 evaluation time by about three). The query text grows with the number of services
 (about 20 bytes each per selector), which matters only for proxies with short URL
-limits. Query overrides are the user's PromQL and are sent as written.
+limits. Query overrides are the user's PromQL and are sent as written, but for
+``$__services``, which becomes the regex of the services that share the override
+(``{service=~"$__services"}`` restricts an override as a preset is restricted).
 
 Freshness: a value's ``Sample.at_s`` is the timestamp of the *oldest* of the newest raw
 samples behind it (``min by (service, role) (timestamp(<series>))``), not the query
@@ -132,6 +134,7 @@ from reconciler.observe.presets import (
     format_duration,
     format_number,
     is_label_name,
+    restrict_override,
     signal_query,
     signal_role,
 )
@@ -375,7 +378,7 @@ def plan_requests(
     """Group services by identical PromQL, per signal. Each preset part is restricted to
     its own services (module doc), so an answer holds no series of anyone else's and
     the parts together aggregate every series once (overrides are the user's PromQL
-    and stay as written). Services that cannot be read (no source in their preset,
+    and stay as written, ``$__services`` filled with their services' regex). Services that cannot be read (no source in their preset,
     invalid label names) are gaps.
     ``coverage`` (``PrometheusSettings.window_coverage``) makes each windowed preset
     part count its window's samples too, in the same request. ``offset_s`` ends the
@@ -425,6 +428,8 @@ def plan_requests(
                 )
                 assert restricted is not None  # same preset as the unrestricted query
                 query = restricted
+            else:  # an override: restricted where it says where (``$__services``)
+                query = restrict_override(query, names)
             part_coverage = coverage if query.samples is not None else None
             parts.append(QueryPart(str(i), query, names, service_label, role_label, part_coverage))
         if parts:

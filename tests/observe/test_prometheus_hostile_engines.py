@@ -142,6 +142,33 @@ def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
         assert decode_tps.value == pytest.approx(10.0, rel=0.2)
 
 
+def test_an_override_that_says_services_is_restricted_under_the_flood_too(
+    flooded_prometheus: LocalPrometheus,
+) -> None:
+    # The user's PromQL is sent as written but for ``$__services``: with it, the
+    # override asks for its services alone, as a preset does.
+    override = (
+        "sum by (service, role) (rate(vllm:generation_tokens_total"
+        '{role="decode", service=~"$__services"}[$__window]))'
+    )
+    settings = settings_for(
+        flooded_prometheus.url,
+        signals=("decode_tps",),
+        lengths=(),
+        max_answer_bytes=FLOOD_ANSWER_BYTES,
+    )
+    policies = [
+        make_policy(service, metrics={"queries": {"decode_tps": override}}) for service in FLOODED
+    ]
+    source = PrometheusMetricsSource(settings)
+    metrics = source.fetch(policies, time.time())
+
+    for service in FLOODED:
+        decode_tps = metrics[service].decode_tps
+        assert decode_tps is not None, source.last_report
+        assert decode_tps.value == pytest.approx(10.0, rel=0.2)
+
+
 def test_a_length_histogram_with_more_buckets_than_any_engine_is_missing(
     hostile_prometheus: LocalPrometheus,
 ) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from observe_helpers import make_policy
 
 from reconciler.desired import ServicePolicy
-from reconciler.observe.presets import LENGTH_NAMES, PART_LABEL, SignalName
+from reconciler.observe.presets import LENGTH_NAMES, PART_LABEL, SignalName, check_metrics_config
 from reconciler.observe.prometheus import (
     PartOutcome,
     QueryFailed,
@@ -100,6 +100,19 @@ class TestPlan:
         # One part serves everyone: restricted to them all the same.
         assert len(decode_tps.parts) == 1
         assert 'service=~"o|s0|s1|s2|s3"' in decode_tps.parts[0].query.value
+
+    def test_an_override_is_restricted_where_it_says_services(self) -> None:
+        """``$__services`` becomes the regex of the services that share the override:
+        they are grouped by its text, so they share one part, restricted to them."""
+        text = 'sum by (service, role) (rate(t_total{service=~"$__services"}[$__window]))'
+        policies = [make_policy(name, metrics={"queries": {"decode_tps": text}}) for name in "ba"]
+        policies.append(make_policy("p.q", metrics={"queries": {"decode_tps": "sum(x)"}}))
+        (decode_tps,), _ = plan_requests(policies, ["decode_tps"], window_s=60)
+        shared, plain = decode_tps.parts
+        assert shared.services == ("b", "a")
+        assert shared.query.value == ('sum by (service, role) (rate(t_total{service=~"a|b"}[60s]))')
+        assert plain.query.value == "sum(x)"  # no placeholder: as written
+        assert check_metrics_config(policies[0]) == []  # a known placeholder
 
     def test_a_part_serving_every_service_still_asks_only_for_them(self) -> None:
         """Every selector of every query carries the services' matcher: each other
