@@ -81,6 +81,11 @@ def key_problem(key: object) -> str | None:
     if not isinstance(key, str) or key.count("/") != 1:
         return "must be namespace/name"
     namespace, name = key.split("/")
+    return _names_problem(namespace, name)
+
+
+def _names_problem(namespace: object, name: object) -> str | None:
+    """Why ``namespace`` is not a namespace or ``name`` not an object name, or None."""
     problem = label_problem(namespace)
     if problem is not None:
         return f"namespace {namespace!r}: {problem}"
@@ -147,10 +152,10 @@ def manifest_problem(manifest: object, namespace: str, name: str, cluster: str) 
             f"metadata names {metadata.get('namespace')!r}/{metadata.get('name')!r}, "
             f"not the entry's {namespace}/{name}"
         )
-    if "resourceVersion" in metadata and resource_version_problem(metadata["resourceVersion"]):
-        return "metadata.resourceVersion " + str(
-            resource_version_problem(metadata["resourceVersion"])
-        )
+    if "resourceVersion" in metadata:
+        problem = resource_version_problem(metadata["resourceVersion"])
+        if problem is not None:
+            return f"metadata.resourceVersion {problem}"
     annotations = metadata.get("annotations", {})
     if not isinstance(annotations, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
@@ -224,12 +229,9 @@ def writes_problems(cluster: SavedCluster, prefix: str = "") -> list[Problem]:
 
 def step_problem(step: WriteStep, cluster: str) -> str | None:
     """The shape of one write (for ``execute``'s check of plans made in code)."""
-    problem = label_problem(step.namespace)
+    problem = _names_problem(step.namespace, step.name)
     if problem is not None:
-        return f"namespace {step.namespace!r}: {problem}"
-    problem = subdomain_problem(step.name)
-    if problem is not None:
-        return f"name {step.name!r}: {problem}"
+        return problem
     if step.resource_version is not None:
         problem = resource_version_problem(step.resource_version)
         if problem is not None:

@@ -262,13 +262,20 @@ def _node_fingerprints(value: Any, path: Path, where: str) -> dict[str, str]:
     return dict(value)
 
 
+def _known_fields(raw: Mapping[str, Any], allowed: set[str], path: Path, where: str) -> None:
+    """Refuse a field ``plan --out`` never writes: one the applier would not read is
+    one a reviewer of the file could be misled by."""
+    unknown = set(raw) - allowed
+    _want(not unknown, path, f"{where}unknown field(s) {', '.join(sorted(unknown))}")
+
+
 _STEP_FIELDS = {"op", "namespace", "name", "resource_version", "manifest", "source"}
+_CLUSTER_FIELDS = {"cluster", "observed", "writes", "decisions", "group_changes", "report"}
 
 
 def _step(raw: Any, path: Path, where: str, cluster: str) -> WriteStep:
     _want(isinstance(raw, dict), path, f"{where} must be an object")
-    unknown = set(raw) - _STEP_FIELDS
-    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    _known_fields(raw, _STEP_FIELDS, path, f"{where}: ")
     op = raw.get("op")
     _want(op in _OPS, path, f"{where}.op must be one of {', '.join(_OPS)}")
     for key in ("namespace", "name"):
@@ -291,8 +298,7 @@ def _step(raw: Any, path: Path, where: str, cluster: str) -> WriteStep:
 
 def _cluster(raw: Any, path: Path, where: str) -> SavedCluster:
     _want(isinstance(raw, dict), path, f"{where} must be an object")
-    unknown = set(raw) - {"cluster", "observed", "writes", "decisions", "group_changes", "report"}
-    _want(not unknown, path, f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    _known_fields(raw, _CLUSTER_FIELDS, path, f"{where}: ")
     name = raw.get("cluster")
     problem = label_problem(name)
     _want(problem is None, path, f"{where}.cluster {name!r}: {problem}")
@@ -387,15 +393,13 @@ def from_json(data: Any, path: Path) -> SavedPlan:
         path,
         "digest does not match the content: the file was edited or damaged after `plan --out`",
     )
-    unknown = set(data) - _TOP_LEVEL
-    _want(not unknown, path, f"unknown field(s) {', '.join(sorted(unknown))}")
+    _known_fields(data, _TOP_LEVEL, path, "")
     created_at = data.get("created_at", "")
     problem = plancheck.text_problem(created_at, limit=64)
     _want(problem is None, path, f"created_at {problem}")
     source = data.get("source")
     _want(isinstance(source, dict), path, "source missing")
-    unknown = set(source) - _SOURCE_FIELDS
-    _want(not unknown, path, f"source: unknown field(s) {', '.join(sorted(unknown))}")
+    _known_fields(source, _SOURCE_FIELDS, path, "source: ")
     kind = source.get("kind")
     _want(kind in ("git", "directory"), path, "source.kind must be git or directory")
     problem = plancheck.content_hash_problem(source.get("content_hash"))
