@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 
 from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.apply.kubeclient import Forbidden, KubeClient, NotFound, ResourceConflict
+from reconciler.apply.plancheck import commit_problem
 from reconciler.desired.loader import DesiredState, load_desired_state
 from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
@@ -540,16 +541,13 @@ def resume_desired_state(
     return Resumed(state, Revision("git", revision.id, state.source_label), cluster), ""
 
 
-_COMMIT_ID = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # SHA-1, or SHA-256
-
-
 def _not_resumable(repo: Path, stored: str, rev: str | None) -> str | None:
     """Why the stored Git revision ``stored`` is no revision to start from, or None.
     Anyone who may edit ConfigMaps in the namespace writes it, so it must be a full
     commit id (never an option or a ref name for Git to resolve) in the history of the
     revision asked for (``rev``; HEAD without one): a commit reconciled from there
     before, not any commit the clone holds (an old one, an unreviewed branch's)."""
-    if not _COMMIT_ID.fullmatch(stored):
+    if commit_problem(stored) is not None:
         return f"the stored revision '{visible(cut(stored, 80))}' is not a full commit id"
     wanted = rev or "HEAD"
     ancestry = subprocess.run(

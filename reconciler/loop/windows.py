@@ -12,6 +12,7 @@ only its services' planners start afresh.
 from __future__ import annotations
 
 from reconciler.apply.dns1123 import MAX_SUBDOMAIN
+from reconciler.apply.lease import shown_holder
 from reconciler.desired.loader import DesiredState
 from reconciler.durable import (
     DurableState,
@@ -74,9 +75,9 @@ class PolicyWindows:
             return
         self.stored[cluster] = stored
         self._merge(cluster, stored)
-        # The writer and the revision are text anyone who may edit the object wrote:
-        # quoted at most as long as a Pod name, as a Lease holder is.
-        writer = visible(cut(stored.writer, MAX_SUBDOMAIN)) or "unknown"
+        # The writer (a replica's identity, as a Lease holder is) and the revision are
+        # text anyone who may edit the object wrote: quoted at most as long as a Pod name.
+        writer = visible(shown_holder(stored.writer)) or "unknown"
         revision = (
             f", revision {visible(cut(stored.revision.label or stored.revision.id, MAX_SUBDOMAIN))}"
             if stored.revision
