@@ -51,7 +51,7 @@ One cycle, in order (each step that changes a number says so in the message):
    (the attainment goal, for both roles) of how far the demand
    outran the capacity kept in force over the last hour (``KeptCapacity``), the
    forecaster's own errors at that horizon until ten of those exist, and at least
-   the policy's ``scaling.min_headroom`` (10 % by default, ``MIN_HEADROOM``): a bursty
+   the policy's ``scaling.min_headroom`` (10 % by default, ``models.DEFAULT_MIN_HEADROOM``): a bursty
    service carries more on its own. Too little history: current demand x (1 + that
    floor). The headroom is relative, so it never takes the size above
    ``max(peak, forecast) x (1 + the floor)``, ``peak`` being
@@ -86,7 +86,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
-from reconciler.desired.models import DEFAULT_MIN_HEADROOM, ClusterSpec, ServicePolicy
+from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import bucket_around, policy_latency_buckets, reading_holds_slo
 from reconciler.policy.base import (
     Clamp,
@@ -155,9 +155,6 @@ from reconciler.state import (
     ServiceMetrics,
 )
 
-# The headroom floor where a policy sets none (``scaling.min_headroom``; the models
-# module says where 10 % comes from).
-MIN_HEADROOM = DEFAULT_MIN_HEADROOM
 # The reconcile interval the forecaster samples at (the loop's default).
 CYCLE_S = 30.0
 # The metrics window behind every rate (a PromQL rate over one minute).
@@ -1340,7 +1337,6 @@ class PlannerAutoscaler:
 
 
 __all__ = [
-    "MIN_HEADROOM",
     "HeldInstances",
     "PerfContext",
     "PlannerAutoscaler",

@@ -14,7 +14,7 @@ import pytest
 from policy_testkit import length_buckets
 
 from reconciler.desired import load_desired_state
-from reconciler.desired.models import ClusterSpec, RequestShape, ServicePolicy
+from reconciler.desired.models import DEFAULT_MIN_HEADROOM, ClusterSpec, RequestShape, ServicePolicy
 from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
@@ -27,7 +27,6 @@ from reconciler.policy.capacity import (
 )
 from reconciler.policy.planner import (
     DRAIN_S,
-    MIN_HEADROOM,
     PEAK_MEMORY_S,
     Backlog,
     KeptCapacity,
@@ -150,8 +149,10 @@ def test_without_overrides_each_role_is_sized_from_the_models_capacity() -> None
     assert isinstance(memory, PlannerMemory) and memory.mix is not None
     caps = capacities_for(policy, perf, memory.mix, 20, memory.correction)
     # No forecast yet: the demand of now plus the minimum headroom.
-    decode = math.ceil(40_000.0 * (1 + MIN_HEADROOM) / caps.decode_tps_per_instance)
-    attainable = caps.prefill.demand_tps(perf.prefill, memory.mix, 300_000.0 * (1 + MIN_HEADROOM))
+    decode = math.ceil(40_000.0 * (1 + DEFAULT_MIN_HEADROOM) / caps.decode_tps_per_instance)
+    attainable = caps.prefill.demand_tps(
+        perf.prefill, memory.mix, 300_000.0 * (1 + DEFAULT_MIN_HEADROOM)
+    )
     prefill = math.ceil(attainable / caps.prefill_tps_per_instance)
     assert (decision.prefill, decision.decode) == (prefill, decode)
     # The capacity is the model's, not a hand target: near the calibrated TP4 H20
@@ -211,8 +212,8 @@ def test_the_least_headroom_also_raises_the_ceiling_over_the_hours_peak() -> Non
 
 def test_an_override_replaces_the_derived_capacity() -> None:
     decision = _first_decision_with_overrides()
-    assert decision.decode == math.ceil(40_000 * (1 + MIN_HEADROOM) / 1000.0)
-    assert decision.prefill == math.ceil(300_000 * (1 + MIN_HEADROOM) / 10_000.0)
+    assert decision.decode == math.ceil(40_000 * (1 + DEFAULT_MIN_HEADROOM) / 1000.0)
+    assert decision.prefill == math.ceil(300_000 * (1 + DEFAULT_MIN_HEADROOM) / 10_000.0)
     assert "(override)" in decision.message
 
 
@@ -228,7 +229,7 @@ def test_with_a_prefill_metric_the_target_overrides_prefill_and_decode_is_derive
     reference = plan_decide(
         derived, _fleet(30, 30), metrics, PolicyHistory(), 0.0, perf_context(derived, cluster)
     )
-    assert decision.prefill == math.ceil(300_000 * (1 + MIN_HEADROOM) / 10_000.0)
+    assert decision.prefill == math.ceil(300_000 * (1 + DEFAULT_MIN_HEADROOM) / 10_000.0)
     assert decision.decode == reference.decode
 
 
