@@ -65,6 +65,7 @@ import re
 import warnings
 from array import array
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -462,7 +463,13 @@ class _CsvColumns:
         return lines, times, prompt, output
 
 
-_TIMEZONE_WARNING = ".*timezone"
+@contextmanager
+def _time_zones_refused() -> Iterator[None]:
+    """numpy's warning that it converted a timestamp's offset to UTC raised as an
+    error (its text has varied between versions, but names time zones)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*timezone")
+        yield
 
 
 def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.ndarray:
@@ -470,18 +477,14 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
     numpy would convert one with an offset (``+05:00``, ``Z``) to UTC with a warning,
     moving that row hours away from the others, so an offset is refused."""
     try:
-        with warnings.catch_warnings():
-            # numpy's warning that it converted an offset to UTC (its text has varied
-            # between versions, but names time zones).
-            warnings.filterwarnings("error", message=_TIMEZONE_WARNING)
+        with _time_zones_refused():
             stamps = np.array(
                 [v.strip().replace(" ", "T", 1) for v in values], dtype="datetime64[ns]"
             )
     except (ValueError, Warning):
         for value, line in zip(values, lines, strict=True):
             try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("error", message=_TIMEZONE_WARNING)
+                with _time_zones_refused():
                     np.datetime64(value.strip().replace(" ", "T", 1), "ns")
             except Warning:
                 raise TraceError(
@@ -507,18 +510,14 @@ def _parse_numbers(
     path: Path, values: list[str], lines: np.ndarray, what: str, kind: type
 ) -> np.ndarray:
     dtype = np.int64 if kind is int else np.float64
-    # int() and float() also take "1_000" and non-ASCII digits ("１２"): no trace writes
-    # those, so they are refused as a malformed cell (one check for the whole chunk).
-    joined = "".join(values)
-    strict = joined.isascii() and "_" not in joined
     try:
-        if not strict:
+        if not _as_traces_write_numbers("".join(values)):  # one check for the whole chunk
             raise ValueError
         array = np.array([kind(v) for v in values], dtype=dtype)
     except (ValueError, OverflowError):
         for value, line in zip(values, lines, strict=True):
             try:
-                if not value.isascii() or "_" in value:
+                if not _as_traces_write_numbers(value):
                     raise ValueError
                 number = kind(value)
             except ValueError:
@@ -533,6 +532,12 @@ def _parse_numbers(
     if kind is float and not np.isfinite(array).all():
         raise TraceError(path, f"{what} is not finite", line=int(lines[~np.isfinite(array)][0]))
     return array
+
+
+def _as_traces_write_numbers(text: str) -> bool:
+    """int() and float() also take "1_000" and non-ASCII digits ("１２"): no trace
+    writes those, so a cell holding them is a malformed one."""
+    return text.isascii() and "_" not in text
 
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
