@@ -378,8 +378,8 @@ def plan_requests(
     """Group services by identical PromQL, per signal. Each preset part is restricted to
     its own services (module doc), so an answer holds no series of anyone else's and
     the parts together aggregate every series once (overrides are the user's PromQL
-    and stay as written, ``$__services`` filled with their services' regex). Services that cannot be read (no source in their preset,
-    invalid label names) are gaps.
+    and stay as written, ``$__services`` filled with their services' regex). Services
+    that cannot be read (no source in their preset, invalid label names) are gaps.
     ``coverage`` (``PrometheusSettings.window_coverage``) makes each windowed preset
     part count its window's samples too, in the same request. ``offset_s`` ends the
     presets' counter and histogram windows that long before the evaluation time

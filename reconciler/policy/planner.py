@@ -51,8 +51,8 @@ One cycle, in order (each step that changes a number says so in the message):
    (the attainment goal, for both roles) of how far the demand
    outran the capacity kept in force over the last hour (``KeptCapacity``), the
    forecaster's own errors at that horizon until ten of those exist, and at least
-   the policy's ``scaling.min_headroom`` (10 % by default, ``models.DEFAULT_MIN_HEADROOM``): a bursty
-   service carries more on its own. Too little history: current demand x (1 + that
+   the policy's ``scaling.min_headroom`` (10 % by default,
+   ``models.DEFAULT_MIN_HEADROOM``): a bursty service carries more on its own. Too little history: current demand x (1 + that
    floor). The headroom is relative, so it never takes the size above
    ``max(peak, forecast) x (1 + the floor)``, ``peak`` being
    the highest demand of the headroom's own memory (``KeptCapacity.peak_tps``).
