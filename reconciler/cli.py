@@ -189,8 +189,11 @@ def validate(
     instance can serve within its SLO for the trace's mix, for every service whose
     pd_ratio bounds exclude the ratio the trace's mix needs (the bound then holds one
     role above what it needs), and for every service whose max_instances is below what
-    the trace's busiest minute needs."""
+    the trace's busiest minute needs. Also warn for every query override that selects
+    no service (neither $__services nor a service matcher)."""
     from reconciler.desired.checks import gpu_choice_warnings, model_fit_warnings
+    from reconciler.observe.presets import unrestricted_override_problems
+    from reconciler.text_safety import visible
 
     checked_repository(path, rev=rev)
     state = desired_state_or_exit(path, rev=rev)
@@ -202,7 +205,10 @@ def validate(
         f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
         f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
     )
-    for _name, policy in sorted(state.policies.items()):
+    for name, policy in sorted(state.policies.items()):
+        for key_path, message in unrestricted_override_problems(policy):
+            warning = visible(str(state.policy_issue(name, key_path, message)))
+            err_console.print(f"warning: {warning}", soft_wrap=True, markup=False)
         cluster = state.clusters.get(policy.cluster)
         if cluster is None:
             continue

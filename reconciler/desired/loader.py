@@ -115,6 +115,15 @@ class DesiredState:
     def policies_for(self, cluster: str) -> list[ServicePolicy]:
         return [p for p in self.policies.values() if p.cluster == cluster]
 
+    def policy_issue(self, name: str, key_path: KeyPath, message: str) -> ConfigIssue:
+        """``message`` about a field of service ``name``'s policy, located in its file as
+        a loader error is (a warning names the place to fix as an error does)."""
+        path = self.policy_files.get(name, "")
+        parsed = self.files.get(path)
+        if parsed is None:
+            return ConfigIssue(path, None, None, format_key_path(key_path), message)
+        return _issue(parsed, key_path, message)
+
 
 # --------------------------------------------------------------------------- parsing
 

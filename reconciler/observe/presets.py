@@ -161,7 +161,8 @@ labels: ``--metric-labels-allowlist=pods=[heteroscale.io/service,heteroscale.io/
             avg_over_time(DCGM_FI_DEV_GPU_UTIL[$__window])
             * on (namespace, pod) group_left (service, role)
               label_replace(label_replace(
-                kube_pod_labels{label_heteroscale_io_role="decode"},
+                kube_pod_labels{label_heteroscale_io_role="decode",
+                                label_heteroscale_io_service=~"$__services"},
                 "service", "$1", "label_heteroscale_io_service", "(.+)"),
                 "role", "$1", "label_heteroscale_io_role", "(.+)")
           ) * 0.01
@@ -771,12 +772,14 @@ def dcgm_pod_labels_join(
     """A query override that attributes a DCGM field to services and roles by joining
     with kube-state-metrics' ``kube_pod_labels`` on the GPU consumer's namespace and pod
     (for DCGM exporters without pod-label enrichment). ``scale`` 0.01 turns
-    ``DCGM_FI_DEV_GPU_UTIL`` percent into a fraction. Uses ``$__window``."""
+    ``DCGM_FI_DEV_GPU_UTIL`` percent into a fraction. Uses ``$__window``, and
+    ``$__services`` on the pods' labels, so only the policies' own pods join."""
     on = ", ".join(join_labels)
     text = (
         f"avg by (service, role) (avg_over_time({field}[$__window]) "
         f"* on ({on}) group_left (service, role) "
-        f'label_replace(label_replace(kube_pod_labels{{{role_pod_label}="{role}"}}, '
+        f'label_replace(label_replace(kube_pod_labels{{{role_pod_label}="{role}", '
+        f'{service_pod_label}=~"$__services"}}, '
         f'"service", "$1", "{service_pod_label}", "(.+)"), '
         f'"role", "$1", "{role_pod_label}", "(.+)"))'
     )
@@ -838,3 +841,24 @@ def check_metrics_config(policy: ServicePolicy) -> list[Problem]:
                 )
             )
     return problems
+
+
+def unrestricted_override_problems(policy: ServicePolicy) -> list[Problem]:
+    """Query overrides that select no service: neither ``$__services`` nor a matcher
+    on the service label (``service="x"``, ``service=~"..."``) narrows them, so they
+    read every ``service`` value Prometheus holds. Warnings, not errors: such a query
+    is valid and serves the policy, but a flood of other series (another team's
+    services, a misbehaving exporter) makes its answer too large and the service holds
+    each cycle, where every preset query is restricted to its own services."""
+    matcher = re.compile(rf"(?<![\w]){re.escape(policy.metrics.service_label)}\s*=~?\s*[\"'`]")
+    return [
+        (
+            ("metrics", "queries", signal),
+            f"selects no service: it reads every '{policy.metrics.service_label}' value "
+            "Prometheus holds, and when other series make its answer too large the "
+            f"service holds; restrict it with {{{policy.metrics.service_label}"
+            '=~"$__services"}',
+        )
+        for signal, query in policy.metrics.queries.items()
+        if "$__services" not in query and not matcher.search(query)
+    ]

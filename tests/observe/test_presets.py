@@ -20,6 +20,7 @@ from reconciler.observe.presets import (
     GaugeAverage,
     HistogramQuantile,
     check_metrics_config,
+    dcgm_pod_labels_join,
     format_duration,
     format_number,
     is_label_name,
@@ -28,6 +29,7 @@ from reconciler.observe.presets import (
     render_spec,
     services_regex,
     signal_query,
+    unrestricted_override_problems,
 )
 from reconciler.state import METRIC_NAMES
 
@@ -572,3 +574,52 @@ class TestCheckMetricsConfig:
         assert ("metrics", "role_label") in paths
         assert ("metrics", "queries", "tbt") in paths
         assert ("metrics", "queries", "ttft") in paths
+
+
+class TestUnrestrictedOverrides:
+    """An override that selects no service reads every ``service`` value Prometheus
+    holds; validate warns, where ``$__services`` or a matcher on the service label
+    narrows it."""
+
+    @staticmethod
+    def _flagged(query: str, **metrics: object) -> list[str]:
+        policy = make_policy("svc", metrics={"queries": {"decode_tps": query}, **metrics})
+        return [".".join(map(str, path)) for path, _ in unrestricted_override_problems(policy)]
+
+    @pytest.mark.parametrize(
+        "query",
+        [
+            'sum by (service, role) (rate(tok_total{service=~"$__services"}[$__window]))',
+            'sum by (service, role) (rate(tok_total{role="decode", service="svc"}[1m]))',
+            "sum by (service, role) (rate(tok_total{service =~ 'svc|other'}[1m]))",
+            dcgm_pod_labels_join("DCGM_FI_DEV_GPU_UTIL", "decode", scale=0.01),
+        ],
+    )
+    def test_a_query_narrowed_to_its_services_is_not_flagged(self, query: str) -> None:
+        assert self._flagged(query) == []
+
+    @pytest.mark.parametrize(
+        "query",
+        [
+            "sum by (service, role) (rate(tok_total[$__window]))",
+            'sum by (service, role) (rate(tok_total{service!="batch"}[1m]))',
+            'sum by (service, role) (rate(tok_total{my_service="svc"}[1m]))',
+            'label_replace(sum by (app, role) (rate(tok_total[1m])), "service", "$1", '
+            '"app", "(.*)")',
+        ],
+    )
+    def test_a_query_that_selects_no_service_is_flagged_at_its_field(self, query: str) -> None:
+        assert self._flagged(query) == ["metrics.queries.decode_tps"]
+
+    def test_the_policy_s_own_service_label_is_the_one_matched(self) -> None:
+        query = 'sum by (app, role) (rate(tok_total{app="svc"}[1m]))'
+        assert self._flagged(query, service_label="app") == []
+        assert self._flagged(query) == ["metrics.queries.decode_tps"]
+        (problem,) = unrestricted_override_problems(
+            make_policy("svc", metrics={"queries": {"decode_tps": "x"}, "service_label": "app"})
+        )
+        assert problem[1].endswith('restrict it with {app=~"$__services"}')
+
+    def test_the_example_policies_carry_no_unrestricted_override(self) -> None:
+        for policy in load_desired_state(REPO_ROOT).policies.values():
+            assert unrestricted_override_problems(policy) == []
