@@ -205,17 +205,15 @@ def validate(
         f"{len(state.clusters)} cluster{'s' if len(state.clusters) != 1 else ''} "
         f"({nodes} nodes, {gpus} GPUs) from {state.source_label}"
     )
+    # Each warning is located as a loader error is: the file, line and field to fix.
     for name, policy in sorted(state.policies.items()):
-        for key_path, message in unrestricted_override_problems(policy):
-            warning = visible(str(state.policy_issue(name, key_path, message)))
-            err_console.print(f"warning: {warning}", soft_wrap=True, markup=False)
         cluster = state.clusters.get(policy.cluster)
-        if cluster is None:
-            continue
-        for warning in (
-            *model_fit_warnings(policy, cluster),
-            *gpu_choice_warnings(policy, cluster),
+        for key_path, message in (
+            *unrestricted_override_problems(policy),
+            *(model_fit_warnings(policy, cluster) if cluster else ()),
+            *(gpu_choice_warnings(policy, cluster) if cluster else ()),
         ):
+            warning = visible(str(state.policy_issue(name, key_path, message)))
             err_console.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if trace is not None:
         _check_trace(state, trace, rate_scale)

@@ -331,13 +331,14 @@ def check_model_fits(policy: ServicePolicy, cluster: ClusterSpec) -> list[Proble
     return problems
 
 
-def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]:
+def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
     """Allowed GPU types of a role that cannot hold the model where another type of
-    the role can: the planner sizes on the types that fit, and an instance placed on
-    one that does not cannot serve. Warnings, not errors: the role still runs."""
+    the role can, at the role's ``gpu_types``: the planner sizes on the types that fit,
+    and an instance placed on one that does not cannot serve. Warnings, not errors: the
+    role still runs."""
     from reconciler.perfmodel.memory import memory_held, memory_need, role_memories
 
-    out: list[str] = []
+    out: list[Problem] = []
     for role in ROLES:
         memories = role_memories(policy, cluster, role)
         misfits = [m for m in memories if not m.fits]
@@ -345,21 +346,25 @@ def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]
             continue  # all fit, or none does (an error: check_model_fits)
         gpus = policy.role(role).gpus_per_instance
         out.append(
-            f"service {policy.name}: {role} GPU type {', '.join(m.gpu_type for m in misfits)} "
-            f"cannot hold the model at {gpus} GPUs per instance: it needs "
-            f"{memory_need(policy.model, misfits[0])}; an instance holds {memory_held(misfits)}; "
-            f"the role is sized on {', '.join(m.gpu_type for m in memories if m.fits)}, and an "
-            "instance placed on a type that does not fit cannot serve"
+            (
+                (role, "gpu_types"),
+                f"{role} GPU type {', '.join(m.gpu_type for m in misfits)} cannot hold the "
+                f"model at {gpus} GPUs per instance: it needs "
+                f"{memory_need(policy.model, misfits[0])}; an instance holds "
+                f"{memory_held(misfits)}; the role is sized on "
+                f"{', '.join(m.gpu_type for m in memories if m.fits)}, and an instance placed "
+                "on a type that does not fit cannot serve",
+            )
         )
     return out
 
 
-def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str]:
+def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
     """Roles asked to rank several GPU types by cost (``gpu_choice: cost``) that will
     be ranked by their weights instead, and why: no ``request_shape`` to price the types
-    at, or a cluster without prices (``reconciler.policy.gpu_economics``). Warnings,
-    not errors: the weights' order is a valid ranking."""
-    out: list[str] = []
+    at, or a cluster without prices (``reconciler.policy.gpu_economics``), at the role's
+    ``gpu_choice``. Warnings, not errors: the weights' order is a valid ranking."""
+    out: list[Problem] = []
     for role in ("prefill", "decode"):
         rp = policy.role(role)
         present = [t for t in rp.gpu_types if t in cluster.gpu_types]
@@ -372,8 +377,11 @@ def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[str
         else:
             continue
         out.append(
-            f"service {policy.name}: {role} ranks {', '.join(present)} by cost, but {why}: "
-            "they are ranked by their weights"
+            (
+                (role, "gpu_choice"),
+                f"{role} ranks {', '.join(present)} by cost, but {why}: they are ranked by "
+                "their weights",
+            )
         )
     return out
 

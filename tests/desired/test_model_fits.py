@@ -82,9 +82,12 @@ def test_an_allowed_type_that_cannot_hold_the_model_is_warned_where_another_can(
     result = runner.invoke(app, ["validate", str(example_repo)])
     assert result.exit_code == 0, result.output
     [warning] = [line for line in result.stderr.splitlines() if "cannot hold" in line]
+    policy = example_repo / "policies/chat.yaml"
+    line = line_of(policy, "gpu_types: {h20")  # decode's
     assert warning.startswith(
-        "warning: service chat: decode GPU type h800 cannot hold the model at 4 GPUs per "
-        "instance: it needs 298.0 GiB of weights (160 B parameters x 2 bytes)"
+        f"warning: policies/chat.yaml:{line}:3: decode.gpu_types: decode GPU type h800 cannot "
+        "hold the model at 4 GPUs per instance: it needs 298.0 GiB of weights (160 B "
+        "parameters x 2 bytes)"
     )
     assert warning.endswith(
         "the role is sized on h20, and an instance placed on a type that does not fit cannot serve"
