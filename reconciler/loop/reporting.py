@@ -8,9 +8,13 @@ It decides nothing: the schedule and the cluster cycle call it with what happene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -393,18 +397,61 @@ class DriftLog:
 # kubelet's probes open one or two at a time, and send their request at once).
 HTTP_CLIENT_TIMEOUT_S = 5.0
 MAX_HTTP_CLIENTS = 64
+# A client sending a byte every few seconds never trips the per-read timeout, so 64 of
+# them held every slot (and failed /healthz) for as long as they liked: a connection
+# is also closed this long after it was accepted, answered or not. One request is
+# served per connection (HTTP/1.0), and a scrape of /metrics, or a probe, takes well
+# under a second; Prometheus' own scrape timeout defaults to 10 s.
+HTTP_CONNECTION_DEADLINE_S = 10.0
+# How often overdue connections are looked for: a deadline holds to within this.
+_DEADLINE_CHECK_S = 0.25
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A ``ThreadingHTTPServer`` with at most ``MAX_HTTP_CLIENTS`` handler threads."""
+    """A ``ThreadingHTTPServer`` with at most ``MAX_HTTP_CLIENTS`` handler threads, each
+    connection closed ``HTTP_CONNECTION_DEADLINE_S`` after it was accepted (by one
+    watchdog thread, not a timer per connection)."""
 
     # socketserver's 5 dropped the connections of a burst past it (their SYN retried a
     # second later), a probe's among them.
     request_queue_size = MAX_HTTP_CLIENTS
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(MAX_HTTP_CLIENTS)
+        self._deadlines: dict[socket.socket, float] = {}  # open connection -> monotonic
+        self._deadlines_lock = threading.Lock()
+        self._stopped = threading.Event()  # before binding: a failed bind closes the server
+        super().__init__(address, handler)
+        threading.Thread(
+            target=self._close_overdue, name="heteroscale-http-deadline", daemon=True
+        ).start()
+
+    def _close_overdue(self) -> None:
+        while not self._stopped.wait(_DEADLINE_CHECK_S):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                overdue = [conn for conn, at in self._deadlines.items() if at <= now]
+            for conn in overdue:
+                # The handler's blocked read returns end-of-file (or its write fails)
+                # and its thread ends, releasing the slot.
+                with contextlib.suppress(OSError):  # already closed
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection closed at its deadline, or by its client, mid-answer is nothing
+        # to report (socketserver printed a traceback to stderr for each); anything
+        # else is logged as the loop's errors are.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        log.exception("serving an HTTP request failed")
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        super().shutdown()
+
+    def server_close(self) -> None:
+        self._stopped.set()
+        super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -417,17 +464,22 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + HTTP_CONNECTION_DEADLINE_S
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._deadlines_lock:
+                del self._deadlines[request]
             self._slots.release()
 
 
 def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer:
     """``/metrics`` (Prometheus text), ``/healthz`` (alive) and ``/readyz`` (a valid
     desired state is loaded) in a daemon thread. Port 0 picks a free port. Clients are
-    bounded in number and time (``MAX_HTTP_CLIENTS``, ``HTTP_CLIENT_TIMEOUT_S``), and
-    none of them holds anything the reconcile loop waits for."""
+    bounded in number and time (``MAX_HTTP_CLIENTS``, ``HTTP_CLIENT_TIMEOUT_S`` a read
+    or write, ``HTTP_CONNECTION_DEADLINE_S`` a connection), and none of them holds
+    anything the reconcile loop waits for."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = HTTP_CLIENT_TIMEOUT_S  # set on the connection by ``setup``

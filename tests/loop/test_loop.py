@@ -23,7 +23,7 @@ from looptestkit import (
 
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.errors import ConfigError, ConfigIssue
-from reconciler.loop import JsonFormatter, ReconcileLoop, serve_http
+from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
 from reconciler.policy.base import Decision, DecisionInput
 
@@ -199,6 +199,53 @@ def test_clients_that_never_finish_a_request_are_bounded_in_number_and_time(
         assert idle[0].recv(1) == b""
     finally:
         for client in idle:
+            client.close()
+        server.shutdown()
+
+
+def _closed_by_server(client: socket.socket) -> bool:
+    """Whether the server closed ``client``'s connection (end of file or a reset)."""
+    client.setblocking(False)
+    try:
+        return client.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        client.setblocking(True)
+
+
+def test_a_client_that_drips_its_request_is_closed_at_the_connection_deadline(
+    state: DesiredState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every half second never trips the per-read timeout; such clients held
+    every slot for as long as they liked. Each connection is closed
+    ``HTTP_CONNECTION_DEADLINE_S`` after it was accepted (shortened here), every slot
+    is freed, and the endpoints answer again."""
+    monkeypatch.setattr(reporting, "HTTP_CONNECTION_DEADLINE_S", 1.5)
+    loop = make_loop(state, {"prod-east": RecordingBackend("prod-east")})
+    server = serve_http(loop, "127.0.0.1", 0)
+    address = ("127.0.0.1", server.server_address[1])
+    drippers = [socket.create_connection(address) for _ in range(MAX_HTTP_CLIENTS)]
+    try:
+        opened_s = time.monotonic()
+        closed_after_s: dict[int, float] = {}
+        while len(closed_after_s) < len(drippers):
+            assert time.monotonic() - opened_s < 10.0, "a dripping client was never closed"
+            for i, client in enumerate(drippers):
+                if i in closed_after_s:
+                    continue
+                if _closed_by_server(client):
+                    closed_after_s[i] = time.monotonic() - opened_s
+                else:
+                    client.sendall(b"G")
+            time.sleep(0.5)
+        assert max(closed_after_s.values()) < 1.5 + HTTP_CLIENT_TIMEOUT_S
+        status = urllib.request.urlopen(f"http://{address[0]}:{address[1]}/healthz").status
+        assert status == 200
+    finally:
+        for client in drippers:
             client.close()
         server.shutdown()
 
