@@ -23,7 +23,8 @@ Readers (:func:`read_trace`; the format is detected from the file's content):
 
 Bad input raises :class:`TraceError` naming the file and line: an empty file or a
 header with no rows, a truncated file (cut mid-row or a gzip stream that ends early),
-a malformed row, unknown columns, negative token counts or more than any request has
+a malformed row (JSON nested deeper than Python parses or an integer of more digits
+than it converts included), unknown columns, negative token counts or more than any request has
 (:data:`MAX_TOKENS_PER_REQUEST`), no prompt tokens at all, an Azure timestamp with a
 time zone, a number written as Python reads it but no trace writes it (``1_000``,
 non-ASCII digits, a JSON string or boolean), a file that is not a regular file, or
@@ -62,6 +63,7 @@ import csv
 import json
 import math
 import re
+import sys
 import warnings
 from array import array
 from collections.abc import Iterator
@@ -571,6 +573,16 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
             truncated = not raw_line.endswith("\n")  # the last line, cut mid-record
             hint = " (the file looks truncated: its last line is incomplete)" if truncated else ""
             raise TraceError(path, f"malformed JSON: {exc.msg}{hint}", line=number) from None
+        except RecursionError:  # json's decoder recurses once per nested array or object
+            raise TraceError(
+                path, "malformed JSON: nested deeper than a trace record ever is", line=number
+            ) from None
+        except ValueError:  # an integer beyond Python's int conversion limit
+            raise TraceError(
+                path,
+                f"malformed JSON: an integer of more than {sys.get_int_max_str_digits():,} digits",
+                line=number,
+            ) from None
         if not isinstance(record, dict):
             raise TraceError(path, "each line must be a JSON object", line=number)
         missing = [f for f in MOONCAKE_FIELDS if f not in record]

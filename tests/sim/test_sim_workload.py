@@ -419,6 +419,30 @@ def test_jsonl_values_out_of_range_or_of_the_wrong_type_are_refused_at_their_lin
     assert info.value.line == 2
 
 
+@pytest.mark.parametrize(
+    ("line_text", "message"),
+    [
+        # json's decoder recurses per level: RecursionError, not a JSONDecodeError.
+        ("[" * 100_000 + "]" * 100_000, "nested deeper than a trace record ever is"),
+        ('{"timestamp": ' + "[" * 100_000, "nested deeper than a trace record ever is"),
+        # Python refuses to convert an integer this long: a ValueError, not a JSONDecodeError.
+        (
+            '{"timestamp": 1, "input_length": ' + "9" * 5_000 + ', "output_length": 5}',
+            "an integer of more than 4,300 digits",
+        ),
+    ],
+    ids=["nested-arrays", "nested-in-a-record", "long-integer"],
+)
+def test_a_json_line_python_cannot_parse_is_refused_at_its_line(
+    tmp_path: Path, line_text: str, message: str
+) -> None:
+    good = {"timestamp": 0, "input_length": 10, "output_length": 5}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n" + line_text + "\n")
+    with pytest.raises(TraceError, match=re.escape(f"t.jsonl:2: malformed JSON: {message}")):
+        read_trace(path)
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
     # U+2028 (a line separator to str.splitlines) may stand unescaped in a JSON string.
     records = [
