@@ -24,7 +24,8 @@ Readers (:func:`read_trace`; the format is detected from the file's content):
 Bad input raises :class:`TraceError` naming the file and line: an empty file or a
 header with no rows, a truncated file (cut mid-row or a gzip stream that ends early),
 a malformed row (JSON nested deeper than Python parses or an integer of more digits
-than it converts included), unknown columns, negative token counts or more than any request has
+than it converts included), a row longer than :data:`MAX_TRACE_ROW_CHARS`, unknown
+columns, negative token counts or more than any request has
 (:data:`MAX_TOKENS_PER_REQUEST`), no prompt tokens at all, an Azure timestamp with a
 time zone, a number written as Python reads it but no trace writes it (``1_000``,
 non-ASCII digits, a JSON string or boolean), a file that is not a regular file, or
@@ -266,6 +267,12 @@ MAX_TRACE_TEXT_BYTES = 128 * 1024 * 1024
 # context window. A larger count is a broken row, and a count of billions would have
 # the simulator allocate per-token arrays (an output length of 3e8 took 7 GB).
 MAX_TOKENS_PER_REQUEST = 10_000_000
+# The longest row (a CSV record or a JSON line) a trace may hold. A real one holds a
+# few numbers (Azure's ~40 characters), a Mooncake line its block hashes too (~2 KB in
+# the public trace; ~200 KB for a request of MAX_TOKENS_PER_REQUEST tokens). Parsing a
+# longer row whole built its millions of fields or keys: a 120 MB CSV row of 42 million
+# fields took 3.3 GB and 11 s to refuse, a 120 MB JSON object 2 GB and 18 s.
+MAX_TRACE_ROW_CHARS = 1 << 20
 # Rows converted to arrays at a time: their strings are freed chunk by chunk.
 _CHUNK_ROWS = 1 << 16
 _FIRST_NON_SPACE = re.compile(r"\S")
@@ -340,32 +347,63 @@ def _trace_text(path: Path) -> str:
         ) from None
 
 
-def _lines(text: str) -> Iterator[str]:
-    """The lines of ``text`` split on ``\\n`` only, each with its ``\\n`` (as iterating an
-    ``io.StringIO`` gives them, without its copy of the text at four bytes a character):
-    JSON strings and CSV fields may hold U+2028 and the other characters
-    ``str.splitlines`` also breaks at."""
-    start = 0
-    while start < len(text):
+class _Lines:
+    """The lines of a trace's text, split on ``\\n`` only, each with its ``\\n`` (as
+    iterating an ``io.StringIO`` gives them, without its copy of the text at four bytes a
+    character): JSON strings and CSV fields may hold U+2028 and the other characters
+    ``str.splitlines`` also breaks at. A row (a JSON line; a CSV record, which quoted
+    line breaks may spread over several lines) longer than :data:`MAX_TRACE_ROW_CHARS`
+    is refused at its first line before it is cut out of the text; the reader calls
+    ``next_row`` where each row ends."""
+
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.text = text
+        self.offset = 0  # where the next line begins
+        self.line = 0  # the number of the last line given
+        self.row_offset = 0  # where the current row began
+        self.row_line = 1
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        text, start = self.text, self.offset
+        if start >= len(text):
+            raise StopIteration
         end = text.find("\n", start)
-        if end < 0:
-            yield text[start:]
-            return
-        yield text[start : end + 1]
-        start = end + 1
+        end = len(text) if end < 0 else end + 1
+        if end - self.row_offset > MAX_TRACE_ROW_CHARS:
+            raise TraceError(
+                self.path,
+                f"a row of more than {MAX_TRACE_ROW_CHARS:,} characters: no request's row is "
+                "this long (a row of a real trace holds a few numbers, a Mooncake line its "
+                "block hashes too)",
+                line=self.row_line,
+            )
+        self.offset = end
+        self.line += 1
+        return text[start:end]
+
+    def next_row(self) -> None:
+        """The next line begins a row."""
+        self.row_offset = self.offset
+        self.row_line = self.line + 1
 
 
-def _rows(text: str) -> Iterator[tuple[int, list[str]]]:
+def _rows(path: Path, text: str) -> Iterator[tuple[int, list[str]]]:
     """CSV rows with their 1-based line numbers (blank lines skipped)."""
-    reader = csv.reader(_lines(text))
-    for row in reader:
+    lines = _Lines(path, text)
+    reader = csv.reader(lines)
+    for row in reader:  # the reader takes no line beyond the row it returns
+        lines.next_row()
         if not row or all(not cell.strip() for cell in row):
             continue
         yield reader.line_num, row
 
 
 def _read_csv(path: Path, text: str) -> Workload:
-    rows = _rows(text)
+    rows = _rows(path, text)
     try:
         header_line, header = next(rows)
     except StopIteration:
@@ -563,7 +601,10 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
     prompts = array("q")
     outputs = array("q")
     line_numbers = array("q")
-    for number, raw_line in enumerate(_lines(text), start=1):
+    text_lines = _Lines(path, text)
+    for raw_line in text_lines:
+        text_lines.next_row()  # a JSON line is a row
+        number = text_lines.line
         stripped = raw_line.strip()
         if not stripped:
             continue

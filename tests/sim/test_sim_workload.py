@@ -443,6 +443,46 @@ def test_a_json_line_python_cannot_parse_is_refused_at_its_line(
         read_trace(path)
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        # Millions of fields (csv.reader built every one before the width was checked).
+        ("wide.csv", "arrival_s,prompt_tokens,output_tokens\n0,10,5\n" + "1," * 600_000 + "1\n"),
+        # One record spread over many lines by quoted line breaks, each line short.
+        (
+            "quoted.csv",
+            'arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,"' + '",1,"\n' * 200_000 + '"\n',
+        ),
+        # A JSON object of a million keys (json.loads built it, then listed them all).
+        (
+            "keys.jsonl",
+            '{"timestamp": 0, "input_length": 10, "output_length": 5}\n{'
+            + ",".join(f'"k{i}": 1' for i in range(150_000))
+            + "}\n",
+        ),
+    ],
+    ids=["wide-csv-row", "csv-record-over-many-lines", "json-object-of-many-keys"],
+)
+def test_a_row_longer_than_any_request_is_refused_at_its_first_line(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    assert len(text) > workload_module.MAX_TRACE_ROW_CHARS
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TraceError, match=r"a row of more than 1,048,576 characters") as info:
+        read_trace(path)
+    assert info.value.line == 3 if name.endswith(".csv") else 2
+    assert len(str(info.value)) < 500
+
+
+def test_a_mooncake_line_of_a_long_requests_block_hashes_is_read(tmp_path: Path) -> None:
+    # The longest request allowed lists ~20,000 block hashes: well within a row.
+    hashes = list(range(10_000_000 // 512))
+    record = {"timestamp": 0, "input_length": 10_000_000, "output_length": 5, "hash_ids": hashes}
+    path = _jsonl(tmp_path, [record, {**record, "timestamp": 1000}])
+    assert read_trace(path).prompt_tokens.tolist() == [10_000_000, 10_000_000]
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
     # U+2028 (a line separator to str.splitlines) may stand unescaped in a JSON string.
     records = [
