@@ -76,17 +76,43 @@ import numpy as np
 
 from reconciler.bounded_read import GZIP_MAGIC, BoundedReadError, gunzip_bounded, read_regular_file
 from reconciler.errors import PermanentError
+from reconciler.text_safety import cut, visible
 
 
 class TraceError(PermanentError):
-    """A trace file cannot be read; names the file and, where known, the line."""
+    """A trace file cannot be read; names the file and, where known, the line. Whoever
+    wrote the trace (a pull request's file, a download) wrote what the message quotes,
+    and the file's name may hold anything a path can: the message shows its control and
+    invisible characters escaped (``text_safety.visible``), and its detail is cut to
+    ``DETAIL_CHARS`` (each quoted value is cut shorter where it is quoted, ``_quoted``,
+    so what follows it survives)."""
+
+    DETAIL_CHARS = 1000
 
     def __init__(self, path: str | Path, message: str, line: int | None = None):
         self.path = str(path)
         self.line = line
-        self.detail = message
+        self.detail = cut(message, self.DETAIL_CHARS)
         where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {message}")
+        super().__init__(visible(f"{where}: {self.detail}"))
+
+
+# The most characters of a value a trace holds that an error quotes, and the most
+# values (column names, a record's keys) it lists.
+_QUOTED_CHARS = 60
+_QUOTED_VALUES = 8
+
+
+def _quoted(value: str) -> str:
+    """A value from the trace as an error quotes it: its start, as a Python literal."""
+    return repr(cut(value, _QUOTED_CHARS))
+
+
+def _quoted_list(values: list[str]) -> str:
+    """Values from the trace as an error lists them: the first few, each quoted."""
+    shown = ", ".join(_quoted(v) for v in values[:_QUOTED_VALUES])
+    more = len(values) - _QUOTED_VALUES
+    return f"[{shown}{f', ... {more:,} more' if more > 0 else ''}]"
 
 
 class WorkloadError(PermanentError, ValueError):
@@ -421,9 +447,9 @@ def _read_csv(path: Path, text: str) -> Workload:
         known = set(AZURE_COLUMNS) | set(PLAIN_COLUMNS) | set(BURSTGPT_COLUMNS)
         unknown = [c for c in columns if c not in known]
         detail = (
-            f"unknown columns {unknown}"
+            f"unknown columns {_quoted_list(unknown)}"
             if unknown
-            else f"columns {list(columns)} in an unexpected order"
+            else f"columns {_quoted_list(list(columns))} in an unexpected order"
         )
         raise TraceError(path, f"{detail}; expected one of: {KNOWN_FORMATS}", line=header_line)
     width = len(columns)
@@ -529,14 +555,14 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
             except Warning:
                 raise TraceError(
                     path,
-                    f"timestamp {value!r} has a time zone; Azure traces' timestamps have "
+                    f"timestamp {_quoted(value)} has a time zone; Azure traces' timestamps have "
                     "none (convert them all to one time zone and drop the offsets)",
                     line=int(line),
                 ) from None
             except ValueError:
                 raise TraceError(
                     path,
-                    f"timestamp {value!r} is not 'YYYY-MM-DD HH:MM:SS[.fffffff]'",
+                    f"timestamp {_quoted(value)} is not 'YYYY-MM-DD HH:MM:SS[.fffffff]'",
                     line=int(line),
                 ) from None
         raise
@@ -563,7 +589,7 @@ def _parse_numbers(
             except ValueError:
                 raise TraceError(
                     path,
-                    f"{what} {value.strip()!r} is not a{'n integer' if kind is int else ' number'}",
+                    f"{what} {_quoted(value.strip())} is not a{'n integer' if kind is int else ' number'}",
                     line=int(line),
                 ) from None
             if kind is int and not _INT64_MIN <= number <= _INT64_MAX:
@@ -630,7 +656,7 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
         if missing:
             raise TraceError(
                 path,
-                f"missing fields {missing} (found {sorted(record)}); expected one of: {KNOWN_FORMATS}",
+                f"missing fields {missing} (found {_quoted_list(sorted(record))}); expected one of: {KNOWN_FORMATS}",
                 line=number,
             )
         stamp, prompt, output = (record[f] for f in MOONCAKE_FIELDS)

@@ -475,6 +475,51 @@ def test_a_row_longer_than_any_request_is_refused_at_its_first_line(
     assert len(str(info.value)) < 500
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "cell.csv",
+            "arrival_s,prompt_tokens,output_tokens\n0,10,5\n1," + "7" * 100_000 + "x,5\n",
+            "prompt tokens '77777",
+        ),
+        (
+            "columns.csv",
+            ",".join(f"column{i}" for i in range(50_000)) + "\n0,10,5\n",
+            "unknown columns ['column0', 'column1',",
+        ),
+        (
+            "keys.jsonl",
+            '{"timestamp": 0, "input_length": 10, "output_length": 5}\n{'
+            + ",".join(f'"k{i}": 1' for i in range(50_000))
+            + "}\n",
+            "missing fields ['timestamp', 'input_length', 'output_length'] (found ['k0', 'k1',",
+        ),
+    ],
+    ids=["a-100-kb-cell", "50000-columns", "a-record-of-50000-keys"],
+)
+def test_an_error_quotes_the_traces_text_cut(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TraceError, match=re.escape(message)) as info:
+        read_trace(path)
+    assert len(str(info.value)) < len(str(path)) + 600
+    if "expected one of" in info.value.detail:  # what follows the quoted values survives
+        assert info.value.detail.endswith("plain CSV (arrival_s,prompt_tokens,output_tokens)")
+
+
+def test_an_error_shows_control_characters_in_the_traces_name_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "t\x1b[2J\nerror: forged\u202e.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,-1,5\n")
+    with pytest.raises(TraceError, match="negative prompt tokens") as info:
+        read_trace(path)
+    shown = str(info.value)
+    assert "\x1b" not in shown and "\n" not in shown and "\u202e" not in shown
+    assert "t\\x1b[2J\\nerror: forged\\u202e.csv:2: negative prompt tokens" in shown
+
+
 def test_a_mooncake_line_of_a_long_requests_block_hashes_is_read(tmp_path: Path) -> None:
     # The longest request allowed lists ~20,000 block hashes: well within a row.
     hashes = list(range(10_000_000 // 512))
