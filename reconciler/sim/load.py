@@ -10,11 +10,8 @@ from pathlib import Path
 
 from reconciler.desired.loader import DesiredState
 from reconciler.sim.engine import LoadProfile, SimConfig
-from reconciler.sim.workload import Workload, read_trace
+from reconciler.sim.workload import MAX_REQUEST_ARRAYS, Workload, read_trace
 
-# Rate scaling beyond this many requests is done on the binned load (fluid), not by
-# replicating request arrays (memory).
-MAX_REQUEST_ARRAYS = 12_000_000
 # The largest rate scale: a million times the Azure conversation trace's ~5.5 requests
 # a second is 5.5 million a second, far beyond any fleet the simulator sizes, and it
 # keeps the fluid scaling's Poisson draws in numpy's range (1e300 failed there).
@@ -76,6 +73,7 @@ def load_with_requests(
         workload = workload.diurnal(diurnal_hours, seed=seed)
     fluid_factor = 1.0
     if rate_scale and rate_scale != 1.0:
+        # Beyond what a load holds as arrays, the binned load is scaled (a fluid).
         if workload.requests * rate_scale <= MAX_REQUEST_ARRAYS:
             workload = workload.rate_scaled(rate_scale, seed=seed)
         else:

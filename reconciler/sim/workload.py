@@ -51,7 +51,8 @@ Time scaling:
   to its first), and thins it under a diurnal curve
   ``trough + (1 - trough) * sin^2(pi t / H)``: the H hours are one compressed day,
   trough (default one third of peak) at both ends, peak in the middle, where the rate
-  equals the original trace's.
+  equals the original trace's. A day that would tile more than
+  :data:`MAX_REQUEST_ARRAYS` requests before thinning is refused (``WorkloadError``).
 - :func:`synthetic_workload` draws a non-homogeneous Poisson process with the same
   diurnal curve plus optional bursts, and log-normal prompt/output lengths; the
   :data:`SERVICE_SHAPES` ``"a"`` (~3000/350 tokens) and ``"b"`` (~7800/700) are the
@@ -117,7 +118,11 @@ def _quoted_list(values: list[str]) -> str:
 
 class WorkloadError(PermanentError, ValueError):
     """A workload cannot be scaled or tiled as asked (a ``ValueError`` too: the
-    arguments are wrong for this workload)."""
+    arguments are wrong for this workload). The message names the workload, a trace's
+    file name: its control and invisible characters are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(visible(message))
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,17 @@ class Workload:
             )
         horizon_s = hours * 3600.0
         period_s = self.duration_s + self._mean_gap_s()
+        # Every tile's requests are drawn before the curve thins them: a short trace
+        # over a long day is many tiles (requests 1e-9 s apart over a week asked for
+        # 2 PiB, a thousand in one second for 4.5 GiB a column).
+        tiled = self.requests * max(1.0, horizon_s / period_s)  # inf for a subnormal period
+        if tiled > MAX_REQUEST_ARRAYS:
+            raise WorkloadError(
+                f"{self.name}: {hours:g} h of its {self.requests:,} requests over "
+                f"{self.duration_s:g} s is {tiled:,.0f} requests before the diurnal curve "
+                f"thins them, more than the {MAX_REQUEST_ARRAYS:,} a load holds as arrays: "
+                "tile it over fewer hours, or give a trace that spans more of the day"
+            )
         tiles = max(1, math.ceil(horizon_s / period_s))
         offsets = np.repeat(np.arange(tiles) * period_s, self.requests)
         # Odd tiles run the trace backwards (a mirror), so every boundary joins a
@@ -299,6 +315,11 @@ MAX_TOKENS_PER_REQUEST = 10_000_000
 # longer row whole built its millions of fields or keys: a 120 MB CSV row of 42 million
 # fields took 3.3 GB and 11 s to refuse, a 120 MB JSON object 2 GB and 18 s.
 MAX_TRACE_ROW_CHARS = 1 << 20
+# The most requests a load holds as arrays (~24 bytes each, several times that while a
+# load is scaled or tiled): more than any trace holds (MAX_TRACE_TEXT_BYTES is ~6.7
+# million rows) and than a day of the evaluation's scaled traces (Azure x50 over 8 h,
+# ~5 million). Rate scaling beyond it is done on the binned load (``sim.load``).
+MAX_REQUEST_ARRAYS = 12_000_000
 # Rows converted to arrays at a time: their strings are freed chunk by chunk.
 _CHUNK_ROWS = 1 << 16
 _FIRST_NON_SPACE = re.compile(r"\S")

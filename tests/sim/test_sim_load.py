@@ -75,3 +75,41 @@ def test_a_trace_at_one_instant_is_rate_scaled_but_not_tiled_over_a_day(tmp_path
         burst.diurnal(8.0)
     single = Workload(np.zeros(1), np.full(1, 100), np.full(1, 10))
     assert single.diurnal(1.0).requests > 0  # one request: a one-second tile, as before
+
+
+@pytest.mark.parametrize(
+    ("arrival_s", "hours"),
+    [
+        ((0.0, 1e-9), 168.0),  # 3e14 tiles: numpy was asked for 2.15 PiB
+        ((0.0, 5e-324), 1.0),  # a subnormal span: the tile count overflowed
+    ],
+    ids=["nanosecond-trace-over-a-week", "subnormal-span"],
+)
+def test_a_trace_too_short_for_its_day_is_refused_before_its_tiles_are_drawn(
+    state: DesiredState, tmp_path: Path, arrival_s: tuple[float, float], hours: float
+) -> None:
+    trace = _plain_trace(tmp_path, [(t, 100, 10) for t in arrival_s])
+    with pytest.raises(WorkloadError, match=r"before the diurnal curve thins them, more than"):
+        _load(state, trace, None, hours)
+
+
+def test_tiling_stops_at_the_requests_a_load_holds_as_arrays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reconciler.sim import workload as workload_module
+
+    monkeypatch.setattr(workload_module, "MAX_REQUEST_ARRAYS", 36_000)
+    ten_seconds = Workload(np.arange(100) / 10.0, np.full(100, 100), np.full(100, 10), name="t")
+    assert ten_seconds.diurnal(1.0).requests > 0  # 360 tiles of 100: 36,000
+    with pytest.raises(
+        WorkloadError,
+        match=r"t: 1\.01 h of its 100 requests over 9\.9 s is 36,360 requests before the "
+        r"diurnal curve thins them, more than the 36,000 a load holds as arrays",
+    ):
+        ten_seconds.diurnal(1.01)
+
+
+def test_a_workload_error_shows_the_traces_name_escaped() -> None:
+    burst = Workload(np.zeros(3), np.full(3, 100), np.full(3, 10), name="b\x1b[2J\nforged")
+    with pytest.raises(WorkloadError, match=r"^b\\x1b\[2J\\nforged: all 3 requests arrive"):
+        burst.diurnal(8.0)
