@@ -233,14 +233,16 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
         trace_peak_need,
         trace_ratio_need,
     )
-    from reconciler.sim.workload import TraceError, read_trace
+    from reconciler.sim.workload import TraceError, WorkloadError, read_trace
 
     try:
         # The same reader and seed (0) as `simulate --trace`.
         workload = read_trace(trace)
         if rate_scale is not None and rate_scale != 1.0:
+            # The checks read every request: beyond what a load holds as arrays (where
+            # simulate scales the binned load instead) the scale is refused.
             workload = workload.rate_scaled(rate_scale)
-    except (TraceError, OSError) as exc:
+    except (TraceError, WorkloadError, OSError) as exc:
         err_console.print(f"[red]error[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     if workload.requests == 0:

@@ -154,13 +154,20 @@ class Workload:
         return replace(self, notes=(*self.notes, note))
 
     def rate_scaled(self, factor: float, seed: int = 0, jitter_s: float = 600.0) -> Workload:
-        """K times the arrival rate (see the module docstring)."""
+        """K times the arrival rate (see the module docstring); ``WorkloadError`` beyond
+        :data:`MAX_REQUEST_ARRAYS` requests (``sim.load`` scales the binned load there)."""
         if not (factor > 0 and math.isfinite(factor)):
             raise WorkloadError(f"rate scale must be a positive number, got {factor}")
         if not jitter_s >= 0:
             raise WorkloadError(f"jitter must not be negative, got {jitter_s}")
         if factor == 1.0 or self.requests == 0:
             return self
+        if self.requests * factor > MAX_REQUEST_ARRAYS:
+            raise WorkloadError(
+                f"{self.name}: rate scale x{factor:g} of its {self.requests:,} requests is "
+                f"~{self.requests * factor:,.0f} requests, more than the "
+                f"{MAX_REQUEST_ARRAYS:,} a load holds as arrays"
+            )
         rng = np.random.default_rng([seed, 0x5CA1E])
         whole = math.floor(factor)
         extra = rng.random(self.requests) < (factor - whole)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from repo_edits import edit
 from typer.testing import CliRunner
 
@@ -169,3 +170,26 @@ def test_a_role_no_instance_can_serve_for_the_trace_is_named(
         "meets the 2 ms TBT at the mix's context, not even one sequence; the planner holds "
         "decode where it runs"
     ]
+
+
+def test_a_rate_scale_beyond_the_requests_a_load_holds_is_an_error(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # x1000 of a 100,000-request trace drew 100 million requests (3.3 GB, then numpy's
+    # MemoryError as a traceback): the bound is lowered here to test it on a small trace.
+    from reconciler.sim import workload
+
+    monkeypatch.setattr(workload, "MAX_REQUEST_ARRAYS", 150)
+    trace = write_trace(tmp_path / "t.csv", [SHORT_TOKENS] * 50)
+    fits = runner.invoke(
+        app, ["validate", str(repo_root), "--trace", str(trace), "--rate-scale", "3"]
+    )
+    assert fits.exit_code == 0, fits.stderr
+    result = runner.invoke(
+        app, ["validate", str(repo_root), "--trace", str(trace), "--rate-scale", "3.5"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error t.csv: rate scale x3.5 of its 50 requests is ~175 requests, more than the "
+        "150 a load holds as arrays"
+    )
