@@ -419,14 +419,16 @@ def _with_gaps(verdict: _Verdict, gaps: Sequence[float | None]) -> _Verdict:
     )
 
 
-def _judge_s(policy: ServicePolicy, profile: LoadProfile) -> int:
+def _judge_s(policy: ServicePolicy, profile: LoadProfile, config: SimConfig | None = None) -> int:
     """How long a window's arrivals are followed after it ends: until their first token
     has resolved and nearly all of them (the 99th-percentile output, decoding at the
-    TBT SLO) have finished."""
-    return (
-        math.ceil(policy.slo.ttft_ms / 1000.0 + profile.output_p99 * policy.slo.tbt_ms / 1000.0)
-        + JUDGE_MARGIN_S
-    )
+    TBT SLO) have finished, and at most as long as a run follows its last arrivals
+    (``SimConfig.drain_tail_s``). Every trial of every window steps that far: a trace
+    whose outputs are millions of tokens long (10 million at 50 ms is 500,000 s) kept
+    the search for one request's warm start running for minutes."""
+    tail_s = (config or SimConfig()).drain_tail_s
+    follow_s = policy.slo.ttft_ms / 1000.0 + profile.output_p99 * policy.slo.tbt_ms / 1000.0
+    return math.ceil(min(follow_s, tail_s)) + JUDGE_MARGIN_S
 
 
 def _ttft_judge_s(policy: ServicePolicy) -> int:
@@ -1229,7 +1231,7 @@ def plan_oracle_min(
         judge,
         prefill_type,
         decode_type,
-        _judge_s(policy, profile),
+        _judge_s(policy, profile, config),
         _ttft_judge_s(policy),
     )
     sizer = _Sizer(search, policy, prefill_type, decode_type)
@@ -1277,7 +1279,7 @@ def replay_window(
     windows before it run the plan's counts and it runs ``prefill`` and ``decode``,
     judged exactly as the search judged it: how a reader checks the bound's minimality."""
     sim = ServiceSim(policy, cluster, profile, bound_config(config))
-    judge_s = _judge_s(policy, profile)
+    judge_s = _judge_s(policy, profile, config)
     search = _WindowSearch(
         sim,
         _WindowJudge(sim, plan.window_s),

@@ -311,6 +311,39 @@ def test_prompts_beyond_an_idle_instances_reach_are_unattainable(state: DesiredS
     assert outcome.ttft_attainment <= 0.9 + 1e-9  # they still count as misses
 
 
+def test_a_window_is_followed_no_longer_than_a_run_follows_its_last_arrivals(
+    state: DesiredState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace may hold requests of millions of output tokens (the reader allows ten
+    million): at the TBT SLO that is 500,000 s of decoding, and every trial of every
+    window followed its arrivals that long (the warm start for two requests took
+    ~500,000 simulated seconds, 27 s and 1.8 GB). A window is followed at most as long
+    as the run itself follows its last arrivals."""
+    policy = state.policies[SERVICE]
+    profile = _steady(1, 2, prompt=1_000, output=10_000_000)
+    tail_s = SimConfig().drain_tail_s
+    assert _judge_s(policy, profile) == math.ceil(tail_s) + 2
+    assert _judge_s(policy, profile, SimConfig(drain_tail_s=600.0)) == 602
+    usual = _steady(1, 2, prompt=1_000, output=400)  # 400 tokens at the TBT SLO, and the TTFT
+    assert (
+        _judge_s(policy, usual)
+        == math.ceil(policy.slo.ttft_ms / 1000 + 400 * policy.slo.tbt_ms / 1000) + 2
+    )
+    steps = 0
+    step = ServiceSim.step
+
+    def counted(sim: ServiceSim) -> None:
+        nonlocal steps
+        steps += 1
+        step(sim)
+
+    monkeypatch.setattr(ServiceSim, "step", counted)
+    oracle_min_initial_counts(policy, state.clusters[policy.cluster], profile)
+    trials_at_most = 40  # per window, each following at most the tail
+    windows = math.floor(max(policy.prefill.startup_s, policy.decode.startup_s) / 60) + 1
+    assert steps <= windows * trials_at_most * (60 + tail_s + 2)
+
+
 # --------------------------------------------------------------------------- the search
 
 
