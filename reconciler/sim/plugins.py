@@ -19,9 +19,12 @@ Prometheus and the cluster. :class:`PluginAutoscaler` adapts it to the ``Autosca
 protocol, so its counts go through the policy's min/max, placement and start-up like
 every other policy's.
 
-A plugin that cannot be imported or constructed, raises in ``decide`` or returns
-anything but two non-negative integers raises :class:`PluginError`, naming the plugin
-and the cycle; ``reconciler.sim.evaluate`` marks that policy failed and still reports
+A plugin that cannot be imported or constructed, raises in ``decide`` (``SystemExit``
+included: a plugin's ``sys.exit`` ended the whole command, at exit code 0, with no
+result) or returns anything but two non-negative integers raises :class:`PluginError`,
+naming the plugin and the cycle, and quoting the plugin's own text (its exception's
+message, what it returned) cut and escaped, whatever its ``__str__`` or ``__repr__``
+raise; ``reconciler.sim.evaluate`` marks that policy failed and still reports
 the others.
 """
 
@@ -41,6 +44,7 @@ from reconciler.policy.base import Decision, DecisionInput
 from reconciler.policy.baselines import fixed_counts
 from reconciler.sim.fleet import SimulatedServiceMetrics
 from reconciler.state import Sample, ServiceFleet, ServiceMetrics
+from reconciler.text_safety import cut, visible
 
 PLUGIN_PREFIX = "python:"
 DETAIL_QUANTILES = (0.5, 0.9)
@@ -48,6 +52,36 @@ DETAIL_QUANTILES = (0.5, 0.9)
 
 class PluginError(PermanentError):
     """An external autoscaler failed; the message names the plugin and the cycle."""
+
+
+# The most characters of a plugin's own text (an exception's message, the repr of what
+# it returned) that an error quotes.
+_QUOTED_CHARS = 300
+
+
+def _quoted(text: str) -> str:
+    """A plugin's text as its error quotes it: cut, its control and invisible
+    characters escaped (a line break in an exception's message forged a line)."""
+    return visible(cut(text, _QUOTED_CHARS))
+
+
+def _described(exc: BaseException) -> str:
+    """``Type: message`` of an exception plugin code raised, quoted; its ``__str__`` is
+    plugin code too, and may raise in turn."""
+    try:
+        message = str(exc)
+    except Exception as inner:  # plugin code: reported, not raised
+        message = f"(its message cannot be shown: str() raised {type(inner).__name__})"
+    return _quoted(f"{type(exc).__name__}: {message}")
+
+
+def _shown(value: object) -> str:
+    """The repr of what a plugin returned, quoted; its ``__repr__`` may raise."""
+    try:
+        text = repr(value)
+    except Exception as inner:  # plugin code: reported, not raised
+        text = f"a {type(value).__name__} (repr() raised {type(inner).__name__})"
+    return _quoted(text)
 
 
 @dataclass(frozen=True)
@@ -138,9 +172,9 @@ def load_plugin_class(spec: str) -> type:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # the module's own code may raise anything on import
+    except (Exception, SystemExit) as exc:  # the module's own code may raise anything
         raise PluginError(
-            f"{spec}: cannot import module '{module_name}' ({type(exc).__name__}: {exc}); "
+            f"{spec}: cannot import module '{module_name}' ({_described(exc)}); "
             f"looked in the working directory {cwd} and on PYTHONPATH (before the first cycle)"
         ) from exc
     finally:
@@ -166,12 +200,13 @@ def _counts(spec: str, result: Any, now_s: float) -> tuple[int, int]:
     def whole(x: Any) -> bool:
         return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0
 
-    if isinstance(result, tuple | list) and len(result) == 2 and all(whole(x) for x in result):
-        return int(result[0]), int(result[1])
-    shown = repr(result)
-    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    try:  # a subclass's __len__, __getitem__ or __int__ is plugin code too
+        if isinstance(result, tuple | list) and len(result) == 2 and all(map(whole, result)):
+            return int(result[0]), int(result[1])
+    except Exception:  # plugin code: reported below, not raised
+        pass
     raise PluginError(
-        f"{spec}: decide() returned {shown} in the cycle at t={now_s:g} s; expected "
+        f"{spec}: decide() returned {_shown(result)} in the cycle at t={now_s:g} s; expected "
         "(prefill_instances, decode_instances), two non-negative integers"
     )
 
@@ -188,9 +223,9 @@ class PluginAutoscaler:
         self.class_name = f"{cls.__module__}.{cls.__qualname__}"
         try:
             self.plugin = cls(service)
-        except Exception as exc:  # plugin code: report, never crash the evaluation
+        except (Exception, SystemExit) as exc:  # plugin code: report, never end the run
             raise PluginError(
-                f"{spec}: {cls.__qualname__}(service) raised {type(exc).__name__}: {exc} "
+                f"{spec}: {cls.__qualname__}(service) raised {_described(exc)} "
                 "(constructing it, before the first cycle)"
             ) from exc
         if not callable(getattr(self.plugin, "decide", None)):
@@ -204,10 +239,9 @@ class PluginAutoscaler:
         observation = observe(policy, fleet, metrics, now_s)
         try:
             result = self.plugin.decide(observation)
-        except Exception as exc:  # plugin code: report, never crash the evaluation
+        except (Exception, SystemExit) as exc:  # plugin code: report, never end the run
             raise PluginError(
-                f"{self.spec}: decide() raised {type(exc).__name__}: {exc} "
-                f"in the cycle at t={now_s:g} s"
+                f"{self.spec}: decide() raised {_described(exc)} in the cycle at t={now_s:g} s"
             ) from exc
         asked = _counts(self.spec, result, now_s)
         return fixed_counts(policy, fleet, history, now_s, asked, self.class_name)

@@ -191,6 +191,91 @@ BAD_PLUGINS = {
         r"Planner\(service\) raised ValueError: no config for svc-b \(constructing it",
     ),
     "import": (None, r"cannot import module 'planner_missing_\w+' \(ModuleNotFoundError"),
+    # Plugin code all the way down: each of these ended the whole command before.
+    "exits": (  # the command ended at exit code 0, printing no result
+        """
+        import sys
+
+        class Planner:
+            def __init__(self, service):
+                pass
+
+            def decide(self, observation):
+                sys.exit(0)
+        """,
+        r"decide\(\) raised SystemExit: 0 in the cycle at t=0 s",
+    ),
+    "exits-constructing": (
+        """
+        import sys
+
+        class Planner:
+            def __init__(self, service):
+                sys.exit("no config")
+
+            def decide(self, observation):
+                return 3, 5
+        """,
+        r"Planner\(service\) raised SystemExit: no config \(constructing it",
+    ),
+    "unprintable-exception": (  # its __str__ raised inside the report: a traceback
+        """
+        class Unprintable(Exception):
+            def __str__(self):
+                raise ValueError("no")
+
+        class Planner:
+            def __init__(self, service):
+                pass
+
+            def decide(self, observation):
+                raise Unprintable()
+        """,
+        r"decide\(\) raised Unprintable: \(its message cannot be shown: str\(\) raised "
+        r"ValueError\) in the cycle at t=0 s",
+    ),
+    "unprintable-result": (  # its __repr__ raised inside the report: a traceback
+        """
+        class Odd:
+            def __repr__(self):
+                raise ValueError("no")
+
+        class Planner:
+            def __init__(self, service):
+                pass
+
+            def decide(self, observation):
+                return Odd()
+        """,
+        r"decide\(\) returned a Odd \(repr\(\) raised ValueError\) in the cycle at t=0 s",
+    ),
+    "count-that-is-no-number": (  # an int subclass whose __int__ raises: a traceback
+        """
+        class Count(int):
+            def __int__(self):
+                raise ValueError("no")
+
+        class Planner:
+            def __init__(self, service):
+                pass
+
+            def decide(self, observation):
+                return Count(3), 5
+        """,
+        r"decide\(\) returned \(3, 5\) in the cycle at t=0 s; expected",
+    ),
+    "forging-message": (  # printed whole: an escape sequence, a forged line, 10 KB
+        """
+        class Planner:
+            def __init__(self, service):
+                pass
+
+            def decide(self, observation):
+                raise RuntimeError("boom\\x1b[2J\\nerror: forged " + "x" * 10_000)
+        """,
+        r"decide\(\) raised RuntimeError: boom\\x1b\[2J\\nerror: forged x{250,300}… in "
+        r"the cycle at t=0 s$",
+    ),
 }
 
 
@@ -233,7 +318,7 @@ def _trace(folder: Path, hours: float = 0.1) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["raises", "negative", "string", "import"])
+@pytest.mark.parametrize("kind", ["raises", "negative", "string", "import", "exits"])
 def test_simulate_prints_the_table_then_exits_1_when_a_plugin_fails(
     repo_root: Path, plugin_dir: Path, kind: str
 ) -> None:
