@@ -27,7 +27,9 @@ Policies:
 - ``schedule:PATH``: replays a CSV ``t_s,service,prefill,decode`` (counts hold from
   their ``t_s`` until the next row), so any external autoscaler can be scored; a file
   naming one other service is replayed for this one (with a note). Shown as
-  ``schedule:FILENAME``;
+  ``schedule:FILENAME``. Read as a regular file of at most ``MAX_SCHEDULE_BYTES`` of
+  UTF-8; a malformed row, or a service name holding a control or invisible character,
+  is an ``EvaluationError`` naming its line;
 - ``python:MODULE:CLASS``: an external autoscaler class asked every cycle
   (``reconciler.sim.plugins``). One that fails is reported as failed
   (``PolicyResult.failed``) and the other policies still run.
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +86,7 @@ from typing import Any
 
 import numpy as np
 
+from reconciler.bounded_read import BoundedReadError, read_regular_file
 from reconciler.cost import GpuPrices, cost_of_gpu_hours, per_million
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -115,6 +119,7 @@ from reconciler.sim.oracle import (
 from reconciler.sim.plugins import PLUGIN_PREFIX, PluginAutoscaler, PluginError
 from reconciler.sim.workload import Workload
 from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Targets
+from reconciler.text_safety import cut, visible
 
 DEFAULT_POLICIES: tuple[str, ...] = (
     "heteroscale",
@@ -143,6 +148,41 @@ class EvaluationError(PermanentError):
 MAX_REPLAYED_INSTANCES = 1_000_000
 
 
+# The most text a schedule file may hold: a row every 30 s for a week is ~20,000 rows
+# of ~25 bytes a service, so 32 MiB holds some 60 services' weeks (its rows are held as
+# Python tuples while read, ~150 bytes each).
+MAX_SCHEDULE_BYTES = 32 * 1024 * 1024
+# The most names (services, header cells) an error lists, each cut to _LISTED_CHARS.
+_LISTED_NAMES = 8
+_LISTED_CHARS = 60
+
+
+def _listed(names: Sequence[str]) -> str:
+    """Names from a file as an error lists them: the first few, each cut."""
+    shown = ", ".join(cut(n, _LISTED_CHARS) for n in names[:_LISTED_NAMES])
+    more = len(names) - _LISTED_NAMES
+    return shown + (f", ... {more:,} more" if more > 0 else "")
+
+
+def _schedule_text(path: Path) -> str:
+    """A schedule file's text: a regular file of at most :data:`MAX_SCHEDULE_BYTES`
+    of UTF-8 (a FIFO is not waited on, a device not read for ever)."""
+    try:
+        raw = read_regular_file(path, MAX_SCHEDULE_BYTES)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: schedule file not found") from None
+    except BoundedReadError as exc:
+        raise EvaluationError(f"{path}: schedule file {exc.reason}") from None
+    except OSError as exc:
+        raise EvaluationError(f"{path}: schedule file cannot be read ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EvaluationError(
+            f"{path}: schedule file is not UTF-8 text (byte {exc.start})"
+        ) from None
+
+
 class ScheduleAutoscaler:
     """Replays instance counts from a CSV ``t_s,service,prefill,decode``."""
 
@@ -161,11 +201,10 @@ class ScheduleAutoscaler:
     @classmethod
     def from_csv(cls, path: str | Path) -> ScheduleAutoscaler:
         path = Path(path)
-        if not path.is_file():
-            raise EvaluationError(f"{path}: schedule file not found")
+        text = _schedule_text(path)
         per_service: dict[str, list[tuple[float, int, int]]] = {}
-        with path.open(newline="") as handle:
-            reader = csv.reader(handle)
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
             header = next(reader, None)
             if header is None or [h.strip() for h in header] != [
                 "t_s",
@@ -173,8 +212,9 @@ class ScheduleAutoscaler:
                 "prefill",
                 "decode",
             ]:
+                shown = "nothing" if header is None else _listed([repr(h) for h in header])
                 raise EvaluationError(
-                    f"{path}:1: header must be 't_s,service,prefill,decode' (got {header})"
+                    f"{path}:1: header must be 't_s,service,prefill,decode' (got {shown})"
                 )
             for row in reader:
                 line = reader.line_num
@@ -197,7 +237,15 @@ class ScheduleAutoscaler:
                         f"{path}:{line}: counts must be 0 to {MAX_REPLAYED_INSTANCES:,} "
                         "and t_s must be finite"
                     )
-                per_service.setdefault(row[1].strip(), []).append((t_s, prefill, decode))
+                service = row[1].strip()
+                if visible(service) != service:  # notes and errors quote it
+                    raise EvaluationError(
+                        f"{path}:{line}: service name '{visible(cut(service, _LISTED_CHARS))}' "
+                        "holds a control or invisible character, which no service name does"
+                    )
+                per_service.setdefault(service, []).append((t_s, prefill, decode))
+        except csv.Error as exc:
+            raise EvaluationError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
         if not per_service:
             raise EvaluationError(f"{path}: schedule has no rows")
         rows = {}
@@ -229,14 +277,14 @@ class ScheduleAutoscaler:
             )
         raise EvaluationError(
             f"{self.path}: no rows for service '{service}', and the schedule names "
-            f"{len(self.rows)} other services ({', '.join(sorted(self.rows))}), so none is "
+            f"{len(self.rows)} other services ({_listed(sorted(self.rows))}), so none is "
             "taken in its place"
         )
 
     def counts_at(self, service: str, now_s: float) -> tuple[int, int]:
         if service not in self.rows:
             raise EvaluationError(
-                f"{self.path}: no rows for service '{service}' (has: {', '.join(sorted(self.rows))})"
+                f"{self.path}: no rows for service '{service}' (has: {_listed(sorted(self.rows))})"
             )
         t_s, prefill, decode = self.rows[service]
         index = max(0, int(np.searchsorted(t_s, now_s, side="right")) - 1)

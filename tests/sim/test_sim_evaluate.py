@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -793,3 +794,57 @@ def test_simulate_command_refuses_a_warm_up_that_leaves_nothing_to_judge(
     result = CliRunner().invoke(app, [*args, "--warm-up-hours", hours, "--policies", "static:2+3"])
     assert result.exit_code == 2, result.output
     assert "--warm-up-hours" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # A traceback before: UnicodeDecodeError, then csv.Error for a field over 128 KiB.
+        (b"t_s,service,prefill,decode\n0,svc-b\xe9,1,1\n", r"schedule file is not UTF-8 text"),
+        (
+            b"t_s,service,prefill,decode\n0," + b"s" * 200_000 + b",1,1\n",
+            r"h\.csv:2: malformed CSV: field larger than field limit",
+        ),
+        # Notes and errors quote the name: it printed as it was.
+        (
+            b't_s,service,prefill,decode\n0,"chat\x1b[2J\nforged",1,1\n',
+            r"h\.csv:3: service name 'chat\\x1b\[2J\\nforged' holds a control or invisible",
+        ),
+    ],
+    ids=["not-utf-8", "a-200-kb-field", "a-name-with-an-escape-and-a-line-break"],
+)
+def test_a_schedule_file_that_cannot_be_read_as_one_is_reported(
+    state: DesiredState, load: LoadProfile, tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "h.csv"
+    path.write_bytes(content)
+    with pytest.raises(EvaluationError, match=message):
+        evaluate(state, SERVICE, load, [f"schedule:{path}"])
+
+
+def test_a_schedule_is_read_as_a_regular_file_of_bounded_size(
+    state: DesiredState, load: LoadProfile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.sim import evaluate as evaluate_module
+
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)  # no writer: opening it to read blocked for ever
+    with pytest.raises(EvaluationError, match=r"plan\.fifo: schedule file is not a regular file"):
+        evaluate(state, SERVICE, load, [f"schedule:{fifo}"])
+    monkeypatch.setattr(evaluate_module, "MAX_SCHEDULE_BYTES", 1000)
+    big = _schedule(tmp_path, f"0,{SERVICE},3,5\n" * 100)
+    with pytest.raises(
+        EvaluationError, match=r"schedule file is larger than the 1,000 bytes limit"
+    ):
+        evaluate(state, SERVICE, load, [f"schedule:{big}"])
+
+
+def test_a_schedule_naming_many_other_services_lists_a_few(
+    state: DesiredState, load: LoadProfile, tmp_path: Path
+) -> None:
+    path = _schedule(tmp_path, "".join(f"0,other-{i:06d},1,1\n" for i in range(100_000)))
+    with pytest.raises(EvaluationError) as info:
+        evaluate(state, SERVICE, load, [f"schedule:{path}"])
+    assert "100000 other services (other-000000, other-000001," in str(info.value)
+    assert "other-000007, ... 99,992 more)" in str(info.value)
+    assert len(str(info.value)) < 1000  # it listed every one: 1.4 MB
