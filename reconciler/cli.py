@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from reconciler.atomic_write import replace_text
 from reconciler.commands._options import (
     PlainFlagsCommand,
     RateScaleOpt,
@@ -325,7 +326,7 @@ def schema(
             continue
         with writing(target, "--out"):
             out_dir.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            replace_text(target, text)
         console.print(f"wrote {target}", markup=False)
     if stale:
         err_console.print(f"stale: {', '.join(stale)}; run `heteroscale schema`", markup=False)

@@ -54,3 +54,33 @@ def test_a_new_file_gets_what_open_would_give_it_not_mkstemps_0600(tmp_path: Pat
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "plan.json").stat().st_mode) == 0o644
+
+
+def test_a_symlink_keeps_pointing_where_it_did(tmp_path: Path) -> None:
+    # A file through a link: the file is replaced, the link kept.
+    real = tmp_path / "real.json"
+    real.write_text("old\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    replace_text(link, "new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+    # A device through a link (/dev/stdout is one, to a pipe or a terminal): written in
+    # place, never replaced by a regular file.
+    device = tmp_path / "stdout"
+    device.symlink_to("/dev/null")
+    replace_text(device, "to the device\n")
+    assert device.is_symlink() and os.readlink(device) == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json", "stdout"]
+
+
+def test_a_handle_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from reconciler.atomic_write import replaced
+
+    path = tmp_path / "plot.png"
+    with replaced(path, binary=True) as handle:
+        handle.write(b"\x89PNG")
+    assert path.read_bytes() == b"\x89PNG"
+    with pytest.raises(RuntimeError), replaced(path, binary=True) as handle:
+        handle.write(b"half")
+        raise RuntimeError("the plot failed half way")
+    assert path.read_bytes() == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
+from reconciler.atomic_write import replace_text, replaced
 from reconciler.commands._options import (
     MAX_DAY_HOURS,
     DecisionIntervalOpt,
@@ -207,7 +208,8 @@ def save_png(fig: Any, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The format given: matplotlib would otherwise add ".png" to a path without
         # it, and the file written would not be the one reported.
-        fig.savefig(path, dpi=110, format="png")
+        with replaced(path, binary=True) as handle:  # never a half-written PNG
+            fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -451,7 +453,7 @@ def register(app: typer.Typer) -> None:
             }
             with writing(json_path, "--json"):
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(document, indent=2) + "\n")
+                replace_text(json_path, json.dumps(document, indent=2) + "\n")
             console.print(f"wrote {json_path}", markup=False, soft_wrap=True)
         if plot_path is not None and len(failed) < len(result.policies):
             write_plot(result, plot_path)

@@ -75,6 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reconciler.atomic_write import replaced
 from reconciler.bounded_read import GZIP_MAGIC, BoundedReadError, gunzip_bounded, read_regular_file
 from reconciler.errors import PermanentError
 from reconciler.text_safety import cut, visible
@@ -278,14 +279,15 @@ class Workload:
     def to_csv(self, path: Path) -> None:
         """Write the plain CSV that :func:`read_trace` reads back as this workload:
         arrival times as they are and at full (round-trip) precision, so a replay bins
-        every request into the same second."""
+        every request into the same second. Whole or not at all (``atomic_write``): a
+        write cut short (a full disk) left a shorter workload that read back as valid."""
         rows = zip(
             self.arrival_s.tolist(),
             self.prompt_tokens.tolist(),
             self.output_tokens.tolist(),
             strict=True,
         )
-        with path.open("w", newline="") as handle:
+        with replaced(path) as handle:
             handle.write("arrival_s,prompt_tokens,output_tokens\n")
             handle.writelines(f"{a!r},{int(p)},{int(o)}\n" for a, p, o in rows)
 

@@ -93,3 +93,35 @@ def test_schema_into_a_directory_it_cannot_write_is_an_error(tmp_path: Path) -> 
     assert result.exit_code in (1, 2), result.output
     assert "error" in result.output.lower() and "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_output_cut_short_leaves_no_half_written_file(tmp_path: Path) -> None:
+    """A write that fails part way (here the file-size limit, as a full disk would)
+    leaves nothing under the output's name: an exported workload cut at 64 KiB was
+    left behind, and read back as a valid, shorter trace."""
+    import resource
+    import subprocess
+    import sys
+
+    trace = tmp_path / "trace.csv"
+    rows = "".join(f"{i * 0.03:.2f},{1000 + i % 700},{50 + i % 90}\n" for i in range(20_000))
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + rows)
+    exported = tmp_path / "out" / "replayed.csv"
+    limit = 64 * 1024
+
+    def file_size_limit() -> None:  # Python ignores SIGXFSZ: a write past it is EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "reconciler.cli", *SIMULATE, "--trace", str(trace)]
+    done = subprocess.run(
+        [*command, "--export-workload", str(exported)],
+        capture_output=True,
+        text=True,
+        preexec_fn=file_size_limit,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"error: --export-workload {exported}: cannot write: File too large" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(exported.parent.iterdir()) == []  # neither the file nor a temporary one
