@@ -392,7 +392,7 @@ def _trace_text(path: Path) -> str:
                 ) from None
             raise TraceError(path, exc.reason) from None
         try:
-            return raw.decode("utf-8")
+            return raw.decode("utf-8-sig")  # a BOM reads as it does uncompressed
         except UnicodeDecodeError as exc:
             raise TraceError(path, f"not a readable gzip file ({exc})") from None
     try:

@@ -190,6 +190,19 @@ def test_plain_and_burstgpt_csv(tmp_path: Path) -> None:
     assert w.arrival_s.tolist() == [0.0, 2.0] and w.prompt_tokens.tolist() == [472, 1000]
 
 
+def test_a_byte_order_mark_reads_alike_plain_and_gzipped(tmp_path: Path) -> None:
+    """Spreadsheet exports start with a BOM; gzipping the file must not change what it
+    says (the gzipped one was refused: unknown columns ['\\ufeffarrival_s'])."""
+    text = "\ufeffarrival_s,prompt_tokens,output_tokens\n0,10,3\n1.5,20,4\n"
+    plain = tmp_path / "bom.csv"
+    plain.write_text(text, encoding="utf-8")
+    zipped = tmp_path / "bom.csv.gz"
+    zipped.write_bytes(gzip.compress(text.encode()))
+    for path in (plain, zipped):
+        w = read_trace(path)
+        assert w.arrival_s.tolist() == [0.0, 1.5] and w.prompt_tokens.tolist() == [10, 20]
+
+
 # --------------------------------------------------------------------------- scaling
 
 
