@@ -325,9 +325,11 @@ MAX_TOKENS_PER_REQUEST = 10_000_000
 # fields took 3.3 GB and 11 s to refuse, a 120 MB JSON object 2 GB and 18 s.
 MAX_TRACE_ROW_CHARS = 1 << 20
 # The most requests a load holds as arrays (~24 bytes each, several times that while a
-# load is scaled or tiled): more than any trace holds (MAX_TRACE_TEXT_BYTES is ~6.7
-# million rows) and than a day of the evaluation's scaled traces (Azure x50 over 8 h,
-# ~5 million). Rate scaling beyond it is done on the binned load (``sim.load``).
+# load is scaled or tiled), and so the most a trace may hold: more than any public trace
+# (BurstGPT's largest release ~5 million) and than a day of the evaluation's scaled
+# traces (Azure x50 over 8 h, ~5 million). MAX_TRACE_TEXT_BYTES of the shortest rows
+# ("0,1,1") would be 22 million: 1.6 GB to validate, 2 GB to simulate. Rate scaling
+# beyond it is done on the binned load (``sim.load``).
 MAX_REQUEST_ARRAYS = 12_000_000
 # Rows converted to arrays at a time: their strings are freed chunk by chunk.
 _CHUNK_ROWS = 1 << 16
@@ -507,6 +509,15 @@ def _read_csv(path: Path, text: str) -> Workload:
     return _finish(path, arrival, prompt, output, lines, rebase=kind != "plain")
 
 
+def _too_many_requests(path: Path, line: int) -> TraceError:
+    return TraceError(
+        path,
+        f"more than {MAX_REQUEST_ARRAYS:,} requests, the most a load holds: sample or "
+        "split the trace",
+        line=line,
+    )
+
+
 class _CsvColumns:
     """A CSV trace's three columns and line numbers, converted to arrays every
     :data:`_CHUNK_ROWS` rows (three strings a row would take ~200 bytes; the arrays
@@ -520,8 +531,12 @@ class _CsvColumns:
         self.prompts: list[str] = []
         self.outputs: list[str] = []
         self.done: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.count = 0  # rows added
 
     def add(self, line: int, time: str, prompt: str, output: str) -> None:
+        self.count += 1
+        if self.count > MAX_REQUEST_ARRAYS:
+            raise _too_many_requests(self.path, line)
         self.lines.append(line)
         self.times.append(time)
         self.prompts.append(prompt)
@@ -706,6 +721,8 @@ def _read_jsonl(path: Path, text: str, seed: int) -> Workload:
         for name, count in (("prompt tokens", prompt), ("output tokens", output)):
             if not _INT64_MIN <= count <= _INT64_MAX:
                 raise _token_count_error(path, name, count, number)
+        if len(line_numbers) >= MAX_REQUEST_ARRAYS:
+            raise _too_many_requests(path, number)
         times.append(timestamp / 1000.0)
         prompts.append(prompt)
         outputs.append(output)

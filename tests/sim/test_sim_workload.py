@@ -203,6 +203,25 @@ def test_a_byte_order_mark_reads_alike_plain_and_gzipped(tmp_path: Path) -> None
         assert w.arrival_s.tolist() == [0.0, 1.5] and w.prompt_tokens.tolist() == [10, 20]
 
 
+def test_a_trace_of_more_requests_than_a_load_holds_is_refused_at_the_first_extra_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text bound alone let 22 million minimal rows ("0,1,1") through: 1.6 GB to
+    validate. A trace holds at most MAX_REQUEST_ARRAYS requests (shortened here)."""
+    monkeypatch.setattr(workload_module, "MAX_REQUEST_ARRAYS", 3)
+    plain = tmp_path / "many.csv"
+    plain.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,1,1\n" * 4)
+    with pytest.raises(TraceError, match=r"many.csv:5: more than 3 requests, the most a load"):
+        read_trace(plain)
+    plain.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,1,1\n" * 3)
+    assert read_trace(plain).requests == 3
+    lines = tmp_path / "many.jsonl"
+    record = {"timestamp": 0, "input_length": 1, "output_length": 1}
+    lines.write_text((json.dumps(record) + "\n") * 4)
+    with pytest.raises(TraceError, match=r"many.jsonl:4: more than 3 requests"):
+        read_trace(lines)
+
+
 # --------------------------------------------------------------------------- scaling
 
 
