@@ -87,7 +87,13 @@ Under a simulator in which a count can pass while more fail (not monotone), a
 count found this way still passes with the count below failing, but it need not be the
 least that passes, and another search can stop at another one. The decode-pinned engine
 is such a simulator around the window's starting count (a few instances more form a
-new generation, which can fail where the starting count passed).
+new generation, which can fail where the starting count passed), and above it too: on
+the bench day of ``benchmarks/bench_sim.py`` the window at 5,340 s (prefill 486, from
+456 decode instances) meets the goal with 473 and 474 decode instances, misses it with
+475 to 477 and meets it again with 478 (``replay_window``). So what guides the search
+is part of the bound, not only of its cost: a guide that bisected once a pass and a
+miss were known ended that window at 478, and a search made cheaper must be shown to
+take the same counts as before, not only counts that pass.
 
 Cost: an instance is started ``startup_s`` before the first window that needs it and
 charged from its start (from t = 0 at the earliest: the instances the windows within a
