@@ -249,8 +249,7 @@ class KubeClient:
                 decoded = _decode(data)
                 if status == 429 or status >= 500:
                     last_error = f"HTTP {status}: {decoded.get('message', data[:200])}"
-                    header = response.headers.get("Retry-After")
-                    retry_after = float(header) if header and header.isdigit() else None
+                    retry_after = _retry_after_s(response.headers.get("Retry-After"))
                 else:
                     raise _error(status, decoded)
             if attempt + 1 < self.retry.attempts:
@@ -396,6 +395,14 @@ class KubeClient:
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def _retry_after_s(header: str | None) -> float | None:
+    """A ``Retry-After`` of delay-seconds, or None (absent, an HTTP date, anything
+    else). ASCII digits only: ``str.isdigit`` also takes "²", which ``float`` refuses."""
+    if header and header.isascii() and header.isdigit():
+        return float(header)
+    return None
 
 
 def _decode(data: bytes) -> JsonObject:
