@@ -18,6 +18,7 @@ such. Three uses:
 
 Such a string may also be long (10 KB in a Lease's holder, a label, a message):
 what quotes it cuts it to a bounded length (``cut``), so it cannot flood a report.
+Text a server answered with (an error message, a body) is both (``quoted``).
 """
 
 from __future__ import annotations
@@ -56,3 +57,13 @@ def visible(text: str) -> str:
 def cut(text: str, limit: int) -> str:
     """``text`` in at most ``limit`` characters, an ellipsis marking a cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+QUOTED_CHARS = 300
+
+
+def quoted(text: str, limit: int = QUOTED_CHARS) -> str:
+    """Text from a server's answer (an error message quoting a label value, a proxy's
+    page) as it may appear in a log line, an exception or a status: its first
+    ``limit`` characters, every control or invisible one shown escaped."""
+    return visible(cut(text, limit))

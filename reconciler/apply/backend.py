@@ -72,6 +72,7 @@ from reconciler.apply.kubeclient import (
     ResourceConflict,
     deployments_path,
     pods_path,
+    status_causes,
 )
 from reconciler.apply.render import ObjectKey, render_groups
 from reconciler.apply.report import ClusterDiff, DiffMode, ObjectDiff, PodAction, summarise_drift
@@ -101,6 +102,7 @@ from reconciler.observe.kubernetes import (
     read_snapshot,
 )
 from reconciler.plan import Plan
+from reconciler.text_safety import quoted
 
 
 @dataclass(frozen=True)
@@ -366,19 +368,21 @@ class KubernetesBackend:
         self, w: WorkloadWork, exc: FieldOwnershipConflict, live: Mapping[str, Any] | None
     ) -> None:
         """Each conflicting field as drift: who changed it, live and desired value."""
-        causes = exc.body.get("details", {}).get("causes", []) or []
         items: list[Drift] = []
-        for cause in causes:
+        for cause in status_causes(exc.body):
             path = str(cause.get("field", "?"))
             live_value = _value_at(live, path)
             desired = _value_at(w.manifest, path)
+            # The field and message are the answer's: escaped and cut where shown.
+            shown_path = quoted(path.lstrip("."))
             items.append(
                 FieldDrift(
                     "object_modified",
                     str(w.key),
-                    f"{path.lstrip('.')} is {live_value!r}, heteroscale wants {desired!r} "
-                    f"({cause.get('message', 'conflict')}); not overwritten without --force",
-                    path=path.lstrip("."),
+                    f"{shown_path} is {live_value!r}, heteroscale wants {desired!r} "
+                    f"({quoted(str(cause.get('message', 'conflict')))}); "
+                    "not overwritten without --force",
+                    path=shown_path,
                     live=_shown(live_value),
                     desired=_shown(desired),
                 )

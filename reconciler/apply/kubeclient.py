@@ -32,22 +32,28 @@ import urllib3
 
 from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.errors import ApplyConflict, ClusterUnavailable, HeteroscaleError, PermanentError
+from reconciler.text_safety import QUOTED_CHARS, cut, quoted
 
 JsonObject = dict[str, Any]
+# A Status reason is one CamelCase word ("Conflict", "NotFound"); anything longer is
+# not the API server's.
+_REASON_CHARS = 60
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 class KubeApiError(HeteroscaleError):
-    """An answer other than 2xx from the API server."""
+    """An answer other than 2xx from the API server. ``reason`` and ``api_message`` are
+    the answer's, escaped and cut (``text_safety.quoted``): they reach log lines,
+    reports and ``status``, and whatever answers at the address wrote them."""
 
     def __init__(self, status: int, reason: str, message: str, body: JsonObject | None = None):
         self.status = status
-        self.reason = reason
-        self.api_message = message
+        self.reason = quoted(reason, _REASON_CHARS)
+        self.api_message = quoted(message)
         self.body = body or {}
-        super().__init__(f"HTTP {status} {reason}: {message}")
+        super().__init__(f"HTTP {status} {self.reason}: {self.api_message}")
 
 
 class NotFound(KubeApiError):
@@ -72,8 +78,20 @@ class FieldOwnershipConflict(KubeApiError, PermanentError):
 
     @property
     def conflicts(self) -> list[str]:
-        causes = self.body.get("details", {}).get("causes", []) or []
-        return [f"{c.get('field', '?')}: {c.get('message', '')}" for c in causes]
+        return [
+            f"{quoted(str(c.get('field', '?')))}: {quoted(str(c.get('message', '')))}"
+            for c in status_causes(self.body)
+        ]
+
+
+def status_causes(body: JsonObject) -> builtins.list[JsonObject]:
+    """The ``details.causes`` of a Status answer: those that are objects, in an answer
+    of any shape (a proxy's or a broken server's may hold anything there)."""
+    details = body.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    if not isinstance(causes, builtins.list):
+        return []
+    return [c for c in causes if isinstance(c, dict)]
 
 
 @dataclass(frozen=True)
@@ -248,7 +266,7 @@ class KubeClient:
                     return json.loads(data) if data else {}
                 decoded = _decode(data)
                 if status == 429 or status >= 500:
-                    last_error = f"HTTP {status}: {decoded.get('message', data[:200])}"
+                    last_error = f"HTTP {status}: {quoted(str(decoded.get('message', '')))}"
                     retry_after = _retry_after_s(response.headers.get("Retry-After"))
                 else:
                     raise _error(status, decoded)
@@ -406,11 +424,13 @@ def _retry_after_s(header: str | None) -> float | None:
 
 
 def _decode(data: bytes) -> JsonObject:
+    """An error answer's body as a Status object; a body of any other shape (a proxy's
+    HTML page, a JSON list) as a Status whose message is the body's start."""
     try:
         decoded = json.loads(data)
     except ValueError:
-        return {"message": data[:500].decode(errors="replace")}
-    return decoded if isinstance(decoded, dict) else {"message": str(decoded)}
+        return {"message": data[:QUOTED_CHARS].decode(errors="replace")}
+    return decoded if isinstance(decoded, dict) else {"message": cut(str(decoded), QUOTED_CHARS)}
 
 
 def _error(status: int, body: JsonObject) -> KubeApiError:
@@ -421,8 +441,7 @@ def _error(status: int, body: JsonObject) -> KubeApiError:
     if status == 403:
         return Forbidden(status, reason, message, body)
     if status == 409:
-        causes = body.get("details", {}).get("causes", []) or []
-        if any(c.get("reason") == "FieldManagerConflict" for c in causes):
+        if any(c.get("reason") == "FieldManagerConflict" for c in status_causes(body)):
             return FieldOwnershipConflict(status, reason, message, body)
         return ResourceConflict(status, reason, message, body)
     return ApiRejected(status, reason, message, body)

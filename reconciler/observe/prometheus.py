@@ -147,7 +147,7 @@ from reconciler.state import (
     Sample,
     ServiceMetrics,
 )
-from reconciler.text_safety import visible
+from reconciler.text_safety import quoted
 
 log = logging.getLogger(__name__)
 
@@ -1070,18 +1070,6 @@ class PrometheusMetricsSource:
             query=promql,
             cause=message,
         ) from exc
-
-
-_QUOTED_CHARS = 300
-
-
-def quoted(text: str) -> str:
-    """Text from an answer (an error message quoting a label value, a body) as it may
-    appear in a log line, a gap reason or a status: its start only, and every control
-    or invisible character shown escaped (``text_safety.visible``), so an engine's
-    label value cannot clear a terminal or forge a line."""
-    shortened = text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "..."
-    return visible(shortened)
 
 
 def _is_error_body(response: requests.Response | None) -> bool:

@@ -5,10 +5,20 @@ unbounded read."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from fakeapiserver import FakeApiServer, Reply, Script, in_turn
+from click.testing import Result
+from fakeapiserver import FakeApiServer, Reply, Script, always, in_turn
+from kubetestkit import make_desired_state
+from typer.testing import CliRunner
+
+from reconciler.apply.kubeclient import ApiRejected, FieldOwnershipConflict, ResourceConflict
+from reconciler.cli import app
+from reconciler.errors import ClusterUnavailable
+from reconciler.text_safety import UNSAFE_RUN
 
 pytestmark = pytest.mark.fault
 
@@ -37,3 +47,89 @@ def test_a_retry_after_that_is_not_ascii_digits_is_ignored(fake_apiserver: Start
     server = fake_apiserver(in_turn(busy, Reply(body=b'{"kind": "Pod"}')))
     assert server.client().get("/api/v1/pods/x") == {"kind": "Pod"}
     assert len(server.requests) == 2
+
+
+# ---------------------------------------------------------------------- error bodies
+
+FORGED = "\x1b[2J\x1b[31mAPPROVED\nfake line \u202e" + "A" * 100_000
+
+
+def _status(code: int, **fields: object) -> Reply:
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, **fields}
+    return Reply(status=code, body=json.dumps(body).encode())
+
+
+def _shown_safely(text: str) -> None:
+    assert not UNSAFE_RUN.search(text), text[:200]
+    assert len(text) < 1000
+
+
+def test_a_status_message_is_quoted_escaped_and_cut(fake_apiserver: StartServer) -> None:
+    server = fake_apiserver(always(_status(422, reason="Invalid" + FORGED, message=FORGED)))
+    with pytest.raises(ApiRejected) as raised:
+        server.client().get("/api/v1/pods/x")
+    _shown_safely(str(raised.value))
+    _shown_safely(raised.value.api_message)
+    assert "\\x1b[2J\\x1b[31mAPPROVED\\nfake line \\u202e" in str(raised.value)
+
+
+def test_a_server_error_s_body_is_quoted_escaped_and_cut(fake_apiserver: StartServer) -> None:
+    page = Reply(status=502, body=("<html>" + FORGED + "</html>").encode())
+    server = fake_apiserver(always(page))
+    with pytest.raises(ClusterUnavailable) as raised:
+        server.client().get("/api/v1/pods/x")
+    _shown_safely(str(raised.value))
+    assert "HTTP 502: <html>\\x1b[2J" in str(raised.value)  # text, not a bytes repr
+
+
+@pytest.mark.parametrize(
+    "details", ["oops", ["a"], {"causes": "oops"}, {"causes": ["a", None, {"reason": 3}]}]
+)
+def test_a_conflict_with_details_of_any_shape_is_a_conflict(
+    fake_apiserver: StartServer, details: object
+) -> None:
+    server = fake_apiserver(always(_status(409, reason="Conflict", details=details)))
+    with pytest.raises(ResourceConflict):
+        server.client().get("/api/v1/pods/x")
+
+
+def test_an_ownership_conflict_quotes_its_fields_escaped_and_cut(
+    fake_apiserver: StartServer,
+) -> None:
+    cause = {"reason": "FieldManagerConflict", "field": FORGED, "message": FORGED}
+    server = fake_apiserver(
+        always(_status(409, reason="Conflict", message="x", details={"causes": [cause, "junk"]}))
+    )
+    with pytest.raises(FieldOwnershipConflict) as raised:
+        server.client().get("/api/v1/pods/x")
+    (conflict,) = raised.value.conflicts
+    _shown_safely(conflict)
+
+
+def test_plan_quotes_an_api_error_escaped_in_its_log_and_report(
+    fake_apiserver: StartServer, tmp_path: Path
+) -> None:
+    server = fake_apiserver(always(_status(400, reason="BadRequest", message=FORGED)))
+    result = _plan(server, tmp_path)
+    assert result.exit_code == 1
+    assert "ApiRejected: HTTP 400 BadRequest: \\x1b[2J" in result.output
+    for line in result.output.splitlines():
+        _shown_safely(line)
+
+
+def _plan(server: FakeApiServer, root: Path) -> Result:
+    """``heteroscale plan`` of a one-cluster desired state against ``server``."""
+    make_desired_state(root / "repo", "c1")
+    kubeconfig = server.kubeconfig(root / "kubeconfig")
+    return CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "--repo",
+            str(root / "repo"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--placer",
+            "greedy",
+        ],
+    )
