@@ -1,4 +1,4 @@
-"""Reading a file a user named, in bounded memory and time.
+"""Reading a file a user named, or a server's answer, in bounded memory and time.
 
 A trace or a saved plan is named on the command line, and in a pull request's CI the
 file may come from the pull request itself. ``Path.read_bytes`` trusts it: a FIFO
@@ -6,14 +6,22 @@ blocks for ever, a character device (``/dev/zero``) reports size 0 and never end
 and a 300 KB gzip stream can expand to gigabytes. Here a file must be a regular file
 (after symlinks), is read up to a limit and no further, and a gzip stream is
 inflated up to a limit and no further.
+
+A server's answer (Prometheus', the Kubernetes API server's, or whatever answers at
+their address) is read the same way: up to a limit of decoded bytes, and all of it
+by a deadline (``read_answer``).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+
+from reconciler.text_safety import cut
 
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK_BYTES = 1 << 20
@@ -92,3 +100,42 @@ def gunzip_bounded(raw: bytes, max_bytes: int) -> bytes:
                 raise BoundedReadError("not a readable gzip file (trailing garbage)")
             break
     return bytes(out)
+
+
+class DeadlinePassed(BoundedReadError):
+    """An answer did not arrive in full by its deadline: a server sending a byte now
+    and then never trips a per-read timeout."""
+
+
+def read_answer(
+    read_chunk: Callable[[], bytes],
+    *,
+    declared_bytes: str | None,
+    max_bytes: int,
+    deadline: float,
+) -> bytes:
+    """An HTTP answer's body, read by ``read_chunk`` (what has arrived, decoded, at most
+    a chunk; b"" at the end), at most ``max_bytes`` of it and all by ``deadline``
+    (``time.monotonic``): ``BoundedReadError`` (``over_limit``) for a larger answer,
+    as soon as its Content-Length (``declared_bytes``) or its bytes pass the limit;
+    ``DeadlinePassed`` for a slower one. ``read_chunk``'s own errors pass."""
+    # ASCII digits only: str.isdigit also takes "²", which int() refuses, and int()
+    # refuses more than 4,300 digits too (20 already pass any limit).
+    declared = declared_bytes or ""
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 20 or int(declared) > max_bytes)
+    ):
+        raise BoundedReadError(
+            f"declares {cut(declared, 24)} bytes, more than the {_mib(max_bytes)} limit",
+            over_limit=True,
+        )
+    body = bytearray()
+    while chunk := read_chunk():
+        body += chunk
+        if len(body) > max_bytes:
+            raise BoundedReadError(f"is larger than the {_mib(max_bytes)} limit", over_limit=True)
+        if time.monotonic() > deadline:
+            raise DeadlinePassed("did not arrive in full by its deadline")
+    return bytes(body)

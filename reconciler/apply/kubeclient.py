@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 import urllib3
 
 from reconciler.apply.dns1123 import name_segment, namespace_segment
+from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer
 from reconciler.errors import ApplyConflict, ClusterUnavailable, HeteroscaleError, PermanentError
 from reconciler.text_safety import QUOTED_CHARS, cut, quoted
 
@@ -94,6 +95,19 @@ def status_causes(body: JsonObject) -> builtins.list[JsonObject]:
     return [c for c in causes if isinstance(c, dict)]
 
 
+# The largest answer body read (decoded: gzip is inflated within the bound). A list
+# page holds 1000 objects; a GPU Node can reach ~100 KB (50 images in its status,
+# node-feature-discovery labels and their managed fields), a Pod ~20 KB, and etcd
+# refuses a single object above 1.5 MiB by default. A larger answer makes the
+# cluster unavailable for the cycle (its services hold).
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+_READ_CHUNK_BYTES = 64 * 1024
+
+
+class _Retryable(Exception):
+    """A request that may succeed if sent again (a transport error, a slow answer)."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4
@@ -135,11 +149,16 @@ class KubeClient:
         retry: RetryPolicy | None = None,
         pool_size: int = 8,
         name: str = "",
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ):
         self.server = server.rstrip("/")
         self.name = name or self.server
         self._auth_header = auth_header
         self._timeout = urllib3.Timeout(connect=timeout_s[0], read=timeout_s[1])
+        self.max_answer_bytes = max_answer_bytes
+        # The whole body of one answer within twice the read timeout: the read
+        # timeout alone bounds each read, not a server trickling a byte at a time.
+        self.answer_deadline_s = 2 * timeout_s[1]
         self.retry = retry or RetryPolicy()
         self.stats = RequestStats()
         self.hooks: list[RequestHook] = []
@@ -249,25 +268,21 @@ class KubeClient:
             self.stats.by_verb[method] = self.stats.by_verb.get(method, 0) + 1
             retry_after: float | None = None
             try:
-                response = self._pool.request(
-                    method,
-                    url,
-                    body=payload,
-                    headers=headers,
-                    timeout=self._timeout,
-                    preload_content=True,
-                )
-            except urllib3.exceptions.HTTPError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
+                status, data, retry_after_header = self._exchange(method, url, payload, headers)
+            except _Retryable as exc:
+                last_error = str(exc)
+            except BoundedReadError as exc:  # asking again would only read as much again
+                raise ClusterUnavailable(
+                    f"API server {self.name} answered {method} {path} with a body that "
+                    f"{exc.reason} (max_answer_bytes)"
+                ) from None
             else:
-                status = response.status
-                data = response.data
                 if 200 <= status < 300:
                     return json.loads(data) if data else {}
                 decoded = _decode(data)
                 if status == 429 or status >= 500:
                     last_error = f"HTTP {status}: {quoted(str(decoded.get('message', '')))}"
-                    retry_after = _retry_after_s(response.headers.get("Retry-After"))
+                    retry_after = _retry_after_s(retry_after_header)
                 else:
                     raise _error(status, decoded)
             if attempt + 1 < self.retry.attempts:
@@ -277,6 +292,47 @@ class KubeClient:
             f"API server {self.name} did not answer {method} {path} after "
             f"{self.retry.attempts} attempts: {last_error}"
         )
+
+    def _exchange(
+        self, method: str, url: str, payload: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        """One HTTP request: the status, the whole body (bounded: ``read_answer``) and
+        the Retry-After header. ``_Retryable`` for a transport error or an answer not
+        in full by its deadline; ``BoundedReadError`` for one past ``max_answer_bytes``."""
+        deadline = time.monotonic() + self.answer_deadline_s
+        try:
+            response = self._pool.request(
+                method,
+                url,
+                body=payload,
+                headers=headers,
+                timeout=self._timeout,
+                preload_content=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise _Retryable(f"{type(exc).__name__}: {quoted(str(exc))}") from None
+        complete = False
+        try:
+            data = read_answer(
+                # read1: what has arrived (decoded, at most a chunk), so the deadline
+                # is checked between a trickling server's bytes.
+                lambda: response.read1(_READ_CHUNK_BYTES, decode_content=True),
+                declared_bytes=response.headers.get("Content-Length"),
+                max_bytes=self.max_answer_bytes,
+                deadline=deadline,
+            )
+            complete = True
+        except DeadlinePassed:
+            raise _Retryable(
+                f"the answer did not arrive in full within {self.answer_deadline_s:g} s"
+            ) from None
+        except urllib3.exceptions.HTTPError as exc:  # a read timeout, a cut or corrupt body
+            raise _Retryable(f"{type(exc).__name__}: {quoted(str(exc))}") from None
+        finally:
+            if not complete:
+                response.close()  # the rest is unread: the connection cannot be reused
+            response.release_conn()
+        return response.status, data, response.headers.get("Retry-After")
 
     def get(self, path: str, **query: str | int | bool) -> JsonObject:
         return self.request("GET", path, query=query or None)

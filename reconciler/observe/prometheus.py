@@ -123,6 +123,7 @@ import urllib3
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
+from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import MetricsUnavailable
 from reconciler.observe.presets import (
@@ -785,27 +786,23 @@ class _RecordingSession(requests.Session):
         return response
 
     def _bounded_body(self, response: requests.Response, deadline: float) -> bytes:
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_answer_bytes:
-            raise AnswerTooLarge(f"the answer declares {declared} bytes")
-        body = bytearray()
-        # read1 returns what has arrived (at most a chunk, decompressed), so the
-        # deadline is checked between a trickling server's bytes.
-        while True:
-            try:
-                chunk = response.raw.read1(_READ_CHUNK_BYTES, decode_content=True)
-            except urllib3.exceptions.ReadTimeoutError as exc:  # as requests would say it
-                raise requests.ReadTimeout(str(exc)) from exc
-            if not chunk:
-                break
-            body += chunk
-            if len(body) > self.max_answer_bytes:
-                raise AnswerTooLarge(f"the answer exceeds {self.max_answer_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise AnswerTooSlow(
-                    f"the answer did not arrive in full within {format_number(self.deadline_s)} s"
-                )
-        return bytes(body)
+        try:
+            return read_answer(
+                # read1 returns what has arrived (at most a chunk, decompressed), so the
+                # deadline is checked between a trickling server's bytes.
+                lambda: response.raw.read1(_READ_CHUNK_BYTES, decode_content=True),
+                declared_bytes=response.headers.get("Content-Length"),
+                max_bytes=self.max_answer_bytes,
+                deadline=deadline,
+            )
+        except urllib3.exceptions.ReadTimeoutError as exc:  # as requests would say it
+            raise requests.ReadTimeout(str(exc)) from exc
+        except DeadlinePassed:
+            raise AnswerTooSlow(
+                f"the answer did not arrive in full within {format_number(self.deadline_s)} s"
+            ) from None
+        except BoundedReadError as exc:
+            raise AnswerTooLarge(f"the answer {exc.reason}") from None
 
 
 class _Retryable(Exception):

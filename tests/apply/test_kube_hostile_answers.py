@@ -6,16 +6,23 @@ unbounded read."""
 from __future__ import annotations
 
 import json
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import Result
-from fakeapiserver import FakeApiServer, Reply, Script, always, in_turn
+from fakeapiserver import FakeApiServer, Reply, Script, always, endless, in_turn
 from kubetestkit import make_desired_state
 from typer.testing import CliRunner
 
-from reconciler.apply.kubeclient import ApiRejected, FieldOwnershipConflict, ResourceConflict
+from reconciler.apply.kubeclient import (
+    MAX_ANSWER_BYTES,
+    ApiRejected,
+    FieldOwnershipConflict,
+    ResourceConflict,
+)
 from reconciler.cli import app
 from reconciler.errors import ClusterUnavailable
 from reconciler.text_safety import UNSAFE_RUN
@@ -133,3 +140,76 @@ def _plan(server: FakeApiServer, root: Path) -> Result:
             "greedy",
         ],
     )
+
+
+# ------------------------------------------------------------------ bounded answers
+
+
+def _gzip_bomb(inflated_bytes: int) -> bytes:
+    """A JSON object padded with spaces to ``inflated_bytes``, gzipped (~1000:1)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out = [packer.compress(b'{"kind": "PodList", "items": []')]
+    spaces = b" " * (1 << 20)
+    for _ in range(inflated_bytes // len(spaces)):
+        out.append(packer.compress(spaces))
+    out.append(packer.compress(b"}") + packer.flush())
+    return b"".join(out)
+
+
+def test_an_answer_that_inflates_past_the_bound_is_refused_without_retrying(
+    fake_apiserver: StartServer,
+) -> None:
+    bomb = _gzip_bomb(MAX_ANSWER_BYTES + (8 << 20))
+    assert len(bomb) < 1 << 20
+    server = fake_apiserver(always(Reply(body=bomb, headers={"Content-Encoding": "gzip"})))
+    with pytest.raises(ClusterUnavailable) as raised:
+        server.client().get("/api/v1/pods")
+    assert "larger than the 128 MiB limit (max_answer_bytes)" in str(raised.value)
+    assert len(server.requests) == 1  # asking again would read as much again
+
+
+def test_an_endless_answer_is_read_no_further_than_the_bound(fake_apiserver: StartServer) -> None:
+    server = fake_apiserver(always(Reply(chunks=endless(b" " * 65536))))
+    with pytest.raises(ClusterUnavailable, match="max_answer_bytes"):
+        server.client(max_answer_bytes=1 << 20).get("/api/v1/pods")
+
+
+def _declaring(length: str) -> Reply:
+    return Reply(body=b'{"kind": "Pod"}', headers={"Content-Length": length, "Connection": "close"})
+
+
+def test_a_content_length_that_is_not_ascii_digits_is_not_trusted(
+    fake_apiserver: StartServer,
+) -> None:
+    # "²" passes str.isdigit and crashes int(): the body is read as if undeclared.
+    server = fake_apiserver(always(_declaring("\xb2")))
+    assert server.client().get("/api/v1/pods/x") == {"kind": "Pod"}
+
+
+def test_a_content_length_of_thousands_of_digits_is_refused_as_too_large(
+    fake_apiserver: StartServer,
+) -> None:
+    # int() refuses more than 4,300 digits; such a length is past any bound anyway.
+    server = fake_apiserver(always(_declaring("9" * 5000)))
+    with pytest.raises(ClusterUnavailable) as raised:
+        server.client().get("/api/v1/pods/x")
+    assert "declares 99999" in str(raised.value) and len(str(raised.value)) < 300
+
+
+def test_an_answer_trickling_in_past_the_deadline_is_unavailable(
+    fake_apiserver: StartServer,
+) -> None:
+    body = b'{"kind": "PodList", "items": [], "metadata": {}}'
+
+    def trickle() -> Iterator[bytes]:
+        for byte in body:  # 2.5 s in all, never idle for the read timeout
+            time.sleep(0.05)
+            yield bytes([byte])
+
+    server = fake_apiserver(always(Reply(chunks=trickle)))
+    started = time.monotonic()
+    with pytest.raises(ClusterUnavailable) as raised:
+        server.client(timeout_s=(1.0, 0.3)).get("/api/v1/pods")
+    # Two attempts, each bounded by twice the read timeout.
+    assert time.monotonic() - started < 2.0
+    assert "did not arrive in full within 0.6 s" in str(raised.value)
