@@ -278,7 +278,7 @@ class KubeClient:
                 ) from None
             else:
                 if 200 <= status < 300:
-                    return json.loads(data) if data else {}
+                    return self._answer_object(method, path, status, data)
                 decoded = _decode(data)
                 if status == 429 or status >= 500:
                     last_error = f"HTTP {status}: {quoted(str(decoded.get('message', '')))}"
@@ -291,6 +291,24 @@ class KubeClient:
         raise ClusterUnavailable(
             f"API server {self.name} did not answer {method} {path} after "
             f"{self.retry.attempts} attempts: {last_error}"
+        )
+
+    def _answer_object(self, method: str, path: str, status: int, data: bytes) -> JsonObject:
+        """A 2xx answer's body: every API answer we ask for is a JSON object. Anything
+        else (a proxy's HTML page, a truncated body, a list, nothing) is not the API
+        server's: ``ClusterUnavailable``, not retried (a write may have happened; the
+        next cycle reads what did)."""
+        try:
+            decoded = json.loads(data)
+        except ValueError:
+            what = f"not JSON ({quoted(data[:QUOTED_CHARS].decode(errors='replace'))})"
+        else:
+            if isinstance(decoded, dict):
+                return decoded
+            what = f"JSON {type(decoded).__name__}, not an object"
+        raise ClusterUnavailable(
+            f"API server {self.name} answered {method} {path} with HTTP {status} whose "
+            f"body is {what if data else 'empty'}"
         )
 
     def _exchange(

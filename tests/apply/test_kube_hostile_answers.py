@@ -6,6 +6,7 @@ unbounded read."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -114,13 +115,17 @@ def test_an_ownership_conflict_quotes_its_fields_escaped_and_cut(
 
 
 def test_plan_quotes_an_api_error_escaped_in_its_log_and_report(
-    fake_apiserver: StartServer, tmp_path: Path
+    fake_apiserver: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = fake_apiserver(always(_status(400, reason="BadRequest", message=FORGED)))
     result = _plan(server, tmp_path)
     assert result.exit_code == 1
     assert "ApiRejected: HTTP 400 BadRequest: \\x1b[2J" in result.output
     for line in result.output.splitlines():
+        _shown_safely(line)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("ApiRejected: HTTP 400 BadRequest: \\x1b[2J" in line for line in logged)
+    for line in logged:
         _shown_safely(line)
 
 
@@ -213,3 +218,41 @@ def test_an_answer_trickling_in_past_the_deadline_is_unavailable(
     # Two attempts, each bounded by twice the read timeout.
     assert time.monotonic() - started < 2.0
     assert "did not arrive in full within 0.6 s" in str(raised.value)
+
+
+# --------------------------------------------------------- 2xx answers that are not the API
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", "body is not JSON (<html>"),
+        (b'{"kind": "PodList", "items": [{"metad', "body is not JSON"),
+        (b"\xff\xfe\x00garbage", "body is not JSON"),
+        (b"", "body is empty"),
+        (b"[1, 2]", "body is JSON list, not an object"),
+        (b'"ok"', "body is JSON str, not an object"),
+        (b"null", "body is JSON NoneType, not an object"),
+    ],
+)
+def test_a_2xx_answer_that_is_not_a_json_object_makes_the_cluster_unavailable(
+    fake_apiserver: StartServer, body: bytes, said: str
+) -> None:
+    server = fake_apiserver(always(Reply(body=body)))
+    with pytest.raises(ClusterUnavailable, match=re.escape(said)) as raised:
+        server.client().get("/api/v1/pods")
+    _shown_safely(str(raised.value))
+    assert len(server.requests) == 1
+
+
+def test_plan_holds_and_says_why_when_a_proxy_answers_with_a_page(
+    fake_apiserver: StartServer, tmp_path: Path
+) -> None:
+    # Before: a JSONDecodeError traceback out of plan.
+    page = Reply(body=b"<html><body>\x1b[2JSign in to continue</body></html>")
+    server = fake_apiserver(always(page))
+    result = _plan(server, tmp_path)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert "cluster c1: ERROR: ClusterUnavailable: API server" in result.output
+    assert "HTTP 200 whose body is not JSON (<html><body>\\x1b[2JSign in" in result.output
+    assert "Traceback" not in result.output
