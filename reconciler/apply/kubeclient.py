@@ -32,6 +32,7 @@ import urllib3
 
 from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer
+from reconciler.desired.checks import MAX_FLEET_NODES
 from reconciler.errors import ApplyConflict, ClusterUnavailable, HeteroscaleError, PermanentError
 from reconciler.text_safety import QUOTED_CHARS, cut, quoted
 
@@ -102,6 +103,15 @@ def status_causes(body: JsonObject) -> builtins.list[JsonObject]:
 # cluster unavailable for the cycle (its services hold).
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
+# The most items one list may hold: ten times the Nodes of the largest fleet the
+# project supports (MAX_FLEET_NODES), so every Node of it or a Pod per GPU (eight a
+# node) fits with room; a server answering more is not telling the truth.
+MAX_LIST_ITEMS = 10 * MAX_FLEET_NODES
+# The most pages one list may take: the API server fills every page but the last, so
+# the largest list takes MAX_LIST_ITEMS / 1000 pages at the default size; a server
+# returning short pages with fresh continue tokens for ever ends here.
+MAX_LIST_PAGES = 10_000
+_MISSING = object()
 
 
 class _Retryable(Exception):
@@ -150,12 +160,16 @@ class KubeClient:
         pool_size: int = 8,
         name: str = "",
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        max_list_items: int = MAX_LIST_ITEMS,
+        max_list_pages: int = MAX_LIST_PAGES,
     ):
         self.server = server.rstrip("/")
         self.name = name or self.server
         self._auth_header = auth_header
         self._timeout = urllib3.Timeout(connect=timeout_s[0], read=timeout_s[1])
         self.max_answer_bytes = max_answer_bytes
+        self.max_list_items = max_list_items
+        self.max_list_pages = max_list_pages
         # The whole body of one answer within twice the read timeout: the read
         # timeout alone bounds each read, not a server trickling a byte at a time.
         self.answer_deadline_s = 2 * timeout_s[1]
@@ -358,34 +372,71 @@ class KubeClient:
     def list(
         self, path: str, *, label_selector: str | None = None, page_size: int = 1000
     ) -> Iterator[JsonObject]:
-        """Every item of a collection, following ``continue`` tokens."""
-        query: dict[str, str | int | bool] = {"limit": page_size}
-        if label_selector:
-            query["labelSelector"] = label_selector
-        while True:
-            page = self.request("GET", path, query=query)
-            yield from page.get("items") or []
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return
-            query["continue"] = token
+        """Every item of a collection, following ``continue`` tokens (``_pages``)."""
+        for items, _version in self._pages(path, label_selector, page_size):
+            yield from items
 
     def list_with_version(
         self, path: str, *, label_selector: str | None = None, page_size: int = 1000
     ) -> tuple[builtins.list[JsonObject], str]:
         """Every item of a collection and the collection's resourceVersion (where a
         watch resumes from)."""
+        items: builtins.list[JsonObject] = []
+        version = ""
+        for page, page_version in self._pages(path, label_selector, page_size):
+            items.extend(page)
+            version = page_version  # the last page's: where the list ends
+        return items, version
+
+    def _pages(
+        self, path: str, label_selector: str | None, page_size: int
+    ) -> Iterator[tuple[builtins.list[JsonObject], str]]:
+        """Each page of a list, checked, as (items, resourceVersion). A page that is no
+        list of objects, a ``continue`` token given twice (a broken aggregated API or
+        proxy would loop for ever), more than ``max_list_pages`` pages or
+        ``max_list_items`` items make the cluster unavailable."""
         query: dict[str, str | int | bool] = {"limit": page_size}
         if label_selector:
             query["labelSelector"] = label_selector
-        items: builtins.list[JsonObject] = []
-        while True:
+        seen_tokens: set[str] = set()
+        total = 0
+        for _ in range(self.max_list_pages):
             page = self.request("GET", path, query=query)
-            items.extend(page.get("items") or [])
-            metadata = page.get("metadata") or {}
-            if not metadata.get("continue"):
-                return items, str(metadata.get("resourceVersion", ""))
-            query["continue"] = metadata["continue"]
+            items, token, version = self._list_page(path, page)
+            total += len(items)
+            if total > self.max_list_items:
+                raise self._bad_list(path, f"holds more than {self.max_list_items:,} items")
+            yield items, version
+            if not token:
+                return
+            if token in seen_tokens:
+                raise self._bad_list(path, "gave the same continue token twice")
+            seen_tokens.add(token)
+            query["continue"] = token
+        raise self._bad_list(path, f"goes on past {self.max_list_pages:,} pages")
+
+    def _list_page(self, path: str, page: JsonObject) -> tuple[builtins.list[JsonObject], str, str]:
+        """(items, continue token, resourceVersion) of one list page, or
+        ``ClusterUnavailable`` naming what is not a list's."""
+        items = page.get("items", _MISSING)
+        if items is None:  # Go writes an empty slice as null
+            items = []
+        if not isinstance(items, builtins.list):
+            what = "has no items" if items is _MISSING else "has items that are not a list"
+            raise self._bad_list(path, what)
+        if not all(isinstance(item, dict) for item in items):
+            raise self._bad_list(path, "holds an item that is not an object")
+        metadata = page.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise self._bad_list(path, "has metadata that is not an object")
+        token = metadata.get("continue", "")
+        version = metadata.get("resourceVersion", "")
+        if not isinstance(token, str) or not isinstance(version, str):
+            raise self._bad_list(path, "has a continue token or resourceVersion not a string")
+        return items, token, version
+
+    def _bad_list(self, path: str, what: str) -> ClusterUnavailable:
+        return ClusterUnavailable(f"API server {self.name}: the list of {path} {what}")
 
     def watch(
         self,

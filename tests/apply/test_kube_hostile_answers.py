@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from reconciler.apply.kubeclient import (
     MAX_ANSWER_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_LIST_PAGES,
     ApiRejected,
     FieldOwnershipConflict,
     ResourceConflict,
@@ -256,3 +258,103 @@ def test_plan_holds_and_says_why_when_a_proxy_answers_with_a_page(
     assert "cluster c1: ERROR: ClusterUnavailable: API server" in result.output
     assert "HTTP 200 whose body is not JSON (<html><body>\\x1b[2JSign in" in result.output
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- lists
+
+
+def _page(items: list[object], token: str | None = None, version: str = "7") -> Reply:
+    metadata = {"resourceVersion": version, **({"continue": token} if token else {})}
+    return Reply(
+        body=json.dumps({"kind": "PodList", "items": items, "metadata": metadata}).encode()
+    )
+
+
+def _pod(i: int) -> dict[str, object]:
+    return {"metadata": {"name": f"p{i}", "namespace": "n"}}
+
+
+def test_a_list_that_repeats_its_continue_token_is_refused(fake_apiserver: StartServer) -> None:
+    # A broken aggregated API or proxy: the same token for ever (this one stops after
+    # 300 pages, so the loop it caused before is measurable).
+    def script(_method: str, _path: str, index: int) -> Reply:
+        return _page([_pod(index)], token=None if index >= 300 else "same")
+
+    server = fake_apiserver(script)
+    client = server.client()
+    with pytest.raises(ClusterUnavailable, match="gave the same continue token twice"):
+        list(client.list("/api/v1/pods"))
+    assert len(server.requests) == 2
+    with pytest.raises(ClusterUnavailable, match="gave the same continue token twice"):
+        client.list_with_version("/api/v1/pods")
+
+
+def test_a_list_past_its_page_bound_is_refused(fake_apiserver: StartServer) -> None:
+    # Empty pages with fresh tokens (this server stops after 300).
+    def script(_method: str, _path: str, index: int) -> Reply:
+        return _page([], token=None if index >= 300 else f"t{index}")
+
+    server = fake_apiserver(script)
+    with pytest.raises(ClusterUnavailable, match="goes on past 50 pages"):
+        server.client(max_list_pages=50).list_with_version("/api/v1/pods")
+    assert len(server.requests) == 50
+
+
+def test_a_list_past_its_item_bound_is_refused(fake_apiserver: StartServer) -> None:
+    def script(_method: str, _path: str, index: int) -> Reply:
+        return _page([_pod(i) for i in range(60)], token=None if index >= 4 else f"t{index}")
+
+    server = fake_apiserver(script)
+    with pytest.raises(ClusterUnavailable, match="holds more than 100 items"):
+        server.client(max_list_items=100).list_with_version("/api/v1/pods")
+    assert len(server.requests) == 2
+
+
+def test_the_list_bounds_admit_the_largest_fleet() -> None:
+    # 20,000 Nodes and ~100,000 Pods (160,000 GPUs) fit many times over, in pages of
+    # the default size.
+    assert MAX_LIST_ITEMS >= 10 * 100_000
+    assert MAX_LIST_PAGES * 1000 >= MAX_LIST_ITEMS
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ({"kind": "Status"}, "has no items"),
+        ({"items": {"a": 1}}, "has items that are not a list"),
+        ({"items": "abc"}, "has items that are not a list"),
+        ({"items": [_pod(1), "p2"]}, "holds an item that is not an object"),
+        ({"items": [None]}, "holds an item that is not an object"),
+        ({"items": [], "metadata": ["x"]}, "has metadata that is not an object"),
+        ({"items": [], "metadata": {"continue": 5}}, "continue token or resourceVersion"),
+        ({"items": [], "metadata": {"resourceVersion": {}}}, "continue token or resourceVersion"),
+    ],
+)
+def test_a_list_page_of_another_shape_makes_the_cluster_unavailable(
+    fake_apiserver: StartServer, body: dict[str, object], said: str
+) -> None:
+    server = fake_apiserver(always(Reply(body=json.dumps(body).encode())))
+    client = server.client()
+    with pytest.raises(ClusterUnavailable, match=re.escape(said)):
+        list(client.list("/api/v1/pods"))
+    with pytest.raises(ClusterUnavailable, match=re.escape(said)):
+        client.list_with_version("/api/v1/pods")
+
+
+def test_a_list_with_null_items_is_empty(fake_apiserver: StartServer) -> None:
+    # Go writes an empty slice as null; the API server may send either.
+    server = fake_apiserver(
+        always(Reply(body=b'{"items": null, "metadata": {"resourceVersion": "9"}}'))
+    )
+    assert server.client().list_with_version("/api/v1/pods") == ([], "9")
+
+
+def test_plan_holds_and_says_why_when_a_list_never_ends(
+    fake_apiserver: StartServer, tmp_path: Path
+) -> None:
+    def script(_method: str, path: str, index: int) -> Reply:
+        return _page([], token=None if index >= 1000 else "same")
+
+    result = _plan(fake_apiserver(script), tmp_path)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert "gave the same continue token twice" in result.output
