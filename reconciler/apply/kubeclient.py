@@ -112,6 +112,9 @@ MAX_LIST_ITEMS = 10 * MAX_FLEET_NODES
 # returning short pages with fresh continue tokens for ever ends here.
 MAX_LIST_PAGES = 10_000
 _MISSING = object()
+WATCH_EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
+# How long past its timeoutSeconds a watch is read before it is left.
+WATCH_GRACE_S = 30.0
 
 
 class _Retryable(Exception):
@@ -448,7 +451,8 @@ class KubeClient:
     ) -> Iterator[JsonObject]:
         """The events of one watch request (ends after ``timeout_s`` or on a dropped
         connection; the caller resumes from the last resourceVersion it saw).
-        Raises ``ClusterUnavailable`` when the request cannot be made."""
+        Raises ``ClusterUnavailable`` when the request cannot be made, or the stream
+        sends what is not an event (``_watch_event``) or one larger than an answer."""
         query: dict[str, str | int | bool] = {
             "watch": True,
             "resourceVersion": resource_version,
@@ -478,20 +482,59 @@ class KubeClient:
             )
         except urllib3.exceptions.HTTPError as exc:
             raise ClusterUnavailable(f"API server {self.name}: cannot watch {path}: {exc}") from exc
+        # The server ends the watch after timeout_s; one that does not (bytes now and
+        # then keep each read alive) is left after a grace, and the caller resumes.
+        deadline = time.monotonic() + timeout_s + WATCH_GRACE_S
         try:
             if response.status != 200:
-                raise _error(response.status, _decode(response.read()))
-            buffer = b""
-            for chunk in response.stream(65536):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
+                body = read_answer(
+                    lambda: response.read1(_READ_CHUNK_BYTES, decode_content=True),
+                    declared_bytes=response.headers.get("Content-Length"),
+                    max_bytes=self.max_answer_bytes,
+                    deadline=deadline,
+                )
+                raise _error(response.status, _decode(body))
+            line = bytearray()
+            for chunk in response.stream(_READ_CHUNK_BYTES):
+                start = 0
+                while (end := chunk.find(b"\n", start)) >= 0:
+                    line += chunk[start:end]
+                    start = end + 1
                     if line.strip():
-                        yield json.loads(line)
-        except (urllib3.exceptions.HTTPError, OSError):
-            return  # connection dropped: the caller resumes
+                        yield self._watch_event(path, bytes(line))
+                    line.clear()
+                line += chunk[start:]
+                # An event holds one object: no larger than an answer may be.
+                if len(line) > self.max_answer_bytes:
+                    raise ClusterUnavailable(
+                        f"API server {self.name}: a watch event of {path} is larger than "
+                        f"{self.max_answer_bytes:,} bytes (max_answer_bytes)"
+                    )
+                if time.monotonic() > deadline:
+                    return
+        except (urllib3.exceptions.HTTPError, OSError, BoundedReadError):
+            return  # connection dropped, or its refusal unreadable: the caller resumes
         finally:
+            response.close()
             response.release_conn()
+
+    def _watch_event(self, path: str, line: bytes) -> JsonObject:
+        """One watch event, checked: a JSON object of a known type whose object is an
+        object. Anything else makes the cluster unavailable (the caller relists)."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if (
+            isinstance(event, dict)
+            and event.get("type") in WATCH_EVENT_TYPES
+            and isinstance(event.get("object"), dict)
+        ):
+            return event
+        raise ClusterUnavailable(
+            f"API server {self.name}: a watch of {path} sent what is not an event: "
+            f"{quoted(line.decode(errors='replace'))}"
+        )
 
     def apply(
         self,

@@ -18,12 +18,14 @@ from fakeapiserver import FakeApiServer, Reply, Script, always, endless, in_turn
 from kubetestkit import make_desired_state
 from typer.testing import CliRunner
 
+from reconciler.apply import kubeclient
 from reconciler.apply.kubeclient import (
     MAX_ANSWER_BYTES,
     MAX_LIST_ITEMS,
     MAX_LIST_PAGES,
     ApiRejected,
     FieldOwnershipConflict,
+    KubeClient,
     ResourceConflict,
 )
 from reconciler.cli import app
@@ -358,3 +360,69 @@ def test_plan_holds_and_says_why_when_a_list_never_ends(
     result = _plan(fake_apiserver(script), tmp_path)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
     assert "gave the same continue token twice" in result.output
+
+
+# --------------------------------------------------------------------------- watches
+
+
+def _watch(client: KubeClient, timeout_s: int = 5) -> list[dict[str, object]]:
+    return list(client.watch("/api/v1/pods", resource_version="1", timeout_s=timeout_s))
+
+
+def _stream(*lines: bytes, pause_s: float = 0.0) -> Reply:
+    def chunks() -> Iterator[bytes]:
+        for line in lines:
+            time.sleep(pause_s)
+            yield line
+
+    return Reply(chunks=chunks)
+
+
+ADDED = b'{"type": "ADDED", "object": {"metadata": {"name": "p", "resourceVersion": "2"}}}\n'
+
+
+def test_a_watch_event_line_past_the_bound_is_refused(fake_apiserver: StartServer) -> None:
+    server = fake_apiserver(always(_stream(ADDED, *[b"x" * 65536] * 100)))  # 6.5 MB, no newline
+    events = []
+    with pytest.raises(ClusterUnavailable, match="larger than 1,048,576 bytes"):
+        for event in server.client(max_answer_bytes=1 << 20).watch(
+            "/api/v1/pods", resource_version="1"
+        ):
+            events.append(event)
+    assert [e["type"] for e in events] == ["ADDED"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type": "ADDED", "object": {"metad',
+        b"<html>\x1b[2J</html>",
+        b'["ADDED"]',
+        b'{"type": "SURPRISE", "object": {"metadata": {"resourceVersion": "99"}}}',
+        b'{"type": "ADDED", "object": "p"}',
+        b'{"type": "DELETED"}',
+    ],
+)
+def test_a_watch_line_that_is_not_an_event_is_refused(
+    fake_apiserver: StartServer, line: bytes
+) -> None:
+    server = fake_apiserver(always(_stream(ADDED, line + b"\n", ADDED)))
+    with pytest.raises(ClusterUnavailable, match="sent what is not an event") as raised:
+        _watch(server.client())
+    _shown_safely(str(raised.value))
+
+
+def test_events_split_across_chunks_are_read_whole(fake_apiserver: StartServer) -> None:
+    server = fake_apiserver(always(_stream(ADDED[:10], ADDED[10:] + ADDED[:40], ADDED[40:])))
+    assert [e["type"] for e in _watch(server.client())] == ["ADDED", "ADDED"]
+
+
+def test_a_watch_kept_alive_past_its_timeout_is_left(
+    fake_apiserver: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blank line every 0.1 s for 10 s: never idle long enough for the read timeout.
+    monkeypatch.setattr(kubeclient, "WATCH_GRACE_S", 0.5, raising=False)
+    server = fake_apiserver(always(_stream(ADDED, *[b"\n"] * 100, pause_s=0.1)))
+    started = time.monotonic()
+    assert [e["type"] for e in _watch(server.client(), timeout_s=1)] == ["ADDED"]
+    assert time.monotonic() - started < 4.0
