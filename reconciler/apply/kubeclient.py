@@ -15,6 +15,12 @@ Retry semantics live in the error types (``reconciler.errors``):
   ``FieldOwnershipConflict`` (someone else changed fields we own: drift, not
   retried unless forced);
 - 404 is ``NotFound``; 403 ``Forbidden``; other 4xx ``ApiRejected`` (permanent).
+
+Answers are untrusted input (a proxy or a broken aggregated API may answer instead):
+bounded in size and time (``bounded_read.read_answer``), checked in shape (a 2xx body
+is a JSON object, a list page a list of objects, a watch line a known event), lists
+and watches bounded in length; anything else is ``ClusterUnavailable``, never a
+decoding traceback. Quoted text is escaped and cut (``text_safety.quoted``).
 """
 
 from __future__ import annotations
