@@ -53,7 +53,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, wraps
 from typing import Any, Generic, TypeVar
 
 from reconciler.apply import names
@@ -73,9 +73,10 @@ from reconciler.desired.models import (
     ClusterSpec,
     ServicePolicy,
 )
+from reconciler.errors import ClusterUnavailable
 from reconciler.observe.base import Drift, Observation
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
-from reconciler.text_safety import visible
+from reconciler.text_safety import quoted, visible
 
 # Managers that write our objects as part of normal operation (status, revision
 # annotations); anything else on spec fields is somebody changing them by hand.
@@ -268,6 +269,34 @@ def _spec_paths(obj: JsonObject, managers: Iterable[str], limit: int = 5) -> lis
 _COUNT = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
+Parsed = TypeVar("Parsed")
+
+
+def _api_object(
+    kind: str,
+) -> Callable[[Callable[[JsonObject], Parsed]], Callable[[JsonObject], Parsed]]:
+    """A parser of one API object, made to answer ``ClusterUnavailable`` for an object
+    whose fields are not of the shapes the API server writes (``metadata`` a string,
+    labels a list: a proxy's or a broken aggregated API's answer; the client checks
+    only that each item is an object). Such an object raised AttributeError or
+    TypeError out of the cycle's read, a traceback from ``plan`` and ``status``."""
+
+    def wrap(parse: Callable[[JsonObject], Parsed]) -> Callable[[JsonObject], Parsed]:
+        @wraps(parse)
+        def checked(obj: JsonObject) -> Parsed:
+            try:
+                return parse(obj)
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:
+                raise ClusterUnavailable(
+                    f"the API server answered a {kind} not of a {kind}'s shape "
+                    f"({type(exc).__name__}: {quoted(str(exc))})"
+                ) from None
+
+        return checked
+
+    return wrap
+
+
 def _whole_number(value: Any, what: str, *, least: int, most: int) -> int:
     """``value``, a string of plain decimal digits, as a number from ``least`` to
     ``most``; ValueError naming ``what`` and the value (escaped, cut) otherwise."""
@@ -293,6 +322,7 @@ def _count_annotation(
     return _whole_number(value, key, least=least, most=most)
 
 
+@_api_object("Deployment")
 def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
     """Our view of a Deployment; None when it lacks the labels we render."""
     meta = obj.get("metadata", {})
@@ -343,6 +373,7 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
     )
 
 
+@_api_object("Pod")
 def parse_pod(obj: JsonObject) -> LivePod:
     meta = obj.get("metadata", {})
     labels = meta.get("labels") or {}
@@ -376,6 +407,7 @@ def parse_pod(obj: JsonObject) -> LivePod:
 GPU_CAPACITY_PATH = f"status.capacity.{names.GPU_RESOURCE}"
 
 
+@_api_object("Node")
 def parse_node(obj: JsonObject) -> LiveNode:
     """A Node's name, labels and GPU capacity. The capacity reads as plain decimal
     digits, 0 to ``MAX_GPUS_PER_NODE``, or not at all. An extended resource is an

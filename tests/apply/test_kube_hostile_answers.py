@@ -362,6 +362,26 @@ def test_plan_holds_and_says_why_when_a_list_never_ends(
     assert "gave the same continue token twice" in result.output
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"metadata": "x"},  # a string where the object's metadata is
+        {"metadata": {"name": "p", "labels": ["a", "b"]}},
+        {"metadata": {"name": "p"}, "status": {"conditions": ["Ready"]}},
+    ],
+    ids=["metadata-a-string", "labels-a-list", "conditions-of-strings"],
+)
+def test_plan_holds_and_says_why_when_an_item_is_not_of_an_objects_shape(
+    fake_apiserver: StartServer, tmp_path: Path, item: dict[str, object]
+) -> None:
+    # Before: an AttributeError traceback out of plan (the client checks only that
+    # each item is an object; the parsers read its fields).
+    result = _plan(fake_apiserver(always(_page([item]))), tmp_path)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert "ClusterUnavailable: the API server answered a" in result.output
+    assert "Traceback" not in result.output
+
+
 # --------------------------------------------------------------------------- watches
 
 
