@@ -310,25 +310,7 @@ def check_model_fits(policy: ServicePolicy, cluster: ClusterSpec) -> list[Proble
     planner could only hold it. Judged as the planner judges which types it may size
     on (``reconciler.perfmodel.memory``, read by ``perf_context.fitting_perfs``); types
     missing from the cluster are reported by ``check_policy_against_cluster``."""
-    # Imported here: the performance model imports this package's models.
-    from reconciler.perfmodel.memory import memory_held, memory_need, role_memories
-
-    problems: list[Problem] = []
-    for role in ROLES:
-        memories = role_memories(policy, cluster, role)
-        if not memories or any(memory.fits for memory in memories):
-            continue
-        gpus = policy.role(role).gpus_per_instance
-        problems.append(
-            (
-                ("model", "params_b"),
-                f"no allowed {role} GPU type holds the model at {gpus} GPUs per instance "
-                f"({role}.gpus_per_instance): it needs {memory_need(policy.model, memories[0])}; "
-                f"an instance holds {memory_held(memories)}; allow a larger GPU type or more "
-                "GPUs per instance",
-            )
-        )
-    return problems
+    return _model_fits(policy, cluster)[0]
 
 
 def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
@@ -336,27 +318,44 @@ def model_fit_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Prob
     the role can, at the role's ``gpu_types``: the planner sizes on the types that fit,
     and an instance placed on one that does not cannot serve. Warnings, not errors: the
     role still runs."""
+    return _model_fits(policy, cluster)[1]
+
+
+def _model_fits(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[list[Problem], list[Problem]]:
+    """Per role, the allowed GPU types that cannot hold the model: an error where none
+    can (``check_model_fits``), a warning where another can (``model_fit_warnings``)."""
+    # Imported here: the performance model imports this package's models.
     from reconciler.perfmodel.memory import memory_held, memory_need, role_memories
 
-    out: list[Problem] = []
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
     for role in ROLES:
         memories = role_memories(policy, cluster, role)
         misfits = [m for m in memories if not m.fits]
-        if not misfits or len(misfits) == len(memories):
-            continue  # all fit, or none does (an error: check_model_fits)
+        if not misfits:
+            continue
         gpus = policy.role(role).gpus_per_instance
-        out.append(
-            (
-                (role, "gpu_types"),
-                f"{role} GPU type {', '.join(m.gpu_type for m in misfits)} cannot hold the "
-                f"model at {gpus} GPUs per instance: it needs "
-                f"{memory_need(policy.model, misfits[0])}; an instance holds "
-                f"{memory_held(misfits)}; the role is sized on "
-                f"{', '.join(m.gpu_type for m in memories if m.fits)}, and an instance placed "
-                "on a type that does not fit cannot serve",
+        needs = f"it needs {memory_need(policy.model, misfits[0])}; an instance holds {memory_held(misfits)}"
+        if len(misfits) == len(memories):
+            errors.append(
+                (
+                    ("model", "params_b"),
+                    f"no allowed {role} GPU type holds the model at {gpus} GPUs per instance "
+                    f"({role}.gpus_per_instance): {needs}; allow a larger GPU type or more GPUs "
+                    "per instance",
+                )
             )
-        )
-    return out
+        else:
+            warnings.append(
+                (
+                    (role, "gpu_types"),
+                    f"{role} GPU type {', '.join(m.gpu_type for m in misfits)} cannot hold "
+                    f"the model at {gpus} GPUs per instance: {needs}; the role is sized on "
+                    f"{', '.join(m.gpu_type for m in memories if m.fits)}, and an instance "
+                    "placed on a type that does not fit cannot serve",
+                )
+            )
+    return errors, warnings
 
 
 def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
