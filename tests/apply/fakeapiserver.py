@@ -7,9 +7,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+
+from loopback import LoopbackServer
 
 from reconciler.apply.kubeclient import KubeClient, RetryPolicy
 
@@ -29,7 +31,7 @@ class Reply:
 Script = Callable[[str, str, int], Reply]
 
 
-class FakeApiServer:
+class FakeApiServer(LoopbackServer):
     """A threaded loopback server answering every method with ``script``; ``requests``
     records (method, path with query) in order, ``sent_bytes`` the body bytes written."""
 
@@ -38,16 +40,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, str]] = []
         self.sent_bytes = 0
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        super().__init__(_Handler)
 
     def client(self, **kwargs: Any) -> KubeClient:
         """A client of this server that retries at once (no backoff sleeps)."""
@@ -64,10 +57,6 @@ class FakeApiServer:
             "current-context: fake\n"
         )
         return path
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from loopback import LoopbackServer
 from ruamel.yaml import YAML
 
 from reconciler.desired import ServicePolicy, load_desired_state
@@ -658,24 +659,8 @@ def wait_for_clean_window(
 # ----------------------------------------------------------------------------- loopback helpers
 
 
-class _Server:
-    """A threaded loopback HTTP server around a handler class; ``url`` while running."""
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+# The loopback base, under the name this module's servers and tests use.
+_Server = LoopbackServer
 
 
 class CountingProxy(_Server):
