@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.bounded_read import BoundedReadError, gunzip_bounded, read_regular_file
+from reconciler.bounded_read import (
+    BoundedReadError,
+    DeadlinePassed,
+    gunzip_bounded,
+    read_answer,
+    read_regular_file,
+)
 
 
-def refusal(call: object, *args: object) -> BoundedReadError:
+def refusal(call: object, *args: object, **kwargs: object) -> BoundedReadError:
     with pytest.raises(BoundedReadError) as caught:
-        call(*args)  # type: ignore[operator]
+        call(*args, **kwargs)  # type: ignore[operator]
     return caught.value
 
 
@@ -66,3 +74,71 @@ def test_a_truncated_or_corrupt_stream_says_so() -> None:
     assert "not a readable gzip file" in refusal(gunzip_bounded, b"\x1f\x8bnot gzip", 100).reason
     assert "trailing garbage" in refusal(gunzip_bounded, raw + b"junk", 1 << 20).reason
     assert gunzip_bounded(raw + b"\0\0\0", 1 << 20) == text
+
+
+# ----------------------------------------------------------------- HTTP answers
+
+
+def _chunks(*parts: bytes) -> Callable[[], bytes]:
+    """A ``read_chunk`` giving ``parts`` one per call, then b"" (the end)."""
+    it: Iterator[bytes] = iter(parts)
+    return lambda: next(it, b"")
+
+
+def _never_ending(part: bytes) -> Callable[[], bytes]:
+    return lambda: part
+
+
+FAR_OFF = float("inf")
+
+
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=20))
+def test_an_answer_within_the_limit_is_read_whole(parts: list[bytes]) -> None:
+    body = b"".join(parts)
+    read = read_answer(
+        _chunks(*parts), declared_bytes=str(len(body)), max_bytes=len(body), deadline=FAR_OFF
+    )
+    assert read == body
+
+
+def test_an_answer_past_the_limit_is_refused_as_its_bytes_pass_it() -> None:
+    # An endless body (a broken proxy) is read no further than the limit.
+    error = refusal(
+        read_answer, _never_ending(b"x" * 10), declared_bytes=None, max_bytes=100, deadline=FAR_OFF
+    )
+    assert error.over_limit and "larger than" in error.reason
+
+
+@pytest.mark.parametrize("declared", ["101", "9" * 21, "9" * 5_000])
+def test_a_declared_length_past_the_limit_is_refused_before_any_read(declared: str) -> None:
+    # 5,000 digits: int() refuses more than 4,300, so the length is judged by its digits.
+    def unread() -> bytes:
+        raise AssertionError("read after a declared length past the limit")
+
+    error = refusal(read_answer, unread, declared_bytes=declared, max_bytes=100, deadline=FAR_OFF)
+    assert error.over_limit and "declares" in error.reason and len(error.reason) < 120
+
+
+@pytest.mark.parametrize("declared", ["\u00b2", "", "-5", "abc", " 12"])
+def test_a_declared_length_that_is_no_plain_number_is_ignored_and_the_bytes_bound_the_read(
+    declared: str,
+) -> None:
+    # "\u00b2" passes str.isdigit and crashed int(); the body is still read within the limit.
+    assert read_answer(
+        _chunks(b"ok"), declared_bytes=declared, max_bytes=100, deadline=FAR_OFF
+    ) == (b"ok")
+    error = refusal(
+        read_answer, _never_ending(b"x"), declared_bytes=declared, max_bytes=100, deadline=FAR_OFF
+    )
+    assert error.over_limit
+
+
+def test_an_answer_still_arriving_at_its_deadline_is_refused() -> None:
+    # A byte now and then never trips a per-read timeout; the whole answer has a deadline.
+    with pytest.raises(DeadlinePassed):
+        read_answer(
+            _never_ending(b"x"),
+            declared_bytes=None,
+            max_bytes=1 << 30,
+            deadline=time.monotonic() + 0.05,
+        )
