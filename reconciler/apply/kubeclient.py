@@ -291,7 +291,7 @@ class KubeClient:
             self.stats.by_verb[method] = self.stats.by_verb.get(method, 0) + 1
             retry_after: float | None = None
             try:
-                status, data, retry_after_header = self._exchange(method, url, payload, headers)
+                status, data, answer_headers = self._exchange(method, url, payload, headers)
             except _Retryable as exc:
                 last_error = str(exc)
             except BoundedReadError as exc:  # asking again would only read as much again
@@ -302,10 +302,19 @@ class KubeClient:
             else:
                 if 200 <= status < 300:
                     return self._answer_object(method, path, status, data)
+                if 300 <= status < 400:
+                    # Redirects are not followed (the pool has retries off): an answer
+                    # from elsewhere is not the API server's, and our token must not go
+                    # there. Not the server refusing a request either: it is unavailable.
+                    location = quoted(str(answer_headers.get("Location", "")))
+                    raise ClusterUnavailable(
+                        f"API server {self.name} answered {method} {path} with HTTP {status}, "
+                        f"a redirect to '{location}', not followed"
+                    )
                 decoded = _decode(data)
                 if status == 429 or status >= 500:
                     last_error = f"HTTP {status}: {quoted(str(decoded.get('message', '')))}"
-                    retry_after = _retry_after_s(retry_after_header)
+                    retry_after = _retry_after_s(answer_headers.get("Retry-After"))
                 else:
                     raise _error(status, decoded)
             if attempt + 1 < self.retry.attempts:
@@ -336,9 +345,9 @@ class KubeClient:
 
     def _exchange(
         self, method: str, url: str, payload: bytes | None, headers: Mapping[str, str]
-    ) -> tuple[int, bytes, str | None]:
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         """One HTTP request: the status, the whole body (bounded: ``read_answer``) and
-        the Retry-After header. ``_Retryable`` for a transport error or an answer not
+        the headers. ``_Retryable`` for a transport error or an answer not
         in full by its deadline; ``BoundedReadError`` for one past ``max_answer_bytes``."""
         deadline = time.monotonic() + self.answer_deadline_s
         try:
@@ -373,7 +382,7 @@ class KubeClient:
             if not complete:
                 response.close()  # the rest is unread: the connection cannot be reused
             response.release_conn()
-        return response.status, data, response.headers.get("Retry-After")
+        return response.status, data, response.headers
 
     def get(self, path: str, **query: str | int | bool) -> JsonObject:
         return self.request("GET", path, query=query or None)

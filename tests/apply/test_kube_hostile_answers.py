@@ -61,6 +61,19 @@ def test_a_retry_after_that_is_not_ascii_digits_is_ignored(fake_apiserver: Start
     assert len(server.requests) == 2
 
 
+def test_a_redirect_is_not_followed_and_says_where_it_pointed(fake_apiserver: StartServer) -> None:
+    # Before: an ApiRejected ("HTTP 302 : "), as if the API server had refused the request.
+    where = "https://elsewhere.example/login\x1b[2J"
+    server = fake_apiserver(always(Reply(status=302, body=b"", headers={"Location": where})))
+    with pytest.raises(ClusterUnavailable) as caught:
+        server.client().get("/api/v1/pods")
+    message = str(caught.value)
+    assert "HTTP 302, a redirect to 'https://elsewhere.example/login\\x1b[2J', not followed" in (
+        message
+    )
+    assert len(server.requests) == 1  # neither followed nor asked again
+
+
 # ---------------------------------------------------------------------- error bodies
 
 FORGED = "\x1b[2J\x1b[31mAPPROVED\nfake line \u202e" + "A" * 100_000
