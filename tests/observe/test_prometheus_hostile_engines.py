@@ -68,17 +68,16 @@ def _flooded_text(started_s: float) -> str:
     )
 
 
+def _hostile_and_flooded_text(started_s: float) -> str:
+    return _engines_text(started_s) + _flooded_text(started_s)
+
+
 @pytest.fixture(scope="module")
 def hostile_prometheus() -> Iterator[LocalPrometheus]:
-    engines = TextExporter(partial(_engines_text, time.time()))
+    """One Prometheus scraping both the hostile engines and the flood (each test asks
+    for its own services and signals): one rate window to wait for, not two."""
+    engines = TextExporter(partial(_hostile_and_flooded_text, time.time()))
     with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:  # a covered window
-        yield prometheus
-
-
-@pytest.fixture(scope="module")
-def flooded_prometheus() -> Iterator[LocalPrometheus]:
-    engines = TextExporter(partial(_flooded_text, time.time()))
-    with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:
         yield prometheus
 
 
@@ -131,13 +130,13 @@ FLOOD_OVERRIDE = (
 
 @pytest.mark.parametrize("override", [None, FLOOD_OVERRIDE], ids=["preset", "override"])
 def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
-    flooded_prometheus: LocalPrometheus, override: str | None
+    hostile_prometheus: LocalPrometheus, override: str | None
 ) -> None:
     """Both services share one query part: it asks for them alone, so the answer holds
     their rows, not one per value of the flood (which would pass the answer cap and
     make the cycle's metrics unavailable: every service held)."""
     settings = settings_for(
-        flooded_prometheus.url,
+        hostile_prometheus.url,
         signals=("decode_tps",),
         lengths=(),
         max_answer_bytes=FLOOD_ANSWER_BYTES,
