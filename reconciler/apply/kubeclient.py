@@ -117,6 +117,11 @@ MAX_LIST_ITEMS = 10 * MAX_FLEET_NODES
 # the largest list takes MAX_LIST_ITEMS / 1000 pages at the default size; a server
 # returning short pages with fresh continue tokens for ever ends here.
 MAX_LIST_PAGES = 10_000
+# The longest one list may take, all its pages: ten cycles at the default 30 s
+# interval. Each request is bounded on its own, but a server answering short pages
+# just within the timeouts (fresh continue tokens each time) held one cluster's read,
+# and every cluster reconciled after it, for days within the page bound.
+MAX_LIST_S = 300.0
 _MISSING = object()
 WATCH_EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
 # How long past its timeoutSeconds a watch is read before it is left.
@@ -171,6 +176,7 @@ class KubeClient:
         max_answer_bytes: int = MAX_ANSWER_BYTES,
         max_list_items: int = MAX_LIST_ITEMS,
         max_list_pages: int = MAX_LIST_PAGES,
+        max_list_s: float = MAX_LIST_S,
     ):
         self.server = server.rstrip("/")
         self.name = name or self.server
@@ -179,6 +185,7 @@ class KubeClient:
         self.max_answer_bytes = max_answer_bytes
         self.max_list_items = max_list_items
         self.max_list_pages = max_list_pages
+        self.max_list_s = max_list_s
         # The whole body of one answer within twice the read timeout: the read
         # timeout alone bounds each read, not a server trickling a byte at a time.
         self.answer_deadline_s = 2 * timeout_s[1]
@@ -411,14 +418,17 @@ class KubeClient:
     ) -> Iterator[tuple[builtins.list[JsonObject], str]]:
         """Each page of a list, checked, as (items, resourceVersion). A page that is no
         list of objects, a ``continue`` token given twice (a broken aggregated API or
-        proxy would loop for ever), more than ``max_list_pages`` pages or
-        ``max_list_items`` items make the cluster unavailable."""
+        proxy would loop for ever), more than ``max_list_pages`` pages,
+        ``max_list_items`` items or ``max_list_s`` seconds make the cluster unavailable."""
         query: dict[str, str | int | bool] = {"limit": page_size}
         if label_selector:
             query["labelSelector"] = label_selector
         seen_tokens: set[str] = set()
         total = 0
+        deadline = time.monotonic() + self.max_list_s
         for _ in range(self.max_list_pages):
+            if time.monotonic() > deadline:
+                raise self._bad_list(path, f"takes longer than {self.max_list_s:g} s")
             page = self.request("GET", path, query=query)
             items, token, version = self._list_page(path, page)
             total += len(items)

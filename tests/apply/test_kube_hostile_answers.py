@@ -356,6 +356,20 @@ def test_a_list_page_of_another_shape_makes_the_cluster_unavailable(
         client.list_with_version("/api/v1/pods")
 
 
+def test_a_list_that_takes_longer_than_its_bound_is_refused(fake_apiserver: StartServer) -> None:
+    # Short pages with fresh tokens, each within every per-request bound: within the
+    # page bound such a list held the cluster's read (and those after it) for days.
+    def script(_method: str, _path: str, index: int) -> Reply:
+        time.sleep(0.05)
+        return _page([_pod(index)], token=f"t{index}")
+
+    client = fake_apiserver(script).client(max_list_s=0.5)
+    with pytest.raises(
+        ClusterUnavailable, match=r"the list of /api/v1/pods takes longer than 0.5 s"
+    ):
+        client.list_with_version("/api/v1/pods")
+
+
 def test_a_list_with_null_items_is_empty(fake_apiserver: StartServer) -> None:
     # Go writes an empty slice as null; the API server may send either.
     server = fake_apiserver(
