@@ -44,7 +44,7 @@ from reconciler.policy.base import Decision, DecisionInput
 from reconciler.policy.baselines import fixed_counts
 from reconciler.sim.fleet import SimulatedServiceMetrics
 from reconciler.state import Sample, ServiceFleet, ServiceMetrics
-from reconciler.text_safety import cut, visible
+from reconciler.text_safety import quoted
 
 PLUGIN_PREFIX = "python:"
 DETAIL_QUANTILES = (0.5, 0.9)
@@ -54,17 +54,6 @@ class PluginError(PermanentError):
     """An external autoscaler failed; the message names the plugin and the cycle."""
 
 
-# The most characters of a plugin's own text (an exception's message, the repr of what
-# it returned) that an error quotes.
-_QUOTED_CHARS = 300
-
-
-def _quoted(text: str) -> str:
-    """A plugin's text as its error quotes it: cut, its control and invisible
-    characters escaped (a line break in an exception's message forged a line)."""
-    return visible(cut(text, _QUOTED_CHARS))
-
-
 def _described(exc: BaseException) -> str:
     """``Type: message`` of an exception plugin code raised, quoted; its ``__str__`` is
     plugin code too, and may raise in turn."""
@@ -72,7 +61,7 @@ def _described(exc: BaseException) -> str:
         message = str(exc)
     except Exception as inner:  # plugin code: reported, not raised
         message = f"(its message cannot be shown: str() raised {type(inner).__name__})"
-    return _quoted(f"{type(exc).__name__}: {message}")
+    return quoted(f"{type(exc).__name__}: {message}")
 
 
 def _shown(value: object) -> str:
@@ -81,7 +70,7 @@ def _shown(value: object) -> str:
         text = repr(value)
     except Exception as inner:  # plugin code: reported, not raised
         text = f"a {type(value).__name__} (repr() raised {type(inner).__name__})"
-    return _quoted(text)
+    return quoted(text)
 
 
 @dataclass(frozen=True)
