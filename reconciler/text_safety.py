@@ -24,6 +24,7 @@ Text a server answered with (an error message, a body) is both (``quoted``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 # C0 controls (tab and line feed are checked apart: block scalars hold them), DEL and
 # the C1 controls, the line and paragraph separators, the bidirectional marks,
@@ -67,3 +68,12 @@ def quoted(text: str, limit: int = QUOTED_CHARS) -> str:
     page) as it may appear in a log line, an exception or a status: its first
     ``limit`` characters, every control or invisible one shown escaped."""
     return visible(cut(text, limit))
+
+
+def listed(values: Sequence[str], show: Callable[[str], str], count: int = 8) -> str:
+    """The first ``count`` of ``values``, each as ``show`` gives it, comma-separated,
+    and how many more: a file's names or columns as an error lists them (a file may
+    hold 100,000)."""
+    shown = ", ".join(show(value) for value in values[:count])
+    more = len(values) - count
+    return shown + (f", ... {more:,} more" if more > 0 else "")

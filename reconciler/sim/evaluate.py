@@ -119,7 +119,7 @@ from reconciler.sim.oracle import (
 from reconciler.sim.plugins import PLUGIN_PREFIX, PluginAutoscaler, PluginError
 from reconciler.sim.workload import Workload
 from reconciler.state import ROLES, FleetState, ServiceFleet, ServiceMetrics, Targets
-from reconciler.text_safety import cut, visible
+from reconciler.text_safety import cut, listed, visible
 
 DEFAULT_POLICIES: tuple[str, ...] = (
     "heteroscale",
@@ -159,9 +159,7 @@ _LISTED_CHARS = 60
 
 def _listed(names: Sequence[str]) -> str:
     """Names from a file as an error lists them: the first few, each cut."""
-    shown = ", ".join(cut(n, _LISTED_CHARS) for n in names[:_LISTED_NAMES])
-    more = len(names) - _LISTED_NAMES
-    return shown + (f", ... {more:,} more" if more > 0 else "")
+    return listed(names, lambda name: cut(name, _LISTED_CHARS), _LISTED_NAMES)
 
 
 def _schedule_text(path: Path) -> str:

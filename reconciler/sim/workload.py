@@ -78,7 +78,7 @@ import numpy as np
 from reconciler.atomic_write import replaced
 from reconciler.bounded_read import GZIP_MAGIC, BoundedReadError, gunzip_bounded, read_regular_file
 from reconciler.errors import PermanentError
-from reconciler.text_safety import cut, visible
+from reconciler.text_safety import cut, listed, visible
 
 
 class TraceError(PermanentError):
@@ -112,9 +112,7 @@ def _quoted(value: str) -> str:
 
 def _quoted_list(values: list[str]) -> str:
     """Values from the trace as an error lists them: the first few, each quoted."""
-    shown = ", ".join(_quoted(v) for v in values[:_QUOTED_VALUES])
-    more = len(values) - _QUOTED_VALUES
-    return f"[{shown}{f', ... {more:,} more' if more > 0 else ''}]"
+    return f"[{listed(values, _quoted, _QUOTED_VALUES)}]"
 
 
 class WorkloadError(PermanentError, ValueError):
