@@ -1,7 +1,8 @@
 """Fixtures of the observe tests: one real Prometheus per session, loopback helpers.
 
 The session's Prometheus (``prometheus_stack``) scrapes four simulated-fleet exporters
-every second and also holds backfilled history (``promtool``) and the latency recording rules, so that both live
+and the engines written by hand (``written_engines``) every second and also holds
+backfilled history (``promtool``) and the latency recording rules, so that both live
 scraping and exact, deterministic PromQL can be tested against one server. Every
 scenario's load is registered before the server starts, so by the time a test runs its
 rate window is already full; tests use their own service names and never disturb each
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,12 +34,14 @@ from observe_helpers import (
     FakePrometheus,
     PrometheusStack,
     Reply,
+    TextExporter,
     build_backfill,
     example_engine_job,
     pod_target,
     register,
     require_prometheus,
 )
+from written_engines import hostile_and_flooded_text, mixed_fleet_text
 
 from reconciler.observe.exporter import FleetExporter
 from reconciler.observe.local_prometheus import LocalPrometheus, write_file_sd
@@ -61,6 +65,11 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
     pods = [FleetExporter(identity_labels=False), FleetExporter(identity_labels=False)]
     pods[0].set_load(RELABEL_SERVICE, "prefill", "pod-p", PREFILL)
     pods[1].set_load(RELABEL_SERVICE, "decode", "pod-d", DECODE)
+    started_s = time.time()
+    written = [
+        TextExporter(partial(mixed_fleet_text, started_s)),
+        TextExporter(partial(hostile_and_flooded_text, started_s)),
+    ]
     exporters = (main, fleet, openmetrics, vanishing, *pods)
     register(main, MAIN_SCENARIOS)
     register(fleet, FLEET_SCENARIOS)
@@ -79,6 +88,7 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
         for exporter in exporters:
             exporter.start()
         targets = [exporter.address for exporter in (main, fleet, openmetrics, vanishing)]
+        targets += [exporter.url.removeprefix("http://") for exporter in written]
         prometheus.set_targets(targets)
         write_file_sd(
             pods_sd,
@@ -91,6 +101,7 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
         )
         prometheus.start()
         prometheus.wait_for_targets([*targets, *(p.address for p in pods)], timeout_s=30)
+        scraping_since_s = time.time()
         # Scraping began just now: let one full rate window (plus two scrapes) of
         # samples accumulate so rate() no longer extrapolates from a partial window.
         time.sleep(RATE_WINDOW_S + 2.0)
@@ -103,10 +114,14 @@ def prometheus_stack() -> Iterator[PrometheusStack]:
             pods,
             backfill_end_s,
             {**MAIN_SCENARIOS, **FLEET_SCENARIOS, **OPENMETRICS_SCENARIOS, **VANISHING_SCENARIOS},
+            written,
+            scraping_since_s,
         )
     finally:
         for exporter in exporters:
             exporter.stop()
+        for text_exporter in written:
+            text_exporter.close()
         prometheus.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 

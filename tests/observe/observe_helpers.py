@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import ssl
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -515,10 +512,17 @@ class PrometheusStack:
     pods: list[FleetExporter]
     backfill_end_s: float
     scenarios: dict[str, Scenario]
+    written: list[TextExporter]  # engines written by hand (``written_engines``)
+    scraping_since_s: float  # when Prometheus found every target up
 
     @property
     def url(self) -> str:
         return self.prometheus.url
+
+    def wait_written_scraped_for(self, seconds: float) -> None:
+        """Until the hand-written engines have been scraped for ``seconds``: the wait of
+        the first test that needs it, none for the tests after."""
+        time.sleep(max(0.0, self.scraping_since_s + seconds - time.time()))
 
     def targets_of(self, services: Iterable[str]) -> list[str]:
         """The scrape targets (exporter addresses) that export any of ``services``."""
@@ -949,24 +953,3 @@ class _TextHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
-
-
-@contextmanager
-def scraping(
-    exporter: TextExporter, *, settle_s: float, rules: dict[str, Any] | None = None
-) -> Iterator[LocalPrometheus]:
-    """A real Prometheus scraping ``exporter`` every second (its ``pod`` and ``service``
-    labels honoured), ``settle_s`` after its first scrape; closes both."""
-    require_prometheus()
-    workdir = Path(tempfile.mkdtemp(prefix="heteroscale-text-"))
-    prometheus = LocalPrometheus(scrape_interval_s=1.0, workdir=workdir, rules=rules)
-    try:
-        prometheus.set_targets([exporter.url.removeprefix("http://")])
-        prometheus.start()
-        prometheus.wait_for_targets(prometheus.targets(), timeout_s=30)
-        time.sleep(settle_s)
-        yield prometheus
-    finally:
-        exporter.close()
-        prometheus.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)

@@ -27,6 +27,7 @@ from observe_helpers import (
     PREFILL,
     RATE_TOLERANCE,
     RATE_WINDOW_S,
+    RECORDING_LAG_S,
     WINDOW_OFFSET_S,
     PrometheusStack,
     Scenario,
@@ -249,11 +250,11 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
             assert value is None or value >= 0.7 * expected_decode_tps, readings
 
         # Deterministically, at the fourth sample after the gap, once Prometheus holds a
-        # whole window after it.
-        time.sleep(RATE_WINDOW_S + 2)
-        now_s = time.time()
-        times = _sample_times(prometheus.url, now_s, 4 * int(RATE_WINDOW_S))
+        # whole window after it (and the rules have evaluated over it).
+        times = _sample_times(prometheus.url, time.time(), 4 * int(RATE_WINDOW_S))
         resumed = next(b for a, b in itertools.pairwise(times) if b - a > RATE_WINDOW_S)
+        covered_at_s = resumed + RATE_WINDOW_S + 0.5 + WINDOW_OFFSET_S
+        time.sleep(max(0.0, covered_at_s + RECORDING_LAG_S + 1.0 - time.time()))
         at_s = resumed + 3.5 + WINDOW_OFFSET_S
         for recorded in (False, True):
             settings = settings_for(prometheus.url, recorded_histograms=recorded)
@@ -265,9 +266,7 @@ def test_a_restarted_prometheus_holds_until_its_window_is_covered_in_both_modes(
                     for g in source.last_report.gaps
                     if g.service == RESTART_SERVICE
                 }
-                covered = source.fetch([policy], resumed + RATE_WINDOW_S + 0.5 + WINDOW_OFFSET_S)[
-                    RESTART_SERVICE
-                ]
+                covered = source.fetch([policy], covered_at_s)[RESTART_SERVICE]
             signals: tuple[SignalName, ...] = ("decode_tps", "prefill_tps", "ttft", "tbt")
             for signal in (*signals, *LENGTH_NAMES):
                 assert getattr(early, signal) is None, (recorded, signal)

@@ -7,82 +7,34 @@ many other ``service`` values there are, the services asked about are read."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from functools import partial
 
 import pytest
-from observe_helpers import RATE_WINDOW_S, TextExporter, make_policy, scraping, settings_for
+from observe_helpers import RATE_WINDOW_S, PrometheusStack, make_policy, settings_for
+from written_engines import (
+    BYSTANDER,
+    FLOOD_ANSWER_BYTES,
+    FLOODED,
+    HOSTILE,
+    MANY_BUCKETS,
+    TRUNCATED,
+)
 
-from reconciler.observe.local_prometheus import LocalPrometheus
 from reconciler.observe.prometheus import PrometheusMetricsSource
 from reconciler.state import MAX_LENGTH_BUCKETS
 
 pytestmark = pytest.mark.fault
 
-HOSTILE = "mix-hostile"
-BYSTANDER = "mix-bystander"
-HOSTILE_LE = "\x1b[2J\u202e" + "A" * 10_000
-TRUNCATED = "mix-truncated"
-MANY_BUCKETS = "mix-many-buckets"
-BOUNDS = ("128", "1024", "+Inf")
 
-
-def _prompt_histogram(service: str, bounds: tuple[str, ...], requests: int) -> list[str]:
-    """vLLM's prompt-length histogram of one prefill pod, ``requests`` observations in
-    each bucket's share (cumulative), in the text exposition format."""
-    name = "vllm:request_prompt_tokens"
-    labels = f'service="{service}",role="prefill"'
-    lines = [
-        f'{name}_bucket{{{labels},le="{le}"}} {requests * (i + 1)}' for i, le in enumerate(bounds)
-    ]
-    lines += [f"{name}_count{{{labels}}} {requests * len(bounds)}", f"{name}_sum{{{labels}}} 0"]
-    return lines
-
-
-def _engines_text(started_s: float) -> str:
-    """One ``/metrics`` for every service; its counters grow ten a second."""
-    requests = int((time.time() - started_s) * 10)
-    lines = _prompt_histogram(BYSTANDER, BOUNDS, requests)
-    lines += _prompt_histogram(HOSTILE, ("128", HOSTILE_LE, "+Inf"), requests)
-    lines += _prompt_histogram(TRUNCATED, ("128", "1024"), requests)
-    many = (*(str(2 * k) for k in range(1, MAX_LENGTH_BUCKETS + 1)), "+Inf")
-    lines += _prompt_histogram(MANY_BUCKETS, many, requests)
-    return "\n".join(lines) + "\n"
-
-
-# Two services asked about, among a flood of other ``service`` values: someone else's
-# workloads, or a label whoever runs a pod may write. The answer cap is scaled down
-# with the flood: 32 MiB is to some 100,000 values what 256 KiB is to 3,000.
-FLOODED = ("flooded-a", "flooded-b")
-FLOOD_VALUES = 3_000
-FLOOD_ANSWER_BYTES = 256 * 1024
-
-
-def _flooded_text(started_s: float) -> str:
-    """One decode counter per ``service`` value, ten tokens a second each."""
-    tokens = int((time.time() - started_s) * 10)
-    services = (*FLOODED, *(f"other-{i}" for i in range(FLOOD_VALUES)))
-    return "".join(
-        f'vllm:generation_tokens_total{{service="{service}",role="decode"}} {tokens}\n'
-        for service in services
-    )
-
-
-def _hostile_and_flooded_text(started_s: float) -> str:
-    return _engines_text(started_s) + _flooded_text(started_s)
-
-
-@pytest.fixture(scope="module")
-def hostile_prometheus() -> Iterator[LocalPrometheus]:
-    """One Prometheus scraping both the hostile engines and the flood (each test asks
-    for its own services and signals): one rate window to wait for, not two."""
-    engines = TextExporter(partial(_hostile_and_flooded_text, time.time()))
-    with scraping(engines, settle_s=RATE_WINDOW_S + 2.0) as prometheus:  # a covered window
-        yield prometheus
+@pytest.fixture
+def hostile_prometheus(prometheus_stack: PrometheusStack) -> PrometheusStack:
+    """The session's Prometheus, once it has scraped the hostile engines and the flood
+    (``written_engines``) for a covered rate window."""
+    prometheus_stack.wait_written_scraped_for(RATE_WINDOW_S + 2.0)
+    return prometheus_stack
 
 
 def test_a_hostile_bucket_label_is_missing_with_an_escaped_bounded_reason(
-    hostile_prometheus: LocalPrometheus,
+    hostile_prometheus: PrometheusStack,
 ) -> None:
     source = PrometheusMetricsSource(
         settings_for(hostile_prometheus.url, lengths=("prompt_tokens",))
@@ -104,7 +56,7 @@ def test_a_hostile_bucket_label_is_missing_with_an_escaped_bounded_reason(
 
 
 def test_a_length_histogram_without_an_inf_bucket_is_missing_not_truncated(
-    hostile_prometheus: LocalPrometheus,
+    hostile_prometheus: PrometheusStack,
 ) -> None:
     # Requests longer than the largest bound would not be counted: the mix would read
     # shorter than it is, and the planner would size for lighter requests.
@@ -130,7 +82,7 @@ FLOOD_OVERRIDE = (
 
 @pytest.mark.parametrize("override", [None, FLOOD_OVERRIDE], ids=["preset", "override"])
 def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
-    hostile_prometheus: LocalPrometheus, override: str | None
+    hostile_prometheus: PrometheusStack, override: str | None
 ) -> None:
     """Both services share one query part: it asks for them alone, so the answer holds
     their rows, not one per value of the flood (which would pass the answer cap and
@@ -153,7 +105,7 @@ def test_a_flood_of_other_service_values_does_not_stop_the_services_asked_about(
 
 
 def test_a_length_histogram_with_more_buckets_than_any_engine_is_missing(
-    hostile_prometheus: LocalPrometheus,
+    hostile_prometheus: PrometheusStack,
 ) -> None:
     # The planner's work on a mix grows with its buckets: a histogram past the bound is
     # read as missing (the last known mix stands in), its neighbours as usual.
