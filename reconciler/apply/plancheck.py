@@ -17,27 +17,39 @@ is input from whoever handed it over, not from ``plan --out``. What is checked h
 - scope (``scope_problems``, needs the desired state the plan names): every write
   is in a namespace that a policy of the plan's cluster deploys to, and a manifest
   is the Deployment of a policy of that namespace, under the name the renderer gives
-  it.
+  it;
+- content (``rendered_content_problem``, the same desired state): a manifest is,
+  field for field, what the renderer makes from that revision's policy and pod
+  template for the group, domain, GPU type and replicas the manifest names (the
+  domain a switch of the cluster file or the cluster itself, the type one of its
+  catalogue). A forged plan cannot add a container, an image, a privileged security
+  context, a host path or an environment variable that the reviewed revision does
+  not have.
 
-What is not checked: the pod template and replicas of an in-scope Deployment are
-applied as the plan says. A plan file must come from a trusted ``plan --out`` (the
-CI job's artifact, not a pull request's file) for that; signing plans would close it.
+What is not checked: the replicas, the group and where it is pinned (among the
+cluster's switches and GPU types) are applied as the plan says; the plan file must
+come from a trusted ``plan --out`` (the CI job's artifact, not a pull request's
+file) for those to be the reconciler's decisions. Signing plans would close that.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reconciler.apply import names
+from reconciler.apply.actions import effective_manifest
 from reconciler.apply.dns1123 import label_problem, subdomain_problem
+from reconciler.apply.render import RenderError, render_deployment
 from reconciler.desired.models import MAX_INSTANCES
+from reconciler.state import DeploymentGroup, GroupRole
+from reconciler.text_safety import quoted
 
 if TYPE_CHECKING:
     from reconciler.apply.savedplan import SavedCluster, SavedPlan, WriteStep
     from reconciler.desired.loader import DesiredState
-    from reconciler.desired.models import ServicePolicy
+    from reconciler.desired.models import ClusterSpec, ServicePolicy
 
 # An entry of a plan (``clusters[0].writes[3]``) and what is wrong with it.
 Problem = tuple[str, str]
@@ -274,10 +286,90 @@ def scope_problems(plan: SavedPlan, state: DesiredState) -> list[Problem]:
                     )
                 )
             elif step.manifest is not None:
-                problem = _rendered_name_problem(step, policies)
+                problem = _rendered_name_problem(step, policies) or rendered_content_problem(
+                    step, policies, state.clusters[cluster.cluster], state.templates
+                )
                 if problem is not None:
                     problems.append((entry, problem))
     return problems
+
+
+def rendered_content_problem(
+    step: WriteStep,
+    policies: Iterable[ServicePolicy],
+    cluster: ClusterSpec,
+    templates: Mapping[str, Any],
+) -> str | None:
+    """Where the manifest of ``step`` (in scope: ``_rendered_name_problem`` passed)
+    differs from what the renderer makes of its policy and pod template in the desired
+    state for the group, domain, GPU type and replicas the manifest names; None when
+    it does not. Only the precondition (``metadata.resourceVersion``) is the plan's own."""
+    assert step.manifest is not None
+    metadata = step.manifest["metadata"]
+    annotations = metadata.get("annotations", {})
+    service, role = metadata["labels"][names.SERVICE_LABEL], metadata["labels"][names.ROLE_LABEL]
+    policy = next(p for p in policies if p.name == service and p.namespace == step.namespace)
+    domain = annotations.get(names.DOMAIN_ANNOTATION)
+    gpu_type = annotations.get(names.GPU_TYPE_ANNOTATION)
+    if domain is None or gpu_type is None:
+        return (
+            f"lacks the {names.DOMAIN_ANNOTATION} or {names.GPU_TYPE_ANNOTATION} annotation "
+            "the renderer writes"
+        )
+    replicas = step.manifest["spec"]["replicas"]
+    placed, unplaced = GroupRole(gpu_type, replicas), GroupRole(gpu_type, 0)
+    group = DeploymentGroup(
+        service,
+        cluster.name,
+        annotations[names.GROUP_ID_ANNOTATION],
+        domain,
+        annotations.get(names.SUBGROUP_ANNOTATION),
+        placed if role == "prefill" else unplaced,
+        placed if role == "decode" else unplaced,
+    )
+    try:
+        rendered = render_deployment(group, role, policy, cluster, templates)
+    except RenderError as exc:
+        return f"is not one the desired state renders: {quoted(str(exc))}"
+    expected = effective_manifest(rendered, replicas, None)
+    written = {
+        **step.manifest,
+        "metadata": {k: v for k, v in metadata.items() if k != "resourceVersion"},
+    }
+    where = first_difference(written, expected)
+    if where is None:
+        return None
+    return (
+        f"differs at {quoted(where)} from the Deployment the desired state renders for "
+        f"service {service}'s {role} of group {group.group_id} (its policy's pod template "
+        f"{policy.role(role).template}): a plan writes only what its revision renders"
+    )
+
+
+def first_difference(written: Any, expected: Any, path: str = "") -> str | None:
+    """The path (``spec.template.spec.containers[0].image``) of the first place where
+    ``written`` and ``expected`` differ, None where they are equal (JSON values)."""
+    if isinstance(written, Mapping) and isinstance(expected, Mapping):
+        for key in sorted({*written, *expected}, key=str):
+            here = f"{path}.{key}" if path else str(key)
+            if key not in written or key not in expected:
+                return here
+            found = first_difference(written[key], expected[key], here)
+            if found is not None:
+                return found
+        return None
+    if isinstance(written, list) and isinstance(expected, list):
+        for index, (w, e) in enumerate(zip(written, expected, strict=False)):
+            found = first_difference(w, e, f"{path}[{index}]")
+            if found is not None:
+                return found
+        return (
+            None if len(written) == len(expected) else f"{path}[{min(len(written), len(expected))}]"
+        )
+    # Numbers compare by value (YAML's 1 and JSON's 1.0 are one number); a boolean is
+    # not the number it equals in Python.
+    same = written == expected and isinstance(written, bool) == isinstance(expected, bool)
+    return None if same else path or "(the whole manifest)"
 
 
 def _rendered_name_problem(step: WriteStep, policies: Iterable[ServicePolicy]) -> str | None:

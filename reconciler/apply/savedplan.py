@@ -26,9 +26,12 @@ the file on purpose recomputes it in one line. So ``apply`` trusts nothing in th
 because of it: every entry is checked for shape and bounds and against what the plan
 says it observed (``from_json``, ``reconciler.apply.plancheck``), each write must be
 within what the desired-state revision the plan names has the reconciler manage
-(``check_scope``), and the live objects must still be those the plan observed. What
-remains trusted is the content of an in-scope Deployment (its pod template and
-replicas): the plan file must come from a trusted ``plan --out``.
+(``check_scope``), every Deployment it writes exactly what that revision's policy and
+pod template render for the group, domain, GPU type and replicas it names, and the
+live objects must still be those the plan observed. What remains trusted is those
+replicas and that group's placement (within the cluster's switches and GPU types):
+the plan file must come from a trusted ``plan --out`` for them to be the
+reconciler's decisions.
 """
 
 from __future__ import annotations

@@ -981,9 +981,12 @@ def _apply_saved(
     elif desired_content_hash(state) != saved.source.content_hash:
         moved.append(f"desired state: content differs from the plan's {saved.source.describe()}")
     try:
-        # Writes only where that desired state deploys, named as it renders them: the
-        # digest is a checksum anyone can recompute, so the file itself is not trusted.
-        check_scope(saved, state, plan_file)
+        # Writes only where that desired state deploys, named and rendered as it renders
+        # them: the digest is a checksum anyone can recompute, so the file itself is not
+        # trusted. Against another revision than the plan's the check says nothing (its
+        # templates may differ): such a plan is refused as stale below, saying so.
+        if not moved:
+            check_scope(saved, state, plan_file)
     except PlanFileError as exc:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 1

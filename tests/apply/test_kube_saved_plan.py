@@ -247,3 +247,31 @@ def test_a_truncated_or_edited_plan_file_is_refused_and_nothing_is_written(
         assert refused.exit_code == 1
         assert str(plan_file) in refused.output.replace("\n", "")
         assert list_deployments(client, name) == {}
+
+
+@pytest.mark.fault
+def test_a_plan_whose_pod_template_was_forged_is_refused_and_nothing_is_written(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    # The digest is a checksum anyone can recompute: a forger who adds a privileged
+    # container to a planned Deployment writes a plan whose every other check passes.
+    name = "saved-forged"
+    client = _setup(control_plane, tmp_path, name)
+    plan_file = tmp_path / "plan.json"
+    common = _common(tmp_path, control_plane)
+    assert _invoke("plan", *common, "--out", str(plan_file)).exit_code == 3
+    data = json.loads(plan_file.read_text())
+    manifest = data["clusters"][0]["writes"][0]["manifest"]
+    manifest["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    del data["digest"]
+    data["digest"] = "sha256:" + savedplan._hash(data)
+    plan_file.write_text(json.dumps(data))
+    savedplan.read_plan(plan_file)  # the file itself reads as a valid plan
+
+    refused = _invoke("apply", str(plan_file), *common)
+    assert refused.exit_code == 1, refused.output
+    assert str(plan_file) in refused.output.replace("\n", "")
+    assert "differs at spec.template.spec.containers[0].securityContext" in " ".join(
+        refused.output.split()
+    )
+    assert list_deployments(client, name) == {}

@@ -4,18 +4,24 @@ anything is written."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from reconciler.apply import savedplan
+from reconciler.apply.actions import effective_manifest
+from reconciler.apply.names import DOMAIN_ANNOTATION as DOMAIN
+from reconciler.apply.names import GPU_TYPE_ANNOTATION as GPU_TYPE
+from reconciler.apply.names import SERVICE_LABEL as SERVICE
+from reconciler.apply.plancheck import first_difference
+from reconciler.apply.render import render_deployment
 from reconciler.apply.savedplan import (
     PlanFileError,
     SavedCluster,
@@ -27,7 +33,9 @@ from reconciler.apply.savedplan import (
     to_json,
     write_plan,
 )
-from tests.apply.test_savedplan import OWNED, deployment, sample
+from reconciler.desired.loader import load_desired_state
+from reconciler.state import DeploymentGroup, GroupRole, Role
+from tests.apply.test_savedplan import OWNED, sample
 
 Plan = dict[str, Any]
 
@@ -318,42 +326,84 @@ def test_execute_refuses_a_bad_plan_made_in_code_before_its_first_write(
 # ------------------------------------------------------------------ the desired state's scope
 
 
-def desired(*policies: tuple[str, str], cluster: str = "east") -> Any:
-    """The parts of a desired state the scope check reads: (service, namespace) policies."""
-    listed = [SimpleNamespace(name=n, namespace=ns, cluster=cluster) for n, ns in policies]
-    return SimpleNamespace(
-        clusters={cluster: object()},
-        policies_for=lambda name: [p for p in listed if p.cluster == name],
-    )
+EXAMPLES = load_desired_state(Path(__file__).resolve().parents[2])  # the repository's own
 
 
-def rendered(service: str, namespace: str, group: str, role: str, name: str) -> WriteStep:
-    manifest = deployment(name, namespace=namespace)
-    manifest["metadata"]["labels"].update(
-        {"heteroscale.io/service": service, "heteroscale.io/role": role}
+def rendered(
+    service: str = "chat",
+    role: Role = "decode",
+    replicas: int = 3,
+    *,
+    domain: str = "mp-a1",
+    gpu_type: str | None = None,
+) -> WriteStep:
+    """The create of a Deployment exactly as ``plan --out`` records it: rendered from the
+    example repository's policy and pod template for group g1 on ``domain``."""
+    policy = EXAMPLES.policies[service]
+    cluster = EXAMPLES.clusters[policy.cluster]
+    placed = GroupRole(gpu_type or next(iter(policy.role(role).gpu_types)), replicas)
+    unplaced = replace(placed, instances=0)
+    group = DeploymentGroup(
+        service,
+        cluster.name,
+        "g1",
+        domain,
+        None,
+        placed if role == "prefill" else unplaced,
+        placed if role == "decode" else unplaced,
     )
-    manifest["metadata"]["annotations"] = {"heteroscale.io/group-id": group}
-    return WriteStep("apply", namespace, name, None, manifest)
+    workload = render_deployment(group, role, policy, cluster, EXAMPLES.templates)
+    manifest = effective_manifest(workload, replicas, None)
+    return WriteStep("apply", workload.key.namespace, workload.key.name, None, manifest)
+
+
+def edited(step: WriteStep, edit: Callable[[dict[str, Any]], object]) -> WriteStep:
+    """``step`` with its manifest edited by ``edit`` (on a copy)."""
+    assert step.manifest is not None
+    manifest = copy.deepcopy(step.manifest)
+    edit(manifest)
+    return replace(step, manifest=manifest)
 
 
 def scoped(*steps: WriteStep) -> Any:
     plan = sample()
-    cluster = SavedCluster("east", plan.clusters[0].observed, steps)
+    cluster = SavedCluster("prod-east", plan.clusters[0].observed, steps)
     return replace(plan, clusters=(cluster,))
 
 
-def test_a_plan_within_the_policies_namespaces_and_rendered_names_passes() -> None:
-    step = rendered("svc", "chat", "g1", "decode", "svc-g1-d")
-    check_scope(scoped(step), desired(("svc", "chat")), Path("plan.json"))
+def refused_scope(*steps: WriteStep) -> str:
+    with pytest.raises(
+        PlanFileError, match="writes outside what the desired state manages"
+    ) as info:
+        check_scope(scoped(*steps), EXAMPLES, Path("plan.json"))
+    assert "plan.json" in str(info.value)
+    return str(info.value)
+
+
+def test_deployments_as_the_desired_state_renders_them_pass_at_any_replicas() -> None:
+    check_scope(
+        scoped(
+            rendered("chat", "decode", 3),
+            rendered("svc-a", "prefill", 17, domain="pod-a"),
+            rendered("chat", "prefill", 0, domain="prod-east"),
+        ),
+        EXAMPLES,
+        Path("plan.json"),
+    )
+
+
+def test_a_precondition_in_the_manifest_is_the_plans_own() -> None:
+    step = edited(rendered(), lambda m: m["metadata"].update(resourceVersion="41"))
+    check_scope(scoped(step), EXAMPLES, Path("plan.json"))
 
 
 @pytest.mark.parametrize(
     ("step", "expected"),
     [
         pytest.param(
-            rendered("svc", "kube-system", "g1", "decode", "svc-g1-d"),
-            "writes[0] (create Deployment kube-system/svc-g1-d): namespace kube-system is not "
-            "one the desired state deploys to in cluster east (chat)",
+            replace(rendered(), namespace="kube-system"),
+            "writes[0] (create Deployment kube-system/chat-g1-d): namespace kube-system is not "
+            "one the desired state deploys to in cluster prod-east",
             id="another-namespace",
         ),
         pytest.param(
@@ -362,13 +412,13 @@ def test_a_plan_within_the_policies_namespaces_and_rendered_names_passes() -> No
             id="a-delete-in-another-namespace",
         ),
         pytest.param(
-            rendered("billing", "chat", "g1", "decode", "billing-g1-d"),
+            edited(rendered(), lambda m: m["metadata"]["labels"].update({SERVICE: "billing"})),
             "service 'billing' has no policy deploying to namespace chat",
             id="a-service-without-a-policy-there",
         ),
         pytest.param(
-            rendered("svc", "chat", "g1", "decode", "evil"),
-            "named evil, not svc-g1-d as service svc's decode of group g1",
+            replace(rendered(), name="evil"),
+            "named evil, not chat-g1-d as service chat's decode of group g1",
             id="a-name-the-renderer-does-not-give",
         ),
     ],
@@ -376,16 +426,127 @@ def test_a_plan_within_the_policies_namespaces_and_rendered_names_passes() -> No
 def test_a_write_outside_what_the_desired_state_manages_is_refused_naming_it(
     step: WriteStep, expected: str
 ) -> None:
-    with pytest.raises(
-        PlanFileError, match="writes outside what the desired state manages"
-    ) as info:
-        check_scope(scoped(step), desired(("svc", "chat")), Path("plan.json"))
-    assert "plan.json" in str(info.value) and expected in str(info.value)
+    assert expected in refused_scope(step)
+
+
+def _engine(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+
+def _pod_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+# What a forger who recomputes the digest would add to a Deployment the plan creates.
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        pytest.param(
+            lambda m: _engine(m).update(image="registry.example/miner:latest"),
+            "spec.template.spec.containers[0].image",
+            id="another-image",
+        ),
+        pytest.param(
+            lambda m: _engine(m).update(securityContext={"privileged": True}),
+            "spec.template.spec.containers[0].securityContext",
+            id="a-privileged-container",
+        ),
+        pytest.param(
+            lambda m: _pod_spec(m).update(volumes=[{"name": "root", "hostPath": {"path": "/"}}]),
+            "spec.template.spec.volumes",
+            id="the-hosts-root-mounted",
+        ),
+        pytest.param(
+            lambda m: _pod_spec(m)["containers"].append({"name": "sidecar", "image": "x"}),
+            "spec.template.spec.containers[1]",
+            id="one-more-container",
+        ),
+        pytest.param(
+            lambda m: _engine(m)["env"].append({"name": "HF_TOKEN", "value": "leak"}),
+            "spec.template.spec.containers[0].env[",
+            id="an-environment-variable",
+        ),
+        pytest.param(
+            lambda m: _pod_spec(m).pop("affinity"),
+            "spec.template.spec.affinity",
+            id="the-node-affinity-dropped",
+        ),
+        pytest.param(
+            lambda m: _pod_spec(m).update(serviceAccountName="cluster-admin"),
+            "spec.template.spec.serviceAccountName",
+            id="another-service-account",
+        ),
+        pytest.param(
+            lambda m: m["metadata"]["annotations"].update({"note": "x"}),
+            "metadata.annotations.note",
+            id="an-annotation",
+        ),
+        pytest.param(
+            lambda m: _engine(m)["resources"]["limits"].update({"nvidia.com/gpu": 64}),
+            "spec.template.spec.containers[0].resources.limits.nvidia.com/gpu",
+            id="more-gpus-as-a-number",
+        ),
+    ],
+)
+def test_a_manifest_that_is_not_what_the_revision_renders_is_refused_naming_where(
+    edit: Callable[[dict[str, Any]], object], where: str
+) -> None:
+    message = refused_scope(rendered("chat", "prefill", 4), edited(rendered(), edit))
+    assert "writes[1] (create Deployment chat/chat-g1-d): differs at " + where in message
+    assert "service chat's decode of group g1" in message
+    assert "writes[0]" not in message  # the untouched Deployment passes
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        pytest.param(
+            edited(
+                rendered(),
+                lambda m: m["metadata"]["annotations"].update({DOMAIN: "somewhere-else"}),
+            ),
+            "deployment-group domain 'somewhere-else' is neither an S1 or S2 switch",
+            id="a-domain-the-cluster-lacks",
+        ),
+        pytest.param(
+            edited(rendered(), lambda m: m["metadata"]["annotations"].update({GPU_TYPE: "B300"})),
+            "GPU type 'B300' is not in its gpu_types catalogue",
+            id="a-gpu-type-the-cluster-lacks",
+        ),
+        pytest.param(
+            edited(rendered(), lambda m: m["metadata"]["annotations"].pop(GPU_TYPE)),
+            "lacks the heteroscale.io/domain or heteroscale.io/gpu-type annotation",
+            id="no-gpu-type",
+        ),
+    ],
+)
+def test_a_group_the_cluster_cannot_have_is_refused(step: WriteStep, expected: str) -> None:
+    assert expected in refused_scope(step)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected", "where"),
+    [
+        ({"a": [1, {"b": "x"}]}, {"a": [1, {"b": "x"}]}, None),
+        ({"a": 1.0}, {"a": 1}, None),  # one number, however written
+        ({"a": True}, {"a": 1}, "a"),  # a boolean is no number
+        ({"a": [1, 2]}, {"a": [1]}, "a[1]"),
+        ({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}, "a.c"),
+        ({"a": {"b": 1}}, {"a": "b"}, "a"),
+        ([], {}, "(the whole manifest)"),
+    ],
+)
+def test_first_difference_names_the_path_of_the_first_difference(
+    written: Any, expected: Any, where: str | None
+) -> None:
+    assert first_difference(written, expected) == where
 
 
 def test_a_plan_for_a_cluster_the_desired_state_lacks_is_refused() -> None:
-    with pytest.raises(PlanFileError, match="cluster east is not in the desired state"):
-        check_scope(scoped(), desired(("svc", "chat"), cluster="west"), Path("plan.json"))
+    plan = sample()
+    elsewhere = replace(plan, clusters=(SavedCluster("west", plan.clusters[0].observed, ()),))
+    with pytest.raises(PlanFileError, match="cluster west is not in the desired state"):
+        check_scope(elsewhere, EXAMPLES, Path("plan.json"))
 
 
 def test_the_ownership_labels_in_the_sample_are_those_the_renderer_writes() -> None:
