@@ -79,6 +79,16 @@ def _create_and_settle(plane: ControlPlane, root: Path, name: str) -> KubeClient
     return client
 
 
+def _planned(plane: ControlPlane, root: Path, name: str) -> tuple[KubeClient, Path, list[str]]:
+    """A cluster set up and planned with ``plan --out``: its client, the plan file and
+    the options every command of the test takes."""
+    client = _setup(plane, root, name)
+    plan_file = root / "plan.json"
+    common = _common(root, plane)
+    assert _invoke("plan", *common, "--out", str(plan_file)).exit_code == 3
+    return client, plan_file, common
+
+
 def _change_image(root: Path) -> None:
     template = root / "templates" / "decode.yaml"
     template.write_text(template.read_text().replace("engine:decode", "engine:decode-v2"))
@@ -236,10 +246,7 @@ def test_a_truncated_or_edited_plan_file_is_refused_and_nothing_is_written(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
     name = "saved-garbled"
-    client = _setup(control_plane, tmp_path, name)
-    plan_file = tmp_path / "plan.json"
-    common = _common(tmp_path, control_plane)
-    assert _invoke("plan", *common, "--out", str(plan_file)).exit_code == 3
+    client, plan_file, common = _planned(control_plane, tmp_path, name)
     text = plan_file.read_text()
     for bad in (text[: len(text) // 3], text.replace("engine:decode", "engine:evil", 1)):
         plan_file.write_text(bad)
@@ -256,10 +263,7 @@ def test_a_plan_whose_pod_template_was_forged_is_refused_and_nothing_is_written(
     # The digest is a checksum anyone can recompute: a forger who adds a privileged
     # container to a planned Deployment writes a plan whose every other check passes.
     name = "saved-forged"
-    client = _setup(control_plane, tmp_path, name)
-    plan_file = tmp_path / "plan.json"
-    common = _common(tmp_path, control_plane)
-    assert _invoke("plan", *common, "--out", str(plan_file)).exit_code == 3
+    client, plan_file, common = _planned(control_plane, tmp_path, name)
     data = json.loads(plan_file.read_text())
     manifest = data["clusters"][0]["writes"][0]["manifest"]
     manifest["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": True}
