@@ -263,10 +263,11 @@ def step_problem(step: WriteStep, cluster: str) -> str | None:
     return None
 
 
-def scope_problems(plan: SavedPlan, state: DesiredState) -> list[Problem]:
+def scope_problems(plan: SavedPlan, state: DesiredState, *, content: bool = True) -> list[Problem]:
     """Writes outside what the desired state ``state`` has this reconciler manage:
-    namespaces its policies of the plan's cluster deploy to, and Deployments of those
-    policies under the names the renderer gives them."""
+    namespaces its policies of the plan's cluster deploy to, Deployments of those
+    policies under the names the renderer gives them and, with ``content`` (``state``
+    is the plan's own revision), as the renderer makes them."""
     problems: list[Problem] = []
     for c_index, cluster in enumerate(plan.clusters):
         where = f"clusters[{c_index}]"
@@ -286,9 +287,11 @@ def scope_problems(plan: SavedPlan, state: DesiredState) -> list[Problem]:
                     )
                 )
             elif step.manifest is not None:
-                problem = _rendered_name_problem(step, policies) or rendered_content_problem(
-                    step, policies, state.clusters[cluster.cluster], state.templates
-                )
+                problem = _rendered_name_problem(step, policies)
+                if problem is None and content:
+                    problem = rendered_content_problem(
+                        step, policies, state.clusters[cluster.cluster], state.templates
+                    )
                 if problem is not None:
                     problems.append((entry, problem))
     return problems

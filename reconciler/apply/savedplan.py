@@ -426,12 +426,14 @@ def from_json(data: Any, path: Path) -> SavedPlan:
     )
 
 
-def check_scope(plan: SavedPlan, state: DesiredState, path: Path) -> None:
+def check_scope(plan: SavedPlan, state: DesiredState, path: Path, *, content: bool = True) -> None:
     """Refuse (``PlanFileError``, every offending entry named) a plan that writes
     anything the desired state ``state`` (the revision the plan names, as loaded by
-    ``apply``) does not have this reconciler manage (``plancheck.scope_problems``).
-    ``apply PLAN`` must call it before its first write."""
-    problems = plancheck.scope_problems(plan, state)
+    ``apply``) does not have this reconciler manage (``plancheck.scope_problems``;
+    ``content=False`` where ``state`` is not the plan's revision: its templates may
+    differ, and such a plan is refused as stale anyway). ``apply PLAN`` must call it
+    before its first write."""
+    problems = plancheck.scope_problems(plan, state, content=content)
     _want(
         not problems,
         path,

@@ -983,10 +983,9 @@ def _apply_saved(
     try:
         # Writes only where that desired state deploys, named and rendered as it renders
         # them: the digest is a checksum anyone can recompute, so the file itself is not
-        # trusted. Against another revision than the plan's the check says nothing (its
-        # templates may differ): such a plan is refused as stale below, saying so.
-        if not moved:
-            check_scope(saved, state, plan_file)
+        # trusted. Against another revision than the plan's the rendering is not
+        # compared (its templates may differ): such a plan is refused as stale below.
+        check_scope(saved, state, plan_file, content=not moved)
     except PlanFileError as exc:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 1
