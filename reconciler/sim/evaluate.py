@@ -137,7 +137,13 @@ HOLD_REASONS = ("metrics_missing", "decision_failed")
 
 
 class EvaluationError(PermanentError):
-    """The evaluation cannot run as asked (unknown service or policy, bad schedule)."""
+    """The evaluation cannot run as asked (unknown service or policy, bad schedule).
+    Its message names files and quotes values as given (a path on the command line, a
+    schedule's service name): its control and invisible characters are shown escaped
+    (``text_safety.visible``), so a file name cannot rewrite the terminal."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(visible(message))
 
 
 # --------------------------------------------------------------------------- schedule policy

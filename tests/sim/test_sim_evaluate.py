@@ -839,6 +839,20 @@ def test_a_schedule_is_read_as_a_regular_file_of_bounded_size(
         evaluate(state, SERVICE, load, [f"schedule:{big}"])
 
 
+def test_a_schedule_files_name_is_shown_with_its_control_characters_escaped(
+    state: DesiredState, load: LoadProfile, tmp_path: Path
+) -> None:
+    # A file name may hold any byte but "/" and NUL: shown raw, this one would clear
+    # the terminal and reverse what follows it.
+    path = tmp_path / "s\x1b[2J\u202e.csv"
+    with pytest.raises(EvaluationError) as info:
+        evaluate(state, SERVICE, load, [f"schedule:{path}"])
+    message = str(info.value)
+    assert "schedule file not found" in message
+    assert "\x1b" not in message and "\u202e" not in message
+    assert "s\\x1b[2J\\u202e.csv" in message
+
+
 def test_a_schedule_naming_many_other_services_lists_a_few(
     state: DesiredState, load: LoadProfile, tmp_path: Path
 ) -> None:
