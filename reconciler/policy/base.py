@@ -9,6 +9,7 @@ the ``Decision``.
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -144,19 +145,42 @@ def decided(
     )
 
 
+class _GcPause:
+    """How many batches have the collector paused: several clusters' cycles decide at
+    once (``reconciler.loop``, one thread per cluster), and the first to end must not
+    start the collector under the others, nor a batch that began while another had
+    paused it leave it paused for good."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches = 0
+        self.was_enabled = False
+
+
+_GC_PAUSE = _GcPause()
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector paused while deciding a batch of services:
     decisions allocate many small frozen objects and no reference cycles, and
     collections triggered midway were the largest source of variance in a batch's time
-    (and a third of the planner's for 1,000 services)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    (and a third of the planner's for 1,000 services). Batches of several threads
+    overlap: the collector runs again when the last of them ends, if it ran before
+    the first began."""
+    pause = _GC_PAUSE
+    with pause.lock:
+        if pause.batches == 0:
+            pause.was_enabled = gc.isenabled()
+            gc.disable()
+        pause.batches += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with pause.lock:
+            pause.batches -= 1
+            if pause.batches == 0 and pause.was_enabled:
+                gc.enable()
 
 
 class Autoscaler(Protocol):
