@@ -837,6 +837,11 @@ class PrometheusMetricsSource:
 
     The signals' requests run ``settings.max_concurrency`` at a time, each on its own
     connection; the first one that fails for good cancels those not yet started.
+
+    Several clusters' cycles may fetch at once (``reconciler.loop`` runs each on its
+    own thread): their requests share the connections and the query threads, each
+    connection serving one request at a time; ``last_report`` is the report of the
+    fetch that ended last, whichever cluster's it was.
     """
 
     def __init__(
@@ -854,6 +859,7 @@ class PrometheusMetricsSource:
         for connection in self._connections:
             self._idle.put(connection)
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self.last_report: CycleReport | None = None
 
     @property
@@ -876,9 +882,9 @@ class PrometheusMetricsSource:
 
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
         started = self._clock()
-        sent_before = self.http_requests_sent
-        for connection in self._connections:
-            connection.session.headers.update(token_headers(self.settings))
+        # Read once per fetch (a rotated token is picked up), set on each connection
+        # when a request takes it: another fetch may be using the others.
+        headers = token_headers(self.settings)
         plan, plan_gaps = plan_requests(
             policies,
             (*self.settings.signals, *self.settings.lengths),
@@ -887,7 +893,7 @@ class PrometheusMetricsSource:
             coverage=self.settings.window_coverage,
             offset_s=self.settings.window_offset,
         )
-        results = self._run_all(plan, now_s)
+        results = self._run_all(plan, now_s, headers)
         outcomes: dict[tuple[SignalName, str], PartOutcome] = {}
         for part_outcomes, _timing in results:
             outcomes.update(part_outcomes)
@@ -895,7 +901,8 @@ class PrometheusMetricsSource:
         self.last_report = CycleReport(
             now_s=now_s,
             duration_s=self._clock() - started,
-            http_requests=self.http_requests_sent - sent_before,
+            # This fetch's own: another cluster's fetch may send on the connections meanwhile.
+            http_requests=sum(timing.http_requests for _outcomes, timing in results),
             queries=tuple(timing for _outcomes, timing in results),
             gaps=plan_gaps + gaps,
         )
@@ -904,27 +911,32 @@ class PrometheusMetricsSource:
                 log.warning("%s/%s missing: %s", gap.service, gap.signal, gap.reason)
         return metrics
 
-    def _run_all(self, plan: Sequence[SignalRequest], now_s: float) -> list[_Result]:
+    def _run_all(
+        self, plan: Sequence[SignalRequest], now_s: float, headers: Mapping[str, str]
+    ) -> list[_Result]:
         """Every signal's request, in plan order; raises the first (in plan order)
         ``MetricsUnavailable`` after stopping the requests not yet started."""
         if self.settings.max_concurrency == 1 or len(plan) <= 1:
-            return [self._timed(request, now_s) for request in plan]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self.settings.max_concurrency, thread_name_prefix="prometheus-query"
-            )
+            return [self._timed(request, now_s, headers) for request in plan]
+        with self._executor_lock:  # two fetches at once: one executor
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.settings.max_concurrency,
+                    thread_name_prefix="prometheus-query",
+                )
+            executor = self._executor
         stop = threading.Event()
 
         def task(request: SignalRequest) -> _Result | None:
             if stop.is_set():
                 return None
             try:
-                return self._timed(request, now_s)
+                return self._timed(request, now_s, headers)
             except BaseException:
                 stop.set()
                 raise
 
-        futures = [self._executor.submit(task, request) for request in plan]
+        futures = [executor.submit(task, request) for request in plan]
         wait(futures)
         for future in futures:
             error = future.exception()
@@ -932,9 +944,10 @@ class PrometheusMetricsSource:
                 raise error
         return [result for future in futures if (result := future.result()) is not None]
 
-    def _timed(self, request: SignalRequest, now_s: float) -> _Result:
+    def _timed(self, request: SignalRequest, now_s: float, headers: Mapping[str, str]) -> _Result:
         connection = self._idle.get()
         try:
+            connection.session.headers.update(headers)
             started, sent = self._clock(), connection.session.sent
             try:
                 outcomes = self._run(request, now_s, connection)

@@ -5,6 +5,7 @@ signal is missing for its services). Scripted loopback servers, no Prometheus ne
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -199,6 +200,31 @@ def test_concurrent_cycle_reports_every_signal_in_plan_order(fake_prometheus: St
     assert source.last_report is not None
     assert [q.signal for q in source.last_report.queries] == [*METRIC_NAMES, *LENGTH_NAMES]
     assert source.last_report.http_requests == server.received == REQUESTS
+    source.close()
+
+
+def test_two_clusters_fetching_at_once_each_report_their_own_requests(
+    fake_prometheus: StartFake,
+) -> None:
+    # The loop runs each cluster's cycle on its own thread, all through one source.
+    server = fake_prometheus([Reply(delay_s=0.05)])
+    source = _source(server.url, max_concurrency=2)
+    barrier = threading.Barrier(2)
+    reports: dict[str, Any] = {}
+
+    def cycle(cluster: str) -> None:
+        barrier.wait(5)
+        source.fetch([make_policy(f"svc-{cluster}")], 1000.0)
+        reports[cluster] = source.last_report
+
+    threads = [threading.Thread(target=cycle, args=(c,)) for c in ("east", "west")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    # Before: each counted the other's requests sent meanwhile too.
+    assert [r.http_requests for r in reports.values()] == [REQUESTS, REQUESTS]
+    assert server.received == 2 * REQUESTS
     source.close()
 
 
