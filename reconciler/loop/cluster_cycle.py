@@ -7,6 +7,12 @@ Holding on refusal: the dry run comes first, and when the API server refuses a s
 change of a service, the cycle is planned again with that service held; a refusal
 that appears only while applying (a race) leaves the service's cooldown as it was.
 Errors of the cluster propagate to the schedule, which reports them and backs off.
+
+Leadership: the schedule reads it when the cluster's cycle starts; the read, the
+decision and the dry run may take long on a slow API server, so the acting leader asks
+``apply_refused`` again right before applying and, if it no longer leads (or the loop
+is stopping), only reports, as a standby does, and reads the stored windows again the
+next time it acts (another leader may have written them meanwhile).
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ class ClusterCycle:
     dry_run: bool
     placement_options: PlacementOptions | None
     prune_removed_services: bool
+    # Why this cycle must not apply after all, asked right before applying (None: it
+    # may): the leadership read at the cycle's start may be minutes old by then.
+    apply_refused: Callable[[], str | None] = lambda: None
     drift: DriftLog = field(init=False)
     backends: dict[str, ClusterBackend] = field(init=False, default_factory=dict)
 
@@ -132,6 +141,14 @@ class ClusterCycle:
         self.windows.histories[name] = histories
         outcome.plan = plan
         record_plan(self.metrics, name, plan)
+        refused = self.apply_refused() if leader and not self.dry_run else None
+        if refused is not None:
+            leader = False
+            self.windows.stood_down(name)
+            log.warning(
+                f"cluster {name}: not applied: {refused}",
+                extra={"event": "apply_withheld", "cluster": name},
+            )
         if leader and not self.dry_run:
             self._apply(seen, backend, plan, outcome)
         else:

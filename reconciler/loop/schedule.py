@@ -109,6 +109,7 @@ class ReconcileLoop:
             dry_run=dry_run,
             placement_options=placement_options,
             prune_removed_services=prune_removed_services,
+            apply_refused=self._apply_refused,
         )
         if leader_election is None:
             owner = getattr(is_leader, "__self__", None)
@@ -189,7 +190,7 @@ class ReconcileLoop:
         for name in sorted(state.clusters):
             if self.only_clusters and name not in self.only_clusters:
                 continue
-            result.clusters.append(self._cluster_cycle(state, state.clusters[name], leader))
+            result.clusters.append(self._cluster_cycle(state, state.clusters[name]))
         self.last_cycle_end_s = self.clock()
         self.metrics.last_cycle.set(time.time())
         self.cycles_run += 1
@@ -197,11 +198,16 @@ class ReconcileLoop:
             self.acted_cycles += 1
         return result
 
-    def _cluster_cycle(
-        self, state: DesiredState, spec: ClusterSpec, leader: bool
-    ) -> ClusterOutcome:
+    def _apply_refused(self) -> str | None:
+        """Why a cluster's cycle that started as the acting leader must not apply now."""
+        if not self.is_leader():
+            return "this replica no longer leads (the Lease was lost during the cycle)"
+        return None
+
+    def _cluster_cycle(self, state: DesiredState, spec: ClusterSpec) -> ClusterOutcome:
         """One cluster's cycle unless it is backing off; its errors are reported here
-        and never reach the other clusters."""
+        and never reach the other clusters. Leadership is read as it starts, and again
+        right before it applies (``ClusterCycle.apply_refused``)."""
         name = spec.name
         outcome = ClusterOutcome(cluster=name)
         backoff = self._backoff.setdefault(name, _Backoff())
@@ -213,7 +219,7 @@ class ReconcileLoop:
             return outcome
         started = time.perf_counter()
         try:
-            self.cluster_cycle.run(state, spec, leader, outcome)
+            self.cluster_cycle.run(state, spec, self.is_leader(), outcome)
         except (HeteroscaleError, OSError) as exc:
             outcome.outcome = "error"
             outcome.error = f"{type(exc).__name__}: {exc}"

@@ -89,6 +89,11 @@ class PolicyWindows:
             extra={"event": "state_restored", "cluster": cluster, "takeover": not first},
         )
 
+    def stood_down(self, cluster: str) -> None:
+        """This replica planned to act on ``cluster`` but did not (it lost the Lease
+        during the cycle): the next cycle it acts in reads the stored state again."""
+        self._leading[cluster] = False
+
     def _merge(self, cluster: str, stored: DurableState) -> None:
         """The stored windows, each merged with what this replica planned meanwhile."""
         local = self.histories.get(cluster, {})

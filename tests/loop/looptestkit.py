@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.durable import DurableState
 from reconciler.errors import ClusterUnavailable
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
@@ -42,6 +43,28 @@ class RecordingBackend:
         self.applied.append(plan)
         self.fleet = FleetState(plan.cluster, groups=plan.groups)
         return [str(c) for c in plan.changes]
+
+
+@dataclass
+class MemoryStore:
+    """A ``StateStore`` in memory: the states saved, and each cluster's loads in order."""
+
+    saved: dict[str, DurableState] = field(default_factory=dict)
+    loads: list[str] = field(default_factory=list)
+
+    def load(self, cluster: str) -> DurableState | None:
+        self.loads.append(cluster)
+        return self.saved.get(cluster)
+
+    def load_problems(self, cluster: str) -> tuple[str, ...]:
+        return ()
+
+    def save(self, state: DurableState) -> bool:
+        self.saved[state.cluster] = state
+        return True
+
+    def describe(self, cluster: str) -> str:
+        return f"the memory store's {cluster}"
 
 
 class StaticMetrics:

@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 from looptestkit import (
     FixedAutoscaler,
+    MemoryStore,
     OneGroupPlacer,
     RecordingBackend,
     StaticMetrics,
@@ -129,6 +130,35 @@ def test_a_standby_and_a_dry_run_never_apply(state: DesiredState) -> None:
     dry = make_loop(state, backends, dry_run=True)
     assert not dry.run_cycle().clusters[0].applied
     assert backends["prod-east"].applied == [] and len(backends["prod-east"].diffed) == 2
+
+
+def test_a_cycle_that_lost_the_lease_before_applying_only_reports(
+    state: DesiredState, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Asked: for the loop's gauge, as the cluster's cycle starts, right before applying.
+    answers = [True, True, False]
+    backend = RecordingBackend("prod-east")
+    store = MemoryStore()
+    loop = make_loop(
+        state,
+        {"prod-east": backend},
+        is_leader=lambda: answers.pop(0) if answers else True,
+        state_store=store,
+    )
+    with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
+        outcome = loop.run_cycle().clusters[0]
+    assert outcome.outcome == "standby" and not outcome.applied
+    assert backend.applied == [] and len(backend.diffed) == 1
+    assert store.saved == {}, "only the leader writes"
+    (withheld,) = [r for r in caplog.records if getattr(r, "event", "") == "apply_withheld"]
+    assert withheld.getMessage() == (
+        "cluster prod-east: not applied: this replica no longer leads (the Lease was lost "
+        "during the cycle)"
+    )
+    # Leading again: another leader may have written the windows meanwhile.
+    assert store.loads == ["prod-east"]
+    assert loop.run_cycle().clusters[0].applied
+    assert store.loads == ["prod-east", "prod-east"] and "prod-east" in store.saved
 
 
 def test_metrics_and_health_are_served(state: DesiredState) -> None:
