@@ -92,6 +92,11 @@ Format = Literal["text", "markdown", "json"]
 # lists (tests run at 0.1 s); slower than a day the loop no longer reacts to load (and
 # its health check waits three intervals).
 MIN_RUN_INTERVAL_S = 0.1
+# run's clusters reconciled at once, each cycle on a thread of its own (the loop's
+# ``cluster_workers``): more than a fleet has clusters costs nothing (threads are
+# started per cycle), fewer makes the rest wait for a slot behind slow ones.
+DEFAULT_CLUSTER_WORKERS = 16
+MAX_CLUSTER_WORKERS = 256
 SIM_WARMUP_S = 300.0  # simulated seconds before the first cycle
 
 
@@ -347,9 +352,15 @@ def build_loop(
     interval_s: float = 30.0,
     is_leader: Any = None,
     watch: bool = False,
+    cluster_workers: int = 0,
+    cluster_deadline_s: float | None = None,
 ) -> tuple[Any, Wiring]:
     """The loop for ``settings``; ``watch`` keeps Pods and Nodes in a watch cache
-    between cycles (``run``), instead of listing them each cycle (one-shot commands)."""
+    between cycles (``run``), instead of listing them each cycle (one-shot commands).
+    ``cluster_workers`` clusters' cycles at once, each within ``cluster_deadline_s``
+    (``ReconcileLoop``; 0: one after another, as the one-shot commands run them);
+    on the simulated fleet always one after another: it is one object for every
+    cluster."""
     from reconciler.desired.loader import load_desired_state
     from reconciler.loop import ReconcileLoop
 
@@ -377,6 +388,8 @@ def build_loop(
         interval_s=interval_s,
         only_clusters=settings.clusters,
         prune_removed_services=settings.prune_removed_services,
+        cluster_workers=0 if wiring.simulated else cluster_workers,
+        cluster_deadline_s=cluster_deadline_s,
     )
     return loop, wiring
 
@@ -1174,6 +1187,30 @@ def register(app: typer.Typer) -> None:
                 callback=in_range(MIN_RUN_INTERVAL_S, DAY_S, unit=" s"),
             ),
         ] = 30.0,
+        cluster_workers: Annotated[
+            int,
+            typer.Option(
+                "--cluster-workers",
+                help=(
+                    "clusters reconciled at once, each cycle on a thread of its own within "
+                    f"--cluster-deadline, 0 to {MAX_CLUSTER_WORKERS} (0: one after another, "
+                    "no deadline; the simulated fleet always runs them one after another)"
+                ),
+                callback=in_range(0, MAX_CLUSTER_WORKERS),
+            ),
+        ] = DEFAULT_CLUSTER_WORKERS,
+        cluster_deadline: Annotated[
+            float | None,
+            typer.Option(
+                "--cluster-deadline",
+                help=(
+                    "seconds a cluster's cycle may run before it is reported overdue (it is "
+                    "not started again while it runs, the other clusters go on), "
+                    f"{MIN_RUN_INTERVAL_S:g} to 86400 (default: the interval, at least 10 s)"
+                ),
+                callback=in_range(MIN_RUN_INTERVAL_S, DAY_S, unit=" s"),
+            ),
+        ] = None,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="plan and report every cycle, never apply")
         ] = False,
@@ -1244,6 +1281,8 @@ def register(app: typer.Typer) -> None:
                 interval_s=interval,
                 is_leader=elector.is_leader if elector else None,
                 watch=True,
+                cluster_workers=cluster_workers,
+                cluster_deadline_s=cluster_deadline,
             )
         except typer.BadParameter:  # --cluster naming no cluster: nothing to run
             if elector is not None:
@@ -1274,6 +1313,8 @@ def register(app: typer.Typer) -> None:
                 interval_s=interval,
                 is_leader=elector.is_leader if elector else None,
                 watch=True,
+                cluster_workers=cluster_workers,
+                cluster_deadline_s=cluster_deadline,
             )
             loop.load_desired = lambda: load_desired_state(settings.repo, rev=settings.rev)
             loop.last_good = resumed.state
@@ -1305,7 +1346,13 @@ def register(app: typer.Typer) -> None:
             )
         log.info(
             f"reconciling every {interval:g} s against {wiring.describe}"
-            + (" (dry run)" if dry_run else ""),
+            + (" (dry run)" if dry_run else "")
+            + (
+                f", up to {loop.runs.workers} clusters at once, each cycle within "
+                f"{loop.cluster_deadline_s:g} s"
+                if loop.runs is not None
+                else ", one cluster after another"
+            ),
             extra={"event": "start"},
         )
         stop = threading.Event()

@@ -7,8 +7,13 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   stays in force.
 - Every cluster is reconciled through its own backend (kube context); a cluster that
   is unreachable or errors is reported and skipped, never blocking the others, and
-  is retried with exponential backoff (capped at ``max_backoff_s``).
-- With leader election, only the Lease holder acts (applies); a standby replica
+  is retried with exponential backoff (capped at ``max_backoff_s``). A cluster that
+  is slow does not block them either: with ``cluster_workers`` (``run``) each
+  cluster's cycle runs on its own thread within ``cluster_deadline_s``; one past it
+  is reported (``CycleOverdue``) and not started again until it ends
+  (``schedule``, ``running``).
+- With leader election, only the Lease holder acts (applies), read as each cluster's
+  cycle starts and again right before it applies; a standby replica
   still observes and plans, so its metrics and health stay meaningful. An election
   that reaches no valid decision for a bounded time (``LeaseElector.health_problem``)
   fails ``/healthz``, so Kubernetes restarts the stuck replica; its failed rounds are
@@ -46,7 +51,8 @@ Its own Prometheus metrics (``LoopMetrics``) and a health endpoint are served by
 
 The parts, one job each:
 - ``schedule``: ``ReconcileLoop``: the desired state each cycle, leadership, each
-  cluster with its own backoff, ``run_forever`` and health;
+  cluster with its own backoff and deadline, ``run_forever`` and health;
+- ``running``: ``ClusterRuns``: the clusters' cycles in flight, each on its own thread;
 - ``cluster_cycle``: ``ClusterCycle``: one cluster's cycle, observe -> restore ->
   decide/place/diff (``reconciler.cycle``) -> dry run -> apply or report;
 - ``windows``: ``PolicyWindows``: the policy histories, in memory and stored;

@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,8 @@ class LoopMetrics:
             "Wall time of one cluster's reconcile cycle",
             ["cluster"],
             registry=r,
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            # Past a minute: a slow cluster's cycle, past its deadline (``running``).
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
         )
         self.cycles = Counter(
             "heteroscale_cycles_total",
@@ -240,6 +242,31 @@ class LeaseCollector(Collector):
             "1 while the leader election reaches decisions within its bound",
             value=0.0 if self.election.health_problem() else 1.0,
         )
+
+
+class RunningCollector(Collector):
+    """How long each cluster's cycle in flight has run, read at scrape time (0 for a
+    cluster with none): a cycle past its deadline shows here while it drags, and it
+    may drag for minutes between two loop cycles."""
+
+    def __init__(
+        self, ages: Callable[[], dict[str, float]], clusters: Callable[[], Iterable[str]]
+    ) -> None:
+        self.ages = ages
+        self.clusters = clusters
+
+    def collect(self) -> Any:
+        ages = self.ages()
+        family = GaugeMetricFamily(
+            "heteroscale_cycle_running_seconds",
+            "Seconds the cluster's cycle in flight has run (0: none in flight); a cycle "
+            "past its deadline (--cluster-deadline) keeps running, is not started again "
+            'meanwhile and counts in heteroscale_errors_total{kind="CycleOverdue"}',
+            labels=["cluster"],
+        )
+        for cluster in sorted({*self.clusters(), *ages}):
+            family.add_metric([cluster], ages.get(cluster, 0.0))
+        yield family
 
 
 # ------------------------------------------------------------------ cycle records

@@ -1,6 +1,32 @@
 """When and whether the loop acts: the desired state each cycle (the last known good
-one kept while the latest is invalid), leadership, each cluster in turn with its own
+one kept while the latest is invalid), leadership, each cluster with its own
 exponential backoff, the interval of ``run_forever``, and health.
+
+Clusters one after another, or each on its own thread. With ``cluster_workers`` 0
+(the one-shot commands, the simulated fleet, which is one object for every cluster)
+each cluster's cycle runs in turn in the caller's thread, as before. With
+``cluster_workers`` N >= 1 (``run``) each cluster's cycle runs on a thread of its own,
+at most N at once (``running.ClusterRuns``), and ``run_cycle`` waits for them until
+each ended or its deadline (``cluster_deadline_s``, by default the interval and at
+least ``MIN_DEFAULT_CLUSTER_DEADLINE_S``) passed. A cluster whose cycle is still
+running then is reported for that loop cycle (outcome ``error``, "still running after
+N s", ``heteroscale_errors_total{kind="CycleOverdue"}``, event ``cycle_overdue``,
+and ``heteroscale_cycle_running_seconds`` while it runs), and in every later loop
+cycle it is still running in, without being started again: never two cycles writing
+to one cluster. Its thread is not stopped (a thread cannot be, and an apply cut
+midway is worse than one finished late): when it ends, its outcome counts as any
+cycle's does (``heteroscale_cycles_total`` by outcome, its whole duration in the
+duration histogram, the backoff by its success or failure), its end is logged
+(``cycle_overdue_ended``) and the next ``run_cycle`` hands it on in
+``CycleResult.finished_late``.
+
+What the cycles of different clusters share is safe to share: each cluster's own
+entries (its backoff here, its windows, stored state and drift in ``PolicyWindows``,
+``ConfigMapStateStore`` and ``DriftLog``, its backend) are touched only by its own
+cycle, one at a time, and by the schedule only while it has none in flight; the
+metrics registry, the Kubernetes and Prometheus clients and the autoscalers' caches
+are thread-safe, the autoscaler and placer keep no state between calls. Leadership is
+read as each cluster's cycle starts and again right before it applies.
 
 One cluster's work is ``ClusterCycle``'s; what the loop reports is ``reporting``'s.
 """
@@ -11,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from reconciler.desired.loader import DesiredState, reuse_unchanged
 from reconciler.desired.models import ClusterSpec
@@ -18,11 +45,33 @@ from reconciler.durable import DurableState
 from reconciler.errors import ConfigError, HeteroscaleError
 from reconciler.loop.cluster_cycle import ClusterCycle, ClusterOutcome
 from reconciler.loop.protocols import DesiredStateLoader, LeaderElection, StateStore
-from reconciler.loop.reporting import LeaseCollector, LoopMetrics, log, record_slos
+from reconciler.loop.reporting import (
+    LeaseCollector,
+    LoopMetrics,
+    RunningCollector,
+    log,
+    record_slos,
+)
+from reconciler.loop.running import ClusterRuns, RunningCycle
 from reconciler.loop.windows import PolicyWindows
 from reconciler.observe.base import ClusterBackend, MetricsSource
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.policy.base import Autoscaler, PolicyHistory
+
+# A cluster's cycle may take this long by default, or the interval when longer: a
+# healthy cycle's placement alone may take its 2 s budget (PlacementOptions.time_limit_s)
+# and up to three times that under the CPU guard, and a few list calls of a large
+# cluster take seconds more; a shorter deadline would call healthy cycles overdue.
+MIN_DEFAULT_CLUSTER_DEADLINE_S = 10.0
+# How long a stopping loop waits for the cycles in flight (a third of Kubernetes'
+# default 30 s termination grace period, as ``run`` gives the memory flush another).
+STOP_WAIT_S = 10.0
+
+
+def default_cluster_deadline(interval_s: float) -> float:
+    """A cluster's cycle should end before the next is due: the interval, at least
+    ``MIN_DEFAULT_CLUSTER_DEADLINE_S``."""
+    return max(interval_s, MIN_DEFAULT_CLUSTER_DEADLINE_S)
 
 
 @dataclass
@@ -30,6 +79,9 @@ class CycleResult:
     clusters: list[ClusterOutcome] = field(default_factory=list)
     desired_error: str | None = None  # the latest revision was invalid (last good used)
     source_label: str = ""
+    # Cycles reported overdue by an earlier loop cycle that ended since the last one
+    # (their own outcome; ``clusters`` holds this loop cycle's report of each cluster).
+    finished_late: list[ClusterOutcome] = field(default_factory=list)
 
     @property
     def has_changes(self) -> bool:
@@ -78,10 +130,16 @@ class ReconcileLoop:
         leader_election: LeaderElection | None = None,
         state_store: StateStore | None = None,
         identity: str = "",
+        cluster_workers: int = 0,
+        cluster_deadline_s: float | None = None,
+        stop_wait_s: float = STOP_WAIT_S,
     ):
         """``leader_election`` feeds ``/healthz`` and the lease metrics; when it is not
         given and ``is_leader`` is a bound method of an election (``run`` passes
-        ``elector.is_leader``), that election is used."""
+        ``elector.is_leader``), that election is used. ``cluster_workers``: 0 runs the
+        clusters in turn in the caller's thread; N runs each on its own thread, at most
+        N at once, each within ``cluster_deadline_s`` (None: ``default_cluster_deadline``
+        of the interval; see the module docstring)."""
         self.load_desired = load_desired
         self.dry_run = dry_run
         self.clock = clock
@@ -90,6 +148,15 @@ class ReconcileLoop:
         self.interval_s = interval_s
         self.max_backoff_s = max_backoff_s
         self.only_clusters = only_clusters
+        if cluster_workers < 0:
+            raise ValueError("cluster_workers must be 0 (in turn) or more")
+        self.cluster_deadline_s = (
+            default_cluster_deadline(interval_s)
+            if cluster_deadline_s is None
+            else cluster_deadline_s
+        )
+        self.stop_wait_s = stop_wait_s
+        self.runs = ClusterRuns(cluster_workers) if cluster_workers else None
         self.last_good: DesiredState | None = None
         # The latest revision's error, while the last known good one is in force.
         self.desired_error: str | None = None
@@ -118,6 +185,10 @@ class ReconcileLoop:
         self.leader_election = leader_election
         if leader_election is not None:
             self.metrics.registry.register(LeaseCollector(leader_election))
+        if self.runs is not None:
+            self.metrics.registry.register(
+                RunningCollector(self.runs.ages, lambda: list(self._backoff))
+            )
 
     # What the cluster cycle holds, where callers (``run``, saved plans, tests) read or
     # set it on the loop.
@@ -178,8 +249,12 @@ class ReconcileLoop:
     # ------------------------------------------------------------------- cycles
 
     def run_cycle(self) -> CycleResult:
+        """One loop cycle: every cluster's cycle, in turn or each on its thread (the
+        module docstring). One caller at a time."""
         state, desired_error = self.refresh_desired()
         result = CycleResult(desired_error=desired_error)
+        if self.runs is not None:
+            result.finished_late = self.runs.take_finished_late()
         if state is None:
             self.cycles_run += 1
             return result
@@ -187,10 +262,18 @@ class ReconcileLoop:
         result.source_label = state.source_label
         leader = self.is_leader()
         self.metrics.leader.set(1 if leader else 0)
-        for name in sorted(state.clusters):
-            if self.only_clusters and name not in self.only_clusters:
-                continue
-            result.clusters.append(self._cluster_cycle(state, state.clusters[name]))
+        names = [
+            n for n in sorted(state.clusters) if n in self.only_clusters or not self.only_clusters
+        ]
+        if self.runs is None:
+            for name in names:
+                now = self.clock()
+                result.clusters.append(
+                    self._skipped(name, now)
+                    or self._cluster_cycle(state, state.clusters[name], now)
+                )
+        else:
+            result.clusters = self._cluster_cycles_at_once(self.runs, state, names)
         self.last_cycle_end_s = self.clock()
         self.metrics.last_cycle.set(time.time())
         self.cycles_run += 1
@@ -198,29 +281,95 @@ class ReconcileLoop:
             self.acted_cycles += 1
         return result
 
+    def _cluster_cycles_at_once(
+        self, runs: ClusterRuns, state: DesiredState, names: list[str]
+    ) -> list[ClusterOutcome]:
+        """Each cluster's cycle on its own thread, waited for until it ended or its
+        deadline passed; a cluster whose cycle is still running is not started again."""
+        reported: dict[str, ClusterOutcome] = {}
+        started: list[RunningCycle] = []
+        for name in names:
+            running = runs.running(name)
+            if running is not None:  # overdue since an earlier loop cycle
+                reported[name] = self._overdue(running)
+                continue
+            now = self.clock()
+            skipped = self._skipped(name, now)
+            if skipped is not None:
+                reported[name] = skipped
+                continue
+            spec = state.clusters[name]
+            cycle = partial(self._cluster_cycle, state, spec, now, contain_bugs=True)
+            started.append(runs.start(name, self.cluster_deadline_s, cycle))
+        runs.wait(started)
+        for run in started:
+            outcome = runs.ended_or_overdue(run)
+            reported[run.cluster] = outcome if outcome is not None else self._overdue(run)
+        return [reported[name] for name in names]
+
+    def _overdue(self, run: RunningCycle) -> ClusterOutcome:
+        """This loop cycle's report of a cluster whose cycle runs past its deadline."""
+        age = run.age_s()
+        outcome = ClusterOutcome(
+            cluster=run.cluster,
+            outcome="error",
+            error=(
+                f"CycleOverdue: still running after {age:.1f} s (deadline "
+                f"{run.deadline_s:g} s); not started again until it ends"
+            ),
+            duration_s=age,
+        )
+        self.metrics.errors.labels(run.cluster, "CycleOverdue").inc()
+        log.error(
+            f"cluster {run.cluster}: {outcome.error}",
+            extra={
+                "event": "cycle_overdue",
+                "cluster": run.cluster,
+                "running_s": round(age, 3),
+                "deadline_s": run.deadline_s,
+            },
+        )
+        return outcome
+
     def _apply_refused(self) -> str | None:
         """Why a cluster's cycle that started as the acting leader must not apply now."""
+        if self.runs is not None and self.runs.stopping.is_set():
+            return "the loop is stopping"
         if not self.is_leader():
             return "this replica no longer leads (the Lease was lost during the cycle)"
         return None
 
-    def _cluster_cycle(self, state: DesiredState, spec: ClusterSpec) -> ClusterOutcome:
-        """One cluster's cycle unless it is backing off; its errors are reported here
-        and never reach the other clusters. Leadership is read as it starts, and again
-        right before it applies (``ClusterCycle.apply_refused``)."""
+    def _skipped(self, name: str, now: float) -> ClusterOutcome | None:
+        """The report of a cluster backing off after failures (None: its cycle is due)."""
+        backoff = self._backoff.setdefault(name, _Backoff())
+        if now >= backoff.next_attempt_s:
+            return None
+        self.metrics.cycles.labels(name, "skipped").inc()
+        return ClusterOutcome(
+            cluster=name,
+            outcome="skipped",
+            error=f"backing off after {backoff.failures} failure(s); next attempt in {backoff.next_attempt_s - now:.0f} s",
+        )
+
+    def _cluster_cycle(
+        self, state: DesiredState, spec: ClusterSpec, now: float, *, contain_bugs: bool = False
+    ) -> ClusterOutcome:
+        """One cluster's cycle; its errors are reported here and never reach the other
+        clusters (with ``contain_bugs``, on a cycle's own thread, not even a bug's:
+        logged with its traceback and counted as the cluster's error). Leadership is
+        read as it starts, and again right before it applies
+        (``ClusterCycle.apply_refused``). ``now``: when it was due (the backoff
+        counts from it)."""
         name = spec.name
         outcome = ClusterOutcome(cluster=name)
         backoff = self._backoff.setdefault(name, _Backoff())
-        now = self.clock()
-        if now < backoff.next_attempt_s:
-            outcome.outcome = "skipped"
-            outcome.error = f"backing off after {backoff.failures} failure(s); next attempt in {backoff.next_attempt_s - now:.0f} s"
-            self.metrics.cycles.labels(name, "skipped").inc()
-            return outcome
         started = time.perf_counter()
         try:
             self.cluster_cycle.run(state, spec, self.is_leader(), outcome)
-        except (HeteroscaleError, OSError) as exc:
+        except Exception as exc:
+            known = isinstance(exc, HeteroscaleError | OSError)
+            if not (known or contain_bugs):
+                raise  # in the caller's thread: run_forever logs it (cycle_crash)
             outcome.outcome = "error"
             outcome.error = f"{type(exc).__name__}: {exc}"
             backoff.failures += 1
@@ -229,6 +378,7 @@ class ReconcileLoop:
             self.metrics.errors.labels(name, type(exc).__name__).inc()
             log.error(
                 f"cluster {name}: {outcome.error}",
+                exc_info=not known,  # a traceback for a bug
                 extra={"event": "cluster_error", "cluster": name, "error_kind": type(exc).__name__},
             )
         else:
@@ -244,17 +394,41 @@ class ReconcileLoop:
     def run_forever(
         self, stop: threading.Event, *, on_cycle: Callable[[CycleResult], None] | None = None
     ) -> None:
-        """Cycle every ``interval_s`` (measured start to start) until ``stop`` is set."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                result = self.run_cycle()
-            except Exception:  # the loop must outlive any bug in one cycle
-                log.exception("cycle failed", extra={"event": "cycle_crash"})
-            else:
-                if on_cycle is not None:
-                    on_cycle(result)
-            stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+        """Cycle every ``interval_s`` (measured start to start) until ``stop`` is set;
+        then ``stop_cycles``."""
+        if self.runs is not None:
+            self.runs.stopping.clear()
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    result = self.run_cycle()
+                except Exception:  # the loop must outlive any bug in one cycle
+                    log.exception("cycle failed", extra={"event": "cycle_crash"})
+                else:
+                    if on_cycle is not None:
+                        on_cycle(result)
+                stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+        finally:
+            self.stop_cycles()
+
+    def stop_cycles(self, wait_s: float | None = None) -> list[str]:
+        """At a stop: the cycles in flight start no apply any more (one already applying
+        finishes its writes), and are waited for up to ``wait_s`` (``stop_wait_s``); the
+        clusters whose cycle still runs then, logged (their threads end with the
+        process). Call it before the Lease is released: a cycle past this point can
+        only be reading, or finishing an apply it began while leading."""
+        if self.runs is None:
+            return []
+        self.runs.stopping.set()
+        left = self.runs.drain(self.stop_wait_s if wait_s is None else wait_s)
+        for run in left:
+            log.warning(
+                f"cluster {run.cluster}: its cycle still runs at the stop, after "
+                f"{run.age_s():.1f} s; left to end with the process",
+                extra={"event": "cycle_abandoned", "cluster": run.cluster},
+            )
+        return [run.cluster for run in left]
 
     def health_problems(self, now_s: float | None = None) -> list[str]:
         """Why this replica should be restarted: its cycles stalled, or its leader

@@ -4,12 +4,14 @@ simulated fleet built from the repository's own policies/ and clusters/)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from reconciler.cli import app
+from reconciler.commands.reconcile import Settings, build_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,3 +71,41 @@ def test_run_reconciles_until_told_to_stop() -> None:
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+def test_run_reconciles_real_clusters_at_once_and_the_simulated_fleet_in_turn(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        repo=REPO,
+        rev=None,
+        kubeconfig=None,
+        simulate=True,
+        clusters=(),
+        placer="greedy",
+        autoscaler="heteroscale",
+        prometheus_url=None,
+        force=False,
+        drain_window_s=0.0,
+        diff_mode="auto",
+        seed=0,
+        prune_removed_services=False,
+    )
+    # The simulated fleet is one object for every cluster: its clusters run in turn.
+    simulated, wiring = build_loop(settings, dry_run=True, cluster_workers=8)
+    assert wiring.simulated and simulated.runs is None
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "current-context: c\n"
+    )
+    real = replace(settings, simulate=False, kubeconfig=str(config))
+    loop, wiring = build_loop(real, dry_run=True, interval_s=45.0, cluster_workers=8)
+    assert not wiring.simulated and loop.runs is not None and loop.runs.workers == 8
+    assert loop.cluster_deadline_s == 45.0  # the interval's
+    # plan, apply and status: one cycle, the clusters in turn.
+    one_shot, _ = build_loop(real, dry_run=True)
+    assert one_shot.runs is None
