@@ -126,9 +126,10 @@ solve, bounded by a deterministic-time budget (``time_limit_s`` x
 packing fallback likewise) plus a fixed charge per sub-model: the same input gives the
 same layout on any machine and at any load, so ``plan`` and ``apply`` agree. (CP-SAT's
 parallel portfolio exchanges solutions in timing-dependent order, and its interleaved
-deterministic mode always spends its whole budget.) The process's CPU time (3 x the
-limit) is only a runaway guard, and CP-SAT's wall clock a far looser one, so a loaded
-machine does not change the answer; a run stopped by the guard says so in
+deterministic mode always spends its whole budget.) The calling thread's CPU time (3 x
+the limit; the one search worker runs in it) is only a runaway guard, and CP-SAT's wall
+clock a far looser one, so neither a loaded machine nor other clusters' placements
+solved at once (``run`` reconciles clusters on threads of their own) change the answer; a run stopped by the guard says so in
 ``stats.notes``. With ``deterministic=False``, the search runs until ``time_limit_s``
 and a whole-model solve uses ``workers`` threads. Presolve runs without probing and symmetry detection
 (2-3x faster to a proven optimum on the benchmark). The result carries the combined
@@ -775,8 +776,8 @@ class _Solve:
     def _budget(self) -> SearchBudget:
         options = self.options
         if options.deterministic:
-            # The runaway guard counts this process's CPU time from here.
-            deadline_s = time.process_time() + self._guard_s()
+            # The runaway guard counts this thread's CPU time from here.
+            deadline_s = time.thread_time() + self._guard_s()
         else:
             deadline_s = self.problem.started_s + options.time_limit_s
         # The work around the solver grows with the model; the solver gets what that

@@ -21,8 +21,8 @@ capacity rows), and this module
 
 Determinism: a search is bounded by ``SearchBudget``: CP-SAT's deterministic time plus
 a fixed charge per sub-solve (its model building is not in CP-SAT's clock), so the
-same input takes the same steps on any machine; the process's CPU time is only a
-runaway guard there. Without determinism the budget is the wall clock.
+same input takes the same steps on any machine; the calling thread's CPU time is only
+a runaway guard there. Without determinism the budget is the wall clock.
 """
 
 from __future__ import annotations
@@ -301,8 +301,10 @@ class BlockModel:
 class SearchBudget:
     """What a search may spend. Deterministic: ``units`` of CP-SAT deterministic time
     (plus ``SUBSOLVE_OVERHEAD_UNITS`` per sub-solve); ``deadline_s``, a
-    ``time.process_time()`` value, is only a runaway guard (process CPU time, so that a
-    loaded machine does not trip it). Otherwise: the wall clock alone, ``deadline_s``
+    ``time.thread_time()`` value, is only a runaway guard (the calling thread's CPU
+    time, which CP-SAT's one search worker runs in: a loaded machine does not trip it,
+    nor the placements of other clusters solved at once on the loop's other threads,
+    which the process's CPU time counted). Otherwise: the wall clock alone, ``deadline_s``
     a ``time.perf_counter()`` value, with ``units_per_s`` converting unit amounts (such
     as ``SUBSOLVE_UNITS``) to seconds."""
 
@@ -316,7 +318,7 @@ class SearchBudget:
         """What is still available: deterministic units, or wall seconds."""
         if not self.deterministic:
             return max(0.0, self.deadline_s - time.perf_counter())
-        if time.process_time() >= self.deadline_s:
+        if time.thread_time() >= self.deadline_s:
             self.guard_hit = True
             return 0.0
         return max(0.0, self.units)
@@ -328,7 +330,7 @@ class SearchBudget:
     def wall_limit_s(self) -> float:
         """CP-SAT's wall-clock limit for one deterministic solve: far beyond what its
         deterministic time takes even on a loaded machine (a runaway guard only)."""
-        return max(1.0, 10.0 * (self.deadline_s - time.process_time()))
+        return max(1.0, 10.0 * (self.deadline_s - time.thread_time()))
 
     def charge(self, solver: cp_model.CpSolver, overhead_units: float) -> None:
         self.units -= solver.deterministic_time + overhead_units

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -28,8 +29,27 @@ from reconciler.placement.decompose import (
 
 def budget(units: float = 1.0) -> SearchBudget:
     return SearchBudget(
-        deterministic=True, units=units, deadline_s=time.process_time() + 30, units_per_s=0.1
+        deterministic=True, units=units, deadline_s=time.thread_time() + 30, units_per_s=0.1
     )
+
+
+def test_cpu_spent_by_other_threads_does_not_trip_the_runaway_guard() -> None:
+    # Other clusters' placements solved at once, on the loop's other threads.
+    guarded = SearchBudget(
+        deterministic=True, units=1.0, deadline_s=time.thread_time() + 0.5, units_per_s=0.1
+    )
+
+    def burn() -> None:
+        end = time.thread_time() + 1.0
+        while time.thread_time() < end:
+            pass
+
+    other = threading.Thread(target=burn)
+    other.start()
+    other.join()
+    # Before: the process's CPU time, the other thread's second included, tripped it.
+    assert guarded.left() == 1.0 and not guarded.guard_hit
+    assert guarded.wall_limit_s() >= 1.0
 
 
 @st.composite
