@@ -28,6 +28,13 @@ oversized, another schema version) is reported by the caller and later overwritt
 the leader; a memory shard that cannot be read loses only its own services' memories
 (``load_problems``), never the state.
 
+Clusters' cycles at once (``run`` reconciles each on a thread of its own): one store
+serves them all, and every table of it is keyed by cluster or by one cluster's object
+names, each written only by that cluster's cycle (one at a time); the client is
+thread-safe. ``flush_memories`` at a stop runs once the loop has waited for the cycles
+in flight (``ReconcileLoop.stop_cycles``); a cycle still writing then races it only on
+its own cluster's objects, where a conflict is read again and written over.
+
 One other writer: a one-shot ``heteroscale apply`` records the plan and revision it
 applied (``reconciler.commands.reconcile.record_applied``), and only while no other
 holder's Lease is live. It never writes a whole state of its own: ``update`` reads

@@ -366,7 +366,9 @@ DRIFT_KINDS = (
 
 class DriftLog:
     """The drift items of each cluster's last cycle: each is logged and counted when
-    first seen, logged again when it goes, and shown by kind while it lasts."""
+    first seen, logged again when it goes, and shown by kind while it lasts. Keyed by
+    cluster, each entry written by its cluster's cycle only (one at a time), so the
+    cycles of different clusters may record at once."""
 
     def __init__(self, metrics: LoopMetrics) -> None:
         self.metrics = metrics

@@ -7,6 +7,11 @@ the leader after every acting cycle with the last known good revision and the ap
 plan's identity. An object that cannot be read is reported and ignored: the windows
 start fresh. A memory shard that cannot be read is reported alike (once per read) and
 only its services' planners start afresh.
+
+Clusters' cycles at once (``run``, ``reconciler.loop.running``): every table here is
+keyed by cluster, and a cluster's entries are read and written only by that cluster's
+cycle, of which one at most runs at a time; cycles of different clusters therefore
+share no entry and need no lock (a dict's single get or set is atomic).
 """
 
 from __future__ import annotations
