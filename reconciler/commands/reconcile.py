@@ -282,13 +282,27 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
                 logging.getLogger("heteroscale.metrics").warning(
                     f"{problem} ({hint})", extra={"event": event}
                 )
-        source: Any = PrometheusMetricsSource(prometheus)
+        # One source per cluster: its own connections, so one cluster's slow queries
+        # (run reconciles the clusters at once) never hold another's.
+        sources: dict[str, PrometheusMetricsSource] = {}
+        sources_lock = threading.Lock()
+
+        def metrics_for(spec: ClusterSpec) -> Any:
+            with sources_lock:
+                if spec.name not in sources:
+                    sources[spec.name] = PrometheusMetricsSource(prometheus)
+                return sources[spec.name]
+
     else:
-        source = NoMetrics()
+        no_metrics = NoMetrics()
+
+        def metrics_for(spec: ClusterSpec) -> Any:
+            return no_metrics
+
     return Wiring(
         simulated=False,
         backend_for=backend_for,
-        metrics_for=lambda spec: source,
+        metrics_for=metrics_for,
         clock=time.time,
         describe="Kubernetes" + (f" ({settings.kubeconfig})" if settings.kubeconfig else ""),
     )

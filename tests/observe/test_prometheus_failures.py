@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from observe_helpers import (
     settings_for,
 )
 
+from reconciler.commands.reconcile import Settings, wire
+from reconciler.desired import load_desired_state
 from reconciler.errors import MetricsUnavailable, TemporaryError
 from reconciler.observe.base import MetricsSource
 from reconciler.observe.local_prometheus import free_loopback_port
@@ -28,6 +31,7 @@ from reconciler.observe.presets import LENGTH_NAMES
 from reconciler.observe.prometheus import PrometheusMetricsSource, PrometheusSettings
 from reconciler.state import METRIC_NAMES
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUESTS = len(METRIC_NAMES) + len(LENGTH_NAMES)
 """HTTP requests of one cycle: one per signal and one per request-mix histogram."""
 
@@ -226,6 +230,54 @@ def test_two_clusters_fetching_at_once_each_report_their_own_requests(
     assert [r.http_requests for r in reports.values()] == [REQUESTS, REQUESTS]
     assert server.received == 2 * REQUESTS
     source.close()
+
+
+def test_run_reads_each_clusters_metrics_through_its_own_connections(
+    fake_prometheus: StartFake, tmp_path: Path
+) -> None:
+    # One cluster's services have slow queries: they hold its connections, not the
+    # other cluster's (run reconciles both at once, through wire's metrics_for).
+    server = fake_prometheus(
+        [Reply()], route=lambda promql: Reply(delay_s=1.5 if "svc-slow" in promql else 0.0)
+    )
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+        "current-context: c\n"
+    )
+    state = load_desired_state(REPO_ROOT)
+    settings = Settings(
+        repo=REPO_ROOT,
+        rev=None,
+        kubeconfig=str(config),
+        simulate=False,
+        clusters=(),
+        placer="greedy",
+        autoscaler="heteroscale",
+        prometheus_url=server.url,
+        force=False,
+        drain_window_s=0.0,
+        diff_mode="auto",
+        seed=0,
+        prune_removed_services=False,
+    )
+    wiring = wire(settings, state)
+    east = state.clusters["prod-east"]
+    west = east.model_copy(update={"name": "prod-west"})
+    assert wiring.metrics_for(east) is wiring.metrics_for(east)
+    slow = threading.Thread(
+        target=lambda: wiring.metrics_for(east).fetch([make_policy("svc-slow")], 1000.0)
+    )
+    slow.start()
+    time.sleep(0.2)  # its queries hold every connection of its source
+    started = time.monotonic()
+    wiring.metrics_for(west).fetch([make_policy("svc-fast")], 1000.0)
+    # Before: one source for every cluster, the fast one waited for a connection.
+    assert time.monotonic() - started < 0.75
+    slow.join(10)
 
 
 @pytest.mark.parametrize(
