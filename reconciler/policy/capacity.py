@@ -1219,14 +1219,20 @@ def implied_decode_factor(
     return observed_tbt_s / predicted if predicted > 0 else None
 
 
-def implied_prefill_factor(load: PrefillLoad, observed_ttft_s: float) -> float | None:
+def implied_prefill_factor(
+    load: PrefillLoad, observed_ttft_s: float, alike_at_or_below: float | None = None
+) -> float | None:
     """The factor at which the model's TTFT (:func:`predicted_ttft_s`) equals the
     observed one at the observed ``load``. Not the plain ratio of TTFTs: only the
     prefill part of TTFT scales with the instance's speed (transfer and the decode step
     do not), and near saturation the wait grows much faster than the speed factor, so
     a plain ratio would over-correct. TTFT grows with the factor, so bisection over
     ``[MIN_FACTOR, MAX_FACTOR]`` inverts it; outside that range the bound is
-    returned. ``None`` without a usable observation."""
+    returned. ``None`` without a usable observation.
+
+    ``alike_at_or_below``: the caller treats every factor at or below it alike, so once
+    the bracket's top is there the bisection stops and returns it (its answer, the
+    geometric mean of a bracket within that top, could not be above it)."""
     if not (math.isfinite(observed_ttft_s) and observed_ttft_s > 0):
         return None
     prompt_tps_per_instance = load.prompt_tps_per_instance
@@ -1250,9 +1256,14 @@ def implied_prefill_factor(load: PrefillLoad, observed_ttft_s: float) -> float |
         return lo
     if within(hi):
         return hi
+    floor = -math.inf if alike_at_or_below is None else alike_at_or_below
     for _ in range(_BISECTION_STEPS):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if within(mid) else (lo, mid)
+        if hi <= floor:
+            # ``sqrt(lo x hi) <= hi`` in floats too: ``lo x hi`` rounds to at most
+            # ``hi x hi``, whose rounded square root is ``hi``.
+            return hi
         if hi / lo - 1.0 < 1e-6:
             break
     return math.sqrt(lo * hi)

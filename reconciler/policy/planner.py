@@ -1209,8 +1209,14 @@ def _corrected(
             load = PrefillLoad(
                 perf.prefill, mix, slo.quantile, per_instance, ready[0], transfer, first_step_s
             )
+            # Below, a factor at or below this one reads as it: beside the busy reading,
+            # ``factor_evidence`` takes a coarse factor only above the current one;
+            # alone, it is raised to at least ``min(1, current)``.
+            alike_at_or_below = (
+                correction.prefill if busy_implied is not None else min(1.0, correction.prefill)
+            )
             implied = within_bucket(
-                lambda s: implied_prefill_factor(load, s),
+                lambda s: implied_prefill_factor(load, s, alike_at_or_below),
                 ttft.value / 1000.0,
                 policy_latency_buckets(policy, "ttft"),
                 correction.prefill,
