@@ -302,8 +302,6 @@ def update(
     if state.samples and at_s <= state.last_at_s:
         return state
     bins = config.day_bins
-    day_mean = list(state.day_mean) if state.day_mean else [0.0] * bins
-    day_count = list(state.day_count) if state.day_count else [0.0] * bins
 
     # 1. Score the forecasts that fall due (the actual is this sample).
     errors = list(state.errors) or [() for _ in config.horizons_s]
@@ -322,11 +320,25 @@ def update(
     # 2. The daily curve: this sample joins its time-of-day bin.
     b = int((at_s % config.day_s) // config.bin_s) % bins
     per_visit = config.bin_s / config.interval_s
-    day_count[b] = min(day_count[b] + 1.0, per_visit)
-    day_mean[b] += (demand - day_mean[b]) / day_count[b]
+    day_count: tuple[float, ...] | list[float] = state.day_count
+    if len(state.day_mean) == len(day_count) == bins:
+        # One bin changes: each tuple rebuilt around it, and the counts kept as they
+        # are once that bin's is full (a count >= 1 equal to the old one is it bit for
+        # bit). Each new tuple of a day's bins was work for the cyclic collector after
+        # a batch of decisions too.
+        count = min(day_count[b] + 1.0, per_visit)
+        if count != day_count[b]:
+            day_count = (*day_count[:b], count, *day_count[b + 1 :])
+        mean = state.day_mean[b]
+        curve = (*state.day_mean[:b], mean + (demand - mean) / count, *state.day_mean[b + 1 :])
+    else:  # a fresh state (or one of another length, which fails here as it did)
+        day_mean = list(state.day_mean) if state.day_mean else [0.0] * bins
+        day_count = list(state.day_count) if state.day_count else [0.0] * bins
+        day_count[b] = min(day_count[b] + 1.0, per_visit)
+        day_mean[b] += (demand - day_mean[b]) / day_count[b]
+        curve = tuple(day_mean)
 
     # 3. Holt on the (deseasonalised) demand.
-    curve = tuple(day_mean)
     if state.samples == 0:
         samples, first_at_s, level, trend, seasonal = 1, at_s, demand, 0.0, state.seasonal
     else:
@@ -363,7 +375,7 @@ def update(
         trend=trend,
         seasonal=seasonal,
         day_mean=curve,
-        day_count=tuple(day_count),
+        day_count=tuple(day_count),  # the same tuple when it is one
         pending=tuple(pending),
         errors=tuple(tuple(e[-kept:]) for e in errors),
     )
