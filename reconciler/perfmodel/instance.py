@@ -67,12 +67,11 @@ from reconciler.perfmodel.calibrate import (
     FIT_PATH,
     ModelOnCard,
     Num,
-    decode_step_float_s,
     decode_step_s,
     decode_terms,
-    prefill_latency_float_s,
     prefill_latency_s,
     prefill_terms,
+    smooth_max_float,
 )
 
 # Assumption 4 (memory), shared with validate.
@@ -134,6 +133,8 @@ class InstancePerf:
     _decode_terms: tuple[float, ...] = field(init=False, compare=False, repr=False)
     # The model and card operands of the fitted forms (calibrate's decode and prefill).
     _model_on_card: ModelOnCard = field(init=False, compare=False, repr=False)
+    # The parts of ``prefill_latency_one_s`` that do not depend on the prompt, likewise.
+    _prefill_terms: tuple[float, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # In ModelOnCard's field order: the model's sizes, then the card's rates.
@@ -164,6 +165,22 @@ class InstancePerf:
             ),
         )
 
+        p = self.prefill_params
+        # Each as calibrate's prefill_terms groups it at batch 1 (``x * 1.0`` is ``x``).
+        object.__setattr__(
+            self,
+            "_prefill_terms",
+            (
+                p["overhead_s"],
+                self.weight_bytes / (p["eta_floor_bw"] * self.bandwidth_bps),
+                2.0 * self.params,
+                2.0 * self.kv_bytes_per_token,
+                p["eta_attention"],
+                p["eta_compute"] * self.flops,
+                p["k"],
+            ),
+        )
+
     # ------------------------------------------------------------------ prefill
 
     @property
@@ -185,11 +202,18 @@ class InstancePerf:
 
     def prefill_latency_one_s(self, prompt_tokens: float) -> float:
         """:meth:`prefill_latency_s` of one prompt alone, as a float and bit for bit the
-        same (for the planner's bisections over a prompt length)."""
-        terms = prefill_terms(
-            self.prefill_params, batch=1.0, prompt=prompt_tokens, model=self._model_on_card
+        same (for the planner's bisections over a prompt length): calibrate's
+        ``prefill_terms`` and ``prefill_latency_float_s`` inlined on the constants
+        worked out once (``_prefill_terms``), the same operations on the same operands
+        without the calls."""
+        overhead_s, floor_s, two_params, two_kv_bytes, eta_attention, compute_rate, k = (
+            self._prefill_terms
         )
-        return prefill_latency_float_s(self.prefill_params, terms)
+        work = (
+            two_params * prompt_tokens
+            + two_kv_bytes * (prompt_tokens * prompt_tokens) / eta_attention
+        )
+        return overhead_s + smooth_max_float(float(floor_s), float(work / compute_rate), k)
 
     def prefill_work(self, prompt_tokens: np.ndarray | float) -> np.ndarray:
         """Work of one prompt in compute-equivalent FLOPs (linear layers + attention at
@@ -226,9 +250,30 @@ class InstancePerf:
     def decode_step_float_s(self, batch: float, kv_tokens: float, mean_context: float) -> float:
         """:meth:`decode_step_s` of one instance as a float, bit for bit the same (for the
         planner's bisections over a batch; :meth:`decode_step_scalar_s` is faster still
-        but rounds differently in the last bits)."""
-        terms = self._decode_terms_at(max(batch, 1e-9), kv_tokens, mean_context)
-        return decode_step_float_s(self.decode_params, terms)
+        but rounds differently in the last bits): calibrate's ``decode_terms`` and
+        ``decode_step_float_s`` inlined on the constants worked out once
+        (``_decode_terms``, grouped as ``decode_terms`` groups them), the same
+        operations on the same operands without the calls."""
+        (
+            fixed_s,
+            weights_s,
+            two_params,
+            compute_flops,
+            floor_s_per_kv_gb,
+            gpus,
+            kv_bytes_per_token,
+            bandwidth_bps,
+            k_gemm,
+            _,
+            k_attention,
+            _,
+        ) = self._decode_terms
+        compute_s = two_params * max(batch, 1e-9) / compute_flops
+        floor_s = floor_s_per_kv_gb * (mean_context / gpus) * kv_bytes_per_token / 1e9
+        reads_s = kv_tokens * kv_bytes_per_token / bandwidth_bps
+        gemm = smooth_max_float(float(weights_s), float(compute_s), k_gemm)
+        attention = smooth_max_float(float(floor_s), float(reads_s), k_attention)
+        return float(fixed_s) + gemm + attention
 
     def _decode_terms_at(
         self, batch: Num, kv_tokens: Num, mean_context: Num
