@@ -828,14 +828,107 @@ class _PrefillQueue:
     def _ttft_bisection(
         self, ready: np.ndarray, mean: float, p_wait: float, quantile: float, lo: float, hi: float
     ) -> float:
+        """The bisection for the TTFT at ``quantile`` over ``[lo, hi]``: its last ``hi``.
+
+        Bit for bit the plain bisection's, with fewer attainments: attainment ``A(t)``
+        does not decrease with ``t`` (``ttft_side`` says why), so once ``A(below) < q``
+        and ``A(above) >= q`` are known, a midpoint at or below ``below`` falls short
+        and one at or above ``above`` attains without being computed: every step goes
+        the way the plain one goes, and only midpoints between the two are computed.
+        A guess from a closed form of ``A`` (``_ttft_seeds``) puts the two either side
+        of the answer and close to it first, so that of the twenty-odd steps two or
+        three compute (a realistic prefill queue: 120 -> 38 us)."""
+        below, above = -math.inf, math.inf  # A(below) < quantile <= A(above)
+        if p_wait > 0 and mean > 0 and math.isfinite(hi) and lo < hi:
+            below, above = self._ttft_seeds(ready, mean, p_wait, quantile, lo, hi)
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
-            lo, hi = (
-                (mid, hi) if self._attainment(ready, mean, p_wait, mid) < quantile else (lo, mid)
-            )
+            if mid <= below:
+                short = True
+            elif mid >= above:
+                short = False
+            else:
+                short = self._attainment(ready, mean, p_wait, mid) < quantile
+                if short:
+                    below = mid
+                else:
+                    above = mid
+            lo, hi = (mid, hi) if short else (lo, mid)
             if hi - lo < _TTFT_TOLERANCE_S:
                 break
         return hi
+
+    def _ttft_seeds(
+        self, ready: np.ndarray, mean: float, p_wait: float, quantile: float, lo: float, hi: float
+    ) -> tuple[float, float]:
+        """``(below, above)`` with ``A(below) < quantile <= A(above)`` (either infinite
+        when not found), either side of where ``A`` crosses ``quantile`` and close to
+        it. Only each computed point's side matters (:meth:`_ttft_bisection`): a poor
+        guess costs time, never a different answer.
+
+        The guess, from a closed form of ``A`` (rounded otherwise than ``A`` itself):
+        with the points in order of their ready times ``r``, between the ``k``-th and
+        the next, ``A(t) = W_k - p exp(L_k - t / c)``, where ``W_k`` is the mass met so
+        far and ``L_k = log sum_(i <= k) w_i exp(r_i / c)`` (a running ``logaddexp``,
+        which neither overflows nor loses the points far behind). ``A`` crosses the
+        quantile either at a jump (a point turning met: the guesses are that ready
+        time and the float just below it) or between two, where ``t`` solves that
+        form (the guesses a quarter of the tolerance either side)."""
+        if not ready.size:
+            return -math.inf, math.inf
+        conditional = mean / p_wait
+        order = np.argsort(ready, kind="stable")
+        times = ready[order]
+        weights = self.weights[order]
+        met_mass = np.cumsum(weights)
+        guesses: tuple[float, float] = (math.nan, math.nan)
+        # A guess only: no warning (a point of no weight has log 0 = -inf, an extreme
+        # queue may overflow), and a NaN or infinite one is never tried.
+        with np.errstate(all="ignore"):
+            scaled_times = times / conditional
+            logs = np.logaddexp.accumulate(np.log(weights) + scaled_times)
+            # A just after each point turns met.
+            after = met_mass - p_wait * np.exp(logs - scaled_times)
+            crossing = int(np.argmax(after >= quantile))
+            if after[crossing] < quantile:  # past the last point
+                guesses = self._smooth_guesses(
+                    met_mass[-1], logs[-1], conditional, p_wait, quantile
+                )
+            else:
+                jump_at = float(times[crossing])
+                # A just before it turns met, then between the previous point and it.
+                before = (
+                    met_mass[crossing - 1]
+                    - p_wait * np.exp(logs[crossing - 1] - scaled_times[crossing])
+                    if crossing > 0
+                    else 0.0
+                )
+                if before >= quantile:
+                    guesses = self._smooth_guesses(
+                        met_mass[crossing - 1], logs[crossing - 1], conditional, p_wait, quantile
+                    )
+                else:
+                    guesses = (float(np.nextafter(jump_at, -math.inf)), jump_at)
+        below, above = -math.inf, math.inf
+        for t in guesses:
+            if lo < t < hi:
+                if self._attainment(ready, mean, p_wait, t) < quantile:
+                    below = max(below, t)
+                else:
+                    above = min(above, t)
+        return below, above
+
+    @staticmethod
+    def _smooth_guesses(
+        met_mass: float, log_sum: float, conditional: float, p_wait: float, quantile: float
+    ) -> tuple[float, float]:
+        """Either side of where ``met_mass - p exp(log_sum - t / c)`` is ``quantile``."""
+        gap = (float(met_mass) - quantile) / p_wait
+        if not 0 < gap < math.inf:
+            return math.nan, math.nan
+        t = conditional * (float(log_sum) - math.log(gap))
+        margin = _TTFT_TOLERANCE_S / 4
+        return t - margin, t + margin
 
     def ttft_side(self, rho: float, quantile: float, lower_s: float, upper_s: float) -> int:
         """``bucket_side(ttft_quantile_s(rho, quantile), lower_s, upper_s)``, the same answer,
