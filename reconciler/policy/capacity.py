@@ -249,6 +249,47 @@ class LengthHistogram:
             return cached_on(self, "points", self._whole)
         return self._spread(upper, per_bucket)
 
+    def cut_points(self, upper: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """``points(upper)``, and how many of its first points are the whole mass's
+        (``points()``) unchanged: those of every bucket at or below ``upper`` (the same
+        floats: ``_spread`` computes a whole bucket's lengths and weights as ``_whole``
+        and the layout do), then the bucket ``upper`` cuts, spread as ``_spread``
+        spreads it (its lengths element by element: the same floats on one bucket as
+        on several). The prefix is taken from the cached whole; only the cut bucket is
+        computed."""
+        lengths, weights = self.points()
+        prefix = 0
+        cut: tuple[float, float, float] | None = None  # (lo, top - lo, weight per point)
+        ended = False  # a bucket left out or cut: every later one must be left out
+        for lo, hi, count in self._buckets():  # ``_spread``'s choices, bucket by bucket
+            if count <= 0:
+                continue
+            top = hi if hi <= lo else min(hi, upper)
+            if (not lo <= upper) if hi <= lo else (top <= lo):  # left out
+                ended = True
+                continue
+            if ended:  # bounds not as the engines' (a mass after a part left out)
+                return (*self._spread(upper, POINTS_PER_BUCKET), 0)
+            if hi <= lo:  # a point mass, kept
+                prefix += 1
+            elif top >= hi:  # a whole bucket
+                prefix += POINTS_PER_BUCKET
+            else:
+                kept = count * (top - lo) / (hi - lo)
+                cut = (lo, top - lo, kept / POINTS_PER_BUCKET)
+                ended = True
+        if cut is None:
+            return lengths[:prefix], weights[:prefix], prefix
+        lo, width, each = cut
+        offsets = (np.arange(POINTS_PER_BUCKET) + 0.5) / POINTS_PER_BUCKET
+        cut_lengths = lo + offsets * width
+        cut_weights = np.full(POINTS_PER_BUCKET, each)
+        return (
+            np.concatenate((lengths[:prefix], cut_lengths)),
+            np.concatenate((weights[:prefix], cut_weights)),
+            prefix,
+        )
+
     def layout(self) -> _Layout:
         """Where the points of the whole mass lie (:class:`_Layout`)."""
         return cached_on(self, "layout", lambda: _layout(self.bounds, self.counts))
@@ -631,14 +672,27 @@ def _work_per_token(
 
 
 def _per_point(
-    perf: InstancePerf, prompt: LengthHistogram, upper: float | None, lengths: np.ndarray
+    perf: InstancePerf,
+    prompt: LengthHistogram,
+    upper: float | None,
+    lengths: np.ndarray,
+    whole_prefix: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per point of ``prompt.points(upper)`` (whose ``lengths`` the caller has): one
     prompt's own latency alone and its work. For the whole mass they depend on the
     layout alone, so they are kept with it (the same lengths every cycle: the same
-    numbers)."""
+    numbers); so are those of the first ``whole_prefix`` points of a cut mass (the
+    whole's, ``LengthHistogram.cut_points``): numpy computes each element alike
+    whatever array it is in, so only the rest are computed."""
     if upper is not None:
-        return perf.prefill_latency_s(lengths), perf.prefill_work(lengths)
+        if whole_prefix <= 0:
+            return perf.prefill_latency_s(lengths), perf.prefill_work(lengths)
+        whole_own, whole_work = _per_point(perf, prompt, None, prompt.layout().lengths)
+        rest = lengths[whole_prefix:]
+        return (
+            np.concatenate((whole_own[:whole_prefix], perf.prefill_latency_s(rest))),
+            np.concatenate((whole_work[:whole_prefix], perf.prefill_work(rest))),
+        )
     layout = prompt.layout()
 
     def compute() -> tuple[InstancePerf, np.ndarray, np.ndarray]:
@@ -669,11 +723,15 @@ class _QueueShape:
 
 
 def _queue_shape(perf: InstancePerf, prompt: LengthHistogram, upper: float | None) -> _QueueShape:
-    lengths, weights = prompt.points(upper)
+    whole_prefix = 0
+    if upper is None:
+        lengths, weights = prompt.points()
+    else:
+        lengths, weights, whole_prefix = prompt.cut_points(upper)
     mass = float(weights.sum())
     empty = mass <= 0 or not perf.fits or float(weights @ lengths) <= 0
     weights = weights / mass if mass > 0 else weights
-    own, work = _per_point(perf, prompt, upper, lengths)
+    own, work = _per_point(perf, prompt, upper, lengths, whole_prefix)
     work_per_token = mean_tokens = service_scv = 0.0
     if not empty:
         mean_work = float(weights @ work)
