@@ -322,15 +322,17 @@ def update(
     per_visit = config.bin_s / config.interval_s
     day_count: tuple[float, ...] | list[float] = state.day_count
     if len(state.day_mean) == len(day_count) == bins:
-        # One bin changes: each tuple rebuilt around it, and the counts kept as they
-        # are once that bin's is full (a count >= 1 equal to the old one is it bit for
-        # bit). Each new tuple of a day's bins was work for the cyclic collector after
-        # a batch of decisions too.
+        # One bin changes: the counts kept as they are once that bin's is full (a count
+        # >= 1 equal to the old one is it bit for bit). Each new tuple of a day's bins
+        # was work for the cyclic collector after a batch of decisions too.
         count = min(day_count[b] + 1.0, per_visit)
         if count != day_count[b]:
-            day_count = (*day_count[:b], count, *day_count[b + 1 :])
-        mean = state.day_mean[b]
-        curve = (*state.day_mean[:b], mean + (demand - mean) / count, *state.day_mean[b + 1 :])
+            counts = list(day_count)
+            counts[b] = count
+            day_count = tuple(counts)
+        means = list(state.day_mean)
+        means[b] += (demand - means[b]) / count
+        curve = tuple(means)
     else:  # a fresh state (or one of another length, which fails here as it did)
         day_mean = list(state.day_mean) if state.day_mean else [0.0] * bins
         day_count = list(state.day_count) if state.day_count else [0.0] * bins
