@@ -92,7 +92,11 @@ def _mix_key(mix: RequestMix) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
     def shares(counts: tuple[float, ...]) -> tuple[float, ...]:
         total = sum(counts) or 1.0
-        return tuple([round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP for c in counts])
+        # An empty bucket's share is 0.0 as computed (``round(+-0.0) * step``), without
+        # the two divisions and the rounding (half the engines' buckets are empty).
+        return tuple(
+            [round(c / total / _MIX_SHARE_STEP) * _MIX_SHARE_STEP if c else 0.0 for c in counts]
+        )
 
     return (
         mix.prompt.bounds + shares(mix.prompt.counts),
