@@ -6,13 +6,28 @@ to the last bits where only the order of additions differs."""
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_testkit import REPO_ROOT
 
-from reconciler.policy.capacity import LengthHistogram, RequestMix
+from reconciler.desired.loader import load_desired_state
+from reconciler.perfmodel.calibrate import (
+    decode_step_float_s,
+    prefill_latency_float_s,
+    prefill_terms,
+)
+from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.policy.capacity import (
+    _BISECTION_STEPS,
+    _TTFT_TOLERANCE_S,
+    LengthHistogram,
+    RequestMix,
+    _per_point,
+    _PrefillQueue,
+)
 from reconciler.policy.forecast import ForecastConfig, ForecastState, update
 
 
@@ -114,3 +129,124 @@ def test_work_per_token_from_bucket_means_equals_the_pass_over_points(raw: list[
     if expected_tokens > 0 and tokens > 0:
         expected = float(weights @ perf.prefill_work(lengths)) / expected_tokens
         assert math.isclose(per_token, expected, rel_tol=1e-12)
+
+
+# ------------------------------------------------- the planner's faster exact forms
+
+
+@cache
+def _instances() -> tuple[InstancePerf, ...]:
+    """Every example service's prefill and decode instance models, on each type its
+    roles may run on."""
+    state = load_desired_state(REPO_ROOT)
+    perfs = []
+    for policy in state.policies.values():
+        cluster = state.clusters[policy.cluster]
+        for role in ("prefill", "decode"):
+            role_policy = policy.role(role)  # type: ignore[arg-type]
+            for gpu_type in role_policy.gpu_types:
+                perfs.append(
+                    instance_perf(
+                        policy.model,
+                        gpu_type,
+                        cluster.gpu_types[gpu_type],
+                        role_policy.gpus_per_instance,
+                    )
+                )
+    return tuple(perf for perf in perfs if perf.fits)
+
+
+instance_index = st.integers(min_value=0, max_value=1_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instance_index,
+    st.floats(min_value=0.0, max_value=512.0),
+    st.floats(min_value=0.0, max_value=2e6),
+    st.floats(min_value=0.0, max_value=2e5),
+    st.floats(min_value=0.0, max_value=2e5),
+)
+def test_the_one_point_forms_equal_calibrates_chain_bit_for_bit(
+    index: int, batch: float, kv_tokens: float, context: float, prompt: float
+) -> None:
+    perf = _instances()[index % len(_instances())]
+    assert perf.decode_step_float_s(batch, kv_tokens, context) == decode_step_float_s(
+        perf.decode_params, perf._decode_terms_at(max(batch, 1e-9), kv_tokens, context)
+    )
+    terms = prefill_terms(perf.prefill_params, batch=1.0, prompt=prompt, model=perf._model_on_card)
+    assert perf.prefill_latency_one_s(prompt) == prefill_latency_float_s(perf.prefill_params, terms)
+
+
+def _histogram(raw: list[float]) -> LengthHistogram:
+    """Counts in vLLM's 1-2-5 buckets up to 100k tokens, then +Inf."""
+    bounds = (*(float(m * 10**e) for e in range(5) for m in (1, 2, 5)), 100_000.0, math.inf)
+    return LengthHistogram(bounds, tuple(raw[: len(bounds)]))
+
+
+histogram_counts = st.lists(st.floats(min_value=0.0, max_value=1e5), min_size=17, max_size=17)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histogram_counts, st.floats(min_value=0.5, max_value=2e5), instance_index)
+def test_a_cut_mass_takes_the_whole_mass_points_below_the_cut(
+    raw: list[float], upper: float, index: int
+) -> None:
+    """``cut_points`` and the per-point figures built on the whole mass's below the cut
+    are ``points(upper)`` and the figures computed afresh, bit for bit."""
+    histogram = _histogram(raw)
+    lengths, weights, prefix = histogram.cut_points(upper)
+    spread_lengths, spread_weights = histogram.points(upper)
+    assert lengths.tolist() == spread_lengths.tolist()
+    assert weights.tolist() == spread_weights.tolist()
+    assert lengths[:prefix].tolist() == histogram.points()[0][:prefix].tolist()
+    perf = _instances()[index % len(_instances())]
+    own, work = _per_point(perf, histogram, upper, lengths, prefix)
+    assert own.tolist() == perf.prefill_latency_s(lengths).tolist()
+    assert work.tolist() == perf.prefill_work(lengths).tolist()
+
+
+def _plain_ttft_bisection(queue: _PrefillQueue, rho: float, quantile: float) -> float:
+    """The TTFT quantile's bisection as it was written before it skipped midpoints."""
+    ready = queue._ready_s(rho)
+    mean, p_wait = queue.wait(rho)
+    lo, hi = queue._ttft_bracket(ready, mean, p_wait, quantile)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if queue._attainment(ready, mean, p_wait, mid) < quantile else (lo, mid)
+        if hi - lo < _TTFT_TOLERANCE_S:
+            break
+    return hi
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    histogram_counts,
+    histogram_counts,
+    instance_index,
+    st.floats(min_value=0.0, max_value=0.97),
+    st.floats(min_value=0.05, max_value=0.9999),
+    st.integers(min_value=1, max_value=64),
+    st.floats(min_value=0.5, max_value=2.0),
+    st.sampled_from([0.0, 1e-7, 1e-6]),
+)
+def test_the_ttft_bisection_takes_the_plain_bisections_answer(
+    prompts: list[float],
+    outputs: list[float],
+    index: int,
+    rho: float,
+    quantile: float,
+    instances: int,
+    factor: float,
+    transfer_s_per_token: float,
+) -> None:
+    """The bisection computes only the midpoints between the nearest known short and
+    attaining bounds, seeded by a closed-form guess: the same answer bit for bit."""
+    if sum(prompts) <= 0 or sum(outputs) <= 0:
+        return
+    mix = RequestMix(_histogram(prompts), _histogram(outputs))
+    perf = _instances()[index % len(_instances())]
+    queue = _PrefillQueue(perf, mix, transfer_s_per_token, 0.03, factor, instances, None)
+    if queue.empty:
+        return
+    assert queue.ttft_quantile_s(rho, quantile) == _plain_ttft_bisection(queue, rho, quantile)
