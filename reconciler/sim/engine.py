@@ -154,6 +154,7 @@ from reconciler.perfmodel.queueing import ggc_wait_s
 from reconciler.policy.capacity import ENGINE_LENGTH_BOUNDS
 from reconciler.policy.gpu_economics import ranked_gpu_types
 from reconciler.sim.generations import (
+    POOL_COLUMNS,
     SLOT_COLUMNS,
     DecodeGenerations,
     GenerationsState,
@@ -1069,16 +1070,7 @@ class ServiceSim:
         for i in range(len(self.prefill_pools)):
             columns += [f"p{i}_share", f"p{i}_slowdown"]
         for q in range(n_pools):
-            columns += [
-                f"d{q}_tau",
-                f"d{q}_alive",
-                f"d{q}_kv",
-                f"d{q}_psi",
-                f"d{q}_admitted",
-                f"d{q}_instances",
-                f"d{q}_tokens",
-                f"d{q}_generations",
-            ]
+            columns += [f"d{q}_{name}" for name in POOL_COLUMNS]
             for k in range(self.slots):
                 columns += [f"d{q}g{k}_{name}" for name in SLOT_COLUMNS]
         self.series = _Grow(columns)
@@ -1265,7 +1257,7 @@ class ServiceSim:
         length_scale = self.out_mean / max(mean_admitted_output, 1e-9)
 
         # 4. decode: the router spreads each pool's admissions over its generations,
-        # then every generation runs one second
+        # then every generation runs one second; each pool appends its row values
         decode_tokens = 0.0
         completed = 0.0
         pool_rows: list[float] = []
@@ -1274,29 +1266,16 @@ class ServiceSim:
             if not gens.used and admitted_q <= 1e-12:
                 # A pool that never had an instance: only its drain clock moves (the
                 # same row ``advance`` would give, without building its totals).
-                pool_rows += gens.idle_rows(self._idle_step_s[q], admitted_q)
+                gens.idle_rows(admitted_q, pool_rows)
                 continue
             to_slots = gens.route(admitted_q, room_of[q]) if admitted_q > 1e-12 else None
             if gens.used and gens.staleness:  # a current-load router keeps no reports
                 gens.report()
-            totals, slot_row = gens.advance(to_slots, mean_admitted_prompt, length_scale)
-            pool_tokens, pool_done, alive, kv, instances, tau_tokens, busiest, live = totals
+            pool_tokens, pool_done = gens.advance(
+                to_slots, admitted_q, mean_admitted_prompt, length_scale, pool_rows
+            )
             completed += pool_done
             decode_tokens += pool_tokens
-            # The pool's step time: weighted by tokens (without tokens, the busiest
-            # generation's or the idle one: plots only).
-            tau = tau_tokens / pool_tokens if pool_tokens > 0 else busiest or self._idle_step_s[q]
-            pool_rows += (
-                tau,
-                alive,
-                kv,
-                gens.clock,
-                admitted_q,
-                instances,
-                pool_tokens,
-                live,
-            )
-            pool_rows += slot_row
         cum["completed"] += completed
         self.in_decode = in_decode = max(0.0, self.in_decode - completed)
 

@@ -57,6 +57,18 @@ _sum = np.add.reduce  # ndarray.sum without its Python wrapper (the same sum)
 _interp_pair = cast(Callable[..., np.ndarray], _c_interp_pair)
 
 EPS = 1e-12
+# The engine's per-second columns of a decode pool (``d{q}_`` + name), before its slots'
+# (``SLOT_COLUMNS`` per slot): what ``DecodeGenerations.advance`` appends for the pool.
+POOL_COLUMNS = (
+    "tau",  # step time, weighted by tokens
+    "alive",  # running sequences
+    "kv",  # cached tokens
+    "psi",  # the pool's drain clock
+    "admitted",  # sequences admitted in the second
+    "instances",  # ready + draining
+    "tokens",  # decode tokens generated
+    "generations",  # live generations
+)
 # The row values (``SLOT_COLUMNS``) of a free slot that nothing moved from.
 _FREE_SLOT_ROW = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0)
 SLOT_COLUMNS = (
@@ -623,40 +635,36 @@ class DecodeGenerations:
                     instances = ready[k] + draining[k]  # _load(k), inlined (hot)
                     history.append(alive_end[k] / instances if instances > 0 else 0.0)
 
-    def idle_rows(self, idle_tau_s: float, admitted: float) -> list[float]:
+    def idle_rows(self, admitted: float, row: list[float]) -> None:
         """A second of a pool that never had an instance (``used`` 0): its drain clock
-        moves as ``advance`` moves it, and its pool and slot row values (the engine's
-        pool columns, then ``SLOT_COLUMNS`` per slot) are those of an idle pool."""
+        moves as ``advance`` moves it, and ``row`` gets the row values ``advance``
+        would append, those of an idle pool."""
         self.clock += 1.0 / self.idle_step_s if self.idle_step_s > 0 else 0.0
-        return [
-            idle_tau_s,
-            0.0,
-            0.0,
-            self.clock,
-            admitted,
-            0.0,
-            0.0,
-            0.0,
-            *self._free_rows[self.slots],
-        ]
+        row += (self.idle_step_s, 0.0, 0.0, self.clock, admitted, 0.0, 0.0, 0.0)
+        row += self._free_rows[self.slots]
 
     def advance(
-        self, admitted: Sequence[float] | None, prompt_mean: float, length_scale: float
-    ) -> tuple[list[float], list[float]]:
-        """Admit (``admitted`` per slot in use, None: nothing), then run one second of
-        decode on every generation. Returns the pool's totals (tokens generated,
-        sequences completed, running sequences, cached tokens, instances, step time x
-        tokens, the busiest generation's step, live generations: ``live()``) and the
-        slots' row values (``SLOT_COLUMNS`` order, every slot)."""
+        self,
+        admitted: Sequence[float] | None,
+        admitted_total: float,
+        prompt_mean: float,
+        length_scale: float,
+        row: list[float],
+    ) -> tuple[float, float]:
+        """Admit (``admitted`` per slot in use, None: nothing; ``admitted_total``: the
+        pool's admissions, for its row), then run one second of decode on every
+        generation. Appends the pool's row values to ``row``: the engine's pool columns
+        (``POOL_COLUMNS``), then ``SLOT_COLUMNS`` per slot. Returns the pool's tokens
+        generated and sequences completed."""
         idle_dpsi, grid, survival, curve_pair, out_max = self._advance_constants
         if self.used == 0:  # a pool that never had an instance
-            self.clock += idle_dpsi
-            return [0.0] * 8, self._free_rows[self.slots]
+            self.idle_rows(admitted_total, row)
+            return 0.0, 0.0
         step_time = self.perf.decode_step_scalar_s
         tokens_total = completed_total = alive_total = kv_total = 0.0
         instances_total = tau_tokens = busiest = 0.0
         live = 0
-        row: list[float] = []
+        slot_row: list[float] = []
         inf = math.inf
         clock_step = clock_any = inf
         moves = self.moves
@@ -670,7 +678,7 @@ class DecodeGenerations:
             gid = gens[k]
             move = moves.get(k) if moves else None
             if gid < 0:
-                row += (
+                slot_row += (
                     _FREE_SLOT_ROW
                     if move is None
                     else (*_FREE_SLOT_ROW[:8], float(move[0]), move[1])
@@ -762,7 +770,7 @@ class DecodeGenerations:
             alive_total += alive
             kv_total += kv
             instances_total += instances
-            row += [
+            slot_row += [
                 dpsi,
                 tau,
                 tokens,
@@ -774,7 +782,7 @@ class DecodeGenerations:
                 to,
                 frac,
             ]
-        row += self._free_rows[self.slots - self.used]
+        slot_row += self._free_rows[self.slots - self.used]
         # The drain clock: a drain's sequences have generated at least its advance (the
         # slowest draining generation's clock), as the fleet's drain rule assumes.
         if clock_step == inf:
@@ -784,17 +792,20 @@ class DecodeGenerations:
             self.touched = {}
         if moves:
             self.moves = {}
-        totals = [
-            tokens_total,
-            completed_total,
+        # The pool's step time: weighted by tokens (without tokens, the busiest
+        # generation's or the idle one: plots only).
+        row += (
+            tau_tokens / tokens_total if tokens_total > 0 else busiest or self.idle_step_s,
             alive_total,
             kv_total,
+            self.clock,
+            admitted_total,
             instances_total,
-            tau_tokens,
-            busiest,
+            tokens_total,
             float(live),
-        ]
-        return totals, row
+        )
+        row += slot_row
+        return tokens_total, completed_total
 
     def _add_cohort(self, k: int, count: float, prompt_mean: float, length_scale: float) -> None:
         tail = self.tail[k]

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.sim.generations import (
+    _FREE_SLOT_ROW,
     EPS,
     DecodeGenerations,
     LengthCurves,
@@ -115,15 +116,20 @@ def test_route_one_taker_as_water_fill(total: float, ready: list[int], data: st.
 
 
 def test_idle_rows_as_advance() -> None:
-    # The engine writes a never-used pool's row with idle_rows(), not advance().
+    # The engine writes a never-used pool's row with idle_rows(), not advance(): the row
+    # of an idle pool (its idle step, its drain clock, the admissions; every slot free)
+    # whatever it is called by, its clock moving by an idle step's tokens.
     stepped, idle = _generations(3, staleness=2), _generations(3, staleness=2)
+    clock = 0.0
     for _second in range(5):
-        totals, slot_row = stepped.advance(None, 500.0, 1.0)
-        tokens, _done, alive, kv, instances, tau_tokens, busiest, _live = totals
-        tau = tau_tokens / tokens if tokens > 0 else busiest or 0.02
-        expected = [tau, alive, kv, stepped.clock, 0.0, instances, tokens, 0.0, *slot_row]
-        assert idle.idle_rows(0.02, 0.0) == expected
-        assert idle.clock == stepped.clock
+        row: list[float] = []
+        assert stepped.advance(None, 0.0, 500.0, 1.0, row) == (0.0, 0.0)
+        clock += 1.0 / 0.011
+        assert row == [0.011, 0.0, 0.0, clock, 0.0, 0.0, 0.0, 0.0, *_FREE_SLOT_ROW * 3]
+        row = []
+        idle.idle_rows(0.0, row)
+        assert row == [0.011, 0.0, 0.0, clock, 0.0, 0.0, 0.0, 0.0, *_FREE_SLOT_ROW * 3]
+        assert idle.clock == stepped.clock == clock
 
 
 def _power_fit_on_arrays(
