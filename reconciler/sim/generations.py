@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.umath import clip as fast_clip  # type: ignore[no-redef]
 
 _sum = np.add.reduce  # ndarray.sum without its Python wrapper (the same sum)
+add, subtract, multiply, divide = np.add, np.subtract, np.multiply, np.divide
 # interp on complex values: the real and imaginary curves interpolated in one call.
 _interp_pair = cast(Callable[..., np.ndarray], _c_interp_pair)
 
@@ -69,6 +70,9 @@ POOL_COLUMNS = (
     "tokens",  # decode tokens generated
     "generations",  # live generations
 )
+# DecodeGenerations.advance keeps scratch arrays for at most this many cohorts (at most
+# 256 sizes of 5 arrays, 2.6 MB).
+_SCRATCH_KEPT = 256
 # The row values (``SLOT_COLUMNS``) of a free slot that nothing moved from.
 _FREE_SLOT_ROW = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 0.0)
 SLOT_COLUMNS = (
@@ -190,6 +194,12 @@ class DecodeGenerations:
         self._curve_pair = np.empty(lengths.grid.size, dtype=np.complex128)
         self._curve_pair.real = lengths.survival
         self._curve_pair.imag = lengths.generated
+        # advance()'s scalar operand of the cohort arithmetic, as a 0-d array: numpy
+        # combines one with an array faster than a Python float, which it converts on
+        # every call (the same float64 value, so the same bits).
+        self._scalar = np.zeros(())
+        # advance()'s scratch arrays by number of cohorts (``_new_scratch``).
+        self._scratch: dict[int, tuple[np.ndarray, ...]] = {}
         # What every ``advance`` reads (the idle clock advance, the length curves), at once.
         self._advance_constants = (
             1.0 / idle_step_s if idle_step_s > 0 else 0.0,
@@ -661,6 +671,7 @@ class DecodeGenerations:
             self.idle_rows(admitted_total, row)
             return 0.0, 0.0
         step_time = self.perf.decode_step_scalar_s
+        scalar, scratch = self._scalar, self._scratch
         tokens_total = completed_total = alive_total = kv_total = 0.0
         instances_total = tau_tokens = busiest = 0.0
         live = 0
@@ -706,43 +717,55 @@ class DecodeGenerations:
                 n = count_of[k][lo:hi]
                 prompt = prompt_of[k][lo:hi]
                 scale = scale_of[k][lo:hi]
-                x = psi_of[k] - entry
-                length = x * scale
-                before = _interp_pair(length, grid, curve_pair, None, None)
+                # The arithmetic below writes into scratch arrays of the cohorts' size
+                # (numpy fills an array it is handed faster than it makes one; the same
+                # bits): x, tokens generated; ahead, x a step on; length, either scaled
+                # to each cohort's lengths; weighted and context, products and sums.
+                cohorts = hi - lo
+                temporaries = scratch.get(cohorts) or self._new_scratch(cohorts)
+                x, ahead, length, weighted, context = temporaries
+                scalar[()] = psi_of[k]
+                x = subtract(scalar, entry, x)
+                before = _interp_pair(multiply(x, scale, length), grid, curve_pair, None, None)
                 g, gen_before = before.real, before.imag
-                alive_n = n * g
+                alive_n = multiply(n, g, weighted)
                 alive = float(_sum(alive_n))
                 # ndarray.dot, not @: without matmul's ufunc overhead, the same bits on
                 # these non-negative operands (matmul's sum starts from +0.0, so on signed
                 # ones only an exact zero's sign may differ; pinned by tests).
-                kv = float(alive_n.dot(prompt + x))
+                kv = float(alive_n.dot(add(prompt, x, context)))
                 if alive > EPS:
                     # Predictor-corrector: the step time of the batch in the middle of the
                     # second, not at its start (a sizeable share finishes within it).
                     tau = step_time(alive / instances, kv / instances, kv / alive)
-                    x2 = x + 1.0 / tau
-                    g2 = _c_interp(x2 * scale, grid, survival, None, None)
+                    scalar[()] = 1.0 / tau
+                    ahead = add(x, scalar, ahead)
+                    g2 = _c_interp(multiply(ahead, scale, length), grid, survival, None, None)
                     alive_mid = 0.5 * (alive + float(n.dot(g2)))
-                    kv_mid = 0.5 * (kv + float((n * g2).dot(prompt + x2)))
+                    kv_mid = 0.5 * (
+                        kv + float(multiply(n, g2, weighted).dot(add(prompt, ahead, context)))
+                    )
                     if alive_mid > EPS:
                         tau = step_time(
                             alive_mid / instances, kv_mid / instances, kv_mid / alive_mid
                         )
                     dpsi = 1.0 / tau
-                    x2 = x + dpsi
-                    length = x2 * scale
+                    scalar[()] = dpsi
+                    ahead = add(x, scalar, ahead)
+                    length = multiply(ahead, scale, length)
                     after = _interp_pair(length, grid, curve_pair, None, None)
                     g2, gen_after = after.real, after.imag
-                    completed_total += float(n.dot(g - g2))
-                    tokens = float(n.dot((gen_after - gen_before) / scale))
+                    completed_total += float(n.dot(subtract(g, g2, weighted)))
+                    gained = subtract(gen_after, gen_before, context)
+                    tokens = float(n.dot(divide(gained, scale, gained)))
                     tokens_total += tokens
                     tau_tokens += tau * tokens
                     if tau > busiest:  # max(busiest, tau)
                         busiest = tau
                     psi_of[k] += dpsi
-                    alive_after = n * g2
+                    alive_after = multiply(n, g2, weighted)
                     alive_end[k] = float(_sum(alive_after))
-                    kv_end[k] = float(alive_after.dot(prompt + x2))
+                    kv_end[k] = float(alive_after.dot(add(prompt, ahead, context)))
                     # Cohorts are oldest first; drop the finished prefix. A scalar scan:
                     # the prefix is short (about a cohort a second), cheaper than a mask.
                     first = lo
@@ -806,6 +829,16 @@ class DecodeGenerations:
         )
         row += slot_row
         return tokens_total, completed_total
+
+    def _new_scratch(self, size: int) -> tuple[np.ndarray, ...]:
+        """Five arrays of ``size`` for ``advance``'s temporaries (each element written
+        before it is read, within one generation's second), kept for the next second
+        of that size up to ``_SCRATCH_KEPT`` cohorts (beyond, the arithmetic outweighs
+        making them)."""
+        arrays = tuple(np.empty(size) for _ in range(5))
+        if size <= _SCRATCH_KEPT:
+            self._scratch[size] = arrays
+        return arrays
 
     def _add_cohort(self, k: int, count: float, prompt_mean: float, length_scale: float) -> None:
         tail = self.tail[k]

@@ -80,6 +80,28 @@ def test_water_fill_one_usable_bin_as_before(
     assert [np.float64(x).tobytes() for x in out] == [np.float64(x).tobytes() for x in expected]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    scalar=_signed,
+    values=st.lists(st.tuples(_signed, _nonnegative), min_size=1, max_size=300),
+    offset=st.integers(0, 7),
+)
+def test_scratch_and_zero_d_operands_as_python_floats(
+    scalar: float, values: list[tuple[float, float]], offset: int
+) -> None:
+    # advance() hands its Python-float operand over as a 0-d array and writes results
+    # into scratch arrays (``out``): the same bits as the expressions they replaced.
+    a, b = _pair(values, offset)
+    zero_d = np.zeros(())
+    zero_d[()] = scalar
+    out = np.full(a.size, np.nan)
+    assert np.subtract(zero_d, a, out).tobytes() == (scalar - a).tobytes()
+    assert np.add(a, zero_d, out).tobytes() == (a + scalar).tobytes()
+    assert np.multiply(a, b, out).tobytes() == (a * b).tobytes()
+    gained = np.subtract(a, b, out)
+    assert np.divide(gained, b + 1.0, gained).tobytes() == ((a - b) / (b + 1.0)).tobytes()
+
+
 def _generations(slots: int, staleness: int) -> DecodeGenerations:
     """A pool's generations for the router and idle-second shortcuts, which read
     neither the performance model nor the length curves."""
