@@ -673,9 +673,11 @@ def fifo_delay(
         return fifo_delay(position, served_cum)
     resolved = index < curve.size
     index = fast_clip(index, 1, curve.size - 1)
-    lo, hi = curve[index - 1], curve[index]
-    frac = np.where(hi > lo, (position - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-    time = (index - 1 + first) + fast_clip(frac, 0.0, 1.0)
+    below = index - 1
+    lo, hi = curve[below], curve[index]
+    rising = hi > lo
+    frac = np.where(rising, (position - lo) / np.where(rising, hi - lo, 1.0), 1.0)
+    time = (below + first) + fast_clip(frac, 0.0, 1.0)
     time = np.where(position <= 0, 0.0, time)
     return np.where(resolved, time, np.inf), resolved
 

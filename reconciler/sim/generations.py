@@ -982,12 +982,21 @@ class SlotCurves:
         g: np.ndarray,
         t: np.ndarray,
         column: np.ndarray | None = None,
+        within: np.ndarray | None = None,
     ) -> np.ndarray:
         """``curve`` of slots ``g`` at times ``t`` (linear within a second); ``column``:
-        ``self.column(t)`` when the caller has it."""
+        ``self.column(t)``, and ``within``: ``self.within(t, column)``, when the caller
+        has them."""
         s = self.column(t) if column is None else column
-        value: np.ndarray = curve[g, s] + (t - self.start - s) * step[g, s]
+        if within is None:
+            within = self.within(t, s)
+        value: np.ndarray = curve[g, s] + within * step[g, s]
         return value
+
+    def within(self, t: np.ndarray, column: np.ndarray) -> np.ndarray:
+        """How far into the second of ``column`` each of times ``t`` is."""
+        offset: np.ndarray = t - self.start - column
+        return offset
 
     def time_of(self, g: np.ndarray, level: np.ndarray) -> np.ndarray:
         """The first time slot ``g``'s clock reaches ``level`` (within the curve)."""
@@ -996,10 +1005,12 @@ class SlotCurves:
             return np.zeros(0)
         index = self.flat.searchsorted(level + self.shift[g], side="left") - g * seconds
         index = fast_clip(index, 1, seconds - 1)
-        lo = self.clock[g, index - 1]
+        below = index - 1
+        lo = self.clock[g, below]
         hi = self.clock[g, index]
-        frac = np.where(hi > lo, (level - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
-        out: np.ndarray = self.start + index - 1 + fast_clip(frac, 0.0, 1.0)
+        rising = hi > lo
+        frac = np.where(rising, (level - lo) / np.where(rising, hi - lo, 1.0), 1.0)
+        out: np.ndarray = self.start + below + fast_clip(frac, 0.0, 1.0)
         return out
 
 
@@ -1062,8 +1073,9 @@ def chase(
             break
         column = curves.column(t0)
         edge = curves.next_event[g, column]
-        clock0 = curves.at(curves.clock, curves.dpsi, g, t0, column)
-        slow0 = curves.at(curves.slow, curves.slow_step, g, t0, column)
+        within = curves.within(t0, column)
+        clock0 = curves.at(curves.clock, curves.dpsi, g, t0, column, within)
+        slow0 = curves.at(curves.slow, curves.slow_step, g, t0, column, within)
         seg = curves.clock[g, edge - curves.start] - clock0
         done = remaining <= seg + 1e-9
         if done.any():
