@@ -1854,6 +1854,10 @@ class ServiceSim:
         den = np.zeros(size)
         fallback = np.zeros(size)
         for q in range(len(self.decode_pools)):
+            if not self.decode_gens[q].used:
+                # A pool that never had an instance: every second of its slots is a
+                # free slot's (no admissions, step 0), which adds exactly nothing here.
+                continue
             admitted = self._slot_block("admitted", q, seconds)
             tau = self._slot_block("tau", q, seconds)
             num += (admitted * tau).sum(axis=0)
@@ -2180,9 +2184,14 @@ def token_gap_quantiles_s(
     values), reading the series once."""
     if not sim.decode_pools or not stops:
         return [None] * len(stops)
+    # A pool that never had an instance generated no token (its gaps weigh nothing).
     steps = [
-        sim._step_times(q, start, max(stops), flat=False) for q in range(len(sim.decode_pools))
+        sim._step_times(q, start, max(stops), flat=False)
+        for q, gens in enumerate(sim.decode_gens)
+        if gens.used
     ]
+    if not steps:  # no token at all
+        return [None] * len(stops)
     # Stops that cover the same seconds (oracle-min asks for the window's and the
     # trial's, often one) share one quantile.
     by_seconds: dict[int, float | None] = {}

@@ -11,6 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconciler.desired import DesiredState
+from reconciler.sim.engine import (
+    ServiceSim,
+    synthetic_profile,
+    token_gap_quantiles_s,
+    weighted_quantile,
+)
 from reconciler.sim.generations import (
     _FREE_SLOT_ROW,
     EPS,
@@ -235,3 +242,41 @@ def test_length_curves_on_the_integer_grid_only() -> None:
             out_max=200.0,
             lengths=curves,
         )
+
+
+def test_a_decode_pool_never_used_adds_nothing_to_first_steps_and_token_gaps(
+    state: DesiredState,
+) -> None:
+    # _first_step_per_second and token_gap_quantiles_s skip a decode pool that never had
+    # an instance (every second of its slots is a free slot's: no admissions, no token,
+    # step 0): the same values as reading every pool, as they did.
+    policy = state.policies["svc-b"]  # decode on H20, then H800
+    profile = synthetic_profile("b", hours=0.05, peak_rps=8, seed=3)
+    sim = ServiceSim(policy, state.clusters[policy.cluster], profile)
+    sim.set_counts({("h800", "rdma"): 4.0}, {sim.decode_pools[0].gpu_type: 3}, {})
+    while sim.t < 150:
+        sim.step()
+    assert len(sim.decode_pools) == 2
+    assert sim.decode_gens[0].used and not sim.decode_gens[1].used
+    pools = range(len(sim.decode_pools))
+    seconds = slice(0, sim.t)
+    num = den = fallback = np.zeros(sim.t)
+    for q in pools:
+        admitted = sim._slot_block("admitted", q, seconds)
+        tau = sim._slot_block("tau", q, seconds)
+        num = num + (admitted * tau).sum(axis=0)
+        den = den + admitted.sum(axis=0)
+        fallback = np.maximum(fallback, tau.max(axis=0))
+    every_pool = np.where(den > 0, num / np.maximum(den, 1e-12), fallback)
+    assert den.sum() > 0
+    assert sim._first_step_per_second(seconds).tobytes() == every_pool.tobytes()
+    for quantile in (0.5, 0.9, 1.0):
+        for start, stop in ((0, sim.t), (30, 90), (100, sim.t)):
+            steps = [sim._step_times(q, start, stop) for q in pools]
+            expected = weighted_quantile(
+                np.concatenate([tau for tau, _tokens in steps]),
+                np.concatenate([tokens for _tau, tokens in steps]),
+                quantile,
+            )
+            assert expected is not None
+            assert token_gap_quantiles_s(sim, quantile, start, (stop,)) == [expected]
