@@ -198,6 +198,9 @@ class DecodeGenerations:
         # combines one with an array faster than a Python float, which it converts on
         # every call (the same float64 value, so the same bits).
         self._scalar = np.zeros(())
+        # ... and the 0-d array its dot products and sums are written into (numpy makes
+        # and converts a scalar for each otherwise; the same value).
+        self._total = np.zeros(())
         # advance()'s scratch arrays by number of cohorts (``_new_scratch``).
         self._scratch: dict[int, tuple[np.ndarray, ...]] = {}
         # What every ``advance`` reads (the idle clock advance, the length curves), at once.
@@ -671,7 +674,7 @@ class DecodeGenerations:
             self.idle_rows(admitted_total, row)
             return 0.0, 0.0
         step_time = self.perf.decode_step_scalar_s
-        scalar, scratch = self._scalar, self._scratch
+        scalar, total, scratch = self._scalar, self._total, self._scratch
         tokens_total = completed_total = alive_total = kv_total = 0.0
         instances_total = tau_tokens = busiest = 0.0
         live = 0
@@ -729,11 +732,11 @@ class DecodeGenerations:
                 before = _interp_pair(multiply(x, scale, length), grid, curve_pair, None, None)
                 g, gen_before = before.real, before.imag
                 alive_n = multiply(n, g, weighted)
-                alive = float(_sum(alive_n))
+                alive = float(_sum(alive_n, out=total))
                 # ndarray.dot, not @: without matmul's ufunc overhead, the same bits on
                 # these non-negative operands (matmul's sum starts from +0.0, so on signed
                 # ones only an exact zero's sign may differ; pinned by tests).
-                kv = float(alive_n.dot(add(prompt, x, context)))
+                kv = float(alive_n.dot(add(prompt, x, context), total))
                 if alive > EPS:
                     # Predictor-corrector: the step time of the batch in the middle of the
                     # second, not at its start (a sizeable share finishes within it).
@@ -741,9 +744,10 @@ class DecodeGenerations:
                     scalar[()] = 1.0 / tau
                     ahead = add(x, scalar, ahead)
                     g2 = _c_interp(multiply(ahead, scale, length), grid, survival, None, None)
-                    alive_mid = 0.5 * (alive + float(n.dot(g2)))
+                    alive_mid = 0.5 * (alive + float(n.dot(g2, total)))
                     kv_mid = 0.5 * (
-                        kv + float(multiply(n, g2, weighted).dot(add(prompt, ahead, context)))
+                        kv
+                        + float(multiply(n, g2, weighted).dot(add(prompt, ahead, context), total))
                     )
                     if alive_mid > EPS:
                         tau = step_time(
@@ -755,17 +759,17 @@ class DecodeGenerations:
                     length = multiply(ahead, scale, length)
                     after = _interp_pair(length, grid, curve_pair, None, None)
                     g2, gen_after = after.real, after.imag
-                    completed_total += float(n.dot(subtract(g, g2, weighted)))
+                    completed_total += float(n.dot(subtract(g, g2, weighted), total))
                     gained = subtract(gen_after, gen_before, context)
-                    tokens = float(n.dot(divide(gained, scale, gained)))
+                    tokens = float(n.dot(divide(gained, scale, gained), total))
                     tokens_total += tokens
                     tau_tokens += tau * tokens
                     if tau > busiest:  # max(busiest, tau)
                         busiest = tau
                     psi_of[k] += dpsi
                     alive_after = multiply(n, g2, weighted)
-                    alive_end[k] = float(_sum(alive_after))
-                    kv_end[k] = float(alive_after.dot(add(prompt, ahead, context)))
+                    alive_end[k] = float(_sum(alive_after, out=total))
+                    kv_end[k] = float(alive_after.dot(add(prompt, ahead, context), total))
                     # Cohorts are oldest first; drop the finished prefix. A scalar scan:
                     # the prefix is short (about a cohort a second), cheaper than a mask.
                     first = lo

@@ -93,7 +93,7 @@ def test_water_fill_one_usable_bin_as_before(
     values=st.lists(st.tuples(_signed, _nonnegative), min_size=1, max_size=300),
     offset=st.integers(0, 7),
 )
-def test_scratch_and_zero_d_operands_as_python_floats(
+def test_scratch_and_zero_d_operands_as_before(
     scalar: float, values: list[tuple[float, float]], offset: int
 ) -> None:
     # advance() hands its Python-float operand over as a 0-d array and writes results
@@ -107,6 +107,11 @@ def test_scratch_and_zero_d_operands_as_python_floats(
     assert np.multiply(a, b, out).tobytes() == (a * b).tobytes()
     gained = np.subtract(a, b, out)
     assert np.divide(gained, b + 1.0, gained).tobytes() == ((a - b) / (b + 1.0)).tobytes()
+    # ... and writes its dot products and sums into a 0-d array.
+    total = np.zeros(())
+    assert np.float64(float(a.dot(b, total))).tobytes() == a.dot(b).tobytes()
+    reduced = np.float64(float(np.add.reduce(a, out=total)))
+    assert reduced.tobytes() == np.add.reduce(a).tobytes()
 
 
 def _generations(slots: int, staleness: int) -> DecodeGenerations:
