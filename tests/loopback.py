@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 class LoopbackServer:
@@ -28,3 +29,16 @@ class LoopbackServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def unreachable_kubeconfig(path: Path, context: str = "c") -> Path:
+    """Write at ``path`` a kubeconfig whose one context, ``context`` (the current one),
+    points at a loopback port nothing listens on (port 1): a cluster that is down."""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
+        "users: [{name: u, user: {token: t}}]\n"
+        f"contexts: [{{name: {context}, context: {{cluster: c, user: u}}}}]\n"
+        f"current-context: {context}\n"
+    )
+    return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from loopback import unreachable_kubeconfig
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -54,14 +55,7 @@ def test_a_review_refuses_out_rather_than_write_no_plan(tmp_path: Path) -> None:
 
 
 def test_a_plan_whose_cluster_failed_says_so_and_not_no_changes(tmp_path: Path) -> None:
-    config = tmp_path / "kubeconfig"
-    config.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
-        "users: [{name: u, user: {token: x}}]\n"
-        "contexts: [{name: prod-east, context: {cluster: c, user: u}}]\n"
-        "current-context: prod-east\n"
-    )
+    config = unreachable_kubeconfig(tmp_path / "kubeconfig", context="prod-east")
     result = runner.invoke(app, ["plan", "--kubeconfig", str(config)], terminal_width=200)
     assert result.exit_code == 1, result.output
     assert "1 cluster(s) failed: prod-east." in result.output

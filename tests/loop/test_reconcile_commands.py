@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from loopback import unreachable_kubeconfig
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -94,14 +95,7 @@ def test_run_reconciles_real_clusters_at_once_and_the_simulated_fleet_in_turn(
     # The simulated fleet is one object for every cluster: its clusters run in turn.
     simulated, wiring = build_loop(settings, dry_run=True, cluster_workers=8)
     assert wiring.simulated and simulated.runs is None
-    config = tmp_path / "kubeconfig"
-    config.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
-        "users: [{name: u, user: {token: t}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
-        "current-context: c\n"
-    )
+    config = unreachable_kubeconfig(tmp_path / "kubeconfig")
     real = replace(settings, simulate=False, kubeconfig=str(config))
     loop, wiring = build_loop(real, dry_run=True, interval_s=45.0, cluster_workers=8)
     assert not wiring.simulated and loop.runs is not None and loop.runs.workers == 8

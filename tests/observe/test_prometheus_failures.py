@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from loopback import unreachable_kubeconfig
 from observe_helpers import (
     EMPTY_VECTOR,
     RATE_WINDOW_S,
@@ -240,14 +241,7 @@ def test_run_reads_each_clusters_metrics_through_its_own_connections(
     server = fake_prometheus(
         [Reply()], route=lambda promql: Reply(delay_s=1.5 if "svc-slow" in promql else 0.0)
     )
-    config = tmp_path / "kubeconfig"
-    config.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        'clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]\n'
-        "users: [{name: u, user: {token: t}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
-        "current-context: c\n"
-    )
+    config = unreachable_kubeconfig(tmp_path / "kubeconfig")
     state = load_desired_state(REPO_ROOT)
     settings = Settings(
         repo=REPO_ROOT,
