@@ -320,25 +320,19 @@ def update(
     # 2. The daily curve: this sample joins its time-of-day bin.
     b = int((at_s % config.day_s) // config.bin_s) % bins
     per_visit = config.bin_s / config.interval_s
-    day_count: tuple[float, ...] | list[float] = state.day_count
-    if len(state.day_mean) == len(day_count) == bins:
-        # One bin changes: the counts kept as they are once that bin's is full (a count
-        # >= 1 equal to the old one is it bit for bit). Each new tuple of a day's bins
-        # was work for the cyclic collector after a batch of decisions too.
-        count = min(day_count[b] + 1.0, per_visit)
-        if count != day_count[b]:
-            counts = list(day_count)
-            counts[b] = count
-            day_count = tuple(counts)
-        means = list(state.day_mean)
-        means[b] += (demand - means[b]) / count
-        curve = tuple(means)
-    else:  # a fresh state (or one of another length, which fails here as it did)
-        day_mean = list(state.day_mean) if state.day_mean else [0.0] * bins
-        day_count = list(state.day_count) if state.day_count else [0.0] * bins
-        day_count[b] = min(day_count[b] + 1.0, per_visit)
-        day_mean[b] += (demand - day_mean[b]) / day_count[b]
-        curve = tuple(day_mean)
+    day_mean = state.day_mean or (0.0,) * bins
+    day_count = state.day_count or (0.0,) * bins
+    # One bin changes: the counts kept as they are once that bin's is full (a count
+    # >= 1 equal to the old one is it bit for bit). Each new tuple of a day's bins was
+    # work for the cyclic collector after a batch of decisions too.
+    count = min(day_count[b] + 1.0, per_visit)
+    if count != day_count[b]:
+        counts = list(day_count)
+        counts[b] = count
+        day_count = tuple(counts)
+    means = list(day_mean)
+    means[b] += (demand - means[b]) / count
+    curve = tuple(means)
 
     # 3. Holt on the (deseasonalised) demand.
     if state.samples == 0:
