@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -147,9 +148,24 @@ class RetryPolicy:
 
 @dataclass
 class RequestStats:
+    """Requests and retries of one client. One client serves several threads at once
+    (the snapshot's concurrent lists, the server-side dry runs' pool), and ``+=`` on
+    an attribute is a read and a write that two threads can interleave: counts go
+    through the lock."""
+
     requests: int = 0
     retries: int = 0
     by_verb: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_request(self, method: str) -> None:
+        with self._lock:
+            self.requests += 1
+            self.by_verb[method] = self.by_verb.get(method, 0) + 1
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
 
 
 # Called before every HTTP request with (method, path?query): a seam for metrics, tracing,
@@ -294,8 +310,7 @@ class KubeClient:
         for attempt in range(self.retry.attempts):
             for hook in self.hooks:
                 hook(method, target)
-            self.stats.requests += 1
-            self.stats.by_verb[method] = self.stats.by_verb.get(method, 0) + 1
+            self.stats.count_request(method)
             retry_after: float | None = None
             try:
                 status, data, answer_headers = self._exchange(method, url, payload, headers)
@@ -325,7 +340,7 @@ class KubeClient:
                 else:
                     raise _error(status, decoded)
             if attempt + 1 < self.retry.attempts:
-                self.stats.retries += 1
+                self.stats.count_retry()
                 time.sleep(self.retry.delay_s(attempt, retry_after))
         raise ClusterUnavailable(
             f"API server {self.name} did not answer {method} {path} after "
