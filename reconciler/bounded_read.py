@@ -70,6 +70,16 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+def read_named_file(path: Path, max_bytes: int) -> bytes:
+    """``read_regular_file`` for a file a user named, where any failure is said the
+    same way: ``BoundedReadError`` with the reason, ``cannot be read (No such file or
+    directory)`` for an ``OSError`` (the caller's error names the file)."""
+    try:
+        return read_regular_file(path, max_bytes)
+    except OSError as exc:
+        raise BoundedReadError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
 def gunzip_bounded(raw: bytes, max_bytes: int) -> bytes:
     """``raw`` inflated (one or more gzip members, as ``gzip.decompress``), at most
     ``max_bytes`` of output: a stream that would inflate further is refused as soon as

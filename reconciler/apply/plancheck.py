@@ -29,7 +29,9 @@ is input from whoever handed it over, not from ``plan --out``. What is checked h
 What is not checked: the replicas, the group and where it is pinned (among the
 cluster's switches and GPU types) are applied as the plan says; the plan file must
 come from a trusted ``plan --out`` (the CI job's artifact, not a pull request's
-file) for those to be the reconciler's decisions. Signing plans would close that.
+file) for those to be the reconciler's decisions. A signed plan is (``plansign``:
+``apply PLAN --signing-key-file`` refuses any plan not signed with the CI job's key,
+or changed since it was signed).
 """
 
 from __future__ import annotations

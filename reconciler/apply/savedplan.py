@@ -12,7 +12,8 @@ The file (``SCHEMA_VERSION`` 1)::
                                 "pods": {"ns/name": "resourceVersion"},
                                 "nodes": {"name": "fingerprint"}},
                    "writes": [WriteStep, ...]}],
-     "digest": "sha256 of everything above"}
+     "digest": "sha256 of everything above",
+     "signature": "hmac-sha256:<key id>:<hex>"}   (only when signed: ``plansign``)
 
 Staleness is judged by resourceVersion for every Deployment and Pod the plan read or
 writes. Nodes are the exception: a Node's resourceVersion moves with every kubelet
@@ -31,7 +32,8 @@ pod template render for the group, domain, GPU type and replicas it names, and t
 live objects must still be those the plan observed. What remains trusted is those
 replicas and that group's placement (within the cluster's switches and GPU types):
 the plan file must come from a trusted ``plan --out`` for them to be the
-reconciler's decisions.
+reconciler's decisions. A signed plan (``plansign``) is that: ``apply PLAN
+--signing-key-file`` refuses any plan not signed with the key, or changed since.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from reconciler.apply import names, plancheck
+from reconciler.apply import names, plancheck, plansign
 from reconciler.apply.dns1123 import label_problem, subdomain_problem
 from reconciler.apply.kubeclient import (
     FieldOwnershipConflict,
@@ -55,7 +57,7 @@ from reconciler.apply.kubeclient import (
     pods_path,
 )
 from reconciler.atomic_write import replace_text
-from reconciler.bounded_read import BoundedReadError, read_regular_file
+from reconciler.bounded_read import BoundedReadError, read_named_file
 from reconciler.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -159,6 +161,9 @@ class SavedPlan:
     source: PlanSource
     clusters: tuple[SavedCluster, ...]
     created_at: str = ""
+    # The key id of the plan's signature: verified when ``read_plan`` was given the
+    # key, only claimed (well-formed) when not. None: the plan is not signed.
+    signed_by: str | None = None
 
     @property
     def writes(self) -> int:
@@ -206,7 +211,8 @@ def desired_content_hash(state: Any) -> str:
 # ---------------------------------------------------------------- (de)serialising
 
 
-def to_json(plan: SavedPlan) -> dict[str, Any]:
+def to_json(plan: SavedPlan, signing_key: plansign.SigningKey | None = None) -> dict[str, Any]:
+    """The plan file's content; signed (``plansign``) with ``signing_key``."""
     body: dict[str, Any] = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -233,11 +239,13 @@ def to_json(plan: SavedPlan) -> dict[str, Any]:
         ],
     }
     body["digest"] = "sha256:" + _hash(body)
+    if signing_key is not None:
+        body["signature"] = plansign.signature_of(body, signing_key)
     return body
 
 
-def write_plan(plan: SavedPlan, path: Path) -> None:
-    text = json.dumps(to_json(plan), indent=2, sort_keys=True, default=str) + "\n"
+def write_plan(plan: SavedPlan, path: Path, signing_key: plansign.SigningKey | None = None) -> None:
+    text = json.dumps(to_json(plan, signing_key), indent=2, sort_keys=True, default=str) + "\n"
     replace_text(path, text)  # never a half-written plan under the final name
 
 
@@ -373,15 +381,24 @@ def _listed_problems(problems: list[plancheck.Problem], limit: int = 10) -> str:
     return "; ".join(shown)
 
 
-_TOP_LEVEL = {"format", "schema_version", "created_at", "source", "clusters", "digest"}
+_TOP_LEVEL = {
+    "format",
+    "schema_version",
+    "created_at",
+    "source",
+    "clusters",
+    "digest",
+    "signature",
+}
 _SOURCE_FIELDS = {"kind", "content_hash", "rev", "commit"}
 
 
-def from_json(data: Any, path: Path) -> SavedPlan:
+def from_json(data: Any, path: Path, signing_key: plansign.SigningKey | None = None) -> SavedPlan:
     """The plan in ``data``, checked whole before anything is used: a file that is
     not exactly what ``plan --out`` wrote is refused. The digest catches damage and
     careless edits only; what may be written is checked entry by entry
-    (``plancheck``), as if the file came from anyone."""
+    (``plancheck``), as if the file came from anyone. With ``signing_key`` the plan
+    must also be signed with it, and unchanged since (``plansign``)."""
     _want(isinstance(data, dict), path, "not a JSON object")
     _want(data.get("format") == FORMAT, path, f"not a heteroscale plan (format != '{FORMAT}')")
     version = data.get("schema_version")
@@ -390,13 +407,22 @@ def from_json(data: Any, path: Path) -> SavedPlan:
         path,
         f"schema_version {version!r} is not supported (this heteroscale reads {SCHEMA_VERSION})",
     )
-    body = {k: v for k, v in data.items() if k != "digest"}
+    body = {k: v for k, v in data.items() if k not in ("digest", "signature")}
     _want(
         data.get("digest") == "sha256:" + _hash(body),
         path,
         "digest does not match the content: the file was edited or damaged after `plan --out`",
     )
     _known_fields(data, _TOP_LEVEL, path, "")
+    signed_by = plansign.signed_key_id(data.get("signature"))
+    _want(
+        "signature" not in data or signed_by is not None,
+        path,
+        f"signature is not of the form {plansign.ALGORITHM}:<16 hex>:<64 hex>",
+    )
+    if signing_key is not None:
+        problem = plansign.signature_problem(data, signing_key)
+        _want(problem is None, path, str(problem))
     created_at = data.get("created_at", "")
     problem = plancheck.text_problem(created_at, limit=64)
     _want(problem is None, path, f"created_at {problem}")
@@ -423,6 +449,7 @@ def from_json(data: Any, path: Path) -> SavedPlan:
         source=PlanSource(kind, source["content_hash"], source.get("rev"), source.get("commit")),
         clusters=parsed,
         created_at=created_at,
+        signed_by=signed_by,
     )
 
 
@@ -458,18 +485,15 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def read_plan(path: Path) -> SavedPlan:
+def read_plan(path: Path, signing_key: plansign.SigningKey | None = None) -> SavedPlan:
     """The plan in the file at ``path``, read as a regular file of at most
     ``MAX_PLAN_BYTES`` (a FIFO or ``/dev/zero`` is refused, not read for ever) and
-    checked whole (``from_json``); ``PlanFileError`` names the file and what is wrong."""
+    checked whole (``from_json``, with ``signing_key`` its signature too);
+    ``PlanFileError`` names the file and what is wrong."""
     try:
-        raw = read_regular_file(path, MAX_PLAN_BYTES)
+        raw = read_named_file(path, MAX_PLAN_BYTES)
     except BoundedReadError as exc:
         raise PlanFileError(path, exc.reason) from None
-    except OSError as exc:
-        raise PlanFileError(
-            path, f"cannot be read ({exc.strerror or type(exc).__name__})"
-        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -486,7 +510,7 @@ def read_plan(path: Path) -> SavedPlan:
         raise PlanFileError(path, f"not valid JSON ({exc})") from None
     except RecursionError:
         raise PlanFileError(path, "not valid JSON (nested too deeply)") from None
-    return from_json(data, path)
+    return from_json(data, path, signing_key)
 
 
 # ------------------------------------------------------------------ staleness

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
+    from reconciler.apply.plansign import SigningKey
     from reconciler.desired.loader import DesiredState
     from reconciler.errors import ConfigError
 
@@ -380,6 +381,14 @@ PlotOpt = Annotated[
         "--plot", help="write the command's plot as a PNG here (plan: one per replayed service)"
     ),
 ]
+SigningKeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key-file",
+        help="secret key (at least 32 bytes) to sign a saved plan with (plan --out) or "
+        "to accept only plans signed with (apply PLAN)",
+    ),
+]
 
 
 Command = Callable[..., None]
@@ -461,6 +470,19 @@ def checked_output(path: Path | None, option: str, *, directory: bool = False) -
     if not os.access(parent, os.W_OK | os.X_OK):
         raise typer.BadParameter(f"{path}: cannot write into {parent}", param_hint=option)
     return path
+
+
+def checked_signing_key(path: Path | None) -> SigningKey | None:
+    """The key in ``path`` (``--signing-key-file``); a usage error (exit 2) saying why
+    it cannot serve, before any work is done."""
+    if path is None:
+        return None
+    from reconciler.apply.plansign import SigningKeyError, read_signing_key
+
+    try:
+        return read_signing_key(path)
+    except SigningKeyError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--signing-key-file") from None
 
 
 @contextlib.contextmanager

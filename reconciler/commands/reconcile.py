@@ -62,6 +62,7 @@ from reconciler.commands._options import (
     RepoOpt,
     RevOpt,
     SeedOpt,
+    SigningKeyFileOpt,
     SimulateOpt,
     StateMemoryShardsOpt,
     TraceOpt,
@@ -70,6 +71,7 @@ from reconciler.commands._options import (
     checked_output,
     checked_placer,
     checked_repository,
+    checked_signing_key,
     console,
     err_console,
     in_range,
@@ -81,6 +83,7 @@ from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
 from reconciler.text_safety import visible
 
 if TYPE_CHECKING:
+    from reconciler.apply.plansign import SigningKey
     from reconciler.desired.loader import DesiredState
     from reconciler.desired.models import ClusterSpec, ServicePolicy
     from reconciler.durable import Revision
@@ -614,9 +617,11 @@ def _one_cycle(
     fmt: str,
     out: Path | None = None,
     lease: LeaseRef | None = None,
+    signing_key: SigningKey | None = None,
 ) -> int:
     """One cycle of ``plan`` (``dry_run``) or ``apply``; with ``lease`` (apply on real
-    clusters) the applied plans are recorded in the state ConfigMaps next to it."""
+    clusters) the applied plans are recorded in the state ConfigMaps next to it. The
+    saved plan written to ``out`` is signed with ``signing_key``."""
     if fmt not in ("text", "markdown", "json"):
         raise typer.BadParameter("--format must be text, markdown or json")
     named_rev = settings.rev
@@ -667,9 +672,11 @@ def _one_cycle(
         from reconciler.apply.savedplan import write_plan
 
         with writing(out, "--out"):
-            write_plan(_saved_plan(loop, result, settings, named_rev), out)
+            write_plan(_saved_plan(loop, result, settings, named_rev), out, signing_key)
+        signed = "" if signing_key is None else f", signed with key {signing_key.key_id}"
         err_console.print(
-            f"wrote plan {out}: `heteroscale apply {out}` applies exactly it", markup=False
+            f"wrote plan {out}{signed}: `heteroscale apply {out}` applies exactly it",
+            markup=False,
         )
     if dry_run:
         return 3 if result.has_changes else 0
@@ -927,11 +934,16 @@ def saved_plan_identity(cluster: Any) -> str:
 
 
 def _apply_saved(
-    plan_file: Path, settings: Settings, fmt: str, lease: LeaseRef | None = None
+    plan_file: Path,
+    settings: Settings,
+    fmt: str,
+    lease: LeaseRef | None = None,
+    signing_key: SigningKey | None = None,
 ) -> int:
     """`apply PLAN.json`: exactly the saved writes, or nothing when what the plan was
     computed from moved (desired-state revision, resourceVersions). With ``lease``,
-    every cluster whose writes were all made is recorded (``record_applied``)."""
+    every cluster whose writes were all made is recorded (``record_applied``). With
+    ``signing_key``, only a plan signed with it and unchanged since is applied."""
     import json
 
     from reconciler.apply import names
@@ -988,10 +1000,18 @@ def _apply_saved(
         return 0 if ok else 1
 
     try:
-        saved = read_plan(plan_file)
+        saved = read_plan(plan_file, signing_key)
     except PlanFileError as exc:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 1
+    if saved.signed_by is not None and signing_key is None:
+        # Said, not refused: a team that signs may still apply by hand without the key.
+        err_console.print(
+            f"note: {plan_file} is signed (key {saved.signed_by}) but no --signing-key-file "
+            "was given: the signature is not checked, the plan is checked as unsigned",
+            markup=False,
+            soft_wrap=True,
+        )
     rev = settings.rev or (saved.source.rev if saved.source.kind == "git" else None)
     try:
         commit = _resolve_commit(settings.repo, rev) if rev else None
@@ -1103,6 +1123,7 @@ def register(app: typer.Typer) -> None:
                 "--out", help="also write the exact plan to this file, for `apply PLAN` (JSON)"
             ),
         ] = None,
+        signing_key_file: SigningKeyFileOpt = None,
     ) -> None:
         """One dry-run cycle: decide, place and diff every cluster, and print exactly what
         `apply` would do. Exit 0: no change, 3: changes, 1: error.
@@ -1110,6 +1131,10 @@ def register(app: typer.Typer) -> None:
         With --base REV (and --head REV, default HEAD): the pull-request review of the
         change from base to head: config diff, fleet diff and what-if replay (of
         --trace, or a synthetic day per service; --plot writes one PNG per service)."""
+        if signing_key_file is not None and out is None:
+            raise typer.BadParameter(
+                "only a saved plan is signed: add --out PLAN", param_hint="--signing-key-file"
+            )
         if base is not None or head is not None:
             if out is not None:
                 # A review compares two revisions; a saved plan is one cycle of one.
@@ -1153,7 +1178,10 @@ def register(app: typer.Typer) -> None:
             )
         settings = _checked(settings)
         checked_output(out, "--out")
-        raise typer.Exit(_one_cycle(settings, dry_run=True, fmt=format, out=out))
+        signing_key = checked_signing_key(signing_key_file)
+        raise typer.Exit(
+            _one_cycle(settings, dry_run=True, fmt=format, out=out, signing_key=signing_key)
+        )
 
     @app.command()
     @with_cycle_options()
@@ -1170,6 +1198,7 @@ def register(app: typer.Typer) -> None:
         settings: Settings,
         format: FormatOpt = "text",
         lease: LeaseRef,
+        signing_key_file: SigningKeyFileOpt = None,
     ) -> None:
         """One applied cycle: what `plan` prints, carried out (capacity first, soft
         scale-in). Exit 0: done, 1: error.
@@ -1182,9 +1211,14 @@ def register(app: typer.Typer) -> None:
         ConfigMap next to the reconciler's Lease (for `heteroscale status`), unless a
         `heteroscale run` leader holds the Lease: it records its own cycles, and the
         ConfigMap is left alone (said on stderr, and in the JSON under "state")."""
+        if signing_key_file is not None and plan_file is None:
+            raise typer.BadParameter(
+                "only a saved plan carries a signature: add PLAN", param_hint="--signing-key-file"
+            )
         settings = _checked(settings)
         if plan_file is not None:
-            raise typer.Exit(_apply_saved(plan_file, settings, format, lease))
+            signing_key = checked_signing_key(signing_key_file)
+            raise typer.Exit(_apply_saved(plan_file, settings, format, lease, signing_key))
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, lease=lease))
 
     @app.command()
