@@ -176,6 +176,15 @@ PrometheusUrlOpt = Annotated[
         "--prometheus-url", envvar="HETEROSCALE_PROMETHEUS_URL", help="Prometheus for live metrics"
     ),
 ]
+ClusterPrometheusUrlOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cluster-prometheus-url",
+        metavar="CLUSTER=URL",
+        help="Prometheus for one cluster's engines in place of --prometheus-url "
+        "(repeatable): with one per cluster, a slow or down one holds only its cluster",
+    ),
+]
 PrometheusScrapeIntervalOpt = Annotated[
     float,
     typer.Option(

@@ -38,6 +38,7 @@ from reconciler.commands._options import (
     DEFAULT_LEASE_NAMESPACE,
     AutoscalerOpt,
     ClusterOpt,
+    ClusterPrometheusUrlOpt,
     Command,
     DiffModeOpt,
     DiurnalHoursOpt,
@@ -159,6 +160,41 @@ class Settings:
     seed: int
     prune_removed_services: bool
     prometheus: PrometheusOptions = PrometheusOptions()
+    # ``--cluster-prometheus-url CLUSTER=URL`` as given (``cluster_prometheus_urls``).
+    cluster_prometheus_urls: tuple[str, ...] = ()
+
+
+def prometheus_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a Prometheus's address; None when it can."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http:// or https:// URL with a host"
+    return None
+
+
+def cluster_prometheus_urls(settings: Settings) -> dict[str, str]:
+    """Each ``--cluster-prometheus-url CLUSTER=URL`` as cluster -> URL; a usage error
+    (exit 2) naming the option for one that is not CLUSTER=URL or names a cluster twice."""
+    urls: dict[str, str] = {}
+    for given in settings.cluster_prometheus_urls:
+        cluster, sep, url = given.partition("=")
+        problem = (
+            f"{given!r} is not CLUSTER=URL"
+            if not sep or not cluster
+            else f"cluster {cluster} is given twice"
+            if cluster in urls
+            else prometheus_url_problem(url)
+        )
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint="--cluster-prometheus-url")
+        urls[cluster] = url
+    return urls
 
 
 def prometheus_windows(interval_s: float, window_s: float | None) -> tuple[float, float]:
@@ -186,12 +222,20 @@ def kubeconfig_available(explicit: str | None) -> bool:
     return Path("~/.kube/config").expanduser().exists()
 
 
+@dataclass(frozen=True)
 class NoMetrics:
     """Used when no Prometheus is configured for a real cluster: every service holds."""
 
+    cluster: str | None = None
+
     def fetch(self, policies: Sequence[ServicePolicy], now_s: float) -> dict[str, ServiceMetrics]:
+        if self.cluster is None:
+            where, options = "", "--prometheus-url"
+        else:
+            where = f" for cluster {self.cluster}"
+            options = f"--prometheus-url or --cluster-prometheus-url {self.cluster}=URL"
         raise MetricsUnavailable(
-            "no metrics source configured (--prometheus-url); every service holds its size"
+            f"no metrics source configured{where} ({options}); every service holds its size"
         )
 
 
@@ -261,39 +305,35 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
             client = KubeClient.from_kubeconfig(settings.kubeconfig, spec.kube_context)
         return KubernetesBackend(client, state=state, options=options)
 
-    if settings.prometheus_url:
-        from reconciler.observe.prometheus import (
-            PrometheusMetricsSource,
-            recording_rules_problem,
-            scrape_interval_problem,
-        )
+    urls = cluster_prometheus_urls(settings)
+    if settings.prometheus_url or urls:
+        from reconciler.observe.prometheus import PrometheusMetricsSource
 
-        prometheus = settings.prometheus.settings(settings.prometheus_url)
-        # Set-up mistakes that would hold every service cycle after cycle, named once.
-        problems = {
-            "scrape_interval_mismatch": (
-                scrape_interval_problem(prometheus),
-                "--prometheus-scrape-interval, --prometheus-rate-window",
-            ),
-            "recording_rules_missing": (
-                recording_rules_problem(prometheus),
-                "or drop --prometheus-recording-rules",
-            ),
-        }
-        for event, (problem, hint) in problems.items():
-            if problem is not None:
-                logging.getLogger("heteroscale.metrics").warning(
-                    f"{problem} ({hint})", extra={"event": event}
-                )
+        def url_for(spec: ClusterSpec) -> str | None:
+            return urls.get(spec.name, settings.prometheus_url)
+
+        unknown = sorted(set(urls) - set(state.clusters))
+        if unknown:
+            # Not an error: `run` keeps its flags while clusters come and go in Git.
+            logging.getLogger("heteroscale.metrics").warning(
+                f"--cluster-prometheus-url names cluster(s) {', '.join(unknown)} that the "
+                "desired state does not have",
+                extra={"event": "cluster_prometheus_url_unknown"},
+            )
+        used = {url_for(spec) for spec in state.clusters.values()}
+        _warn_prometheus_setup(settings, sorted(u for u in used if u is not None))
         # One source per cluster: its own connections, so one cluster's slow queries
         # (run reconciles the clusters at once) never hold another's.
         sources: dict[str, PrometheusMetricsSource] = {}
         sources_lock = threading.Lock()
 
         def metrics_for(spec: ClusterSpec) -> Any:
+            url = url_for(spec)
+            if url is None:
+                return NoMetrics(spec.name)
             with sources_lock:
                 if spec.name not in sources:
-                    sources[spec.name] = PrometheusMetricsSource(prometheus)
+                    sources[spec.name] = PrometheusMetricsSource(settings.prometheus.settings(url))
                 return sources[spec.name]
 
     else:
@@ -309,6 +349,41 @@ def wire(settings: Settings, state: DesiredState, *, watch: bool = False) -> Wir
         clock=time.time,
         describe="Kubernetes" + (f" ({settings.kubeconfig})" if settings.kubeconfig else ""),
     )
+
+
+def _warn_prometheus_setup(settings: Settings, urls: Sequence[str]) -> None:
+    """Set-up mistakes that would hold every service cycle after cycle, named once per
+    Prometheus in ``urls`` (asked at once: one that does not answer delays the start by
+    its timeout, not by one timeout per Prometheus)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reconciler.observe.prometheus import recording_rules_problem, scrape_interval_problem
+
+    checks = (
+        (
+            "scrape_interval_mismatch",
+            scrape_interval_problem,
+            "--prometheus-scrape-interval, --prometheus-rate-window",
+        ),
+        (
+            "recording_rules_missing",
+            recording_rules_problem,
+            "or drop --prometheus-recording-rules",
+        ),
+    )
+
+    def problems(url: str) -> list[tuple[str, str]]:
+        prometheus = settings.prometheus.settings(url)
+        found = [(event, check(prometheus), hint) for event, check, hint in checks]
+        named = f" (Prometheus {url})" if len(urls) > 1 else ""
+        return [(event, f"{p}{named} ({hint})") for event, p, hint in found if p is not None]
+
+    if not urls:
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        for found in pool.map(problems, urls):
+            for event, message in found:
+                logging.getLogger("heteroscale.metrics").warning(message, extra={"event": event})
 
 
 # How long a stopping ``run`` waits for the planner memories to be written: a third of
@@ -427,7 +502,7 @@ def _check_autoscaler(autoscaler: str) -> None:
         )
 
 
-def _settings(
+def cycle_settings(
     repo: RepoOpt = Path("."),
     rev: RevOpt = None,
     kubeconfig: KubeconfigOpt = None,
@@ -436,6 +511,7 @@ def _settings(
     placer: PlacerOpt = "cp-sat",
     autoscaler: AutoscalerOpt = "heteroscale",
     prometheus_url: PrometheusUrlOpt = None,
+    cluster_prometheus_url: ClusterPrometheusUrlOpt = None,
     prometheus_scrape_interval: PrometheusScrapeIntervalOpt = 15.0,
     prometheus_rate_window: PrometheusRateWindowOpt = None,
     prometheus_bearer_token_file: PrometheusTokenFileOpt = None,
@@ -472,6 +548,7 @@ def _settings(
             prometheus_ca_file,
             prometheus_timeout,
         ),
+        tuple(cluster_prometheus_url or ()),
     )
 
 
@@ -482,6 +559,11 @@ def _checked(settings: Settings) -> Settings:
     checked_placer(settings.placer)
     _check_autoscaler(settings.autoscaler)
     settings.prometheus.check()
+    if settings.prometheus_url is not None:
+        problem = prometheus_url_problem(settings.prometheus_url)
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint="--prometheus-url")
+    cluster_prometheus_urls(settings)
     checked_repository(settings.repo, rev=settings.rev)
     return settings
 
@@ -512,9 +594,9 @@ def _lease(
 
 
 def with_cycle_options(**fixed: Any) -> Callable[[Command], Command]:
-    """``settings: Settings`` offered as the options of ``_settings``: as given, for the
+    """``settings: Settings`` offered as the options of ``cycle_settings``: as given, for the
     command to check (``_checked``) where it checks its own."""
-    return option_group("settings", _settings, **fixed)
+    return option_group("settings", cycle_settings, **fixed)
 
 
 with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its four options
@@ -1101,7 +1183,7 @@ def _apply_saved(
 
 # Each option is defined once, in ``_options`` (the ``*Opt`` types, spelling and help);
 # the options of one cycle, which plan, apply, run and status share, are listed once,
-# in ``_settings`` (``with_cycle_options``).
+# in ``cycle_settings`` (``with_cycle_options``).
 def register(app: typer.Typer) -> None:
     @app.command()
     @with_cycle_options()

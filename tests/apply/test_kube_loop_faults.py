@@ -36,7 +36,7 @@ from kubetestkit import (
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import KubeClient, NotFound
 from reconciler.apply.statestore import ConfigMapStateStore, configmap_name, configmaps_path
-from reconciler.commands.reconcile import Settings, build_loop
+from reconciler.commands.reconcile import build_loop, cycle_settings
 from reconciler.desired import load_desired_state
 from reconciler.durable import decode
 from reconciler.loop import ClusterOutcome, ReconcileLoop, serve_http
@@ -278,20 +278,13 @@ def test_the_loop_holds_a_broken_commit_at_the_last_good_one_and_picks_up_the_fi
         client.delete(configmaps_path(STATE_NAMESPACE, configmap_name(cluster)))
     # Wired as `heteroscale run --rev main` wires it (no Prometheus: every service
     # holds, which from nothing is its floor), with the state store next to the Lease.
-    settings = Settings(
+    settings = cycle_settings(
         repo=repo,
         rev="main",
         kubeconfig=str(control_plane.kubeconfig),
-        simulate=False,
-        clusters=(cluster,),
+        cluster=[cluster],
         placer="greedy",
-        autoscaler="heteroscale",
-        prometheus_url=None,
-        force=False,
-        drain_window_s=0.0,
-        diff_mode="auto",
-        seed=0,
-        prune_removed_services=False,
+        drain_window=0.0,
     )
     loop, _wiring = build_loop(settings, dry_run=False, interval_s=0.1)
     store = ConfigMapStateStore(client, STATE_NAMESPACE, "replica-a")

@@ -28,7 +28,7 @@ from kubetestkit import (
 )
 
 from reconciler.apply.kubeclient import KubeClient
-from reconciler.commands.reconcile import Settings, build_loop
+from reconciler.commands.reconcile import build_loop, cycle_settings
 from reconciler.loop import ReconcileLoop
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.fault]
@@ -106,20 +106,12 @@ def test_a_cluster_on_a_slow_api_server_holds_no_other_clusters_cycle(
     client = control_plane.client()
     ensure_namespace(client, REAL)
     create_nodes(client, state.clusters[REAL])
-    settings = Settings(
+    settings = cycle_settings(
         repo=repo,
-        rev=None,
         kubeconfig=str(_kubeconfig(control_plane, fake, tmp_path / "kubeconfig")),
-        simulate=False,
-        clusters=(),
         placer="greedy",
-        autoscaler="heteroscale",
         prometheus_url=None,  # every service holds: from nothing, at its floor
-        force=False,
-        drain_window_s=0.0,
-        diff_mode="auto",
-        seed=0,
-        prune_removed_services=False,
+        drain_window=0.0,
     )
     loop, wiring = build_loop(
         settings,

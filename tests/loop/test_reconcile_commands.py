@@ -12,7 +12,7 @@ from loopback import unreachable_kubeconfig
 from typer.testing import CliRunner
 
 from reconciler.cli import app
-from reconciler.commands.reconcile import Settings, build_loop
+from reconciler.commands.reconcile import build_loop, cycle_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,21 +77,7 @@ def test_run_reconciles_until_told_to_stop() -> None:
 def test_run_reconciles_real_clusters_at_once_and_the_simulated_fleet_in_turn(
     tmp_path: Path,
 ) -> None:
-    settings = Settings(
-        repo=REPO,
-        rev=None,
-        kubeconfig=None,
-        simulate=True,
-        clusters=(),
-        placer="greedy",
-        autoscaler="heteroscale",
-        prometheus_url=None,
-        force=False,
-        drain_window_s=0.0,
-        diff_mode="auto",
-        seed=0,
-        prune_removed_services=False,
-    )
+    settings = cycle_settings(repo=REPO, simulate=True, placer="greedy", drain_window=0.0)
     # The simulated fleet is one object for every cluster: its clusters run in turn.
     simulated, wiring = build_loop(settings, dry_run=True, cluster_workers=8)
     assert wiring.simulated and simulated.runs is None

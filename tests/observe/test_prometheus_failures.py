@@ -23,7 +23,7 @@ from observe_helpers import (
     settings_for,
 )
 
-from reconciler.commands.reconcile import Settings, wire
+from reconciler.commands.reconcile import cycle_settings, wire
 from reconciler.desired import load_desired_state
 from reconciler.errors import MetricsUnavailable, TemporaryError
 from reconciler.observe.base import MetricsSource
@@ -243,20 +243,12 @@ def test_run_reads_each_clusters_metrics_through_its_own_connections(
     )
     config = unreachable_kubeconfig(tmp_path / "kubeconfig")
     state = load_desired_state(REPO_ROOT)
-    settings = Settings(
+    settings = cycle_settings(
         repo=REPO_ROOT,
-        rev=None,
         kubeconfig=str(config),
-        simulate=False,
-        clusters=(),
         placer="greedy",
-        autoscaler="heteroscale",
         prometheus_url=server.url,
-        force=False,
-        drain_window_s=0.0,
-        diff_mode="auto",
-        seed=0,
-        prune_removed_services=False,
+        drain_window=0.0,
     )
     wiring = wire(settings, state)
     east = state.clusters["prod-east"]
