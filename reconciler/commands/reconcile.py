@@ -1404,9 +1404,11 @@ def register(app: typer.Typer) -> None:
                 f"leader election on Lease {lease.namespace}/{lease.name} as {who}",
                 extra={"event": "leader_election", "identity": who},
             )
-        try:
-            loop, wiring = build_loop(
-                settings,
+
+        def loop_for(loop_settings: Settings) -> tuple[Any, Wiring]:
+            """The loop for ``loop_settings``, with this run's interval, leader and workers."""
+            return build_loop(
+                loop_settings,
                 dry_run=dry_run,
                 interval_s=interval,
                 is_leader=elector.is_leader if elector else None,
@@ -1414,10 +1416,17 @@ def register(app: typer.Typer) -> None:
                 cluster_workers=cluster_workers,
                 cluster_deadline_s=cluster_deadline,
             )
-        except typer.BadParameter:  # --cluster naming no cluster: nothing to run
+
+        def give_up() -> None:
+            """Before exiting without running: the Lease released, logging as it was."""
             if elector is not None:
                 elector.stop(release=True)
             reset_logging(handler)
+
+        try:
+            loop, wiring = loop_for(settings)
+        except typer.BadParameter:  # --cluster naming no cluster: nothing to run
+            give_up()
             raise
         except ConfigError as exc:
             from reconciler.apply.statestore import resume_desired_state
@@ -1431,21 +1440,11 @@ def register(app: typer.Typer) -> None:
             )
             if resumed is None:
                 log.error(f"cannot start: {why}", extra={"event": "desired_invalid_at_start"})
-                if elector is not None:
-                    elector.stop(release=True)
-                reset_logging(handler)
+                give_up()
                 raise typer.Exit(1) from None
             # Start on the stored last known good revision; every cycle still loads
             # the requested one and reports it while it stays invalid.
-            loop, wiring = build_loop(
-                replace(settings, rev=resumed.revision.id),
-                dry_run=dry_run,
-                interval_s=interval,
-                is_leader=elector.is_leader if elector else None,
-                watch=True,
-                cluster_workers=cluster_workers,
-                cluster_deadline_s=cluster_deadline,
-            )
+            loop, wiring = loop_for(replace(settings, rev=resumed.revision.id))
             loop.load_desired = lambda: load_desired_state(settings.repo, rev=settings.rev)
             loop.last_good = resumed.state
             loop.desired_error = (
@@ -1466,9 +1465,7 @@ def register(app: typer.Typer) -> None:
                     f"cannot serve on --listen {listen}: {exc.strerror or exc}",
                     extra={"event": "http_bind_failed", "listen": listen},
                 )
-                if elector is not None:
-                    elector.stop(release=True)
-                reset_logging(handler)
+                give_up()
                 raise typer.Exit(1) from None
             log.info(
                 f"serving /metrics, /healthz, /readyz on {listen}",
