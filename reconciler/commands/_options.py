@@ -136,6 +136,8 @@ def in_range(
 # One definition per option name: a command offering an option uses the type here, so
 # its spelling, help and checks are the same wherever it appears
 # (tests/commands/test_options.py fails when two commands define one name apart).
+# Alike in form by nature: each is typer's own declaration spelled out (flag, help,
+# range and why), so it reads and greps as its --help shows it.
 
 RepoOpt = Annotated[
     Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")

@@ -1304,6 +1304,7 @@ def replay_window(
     return verdict.ttft_share, verdict.both_share
 
 
+# ``plan_oracle_min``'s parameters, passed on to it: the warm start is its first windows.
 def oracle_min_initial_counts(
     policy: ServicePolicy,
     cluster: ClusterSpec,
