@@ -7,7 +7,9 @@ cannot be re-derived at apply time (it came from that moment's metrics and clust
 A signature closes that gap: ``plan --out --signing-key-file K`` adds an
 HMAC-SHA256 of the whole plan under a secret key the CI job holds, and ``apply PLAN
 --signing-key-file K`` refuses a plan that is unsigned, signed under another key, or
-changed in any byte of its content since it was signed.
+changed in any byte of its content since it was signed. To rotate the key, apply is
+given the old key and the new (the option repeated) until no plan signed with the old
+one is left; plan signs with the new one.
 
 HMAC and not a public-key signature: the job that plans and the job that applies are
 the same team's CI, which already shares secrets (the kubeconfig), and HMAC needs no
@@ -26,6 +28,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,20 +102,22 @@ def signed_key_id(signature: object) -> str | None:
     return None if found is None else found.group(1)
 
 
-def signature_problem(data: dict[str, Any], key: SigningKey) -> str | None:
-    """Why the plan ``data`` (the whole parsed file) is not signed by ``key``; None
-    when it is."""
+def signature_problem(data: dict[str, Any], keys: Sequence[SigningKey]) -> str | None:
+    """Why the plan ``data`` (the whole parsed file) is not signed by one of ``keys``
+    (several while a key is rotated: the old and the new); None when it is."""
+    given = ", ".join(key.key_id for key in keys)
     signature = data.get("signature")
     if signature is None:
         return (
-            f"is not signed: apply was given a signing key (key {key.key_id}), so it "
-            "applies only plans written by `plan --out --signing-key-file` with that key"
+            f"is not signed: apply was given a signing key (key {given}), so it applies "
+            "only plans written by `plan --out --signing-key-file` with that key"
         )
     key_id = signed_key_id(signature)
     if key_id is None:
         return f"signature is not of the form {ALGORITHM}:<16 hex>:<64 hex>"
-    if key_id != key.key_id:
-        return f"is signed with key {key_id}, not with the key given (key {key.key_id})"
+    key = next((k for k in keys if k.key_id == key_id), None)
+    if key is None:
+        return f"is signed with key {key_id}, not with a key given (key {given})"
     body = {k: v for k, v in data.items() if k != "signature"}
     if not hmac.compare_digest(signature, signature_of(body, key)):
         return (

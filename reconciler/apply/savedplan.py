@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -393,12 +393,12 @@ _TOP_LEVEL = {
 _SOURCE_FIELDS = {"kind", "content_hash", "rev", "commit"}
 
 
-def from_json(data: Any, path: Path, signing_key: plansign.SigningKey | None = None) -> SavedPlan:
+def from_json(data: Any, path: Path, signing_keys: Sequence[plansign.SigningKey] = ()) -> SavedPlan:
     """The plan in ``data``, checked whole before anything is used: a file that is
     not exactly what ``plan --out`` wrote is refused. The digest catches damage and
     careless edits only; what may be written is checked entry by entry
-    (``plancheck``), as if the file came from anyone. With ``signing_key`` the plan
-    must also be signed with it, and unchanged since (``plansign``)."""
+    (``plancheck``), as if the file came from anyone. With ``signing_keys`` the plan
+    must also be signed with one of them, and unchanged since (``plansign``)."""
     _want(isinstance(data, dict), path, "not a JSON object")
     _want(data.get("format") == FORMAT, path, f"not a heteroscale plan (format != '{FORMAT}')")
     version = data.get("schema_version")
@@ -420,8 +420,8 @@ def from_json(data: Any, path: Path, signing_key: plansign.SigningKey | None = N
         path,
         f"signature is not of the form {plansign.ALGORITHM}:<16 hex>:<64 hex>",
     )
-    if signing_key is not None:
-        problem = plansign.signature_problem(data, signing_key)
+    if signing_keys:
+        problem = plansign.signature_problem(data, signing_keys)
         _want(problem is None, path, str(problem))
     created_at = data.get("created_at", "")
     problem = plancheck.text_problem(created_at, limit=64)
@@ -485,10 +485,10 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def read_plan(path: Path, signing_key: plansign.SigningKey | None = None) -> SavedPlan:
+def read_plan(path: Path, signing_keys: Sequence[plansign.SigningKey] = ()) -> SavedPlan:
     """The plan in the file at ``path``, read as a regular file of at most
     ``MAX_PLAN_BYTES`` (a FIFO or ``/dev/zero`` is refused, not read for ever) and
-    checked whole (``from_json``, with ``signing_key`` its signature too);
+    checked whole (``from_json``, with ``signing_keys`` its signature too);
     ``PlanFileError`` names the file and what is wrong."""
     try:
         raw = read_named_file(path, MAX_PLAN_BYTES)
@@ -510,7 +510,7 @@ def read_plan(path: Path, signing_key: plansign.SigningKey | None = None) -> Sav
         raise PlanFileError(path, f"not valid JSON ({exc})") from None
     except RecursionError:
         raise PlanFileError(path, "not valid JSON (nested too deeply)") from None
-    return from_json(data, path, signing_key)
+    return from_json(data, path, signing_keys)
 
 
 # ------------------------------------------------------------------ staleness

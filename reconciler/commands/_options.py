@@ -393,11 +393,12 @@ PlotOpt = Annotated[
     ),
 ]
 SigningKeyFileOpt = Annotated[
-    Path | None,
+    list[Path] | None,
     typer.Option(
         "--signing-key-file",
-        help="secret key (at least 32 bytes) to sign a saved plan with (plan --out) or "
-        "to accept only plans signed with (apply PLAN)",
+        help="secret key (at least 32 bytes) to sign a saved plan with (plan --out) or to "
+        "accept only plans signed with (apply PLAN; repeatable: the old key and the new "
+        "while rotating)",
     ),
 ]
 
@@ -483,15 +484,13 @@ def checked_output(path: Path | None, option: str, *, directory: bool = False) -
     return path
 
 
-def checked_signing_key(path: Path | None) -> SigningKey | None:
-    """The key in ``path`` (``--signing-key-file``); a usage error (exit 2) saying why
-    it cannot serve, before any work is done."""
-    if path is None:
-        return None
+def checked_signing_keys(paths: list[Path] | None) -> tuple[SigningKey, ...]:
+    """The keys in ``paths`` (``--signing-key-file``, in order); a usage error (exit 2)
+    saying why one cannot serve, before any work is done."""
     from reconciler.apply.plansign import SigningKeyError, read_signing_key
 
     try:
-        return read_signing_key(path)
+        return tuple(read_signing_key(path) for path in paths or ())
     except SigningKeyError as exc:
         raise typer.BadParameter(str(exc), param_hint="--signing-key-file") from None
 

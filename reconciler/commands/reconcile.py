@@ -72,7 +72,7 @@ from reconciler.commands._options import (
     checked_output,
     checked_placer,
     checked_repository,
-    checked_signing_key,
+    checked_signing_keys,
     console,
     err_console,
     in_range,
@@ -1020,12 +1020,13 @@ def _apply_saved(
     settings: Settings,
     fmt: str,
     lease: LeaseRef | None = None,
-    signing_key: SigningKey | None = None,
+    signing_keys: Sequence[SigningKey] = (),
 ) -> int:
     """`apply PLAN.json`: exactly the saved writes, or nothing when what the plan was
     computed from moved (desired-state revision, resourceVersions). With ``lease``,
     every cluster whose writes were all made is recorded (``record_applied``). With
-    ``signing_key``, only a plan signed with it and unchanged since is applied."""
+    ``signing_keys``, only a plan signed with one of them and unchanged since is
+    applied."""
     import json
 
     from reconciler.apply import names
@@ -1082,11 +1083,11 @@ def _apply_saved(
         return 0 if ok else 1
 
     try:
-        saved = read_plan(plan_file, signing_key)
+        saved = read_plan(plan_file, signing_keys)
     except PlanFileError as exc:
         err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 1
-    if saved.signed_by is not None and signing_key is None:
+    if saved.signed_by is not None and not signing_keys:
         # Said, not refused: a team that signs may still apply by hand without the key.
         err_console.print(
             f"note: {plan_file} is signed (key {saved.signed_by}) but no --signing-key-file "
@@ -1213,7 +1214,7 @@ def register(app: typer.Typer) -> None:
         With --base REV (and --head REV, default HEAD): the pull-request review of the
         change from base to head: config diff, fleet diff and what-if replay (of
         --trace, or a synthetic day per service; --plot writes one PNG per service)."""
-        if signing_key_file is not None and out is None:
+        if signing_key_file and out is None:
             raise typer.BadParameter(
                 "only a saved plan is signed: add --out PLAN", param_hint="--signing-key-file"
             )
@@ -1260,7 +1261,13 @@ def register(app: typer.Typer) -> None:
             )
         settings = _checked(settings)
         checked_output(out, "--out")
-        signing_key = checked_signing_key(signing_key_file)
+        keys = checked_signing_keys(signing_key_file)
+        if len(keys) > 1:
+            raise typer.BadParameter(
+                "a plan is signed with one key (apply takes several, while rotating)",
+                param_hint="--signing-key-file",
+            )
+        signing_key = keys[0] if keys else None
         raise typer.Exit(
             _one_cycle(settings, dry_run=True, fmt=format, out=out, signing_key=signing_key)
         )
@@ -1293,14 +1300,14 @@ def register(app: typer.Typer) -> None:
         ConfigMap next to the reconciler's Lease (for `heteroscale status`), unless a
         `heteroscale run` leader holds the Lease: it records its own cycles, and the
         ConfigMap is left alone (said on stderr, and in the JSON under "state")."""
-        if signing_key_file is not None and plan_file is None:
+        if signing_key_file and plan_file is None:
             raise typer.BadParameter(
                 "only a saved plan carries a signature: add PLAN", param_hint="--signing-key-file"
             )
         settings = _checked(settings)
         if plan_file is not None:
-            signing_key = checked_signing_key(signing_key_file)
-            raise typer.Exit(_apply_saved(plan_file, settings, format, lease, signing_key))
+            keys = checked_signing_keys(signing_key_file)
+            raise typer.Exit(_apply_saved(plan_file, settings, format, lease, keys))
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, lease=lease))
 
     @app.command()

@@ -46,7 +46,7 @@ def test_a_signed_plan_reads_back_with_its_key_and_names_the_key(tmp_path: Path)
     write_plan(sample(), path, KEY)
     signature = json.loads(path.read_text())["signature"]
     assert signature.startswith(f"hmac-sha256:{KEY.key_id}:")
-    plan = read_plan(path, KEY)
+    plan = read_plan(path, (KEY,))
     assert plan.signed_by == KEY.key_id
     assert plan.clusters == sample().clusters and plan.source == sample().source
 
@@ -64,7 +64,7 @@ def test_with_a_key_an_unsigned_plan_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     write_plan(sample(), path)
     with pytest.raises(PlanFileError, match="is not signed") as info:
-        read_plan(path, KEY)
+        read_plan(path, (KEY,))
     assert str(path) in str(info.value)
 
 
@@ -72,16 +72,31 @@ def test_a_plan_signed_with_another_key_is_refused_naming_both_keys(tmp_path: Pa
     path = tmp_path / "plan.json"
     write_plan(sample(), path, OTHER_KEY)
     with pytest.raises(PlanFileError) as info:
-        read_plan(path, KEY)
+        read_plan(path, (KEY,))
     assert f"signed with key {OTHER_KEY.key_id}" in str(info.value)
     assert KEY.key_id in str(info.value)
+
+
+def test_while_rotating_a_plan_signed_with_the_old_key_or_the_new_is_applied(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plan.json"
+    for signer in (OTHER_KEY, KEY):
+        write_plan(sample(), path, signer)
+        assert read_plan(path, (KEY, OTHER_KEY)).signed_by == signer.key_id
+    retired = key_from_bytes(b"r" * MIN_KEY_BYTES)
+    write_plan(sample(), path, retired)
+    with pytest.raises(PlanFileError) as info:
+        read_plan(path, (KEY, OTHER_KEY))
+    assert f"signed with key {retired.key_id}, not with a key given" in str(info.value)
+    assert f"{KEY.key_id}, {OTHER_KEY.key_id}" in str(info.value)
 
 
 def test_a_forged_signature_claiming_the_right_key_is_refused(tmp_path: Path) -> None:
     data = to_json(sample(), KEY)
     data["signature"] = f"hmac-sha256:{KEY.key_id}:" + "0" * 64
     with pytest.raises(PlanFileError, match="does not match the content"):
-        read_plan(_written(tmp_path, data), KEY)
+        read_plan(_written(tmp_path, data), (KEY,))
 
 
 def test_replicas_changed_and_the_digest_recomputed_is_refused(tmp_path: Path) -> None:
@@ -92,7 +107,7 @@ def test_replicas_changed_and_the_digest_recomputed_is_refused(tmp_path: Path) -
     path = _written(tmp_path, _redigested(data))
     read_plan(path)  # without the key it is a well-formed plan
     with pytest.raises(PlanFileError, match="changed after it was signed"):
-        read_plan(path, KEY)
+        read_plan(path, (KEY,))
 
 
 @pytest.mark.parametrize("signature", ["", "hmac-sha256:abc:def", 7, "sha256:" + "0" * 64])
@@ -128,14 +143,14 @@ def test_any_value_changed_after_signing_fails_the_signature(
     if holder[leaf[-1]] == replacement and type(holder[leaf[-1]]) is type(replacement):
         return  # not a change
     holder[leaf[-1]] = replacement
-    assert signature_problem(data, KEY) is not None
+    assert signature_problem(data, (KEY,)) is not None
 
 
 def test_the_signature_covers_the_canonical_form_not_the_layout() -> None:
     # A re-indented or key-reordered file is the same plan: it still verifies.
     data = to_json(sample(), KEY)
     reordered = json.loads(json.dumps(data, indent=7, sort_keys=False))
-    assert signature_problem(dict(reversed(list(reordered.items()))), KEY) is None
+    assert signature_problem(dict(reversed(list(reordered.items()))), (KEY,)) is None
     body = {k: v for k, v in data.items() if k != "signature"}
     assert data["signature"] == signature_of(body, KEY)
 

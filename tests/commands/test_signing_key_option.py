@@ -51,3 +51,18 @@ def test_a_short_or_missing_key_file_is_a_usage_error_naming_it(
         text = " ".join(result.output.split())
         assert key_file in text and reason in text
         assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_signs_with_one_key_only(tmp_path: Path) -> None:
+    first, second = _key(tmp_path), str(tmp_path / "second.key")
+    Path(second).write_text("s" * 40)
+    result = runner.invoke(
+        app,
+        [
+            *("plan", "--simulate", "--out", str(tmp_path / "p.json")),
+            *("--signing-key-file", first, "--signing-key-file", second),
+        ],
+        terminal_width=200,
+    )
+    assert result.exit_code == 2, result.output
+    assert "a plan is signed with one key" in " ".join(result.output.split())
