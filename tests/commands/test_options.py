@@ -146,10 +146,10 @@ def test_prometheus_options_are_checked_before_any_work(args: list[str], message
 def test_the_rate_window_follows_the_scrape_interval_unless_given() -> None:
     from pathlib import Path
 
-    from reconciler.commands.reconcile import _settings
+    from reconciler.commands.reconcile import cycle_settings
 
     def window(**options: Any) -> float:
-        settings = _settings(Path("."), prometheus_url="http://p:9090", **options)
+        settings = cycle_settings(Path("."), prometheus_url="http://p:9090", **options)
         return float(settings.prometheus.settings("http://p:9090").rate_window_s)
 
     assert window() == 60.0  # 15 s scrapes: four intervals, at least a minute

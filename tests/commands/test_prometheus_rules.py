@@ -12,7 +12,7 @@ from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
 from reconciler.cli import app
-from reconciler.commands.reconcile import _settings
+from reconciler.commands.reconcile import cycle_settings
 from reconciler.observe.presets import recording_rules
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_a_bad_window_is_a_usage_error() -> None:
 
 
 def test_the_flag_turns_the_recorded_mode_on() -> None:
-    off = _settings(REPO, prometheus_url="http://p:9090").prometheus.settings("http://p:9090")
-    on = _settings(REPO, prometheus_url="http://p:9090", prometheus_recording_rules=True)
+    off = cycle_settings(REPO, prometheus_url="http://p:9090").prometheus.settings("http://p:9090")
+    on = cycle_settings(REPO, prometheus_url="http://p:9090", prometheus_recording_rules=True)
     assert not off.recorded_histograms
     assert on.prometheus.settings("http://p:9090").recorded_histograms
