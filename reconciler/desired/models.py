@@ -562,6 +562,12 @@ class ClusterSpec(StrictModel):
         return total
 
     @cached_property
+    def gpu_types_with_nodes(self) -> frozenset[str]:
+        """The catalogue's types that some node has: the only ones an instance can run
+        on (a type declared for nodes yet to come has no capacity to size with)."""
+        return frozenset(t for t, gpus in self.gpus_by_type.items() if gpus > 0)
+
+    @cached_property
     def largest_node_gpus(self) -> dict[str, int]:
         """GPUs of the largest node of each GPU type present on a node."""
         largest: dict[str, int] = {}

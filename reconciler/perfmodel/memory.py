@@ -71,13 +71,19 @@ def instance_memory(
 def role_memories(
     policy: ServicePolicy, cluster: ClusterSpec, role: Role, order: Sequence[str] | None = None
 ) -> list[InstanceMemory]:
-    """The memory of an instance of ``role`` on each GPU type it allows that exists in
-    the cluster, fitting or not, in ``order`` (default: the policy's preference order)."""
+    """The memory of an instance of ``role`` on each GPU type it allows that some node
+    of the cluster has, fitting or not, in ``order`` (default: the policy's preference
+    order). A type only in the catalogue is left out: sizing with it would count on
+    capacity no node can give."""
     role_policy = policy.role(role)
     out: list[InstanceMemory] = []
     for gpu_type in role_policy.preferred_gpu_types() if order is None else order:
         gpu = cluster.gpu_types.get(gpu_type)
-        if gpu is None or gpu_type not in role_policy.gpu_types:
+        if (
+            gpu is None
+            or gpu_type not in role_policy.gpu_types
+            or gpu_type not in cluster.gpu_types_with_nodes
+        ):
             continue
         out.append(instance_memory(policy.model, gpu_type, gpu, role_policy.gpus_per_instance))
     return out

@@ -224,7 +224,7 @@ class GpuChoice:
     """One role's ranked GPU types and why the first is first."""
 
     role: Role
-    order: tuple[str, ...]  # allowed and present in the cluster; new instances on the first
+    order: tuple[str, ...]  # allowed and on some node of the cluster; new instances on the first
     by_cost: bool  # the cost ranking put first another type than the weights do
     reason: str  # one line, empty when the weights' order stands unopposed
     # The policy's weights moved onto ``order`` (``ranked_weights``): placement's
@@ -237,8 +237,10 @@ class GpuChoice:
 
 
 def _choose(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[GpuChoice, GpuChoice]:
+    # Only types some node has: new instances go on the first, and the planner sizes
+    # with its model (a type without nodes would be sized for, then never placed).
     present = [
-        [t for t in policy.role(role).preferred_gpu_types() if t in cluster.gpu_types]
+        [t for t in policy.role(role).preferred_gpu_types() if t in cluster.gpu_types_with_nodes]
         for role in ("prefill", "decode")
     ]
     if policy.request_shape is None:

@@ -182,3 +182,39 @@ def test_service_fleet_counts_instances_per_type() -> None:
     assert fleet.decode.by_type == (("h20", 4), ("h800", 2))
     assert fleet.decode.active == 6 and fleet.decode.starting == 1
     assert fleet.prefill.by_type == (("h800", 6),)
+
+
+def test_a_type_no_node_has_is_never_the_one_sized_with() -> None:
+    """A faster type in the catalogue without nodes (ordered, not yet racked) first in
+    chat's prefill preference: sizing with its model would count on capacity no node
+    gives, and every instance would land on the slower type that is there. The type
+    ranked first, and sized with, is one that some node has."""
+    policy, cluster = _chat_by_cost()
+    faster = cluster.gpu_types["h800"].model_copy(
+        update={"bf16_tflops": 2250.0, "memory_bandwidth_gbps": 8000.0, "memory_gib": 180.0}
+    )
+    cluster = cluster.model_copy(update={"gpu_types": {**cluster.gpu_types, "b200": faster}})
+    assert "b200" not in cluster.gpu_types_with_nodes
+    prefill = policy.prefill.model_copy(update={"gpu_types": {"b200": 1.0, "h800": 0.1}})
+    policy = policy.model_copy(update={"prefill": prefill})
+    perf = perf_context(policy, cluster)
+    assert perf is not None and perf.prefill.gpu_type == "h800"
+
+    def prefill_count(on: tuple[ServicePolicy, ClusterSpec]) -> int:
+        decision = PlannerAutoscaler().decide(
+            DecisionInput(
+                on[0],
+                _fleet(12, {"h20": 30}),
+                _metrics(0.0, 150_000.0, 40_000.0),
+                PolicyHistory(),
+                0.0,
+                on[1],
+            )
+        )
+        return decision.prefill
+
+    # The same count as a policy that allows h800 alone: b200 plays no part.
+    only_h800 = policy.model_copy(
+        update={"prefill": prefill.model_copy(update={"gpu_types": {"h800": 1.0}})}
+    )
+    assert prefill_count((policy, cluster)) == prefill_count((only_h800, cluster))
