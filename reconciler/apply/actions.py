@@ -18,11 +18,12 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from reconciler.apply import names
 from reconciler.apply.fields import comparable, contains
+from reconciler.apply.nodeaffinity import unschedulable_problem
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ServicePolicy
@@ -46,6 +47,9 @@ class WorkloadWork:
     scale: ScalePlan
     manifest: Manifest | None  # what server-side apply sends (None: nothing to apply)
     reason: str = ""
+    # Why the manifest must not be written (no live Node could run its Pods): reported
+    # as an error, nothing written (``nodeaffinity``).
+    refusal: str = ""
 
     @property
     def replicas_before(self) -> int:
@@ -215,8 +219,47 @@ def plan_workloads(
             )
         )
 
+    work = _hold_unschedulable(work, snapshot)
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
+
+
+def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> list[WorkloadWork]:
+    """``work`` with every create or template change whose Pods no live Node could run
+    refused (``nodeaffinity``), and, for a service with such a workload, every
+    workload that would remove capacity kept as it is: its replacement could not
+    run, so nothing of the service is taken away this cycle."""
+    refused: dict[str, WorkloadWork] = {}
+    out: list[WorkloadWork] = []
+    for w in work:
+        new_pods = w.desired is not None and (
+            w.live is None or w.live.template_hash != w.desired.template_hash
+        )
+        problem = (
+            unschedulable_problem(w.manifest, snapshot.nodes)
+            if new_pods and w.manifest is not None
+            else None
+        )
+        if problem is not None:
+            w = replace(w, refusal=problem)
+            refused.setdefault(w.service, w)
+        out.append(w)
+    if not refused:
+        return out
+    held: list[WorkloadWork] = []
+    for w in out:
+        first = refused.get(w.service)
+        if first is not None and not w.refusal and w.live is not None and w.removes_capacity:
+            reason = f"held: {first.key} of service {w.service} cannot be written (no node)"
+            w = replace(
+                w,
+                action="keep",
+                manifest=None,
+                scale=ScalePlan(replicas=w.live.replicas, notes=(reason,)),
+                reason="",
+            )
+        held.append(w)
+    return held
 
 
 def manually_drained(snapshot: ClusterSnapshot) -> tuple[LivePod, ...]:

@@ -286,7 +286,10 @@ class KubernetesBackend:
         mode: DiffMode = "client-side" if self.options.diff_mode == "client" else "server-dry-run"
         notes: list[str] = []
         results: dict[ObjectKey, ObjectDiff] = {}
-        to_dry_run = [w for w in work if w.manifest is not None]
+        for w in work:
+            if w.refusal:
+                results[w.key] = self._object_diff(w, "error", (), (w.refusal,))
+        to_dry_run = [w for w in work if w.manifest is not None and not w.refusal]
         if self.options.skip_provably_unchanged:
             for w in to_dry_run:
                 if provably_unchanged(w):

@@ -219,12 +219,15 @@ def summary_line(result: CycleResult) -> str:
     parts = []
     if failed:  # first: a failed cluster is no "no changes", whatever the others say
         parts.append(f"{len(failed)} cluster(s) failed: {', '.join(c.cluster for c in failed)}.")
-    answered = len(result.clusters) - len(failed)
-    if not changed and not failed:
+    refused = sum(c.refused_objects for c in result.clusters)
+    if refused:  # nor is a cluster with a write refused "matching the desired state"
+        parts.append(f"{refused} object(s) refused (! error above): not as desired.")
+    matching = [c for c in result.clusters if c.outcome != "error" and not c.refused_objects]
+    if not changed and len(matching) == len(result.clusters):
         parts.append("No changes: the clusters match the desired state.")
     elif not changed:
-        if answered:
-            parts.append(f"The {answered} other cluster(s) match the desired state.")
+        if matching:
+            parts.append(f"The {len(matching)} other cluster(s) match the desired state.")
     elif applied:
         parts.append(f"Applied changes in {len(changed)} cluster(s).")
     else:

@@ -748,7 +748,9 @@ def _one_cycle(
         if fmt != "text":
             err_console.print("one or more clusters failed; see the report")
         if out is not None:
-            err_console.print(f"no plan written to {out}: a cluster failed", markup=False)
+            err_console.print(
+                f"no plan written to {out}: a cluster failed or refused a write", markup=False
+            )
         return 1
     if out is not None:
         from reconciler.apply.savedplan import write_plan

@@ -561,6 +561,18 @@ class ClusterSpec(StrictModel):
             total[node.gpu_type] = total.get(node.gpu_type, 0) + node.gpus
         return total
 
+    def node_labels(self, node: Node) -> dict[str, str]:
+        """The labels this cluster file says ``node`` carries: its switches', its GPU
+        type's (``GpuType.node_label`` or the type's name) and its own. What placement
+        and the rendered node affinity rely on, and what drift compares."""
+        return {
+            self.labels.s2: node.s2,
+            self.labels.s1: node.s1,
+            self.labels.s0: node.s0,
+            self.labels.gpu_type: self.gpu_types[node.gpu_type].node_label or node.gpu_type,
+            **node.labels,
+        }
+
     @cached_property
     def gpu_types_with_nodes(self) -> frozenset[str]:
         """The catalogue's types that some node has: the only ones an instance can run

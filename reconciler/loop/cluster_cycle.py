@@ -58,6 +58,15 @@ class ClusterOutcome:
             return self.diff.has_changes
         return bool(self.plan and self.plan.has_changes) or bool(self.lines)
 
+    @property
+    def refused_objects(self) -> int:
+        """Objects whose write was refused (``error``: by the API server, or before
+        it, e.g. Pods no Node could run): the cluster is not as desired, whatever the
+        other objects did."""
+        if self.diff is None:
+            return 0
+        return sum(1 for o in self.diff.objects if o.action == "error")
+
 
 def refused_scale_changes(diff: ClusterDiff) -> dict[str, str]:
     """Services with a scale change the API server refuses (a ``conflict``: someone

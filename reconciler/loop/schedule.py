@@ -89,7 +89,8 @@ class CycleResult:
 
     @property
     def has_errors(self) -> bool:
-        return any(c.outcome == "error" for c in self.clusters)
+        """A cluster failed, or an object's write was refused."""
+        return any(c.outcome == "error" or c.refused_objects for c in self.clusters)
 
 
 @dataclass

@@ -734,14 +734,7 @@ def node_drift(cluster: ClusterSpec, nodes: Sequence[LiveNode]) -> tuple[Drift, 
                 )
             )
             continue
-        expected = {
-            labels.s2: node.s2,
-            labels.s1: node.s1,
-            labels.s0: node.s0,
-            labels.gpu_type: cluster.gpu_types[node.gpu_type].node_label or node.gpu_type,
-            **node.labels,
-        }
-        for key, want in expected.items():
+        for key, want in cluster.node_labels(node).items():
             got = seen.labels.get(key)
             if got != want:
                 shown = "missing" if got is None else f"'{got}'"

@@ -204,14 +204,7 @@ def create_nodes(
     for node in spec.nodes:
         if node.name in skip:
             continue
-        labels = {
-            spec.labels.s2: node.s2,
-            spec.labels.s1: node.s1,
-            spec.labels.s0: node.s0,
-            spec.labels.gpu_type: spec.gpu_types[node.gpu_type].node_label or node.gpu_type,
-            **node.labels,
-            **overrides.get(node.name, {}),
-        }
+        labels = {**spec.node_labels(node), **overrides.get(node.name, {})}
         body = {
             "apiVersion": "v1",
             "kind": "Node",

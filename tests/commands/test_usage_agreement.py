@@ -63,16 +63,26 @@ def test_a_plan_whose_cluster_failed_says_so_and_not_no_changes(tmp_path: Path) 
 
 
 def test_the_summary_of_clusters_that_answered_beside_a_failed_one() -> None:
-    from types import SimpleNamespace
-
     from reconciler.apply.cyclereport import summary_line
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.loop.cluster_cycle import ClusterOutcome
+    from reconciler.loop.schedule import CycleResult
 
-    def cluster(name: str, outcome: str) -> SimpleNamespace:
-        return SimpleNamespace(cluster=name, outcome=outcome, has_changes=False, applied=False)
+    def cluster(name: str, outcome: str, refused: bool = False) -> ClusterOutcome:
+        objects = (ObjectDiff(f"ns/{name}-d", "svc", "g", "decode", "error", 2, 3),)
+        diff = ClusterDiff(name, "server-dry-run", objects if refused else ())
+        return ClusterOutcome(name, diff=diff, outcome=outcome)
 
-    result = SimpleNamespace(clusters=[cluster("east", "error"), cluster("west", "ok")])
-    assert summary_line(result) == (  # type: ignore[arg-type]
+    result = CycleResult([cluster("east", "error"), cluster("west", "ok")])
+    assert summary_line(result) == (
         "1 cluster(s) failed: east. The 1 other cluster(s) match the desired state."
     )
-    result = SimpleNamespace(clusters=[cluster("west", "ok")])
-    assert summary_line(result) == "No changes: the clusters match the desired state."  # type: ignore[arg-type]
+    result = CycleResult([cluster("west", "ok")])
+    assert summary_line(result) == "No changes: the clusters match the desired state."
+    # A write refused (before or by the API server) is not "matching" either.
+    result = CycleResult([cluster("east", "ok", refused=True), cluster("west", "ok")])
+    assert summary_line(result) == (
+        "1 object(s) refused (! error above): not as desired. "
+        "The 1 other cluster(s) match the desired state."
+    )
+    assert result.has_errors
