@@ -93,19 +93,26 @@ def range_names(spec: ClusterSpec) -> list[tuple[Path, str, int]]:
 
 def check_fleet_budget(spec: ClusterSpec, used: dict[str, int]) -> list[Problem]:
     """Count this cluster's range names into ``used`` (totals over the clusters
-    checked so far); a problem at the pattern that takes a total over its limit.
+    checked so far); a problem when a total goes over its limit. It is placed at the
+    largest range counted up to the one that crossed the limit (the later of equals):
+    one ``h-[1-99999]`` followed by a range of 20 is the range to fix, not the 20.
     Run before ``check_cluster``, which expands the ranges."""
     limits = {"node": MAX_FLEET_NODES, "switch": MAX_FLEET_SWITCHES}
     total = dict(used)
+    largest: dict[str, tuple[int, Path]] = {}
     for path, kind, count in range_names(spec):
         total[kind] = total.get(kind, 0) + count
+        if count >= largest.get(kind, (0, ()))[0]:
+            largest[kind] = (count, path)
         if total[kind] > limits[kind]:
             # A refused cluster is not counted: the next file is judged on its own.
+            blamed_count, blamed = largest[kind]
+            crossed = "" if blamed == path else f", and {_fmt(path)} takes the total over"
             return [
                 (
-                    path,
+                    blamed,
                     f"the fleet's {kind} names expand to more than {limits[kind]:,} "
-                    f"(this range adds {count:,}); no real fleet has that many",
+                    f"(this range adds {blamed_count:,}{crossed}); no real fleet has that many",
                 )
             ]
     used.update(total)
@@ -142,7 +149,10 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
     def check_defaults(defaults_path: Path, gpu_type: str | None) -> None:
         if gpu_type is not None and gpu_type not in spec.gpu_types:
             problems.append(
-                ((*defaults_path, "gpu_type"), _unknown("GPU type", gpu_type, spec.gpu_types))
+                (
+                    (*defaults_path, "gpu_type"),
+                    unknown_message("GPU type", gpu_type, spec.gpu_types),
+                )
             )
 
     check_defaults(("defaults",), spec.defaults.gpu_type)
@@ -164,7 +174,10 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
     for node, path in nodes:
         if node.gpu_type not in spec.gpu_types:
             problems.append(
-                (path, f"node {node.name}: {_unknown('GPU type', node.gpu_type, spec.gpu_types)}")
+                (
+                    path,
+                    f"node {node.name}: {unknown_message('GPU type', node.gpu_type, spec.gpu_types)}",
+                )
             )
         if node.name in node_seen:
             problems.append(
@@ -191,7 +204,12 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
             for j, name in enumerate(subgroup.switches):
                 if subgroup_s1_members(spec, [name]) is None:
                     problems.append(
-                        ((*path, "switches", j), _unknown("S1/S2 switch", name, [*seen]))
+                        (
+                            (*path, "switches", j),
+                            unknown_message(
+                                "S1/S2 switch", name, [*spec.s1_under_s2, *spec.s2_of_s1]
+                            ),
+                        )
                     )
             continue
         for s1_name in members:
@@ -252,7 +270,9 @@ def check_policy(policy: ServicePolicy) -> list[Problem]:
 
     for key in policy.metrics.queries:
         if key not in QUERY_KEYS:
-            problems.append((("metrics", "queries", key), _unknown("signal", key, QUERY_KEYS)))
+            problems.append(
+                (("metrics", "queries", key), unknown_message("signal", key, QUERY_KEYS))
+            )
     # Label names, query placeholders, and a source for every signal the policy acts on.
 
     problems.extend(check_metrics_config(policy))
@@ -273,7 +293,7 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
                 problems.append(
                     (
                         (role, "gpu_types", gpu_type),
-                        _unknown(
+                        unknown_message(
                             f"GPU type in cluster '{cluster.name}'", gpu_type, cluster.gpu_types
                         ),
                     )
@@ -385,13 +405,30 @@ def gpu_choice_warnings(policy: ServicePolicy, cluster: ClusterSpec) -> list[Pro
     return out
 
 
-def _unknown(what: str, name: str, known: Iterable[str]) -> str:
+def unknown_message(what: str, name: str, known: Iterable[str]) -> str:
+    """``unknown WHAT 'NAME'`` with the closest known name, or else the known names
+    (``known_names``); nothing more when none is known."""
     import difflib
 
     known_list = sorted(known)
     hint = difflib.get_close_matches(name, known_list, n=1)
-    suffix = f"; did you mean '{hint[0]}'?" if hint else f"; known: {', '.join(known_list[:8])}"
-    return f"unknown {what} '{name}'{suffix}"
+    if hint:
+        return f"unknown {what} '{name}'; did you mean '{hint[0]}'?"
+    if not known_list:
+        return f"unknown {what} '{name}'"
+    return f"unknown {what} '{name}'; known: {known_names(known_list)}"
+
+
+# How many names a "known: ..." list shows before it says how many more there are.
+KNOWN_SHOWN = 8
+
+
+def known_names(names: list[str]) -> str:
+    """``names`` joined for a "known: ..." hint: the first ``KNOWN_SHOWN``, then how
+    many more there are, so a cut list never reads as the whole."""
+    shown = ", ".join(names[:KNOWN_SHOWN])
+    more = len(names) - KNOWN_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def _fmt(path: Path) -> str:
@@ -413,6 +450,8 @@ __all__ = [
     "derive_subgroup_class",
     "expand_range",
     "gpu_choice_warnings",
+    "known_names",
     "model_fit_warnings",
     "subgroup_s1_members",
+    "unknown_message",
 ]

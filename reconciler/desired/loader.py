@@ -49,6 +49,7 @@ from reconciler.desired.checks import (
     check_fleet_budget,
     check_policy,
     check_policy_against_cluster,
+    unknown_message,
 )
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.desired.sources import (
@@ -656,14 +657,9 @@ def load_from_source(source: Source) -> DesiredState:
         cluster = clusters.get(policy.cluster)
         if cluster is None:
             if policy.cluster not in {p.stem for p in map(Path, cluster_paths)}:
-                known = sorted(clusters)
-                hint = difflib.get_close_matches(policy.cluster, known, n=1)
-                suffix = (
-                    f"; did you mean '{hint[0]}'?"
-                    if hint
-                    else (f"; known: {', '.join(known)}" if known else "")
+                problems.append(
+                    (("cluster",), unknown_message("cluster", policy.cluster, clusters))
                 )
-                problems.append((("cluster",), f"unknown cluster '{policy.cluster}'{suffix}"))
         else:
             problems.extend(check_policy_against_cluster(policy, cluster))
         for role in ("prefill", "decode"):

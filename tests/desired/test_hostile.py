@@ -9,7 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from repo_edits import edit
+from repo_edits import edit, line_of
 from typer.testing import CliRunner
 
 from reconciler.cli import app
@@ -196,6 +196,20 @@ def test_ranges_have_a_fleet_wide_total_not_only_a_per_pattern_cap(example_repo:
     # The second range takes the total over: 100,000 + 100,000 > MAX_FLEET_NODES.
     assert MAX_FLEET_NODES == 100_000
     assert budget.startswith("clusters/prod-east.yaml:") and "s2[0].s1[0].s0[1].nodes" in budget
+
+
+def test_the_fleet_total_is_blamed_on_the_large_range_not_on_the_next_small_one(
+    example_repo: Path,
+) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, '"h800-a-[001-020]"', '"h800-a-[1-99999]"')
+    found = problems(example_repo)
+    [budget] = [m for m in found if "node names expand to more than" in m]
+    line = line_of(cluster, "h800-a-[1-99999]")
+    # The next range (20 nodes, s1[1]) takes the total over; the 99,999 are what to fix.
+    assert budget.startswith(f"clusters/prod-east.yaml:{line}:")
+    assert "s2[0].s1[0].s0[0].nodes: the fleet's node names expand to more than 100,000" in budget
+    assert "(this range adds 99,999, and s2[0].s1[1].s0[0].nodes takes the total over)" in budget
 
 
 def test_the_node_total_spans_every_cluster_file(example_repo: Path) -> None:

@@ -429,3 +429,16 @@ def test_reuse_unchanged_keeps_the_objects_of_services_and_clusters_that_did_not
     assert all(after.clusters[n] is before.clusters[n] for n in before.clusters)
     fresh = load_desired_state(example_repo)
     assert reuse_unchanged(None, fresh) is fresh
+
+
+def test_a_list_of_known_names_that_is_cut_says_how_many_more_there_are(
+    example_repo: Path,
+) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, "switches: [pod-a]", "switches: [zzzz]")
+    [found] = problems(example_repo)
+    # 4 S2 and 13 S1 switches (no S0 one): eight shown, in order, the other nine counted.
+    assert found.endswith(
+        "rdma_subgroups[0].switches[0]: unknown S1/S2 switch 'zzzz'; known: mp-a1, mp-a2, "
+        "mp-a3, mp-b1, mp-b2, mp-b3, mp-c1, mp-c2 and 9 more"
+    )
