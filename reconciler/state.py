@@ -209,6 +209,12 @@ class GroupRole:
     gpus_per_instance: int | None = None
 
 
+def group_id_prefix(label: str) -> str:
+    """What every id of a group made from ``label`` starts with (the placement's
+    ``new_group_id`` appends a number, validation compares these prefixes)."""
+    return f"g-{label}-"
+
+
 @dataclass(frozen=True)
 class DeploymentGroup:
     """A service's prefill and decode instances that share one scheduling domain.

@@ -46,7 +46,7 @@ from threading import Lock
 import networkx as nx
 import numpy as np
 
-from reconciler.desired.checks import derive_subgroup_class, subgroup_s1_members
+from reconciler.desired.checks import derive_subgroup_class, subgroup_s1s
 from reconciler.desired.models import Affinity, ClusterSpec, Node, SubgroupClass
 from reconciler.state import DeploymentGroup, FleetState, Role
 
@@ -102,6 +102,15 @@ class SchedulingDomain:
     @property
     def class_rank(self) -> int:
         return CLASS_RANK[self.subgroup_class]
+
+    @property
+    def group_label(self) -> str:
+        """What the id of a new group placed here is made from (``new_group_id``): the
+        switch, or for loose affinity the subgroup (the cluster when it spans several).
+        ``reconciler.desired.checks.group_labels`` lists them from the cluster file."""
+        if self.affinity != "cluster":
+            return self.domain
+        return self.subgroup or self.domain
 
     def describe(self) -> str:
         """How a user would name this domain: 'S2 pod-a (subgroup rg-a)'."""
@@ -445,24 +454,10 @@ def _derive_subgroups(
             declared=declared,
         )
 
-    out: dict[str, Subgroup] = {}
-    covered: set[str] = set()
-    for declared in spec.rdma_subgroups:
-        members = subgroup_s1_members(spec, declared.switches)
-        if members is None:  # check_cluster rejects this; be defensive
-            continue
-        fresh = [s1 for s1 in members if s1 not in covered]
-        if fresh:
-            covered.update(fresh)
-            out[declared.name] = make(declared.name, fresh, True)
-    uncovered: dict[str, list[str]] = defaultdict(list)
-    for s1 in s1_order:
-        if s1 not in covered:
-            uncovered[s1_parent[s1]].append(s1)
-    for s2, s1s in uncovered.items():
-        name = s2 if s2 not in out else f"{s2}-implicit"
-        out[name] = make(name, s1s, False)
-    return out
+    return {
+        name: make(name, s1s, declared)
+        for name, (s1s, declared) in subgroup_s1s(spec, s1_order, s1_parent).items()
+    }
 
 
 def _s1_by_s2(subgroup: Subgroup, s1_parent: Mapping[str, str]) -> dict[str, list[str]]:

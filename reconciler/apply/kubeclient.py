@@ -37,9 +37,9 @@ from urllib.parse import urlencode
 
 import urllib3
 
-from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer
 from reconciler.desired.checks import MAX_FLEET_NODES
+from reconciler.dns1123 import name_segment, namespace_segment
 from reconciler.errors import ApplyConflict, ClusterUnavailable, HeteroscaleError, PermanentError
 from reconciler.text_safety import QUOTED_CHARS, cut, quoted
 

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from reconciler.apply.dns1123 import MAX_SUBDOMAIN
 from reconciler.apply.kubeclient import (
     KubeApiError,
     KubeClient,
@@ -43,6 +42,7 @@ from reconciler.apply.kubeclient import (
     ResourceConflict,
     leases_path,
 )
+from reconciler.dns1123 import MAX_SUBDOMAIN
 from reconciler.errors import TemporaryError
 from reconciler.text_safety import cut
 

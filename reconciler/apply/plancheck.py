@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.apply import names
 from reconciler.apply.actions import effective_manifest
-from reconciler.apply.dns1123 import label_problem, subdomain_problem
 from reconciler.apply.render import RenderError, render_deployment
 from reconciler.desired.models import MAX_INSTANCES
+from reconciler.dns1123 import label_problem, subdomain_problem
 from reconciler.state import DeploymentGroup, GroupRole
 from reconciler.text_safety import quoted
 

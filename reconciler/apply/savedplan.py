@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from reconciler.apply import names, plancheck, plansign
-from reconciler.apply.dns1123 import label_problem, subdomain_problem
 from reconciler.apply.kubeclient import (
     FieldOwnershipConflict,
     KubeClient,
@@ -58,6 +57,7 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.atomic_write import replace_text
 from reconciler.bounded_read import BoundedReadError, read_named_file
+from reconciler.dns1123 import label_problem, subdomain_problem
 from reconciler.errors import PermanentError
 
 if TYPE_CHECKING:

@@ -54,10 +54,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from reconciler.apply.dns1123 import name_segment, namespace_segment
 from reconciler.apply.kubeclient import Forbidden, KubeClient, NotFound, ResourceConflict
 from reconciler.apply.plancheck import commit_problem
 from reconciler.desired.loader import DesiredState, load_desired_state
+from reconciler.dns1123 import name_segment, namespace_segment
 from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
     MAX_MEMORY_SHARDS,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from reconciler.apply.plansign import SigningKey
     from reconciler.desired.loader import DesiredState
-    from reconciler.errors import ConfigError
+    from reconciler.errors import ConfigError, ConfigIssue
 
 
 class _ConsoleOnFirstUse:
@@ -288,7 +288,7 @@ def kubernetes_name(kind: Literal["label", "subdomain"]) -> Callable[[Any], Any]
     (``--lease-namespace ../../x``)."""
 
     def check(value: Any) -> Any:
-        from reconciler.apply import dns1123
+        from reconciler import dns1123
 
         judge = dns1123.label_problem if kind == "label" else dns1123.subdomain_problem
         problem = None if value is None else judge(value)
@@ -572,19 +572,37 @@ def progress_bars(counter: str) -> Progress:
     )
 
 
+# Problems printed per file: a file with 200,000 unknown keys is not 200,000 lines.
+MAX_ISSUES_SHOWN_PER_FILE = 100
+
+
 def report_config_error(exc: ConfigError) -> None:
-    """One line per problem, on stderr, no traceback."""
+    """One line per problem, on stderr, no traceback: the first
+    ``MAX_ISSUES_SHOWN_PER_FILE`` of each file, then how many more that file has."""
     from rich.markup import escape
 
     from reconciler.text_safety import visible
 
+    by_file: dict[str, list[ConfigIssue]] = {}
     for issue in exc.issues:
-        # A file name may hold a control character: shown as an escape, never acted on.
-        err_console.print(
-            f"[red]error[/red] {escape(visible(str(issue)))}", soft_wrap=True, markup=True
-        )
+        by_file.setdefault(issue.file, []).append(issue)
+    for file, issues in by_file.items():
+        for issue in issues[:MAX_ISSUES_SHOWN_PER_FILE]:
+            # A file name may hold a control character: shown as an escape, never acted on.
+            err_console.print(
+                f"[red]error[/red] {escape(visible(str(issue)))}", soft_wrap=True, markup=True
+            )
+        more = len(issues) - MAX_ISSUES_SHOWN_PER_FILE
+        if more > 0:
+            err_console.print(
+                f"[red]error[/red] {escape(visible(file))}: {more:,} more "
+                f"problem{'s' if more != 1 else ''} not shown (the first "
+                f"{MAX_ISSUES_SHOWN_PER_FILE} of a file are)",
+                soft_wrap=True,
+                markup=True,
+            )
     count = len(exc.issues)
-    err_console.print(f"{count} problem{'s' if count != 1 else ''} found", soft_wrap=True)
+    err_console.print(f"{count:,} problem{'s' if count != 1 else ''} found", soft_wrap=True)
 
 
 __all__ = [

@@ -11,13 +11,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
 from reconciler.desired.models import (
+    Affinity,
     ClusterSpec,
     ServicePolicy,
     SubgroupClass,
     iter_s0,
 )
 from reconciler.desired.names import expand_range, range_size
-from reconciler.state import ROLES
+from reconciler.dns1123 import label_value_problem
+from reconciler.state import ROLES, group_id_prefix
 
 Path = tuple[object, ...]
 Problem = tuple[Path, str]
@@ -55,6 +57,47 @@ def subgroup_s1_members(spec: ClusterSpec, switches: Iterable[str]) -> dict[str,
         else:
             return None
     return members
+
+
+def subgroup_s1s(
+    spec: ClusterSpec, s1_order: Iterable[str], s1_parent: Mapping[str, str]
+) -> dict[str, tuple[list[str], bool]]:
+    """The RDMA subgroups of a cluster: per name its S1 switches and whether it is
+    declared. A declared subgroup takes the S1s no earlier one took (one with none left
+    is no subgroup); the S1s of each S2 that none took make one implicit subgroup,
+    named as the S2 (``<S2>-implicit`` where a declared one has that name)."""
+    out: dict[str, tuple[list[str], bool]] = {}
+    covered: set[str] = set()
+    for declared in spec.rdma_subgroups:
+        members = subgroup_s1_members(spec, declared.switches)
+        if members is None:  # check_cluster rejects this; be defensive
+            continue
+        fresh = [s1 for s1 in members if s1 not in covered]
+        if fresh:
+            covered.update(fresh)
+            out[declared.name] = (fresh, True)
+    uncovered: dict[str, list[str]] = defaultdict(list)
+    for s1 in s1_order:
+        if s1 not in covered:
+            uncovered[s1_parent[s1]].append(s1)
+    for s2, s1s in uncovered.items():
+        name = s2 if s2 not in out else f"{s2}-implicit"
+        out[name] = (s1s, False)
+    return out
+
+
+def group_labels(spec: ClusterSpec, affinity: Affinity) -> tuple[str, ...]:
+    """Every label a new group of a service with this affinity can get its id from in
+    the cluster (``reconciler.topology.SchedulingDomain.group_label``), from the file
+    alone (no topology is built): each S1 or S2 switch (every one lies in some
+    subgroup), or for loose affinity each subgroup and the cluster itself (a group
+    spanning subgroups)."""
+    if affinity == "s1":
+        return tuple(s1.name for s2 in spec.s2 for s1 in s2.s1)
+    if affinity == "s2":
+        return tuple(s2.name for s2 in spec.s2)
+    s1_order = [s1.name for s2 in spec.s2 for s1 in s2.s1]
+    return (*subgroup_s1s(spec, s1_order, spec.s2_of_s1), spec.name)
 
 
 # Names that ranges may expand to over the whole fleet (every cluster file together),
@@ -123,27 +166,51 @@ def check_cluster(spec: ClusterSpec) -> list[Problem]:
     """Names unique, ranges valid, GPU types known, every node typed, subgroups sound."""
     problems: list[Problem] = []
 
-    # Switch names: unique across all levels (a switch has exactly one parent).
+    # Switch names: unique across all levels (a switch has exactly one parent), and
+    # each a label value, as it is the value of its level's topology label on a node
+    # (and of the node affinity that pins a group to an S1 or S2 switch).
     seen: dict[str, Path] = {}
+    unlabelled: set[Path] = set()  # one problem per pattern, not per name it expands to
 
-    def claim(name: str, path: Path, what: str) -> None:
+    def claim(name: str, path: Path, label_key: str) -> None:
         if name in seen:
             problems.append(
-                ((*path, "name"), f"{what} '{name}' is declared twice (also at {_fmt(seen[name])})")
+                ((*path, "name"), f"switch '{name}' is declared twice (also at {_fmt(seen[name])})")
             )
-        else:
-            seen[name] = path
+            return
+        seen[name] = path
+        problem = label_value_problem(name)
+        if problem is not None and path not in unlabelled:
+            unlabelled.add(path)
+            problems.append(
+                (
+                    (*path, "name"),
+                    f"switch '{name}' is not a Kubernetes label value, as the value of node "
+                    f"label {label_key} must be ({problem})",
+                )
+            )
 
     for i2, s2 in enumerate(spec.s2):
-        claim(s2.name, ("s2", i2), "switch")
+        claim(s2.name, ("s2", i2), spec.labels.s2)
         for i1, s1 in enumerate(s2.s1):
-            claim(s1.name, ("s2", i2, "s1", i1), "switch")
+            claim(s1.name, ("s2", i2, "s1", i1), spec.labels.s1)
     try:
         for s0_name, _s0, _s1, _s2, path in iter_s0(spec):
-            claim(s0_name, path, "switch")
+            claim(s0_name, path, spec.labels.s0)
     except ValueError as exc:
         problems.append(((), str(exc)))
         return problems
+    # A GPU type without a node_label is its own label value.
+    for gpu_type, gpu in spec.gpu_types.items():
+        problem = label_value_problem(gpu_type) if gpu.node_label is None else None
+        if problem is not None:
+            problems.append(
+                (
+                    ("gpu_types", gpu_type),
+                    f"GPU type '{gpu_type}' is not a Kubernetes label value, as the value of "
+                    f"node label {spec.labels.gpu_type} must be ({problem}); set its node_label",
+                )
+            )
 
     # Default GPU types must be in the catalogue.
     def check_defaults(defaults_path: Path, gpu_type: str | None) -> None:
@@ -324,6 +391,74 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
     return problems
 
 
+def check_deployment_names(
+    policies: Iterable[ServicePolicy], clusters: Mapping[str, ClusterSpec]
+) -> list[tuple[str, Path, str]]:
+    """``(service, path, message)`` for each service whose Deployments could be named
+    as another's of the same cluster and namespace, at the later service's ``name``.
+
+    A Deployment is ``deployment_name(service, group_id, role)``: the text
+    ``<service>-<group_id>-<p|d>`` made a DNS label, where a group id is
+    ``group_id_prefix(label)`` and a number, ``label`` being one of the cluster's
+    ``group_labels`` for the service's affinity. So every name of a service in one
+    domain is ``dns_label(P + "<n>-<p|d>")`` with ``P = <service>-g-<label>-``, and
+    two services may share a name only if their P are equal:
+
+    - Texts: P ends with '-' and the rest, ``<n>-<p|d>``, holds one '-'. If P1 were a
+      proper prefix of P2, P1's rest would hold what P2 adds (ending in '-') and P2's
+      rest: two '-'. Otherwise P1 and P2 differ inside both. Either way the texts differ.
+    - Names: ``dns_label`` keeps a valid text of at most 46 characters as it is (ending
+      in '-p' or '-d') and makes any other ``<head>-<8 hex digits of its hash>`` (no
+      '-' before its last character), so a kept text never equals a hashed one, two kept
+      ones differ as their texts do, and two hashed ones share a name only if the
+      32-bit hashes of different texts collide (about 2**-32 a pair: the renderer's
+      duplicate check stays the backstop, as for groups already running under another
+      affinity or a renamed switch, which keep their ids).
+
+    With equal P, the first group of either service in that domain has the same name."""
+    out: list[tuple[str, Path, str]] = []
+    # (cluster, namespace, P) -> the first service with that prefix, and its label
+    claimed: dict[tuple[str, str, str], tuple[ServicePolicy, str]] = {}
+    labels: dict[tuple[str, str], tuple[str, ...]] = {}  # per cluster and affinity
+    for policy in policies:
+        cluster = clusters.get(policy.cluster)
+        if cluster is None:
+            continue
+        reported: set[str] = set()  # one problem per pair of services
+        where = (cluster.name, policy.affinity)
+        if where not in labels:
+            labels[where] = group_labels(cluster, policy.affinity)
+        for label in labels[where]:
+            key = (cluster.name, policy.namespace, f"{policy.name}-{group_id_prefix(label)}")
+            first = claimed.setdefault(key, (policy, label))
+            other, other_label = first
+            if other.name == policy.name or other.name in reported:
+                continue
+            reported.add(other.name)
+            # Imported here, on the error path only: validation imports no applier.
+            from reconciler.apply.names import deployment_name
+
+            name = deployment_name(policy.name, f"{group_id_prefix(label)}1", "prefill")
+            out.append(
+                (
+                    policy.name,
+                    ("name",),
+                    f"service '{policy.name}' in {_domain(cluster, policy, label)} and service "
+                    f"'{other.name}' in {_domain(cluster, other, other_label)} would both name "
+                    f"a Deployment '{name}' (cluster '{cluster.name}', namespace "
+                    f"'{policy.namespace}'): rename one of the services or domains",
+                )
+            )
+    return out
+
+
+def _domain(cluster: ClusterSpec, policy: ServicePolicy, label: str) -> str:
+    """How a user names the domain that ``label`` stands for under the policy's affinity."""
+    if policy.affinity != "cluster":
+        return f"{policy.affinity.upper()} switch '{label}'"
+    return "the whole cluster" if label == cluster.name else f"subgroup '{label}'"
+
+
 def check_model_fits(policy: ServicePolicy, cluster: ClusterSpec) -> list[Problem]:
     """Each role has an allowed GPU type in the cluster whose instance holds the
     model's weights and some KV cache: a role with none has no capacity, and the
@@ -443,6 +578,7 @@ __all__ = [
     "MAX_FLEET_NODES",
     "MAX_FLEET_SWITCHES",
     "check_cluster",
+    "check_deployment_names",
     "check_fleet_budget",
     "check_model_fits",
     "check_policy",
@@ -450,8 +586,10 @@ __all__ = [
     "derive_subgroup_class",
     "expand_range",
     "gpu_choice_warnings",
+    "group_labels",
     "known_names",
     "model_fit_warnings",
     "subgroup_s1_members",
+    "subgroup_s1s",
     "unknown_message",
 ]

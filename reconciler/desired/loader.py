@@ -46,6 +46,7 @@ from reconciler.desired.checks import (
 )
 from reconciler.desired.checks import (
     check_cluster,
+    check_deployment_names,
     check_fleet_budget,
     check_policy,
     check_policy_against_cluster,
@@ -624,6 +625,16 @@ def load_from_source(source: Source) -> DesiredState:
         if not isinstance(spec, ClusterSpec):
             continue
         problems = check_fleet_budget(spec, range_names_used) or check_cluster(spec)
+        stem = Path(parsed.path).stem
+        if spec.name != stem:
+            # Services name their cluster, and a reader finds it, by the file name.
+            problems.append(
+                (
+                    ("name",),
+                    f"must equal the file name '{stem}' (got '{spec.name}'): a "
+                    f"cluster is written in {CLUSTERS_DIR}/<name>.yaml",
+                )
+            )
         issues.extend(_issue(parsed, path, msg) for path, msg in problems)
         if spec.name in clusters:
             issues.append(
@@ -637,10 +648,13 @@ def load_from_source(source: Source) -> DesiredState:
             clusters[spec.name] = spec
             cluster_files[spec.name] = parsed.path
 
+    cluster_stems = {Path(path).stem: path for path in cluster_paths}
+    cluster_files_at_fault = {issue.file for issue in issues}
     policies: dict[str, ServicePolicy] = {}
     policy_files: dict[str, str] = {}
     templates: dict[str, Any] = {}
     template_files: dict[str, ParsedFile] = {}
+    unreadable_templates: set[str] = set()
     for parsed in _parse_all(source, policy_paths, issues):
         files[parsed.path] = parsed
         policy = _validate_as(ServicePolicy, parsed, issues)
@@ -656,16 +670,27 @@ def load_from_source(source: Source) -> DesiredState:
             )
         cluster = clusters.get(policy.cluster)
         if cluster is None:
-            if policy.cluster not in {p.stem for p in map(Path, cluster_paths)}:
+            # Never a silent skip: a service is checked against its cluster, or the
+            # cluster's file reports why it was not loaded, or the service says so.
+            written = cluster_stems.get(policy.cluster)
+            if written is None:
                 problems.append(
                     (("cluster",), unknown_message("cluster", policy.cluster, clusters))
+                )
+            elif written not in cluster_files_at_fault:
+                problems.append(
+                    (
+                        ("cluster",),
+                        f"cluster '{policy.cluster}' ({written}) was not loaded, so the "
+                        "service is not checked against it",
+                    )
                 )
         else:
             problems.extend(check_policy_against_cluster(policy, cluster))
         for role in ("prefill", "decode"):
             template = policy.role(role).template
-            if template in templates:
-                continue
+            if template in templates or template in unreadable_templates:
+                continue  # a template's own problems are reported once, in its file
             try:
                 parsed_template = parse_yaml(template, source.read(template))
             except SourceError as exc:
@@ -673,6 +698,7 @@ def load_from_source(source: Source) -> DesiredState:
                 problems.append(((role, "template"), f"template '{template}': {message}"))
             except ConfigError as exc:
                 issues.extend(exc.issues)
+                unreadable_templates.add(template)
             else:
                 templates[template] = parsed_template.data
                 template_files[template] = parsed_template
@@ -687,6 +713,10 @@ def load_from_source(source: Source) -> DesiredState:
             policies[policy.name] = policy
             policy_files[policy.name] = parsed.path
 
+    issues.extend(
+        _issue(files[policy_files[name]], path, message)
+        for name, path, message in check_deployment_names(policies.values(), clusters)
+    )
     if issues:
         raise ConfigError(issues)
     return DesiredState(

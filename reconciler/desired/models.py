@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from functools import cache, cached_property
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +29,7 @@ from pydantic import (
 
 from reconciler.desired.names import expand_range
 from reconciler.desired.ratio import PDRatio
+from reconciler.dns1123 import label_key_problem, label_value_problem
 
 DnsLabel = Annotated[
     str,
@@ -60,8 +63,25 @@ MAX_GPUS_PER_NODE = 64  # eight times today's 8-GPU servers
 WindowSeconds = Annotated[float, Field(ge=0, le=HOUR_S, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]  # a Kubernetes object name
 ShortText = Annotated[str, Field(max_length=253)]
-LabelValue = Annotated[str, Field(max_length=63)]
-LabelKey = Annotated[str, Field(min_length=1, max_length=317)]  # 253 prefix + / + 63
+
+
+def _kubernetes(what: str, problem_of: Callable[[object], str | None]) -> AfterValidator:
+    """A check that a string is what Kubernetes accepts as ``what``: a label written
+    to a node or a selector that the API server refuses fails every write later."""
+
+    def check(value: str) -> str:
+        problem = problem_of(value)
+        if problem is not None:
+            raise ValueError(f"must be a Kubernetes {what} ({problem})")
+        return value
+
+    return AfterValidator(check)
+
+
+LabelValue = Annotated[str, Field(max_length=63), _kubernetes("label value", label_value_problem)]
+LabelKey = Annotated[  # 253 prefix + / + 63
+    str, Field(min_length=1, max_length=317), _kubernetes("label key", label_key_problem)
+]
 
 Engine = Literal["vllm", "sglang", "trtllm", "dynamo"]
 Affinity = Literal["s1", "s2", "cluster"]

@@ -16,9 +16,9 @@ share no entry and need no lock (a dict's single get or set is atomic).
 
 from __future__ import annotations
 
-from reconciler.apply.dns1123 import MAX_SUBDOMAIN
 from reconciler.apply.lease import shown_holder
 from reconciler.desired.loader import DesiredState
+from reconciler.dns1123 import MAX_SUBDOMAIN
 from reconciler.durable import (
     DurableState,
     StateFormatError,

@@ -1024,17 +1024,14 @@ class _Solve:
             add = {r: value(v) for r, v in new.instances.items() if v is not None}
             if new.anchor_role is not None and new.anchors is not None:
                 add[new.anchor_role] = value(new.anchors)
-            label = (
-                new.domain.domain
-                if new.domain.affinity != "cluster"
-                else (new.domain.subgroup or new.domain.domain)
-            )
             for share in split_new_groups(opened, need, add):
                 group = WorkGroup(
                     service=new.service,
                     cluster=self.problem.cluster,
                     group_id=new_group_id(
-                        service_groups, label, self.problem.running_ids(new.service)
+                        service_groups,
+                        new.domain.group_label,
+                        self.problem.running_ids(new.service),
                     ),
                     domain_name=new.domain.domain,
                     subgroup=new.domain.subgroup,

@@ -343,13 +343,12 @@ class _Greedy:
         self, need: ServiceNeed, types: dict[Role, str], domain: SchedulingDomain
     ) -> WorkGroup:
         groups = self.problem.groups.setdefault(need.service, [])
-        label = (
-            domain.domain if domain.affinity != "cluster" else (domain.subgroup or domain.domain)
-        )
         group = WorkGroup(
             service=need.service,
             cluster=self.problem.cluster,
-            group_id=new_group_id(groups, label, self.problem.running_ids(need.service)),
+            group_id=new_group_id(
+                groups, domain.group_label, self.problem.running_ids(need.service)
+            ),
             domain_name=domain.domain,
             subgroup=domain.subgroup,
             domain=domain,

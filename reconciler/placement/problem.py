@@ -91,7 +91,14 @@ from reconciler.placement.base import (
 )
 from reconciler.placement.packing import PackItem, best_fit
 from reconciler.policy.gpu_economics import role_choice
-from reconciler.state import ROLES, DeploymentGroup, GroupRole, NodeInstances, Role
+from reconciler.state import (
+    ROLES,
+    DeploymentGroup,
+    GroupRole,
+    NodeInstances,
+    Role,
+    group_id_prefix,
+)
 from reconciler.topology import (
     CLASS_RANK,
     SchedulingDomain,
@@ -341,9 +348,9 @@ def new_group_id(
     in this cycle is not reused in it, or the diff would see one group change type)."""
     taken = {g.group_id for g in service_groups} | set(reserved)
     n = 1
-    while f"g-{domain_name}-{n}" in taken:
+    while f"{group_id_prefix(domain_name)}{n}" in taken:
         n += 1
-    return f"g-{domain_name}-{n}"
+    return f"{group_id_prefix(domain_name)}{n}"
 
 
 # --------------------------------------------------------------------------- problem

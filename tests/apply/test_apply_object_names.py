@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.apply.dns1123 import InvalidObjectName, label_problem, subdomain_problem
 from reconciler.apply.kubeclient import deployments_path, leases_path, nodes_path, pods_path
 from reconciler.apply.lease import LeaseElector
 from reconciler.apply.statestore import ConfigMapStateStore, configmaps_path
+from reconciler.dns1123 import (
+    InvalidObjectName,
+    label_key_problem,
+    label_problem,
+    label_value_problem,
+    subdomain_problem,
+)
 
 TRAVERSALS = [
     "../../../namespaces/kube-system/pods/coredns",
@@ -75,3 +81,36 @@ def test_a_lease_in_a_namespace_like_a_path_is_refused_when_the_elector_is_made(
 def test_a_state_store_in_a_namespace_like_a_path_is_refused_when_made() -> None:
     with pytest.raises(InvalidObjectName, match="namespace"):
         ConfigMapStateStore(None, "../../x", "me")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["gpu", "heteroscale.io/s2", "a.b-c/x_Y.z", "X9", "p/" + "n" * 63, "a" * 253 + "/n"],
+)
+def test_label_keys_that_kubernetes_accepts(key: str) -> None:
+    assert label_key_problem(key) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("bad key!", "name 'bad key!': letters, digits"),
+        ("bad key!/x y", "prefix 'bad key!': lower-case letters"),
+        ("a/b/c", "at most one '/'"),
+        ("/x", "prefix '': empty"),
+        ("x/", "name '': empty"),
+        ("_x", "a letter or digit at both ends"),
+        ("n" * 64, "64 characters, over 63"),
+        ("a" * 254 + "/n", "254 characters, over 253"),
+        ("Upper.io/x", "prefix 'Upper.io'"),
+    ],
+)
+def test_label_keys_that_kubernetes_refuses_say_why(key: str, problem: str) -> None:
+    assert problem in (label_key_problem(key) or "")
+
+
+def test_label_values_may_be_empty_but_follow_the_name_rule() -> None:
+    assert [label_value_problem(v) for v in ("", "v", "A-b_c.9")] == [None, None, None]
+    assert "a letter or digit at both ends" in (label_value_problem("-v") or "")
+    assert "letters, digits, '-', '_' and '.' only" in (label_value_problem("a b") or "")
+    assert label_value_problem("x" * 64) == "64 characters, over 63"

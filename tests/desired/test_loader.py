@@ -442,3 +442,99 @@ def test_a_list_of_known_names_that_is_cut_says_how_many_more_there_are(
         "rdma_subgroups[0].switches[0]: unknown S1/S2 switch 'zzzz'; known: mp-a1, mp-a2, "
         "mp-a3, mp-b1, mp-b2, mp-b3, mp-c1, mp-c2 and 9 more"
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "field", "message"),
+    [
+        (
+            "network:\n",
+            'labels: {s2: "bad key!/x y"}\nnetwork:\n',
+            "labels: {s2:",
+            "labels.s2",
+            "must be a Kubernetes label key (prefix 'bad key!': lower-case letters",
+        ),
+        (
+            "defaults: {gpu_type: h800}",
+            "defaults: {gpu_type: h800, labels: {'bad key!': v}}",
+            "bad key!",
+            "s2[0].defaults.labels.bad key!",
+            "must be a Kubernetes label key (name 'bad key!': letters, digits, '-', '_' and "
+            "'.' only, a letter or digit at both ends)",
+        ),
+        (
+            "defaults: {gpu_type: h800}",
+            "defaults: {gpu_type: h800, labels: {team: 'a b'}}",
+            "team:",
+            "s2[0].defaults.labels.team",
+            "must be a Kubernetes label value (letters, digits",
+        ),
+        (
+            "interconnect: nvlink-400\n",
+            "interconnect: nvlink-400\n    node_label: -h800\n",
+            "node_label",
+            "gpu_types.h800.node_label",
+            "must be a Kubernetes label value (",
+        ),
+        (
+            "- name: mp-a2",
+            '- name: "mp a2"',
+            "mp a2",
+            "s2[0].s1[1].name",
+            "switch 'mp a2' is not a Kubernetes label value, as the value of node label "
+            "heteroscale.io/s1 must be (letters, digits",
+        ),
+        (
+            '{name: "leaf-a1-[1-4]"',
+            '{name: "leaf a1-[1-4]"',
+            "leaf a1",
+            "s2[0].s1[0].s0[0].name",
+            "switch 'leaf a1-1' is not a Kubernetes label value, as the value of node label "
+            "heteroscale.io/s0 must be",
+        ),
+    ],
+    ids=["topology key", "node key", "node value", "gpu node_label", "s1 name", "s0 range"],
+)
+def test_node_label_keys_and_values_are_refused_where_kubernetes_would_refuse_them(
+    example_repo: Path, old: str, new: str, needle: str, field: str, message: str
+) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, old, new)
+    found = problems(example_repo)
+    # One problem per pattern, not one per name a range expands to.
+    assert len(found) == 1, found
+    line = line_of(cluster, needle)
+    assert found[0].startswith(f"clusters/prod-east.yaml:{line}:")
+    assert f" {field}: {message}" in found[0]
+
+
+def test_a_gpu_type_that_is_no_label_value_needs_a_node_label(example_repo: Path) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    block = "    memory_gib: 48\n    bf16_tflops: 119.5\n    memory_bandwidth_gbps: 864\n"
+    edit(
+        cluster, "\n# KV-cache", f"  L20 PCIe:\n{block}  l20x:\n{block}    node_label: l20\n\n# KV"
+    )
+    found = problems(example_repo)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"clusters/prod-east.yaml:{line_of(cluster, 'L20 PCIe:')}:3: ")
+    assert "gpu_types.L20 PCIe: GPU type 'L20 PCIe' is not a Kubernetes label value" in found[0]
+    assert found[0].endswith("; set its node_label")
+
+
+def test_a_cluster_is_named_as_its_file_and_its_services_are_never_skipped_silently(
+    example_repo: Path,
+) -> None:
+    cluster = example_repo / "clusters/prod-east.yaml"
+    edit(cluster, "name: prod-east", "name: prod-west")
+    # Checked against its cluster, this would be two problems (no such GPU type; 64
+    # GPUs fit no node): it must not pass unchecked and unsaid.
+    policy = example_repo / "policies/svc-a.yaml"
+    edit(policy, "gpu_types: {h800: 1.0, h20: 0.3}", "gpu_types: {h801: 1.0}")
+    edit(policy, "gpus_per_instance: 2", "gpus_per_instance: 64")
+    found = problems(example_repo)
+    assert found[0] == (
+        f"clusters/prod-east.yaml:{line_of(cluster, 'name: prod-west')}:1: name: must equal the "
+        "file name 'prod-east' (got 'prod-west'): a cluster is written in clusters/<name>.yaml"
+    )
+    # The cluster's own error says why its services are not checked against it.
+    assert len(found) == 1, found

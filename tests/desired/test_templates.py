@@ -172,3 +172,19 @@ def test_a_template_broken_everywhere_lists_a_bounded_number_of_problems() -> No
         (),
         f"only the first {MAX_TEMPLATE_PROBLEMS} problems are listed; fix these first",
     )
+
+
+@pytest.mark.parametrize(
+    "text", ["spec: [broken\n", "- a list\n", "spec: {a: 1, a: 2}\n"], ids=["syntax", "list", "dup"]
+)
+def test_a_template_that_cannot_be_read_is_reported_once_however_many_services_use_it(
+    example_repo: Path, text: str
+) -> None:
+    # vllm-decode is the decode template of three services (chat, svc-a, svc-b).
+    (example_repo / TEMPLATE).write_text(text)
+    found = problems(example_repo)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{TEMPLATE}:")
+    result = CliRunner().invoke(app, ["validate", str(example_repo)])
+    assert result.exit_code == 1
+    assert result.output.rstrip().endswith("1 problem found")

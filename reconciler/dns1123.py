@@ -1,5 +1,6 @@
 """Kubernetes object names as the API server accepts them (DNS-1123), checked before
-a name becomes part of an API URL or is trusted from a file.
+a name becomes part of an API URL or is trusted from a file; label keys and values
+likewise, checked where the desired state declares them.
 
 A name is a path segment of the request URL (``/api/v1/namespaces/NS/pods/NAME``):
 one that holds ``/`` or ``..`` would address another object than the one named
@@ -17,6 +18,8 @@ MAX_LABEL = 63
 MAX_SUBDOMAIN = 253
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# The name part of a label key, and a label value (which may also be empty).
+_QUALIFIED = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
@@ -49,6 +52,37 @@ def subdomain_problem(value: object) -> str | None:
         MAX_SUBDOMAIN,
         "lower-case letters, digits, '-' and '.' only, each dot-separated part "
         "starting and ending with a letter or digit",
+    )
+
+
+def label_key_problem(value: object) -> str | None:
+    """Why ``value`` is not a Kubernetes label key, or None when it is: an optional
+    prefix that is a DNS-1123 subdomain and a '/', then a name as a label value holds
+    it (``label_value_problem``) but not empty (the API server's rule)."""
+    if not isinstance(value, str):
+        return "not a string"
+    parts = value.split("/")
+    if len(parts) > 2:
+        return "at most one '/', between a DNS prefix and the name"
+    if len(parts) == 2:
+        problem = "empty" if not parts[0] else subdomain_problem(parts[0])
+        if problem is not None:
+            return f"prefix {parts[0]!r}: {problem}"
+    name = parts[-1]
+    problem = "empty" if not name else label_value_problem(name)
+    return None if problem is None else f"name {name!r}: {problem}"
+
+
+def label_value_problem(value: object) -> str | None:
+    """Why ``value`` is not a Kubernetes label value, or None when it is (the empty
+    value is one)."""
+    if value == "":
+        return None
+    return _name_problem(
+        value,
+        _QUALIFIED,
+        MAX_LABEL,
+        "letters, digits, '-', '_' and '.' only, a letter or digit at both ends",
     )
 
 
