@@ -655,6 +655,8 @@ def load_from_source(source: Source) -> DesiredState:
     templates: dict[str, Any] = {}
     template_files: dict[str, ParsedFile] = {}
     unreadable_templates: set[str] = set()
+    # template -> where it is first named, the services naming it, why it is unreadable
+    missing_templates: dict[str, tuple[ParsedFile, KeyPath, list[str], str]] = {}
     for parsed in _parse_all(source, policy_paths, issues):
         files[parsed.path] = parsed
         policy = _validate_as(ServicePolicy, parsed, issues)
@@ -689,13 +691,16 @@ def load_from_source(source: Source) -> DesiredState:
             problems.extend(check_policy_against_cluster(policy, cluster))
         for role in ("prefill", "decode"):
             template = policy.role(role).template
+            if template in missing_templates:
+                missing_templates[template][2].append(policy.name)
+                continue
             if template in templates or template in unreadable_templates:
                 continue  # a template's own problems are reported once, in its file
             try:
                 parsed_template = parse_yaml(template, source.read(template))
             except SourceError as exc:
                 message = "no such file" if exc.message.startswith("no such file") else exc.message
-                problems.append(((role, "template"), f"template '{template}': {message}"))
+                missing_templates[template] = (parsed, (role, "template"), [policy.name], message)
             except ConfigError as exc:
                 issues.extend(exc.issues)
                 unreadable_templates.add(template)
@@ -713,6 +718,11 @@ def load_from_source(source: Source) -> DesiredState:
             policies[policy.name] = policy
             policy_files[policy.name] = parsed.path
 
+    # A template that cannot be read is one problem, where the first service names it.
+    for template, (first, key_path, users, message) in missing_templates.items():
+        others = sorted(set(users[1:]) - {users[0]})
+        also = f" (named by {', '.join(others)} too)" if others else ""
+        issues.append(_issue(first, key_path, f"template '{template}': {message}{also}"))
     issues.extend(
         _issue(files[policy_files[name]], path, message)
         for name, path, message in check_deployment_names(policies.values(), clusters)

@@ -188,3 +188,15 @@ def test_a_template_that_cannot_be_read_is_reported_once_however_many_services_u
     result = CliRunner().invoke(app, ["validate", str(example_repo)])
     assert result.exit_code == 1
     assert result.output.rstrip().endswith("1 problem found")
+
+
+def test_a_missing_template_is_one_problem_naming_every_service_that_uses_it(
+    example_repo: Path,
+) -> None:
+    (example_repo / TEMPLATE).unlink()
+    chat = example_repo / "policies/chat.yaml"
+    # chat.yaml is read first; svc-a and svc-b name the same template.
+    assert problems(example_repo) == [
+        f"policies/chat.yaml:{line_of(chat, TEMPLATE)}:3: decode.template: template "
+        f"'{TEMPLATE}': no such file (named by svc-a, svc-b too)"
+    ]
