@@ -8,6 +8,7 @@ human to change the desired state.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -41,6 +42,28 @@ class ConfigIssue:
                 where += f":{self.column}"
         field = f"{self.field}: " if self.field else ""
         return f"{where}: {field}{self.message}"
+
+
+# Problems shown per file: a file with 200,000 unknown keys is not 200,000 lines.
+MAX_ISSUES_SHOWN_PER_FILE = 100
+
+
+def shown_issues(issues: Iterable[ConfigIssue]) -> list[str]:
+    """One line per problem to show a reader: the first ``MAX_ISSUES_SHOWN_PER_FILE``
+    of each file, then a line saying how many more that file has."""
+    by_file: dict[str, list[ConfigIssue]] = {}
+    for issue in issues:
+        by_file.setdefault(issue.file, []).append(issue)
+    lines: list[str] = []
+    for file, found in by_file.items():
+        lines += [str(issue) for issue in found[:MAX_ISSUES_SHOWN_PER_FILE]]
+        more = len(found) - MAX_ISSUES_SHOWN_PER_FILE
+        if more > 0:
+            lines.append(
+                f"{file}: {more:,} more problem{'s' if more != 1 else ''} not shown (the "
+                f"first {MAX_ISSUES_SHOWN_PER_FILE} of a file are)"
+            )
+    return lines
 
 
 class ConfigError(PermanentError):

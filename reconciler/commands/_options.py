@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from reconciler.apply.plansign import SigningKey
     from reconciler.desired.loader import DesiredState
-    from reconciler.errors import ConfigError, ConfigIssue
+    from reconciler.errors import ConfigError
 
 
 class _ConsoleOnFirstUse:
@@ -572,35 +572,17 @@ def progress_bars(counter: str) -> Progress:
     )
 
 
-# Problems printed per file: a file with 200,000 unknown keys is not 200,000 lines.
-MAX_ISSUES_SHOWN_PER_FILE = 100
-
-
 def report_config_error(exc: ConfigError) -> None:
-    """One line per problem, on stderr, no traceback: the first
-    ``MAX_ISSUES_SHOWN_PER_FILE`` of each file, then how many more that file has."""
+    """One line per problem, on stderr, no traceback: the first of each file
+    (``shown_issues``), then the count of all."""
     from rich.markup import escape
 
+    from reconciler.errors import shown_issues
     from reconciler.text_safety import visible
 
-    by_file: dict[str, list[ConfigIssue]] = {}
-    for issue in exc.issues:
-        by_file.setdefault(issue.file, []).append(issue)
-    for file, issues in by_file.items():
-        for issue in issues[:MAX_ISSUES_SHOWN_PER_FILE]:
-            # A file name may hold a control character: shown as an escape, never acted on.
-            err_console.print(
-                f"[red]error[/red] {escape(visible(str(issue)))}", soft_wrap=True, markup=True
-            )
-        more = len(issues) - MAX_ISSUES_SHOWN_PER_FILE
-        if more > 0:
-            err_console.print(
-                f"[red]error[/red] {escape(visible(file))}: {more:,} more "
-                f"problem{'s' if more != 1 else ''} not shown (the first "
-                f"{MAX_ISSUES_SHOWN_PER_FILE} of a file are)",
-                soft_wrap=True,
-                markup=True,
-            )
+    for line in shown_issues(exc.issues):
+        # A file name may hold a control character: shown as an escape, never acted on.
+        err_console.print(f"[red]error[/red] {escape(visible(line))}", soft_wrap=True, markup=True)
     count = len(exc.issues)
     err_console.print(f"{count:,} problem{'s' if count != 1 else ''} found", soft_wrap=True)
 

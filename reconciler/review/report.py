@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from reconciler.cost import money
+from reconciler.errors import shown_issues
 from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
@@ -199,8 +200,7 @@ def _result_cells(result: PolicyResult | None) -> list[str]:
 
 def format_text(review: Review) -> str:
     lines = [f"heteroscale plan: {review.base_label} -> {review.head_label}", _headline(review), ""]
-    for issue in (*review.errors, *review.base_errors):
-        lines.append(f"  error {issue}")
+    lines += [f"  error {line}" for line in shown_issues((*review.errors, *review.base_errors))]
     if review.errors or review.base_errors:
         return _text(lines)
     lines += [f"incomplete: {line}" for line in _skipped_lines(review)]
@@ -285,7 +285,7 @@ def format_markdown(review: Review) -> str:
         "",
     )
     if review.errors or review.base_errors:
-        comment.code_block([str(issue) for issue in (*review.errors, *review.base_errors)])
+        comment.code_block(shown_issues((*review.errors, *review.base_errors)))
         return comment.text()
     for line in _skipped_lines(review):
         comment.add(f"> **Incomplete review:** {md(line, MAX_LINE_CHARS)}", "")

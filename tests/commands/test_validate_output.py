@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from reconciler.cli import app
-from reconciler.commands._options import MAX_ISSUES_SHOWN_PER_FILE
+from reconciler.errors import MAX_ISSUES_SHOWN_PER_FILE
 
 
 def test_a_file_with_very_many_problems_prints_a_bounded_list_and_says_how_many_more(

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from reconciler.desired import load_desired_state
+from reconciler.errors import MAX_ISSUES_SHOWN_PER_FILE, ConfigIssue
 from reconciler.placement.greedy import GreedyPlacer
 from reconciler.review.command import plan_review, render
 from reconciler.review.config_diff import ConfigChange
-from reconciler.review.report import MAX_COMMENT_CHARS, format_markdown, md
+from reconciler.review.report import (
+    MAX_COMMENT_CHARS,
+    format_json,
+    format_markdown,
+    format_text,
+    md,
+)
 from reconciler.review.review import Review, ReviewOptions
 from tests.review.test_review import edit, git
 
@@ -153,6 +160,19 @@ def test_a_huge_review_is_cut_under_the_comment_limit_with_a_note() -> None:
     assert len(text) < MAX_COMMENT_CHARS
     assert "This comment was cut" in text and "line(s) left out" in text
     assert text.count("</details>") == text.count("<details>")
+
+
+def test_a_head_with_very_many_problems_shows_the_first_of_each_file_and_counts_the_rest() -> None:
+    many = tuple(
+        ConfigIssue("policies/a.yaml", i + 1, 1, f"k{i}", "unknown key")
+        for i in range(MAX_ISSUES_SHOWN_PER_FILE + 5)
+    )
+    review = Review("main", "head", errors=(*many, ConfigIssue("policies/b.yaml", 1, 1, "", "x")))
+    more = "policies/a.yaml: 5 more problems not shown (the first 100 of a file are)"
+    for text in (format_text(review), format_markdown(review)):
+        assert text.count("policies/a.yaml:") == MAX_ISSUES_SHOWN_PER_FILE + 1
+        assert more in text and "policies/b.yaml:1:1: x" in text
+    assert len(json.loads(format_json(review))["errors"]) == MAX_ISSUES_SHOWN_PER_FILE + 6
 
 
 def test_the_review_keeps_to_its_time_budget_and_names_what_it_skipped(repo: Path) -> None:
