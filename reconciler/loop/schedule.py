@@ -42,7 +42,7 @@ from functools import partial
 from reconciler.desired.loader import DesiredState, reuse_unchanged
 from reconciler.desired.models import ClusterSpec
 from reconciler.durable import DurableState
-from reconciler.errors import ConfigError, HeteroscaleError
+from reconciler.errors import ConfigError, HeteroscaleError, shown_issues
 from reconciler.loop.cluster_cycle import ClusterCycle, ClusterOutcome
 from reconciler.loop.protocols import DesiredStateLoader, LeaderElection, StateStore
 from reconciler.loop.reporting import (
@@ -234,11 +234,15 @@ class ReconcileLoop:
             state = reuse_unchanged(self.last_good, self.load_desired())
         except ConfigError as exc:
             self.metrics.desired_valid.set(0)
-            message = f"desired state invalid ({len(exc.issues)} problem(s)); keeping the last known good one: {exc}"
-            log.error(
-                message,
-                extra={"event": "desired_invalid", "problems": [str(i) for i in exc.issues]},
+            # The first problems of each file: a revision with 200,000 is not logged whole
+            # every cycle.
+            shown = shown_issues(exc.issues)
+            listed = "\n".join(shown)
+            message = (
+                f"desired state invalid ({len(exc.issues)} problem(s)); keeping the last known "
+                f"good one: {listed}"
             )
+            log.error(message, extra={"event": "desired_invalid", "problems": shown})
             self.desired_error = message
             return self.last_good, message
         self.metrics.desired_valid.set(1)

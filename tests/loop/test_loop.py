@@ -23,7 +23,7 @@ from looptestkit import (
 )
 
 from reconciler.desired import DesiredState, load_desired_state
-from reconciler.errors import ConfigError, ConfigIssue
+from reconciler.errors import MAX_ISSUES_SHOWN_PER_FILE, ConfigError, ConfigIssue
 from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
 from reconciler.policy.base import Decision, DecisionInput
@@ -120,6 +120,32 @@ def test_an_invalid_revision_keeps_the_last_known_good_state(state: DesiredState
         "the last good state is still reconciled"
     )
     assert loop.metrics.desired_valid._value.get() == 0  # type: ignore[attr-defined]
+
+
+def test_an_invalid_revision_with_very_many_problems_is_reported_in_bounded_size(
+    state: DesiredState,
+) -> None:
+    many = [
+        ConfigIssue("policies/chat.yaml", i + 1, 1, f"k{i}", "unknown key")
+        for i in range(MAX_ISSUES_SHOWN_PER_FILE + 5000)
+    ]
+    loads = iter([state])
+
+    def load() -> DesiredState:
+        state_or_none = next(loads, None)
+        if state_or_none is None:
+            raise ConfigError(many)
+        return state_or_none
+
+    loop = make_loop(state, {"prod-east": RecordingBackend("prod-east")}, load_desired=load)
+    loop.run_cycle()
+    error = loop.run_cycle().desired_error or ""
+    assert error.startswith("desired state invalid (5100 problem(s))")
+    # The header with the first problem, the other 99, and how many more there are.
+    assert len(error.splitlines()) == MAX_ISSUES_SHOWN_PER_FILE + 1
+    assert error.endswith(
+        "policies/chat.yaml: 5,000 more problems not shown (the first 100 of a file are)"
+    )
 
 
 def test_a_standby_and_a_dry_run_never_apply(state: DesiredState) -> None:
