@@ -17,10 +17,16 @@ from reconciler.errors import PermanentError
 MAX_LABEL = 63
 MAX_SUBDOMAIN = 253
 
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_TEXT = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SUBDOMAIN_TEXT = rf"{_LABEL_TEXT}(\.{_LABEL_TEXT})*"
 # The name part of a label key, and a label value (which may also be empty).
-_QUALIFIED = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_QUALIFIED_TEXT = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_LABEL = re.compile(_LABEL_TEXT)
+_SUBDOMAIN = re.compile(_SUBDOMAIN_TEXT)
+_QUALIFIED = re.compile(_QUALIFIED_TEXT)
+# A label value's rule as a whole-string pattern, its length aside, for the JSON
+# Schema (editors).
+LABEL_VALUE_PATTERN = rf"^({_QUALIFIED_TEXT})?$"
 
 
 class InvalidObjectName(PermanentError, ValueError):

@@ -29,7 +29,11 @@ from pydantic import (
 
 from reconciler.desired.names import expand_range
 from reconciler.desired.ratio import PDRatio
-from reconciler.dns1123 import label_key_problem, label_value_problem
+from reconciler.dns1123 import (
+    LABEL_VALUE_PATTERN,
+    label_key_problem,
+    label_value_problem,
+)
 
 DnsLabel = Annotated[
     str,
@@ -78,7 +82,14 @@ def _kubernetes(what: str, problem_of: Callable[[object], str | None]) -> AfterV
     return AfterValidator(check)
 
 
-LabelValue = Annotated[str, Field(max_length=63), _kubernetes("label value", label_value_problem)]
+# The pattern is for the JSON Schema only (editors): the check says what is wrong. A
+# key's pattern would make pydantic's schema of a labels mapping patternProperties,
+# which let any other key pass with any value.
+LabelValue = Annotated[
+    str,
+    Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE_PATTERN}),
+    _kubernetes("label value", label_value_problem),
+]
 LabelKey = Annotated[  # 253 prefix + / + 63
     str, Field(min_length=1, max_length=317), _kubernetes("label key", label_key_problem)
 ]

@@ -3,12 +3,15 @@ another object ('/', '..', encoded characters) is refused before any request."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from reconciler.apply.kubeclient import deployments_path, leases_path, nodes_path, pods_path
 from reconciler.apply.lease import LeaseElector
 from reconciler.apply.statestore import ConfigMapStateStore, configmaps_path
 from reconciler.dns1123 import (
+    LABEL_VALUE_PATTERN,
     InvalidObjectName,
     label_key_problem,
     label_problem,
@@ -114,3 +117,10 @@ def test_label_values_may_be_empty_but_follow_the_name_rule() -> None:
     assert "a letter or digit at both ends" in (label_value_problem("-v") or "")
     assert "letters, digits, '-', '_' and '.' only" in (label_value_problem("a b") or "")
     assert label_value_problem("x" * 64) == "64 characters, over 63"
+
+
+@pytest.mark.parametrize("value", ["", "v", "A-b_c.9", "-v", "v.", "a b", "x" * 63, "ü"])
+def test_the_schemas_label_value_pattern_says_what_the_check_says(value: str) -> None:
+    assert (re.fullmatch(LABEL_VALUE_PATTERN, value) is not None) == (
+        label_value_problem(value) is None
+    )
