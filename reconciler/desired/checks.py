@@ -351,8 +351,15 @@ def check_policy_against_cluster(policy: ServicePolicy, cluster: ClusterSpec) ->
     problems: list[Problem] = []
     try:
         max_gpus_per_type = cluster.largest_node_gpus
-    except ValueError:
-        return problems  # the cluster file reports its own problem
+    except ValueError as exc:
+        # Only a cluster that passed check_cluster comes here; never skip silently.
+        return [
+            (
+                ("cluster",),
+                f"cluster '{cluster.name}' could not be read ({exc.args[0]}), so the service "
+                "is not checked against it",
+            )
+        ]
     for role in ("prefill", "decode"):
         rp = policy.role(role)
         for gpu_type in rp.gpu_types:

@@ -538,3 +538,22 @@ def test_a_cluster_is_named_as_its_file_and_its_services_are_never_skipped_silen
     )
     # The cluster's own error says why its services are not checked against it.
     assert len(found) == 1, found
+
+
+def test_a_cluster_whose_nodes_cannot_be_read_never_passes_a_service_unchecked(
+    example_repo: Path,
+) -> None:
+    from reconciler.desired.checks import check_policy_against_cluster
+    from reconciler.desired.loader import parse_yaml
+    from reconciler.desired.models import ClusterSpec
+
+    policy = load_desired_state(example_repo).policies["svc-a"]
+    text = (example_repo / "clusters/prod-east.yaml").read_text()
+    # Valid as a model, but no node has a GPU count: check_cluster refuses it.
+    spec = ClusterSpec.model_validate(
+        parse_yaml("c.yaml", text.replace("gpus_per_node: 8", "labels: {}").encode()).data
+    )
+    [(path, message)] = check_policy_against_cluster(policy, spec)
+    assert path == ("cluster",)
+    assert message.startswith("cluster 'prod-east' could not be read (node h800-a-001 has no")
+    assert message.endswith("), so the service is not checked against it")
