@@ -5,9 +5,10 @@ Where they act:
 - with a kubeconfig (``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config``, or
   in-cluster), on the real clusters: each cluster file's ``kube_context`` (none =
   the current context);
-- otherwise, or with ``--simulate``, on the embedded default: the simulated fleet
-  built from the same desired state (``reconciler.sim``), so the whole loop runs
-  with nothing installed.
+- with ``--simulate``, on the embedded default: the simulated fleet built from the
+  same desired state (``reconciler.sim``), so the whole loop runs with nothing
+  installed. ``plan`` (and ``status``) fall back to it when no kubeconfig is found,
+  and say so; ``apply`` and ``run`` refuse instead (``checked_real_clusters``).
 
 Exit codes (plan): 0 no change, 3 changes, 1 error (any cluster failed or the
 desired state is invalid). apply: 0 done, 1 error. run: runs until interrupted.
@@ -220,6 +221,22 @@ def kubeconfig_available(explicit: str | None) -> bool:
     if os.environ.get("KUBECONFIG") or os.environ.get("KUBERNETES_SERVICE_HOST"):
         return True
     return Path("~/.kube/config").expanduser().exists()
+
+
+def checked_real_clusters(settings: Settings) -> Settings:
+    """``settings`` if the command can reach real clusters, or is told to act on the
+    simulated fleet (``--simulate``); a usage error (exit 2) otherwise. ``apply`` and
+    ``run`` change the fleet: falling back to the simulated one when no credentials
+    are found would report success (and serve a healthy /healthz) while managing
+    nothing. ``plan`` and ``status`` keep the fallback and say so in their output."""
+    if not settings.simulate and not kubeconfig_available(settings.kubeconfig):
+        raise typer.BadParameter(
+            "no kubeconfig found ($KUBECONFIG unset, no ~/.kube/config, not inside a "
+            "cluster): pass --kubeconfig PATH to act on real clusters, or --simulate "
+            "for the simulated fleet",
+            param_hint="--kubeconfig",
+        )
+    return settings
 
 
 @dataclass(frozen=True)
@@ -1310,6 +1327,7 @@ def register(app: typer.Typer) -> None:
         if plan_file is not None:
             keys = checked_signing_keys(signing_key_file)
             raise typer.Exit(_apply_saved(plan_file, settings, format, lease, keys))
+        settings = checked_real_clusters(settings)
         raise typer.Exit(_one_cycle(settings, dry_run=False, fmt=format, lease=lease))
 
     @app.command()
@@ -1388,7 +1406,7 @@ def register(app: typer.Typer) -> None:
         if log_format not in ("text", "json"):
             raise typer.BadParameter("--log-format must be text or json")
         address = listen_address(listen)
-        settings = _checked(settings)
+        settings = checked_real_clusters(_checked(settings))
         # After the checks above: a refused option or path leaves logging as it was.
         handler = configure_logging(json_format=log_format == "json")
         log = logging.getLogger("heteroscale.run")

@@ -1,5 +1,6 @@
-"""`heteroscale plan`, `apply` and `run` on the embedded default (no kubeconfig: the
-simulated fleet built from the repository's own policies/ and clusters/)."""
+"""`heteroscale plan`, `apply` and `run` on the embedded default (the simulated fleet
+built from the repository's own policies/ and clusters/): `plan` falls back to it when
+no kubeconfig is found, `apply` and `run` only with --simulate."""
 
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def test_plan_json_has_decisions_and_group_changes() -> None:
 
 def test_apply_runs_one_cycle_and_bad_input_is_an_error(tmp_path: Path) -> None:
     runner = CliRunner()
-    assert runner.invoke(app, ["apply", "--repo", str(REPO), "--format", "markdown"]).exit_code == 0
+    applied = runner.invoke(
+        app, ["apply", "--repo", str(REPO), "--simulate", "--format", "markdown"]
+    )
+    assert applied.exit_code == 0, applied.output
     (tmp_path / "policies").mkdir()
     (tmp_path / "clusters").mkdir()
     (tmp_path / "policies" / "x.yaml").write_text("name: [broken\n")
@@ -61,6 +65,7 @@ def test_run_reconciles_until_told_to_stop() -> None:
             "run",
             "--repo",
             str(REPO),
+            "--simulate",
             "--cycles",
             "2",
             "--interval",
@@ -72,6 +77,24 @@ def test_run_reconciles_until_told_to_stop() -> None:
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["apply"],
+        ["run", "--cycles", "1", "--listen", ":0"],
+        ["run", "--dry-run", "--cycles", "1", "--listen", ":0"],
+    ],
+)
+def test_apply_and_run_without_a_kubeconfig_or_simulate_are_refused(command: list[str]) -> None:
+    """Missing credentials are a usage error, not a cycle on the simulated fleet that
+    reports "Applied" (or a /healthz of 200) while managing nothing."""
+    result = CliRunner().invoke(app, [*command, "--repo", str(REPO)], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "no kubeconfig found" in text and "--kubeconfig" in text and "--simulate" in text
+    assert "Applied" not in text and "reconciling every" not in text
 
 
 def test_run_reconciles_real_clusters_at_once_and_the_simulated_fleet_in_turn(
