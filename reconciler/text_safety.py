@@ -19,6 +19,10 @@ such. Three uses:
 Such a string may also be long (10 KB in a Lease's holder, a label, a message):
 what quotes it cuts it to a bounded length (``cut``), so it cannot flood a report.
 Text a server answered with (an error message, a body) is both (``quoted``).
+
+A URL given on the command line may carry credentials (``http://user:pw@host``):
+wherever one is shown (a message, a log line, a status) it is shown without them
+(``redacted_url``).
 """
 
 from __future__ import annotations
@@ -77,3 +81,20 @@ def listed(values: Sequence[str], show: Callable[[str], str], count: int = 8) ->
     shown = ", ".join(show(value) for value in values[:count])
     more = len(values) - count
     return shown + (f", ... {more:,} more" if more > 0 else "")
+
+
+# scheme://userinfo@ : the userinfo runs to the authority's last "@" (as urlsplit reads it).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` as it may be shown: a password in it replaced by ``***``
+    (``http://user:***@host:9090``), a user part without one (which may itself be a
+    token) by ``***`` alone. Read as text, so a URL no parser accepts is redacted too,
+    and so is every URL in a longer text (``CLUSTER=URL``, a message quoting one)."""
+
+    def hidden(found: re.Match[str]) -> str:
+        user, sep, _password = found.group(2).partition(":")
+        return f"{found.group(1)}{user + ':***' if sep else '***'}@"
+
+    return _USERINFO.sub(hidden, url)

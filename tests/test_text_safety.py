@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.text_safety import UNSAFE_RUN, cut, describe, unsafe_in_value, visible
+from reconciler.text_safety import UNSAFE_RUN, cut, describe, redacted_url, unsafe_in_value, visible
 
 
 @given(st.text())
@@ -39,3 +40,18 @@ def test_cut_keeps_text_that_fits_and_marks_a_cut_with_an_ellipsis(text: str, li
         assert shown == text
     else:
         assert len(shown) == limit and shown.endswith("…") and text.startswith(shown[:-1])
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secretpw@127.0.0.1:1", "http://user:***@127.0.0.1:1"),
+        ("https://token@prom.example/x", "https://***@prom.example/x"),
+        ("prod=http://a:b@c:9", "prod=http://a:***@c:9"),
+        ("http://a:b@c@d:1/x?y=z@w", "http://a:***@d:1/x?y=z@w"),
+        ("http://h:9090/path@x", "http://h:9090/path@x"),
+        ("http://[::1]:9090", "http://[::1]:9090"),
+    ],
+)
+def test_a_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown

@@ -82,7 +82,7 @@ from reconciler.commands._options import (
     writing,
 )
 from reconciler.errors import ConfigError, HeteroscaleError, MetricsUnavailable
-from reconciler.text_safety import visible
+from reconciler.text_safety import redacted_url, visible
 
 if TYPE_CHECKING:
     from reconciler.apply.plansign import SigningKey
@@ -169,13 +169,14 @@ def prometheus_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a Prometheus's address; None when it can."""
     from urllib.parse import urlsplit
 
+    shown = redacted_url(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port out of range
     except ValueError as exc:
-        return f"{url!r} is not a URL ({exc})"
+        return f"{shown!r} is not a URL ({str(exc).replace(url, shown)})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"{url!r} is not an http:// or https:// URL with a host"
+        return f"{shown!r} is not an http:// or https:// URL with a host"
     return None
 
 
@@ -186,7 +187,7 @@ def cluster_prometheus_urls(settings: Settings) -> dict[str, str]:
     for given in settings.cluster_prometheus_urls:
         cluster, sep, url = given.partition("=")
         problem = (
-            f"{given!r} is not CLUSTER=URL"
+            f"{redacted_url(given)!r} is not CLUSTER=URL"
             if not sep or not cluster
             else f"cluster {cluster} is given twice"
             if cluster in urls
@@ -392,7 +393,7 @@ def _warn_prometheus_setup(settings: Settings, urls: Sequence[str]) -> None:
     def problems(url: str) -> list[tuple[str, str]]:
         prometheus = settings.prometheus.settings(url)
         found = [(event, check(prometheus), hint) for event, check, hint in checks]
-        named = f" (Prometheus {url})" if len(urls) > 1 else ""
+        named = f" (Prometheus {prometheus.shown_url})" if len(urls) > 1 else ""
         return [(event, f"{p}{named} ({hint})") for event, p, hint in found if p is not None]
 
     if not urls:

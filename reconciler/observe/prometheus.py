@@ -148,7 +148,7 @@ from reconciler.state import (
     Sample,
     ServiceMetrics,
 )
-from reconciler.text_safety import quoted
+from reconciler.text_safety import quoted, redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,11 @@ class PrometheusSettings:
     ca_file: str | None = None
     """A PEM bundle of the certificate authorities to verify an HTTPS Prometheus with
     (an internal CA), instead of the system's."""
+
+    @property
+    def shown_url(self) -> str:
+        """``url`` as messages, logs and statuses show it: without a password."""
+        return redacted_url(self.url)
 
     @property
     def tls_verify(self) -> bool | str:
@@ -1000,7 +1005,7 @@ class PrometheusMetricsSource:
             except _Retryable as exc:
                 cause = str(exc)
         raise MetricsUnavailable(
-            f"Prometheus at {self.settings.url} did not answer the {signal} query "
+            f"Prometheus at {self.settings.shown_url} did not answer the {signal} query "
             f"after {attempts} attempt{'s' if attempts > 1 else ''}",
             query=promql,
             cause=cause,
@@ -1015,12 +1020,12 @@ class PrometheusMetricsSource:
         response = connection.session.last_response
         if _is_error_body(response):
             return MetricsUnavailable(
-                f"{self.settings.url} answered with an error body (HTTP 200)",
+                f"{self.settings.shown_url} answered with an error body (HTTP 200)",
                 query=promql,
                 cause=_error_message(response),
             )
         return MetricsUnavailable(
-            f"{self.settings.url} did not answer like the Prometheus HTTP API",
+            f"{self.settings.shown_url} did not answer like the Prometheus HTTP API",
             query=promql,
             cause=quoted(f"{type(exc).__name__}: {exc}"),
         )
@@ -1035,7 +1040,7 @@ class PrometheusMetricsSource:
             raise self._not_the_api(promql, exc, connection) from exc
         except AnswerTooLarge as exc:  # asking again would only read as much again
             raise MetricsUnavailable(
-                f"Prometheus at {self.settings.url} answered the {signal} query with more "
+                f"Prometheus at {self.settings.shown_url} answered the {signal} query with more "
                 "than max_answer_bytes",
                 query=promql,
                 cause=str(exc),
@@ -1047,7 +1052,8 @@ class PrometheusMetricsSource:
                 f"no answer within {format_number(self.settings.timeout_s)} s ({type(exc).__name__})"
             ) from exc
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            # Its text may quote the URL asked for, credentials and all.
+            raise _Retryable(redacted_url(f"{type(exc).__name__}: {exc}")) from exc
         except PrometheusApiClientException as exc:
             return self._classify_http_error(exc, promql, signal, connection)
         except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
@@ -1056,7 +1062,7 @@ class PrometheusMetricsSource:
             return parse_vector(result)
         except ValueError as exc:
             raise MetricsUnavailable(
-                f"unexpected answer from Prometheus at {self.settings.url} to the {signal} query",
+                f"unexpected answer from Prometheus at {self.settings.shown_url} to the {signal} query",
                 query=promql,
                 cause=str(exc),
             ) from exc
@@ -1076,7 +1082,7 @@ class PrometheusMetricsSource:
         if status is not None and (status == 429 or status >= 500):
             raise _Retryable(f"HTTP {status}: {message}") from exc
         raise MetricsUnavailable(
-            f"Prometheus at {self.settings.url} refused the {signal} query (HTTP {status})",
+            f"Prometheus at {self.settings.shown_url} refused the {signal} query (HTTP {status})",
             query=promql,
             cause=message,
         ) from exc

@@ -114,3 +114,18 @@ def test_a_cluster_given_twice_or_a_malformed_default_url_is_a_usage_error() -> 
         app, ["plan", "--simulate", "--prometheus-url", "localhost:9090"], terminal_width=200
     )
     assert result.exit_code == 2 and "--prometheus-url" in result.output
+
+
+@pytest.mark.parametrize(
+    "option, given",
+    [
+        ("--prometheus-url", "http://user:secretpw@p:99999"),
+        ("--prometheus-url", "ftp://user:secretpw@p:9090"),
+        ("--cluster-prometheus-url", "=http://user:secretpw@p:9090"),
+        ("--cluster-prometheus-url", "prod-east=http://user:secretpw@p:99999"),
+    ],
+)
+def test_a_refused_url_is_named_without_its_password(option: str, given: str) -> None:
+    result = CliRunner().invoke(app, ["plan", "--simulate", option, given], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "user:***@p" in result.output and "secretpw" not in result.output, result.output

@@ -379,3 +379,21 @@ def test_a_failing_mean_gap_query_leaves_only_the_mean_gap_missing(
     assert source.last_report is not None
     failed = {g.signal for g in source.last_report.gaps if "503" in g.reason}
     assert failed == {"tbt_mean"}
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("http://", "http://user:secretpw@", 1)
+
+
+def test_a_password_in_the_url_is_never_shown(fake_prometheus: StartFake) -> None:
+    """``--prometheus-url http://user:pw@host`` works, and every message naming the
+    Prometheus (the cycle's error, hence logs and status) shows it as ``user:***@``."""
+    url = _with_credentials(f"http://127.0.0.1:{free_loopback_port()}")
+    with pytest.raises(MetricsUnavailable) as unanswered:
+        _source(url, retries=0).fetch([make_policy("a")], 1000.0)
+    server = fake_prometheus([Reply(status=401, body="Unauthorized")])
+    with pytest.raises(MetricsUnavailable) as refused:
+        _source(_with_credentials(server.url)).fetch([make_policy("a")], 1000.0)
+    for raised in (unanswered, refused):
+        shown = f"{raised.value} {raised.value.cause}"
+        assert "user:***@127.0.0.1" in shown and "secretpw" not in shown, shown
