@@ -139,6 +139,20 @@ def in_range(
 # Alike in form by nature: each is typer's own declaration spelled out (flag, help,
 # range and why), so it reads and greps as its --help shows it.
 
+
+def git_revision(value: str | None) -> str | None:
+    """An option callback refusing an empty (or blank) Git revision: in CI an unset
+    variable (``--base "$BASE"``) would otherwise fall back to a default revision and
+    review, validate or apply another commit than the one meant. None (the option left
+    out) passes."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "must name a Git revision, got an empty string (an unset variable?); "
+            "leave the option out for its default"
+        )
+    return value
+
+
 RepoOpt = Annotated[
     Path, typer.Option("--repo", help="repository root holding policies/ and clusters/")
 ]
@@ -148,6 +162,7 @@ RevOpt = Annotated[
         "--rev",
         help="read the desired state at this Git revision, without checking it out "
         "(run: re-resolved every cycle)",
+        callback=git_revision,
     ),
 ]
 KubeconfigOpt = Annotated[
@@ -632,6 +647,7 @@ __all__ = [
     "console",
     "desired_state_or_exit",
     "err_console",
+    "git_revision",
     "in_range",
     "number_problem",
     "option_group",

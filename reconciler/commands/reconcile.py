@@ -76,6 +76,7 @@ from reconciler.commands._options import (
     checked_signing_keys,
     console,
     err_console,
+    git_revision,
     in_range,
     option_group,
     report_config_error,
@@ -624,10 +625,18 @@ with_lease_options = option_group("lease", _lease)  # ``lease: LeaseRef`` as its
 # declared in typer's form like every option, their meanings shared with no other.
 BaseOpt = Annotated[
     str | None,
-    typer.Option("--base", help="review: the revision the change starts from (e.g. origin/main)"),
+    typer.Option(
+        "--base",
+        help="review: the revision the change starts from (e.g. origin/main; default, "
+        "when only --head is given: HEAD~1)",
+        callback=git_revision,
+    ),
 ]
 HeadOpt = Annotated[
-    str | None, typer.Option("--head", help="review: the revision under review (default HEAD)")
+    str | None,
+    typer.Option(
+        "--head", help="review: the revision under review (default HEAD)", callback=git_revision
+    ),
 ]
 WhatIfOpt = Annotated[
     bool,
