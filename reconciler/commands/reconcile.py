@@ -20,6 +20,7 @@ desired state is invalid). apply: 0 done, 1 error. run: runs until interrupted.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -653,6 +654,47 @@ TimeoutOpt = Annotated[
 ]
 
 
+# The options of a cycle the review reads: it plans both revisions on the simulated
+# fleet (``review.fleet_diff``), so it reaches no cluster and no Prometheus, applies
+# nothing and reviews every cluster.
+REVIEW_READS = frozenset({"repo", "placer", "autoscaler", "seed", "simulate"})
+
+
+def _check_review_reads(ctx: typer.Context) -> None:
+    """A usage error (exit 2) naming every option of a cycle given to the review that
+    it does not read (``REVIEW_READS``), rather than accepting and ignoring it; one set
+    in the environment (``$HETEROSCALE_PROMETHEUS_URL``) is only said to be ignored,
+    since the same environment may serve ``run``."""
+    unread = [
+        param
+        for param in ctx.command.params
+        if param.name in inspect.signature(cycle_settings).parameters
+        and param.name not in REVIEW_READS
+    ]
+    given, from_env = [], []
+    for param in unread:
+        source = ctx.get_parameter_source(param.name or "")
+        if source is not None and source.name == "COMMANDLINE":
+            given.append(param.opts[0])
+        elif source is not None and source.name == "ENVIRONMENT":
+            from_env.append(f"${param.envvar}")
+    if given:
+        raise typer.BadParameter(
+            "the review plans both revisions on the simulated fleet and does not read "
+            f"{'it' if len(given) == 1 else 'them'} (of a cycle's options it reads "
+            "--repo, --placer, --autoscaler and --seed): leave them out, or --base and "
+            "--head for a cycle that reads them",
+            param_hint=", ".join(given),
+        )
+    if from_env:
+        err_console.print(
+            f"note: {', '.join(from_env)} set; the review plans on the simulated fleet and "
+            "ignores it",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
 def _review(
     repo: Path,
     base: str,
@@ -1218,6 +1260,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @with_cycle_options()
     def plan(
+        ctx: typer.Context,
         settings: Settings,
         format: FormatOpt = "text",
         base: BaseOpt = None,
@@ -1254,6 +1297,7 @@ def register(app: typer.Typer) -> None:
                     "a review writes no saved plan: run `plan --rev REV --out` for one",
                     param_hint="--out",
                 )
+            _check_review_reads(ctx)
             _check_autoscaler(settings.autoscaler)
             raise typer.Exit(
                 _review(
