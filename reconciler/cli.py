@@ -196,6 +196,8 @@ def validate(
     from reconciler.observe.presets import unrestricted_override_problems
     from reconciler.text_safety import visible
 
+    if rate_scale is not None and trace is None:
+        raise typer.BadParameter("scales a trace's rate: add --trace F", param_hint="--rate-scale")
     checked_repository(path, rev=rev)
     state = desired_state_or_exit(path, rev=rev)
     gpus = sum(node.gpus for spec in state.clusters.values() for node in spec.nodes)

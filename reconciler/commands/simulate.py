@@ -231,6 +231,25 @@ def _hpa_target(text: str) -> float | None:
     return value
 
 
+def _policy_names(text: str) -> list[str]:
+    """``--policies``: the names in order; a usage error (exit 2), before any load is
+    built, for an empty list, a name given twice or one that cannot run
+    (``policy_name_problem``)."""
+    from reconciler.sim.evaluate import policy_name_problem
+
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    if not chosen:
+        usage_error("--policies is empty")
+    twice = sorted({name for name in chosen if chosen.count(name) > 1})
+    if twice:
+        usage_error(f"--policies names {', '.join(twice)} more than once")
+    for name in chosen:
+        problem = policy_name_problem(name)
+        if problem is not None:
+            usage_error(f"--policies: {problem}")
+    return chosen
+
+
 def _engine_speeds(text: str) -> tuple[float, float]:
     """``--engine-speed``: (prefill, decode) from ``F`` (both roles) or
     ``prefill=F,decode=F`` (a role left out: 1)."""
@@ -240,16 +259,19 @@ def _engine_speeds(text: str) -> tuple[float, float]:
         if len(parts) == 1 and "=" not in parts[0]:
             speeds = dict.fromkeys(speeds, float(parts[0]))
         else:
+            given: set[str] = set()
             for part in parts:
                 role, _, value = part.partition("=")
-                if role.strip() not in speeds:
+                if role.strip() not in speeds or role.strip() in given:  # unknown, or twice
                     raise ValueError(role)
+                given.add(role.strip())
                 speeds[role.strip()] = float(value)
         if not parts or not all(math.isfinite(v) and 0.0 < v <= 100.0 for v in speeds.values()):
             raise ValueError(text)
     except ValueError:
         usage_error(
-            f"--engine-speed must be a number in (0, 100] or prefill=F,decode=F, got '{text}'"
+            "--engine-speed must be a number in (0, 100] or prefill=F,decode=F (each role "
+            f"at most once), got '{text}'"
         )
     return speeds["prefill"], speeds["decode"]
 
@@ -363,9 +385,7 @@ def register(app: typer.Typer) -> None:
         hpa_target_value = _hpa_target(hpa_target)
         if oracle_goal is not None and not 0.0 < oracle_goal <= 1.0:  # NaN fails too
             usage_error(f"--oracle-goal must be a number in (0, 1], got {oracle_goal}")
-        chosen = [p.strip() for p in policies.split(",") if p.strip()]
-        if not chosen:
-            usage_error("--policies is empty")
+        chosen = _policy_names(policies)
         if STATIC_PAST_PEAK in chosen and not warm_up_hours:
             usage_error(f"--policies: {STATIC_PAST_PEAK_NEEDS_A_WARM_UP} with --warm-up-hours")
         prefill_speed, decode_speed = _engine_speeds(engine_speed)

@@ -79,7 +79,7 @@ import difflib
 import io
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,41 @@ def needs_no_memory(name: str) -> bool:
     )
 
 
+def _unknown_policy(name: str, autoscalers: Iterable[str]) -> str:
+    """Why ``name`` is no policy: the known ones, and the closest of them."""
+    known = [*autoscalers, STATIC_PAST_PEAK, "oracle-min"]
+    hint = difflib.get_close_matches(name, known, n=1)
+    suffix = f"; did you mean '{hint[0]}'?" if hint else ""
+    return (
+        f"unknown autoscaler '{name}' (known: {', '.join(known)}, "
+        f"static:P+D, schedule:PATH, {PLUGIN_PREFIX}MODULE:CLASS){suffix}"
+    )
+
+
+def policy_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one of :func:`evaluate`'s policies, found before any load
+    is built (None when it can): an unknown name, ``static:P+D`` counts out of range, a
+    ``schedule:PATH`` that cannot be read as a schedule, a ``python:`` spec that is not
+    ``python:MODULE:CLASS`` (the module itself is imported when the policy runs: one
+    that fails is that policy's failure, the others still run)."""
+    from reconciler.policy import AUTOSCALERS
+
+    try:
+        if name.startswith(STATIC_PREFIX):
+            static_counts(name)
+        elif name.startswith("schedule:"):
+            ScheduleAutoscaler.from_csv(name.split(":", 1)[1])
+        elif name.startswith(PLUGIN_PREFIX):
+            module, _, class_name = name[len(PLUGIN_PREFIX) :].rpartition(":")
+            if not module or not class_name:
+                return f"{name}: expected python:MODULE:CLASS, e.g. python:my_planner:Planner"
+        elif name not in (*AUTOSCALERS, STATIC_PAST_PEAK, "oracle-min"):
+            return _unknown_policy(name, AUTOSCALERS)
+    except EvaluationError as exc:
+        return str(exc)
+    return None
+
+
 def build_autoscaler(
     name: str,
     policy: ServicePolicy,
@@ -492,13 +527,7 @@ def build_autoscaler(
             f"{decode_target:.0f} output tokens/s per decode instance ({decode_from})"
         )
     if name not in AUTOSCALERS:
-        known = [*AUTOSCALERS, STATIC_PAST_PEAK, "oracle-min"]
-        hint = difflib.get_close_matches(name, known, n=1)
-        suffix = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise EvaluationError(
-            f"unknown autoscaler '{name}' (known: {', '.join(known)}, "
-            f"static:P+D, schedule:PATH, {PLUGIN_PREFIX}MODULE:CLASS){suffix}"
-        )
+        raise EvaluationError(_unknown_policy(name, AUTOSCALERS))
     try:
         return make_autoscaler(name), ""
     except PermanentError as exc:
