@@ -327,7 +327,6 @@ def schema(
                 stale.append(str(target))
             continue
         with writing(target, "--out"):
-            out_dir.mkdir(parents=True, exist_ok=True)
             replace_text(target, text)
         console.print(f"wrote {target}", markup=False)
     if stale:

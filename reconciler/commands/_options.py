@@ -512,10 +512,12 @@ def checked_signing_keys(paths: list[Path] | None) -> tuple[SigningKey, ...]:
 
 @contextlib.contextmanager
 def writing(path: Path, what: str) -> Iterator[None]:
-    """Writes ``what`` (the option, or a description) to ``path`` inside it; a failure
-    (disk full, a path the checks could not foresee, /proc) is ``error: ...`` on
-    stderr and exit 1, not a traceback."""
+    """Writes ``what`` (the option, or a description) to ``path`` inside it, its
+    missing parent directories created first (as ``checked_output`` promises, for
+    every writer alike); a failure (disk full, a path the checks could not foresee,
+    /proc) is ``error: ...`` on stderr and exit 1, not a traceback."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield
     except OSError as exc:
         err_console.print(

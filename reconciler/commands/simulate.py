@@ -204,12 +204,10 @@ def save_png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    with writing(path, "--plot"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The format given: matplotlib would otherwise add ".png" to a path without
-        # it, and the file written would not be the one reported.
-        with replaced(path, binary=True) as handle:  # never a half-written PNG
-            fig.savefig(handle, dpi=110, format="png")
+    # Never a half-written PNG (replaced); the format given: matplotlib would otherwise
+    # add ".png" to a path without it, and the file written would not be the one reported.
+    with writing(path, "--plot"), replaced(path, binary=True) as handle:
+        fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -409,7 +407,6 @@ def register(app: typer.Typer) -> None:
                     )
                     raise typer.Exit(1)
                 with writing(export_path, "--export-workload"):
-                    export_path.parent.mkdir(parents=True, exist_ok=True)
                     load.workload.to_csv(export_path)
                 console.print(
                     f"wrote {export_path} ({load.workload.requests:,} requests)",
@@ -472,7 +469,6 @@ def register(app: typer.Typer) -> None:
                 "engine_speed": {"prefill": prefill_speed, "decode": decode_speed},
             }
             with writing(json_path, "--json"):
-                json_path.parent.mkdir(parents=True, exist_ok=True)
                 replace_text(json_path, json.dumps(document, indent=2) + "\n")
             console.print(f"wrote {json_path}", markup=False, soft_wrap=True)
         if plot_path is not None and len(failed) < len(result.policies):

@@ -125,3 +125,16 @@ def test_an_output_cut_short_leaves_no_half_written_file(tmp_path: Path) -> None
     assert f"error: --export-workload {exported}: cannot write: File too large" in done.stderr
     assert "Traceback" not in done.stderr
     assert list(exported.parent.iterdir()) == []  # neither the file nor a temporary one
+
+
+def test_every_writer_creates_the_missing_parent_directories(tmp_path: Path) -> None:
+    """``checked_output`` lets a path with missing parents through, promising they are
+    created: ``writing`` (every command's writer: plan --out, simulate --json, --plot,
+    schema --out, ...) creates them, so plan --out no longer failed after its cycle."""
+    from reconciler.commands._options import checked_output, writing
+
+    target = tmp_path / "missing" / "dirs" / "plan.json"
+    assert checked_output(target, "--out") == target
+    with writing(target, "--out"):
+        target.write_text("{}")
+    assert target.read_text() == "{}"
