@@ -121,7 +121,9 @@ class FleetReview:
     def cost_per_hour(self) -> dict[str, CostChange]:
         """Per cluster, what the base plan's groups and the head plan's groups cost per
         hour, both at head's prices (a price change alone moves neither side: the
-        config diff shows it). Clusters without prices in head are left out."""
+        config diff shows it). Clusters without prices in head are left out. A group's
+        GPUs per instance are head's policy's, else base's: the groups of a service
+        whose policy head removes keep running (prune is off) at base's size."""
         out: dict[str, CostChange] = {}
         for name, head in sorted(self.head_plans.items()):
             if head.prices is None:
@@ -131,7 +133,7 @@ class FleetReview:
             sizes = {**(base.gpus_per_instance if base else {}), **head.gpus_per_instance}
             out[name] = CostChange(
                 current=groups_cost_per_hour(base_groups, sizes, head.prices),
-                planned=groups_cost_per_hour(head.groups, head.gpus_per_instance, head.prices),
+                planned=groups_cost_per_hour(head.groups, sizes, head.prices),
             )
         return out
 

@@ -141,6 +141,14 @@ def _headline(review: Review) -> str:
     if review.incomplete and not review.has_changes:
         return "incomplete: the time budget ran out before the change was evaluated"
     if not review.has_changes:
+        after = review.fleet.apply_changes if review.fleet is not None else 0
+        if after:
+            # Not the pull request's doing: base plans the same changes.
+            return (
+                "no change from this pull request: base and head plan the same; the "
+                f'{after} group change(s) under "apply after merge" are made with or '
+                "without it"
+            )
         return "no change: the fleet would stay as it is"
     parts = [f"{len(review.config_changes)} config change(s)"]
     if review.fleet is not None:
@@ -163,9 +171,11 @@ def _cost_lines(fleet: FleetReview) -> list[str]:
             f"head plan {money(change.planned.amount)} {currency} "
             f"({money(change.delta, signed=True)}, at head's prices)"
         )
-        unpriced = sorted({*change.current.unpriced_types, *change.planned.unpriced_types})
-        if unpriced:
-            line += f"; no price for {', '.join(unpriced)}"
+        # Why a side is unknown: a GPU type without a price, or GPUs per instance
+        # that neither revision's policy gives.
+        why = sorted({change.current.why_unknown(), change.planned.why_unknown()} - {""})
+        if why:
+            line += f"; unknown: {'; '.join(why)}"
         out.append(line)
     return out
 

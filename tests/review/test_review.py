@@ -156,7 +156,52 @@ def test_a_comment_only_change_reports_no_change_and_exits_0(pr_repo: Path) -> N
     assert data["config_changes"] == [] and data["what_if"] == []
     assert not any(service["changed"] for service in data["fleet"]["services"])
     assert review.exit_code == data["exit_code"] == 0
-    assert render(review, "text").splitlines()[1] == "no change: the fleet would stay as it is"
+    # The reconciler has changes to make after merge all the same (base plans them
+    # too): the headline says so rather than that the fleet would stay as it is.
+    assert review.fleet is not None and review.fleet.apply_changes > 0
+    headline = render(review, "text").splitlines()[1]
+    assert headline == (
+        "no change from this pull request: base and head plan the same; the "
+        f'{review.fleet.apply_changes} group change(s) under "apply after merge" are made '
+        "with or without it"
+    )
+    assert "stay as it is" not in render(review, "markdown")
+
+
+def test_removing_a_policy_keeps_the_cost_of_the_groups_it_leaves_running(
+    pr_repo: Path, tmp_path: Path
+) -> None:
+    """Without prune the removed service's groups keep running at base's size: the head
+    plan's cost is known (it was "unknown" without a word of why)."""
+    repo = tmp_path / "removed"
+    shutil.copytree(pr_repo, repo)
+    git(repo, "rm", "-q", "policies/summarize.yaml")
+    git(repo, "commit", "-qm", "remove summarize")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="text", placer=CpSatPlacer(), options=OPTIONS
+    )
+    assert review.fleet is not None
+    [change] = review.fleet.cost_per_hour().values()
+    assert change.planned.amount is not None
+    assert change.planned.amount == pytest.approx(change.current.amount)
+    assert "head plan unknown" not in text
+
+
+def test_an_unknown_cost_says_why() -> None:
+    from types import SimpleNamespace
+
+    from reconciler.cost import Cost, CostChange
+    from reconciler.review.report import _cost_lines
+
+    change = CostChange(
+        current=Cost(10.0, "USD"),
+        planned=Cost(None, "USD", unpriced_types=("l20",), unsized=("old/decode",)),
+    )
+    fleet = SimpleNamespace(cost_per_hour=lambda: {"prod-east": change})
+    [line] = _cost_lines(fleet)  # type: ignore[arg-type]
+    assert line.endswith("; unknown: no price for l20; GPUs per instance unknown for old/decode"), (
+        line
+    )
 
 
 def test_the_plot_has_a_row_per_revision(reviewed: Review, tmp_path: Path) -> None:
