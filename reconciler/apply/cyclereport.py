@@ -232,7 +232,8 @@ def summary_line(result: CycleResult) -> str:
         parts.append(f"Applied changes in {len(changed)} cluster(s).")
     else:
         parts.append(
-            f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` carries out exactly these."
+            f"Plan: changes in {len(changed)} cluster(s). `heteroscale apply` with the same "
+            "options carries out exactly these."
         )
     return " ".join(parts)
 
