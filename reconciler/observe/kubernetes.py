@@ -647,9 +647,17 @@ def read_snapshot(
 def fleet_from_snapshot(
     snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy] | None = None
 ) -> FleetState:
-    """Our Deployments as deployment groups; starting and draining per (service, role)."""
+    """Our Deployments as deployment groups; starting and draining per (service, role).
+
+    With ``policies``, a Deployment in another namespace than its service's policy
+    deploys to is left out: the leftover of a namespace change, which apply prunes. It
+    has the group id of the group that replaces it (names do not hold the namespace),
+    and counted in would make one group of the two."""
     by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
     for deployment in snapshot.deployments.values():
+        policy = (policies or {}).get(deployment.service)
+        if policy is not None and deployment.key.namespace != policy.namespace:
+            continue
         by_group[(deployment.service, deployment.group_id)][deployment.role] = deployment
     nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
     for deployment in snapshot.deployments.values():

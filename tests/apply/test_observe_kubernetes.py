@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,31 @@ def test_deployments_become_groups_with_starting_and_draining(state: DesiredStat
     assert fleet.starting[("chat", "decode")] == 4 and fleet.starting[("chat", "prefill")] == 0
     service = fleet.service_fleet("chat")
     assert (service.decode.ready, service.decode.starting, service.decode.draining) == (2, 4, 1)
+
+
+def test_a_deployment_left_in_a_namespace_the_service_moved_from_is_not_its_fleet(
+    state: DesiredState,
+) -> None:
+    # chat's policy deploys to namespace chat; the same group rendered into "old-ns"
+    # (where chat deployed before a namespace change) has the same group id.
+    group = DeploymentGroup(
+        "chat", "prod-east", "pod-a-0", "pod-a", "rg-a", GroupRole("h800", 2), GroupRole("h800", 6)
+    )
+    current = _live(state, [group], ready=6)
+    moved = state.policies["chat"].model_copy(update={"namespace": "old-ns"})
+    before_the_move = DesiredState(
+        policies={**state.policies, "chat": moved},
+        clusters=state.clusters,
+        templates=state.templates,
+    )
+    left = _live(before_the_move, [replace(group, decode=GroupRole("h800", 1))], ready=1)
+    assert {k.namespace for k in left} == {"old-ns"}
+    snapshot = ClusterSnapshot("prod-east", {**left, **current}, (), (), 0.0)
+    (observed,) = fleet_from_snapshot(snapshot, state.policies).groups
+    assert observed.decode.instances == 6  # the current namespace's, never the leftover's
+    snapshot = ClusterSnapshot("prod-east", {**current, **left}, (), (), 0.0)
+    (observed,) = fleet_from_snapshot(snapshot, state.policies).groups
+    assert observed.decode.instances == 6
 
 
 def test_a_group_with_one_role_gets_the_other_roles_preferred_type(state: DesiredState) -> None:
