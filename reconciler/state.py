@@ -14,6 +14,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,10 +59,19 @@ class Sample:
     at_s: float
 
     def is_usable(self, now_s: float, max_age_s: float) -> bool:
-        """Fresh enough to act on, and in range: every signal is a rate, a latency, a
-        share or a count, so a negative one is broken (a custom query's subtraction, a
-        counter reset), and so is one beyond ``MAX_SIGNAL_VALUE`` (NaN fails <=)."""
-        return 0.0 <= self.value <= MAX_SIGNAL_VALUE and (now_s - self.at_s) <= max_age_s
+        """Fresh enough to act on (``is_fresh``), and in range: every signal is a rate,
+        a latency, a share or a count, so a negative one is broken (a custom query's
+        subtraction, a counter reset), and so is one beyond ``MAX_SIGNAL_VALUE`` (NaN
+        fails <=)."""
+        return 0.0 <= self.value <= MAX_SIGNAL_VALUE and is_fresh(self.at_s, now_s, max_age_s)
+
+
+def is_fresh(at_s: float, now_s: float, max_age_s: float) -> bool:
+    """A reading taken at ``at_s`` may be acted on at ``now_s``: at most ``max_age_s``
+    old, and no further than that in the future either (a clock that far ahead, or a
+    timestamp written wrong, is not this cycle's reading; a little ahead is a query's
+    evaluation time just after the decision's clock read). NaN is never fresh."""
+    return abs(now_s - at_s) <= max_age_s
 
 
 # No model serves a context this long (the longest are ~10 million tokens), and no
@@ -110,15 +120,29 @@ class LengthBuckets:
     def is_usable(self, now_s: float, max_age_s: float) -> bool:
         """Fresh, one count per bound, the bounds distinct numbers (two series of one
         bound, ``le="1"`` and ``le="1.0"``, make a histogram no one can read) within
-        ``MAX_REQUEST_TOKENS`` or ``+Inf``, the counts finite and within
-        ``MAX_HISTOGRAM_COUNT``, and at least one request."""
+        ``MAX_REQUEST_TOKENS`` or ``+Inf``, the counts finite, within
+        ``MAX_HISTOGRAM_COUNT`` and cumulative (never falling from one bound to the
+        next beyond rounding: the bounds of one histogram are scraped together, so a
+        fall is a broken query or a hand-written series, and read as it stands it would
+        put every request in the first bucket), and at least one request."""
         return (
-            (now_s - self.at_s) <= max_age_s
+            is_fresh(self.at_s, now_s, max_age_s)
             and bool(self.cumulative)
             and len(self.le) == len(self.cumulative)
             and all(map(math.isfinite, self.cumulative))
             and usable_length_histogram(self.le, max(self.cumulative))
+            and _cumulative(self.cumulative)
         )
+
+
+# Rates of one histogram's bounds are computed alike from samples taken together, so
+# their cumulative counts can fall from one bound to the next only by float rounding.
+_CUMULATIVE_ROUNDING = 1e-9
+
+
+def _cumulative(counts: tuple[float, ...]) -> bool:
+    slack = _CUMULATIVE_ROUNDING * max(counts)
+    return all(later >= earlier - slack for earlier, later in itertools.pairwise(counts))
 
 
 @dataclass(frozen=True)
