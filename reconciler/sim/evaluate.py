@@ -497,11 +497,22 @@ def build_autoscaler(
     if name in ("static-peak", STATIC_PAST_PEAK):
         past = name == STATIC_PAST_PEAK
         peak_prefill, peak_decode = past_peak_demand(profile) if past else peak_demand(profile)
-        prefill, decode = counts_for_peaks(peak_prefill, peak_decode, capacity)
+        needed = counts_for_peaks(peak_prefill, peak_decode, capacity)
+        # What runs: within the policy's min/max, as every autoscaler's counts are (a
+        # capacity near 0 asks for billions; a small peak for fewer than the floor).
+        prefill, decode = (
+            min(max(count, policy.role(role).min_instances), policy.role(role).max_instances)
+            for count, role in zip(needed, ("prefill", "decode"), strict=True)
+        )
         of = "the warm-up's " if past else ""
+        bounded = (
+            ""
+            if (prefill, decode) == needed
+            else f" (asked {needed[0]}+{needed[1]}, bound by the policy's min/max)"
+        )
         return make_autoscaler("static-peak", prefill=prefill, decode=decode), (
             f"{prefill} prefill + {decode} decode for {of}peaks of {peak_prefill:.0f} "
-            f"prompt and {peak_decode:.0f} output tokens/s"
+            f"prompt and {peak_decode:.0f} output tokens/s{bounded}"
         )
     if name == "oracle-min":
         raise EvaluationError(

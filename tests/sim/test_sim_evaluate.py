@@ -19,6 +19,7 @@ from reconciler.policy import HpaTokensAutoscaler, make_autoscaler
 from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import LoadProfile, SimConfig, synthetic_profile
 from reconciler.sim.evaluate import (
+    Capacity,
     EvaluationError,
     ScheduleAutoscaler,
     build_autoscaler,
@@ -862,3 +863,20 @@ def test_a_schedule_naming_many_other_services_lists_a_few(
     assert "100000 other services (other-000000, other-000001," in str(info.value)
     assert "other-000007, ... 99,992 more)" in str(info.value)
     assert len(str(info.value)) < 1000  # it listed every one: 1.4 MB
+
+
+def test_static_peak_says_the_counts_it_runs_within_the_policys_min_and_max(
+    state: DesiredState, load: LoadProfile
+) -> None:
+    # A capacity near 0 asks for billions of instances, a small peak for fewer than the
+    # floor: what runs (and is described) is within the policy's bounds, as the
+    # autoscaler's own decision is.
+    policy = state.policies[SERVICE]
+    peak_prefill, peak_decode = peak_demand(load)
+    starved = Capacity(peak_prefill / 3, 1e-9, "h800", "h20")
+    _, text = build_autoscaler("static-peak", policy, load, starved)
+    assert text.startswith(f"3 prefill + {policy.decode.max_instances} decode for peaks")
+    assert "bound by the policy's min/max" in text
+    plenty = Capacity(peak_prefill / 3, peak_decode / 5, "h800", "h20")
+    _, text = build_autoscaler("static-peak", policy, load, plenty)
+    assert text.startswith("3 prefill + 5 decode") and "bound by" not in text
