@@ -1086,28 +1086,49 @@ def prefill_capacity(
         instances,
         lost.above_prompt_tokens,
     )
-    if queue.empty:  # nothing attainable, or the model does not fit
+    if not queue.empty:
+
+        def meets(rho: float) -> bool:
+            return queue.attainment(rho, ttft_slo_s) >= quantile
+
+        lo, hi = 0.0, MAX_GGC_UTILISATION
+        if meets(hi):
+            lo = hi
+        else:
+            for _ in range(_BISECTION_STEPS):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+                if hi - lo < 1e-5:
+                    break
+        if lo > 0.0:
+            return PrefillCapacity(
+                tps_per_instance=lo * queue.sustained_tps,
+                utilisation=lo,
+                sustained_tps_per_instance=queue.sustained_tps,
+                work_per_token=queue.work_per_token,
+                wait_s=queue.wait(lo)[0],
+                ttft_quantile_s=queue.ttft_quantile_s(lo, quantile),
+                instances=instances,
+                unattainable=lost,
+            )
+    # No rate meets the SLO (no prompt of the mix meets it even alone, or its quantile
+    # is out of reach at any load): more instances cannot bring the TTFT within it,
+    # yet the work must be served, or the queue grows without bound and requests are
+    # dropped. The capacity is then the whole mix's sustained rate at the highest
+    # utilisation the queueing model holds stable (its own limit): keeping up is all
+    # an instance count can do, and the planner's headroom sits on top.
+    whole = _PrefillQueue(
+        perf, mix, transfer_s_per_token, decode_first_step_s, latency_factor, instances, None
+    )
+    if whole.empty:  # the model does not fit an instance: no capacity at all
         return PrefillCapacity(0.0, 0.0, 0.0, 0.0, 0.0, math.inf, instances, lost)
-
-    def meets(rho: float) -> bool:
-        return queue.attainment(rho, ttft_slo_s) >= quantile
-
-    lo, hi = 0.0, MAX_GGC_UTILISATION
-    if meets(hi):
-        lo = hi
-    else:
-        for _ in range(_BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-            if hi - lo < 1e-5:
-                break
     return PrefillCapacity(
-        tps_per_instance=lo * queue.sustained_tps,
-        utilisation=lo,
-        sustained_tps_per_instance=queue.sustained_tps,
-        work_per_token=queue.work_per_token,
-        wait_s=queue.wait(lo)[0],
-        ttft_quantile_s=queue.ttft_quantile_s(lo, quantile),
+        tps_per_instance=MAX_GGC_UTILISATION * whole.sustained_tps,
+        utilisation=MAX_GGC_UTILISATION,
+        sustained_tps_per_instance=whole.sustained_tps,
+        work_per_token=whole.work_per_token,
+        wait_s=whole.wait(MAX_GGC_UTILISATION)[0],
+        ttft_quantile_s=math.inf,
         instances=instances,
         unattainable=lost,
     )
@@ -1506,6 +1527,8 @@ class RoleCapacities:
             if lost.above_prompt_tokens is not None
             else ""
         )
+        if math.isinf(p.ttft_quantile_s) and p.tps_per_instance > 0:
+            unattainable_text += ": prefill sized to keep up with the work, not the TTFT"
         return (
             f"capacity from the model for prompts ~{self.prompt_mean_tokens:.0f} / outputs "
             f"~{self.output_mean_tokens:.0f} tokens: prefill {p.tps_per_instance:.0f} prompt "

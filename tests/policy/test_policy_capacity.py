@@ -17,6 +17,7 @@ from policy_testkit import REPO_ROOT
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
+from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.policy.capacity import (
     BUSY_READ_MAX_ERROR,
     GAUGE_SAMPLES_PER_WINDOW,
@@ -304,8 +305,28 @@ def test_everything_is_unattainable_when_the_fixed_costs_exceed_the_slo() -> Non
     _, prefill, _, _ = chat()
     lost = unattainable(prefill, chat_mix(), 0.04, tpt(), 0.05)  # one decode step > SLO
     assert lost.share == 1.0
+
+
+def test_with_no_rate_meeting_the_slo_the_capacity_keeps_up_with_the_work() -> None:
+    """No prompt meets the TTFT even alone: no instance count brings it within the SLO,
+    but the work must be served (else the queue grows without bound and requests are
+    dropped). The capacity is the whole mix's sustained rate at the queueing model's
+    stability limit, the same rate an attainable mix's capacity is a share of."""
+    _, prefill, _, _ = chat()
     cap = prefill_capacity(prefill, chat_mix(), 0.04, 0.9, tpt(), 0.05, 8)
-    assert cap.tps_per_instance == 0.0
+    reachable = prefill_capacity(prefill, chat_mix(), 60.0, 0.9, tpt(), 0.05, 8)
+    assert cap.unattainable.share == 1.0 and math.isinf(cap.ttft_quantile_s)
+    assert cap.utilisation == MAX_GGC_UTILISATION
+    assert cap.sustained_tps_per_instance == pytest.approx(reachable.sustained_tps_per_instance)
+    assert cap.tps_per_instance == pytest.approx(
+        MAX_GGC_UTILISATION * reachable.sustained_tps_per_instance
+    )
+    # As much as a loose SLO allows (60 s: met at the stability limit), more than one
+    # that binds.
+    assert cap.tps_per_instance == reachable.tps_per_instance
+    binding = prefill_capacity(prefill, chat_mix(), 1.5, 0.9, tpt(), 0.05, 8)
+    assert binding.utilisation < MAX_GGC_UTILISATION
+    assert cap.tps_per_instance > binding.tps_per_instance
 
 
 # --------------------------------------------------------------------------- decode

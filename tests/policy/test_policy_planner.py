@@ -316,6 +316,27 @@ def test_unattainable_prompts_are_reported_and_never_chased() -> None:
     assert loud.prefill == quiet.prefill  # a TTFT at 5x the SLO adds nothing
 
 
+def test_a_mix_no_prompt_of_which_meets_the_slo_is_still_sized_to_keep_up() -> None:
+    """Every prompt far beyond what an idle instance prefills within the TTFT: no count
+    meets the SLO, but one instance serving many times its sustained rate drops
+    requests while its queue grows. The planner sizes for the work (the model's
+    sustained rate), says why, and does not chase the TTFT; half the load wants about
+    half the instances."""
+    policy, cluster = _chat(max_step_instances=1000, max_step_percent=1000.0)
+    perf = perf_context(policy, cluster)
+    prompts = np.full(4000, 200_000.0)
+
+    def decided(prompt_tps: float) -> Decision:
+        metrics = _metrics(0.0, prompt_tps, 100.0, prompts=prompts, ttft_ms=2_500_000.0)
+        return plan_decide(policy, _fleet(1, 2), metrics, PolicyHistory(), 0.0, perf)
+
+    heavy, light = decided(200_000.0), decided(100_000.0)
+    assert "prefill sized to keep up with the work, not the TTFT" in heavy.message
+    assert "not chased" in heavy.message
+    assert heavy.prefill > 4
+    assert light.prefill == pytest.approx(heavy.prefill / 2, abs=1)
+
+
 def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
