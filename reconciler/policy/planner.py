@@ -60,7 +60,8 @@ One cycle, in order (each step that changes a number says so in the message):
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
    with the prompt length beyond which the SLO is out of reach, and never chased:
    the TTFT tiers are skipped when they alone exceed the SLO's tail (``1 -
-   quantile``).
+   quantile``). Where no rate meets the SLO at all, prefill is sized to keep up with
+   the work (``capacity.prefill_capacity``), never held while its queue grows.
 7. **Latency tiers** stay as a safety net (the policy's ``latency_tiers``), damped: a
    role with instances still starting does not escalate, a reading whose histogram
    bucket holds the SLO is no evidence of a miss (``reading_holds_slo``), and no tier
