@@ -1101,16 +1101,7 @@ def prefill_capacity(
                 if hi - lo < 1e-5:
                     break
         if lo > 0.0:
-            return PrefillCapacity(
-                tps_per_instance=lo * queue.sustained_tps,
-                utilisation=lo,
-                sustained_tps_per_instance=queue.sustained_tps,
-                work_per_token=queue.work_per_token,
-                wait_s=queue.wait(lo)[0],
-                ttft_quantile_s=queue.ttft_quantile_s(lo, quantile),
-                instances=instances,
-                unattainable=lost,
-            )
+            return _capacity_at(queue, lo, queue.ttft_quantile_s(lo, quantile), instances, lost)
     # No rate meets the SLO (no prompt of the mix meets it even alone, or its quantile
     # is out of reach at any load): more instances cannot bring the TTFT within it,
     # yet the work must be served, or the queue grows without bound and requests are
@@ -1122,13 +1113,24 @@ def prefill_capacity(
     )
     if whole.empty:  # the model does not fit an instance: no capacity at all
         return PrefillCapacity(0.0, 0.0, 0.0, 0.0, 0.0, math.inf, instances, lost)
+    return _capacity_at(whole, MAX_GGC_UTILISATION, math.inf, instances, lost)
+
+
+def _capacity_at(
+    queue: _PrefillQueue,
+    rho: float,
+    ttft_quantile_s: float,
+    instances: int,
+    lost: Unattainable,
+) -> PrefillCapacity:
+    """The capacity of ``queue``'s instances run at utilisation ``rho``."""
     return PrefillCapacity(
-        tps_per_instance=MAX_GGC_UTILISATION * whole.sustained_tps,
-        utilisation=MAX_GGC_UTILISATION,
-        sustained_tps_per_instance=whole.sustained_tps,
-        work_per_token=whole.work_per_token,
-        wait_s=whole.wait(MAX_GGC_UTILISATION)[0],
-        ttft_quantile_s=math.inf,
+        tps_per_instance=rho * queue.sustained_tps,
+        utilisation=rho,
+        sustained_tps_per_instance=queue.sustained_tps,
+        work_per_token=queue.work_per_token,
+        wait_s=queue.wait(rho)[0],
+        ttft_quantile_s=ttft_quantile_s,
         instances=instances,
         unattainable=lost,
     )
