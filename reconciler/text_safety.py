@@ -87,14 +87,25 @@ def listed(values: Sequence[str], show: Callable[[str], str], count: int = 8) ->
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
 
 
+# A URL's query (after ``?``, up to a fragment or white space): proxies in front of
+# Prometheus take tokens there too (``?token=...``, ``?access_token=...``).
+_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s?#]*\?)([^\s#]*)")
+
+
 def redacted_url(url: str) -> str:
     """``url`` as it may be shown: a password in it replaced by ``***``
     (``http://user:***@host:9090``), a user part without one (which may itself be a
-    token) by ``***`` alone. Read as text, so a URL no parser accepts is redacted too,
-    and so is every URL in a longer text (``CLUSTER=URL``, a message quoting one)."""
+    token) by ``***`` alone, and every value of its query by ``***`` (``?token=***``;
+    the names stay, to tell what was given). Read as text, so a URL no parser accepts
+    is redacted too, and so is every URL in a longer text (``CLUSTER=URL``, a message
+    quoting one)."""
 
     def hidden(found: re.Match[str]) -> str:
         user, sep, _password = found.group(2).partition(":")
         return f"{found.group(1)}{user + ':***' if sep else '***'}@"
 
-    return _USERINFO.sub(hidden, url)
+    def query_hidden(found: re.Match[str]) -> str:
+        pairs = (p.partition("=") for p in found.group(2).split("&"))
+        return found.group(1) + "&".join(name + ("=***" if sep else "") for name, sep, _ in pairs)
+
+    return _QUERY.sub(query_hidden, _USERINFO.sub(hidden, url))
