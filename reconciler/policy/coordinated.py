@@ -922,7 +922,14 @@ def _hold(
     clamps: list[Clamp] = []
     prefill = clamp_bounds(current[0], n.prefill_bounds, clamps)
     decode = clamp_bounds(current[1], n.decode_bounds, clamps)
-    message = f"{problem}: hold {current[0]} prefill, {current[1]} decode" + clamps_note(clamps)
+    if (prefill, decode) == (current[0], current[1]):
+        message = f"{problem}: hold {current[0]} prefill, {current[1]} decode"
+    else:  # a size outside the policy's bounds is not held, even without data
+        message = (
+            f"{problem}: hold, within the policy's min/max: {current[0]} -> {prefill} prefill, "
+            f"{current[1]} -> {decode} decode"
+        )
+    message += clamps_note(clamps)
     held = Recommendation(now_s, prefill, decode)
     remembered = replace(history, recommendations=(*past, held), kv_usage=kv_samples)
     return decided(

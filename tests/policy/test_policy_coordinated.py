@@ -592,6 +592,10 @@ def test_missing_metrics_still_respect_min_and_max():
     decision = decide(policy, fleet(10, 20), metrics(NOW), PolicyHistory(), NOW)
     assert (decision.prefill, decision.decode) == (10, 15)
     assert decision.reason == "metrics_missing"
+    # Said as what it is: not a hold of 20, a cut to the bound.
+    assert "hold, within the policy's min/max: 10 -> 10 prefill, 20 -> 15 decode" in (
+        decision.message
+    )
 
 
 def test_a_hold_counts_as_a_recommendation_so_scale_in_waits_a_window_after_a_gap():
