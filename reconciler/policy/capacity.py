@@ -640,6 +640,12 @@ class PrefillCapacity:
     instances: int  # servers assumed for the queue
     unattainable: Unattainable
 
+    @property
+    def keeps_up_only(self) -> bool:
+        """No rate meets the TTFT SLO: the capacity is the sustained rate that keeps up
+        with the work (``prefill_capacity``), not one within the SLO."""
+        return math.isinf(self.ttft_quantile_s) and self.tps_per_instance > 0
+
     def demand_tps(self, perf: InstancePerf, mix: RequestMix, prompt_tps: float) -> float:
         """Observed prompt tokens/s (every request, unattainable ones included) as
         tokens/s of the attainable mix, so it can be divided by ``tps_per_instance``:
@@ -1529,7 +1535,7 @@ class RoleCapacities:
             if lost.above_prompt_tokens is not None
             else ""
         )
-        if math.isinf(p.ttft_quantile_s) and p.tps_per_instance > 0:
+        if p.keeps_up_only:
             unattainable_text += ": prefill sized to keep up with the work, not the TTFT"
         return (
             f"capacity from the model for prompts ~{self.prompt_mean_tokens:.0f} / outputs "

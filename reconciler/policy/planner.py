@@ -60,8 +60,9 @@ One cycle, in order (each step that changes a number says so in the message):
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
    with the prompt length beyond which the SLO is out of reach, and never chased:
    the TTFT tiers are skipped when they alone exceed the SLO's tail (``1 -
-   quantile``). Where no rate meets the SLO at all, prefill is sized to keep up with
-   the work (``capacity.prefill_capacity``), never held while its queue grows.
+   quantile``). Where no rate meets the SLO at all, prefill is held where it runs and
+   grown to keep up with the work (``capacity.prefill_capacity``): never held while its
+   queue grows, never scaled in to queue the prompts longer.
 7. **Latency tiers** stay as a safety net (the policy's ``latency_tiers``), damped: a
    role with instances still starting does not escalate, a reading whose histogram
    bucket holds the SLO is no evidence of a miss (``reading_holds_slo``), and no tier
@@ -817,6 +818,12 @@ def plan_decide(
         if unreachable[ri] is not None:
             wants[ri] = current[ri]
             parts.append(f"{role}: SLO out of reach, {unreachable[ri]}: held at {current[ri]}")
+    if caps is not None and override_prefill is None and caps.prefill.keeps_up_only:
+        # Fewer instances would only queue the prompts longer: out of reach, the TTFT
+        # is held where it runs, and grown where the work outruns it.
+        if wants[0] < current[0]:
+            parts.append(f"prefill: TTFT out of reach: held at {current[0]}, not scaled in")
+        wants[0] = max(wants[0], current[0])
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     # The net covers a model error as large as the latency correction would take
