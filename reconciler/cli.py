@@ -279,7 +279,8 @@ def _check_trace(state: DesiredState, trace: Path, rate_scale: float | None) -> 
         for role, why in trace_out_of_reach(policy, cluster, load):
             err_console.print(
                 f"warning: service {name}: {role} SLO out of reach for the mix in "
-                f"{trace.name}: {why}; the planner holds {role} where it runs",
+                f"{trace.name}: {why}; the planner holds {role} where it runs"
+                + (", grown to keep up with the work" if role == "prefill" else ""),
                 soft_wrap=True,
                 markup=False,
             )

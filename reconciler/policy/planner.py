@@ -815,15 +815,20 @@ def plan_decide(
             parts.append(text)
 
     for ri, role in enumerate(("prefill", "decode")):
-        if unreachable[ri] is not None:
+        beyond = unreachable[ri]
+        if beyond is None:
+            continue
+        if role == "prefill" and caps is not None and caps.prefill.keeps_up_only:
+            # Sized above to keep up with the work; fewer instances would only queue
+            # the prompts longer, so never below where it runs.
+            wants[ri] = max(wants[ri], current[ri])
+            parts.append(
+                f"prefill: SLO out of reach, {beyond}: kept up with the work, at least "
+                f"{current[ri]} (where it runs)"
+            )
+        else:
             wants[ri] = current[ri]
-            parts.append(f"{role}: SLO out of reach, {unreachable[ri]}: held at {current[ri]}")
-    if caps is not None and override_prefill is None and caps.prefill.keeps_up_only:
-        # Fewer instances would only queue the prompts longer: out of reach, the TTFT
-        # is held where it runs, and grown where the work outruns it.
-        if wants[0] < current[0]:
-            parts.append(f"prefill: TTFT out of reach: held at {current[0]}, not scaled in")
-        wants[0] = max(wants[0], current[0])
+            parts.append(f"{role}: SLO out of reach, {beyond}: held at {current[ri]}")
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     # The net covers a model error as large as the latency correction would take
@@ -950,8 +955,10 @@ def plan_decide(
 
 def out_of_reach(policy: ServicePolicy, caps: RoleCapacities, role: Role) -> str | None:
     """Why no instance of ``role`` meets its SLO for the mix ``caps`` were derived for
-    (its capacity per instance is 0), None when one does."""
-    if caps.tps_per_instance(role) > 0:
+    (its capacity per instance is 0, or for prefill only the rate that keeps up with
+    the work), None when one does."""
+    keeps_up = role == "prefill" and caps.prefill.keeps_up_only
+    if caps.tps_per_instance(role) > 0 and not keeps_up:
         return None
     if role == "prefill":
         if caps.prefill.unattainable.share >= 1.0:

@@ -168,7 +168,8 @@ def trace_out_of_reach(
     policy: ServicePolicy, cluster: ClusterSpec, load: TraceLoad
 ) -> tuple[tuple[Role, str], ...]:
     """Each role no instance of which meets its SLO for the load's mix, and why (the
-    planner holds such a role where it runs and says so: ``planner.out_of_reach``);
+    planner holds such a role where it runs, prefill grown to keep up with the work,
+    and says so: ``planner.out_of_reach``);
     empty when every role can, or no GPU type of a role fits."""
     perf = perf_context(policy, cluster)
     if perf is None:
@@ -241,8 +242,11 @@ def _needs(
         else:
             low = middle
     prefill, caps = sized(high)
-    if not (caps.prefill_tps_per_instance > 0 and caps.decode_tps_per_instance > 0):
-        return None  # a role out of reach: no count serves it (trace_out_of_reach)
+    if (
+        not (caps.prefill_tps_per_instance > 0 and caps.decode_tps_per_instance > 0)
+        or caps.prefill.keeps_up_only
+    ):
+        return None  # a role out of reach: no count meets its SLO (trace_out_of_reach)
     decode = output_tps / caps.decode_tps_per_instance
     if not (prefill > 0 and decode > 0):
         return None

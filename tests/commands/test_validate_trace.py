@@ -172,6 +172,22 @@ def test_a_role_no_instance_can_serve_for_the_trace_is_named(
     ]
 
 
+def test_a_prefill_no_rate_of_which_meets_the_ttft_is_named_and_said_to_keep_up(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    # Prompts no instance prefills within chat's TTFT even alone: prefill's capacity is
+    # then the rate that keeps up with the work, still an SLO out of reach.
+    trace = write_trace(tmp_path / "long.csv", [LONG_TOKENS] * 100)
+    result = runner.invoke(app, ["validate", str(repo_root), "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert (
+        "service chat: prefill SLO out of reach for the mix in long.csv: no prompt of the mix "
+        "meets the 1500 ms TTFT even on an idle instance; the planner holds prefill where it "
+        "runs, grown to keep up with the work"
+    ) in text
+
+
 def test_a_rate_scale_beyond_the_requests_a_load_holds_is_an_error(
     repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -339,7 +339,7 @@ def test_a_mix_no_prompt_of_which_meets_the_slo_is_still_sized_to_keep_up() -> N
     # than the work needs is held, not scaled in.
     metrics = _metrics(0.0, 100_000.0, 100.0, prompts=prompts, ttft_ms=2_500_000.0)
     large = plan_decide(policy, _fleet(40, 8), metrics, PolicyHistory(), 0.0, perf)
-    assert large.prefill == 40 and "held at 40, not scaled in" in large.message
+    assert large.prefill == 40 and "kept up with the work, at least 40" in large.message
 
 
 def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
