@@ -682,8 +682,8 @@ def _check_review_reads(ctx: typer.Context) -> None:
         raise typer.BadParameter(
             "the review plans both revisions on the simulated fleet and does not read "
             f"{'it' if len(given) == 1 else 'them'} (of a cycle's options it reads "
-            "--repo, --placer, --autoscaler and --seed): leave them out, or --base and "
-            "--head for a cycle that reads them",
+            "--repo, --placer, --autoscaler and --seed): leave them out, or drop --base "
+            "and --head for a live cycle that reads them",
             param_hint=", ".join(given),
         )
     if from_env:
