@@ -154,7 +154,18 @@ def explain(
             and other_slots >= other_missing
             and free_gpus >= gpus + other_missing * orn.gpus_per_instance
         )
-    free_text = ", ".join(f"{cluster_slots[t] * size} {t}" for t in rn.allowed_types)
+    # GPUs free in whole instance-sized slots, and how many are free at all where that
+    # is more (single free GPUs on many nodes seat no larger instance).
+    free_gpus_of = {t: residual(topo.cluster_domain, t, 1) for t in rn.allowed_types}
+    free_text = ", ".join(
+        f"{cluster_slots[t] * size} {t}"
+        + (
+            f" in {size}-GPU slots, of {free_gpus_of[t]} free GPUs"
+            if free_gpus_of[t] > cluster_slots[t] * size
+            else ""
+        )
+        for t in rn.allowed_types
+    )
     largest = (
         f"largest free under {where}: {best_slots * size} {best_type} GPUs under {best_where}"
         if best_slots

@@ -594,3 +594,16 @@ def test_greedy_spills_growth_to_another_allowed_type_when_the_first_is_full(spe
     decode = [(g.decode.gpu_type, g.decode.instances) for g in groups_of(result, "svc")]
     assert {t for t, n in decode if n} == {"h20"} and sum(n for _, n in decode) == 4
     assert not [s for s in result.shortfalls if s.service == "svc"]
+
+
+@BOTH
+def test_free_gpus_too_scattered_for_an_instance_are_said_as_such(placer):
+    # One-GPU nodes, two-GPU prefill instances: 4 GPUs free, none in a 2-GPU slot.
+    spec = cluster(
+        {"pa": [s1("a1", ("la1", "a1n-[1-4]", "h800"), ("lb1", "b1n-[1-4]", "h20"))]},
+        gpus_per_node=1,
+    )
+    pol = policy("s", prefill=(2, {"h800": 1.0}), shape=(1, 1))
+    result = place(placer, request(spec, [pol], {"s": (1, 1)}))
+    (short,) = [s for s in result.shortfalls if s.role == "prefill"]
+    assert "cluster-wide free: 0 h800 in 2-GPU slots, of 4 free GPUs" in short.detail
