@@ -231,12 +231,13 @@ def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> 
     run, so nothing of the service is taken away this cycle."""
     refused: dict[str, WorkloadWork] = {}
     out: list[WorkloadWork] = []
+    seen: dict[str, str | None] = {}
     for w in work:
         new_pods = w.desired is not None and (
             w.live is None or w.live.template_hash != w.desired.template_hash
         )
         problem = (
-            unschedulable_problem(w.manifest, snapshot.nodes)
+            unschedulable_problem(w.manifest, snapshot.nodes, seen)
             if new_pods and w.manifest is not None
             else None
         )

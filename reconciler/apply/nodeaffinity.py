@@ -16,6 +16,7 @@ considered: this asks only whether the labels leave any Node at all.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,12 +104,31 @@ def _first_unmet(pod_spec: JsonObject, nodes: Sequence[LiveNode]) -> str:
     return "no node meets all of its requirements at once"
 
 
-def unschedulable_problem(manifest: JsonObject, nodes: Sequence[LiveNode]) -> str | None:
+def unschedulable_problem(
+    manifest: JsonObject,
+    nodes: Sequence[LiveNode],
+    seen: dict[str, str | None] | None = None,
+) -> str | None:
     """Why no Node of ``nodes`` can run a Pod of the Deployment ``manifest`` by its
-    labels; None when one can, or when no Node was listed (nothing to judge by)."""
+    labels; None when one can, or when no Node was listed (nothing to judge by).
+    ``seen`` keeps the answer per distinct selector and affinity across calls over
+    the same ``nodes``: a cycle's groups share a few switches and GPU types, and each
+    answer scans the cluster's Nodes."""
     if not nodes:
         return None
     pod_spec = ((manifest.get("spec") or {}).get("template") or {}).get("spec") or {}
+    key = json.dumps(
+        [pod_spec.get("nodeSelector"), pod_spec.get("affinity")], sort_keys=True, default=str
+    )
+    if seen is not None and key in seen:
+        return seen[key]
+    problem = _problem(pod_spec, nodes)
+    if seen is not None:
+        seen[key] = problem
+    return problem
+
+
+def _problem(pod_spec: JsonObject, nodes: Sequence[LiveNode]) -> str | None:
     if any(node_matches(pod_spec, node) for node in nodes):
         return None
     return (

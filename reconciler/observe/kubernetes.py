@@ -653,14 +653,17 @@ def fleet_from_snapshot(
     deploys to is left out: the leftover of a namespace change, which apply prunes. It
     has the group id of the group that replaces it (names do not hold the namespace),
     and counted in would make one group of the two."""
+    kept = [
+        d
+        for d in snapshot.deployments.values()
+        if (policy := (policies or {}).get(d.service)) is None
+        or d.key.namespace == policy.namespace
+    ]
     by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
-    for deployment in snapshot.deployments.values():
-        policy = (policies or {}).get(deployment.service)
-        if policy is not None and deployment.key.namespace != policy.namespace:
-            continue
+    for deployment in kept:
         by_group[(deployment.service, deployment.group_id)][deployment.role] = deployment
     nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
-    for deployment in snapshot.deployments.values():
+    for deployment in kept:
         counts: dict[str, int] = defaultdict(int)
         # At most as many Pods as the Deployment counts: the placers count instances
         # from the nodes, and Pods beyond the counted replicas (a hand scale-up being

@@ -161,3 +161,16 @@ def test_a_replica_change_alone_is_written_even_if_no_node_matches_any_more(
     work = _work(state, cluster, [grp("chat", "a", 1, 5)], snapshot)
     assert not any(w.refusal for w in work)
     assert {str(w.key): w.replicas_after for w in work}["chat/chat-a-d"] == 5
+
+
+def test_the_answer_is_kept_per_distinct_affinity_not_per_manifest() -> None:
+    seen: dict[str, str | None] = {}
+    missing = {"spec": {"template": {"spec": _spec(_expr("zonex", "In", "a"))}}}
+    other_image = {
+        "spec": {"template": {"spec": {**_spec(_expr("zonex", "In", "a")), "image": "x"}}}
+    }
+    present = {"spec": {"template": {"spec": _spec(_expr("zone", "In", "a"))}}}
+    first = unschedulable_problem(missing, [NODE], seen)
+    assert first is not None and unschedulable_problem(other_image, [NODE], seen) == first
+    assert unschedulable_problem(present, [NODE], seen) is None
+    assert len(seen) == 2
