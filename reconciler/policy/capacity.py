@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Literal, TypeVar
 
@@ -1045,7 +1045,8 @@ def prefill_capacity(
 
     - **TTFT** = queue wait + own prefill latency + KV transfer + one decode step
       (``decode_first_step_s``: the first token streams from the decode instance; the
-      caller passes the decode step at its operating point, at most the TBT SLO).
+      caller passes the decode step at its operating point, at most the TBT SLO, plus
+      any TTFT spent outside the instances: ``LatencyCorrection.prefill_ttft_offset_s``).
     - **Own latency**: ``perf.prefill_latency_s`` of the prompt alone (batch 1), times
       ``latency_factor`` (the online correction).
     - **Work and sustained rate**: a busy instance batches prompts and sustains
@@ -1329,18 +1330,27 @@ class LatencyCorrection:
 
     prefill: float = 1.0
     decode: float = 1.0
+    # TTFT that no prefill instance spends (a gateway, tokenisation, the network
+    # before the engine): added to every request's TTFT, whatever the load. Learnt
+    # only beside prefill's busy fraction, which pins the instances' own speed, so
+    # what the TTFT shows beyond it is not theirs (``planner._corrected``).
+    prefill_ttft_offset_s: float = 0.0
 
     SMOOTHING = 0.5
     MIN_FACTOR = 0.5
     MAX_FACTOR = 2.0
+    # The largest TTFT SLO a policy may set (``models.DAY_S``); the planner bounds the
+    # offset by its own policy's SLO (``within_ttft_slo``).
+    MAX_TTFT_OFFSET_S = 86_400.0
 
     def factor(self, role: Role) -> float:
         return self.prefill if role == "prefill" else self.decode
 
     def sanitized(self) -> LatencyCorrection:
         """Itself, or with each factor a damaged memory holds (NaN or infinite: 1;
-        outside the bounds: the nearest) made one ``updated`` could have left. A zero
-        factor divided the capacity by zero."""
+        outside the bounds: the nearest) made one ``updated`` could have left, and an
+        offset that is not a finite non-negative number made 0 (one beyond
+        ``MAX_TTFT_OFFSET_S``, that). A zero factor divided the capacity by zero."""
 
         def sane(factor: float) -> float:
             if not math.isfinite(factor):
@@ -1348,9 +1358,13 @@ class LatencyCorrection:
             return min(max(factor, self.MIN_FACTOR), self.MAX_FACTOR)
 
         prefill, decode = sane(self.prefill), sane(self.decode)
-        if (prefill, decode) == (self.prefill, self.decode):
+        offset_s = self.prefill_ttft_offset_s
+        if not (math.isfinite(offset_s) and offset_s >= 0.0):
+            offset_s = 0.0
+        offset_s = min(offset_s, self.MAX_TTFT_OFFSET_S)
+        if (prefill, decode, offset_s) == (self.prefill, self.decode, self.prefill_ttft_offset_s):
             return self
-        return LatencyCorrection(prefill=prefill, decode=decode)
+        return LatencyCorrection(prefill=prefill, decode=decode, prefill_ttft_offset_s=offset_s)
 
     def updated(self, role: Role, implied_factor: float | None) -> LatencyCorrection:
         """After one observation (``None``, NaN or non-positive: unchanged)."""
@@ -1361,12 +1375,35 @@ class LatencyCorrection:
         new = math.exp((1.0 - self.SMOOTHING) * math.log(old) + self.SMOOTHING * math.log(target))
         new = min(max(new, self.MIN_FACTOR), self.MAX_FACTOR)
         if role == "prefill":
-            return LatencyCorrection(prefill=new, decode=self.decode)
-        return LatencyCorrection(prefill=self.prefill, decode=new)
+            return replace(self, prefill=new)
+        return replace(self, decode=new)
+
+    def with_ttft_offset(self, implied_offset_s: float | None, limit_s: float) -> LatencyCorrection:
+        """After one observation of the TTFT outside the instances (``None`` or not
+        finite: unchanged): the same EWMA as the factors', in seconds (an offset is
+        added, not multiplied), bounded to ``[0, limit_s]`` (the TTFT SLO: beyond it
+        no request could meet the SLO, and a larger reading is broken metrics)."""
+        if implied_offset_s is None or not math.isfinite(implied_offset_s):
+            return self
+        target = min(max(implied_offset_s, 0.0), limit_s)
+        old = self.prefill_ttft_offset_s
+        new = (1.0 - self.SMOOTHING) * old + self.SMOOTHING * target
+        return replace(self, prefill_ttft_offset_s=min(max(new, 0.0), limit_s))
+
+    def within_ttft_slo(self, ttft_slo_s: float) -> LatencyCorrection:
+        """Itself, the offset no larger than ``ttft_slo_s`` (a policy whose SLO was
+        lowered since the offset was learnt)."""
+        if self.prefill_ttft_offset_s <= ttft_slo_s:
+            return self
+        return replace(self, prefill_ttft_offset_s=ttft_slo_s)
 
     def to_extra(self) -> tuple[tuple[str, float], ...]:
         """As ``PolicyHistory.extra`` entries."""
-        return (("latency_factor_prefill", self.prefill), ("latency_factor_decode", self.decode))
+        return (
+            ("latency_factor_prefill", self.prefill),
+            ("latency_factor_decode", self.decode),
+            ("latency_offset_prefill_ttft_s", self.prefill_ttft_offset_s),
+        )
 
     @classmethod
     def from_extra(cls, extra: Iterable[tuple[str, float]]) -> LatencyCorrection:
@@ -1374,6 +1411,7 @@ class LatencyCorrection:
         return cls(
             prefill=float(values.get("latency_factor_prefill", 1.0)),
             decode=float(values.get("latency_factor_decode", 1.0)),
+            prefill_ttft_offset_s=float(values.get("latency_offset_prefill_ttft_s", 0.0)),
         )
 
 
@@ -1537,6 +1575,10 @@ class RoleCapacities:
         )
         if p.keeps_up_only:
             unattainable_text += ": prefill sized to keep up with the work, not the TTFT"
+        offset_s = self.correction.prefill_ttft_offset_s
+        offset_text = (
+            f", TTFT +{offset_s * 1000:.0f} ms outside the instances" if offset_s >= 0.0005 else ""
+        )
         return (
             f"capacity from the model for prompts ~{self.prompt_mean_tokens:.0f} / outputs "
             f"~{self.output_mean_tokens:.0f} tokens: prefill {p.tps_per_instance:.0f} prompt "
@@ -1545,7 +1587,7 @@ class RoleCapacities:
             f"{d.tps_per_instance:.0f} output tokens/s per {self.decode_gpu_type} instance "
             f"(batch {d.batch:.0f}, step {d.step_s * 1000:.1f} ms, bound by {d.limit}); "
             f"latency factors prefill x{self.correction.prefill:.2f}, decode "
-            f"x{self.correction.decode:.2f}{unattainable_text}"
+            f"x{self.correction.decode:.2f}{offset_text}{unattainable_text}"
         )
 
 
@@ -1567,7 +1609,11 @@ def role_capacities(
     SLO for ``ttft_share`` of the attainable requests (default the SLO ``quantile``)."""
     correction = correction or LatencyCorrection()
     decode = decode_capacity(decode_perf, mix, tbt_slo_s, correction.decode)
-    first_step_s = decode.step_s if decode.step_s > 0 else tbt_slo_s
+    # What every request's TTFT holds besides prefill's own queue, work and transfer:
+    # its first decode step, and the TTFT spent outside the instances (both added).
+    first_step_s = (
+        decode.step_s if decode.step_s > 0 else tbt_slo_s
+    ) + correction.prefill_ttft_offset_s
     prefill = prefill_capacity(
         prefill_perf,
         mix,

@@ -36,6 +36,9 @@ _MIX_SHARE_STEP = 0.005
 # model's 3-4 % fit error; the capacity is computed at the rounded factor, so it
 # depends on it alone.
 _FACTOR_STEP = 0.01
+# The TTFT offset likewise, in seconds: a step moves the TTFT budget by at most half a
+# millisecond, well inside any TTFT histogram's bucket.
+_OFFSET_STEP_S = 0.001
 _CACHE_SIZE = 8192
 
 
@@ -128,13 +131,16 @@ def capacities_for(
         instances_hint,
         prefill_steps := round(correction.prefill / _FACTOR_STEP),
         decode_steps := round(correction.decode / _FACTOR_STEP),
+        offset_steps := round(correction.prefill_ttft_offset_s / _OFFSET_STEP_S),
     )
     cached = _capacity_cache.get(key)
     if cached is not None:
         _capacity_cache.move_to_end(key)
         return cached[1]
     stepped = LatencyCorrection(
-        prefill=prefill_steps * _FACTOR_STEP, decode=decode_steps * _FACTOR_STEP
+        prefill=prefill_steps * _FACTOR_STEP,
+        decode=decode_steps * _FACTOR_STEP,
+        prefill_ttft_offset_s=offset_steps * _OFFSET_STEP_S,
     )
 
     def derive() -> tuple[InstancePerf, InstancePerf, RoleCapacities]:
@@ -174,6 +180,7 @@ def capacities_for(
         max(1, instances_hint),
         prefill_steps,
         decode_steps,
+        offset_steps,
     )
     result = cached_on(mix, inputs, derive)[2]
     _capacity_cache[key] = (perf, result)

@@ -33,9 +33,12 @@ One cycle, in order (each step that changes a number says so in the message):
    used: decode's mean inter-token gap (``tbt_mean``, the histogram's sum over its
    count), and prefill's busy fraction (``prefill_gpu_util`` against the model's work
    for the prompt tokens/s served, once its count has held for a metrics window).
-   The quantile still counts where it reads slower than the model predicts it
-   (``factor_evidence`` says why); prefill's TTFT alone is taken only as evidence of
-   a slower instance (``_corrected``).
+   Decode's TBT quantile still counts where it reads slower than the model predicts
+   it (``factor_evidence`` says why). Beside prefill's busy fraction, a TTFT beyond
+   the model's prediction is time spent outside the instances (a gateway, the
+   network): learnt as an offset added to every TTFT (``implied_ttft_offset_s``),
+   which more instances do not remove. Prefill's TTFT alone is taken only as
+   evidence of a slower instance (``_ttft_alone_factor``).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
    meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
@@ -108,6 +111,7 @@ from reconciler.policy.capacity import (
     implied_decode_factor,
     implied_prefill_factor,
     implied_prefill_factor_from_busy,
+    predicted_ttft_s,
     predicted_ttft_side,
     transfer_s_per_token,
 )
@@ -685,7 +689,7 @@ def plan_decide(
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
     override_prefill, override_decode = policy_tps_targets(policy)
     caps: RoleCapacities | None = None
-    correction = memory.correction
+    correction = memory.correction.within_ttft_slo(policy.slo.ttft_ms / 1000.0)
     backlog_seen_s = memory.prefill_backlog_seen_s
     steady_since_s = (
         steady_since(
@@ -1206,8 +1210,9 @@ def _corrected(
         busy_implied = implied_prefill_factor_from_busy(
             perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
         )
+    if busy_implied is not None:
+        correction = correction.updated("prefill", busy_implied)
     attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
-    ttft_implied: float | None = None
     if (
         ttft is not None
         and not backlog_in_window(backlog_seen_s, ttft)
@@ -1220,48 +1225,120 @@ def _corrected(
         if 0 < per_instance <= caps.prefill_tps_per_instance:
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
             first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
-            # The observed load, as both the inversion and the bucket test read it.
+            # The observed load as the capacity sees it (the offset learnt so far added),
+            # as both the inversion and the bucket test read it.
             load = PrefillLoad(
-                perf.prefill, mix, slo.quantile, per_instance, ready[0], transfer, first_step_s
+                perf.prefill,
+                mix,
+                slo.quantile,
+                per_instance,
+                ready[0],
+                transfer,
+                first_step_s + correction.prefill_ttft_offset_s,
             )
-            # Below, a factor at or below this one reads as it: beside the busy reading,
-            # ``factor_evidence`` takes a coarse factor only above the current one;
-            # alone, it is raised to at least ``min(1, current)``.
-            alike_at_or_below = (
-                correction.prefill if busy_implied is not None else min(1.0, correction.prefill)
-            )
-            implied = within_bucket(
-                lambda s: implied_prefill_factor(load, s, alike_at_or_below),
-                ttft.value / 1000.0,
-                policy_latency_buckets(policy, "ttft"),
-                correction.prefill,
-                side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
-                    load, factor, lower_s, upper_s
-                ),
-                # Beside the busy reading only a slower factor counts (factor_evidence).
-                slower_only=busy_implied is not None,
-            )
-            ttft_implied = implied
-    if busy_implied is None and ttft_implied is not None:
-        # The TTFT tail reads the prompt-length tail, which engines bucket coarsely
-        # (1-2-5): spread evenly within a wide bucket the model's tail sits too long,
-        # so observed TTFT below the prediction says as much about the buckets as about
-        # the instance. Alone, it never raises prefill capacity above the model's, nor
-        # lowers a faster factor the busy fraction taught (a factor below 1 comes only
-        # from that fine reading): the busy reading pauses for a metrics window after
-        # every count change, and the TTFT tail pulling the factor towards 1 meanwhile
-        # cost a fifth of prefill's capacity on 1.3x engines until it resumed (and for
-        # the whole of any scale-out, which freezes the correction).
-        ttft_implied = max(min(1.0, correction.prefill), ttft_implied)
-    evidence = factor_evidence(busy_implied, ttft_implied, correction.prefill)
-    if evidence is not None:
-        correction = correction.updated("prefill", evidence)
+            observed_s = ttft.value / 1000.0
+            buckets = policy_latency_buckets(policy, "ttft")
+            within_slo = _certainly_within(observed_s, slo.ttft_ms / 1000.0, buckets)
+            if busy_implied is None:
+                factor = _ttft_alone_factor(load, correction, observed_s, buckets)
+                if within_slo and factor is not None:
+                    factor = min(factor, correction.prefill)
+                correction = correction.updated("prefill", factor)
+            if busy_implied is not None or within_slo:
+                # The busy fraction has pinned the instances' speed, or the SLO is met:
+                # a TTFT beyond what the model predicts is then taken as spent outside
+                # the instances (a gateway, the network), added whatever the load. Read
+                # as a slower factor instead, it never went away with more instances and
+                # ratcheted prefill to twice the count it needed.
+                correction = correction.with_ttft_offset(
+                    implied_ttft_offset_s(load, correction, observed_s, buckets),
+                    limit_s=slo.ttft_ms / 1000.0,
+                )
     return correction, backlog_seen_s
 
 
+def _certainly_within(observed_s: float, slo_s: float, buckets: tuple[float, ...] | None) -> bool:
+    """Whether a latency quantile read as ``observed_s`` meets ``slo_s`` wherever in its
+    histogram bucket it truly lies (read exactly without known ``buckets``)."""
+    if buckets is None:
+        return observed_s <= slo_s
+    return bucket_around(observed_s, buckets)[1] <= slo_s
+
+
+def _ttft_alone_factor(
+    load: PrefillLoad,
+    correction: LatencyCorrection,
+    observed_s: float,
+    buckets: tuple[float, ...] | None,
+) -> float | None:
+    """The prefill factor the TTFT quantile implies where no busy fraction is read.
+
+    The TTFT tail reads the prompt-length tail, which engines bucket coarsely (1-2-5):
+    spread evenly within a wide bucket the model's tail sits too long, so observed TTFT
+    below the prediction says as much about the buckets as about the instance. Alone,
+    it never raises prefill capacity above the model's, nor lowers a faster factor the
+    busy fraction taught (a factor below 1 comes only from that fine reading): the busy
+    reading pauses for a metrics window after every count change, and the TTFT tail
+    pulling the factor towards 1 meanwhile cost a fifth of prefill's capacity on 1.3x
+    engines until it resumed (and for the whole of any scale-out, which freezes the
+    correction)."""
+    at_or_below = min(1.0, correction.prefill)
+    implied = within_bucket(
+        lambda s: implied_prefill_factor(load, s, at_or_below),
+        observed_s,
+        buckets,
+        correction.prefill,
+        side_at=lambda factor, lower_s, upper_s: predicted_ttft_side(
+            load, factor, lower_s, upper_s
+        ),
+    )
+    return None if implied is None else max(at_or_below, implied)
+
+
+def implied_ttft_offset_s(
+    load: PrefillLoad,
+    correction: LatencyCorrection,
+    observed_s: float,
+    buckets: tuple[float, ...] | None,
+) -> float | None:
+    """The TTFT spent outside the instances that an observed TTFT quantile supports,
+    the instances' speed taken as ``correction.prefill`` (``load`` already holds
+    ``correction.prefill_ttft_offset_s``). A quantile of a latency plus a constant is
+    the quantile plus that constant, so the offset is the observed quantile less the
+    model's prediction without one; read through a histogram the quantile is known
+    only to its bucket, and ``within_bucket`` keeps the current offset where its
+    prediction lies in it and otherwise moves to the nearest offset whose does.
+    Negative (the model predicts more than is seen): 0, the factor's business. None
+    where the model saturates at this load."""
+    current_s = correction.prefill_ttft_offset_s
+    without_offset_step_s = load.decode_first_step_s - current_s
+
+    def at_offset(offset_s: float) -> PrefillLoad:
+        return replace(load, decode_first_step_s=without_offset_step_s + offset_s)
+
+    predicted_without: list[float] = []  # computed once, only when needed
+
+    def implied_at(quantile_s: float) -> float | None:
+        if not predicted_without:
+            predicted_without.append(predicted_ttft_s(at_offset(0.0), correction.prefill))
+        if not math.isfinite(predicted_without[0]):
+            return None
+        return max(0.0, quantile_s - predicted_without[0])
+
+    return within_bucket(
+        implied_at,
+        observed_s,
+        buckets,
+        current_s,
+        side_at=lambda offset_s, lower_s, upper_s: predicted_ttft_side(
+            at_offset(offset_s), correction.prefill, lower_s, upper_s
+        ),
+    )
+
+
 def factor_evidence(fine: float | None, coarse: float | None, current: float) -> float | None:
-    """The factor one cycle's readings of a role imply, from a fine one (exact, either
-    way: prefill's busy fraction, decode's mean inter-token gap) and a coarse one (the
+    """The factor one cycle's readings of decode imply, from a fine one (exact, either
+    way: the mean inter-token gap) and a coarse one (the
     latency quantile, known only to its bucket: ``within_bucket``'s factor, which is
     ``current`` where the model's prediction lies in the observed bucket), either None
     when unread.

@@ -26,6 +26,7 @@ from reconciler.policy.capacity import (
     PrefillCapacity,
     PrefillLoad,
     RequestMix,
+    RoleCapacities,
     bucket_side,
     decode_capacity,
     idle_ttft_s,
@@ -569,6 +570,67 @@ def test_the_correction_is_bounded_and_ignores_unusable_observations() -> None:
         assert correction.updated("decode", bad) == correction
     assert LatencyCorrection.from_extra(correction.to_extra()) == correction
     assert LatencyCorrection.from_extra(()) == LatencyCorrection()
+
+
+def test_a_ttft_offset_is_smoothed_bounded_and_kept_with_the_factors() -> None:
+    """The TTFT spent outside the instances moves by the factors' EWMA (in seconds, an
+    offset being added), stays within ``[0, the TTFT SLO]``, travels in the memory, and
+    a damaged one is read back as none (or as the largest SLO a policy may set)."""
+    correction = LatencyCorrection()
+    offsets = []
+    for _ in range(4):
+        correction = correction.with_ttft_offset(0.4, limit_s=1.5)
+        offsets.append(correction.prefill_ttft_offset_s)
+    assert offsets == pytest.approx([0.2, 0.3, 0.35, 0.375])
+    assert (correction.prefill, correction.decode) == (1.0, 1.0)
+    for bad in (None, math.nan, math.inf):
+        assert correction.with_ttft_offset(bad, limit_s=1.5) == correction
+    assert correction.with_ttft_offset(-3.0, limit_s=1.5).prefill_ttft_offset_s == 0.1875
+    for _ in range(40):
+        correction = correction.with_ttft_offset(100.0, limit_s=1.5)
+    assert correction.prefill_ttft_offset_s == pytest.approx(1.5)
+    assert correction.within_ttft_slo(0.8).prefill_ttft_offset_s == 0.8
+    assert correction.within_ttft_slo(2.0) is correction
+    assert (
+        correction.updated("prefill", 1.3).prefill_ttft_offset_s == correction.prefill_ttft_offset_s
+    )
+    assert LatencyCorrection.from_extra(correction.to_extra()) == correction
+    damaged = [LatencyCorrection(prefill_ttft_offset_s=v).sanitized() for v in (math.nan, -1.0)]
+    assert [c.prefill_ttft_offset_s for c in damaged] == [0.0, 0.0]
+    huge = LatencyCorrection(prefill_ttft_offset_s=1e300).sanitized()
+    assert huge.prefill_ttft_offset_s == LatencyCorrection.MAX_TTFT_OFFSET_S
+
+
+@pytest.mark.parametrize("offset_s", [0.1, 0.4, 0.8])
+def test_a_ttft_offset_adds_to_every_ttft_and_shrinks_the_budget(offset_s: float) -> None:
+    """An offset is added to each request's TTFT, so the predicted quantile at a load
+    moves by exactly it; prefill capacity is then what the rest of the SLO allows, and
+    prompts whose idle TTFT plus the offset miss the SLO count as unattainable."""
+    policy, prefill, decode, link = chat()
+    mix = chat_mix()
+    at_load = PrefillLoad(prefill, mix, 0.9, 8_000.0, 8, tpt(), 0.05)
+    shifted = PrefillLoad(prefill, mix, 0.9, 8_000.0, 8, tpt(), 0.05 + offset_s)
+    assert predicted_ttft_s(shifted) == pytest.approx(predicted_ttft_s(at_load) + offset_s)
+
+    def capacities(offset: float) -> RoleCapacities:
+        return role_capacities(
+            prefill,
+            decode,
+            mix,
+            ttft_slo_s=policy.slo.ttft_ms / 1000.0,
+            tbt_slo_s=policy.slo.tbt_ms / 1000.0,
+            quantile=policy.slo.quantile,
+            link_gbps=link,
+            prefill_instances_hint=8,
+            correction=LatencyCorrection(prefill_ttft_offset_s=offset),
+        )
+
+    plain, offset = capacities(0.0), capacities(offset_s)
+    assert offset.prefill.tps_per_instance < plain.prefill.tps_per_instance
+    assert offset.prefill.unattainable.share >= plain.prefill.unattainable.share
+    assert offset.decode == plain.decode
+    assert f"TTFT +{offset_s * 1000:.0f} ms outside the instances" in offset.explain()
+    assert "outside the instances" not in plain.explain()
 
 
 @pytest.mark.parametrize("speed", [0.77, 1.0, 1.3])

@@ -22,8 +22,11 @@ from reconciler.policy.base import Decision, DecisionInput, PolicyHistory
 from reconciler.policy.capacity import (
     LatencyCorrection,
     LengthHistogram,
+    PrefillLoad,
     RequestMix,
     implied_prefill_factor_from_busy,
+    predicted_ttft_s,
+    transfer_s_per_token,
 )
 from reconciler.policy.planner import (
     DRAIN_S,
@@ -1254,6 +1257,72 @@ def test_a_faster_prefill_is_kept_while_its_busy_fraction_pauses_for_a_count_cha
         assert paused == [learnt, learnt]
     else:
         assert min(paused) > learnt * 1.1
+
+
+def _ttft_with_floor_ms(prefill: int, floor_s: float, prefill_tps: float = 200_000.0) -> float:
+    """The chat prefill's TTFT at the SLO quantile, its instances exactly the model's,
+    serving ``prefill_tps`` on ``prefill`` of them, plus ``floor_s`` spent before them
+    (a gateway, the network) whatever the load."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    mix = _mix_read_from(_metrics(0.0, prefill_tps, 20_000.0))
+    caps = capacities_for(policy, perf, mix, prefill, LatencyCorrection())
+    load = PrefillLoad(
+        perf.prefill,
+        mix,
+        policy.slo.quantile,
+        prefill_tps / prefill,
+        prefill,
+        transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps),
+        caps.decode.step_s,
+    )
+    return (predicted_ttft_s(load) + floor_s) * 1000.0
+
+
+def _settled_prefill(floor_s: float, busy_read: bool) -> tuple[int, LatencyCorrection, str]:
+    """The chat prefill's count, correction and last message after 30 cycles of a
+    steady 200,000 prompt tokens/s, its count following the planner's decisions and its
+    TTFT ``_ttft_with_floor_ms`` at that count (its busy fraction the model's, where
+    read)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history, prefill, message = PolicyHistory(), 5, ""
+    util_at_one = _busy_for(1.0, 200_000.0, 1)
+    for k in range(30):
+        now = 600.0 + 30.0 * k
+        metrics = _metrics(
+            now,
+            200_000.0,
+            20_000.0,
+            ttft_ms=_ttft_with_floor_ms(prefill, floor_s),
+            prefill_gpu_util=util_at_one / prefill if busy_read else None,
+        )
+        decision = plan_decide(policy, _fleet(prefill, 60), metrics, history, now, perf)
+        history, prefill, message = decision.history, decision.prefill, decision.message
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    return prefill, memory.correction, message
+
+
+@pytest.mark.parametrize("busy_read", [True, False])
+def test_a_ttft_spent_outside_the_instances_is_learnt_as_an_offset(busy_read: bool) -> None:
+    """Half a second of every TTFT spent before the instances (a gateway, the network)
+    is not a slower prefill: more instances never remove it. Read as a slower factor,
+    with or without the busy fraction, it ratcheted the factor to its 2x bound and
+    prefill to about twice the count it needed. It is learnt as an offset added to every
+    TTFT (to within the histogram bucket it is read in): the factor stays the model's,
+    and prefill grows only by what the smaller TTFT budget needs."""
+    without_floor, plain, _ = _settled_prefill(0.0, busy_read)
+    with_floor, correction, message = _settled_prefill(0.5, busy_read)
+    assert plain.prefill_ttft_offset_s == 0.0
+    assert correction.prefill == pytest.approx(1.0, abs=0.03)
+    # Read through vLLM's TTFT buckets (0.5, 0.75, 1.0 s), the floor is known to
+    # within a bucket.
+    assert 0.25 <= correction.prefill_ttft_offset_s <= 0.75
+    assert f"TTFT +{correction.prefill_ttft_offset_s * 1000:.0f} ms outside the instances" in (
+        message
+    )
+    assert without_floor <= with_floor <= math.ceil(1.3 * without_floor)
 
 
 def _mean_gap_ms(factor: float, decode_tps: float, instances: int) -> float:
