@@ -52,6 +52,7 @@ from reconciler.commands._options import (
     err_console,
     in_range,
     progress_bars,
+    report_config_error,
     usage_error,
     writing,
 )
@@ -67,7 +68,7 @@ from reconciler.commands._table import (
 from reconciler.commands.simulate import render_table, save_png
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio
-from reconciler.errors import PermanentError
+from reconciler.errors import ConfigError, PermanentError
 from reconciler.policy.gpu_economics import choose_gpu_types
 from reconciler.review.tune import (
     DEFAULT_HEADROOM,
@@ -85,10 +86,10 @@ from reconciler.review.tune import (
     gpu_type_economics,
     length_pool,
     recommend,
-    refresh_comments,
     sweep_splits,
     unified_diff,
     verify,
+    write_back,
 )
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import EvaluationResult, default_placer
@@ -270,6 +271,25 @@ def _policy_text(repo: Path, path: str) -> str:
             f"error: {repo / path}: cannot read it again: {reason}", markup=False, soft_wrap=True
         )
         raise typer.Exit(1) from None
+
+
+def _edited(
+    before: str, recommendation: Recommendation, verification: Verification | None, path: str
+) -> str:
+    """The service file's text with the recommended values: and, when they are the
+    ones written (verified, no shortfall), with the note saying what verified them."""
+    if verification is None or verification.shortfall() is not None:
+        return apply_changes(before, recommendation.changes)
+    recommended = verification.recommended
+    assert recommended is not None  # verified changes were replayed
+    return write_back(
+        before,
+        recommendation.changes,
+        f"heteroscale tune: verified on {verification.load} "
+        f"({percent(recommended.slo_attainment)} within both SLOs, "
+        f"{decimal(recommended.gpu_hours)} GPU-hours)",
+        path=path,
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -472,16 +492,12 @@ def register(app: typer.Typer) -> None:
             return
         file_path = repo / path
         before = _policy_text(repo, path)
-        after = apply_changes(before, recommendation.changes)
         shortfall = verification.shortfall() if verification is not None else None
-        if verification is not None and shortfall is None:
-            after = refresh_comments(
-                after,
-                [change.key_path for change in recommendation.changes],
-                f"heteroscale tune: verified on {verification.load} "
-                f"({percent(verification.recommended.slo_attainment)} within both SLOs, "  # type: ignore[union-attr]
-                f"{decimal(verification.recommended.gpu_hours)} GPU-hours)",  # type: ignore[union-attr]
-            )
+        try:
+            after = _edited(before, recommendation, verification, path)
+        except ConfigError as exc:  # a file tune cannot edit safely: left as it is
+            report_config_error(exc)
+            raise typer.Exit(1) from None
         console.print(
             unified_diff(path, before, after), markup=False, highlight=False, end="", soft_wrap=True
         )

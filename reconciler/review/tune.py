@@ -84,13 +84,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from ruamel.yaml.error import MarkedYAMLError
 from ruamel.yaml.scalarstring import ScalarString
 
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio, parse_ratio
 from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_value
-from reconciler.errors import PermanentError
+from reconciler.errors import ConfigError, ConfigIssue, PermanentError
 from reconciler.placement.base import Placer
 from reconciler.policy import CoordinatedAutoscaler, PlannerAutoscaler, make_autoscaler
 from reconciler.policy.baselines import policy_tps_targets
@@ -1047,6 +1048,21 @@ def _comment_block_start(lines: list[str], line: int, column: int) -> int:
     return start
 
 
+def write_back(text: str, changes: Sequence[ValueChange], note: str, *, path: str) -> str:
+    """``text`` (the file ``path``) as ``tune --write`` leaves it: each change written
+    (``apply_changes``) and the comments that described the old values replaced by
+    ``note`` (``refresh_comments``). ``ConfigError`` naming ``path`` and the line when
+    the file cannot be edited."""
+    try:
+        changed = apply_changes(text, changes)
+        return refresh_comments(changed, [change.key_path for change in changes], note)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([ConfigIssue(path, line, column, "", problem)]) from None
+
+
 def unified_diff(path: str, before: str, after: str) -> str:
     return "".join(
         difflib.unified_diff(
@@ -1088,4 +1104,5 @@ __all__ = [
     "unified_diff",
     "verify",
     "with_recommendation",
+    "write_back",
 ]
