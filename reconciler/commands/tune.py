@@ -17,7 +17,8 @@ by one saying what was verified. The method is documented in
 
 Exit codes: 0 done (with or without changes), 1 invalid desired state, unreadable
 trace, a sweep that cannot run, values that fall short of the goal with ``--write``
-(nothing written), or a YAML file that cannot be read again or written (a write goes
+(nothing written), or a YAML file that cannot be read again, edited safely (a value
+an alias shares, several documents: named and located) or written (a write goes
 to a new file renamed over the old one: a failed one leaves the file as it was),
 2 usage (an unknown service, ``--write`` with ``--no-verify``, an option out of
 range).
@@ -279,7 +280,7 @@ def _edited(
     """The service file's text with the recommended values: and, when they are the
     ones written (verified, no shortfall), with the note saying what verified them."""
     if verification is None or verification.shortfall() is not None:
-        return apply_changes(before, recommendation.changes)
+        return apply_changes(before, recommendation.changes, path=path)
     recommended = verification.recommended
     assert recommended is not None  # verified changes were replayed
     return write_back(

@@ -132,8 +132,8 @@ class DesiredState:
 
 def _safe_yaml() -> YAML:
     # The C parser (ruamel.yaml.clib) composes ~5x faster than round-trip mode; the
-    # resolver is still ruamel's YAML 1.2 one, so values mean the same as in the
-    # round-trip editor (reconciler.desired.roundtrip) that `tune` writes with.
+    # resolver is still ruamel's YAML 1.2 one. The text editor `tune` writes with
+    # (reconciler.desired.roundtrip) parses with the same, so values mean the same.
     yaml = YAML(typ="safe", pure=False)
     yaml.allow_duplicate_keys = False
     return yaml

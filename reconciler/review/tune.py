@@ -62,12 +62,15 @@ Method and assumptions:
 5. **Verification** replays the service's autoscaler (``heteroscale`` or
    ``heteroscale-paper``) with the current and the recommended values on the same load (``reconciler.sim.evaluate.evaluate``) so the
    GPU-hours and attainment of both read side by side.
-6. **Write-back** edits only the changed values with
-   ``reconciler.desired.roundtrip.set_value`` (comments, order and quoting kept), so
-   the file's diff is exactly the recommended lines; a key the file lacks
-   (``prefill_target_per_instance`` in an older file) is inserted after its sibling
-   (``target_per_instance``), the comment lines below that sibling staying with the
-   key they introduce.
+6. **Write-back** (``write_back``) edits only the changed values, as text, with
+   ``reconciler.desired.roundtrip.set_value`` (comments, order, quoting, flow or block
+   style, indentation, line endings and a BOM kept), so the file's diff is exactly the
+   recommended lines; a key the file lacks (``prefill_target_per_instance`` in an
+   older file) is inserted after its sibling (``target_per_instance``), the comment
+   lines below that sibling staying with the key they introduce. The comments that
+   described the old values give way to one note per line (``refresh_comments``), so a
+   second write of the same values changes nothing. A file it cannot edit safely (a
+   value an alias shares, several documents) is refused, named and located.
 
 Everything here is pure computation over the desired state and the simulator; the
 command module does the file and terminal I/O.
@@ -75,23 +78,19 @@ command module does the file and terminal I/O.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from ruamel.yaml.error import MarkedYAMLError
-from ruamel.yaml.scalarstring import ScalarString
 
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ServicePolicy
 from reconciler.desired.ratio import format_ratio, parse_ratio
-from reconciler.desired.roundtrip import dump_roundtrip, load_roundtrip, set_value
-from reconciler.errors import ConfigError, ConfigIssue, PermanentError
+from reconciler.desired.roundtrip import refresh_comments, set_value
+from reconciler.errors import PermanentError
 from reconciler.placement.base import Placer
 from reconciler.policy import CoordinatedAutoscaler, PlannerAutoscaler, make_autoscaler
 from reconciler.policy.baselines import policy_tps_targets
@@ -953,114 +952,29 @@ _INSERT_AFTER: dict[tuple[str, ...], str] = {
 }
 
 
-def _insert_value(text: str, key_path: tuple[str, ...], value: Any) -> str:
-    """``text`` with a new key at ``key_path`` (its parent mapping must exist), placed
-    after its sibling from ``_INSERT_AFTER`` (else last). Comment lines that followed
-    the sibling introduce the key after it, so they move below the new key; the
-    sibling keeps its end-of-line comment."""
-    document = load_roundtrip(text)
-    parent: Any = document
-    for part in key_path[:-1]:
-        parent = parent[part]
-    key = key_path[-1]
-    sibling = _INSERT_AFTER.get(key_path)
-    keys = list(parent.keys())
-    if sibling is None or sibling not in keys:
-        parent[key] = value
-        return dump_roundtrip(document)
-    parent.insert(keys.index(sibling) + 1, key, value)
-    entry = parent.ca.items.get(sibling)
-    if entry is not None and len(entry) > 2 and entry[2] is not None:
-        token = entry[2]
-        end_of_line, newline, following = token.value.partition("\n")
-        if following:
-            moved = copy.copy(token)
-            moved.value = "\n" + following
-            token.value = end_of_line + newline
-            parent.ca.items[key] = [None, None, moved, None]
-    return dump_roundtrip(document)
-
-
-def apply_changes(text: str, changes: Sequence[ValueChange]) -> str:
-    """``text`` with each change written by ``set_value`` (or inserted, for a key the
-    file lacks); a quoted value stays quoted the same way."""
+def apply_changes(text: str, changes: Sequence[ValueChange], *, path: str) -> str:
+    """``text`` (the file ``path``) with each change written by ``set_value`` (a key
+    the file lacks inserted after its sibling in ``_INSERT_AFTER``); a quoted value
+    stays quoted the same way."""
     for change in changes:
-        document = load_roundtrip(text)
-        node: Any = document
-        for part in change.key_path[:-1]:
-            node = node[part]
-        if change.key_path[-1] not in node:
-            text = _insert_value(text, change.key_path, change.value)
-            continue
-        node = node[change.key_path[-1]]
-        value = change.value
-        if isinstance(node, ScalarString) and isinstance(value, str):
-            value = type(node)(value)
-        text = set_value(text, change.key_path, value)
+        text = set_value(
+            text,
+            change.key_path,
+            change.value,
+            path=path,
+            insert_after=_INSERT_AFTER.get(change.key_path),
+        )
     return text
-
-
-_END_OF_LINE_COMMENT = re.compile(r"^(?P<body>[^#\n]*?)\s+#.*$")
-
-
-def refresh_comments(text: str, key_paths: Sequence[tuple[str, ...]], note: str) -> str:
-    """``text`` with the comments that described the old values of ``key_paths`` gone
-    (the comment lines directly above each key, at its indentation, its end-of-line
-    comment, and, for the first key of a mapping, the comment lines above the
-    mapping) and ``note`` above each key instead: a comment never stays beside a
-    value it no longer describes."""
-    document = load_roundtrip(text)
-    lines = text.splitlines(keepends=True)
-    located = []
-    stale_above_parent = []  # comments above a mapping whose first key changes
-    for path in key_paths:
-        node: Any = document
-        parent: Any = None
-        for part in path[:-1]:
-            parent = node
-            node = node[part]
-        line, column = node.lc.key(path[-1])
-        located.append((line, column))
-        if parent is not None and next(iter(node)) == path[-1]:
-            stale_above_parent.append(parent.lc.key(path[-2]))
-    for line, column in sorted(set(stale_above_parent), reverse=True):
-        start = _comment_block_start(lines, line, column)
-        del lines[start:line]
-        located = [(k - (line - start), c) if k > line else (k, c) for k, c in located]
-    for line, column in sorted(set(located), reverse=True):
-        match = _END_OF_LINE_COMMENT.match(lines[line].rstrip("\n"))
-        if match is not None:
-            lines[line] = match.group("body") + "\n"
-        start = _comment_block_start(lines, line, column)
-        lines[start:line] = [" " * column + f"# {note}\n"]
-    return "".join(lines)
-
-
-def _comment_block_start(lines: list[str], line: int, column: int) -> int:
-    """The first of the comment lines directly above ``line`` at ``column``."""
-    start = line
-    while start > 0:
-        above = lines[start - 1]
-        stripped = above.lstrip(" ")
-        if not stripped.startswith("#") or len(above) - len(stripped) != column:
-            break
-        start -= 1
-    return start
 
 
 def write_back(text: str, changes: Sequence[ValueChange], note: str, *, path: str) -> str:
     """``text`` (the file ``path``) as ``tune --write`` leaves it: each change written
     (``apply_changes``) and the comments that described the old values replaced by
-    ``note`` (``refresh_comments``). ``ConfigError`` naming ``path`` and the line when
-    the file cannot be edited."""
-    try:
-        changed = apply_changes(text, changes)
-        return refresh_comments(changed, [change.key_path for change in changes], note)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError([ConfigIssue(path, line, column, "", problem)]) from None
+    ``note`` (``refresh_comments``); writing the same changes again changes nothing.
+    ``ConfigError`` naming ``path``, the line and the field when the file cannot be
+    edited safely (``reconciler.desired.roundtrip``)."""
+    changed = apply_changes(text, changes, path=path)
+    return refresh_comments(changed, [change.key_path for change in changes], note, path=path)
 
 
 def unified_diff(path: str, before: str, after: str) -> str:

@@ -228,7 +228,7 @@ def test_schema_check_flags_a_stale_file(tmp_path: Path) -> None:
 
 def test_round_trip_edits_change_only_the_edited_line(repo_root: Path) -> None:
     text = (repo_root / "policies/chat.yaml").read_text()
-    edited = set_value(text, ["scaling", "cooldown_s"], 240)
+    edited = set_value(text, ["scaling", "cooldown_s"], 240, path="policies/chat.yaml")
     changed = [
         (a, b) for a, b in zip(text.splitlines(), edited.splitlines(), strict=True) if a != b
     ]

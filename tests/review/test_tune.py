@@ -354,7 +354,7 @@ def test_apply_changes_rewrites_only_the_changed_lines(
             ("scaling", "prefill_target_per_instance"), "", str(prefill_target), prefill_target
         ),
     ]
-    after = apply_changes(before, changes)
+    after = apply_changes(before, changes, path=path.name)
     old_lines, new_lines = before.splitlines(), after.splitlines()
     assert len(old_lines) == len(new_lines)
     expected = {"target_per_instance": target, "prefill_target_per_instance": prefill_target}
@@ -381,7 +381,7 @@ def test_apply_changes_inserts_a_missing_prefill_target_as_one_new_line(path: Pa
     before = with_hand_target_lines(path.read_text(), path.stem, prefill=False)
     assert not PREFILL_TARGET_LINE.search(before)
     change = ValueChange(("scaling", "prefill_target_per_instance"), "unset", "7350", 7350)
-    after = apply_changes(before, [change])
+    after = apply_changes(before, [change], path=path.name)
     old_lines, new_lines = before.splitlines(), after.splitlines()
     assert len(new_lines) == len(old_lines) + 1
     index = next(i for i, line in enumerate(old_lines) if line.startswith("  target_per_instance:"))
@@ -398,7 +398,7 @@ def test_apply_changes_keeps_comment_lines_with_the_key_they_introduce() -> None
         "  tolerance: 0.1\n"
     )
     change = ValueChange(("scaling", "prefill_target_per_instance"), "unset", "9000", 9000)
-    assert apply_changes(before, [change]) == (
+    assert apply_changes(before, [change], path="chat.yaml") == (
         "scaling:\n"
         "  target_per_instance: 1300   # decode\n"
         "  prefill_target_per_instance: 9000\n"
@@ -655,7 +655,7 @@ def test_refreshed_values_lose_the_comments_that_described_the_old_ones() -> Non
         "  tolerance: 0.1\n"
     )
     out = refresh_comments(
-        text, [("pd_ratio", "target"), ("scaling", "target_per_instance")], "new"
+        text, [("pd_ratio", "target"), ("scaling", "target_per_instance")], "new", path="chat.yaml"
     )
     assert out == (
         "# the file\n"
