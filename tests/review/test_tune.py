@@ -517,6 +517,48 @@ def test_write_puts_verified_values_in_place_of_the_old_ones_and_their_comments(
     assert tuned.pd_ratio.min <= tuned.pd_ratio.target <= tuned.pd_ratio.max
 
 
+def test_write_keeps_crlf_and_a_bom_validates_and_writing_again_changes_nothing(
+    example_repo: Path,
+) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    _with_low_target(chat)
+    start = _with_goal(chat, 0.5)  # a goal the verification day reaches
+    chat.write_bytes(("\ufeff" + start).replace("\n", "\r\n").encode())
+    result = _tune_chat_for_the_paper_policy(example_repo, "--write")
+    assert result.exit_code == 0, result.output
+    after = chat.read_bytes()
+    assert after.startswith("\ufeff".encode())
+    assert after.count(b"\n") == after.count(b"\r") == after.count(b"\r\n")
+    assert after.count(b"# heteroscale tune: verified") == 3  # one per written value
+    validated = CliRunner().invoke(app, ["validate", str(example_repo)])
+    assert validated.exit_code == 0, validated.output
+    again = _tune_chat_for_the_paper_policy(example_repo, "--write")
+    assert again.exit_code == 0, again.output
+    assert chat.read_bytes() == after
+
+
+def test_write_refuses_a_value_an_alias_shares_naming_the_file_and_line(
+    example_repo: Path,
+) -> None:
+    chat = example_repo / "policies" / "chat.yaml"
+    _with_low_target(chat)
+    text = (
+        _with_goal(chat, 0.5)
+        .replace("  target_per_instance: 900", "  target_per_instance: &hand 900")
+        .replace("  prefill_target_per_instance: 1000", "  prefill_target_per_instance: *hand")
+    )
+    chat.write_text(text)
+    result = _tune_chat_for_the_paper_policy(example_repo, "--write")
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), "an error, not a traceback"
+    line = 1 + next(
+        i for i, row in enumerate(text.splitlines()) if row.startswith("  target_per_instance: &")
+    )
+    assert f"policies/chat.yaml:{line}:" in result.stderr
+    assert "&hand" in result.stderr and "wrote" not in result.stdout
+    assert chat.read_text() == text
+
+
 def test_write_refuses_values_that_miss_the_goal_and_exits_1(example_repo: Path) -> None:
     chat = example_repo / "policies" / "chat.yaml"
     _with_low_target(chat)
