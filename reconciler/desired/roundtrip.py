@@ -77,8 +77,8 @@ def refresh_comments(text: str, key_paths: Sequence[KeyPath], note: str, *, path
     ``key_paths`` gone and ``note`` above each key's line instead, so a comment never
     stays beside a value it no longer describes, and a second refresh with the same
     note changes nothing. What goes: the comment lines directly above the key's line at
-    that line's indentation (they become the note), the end-of-line comment of the line
-    the value ends on, and, for the first key of a mapping on lines of its own, the
+    that line's indentation (they become the note), the end-of-line comments of the
+    key's line and of the line the value ends on, and, for the first key of a mapping on lines of its own, the
     comment lines above the mapping's key. Keys sharing a line (a flow mapping on one
     line) share one note, above that line."""
     bom, body = _split_bom(text)
@@ -94,7 +94,7 @@ def refresh_comments(text: str, key_paths: Sequence[KeyPath], note: str, *, path
             raise _refusal(path, found.mapping.start_mark, key_path, "is not in the file")
         key_line = found.key.start_mark.line
         noted.add(key_line)
-        stale_end.add(found.value.end_mark.line)
+        stale_end |= {key_line, found.value.end_mark.line}  # `key:  # c` then the value
         first = found.mapping.value[0][0] is found.key
         if first and found.parent_key is not None:
             parent_line = found.parent_key.start_mark.line

@@ -84,6 +84,13 @@ def test_a_missing_key_goes_into_a_flow_mapping_after_its_sibling() -> None:
     )
 
 
+def test_a_comment_on_the_keys_line_goes_when_the_value_is_on_the_next() -> None:
+    before = "scaling:\n  target_per_instance:   # by hand\n    1200\n  tolerance: 0.1\n"
+    assert written(before, DECODE) == (
+        f"scaling:\n  # {NOTE}\n  target_per_instance:\n    1300\n  tolerance: 0.1\n"
+    )
+
+
 # --------------------------------------------------------------------------- idempotence
 
 
@@ -228,11 +235,19 @@ TARGETS = st.integers(min_value=1, max_value=600).map(lambda k: k * 50)
 
 
 def policy_text(
-    style: str, newline: str, bom: bool, final_newline: bool, indent: int, comments: bool
+    style: str,
+    newline: str,
+    bom: bool,
+    final_newline: bool,
+    indent: int,
+    comments: bool,
+    has_prefill: bool,
 ) -> str:
-    """A small service file in one of the layouts tune meets."""
+    """A small service file in one of the layouts tune meets (an older one without
+    ``prefill_target_per_instance`` unless ``has_prefill``)."""
     pad = " " * indent
     by_hand = "   # by hand" if comments else ""
+    prefill = "prefill_target_per_instance: 20000" if has_prefill else ""
     if style == "block":
         lines = [
             "name: chat",
@@ -240,7 +255,7 @@ def policy_text(
             f"{pad}metric: decode_tps",
             *([f"{pad}# decode, by hand"] if comments else []),
             f"{pad}target_per_instance: 1200{by_hand}",
-            f"{pad}prefill_target_per_instance: 20000{by_hand}",
+            *([f"{pad}{prefill}{by_hand}"] if has_prefill else []),
             f"{pad}tolerance: 0.1",
             'pd_ratio: {target: "3:4", min: "1:3"}',
         ]
@@ -249,7 +264,7 @@ def policy_text(
             "name: chat",
             *(["# the targets, by hand"] if comments else []),
             "scaling: {metric: decode_tps, target_per_instance: 1200, "
-            f"prefill_target_per_instance: 20000, tolerance: 0.1}}{by_hand}",
+            f"{prefill + ', ' if has_prefill else ''}tolerance: 0.1}}{by_hand}",
             'pd_ratio: {target: "3:4", min: "1:3"}',
         ]
     else:
@@ -259,7 +274,7 @@ def policy_text(
             f"{pad}metric: decode_tps,",
             *([f"{pad}# decode, by hand"] if comments else []),
             f"{pad}target_per_instance: 1200,{by_hand}",
-            f"{pad}prefill_target_per_instance: 20000,{by_hand}",
+            *([f"{pad}{prefill},{by_hand}"] if has_prefill else []),
             f"{pad}tolerance: 0.1",
             "}",
             'pd_ratio: {target: "3:4", min: "1:3"}',
@@ -275,6 +290,7 @@ def policy_text(
     final_newline=st.booleans(),
     indent=st.integers(min_value=1, max_value=5),
     comments=st.booleans(),
+    has_prefill=st.booleans(),
     decode=TARGETS,
     prefill=TARGETS,
     ratio=st.sampled_from(["1:1", "2:3", "3:4", "5:2"]),
@@ -286,11 +302,12 @@ def test_a_write_changes_exactly_the_values_and_keeps_the_files_layout(
     final_newline: bool,
     indent: int,
     comments: bool,
+    has_prefill: bool,
     decode: int,
     prefill: int,
     ratio: str,
 ) -> None:
-    before = policy_text(style, newline, bom, final_newline, indent, comments)
+    before = policy_text(style, newline, bom, final_newline, indent, comments, has_prefill)
     changes = (
         ValueChange(("scaling", "target_per_instance"), "1200", str(decode), decode),
         ValueChange(("scaling", "prefill_target_per_instance"), "20000", str(prefill), prefill),
