@@ -78,9 +78,9 @@ def refresh_comments(text: str, key_paths: Sequence[KeyPath], note: str, *, path
     stays beside a value it no longer describes, and a second refresh with the same
     note changes nothing. What goes: the comment lines directly above the key's line at
     that line's indentation (they become the note), the end-of-line comments of the
-    key's line and of the line the value ends on, and, for the first key of a mapping on lines of its own, the
-    comment lines above the mapping's key. Keys sharing a line (a flow mapping on one
-    line) share one note, above that line."""
+    key's line and of the line the value ends on, and, for the first key of a mapping
+    on lines of its own, the comment lines above the mapping's key. Keys sharing a line
+    (a flow mapping on one line) share one note, above that line."""
     bom, body = _split_bom(text)
     root = _compose(body, path)
     lines = _LINE_BREAK.split(body)  # without breaks; breaks[i] ends lines[i]
@@ -131,8 +131,9 @@ class _Found:
 
 
 def _parser() -> YAML:
-    # The loader's parser (reconciler.desired.loader): the C one, which takes what the
-    # pure-Python one refuses (a tab after `key:`); its marks are character offsets.
+    # The loader's parser (reconciler.desired.loader): the C one where installed, which
+    # takes what the pure-Python one refuses (a tab after `key:`). Either's marks are
+    # character offsets into the text.
     return YAML(typ="safe", pure=False)
 
 
