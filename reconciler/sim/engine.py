@@ -216,12 +216,20 @@ class SimConfig:
     # model says, as a card whose datasheet-scaled figures overstate it would be).
     prefill_engine_speed: float = 1.0
     decode_engine_speed: float = 1.0
+    # Time every request's TTFT spends outside the instances, whatever the load: a
+    # gateway, tokenisation, the network to the engine. No performance model sees it;
+    # a deployment behind a gateway has some.
+    ttft_outside_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill_engine_speed", "decode_engine_speed"):
             speed = getattr(self, name)
             if not (math.isfinite(speed) and speed > 0):
                 raise ValueError(f"{name} must be a positive number, got {speed!r}")
+        if not (math.isfinite(self.ttft_outside_s) and self.ttft_outside_s >= 0):
+            raise ValueError(
+                f"ttft_outside_s must be a non-negative number, got {self.ttft_outside_s!r}"
+            )
 
     def engine_speed(self, role: str) -> float:
         """``role``'s engine speed (``prefill_engine_speed`` or ``decode_engine_speed``)."""
@@ -229,14 +237,22 @@ class SimConfig:
 
     @property
     def engines_note(self) -> str | None:
-        """What a report says of engine speeds other than 1 (None when both are 1)."""
-        if self.prefill_engine_speed == 1.0 and self.decode_engine_speed == 1.0:
-            return None
-        return (
-            f"simulated engines at {self.prefill_engine_speed:g}x (prefill) and "
-            f"{self.decode_engine_speed:g}x (decode) the compute and memory bandwidth the "
-            "cluster file declares; the policies' performance models read the declared figures"
-        )
+        """What a report says of engine speeds other than 1 and of a TTFT spent outside
+        the instances (None when the engines run as declared, with none)."""
+        notes = []
+        if self.prefill_engine_speed != 1.0 or self.decode_engine_speed != 1.0:
+            notes.append(
+                f"simulated engines at {self.prefill_engine_speed:g}x (prefill) and "
+                f"{self.decode_engine_speed:g}x (decode) the compute and memory bandwidth "
+                "the cluster file declares; the policies' performance models read the "
+                "declared figures"
+            )
+        if self.ttft_outside_s > 0:
+            notes.append(
+                f"every TTFT holds {self.ttft_outside_s * 1000:.0f} ms spent outside the "
+                "instances (a gateway, the network), which no performance model sees"
+            )
+        return "; ".join(notes) or None
 
 
 def engine_perf(
@@ -1838,6 +1854,12 @@ class ServiceSim:
             "admit_wait_s": admit_wait,
         }
 
+    def _after_prefill_s(self, seconds: np.ndarray) -> np.ndarray:
+        """What a request's TTFT holds besides its prefill (its wait, work and KV
+        transfer), by the second it was admitted to decode: its first token's step, and
+        the time spent outside the instances (``SimConfig.ttft_outside_s``)."""
+        return self._first_step_s(seconds) + self.config.ttft_outside_s
+
     def _first_step_s(self, seconds: np.ndarray) -> np.ndarray:
         """The first token's step in a second: the step time of the generation a request
         was admitted to, weighted by that second's admissions (none: the slowest)."""
@@ -1898,7 +1920,7 @@ class ServiceSim:
             delays["wait_s"][in_window]
             + delays["ggc_s"][in_window]
             + admit_wait
-            + self._first_step_s(delays["done_second"][in_window])
+            + self._after_prefill_s(delays["done_second"][in_window])
         )
         latency, transfer = self._prefill_tables(self.profile.prompt_classes)
         values = []
@@ -1987,8 +2009,10 @@ def prompt_tables(sim: ServiceSim, prompt: np.ndarray) -> PromptTables:
         none = np.zeros((0, prompt.size))
         return PromptTables(none, none, np.full(prompt.size, np.inf))
     latency, transfer = sim._prefill_tables(prompt)
-    first_step = min((s for s in sim._idle_step_s if s > 0), default=0.0)
-    return PromptTables(latency, transfer, (latency + transfer).min(axis=0) + first_step)
+    after_prefill_s = (
+        min((s for s in sim._idle_step_s if s > 0), default=0.0) + sim.config.ttft_outside_s
+    )
+    return PromptTables(latency, transfer, (latency + transfer).min(axis=0) + after_prefill_s)
 
 
 def idle_ttft_s(sim: ServiceSim, prompt: np.ndarray) -> np.ndarray:
@@ -2048,7 +2072,7 @@ def per_request(
     resolved = np.isfinite(delays["wait_s"]) & np.isfinite(delays["admit_wait_s"])
     base = np.where(resolved, delays["wait_s"] + delays["ggc_s"] + delays["admit_wait_s"], np.inf)
     done_second = delays["done_second"]
-    base = base + sim._first_step_s(done_second)
+    base = base + sim._after_prefill_s(done_second)
 
     # Too long for any decode instance's KV cache (a real engine rejects these).
     kv_limit = max(
