@@ -1235,18 +1235,28 @@ def predicted_ttft_side(
 
 # --------------------------------------------------------------------------- decode
 
-DecodeLimit = Literal["tbt_slo", "max_batch", "kv_cache"]
+# What bounds the batch: the TBT SLO, the engine's max batch, the KV cache, or, where
+# no batch meets the TBT SLO (not even one sequence), nothing but keeping up with the
+# work (``keep_up``: the largest batch max_batch and the KV cache allow).
+DecodeLimit = Literal["tbt_slo", "max_batch", "kv_cache", "keep_up"]
 
 
 @dataclass(frozen=True)
 class DecodeCapacity:
-    """What one decode instance sustains within the TBT SLO for a mix."""
+    """What one decode instance sustains within the TBT SLO for a mix (or, where no
+    batch meets it, keeping up with the work: ``keeps_up_only``)."""
 
     tps_per_instance: float  # output tokens/s
     batch: float  # sequences per instance at that rate
     step_s: float  # step time (time between tokens) at that batch
     context_tokens: float  # live context per sequence
     limit: DecodeLimit
+
+    @property
+    def keeps_up_only(self) -> bool:
+        """No batch meets the TBT SLO: the capacity is the rate that keeps up with the
+        work (``decode_capacity``), not one within the SLO."""
+        return self.limit == "keep_up" and self.tps_per_instance > 0
 
 
 def _step_s(perf: InstancePerf, batch: float, context: float, factor: float) -> float:
@@ -1270,6 +1280,11 @@ def decode_capacity(
       agrees with ``perf.decode_capacity_tps`` (which searches a grid of batches).
     - KV cache: admission reserves a sequence's prompt plus its output (no
       preemption), so at most ``kv_capacity / (E[prompt] + E[output])`` sequences fit.
+    - No batch meets the SLO (one sequence's step exceeds it): more instances cannot
+      bring the TBT within it, yet the tokens must be generated, or sequences wait
+      without bound. The capacity is then the rate at the largest batch the engine and
+      the KV cache allow, the most an instance generates (``limit`` ``keep_up``), as
+      ``prefill_capacity`` keeps up at the queue's stability limit.
     """
     context = mix.live_context_tokens
     zero = DecodeCapacity(0.0, 0.0, 0.0, context, "tbt_slo")
@@ -1281,11 +1296,12 @@ def decode_capacity(
         (float(perf.max_batch), "max_batch"),
         (kv_batch, "kv_cache"),
     ]
-    if _step_s(perf, 1.0, context, latency_factor) > tbt_slo_s:
-        return zero
     top = min(b for b, _ in limits)
     if top < 1.0:
         return DecodeCapacity(0.0, 0.0, 0.0, context, "kv_cache")
+    if _step_s(perf, 1.0, context, latency_factor) > tbt_slo_s:
+        step = _step_s(perf, top, context, latency_factor)
+        return DecodeCapacity(top / step, top, step, context, "keep_up")
     if _step_s(perf, top, context, latency_factor) <= tbt_slo_s:
         batch, limit = top, min(limits)[1]
     else:
@@ -1560,6 +1576,10 @@ class RoleCapacities:
         """``role``'s tokens/s per instance (prompt for prefill, output for decode)."""
         return self.prefill.tps_per_instance if role == "prefill" else self.decode.tps_per_instance
 
+    def keeps_up_only(self, role: Role) -> bool:
+        """No rate of ``role`` meets its SLO: its capacity only keeps up with the work."""
+        return self.prefill.keeps_up_only if role == "prefill" else self.decode.keeps_up_only
+
     def explain(self) -> str:
         """One line for the decision's reasons (written once: the capacities are
         cached, and every decision sized with them says the same)."""
@@ -1575,6 +1595,8 @@ class RoleCapacities:
         )
         if p.keeps_up_only:
             unattainable_text += ": prefill sized to keep up with the work, not the TTFT"
+        if d.keeps_up_only:
+            unattainable_text += "; no batch meets the TBT: decode sized to keep up with the work"
         offset_s = self.correction.prefill_ttft_offset_s
         offset_text = (
             f", TTFT +{offset_s * 1000:.0f} ms outside the instances" if offset_s >= 0.0005 else ""

@@ -208,7 +208,9 @@ def role_economics(
             pair = (perf, other_decode) if role == "prefill" else (other_prefill, perf)
             context = PerfContext(*pair, cluster.network.rdma_gbps)
             caps = capacities_for(policy, context, mix, prefill_instances, LatencyCorrection())
-            tps = caps.tps_per_instance(role)
+            # A type on which no rate meets the SLO has no capacity at the SLO, however
+            # much work it keeps up with: ranked by that, it would look the cheapest.
+            tps = 0.0 if caps.keeps_up_only(role) else caps.tps_per_instance(role)
             price = _instance_usd_per_hour(policy, cluster, role, perf.gpu_type)
             types.append(TypeEconomics(perf.gpu_type, tps, price))
         return RoleEconomics(role, tuple(types), policy.role(role).gpu_choice)

@@ -818,21 +818,22 @@ def plan_decide(
             )
             parts.append(text)
 
-    for ri, role in enumerate(("prefill", "decode")):
+    for ri, out_role, _ in role_overrides:
         beyond = unreachable[ri]
         if beyond is None:
             continue
-        if role == "prefill" and caps is not None and caps.prefill.keeps_up_only:
+        if caps is not None and caps.keeps_up_only(out_role):
             # Sized above to keep up with the work; fewer instances would only queue
-            # the prompts longer, so never below where it runs.
+            # the prompts longer or make the decode batches larger (its TBT longer), so
+            # never below where it runs.
             wants[ri] = max(wants[ri], current[ri])
             parts.append(
-                f"prefill: SLO out of reach, {beyond}: kept up with the work, at least "
+                f"{out_role}: SLO out of reach, {beyond}: kept up with the work, at least "
                 f"{current[ri]} (where it runs)"
             )
         else:
             wants[ri] = current[ri]
-            parts.append(f"{role}: SLO out of reach, {beyond}: held at {current[ri]}")
+            parts.append(f"{out_role}: SLO out of reach, {beyond}: held at {current[ri]}")
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
     # The net covers a model error as large as the latency correction would take
@@ -961,8 +962,7 @@ def out_of_reach(policy: ServicePolicy, caps: RoleCapacities, role: Role) -> str
     """Why no instance of ``role`` meets its SLO for the mix ``caps`` were derived for
     (its capacity per instance is 0, or for prefill only the rate that keeps up with
     the work), None when one does."""
-    keeps_up = role == "prefill" and caps.prefill.keeps_up_only
-    if caps.tps_per_instance(role) > 0 and not keeps_up:
+    if caps.tps_per_instance(role) > 0 and not caps.keeps_up_only(role):
         return None
     if role == "prefill":
         if caps.prefill.unattainable.share >= 1.0:

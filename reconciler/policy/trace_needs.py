@@ -245,6 +245,7 @@ def _needs(
     if (
         not (caps.prefill_tps_per_instance > 0 and caps.decode_tps_per_instance > 0)
         or caps.prefill.keeps_up_only
+        or caps.decode.keeps_up_only
     ):
         return None  # a role out of reach: no count meets its SLO (trace_out_of_reach)
     decode = output_tps / caps.decode_tps_per_instance

@@ -21,6 +21,7 @@ from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.policy.capacity import (
     BUSY_READ_MAX_ERROR,
     GAUGE_SAMPLES_PER_WINDOW,
+    DecodeCapacity,
     LatencyCorrection,
     LengthHistogram,
     PrefillCapacity,
@@ -333,6 +334,22 @@ def test_with_no_rate_meeting_the_slo_the_capacity_keeps_up_with_the_work() -> N
 # --------------------------------------------------------------------------- decode
 
 
+def test_with_no_batch_meeting_the_tbt_the_decode_capacity_keeps_up_with_the_work() -> None:
+    """One sequence's step already exceeds a 2 ms TBT: no decode count brings it within
+    the SLO, but the tokens must be generated. The capacity is then the most an
+    instance generates, at the largest batch the engine and KV cache allow: what a SLO
+    too loose to bind gives."""
+    _, _, decode, _ = chat()
+    mix = chat_mix()
+    cap = decode_capacity(decode, mix, 0.002)
+    loose = decode_capacity(decode, mix, 60.0)
+    assert cap.limit == "keep_up" and cap.keeps_up_only
+    assert loose.limit in ("max_batch", "kv_cache") and not loose.keeps_up_only
+    assert (cap.batch, cap.tps_per_instance) == (loose.batch, loose.tps_per_instance)
+    assert cap.step_s > 0.002
+    assert not decode_capacity(decode, mix, 0.05).keeps_up_only
+
+
 def test_decode_capacity_agrees_with_the_perf_model_when_the_slo_binds() -> None:
     _, _, decode, _ = chat()
     mix = chat_mix()
@@ -351,11 +368,14 @@ def test_decode_capacity_falls_as_the_slo_tightens_and_contexts_grow(
 ) -> None:
     _, _, decode, _ = chat()
     mix = chat_mix()
-    loose = decode_capacity(decode, mix, tbt_s)
-    assert decode_capacity(decode, mix, tbt_s * tighter).tps_per_instance <= loose.tps_per_instance
-    assert decode_capacity(decode, chat_mix(longer), tbt_s).tps_per_instance <= (
-        loose.tps_per_instance
-    )
+
+    def within_slo(cap: DecodeCapacity) -> float:
+        # A rate that only keeps up with the work is no capacity within the SLO.
+        return 0.0 if cap.keeps_up_only else cap.tps_per_instance
+
+    loose = within_slo(decode_capacity(decode, mix, tbt_s))
+    assert within_slo(decode_capacity(decode, mix, tbt_s * tighter)) <= loose
+    assert within_slo(decode_capacity(decode, chat_mix(longer), tbt_s)) <= loose
 
 
 def test_decode_capacity_is_bounded_by_max_batch_and_the_kv_cache() -> None:

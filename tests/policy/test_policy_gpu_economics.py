@@ -117,6 +117,22 @@ def test_by_cost_chats_decode_runs_on_h800_and_nothing_is_reported(state: Desire
     assert perf is not None and perf.decode.gpu_type == "h800"
 
 
+def test_a_type_no_batch_of_which_meets_the_tbt_is_not_ranked_by_the_work_it_keeps_up_with(
+    state: DesiredState,
+) -> None:
+    """At an 18 ms TBT one sequence's step on chat's H800 decode (about 19 ms) already
+    misses, while the H20's (about 17 ms) meets it: the H800 has no capacity at the SLO,
+    however many tokens it generates at its largest batch, so by cost the H20 comes
+    first, not the type whose keep-up rate looks the cheapest per token."""
+    policy = with_choice(state.policies["chat"], "decode", "cost")
+    policy = policy.model_copy(update={"slo": policy.slo.model_copy(update={"tbt_ms": 18.0})})
+    cluster = state.clusters[policy.cluster]
+    _, decode = role_economics(policy, cluster, declared_mix(policy.request_shape))
+    by_type = {t.gpu_type: t.tps_per_instance for t in decode.types}
+    assert by_type["h800"] == 0.0 and by_type["h20"] > 0.0
+    assert decode.ranked()[0].gpu_type == "h20"
+
+
 def test_the_choice_follows_the_prices_per_role(state: DesiredState) -> None:
     """Capacity per dollar picks the type per role on constructed prices, and flips
     when the prices do: at 8 USD an H800 GPU-hour, chat's decode goes back to H20;

@@ -138,8 +138,25 @@ def test_a_tbt_no_batch_can_meet_holds_decode_where_it_runs_and_is_not_chased() 
     )
     assert decision.decode == 20
     assert "decode: SLO out of reach, no batch meets the 2 ms TBT" in decision.message
+    assert "kept up with the work, at least 20 (where it runs)" in decision.message
     assert "tbt 60 ms above SLO: decode out of reach, not chased" in decision.message
     assert 5 <= decision.prefill <= 15  # ~100,000 x 1.1 / ~13,000 per instance
+
+
+def test_a_decode_no_batch_of_which_meets_the_tbt_still_grows_to_keep_up() -> None:
+    """Held where it runs, two decode instances would leave most of 60,000 output
+    tokens/s waiting without bound: decode grows to what keeps up with the work at the
+    largest batch (the TBT still not chased), and a larger fleet is never scaled in."""
+    policy, cluster = _chat(max_step_instances=1000, max_step_percent=1000.0)
+    policy = policy.model_copy(update={"slo": policy.slo.model_copy(update={"tbt_ms": 2.0})})
+    perf = perf_context(policy, cluster)
+    metrics = _metrics(0.0, 100_000.0, 60_000.0, tbt_ms=60.0)
+    small = plan_decide(policy, _fleet(10, 2), metrics, PolicyHistory(), 0.0, perf)
+    assert small.decode > 4
+    assert "no batch meets the TBT: decode sized to keep up with the work" in small.message
+    assert "kept up with the work, at least 2 (where it runs)" in small.message
+    large = plan_decide(policy, _fleet(40, 120), metrics, PolicyHistory(), 0.0, perf)
+    assert large.decode == 120
 
 
 def test_without_overrides_each_role_is_sized_from_the_models_capacity() -> None:
