@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
+from simkit import RecordingPlanner
 from typer.testing import CliRunner
 
 from reconciler.cli import app
 from reconciler.desired import DesiredState
-from reconciler.policy import PlannerAutoscaler
-from reconciler.policy.base import Decision, DecisionInput
+from reconciler.policy.base import Decision
 from reconciler.sim.engine import SimConfig, engine_gpu, synthetic_profile
 from reconciler.sim.evaluate import evaluate, role_capacity, run_autoscaler
 from reconciler.sim.workload import synthetic_workload
@@ -67,21 +67,6 @@ def test_slower_engines_serve_less_and_static_peak_provisions_for_them(
     assert counts[1][0] > counts[0][0] and counts[1][1] >= counts[0][1], counts
 
 
-class Recording:
-    """The planner, keeping every decision it makes."""
-
-    name = "heteroscale"
-
-    def __init__(self) -> None:
-        self.inner = PlannerAutoscaler()
-        self.decisions: list[Decision] = []
-
-    def decide(self, inputs: DecisionInput) -> Decision:
-        decision = self.inner.decide(inputs)
-        self.decisions.append(decision)
-        return decision
-
-
 def latency_factors(decision: Decision) -> tuple[float, float]:
     found = re.search(r"latency factors prefill x([\d.]+), decode x([\d.]+)", decision.message)
     assert found is not None, decision.message
@@ -100,7 +85,7 @@ def test_the_planner_learns_engines_slower_or_faster_than_its_model(
     load = synthetic_profile("chat", hours=0.3, peak_rps=150, seed=3, bursts=(), trough_ratio=1.0)
     runs = {}
     for speed in (1.0, 0.77, 1.3):
-        planner = Recording()
+        planner = RecordingPlanner()
         runs[speed] = run_autoscaler(state, "chat", load, planner, config=slowed(speed))
         prefill, decode = latency_factors(planner.decisions[-1])
         if speed == 1.0:

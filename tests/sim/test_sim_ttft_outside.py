@@ -9,10 +9,9 @@ import math
 import re
 
 import pytest
+from simkit import RecordingPlanner
 
 from reconciler.desired import DesiredState
-from reconciler.policy import PlannerAutoscaler
-from reconciler.policy.base import Decision, DecisionInput
 from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig, synthetic_profile
 from reconciler.sim.evaluate import run_autoscaler
 
@@ -48,21 +47,6 @@ def test_it_adds_to_every_ttft_whatever_the_load(state: DesiredState) -> None:
     assert readings[1] - readings[0] == pytest.approx(300.0, abs=1.0)
 
 
-class Recording:
-    """The planner, keeping every decision it makes."""
-
-    name = "heteroscale"
-
-    def __init__(self) -> None:
-        self.inner = PlannerAutoscaler()
-        self.decisions: list[Decision] = []
-
-    def decide(self, inputs: DecisionInput) -> Decision:
-        decision = self.inner.decide(inputs)
-        self.decisions.append(decision)
-        return decision
-
-
 def test_the_planner_learns_it_as_an_offset_not_a_slower_prefill(state: DesiredState) -> None:
     """Behind 0.3 s of gateway on chat's 1.5 s TTFT SLO the planner's prefill factor
     stays the model's (its instances run as the model says) and it learns the 0.3 s to
@@ -73,7 +57,7 @@ def test_the_planner_learns_it_as_an_offset_not_a_slower_prefill(state: DesiredS
     )
     runs = {}
     for outside_s in (0.0, 0.3):
-        planner = Recording()
+        planner = RecordingPlanner()
         runs[outside_s] = run_autoscaler(
             state, "chat", load, planner, config=SimConfig(ttft_outside_s=outside_s)
         )
