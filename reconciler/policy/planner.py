@@ -1155,7 +1155,11 @@ def _corrected(
     Prefill's busy fraction needs none of that: it is the work the instances served
     over their compute, at any load, backlog or not; only the window it is read over
     must hold one prefill count throughout (``steady_since_s``), or the tokens/s per
-    ready instance would be over the wrong count."""
+    ready instance would be over the wrong count.
+
+    Prefill's TTFT beyond the model's prediction teaches the offset (time spent outside
+    the instances) beside the busy reading, and alone while its bucket meets the SLO;
+    alone and possibly above the SLO, a slower factor (``_ttft_alone_factor``)."""
     slo = policy.slo
     caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
     tbt, ttft = metrics.tbt, metrics.ttft
