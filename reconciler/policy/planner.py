@@ -1162,10 +1162,10 @@ def _corrected(
     alone and possibly above the SLO, a slower factor (``_ttft_alone_factor``)."""
     slo = policy.slo
     caps = capacities_for(policy, perf, mix, max(1, ready[0]), correction)
-    tbt, ttft = metrics.tbt, metrics.ttft
-    tbt_mean = metrics.tbt_mean
-    if sample_problem(tbt_mean, "tbt_mean", now_s, policy.scaling.metric_max_age_s) is not None:
-        tbt_mean = None
+    max_age_s = policy.scaling.metric_max_age_s
+    tbt = _latency_reading(metrics.tbt, "tbt", now_s, max_age_s)
+    ttft = _latency_reading(metrics.ttft, "ttft", now_s, max_age_s)
+    tbt_mean = _latency_reading(metrics.tbt_mean, "tbt_mean", now_s, max_age_s)
     decode_tps = metrics.decode_tps.value if metrics.decode_tps else math.nan
     if (
         (tbt is not None or tbt_mean is not None)
@@ -1216,7 +1216,17 @@ def _corrected(
         )
     if busy_implied is not None:
         correction = correction.updated("prefill", busy_implied)
-    attainable_tail = caps.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
+    # What the TTFT reading is judged by: the instances' own capacity, the offset left
+    # out. The offset makes requests unattainable and shrinks the capacity at the SLO;
+    # a large one (learnt from a spike, or kept when the SLO was lowered) counted the
+    # tail unattainable and the load an overload, closing the very reading that would
+    # unlearn it.
+    own = caps
+    if caps.correction.prefill_ttft_offset_s > 0:
+        own = capacities_for(
+            policy, perf, mix, max(1, ready[0]), replace(caps.correction, prefill_ttft_offset_s=0.0)
+        )
+    attainable_tail = own.prefill.unattainable.share < (1.0 - slo.quantile) / 2.0
     if (
         ttft is not None
         and not backlog_in_window(backlog_seen_s, ttft)
@@ -1226,7 +1236,7 @@ def _corrected(
         and attainable_tail
     ):
         per_instance = (prefill_demand.arriving_tps + prefill_demand.drain_tps) / ready[0]
-        if 0 < per_instance <= caps.prefill_tps_per_instance:
+        if 0 < per_instance <= own.prefill_tps_per_instance:
             transfer = transfer_s_per_token(perf.prefill.kv_bytes_per_token, perf.link_gbps)
             first_step_s = caps.decode.step_s if caps.decode.step_s > 0 else slo.tbt_ms / 1000.0
             # The observed load as the capacity sees it (the offset learnt so far added),
@@ -1259,6 +1269,18 @@ def _corrected(
                     limit_s=slo.ttft_ms / 1000.0,
                 )
     return correction, backlog_seen_s
+
+
+def _latency_reading(
+    sample: Sample | None, name: str, now_s: float, max_age_s: float
+) -> Sample | None:
+    """``sample`` where the correction may learn from it: usable (``sample_problem``)
+    and above 0 (no request takes no time). Otherwise it says nothing of the instances:
+    a NaN TTFT fell into the first bucket and halved the offset every cycle, and an
+    hour-old spike pinned it."""
+    if sample is None or sample_problem(sample, name, now_s, max_age_s) is not None:
+        return None
+    return sample if sample.value > 0 else None
 
 
 def _certainly_within(observed_s: float, slo_s: float, buckets: tuple[float, ...] | None) -> bool:

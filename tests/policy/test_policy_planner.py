@@ -1342,6 +1342,57 @@ def test_a_ttft_spent_outside_the_instances_is_learnt_as_an_offset(busy_read: bo
     assert without_floor <= with_floor <= math.ceil(1.3 * without_floor)
 
 
+def _offsets_after(
+    ttft_ms: list[float], ttft_at_s: list[float | None] | None = None
+) -> list[float]:
+    """The TTFT offset after each of these cycles (30 s apart) of the chat prefill, its
+    instances exactly the model's (busy fraction read), 30 of them serving 200,000
+    prompt tokens/s, with the given TTFT readings (taken at ``ttft_at_s``, where
+    given, else when read)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    util = _busy_for(1.0, 200_000.0, 30)
+    history, offsets = PolicyHistory(), []
+    for k, ttft in enumerate(ttft_ms):
+        now = 600.0 + 30.0 * k
+        metrics = _metrics(now, 200_000.0, 20_000.0, ttft_ms=ttft, prefill_gpu_util=util)
+        taken_s = ttft_at_s[k] if ttft_at_s is not None else None
+        if taken_s is not None and metrics.ttft is not None:
+            metrics = replace(metrics, ttft=Sample(metrics.ttft.value, taken_s))
+        history = plan_decide(policy, _fleet(30, 60), metrics, history, now, perf).history
+        memory = history.planner
+        assert isinstance(memory, PlannerMemory)
+        offsets.append(memory.correction.prefill_ttft_offset_s)
+    return offsets
+
+
+def test_an_offset_learnt_from_a_spike_is_unlearnt_once_the_ttft_is_back() -> None:
+    """Two readings at three times the SLO teach an offset that leaves little of the
+    TTFT budget: the instances' capacity at the SLO shrinks below their load and most
+    of the tail reads unattainable. Judged by that capacity, the TTFT readings after the
+    spike looked like an overload and were never read again, and the offset stayed
+    above the TTFT itself. They are judged by the instances' own capacity (the offset
+    left out), so the offset falls back to what a 900 ms reading allows."""
+    offsets = _offsets_after([900.0] * 10 + [4_500.0] * 2 + [900.0] * 10)
+    before, spiked, after = offsets[9], offsets[11], offsets[-1]
+    assert spiked > 1.0
+    # A 900 ms p90 lies in vLLM's (0.75, 1.0] s bucket: the offset is below 1 s.
+    assert before < 1.0 and after < 1.0
+
+
+@pytest.mark.parametrize("reading", [math.nan, -5.0, 0.0, "stale"])
+def test_a_broken_ttft_reading_teaches_no_offset(reading: float | str) -> None:
+    """A NaN, negative or zero TTFT (no request takes no time) or one older than the
+    metrics' maximum age says nothing of the instances: a NaN fell into the first
+    bucket and halved the offset every cycle; an hour-old spike would pin it."""
+    learnt = [900.0] * 8
+    if reading == "stale":
+        offsets = _offsets_after([*learnt, 4_500.0, 4_500.0], [*[None] * 8, 0.0, 0.0])
+    else:
+        offsets = _offsets_after([*learnt, float(reading), float(reading)])
+    assert offsets[-1] == offsets[7] > 0.0
+
+
 def _mean_gap_ms(factor: float, decode_tps: float, instances: int) -> float:
     """The mean inter-token gap of the chat decode serving ``decode_tps`` on
     ``instances`` instances ``factor`` x slower than the model: the step at the batch
