@@ -39,6 +39,9 @@ _BOM = "\ufeff"
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 # A comment starts at a '#' at the start of a line or after a space or tab (YAML 1.2).
 _COMMENT_START = re.compile(r"(?:^|(?<=[ \t]))#")
+# The `:` after a key, past the spaces and line breaks an explicit (`? key`) or quoted
+# key may leave before it.
+_VALUE_INDICATOR = re.compile("[ \t\r\n\x85\u2028\u2029]*:")
 # Characters that make a plain scalar mean something else in a flow mapping, or end it.
 _FLOW_INDICATORS = set(",[]{}#")
 
@@ -66,8 +69,15 @@ def set_value(
             raise _refusal(
                 path, node.start_mark, key_path, "is not a one-line value: edit it by hand"
             )
-        start, end = node.start_mark.index, node.end_mark.index
-        edited = body[:start] + _scalar_text(value, node.style) + body[end:]
+        if node.start_mark.index == node.end_mark.index:  # `key:` with no value (null)
+            assert found.key is not None  # a value found has its key
+            at = _after_value_indicator(body, found.key, key_path, path)
+            # A space first: `key:21000` is one plain key, and `#` right after the
+            # value would not start a comment.
+            edited = body[:at] + " " + _scalar_text(value, None) + body[at:]
+        else:
+            start, end = node.start_mark.index, node.end_mark.index
+            edited = body[:start] + _scalar_text(value, node.style) + body[end:]
     _check_edit(body, edited, {tuple(key_path): value}, path)
     return bom + edited
 
@@ -261,6 +271,18 @@ def _scalar_text(value: Scalar, style: str | None) -> str:
     if style is None and _reads_back_plain(value):
         return value
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a double-quoted scalar
+
+
+def _after_value_indicator(body: str, key: ScalarNode, key_path: KeyPath, path: str) -> int:
+    """Where the empty value of ``key`` goes: just after the ``:`` that follows the key.
+    The pure parser marks an empty value at the next token, maybe on the next line
+    (the C one marks the colon's end)."""
+    colon = _VALUE_INDICATOR.match(body, key.end_mark.index)
+    if colon is None:  # `? key` with its `:` past a comment, or none
+        raise _refusal(
+            path, key.start_mark, key_path, "has an empty value tune cannot place: edit it by hand"
+        )
+    return colon.end()
 
 
 def _reads_back_plain(value: str) -> bool:

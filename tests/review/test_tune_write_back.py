@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from reconciler.desired import roundtrip
 from reconciler.errors import ConfigError
 from reconciler.review.tune import ValueChange, apply_changes, write_back
 
@@ -26,6 +27,14 @@ RATIO = ValueChange(("pd_ratio", "target"), "3:4", "1:1", "1:1")
 
 def parsed(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(io.StringIO(text))
+
+
+@pytest.fixture(params=[False, True], ids=["C parser", "pure parser"])
+def either_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The editor with the C parser (where ruamel.yaml.clib is installed) or the pure
+    one (where it is not): their marks and styles differ."""
+    pure: bool = request.param
+    monkeypatch.setattr(roundtrip, "_parser", lambda: YAML(typ="safe", pure=pure))
 
 
 def written(text: str, *changes: ValueChange) -> str:
@@ -167,6 +176,36 @@ def test_odd_indentation_and_tabs_outside_the_values_are_kept() -> None:
         "     target_per_instance:\t1300\n"
         "     latency_tiers:\n"
         "     -   {metric: tbt, above: 1.0, step_percent: 10}\n"
+    )
+
+
+def test_an_empty_null_value_is_written_one_space_after_its_colon(
+    either_parser: None,
+) -> None:
+    # The pure parser marks an empty value at the next token (the next line's key),
+    # the C one just after the colon (`key:21000` would be one plain key).
+    before = (
+        "scaling:\n  target_per_instance: 1200\n  prefill_target_per_instance:\n  tolerance: 0.1\n"
+    )
+    assert written(before, PREFILL) == (
+        "scaling:\n"
+        "  target_per_instance: 1200\n"
+        f"  # {NOTE}\n"
+        "  prefill_target_per_instance: 21000\n"
+        "  tolerance: 0.1\n"
+    )
+
+
+def test_an_empty_null_value_before_a_comment_or_in_a_flow_mapping_is_written(
+    either_parser: None,
+) -> None:
+    before = "scaling:\n  prefill_target_per_instance:  # by hand\n  tolerance: 0.1\n"
+    assert apply_changes(before, [PREFILL], path=FILE) == (
+        "scaling:\n  prefill_target_per_instance: 21000  # by hand\n  tolerance: 0.1\n"
+    )
+    before = "scaling: {prefill_target_per_instance: , tolerance: 0.1}\n"
+    assert apply_changes(before, [PREFILL], path=FILE) == (
+        "scaling: {prefill_target_per_instance: 21000 , tolerance: 0.1}\n"
     )
 
 
