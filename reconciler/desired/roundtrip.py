@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, StreamMark
+from ruamel.yaml.error import MarkedYAMLError, StreamMark, YAMLError
 from ruamel.yaml.events import DocumentStartEvent
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from reconciler.errors import ConfigError, ConfigIssue
 
@@ -161,8 +162,8 @@ def _compose(body: str, path: str) -> MappingNode:
                 "only; edit it by hand",
             )
         root = yaml.compose(io.StringIO(body))
-    except MarkedYAMLError as exc:
-        raise _unreadable(exc, path) from None
+    except YAMLError as exc:
+        raise _unreadable(exc, path, body) from None
     if not isinstance(root, MappingNode):
         raise ConfigError([ConfigIssue(path, 1, 1, "", "the document is not a mapping")])
     return root
@@ -241,10 +242,30 @@ def _refuse_shared(node: Node, shared: set[int], key_path: KeyPath, path: str, b
     )
 
 
-def _unreadable(exc: MarkedYAMLError, path: str) -> ConfigError:
-    mark = exc.problem_mark or exc.context_mark
-    problem = exc.problem or exc.context or "invalid YAML"
-    return _refusal(path, mark, (), f"YAML error: {problem}")
+def _unreadable(exc: YAMLError, path: str, body: str) -> ConfigError:
+    """``exc`` (from parsing ``body``) as a ConfigError located where known: the
+    reader, which refuses a character YAML does not allow (a control character), gives
+    no mark."""
+    if isinstance(exc, MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "invalid YAML"
+        return _refusal(path, mark, (), f"YAML error: {problem}")
+    if isinstance(exc, ReaderError):
+        # Its position counts characters with the pure parser, UTF-8 bytes with the C
+        # one; either reports the text's first refused character, so find that.
+        at = body.find(chr(exc.character)) if isinstance(exc.character, int) else -1
+        where = _mark_at(body, at) if at >= 0 else None
+        problem = str(exc).splitlines()[0]  # the rest names the stream, not the file
+        return _refusal(path, where, (), f"YAML error: {problem}")
+    return _refusal(path, None, (), f"YAML error: {exc}")
+
+
+def _mark_at(body: str, index: int) -> StreamMark:
+    """The mark of offset ``index`` in ``body``, its line counted as ruamel counts."""
+    line_start, line = 0, 0
+    for brk in _LINE_BREAK.finditer(body, 0, index):
+        line_start, line = brk.end(), line + 1
+    return StreamMark("", index, line, index - line_start)
 
 
 def _refusal(path: str, mark: StreamMark | None, key_path: KeyPath, message: str) -> ConfigError:
@@ -290,7 +311,7 @@ def _reads_back_plain(value: str) -> bool:
         return False
     try:
         return _parser().load(io.StringIO(value)) == value
-    except MarkedYAMLError:
+    except YAMLError:  # a character YAML refuses, too
         return False
 
 
@@ -408,8 +429,8 @@ def _check_edit(
     yaml = _parser()  # refuses duplicate keys, as the loader does
     try:
         wanted = yaml.load(io.StringIO(before))
-    except MarkedYAMLError as exc:
-        raise _unreadable(exc, path) from None
+    except YAMLError as exc:
+        raise _unreadable(exc, path, before) from None
     for key_path, value in expected.items():
         node = wanted
         for part in key_path[:-1]:
@@ -417,7 +438,7 @@ def _check_edit(
         node[key_path[-1]] = value
     try:
         got: Any = yaml.load(io.StringIO(after))
-    except MarkedYAMLError as exc:
+    except YAMLError as exc:
         got = exc
     if got != wanted or not _same_types(got, wanted):
         field = ", ".join(".".join(p) for p in expected)

@@ -265,6 +265,13 @@ def test_a_file_of_several_documents_is_refused_at_the_second() -> None:
     assert "document" in message
 
 
+def test_a_character_yaml_does_not_allow_is_refused_where_it_is(either_parser: None) -> None:
+    before = "name: ünïcödé\nscaling:\n  target_per_instance: 12\x0700\n"
+    message = refusal(before, DECODE)
+    assert message.startswith(f"{FILE}:3:26:")
+    assert "#x0007" in message
+
+
 # --------------------------------------------------------------------------- properties
 
 
