@@ -56,9 +56,10 @@ def set_value(
     insert_after: str | None = None,
 ) -> str:
     """``text`` (the file ``path``) with the scalar at ``key_path`` replaced by
-    ``value``, written in the old value's quoting; when its mapping lacks the key, the
-    key added after the sibling ``insert_after`` (else after the last key), on its own
-    line in a block mapping, as one more entry in a flow mapping."""
+    ``value``, a string in the old value's quoting (``_scalar_text``); when its mapping
+    lacks the key, the key added after the sibling ``insert_after`` (else after the
+    last key), on its own line in a block mapping, as one more entry in a flow
+    mapping."""
     bom, body = _split_bom(text)
     root = _compose(body, path)
     found = _locate(root, key_path, path, body)
@@ -277,8 +278,10 @@ def _refusal(path: str, mark: StreamMark | None, key_path: KeyPath, message: str
 
 
 def _scalar_text(value: Scalar, style: str | None) -> str:
-    """``value`` as YAML in the quoting ``style`` of the value it replaces (None:
-    plain); a string that would not read back as itself plain is double-quoted."""
+    """``value`` as YAML. A string in the quoting ``style`` of the value it replaces
+    (plain is None with the pure parser, '' with the C one), double-quoted where that
+    quoting would not read back as the same string. A number or a boolean unquoted
+    whatever the old value's quoting: the models take a number written as one only."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -287,9 +290,9 @@ def _scalar_text(value: Scalar, style: str | None) -> str:
         if not math.isfinite(value):
             raise ValueError(f"{value} is not a value tune writes")
         return repr(value)
-    if style == "'":
+    if style == "'" and value.isprintable():  # single quotes escape nothing but '
         return "'" + value.replace("'", "''") + "'"
-    if style is None and _reads_back_plain(value):
+    if not style and _reads_back_plain(value):
         return value
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a double-quoted scalar
 

@@ -954,8 +954,8 @@ _INSERT_AFTER: dict[tuple[str, ...], str] = {
 
 def apply_changes(text: str, changes: Sequence[ValueChange], *, path: str) -> str:
     """``text`` (the file ``path``) with each change written by ``set_value`` (a key
-    the file lacks inserted after its sibling in ``_INSERT_AFTER``); a quoted value
-    stays quoted the same way."""
+    the file lacks inserted after its sibling in ``_INSERT_AFTER``); a quoted string
+    stays quoted the same way, a plain one plain where it reads back as itself."""
     for change in changes:
         text = set_value(
             text,

@@ -209,6 +209,31 @@ def test_an_empty_null_value_before_a_comment_or_in_a_flow_mapping_is_written(
     )
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("3:4", "1:1"), ("'3:4'", "'1:1'"), ('"3:4"', '"1:1"')],
+    ids=["plain", "single-quoted", "double-quoted"],
+)
+def test_a_string_keeps_the_old_values_quoting(either_parser: None, old: str, new: str) -> None:
+    before = f"pd_ratio:\n  target: {old}\n"
+    assert apply_changes(before, [RATIO], path=FILE) == f"pd_ratio:\n  target: {new}\n"
+
+
+def test_a_plain_string_that_would_read_as_another_value_is_double_quoted(
+    either_parser: None,
+) -> None:
+    change = ValueChange(("scaling", "metric"), "decode_tps", "true", "true")
+    before = "scaling:\n  metric: decode_tps\n"
+    assert apply_changes(before, [change], path=FILE) == 'scaling:\n  metric: "true"\n'
+
+
+def test_a_number_replacing_a_quoted_one_is_written_unquoted(either_parser: None) -> None:
+    # The models take a number written as one only ("a number is written unquoted"):
+    # keeping the quotes would keep the file invalid.
+    before = "scaling:\n  target_per_instance: '1200'\n"
+    assert apply_changes(before, [DECODE], path=FILE) == "scaling:\n  target_per_instance: 1300\n"
+
+
 # --------------------------------------------------------------------------- refusals
 
 
