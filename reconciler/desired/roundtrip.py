@@ -38,6 +38,8 @@ Scalar = str | int | float | bool
 _BOM = "\ufeff"
 # The line breaks ruamel counts lines by (its marks' line numbers are in these lines).
 _LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+# A line ending as every YAML 1.2 reader and editor takes it.
+_LINE_ENDING = re.compile("\r\n|[\n\r]")
 # A comment starts at a '#' at the start of a line or after a space or tab (YAML 1.2).
 _COMMENT_START = re.compile(r"(?:^|(?<=[ \t]))#")
 # The `:` after a key, past the spaces and line breaks an explicit (`? key`) or quoted
@@ -412,8 +414,11 @@ def _line_starts(lines: Sequence[str], breaks: Sequence[str]) -> list[int]:
 
 
 def _newline_of(body: str) -> str:
-    """The file's line break (its first), for lines it gains."""
-    match = _LINE_BREAK.search(body)
+    """The file's line ending (its first), for lines it gains; LF in a file of one
+    line. Not U+2028, U+2029 or U+0085, which ruamel counts as line breaks: YAML 1.2
+    readers do not (a note ended by one would comment out the key after it), and in
+    a file they are rather characters of a quoted string."""
+    match = _LINE_ENDING.search(body)
     return match.group() if match is not None else "\n"
 
 

@@ -234,6 +234,15 @@ def test_a_number_replacing_a_quoted_one_is_written_unquoted(either_parser: None
     assert apply_changes(before, [DECODE], path=FILE) == "scaling:\n  target_per_instance: 1300\n"
 
 
+def test_added_lines_end_with_the_files_newline_not_a_unicode_line_separator() -> None:
+    # U+2028 breaks a line for ruamel (YAML 1.1) but not for YAML 1.2 readers: a note
+    # ended by it would comment out the key after it.
+    before = "description: 'first\u2028second'\nscaling:\n  target_per_instance: 1200  # by hand\n"
+    assert written(before, DECODE) == (
+        f"description: 'first\u2028second'\nscaling:\n  # {NOTE}\n  target_per_instance: 1300\n"
+    )
+
+
 # --------------------------------------------------------------------------- refusals
 
 
