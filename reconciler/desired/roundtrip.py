@@ -121,7 +121,7 @@ def refresh_comments(text: str, key_paths: Sequence[KeyPath], note: str, *, path
     newline = _newline_of(body)
     for line in sorted(noted | stale_above, reverse=True):
         indent = _indentation(lines[line])
-        start = _comment_block_start(lines, line, indent)
+        start = _comment_block_start(lines, starts, line, indent, spans)
         replacement = [f"{indent}# {note}"] if line in noted else []
         lines[start:line] = replacement
         breaks[start:line] = [newline] * len(replacement)
@@ -373,12 +373,23 @@ def _without_end_comment(line: str, line_start: int, spans: Sequence[tuple[int, 
     return line
 
 
-def _comment_block_start(lines: Sequence[str], line: int, indent: str) -> int:
-    """The first of the comment lines directly above ``line`` indented by ``indent``."""
+def _comment_block_start(
+    lines: Sequence[str],
+    starts: Sequence[int],
+    line: int,
+    indent: str,
+    spans: Sequence[tuple[int, int]],
+) -> int:
+    """The first of the comment lines directly above ``line`` indented by ``indent``
+    (``starts``: each line's offset). A line of a quoted scalar written over lines
+    (its ``spans``) may start with '#' at that indentation too: it is no comment."""
     start = line
     while start > 0:
         above = lines[start - 1]
         if _indentation(above) != indent or not above[len(indent) :].startswith("#"):
+            break
+        hash_at = starts[start - 1] + len(indent)
+        if any(begin <= hash_at < end for begin, end in spans):
             break
         start -= 1
     return start

@@ -243,6 +243,17 @@ def test_added_lines_end_with_the_files_newline_not_a_unicode_line_separator() -
     )
 
 
+def test_a_quoted_strings_line_that_starts_with_a_hash_is_not_a_comment() -> None:
+    before = 'scaling:\n  metric_note: "a\n  # not a comment"\n  target_per_instance: 1200\n'
+    assert written(before, DECODE) == (
+        "scaling:\n"
+        '  metric_note: "a\n'
+        '  # not a comment"\n'
+        f"  # {NOTE}\n"
+        "  target_per_instance: 1300\n"
+    )
+
+
 # --------------------------------------------------------------------------- refusals
 
 
