@@ -76,8 +76,8 @@ def set_value(
         if node.start_mark.index == node.end_mark.index:  # `key:` with no value (null)
             assert found.key is not None  # a value found has its key
             at = _after_value_indicator(body, found.key, key_path, path)
-            # A space first: `key:21000` is one plain key, and `#` right after the
-            # value would not start a comment.
+            # A space first (`key:21000` is one plain key), right at the colon: the
+            # blanks before a `# comment` stay between it and the value.
             edited = body[:at] + " " + _scalar_text(value, None) + body[at:]
         else:
             start, end = node.start_mark.index, node.end_mark.index
