@@ -117,6 +117,16 @@ class LiveDeployment:
     # Why heteroscale's own annotations on it cannot be trusted (someone wrote a value
     # heteroscale never writes); None when they read. Its service is held.
     unreadable: str | None = None
+    # metadata.generation and status.observedGeneration: the Deployment controller has
+    # not yet acted on the spec (and readyReplicas may be of the spec before) while the
+    # second is behind the first.
+    generation: int = 0
+    observed_generation: int = 0
+
+    @property
+    def rollout_observed(self) -> bool:
+        """The Deployment controller has acted on the current spec."""
+        return self.observed_generation >= self.generation
 
     @property
     def replicas_drifted(self) -> bool:
@@ -370,6 +380,8 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         applied_replicas=applied_replicas,
         replicas_managers=_replicas_managers(obj),
         unreadable=unreadable,
+        generation=_int(meta.get("generation", 0)),
+        observed_generation=_int(status.get("observedGeneration", 0)),
     )
 
 
@@ -644,20 +656,29 @@ def read_snapshot(
 # ------------------------------------------------------------------ pure derivations
 
 
+def moved_away(service: str, namespace: str, policies: Mapping[str, ServicePolicy]) -> bool:
+    """An object of ``service`` in ``namespace`` is the leftover of a move: the service
+    still has a policy, which now deploys to another namespace. No placement can keep
+    it (every group of the service renders into the policy's namespace), so it is never
+    the service's capacity, only in the way until it is pruned. A service without a
+    policy did not move (it was removed: prune is another matter)."""
+    policy = policies.get(service)
+    return policy is not None and policy.namespace != namespace
+
+
 def fleet_from_snapshot(
     snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy] | None = None
 ) -> FleetState:
     """Our Deployments as deployment groups; starting and draining per (service, role).
 
-    With ``policies``, a Deployment in another namespace than its service's policy
-    deploys to is left out: the leftover of a namespace change, which apply prunes. It
-    has the group id of the group that replaces it (names do not hold the namespace),
-    and counted in would make one group of the two."""
+    With ``policies``, a Deployment its service moved away from (``moved_away``) is
+    left out: it has the group id of the group that replaces it (names do not hold the
+    namespace), and counted in would make one group of the two. Apply prunes it once
+    its replacement serves (``reconciler.apply.actions``)."""
     kept = [
         d
         for d in snapshot.deployments.values()
-        if (policy := (policies or {}).get(d.service)) is None
-        or d.key.namespace == policy.namespace
+        if not moved_away(d.service, d.key.namespace, policies or {})
     ]
     by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
     for deployment in kept:
