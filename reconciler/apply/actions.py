@@ -27,7 +27,7 @@ from reconciler.apply.nodeaffinity import unschedulable_problem
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ServicePolicy
-from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod
+from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod, moved_away
 from reconciler.state import DeploymentGroup
 
 Action = Literal["create", "update", "delete", "keep", "unchanged"]
@@ -220,6 +220,7 @@ def plan_workloads(
         )
 
     work = _hold_unschedulable(work, snapshot)
+    work = _hold_moves(work, policies)
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -251,16 +252,92 @@ def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> 
     for w in out:
         first = refused.get(w.service)
         if first is not None and not w.refusal and w.live is not None and w.removes_capacity:
-            reason = f"held: {first.key} of service {w.service} cannot be written (no node)"
-            w = replace(
-                w,
-                action="keep",
-                manifest=None,
-                scale=ScalePlan(replicas=w.live.replicas, notes=(reason,)),
-                reason="",
-            )
+            w = _kept(w, f"held: {first.key} of service {w.service} cannot be written (no node)")
         held.append(w)
     return held
+
+
+def _kept(w: WorkloadWork, why: str) -> WorkloadWork:
+    """``w``, a removal of live capacity, turned into keeping the Deployment as it runs
+    (no write, no drain), with ``why`` as its note."""
+    assert w.live is not None
+    return replace(
+        w,
+        action="keep",
+        manifest=None,
+        scale=ScalePlan(replicas=w.live.replicas, notes=(why,)),
+        reason="",
+    )
+
+
+def not_yet_serving(w: WorkloadWork) -> str | None:
+    """How far the Deployment ``w`` writes (a create or an update) is from serving what
+    this plan asks of it ("0 of 2 ready"), or None once it serves it all. Asked is the
+    plan's replicas: a Deployment grown this cycle is not yet serving its new
+    instances. Ready is the live ``readyReplicas``, counted only once the Deployment
+    controller has acted on the current spec (``observedGeneration``): before, it is
+    the count of the spec before. A create has none ready."""
+    if w.desired is None:
+        return None
+    asked = w.replicas_after
+    if w.live is None:
+        return f"0 of {asked} ready"
+    ready = w.live.ready_replicas
+    if not w.live.rollout_observed:
+        return f"{ready} of {asked} ready, its last change not yet acted on by the controller"
+    return f"{ready} of {asked} ready" if ready < asked else None
+
+
+def _hold_moves(
+    work: list[WorkloadWork], policies: Mapping[str, ServicePolicy]
+) -> list[WorkloadWork]:
+    """Make before break: ``work`` with every removal of a Deployment its service moved
+    away from (``moved_away``: the policy now deploys to another namespace) kept while
+    any Deployment of the service that this plan writes is not yet serving
+    (``not_yet_serving``), so the service never runs on fewer instances than before
+    the move. Once they all serve, a later cycle prunes the leftover as before.
+
+    A replacement that never becomes ready (no capacity for it, an image that does
+    not pull) keeps the leftover indefinitely: capacity is never lost, and every
+    cycle's report says which Deployment it waits for. The whole service waits, not
+    one role: a new group's prefill without its decode serves nothing, and the old
+    group's decode without its prefill neither.
+
+    Why a kept leftover cannot flip-flop: whether an object is a leftover depends only
+    on its namespace and the service's policy, not on anything a plan decides; the
+    fleet leaves leftovers out (``fleet_from_snapshot``), so the decision never counts
+    them and placement never sees them, keeps them or places into them. Next cycle
+    the service's capacity is its new Deployments alone, exactly as this cycle
+    planned it, and the leftover is again only something to prune.
+
+    Not held: a service removed from the policies (not a move: its groups are kept or
+    pruned by the prune setting), and scale-in by placement (a group it empties is
+    counted by the fleet, so keeping it would count it twice next cycle)."""
+    waiting: dict[str, tuple[WorkloadWork, str]] = {}
+    for w in work:
+        why = not_yet_serving(w)
+        if why is not None:
+            waiting.setdefault(w.service, (w, why))
+    if not waiting:
+        return work
+    out: list[WorkloadWork] = []
+    for w in work:
+        pending = waiting.get(w.service)
+        if (
+            pending is not None
+            and w.live is not None
+            and w.removes_capacity
+            and moved_away(w.service, w.key.namespace, policies)
+        ):
+            replacement, why = pending
+            w = _kept(
+                w,
+                f"kept until {replacement.key} is ready ({why}): service {w.service} "
+                f"moved to namespace {replacement.key.namespace}, and this Deployment "
+                "serves until the Deployments replacing it do",
+            )
+        out.append(w)
+    return out
 
 
 def manually_drained(snapshot: ClusterSnapshot) -> tuple[LivePod, ...]:
