@@ -99,6 +99,15 @@ def deployment_name(service: str, group_id: str, role: Role) -> str:
     return dns_label(f"{service}-{group_id}-{short_role}", max_length=MAX_OBJECT_NAME)
 
 
+def service_name_prefix(service: str) -> str:
+    """What the name of every Deployment ``deployment_name`` gives ``service``, and so of
+    each of its Pods, begins with: the service and a dash, or as much of it as
+    ``dns_label`` keeps before the hash suffix of a name it had to shorten."""
+    kept = MAX_OBJECT_NAME - len(_hash8("")) - 1
+    whole = f"{service}-"
+    return whole if len(whole) <= kept else whole[:kept].rstrip("-")
+
+
 def selector_labels(service: str, group_id: str, role: Role) -> dict[str, str]:
     """The Deployment's (immutable) selector: one role of one group, serving Pods only."""
     return {

@@ -17,7 +17,13 @@ is input from whoever handed it over, not from ``plan --out``. What is checked h
 - scope (``scope_problems``, needs the desired state the plan names): every write
   is in a namespace that a policy of the plan's cluster deploys to, and a manifest
   is the Deployment of a policy of that namespace, under the name the renderer gives
-  it;
+  it. The one exception is the prune of a service's leftovers in the namespace it
+  moved away from (a drain, a Deployment's or a drained Pod's delete, named as the
+  renderer names that service's objects): only the live object can tell a leftover
+  from any other object of that name, so ``leftover_problems`` checks it once the
+  cluster is read (and the plan found current), before any write: the object must
+  be, live, of a service whose policy now deploys to another namespace
+  (``moved_away``, what the fleet leaves out and apply prunes);
 - content (``rendered_content_problem``, the same desired state): a manifest is,
   field for field, what the renderer makes from that revision's policy and pod
   template for the group, domain, GPU type and replicas the manifest names (the
@@ -45,6 +51,7 @@ from reconciler.apply.actions import effective_manifest
 from reconciler.apply.render import RenderError, render_deployment
 from reconciler.desired.models import MAX_INSTANCES
 from reconciler.dns1123 import label_problem, subdomain_problem
+from reconciler.observe.kubernetes import ClusterSnapshot, moved_away
 from reconciler.state import DeploymentGroup, GroupRole
 from reconciler.text_safety import quoted
 
@@ -281,6 +288,8 @@ def scope_problems(plan: SavedPlan, state: DesiredState, *, content: bool = True
         for index, step in enumerate(cluster.writes):
             entry = f"{where}.writes[{index}] ({step})"
             if step.namespace not in namespaces:
+                if _may_remove_a_leftover(step, policies):
+                    continue  # checked against the live object: leftover_problems
                 problems.append(
                     (
                         entry,
@@ -296,6 +305,77 @@ def scope_problems(plan: SavedPlan, state: DesiredState, *, content: bool = True
                     )
                 if problem is not None:
                     problems.append((entry, problem))
+    return problems
+
+
+# The writes that remove what a service left behind: never a create or a put-back.
+_REMOVALS = frozenset({"drain", "delete_deployment", "delete_pod"})
+
+
+def _may_remove_a_leftover(step: WriteStep, policies: Iterable[ServicePolicy]) -> bool:
+    """``step`` removes an object outside its service's namespace that is named as the
+    renderer names a service's objects (a drain's source Deployment too): possibly
+    the leftover of a move, which ``leftover_problems`` confirms on the live object.
+    Anything else outside the managed namespaces is refused before a cluster is asked."""
+    if step.op not in _REMOVALS:
+        return False
+    return any(
+        policy.namespace != step.namespace
+        and all(
+            name.startswith(names.service_name_prefix(policy.name))
+            for name in (step.name, step.source or step.name)
+        )
+        for policy in policies
+    )
+
+
+def leftover_problems(
+    plan: SavedPlan, state: DesiredState, snapshots: Mapping[str, ClusterSnapshot | None]
+) -> list[Problem]:
+    """The removals ``scope_problems`` left to the live objects (module doc): each must
+    remove, as ``snapshots`` (each cluster read just now, found as the plan observed
+    it) shows it, a Deployment or Pod of a service whose policy deploys to another
+    namespace, and a drain must take its Pod from such a Deployment."""
+    problems: list[Problem] = []
+    for c_index, cluster in enumerate(plan.clusters):
+        if cluster.cluster not in state.clusters:
+            continue  # scope_problems refused it
+        policies = {p.name: p for p in state.policies_for(cluster.cluster)}
+        namespaces = {p.namespace for p in policies.values()}
+        snapshot = snapshots.get(cluster.cluster)
+        pods = {str(p.key): p for p in snapshot.pods} if snapshot is not None else {}
+        deployments = (
+            {str(k): d for k, d in snapshot.deployments.items()} if snapshot is not None else {}
+        )
+        for index, step in enumerate(cluster.writes):
+            if step.namespace in namespaces:
+                continue
+            removed: list[tuple[str, str | None]] = []  # (what, its service; None: not ours)
+            if step.op == "delete_deployment":
+                found = deployments.get(step.key)
+                removed.append((f"Deployment {step.key}", found.service if found else None))
+            else:
+                pod = pods.get(step.key)
+                removed.append((f"Pod {step.key}", pod.service if pod else None))
+                if step.op == "drain":
+                    source = f"{step.namespace}/{step.source}"
+                    found = deployments.get(source)
+                    removed.append((f"Deployment {source}", found.service if found else None))
+            for what, service in removed:
+                if service is None or not moved_away(service, step.namespace, policies):
+                    problems.append(
+                        (
+                            f"clusters[{c_index}].writes[{index}] ({step})",
+                            f"{what} is outside the namespaces the desired state deploys to "
+                            f"in cluster {cluster.cluster} ({_listed(namespaces)}) and, as the "
+                            "cluster shows it, not left behind by a service that moved to "
+                            + (
+                                "another namespace"
+                                if service is None
+                                else f"another namespace (it is service {service}'s)"
+                            ),
+                        )
+                    )
     return problems
 
 

@@ -62,6 +62,7 @@ from reconciler.errors import PermanentError
 
 if TYPE_CHECKING:
     from reconciler.desired.loader import DesiredState
+    from reconciler.observe.kubernetes import ClusterSnapshot
 
 FORMAT = "heteroscale-plan"
 SCHEMA_VERSION = 1
@@ -459,8 +460,28 @@ def check_scope(plan: SavedPlan, state: DesiredState, path: Path, *, content: bo
     ``apply``) does not have this reconciler manage (``plancheck.scope_problems``;
     ``content=False`` where ``state`` is not the plan's revision: its templates may
     differ, and such a plan is refused as stale anyway). ``apply PLAN`` must call it
-    before its first write."""
+    before its first write, and ``check_leftovers`` too: the removals of a moved
+    service's leftovers are left to it."""
     problems = plancheck.scope_problems(plan, state, content=content)
+    _want(
+        not problems,
+        path,
+        "writes outside what the desired state manages: " + _listed_problems(problems),
+    )
+
+
+def check_leftovers(
+    plan: SavedPlan,
+    state: DesiredState,
+    snapshots: Mapping[str, ClusterSnapshot | None],
+    path: Path,
+) -> None:
+    """Refuse (``PlanFileError``) a plan whose removals outside the managed namespaces,
+    which ``check_scope`` leaves to the live objects, remove anything but the leftovers
+    of a service that moved to another namespace (``plancheck.leftover_problems``).
+    ``apply PLAN`` must call it after reading each cluster, once the plan is found
+    current (so the live objects are those the plan observed), before its first write."""
+    problems = plancheck.leftover_problems(plan, state, snapshots)
     _want(
         not problems,
         path,

@@ -1103,6 +1103,7 @@ def _apply_saved(
     from reconciler.apply import names
     from reconciler.apply.savedplan import (
         PlanFileError,
+        check_leftovers,
         check_scope,
         desired_content_hash,
         execute,
@@ -1217,6 +1218,13 @@ def _apply_saved(
         ]
     if moved:
         return finish(moved, {}, None)
+    try:
+        # The live objects are those the plan observed: the prunes outside the managed
+        # namespaces must remove what a moved service left behind, as they show it.
+        check_leftovers(saved, state, {name: b.snapshot for name, b in backends.items()}, plan_file)
+    except PlanFileError as exc:
+        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 1
     done: dict[str, list[str]] = {}
     complete: list[AppliedCluster] = []
     refused: str | None = None

@@ -1,10 +1,12 @@
 """Make before break (pure): when a service moves to another namespace, its old
 Deployments keep serving until the Deployments replacing them serve what the plan
-asks of them; then they are pruned as before. Only moves are held."""
+asks of them; then they are pruned as before, live or by a saved plan. Only moves
+are held."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,22 @@ from reconciler.apply.actions import (
     not_yet_serving,
     plan_workloads,
 )
-from reconciler.apply.render import render_groups
+from reconciler.apply.render import ObjectKey, render_groups
+from reconciler.apply.savedplan import (
+    Observed,
+    PlanFileError,
+    PlanSource,
+    SavedCluster,
+    SavedPlan,
+    WriteStep,
+    check_leftovers,
+    check_scope,
+)
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
     LiveDeployment,
+    LivePod,
     fleet_from_snapshot,
     parse_deployment,
 )
@@ -227,3 +240,91 @@ def test_the_fleet_never_counts_a_kept_leftover(before: DesiredState, after: Des
     (chat,) = [g for g in fleet.groups if g.service == "chat"]
     assert (chat.prefill.instances, chat.decode.instances) == (1, 3)
     assert fleet.starting[("chat", "decode")] == 3
+
+
+# ------------------------------------------------------------------ saved plans
+
+
+def saved(*steps: WriteStep) -> SavedPlan:
+    return SavedPlan(
+        source=PlanSource("directory", "0" * 64),
+        clusters=(SavedCluster(CLUSTER, Observed(), steps),),
+        created_at="2026-01-01T00:00:00Z",
+    )
+
+
+def pod_of(deployment: LiveDeployment, name: str) -> LivePod:
+    return LivePod(
+        key=ObjectKey(deployment.key.namespace, name),
+        service=deployment.service,
+        group_label=deployment.group_id,
+        role=deployment.role,
+        serving=True,
+        ready=True,
+        scheduled=True,
+        node="n1",
+        template_hash=deployment.template_hash,
+        drained_at_s=None,
+        drained_from=None,
+        deleting=False,
+        created="2026-01-01T00:00:00Z",
+        resource_version="7",
+    )
+
+
+def leftovers_checked(state: DesiredState, plan: SavedPlan, *objects: object) -> str:
+    """``plan`` through both scope checks against the live ``objects``; the refusal, or ""."""
+    deployments = {o.key: o for o in objects if isinstance(o, LiveDeployment)}
+    pods = tuple(o for o in objects if isinstance(o, LivePod))
+    snapshot = ClusterSnapshot(CLUSTER, deployments, pods, (), 0.0)
+    try:
+        check_scope(plan, state, Path("plan.json"))
+        check_leftovers(plan, state, {CLUSTER: snapshot}, Path("plan.json"))
+    except PlanFileError as exc:
+        return str(exc)
+    return ""
+
+
+def test_a_saved_plan_may_prune_what_a_move_left_behind(
+    before: DesiredState, after: DesiredState
+) -> None:
+    old = live(before, [grp("chat", "a", 1, 3)])["chat/chat-a-d"]
+    pod = pod_of(old, "chat-a-d-5d8f-x1")
+    prune = saved(
+        WriteStep("drain", "chat", pod.key.name, "7", source=old.key.name),
+        WriteStep("delete_deployment", "chat", old.key.name, "5"),
+        WriteStep("delete_pod", "chat", pod.key.name, "8"),
+    )
+    assert leftovers_checked(after, prune, old, pod) == ""
+    # Before the move the namespace is chat's own: the same writes are in scope as ever.
+    assert leftovers_checked(before, prune, old, pod) == ""
+
+
+def test_a_saved_plan_may_not_remove_in_a_foreign_namespace_what_no_move_left_behind(
+    before: DesiredState, after: DesiredState
+) -> None:
+    old = live(before, [grp("chat", "a", 1, 3)])["chat/chat-a-d"]
+    # Named like chat's Deployment, but of a service without a policy, or not there at all.
+    stranger = replace(old, service="not-a-policy")
+    prune = saved(WriteStep("delete_deployment", "chat", old.key.name, "5"))
+    assert "not left behind by a service that moved to another namespace (it is service " in (
+        leftovers_checked(after, prune, stranger)
+    )
+    assert "not left behind by a service that moved" in leftovers_checked(after, prune)
+    # A drain must take its Pod from a leftover Deployment too.
+    pod = pod_of(old, "chat-a-d-5d8f-x1")
+    drain = saved(WriteStep("drain", "chat", pod.key.name, "7", source=old.key.name))
+    assert f"Deployment chat/{old.key.name} is outside" in leftovers_checked(after, drain, pod)
+
+
+def test_a_saved_plan_writing_anything_else_outside_the_managed_namespaces_is_refused_unread(
+    after: DesiredState,
+) -> None:
+    # Refused by check_scope alone, the cluster never read: a create, and a removal of
+    # an object no service's name begins.
+    create = WriteStep(
+        "apply", "chat", "chat-a-d", None, {"apiVersion": "apps/v1", "kind": "Deployment"}
+    )
+    for step in (create, WriteStep("delete_pod", "kube-system", "coredns", "1")):
+        with pytest.raises(PlanFileError, match="is not one the desired state deploys to"):
+            check_scope(saved(step), after, Path("plan.json"))

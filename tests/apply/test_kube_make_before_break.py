@@ -1,7 +1,9 @@
 """Against the real API server: a service whose policy moves it to another namespace
 is made before it is broken. The first cycle creates its Deployments in the new
 namespace and keeps the old ones serving (plan and apply say so, and exit 0); only
-once the new Deployments' Pods are ready does a later cycle prune the old ones."""
+once the new Deployments' Pods are ready does a later cycle prune the old ones, live
+or through a saved plan (whose writes in the namespace moved away from are in scope:
+they remove what the move left behind)."""
 
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ def _run(*args: str, exit_code: int = 0) -> str:
     return " ".join(result.output.split())
 
 
+@pytest.mark.parametrize("pruned_by", ["apply", "saved plan"])
 def test_a_namespace_move_keeps_the_old_deployments_until_the_new_ones_are_ready(
-    control_plane: ControlPlane, tmp_path: Path
+    control_plane: ControlPlane, tmp_path: Path, pruned_by: str
 ) -> None:
-    name = "mbb"
+    name = "mbb" if pruned_by == "apply" else "mbb-saved"
     moved = f"{name}-v2"
     _state, options = cluster_for_cli(control_plane, tmp_path, name)
     client = control_plane.client()
@@ -76,7 +79,13 @@ def test_a_namespace_move_keeps_the_old_deployments_until_the_new_ones_are_ready
     )
 
     # Ready: the next cycle prunes the old Deployments, as before.
-    text = _run("apply", *options)
+    if pruned_by == "apply":
+        text = _run("apply", *options)
+    else:
+        plan_file = tmp_path / "plan.json"
+        text = _run("plan", *options, "--out", str(plan_file), exit_code=3)
+        assert list_deployments(client, name), "plan --out changes nothing"
+        _run("apply", str(plan_file), *options)
     assert "kept until" not in text, text
     for deployment in old:
         assert f"- delete Deployment {name}/{deployment} " in text, text
