@@ -123,6 +123,7 @@ def plan_cluster(
         current=observation.fleet,
         targets=targets,
         options=placement_options or PlacementOptions(),
+        left_behind=observation.left_behind,
     )
     result = placer.place(request)
     # A held service keeps exactly the groups it runs, whatever the placer did.

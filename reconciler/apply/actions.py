@@ -149,8 +149,10 @@ def plan_workloads(
     slo: Mapping[str, SloStatus],
     now_s: float,
     window_s: float,
+    unplaced: Mapping[str, str] | None = None,
 ) -> tuple[WorkloadWork, ...]:
-    """Every workload's action this cycle, capacity-adding ones first."""
+    """Every workload's action this cycle, capacity-adding ones first. ``unplaced``:
+    the services placement could not give all they asked for, and what is missing."""
     kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
     drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
@@ -220,7 +222,7 @@ def plan_workloads(
         )
 
     work = _hold_unschedulable(work, snapshot)
-    work = _hold_moves(work, policies)
+    work = _hold_moves(work, policies, unplaced or {})
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -289,19 +291,21 @@ def not_yet_serving(w: WorkloadWork) -> str | None:
 
 
 def _hold_moves(
-    work: list[WorkloadWork], policies: Mapping[str, ServicePolicy]
+    work: list[WorkloadWork], policies: Mapping[str, ServicePolicy], unplaced: Mapping[str, str]
 ) -> list[WorkloadWork]:
     """Make before break: ``work`` with every removal of a Deployment its service moved
     away from (``moved_away``: the policy now deploys to another namespace) kept while
     any Deployment of the service that this plan writes is not yet serving
-    (``not_yet_serving``), so the service never runs on fewer instances than before
-    the move. Once they all serve, a later cycle prunes the leftover as before.
+    (``not_yet_serving``), or placement could not place all the service asks for
+    (``unplaced``: the leftovers hold GPUs, so there may be no room for a second copy
+    until they go), so the service never runs on fewer instances than before the
+    move. Once all is placed and serving, a later cycle prunes the leftover as before.
 
-    A replacement that never becomes ready (no capacity for it, an image that does
-    not pull) keeps the leftover indefinitely: capacity is never lost, and every
-    cycle's report says which Deployment it waits for. The whole service waits, not
-    one role: a new group's prefill without its decode serves nothing, and the old
-    group's decode without its prefill neither.
+    A replacement that never becomes ready (an image that does not pull) or cannot be
+    placed (no capacity for it beside the leftover) keeps the leftover indefinitely:
+    capacity is never lost, and every cycle's report says what it waits for. The
+    whole service waits, not one role: a new group's prefill without its decode
+    serves nothing, and the old group's decode without its prefill neither.
 
     Why a kept leftover cannot flip-flop: whether an object is a leftover depends only
     on its namespace and the service's policy, not on anything a plan decides; the
@@ -313,28 +317,30 @@ def _hold_moves(
     Not held: a service removed from the policies (not a move: its groups are kept or
     pruned by the prune setting), and scale-in by placement (a group it empties is
     counted by the fleet, so keeping it would count it twice next cycle)."""
-    waiting: dict[str, tuple[WorkloadWork, str]] = {}
+    waiting: dict[str, str] = {}
     for w in work:
         why = not_yet_serving(w)
         if why is not None:
-            waiting.setdefault(w.service, (w, why))
+            waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
+    for service, missing in sorted(unplaced.items()):
+        waiting.setdefault(service, f"kept while its replacement is not all placed ({missing})")
     if not waiting:
         return work
     out: list[WorkloadWork] = []
     for w in work:
-        pending = waiting.get(w.service)
+        until = waiting.get(w.service)
+        policy = policies.get(w.service)
         if (
-            pending is not None
+            until is not None
+            and policy is not None
             and w.live is not None
             and w.removes_capacity
             and moved_away(w.service, w.key.namespace, policies)
         ):
-            replacement, why = pending
             w = _kept(
                 w,
-                f"kept until {replacement.key} is ready ({why}): service {w.service} "
-                f"moved to namespace {replacement.key.namespace}, and this Deployment "
-                "serves until the Deployments replacing it do",
+                f"{until}: service {w.service} moved to namespace {policy.namespace}, and "
+                "this Deployment serves until the Deployments replacing it do",
             )
         out.append(w)
     return out

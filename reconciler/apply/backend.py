@@ -268,6 +268,7 @@ class KubernetesBackend:
             slo=self.slo,
             now_s=self.clock(),
             window_s=self.options.soft_scale_in_window_s,
+            unplaced=unplaced_by_service(plan),
         )
 
     # -------------------------------------------------------------------- diff
@@ -896,6 +897,17 @@ class KubernetesBackend:
 
         # Gone already: nothing to drain or put back (``_guarded`` skips it).
         self._guarded(path, resource_version, write, what=f"Pod {namespace}/{pod}")
+
+
+def unplaced_by_service(plan: Plan) -> dict[str, str]:
+    """Per service with a placement shortfall, what is missing ("2 decode: gpu_capacity"),
+    its shortfalls joined."""
+    missing: dict[str, list[str]] = {}
+    for shortfall in plan.placement.shortfalls:
+        missing.setdefault(shortfall.service, []).append(
+            f"{shortfall.instances} {shortfall.role}: {shortfall.constraint}"
+        )
+    return {service: "; ".join(parts) for service, parts in missing.items()}
 
 
 def _still_drained(pod: Mapping[str, Any]) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.placement.base import UngroupedInstances
 from reconciler.plan import Plan
 from reconciler.state import FleetState, ServiceMetrics
 
@@ -47,6 +48,9 @@ class Observation:
     # Services whose live objects could not be read reliably (service -> why): the
     # cycle holds them at the size they run, never scaling on a guess.
     held: Mapping[str, str] = field(default_factory=dict)
+    # Instances a move left behind, by node: not in ``fleet``, but holding GPUs
+    # (``PlacementRequest.left_behind``).
+    left_behind: tuple[UngroupedInstances, ...] = field(default=())
 
 
 class ClusterBackend(Protocol):

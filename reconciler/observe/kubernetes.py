@@ -75,6 +75,7 @@ from reconciler.desired.models import (
 )
 from reconciler.errors import ClusterUnavailable
 from reconciler.observe.base import Drift, Observation
+from reconciler.placement.base import UngroupedInstances
 from reconciler.state import ROLES, DeploymentGroup, FleetState, GroupRole, NodeInstances, Role
 from reconciler.text_safety import quoted, visible
 
@@ -920,4 +921,29 @@ def observation_from_snapshot(
         fleet=fleet_from_snapshot(snapshot, policies),
         drift=drift,
         held=unreadable_services(deployments),
+        left_behind=left_behind(snapshot, policies or {}),
     )
+
+
+def left_behind(
+    snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy]
+) -> tuple[UngroupedInstances, ...]:
+    """The serving instances of the Deployments services moved away from
+    (``moved_away``), by node: the fleet leaves them out, placement holds their GPUs.
+    Those not yet on a node hold none."""
+    out: list[UngroupedInstances] = []
+    for key in sorted(snapshot.deployments, key=str):
+        deployment = snapshot.deployments[key]
+        if not moved_away(deployment.service, key.namespace, policies):
+            continue
+        by_node: dict[str, int] = defaultdict(int)
+        for pod in snapshot.pods_of(deployment):
+            if pod.node:
+                by_node[pod.node] += 1
+        out.extend(
+            UngroupedInstances(
+                deployment.service, deployment.role, node, count, deployment.gpus_per_instance
+            )
+            for node, count in sorted(by_node.items())
+        )
+    return tuple(out)

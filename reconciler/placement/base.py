@@ -29,10 +29,12 @@ class PlacementOptions:
 
 
 @dataclass(frozen=True)
-class DrainingInstances:
-    """Instances of one role of a service that left their deployment group but still
-    run, holding their GPUs: soft scale-in took them out of service discovery until
-    their observation window ends (``reconciler.apply.softscale``)."""
+class UngroupedInstances:
+    """Instances of one role of a service that run outside its deployment groups,
+    holding their GPUs: draining ones (soft scale-in took them out of service
+    discovery until their observation window ends, ``reconciler.apply.softscale``), or
+    those a move left behind (``reconciler.observe.kubernetes.moved_away``: kept
+    serving until the groups replacing them serve)."""
 
     service: str
     role: Role
@@ -53,7 +55,12 @@ class PlacementRequest:
     # Draining instances by node where the caller knows it. Instances that
     # ``current.draining`` counts beyond these are held without a known node (see
     # reconciler.placement.problem, "Pending and draining instances hold capacity").
-    draining: tuple[DrainingInstances, ...] = ()
+    draining: tuple[UngroupedInstances, ...] = ()
+    # Instances a move left behind, on their nodes: no group's (the fleet leaves them
+    # out), but their GPUs are busy until they are pruned, so placement must not put
+    # the groups replacing them there (Pods that could never be scheduled would keep
+    # the leftovers forever).
+    left_behind: tuple[UngroupedInstances, ...] = ()
 
 
 @dataclass(frozen=True)

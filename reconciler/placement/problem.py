@@ -46,7 +46,9 @@ Decisions (documented here once, followed by every placer):
   runs now (the CP-SAT placer relaxes this only with ``allow_rebalance``).
 - **Pending and draining instances hold capacity.** Every GPU a running instance
   holds is busy for placement, and so are the GPUs of instances that hold capacity
-  without sitting in a group's node list: *pending* instances of a live group (its
+  without sitting in a group's node list: instances a move *left behind*
+  (``PlacementRequest.left_behind``: kept serving until their replacement serves, held
+  on their nodes), *pending* instances of a live group (its
   instance count says they exist, no node is bound yet: the scheduler will put them
   inside the group's domain on the role's GPU type, so that is where their GPUs are
   held) and *draining* instances (soft scale-in took them out of their group; they run
@@ -88,6 +90,7 @@ from reconciler.placement.base import (
     PlacementResult,
     Shortfall,
     SolverStats,
+    UngroupedInstances,
 )
 from reconciler.placement.packing import PackItem, best_fit
 from reconciler.policy.gpu_economics import role_choice
@@ -492,7 +495,7 @@ def held_gpus(
     policies = request.policies
     held = np.zeros_like(used)
     items: list[PackItem] = []
-    counts = {"pending": 0, "draining": 0}
+    counts = {"pending": 0, "draining": 0, "left behind": 0}
     lost: list[str] = []
 
     def size_of(service: str, role: Role, observed: int | None) -> int | None:
@@ -521,6 +524,21 @@ def held_gpus(
             nodes = topology.domain_nodes(domain, group.role(role).gpu_type)
             hold("pending", f"{group.service}/{group.group_id}/{role}", nodes, size, pending)
 
+    def hold_on_node(kind: str, instances: UngroupedInstances) -> None:
+        assert instances.node is not None
+        index = topology.node_index.get(instances.node)
+        if index is None:
+            return  # a node the cluster file no longer lists: not capacity here
+        size = size_of(instances.service, instances.role, instances.gpus_per_instance)
+        counts[kind] += instances.instances
+        # Unknown size (a service without a policy): its whole node, as used_gpus does.
+        held[index] += instances.instances * size if size is not None else topology.node_gpus[index]
+
+    # Left behind by a move: on their nodes (instances not yet on a node hold nothing).
+    for left_behind in request.left_behind:
+        if left_behind.node is not None:
+            hold_on_node("left behind", left_behind)
+
     # Draining instances: on their node when known, else near the service's groups.
     listed: dict[tuple[str, Role], int] = defaultdict(int)
     located: dict[tuple[str, Role], int] = defaultdict(int)
@@ -529,13 +547,7 @@ def held_gpus(
         if drained.node is None:
             continue
         located[(drained.service, drained.role)] += drained.instances
-        index = topology.node_index.get(drained.node)
-        if index is None:
-            continue  # a node the cluster file no longer lists: not capacity here
-        size = size_of(drained.service, drained.role, drained.gpus_per_instance)
-        counts["draining"] += drained.instances
-        # Unknown size (a service without a policy): its whole node, as used_gpus does.
-        held[index] += drained.instances * size if size is not None else topology.node_gpus[index]
+        hold_on_node("draining", drained)
     for service, role in sorted({*listed, *request.current.draining}):
         left = max(listed[(service, role)], request.current.draining.get((service, role), 0))
         left -= located[(service, role)]
@@ -563,10 +575,11 @@ def held_gpus(
         if missing:
             lost.append(f"{missing} {item.key}: no room left in their domain")
     notes = []
-    if counts["pending"] or counts["draining"]:
+    if counts["pending"] or counts["draining"] or counts["left behind"]:
+        moved = f", {counts['left behind']} left behind by a move" if counts["left behind"] else ""
         notes.append(
             f"capacity held for {counts['pending']} pending and {counts['draining']} draining "
-            f"instance(s): {int(held.sum())} GPUs"
+            f"instance(s){moved}: {int(held.sum())} GPUs"
         )
     if lost:
         notes.append(f"held nowhere (node unknown or no room): {'; '.join(lost)}")

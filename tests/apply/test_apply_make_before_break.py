@@ -34,8 +34,10 @@ from reconciler.observe.kubernetes import (
     LiveDeployment,
     LivePod,
     fleet_from_snapshot,
+    left_behind,
     parse_deployment,
 )
+from reconciler.placement.base import UngroupedInstances
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,10 +107,33 @@ def live(
     return out
 
 
+def pod_of(deployment: LiveDeployment, name: str, node: str | None = "n1") -> LivePod:
+    return LivePod(
+        key=ObjectKey(deployment.key.namespace, name),
+        service=deployment.service,
+        group_label=deployment.group_id,
+        role=deployment.role,
+        serving=True,
+        ready=node is not None,
+        scheduled=node is not None,
+        node=node,
+        template_hash=deployment.template_hash,
+        drained_at_s=None,
+        drained_from=None,
+        deleting=False,
+        created="2026-01-01T00:00:00Z",
+        resource_version="7",
+    )
+
+
 def plan(
-    state: DesiredState, groups: list[DeploymentGroup], *deployments: dict[str, LiveDeployment]
+    state: DesiredState,
+    groups: list[DeploymentGroup],
+    *deployments: dict[str, LiveDeployment],
+    unplaced: dict[str, str] | None = None,
 ) -> dict[str, WorkloadWork]:
-    """This cycle's work under ``state`` for ``groups`` against the live ``deployments``."""
+    """This cycle's work under ``state`` for ``groups`` against the live ``deployments``
+    (``unplaced``: the placement's shortfalls by service)."""
     snapshot = ClusterSnapshot(
         CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
     )
@@ -127,6 +152,7 @@ def plan(
         slo={s: "held" for s in policies},
         now_s=100.0,
         window_s=60.0,
+        unplaced=unplaced,
     )
     return {str(w.key): w for w in work}
 
@@ -188,6 +214,30 @@ def test_once_every_new_deployment_serves_the_old_ones_are_pruned_as_before(
     assert work["chat/chat-a-d"].reason == "not in the desired placement"
 
 
+def test_the_old_deployments_stay_while_the_service_is_not_all_placed(
+    before: DesiredState, after: DesiredState
+) -> None:
+    # No room for a second copy beside the old one: placement placed only part of it.
+    old = live(before, [grp("chat", "a", 1, 3)])
+    serving = live(after, [grp("chat", "a", 1, 1)])
+    short = {"chat": "2 decode: gpu_capacity"}
+    work = plan(after, [grp("chat", "a", 1, 1)], old, serving, unplaced=short)
+
+    assert work["chat/chat-a-p"].action == work["chat/chat-a-d"].action == "keep"
+    assert (
+        work["chat/chat-a-d"]
+        .scale.notes[0]
+        .startswith(
+            "kept while its replacement is not all placed (2 decode: gpu_capacity): "
+            "service chat moved to namespace chat-v2"
+        )
+    )
+    # A shortfall of a service that did not move holds nothing.
+    running = live(before, [grp("chat", "a", 1, 3), grp("chat", "b", 1, 1)])
+    scale_in = plan(before, [grp("chat", "a", 1, 3)], running, unplaced=short)
+    assert scale_in["chat/chat-b-d"].action == "delete"
+
+
 def test_a_service_removed_from_the_policies_is_not_a_move_and_is_pruned(
     before: DesiredState,
 ) -> None:
@@ -242,6 +292,24 @@ def test_the_fleet_never_counts_a_kept_leftover(before: DesiredState, after: Des
     assert fleet.starting[("chat", "decode")] == 3
 
 
+def test_what_a_move_left_behind_holds_its_gpus_where_it_runs(
+    before: DesiredState, after: DesiredState
+) -> None:
+    old = live(before, [grp("chat", "a", 1, 3)])
+    decode = old["chat/chat-a-d"]
+    pods = (
+        pod_of(decode, "chat-a-d-1", node="n1"),
+        pod_of(decode, "chat-a-d-2", node="n1"),
+        pod_of(decode, "chat-a-d-3", node=None),  # not on a node: holds none
+    )
+    snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in old.values()}, pods, (), 0.0)
+    policies = {p.name: p for p in after.policies_for(CLUSTER)}
+    gpus = decode.gpus_per_instance
+    assert left_behind(snapshot, policies) == (UngroupedInstances("chat", "decode", "n1", 2, gpus),)
+    # Before the move they are the service's groups, not left behind.
+    assert left_behind(snapshot, {p.name: p for p in before.policies_for(CLUSTER)}) == ()
+
+
 # ------------------------------------------------------------------ saved plans
 
 
@@ -250,25 +318,6 @@ def saved(*steps: WriteStep) -> SavedPlan:
         source=PlanSource("directory", "0" * 64),
         clusters=(SavedCluster(CLUSTER, Observed(), steps),),
         created_at="2026-01-01T00:00:00Z",
-    )
-
-
-def pod_of(deployment: LiveDeployment, name: str) -> LivePod:
-    return LivePod(
-        key=ObjectKey(deployment.key.namespace, name),
-        service=deployment.service,
-        group_label=deployment.group_id,
-        role=deployment.role,
-        serving=True,
-        ready=True,
-        scheduled=True,
-        node="n1",
-        template_hash=deployment.template_hash,
-        drained_at_s=None,
-        drained_from=None,
-        deleting=False,
-        created="2026-01-01T00:00:00Z",
-        resource_version="7",
     )
 
 

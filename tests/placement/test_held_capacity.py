@@ -5,6 +5,8 @@
   inside the group's domain, on the role's GPU type.
 - A draining instance (out of its group, still running) holds its GPUs on its node
   when the request names it, else on the nodes of the service's groups.
+- An instance a move left behind (out of every group, still serving) holds its GPUs
+  on its node: the group replacing it goes where there is room beside it.
 - Nothing placed may use held GPUs; what could not be held is said in the notes.
 
 The cluster: one S2 ``pod-a`` of one S1 with two 8-GPU H800 nodes (16 GPUs), and a
@@ -18,7 +20,7 @@ from dataclasses import replace
 import pytest
 from placement_fixtures import check_invariants, cluster, group, node_usage, policy, request, s1
 
-from reconciler.placement.base import DrainingInstances, PlacementRequest, PlacementResult
+from reconciler.placement.base import PlacementRequest, PlacementResult, UngroupedInstances
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.placement.greedy import GreedyPlacer
 
@@ -98,12 +100,36 @@ def test_draining_instances_hold_gpus_on_their_node(placer, spec):
     new = policy("new", prefill=(4, {"h800": 1.0}), decode=(4, {"h800": 1.0}), shape=(1, 1))
     old = policy("old", prefill=(8, {"h800": 1.0}), decode=(8, {"h800": 1.0}))
     req = request(spec, [old, new], {"new": (2, 2)})
-    req = replace(req, draining=(DrainingInstances("old", "decode", "b1n-1", 1),))
+    req = replace(req, draining=(UngroupedInstances("old", "decode", "b1n-1", 1),))
     result = placer.place(req)
     check_invariants(req, result)
     assert gpus_used(req, result, ["b1n-1"]) == 0
     assert sum(s.instances for s in result.shortfalls) == 0  # 16 GPUs in pod-a suffice
     assert "capacity held for 0 pending and 1 draining instance(s): 8 GPUs" in result.stats.notes
+
+
+@BOTH
+def test_instances_a_move_left_behind_hold_gpus_on_their_node(placer, spec):
+    """``new`` moved namespace: its two old decode instances (8 GPUs each) still serve
+    from a1n-1 and a1n-2, and no group of it is counted. pod-a is full: its new group
+    goes to pod-b, where the Pods can run."""
+    new = policy("new", prefill=(4, {"h800": 1.0}), decode=(4, {"h800": 1.0}), shape=(1, 1))
+    req = request(spec, [new], {"new": (1, 1)})
+    req = replace(
+        req,
+        left_behind=tuple(
+            UngroupedInstances("new", "decode", node, 1, 8) for node in ("a1n-1", "a1n-2")
+        ),
+    )
+    result = placer.place(req)
+    check_invariants(req, result)
+    [placed] = [g for g in result.groups if g.service == "new"]
+    assert placed.domain == "pod-b"
+    assert sum(s.instances for s in result.shortfalls) == 0
+    assert (
+        "capacity held for 0 pending and 0 draining instance(s), 2 left behind by a move: 16 GPUs"
+        in result.stats.notes
+    )
 
 
 @BOTH
