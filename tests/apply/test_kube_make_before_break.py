@@ -1,9 +1,10 @@
 """Against the real API server: a service whose policy moves it to another namespace
 is made before it is broken. The first cycle creates its Deployments in the new
-namespace and keeps the old ones serving (plan and apply say so, and exit 0); only
-once the new Deployments' Pods are ready does a later cycle prune the old ones, live
-or through a saved plan (whose writes in the namespace moved away from are in scope:
-they remove what the move left behind)."""
+namespace and keeps the old ones serving (plan and apply say so; a hold is no
+error); only once the new Deployments' Pods are ready does a later cycle prune the
+old ones, live or through a saved plan (whose writes in the namespace moved away
+from are in scope: they remove what the move left behind). Where there is no room
+for a second copy beside the old one, the old one is kept, cycle after cycle."""
 
 from __future__ import annotations
 
@@ -91,3 +92,70 @@ def test_a_namespace_move_keeps_the_old_deployments_until_the_new_ones_are_ready
         assert f"- delete Deployment {name}/{deployment} " in text, text
     wait_for(lambda: not list_deployments(client, name), what="the old Deployments pruned")
     assert set(list_deployments(client, moved)) == set(old)
+
+
+@pytest.mark.fault
+def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """5 prefill instances of 2 GPUs and a decode instance of 1 take 11 of the
+    cluster's 16 H800 GPUs: beside them only 2 prefill and the decode fit. The move creates what fits, keeps the old Deployments while they
+    still hold their GPUs, and goes on keeping them once the new Pods are ready: the
+    service never serves from fewer instances, and every cycle says why."""
+    name = "mbb-full"
+    moved = f"{name}-v2"
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    policy = tmp_path / "policies" / "svc.yaml"
+    policy.write_text(
+        policy.read_text().replace(
+            "template: templates/prefill.yaml, min_instances: 1",
+            "template: templates/prefill.yaml, min_instances: 5",
+        )
+    )
+    client = control_plane.client()
+    _run("apply", *options)
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+    assert sum(d["replicas"] for n, d in old.items() if n.endswith("-p")) == 5
+    wait_for(
+        lambda: (
+            (p := list_pods(client, name))
+            and len(p) == 6
+            and all(x["spec"].get("nodeName") for x in p)
+        ),
+        what="the old Pods on their nodes",
+    )
+
+    policy.write_text(policy.read_text().replace(f"namespace: {name}", f"namespace: {moved}"))
+    ensure_namespace(client, moved)
+    text = _run("apply", *options)
+    assert "svc/prefill: 3 instances not placed (gpu_capacity" in text, text
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
+    new = list_deployments(client, moved)
+    assert sum(d["spec"]["replicas"] for n, d in new.items() if n.endswith("-p")) == 2
+
+    pods = wait_for(
+        lambda: (
+            (p := list_pods(client, moved))
+            and len(p) == 3
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="the new Pods on their nodes (beside the old ones)",
+    )
+    for pod in pods:
+        mark_ready(client, moved, pod)
+    wait_for(
+        lambda: all(
+            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
+            for d in list_deployments(client, moved).values()
+        ),
+        what="the new Deployments ready",
+    )
+    for _cycle in range(2):
+        text = _run("apply", *options)
+        for deployment in old:
+            assert f"= keep Deployment {name}/{deployment} " in text, text
+        assert "kept while its replacement is not all placed (3 prefill: gpu_capacity)" in text, (
+            text
+        )
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
