@@ -26,8 +26,8 @@ from reconciler.apply.fields import comparable, contains
 from reconciler.apply.nodeaffinity import unschedulable_problem
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
-from reconciler.desired.models import ServicePolicy
-from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod, moved_away
+from reconciler.desired.models import ClusterSpec, ServicePolicy
+from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod, left_by_move
 from reconciler.state import DeploymentGroup
 
 Action = Literal["create", "update", "delete", "keep", "unchanged"]
@@ -150,9 +150,11 @@ def plan_workloads(
     now_s: float,
     window_s: float,
     unplaced: Mapping[str, str] | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> tuple[WorkloadWork, ...]:
     """Every workload's action this cycle, capacity-adding ones first. ``unplaced``:
-    the services placement could not give all they asked for, and what is missing."""
+    the services placement could not give all they asked for, and what is missing;
+    ``cluster``: the cluster file, whose switches tell what a move left behind."""
     kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
     drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
@@ -222,7 +224,7 @@ def plan_workloads(
         )
 
     work = _hold_unschedulable(work, snapshot)
-    work = _hold_moves(work, policies, unplaced or {})
+    work = _hold_moves(work, policies, cluster, unplaced or {})
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -291,11 +293,15 @@ def not_yet_serving(w: WorkloadWork) -> str | None:
 
 
 def _hold_moves(
-    work: list[WorkloadWork], policies: Mapping[str, ServicePolicy], unplaced: Mapping[str, str]
+    work: list[WorkloadWork],
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None,
+    unplaced: Mapping[str, str],
 ) -> list[WorkloadWork]:
-    """Make before break: ``work`` with every removal of a Deployment its service moved
-    away from (``moved_away``: the policy now deploys to another namespace) kept while
-    any Deployment of the service that this plan writes is not yet serving
+    """Make before break: ``work`` with every removal of a Deployment a move left
+    behind (``left_by_move``: the policy now deploys to another namespace, or the
+    group's switch is gone from the cluster file) kept while any Deployment of the
+    service that this plan writes is not yet serving
     (``not_yet_serving``), or placement could not place all the service asks for
     (``unplaced``: the leftovers hold GPUs, so there may be no room for a second copy
     until they go), so the service never runs on fewer instances than before the
@@ -308,11 +314,13 @@ def _hold_moves(
     serves nothing, and the old group's decode without its prefill neither.
 
     Why a kept leftover cannot flip-flop: whether an object is a leftover depends only
-    on its namespace and the service's policy, not on anything a plan decides; the
-    fleet leaves leftovers out (``fleet_from_snapshot``), so the decision never counts
-    them and placement never sees them, keeps them or places into them. Next cycle
-    the service's capacity is its new Deployments alone, exactly as this cycle
-    planned it, and the leftover is again only something to prune.
+    on it and the desired state (the policy's namespace, the cluster file's
+    switches), not on anything a plan decides; the fleet leaves leftovers out
+    (``fleet_from_snapshot``), so the decision never counts them and placement never
+    sees them, keeps them or places into them (it only holds their GPUs:
+    ``left_behind``). Next cycle the service's capacity is its new Deployments alone,
+    exactly as this cycle planned it, and the leftover is again only something to
+    prune.
 
     Not held: a service removed from the policies (not a move: its groups are kept or
     pruned by the prune setting), and scale-in by placement (a group it empties is
@@ -329,19 +337,13 @@ def _hold_moves(
     out: list[WorkloadWork] = []
     for w in work:
         until = waiting.get(w.service)
-        policy = policies.get(w.service)
-        if (
-            until is not None
-            and policy is not None
-            and w.live is not None
-            and w.removes_capacity
-            and moved_away(w.service, w.key.namespace, policies)
-        ):
-            w = _kept(
-                w,
-                f"{until}: service {w.service} moved to namespace {policy.namespace}, and "
-                "this Deployment serves until the Deployments replacing it do",
-            )
+        move = (
+            left_by_move(w.live, policies, cluster)
+            if until is not None and w.live is not None and w.removes_capacity
+            else None
+        )
+        if until is not None and move is not None:
+            w = _kept(w, f"{until}: {move}, and this Deployment serves until those replacing it do")
         out.append(w)
     return out
 

@@ -269,6 +269,7 @@ class KubernetesBackend:
             now_s=self.clock(),
             window_s=self.options.soft_scale_in_window_s,
             unplaced=unplaced_by_service(plan),
+            cluster=cluster,
         )
 
     # -------------------------------------------------------------------- diff

@@ -97,6 +97,16 @@ def domain_label_key(cluster: ClusterSpec, domain: str) -> str | None:
     )
 
 
+def is_domain_of(cluster: ClusterSpec, domain: str) -> bool:
+    """``domain`` is one a group can be pinned to in ``cluster``: one of its S1 or S2
+    switches, or the cluster itself (``domain_label_key`` has a label for it)."""
+    try:
+        domain_label_key(cluster, domain)
+    except RenderError:
+        return False
+    return True
+
+
 def gpu_type_label_value(cluster: ClusterSpec, gpu_type: str) -> str:
     spec = cluster.gpu_types.get(gpu_type)
     if spec is None:

@@ -65,7 +65,7 @@ from reconciler.apply.kubeclient import (
     nodes_path,
     pods_path,
 )
-from reconciler.apply.render import ObjectKey
+from reconciler.apply.render import ObjectKey, is_domain_of
 from reconciler.desired.models import (
     MAX_GPUS_PER_INSTANCE,
     MAX_GPUS_PER_NODE,
@@ -667,19 +667,41 @@ def moved_away(service: str, namespace: str, policies: Mapping[str, ServicePolic
     return policy is not None and policy.namespace != namespace
 
 
+def left_by_move(
+    deployment: LiveDeployment,
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None = None,
+) -> str | None:
+    """Why ``deployment`` is what a move of its group left behind, or None when it is
+    not: its service moved to another namespace (``moved_away``), or, with
+    ``cluster``, the switch its group is pinned to is gone from the cluster file (no
+    group can be rendered there, so placement must not keep it: the service is placed
+    anew). Either depends only on the desired state and the Deployment, never on a
+    plan: a leftover stays one until it is pruned."""
+    policy = policies.get(deployment.service)
+    if policy is None:
+        return None
+    if moved_away(deployment.service, deployment.key.namespace, policies):
+        return f"service {deployment.service} moved to namespace {policy.namespace}"
+    if cluster is not None and deployment.domain and not is_domain_of(cluster, deployment.domain):
+        return f"switch {deployment.domain} of its group is gone from cluster {cluster.name}'s file"
+    return None
+
+
 def fleet_from_snapshot(
-    snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy] | None = None
+    snapshot: ClusterSnapshot,
+    policies: Mapping[str, ServicePolicy] | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> FleetState:
     """Our Deployments as deployment groups; starting and draining per (service, role).
 
-    With ``policies``, a Deployment its service moved away from (``moved_away``) is
-    left out: it has the group id of the group that replaces it (names do not hold the
-    namespace), and counted in would make one group of the two. Apply prunes it once
-    its replacement serves (``reconciler.apply.actions``)."""
+    With ``policies``, a Deployment a move left behind (``left_by_move``) is left out:
+    after a namespace move it has the group id of the group that replaces it (names do
+    not hold the namespace), and counted in would make one group of the two; on a
+    switch gone from the cluster file it cannot be rendered. Apply prunes it once its
+    replacement serves (``reconciler.apply.actions``)."""
     kept = [
-        d
-        for d in snapshot.deployments.values()
-        if not moved_away(d.service, d.key.namespace, policies or {})
+        d for d in snapshot.deployments.values() if left_by_move(d, policies or {}, cluster) is None
     ]
     by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
     for deployment in kept:
@@ -918,23 +940,25 @@ def observation_from_snapshot(
         + unreadable_drift(deployments)
     )
     return Observation(
-        fleet=fleet_from_snapshot(snapshot, policies),
+        fleet=fleet_from_snapshot(snapshot, policies, cluster),
         drift=drift,
         held=unreadable_services(deployments),
-        left_behind=left_behind(snapshot, policies or {}),
+        left_behind=left_behind(snapshot, policies or {}, cluster),
     )
 
 
 def left_behind(
-    snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy]
+    snapshot: ClusterSnapshot,
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None = None,
 ) -> tuple[UngroupedInstances, ...]:
-    """The serving instances of the Deployments services moved away from
-    (``moved_away``), by node: the fleet leaves them out, placement holds their GPUs.
-    Those not yet on a node hold none."""
+    """The serving instances of the Deployments a move left behind (``left_by_move``),
+    by node: the fleet leaves them out, placement holds their GPUs. Those not yet on a
+    node hold none."""
     out: list[UngroupedInstances] = []
     for key in sorted(snapshot.deployments, key=str):
         deployment = snapshot.deployments[key]
-        if not moved_away(deployment.service, key.namespace, policies):
+        if left_by_move(deployment, policies, cluster) is None:
             continue
         by_node: dict[str, int] = defaultdict(int)
         for pod in snapshot.pods_of(deployment):

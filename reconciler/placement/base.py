@@ -33,7 +33,7 @@ class UngroupedInstances:
     """Instances of one role of a service that run outside its deployment groups,
     holding their GPUs: draining ones (soft scale-in took them out of service
     discovery until their observation window ends, ``reconciler.apply.softscale``), or
-    those a move left behind (``reconciler.observe.kubernetes.moved_away``: kept
+    those a move left behind (``reconciler.observe.kubernetes.left_by_move``: kept
     serving until the groups replacing them serve)."""
 
     service: str

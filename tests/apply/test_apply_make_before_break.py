@@ -5,6 +5,7 @@ are held."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -60,12 +61,25 @@ def after(before: DesiredState) -> DesiredState:
     return DesiredState(policies=policies, clusters=before.clusters, templates=before.templates)
 
 
-def grp(service: str, group_id: str, prefill: int, decode: int) -> DeploymentGroup:
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory: pytest.TempPathFactory) -> DesiredState:
+    """The repository's desired state with its switch pod-a renamed pod-z."""
+    root = tmp_path_factory.mktemp("renamed")
+    for folder in ("clusters", "policies", "templates"):
+        shutil.copytree(REPO / folder, root / folder)
+    cluster_file = root / "clusters" / f"{CLUSTER}.yaml"
+    cluster_file.write_text(cluster_file.read_text().replace("pod-a", "pod-z"))
+    return load_desired_state(root)
+
+
+def grp(
+    service: str, group_id: str, prefill: int, decode: int, domain: str = "pod-a"
+) -> DeploymentGroup:
     return DeploymentGroup(
         service,
         CLUSTER,
         group_id,
-        "pod-a",
+        domain,
         None,
         GroupRole("h800", prefill),
         GroupRole("h800", decode),
@@ -153,6 +167,7 @@ def plan(
         now_s=100.0,
         window_s=60.0,
         unplaced=unplaced,
+        cluster=state.clusters[CLUSTER],
     )
     return {str(w.key): w for w in work}
 
@@ -173,7 +188,7 @@ def test_a_namespace_move_creates_the_new_deployments_and_keeps_the_old_ones(
     assert kept.replicas_after == 3 and not kept.scale.drain and not kept.removes_capacity
     assert kept.scale.notes == (
         "kept until chat-v2/chat-a-d is ready (0 of 3 ready): service chat moved to "
-        "namespace chat-v2, and this Deployment serves until the Deployments replacing it do",
+        "namespace chat-v2, and this Deployment serves until those replacing it do",
     )
 
 
@@ -236,6 +251,30 @@ def test_the_old_deployments_stay_while_the_service_is_not_all_placed(
     running = live(before, [grp("chat", "a", 1, 3), grp("chat", "b", 1, 1)])
     scale_in = plan(before, [grp("chat", "a", 1, 3)], running, unplaced=short)
     assert scale_in["chat/chat-b-d"].action == "delete"
+
+
+def test_a_group_whose_switch_is_gone_from_the_cluster_file_is_kept_until_its_replacement_serves(
+    before: DesiredState, renamed: DesiredState
+) -> None:
+    old = live(before, [grp("chat", "a", 1, 3)])
+    work = plan(renamed, [grp("chat", "g-pod-z-1", 1, 3, domain="pod-z")], old)
+
+    assert work["chat/chat-g-pod-z-1-d"].action == "create"
+    assert work["chat/chat-a-p"].action == work["chat/chat-a-d"].action == "keep"
+    assert work["chat/chat-a-d"].scale.notes == (
+        "kept until chat/chat-g-pod-z-1-d is ready (0 of 3 ready): switch pod-a of its "
+        "group is gone from cluster prod-east's file, and this Deployment serves until "
+        "those replacing it do",
+    )
+    serving = live(renamed, [grp("chat", "g-pod-z-1", 1, 3, domain="pod-z")])
+    done = plan(renamed, [grp("chat", "g-pod-z-1", 1, 3, domain="pod-z")], old, serving)
+    assert done["chat/chat-a-p"].action == done["chat/chat-a-d"].action == "delete"
+
+    # The fleet never counts it, so placement places the service anew, never keeps it.
+    snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in old.values()}, (), (), 0.0)
+    policies = {p.name: p for p in renamed.policies_for(CLUSTER)}
+    fleet = fleet_from_snapshot(snapshot, policies, renamed.clusters[CLUSTER])
+    assert [g for g in fleet.groups if g.service == "chat"] == []
 
 
 def test_a_service_removed_from_the_policies_is_not_a_move_and_is_pruned(

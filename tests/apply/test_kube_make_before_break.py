@@ -22,7 +22,10 @@ from kubetestkit import (
 )
 from typer.testing import CliRunner
 
+from reconciler.apply import names
+from reconciler.apply.kubeclient import nodes_path
 from reconciler.cli import app
+from reconciler.desired import load_desired_state
 
 pytestmark = [pytest.mark.kubernetes]
 
@@ -159,3 +162,70 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
             text
         )
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
+
+
+def test_a_switch_renamed_in_the_cluster_file_moves_the_group_and_keeps_the_old_one_until_ready(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The S2 switch (and its S1) of the service's group is renamed in the cluster file
+    and on the Nodes: no group can be pinned to the old name any more. The service is
+    placed anew under the new name, and its old Deployments serve until the new ones
+    do."""
+    name = "mbb-switch"
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    client = control_plane.client()
+    _run("apply", *options)
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+    assert old and all(f"{name}-pa-" in n for n in old)
+
+    cluster_file = tmp_path / "clusters" / f"{name}.yaml"
+    cluster_file.write_text(cluster_file.read_text().replace(f"{name}-pa", f"{name}-pz"))
+    renamed = load_desired_state(tmp_path).clusters[name]
+    for node in renamed.nodes:
+        client.request(
+            "PATCH",
+            nodes_path(node.name),
+            body={"metadata": {"labels": renamed.node_labels(node)}},
+            content_type="application/merge-patch+json",
+        )
+
+    text = _run("apply", *options)
+    for deployment in old:
+        assert f"= keep Deployment {name}/{deployment} " in text, text
+    assert f"switch {name}-pa of its group is gone from cluster {name}'s file" in text, text
+    new = {n for n in list_deployments(client, name) if n not in old}
+    assert new and all(f"{name}-pz-" in n for n in new)
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items() if n in old} == old
+
+    groups = {
+        d["spec"]["selector"]["matchLabels"][names.GROUP_LABEL]
+        for n, d in list_deployments(client, name).items()
+        if n in new
+    }
+    pods = wait_for(
+        lambda: (
+            (
+                p := [
+                    x
+                    for x in list_pods(client, name)
+                    if x["metadata"]["labels"].get(names.GROUP_LABEL) in groups
+                ]
+            )
+            and len(p) == len(new)
+            and p
+        ),
+        what="the new Deployments' Pods",
+    )
+    for pod in pods:
+        mark_ready(client, name, pod)
+    wait_for(
+        lambda: all(
+            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
+            for n, d in list_deployments(client, name).items()
+            if n in new
+        ),
+        what="the new Deployments ready",
+    )
+    text = _run("apply", *options)
+    assert "kept until" not in text, text
+    wait_for(lambda: set(list_deployments(client, name)) == new, what="the old Deployments pruned")
