@@ -101,19 +101,23 @@ def test_a_namespace_move_keeps_the_old_deployments_until_the_new_ones_are_ready
 def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
-    """5 prefill instances of 2 GPUs and a decode instance of 1 take 11 of the
-    cluster's 16 H800 GPUs: beside them only 2 prefill and the decode fit. The move creates what fits, keeps the old Deployments while they
-    still hold their GPUs, and goes on keeping them once the new Pods are ready: the
-    service never serves from fewer instances, and every cycle says why."""
+    """5 prefill and 1 decode instances of 2 GPUs take 12 of the cluster's 16 H800
+    GPUs (instances of one size, so however the scheduler spread them, what is free
+    holds whole instances): beside them only a group of 1 prefill and 1 decode fits.
+    The move creates what fits, keeps the old Deployments while they hold their GPUs,
+    and goes on keeping them once the new Pods are ready: the service never serves
+    from fewer instances, and every cycle says why."""
     name = "mbb-full"
     moved = f"{name}-v2"
     _state, options = cluster_for_cli(control_plane, tmp_path, name)
     policy = tmp_path / "policies" / "svc.yaml"
     policy.write_text(
-        policy.read_text().replace(
+        policy.read_text()
+        .replace(
             "template: templates/prefill.yaml, min_instances: 1",
             "template: templates/prefill.yaml, min_instances: 5",
         )
+        .replace("decode: {gpus_per_instance: 1,", "decode: {gpus_per_instance: 2,")
     )
     client = control_plane.client()
     _run("apply", *options)
@@ -131,15 +135,15 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
     policy.write_text(policy.read_text().replace(f"namespace: {name}", f"namespace: {moved}"))
     ensure_namespace(client, moved)
     text = _run("apply", *options)
-    assert "svc/prefill: 3 instances not placed (gpu_capacity" in text, text
+    assert "svc/prefill: 4 instances not placed (gpu_capacity" in text, text
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
     new = list_deployments(client, moved)
-    assert sum(d["spec"]["replicas"] for n, d in new.items() if n.endswith("-p")) == 2
+    assert {n[-1]: d["spec"]["replicas"] for n, d in new.items()} == {"p": 1, "d": 1}
 
     pods = wait_for(
         lambda: (
             (p := list_pods(client, moved))
-            and len(p) == 3
+            and len(p) == 2
             and all(x["spec"].get("nodeName") for x in p)
             and p
         ),
@@ -158,7 +162,7 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
         text = _run("apply", *options)
         for deployment in old:
             assert f"= keep Deployment {name}/{deployment} " in text, text
-        assert "kept while its replacement is not all placed (3 prefill: gpu_capacity)" in text, (
+        assert "kept while its replacement is not all placed (4 prefill: gpu_capacity)" in text, (
             text
         )
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
