@@ -722,7 +722,8 @@ def plan_decide(
         prefill_demand=prefill_state,
         decode_demand=decode_state,
         correction=correction,
-        mix=fresh_mix if fresh_mix is not None else memory.mix,  # observed mixes only
+        # Observed mixes only, bare: what this cycle computed from it is not kept.
+        mix=fresh_mix.bare() if fresh_mix is not None else memory.mix,
         mix_at_s=now_s if fresh_mix is not None else memory.mix_at_s,
         prefill_kept=prefill_kept,
         decode_kept=decode_kept,
