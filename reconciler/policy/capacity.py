@@ -39,7 +39,6 @@ import math
 import operator
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from itertools import accumulate
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -429,8 +428,14 @@ def _histogram_from_cumulative(
         return None
     # The running maximum of the counts floored at 0 (``histogram_quantile``'s repair of
     # rate artefacts), in floats: numpy's ``maximum.accumulate(maximum(c, 0.0))`` gives
-    # the same values, and costs more than it saves on a couple of dozen buckets.
-    running = list(accumulate((c if c > 0.0 else 0.0 for c in cumulative_counts), max))
+    # the same values, and costs more than it saves on a couple of dozen buckets. A
+    # plain loop: ``accumulate`` with ``max`` called a builtin per bucket, on a generator.
+    running: list[float] = []
+    top = 0.0
+    for count in cumulative_counts:
+        if count > top:  # ``max(top, count if count > 0.0 else 0.0)``, the same float
+            top = count
+        running.append(top)
     if running[-1] <= 0:
         return None
     # np.diff's subtractions, one by one: finite and >= 0, and the bounds increase
