@@ -9,6 +9,7 @@ for a second copy beside the old one, the old one is kept, cycle after cycle."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubetestkit import (
@@ -34,6 +35,23 @@ def _run(*args: str, exit_code: int = 0) -> str:
     result = CliRunner().invoke(app, list(args), terminal_width=400)
     assert result.exit_code == exit_code, result.output
     return " ".join(result.output.split())
+
+
+def _serve(
+    client: Any, namespace: str, pods: list[dict[str, Any]], only: set[str] | None = None
+) -> None:
+    """Mark ``pods`` ready and wait until the Deployments of ``namespace`` (only those
+    named in ``only``, where given) have every replica ready."""
+    for pod in pods:
+        mark_ready(client, namespace, pod)
+    wait_for(
+        lambda: all(
+            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
+            for n, d in list_deployments(client, namespace).items()
+            if only is None or n in only
+        ),
+        what="the new Deployments ready",
+    )
 
 
 @pytest.mark.parametrize("pruned_by", ["apply", "saved plan"])
@@ -72,15 +90,7 @@ def test_a_namespace_move_keeps_the_old_deployments_until_the_new_ones_are_ready
         lambda: (p := list_pods(client, moved)) and len(p) == len(old) and p,
         what="the new Deployments' Pods",
     )
-    for pod in pods:
-        mark_ready(client, moved, pod)
-    wait_for(
-        lambda: all(
-            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
-            for d in list_deployments(client, moved).values()
-        ),
-        what="the new Deployments ready",
-    )
+    _serve(client, moved, pods)
 
     # Ready: the next cycle prunes the old Deployments, as before.
     if pruned_by == "apply":
@@ -149,15 +159,7 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
         ),
         what="the new Pods on their nodes (beside the old ones)",
     )
-    for pod in pods:
-        mark_ready(client, moved, pod)
-    wait_for(
-        lambda: all(
-            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
-            for d in list_deployments(client, moved).values()
-        ),
-        what="the new Deployments ready",
-    )
+    _serve(client, moved, pods)
     for _cycle in range(2):
         text = _run("apply", *options)
         for deployment in old:
@@ -220,16 +222,7 @@ def test_a_switch_renamed_in_the_cluster_file_moves_the_group_and_keeps_the_old_
         ),
         what="the new Deployments' Pods",
     )
-    for pod in pods:
-        mark_ready(client, name, pod)
-    wait_for(
-        lambda: all(
-            d.get("status", {}).get("readyReplicas") == d["spec"]["replicas"]
-            for n, d in list_deployments(client, name).items()
-            if n in new
-        ),
-        what="the new Deployments ready",
-    )
+    _serve(client, name, pods, only=new)
     text = _run("apply", *options)
     assert "kept until" not in text, text
     wait_for(lambda: set(list_deployments(client, name)) == new, what="the old Deployments pruned")
