@@ -5,6 +5,7 @@ against the simulator's measured saturation point."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import cache
 from statistics import NormalDist
 
@@ -16,6 +17,7 @@ from policy_testkit import REPO_ROOT
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
+from reconciler.latency_buckets import VLLM_TTFT_BUCKETS_S, bucket_around
 from reconciler.perfmodel.instance import InstancePerf, instance_perf
 from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.policy.capacity import (
@@ -43,6 +45,7 @@ from reconciler.policy.capacity import (
     transfer_s_per_token,
     unattainable,
 )
+from reconciler.policy.planner import implied_ttft_offset_s
 from reconciler.sim.engine import LoadProfile, ServiceSim, SimConfig
 from reconciler.sim.workload import synthetic_workload
 
@@ -651,6 +654,35 @@ def test_a_ttft_offset_adds_to_every_ttft_and_shrinks_the_budget(offset_s: float
     assert offset.decode == plain.decode
     assert f"TTFT +{offset_s * 1000:.0f} ms outside the instances" in offset.explain()
     assert "outside the instances" not in plain.explain()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    load=st.floats(min_value=500.0, max_value=9_000.0),
+    observed_s=st.floats(min_value=0.002, max_value=4.0),
+    current_s=st.sampled_from([0.0, 0.2, 0.7]),
+)
+def test_an_implied_offset_puts_the_prediction_in_the_observed_bucket(
+    load: float, observed_s: float, current_s: float
+) -> None:
+    """Whatever the reading, the offset an observed TTFT quantile implies is never
+    negative, is the current one where that one's prediction lies in the reading's
+    bucket, and otherwise puts the prediction on the bucket's nearest edge (or at 0
+    where even no offset predicts more than the bucket holds)."""
+    _, prefill, _, _ = chat()
+    at_load = PrefillLoad(prefill, chat_mix(), 0.9, load, 8, tpt(), 0.05 + current_s)
+    correction = LatencyCorrection(prefill_ttft_offset_s=current_s)
+    implied = implied_ttft_offset_s(at_load, correction, observed_s, VLLM_TTFT_BUCKETS_S)
+    assert implied is not None and implied >= 0.0
+    lower_s, upper_s = bucket_around(observed_s, VLLM_TTFT_BUCKETS_S)
+    with_implied = replace(at_load, decode_first_step_s=0.05 + implied)
+    predicted = predicted_ttft_s(with_implied)
+    if implied == current_s:
+        assert lower_s - 1e-9 <= predicted <= upper_s + 1e-9 or implied == 0.0
+    elif implied > 0.0:
+        assert min(abs(predicted - lower_s), abs(predicted - upper_s)) < 1e-6
+    else:  # no offset at all already predicts above the bucket
+        assert predicted >= upper_s - 1e-9
 
 
 @pytest.mark.parametrize("speed", [0.77, 1.0, 1.3])
