@@ -72,7 +72,7 @@ def plan_cluster(
     inputs = [
         DecisionInput(
             policy,
-            decision_fleet(observation, name),
+            observation.fleet.service_fleet(name),
             metrics.get(name, ServiceMetrics(service=name)),
             histories.get(name, PolicyHistory()),
             now_s,
@@ -162,16 +162,6 @@ def plan_cluster(
         gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories
-
-
-def decision_fleet(observation: Observation, service: str) -> ServiceFleet:
-    """``service``'s instances as its decision counts them: its deployment groups, or,
-    while a move is under way, the copy it left behind where that is larger
-    (``ServiceFleet.with_left_behind``)."""
-    fleet = observation.fleet.service_fleet(service)
-    if observation.left_behind_fleet is None:
-        return fleet
-    return fleet.with_left_behind(observation.left_behind_fleet.service_fleet(service))
 
 
 def decide_services(autoscaler: Autoscaler, inputs: Sequence[DecisionInput]) -> list[Decision]:

@@ -213,24 +213,6 @@ class ServiceFleet:
     def role(self, role: Role) -> RoleCount:
         return self.prefill if role == "prefill" else self.decode
 
-    def with_left_behind(self, left: ServiceFleet) -> ServiceFleet:
-        """The service as its decision counts it while a move is under way: ``self``
-        (its deployment groups) and ``left`` (what the move left behind, serving until
-        they do) are two copies of one service, so per role it is as large as the copy
-        with more ready instances (its groups on a tie), not their sum, which would
-        grow the groups to both copies. Counted as its groups alone, a service whose
-        metrics were missing right after a move was held at 0 (its minimum), and its
-        old Deployments were pruned once that many new Pods were ready."""
-
-        def larger(mine: RoleCount, theirs: RoleCount) -> RoleCount:
-            return theirs if (theirs.ready, theirs.active) > (mine.ready, mine.active) else mine
-
-        return ServiceFleet(
-            self.service,
-            larger(self.prefill, left.prefill),
-            larger(self.decode, left.decode),
-        )
-
 
 @dataclass(frozen=True)
 class NodeInstances:

@@ -51,10 +51,6 @@ class Observation:
     # Instances a move left behind, by node: not in ``fleet``, but holding GPUs
     # (``PlacementRequest.left_behind``).
     left_behind: tuple[UngroupedInstances, ...] = field(default=())
-    # The same Deployments counted as ``fleet`` counts its own: what a moving service
-    # serves from until its new groups do (``ServiceFleet.with_left_behind``). None:
-    # nothing was left behind.
-    left_behind_fleet: FleetState | None = None
 
 
 class ClusterBackend(Protocol):

@@ -703,34 +703,11 @@ def fleet_from_snapshot(
     kept = [
         d for d in snapshot.deployments.values() if left_by_move(d, policies or {}, cluster) is None
     ]
-    return _fleet_of(snapshot, kept, policies)
-
-
-def left_behind_fleet(
-    snapshot: ClusterSnapshot,
-    policies: Mapping[str, ServicePolicy],
-    cluster: ClusterSpec | None = None,
-) -> FleetState | None:
-    """The Deployments a move left behind (``left_by_move``), counted as
-    ``fleet_from_snapshot`` counts the others; None when there are none."""
-    left = [
-        d for d in snapshot.deployments.values() if left_by_move(d, policies, cluster) is not None
-    ]
-    return _fleet_of(snapshot, left, policies) if left else None
-
-
-def _fleet_of(
-    snapshot: ClusterSnapshot,
-    deployments: Sequence[LiveDeployment],
-    policies: Mapping[str, ServicePolicy] | None,
-) -> FleetState:
-    """``deployments`` as deployment groups, with starting and draining per (service,
-    role)."""
     by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
-    for deployment in deployments:
+    for deployment in kept:
         by_group[(deployment.service, deployment.group_id)][deployment.role] = deployment
     nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
-    for deployment in deployments:
+    for deployment in kept:
         counts: dict[str, int] = defaultdict(int)
         # At most as many Pods as the Deployment counts: the placers count instances
         # from the nodes, and Pods beyond the counted replicas (a hand scale-up being
@@ -967,7 +944,6 @@ def observation_from_snapshot(
         drift=drift,
         held=unreadable_services(deployments),
         left_behind=left_behind(snapshot, policies or {}, cluster),
-        left_behind_fleet=left_behind_fleet(snapshot, policies or {}, cluster),
     )
 
 

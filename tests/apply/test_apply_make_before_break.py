@@ -29,21 +29,16 @@ from reconciler.apply.savedplan import (
     check_leftovers,
     check_scope,
 )
-from reconciler.cycle import decision_fleet, plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
-from reconciler.observe.base import Observation
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
     LiveDeployment,
     LivePod,
     fleet_from_snapshot,
     left_behind,
-    left_behind_fleet,
     parse_deployment,
 )
 from reconciler.placement.base import UngroupedInstances
-from reconciler.placement.greedy import GreedyPlacer
-from reconciler.policy import make_autoscaler
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,52 +329,6 @@ def test_the_fleet_never_counts_a_kept_leftover(before: DesiredState, after: Des
     (chat,) = [g for g in fleet.groups if g.service == "chat"]
     assert (chat.prefill.instances, chat.decode.instances) == (1, 3)
     assert fleet.starting[("chat", "decode")] == 3
-
-
-def test_a_moving_service_is_decided_as_its_larger_copy_not_as_its_new_groups(
-    before: DesiredState, after: DesiredState
-) -> None:
-    """Right after a namespace move the service's groups are the new, empty ones; the
-    old Deployments still serve 6 prefill and 12 decode. Counted as its groups alone, a
-    decision that holds (here: no metrics) held the service at 0, so its minimum, and
-    the old Deployments were pruned once that many new Pods were ready. It is held at
-    what the old ones serve; once the new ones serve as many, they count (a copy is
-    chosen per role, never the sum, which would grow the groups to both copies)."""
-    old = live(before, [grp("chat", "a", 6, 12)])
-    policies = {p.name: p for p in after.policies_for(CLUSTER)}
-
-    def observed(*deployments: dict[str, LiveDeployment]) -> Observation:
-        snapshot = ClusterSnapshot(
-            CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
-        )
-        return Observation(
-            fleet_from_snapshot(snapshot, policies, after.clusters[CLUSTER]),
-            left_behind_fleet=left_behind_fleet(snapshot, policies, after.clusters[CLUSTER]),
-        )
-
-    fleet = decision_fleet(observed(old), "chat")
-    assert (fleet.prefill.ready, fleet.decode.ready) == (6, 12)
-    held, _ = plan_cluster(
-        after,
-        CLUSTER,
-        observed(old),
-        {},
-        {},
-        0.0,
-        make_autoscaler("heteroscale"),
-        GreedyPlacer(),
-    )
-    chat = [g for g in held.groups if g.service == "chat"]
-    assert sum(g.prefill.instances for g in chat) == 6
-    assert sum(g.decode.instances for g in chat) == 12
-    # The new copy starting: still the old one (more ready); both ready: the new one.
-    starting = live(after, [grp("chat", "a", 6, 12)], ready=0)
-    assert decision_fleet(observed(old, starting), "chat").decode.ready == 12
-    serving = live(after, [grp("chat", "a", 6, 12)])
-    both = decision_fleet(observed(old, serving), "chat")
-    assert (both.prefill.active, both.decode.active) == (6, 12)
-    assert decision_fleet(observed(serving), "chat") == both
-    assert observed(serving).left_behind_fleet is None
 
 
 def test_what_a_move_left_behind_holds_its_gpus_where_it_runs(
