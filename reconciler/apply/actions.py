@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -28,6 +28,7 @@ from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod, left_by_move
+from reconciler.policy.base import UNSIZED_REASONS, Decision
 from reconciler.state import DeploymentGroup
 
 Action = Literal["create", "update", "delete", "keep", "unchanged"]
@@ -69,6 +70,14 @@ class WorkloadWork:
             self.action == "delete"
             or self.replicas_after < self.replicas_before
             or bool(self.scale.drain)
+        )
+
+    @property
+    def rolls_out(self) -> bool:
+        """This cycle writes Pods of a new template: a create, or a template change
+        whose rollout replaces the running Pods."""
+        return self.desired is not None and (
+            self.live is None or self.live.template_hash != self.desired.template_hash
         )
 
     @property
@@ -151,10 +160,13 @@ def plan_workloads(
     window_s: float,
     unplaced: Mapping[str, str] | None = None,
     cluster: ClusterSpec | None = None,
+    unsized: Mapping[str, str] | None = None,
 ) -> tuple[WorkloadWork, ...]:
     """Every workload's action this cycle, capacity-adding ones first. ``unplaced``:
     the services placement could not give all they asked for, and what is missing;
-    ``cluster``: the cluster file, whose switches tell what a move left behind."""
+    ``cluster``: the cluster file, whose switches tell what a move left behind;
+    ``unsized``: the services whose size this cycle was held, not sized, and why
+    (``unsized_services``)."""
     kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
     drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
@@ -224,7 +236,7 @@ def plan_workloads(
         )
 
     work = _hold_unschedulable(work, snapshot)
-    work = _hold_moves(work, policies, cluster, unplaced or {})
+    work = _hold_moves(work, policies, cluster, unplaced or {}, unsized or {})
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -238,12 +250,9 @@ def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> 
     out: list[WorkloadWork] = []
     seen: dict[str, str | None] = {}
     for w in work:
-        new_pods = w.desired is not None and (
-            w.live is None or w.live.template_hash != w.desired.template_hash
-        )
         problem = (
             unschedulable_problem(w.manifest, snapshot.nodes, seen)
-            if new_pods and w.manifest is not None
+            if w.rolls_out and w.manifest is not None
             else None
         )
         if problem is not None:
@@ -280,13 +289,18 @@ def not_yet_serving(w: WorkloadWork) -> str | None:
     plan's replicas: a Deployment grown this cycle is not yet serving its new
     instances. Ready is the live ``readyReplicas``, counted only once the Deployment
     controller has acted on the current spec (``observedGeneration``): before, it is
-    the count of the spec before. A create has none ready."""
+    the count of the spec before. A create has none ready, and a template change this
+    plan writes serves none of its new Pods yet: its rollout takes up to a quarter of
+    the running Pods out of service (the Deployment controller's default), so what it
+    replaces must still serve."""
     if w.desired is None:
         return None
     asked = w.replicas_after
     if w.live is None:
         return f"0 of {asked} ready"
     ready = w.live.ready_replicas
+    if w.rolls_out:
+        return f"{ready} of {asked} ready, its Pods about to be replaced by a new template"
     if not w.live.rollout_observed:
         return f"{ready} of {asked} ready, its last change not yet acted on by the controller"
     return f"{ready} of {asked} ready" if ready < asked else None
@@ -297,6 +311,7 @@ def _hold_moves(
     policies: Mapping[str, ServicePolicy],
     cluster: ClusterSpec | None,
     unplaced: Mapping[str, str],
+    unsized: Mapping[str, str],
 ) -> list[WorkloadWork]:
     """Make before break: ``work`` with every removal of a Deployment a move left
     behind (``left_by_move``: the policy now deploys to another namespace, or the
@@ -304,8 +319,11 @@ def _hold_moves(
     service that this plan writes is not yet serving
     (``not_yet_serving``), or placement could not place all the service asks for
     (``unplaced``: the leftovers hold GPUs, so there may be no room for a second copy
-    until they go), so the service never runs on fewer instances than before the
-    move. Once all is placed and serving, a later cycle prunes the leftover as before.
+    until they go), or the service's size was held this cycle, not sized (``unsized``:
+    metrics missing, a failed decision, a drift hold: its groups, which leave the
+    leftovers out, are then only what the new copy happens to hold), so the service
+    never runs on fewer instances than before the move. Once all is sized, placed and
+    serving, a later cycle prunes the leftover as before.
 
     A replacement that never becomes ready (an image that does not pull) or cannot be
     placed (no capacity for it beside the leftover) keeps the leftover indefinitely:
@@ -332,6 +350,14 @@ def _hold_moves(
             waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
     for service, missing in sorted(unplaced.items()):
         waiting.setdefault(service, f"kept while its replacement is not all placed ({missing})")
+    for service, short in sorted(_smaller_than_left_behind(work, policies, cluster).items()):
+        why = unsized.get(service)
+        if why is not None:
+            waiting.setdefault(
+                service,
+                f"kept while the service's size is held, not sized ({why}), and its groups "
+                f"hold fewer than what the move left behind serves ({short})",
+            )
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -345,6 +371,39 @@ def _hold_moves(
         if until is not None and move is not None:
             w = _kept(w, f"{until}: {move}, and this Deployment serves until those replacing it do")
         out.append(w)
+    return out
+
+
+def _smaller_than_left_behind(
+    work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
+) -> dict[str, str]:
+    """Per service with Deployments a move left behind, the roles whose groups this
+    plan sizes below what those leftovers serve ("prefill 1 of 6"): a size held rather
+    than sized is the groups' own, which may be the minimum a new copy started at."""
+    left: dict[tuple[str, str], int] = defaultdict(int)
+    groups: dict[tuple[str, str], int] = defaultdict(int)
+    for w in work:
+        if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
+            left[(w.service, w.role)] += w.live.ready_replicas
+        elif w.desired is not None:
+            groups[(w.service, w.role)] += w.replicas_after
+    out: dict[str, list[str]] = defaultdict(list)
+    for (service, role), serving in sorted(left.items()):
+        if groups[(service, role)] < serving:
+            out[service].append(f"{role} {groups[(service, role)]} of {serving}")
+    return {service: ", ".join(parts) for service, parts in out.items()}
+
+
+def unsized_services(held: Mapping[str, str], decisions: Mapping[str, Decision]) -> dict[str, str]:
+    """The services whose size a cycle held rather than sized, and why: held by the
+    cycle (``held``: drift, unreadable objects), or decided for a reason that could not
+    size them (``UNSIZED_REASONS``: metrics missing, a failed decision)."""
+    out: dict[str, str] = {
+        service: decision.reason
+        for service, decision in decisions.items()
+        if decision.reason in UNSIZED_REASONS
+    }
+    out.update(held)
     return out
 
 

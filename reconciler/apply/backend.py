@@ -61,6 +61,7 @@ from reconciler.apply.actions import (
     manually_drained,
     plan_workloads,
     provably_unchanged,
+    unsized_services,
 )
 from reconciler.apply.fields import FieldChange, client_side_changes, field_changes
 from reconciler.apply.kubeclient import (
@@ -270,6 +271,7 @@ class KubernetesBackend:
             window_s=self.options.soft_scale_in_window_s,
             unplaced=unplaced_by_service(plan),
             cluster=cluster,
+            unsized=unsized_services(plan.held, plan.decisions),
         )
 
     # -------------------------------------------------------------------- diff

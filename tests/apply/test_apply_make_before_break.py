@@ -17,6 +17,7 @@ from reconciler.apply.actions import (
     effective_manifest,
     not_yet_serving,
     plan_workloads,
+    unsized_services,
 )
 from reconciler.apply.render import ObjectKey, render_groups
 from reconciler.apply.savedplan import (
@@ -39,6 +40,7 @@ from reconciler.observe.kubernetes import (
     parse_deployment,
 )
 from reconciler.placement.base import UngroupedInstances
+from reconciler.policy.base import Decision
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,9 +147,11 @@ def plan(
     groups: list[DeploymentGroup],
     *deployments: dict[str, LiveDeployment],
     unplaced: dict[str, str] | None = None,
+    unsized: dict[str, str] | None = None,
 ) -> dict[str, WorkloadWork]:
     """This cycle's work under ``state`` for ``groups`` against the live ``deployments``
-    (``unplaced``: the placement's shortfalls by service)."""
+    (``unplaced``: the placement's shortfalls by service; ``unsized``: the services
+    whose size was held, not sized)."""
     snapshot = ClusterSnapshot(
         CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
     )
@@ -168,6 +172,7 @@ def plan(
         window_s=60.0,
         unplaced=unplaced,
         cluster=state.clusters[CLUSTER],
+        unsized=unsized,
     )
     return {str(w.key): w for w in work}
 
@@ -275,6 +280,58 @@ def test_a_group_whose_switch_is_gone_from_the_cluster_file_is_kept_until_its_re
     policies = {p.name: p for p in renamed.policies_for(CLUSTER)}
     fleet = fleet_from_snapshot(snapshot, policies, renamed.clusters[CLUSTER])
     assert [g for g in fleet.groups if g.service == "chat"] == []
+
+
+def test_the_old_deployments_stay_while_the_services_size_is_held_not_sized(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """Right after a move with its metrics missing, the decision holds the service at
+    the size of its groups, which leave the old copy out: the minimum. The new copy at
+    that size serves soon, and the old one was pruned: 6 prefill and 12 decode became
+    1 and 1. While the service's size is held rather than sized (metrics missing, a
+    failed decision, a hold of the cycle) below what the move left behind serves, that
+    is kept."""
+    old = live(before, [grp("chat", "a", 6, 12)])
+    new = live(after, [grp("chat", "a", 1, 1)])
+    held = plan(after, [grp("chat", "a", 1, 1)], old, new, unsized={"chat": "metrics_missing"})
+    for key in old:
+        assert held[key].action == "keep", held[key]
+        assert (
+            "kept while the service's size is held, not sized (metrics_missing), and its "
+            "groups hold fewer than what the move left behind serves (decode 1 of 12, "
+            "prefill 1 of 6)" in held[key].scale.notes[0]
+        )
+    sized = plan(after, [grp("chat", "a", 1, 1)], old, new)
+    assert {sized[key].action for key in old} == {"delete"}
+    # Held at a size the new copy already serves in full: nothing is lost, pruned.
+    as_large = live(after, [grp("chat", "a", 6, 12)])
+    done = plan(after, [grp("chat", "a", 6, 12)], old, as_large, unsized={"chat": "held"})
+    assert {done[key].action for key in old} == {"delete"}
+
+
+def test_the_old_deployments_stay_while_the_new_ones_roll_out_a_new_template(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """The new copy serves all it is asked, but this plan changes its Pod template (an
+    image bump merged mid-move): its rollout takes up to a quarter of its Pods out of
+    service, so the old copy still serves until the new Pods do."""
+    old = live(before, [grp("chat", "a", 1, 3)])
+    new = {
+        key: replace(d, template_hash="an-older-template")
+        for key, d in live(after, [grp("chat", "a", 1, 3)]).items()
+    }
+    work = plan(after, [grp("chat", "a", 1, 3)], old, new)
+    for key in old:
+        assert work[key].action == "keep", work[key]
+        assert "about to be replaced by a new template" in work[key].scale.notes[0]
+
+
+def test_unsized_services_are_the_cycles_holds_and_the_decisions_that_could_not_size() -> None:
+    sized = Decision("a", 2, 4, "scale_out", "")
+    missing = Decision("b", 1, 1, "metrics_missing", "")
+    failed = Decision("c", 1, 1, "decision_failed", "")
+    unsized = unsized_services({"d": "drift"}, {"a": sized, "b": missing, "c": failed})
+    assert unsized == {"b": "metrics_missing", "c": "decision_failed", "d": "drift"}
 
 
 def test_a_service_removed_from_the_policies_is_not_a_move_and_is_pruned(
