@@ -317,12 +317,13 @@ def _hold_moves(
     behind (``left_by_move``: the policy now deploys to another namespace, or the
     group's switch is gone from the cluster file) kept while any Deployment of the
     service that this plan writes is not yet serving
-    (``not_yet_serving``), or placement could not place all the service asks for
-    (``unplaced``: the leftovers hold GPUs, so there may be no room for a second copy
-    until they go), or the service's size was held this cycle, not sized (``unsized``:
-    metrics missing, a failed decision, a drift hold: its groups, which leave the
-    leftovers out, are then only what the new copy happens to hold), so the service
-    never runs on fewer instances than before the move. Once all is sized, placed and
+    (``not_yet_serving``); or, while the groups hold fewer instances of a role than the
+    leftovers run (``_smaller_than_left_behind``), placement could not place all the
+    service asks for (``unplaced``: the leftovers hold GPUs, so there may be no room
+    for a second copy until they go) or the service's size was held this cycle, not
+    sized (``unsized``: metrics missing, a failed decision, a drift hold: its groups,
+    which leave the leftovers out, are then only what the new copy happens to hold);
+    so the service never runs on fewer instances than before the move. Once all is sized, placed and
     serving, a later cycle prunes the leftover as before.
 
     A replacement that never becomes ready (an image that does not pull) or cannot be
@@ -348,15 +349,22 @@ def _hold_moves(
         why = not_yet_serving(w)
         if why is not None:
             waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
-    for service, missing in sorted(unplaced.items()):
-        waiting.setdefault(service, f"kept while its replacement is not all placed ({missing})")
+    # A shortfall or a held size matters only while the groups hold less than what the
+    # move left behind runs: once the new copy is as large, the leftovers' GPUs are
+    # what a shortfall lacks, and keeping them for one unrelated to the move kept them
+    # forever.
     for service, short in sorted(_smaller_than_left_behind(work, policies, cluster).items()):
+        missing = unplaced.get(service)
+        if missing is not None:
+            waiting.setdefault(
+                service, f"kept while its replacement is not all placed ({missing}; {short})"
+            )
         why = unsized.get(service)
         if why is not None:
             waiting.setdefault(
                 service,
                 f"kept while the service's size is held, not sized ({why}), and its groups "
-                f"hold fewer than what the move left behind serves ({short})",
+                f"hold fewer than what the move left behind runs ({short})",
             )
     if not waiting:
         return work
@@ -378,13 +386,14 @@ def _smaller_than_left_behind(
     work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
 ) -> dict[str, str]:
     """Per service with Deployments a move left behind, the roles whose groups this
-    plan sizes below what those leftovers serve ("prefill 1 of 6"): a size held rather
-    than sized is the groups' own, which may be the minimum a new copy started at."""
+    plan sizes below what those leftovers run ("prefill 1 of 6": their replicas, ready
+    or still starting): a size held rather than sized is the groups' own, which may be
+    the minimum a new copy started at."""
     left: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
-            left[(w.service, w.role)] += w.live.ready_replicas
+            left[(w.service, w.role)] += w.live.replicas
         elif w.desired is not None:
             groups[(w.service, w.role)] += w.replicas_after
     out: dict[str, list[str]] = defaultdict(list)

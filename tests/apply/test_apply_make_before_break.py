@@ -248,14 +248,27 @@ def test_the_old_deployments_stay_while_the_service_is_not_all_placed(
         work["chat/chat-a-d"]
         .scale.notes[0]
         .startswith(
-            "kept while its replacement is not all placed (2 decode: gpu_capacity): "
-            "service chat moved to namespace chat-v2"
+            "kept while its replacement is not all placed (2 decode: gpu_capacity; "
+            "decode 1 of 3): service chat moved to namespace chat-v2"
         )
     )
     # A shortfall of a service that did not move holds nothing.
     running = live(before, [grp("chat", "a", 1, 3), grp("chat", "b", 1, 1)])
     scale_in = plan(before, [grp("chat", "a", 1, 3)], running, unplaced=short)
     assert scale_in["chat/chat-b-d"].action == "delete"
+
+
+def test_a_shortfall_keeps_the_old_deployments_only_while_the_new_copy_is_smaller(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """The new copy serves 4 prefill and 8 decode, twice the old 1 and 3; the service
+    asks for more still and placement cannot place it all. The old copy's GPUs are what
+    the shortfall lacks, and kept for a shortfall unrelated to the move they stayed
+    forever: it is pruned."""
+    old = live(before, [grp("chat", "a", 1, 3)])
+    larger = live(after, [grp("chat", "a", 4, 8)])
+    work = plan(after, [grp("chat", "a", 4, 8)], old, larger, unplaced={"chat": "2 decode"})
+    assert {work[key].action for key in old} == {"delete"}
 
 
 def test_a_group_whose_switch_is_gone_from_the_cluster_file_is_kept_until_its_replacement_serves(
@@ -289,7 +302,7 @@ def test_the_old_deployments_stay_while_the_services_size_is_held_not_sized(
     the size of its groups, which leave the old copy out: the minimum. The new copy at
     that size serves soon, and the old one was pruned: 6 prefill and 12 decode became
     1 and 1. While the service's size is held rather than sized (metrics missing, a
-    failed decision, a hold of the cycle) below what the move left behind serves, that
+    failed decision, a hold of the cycle) below what the move left behind runs, that
     is kept."""
     old = live(before, [grp("chat", "a", 6, 12)])
     new = live(after, [grp("chat", "a", 1, 1)])
@@ -298,7 +311,7 @@ def test_the_old_deployments_stay_while_the_services_size_is_held_not_sized(
         assert held[key].action == "keep", held[key]
         assert (
             "kept while the service's size is held, not sized (metrics_missing), and its "
-            "groups hold fewer than what the move left behind serves (decode 1 of 12, "
+            "groups hold fewer than what the move left behind runs (decode 1 of 12, "
             "prefill 1 of 6)" in held[key].scale.notes[0]
         )
     sized = plan(after, [grp("chat", "a", 1, 1)], old, new)

@@ -166,9 +166,10 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
         text = _run("apply", *options)
         for deployment in old:
             assert f"= keep Deployment {name}/{deployment} " in text, text
-        assert "kept while its replacement is not all placed (4 prefill: gpu_capacity)" in text, (
-            text
-        )
+        assert (
+            "kept while its replacement is not all placed (4 prefill: gpu_capacity; prefill 1 of 5)"
+            in text
+        ), text
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
 
 
