@@ -223,7 +223,13 @@ def summary_line(result: CycleResult) -> str:
     if refused:  # nor is a cluster with a write refused "matching the desired state"
         parts.append(f"{refused} object(s) refused (! error above): not as desired.")
     matching = [c for c in result.clusters if c.outcome != "error" and not c.refused_objects]
-    if not changed and len(matching) == len(result.clusters):
+    kept = sum(c.kept_objects for c in result.clusters)
+    if not changed and len(matching) == len(result.clusters) and kept:
+        parts.append(
+            f"No changes to make this cycle; {kept} object(s) kept as they run until what "
+            "replaces them serves (= keep above): not yet as desired."
+        )
+    elif not changed and len(matching) == len(result.clusters):
         parts.append("No changes: the clusters match the desired state.")
     elif not changed:
         if matching:

@@ -67,6 +67,15 @@ class ClusterOutcome:
             return 0
         return sum(1 for o in self.diff.objects if o.action == "error")
 
+    @property
+    def kept_objects(self) -> int:
+        """Objects kept as they run though the desired state has them go (``keep``: what
+        a move left behind, until its replacement serves): not yet as desired, though
+        this cycle writes nothing for them."""
+        if self.diff is None:
+            return 0
+        return sum(1 for o in self.diff.objects if o.action == "keep")
+
 
 def refused_scale_changes(diff: ClusterDiff) -> dict[str, str]:
     """Services with a scale change the API server refuses (a ``conflict``: someone

@@ -86,3 +86,23 @@ def test_the_summary_of_clusters_that_answered_beside_a_failed_one() -> None:
         "The 1 other cluster(s) match the desired state."
     )
     assert result.has_errors
+
+
+def test_a_cycle_whose_only_work_is_keeping_what_a_move_left_behind_does_not_say_it_matches() -> (
+    None
+):
+    """During a make-before-break hold that is all there is, the old Deployments run
+    though the desired state has them go: no change is made, but the cluster does not
+    match the desired state yet."""
+    from reconciler.apply.cyclereport import summary_line
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.loop.cluster_cycle import ClusterOutcome
+    from reconciler.loop.schedule import CycleResult
+
+    kept = (ObjectDiff("old/svc-d", "svc", "g", "decode", "keep", 2, 2),)
+    result = CycleResult([ClusterOutcome("east", diff=ClusterDiff("east", "server-dry-run", kept))])
+    assert summary_line(result) == (
+        "No changes to make this cycle; 1 object(s) kept as they run until what replaces "
+        "them serves (= keep above): not yet as desired."
+    )
+    assert not result.has_errors
