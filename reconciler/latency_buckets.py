@@ -95,6 +95,15 @@ def reading_holds_slo(value_ms: float, slo_ms: float, bounds: tuple[float, ...])
     return lower_s * 1000.0 < slo_ms < upper_s * 1000.0
 
 
+def reading_meets_slo(value_ms: float, slo_ms: float, bounds: tuple[float, ...] | None) -> bool:
+    """Whether a ``histogram_quantile`` reading of ``value_ms`` meets ``slo_ms`` wherever
+    in its bucket the true quantile lies (the bucket's upper edge is within it); with
+    unknown ``bounds`` the reading is taken as exact."""
+    if bounds is None:
+        return value_ms <= slo_ms
+    return bucket_around(value_ms / 1000.0, bounds)[1] <= slo_ms / 1000.0
+
+
 __all__ = [
     "SGLANG_ITL_BUCKETS_S",
     "VLLM_ITL_BUCKETS_S",
@@ -103,4 +112,5 @@ __all__ = [
     "engine_latency_buckets",
     "policy_latency_buckets",
     "reading_holds_slo",
+    "reading_meets_slo",
 ]

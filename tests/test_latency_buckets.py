@@ -16,6 +16,7 @@ from reconciler.latency_buckets import (
     bucket_around,
     policy_latency_buckets,
     reading_holds_slo,
+    reading_meets_slo,
 )
 
 
@@ -67,3 +68,12 @@ def test_each_engine_reads_through_its_own_bounds_and_overrides_through_none(
     overridden = chat.model_copy(update={"metrics": metrics})
     assert policy_latency_buckets(overridden, "tbt") is None
     assert policy_latency_buckets(overridden, "ttft") == VLLM_TTFT_BUCKETS_S
+
+
+def test_a_reading_meets_the_slo_only_where_its_whole_bucket_does() -> None:
+    """A p90 read as 0.9 s lies in vLLM's (0.75, 1.0] s bucket: it meets a 1.5 s SLO
+    wherever in the bucket it truly is; read as 1.1 s, in (1.0, 2.5], it may not."""
+    assert reading_meets_slo(900.0, 1500.0, VLLM_TTFT_BUCKETS_S)
+    assert reading_meets_slo(900.0, 1000.0, VLLM_TTFT_BUCKETS_S)  # the edge is within
+    assert not reading_meets_slo(1100.0, 1500.0, VLLM_TTFT_BUCKETS_S)
+    assert reading_meets_slo(1100.0, 1500.0, None) and not reading_meets_slo(1600.0, 1500.0, None)

@@ -37,8 +37,10 @@ One cycle, in order (each step that changes a number says so in the message):
    it (``factor_evidence`` says why). Beside prefill's busy fraction, a TTFT beyond
    the model's prediction is time spent outside the instances (a gateway, the
    network): learnt as an offset added to every TTFT (``implied_ttft_offset_s``),
-   which more instances do not remove. Prefill's TTFT alone is taken only as
-   evidence of a slower instance (``_ttft_alone_factor``).
+   which more instances do not remove; so is one read from the TTFT alone while its
+   histogram bucket meets the SLO (``reading_meets_slo``). Read alone and possibly
+   above the SLO, it is taken only as evidence of a slower instance
+   (``_ttft_alone_factor``).
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
    meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
@@ -92,7 +94,12 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.latency_buckets import bucket_around, policy_latency_buckets, reading_holds_slo
+from reconciler.latency_buckets import (
+    bucket_around,
+    policy_latency_buckets,
+    reading_holds_slo,
+    reading_meets_slo,
+)
 from reconciler.policy.base import (
     Clamp,
     Decision,
@@ -1253,7 +1260,7 @@ def _corrected(
             )
             observed_s = ttft.value / 1000.0
             buckets = policy_latency_buckets(policy, "ttft")
-            within_slo = _certainly_within(observed_s, slo.ttft_ms / 1000.0, buckets)
+            within_slo = reading_meets_slo(ttft.value, slo.ttft_ms, buckets)
             if busy_implied is None:
                 factor = _ttft_alone_factor(load, correction, observed_s, buckets)
                 if within_slo and factor is not None:
@@ -1282,14 +1289,6 @@ def _latency_reading(
     if sample is None or sample_problem(sample, name, now_s, max_age_s) is not None:
         return None
     return sample if sample.value > 0 else None
-
-
-def _certainly_within(observed_s: float, slo_s: float, buckets: tuple[float, ...] | None) -> bool:
-    """Whether a latency quantile read as ``observed_s`` meets ``slo_s`` wherever in its
-    histogram bucket it truly lies (read exactly without known ``buckets``)."""
-    if buckets is None:
-        return observed_s <= slo_s
-    return bucket_around(observed_s, buckets)[1] <= slo_s
 
 
 def _ttft_alone_factor(
