@@ -353,7 +353,8 @@ def _hold_moves(
     # move left behind runs: once the new copy is as large, the leftovers' GPUs are
     # what a shortfall lacks, and keeping them for one unrelated to the move kept them
     # forever.
-    for service, short in sorted(_smaller_than_left_behind(work, policies, cluster).items()):
+    smaller = _smaller_than_left_behind(work, policies, cluster) if unplaced or unsized else {}
+    for service, short in sorted(smaller.items()):
         missing = unplaced.get(service)
         if missing is not None:
             waiting.setdefault(
