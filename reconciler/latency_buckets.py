@@ -104,6 +104,25 @@ def reading_meets_slo(value_ms: float, slo_ms: float, bounds: tuple[float, ...] 
     return bucket_around(value_ms / 1000.0, bounds)[1] <= slo_ms / 1000.0
 
 
+def reading_likely_meets_slo(
+    value_ms: float, slo_ms: float, bounds: tuple[float, ...] | None
+) -> bool:
+    """Whether a ``histogram_quantile`` reading of ``value_ms`` says its quantile meets
+    ``slo_ms``: its whole bucket does (``reading_meets_slo``), or its bucket holds the
+    SLO (``reading_holds_slo``) and the reading itself is within it.
+
+    Inside a bucket ``histogram_quantile`` interpolates as if the latencies were spread
+    evenly over it. A latency tail thins out across a wide bucket (most of its requests
+    sit near the lower edge), so the cumulative share rises faster than that straight
+    line, and the interpolated quantile lies above the true one: a reading below the SLO
+    in a bucket that straddles it is the likelier side, not a coin toss."""
+    if reading_meets_slo(value_ms, slo_ms, bounds):
+        return True
+    return (
+        bounds is not None and reading_holds_slo(value_ms, slo_ms, bounds) and (value_ms <= slo_ms)
+    )
+
+
 __all__ = [
     "SGLANG_ITL_BUCKETS_S",
     "VLLM_ITL_BUCKETS_S",
@@ -112,5 +131,6 @@ __all__ = [
     "engine_latency_buckets",
     "policy_latency_buckets",
     "reading_holds_slo",
+    "reading_likely_meets_slo",
     "reading_meets_slo",
 ]

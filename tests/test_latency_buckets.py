@@ -16,6 +16,7 @@ from reconciler.latency_buckets import (
     bucket_around,
     policy_latency_buckets,
     reading_holds_slo,
+    reading_likely_meets_slo,
     reading_meets_slo,
 )
 
@@ -77,3 +78,18 @@ def test_a_reading_meets_the_slo_only_where_its_whole_bucket_does() -> None:
     assert reading_meets_slo(900.0, 1000.0, VLLM_TTFT_BUCKETS_S)  # the edge is within
     assert not reading_meets_slo(1100.0, 1500.0, VLLM_TTFT_BUCKETS_S)
     assert reading_meets_slo(1100.0, 1500.0, None) and not reading_meets_slo(1600.0, 1500.0, None)
+
+
+def test_a_reading_likely_meets_the_slo_where_its_bucket_does_or_it_does_within_one_around_it() -> (
+    None
+):
+    """Read as 1.1 s, in (1.0, 2.5] around a 1.5 s SLO, a p90 likely meets it (a tail
+    thinning out across the bucket reads high); read as 1.8 s, likely not. A reading in
+    a bucket wholly above the SLO never does, one in a bucket wholly within it always."""
+    assert reading_likely_meets_slo(1100.0, 1500.0, VLLM_TTFT_BUCKETS_S)
+    assert not reading_likely_meets_slo(1800.0, 1500.0, VLLM_TTFT_BUCKETS_S)
+    assert reading_likely_meets_slo(900.0, 1500.0, VLLM_TTFT_BUCKETS_S)
+    assert not reading_likely_meets_slo(2600.0, 2500.0, VLLM_TTFT_BUCKETS_S)
+    assert not reading_likely_meets_slo(1100.0, 1000.0, VLLM_TTFT_BUCKETS_S)
+    assert reading_likely_meets_slo(1400.0, 1500.0, None)
+    assert not reading_likely_meets_slo(1600.0, 1500.0, None)

@@ -1258,14 +1258,15 @@ def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_h
     assert factors[-1] == pytest.approx(0.77, rel=0.03)
 
 
-@pytest.mark.parametrize(("ttft_after_ms", "kept"), [(200.0, True), (1_400.0, False)])
+@pytest.mark.parametrize(("ttft_after_ms", "kept"), [(200.0, True), (1_800.0, False)])
 def test_a_faster_prefill_is_kept_while_its_busy_fraction_pauses_for_a_count_change(
     ttft_after_ms: float, kept: bool
 ) -> None:
     """After a count change the busy fraction is not read for a metrics window; the
     TTFT tail alone, which reads faster than the instance is (the prompt buckets), then
     keeps the faster factor the busy fraction taught, and moves it only where it reads
-    slower than that factor."""
+    slower than that factor and likely above the SLO (1.8 s in vLLM's (1.0, 2.5] s
+    bucket against chat's 1.5 s; below the SLO the excess is an offset)."""
     # One instance removed at the ninth cycle.
     factors = _prefill_factors_at_1_3x([30] * 8 + [29] * 4, [200.0] * 8 + [ttft_after_ms] * 4)
     learnt, paused = factors[7], factors[8:10]
@@ -1340,6 +1341,29 @@ def test_a_ttft_spent_outside_the_instances_is_learnt_as_an_offset(busy_read: bo
         message
     )
     assert without_floor <= with_floor <= math.ceil(1.3 * without_floor)
+
+
+@pytest.mark.parametrize(("floor_s", "factor_moves"), [(0.85, False), (1.5, True)])
+def test_a_ttft_read_alone_in_a_bucket_around_the_slo_goes_by_the_reading(
+    floor_s: float, factor_moves: bool
+) -> None:
+    """No busy fraction, and a TTFT whose p90 reads in vLLM's (1.0, 2.5] s bucket, which
+    holds chat's 1.5 s SLO. A reading below the SLO likely meets it (interpolated within
+    the bucket, a thinning tail reads high): the excess is an offset, the factor stays
+    the model's and prefill grows only by what the smaller budget needs. Read as a
+    slower factor, 0.85 s of gateway (a 1.1 s p90) ratcheted the factor to its 2x bound
+    and prefill from 20 to 33. A reading above the SLO still moves the factor."""
+    without_floor, _, _ = _settled_prefill(0.0, busy_read=False)
+    with_floor, correction, _ = _settled_prefill(floor_s, busy_read=False)
+    reading_ms = _ttft_with_floor_ms(with_floor, floor_s)
+    assert 1_000.0 < reading_ms < 2_500.0
+    assert (reading_ms > 1_500.0) is factor_moves
+    if factor_moves:
+        assert correction.prefill > 1.1
+    else:
+        assert correction.prefill == pytest.approx(1.0, abs=0.03)
+        assert 0.5 <= correction.prefill_ttft_offset_s <= 1.0
+        assert without_floor <= with_floor <= math.ceil(1.3 * without_floor)
 
 
 def _offsets_after(
