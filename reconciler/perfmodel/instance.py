@@ -58,7 +58,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -110,6 +110,25 @@ def _decode_efficiency(fit: dict[str, Any], gpu: GpuType) -> tuple[float, float]
     )
 
 
+class DecodeConstants(NamedTuple):
+    """The parts of one instance's decode step time that do not depend on the batch,
+    its cache or its context, each grouped as ``InstancePerf.decode_step_scalar_s``
+    groups it (so its results are bit for bit those of computing it in full)."""
+
+    overhead_s: float  # fixed per-step overheads, plus those per weight GB
+    weights_s: float  # reading the weights once at the effective bandwidth
+    two_params: float  # FLOPs per sequence of a step's GEMMs
+    compute_flops: float  # effective decode compute
+    floor_s_per_kv_gb: float  # attention floor per GB of one sequence's cache
+    gpus: float  # the tensor-parallel group, as a float
+    kv_bytes_per_token: float
+    bandwidth_bps: float  # effective bandwidth
+    k_gemm: float  # sharpness of the weights/GEMM smooth maximum, and its inverse
+    inv_k_gemm: float
+    k_attention: float  # sharpness of the floor/KV-read smooth maximum, and its inverse
+    inv_k_attention: float
+
+
 @dataclass(frozen=True)
 class InstancePerf:
     """One engine instance of one model on ``gpus`` GPUs of one type."""
@@ -130,7 +149,7 @@ class InstancePerf:
     util: Mapping[str, Any] = field(compare=False, repr=False)
     # The parts of ``decode_step_scalar_s`` that do not depend on its arguments, worked
     # out once (``__post_init__``): the simulator calls it twice per generation-second.
-    _decode_terms: tuple[float, ...] = field(init=False, compare=False, repr=False)
+    _decode_terms: DecodeConstants = field(init=False, compare=False, repr=False)
     # The model and card operands of the fitted forms (calibrate's decode and prefill).
     _model_on_card: ModelOnCard = field(init=False, compare=False, repr=False)
     # The parts of ``prefill_latency_one_s`` that do not depend on the prompt, likewise.
@@ -144,24 +163,23 @@ class InstancePerf:
         object.__setattr__(self, "_model_on_card", model_on_card)
         d = self.decode_params
         bandwidth = self.eta_bandwidth * self.bandwidth_bps
-        # Each term as decode_step_scalar_s groups it, so every result is bit for bit the
-        # same as computing it in full.
         object.__setattr__(
             self,
             "_decode_terms",
-            (
-                d["overhead_s"] + d["overhead_s_per_weight_gb"] * self.weight_bytes / 1e9,
-                self.weight_bytes / bandwidth,
-                2.0 * self.params,
-                self.eta_compute_decode * self.flops,
-                d["attention_floor_s_per_kv_gb"],
-                float(self.gpus),
-                self.kv_bytes_per_token,
-                bandwidth,
-                d["k_gemm"],
-                1.0 / d["k_gemm"],
-                d["k_attention"],
-                1.0 / d["k_attention"],
+            DecodeConstants(
+                overhead_s=d["overhead_s"]
+                + d["overhead_s_per_weight_gb"] * self.weight_bytes / 1e9,
+                weights_s=self.weight_bytes / bandwidth,
+                two_params=2.0 * self.params,
+                compute_flops=self.eta_compute_decode * self.flops,
+                floor_s_per_kv_gb=d["attention_floor_s_per_kv_gb"],
+                gpus=float(self.gpus),
+                kv_bytes_per_token=self.kv_bytes_per_token,
+                bandwidth_bps=bandwidth,
+                k_gemm=d["k_gemm"],
+                inv_k_gemm=1.0 / d["k_gemm"],
+                k_attention=d["k_attention"],
+                inv_k_attention=1.0 / d["k_attention"],
             ),
         )
 
@@ -254,26 +272,13 @@ class InstancePerf:
         ``decode_step_float_s`` inlined on the constants worked out once
         (``_decode_terms``, grouped as ``decode_terms`` groups them), the same
         operations on the same operands without the calls."""
-        (
-            fixed_s,
-            weights_s,
-            two_params,
-            compute_flops,
-            floor_s_per_kv_gb,
-            gpus,
-            kv_bytes_per_token,
-            bandwidth_bps,
-            k_gemm,
-            _,
-            k_attention,
-            _,
-        ) = self._decode_terms
-        compute_s = two_params * max(batch, 1e-9) / compute_flops
-        floor_s = floor_s_per_kv_gb * (mean_context / gpus) * kv_bytes_per_token / 1e9
-        reads_s = kv_tokens * kv_bytes_per_token / bandwidth_bps
-        gemm = smooth_max_float(float(weights_s), float(compute_s), k_gemm)
-        attention = smooth_max_float(float(floor_s), float(reads_s), k_attention)
-        return float(fixed_s) + gemm + attention
+        c = self._decode_terms
+        compute_s = c.two_params * max(batch, 1e-9) / c.compute_flops
+        floor_s = c.floor_s_per_kv_gb * (mean_context / c.gpus) * c.kv_bytes_per_token / 1e9
+        reads_s = kv_tokens * c.kv_bytes_per_token / c.bandwidth_bps
+        gemm = smooth_max_float(float(c.weights_s), float(compute_s), c.k_gemm)
+        attention = smooth_max_float(float(floor_s), float(reads_s), c.k_attention)
+        return float(c.overhead_s) + gemm + attention
 
     def _decode_terms_at(
         self, batch: Num, kv_tokens: Num, mean_context: Num
