@@ -1465,20 +1465,20 @@ class ServiceSim:
             )
             shares_slowdowns += [share, slowdown]
         return PrefillSecond(
-            n_arr,
-            admitted,
-            dropped,
-            admitted_work,
-            served_n,
-            served_tokens,
-            served_output,
-            busy,
-            servers,
-            ggc,
-            tuple(shares_slowdowns),
-            self.queue_requests,
-            cum["prefill_work_in"],
-            cum["prefill_work_out"],
+            arrived=n_arr,
+            admitted=admitted,
+            dropped=dropped,
+            admitted_work=admitted_work,
+            served_requests=served_n,
+            served_tokens=served_tokens,
+            served_output=served_output,
+            busy=busy,
+            servers=servers,
+            ggc_wait_s=ggc,
+            shares_slowdowns=tuple(shares_slowdowns),
+            queue_requests=self.queue_requests,
+            prefill_work_in=cum["prefill_work_in"],
+            prefill_work_out=cum["prefill_work_out"],
         )
 
     # ------------------------------------------------------------------ state
