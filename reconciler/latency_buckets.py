@@ -112,10 +112,12 @@ def reading_likely_meets_slo(
     SLO (``reading_holds_slo``) and the reading itself is within it.
 
     Inside a bucket ``histogram_quantile`` interpolates as if the latencies were spread
-    evenly over it. A latency tail thins out across a wide bucket (most of its requests
-    sit near the lower edge), so the cumulative share rises faster than that straight
-    line, and the interpolated quantile lies above the true one: a reading below the SLO
-    in a bucket that straddles it is the likelier side, not a coin toss."""
+    evenly over it. A TTFT tail (set by the prompt lengths' tail) thins out across a
+    wide bucket (most of its requests sit near the lower edge), so the cumulative share
+    rises faster than that straight line, and the interpolated quantile lies above the
+    true one: a reading below the SLO in a bucket that straddles it is the likelier
+    side, not a coin toss. For the TTFT only: inter-token gaps gather at the decode step
+    time, wherever in the bucket it is, and their interpolated reading tells nothing."""
     if reading_meets_slo(value_ms, slo_ms, bounds):
         return True
     return (
