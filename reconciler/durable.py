@@ -62,10 +62,10 @@ SHARD_SCHEMA = "heteroscale.io/reconciler-memories"
 SHARD_VERSION = 1
 SHARD_READABLE_VERSIONS = (1,)
 # A ConfigMap holds at most 1 MiB, metadata included; each document stays under this.
-# A service's windows take about 0.5 KB; its planner memory, about 12 KB of JSON once
-# it holds an hour of headroom errors, is stored compressed (``_pack``): the 8-hour
-# azure-x50 day leaves 6,910 bytes per service in all, so 118 services keep theirs in
-# one document (``benchmarks/bench_state.py``); the memory shards hold the rest.
+# A service's windows take about 0.5 KB; its planner memory, about 10 KB of JSON once
+# it holds its headroom errors, is stored compressed (``_pack``): the 8-hour azure-x50
+# day leaves 4,246 bytes per service in all, so 192 services keep theirs in one
+# document (``benchmarks/bench_state.py``); the memory shards hold the rest.
 MAX_STATE_BYTES = 800 * 1024
 # Memory shards per cluster when nothing else is said (``--state-memory-shards``), and
 # at most: every shard is an object RBAC must name, so the set stays finite.

@@ -53,15 +53,17 @@ One cycle, in order (each step that changes a number says so in the message):
 5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
    metrics window from now; each role's demand is forecast at that horizon
    (``forecast``: Holt's trend plus the daily curve once a day of history exists) and
-   sized for ``max(now, forecast) x (1 + headroom)``. The headroom is a high quantile
-   (the attainment goal, for both roles) of how far the demand
-   outran the capacity kept in force over the last hour (``KeptCapacity``), the
-   forecaster's own errors at that horizon until ten of those exist, and at least
-   the policy's ``scaling.min_headroom`` (10 % by default,
-   ``models.DEFAULT_MIN_HEADROOM``): a bursty service carries more on its own. Too little history: current demand x (1 + that
-   floor). The headroom is relative, so it never takes the size above
-   ``max(peak, forecast) x (1 + the floor)``, ``peak`` being
-   the highest demand of the headroom's own memory (``KeptCapacity.peak_tps``).
+   sized for ``max(now, forecast) x (1 + headroom)``. The headroom bounds how far
+   the demand outran the capacity kept in force (``KeptCapacity``): the bound at the
+   attainment goal (for both roles) of the recent shortfalls, which the next one stays
+   within with that probability (``forecast.prediction_bound``), over as many of them
+   as make it one (199 at the default 99.5 %: 100 minutes; an hour's 120 read as their
+   largest covered the next 120 times in 121), the forecaster's own errors at that
+   horizon until ten exist, and at least the policy's ``scaling.min_headroom`` (10 %
+   by default, ``models.DEFAULT_MIN_HEADROOM``): a bursty service carries more on its
+   own. Too little history: current demand x (1 + that floor). The headroom is
+   relative, so it never takes the size above ``max(peak, forecast) x (1 + the
+   floor)``, ``peak`` being the last hour's highest demand (``KeptCapacity.peak_tps``).
 6. **Unattainable requests** (TTFT missed even on an idle instance) are left out of
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
    with the prompt length beyond which the SLO is out of reach, and never chased:
@@ -140,11 +142,12 @@ from reconciler.policy.forecast import (
     ForecastConfig,
     ForecastState,
     headroom,
-    quantile_linear,
+    prediction_bound,
     readable,
     remembered,
     sizing_demand,
     update,
+    values_for_bound,
 )
 from reconciler.policy.gpu_economics import (
     choose_gpu_types,
@@ -173,12 +176,19 @@ from reconciler.state import (
 CYCLE_S = 30.0
 # The metrics window behind every rate (a PromQL rate over one minute).
 METRICS_WINDOW_S = 60.0
-# Errors behind the headroom: the last hour of 30 s cycles; with fewer than ten
-# (five minutes) the forecaster's own errors stand in.
-KEPT_ERRORS = 120
+# Errors behind the headroom: as many as make its bound at the attainment goal a valid
+# one (``forecast.values_for_bound``: 199 at the default 99.5 %, 100 minutes of 30 s
+# cycles), at most this many (a goal above 99.9 % reads the largest of them, which
+# covers the next with probability 1000/1001): a planner memory holds two such lists,
+# and the durable state stores it. With fewer than ten (five minutes) the
+# forecaster's own errors stand in.
+MAX_KEPT_ERRORS = 1000
 MIN_KEPT_ERRORS = 10
-# The highest demand the headroom's ceiling goes by is remembered as long as its errors.
-PEAK_MEMORY_S = KEPT_ERRORS * CYCLE_S
+# The highest demand the headroom's ceiling goes by: the last hour's. Not as long as the
+# errors: remembered for their 100 minutes at the default goal, it cost burst days up to
+# 12 % more GPU-hours with no request more within the SLO (burst-chat-3-warm: 459.5
+# against 413.7 at 100.0 %, the matrix's heteroscale run of that cell).
+PEAK_MEMORY_S = 3600.0
 # A backlog is sized to drain within one metrics window once the capacity is there:
 # every request behind it misses its TTFT while it lasts (so slower draining loses
 # more requests), and a window is the soonest the loop can see that it drained (the
@@ -381,14 +391,22 @@ class KeptCapacity:
     remembered for an hour as a shortfall of several hundred percent."""
 
     sized: tuple[tuple[float, float], ...] = ()  # (made at s, demand sized for)
-    errors: tuple[float, ...] = ()  # demand / kept - 1, oldest first
+    errors: tuple[float, ...] = ()  # max(0, demand / kept - 1), oldest first
     # The demand's sliding maximum over PEAK_MEMORY_S: (at s, demand), each entry
     # higher than every later one (so it stays short).
     peaks: tuple[tuple[float, float], ...] = ()
 
     def observe(
-        self, now_s: float, demand: float, sized: float | None, horizon_s: float, window_s: float
+        self,
+        now_s: float,
+        demand: float,
+        sized: float | None,
+        horizon_s: float,
+        window_s: float,
+        errors_kept: int,
     ) -> KeptCapacity:
+        """Itself with the demand ``now_s`` scored against the capacity then in force
+        (``errors_kept`` of the errors kept, the newest) and ``sized`` filed."""
         oldest, newest = now_s - horizon_s - window_s, now_s - horizon_s
         # The sizings still remembered (made at or after ``oldest``), and of those the
         # ones in force now (made by ``newest``): the entries themselves, not copies.
@@ -396,7 +414,11 @@ class KeptCapacity:
         in_force = [v for at, v in kept if at <= newest]
         errors = self.errors
         if in_force and max(in_force) > 0:
-            errors = (*errors, demand / max(in_force) - 1.0)[-KEPT_ERRORS:]
+            # A demand within what was kept fell short of nothing: 0. The headroom is at
+            # least the policy's floor (0 or more), so no bound below 0 is ever read,
+            # and zeros pack small in the durable state, which keeps 199 a role.
+            shortfall = max(0.0, demand / max(in_force) - 1.0)
+            errors = (*errors, shortfall)[-errors_kept:]
         if sized is not None:
             kept.append((now_s, sized))
         since_s = now_s - PEAK_MEMORY_S
@@ -431,11 +453,12 @@ class KeptCapacity:
         return max((demand for _, demand in self.peaks), default=0.0)
 
     def headroom(self, quantile: float) -> float | None:
-        """The ``quantile`` of the recent errors, None with fewer than
-        ``MIN_KEPT_ERRORS`` of them."""
+        """The recent errors' bound at ``quantile`` (``prediction_bound``: the next
+        error lies within it with that probability, where the errors are exchangeable),
+        None with fewer than ``MIN_KEPT_ERRORS`` of them."""
         if len(self.errors) < MIN_KEPT_ERRORS:
             return None
-        return quantile_linear(self.errors, quantile)
+        return prediction_bound(self.errors, quantile)
 
 
 def forecast_config(policy: ServicePolicy) -> tuple[ForecastConfig, float, float]:
@@ -504,7 +527,8 @@ def _sized_demand(
     now_tps = demand.arriving_tps
     predicted = sizing_demand(state, horizon_s, config)
     base = now_tps if predicted is None else predicted
-    kept = kept.observe(now_s, now_tps, predicted, horizon_s, window_s)
+    errors_kept = values_for_bound(config.error_quantile, MAX_KEPT_ERRORS)
+    kept = kept.observe(now_s, now_tps, predicted, horizon_s, window_s, errors_kept)
     drain = ""
     if demand.drain_tps > 0:
         drain = f" +{demand.drain_tps:.0f} to drain the queue"
