@@ -88,6 +88,7 @@ from reconciler.text_safety import redacted_url, visible
 
 if TYPE_CHECKING:
     from reconciler.apply.plansign import SigningKey
+    from reconciler.apply.savedplan import SavedPlan
     from reconciler.desired.loader import DesiredState
     from reconciler.desired.models import ClusterSpec, ServicePolicy
     from reconciler.durable import Revision
@@ -1086,6 +1087,29 @@ def saved_plan_identity(cluster: Any) -> str:
     return "saved-plan:sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def _only_clusters(
+    saved: SavedPlan, clusters: Sequence[str], state: DesiredState, plan_file: Path
+) -> SavedPlan:
+    """``saved`` with only the clusters ``--cluster`` names (all without it): an
+    operator who keeps a cluster out of an apply (an incident there, a staged rollout)
+    gets none of its writes. Each cluster's writes stand on their own (checked against
+    its own objects), so a subset applies as reviewed. A usage error (exit 2) for a
+    name the desired state or the plan does not have: a typo would otherwise apply
+    nothing and say so as success."""
+    if not clusters:
+        return saved
+    checked_clusters(clusters, state)
+    planned = [c.cluster for c in saved.clusters]
+    absent = [name for name in clusters if name not in planned]
+    if absent:
+        raise typer.BadParameter(
+            f"{plan_file} holds no plan for cluster {', '.join(repr(n) for n in absent)} "
+            f"(it holds: {', '.join(planned) or 'none'})",
+            param_hint="--cluster",
+        )
+    return replace(saved, clusters=tuple(c for c in saved.clusters if c.cluster in clusters))
+
+
 def _apply_saved(
     plan_file: Path,
     settings: Settings,
@@ -1174,6 +1198,7 @@ def _apply_saved(
     except ConfigError as exc:
         report_config_error(exc)
         return 1
+    saved = _only_clusters(saved, settings.clusters, state, plan_file)
     moved: list[str] = []
     if saved.source.kind == "git" and commit != saved.source.commit:
         moved.append(
