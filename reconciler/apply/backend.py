@@ -126,6 +126,11 @@ class NotOurs(PermanentError):
     """An object to write no longer carries heteroscale's ownership labels: left alone."""
 
 
+class WritesStopped(PermanentError):
+    """This replica must make no further write (it no longer leads, or its loop is
+    stopping and gives the Lease up): another may be acting on the same objects."""
+
+
 @dataclass
 class ApplyStats:
     """Counters of the last diff/apply, for the loop's metrics and the tests."""
@@ -208,6 +213,9 @@ class KubernetesBackend:
         self._conflict_drift: dict[str, tuple[Drift, ...]] = {}
         # The last diff_cluster: (plan, diff, work), reused by apply_cluster(plan).
         self._preview: tuple[Plan, ClusterDiff, dict[str, WorkloadWork]] | None = None
+        # Why no write may be made now (None: it may), asked before each write of an
+        # apply (``apply_cluster``'s ``may_write``).
+        self._writes_refused: Callable[[], str | None] = _never_refused
 
     # ------------------------------------------------------------------- observe
 
@@ -604,20 +612,39 @@ class KubernetesBackend:
 
     # ------------------------------------------------------------------- apply
 
-    def apply_cluster(self, plan: Plan) -> ClusterDiff:
+    def apply_cluster(
+        self, plan: Plan, writes_refused: Callable[[], str | None] | None = None
+    ) -> ClusterDiff:
         """Carry out the plan: dry run first (so unchanged objects are not written
         and conflicts are known), then writes in capacity-safe order. Returns the
         report of what was done (``mode="applied"``). Raises ``ClusterUnavailable``
-        when the API server stops answering; the next cycle finishes the job."""
+        when the API server stops answering; the next cycle finishes the job.
+
+        ``writes_refused`` is asked before every write, a conflict's retry included
+        (None: it may write): a replica that lost the Lease in the middle of an apply
+        wrote on, and its retry of a 409 wrote its stale replicas over the ones the new
+        leader had just set. From the first refusal on, nothing is written and every
+        object not yet written is reported as such."""
         if self._preview is not None and self._preview[0] is plan and self._snapshot is not None:
             _plan, preview, work = self._preview
         else:
             preview, work = self._diff(plan)
         self._preview = None
+        self._writes_refused = writes_refused or _never_refused
+        try:
+            return self._carry_out_all(preview, work)
+        finally:
+            self._writes_refused = _never_refused
+
+    def _carry_out_all(self, preview: ClusterDiff, work: dict[str, WorkloadWork]) -> ClusterDiff:
         done: list[ObjectDiff] = []
+        stopped: str | None = None
         for obj in preview.objects:
             if obj.action in ("conflict", "error", "keep") or not obj.changes_something:
                 done.append(obj)
+                continue
+            if stopped is not None:
+                done.append(replace(obj, action="error", notes=(*obj.notes, stopped)))
                 continue
             try:
                 self._carry_out(
@@ -633,6 +660,11 @@ class KubernetesBackend:
                     else (str(exc),)
                 )
                 done.append(replace(obj, action="conflict", notes=(*obj.notes, *notes)))
+                continue
+            except WritesStopped as exc:
+                stopped = f"not written: {exc}"
+                self.stats.errors.append(f"{obj.key}: {stopped}")
+                done.append(replace(obj, action="error", notes=(*obj.notes, stopped)))
                 continue
             except (PermanentError, NotFound, ResourceConflict) as exc:
                 self.stats.errors.append(f"{obj.key}: {exc}")
@@ -709,6 +741,12 @@ class KubernetesBackend:
 
         self._guarded(path, resource_version, write, what=what, still_wanted=still_wanted)
 
+    def _check_may_write(self) -> None:
+        """Raise ``WritesStopped`` when ``apply_cluster``'s ``writes_refused`` says no."""
+        reason = self._writes_refused()
+        if reason is not None:
+            raise WritesStopped(reason)
+
     # ------------------------------------------------------------ ownership
 
     def _check_ours(self, obj: Mapping[str, Any], what: str) -> None:
@@ -735,6 +773,7 @@ class KubernetesBackend:
         A vanished object is skipped. Returns the write's answer (None if skipped)."""
         rv = resource_version
         for attempt in range(self.options.conflict_retries + 2):
+            self._check_may_write()
             if rv is None or attempt > 0:
                 try:
                     fresh = self.client.get(path)
@@ -833,6 +872,7 @@ class KubernetesBackend:
         path = deployments_path(w.key.namespace, w.key.name)
         body = {**w.manifest, "metadata": dict(w.manifest["metadata"])}
         body["metadata"].pop("resourceVersion", None)
+        self._check_may_write()
         try:
             created = self.client.request(
                 "POST",
@@ -864,6 +904,7 @@ class KubernetesBackend:
                 return None
         for _attempt in range(self.options.conflict_retries + 1):
             assert manifest is not None
+            self._check_may_write()
             try:
                 written = self.client.apply(
                     path, manifest, field_manager=names.FIELD_MANAGER, force=self.options.force
@@ -911,6 +952,10 @@ def unplaced_by_service(plan: Plan) -> dict[str, str]:
             f"{shortfall.instances} {shortfall.role}: {shortfall.constraint}"
         )
     return {service: "; ".join(parts) for service, parts in missing.items()}
+
+
+def _never_refused() -> str | None:
+    return None
 
 
 def _still_drained(pod: Mapping[str, Any]) -> bool:

@@ -250,7 +250,9 @@ class ClusterCycle:
         self, seen: _Seen, backend: ClusterBackend, plan: Plan, outcome: ClusterOutcome
     ) -> None:
         if hasattr(backend, "apply_cluster"):
-            outcome.diff = backend.apply_cluster(plan)
+            # Leadership is asked again before every write: the Lease may be lost while
+            # the apply runs, and another replica may then be writing these objects.
+            outcome.diff = backend.apply_cluster(plan, self.apply_refused)
             outcome.lines = tuple(outcome.diff.lines() + summarise_drift(outcome.diff.drift))
             self._keep_cooldown(seen, plan, outcome.diff)
         else:

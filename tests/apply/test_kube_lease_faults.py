@@ -5,6 +5,10 @@ stay alive, retry with backoff, count the errors in the loop's metrics, fail
 by itself once the namespace exists or the permission is granted.
 
 The loop is wired as ``heteroscale run`` wires it: ``is_leader=elector.is_leader``.
+
+And the Lease lost in the middle of an apply: the replica that lost it makes no further
+write, a conflict's retry included, so it cannot write its stale decision over the new
+leader's.
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from kubetestkit import ControlPlane, ensure_namespace, make_desired_state
+from kubetestkit import (
+    ControlPlane,
+    create_nodes,
+    ensure_namespace,
+    list_deployments,
+    make_desired_state,
+)
 
+from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import KubeClient, leases_path
 from reconciler.apply.lease import LeaseElector, parse_lease
+from reconciler.desired.loader import DesiredState
 from reconciler.loop import ReconcileLoop, serve_http
+from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
+from reconciler.state import DeploymentGroup, GroupRole
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
 from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
@@ -230,3 +244,90 @@ def test_a_forbidden_lease_fails_healthz_in_time_and_recovers_once_granted(
     )
     lease = parse_lease(admin.get(leases_path(namespace, "fault")))
     assert lease.holder == "replica-b"
+
+
+class _H800Placer:
+    """Every service in one group of the first switch's H800 nodes (the test cluster has
+    its H20 nodes under the other switch)."""
+
+    name = "h800"
+
+    def place(self, request: PlacementRequest) -> PlacementResult:
+        groups = tuple(
+            DeploymentGroup(
+                service=name,
+                cluster=request.cluster.name,
+                group_id="g0",
+                domain=request.cluster.s2[0].name,
+                subgroup=None,
+                prefill=GroupRole("h800", targets.prefill),
+                decode=GroupRole("h800", targets.decode),
+            )
+            for name, targets in sorted(request.targets.items())
+        )
+        return PlacementResult(request.cluster.name, groups, stats=SolverStats("h", "h", 0.0))
+
+
+def _kube_loop(
+    state: DesiredState, client: KubeClient, decide: tuple[int, int], is_leader: Callable[[], bool]
+) -> ReconcileLoop:
+    backend = KubernetesBackend(client, state=state, options=ApplyOptions(soft_scale_in_window_s=0))
+    return ReconcileLoop(
+        load_desired=lambda: state,
+        backend_for=lambda spec: backend,
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(*decide),
+        placer=_H800Placer(),
+        clock=time.time,
+        is_leader=is_leader,
+    )
+
+
+def test_a_replica_that_lost_the_lease_mid_apply_writes_nothing_more(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Leader A applies prefill 2 / decode 2; after its first write its Lease is lost
+    and B, the new leader, applies 3 / 3. A wrote on: its next write met a 409 (B had
+    written the object), was re-read and written again at A's 2, scaling B's prefill
+    in without a drain (found by a hostile prober). A now asks before every write and
+    stops at the first refusal, reporting what it did not write."""
+    name = "lease-mid-apply"
+    state = make_desired_state(tmp_path, name)
+    admin = control_plane.client()
+    ensure_namespace(admin, name)
+    create_nodes(admin, state.clusters[name])
+
+    def replicas() -> dict[str, int]:
+        return {n: d["spec"]["replicas"] for n, d in list_deployments(admin, name).items()}
+
+    first = _kube_loop(state, control_plane.client(), (1, 1), lambda: True).run_cycle()
+    assert first.clusters[0].applied, first.clusters[0].error
+    assert replicas() == {"svc-g0-p": 1, "svc-g0-d": 1}
+
+    a_leads = [True]
+    writes_after_loss: list[str] = []
+    client_a = control_plane.client()
+    real_apply = client_a.apply
+
+    def apply_a(path: str, manifest: dict[str, object], **kwargs: object) -> dict[str, object]:
+        if not kwargs.get("dry_run") and not a_leads[0]:
+            writes_after_loss.append(path)
+        answer = real_apply(path, manifest, **kwargs)  # type: ignore[arg-type]
+        if not kwargs.get("dry_run") and a_leads[0]:
+            # A's first write is made; its Lease is lost now (a partition, a pause).
+            a_leads[0] = False
+            b = _kube_loop(state, control_plane.client(), (3, 3), lambda: True).run_cycle()
+            assert b.clusters[0].applied, b.clusters[0].error
+            assert replicas() == {"svc-g0-p": 3, "svc-g0-d": 3}
+        return answer
+
+    client_a.apply = apply_a  # type: ignore[method-assign]
+    a = _kube_loop(state, client_a, (2, 2), lambda: a_leads[0]).run_cycle()
+
+    assert writes_after_loss == []
+    assert replicas() == {"svc-g0-p": 3, "svc-g0-d": 3}
+    outcome = a.clusters[0]
+    assert outcome.diff is not None
+    stopped = [o for o in outcome.diff.objects if any("not written" in n for n in o.notes)]
+    assert stopped and all(o.action == "error" for o in stopped)
+    assert any("no longer leads" in n for o in stopped for n in o.notes)
