@@ -36,8 +36,6 @@ from reconciler.apply.kubeclient import KubeClient, leases_path
 from reconciler.apply.lease import LeaseElector, parse_lease
 from reconciler.desired.loader import DesiredState
 from reconciler.loop import ReconcileLoop, serve_http
-from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
-from reconciler.state import DeploymentGroup, GroupRole
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
 from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
@@ -246,28 +244,6 @@ def test_a_forbidden_lease_fails_healthz_in_time_and_recovers_once_granted(
     assert lease.holder == "replica-b"
 
 
-class _H800Placer:
-    """Every service in one group of the first switch's H800 nodes (the test cluster has
-    its H20 nodes under the other switch)."""
-
-    name = "h800"
-
-    def place(self, request: PlacementRequest) -> PlacementResult:
-        groups = tuple(
-            DeploymentGroup(
-                service=name,
-                cluster=request.cluster.name,
-                group_id="g0",
-                domain=request.cluster.s2[0].name,
-                subgroup=None,
-                prefill=GroupRole("h800", targets.prefill),
-                decode=GroupRole("h800", targets.decode),
-            )
-            for name, targets in sorted(request.targets.items())
-        )
-        return PlacementResult(request.cluster.name, groups, stats=SolverStats("h", "h", 0.0))
-
-
 def _kube_loop(
     state: DesiredState, client: KubeClient, decide: tuple[int, int], is_leader: Callable[[], bool]
 ) -> ReconcileLoop:
@@ -277,7 +253,8 @@ def _kube_loop(
         backend_for=lambda spec: backend,
         metrics_for=lambda spec: StaticMetrics(),
         autoscaler=FixedAutoscaler(*decide),
-        placer=_H800Placer(),
+        # The test cluster's H20 nodes are under the other switch.
+        placer=OneGroupPlacer(gpu_type="h800"),
         clock=time.time,
         is_leader=is_leader,
     )

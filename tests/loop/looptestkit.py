@@ -91,14 +91,20 @@ class FixedAutoscaler:
 
 
 class OneGroupPlacer:
-    """Everything of a service in one group under the first S2 switch."""
+    """Everything of a service in one group under the first S2 switch, each role on its
+    preferred GPU type, or both on ``gpu_type`` where given."""
 
     name = "one-group"
+
+    def __init__(self, gpu_type: str | None = None) -> None:
+        self.gpu_type = gpu_type
 
     def place(self, request: PlacementRequest) -> PlacementResult:
         groups = []
         for name, targets in sorted(request.targets.items()):
             policy = request.policies[name]
+            prefill_type = self.gpu_type or policy.prefill.preferred_gpu_types()[0]
+            decode_type = self.gpu_type or policy.decode.preferred_gpu_types()[0]
             groups.append(
                 DeploymentGroup(
                     service=name,
@@ -106,8 +112,8 @@ class OneGroupPlacer:
                     group_id="g0",
                     domain=request.cluster.s2[0].name,
                     subgroup=None,
-                    prefill=GroupRole(policy.prefill.preferred_gpu_types()[0], targets.prefill),
-                    decode=GroupRole(policy.decode.preferred_gpu_types()[0], targets.decode),
+                    prefill=GroupRole(prefill_type, targets.prefill),
+                    decode=GroupRole(decode_type, targets.decode),
                 )
             )
         return PlacementResult(
