@@ -272,13 +272,18 @@ def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> 
 
 def _kept(w: WorkloadWork, why: str) -> WorkloadWork:
     """``w``, a removal of live capacity, turned into keeping the Deployment as it runs
-    (no write, no drain), with ``why`` as its note."""
+    (no write, no drain), with ``why`` as its note. Pods soft scale-in drained from it
+    before this cycle are still finished once their window passed (``scale.finish``):
+    they serve nothing, and kept they held their GPUs out of service for as long as
+    the hold lasts, which may be indefinitely. A Pod this cycle would drain is not
+    drained, so not finished either."""
     assert w.live is not None
+    drained_before = tuple(p for p in w.scale.finish if p not in w.scale.drain)
     return replace(
         w,
         action="keep",
         manifest=None,
-        scale=ScalePlan(replicas=w.live.replicas, notes=(why,)),
+        scale=ScalePlan(replicas=w.live.replicas, finish=drained_before, notes=(why,)),
         reason="",
     )
 

@@ -640,7 +640,9 @@ class KubernetesBackend:
         done: list[ObjectDiff] = []
         stopped: str | None = None
         for obj in preview.objects:
-            if obj.action in ("conflict", "error", "keep") or not obj.changes_something:
+            # A kept Deployment is not written, but the drained Pods it lists are
+            # finished (``actions._kept``): it changes something only through them.
+            if obj.action in ("conflict", "error") or not obj.changes_something:
                 done.append(obj)
                 continue
             if stopped is not None:
@@ -857,7 +859,7 @@ class KubernetesBackend:
         one this backend computed), in order: what a saved plan carries out."""
         steps: list[WriteStep] = []
         for obj in diff.objects:
-            if obj.action in ("conflict", "error", "keep") or not obj.changes_something:
+            if obj.action in ("conflict", "error") or not obj.changes_something:
                 continue
             w = self._last_work[obj.key]
             steps += self._steps(w, write_object=bool(obj.fields) or obj.action == "create")

@@ -148,12 +148,13 @@ def plan(
     *deployments: dict[str, LiveDeployment],
     unplaced: dict[str, str] | None = None,
     unsized: dict[str, str] | None = None,
+    pods: tuple[LivePod, ...] = (),
 ) -> dict[str, WorkloadWork]:
     """This cycle's work under ``state`` for ``groups`` against the live ``deployments``
-    (``unplaced``: the placement's shortfalls by service; ``unsized``: the services
-    whose size was held, not sized)."""
+    and ``pods`` (``unplaced``: the placement's shortfalls by service; ``unsized``: the
+    services whose size was held, not sized), at 100 s with a 60 s window."""
     snapshot = ClusterSnapshot(
-        CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
+        CLUSTER, {d.key: d for found in deployments for d in found.values()}, pods, (), 0.0
     )
     policies = {p.name: p for p in state.policies_for(CLUSTER)}
     rendered = render_groups(
@@ -486,3 +487,38 @@ def test_a_saved_plan_writing_anything_else_outside_the_managed_namespaces_is_re
     for step in (create, WriteStep("delete_pod", "kube-system", "coredns", "1")):
         with pytest.raises(PlanFileError, match="is not one the desired state deploys to"):
             check_scope(saved(step), after, Path("plan.json"))
+
+
+def drained_pod(deployment: LiveDeployment, name: str, drained_at_s: float) -> LivePod:
+    """A Pod soft scale-in drained from ``deployment`` at ``drained_at_s``."""
+    return replace(
+        pod_of(deployment, name),
+        serving=False,
+        drained_at_s=drained_at_s,
+        drained_from=deployment.key.name,
+    )
+
+
+def test_a_kept_leftover_still_finishes_the_pods_drained_from_it_before_the_move(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """A soft scale-in drained a Pod from the old decode before the service moved. The
+    old Deployment is kept while the new copy starts, but the drained Pod serves
+    nothing: once its window passed it is deleted as without the move, else it held
+    its GPUs out of service for as long as the hold lasts. What the old Deployment
+    serves is not touched (no drain, no write)."""
+    old = live(before, [grp("chat", "a", 1, 3)])
+    decode = old["chat/chat-a-d"]
+    window_passed = drained_pod(decode, "chat-a-d-x9", drained_at_s=10.0)  # now 100, window 60
+    inside_window = drained_pod(decode, "chat-a-d-y1", drained_at_s=90.0)
+    serving = pod_of(decode, "chat-a-d-z2")
+    pods = (window_passed, inside_window, serving)
+
+    kept = plan(after, [grp("chat", "a", 1, 3)], old, pods=pods)["chat/chat-a-d"]
+    assert kept.action == "keep" and kept.manifest is None
+    assert kept.scale.finish == ("chat-a-d-x9",)
+    assert kept.scale.drain == () and kept.replicas_after == 3 and not kept.removes_capacity
+    assert kept.scale.notes[0].startswith("kept until chat-v2/chat-a-d is ready (0 of 3 ready)")
+    # Without the move, the same Pod is finished the same way.
+    same = plan(before, [grp("chat", "a", 1, 3)], old, pods=pods)["chat/chat-a-d"]
+    assert same.scale.finish == kept.scale.finish

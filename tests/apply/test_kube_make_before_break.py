@@ -15,18 +15,25 @@ import pytest
 from kubetestkit import (
     ControlPlane,
     cluster_for_cli,
+    create_nodes,
     ensure_namespace,
+    group,
+    hand_plan,
     list_deployments,
     list_pods,
+    make_desired_state,
     mark_ready,
     wait_for,
 )
 from typer.testing import CliRunner
 
 from reconciler.apply import names
+from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import deployments_path, nodes_path
 from reconciler.cli import app
-from reconciler.desired import load_desired_state
+from reconciler.desired import DesiredState, load_desired_state
+from reconciler.plan import Plan
+from reconciler.state import DeploymentGroup
 
 pytestmark = [pytest.mark.kubernetes]
 
@@ -261,3 +268,77 @@ def test_a_service_held_while_it_moves_keeps_its_old_deployments(
     text = _run("apply", *options)
     assert "kept while the service's size is held, not sized" in text, text
     assert set(list_deployments(client, name)) == set(old)
+
+
+def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A soft scale-in drained 2 of 4 decode Pods; then the service moved. Its old
+    Deployments are kept while the new ones start, but the 2 drained Pods serve nothing:
+    once their window passed, the dry run lists their deletion under the kept decode
+    and apply carries out exactly that dry run (the Pods go, the old Deployments stay
+    as they are). Kept whole, they held their GPUs out of service for the whole hold."""
+    name = "mbb-drained"
+    moved = f"{name}-v2"
+    state = make_desired_state(tmp_path, name)
+    spec = state.clusters[name]
+    client = control_plane.client()
+    for namespace in (name, moved):
+        ensure_namespace(client, namespace)
+    create_nodes(client, spec)
+    clock_s = [1_000_000.0]
+
+    def backend_for(desired: DesiredState) -> KubernetesBackend:
+        backend = KubernetesBackend(
+            client,
+            state=desired,
+            options=ApplyOptions(soft_scale_in_window_s=60),
+            clock=lambda: clock_s[0],
+        )
+        backend.slo = {"svc": "held"}
+        return backend
+
+    def plan_for(backend: KubernetesBackend, groups: list[DeploymentGroup]) -> Plan:
+        observation = backend.observe(spec, backend.state.policies_for(name))
+        return hand_plan(backend.state, name, observation, groups)
+
+    def decode_of(decode: int) -> list[DeploymentGroup]:
+        return [group("svc", name, "s1", f"{name}-pa", ("h800", 1), ("h800", decode))]
+
+    before = backend_for(state)
+    before.apply_cluster(plan_for(before, decode_of(4)))
+    pods = wait_for(
+        lambda: (
+            (p := list_pods(client, name))
+            and len(p) == 5
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="5 Pods on their nodes",
+    )
+    _serve(client, name, pods)
+    before.apply_cluster(plan_for(before, decode_of(2)))
+    drained_selector = f"{names.SERVING_LABEL}=false"
+    drained = sorted(p["metadata"]["name"] for p in list_pods(client, name, drained_selector))
+    assert len(drained) == 2
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+
+    policies = {
+        service: policy.model_copy(update={"namespace": moved})
+        for service, policy in state.policies.items()
+    }
+    after = backend_for(
+        DesiredState(policies=policies, clusters=state.clusters, templates=state.templates)
+    )
+    clock_s[0] += 61  # the drained Pods' window has passed
+    plan = plan_for(after, decode_of(2))
+    preview = after.diff_cluster(plan)
+    kept = next(o for o in preview.objects if o.key == f"{name}/svc-s1-d")
+    assert kept.action == "keep", kept.lines()
+    assert sorted((p.action, p.pod) for p in kept.pods) == [("finish", n) for n in drained]
+    applied = after.apply_cluster(plan)
+    assert [o.lines() for o in applied.objects] == [o.lines() for o in preview.objects]
+
+    wait_for(lambda: not list_pods(client, name, drained_selector), what="the drained Pods deleted")
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
+    assert set(list_deployments(client, moved)) == set(old)
