@@ -124,6 +124,7 @@ def plan_cluster(
         targets=targets,
         options=placement_options or PlacementOptions(),
         left_behind=observation.left_behind,
+        draining=observation.draining,
     )
     result = placer.place(request)
     # A held service keeps exactly the groups it runs, whatever the placer did.

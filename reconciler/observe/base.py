@@ -51,6 +51,10 @@ class Observation:
     # Instances a move left behind, by node: not in ``fleet``, but holding GPUs
     # (``PlacementRequest.left_behind``).
     left_behind: tuple[UngroupedInstances, ...] = field(default=())
+    # Drained instances by node, where placement must hold their GPUs there rather
+    # than near the service's groups (``PlacementRequest.draining``): those drained
+    # from what a move left behind.
+    draining: tuple[UngroupedInstances, ...] = field(default=())
 
 
 class ClusterBackend(Protocol):

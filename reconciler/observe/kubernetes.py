@@ -944,6 +944,7 @@ def observation_from_snapshot(
         drift=drift,
         held=unreadable_services(deployments),
         left_behind=left_behind(snapshot, policies or {}, cluster),
+        draining=left_behind_draining(snapshot, policies or {}, cluster),
     )
 
 
@@ -960,14 +961,60 @@ def left_behind(
         deployment = snapshot.deployments[key]
         if left_by_move(deployment, policies, cluster) is None:
             continue
-        by_node: dict[str, int] = defaultdict(int)
-        for pod in snapshot.pods_of(deployment):
-            if pod.node:
-                by_node[pod.node] += 1
         out.extend(
-            UngroupedInstances(
-                deployment.service, deployment.role, node, count, deployment.gpus_per_instance
+            _by_node(
+                snapshot.pods_of(deployment),
+                deployment.service,
+                deployment.role,
+                deployment.gpus_per_instance,
             )
-            for node, count in sorted(by_node.items())
         )
     return tuple(out)
+
+
+def left_behind_draining(
+    snapshot: ClusterSnapshot,
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None = None,
+) -> tuple[UngroupedInstances, ...]:
+    """The Pods soft scale-in drained from what a move left behind (from a Deployment
+    ``left_by_move``, or in a namespace its service moved away from, the Deployment
+    maybe pruned already), by node. They run until their window ends, on GPUs far from
+    the service's groups: held only as the fleet's draining count, they were held on
+    the groups' nodes, or nowhere while the new copy has none (``PlacementRequest.draining``
+    holds them where they run instead)."""
+    leftovers = {
+        key: d
+        for key, d in snapshot.deployments.items()
+        if left_by_move(d, policies, cluster) is not None
+    }
+    by_source: dict[tuple[str, Role, int], list[LivePod]] = defaultdict(list)
+    for pod in snapshot.drained_pods():
+        source = leftovers.get(ObjectKey(pod.key.namespace, pod.drained_from or ""))
+        if source is None and not moved_away(pod.service, pod.key.namespace, policies):
+            continue
+        role = next((r for r in ROLES if r == pod.role), None)
+        if role is None:
+            continue
+        # 0: not known (its Deployment is gone), the policy's size is held.
+        gpus_per_instance = (source.gpus_per_instance if source is not None else None) or 0
+        by_source[(pod.service, role, gpus_per_instance)].append(pod)
+    out: list[UngroupedInstances] = []
+    for (service, role, gpus_per_instance), pods in sorted(by_source.items()):
+        out.extend(_by_node(pods, service, role, gpus_per_instance or None))
+    return tuple(out)
+
+
+def _by_node(
+    pods: Iterable[LivePod], service: str, role: Role, gpus_per_instance: int | None
+) -> list[UngroupedInstances]:
+    """``pods`` of one service and role, counted by node (those on none hold no GPU and
+    are left out)."""
+    by_node: dict[str, int] = defaultdict(int)
+    for pod in pods:
+        if pod.node:
+            by_node[pod.node] += 1
+    return [
+        UngroupedInstances(service, role, node, count, gpus_per_instance)
+        for node, count in sorted(by_node.items())
+    ]

@@ -30,6 +30,7 @@ from reconciler.apply.savedplan import (
     check_leftovers,
     check_scope,
 )
+from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
@@ -37,10 +38,12 @@ from reconciler.observe.kubernetes import (
     LivePod,
     fleet_from_snapshot,
     left_behind,
+    observation_from_snapshot,
     parse_deployment,
 )
-from reconciler.placement.base import UngroupedInstances
-from reconciler.policy.base import Decision
+from reconciler.placement.base import PlacementRequest, PlacementResult, UngroupedInstances
+from reconciler.placement.greedy import GreedyPlacer
+from reconciler.policy.base import Decision, DecisionInput
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -522,3 +525,47 @@ def test_a_kept_leftover_still_finishes_the_pods_drained_from_it_before_the_move
     # Without the move, the same Pod is finished the same way.
     same = plan(before, [grp("chat", "a", 1, 3)], old, pods=pods)["chat/chat-a-d"]
     assert same.scale.finish == kept.scale.finish
+
+
+def test_pods_drained_from_what_a_move_left_behind_hold_their_gpus_where_they_run(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """Drained Pods of what a move left behind run until their window ends, on GPUs
+    far from the new copy: counted only as the service's draining instances, placement
+    held them on the new groups' nodes, or nowhere while the new copy had none. The
+    observation lists them by node and the cycle asks placement to hold them there
+    (``PlacementRequest.draining``), the Deployment they left kept or already pruned."""
+    old = live(before, [grp("chat", "a", 1, 3)])
+    decode = old["chat/chat-a-d"]
+    from_kept = replace(drained_pod(decode, "chat-a-d-x9", 90.0), node="h800-a-001")
+    from_pruned = replace(
+        drained_pod(decode, "chat-b-d-y1", 90.0), node="h800-a-002", drained_from="chat-b-d"
+    )
+    snapshot = ClusterSnapshot(
+        CLUSTER, {d.key: d for d in old.values()}, (from_kept, from_pruned), (), 0.0
+    )
+    spec = after.clusters[CLUSTER]
+    policies = {p.name: p for p in after.policies_for(CLUSTER)}
+    observation = observation_from_snapshot(snapshot, spec, policies)
+    assert observation.draining == (
+        UngroupedInstances("chat", "decode", "h800-a-002", 1, None),  # the policy's size
+        UngroupedInstances("chat", "decode", "h800-a-001", 1, decode.gpus_per_instance),
+    )
+    unmoved = {p.name: p for p in before.policies_for(CLUSTER)}
+    assert observation_from_snapshot(snapshot, spec, unmoved).draining == ()
+
+    requests: list[PlacementRequest] = []
+
+    class Recording(GreedyPlacer):
+        def place(self, request: PlacementRequest) -> PlacementResult:
+            requests.append(request)
+            return super().place(request)
+
+    class OneAndThree:
+        name = "one-and-three"
+
+        def decide(self, inputs: DecisionInput) -> Decision:
+            return Decision(inputs.policy.name, 1, 3, "scale_out", "")
+
+    plan_cluster(after, CLUSTER, observation, {}, {}, 100.0, OneAndThree(), Recording())
+    assert requests[0].draining == observation.draining
