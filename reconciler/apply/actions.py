@@ -27,7 +27,13 @@ from reconciler.apply.nodeaffinity import unschedulable_problem
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ClusterSpec, ServicePolicy
-from reconciler.observe.kubernetes import ClusterSnapshot, LiveDeployment, LivePod, left_by_move
+from reconciler.observe.kubernetes import (
+    ClusterSnapshot,
+    LiveDeployment,
+    LivePod,
+    left_by_move,
+    moved_away,
+)
 from reconciler.policy.base import UNSIZED_REASONS, Decision
 from reconciler.state import DeploymentGroup
 
@@ -323,7 +329,7 @@ def _hold_moves(
     group's switch is gone from the cluster file) kept while any Deployment of the
     service that this plan writes is not yet serving
     (``not_yet_serving``); or, while the groups hold fewer instances of a role than the
-    leftovers run (``_smaller_than_left_behind``), placement could not place all the
+    service ran before the move (``_smaller_than_left_behind``), placement could not place all the
     service asks for (``unplaced``: the leftovers hold GPUs, so there may be no room
     for a second copy until they go) or the service's size was held this cycle, not
     sized (``unsized``: metrics missing, a failed decision, a drift hold: its groups,
@@ -358,20 +364,26 @@ def _hold_moves(
     # move left behind runs: once the new copy is as large, the leftovers' GPUs are
     # what a shortfall lacks, and keeping them for one unrelated to the move kept them
     # forever.
-    smaller = _smaller_than_left_behind(work, policies, cluster) if unplaced or unsized else {}
-    for service, short in sorted(smaller.items()):
-        missing = unplaced.get(service)
-        if missing is not None:
-            waiting.setdefault(
-                service, f"kept while its replacement is not all placed ({missing}; {short})"
-            )
-        why = unsized.get(service)
-        if why is not None:
-            waiting.setdefault(
-                service,
-                f"kept while the service's size is held, not sized ({why}), and its groups "
-                f"hold fewer than what the move left behind runs ({short})",
-            )
+    if unplaced:
+        smaller = _smaller_than_left_behind(work, policies, cluster, with_staying_groups=False)
+        for service, short in sorted(smaller.items()):
+            missing = unplaced.get(service)
+            if missing is not None:
+                waiting.setdefault(
+                    service, f"kept while its replacement is not all placed ({missing}; {short})"
+                )
+    if unsized:
+        # A held size is no size at all: what the service ran before the move stays,
+        # including the groups a switch gone from the cluster file did not take.
+        smaller = _smaller_than_left_behind(work, policies, cluster, with_staying_groups=True)
+        for service, short in sorted(smaller.items()):
+            why = unsized.get(service)
+            if why is not None:
+                waiting.setdefault(
+                    service,
+                    f"kept while the service's size is held, not sized ({why}), and its "
+                    f"groups hold fewer than the service ran before the move ({short})",
+                )
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -389,23 +401,49 @@ def _hold_moves(
 
 
 def _smaller_than_left_behind(
-    work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
+    work: Sequence[WorkloadWork],
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None,
+    *,
+    with_staying_groups: bool,
 ) -> dict[str, str]:
     """Per service with Deployments a move left behind, the roles whose groups this
-    plan sizes below what those leftovers run ("prefill 1 of 6": their replicas, ready
-    or still starting): a size held rather than sized is the groups' own, which may be
-    the minimum a new copy started at."""
-    left: dict[tuple[str, str], int] = defaultdict(int)
+    plan sizes below what the service ran before the move ("prefill 1 of 6": replicas,
+    ready or still starting): a size held rather than sized is the groups' own, which
+    may be the minimum a new copy started at.
+
+    Before a namespace move the service ran what the move left behind: the groups
+    are a second copy of it. A group whose switch is gone from the cluster file is
+    only part of the service, whose other groups stay where they are; with
+    ``with_staying_groups`` the service ran those as well, so the groups must replace
+    the leftover besides them (compared with the leftover alone, a service held at
+    its staying half lost the other half at once). They cannot be told from groups
+    created in an earlier cycle to replace the leftover, which are counted too: a
+    leftover whose replacement already serves is then kept while the size stays held
+    (capacity kept, its GPUs held until the service is sized again). So only a held
+    size counts them; a shortfall, which may have nothing to do with the move and last,
+    compares with the leftovers alone."""
+    before: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
+    staying: dict[tuple[str, str], int] = defaultdict(int)
+    part_left: set[str] = set()
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
-            left[(w.service, w.role)] += w.live.replicas
-        elif w.desired is not None:
+            before[(w.service, w.role)] += w.live.replicas
+            if not moved_away(w.service, w.key.namespace, policies):
+                part_left.add(w.service)
+            continue
+        if w.desired is not None:
             groups[(w.service, w.role)] += w.replicas_after
+        if w.live is not None and with_staying_groups:
+            staying[(w.service, w.role)] += w.live.replicas
+    for (service, role), count in staying.items():
+        if service in part_left:
+            before[(service, role)] += count
     out: dict[str, list[str]] = defaultdict(list)
-    for (service, role), serving in sorted(left.items()):
-        if groups[(service, role)] < serving:
-            out[service].append(f"{role} {groups[(service, role)]} of {serving}")
+    for (service, role), ran in sorted(before.items()):
+        if ran and groups[(service, role)] < ran:
+            out[service].append(f"{role} {groups[(service, role)]} of {ran}")
     return {service: ", ".join(parts) for service, parts in out.items()}
 
 

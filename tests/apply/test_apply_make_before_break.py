@@ -43,6 +43,7 @@ from reconciler.observe.kubernetes import (
 )
 from reconciler.placement.base import PlacementRequest, PlacementResult, UngroupedInstances
 from reconciler.placement.greedy import GreedyPlacer
+from reconciler.policy import make_autoscaler
 from reconciler.policy.base import Decision, DecisionInput
 from reconciler.state import DeploymentGroup, GroupRole
 
@@ -306,7 +307,7 @@ def test_the_old_deployments_stay_while_the_services_size_is_held_not_sized(
     the size of its groups, which leave the old copy out: the minimum. The new copy at
     that size serves soon, and the old one was pruned: 6 prefill and 12 decode became
     1 and 1. While the service's size is held rather than sized (metrics missing, a
-    failed decision, a hold of the cycle) below what the move left behind runs, that
+    failed decision, a hold of the cycle) below what the service ran before the move, that
     is kept."""
     old = live(before, [grp("chat", "a", 6, 12)])
     new = live(after, [grp("chat", "a", 1, 1)])
@@ -315,7 +316,7 @@ def test_the_old_deployments_stay_while_the_services_size_is_held_not_sized(
         assert held[key].action == "keep", held[key]
         assert (
             "kept while the service's size is held, not sized (metrics_missing), and its "
-            "groups hold fewer than what the move left behind runs (decode 1 of 12, "
+            "groups hold fewer than the service ran before the move (decode 1 of 12, "
             "prefill 1 of 6)" in held[key].scale.notes[0]
         )
     sized = plan(after, [grp("chat", "a", 1, 1)], old, new)
@@ -569,3 +570,39 @@ def test_pods_drained_from_what_a_move_left_behind_hold_their_gpus_where_they_ru
 
     plan_cluster(after, CLUSTER, observation, {}, {}, 100.0, OneAndThree(), Recording())
     assert requests[0].draining == observation.draining
+
+
+@pytest.mark.fault
+def test_half_of_a_service_on_a_switch_gone_from_the_cluster_file_is_kept_while_its_size_is_held(
+    before: DesiredState, renamed: DesiredState
+) -> None:
+    """chat runs 6 prefill and 12 decode under pod-a and as many under pod-d; pod-a is
+    gone from the cluster file and chat's metrics are missing. The decision holds chat
+    at what its groups run, which leave pod-a's out: pod-d's half. The half on pod-a is
+    not a copy of pod-d's but the other half of the service: it was pruned at once and
+    nothing replaced it. While the size is held, it is kept."""
+    running = live(before, [grp("chat", "a", 6, 12), grp("chat", "d", 6, 12, domain="pod-d")])
+    snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in running.values()}, (), (), 0.0)
+    policies = {p.name: p for p in renamed.policies_for(CLUSTER)}
+    observation = observation_from_snapshot(snapshot, renamed.clusters[CLUSTER], policies)
+    cycle, _histories = plan_cluster(
+        renamed, CLUSTER, observation, {}, {}, 0.0, make_autoscaler("heteroscale"), GreedyPlacer()
+    )
+    assert cycle.decisions["chat"].reason == "metrics_missing"
+    groups = list(cycle.groups)
+    unsized = unsized_services(cycle.held, cycle.decisions)
+    work = plan(renamed, groups, running, unsized=unsized)
+    for key in ("chat/chat-a-p", "chat/chat-a-d"):
+        assert work[key].action == "keep", work[key]
+        assert (
+            work[key]
+            .scale.notes[0]
+            .startswith(
+                "kept while the service's size is held, not sized (metrics_missing), and its "
+                "groups hold fewer than the service ran before the move (decode 12 of 24, "
+                "prefill 6 of 12): switch pod-a of its group is gone"
+            )
+        )
+    # Sized, the service's size is the decision's: pruned once all it asks serves.
+    sized = plan(renamed, groups, running)
+    assert {sized[key].action for key in ("chat/chat-a-p", "chat/chat-a-d")} == {"delete"}
