@@ -703,9 +703,14 @@ def fleet_from_snapshot(
     kept = [
         d for d in snapshot.deployments.values() if left_by_move(d, policies or {}, cluster) is None
     ]
-    by_group: dict[tuple[str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
+    # One group per namespace too: Deployment names do not hold the namespace, so the
+    # two copies of a service whose policy was removed in the middle of a move (prune
+    # off: neither is a leftover, both are kept) share their group ids, and made one
+    # group, one copy's instances and GPUs were not counted (they looked free).
+    by_group: dict[tuple[str, str, str], dict[Role, LiveDeployment]] = defaultdict(dict)
     for deployment in kept:
-        by_group[(deployment.service, deployment.group_id)][deployment.role] = deployment
+        group_key = (deployment.service, deployment.group_id, deployment.key.namespace)
+        by_group[group_key][deployment.role] = deployment
     nodes_by_key: dict[ObjectKey, dict[str, int]] = {}
     for deployment in kept:
         counts: dict[str, int] = defaultdict(int)
@@ -725,7 +730,7 @@ def fleet_from_snapshot(
 
     starting: dict[tuple[str, Role], int] = defaultdict(int)
     groups: list[DeploymentGroup] = []
-    for (service, group_id), roles in sorted(by_group.items()):
+    for (service, group_id, _namespace), roles in sorted(by_group.items()):
         any_role = next(iter(roles.values()))
         group_roles: dict[Role, GroupRole] = {}
         for role in ROLES:

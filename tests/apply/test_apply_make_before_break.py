@@ -606,3 +606,36 @@ def test_half_of_a_service_on_a_switch_gone_from_the_cluster_file_is_kept_while_
     # Sized, the service's size is the decision's: pruned once all it asks serves.
     sized = plan(renamed, groups, running)
     assert {sized[key].action for key in ("chat/chat-a-p", "chat/chat-a-d")} == {"delete"}
+
+
+@pytest.mark.fault
+def test_both_copies_of_a_service_removed_in_the_middle_of_a_move_are_counted(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """chat's policy is removed while it moves (prune off, the default): neither copy
+    is a leftover any more, and both are kept. They share their group ids (names do
+    not hold the namespace): made one group, the fleet counted 4 of the 8 instances and
+    the other copy's GPUs looked free to placement. Each copy is a group of its own."""
+    without_chat = DesiredState(
+        policies={k: v for k, v in before.policies.items() if k != "chat"},
+        clusters=before.clusters,
+        templates=before.templates,
+    )
+    old = live(before, [grp("chat", "a", 2, 2)])
+    new = live(after, [grp("chat", "a", 2, 2)])
+    deployments = [*old.values(), *new.values()]
+    pods = tuple(
+        pod_of(d, f"{d.key.name}-{i}", node=f"h800-a-{4 * n + i + 1:03d}")
+        for n, d in enumerate(deployments)
+        for i in range(d.replicas)
+    )
+    snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in deployments}, pods, (), 0.0)
+    policies = {p.name: p for p in without_chat.policies_for(CLUSTER)}
+    fleet = fleet_from_snapshot(snapshot, policies, without_chat.clusters[CLUSTER])
+    chat = [g for g in fleet.groups if g.service == "chat"]
+    assert [(g.prefill.instances, g.decode.instances) for g in chat] == [(2, 2), (2, 2)]
+    held_nodes = {n.node for g in chat for role in (g.prefill, g.decode) for n in role.nodes}
+    assert held_nodes == {p.node for p in pods}
+    # Kept as they run, both copies (prune is off).
+    work = plan(without_chat, list(fleet.groups), old, new)
+    assert {work[key].action for key in [*old, *new]} == {"keep"}
