@@ -3,13 +3,16 @@
 Sync comes from one dry-run cycle, built and run exactly as ``plan`` does
 (``build_loop(dry_run=True)`` then ``run_cycle``), never from a second diff: a service
 is OutOfSync when that cycle would change something for it (a group change, an
-object write) or is held off one of its objects because someone else changed it
+object write), keeps an object Git has go (what a move left behind, until what
+replaces it serves: a ``kept`` hold says why, and the instances column what it
+serves) or is held off one of its objects because someone else changed it
 (drift), or held because such a change refused one of its scale changes (the loop
 holds the whole service, ``reconciler.loop``). Health: Degraded when the service's
 decision holds for a reason that needs a person (missing metrics, an invalid
 revision, drift, the planner reporting an
 unattainable SLO or a bound below what the SLO needs, read from the decision's
-reason and message); Progressing while instances start or drain; else Healthy.
+reason and message); Progressing while instances start or drain or objects are kept;
+else Healthy.
 
 The applied revision comes from the per-cluster state ConfigMap
 (``reconciler.apply.statestore``) and the leader from the Lease, both in the
@@ -77,7 +80,8 @@ DEGRADING = {
 
 @dataclass
 class Hold:
-    kind: str  # metrics_missing | decision_failed | invalid_revision | drift | slo_* | stabilised
+    # metrics_missing | decision_failed | invalid_revision | drift | slo_* | stabilised | kept
+    kind: str
     why: str
 
     @property
@@ -99,6 +103,9 @@ class ServiceStatus:
     gpu_types: dict[str, dict[str, int]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
+    # Per role, the instances serving from what a move left behind (kept until what
+    # replaces them serves): not the service's groups, so not in ``current``.
+    left_behind: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)  # every field, in order
@@ -187,6 +194,12 @@ def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], l
             # Git says otherwise but the cycle will not write it: out of sync, held.
             changes.append(" ".join(obj.headline().split()))
             holds.append(Hold("drift", f"{obj.key}: {'; '.join(obj.notes) or obj.action}"))
+        elif obj.action == "keep":
+            # Git has it go, but the cycle keeps it as it runs (what a move left behind,
+            # until what replaces it serves): not as desired, and not for a person to
+            # fix, so a change to come and a hold that says why, not drift.
+            changes.append(" ".join(obj.headline().split()))
+            holds.append(Hold("kept", f"{obj.key}: {obj.notes[0] if obj.notes else 'kept'}"))
         elif obj.key in drifted:
             # A hand edit the decision then held on (e.g. missing metrics keep the
             # current size) writes nothing, yet the live object is not what Git made.
@@ -219,7 +232,15 @@ def service_status(
         holds.append(Hold("drift", f"service held: {plan.held[service]}"))
     if desired_error:
         holds.append(Hold("invalid_revision", desired_error))
+    left_behind: dict[str, int] = {}
+    if outcome.observation is not None:
+        for instances_ in outcome.observation.left_behind:
+            if instances_.service == service:
+                left_behind[instances_.role] = (
+                    left_behind.get(instances_.role, 0) + instances_.instances
+                )
     moving = any(count.starting or count.draining for count in (fleet.prefill, fleet.decode))
+    moving = moving or any(h.kind == "kept" for h in holds)
     health: Health = (
         "Degraded" if any(h.degrading for h in holds) else "Progressing" if moving else "Healthy"
     )
@@ -244,6 +265,7 @@ def service_status(
         target={"prefill": decision.prefill, "decode": decision.decode},
         changes=changes,
         holds=holds,
+        left_behind=left_behind,
     )
 
 
@@ -472,6 +494,8 @@ def instances(s: ServiceStatus) -> str:
         types = s.gpu_types.get(name, {})
         if len(types) > 1:
             text += " (" + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) + ")"
+        if s.left_behind.get(name):
+            text += f" (+{s.left_behind[name]} left behind by a move)"
         return text
 
     return f"{role('prefill')}, {role('decode')}"

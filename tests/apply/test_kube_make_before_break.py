@@ -179,6 +179,16 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
         ), text
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
 
+    # status says so too: not Synced on the new copy's counts alone, but what the old
+    # Deployments serve, and why they are kept.
+    text = _run("status", *options, exit_code=3)
+    # (Degraded: this test has no metrics.)
+    assert (
+        "svc OutOfSync Degraded prefill 1->5 (+5 left behind by a move), "
+        "decode 1->1 (+1 left behind by a move)"
+    ) in text, text
+    assert "svc: hold (kept) " in text and "kept while its replacement is not all placed" in text
+
 
 def test_a_switch_renamed_in_the_cluster_file_moves_the_group_and_keeps_the_old_one_until_ready(
     control_plane: ControlPlane, tmp_path: Path

@@ -73,6 +73,7 @@ def test_json_shape_on_the_simulated_fleet() -> None:
             "gpu_types",
             "changes",
             "holds",
+            "left_behind",
         }
         assert s["sync"] in ("Synced", "OutOfSync")
         assert s["health"] in ("Healthy", "Progressing", "Degraded")
@@ -260,3 +261,33 @@ def test_the_leader_is_read_from_any_renew_time_the_elector_reads(
     now_s = dt.datetime(2026, 1, 1, 0, 0, 10, tzinfo=dt.UTC).timestamp()
     leader = read_leader(_LeaseOnly(renew_time), LeaseRef(), now_s)
     assert (leader.holder, leader.detail) == ("replica-a", detail)
+
+
+def test_what_a_move_left_behind_is_kept_out_of_sync_and_its_instances_shown() -> None:
+    """While a move holds the old Deployments (here: no room for the new copy beside
+    them), the service's groups are the new copy (1 prefill, 4 decode) and the old one
+    serves 5 prefill: status said Synced with the new copy's counts only. It is
+    OutOfSync (Git has the old Deployments go), Progressing, says why they are kept,
+    and shows what they serve."""
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.commands.status import instances
+    from reconciler.observe.base import Observation
+    from reconciler.placement.base import UngroupedInstances
+
+    why = "kept while its replacement is not all placed (4 prefill: gpu_capacity; prefill 1 of 5)"
+    kept = ObjectDiff("svc/svc-a-p", "svc", "a", "prefill", "keep", 5, 5, notes=(why,))
+    outcome = _outcome("decode_tps 100 within 10%")
+    outcome.diff = ClusterDiff("c", "server-dry-run", (kept,))
+    outcome.observation = Observation(
+        outcome.plan.current,  # type: ignore[union-attr]
+        left_behind=(
+            UngroupedInstances("svc", "prefill", "n1", 3, 2),
+            UngroupedInstances("svc", "prefill", "n2", 2, 2),
+        ),
+    )
+    found = service_status(outcome, "svc", None)
+    assert (found.sync, found.health) == ("OutOfSync", "Progressing")
+    assert [(h.kind, h.why) for h in found.holds] == [("kept", f"svc/svc-a-p: {why}")]
+    assert found.changes == ["= keep Deployment svc/svc-a-p [svc/a/prefill] replicas 5 -> 5"]
+    assert found.left_behind == {"prefill": 5}
+    assert instances(found) == "prefill 2->2 (+5 left behind by a move), decode 4->4"
