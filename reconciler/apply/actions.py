@@ -363,27 +363,28 @@ def _hold_moves(
     # A shortfall or a held size matters only while the groups hold less than what the
     # move left behind runs: once the new copy is as large, the leftovers' GPUs are
     # what a shortfall lacks, and keeping them for one unrelated to the move kept them
-    # forever.
-    if unplaced:
-        smaller = _smaller_than_left_behind(work, policies, cluster, with_staying_groups=False)
+    # forever. A held size is no size at all: what the service ran before the move
+    # stays, including the groups a switch gone from the cluster file did not take
+    # (``with_staying_groups``).
+    reasons = (
+        (unplaced, False, "kept while its replacement is not all placed ({why}; {short})"),
+        (
+            unsized,
+            True,
+            "kept while the service's size is held, not sized ({why}), and its groups hold "
+            "fewer than the service ran before the move ({short})",
+        ),
+    )
+    for why_by_service, with_staying_groups, message in reasons:
+        if not why_by_service:
+            continue
+        smaller = _smaller_than_left_behind(
+            work, policies, cluster, with_staying_groups=with_staying_groups
+        )
         for service, short in sorted(smaller.items()):
-            missing = unplaced.get(service)
-            if missing is not None:
-                waiting.setdefault(
-                    service, f"kept while its replacement is not all placed ({missing}; {short})"
-                )
-    if unsized:
-        # A held size is no size at all: what the service ran before the move stays,
-        # including the groups a switch gone from the cluster file did not take.
-        smaller = _smaller_than_left_behind(work, policies, cluster, with_staying_groups=True)
-        for service, short in sorted(smaller.items()):
-            why = unsized.get(service)
+            why = why_by_service.get(service)
             if why is not None:
-                waiting.setdefault(
-                    service,
-                    f"kept while the service's size is held, not sized ({why}), and its "
-                    f"groups hold fewer than the service ran before the move ({short})",
-                )
+                waiting.setdefault(service, message.format(why=why, short=short))
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -417,29 +418,38 @@ def _smaller_than_left_behind(
     only part of the service, whose other groups stay where they are; with
     ``with_staying_groups`` the service ran those as well, so the groups must replace
     the leftover besides them (compared with the leftover alone, a service held at
-    its staying half lost the other half at once). They cannot be told from groups
-    created in an earlier cycle to replace the leftover, which are counted too: a
-    leftover whose replacement already serves is then kept while the size stays held
-    (capacity kept, its GPUs held until the service is sized again). So only a held
-    size counts them; a shortfall, which may have nothing to do with the move and last,
-    compares with the leftovers alone."""
+    its staying half lost the other half at once). A Deployment that stays is one
+    created no later than the newest of the service's leftovers: those created to
+    replace them came after, once the switch was gone (counted, a leftover whose
+    replacement serves was kept for as long as the size stayed held). Creation times
+    are whole seconds, so a group created in the second after the leftover's is taken
+    for a replacement, and one created later still for a reason of its own too: not
+    counted, the leftover is compared with less, never kept for more than it ran. A
+    shortfall, which may have nothing to do with the move and last, compares with the
+    leftovers alone."""
     before: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
-    staying: dict[tuple[str, str], int] = defaultdict(int)
-    part_left: set[str] = set()
+    # Per service with a leftover on a gone switch (not a namespace move's copy): the
+    # creation time of its newest leftover.
+    newest_part_left: dict[str, str] = {}
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
             before[(w.service, w.role)] += w.live.replicas
-            if not moved_away(w.service, w.key.namespace, policies):
-                part_left.add(w.service)
-            continue
-        if w.desired is not None:
+            if with_staying_groups and not moved_away(w.service, w.key.namespace, policies):
+                newest_part_left[w.service] = max(
+                    newest_part_left.get(w.service, ""), w.live.created
+                )
+        elif w.desired is not None:
             groups[(w.service, w.role)] += w.replicas_after
-        if w.live is not None and with_staying_groups:
-            staying[(w.service, w.role)] += w.live.replicas
-    for (service, role), count in staying.items():
-        if service in part_left:
-            before[(service, role)] += count
+    for w in work:
+        newest_left = newest_part_left.get(w.service)
+        if (
+            newest_left is not None
+            and w.live is not None
+            and w.live.created <= newest_left
+            and left_by_move(w.live, policies, cluster) is None
+        ):
+            before[(w.service, w.role)] += w.live.replicas
     out: dict[str, list[str]] = defaultdict(list)
     for (service, role), ran in sorted(before.items()):
         if ran and groups[(service, role)] < ran:

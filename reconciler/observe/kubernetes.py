@@ -123,6 +123,9 @@ class LiveDeployment:
     # second is behind the first.
     generation: int = 0
     observed_generation: int = 0
+    # metadata.creationTimestamp as the API server writes it (RFC 3339 in UTC, whole
+    # seconds: such strings order as their times do); "" when it does not read.
+    created: str = ""
 
     @property
     def rollout_observed(self) -> bool:
@@ -383,6 +386,7 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         unreadable=unreadable,
         generation=_int(meta.get("generation", 0)),
         observed_generation=_int(status.get("observedGeneration", 0)),
+        created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
     )
 
 

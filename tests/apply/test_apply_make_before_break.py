@@ -639,3 +639,32 @@ def test_both_copies_of_a_service_removed_in_the_middle_of_a_move_are_counted(
     # Kept as they run, both copies (prune is off).
     work = plan(without_chat, list(fleet.groups), old, new)
     assert {work[key].action for key in [*old, *new]} == {"keep"}
+
+
+def created_at(deployments: dict[str, LiveDeployment], at: str) -> dict[str, LiveDeployment]:
+    """``deployments`` as the API server would list them, created at ``at``."""
+    return {key: replace(d, created=at) for key, d in deployments.items()}
+
+
+@pytest.mark.fault
+def test_a_switch_gone_leftover_is_pruned_once_groups_created_after_it_serve_while_held(
+    before: DesiredState, renamed: DesiredState
+) -> None:
+    """What replaces the half on the gone switch is created after it, once the switch
+    is gone: it is not a group that stays. Counted as one, the leftover whose
+    replacement serves was kept for as long as the service's size stayed held."""
+    old = created_at(
+        live(before, [grp("chat", "a", 6, 12), grp("chat", "d", 6, 12, domain="pod-d")]),
+        "2026-12-01T10:00:00Z",
+    )
+    stays = {key: d for key, d in old.items() if "chat-d-" in key}
+    replacement = created_at(
+        live(renamed, [grp("chat", "z", 6, 12, domain="pod-z")]), "2026-12-07T10:00:00Z"
+    )
+    groups = [grp("chat", "d", 6, 12, domain="pod-d"), grp("chat", "z", 6, 12, domain="pod-z")]
+    work = plan(renamed, groups, old, replacement, unsized={"chat": "metrics_missing"})
+    assert {work[key].action for key in old if key not in stays} == {"delete"}
+    # The same whole service on the gone switch: pruned once its replacement serves.
+    whole = {key: d for key, d in old.items() if key not in stays}
+    alone = plan(renamed, groups[1:], whole, replacement, unsized={"chat": "metrics_missing"})
+    assert {alone[key].action for key in whole} == {"delete"}
