@@ -347,3 +347,72 @@ def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     wait_for(lambda: not list_pods(client, name, drained_selector), what="the drained Pods deleted")
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
     assert set(list_deployments(client, moved)) == set(old)
+
+
+@pytest.mark.fault
+def test_half_of_a_service_on_a_switch_renamed_while_its_size_is_held_is_kept(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The service runs one group under each S2 switch (4 prefill and 8 decode of 2
+    GPUs: 12 GPUs a group, 16 under each switch); the H800 switch is renamed in the
+    cluster file and on the Nodes while the service's metrics are missing (and its
+    minimum is lowered, so nothing asks for more). Its size is held at what its groups
+    run, which leave the renamed switch's half out: as large as that half, which was
+    then deleted at once, nothing replacing it. It is kept, and said why."""
+    name = "mbb-half"
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    policy = tmp_path / "policies" / "svc.yaml"
+    policy.write_text(
+        policy.read_text()
+        .replace(
+            "gpu_types: {h800: 1.0}, template: templates/prefill.yaml, min_instances: 1",
+            "gpu_types: {h800: 1.0, h20: 1.0}, template: templates/prefill.yaml, min_instances: 4",
+        )
+        .replace("decode: {gpus_per_instance: 1,", "decode: {gpus_per_instance: 2,")
+        .replace(
+            "templates/decode.yaml, min_instances: 1", "templates/decode.yaml, min_instances: 8"
+        )
+    )
+    client = control_plane.client()
+    _run("apply", *options)
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+    on_pa = {n for n in old if f"{name}-pa-" in n}
+    assert len(on_pa) == 2 and len(old) == 4, old
+    # The group that stays serves (the renamed switch's Pods need not: they are kept as
+    # they are, ready or not).
+    staying = {n: d for n, d in old.items() if n not in on_pa}
+    (staying_group,) = {d["selector"]["matchLabels"][names.GROUP_LABEL] for d in staying.values()}
+    selector = f"{names.GROUP_LABEL}={staying_group}"
+    pods = wait_for(
+        lambda: (
+            (p := list_pods(client, name, selector))
+            and len(p) == 6
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="the staying group's Pods on their nodes",
+    )
+    _serve(client, name, pods, only=set(staying))
+
+    policy.write_text(policy.read_text().replace("min_instances: 4", "min_instances: 1"))
+    policy.write_text(policy.read_text().replace("min_instances: 8", "min_instances: 1"))
+    cluster_file = tmp_path / "clusters" / f"{name}.yaml"
+    cluster_file.write_text(cluster_file.read_text().replace(f"{name}-pa", f"{name}-pz"))
+    renamed = load_desired_state(tmp_path).clusters[name]
+    for node in renamed.nodes:
+        client.request(
+            "PATCH",
+            nodes_path(node.name),
+            body={"metadata": {"labels": renamed.node_labels(node)}},
+            content_type="application/merge-patch+json",
+        )
+    for _cycle in range(2):
+        text = _run("apply", *options)
+        for deployment in on_pa:
+            assert f"= keep Deployment {name}/{deployment} " in text, text
+        assert (
+            "kept while the service's size is held, not sized (metrics_missing), and its "
+            "groups hold fewer than the service ran before the move (decode 4 of 8, "
+            "prefill 2 of 4)"
+        ) in text, text
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
