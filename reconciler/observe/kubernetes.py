@@ -460,24 +460,38 @@ def _list_owned(
     cluster: str,
     namespaces: Iterable[str],
     path_for: Callable[[str | None], str],
+    elsewhere: Callable[[], Iterable[str]] = tuple,
 ) -> list[JsonObject]:
     """Our objects of one kind (``path_for(namespace)`` lists them, all namespaces with
-    None): one cluster-wide list when RBAC allows it, else per namespace."""
+    None): one cluster-wide list when RBAC allows it, else per namespace: the managed
+    ``namespaces``, then those ``elsewhere`` names where RBAC allows a list (any other
+    is skipped: nothing there can be read, nor written)."""
     selector = names.ownership_selector(cluster)
     try:
         return list(client.list(path_for(None), label_selector=selector))
     except Forbidden:
+        managed = set(namespaces)
         out: list[JsonObject] = []
-        for namespace in sorted(set(namespaces)):
+        for namespace in sorted(managed):
             out.extend(client.list(path_for(namespace), label_selector=selector))
+        for namespace in sorted(set(elsewhere()) - managed):
+            try:
+                out.extend(client.list(path_for(namespace), label_selector=selector))
+            except Forbidden:
+                continue
         return out
 
 
 def list_owned_deployments(
-    client: KubeClient, cluster: str, namespaces: Iterable[str]
+    client: KubeClient,
+    cluster: str,
+    namespaces: Iterable[str],
+    elsewhere: Callable[[], Iterable[str]] = tuple,
 ) -> list[JsonObject]:
-    """Our Deployments (:func:`_list_owned`)."""
-    return _list_owned(client, cluster, namespaces, deployments_path)
+    """Our Deployments (:func:`_list_owned`); ``elsewhere``: other namespaces that may
+    hold some (where our Pods run: a namespace a service moved away from, whose
+    Deployments are then kept until what replaces them serves, and pruned)."""
+    return _list_owned(client, cluster, namespaces, deployments_path, elsewhere)
 
 
 def list_owned_pods(
@@ -633,7 +647,6 @@ def read_snapshot(
     # The reads are independent: run them concurrently (the API server and the JSON
     # decoding overlap).
     with ThreadPoolExecutor(max_workers=3) as pool:
-        deployment_objs = pool.submit(list_owned_deployments, client, cluster.name, namespaces)
         if watch is not None:
             pod_items = pool.submit(watch.pods.items)
             node_items = pool.submit(watch.nodes.items)
@@ -642,6 +655,17 @@ def read_snapshot(
                 lambda: [parse_pod(o) for o in list_owned_pods(client, cluster.name, namespaces)]
             )
             node_items = pool.submit(lambda: [parse_node(o) for o in client.list(nodes_path())])
+        # Listed namespace by namespace (per-namespace RBAC), our Deployments are also
+        # looked for where our Pods run (Pods may be read cluster-wide): a namespace a
+        # service moved away from is no managed one, and unlisted, what the move left
+        # there was neither kept nor pruned, and its GPUs looked free.
+        deployment_objs = pool.submit(
+            list_owned_deployments,
+            client,
+            cluster.name,
+            namespaces,
+            lambda: {pod.key.namespace for pod in pod_items.result()},
+        )
         deployments: dict[ObjectKey, LiveDeployment] = {}
         for obj in deployment_objs.result():
             parsed = parse_deployment(obj)

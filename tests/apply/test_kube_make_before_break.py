@@ -283,6 +283,44 @@ def test_a_service_held_while_it_moves_keeps_its_old_deployments(
     assert set(list_deployments(client, name)) == set(old)
 
 
+class _Cycles:
+    """Hand-made cycles of one cluster (``name``, its policies namespaced as ``desired``
+    says) through a backend of ``client``, with SLOs held, a 60 s soft scale-in window
+    and a clock the test moves."""
+
+    def __init__(self, client: Any, desired: DesiredState, name: str, clock_s: list[float]):
+        self.name = name
+        self.spec = desired.clusters[name]
+        self.backend = KubernetesBackend(
+            client,
+            state=desired,
+            options=ApplyOptions(soft_scale_in_window_s=60),
+            clock=lambda: clock_s[0],
+        )
+        self.backend.slo = {"svc": "held"}
+
+    def plan(self, groups: list[DeploymentGroup]) -> Plan:
+        state = self.backend.state
+        observation = self.backend.observe(self.spec, state.policies_for(self.name))
+        return hand_plan(state, self.name, observation, groups)
+
+    def apply(self, groups: list[DeploymentGroup]) -> None:
+        self.backend.apply_cluster(self.plan(groups))
+
+
+def _moved(state: DesiredState, namespace: str) -> DesiredState:
+    """``state`` with every policy deploying to ``namespace``."""
+    policies = {
+        service: policy.model_copy(update={"namespace": namespace})
+        for service, policy in state.policies.items()
+    }
+    return DesiredState(policies=policies, clusters=state.clusters, templates=state.templates)
+
+
+def _group_of(name: str, decode: int) -> list[DeploymentGroup]:
+    return [group("svc", name, "s1", f"{name}-pa", ("h800", 1), ("h800", decode))]
+
+
 def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
@@ -294,54 +332,30 @@ def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     name = "mbb-drained"
     moved = f"{name}-v2"
     state = make_desired_state(tmp_path, name)
-    spec = state.clusters[name]
     client = control_plane.client()
     for namespace in (name, moved):
         ensure_namespace(client, namespace)
-    create_nodes(client, spec)
+    create_nodes(client, state.clusters[name])
     clock_s = [1_000_000.0]
 
-    def backend_for(desired: DesiredState) -> KubernetesBackend:
-        backend = KubernetesBackend(
-            client,
-            state=desired,
-            options=ApplyOptions(soft_scale_in_window_s=60),
-            clock=lambda: clock_s[0],
-        )
-        backend.slo = {"svc": "held"}
-        return backend
-
-    def plan_for(backend: KubernetesBackend, groups: list[DeploymentGroup]) -> Plan:
-        observation = backend.observe(spec, backend.state.policies_for(name))
-        return hand_plan(backend.state, name, observation, groups)
-
-    def decode_of(decode: int) -> list[DeploymentGroup]:
-        return [group("svc", name, "s1", f"{name}-pa", ("h800", 1), ("h800", decode))]
-
-    before = backend_for(state)
-    before.apply_cluster(plan_for(before, decode_of(4)))
+    before = _Cycles(client, state, name, clock_s)
+    before.apply(_group_of(name, 4))
     pods = _pods_on_nodes(client, name, 5, "5 Pods on their nodes")
     _serve(client, name, pods)
-    before.apply_cluster(plan_for(before, decode_of(2)))
+    before.apply(_group_of(name, 2))
     drained_selector = f"{names.SERVING_LABEL}=false"
     drained = sorted(p["metadata"]["name"] for p in list_pods(client, name, drained_selector))
     assert len(drained) == 2
     old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
 
-    policies = {
-        service: policy.model_copy(update={"namespace": moved})
-        for service, policy in state.policies.items()
-    }
-    after = backend_for(
-        DesiredState(policies=policies, clusters=state.clusters, templates=state.templates)
-    )
+    after = _Cycles(client, _moved(state, moved), name, clock_s)
     clock_s[0] += 61  # the drained Pods' window has passed
-    plan = plan_for(after, decode_of(2))
-    preview = after.diff_cluster(plan)
+    plan = after.plan(_group_of(name, 2))
+    preview = after.backend.diff_cluster(plan)
     kept = next(o for o in preview.objects if o.key == f"{name}/svc-s1-d")
     assert kept.action == "keep", kept.lines()
     assert sorted((p.action, p.pod) for p in kept.pods) == [("finish", n) for n in drained]
-    applied = after.apply_cluster(plan)
+    applied = after.backend.apply_cluster(plan)
     assert [o.lines() for o in applied.objects] == [o.lines() for o in preview.objects]
 
     wait_for(lambda: not list_pods(client, name, drained_selector), what="the drained Pods deleted")
@@ -416,3 +430,103 @@ def test_half_of_a_service_on_a_switch_renamed_while_its_size_is_held_is_kept(
             "prefill 2 of 4)"
         ) in text, text
     assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
+
+
+def _namespaced_token(admin: Any, name: str, namespaces: tuple[str, ...]) -> Any:
+    """A client of ServiceAccount ``name`` (in namespace ``name``) with deploy/'s
+    least privilege: Nodes and Pods read cluster-wide, Deployments only in
+    ``namespaces`` (so they are listed namespace by namespace)."""
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    subject = {"kind": "ServiceAccount", "name": name, "namespace": name}
+
+    def role_ref(role: str) -> dict[str, str]:
+        return {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}
+
+    admin.request(
+        "POST", f"/api/v1/namespaces/{name}/serviceaccounts", body={"metadata": {"name": name}}
+    )
+    rules = {
+        f"{name}-observer": [
+            {"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["get", "list", "watch"]}
+        ],
+        f"{name}-workloads": [
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments"],
+                "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+            },
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch", "delete"]},
+        ],
+    }
+    for role, role_rules in rules.items():
+        admin.request(
+            "POST", f"{rbac}/clusterroles", body={"metadata": {"name": role}, "rules": role_rules}
+        )
+    admin.request(
+        "POST",
+        f"{rbac}/clusterrolebindings",
+        body={
+            "metadata": {"name": f"{name}-observer"},
+            "roleRef": role_ref(f"{name}-observer"),
+            "subjects": [subject],
+        },
+    )
+    for namespace in namespaces:
+        admin.request(
+            "POST",
+            f"{rbac}/namespaces/{namespace}/rolebindings",
+            body={
+                "metadata": {"name": f"{name}-workloads"},
+                "roleRef": role_ref(f"{name}-workloads"),
+                "subjects": [subject],
+            },
+        )
+    token = admin.request(
+        "POST",
+        f"/api/v1/namespaces/{name}/serviceaccounts/{name}/token",
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
+    )["status"]["token"]
+    return admin.with_token(token, name=f"system:serviceaccount:{name}:{name}")
+
+
+@pytest.mark.fault
+def test_under_per_namespace_rbac_the_namespace_moved_away_from_is_read_too(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The reconciler may list Deployments only in the namespaces it manages (deploy/'s
+    least privilege), so it lists them namespace by namespace: the one a service moved
+    away from is no longer among them, and what the move left there was neither kept
+    nor pruned (it ran on, unseen, its GPUs free to placement). It is looked for where
+    the service's Pods run (Pods are read cluster-wide): kept until the new copy
+    serves, then pruned."""
+    name = "mbb-rbac"
+    moved = f"{name}-v2"
+    state = make_desired_state(tmp_path, name)
+    admin = control_plane.client()
+    for namespace in (name, moved):
+        ensure_namespace(admin, namespace)
+    create_nodes(admin, state.clusters[name])
+    reconciler = _namespaced_token(admin, name, (name, moved))
+    clock_s = [1_000_000.0]
+
+    _Cycles(reconciler, state, name, clock_s).apply(_group_of(name, 1))
+    old = list_deployments(admin, name)
+    _serve(admin, name, _pods_on_nodes(admin, name, 2, "the old Pods on their nodes"))
+
+    after = _Cycles(reconciler, _moved(state, moved), name, clock_s)
+    first = after.backend.apply_cluster(after.plan(_group_of(name, 1)))
+    actions = {o.key: o.action for o in first.objects}
+    assert actions == {
+        **{f"{name}/{n}": "keep" for n in old},
+        **{f"{moved}/{n}": "create" for n in old},
+    }, actions
+    _serve(admin, moved, _pods_on_nodes(admin, moved, 2, "the new Pods on their nodes"))
+    done = after.backend.apply_cluster(after.plan(_group_of(name, 1)))
+    assert {o.key: o.action for o in done.objects if o.key.startswith(f"{name}/")} == {
+        f"{name}/{n}": "delete" for n in old
+    }
+    wait_for(lambda: not list_deployments(admin, name), what="the old Deployments pruned")

@@ -391,3 +391,34 @@ def test_our_annotations_rewritten_with_garbage_hold_the_service_at_its_live_siz
     (item,) = [d for d in observation.drift if d.kind == "annotations_unreadable"]
     assert "held" in item.detail
     assert not [d for d in observation.drift if d.kind == "replicas_changed"]
+
+
+def test_listed_namespace_by_namespace_deployments_are_also_looked_for_where_pods_run() -> None:
+    """Per-namespace RBAC: the managed namespaces are listed, then the other namespaces
+    our Pods run in (a namespace a service moved away from) where RBAC allows; one it
+    does not allow is skipped, never the cycle's failure."""
+    from reconciler.apply.kubeclient import Forbidden
+    from reconciler.observe.kubernetes import list_owned_deployments
+
+    class PerNamespace:
+        def __init__(self) -> None:
+            self.listed: list[str] = []
+
+        def list(self, path: str, label_selector: str = "") -> list[dict[str, str]]:
+            if "/namespaces/" not in path or "/namespaces/not-ours/" in path:
+                raise Forbidden(403, "Forbidden", path)
+            self.listed.append(path)
+            return [{"path": path}]
+
+    client = PerNamespace()
+    found = list_owned_deployments(
+        client,  # type: ignore[arg-type]
+        "prod-east",
+        ["chat-v2", "summarize"],
+        lambda: {"chat", "chat-v2", "not-ours"},
+    )
+    assert [o["path"] for o in found] == [
+        "/apis/apps/v1/namespaces/chat-v2/deployments",
+        "/apis/apps/v1/namespaces/summarize/deployments",
+        "/apis/apps/v1/namespaces/chat/deployments",
+    ]
