@@ -360,31 +360,24 @@ def _hold_moves(
         why = not_yet_serving(w)
         if why is not None:
             waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
-    # A shortfall or a held size matters only while the groups hold less than what the
-    # move left behind runs: once the new copy is as large, the leftovers' GPUs are
-    # what a shortfall lacks, and keeping them for one unrelated to the move kept them
-    # forever. A held size is no size at all: what the service ran before the move
-    # stays, including the groups a switch gone from the cluster file did not take
-    # (``with_staying_groups``).
-    reasons = (
-        (unplaced, False, "kept while its replacement is not all placed ({why}; {short})"),
-        (
-            unsized,
-            True,
-            "kept while the service's size is held, not sized ({why}), and its groups hold "
-            "fewer than the service ran before the move ({short})",
-        ),
-    )
-    for why_by_service, with_staying_groups, message in reasons:
-        if not why_by_service:
-            continue
-        smaller = _smaller_than_left_behind(
-            work, policies, cluster, with_staying_groups=with_staying_groups
-        )
-        for service, short in sorted(smaller.items()):
-            why = why_by_service.get(service)
-            if why is not None:
-                waiting.setdefault(service, message.format(why=why, short=short))
+    # A shortfall or a held size matters only while the groups hold less than the
+    # service ran before the move: once the new copy is as large, the leftovers' GPUs
+    # are what a shortfall lacks, and keeping them for one unrelated to the move kept
+    # them forever.
+    smaller = _smaller_than_left_behind(work, policies, cluster) if unplaced or unsized else {}
+    for service, short in sorted(smaller.items()):
+        missing = unplaced.get(service)
+        if missing is not None:
+            waiting.setdefault(
+                service, f"kept while its replacement is not all placed ({missing}; {short})"
+            )
+        why = unsized.get(service)
+        if why is not None:
+            waiting.setdefault(
+                service,
+                f"kept while the service's size is held, not sized ({why}), and its groups "
+                f"hold fewer than the service ran before the move ({short})",
+            )
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -402,11 +395,7 @@ def _hold_moves(
 
 
 def _smaller_than_left_behind(
-    work: Sequence[WorkloadWork],
-    policies: Mapping[str, ServicePolicy],
-    cluster: ClusterSpec | None,
-    *,
-    with_staying_groups: bool,
+    work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
 ) -> dict[str, str]:
     """Per service with Deployments a move left behind, the roles whose groups this
     plan sizes below what the service ran before the move ("prefill 1 of 6": replicas,
@@ -415,18 +404,17 @@ def _smaller_than_left_behind(
 
     Before a namespace move the service ran what the move left behind: the groups
     are a second copy of it. A group whose switch is gone from the cluster file is
-    only part of the service, whose other groups stay where they are; with
-    ``with_staying_groups`` the service ran those as well, so the groups must replace
-    the leftover besides them (compared with the leftover alone, a service held at
-    its staying half lost the other half at once). A Deployment that stays is one
-    created no later than the newest of the service's leftovers: those created to
-    replace them came after, once the switch was gone (counted, a leftover whose
-    replacement serves was kept for as long as the size stayed held). Creation times
-    are whole seconds, so a group created in the second after the leftover's is taken
-    for a replacement, and one created later still for a reason of its own too: not
-    counted, the leftover is compared with less, never kept for more than it ran. A
-    shortfall, which may have nothing to do with the move and last, compares with the
-    leftovers alone."""
+    only part of the service, whose other groups stay where they are: it ran those as
+    well, so the groups must replace the leftover besides them (compared with the
+    leftover alone, a service held at its staying half, or placed no more than that,
+    lost the other half at once). A Deployment that stays is one created no later
+    than the newest of the service's leftovers: those created to replace them came
+    after, once the switch was gone (counted, a leftover whose replacement serves was
+    kept for as long as the size stayed held or a shortfall lasted, maybe forever).
+    Creation times are whole seconds, so a group created in the second after the
+    leftover's is taken for a replacement, and one created later still for a reason of
+    its own too: not counted, the leftover is compared with less, never kept for more
+    than the service ran."""
     before: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
     # Per service with a leftover on a gone switch (not a namespace move's copy): the
@@ -435,7 +423,7 @@ def _smaller_than_left_behind(
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
             before[(w.service, w.role)] += w.live.replicas
-            if with_staying_groups and not moved_away(w.service, w.key.namespace, policies):
+            if not moved_away(w.service, w.key.namespace, policies):
                 newest_part_left[w.service] = max(
                     newest_part_left.get(w.service, ""), w.live.created
                 )

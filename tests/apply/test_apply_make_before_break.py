@@ -668,3 +668,34 @@ def test_a_switch_gone_leftover_is_pruned_once_groups_created_after_it_serve_whi
     whole = {key: d for key, d in old.items() if key not in stays}
     alone = plan(renamed, groups[1:], whole, replacement, unsized={"chat": "metrics_missing"})
     assert {alone[key].action for key in whole} == {"delete"}
+
+
+@pytest.mark.fault
+def test_half_of_a_service_on_a_gone_switch_is_kept_while_its_replacement_is_not_placed(
+    before: DesiredState, renamed: DesiredState
+) -> None:
+    """chat asks for 12 prefill and 24 decode, as it ran, but placement finds room only
+    for the half under pod-d that stays: compared with the gone half alone, the groups
+    were as large, and that half was pruned at once. Once a replacement created after
+    it serves, a shortfall that lasts no longer keeps it (it would stay forever, on GPUs
+    the shortfall lacks)."""
+    old = created_at(
+        live(before, [grp("chat", "a", 6, 12), grp("chat", "d", 6, 12, domain="pod-d")]),
+        "2026-12-01T10:00:00Z",
+    )
+    gone = [key for key in old if "chat-a-" in key]
+    short = {"chat": "6 prefill: gpu_capacity; 12 decode: gpu_capacity"}
+    staying = [grp("chat", "d", 6, 12, domain="pod-d")]
+    work = plan(renamed, staying, old, unplaced=short)
+    for key in gone:
+        assert work[key].action == "keep", work[key]
+        assert (
+            "(6 prefill: gpu_capacity; 12 decode: gpu_capacity; decode 12 of 24, prefill 6 of 12)"
+            in (work[key].scale.notes[0])
+        )
+    replacement = created_at(
+        live(renamed, [grp("chat", "z", 6, 12, domain="pod-z")]), "2026-12-07T10:00:00Z"
+    )
+    groups = [*staying, grp("chat", "z", 6, 12, domain="pod-z")]
+    done = plan(renamed, groups, old, replacement, unplaced={"chat": "2 decode: gpu_capacity"})
+    assert {done[key].action for key in gone} == {"delete"}
