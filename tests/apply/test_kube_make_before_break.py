@@ -31,6 +31,13 @@ from typer.testing import CliRunner
 from reconciler.apply import names
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import deployments_path, nodes_path
+from reconciler.apply.savedplan import (
+    PlanSource,
+    SavedCluster,
+    SavedPlan,
+    check_leftovers,
+    check_scope,
+)
 from reconciler.cli import app
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.plan import Plan
@@ -355,6 +362,18 @@ def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     kept = next(o for o in preview.objects if o.key == f"{name}/svc-s1-d")
     assert kept.action == "keep", kept.lines()
     assert sorted((p.action, p.pod) for p in kept.pods) == [("finish", n) for n in drained]
+    # A saved plan of this dry run writes the same deletions, in scope though the
+    # namespace is no managed one any more (they remove what the move left behind).
+    steps = after.backend.saved_writes(preview)
+    deletions = sorted(s.name for s in steps if s.op == "delete_pod" and s.namespace == name)
+    assert deletions == drained
+    saved = SavedPlan(
+        PlanSource("directory", "0" * 64),
+        (SavedCluster(name, after.backend.observed(), steps),),
+        "2026-01-01T00:00:00Z",
+    )
+    check_scope(saved, after.backend.state, tmp_path / "plan.json")
+    check_leftovers(saved, after.backend.state, {name: after.backend.snapshot}, tmp_path / "p")
     applied = after.backend.apply_cluster(plan)
     assert [o.lines() for o in applied.objects] == [o.lines() for o in preview.objects]
 
