@@ -415,6 +415,11 @@ def _smaller_than_left_behind(
     leftover's is taken for a replacement, and one created later still for a reason of
     its own too: not counted, the leftover is compared with less, never kept for more
     than the service ran."""
+    # Per (service, role): what each namespace the service moved away from holds (each
+    # a copy of it: after two moves in a row, the older copy and the one that was
+    # replacing it; their sum was more than the service ever ran), and what it runs in
+    # its own namespace on gone switches and in the groups that stay.
+    copies: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     before: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
     # Per service with a leftover on a gone switch (not a namespace move's copy): the
@@ -422,8 +427,10 @@ def _smaller_than_left_behind(
     newest_part_left: dict[str, str] = {}
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
-            before[(w.service, w.role)] += w.live.replicas
-            if not moved_away(w.service, w.key.namespace, policies):
+            if moved_away(w.service, w.key.namespace, policies):
+                copies[(w.service, w.role)][w.key.namespace] += w.live.replicas
+            else:
+                before[(w.service, w.role)] += w.live.replicas
                 newest_part_left[w.service] = max(
                     newest_part_left.get(w.service, ""), w.live.created
                 )
@@ -438,6 +445,8 @@ def _smaller_than_left_behind(
             and left_by_move(w.live, policies, cluster) is None
         ):
             before[(w.service, w.role)] += w.live.replicas
+    for key, by_namespace in copies.items():
+        before[key] += max(by_namespace.values())
     out: dict[str, list[str]] = defaultdict(list)
     for (service, role), ran in sorted(before.items()):
         if ran and groups[(service, role)] < ran:

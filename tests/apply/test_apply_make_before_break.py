@@ -699,3 +699,30 @@ def test_half_of_a_service_on_a_gone_switch_is_kept_while_its_replacement_is_not
     groups = [*staying, grp("chat", "z", 6, 12, domain="pod-z")]
     done = plan(renamed, groups, old, replacement, unplaced={"chat": "2 decode: gpu_capacity"})
     assert {done[key].action for key in gone} == {"delete"}
+
+
+@pytest.mark.fault
+def test_after_two_moves_in_a_row_the_copies_left_behind_are_not_summed(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """chat moved from chat to chat-v2, and on to chat-v3 before chat-v2's copy served
+    all of it: chat's copy runs 6 prefill and 12 decode, chat-v2's 1 and 3. They are two
+    copies of one service: it ran 6 and 12 (not 7 and 15), so once chat-v3's 6 and 12
+    serve, both go, its size held or not. Summed, they were kept for as long as the
+    size stayed held."""
+    third = DesiredState(
+        policies={
+            k: p.model_copy(update={"namespace": "chat-v3"}) if k == "chat" else p
+            for k, p in before.policies.items()
+        },
+        clusters=before.clusters,
+        templates=before.templates,
+    )
+    first = live(before, [grp("chat", "a", 6, 12)])
+    second = live(after, [grp("chat", "a", 1, 3)], ready=0)
+    small = live(third, [grp("chat", "a", 1, 3)])
+    held = plan(third, [grp("chat", "a", 1, 3)], first, second, small, unsized={"chat": "held"})
+    assert "(decode 3 of 12, prefill 1 of 6)" in held["chat/chat-a-d"].scale.notes[0]
+    serving = live(third, [grp("chat", "a", 6, 12)])
+    done = plan(third, [grp("chat", "a", 6, 12)], first, second, serving, unsized={"chat": "held"})
+    assert {done[key].action for key in [*first, *second]} == {"delete"}
