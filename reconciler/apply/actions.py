@@ -327,15 +327,15 @@ def _hold_moves(
     """Make before break: ``work`` with every removal of a Deployment a move left
     behind (``left_by_move``: the policy now deploys to another namespace, or the
     group's switch is gone from the cluster file) kept while any Deployment of the
-    service that this plan writes is not yet serving
-    (``not_yet_serving``); or, while the groups hold fewer instances of a role than the
-    service ran before the move (``_smaller_than_left_behind``), placement could not place all the
-    service asks for (``unplaced``: the leftovers hold GPUs, so there may be no room
-    for a second copy until they go) or the service's size was held this cycle, not
-    sized (``unsized``: metrics missing, a failed decision, a drift hold: its groups,
-    which leave the leftovers out, are then only what the new copy happens to hold);
-    so the service never runs on fewer instances than before the move. Once all is sized, placed and
-    serving, a later cycle prunes the leftover as before.
+    service that this plan writes is not yet serving (``not_yet_serving``); or, while
+    the groups hold fewer instances of a role than the service ran before the move
+    (``_smaller_than_left_behind``), placement could not place all the service asks
+    for (``unplaced``: the leftovers hold GPUs, so there may be no room for a second
+    copy until they go) or the service's size was held this cycle, not sized
+    (``unsized``: metrics missing, a failed decision, a drift hold: its groups, which
+    leave the leftovers out, are then only what the new copy happens to hold); so the
+    service never runs on fewer instances than before the move. Once all is sized,
+    placed and serving, a later cycle prunes the leftover as before.
 
     A replacement that never becomes ready (an image that does not pull) or cannot be
     placed (no capacity for it beside the leftover) keeps the leftover indefinitely:
