@@ -192,6 +192,30 @@ def ensure_namespace(client: KubeClient, name: str) -> None:
         )
 
 
+def service_account_client(admin: KubeClient, namespace: str, account: str) -> KubeClient:
+    """A client authenticated as ServiceAccount ``account`` of ``namespace`` (created
+    here), by a bound token from the TokenRequest API (ServiceAccount admission is off
+    in the test control plane, so no token Secret is made for it): RBAC grants it what
+    the test binds to it, nothing else."""
+    admin.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts",
+        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}},
+    )
+    response = admin.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+        body={
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        },
+    )
+    return admin.with_token(
+        response["status"]["token"], name=f"system:serviceaccount:{namespace}:{account}"
+    )
+
+
 def create_nodes(
     client: KubeClient,
     spec: ClusterSpec,

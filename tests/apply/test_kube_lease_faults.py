@@ -29,6 +29,7 @@ from kubetestkit import (
     ensure_namespace,
     list_deployments,
     make_desired_state,
+    service_account_client,
 )
 
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
@@ -173,23 +174,7 @@ def test_a_missing_lease_namespace_fails_healthz_in_time_and_recovers_once_creat
 def _restricted_client(admin: KubeClient, namespace: str) -> KubeClient:
     """A ServiceAccount token that RBAC allows nothing on Leases (until granted)."""
     ensure_namespace(admin, namespace)
-    admin.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts",
-        body={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "elector"}},
-    )
-    response = admin.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/elector/token",
-        body={
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600},
-        },
-    )
-    return admin.with_token(
-        response["status"]["token"], name=f"system:serviceaccount:{namespace}:elector"
-    )
+    return service_account_client(admin, namespace, "elector")
 
 
 def _grant_leases(admin: KubeClient, namespace: str) -> None:

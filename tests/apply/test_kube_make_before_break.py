@@ -24,6 +24,7 @@ from kubetestkit import (
     list_pods,
     make_desired_state,
     mark_ready,
+    service_account_client,
     wait_for,
 )
 from typer.testing import CliRunner
@@ -80,6 +81,35 @@ def _pods_on_nodes(client: Any, namespace: str, count: int, what: str) -> list[d
         ),
         what=what,
     )
+
+
+# Decode instances of 2 GPUs, as prefill's: what is free beside them holds whole
+# instances however the scheduler spread them (1-GPU decode could strand a prefill).
+_TWO_GPU_DECODE = ("decode: {gpus_per_instance: 1,", "decode: {gpus_per_instance: 2,")
+
+
+def _edit(path: Path, *replacements: tuple[str, str]) -> None:
+    """Rewrite ``path`` with each (old, new) text replaced, in order."""
+    text = path.read_text()
+    for old, new in replacements:
+        assert old in text, f"{old!r} not in {path}"
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+def _rename_switch(client: Any, root: Path, cluster: str, old: str, new: str) -> None:
+    """Rename S2 switch ``old`` (and the S1 and S0 names it begins) ``new`` in the
+    cluster file under ``root`` and on the Nodes' topology labels."""
+    cluster_file = root / "clusters" / f"{cluster}.yaml"
+    cluster_file.write_text(cluster_file.read_text().replace(old, new))
+    renamed = load_desired_state(root).clusters[cluster]
+    for node in renamed.nodes:
+        client.request(
+            "PATCH",
+            nodes_path(node.name),
+            body={"metadata": {"labels": renamed.node_labels(node)}},
+            content_type="application/merge-patch+json",
+        )
 
 
 @pytest.mark.parametrize("pruned_by", ["apply", "saved plan"])
@@ -151,13 +181,13 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
     moved = f"{name}-v2"
     _state, options = cluster_for_cli(control_plane, tmp_path, name)
     policy = tmp_path / "policies" / "svc.yaml"
-    policy.write_text(
-        policy.read_text()
-        .replace(
+    _edit(
+        policy,
+        (
             "template: templates/prefill.yaml, min_instances: 1",
             "template: templates/prefill.yaml, min_instances: 5",
-        )
-        .replace("decode: {gpus_per_instance: 1,", "decode: {gpus_per_instance: 2,")
+        ),
+        _TWO_GPU_DECODE,
     )
     client = control_plane.client()
     _run("apply", *options)
@@ -214,16 +244,7 @@ def test_a_switch_renamed_in_the_cluster_file_moves_the_group_and_keeps_the_old_
     # the two (``actions._smaller_than_left_behind``).
     time.sleep(1.1)
 
-    cluster_file = tmp_path / "clusters" / f"{name}.yaml"
-    cluster_file.write_text(cluster_file.read_text().replace(f"{name}-pa", f"{name}-pz"))
-    renamed = load_desired_state(tmp_path).clusters[name]
-    for node in renamed.nodes:
-        client.request(
-            "PATCH",
-            nodes_path(node.name),
-            body={"metadata": {"labels": renamed.node_labels(node)}},
-            content_type="application/merge-patch+json",
-        )
+    _rename_switch(client, tmp_path, name, f"{name}-pa", f"{name}-pz")
 
     text = _run("apply", *options)
     for deployment in old:
@@ -328,6 +349,17 @@ def _group_of(name: str, decode: int) -> list[DeploymentGroup]:
     return [group("svc", name, "s1", f"{name}-pa", ("h800", 1), ("h800", decode))]
 
 
+def _moving_cluster(admin: Any, root: Path, name: str) -> tuple[DesiredState, str]:
+    """``make_desired_state`` in ``root`` for cluster ``name``, its Nodes, and both its
+    namespace and the one its service moves to (returned)."""
+    moved = f"{name}-v2"
+    state = make_desired_state(root, name)
+    for namespace in (name, moved):
+        ensure_namespace(admin, namespace)
+    create_nodes(admin, state.clusters[name])
+    return state, moved
+
+
 def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
@@ -337,12 +369,8 @@ def test_pods_drained_from_a_kept_leftover_are_deleted_once_their_window_passed(
     and apply carries out exactly that dry run (the Pods go, the old Deployments stay
     as they are). Kept whole, they held their GPUs out of service for the whole hold."""
     name = "mbb-drained"
-    moved = f"{name}-v2"
-    state = make_desired_state(tmp_path, name)
     client = control_plane.client()
-    for namespace in (name, moved):
-        ensure_namespace(client, namespace)
-    create_nodes(client, state.clusters[name])
+    state, moved = _moving_cluster(client, tmp_path, name)
     clock_s = [1_000_000.0]
 
     before = _Cycles(client, state, name, clock_s)
@@ -395,16 +423,14 @@ def test_half_of_a_service_on_a_switch_renamed_while_its_size_is_held_is_kept(
     name = "mbb-half"
     _state, options = cluster_for_cli(control_plane, tmp_path, name)
     policy = tmp_path / "policies" / "svc.yaml"
-    policy.write_text(
-        policy.read_text()
-        .replace(
+    _edit(
+        policy,
+        (
             "gpu_types: {h800: 1.0}, template: templates/prefill.yaml, min_instances: 1",
             "gpu_types: {h800: 1.0, h20: 1.0}, template: templates/prefill.yaml, min_instances: 4",
-        )
-        .replace("decode: {gpus_per_instance: 1,", "decode: {gpus_per_instance: 2,")
-        .replace(
-            "templates/decode.yaml, min_instances: 1", "templates/decode.yaml, min_instances: 8"
-        )
+        ),
+        _TWO_GPU_DECODE,
+        ("templates/decode.yaml, min_instances: 1", "templates/decode.yaml, min_instances: 8"),
     )
     client = control_plane.client()
     _run("apply", *options)
@@ -427,18 +453,10 @@ def test_half_of_a_service_on_a_switch_renamed_while_its_size_is_held_is_kept(
     )
     _serve(client, name, pods, only=set(staying))
 
-    policy.write_text(policy.read_text().replace("min_instances: 4", "min_instances: 1"))
-    policy.write_text(policy.read_text().replace("min_instances: 8", "min_instances: 1"))
-    cluster_file = tmp_path / "clusters" / f"{name}.yaml"
-    cluster_file.write_text(cluster_file.read_text().replace(f"{name}-pa", f"{name}-pz"))
-    renamed = load_desired_state(tmp_path).clusters[name]
-    for node in renamed.nodes:
-        client.request(
-            "PATCH",
-            nodes_path(node.name),
-            body={"metadata": {"labels": renamed.node_labels(node)}},
-            content_type="application/merge-patch+json",
-        )
+    _edit(
+        policy, ("min_instances: 4", "min_instances: 1"), ("min_instances: 8", "min_instances: 1")
+    )
+    _rename_switch(client, tmp_path, name, f"{name}-pa", f"{name}-pz")
     for _cycle in range(2):
         text = _run("apply", *options)
         for deployment in on_pa:
@@ -457,13 +475,24 @@ def _namespaced_token(admin: Any, name: str, namespaces: tuple[str, ...]) -> Any
     ``namespaces`` (so they are listed namespace by namespace)."""
     rbac = "/apis/rbac.authorization.k8s.io/v1"
     subject = {"kind": "ServiceAccount", "name": name, "namespace": name}
+    client = service_account_client(admin, name, name)
 
-    def role_ref(role: str) -> dict[str, str]:
-        return {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}
+    def bind(path: str, role: str) -> None:
+        """Bind ClusterRole ``role`` to the account, cluster-wide or in one namespace."""
+        admin.request(
+            "POST",
+            path,
+            body={
+                "metadata": {"name": role},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
+                "subjects": [subject],
+            },
+        )
 
-    admin.request(
-        "POST", f"/api/v1/namespaces/{name}/serviceaccounts", body={"metadata": {"name": name}}
-    )
     rules = {
         f"{name}-observer": [
             {"apiGroups": [""], "resources": ["nodes", "pods"], "verbs": ["get", "list", "watch"]}
@@ -481,35 +510,10 @@ def _namespaced_token(admin: Any, name: str, namespaces: tuple[str, ...]) -> Any
         admin.request(
             "POST", f"{rbac}/clusterroles", body={"metadata": {"name": role}, "rules": role_rules}
         )
-    admin.request(
-        "POST",
-        f"{rbac}/clusterrolebindings",
-        body={
-            "metadata": {"name": f"{name}-observer"},
-            "roleRef": role_ref(f"{name}-observer"),
-            "subjects": [subject],
-        },
-    )
+    bind(f"{rbac}/clusterrolebindings", f"{name}-observer")
     for namespace in namespaces:
-        admin.request(
-            "POST",
-            f"{rbac}/namespaces/{namespace}/rolebindings",
-            body={
-                "metadata": {"name": f"{name}-workloads"},
-                "roleRef": role_ref(f"{name}-workloads"),
-                "subjects": [subject],
-            },
-        )
-    token = admin.request(
-        "POST",
-        f"/api/v1/namespaces/{name}/serviceaccounts/{name}/token",
-        body={
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": 3600},
-        },
-    )["status"]["token"]
-    return admin.with_token(token, name=f"system:serviceaccount:{name}:{name}")
+        bind(f"{rbac}/namespaces/{namespace}/rolebindings", f"{name}-workloads")
+    return client
 
 
 @pytest.mark.fault
@@ -523,12 +527,8 @@ def test_under_per_namespace_rbac_the_namespace_moved_away_from_is_read_too(
     the service's Pods run (Pods are read cluster-wide): kept until the new copy
     serves, then pruned."""
     name = "mbb-rbac"
-    moved = f"{name}-v2"
-    state = make_desired_state(tmp_path, name)
     admin = control_plane.client()
-    for namespace in (name, moved):
-        ensure_namespace(admin, namespace)
-    create_nodes(admin, state.clusters[name])
+    state, moved = _moving_cluster(admin, tmp_path, name)
     reconciler = _namespaced_token(admin, name, (name, moved))
     clock_s = [1_000_000.0]
 
