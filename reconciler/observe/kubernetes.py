@@ -1014,16 +1014,14 @@ def left_behind_draining(
     ``left_by_move``, or in a namespace its service moved away from, the Deployment
     maybe pruned already), by node. They run until their window ends, on GPUs far from
     the service's groups: held only as the fleet's draining count, they were held on
-    the groups' nodes, or nowhere while the new copy has none (``PlacementRequest.draining``
-    holds them where they run instead)."""
-    leftovers = {
-        key: d
-        for key, d in snapshot.deployments.items()
-        if left_by_move(d, policies, cluster) is not None
-    }
+    the groups' nodes, or nowhere while the new copy has none
+    (``PlacementRequest.draining`` holds them where they run instead)."""
     by_source: dict[tuple[str, Role, int], list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
-        source = leftovers.get(ObjectKey(pod.key.namespace, pod.drained_from or ""))
+        # Only the few drained Pods' sources are asked whether a move left them (every
+        # cycle, of thousands of Deployments).
+        found = snapshot.deployments.get(ObjectKey(pod.key.namespace, pod.drained_from or ""))
+        source = found if found and left_by_move(found, policies, cluster) is not None else None
         if source is None and not moved_away(pod.service, pod.key.namespace, policies):
             continue
         role = next((r for r in ROLES if r == pod.role), None)
