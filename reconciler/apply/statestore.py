@@ -18,7 +18,9 @@ Only the leader writes, and every write carries the ``resourceVersion`` it read.
 409 means someone wrote in between (a replica that still believed it led): the
 store re-reads and, while this replica still holds the Lease, writes its own state
 over the newer version (the leader wins); a replica that lost the Lease drops its
-write. The memory shards are written the same way (``_write_as_leader``), after the
+write. A 404 means the object was deleted since (``DeletedSinceRead``: an operator
+clearing a corrupt or foreign state): read again, nothing there, so the write creates
+it. The memory shards are written the same way (``_write_as_leader``), after the
 state object, and only those whose content changed, each at most once every
 ``MEMORY_WRITE_INTERVAL_S`` of the states' ``saved_at_s``: a crash therefore loses
 at most the last five minutes of planner memory (the windows and cooldowns, in the
@@ -115,6 +117,11 @@ def memory_shard_names(cluster: str, memory_shards: int) -> tuple[str, ...]:
     return tuple(f"{base}{_SHARD_SUFFIX}{k}" for k in range(memory_shards))
 
 
+def _changed(conflict: ResourceConflict) -> str:
+    """What happened to an object since it was read, as a conflict's log line says."""
+    return "deleted" if isinstance(conflict, DeletedSinceRead) else "changed"
+
+
 def _rbac_hint(exc: BaseException, cluster: str, memory_shards: int) -> str:
     """For a refusal by RBAC: what to grant (an upgrade from a version without memory
     shards needs the new names in the Role, or ``--state-memory-shards 0``)."""
@@ -126,6 +133,12 @@ def _rbac_hint(exc: BaseException, cluster: str, memory_shards: int) -> str:
         f"resourceNames ({names[0]} to {names[-1]}, get and update: deploy/rbac.yaml), "
         "or run with --state-memory-shards 0 to keep the memories in the state object"
     )
+
+
+class DeletedSinceRead(ResourceConflict):
+    """A write at the ``resourceVersion`` read answered 404: the object was deleted
+    since. A conflict like any other (the precondition failed): the writer reads again,
+    finds no object and creates it."""
 
 
 def configmaps_path(namespace: str, name: str | None = None) -> str:
@@ -362,8 +375,9 @@ class ConfigMapStateStore:
         apply`` recording the plan it applied): read the stored state, let ``change``
         derive the new one from it (None: nothing to write), and write that with the
         ``resourceVersion`` read as a precondition. A 409 (someone wrote in between)
-        reads again and derives again from what is there now, so the other writer's
-        windows are kept, never overwritten with an older copy. ``is_leader`` is asked
+        or a 404 (deleted in between) reads again and derives again from what is there
+        now, so the other writer's windows are kept, never overwritten with an older
+        copy. ``is_leader`` is asked
         before every attempt (False: nothing written). Only the state object is read
         and written, in the layout it was stored in: ``change`` sees no memory held in
         a memory shard, and those stay as they are.
@@ -386,9 +400,9 @@ class ConfigMapStateStore:
             try:
                 encoded = self._encode(new, memory_shards, shards_wanted=False)
                 self._write(name, cluster, KEY, encoded.text)
-            except ResourceConflict:
+            except ResourceConflict as exc:
                 log.info(
-                    f"{self.describe(cluster)}: changed since read; reading it again",
+                    f"{self.describe(cluster)}: {_changed(exc)} since read; reading it again",
                     extra={"event": "state_conflict", "cluster": cluster},
                 )
                 continue
@@ -411,11 +425,11 @@ class ConfigMapStateStore:
                 self._get(name)
             try:
                 self._write(name, cluster, key, text)
-            except ResourceConflict:
-                # Someone wrote (or created) it since we read: re-read the version and,
-                # if still the leader, write ours over it.
+            except ResourceConflict as exc:
+                # Someone wrote (or created, or deleted) it since we read: re-read the
+                # version and, if still the leader, write ours over it (or create it).
                 log.warning(
-                    f"{self._describe_object(name)}: changed since read; re-reading",
+                    f"{self._describe_object(name)}: {_changed(exc)} since read; re-reading",
                     extra={"event": "state_conflict", "cluster": cluster},
                 )
                 self._get(name)
@@ -450,7 +464,8 @@ class ConfigMapStateStore:
 
     def _write(self, name: str, cluster: str, key: str, text: str) -> None:
         """One write of object ``name`` at the version last read (a POST when there was
-        no object); raises ``ResourceConflict`` when it moved (or appeared) since."""
+        no object); raises ``ResourceConflict`` when it moved (or appeared) since,
+        ``DeletedSinceRead`` (one too) when it was deleted since."""
         version = self._versions[name]
         metadata: dict[str, object] = {"name": name}
         if version:
@@ -471,7 +486,16 @@ class ConfigMapStateStore:
             "data": {key: text},
         }
         if version:
-            written = self.client.request("PUT", configmaps_path(self.namespace, name), body=body)
+            try:
+                written = self.client.request(
+                    "PUT", configmaps_path(self.namespace, name), body=body
+                )
+            except NotFound as exc:
+                # Deleted since read (an operator clearing a corrupt or foreign state, a
+                # namespace cleanup): every later PUT at this version would be 404 too.
+                # Forgotten, so the caller's re-read finds no object and its retry creates it.
+                self._versions[name] = ""
+                raise DeletedSinceRead(exc.status, exc.reason, exc.api_message, exc.body) from exc
         else:
             written = self.client.request("POST", configmaps_path(self.namespace), body=body)
         self._versions[name] = str(written.get("metadata", {}).get("resourceVersion", ""))

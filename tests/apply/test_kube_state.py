@@ -517,6 +517,46 @@ def test_a_stale_writer_never_overwrites_the_leaders_write(control_plane: Contro
     assert final is not None and final.writer == "leader" and final.saved_at_s == 5.0
 
 
+@pytest.mark.fault
+def test_a_state_object_deleted_under_the_leader_is_created_again(
+    control_plane: ControlPlane,
+) -> None:
+    """Deleting the state object (an operator clearing a corrupt or foreign state, a
+    namespace cleanup) left the leader PUTting at the version it last wrote: 404 on
+    every later save, nothing stored until a restart. The next save creates it again,
+    and so does the next round for a deleted memory shard and ``apply``'s record."""
+    client = control_plane.client()
+    cluster = "st-deleted"
+    store = _fresh_store(client, cluster, "replica-a", memory_shards=2)
+    state = _states_at(cluster, services=4, seed=8)
+    assert store.save(state(1000.0))
+    for name in (configmap_name(cluster), *memory_shard_names(cluster, 2)):
+        client.delete(configmaps_path(NAMESPACE, name))
+    assert store.save(state(1030.0))
+    back = ConfigMapStateStore(client, NAMESPACE, "b").load(cluster)
+    assert back is not None and back.saved_at_s == 1030.0
+    # The memories wait for their round (at most once every MEMORY_WRITE_INTERVAL_S).
+    assert store.save(state(1000.0 + MEMORY_WRITE_INTERVAL_S))
+    back = ConfigMapStateStore(client, NAMESPACE, "b").load(cluster)
+    assert back is not None and back.histories == state(1000.0 + MEMORY_WRITE_INTERVAL_S).histories
+
+    # ``apply``'s read-modify-write, deleted between its read and its write: read
+    # again (nothing there) and created from that.
+    recorder = ConfigMapStateStore(client, NAMESPACE, "apply", memory_shards=2)
+    seen: list[DurableState | None] = []
+
+    def change(stored: DurableState | None) -> DurableState:
+        if not seen:
+            client.delete(configmaps_path(NAMESPACE, configmap_name(cluster)))
+        seen.append(stored)
+        return DurableState(cluster, 2000.0, "apply", Revision("git", "b" * 40))
+
+    assert recorder.update(cluster, change)
+    assert seen[0] is not None and seen[1] is None
+    recorded = recorder.load(cluster)
+    assert recorded is not None and recorded.writer == "apply"
+
+
 # ------------------------------------------------------------------ memory shards
 
 
