@@ -574,13 +574,18 @@ def _parsed(text: str | bytes, schema: str, versions: tuple[int, ...]) -> dict[s
 
 
 def decode_document(
-    text: str | bytes, budget: UnpackBudget | None = None
+    text: str | bytes, budget: UnpackBudget | None = None, *, cluster: str | None = None
 ) -> tuple[DurableState, int]:
     """The state in the main document ``text`` (with the memories it holds itself,
     unpacked within ``budget``: a new one by default) and how many memory shards it
     lists (0 before version 3); ``StateFormatError`` when it is not one this version
-    reads (never any other exception)."""
+    reads (never any other exception), or, with ``cluster``, when it is another
+    cluster's state (a copied or restored object: as ``decode_shard`` refuses a shard
+    of another cluster, never its windows and memories for this one's services)."""
     doc = _parsed(text, SCHEMA, READABLE_VERSIONS)
+    owner = _str(doc.get("cluster"), "cluster")
+    if cluster is not None and owner != cluster:
+        raise StateFormatError(f"holds the state of cluster {owner!r}, not {cluster!r}")
     memory_shards = 0
     if doc["version"] >= 3:
         memory_shards = _int(doc.get("memory_shards"), "memory_shards")
@@ -611,7 +616,7 @@ def decode_document(
         )
     budget = budget or UnpackBudget()
     state = DurableState(
-        cluster=_str(doc.get("cluster"), "cluster"),
+        cluster=owner,
         saved_at_s=_num(doc.get("saved_at_s"), "saved_at_s"),
         writer=_str(doc.get("writer", ""), "writer"),
         revision=revision,

@@ -204,18 +204,20 @@ class ConfigMapStateStore:
         self, cluster: str, budget: UnpackBudget | None = None
     ) -> tuple[DurableState, int] | None:
         """The state object's state (with the memories it holds itself, unpacked within
-        ``budget``) and the number of memory shards it lists; None when there is none."""
+        ``budget``) and the number of memory shards it lists; None when there is none.
+        ``StateFormatError`` also for a document of another cluster than ``cluster``."""
         obj = self._get(configmap_name(cluster))
         if obj is None:
             return None
         text = (obj.get("data") or {}).get(KEY)
         if not isinstance(text, str):
             raise StateFormatError(f"no '{KEY}' key")
-        return decode_document(text, budget)
+        return decode_document(text, budget, cluster=cluster)
 
     def load(self, cluster: str, *, with_memories: bool = True) -> DurableState | None:
         """The stored state, None when there is none. Raises ``StateFormatError`` for
-        a state object it cannot read, API errors as they come (the caller holds).
+        a state object it cannot read or that holds another cluster's state (copied or
+        restored under this name), API errors as they come (the caller holds).
 
         With ``with_memories`` the memory shards the state object lists are read too
         (all of them, wherever a memory lies: ``attach_memories``); one that cannot be

@@ -401,10 +401,16 @@ def test_a_corrupt_state_object_is_ignored_with_a_logged_error(
     state = make_desired_state(tmp_path, "st-corrupt")
     client = control_plane.client()
     store = _fresh_store(client, "st-corrupt", "replica-a")
+    # Another cluster's state (a ConfigMap copied or restored under this name): read
+    # as this one's, its windows and cooldown went to this cluster's "svc".
+    elsewhere = PolicyHistory(
+        recommendations=(Recommendation(990.0, 1, 1),), last_change_at_s=990.0
+    )
     for data in (
         '{"schema": "heteroscale.io/reconciler-state", "version": 99}',
         "{not json",
         "x" * 300_000,
+        encode(DurableState("st-elsewhere", 990.0, "replica-x", None, {"svc": elsewhere}))[0],
     ):
         with contextlib.suppress(NotFound):
             client.delete(configmaps_path(NAMESPACE, configmap_name("st-corrupt")))

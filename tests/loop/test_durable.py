@@ -306,6 +306,17 @@ def test_unreadable_documents_are_refused_with_the_reason(text: str, why: str) -
         decode(text)
 
 
+def test_a_state_document_of_another_cluster_is_refused_as_a_shard_of_one_is() -> None:
+    """A ConfigMap copied or restored under another cluster's name: read as that
+    cluster's, its windows, cooldown, applied plan and memories went to the services of
+    the same names there."""
+    history = PolicyHistory(recommendations=(Recommendation(NOW, 40, 80),), last_change_at_s=NOW)
+    text = encode(DurableState("west", NOW, histories={"svc": history}))[0]
+    with pytest.raises(StateFormatError, match="holds the state of cluster 'west', not 'east'"):
+        decode_document(text, cluster="east")
+    assert decode_document(text, cluster="west")[0].histories == {"svc": history}
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_a_mutated_document_is_read_or_refused_never_a_crash(data: st.DataObject) -> None:
