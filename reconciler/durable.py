@@ -25,7 +25,9 @@ the schema allows (an hour) and a count cap; planner memories are stored compres
 ``MAX_STATE_BYTES``, service by service in name order, the others left out (counted;
 those services' planners start afresh after a restart). Without any memory, a main
 document over the limit raises ``StateTooLarge`` (the caller reports it and keeps the
-old object).
+old object). A state holds at most ``MAX_SERVICES`` services, the first in name order,
+the others left out and named (``EncodedState.services_left_out``): the reader refuses
+a document of more whole.
 """
 
 from __future__ import annotations
@@ -480,12 +482,16 @@ def _dumps(value: Any) -> str:
 @dataclass(frozen=True)
 class EncodedState:
     """A state as ``encode_state`` writes it: the main document, the memory shard
-    documents (shard k at index k; none with 0 shards) and how many services' planner
-    memories were left out to stay under ``MAX_STATE_BYTES``."""
+    documents (shard k at index k; none with 0 shards), how many services' planner
+    memories were left out to stay under ``MAX_STATE_BYTES`` and which services were
+    left out whole to stay within ``MAX_SERVICES``."""
 
     text: str
     shards: tuple[str, ...]
     dropped: int
+    # The services past the first ``MAX_SERVICES`` in name order, left out whole (their
+    # windows, cooldowns and memories): a reader refuses a document of more.
+    services_left_out: tuple[str, ...] = ()
 
 
 def encode_state(
@@ -497,8 +503,11 @@ def encode_state(
     the main document only (no shard documents, nothing counted), for a writer with no
     shard to write, sparing the compression of every memory. Raises ``StateTooLarge``
     when the main document alone is over the limit, ``ValueError`` for a shard count
-    outside 0..``MAX_MEMORY_SHARDS``."""
+    outside 0..``MAX_MEMORY_SHARDS``. A state of more than ``MAX_SERVICES`` services
+    keeps the first ``MAX_SERVICES`` in name order (``services_left_out`` names the
+    others), so that what is written is what ``decode_document`` reads."""
     valid_memory_shards(memory_shards)
+    state, services_left_out = _within_max_services(state)
     doc = _document(state, memory_shards)
     size = len(_dumps(doc))
     if size > MAX_STATE_BYTES:
@@ -507,7 +516,7 @@ def encode_state(
             f"(limit {MAX_STATE_BYTES})"
         )
     if memory_shards and not shards_wanted:
-        return EncodedState(_dumps(doc), (), 0)
+        return EncodedState(_dumps(doc), (), 0, services_left_out)
     memories = [
         (name, _pack(_encode_value(h.planner)))
         for name, h in sorted(state.histories.items())
@@ -524,7 +533,7 @@ def encode_state(
                 size += grown
             else:
                 dropped += 1
-        return EncodedState(_dumps(doc), (), dropped)
+        return EncodedState(_dumps(doc), (), dropped, services_left_out)
     shards = [_shard_document(state.cluster) for _ in range(memory_shards)]
     sizes = [len(_dumps(shard)) for shard in shards]
     for name, memory in memories:
@@ -537,7 +546,20 @@ def encode_state(
             sizes[k] += grown
         else:
             dropped += 1
-    return EncodedState(_dumps(doc), tuple(_dumps(shard) for shard in shards), dropped)
+    shard_texts = tuple(_dumps(shard) for shard in shards)
+    return EncodedState(_dumps(doc), shard_texts, dropped, services_left_out)
+
+
+def _within_max_services(state: DurableState) -> tuple[DurableState, tuple[str, ...]]:
+    """``state`` with at most ``MAX_SERVICES`` services, the first in name order (as
+    the memories that fit are kept), and the names of those left out. The reader
+    refuses a document of more whole, and nothing limits a cluster's policies: without
+    this, every restart lost every service's windows and memories."""
+    if len(state.histories) <= MAX_SERVICES:
+        return state, ()
+    names = sorted(state.histories)
+    kept = {name: state.histories[name] for name in names[:MAX_SERVICES]}
+    return dataclasses.replace(state, histories=kept), tuple(names[MAX_SERVICES:])
 
 
 def encode(state: DurableState) -> tuple[str, int]:

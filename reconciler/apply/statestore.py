@@ -63,6 +63,7 @@ from reconciler.dns1123 import name_segment, namespace_segment
 from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
     MAX_MEMORY_SHARDS,
+    MAX_SERVICES,
     DurableState,
     EncodedState,
     Revision,
@@ -451,6 +452,22 @@ class ConfigMapStateStore:
         self, state: DurableState, memory_shards: int, *, shards_wanted: bool = True
     ) -> EncodedState:
         encoded = encode_state(state, memory_shards, shards_wanted=shards_wanted)
+        left_out = encoded.services_left_out
+        if left_out:
+            # Said at write time: a restart would only find them missing.
+            shown = ", ".join(left_out[:5])
+            more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+            log.warning(
+                f"{self.describe(state.cluster)}: {len(left_out)} of {len(state.histories)} "
+                f"services left out, a state holds at most {MAX_SERVICES} (the first in name "
+                f"order; their windows, cooldowns and planner memories start afresh after a "
+                f"restart): {shown}{more}",
+                extra={
+                    "event": "state_trimmed",
+                    "cluster": state.cluster,
+                    "services_left_out": len(left_out),
+                },
+            )
         if encoded.dropped:
             log.warning(
                 f"{self.describe(state.cluster)}: the planner memories of {encoded.dropped} "

@@ -37,6 +37,7 @@ from reconciler.desired.models import ServicePolicy
 from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
     MAX_MEMORY_SHARDS,
+    MAX_SERVICES,
     MAX_STATE_BYTES,
     DurableState,
     Revision,
@@ -274,6 +275,27 @@ def test_a_state_at_the_size_limit_is_stored_and_read_back(control_plane: Contro
     back = store.load("st-large")
     assert back is not None
     assert sum(h.planner is not None for h in back.histories.values()) == 400 - dropped
+
+
+@pytest.mark.fault
+def test_a_state_of_more_services_than_a_reader_takes_is_trimmed_when_written_and_said(
+    control_plane: ControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster of more than ``MAX_SERVICES`` services: the state written every cycle
+    was one every read refused whole (all windows and memories lost at each restart,
+    said only then). Written with the first ``MAX_SERVICES`` in name order, the others
+    named when written (``state_trimmed``), and read back."""
+    store = _fresh_store(control_plane.client(), "st-many", "replica-a")
+    history = PolicyHistory(recommendations=(Recommendation(990.0, 1, 2),), last_change_at_s=990.0)
+    histories = {f"svc-{i:04d}": history for i in range(MAX_SERVICES + 1)}
+    with caplog.at_level(logging.WARNING, logger="heteroscale"):
+        assert store.save(DurableState("st-many", 1000.0, "replica-a", None, histories))
+    (trimmed,) = [r for r in caplog.records if getattr(r, "event", "") == "state_trimmed"]
+    assert f"svc-{MAX_SERVICES:04d}" in trimmed.getMessage()
+    assert trimmed.services_left_out == 1  # type: ignore[attr-defined]
+    back = ConfigMapStateStore(control_plane.client(), NAMESPACE, "b").load("st-many")
+    assert back is not None and len(back.histories) == MAX_SERVICES
+    assert f"svc-{MAX_SERVICES:04d}" not in back.histories
 
 
 @pytest.mark.fault

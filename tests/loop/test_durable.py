@@ -29,6 +29,7 @@ from reconciler.desired import load_desired_state
 from reconciler.durable import (
     DEFAULT_MEMORY_SHARDS,
     MAX_MEMORY_SHARDS,
+    MAX_SERVICES,
     MAX_STATE_BYTES,
     SCHEMA,
     STORABLE_PLANNER_TYPES,
@@ -716,6 +717,29 @@ def test_the_default_shards_keep_a_thousand_services_memories() -> None:
     state = DurableState("east", NOW, histories=histories)
     assert encode_state(state, DEFAULT_MEMORY_SHARDS).dropped == 0
     assert encode_state(state, 0).dropped > 800
+
+
+@pytest.mark.parametrize("shards", [0, DEFAULT_MEMORY_SHARDS])
+def test_a_state_of_more_services_than_a_reader_takes_keeps_the_first_and_names_the_rest(
+    shards: int,
+) -> None:
+    """The reader refuses a document of more than ``MAX_SERVICES`` services whole, and
+    nothing limits the policies of a cluster: the writer wrote one every cycle, and
+    every restart lost every service's windows and memories. It keeps the first
+    ``MAX_SERVICES`` in name order (the others' windows and memories left out, named),
+    so what it writes reads back."""
+    memory = _planner_memory()
+    histories = {
+        f"svc-{i:04d}": PolicyHistory(recommendations=(Recommendation(NOW, 1, 2),), planner=memory)
+        for i in range(MAX_SERVICES + 2)
+    }
+    encoded = encode_state(DurableState("east", NOW, histories=histories), shards)
+    assert encoded.services_left_out == (f"svc-{MAX_SERVICES:04d}", f"svc-{MAX_SERVICES + 1:04d}")
+    back = _read_back(encoded).histories
+    assert sorted(back) == sorted(histories)[:MAX_SERVICES]
+    # The memories of the services kept: in the document, or counted as dropped.
+    assert sum(h.planner is not None for h in back.values()) + encoded.dropped == MAX_SERVICES
+    assert shards == 0 or not encoded.dropped
 
 
 @pytest.mark.parametrize("shards", ["8", "-1", "65", "true"])
