@@ -556,13 +556,25 @@ class Resumed:
     cluster: str  # whose state object named it
 
 
+@dataclass(frozen=True)
+class _StoredRevision:
+    """A Git revision a cluster's state object names, and when its writer saved it."""
+
+    cluster: str
+    revision: Revision
+    saved_at_s: float
+
+
 def resume_desired_state(
     store: ConfigMapStateStore, repo: Path, rev: str | None, only: tuple[str, ...]
 ) -> tuple[Resumed | None, str]:
-    """The newest stored Git revision among the candidate clusters' objects, loaded;
-    or None and why not (nothing stored, unreadable, a content hash, or that revision
-    no longer loads)."""
-    found: list[tuple[float, str, Revision]] = []
+    """The newest stored Git revision among the candidate clusters' objects that is
+    one to start from (``_not_resumable``), loaded; or None and why not (nothing
+    stored, unreadable, a content hash, none resumable, or that revision no longer
+    loads). Newest by Git ancestry (``_newest``), never first by a writer's clock: an
+    object saved at an older commit by a clock running ahead, or left behind by a
+    cluster unreachable since, would roll every cluster back to that commit."""
+    found: list[_StoredRevision] = []
     reasons: list[str] = []
     for cluster in candidate_clusters(repo, rev, only):
         try:
@@ -571,24 +583,72 @@ def resume_desired_state(
             reasons.append(f"{store.describe(cluster)} unreadable: {exc}")
             continue
         if stored is not None and stored.revision is not None:
-            found.append((stored.saved_at_s, cluster, stored.revision))
+            found.append(_StoredRevision(cluster, stored.revision, stored.saved_at_s))
     if not found:
         return None, "; ".join(reasons) or "no last known good revision stored"
-    _, cluster, revision = max(found, key=lambda f: f[0])
-    if revision.kind != "git":
+    commits = [f for f in found if f.revision.kind == "git"]
+    if not commits:
         return None, (
             "the stored last known good revision is a content hash: a directory's earlier "
             "content cannot be restored (use --rev for a Git source)"
         )
-    problem = _not_resumable(repo, revision.id, rev)
-    if problem is not None:
-        return None, f"{store.describe(cluster)}: {problem}"
+    resumable = []
+    refused = []
+    for candidate in commits:
+        problem = _not_resumable(repo, candidate.revision.id, rev)
+        if problem is None:
+            resumable.append(candidate)
+        else:
+            refused.append(f"{store.describe(candidate.cluster)}: {problem}")
+    if not resumable:
+        return None, "; ".join(refused)
+    chosen, why = _newest(repo, resumable)
+    passed_over = f"; passed over: {'; '.join(refused)}" if refused else ""
+    log.info(
+        f"resuming revision {chosen.revision.id[:12]} stored in "
+        f"{store.describe(chosen.cluster)}: {why}{passed_over}",
+        extra={"event": "state_resume_chosen", "cluster": chosen.cluster},
+    )
+    revision = chosen.revision
     try:
         state = load_desired_state(repo, rev=revision.id)
     except ConfigError as exc:
         return None, f"stored revision {revision.id[:12]} does not load either: {exc}"
     # Named as the loader names it: the stored label is text anyone could have written.
-    return Resumed(state, Revision("git", revision.id, state.source_label), cluster), ""
+    return Resumed(state, Revision("git", revision.id, state.source_label), chosen.cluster), ""
+
+
+def _newest(repo: Path, stored: list[_StoredRevision]) -> tuple[_StoredRevision, str]:
+    """The newest of ``stored`` (each a commit in the history of the revision asked
+    for) and why it was chosen. By Git ancestry: the commits none of the others
+    descends from (``git merge-base --independent``); when that leaves more than one
+    (two sides of a merge, which Git cannot order), the one saved last by its writer's
+    clock. Among the objects naming the chosen commit, the one saved last."""
+    commits = sorted({s.revision.id for s in stored})
+    if len(commits) == 1:
+        return max(stored, key=lambda s: s.saved_at_s), "the only stored revision"
+    independent = subprocess.run(
+        ["git", "-C", str(repo), "merge-base", "--independent", *commits],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    tips = sorted(set(independent.stdout.split()))
+    if independent.returncode != 0 or not tips or not set(tips) <= set(commits):
+        unordered = f"git merge-base could not order them ({cut(independent.stderr.strip(), 200)})"
+        tips = commits
+    else:
+        shown = ", ".join(tip[:12] for tip in tips)
+        unordered = f"Git cannot order {shown} (none descends from another)"
+    chosen = max((s for s in stored if s.revision.id in tips), key=lambda s: s.saved_at_s)
+    if len(tips) == 1:
+        return chosen, (
+            f"the newest of {len(commits)} stored revisions by Git ancestry (a descendant "
+            "of every other)"
+        )
+    return chosen, (
+        f"{unordered}: the one saved last by its writer's clock (saved_at_s {chosen.saved_at_s})"
+    )
 
 
 def _not_resumable(repo: Path, stored: str, rev: str | None) -> str | None:

@@ -417,6 +417,69 @@ def test_only_a_commit_in_the_history_of_the_asked_revision_is_resumed(
 
 
 @pytest.mark.fault
+def test_the_newest_stored_revision_is_resumed_by_git_ancestry_not_a_writers_clock(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clusters' objects name two commits, both in HEAD's history. The one saved
+    at the older commit by a writer whose clock ran an hour ahead (or by a leader of a
+    cluster unreachable since) had the largest ``saved_at_s`` and was resumed: a
+    rollback to the older commit's policies and images on every cluster. The newer
+    commit (a descendant of the older) wins; the clock only decides between commits
+    Git cannot order (two sides of a merge); a revision that is no candidate (outside
+    HEAD's history) leaves the others resumable."""
+    repo = tmp_path / "repo"
+    make_desired_state(repo, "st-order")
+    git(repo, "init", "-q", "-b", "main")
+    base = commit_all(repo, "base")
+    policy = repo / "policies" / "svc.yaml"
+
+    def commit_on(branch: str, start: str, line: str, changed: Path = policy) -> str:
+        git(repo, "checkout", "-q", "-b", branch, start)
+        changed.write_text(changed.read_text() + f"# {line}\n")
+        return commit_all(repo, line)
+
+    older = commit_on("older", base, "older")
+    newer = commit_on("newer", older, "newer")
+    # Beside newer (neither is the other's ancestor), merged into main with it.
+    side = commit_on("side", older, "side", repo / "clusters" / "st-order.yaml")
+    unreviewed = commit_on("unreviewed", newer, "not on main")
+    git(repo, "checkout", "-q", "newer")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "merge", "-q", "-m", "m", "side")
+    git(repo, "branch", "-q", "-f", "main")
+    git(repo, "checkout", "-q", "main")
+    policy.write_text("name: [broken\n")
+    commit_all(repo, "HEAD: invalid")
+    client = control_plane.client()
+    clusters = ("st-order-a", "st-order-b", "st-order-c")
+    stores = {c: _fresh_store(client, c, "previous") for c in clusters}
+
+    def resumed(*stored: tuple[str, float]) -> str:
+        for cluster, (commit, saved_at_s) in zip(clusters, stored, strict=False):
+            state = DurableState(cluster, saved_at_s, "previous", Revision("git", commit))
+            assert stores[cluster].save(state)
+        asked = clusters[: len(stored)]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="heteroscale"):
+            found, why = resume_desired_state(stores[clusters[0]], repo, None, asked)
+        assert found is not None, why
+        (chosen,) = [r for r in caplog.records if getattr(r, "event", "") == "state_resume_chosen"]
+        assert found.revision.id[:12] in chosen.getMessage()
+        return found.revision.id
+
+    now = 1_800_000_000.0
+    # The older commit saved "later" by a clock an hour ahead: Git orders them.
+    assert resumed((older, now + 3600), (newer, now - 60)) == newer
+    assert "by Git ancestry" in caplog.records[-1].getMessage()
+    # Two sides of a merge: Git cannot order them, the clock decides (and says so).
+    assert resumed((side, now - 60), (newer, now - 120)) == side
+    assert resumed((side, now - 120), (newer, now - 60)) == newer
+    assert "Git cannot order" in caplog.records[-1].getMessage()
+    # A commit outside HEAD's history, however late, is no candidate; the others are.
+    assert resumed((unreviewed, now + 3600), (older, now - 60), (base, now)) == older
+    assert f"{unreviewed[:12]} is not in the history of HEAD" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.fault
 def test_a_corrupt_state_object_is_ignored_with_a_logged_error(
     control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
