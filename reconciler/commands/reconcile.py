@@ -1007,19 +1007,36 @@ def _print_state(records: Sequence[StateRecord]) -> None:
 
 
 def _record_cycle(loop: Any, result: Any, settings: Settings, lease: LeaseRef) -> list[StateRecord]:
-    """The clusters the cycle applied, recorded (``record_applied``)."""
+    """The clusters the cycle applied in full, recorded (``record_applied``). A cluster
+    with a write refused does not run this revision (not all of it, or none of it: a
+    refused rollout leaves the old pods): its previous record stands, as for a saved
+    plan, and the line says so."""
     from reconciler.durable import plan_identity, revision_of
 
+    if loop.last_good is None:
+        return []
     applied = [
         AppliedCluster(c.cluster, plan_identity(c.plan), c.has_changes)
         for c in result.clusters
-        if c.applied and c.plan is not None
+        if c.applied_in_full and c.plan is not None
     ]
-    if not applied or loop.last_good is None:
-        return []
-    return record_applied(
+    not_recorded = [
+        StateRecord(
+            c.cluster,
+            False,
+            f"cluster {c.cluster}: not recorded: {c.refused_objects} write(s) refused, so it "
+            "does not run this revision; its previous record stands",
+        )
+        for c in result.clusters
+        if c.applied and not c.applied_in_full
+    ]
+    if not applied:
+        return not_recorded
+    recorded = record_applied(
         settings.kubeconfig, lease, applied, revision_of(loop.last_good), now_s=time.time()
     )
+    order = {c.cluster: i for i, c in enumerate(result.clusters)}
+    return sorted(recorded + not_recorded, key=lambda r: order[r.cluster])
 
 
 # ------------------------------------------------------------------ saved plans

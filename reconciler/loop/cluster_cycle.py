@@ -68,6 +68,13 @@ class ClusterOutcome:
         return sum(1 for o in self.diff.objects if o.action == "error")
 
     @property
+    def applied_in_full(self) -> bool:
+        """Applied with no write refused: only then does the cluster run this plan and
+        its revision, so only then are they recorded as the applied ones (a refused
+        write leaves the previous record, as a saved plan's does)."""
+        return self.applied and not self.refused_objects
+
+    @property
     def kept_objects(self) -> int:
         """Objects kept as they run though the desired state has them go (``keep``: what
         a move left behind, until its replacement serves): not yet as desired, though
@@ -258,7 +265,9 @@ class ClusterCycle:
         else:
             outcome.lines = tuple(backend.apply(plan))
         outcome.applied = True
-        self.windows.persist(seen.state, seen.cluster, plan, seen.now_s)
+        self.windows.persist(
+            seen.state, seen.cluster, plan, seen.now_s, applied_in_full=outcome.applied_in_full
+        )
 
     def _report(
         self,

@@ -20,7 +20,9 @@ from reconciler.apply.lease import shown_holder
 from reconciler.desired.loader import DesiredState
 from reconciler.dns1123 import MAX_SUBDOMAIN
 from reconciler.durable import (
+    AppliedPlan,
     DurableState,
+    Revision,
     StateFormatError,
     StateTooLarge,
     merge_history,
@@ -107,20 +109,32 @@ class PolicyWindows:
             for svc, h in stored.histories.items()
         } | {svc: h for svc, h in local.items() if svc not in stored.histories}
 
-    def persist(self, state: DesiredState, cluster: str, plan: Plan, now_s: float) -> None:
+    def persist(
+        self, state: DesiredState, cluster: str, plan: Plan, now_s: float, *, applied_in_full: bool
+    ) -> None:
         """Write what a successor needs; a failure is reported, never fails the cycle
-        (the cluster already got its changes; the next cycle writes again)."""
+        (the cluster already got its changes; the next cycle writes again). The windows
+        are written whatever the cycle did; the revision and the applied plan only when
+        ``applied_in_full`` (no write refused), else they stay as stored: `status` shows
+        them as what the cluster runs, and a refused rollout leaves it on the old one."""
         if self.state_store is None:
             return
-        revision = revision_of(state)
         previous = self.stored.get(cluster)
-        last_plan = next_applied_plan(
-            previous.last_plan if previous is not None else None,
-            plan_identity(plan),
-            plan.has_changes,
-            revision.id,
-            now_s,
-        )
+        revision: Revision | None
+        last_plan: AppliedPlan | None
+        if applied_in_full:
+            revision = revision_of(state)
+            last_plan = next_applied_plan(
+                previous.last_plan if previous is not None else None,
+                plan_identity(plan),
+                plan.has_changes,
+                revision.id,
+                now_s,
+            )
+        elif previous is not None:
+            revision, last_plan = previous.revision, previous.last_plan
+        else:
+            revision, last_plan = None, None
         record = DurableState(
             cluster=cluster,
             saved_at_s=now_s,

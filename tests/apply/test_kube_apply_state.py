@@ -26,6 +26,7 @@ from reconciler.apply.kubeclient import KubeClient, NotFound, leases_path
 from reconciler.apply.lease import format_micro_time
 from reconciler.apply.statestore import ConfigMapStateStore, configmap_name, configmaps_path
 from reconciler.cli import app
+from reconciler.desired import load_desired_state
 from reconciler.durable import AppliedPlan, DurableState, Revision, decode
 from reconciler.policy.base import PolicyHistory, Recommendation
 
@@ -236,6 +237,38 @@ def test_apply_of_a_saved_plan_records_it(control_plane: ControlPlane, tmp_path:
     assert stored.last_plan.id.startswith("saved-plan:sha256:")
     status = json.loads(_invoke("status", *args, "--format", "json").stdout)
     assert status["clusters"][0]["revision"]["revision"] == commit
+
+
+@pytest.mark.fault
+def test_an_apply_whose_rollout_is_refused_keeps_the_previous_record(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A commit that mistypes a topology label key: apply refuses every rollout (no
+    Node could run the new Pods), exits 1 and changes nothing. The cluster still runs
+    the first commit, so that stays the recorded revision `status` shows; apply says
+    why it did not record (as a saved plan is recorded only where all its writes were
+    made)."""
+    cluster = "apply-refused"
+    repo = tmp_path / "repo"
+    client, first = _setup(control_plane, repo, cluster)
+    args = _args(control_plane, repo, cluster)
+    assert _invoke("apply", *args).exit_code == 0
+    recorded, _ = _stored(client, cluster)
+    assert recorded.revision is not None and recorded.revision.id == first
+
+    cluster_file = repo / "clusters" / f"{cluster}.yaml"
+    s2_key = load_desired_state(repo).clusters[cluster].labels.s2
+    cluster_file.write_text(cluster_file.read_text().replace(f"s2: {s2_key},", f"s2: {s2_key}x,"))
+    second = commit_all(repo, "a label key no node has")
+    refused = _invoke("apply", *args, "--format", "json")
+    assert refused.exit_code == 1, refused.output
+    ((record),) = json.loads(refused.stdout)["state"]
+    assert not record["recorded"] and "2 write(s) refused" in record["detail"], record
+    assert "its previous record stands" in refused.stderr
+    stored, _ = _stored(client, cluster)
+    assert stored == recorded, f"{second[:12]} was refused; {first[:12]} stays recorded"
+    status = json.loads(_invoke("status", *args, "--format", "json").stdout)
+    assert status["clusters"][0]["revision"]["revision"] == first
 
 
 @pytest.mark.fault

@@ -61,7 +61,7 @@ def make_loop(
         metrics_for=lambda spec: StaticMetrics(),
         autoscaler=FixedAutoscaler(),
         placer=OneGroupPlacer(),
-        clock=lambda: 1000.0,
+        clock=kwargs.pop("clock", lambda: 1000.0),  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -527,3 +527,72 @@ def test_the_backoff_doubles_up_to_its_cap_however_long_a_cluster_fails() -> Non
     # Days of failures: no OverflowError (30 * 2**1099 is past any float).
     assert backoff_delay(30.0, 300.0, 1100) == 300.0
     assert backoff_delay(86400.0, 300.0, 10**6) == 300.0
+
+
+def test_a_cycle_with_a_refused_write_keeps_the_recorded_revision_and_saves_the_windows(
+    state: DesiredState,
+) -> None:
+    """`run`'s leader records the revision and plan it applied (what `status` shows as
+    deployed) only after a cycle in which no write was refused: a rollout refused
+    whole (say, a cluster file's label typo) leaves the cluster on the old revision,
+    so the old record stays; the windows are saved after every acting cycle still."""
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.durable import revision_of
+    from reconciler.plan import Plan
+
+    class RefusingBackend(RecordingBackend):
+        """Applies every plan, or, once ``refuse`` is set, refuses each write (the
+        fleet stays as it was), as the Kubernetes backend reports it."""
+
+        refuse = False
+
+        def diff_cluster(self, plan: Plan) -> ClusterDiff:
+            action: Any = "error" if self.refuse else "unchanged"
+            notes = ("no node has a label 'typo'",) if self.refuse else ()
+            objects = tuple(
+                ObjectDiff(
+                    f"ns/{g.service}-d", g.service, g.group_id, "decode", action, 2, 2, notes=notes
+                )
+                for g in plan.groups
+            )
+            return ClusterDiff(plan.cluster, "server-dry-run", objects)
+
+        def apply_cluster(self, plan: Plan) -> ClusterDiff:
+            if not self.refuse:
+                self.apply(plan)
+            return self.diff_cluster(plan)
+
+    second = DesiredState(
+        policies=state.policies,
+        clusters=state.clusters,
+        templates={**state.templates, "decode": {"image": "engine:decode-v2"}},
+        source_label="second revision",
+    )
+    desired = [state]
+    backend = RefusingBackend("prod-east")
+    store = MemoryStore()
+    clock = [1000.0]
+    loop = make_loop(
+        state,
+        {"prod-east": backend},
+        load_desired=lambda: desired[0],
+        state_store=store,
+        clock=lambda: clock[0],
+    )
+    assert loop.run_cycle().clusters[0].applied
+    first = store.saved["prod-east"]
+    assert first.revision == revision_of(state) and first.last_plan is not None
+
+    desired[0], backend.refuse, clock[0] = second, True, 1030.0
+    outcome = loop.run_cycle().clusters[0]
+    assert outcome.applied and outcome.refused_objects and not outcome.applied_in_full
+    after = store.saved["prod-east"]
+    assert after.saved_at_s == 1030.0, "the windows are saved after the cycle"
+    assert after.revision == first.revision and after.last_plan == first.last_plan
+
+    backend.refuse, clock[0] = False, 1060.0
+    assert loop.run_cycle().clusters[0].applied_in_full
+    applied = store.saved["prod-east"]
+    assert applied.revision == revision_of(second) != first.revision
+    assert applied.last_plan is not None and applied.last_plan.revision == applied.revision.id
+    assert applied.last_plan.applied_at_s == 1060.0
