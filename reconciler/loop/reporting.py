@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from reconciler.loop.protocols import LeaderElection
@@ -310,6 +311,50 @@ def record_plan(metrics: LoopMetrics, cluster: str, plan: Plan) -> None:
                 "service": service,
             },
         )
+
+
+def forget_removed(metrics: LoopMetrics, state: DesiredState) -> None:
+    """Remove the label sets of every service and cluster the desired state in force no
+    longer has: they were last set when it was there, and would be reported at those
+    values (a target, instances running) for the life of the process. Called every loop
+    cycle, so one an overdue cycle of a removed cluster sets again goes the next."""
+    by_service: tuple[MetricWrapperBase, ...] = (
+        metrics.decisions,
+        metrics.target_instances,
+        metrics.current_instances,
+        metrics.slo_seconds,
+    )
+    by_cluster: tuple[MetricWrapperBase, ...] = (
+        metrics.cycle_duration,
+        metrics.cycles,
+        metrics.placement_solve,
+        metrics.drift,
+        metrics.drift_total,
+        metrics.held,
+        metrics.errors,
+        metrics.plan_changes,
+        metrics.metrics_available,
+        metrics.state_writes,
+    )
+    for metric in by_service:
+        _remove_label_sets(metric, "service", state.policies)
+    for metric in by_cluster:
+        _remove_label_sets(metric, "cluster", state.clusters)
+
+
+def _remove_label_sets(metric: MetricWrapperBase, label: str, keep: Container[str]) -> None:
+    """Remove each label set of ``metric`` whose ``label`` is not in ``keep``. The label
+    sets are read from its samples (``remove_by_labels`` is newer than the
+    prometheus-client we support): a sample's labels are the metric's in declared
+    order, then a histogram bucket's ``le``."""
+    gone = {
+        tuple(value for name, value in sample.labels.items() if name != "le")
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels[label] not in keep
+    }
+    for values in gone:
+        metric.remove(*values)
 
 
 def record_slos(metrics: LoopMetrics, state: DesiredState) -> None:

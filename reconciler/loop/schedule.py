@@ -49,6 +49,7 @@ from reconciler.loop.reporting import (
     LeaseCollector,
     LoopMetrics,
     RunningCollector,
+    forget_removed,
     log,
     record_slos,
 )
@@ -264,6 +265,11 @@ class ReconcileLoop:
             self.cycles_run += 1
             return result
         record_slos(self.metrics, state)  # of the state in force, the last good one included
+        forget_removed(self.metrics, state)
+        for gone in set(self._backoff) - set(state.clusters):
+            # A removed cluster's backoff would keep it listed (at 0) in
+            # heteroscale_cycle_running_seconds; one added again starts afresh.
+            del self._backoff[gone]
         result.source_label = state.source_label
         leader = self.is_leader()
         self.metrics.leader.set(1 if leader else 0)

@@ -222,6 +222,59 @@ def test_metrics_and_health_are_served(state: DesiredState) -> None:
     assert not loop.healthy(now_s=1000.0 + 10 * 30.0), "a stalled loop is unhealthy"
 
 
+def test_the_metrics_of_a_removed_service_and_a_removed_cluster_go_with_them(
+    state: DesiredState,
+) -> None:
+    """A service whose policy is removed, or a cluster removed from the desired state,
+    is no longer on /metrics from the next cycle on: its last target, instances,
+    decisions, SLOs, cycles, errors and drift would otherwise be reported for the life
+    of the process. The services and clusters that stay are still reported."""
+    from prometheus_client import generate_latest
+
+    both = two_cluster_state(state)
+    removed = sorted(p.name for p in state.policies_for("prod-east"))[0]
+    kept = sorted(p.name for p in state.policies_for("prod-east"))[1]
+    east_only = DesiredState(
+        policies={
+            n: p for n, p in both.policies.items() if p.cluster == "prod-east" and n != removed
+        },
+        clusters={"prod-east": both.clusters["prod-east"]},
+        templates=both.templates,
+        source_label="a service and a cluster removed",
+    )
+    desired = [both]
+    backends = {"prod-east": RecordingBackend("prod-east"), "prod-west": unreachable("prod-west")}
+    loop = make_loop(
+        both,
+        backends,  # type: ignore[arg-type]
+        load_desired=lambda: desired[0],
+        prune_removed_services=True,
+        cluster_workers=2,
+    )
+
+    def series() -> list[str]:
+        text = generate_latest(loop.metrics.registry).decode()
+        return [line for line in text.splitlines() if line.startswith("heteroscale_")]
+
+    loop.run_cycle()
+    before = series()
+    for gone in (f'service="{removed}"', 'cluster="prod-west"'):
+        assert any(gone in line for line in before), gone
+    for name in ("target_instances", "current_instances", "decisions_total", "slo_seconds"):
+        assert any(line.startswith(f"heteroscale_{name}{{") and removed in line for line in before)
+    for name in ("cycles_total", "cycle_duration_seconds_count", "errors_total"):
+        assert any(f"heteroscale_{name}{{" in line and "prod-west" in line for line in before)
+
+    desired[0] = east_only
+    loop.run_cycle()
+    after = series()
+    assert [line for line in after if f'service="{removed}"' in line] == []
+    assert [line for line in after if 'cluster="prod-west"' in line] == []
+    assert f'heteroscale_target_instances{{role="decode",service="{kept}"}} 2.0' in after
+    assert 'heteroscale_cycles_total{cluster="prod-east",outcome="ok"} 2.0' in after
+    assert 'heteroscale_cycle_running_seconds{cluster="prod-east"} 0.0' in after
+
+
 def test_clients_that_never_finish_a_request_are_bounded_in_number_and_time(
     state: DesiredState,
 ) -> None:
