@@ -122,7 +122,8 @@ class AppliedRevision:
         if self.revision in ("unknown", SIMULATED):
             return self.revision + (f" ({self.detail})" if self.detail else "")
         label = f" ({self.label})" if self.label else ""
-        return f"{self.revision[:19]}{label} applied {self.applied_at}"
+        when = self.applied_at or f"at an unreadable time ({self.detail})"
+        return f"{self.revision[:19]}{label} applied {when}"
 
 
 @dataclass
@@ -168,8 +169,14 @@ class Leader:
         return self.detail
 
 
-def _iso(at_s: float) -> str:
-    return dt.datetime.fromtimestamp(at_s, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _iso(at_s: float) -> str | None:
+    """``at_s`` as an ISO 8601 UTC time; None when no date shows it: NaN or infinite
+    (the state's encoder writes them as "nan", "inf") or outside years 1 to 9999 (a
+    writer whose clock, or unit, was off: 1.8e12 is milliseconds)."""
+    try:
+        return dt.datetime.fromtimestamp(at_s, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 # ------------------------------------------------------------------- per service
@@ -318,7 +325,10 @@ def read_stored(store: Any, cluster: str) -> tuple[AppliedRevision, StoredMemori
         return AppliedRevision("unknown", detail=f"{where} records no applied plan"), memories
     plan = stored.last_plan
     label = stored.revision.label if stored.revision and stored.revision.id == plan.revision else ""
-    return AppliedRevision(plan.revision, label, _iso(plan.applied_at_s)), memories
+    applied_at = _iso(plan.applied_at_s)
+    # The revision reads, so it is shown; only its time is said to be unreadable.
+    detail = "" if applied_at else f"{where}: applied_at_s {plan.applied_at_s!r} is no time"
+    return AppliedRevision(plan.revision, label, applied_at, detail), memories
 
 
 # ---------------------------------------------------------------------- assembly

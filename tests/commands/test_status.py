@@ -291,3 +291,50 @@ def test_what_a_move_left_behind_is_kept_out_of_sync_and_its_instances_shown() -
     assert found.changes == ["= keep Deployment svc/svc-a-p [svc/a/prefill] replicas 5 -> 5"]
     assert found.left_behind == {"prefill": 5}
     assert instances(found) == "prefill 2->2 (+5 left behind by a move), decode 4->4"
+
+
+class _StateOnly:
+    """A client whose one object is cluster c1's state ConfigMap holding ``text``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def get(self, path: str) -> dict[str, object]:
+        from reconciler.apply.kubeclient import NotFound
+        from reconciler.apply.statestore import configmap_name
+
+        if path.endswith("/" + configmap_name("c1")):
+            return {"metadata": {"resourceVersion": "7"}, "data": {"state.json": self.text}}
+        raise NotFound(404, "NotFound", path)
+
+
+@pytest.mark.parametrize("applied_at_s", [float("nan"), float("inf"), -float("inf"), 1.8e12])
+def test_a_stored_applied_time_no_date_can_show_leaves_the_revision_shown(
+    applied_at_s: float,
+) -> None:
+    """The state's encoder writes a non-finite time as "nan"/"inf" and its reader takes
+    any number: such a state reads, so status shows its revision and says only the
+    time is unreadable, instead of raising (which made the cluster an error: exit 1,
+    revision "unknown", no memories line)."""
+    from reconciler.apply.statestore import ConfigMapStateStore
+    from reconciler.commands.status import read_stored
+    from reconciler.durable import AppliedPlan, DurableState, Revision, encode_state
+
+    commit = "a" * 40
+    state = DurableState(
+        "c1",
+        1_800_000_000.0,
+        "replica-a",
+        Revision("git", commit, "main"),
+        {},
+        AppliedPlan("sha256:" + "b" * 64, commit, applied_at_s),
+    )
+    client = _StateOnly(encode_state(state, 0).text)
+    store = ConfigMapStateStore(client, "heteroscale", "heteroscale-status", memory_shards=0)
+    revision, memories = read_stored(store, "c1")
+    assert (revision.revision, revision.label, revision.applied_at) == (commit, "main", None)
+    assert memories is not None
+    assert revision.describe() == (
+        f"{commit[:19]} (main) applied at an unreadable time (ConfigMap "
+        f"heteroscale/heteroscale-state-c1: applied_at_s {applied_at_s!r} is no time)"
+    )
