@@ -6,10 +6,11 @@ is OutOfSync when that cycle would change something for it (a group change, an
 object write), keeps an object Git has go (what a move left behind, until what
 replaces it serves: a ``kept`` hold says why, and the instances column what it
 serves) or is held off one of its objects because someone else changed it
-(drift), or held because such a change refused one of its scale changes (the loop
-holds the whole service, ``reconciler.loop``). Health: Degraded when the service's
-decision holds for a reason that needs a person (missing metrics, an invalid
-revision, drift, the planner reporting an
+(drift) or because the write was refused (refused: by the API server, or before it
+as one no Node could run), or held because such a change refused one of its scale
+changes (the loop holds the whole service, ``reconciler.loop``). Health: Degraded
+when the service's decision holds for a reason that needs a person (missing
+metrics, an invalid revision, drift, a refused write, the planner reporting an
 unattainable SLO or a bound below what the SLO needs, read from the decision's
 reason and message); Progressing while instances start or drain or objects are kept;
 else Healthy.
@@ -73,6 +74,7 @@ DEGRADING = {
     "decision_failed",
     "invalid_revision",
     "drift",
+    "refused",
     "slo_bound",
     "slo_unattainable",
 }
@@ -80,7 +82,8 @@ DEGRADING = {
 
 @dataclass
 class Hold:
-    # metrics_missing | decision_failed | invalid_revision | drift | slo_* | stabilised | kept
+    # metrics_missing | decision_failed | invalid_revision | drift | refused | slo_* |
+    # stabilised | kept
     kind: str
     why: str
 
@@ -183,7 +186,8 @@ def _iso(at_s: float) -> str | None:
 
 
 def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], list[Hold]]:
-    """The cycle's object writes for ``service``, and its objects held off by drift."""
+    """The cycle's object writes for ``service``, and its objects held off by drift or
+    by a refused write."""
     changes: list[str] = []
     holds: list[Hold] = []
     if outcome.diff is None:
@@ -198,9 +202,13 @@ def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], l
         if obj.service != service:
             continue
         if obj.action in ("conflict", "error"):
-            # Git says otherwise but the cycle will not write it: out of sync, held.
+            # Git says otherwise but the cycle will not write it: out of sync, held. A
+            # conflict is someone else's change (drift); an error is a write refused,
+            # by the API server or before it (say, a rollout no Node could run after a
+            # cluster file's label typo): nothing was changed outside Git.
+            kind = "drift" if obj.action == "conflict" else "refused"
             changes.append(" ".join(obj.headline().split()))
-            holds.append(Hold("drift", f"{obj.key}: {'; '.join(obj.notes) or obj.action}"))
+            holds.append(Hold(kind, f"{obj.key}: {'; '.join(obj.notes) or obj.action}"))
         elif obj.action == "keep":
             # Git has it go, but the cycle keeps it as it runs (what a move left behind,
             # until what replaces it serves): not as desired, and not for a person to

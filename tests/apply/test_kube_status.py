@@ -207,3 +207,30 @@ def test_status_says_which_planner_memories_a_restart_would_resume(
     assert memories["services"] == 2 - lost and memories["shards"] == 8
     assert len(memories["problems"]) == 1 and shard in memories["problems"][0]
     assert again == code
+
+
+@pytest.mark.fault
+def test_status_calls_a_refused_rollout_refused_not_drift(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A cluster file's topology label key that no Node carries: the rollouts are
+    refused before any write (no Node could run the new Pods). Nothing was changed
+    outside Git, so status holds them as refused writes, with why, not as drift (an
+    alert on drift holds would send someone looking for a hand edit)."""
+    name = "status-refused"
+    state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
+    assert CliRunner().invoke(app, ["apply", *common]).exit_code == 0
+
+    cluster_file = tmp_path / "clusters" / f"{name}.yaml"
+    s2_key = state.clusters[name].labels.s2
+    cluster_file.write_text(cluster_file.read_text().replace(f"s2: {s2_key},", f"s2: {s2_key}x,"))
+    code, report = _status(common)
+    assert code == 3
+    ((alpha),) = report["clusters"][0]["services"]
+    assert alpha["sync"] == "OutOfSync" and alpha["health"] == "Degraded"
+    refused = [h for h in alpha["holds"] if h["kind"] == "refused"]
+    assert len(refused) == 2, alpha["holds"]  # its prefill and decode Deployments
+    assert all(f"no node has a label '{s2_key}x'" in h["why"] for h in refused), refused
+    assert [h for h in alpha["holds"] if h["kind"] == "drift"] == []
+    text = CliRunner().invoke(app, ["status", *common], terminal_width=400).stdout
+    assert "alpha: hold (refused) " in text and "hold (drift)" not in text
