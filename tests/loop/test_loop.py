@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -610,7 +611,9 @@ def test_a_cycle_with_a_refused_write_keeps_the_recorded_revision_and_saves_the_
             )
             return ClusterDiff(plan.cluster, "server-dry-run", objects)
 
-        def apply_cluster(self, plan: Plan) -> ClusterDiff:
+        def apply_cluster(
+            self, plan: Plan, writes_refused: Callable[[], str | None] | None = None
+        ) -> ClusterDiff:
             if not self.refuse:
                 self.apply(plan)
             return self.diff_cluster(plan)
