@@ -851,7 +851,7 @@ class KubernetesBackend:
                 for k, d in self._snapshot.deployments.items()
             },
             pods={str(p.key): p.resource_version for p in self._snapshot.pods},
-            nodes={n.name: node_fingerprint(n.labels, n.gpus) for n in self._snapshot.nodes},
+            nodes={n.name: node_fingerprint(n.labels, n.gpus, n.uid) for n in self._snapshot.nodes},
         )
 
     def saved_writes(self, diff: ClusterDiff) -> tuple[WriteStep, ...]:

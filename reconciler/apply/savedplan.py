@@ -19,7 +19,8 @@ Staleness is judged by resourceVersion for every Deployment and Pod the plan rea
 writes. Nodes are the exception: a Node's resourceVersion moves with every kubelet
 status heartbeat, which would make every plan stale within minutes, so a Node is
 recorded by a fingerprint of exactly what the placement reads from it (its labels
-and GPU capacity).
+and GPU capacity) and of its uid, which tells another cluster's Node of the same name
+(or one replaced) from the one the plan read.
 
 What the digest protects, and what not: it is a sha256 of the content, a checksum,
 not a signature. It refuses a damaged file and a careless hand edit; anyone who edits
@@ -192,9 +193,12 @@ def deployment_fingerprint(obj: Mapping[str, Any]) -> str:
     )[:32]
 
 
-def node_fingerprint(labels: Mapping[str, str], gpus: int | None) -> str:
-    """``gpus`` None: the capacity did not read (``LiveNode.gpus``)."""
-    return _hash({"labels": dict(labels), "gpus": gpus})[:32]
+def node_fingerprint(labels: Mapping[str, str], gpus: int | None, uid: str) -> str:
+    """``gpus`` None: the capacity did not read (``LiveNode.gpus``). ``uid``: which
+    object of that name the Node is; without it a plan made on one cluster applied,
+    through a kubeconfig context of the same name, to another built from the same
+    cluster file (same Node names and labels), and wrote there."""
+    return _hash({"labels": dict(labels), "gpus": gpus, "uid": uid})[:32]
 
 
 def desired_content_hash(state: Any) -> str:
@@ -558,7 +562,13 @@ def moved_objects(recorded: Observed, now: Observed, *, limit: int = 20) -> list
         "resourceVersion",
     )
     compare("Pod", recorded.pods, now.pods, "resourceVersion")
-    compare("Node", recorded.nodes, now.nodes, "labels/GPU fingerprint")
+    compare("Node", recorded.nodes, now.nodes, "fingerprint of labels, GPUs and uid")
+    if recorded.nodes and all(now.nodes.get(n) != f for n, f in recorded.nodes.items()):
+        moved.insert(
+            0,
+            "every Node differs from the plan's: another cluster than the one it was made on "
+            "(check the kubeconfig context), or every Node replaced",
+        )
     if len(moved) > limit:
         moved = [*moved[:limit], f"... and {len(moved) - limit} more"]
     return moved

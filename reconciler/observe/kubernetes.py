@@ -82,6 +82,8 @@ from reconciler.text_safety import quoted, visible
 # Managers that write our objects as part of normal operation (status, revision
 # annotations); anything else on spec fields is somebody changing them by hand.
 SYSTEM_MANAGERS = frozenset({"kube-controller-manager", names.FIELD_MANAGER})
+# A Kubernetes uid is a 36-character UUID; more is an answer to cut, not to hold.
+MAX_UID_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,9 @@ class LiveNode:
     # says why): never 0, which would report a node that lost its GPUs.
     gpus: int | None
     gpus_unreadable: str | None = None
+    # metadata.uid: which object of that name it is (a Node replaced, or another
+    # cluster's of the same name, has another); "" where absent or not a string.
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -444,11 +449,14 @@ def parse_node(obj: JsonObject) -> LiveNode:
             )
         except ValueError as exc:
             gpus, unreadable = None, str(exc)
+    uid = meta.get("uid")
     return LiveNode(
         name=meta.get("name", ""),
         labels=dict(meta.get("labels") or {}),
         gpus=gpus,
         gpus_unreadable=unreadable,
+        # Only hashed (``savedplan.node_fingerprint``), never shown; cut all the same.
+        uid=uid[:MAX_UID_CHARS] if isinstance(uid, str) else "",
     )
 
 

@@ -23,7 +23,7 @@ from kubetestkit import (
 from typer.testing import CliRunner, Result
 
 from reconciler.apply import names, savedplan
-from reconciler.apply.kubeclient import KubeClient
+from reconciler.apply.kubeclient import KubeClient, nodes_path
 from reconciler.cli import app
 from reconciler.desired.loader import load_desired_state
 
@@ -177,6 +177,35 @@ def test_cluster_limits_a_saved_plan_to_the_clusters_it_names(
     assert list_deployments(client, "limit-c1")
     assert list_deployments(client, "limit-c2") == {}
     assert "cluster limit-c2" not in applied.output
+
+
+@pytest.mark.fault
+def test_a_plan_applied_where_every_node_is_another_object_is_refused(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Nodes of the same names, labels and GPUs that are other objects (new uids): what
+    a plan meets when its kubeconfig context now reaches another cluster built from the
+    same cluster file, or every Node was replaced. A plan made on one API server applied
+    on such another and created its Deployments there (found by a hostile prober with
+    two API servers); the Nodes' uids now enter their fingerprint, and the plan is
+    refused as stale, saying so, with nothing written."""
+    name = "saved-other-nodes"
+    client = _setup(control_plane, tmp_path, name)
+    plan_file = tmp_path / "plan.json"
+    planned = _invoke("plan", *_common(tmp_path, control_plane), "--out", str(plan_file))
+    assert planned.exit_code == 3, planned.output
+    spec = load_desired_state(tmp_path).clusters[name]
+    for node in spec.nodes:
+        client.request("DELETE", nodes_path(node.name))
+    create_nodes(client, spec)
+
+    applied = _invoke("apply", str(plan_file), *_common(tmp_path, control_plane))
+    assert applied.exit_code == 1
+    # The session's API server also holds other tests' Nodes, unchanged: each of this
+    # cluster's is named (alone, "every Node differs" heads the list: test_savedplan).
+    for node in spec.nodes:
+        assert f"Node {node.name} changed" in applied.output
+    assert list_deployments(client, name) == {}
 
 
 @pytest.mark.fault

@@ -23,6 +23,7 @@ from reconciler.apply.savedplan import (
     deployment_fingerprint,
     execute,
     moved_objects,
+    node_fingerprint,
     read_plan,
     to_json,
     write_plan,
@@ -154,6 +155,20 @@ def test_moved_objects_names_what_changed_appeared_and_vanished() -> None:
         "Pod ns/p1 vanished",
     ]
     assert moved_objects(before, before) == []
+
+
+def test_every_node_another_object_is_said_first() -> None:
+    """Nodes of the same names and labels that are other objects (new uids, so other
+    fingerprints): a kubeconfig context that now reaches another cluster built from the
+    same cluster file, or every Node replaced. Said first, before each Node."""
+    labels = {"gpu": "h800"}
+    before = Observed(nodes={n: node_fingerprint(labels, 8, f"uid-{n}") for n in ("n1", "n2")})
+    after = Observed(nodes={n: node_fingerprint(labels, 8, f"other-{n}") for n in ("n1", "n2")})
+    moved = moved_objects(before, after)
+    assert moved[0].startswith("every Node differs from the plan's: another cluster")
+    assert [m.split(" (")[0] for m in moved[1:]] == ["Node n1 changed", "Node n2 changed"]
+    one_replaced = Observed(nodes={**before.nodes, "n2": after.nodes["n2"]})
+    assert [m.split(" (")[0] for m in moved_objects(before, one_replaced)] == ["Node n2 changed"]
 
 
 def test_the_deployment_fingerprint_ignores_status_only() -> None:
