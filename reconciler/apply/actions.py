@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from typing import Literal
 
 from reconciler.apply import names
 from reconciler.apply.fields import comparable, contains
+from reconciler.apply.lease import parse_micro_time
 from reconciler.apply.nodeaffinity import unschedulable_problem
 from reconciler.apply.render import Manifest, ObjectKey, RenderedWorkload
 from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
@@ -408,13 +410,13 @@ def _smaller_than_left_behind(
     well, so the groups must replace the leftover besides them (compared with the
     leftover alone, a service held at its staying half, or placed no more than that,
     lost the other half at once). A Deployment that stays is one created no later
-    than the newest of the service's leftovers: those created to replace them came
-    after, once the switch was gone (counted, a leftover whose replacement serves was
-    kept for as long as the size stayed held or a shortfall lasted, maybe forever).
-    Creation times are whole seconds, so a group created in the second after the
-    leftover's is taken for a replacement, and one created later still for a reason of
-    its own too: not counted, the leftover is compared with less, never kept for more
-    than the service ran."""
+    than ``SAME_APPLY_S`` after the newest of the service's leftovers: those created to
+    replace them came in a later cycle, once the switch was gone (counted, a leftover
+    whose replacement serves was kept for as long as the size stayed held or a
+    shortfall lasted, maybe forever). A group created later for a reason of its own is
+    taken for a replacement too: not counted, the leftover is compared with less, never
+    kept for more than the service ran. A creation time that does not read counts as
+    staying (the leftover kept: the side that loses no capacity)."""
     # Per (service, role): what each namespace the service moved away from holds (each
     # a copy of it: after two moves in a row, the older copy and the one that was
     # replacing it; their sum was more than the service ever ran), and what it runs in
@@ -424,7 +426,7 @@ def _smaller_than_left_behind(
     groups: dict[tuple[str, str], int] = defaultdict(int)
     # Per service with a leftover on a gone switch (not a namespace move's copy): the
     # creation time of its newest leftover.
-    newest_part_left: dict[str, str] = {}
+    newest_part_left: dict[str, float] = {}
     for w in work:
         if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
             if moved_away(w.service, w.key.namespace, policies):
@@ -432,7 +434,8 @@ def _smaller_than_left_behind(
             else:
                 before[(w.service, w.role)] += w.live.replicas
                 newest_part_left[w.service] = max(
-                    newest_part_left.get(w.service, ""), w.live.created
+                    newest_part_left.get(w.service, -math.inf),
+                    parse_micro_time(w.live.created) or -math.inf,
                 )
         elif w.desired is not None:
             groups[(w.service, w.role)] += w.replicas_after
@@ -441,7 +444,7 @@ def _smaller_than_left_behind(
         if (
             newest_left is not None
             and w.live is not None
-            and w.live.created <= newest_left
+            and _created_with(w.live.created, newest_left)
             and left_by_move(w.live, policies, cluster) is None
         ):
             before[(w.service, w.role)] += w.live.replicas
@@ -452,6 +455,24 @@ def _smaller_than_left_behind(
         if ran and groups[(service, role)] < ran:
             out[service].append(f"{role} {groups[(service, role)]} of {ran}")
     return {service: ", ".join(parts) for service, parts in out.items()}
+
+
+# A cycle's creates are stamped within a few seconds of each other (whole seconds, and
+# tens of Deployments take seconds to write); what replaces a leftover is created a
+# cycle later at least, once the switch is gone from Git. Compared to the second, a
+# group created in the same apply as the leftover but stamped a second later was taken
+# for a replacement, and the leftover pruned (the side that loses capacity).
+SAME_APPLY_S = 5.0
+
+
+def _created_with(created: str, newest_left_s: float) -> bool:
+    """Whether a Deployment created at ``created`` (RFC 3339) came no later than the
+    apply that created the newest leftover, at ``newest_left_s``; one whose time does
+    not read, or a leftover's, counts as such."""
+    created_s = parse_micro_time(created)
+    if created_s is None or not math.isfinite(newest_left_s):
+        return True
+    return created_s <= newest_left_s + SAME_APPLY_S
 
 
 def unsized_services(held: Mapping[str, str], decisions: Mapping[str, Decision]) -> dict[str, str]:

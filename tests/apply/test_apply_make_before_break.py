@@ -647,6 +647,28 @@ def created_at(deployments: dict[str, LiveDeployment], at: str) -> dict[str, Liv
 
 
 @pytest.mark.fault
+@pytest.mark.parametrize(
+    ("stays_at", "kept"), [("10:00:01", True), ("10:00:05", True), ("10:00:06", False)]
+)
+def test_a_group_created_in_the_same_apply_as_the_leftover_is_one_that_stays(
+    before: DesiredState, renamed: DesiredState, stays_at: str, kept: bool
+) -> None:
+    """chat's two halves were created by one apply, the half that stays stamped a
+    second after the other (whole seconds; an apply of many Deployments takes a few).
+    Taken for a replacement, it was not counted with what chat ran, and the half on the
+    gone switch was pruned while chat's size was held (a flaky API-server test showed
+    it under load). Within ``SAME_APPLY_S`` it stays; later, it is what replaced the
+    leftover."""
+    gone = created_at(live(before, [grp("chat", "a", 6, 12)]), "2026-12-01T10:00:00Z")
+    stays = created_at(
+        live(before, [grp("chat", "d", 6, 12, domain="pod-d")]), f"2026-12-01T{stays_at}Z"
+    )
+    groups = [grp("chat", "d", 6, 12, domain="pod-d")]
+    work = plan(renamed, groups, {**gone, **stays}, unsized={"chat": "metrics_missing"})
+    assert {work[key].action for key in gone} == ({"keep"} if kept else {"delete"})
+
+
+@pytest.mark.fault
 def test_a_switch_gone_leftover_is_pruned_once_groups_created_after_it_serve_while_held(
     before: DesiredState, renamed: DesiredState
 ) -> None:

@@ -30,6 +30,7 @@ from kubetestkit import (
 from typer.testing import CliRunner
 
 from reconciler.apply import names
+from reconciler.apply.actions import SAME_APPLY_S
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
 from reconciler.apply.kubeclient import deployments_path, nodes_path
 from reconciler.apply.savedplan import (
@@ -240,9 +241,9 @@ def test_a_switch_renamed_in_the_cluster_file_moves_the_group_and_keeps_the_old_
     old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
     assert old and all(f"{name}-pa-" in n for n in old)
     # What replaces a group on a gone switch is told from a group that stays by being
-    # created after it, in whole seconds: a later cycle, as a switch leaves Git between
-    # the two (``actions._smaller_than_left_behind``).
-    time.sleep(1.1)
+    # created more than an apply's span after it (``actions.SAME_APPLY_S``): a later
+    # cycle, as a switch leaves Git between the two.
+    time.sleep(SAME_APPLY_S + 1.1)
 
     _rename_switch(client, tmp_path, name, f"{name}-pa", f"{name}-pz")
 
