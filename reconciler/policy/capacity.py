@@ -1526,6 +1526,7 @@ def implied_prefill_factor_from_busy(
     prompt_tps: float,
     instances: int,
     gpu_util: float,
+    backlogged: bool = False,
 ) -> float | None:
     """The factor by which the real prefill instance is slower (> 1) or faster (< 1)
     than the model, from how busy it was at the prompt tokens/s it served: the GPU
@@ -1537,7 +1538,14 @@ def implied_prefill_factor_from_busy(
     and the capacity read the same one). ``prompt_tps`` is what the ``instances`` served together, and
     ``gpu_util`` their GPUs' mean, over one metrics window. ``None`` where the reading
     says nothing: no usable figures, or too few prompts for its precision (see
-    ``BUSY_READ_MAX_ERROR``)."""
+    ``BUSY_READ_MAX_ERROR``). ``backlogged``: a queue held prompts through the window;
+    then a reading of a busy pool needs no count of prompts: every second of it was
+    busy whatever arrived, so its samples do not spread (the precision's premise is
+    busy time set by Poisson arrivals within each sampled second), and the prompts it
+    served are what the instances could do. Without it a prefill slower than the model
+    at a moderate rate was never read slower: overloaded, no reading was taken, and the
+    planner cycled between overload and drain (a hostile prober: 50.8% of chat's
+    requests within both SLOs at 40 requests/s on 0.6x prefill engines)."""
     if not (
         math.isfinite(prompt_tps)
         and prompt_tps > 0
@@ -1558,7 +1566,8 @@ def implied_prefill_factor_from_busy(
         * kept_variance
         / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
     )
-    if prompts_per_s < needed_per_s:
+    saturated = backlogged and gpu_util / util_per_busy >= 1.0 - BUSY_READ_MAX_ERROR
+    if prompts_per_s < needed_per_s and not saturated:
         return None
     predicted_busy = (
         prompt_tps / instances * shape.work_per_token / perf.prefill_capacity_work_per_s

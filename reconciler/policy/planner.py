@@ -1245,7 +1245,12 @@ def _corrected(
         is None
     ):
         busy_implied = implied_prefill_factor_from_busy(
-            perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
+            perf.prefill,
+            mix,
+            metrics.prefill_tps.value,
+            ready[0],
+            gpu_util.value,
+            backlogged=_queued_through_window(prefill_demand.backlog),
         )
     if busy_implied is not None:
         correction = correction.updated("prefill", busy_implied)
@@ -1305,6 +1310,19 @@ def _corrected(
                     limit_s=slo.ttft_ms / 1000.0,
                 )
     return correction, backlog_seen_s
+
+
+def _queued_through_window(backlog: Backlog | None) -> bool:
+    """Whether the queue held work at the latest reading and at the one nearest the
+    metrics window's start (``role_demand`` keeps them)."""
+    if backlog is None or backlog.tokens <= 0:
+        return False
+    start_s = backlog.at_s - METRICS_WINDOW_S
+    earlier = [r for r in backlog.earlier if r[0] <= backlog.at_s]
+    if not earlier:
+        return False
+    at_s, tokens = min(earlier, key=lambda reading: abs(reading[0] - start_s))
+    return tokens > 0 and backlog.at_s - at_s >= METRICS_WINDOW_S / 2
 
 
 def _latency_reading(

@@ -720,6 +720,50 @@ def test_prefills_busy_fraction_reads_how_much_slower_or_faster_the_engine_runs(
     assert math.exp(float(np.mean(log_factors))) == pytest.approx(1.0 / speed, rel=0.05)
 
 
+def test_a_saturated_prefill_reads_its_speed_at_any_prompt_rate() -> None:
+    """Prefill at 0.6x the declared compute, too few instances for 20 prompts/s: a queue
+    holds prompts through every window and the pool is busy all the time. Too few
+    prompts for a busy reading of an unsaturated pool, yet every sampled second of this
+    one is busy whatever arrived, and what it served is what it can do: read with the
+    queue it held (``backlogged``), the busy fraction gives 1 / 0.6, as the correction
+    needs where the TTFT is not read (overloaded, it reads the queue's wait). Without
+    that, at 40 requests/s such a prefill was never read slower and the planner cycled
+    between overload and drain (a hostile prober: 50.8% within both SLOs)."""
+    policy, prefill, _, _ = chat()
+    cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
+    workload = synthetic_workload(
+        "chat", hours=0.3, peak_rps=20.0, seed=0, trough_ratio=1.0, bursts=()
+    )
+    config = SimConfig(prefill_engine_speed=0.6)
+    sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
+    sim.set_counts({("h800", "rdma"): 2.0}, {"h20": 48}, {})
+    coarse = RequestMix.from_samples(
+        workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
+    )
+    factors = []
+    for end_s in range(300, 900, 60):
+        while sim.t < end_s:
+            sim.step()
+        read = sim.window_metrics(60.0)
+        served_tps, gpu_util, queue = (
+            read["prefill_tps"],
+            read["prefill_gpu_util"],
+            read["prefill_queue"],
+        )
+        assert served_tps is not None and gpu_util is not None and queue is not None
+        assert queue > 10
+        unsaturated_read = implied_prefill_factor_from_busy(
+            prefill, coarse, served_tps, 2, gpu_util
+        )
+        assert unsaturated_read is None  # too few prompts for an unsaturated pool's reading
+        implied = implied_prefill_factor_from_busy(
+            prefill, coarse, served_tps, 2, gpu_util, backlogged=True
+        )
+        assert implied is not None
+        factors.append(implied)
+    assert float(np.median(factors)) == pytest.approx(1.0 / 0.6, rel=0.05)
+
+
 def test_a_busy_fraction_over_too_few_prompts_or_out_of_range_says_nothing() -> None:
     """One second of a pool's busy time spreads with its Poisson prompts: a reading of
     four scrapes is taken only from the prompt rate at which what the correction keeps

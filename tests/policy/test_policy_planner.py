@@ -1288,6 +1288,42 @@ def _prefill_factors_at_1_3x(prefill_counts: list[int], ttft_ms: list[float | No
     return factors
 
 
+@pytest.mark.parametrize(("queued", "learnt"), [(60.0, True), (0.0, False)])
+def test_a_saturated_prefill_teaches_its_speed_at_a_moderate_rate(
+    queued: float, learnt: bool
+) -> None:
+    """Five chat prefill instances serving 25,000 prompt tokens/s (about 20 prompts/s:
+    too few for a busy reading of a pool that idles between prompts) report their GPUs
+    at the engine's full utilisation: where a queue held prompts through the window,
+    the pool was busy all the time and the reading is read, slower than the model (the
+    model has them busy for less); with no queue it is not."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    # A pool busy all the time: its GPUs at full utilisation (a gauge reads 100% at most).
+    full_util = min(1.0, float(perf.prefill.util.get("prefill_util_per_busy", 1.0)))
+    mix = _mix_read_from(_metrics(0.0, 25_000.0, 20_000.0))
+    # What the model says of that reading: 1 / its busy fraction at this load, well
+    # above 1 (the model has the pool idle for a good part of the time).
+    implied = implied_prefill_factor_from_busy(
+        perf.prefill, mix, 25_000.0, 5, full_util, backlogged=True
+    )
+    assert implied is not None and implied > 1.5
+    assert implied_prefill_factor_from_busy(perf.prefill, mix, 25_000.0, 5, full_util) is None
+    history = PolicyHistory()
+    for k in range(10):
+        now = 600.0 + 30.0 * k
+        metrics = _metrics(
+            now, 25_000.0, 20_000.0, prefill_queue=queued, prefill_gpu_util=full_util
+        )
+        history = plan_decide(policy, _fleet(5, 60), metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    if learnt:
+        assert memory.correction.prefill > 1.2
+    else:
+        assert memory.correction.prefill == 1.0
+
+
 def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_held() -> None:
     """An instance busy for 0.77 of what the model predicts is 1.3x faster: the
     correction takes it (which the TTFT tail cannot say) once the prefill count has held
