@@ -5,6 +5,7 @@ against the simulator's measured saturation point."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import cache
 from statistics import NormalDist
@@ -685,6 +686,29 @@ def test_an_implied_offset_puts_the_prediction_in_the_observed_bucket(
         assert predicted >= upper_s - 1e-9
 
 
+def _prefill_windows(
+    policy: ServicePolicy, peak_rps: float, speed: float, prefill_instances: int
+) -> Iterator[tuple[dict[str, float | None], RequestMix]]:
+    """Ten 60 s windows' readings (from 300 s on) of chat's simulated prefill, engines at
+    ``speed`` x the declared compute, ``prefill_instances`` H800 instances serving a
+    steady ``peak_rps`` of chat's synthetic load, with the mix as read from the
+    engines' coarse 1-2-5 buckets."""
+    cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
+    workload = synthetic_workload(
+        "chat", hours=0.3, peak_rps=peak_rps, seed=0, trough_ratio=1.0, bursts=()
+    )
+    config = SimConfig(prefill_engine_speed=speed, decode_engine_speed=speed)
+    sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
+    sim.set_counts({("h800", "rdma"): float(prefill_instances)}, {"h20": 48}, {})
+    coarse = RequestMix.from_samples(
+        workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
+    )
+    for end_s in range(300, 900, 60):
+        while sim.t < end_s:
+            sim.step()
+        yield sim.window_metrics(60.0), coarse
+
+
 @pytest.mark.parametrize("speed", [0.77, 1.0, 1.3])
 def test_prefills_busy_fraction_reads_how_much_slower_or_faster_the_engine_runs(
     speed: float,
@@ -697,21 +721,8 @@ def test_prefills_busy_fraction_reads_how_much_slower_or_faster_the_engine_runs(
     gauge, each a second's busy fraction (about +-7 %); ten readings, as the
     correction's EWMA averages them, come within 5 %."""
     policy, prefill, _, _ = chat()
-    cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
-    workload = synthetic_workload(
-        "chat", hours=0.3, peak_rps=80.0, seed=0, trough_ratio=1.0, bursts=()
-    )
-    config = SimConfig(prefill_engine_speed=speed, decode_engine_speed=speed)
-    sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
-    sim.set_counts({("h800", "rdma"): 16.0}, {"h20": 48}, {})
-    coarse = RequestMix.from_samples(
-        workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
-    )
     log_factors = []
-    for end_s in range(300, 900, 60):
-        while sim.t < end_s:
-            sim.step()
-        read = sim.window_metrics(60.0)
+    for read, coarse in _prefill_windows(policy, 80.0, speed, 16):
         served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
         assert served_tps is not None and gpu_util is not None and 0.2 < gpu_util < 0.9
         implied = implied_prefill_factor_from_busy(prefill, coarse, served_tps, 16, gpu_util)
@@ -730,21 +741,8 @@ def test_a_saturated_prefill_reads_its_speed_at_any_prompt_rate() -> None:
     that, at 40 requests/s such a prefill was never read slower and the planner cycled
     between overload and drain (a hostile prober: 50.8% within both SLOs)."""
     policy, prefill, _, _ = chat()
-    cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
-    workload = synthetic_workload(
-        "chat", hours=0.3, peak_rps=20.0, seed=0, trough_ratio=1.0, bursts=()
-    )
-    config = SimConfig(prefill_engine_speed=0.6)
-    sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
-    sim.set_counts({("h800", "rdma"): 2.0}, {"h20": 48}, {})
-    coarse = RequestMix.from_samples(
-        workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
-    )
     factors = []
-    for end_s in range(300, 900, 60):
-        while sim.t < end_s:
-            sim.step()
-        read = sim.window_metrics(60.0)
+    for read, coarse in _prefill_windows(policy, 20.0, 0.6, 2):
         served_tps, gpu_util, queue = (
             read["prefill_tps"],
             read["prefill_gpu_util"],
