@@ -1520,6 +1520,57 @@ def implied_prefill_factor(
     return math.sqrt(lo * hi)
 
 
+@dataclass(frozen=True)
+class BusyReading:
+    """What one window's busy fraction of prefill says (``read_prefill_busy``)."""
+
+    factor: float  # how much slower (> 1) or faster (< 1) than the model it ran
+    spread: float  # one reading's relative standard deviation (Poisson prompts)
+    precise: bool  # within BUSY_READ_MAX_ERROR once the correction's EWMA averages it
+    saturated: bool  # busy through the window with a queue: no spread at all
+
+
+def read_prefill_busy(
+    perf: InstancePerf,
+    mix: RequestMix,
+    prompt_tps: float,
+    instances: int,
+    gpu_util: float,
+    backlogged: bool = False,
+) -> BusyReading | None:
+    """One window's busy-fraction reading of prefill (``implied_prefill_factor_from_busy``
+    says what it is and when it is precise); None without usable figures."""
+    if not (
+        math.isfinite(prompt_tps)
+        and prompt_tps > 0
+        and instances > 0
+        and math.isfinite(gpu_util)
+        and 0 < gpu_util <= 1.0
+    ):
+        return None
+    shape = _cached_queue_shape(perf, mix.prompt, None)
+    util_per_busy = float(perf.util.get("prefill_util_per_busy", 1.0))
+    if shape.empty or not (util_per_busy > 0) or perf.prefill_capacity_work_per_s <= 0:
+        return None
+    prompts_per_s = prompt_tps / shape.mean_tokens
+    smoothing = LatencyCorrection.SMOOTHING
+    kept_variance = smoothing / (2.0 - smoothing)  # the EWMA's share of one reading's
+    needed_per_s = (
+        (1.0 + shape.service_scv)
+        * kept_variance
+        / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
+    )
+    predicted_busy = (
+        prompt_tps / instances * shape.work_per_token / perf.prefill_capacity_work_per_s
+    )
+    return BusyReading(
+        factor=(gpu_util / util_per_busy) / predicted_busy,
+        spread=math.sqrt((1.0 + shape.service_scv) / (GAUGE_SAMPLES_PER_WINDOW * prompts_per_s)),
+        precise=prompts_per_s >= needed_per_s,
+        saturated=backlogged and gpu_util / util_per_busy >= 1.0 - BUSY_READ_MAX_ERROR,
+    )
+
+
 def implied_prefill_factor_from_busy(
     perf: InstancePerf,
     mix: RequestMix,
@@ -1546,33 +1597,29 @@ def implied_prefill_factor_from_busy(
     at a moderate rate was never read slower: overloaded, no reading was taken, and the
     planner cycled between overload and drain (a hostile prober: 50.8% of chat's
     requests within both SLOs at 40 requests/s on 0.6x prefill engines)."""
-    if not (
-        math.isfinite(prompt_tps)
-        and prompt_tps > 0
-        and instances > 0
-        and math.isfinite(gpu_util)
-        and 0 < gpu_util <= 1.0
-    ):
+    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util, backlogged)
+    if reading is None or not (reading.precise or reading.saturated):
         return None
-    shape = _cached_queue_shape(perf, mix.prompt, None)
-    util_per_busy = float(perf.util.get("prefill_util_per_busy", 1.0))
-    if shape.empty or not (util_per_busy > 0) or perf.prefill_capacity_work_per_s <= 0:
+    return reading.factor
+
+
+def prefill_factor_floor_from_busy(
+    perf: InstancePerf,
+    mix: RequestMix,
+    prompt_tps: float,
+    instances: int,
+    gpu_util: float,
+) -> float | None:
+    """The least prefill factor a busy reading too coarse to teach one still allows: its
+    factor two of its spreads low (a reading that noisy is below the true factor by more
+    than that about one time in forty). The TTFT read alone, which the prompt buckets
+    bias fast, may not take the correction below it: once over-provisioned, it pulled a
+    slower prefill's factor back to the model's, and prefill cycled between overload
+    and drain (azure-x10-engines-0.6x: 90.0% within both SLOs, 93.8% with this floor)."""
+    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util)
+    if reading is None:
         return None
-    prompts_per_s = prompt_tps / shape.mean_tokens
-    smoothing = LatencyCorrection.SMOOTHING
-    kept_variance = smoothing / (2.0 - smoothing)  # the EWMA's share of one reading's
-    needed_per_s = (
-        (1.0 + shape.service_scv)
-        * kept_variance
-        / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
-    )
-    saturated = backlogged and gpu_util / util_per_busy >= 1.0 - BUSY_READ_MAX_ERROR
-    if prompts_per_s < needed_per_s and not saturated:
-        return None
-    predicted_busy = (
-        prompt_tps / instances * shape.work_per_token / perf.prefill_capacity_work_per_s
-    )
-    return (gpu_util / util_per_busy) / predicted_busy
+    return max(0.0, 1.0 - 2.0 * reading.spread) * reading.factor
 
 
 # --------------------------------------------------------------------------- together

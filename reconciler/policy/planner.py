@@ -123,6 +123,7 @@ from reconciler.policy.capacity import (
     implied_prefill_factor_from_busy,
     predicted_ttft_s,
     predicted_ttft_side,
+    prefill_factor_floor_from_busy,
     transfer_s_per_token,
 )
 from reconciler.policy.clamps import ceil_count
@@ -1233,7 +1234,7 @@ def _corrected(
         prefilled_in_slo = max(1, ready[0]) * caps.prefill_tps_per_instance * slo.ttft_ms / 1000.0
         if backlog.tokens > prefilled_in_slo:
             backlog_seen_s = backlog.at_s
-    busy_implied = None
+    busy_implied = busy_floor = None
     gpu_util = metrics.prefill_gpu_util
     if (
         one_type[0]
@@ -1252,6 +1253,10 @@ def _corrected(
             gpu_util.value,
             backlogged=_queued_through_window(prefill_demand.backlog),
         )
+        if busy_implied is None:
+            busy_floor = prefill_factor_floor_from_busy(
+                perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
+            )
     if busy_implied is not None:
         correction = correction.updated("prefill", busy_implied)
     # What the TTFT reading is judged by: the instances' own capacity, the offset left
@@ -1298,6 +1303,9 @@ def _corrected(
                 factor = _ttft_alone_factor(load, correction, observed_s, buckets)
                 if within_slo and factor is not None:
                     factor = min(factor, correction.prefill)
+                if factor is not None and busy_floor is not None:
+                    # Never below what a coarse busy reading allows, nor raised by it.
+                    factor = max(factor, min(busy_floor, correction.prefill))
                 correction = correction.updated("prefill", factor)
             if busy_implied is not None or within_slo:
                 # The busy fraction has pinned the instances' speed, or the SLO is met:

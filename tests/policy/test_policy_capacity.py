@@ -41,6 +41,7 @@ from reconciler.policy.capacity import (
     predicted_ttft_s,
     predicted_ttft_side,
     prefill_capacity,
+    prefill_factor_floor_from_busy,
     prefill_instances_for,
     role_capacities,
     transfer_s_per_token,
@@ -760,6 +761,23 @@ def test_a_saturated_prefill_reads_its_speed_at_any_prompt_rate() -> None:
         assert implied is not None
         factors.append(implied)
     assert float(np.median(factors)) == pytest.approx(1.0 / 0.6, rel=0.05)
+
+
+def test_a_coarse_busy_reading_still_bounds_the_factor_from_below() -> None:
+    """Prefill at 0.6x, enough instances for 20 prompts/s that it idles between them:
+    each reading is too coarse to teach the factor, yet two of its spreads below it, it
+    is a floor the true factor (1 / 0.6) stays above, and well above the model's."""
+    policy, prefill, _, _ = chat()
+    floors = []
+    for read, coarse in _prefill_windows(policy, 20.0, 0.6, 6):
+        served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
+        assert served_tps is not None and gpu_util is not None and gpu_util < 0.9
+        assert implied_prefill_factor_from_busy(prefill, coarse, served_tps, 6, gpu_util) is None
+        floor = prefill_factor_floor_from_busy(prefill, coarse, served_tps, 6, gpu_util)
+        assert floor is not None
+        floors.append(floor)
+    assert max(floors) < 1.0 / 0.6
+    assert float(np.median(floors)) > 1.15
 
 
 def test_a_busy_fraction_over_too_few_prompts_or_out_of_range_says_nothing() -> None:

@@ -26,6 +26,8 @@ from reconciler.policy.capacity import (
     RequestMix,
     implied_prefill_factor_from_busy,
     predicted_ttft_s,
+    prefill_factor_floor_from_busy,
+    read_prefill_busy,
     transfer_s_per_token,
 )
 from reconciler.policy.forecast import values_for_bound
@@ -1322,6 +1324,50 @@ def test_a_saturated_prefill_teaches_its_speed_at_a_moderate_rate(
         assert memory.correction.prefill > 1.2
     else:
         assert memory.correction.prefill == 1.0
+
+
+@pytest.mark.parametrize("busy_read", [True, False])
+def test_the_ttft_alone_does_not_take_a_slower_factor_below_what_the_busy_fraction_allows(
+    busy_read: bool,
+) -> None:
+    """Chat's prefill 1.67x slower than the model, over-provisioned (nine instances for
+    25,000 prompt tokens/s, about 20 prompts/s), its correction at 1.67: the TTFT read
+    alone (low, as an idle pool shows through the prompt buckets) pulled the
+    factor back towards the model's (a 200 ms p90, in the bucket below the one the model
+    predicts at 1.67), prefill was scaled in and overloaded again. Its
+    busy fraction, too coarse there to teach a factor, still bounds it from below."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    mix = _mix_read_from(_metrics(0.0, 25_000.0, 20_000.0))
+    at_full = read_prefill_busy(perf.prefill, mix, 25_000.0, 9, 1.0)
+    assert at_full is not None
+    util = 1.67 / at_full.factor  # the utilisation a 1.67x slower pool reports
+    floor = prefill_factor_floor_from_busy(perf.prefill, mix, 25_000.0, 9, util)
+    assert floor is not None and 1.1 < floor < 1.67
+    # Nine instances steady for a while (the busy fraction reads only over a window the
+    # count held through).
+    memory = PlannerMemory(
+        correction=LatencyCorrection(prefill=1.67),
+        prefill_ready_seen=9,
+        prefill_steady_since_s=0.0,
+    )
+    history = PolicyHistory(planner=memory)
+    for k in range(12):
+        now = 600.0 + 30.0 * k
+        metrics = _metrics(
+            now,
+            25_000.0,
+            20_000.0,
+            ttft_ms=200.0,
+            prefill_gpu_util=util if busy_read else None,
+        )
+        history = plan_decide(policy, _fleet(9, 60), metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    if busy_read:
+        assert memory.correction.prefill >= floor - 1e-9
+    else:
+        assert memory.correction.prefill < floor
 
 
 def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_held() -> None:
