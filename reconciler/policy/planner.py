@@ -32,7 +32,11 @@ One cycle, in order (each step that changes a number says so in the message):
    are known only to their histogram bucket, so where a finer reading exists it is
    used: decode's mean inter-token gap (``tbt_mean``, the histogram's sum over its
    count), and prefill's busy fraction (``prefill_gpu_util`` against the model's work
-   for the prompt tokens/s served, once its count has held for a metrics window).
+   for the prompt tokens/s served, once its count has held for a metrics window: over
+   enough prompts for its precision, or over any number where a queue held prompts
+   through the window and the pool read fully busy, ``_queued_through_window``; too
+   coarse to teach the factor, it is still a floor the TTFT read alone may not take
+   the factor below, ``capacity.prefill_factor_floor_from_busy``).
    Decode's TBT quantile still counts where it reads slower than the model predicts
    it (``factor_evidence`` says why). Beside prefill's busy fraction, a TTFT beyond
    the model's prediction is time spent outside the instances (a gateway, the
