@@ -291,8 +291,7 @@ def role_demand(
         # (served over 60 s, growth 0 over the last 30), and after a burst that
         # phantom demand was remembered as the hour's peak and held decode at
         # max_instances for a quarter of an hour (burst-chat-0).
-        start_s = backlog.at_s - METRICS_WINDOW_S
-        at_s, tokens = min(readings, key=lambda reading: abs(reading[0] - start_s))
+        at_s, tokens = window_start_reading(readings, backlog.at_s)
         growth_tps = (backlog.tokens - tokens) / (backlog.at_s - at_s)
         kept = tuple(r for r in readings if r[0] >= backlog.at_s - BACKLOG_MEMORY_S)
         backlog = Backlog(backlog.at_s, backlog.tokens, kept)
@@ -308,6 +307,15 @@ def role_demand(
             f"in {DRAIN_S:.0f} s"
         )
     return RoleDemand(arriving, drain, backlog, note)
+
+
+def window_start_reading(
+    readings: Sequence[tuple[float, float]], end_s: float
+) -> tuple[float, float]:
+    """Of queue ``readings`` (at s, tokens; at least one), the one nearest the start of
+    the metrics window that ends at ``end_s``: where the served rate's average begins."""
+    start_s = end_s - METRICS_WINDOW_S
+    return min(readings, key=lambda reading: abs(reading[0] - start_s))
 
 
 def _sound_readings(
@@ -1329,11 +1337,10 @@ def _queued_through_window(backlog: Backlog | None) -> bool:
     metrics window's start (``role_demand`` keeps them)."""
     if backlog is None or backlog.tokens <= 0:
         return False
-    start_s = backlog.at_s - METRICS_WINDOW_S
     earlier = [r for r in backlog.earlier if r[0] <= backlog.at_s]
     if not earlier:
         return False
-    at_s, tokens = min(earlier, key=lambda reading: abs(reading[0] - start_s))
+    at_s, tokens = window_start_reading(earlier, backlog.at_s)
     return tokens > 0 and backlog.at_s - at_s >= METRICS_WINDOW_S / 2
 
 
