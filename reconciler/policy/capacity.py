@@ -1529,6 +1529,16 @@ class BusyReading:
     precise: bool  # within BUSY_READ_MAX_ERROR once the correction's EWMA averages it
     saturated: bool  # busy through the window with a queue: no spread at all
 
+    @property
+    def taught(self) -> float | None:
+        """The factor, where the reading may teach it (precise, or saturated)."""
+        return self.factor if self.precise or self.saturated else None
+
+    @property
+    def floor(self) -> float:
+        """The factor two of its spreads low (``prefill_factor_floor_from_busy``)."""
+        return max(0.0, 1.0 - 2.0 * self.spread) * self.factor
+
 
 def read_prefill_busy(
     perf: InstancePerf,
@@ -1598,9 +1608,7 @@ def implied_prefill_factor_from_busy(
     planner cycled between overload and drain (a hostile prober: 50.8% of chat's
     requests within both SLOs at 40 requests/s on 0.6x prefill engines)."""
     reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util, backlogged)
-    if reading is None or not (reading.precise or reading.saturated):
-        return None
-    return reading.factor
+    return None if reading is None else reading.taught
 
 
 def prefill_factor_floor_from_busy(
@@ -1617,9 +1625,7 @@ def prefill_factor_floor_from_busy(
     slower prefill's factor back to the model's, and prefill cycled between overload
     and drain (azure-x10-engines-0.6x: 90.0% within both SLOs, 93.8% with this floor)."""
     reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util)
-    if reading is None:
-        return None
-    return max(0.0, 1.0 - 2.0 * reading.spread) * reading.factor
+    return None if reading is None else reading.floor
 
 
 # --------------------------------------------------------------------------- together

@@ -124,10 +124,9 @@ from reconciler.policy.capacity import (
     bucket_side,
     implied_decode_factor,
     implied_prefill_factor,
-    implied_prefill_factor_from_busy,
     predicted_ttft_s,
     predicted_ttft_side,
-    prefill_factor_floor_from_busy,
+    read_prefill_busy,
     transfer_s_per_token,
 )
 from reconciler.policy.clamps import ceil_count
@@ -1257,7 +1256,7 @@ def _corrected(
         and sample_problem(gpu_util, "prefill_gpu_util", now_s, policy.scaling.metric_max_age_s)
         is None
     ):
-        busy_implied = implied_prefill_factor_from_busy(
+        reading = read_prefill_busy(
             perf.prefill,
             mix,
             metrics.prefill_tps.value,
@@ -1265,10 +1264,9 @@ def _corrected(
             gpu_util.value,
             backlogged=_queued_through_window(prefill_demand.backlog),
         )
-        if busy_implied is None:
-            busy_floor = prefill_factor_floor_from_busy(
-                perf.prefill, mix, metrics.prefill_tps.value, ready[0], gpu_util.value
-            )
+        if reading is not None:
+            busy_implied = reading.taught
+            busy_floor = reading.floor if busy_implied is None else None
     if busy_implied is not None:
         correction = correction.updated("prefill", busy_implied)
     # What the TTFT reading is judged by: the instances' own capacity, the offset left
