@@ -214,7 +214,7 @@ class KubernetesBackend:
         # The last diff_cluster: (plan, diff, work), reused by apply_cluster(plan).
         self._preview: tuple[Plan, ClusterDiff, dict[str, WorkloadWork]] | None = None
         # Why no write may be made now (None: it may), asked before each write of an
-        # apply (``apply_cluster``'s ``may_write``).
+        # apply (``apply_cluster``'s ``writes_refused``).
         self._writes_refused: Callable[[], str | None] = _never_refused
 
     # ------------------------------------------------------------------- observe
