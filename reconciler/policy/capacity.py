@@ -1581,6 +1581,61 @@ def read_prefill_busy(
     )
 
 
+# One busy reading as the planner keeps it: (at s, factor, spread), as ``BusyReading``.
+KeptBusyReading = tuple[float, float, float]
+
+
+def kept_busy_readings(
+    kept: tuple[KeptBusyReading, ...],
+    reading: BusyReading,
+    now_s: float,
+    window_s: float,
+    memory_s: float,
+) -> tuple[KeptBusyReading, ...]:
+    """``kept`` (oldest first) with ``reading``, read at ``now_s`` over a metrics window
+    of ``window_s``, added: not where its window overlaps the newest kept one's (the two
+    share samples, so the pair is not two readings' worth), and without those read more
+    than ``memory_s`` ago. A saturated reading is not kept: its factor needs no
+    averaging, and its spread (that of a Poisson stream it did not see) would weigh it
+    as if it did."""
+    if reading.saturated or not (reading.spread > 0 and reading.factor > 0):
+        return kept
+    recent = tuple(r for r in kept if now_s - memory_s < r[0] <= now_s)
+    if recent and now_s - recent[-1][0] < window_s:
+        return recent
+    return (*recent, (now_s, reading.factor, reading.spread))
+
+
+def combined_busy_reading(kept: tuple[KeptBusyReading, ...]) -> BusyReading | None:
+    """What the kept busy readings say together: their factors' inverse-variance
+    weighted mean in log space (each reading's spread is its relative standard
+    deviation, about its log's), newest first and only as many as it takes to come
+    within ``BUSY_READ_MAX_ERROR`` (then ``precise``), or all of them (not precise: its
+    ``floor`` still bounds the factor, closer than one reading's).
+
+    Readings of non-overlapping windows are independent samples of one factor: n of
+    spread s spread by s / sqrt(n), so a prefill serving too few prompts for one
+    reading to teach its speed is still read within the error after (s / 0.05)^2
+    windows (chat at 40 requests/s: spread ~0.18, 13 windows). Taking the newest
+    first forgets a speed that changed as soon as the newer readings suffice."""
+    weight_sum = weighted_log_sum = 0.0
+    for _at_s, factor, spread in reversed(kept):
+        weight = 1.0 / (spread * spread)
+        weight_sum += weight
+        weighted_log_sum += weight * math.log(factor)
+        if weight_sum * BUSY_READ_MAX_ERROR**2 >= 1.0:
+            break
+    if weight_sum <= 0:
+        return None
+    spread = 1.0 / math.sqrt(weight_sum)
+    return BusyReading(
+        factor=math.exp(weighted_log_sum / weight_sum),
+        spread=spread,
+        precise=spread <= BUSY_READ_MAX_ERROR,
+        saturated=False,
+    )
+
+
 def implied_prefill_factor_from_busy(
     perf: InstancePerf,
     mix: RequestMix,

@@ -35,8 +35,9 @@ One cycle, in order (each step that changes a number says so in the message):
    for the prompt tokens/s served, once its count has held for a metrics window: over
    enough prompts for its precision, or over any number where a queue held prompts
    through the window and the pool read fully busy, ``_queued_through_window``; too
-   coarse to teach the factor, it is still a floor the TTFT read alone may not take
-   the factor below, ``capacity.prefill_factor_floor_from_busy``).
+   coarse alone, the readings of the last non-overlapping windows teach it together,
+   as many as their precision needs, ``capacity.combined_busy_reading``; too few
+   still, they are a floor the TTFT read alone may not take the factor below).
    Decode's TBT quantile still counts where it reads slower than the model predicts
    it (``factor_evidence`` says why). Beside prefill's busy fraction, a TTFT beyond
    the model's prediction is time spent outside the instances (a gateway, the
@@ -117,13 +118,16 @@ from reconciler.policy.base import (
 )
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
+    KeptBusyReading,
     LatencyCorrection,
     PrefillLoad,
     RequestMix,
     RoleCapacities,
     bucket_side,
+    combined_busy_reading,
     implied_decode_factor,
     implied_prefill_factor,
+    kept_busy_readings,
     predicted_ttft_s,
     predicted_ttft_side,
     read_prefill_busy,
@@ -201,6 +205,10 @@ DRAIN_S = METRICS_WINDOW_S
 # Queue readings are remembered this long: a window and a cycle, so the one nearest a
 # window's start is still there when a cycle runs late.
 BACKLOG_MEMORY_S = METRICS_WINDOW_S + CYCLE_S
+# Prefill's busy readings are combined over up to an hour (the planner's memory of a
+# peak, PEAK_MEMORY_S): 60 windows, enough for readings of a spread up to
+# 0.05 x sqrt(60) = 0.39 to teach the speed together (``combined_busy_reading``).
+BUSY_MEMORY_S = PEAK_MEMORY_S
 # Capacities are cached per quantised mix: bucket shares rounded to this. Not below the
 # model's resolution everywhere: two mixes of one key may differ by up to a step in
 # each bucket, which in a long-prompt bucket moves the mean prompt by up to ~13 % and
@@ -233,6 +241,9 @@ class PlannerMemory:
     # The last prefill queue reading whose wait alone exceeded the TTFT SLO
     # (``_corrected``): TTFTs read over a window reaching back to it read that wait.
     prefill_backlog_seen_s: float | None = None
+    # Prefill's recent busy readings, (at s, factor, spread), oldest first: together
+    # they teach a speed no one of them is precise enough to (``_corrected``).
+    prefill_busy_readings: tuple[KeptBusyReading, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -735,6 +746,7 @@ def plan_decide(
     caps: RoleCapacities | None = None
     correction = memory.correction.within_ttft_slo(policy.slo.ttft_ms / 1000.0)
     backlog_seen_s = memory.prefill_backlog_seen_s
+    busy_readings = memory.prefill_busy_readings
     steady_since_s = (
         steady_since(
             memory.prefill_ready_seen, memory.prefill_steady_since_s, ready[0], starting[0], now_s
@@ -747,7 +759,7 @@ def plan_decide(
         # The correction learns the model of the type the planner sizes with: the
         # latency of a fleet spread over several types says nothing clean about it.
         one_type = [role not in held for role in ("prefill", "decode")]
-        correction, backlog_seen_s = _corrected(
+        correction, backlog_seen_s, busy_readings = _corrected(
             correction,
             policy,
             perf,
@@ -760,6 +772,7 @@ def plan_decide(
             one_type,
             prefill_in,
             backlog_seen_s,
+            busy_readings,
         )
         caps = capacities_for(policy, perf, mix, current[0], correction)
     memory = PlannerMemory(
@@ -778,6 +791,7 @@ def plan_decide(
         prefill_ready_seen=ready[0],
         prefill_steady_since_s=steady_since_s[0],
         prefill_backlog_seen_s=backlog_seen_s,
+        prefill_busy_readings=busy_readings,
     )
     _MEMORIES_MADE[id(memory)] = memory
     if caps is None and (override_prefill is None or override_decode is None):
@@ -1183,7 +1197,8 @@ def _corrected(
     one_type: list[bool],
     prefill_demand: RoleDemand,
     backlog_seen_s: float | None,
-) -> tuple[LatencyCorrection, float | None]:
+    busy_readings: tuple[KeptBusyReading, ...],
+) -> tuple[LatencyCorrection, float | None, tuple[KeptBusyReading, ...]]:
     """The correction updated from this cycle's latency, in steady state only (module
     docstring, step 3): no instance of the role starting, all of them on the type the
     model is of (``one_type``, per role), and load at or below the capacity the model
@@ -1265,8 +1280,16 @@ def _corrected(
             backlogged=_queued_through_window(prefill_demand.backlog),
         )
         if reading is not None:
+            busy_readings = kept_busy_readings(
+                busy_readings, reading, now_s, METRICS_WINDOW_S, BUSY_MEMORY_S
+            )
+            # One reading precise enough (or saturated) teaches alone, as it always
+            # has; otherwise the recent ones together may.
             busy_implied = reading.taught
-            busy_floor = reading.floor if busy_implied is None else None
+            if busy_implied is None:
+                together = combined_busy_reading(busy_readings) or reading
+                busy_implied = together.taught
+                busy_floor = together.floor if busy_implied is None else None
     if busy_implied is not None:
         correction = correction.updated("prefill", busy_implied)
     # What the TTFT reading is judged by: the instances' own capacity, the offset left
@@ -1327,7 +1350,7 @@ def _corrected(
                     implied_ttft_offset_s(load, correction, observed_s, buckets),
                     limit_s=slo.ttft_ms / 1000.0,
                 )
-    return correction, backlog_seen_s
+    return correction, backlog_seen_s, busy_readings
 
 
 def _queued_through_window(backlog: Backlog | None) -> bool:

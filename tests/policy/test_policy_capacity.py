@@ -24,6 +24,7 @@ from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.policy.capacity import (
     BUSY_READ_MAX_ERROR,
     GAUGE_SAMPLES_PER_WINDOW,
+    BusyReading,
     DecodeCapacity,
     LatencyCorrection,
     LengthHistogram,
@@ -32,17 +33,20 @@ from reconciler.policy.capacity import (
     RequestMix,
     RoleCapacities,
     bucket_side,
+    combined_busy_reading,
     decode_capacity,
     idle_ttft_s,
     implied_decode_factor,
     implied_prefill_factor,
     implied_prefill_factor_from_busy,
+    kept_busy_readings,
     one_two_five_buckets,
     predicted_ttft_s,
     predicted_ttft_side,
     prefill_capacity,
     prefill_factor_floor_from_busy,
     prefill_instances_for,
+    read_prefill_busy,
     role_capacities,
     transfer_s_per_token,
     unattainable,
@@ -688,15 +692,24 @@ def test_an_implied_offset_puts_the_prediction_in_the_observed_bucket(
 
 
 def _prefill_windows(
-    policy: ServicePolicy, peak_rps: float, speed: float, prefill_instances: int
+    policy: ServicePolicy,
+    peak_rps: float,
+    speed: float,
+    prefill_instances: int,
+    windows: int = 10,
 ) -> Iterator[tuple[dict[str, float | None], RequestMix]]:
-    """Ten 60 s windows' readings (from 300 s on) of chat's simulated prefill, engines at
-    ``speed`` x the declared compute, ``prefill_instances`` H800 instances serving a
-    steady ``peak_rps`` of chat's synthetic load, with the mix as read from the
-    engines' coarse 1-2-5 buckets."""
+    """``windows`` 60 s windows' readings (from 300 s on) of chat's simulated prefill,
+    engines at ``speed`` x the declared compute, ``prefill_instances`` H800 instances
+    serving a steady ``peak_rps`` of chat's synthetic load, with the mix as read from
+    the engines' coarse 1-2-5 buckets."""
     cluster = load_desired_state(REPO_ROOT).clusters[policy.cluster]
     workload = synthetic_workload(
-        "chat", hours=0.3, peak_rps=peak_rps, seed=0, trough_ratio=1.0, bursts=()
+        "chat",
+        hours=max(0.3, (300 + 60 * (windows + 1)) / 3600),
+        peak_rps=peak_rps,
+        seed=0,
+        trough_ratio=1.0,
+        bursts=(),
     )
     config = SimConfig(prefill_engine_speed=speed, decode_engine_speed=speed)
     sim = ServiceSim(policy, cluster, LoadProfile.from_workload(workload), config)
@@ -704,7 +717,7 @@ def _prefill_windows(
     coarse = RequestMix.from_samples(
         workload.prompt_tokens, workload.output_tokens, one_two_five_buckets(32768)
     )
-    for end_s in range(300, 900, 60):
+    for end_s in range(300, 300 + 60 * windows, 60):
         while sim.t < end_s:
             sim.step()
         yield sim.window_metrics(60.0), coarse
@@ -778,6 +791,93 @@ def test_a_coarse_busy_reading_still_bounds_the_factor_from_below() -> None:
         floors.append(floor)
     assert max(floors) < 1.0 / 0.6
     assert float(np.median(floors)) > 1.15
+
+
+def test_coarse_busy_readings_together_teach_the_speed_none_teaches_alone() -> None:
+    """The same 0.6x prefill idling between 20 prompts/s on six instances: no one
+    reading is precise enough to teach its speed, but readings of non-overlapping
+    windows are independent samples of it, and kept (``kept_busy_readings``) and
+    combined (``combined_busy_reading``) they come within BUSY_READ_MAX_ERROR: read
+    precise, within 5 % of 1 / 0.6 (a hostile prober's 40 requests/s of chat on such
+    engines: the planner cycled between overload and drain, 50.8 % within both SLOs)."""
+    policy, prefill, _, _ = chat()
+    kept: tuple[tuple[float, float, float], ...] = ()
+    together = None
+    for k, (read, coarse) in enumerate(_prefill_windows(policy, 20.0, 0.6, 6, windows=30)):
+        served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
+        assert served_tps is not None and gpu_util is not None
+        reading = read_prefill_busy(prefill, coarse, served_tps, 6, gpu_util)
+        assert reading is not None and reading.taught is None
+        kept = kept_busy_readings(kept, reading, 60.0 * k, 60.0, 3600.0)
+        together = combined_busy_reading(kept)
+        assert together is not None
+        if together.precise:
+            break
+    assert together is not None and together.precise and together.taught is not None
+    assert 5 < len(kept) < 30
+    assert together.taught == pytest.approx(1.0 / 0.6, rel=0.05)
+
+
+def _busy(factor: float, spread: float) -> BusyReading:
+    return BusyReading(factor=factor, spread=spread, precise=False, saturated=False)
+
+
+def test_busy_readings_are_kept_one_a_window_for_the_memory_and_never_saturated() -> None:
+    kept = kept_busy_readings((), _busy(1.5, 0.2), 100.0, 60.0, 3600.0)
+    assert kept == ((100.0, 1.5, 0.2),)
+    # The next cycle's window overlaps this one's: the pair is not two readings' worth.
+    assert kept_busy_readings(kept, _busy(1.7, 0.2), 130.0, 60.0, 3600.0) == kept
+    kept = kept_busy_readings(kept, _busy(1.7, 0.2), 160.0, 60.0, 3600.0)
+    assert kept == ((100.0, 1.5, 0.2), (160.0, 1.7, 0.2))
+    # A saturated reading teaches alone and is not kept; nor is a senseless one.
+    saturated = BusyReading(factor=1.6, spread=0.2, precise=False, saturated=True)
+    assert kept_busy_readings(kept, saturated, 300.0, 60.0, 3600.0) == kept
+    assert kept_busy_readings(kept, _busy(1.6, 0.0), 300.0, 60.0, 3600.0) == kept
+    # An hour on, the first has gone.
+    later = kept_busy_readings(kept, _busy(1.6, 0.2), 3700.0, 60.0, 3600.0)
+    assert later == ((160.0, 1.7, 0.2), (3700.0, 1.6, 0.2))
+
+
+def test_busy_readings_combine_newest_first_only_as_far_as_precision_needs() -> None:
+    """n readings of spread s spread by s / sqrt(n); once within BUSY_READ_MAX_ERROR
+    the older are not read, so a speed that changed is forgotten as soon as the newer
+    readings suffice."""
+    assert combined_busy_reading(()) is None
+    spread = 0.1
+    needed = math.ceil((spread / BUSY_READ_MAX_ERROR) ** 2)  # 4
+    old = tuple((60.0 * k, 1.0, spread) for k in range(10))
+    new = tuple((600.0 + 60.0 * k, 1.6, spread) for k in range(needed))
+    together = combined_busy_reading(old + new)
+    assert together is not None and together.precise
+    assert together.factor == pytest.approx(1.6)
+    assert together.spread == pytest.approx(spread / math.sqrt(needed))
+    # One fewer new reading: an old one is read too, and weighs as much.
+    partly = combined_busy_reading(old + new[:-1])
+    assert partly is not None and partly.precise
+    assert partly.factor == pytest.approx(math.exp((needed - 1) * math.log(1.6) / needed))
+    # Too few to be precise: not taught, but its floor is closer than one reading's.
+    few = combined_busy_reading(new[:2])
+    assert few is not None and not few.precise and few.taught is None
+    assert few.floor > _busy(1.6, spread).floor
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.5, 2.0), st.floats(0.01, 1.0)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_combined_busy_reading_lies_among_its_readings_and_is_no_coarser(
+    readings: list[tuple[float, float]],
+) -> None:
+    kept = tuple((60.0 * k, factor, spread) for k, (factor, spread) in enumerate(readings))
+    together = combined_busy_reading(kept)
+    assert together is not None
+    factors = [f for f, _ in readings]
+    assert min(factors) * (1 - 1e-9) <= together.factor <= max(factors) * (1 + 1e-9)
+    assert together.spread <= readings[-1][1] * (1 + 1e-9)
+    assert together.precise == (together.spread <= BUSY_READ_MAX_ERROR)
 
 
 def test_a_busy_fraction_over_too_few_prompts_or_out_of_range_says_nothing() -> None:

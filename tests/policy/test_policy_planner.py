@@ -1370,6 +1370,34 @@ def test_the_ttft_alone_does_not_take_a_slower_factor_below_what_the_busy_fracti
         assert memory.correction.prefill < floor
 
 
+def test_a_slower_prefill_never_saturated_is_learnt_from_busy_readings_together() -> None:
+    """Chat's prefill 1.67x slower than the model at about 20 prompts/s on nine
+    instances: never saturated, each window's busy reading too coarse to teach the
+    factor (it scatters by its spread about the truth), and the TTFT read low (200 ms:
+    an idle pool's, as the prompt buckets show it). The readings of non-overlapping
+    windows together teach what none does alone: the correction comes within 5 % of
+    1.67 in fifteen windows, where alone the coarse readings only floor it (two spreads
+    low) and the TTFT holds it there (azure-x10-engines-0.6x: 93.8 % of requests within
+    both SLOs before)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    mix = _mix_read_from(_metrics(0.0, 25_000.0, 20_000.0))
+    at_full = read_prefill_busy(perf.prefill, mix, 25_000.0, 9, 1.0)
+    assert at_full is not None and at_full.taught is None
+    true_util = 1.67 / at_full.factor
+    noise = np.random.default_rng(7).standard_normal(40)
+    memory = PlannerMemory(prefill_ready_seen=9, prefill_steady_since_s=0.0)
+    history = PolicyHistory(planner=memory)
+    for k in range(30):
+        now = 600.0 + 30.0 * k
+        util = true_util * math.exp(at_full.spread * noise[k // 2])  # one draw a window
+        metrics = _metrics(now, 25_000.0, 20_000.0, ttft_ms=200.0, prefill_gpu_util=util)
+        history = plan_decide(policy, _fleet(9, 60), metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    assert memory.correction.prefill == pytest.approx(1.67, rel=0.05)
+
+
 def test_prefill_learns_a_faster_instance_from_its_busy_fraction_once_its_size_held() -> None:
     """An instance busy for 0.77 of what the model predicts is 1.3x faster: the
     correction takes it (which the TTFT tail cannot say) once the prefill count has held
