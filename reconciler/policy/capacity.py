@@ -1603,7 +1603,10 @@ def kept_busy_readings(
     recent = tuple(r for r in kept if now_s - memory_s < r[0] <= now_s)
     if recent and now_s - recent[-1][0] < window_s:
         return recent
-    return (*recent, (now_s, reading.factor, reading.spread))
+    # Four decimals: far finer than the 1 % steps the factor is used in
+    # (``perf_context``), and a quarter of the durable state's bytes for them.
+    spread = max(round(reading.spread, 4), 1e-4)
+    return (*recent, (now_s, round(reading.factor, 4), spread))
 
 
 def combined_busy_reading(kept: tuple[KeptBusyReading, ...]) -> BusyReading | None:
@@ -1620,6 +1623,8 @@ def combined_busy_reading(kept: tuple[KeptBusyReading, ...]) -> BusyReading | No
     first forgets a speed that changed as soon as the newer readings suffice."""
     weight_sum = weighted_log_sum = 0.0
     for _at_s, factor, spread in reversed(kept):
+        if not (0 < factor < math.inf and 0 < spread < math.inf):
+            continue  # a damaged memory's entry (the durable state is read back)
         weight = 1.0 / (spread * spread)
         weight_sum += weight
         weighted_log_sum += weight * math.log(factor)

@@ -861,6 +861,13 @@ def test_busy_readings_combine_newest_first_only_as_far_as_precision_needs() -> 
     assert few.floor > _busy(1.6, spread).floor
 
 
+def test_a_damaged_kept_busy_reading_is_passed_over() -> None:
+    damaged = ((0.0, math.nan, 0.1), (60.0, 1.5, 0.0), (120.0, -1.0, 0.1), (180.0, 2.0, math.inf))
+    assert combined_busy_reading(damaged) is None
+    together = combined_busy_reading(((0.0, 1.5, 0.2), *damaged))
+    assert together is not None and together.factor == pytest.approx(1.5)
+
+
 @given(
     st.lists(
         st.tuples(st.floats(0.5, 2.0), st.floats(0.01, 1.0)),
