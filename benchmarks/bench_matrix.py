@@ -13,6 +13,14 @@ Cells (the repository's own ``policies/`` and ``clusters/``, nothing tuned per c
   the declared figures: a model ~30% optimistic and one ~30% pessimistic, as the
   planner issue's "a model that is off by 30%". Static peak and oracle-min know the
   engines as they are (a load test would); the hand-set targets do not;
+- ``azure-x10-engines-0.6x``: the Azure day at a fifth of ``azure-x50``'s rate on engines
+  at 0.6x the declared figures (``MODERATE_RATE_SCALE``: a known gap when added);
+- ``chat-outputs-4x``: chat at a steady 30 requests/s for two hours, every output 4x
+  longer from minute 40 (``OUTPUT_GROWTH``): the request mix
+  shifting under a steady load, as when a client turns on longer answers; decode's
+  demand steps up 4x within a minute, and its batch swells and drains (added with the
+  planner's fix for what that drain did to it, as a known gap: it shows the fix, it
+  was not tuned on);
 - ``azure-x50-gateway-0.3s``: the ``azure-x50`` day with 0.3 s of every request's TTFT
   spent before the instances (``SimConfig.ttft_outside_s``: an API gateway,
   tokenisation, a network hop), which no policy's performance model sees; static peak
@@ -90,6 +98,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -102,6 +112,7 @@ from reconciler.sim.evaluate import STATIC_PAST_PEAK, evaluate  # noqa: E402
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets  # noqa: E402
 from reconciler.sim.load import load_with_requests  # noqa: E402
 from reconciler.sim.reactive import covered_at_multiples, reactive_reference  # noqa: E402
+from reconciler.sim.workload import synthetic_workload  # noqa: E402
 
 POLICIES = (
     "heteroscale",
@@ -132,6 +143,12 @@ GATEWAY_TTFT_S = 0.3
 # the planner was judged on every other cell: it shows a known gap, not a tuned case).
 MODERATE_RATE_SCALE = 10.0
 SLOW_ENGINE_SPEED = 0.6
+# The mix-shift cell: chat at a steady rate, every output this many times longer from
+# ``OUTPUT_GROWTH_AT_S`` on. A hostile prober found the planner holding decode at twice
+# its size for an hour after such a step (its swollen batch's drain read as demand).
+OUTPUT_GROWTH = 4.0
+OUTPUT_GROWTH_AT_S = 2400.0
+STEADY_RPS = 30.0
 STATIC_AT_COST = "static at heteroscale's GPU-hours"
 
 
@@ -146,6 +163,9 @@ class Cell:
     warmup_seed: int | None = None  # the synthetic day run before it, not judged
     engine_speed: float = 1.0  # the simulated engines against the declared GPU figures
     ttft_outside_s: float = 0.0  # every TTFT's time outside the instances (SimConfig)
+    # A steady synthetic load at this rate whose outputs grow OUTPUT_GROWTH-fold at
+    # OUTPUT_GROWTH_AT_S (the mix-shift cell); None: the trace or the synthetic day.
+    steady_rps: float | None = None
 
 
 AZURE_TRACE = "AzureLLMInferenceTrace_conv.csv"
@@ -220,6 +240,7 @@ def all_cells(services: list[str]) -> list[Cell]:
             None,
             SLOW_ENGINE_SPEED,
         ),
+        Cell(f"chat-outputs-{OUTPUT_GROWTH:g}x", "chat", None, None, 2.0, 3, steady_rps=STEADY_RPS),
     ]
     for warm in (False, True):
         for service in services:
@@ -243,6 +264,51 @@ def with_min_headroom(state: DesiredState, least: float) -> DesiredState:
     return dataclasses.replace(state, policies=policies)
 
 
+def outputs_grown_load(cell: Cell, config: SimConfig) -> LoadProfile:
+    """The mix-shift cell's load: ``cell.service``'s synthetic lengths at a steady
+    ``cell.steady_rps`` without bursts, every output ``OUTPUT_GROWTH`` times longer
+    from ``OUTPUT_GROWTH_AT_S`` on."""
+    assert cell.steady_rps is not None
+    workload = synthetic_workload(
+        cell.service,
+        hours=cell.hours,
+        peak_rps=cell.steady_rps,
+        seed=cell.seed,
+        trough_ratio=1.0,
+        bursts=(),
+    )
+    grown = workload.arrival_s >= OUTPUT_GROWTH_AT_S
+    outputs = workload.output_tokens.copy()
+    outputs[grown] = np.round(outputs[grown] * OUTPUT_GROWTH).astype(outputs.dtype)
+    return LoadProfile.from_workload(
+        dataclasses.replace(workload, output_tokens=outputs),
+        length_classes=config.length_classes,
+        sample_limit=config.request_sample_limit,
+    )
+
+
+def cell_load(cell: Cell, state: DesiredState, config: SimConfig) -> LoadProfile:
+    """The load a cell replays: its trace or synthetic day (after its warm-up, if it
+    has one), or the mix-shift load."""
+    if cell.steady_rps is not None:
+        return outputs_grown_load(cell, config)
+    trace = None
+    if cell.trace is not None:
+        shared = shared_dir()
+        if shared is None:
+            raise SystemExit("shared/ not found: set HETEROSCALE_SHARED (it holds traces/)")
+        trace = shared / "traces" / cell.trace
+    profile = load_with_requests(
+        state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config
+    ).profile
+    if cell.warmup_seed is not None:
+        warmup = load_with_requests(
+            state, cell.service, trace, cell.rate_scale, cell.hours, cell.warmup_seed, config
+        ).profile
+        profile = profile.preceded_by(warmup)
+    return profile
+
+
 def run_cell(
     cell: Cell, policies: tuple[str, ...], min_headroom: float | None = None
 ) -> dict[str, Any]:
@@ -256,21 +322,8 @@ def run_cell(
         decode_engine_speed=cell.engine_speed,
         ttft_outside_s=cell.ttft_outside_s,
     )
-    trace = None
-    if cell.trace is not None:
-        shared = shared_dir()
-        if shared is None:
-            raise SystemExit("shared/ not found: set HETEROSCALE_SHARED (it holds traces/)")
-        trace = shared / "traces" / cell.trace
     started = time.perf_counter()
-    profile = load_with_requests(
-        state, cell.service, trace, cell.rate_scale, cell.hours, cell.seed, config
-    ).profile
-    if cell.warmup_seed is not None:
-        warmup = load_with_requests(
-            state, cell.service, trace, cell.rate_scale, cell.hours, cell.warmup_seed, config
-        ).profile
-        profile = profile.preceded_by(warmup)
+    profile = cell_load(cell, state, config)
     # Policies that scale on hand-set targets run on a copy of the policy that has them;
     # the rest run on the repository's policy as it is (no targets: derived).
     tuned = [p for p in policies if p in HAND_TUNED]

@@ -39,6 +39,7 @@ MetricName = Literal[
     "prefill_queue",
     "decode_queue",
     "tbt_mean",
+    "decode_running",
 ]
 # Read from the Literal so that the type and the runtime tuple cannot drift apart.
 METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
@@ -172,6 +173,9 @@ class ServiceMetrics:
     # overload the served token rates stop at capacity and only the queue shows demand.
     prefill_queue: Sample | None = None
     decode_queue: Sample | None = None
+    # Requests decoding (admitted, not finished), summed over the decode instances: with
+    # the queue, the work in decode (``planner.role_demand``).
+    decode_running: Sample | None = None
     # The mean inter-token gap over the window (ms): the TBT histogram's sum over its
     # count, exact where its quantile is known only to a bucket.
     tbt_mean: Sample | None = None

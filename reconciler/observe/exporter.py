@@ -29,11 +29,13 @@ Engines: ``vllm`` (``vllm:prompt_tokens_total``, ``vllm:prefix_cache_queries_tot
 ``vllm:prefix_cache_hits_total``, ``vllm:generation_tokens_total``,
 ``vllm:time_to_first_token_seconds``, the inter-token histogram under
 ``vllm_tbt_metric`` — ``vllm:time_per_output_token_seconds`` by default, its name before
-vLLM 0.11 — ``vllm:kv_cache_usage_perc``, ``vllm:num_requests_waiting``, and the request-length histograms
+vLLM 0.11 — ``vllm:kv_cache_usage_perc``, ``vllm:num_requests_waiting``,
+``vllm:num_requests_running``, and the request-length histograms
 ``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens``) and ``sglang``
 (``sglang:prompt_tokens_total``, ``sglang:cached_tokens_total``,
 ``sglang:generation_tokens_total``, ``sglang:time_to_first_token_seconds``,
-``sglang:inter_token_latency_seconds``, ``sglang:token_usage``, ``sglang:num_queue_reqs``, and
+``sglang:inter_token_latency_seconds``, ``sglang:token_usage``, ``sglang:num_queue_reqs``,
+``sglang:num_running_reqs``, and
 ``sglang:prompt_tokens_histogram`` / ``sglang:generation_tokens_histogram`` as with
 ``--collect-tokens-histogram``). DCGM: ``DCGM_FI_DEV_GPU_UTIL`` (percent) and
 ``DCGM_FI_PROF_SM_ACTIVE`` (ratio), one series per GPU of the instance.
@@ -188,6 +190,8 @@ class InstanceLoad:
     """KV-cache usage, fraction 0..1."""
     waiting_requests: float | None = None
     """Requests queued on this instance, not yet started (a gauge)."""
+    running_requests: float | None = None
+    """Requests running on this instance, started and not finished (a gauge)."""
     gpus: int = 1
     gpu_util_pct: float | None = None
     """DCGM_FI_DEV_GPU_UTIL, percent 0..100 (the same on every GPU of the instance)."""
@@ -443,6 +447,8 @@ class FleetExporter:
                 sink.sample("gauge", names["kv"], labels, load.kv_usage)
             if load.waiting_requests is not None:
                 sink.sample("gauge", names["waiting"], labels, load.waiting_requests)
+            if load.running_requests is not None:
+                sink.sample("gauge", names["running"], labels, load.running_requests)
             for gpu in range(load.gpus):
                 gpu_labels: Labels = (
                     *labels,
@@ -546,6 +552,7 @@ _VLLM_NAMES = {
     "ttft": "vllm:time_to_first_token_seconds",
     "kv": "vllm:kv_cache_usage_perc",
     "waiting": "vllm:num_requests_waiting",
+    "running": "vllm:num_requests_running",
     "prompt_len": "vllm:request_prompt_tokens",
     "output_len": "vllm:request_generation_tokens",
 }
@@ -557,6 +564,7 @@ _SGLANG_NAMES = {
     "tbt": "sglang:inter_token_latency_seconds",
     "kv": "sglang:token_usage",
     "waiting": "sglang:num_queue_reqs",
+    "running": "sglang:num_running_reqs",
     "prompt_len": "sglang:prompt_tokens_histogram",
     "output_len": "sglang:generation_tokens_histogram",
 }
@@ -569,6 +577,8 @@ _HELP = {
     "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "sglang:num_queue_reqs": "The number of requests in the waiting queue.",
+    "vllm:num_requests_running": "Number of requests in model execution batches.",
+    "sglang:num_running_reqs": "The number of running requests.",
     "vllm:request_prompt_tokens": "Number of prefill tokens processed.",
     "vllm:request_generation_tokens": "Number of generation tokens processed.",
     "sglang:prompt_tokens": "Number of prefill tokens processed.",

@@ -20,6 +20,7 @@ signal                        role     meaning (unit)
 ``decode_kv_usage``           decode   KV-cache usage averaged over instances (0..1)
 ``prefill_queue``             prefill  requests waiting to start prefill, summed (requests)
 ``decode_queue``              decode   requests waiting for a decode slot, summed (requests)
+``decode_running``            decode   requests decoding (admitted, unfinished), summed
 ``tbt_mean``                  decode   mean time between tokens over the window (ms)
 ``prompt_tokens``             prefill  prompt-length histogram: requests/s per bucket
 ``output_tokens``             decode   output-length histogram: requests/s per bucket
@@ -34,7 +35,10 @@ subtracts them; where it does not, the subtraction falls back to zero.
 SGLang ``sglang:num_queue_reqs``), the latest sample summed over the role's instances.
 Under overload the token counters stop at what the instances serve, so only the queue
 shows the demand beyond it. Both are optional (the planner falls back to the served
-rates). With Dynamo's own prefill queue (NATS) the prefill workers' waiting count shows
+rates), as is decode's running-request gauge (vLLM ``vllm:num_requests_running``, SGLang
+``sglang:num_running_reqs``): decode's batch grows under overload too, and after it
+drains faster than work arrives, so the planner reads decode's demand as what it
+served plus the growth of all its work, waiting and running. With Dynamo's own prefill queue (NATS) the prefill workers' waiting count shows
 only what they have pulled: point ``metrics.queries.prefill_queue`` at the queue's depth.
 TensorRT-LLM exports none.
 
@@ -290,6 +294,7 @@ SIGNAL_ROLE: Mapping[MetricName, Role] = {
     "prefill_queue": "prefill",
     "decode_queue": "decode",
     "tbt_mean": "decode",
+    "decode_running": "decode",
 }
 
 _DCGM: dict[MetricName, SignalSpec] = {
@@ -316,6 +321,7 @@ _VLLM: dict[MetricName, SignalSpec] = {
     "decode_kv_usage": GaugeAverage(("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
     "prefill_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
     "decode_queue": GaugeAverage(("vllm:num_requests_waiting",), total=True),
+    "decode_running": GaugeAverage(("vllm:num_requests_running",), total=True),
     **_DCGM,
 }
 
@@ -334,6 +340,7 @@ _SGLANG: dict[MetricName, SignalSpec] = {
     "decode_kv_usage": GaugeAverage(("sglang:token_usage",)),
     "prefill_queue": GaugeAverage(("sglang:num_queue_reqs",), total=True),
     "decode_queue": GaugeAverage(("sglang:num_queue_reqs",), total=True),
+    "decode_running": GaugeAverage(("sglang:num_running_reqs",), total=True),
     **_DCGM,
 }
 

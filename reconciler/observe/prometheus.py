@@ -153,7 +153,7 @@ from reconciler.text_safety import quoted, redacted_url
 log = logging.getLogger(__name__)
 
 OPTIONAL_SIGNALS: frozenset[SignalName] = frozenset(
-    (*LENGTH_NAMES, "prefill_queue", "decode_queue", "tbt_mean")
+    (*LENGTH_NAMES, "prefill_queue", "decode_queue", "decode_running", "tbt_mean")
 )
 """Signals whose query may fail for good without failing the cycle: the planner reads
 around each of them (the last known mix, the served rates without a queue, the TBT p90

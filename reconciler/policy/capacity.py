@@ -546,17 +546,24 @@ class RequestMix:
         return self.output.moment(1)
 
     @property
-    def live_context_tokens(self) -> float:
-        """Mean context of a sequence in the decode batch: its prompt plus the tokens it
-        has generated so far. A sequence of ``L`` output tokens stays in the batch for
-        ``L`` steps, so the batch holds sequences in proportion to their length
+    def running_output_tokens(self) -> float:
+        """Mean output tokens a sequence in the decode batch has generated so far, and
+        as many still to generate. A sequence of ``L`` output tokens stays in the batch
+        for ``L`` steps, so the batch holds sequences in proportion to their length
         (length-biased), each half-way through on average: ``E[L^2] / (2 E[L])``. This
-        is ``E[L] / 2`` when every output has one length and more when lengths vary
-        (by ``(1 + CV^2)``); prompts are independent of output lengths."""
+        is ``E[L] / 2`` when every output has one length and more when lengths vary (by
+        ``(1 + CV^2)``). 0 without outputs."""
         mean_output = self.output.moment(1)
         if mean_output <= 0:
-            return self.prompt_mean_tokens
-        return self.prompt_mean_tokens + self.output.moment(2) / (2.0 * mean_output)
+            return 0.0
+        return self.output.moment(2) / (2.0 * mean_output)
+
+    @property
+    def live_context_tokens(self) -> float:
+        """Mean context of a sequence in the decode batch: its prompt plus the tokens it
+        has generated so far (``running_output_tokens``); prompts are independent of
+        output lengths."""
+        return self.prompt_mean_tokens + self.running_output_tokens
 
 
 # --------------------------------------------------------------------------- unattainable

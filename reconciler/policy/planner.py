@@ -13,8 +13,11 @@ One cycle, in order (each step that changes a number says so in the message):
    overload that stops at capacity, so the demand is read as served plus the growth
    of the role's queue over the same window (``prefill_queue`` / ``decode_queue``,
    requests waiting, times the mix's mean prompt or output length), and the queue
-   itself is sized to drain within ``DRAIN_S``. Without a queue signal the served
-   rate stands in (noted). Decode is also asked for what prefill holds back (its
+   itself is sized to drain within ``DRAIN_S``. Decode's work also counts what its
+   running requests still have to generate (``decode_running`` times the mix's
+   length-biased remaining output): its batch swells under overload and drains after
+   it, which the queue alone read as served and then as demand. Without a queue
+   signal the served rate stands in (noted). Decode is also asked for what prefill holds back (its
    queue's growth and backlog, converted at the mix's output per prompt token:
    ``decode_follows_prefill``): a surge reaches prefill first, and decode's own rates
    would show it only once prefill let it through. What prefill releases from its
@@ -248,14 +251,16 @@ class PlannerMemory:
 
 @dataclass(frozen=True)
 class Backlog:
-    """A role's queue as last read: tokens of work waiting, at the sample's time, and
-    the readings before it that are still within reach of a metrics window
-    (``earlier``, (at s, tokens), oldest first: ``role_demand`` measures the queue's
-    growth over the window the served rate averages)."""
+    """A role's work as last read: tokens of work waiting (and, ``with_running``, still
+    to generate by the requests running), at the sample's time, and the readings before
+    it that are still within reach of a metrics window (``earlier``, (at s, tokens),
+    oldest first: ``role_demand`` measures the work's growth over the window the served
+    rate averages). Readings with and without the running work are not compared."""
 
     at_s: float
     tokens: float
     earlier: tuple[tuple[float, float], ...] = ()
+    with_running: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,24 +281,49 @@ def role_demand(
     previous: Backlog | None,
     now_s: float,
     max_age_s: float,
+    running: Sample | None = None,
+    running_tokens_per_request: float | None = None,
 ) -> RoleDemand:
-    """The demand on a role (module docstring, step 1). The queue's growth over the
+    """The demand on a role (module docstring, step 1). The growth of its work over the
     metrics window is demand the instances could not serve (or, shrinking, backlog they
     served beyond what arrived); a queue reading that is missing, stale or not
-    convertible to tokens (no mix) leaves the served rate alone."""
+    convertible to tokens (no mix) leaves the served rate alone.
+
+    The work is the queue's, and with ``running`` (requests running, each with
+    ``running_tokens_per_request`` still to generate on average) theirs too: decode's
+    batch grows under overload (each step slower, every sequence still admitted) and
+    after a scale-out drains faster than work arrives. Read from the queue alone, the
+    queue emptying into the batch was taken as served, and the batch's drain minutes
+    later as demand: outputs growing 4x read 49,000 output tokens/s where 25,000
+    arrived, remembered as the hour's peak (+78% GPU-hours over static peak for the
+    next hour). Only the queue is drained on top (``drain_tps``): the running work is
+    being served."""
     problem = sample_problem(queue, f"{role}_queue", now_s, max_age_s)
     if problem is not None or tokens_per_request is None or tokens_per_request <= 0:
         why = problem or "no request mix to weigh its queue"
         return RoleDemand(served_tps, 0.0, previous, f"{role} queue unread ({why}): served rate")
     assert queue is not None
-    backlog = Backlog(queue.at_s, max(0.0, queue.value) * tokens_per_request)
+    waiting_tokens = max(0.0, queue.value) * tokens_per_request
+    with_running = (
+        running is not None
+        and running_tokens_per_request is not None
+        and running_tokens_per_request > 0
+        and sample_problem(running, f"{role}_running", now_s, max_age_s) is None
+    )
+    work_tokens = waiting_tokens
+    if with_running:
+        assert running is not None and running_tokens_per_request is not None
+        work_tokens += max(0.0, running.value) * running_tokens_per_request
+    backlog = Backlog(queue.at_s, work_tokens, with_running=with_running)
     readings = (
-        [] if previous is None else _sound_readings(previous, backlog.at_s, tokens_per_request)
+        []
+        if previous is None or previous.with_running != with_running
+        else _sound_readings(previous, backlog.at_s, tokens_per_request)
     )
     growth_tps = 0.0
     if readings and readings[-1][0] == backlog.at_s:
         # The same scrape again: keep the older readings' times.
-        backlog = Backlog(*readings[-1], tuple(readings[:-1]))
+        backlog = Backlog(*readings[-1], tuple(readings[:-1]), with_running)
     elif readings:
         # The served rate is the window's average, so the queue's growth is read over
         # the same window: from the reading nearest its start. Read over one cycle
@@ -304,15 +334,16 @@ def role_demand(
         at_s, tokens = window_start_reading(readings, backlog.at_s)
         growth_tps = (backlog.tokens - tokens) / (backlog.at_s - at_s)
         kept = tuple(r for r in readings if r[0] >= backlog.at_s - BACKLOG_MEMORY_S)
-        backlog = Backlog(backlog.at_s, backlog.tokens, kept)
+        backlog = Backlog(backlog.at_s, backlog.tokens, kept, with_running)
     arriving = max(0.0, served_tps + growth_tps)
-    drain = backlog.tokens / DRAIN_S
+    drain = waiting_tokens / DRAIN_S
     note = None
     # Say so when the queue moves the demand by more than a percent (a real engine's
     # queue flickers by a few requests every scrape).
     if max(abs(growth_tps), drain) > 0.01 * max(served_tps, 1.0):
+        grown = "work growth (queued and running)" if with_running else "queue growth"
         note = (
-            f"{role}: {served_tps:.0f} tokens/s served {growth_tps:+.0f} queue growth = "
+            f"{role}: {served_tps:.0f} tokens/s served {growth_tps:+.0f} {grown} = "
             f"{arriving:.0f} arriving; {queue.value:.0f} queued: +{drain:.0f} to drain "
             f"in {DRAIN_S:.0f} s"
         )
@@ -696,12 +727,26 @@ def plan_decide(
 
     # 1 (continued). Demand: what was served plus what queued up.
     means = (None, None) if mix is None else (mix.prompt_mean_tokens, mix.output_mean_tokens)
-    prefill_in, decode_in = (
-        role_demand(role, served, queue, mean, backlog, now_s, n.metric_max_age_s)
-        for role, served, queue, mean, backlog in (
-            ("prefill", prefill_tps, metrics.prefill_queue, means[0], memory.prefill_backlog),
-            ("decode", decode_tps, metrics.decode_queue, means[1], memory.decode_backlog),
-        )
+    prefill_in = role_demand(
+        "prefill",
+        prefill_tps,
+        metrics.prefill_queue,
+        means[0],
+        memory.prefill_backlog,
+        now_s,
+        n.metric_max_age_s,
+    )
+    # Prefill's running requests finish within a pass: its queue is its work.
+    decode_in = role_demand(
+        "decode",
+        decode_tps,
+        metrics.decode_queue,
+        means[1],
+        memory.decode_backlog,
+        now_s,
+        n.metric_max_age_s,
+        metrics.decode_running,
+        None if mix is None else mix.running_output_tokens,
     )
     if mix is not None and mix.prompt_mean_tokens > 0:
         decode_in = decode_follows_prefill(

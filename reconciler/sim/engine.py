@@ -1655,6 +1655,14 @@ class ServiceSim:
         last = int(rows[-1]) if len(rows) else end - 1
         out["prefill_queue"] = float(s.col("queue_requests")[last])
         out["decode_queue"] = float(s.col("admit_queue")[last])
+        # Requests decoding (vllm:num_requests_running summed over decode): the last
+        # sample's sequences alive in every generation of every pool.
+        rows_last = np.array([last])
+        out["decode_running"] = float(
+            sum(
+                self._slot_block("alive", q, rows_last).sum() for q in range(len(self.decode_pools))
+            )
+        )
         return out
 
     def window_detail(

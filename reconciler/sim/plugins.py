@@ -98,6 +98,7 @@ class PlannerObservation:
     decode_kv_usage: float | None  # fraction in [0, 1] of decode KV-cache capacity in use
     prefill_queue: float | None  # requests waiting for prefill (the last scrape)
     decode_queue: float | None  # prefilled requests waiting for a decode slot
+    decode_running: float | None  # requests decoding (admitted, not finished)
     prefill_ready: int  # prefill instances serving
     decode_ready: int  # decode instances serving
     prefill_starting: int  # prefill instances created, still loading the model
@@ -139,6 +140,7 @@ def observe(
         decode_kv_usage=_value(metrics.decode_kv_usage),
         prefill_queue=_value(metrics.prefill_queue),
         decode_queue=_value(metrics.decode_queue),
+        decode_running=_value(metrics.decode_running),
         prefill_ready=fleet.prefill.ready,
         decode_ready=fleet.decode.ready,
         prefill_starting=fleet.prefill.starting,

@@ -146,6 +146,7 @@ DECODE = InstanceLoad(
     prompt_lengths=PROMPTS,
     output_lengths=OUTPUTS,
     waiting_requests=2.0,
+    running_requests=24.0,
 )
 
 
@@ -211,6 +212,7 @@ FLEET_DECODE = InstanceLoad(
     sm_active=0.6,
     output_lengths=OUTPUTS,
     waiting_requests=0.0,
+    running_requests=12.0,
 )
 FLEET_PREFILL = InstanceLoad(
     prompt_tps=400.0,
@@ -868,6 +870,8 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         waiting = [load.waiting_requests for load in loads if load.waiting_requests is not None]
         return sum(waiting) if waiting else None
 
+    running = [load.running_requests for load in decode if load.running_requests is not None]
+
     return {
         "prefill_tps": sum(load.prompt_tps - load.cached_prompt_tps for load in prefill)
         if prefill
@@ -883,6 +887,7 @@ def expected_metrics(scenario: Scenario, quantile: float) -> dict[str, float | N
         "prefill_queue": queue(prefill),
         "decode_queue": queue(decode),
         "tbt_mean": mean_ms([(load.generation_tps, load.tbt) for load in decode]),
+        "decode_running": sum(running) if running else None,
     }
 
 

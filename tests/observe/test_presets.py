@@ -52,6 +52,7 @@ class TestPresetCoverage:
             "decode_tps",
             "prefill_queue",
             "decode_queue",
+            "decode_running",
         }
 
     def test_every_signal_is_read_from_a_role(self) -> None:
@@ -116,6 +117,13 @@ class TestVllmQueries:
             )
             assert "avg" not in q and "rate(" not in q  # the latest sample, summed
         assert "sglang:num_queue_reqs" in _query("sglang", "prefill_queue")
+
+    def test_decode_running_sums_the_running_requests_of_decode(self) -> None:
+        assert _query("vllm", "decode_running") == (
+            'sum by (service, role) (vllm:num_requests_running{role="decode"} * 1'
+            ' or vllm_num_requests_running{role="decode"} * 1)'
+        )
+        assert "sglang:num_running_reqs" in _query("sglang", "decode_running")
 
     def test_kv_usage_prefers_the_v1_gauge(self) -> None:
         q = _query("vllm", "decode_kv_usage")

@@ -328,12 +328,12 @@ def test_a_failing_mix_query_leaves_only_the_mix_missing(fake_prometheus: StartF
 
 def test_a_mix_timing_out_under_concurrency_fails_nothing_else(fake_prometheus: StartFake) -> None:
     """All requests in flight at once; the histograms' time out, the rest answer. (The
-    timeout leaves a loaded two-core machine time to accept fourteen connections; the
+    timeout leaves a loaded two-core machine time to accept fifteen connections; the
     histograms' answer comes well after it.)"""
     slow = Reply(delay_s=4.0)
     ok = Reply(body=_every_role_answers(7.0, 1000.0))
     server = fake_prometheus([ok], route=lambda promql: slow if "vllm:request_" in promql else ok)
-    source = _source(server.url, timeout_s=1.5, retries=0, max_concurrency=14)
+    source = _source(server.url, timeout_s=1.5, retries=0, max_concurrency=15)
     try:
         metrics = source.fetch([make_policy("a")], 1000.0)["a"]
     finally:

@@ -133,7 +133,7 @@ def test_hundred_services_take_one_http_request_per_signal(
     prometheus_stack: PrometheusStack, counting_proxy: Callable[[str], CountingProxy]
 ) -> None:
     """100 services (vLLM and SGLang, three quantiles, five overrides) in one cycle:
-    fourteen HTTP requests (twelve signals, two request-mix histograms), counted
+    fifteen HTTP requests (thirteen signals, two request-mix histograms), counted
     independently by a loopback proxy."""
     proxy = counting_proxy(prometheus_stack.url)
     policies = fleet_policies()
@@ -142,7 +142,7 @@ def test_hundred_services_take_one_http_request_per_signal(
         metrics = source.fetch(policies, now_s)
         report = source.last_report
     assert report is not None
-    assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 14
+    assert proxy.count == report.http_requests == REQUESTS_PER_CYCLE == 15
     assert all(path.startswith("/api/v1/query?") for path in proxy.paths)
     for policy in policies:
         decode_tps = metrics[policy.name].decode_tps

@@ -675,6 +675,78 @@ def test_a_damaged_earlier_reading_is_dropped_not_read() -> None:
         assert first.arriving_tps == 100_000.0 and first.backlog == Backlog(60.0, 0.0)
 
 
+def _decode_demand(
+    served_tps: float, waiting: float, running: float | None, previous: Backlog | None, at_s: float
+) -> RoleDemand:
+    """Decode's demand with ``waiting`` and ``running`` requests read at ``at_s``: 800
+    output tokens each while waiting, 400 still to generate each while running."""
+    return role_demand(
+        "decode",
+        served_tps,
+        Sample(waiting, at_s),
+        800.0,
+        previous,
+        at_s,
+        60.0,
+        None if running is None else Sample(running, at_s),
+        400.0,
+    )
+
+
+def test_decodes_demand_is_what_it_served_plus_the_growth_of_all_its_work() -> None:
+    """Decode overloaded, then scaled out: its 2,000 waiting requests are admitted at
+    once (the queue empties into the batch), and over the next minute the swollen batch
+    drains, serving 45,000 output tokens/s. Its work is what waits (800 tokens a
+    request) and what runs (400 still to generate a request): the queue emptying into
+    the batch is not read as its whole work served, nor the batch's drain as demand.
+    Read from the queue alone, the first read as nothing arriving and the second as
+    45,000 tokens/s arriving: the phantom peak that held decode at twice its size for
+    an hour after outputs grew 4x."""
+    readings = [  # (at s, served tokens/s, waiting, running)
+        (0.0, 25_000.0, 2_000.0, 1_000.0),
+        (30.0, 25_000.0, 0.0, 3_000.0),
+        (60.0, 25_000.0, 0.0, 3_000.0),
+        (90.0, 45_000.0, 0.0, 2_000.0),
+        (120.0, 45_000.0, 0.0, 1_000.0),
+    ]
+    with_batch: list[float] = []
+    queue_alone: list[float] = []
+    kept: Backlog | None = None
+    alone: Backlog | None = None
+    for at_s, served_tps, waiting, running in readings:
+        demand = _decode_demand(served_tps, waiting, running, kept, at_s)
+        kept = demand.backlog
+        with_batch.append(demand.arriving_tps)
+        demand_alone = _decode_demand(served_tps, waiting, None, alone, at_s)
+        alone = demand_alone.backlog
+        queue_alone.append(demand_alone.arriving_tps)
+    # Each over the window the served rate averages: from the reading at its start.
+    work = [w * 800.0 + r * 400.0 for _, _, w, r in readings]
+    assert with_batch[2:] == pytest.approx(
+        [
+            25_000.0 + (work[2] - work[0]) / 60.0,  # 11,667: the queue's work went on
+            45_000.0 + (work[3] - work[1]) / 60.0,  # 38,333
+            45_000.0 + (work[4] - work[2]) / 60.0,  # 31,667
+        ]
+    )
+    assert queue_alone[2:] == [0.0, 45_000.0, 45_000.0]
+    # Only the queue is drained on top: the running work is being served.
+    first = _decode_demand(25_000.0, 2_000.0, 1_000.0, None, 0.0)
+    assert first.drain_tps == pytest.approx(2_000 * 800.0 / DRAIN_S)
+
+
+def test_decodes_work_with_and_without_its_running_requests_is_not_compared() -> None:
+    """A running-request reading that comes or goes between two cycles (a scrape that
+    missed it) would read the whole batch's work as arrived or served: the reading is
+    taken as the first of its kind instead."""
+    with_running = _decode_demand(25_000.0, 0.0, 3_000.0, None, 0.0)
+    assert with_running.backlog is not None and with_running.backlog.with_running
+    for running, previous in ((None, with_running.backlog), (3_000.0, Backlog(0.0, 0.0))):
+        demand = _decode_demand(25_000.0, 0.0, running, previous, 60.0)
+        assert demand.arriving_tps == 25_000.0
+        assert demand.backlog is not None and demand.backlog.earlier == ()
+
+
 def test_without_a_usable_queue_the_served_rate_stands_in() -> None:
     for queue, tokens in (
         (None, 1000.0),

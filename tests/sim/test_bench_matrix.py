@@ -292,3 +292,34 @@ def test_the_least_headroom_what_if_sets_every_policys_floor(bench: ModuleType) 
     changed = bench.with_min_headroom(state, 0.8)
     assert {p.scaling.min_headroom for p in changed.policies.values()} == {0.8}
     assert {p.scaling.min_headroom for p in state.policies.values()} == {0.1}
+
+
+def test_the_mix_shift_cell_grows_every_output_at_its_time_under_a_steady_load(
+    bench: ModuleType,
+) -> None:
+    """``chat-outputs-4x``: chat at a steady rate, every output ``OUTPUT_GROWTH`` times
+    longer from ``OUTPUT_GROWTH_AT_S``; the request rate does not move."""
+    from reconciler.desired import load_desired_state
+    from reconciler.sim.engine import SimConfig
+
+    cell = next(
+        c for c in bench.all_cells(["chat"]) if c.name == f"chat-outputs-{bench.OUTPUT_GROWTH:g}x"
+    )
+    assert cell.steady_rps == bench.STEADY_RPS and cell.warmup_seed is None
+    short = bench.Cell("short", "chat", None, None, 1.0, 3, steady_rps=5.0)
+    profile = bench.cell_load(short, load_desired_state(bench.REPO), SimConfig())
+    at = int(bench.OUTPUT_GROWTH_AT_S)
+    before, after = slice(0, at), slice(at, profile.horizon_s)
+
+    def per_request(values: Any, seconds: slice) -> float:
+        return float(values[seconds].sum() / profile.count[seconds].sum())
+
+    assert per_request(profile.output_sum, after) == pytest.approx(
+        bench.OUTPUT_GROWTH * per_request(profile.output_sum, before), rel=0.1
+    )
+    assert per_request(profile.prompt_sum, after) == pytest.approx(
+        per_request(profile.prompt_sum, before), rel=0.1
+    )
+    rate_before = profile.count[before].sum() / at
+    rate_after = profile.count[after].sum() / (profile.horizon_s - at)
+    assert rate_before == pytest.approx(5.0, rel=0.1) and rate_after == pytest.approx(5.0, rel=0.1)

@@ -163,6 +163,7 @@ def test_window_metrics_report_all_signals(state: DesiredState) -> None:
         "prefill_queue",
         "decode_queue",
         "tbt_mean",
+        "decode_running",
     }
     assert set(metrics) == set(METRIC_NAMES)
     assert all(v is not None and v >= 0 for v in metrics.values())

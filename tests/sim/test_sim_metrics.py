@@ -269,6 +269,26 @@ def test_queues_are_the_last_scraped_sample_and_grow_under_overload(
     assert max(served[2:]) == pytest.approx(min(served[2:]), rel=0.05)
 
 
+def test_decode_running_is_the_last_scraped_batch_and_keeps_littles_law(
+    state: DesiredState,
+) -> None:
+    """``sum(vllm:num_requests_running)`` on decode: the sequences alive in every decode
+    generation in the second before the scrape. In steady state every one of them
+    emits a token a step, so the generated tokens/s are the running requests over the
+    mean inter-token gap (Little's law), within the window's noise."""
+    fleet = _fleet(state)
+    metrics = _read(fleet, 254.0)
+    sim = fleet.sims[SERVICE]
+    alive = sum(
+        float(sim._slot_block("alive", q, np.array([239])).sum())
+        for q in range(len(sim.decode_pools))
+    )
+    assert metrics.decode_running is not None and metrics.decode_running.value == alive > 0
+    assert metrics.decode_tps is not None and metrics.tbt_mean is not None
+    littles_law = metrics.decode_running.value / (metrics.tbt_mean.value / 1000.0)
+    assert littles_law == pytest.approx(metrics.decode_tps.value, rel=0.15)
+
+
 def _with_max_age(policy: ServicePolicy, max_age_s: float) -> ServicePolicy:
     """``policy`` for the paper policy's ``decide`` (its hand-set targets) with the given
     ``metric_max_age_s``."""
