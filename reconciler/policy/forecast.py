@@ -29,8 +29,9 @@ The method, and where its numbers come from:
 - **Headroom**: every update files the forecast for each tracked horizon; when a
   later sample arrives at its due time the relative error ``(actual - forecast) /
   forecast`` is kept (the last ``error_window_s`` worth). The headroom at a horizon is
-  the ``error_quantile`` (0.95) of those errors, at least ``min_headroom``: a bursty
-  series under-forecasts more often and by more, and carries more headroom.
+  the bound those errors give the next one at ``error_quantile`` (``prediction_bound``;
+  the planner sets the attainment goal), at least ``min_headroom``: a bursty series
+  under-forecasts more often and by more, and carries more headroom.
 - **Too little history**: with samples spanning less than ``window_s`` (5 minutes)
   :func:`forecast` returns ``None``; the caller sizes for the current demand plus
   ``min_headroom``.
@@ -152,27 +153,6 @@ class Forecast:
     @property
     def with_headroom(self) -> float:
         return self.demand * (1.0 + self.headroom)
-
-
-def quantile_linear(values: tuple[float, ...], q: float) -> float:
-    """``float(np.quantile(values, q))`` (its default, linear interpolation), bit for
-    bit, in plain Python: numpy's call costs ~70 us on the few hundred errors a
-    headroom reads, four times a decision. The same steps as numpy's: the virtual
-    index ``(n - 1) q``, the neighbours around it in sorted order, and its ``_lerp``
-    (from the upper neighbour when ``gamma >= 0.5``); NaN when any value is NaN."""
-    if any(map(math.isnan, values)):
-        return math.nan
-    ordered = sorted(values)
-    virtual = (len(ordered) - 1) * q
-    if virtual >= len(ordered) - 1:
-        return float(ordered[-1])
-    if virtual < 0:
-        return float(ordered[0])
-    below = math.floor(virtual)
-    gamma = virtual - below
-    low, high = ordered[below], ordered[below + 1]
-    step = high - low
-    return float(high - step * (1 - gamma) if gamma >= 0.5 else low + step * gamma)
 
 
 def prediction_bound(values: tuple[float, ...], q: float) -> float:
@@ -434,9 +414,10 @@ def _config_if_history(
 def headroom(
     state: ForecastState, horizon_s: float, config: ForecastConfig | None = None
 ) -> tuple[float, int]:
-    """(headroom fraction, errors behind it) at ``horizon_s``: the ``error_quantile`` of
-    the recent relative errors of the tracked horizon nearest at or above it (the
-    largest if none is), at least ``min_headroom``."""
+    """(headroom fraction, errors behind it) at ``horizon_s``: the bound at
+    ``error_quantile`` (``prediction_bound``, as the planner reads the capacity it
+    kept) of the recent relative errors of the tracked horizon nearest at or above it
+    (the largest if none is), at least ``min_headroom``."""
     config = config or ForecastConfig()
     if not state.errors:
         return config.min_headroom, 0
@@ -446,7 +427,7 @@ def headroom(
     recent = state.errors[index] if index < len(state.errors) else ()
     if not recent:
         return config.min_headroom, 0
-    upper = quantile_linear(recent, config.error_quantile)
+    upper = prediction_bound(recent, config.error_quantile)
     return max(upper, config.min_headroom), len(recent)
 
 

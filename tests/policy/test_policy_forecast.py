@@ -18,7 +18,6 @@ from reconciler.policy.forecast import (
     forecast,
     headroom,
     prediction_bound,
-    quantile_linear,
     readable,
     sizing_demand,
     stays_below,
@@ -230,19 +229,6 @@ def test_what_is_sized_for_never_falls_below_the_latest_sample() -> None:
 # --------------------------------------------------------------------------- exactness
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    values=st.lists(
-        st.floats(-10, 10, allow_nan=False) | st.sampled_from([0.0, 0.5, -0.25]),
-        min_size=1,
-        max_size=130,
-    ),
-    q=st.sampled_from([0.0, 0.5, 0.9, 0.95, 0.99, 1.0]) | st.floats(0, 1),
-)
-def test_the_headroom_quantile_is_numpys_bit_for_bit(values: list[float], q: float) -> None:
-    assert quantile_linear(tuple(values), q) == float(np.quantile(np.asarray(values), q))
-
-
 # --------------------------------------------------------------------------- bounds
 
 
@@ -264,7 +250,7 @@ def test_the_prediction_bound_covers_the_next_value_at_the_goal_where_a_quantile
     n = values_for_bound(q, 10_000)
     assert n == 199
     assert _coverage(lambda v: prediction_bound(tuple(v), q), n) >= q - 0.001
-    assert _coverage(lambda v: quantile_linear(tuple(v), q), 120) == pytest.approx(
+    assert _coverage(lambda v: float(np.quantile(v, q)), 120) == pytest.approx(
         (1 + 119 * q) / 121, abs=0.002
     )
 
@@ -291,7 +277,7 @@ def test_the_prediction_bound_is_one_of_the_values_at_least_their_quantile(
     bound = prediction_bound(tuple(values), q)
     rank = min(len(values), math.ceil((len(values) + 1) * q - 1e-9))
     assert bound == sorted(values)[rank - 1]
-    assert bound >= quantile_linear(tuple(values), q) - 1e-12
+    assert bound >= float(np.quantile(np.asarray(values), q)) - 1e-12
     assert math.isnan(prediction_bound((*values, math.nan), q))
 
 
