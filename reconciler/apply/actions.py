@@ -37,7 +37,8 @@ from reconciler.observe.kubernetes import (
     moved_away,
 )
 from reconciler.policy.base import UNSIZED_REASONS, Decision
-from reconciler.state import DeploymentGroup
+from reconciler.policy.coordinated import scale_in_floor
+from reconciler.state import ROLES, DeploymentGroup
 
 Action = Literal["create", "update", "delete", "keep", "unchanged"]
 
@@ -169,12 +170,14 @@ def plan_workloads(
     unplaced: Mapping[str, str] | None = None,
     cluster: ClusterSpec | None = None,
     unsized: Mapping[str, str] | None = None,
+    scale_in: Mapping[str, ScaleInWindow] | None = None,
 ) -> tuple[WorkloadWork, ...]:
     """Every workload's action this cycle, capacity-adding ones first. ``unplaced``:
     the services placement could not give all they asked for, and what is missing;
     ``cluster``: the cluster file, whose switches tell what a move left behind;
     ``unsized``: the services whose size this cycle was held, not sized, and why
-    (``unsized_services``)."""
+    (``unsized_services``); ``scale_in``: what each sized service's scale-in window
+    allows this cycle (``scale_in_windows``)."""
     kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
     drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
@@ -244,7 +247,7 @@ def plan_workloads(
         )
 
     work = _hold_unschedulable(work, snapshot)
-    work = _hold_moves(work, policies, cluster, unplaced or {}, unsized or {})
+    work = _hold_moves(work, policies, cluster, unplaced or {}, unsized or {}, scale_in or {})
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -325,19 +328,24 @@ def _hold_moves(
     cluster: ClusterSpec | None,
     unplaced: Mapping[str, str],
     unsized: Mapping[str, str],
+    scale_in: Mapping[str, ScaleInWindow],
 ) -> list[WorkloadWork]:
     """Make before break: ``work`` with every removal of a Deployment a move left
     behind (``left_by_move``: the policy now deploys to another namespace, or the
     group's switch is gone from the cluster file) kept while any Deployment of the
     service that this plan writes is not yet serving (``not_yet_serving``); or, while
     the groups hold fewer instances of a role than the service ran before the move
-    (``_smaller_than_left_behind``), placement could not place all the service asks
+    (``_short_of_left_behind``), placement could not place all the service asks
     for (``unplaced``: the leftovers hold GPUs, so there may be no room for a second
-    copy until they go) or the service's size was held this cycle, not sized
+    copy until they go), the service's size was held this cycle, not sized
     (``unsized``: metrics missing, a failed decision, a drift hold: its groups, which
-    leave the leftovers out, are then only what the new copy happens to hold); so the
-    service never runs on fewer instances than before the move. Once all is sized,
-    placed and serving, a later cycle prunes the leftover as before.
+    leave the leftovers out, are then only what the new copy happens to hold), or its
+    scale-in window would not yet have allowed it that few (``scale_in``: pruning the
+    leftover takes the service from what it ran to its groups, a scale-in of its
+    capacity like any other, so it waits for the same window the decision's own
+    scale-in waits for); so the service never runs on fewer instances than before the
+    move sooner than its policy would have let it. Once all is sized, placed, serving
+    and allowed by the window, a later cycle prunes the leftover as before.
 
     A replacement that never becomes ready (an image that does not pull) or cannot be
     placed (no capacity for it beside the leftover) keeps the leftover indefinitely:
@@ -352,7 +360,9 @@ def _hold_moves(
     sees them, keeps them or places into them (it only holds their GPUs:
     ``left_behind``). Next cycle the service's capacity is its new Deployments alone,
     exactly as this cycle planned it, and the leftover is again only something to
-    prune.
+    prune. The window's hold ends by itself: the recommendations that held it age out
+    of the window, and those made since (the decision's, of the groups' size) do not
+    hold it.
 
     Not held: a service removed from the policies (not a move: its groups are kept or
     pruned by the prune setting), and scale-in by placement (a group it empties is
@@ -362,24 +372,31 @@ def _hold_moves(
         why = not_yet_serving(w)
         if why is not None:
             waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
-    # A shortfall or a held size matters only while the groups hold less than the
-    # service ran before the move: once the new copy is as large, the leftovers' GPUs
-    # are what a shortfall lacks, and keeping them for one unrelated to the move kept
-    # them forever.
-    smaller = _smaller_than_left_behind(work, policies, cluster) if unplaced or unsized else {}
-    for service, short in sorted(smaller.items()):
+    # A shortfall, a held size or the window matter only while the groups hold less
+    # than the service ran before the move: once the new copy is as large, the
+    # leftovers' GPUs are what a shortfall lacks, and keeping them for one unrelated to
+    # the move kept them forever.
+    short = (
+        _short_of_left_behind(work, policies, cluster) if unplaced or unsized or scale_in else {}
+    )
+    for service, roles in sorted(short.items()):
+        text = _short_text(roles)
         missing = unplaced.get(service)
         if missing is not None:
             waiting.setdefault(
-                service, f"kept while its replacement is not all placed ({missing}; {short})"
+                service, f"kept while its replacement is not all placed ({missing}; {text})"
             )
         why = unsized.get(service)
         if why is not None:
             waiting.setdefault(
                 service,
                 f"kept while the service's size is held, not sized ({why}), and its groups "
-                f"hold fewer than the service ran before the move ({short})",
+                f"hold fewer than the service ran before the move ({text})",
             )
+        window = scale_in.get(service)
+        held = window.holds(roles) if window is not None else None
+        if held is not None:
+            waiting.setdefault(service, held)
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -396,13 +413,77 @@ def _hold_moves(
     return out
 
 
-def _smaller_than_left_behind(
+# Per role: (what the groups hold after this plan, what the service ran before the move).
+RoleShort = dict[str, tuple[int, int]]
+
+
+def _short_text(roles: RoleShort) -> str:
+    """Per role, the groups' instances of what the service ran before the move:
+    "decode 1 of 12, prefill 1 of 6"."""
+    return ", ".join(f"{role} {groups} of {ran}" for role, (groups, ran) in sorted(roles.items()))
+
+
+@dataclass(frozen=True)
+class ScaleInWindow:
+    """What one service's scale-in window allows this cycle: ``floor``, the fewest
+    instances per role (prefill, decode) it may run (``coordinated.scale_in_floor``),
+    or None while its history does not cover the window (no scale-in at all)."""
+
+    window_s: float
+    floor: tuple[int, int] | None
+
+    def holds(self, roles: RoleShort) -> str | None:
+        """Why the leftovers of a service whose groups are ``roles`` short of what it
+        ran before the move must stay (the window allows it no fewer than its groups
+        would leave), or None once the window allows the groups' size."""
+        if self.floor is None:
+            return (
+                f"kept while its history does not cover the {self.window_s:g} s scale-in "
+                f"window, and its groups hold fewer than the service ran before the move "
+                f"({_short_text(roles)})"
+            )
+        above: list[str] = []
+        for role, (groups, ran) in sorted(roles.items()):
+            allowed = min(ran, self.floor[ROLES.index(role)])
+            if groups < allowed:
+                above.append(f"{role} {groups} of {ran}, the window allows no fewer than {allowed}")
+        if not above:
+            return None
+        return (
+            f"kept while its {self.window_s:g} s scale-in window allows the service no fewer "
+            f"instances than its groups would leave it ({'; '.join(above)})"
+        )
+
+
+def scale_in_windows(
+    decisions: Mapping[str, Decision], policies: Mapping[str, ServicePolicy]
+) -> dict[str, ScaleInWindow]:
+    """Per sized service, what its policy's scale-in window allows this cycle, read
+    from its decision's history of recommendations (the window is the policy's
+    ``scaling.scale_in_window_s``, the one the planner and the paper's policy obey).
+    A baseline's history is its own window's and never reaches back past it: it is
+    taken as it is, as the HPA itself takes it. Services held rather than sized
+    (``UNSIZED_REASONS``) are left out (``unsized_services`` holds theirs), and so are
+    decisions that remember no recommendation (nothing says what the window held)."""
+    out: dict[str, ScaleInWindow] = {}
+    for service, decision in decisions.items():
+        policy = policies.get(service)
+        history = decision.history.recommendations
+        if policy is None or decision.reason in UNSIZED_REASONS or not history:
+            continue
+        window_s = policy.scaling.scale_in_window_s
+        floor = scale_in_floor(history, window_s, needs_cover=decision.reason != "baseline")
+        out[service] = ScaleInWindow(window_s, floor)
+    return out
+
+
+def _short_of_left_behind(
     work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
-) -> dict[str, str]:
+) -> dict[str, RoleShort]:
     """Per service with Deployments a move left behind, the roles whose groups this
-    plan sizes below what the service ran before the move ("prefill 1 of 6": replicas,
-    ready or still starting): a size held rather than sized is the groups' own, which
-    may be the minimum a new copy started at.
+    plan sizes below what the service ran before the move, as (groups, ran) replicas,
+    ready or still starting ("prefill 1 of 6"): a size held rather than sized is the
+    groups' own, which may be the minimum a new copy started at.
 
     Before a namespace move the service ran what the move left behind: the groups
     are a second copy of it. A group whose switch is gone from the cluster file is
@@ -450,11 +531,11 @@ def _smaller_than_left_behind(
             before[(w.service, w.role)] += w.live.replicas
     for key, by_namespace in copies.items():
         before[key] += max(by_namespace.values())
-    out: dict[str, list[str]] = defaultdict(list)
+    out: dict[str, RoleShort] = defaultdict(dict)
     for (service, role), ran in sorted(before.items()):
         if ran and groups[(service, role)] < ran:
-            out[service].append(f"{role} {groups[(service, role)]} of {ran}")
-    return {service: ", ".join(parts) for service, parts in out.items()}
+            out[service][role] = (groups[(service, role)], ran)
+    return dict(out)
 
 
 # A cycle's creates are stamped within a few seconds of each other (whole seconds, and

@@ -61,6 +61,7 @@ from reconciler.apply.actions import (
     manually_drained,
     plan_workloads,
     provably_unchanged,
+    scale_in_windows,
     unsized_services,
 )
 from reconciler.apply.fields import FieldChange, client_side_changes, field_changes
@@ -280,6 +281,7 @@ class KubernetesBackend:
             unplaced=unplaced_by_service(plan),
             cluster=cluster,
             unsized=unsized_services(plan.held, plan.decisions),
+            scale_in=scale_in_windows(plan.decisions, policies),
         )
 
     # -------------------------------------------------------------------- diff

@@ -367,6 +367,34 @@ def _window_extreme(
     return (max(values) if highest else min(values)), covered, in_window[0].at_s
 
 
+def scale_in_floor(
+    recommendations: tuple[Recommendation, ...], window_s: float, *, needs_cover: bool = True
+) -> tuple[int, int] | None:
+    """The fewest instances of each role (prefill, decode) the scale-in window lets a
+    service run at its last recommendation's instant: the highest recommendation in
+    force over the window, that last one included (``recommendations`` as a decision
+    leaves them in its history, this cycle's last), as ``stabilise`` takes it. With no
+    window, the last recommendation alone.
+
+    None when the history does not reach back to the window's start and
+    ``needs_cover``: ``stabilise`` then holds every scale-in (after a restart the
+    policy first has to see a whole window), so no fewer than run may run. Without
+    ``needs_cover`` (an autoscaler whose memory is only its own window, as the HPA's)
+    the recommendations there are all it goes by. Pure: time is the history's."""
+    if not recommendations:
+        return None if needs_cover else (0, 0)
+    now_s = recommendations[-1].at_s
+    floor = [0, 0]
+    for ri in (0, 1):
+        highest, covered, _oldest = _window_extreme(
+            recommendations, now_s, window_s, ri, highest=True
+        )
+        if not covered and needs_cover:
+            return None
+        floor[ri] = _ROLE_VALUE[ri](recommendations[-1]) if highest is None else highest
+    return floor[0], floor[1]
+
+
 def _trim_recommendations(
     history: tuple[Recommendation, ...], now_s: float, horizon_s: float
 ) -> tuple[Recommendation, ...]:
@@ -971,4 +999,5 @@ __all__ = [
     "decide_many",
     "policy_numbers",
     "sample_problem",
+    "scale_in_floor",
 ]

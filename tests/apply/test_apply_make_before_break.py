@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from reconciler.apply.actions import (
+    ScaleInWindow,
     WorkloadWork,
     effective_manifest,
     not_yet_serving,
     plan_workloads,
+    scale_in_windows,
     unsized_services,
 )
 from reconciler.apply.render import ObjectKey, render_groups
@@ -44,7 +46,7 @@ from reconciler.observe.kubernetes import (
 from reconciler.placement.base import PlacementRequest, PlacementResult, UngroupedInstances
 from reconciler.placement.greedy import GreedyPlacer
 from reconciler.policy import make_autoscaler
-from reconciler.policy.base import Decision, DecisionInput
+from reconciler.policy.base import Decision, DecisionInput, PolicyHistory, Recommendation
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,10 +155,12 @@ def plan(
     unplaced: dict[str, str] | None = None,
     unsized: dict[str, str] | None = None,
     pods: tuple[LivePod, ...] = (),
+    scale_in: dict[str, ScaleInWindow] | None = None,
 ) -> dict[str, WorkloadWork]:
     """This cycle's work under ``state`` for ``groups`` against the live ``deployments``
     and ``pods`` (``unplaced``: the placement's shortfalls by service; ``unsized``: the
-    services whose size was held, not sized), at 100 s with a 60 s window."""
+    services whose size was held, not sized; ``scale_in``: what each service's scale-in
+    window allows), at 100 s with a 60 s window."""
     snapshot = ClusterSnapshot(
         CLUSTER, {d.key: d for found in deployments for d in found.values()}, pods, (), 0.0
     )
@@ -178,6 +182,7 @@ def plan(
         unplaced=unplaced,
         cluster=state.clusters[CLUSTER],
         unsized=unsized,
+        scale_in=scale_in,
     )
     return {str(w.key): w for w in work}
 
@@ -748,3 +753,111 @@ def test_after_two_moves_in_a_row_the_copies_left_behind_are_not_summed(
     serving = live(third, [grp("chat", "a", 6, 12)])
     done = plan(third, [grp("chat", "a", 6, 12)], first, second, serving, unsized={"chat": "held"})
     assert {done[key].action for key in [*first, *second]} == {"delete"}
+
+
+def sized(prefill: int, decode: int, *recommendations: tuple[float, int, int]) -> Decision:
+    """chat's sized decision of ``prefill`` and ``decode``, its history holding
+    ``recommendations`` (at_s, prefill, decode), this cycle's last."""
+    history = PolicyHistory(recommendations=tuple(Recommendation(*r) for r in recommendations))
+    return Decision("chat", prefill, decode, "within_tolerance", "sized", history=history)
+
+
+@pytest.mark.fault
+def test_half_of_a_service_on_a_gone_switch_waits_for_the_scale_in_window_when_sized(
+    before: DesiredState, renamed: DesiredState
+) -> None:
+    """chat ran 6 prefill and 12 decode under pod-a and as many under pod-d; pod-a is
+    gone from the cluster file and a sized decision finds pod-d's half alone covers the
+    demand. Pruning pod-a's half is a scale-in of chat from 12 and 24 to 6 and 12: it
+    was pruned at once, though chat's own scale-in waits for its 600 s window. It is
+    kept until the window would have allowed the smaller size: while a recommendation
+    of the whole service is in force over the window, or the history does not reach
+    back to the window's start."""
+    old = created_at(
+        live(before, [grp("chat", "a", 6, 12), grp("chat", "d", 6, 12, domain="pod-d")]),
+        "2026-12-01T10:00:00Z",
+    )
+    gone = [key for key in old if "chat-a-" in key]
+    staying = [grp("chat", "d", 6, 12, domain="pod-d")]
+    policies = {p.name: p for p in renamed.policies_for(CLUSTER)}
+    assert policies["chat"].scaling.scale_in_window_s == 600
+
+    # The whole service recommended 400 s ago, the half since: within the window.
+    recent = sized(6, 12, (0.0, 12, 24), (400.0, 6, 12), (800.0, 6, 12))
+    work = plan(renamed, staying, old, scale_in=scale_in_windows({"chat": recent}, policies))
+    for key in gone:
+        assert work[key].action == "keep", work[key]
+        assert (
+            work[key]
+            .scale.notes[0]
+            .startswith(
+                "kept while its 600 s scale-in window allows the service no fewer instances "
+                "than its groups would leave it (decode 12 of 24, the window allows no fewer "
+                "than 24; prefill 6 of 12, the window allows no fewer than 12): switch pod-a"
+            )
+        ), work[key].scale.notes
+    # A history shorter than the window: no scale-in yet, the half kept.
+    young = sized(6, 12, (500.0, 6, 12), (800.0, 6, 12))
+    work = plan(renamed, staying, old, scale_in=scale_in_windows({"chat": young}, policies))
+    assert {work[key].action for key in gone} == {"keep"}
+    assert "history does not cover the 600 s scale-in window" in work[gone[0]].scale.notes[0]
+    # Only prefill's whole size still in force: the service waits as a whole.
+    decode_first = sized(6, 12, (100.0, 6, 24), (150.0, 12, 12), (800.0, 6, 12))
+    work = plan(renamed, staying, old, scale_in=scale_in_windows({"chat": decode_first}, policies))
+    assert {work[key].action for key in gone} == {"keep"}
+    assert "(prefill 6 of 12, the window allows no fewer than 12)" in work[gone[0]].scale.notes[0]
+
+    # The whole service's recommendation aged out of the window: pruned, as before.
+    aged = sized(6, 12, (0.0, 12, 24), (150.0, 6, 12), (800.0, 6, 12))
+    work = plan(renamed, staying, old, scale_in=scale_in_windows({"chat": aged}, policies))
+    assert {work[key].action for key in gone} == {"delete"}
+    # Part of it aged out: what the window allows, no more, and no fewer.
+    partly = sized(6, 12, (0.0, 12, 24), (150.0, 9, 18), (800.0, 6, 12))
+    assert scale_in_windows({"chat": partly}, policies)["chat"].floor == (9, 18)
+    work = plan(renamed, staying, old, scale_in=scale_in_windows({"chat": partly}, policies))
+    assert {work[key].action for key in gone} == {"keep"}
+    as_allowed = [grp("chat", "d", 9, 18, domain="pod-d")]
+    grown = created_at(live(renamed, as_allowed), "2026-12-01T10:00:00Z")
+    work = plan(
+        renamed,
+        as_allowed,
+        {k: d for k, d in old.items() if k in gone},
+        grown,
+        scale_in=scale_in_windows({"chat": partly}, policies),
+    )
+    assert {work[key].action for key in gone} == {"delete"}
+
+
+@pytest.mark.fault
+def test_the_scale_in_window_holds_no_leftover_a_held_size_or_a_baseline_does_not(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """The window holds what the decision's scale-in would: a size held rather than
+    sized is no decision's scale-in (``unsized_services`` holds its leftovers), and a
+    baseline remembers only its own window, never one reaching back past it (required,
+    its leftovers were kept forever)."""
+    policies = {p.name: p for p in after.policies_for(CLUSTER)}
+    held = replace(sized(1, 1, (0.0, 6, 12), (700.0, 1, 1)), reason="metrics_missing")
+    assert scale_in_windows({"chat": held}, policies) == {}
+    hpa = replace(sized(1, 1, (500.0, 1, 1), (700.0, 1, 1)), reason="baseline")
+    assert scale_in_windows({"chat": hpa}, policies)["chat"].floor == (1, 1)
+    old = live(before, [grp("chat", "a", 6, 12)])
+    new = live(after, [grp("chat", "a", 1, 1)])
+    work = plan(
+        after,
+        [grp("chat", "a", 1, 1)],
+        old,
+        new,
+        scale_in=scale_in_windows({"chat": hpa}, policies),
+    )
+    assert {work[key].action for key in old} == {"delete"}
+    # A namespace move is a scale-in too when the new copy is smaller than the old one.
+    recent = sized(1, 1, (0.0, 6, 12), (700.0, 1, 1))
+    work = plan(
+        after,
+        [grp("chat", "a", 1, 1)],
+        old,
+        new,
+        scale_in=scale_in_windows({"chat": recent}, policies),
+    )
+    assert {work[key].action for key in old} == {"keep"}

@@ -9,6 +9,7 @@ for a second copy beside the old one, the old one is kept, cycle after cycle."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from reconciler.apply.savedplan import (
 from reconciler.cli import app
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.plan import Plan
+from reconciler.policy.base import Decision, PolicyHistory, Recommendation
 from reconciler.state import DeploymentGroup
 
 pytestmark = [pytest.mark.kubernetes]
@@ -550,3 +552,64 @@ def test_under_per_namespace_rbac_the_namespace_moved_away_from_is_read_too(
         f"{name}/{n}": "delete" for n in old
     }
     wait_for(lambda: not list_deployments(admin, name), what="the old Deployments pruned")
+
+
+@pytest.mark.fault
+def test_half_of_a_service_on_a_renamed_switch_waits_for_the_scale_in_window_when_sized(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The service runs one group under each S2 switch; the H800 switch is renamed and
+    a sized decision finds the H20 half alone covers the demand. Pruning the renamed
+    switch's half takes the service from 2 and 2 to 1 and 1, a scale-in: it waits for
+    the policy's 300 s scale-in window as the decision's own scale-in would (it was
+    pruned at once, once nothing the plan writes was starting), then goes."""
+    name = "mbb-window"
+    client = control_plane.client()
+    state = make_desired_state(tmp_path, name)
+    _edit(
+        tmp_path / "policies" / "svc.yaml",
+        ("gpu_types: {h800: 1.0}", "gpu_types: {h800: 1.0, h20: 1.0}"),
+    )
+    state = load_desired_state(tmp_path)
+    ensure_namespace(client, name)
+    create_nodes(client, state.clusters[name])
+    clock_s = [1_000_000.0]
+    staying = group("svc", name, "b", f"{name}-pb", ("h20", 1), ("h20", 1))
+    gone = group("svc", name, "a", f"{name}-pa", ("h800", 1), ("h800", 1))
+    _Cycles(client, state, name, clock_s).apply([gone, staying])
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
+    on_pa = {n for n in old if n.startswith("svc-a-")}
+    assert len(on_pa) == 2 and len(old) == 4, old
+
+    _rename_switch(client, tmp_path, name, f"{name}-pa", f"{name}-pz")
+    after = _Cycles(client, load_desired_state(tmp_path), name, clock_s)
+    now_s = clock_s[0]
+
+    def sized(*recommendations: tuple[float, int, int]) -> Plan:
+        """This cycle's plan: the staying half, sized, with ``recommendations``
+        (seconds before now, prefill, decode) in its decision's history."""
+        history = PolicyHistory(
+            recommendations=tuple(
+                Recommendation(now_s - ago, p, d) for ago, p, d in recommendations
+            )
+        )
+        decision = Decision("svc", 1, 1, "within_tolerance", "sized", history=history)
+        return replace(after.plan([staying]), decisions={"svc": decision})
+
+    # The whole service recommended 200 s ago: within the window, the half is kept.
+    kept = after.backend.apply_cluster(sized((400.0, 2, 2), (200.0, 1, 1), (0.0, 1, 1)))
+    actions = {o.key: o.action for o in kept.objects}
+    assert {actions[f"{name}/{n}"] for n in on_pa} == {"keep"}, actions
+    text = "\n".join(line for o in kept.objects for line in o.lines())
+    assert "kept while its 300 s scale-in window allows the service no fewer" in text, text
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items()} == old
+
+    # Aged out of the window: pruned.
+    done = after.backend.apply_cluster(sized((400.0, 2, 2), (350.0, 1, 1), (0.0, 1, 1)))
+    actions = {o.key: o.action for o in done.objects}
+    assert {actions[f"{name}/{n}"] for n in on_pa} == {"delete"}, actions
+    wait_for(
+        lambda: set(list_deployments(client, name)) == set(old) - on_pa,
+        what="the renamed switch's half pruned",
+    )
