@@ -171,13 +171,15 @@ def plan_workloads(
     cluster: ClusterSpec | None = None,
     unsized: Mapping[str, str] | None = None,
     scale_in: Mapping[str, ScaleInWindow] | None = None,
+    may_move: bool = False,
 ) -> tuple[WorkloadWork, ...]:
     """Every workload's action this cycle, capacity-adding ones first. ``unplaced``:
     the services placement could not give all they asked for, and what is missing;
     ``cluster``: the cluster file, whose switches tell what a move left behind;
     ``unsized``: the services whose size this cycle was held, not sized, and why
     (``unsized_services``); ``scale_in``: what each sized service's scale-in window
-    allows this cycle (``scale_in_windows``)."""
+    allows this cycle (``scale_in_windows``); ``may_move``: the placement may have
+    moved running instances (``PlacementResult.may_move``: ``_hold_moved``)."""
     kept_groups = {(g.service, g.group_id) for g in groups if g.service not in policies}
     drained: dict[ObjectKey, list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
@@ -248,6 +250,8 @@ def plan_workloads(
 
     work = _hold_unschedulable(work, snapshot)
     work = _hold_moves(work, policies, cluster, unplaced or {}, unsized or {}, scale_in or {})
+    if may_move:
+        work = _hold_moved(work, policies)
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
 
@@ -366,7 +370,8 @@ def _hold_moves(
 
     Not held: a service removed from the policies (not a move: its groups are kept or
     pruned by the prune setting), and scale-in by placement (a group it empties is
-    counted by the fleet, so keeping it would count it twice next cycle)."""
+    counted by the fleet, so keeping it would count it twice next cycle), but for a
+    placement that may move running instances (``_hold_moved``)."""
     waiting: dict[str, str] = {}
     for w in work:
         why = not_yet_serving(w)
@@ -409,6 +414,58 @@ def _hold_moves(
         )
         if until is not None and move is not None:
             w = _kept(w, f"{until}: {move}, and this Deployment serves until those replacing it do")
+        out.append(w)
+    return out
+
+
+def _hold_moved(
+    work: list[WorkloadWork], policies: Mapping[str, ServicePolicy]
+) -> list[WorkloadWork]:
+    """Make before break for the moves of a placement that may move running instances
+    (CP-SAT under ``allow_rebalance``): ``work`` with every removal of a Deployment
+    that serves (ready replicas) kept as it runs while a Deployment of its service
+    that this plan creates, grows or keeps is not yet serving (``not_yet_serving``).
+
+    A move is a removal here and an addition there, the same cycle or, once the
+    removal was held, the next (the placement then only drops the old half): told
+    apart from a scale-in only by what still starts, so any removal of the service
+    waits, as the whole service does for a move left behind (a moved prefill without
+    its decode serves nothing). The placement never puts what it moves on the GPUs
+    of what it moves away from (``reconciler.placement.cpsat``), so the replacement
+    can start while the old instances run; one that never serves keeps them
+    indefinitely, said every cycle, with no capacity lost.
+
+    Why it cannot flip-flop: the kept Deployment is a group like any other, counted
+    by the fleet next cycle (the service then runs both copies, more than its target),
+    and placement drops the old copy again, the cheaper one to lose; it goes once the
+    new one serves. Only what adds or keeps capacity is waited for: a Deployment
+    whose own removal is held never holds another (two rolling out a new template
+    while they shrink held each other forever)."""
+    waiting: dict[str, tuple[ObjectKey, str]] = {}
+    for w in work:
+        if w.service in policies and not w.removes_capacity:
+            why = not_yet_serving(w)
+            if why is not None:
+                waiting.setdefault(w.service, (w.key, why))
+    if not waiting:
+        return work
+    out: list[WorkloadWork] = []
+    for w in work:
+        until = waiting.get(w.service)
+        if (
+            until is not None
+            and w.live is not None
+            and w.removes_capacity
+            and w.live.ready_replicas > 0
+            and not w.refusal
+        ):
+            key, why = until
+            w = _kept(
+                w,
+                f"kept until {key} is ready ({why}): placement may have moved this "
+                "Deployment's instances (allow_rebalance), and it serves until those "
+                "replacing them do",
+            )
         out.append(w)
     return out
 

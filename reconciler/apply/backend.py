@@ -282,6 +282,7 @@ class KubernetesBackend:
             cluster=cluster,
             unsized=unsized_services(plan.held, plan.decisions),
             scale_in=scale_in_windows(plan.decisions, policies),
+            may_move=plan.placement.may_move,
         )
 
     # -------------------------------------------------------------------- diff

@@ -125,6 +125,10 @@ class PlacementResult:
     stats: SolverStats | None = None
     # Added for anchored groups: every instance placed beyond its role's target.
     anchors: tuple[Anchor, ...] = ()
+    # The placer may have moved running instances (CP-SAT under ``allow_rebalance``):
+    # a removal in this layout may be the old half of a move, which apply keeps serving
+    # until what replaces it serves (``reconciler.apply.actions``).
+    may_move: bool = False
 
     def placed(self, service: str, role: Role) -> int:
         """Every instance of the role in the layout, anchors included: with anchors,

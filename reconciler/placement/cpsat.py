@@ -92,8 +92,16 @@ With ``allow_rebalance`` the model also decides how many running instances of ea
 group class to keep (``keep``): kept GPUs pay levels 2 and 3 plus 200 per GPU per class
 rank (free scarce resources first); every GPU not kept pays 500 (a move; the scale-in
 amount is a constant offset), so instances move only to meet targets or to leave a
-subgroup class they do not need. GPUs freed that way are reused in the same cycle (the
-caller accepts that its rollout must delete before it creates for those).
+subgroup class they do not need. GPUs freed that way are *not* reused in the same
+cycle: a move is made before it is broken, so the instances not kept serve on (apply
+holds them, ``PlacementResult.may_move``) until the moved ones serve, and Pods put on
+their GPUs could not start (placed there, the moved instances never served and the old
+ones were held forever). What moves goes to GPUs free now; the freed ones are free to
+placement once the old instances are gone, a later cycle. No flip-flop: next cycle
+both copies run and the target leaves room for one. A GPU moved cost what placing it
+new there costs plus the 500 of the move, less than keeping it where it was; kept
+where it moved to, it costs that placing plus at most 400 (class rank 2 at most): less
+than the old place still, so the old copy is what goes.
 
 Search: never worse than greedy
 -------------------------------
@@ -141,7 +149,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -212,7 +220,6 @@ class _Term:
     size: int
     var: int  # index in the BlockModel
     upper: int
-    slot_counted: bool = True  # False: kept instances (rebalance) in GPU constraints only
 
 
 @dataclass
@@ -291,7 +298,10 @@ class CpSatPlacer:
         options = request.options
         rebalance = options.allow_rebalance
         problem = prepare(request, apply_scale_in=not rebalance)
-        return _Solve(problem, rebalance).run()
+        result = _Solve(problem, rebalance).run()
+        # Under rebalancing any removal may be the old half of a move, the greedy
+        # layout's too (its scale-in may take the old half of an earlier move).
+        return replace(result, may_move=True) if rebalance else result
 
 
 class _Solve:
@@ -316,7 +326,6 @@ class _Solve:
         self.objective_terms: list[tuple[int, int]] = []
         self.objective_offset = 0
         self.notes: list[str] = []
-        self._freed_capacity: dict[tuple[int, int], int] = {}
         self.fragment_vars: list[tuple[int, list[_Term], int]] = []
         self.anchor_vars: list[tuple[int, int]] = []  # (instances, GPUs per instance)
         self.anchor_gates: list[tuple[str, Role, int]] = []  # (service, role, met)
@@ -487,21 +496,11 @@ class _Solve:
                     # Not keeping an instance costs a move: offset + (-W_MOVE) per kept GPU.
                     self.objective_terms.append((keep_cost - rn.gpus_per_instance * W_MOVE, keep))
                     self.objective_offset += rn.gpus_per_instance * W_MOVE * current
-                    if code >= 0:
-                        self.terms.append(
-                            _Term(
-                                region,
-                                code,
-                                rn.gpus_per_instance,
-                                keep,
-                                current,
-                                slot_counted=False,
-                            )
-                        )
-                        self._freed_capacity[(region, code)] = (
-                            self._freed_capacity.get((region, code), 0)
-                            + rn.gpus_per_instance * current
-                        )
+                    # Kept or not, the running instances hold their GPUs this cycle (no
+                    # capacity term: ``initial_free`` already counts them busy). What is
+                    # not kept is the old half of a move: apply keeps it serving until
+                    # its replacement serves (make before break), so its GPUs are not
+                    # free to anything placed this cycle, which could not start there.
                 # A role that shrinks under rebalancing only loses instances in the
                 # running groups (running instances never grow in place then).
                 shrinking = self.rebalance and rn.target < self.problem.placed(need.service, role)
@@ -734,32 +733,25 @@ class _Solve:
         for term in self.terms:
             for ancestor in topo.region_ancestors(term.region):
                 by_region[(ancestor, term.type_code)].append(term)
-        freed_in: dict[tuple[int, int], int] = defaultdict(int)
-        for (region, code), gpus in self._freed_capacity.items():
-            for ancestor in topo.region_ancestors(region):
-                freed_in[(ancestor, code)] += gpus
-        term_regions = {(t.region, t.type_code) for t in self.terms if t.slot_counted}
+        term_regions = {(t.region, t.type_code) for t in self.terms}
         for (region, code), terms in sorted(by_region.items()):
-            free = self.stats_region.free_gpus(region, code) + freed_in.get((region, code), 0)
+            free = self.stats_region.free_gpus(region, code)
             upper = sum(t.size * t.upper for t in terms)
             if upper > free:
                 self.model.add([(t.size, t.var) for t in terms], upper=free)
-            slot_terms = [t for t in terms if t.slot_counted]
-            for size in sorted({t.size for t in slot_terms if t.size > 1}):
-                big = [t for t in slot_terms if t.size >= size]
+            for size in sorted({t.size for t in terms if t.size > 1}):
+                big = [t for t in terms if t.size >= size]
                 cap = self.stats_region.slots(region, code, size)
                 if sum(t.upper for t in big) > cap:
                     self.model.add([(1, t.var) for t in big], upper=cap)
             if (region, code) in term_regions:
                 # GPUs added beyond what partly used nodes offer break whole nodes.
                 partial = self.stats_region.partial_gpus(region, code)
-                bound = sum(t.size * t.upper for t in slot_terms)
+                bound = sum(t.size * t.upper for t in terms)
                 if bound > partial:
                     over = self.model.new_var(0, bound - partial)  # shared by the services
-                    self.fragment_vars.append((over, slot_terms, partial))
-                    self.model.add(
-                        [(1, over)] + [(-t.size, t.var) for t in slot_terms], lower=-partial
-                    )
+                    self.fragment_vars.append((over, terms, partial))
+                    self.model.add([(1, over)] + [(-t.size, t.var) for t in terms], lower=-partial)
                     self.objective_terms.append((W_FRAGMENT, over))
         anchor_gpus = [(gpus, a) for a, gpus in self.anchor_vars]
         if sum(gpus * self.model.upper(a) for gpus, a in anchor_gpus) >= W_SHORT_PER_RANK:
@@ -990,10 +982,11 @@ class _Solve:
         def value(var: int) -> int:
             return int(values[var])
 
-        # Rebalance: drop what the model did not keep (scale-in rule inside each class),
-        # and return those GPUs to the free pool.
+        # Rebalance: drop what the model did not keep (scale-in rule inside each class).
+        # Those GPUs are not returned to the free pool: the dropped instances serve
+        # until what replaces them does (apply holds them), so nothing packed this
+        # cycle may go there.
         if self.rebalance:
-            before = self._usage_by_node()
             for cls in self.existing:
                 need = self.problem.needs[cls.service]
                 drop = {r: sum(g.count(r) for g in cls.groups) for r in ROLES}
@@ -1005,8 +998,6 @@ class _Solve:
                     scale_in(subset, need, drop, topo, self.problem.used)
             # Emptied groups stay in the working set (growth may refill them); results
             # never contain empty groups.
-            after = self._usage_by_node()
-            free = free + (before - after)
 
         additions: list[tuple[WorkGroup, Role, int]] = []
         for cls in self.existing:
@@ -1126,11 +1117,6 @@ class _Solve:
                     added * need.role(role).gpus_per_instance
                 )
         return {t: dict(s) for t, s in takers.items()}, hints, free
-
-    def _usage_by_node(self) -> np.ndarray:
-        from reconciler.placement.problem import node_usage_of
-
-        return node_usage_of(self.problem)
 
 
 __all__ = ["CpSatPlacer"]

@@ -43,7 +43,8 @@ Decisions (documented here once, followed by every placer):
   creates before deletes (``reconciler.plan``) and soft scale-in keeps a removed
   instance running through its observation window, so those GPUs are still busy when
   new instances start. Free capacity is therefore measured against everything that
-  runs now (the CP-SAT placer relaxes this only with ``allow_rebalance``).
+  runs now, under CP-SAT's ``allow_rebalance`` too: the instances it moves away from
+  serve until the moved ones do (apply holds them), so their GPUs are busy.
 - **Pending and draining instances hold capacity.** Every GPU a running instance
   holds is busy for placement, and so are the GPUs of instances that hold capacity
   without sitting in a group's node list: instances a move *left behind*
@@ -770,12 +771,6 @@ def anchor_note(anchor: Anchor) -> str:
         f"instance(s) beyond the {anchor.role} target, to open a group for {grows} growing "
         "alone (no room left in the domains of its existing groups)"
     )
-
-
-def node_usage_of(problem: PlacementProblem) -> np.ndarray:
-    """GPUs per node used by the working groups as they stand."""
-    frozen = [g.freeze() for gs in problem.groups.values() for g in gs]
-    return used_gpus(problem.topology, frozen, gpus_per_instance_of(problem.request.policies))
 
 
 __all__ = [

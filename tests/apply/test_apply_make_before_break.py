@@ -156,11 +156,13 @@ def plan(
     unsized: dict[str, str] | None = None,
     pods: tuple[LivePod, ...] = (),
     scale_in: dict[str, ScaleInWindow] | None = None,
+    may_move: bool = False,
 ) -> dict[str, WorkloadWork]:
     """This cycle's work under ``state`` for ``groups`` against the live ``deployments``
     and ``pods`` (``unplaced``: the placement's shortfalls by service; ``unsized``: the
     services whose size was held, not sized; ``scale_in``: what each service's scale-in
-    window allows), at 100 s with a 60 s window."""
+    window allows; ``may_move``: the placement may have moved running instances), at
+    100 s with a 60 s window."""
     snapshot = ClusterSnapshot(
         CLUSTER, {d.key: d for found in deployments for d in found.values()}, pods, (), 0.0
     )
@@ -183,6 +185,7 @@ def plan(
         cluster=state.clusters[CLUSTER],
         unsized=unsized,
         scale_in=scale_in,
+        may_move=may_move,
     )
     return {str(w.key): w for w in work}
 
@@ -861,3 +864,56 @@ def test_the_scale_in_window_holds_no_leftover_a_held_size_or_a_baseline_does_no
         scale_in=scale_in_windows({"chat": recent}, policies),
     )
     assert {work[key].action for key in old} == {"keep"}
+
+
+@pytest.mark.fault
+def test_a_group_moved_under_rebalance_serves_until_its_replacement_does(
+    before: DesiredState,
+) -> None:
+    """CP-SAT under allow_rebalance moves chat's group from pod-a to pod-d: one layout
+    with the new group and without the old one. The old one was deleted in the same
+    apply as the new one was created, the service short of all of it until the new
+    Pods started. It is kept while the new group does not serve, in the cycle of the
+    move and in those after it (the placement then drops the old copy again, from a
+    fleet that counts both); then it goes."""
+    old = live(before, [grp("chat", "a", 2, 4)])
+    moved = [grp("chat", "g-pod-d-1", 2, 4, domain="pod-d")]
+    work = plan(before, moved, old, may_move=True)
+    assert {work[key].action for key in old} == {"keep"}
+    assert work["chat/chat-g-pod-d-1-d"].action == "create"
+    assert work["chat/chat-a-d"].scale.notes == (
+        "kept until chat/chat-g-pod-d-1-d is ready (0 of 4 ready): placement may have "
+        "moved this Deployment's instances (allow_rebalance), and it serves until those "
+        "replacing them do",
+    )
+    # Without a placement that moves, a group it empties is a scale-in, as before.
+    assert {plan(before, moved, old)[key].action for key in old} == {"delete"}
+
+    starting = live(before, moved, ready=1)
+    work = plan(before, moved, old, starting, may_move=True)
+    assert {work[key].action for key in old} == {"keep"}
+    assert "(1 of 4 ready)" in work["chat/chat-a-p"].scale.notes[0]
+    serving = live(before, moved)
+    work = plan(before, moved, old, serving, may_move=True)
+    assert {work[key].action for key in old} == {"delete"}
+
+
+@pytest.mark.fault
+def test_a_removal_under_rebalance_waits_only_for_what_is_not_itself_removed(
+    before: DesiredState,
+) -> None:
+    """Only Deployments that add or keep capacity are waited for: one whose own
+    removal is held never holds another (two that shrink while rolling out a new
+    template held each other forever), nor does a removal of what serves nothing
+    wait."""
+    two = [grp("chat", "a", 2, 4), grp("chat", "d", 2, 4, domain="pod-d")]
+    running = {key: replace(d, template_hash="old") for key, d in live(before, two).items()}
+    smaller = [grp("chat", "a", 1, 2), grp("chat", "d", 1, 2, domain="pod-d")]
+    work = plan(before, smaller, running, may_move=True)
+    assert {w.action for w in work.values()} == {"update"}
+    assert all(w.replicas_after < w.replicas_before for w in work.values())
+    # A group that serves nothing yet goes at once, whatever starts beside it.
+    unready = live(before, [grp("chat", "a", 2, 4)], ready=0)
+    moved = [grp("chat", "g-pod-d-1", 2, 4, domain="pod-d")]
+    work = plan(before, moved, unready, may_move=True)
+    assert {work[key].action for key in unready} == {"delete"}

@@ -42,9 +42,12 @@ from reconciler.apply.savedplan import (
     check_scope,
 )
 from reconciler.cli import app
+from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.placement.base import PlacementOptions
+from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan
-from reconciler.policy.base import Decision, PolicyHistory, Recommendation
+from reconciler.policy.base import Decision, DecisionInput, PolicyHistory, Recommendation
 from reconciler.state import DeploymentGroup
 
 pytestmark = [pytest.mark.kubernetes]
@@ -613,3 +616,101 @@ def test_half_of_a_service_on_a_renamed_switch_waits_for_the_scale_in_window_whe
         lambda: set(list_deployments(client, name)) == set(old) - on_pa,
         what="the renamed switch's half pruned",
     )
+
+
+# A low-class S2 of H800 only and a high-class one (H800 beside H20 under one S1).
+_TWO_CLASS_CLUSTER = """\
+name: {cluster}
+labels: {{s2: {prefix}/s2, s1: {prefix}/s1, s0: {prefix}/s0, gpu_type: {prefix}/gpu-type}}
+gpu_types:
+  h800: {{memory_gib: 80, bf16_tflops: 989, memory_bandwidth_gbps: 3350}}
+  h20: {{memory_gib: 96, bf16_tflops: 148, memory_bandwidth_gbps: 4000, node_label: nvidia-h20}}
+defaults: {{gpus_per_node: 8}}
+s2:
+  - name: {cluster}-pa
+    defaults: {{gpu_type: h800}}
+    s1: [{{name: {cluster}-pa1, s0: [{{name: {cluster}-la1, nodes: "{cluster}-a-[1-1]"}}]}}]
+  - name: {cluster}-pd
+    s1:
+      - name: {cluster}-pd1
+        s0:
+          - {{name: {cluster}-ld1x, nodes: "{cluster}-dx-[1-1]", defaults: {{gpu_type: h800}}}}
+          - {{name: {cluster}-ld1y, nodes: "{cluster}-dy-[1-1]", defaults: {{gpu_type: h20}}}}
+"""
+
+
+class _Fixed:
+    """An autoscaler that asks for 1 prefill and 1 decode, whatever runs."""
+
+    name = "fixed"
+
+    def decide(self, inputs: DecisionInput) -> Decision:
+        return Decision(inputs.policy.name, 1, 1, "within_tolerance", "1 and 1")
+
+
+@pytest.mark.fault
+def test_a_group_moved_under_rebalance_serves_until_its_replacement_does(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The service's group runs in the high-class S2, which it does not need; CP-SAT
+    under allow_rebalance moves it to the low-class one. The old group was deleted in
+    the apply that created the new one: the service served nothing until the new Pods
+    started. It is kept, cycle after cycle, until the new group serves; the GPUs it
+    holds are not given to anything in the meantime; then it goes."""
+    name = "mbb-rebalance"
+    client = control_plane.client()
+    make_desired_state(tmp_path, name)
+    (tmp_path / "clusters" / f"{name}.yaml").write_text(
+        _TWO_CLASS_CLUSTER.format(cluster=name, prefix=f"{name}.test")
+    )
+    _edit(
+        tmp_path / "policies" / "svc.yaml",
+        ("gpu_types: {h20: 1.0, h800: 0.5}", "gpu_types: {h800: 1.0}"),
+    )
+    state = load_desired_state(tmp_path)
+    ensure_namespace(client, name)
+    create_nodes(client, state.clusters[name])
+    clock_s = [1_000_000.0]
+    cycles = _Cycles(client, state, name, clock_s)
+    cycles.apply([group("svc", name, "d", f"{name}-pd", ("h800", 1), ("h800", 1))])
+    old = {n: d["spec"] for n, d in list_deployments(client, name).items()}
+    _serve(client, name, _pods_on_nodes(client, name, 2, "the old Pods on their nodes"))
+
+    def cycle() -> Plan:
+        observation = cycles.backend.observe(cycles.spec, state.policies_for(name))
+        planned, _histories = plan_cluster(
+            state,
+            name,
+            observation,
+            {},
+            {},
+            clock_s[0],
+            _Fixed(),
+            CpSatPlacer(),
+            placement_options=PlacementOptions(allow_rebalance=True),
+        )
+        return planned
+
+    moved = cycle()
+    assert [g.domain for g in moved.groups] == [f"{name}-pa"], moved.groups
+    first = cycles.backend.apply_cluster(moved)
+    actions = {o.key: o.action for o in first.objects}
+    assert {actions[f"{name}/{n}"] for n in old} == {"keep"}, actions
+    text = "\n".join(line for o in first.objects for line in o.lines())
+    assert "placement may have moved this Deployment's instances (allow_rebalance)" in text
+    new = set(list_deployments(client, name)) - set(old)
+    assert len(new) == 2, new
+    assert {n: d["spec"] for n, d in list_deployments(client, name).items() if n in old} == old
+
+    # The fleet counts both copies: the placement drops the old one again, and it is
+    # kept again while the new one does not serve.
+    again = cycles.backend.apply_cluster(cycle())
+    actions = {o.key: o.action for o in again.objects}
+    assert {actions[f"{name}/{n}"] for n in old} == {"keep"}, actions
+    assert {actions[f"{name}/{n}"] for n in new} == {"unchanged"}, actions
+
+    _serve(client, name, _pods_on_nodes(client, name, 4, "every Pod on its node"), only=new)
+    done = cycles.backend.apply_cluster(cycle())
+    actions = {o.key: o.action for o in done.objects}
+    assert {actions[f"{name}/{n}"] for n in old} == {"delete"}, actions
+    wait_for(lambda: set(list_deployments(client, name)) == new, what="the old group pruned")

@@ -179,6 +179,30 @@ def check_invariants(req: PlacementRequest, result: PlacementResult) -> None:
         assert usage[node.name] <= node.gpus, (
             f"{node.name} overbooked: {usage[node.name]} > {node.gpus}"
         )
+    # Capacity freed this cycle (a scale-in, a move under allow_rebalance, a pruned
+    # group) is not reused in it: what is added on a node fits beside everything that
+    # ran there before, whose Pods still hold their GPUs while the new ones start (an
+    # instance of unknown size, a service without a policy, holds its whole node).
+    gpus = gpus_per_instance_of(policies)
+    ran_gpus = node_usage(req, req.current.groups)
+    ran = {node.name: min(node.gpus, ran_gpus[node.name]) for node in req.cluster.nodes}
+    ran_on = {
+        (g.service, g.group_id, role): {p.node: p.instances for p in g.role(role).nodes}
+        for g in req.current.groups
+        for role in ROLES
+    }
+    added: dict[str, int] = defaultdict(int)
+    for g in result.groups:
+        for role in ROLES:
+            old_nodes = ran_on.get((g.service, g.group_id, role), {})
+            size = g.role(role).gpus_per_instance or gpus(g.service, role) or 0
+            for p in g.role(role).nodes:
+                added[p.node] += max(0, p.instances - old_nodes.get(p.node, 0)) * size
+    for node in req.cluster.nodes:
+        assert ran[node.name] + added[node.name] <= node.gpus, (
+            f"{node.name}: {added[node.name]} GPUs added beside the {ran[node.name]} that ran "
+            f"there: GPUs freed this cycle reused"
+        )
     seen: set[tuple[str, str]] = set()
     for g in result.groups:
         assert (g.service, g.group_id) not in seen, f"duplicate group {g.service}/{g.group_id}"

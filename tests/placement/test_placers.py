@@ -607,3 +607,25 @@ def test_free_gpus_too_scattered_for_an_instance_are_said_as_such(placer):
     result = place(placer, request(spec, [pol], {"s": (1, 1)}))
     (short,) = [s for s in result.shortfalls if s.role == "prefill"]
     assert "cluster-wide free: 0 h800 in 2-GPU slots, of 4 free GPUs" in short.detail
+
+
+def test_rebalance_never_reuses_in_the_same_cycle_the_gpus_it_frees():
+    """svc runs 4 prefill and 4 decode on d1x-1, in pod-d (class high, which it does
+    not need); three heterogeneous services want 8 H800 prefill each, and only pod-c
+    and pod-d have H800 beside H20. Under allow_rebalance svc moves to pod-a, and its
+    GPUs on d1x-1 were handed to the others in the same cycle: but svc's old instances
+    serve until the moved ones do (apply holds them, make before break), so those GPUs
+    are busy and Pods put there could not start. They are free to placement only once
+    svc's old instances are gone, a later cycle."""
+    spec = three_class_cluster(nodes_per_leaf=1)
+    svc = policy("svc", shape=(4, 4), **HOMOGENEOUS)
+    hets = [policy(f"het{n}", shape=(8, 4), **HETEROGENEOUS) for n in (1, 2, 3)]
+    stuck = group("svc", "g1", "pod-d", "rg-pod-d", ("h800", {"d1x-1": 4}), ("h800", {"d1x-1": 4}))
+    targets = {"svc": (4, 4), **{p.name: (8, 4) for p in hets}}
+    req = request(spec, [svc, *hets], targets, [stuck], allow_rebalance=True)
+    result = place(CpSatPlacer(), req)  # check_invariants: no GPU freed this cycle reused
+    [moved] = [g for g in result.groups if g.service == "svc"]
+    assert moved.domain == "pod-a", moved
+    others = {p.node for g in result.groups if g.service != "svc" for p in g.prefill.nodes}
+    assert "d1x-1" not in others
+    assert sum(s.instances for s in result.shortfalls if s.role == "prefill") == 8
