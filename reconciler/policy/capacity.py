@@ -81,6 +81,10 @@ _BISECTION_STEPS = 60
 # +10 % GPU-hours on the burst days).
 GAUGE_SAMPLES_PER_WINDOW = 4
 BUSY_READ_MAX_ERROR = 0.05
+# How many of its standard deviations a noisy reading is taken to fall short of (a busy
+# reading's floor) or to move by chance (decode's running count): two, which chance
+# exceeds one time in forty on one side.
+NOISE_SPREADS = 2.0
 # The TTFT quantile's bisection stops once its bracket is narrower than this.
 _TTFT_TOLERANCE_S = 1e-6
 # ``predicted_ttft_side`` answers without the bisection only when the bisection is
@@ -1543,8 +1547,9 @@ class BusyReading:
 
     @property
     def floor(self) -> float:
-        """The factor two of its spreads low (``prefill_factor_floor_from_busy``)."""
-        return max(0.0, 1.0 - 2.0 * self.spread) * self.factor
+        """The factor ``NOISE_SPREADS`` of its spreads low
+        (``prefill_factor_floor_from_busy``)."""
+        return max(0.0, 1.0 - NOISE_SPREADS * self.spread) * self.factor
 
 
 def read_prefill_busy(

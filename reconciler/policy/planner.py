@@ -121,6 +121,7 @@ from reconciler.policy.base import (
 )
 from reconciler.policy.baselines import policy_tps_targets
 from reconciler.policy.capacity import (
+    NOISE_SPREADS,
     KeptBusyReading,
     LatencyCorrection,
     PrefillLoad,
@@ -251,16 +252,18 @@ class PlannerMemory:
 
 @dataclass(frozen=True)
 class Backlog:
-    """A role's work as last read: tokens of work waiting (and, ``with_running``, still
-    to generate by the requests running), at the sample's time, and the readings before
-    it that are still within reach of a metrics window (``earlier``, (at s, tokens),
-    oldest first: ``role_demand`` measures the work's growth over the window the served
-    rate averages). Readings with and without the running work are not compared."""
+    """A role's work as last read: tokens of work waiting, at the sample's time, and
+    the readings before it that are still within reach of a metrics window
+    (``earlier``, (at s, tokens), oldest first: ``role_demand`` measures the queue's
+    growth over the window the served rate averages); and decode's requests running
+    at those readings that read them (``running``, (at s, requests), oldest first, the
+    latest included), counted in requests so that both ends of a window convert to
+    tokens alike."""
 
     at_s: float
     tokens: float
     earlier: tuple[tuple[float, float], ...] = ()
-    with_running: bool = False
+    running: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -297,33 +300,39 @@ def role_demand(
     later as demand: outputs growing 4x read 49,000 output tokens/s where 25,000
     arrived, remembered as the hour's peak (+78% GPU-hours over static peak for the
     next hour). Only the queue is drained on top (``drain_tps``): the running work is
-    being served."""
+    being served. The running requests' growth counts only beyond their own noise
+    (``running_growth_tps``)."""
     problem = sample_problem(queue, f"{role}_queue", now_s, max_age_s)
     if problem is not None or tokens_per_request is None or tokens_per_request <= 0:
         why = problem or "no request mix to weigh its queue"
         return RoleDemand(served_tps, 0.0, previous, f"{role} queue unread ({why}): served rate")
     assert queue is not None
     waiting_tokens = max(0.0, queue.value) * tokens_per_request
-    with_running = (
+    running_now: tuple[tuple[float, float], ...] = ()
+    if (
         running is not None
         and running_tokens_per_request is not None
         and running_tokens_per_request > 0
         and sample_problem(running, f"{role}_running", now_s, max_age_s) is None
-    )
-    work_tokens = waiting_tokens
-    if with_running:
-        assert running is not None and running_tokens_per_request is not None
-        work_tokens += max(0.0, running.value) * running_tokens_per_request
-    backlog = Backlog(queue.at_s, work_tokens, with_running=with_running)
+    ):
+        running_now = ((queue.at_s, max(0.0, running.value)),)
+    backlog = Backlog(queue.at_s, waiting_tokens, running=running_now)
     readings = (
-        []
-        if previous is None or previous.with_running != with_running
-        else _sound_readings(previous, backlog.at_s, tokens_per_request)
+        [] if previous is None else _sound_readings(previous, backlog.at_s, tokens_per_request)
+    )
+    # The running readings kept: those at the times of the queue readings kept, taken
+    # only while this one reads them too (with and without, no growth is read).
+    earlier_running = (
+        {at_s: count for at_s, count in previous.running if math.isfinite(count) and count >= 0}
+        if previous is not None and running_now
+        else {}
     )
     growth_tps = 0.0
+    running_growth = 0.0
     if readings and readings[-1][0] == backlog.at_s:
         # The same scrape again: keep the older readings' times.
-        backlog = Backlog(*readings[-1], tuple(readings[:-1]), with_running)
+        kept = tuple(readings[:-1])
+        backlog = Backlog(*readings[-1], kept, _running_at(earlier_running, readings))
     elif readings:
         # The served rate is the window's average, so the queue's growth is read over
         # the same window: from the reading nearest its start. Read over one cycle
@@ -332,22 +341,70 @@ def role_demand(
         # phantom demand was remembered as the hour's peak and held decode at
         # max_instances for a quarter of an hour (burst-chat-0).
         at_s, tokens = window_start_reading(readings, backlog.at_s)
-        growth_tps = (backlog.tokens - tokens) / (backlog.at_s - at_s)
+        span_s = backlog.at_s - at_s
+        growth_tps = (backlog.tokens - tokens) / span_s
+        if at_s in earlier_running:
+            assert running_tokens_per_request is not None
+            running_growth = running_growth_tps(
+                earlier_running[at_s],
+                running_now[0][1],
+                span_s,
+                served_tps / tokens_per_request,
+                running_tokens_per_request,
+            )
+            growth_tps += running_growth
         kept = tuple(r for r in readings if r[0] >= backlog.at_s - BACKLOG_MEMORY_S)
-        backlog = Backlog(backlog.at_s, backlog.tokens, kept, with_running)
+        backlog = Backlog(
+            backlog.at_s, backlog.tokens, kept, _running_at(earlier_running, kept) + running_now
+        )
     arriving = max(0.0, served_tps + growth_tps)
     drain = waiting_tokens / DRAIN_S
     note = None
     # Say so when the queue moves the demand by more than a percent (a real engine's
     # queue flickers by a few requests every scrape).
     if max(abs(growth_tps), drain) > 0.01 * max(served_tps, 1.0):
-        grown = "work growth (queued and running)" if with_running else "queue growth"
+        grown = f"{growth_tps - running_growth:+.0f} queue growth"
+        if running_growth:
+            grown += f" {running_growth:+.0f} running work growth"
         note = (
-            f"{role}: {served_tps:.0f} tokens/s served {growth_tps:+.0f} {grown} = "
+            f"{role}: {served_tps:.0f} tokens/s served {grown} = "
             f"{arriving:.0f} arriving; {queue.value:.0f} queued: +{drain:.0f} to drain "
             f"in {DRAIN_S:.0f} s"
         )
     return RoleDemand(arriving, drain, backlog, note)
+
+
+def _running_at(
+    counts: dict[float, float], readings: Sequence[tuple[float, float]]
+) -> tuple[tuple[float, float], ...]:
+    """The running counts read at the times of ``readings``, oldest first."""
+    return tuple((at_s, counts[at_s]) for at_s, _ in readings if at_s in counts)
+
+
+def running_growth_tps(
+    running_then: float,
+    running_now: float,
+    span_s: float,
+    completions_per_s: float,
+    remaining_tokens_per_request: float,
+) -> float:
+    """The growth of the running requests' work over ``span_s`` (tokens/s), beyond what
+    their count moves by chance.
+
+    Requests start and finish at random, so the count of those running moves about its
+    mean even at a steady load: as in an M/G/inf queue, by a variance of up to twice the
+    requests finishing in the span and at most twice the count (the requests running
+    then and now are the same ones once a request runs longer than the span). Long
+    outputs turned that wobble into demand: at 1.5 requests/s of 8,000-token outputs,
+    +-13 requests a minute at ~5,400 tokens each swung the demand read by +-1,000 of
+    12,000 tokens/s, and the scale-in window kept the highest (decode +35 %, a
+    hostile prober). A growth beyond ``NOISE_SPREADS`` of its standard deviations is
+    taken, less that; a drained batch (thousands of requests) passes whole."""
+    mean_count = (running_then + running_now) / 2.0
+    variance = 2.0 * min(max(0.0, completions_per_s) * span_s, mean_count)
+    grown = running_now - running_then
+    beyond = max(0.0, abs(grown) - NOISE_SPREADS * math.sqrt(variance))
+    return math.copysign(beyond, grown) * remaining_tokens_per_request / span_s
 
 
 def window_start_reading(
@@ -607,7 +664,13 @@ def _sized_demand(
     ceiling = max(kept.peak_tps, base) * (1.0 + least)
     if sized > ceiling:
         sized = ceiling
-        how += f", held to the hour's peak {kept.peak_tps:.0f} +{least:.0%}"
+        # Say which set it: a forecast above the hour's peak holds the ceiling there.
+        if kept.peak_tps >= base:
+            how += f", held to the hour's peak {kept.peak_tps:.0f} +{least:.0%}"
+        else:
+            how += (
+                f", held to the forecast +{least:.0%} (above the hour's peak {kept.peak_tps:.0f})"
+            )
     return sized + demand.drain_tps, how + drain, kept
 
 

@@ -118,7 +118,9 @@ def _planner_memory() -> PlannerMemory:
         mix_at_s=NOW - 10,
         prefill_kept=KeptCapacity(((NOW - 30, 100.0),), (0.05,)),
         prefill_backlog=Backlog(NOW - 30, 1.5e6, ((NOW - 90, 2.0e6), (NOW - 60, 1.8e6))),
-        decode_backlog=Backlog(NOW - 30, 4.0e5, ((NOW - 60, 3.5e5),), with_running=True),
+        decode_backlog=Backlog(
+            NOW - 30, 4.0e5, ((NOW - 60, 3.5e5),), ((NOW - 60, 310.0), (NOW - 30, 325.0))
+        ),
         decode_ready_seen=12,
         decode_steady_since_s=NOW - 600,
         prefill_ready_seen=7,
@@ -138,22 +140,11 @@ def test_planner_memory_round_trips_including_nan_and_inf() -> None:
     assert back.mix == memory.mix and back.correction == memory.correction
     assert back.prefill_kept == memory.prefill_kept and back.prefill_demand == memory.prefill_demand
     assert math.isnan(back.decode_demand.last_value)
-    assert back.decode_backlog == memory.decode_backlog and back.decode_backlog.with_running
+    assert back.decode_backlog == memory.decode_backlog and back.decode_backlog.running
     assert back.prefill_busy_readings == memory.prefill_busy_readings
     assert (
         encode(DurableState("east", NOW, histories={"svc": PolicyHistory(planner=back)}))[0] == text
     )
-
-
-def test_a_flag_that_is_not_true_or_false_is_refused_where_it_stands() -> None:
-    from reconciler.durable import STORABLE_PLANNER_TYPES, StateFormatError, _decode_dataclass
-
-    assert "Backlog" in STORABLE_PLANNER_TYPES
-    for flag in (1, "true", None):
-        with pytest.raises(StateFormatError, match=r"svc.decode_backlog.with_running: expected"):
-            _decode_dataclass(
-                Backlog, {"at_s": 0.0, "tokens": 1.0, "with_running": flag}, "svc.decode_backlog"
-            )
 
 
 def _dataclasses_in(hint: object) -> set[type]:

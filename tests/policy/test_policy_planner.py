@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from policy_testkit import length_buckets
 
 from reconciler.desired import load_desired_state
@@ -30,7 +32,7 @@ from reconciler.policy.capacity import (
     read_prefill_busy,
     transfer_s_per_token,
 )
-from reconciler.policy.forecast import values_for_bound
+from reconciler.policy.forecast import ForecastConfig, ForecastState, update, values_for_bound
 from reconciler.policy.planner import (
     DRAIN_S,
     MAX_KEPT_ERRORS,
@@ -40,6 +42,7 @@ from reconciler.policy.planner import (
     PlannerAutoscaler,
     PlannerMemory,
     RoleDemand,
+    _sized_demand,
     capacities_for,
     clear_caches,
     declared_mix,
@@ -50,6 +53,7 @@ from reconciler.policy.planner import (
     perf_context,
     plan_decide,
     role_demand,
+    running_growth_tps,
     within_bucket,
 )
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
@@ -573,6 +577,24 @@ def test_headroom_never_holds_more_than_the_hours_peak_demand() -> None:
     )
 
 
+def test_the_message_names_what_held_the_headroom() -> None:
+    """The ceiling is the hour's peak or, above it, the forecast, each with the floor's
+    headroom: the message says which (it named the peak when the forecast set it)."""
+    demand = RoleDemand(1_000.0, 0.0, None, None)
+    config = ForecastConfig(min_headroom=0.1)
+    state = ForecastState()
+    for k in range(30):  # a ramp: Holt forecasts beyond what was seen
+        state = update(state, 30.0 * k, 500.0 + 20.0 * k, config)
+    kept = KeptCapacity(errors=(3.0,) * 20, peaks=((0.0, 900.0),))
+    _, how, _ = _sized_demand(900.0, demand, state, config, kept, 150.0, 600.0)
+    forecast_tps = float(how.split(" forecast")[0])
+    assert forecast_tps > 900.0
+    assert "held to the forecast +10% (above the hour's peak 1000)" in how  # now's, filed
+    higher = KeptCapacity(errors=(9.0,) * 20, peaks=((0.0, 5_000.0),))
+    _, how, _ = _sized_demand(900.0, demand, state, config, higher, 150.0, 600.0)
+    assert "held to the hour's peak 5000 +10%" in how
+
+
 def test_decode_carries_the_bursts_headroom_as_prefill_does() -> None:
     """A shortfall lasts until new instances serve (a start-up at least), longer than a
     request decodes, so it slows most tokens of every request decoding through it:
@@ -697,11 +719,11 @@ def test_decodes_demand_is_what_it_served_plus_the_growth_of_all_its_work() -> N
     """Decode overloaded, then scaled out: its 2,000 waiting requests are admitted at
     once (the queue empties into the batch), and over the next minute the swollen batch
     drains, serving 45,000 output tokens/s. Its work is what waits (800 tokens a
-    request) and what runs (400 still to generate a request): the queue emptying into
-    the batch is not read as its whole work served, nor the batch's drain as demand.
-    Read from the queue alone, the first read as nothing arriving and the second as
-    45,000 tokens/s arriving: the phantom peak that held decode at twice its size for
-    an hour after outputs grew 4x."""
+    request) and what runs (400 still to generate a request, beyond the count's own
+    noise: ``running_growth_tps``): the queue emptying into the batch is not read as its
+    whole work served, nor the batch's drain as demand. Read from the queue alone, the
+    first read as nothing arriving and the second as 45,000 tokens/s arriving: the
+    phantom peak that held decode at twice its size for an hour after outputs grew 4x."""
     readings = [  # (at s, served tokens/s, waiting, running)
         (0.0, 25_000.0, 2_000.0, 1_000.0),
         (30.0, 25_000.0, 0.0, 3_000.0),
@@ -720,31 +742,72 @@ def test_decodes_demand_is_what_it_served_plus_the_growth_of_all_its_work() -> N
         demand_alone = _decode_demand(served_tps, waiting, None, alone, at_s)
         alone = demand_alone.backlog
         queue_alone.append(demand_alone.arriving_tps)
-    # Each over the window the served rate averages: from the reading at its start.
-    work = [w * 800.0 + r * 400.0 for _, _, w, r in readings]
+
+    def running_growth(k: int, then: int) -> float:
+        # Over the window the served rate averages: from the reading at its start.
+        _, served_tps, _, running_now = readings[k]
+        return running_growth_tps(readings[then][3], running_now, 60.0, served_tps / 800.0, 400.0)
+
     assert with_batch[2:] == pytest.approx(
         [
-            25_000.0 + (work[2] - work[0]) / 60.0,  # 11,667: the queue's work went on
-            45_000.0 + (work[3] - work[1]) / 60.0,  # 38,333
-            45_000.0 + (work[4] - work[2]) / 60.0,  # 31,667
+            25_000.0 - 2_000 * 800 / 60.0 + running_growth(2, 0),  # 10,850: work went on
+            45_000.0 + running_growth(3, 1),  # 39,276
+            45_000.0 + running_growth(4, 2),  # 32,510
         ]
     )
+    assert with_batch[2] > 10_000 and max(with_batch[3:]) < 40_000
     assert queue_alone[2:] == [0.0, 45_000.0, 45_000.0]
     # Only the queue is drained on top: the running work is being served.
     first = _decode_demand(25_000.0, 2_000.0, 1_000.0, None, 0.0)
     assert first.drain_tps == pytest.approx(2_000 * 800.0 / DRAIN_S)
 
 
+def test_a_running_count_moving_within_its_noise_is_no_demand() -> None:
+    """At 1.5 requests/s of long outputs (8,000 tokens, ~5,400 still to generate a
+    running request), some 270 requests run and their count moves by about
+    sqrt(2 x 90) = 13 a minute by chance alone; that is no demand, and a larger move
+    counts only beyond two of those deviations."""
+    completions_per_s = 1.5
+    deviation = math.sqrt(2 * completions_per_s * 60.0)
+    assert running_growth_tps(270.0, 270.0 + 1.9 * deviation, 60.0, 1.5, 5_400.0) == 0.0
+    assert running_growth_tps(270.0, 270.0 - 1.9 * deviation, 60.0, 1.5, 5_400.0) == 0.0
+    beyond = running_growth_tps(270.0, 270.0 + 3 * deviation, 60.0, 1.5, 5_400.0)
+    assert beyond == pytest.approx(deviation * 5_400.0 / 60.0)
+    # Short requests: the count's own size bounds its variance (the requests running a
+    # minute apart are others), so a small batch's move of 20 is read.
+    assert running_growth_tps(10.0, 30.0, 60.0, 100.0, 100.0) > 0.0
+
+
+@given(
+    st.floats(0, 5_000),
+    st.floats(0, 5_000),
+    st.floats(1.0, 600.0),
+    st.floats(0, 1_000),
+    st.floats(1.0, 20_000.0),
+)
+def test_running_growth_is_shrunk_towards_zero_never_past_it(
+    then: float, now: float, span_s: float, completions_per_s: float, remaining: float
+) -> None:
+    grown = running_growth_tps(then, now, span_s, completions_per_s, remaining)
+    raw = (now - then) * remaining / span_s
+    assert abs(grown) <= abs(raw) + 1e-9
+    assert grown == 0.0 or math.copysign(1.0, grown) == math.copysign(1.0, raw)
+    assert running_growth_tps(now, then, span_s, completions_per_s, remaining) == pytest.approx(
+        -grown
+    )
+
+
 def test_decodes_work_with_and_without_its_running_requests_is_not_compared() -> None:
     """A running-request reading that comes or goes between two cycles (a scrape that
-    missed it) would read the whole batch's work as arrived or served: the reading is
-    taken as the first of its kind instead."""
+    missed it) would read the whole batch's work as arrived or served: its growth is
+    read only between two readings that have it."""
     with_running = _decode_demand(25_000.0, 0.0, 3_000.0, None, 0.0)
-    assert with_running.backlog is not None and with_running.backlog.with_running
+    assert with_running.backlog is not None and with_running.backlog.running == ((0.0, 3_000.0),)
     for running, previous in ((None, with_running.backlog), (3_000.0, Backlog(0.0, 0.0))):
         demand = _decode_demand(25_000.0, 0.0, running, previous, 60.0)
         assert demand.arriving_tps == 25_000.0
-        assert demand.backlog is not None and demand.backlog.earlier == ()
+        assert demand.backlog is not None
+        assert demand.backlog.running == (() if running is None else ((60.0, 3_000.0),))
 
 
 def test_without_a_usable_queue_the_served_rate_stands_in() -> None:
