@@ -15,9 +15,10 @@ One cycle, in order (each step that changes a number says so in the message):
    requests waiting, times the mix's mean prompt or output length), and the queue
    itself is sized to drain within ``DRAIN_S``. Decode's work also counts what its
    running requests still have to generate (``decode_running`` times the mix's
-   length-biased remaining output): its batch swells under overload and drains after
-   it, which the queue alone read as served and then as demand. Without a queue
-   signal the served rate stands in (noted). Decode is also asked for what prefill holds back (its
+   length-biased remaining output, beyond the count's own noise): its batch swells
+   under overload and drains after it, which the queue alone read as served and then
+   as demand. Without a queue signal the served rate stands in (noted). Decode is
+   also asked for what prefill holds back (its
    queue's growth and backlog, converted at the mix's output per prompt token:
    ``decode_follows_prefill``): a surge reaches prefill first, and decode's own rates
    would show it only once prefill let it through. What prefill releases from its
