@@ -100,13 +100,20 @@ affinity: {affinity}
 scaling: {{target_per_instance: 1000}}
 """
 
-CLUSTER = """\
+# A cluster file's name, labels, GPU types and defaults, before its switches (``s2:``):
+# ``str.format`` it with ``cluster`` and ``prefix`` as ``CLUSTER``.
+CLUSTER_HEAD = """\
 name: {cluster}
 labels: {{s2: {prefix}/s2, s1: {prefix}/s1, s0: {prefix}/s0, gpu_type: {prefix}/gpu-type}}
 gpu_types:
   h800: {{memory_gib: 80, bf16_tflops: 989, memory_bandwidth_gbps: 3350}}
   h20: {{memory_gib: 96, bf16_tflops: 148, memory_bandwidth_gbps: 4000, node_label: nvidia-h20}}
 defaults: {{gpus_per_node: 8}}
+"""
+
+CLUSTER = (
+    CLUSTER_HEAD
+    + """\
 s2:
   - name: {cluster}-pa
     defaults: {{gpu_type: h800}}
@@ -115,6 +122,7 @@ s2:
     defaults: {{gpu_type: h20}}
     s1: [{{name: {cluster}-pb1, s0: [{{name: {cluster}-lb1, nodes: "{cluster}-h20-[1-2]"}}]}}]
 """
+)
 
 TEMPLATE = """\
 metadata:

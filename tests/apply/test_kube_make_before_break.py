@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from kubetestkit import (
+    CLUSTER_HEAD,
     ControlPlane,
     cluster_for_cli,
     create_nodes,
@@ -619,13 +620,9 @@ def test_half_of_a_service_on_a_renamed_switch_waits_for_the_scale_in_window_whe
 
 
 # A low-class S2 of H800 only and a high-class one (H800 beside H20 under one S1).
-_TWO_CLASS_CLUSTER = """\
-name: {cluster}
-labels: {{s2: {prefix}/s2, s1: {prefix}/s1, s0: {prefix}/s0, gpu_type: {prefix}/gpu-type}}
-gpu_types:
-  h800: {{memory_gib: 80, bf16_tflops: 989, memory_bandwidth_gbps: 3350}}
-  h20: {{memory_gib: 96, bf16_tflops: 148, memory_bandwidth_gbps: 4000, node_label: nvidia-h20}}
-defaults: {{gpus_per_node: 8}}
+_TWO_CLASS_CLUSTER = (
+    CLUSTER_HEAD
+    + """\
 s2:
   - name: {cluster}-pa
     defaults: {{gpu_type: h800}}
@@ -637,6 +634,7 @@ s2:
           - {{name: {cluster}-ld1x, nodes: "{cluster}-dx-[1-1]", defaults: {{gpu_type: h800}}}}
           - {{name: {cluster}-ld1y, nodes: "{cluster}-dy-[1-1]", defaults: {{gpu_type: h20}}}}
 """
+)
 
 
 class _Fixed:
