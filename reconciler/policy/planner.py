@@ -210,6 +210,9 @@ DRAIN_S = METRICS_WINDOW_S
 # Queue readings are remembered this long: a window and a cycle, so the one nearest a
 # window's start is still there when a cycle runs late.
 BACKLOG_MEMORY_S = METRICS_WINDOW_S + CYCLE_S
+# A role's work moving by less than this share of what it served is no change of its
+# load: a real engine's queue flickers by a few requests every scrape.
+FLICKER_SHARE = 0.01
 # Prefill's busy readings are combined over up to an hour (the planner's memory of a
 # peak, PEAK_MEMORY_S): 60 windows, enough for readings of a spread up to
 # 0.05 x sqrt(60) = 0.39 to teach the speed together (``combined_busy_reading``).
@@ -361,9 +364,8 @@ def role_demand(
     arriving = max(0.0, served_tps + growth_tps)
     drain = waiting_tokens / DRAIN_S
     note = None
-    # Say so when the queue moves the demand by more than a percent (a real engine's
-    # queue flickers by a few requests every scrape).
-    if max(abs(growth_tps), drain) > 0.01 * max(served_tps, 1.0):
+    # Say so when the queue moves the demand by more than its flicker.
+    if max(abs(growth_tps), drain) > FLICKER_SHARE * max(served_tps, 1.0):
         grown = f"{growth_tps - running_growth:+.0f} queue growth"
         if running_growth:
             grown += f" {running_growth:+.0f} running work growth"
@@ -465,7 +467,7 @@ def decode_follows_prefill(
     # output tokens/s read where ~90,000 arrived).
     released_tps = min(max(0.0, -excess_tps), decode.arriving_tps)
     backlog_tps = prefill.drain_tps * output_per_prompt_token
-    if held_back_tps + released_tps + backlog_tps <= 0.01 * max(decode.arriving_tps, 1.0):
+    if held_back_tps + released_tps + backlog_tps <= FLICKER_SHARE * max(decode.arriving_tps, 1.0):
         return decode
     note = (
         f"decode: +{held_back_tps:.0f} output tokens/s held back at prefill"
@@ -880,6 +882,7 @@ def plan_decide(
             now_s,
             one_type,
             prefill_in,
+            decode_in,
             backlog_seen_s,
             busy_readings,
         )
@@ -1305,6 +1308,7 @@ def _corrected(
     now_s: float,
     one_type: list[bool],
     prefill_demand: RoleDemand,
+    decode_demand: RoleDemand,
     backlog_seen_s: float | None,
     busy_readings: tuple[KeptBusyReading, ...],
 ) -> tuple[LatencyCorrection, float | None, tuple[KeptBusyReading, ...]]:
@@ -1320,6 +1324,12 @@ def _corrected(
     leaves such a backlog in the model's steady state, and the TTFTs read over it are
     its wait, not the instances' speed. Draining a burst's backlog taught the planner a
     1.35x slower prefill, kept for the next two hours (burst-summarize-3-warm).
+
+    Decode's load is steady only where its demand is what it served (``decode_demand``:
+    no growth of its work beyond the flicker, nothing held back at prefill): a window
+    that ends in a surge averages a rate within capacity while its TBT, weighted by
+    tokens, reads the surge's overloaded steps, and taught a 1.29x slower decode after
+    a return from near-idle (a hostile prober).
 
     Prefill's busy fraction needs none of that: it is the work the instances served
     over their compute, at any load, backlog or not; only the window it is read over
@@ -1342,6 +1352,7 @@ def _corrected(
         and ready[1] > 0
         and starting[1] == 0
         and decode_settled(policy, mix, steady_since_s[1], now_s)
+        and abs(decode_demand.arriving_tps - decode_tps) <= FLICKER_SHARE * decode_tps
     ):
         per_instance = decode_tps / ready[1]
         if 0 < per_instance <= caps.decode_tps_per_instance:

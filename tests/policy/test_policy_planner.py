@@ -1030,6 +1030,34 @@ def _decode_factor_after(fleet_at: Callable[[float], ServiceFleet], cycles: int)
     return memory.correction.decode
 
 
+@pytest.mark.parametrize(("queue_growth", "learnt"), [(0.0, True), (50.0, False)])
+def test_decode_latency_is_learnt_only_while_its_work_holds_still(
+    queue_growth: float, learnt: bool
+) -> None:
+    """A light decode load with a TBT reading slower than the model predicts teaches a
+    slower decode, but only while decode's work holds still: with its queue growing by
+    ``queue_growth`` requests a cycle the window's mean rate is within capacity while
+    its tokens (and so the TBT quantile) crowd into the load that is coming (a return
+    from near-idle taught a 1.29x slower decode so)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = PolicyHistory()
+    fleet = _fleet(30, 30)
+    for k in range(40):
+        now = 30.0 * k
+        metrics = replace(
+            _metrics(now, 100_000.0, 20.0 * 30, tbt_ms=47.5),
+            decode_queue=Sample(queue_growth * k, now),
+        )
+        history = plan_decide(policy, fleet, metrics, history, now, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    if learnt:
+        assert memory.correction.decode > 1.05
+    else:
+        assert memory.correction.decode == 1.0
+
+
 def test_decode_latency_corrects_the_model_only_once_its_size_has_settled() -> None:
     """After decode's size changes, the instances that were there keep their batches
     (sequences are pinned) while new ones start empty: the TBT quantile reads the old,
