@@ -198,12 +198,6 @@ def _int(value: Any, where: str) -> int:
     return value
 
 
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise StateFormatError(f"{where}: expected true or false")
-    return value
-
-
 def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise StateFormatError(f"{where}: expected a list")
@@ -269,8 +263,6 @@ def _decode_typed(hint: Any, value: Any, where: str) -> Any:
         return _num(value, where)
     if hint is int:
         return _int(value, where)
-    if hint is bool:
-        return _bool(value, where)
     if isinstance(hint, type) and hint.__name__ in STORABLE_PLANNER_TYPES:
         return _decode_dataclass(hint, value, where)
     raise StateFormatError(f"{where}: cannot read a {hint!r}")

@@ -1631,7 +1631,7 @@ def combined_busy_reading(kept: tuple[KeptBusyReading, ...]) -> BusyReading | No
     Readings of non-overlapping windows are independent samples of one factor: n of
     spread s spread by s / sqrt(n), so a prefill serving too few prompts for one
     reading to teach its speed is still read within the error after (s / 0.05)^2
-    windows (chat at 40 requests/s: spread ~0.18, 13 windows). Taking the newest
+    windows (chat's prefill at 10-20 prompts/s: spread ~0.18, 13 windows). Taking the newest
     first forgets a speed that changed as soon as the newer readings suffice."""
     weight_sum = weighted_log_sum = 0.0
     for _at_s, factor, spread in reversed(kept):
