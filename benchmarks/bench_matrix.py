@@ -82,8 +82,12 @@ Run: ``python benchmarks/bench_matrix.py [--held-out] [--json F] [--markdown F]
 [--cells a,b] [--policies p,q] [--jobs N]``. Prints one table (a row per cell and policy), then the
 same as one row per cell (each policy's GPU-hours as a multiple of oracle-min, and its
 share of requests within both SLOs), then the goals. ``--from-json F`` prints the
-tables of an earlier run's ``--json`` without running anything. A benchmark, not a
-test: the whole matrix takes minutes on two cores (``--jobs 2`` runs two cells at once).
+tables of an earlier run's ``--json`` without running anything. ``--screen F`` runs
+heteroscale alone on the cells and sets its figures beside those of an earlier run's
+``--json`` F, marking the cells that moved (``screen_lines``): a policy change's quick
+check before the full run, which the other policies, not depending on it, do not need.
+A benchmark, not a test: the whole matrix takes minutes on two cores (``--jobs 2`` runs
+two cells at once).
 """
 
 from __future__ import annotations
@@ -287,6 +291,15 @@ def outputs_grown_load(cell: Cell, config: SimConfig) -> LoadProfile:
     )
 
 
+def cell_config(cell: Cell) -> SimConfig:
+    """The simulator's settings for a cell: its engines' speed and TTFT outside them."""
+    return SimConfig(
+        prefill_engine_speed=cell.engine_speed,
+        decode_engine_speed=cell.engine_speed,
+        ttft_outside_s=cell.ttft_outside_s,
+    )
+
+
 def cell_load(cell: Cell, state: DesiredState, config: SimConfig) -> LoadProfile:
     """The load a cell replays: its trace or synthetic day (after its warm-up, if it
     has one), or the mix-shift load."""
@@ -317,11 +330,7 @@ def run_cell(
     state = load_desired_state(REPO)
     if min_headroom is not None:
         state = with_min_headroom(state, min_headroom)
-    config = SimConfig(
-        prefill_engine_speed=cell.engine_speed,
-        decode_engine_speed=cell.engine_speed,
-        ttft_outside_s=cell.ttft_outside_s,
-    )
+    config = cell_config(cell)
     started = time.perf_counter()
     profile = cell_load(cell, state, config)
     # Policies that scale on hand-set targets run on a copy of the policy that has them;
@@ -362,6 +371,62 @@ def run_cell(
     )
     document["wall_s"] = round(time.perf_counter() - started, 1)
     return document
+
+
+def screen_cell(cell: Cell) -> dict[str, Any]:
+    """Heteroscale alone on ``cell``: its share within both SLOs and GPU-hours, nothing
+    else (no other policy, no bound, no static run at its cost): what ``--screen``
+    compares with an earlier full run's figures."""
+    state = load_desired_state(REPO)
+    config = cell_config(cell)
+    profile = cell_load(cell, state, config)
+    figures = evaluate(
+        state, cell.service, profile, (GOALS_FOR,), seed=cell.seed, config=config
+    ).to_json()["policies"][GOALS_FOR]
+    return {
+        "cell": cell.name,
+        "slo_attainment": figures.get("slo_attainment"),
+        "gpu_hours": figures.get("gpu_hours"),
+    }
+
+
+def screen_lines(screened: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[str]:
+    """A line per screened cell: heteroscale's share within both SLOs and GPU-hours
+    against the reference run's (``--json`` of an earlier run, matrix or held-out),
+    the cells that moved marked ``*``; then the GPU-hours over the cells both hold."""
+    earlier = {
+        d["cell"]: d["policies"].get(GOALS_FOR, {})
+        for d in reference
+        if isinstance(d, dict) and "cell" in d
+    }
+    lines = []
+    total_now = total_then = 0.0
+    for row in screened:
+        share, hours = row["slo_attainment"], row["gpu_hours"]
+        then = earlier.get(row["cell"], {})
+        share_then, hours_then = then.get("slo_attainment"), then.get("gpu_hours")
+        if share is None or hours is None:
+            lines.append(f"{row['cell']}: failed")
+            continue
+        if share_then is None or not hours_then:
+            lines.append(
+                f"{row['cell']}: {share:.2%} within both SLOs, {hours:.1f} GPU-hours (new)"
+            )
+            continue
+        total_now += hours
+        total_then += hours_then
+        moved = abs(share - share_then) >= 5e-5 or abs(hours / hours_then - 1) >= 5e-4
+        lines.append(
+            f"{row['cell']}: {share_then:.2%} -> {share:.2%} within both SLOs "
+            f"({(share - share_then) * 100:+.2f} points), {hours_then:.1f} -> {hours:.1f} "
+            f"GPU-hours ({(hours / hours_then - 1):+.1%}){' *' if moved else ''}"
+        )
+    if total_then:
+        lines.append(
+            f"GPU-hours over the cells both runs hold: {total_then:.1f} -> {total_now:.1f} "
+            f"({total_now / total_then - 1:+.2%})"
+        )
+    return lines
 
 
 def reactive_at_cost(
@@ -867,6 +932,12 @@ def main() -> None:
         help="a what-if: every policy's scaling.min_headroom set to this (not the repository's)",
     )
     parser.add_argument(
+        "--screen",
+        type=Path,
+        help="run heteroscale alone on the cells and compare with an earlier --json "
+        "(a change's quick check before the full run; the other policies do not depend on it)",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         help="print the tables of a JSON an earlier run wrote (--json) instead of running",
@@ -890,6 +961,13 @@ def main() -> None:
         cells = [c for c in cells if any(c.name.startswith(w) for w in wanted)]
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     started = time.perf_counter()
+    if args.screen:
+        reference = json.loads(args.screen.read_text())
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            screened = list(pool.map(screen_cell, cells))
+        print("\n".join(screen_lines(screened, reference)))
+        print(f"{len(cells)} cells in {time.perf_counter() - started:.0f} s")
+        return
     documents: list[dict[str, Any]] = []
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -323,3 +323,29 @@ def test_the_mix_shift_cell_grows_every_output_at_its_time_under_a_steady_load(
     rate_before = profile.count[before].sum() / at
     rate_after = profile.count[after].sum() / (profile.horizon_s - at)
     assert rate_before == pytest.approx(5.0, rel=0.1) and rate_after == pytest.approx(5.0, rel=0.1)
+
+
+def test_the_screen_sets_heteroscale_beside_an_earlier_run_and_marks_what_moved(
+    bench: ModuleType,
+) -> None:
+    """``--screen REF.json``: heteroscale alone per cell against an earlier run's
+    figures, the cells that moved marked, a new cell said so, and the GPU-hours over
+    the cells both runs hold."""
+    reference = [
+        {"cell": "same", "policies": {"heteroscale": {"slo_attainment": 0.99, "gpu_hours": 100.0}}},
+        {"cell": "moved", "policies": {"heteroscale": {"slo_attainment": 0.95, "gpu_hours": 50.0}}},
+    ]
+    screened = [
+        {"cell": "same", "slo_attainment": 0.99, "gpu_hours": 100.0},
+        {"cell": "moved", "slo_attainment": 0.97, "gpu_hours": 55.0},
+        {"cell": "new", "slo_attainment": 0.9, "gpu_hours": 10.0},
+        {"cell": "broken", "slo_attainment": None, "gpu_hours": None},
+    ]
+    lines = bench.screen_lines(screened, reference)
+    assert lines[0].startswith("same: 99.00% -> 99.00%") and not lines[0].endswith("*")
+    assert lines[1] == (
+        "moved: 95.00% -> 97.00% within both SLOs (+2.00 points), 50.0 -> 55.0 GPU-hours (+10.0%) *"
+    )
+    assert lines[2] == "new: 90.00% within both SLOs, 10.0 GPU-hours (new)"
+    assert lines[3] == "broken: failed"
+    assert lines[4] == "GPU-hours over the cells both runs hold: 150.0 -> 155.0 (+3.33%)"
