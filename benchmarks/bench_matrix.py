@@ -141,7 +141,7 @@ GATEWAY_TTFT_S = 0.3
 # The model-off cell at a moderate rate: the Azure day at a fifth of azure-x50's rate
 # on engines at 0.6x the declared figures (a model 1.67x optimistic). Prefill serves
 # too few prompts there for its busy fraction to teach the correction in one reading
-# (``capacity.implied_prefill_factor_from_busy``), so only the TTFT does; a hostile
+# (``capacity.read_prefill_busy``), so only the TTFT does; a hostile
 # prober found the planner keeping 50.8% of chat's requests within both SLOs at a
 # steady 40 requests/s on such engines, where static peak keeps 99.97% (added after
 # the planner was judged on every other cell: it shows a known gap, not a tuned case).

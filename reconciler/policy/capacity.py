@@ -1542,13 +1542,20 @@ class BusyReading:
 
     @property
     def taught(self) -> float | None:
-        """The factor, where the reading may teach it (precise, or saturated)."""
+        """The factor, where the reading may teach it (precise, or saturated); None
+        where it says too little (too few prompts for its precision: see
+        ``BUSY_READ_MAX_ERROR``)."""
         return self.factor if self.precise or self.saturated else None
 
     @property
     def floor(self) -> float:
-        """The factor ``NOISE_SPREADS`` of its spreads low
-        (``prefill_factor_floor_from_busy``)."""
+        """The least factor a reading too coarse to teach one still allows: its factor
+        ``NOISE_SPREADS`` of its spreads low (a reading that noisy is below the true
+        factor by more than that about one time in forty). The TTFT read alone, which
+        the prompt buckets bias fast, may not take the correction below it: once
+        over-provisioned, it pulled a slower prefill's factor back to the model's, and
+        prefill cycled between overload and drain (azure-x10-engines-0.6x: 90.0%
+        within both SLOs, 93.8% with this floor)."""
         return max(0.0, 1.0 - NOISE_SPREADS * self.spread) * self.factor
 
 
@@ -1560,8 +1567,25 @@ def read_prefill_busy(
     gpu_util: float,
     backlogged: bool = False,
 ) -> BusyReading | None:
-    """One window's busy-fraction reading of prefill (``implied_prefill_factor_from_busy``
-    says what it is and when it is precise); None without usable figures."""
+    """One window's busy-fraction reading of prefill: by what factor the real prefill
+    instance is slower (> 1) or faster (< 1) than the model, from how busy it was at
+    the prompt tokens/s it served. The GPU utilisation an engine's GPUs report is its
+    busy fraction times the calibrated ``prefill_util_per_busy``, and the model's busy
+    fraction at that rate is the rate's work over the instance's compute. Their ratio
+    is the factor, faster or slower (which the TTFT tail cannot say of a faster
+    instance), and what the mix's bucketing does to the work per token cancels in the
+    throughput it corrects (the prediction and the capacity read the same one).
+    ``prompt_tps`` is what the ``instances`` served together, and ``gpu_util`` their
+    GPUs' mean, over one metrics window. None without usable figures.
+
+    ``backlogged``: a queue held prompts through the window; then a reading of a busy
+    pool needs no count of prompts: every second of it was busy whatever arrived, so
+    its samples do not spread (the precision's premise is busy time set by Poisson
+    arrivals within each sampled second), and the prompts it served are what the
+    instances could do (``saturated``). Without it a prefill slower than the model at
+    a moderate rate was never read slower: overloaded, no reading was taken, and the
+    planner cycled between overload and drain (a hostile prober: 50.8% of chat's
+    requests within both SLOs at 40 requests/s on 0.6x prefill engines)."""
     if not (
         math.isfinite(prompt_tps)
         and prompt_tps > 0
@@ -1651,53 +1675,6 @@ def combined_busy_reading(kept: tuple[KeptBusyReading, ...]) -> BusyReading | No
         precise=spread <= BUSY_READ_MAX_ERROR,
         saturated=False,
     )
-
-
-def implied_prefill_factor_from_busy(
-    perf: InstancePerf,
-    mix: RequestMix,
-    prompt_tps: float,
-    instances: int,
-    gpu_util: float,
-    backlogged: bool = False,
-) -> float | None:
-    """The factor by which the real prefill instance is slower (> 1) or faster (< 1)
-    than the model, from how busy it was at the prompt tokens/s it served: the GPU
-    utilisation an engine's GPUs report is its busy fraction times the calibrated
-    ``prefill_util_per_busy``, and the model's busy fraction at that rate is the rate's
-    work over the instance's compute. Their ratio is the factor, faster or slower
-    (which the TTFT tail cannot say of a faster instance), and what the mix's bucketing
-    does to the work per token cancels in the throughput it corrects (the prediction
-    and the capacity read the same one). ``prompt_tps`` is what the ``instances`` served together, and
-    ``gpu_util`` their GPUs' mean, over one metrics window. ``None`` where the reading
-    says nothing: no usable figures, or too few prompts for its precision (see
-    ``BUSY_READ_MAX_ERROR``). ``backlogged``: a queue held prompts through the window;
-    then a reading of a busy pool needs no count of prompts: every second of it was
-    busy whatever arrived, so its samples do not spread (the precision's premise is
-    busy time set by Poisson arrivals within each sampled second), and the prompts it
-    served are what the instances could do. Without it a prefill slower than the model
-    at a moderate rate was never read slower: overloaded, no reading was taken, and the
-    planner cycled between overload and drain (a hostile prober: 50.8% of chat's
-    requests within both SLOs at 40 requests/s on 0.6x prefill engines)."""
-    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util, backlogged)
-    return None if reading is None else reading.taught
-
-
-def prefill_factor_floor_from_busy(
-    perf: InstancePerf,
-    mix: RequestMix,
-    prompt_tps: float,
-    instances: int,
-    gpu_util: float,
-) -> float | None:
-    """The least prefill factor a busy reading too coarse to teach one still allows: its
-    factor two of its spreads low (a reading that noisy is below the true factor by more
-    than that about one time in forty). The TTFT read alone, which the prompt buckets
-    bias fast, may not take the correction below it: once over-provisioned, it pulled a
-    slower prefill's factor back to the model's, and prefill cycled between overload
-    and drain (azure-x10-engines-0.6x: 90.0% within both SLOs, 93.8% with this floor)."""
-    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util)
-    return None if reading is None else reading.floor
 
 
 # --------------------------------------------------------------------------- together

@@ -21,8 +21,10 @@ import numpy as np
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
+from reconciler.perfmodel.instance import InstancePerf
 from reconciler.policy import Decision, PolicyHistory, decide
 from reconciler.policy.base import Autoscaler, DecisionInput, Recommendation
+from reconciler.policy.capacity import RequestMix, read_prefill_busy
 from reconciler.sim.hand_targets import with_hand_targets
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -210,3 +212,25 @@ def replay(
         history = decision.history
         now_s += cycle_s
     return fleet_sim
+
+
+def busy_taught(
+    perf: InstancePerf,
+    mix: RequestMix,
+    prompt_tps: float,
+    instances: int,
+    gpu_util: float,
+    backlogged: bool = False,
+) -> float | None:
+    """The factor one window's busy reading teaches (``read_prefill_busy``'s
+    ``taught``), None where there is no reading or it teaches nothing."""
+    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util, backlogged)
+    return None if reading is None else reading.taught
+
+
+def busy_floor(
+    perf: InstancePerf, mix: RequestMix, prompt_tps: float, instances: int, gpu_util: float
+) -> float | None:
+    """The least factor one window's busy reading allows (``BusyReading.floor``)."""
+    reading = read_prefill_busy(perf, mix, prompt_tps, instances, gpu_util)
+    return None if reading is None else reading.floor

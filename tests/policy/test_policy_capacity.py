@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from policy_testkit import REPO_ROOT
+from policy_testkit import REPO_ROOT, busy_floor, busy_taught
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import ServicePolicy
@@ -38,13 +38,11 @@ from reconciler.policy.capacity import (
     idle_ttft_s,
     implied_decode_factor,
     implied_prefill_factor,
-    implied_prefill_factor_from_busy,
     kept_busy_readings,
     one_two_five_buckets,
     predicted_ttft_s,
     predicted_ttft_side,
     prefill_capacity,
-    prefill_factor_floor_from_busy,
     prefill_instances_for,
     read_prefill_busy,
     role_capacities,
@@ -739,7 +737,7 @@ def test_prefills_busy_fraction_reads_how_much_slower_or_faster_the_engine_runs(
     for read, coarse in _prefill_windows(policy, 80.0, speed, 16):
         served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
         assert served_tps is not None and gpu_util is not None and 0.2 < gpu_util < 0.9
-        implied = implied_prefill_factor_from_busy(prefill, coarse, served_tps, 16, gpu_util)
+        implied = busy_taught(prefill, coarse, served_tps, 16, gpu_util)
         assert implied is not None
         log_factors.append(math.log(implied))
     assert math.exp(float(np.mean(log_factors))) == pytest.approx(1.0 / speed, rel=0.05)
@@ -764,13 +762,9 @@ def test_a_saturated_prefill_reads_its_speed_at_any_prompt_rate() -> None:
         )
         assert served_tps is not None and gpu_util is not None and queue is not None
         assert queue > 10
-        unsaturated_read = implied_prefill_factor_from_busy(
-            prefill, coarse, served_tps, 2, gpu_util
-        )
+        unsaturated_read = busy_taught(prefill, coarse, served_tps, 2, gpu_util)
         assert unsaturated_read is None  # too few prompts for an unsaturated pool's reading
-        implied = implied_prefill_factor_from_busy(
-            prefill, coarse, served_tps, 2, gpu_util, backlogged=True
-        )
+        implied = busy_taught(prefill, coarse, served_tps, 2, gpu_util, backlogged=True)
         assert implied is not None
         factors.append(implied)
     assert float(np.median(factors)) == pytest.approx(1.0 / 0.6, rel=0.05)
@@ -785,8 +779,8 @@ def test_a_coarse_busy_reading_still_bounds_the_factor_from_below() -> None:
     for read, coarse in _prefill_windows(policy, 20.0, 0.6, 6):
         served_tps, gpu_util = read["prefill_tps"], read["prefill_gpu_util"]
         assert served_tps is not None and gpu_util is not None and gpu_util < 0.9
-        assert implied_prefill_factor_from_busy(prefill, coarse, served_tps, 6, gpu_util) is None
-        floor = prefill_factor_floor_from_busy(prefill, coarse, served_tps, 6, gpu_util)
+        assert busy_taught(prefill, coarse, served_tps, 6, gpu_util) is None
+        floor = busy_floor(prefill, coarse, served_tps, 6, gpu_util)
         assert floor is not None
         floors.append(floor)
     assert max(floors) < 1.0 / 0.6
@@ -899,13 +893,13 @@ def test_a_busy_fraction_over_too_few_prompts_or_out_of_range_says_nothing() -> 
     needed = (1 + scv) * kept / (GAUGE_SAMPLES_PER_WINDOW * BUSY_READ_MAX_ERROR**2)
     assert 40 < needed < 80  # prompts/s: a few chat instances' worth
     enough_tps = needed * mix.prompt_mean_tokens * 1.03
-    assert implied_prefill_factor_from_busy(prefill, mix, enough_tps, 8, 0.5) is not None
-    assert implied_prefill_factor_from_busy(prefill, mix, enough_tps * 0.95, 8, 0.5) is None
+    assert busy_taught(prefill, mix, enough_tps, 8, 0.5) is not None
+    assert busy_taught(prefill, mix, enough_tps * 0.95, 8, 0.5) is None
     for util in (0.0, -0.1, 1.2, math.nan, math.inf):
-        assert implied_prefill_factor_from_busy(prefill, mix, 2 * enough_tps, 8, util) is None
+        assert busy_taught(prefill, mix, 2 * enough_tps, 8, util) is None
     for tps in (0.0, -5.0, math.nan):
-        assert implied_prefill_factor_from_busy(prefill, mix, tps, 8, 0.5) is None
-    assert implied_prefill_factor_from_busy(prefill, mix, 2 * enough_tps, 0, 0.5) is None
+        assert busy_taught(prefill, mix, tps, 8, 0.5) is None
+    assert busy_taught(prefill, mix, 2 * enough_tps, 0, 0.5) is None
 
 
 # --------------------------------------------------------------------------- together

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from policy_testkit import length_buckets
+from policy_testkit import busy_floor, busy_taught, length_buckets
 
 from reconciler.desired import load_desired_state
 from reconciler.desired.models import DEFAULT_MIN_HEADROOM, ClusterSpec, RequestShape, ServicePolicy
@@ -26,9 +26,7 @@ from reconciler.policy.capacity import (
     LengthHistogram,
     PrefillLoad,
     RequestMix,
-    implied_prefill_factor_from_busy,
     predicted_ttft_s,
-    prefill_factor_floor_from_busy,
     read_prefill_busy,
     transfer_s_per_token,
 )
@@ -1427,7 +1425,7 @@ def _busy_for(util_factor: float, prefill_tps: float, instances: int) -> float:
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
     mix = _mix_read_from(_metrics(0.0, prefill_tps, 20_000.0))
-    predicted = implied_prefill_factor_from_busy(perf.prefill, mix, prefill_tps, instances, 1.0)
+    predicted = busy_taught(perf.prefill, mix, prefill_tps, instances, 1.0)
     assert predicted is not None
     return util_factor / predicted
 
@@ -1469,11 +1467,9 @@ def test_a_saturated_prefill_teaches_its_speed_at_a_moderate_rate(
     mix = _mix_read_from(_metrics(0.0, 25_000.0, 20_000.0))
     # What the model says of that reading: 1 / its busy fraction at this load, well
     # above 1 (the model has the pool idle for a good part of the time).
-    implied = implied_prefill_factor_from_busy(
-        perf.prefill, mix, 25_000.0, 5, full_util, backlogged=True
-    )
+    implied = busy_taught(perf.prefill, mix, 25_000.0, 5, full_util, backlogged=True)
     assert implied is not None and implied > 1.5
-    assert implied_prefill_factor_from_busy(perf.prefill, mix, 25_000.0, 5, full_util) is None
+    assert busy_taught(perf.prefill, mix, 25_000.0, 5, full_util) is None
     history = PolicyHistory()
     for k in range(10):
         now = 600.0 + 30.0 * k
@@ -1505,7 +1501,7 @@ def test_the_ttft_alone_does_not_take_a_slower_factor_below_what_the_busy_fracti
     at_full = read_prefill_busy(perf.prefill, mix, 25_000.0, 9, 1.0)
     assert at_full is not None
     util = 1.67 / at_full.factor  # the utilisation a 1.67x slower pool reports
-    floor = prefill_factor_floor_from_busy(perf.prefill, mix, 25_000.0, 9, util)
+    floor = busy_floor(perf.prefill, mix, 25_000.0, 9, util)
     assert floor is not None and 1.1 < floor < 1.67
     # Nine instances steady for a while (the busy fraction reads only over a window the
     # count held through).
