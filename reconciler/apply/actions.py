@@ -372,11 +372,10 @@ def _hold_moves(
     pruned by the prune setting), and scale-in by placement (a group it empties is
     counted by the fleet, so keeping it would count it twice next cycle), but for a
     placement that may move running instances (``_hold_moved``)."""
-    waiting: dict[str, str] = {}
-    for w in work:
-        why = not_yet_serving(w)
-        if why is not None:
-            waiting.setdefault(w.service, f"kept until {w.key} is ready ({why})")
+    waiting = {
+        service: f"kept until {key} is ready ({why})"
+        for service, (key, why) in _first_not_serving(work).items()
+    }
     # A shortfall, a held size or the window matter only while the groups hold less
     # than the service ran before the move: once the new copy is as large, the
     # leftovers' GPUs are what a shortfall lacks, and keeping them for one unrelated to
@@ -441,12 +440,9 @@ def _hold_moved(
     new one serves. Only what adds or keeps capacity is waited for: a Deployment
     whose own removal is held never holds another (two rolling out a new template
     while they shrink held each other forever)."""
-    waiting: dict[str, tuple[ObjectKey, str]] = {}
-    for w in work:
-        if w.service in policies and not w.removes_capacity:
-            why = not_yet_serving(w)
-            if why is not None:
-                waiting.setdefault(w.service, (w.key, why))
+    waiting = _first_not_serving(
+        w for w in work if w.service in policies and not w.removes_capacity
+    )
     if not waiting:
         return work
     out: list[WorkloadWork] = []
@@ -468,6 +464,18 @@ def _hold_moved(
             )
         out.append(w)
     return out
+
+
+def _first_not_serving(work: Iterable[WorkloadWork]) -> dict[str, tuple[ObjectKey, str]]:
+    """Per service, its first Deployment in ``work`` that this plan writes and that is
+    not yet serving, and why (``not_yet_serving``): what a make-before-break hold
+    waits for."""
+    waiting: dict[str, tuple[ObjectKey, str]] = {}
+    for w in work:
+        why = not_yet_serving(w)
+        if why is not None:
+            waiting.setdefault(w.service, (w.key, why))
+    return waiting
 
 
 # Per role: (what the groups hold after this plan, what the service ran before the move).
