@@ -43,8 +43,10 @@ from reconciler.apply.savedplan import (
     check_scope,
 )
 from reconciler.cli import app
+from reconciler.commands.status import service_status
 from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.loop.cluster_cycle import ClusterOutcome
 from reconciler.placement.base import PlacementOptions
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan
@@ -699,6 +701,14 @@ def test_a_group_moved_under_rebalance_serves_until_its_replacement_does(
     new = set(list_deployments(client, name)) - set(old)
     assert len(new) == 2, new
     assert {n: d["spec"] for n, d in list_deployments(client, name).items() if n in old} == old
+    # The service's status says the same as the apply: out of sync (Git has the old
+    # group go), on its way (not degraded: nothing for a person to fix), and why each
+    # old Deployment is kept.
+    status = service_status(ClusterOutcome(cluster=name, plan=moved, diff=first), "svc", None)
+    assert (status.sync, status.health) == ("OutOfSync", "Progressing"), status
+    kept = [h.why for h in status.holds if h.kind == "kept"]
+    assert {why.split(":")[0] for why in kept} == {f"{name}/{n}" for n in old}, status.holds
+    assert all("placement may have moved" in why for why in kept), kept
 
     # The fleet counts both copies: the placement drops the old one again, and it is
     # kept again while the new one does not serve.
