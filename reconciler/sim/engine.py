@@ -631,6 +631,8 @@ def synthetic_profile(
     output_sum = gamma_sums(output)
     # Squared prompts follow the per-second prompt mass (attention work).
     prompt_sq_sum = prompt_sum * float((prompt * prompt).mean() / prompt.mean())
+    # The same call as ``LoadProfile.from_workload``'s: from_bins is what the two
+    # sources share; the sample's weight and the notes are each source's own.
     return LoadProfile.from_bins(
         count,
         prompt_sum,

@@ -495,6 +495,8 @@ class SimulatedFleet:
                     instances=sum(c for _n, c in entries),
                     nodes=nodes,
                 )
+            # Filled as WorkGroup.freeze and the live observation fill it: one type from
+            # three sources (this table, a work group, API objects), nothing to share.
             groups.append(
                 DeploymentGroup(
                     service=meta.service,
