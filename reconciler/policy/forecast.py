@@ -32,6 +32,12 @@ The method, and where its numbers come from:
   the bound those errors give the next one at ``error_quantile`` (``prediction_bound``;
   the planner sets the attainment goal), at least ``min_headroom``: a bursty series
   under-forecasts more often and by more, and carries more headroom.
+- **A change of unit** (:func:`rescaled`): a caller whose demand is tokens per second
+  sees the work per request change with the request mix; the part of a change it
+  knows to be that (the planner's ``mix_explained_factor``) rescales the history
+  instead of entering it as a step, so the trend extrapolates only a change in the
+  requests. A switch to 3.5x longer prompts at one request rate read as a steep ramp
+  and forecast 1.6x the new level for three cycles.
 - **Too little history**: with samples spanning less than ``window_s`` (5 minutes)
   :func:`forecast` returns ``None``; the caller sizes for the current demand plus
   ``min_headroom``.
@@ -42,7 +48,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -387,6 +393,25 @@ def update(
         day_count=tuple(day_count),  # the same tuple when it is one
         pending=tuple(pending),
         errors=tuple(tuple(e[-kept:]) for e in errors),
+    )
+
+
+def rescaled(state: ForecastState, factor: float) -> ForecastState:
+    """``state`` with every demand figure it holds (the last sample, the level, the
+    trend and the forecasts awaiting scoring) multiplied by ``factor``: what the state
+    would be had the same requests always carried ``factor`` times the work each. The
+    caller's unit changed, not the demand, so no trend is read into it, and no forecast
+    filed before it is scored as an error for it. The daily curve is relative (its
+    factors are bins over their mean) and the errors are ratios: both unchanged.
+    ``state`` itself for a factor of 1 or one that is not a finite positive number."""
+    if factor == 1.0 or not (0.0 < factor < math.inf) or state.samples <= 0:
+        return state
+    return replace(
+        state,
+        last_value=state.last_value * factor,
+        level=state.level * factor,
+        trend=state.trend * factor,
+        pending=tuple((due, index, value * factor) for due, index, value in state.pending),
     )
 
 

@@ -125,6 +125,7 @@ from reconciler.policy.capacity import (
     NOISE_SPREADS,
     KeptBusyReading,
     LatencyCorrection,
+    LengthHistogram,
     PrefillLoad,
     RequestMix,
     RoleCapacities,
@@ -158,6 +159,7 @@ from reconciler.policy.forecast import (
     prediction_bound,
     readable,
     remembered,
+    rescaled,
     sizing_demand,
     update,
     values_for_bound,
@@ -483,6 +485,38 @@ def decode_follows_prefill(
         backlog=decode.backlog,
         note="; ".join(n for n in (decode.note, note) if n),
     )
+
+
+def mix_explained_factor(
+    previous: LengthHistogram, lengths: LengthHistogram, previous_tps: float, tps: float
+) -> float:
+    """How far a role's requests changed in size between two cycles, as the factor the
+    forecaster's history is rescaled by (``forecast.rescaled``): the ratio of the mean
+    lengths (``previous`` -> ``lengths``, prompt or output), so that the trend reads
+    only the change in requests. ``previous_tps`` -> ``tps``: the role's demand in
+    tokens/s at the same two cycles.
+
+    Tokens/s are requests/s times the tokens each, and a new mix is a new size per
+    request, not a demand that grows: read as one, a switch to 3.5x longer prompts at
+    one request rate (seen over two cycles through the 60 s window) was forecast at
+    1.6x the new level, and the scale-in window held the count it bought through the
+    next phase (a prober's mix alternating every 10 minutes: +51% GPU-hours over static
+    peak).
+
+    Bounded by the tokens: the mean may move beyond the tokens' own change only by
+    ``NOISE_SPREADS`` of its sampling spread (the window's requests, at the new mix's
+    spread of lengths), as a rate's noise moves them apart. A mean 1000x off while the
+    tokens hold (a broken histogram) would otherwise scale the history 1000x. 1 where a
+    figure is not a finite positive number (no history, an empty histogram)."""
+    previous_mean, mean = previous.moment(1), lengths.moment(1)
+    figures = (previous_mean, mean, previous_tps, tps)
+    if not all(0.0 < x < math.inf for x in figures):
+        return 1.0
+    requests = tps * METRICS_WINDOW_S / mean
+    relative_variance = max(lengths.moment(2) / (mean * mean) - 1.0, 0.0)
+    mean_spread = math.sqrt(relative_variance / max(requests, 1.0))
+    limit = abs(math.log(tps / previous_tps)) + NOISE_SPREADS * mean_spread
+    return math.exp(min(max(math.log(mean / previous_mean), -limit), limit))
 
 
 @dataclass(frozen=True)
@@ -820,9 +854,30 @@ def plan_decide(
         )
     parts.extend(d.note for d in (prefill_in, decode_in) if d.note)
 
-    # 5 (first, it only needs demand). Demand at each role's horizon.
-    prefill_state = update(memory.prefill_demand, now_s, prefill_in.arriving_tps, config)
-    decode_state = update(memory.decode_demand, now_s, decode_in.arriving_tps, config)
+    # 5 (first, it only needs demand). Demand at each role's horizon, the history first
+    # put in this mix's tokens per request as far as the tokens bear it out.
+    prefill_history, decode_history = memory.prefill_demand, memory.decode_demand
+    if fresh_mix is not None and memory.mix is not None:
+        prefill_history = rescaled(
+            prefill_history,
+            mix_explained_factor(
+                memory.mix.prompt,
+                fresh_mix.prompt,
+                prefill_history.last_value,
+                prefill_in.arriving_tps,
+            ),
+        )
+        decode_history = rescaled(
+            decode_history,
+            mix_explained_factor(
+                memory.mix.output,
+                fresh_mix.output,
+                decode_history.last_value,
+                decode_in.arriving_tps,
+            ),
+        )
+    prefill_state = update(prefill_history, now_s, prefill_in.arriving_tps, config)
+    decode_state = update(decode_history, now_s, decode_in.arriving_tps, config)
     # How often the demand may outrun what is kept (module docstring, step 5): the
     # attainment goal's share of cycles, for both roles (``forecast_config``). A TTFT
     # has no slack. A request's TBT tolerates 1 - quantile of slow tokens, but a

@@ -19,6 +19,7 @@ from reconciler.policy.forecast import (
     headroom,
     prediction_bound,
     readable,
+    rescaled,
     sizing_demand,
     stays_below,
     trend_forecast,
@@ -96,6 +97,56 @@ def test_holt_handles_irregular_cycles() -> None:
     predicted = forecast(state, 150.0)
     assert predicted is not None
     assert predicted.demand == pytest.approx(1000.0 + 2.0 * (times[-1] + 150.0), rel=0.01)
+
+
+# --------------------------------------------------------------------------- unit
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    factor=st.floats(0.05, 20.0),
+    slope=st.floats(-1.0, 3.0),
+    seed=st.integers(0, 10_000),
+    horizon_s=st.sampled_from([30.0, 150.0, 210.0, 600.0]),
+)
+def test_a_rescaled_history_forecasts_the_same_demand_in_the_new_unit(
+    factor: float, slope: float, seed: int, horizon_s: float
+) -> None:
+    """Rescaling is a change of unit: every forecast of the rescaled state is the
+    factor times the old state's, the trend's extrapolation included."""
+    base = noisy(1000.0, 0.1, seed)
+    state = feed(lambda t: base(t) + slope * t, 30)
+    before, after = forecast(state, horizon_s), forecast(rescaled(state, factor), horizon_s)
+    assert before is not None and after is not None
+    assert after.demand == pytest.approx(factor * before.demand, rel=1e-9)
+    assert sizing_demand(rescaled(state, factor), horizon_s) == pytest.approx(
+        factor * sizing_demand(state, horizon_s), rel=1e-9
+    )
+
+
+def test_a_rescaled_history_scores_no_error_for_the_change_of_unit() -> None:
+    """A steady series, rescaled 3.5x, then fed the same demand in the new unit: the
+    forecasts filed before the rescale are scored against it without error, and no
+    trend is read into the history (fed unrescaled, the step forecasts past itself)."""
+    config = ForecastConfig()
+    steady = feed(lambda _t: 1000.0, 20, config)
+    start_s = 20 * CYCLE_S
+
+    def then(state: ForecastState) -> ForecastState:
+        return feed(lambda _t: 3500.0, 6, config, state, start_s)
+
+    rescaled_after = then(rescaled(steady, 3.5))
+    assert all(abs(e) < 1e-9 for errors in rescaled_after.errors for e in errors)
+    assert sizing_demand(rescaled_after, 150.0, config) == pytest.approx(3500.0, rel=1e-6)
+    stepped = then(steady)
+    assert sizing_demand(stepped, 150.0, config) > 1.3 * 3500.0
+
+
+def test_rescaling_by_one_or_by_no_number_keeps_the_state() -> None:
+    state = feed(lambda t: 1000.0 + t, 12)
+    for factor in (1.0, 0.0, -2.0, math.nan, math.inf):
+        assert rescaled(state, factor) is state
+    assert rescaled(ForecastState(), 3.0) == ForecastState()
 
 
 # --------------------------------------------------------------------------- headroom

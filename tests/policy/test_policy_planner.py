@@ -30,7 +30,13 @@ from reconciler.policy.capacity import (
     read_prefill_busy,
     transfer_s_per_token,
 )
-from reconciler.policy.forecast import ForecastConfig, ForecastState, update, values_for_bound
+from reconciler.policy.forecast import (
+    ForecastConfig,
+    ForecastState,
+    sizing_demand,
+    update,
+    values_for_bound,
+)
 from reconciler.policy.planner import (
     DRAIN_S,
     MAX_KEPT_ERRORS,
@@ -47,6 +53,8 @@ from reconciler.policy.planner import (
     decode_follows_prefill,
     decode_settled,
     factor_evidence,
+    forecast_config,
+    mix_explained_factor,
     past_time,
     perf_context,
     plan_decide,
@@ -963,6 +971,80 @@ def test_sizings_made_before_any_forecast_are_not_remembered_as_kept() -> None:
     for k in range(1, 40):
         kept = kept.observe(30.0 * k, 120_000.0, 120_000.0, 210.0, 600.0, ERRORS_KEPT)
     assert kept.errors and max(kept.errors) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- a new request mix
+
+
+def _prompts(mean_tokens: float, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).lognormal(math.log(mean_tokens), 0.6, 4000)
+
+
+def _after_prompt_switch(
+    requests_per_s: Callable[[int], float], long_from_cycle: int | None, cycles: int = 22
+) -> PlannerMemory:
+    """The planner's memory after ``cycles`` cycles 30 s apart at ``requests_per_s(k)``
+    requests/s, whose prompts (~1,000 tokens) turn ~3.5x longer from
+    ``long_from_cycle`` on (None: never), half and half the cycle before, as a 60 s
+    window straddling the switch shows it."""
+    policy, cluster = _chat()
+    short, long = _prompts(1000.0), _prompts(3500.0)
+    history = PolicyHistory()
+    for k in range(cycles):
+        if long_from_cycle is None or k < long_from_cycle - 1:
+            prompts = short
+        elif k == long_from_cycle - 1:
+            prompts = np.concatenate([short[:2000], long[:2000]])
+        else:
+            prompts = long
+        tps = requests_per_s(k) * float(prompts.mean())
+        metrics = _metrics(30.0 * k, tps, 40_000.0, prompts=prompts)
+        perf = perf_context(policy, cluster)
+        history = plan_decide(policy, _fleet(30, 30), metrics, history, 30.0 * k, perf).history
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory)
+    return memory
+
+
+def test_longer_prompts_at_one_request_rate_are_not_read_as_a_rising_demand() -> None:
+    """The same 100 requests/s turn to 3.5x longer prompts: the prompt tokens/s step up
+    3.5x over two cycles, a new size per request and not a growth to extrapolate. The
+    forecast at prefill's horizon stays at the new level (read as a ramp, the step was
+    forecast 1.5x past it, and the scale-in window held what that bought)."""
+    memory = _after_prompt_switch(lambda _k: 100.0, long_from_cycle=20)
+    config, horizon_s, _ = forecast_config(_chat()[0])
+    state = memory.prefill_demand
+    predicted = sizing_demand(state, horizon_s, config)
+    assert predicted is not None
+    assert predicted == pytest.approx(state.last_value, rel=0.05)
+
+
+def test_a_request_rate_that_grows_at_one_mix_keeps_its_trend() -> None:
+    """Requests growing 3% a cycle at an unchanged mix: all demand, forecast ahead."""
+    memory = _after_prompt_switch(lambda k: 100.0 * 1.03**k, long_from_cycle=None)
+    config, horizon_s, _ = forecast_config(_chat()[0])
+    state = memory.prefill_demand
+    predicted = sizing_demand(state, horizon_s, config)
+    assert predicted is not None and predicted > 1.15 * state.last_value
+
+
+def test_what_a_new_mix_explains_of_a_change_in_demand() -> None:
+    """The mean length's ratio, as far as the tokens' change (and the mean's sampling
+    spread) bears it out; 1 with nothing to compare."""
+    outputs = _prompts(200.0)
+    short = RequestMix.from_samples(_prompts(1000.0), outputs).prompt
+    long = RequestMix.from_samples(_prompts(3500.0), outputs).prompt
+    ratio = long.moment(1) / short.moment(1)
+    assert mix_explained_factor(short, long, 100_000.0, 100_000.0 * ratio) == pytest.approx(ratio)
+    assert mix_explained_factor(long, short, 100_000.0 * ratio, 100_000.0) == pytest.approx(
+        1.0 / ratio
+    )
+    # A mean 3.5x longer while the tokens held (a broken histogram, or a rate that fell
+    # as much): the history moves by the mean's sampling spread at most, not 3.5x.
+    held = mix_explained_factor(short, long, 100_000.0, 100_000.0)
+    assert 1.0 < held < 1.05
+    for previous_tps in (0.0, math.nan, math.inf):
+        assert mix_explained_factor(short, long, previous_tps, 100_000.0) == 1.0
 
 
 # ---------------------------------------------------------------- latency read through buckets
