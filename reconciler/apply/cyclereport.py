@@ -224,11 +224,16 @@ def summary_line(result: CycleResult) -> str:
         parts.append(f"{refused} object(s) refused (! error above): not as desired.")
     matching = [c for c in result.clusters if c.outcome != "error" and not c.refused_objects]
     kept = sum(c.kept_objects for c in result.clusters)
-    if not changed and len(matching) == len(result.clusters) and kept:
-        parts.append(
-            f"No changes to make this cycle; {kept} object(s) kept as they run until what "
-            "replaces them serves (= keep above): not yet as desired."
-        )
+    drifted = sum(c.drifted_objects for c in result.clusters)
+    if not changed and len(matching) == len(result.clusters) and (kept or drifted):
+        held = []
+        if kept:
+            held.append(
+                f"{kept} object(s) kept as they run until what replaces them serves (= keep above)"
+            )
+        if drifted:
+            held.append(f"{drifted} object(s) changed outside Git (drift above)")
+        parts.append(f"No changes to make this cycle; {'; '.join(held)}: not yet as desired.")
     elif not changed and len(matching) == len(result.clusters):
         parts.append("No changes: the clusters match the desired state.")
     elif not changed:

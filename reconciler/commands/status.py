@@ -188,16 +188,14 @@ def _iso(at_s: float) -> str | None:
 def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], list[Hold]]:
     """The cycle's object writes for ``service``, and its objects held off by drift or
     by a refused write."""
+    from reconciler.loop.cluster_cycle import drifted_objects
+
     changes: list[str] = []
     holds: list[Hold] = []
     if outcome.diff is None:
         return changes, holds
     # Objects the same cycle saw changed by someone else (the observation's drift).
-    drifted = {
-        d.name: d.detail
-        for d in outcome.diff.drift
-        if d.kind in ("object_modified", "replicas_changed")
-    }
+    drifted = drifted_objects(outcome.diff)
     for obj in outcome.diff.objects:
         if obj.service != service:
             continue

@@ -28,7 +28,12 @@ from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import MetricsUnavailable
 from reconciler.loop.reporting import DriftLog, LoopMetrics, log, record_cycle, record_plan
 from reconciler.loop.windows import PolicyWindows
-from reconciler.observe.base import ClusterBackend, MetricsSource, Observation
+from reconciler.observe.base import (
+    OBJECT_DRIFT_KINDS,
+    ClusterBackend,
+    MetricsSource,
+    Observation,
+)
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.plan import Plan
 from reconciler.policy.base import Autoscaler, PolicyHistory
@@ -75,6 +80,13 @@ class ClusterOutcome:
         return self.applied and not self.refused_objects
 
     @property
+    def drifted_objects(self) -> int:
+        """Objects of this cycle's diff that someone else changed (``drifted_objects``):
+        held as they run, this cycle writes nothing for them, and the cluster is not as
+        desired."""
+        return 0 if self.diff is None else len(drifted_objects(self.diff))
+
+    @property
     def kept_objects(self) -> int:
         """Objects kept as they run though the desired state has them go (``keep``: what
         a move left behind, until its replacement serves): not yet as desired, though
@@ -82,6 +94,14 @@ class ClusterOutcome:
         if self.diff is None:
             return 0
         return sum(1 for o in self.diff.objects if o.action == "keep")
+
+
+def drifted_objects(diff: ClusterDiff) -> dict[str, str]:
+    """The objects of ``diff`` that someone else changed (the observation's drift of
+    one of them), by key, with what changed: what ``status`` holds a service for as
+    drift, and what keeps a cycle from saying the cluster matches the desired state."""
+    drifted = {d.name: d.detail for d in diff.drift if d.kind in OBJECT_DRIFT_KINDS}
+    return {o.key: drifted[o.key] for o in diff.objects if o.key in drifted}
 
 
 def refused_scale_changes(diff: ClusterDiff) -> dict[str, str]:

@@ -32,7 +32,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from reconciler.loop.protocols import LeaderElection
-from reconciler.observe.base import Drift
+from reconciler.observe.base import OBJECT_DRIFT_KINDS, Drift
 from reconciler.plan import Plan
 
 if TYPE_CHECKING:
@@ -404,8 +404,7 @@ DRIFT_KINDS = (
     "node_label",
     "node_capacity",
     "node_unexpected",
-    "object_modified",
-    "replicas_changed",
+    *OBJECT_DRIFT_KINDS,
 )
 
 

@@ -39,6 +39,11 @@ class Drift:
     detail: str
 
 
+# The drift kinds that say one of our objects was changed outside Git (the others are
+# about Nodes: the cluster file against the live cluster).
+OBJECT_DRIFT_KINDS = ("object_modified", "replicas_changed")
+
+
 @dataclass(frozen=True)
 class Observation:
     """What a cluster backend saw: our groups, plus any drift."""

@@ -234,3 +234,37 @@ def test_status_calls_a_refused_rollout_refused_not_drift(
     assert [h for h in alpha["holds"] if h["kind"] == "drift"] == []
     text = CliRunner().invoke(app, ["status", *common], terminal_width=400).stdout
     assert "alpha: hold (refused) " in text and "hold (drift)" not in text
+
+
+def test_plan_and_apply_do_not_say_the_cluster_matches_while_a_hand_edit_is_held(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Someone adds a container to a managed Deployment and pauses it: the cycle holds
+    the edit (drift is not overwritten without ``--force``), so it has nothing to
+    write, but its summary must not say the cluster matches the desired state while
+    ``status`` calls the service OutOfSync."""
+    name = "status-sidecar"
+    _state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
+    runner = CliRunner()
+    assert runner.invoke(app, ["apply", *common]).exit_code == 0
+    client = control_plane.client()
+    victim = next(iter(list_deployments(client, name)))
+    path = deployments_path(name, victim)
+    containers = client.get(path)["spec"]["template"]["spec"]["containers"]
+    sidecar = {"name": "extra", "image": "example.org/extra:1"}
+    patch = {"spec": {"paused": True, "template": {"spec": {"containers": [*containers, sidecar]}}}}
+    client.merge_patch(path, patch, field_manager="kubectl-edit")
+
+    for command in ("plan", "apply"):
+        result = runner.invoke(app, [command, *common], terminal_width=400)
+        assert result.exit_code == 0, result.output  # nothing to write
+        assert "the clusters match the desired state" not in result.output, result.output
+        assert "1 object(s) changed outside Git (drift above): not yet as desired." in (
+            result.output
+        ), result.output
+    assert [c["name"] for c in client.get(path)["spec"]["template"]["spec"]["containers"]] == [
+        *(c["name"] for c in containers),
+        "extra",
+    ]
+    code, report = _status(common)
+    assert code == 3 and report["clusters"][0]["services"][0]["sync"] == "OutOfSync"

@@ -106,3 +106,28 @@ def test_a_cycle_whose_only_work_is_keeping_what_a_move_left_behind_does_not_say
         "them serves (= keep above): not yet as desired."
     )
     assert not result.has_errors
+
+
+def test_a_cycle_that_holds_objects_changed_outside_git_does_not_say_it_matches() -> None:
+    """Someone edited a managed Deployment (a sidecar, a pause): the cycle writes
+    nothing for it (drift is held, not overwritten), but the cluster is not as the
+    desired state has it, and the summary says so, as ``status`` does."""
+    from reconciler.apply.cyclereport import summary_line
+    from reconciler.apply.report import ClusterDiff, ObjectDiff
+    from reconciler.loop.cluster_cycle import ClusterOutcome
+    from reconciler.loop.schedule import CycleResult
+    from reconciler.observe.base import Drift
+
+    objects = (ObjectDiff("ns/svc-d", "svc", "g", "decode", "unchanged", 2, 2),)
+    edited = Drift("object_modified", "ns/svc-d", "managed by kubectl-edit")
+    node = Drift("node_label", "node-1", "label s2 changed")
+    diff = ClusterDiff("east", "server-dry-run", objects, drift=(edited, node))
+    result = CycleResult([ClusterOutcome("east", diff=diff)])
+    assert summary_line(result) == (
+        "No changes to make this cycle; 1 object(s) changed outside Git (drift above): "
+        "not yet as desired."
+    )
+    # Drift of a Node alone is the cluster file's business, not an object held.
+    diff = ClusterDiff("east", "server-dry-run", objects, drift=(node,))
+    result = CycleResult([ClusterOutcome("east", diff=diff)])
+    assert summary_line(result) == "No changes: the clusters match the desired state."
