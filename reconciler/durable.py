@@ -51,6 +51,7 @@ from reconciler.policy.base import PolicyHistory, Recommendation
 from reconciler.policy.capacity import LatencyCorrection, LengthHistogram, RequestMix
 from reconciler.policy.forecast import ForecastState
 from reconciler.policy.planner import Backlog, KeptCapacity, PlannerMemory
+from reconciler.strict_json import DuplicateKeyError, loads_unique
 from reconciler.text_safety import cut, visible
 
 SCHEMA = "heteroscale.io/reconciler-state"
@@ -339,7 +340,7 @@ class UnpackBudget:
             return number
 
         try:
-            return json.loads(text, parse_int=counted(int), parse_float=counted(float))
+            return loads_unique(text, parse_int=counted(int), parse_float=counted(float))
         except _OverBudget:
             raise StateFormatError(
                 f"{where}.planner: beyond the {_LOAD_NUMBERS:,} numbers the planner "
@@ -582,12 +583,18 @@ def _parsed(text: str | bytes, schema: str, versions: tuple[int, ...]) -> dict[s
     if size > MAX_STATE_BYTES:
         raise StateFormatError(f"{size} bytes, more than the limit of {MAX_STATE_BYTES}")
     try:
-        doc = json.loads(text)
+        doc = loads_unique(text)
+    except DuplicateKeyError as exc:
+        # The first of the two may be what another reader (an older reconciler, a
+        # person) took: a state read two ways is none this reader can trust.
+        raise StateFormatError(f"{exc}: read two ways") from None
     except (ValueError, RecursionError) as exc:
         raise StateFormatError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("schema") != schema:
         raise StateFormatError(f"not a {schema} document")
-    if doc.get("version") not in versions:
+    version = doc.get("version")
+    # ``True == 1`` in Python: a boolean is no version, nor a float that equals one.
+    if type(version) is not int or version not in versions:
         raise StateFormatError(
             f"schema version {doc.get('version')!r}; this reconciler reads versions "
             f"{', '.join(map(str, versions))}"

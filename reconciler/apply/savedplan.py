@@ -60,6 +60,7 @@ from reconciler.atomic_write import replace_text
 from reconciler.bounded_read import BoundedReadError, read_named_file
 from reconciler.dns1123 import label_problem, subdomain_problem
 from reconciler.errors import PermanentError
+from reconciler.strict_json import DuplicateKeyError, loads_unique
 
 if TYPE_CHECKING:
     from reconciler.desired.loader import DesiredState
@@ -493,23 +494,6 @@ def check_leftovers(
     )
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        self.key = key
-        super().__init__(key)
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` keeps the last of two equal keys; a reviewer (or a diff tool)
-    may read the first: what is reviewed and what is applied could differ."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
 def read_plan(path: Path, signing_keys: Sequence[plansign.SigningKey] = ()) -> SavedPlan:
     """The plan in the file at ``path``, read as a regular file of at most
     ``MAX_PLAN_BYTES`` (a FIFO or ``/dev/zero`` is refused, not read for ever) and
@@ -524,8 +508,8 @@ def read_plan(path: Path, signing_keys: Sequence[plansign.SigningKey] = ()) -> S
     except UnicodeDecodeError:
         raise PlanFileError(path, "not UTF-8 text") from None
     try:
-        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
-    except _DuplicateKey as exc:
+        data = loads_unique(text)
+    except DuplicateKeyError as exc:
         raise PlanFileError(
             path,
             f"key {exc.key!r} appears twice in one object: a reader could see the one "

@@ -281,6 +281,10 @@ def test_a_version_1_document_is_still_read() -> None:
     [
         ("not base64!", "not a packed memory"),
         (base64.b64encode(b"not zlib").decode(), "not a packed memory"),
+        (
+            base64.b64encode(zlib.compress(b'{"mix_at_s": 1.0, "mix_at_s": 2.0}')).decode(),
+            "key 'mix_at_s' appears twice",
+        ),
         (base64.b64encode(zlib.compress(b"[1, 2")).decode(), "not a packed memory"),
         # A bomb: 64 MB of zeros in a few tens of kilobytes.
         (base64.b64encode(zlib.compress(b"0" * (64 << 20), 9)).decode(), "within the limit"),
@@ -304,6 +308,20 @@ def test_a_corrupt_packed_memory_is_refused(packed: str, why: str) -> None:
         ("[]", "not a heteroscale.io"),
         ('{"schema": "other", "version": 1}', "not a heteroscale.io"),
         ('{"schema": "heteroscale.io/reconciler-state", "version": 4}', "schema version 4"),
+        # ``True == 1`` and ``1.0 == 1`` in Python: neither is a version.
+        ('{"schema": "heteroscale.io/reconciler-state", "version": true}', "schema version True"),
+        ('{"schema": "heteroscale.io/reconciler-state", "version": 1.0}', "schema version 1.0"),
+        # Two readers could take either of a key written twice: the windows, or none.
+        (
+            '{"schema": "heteroscale.io/reconciler-state", "version": 3, "cluster": "east",'
+            ' "memory_shards": 0, "services": {"svc": {}}, "services": {}}',
+            "key 'services' appears twice in one object: read two ways",
+        ),
+        (
+            '{"schema": "heteroscale.io/reconciler-state", "version": 3, "cluster": "west",'
+            ' "cluster": "east", "memory_shards": 0, "services": {}}',
+            "key 'cluster' appears twice",
+        ),
         ("x" * (MAX_STATE_BYTES + 1), "more than the limit"),
         ("[" * 100_000, "not JSON"),
     ],
@@ -590,6 +608,11 @@ _THREE_MIB_OF_BLANKS = base64.b64encode(zlib.compress(b" " * (3 << 20) + b"{}", 
         (
             '{"schema": "heteroscale.io/reconciler-memories", "version": 2}',
             "memory shard 2: schema version 2",
+        ),
+        (
+            '{"schema": "heteroscale.io/reconciler-memories", "version": 1, "cluster": "east",'
+            ' "memories": {}, "memories": {}}',
+            "memory shard 2: key 'memories' appears twice",
         ),
         (
             '{"schema": "heteroscale.io/reconciler-memories", "version": 1, "cluster": "west",'
