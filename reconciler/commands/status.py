@@ -77,13 +77,14 @@ DEGRADING = {
     "refused",
     "slo_bound",
     "slo_unattainable",
+    "stuck",
 }
 
 
 @dataclass
 class Hold:
     # metrics_missing | decision_failed | invalid_revision | drift | refused | slo_* |
-    # stabilised | kept
+    # stabilised | kept | stuck
     kind: str
     why: str
 
@@ -245,6 +246,8 @@ def service_status(
         holds.append(Hold("drift", f"service held: {plan.held[service]}"))
     if desired_error:
         holds.append(Hold("invalid_revision", desired_error))
+    if outcome.observation is not None and service in outcome.observation.stuck:
+        holds.append(Hold("stuck", outcome.observation.stuck[service]))
     left_behind: dict[str, int] = {}
     if outcome.observation is not None:
         for instances_ in outcome.observation.left_behind:

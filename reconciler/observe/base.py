@@ -60,6 +60,10 @@ class Observation:
     # than near the service's groups (``PlacementRequest.draining``): those drained
     # from what a move left behind.
     draining: tuple[UngroupedInstances, ...] = field(default=())
+    # Services with instances that stopped being on their way to serving (service ->
+    # what: Pods not ready past their Deployment's progress deadline). Still counted
+    # as starting; ``status`` calls the service Degraded.
+    stuck: Mapping[str, str] = field(default_factory=dict)
 
 
 class ClusterBackend(Protocol):

@@ -65,6 +65,7 @@ from reconciler.apply.kubeclient import (
     nodes_path,
     pods_path,
 )
+from reconciler.apply.lease import parse_micro_time
 from reconciler.apply.render import ObjectKey, is_domain_of
 from reconciler.desired.models import (
     MAX_GPUS_PER_INSTANCE,
@@ -94,6 +95,10 @@ class FieldDrift(Drift):
     path: str = ""
     live: str | None = None
     desired: str | None = None
+
+
+# Kubernetes' default spec.progressDeadlineSeconds of a Deployment.
+DEFAULT_PROGRESS_DEADLINE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class LiveDeployment:
     # metadata.creationTimestamp as the API server writes it (RFC 3339 in UTC, whole
     # seconds: such strings order as their times do); "" when it does not read.
     created: str = ""
+    # spec.progressDeadlineSeconds: how long Kubernetes lets a rollout go without
+    # progress before it calls it failed (its default where unset or not a positive
+    # whole number). A Pod not ready for longer is not on its way (``stuck_starting``).
+    progress_deadline_s: float = DEFAULT_PROGRESS_DEADLINE_S
 
     @property
     def rollout_observed(self) -> bool:
@@ -164,6 +173,10 @@ class LivePod:
     deleting: bool
     created: str
     resource_version: str
+    # Why a container of a Pod not ready waits (status.containerStatuses[].state.waiting
+    # .reason: CrashLoopBackOff, ImagePullBackOff, ...), as the kubelet wrote it; "" for
+    # none (running, or no kubelet has reported).
+    waiting: str = ""
 
 
 @dataclass(frozen=True)
@@ -392,7 +405,16 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         generation=_int(meta.get("generation", 0)),
         observed_generation=_int(status.get("observedGeneration", 0)),
         created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
+        progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
     )
+
+
+def _progress_deadline_s(value: Any) -> float:
+    """spec.progressDeadlineSeconds in seconds: a positive whole number as written
+    (booleans are not), Kubernetes' default otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return DEFAULT_PROGRESS_DEADLINE_S
 
 
 @_api_object("Pod")
@@ -423,7 +445,22 @@ def parse_pod(obj: JsonObject) -> LivePod:
         deleting=bool(meta.get("deletionTimestamp")),
         created=meta.get("creationTimestamp", ""),
         resource_version=meta.get("resourceVersion", ""),
+        waiting=_waiting_reason(status),
     )
+
+
+def _waiting_reason(status: JsonObject) -> str:
+    """The first reason a container of the Pod waits for (``state.waiting.reason``),
+    init containers first; "" for none. The kubelet's text, shown escaped and cut."""
+    for key in ("initContainerStatuses", "containerStatuses"):
+        entries = status.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            state = entry.get("state") if isinstance(entry, dict) else None
+            waiting = state.get("waiting") if isinstance(state, dict) else None
+            reason = waiting.get("reason") if isinstance(waiting, dict) else None
+            if isinstance(reason, str) and reason:
+                return reason
+    return ""
 
 
 GPU_CAPACITY_PATH = f"status.capacity.{names.GPU_RESOURCE}"
@@ -986,7 +1023,48 @@ def observation_from_snapshot(
         held=unreadable_services(deployments),
         left_behind=left_behind(snapshot, policies or {}, cluster),
         draining=left_behind_draining(snapshot, policies or {}, cluster),
+        stuck=stuck_starting(snapshot),
     )
+
+
+# How many stuck Pods a service's line names (the count says how many there are).
+STUCK_PODS_NAMED = 3
+
+
+def stuck_starting(snapshot: ClusterSnapshot) -> dict[str, str]:
+    """Per service, what of it has stopped being on its way to serving: its serving
+    Pods still not ready longer after their creation than their Deployment's progress
+    deadline (``spec.progressDeadlineSeconds``: how long Kubernetes itself lets a
+    rollout go without progress, 600 s unless set), with the first few Pods and why
+    they wait (the kubelet's reason: CrashLoopBackOff, ImagePullBackOff; "no node"
+    for one never scheduled). The fleet still counts them as starting; ``status``
+    calls the service Degraded rather than Progressing for ever."""
+    late: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for key in sorted(snapshot.deployments, key=str):
+        deployment = snapshot.deployments[key]
+        for pod in snapshot.pods_of(deployment):
+            if pod.ready or pod.deleting:
+                continue
+            created_s = parse_micro_time(pod.created)
+            if (
+                created_s is None
+                or snapshot.read_at_s - created_s <= deployment.progress_deadline_s
+            ):
+                continue
+            why = pod.waiting or ("not ready" if pod.scheduled else "no node")
+            late[deployment.service].append(
+                (f"{quoted(str(pod.key))} {quoted(why)}", f"{deployment.progress_deadline_s:.0f}")
+            )
+    out: dict[str, str] = {}
+    for service, pods in late.items():
+        named = ", ".join(text for text, _ in pods[:STUCK_PODS_NAMED])
+        more = f" and {len(pods) - STUCK_PODS_NAMED} more" if len(pods) > STUCK_PODS_NAMED else ""
+        deadlines = sorted({deadline for _, deadline in pods}, key=float)
+        out[service] = (
+            f"{len(pods)} Pod(s) not ready past their Deployment's progress deadline "
+            f"({'/'.join(deadlines)} s after creation): {named}{more}"
+        )
+    return out
 
 
 def left_behind(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubetestkit import (
@@ -14,6 +15,7 @@ from kubetestkit import (
     cluster_for_cli,
     ensure_namespace,
     list_deployments,
+    list_pods,
     wait_for,
 )
 from typer.testing import CliRunner
@@ -268,3 +270,80 @@ def test_plan_and_apply_do_not_say_the_cluster_matches_while_a_hand_edit_is_held
     ]
     code, report = _status(common)
     assert code == 3 and report["clusters"][0]["services"][0]["sync"] == "OutOfSync"
+
+
+def test_pods_not_ready_past_their_progress_deadline_make_the_service_degraded(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A Pod whose engine crash-loops (and one no kubelet ever started) is starting
+    capacity for a while, as any new instance is; past the Deployment's progress
+    deadline (Kubernetes' 600 s) it is not on its way any more, and status says the
+    service is Degraded with a ``stuck`` hold naming the Pods and why they wait, where
+    it said Progressing for ever (a hostile prober)."""
+    from reconciler.apply.backend import KubernetesBackend
+    from reconciler.commands.status import service_status
+    from reconciler.cycle import plan_cluster
+    from reconciler.loop.cluster_cycle import ClusterOutcome
+    from reconciler.placement.greedy import GreedyPlacer
+    from reconciler.policy import make_autoscaler
+
+    name = "status-stuck"
+    state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
+    assert CliRunner().invoke(app, ["apply", *common]).exit_code == 0
+    client = control_plane.client()
+    pods = wait_for(
+        lambda: (p := list_pods(client, name)) and all(x["spec"].get("nodeName") for x in p) and p,
+        what="scheduled pods",
+    )
+    crashing = pods[0]["metadata"]["name"]
+    client.request(
+        "PATCH",
+        f"/api/v1/namespaces/{name}/pods/{crashing}/status",
+        body={
+            "status": {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "ready": False,
+                        "restartCount": 40,
+                        "image": "example.invalid/engine",
+                        "imageID": "",
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    }
+                ],
+            }
+        },
+        content_type="application/merge-patch+json",
+    )
+    spec, policies = state.clusters[name], state.policies_for(name)
+
+    def status_at(clock_s: float) -> Any:
+        backend = KubernetesBackend(client, state=state, clock=lambda: clock_s)
+        observation = backend.observe(spec, policies)
+        plan, _ = plan_cluster(
+            state,
+            name,
+            observation,
+            {},
+            {},
+            clock_s,
+            make_autoscaler("heteroscale"),
+            GreedyPlacer(),
+        )
+        outcome = ClusterOutcome(cluster=name, plan=plan, observation=observation)
+        return observation, service_status(outcome, "alpha", None)
+
+    now_s = time.time()
+    observation, fresh = status_at(now_s)
+    assert observation.stuck == {} and [h for h in fresh.holds if h.kind == "stuck"] == []
+    observation, late = status_at(now_s + 601.0)
+    (stuck,) = [h for h in late.holds if h.kind == "stuck"]
+    assert late.health == "Degraded"
+    assert stuck.why.startswith(
+        f"{len(pods)} Pod(s) not ready past their Deployment's progress deadline (600 s after "
+        "creation): "
+    ), stuck.why
+    assert f"{name}/{crashing} CrashLoopBackOff" in stuck.why, stuck.why
+    assert "not ready" in stuck.why  # the others: scheduled, no kubelet reported them

@@ -422,3 +422,37 @@ def test_listed_namespace_by_namespace_deployments_are_also_looked_for_where_pod
         "/apis/apps/v1/namespaces/summarize/deployments",
         "/apis/apps/v1/namespaces/chat/deployments",
     ]
+
+
+def test_a_deployments_progress_deadline_and_a_pods_waiting_reason_read_or_default(
+    state: DesiredState,
+) -> None:
+    """What ``stuck_starting`` judges by, as hostile objects may carry it: the
+    progress deadline as a positive whole number or Kubernetes' default (600 s); a
+    waiting reason from the first container that has one, init containers first, or
+    none at all for any other shape."""
+    group = DeploymentGroup(
+        "chat", "prod-east", "pod-a-0", "pod-a", "rg-a", GroupRole("h800", 1), GroupRole("h800", 1)
+    )
+    live = next(iter(_live(state, [group]).values()))
+    for written, read in ((120, 120.0), (True, 600.0), (-5, 600.0), ("120", 600.0), (None, 600.0)):
+        raw = {**live.raw, "spec": {**live.raw["spec"], "progressDeadlineSeconds": written}}
+        assert parse_deployment(raw).progress_deadline_s == read  # type: ignore[union-attr]
+    pod = _pod("p", ready=False)
+    waiting = {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+    shapes = [
+        ({"containerStatuses": [waiting]}, "CrashLoopBackOff"),
+        (
+            {
+                "initContainerStatuses": [{"state": {"waiting": {"reason": "PodInitializing"}}}],
+                "containerStatuses": [waiting],
+            },
+            "PodInitializing",
+        ),
+        ({"containerStatuses": [{"state": {"running": {}}}, waiting]}, "CrashLoopBackOff"),
+        ({"containerStatuses": "x"}, ""),
+        ({"containerStatuses": [None, 3, {"state": []}, {"state": {"waiting": 7}}]}, ""),
+        ({"containerStatuses": [{"state": {"waiting": {"reason": 5}}}]}, ""),
+    ]
+    for extra, reason in shapes:
+        assert parse_pod({**pod, "status": {**pod["status"], **extra}}).waiting == reason
