@@ -519,6 +519,42 @@ def mix_explained_factor(
     return math.exp(min(max(math.log(mean / previous_mean), -limit), limit))
 
 
+def token_rate_spread(lengths: LengthHistogram, tps: float) -> float:
+    """The relative standard deviation of a metrics window's tokens at ``tps`` tokens/s
+    of requests of these ``lengths`` arriving as a Poisson stream: the window's token
+    count is a compound Poisson sum, of variance (requests) x E[L^2], so its spread is
+    sqrt(E[L^2] / E[L] / tokens). Infinite where there is no rate or no length."""
+    mean = lengths.moment(1)
+    tokens = tps * METRICS_WINDOW_S
+    if not (mean > 0 and tokens > 0):
+        return math.inf
+    return math.sqrt(lengths.moment(2) / mean / tokens)
+
+
+def confirmed_decode_peak(decode: RoleDemand, prefill: RoleDemand, mix: RequestMix) -> float:
+    """The part of decode's demand that the requests reaching the service confirm, for
+    the hour's peak to keep: at most the output tokens/s the prompts asked of prefill
+    bring at this mix's output per prompt token, with ``NOISE_SPREADS`` of that
+    figure's spread (``token_rate_spread``).
+
+    Decode's demand is what it served plus the growth of its work, and the running
+    requests' work is read at the mix's steady-state remaining output: right for a
+    batch of steady-state ages, not for one that drains an overload. After outputs
+    grew 10x, a decode short of instances caught up at 1.4x what arrived (17,779
+    output tokens/s served, 12,024 arriving), the catch-up was filed as the hour's peak
+    and held decode at 12 instances for an hour where 9 served (a prober). This
+    cycle's size still goes by the demand as read (a catch-up is served either way);
+    only the memory waits for the arrivals to confirm it. The mix's output lengths are
+    of completed requests, which lag a switch to longer ones by a request's duration:
+    for that while a true peak is filed low, and the next readings file it."""
+    prompt_mean, output_mean = mix.prompt_mean_tokens, mix.output_mean_tokens
+    if not (prompt_mean > 0 and output_mean > 0):
+        return decode.arriving_tps
+    entering_tps = (prefill.arriving_tps + prefill.drain_tps) * output_mean / prompt_mean
+    spread = token_rate_spread(mix.output, entering_tps)
+    return min(decode.arriving_tps, entering_tps * (1.0 + NOISE_SPREADS * spread))
+
+
 @dataclass(frozen=True)
 class KeptCapacity:
     """The headroom's evidence for one role: what the planner sized for (before
@@ -552,9 +588,12 @@ class KeptCapacity:
         horizon_s: float,
         window_s: float,
         errors_kept: int,
+        peak_demand: float | None = None,
     ) -> KeptCapacity:
         """Itself with the demand ``now_s`` scored against the capacity then in force
-        (``errors_kept`` of the errors kept, the newest) and ``sized`` filed."""
+        (``errors_kept`` of the errors kept, the newest) and ``sized`` filed; the hour's
+        peak takes ``peak_demand`` where given (the part of the demand other readings
+        confirm: ``confirmed_decode_peak``), the demand otherwise."""
         oldest, newest = now_s - horizon_s - window_s, now_s - horizon_s
         # The sizings still remembered (made at or after ``oldest``), and of those the
         # ones in force now (made by ``newest``): the entries themselves, not copies.
@@ -570,8 +609,9 @@ class KeptCapacity:
         if sized is not None:
             kept.append((now_s, sized))
         since_s = now_s - PEAK_MEMORY_S
-        peaks = [p for p in self.peaks if p[0] >= since_s and p[1] > demand]
-        peaks.append((now_s, demand))
+        peak = demand if peak_demand is None else peak_demand
+        peaks = [p for p in self.peaks if p[0] >= since_s and p[1] > peak]
+        peaks.append((now_s, peak))
         return KeptCapacity(tuple(kept), errors, tuple(peaks))
 
     def readable(self, now_s: float) -> KeptCapacity:
@@ -667,6 +707,7 @@ def _sized_demand(
     kept: KeptCapacity,
     horizon_s: float,
     window_s: float,
+    peak_tps: float | None = None,
 ) -> tuple[float, str, KeptCapacity]:
     """The demand to size for (forecast plus headroom, plus the queue's drain), how it
     was found, and the headroom's evidence updated (``KeptCapacity``). The headroom is
@@ -676,7 +717,7 @@ def _sized_demand(
     predicted = sizing_demand(state, horizon_s, config)
     base = now_tps if predicted is None else predicted
     errors_kept = values_for_bound(config.error_quantile, MAX_KEPT_ERRORS)
-    kept = kept.observe(now_s, now_tps, predicted, horizon_s, window_s, errors_kept)
+    kept = kept.observe(now_s, now_tps, predicted, horizon_s, window_s, errors_kept, peak_tps)
     drain = ""
     if demand.drain_tps > 0:
         drain = f" +{demand.drain_tps:.0f} to drain the queue"
@@ -905,6 +946,7 @@ def plan_decide(
         memory.decode_kept,
         horizon_decode_s,
         window_s,
+        None if fresh_mix is None else confirmed_decode_peak(decode_in, prefill_in, fresh_mix),
     )
 
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.

@@ -49,6 +49,7 @@ from reconciler.policy.planner import (
     _sized_demand,
     capacities_for,
     clear_caches,
+    confirmed_decode_peak,
     declared_mix,
     decode_follows_prefill,
     decode_settled,
@@ -60,6 +61,7 @@ from reconciler.policy.planner import (
     plan_decide,
     role_demand,
     running_growth_tps,
+    token_rate_spread,
     within_bucket,
 )
 from reconciler.state import RoleCount, Sample, ServiceFleet, ServiceMetrics
@@ -911,6 +913,27 @@ def test_a_released_backlog_never_takes_decode_demand_below_nothing() -> None:
     decode = RoleDemand(30_000.0, 0.0, None, None)
     prefill = RoleDemand(100_000.0, 40_000.0, None, None)
     assert decode_follows_prefill(decode, prefill, 150_000.0, 5.0).arriving_tps == 0.0
+
+
+def test_decode_remembers_as_its_peak_only_what_the_arriving_requests_confirm() -> None:
+    """A decode batch catching up after an overload serves more than arrives, and its
+    running work's estimate (steady-state ages) takes only part of that off. The hour's
+    peak keeps at most the output tokens/s the prompts reaching prefill bring (its
+    demand and queue's drain, at the mix's output per prompt token) with two spreads of
+    that figure; a demand within it is kept whole."""
+    outputs = np.random.default_rng(5).lognormal(math.log(2000.0), 0.5, 4000)
+    mix = RequestMix.from_samples(_prompts(1150.0), outputs)
+    per_prompt_token = mix.output_mean_tokens / mix.prompt_mean_tokens
+    prefill = RoleDemand(6_000.0, 900.0, None, None)
+    entering = (6_000.0 + 900.0) * per_prompt_token
+    catching_up = RoleDemand(1.4 * entering, 0.0, None, None)
+    confirmed = confirmed_decode_peak(catching_up, prefill, mix)
+    spread = token_rate_spread(mix.output, entering)
+    assert 0.01 < spread < 0.1
+    assert confirmed == pytest.approx(entering * (1.0 + 2.0 * spread))
+    steady = RoleDemand(1.05 * entering, 0.0, None, None)
+    assert confirmed_decode_peak(steady, prefill, mix) == steady.arriving_tps
+    assert token_rate_spread(mix.output, 0.0) == math.inf
 
 
 def test_decode_is_sized_for_a_prefill_surge_in_the_same_cycle() -> None:
