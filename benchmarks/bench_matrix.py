@@ -21,6 +21,12 @@ Cells (the repository's own ``policies/`` and ``clusters/``, nothing tuned per c
   demand steps up 4x within a minute, and its batch swells and drains (added with the
   planner's fix for what that drain did to it, as a known gap: it shows the fix, it
   was not tuned on);
+- ``chat-prompts-3.5x-alternating``: chat at a steady 12 requests/s for two hours, every
+  prompt 3.5x longer in every other 10-minute period (``PROMPT_ALTERNATION``): a mix
+  that switches back and forth at one request rate, as when batch jobs with long
+  documents share a service in turns; prefill's prompt tokens/s step 3.5x up and down
+  every 10 minutes (added with the planner's fix for reading such a switch as a rising
+  trend, as a known gap: it shows the fix, it was not tuned on);
 - ``azure-x50-gateway-0.3s``: the ``azure-x50`` day with 0.3 s of every request's TTFT
   spent before the instances (``SimConfig.ttft_outside_s``: an API gateway,
   tokenisation, a network hop), which no policy's performance model sees; static peak
@@ -116,7 +122,11 @@ from reconciler.sim.evaluate import STATIC_PAST_PEAK, evaluate  # noqa: E402
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets  # noqa: E402
 from reconciler.sim.load import load_with_requests  # noqa: E402
 from reconciler.sim.reactive import covered_at_multiples, reactive_reference  # noqa: E402
-from reconciler.sim.workload import synthetic_workload  # noqa: E402
+from reconciler.sim.workload import (  # noqa: E402
+    SERVICE_SHAPES,
+    shape_for_service,
+    synthetic_workload,
+)
 
 POLICIES = (
     "heteroscale",
@@ -153,6 +163,12 @@ SLOW_ENGINE_SPEED = 0.6
 OUTPUT_GROWTH = 4.0
 OUTPUT_GROWTH_AT_S = 2400.0
 STEADY_RPS = 30.0
+# The alternating-mix cell: chat at a steady rate, every prompt this many times longer
+# in every other period (the first period short). A hostile prober found the planner
+# spending +51% GPU-hours over static peak on it (each switch forecast as a ramp).
+PROMPT_ALTERNATION = 3.5
+PROMPT_ALTERNATION_PERIOD_S = 600.0
+ALTERNATING_RPS = 12.0
 STATIC_AT_COST = "static at heteroscale's GPU-hours"
 
 
@@ -167,9 +183,13 @@ class Cell:
     warmup_seed: int | None = None  # the synthetic day run before it, not judged
     engine_speed: float = 1.0  # the simulated engines against the declared GPU figures
     ttft_outside_s: float = 0.0  # every TTFT's time outside the instances (SimConfig)
-    # A steady synthetic load at this rate whose outputs grow OUTPUT_GROWTH-fold at
-    # OUTPUT_GROWTH_AT_S (the mix-shift cell); None: the trace or the synthetic day.
+    # A steady synthetic load at this rate whose mix changes (``steady_change``): the
+    # mix-shift cells; None: the trace or the synthetic day.
     steady_rps: float | None = None
+    # "outputs-grow": every output OUTPUT_GROWTH-fold from OUTPUT_GROWTH_AT_S on;
+    # "prompts-alternate": every prompt PROMPT_ALTERNATION-fold in every other
+    # PROMPT_ALTERNATION_PERIOD_S.
+    steady_change: str = "outputs-grow"
 
 
 AZURE_TRACE = "AzureLLMInferenceTrace_conv.csv"
@@ -245,6 +265,16 @@ def all_cells(services: list[str]) -> list[Cell]:
             SLOW_ENGINE_SPEED,
         ),
         Cell(f"chat-outputs-{OUTPUT_GROWTH:g}x", "chat", None, None, 2.0, 3, steady_rps=STEADY_RPS),
+        Cell(
+            f"chat-prompts-{PROMPT_ALTERNATION:g}x-alternating",
+            "chat",
+            None,
+            None,
+            2.0,
+            5,
+            steady_rps=ALTERNATING_RPS,
+            steady_change="prompts-alternate",
+        ),
     ]
     for warm in (False, True):
         for service in services:
@@ -268,10 +298,12 @@ def with_min_headroom(state: DesiredState, least: float) -> DesiredState:
     return dataclasses.replace(state, policies=policies)
 
 
-def outputs_grown_load(cell: Cell, config: SimConfig) -> LoadProfile:
-    """The mix-shift cell's load: ``cell.service``'s synthetic lengths at a steady
-    ``cell.steady_rps`` without bursts, every output ``OUTPUT_GROWTH`` times longer
-    from ``OUTPUT_GROWTH_AT_S`` on."""
+def steady_load(cell: Cell, config: SimConfig) -> LoadProfile:
+    """A mix-shift cell's load: ``cell.service``'s synthetic lengths at a steady
+    ``cell.steady_rps`` without bursts, changed as ``cell.steady_change`` says: every
+    output ``OUTPUT_GROWTH`` times longer from ``OUTPUT_GROWTH_AT_S`` on, or every
+    prompt ``PROMPT_ALTERNATION`` times longer in every other
+    ``PROMPT_ALTERNATION_PERIOD_S`` (at most the shape's longest prompt)."""
     assert cell.steady_rps is not None
     workload = synthetic_workload(
         cell.service,
@@ -281,11 +313,23 @@ def outputs_grown_load(cell: Cell, config: SimConfig) -> LoadProfile:
         trough_ratio=1.0,
         bursts=(),
     )
-    grown = workload.arrival_s >= OUTPUT_GROWTH_AT_S
-    outputs = workload.output_tokens.copy()
-    outputs[grown] = np.round(outputs[grown] * OUTPUT_GROWTH).astype(outputs.dtype)
+    if cell.steady_change == "outputs-grow":
+        grown = workload.arrival_s >= OUTPUT_GROWTH_AT_S
+        outputs = workload.output_tokens.copy()
+        outputs[grown] = np.round(outputs[grown] * OUTPUT_GROWTH).astype(outputs.dtype)
+        workload = dataclasses.replace(workload, output_tokens=outputs)
+    elif cell.steady_change == "prompts-alternate":
+        longest = SERVICE_SHAPES[shape_for_service(cell.service)].prompt_max
+        long_phase = (workload.arrival_s // PROMPT_ALTERNATION_PERIOD_S) % 2 == 1
+        prompts = workload.prompt_tokens.copy()
+        prompts[long_phase] = np.minimum(
+            np.round(prompts[long_phase] * PROMPT_ALTERNATION), longest
+        ).astype(prompts.dtype)
+        workload = dataclasses.replace(workload, prompt_tokens=prompts)
+    else:
+        raise ValueError(f"unknown steady_change {cell.steady_change!r}")
     return LoadProfile.from_workload(
-        dataclasses.replace(workload, output_tokens=outputs),
+        workload,
         length_classes=config.length_classes,
         sample_limit=config.request_sample_limit,
     )
@@ -304,7 +348,7 @@ def cell_load(cell: Cell, state: DesiredState, config: SimConfig) -> LoadProfile
     """The load a cell replays: its trace or synthetic day (after its warm-up, if it
     has one), or the mix-shift load."""
     if cell.steady_rps is not None:
-        return outputs_grown_load(cell, config)
+        return steady_load(cell, config)
     trace = None
     if cell.trace is not None:
         shared = shared_dir()

@@ -325,6 +325,44 @@ def test_the_mix_shift_cell_grows_every_output_at_its_time_under_a_steady_load(
     assert rate_before == pytest.approx(5.0, rel=0.1) and rate_after == pytest.approx(5.0, rel=0.1)
 
 
+def test_the_alternating_mix_cell_switches_prompt_lengths_every_period_at_one_rate(
+    bench: ModuleType,
+) -> None:
+    """``chat-prompts-3.5x-alternating``: chat at a steady rate, every prompt
+    ``PROMPT_ALTERNATION`` times longer in every other period, the first short; the
+    request rate and the outputs do not move."""
+    from reconciler.desired import load_desired_state
+    from reconciler.sim.engine import SimConfig
+
+    name = f"chat-prompts-{bench.PROMPT_ALTERNATION:g}x-alternating"
+    cell = next(c for c in bench.all_cells(["chat"]) if c.name == name)
+    assert cell.steady_rps == bench.ALTERNATING_RPS and cell.warmup_seed is None
+    short = bench.Cell(
+        "short", "chat", None, None, 2 / 3, 3, steady_rps=5.0, steady_change="prompts-alternate"
+    )
+    profile = bench.cell_load(short, load_desired_state(bench.REPO), SimConfig())
+    period = int(bench.PROMPT_ALTERNATION_PERIOD_S)
+    phases = [slice(k * period, (k + 1) * period) for k in range(profile.horizon_s // period)]
+
+    def per_request(values: Any, seconds: slice) -> float:
+        return float(values[seconds].sum() / profile.count[seconds].sum())
+
+    shorts, longs = phases[0::2], phases[1::2]
+    assert len(shorts) == len(longs) == 2
+    for quiet, long in zip(shorts, longs, strict=True):
+        # The longest prompts are capped at the shape's, so a little under the factor.
+        ratio = per_request(profile.prompt_sum, long) / per_request(profile.prompt_sum, quiet)
+        assert 0.85 * bench.PROMPT_ALTERNATION < ratio < 1.1 * bench.PROMPT_ALTERNATION
+        assert per_request(profile.output_sum, long) == pytest.approx(
+            per_request(profile.output_sum, quiet), rel=0.15
+        )
+        for seconds in (quiet, long):
+            assert profile.count[seconds].sum() / period == pytest.approx(5.0, rel=0.15)
+    unknown = bench.Cell("x", "chat", None, None, 0.1, 3, steady_rps=1.0, steady_change="nope")
+    with pytest.raises(ValueError, match="unknown steady_change"):
+        bench.cell_load(unknown, load_desired_state(bench.REPO), SimConfig())
+
+
 def test_the_screen_sets_heteroscale_beside_an_earlier_run_and_marks_what_moved(
     bench: ModuleType,
 ) -> None:
