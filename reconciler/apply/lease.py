@@ -204,6 +204,20 @@ class LeaseElector:
             renewed = self._renewed_at_s
         return renewed is not None and self.clock() - renewed < self.renew_deadline_s
 
+    def holds_lease(self) -> bool:
+        """Whether this replica leads by the Lease as the API server holds it now (one
+        read), for a write that would overwrite another's: ``is_leader`` is this
+        replica's own clock (its last renewal within the renew deadline), and another
+        replica may hold the Lease since (one that took it over while this one had not
+        yet run its next round). False when it cannot be read: no overwrite on a guess."""
+        if not self.is_leader():
+            return False
+        try:
+            record = parse_lease(self.client.get(leases_path(self.namespace, self.name)))
+        except Exception:  # any failure: not known to lead, so no overwrite
+            return False
+        return record.holder == self.identity
+
     def error_counts(self) -> dict[str, int]:
         """Failed rounds since construction, by error kind (the exception's class)."""
         with self._lock:
@@ -301,6 +315,8 @@ class LeaseElector:
         try:
             current = self.client.get(path)
         except NotFound:
+            if self._holder_may_still_lead(now):
+                return self._lost()
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -326,6 +342,18 @@ class LeaseElector:
         if action == "acquire":
             self.transitions_seen += 1
         return self._won(now)
+
+    def _holder_may_still_lead(self, now: float) -> bool:
+        """Whether another replica this one saw holding the Lease may still act as the
+        leader though the Lease is gone (deleted by hand, or by a restore): it does
+        until its own renew deadline, and a Lease taken at once had two replicas writing
+        for up to a round (a hostile prober: the old leader overwrote the new one's state
+        five times). So a missing Lease is taken as an expired one is: once the last
+        holder seen has not renewed for a lease duration."""
+        seen = self._observed
+        if self.is_leader() or seen is None or not seen.holder or seen.holder == self.identity:
+            return False
+        return now < self._observed_at_s + seen.duration_s
 
     def _won(self, now: float) -> bool:
         with self._lock:

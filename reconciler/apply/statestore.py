@@ -160,6 +160,7 @@ class ConfigMapStateStore:
         identity: str,
         *,
         is_leader: Callable[[], bool] = lambda: True,
+        holds_lease: Callable[[], bool] | None = None,
         memory_shards: int | None = None,
     ) -> None:
         namespace_segment(namespace)  # InvalidObjectName now, not at the first write
@@ -167,6 +168,10 @@ class ConfigMapStateStore:
         self.namespace = namespace
         self.identity = identity
         self.is_leader = is_leader
+        # Asked before a write over another's (a conflict): whether this replica still
+        # holds the Lease by the API server (``LeaseElector.holds_lease``); None: no
+        # election, the local check alone.
+        self.holds_lease = holds_lease
         self.memory_shards = valid_memory_shards(
             DEFAULT_MEMORY_SHARDS if memory_shards is None else memory_shards
         )
@@ -435,6 +440,15 @@ class ConfigMapStateStore:
                     f"{self._describe_object(name)}: {_changed(exc)} since read; re-reading",
                     extra={"event": "state_conflict", "cluster": cluster},
                 )
+                if self.holds_lease is not None and not self.holds_lease():
+                    # The other writer may be the replica that leads now: its state
+                    # stands (the old leader's windows written over it five times).
+                    log.info(
+                        f"{self._describe_object(name)}: not written over, this replica "
+                        "does not hold the Lease",
+                        extra={"event": "state_not_leader", "cluster": cluster},
+                    )
+                    return False
                 self._get(name)
                 continue
             return True

@@ -1530,6 +1530,7 @@ def register(app: typer.Typer) -> None:
         if leader_elect and real:
             elector = LeaseElector(lease_client, lease.namespace, lease.name, who)
             store.is_leader = elector.is_leader  # type: ignore[union-attr]
+            store.holds_lease = elector.holds_lease  # type: ignore[union-attr]
             elector.start()
             log.info(
                 f"leader election on Lease {lease.namespace}/{lease.name} as {who}",

@@ -79,6 +79,85 @@ def test_a_standby_takes_over_only_after_the_holder_stops_renewing(
     assert holder.try_acquire_or_renew()
 
 
+@pytest.mark.fault
+def test_a_deleted_lease_is_taken_over_only_as_an_expired_one_is(
+    control_plane: ControlPlane,
+) -> None:
+    """Someone deletes the Lease while it has a holder: the standby that saw it held
+    waits until the holder it saw would have expired (a lease duration after its last
+    renewal it saw), by which time the holder has stopped acting (its renew deadline is
+    shorter), instead of creating the Lease at once while the old leader still acts
+    until its next round (two writers, a hostile prober). The holder itself, still
+    leading, takes its own Lease back at once."""
+    admin = control_plane.client()
+    ensure_namespace(admin, NAMESPACE)
+    kwargs = {"lease_duration_s": 2, "renew_deadline_s": 1.0, "retry_period_s": 0.2}
+    holder = LeaseElector(control_plane.client(), NAMESPACE, "deleted", "holder", **kwargs)
+    standby = LeaseElector(control_plane.client(), NAMESPACE, "deleted", "standby", **kwargs)
+    assert holder.try_acquire_or_renew() and not standby.try_acquire_or_renew()
+    admin.request("DELETE", leases_path(NAMESPACE, "deleted"))
+    assert holder.try_acquire_or_renew(), "the leader takes its own Lease back at once"
+    assert not standby.try_acquire_or_renew()
+    admin.request("DELETE", leases_path(NAMESPACE, "deleted"))
+    last_renewal_seen = time.monotonic()
+    assert not standby.try_acquire_or_renew(), "the holder it saw may still act"
+    while not standby.try_acquire_or_renew():
+        time.sleep(0.1)
+    assert time.monotonic() - last_renewal_seen >= 2 - 0.25
+    assert not holder.is_leader(), "the old holder stopped acting before the standby started"
+    assert parse_lease(admin.get(leases_path(NAMESPACE, "deleted"))).holder == "standby"
+    # A candidate that never saw a holder (a fresh replica) creates a missing Lease.
+    admin.request("DELETE", leases_path(NAMESPACE, "deleted"))
+    fresh = LeaseElector(control_plane.client(), NAMESPACE, "deleted", "fresh", **kwargs)
+    assert fresh.try_acquire_or_renew()
+
+
+@pytest.mark.fault
+def test_a_replica_that_no_longer_holds_the_lease_does_not_write_its_state_over_the_leaders(
+    control_plane: ControlPlane,
+) -> None:
+    """Two state stores of one cluster, the old leader's still leading by its own clock
+    (its last renewal within the renew deadline) while the Lease names the other: on
+    the conflict with the new leader's write it asks the API server, finds it does not
+    hold the Lease, and leaves the new leader's state standing (it wrote over it,
+    re-reading after each conflict)."""
+    from reconciler.apply.statestore import ConfigMapStateStore
+    from reconciler.durable import DurableState
+    from reconciler.policy.base import PolicyHistory, Recommendation
+
+    admin = control_plane.client()
+    ensure_namespace(admin, NAMESPACE)
+    old = LeaseElector(control_plane.client(), NAMESPACE, "state-fence", "old")
+    new = LeaseElector(control_plane.client(), NAMESPACE, "state-fence", "new")
+    assert old.try_acquire_or_renew()
+    stores = {
+        who: ConfigMapStateStore(
+            control_plane.client(),
+            NAMESPACE,
+            who,
+            is_leader=elector.is_leader,
+            holds_lease=elector.holds_lease,
+        )
+        for who, elector in (("old", old), ("new", new))
+    }
+
+    def state(prefill: int) -> DurableState:
+        history = PolicyHistory(recommendations=(Recommendation(100.0, prefill, 4),))
+        return DurableState("fenced", 100.0, histories={"svc": history})
+
+    assert stores["old"].save(state(1))
+    assert stores["new"].load("fenced") is not None  # both have read the object now
+    # The Lease passes to "new" (the old holder released nothing: it is merely late).
+    lease = admin.get(leases_path(NAMESPACE, "state-fence"))
+    lease["spec"]["holderIdentity"] = "new"
+    admin.request("PUT", leases_path(NAMESPACE, "state-fence"), body=lease)
+    assert new.try_acquire_or_renew() and old.is_leader()
+    assert stores["new"].save(state(7))
+    assert not stores["old"].save(state(1)), "a conflict, and the Lease is the other's"
+    (history,) = stores["new"].load("fenced").histories.values()  # type: ignore[union-attr]
+    assert history.recommendations[0].prefill == 7
+
+
 def test_two_loops_racing_for_the_lease_exactly_one_acts(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
