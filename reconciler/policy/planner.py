@@ -61,7 +61,9 @@ One cycle, in order (each step that changes a number says so in the message):
    set).
 5. **Demand at the horizon.** A new instance serves ``startup_s`` + one cycle + the
    metrics window from now; each role's demand is forecast at that horizon
-   (``forecast``: Holt's trend plus the daily curve once a day of history exists) and
+   (``forecast``: Holt's trend plus the daily curve once a day of history exists; its
+   history rescaled first by what a change in the mix's mean length explains,
+   ``mix_explained_factor``, so a new mix is a new size per request, not a trend) and
    sized for ``max(now, forecast) x (1 + headroom)``. The headroom bounds how far
    the demand outran the capacity kept in force (``KeptCapacity``): the bound at the
    attainment goal (for both roles) of the recent shortfalls, which the next one stays
@@ -72,7 +74,9 @@ One cycle, in order (each step that changes a number says so in the message):
    by default, ``models.DEFAULT_MIN_HEADROOM``): a bursty service carries more on its
    own. Too little history: current demand x (1 + that floor). The headroom is
    relative, so it never takes the size above ``max(peak, forecast) x (1 + the
-   floor)``, ``peak`` being the last hour's highest demand (``KeptCapacity.peak_tps``).
+   floor)``, ``peak`` being the last hour's highest demand (``KeptCapacity.peak_tps``;
+   decode's only as far as the requests reaching prefill confirm it,
+   ``confirmed_decode_peak``).
 6. **Unattainable requests** (TTFT missed even on an idle instance) are left out of
    the capacity (their work is still counted: ``PrefillCapacity.demand_tps``), shown
    with the prompt length beyond which the SLO is out of reach, and never chased:
