@@ -476,14 +476,27 @@ MAX_HTTP_CLIENTS = 64
 # served per connection (HTTP/1.0), and a scrape of /metrics, or a probe, takes well
 # under a second; Prometheus' own scrape timeout defaults to 10 s.
 HTTP_CONNECTION_DEADLINE_S = 10.0
+# The deadline only rotates the slots: one client that reopens each connection as it
+# is closed held all of them, and the kubelet's /healthz probes failed until it
+# stopped (a hostile prober: 2 probes of 24 answered). One client address holds at
+# most a quarter of them, so the probes (from the node) and Prometheus' scrapes (from
+# its Pod) find a slot whatever one other address does; many addresses at once are
+# for a NetworkPolicy on the port to keep out.
+MAX_HTTP_CLIENTS_PER_ADDRESS = MAX_HTTP_CLIENTS // 4
 # How often overdue connections are looked for: a deadline holds to within this.
 _DEADLINE_CHECK_S = 0.25
 
 
+def _client_host(client_address: Any) -> str:
+    """The address part of a connection's peer (``(host, port)``), "" for none."""
+    return str(client_address[0]) if client_address else ""
+
+
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A ``ThreadingHTTPServer`` with at most ``MAX_HTTP_CLIENTS`` handler threads, each
-    connection closed ``HTTP_CONNECTION_DEADLINE_S`` after it was accepted (by one
-    watchdog thread, not a timer per connection)."""
+    """A ``ThreadingHTTPServer`` with at most ``MAX_HTTP_CLIENTS`` handler threads (of
+    which one client address holds ``MAX_HTTP_CLIENTS_PER_ADDRESS``), each connection
+    closed ``HTTP_CONNECTION_DEADLINE_S`` after it was accepted (by one watchdog thread,
+    not a timer per connection)."""
 
     # socketserver's 5 dropped the connections of a burst past it (their SYN retried a
     # second later), a probe's among them.
@@ -491,6 +504,8 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self._slots = threading.BoundedSemaphore(MAX_HTTP_CLIENTS)
+        self._per_address: dict[str, int] = {}  # open connections by client address
+        self._per_address_lock = threading.Lock()
         self._deadlines: dict[socket.socket, float] = {}  # open connection -> monotonic
         self._deadlines_lock = threading.Lock()
         self._stopped = threading.Event()  # before binding: a failed bind closes the server
@@ -526,14 +541,34 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._stopped.set()
         super().server_close()
 
+    def _take_address_slot(self, host: str) -> bool:
+        with self._per_address_lock:
+            held = self._per_address.get(host, 0)
+            if held >= MAX_HTTP_CLIENTS_PER_ADDRESS:
+                return False
+            self._per_address[host] = held + 1
+            return True
+
+    def _release_address_slot(self, host: str) -> None:
+        with self._per_address_lock:
+            held = self._per_address.pop(host, 1) - 1
+            if held > 0:
+                self._per_address[host] = held
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        host = _client_host(client_address)
+        if not self._take_address_slot(host):
+            self.shutdown_request(request)
+            return
         if not self._slots.acquire(blocking=False):
+            self._release_address_slot(host)
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
-        except BaseException:  # no thread started: nothing will release the slot
+        except BaseException:  # no thread started: nothing will release the slots
             self._slots.release()
+            self._release_address_slot(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -545,6 +580,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             with self._deadlines_lock:
                 del self._deadlines[request]
             self._slots.release()
+            self._release_address_slot(_client_host(client_address))
 
 
 def serve_http(loop: ReconcileLoop, host: str, port: int) -> ThreadingHTTPServer:

@@ -652,3 +652,32 @@ def test_a_cycle_with_a_refused_write_keeps_the_recorded_revision_and_saves_the_
     assert applied.revision == revision_of(second) != first.revision
     assert applied.last_plan is not None and applied.last_plan.revision == applied.revision.id
     assert applied.last_plan.applied_at_s == 1060.0
+
+
+def test_one_client_address_cannot_hold_the_slots_the_health_probe_needs(
+    state: DesiredState,
+) -> None:
+    """One client that keeps every connection it may open idle, reopening each as the
+    server closes it, held all the slots, and the kubelet's /healthz probes failed for
+    as long as it liked. One address holds ``MAX_HTTP_CLIENTS_PER_ADDRESS``; a probe
+    from another address is answered meanwhile, and the flooding address's extra
+    connections are closed unanswered."""
+    import http.client
+
+    loop = make_loop(state, {"prod-east": RecordingBackend("prod-east")})
+    server = serve_http(loop, "127.0.0.1", 0)
+    address = ("127.0.0.1", server.server_address[1])
+    idle = [socket.create_connection(address) for _ in range(MAX_HTTP_CLIENTS)]
+    try:
+        time.sleep(0.5)
+        closed = sum(_closed_by_server(client) for client in idle)
+        assert closed == MAX_HTTP_CLIENTS - reporting.MAX_HTTP_CLIENTS_PER_ADDRESS
+        for _ in range(3):
+            probe = http.client.HTTPConnection(*address, timeout=5, source_address=("127.0.0.2", 0))
+            probe.request("GET", "/healthz")
+            assert probe.getresponse().status == 200
+            probe.close()
+    finally:
+        for client in idle:
+            client.close()
+        server.shutdown()
