@@ -363,6 +363,24 @@ def test_the_alternating_mix_cell_switches_prompt_lengths_every_period_at_one_ra
         bench.cell_load(unknown, load_desired_state(bench.REPO), SimConfig())
 
 
+def test_the_steady_cell_is_the_synthetic_load_unchanged(bench: ModuleType) -> None:
+    """``chat-steady-18rps``: chat's synthetic lengths at a steady rate, nothing else:
+    the same load as the synthetic day without its bursts or its daily curve."""
+    from reconciler.desired import load_desired_state
+    from reconciler.sim.engine import SimConfig
+
+    name = f"chat-steady-{bench.STEADY_CELL_RPS:g}rps"
+    cell = next(c for c in bench.all_cells(["chat"]) if c.name == name)
+    assert (cell.steady_rps, cell.steady_change) == (bench.STEADY_CELL_RPS, "none")
+    short = bench.Cell("short", "chat", None, None, 0.5, 9, steady_rps=5.0, steady_change="none")
+    profile = bench.cell_load(short, load_desired_state(bench.REPO), SimConfig())
+    halves = (slice(0, 900), slice(900, 1800))
+    rates = [profile.count[h].sum() / 900 for h in halves]
+    prompts = [profile.prompt_sum[h].sum() / profile.count[h].sum() for h in halves]
+    assert rates == pytest.approx([5.0, 5.0], rel=0.1)
+    assert prompts[1] == pytest.approx(prompts[0], rel=0.1)
+
+
 def test_the_screen_sets_heteroscale_beside_an_earlier_run_and_marks_what_moved(
     bench: ModuleType,
 ) -> None:
