@@ -40,6 +40,7 @@ from reconciler.policy.forecast import (
 from reconciler.policy.planner import (
     DRAIN_S,
     MAX_KEPT_ERRORS,
+    MIN_KEPT_ERRORS,
     PEAK_MEMORY_S,
     Backlog,
     KeptCapacity,
@@ -601,6 +602,85 @@ def test_the_message_names_what_held_the_headroom() -> None:
     higher = KeptCapacity(errors=(9.0,) * 20, peaks=((0.0, 5_000.0),))
     _, how, _ = _sized_demand(900.0, demand, state, config, higher, 150.0, 600.0)
     assert "held to the hour's peak 5000 +10%" in how
+
+
+def _rises(came_true: bool, count: int, start_s: float = 0.0) -> KeptCapacity:
+    """A load at 1,000 tokens/s whose hour's peak is 1,000, forecast at 1,800 every
+    cycle for ``count`` cycles; the demand then reaches 1,800 (``came_true``) or stays
+    at 1,000, scored a horizon (150 s) later."""
+    kept = KeptCapacity()
+    for k in range(count + 6):
+        now = start_s + 30.0 * k
+        reached = 1_800.0 if came_true and k >= 5 else 1_000.0
+        demand = 1_000.0 if k < 5 else reached
+        kept = kept.observe(now, demand, 1_800.0 if k < count else None, 150.0, 600.0, 199)
+    return kept
+
+
+def test_a_rise_past_the_peak_is_trusted_as_far_as_such_rises_came_true() -> None:
+    """Forecasts above the hour's peak are scored a horizon later by how much of their
+    rise past it the demand reached. Until ten are scored the forecast is trusted
+    whole; then at the attainment goal's bound of what came true: nothing of a load
+    that returns to its old peak again and again, all of one that climbs."""
+    assert _rises(came_true=False, count=5).rise_trust(800.0) == 1.0  # too few scored
+    fell_back = _rises(came_true=False, count=20)
+    assert len(fell_back.rises_scored_at) == MIN_KEPT_ERRORS
+    assert fell_back.rise_trust(800.0) == 0.0
+    assert _rises(came_true=True, count=20).rise_trust(800.0) == 1.0
+
+
+def test_what_rises_came_true_is_learnt_over_the_hour_the_peak_is_remembered() -> None:
+    """The first rise of an on-off load comes true (the hour's peak was lower then);
+    kept beyond the peak's memory it would vouch for every later one."""
+    kept = _rises(came_true=False, count=20)
+    later = PEAK_MEMORY_S + 30.0 * 30
+    kept = kept.observe(later, 1_000.0, 1_000.0, 150.0, 600.0, 199)
+    assert kept.rises_true == () and kept.rise_trust(later) == 1.0
+
+
+def test_a_damaged_memory_of_rises_is_read_as_far_as_sound() -> None:
+    kept = KeptCapacity(
+        rises=((100.0, 1_000.0, 1_800.0, 1_000.0), (100.0, 2_000.0, 1_000.0, 0.0)),
+        rises_true=((10.0, 0.5), (10.0, 7.0), (math.nan, 0.2), (20.0, -1.0)),
+        rises_scored_at=(10.0, math.inf, 60.0),
+    )
+    sound = kept.readable(50.0)
+    assert sound.rises == ((100.0, 1_000.0, 1_800.0, 1_000.0),)  # a forecast below its peak
+    assert sound.rises_true == ((10.0, 0.5),) and sound.rises_scored_at == (10.0,)
+
+
+def _instances_on_off(trust_learnt: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """Chat at 2x its load for 10 minutes and 1x for 5, over and over, for 65 minutes
+    (scale-in window 300 s, no cooldown): the instances asked for over the last 25
+    minutes, summed, and the last message; ``trust_learnt`` False trusts every
+    forecast's rise past the hour's peak whole (as before the planner learnt it)."""
+    if not trust_learnt:
+        monkeypatch.setattr(KeptCapacity, "rise_trust", lambda self, now_s: 1.0)
+    policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
+    perf = perf_context(policy, cluster)
+    history, fleet, total, message = PolicyHistory(), _fleet(40, 40), 0, ""
+    for k in range(130):
+        level = 2.0 if k % 30 < 20 else 1.0
+        metrics = _metrics(30.0 * k, 100_000.0 * level, 20_000.0 * level)
+        decision = plan_decide(policy, fleet, metrics, history, 30.0 * k, perf)
+        history, message = decision.history, decision.message
+        fleet = _fleet(decision.prefill, decision.decode)
+        if k >= 80:
+            total += decision.prefill + decision.decode
+    return total, message
+
+
+def test_an_on_off_load_is_not_sized_past_its_old_peak_once_its_rises_fell_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every switch up reads to Holt as a ramp and its forecast runs past the hour's
+    peak; the demand only ever returns to that peak. Once such rises have been seen to
+    fall back, the size is held to the peak with the floor: fewer instances than when
+    every such forecast was trusted, and the message says how much of it was."""
+    learnt, message = _instances_on_off(True, monkeypatch)
+    trusting, _ = _instances_on_off(False, monkeypatch)
+    assert learnt < trusting
+    assert "0% of the forecast's rise past it (as far as such rises came true)" in message
 
 
 def test_decode_carries_the_bursts_headroom_as_prefill_does() -> None:
