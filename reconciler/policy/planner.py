@@ -665,13 +665,14 @@ class KeptCapacity:
         sized = tuple(entry for entry in self.sized if filed(*entry))
         errors = tuple(e for e in self.errors if remembered(e))
         peaks = tuple(entry for entry in self.peaks if filed(*entry))
-        # A rise is due within a horizon (at most a day: far beyond any start-up) and
-        # its forecast is above its peak (the share's denominator), all of it readable.
+        # A rise falls due within a horizon of when it was filed (a day either side of
+        # now is far beyond any start-up; one already due is scored at the next
+        # observation) and its forecast is above its peak (the share's denominator).
         rises = tuple(
             entry
             for entry in self.rises
             if all(map(remembered, entry))
-            and 0 <= entry[0] - now_s <= DAY_S
+            and abs(entry[0] - now_s) <= DAY_S
             and 0 <= entry[1] < entry[2]
             and entry[3] >= 0
         )

@@ -640,12 +640,23 @@ def test_what_rises_came_true_is_learnt_over_the_hour_the_peak_is_remembered() -
 
 def test_a_damaged_memory_of_rises_is_read_as_far_as_sound() -> None:
     kept = KeptCapacity(
-        rises=((100.0, 1_000.0, 1_800.0, 1_000.0), (100.0, 2_000.0, 1_000.0, 0.0)),
+        rises=(
+            (100.0, 1_000.0, 1_800.0, 1_000.0),
+            (100.0, 2_000.0, 1_000.0, 0.0),
+            (2e9, 1_000.0, 1_800.0, 1_000.0),
+        ),
         rises_true=((10.0, 0.5), (10.0, 7.0), (math.nan, 0.2), (20.0, -1.0)),
         rises_scored_at=(10.0, math.inf, 60.0),
     )
     sound = kept.readable(50.0)
-    assert sound.rises == ((100.0, 1_000.0, 1_800.0, 1_000.0),)  # a forecast below its peak
+    # A forecast below its peak, and one due in 60 years, are dropped.
+    assert sound.rises == ((100.0, 1_000.0, 1_800.0, 1_000.0),)
+    # One already due (a restart read the memory back after its horizon) is kept, and
+    # scored at the next observation.
+    later = kept.readable(130.0)
+    assert later.rises == ((100.0, 1_000.0, 1_800.0, 1_000.0),)
+    scored = later.observe(130.0, 1_800.0, None, 150.0, 600.0, 199)
+    assert scored.rises == () and scored.rises_true[-1] == (130.0, 1.0)
     assert sound.rises_true == ((10.0, 0.5),) and sound.rises_scored_at == (10.0,)
 
 
