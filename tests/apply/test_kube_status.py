@@ -291,9 +291,16 @@ def test_pods_not_ready_past_their_progress_deadline_make_the_service_degraded(
     state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
     assert CliRunner().invoke(app, ["apply", *common]).exit_code == 0
     client = control_plane.client()
+    replicas = sum(d["spec"]["replicas"] for d in list_deployments(client, name).values())
+    # Every replica's Pod created and scheduled (the ReplicaSets create them one by one).
     pods = wait_for(
-        lambda: (p := list_pods(client, name)) and all(x["spec"].get("nodeName") for x in p) and p,
-        what="scheduled pods",
+        lambda: (
+            (p := list_pods(client, name))
+            and len(p) == replicas
+            and all(x["spec"].get("nodeName") for x in p)
+            and p
+        ),
+        what="every replica's Pod scheduled",
     )
     crashing = pods[0]["metadata"]["name"]
     client.request(
