@@ -560,6 +560,17 @@ def confirmed_decode_peak(decode: RoleDemand, prefill: RoleDemand, mix: RequestM
     return min(decode.arriving_tps, entering_tps * (1.0 + NOISE_SPREADS * spread))
 
 
+def _sliding_max(
+    entries: Sequence[tuple[float, float]], since_s: float, at_s: float, value: float
+) -> list[tuple[float, float]]:
+    """A sliding maximum's entries ((at s, value), each higher than every later one)
+    with ``value`` added at ``at_s`` and those from before ``since_s`` gone: its first
+    entry is the highest value since, and it stays short."""
+    kept = [entry for entry in entries if entry[0] >= since_s and entry[1] > value]
+    kept.append((at_s, value))
+    return kept
+
+
 @dataclass(frozen=True)
 class KeptCapacity:
     """The headroom's evidence for one role: what the planner sized for (before
@@ -625,8 +636,7 @@ class KeptCapacity:
             kept.append((now_s, sized))
         since_s = now_s - PEAK_MEMORY_S
         peak = demand if peak_demand is None else peak_demand
-        peaks = [p for p in self.peaks if p[0] >= since_s and p[1] > peak]
-        peaks.append((now_s, peak))
+        peaks = _sliding_max(self.peaks, since_s, now_s, peak)
         # Score the rises past the peak that fell due: the share of the forecast's
         # excess over the peak then that the highest demand since reached.
         rises = []
@@ -636,8 +646,7 @@ class KeptCapacity:
             highest = max(highest, demand)
             if now_s >= due_s:
                 came = round(min(max((highest - peak_then) / (forecast - peak_then), 0.0), 1.0), 3)
-                rises_true = [r for r in rises_true if r[1] > came]
-                rises_true.append((now_s, came))
+                rises_true = _sliding_max(rises_true, since_s, now_s, came)
                 scored_at.append(now_s)
             else:
                 rises.append((due_s, peak_then, forecast, highest))
@@ -679,8 +688,15 @@ class KeptCapacity:
         rises_true = tuple(r for r in self.rises_true if filed(*r) and r[1] <= 1.0)
         scored_at = tuple(at for at in self.rises_scored_at if filed(at, 0.0))
         kept = (sized, errors, peaks, rises, rises_true, scored_at)
-        read = (self.sized, self.errors, self.peaks, self.rises, self.rises_true)
-        if tuple(map(len, kept)) == (*map(len, read), len(self.rises_scored_at)):
+        read = (
+            self.sized,
+            self.errors,
+            self.peaks,
+            self.rises,
+            self.rises_true,
+            self.rises_scored_at,
+        )
+        if tuple(map(len, kept)) == tuple(map(len, read)):
             return self
         return KeptCapacity(*kept)
 
