@@ -10,9 +10,12 @@ Errors of the cluster propagate to the schedule, which reports them and backs of
 
 Leadership: the schedule reads it when the cluster's cycle starts; the read, the
 decision and the dry run may take long on a slow API server, so the acting leader asks
-``apply_refused`` again right before applying and, if it no longer leads (or the loop
-is stopping), only reports, as a standby does, and reads the stored windows again the
-next time it acts (another leader may have written them meanwhile).
+``apply_refused`` again right before applying, then the API server whether its Lease
+still names this replica (``lease_refused``: its own clock may say it leads while
+another holds the Lease, one that took it over, or an operator who moved it), and if it
+no longer leads (or the loop is stopping), only reports, as a standby does, and reads
+the stored windows again the next time it acts (another leader may have written them
+meanwhile).
 """
 
 from __future__ import annotations
@@ -161,6 +164,9 @@ class ClusterCycle:
     # Why this cycle must not apply after all, asked right before applying (None: it
     # may): the leadership read at the cycle's start may be minutes old by then.
     apply_refused: Callable[[], str | None] = lambda: None
+    # The same asked of the API server, once, after ``apply_refused`` let the cycle
+    # apply (one read of the Lease; per write, the local check alone).
+    lease_refused: Callable[[], str | None] = lambda: None
     drift: DriftLog = field(init=False)
     backends: dict[str, ClusterBackend] = field(init=False, default_factory=dict)
 
@@ -186,7 +192,9 @@ class ClusterCycle:
         self.windows.histories[name] = histories
         outcome.plan = plan
         record_plan(self.metrics, name, plan)
-        refused = self.apply_refused() if leader and not self.dry_run else None
+        refused = None
+        if leader and not self.dry_run:
+            refused = self.apply_refused() or self.lease_refused()
         if refused is not None:
             leader = False
             self.windows.stood_down(name)

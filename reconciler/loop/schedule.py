@@ -179,6 +179,7 @@ class ReconcileLoop:
             placement_options=placement_options,
             prune_removed_services=prune_removed_services,
             apply_refused=self._apply_refused,
+            lease_refused=self._lease_refused,
         )
         if leader_election is None:
             owner = getattr(is_leader, "__self__", None)
@@ -349,6 +350,16 @@ class ReconcileLoop:
         if not self.is_leader():
             return "this replica no longer leads (the Lease was lost during the cycle)"
         return None
+
+    def _lease_refused(self) -> str | None:
+        """Why a cluster's cycle must not apply by the Lease the API server holds (None:
+        it names this replica, or there is no election to ask)."""
+        if self.leader_election is None or self.leader_election.holds_lease():
+            return None
+        return (
+            "the Lease on the API server does not name this replica (another holds it, "
+            "or it could not be read)"
+        )
 
     def _skipped(self, name: str, now: float) -> ClusterOutcome | None:
         """The report of a cluster backing off after failures (None: its cycle is due)."""

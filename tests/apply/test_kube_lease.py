@@ -158,6 +158,47 @@ def test_a_replica_that_no_longer_holds_the_lease_does_not_write_its_state_over_
     assert history.recommendations[0].prefill == 7
 
 
+@pytest.mark.fault
+def test_a_replica_whose_lease_another_holds_does_not_apply_while_its_clock_says_it_leads(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader's own clock says it leads (its last renewal within the renew
+    deadline) while the Lease on the API server names another replica (one that took
+    it over, an operator who moved it): right before applying, the cycle asks the API
+    server, finds the Lease another's, and only reports, as a standby does. Back as the
+    holder, it applies again."""
+    admin = control_plane.client()
+    ensure_namespace(admin, NAMESPACE)
+    state = make_desired_state(tmp_path, "apply-fence")
+    elector = LeaseElector(control_plane.client(), NAMESPACE, "apply-fence", "old")
+    backend = RecordingBackend("apply-fence")
+    loop = ReconcileLoop(
+        load_desired=lambda: state,
+        backend_for=lambda spec: backend,
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(),
+        placer=OneGroupPlacer(),
+        is_leader=elector.is_leader,
+    )
+    assert elector.try_acquire_or_renew()
+    loop.run_cycle()
+    assert len(backend.applied) == 1
+    lease = admin.get(leases_path(NAMESPACE, "apply-fence"))
+    lease["spec"]["holderIdentity"] = "new"
+    admin.request("PUT", leases_path(NAMESPACE, "apply-fence"), body=lease)
+    assert elector.is_leader()
+    with caplog.at_level("WARNING"):
+        loop.run_cycle()
+    assert len(backend.applied) == 1, "applied while the Lease named another replica"
+    assert len(backend.diffed) >= 1, "it still plans and reports, as a standby"
+    assert any("does not name this replica" in r.getMessage() for r in caplog.records)
+    lease = admin.get(leases_path(NAMESPACE, "apply-fence"))
+    lease["spec"]["holderIdentity"] = "old"
+    admin.request("PUT", leases_path(NAMESPACE, "apply-fence"), body=lease)
+    loop.run_cycle()
+    assert len(backend.applied) == 2
+
+
 def test_two_loops_racing_for_the_lease_exactly_one_acts(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:

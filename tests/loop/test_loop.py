@@ -369,6 +369,9 @@ class _StuckElection:
     def is_leader(self) -> bool:
         return False
 
+    def holds_lease(self) -> bool:
+        return False
+
     def health_problem(self) -> str | None:
         return self.problem
 
