@@ -444,16 +444,25 @@ def headroom(
     kept) of the recent relative errors of the tracked horizon nearest at or above it
     (the largest if none is), at least ``min_headroom``."""
     config = config or ForecastConfig()
+    upper, used = error_bound(state, horizon_s, config)
+    return (config.min_headroom if upper is None else max(upper, config.min_headroom)), used
+
+
+def error_bound(
+    state: ForecastState, horizon_s: float, config: ForecastConfig | None = None
+) -> tuple[float | None, int]:
+    """(bound, errors behind it) of :func:`headroom` before its floor (None: no errors
+    at that horizon yet)."""
+    config = config or ForecastConfig()
     if not state.errors:
-        return config.min_headroom, 0
+        return None, 0
     horizons = config.horizons_s
     above = [i for i, h in enumerate(horizons) if h >= horizon_s]
     index = min(above, key=lambda i: horizons[i]) if above else int(np.argmax(horizons))
     recent = state.errors[index] if index < len(state.errors) else ()
     if not recent:
-        return config.min_headroom, 0
-    upper = prediction_bound(recent, config.error_quantile)
-    return max(upper, config.min_headroom), len(recent)
+        return None, 0
+    return prediction_bound(recent, config.error_quantile), len(recent)
 
 
 def trend_forecast(

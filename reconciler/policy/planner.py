@@ -54,7 +54,9 @@ One cycle, in order (each step that changes a number says so in the message):
 4. **Capacity per instance** for that mix (``capacity.role_capacities``): prefill
    prompt tokens/s at which the attainment goal's share of the attainable requests
    meets the TTFT SLO (each request is judged on its own TTFT); decode output tokens/s
-   at the batch whose step time meets the TBT SLO at the live context. The policy's
+   at the batch whose step time meets the TBT SLO at the live context, with the count
+   of sequences running held at the goal's share, not only its mean
+   (``capacity.running_spread_tps``, ``SizedDemand.with_running_spread``). The policy's
    own tokens/s targets, when given, override the derived figure of their role
    (``baselines.policy_tps_targets``: ``target_per_instance`` is the role its metric
    measures, ``prefill_target_per_instance`` prefill's unless that role is already
@@ -144,6 +146,7 @@ from reconciler.policy.capacity import (
     predicted_ttft_s,
     predicted_ttft_side,
     read_prefill_busy,
+    running_spread_tps,
     transfer_s_per_token,
 )
 from reconciler.policy.clamps import ceil_count
@@ -162,7 +165,7 @@ from reconciler.policy.coordinated import (
 from reconciler.policy.forecast import (
     ForecastConfig,
     ForecastState,
-    headroom,
+    error_bound,
     prediction_bound,
     readable,
     remembered,
@@ -797,7 +800,7 @@ def _sized_demand(
     horizon_s: float,
     window_s: float,
     peak_tps: float | None = None,
-) -> tuple[float, str, KeptCapacity]:
+) -> SizedDemand:
     """The demand to size for (forecast plus headroom, plus the queue's drain), how it
     was found, and the headroom's evidence updated (``KeptCapacity``). The headroom is
     ``config.error_quantile`` (the attainment goal, ``forecast_config``) of the capacity
@@ -814,12 +817,12 @@ def _sized_demand(
     if predicted is None:
         sized = now_tps * (1.0 + least) + demand.drain_tps
         how = f"{now_tps:.0f} now +{least:.0%} (forecast needs more history){drain}"
-        return sized, how, kept
-    from_kept = kept.headroom(config.error_quantile)
-    if from_kept is None:
-        room, source = headroom(state, horizon_s, config)[0], "forecast errors"
-    else:
-        room, source = max(from_kept, least), "shortfalls of the capacity kept"
+        return SizedDemand(sized, how, kept, now_tps, 0.0, demand.drain_tps)
+    error_room = kept.headroom(config.error_quantile)
+    source = "shortfalls of the capacity kept"
+    if error_room is None:
+        error_room, source = error_bound(state, horizon_s, config)[0], "forecast errors"
+    room = least if error_room is None else max(error_room, least)
     sized = base * (1.0 + room)
     how = f"{base:.0f} forecast in {horizon_s:.0f} s ({now_tps:.0f} now) +{room:.0%} headroom ({source})"
     # The headroom is the relative excess of demand over what was kept, so after a
@@ -844,7 +847,40 @@ def _sized_demand(
                 f", held to the hour's peak {peak:.0f} and {trust:.0%} of the forecast's rise "
                 f"past it (as far as such rises came true) = {top:.0f} +{least:.0%}"
             )
-    return sized + demand.drain_tps, how + drain, kept
+    return SizedDemand(
+        sized + demand.drain_tps, how + drain, kept, base, error_room or 0.0, demand.drain_tps
+    )
+
+
+@dataclass(frozen=True)
+class SizedDemand:
+    """A role's demand to size for, and what it is made of (``_sized_demand``)."""
+
+    tps: float  # forecast plus headroom (within the ceiling), plus the queue's drain
+    how: str  # how it was found
+    kept: KeptCapacity  # the headroom's evidence, updated
+    base_tps: float  # what the headroom was added to: the forecast, or the demand now
+    # The headroom's measured bound before the policy's floor (the shortfalls', else
+    # the forecaster's errors'), relative to ``base_tps``; 0 where none is known.
+    error_room: float
+    drain_tps: float  # the queue's drain, added on top
+
+    def with_running_spread(self, spread_tps: float) -> tuple[float, float]:
+        """(demand to size for, what was added) with decode's count of sequences
+        running held at its spread (``capacity.running_spread_tps``).
+
+        The headroom's measured part is the error of the demand's 60 s average at the
+        attainment goal; within the window the count running spreads about that
+        average on its own, at the same share. Two independent errors at one quantile
+        combine as normal deviations do, in quadrature. The policy's floor is the least
+        headroom, itself meant to hold a minute's Poisson spread at one instance's
+        scale (``models.DEFAULT_MIN_HEADROOM``), so the headroom holds what it already
+        does and only what the quadrature needs beyond it is added: nothing on a large
+        pool, where the floor holds the spread, most of the spread on a small one."""
+        margin = max(0.0, self.tps - self.drain_tps - self.base_tps)
+        error_margin = min(margin, max(0.0, self.error_room) * self.base_tps)
+        added = max(0.0, math.hypot(error_margin, spread_tps) - margin)
+        return self.tps + added, added
 
 
 def clear_caches() -> None:
@@ -1024,7 +1060,7 @@ def plan_decide(
     # after three bursts and lost the next burst's TBT (bench_matrix's -warm cells at
     # 99% or more: 2 of 16 before, 14 after, fdcf816).
     window_s = n.scale_in_window_s
-    prefill_demand, prefill_how, prefill_kept = _sized_demand(
+    prefill_sized = _sized_demand(
         now_s,
         prefill_in,
         prefill_state,
@@ -1033,7 +1069,7 @@ def plan_decide(
         horizon_prefill_s,
         window_s,
     )
-    decode_demand, decode_how, decode_kept = _sized_demand(
+    decode_sized = _sized_demand(
         now_s,
         decode_in,
         decode_state,
@@ -1043,6 +1079,12 @@ def plan_decide(
         window_s,
         None if fresh_mix is None else confirmed_decode_peak(decode_in, prefill_in, fresh_mix),
     )
+    prefill_demand, prefill_how, prefill_kept = (
+        prefill_sized.tps,
+        prefill_sized.how,
+        prefill_sized.kept,
+    )
+    decode_demand, decode_how, decode_kept = decode_sized.tps, decode_sized.how, decode_sized.kept
 
     # 3-4. Capacity per instance: derived from the model for the mix, or overridden.
     override_prefill, override_decode = policy_tps_targets(policy)
@@ -1157,11 +1199,16 @@ def plan_decide(
         )
     else:
         assert caps is not None
+        sized_tps[1], spread = decode_sized.with_running_spread(
+            running_spread_tps(caps.decode, decode_sized.base_tps, policy.slo.attainment_goal)
+        )
+        if spread >= 0.5:
+            decode_how += f" +{spread:.0f} for the running count's spread"
         wants[1], text = _count_for_demand(
             "decode",
             decode_how,
-            decode_demand,
-            decode_demand,
+            sized_tps[1],
+            sized_tps[1],
             caps.decode_tps_per_instance,
             override=False,
         )
@@ -1332,7 +1379,7 @@ def plan_decide(
     # prefill and decode at max_instances for ten minutes after the burst's backlog).
     for_demand = list(wants)
     for ri, (role_in, sized) in enumerate(
-        ((prefill_in, prefill_demand), (decode_in, decode_demand))
+        ((prefill_in, prefill_demand), (decode_in, sized_tps[1]))
     ):
         if fired[ri] is None and 0 < role_in.drain_tps < sized:
             for_demand[ri] = ceil_count(wants[ri] * (1.0 - role_in.drain_tps / sized))

@@ -46,6 +46,7 @@ from reconciler.policy.capacity import (
     prefill_instances_for,
     read_prefill_busy,
     role_capacities,
+    running_spread_tps,
     transfer_s_per_token,
     unattainable,
 )
@@ -1010,3 +1011,32 @@ def test_the_predicted_ttfts_side_of_a_bucket_is_the_predictions() -> None:
                             assert side == bucket_side(predicted, lower, upper)
                             checked += 1
     assert checked > 4_000
+
+
+# --------------------------------------------------------------------------- running spread
+
+
+@given(
+    demand_tps=st.floats(1.0, 1e6),
+    step_s=st.floats(0.005, 0.2),
+)
+def test_the_running_counts_spread_grows_as_the_square_root_of_the_demand(
+    demand_tps: float, step_s: float
+) -> None:
+    """The count running is Poisson with mean demand x step: at the 99.5 % goal it
+    reaches 2.576 spreads above that mean, each sequence 1 / step tokens/s, so four
+    times the demand needs twice the spread (a shrinking share of it)."""
+    decode = DecodeCapacity(1000.0, 20.0, step_s, 1000.0, "tbt_slo")
+    spread = running_spread_tps(decode, demand_tps, 0.995)
+    z = NormalDist().inv_cdf(0.995)
+    assert spread == pytest.approx(z * math.sqrt(demand_tps * step_s) / step_s)
+    assert running_spread_tps(decode, 4 * demand_tps, 0.995) == pytest.approx(2 * spread)
+
+
+def test_the_running_counts_spread_is_nothing_where_there_is_nothing_to_hold() -> None:
+    decode = DecodeCapacity(1000.0, 20.0, 0.02, 1000.0, "tbt_slo")
+    assert running_spread_tps(decode, 0.0, 0.995) == 0.0
+    assert running_spread_tps(decode, 5000.0, 0.5) == 0.0  # the mean is the median
+    # No batch meets the SLO: the capacity keeps up with the work, no batch to hold.
+    keeping_up = DecodeCapacity(1000.0, 256.0, 0.08, 1000.0, "keep_up")
+    assert running_spread_tps(keeping_up, 5000.0, 0.995) == 0.0

@@ -47,6 +47,7 @@ from reconciler.policy.planner import (
     PlannerAutoscaler,
     PlannerMemory,
     RoleDemand,
+    SizedDemand,
     _sized_demand,
     capacities_for,
     clear_caches,
@@ -627,12 +628,12 @@ def test_the_message_names_what_held_the_headroom() -> None:
     for k in range(30):  # a ramp: Holt forecasts beyond what was seen
         state = update(state, 30.0 * k, 500.0 + 20.0 * k, config)
     kept = KeptCapacity(errors=(3.0,) * 20, peaks=((0.0, 900.0),))
-    _, how, _ = _sized_demand(900.0, demand, state, config, kept, 150.0, 600.0)
+    how = _sized_demand(900.0, demand, state, config, kept, 150.0, 600.0).how
     forecast_tps = float(how.split(" forecast")[0])
     assert forecast_tps > 900.0
     assert "held to the forecast +10% (above the hour's peak 1000)" in how  # now's, filed
     higher = KeptCapacity(errors=(9.0,) * 20, peaks=((0.0, 5_000.0),))
-    _, how, _ = _sized_demand(900.0, demand, state, config, higher, 150.0, 600.0)
+    how = _sized_demand(900.0, demand, state, config, higher, 150.0, 600.0).how
     assert "held to the hour's peak 5000 +10%" in how
 
 
@@ -2000,3 +2001,52 @@ def test_decode_learns_its_speed_from_the_mean_gap_where_the_p90_bucket_cannot(
         factors[with_mean] = memory.correction.decode
     assert factors[False] == 1.0
     assert factors[True] == pytest.approx(truth, rel=0.02)
+
+
+def test_the_running_counts_spread_adds_only_what_the_headroom_does_not_hold() -> None:
+    """The headroom's measured error and the count's spread are independent errors at
+    one share, so together they need their quadrature; the policy's floor (meant for a
+    minute's Poisson spread) holds what it already does."""
+
+    def sized(base_tps: float, room: float, error_room: float, drain_tps: float = 0.0):  # type: ignore[no-untyped-def]
+        return SizedDemand(
+            base_tps * (1 + room) + drain_tps, "", KeptCapacity(), base_tps, error_room, drain_tps
+        )
+
+    # A large pool: the 10 % floor over a 5 % measured error holds a 2,304 spread.
+    large = sized(40_000.0, 0.10, 0.05)
+    assert large.with_running_spread(2_304.0) == (large.tps, 0.0)
+    # A small pool, no error measured: the floor's 260 is topped up to the spread.
+    small = sized(2_600.0, 0.10, 0.0, drain_tps=50.0)
+    tps, added = small.with_running_spread(929.0)
+    assert added == pytest.approx(929.0 - 260.0)
+    assert tps == pytest.approx(2_600.0 + 929.0 + 50.0)
+    # A measured error of +56 % and the spread: their quadrature.
+    bursty = sized(2_600.0, 0.56, 0.56)
+    _, added = bursty.with_running_spread(929.0)
+    assert added == pytest.approx(math.hypot(0.56 * 2_600.0, 929.0) - 0.56 * 2_600.0)
+    assert bursty.with_running_spread(0.0)[1] == 0.0
+
+
+def test_decode_holds_the_spread_of_a_small_batch() -> None:
+    """At a 20 ms TBT SLO an instance runs about 20 sequences: decode at 2,600 output
+    tokens/s (about 52 running) is sized for the count's 99.5 % quantile, four
+    instances where the mean batch alone asks for three, and says so."""
+    policy, cluster = _chat()
+    slo = policy.slo.model_copy(update={"tbt_ms": 20.0, "ttft_ms": 5000.0})
+    tight = policy.model_copy(update={"slo": slo})
+    perf = perf_context(tight, cluster)
+    decision = plan_decide(
+        tight, _fleet(4, 4), _metrics(0.0, 20_000.0, 2_600.0), PolicyHistory(), 0.0, perf
+    )
+    assert "for the running count's spread" in decision.message
+    sizing = re.search(
+        r"decode [^;]*?\+(\d+) for the running count's spread = \d+ output tokens/s "
+        r"/ (\d+) per instance -> (\d+)",
+        decision.message,
+    )
+    assert sizing is not None, decision.message
+    per_instance = float(sizing[2])
+    assert 2 * per_instance < 2_600.0 * 1.1 < 3 * per_instance  # the mean batch: 3
+    assert int(sizing[3]) == 4
+    assert decision.decode == 4
