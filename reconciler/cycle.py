@@ -29,7 +29,12 @@ from pathlib import Path
 from reconciler.cost import GpuPrices
 from reconciler.desired.loader import DesiredState
 from reconciler.observe.base import Observation
-from reconciler.placement.base import PlacementOptions, PlacementRequest, Placer
+from reconciler.placement.base import (
+    PlacementOptions,
+    PlacementRequest,
+    Placer,
+    placement_options_for,
+)
 from reconciler.plan import Plan, diff_groups
 from reconciler.policy.base import Autoscaler, Decision, DecisionInput, PolicyHistory
 from reconciler.state import ROLES, Role, ServiceFleet, ServiceMetrics, Targets
@@ -122,7 +127,7 @@ def plan_cluster(
         policies=policies,
         current=observation.fleet,
         targets=targets,
-        options=placement_options or PlacementOptions(),
+        options=placement_options_for(spec, placement_options),
         left_behind=observation.left_behind,
         draining=observation.draining,
     )

@@ -526,6 +526,18 @@ class Network(StrictModel):
     )
 
 
+class PlacementSettings(StrictModel):
+    """How the placer may change what runs in the cluster."""
+
+    allow_rebalance: bool = Field(
+        default=False,
+        description="let the CP-SAT placer move running instances to a better placement "
+        "(make-before-break: the old Deployments keep serving until the new ones serve); "
+        "false: only new instances are placed, running ones never move. The greedy "
+        "placer never moves them and says so",
+    )
+
+
 # Labels one node may hold after inheritance: as many as one level may declare. Every
 # cycle compares each node's labels with the live node's and fingerprints them, so the
 # work grows with nodes x labels.
@@ -561,6 +573,7 @@ class ClusterSpec(StrictModel):
     gpu_types: dict[ShortText, GpuType] = Field(min_length=1, max_length=64)
     labels: TopologyLabels = Field(default_factory=TopologyLabels)
     network: Network = Field(default_factory=Network)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)
     s2: tuple[S2Switch, ...] = Field(min_length=1)
     rdma_subgroups: tuple[RdmaSubgroup, ...] = Field(default=())

@@ -9,7 +9,7 @@ infeasibility is part of the result).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from reconciler.desired.models import ClusterSpec, ServicePolicy
@@ -26,6 +26,18 @@ class PlacementOptions:
     # from time_limit_s, so `plan` and `apply` compute the same placement (workers is
     # used only when this is off).
     deterministic: bool = True
+
+
+def placement_options_for(
+    cluster: ClusterSpec, options: PlacementOptions | None = None
+) -> PlacementOptions:
+    """The options a cluster's placement runs with: the caller's (or the defaults),
+    with running instances allowed to move where the cluster's desired state says so
+    (``placement.allow_rebalance``, reviewed in Git like every other setting)."""
+    options = options or PlacementOptions()
+    if cluster.placement.allow_rebalance and not options.allow_rebalance:
+        options = replace(options, allow_rebalance=True)
+    return options
 
 
 @dataclass(frozen=True)

@@ -475,6 +475,48 @@ def test_a_held_service_keeps_its_groups_and_its_cooldown(state: DesiredState) -
     assert histories[service].last_change_at_s == 10.0, "cooldown not re-armed"
 
 
+def test_a_cluster_allows_running_instances_to_move_only_where_its_desired_state_says_so(
+    state: DesiredState,
+) -> None:
+    """``placement.allow_rebalance`` in the cluster's file (reviewed in Git like every
+    other setting) reaches the placer; without it, running instances never move."""
+    from dataclasses import replace
+
+    from reconciler.cycle import plan_cluster
+    from reconciler.desired.models import PlacementSettings
+    from reconciler.observe.base import Observation
+    from reconciler.placement.base import PlacementOptions, PlacementRequest, PlacementResult
+    from reconciler.state import FleetState
+
+    asked: list[PlacementOptions] = []
+
+    class Recording(OneGroupPlacer):
+        def place(self, request: PlacementRequest) -> PlacementResult:
+            asked.append(request.options)
+            return super().place(request)
+
+    east = state.clusters["prod-east"]
+    allowing = east.model_copy(update={"placement": PlacementSettings(allow_rebalance=True)})
+    moving = replace(state, clusters={**state.clusters, "prod-east": allowing})
+    observation = Observation(FleetState("prod-east"))
+    for desired in (state, moving):
+        plan_cluster(desired, "prod-east", observation, {}, {}, 0.0, FixedAutoscaler(), Recording())
+    assert [o.allow_rebalance for o in asked] == [False, True]
+    # A caller's options keep their other settings.
+    plan_cluster(
+        moving,
+        "prod-east",
+        observation,
+        {},
+        {},
+        0.0,
+        FixedAutoscaler(),
+        Recording(),
+        placement_options=PlacementOptions(time_limit_s=7.0),
+    )
+    assert (asked[-1].allow_rebalance, asked[-1].time_limit_s) == (True, 7.0)
+
+
 def test_a_service_whose_autoscaler_raises_is_held_and_the_others_still_reconcile(
     state: DesiredState, caplog: pytest.LogCaptureFixture
 ) -> None:
