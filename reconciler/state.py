@@ -199,6 +199,11 @@ class RoleCount:
     # Placed instances (ready and starting) per GPU type, by type name; empty where
     # the caller does not know the types (then all count as the role's first type).
     by_type: tuple[tuple[str, int], ...] = ()
+    # Of the starting ones, those no longer on their way: not ready past their
+    # Deployment's progress deadline (a crash loop, an image that does not pull).
+    # Still counted as the role's size (more of them would likely be stuck too), never
+    # waited for.
+    stuck: int = 0
 
     @property
     def active(self) -> int:
@@ -273,6 +278,8 @@ class FleetState:
     # Instances per (service, role) that are starting / draining; ready = placed - these.
     starting: Mapping[tuple[str, Role], int] = field(default_factory=dict)
     draining: Mapping[tuple[str, Role], int] = field(default_factory=dict)
+    # Of the starting ones, those not ready past their progress deadline.
+    stuck: Mapping[tuple[str, Role], int] = field(default_factory=dict)
 
     @cached_property
     def _groups_by_service(self) -> Mapping[str, tuple[DeploymentGroup, ...]]:
@@ -303,6 +310,7 @@ class FleetState:
                 starting=starting,
                 draining=draining,
                 by_type=tuple(sorted(by_type[role].items())),
+                stuck=min(starting, self.stuck.get((service, role), 0)),
             )
 
         return ServiceFleet(service, role_count("prefill"), role_count("decode"))

@@ -270,6 +270,7 @@ def service_status(
             role: {
                 "ready": count.ready,
                 "starting": count.starting,
+                "stuck": count.stuck,  # of the starting ones, past their progress deadline
                 "draining": count.draining,
             }
             for role, count in (("prefill", fleet.prefill), ("decode", fleet.decode))

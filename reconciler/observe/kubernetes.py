@@ -802,6 +802,7 @@ def fleet_from_snapshot(
         nodes_by_key[deployment.key] = counts
 
     starting: dict[tuple[str, Role], int] = defaultdict(int)
+    stuck: dict[tuple[str, Role], int] = defaultdict(int)
     groups: list[DeploymentGroup] = []
     for (service, group_id, _namespace), roles in sorted(by_group.items()):
         any_role = next(iter(roles.values()))
@@ -824,7 +825,11 @@ def fleet_from_snapshot(
                 nodes=tuple(NodeInstances(n, c) for n, c in sorted(node_counts.items())),
                 gpus_per_instance=live.gpus_per_instance,
             )
-            starting[(service, role)] += max(0, live.counted_replicas - live.ready_replicas)
+            not_ready = max(0, live.counted_replicas - live.ready_replicas)
+            starting[(service, role)] += not_ready
+            late = len(past_progress_deadline(snapshot, live))
+            if late and not_ready:
+                stuck[(service, role)] += min(late, not_ready)
         groups.append(
             DeploymentGroup(
                 service=service,
@@ -845,6 +850,7 @@ def fleet_from_snapshot(
         groups=tuple(groups),
         starting=dict(starting),
         draining=dict(draining),
+        stuck=dict(stuck),
     )
 
 
@@ -1031,26 +1037,35 @@ def observation_from_snapshot(
 STUCK_PODS_NAMED = 3
 
 
+def past_progress_deadline(snapshot: ClusterSnapshot, deployment: LiveDeployment) -> list[LivePod]:
+    """The serving Pods of ``deployment`` not ready longer after their creation than
+    its progress deadline (``spec.progressDeadlineSeconds``), as the snapshot read them."""
+    out = []
+    for pod in snapshot.pods_of(deployment):
+        if pod.ready or pod.deleting:
+            continue
+        created_s = parse_micro_time(pod.created)
+        if (
+            created_s is not None
+            and snapshot.read_at_s - created_s > deployment.progress_deadline_s
+        ):
+            out.append(pod)
+    return out
+
+
 def stuck_starting(snapshot: ClusterSnapshot) -> dict[str, str]:
     """Per service, what of it has stopped being on its way to serving: its serving
     Pods still not ready longer after their creation than their Deployment's progress
     deadline (``spec.progressDeadlineSeconds``: how long Kubernetes itself lets a
     rollout go without progress, 600 s unless set), with the first few Pods and why
     they wait (the kubelet's reason: CrashLoopBackOff, ImagePullBackOff; "no node"
-    for one never scheduled). The fleet still counts them as starting; ``status``
-    calls the service Degraded rather than Progressing for ever."""
+    for one never scheduled). The fleet still counts them as starting, and as stuck
+    (``FleetState.stuck``: the planner does not wait for them); ``status`` calls the
+    service Degraded rather than Progressing for ever."""
     late: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for key in sorted(snapshot.deployments, key=str):
         deployment = snapshot.deployments[key]
-        for pod in snapshot.pods_of(deployment):
-            if pod.ready or pod.deleting:
-                continue
-            created_s = parse_micro_time(pod.created)
-            if (
-                created_s is None
-                or snapshot.read_at_s - created_s <= deployment.progress_deadline_s
-            ):
-                continue
+        for pod in past_progress_deadline(snapshot, deployment):
             why = pod.waiting or ("not ready" if pod.scheduled else "no node")
             late[deployment.service].append(
                 (f"{quoted(str(pod.key))} {quoted(why)}", f"{deployment.progress_deadline_s:.0f}")

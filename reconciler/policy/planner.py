@@ -975,6 +975,17 @@ def plan_decide(
     parts: list[str] = list(notes)
     if damaged:
         parts.append(f"stored planner memory damaged in {', '.join(damaged)}: read as far as sound")
+    # Starting instances stuck past their progress deadline stay in the role's size but
+    # are not on their way: waited for, one crash-looping Pod kept the latency tiers
+    # silent and the correction from learning for as long as it looped.
+    stuck = [fleet.prefill.stuck, fleet.decode.stuck]
+    starting = [max(0, on - late) for on, late in zip(starting, stuck, strict=True)]
+    for role, late in zip(("prefill", "decode"), stuck, strict=True):
+        if late:
+            parts.append(
+                f"{late} {role} instance(s) not ready past their progress deadline: counted "
+                "in the size, not waited for"
+            )
 
     # 1. Signals.
     for name in ("prefill_tps", "decode_tps"):

@@ -345,7 +345,16 @@ def test_pods_not_ready_past_their_progress_deadline_make_the_service_degraded(
     now_s = time.time()
     observation, fresh = status_at(now_s)
     assert observation.stuck == {} and [h for h in fresh.holds if h.kind == "stuck"] == []
+    starting = observation.fleet.service_fleet("alpha")
+    assert (starting.prefill.stuck, starting.decode.stuck) == (0, 0)
     observation, late = status_at(now_s + 601.0)
+    # The fleet still counts them in the size, as stuck: the planner does not wait.
+    fleet = observation.fleet.service_fleet("alpha")
+    assert fleet.prefill.stuck + fleet.decode.stuck == len(pods)
+    assert (fleet.prefill.stuck, fleet.decode.stuck) == (
+        fleet.prefill.starting,
+        fleet.decode.starting,
+    )
     (stuck,) = [h for h in late.holds if h.kind == "stuck"]
     assert late.health == "Degraded"
     assert stuck.why.startswith(

@@ -78,7 +78,7 @@ def test_json_shape_on_the_simulated_fleet() -> None:
         assert s["sync"] in ("Synced", "OutOfSync")
         assert s["health"] in ("Healthy", "Progressing", "Degraded")
         assert (s["sync"] == "OutOfSync") == bool(s["changes"])
-        assert set(s["current"]["decode"]) == {"ready", "starting", "draining"}
+        assert set(s["current"]["decode"]) == {"ready", "starting", "stuck", "draining"}
         active = s["current"]["decode"]["ready"] + s["current"]["decode"]["starting"]
         assert sum(s["gpu_types"]["decode"].values()) == active
         assert all(set(h) == {"kind", "why"} for h in s["holds"])

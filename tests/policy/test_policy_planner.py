@@ -398,6 +398,26 @@ def test_latency_tiers_do_not_escalate_while_instances_start() -> None:
     assert "still starting, no escalation" in starting.message
 
 
+def test_instances_stuck_past_their_progress_deadline_are_not_waited_for() -> None:
+    """Four decode instances that crash-loop are in decode's size but not on their way:
+    the TBT tier escalates as it would with none starting (waiting for them kept it
+    silent for as long as they looped), and the decision says why."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    hot = _metrics(0.0, 200_000.0, 40_000.0, tbt_ms=100.0)
+
+    def decided(stuck: int) -> Decision:
+        fleet = ServiceFleet(
+            "chat", RoleCount(ready=20), RoleCount(ready=40, starting=4, stuck=stuck)
+        )
+        return plan_decide(policy, fleet, hot, PolicyHistory(), 0.0, perf)
+
+    waiting, stuck = decided(0), decided(4)
+    assert "still starting, no escalation" in waiting.message
+    assert stuck.decode == math.ceil(40 * 1.3) and "decode +30% of 40 ready" in stuck.message
+    assert "4 decode instance(s) not ready past their progress deadline" in stuck.message
+
+
 def test_the_tbt_tier_waits_until_decode_has_settled_after_a_resize() -> None:
     """After decode's size changes, the batches admitted before still run on the
     instances that were there and the TBT window still weighs their steps: a TBT at 2x
