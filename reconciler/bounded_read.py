@@ -84,16 +84,26 @@ def gunzip_bounded(raw: bytes, max_bytes: int) -> bytes:
     """``raw`` inflated (one or more gzip members, as ``gzip.decompress``), at most
     ``max_bytes`` of output: a stream that would inflate further is refused as soon as
     it passes the limit. A truncated stream raises with what it held
-    (``BoundedReadError.partial``); a corrupt one with zlib's reason."""
+    (``BoundedReadError.partial``); a corrupt one with zlib's reason.
+
+    Fed a chunk at a time, from 512 bytes up to 1 MiB as a member goes on: what zlib
+    keeps after a member's end (``unused_data``) is a copy of the rest of its input, so
+    fed whole, every member copied the rest of the file, and a 4 MB file of 200,000
+    empty members took 30 s (a hostile prober)."""
     out = bytearray()
-    data = raw
-    while data:
+    view = memoryview(raw)
+    position = 0
+    while position < len(raw):
         decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        feed_bytes = _GUNZIP_FIRST_FEED_BYTES  # small for a small member, then growing
         try:
-            chunk = decoder.decompress(data, max_bytes + 1 - len(out))
-            out += chunk
-            while decoder.unconsumed_tail and len(out) <= max_bytes:
-                out += decoder.decompress(decoder.unconsumed_tail, max_bytes + 1 - len(out))
+            while not decoder.eof and position < len(raw) and len(out) <= max_bytes:
+                feed = view[position : position + feed_bytes]
+                position += len(feed)
+                feed_bytes = min(2 * feed_bytes, _GUNZIP_FEED_BYTES)
+                out += decoder.decompress(feed, max_bytes + 1 - len(out))
+                while decoder.unconsumed_tail and len(out) <= max_bytes:
+                    out += decoder.decompress(decoder.unconsumed_tail, max_bytes + 1 - len(out))
         except zlib.error as exc:
             raise BoundedReadError(f"not a readable gzip file ({exc})") from None
         if len(out) > max_bytes:
@@ -102,14 +112,20 @@ def gunzip_bounded(raw: bytes, max_bytes: int) -> bytes:
             )
         if not decoder.eof:
             raise BoundedReadError("truncated gzip stream", partial=bytes(out))
-        data = decoder.unused_data
-        if data and not data.startswith(GZIP_MAGIC):
+        position -= len(decoder.unused_data)  # where the next member starts
+        if position < len(raw) and bytes(view[position : position + 2]) != GZIP_MAGIC:
             # gzip.decompress ignores zero padding after the last member and refuses
             # anything else; so does this.
-            if data.strip(b"\0"):
+            if bytes(view[position:]).strip(b"\0"):
                 raise BoundedReadError("not a readable gzip file (trailing garbage)")
             break
     return bytes(out)
+
+
+# How much of a gzip stream is handed to zlib at once (``gunzip_bounded``): a member's
+# first feed, and the most once it doubled.
+_GUNZIP_FIRST_FEED_BYTES = 512
+_GUNZIP_FEED_BYTES = 1 << 20
 
 
 class DeadlinePassed(BoundedReadError):

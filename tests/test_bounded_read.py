@@ -59,6 +59,23 @@ def test_gunzip_inflates_every_member_as_gzip_does(members: list[bytes]) -> None
     assert gunzip_bounded(raw, 6_000) == gzip.decompress(raw)
 
 
+@given(st.lists(st.sampled_from([0, 1, 700, 5_000, 300_000]), min_size=1, max_size=6))
+def test_members_of_any_size_are_read_across_the_feeds_to_zlib(sizes: list[int]) -> None:
+    """Members smaller and larger than a feed to zlib (512 bytes doubling to 1 MiB),
+    incompressible ones too, end where they end: the next starts at its own bytes."""
+    members = [os.urandom(size // 2) + bytes(size - size // 2) for size in sizes]
+    raw = b"".join(gzip.compress(member) for member in members)
+    assert gunzip_bounded(raw, sum(sizes) + 1) == b"".join(members)
+
+
+def test_many_empty_members_are_read_once_each() -> None:
+    """200,000 empty members before the data (4 MB): each is read from its own start
+    (fed whole, each copied the rest of the file: 30 s for this one, now about 0.3 s,
+    measured as `python -c` in the commit; time is not asserted here)."""
+    raw = gzip.compress(b"") * 200_000 + gzip.compress(b"the data")
+    assert gunzip_bounded(raw, 100) == b"the data"
+
+
 def test_a_gzip_bomb_stops_at_the_limit() -> None:
     bomb = gzip.compress(b"\0" * 50_000_000)  # ~50 KB
     assert len(bomb) < 100_000

@@ -116,6 +116,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -123,7 +124,7 @@ import urllib3
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer
+from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer, read_named_file
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import MetricsUnavailable
 from reconciler.observe.presets import (
@@ -466,10 +467,23 @@ def parse_vector(result: Any) -> list[Row]:
         try:
             labels = item["metric"]
             at_s, text = item["value"]
-            rows.append(Row(dict(labels), float(text), float(at_s)))
+            if not (
+                isinstance(labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+            ):
+                raise TypeError("label names and values are strings")
+            if not (isinstance(text, str) and SAMPLE_VALUE.fullmatch(text)):
+                raise ValueError("a sample value is a number as Prometheus writes it")
+            rows.append(Row(labels, float(text), float(at_s)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an instant-vector sample: {quoted(repr(item))}") from exc
     return rows
+
+
+# A sample value as Prometheus writes one (Go's strconv.FormatFloat, and "NaN", "+Inf",
+# "-Inf"): ASCII digits only. ``float`` alone also takes "1_000", Arabic-Indic digits
+# and surrounding white space, none of which a Prometheus answer holds.
+SAMPLE_VALUE = re.compile(r"[+-]?(?:Inf|NaN|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -755,6 +769,15 @@ class AnswerTooSlow(requests.Timeout):
 
 
 _READ_CHUNK_BYTES = 64 * 1024
+# The most JSON objects an answer may hold (each "{" counted, those in strings too). Its
+# byte limit does not bound the memory an answer takes parsed: 32 MiB of empty rows
+# are 1.1 million of them, ~600 MB as Python objects (and as much again per query in
+# flight: 5 GB through ``plan``, a hostile prober). The largest answer a cycle asks for
+# is a length histogram's per service and bucket: 1,000 services (the most one
+# durable state holds) x 2 histograms x ~25 buckets (vLLM's 1-2-5 bounds up to a
+# million tokens) x 2 roles = 100,000 rows of 2 objects each; 2.5 times that is
+# allowed, ~150 MB parsed at most.
+MAX_ANSWER_OBJECTS = 500_000
 
 
 class _RecordingSession(requests.Session):
@@ -762,8 +785,8 @@ class _RecordingSession(requests.Session):
     adapter can read the HTTP status that prometheus-api-client folds into a message.
 
     It also bounds every answer, which the client would read whole into memory: at
-    most ``max_answer_bytes`` (decoded), all of it within ``deadline_s`` of sending,
-    and never a redirect followed (the 3xx comes back as a refused query: an answer
+    most ``max_answer_bytes`` (decoded) and ``MAX_ANSWER_OBJECTS`` JSON objects, all of
+    it within ``deadline_s`` of sending, and never a redirect followed (the 3xx comes back as a refused query: an answer
     from another host is not our Prometheus's, and our headers must not travel
     there)."""
 
@@ -784,6 +807,8 @@ class _RecordingSession(requests.Session):
             body = self._bounded_body(response, deadline)
         finally:
             response.close()
+        if body.count(b"{") > MAX_ANSWER_OBJECTS:
+            raise AnswerTooLarge(f"holds more than {MAX_ANSWER_OBJECTS:,} JSON objects")
         # What requests itself stores after reading a body (``Response.content``).
         response._content = body
         response._content_consumed = True
@@ -1056,7 +1081,9 @@ class PrometheusMetricsSource:
             raise _Retryable(redacted_url(f"{type(exc).__name__}: {exc}")) from exc
         except PrometheusApiClientException as exc:
             return self._classify_http_error(exc, promql, signal, connection)
-        except (ValueError, KeyError, TypeError) as exc:  # not the Prometheus API's JSON
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # Not the Prometheus API's JSON (RecursionError: arrays nested too deep for
+            # the parser, a 0.4 MiB answer that crashed the cycle).
             raise self._not_the_api(promql, exc, connection) from exc
         try:
             return parse_vector(result)
@@ -1088,14 +1115,20 @@ class PrometheusMetricsSource:
         ) from exc
 
 
+def _json_body(response: requests.Response) -> Any:
+    """``response``'s body as JSON, or None where it is none the parser can read (not
+    JSON, or nested deeper than it recurses)."""
+    try:
+        return response.json()
+    except (ValueError, RecursionError):
+        return None
+
+
 def _is_error_body(response: requests.Response | None) -> bool:
     """Whether ``response`` carries a Prometheus API error (``"status": "error"``)."""
     if response is None:
         return False
-    try:
-        body = response.json()
-    except ValueError:
-        return False
+    body = _json_body(response)
     return isinstance(body, dict) and body.get("status") == "error"
 
 
@@ -1105,10 +1138,7 @@ def _error_message(response: requests.Response | None) -> str:
         return ""
     if response.is_redirect:
         return quoted(f"redirected to {response.headers.get('Location', '?')}, not followed")
-    try:
-        body = response.json()
-    except ValueError:
-        return quoted(response.text)
+    body = _json_body(response)
     if isinstance(body, dict) and "error" in body:
         kind = body.get("errorType")
         return quoted(f"{kind}: {body['error']}" if kind else str(body["error"]))
@@ -1123,9 +1153,13 @@ def read_bearer_token(path: str) -> str:
     when it cannot be read or is empty, so the cycle holds instead of querying
     unauthenticated."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            token = handle.read(64 * 1024).strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        # A regular file, at most 64 KiB: a FIFO named here blocked ``plan`` for ever.
+        token = read_named_file(Path(path), 64 * 1024).decode("utf-8").strip()
+    except BoundedReadError as exc:
+        raise MetricsUnavailable(
+            f"cannot read the Prometheus bearer token file {path}: it {exc.reason}"
+        ) from None
+    except UnicodeDecodeError as exc:
         raise MetricsUnavailable(
             f"cannot read the Prometheus bearer token file {path}: {exc}"
         ) from None
@@ -1166,7 +1200,13 @@ def _setup_query(settings: PrometheusSettings, path: str, params: Mapping[str, s
     """The ``data`` of one API answer, read as the adapter would (headers, token, TLS,
     timeout), for the set-up checks; ``None`` when it cannot be read (the cycles report
     that themselves)."""
-    session = requests.Session()
+    # Bounded as every query's answer is (``_RecordingSession``): at most
+    # max_answer_bytes, all of it by the answer deadline, no redirect followed. A bare
+    # session here read a trickling answer for ever before the first cycle, a 1.5 GiB
+    # one whole, and followed a redirect to another port (a hostile prober).
+    session = _RecordingSession(
+        max_answer_bytes=settings.max_answer_bytes, deadline_s=settings.answer_deadline_s
+    )
     session.headers.update(settings.headers)
     try:
         session.headers.update(token_headers(settings))
@@ -1178,9 +1218,18 @@ def _setup_query(settings: PrometheusSettings, path: str, params: Mapping[str, s
             timeout=settings.timeout_s,
             verify=settings.tls_verify,
         )
-        response.raise_for_status()
+        if response.status_code != 200:  # a redirect too: not followed, not read
+            return None
         return response.json()["data"]
-    except (requests.RequestException, MetricsUnavailable, ValueError, KeyError, TypeError):
+    except (
+        requests.RequestException,
+        AnswerTooLarge,
+        MetricsUnavailable,
+        ValueError,
+        KeyError,
+        TypeError,
+        RecursionError,
+    ):
         return None
     finally:
         session.close()

@@ -14,7 +14,11 @@ import pytest
 from observe_helpers import EMPTY_VECTOR, FakePrometheus, Reply, _Server, make_policy, settings_for
 
 from reconciler.errors import MetricsUnavailable
-from reconciler.observe.prometheus import PrometheusMetricsSource
+from reconciler.observe.prometheus import (
+    MAX_ANSWER_OBJECTS,
+    PrometheusMetricsSource,
+    scrape_interval_problem,
+)
 
 StartFake = Callable[..., FakePrometheus]
 
@@ -168,3 +172,78 @@ def test_an_error_body_sent_with_http_200_is_unavailable_with_its_own_message(
         _source(server.url).fetch([make_policy("a")], 1000.0)
     assert "error body (HTTP 200)" in str(raised.value)
     assert raised.value.cause == "timeout: query timed out in \\x1b[2J"
+
+
+def test_the_set_up_checks_read_a_trickling_answer_within_its_deadline(
+    trickling_server: _Trickle,
+) -> None:
+    """The checks before the first cycle (the scrape interval from ``/api/v1/targets``)
+    read as every query does: a server sending a byte now and then is given up on by
+    twice the timeout (it kept ``plan`` from starting for good), and the cycles then
+    say what is wrong."""
+    started = time.monotonic()
+    assert scrape_interval_problem(settings_for(trickling_server.url, timeout_s=0.3)) is None
+    assert time.monotonic() - started < 1.5
+
+
+def test_the_set_up_checks_follow_no_redirect(fake_prometheus: StartFake) -> None:
+    elsewhere = fake_prometheus([Reply(body=EMPTY_VECTOR)])
+    redirect = _Redirect(elsewhere.url)
+    try:
+        settings = settings_for(redirect.url, headers={"X-Api-Key": "secret"})
+        assert scrape_interval_problem(settings) is None
+    finally:
+        redirect.close()
+    assert elsewhere.received == 0  # neither our headers nor our request went there
+
+
+def test_an_answer_of_too_many_json_objects_is_unavailable_without_retrying(
+    fake_prometheus: StartFake,
+) -> None:
+    """Within its byte limit an answer of a million empty rows parses to ~600 MB (5 GB
+    through ``plan`` with its queries in flight): refused by its count of objects."""
+    rows = ",".join(['{"metric":{},"value":[1,"1"]}'] * (MAX_ANSWER_OBJECTS // 2 + 1))
+    body = '{"status":"success","data":{"resultType":"vector","result":[' + rows + "]}}"
+    server = fake_prometheus([Reply(body=body)])
+    source = _source(server.url, retries=2)
+    with pytest.raises(MetricsUnavailable) as raised:
+        source.fetch([make_policy("a")], 1000.0)
+    assert "max_answer_bytes" in str(raised.value)
+    assert raised.value.cause is not None and "JSON objects" in raised.value.cause
+    assert server.received == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Arrays nested deeper than the JSON parser recurses (0.4 MiB).
+        "[" * 200_000 + "]" * 200_000,
+        # A label value that is not a string.
+        json.dumps(
+            {
+                "status": "success",
+                "data": {
+                    "resultType": "vector",
+                    "result": [{"metric": {"service": ["a"]}, "value": [1000, "1"]}],
+                },
+            }
+        ),
+        # A value Prometheus never writes ("1_000" is a Python float, not a sample).
+        json.dumps(
+            {
+                "status": "success",
+                "data": {
+                    "resultType": "vector",
+                    "result": [{"metric": {"service": "a"}, "value": [1000, "1_000"]}],
+                },
+            }
+        ),
+    ],
+    ids=["nested-arrays", "list-label", "underscored-number"],
+)
+def test_a_malformed_answer_makes_the_metrics_unavailable_not_the_cycle_crash(
+    fake_prometheus: StartFake, body: str
+) -> None:
+    server = fake_prometheus([Reply(body=body)])
+    with pytest.raises(MetricsUnavailable):
+        _source(server.url, retries=0).fetch([make_policy("a")], 1000.0)

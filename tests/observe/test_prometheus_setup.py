@@ -139,3 +139,22 @@ def test_an_https_prometheus_signed_by_an_internal_ca_is_read_with_its_bundle(
             source.fetch([policy], now_s)
     finally:
         proxy.close()
+
+
+@pytest.mark.fault
+def test_a_bearer_token_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """The token file is read as a regular file of at most 64 KiB: a FIFO named there
+    (no writer) blocked ``plan`` for ever; now the metrics are unavailable, said so."""
+    import os
+
+    from reconciler.observe.prometheus import read_bearer_token
+
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    with pytest.raises(MetricsUnavailable) as raised:
+        read_bearer_token(str(fifo))
+    assert "is not a regular file" in str(raised.value)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(MetricsUnavailable, match="larger than"):
+        read_bearer_token(str(big))
