@@ -19,6 +19,7 @@ from typing import Any
 
 from reconciler.cost import money
 from reconciler.errors import shown_issues
+from reconciler.review.files import READ_CHANGED
 from reconciler.review.fleet_diff import FleetReview, ServiceFleetDiff
 from reconciler.review.review import Review
 from reconciler.sim.evaluate import PolicyResult
@@ -142,14 +143,17 @@ def _headline(review: Review) -> str:
         return "incomplete: the time budget ran out before the change was evaluated"
     if not review.has_changes:
         after = review.fleet.apply_changes if review.fleet is not None else 0
+        files = review.files.total if review.files is not None else 0
+        # Files that change nothing are still the pull request's: say they are listed.
+        listed = f"; it changes {files} file(s), none of them the desired state (listed)"
         if after:
             # Not the pull request's doing: base plans the same changes.
             return (
                 "no change from this pull request: base and head plan the same; the "
                 f'{after} group change(s) under "apply after merge" are made with or '
-                "without it"
+                "without it" + (listed if files else "")
             )
-        return "no change: the fleet would stay as it is"
+        return "no change: the fleet would stay as it is" + (listed if files else "")
     parts = [f"{len(review.config_changes)} config change(s)"]
     if review.fleet is not None:
         changed = [s for s in review.fleet.services if s.changed]
@@ -223,6 +227,14 @@ def format_text(review: Review) -> str:
         lines += [f"      {_terminal_line(line, MAX_LINE_CHARS)}" for line in change.details]
     if not review.config_changes:
         lines.append("  none")
+    if review.files is not None:
+        lines += ["", f"files changed ({review.files.total}):"]
+        lines += [
+            f"  {_terminal_line(f'{f.change} {f.path}: {f.reading}', MAX_LINE_CHARS)}"
+            for f in review.files.listed
+        ] or ["  none"]
+        if more := review.files.unlisted_line():
+            lines.append(f"  {more}")
     if review.fleet is not None:
         lines += ["", f"fleet (from the {review.fleet.source}):"]
         rows = _service_rows(review)
@@ -344,6 +356,19 @@ def format_markdown(review: Review) -> str:
     if not review.config_changes:
         comment.add("- none")
     comment.add("", "</details>", "")
+    if review.files is not None and review.files.without_effect:
+        # Not folded away: files that change nothing here are still merged.
+        comment.add(
+            f"**Files changed that do not change the desired state "
+            f"({review.files.without_effect} of {review.files.total}):**",
+            "",
+        )
+        for f in review.files.listed:
+            if f.reading != READ_CHANGED:
+                comment.add(f"- {md(f.change)} {_code(f.path)}: {md(f.reading)}")
+        if more := review.files.unlisted_line():
+            comment.add(f"- {md(more, MAX_LINE_CHARS)}")
+        comment.add("")
     if review.fleet is not None:
         changes = [c for plan in review.fleet.head_plans.values() for c in plan.changes]
         comment.add(
@@ -403,6 +428,15 @@ def format_json(review: Review) -> str:
             for c in review.config_changes
         ],
     }
+    if review.files is not None:
+        data["files"] = {
+            "total": review.files.total,
+            "by_reading": dict(review.files.by_reading),
+            "listed": [
+                {"path": f.path, "change": f.change, "reading": f.reading}
+                for f in review.files.listed
+            ],
+        }
     if review.fleet is not None:
         data["fleet"] = {
             "source": review.fleet.source,

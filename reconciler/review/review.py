@@ -28,6 +28,7 @@ from reconciler.errors import ConfigError, ConfigIssue, PermanentError
 from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.policy.base import Autoscaler
 from reconciler.review.config_diff import ConfigChange, config_diff
+from reconciler.review.files import ChangedFiles, changed_files
 from reconciler.review.fleet_diff import FleetReview, ReviewTimeout, review_fleet
 from reconciler.review.whatif import WhatIf, describe_trace, replay
 from reconciler.sim.engine import SimConfig
@@ -53,6 +54,8 @@ class Review:
     errors: tuple[ConfigIssue, ...] = ()  # head does not validate: nothing else is computed
     base_errors: tuple[ConfigIssue, ...] = ()
     config_changes: tuple[ConfigChange, ...] = ()
+    # Every file the change touches, and how heteroscale reads it (None: not from Git).
+    files: ChangedFiles | None = None
     fleet: FleetReview | None = None
     what_if: tuple[WhatIf, ...] = ()
     evaluations: dict[str, tuple[EvaluationResult | None, EvaluationResult | None]] = field(
@@ -118,6 +121,7 @@ def run_review(
         return Review(base_rev, head.source_label, base_errors=tuple(exc.issues))
 
     changes = tuple(config_diff(base, head))
+    files = changed_files(repo, base, head, changes)
     services = changed_services(changes, base, head) if options.what_if else []
     # The what-if replay and the fleet diff are independent and each CPU-bound: the
     # replay runs in a second process while this one plans the fleet.
@@ -148,6 +152,7 @@ def run_review(
         base_label=base.source_label,
         head_label=head.source_label,
         config_changes=changes,
+        files=files,
         fleet=fleet,
         what_if=tuple(what_if),
         evaluations=evaluations,

@@ -21,6 +21,7 @@ from reconciler.cost import money
 from reconciler.desired import load_desired_state
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.review.command import plan_review, render
+from reconciler.review.files import NOT_READ, READ_SAME
 from reconciler.review.review import Review, ReviewOptions
 from reconciler.sim.engine import SimConfig
 from reconciler.sim.evaluate import evaluate
@@ -163,9 +164,57 @@ def test_a_comment_only_change_reports_no_change_and_exits_0(pr_repo: Path) -> N
     assert headline == (
         "no change from this pull request: base and head plan the same; the "
         f'{review.fleet.apply_changes} group change(s) under "apply after merge" are made '
-        "with or without it"
+        "with or without it; it changes 1 file(s), none of them the desired state (listed)"
     )
     assert "stay as it is" not in render(review, "markdown")
+    # The file it changes is named all the same, with how it is read.
+    assert data["files"]["listed"] == [
+        {"path": "policies/chat.yaml", "change": "modified", "reading": READ_SAME}
+    ]
+
+
+def test_every_file_a_pull_request_changes_is_named_even_where_it_changes_nothing(
+    pr_repo: Path, tmp_path: Path
+) -> None:
+    """A pull request that changes nothing heteroscale reads is still merged whole: a
+    YAML file in a subdirectory of policies/ (not read), a template no service names,
+    a README holding HTML, a comment asking to merge unreviewed. Each is named, its
+    name escaped, in every format; it read "no change" with none of them named (a
+    hostile prober)."""
+    repo = tmp_path / "hidden"
+    shutil.copytree(pr_repo, repo)
+    edit(
+        repo / "policies/chat.yaml",
+        "# An open-domain chat service",
+        "# An open-domain chat service. Merge without review.",
+    )
+    (repo / "policies/nested").mkdir()
+    (repo / "policies/nested/evil.yaml").write_text("name: evil\n")
+    (repo / "templates/unused.yaml").write_text("image: evil/miner\n")
+    (repo / "clusters/README.md").write_text("<script>alert(1)</script>\n")
+    (repo / "templates/\x1b[31mred.yaml").write_text("x: 1\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "nothing heteroscale reads")
+    review, text, _ = plan_review(
+        repo, "HEAD~1", "HEAD", fmt="json", placer=CpSatPlacer(), options=OPTIONS
+    )
+    assert review.exit_code == 0 and not review.has_changes
+    listed = {f["path"]: f["reading"] for f in json.loads(text)["files"]["listed"]}
+    assert listed == {
+        "clusters/README.md": NOT_READ,
+        "policies/chat.yaml": READ_SAME,
+        "policies/nested/evil.yaml": NOT_READ,
+        "templates/\x1b[31mred.yaml": NOT_READ,
+        "templates/unused.yaml": NOT_READ,
+    }
+    plain = render(review, "text")
+    markdown = render(review, "markdown")
+    for path in ("clusters/README.md", "policies/nested/evil.yaml", "templates/unused.yaml"):
+        assert path in plain and path in markdown
+    assert "files changed (5):" in plain
+    assert "\x1b" not in plain and "\x1b" not in markdown  # the escape is shown, not sent
+    assert "<script>" not in markdown
+    assert "Files changed that do not change the desired state (5 of 5)" in markdown
 
 
 def test_removing_a_policy_keeps_the_cost_of_the_groups_it_leaves_running(
