@@ -417,6 +417,7 @@ def _label_changes(
     value, new value): the applier and drift checks expect exactly these labels on the
     nodes. At most ``MAX_AGGREGATE_LINES``, most nodes first."""
     changes: dict[tuple[str, str | None, str | None], list[Any]] = {}  # -> [nodes, a node]
+    changed_on: dict[tuple[str, str | None, str | None], list[str]] = {}  # -> the nodes
     for node in new_nodes.values():
         old = old_nodes.get(node.name)
         if old is None or old.labels == node.labels:
@@ -425,6 +426,7 @@ def _label_changes(
             if old.labels.get(key) != node.labels.get(key):
                 change = (key, old.labels.get(key), node.labels.get(key))
                 changes.setdefault(change, [0, node.name])[0] += 1
+                changed_on.setdefault(change, []).append(node.name)
     order = sorted(changes, key=lambda c: (-changes[c][0], [str(part) for part in c]))
     for key, old_value, new_value in order[:MAX_AGGREGATE_LINES]:
         nodes, example = changes[(key, old_value, new_value)]
@@ -439,8 +441,9 @@ def _label_changes(
     if rest:
         add(
             "nodes.labels",
+            # Nodes, not (node, label) pairs: one node may change many labels.
             f"{len(rest)} more node label change(s) on "
-            f"{_nodes(sum(changes[c][0] for c in rest))} (not listed)",
+            f"{_nodes(len({name for c in rest for name in changed_on[c]}))} (not listed)",
             "",
             "",
             ("s2",),

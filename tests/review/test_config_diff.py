@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from repo_edits import edit, line_of
@@ -300,3 +301,18 @@ def test_a_huge_template_change_is_shown_bounded(repo_root: Path, example_repo: 
     assert len(change.details) == MAX_DIFF_LINES
     assert all(len(line) <= MAX_DIFF_LINE_CHARS for line in change.details)
     assert change.details[-1].endswith("more line(s) of this diff not shown")
+
+
+def test_the_label_changes_not_listed_count_nodes_not_node_label_pairs(repo_root: Path) -> None:
+    """Thirty labels added to every node: twenty lines, then one counting the other ten
+    changes on the cluster's nodes (it counted each node once per label: 51,920 "nodes"
+    where 236 nodes changed, a hostile prober)."""
+    base = load_desired_state(repo_root)
+    east = base.clusters["prod-east"]
+    added = {f"example.com/extra-{i:02d}": "yes" for i in range(30)}
+    spec = east.model_dump(mode="python", by_alias=True)
+    spec["defaults"]["labels"] = {**spec["defaults"]["labels"], **added}
+    head = replace(base, clusters={**base.clusters, "prod-east": ClusterSpec.model_validate(spec)})
+    lines = [str(c) for c in config_diff(base, head)]
+    nodes = len(east.nodes)
+    assert f"10 more node label change(s) on {nodes} nodes (not listed)" in lines[-1], lines[-1]
