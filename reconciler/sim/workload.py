@@ -587,14 +587,17 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
     moving that row hours away from the others, so an offset is refused."""
     try:
         with _time_zones_refused():
+            # Read in microseconds, which hold any year written with four digits:
+            # parsed straight to nanoseconds, a date past 2262 wrapped around silently
+            # (2608-06-06 replayed as 2023-11-16, a hostile prober).
             stamps = np.array(
-                [v.strip().replace(" ", "T", 1) for v in values], dtype="datetime64[ns]"
+                [v.strip().replace(" ", "T", 1) for v in values], dtype="datetime64[us]"
             )
     except (ValueError, Warning):
         for value, line in zip(values, lines, strict=True):
             try:
                 with _time_zones_refused():
-                    np.datetime64(value.strip().replace(" ", "T", 1), "ns")
+                    np.datetime64(value.strip().replace(" ", "T", 1), "us")
             except Warning:
                 raise TraceError(
                     path,
@@ -612,7 +615,22 @@ def _parse_timestamps(path: Path, values: list[str], lines: np.ndarray) -> np.nd
     if np.isnat(stamps).any():
         line = int(lines[np.isnat(stamps)][0])
         raise TraceError(path, "missing timestamp", line=line)
-    return stamps
+    outside = (stamps < _NS_FIRST) | (stamps > _NS_LAST)
+    if outside.any():
+        where = np.flatnonzero(outside)[0]
+        raise TraceError(
+            path,
+            f"timestamp {_quoted(values[where])} is outside the days nanosecond times hold "
+            "(1677-09-22 to 2262-04-10)",
+            line=int(lines[where]),
+        )
+    return stamps.astype("datetime64[ns]")
+
+
+# The days ``datetime64[ns]`` holds whole (it runs from 1677-09-21 00:12:43 to
+# 2262-04-11 23:47:16).
+_NS_FIRST = np.datetime64("1677-09-22", "us")
+_NS_LAST = np.datetime64("2262-04-10T23:59:59.999999", "us")
 
 
 def _parse_numbers(

@@ -587,6 +587,20 @@ def test_an_azure_timestamp_with_a_time_zone_is_refused_without_a_warning(
             read_trace(path)
 
 
+@pytest.mark.parametrize(
+    "stamp", ["2608-06-06 12:00:00", "2300-01-01 00:00:00", "1600-01-01 00:00:00"]
+)
+def test_an_azure_timestamp_nanoseconds_cannot_hold_is_refused_at_its_line(
+    tmp_path: Path, stamp: str
+) -> None:
+    """Parsed straight to nanoseconds, 2608-06-06 wrapped around to 2023-11-16 and was
+    replayed there; 2300 was called a negative timestamp at another row's line."""
+    rows = [f"2023-11-16 18:15:{i:02d},374,44\r\n" for i in range(40)]
+    path = _azure(tmp_path, [*rows, f"{stamp},374,44\r\n", "2023-11-16 18:16:00,374,44\r\n"])
+    with pytest.raises(TraceError, match=r"trace.csv:42: timestamp .* is outside the days"):
+        read_trace(path)
+
+
 def test_a_trace_without_any_prompt_tokens_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("arrival_s,prompt_tokens,output_tokens\n0,0,5\n1,0,7\n")
