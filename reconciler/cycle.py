@@ -91,6 +91,7 @@ def plan_cluster(
         previous = one.history
         if decision.reason == "decision_failed":
             held[name] = decision.message
+        decision = with_missing_reasons(decision, one.metrics)
         decisions[name] = decision
         if name in held:
             groups = [g for g in observation.fleet.groups if g.service == name]
@@ -168,6 +169,27 @@ def plan_cluster(
         gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories
+
+
+# How many missing signals a held decision names the reasons of.
+MAX_MISSING_REASONS = 4
+
+
+def with_missing_reasons(decision: Decision, metrics: ServiceMetrics) -> Decision:
+    """``decision``, where it holds on a missing signal, with why the metrics source
+    read each of the service's missing signals as missing (``ServiceMetrics.gaps``,
+    the first ``MAX_MISSING_REASONS``): a policy sees only that a signal is missing,
+    and "decode_tps missing" alone left the operator to guess whether its value was
+    NaN, stale or never exported (a hostile prober)."""
+    if decision.reason != "metrics_missing" or not metrics.gaps:
+        return decision
+    # The signals the decision names first: optional ones (SM activity) are often
+    # missing for good and say nothing about this hold.
+    gaps = sorted(metrics.gaps, key=lambda gap: gap[0] not in decision.message)
+    shown = [f"{signal}: {why}" for signal, why in gaps[:MAX_MISSING_REASONS]]
+    more = len(metrics.gaps) - len(shown)
+    why = "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+    return replace(decision, message=f"{decision.message} (read as missing: {why})")
 
 
 def decide_services(autoscaler: Autoscaler, inputs: Sequence[DecisionInput]) -> list[Decision]:

@@ -182,6 +182,10 @@ class ServiceMetrics:
     # The live request mix (prompt and output lengths), when the engine exports it.
     prompt_tokens: LengthBuckets | None = None
     output_tokens: LengthBuckets | None = None
+    # (signal, why) for the signals the source read as missing and knows why (stale,
+    # NaN, a histogram without its +Inf bucket, a query Prometheus refused): a hold on
+    # them says why (``cycle.with_missing_reasons``).
+    gaps: tuple[tuple[str, str], ...] = ()
 
     def get(self, name: MetricName) -> Sample | None:
         sample: Sample | None = getattr(self, name)

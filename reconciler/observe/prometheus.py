@@ -114,7 +114,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -591,6 +591,20 @@ def assemble(
     return metrics, tuple(gaps)
 
 
+def with_gaps(
+    metrics: Mapping[str, ServiceMetrics], gaps: Sequence[SignalGap]
+) -> dict[str, ServiceMetrics]:
+    """``metrics`` with each service's gaps carried in it (``ServiceMetrics.gaps``), so
+    that a decision held on a missing signal can say why it is missing."""
+    by_service: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for gap in gaps:
+        by_service[gap.service].append((gap.signal, gap.reason))
+    return {
+        name: replace(m, gaps=tuple(by_service[name])) if name in by_service else m
+        for name, m in metrics.items()
+    }
+
+
 def _index(rows: Sequence[Row], part: QueryPart) -> dict[tuple[str, str | None], list[Row]]:
     """Rows by (service, role); role None for service-level rows without a role label."""
     out: dict[tuple[str, str | None], list[Row]] = defaultdict(list)
@@ -928,6 +942,7 @@ class PrometheusMetricsSource:
         for part_outcomes, _timing in results:
             outcomes.update(part_outcomes)
         metrics, gaps = assemble(plan, outcomes, policies, now_s)
+        metrics = with_gaps(metrics, plan_gaps + gaps)
         self.last_report = CycleReport(
             now_s=now_s,
             duration_s=self._clock() - started,

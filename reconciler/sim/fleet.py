@@ -409,7 +409,8 @@ class SimulatedFleet:
             scrape = sim.scrape_s()
             sampled_at_s = origin_s + scrape if self.config.prometheus_like else now_s
             values = sim.window_metrics(window_s, at_s=scrape)
-            samples = {
+            # Any: a field name per signal, which mypy cannot match to ServiceMetrics'.
+            samples: dict[str, Any] = {
                 name: Sample(float(value), sampled_at_s)
                 for name, value in values.items()
                 if value is not None and math.isfinite(value)

@@ -732,3 +732,29 @@ def test_one_client_address_cannot_hold_the_slots_the_health_probe_needs(
         for client in idle:
             client.close()
         server.shutdown()
+
+
+def test_a_hold_on_a_missing_signal_says_why_the_source_read_it_missing() -> None:
+    """The signals the hold names come first, at most four, then how many more; a
+    decision that is no such hold is left as it is."""
+    from reconciler.cycle import with_missing_reasons
+    from reconciler.state import ServiceMetrics
+
+    gaps = (
+        ("prefill_sm_active", "no series for role prefill"),
+        ("decode_sm_active", "no series for role decode"),
+        ("decode_kv_usage", "no series for role decode"),
+        ("ttft", "no series for role prefill"),
+        ("decode_tps", "value is NaN"),
+    )
+    metrics = ServiceMetrics("chat", gaps=gaps)
+    held = Decision("chat", 3, 4, "metrics_missing", "decode_tps missing")
+    told = with_missing_reasons(held, metrics)
+    assert (told.prefill, told.decode, told.reason) == (3, 4, "metrics_missing")
+    assert told.message == (
+        "decode_tps missing (read as missing: decode_tps: value is NaN; prefill_sm_active: no "
+        "series for role prefill; decode_sm_active: no series for role decode; "
+        "decode_kv_usage: no series for role decode; and 1 more)"
+    )
+    sized = Decision("chat", 3, 4, "scale_out", "decode 4000 ...")
+    assert with_missing_reasons(sized, metrics) is sized

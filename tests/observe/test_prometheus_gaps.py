@@ -39,6 +39,7 @@ from observe_helpers import (
     wait_for_clean_window,
 )
 
+from reconciler.cycle import with_missing_reasons
 from reconciler.desired import ServicePolicy
 from reconciler.observe.exporter import FleetExporter
 from reconciler.observe.local_prometheus import LocalPrometheus
@@ -108,6 +109,11 @@ def test_a_window_resumed_after_a_gap_is_missing_not_low_and_the_policy_holds(
     held = decide(policy, fleet, gap, PolicyHistory(), now_s)
     assert held.reason == "metrics_missing"
     assert (held.prefill, held.decode) == (3, 3)
+    # The metrics carry why, and the cycle's decision says it (it said only "decode_tps
+    # missing", the reason left in the source's report that nothing read).
+    assert dict(gap.gaps)["decode_tps"] == "window not covered: 4 of 10 samples (at least 8 needed)"
+    told = with_missing_reasons(held, gap).message
+    assert told.startswith(held.message + " (read as missing: decode_tps: window not covered")
     # Without stabilisation the low reading alone would have taken decode instances away:
     # that is what the hold prevents.
     eager = policy.model_copy(
