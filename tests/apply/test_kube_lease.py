@@ -14,10 +14,12 @@ from kubetestkit import ControlPlane, ensure_namespace, make_desired_state
 
 from reconciler.apply.kubeclient import leases_path
 from reconciler.apply.lease import LeaseElector, parse_lease
-from reconciler.loop import ReconcileLoop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
-from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
+from looptestkit import (
+    RecordingBackend,
+    recording_loop,
+)
 
 pytestmark = pytest.mark.kubernetes
 NAMESPACE = "lease-tests"
@@ -172,14 +174,7 @@ def test_a_replica_whose_lease_another_holds_does_not_apply_while_its_clock_says
     state = make_desired_state(tmp_path, "apply-fence")
     elector = LeaseElector(control_plane.client(), NAMESPACE, "apply-fence", "old")
     backend = RecordingBackend("apply-fence")
-    loop = ReconcileLoop(
-        load_desired=lambda: state,
-        backend_for=lambda spec: backend,
-        metrics_for=lambda spec: StaticMetrics(),
-        autoscaler=FixedAutoscaler(),
-        placer=OneGroupPlacer(),
-        is_leader=elector.is_leader,
-    )
+    loop = recording_loop(state, backend, elector.is_leader)
     assert elector.try_acquire_or_renew()
     loop.run_cycle()
     assert len(backend.applied) == 1
@@ -210,16 +205,7 @@ def test_two_loops_racing_for_the_lease_exactly_one_acts(
             control_plane.client(), NAMESPACE, "loop-race", who, retry_period_s=0.1
         )
         backend = RecordingBackend("loop-race")
-        loops.append(
-            ReconcileLoop(
-                load_desired=lambda: state,
-                backend_for=lambda spec, b=backend: b,
-                metrics_for=lambda spec: StaticMetrics(),
-                autoscaler=FixedAutoscaler(),
-                placer=OneGroupPlacer(),
-                is_leader=elector.is_leader,
-            )
-        )
+        loops.append(recording_loop(state, backend, elector.is_leader))
         backends.append(backend)
         electors.append(elector)
     for elector in electors:

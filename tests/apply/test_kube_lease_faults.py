@@ -39,7 +39,13 @@ from reconciler.desired.loader import DesiredState
 from reconciler.loop import ReconcileLoop, serve_http
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loop"))
-from looptestkit import FixedAutoscaler, OneGroupPlacer, RecordingBackend, StaticMetrics
+from looptestkit import (
+    FixedAutoscaler,
+    OneGroupPlacer,
+    RecordingBackend,
+    StaticMetrics,
+    recording_loop,
+)
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.fault]
 
@@ -100,14 +106,7 @@ def _serve(
 ) -> tuple[ReconcileLoop, str]:
     state = make_desired_state(tmp_path, "lease-fault")
     backend = RecordingBackend("lease-fault")
-    loop = ReconcileLoop(
-        load_desired=lambda: state,
-        backend_for=lambda spec: backend,
-        metrics_for=lambda spec: StaticMetrics(),
-        autoscaler=FixedAutoscaler(),
-        placer=OneGroupPlacer(),
-        is_leader=elector.is_leader,
-    )
+    loop = recording_loop(state, backend, elector.is_leader)
     server = serve_http(loop, "127.0.0.1", 0)
     running.append((elector, server))
     host, port = server.server_address[:2]

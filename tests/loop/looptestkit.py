@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.durable import DurableState
 from reconciler.errors import ClusterUnavailable
+from reconciler.loop import ReconcileLoop
 from reconciler.observe.base import Observation
 from reconciler.placement.base import PlacementRequest, PlacementResult, SolverStats
 from reconciler.plan import Plan
@@ -136,3 +138,19 @@ def packed_memory_of_numbers(numbers: int) -> str:
     errors = "[" + ",".join([row] * (numbers // 4000)) + "]"
     text = '{"prefill_demand":{"samples":1,"errors":' + errors + "}}"
     return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def recording_loop(
+    state: DesiredState, backend: RecordingBackend, is_leader: Callable[[], bool]
+) -> ReconcileLoop:
+    """A loop over ``state`` whose one cluster is ``backend``, with static metrics, a
+    fixed decision and one group per service, led as ``is_leader`` says (an
+    election's own method, so the loop finds the election)."""
+    return ReconcileLoop(
+        load_desired=lambda: state,
+        backend_for=lambda spec: backend,
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(),
+        placer=OneGroupPlacer(),
+        is_leader=is_leader,
+    )
