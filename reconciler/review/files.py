@@ -49,6 +49,8 @@ class ChangedFiles:
     listed: tuple[ChangedFile, ...] = ()
     total: int = 0
     by_reading: Mapping[str, int] = field(default_factory=dict)
+    # Why the files could not be listed ("" when they were): said in the report.
+    error: str = ""
 
     @property
     def without_effect(self) -> int:
@@ -126,4 +128,10 @@ def changed_files(
     where either was not read from a Git commit."""
     if not (base.revision and head.revision):
         return None
-    return classify(changed_paths(repo, base.revision, head.revision), base, head, changes)
+    try:
+        paths = changed_paths(repo, base.revision, head.revision)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        stderr = getattr(exc, "stderr", b"") or b""
+        why = stderr.decode(errors="replace").strip() or str(exc)
+        return ChangedFiles(error=f"git diff-tree failed: {why}")
+    return classify(paths, base, head, changes)

@@ -140,6 +140,8 @@ def _headline(review: Review) -> str:
     if review.base_errors:
         return f"base {review.base_label} does not validate: {len(review.base_errors)} problem(s)"
     if review.incomplete and not review.has_changes:
+        if review.files is not None and review.files.error:
+            return "incomplete: the files the change touches could not be listed"
         return "incomplete: the time budget ran out before the change was evaluated"
     if not review.has_changes:
         after = review.fleet.apply_changes if review.fleet is not None else 0
@@ -227,7 +229,9 @@ def format_text(review: Review) -> str:
         lines += [f"      {_terminal_line(line, MAX_LINE_CHARS)}" for line in change.details]
     if not review.config_changes:
         lines.append("  none")
-    if review.files is not None:
+    if review.files is not None and review.files.error:
+        lines += ["", _one_line(f"files changed: not listed: {review.files.error}", MAX_LINE_CHARS)]
+    elif review.files is not None:
         lines += ["", f"files changed ({review.files.total}):"]
         lines += [
             f"  {_terminal_line(f'{f.change} {f.path}: {f.reading}', MAX_LINE_CHARS)}"
@@ -356,7 +360,9 @@ def format_markdown(review: Review) -> str:
     if not review.config_changes:
         comment.add("- none")
     comment.add("", "</details>", "")
-    if review.files is not None and review.files.without_effect:
+    if review.files is not None and review.files.error:
+        comment.add(f"> **Files changed not listed:** {md(review.files.error, MAX_LINE_CHARS)}", "")
+    elif review.files is not None and review.files.without_effect:
         # Not folded away: files that change nothing here are still merged.
         comment.add(
             f"**Files changed that do not change the desired state "
@@ -430,6 +436,7 @@ def format_json(review: Review) -> str:
     }
     if review.files is not None:
         data["files"] = {
+            "error": review.files.error or None,
             "total": review.files.total,
             "by_reading": dict(review.files.by_reading),
             "listed": [

@@ -71,7 +71,9 @@ class Review:
 
     @property
     def incomplete(self) -> bool:
-        return bool(self.skipped) or self.fleet_skipped
+        # Files that could not be listed may be the ones a reviewer must see.
+        unlisted = self.files is not None and bool(self.files.error)
+        return bool(self.skipped) or self.fleet_skipped or unlisted
 
     @property
     def has_changes(self) -> bool:

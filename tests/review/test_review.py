@@ -323,3 +323,17 @@ def test_the_what_if_can_judge_after_a_warm_up(pr_repo: Path) -> None:
     )
     assert nothing_left.exit_code == 1, nothing_left.output
     assert "leaves nothing of this 1080 s load to judge" in nothing_left.output
+
+
+def test_files_that_cannot_be_listed_make_the_review_incomplete() -> None:
+    """Git failing to list the changed files is said, and the review exits 1: they may
+    be the ones a reviewer must see."""
+    from reconciler.review.files import ChangedFiles
+
+    review = Review("base", "head", files=ChangedFiles(error="git diff-tree failed: bad object"))
+    assert review.incomplete and review.exit_code == 1
+    text = render(review, "text")
+    assert "incomplete: the files the change touches could not be listed" in text
+    assert "files changed: not listed: git diff-tree failed: bad object" in text
+    assert json.loads(render(review, "json"))["files"]["error"].startswith("git diff-tree failed")
+    assert "Files changed not listed" in render(review, "markdown")
