@@ -193,7 +193,9 @@ class SLO(StrictModel):
     quantile: Fraction01 = Field(default=0.9, description="e.g. 0.9 for p90, 0.99 for p99")
     attainment_goal: Fraction01 = Field(
         default=0.995,
-        description="share of requests that must meet both SLOs (used by reports and what-if verdicts)",
+        description="share of requests that must meet both SLOs: the heteroscale planner sizes "
+        "prefill's capacity and decode's running count to it and bounds its headroom at it; "
+        "reports and what-if verdicts judge by it",
     )
 
 

@@ -88,9 +88,7 @@ One cycle, in order (each step that changes a number says so in the message):
    grown to keep up with the work (``capacity.prefill_capacity``): never held while its
    queue grows, never scaled in to queue the prompts longer.
 7. **Latency tiers** stay as a safety net (the policy's ``latency_tiers``), damped: a
-   role with instances still starting does not escalate, nor decode until its TBT
-   window has stopped reading the batches from before its last resize
-   (``decode_settled``, as the correction waits), a reading whose histogram
+   role with instances still starting does not escalate, a reading whose histogram
    bucket holds the SLO is no evidence of a miss (``reading_holds_slo``), and no tier
    takes a role beyond ``LatencyCorrection.MAX_FACTOR`` times the count the model
    sizes (the largest model error the correction takes as one).
@@ -1111,14 +1109,6 @@ def plan_decide(
             memory.decode_ready_seen, memory.decode_steady_since_s, ready[1], starting[1], now_s
         ),
     )
-    # Whether decode changed size too recently for its TBT to read the instances as
-    # they are now (the latency tiers wait for it). With no memory of the size (a first
-    # cycle) no change is known, and the tier stands as the net.
-    decode_resized = (
-        memory.decode_ready_seen is not None
-        and mix is not None
-        and not decode_settled(policy, mix, steady_since_s[1], now_s)
-    )
     if perf is not None and mix is not None:
         # The correction learns the model of the type the planner sizes with: the
         # latency of a fleet spread over several types says nothing clean about it.
@@ -1308,18 +1298,6 @@ def plan_decide(
             parts.append(
                 f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: "
                 f"{starting[ri]} {rule.role} instances still starting, no escalation"
-            )
-            continue
-        if rule.role == "decode" and decode_resized:
-            # The same reason the correction waits (``decode_settled``): the batches
-            # admitted before decode's size changed still run on the instances that
-            # were there, and the window still weighs their overloaded steps. Read the
-            # moment the last instance turned ready, a drained burst's TBT took decode
-            # +30% to twice what the model sized, held the scale-in window (a prober).
-            parts.append(
-                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: decode changed "
-                f"size at t={steady_since_s[1]:.0f} s, its window still reads the batches "
-                "from before: no escalation"
             )
             continue
         bounds = policy_latency_buckets(policy, rule.metric)

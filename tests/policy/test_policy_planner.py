@@ -418,38 +418,6 @@ def test_instances_stuck_past_their_progress_deadline_are_not_waited_for() -> No
     assert "4 decode instance(s) not ready past their progress deadline" in stuck.message
 
 
-def test_the_tbt_tier_waits_until_decode_has_settled_after_a_resize() -> None:
-    """After decode's size changes, the batches admitted before still run on the
-    instances that were there and the TBT window still weighs their steps: a TBT at 2x
-    the SLO read right then is no reason to escalate (after a drained burst it took
-    decode to twice what the model sized). Once a window and the SLO quantile's
-    output have passed at one size, the same reading fires the tier."""
-    policy, cluster = _chat()
-    perf = perf_context(policy, cluster)
-    hot = [_metrics(30.0 * k, 200_000.0, 40_000.0, tbt_ms=100.0) for k in range(12)]
-    history = PolicyHistory()
-    # Two cycles at 36 ready, then 40 ready from t=60 s on.
-    for k, decode_ready in enumerate((36, 36)):
-        history = plan_decide(
-            policy, _fleet(20, decode_ready), hot[k], history, 30.0 * k, perf
-        ).history
-    decisions = []
-    for k in range(2, 12):
-        decision = plan_decide(policy, _fleet(20, 40), hot[k], history, 30.0 * k, perf)
-        history = decision.history
-        decisions.append((30.0 * k, decision))
-    waiting = [d for _, d in decisions if "its window still reads the batches" in d.message]
-    fired = [(t, d) for t, d in decisions if "decode +30% of 40 ready" in d.message]
-    assert waiting and waiting[0] is decisions[0][1]
-    assert all(d.decode == 40 for d in waiting)
-    assert fired, [d.message for _, d in decisions]
-    first_fired_s, first = fired[0]
-    assert first.decode == math.ceil(40 * 1.3)
-    # It waits at least the metrics window after the change at t=60 s, and no longer
-    # than that plus the longest output at the SLO's step.
-    assert 60.0 + 60.0 <= first_fired_s <= 60.0 + 60.0 + 120.0
-
-
 def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_escalate() -> None:
     """svc-b's TBT SLO, 20 ms, lies inside vLLM's (10, 25] ms bucket: its p90 reads
     23.5 ms for any step in it, so such a reading cannot tell a tail within the SLO
