@@ -114,7 +114,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -526,8 +526,11 @@ def assemble(
     outcomes: Mapping[tuple[SignalName, str], PartOutcome],
     policies: Sequence[ServicePolicy],
     now_s: float,
+    plan_gaps: Sequence[SignalGap] = (),
 ) -> tuple[dict[str, ServiceMetrics], tuple[SignalGap, ...]]:
-    """Turn query results into one ``ServiceMetrics`` per policy.
+    """Turn query results into one ``ServiceMetrics`` per policy, each carrying why its
+    missing signals are missing (``ServiceMetrics.gaps``: those found here after the
+    plan's own, ``plan_gaps``), and every gap.
 
     ``outcomes`` maps (signal, part id) to the rows of that part (value rows tagged
     with the part id, freshness rows with the id + ``t``) or to a rejection or failure.
@@ -535,7 +538,7 @@ def assemble(
     by_name = {policy.name: policy for policy in policies}
     values: dict[str, dict[str, Sample]] = {name: {} for name in by_name}
     mixes: dict[str, dict[str, LengthBuckets]] = {name: {} for name in by_name}
-    gaps: list[SignalGap] = []
+    gaps: list[SignalGap] = list(plan_gaps)
     split_cache: dict[int, dict[str, list[Row]]] = {}
     for request in plan:
         role = request.role
@@ -587,22 +590,14 @@ def assemble(
     # Keys are ServiceMetrics' field names (signals and mixes); Any spares mypy matching
     # every value type against every field.
     fields: dict[str, dict[str, Any]] = {name: {**values[name], **mixes[name]} for name in by_name}
-    metrics = {name: ServiceMetrics(service=name, **fields[name]) for name in by_name}
-    return metrics, tuple(gaps)
-
-
-def with_gaps(
-    metrics: Mapping[str, ServiceMetrics], gaps: Sequence[SignalGap]
-) -> dict[str, ServiceMetrics]:
-    """``metrics`` with each service's gaps carried in it (``ServiceMetrics.gaps``), so
-    that a decision held on a missing signal can say why it is missing."""
-    by_service: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    missing: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for gap in gaps:
-        by_service[gap.service].append((gap.signal, gap.reason))
-    return {
-        name: replace(m, gaps=tuple(by_service[name])) if name in by_service else m
-        for name, m in metrics.items()
+        missing[gap.service].append((gap.signal, gap.reason))
+    metrics = {
+        name: ServiceMetrics(service=name, gaps=tuple(missing[name]), **fields[name])
+        for name in by_name
     }
+    return metrics, tuple(gaps)
 
 
 def _index(rows: Sequence[Row], part: QueryPart) -> dict[tuple[str, str | None], list[Row]]:
@@ -941,15 +936,14 @@ class PrometheusMetricsSource:
         outcomes: dict[tuple[SignalName, str], PartOutcome] = {}
         for part_outcomes, _timing in results:
             outcomes.update(part_outcomes)
-        metrics, gaps = assemble(plan, outcomes, policies, now_s)
-        metrics = with_gaps(metrics, plan_gaps + gaps)
+        metrics, gaps = assemble(plan, outcomes, policies, now_s, plan_gaps)
         self.last_report = CycleReport(
             now_s=now_s,
             duration_s=self._clock() - started,
             # This fetch's own: another cluster's fetch may send on the connections meanwhile.
             http_requests=sum(timing.http_requests for _outcomes, timing in results),
             queries=tuple(timing for _outcomes, timing in results),
-            gaps=plan_gaps + gaps,
+            gaps=gaps,
         )
         for gap in self.last_report.gaps:
             if gap.reason.startswith("query rejected"):
