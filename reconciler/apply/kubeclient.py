@@ -385,14 +385,7 @@ class KubeClient:
             raise _Retryable(f"{type(exc).__name__}: {quoted(str(exc))}") from None
         complete = False
         try:
-            data = read_answer(
-                # read1: what has arrived (decoded, at most a chunk), so the deadline
-                # is checked between a trickling server's bytes.
-                lambda: response.read1(_READ_CHUNK_BYTES, decode_content=True),
-                declared_bytes=response.headers.get("Content-Length"),
-                max_bytes=self.max_answer_bytes,
-                deadline=deadline,
-            )
+            data = self._read_body(response, deadline)
             complete = True
         except DeadlinePassed:
             raise _Retryable(
@@ -405,6 +398,18 @@ class KubeClient:
                 response.close()  # the rest is unread: the connection cannot be reused
             response.release_conn()
         return response.status, data, response.headers
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+        """A response's whole body within ``max_answer_bytes`` and ``deadline``: one
+        bounded read for a request's answer and a refused watch's error alike."""
+        return read_answer(
+            # read1: what has arrived (decoded, at most a chunk), so the deadline
+            # is checked between a trickling server's bytes.
+            lambda: response.read1(_READ_CHUNK_BYTES, decode_content=True),
+            declared_bytes=response.headers.get("Content-Length"),
+            max_bytes=self.max_answer_bytes,
+            deadline=deadline,
+        )
 
     def get(self, path: str, **query: str | int | bool) -> JsonObject:
         return self.request("GET", path, query=query or None)
@@ -527,12 +532,7 @@ class KubeClient:
         deadline = time.monotonic() + timeout_s + WATCH_GRACE_S
         try:
             if response.status != 200:
-                body = read_answer(
-                    lambda: response.read1(_READ_CHUNK_BYTES, decode_content=True),
-                    declared_bytes=response.headers.get("Content-Length"),
-                    max_bytes=self.max_answer_bytes,
-                    deadline=deadline,
-                )
+                body = self._read_body(response, deadline)
                 raise _error(response.status, _decode(body))
             line = bytearray()
             for chunk in response.stream(_READ_CHUNK_BYTES):
