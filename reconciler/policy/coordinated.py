@@ -479,6 +479,19 @@ def _shape(n: PolicyNumbers, prefill: int, decode: int, clamps: list[Clamp]) -> 
     return prefill, decode
 
 
+def policy_shaped_pair(
+    policy: ServicePolicy, prefill: int, decode: int
+) -> tuple[int, int, tuple[Clamp, ...]]:
+    """``(prefill, decode)`` as the policy lets a pair run (each role's min/max, the
+    ``pd_ratio`` bounds, whole deployment groups: ``_shape``, what every decision of
+    either policy ends as), with the clamps that moved it. For counts sized outside a
+    decision (the evaluation's static peak and oracle-min), so that they are held to
+    the same policy file as the autoscalers they are compared with."""
+    clamps: list[Clamp] = []
+    shaped = _shape(policy_numbers(policy), prefill, decode, clamps)
+    return shaped[0], shaped[1], tuple(clamps)
+
+
 # --------------------------------------------------------------------------- prefill floor
 
 

@@ -110,6 +110,7 @@ from reconciler.sim.fleet import SimulatedFleet
 from reconciler.sim.oracle import (
     DEFAULT_WINDOW_S,
     OracleMinPlan,
+    bounded_pair,
     inventory_excess,
     oracle_min_initial_counts,
     per_second_counts,
@@ -498,17 +499,17 @@ def build_autoscaler(
         past = name == STATIC_PAST_PEAK
         peak_prefill, peak_decode = past_peak_demand(profile) if past else peak_demand(profile)
         needed = counts_for_peaks(peak_prefill, peak_decode, capacity)
-        # What runs: within the policy's min/max, as every autoscaler's counts are (a
-        # capacity near 0 asks for billions; a small peak for fewer than the floor).
-        prefill, decode = (
-            min(max(count, policy.role(role).min_instances), policy.role(role).max_instances)
-            for count, role in zip(needed, ("prefill", "decode"), strict=True)
-        )
+        # What runs: the pair as the policy lets it run, as every autoscaler's counts
+        # are (min/max: a capacity near 0 asks for billions, a small peak for fewer than
+        # the floor; the pd_ratio bounds and whole groups: a static deployment of the
+        # same policy file is held to them as the planner is).
+        prefill, decode, clamps = bounded_pair(policy, *needed)
         of = "the warm-up's " if past else ""
         bounded = (
             ""
             if (prefill, decode) == needed
-            else f" (asked {needed[0]}+{needed[1]}, bound by the policy's min/max)"
+            else f" (asked {needed[0]}+{needed[1]}, held to the policy: "
+            f"{'; '.join(map(str, clamps))})"
         )
         return make_autoscaler("static-peak", prefill=prefill, decode=decode), (
             f"{prefill} prefill + {decode} decode for {of}peaks of {peak_prefill:.0f} "

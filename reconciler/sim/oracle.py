@@ -132,6 +132,8 @@ import numpy as np
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import PermanentError
 from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
+from reconciler.policy.base import Clamp
+from reconciler.policy.coordinated import policy_shaped_pair
 from reconciler.sim.engine import (
     LoadProfile,
     PrefillTape,
@@ -164,6 +166,25 @@ REACH = 0.04
 
 class OracleError(PermanentError):
     """oracle-min cannot size this service (no GPU type of a role fits the model)."""
+
+
+def bounded_pair(
+    policy: ServicePolicy, prefill: int, decode: int
+) -> tuple[int, int, tuple[Clamp, ...]]:
+    """A pair sized outside any decision (oracle-min's window, static peak) as the
+    policy lets it run (``policy_shaped_pair``: min/max, the ``pd_ratio`` bounds, whole
+    groups), the clamps saying what moved. The planner is held to those bounds, so a
+    bound or a baseline that is not measures the policy file as much as the planner
+    (chat's 1:3 minimum on outputs 4x as long: 4 prefill per 17 decode). Only ever
+    raised: where the ratio takes a role below what was sized (its other role capped at
+    ``max_instances``), that role keeps what was sized, the SLO's need before the
+    bound's."""
+    shaped_prefill, shaped_decode, clamps = policy_shaped_pair(policy, prefill, decode)
+    sized_prefill, sized_decode = (
+        min(max(count, policy.role(role).min_instances), policy.role(role).max_instances)
+        for count, role in ((prefill, "prefill"), (decode, "decode"))
+    )
+    return max(sized_prefill, shaped_prefill), max(sized_decode, shaped_decode), clamps
 
 
 @dataclass(frozen=True)
@@ -1068,6 +1089,7 @@ class _Sizer:
     ):
         sim = search.sim
         self.search = search
+        self.policy = policy
         self.goal = goal = policy.slo.attainment_goal
         self.p_lo = max(policy.prefill.min_instances, 1)
         self.d_lo = max(policy.decode.min_instances, 1)
@@ -1148,6 +1170,9 @@ class _Sizer:
             )
         if prefill_met and decode_met:
             prefill, decode = self._traded(start, end, prefill, decode)
+        # The least pair the SLO needs, then as the policy lets it run (more of either
+        # role never hurts the window).
+        prefill, decode, _clamps = bounded_pair(self.policy, prefill, decode)
         self.decode_model.finish()
         verdict = search.accept(prefill, decode)
         return prefill, decode, prefill_met and decode_met, verdict

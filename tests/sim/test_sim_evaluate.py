@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -865,18 +866,25 @@ def test_a_schedule_naming_many_other_services_lists_a_few(
     assert len(str(info.value)) < 1000  # it listed every one: 1.4 MB
 
 
-def test_static_peak_says_the_counts_it_runs_within_the_policys_min_and_max(
+def test_static_peak_says_the_counts_it_runs_within_the_policys_bounds(
     state: DesiredState, load: LoadProfile
 ) -> None:
     # A capacity near 0 asks for billions of instances, a small peak for fewer than the
-    # floor: what runs (and is described) is within the policy's bounds, as the
+    # floor, a pair outside the P/D ratio bounds for a deployment the policy does not
+    # allow: what runs (and is described) is within the policy's bounds, as the
     # autoscaler's own decision is.
-    policy = state.policies[SERVICE]
+    policy = state.policies[SERVICE]  # svc-b: pd_ratio 1:3 .. 1:1
     peak_prefill, peak_decode = peak_demand(load)
     starved = Capacity(peak_prefill / 3, 1e-9, "h800", "h20")
     _, text = build_autoscaler("static-peak", policy, load, starved)
-    assert text.startswith(f"3 prefill + {policy.decode.max_instances} decode for peaks")
-    assert "bound by the policy's min/max" in text
+    most = policy.decode.max_instances
+    assert text.startswith(f"{math.ceil(most / 3)} prefill + {most} decode for peaks")
+    assert "held to the policy: max_instances(decode:" in text
+    assert "ratio_min(prefill: 3 ->" in text
     plenty = Capacity(peak_prefill / 3, peak_decode / 5, "h800", "h20")
     _, text = build_autoscaler("static-peak", policy, load, plenty)
-    assert text.startswith("3 prefill + 5 decode") and "bound by" not in text
+    assert text.startswith("3 prefill + 5 decode") and "held to" not in text
+    # Prefill for 6 where decode needs 2: svc-b's 1:1 maximum asks 6 decode.
+    lopsided = Capacity(peak_prefill / 6, peak_decode / 2, "h800", "h20")
+    _, text = build_autoscaler("static-peak", policy, load, lopsided)
+    assert text.startswith("6 prefill + 6 decode") and "ratio_max(decode: 2 -> 6" in text

@@ -34,6 +34,7 @@ from reconciler.sim.oracle import (
     _WindowJudge,
     _WindowSearch,
     bound_config,
+    bounded_pair,
     inventory_excess,
     oracle_min_initial_counts,
     per_second_counts,
@@ -81,6 +82,48 @@ def test_the_bound_routes_decode_work_by_the_current_load(
     assert [(w.prefill, w.decode) for w in handed.windows] == [
         (w.prefill, w.decode) for w in plan.windows[:2]
     ]
+
+
+def test_every_window_runs_as_the_policy_lets_a_pair_run(
+    state: DesiredState, burst_load: LoadProfile, plan
+) -> None:  # type: ignore[no-untyped-def]
+    """The bound is held to the policy file the planner is held to: with chat's
+    ``pd_ratio`` minimum raised to 2:1 (two prefill per decode), every window holds at
+    least twice as many prefill as decode instances, the first (sized from the same
+    state) is the unbounded bound's pair raised to that ratio, and no window is
+    cheaper than the unbounded one's."""
+    chat = state.policies[SERVICE]
+    ratio = chat.pd_ratio.model_copy(update={"min": 2.0, "target": 2.0, "max": 4.0})
+    policy = chat.model_copy(update={"pd_ratio": ratio})
+    bounded = plan_oracle_min(policy, state.clusters[policy.cluster], burst_load, windows=3)
+    for window in bounded.windows:
+        assert 2 * window.decode <= window.prefill <= 4 * window.decode
+    first = plan.windows[0]
+    assert first.prefill < 2 * first.decode  # the bound binds where it did not
+    expected = bounded_pair(policy, first.prefill, first.decode)[:2]
+    assert (bounded.windows[0].prefill, bounded.windows[0].decode) == expected
+    gpus = policy.prefill.gpus_per_instance, policy.decode.gpus_per_instance
+    for held, free in zip(bounded.windows, plan.windows, strict=False):
+        assert held.prefill * gpus[0] + held.decode * gpus[1] >= (
+            free.prefill * gpus[0] + free.decode * gpus[1]
+        )
+
+
+def test_a_pair_is_only_raised_to_the_policys_bounds(state: DesiredState) -> None:
+    """``bounded_pair``: within min/max and the ratio, by adding to the short role;
+    where the ratio would take a role below what was sized (the other role's
+    ``max_instances`` caps it), that role keeps its count: the SLO's need first."""
+    chat = state.policies[SERVICE]  # pd_ratio 1:3 .. 4:1, decode min 2
+    assert bounded_pair(chat, 3, 5)[:2] == (3, 5)
+    prefill, decode, clamps = bounded_pair(chat, 4, 17)
+    assert (prefill, decode) == (6, 17)
+    assert [c.name for c in clamps] == ["ratio_min"]
+    assert bounded_pair(chat, 1, 1)[:2] == (1, 2)  # decode's min_instances
+    capped = chat.model_copy(
+        update={"prefill": chat.prefill.model_copy(update={"max_instances": 4})}
+    )
+    # 4 prefill cannot feed 17 decode at 1:3; the pair stays as sized, not fewer decode.
+    assert bounded_pair(capped, 4, 17)[:2] == (4, 17)
 
 
 def test_the_burst_needs_more_instances_than_the_calm(burst_load, plan) -> None:  # type: ignore[no-untyped-def]
