@@ -12,7 +12,9 @@ Policies:
 - ``heteroscale``: the coordinated decode-TPS policy (``reconciler.policy``);
 - ``hpa-gpu-util``: one Kubernetes HPA per role on GPU utilisation;
 - ``static-peak``: fixed counts for the trace's peak demand (highest 60-second average
-  of prompt and output tokens/s) at the per-instance capacity below;
+  of prompt and output tokens/s) at the per-instance capacity below, as the policy lets
+  a pair run (min/max, the ``pd_ratio`` bounds, whole groups: ``oracle.bounded_pair``),
+  which the autoscalers it is compared with are held to;
 - ``static-past-peak``: static peak sized on the load's warm-up instead
   (``LoadProfile.preceded_by``, ``--warm-up-hours``): the counts a team provisioning
   from the service's past would hold, with no hindsight of the traffic judged. Static
@@ -22,7 +24,8 @@ Policies:
   provisioning at a size of one's choosing, e.g. the GPU-hours another policy spent);
 - ``oracle-min``: the lower bound (``reconciler.sim.oracle``): with the whole workload
   known, per window the fewest instances of each role with which the simulator's own
-  model meets the SLO goal; every policy's GPU-hours are also given as a multiple of
+  model meets the SLO goal, held to the policy's bounds as static peak is; every
+  policy's GPU-hours are also given as a multiple of
   its GPU-hours (``oracle_min_multiple``), the project's efficiency figure;
 - ``schedule:PATH``: replays a CSV ``t_s,service,prefill,decode`` (counts hold from
   their ``t_s`` until the next row), so any external autoscaler can be scored; a file

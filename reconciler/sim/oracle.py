@@ -25,6 +25,14 @@ windows are sized one after the other, each from the exact state the previous on
    requests, cost 1,653.5 GPU-hours with prefill's least count taken first and 1,452.4
    with the trade.
 
+4. **the policy's bounds**: the pair, the least the SLO needs, then runs as the policy
+   lets a pair run (``bounded_pair``: each role's min/max, the ``pd_ratio`` bounds,
+   whole deployment groups), raised only: the planner is held to the same policy file,
+   and a bound below what the file allows would count the file's cost as the
+   planner's (chat's 1:3 minimum on outputs four times as long asks 6 prefill where
+   the SLO needs 4 beside 17 decode). So "minimal" is minimal within those bounds: one
+   instance fewer of a role either breaks the window's SLO or leaves the bounds.
+
 A request is attainable when its TTFT can meet the SLO on an idle instance of the
 fastest allowed type (``reconciler.sim.engine.idle_ttft_s``); the others miss under
 every policy and are left out of the sizing, as they are reported apart
