@@ -284,6 +284,16 @@ class ClusterCycle:
     def _apply(
         self, seen: _Seen, backend: ClusterBackend, plan: Plan, outcome: ClusterOutcome
     ) -> None:
+        if plan.has_changes:
+            # Write-ahead: the windows with this cycle's recommendations and cooldown
+            # anchor are stored before the cluster changes. A process killed between the
+            # apply and the write after it (SIGKILL, OOM, a lost node) otherwise restarts
+            # on windows that never saw the scale-out it applied, and scales in at its
+            # first cycle, skipping both the scale-in window and the cooldown. Killed
+            # before the apply instead, it restarts on windows that saw a change that
+            # never happened: held a window and a cooldown longer, never scaled in early.
+            # The revision and applied plan stay as stored until the apply succeeds.
+            self.windows.persist(seen.state, seen.cluster, plan, seen.now_s, applied_in_full=False)
         if hasattr(backend, "apply_cluster"):
             # Leadership is asked again before every write: the Lease may be lost while
             # the apply runs, and another replica may then be writing these objects.

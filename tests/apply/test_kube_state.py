@@ -213,6 +213,52 @@ def test_a_scale_in_held_by_the_window_stays_held_across_a_restart(
     assert decode_now < 8, "the window has passed since t=1330: the scale-in happens"
 
 
+class KilledAtItsWrite(ConfigMapStateStore):
+    """A store whose process dies (``SystemExit``) at the first write made once
+    ``dies_when()`` holds: what a SIGKILL between a cycle's apply and its state write
+    leaves."""
+
+    dies_when: Callable[[], bool] = staticmethod(lambda: False)
+
+    def save(self, state: DurableState) -> bool:
+        if self.dies_when():
+            raise SystemExit("killed")
+        return super().save(state)
+
+
+@pytest.mark.fault
+def test_a_process_killed_between_a_scale_out_and_its_state_write_holds_it_on_restart(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The windows are written ahead of the apply: a restart after a scale-out that was
+    applied but never recorded after it still holds the scale-out for the scale-in
+    window (without the write-ahead it scaled in at its first cycle)."""
+    state = make_desired_state(tmp_path, "st-killed")
+    _fresh_store(control_plane.client(), "st-killed", "a")
+    store = KilledAtItsWrite(control_plane.client(), NAMESPACE, "a")
+    backend, load, clock = RecordingBackend("st-killed"), Load(4000), Clock(1000.0)
+    loop = _loop(state, backend, load, clock, store)
+    for _ in range(15):  # steady at 4 decode for longer than the window
+        assert _decision(loop)[0] == 4
+        clock.now += 30
+
+    def decode_running() -> int:
+        assert backend.fleet is not None
+        return backend.fleet.service_fleet("svc").decode.ready
+
+    load.tps = 8000
+    store.dies_when = lambda: decode_running() == 8  # at the first write after the apply
+    with pytest.raises(SystemExit):
+        _decision(loop)
+    assert decode_running() == 8
+    clock.now += 30
+    load.tps = 4000  # the load falls back at once
+    restarted = _loop(
+        state, backend, load, clock, ConfigMapStateStore(control_plane.client(), NAMESPACE, "b")
+    )
+    assert _decision(restarted) == (8, "stabilised")
+
+
 def test_the_default_planners_memory_is_stored_and_resumed_after_a_restart(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
