@@ -345,7 +345,19 @@ class ConfigMapStateStore:
         # shards, before the shards holding the memories written since.
         texts = (*shards, *(empty,) * self._leftover_shards(cluster, len(shards)))
         names = memory_shard_names(cluster, len(texts))
-        for k, (name, text) in enumerate(zip(names, texts, strict=True)):
+        # Highest shard first, the leftovers last, and the round stops at the first
+        # write that fails: a memory moves to a new home when the count changes, and
+        # rewriting the shard it leaves before its new home is written lost it for
+        # good wherever that write failed (raised from 8 to 16 shards with a Role naming
+        # the 8: 24 of 40 memories were left, and back at 8 still 24). A raised count's
+        # new shards are the highest, a lowered count's old ones the leftovers, so the
+        # homes are written before the shards the memories leave; a memory is read from
+        # whichever shard holds it (``durable.attach_memories``). A count changed to one
+        # not a multiple or divisor of the old moves some memories to lower shards too:
+        # a write failing part-way through that round can still lose those.
+        order = [*range(len(shards) - 1, -1, -1), *range(len(shards), len(texts))]
+        for k in order:
+            name, text = names[k], texts[k]
             stored = self._shard_texts.get(name, "")  # "": unknown, never a shard's text
             if (empty if stored is None else stored) == text:
                 continue
@@ -364,14 +376,13 @@ class ConfigMapStateStore:
                     self._leftovers_given_up.add(cluster)
                     return
                 log.error(
-                    f"{self._describe_object(name)}: planner memories not written "
-                    f"(tried again in {MEMORY_WRITE_INTERVAL_S:.0f} s): "
+                    f"{self._describe_object(name)}: planner memories not written, nor the "
+                    f"shards below it this round (tried again in "
+                    f"{MEMORY_WRITE_INTERVAL_S:.0f} s): "
                     f"{type(exc).__name__}: {exc}" + _rbac_hint(exc, cluster, len(shards)),
                     extra={"event": "state_memories_write_failed", "cluster": cluster},
                 )
-                if isinstance(exc, ClusterUnavailable):
-                    return  # the API server does not answer: neither would it for the rest
-                continue
+                return  # the shards below may hold the memories this one was to receive
             if not written:
                 return  # no longer the leader, or another writer kept winning
             self._shard_texts[name] = text

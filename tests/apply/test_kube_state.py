@@ -18,7 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from kubetestkit import ControlPlane, commit_all, ensure_namespace, git, make_desired_state
+from kubetestkit import (
+    ControlPlane,
+    commit_all,
+    ensure_namespace,
+    git,
+    make_desired_state,
+    service_account_client,
+)
 from typer.testing import CliRunner
 
 from reconciler.apply.kubeclient import KubeClient, NotFound
@@ -760,6 +767,73 @@ def test_hundreds_of_services_keep_their_planner_memories_across_a_restart(
     restarted = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
     assert restarted.load("st-many") == state
     assert restarted.load_problems("st-many") == ()
+
+
+@pytest.mark.fault
+def test_a_raised_shard_count_the_role_does_not_name_loses_no_memory(
+    control_plane: ControlPlane,
+) -> None:
+    """``--state-memory-shards`` raised from 8 to 16 while the Role names the 8 shards
+    (deploy/rbac.yaml's set): the new shards are written first, their writes are
+    refused, and the round stops there, so the 8 old shards keep the memories that were
+    to move. Every memory is read back, at 16 and back at 8 (the old order rewrote
+    shards 0-7 first and lost the 24 of 40 memories whose new home it could not write)."""
+    cluster = "st-reshard"
+    admin = control_plane.client()
+    _fresh_store(admin, cluster, "admin")
+    rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/" + NAMESPACE
+    named = [configmap_name(cluster), *memory_shard_names(cluster, DEFAULT_MEMORY_SHARDS)]
+    admin.request(
+        "POST",
+        f"{rbac}/roles",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "st-reshard"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "verbs": ["get", "update"],
+                    "resourceNames": named,
+                },
+            ],
+        },
+    )
+    admin.request(
+        "POST",
+        f"{rbac}/rolebindings",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "st-reshard"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "st-reshard",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "st-reshard", "namespace": NAMESPACE}],
+        },
+    )
+    account = service_account_client(admin, NAMESPACE, "st-reshard")
+    rng = random.Random(2)
+    histories = {f"svc-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
+    assert ConfigMapStateStore(account, NAMESPACE, "a", memory_shards=8).save(
+        DurableState(cluster, 1000.0, "a", None, histories)
+    )
+    raised = ConfigMapStateStore(account, NAMESPACE, "b", memory_shards=16)
+    loaded = raised.load(cluster)
+    assert loaded is not None
+    assert raised.save(DurableState(cluster, 1030.0, "b", None, loaded.histories))
+
+    def memories_read(shards: int) -> int:
+        back = ConfigMapStateStore(account, NAMESPACE, "r", memory_shards=shards).load(cluster)
+        assert back is not None
+        return sum(h.planner is not None for h in back.histories.values())
+
+    assert memories_read(16) == 40
+    assert memories_read(8) == 40
 
 
 @pytest.mark.fault
