@@ -392,8 +392,10 @@ class Status:
                 }
                 for c in self.clusters
             ],
-            "synced": all(s.sync == "Synced" for s in self.services),
-            "healthy": all(s.health == "Healthy" for s in self.services),
+            # Claims about the whole fleet: unknown (null) where a cluster or the desired
+            # state could not be read, not vacuously true over the services that were.
+            "synced": None if self.errors else all(s.sync == "Synced" for s in self.services),
+            "healthy": None if self.errors else all(s.health == "Healthy" for s in self.services),
             "errors": self.errors,
             "exit_code": self.exit_code,
         }

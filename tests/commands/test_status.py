@@ -141,6 +141,8 @@ current-context: down
     report = json.loads(result.stdout)
     assert report["clusters"][0]["outcome"] == "error"
     assert any("127.0.0.1:9" in e for e in report["errors"])
+    # No service was read, so nothing is Synced or Healthy: unknown, not vacuously true.
+    assert report["synced"] is None and report["healthy"] is None
 
 
 # ------------------------------------------------------------ health, by hand
