@@ -85,6 +85,7 @@ from reconciler.apply.savedplan import (
     WriteStep,
     adopt_created,
     await_rollout,
+    conflicts_only_with,
     deployment_fingerprint,
     node_fingerprint,
     relabel_patch,
@@ -141,6 +142,23 @@ class ApplyStats:
     conflicts_retried: int = 0
     ownership_conflicts: int = 0
     errors: list[str] = field(default_factory=list)
+
+
+INTERRUPTED_CREATE_NOTE = (
+    "heteroscale's own fields are recorded as an Update, as a create interrupted before "
+    "its relabel leaves them: relabelled as its apply before the apply"
+)
+
+
+def _only_own_update_conflicts(w: WorkloadWork, exc: FieldOwnershipConflict) -> bool:
+    """Whether the conflict is with heteroscale's own "Update" entry alone
+    (``LiveDeployment.own_update_entry``, ``savedplan.conflicts_only_with``): not a
+    change made outside Git, and relabelling that entry as our apply ends it."""
+    return (
+        w.live is not None
+        and w.live.own_update_entry
+        and conflicts_only_with(exc, names.FIELD_MANAGER)
+    )
 
 
 def _dry_run_unsupported(exc: KubeApiError) -> bool:
@@ -490,11 +508,18 @@ class KubernetesBackend:
         return self._object_diff(w, w.action, ())
 
     def _dry_run_one(
-        self, w: WorkloadWork, attempt: int = 0, live: dict[str, Any] | None = None
+        self,
+        w: WorkloadWork,
+        attempt: int = 0,
+        live: dict[str, Any] | None = None,
+        *,
+        force: bool | None = None,
     ) -> ObjectDiff | None:
         """Server-side dry run of one workload; None when the server cannot dry run.
-        ``live`` is the object to compare against (default: the observed one)."""
+        ``live`` is the object to compare against (default: the observed one); ``force``
+        (default: the options') takes fields other managers hold."""
         assert w.manifest is not None
+        force = self.options.force if force is None else force
         path = deployments_path(w.key.namespace, w.key.name)
         with self._stats_lock:  # dry runs run in a thread pool
             self.stats.dry_runs += 1
@@ -503,10 +528,16 @@ class KubernetesBackend:
                 path,
                 w.manifest,
                 field_manager=names.FIELD_MANAGER,
-                force=self.options.force,
+                force=force,
                 dry_run=True,
             )
         except FieldOwnershipConflict as exc:
+            if not force and _only_own_update_conflicts(w, exc):
+                # What the apply does (relabel, then apply): the fields were ours.
+                diff = self._dry_run_one(w, attempt, live, force=True)
+                if diff is None:
+                    return None
+                return replace(diff, notes=(*diff.notes, INTERRUPTED_CREATE_NOTE))
             with self._stats_lock:
                 self.stats.ownership_conflicts += 1
             self._record_conflict(
@@ -522,7 +553,7 @@ class KubernetesBackend:
                 manifest, fresh = self._refresh(w)
             except NotOurs as gone:
                 return self._object_diff(w, "conflict", (), (str(gone),))
-            return self._dry_run_one(replace(w, manifest=manifest), attempt + 1, fresh)
+            return self._dry_run_one(replace(w, manifest=manifest), attempt + 1, fresh, force=force)
         except ApiRejected as exc:
             if _dry_run_unsupported(exc):
                 return None
@@ -899,6 +930,23 @@ class KubernetesBackend:
         adopt_created(self.client, path, created, names.FIELD_MANAGER)
         return None
 
+    def _relabel_interrupted_create(self, w: WorkloadWork, path: str) -> dict[str, Any]:
+        """Our fields recorded as an "Update" (``LiveDeployment.own_update_entry``: a
+        create interrupted before ``_create``'s relabel) made our "Apply", so the apply
+        that follows does not conflict with heteroscale itself; the manifest pinned to
+        the relabelled object. Where the object's spec moved meanwhile the relabel is not
+        made (``adopt_created`` refuses it) and the apply says what conflicts."""
+        assert w.live is not None and w.manifest is not None
+        self._check_may_write()
+        try:
+            version = adopt_created(self.client, path, w.live.raw, names.FIELD_MANAGER)
+        except ResourceConflict:
+            return w.manifest
+        self.stats.writes += 1
+        if "resourceVersion" not in w.manifest.get("metadata", {}):
+            return w.manifest
+        return {**w.manifest, "metadata": {**w.manifest["metadata"], "resourceVersion": version}}
+
     def _apply_manifest(self, w: WorkloadWork) -> int | None:
         """Write the manifest; the written object's generation (None when created)."""
         manifest = w.manifest
@@ -907,6 +955,8 @@ class KubernetesBackend:
             manifest = self._create(w)
             if manifest is None:
                 return None
+        elif w.live is not None and w.live.own_update_entry and not self.options.force:
+            manifest = self._relabel_interrupted_create(w, path)
         for _attempt in range(self.options.conflict_retries + 1):
             assert manifest is not None
             self._check_may_write()

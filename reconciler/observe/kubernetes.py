@@ -137,6 +137,11 @@ class LiveDeployment:
     # progress before it calls it failed (its default where unset or not a positive
     # whole number). A Pod not ready for longer is not on its way (``stuck_starting``).
     progress_deadline_s: float = DEFAULT_PROGRESS_DEADLINE_S
+    # heteroscale's own fields recorded as an "Update" (its create's POST) rather than
+    # as its server-side "Apply": a create interrupted before its relabel
+    # (``savedplan.adopt_created``). Server-side apply tells the two apart, so every
+    # later apply conflicted with heteroscale itself until the relabel is made.
+    own_update_entry: bool = False
 
     @property
     def rollout_observed(self) -> bool:
@@ -406,6 +411,12 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         observed_generation=_int(status.get("observedGeneration", 0)),
         created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
         progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
+        own_update_entry=any(
+            isinstance(entry, dict)
+            and entry.get("manager") == names.FIELD_MANAGER
+            and entry.get("operation") == "Update"
+            for entry in meta.get("managedFields") or ()
+        ),
     )
 
 

@@ -791,3 +791,49 @@ def test_objects_that_stop_being_ours_during_an_apply_are_left_alone(env: Env) -
     pods = {p["metadata"]["name"]: p for p in list_pods(env.client, env.name)}
     assert finished in pods, "a drained Pod that is not ours any more is not deleted"
     assert pods[drained]["metadata"]["labels"][names.SERVING_LABEL] == "true", "not drained"
+
+
+def _as_if_its_create_was_interrupted(env: Env, name: str) -> None:
+    """heteroscale's fields of Deployment ``name`` recorded as an "Update", as the
+    create's POST leaves them when the process dies before its relabel."""
+    path = deployments_path(env.name, name)
+    live = env.client.get(path)
+    entries = [
+        {**e, "operation": "Update"} if e.get("manager") == names.FIELD_MANAGER else e
+        for e in live["metadata"]["managedFields"]
+    ]
+    env.client.merge_patch(
+        path,
+        {
+            "metadata": {
+                "managedFields": entries,
+                "resourceVersion": live["metadata"]["resourceVersion"],
+            }
+        },
+        field_manager=names.FIELD_MANAGER,
+    )
+
+
+def test_an_interrupted_create_is_relabelled_not_called_a_change_outside_git(env: Env) -> None:
+    """A process killed between a create's POST and its relabel leaves heteroscale's
+    fields as an "Update"; server-side apply counts that as another manager, so every
+    later change read as "changed outside Git" and was never made. The dry run now
+    shows the change, the apply relabels the fields first and makes it."""
+    backend = env.backend(soft_scale_in_window_s=0)
+    backend.apply_cluster(env.plan(backend, _groups(env, with_g2=False)))
+    _as_if_its_create_was_interrupted(env, "svc-g1-d")
+    backend = env.backend(soft_scale_in_window_s=0)
+    plan = env.plan(backend, _groups(env, g1_decode=6, with_g2=False))
+    diff = backend.diff_cluster(plan)
+    changed = next(o for o in diff.objects if o.key.endswith("svc-g1-d"))
+    assert changed.action == "update", changed.notes
+    assert any("interrupted" in note for note in changed.notes)
+    backend.apply_cluster(plan)
+    live = env.deployments()["svc-g1-d"]
+    assert live["spec"]["replicas"] == 6
+    operations = {
+        e["operation"]
+        for e in live["metadata"]["managedFields"]
+        if e["manager"] == names.FIELD_MANAGER
+    }
+    assert operations == {"Apply"}

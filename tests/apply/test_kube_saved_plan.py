@@ -240,6 +240,51 @@ def test_a_deployment_scaled_between_plan_and_apply_is_named_and_nothing_changes
 
 
 @pytest.mark.fault
+def test_a_create_interrupted_before_its_relabel_is_planned_and_applied_not_a_conflict(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A process killed between a create's POST and its relabel leaves heteroscale's
+    fields recorded as an "Update": every later plan called its own Deployment
+    "changed outside Git" and never rolled it (a mixed-version service). Now `plan
+    --out` plans the image change and `apply PLAN` relabels, then applies it."""
+    name = "saved-interrupted"
+    client = _create_and_settle(control_plane, tmp_path, name)
+    victim = next(n for n in sorted(list_deployments(client, name)) if n.endswith("-d"))
+    path = f"/apis/apps/v1/namespaces/{name}/deployments/{victim}"
+    live = client.get(path)
+    entries = [
+        {**e, "operation": "Update"} if e.get("manager") == names.FIELD_MANAGER else e
+        for e in live["metadata"]["managedFields"]
+    ]
+    client.merge_patch(
+        path,
+        {
+            "metadata": {
+                "managedFields": entries,
+                "resourceVersion": live["metadata"]["resourceVersion"],
+            }
+        },
+        field_manager=names.FIELD_MANAGER,
+    )
+    _settled(client, name)
+    _change_image(tmp_path)
+    plan_file = tmp_path / "plan.json"
+    planned = _invoke("plan", *_common(tmp_path, control_plane), "--out", str(plan_file))
+    assert planned.exit_code == 3, planned.output
+    assert "changed outside Git" not in planned.output
+    assert "relabelled as its apply" in planned.output
+    applied = _invoke("apply", str(plan_file), *_common(tmp_path, control_plane))
+    assert applied.exit_code == 0, applied.output
+    images = {
+        n: [c["image"] for c in d["spec"]["template"]["spec"]["containers"]]
+        for n, d in list_deployments(client, name).items()
+    }
+    assert all(any("decode-v2" in i for i in v) for n, v in images.items() if "-d" in n), images
+    owners = {(f["manager"], f["operation"]) for f in client.get(path)["metadata"]["managedFields"]}
+    assert (names.FIELD_MANAGER, "Update") not in owners
+
+
+@pytest.mark.fault
 def test_a_change_between_the_check_and_the_write_is_refused_by_the_server(
     control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
