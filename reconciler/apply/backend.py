@@ -48,6 +48,8 @@ names, label patches to named Pods) nothing is lost or done twice.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -178,17 +180,72 @@ def _visible(changes: tuple[FieldChange, ...]) -> tuple[FieldChange, ...]:
     return tuple(c for c in changes if c.path not in hidden)
 
 
+def _path_parts(path: str) -> list[str]:
+    """A server-side apply field path split at its dots, but not within a list item's
+    selector (``[name="a.b"]``) nor its quoted values."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, False
+    for ch in path.strip("."):
+        if ch == '"' and depth:
+            quote = not quote
+        elif not quote and ch == "[":
+            depth += 1
+        elif not quote and ch == "]":
+            depth = max(0, depth - 1)
+        if ch == "." and not depth and not quote:
+            if current:
+                parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if current:
+        parts.append("".join(current))
+    return parts
+
+
+# A list item's selector in a field path: ``[name="engine"]``, ``[containerPort=80,protocol="TCP"]``.
+_SELECTOR = re.compile(r"\[([^\]]*)\]$")
+_SELECTOR_PAIR = re.compile(r'\s*([^=,\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,]*)')
+
+
+def _selected(node: Any, selector: str) -> Any:
+    """The item of list ``node`` whose fields equal every ``key=value`` of ``selector``
+    (values as JSON: ``"engine"``, ``80``); None where none or not a list."""
+    if not isinstance(node, list):
+        return None
+    wanted: dict[str, Any] = {}
+    for key, raw in _SELECTOR_PAIR.findall(selector):
+        try:
+            wanted[key] = json.loads(raw)
+        except ValueError:
+            wanted[key] = raw.strip()
+    if not wanted:
+        return None
+    for item in node:
+        if isinstance(item, Mapping) and all(item.get(k) == v for k, v in wanted.items()):
+            return item
+    return None
+
+
 def _value_at(obj: Mapping[str, Any] | None, path: str) -> Any:
-    """The value at a server-side apply field path (``.spec.replicas``); keys that
-    contain dots (label and annotation keys) are matched greedily. None if absent."""
+    """The value at a server-side apply field path (``.spec.replicas``,
+    ``.spec.template.spec.containers[name="engine"].image``); keys that contain dots
+    (label and annotation keys) are matched greedily, a list item by its selector. None
+    if absent (a conflict's live and desired values read "None" where a selector was
+    taken for a key)."""
     node: Any = obj
-    parts = [p for p in path.strip(".").split(".") if p]
+    parts = _path_parts(path)
     i = 0
     while i < len(parts):
         if not isinstance(node, Mapping):
             return None
         for j in range(len(parts), i, -1):
             key = ".".join(parts[i:j])
+            selector = _SELECTOR.search(key) if j == i + 1 else None
+            if selector is not None and key[: selector.start()] in node:
+                node, i = _selected(node[key[: selector.start()]], selector.group(1)), j
+                break
             if key in node:
                 node, i = node[key], j
                 break
