@@ -224,6 +224,35 @@ def service_account_client(admin: KubeClient, namespace: str, account: str) -> K
     )
 
 
+def grant_role(
+    admin: KubeClient, namespace: str, name: str, account: str, rules: list[dict[str, Any]]
+) -> None:
+    """A Role ``name`` of ``rules`` in ``namespace``, bound to ServiceAccount ``account``
+    there (made by ``service_account_client``)."""
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    admin.request(
+        "POST",
+        f"{rbac}/roles",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": name, "namespace": namespace},
+            "rules": rules,
+        },
+    )
+    admin.request(
+        "POST",
+        f"{rbac}/rolebindings",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
+    )
+
+
 def create_nodes(
     client: KubeClient,
     spec: ClusterSpec,

@@ -27,6 +27,7 @@ from kubetestkit import (
     ControlPlane,
     create_nodes,
     ensure_namespace,
+    grant_role,
     list_deployments,
     make_desired_state,
     service_account_client,
@@ -177,38 +178,14 @@ def _restricted_client(admin: KubeClient, namespace: str) -> KubeClient:
 
 
 def _grant_leases(admin: KubeClient, namespace: str) -> None:
-    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
-    admin.request(
-        "POST",
-        f"{rbac}/roles",
-        body={
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "leases", "namespace": namespace},
-            "rules": [
-                {
-                    "apiGroups": ["coordination.k8s.io"],
-                    "resources": ["leases"],
-                    "verbs": ["get", "create", "update"],
-                }
-            ],
-        },
-    )
-    admin.request(
-        "POST",
-        f"{rbac}/rolebindings",
-        body={
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "leases", "namespace": namespace},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "leases",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "elector", "namespace": namespace}],
-        },
-    )
+    rules = [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }
+    ]
+    grant_role(admin, namespace, "leases", "elector", rules)
 
 
 def test_a_forbidden_lease_fails_healthz_in_time_and_recovers_once_granted(

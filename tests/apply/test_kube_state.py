@@ -23,6 +23,7 @@ from kubetestkit import (
     commit_all,
     ensure_namespace,
     git,
+    grant_role,
     make_desired_state,
     service_account_client,
 )
@@ -781,42 +782,18 @@ def test_a_raised_shard_count_the_role_does_not_name_loses_no_memory(
     cluster = "st-reshard"
     admin = control_plane.client()
     _fresh_store(admin, cluster, "admin")
-    rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/" + NAMESPACE
     named = [configmap_name(cluster), *memory_shard_names(cluster, DEFAULT_MEMORY_SHARDS)]
-    admin.request(
-        "POST",
-        f"{rbac}/roles",
-        body={
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": "st-reshard"},
-            "rules": [
-                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
-                {
-                    "apiGroups": [""],
-                    "resources": ["configmaps"],
-                    "verbs": ["get", "update"],
-                    "resourceNames": named,
-                },
-            ],
-        },
-    )
-    admin.request(
-        "POST",
-        f"{rbac}/rolebindings",
-        body={
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "st-reshard"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "st-reshard",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "st-reshard", "namespace": NAMESPACE}],
-        },
-    )
     account = service_account_client(admin, NAMESPACE, "st-reshard")
+    rules = [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "update"],
+            "resourceNames": named,
+        },
+    ]
+    grant_role(admin, NAMESPACE, "st-reshard", "st-reshard", rules)
     rng = random.Random(2)
     histories = {f"svc-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
     assert ConfigMapStateStore(account, NAMESPACE, "a", memory_shards=8).save(
