@@ -78,13 +78,14 @@ DEGRADING = {
     "slo_bound",
     "slo_unattainable",
     "stuck",
+    "deleting",
 }
 
 
 @dataclass
 class Hold:
     # metrics_missing | decision_failed | invalid_revision | drift | refused | slo_* |
-    # stabilised | kept | stuck
+    # stabilised | kept | stuck | deleting
     kind: str
     why: str
 
@@ -248,6 +249,8 @@ def service_status(
         holds.append(Hold("invalid_revision", desired_error))
     if outcome.observation is not None and service in outcome.observation.stuck:
         holds.append(Hold("stuck", outcome.observation.stuck[service]))
+    if outcome.observation is not None and service in outcome.observation.deleting:
+        holds.append(Hold("deleting", outcome.observation.deleting[service]))
     left_behind: dict[str, int] = {}
     if outcome.observation is not None:
         for instances_ in outcome.observation.left_behind:

@@ -64,6 +64,10 @@ class Observation:
     # what: Pods not ready past their Deployment's progress deadline). Still counted
     # as starting; ``status`` calls the service Degraded.
     stuck: Mapping[str, str] = field(default_factory=dict)
+    # Services with Deployments being deleted (service -> which: ``deletionTimestamp``
+    # set, held by a finalizer or the garbage collector). Still counted; ``status``
+    # calls the service Degraded.
+    deleting: Mapping[str, str] = field(default_factory=dict)
 
 
 class ClusterBackend(Protocol):

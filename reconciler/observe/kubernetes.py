@@ -142,6 +142,9 @@ class LiveDeployment:
     # (``savedplan.adopt_created``). Server-side apply tells the two apart, so every
     # later apply conflicted with heteroscale itself until the relabel is made.
     own_update_entry: bool = False
+    # metadata.deletionTimestamp as read ("" while it is not being deleted): a finalizer
+    # or the garbage collector holds it, and its instances go when it does.
+    deleting_since: str = ""
 
     @property
     def rollout_observed(self) -> bool:
@@ -411,6 +414,7 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         observed_generation=_int(status.get("observedGeneration", 0)),
         created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
         progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
+        deleting_since=since if isinstance(since := meta.get("deletionTimestamp"), str) else "",
         own_update_entry=any(
             isinstance(entry, dict)
             and entry.get("manager") == names.FIELD_MANAGER
@@ -1041,6 +1045,7 @@ def observation_from_snapshot(
         left_behind=left_behind(snapshot, policies or {}, cluster),
         draining=left_behind_draining(snapshot, policies or {}, cluster),
         stuck=stuck_starting(snapshot),
+        deleting=being_deleted(deployments),
     )
 
 
@@ -1091,6 +1096,28 @@ def stuck_starting(snapshot: ClusterSnapshot) -> dict[str, str]:
             f"({'/'.join(deadlines)} s after creation): {named}{more}"
         )
     return out
+
+
+def being_deleted(deployments: Iterable[LiveDeployment]) -> dict[str, str]:
+    """Per service, its Deployments being deleted (``deletionTimestamp`` set: a
+    finalizer or the garbage collector holds them), with the instances that go when
+    they do. Their instances are still counted (they serve until then), and nothing
+    replaces them before they are gone; ``status`` calls the service Degraded, where it
+    read Synced and Healthy and ``apply`` said the clusters match."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for deployment in sorted(deployments, key=lambda d: str(d.key)):
+        if deployment.deleting_since:
+            found[deployment.service].append(
+                f"Deployment {quoted(str(deployment.key))} ({deployment.replicas} "
+                f"instance(s) of {deployment.role}, since {quoted(deployment.deleting_since)})"
+            )
+    return {
+        service: "being deleted, its instances go when it does (a finalizer or the garbage "
+        "collector holds it; replaced once gone): "
+        + ", ".join(items[:STUCK_PODS_NAMED])
+        + (f" and {len(items) - STUCK_PODS_NAMED} more" if len(items) > STUCK_PODS_NAMED else "")
+        for service, items in found.items()
+    }
 
 
 def left_behind(

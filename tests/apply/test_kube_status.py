@@ -363,3 +363,27 @@ def test_pods_not_ready_past_their_progress_deadline_make_the_service_degraded(
     ), stuck.why
     assert f"{name}/{crashing} CrashLoopBackOff" in stuck.why, stuck.why
     assert "not ready" in stuck.why  # the others: scheduled, no kubelet reported them
+
+
+def test_a_deployment_being_deleted_makes_its_service_degraded_and_names_it(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """A Deployment deleted while a finalizer holds it still serves, and is counted,
+    but goes when the finalizer does: status read Synced and Healthy beside it, and
+    apply said the clusters match. Now its service is Degraded, the hold naming it."""
+    name = "status-deleting"
+    _state, common = cluster_for_cli(control_plane, tmp_path, name, ("alpha",))
+    client = control_plane.client()
+    assert CliRunner().invoke(app, ["apply", *common]).exit_code == 0
+    victim = sorted(list_deployments(client, name))[0]
+    path = deployments_path(name, victim)
+    client.merge_patch(path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t")
+    client.delete(path)
+    try:
+        _code, report = _status(common)
+        (service,) = report["clusters"][0]["services"]
+        assert service["health"] == "Degraded"
+        (hold,) = [h for h in service["holds"] if h["kind"] == "deleting"]
+        assert f"{name}/{victim}" in hold["why"] and "being deleted" in hold["why"]
+    finally:
+        client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
