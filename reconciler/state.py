@@ -284,6 +284,10 @@ class FleetState:
     draining: Mapping[tuple[str, Role], int] = field(default_factory=dict)
     # Of the starting ones, those not ready past their progress deadline.
     stuck: Mapping[tuple[str, Role], int] = field(default_factory=dict)
+    # Per service, ids no new group may take although no group in ``groups`` has them:
+    # those of its groups being deleted, left out as leftovers, whose Deployments' names
+    # are taken until they are gone (``observe.kubernetes.reserved_group_ids``).
+    reserved_group_ids: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @cached_property
     def _groups_by_service(self) -> Mapping[str, tuple[DeploymentGroup, ...]]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -31,9 +31,10 @@ from reconciler.apply.softscale import PodView, ScalePlan, SloStatus, plan_scale
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
+    GroupKey,
     LiveDeployment,
     LivePod,
-    left_by_move,
+    leftover_reason,
     moved_away,
 )
 from reconciler.policy.base import UNSIZED_REASONS, Decision
@@ -248,12 +249,41 @@ def plan_workloads(
             )
         )
 
+    work = _leave_being_deleted(work)
     work = _hold_unschedulable(work, snapshot)
-    work = _hold_moves(work, policies, cluster, unplaced or {}, unsized or {}, scale_in or {})
+    work = _hold_moves(
+        work,
+        policies,
+        cluster,
+        snapshot.groups_being_deleted,
+        unplaced or {},
+        unsized or {},
+        scale_in or {},
+    )
     if may_move:
         work = _hold_moved(work, policies)
     work.sort(key=lambda w: (w.removes_capacity, w.action == "delete", str(w.key)))
     return tuple(work)
+
+
+def _leave_being_deleted(work: list[WorkloadWork]) -> list[WorkloadWork]:
+    """``work`` with nothing written to a Deployment being deleted (``deletionTimestamp``
+    set): its removal is under way, whatever the plan says. A delete would only repeat
+    it; an update or a server-side apply would write onto the terminating object,
+    which goes with what was written. It is a leftover (``leftover_reason``), so no
+    plan keeps it or renders its name (its group id is reserved while it exists): new
+    groups replace it while it serves, and once it is gone it is simply absent. Pods
+    drained from it before are still finished once their window passed (``_kept``)."""
+    out: list[WorkloadWork] = []
+    for w in work:
+        if w.live is not None and w.live.deleting_since and w.action != "keep":
+            w = _kept(
+                w,
+                f"being deleted since {w.live.deleting_since} (a finalizer or the garbage "
+                "collector holds it): nothing is written to it, and it serves until it goes",
+            )
+        out.append(w)
+    return out
 
 
 def _hold_unschedulable(work: list[WorkloadWork], snapshot: ClusterSnapshot) -> list[WorkloadWork]:
@@ -330,15 +360,17 @@ def _hold_moves(
     work: list[WorkloadWork],
     policies: Mapping[str, ServicePolicy],
     cluster: ClusterSpec | None,
+    groups_being_deleted: Collection[GroupKey],
     unplaced: Mapping[str, str],
     unsized: Mapping[str, str],
     scale_in: Mapping[str, ScaleInWindow],
 ) -> list[WorkloadWork]:
-    """Make before break: ``work`` with every removal of a Deployment a move left
-    behind (``left_by_move``: the policy now deploys to another namespace, or the
-    group's switch is gone from the cluster file) kept while any Deployment of the
-    service that this plan writes is not yet serving (``not_yet_serving``); or, while
-    the groups hold fewer instances of a role than the service ran before the move
+    """Make before break: ``work`` with every removal of a leftover (``leftover_reason``:
+    the policy now deploys to another namespace, the group's switch is gone from the
+    cluster file, or a Deployment of the group is being deleted, ``groups_being_deleted``;
+    "the move" below is any of these) kept while any Deployment of the service that
+    this plan writes is not yet serving (``not_yet_serving``); or, while the groups
+    hold fewer instances of a role than the service ran before the move
     (``_short_of_left_behind``), placement could not place all the service asks
     for (``unplaced``: the leftovers hold GPUs, so there may be no room for a second
     copy until they go), the service's size was held this cycle, not sized
@@ -358,15 +390,18 @@ def _hold_moves(
     serves nothing, and the old group's decode without its prefill neither.
 
     Why a kept leftover cannot flip-flop: whether an object is a leftover depends only
-    on it and the desired state (the policy's namespace, the cluster file's
-    switches), not on anything a plan decides; the fleet leaves leftovers out
-    (``fleet_from_snapshot``), so the decision never counts them and placement never
+    on it, its group and the desired state (the policy's namespace, the cluster file's
+    switches, a deletionTimestamp), not on anything a plan decides; the fleet leaves
+    leftovers out (``fleet_from_snapshot``), so the decision never counts them and placement never
     sees them, keeps them or places into them (it only holds their GPUs:
     ``left_behind``). Next cycle the service's capacity is its new Deployments alone,
     exactly as this cycle planned it, and the leftover is again only something to
     prune. The window's hold ends by itself: the recommendations that held it age out
     of the window, and those made since (the decision's, of the groups' size) do not
     hold it.
+
+    A Deployment being deleted is never written (``_leave_being_deleted``): its removal
+    is no write of this plan, so holding means keeping the rest of its group.
 
     Not held: a service removed from the policies (not a move: its groups are kept or
     pruned by the prune setting), and scale-in by placement (a group it empties is
@@ -381,7 +416,9 @@ def _hold_moves(
     # leftovers' GPUs are what a shortfall lacks, and keeping them for one unrelated to
     # the move kept them forever.
     short = (
-        _short_of_left_behind(work, policies, cluster) if unplaced or unsized or scale_in else {}
+        _short_of_left_behind(work, policies, cluster, groups_being_deleted)
+        if unplaced or unsized or scale_in
+        else {}
     )
     for service, roles in sorted(short.items()):
         text = _short_text(roles)
@@ -407,7 +444,7 @@ def _hold_moves(
     for w in work:
         until = waiting.get(w.service)
         move = (
-            left_by_move(w.live, policies, cluster)
+            leftover_reason(w.live, policies, cluster, groups_being_deleted)
             if until is not None and w.live is not None and w.removes_capacity
             else None
         )
@@ -428,7 +465,7 @@ def _hold_moved(
     A move is a removal here and an addition there, the same cycle or, once the
     removal was held, the next (the placement then only drops the old half): told
     apart from a scale-in only by what still starts, so any removal of the service
-    waits, as the whole service does for a move left behind (a moved prefill without
+    waits, as the whole service does for a leftover (a moved prefill without
     its decode serves nothing). The placement never puts what it moves on the GPUs
     of what it moves away from (``reconciler.placement.cpsat``), so the replacement
     can start while the old instances run; one that never serves keeps them
@@ -543,9 +580,12 @@ def scale_in_windows(
 
 
 def _short_of_left_behind(
-    work: Sequence[WorkloadWork], policies: Mapping[str, ServicePolicy], cluster: ClusterSpec | None
+    work: Sequence[WorkloadWork],
+    policies: Mapping[str, ServicePolicy],
+    cluster: ClusterSpec | None,
+    groups_being_deleted: Collection[GroupKey],
 ) -> dict[str, RoleShort]:
-    """Per service with Deployments a move left behind, the roles whose groups this
+    """Per service with leftovers (``leftover_reason``), the roles whose groups this
     plan sizes below what the service ran before the move, as (groups, ran) replicas,
     ready or still starting ("prefill 1 of 6"): a size held rather than sized is the
     groups' own, which may be the minimum a new copy started at.
@@ -561,8 +601,11 @@ def _short_of_left_behind(
     whose replacement serves was kept for as long as the size stayed held or a
     shortfall lasted, maybe forever). A group created later for a reason of its own is
     taken for a replacement too: not counted, the leftover is compared with less, never
-    kept for more than the service ran. A creation time that does not read counts as
-    staying (the leftover kept: the side that loses no capacity)."""
+    kept for more than the service ran. A group being deleted is such a part too: a
+    Deployment stays when created no later than the deletion (``_stays_until_s``),
+    as what replaces the group is created once a cycle saw the deletion. A time that
+    does not read counts as staying (the leftover kept: the side that loses no
+    capacity)."""
     # Per (service, role): what each namespace the service moved away from holds (each
     # a copy of it: after two moves in a row, the older copy and the one that was
     # replacing it; their sum was more than the service ever ran), and what it runs in
@@ -570,28 +613,35 @@ def _short_of_left_behind(
     copies: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     before: dict[tuple[str, str], int] = defaultdict(int)
     groups: dict[tuple[str, str], int] = defaultdict(int)
-    # Per service with a leftover on a gone switch (not a namespace move's copy): the
-    # creation time of its newest leftover.
-    newest_part_left: dict[str, float] = {}
+    # Per service with a leftover in its own namespace (on a gone switch, or being
+    # deleted; not a namespace move's copy): until when a Deployment created counts as
+    # staying, the latest of its leftovers' (``_stays_until_s``).
+    stays_until: dict[str, float] = {}
     for w in work:
-        if w.live is not None and left_by_move(w.live, policies, cluster) is not None:
+        if (
+            w.live is not None
+            and leftover_reason(w.live, policies, cluster, groups_being_deleted) is not None
+        ):
             if moved_away(w.service, w.key.namespace, policies):
                 copies[(w.service, w.role)][w.key.namespace] += w.live.replicas
             else:
                 before[(w.service, w.role)] += w.live.replicas
-                newest_part_left[w.service] = max(
-                    newest_part_left.get(w.service, -math.inf),
-                    parse_micro_time(w.live.created) or -math.inf,
-                )
+                # A group being deleted counts from its deletion, which the Deployment
+                # being deleted gives (its sibling's creation may be later than that).
+                group = (w.key.namespace, w.live.service, w.live.group_id)
+                if w.live.deleting_since or group not in groups_being_deleted:
+                    stays_until[w.service] = max(
+                        stays_until.get(w.service, -math.inf), _stays_until_s(w.live)
+                    )
         elif w.desired is not None:
             groups[(w.service, w.role)] += w.replicas_after
     for w in work:
-        newest_left = newest_part_left.get(w.service)
+        until_s = stays_until.get(w.service)
         if (
-            newest_left is not None
+            until_s is not None
             and w.live is not None
-            and _created_with(w.live.created, newest_left)
-            and left_by_move(w.live, policies, cluster) is None
+            and _created_by(w.live.created, until_s)
+            and leftover_reason(w.live, policies, cluster, groups_being_deleted) is None
         ):
             before[(w.service, w.role)] += w.live.replicas
     for key, by_namespace in copies.items():
@@ -611,14 +661,29 @@ def _short_of_left_behind(
 SAME_APPLY_S = 5.0
 
 
-def _created_with(created: str, newest_left_s: float) -> bool:
-    """Whether a Deployment created at ``created`` (RFC 3339) came no later than the
-    apply that created the newest leftover, at ``newest_left_s``; one whose time does
-    not read, or a leftover's, counts as such."""
+def _stays_until_s(leftover: LiveDeployment) -> float:
+    """Until when a Deployment of the leftover's service created counts as one that
+    stays beside it, not as what replaces it: the end of the apply that created it
+    (``SAME_APPLY_S`` after; what replaces a group on a gone switch comes a cycle
+    later at least, once the switch is gone from Git); being deleted, the deletion
+    (a cycle creates the replacement after it read it; whole seconds, so a group
+    created in the very second of the deletion counts as staying). -inf when the time
+    does not read (every Deployment then counts as staying)."""
+    if leftover.deleting_since:
+        deleted_s = parse_micro_time(leftover.deleting_since)
+        return -math.inf if deleted_s is None else deleted_s
+    created_s = parse_micro_time(leftover.created)
+    return -math.inf if created_s is None else created_s + SAME_APPLY_S
+
+
+def _created_by(created: str, until_s: float) -> bool:
+    """Whether a Deployment created at ``created`` (RFC 3339) came no later than
+    ``until_s`` (``_stays_until_s``); one whose time does not read counts as such, and
+    so does every one when ``until_s`` does not."""
     created_s = parse_micro_time(created)
-    if created_s is None or not math.isfinite(newest_left_s):
+    if created_s is None or not math.isfinite(until_s):
         return True
-    return created_s <= newest_left_s + SAME_APPLY_S
+    return created_s <= until_s
 
 
 def unsized_services(held: Mapping[str, str], decisions: Mapping[str, Decision]) -> dict[str, str]:

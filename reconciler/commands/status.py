@@ -3,8 +3,8 @@
 Sync comes from one dry-run cycle, built and run exactly as ``plan`` does
 (``build_loop(dry_run=True)`` then ``run_cycle``), never from a second diff: a service
 is OutOfSync when that cycle would change something for it (a group change, an
-object write), keeps an object Git has go (what a move left behind, until what
-replaces it serves: a ``kept`` hold says why, and the instances column what it
+object write), keeps an object Git has go (a leftover: what a move left behind, or a
+group being deleted, until what replaces it serves: a ``kept`` hold says why, and the instances column what it
 serves) or is held off one of its objects because someone else changed it
 (drift) or because the write was refused (refused: by the API server, or before it
 as one no Node could run), or held because such a change refused one of its scale
@@ -108,8 +108,9 @@ class ServiceStatus:
     gpu_types: dict[str, dict[str, int]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
-    # Per role, the instances serving from what a move left behind (kept until what
-    # replaces them serves): not the service's groups, so not in ``current``.
+    # Per role, the instances serving from leftovers (what a move left behind, or a
+    # group being deleted; kept until what replaces them serves): not the service's
+    # groups, so not in ``current``.
     left_behind: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -210,8 +211,8 @@ def _object_changes(outcome: ClusterOutcome, service: str) -> tuple[list[str], l
             changes.append(" ".join(obj.headline().split()))
             holds.append(Hold(kind, f"{obj.key}: {'; '.join(obj.notes) or obj.action}"))
         elif obj.action == "keep":
-            # Git has it go, but the cycle keeps it as it runs (what a move left behind,
-            # until what replaces it serves): not as desired, and not for a person to
+            # Git has it go, but the cycle keeps it as it runs (a leftover, until what
+            # replaces it serves, or a Deployment being deleted): not as desired, and not for a person to
             # fix, so a change to come and a hold that says why, not drift.
             changes.append(" ".join(obj.headline().split()))
             holds.append(Hold("kept", f"{obj.key}: {obj.notes[0] if obj.notes else 'kept'}"))
@@ -520,7 +521,7 @@ def instances(s: ServiceStatus) -> str:
         if len(types) > 1:
             text += " (" + ", ".join(f"{t} {n}" for t, n in sorted(types.items())) + ")"
         if s.left_behind.get(name):
-            text += f" (+{s.left_behind[name]} left behind by a move)"
+            text += f" (+{s.left_behind[name]} left behind, serving until replaced)"
         return text
 
     return f"{role('prefill')}, {role('decode')}"

@@ -91,9 +91,10 @@ class ClusterOutcome:
 
     @property
     def kept_objects(self) -> int:
-        """Objects kept as they run though the desired state has them go (``keep``: what
-        a move left behind, until its replacement serves): not yet as desired, though
-        this cycle writes nothing for them."""
+        """Objects kept as they run though the desired state has them go (``keep``: a
+        leftover, what a move left behind or a group being deleted, until its
+        replacement serves; a Deployment being deleted is never written): not yet as
+        desired, though this cycle writes nothing for them."""
         if self.diff is None:
             return 0
         return sum(1 for o in self.diff.objects if o.action == "keep")

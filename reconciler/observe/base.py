@@ -53,20 +53,21 @@ class Observation:
     # Services whose live objects could not be read reliably (service -> why): the
     # cycle holds them at the size they run, never scaling on a guess.
     held: Mapping[str, str] = field(default_factory=dict)
-    # Instances a move left behind, by node: not in ``fleet``, but holding GPUs
+    # Instances of leftovers (``observe.kubernetes.leftover_reason``: what a move left
+    # behind, or what is being deleted), by node: not in ``fleet``, but holding GPUs
     # (``PlacementRequest.left_behind``).
     left_behind: tuple[UngroupedInstances, ...] = field(default=())
     # Drained instances by node, where placement must hold their GPUs there rather
     # than near the service's groups (``PlacementRequest.draining``): those drained
-    # from what a move left behind.
+    # from leftovers.
     draining: tuple[UngroupedInstances, ...] = field(default=())
     # Services with instances that stopped being on their way to serving (service ->
     # what: Pods not ready past their Deployment's progress deadline). Still counted
     # as starting; ``status`` calls the service Degraded.
     stuck: Mapping[str, str] = field(default_factory=dict)
     # Services with Deployments being deleted (service -> which: ``deletionTimestamp``
-    # set, held by a finalizer or the garbage collector). Still counted; ``status``
-    # calls the service Degraded.
+    # set, held by a finalizer or the garbage collector). Leftovers, being replaced;
+    # ``status`` calls the service Degraded until they are gone.
     deleting: Mapping[str, str] = field(default_factory=dict)
 
 

@@ -50,7 +50,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, wraps
@@ -200,6 +200,12 @@ class LiveNode:
     uid: str = ""
 
 
+# A deployment group of one namespace: (namespace, service, group id). Deployment names
+# do not hold the namespace, so one group id may name a group in each of two namespaces
+# (a namespace move's copy and the group replacing it).
+GroupKey = tuple[str, str, str]
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """What one read of the API server returned (our objects only, plus Nodes)."""
@@ -232,6 +238,17 @@ class ClusterSnapshot:
 
     def drained_pods(self) -> list[LivePod]:
         return [p for p in self.pods if not p.serving and not p.deleting]
+
+    @cached_property
+    def groups_being_deleted(self) -> frozenset[GroupKey]:
+        """The groups with a Deployment being deleted (``LiveDeployment.deleting_since``),
+        as (namespace, service, group id): every Deployment of theirs is a leftover
+        (``leftover_reason``)."""
+        return frozenset(
+            (d.key.namespace, d.service, d.group_id)
+            for d in self.deployments.values()
+            if d.deleting_since
+        )
 
 
 # ------------------------------------------------------------------------ parsing
@@ -755,25 +772,67 @@ def moved_away(service: str, namespace: str, policies: Mapping[str, ServicePolic
     return policy is not None and policy.namespace != namespace
 
 
-def left_by_move(
+def leftover_reason(
     deployment: LiveDeployment,
     policies: Mapping[str, ServicePolicy],
     cluster: ClusterSpec | None = None,
+    groups_being_deleted: Collection[GroupKey] = frozenset(),
 ) -> str | None:
-    """Why ``deployment`` is what a move of its group left behind, or None when it is
-    not: its service moved to another namespace (``moved_away``), or, with
-    ``cluster``, the switch its group is pinned to is gone from the cluster file (no
-    group can be rendered there, so placement must not keep it: the service is placed
-    anew). Either depends only on the desired state and the Deployment, never on a
-    plan: a leftover stays one until it is pruned."""
+    """Why ``deployment`` is a leftover, or None when it is not: no longer the capacity
+    of its service, but still serving until the groups replacing it serve. Its service
+    moved to another namespace (``moved_away``); with ``cluster``, the switch its group
+    is pinned to is gone from the cluster file (no group can be rendered there, so
+    placement must not keep it: the service is placed anew); or it, or with
+    ``groups_being_deleted`` (``ClusterSnapshot.groups_being_deleted``) another
+    Deployment of its group, is being deleted (``deletionTimestamp`` set: a finalizer or
+    the garbage collector holds it, and its instances go when it does).
+
+    The whole group of a Deployment being deleted is a leftover, not that Deployment
+    alone: counted, its sibling would be a group missing one role, which placement
+    fills under the group's own id, rendering the very name being deleted (a create
+    that answers 409, or an apply onto the terminating object); and a prefill without
+    its decode serves nothing anyway. A new group replaces the whole group, under an
+    id of its own (``FleetState.reserved_group_ids``).
+
+    Each depends only on the desired state and the live objects, never on a plan: a
+    leftover stays one until it is pruned, or, being deleted, until it is gone. A
+    service without a policy has no leftovers (nothing replaces its groups: they are
+    kept or pruned by the prune setting)."""
     policy = policies.get(deployment.service)
     if policy is None:
         return None
+    if deployment.deleting_since:
+        return (
+            f"being deleted (deletionTimestamp set {deployment.deleting_since}: a finalizer "
+            "or the garbage collector holds it, and its instances go when it does)"
+        )
+    group = (deployment.key.namespace, deployment.service, deployment.group_id)
+    if group in groups_being_deleted:
+        return (
+            f"another Deployment of its group {deployment.group_id} is being deleted "
+            "(the group is replaced whole)"
+        )
     if moved_away(deployment.service, deployment.key.namespace, policies):
         return f"service {deployment.service} moved to namespace {policy.namespace}"
     if cluster is not None and deployment.domain and not is_domain_of(cluster, deployment.domain):
         return f"switch {deployment.domain} of its group is gone from cluster {cluster.name}'s file"
     return None
+
+
+def reserved_group_ids(
+    snapshot: ClusterSnapshot, policies: Mapping[str, ServicePolicy]
+) -> dict[str, frozenset[str]]:
+    """Per service, the ids of its groups being deleted in its own namespace
+    (``ClusterSnapshot.groups_being_deleted``): left out of the fleet as leftovers, but
+    their names are taken until they are gone, so no new group may take the ids. One
+    in a namespace the service moved away from reserves nothing: the group replacing a
+    moved one reuses its id on purpose (names do not hold the namespace)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for namespace, service, group_id in snapshot.groups_being_deleted:
+        policy = policies.get(service)
+        if policy is not None and policy.namespace == namespace:
+            out[service].add(group_id)
+    return {service: frozenset(ids) for service, ids in out.items()}
 
 
 def fleet_from_snapshot(
@@ -783,13 +842,17 @@ def fleet_from_snapshot(
 ) -> FleetState:
     """Our Deployments as deployment groups; starting and draining per (service, role).
 
-    With ``policies``, a Deployment a move left behind (``left_by_move``) is left out:
-    after a namespace move it has the group id of the group that replaces it (names do
-    not hold the namespace), and counted in would make one group of the two; on a
-    switch gone from the cluster file it cannot be rendered. Apply prunes it once its
-    replacement serves (``reconciler.apply.actions``)."""
+    With ``policies``, a leftover (``leftover_reason``) is left out: after a namespace
+    move it has the group id of the group that replaces it (names do not hold the
+    namespace), and counted in would make one group of the two; on a switch gone from
+    the cluster file it cannot be rendered; being deleted, it goes whatever the plan
+    says, so it is not the capacity the service keeps (its id stays reserved while it
+    exists: ``FleetState.reserved_group_ids``). Apply prunes it once its replacement
+    serves, or leaves it to its deletion (``reconciler.apply.actions``)."""
     kept = [
-        d for d in snapshot.deployments.values() if left_by_move(d, policies or {}, cluster) is None
+        d
+        for d in snapshot.deployments.values()
+        if leftover_reason(d, policies or {}, cluster, snapshot.groups_being_deleted) is None
     ]
     # One group per namespace too: Deployment names do not hold the namespace, so the
     # two copies of a service whose policy was removed in the middle of a move (prune
@@ -866,6 +929,7 @@ def fleet_from_snapshot(
         starting=dict(starting),
         draining=dict(draining),
         stuck=dict(stuck),
+        reserved_group_ids=reserved_group_ids(snapshot, policies or {}),
     )
 
 
@@ -1101,9 +1165,10 @@ def stuck_starting(snapshot: ClusterSnapshot) -> dict[str, str]:
 def being_deleted(deployments: Iterable[LiveDeployment]) -> dict[str, str]:
     """Per service, its Deployments being deleted (``deletionTimestamp`` set: a
     finalizer or the garbage collector holds them), with the instances that go when
-    they do. Their instances are still counted (they serve until then), and nothing
-    replaces them before they are gone; ``status`` calls the service Degraded, where it
-    read Synced and Healthy and ``apply`` said the clusters match."""
+    they do. They are leftovers (``leftover_reason``): the fleet leaves them out, new
+    groups replace them while they still serve, and apply writes nothing to them;
+    ``status`` calls the service Degraded until they are gone, where it read Synced and
+    Healthy and ``apply`` said the clusters match."""
     found: dict[str, list[str]] = defaultdict(list)
     for deployment in sorted(deployments, key=lambda d: str(d.key)):
         if deployment.deleting_since:
@@ -1113,7 +1178,8 @@ def being_deleted(deployments: Iterable[LiveDeployment]) -> dict[str, str]:
             )
     return {
         service: "being deleted, its instances go when it does (a finalizer or the garbage "
-        "collector holds it; replaced once gone): "
+        "collector holds it; being replaced by new groups meanwhile, it serves until they "
+        "do): "
         + ", ".join(items[:STUCK_PODS_NAMED])
         + (f" and {len(items) - STUCK_PODS_NAMED} more" if len(items) > STUCK_PODS_NAMED else "")
         for service, items in found.items()
@@ -1125,13 +1191,12 @@ def left_behind(
     policies: Mapping[str, ServicePolicy],
     cluster: ClusterSpec | None = None,
 ) -> tuple[UngroupedInstances, ...]:
-    """The serving instances of the Deployments a move left behind (``left_by_move``),
-    by node: the fleet leaves them out, placement holds their GPUs. Those not yet on a
-    node hold none."""
+    """The serving instances of the leftovers (``leftover_reason``), by node: the fleet
+    leaves them out, placement holds their GPUs. Those not yet on a node hold none."""
     out: list[UngroupedInstances] = []
     for key in sorted(snapshot.deployments, key=str):
         deployment = snapshot.deployments[key]
-        if left_by_move(deployment, policies, cluster) is None:
+        if leftover_reason(deployment, policies, cluster, snapshot.groups_being_deleted) is None:
             continue
         out.extend(
             _by_node(
@@ -1149,18 +1214,23 @@ def left_behind_draining(
     policies: Mapping[str, ServicePolicy],
     cluster: ClusterSpec | None = None,
 ) -> tuple[UngroupedInstances, ...]:
-    """The Pods soft scale-in drained from what a move left behind (from a Deployment
-    ``left_by_move``, or in a namespace its service moved away from, the Deployment
-    maybe pruned already), by node. They run until their window ends, on GPUs far from
+    """The Pods soft scale-in drained from a leftover (from a Deployment
+    ``leftover_reason`` names, or in a namespace its service moved away from, the
+    Deployment maybe pruned already), by node. They run until their window ends, on GPUs far from
     the service's groups: held only as the fleet's draining count, they were held on
     the groups' nodes, or nowhere while the new copy has none
     (``PlacementRequest.draining`` holds them where they run instead)."""
     by_source: dict[tuple[str, Role, int], list[LivePod]] = defaultdict(list)
     for pod in snapshot.drained_pods():
-        # Only the few drained Pods' sources are asked whether a move left them (every
+        # Only the few drained Pods' sources are asked whether they are leftovers (every
         # cycle, of thousands of Deployments).
         found = snapshot.deployments.get(ObjectKey(pod.key.namespace, pod.drained_from or ""))
-        source = found if found and left_by_move(found, policies, cluster) is not None else None
+        source = (
+            found
+            if found
+            and leftover_reason(found, policies, cluster, snapshot.groups_being_deleted) is not None
+            else None
+        )
         if source is None and not moved_away(pod.service, pod.key.namespace, policies):
             continue
         role = next((r for r in ROLES if r == pod.role), None)

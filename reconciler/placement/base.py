@@ -45,8 +45,9 @@ class UngroupedInstances:
     """Instances of one role of a service that run outside its deployment groups,
     holding their GPUs: draining ones (soft scale-in took them out of service
     discovery until their observation window ends, ``reconciler.apply.softscale``), or
-    those a move left behind (``reconciler.observe.kubernetes.left_by_move``: kept
-    serving until the groups replacing them serve)."""
+    leftovers (``reconciler.observe.kubernetes.leftover_reason``: what a move left
+    behind, or a group being deleted; kept serving until the groups replacing them
+    serve)."""
 
     service: str
     role: Role
@@ -68,8 +69,9 @@ class PlacementRequest:
     # ``current.draining`` counts beyond these are held without a known node (see
     # reconciler.placement.problem, "Pending and draining instances hold capacity").
     draining: tuple[UngroupedInstances, ...] = ()
-    # Instances a move left behind, on their nodes: no group's (the fleet leaves them
-    # out), but their GPUs are busy until they are pruned, so placement must not put
+    # Instances of leftovers (what a move left behind, or a group being deleted), on
+    # their nodes: no group's (the fleet leaves them out), but their GPUs are busy until
+    # they are pruned or gone, so placement must not put
     # the groups replacing them there (Pods that could never be scheduled would keep
     # the leftovers forever).
     left_behind: tuple[UngroupedInstances, ...] = ()

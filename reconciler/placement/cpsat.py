@@ -1022,7 +1022,7 @@ class _Solve:
                     group_id=new_group_id(
                         service_groups,
                         new.domain.group_label,
-                        self.problem.running_ids(new.service),
+                        self.problem.reserved_ids(new.service),
                     ),
                     domain_name=new.domain.domain,
                     subgroup=new.domain.subgroup,

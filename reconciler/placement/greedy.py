@@ -347,7 +347,7 @@ class _Greedy:
             service=need.service,
             cluster=self.problem.cluster,
             group_id=new_group_id(
-                groups, domain.group_label, self.problem.running_ids(need.service)
+                groups, domain.group_label, self.problem.reserved_ids(need.service)
             ),
             domain_name=domain.domain,
             subgroup=domain.subgroup,

@@ -1,7 +1,7 @@
 """Make before break (pure): when a service moves to another namespace, its old
 Deployments keep serving until the Deployments replacing them serve what the plan
-asks of them; then they are pruned as before, live or by a saved plan. Only moves
-are held."""
+asks of them; then they are pruned as before, live or by a saved plan. Only
+leftovers (what a move left behind, or a group being deleted) are held."""
 
 from __future__ import annotations
 
@@ -917,3 +917,158 @@ def test_a_removal_under_rebalance_waits_only_for_what_is_not_itself_removed(
     moved = [grp("chat", "g-pod-d-1", 2, 4, domain="pod-d")]
     work = plan(before, moved, unready, may_move=True)
     assert {work[key].action for key in unready} == {"delete"}
+
+
+# ------------------------------------------------------------ a Deployment being deleted
+
+DELETED_AT = "2026-01-01T00:10:00Z"
+
+
+def being_deleted(deployment: LiveDeployment) -> LiveDeployment:
+    """``deployment`` deleted while a finalizer holds it (deletionTimestamp set)."""
+    return replace(deployment, deleting_since=DELETED_AT)
+
+
+def test_a_group_with_a_deployment_being_deleted_is_a_leftover_whose_id_stays_reserved(
+    before: DesiredState, after: DesiredState
+) -> None:
+    """chat's decode of group g-pod-a-1 is being deleted. It goes whatever the plan
+    says, and its prefill alone serves nothing: the fleet counts neither (counted, the
+    group was the capacity that was about to go, and nothing replaced it until it had
+    gone), their Pods hold their GPUs where they run, and the group's id stays
+    reserved while it exists (a new group under it would render the names being
+    deleted)."""
+    running = live(before, [grp("chat", "g-pod-a-1", 1, 3), grp("chat", "b", 1, 1)])
+    decode = running["chat/chat-g-pod-a-1-d"] = being_deleted(running["chat/chat-g-pod-a-1-d"])
+    prefill = running["chat/chat-g-pod-a-1-p"]
+    pods = (
+        pod_of(prefill, "chat-g-pod-a-1-p-1", node="n1"),
+        *(pod_of(decode, f"chat-g-pod-a-1-d-{i}", node="n2") for i in range(3)),
+    )
+    snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in running.values()}, pods, (), 0.0)
+    spec = before.clusters[CLUSTER]
+    policies = {p.name: p for p in before.policies_for(CLUSTER)}
+
+    observation = observation_from_snapshot(snapshot, spec, policies)
+    assert [g.group_id for g in observation.fleet.groups if g.service == "chat"] == ["b"]
+    chat = observation.fleet.service_fleet("chat")
+    assert (chat.prefill.active, chat.decode.active) == (1, 1)
+    assert observation.fleet.reserved_group_ids == {"chat": frozenset({"g-pod-a-1"})}
+    assert observation.left_behind == (
+        UngroupedInstances("chat", "decode", "n2", 3, decode.gpus_per_instance),
+        UngroupedInstances("chat", "prefill", "n1", 1, prefill.gpus_per_instance),
+    )
+
+    # In a namespace the service moved away from, it reserves nothing: the group
+    # replacing a moved one takes its id on purpose (names do not hold the namespace).
+    moved = {p.name: p for p in after.policies_for(CLUSTER)}
+    assert fleet_from_snapshot(snapshot, moved, spec).reserved_group_ids == {}
+
+
+def test_a_deployment_being_deleted_is_replaced_while_it_serves_and_never_written(
+    before: DesiredState,
+) -> None:
+    """The plan replaces the group being deleted with a new one under another id. The
+    Deployment being deleted is never written (its removal is under way: no delete, no
+    apply onto the terminating object); the rest of its group serves until the new
+    group does, then is pruned."""
+    running = live(before, [grp("chat", "g-pod-a-1", 1, 3)])
+    running["chat/chat-g-pod-a-1-d"] = being_deleted(running["chat/chat-g-pod-a-1-d"])
+    replacement = [grp("chat", "g-pod-a-2", 1, 3)]
+
+    work = plan(before, replacement, running)
+    assert {k: w.action for k, w in work.items()} == {
+        "chat/chat-g-pod-a-2-p": "create",
+        "chat/chat-g-pod-a-2-d": "create",
+        "chat/chat-g-pod-a-1-p": "keep",
+        "chat/chat-g-pod-a-1-d": "keep",
+    }
+    deleting = work["chat/chat-g-pod-a-1-d"]
+    assert deleting.manifest is None and deleting.replicas_after == 3
+    assert deleting.scale.notes == (
+        f"being deleted since {DELETED_AT} (a finalizer or the garbage collector holds "
+        "it): nothing is written to it, and it serves until it goes",
+    )
+    assert work["chat/chat-g-pod-a-1-p"].scale.notes == (
+        "kept until chat/chat-g-pod-a-2-d is ready (0 of 3 ready): another Deployment of "
+        "its group g-pod-a-1 is being deleted (the group is replaced whole), and this "
+        "Deployment serves until those replacing it do",
+    )
+
+    serving = live(before, replacement)
+    done = plan(before, replacement, running, serving)
+    assert done["chat/chat-g-pod-a-1-p"].action == "delete"
+    assert done["chat/chat-g-pod-a-1-d"].action == "keep"
+    assert done["chat/chat-g-pod-a-1-d"].manifest is None
+
+    # Even a plan that renders the very name being deleted writes nothing to it.
+    same_name = plan(before, [grp("chat", "g-pod-a-1", 1, 3)], running)
+    assert same_name["chat/chat-g-pod-a-1-d"].action == "keep"
+    assert same_name["chat/chat-g-pod-a-1-d"].manifest is None
+
+
+def test_the_cycle_replaces_a_group_being_deleted_under_a_new_id(before: DesiredState) -> None:
+    """A cycle of the whole planner: the group it places chat in first is then being
+    deleted. The next cycle does not count it, and places chat anew in another group
+    whose Deployments have names of their own."""
+
+    class OneAndThree:
+        name = "one-and-three"
+
+        def decide(self, inputs: DecisionInput) -> Decision:
+            return Decision(inputs.policy.name, 1, 3, "scale_out", "")
+
+    spec = before.clusters[CLUSTER]
+    policies = {p.name: p for p in before.policies_for(CLUSTER)}
+
+    def cycle(*deployments: LiveDeployment) -> list[DeploymentGroup]:
+        snapshot = ClusterSnapshot(CLUSTER, {d.key: d for d in deployments}, (), (), 0.0)
+        observation = observation_from_snapshot(snapshot, spec, policies)
+        planned, _histories = plan_cluster(
+            before, CLUSTER, observation, {}, {}, 100.0, OneAndThree(), GreedyPlacer()
+        )
+        return [g for g in planned.groups if g.service == "chat"]
+
+    (first,) = cycle()
+    running = live(before, [first])
+    assert [g.group_id for g in cycle(*running.values())] == [first.group_id]
+
+    decode = next(d for d in running.values() if d.role == "decode")
+    running[str(decode.key)] = being_deleted(decode)
+    (replacing,) = cycle(*running.values())
+    assert replacing.group_id != first.group_id
+    assert (replacing.prefill.instances, replacing.decode.instances) == (1, 3)
+
+
+@pytest.mark.parametrize(("replacement_at", "kept"), [("00:10:00", True), ("00:10:01", False)])
+def test_while_its_size_is_held_the_rest_of_a_group_being_deleted_waits_for_its_replacement(
+    before: DesiredState, replacement_at: str, kept: bool
+) -> None:
+    """chat runs a group under pod-a and one under pod-d; pod-a's decode is being
+    deleted (at 00:10:00) while chat's metrics are missing. Its prefill is kept while
+    chat's groups hold fewer than it ran: pod-d's group, created before the deletion,
+    stays beside the group being deleted; one created after it replaces that group
+    (the sibling then goes once it serves). Created in the very second of the deletion,
+    it counts as staying (whole seconds): the prefill is kept, no capacity lost."""
+    old = created_at(
+        live(before, [grp("chat", "g-pod-a-1", 1, 3), grp("chat", "d", 1, 3, domain="pod-d")]),
+        "2026-01-01T00:00:00Z",
+    )
+    old["chat/chat-g-pod-a-1-d"] = being_deleted(old["chat/chat-g-pod-a-1-d"])
+    replacing = created_at(
+        live(before, [grp("chat", "g-pod-a-2", 1, 3)]), f"2026-01-01T{replacement_at}Z"
+    )
+    groups = [grp("chat", "d", 1, 3, domain="pod-d"), grp("chat", "g-pod-a-2", 1, 3)]
+    work = plan(before, groups, old, replacing, unsized={"chat": "metrics_missing"})
+    assert work["chat/chat-g-pod-a-1-d"].action == "keep"
+    assert work["chat/chat-g-pod-a-1-p"].action == ("keep" if kept else "delete")
+    if kept:
+        assert (
+            work["chat/chat-g-pod-a-1-p"]
+            .scale.notes[0]
+            .startswith(
+                "kept while the service's size is held, not sized (metrics_missing), and its "
+                "groups hold fewer than the service ran before the move (decode 6 of 9, "
+                "prefill 2 of 3)"
+            )
+        )

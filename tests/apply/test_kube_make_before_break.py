@@ -4,7 +4,8 @@ namespace and keeps the old ones serving (plan and apply say so; a hold is no
 error); only once the new Deployments' Pods are ready does a later cycle prune the
 old ones, live or through a saved plan (whose writes in the namespace moved away
 from are in scope: they remove what the move left behind). Where there is no room
-for a second copy beside the old one, the old one is kept, cycle after cycle."""
+for a second copy beside the old one, the old one is kept, cycle after cycle. A
+Deployment being deleted is replaced the same way, never written."""
 
 from __future__ import annotations
 
@@ -229,8 +230,8 @@ def test_with_no_room_for_a_second_copy_the_old_deployments_are_kept_and_said_so
     text = _run("status", *options, exit_code=3)
     # (Degraded: this test has no metrics.)
     assert (
-        "svc OutOfSync Degraded prefill 1->5 (+5 left behind by a move), "
-        "decode 1->1 (+1 left behind by a move)"
+        "svc OutOfSync Degraded prefill 1->5 (+5 left behind, serving until replaced), "
+        "decode 1->1 (+1 left behind, serving until replaced)"
     ) in text, text
     assert "svc: hold (kept) " in text and "kept while its replacement is not all placed" in text
 
@@ -318,6 +319,82 @@ def test_a_service_held_while_it_moves_keeps_its_old_deployments(
     text = _run("apply", *options)
     assert "kept while the service's size is held, not sized" in text, text
     assert set(list_deployments(client, name)) == set(old)
+
+
+def test_a_deployment_being_deleted_is_replaced_under_a_new_name_before_it_goes(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The service's decode Deployment is deleted while a finalizer holds it: it
+    serves until the finalizer goes, and then its instances go with it. It was counted
+    as the service's capacity until then, and only the cycle after it had gone created
+    it again (a start-up's gap). Now the next cycle creates a new group under another
+    id (a Deployment of the old name would be the terminating object itself), writes
+    nothing to the one being deleted, keeps its prefill until the new group serves,
+    and once the finalizer goes the service still runs its full count."""
+    name = "mbb-deleting"
+    state, options = cluster_for_cli(control_plane, tmp_path, name)
+    client = control_plane.client()
+    _run("apply", *options)
+    old = list_deployments(client, name)
+    _serve(client, name, _pods_on_nodes(client, name, len(old), "the Pods on their nodes"))
+    (decode,) = [n for n in old if n.endswith("-d")]
+    (prefill,) = [n for n in old if n.endswith("-p")]
+    path = deployments_path(name, decode)
+    client.merge_patch(path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t")
+    client.delete(path)
+    terminating = client.get(path)
+    assert terminating["metadata"].get("deletionTimestamp")
+    # What replaces a group being deleted is told from a group that stays beside it by
+    # being created after the deletion (whole seconds): a later cycle, as in a loop.
+    time.sleep(1.1)
+
+    def heteroscale_wrote(obj: dict[str, Any]) -> list[str]:
+        return sorted(
+            entry.get("time", "")
+            for entry in obj["metadata"].get("managedFields", ())
+            if entry.get("manager") == names.FIELD_MANAGER
+        )
+
+    try:
+        # The fleet no longer counts the group being deleted; its id stays reserved.
+        spec = state.clusters[name]
+        backend = KubernetesBackend(client, state=load_desired_state(tmp_path))
+        observation = backend.observe(spec, backend.state.policies_for(name))
+        assert observation.fleet.groups == ()
+        group_id = old[decode]["spec"]["selector"]["matchLabels"][names.GROUP_LABEL]
+        assert observation.fleet.reserved_group_ids == {"svc": frozenset({group_id})}
+
+        for command, exit_code in (("plan", 3), ("apply", 0)):
+            text = _run(command, *options, exit_code=exit_code)
+            assert f"= keep Deployment {name}/{decode} " in text, text
+            assert "being deleted since" in text and "nothing is written to it" in text, text
+            assert f"= keep Deployment {name}/{prefill} " in text, text
+            assert "is being deleted (the group is replaced whole)" in text, text
+        new = set(list_deployments(client, name)) - set(old)
+        assert len(new) == 2 and all(group_id not in n for n in new), new
+        after = client.get(path)
+        assert after["spec"] == terminating["spec"]
+        assert heteroscale_wrote(after) == heteroscale_wrote(terminating)
+
+        pods = [
+            p
+            for p in _pods_on_nodes(client, name, 4, "the new Pods beside the old ones")
+            if p["metadata"]["labels"][names.GROUP_LABEL] != group_id
+        ]
+        _serve(client, name, pods, only=new)
+        text = _run("apply", *options)
+        assert f"- delete Deployment {name}/{prefill} " in text, text
+        assert f"= keep Deployment {name}/{decode} " in text, text
+        assert heteroscale_wrote(client.get(path)) == heteroscale_wrote(terminating)
+    finally:
+        client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
+
+    wait_for(lambda: set(list_deployments(client, name)) == new, what="the old group gone")
+    text = _run("apply", *options)
+    assert "create" not in text, text
+    running = list_deployments(client, name)
+    assert {n[-1]: d["spec"]["replicas"] for n, d in running.items()} == {"p": 1, "d": 1}
+    assert all(d["status"].get("readyReplicas") == 1 for d in running.values())
 
 
 class _Cycles:

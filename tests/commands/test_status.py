@@ -292,7 +292,7 @@ def test_what_a_move_left_behind_is_kept_out_of_sync_and_its_instances_shown() -
     assert [(h.kind, h.why) for h in found.holds] == [("kept", f"svc/svc-a-p: {why}")]
     assert found.changes == ["= keep Deployment svc/svc-a-p [svc/a/prefill] replicas 5 -> 5"]
     assert found.left_behind == {"prefill": 5}
-    assert instances(found) == "prefill 2->2 (+5 left behind by a move), decode 4->4"
+    assert instances(found) == "prefill 2->2 (+5 left behind, serving until replaced), decode 4->4"
 
 
 class _StateOnly:

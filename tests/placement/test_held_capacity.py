@@ -127,7 +127,7 @@ def test_instances_a_move_left_behind_hold_gpus_on_their_node(placer, spec):
     assert placed.domain == "pod-b"
     assert sum(s.instances for s in result.shortfalls) == 0
     assert (
-        "capacity held for 0 pending and 0 draining instance(s), 2 left behind by a move: 16 GPUs"
+        "capacity held for 0 pending and 0 draining instance(s), 2 left behind: 16 GPUs"
         in result.stats.notes
     )
 

@@ -58,6 +58,21 @@ def test_homogeneous_service_takes_a_low_class_subgroup(placer, spec):
 
 
 @BOTH
+def test_a_new_group_never_takes_the_id_of_a_group_being_deleted(placer, spec):
+    """The service's group g-pod-a-1 is being deleted (a finalizer holds it): the fleet
+    leaves it out, so placement opens a group to replace it, where g-pod-a-1 would be
+    the first free id, and its Deployments the very names being deleted. The fleet
+    reserves the id while the group exists: the new group takes the next one."""
+    req = request(spec, [policy("svc", **HOMOGENEOUS)], {"svc": (2, 4)})
+    req = replace(
+        req, current=replace(req.current, reserved_group_ids={"svc": frozenset({"g-pod-a-1"})})
+    )
+    result = place(placer, req)
+    [g] = result.groups
+    assert (g.domain, g.group_id) == ("pod-a", "g-pod-a-2")
+
+
+@BOTH
 def test_heterogeneous_s2_service_takes_medium_not_high(placer, spec):
     req = request(spec, [policy("svc", **HETEROGENEOUS)], {"svc": (2, 4)})
     [g] = place(placer, req).groups
