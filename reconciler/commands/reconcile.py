@@ -1527,7 +1527,10 @@ def register(app: typer.Typer) -> None:
             store = ConfigMapStateStore(
                 lease_client, lease.namespace, who, memory_shards=lease.memory_shards
             )
-        if leader_elect and real:
+        # A dry run never writes, so it never competes for the Lease the writers share:
+        # holding it (a dry-run replica beside the real ones, at a rolling update) kept
+        # the real replicas standby and nothing was applied.
+        if leader_elect and real and not dry_run:
             elector = LeaseElector(lease_client, lease.namespace, lease.name, who)
             store.is_leader = elector.is_leader  # type: ignore[union-attr]
             store.holds_lease = elector.holds_lease  # type: ignore[union-attr]

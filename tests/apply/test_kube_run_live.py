@@ -24,7 +24,7 @@ from kubetestkit import (
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
-from reconciler.apply.kubeclient import NotFound
+from reconciler.apply.kubeclient import NotFound, leases_path
 from reconciler.apply.statestore import (
     ConfigMapStateStore,
     configmap_name,
@@ -249,3 +249,42 @@ def test_run_reads_the_histograms_from_the_rules_the_command_prints(
     assert memory.prefill_demand.samples == 3  # every cycle read usable rates
     assert memory.mix is not None  # the length histograms, from the recorded series
     assert math.isclose(memory.mix.output_mean_tokens, OUTPUTS.mean_tokens, rel_tol=0.5)
+
+
+def test_a_dry_run_never_takes_the_lease_the_writing_replicas_share(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """`run --dry-run` writes nothing, so it must not hold the Lease: a dry-run replica
+    that took it at a rolling update kept the real replicas standby, and nothing was
+    applied while /healthz answered 200 on both."""
+    repo = tmp_path / "repo"
+    _cluster(control_plane, repo, "run-dry")
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--repo",
+            str(repo),
+            "--kubeconfig",
+            str(control_plane.kubeconfig),
+            "--lease-namespace",
+            STATE_NAMESPACE,
+            "--lease-name",
+            "run-dry-lease",
+            "--identity",
+            "dry-replica",
+            "--placer",
+            "greedy",
+            "--interval",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--dry-run",
+            "--cycles",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with pytest.raises(NotFound):
+        control_plane.client().get(leases_path(STATE_NAMESPACE, "run-dry-lease"))
+    assert list_deployments(control_plane.client(), "run-dry") == {}
