@@ -41,6 +41,7 @@ from reconciler.placement.base import PlacementOptions, Placer
 from reconciler.plan import Plan
 from reconciler.policy.base import Autoscaler, PolicyHistory
 from reconciler.state import ServiceMetrics
+from reconciler.text_safety import visible
 
 
 @dataclass
@@ -170,6 +171,9 @@ class ClusterCycle:
     lease_refused: Callable[[], str | None] = lambda: None
     drift: DriftLog = field(init=False)
     backends: dict[str, ClusterBackend] = field(init=False, default_factory=dict)
+    # The kubeconfig context each backend was built for (the one spec field it connects
+    # by): a cluster file naming another context gets a new backend.
+    _contexts: dict[str, str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.drift = DriftLog(self.metrics)
@@ -216,8 +220,23 @@ class ClusterCycle:
 
     def _backend(self, state: DesiredState, spec: ClusterSpec) -> ClusterBackend:
         backend = self.backends.get(spec.name)
+        if backend is not None and self._contexts.get(spec.name) != spec.kube_context:
+            # The cluster file now names another kubeconfig context: the backend built for
+            # the old one would go on writing to the cluster Git moved away from (a
+            # running `run` scaled the old control plane while `plan` targeted the new).
+            log.warning(
+                f"cluster {spec.name}: kube_context changed "
+                f"({visible(str(self._contexts.get(spec.name)))} -> "
+                f"{visible(str(spec.kube_context))}): connecting anew",
+                extra={"event": "kube_context_changed", "cluster": spec.name},
+            )
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+            backend = None
         if backend is None:
             backend = self.backends[spec.name] = self.backend_for(spec)
+            self._contexts[spec.name] = spec.kube_context
         if hasattr(backend, "state"):
             backend.state = state  # it renders the objects it writes from this revision
         return backend

@@ -24,6 +24,7 @@ from looptestkit import (
 )
 
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.desired.models import ClusterSpec
 from reconciler.errors import MAX_ISSUES_SHOWN_PER_FILE, ConfigError, ConfigIssue
 from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
@@ -83,6 +84,54 @@ def test_a_cycle_applies_every_cluster_and_a_second_cycle_changes_nothing(
     assert len(backends["prod-east"].applied[0].groups) == len(state.policies)
     second = loop.run_cycle()
     assert not second.has_changes
+
+
+def test_a_cluster_file_naming_another_context_gets_a_backend_for_it(
+    state: DesiredState,
+) -> None:
+    """A running loop whose Git revision moves a cluster to another kubeconfig context
+    connects anew, closing the old connection: the backend built for the old context
+    went on writing to the cluster Git moved away from, while `plan` on the same commit
+    targeted the new one."""
+    east = state.clusters["prod-east"]
+    moved = DesiredState(
+        policies=state.policies,
+        clusters={"prod-east": east.model_copy(update={"kube_context": "prod-east-new"})},
+        templates=state.templates,
+        source_label="moved",
+    )
+    revisions = [state]
+    built: list[tuple[str | None, RecordingBackend]] = []
+    closed: list[str | None] = []
+
+    class ClosingBackend(RecordingBackend):
+        def close(self) -> None:
+            closed.append(self.context)
+
+    def backend_for(spec: ClusterSpec) -> RecordingBackend:
+        backend = ClosingBackend(spec.name)
+        backend.context = spec.kube_context  # type: ignore[attr-defined]
+        built.append((spec.kube_context, backend))
+        return backend
+
+    loop = ReconcileLoop(
+        load_desired=lambda: revisions[-1],
+        backend_for=backend_for,
+        metrics_for=lambda spec: StaticMetrics(),
+        autoscaler=FixedAutoscaler(),
+        placer=OneGroupPlacer(),
+        clock=lambda: 1000.0,
+    )
+    loop.run_cycle()
+    loop.run_cycle()
+    assert [context for context, _ in built] == [east.kube_context]  # kept between cycles
+    old_writes = len(built[0][1].applied)
+    revisions.append(moved)
+    (outcome,) = loop.run_cycle().clusters
+    assert [context for context, _ in built] == [east.kube_context, "prod-east-new"]
+    assert closed == [east.kube_context]
+    assert outcome.applied and built[-1][1].applied, "the new context's cluster is written"
+    assert len(built[0][1].applied) == old_writes, "the old context's cluster: no more writes"
 
 
 def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(
