@@ -117,11 +117,24 @@ def plan_cluster(
         targets[name] = Targets(name, decision.prefill, decision.decode)
 
     orphans = tuple(g for g in observation.fleet.groups if g.service not in policies)
+    # A service whose policy now names another cluster moved there; it was not removed.
+    # This cluster's cycle cannot see the new copy serve, so it never prunes the old one:
+    # pruned at once, every ready instance was drained and deleted while the other
+    # cluster's copy had none ready yet (a prober's move between clusters).
+    moved_to = {p.name: p.cluster for p in state.policies.values() if p.cluster != cluster}
     for service in sorted({g.service for g in orphans}):
+        if service in moved_to:
+            notes.append(
+                f"service {service} is running but its policy now deploys it to cluster "
+                f"{moved_to[service]}: kept here (never pruned, whatever the prune setting: "
+                "delete it once the new copy serves)"
+            )
+            continue
         action = "pruned" if prune_removed_services else "kept (prune is off)"
         notes.append(
             f"service {service} is running but has no policy in {state.source_label}: {action}"
         )
+    kept_orphans = tuple(g for g in orphans if not prune_removed_services or g.service in moved_to)
 
     request = PlacementRequest(
         cluster=spec,
@@ -137,8 +150,7 @@ def plan_cluster(
     placed = tuple(
         g for g in result.groups if g.service in policies and g.service not in held
     ) + tuple(g for g in observation.fleet.groups if g.service in held)
-    if not prune_removed_services:
-        placed += orphans
+    placed += kept_orphans
     result = replace(result, groups=placed)
 
     for shortfall in result.shortfalls:

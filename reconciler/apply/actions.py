@@ -215,7 +215,10 @@ def plan_workloads(
                     live,
                     ScalePlan(replicas=live.replicas),
                     None,
-                    reason=f"service {service} has no policy; kept (prune is off)",
+                    reason=(
+                        f"service {service} has no policy for this cluster; kept (prune is "
+                        "off, or its policy moved it to another cluster)"
+                    ),
                 )
             )
             continue

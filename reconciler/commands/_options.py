@@ -289,7 +289,8 @@ PruneRemovedServicesOpt = Annotated[
     bool,
     typer.Option(
         "--prune-removed-services",
-        help="tear down groups of services whose policy file was removed",
+        help="tear down groups of services whose policy file was removed (never those of "
+        "a service whose policy moved it to another cluster)",
     ),
 ]
 FormatOpt = Annotated[

@@ -134,6 +134,46 @@ def test_a_cluster_file_naming_another_context_gets_a_backend_for_it(
     assert len(built[0][1].applied) == old_writes, "the old context's cluster: no more writes"
 
 
+def test_a_service_moved_to_another_cluster_is_kept_where_it_ran_even_with_prune_on(
+    state: DesiredState,
+) -> None:
+    """A policy whose `cluster:` now names another cluster moved its service; it was
+    not removed. The old cluster's cycle cannot see the new copy serve, so it never
+    prunes the old one: with --prune-removed-services it deleted every serving instance
+    at once while the other cluster's copy had none ready. A service whose policy is
+    gone is still pruned."""
+    both = two_cluster_state(state)
+    moved, removed = sorted(p.name for p in state.policies_for("prod-east"))[:2]
+    after = DesiredState(
+        policies={
+            **{n: p for n, p in both.policies.items() if n not in (moved, removed)},
+            moved: both.policies[moved].model_copy(update={"cluster": "prod-west"}),
+        },
+        clusters=both.clusters,
+        templates=both.templates,
+        source_label="moved and removed",
+    )
+    desired = [both]
+    backends = {
+        "prod-east": RecordingBackend("prod-east"),
+        "prod-west": RecordingBackend("prod-west"),
+    }
+    loop = make_loop(both, backends, load_desired=lambda: desired[0], prune_removed_services=True)
+    loop.run_cycle()
+    desired.append(after)
+    desired.pop(0)
+    east, west = loop.run_cycle().clusters
+    assert east.plan is not None and west.plan is not None
+    east_services = {g.service for g in east.plan.groups}
+    assert moved in east_services, "the moved service's old copy is kept"
+    assert removed not in east_services, "a removed service is still pruned"
+    assert moved in {g.service for g in west.plan.groups}
+    assert any(
+        f"service {moved} is running but its policy now deploys it to cluster prod-west" in n
+        for n in east.plan.notes
+    )
+
+
 def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(
     state: DesiredState,
 ) -> None:
