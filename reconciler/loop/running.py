@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from reconciler.loop.cluster_cycle import ClusterOutcome
 from reconciler.loop.reporting import log
 
+# How often a wait for the cycles in flight looks whether a stop was asked.
+STOP_POLL_S = 0.1
+
 
 @dataclass(eq=False)
 class RunningCycle:
@@ -122,10 +125,21 @@ class ClusterRuns:
             )
         run.done.set()  # last: whoever waits for it sees all it did, its log line too
 
-    def wait(self, runs: Iterable[RunningCycle]) -> None:
-        """Until each of ``runs`` ended or its deadline passed."""
+    def wait(self, runs: Iterable[RunningCycle], until: threading.Event | None = None) -> None:
+        """Until each of ``runs`` ended or its deadline passed, or ``until`` is set
+        (looked at every ``STOP_POLL_S``)."""
         for run in runs:
-            run.wait(run.started_s + run.deadline_s)
+            deadline = run.started_s + run.deadline_s
+            if until is None:
+                run.wait(deadline)
+                continue
+            while not until.is_set() and not run.wait(
+                min(deadline, time.monotonic() + STOP_POLL_S)
+            ):
+                if time.monotonic() >= deadline:
+                    break
+            if until.is_set():
+                return
 
     def ended_or_overdue(self, run: RunningCycle) -> ClusterOutcome | None:
         """``run``'s outcome when it ended; else None, and it is overdue from now on

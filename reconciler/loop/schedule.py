@@ -159,6 +159,8 @@ class ReconcileLoop:
         )
         self.stop_wait_s = stop_wait_s
         self.runs = ClusterRuns(cluster_workers) if cluster_workers else None
+        # ``run_forever``'s stop, once it runs: a signal sets it in the middle of a cycle.
+        self._stop: threading.Event | None = None
         self.last_good: DesiredState | None = None
         # The latest revision's error, while the last known good one is in force.
         self.desired_error: str | None = None
@@ -313,7 +315,10 @@ class ReconcileLoop:
             spec = state.clusters[name]
             cycle = partial(self._cluster_cycle, state, spec, now, contain_bugs=True)
             started.append(runs.start(name, self.cluster_deadline_s, cycle))
-        runs.wait(started)
+        # A stop ends the wait (the cycles then apply nothing more: ``_apply_refused``):
+        # waited out, a cycle deadline (the interval by default) passed before the stop
+        # was seen, and a cycle applied 12.8 s after a SIGTERM.
+        runs.wait(started, until=self._stop)
         for run in started:
             outcome = runs.ended_or_overdue(run)
             reported[run.cluster] = outcome if outcome is not None else self._overdue(run)
@@ -343,9 +348,16 @@ class ReconcileLoop:
         )
         return outcome
 
+    def _stopping(self) -> bool:
+        """Whether a stop was asked: ``run_forever``'s event (a signal sets it, maybe in
+        the middle of a loop cycle), or ``stop_cycles``."""
+        return (self._stop is not None and self._stop.is_set()) or (
+            self.runs is not None and self.runs.stopping.is_set()
+        )
+
     def _apply_refused(self) -> str | None:
         """Why a cluster's cycle that started as the acting leader must not apply now."""
-        if self.runs is not None and self.runs.stopping.is_set():
+        if self._stopping():
             return "the loop is stopping"
         if not self.is_leader():
             return "this replica no longer leads (the Lease was lost during the cycle)"
@@ -420,6 +432,7 @@ class ReconcileLoop:
         then ``stop_cycles``."""
         if self.runs is not None:
             self.runs.stopping.clear()
+        self._stop = stop
         try:
             while not stop.is_set():
                 started = time.monotonic()

@@ -261,6 +261,35 @@ def test_a_cycle_still_running_at_the_stop_does_not_apply_after_it(
     assert events["apply_withheld"] == "cluster prod-east: not applied: the loop is stopping"
 
 
+def test_a_stop_in_the_middle_of_a_loop_cycle_is_seen_at_once_and_nothing_applies_after_it(
+    state: DesiredState, gates: list[threading.Event], make_loop: Any
+) -> None:
+    """A signal sets run's stop while a loop cycle waits for a slow cluster: the wait
+    ends at once (it waited out the cluster deadline, the interval by default, before
+    the stop was seen), and the cycle, whose reads answer a second after the stop,
+    applies nothing (one applied 12.8 s after a SIGTERM)."""
+    east, west = BlockingBackend("prod-east"), RecordingBackend("prod-west")
+    gates.append(east.gate)
+    loop = make_loop(
+        state,
+        {"prod-east": east, "prod-west": west},
+        cluster_deadline_s=8.0,
+        interval_s=8.0,
+        stop_wait_s=2.0,
+    )
+    stop = threading.Event()
+    forever = threading.Thread(target=loop.run_forever, args=(stop,))
+    forever.start()
+    _wait_until(lambda: east.observed == 1, "east's cycle in flight")
+    stopped_at = time.monotonic()
+    stop.set()
+    time.sleep(1.0)
+    east.gate.set()  # its reads answer a second after the stop
+    forever.join(30)
+    assert time.monotonic() - stopped_at < 5.0, "the stop waited out the cluster deadline"
+    assert not [at for at in east.applied_at if at > stopped_at], "applied after the stop"
+
+
 def test_a_bug_in_one_clusters_cycle_is_that_clusters_error(
     state: DesiredState, make_loop: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
