@@ -354,13 +354,20 @@ def _window_extreme(
     one made at or before its start (it was in force when the window opened).
 
     Returns ``(extreme or None, covered, oldest_at_s)``; ``covered`` says whether the
-    history reaches back to the window's start. ``history`` is in time order (each
-    cycle appends), so the window's start is found by bisection."""
+    history reaches back to the window's start: a recommendation made at or before it,
+    and not more than a window before it. One older than that was in force across a
+    gap longer than the window in which the policy saw nothing (a clock stepped forward,
+    a replica down for an hour): it says nothing of the demand then, and taken as
+    covering, one low reading after the gap scaled in at once, past the window and the
+    cooldown. ``history`` is in time order (each cycle appends), so the window's start
+    is found by bisection."""
     if window_s <= 0:
         return None, True, None  # no window: only this cycle's recommendation counts
-    first = bisect.bisect_right(history, now_s - window_s, key=_AT_S) - 1
-    covered = first >= 0
-    in_window = history[first:] if covered else history
+    start_s = now_s - window_s
+    first = bisect.bisect_right(history, start_s, key=_AT_S) - 1
+    covered = first >= 0 and start_s - history[first].at_s <= window_s
+    # Not covered: only the recommendations made inside the window count.
+    in_window = history[first:] if covered else history[first + 1 :]
     if not in_window:
         return None, covered, None
     values = map(_ROLE_VALUE[role_index], in_window)

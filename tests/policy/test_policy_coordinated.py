@@ -22,7 +22,7 @@ from policy_testkit import (
 
 from reconciler.policy import CoordinatedAutoscaler, PolicyHistory, decide, decide_many
 from reconciler.policy.base import DecisionInput, Recommendation
-from reconciler.policy.coordinated import policy_numbers
+from reconciler.policy.coordinated import policy_numbers, stabilise
 from reconciler.state import Sample, ServiceMetrics
 
 NOW = 1000.0
@@ -850,3 +850,49 @@ def test_every_example_policy_sizes_a_doubling_of_load(name):
     assert policy.pd_ratio.min <= decision.prefill / decision.decode <= policy.pd_ratio.max
     assert decision.reason == "scale_out"
     assert "-> 40 decode" in decision.message
+
+
+def _eighteen_then_one_low(now_s: float) -> PolicyHistory:
+    """270 s of 9/18 recommendations, one low reading 30 s before ``now_s``, a change
+    60 s before it."""
+    steady = steady_history(9, 18, until_s=now_s - 30, span_s=270, cycle_s=30)
+    return PolicyHistory(
+        recommendations=(*steady.recommendations, Recommendation(now_s - 30, 5, 10)),
+        last_change_at_s=now_s - 60,
+    )
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 3600.0])
+def test_a_gap_in_the_history_longer_than_the_window_holds_the_scale_in(gap_s: float) -> None:
+    """The scale-in window needs a history that covers it; a recommendation made more
+    than a window before the window's start was in force across a gap in which the
+    policy saw nothing (a clock stepped forward an hour, a replica down for an hour),
+    and one low reading after it scaled in at once, past the window and the cooldown."""
+    policy = make_policy(
+        scaling={
+            "scale_in_window_s": 300,
+            "cooldown_s": 120,
+            "max_step_percent": 100,
+            "max_step_instances": 100,
+        }
+    )
+    now = 100_000.0
+    later = now + gap_s
+    decision = decide(
+        policy, fleet(9, 18), metrics(later, decode_tps=10000), _eighteen_then_one_low(now), later
+    )
+    assert decision.decode == 18, decision.message
+    if gap_s:
+        assert "history covers" in decision.message
+
+
+def test_after_a_gap_a_window_of_new_recommendations_lets_the_scale_in_happen() -> None:
+    """The hold after a gap lasts one window of fresh recommendations, no more."""
+    n = policy_numbers(make_policy(scaling={"scale_in_window_s": 300, "cooldown_s": 0}))
+    old = Recommendation(0.0, 9, 18)
+    fresh = tuple(Recommendation(3600.0 + 30 * k, 5, 10) for k in range(12))
+    history = PolicyHistory(recommendations=(old, *fresh))
+    held = stabilise(n, (5, 10), [9, 18], (old, *fresh[:5]), history, 3600.0 + 150, [])
+    assert held == (9, 18)
+    allowed = stabilise(n, (5, 10), [9, 18], (old, *fresh), history, 3600.0 + 330, [])
+    assert allowed[1] < 18
