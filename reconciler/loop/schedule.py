@@ -376,7 +376,9 @@ class ReconcileLoop:
     def _skipped(self, name: str, now: float) -> ClusterOutcome | None:
         """The report of a cluster backing off after failures (None: its cycle is due)."""
         backoff = self._backoff.setdefault(name, _Backoff())
-        if now >= backoff.next_attempt_s:
+        # Due, or further off than any backoff waits: the wall clock stepped back (an NTP
+        # correction), and the cluster was skipped for the length of the step (an hour).
+        if now >= backoff.next_attempt_s or backoff.next_attempt_s - now > self.max_backoff_s:
             return None
         self.metrics.cycles.labels(name, "skipped").inc()
         return ClusterOutcome(

@@ -25,7 +25,12 @@ from looptestkit import (
 
 from reconciler.desired import DesiredState, load_desired_state
 from reconciler.desired.models import ClusterSpec
-from reconciler.errors import MAX_ISSUES_SHOWN_PER_FILE, ConfigError, ConfigIssue
+from reconciler.errors import (
+    MAX_ISSUES_SHOWN_PER_FILE,
+    ClusterUnavailable,
+    ConfigError,
+    ConfigIssue,
+)
 from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
 from reconciler.policy.base import Decision, DecisionInput
@@ -188,6 +193,33 @@ def test_an_unreachable_cluster_is_reported_and_skipped_without_blocking_others(
     # Backoff: the first failure retries next cycle, repeated failures wait longer.
     assert loop.run_cycle().clusters[0].outcome == "error"
     assert loop.run_cycle().clusters[0].outcome == "skipped"
+
+
+def test_a_backing_off_cluster_is_not_skipped_longer_than_the_backoff_after_a_clock_step_back(
+    state: DesiredState,
+) -> None:
+    """The backoff is timed on the wall clock; stepped back an hour (an NTP correction),
+    a cluster that had failed was skipped for the whole hour, far past the backoff's
+    cap (``max_backoff_s``)."""
+    both = two_cluster_state(state)
+    east = RecordingBackend("prod-east", fail_with=ClusterUnavailable("down"))
+    now = [100_000.0]
+    loop = make_loop(
+        both,
+        {"prod-east": east, "prod-west": RecordingBackend("prod-west")},
+        clock=lambda: now[0],
+        interval_s=30.0,
+    )
+    for _ in range(4):
+        loop.run_cycle()
+        now[0] += 30
+    east.fail_with = None
+    now[0] -= 3600
+    skipped_s = 0.0
+    while loop.run_cycle().clusters[0].outcome == "skipped":
+        skipped_s += 30
+        now[0] += 30
+        assert skipped_s <= loop.max_backoff_s, "skipped past the backoff's cap"
 
 
 def test_an_invalid_revision_keeps_the_last_known_good_state(state: DesiredState) -> None:
