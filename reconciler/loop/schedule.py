@@ -473,7 +473,10 @@ class ReconcileLoop:
         problems = []
         if self.last_cycle_end_s is not None:
             now = self.clock() if now_s is None else now_s
-            if now - self.last_cycle_end_s > 3 * self.interval_s + 30:
+            # A loop cycle waits for its clusters up to their deadline (a slow cluster is
+            # not a stalled loop: a restart would not make its API server faster).
+            waited_s = self.cluster_deadline_s if self.runs is not None else 0.0
+            if now - self.last_cycle_end_s > 3 * self.interval_s + 30 + waited_s:
                 problems.append(f"stalled: no cycle ended for {now - self.last_cycle_end_s:.0f} s")
         if self.leader_election is not None:
             lease_problem = self.leader_election.health_problem()

@@ -309,6 +309,24 @@ def test_a_cycle_that_lost_the_lease_before_applying_only_reports(
     assert store.loads == ["prod-east", "prod-east"] and "prod-east" in store.saved
 
 
+def test_a_loop_cycle_waiting_out_a_long_cluster_deadline_is_not_a_stall(
+    state: DesiredState,
+) -> None:
+    """A loop cycle waits for its clusters up to their deadline: with a deadline beyond
+    three intervals and 30 s, a slow cluster failed /healthz and Kubernetes restarted
+    the replica (a restart does not make an API server faster). A loop silent past the
+    deadline too is still a stall."""
+    loop = make_loop(
+        state,
+        {"prod-east": RecordingBackend("prod-east")},
+        cluster_workers=2,
+        cluster_deadline_s=200.0,
+    )
+    loop.run_cycle()
+    assert loop.healthy(now_s=1000.0 + 3 * 30.0 + 30 + 150)
+    assert not loop.healthy(now_s=1000.0 + 3 * 30.0 + 30 + 250)
+
+
 def test_metrics_and_health_are_served(state: DesiredState) -> None:
     backends = {"prod-east": RecordingBackend("prod-east")}
     loop = make_loop(state, backends)
