@@ -1527,6 +1527,14 @@ def register(app: typer.Typer) -> None:
             store = ConfigMapStateStore(
                 lease_client, lease.namespace, who, memory_shards=lease.memory_shards
             )
+        # A stop asked from here on ends the run through its own exit (the Lease
+        # released, the memories flushed), start-up included: the election starts
+        # below, and start-up may wait a --prometheus-timeout on set-up checks, where a
+        # SIGTERM killed the process with the Lease held. SIGHUP (a closed terminal, a
+        # supervisor's reload) stops it alike rather than killing it.
+        stop = threading.Event()
+        for stopping_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(stopping_signal, lambda *_: stop.set())
         # A dry run never writes, so it never competes for the Lease the writers share:
         # holding it (a dry-run replica beside the real ones, at a rolling update) kept
         # the real replicas standby and nothing was applied.
@@ -1617,9 +1625,6 @@ def register(app: typer.Typer) -> None:
             ),
             extra={"event": "start"},
         )
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         done = 0
 
         def on_cycle(result: Any) -> None:

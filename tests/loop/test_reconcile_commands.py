@@ -112,3 +112,56 @@ def test_run_reconciles_real_clusters_at_once_and_the_simulated_fleet_in_turn(
     # plan, apply and status: one cycle, the clusters in turn.
     one_shot, _ = build_loop(real, dry_run=True)
     assert one_shot.runs is None
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_run_stops_through_its_own_exit_on_sigterm_and_sighup(
+    signal_name: str, tmp_path: Path
+) -> None:
+    """A stop signal ends `run` through its own exit (exit 0, "stopped" logged, the
+    Lease released where there is one): SIGHUP killed the process (exit 129), and so
+    did a SIGTERM during start-up, before the handler was installed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("KUBECONFIG", None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from reconciler.cli import main; main()",
+            "run",
+            "--repo",
+            str(REPO),
+            "--simulate",
+            "--interval",
+            "10",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        lines: list[str] = []
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            lines.append(line)
+            if '"event": "start"' in line:
+                break
+        process.send_signal(getattr(signal, signal_name))
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, "".join(lines) + out
+    assert '"event": "stop"' in out
