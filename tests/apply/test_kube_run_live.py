@@ -86,37 +86,46 @@ def _engines() -> FleetExporter:
     return exporter
 
 
-def _run(control_plane: ControlPlane, repo: Path, url: str, *extra: str) -> list[dict]:
-    result = CliRunner().invoke(
-        app,
+def _run_args(control_plane: ControlPlane, repo: Path, url: str | None) -> list[str]:
+    """`run` on ``repo`` against the control plane, as replica-a, with a 1 s interval
+    (reading Prometheus at ``url``; None: no Prometheus)."""
+    prometheus = (
         [
-            "run",
-            "--repo",
-            str(repo),
-            "--kubeconfig",
-            str(control_plane.kubeconfig),
             "--prometheus-url",
             url,
             "--prometheus-scrape-interval",
             "1",
             "--prometheus-rate-window",
             str(WINDOW_S),
-            "--lease-namespace",
-            STATE_NAMESPACE,
-            "--identity",
-            "replica-a",
-            "--placer",
-            "greedy",
-            "--drain-window",
-            "0",
-            "--interval",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            *extra,
-        ],
+        ]
+        if url is not None
+        else []
+    )
+    return [
+        "run",
+        "--repo",
+        str(repo),
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        *prometheus,
+        "--lease-namespace",
+        STATE_NAMESPACE,
+        "--identity",
+        "replica-a",
+        "--placer",
+        "greedy",
+        "--drain-window",
+        "0",
+        "--interval",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ]
+
+
+def _run(control_plane: ControlPlane, repo: Path, url: str, *extra: str) -> list[dict]:
+    result = CliRunner().invoke(
+        app, [*_run_args(control_plane, repo, url), "--log-format", "json", *extra]
     )
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
@@ -262,23 +271,9 @@ def test_a_dry_run_never_takes_the_lease_the_writing_replicas_share(
     result = CliRunner().invoke(
         app,
         [
-            "run",
-            "--repo",
-            str(repo),
-            "--kubeconfig",
-            str(control_plane.kubeconfig),
-            "--lease-namespace",
-            STATE_NAMESPACE,
+            *_run_args(control_plane, repo, None),
             "--lease-name",
             "run-dry-lease",
-            "--identity",
-            "dry-replica",
-            "--placer",
-            "greedy",
-            "--interval",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
             "--dry-run",
             "--cycles",
             "2",
