@@ -20,7 +20,7 @@ meanwhile).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from reconciler.apply.report import ClusterDiff, summarise_drift
@@ -218,6 +218,21 @@ class ClusterCycle:
         )
         record_cycle(self.metrics, name, plan, outcome, leader=leader, dry_run=self.dry_run)
 
+    def forget(self, clusters: Collection[str], busy: Callable[[str], bool]) -> None:
+        """Close and drop the backends of the clusters not in ``clusters`` (removed from
+        the desired state: their watch connections stayed open for the life of the
+        process), but for one whose cycle is still in flight (``busy``), left to a later
+        call."""
+        for name in [n for n in self.backends if n not in clusters and not busy(n)]:
+            self._close(self.backends.pop(name))
+            self._contexts.pop(name, None)
+
+    @staticmethod
+    def _close(backend: ClusterBackend) -> None:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+
     def _backend(self, state: DesiredState, spec: ClusterSpec) -> ClusterBackend:
         backend = self.backends.get(spec.name)
         if backend is not None and self._contexts.get(spec.name) != spec.kube_context:
@@ -230,9 +245,7 @@ class ClusterCycle:
                 f"{visible(str(spec.kube_context))}): connecting anew",
                 extra={"event": "kube_context_changed", "cluster": spec.name},
             )
-            close = getattr(backend, "close", None)
-            if callable(close):
-                close()
+            self._close(backend)
             backend = None
         if backend is None:
             backend = self.backends[spec.name] = self.backend_for(spec)

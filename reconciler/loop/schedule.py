@@ -273,6 +273,10 @@ class ReconcileLoop:
             # A removed cluster's backoff would keep it listed (at 0) in
             # heteroscale_cycle_running_seconds; one added again starts afresh.
             del self._backoff[gone]
+        runs = self.runs
+        self.cluster_cycle.forget(
+            state.clusters, busy=lambda name: runs is not None and runs.running(name) is not None
+        )
         result.source_label = state.source_label
         leader = self.is_leader()
         self.metrics.leader.set(1 if leader else 0)

@@ -139,6 +139,36 @@ def test_a_cluster_file_naming_another_context_gets_a_backend_for_it(
     assert len(built[0][1].applied) == old_writes, "the old context's cluster: no more writes"
 
 
+def test_a_cluster_removed_from_the_desired_state_has_its_backend_closed(
+    state: DesiredState,
+) -> None:
+    """A cluster file removed from Git: its backend (a watch's connections) is closed
+    and dropped at the next loop cycle instead of staying open for the life of the
+    process; the clusters that stay keep theirs."""
+    both = two_cluster_state(state)
+    closed: list[str] = []
+
+    class ClosingBackend(RecordingBackend):
+        def close(self) -> None:
+            closed.append(self.cluster)
+
+    backends = {"prod-east": ClosingBackend("prod-east"), "prod-west": ClosingBackend("prod-west")}
+    desired = [both]
+    loop = make_loop(both, backends, load_desired=lambda: desired[-1])  # type: ignore[arg-type]
+    loop.run_cycle()
+    desired.append(
+        DesiredState(
+            policies={n: p for n, p in both.policies.items() if p.cluster == "prod-east"},
+            clusters={"prod-east": both.clusters["prod-east"]},
+            templates=both.templates,
+            source_label="west removed",
+        )
+    )
+    loop.run_cycle()
+    assert closed == ["prod-west"]
+    assert set(loop.backends) == {"prod-east"}
+
+
 def test_a_service_moved_to_another_cluster_is_kept_where_it_ran_even_with_prune_on(
     state: DesiredState,
 ) -> None:
