@@ -53,7 +53,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -93,6 +92,7 @@ from reconciler.apply.savedplan import (
     relabel_patch,
 )
 from reconciler.apply.softscale import SloStatus
+from reconciler.daemon_pool import DaemonThreadPool
 from reconciler.desired.loader import DesiredState
 from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import PermanentError
@@ -389,7 +389,7 @@ class KubernetesBackend:
             to_dry_run = [w for w in to_dry_run if w.key not in results]
         if mode == "server-dry-run" and to_dry_run:
             workers = max(1, min(self.options.dry_run_workers, len(to_dry_run)))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            with DaemonThreadPool(max_workers=workers, thread_name_prefix="dry-run") as pool:
                 outcomes = list(pool.map(self._dry_run_one, to_dry_run))
             fallback = [
                 w for w, outcome in zip(to_dry_run, outcomes, strict=True) if outcome is None

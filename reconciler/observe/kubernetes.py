@@ -51,7 +51,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, wraps
 from typing import Any, Generic, TypeVar
@@ -67,6 +66,7 @@ from reconciler.apply.kubeclient import (
 )
 from reconciler.apply.lease import parse_micro_time
 from reconciler.apply.render import ObjectKey, is_domain_of
+from reconciler.daemon_pool import DaemonThreadPool
 from reconciler.desired.models import (
     MAX_GPUS_PER_INSTANCE,
     MAX_GPUS_PER_NODE,
@@ -723,7 +723,7 @@ def read_snapshot(
     namespaces = list(namespaces)
     # The reads are independent: run them concurrently (the API server and the JSON
     # decoding overlap).
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with DaemonThreadPool(max_workers=3, thread_name_prefix="cluster-read") as pool:
         if watch is not None:
             pod_items = pool.submit(watch.pods.items)
             node_items = pool.submit(watch.nodes.items)

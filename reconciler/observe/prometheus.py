@@ -113,7 +113,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -125,6 +125,7 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 from urllib3.util.retry import Retry
 
 from reconciler.bounded_read import BoundedReadError, DeadlinePassed, read_answer, read_named_file
+from reconciler.daemon_pool import DaemonThreadPool
 from reconciler.desired.models import ServicePolicy
 from reconciler.errors import MetricsUnavailable
 from reconciler.observe.presets import (
@@ -897,7 +898,7 @@ class PrometheusMetricsSource:
         self._idle: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
         for connection in self._connections:
             self._idle.put(connection)
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
         self._executor_lock = threading.Lock()
         self.last_report: CycleReport | None = None
 
@@ -959,7 +960,7 @@ class PrometheusMetricsSource:
             return [self._timed(request, now_s, headers) for request in plan]
         with self._executor_lock:  # two fetches at once: one executor
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(
+                self._executor = DaemonThreadPool(
                     max_workers=self.settings.max_concurrency,
                     thread_name_prefix="prometheus-query",
                 )
