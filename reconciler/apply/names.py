@@ -131,3 +131,14 @@ def owned_by_us(obj: Mapping[str, Any], cluster: str) -> bool:
     return labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE and labels.get(
         CLUSTER_LABEL
     ) == label_value(cluster)
+
+
+def is_update_entry_of(entry: Any, field_manager: str) -> bool:
+    """Whether a ``managedFields`` entry is ``field_manager``'s "Update": how a create's
+    POST records its fields, which server-side apply counts as another manager than
+    that one's "Apply" until the entry is relabelled (``savedplan.adopt_created``)."""
+    return (
+        isinstance(entry, Mapping)
+        and entry.get("manager") == field_manager
+        and entry.get("operation") == "Update"
+    )

@@ -714,9 +714,7 @@ def adopt_created(
     generation = created["metadata"].get("generation")
     for attempt in range(RELABEL_ATTEMPTS):
         entries = [
-            {**e, "operation": "Apply"}
-            if e.get("manager") == field_manager and e.get("operation") == "Update"
-            else e
+            {**e, "operation": "Apply"} if names.is_update_entry_of(e, field_manager) else e
             for e in current["metadata"].get("managedFields") or []
         ]
         rv = str(current["metadata"]["resourceVersion"])

@@ -130,15 +130,10 @@ class ClusterRuns:
         (looked at every ``STOP_POLL_S``)."""
         for run in runs:
             deadline = run.started_s + run.deadline_s
-            if until is None:
-                run.wait(deadline)
-                continue
-            while not until.is_set() and not run.wait(
-                min(deadline, time.monotonic() + STOP_POLL_S)
-            ):
-                if time.monotonic() >= deadline:
+            while not run.wait(min(deadline, time.monotonic() + STOP_POLL_S)):
+                if time.monotonic() >= deadline or (until is not None and until.is_set()):
                     break
-            if until.is_set():
+            if until is not None and until.is_set():
                 return
 
     def ended_or_overdue(self, run: RunningCycle) -> ClusterOutcome | None:

@@ -433,9 +433,7 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
         deleting_since=since if isinstance(since := meta.get("deletionTimestamp"), str) else "",
         own_update_entry=any(
-            isinstance(entry, dict)
-            and entry.get("manager") == names.FIELD_MANAGER
-            and entry.get("operation") == "Update"
+            names.is_update_entry_of(entry, names.FIELD_MANAGER)
             for entry in meta.get("managedFields") or ()
         ),
     )

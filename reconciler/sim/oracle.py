@@ -141,7 +141,7 @@ from reconciler.desired.models import ClusterSpec, ServicePolicy
 from reconciler.errors import PermanentError
 from reconciler.perfmodel.queueing import MAX_GGC_UTILISATION
 from reconciler.policy.base import Clamp
-from reconciler.policy.coordinated import policy_shaped_pair
+from reconciler.policy.coordinated import policy_numbers, policy_shaped_pair
 from reconciler.sim.engine import (
     LoadProfile,
     PrefillTape,
@@ -188,11 +188,12 @@ def bounded_pair(
     ``max_instances``), that role keeps what was sized, the SLO's need before the
     bound's."""
     shaped_prefill, shaped_decode, clamps = policy_shaped_pair(policy, prefill, decode)
-    sized_prefill, sized_decode = (
-        min(max(count, policy.role(role).min_instances), policy.role(role).max_instances)
-        for count, role in ((prefill, "prefill"), (decode, "decode"))
+    numbers = policy_numbers(policy)
+    return (
+        max(numbers.prefill_bounds.clip(prefill), shaped_prefill),
+        max(numbers.decode_bounds.clip(decode), shaped_decode),
+        clamps,
     )
-    return max(sized_prefill, shaped_prefill), max(sized_decode, shaped_decode), clamps
 
 
 @dataclass(frozen=True)
