@@ -194,7 +194,13 @@ def values_for_bound(q: float, most: int) -> int:
 
 
 def _alpha(span_s: float, dt_s: float) -> float:
-    return 2.0 / (span_s / max(dt_s, 1e-9) + 1.0)
+    """The smoothing weight of a sample ``dt_s`` after the last, for a memory of
+    ``span_s`` (``2 / (N + 1)`` with ``N = span / dt`` samples). It reaches 1 at a gap of
+    one span, and stays there beyond: a gap longer than the memory leaves nothing older
+    to weigh. Above 1 it weighed the past negatively, and at a 300 s cadence (a level
+    span of 120 s: 1.43) Holt over-corrected with a growing swing, a steady demand
+    forecast 4x within hours, the fleet held at ``max_instances``."""
+    return min(1.0, 2.0 / (span_s / max(dt_s, 1e-9) + 1.0))
 
 
 def _curve_factor(

@@ -99,6 +99,41 @@ def test_holt_handles_irregular_cycles() -> None:
     assert predicted.demand == pytest.approx(1000.0 + 2.0 * (times[-1] + 150.0), rel=0.01)
 
 
+@pytest.mark.parametrize("gap_s", [120.0, 300.0, 600.0, 3600.0])
+def test_samples_further_apart_than_the_spans_keep_the_forecast_within_the_demand(
+    gap_s: float,
+) -> None:
+    """At a cadence as long as a span or longer, each sample is the memory's whole (its
+    weight 1, never more): a steady demand sampled every 300 s was forecast 4x within
+    hours as Holt weighed the past negatively and over-corrected with a growing swing.
+    Now the swing does not grow: the trend read from a few noisy samples still moves
+    the forecast (the planner spans it over ten of its cycles), never to twice the
+    demand."""
+    series = noisy(1000.0, 0.05, seed=3)
+    state = ForecastState()
+    for k in range(120):
+        state = update(state, k * gap_s, series(k * gap_s))
+        predicted = sizing_demand(state, 480.0)
+        assert predicted is None or predicted < 2000.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(gap_s=st.floats(1.0, 86_400.0), level=st.floats(1.0, 1e6), seed=st.integers(0, 1000))
+def test_holt_never_leaves_the_range_a_flat_noisy_demand_spans_by_more_than_its_trend(
+    gap_s: float, level: float, seed: int
+) -> None:
+    """Whatever the cadence, Holt's level after a flat demand lies within the samples'
+    range (each update weighs the new sample between 0 and 1)."""
+    series = noisy(level, 0.1, seed)
+    values = [series(0.0) for _ in range(40)]
+    state = ForecastState()
+    for k, value in enumerate(values):
+        state = update(state, k * gap_s, value)
+    low, high = min(values), max(values)
+    spread = high - low
+    assert low - 2 * spread <= state.level <= high + 2 * spread
+
+
 # --------------------------------------------------------------------------- unit
 
 

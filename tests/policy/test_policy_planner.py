@@ -20,7 +20,7 @@ from reconciler.desired.models import DEFAULT_MIN_HEADROOM, ClusterSpec, Request
 from reconciler.durable import DurableState, decode, encode
 from reconciler.latency_buckets import VLLM_ITL_BUCKETS_S
 from reconciler.policy import make_autoscaler
-from reconciler.policy.base import Decision, DecisionInput, PolicyHistory
+from reconciler.policy.base import Decision, DecisionInput, PolicyHistory, Recommendation
 from reconciler.policy.capacity import (
     LatencyCorrection,
     LengthHistogram,
@@ -58,6 +58,7 @@ from reconciler.policy.planner import (
     factor_evidence,
     forecast_config,
     mix_explained_factor,
+    observed_cycle_s,
     past_time,
     perf_context,
     plan_decide,
@@ -559,10 +560,12 @@ def test_the_kept_peak_is_the_highest_demand_of_the_memory() -> None:
     assert len(kept.peaks) < 30  # the sliding maximum stays short
 
 
-def _run_chat(cycles: int, level: Callable[[int], float]) -> tuple[ServiceFleet, str]:
-    """``cycles`` 30 s cycles of chat at ``level(k)`` x (100k prompt, 20k output
-    tokens/s), scale-in window 300 s, no cooldown; the fleet and the message of the
-    last cycle."""
+def _run_chat(
+    cycles: int, level: Callable[[int], float], cycle_s: float = 30.0
+) -> tuple[ServiceFleet, str]:
+    """``cycles`` cycles ``cycle_s`` apart of chat at ``level(k)`` x (100k prompt, 20k
+    output tokens/s), scale-in window 300 s, no cooldown; the fleet and the message of
+    the last cycle."""
     policy, cluster = _chat(scale_in_window_s=300.0, cooldown_s=0.0)
     perf = perf_context(policy, cluster)
     history, fleet = PolicyHistory(), _fleet(40, 40)
@@ -571,14 +574,49 @@ def _run_chat(cycles: int, level: Callable[[int], float]) -> tuple[ServiceFleet,
         decision = plan_decide(
             policy,
             fleet,
-            _metrics(30.0 * k, 100_000.0 * level(k), 20_000.0 * level(k)),
+            _metrics(cycle_s * k, 100_000.0 * level(k), 20_000.0 * level(k)),
             history,
-            30.0 * k,
+            cycle_s * k,
             perf,
         )
         history, message = decision.history, decision.message
         fleet = _fleet(decision.prefill, decision.decode)
     return fleet, message
+
+
+@pytest.mark.parametrize("cycle_s", [120.0, 300.0])
+def test_at_a_long_cadence_a_steady_load_is_sized_as_at_the_default_one(cycle_s: float) -> None:
+    """A loop run at ``--interval 300`` decides every five minutes. Its forecaster was
+    spanned and sampled for 30 s cycles: the smoothing weights went above 1, the
+    forecast swung wider each cycle, and within hours a steady load held chat at its
+    ``max_instances``. Sized from the cadence its decisions show, for the wait to the
+    next one, a steady load (+-3 %) needs what it needs at the default cadence."""
+    rng = np.random.default_rng(5)
+    noise = rng.normal(1.0, 0.03, 200)
+    steady, _ = _run_chat(240, lambda k: float(noise[k % 200]))
+    slow, message = _run_chat(48, lambda k: float(noise[k % 200]), cycle_s=cycle_s)
+    assert f"forecast in {120 + cycle_s + 60:.0f} s" in message
+    assert abs(slow.prefill.ready - steady.prefill.ready) <= 1
+    assert abs(slow.decode.ready - steady.decode.ready) <= 2
+
+
+def test_the_cadence_is_read_from_the_decisions_themselves() -> None:
+    """The median gap between the remembered decisions and now, in whole seconds; one
+    late cycle or an outage does not move it; with a single gap, the forecaster's mean
+    gap over its samples; before any decision, the loop's default."""
+    at = lambda *times: tuple(Recommendation(t, 1, 1) for t in times)  # noqa: E731
+    assert observed_cycle_s((), 0.0) == 30.0
+    assert observed_cycle_s(at(0.0), 300.0) == 300.0
+    assert observed_cycle_s(at(0.0, 300.2, 600.1), 899.9) == 300.0
+    # A late cycle, then an outage of an hour: the median is the cadence.
+    assert observed_cycle_s(at(0.0, 30.0, 60.0, 150.0), 3750.0) == 30.0
+    # A single gap after an outage longer than the window: the samples' mean gap.
+    demand = ForecastState(samples=2881, first_at_s=0.0, last_at_s=86_400.0 + 1200.0)
+    assert observed_cycle_s(at(86_400.0), 87_600.0, demand) == 30.0
+    # A damaged memory's numbers stay within the loop's own bounds.
+    broken = ForecastState(samples=3, first_at_s=0.0, last_at_s=1e300)
+    assert observed_cycle_s(at(0.0), 1e9, broken) == 86_400.0
+    assert observed_cycle_s(at(0.0), 1e-3) == 1.0
 
 
 def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
