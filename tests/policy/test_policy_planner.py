@@ -335,6 +335,9 @@ def test_a_mix_not_read_this_cycle_never_scales_a_role_in() -> None:
     )
     assert (decision.prefill, decision.decode) == (30, 30)
     assert "prefill: no scale-in on a mix not read this cycle" in decision.message
+    # A hold for want of a reading, as for any missing signal (a review counts it as
+    # unsized), not "within_tolerance".
+    assert decision.reason == "metrics_missing"
     # Read this cycle, the same light load scales in (after the window allows it).
     read = _metrics(0.0, 10_000.0, 2_000.0)
     fresh = plan_decide(
