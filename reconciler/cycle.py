@@ -17,6 +17,12 @@ a change that does not happen (``last_change_at_s`` stays what it was).
 A service whose autoscaler raises (a bug, for one service's inputs) is held the same
 way, its history kept as it was, with a ``decision_failed`` decision naming the error
 and where it was raised: one service's failure never stops its cluster's cycle.
+
+A held size counts the groups being deleted that nothing replaces yet
+(``RoleCount.hold_size``): they go whatever the plan says, so a hold of what the
+groups run alone lost them once their finalizer went. A policy's own hold (metrics
+missing) asks for them in its decision; a service the cycle holds keeps its groups
+exactly and gets new groups for them (``_replacing_held``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from reconciler.placement.base import (
     PlacementOptions,
     PlacementRequest,
     Placer,
+    UngroupedInstances,
     placement_options_for,
 )
 from reconciler.plan import Plan, diff_groups
@@ -74,6 +81,9 @@ def plan_cluster(
     decisions = {}
     new_histories: dict[str, PolicyHistory] = {}
     targets: dict[str, Targets] = {}
+    # Held services with groups being deleted that nothing replaces yet: the instances
+    # new groups of theirs replace (``_replacing_held``).
+    replacing: dict[str, Targets] = {}
     inputs = [
         DecisionInput(
             policy,
@@ -103,14 +113,20 @@ def plan_cluster(
                 decision.history, last_change_at_s=previous.last_change_at_s
             )
             targets[name] = Targets(name, *running)
+            unreplaced = (
+                one.fleet.prefill.deleting_unreplaced,
+                one.fleet.decode.deleting_unreplaced,
+            )
+            if any(unreplaced):
+                replacing[name] = Targets(name, *unreplaced)
             asks = (
                 ""
                 if decision.reason == "decision_failed"
                 else f" (the decision asks {decision.prefill}, {decision.decode})"
             )
             notes.append(
-                f"service {name} held at {running[0]} prefill, {running[1]} decode{asks}: "
-                f"{held[name]}"
+                f"service {name} held at {running[0]} prefill, {running[1]} decode"
+                f"{_replacing_note(unreplaced)}{asks}: {held[name]}"
             )
             continue
         new_histories[name] = decision.history
@@ -145,16 +161,25 @@ def plan_cluster(
         left_behind=observation.left_behind,
         draining=observation.draining,
     )
+    if replacing:
+        request = _replacing_held(request, replacing)
     result = placer.place(request)
-    # A held service keeps exactly the groups it runs, whatever the placer did.
-    placed = tuple(
-        g for g in result.groups if g.service in policies and g.service not in held
-    ) + tuple(g for g in observation.fleet.groups if g.service in held)
-    placed += kept_orphans
+    # A held service keeps exactly the groups it runs, whatever the placer did, and
+    # the new groups replacing those of it being deleted (all of its placed groups
+    # there: its running ones were hidden from the placer).
+    placed = (
+        tuple(
+            g
+            for g in result.groups
+            if g.service in policies and (g.service not in held or g.service in replacing)
+        )
+        + tuple(g for g in observation.fleet.groups if g.service in held)
+        + kept_orphans
+    )
     result = replace(result, groups=placed)
 
     for shortfall in result.shortfalls:
-        if shortfall.service in held:
+        if shortfall.service in held and shortfall.service not in replacing:
             continue
         notes.append(
             f"{shortfall.service}/{shortfall.role}: {shortfall.instances} instances not placed "
@@ -181,6 +206,54 @@ def plan_cluster(
         gpus_per_instance=gpus_per_instance,
     )
     return plan, new_histories
+
+
+def _replacing_note(unreplaced: tuple[int, int]) -> str:
+    """What a held service's note adds for the instances of its groups being deleted
+    that new groups replace (``RoleCount.deleting_unreplaced``); "" for none."""
+    if not any(unreplaced):
+        return ""
+    return (
+        f", plus {unreplaced[0]} prefill, {unreplaced[1]} decode in new groups replacing its "
+        "groups being deleted (the hold counts them: those go whatever the plan says)"
+    )
+
+
+def _replacing_held(
+    request: PlacementRequest, replacing: Mapping[str, Targets]
+) -> PlacementRequest:
+    """``request`` with the held services of ``replacing`` asking only for the new
+    groups that replace the instances of their groups being deleted: their running
+    groups are hidden from the placer, which would otherwise grow them (a scale change
+    of a held group, the very write the hold refuses) rather than open new ones. Hidden,
+    their instances hold their GPUs as ``left_behind`` (those not yet on a node hold
+    none, as a leftover's do), and their ids stay taken (``reserved_group_ids``)."""
+    current = request.current
+    hidden = [g for g in current.groups if g.service in replacing]
+    reserved = {service: set(ids) for service, ids in current.reserved_group_ids.items()}
+    for group in hidden:
+        reserved.setdefault(group.service, set()).add(group.group_id)
+    held_instances = tuple(
+        UngroupedInstances(
+            group.service, role, on.node, on.instances, group.role(role).gpus_per_instance
+        )
+        for group in hidden
+        for role in ROLES
+        for on in group.role(role).nodes
+    )
+    fleet = replace(
+        current,
+        groups=tuple(g for g in current.groups if g.service not in replacing),
+        starting={k: v for k, v in current.starting.items() if k[0] not in replacing},
+        stuck={k: v for k, v in current.stuck.items() if k[0] not in replacing},
+        reserved_group_ids={service: frozenset(ids) for service, ids in reserved.items()},
+    )
+    return replace(
+        request,
+        current=fleet,
+        targets={**request.targets, **replacing},
+        left_behind=request.left_behind + held_instances,
+    )
 
 
 # How many missing signals a held decision names the reasons of.
@@ -239,12 +312,14 @@ def failed_decision(
     text = str(error)
     if len(text) > _ERROR_CHARS:
         text = text[:_ERROR_CHARS] + "..."
+    # The held size counts the groups being deleted (``RoleCount.hold_size``): the
+    # cycle holds this service, and makes their replacement (``_replacing_held``).
     return Decision(
         service,
-        fleet.prefill.active,
-        fleet.decode.active,
+        fleet.prefill.hold_size,
+        fleet.decode.hold_size,
         "decision_failed",
         f"the autoscaler failed ({type(error).__name__}: {text}{where}): "
-        f"hold {fleet.prefill.active} prefill, {fleet.decode.active} decode",
+        f"hold {fleet.prefill.hold_size} prefill, {fleet.decode.hold_size} decode",
         history=history,
     )

@@ -208,11 +208,23 @@ class RoleCount:
     # Still counted as the role's size (more of them would likely be stuck too), never
     # waited for.
     stuck: int = 0
+    # Instances in groups being deleted (still serving until they go) that no group
+    # created since their deletion replaces yet (``observe.kubernetes.
+    # deleting_unreplaced``): not counted as capacity (their group goes whatever the
+    # plan says), but kept by a hold, so their replacement is made before they go.
+    deleting_unreplaced: int = 0
 
     @property
     def active(self) -> int:
         """Instances that count as capacity for the policy."""
         return self.ready + self.starting
+
+    @property
+    def hold_size(self) -> int:
+        """The instances a held size keeps: the active ones and those of groups being
+        deleted not yet replaced (held at ``active`` alone, the capacity of a group being
+        deleted was never replaced, and went when its finalizer did)."""
+        return self.active + self.deleting_unreplaced
 
 
 @dataclass(frozen=True)
@@ -288,6 +300,9 @@ class FleetState:
     # those of its groups being deleted, left out as leftovers, whose Deployments' names
     # are taken until they are gone (``observe.kubernetes.reserved_group_ids``).
     reserved_group_ids: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Per (service, role), instances of its groups being deleted that no group created
+    # since replaces yet (``RoleCount.deleting_unreplaced``).
+    deleting_unreplaced: Mapping[tuple[str, Role], int] = field(default_factory=dict)
 
     @cached_property
     def _groups_by_service(self) -> Mapping[str, tuple[DeploymentGroup, ...]]:
@@ -319,6 +334,7 @@ class FleetState:
                 draining=draining,
                 by_type=tuple(sorted(by_type[role].items())),
                 stuck=min(starting, self.stuck.get((service, role), 0)),
+                deleting_unreplaced=self.deleting_unreplaced.get((service, role), 0),
             )
 
         return ServiceFleet(service, role_count("prefill"), role_count("decode"))

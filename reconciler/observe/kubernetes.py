@@ -46,6 +46,7 @@ least-privilege RBAC of deploy/ grants only the managed namespaces).
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -833,6 +834,59 @@ def reserved_group_ids(
     return {service: frozenset(ids) for service, ids in out.items()}
 
 
+def deleting_unreplaced(
+    snapshot: ClusterSnapshot,
+    policies: Mapping[str, ServicePolicy],
+    kept: Iterable[LiveDeployment],
+) -> dict[tuple[str, Role], int]:
+    """Per (service, role), the instances of the service's groups being deleted in its
+    own namespace (``ClusterSnapshot.groups_being_deleted``) that no group created since
+    replaces yet: what the service ran at its first deletion (those groups, and the
+    ``kept`` Deployments, the fleet's, created no later than it) less what its kept
+    Deployments hold now, never below 0. A hold keeps them (``RoleCount.hold_size``),
+    so their replacement is made while they still serve; once it exists the kept
+    Deployments hold as much, and nothing more is kept (the groups being deleted
+    counted beside their replacement grew the service by them every cycle).
+
+    What replaces a group being deleted is told from what stayed beside it by its
+    creation time (whole seconds, as ``reconciler.apply.actions`` tells them apart):
+    created after the service's first deletion, not its last, so that the replacement
+    of an earlier deletion is never taken for a group that stayed. A time that does
+    not read counts as not staying: the groups being deleted are then compared with
+    the kept Deployments alone (the side that never counts a group twice)."""
+    deletions_s: dict[str, list[float]] = defaultdict(list)
+    deleting: dict[tuple[str, Role], int] = defaultdict(int)
+    for d in snapshot.deployments.values():
+        policy = policies.get(d.service)
+        if policy is None or policy.namespace != d.key.namespace:
+            continue
+        if (d.key.namespace, d.service, d.group_id) not in snapshot.groups_being_deleted:
+            continue
+        deleting[(d.service, d.role)] += d.counted_replicas
+        at_s = parse_micro_time(d.deleting_since)
+        if at_s is not None:
+            deletions_s[d.service].append(at_s)
+    if not deleting:
+        return {}
+    # -inf where no deletion time reads: no kept Deployment then counts as staying.
+    deleted_s = {service: min(deletions_s[service], default=-math.inf) for service, _ in deleting}
+    stayed: dict[tuple[str, Role], int] = defaultdict(int)
+    running: dict[tuple[str, Role], int] = defaultdict(int)
+    for d in kept:
+        if d.service not in deleted_s:
+            continue
+        running[(d.service, d.role)] += d.counted_replicas
+        created_s = parse_micro_time(d.created)
+        if created_s is not None and created_s <= deleted_s[d.service]:
+            stayed[(d.service, d.role)] += d.counted_replicas
+    out: dict[tuple[str, Role], int] = {}
+    for key, instances in sorted(deleting.items()):
+        unreplaced = stayed[key] + instances - running[key]
+        if unreplaced > 0:
+            out[key] = unreplaced
+    return out
+
+
 def fleet_from_snapshot(
     snapshot: ClusterSnapshot,
     policies: Mapping[str, ServicePolicy] | None = None,
@@ -928,6 +982,7 @@ def fleet_from_snapshot(
         draining=dict(draining),
         stuck=dict(stuck),
         reserved_group_ids=reserved_group_ids(snapshot, policies or {}),
+        deleting_unreplaced=deleting_unreplaced(snapshot, policies or {}, kept),
     )
 
 

@@ -170,7 +170,10 @@ class PerRoleHpa(ABC):
         if problem is None and ready == 0:
             problem = f"{metric}: no ready {role} instance reports it"
         if problem is not None or sample is None:
-            return _HpaRole(NO_RECOMMENDATION, f"{problem}: hold {current} {role}")
+            held = f"{count.hold_size} {role}"
+            if count.deleting_unreplaced:
+                held += f" ({count.deleting_unreplaced} of them in groups being deleted)"
+            return _HpaRole(NO_RECOMMENDATION, f"{problem}: hold {held}")
         fmt = target.number_format
         if target.role_total:
             observed = sample.value / ready
@@ -218,7 +221,12 @@ class PerRoleHpa(ABC):
             parts.append(proposal.text)
             recommendations[role] = proposal.recommendation
             bounds = policy.role(role)
-            if current == 0:
+            held = fleet.role(role).hold_size
+            if proposal.recommendation == NO_RECOMMENDATION and held != current:
+                # Held with instances of groups being deleted: kept, so that their
+                # replacement is made before they go (``RoleCount.hold_size``).
+                target = held
+            elif current == 0:
                 # The HPA does not scale a target at zero replicas, except up to min.
                 target = bounds.min_instances
             elif proposal.recommendation == NO_RECOMMENDATION:

@@ -105,7 +105,7 @@ from reconciler.policy.clamps import (
     follow_ratio,
     round_to_groups,
 )
-from reconciler.state import MAX_SIGNAL_VALUE, Role, Sample, ServiceFleet, ServiceMetrics
+from reconciler.state import MAX_SIGNAL_VALUE, ROLES, Role, Sample, ServiceFleet, ServiceMetrics
 
 # Scale-in step with a latency metric as the primary signal and no tier to borrow it from.
 DEFAULT_LATENCY_SCALE_IN_PERCENT = 10.0
@@ -677,7 +677,7 @@ def decide(
             f"target of {n.metric}; heteroscale derives capacity from the model)"
         )
     if problem is not None:
-        return _hold(n, current, history, past, kv_samples, now_s, problem)
+        return _hold(n, fleet, history, past, kv_samples, now_s, problem)
 
     # 2. Proportional control on the driven role.
     wants = [0, 0]
@@ -956,7 +956,7 @@ def _reason(
 
 def _hold(
     n: PolicyNumbers,
-    current: list[int],
+    fleet: ServiceFleet,
     history: PolicyHistory,
     past: tuple[Recommendation, ...],
     kv_samples: tuple[tuple[float, float], ...],
@@ -965,8 +965,11 @@ def _hold(
 ) -> Decision:
     """Hold the current size on an unusable primary signal (min/max still apply).
 
-    The hold is stored as a recommendation of the current size, so after a gap the
-    policy needs a full scale-in window of good data before it scales in."""
+    The current size is ``RoleCount.hold_size``: the active instances and those of
+    groups being deleted that nothing replaces yet, so that their replacement is made
+    before they go. The hold is stored as a recommendation of that size, so after a
+    gap the policy needs a full scale-in window of good data before it scales in."""
+    current = [fleet.prefill.hold_size, fleet.decode.hold_size]
     clamps: list[Clamp] = []
     prefill = clamp_bounds(current[0], n.prefill_bounds, clamps)
     decode = clamp_bounds(current[1], n.decode_bounds, clamps)
@@ -977,11 +980,25 @@ def _hold(
             f"{problem}: hold, within the policy's min/max: {current[0]} -> {prefill} prefill, "
             f"{current[1]} -> {decode} decode"
         )
-    message += clamps_note(clamps)
+    message += deleting_note(fleet) + clamps_note(clamps)
     held = Recommendation(now_s, prefill, decode)
     remembered = replace(history, recommendations=(*past, held), kv_usage=kv_samples)
+    # Before is the held size: keeping a group being deleted is no change of the
+    # service's size, so it does not re-arm the cooldown.
     return decided(
         n.service, (prefill, decode), current, "metrics_missing", message, clamps, remembered, now_s
+    )
+
+
+def deleting_note(fleet: ServiceFleet) -> str:
+    """What of a held size is in groups being deleted that nothing replaces yet
+    (``RoleCount.deleting_unreplaced``), for the end of a hold's message; "" if none."""
+    counts = [(fleet.role(role).deleting_unreplaced, role) for role in ROLES]
+    if not any(count for count, _ in counts):
+        return ""
+    named = ", ".join(f"{count} {role}" for count, role in counts if count)
+    return (
+        f" (the hold counts {named} instance(s) of groups being deleted: replaced before they go)"
     )
 
 

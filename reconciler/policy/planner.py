@@ -1034,7 +1034,7 @@ def plan_decide(
     for name in ("prefill_tps", "decode_tps"):
         problem = sample_problem(getattr(metrics, name), name, now_s, n.metric_max_age_s)
         if problem is not None:
-            return _hold(n, current, history, past, history.kv_usage, now_s, problem)
+            return _hold(n, fleet, history, past, history.kv_usage, now_s, problem)
     prefill_tps = metrics.prefill_tps.value  # type: ignore[union-attr]
     decode_tps = metrics.decode_tps.value  # type: ignore[union-attr]
 
@@ -1202,7 +1202,7 @@ def plan_decide(
         )
         return _hold(
             n,
-            current,
+            fleet,
             replace(history, planner=memory),
             past,
             history.kv_usage,

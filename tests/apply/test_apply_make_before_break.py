@@ -34,6 +34,7 @@ from reconciler.apply.savedplan import (
 )
 from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.observe.base import Observation
 from reconciler.observe.kubernetes import (
     ClusterSnapshot,
     LiveDeployment,
@@ -1072,3 +1073,161 @@ def test_while_its_size_is_held_the_rest_of_a_group_being_deleted_waits_for_its_
                 "prefill 2 of 3)"
             )
         )
+
+
+def _deleting_at_10(before: DesiredState) -> dict[str, LiveDeployment]:
+    """chat's groups g-pod-a-1 and d (pod-d), 1 prefill and 3 decode each, created at
+    00:00; g-pod-a-1's decode being deleted since 00:10 (``DELETED_AT``)."""
+    old = created_at(
+        live(before, [grp("chat", "g-pod-a-1", 1, 3), grp("chat", "d", 1, 3, domain="pod-d")]),
+        "2026-01-01T00:00:00Z",
+    )
+    old["chat/chat-g-pod-a-1-d"] = being_deleted(old["chat/chat-g-pod-a-1-d"])
+    return old
+
+
+def _observed(state: DesiredState, *deployments: dict[str, LiveDeployment]) -> Observation:
+    snapshot = ClusterSnapshot(
+        CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
+    )
+    policies = {p.name: p for p in state.policies_for(CLUSTER)}
+    return observation_from_snapshot(snapshot, state.clusters[CLUSTER], policies)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "unreplaced"),
+    [
+        (None, (1, 3)),
+        # Created in the very second of the deletion: counted as staying (whole seconds).
+        (("00:10:00", 1, 3), (1, 3)),
+        (("00:10:01", 1, 3), (0, 0)),
+        (("00:10:01", 1, 1), (0, 2)),
+    ],
+)
+def test_the_instances_of_a_group_being_deleted_that_nothing_replaces_yet(
+    before: DesiredState,
+    replacement: tuple[str, int, int] | None,
+    unreplaced: tuple[int, int],
+) -> None:
+    """What a hold keeps of a group being deleted: its instances, less what groups
+    created after the deletion hold (a replacement, not counted twice); a group
+    that stayed beside it (pod-d's) replaces none of it."""
+    old = _deleting_at_10(before)
+    found = [old]
+    if replacement is not None:
+        at, prefill, decode = replacement
+        found.append(
+            created_at(
+                live(before, [grp("chat", "g-pod-a-2", prefill, decode)]), f"2026-01-01T{at}Z"
+            )
+        )
+    chat = _observed(before, *found).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == unreplaced
+    assert chat.decode.hold_size == chat.decode.active + unreplaced[1]
+    # Nothing being deleted, nothing kept beyond the groups.
+    calm = _observed(before, live(before, [grp("chat", "d", 1, 3, domain="pod-d")]))
+    assert calm.fleet.deleting_unreplaced == {}
+
+
+def test_a_deletion_time_that_does_not_read_never_counts_a_replacement_twice(
+    before: DesiredState,
+) -> None:
+    """With no deletion time to tell a replacement from a group that stayed, none
+    counts as staying: the group being deleted is compared with the groups alone."""
+    old = _deleting_at_10(before)
+    old["chat/chat-g-pod-a-1-d"] = replace(old["chat/chat-g-pod-a-1-d"], deleting_since="soon")
+    chat = _observed(before, old).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (0, 0)
+    alone = {k: d for k, d in old.items() if "g-pod-a-1" in k}
+    chat = _observed(before, alone).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (1, 3)
+
+
+def test_a_size_held_on_missing_metrics_keeps_a_group_being_deleted_until_replaced(
+    before: DesiredState,
+) -> None:
+    """chat's metrics are missing while one of its two groups is being deleted. The
+    hold counts that group (2 prefill, 6 decode, not the 1 and 3 its staying group
+    runs) and says so; the plan adds what replaces it. Next cycle, the replacement
+    running, the hold is the groups' own: nothing more is added."""
+    old = _deleting_at_10(before)
+    autoscaler = make_autoscaler("heteroscale")
+    cycle, _histories = plan_cluster(
+        before, CLUSTER, _observed(before, old), {}, {}, 700.0, autoscaler, GreedyPlacer()
+    )
+    decision = cycle.decisions["chat"]
+    assert decision.reason == "metrics_missing"
+    assert (decision.prefill, decision.decode) == (2, 6)
+    assert (
+        "hold 2 prefill, 6 decode (the hold counts 1 prefill, 3 decode instance(s) of "
+        "groups being deleted: replaced before they go)"
+    ) in decision.message
+    chat = [g for g in cycle.groups if g.service == "chat"]
+    # Prefill may be placed beyond its target to open a group (an anchor).
+    assert sum(g.prefill.instances for g in chat) >= 2
+    assert sum(g.decode.instances for g in chat) == 6
+    assert "g-pod-a-1" not in {g.group_id for g in chat}
+
+    replacing = created_at(
+        live(before, [g for g in chat if g.group_id != "d"]), "2026-01-01T00:10:01Z"
+    )
+    after, _histories = plan_cluster(
+        before,
+        CLUSTER,
+        _observed(before, old, replacing),
+        {},
+        {},
+        800.0,
+        autoscaler,
+        GreedyPlacer(),
+    )
+    assert "groups being deleted" not in after.decisions["chat"].message
+    assert (after.decisions["chat"].prefill, after.decisions["chat"].decode) == (2, 6)
+    assert not [c for c in after.changes if c.service == "chat"]
+
+
+def test_a_service_the_cycle_holds_replaces_a_group_being_deleted_by_a_new_group(
+    before: DesiredState,
+) -> None:
+    """chat is held by the cycle (a refused scale change: none of its groups may
+    change size) while one of its groups is being deleted. Its staying group keeps its
+    size (the placer would have grown it, the very write the hold refuses) and a new
+    group under an id of its own replaces the one being deleted; the note says so."""
+    old = _deleting_at_10(before)
+    cycle, _histories = plan_cluster(
+        before,
+        CLUSTER,
+        _observed(before, old),
+        {},
+        {},
+        700.0,
+        make_autoscaler("heteroscale"),
+        GreedyPlacer(),
+        held={"chat": "refused"},
+    )
+    chat = {g.group_id: g for g in cycle.groups if g.service == "chat"}
+    staying = chat.pop("d")
+    assert (staying.prefill.instances, staying.decode.instances) == (1, 3)
+    assert "g-pod-a-1" not in chat
+    assert sum(g.prefill.instances for g in chat.values()) == 1
+    assert sum(g.decode.instances for g in chat.values()) == 3
+    assert (
+        "service chat held at 1 prefill, 3 decode, plus 1 prefill, 3 decode in new groups "
+        "replacing its groups being deleted (the hold counts them"
+    ) in " ".join(cycle.notes)
+    # A held service with nothing being deleted keeps exactly its groups, as before.
+    calm = live(before, [grp("chat", "d", 1, 3, domain="pod-d")])
+    same, _histories = plan_cluster(
+        before,
+        CLUSTER,
+        _observed(before, calm),
+        {},
+        {},
+        700.0,
+        make_autoscaler("heteroscale"),
+        GreedyPlacer(),
+        held={"chat": "refused"},
+    )
+    assert [g for g in same.groups if g.service == "chat"] == [
+        g for g in _observed(before, calm).fleet.groups if g.service == "chat"
+    ]

@@ -397,6 +397,103 @@ def test_a_deployment_being_deleted_is_replaced_under_a_new_name_before_it_goes(
     assert all(d["status"].get("readyReplicas") == 1 for d in running.values())
 
 
+@pytest.mark.parametrize("held_by", ["metrics", "cycle"])
+def test_a_group_being_deleted_of_a_held_service_is_replaced_before_it_goes(
+    control_plane: ControlPlane, tmp_path: Path, held_by: str
+) -> None:
+    """The service runs two groups (its minimum, since lowered, had asked for them)
+    and its size is held: its metrics are missing, and with ``cycle`` the cycle holds
+    it too (an annotation of its other group does not read: none of its groups may
+    change size, so the replacement is a new group). One group's decode Deployment
+    is deleted while a finalizer holds it: the fleet leaves that group out, and the
+    hold, taken from the fleet, held one group where the service ran two, so nothing
+    replaced it and once the finalizer went the service ran on half. The hold counts
+    the group being deleted: the next cycle creates a new group beside the one that
+    stays (says why, writes nothing to the one being deleted), later cycles create
+    nothing more (the replacement is not counted twice), and once the finalizer goes
+    the service still runs both groups."""
+    name = f"mbb-held-deleting-{held_by}"
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    policy = tmp_path / "policies" / "svc.yaml"
+    _edit(
+        policy,
+        ("prefill.yaml, min_instances: 1", "prefill.yaml, min_instances: 2"),
+        ("decode.yaml, min_instances: 1", "decode.yaml, min_instances: 2"),
+        (
+            "deployment_group: {prefill_instances: 2, decode_instances: 4}",
+            "deployment_group: {prefill_instances: 1, decode_instances: 1}",
+        ),
+    )
+    client = control_plane.client()
+    _run("apply", *options)
+    old = list_deployments(client, name)
+    assert len(old) == 4, old
+    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
+    _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
+    text = _run("apply", *options)
+    assert "create Deployment" not in text and "delete Deployment" not in text, text
+
+    decode, staying = sorted(n for n in old if n.endswith("-d"))
+    group_id = old[decode]["spec"]["selector"]["matchLabels"][names.GROUP_LABEL]
+    (prefill,) = [
+        n
+        for n, d in old.items()
+        if n.endswith("-p") and d["spec"]["selector"]["matchLabels"][names.GROUP_LABEL] == group_id
+    ]
+    if held_by == "cycle":
+        unreadable = {names.APPLIED_REPLICAS_ANNOTATION: "lots"}
+        client.merge_patch(
+            deployments_path(name, staying),
+            {"metadata": {"annotations": unreadable}},
+            field_manager="t",
+        )
+    held = "held at 1 prefill, 1 decode, plus 1 prefill, 1 decode in new groups replacing"
+    path = deployments_path(name, decode)
+    client.merge_patch(path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t")
+    client.delete(path)
+    terminating = client.get(path)
+    assert terminating["metadata"].get("deletionTimestamp")
+    time.sleep(1.1)  # the replacement is told apart by its creation after the deletion
+    try:
+        text = _run("apply", *options)
+        assert "metrics_missing" in text or "metrics unavailable" in text, text
+        assert "hold 2 prefill, 2 decode" in text, text
+        assert "the hold counts 1 prefill, 1 decode instance(s) of groups being deleted" in text
+        assert (held in text) == (held_by == "cycle"), text
+        assert f"= keep Deployment {name}/{decode} " in text, text
+        assert "nothing is written to it" in text, text
+        assert f"= keep Deployment {name}/{prefill} " in text, text
+        new = set(list_deployments(client, name)) - set(old)
+        assert len(new) == 2 and all(group_id not in n for n in new), new
+        assert client.get(path)["spec"] == terminating["spec"]
+
+        pods = [
+            p
+            for p in _pods_on_nodes(client, name, 6, "the new Pods beside the old ones")
+            if p["metadata"]["labels"][names.GROUP_LABEL] != group_id
+        ]
+        _serve(client, name, pods, only=new)
+        for _cycle in range(2):
+            text = _run("apply", *options)
+            assert "create Deployment" not in text, text
+            assert "hold 2 prefill, 2 decode" in text and "the hold counts" not in text, text
+            assert "in new groups replacing" not in text, text
+        assert f"{name}/{prefill}" not in {f"{name}/{n}" for n in list_deployments(client, name)}
+        assert client.get(path)["spec"] == terminating["spec"]
+    finally:
+        client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
+
+    wait_for(
+        lambda: set(list_deployments(client, name)) == (set(old) - {decode, prefill}) | new,
+        what="the deleted group gone",
+    )
+    text = _run("apply", *options)
+    assert "create Deployment" not in text and "delete Deployment" not in text, text
+    running = list_deployments(client, name)
+    assert sorted(d["spec"]["replicas"] for d in running.values()) == [1, 1, 1, 1]
+    assert sum(n.endswith("-d") for n in running) == 2
+
+
 class _Cycles:
     """Hand-made cycles of one cluster (``name``, its policies namespaced as ``desired``
     says) through a backend of ``client``, with SLOs held, a 60 s soft scale-in window
