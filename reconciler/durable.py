@@ -14,6 +14,16 @@ shard it lists wherever they are (``attach_memories``), so a memory written unde
 another shard count is still found, then written where it belongs. With N = 0 the
 memories stay in the main document (``encode``: versions 1 and 2 only had that).
 
+The main document also records, per shard, how many memories its writer knew the
+shard to hold (``memories_per_shard``; version 3 documents written before it have
+none): an absent shard object reads as an empty one, so without it a deleted shard
+lost its services' memories without a word. Heteroscale never deletes a shard (a
+lowered count writes the old ones empty), so a shard recorded holding memories that
+is absent was deleted by someone else, and its reader says so
+(``reconciler.apply.statestore``). The record is what the shards held before the
+writer's own round of shard writes (the state object is written first), so it lags
+that round by one write: it never names a shard that did not hold memories.
+
 Every document carries ``schema`` and ``version`` (``READABLE_VERSIONS``,
 ``SHARD_READABLE_VERSIONS``): one of another schema or version is refused
 (``StateFormatError``), never half-read; a memory shard that cannot be read loses
@@ -79,6 +89,9 @@ MAX_MEMORY_SHARDS = 64
 KEEP_S = float(HOUR_S)
 MAX_ENTRIES = 1000  # per series: an hour at a 3.6 s cycle
 MAX_SERVICES = 1000
+# Per memory shard (shard k at index k), how many planner memories it holds; None
+# where that is not known.
+MemoriesPerShard = tuple[int | None, ...]
 
 
 class StateFormatError(ValueError):
@@ -445,8 +458,11 @@ def valid_memory_shards(memory_shards: int) -> int:
     return memory_shards
 
 
-def _document(state: DurableState, memory_shards: int) -> dict[str, Any]:
+def _document(
+    state: DurableState, memory_shards: int, memories_per_shard: MemoriesPerShard | None
+) -> dict[str, Any]:
     now = state.saved_at_s
+    recorded = {} if memories_per_shard is None else {"memories_per_shard": memories_per_shard}
     return {
         "schema": SCHEMA,
         "version": VERSION,
@@ -461,6 +477,7 @@ def _document(state: DurableState, memory_shards: int) -> dict[str, Any]:
             "applied_at_s": _f(state.last_plan.applied_at_s),
         },
         "memory_shards": memory_shards,
+        **recorded,
         "services": {name: _encode_history(h, now) for name, h in sorted(state.histories.items())},
     }
 
@@ -493,14 +510,22 @@ class EncodedState:
     # The services past the first ``MAX_SERVICES`` in name order, left out whole (their
     # windows, cooldowns and memories): a reader refuses a document of more.
     services_left_out: tuple[str, ...] = ()
+    # How many memories each shard document holds (shard k at index k).
+    shard_memories: tuple[int, ...] = ()
 
 
 def encode_state(
-    state: DurableState, memory_shards: int, *, shards_wanted: bool = True
+    state: DurableState,
+    memory_shards: int,
+    *,
+    shards_wanted: bool = True,
+    memories_per_shard: MemoriesPerShard | None = None,
 ) -> EncodedState:
     """The state's documents (module docstring). With ``memory_shards`` 0 the memories
     go into the main document, else each into its shard (``memory_shard_of``); either
-    way a document takes them in name order while they fit. ``shards_wanted`` False:
+    way a document takes them in name order while they fit. ``memories_per_shard``:
+    what the main document records the shards to hold (one entry per shard, None where
+    not known; None: nothing recorded). ``shards_wanted`` False:
     the main document only (no shard documents, nothing counted), for a writer with no
     shard to write, sparing the compression of every memory. Raises ``StateTooLarge``
     when the main document alone is over the limit, ``ValueError`` for a shard count
@@ -508,8 +533,12 @@ def encode_state(
     keeps the first ``MAX_SERVICES`` in name order (``services_left_out`` names the
     others), so that what is written is what ``decode_document`` reads."""
     valid_memory_shards(memory_shards)
+    if memories_per_shard is not None and len(memories_per_shard) != memory_shards:
+        raise ValueError(
+            f"memories_per_shard has {len(memories_per_shard)} entries for {memory_shards} shards"
+        )
     state, services_left_out = _within_max_services(state)
-    doc = _document(state, memory_shards)
+    doc = _document(state, memory_shards, memories_per_shard)
     size = len(_dumps(doc))
     if size > MAX_STATE_BYTES:
         raise StateTooLarge(
@@ -548,7 +577,8 @@ def encode_state(
         else:
             dropped += 1
     shard_texts = tuple(_dumps(shard) for shard in shards)
-    return EncodedState(_dumps(doc), shard_texts, dropped, services_left_out)
+    held = tuple(len(shard["memories"]) for shard in shards)
+    return EncodedState(_dumps(doc), shard_texts, dropped, services_left_out, held)
 
 
 def _within_max_services(state: DurableState) -> tuple[DurableState, tuple[str, ...]]:
@@ -602,13 +632,24 @@ def _parsed(text: str | bytes, schema: str, versions: tuple[int, ...]) -> dict[s
     return doc
 
 
-def decode_document(
+@dataclass(frozen=True)
+class StoredDocument:
+    """What a main document holds (``decode_stored``): the state (with the memories the
+    document holds itself), how many memory shards it lists (0 before version 3), and
+    how many memories it records each of them to hold (``memories_per_shard``, module
+    docstring; None where the document records none, as one written before it)."""
+
+    state: DurableState
+    memory_shards: int
+    memories_per_shard: MemoriesPerShard | None = None
+
+
+def decode_stored(
     text: str | bytes, budget: UnpackBudget | None = None, *, cluster: str | None = None
-) -> tuple[DurableState, int]:
-    """The state in the main document ``text`` (with the memories it holds itself,
-    unpacked within ``budget``: a new one by default) and how many memory shards it
-    lists (0 before version 3); ``StateFormatError`` when it is not one this version
-    reads (never any other exception), or, with ``cluster``, when it is another
+) -> StoredDocument:
+    """The main document ``text`` (``StoredDocument``; its memories unpacked within
+    ``budget``: a new one by default); ``StateFormatError`` when it is not one this
+    version reads (never any other exception), or, with ``cluster``, when it is another
     cluster's state (a copied or restored object: as ``decode_shard`` refuses a shard
     of another cluster, never its windows and memories for this one's services)."""
     doc = _parsed(text, SCHEMA, READABLE_VERSIONS)
@@ -616,12 +657,15 @@ def decode_document(
     if cluster is not None and owner != cluster:
         raise StateFormatError(f"holds the state of cluster {owner!r}, not {cluster!r}")
     memory_shards = 0
+    recorded = None
     if doc["version"] >= 3:
         memory_shards = _int(doc.get("memory_shards"), "memory_shards")
         if not 0 <= memory_shards <= MAX_MEMORY_SHARDS:
             raise StateFormatError(
                 f"memory_shards: {memory_shards}, expected 0 to {MAX_MEMORY_SHARDS}"
             )
+        if "memories_per_shard" in doc:
+            recorded = _memories_per_shard(doc["memories_per_shard"], memory_shards)
     services = doc.get("services", {})
     if not isinstance(services, dict) or len(services) > MAX_SERVICES:
         raise StateFormatError("services: expected an object of services")
@@ -655,7 +699,30 @@ def decode_document(
         },
         last_plan=last_plan,
     )
-    return state, memory_shards
+    return StoredDocument(state, memory_shards, recorded)
+
+
+def _memories_per_shard(value: Any, memory_shards: int) -> MemoriesPerShard:
+    """``memories_per_shard`` as read: one entry per listed shard, each a count of
+    memories a shard can hold or null (not known to its writer)."""
+    where = "memories_per_shard"
+    if not isinstance(value, list) or len(value) != memory_shards:
+        raise StateFormatError(f"{where}: expected a list of {memory_shards} counts")
+    out: list[int | None] = []
+    for k, count in enumerate(value):
+        if count is not None and not 0 <= _int(count, f"{where}[{k}]") <= MAX_SERVICES:
+            raise StateFormatError(f"{where}[{k}]: {count}, expected 0 to {MAX_SERVICES}")
+        out.append(count)
+    return tuple(out)
+
+
+def decode_document(
+    text: str | bytes, budget: UnpackBudget | None = None, *, cluster: str | None = None
+) -> tuple[DurableState, int]:
+    """The state in the main document ``text`` and how many memory shards it lists
+    (``decode_stored``, which says what it records of the shards too)."""
+    stored = decode_stored(text, budget, cluster=cluster)
+    return stored.state, stored.memory_shards
 
 
 def decode(text: str | bytes) -> DurableState:

@@ -28,7 +28,10 @@ state object, are written every cycle); a graceful stop writes what was held bac
 (``flush_memories``, before the Lease is released). An object that cannot be read (corrupt,
 oversized, another schema version) is reported by the caller and later overwritten by
 the leader; a memory shard that cannot be read loses only its own services' memories
-(``load_problems``), never the state.
+(``load_problems``), never the state. Nor does one that is absent though the state
+object records memories in it (``durable``, ``memories_per_shard``: deleted by someone
+else, heteroscale never deletes one), but that is said too: read as empty, as it was,
+its services' planners started afresh without a word.
 
 Clusters' cycles at once (``run`` reconciles each on a thread of its own): one store
 serves them all, and every table of it is keyed by cluster or by one cluster's object
@@ -66,14 +69,17 @@ from reconciler.durable import (
     MAX_SERVICES,
     DurableState,
     EncodedState,
+    MemoriesPerShard,
     Revision,
     StateFormatError,
+    StoredDocument,
     UnpackBudget,
     attach_memories,
-    decode_document,
     decode_shard,
+    decode_stored,
     empty_shard,
     encode_state,
+    memory_shard_of,
     valid_memory_shards,
 )
 from reconciler.errors import ClusterUnavailable, ConfigError, HeteroscaleError
@@ -181,6 +187,10 @@ class ConfigMapStateStore:
         # not here: unknown). Per cluster: the saved_at_s of its last round of shard
         # writes (``_write_memories``).
         self._shard_texts: dict[str, str | None] = {}
+        # Per memory shard name: how many memories it holds as last read or written (0:
+        # no object; not here: unknown), what the state object records
+        # (``_memories_per_shard``).
+        self._shard_memories: dict[str, int] = {}
         self._memories_round_at_s: dict[str, float] = {}
         # Per cluster: what its last ``load`` could not read (memory shards).
         self._load_problems: dict[str, tuple[str, ...]] = {}
@@ -208,17 +218,17 @@ class ConfigMapStateStore:
 
     def _load_document(
         self, cluster: str, budget: UnpackBudget | None = None
-    ) -> tuple[DurableState, int] | None:
-        """The state object's state (with the memories it holds itself, unpacked within
-        ``budget``) and the number of memory shards it lists; None when there is none.
-        ``StateFormatError`` also for a document of another cluster than ``cluster``."""
+    ) -> StoredDocument | None:
+        """What the state object holds (its memories unpacked within ``budget``); None
+        when there is none. ``StateFormatError`` also for a document of another cluster
+        than ``cluster``."""
         obj = self._get(configmap_name(cluster))
         if obj is None:
             return None
         text = (obj.get("data") or {}).get(KEY)
         if not isinstance(text, str):
             raise StateFormatError(f"no '{KEY}' key")
-        return decode_document(text, budget, cluster=cluster)
+        return decode_stored(text, budget, cluster=cluster)
 
     def load(self, cluster: str, *, with_memories: bool = True) -> DurableState | None:
         """The stored state, None when there is none. Raises ``StateFormatError`` for
@@ -237,13 +247,14 @@ class ConfigMapStateStore:
         document = self._load_document(cluster, budget)
         if document is None:
             return None
-        state, memory_shards = document
+        state, memory_shards = document.state, document.memory_shards
         self._loaded_shards[cluster] = memory_shards
         if not with_memories or not memory_shards:
             return state
         found: dict[int, dict[str, PlannerMemory]] = {}
         problems = []
-        for k, name in enumerate(memory_shard_names(cluster, memory_shards)):
+        names = memory_shard_names(cluster, memory_shards)
+        for k, name in enumerate(names):
             try:
                 found[k] = self._read_shard(name, cluster, k, budget)
             except (StateFormatError, HeteroscaleError, OSError) as exc:
@@ -252,8 +263,34 @@ class ConfigMapStateStore:
                     f"holds are left out (those planners start afresh): {exc}"
                     + _rbac_hint(exc, cluster, memory_shards)
                 )
+        state = attach_memories(state, found, memory_shards)
+        for k, recorded in enumerate(document.memories_per_shard or ()):
+            if recorded and k in found and self._shard_texts.get(names[k], "") is None:
+                problems.append(self._absent_shard_problem(state, names[k], k, recorded))
         self._load_problems[cluster] = tuple(problems)
-        return attach_memories(state, found, memory_shards)
+        return state
+
+    def _absent_shard_problem(
+        self, state: DurableState, name: str, shard: int, recorded: int
+    ) -> str:
+        """What a load says of memory shard ``shard`` (object ``name``), absent though the
+        state object records ``recorded`` memories in it: read as empty, the services
+        whose memories it held start their planners afresh. Named: those it is home to
+        (``durable.memory_shard_of``) without a memory from any shard now, which may
+        include a service that had none."""
+        shards = self._loaded_shards.get(state.cluster, 0)
+        lost = sorted(
+            service
+            for service, history in state.histories.items()
+            if history.planner is None and memory_shard_of(service, shards) == shard
+        )
+        named = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        return (
+            f"{self._describe_object(name)} absent, though the state object records "
+            f"{recorded} planner memories in it (deleted outside heteroscale?): read as "
+            "empty, their planners start afresh (the services it is home to without a "
+            f"memory now: {named or 'none'})"
+        )
 
     def load_problems(self, cluster: str) -> tuple[str, ...]:
         """What the last ``load`` of ``cluster`` could not read and left out (memory
@@ -269,15 +306,30 @@ class ConfigMapStateStore:
         self, name: str, cluster: str, shard: int, budget: UnpackBudget
     ) -> dict[str, PlannerMemory]:
         self._shard_texts.pop(name, None)  # unknown until read
+        self._shard_memories.pop(name, None)
         obj = self._get(name)
         if obj is None:
             self._shard_texts[name] = None
+            self._shard_memories[name] = 0
             return {}
         text = (obj.get("data") or {}).get(MEMORIES_KEY)
         if not isinstance(text, str):
             raise StateFormatError(f"memory shard {shard}: no '{MEMORIES_KEY}' key")
         self._shard_texts[name] = text
-        return decode_shard(text, cluster, shard, budget)
+        memories = decode_shard(text, cluster, shard, budget)
+        self._shard_memories[name] = len(memories)
+        return memories
+
+    def _memories_per_shard(self, cluster: str) -> MemoriesPerShard | None:
+        """What the state object written now records of this store's memory shards:
+        how many memories each holds as last read or written (None where neither
+        happened yet), before this save's round of shard writes, which may not happen
+        or fail part-way (``durable``: never a shard that held no memories). None
+        without memory shards."""
+        if not self.memory_shards:
+            return None
+        names = memory_shard_names(cluster, self.memory_shards)
+        return tuple(self._shard_memories.get(name) for name in names)
 
     def save(self, state: DurableState) -> bool:
         """Write ``state`` (only while this replica leads); True when the state object
@@ -285,13 +337,18 @@ class ConfigMapStateStore:
         written is logged and tried again later, never fails the save. Raises
         ``StateTooLarge`` and API errors (of the state object) other than a lost race."""
         due = self._memories_due(state.cluster, state.saved_at_s)
-        encoded = self._encode(state, self.memory_shards, shards_wanted=due)
+        encoded = self._encode(
+            state,
+            self.memory_shards,
+            shards_wanted=due,
+            memories_per_shard=self._memories_per_shard(state.cluster),
+        )
         name = configmap_name(state.cluster)
         if not self._write_as_leader(name, state.cluster, KEY, encoded.text):
             return False
         self._saved[state.cluster] = state
         if due:
-            self._write_memories(state.cluster, encoded.shards, state.saved_at_s)
+            self._write_memories(state.cluster, encoded, state.saved_at_s)
         return True
 
     def flush_memories(self) -> None:
@@ -312,7 +369,7 @@ class ConfigMapStateStore:
                     extra={"event": "state_memories_write_failed", "cluster": cluster},
                 )
                 continue
-            self._write_memories(cluster, encoded.shards, state.saved_at_s)
+            self._write_memories(cluster, encoded, state.saved_at_s)
 
     def _memories_due(self, cluster: str, now_s: float) -> bool:
         """Whether ``cluster``'s memory shards may be written at ``now_s``: none written
@@ -331,19 +388,21 @@ class ConfigMapStateStore:
         written = self.memory_shards if written is None else written
         return max(0, self._loaded_shards.get(cluster, 0) - written)
 
-    def _write_memories(self, cluster: str, shards: tuple[str, ...], now_s: float) -> None:
-        """One round of memory shard writes (``_memories_due``; ``now_s``: the state's
-        ``saved_at_s``): each shard whose text differs from the stored one (an absent
+    def _write_memories(self, cluster: str, encoded: EncodedState, now_s: float) -> None:
+        """One round of memory shard writes of ``encoded`` (``_memories_due``; ``now_s``:
+        the state's ``saved_at_s``): each shard whose text differs from the stored one (an absent
         object stands for an empty shard), so each is written at most once every
         ``MEMORY_WRITE_INTERVAL_S``; the shards past them that a larger count left are
         written empty. One that cannot be written is logged and tried again at the next
         round."""
         self._memories_round_at_s[cluster] = now_s
+        shards = encoded.shards
         empty = empty_shard(cluster)
         # The shards a larger count left (the state object read listed them) are
         # emptied: raised again, that count would read them as their services' home
         # shards, before the shards holding the memories written since.
         texts = (*shards, *(empty,) * self._leftover_shards(cluster, len(shards)))
+        held = (*encoded.shard_memories, *(0,) * (len(texts) - len(shards)))
         names = memory_shard_names(cluster, len(texts))
         # Highest shard first, the leftovers last, and the round stops at the first
         # write that fails: a memory moves to a new home when the count changes, and
@@ -386,6 +445,7 @@ class ConfigMapStateStore:
             if not written:
                 return  # no longer the leader, or another writer kept winning
             self._shard_texts[name] = text
+            self._shard_memories[name] = held[k]
 
     def update(
         self, cluster: str, change: Callable[[DurableState | None], DurableState | None]
@@ -410,14 +470,21 @@ class ConfigMapStateStore:
             if not self.is_leader():
                 return False
             document = self._load_document(cluster)
-            stored, memory_shards = document if document else (None, self.memory_shards)
+            stored = document.state if document else None
+            memory_shards = document.memory_shards if document else self.memory_shards
             new = change(stored)
             if new is None:
                 return False
             if new.cluster != cluster:
                 raise ValueError(f"state of cluster {new.cluster} offered for {cluster}")
             try:
-                encoded = self._encode(new, memory_shards, shards_wanted=False)
+                # The shards are not written: what the object records of them stays.
+                encoded = self._encode(
+                    new,
+                    memory_shards,
+                    shards_wanted=False,
+                    memories_per_shard=document.memories_per_shard if document else None,
+                )
                 self._write(name, cluster, KEY, encoded.text)
             except ResourceConflict as exc:
                 log.info(
@@ -474,9 +541,19 @@ class ConfigMapStateStore:
         return False
 
     def _encode(
-        self, state: DurableState, memory_shards: int, *, shards_wanted: bool = True
+        self,
+        state: DurableState,
+        memory_shards: int,
+        *,
+        shards_wanted: bool = True,
+        memories_per_shard: MemoriesPerShard | None = None,
     ) -> EncodedState:
-        encoded = encode_state(state, memory_shards, shards_wanted=shards_wanted)
+        encoded = encode_state(
+            state,
+            memory_shards,
+            shards_wanted=shards_wanted,
+            memories_per_shard=memories_per_shard,
+        )
         left_out = encoded.services_left_out
         if left_out:
             # Said at write time: a restart would only find them missing.

@@ -143,7 +143,7 @@ class StoredMemories:
 
     def describe(self) -> str:
         where = f"in {self.shards} memory shards" if self.shards else "in the state object"
-        unread = f"; {len(self.problems)} shard(s) unreadable" if self.problems else ""
+        unread = f"; {len(self.problems)} shard(s) unreadable or absent" if self.problems else ""
         return f"{self.services} service(s) {where}{unread}"
 
 

@@ -25,7 +25,8 @@ Rules it keeps (DESIGN.md, "Rules of the road"):
   the last known good revision and the applied plan's identity. A stored object that
   cannot be read is reported (log, ``heteroscale_errors_total{kind="StateUnreadable"}``,
   ``state_problems``) and ignored: the windows start fresh; a memory shard that cannot
-  be read is reported alike and loses only its services' planner memories.
+  be read, or is absent though the state object records memories in it, is reported
+  alike and loses only its services' planner memories.
 - A metrics source that cannot be read (``MetricsUnavailable``: Prometheus down)
   holds every service of the cluster at its size; the cycle goes on (drift, desired
   state), the outcome carries the cause (``metrics_error``), it is counted in

@@ -873,6 +873,77 @@ def test_a_corrupt_memory_shard_loses_only_its_services_memories(
 
 
 @pytest.mark.fault
+def test_a_deleted_memory_shard_is_said_not_read_as_an_empty_one(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One shard object deleted on the API server read as an empty shard (an absent
+    one stands for that): its services' planners started afresh and nothing said so.
+    The state object records how many memories each shard held, so a new process
+    reports the absent one (log, ``StateUnreadable``), naming its services; the
+    leader's next round writes it again. A state object written before the record
+    (none in it) reads as it did, the deletion unseen."""
+    cluster = "st-shard-deleted"
+    state = make_desired_state(tmp_path, cluster)  # one service, "svc"
+    client = control_plane.client()
+    rng = random.Random(5)
+    histories = {f"other-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
+    histories["svc"] = PolicyHistory(planner=_full_memory(rng))
+    writer = _fresh_store(client, cluster, "replica-a")
+    # The first save writes the shards after the state object: the second records them.
+    for at_s in (1000.0, 1030.0):
+        assert writer.save(DurableState(cluster, at_s, "replica-a", None, histories))
+    home = memory_shard_of("svc", DEFAULT_MEMORY_SHARDS)
+    name = memory_shard_names(cluster, DEFAULT_MEMORY_SHARDS)[home]
+    homed = sorted(n for n in histories if memory_shard_of(n, DEFAULT_MEMORY_SHARDS) == home)
+    client.delete(configmaps_path(NAMESPACE, name))
+
+    reader = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    back = reader.load(cluster)
+    assert back is not None
+    assert {n for n, h in back.histories.items() if h.planner is None} == set(homed)
+    (problem,) = reader.load_problems(cluster)
+    assert f"ConfigMap {NAMESPACE}/{name} absent" in problem, problem
+    assert f"records {len(homed)} planner memories in it" in problem, problem
+    assert ", ".join(homed[:5]) in problem, problem
+
+    clock = Clock(1060.0)
+    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
+    loop = _loop(
+        state, RecordingBackend(cluster), EngineLoad(8000, 40.0), clock, store, policy="heteroscale"
+    )
+    with caplog.at_level(logging.ERROR, logger="heteroscale"):
+        caplog.clear()
+        for _ in range(3):
+            (outcome,) = loop.run_cycle().clusters
+            assert outcome.outcome == "ok", outcome.error
+            clock.now += 30
+    reports = [r for r in caplog.records if getattr(r, "event", "") == "state_memories_unreadable"]
+    assert len(reports) == 1 and "absent" in reports[0].getMessage(), caplog.records
+    unreadable = loop.metrics.registry.get_sample_value(
+        "heteroscale_errors_total", {"cluster": cluster, "kind": "StateUnreadable"}
+    )
+    assert unreadable == 1
+    again = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    resumed = again.load(cluster)
+    assert resumed is not None and again.load_problems(cluster) == ()
+    assert isinstance(resumed.histories["svc"].planner, PlannerMemory)
+
+    # Written before the record: the same deletion reads as an empty shard, unsaid.
+    path = configmaps_path(NAMESPACE, configmap_name(cluster))
+    main = client.get(path)
+    document = json.loads(main["data"]["state.json"])
+    assert document["memories_per_shard"][home] >= 1
+    del document["memories_per_shard"]
+    main["data"]["state.json"] = json.dumps(document)
+    client.request("PUT", path, body=main)
+    client.delete(configmaps_path(NAMESPACE, name))
+    old_format = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    unseen = old_format.load(cluster)
+    assert unseen is not None and unseen.histories["svc"].planner is None
+    assert old_format.load_problems(cluster) == ()
+
+
+@pytest.mark.fault
 def test_shards_full_of_numbers_are_read_within_one_budget(control_plane: ControlPlane) -> None:
     """Anyone who may edit ConfigMaps in the reconciler's namespace can write the state
     object, which names how many memory shards to read (up to 64), and the shards: a

@@ -44,6 +44,7 @@ from reconciler.durable import (
     decode,
     decode_document,
     decode_shard,
+    decode_stored,
     encode,
     encode_state,
     memory_shard_of,
@@ -547,6 +548,39 @@ def test_a_version_2_document_is_still_read_with_its_memories_inline() -> None:
     del doc["memory_shards"]
     state, shards = decode_document(json.dumps(doc))
     assert shards == 0 and state.histories["svc"].planner == memory
+
+
+def test_the_main_document_records_how_many_memories_each_shard_holds() -> None:
+    """What the writer gives as the shards' counts is recorded in the main document
+    and read back (None where the writer did not know); the shard documents it encodes
+    say how many memories each holds, what a writer records after writing them."""
+    histories = {f"svc-{i}": PolicyHistory(planner=_memory(i, NOW)) for i in range(5)}
+    state = DurableState("east", NOW, histories=histories)
+    encoded = encode_state(state, 4, memories_per_shard=(2, None, 0, 1))
+    stored = decode_stored(encoded.text)
+    assert stored.memories_per_shard == (2, None, 0, 1)
+    assert stored.memory_shards == 4 and stored.state == decode(encoded.text)
+    assert encoded.shard_memories == tuple(
+        sum(memory_shard_of(name, 4) == k for name in histories) for k in range(4)
+    )
+    # Not given (a writer that knows nothing of its shards, and every document written
+    # before the record existed): none recorded, nothing else changes.
+    plain = encode_state(state, 4)
+    assert "memories_per_shard" not in json.loads(plain.text)
+    assert decode_stored(plain.text).memories_per_shard is None
+    assert decode(plain.text) == decode(encoded.text)
+    with pytest.raises(ValueError, match="3 entries for 4 shards"):
+        encode_state(state, 4, memories_per_shard=(1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "recorded", [[1, 2, 3], [1, 2, 3, -1], [1, 2, 3, True], [0, 0, 0, MAX_SERVICES + 1], "4"]
+)
+def test_a_record_of_the_shards_that_does_not_read_refuses_the_document(recorded: object) -> None:
+    doc = json.loads(encode_state(DurableState("east", NOW), 4).text)
+    doc["memories_per_shard"] = recorded
+    with pytest.raises(StateFormatError, match="memories_per_shard"):
+        decode_stored(json.dumps(doc))
 
 
 def test_a_memory_in_another_shard_than_its_hashs_is_read() -> None:
