@@ -173,7 +173,9 @@ _POSITIVE = (0.0).__lt__  # ``0.0 < c``: a bucket holding mass
 def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
     held = tuple(map(_POSITIVE, counts))
     key = (bounds, held)
-    layout = _LAYOUTS.get(key)
+    # A zero bound is not shared: 0.0 == -0.0 as a key, and a layout built for one would
+    # give the other's points a zero of the wrong sign (no engine's bound is zero).
+    layout = None if 0.0 in bounds else _LAYOUTS.get(key)
     if layout is None:
         shape = LengthHistogram(bounds, tuple(1.0 if h else 0.0 for h in held))
         lengths, _ = shape._spread(None, POINTS_PER_BUCKET)
@@ -194,9 +196,10 @@ def _layout(bounds: tuple[float, ...], counts: tuple[float, ...]) -> _Layout:
             _means_per_bucket(row_of_point, len(kept), lengths),
             _means_per_bucket(row_of_point, len(kept), lengths**2),
         )
-        if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = layout
+        if 0.0 not in bounds:
+            if len(_LAYOUTS) >= _LAYOUTS_LIMIT:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
     return layout
 
 

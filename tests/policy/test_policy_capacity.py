@@ -980,6 +980,14 @@ def test_the_whole_mass_from_the_shared_layout_is_the_spread_bit_for_bit(
     assert weights.tobytes() == spread_weights.tobytes()
 
 
+def test_a_layout_shared_by_equal_bounds_is_not_shared_across_the_sign_of_zero() -> None:
+    """0.0 == -0.0, so a layout cached for bounds ``(-0.0, inf)`` was the one for
+    ``(0.0, inf)`` too, and its points carried the first one's zero."""
+    for bounds in ((-0.0, math.inf), (0.0, math.inf)):
+        histogram = LengthHistogram(bounds, (1.0, 1.0))
+        assert histogram.points()[0].tobytes() == histogram.points(math.inf)[0].tobytes()
+
+
 def test_the_predicted_ttfts_side_of_a_bucket_is_the_predictions() -> None:
     """``predicted_ttft_side`` skips the TTFT quantile's bisection where two attainments
     settle it; placed against any bucket, edges within the bisection's tolerance of the
