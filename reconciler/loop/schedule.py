@@ -75,6 +75,18 @@ def default_cluster_deadline(interval_s: float) -> float:
     return max(interval_s, MIN_DEFAULT_CLUSTER_DEADLINE_S)
 
 
+def windows_shorter_than(state: DesiredState, interval_s: float) -> list[str]:
+    """The services whose scale-in window is shorter than the loop's interval, each as
+    ``name (N s)``. A window is covered only by decisions within it (a gap longer than
+    the window is an outage or a clock step, not a quiet spell), so at such a cadence
+    these services never scale in: the loop says so when it reads such a revision."""
+    return [
+        f"{name} ({policy.scaling.scale_in_window_s:g} s)"
+        for name, policy in sorted(state.policies.items())
+        if 0 < policy.scaling.scale_in_window_s < interval_s
+    ]
+
+
 @dataclass
 class CycleResult:
     clusters: list[ClusterOutcome] = field(default_factory=list)
@@ -252,6 +264,16 @@ class ReconcileLoop:
         self.metrics.desired_valid.set(1)
         self.metrics.desired_from_store.set(0)
         self.desired_error = None
+        if state is not self.last_good:
+            short = windows_shorter_than(state, self.interval_s)
+            if short:
+                log.warning(
+                    f"the loop's interval, {self.interval_s:g} s, is longer than the scale-in "
+                    f"window of {', '.join(short)}: a window is covered only by decisions "
+                    "within it, so these never scale in; lengthen their scale_in_window_s "
+                    "or shorten --interval",
+                    extra={"event": "scale_in_window_shorter_than_interval", "services": short},
+                )
         self.last_good = state
         return state, None
 

@@ -927,3 +927,33 @@ def test_a_hold_on_a_missing_signal_says_why_the_source_read_it_missing() -> Non
     )
     sized = Decision("chat", 3, 4, "scale_out", "decode 4000 ...")
     assert with_missing_reasons(sized, metrics) is sized
+
+
+def test_an_interval_longer_than_a_scale_in_window_is_said_once_per_revision(
+    state: DesiredState, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scale-in window is covered only by decisions within it, so a service whose
+    window is shorter than the loop's interval never scales in: the loop says which
+    when it reads such a revision, not every cycle."""
+    backends = {"prod-east": RecordingBackend("prod-east")}
+    loop = make_loop(state, backends, interval_s=450.0)
+    with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
+        loop.run_cycle()
+        loop.run_cycle()
+    said = [
+        r
+        for r in caplog.records
+        if getattr(r, "event", "") == "scale_in_window_shorter_than_interval"
+    ]
+    assert len(said) == 1
+    short = [
+        f"{name} ({policy.scaling.scale_in_window_s:g} s)"
+        for name, policy in sorted(state.policies.items())
+        if policy.scaling.scale_in_window_s < 450.0
+    ]
+    assert short and said[0].__dict__["services"] == short
+    assert "chat" not in " ".join(short)  # its 600 s window is covered
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
+        make_loop(state, backends, interval_s=30.0).run_cycle()
+    assert not [r for r in caplog.records if "scale-in window" in r.getMessage()]
