@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubetestkit import (
@@ -823,9 +824,7 @@ def test_a_corrupt_memory_shard_loses_only_its_services_memories(
     cluster = "st-shard-corrupt"
     state = make_desired_state(tmp_path, cluster)  # one service, "svc"
     client = control_plane.client()
-    rng = random.Random(3)
-    histories = {f"other-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
-    histories["svc"] = PolicyHistory(planner=_full_memory(rng))
+    histories = _svc_among_forty_others(seed=3)
     stored = DurableState(cluster, 1000.0, "replica-a", None, histories)
     assert _fresh_store(client, cluster, "replica-a").save(stored)
     bad = memory_shard_of("svc", DEFAULT_MEMORY_SHARDS)
@@ -845,23 +844,10 @@ def test_a_corrupt_memory_shard_loses_only_its_services_memories(
     (problem,) = reader.load_problems(cluster)
     assert name in problem and "memory shard" in problem and "not JSON" in problem
 
-    clock = Clock(1030.0)
-    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
-    loop = _loop(
-        state, RecordingBackend(cluster), EngineLoad(8000, 40.0), clock, store, policy="heteroscale"
+    outcome, message = _three_cycles_reporting_once(
+        control_plane, state, cluster, Clock(1030.0), caplog
     )
-    with caplog.at_level(logging.ERROR, logger="heteroscale"):
-        caplog.clear()
-        for _ in range(3):
-            (outcome,) = loop.run_cycle().clusters
-            assert outcome.outcome == "ok", outcome.error
-            clock.now += 30
-    reports = [r for r in caplog.records if getattr(r, "event", "") == "state_memories_unreadable"]
-    assert len(reports) == 1 and name in reports[0].getMessage(), caplog.records
-    unreadable = loop.metrics.registry.get_sample_value(
-        "heteroscale_errors_total", {"cluster": cluster, "kind": "StateUnreadable"}
-    )
-    assert unreadable == 1
+    assert name in message
     assert outcome.plan is not None
     fresh = outcome.plan.decisions["svc"].history.planner
     assert isinstance(fresh, PlannerMemory) and fresh.prefill_demand.samples == 3  # afresh
@@ -885,9 +871,7 @@ def test_a_deleted_memory_shard_is_said_not_read_as_an_empty_one(
     cluster = "st-shard-deleted"
     state = make_desired_state(tmp_path, cluster)  # one service, "svc"
     client = control_plane.client()
-    rng = random.Random(5)
-    histories = {f"other-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
-    histories["svc"] = PolicyHistory(planner=_full_memory(rng))
+    histories = _svc_among_forty_others(seed=5)
     writer = _fresh_store(client, cluster, "replica-a")
     # The first save writes the shards after the state object: the second records them.
     for at_s in (1000.0, 1030.0):
@@ -906,23 +890,8 @@ def test_a_deleted_memory_shard_is_said_not_read_as_an_empty_one(
     assert f"records {len(homed)} planner memories in it" in problem, problem
     assert ", ".join(homed[:5]) in problem, problem
 
-    clock = Clock(1060.0)
-    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
-    loop = _loop(
-        state, RecordingBackend(cluster), EngineLoad(8000, 40.0), clock, store, policy="heteroscale"
-    )
-    with caplog.at_level(logging.ERROR, logger="heteroscale"):
-        caplog.clear()
-        for _ in range(3):
-            (outcome,) = loop.run_cycle().clusters
-            assert outcome.outcome == "ok", outcome.error
-            clock.now += 30
-    reports = [r for r in caplog.records if getattr(r, "event", "") == "state_memories_unreadable"]
-    assert len(reports) == 1 and "absent" in reports[0].getMessage(), caplog.records
-    unreadable = loop.metrics.registry.get_sample_value(
-        "heteroscale_errors_total", {"cluster": cluster, "kind": "StateUnreadable"}
-    )
-    assert unreadable == 1
+    _, message = _three_cycles_reporting_once(control_plane, state, cluster, Clock(1060.0), caplog)
+    assert "absent" in message
     again = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
     resumed = again.load(cluster)
     assert resumed is not None and again.load_problems(cluster) == ()
@@ -1187,3 +1156,41 @@ def test_a_smaller_shard_count_empties_the_shards_it_no_longer_writes(
         # object listing 8 shards holds none itself, so none is read. Never an old one.
         expected = new[name].planner if lower else None
         assert history.planner == expected, name
+
+
+def _three_cycles_reporting_once(
+    control_plane: ControlPlane,
+    state: DesiredState,
+    cluster: str,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> tuple[Any, str]:
+    """Three cycles of a new replica's loop on the stored state: each ok, the stored
+    memories' problem logged once and counted once (``StateUnreadable``). The last
+    cycle's outcome and the logged message."""
+    store = ConfigMapStateStore(control_plane.client(), NAMESPACE, "replica-b")
+    loop = _loop(
+        state, RecordingBackend(cluster), EngineLoad(8000, 40.0), clock, store, policy="heteroscale"
+    )
+    with caplog.at_level(logging.ERROR, logger="heteroscale"):
+        caplog.clear()
+        for _ in range(3):
+            (outcome,) = loop.run_cycle().clusters
+            assert outcome.outcome == "ok", outcome.error
+            clock.now += 30
+    reports = [r for r in caplog.records if getattr(r, "event", "") == "state_memories_unreadable"]
+    assert len(reports) == 1, caplog.records
+    unreadable = loop.metrics.registry.get_sample_value(
+        "heteroscale_errors_total", {"cluster": cluster, "kind": "StateUnreadable"}
+    )
+    assert unreadable == 1
+    return outcome, reports[0].getMessage()
+
+
+def _svc_among_forty_others(seed: int) -> dict[str, PolicyHistory]:
+    """Full planner memories for "svc" and forty other services, spread over the
+    default shards."""
+    rng = random.Random(seed)
+    histories = {f"other-{i:02d}": PolicyHistory(planner=_full_memory(rng)) for i in range(40)}
+    histories["svc"] = PolicyHistory(planner=_full_memory(rng))
+    return histories
