@@ -774,8 +774,11 @@ def observed_cycle_s(
     which an outage within a day of cycles moves by a second or two; the one gap where
     that has fewer than two samples (a service's second decision); ``CYCLE_S`` before
     any earlier decision."""
-    times = sorted({r.at_s for r in past if r.at_s < now_s} | {now_s})
-    gaps = sorted(later - earlier for earlier, later in pairwise(times))
+    # A damaged history may hold any float: only gaps between finite times count.
+    times = sorted({r.at_s for r in past if math.isfinite(r.at_s) and r.at_s < now_s} | {now_s})
+    gaps = sorted(
+        gap for gap in (later - earlier for earlier, later in pairwise(times)) if math.isfinite(gap)
+    )
     if len(gaps) < 2 and demand is not None and demand.samples >= 2:
         span_s = demand.last_at_s - demand.first_at_s
         if math.isfinite(span_s) and span_s > 0:

@@ -620,6 +620,9 @@ def test_the_cadence_is_read_from_the_decisions_themselves() -> None:
     broken = ForecastState(samples=3, first_at_s=0.0, last_at_s=1e300)
     assert observed_cycle_s(at(0.0), 1e9, broken) == 86_400.0
     assert observed_cycle_s(at(0.0), 1e-3) == 1.0
+    # Times no decision was made at count for nothing (a property test found -inf).
+    assert observed_cycle_s(at(-math.inf, math.nan, -1e308), 1e308) == 30.0
+    assert observed_cycle_s(at(-math.inf, 0.0, 30.0), 60.0) == 30.0
 
 
 def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
