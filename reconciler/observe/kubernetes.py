@@ -841,8 +841,9 @@ def deleting_unreplaced(
 ) -> dict[tuple[str, Role], int]:
     """Per (service, role), the instances of the service's groups being deleted in its
     own namespace (``ClusterSnapshot.groups_being_deleted``) that no group created since
-    replaces yet: what the service ran at its first deletion (those groups, and the
-    ``kept`` Deployments, the fleet's, created no later than it) less what its kept
+    replaces yet: what the service ran at its first deletion (those groups and the
+    ``kept`` Deployments, the fleet's, created no later than it: a replacement being
+    deleted in its turn is not counted again) less what its kept
     Deployments hold now, never below 0. A hold keeps them (``RoleCount.hold_size``),
     so their replacement is made while they still serve; once it exists the kept
     Deployments hold as much, and nothing more is kept (the groups being deleted
@@ -855,21 +856,33 @@ def deleting_unreplaced(
     not read counts as not staying: the groups being deleted are then compared with
     the kept Deployments alone (the side that never counts a group twice)."""
     deletions_s: dict[str, list[float]] = defaultdict(list)
-    deleting: dict[tuple[str, Role], int] = defaultdict(int)
+    being_deleted: list[LiveDeployment] = []
     for d in snapshot.deployments.values():
         policy = policies.get(d.service)
         if policy is None or policy.namespace != d.key.namespace:
             continue
         if (d.key.namespace, d.service, d.group_id) not in snapshot.groups_being_deleted:
             continue
-        deleting[(d.service, d.role)] += d.counted_replicas
+        being_deleted.append(d)
         at_s = parse_micro_time(d.deleting_since)
         if at_s is not None:
             deletions_s[d.service].append(at_s)
-    if not deleting:
+    if not being_deleted:
         return {}
     # -inf where no deletion time reads: no kept Deployment then counts as staying.
-    deleted_s = {service: min(deletions_s[service], default=-math.inf) for service, _ in deleting}
+    deleted_s = {d.service: min(deletions_s[d.service], default=-math.inf) for d in being_deleted}
+    deleting: dict[tuple[str, Role], int] = defaultdict(int)
+    for d in being_deleted:
+        # A group being deleted that was itself created after the service's first
+        # deletion is not what the service ran then: it replaced a group being deleted
+        # (counted, it asked for that group's instances twice, a third group where
+        # the service ran two). One whose time does not read is counted, and so is
+        # every one where no deletion time reads.
+        created_s = parse_micro_time(d.created)
+        first_s = deleted_s[d.service]
+        if created_s is not None and math.isfinite(first_s) and created_s > first_s:
+            continue
+        deleting[(d.service, d.role)] += d.counted_replicas
     stayed: dict[tuple[str, Role], int] = defaultdict(int)
     running: dict[tuple[str, Role], int] = defaultdict(int)
     for d in kept:

@@ -1129,6 +1129,28 @@ def test_the_instances_of_a_group_being_deleted_that_nothing_replaces_yet(
     assert calm.fleet.deleting_unreplaced == {}
 
 
+def test_a_replacement_being_deleted_in_its_turn_is_not_counted_again(
+    before: DesiredState,
+) -> None:
+    """g-pod-a-1 is being deleted since 00:10; g-pod-a-2, created at 00:10:01 to
+    replace it, is deleted too while the first still is. The service ran two groups
+    (d and g-pod-a-1): one group's worth is unreplaced, not two (counted, the
+    replacement being deleted asked for a third group where the service ran two)."""
+    old = _deleting_at_10(before)
+    replacing = created_at(live(before, [grp("chat", "g-pod-a-2", 1, 3)]), "2026-01-01T00:10:01Z")
+    replacing = {
+        key: replace(d, deleting_since="2026-01-01T00:11:00.000000Z")
+        for key, d in replacing.items()
+    }
+    chat = _observed(before, old, replacing).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (1, 3)
+    assert (chat.prefill.hold_size, chat.decode.hold_size) == (2, 6)
+    # Once the first group is gone, the replacement's own deletion is the first.
+    alone = {k: d for k, d in old.items() if "g-pod-a-1" not in k}
+    chat = _observed(before, alone, replacing).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (1, 3)
+
+
 def test_a_deletion_time_that_does_not_read_never_counts_a_replacement_twice(
     before: DesiredState,
 ) -> None:

@@ -494,6 +494,61 @@ def test_a_group_being_deleted_of_a_held_service_is_replaced_before_it_goes(
     assert sum(n.endswith("-d") for n in running) == 2
 
 
+def test_a_replacement_deleted_in_its_turn_is_replaced_once(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """As above (metrics missing, two groups of one instance each), one group's decode
+    is deleted while a finalizer holds it and the next cycle replaces the group; then
+    the replacement's decode is deleted too, the first still held. The service ran
+    two groups: one more group replaces it, not two (the replacement being deleted
+    was counted as what the service ran, a third group made where it ran two)."""
+    name = "mbb-held-deleting-twice"
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    policy = tmp_path / "policies" / "svc.yaml"
+    _edit(
+        policy,
+        ("prefill.yaml, min_instances: 1", "prefill.yaml, min_instances: 2"),
+        ("decode.yaml, min_instances: 1", "decode.yaml, min_instances: 2"),
+        (
+            "deployment_group: {prefill_instances: 2, decode_instances: 4}",
+            "deployment_group: {prefill_instances: 1, decode_instances: 1}",
+        ),
+    )
+    client = control_plane.client()
+    _run("apply", *options)
+    old = list_deployments(client, name)
+    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
+    _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
+    _run("apply", *options)
+    first = deployments_path(name, sorted(n for n in old if n.endswith("-d"))[0])
+    held = [first]
+    try:
+        client.merge_patch(
+            first, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
+        )
+        client.delete(first)
+        time.sleep(1.1)  # the replacement is told apart by its creation after the deletion
+        _run("apply", *options)
+        replacement = set(list_deployments(client, name)) - set(old)
+        assert len(replacement) == 2, replacement
+        (decode,) = [n for n in replacement if n.endswith("-d")]
+        second = deployments_path(name, decode)
+        held.append(second)
+        client.merge_patch(
+            second, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
+        )
+        client.delete(second)
+        time.sleep(1.1)
+        text = _run("apply", *options)
+        assert "hold 2 prefill, 2 decode" in text, text
+        assert "the hold counts 1 prefill, 1 decode instance(s) of groups being deleted" in text
+        new = set(list_deployments(client, name)) - set(old) - replacement
+        assert len(new) == 2, new
+    finally:
+        for path in held:
+            client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
+
+
 class _Cycles:
     """Hand-made cycles of one cluster (``name``, its policies namespaced as ``desired``
     says) through a backend of ``client``, with SLOs held, a 60 s soft scale-in window
