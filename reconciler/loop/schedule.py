@@ -76,14 +76,20 @@ def default_cluster_deadline(interval_s: float) -> float:
 
 
 def windows_shorter_than(state: DesiredState, interval_s: float) -> list[str]:
-    """The services whose scale-in window is shorter than the loop's interval, each as
-    ``name (N s)``. A window is covered only by decisions within it (a gap longer than
-    the window is an outage or a clock step, not a quiet spell), so at such a cadence
-    these services never scale in: the loop says so when it reads such a revision."""
+    """The services whose scale-in window the loop's decisions never cover, each as
+    ``name (N s)``: those whose window is no longer than half the interval. A window
+    is covered by a decision made at or before its start and no more than a window
+    before it (``coordinated._window_extreme``: a longer gap is an outage or a clock
+    step, not a quiet spell), so decisions an interval apart cover it while the
+    interval is under twice the window (a cycle a little late past twice the window
+    covers nothing), and such services never scale in: the loop says so when it reads
+    such a revision. A window shorter than the interval but more than half of it is
+    covered by the decision before it (no warning: those services scale in)."""
     return [
         f"{name} ({policy.scaling.scale_in_window_s:g} s)"
         for name, policy in sorted(state.policies.items())
-        if 0 < policy.scaling.scale_in_window_s < interval_s
+        if policy.scaling.scale_in_window_s > 0
+        and interval_s >= 2 * policy.scaling.scale_in_window_s
     ]
 
 
@@ -268,10 +274,11 @@ class ReconcileLoop:
             short = windows_shorter_than(state, self.interval_s)
             if short:
                 log.warning(
-                    f"the loop's interval, {self.interval_s:g} s, is longer than the scale-in "
-                    f"window of {', '.join(short)}: a window is covered only by decisions "
-                    "within it, so these never scale in; lengthen their scale_in_window_s "
-                    "or shorten --interval",
+                    f"the loop's interval, {self.interval_s:g} s, is at least twice the "
+                    f"scale-in window of {', '.join(short)}: a window is covered only by a "
+                    "decision at most a window before its start, so these never scale in; "
+                    "lengthen their scale_in_window_s to over half the interval or shorten "
+                    "--interval",
                     extra={"event": "scale_in_window_shorter_than_interval", "services": short},
                 )
         self.last_good = state

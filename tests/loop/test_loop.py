@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -33,7 +34,9 @@ from reconciler.errors import (
 )
 from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
-from reconciler.policy.base import Decision, DecisionInput
+from reconciler.loop.schedule import windows_shorter_than
+from reconciler.policy.base import Decision, DecisionInput, Recommendation
+from reconciler.policy.coordinated import scale_in_floor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -929,31 +932,56 @@ def test_a_hold_on_a_missing_signal_says_why_the_source_read_it_missing() -> Non
     assert with_missing_reasons(sized, metrics) is sized
 
 
-def test_an_interval_longer_than_a_scale_in_window_is_said_once_per_revision(
+def test_an_interval_that_never_covers_a_scale_in_window_is_said_once_per_revision(
     state: DesiredState, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A scale-in window is covered only by decisions within it, so a service whose
-    window is shorter than the loop's interval never scales in: the loop says which
-    when it reads such a revision, not every cycle."""
-    backends = {"prod-east": RecordingBackend("prod-east")}
-    loop = make_loop(state, backends, interval_s=450.0)
-    with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
-        loop.run_cycle()
-        loop.run_cycle()
-    said = [
-        r
-        for r in caplog.records
-        if getattr(r, "event", "") == "scale_in_window_shorter_than_interval"
-    ]
+    """A scale-in window is covered by a decision at most a window before its start,
+    so a service whose window is no longer than half the loop's interval never scales
+    in: the loop says which when it reads such a revision, not every cycle. One whose
+    window is shorter than the interval but longer than half of it is covered (it
+    scales in), and is not named."""
+
+    def said_at(interval_s: float) -> list[Any]:
+        caplog.clear()
+        backends = {"prod-east": RecordingBackend("prod-east")}
+        loop = make_loop(state, backends, interval_s=interval_s)
+        with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
+            loop.run_cycle()
+            loop.run_cycle()
+        return [
+            r
+            for r in caplog.records
+            if getattr(r, "event", "") == "scale_in_window_shorter_than_interval"
+        ]
+
+    said = said_at(900.0)
     assert len(said) == 1
     short = [
         f"{name} ({policy.scaling.scale_in_window_s:g} s)"
         for name, policy in sorted(state.policies.items())
-        if policy.scaling.scale_in_window_s < 450.0
+        if 0 < policy.scaling.scale_in_window_s <= 450.0
     ]
     assert short and said[0].__dict__["services"] == short
     assert "chat" not in " ".join(short)  # its 600 s window is covered
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="heteroscale.loop"):
-        make_loop(state, backends, interval_s=30.0).run_cycle()
-    assert not [r for r in caplog.records if "scale-in window" in r.getMessage()]
+    # At 450 s the 300 s windows are shorter than the interval, yet covered.
+    assert any("(300 s)" in s for s in short)
+    assert not said_at(450.0)
+    assert not said_at(30.0)
+
+
+@pytest.mark.parametrize("interval_s", [45.0, 60.0, 90.0, 119.0, 120.0, 121.0, 180.0])
+def test_the_window_warning_names_exactly_the_windows_decisions_never_cover(
+    state: DesiredState, interval_s: float
+) -> None:
+    """Decisions made a little later than every ``interval_s`` (a loop's cycles are
+    never early): the warning names a 60 s window exactly when those decisions leave
+    it uncovered, so that the service never scales in."""
+    policy = state.policies["svc-a"]
+    scaling = policy.scaling.model_copy(update={"scale_in_window_s": 60.0})
+    one = cast(
+        DesiredState,
+        SimpleNamespace(policies={"svc-a": policy.model_copy(update={"scaling": scaling})}),
+    )
+    recs = tuple(Recommendation(k * (interval_s + 0.01), 10 - k, 10 - k) for k in range(6))
+    never_covered = scale_in_floor(recs, 60.0) is None
+    assert bool(windows_shorter_than(one, interval_s)) == never_covered
