@@ -199,6 +199,9 @@ from reconciler.state import (
 # The reconcile interval the forecaster samples at until the decisions show their own
 # (``observed_cycle_s``): the loop's default.
 CYCLE_S = 30.0
+# The most samples ``observed_cycle_s`` reads a forecaster's mean gap over (2**53: every
+# count up to it is exact as a float).
+MAX_COUNTED_SAMPLES = 2**53
 # The metrics window behind every rate (a PromQL rate over one minute).
 METRICS_WINDOW_S = 60.0
 # Errors behind the headroom: as many as make its bound at the attainment goal a valid
@@ -779,7 +782,10 @@ def observed_cycle_s(
     gaps = sorted(
         gap for gap in (later - earlier for earlier, later in pairwise(times)) if math.isfinite(gap)
     )
-    if len(gaps) < 2 and demand is not None and demand.samples >= 2:
+    # A count no cadence reaches (one a second for 285 million years) is a damaged
+    # memory's: read as a float, an integer of 400 digits raised OverflowError, and the
+    # service's every decision failed, its memory kept as it was.
+    if len(gaps) < 2 and demand is not None and 2 <= demand.samples <= MAX_COUNTED_SAMPLES:
         span_s = demand.last_at_s - demand.first_at_s
         if math.isfinite(span_s) and span_s > 0:
             gaps = [span_s / (demand.samples - 1)]

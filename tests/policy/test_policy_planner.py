@@ -623,6 +623,32 @@ def test_the_cadence_is_read_from_the_decisions_themselves() -> None:
     # Times no decision was made at count for nothing (a property test found -inf).
     assert observed_cycle_s(at(-math.inf, math.nan, -1e308), 1e308) == 30.0
     assert observed_cycle_s(at(-math.inf, 0.0, 30.0), 60.0) == 30.0
+    # A count of samples no cadence reaches (valid JSON, read back as it is) is not
+    # divided by: an integer of 400 digits raised OverflowError.
+    huge = ForecastState(samples=10**400, first_at_s=0.0, last_at_s=600.0)
+    assert observed_cycle_s(at(0.0), 300.0, huge) == 300.0
+
+
+def test_a_memory_counting_more_samples_than_a_float_holds_is_decided_as_usual() -> None:
+    """A state document whose forecaster counts 10**400 samples, read back through the
+    durable codec (its integers are read as they are), with one decision remembered:
+    the decision is made, where the cadence's mean gap raised OverflowError every
+    cycle (the failure keeps the memory, so the service was held for good)."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    history = _learnt_history(policy, cluster)
+    history = replace(history, recommendations=history.recommendations[-1:])
+    assert isinstance(history.planner, PlannerMemory)
+    demand = replace(history.planner.prefill_demand, samples=10**400)
+    damaged = replace(history, planner=replace(history.planner, prefill_demand=demand))
+    text, _ = encode(DurableState("east", 600.0, histories={"chat": damaged}))
+    stored = decode(text).histories["chat"]
+    assert isinstance(stored.planner, PlannerMemory)
+    assert stored.planner.prefill_demand.samples == 10**400
+    metrics = _metrics(630.0, 250_000.0, 35_000.0, ttft_ms=700.0, tbt_ms=47.5)
+    decision = plan_decide(policy, _fleet(30, 30), metrics, stored, 630.0, perf)
+    sound = plan_decide(policy, _fleet(30, 30), metrics, history, 630.0, perf)
+    assert (decision.prefill, decision.decode) == (sound.prefill, sound.decode)
 
 
 def _burst_history(bursty: bool) -> tuple[ServiceFleet, str]:
