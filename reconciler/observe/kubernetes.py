@@ -841,62 +841,69 @@ def deleting_unreplaced(
 ) -> dict[tuple[str, Role], int]:
     """Per (service, role), the instances of the service's groups being deleted in its
     own namespace (``ClusterSnapshot.groups_being_deleted``) that no group created since
-    replaces yet: what the service ran at its first deletion (those groups and the
-    ``kept`` Deployments, the fleet's, created no later than it: a replacement being
-    deleted in its turn is not counted again) less what its kept
-    Deployments hold now, never below 0. A hold keeps them (``RoleCount.hold_size``),
-    so their replacement is made while they still serve; once it exists the kept
-    Deployments hold as much, and nothing more is kept (the groups being deleted
-    counted beside their replacement grew the service by them every cycle).
+    replaces yet. A hold keeps them (``RoleCount.hold_size``), so their replacement is
+    made while they still serve; once it exists nothing more is kept (the groups being
+    deleted counted beside their replacement grew the service by them every cycle).
 
-    What replaces a group being deleted is told from what stayed beside it by its
-    creation time (whole seconds, as ``reconciler.apply.actions`` tells them apart):
-    created after the service's first deletion, not its last, so that the replacement
-    of an earlier deletion is never taken for a group that stayed. A time that does
-    not read counts as not staying: the groups being deleted are then compared with
-    the kept Deployments alone (the side that never counts a group twice)."""
-    deletions_s: dict[str, list[float]] = defaultdict(list)
+    Told in time order, per role: each deletion (its ``deletionTimestamp``) adds its
+    instances to those awaiting a replacement, and each Deployment created later
+    (whole seconds, as ``reconciler.apply.actions`` tells them apart; a ``kept`` one,
+    the fleet's, or one being deleted in its turn) takes its instances off them, never
+    below 0. So a group that stayed (created no later than a deletion) replaces none
+    of it; a replacement deleted in its turn is replaced once, not counted as what the
+    service ran (a third group where it ran two); and what a group created while
+    nothing awaited a replacement holds (a scale-out after an earlier deletion was
+    replaced) is no replacement of a later deletion. A creation time that does not
+    read counts as after every deletion, and a deletion time that does not read as
+    before every creation: the side that never counts a group twice.
+
+    Not seen: a replacement grown into a group that stayed (its creation time is the
+    group's), and a group deleted by heteroscale itself (a scale-in, the old copy of a
+    move) that a finalizer holds, whose instances a hold then asks for again."""
+    # Per (service, role): (time, 0 for a creation or 1 for a deletion, instances);
+    # at one time a creation comes first (created in the second of a deletion: stayed).
+    events: dict[tuple[str, Role], list[tuple[float, int, int]]] = defaultdict(list)
     being_deleted: list[LiveDeployment] = []
+    # Per group being deleted: when its first Deployment was (-inf where none reads);
+    # the group's other Deployments go with it (the group is replaced whole).
+    group_s: dict[GroupKey, float] = {}
     for d in snapshot.deployments.values():
         policy = policies.get(d.service)
         if policy is None or policy.namespace != d.key.namespace:
             continue
-        if (d.key.namespace, d.service, d.group_id) not in snapshot.groups_being_deleted:
+        group = (d.key.namespace, d.service, d.group_id)
+        if group not in snapshot.groups_being_deleted:
             continue
         being_deleted.append(d)
-        at_s = parse_micro_time(d.deleting_since)
+        at_s = parse_micro_time(d.deleting_since) if d.deleting_since else None
+        group_s.setdefault(group, math.inf)
         if at_s is not None:
-            deletions_s[d.service].append(at_s)
+            group_s[group] = min(group_s[group], at_s)
     if not being_deleted:
         return {}
-    # -inf where no deletion time reads: no kept Deployment then counts as staying.
-    deleted_s = {d.service: min(deletions_s[d.service], default=-math.inf) for d in being_deleted}
-    deleting: dict[tuple[str, Role], int] = defaultdict(int)
     for d in being_deleted:
-        # A group being deleted that was itself created after the service's first
-        # deletion is not what the service ran then: it replaced a group being deleted
-        # (counted, it asked for that group's instances twice, a third group where
-        # the service ran two). One whose time does not read is counted, and so is
-        # every one where no deletion time reads.
+        at_s = group_s[(d.key.namespace, d.service, d.group_id)]
+        events[(d.service, d.role)].append(
+            (-math.inf if at_s == math.inf else at_s, 1, d.counted_replicas)
+        )
+        # Its own creation too, where its deletion time reads (before it, no deletion
+        # it could replace but an earlier one's: a replacement deleted in its turn).
         created_s = parse_micro_time(d.created)
-        first_s = deleted_s[d.service]
-        if created_s is not None and math.isfinite(first_s) and created_s > first_s:
-            continue
-        deleting[(d.service, d.role)] += d.counted_replicas
-    stayed: dict[tuple[str, Role], int] = defaultdict(int)
-    running: dict[tuple[str, Role], int] = defaultdict(int)
+        if created_s is not None and at_s != math.inf:
+            events[(d.service, d.role)].append((created_s, 0, -d.counted_replicas))
+    services = {d.service for d in being_deleted}
     for d in kept:
-        if d.service not in deleted_s:
-            continue
-        running[(d.service, d.role)] += d.counted_replicas
-        created_s = parse_micro_time(d.created)
-        if created_s is not None and created_s <= deleted_s[d.service]:
-            stayed[(d.service, d.role)] += d.counted_replicas
+        if d.service in services:
+            created_s = parse_micro_time(d.created)
+            at_s = math.inf if created_s is None else created_s
+            events[(d.service, d.role)].append((at_s, 0, -d.counted_replicas))
     out: dict[tuple[str, Role], int] = {}
-    for key, instances in sorted(deleting.items()):
-        unreplaced = stayed[key] + instances - running[key]
-        if unreplaced > 0:
-            out[key] = unreplaced
+    for key, found in sorted(events.items()):
+        awaiting = 0
+        for _at_s, _order, instances in sorted(found):
+            awaiting = max(0, awaiting + instances)
+        if awaiting > 0:
+            out[key] = awaiting
     return out
 
 

@@ -1151,6 +1151,28 @@ def test_a_replacement_being_deleted_in_its_turn_is_not_counted_again(
     assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (1, 3)
 
 
+def test_a_group_created_once_a_deletion_was_replaced_replaces_no_later_one(
+    before: DesiredState,
+) -> None:
+    """g-pod-a-1 is being deleted since 00:10 (its finalizer stuck), replaced at
+    00:10:01; at 01:00 the service scaled out by a group; at 02:00 group d, there since
+    00:00, is deleted too. d's instances await a replacement: the scale-out was made
+    while nothing awaited one (taken as replacing every deletion after the first, it
+    hid d's, and the held service ran short once d's finalizer went)."""
+    old = _deleting_at_10(before)
+    replaced = created_at(live(before, [grp("chat", "g-pod-a-2", 1, 3)]), "2026-01-01T00:10:01Z")
+    grown = created_at(live(before, [grp("chat", "g-pod-a-3", 1, 3)]), "2026-01-01T01:00:00Z")
+    chat = _observed(before, old, replaced, grown).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (0, 0)
+    old["chat/chat-d-d"] = replace(old["chat/chat-d-d"], deleting_since="2026-01-01T02:00:00Z")
+    chat = _observed(before, old, replaced, grown).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (1, 3)
+    # Its replacement, created after, leaves nothing awaiting.
+    again = created_at(live(before, [grp("chat", "g-pod-a-4", 1, 3)]), "2026-01-01T02:00:01Z")
+    chat = _observed(before, old, replaced, grown, again).fleet.service_fleet("chat")
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == (0, 0)
+
+
 def test_a_deletion_time_that_does_not_read_never_counts_a_replacement_twice(
     before: DesiredState,
 ) -> None:
