@@ -787,7 +787,9 @@ def observed_cycle_s(
     # service's every decision failed, its memory kept as it was.
     if len(gaps) < 2 and demand is not None and 2 <= demand.samples <= MAX_COUNTED_SAMPLES:
         span_s = demand.last_at_s - demand.first_at_s
-        if math.isfinite(span_s) and span_s > 0:
+        # Samples after now are a clock stepped back's (``readable`` starts them afresh):
+        # their mean gap holds the step (an hour back after a day forward read 513 s).
+        if math.isfinite(span_s) and span_s > 0 and demand.last_at_s <= now_s:
             gaps = [span_s / (demand.samples - 1)]
     if not gaps:
         return CYCLE_S

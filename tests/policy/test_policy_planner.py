@@ -627,6 +627,10 @@ def test_the_cadence_is_read_from_the_decisions_themselves() -> None:
     # divided by: an integer of 400 digits raised OverflowError.
     huge = ForecastState(samples=10**400, first_at_s=0.0, last_at_s=600.0)
     assert observed_cycle_s(at(0.0), 300.0, huge) == 300.0
+    # A clock stepped back an hour after a day's step forward: no decision before now,
+    # and samples after it, whose mean gap holds the steps (513 s), are not read.
+    stepped = ForecastState(samples=180, first_at_s=0.0, last_at_s=91_740.0)
+    assert observed_cycle_s(at(91_740.0), 88_140.0, stepped) == 30.0
 
 
 def test_a_memory_counting_more_samples_than_a_float_holds_is_decided_as_usual() -> None:
