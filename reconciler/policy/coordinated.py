@@ -338,6 +338,38 @@ def sample_problem(sample: Sample | None, name: str, now_s: float, max_age_s: fl
     return None
 
 
+# An idle engine's utilisation gauge reads a few percent at most (kernel launches, the
+# scrape itself); above this share its GPUs are computing prompts.
+IDLE_BUSY_SHARE = 0.05
+
+
+def rate_contradicted(
+    metrics: ServiceMetrics, name: str, now_s: float, max_age_s: float
+) -> str | None:
+    """Why a token rate that reads 0 (``prefill_tps`` or ``decode_tps``, usable as a
+    sample) cannot be believed, or None: decode serves no token in a minute while a
+    request runs on it, or prefill none while a prompt waits for it or its GPUs are
+    busy. Such a rate is a counter that stopped or a broken query, not an idle role;
+    believed, it scaled the role to its minimum with the load on it (a prober: chat to
+    1 prefill and 2 decode, a TTFT of 109 s), where a missing rate holds."""
+    rate = getattr(metrics, name)
+    if rate is None or rate.value > 0:
+        return None
+    evidence = (
+        (("decode_running", 1.0, "request(s) running"),)
+        if name == "decode_tps"
+        else (
+            ("prefill_queue", 1.0, "prompt(s) waiting"),
+            ("prefill_gpu_util", IDLE_BUSY_SHARE, "GPU utilisation"),
+        )
+    )
+    for gauge, least, what in evidence:
+        sample = getattr(metrics, gauge)
+        if sample_problem(sample, gauge, now_s, max_age_s) is None and sample.value >= least:
+            return f"{name} reads 0 while {gauge} reads {sample.value:g} ({what})"
+    return None
+
+
 _AT_S = operator.attrgetter("at_s")
 _ROLE_VALUE = (operator.attrgetter("prefill"), operator.attrgetter("decode"))
 
@@ -669,6 +701,8 @@ def decide(
     driven, follower = _ROLE_NAMES[di], _ROLE_NAMES[fi]
     primary = getattr(metrics, n.metric)
     problem = sample_problem(primary, n.metric, now_s, n.metric_max_age_s)
+    if problem is None and n.metric in ("prefill_tps", "decode_tps"):
+        problem = rate_contradicted(metrics, n.metric, now_s, n.metric_max_age_s)
     if problem is None and n.per_ready_instance and ready[di] == 0:
         problem = f"{n.metric} has no ready {driven} instance to report it"
     if problem is None and n.proportional and n.target_per_instance is None:

@@ -157,6 +157,7 @@ from reconciler.policy.coordinated import (
     _trim_recommendations,
     finish,
     policy_numbers,
+    rate_contradicted,
     role_counts,
     sample_problem,
     stabilise,
@@ -1043,7 +1044,9 @@ def plan_decide(
 
     # 1. Signals.
     for name in ("prefill_tps", "decode_tps"):
-        problem = sample_problem(getattr(metrics, name), name, now_s, n.metric_max_age_s)
+        problem = sample_problem(
+            getattr(metrics, name), name, now_s, n.metric_max_age_s
+        ) or rate_contradicted(metrics, name, now_s, n.metric_max_age_s)
         if problem is not None:
             return _hold(n, fleet, history, past, history.kv_usage, now_s, problem)
     prefill_tps = metrics.prefill_tps.value  # type: ignore[union-attr]

@@ -587,6 +587,18 @@ def test_a_missing_stale_or_out_of_range_primary_holds_and_says_why(sample, why)
     assert decision.message.startswith(why + ": hold 10 prefill, 20 decode")
 
 
+def test_a_primary_rate_reading_0_while_its_role_works_holds():
+    """decode_tps at 0 while 160 requests run on decode is a counter that stopped, not
+    an idle service: held as a missing rate is; with nothing running it is believed."""
+    policy = make_policy()
+    broken = ServiceMetrics("svc", decode_tps=Sample(0.0, NOW), decode_running=Sample(160.0, NOW))
+    decision = decide(policy, fleet(10, 20), broken, PolicyHistory(), NOW)
+    assert (decision.prefill, decision.decode, decision.reason) == (10, 20, "metrics_missing")
+    assert decision.message.startswith("decode_tps reads 0 while decode_running reads 160")
+    idle = ServiceMetrics("svc", decode_tps=Sample(0.0, NOW), decode_running=Sample(0.0, NOW))
+    assert decide(policy, fleet(10, 20), idle, PolicyHistory(), NOW).reason != "metrics_missing"
+
+
 def test_missing_metrics_still_respect_min_and_max():
     policy = make_policy(decode={"max_instances": 15})
     decision = decide(policy, fleet(10, 20), metrics(NOW), PolicyHistory(), NOW)

@@ -143,6 +143,48 @@ def test_a_missing_rate_holds_both_roles() -> None:
         assert decision.reason == "metrics_missing"
 
 
+@pytest.mark.parametrize(
+    ("rates", "gauges", "said"),
+    [
+        ((0.0, 20_000.0), {"prefill_gpu_util": 0.8}, "prefill_tps reads 0 while prefill_gpu_util"),
+        ((0.0, 20_000.0), {"prefill_queue": 12.0}, "prefill_tps reads 0 while prefill_queue"),
+        ((100_000.0, 0.0), {"decode_running": 240.0}, "decode_tps reads 0 while decode_running"),
+    ],
+)
+def test_a_rate_reading_0_while_the_role_works_holds_both_roles(
+    rates: tuple[float, float], gauges: dict[str, float], said: str
+) -> None:
+    """A counter that stopped, or a query broken into 0, is present, fresh and finite:
+    believed, it scaled chat to 1 prefill and 2 decode under its load (a prober's TTFT
+    of 109 s). A rate of 0 while the role's gauges say it works holds, as a missing one
+    does."""
+    policy, cluster = _chat()
+    metrics = replace(_metrics(0.0, *rates), **{k: Sample(v, 0.0) for k, v in gauges.items()})
+    decision = plan_decide(
+        policy, _fleet(10, 20), metrics, PolicyHistory(), 0.0, perf_context(policy, cluster)
+    )
+    assert (decision.prefill, decision.decode) == (10, 20)
+    assert decision.reason == "metrics_missing"
+    assert said in decision.message
+
+
+def test_an_idle_service_reading_0_is_sized_as_idle() -> None:
+    """No request running, none waiting, GPUs at an idle engine's few percent: a rate
+    of 0 is believed (the mix, not read this cycle, still keeps the size: the
+    ``metrics_missing`` there is the mix's)."""
+    policy, cluster = _chat()
+    idle = replace(
+        _metrics(0.0, 0.0, 0.0),
+        prefill_gpu_util=Sample(0.01, 0.0),
+        prefill_queue=Sample(0.0, 0.0),
+        decode_running=Sample(0.0, 0.0),
+    )
+    decision = plan_decide(
+        policy, _fleet(10, 20), idle, PolicyHistory(), 0.0, perf_context(policy, cluster)
+    )
+    assert "reads 0 while" not in decision.message
+
+
 def test_a_tbt_no_batch_can_meet_holds_decode_where_it_runs_and_is_not_chased() -> None:
     # 2 ms between tokens: slower than the model's step for one sequence on any type.
     # No count of decode instances meets it, so decode is neither sized from a
