@@ -413,23 +413,7 @@ def test_a_group_being_deleted_of_a_held_service_is_replaced_before_it_goes(
     nothing more (the replacement is not counted twice), and once the finalizer goes
     the service still runs both groups."""
     name = f"mbb-held-deleting-{held_by}"
-    _state, options = cluster_for_cli(control_plane, tmp_path, name)
-    policy = tmp_path / "policies" / "svc.yaml"
-    _edit(
-        policy,
-        ("prefill.yaml, min_instances: 1", "prefill.yaml, min_instances: 2"),
-        ("decode.yaml, min_instances: 1", "decode.yaml, min_instances: 2"),
-        (
-            "deployment_group: {prefill_instances: 2, decode_instances: 4}",
-            "deployment_group: {prefill_instances: 1, decode_instances: 1}",
-        ),
-    )
-    client = control_plane.client()
-    _run("apply", *options)
-    old = list_deployments(client, name)
-    assert len(old) == 4, old
-    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
-    _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
+    client, options, old = _two_served_groups_of_one(control_plane, tmp_path, name)
     text = _run("apply", *options)
     assert "create Deployment" not in text and "delete Deployment" not in text, text
 
@@ -503,22 +487,7 @@ def test_a_replacement_deleted_in_its_turn_is_replaced_once(
     two groups: one more group replaces it, not two (the replacement being deleted
     was counted as what the service ran, a third group made where it ran two)."""
     name = "mbb-held-deleting-twice"
-    _state, options = cluster_for_cli(control_plane, tmp_path, name)
-    policy = tmp_path / "policies" / "svc.yaml"
-    _edit(
-        policy,
-        ("prefill.yaml, min_instances: 1", "prefill.yaml, min_instances: 2"),
-        ("decode.yaml, min_instances: 1", "decode.yaml, min_instances: 2"),
-        (
-            "deployment_group: {prefill_instances: 2, decode_instances: 4}",
-            "deployment_group: {prefill_instances: 1, decode_instances: 1}",
-        ),
-    )
-    client = control_plane.client()
-    _run("apply", *options)
-    old = list_deployments(client, name)
-    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
-    _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
+    client, options, old = _two_served_groups_of_one(control_plane, tmp_path, name)
     _run("apply", *options)
     first = deployments_path(name, sorted(n for n in old if n.endswith("-d"))[0])
     held = [first]
@@ -951,3 +920,30 @@ def test_a_group_moved_under_rebalance_serves_until_its_replacement_does(
     actions = {o.key: o.action for o in done.objects}
     assert {actions[f"{name}/{n}"] for n in old} == {"delete"}, actions
     wait_for(lambda: set(list_deployments(client, name)) == new, what="the old group pruned")
+
+
+def _two_served_groups_of_one(
+    control_plane: ControlPlane, tmp_path: Path, name: str
+) -> tuple[Any, list[str], dict[str, dict[str, Any]]]:
+    """Cluster ``name`` running its service as two groups of one prefill and one decode
+    instance each, every Pod serving, the policy's minimum then lowered back to 1 so
+    that the size is held above it: the client, the CLI options and the four
+    Deployments."""
+    _state, options = cluster_for_cli(control_plane, tmp_path, name)
+    policy = tmp_path / "policies" / "svc.yaml"
+    _edit(
+        policy,
+        ("prefill.yaml, min_instances: 1", "prefill.yaml, min_instances: 2"),
+        ("decode.yaml, min_instances: 1", "decode.yaml, min_instances: 2"),
+        (
+            "deployment_group: {prefill_instances: 2, decode_instances: 4}",
+            "deployment_group: {prefill_instances: 1, decode_instances: 1}",
+        ),
+    )
+    client = control_plane.client()
+    _run("apply", *options)
+    old = list_deployments(client, name)
+    assert len(old) == 4, old
+    _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
+    _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
+    return client, options, old
