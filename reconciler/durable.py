@@ -22,7 +22,9 @@ lowered count writes the old ones empty), so a shard recorded holding memories t
 is absent was deleted by someone else, and its reader says so
 (``reconciler.apply.statestore``). The record is what the shards held before the
 writer's own round of shard writes (the state object is written first), so it lags
-that round by one write: it never names a shard that did not hold memories.
+that round by one write: it never names a shard that did not hold memories. A record
+that does not read is left out and said (``StoredDocument.problems``), never the
+reason to refuse the document: it is advisory.
 
 Every document carries ``schema`` and ``version`` (``READABLE_VERSIONS``,
 ``SHARD_READABLE_VERSIONS``): one of another schema or version is refused
@@ -642,6 +644,9 @@ class StoredDocument:
     state: DurableState
     memory_shards: int
     memories_per_shard: MemoriesPerShard | None = None
+    # What of the document was read as absent, and why: a ``memories_per_shard`` that
+    # does not read (the record only tells a deleted shard from an empty one).
+    problems: tuple[str, ...] = ()
 
 
 def decode_stored(
@@ -658,6 +663,7 @@ def decode_stored(
         raise StateFormatError(f"holds the state of cluster {owner!r}, not {cluster!r}")
     memory_shards = 0
     recorded = None
+    problems: tuple[str, ...] = ()
     if doc["version"] >= 3:
         memory_shards = _int(doc.get("memory_shards"), "memory_shards")
         if not 0 <= memory_shards <= MAX_MEMORY_SHARDS:
@@ -665,7 +671,16 @@ def decode_stored(
                 f"memory_shards: {memory_shards}, expected 0 to {MAX_MEMORY_SHARDS}"
             )
         if "memories_per_shard" in doc:
-            recorded = _memories_per_shard(doc["memories_per_shard"], memory_shards)
+            # Advisory: it only tells a shard deleted outside heteroscale from an empty
+            # one. One that does not read is left out and said, not a reason to lose
+            # the windows, the last plan and every memory with the whole document.
+            try:
+                recorded = _memories_per_shard(doc["memories_per_shard"], memory_shards)
+            except StateFormatError as exc:
+                problems = (
+                    f"{exc}: the state object's record of its memory shards is left out "
+                    "(a shard deleted outside heteroscale goes unseen until the next write)",
+                )
     services = doc.get("services", {})
     if not isinstance(services, dict) or len(services) > MAX_SERVICES:
         raise StateFormatError("services: expected an object of services")
@@ -699,7 +714,7 @@ def decode_stored(
         },
         last_plan=last_plan,
     )
-    return StoredDocument(state, memory_shards, recorded)
+    return StoredDocument(state, memory_shards, recorded, problems)
 
 
 def _memories_per_shard(value: Any, memory_shards: int) -> MemoriesPerShard:

@@ -249,10 +249,11 @@ class ConfigMapStateStore:
             return None
         state, memory_shards = document.state, document.memory_shards
         self._loaded_shards[cluster] = memory_shards
+        self._load_problems[cluster] = document.problems
         if not with_memories or not memory_shards:
             return state
         found: dict[int, dict[str, PlannerMemory]] = {}
-        problems = []
+        problems = list(document.problems)
         names = memory_shard_names(cluster, memory_shards)
         for k, name in enumerate(names):
             try:

@@ -911,6 +911,20 @@ def test_a_deleted_memory_shard_is_said_not_read_as_an_empty_one(
     assert unseen is not None and unseen.histories["svc"].planner is None
     assert old_format.load_problems(cluster) == ()
 
+    # A record that does not read (forged, or written by a broken hand) is left out and
+    # said; the state object's windows and every shard's memories read as they are.
+    main = client.get(path)
+    document = json.loads(main["data"]["state.json"])
+    document["memories_per_shard"] = [-1, "NaN"]
+    main["data"]["state.json"] = json.dumps(document)
+    client.request("PUT", path, body=main)
+    forged = ConfigMapStateStore(control_plane.client(), NAMESPACE, "reader")
+    read = forged.load(cluster)
+    assert read is not None and read.histories.keys() == unseen.histories.keys()
+    assert read.histories["svc"].recommendations == unseen.histories["svc"].recommendations
+    (problem,) = forged.load_problems(cluster)
+    assert problem.startswith("memories_per_shard") and "left out" in problem
+
 
 @pytest.mark.fault
 def test_shards_full_of_numbers_are_read_within_one_budget(control_plane: ControlPlane) -> None:

@@ -576,11 +576,19 @@ def test_the_main_document_records_how_many_memories_each_shard_holds() -> None:
 @pytest.mark.parametrize(
     "recorded", [[1, 2, 3], [1, 2, 3, -1], [1, 2, 3, True], [0, 0, 0, MAX_SERVICES + 1], "4"]
 )
-def test_a_record_of_the_shards_that_does_not_read_refuses_the_document(recorded: object) -> None:
-    doc = json.loads(encode_state(DurableState("east", NOW), 4).text)
+def test_a_record_of_the_shards_that_does_not_read_is_left_out_and_said(recorded: object) -> None:
+    """The record only tells a deleted shard from an empty one: one that does not read
+    is read as not recorded and said, the rest of the document as it is (refused, it
+    lost the windows, the last plan and every memory over an advisory key)."""
+    state = DurableState("east", NOW, "me", None, {"svc": PolicyHistory(planner=_full_memory())})
+    doc = json.loads(encode_state(state, 4).text)
     doc["memories_per_shard"] = recorded
-    with pytest.raises(StateFormatError, match="memories_per_shard"):
-        decode_stored(json.dumps(doc))
+    stored = decode_stored(json.dumps(doc))
+    assert stored.memories_per_shard is None
+    assert stored.state.histories.keys() == {"svc"}
+    (problem,) = stored.problems
+    assert problem.startswith("memories_per_shard") and "left out" in problem
+    assert decode_stored(encode_state(state, 4).text).problems == ()
 
 
 def test_a_memory_in_another_shard_than_its_hashs_is_read() -> None:
