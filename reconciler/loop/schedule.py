@@ -75,7 +75,7 @@ def default_cluster_deadline(interval_s: float) -> float:
     return max(interval_s, MIN_DEFAULT_CLUSTER_DEADLINE_S)
 
 
-def windows_shorter_than(state: DesiredState, interval_s: float) -> list[str]:
+def windows_never_covered(state: DesiredState, interval_s: float) -> list[str]:
     """The services whose scale-in window the loop's decisions never cover, each as
     ``name (N s)``: those whose window is no longer than half the interval. A window
     is covered by a decision made at or before its start and no more than a window
@@ -271,7 +271,7 @@ class ReconcileLoop:
         self.metrics.desired_from_store.set(0)
         self.desired_error = None
         if state is not self.last_good:
-            short = windows_shorter_than(state, self.interval_s)
+            short = windows_never_covered(state, self.interval_s)
             if short:
                 log.warning(
                     f"the loop's interval, {self.interval_s:g} s, is at least twice the "

@@ -34,7 +34,7 @@ from reconciler.errors import (
 )
 from reconciler.loop import JsonFormatter, ReconcileLoop, reporting, serve_http
 from reconciler.loop.reporting import HTTP_CLIENT_TIMEOUT_S, MAX_HTTP_CLIENTS
-from reconciler.loop.schedule import windows_shorter_than
+from reconciler.loop.schedule import windows_never_covered
 from reconciler.policy.base import Decision, DecisionInput, Recommendation
 from reconciler.policy.coordinated import scale_in_floor
 
@@ -984,4 +984,4 @@ def test_the_window_warning_names_exactly_the_windows_decisions_never_cover(
     )
     recs = tuple(Recommendation(k * (interval_s + 0.01), 10 - k, 10 - k) for k in range(6))
     never_covered = scale_in_floor(recs, 60.0) is None
-    assert bool(windows_shorter_than(one, interval_s)) == never_covered
+    assert bool(windows_never_covered(one, interval_s)) == never_covered
