@@ -178,11 +178,16 @@ def enforce_ratio(
         )
         if grown is not None:
             return grown
-    # 3-4. Rare: scan decode counts outward from ``decode`` (upward first) for one that
-    # admits an integer prefill count inside the bounds.
+    # 3-4. Rare: scan decode counts outward (upward first) for one that admits an
+    # integer prefill count inside the bounds: from ``decode``, or, where decode is the
+    # short role, from the count prefill asks of it (at most its maximum). From
+    # ``decode`` there, 3 prefill and 4 decode under a 1:5 ratio with decode at most 11
+    # came to 1 and 5, where 2 prefill and 4 decode came to 2 and 10: more demand, fewer
+    # instances (a planner property test).
     lowest, highest = decode_bounds.min_instances, decode_bounds.max_instances
+    start = min(needed, highest) if short == "decode" else decode
     for distance in range(0, max(highest - lowest, 0) + 1):
-        for candidate in (decode + distance, decode - distance):
+        for candidate in (start + distance, start - distance):
             if not lowest <= candidate <= highest or candidate == 0:
                 continue
             low = max(prefill_bounds.min_instances, ceil_count(candidate * ratio_min))

@@ -115,6 +115,17 @@ def test_enforce_ratio_finds_the_nearest_pair_when_integers_leave_a_gap():
     assert {c.name for c in clamps} == {"ratio_bound"}
 
 
+def test_enforce_ratio_with_a_capped_decode_keeps_the_most_it_can_pair():
+    """Exactly 1:5, decode at most 11: 3 prefill would need 15 decode, and no integer
+    pair holds the 11 the cap allows. The pair kept is the largest the cap admits (2
+    and 10), not the one nearest the 4 decode asked for (1 and 5), which 2 prefill and
+    4 decode already reach: more demand never means fewer instances."""
+    prefill, decode = RoleBounds("prefill", 0, 3), RoleBounds("decode", 0, 11)
+    clamps: list = []
+    assert enforce_ratio(3, 4, 0.2, 0.2, prefill, decode, clamps) == (2, 10)
+    assert enforce_ratio(2, 4, 0.2, 0.2, prefill, decode, []) == (2, 10)
+
+
 def test_enforce_ratio_reports_an_unattainable_ratio():
     # prefill fixed at 10, decode at most 5: 10 / 5 = 2 > max 1:1 whatever we do.
     clamps: list = []
