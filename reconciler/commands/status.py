@@ -68,6 +68,7 @@ _SLO_MARKERS = (
     ("SLO at risk:", "slo_bound", "a bound keeps a role below what the SLO needs"),
     ("cannot meet it on any instance", "slo_unattainable", "SLO unattainable"),
     ("SLO out of reach,", "slo_unattainable", "SLO unattainable"),
+    ("model out of reach:", "slo_model", "instances slower than the correction takes"),
 )
 DEGRADING = {
     "metrics_missing",
@@ -77,6 +78,7 @@ DEGRADING = {
     "refused",
     "slo_bound",
     "slo_unattainable",
+    "slo_model",
     "stuck",
     "deleting",
 }

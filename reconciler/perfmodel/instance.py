@@ -343,6 +343,40 @@ class InstancePerf:
         tps = batch[ok] / step[ok]
         return float(tps.max())
 
+    # ------------------------------------------------------------------ ceilings
+
+    @property
+    def _precision_speedup(self) -> float:
+        """How much faster than bf16 the GEMMs may run on weights stored narrower than
+        2 bytes a parameter (the card's FLOPs are bf16's, ``GpuType.bf16_tflops``): fp8
+        on Hopper runs at twice bf16's rate. At least 1; a ceiling only loosens by it."""
+        return max(1.0, 2.0 * self.params / self.weight_bytes)
+
+    @property
+    def prefill_ceiling_tps(self) -> float:
+        """The most prompt tokens/s one instance prefills at any load and prompt mix:
+        its sustained compute rate (:attr:`prefill_capacity_work_per_s`) over the least
+        work a prompt token takes, its linear layers' ``2 x params`` FLOPs (attention
+        only adds work, and more of it the longer the prompt), at the precision its
+        weights allow (``_precision_speedup``)."""
+        if not self.fits:
+            return 0.0
+        return self.prefill_capacity_work_per_s * self._precision_speedup / (2.0 * self.params)
+
+    @property
+    def decode_ceiling_tps(self) -> float:
+        """The most output tokens/s one instance decodes at any load, batch limit and
+        mix: its decode compute rate over a token's linear layers, ``2 x params``
+        FLOPs. A step of ``b`` sequences takes at least their GEMMs' compute time (the
+        smooth maximum is at least either term; overhead and attention only add), so
+        ``b / step`` stays below it however large the batch an engine is configured to
+        run (``max_batch`` is left out: engines raise it), at the precision its weights
+        allow (``_precision_speedup``)."""
+        if not self.fits:
+            return 0.0
+        c = self._decode_terms
+        return c.compute_flops * self._precision_speedup / c.two_params
+
     # ------------------------------------------------------------------ counters
 
     def prefill_gpu_util(self, busy: np.ndarray | float) -> np.ndarray:

@@ -1454,6 +1454,15 @@ class LatencyCorrection:
             return replace(self, prefill=new)
         return replace(self, decode=new)
 
+    def at_slowest(self) -> tuple[Role, ...]:
+        """The roles whose factor sits at ``MAX_FACTOR`` (within 1 %: from the model's
+        1.0, six cycles of readings beyond the bound bring it there): their instances
+        read at least that much slower than the model, so the readings went beyond
+        what the correction takes, and the capacity it sizes with is too high."""
+        return tuple(
+            role for role in ("prefill", "decode") if self.factor(role) >= 0.99 * self.MAX_FACTOR
+        )
+
     def with_ttft_offset(self, implied_offset_s: float | None, limit_s: float) -> LatencyCorrection:
         """After one observation of the TTFT outside the instances (``None`` or not
         finite: unchanged): the same EWMA as the factors', in seconds (an offset is

@@ -8,8 +8,11 @@ observes, and a forecast of the demand at the time a new instance would serve.
 One cycle, in order (each step that changes a number says so in the message):
 
 1. **Signals.** Prompt tokens/s (``prefill_tps``) and output tokens/s
-   (``decode_tps``) must be usable (present, finite, fresh), else both roles hold:
-   a broken metric never scales in. They count what the instances *served*: under
+   (``decode_tps``) must be usable (present, finite, fresh), believable (not 0 while
+   the role's gauges say it works, ``rate_contradicted``; not jumping beyond what its
+   instances could serve at all, ``rate_beyond_instances``), else both roles hold: a
+   broken metric never scales in, and the latency tiers (step 7) may still raise a
+   role (``under_latency_tiers``). They count what the instances *served*: under
    overload that stops at capacity, so the demand is read as served plus the growth
    of the role's queue over the same window (``prefill_queue`` / ``decode_queue``,
    requests waiting, times the mix's mean prompt or output length), and the queue
@@ -126,6 +129,8 @@ from reconciler.policy.base import (
     DecisionInput,
     PolicyHistory,
     Recommendation,
+    clamps_note,
+    decided,
     gc_paused,
 )
 from reconciler.policy.baselines import policy_tps_targets
@@ -150,11 +155,13 @@ from reconciler.policy.capacity import (
 )
 from reconciler.policy.clamps import ceil_count
 from reconciler.policy.coordinated import (
+    PolicyNumbers,
     _feedback_target,
     _hold,
     _reason,
     _shape,
     _trim_recommendations,
+    _window_extreme,
     finish,
     policy_numbers,
     rate_contradicted,
@@ -1003,6 +1010,64 @@ def readable_memory(
     return memory, ()
 
 
+def rate_beyond_instances(
+    metrics: ServiceMetrics,
+    name: str,
+    fleet: ServiceFleet,
+    past: tuple[Recommendation, ...],
+    now_s: float,
+    perf: PerfContext | None,
+    held: Mapping[Role, tuple[HeldInstances, ...]],
+    memory: PlannerMemory,
+) -> str | None:
+    """Why a token rate (``prefill_tps`` or ``decode_tps``, a usable sample) cannot
+    have been served, or None: more tokens/s than the role's instances could serve at
+    any load and mix, at the fastest speed the latency correction admits (the model's
+    compute ceiling, ``InstancePerf.prefill_ceiling_tps`` or ``decode_ceiling_tps``,
+    over ``LatencyCorrection.MIN_FACTOR``, whose bound says the same: an engine faster
+    than that is a broken model or broken metrics), jumping there from a remembered
+    demand within it. Such a reading is a broken counter (a unit or query gone wrong,
+    a series counted many times over), not demand; believed, it entered the
+    forecaster's memory, and a 2-minute x10 spike in both rates held chat at 22
+    prefill and 31 decode instances for an hour, twice static peak's GPU-hours (a
+    prober). It stays held for as long as it reads so (the memory is not updated
+    while held).
+
+    Only a jump: with no demand remembered (a first cycle, a lost memory), or one
+    remembered beyond the bound too, the rate is believed. Engines the fleet does not
+    count may serve it: a service taken over from Deployments heteroscale does not
+    manage, whose load its own minimum would otherwise have been held at.
+
+    The instances are every one that may have served over the rate's window: the
+    role's instances now (starting ones too: a restarted instance served before it
+    went), those draining or in groups being deleted, and at least the largest size
+    decided for the role over the window (``_window_extreme``), so that a scale-in
+    within it does not make its own rate look impossible. Each counts at the fastest
+    ceiling of the types the role runs on (``held``: its instances off ``perf``'s
+    type). No model (``perf`` None): nothing to judge by."""
+    rate = getattr(metrics, name)
+    if perf is None or rate is None or not rate.value > 0:
+        return None
+    role: Role = "prefill" if name == "prefill_tps" else "decode"
+    index = 0 if role == "prefill" else 1
+    count = fleet.role(role)
+    highest, _, _ = _window_extreme(past, now_s, METRICS_WINDOW_S, index, True)
+    serving = max(count.active + count.draining + count.deleting_unreplaced, highest or 0)
+    perfs = [perf.role(role)] + [h.perf.role(role) for h in held.get(role, ()) if h.perf]
+    ceiling_tps = max(
+        p.prefill_ceiling_tps if role == "prefill" else p.decode_ceiling_tps for p in perfs
+    )
+    limit_tps = serving * ceiling_tps / LatencyCorrection.MIN_FACTOR
+    last_tps = (memory.prefill_demand if role == "prefill" else memory.decode_demand).last_value
+    if rate.value <= limit_tps or not (math.isfinite(last_tps) and last_tps <= limit_tps):
+        return None
+    return (
+        f"{name} reads {rate.value:.0f} tokens/s, more than {serving} {role} instance(s) "
+        f"could serve ({limit_tps:.0f}: the model's compute ceiling at "
+        f"{1.0 / LatencyCorrection.MIN_FACTOR:g}x its speed): a broken counter, not demand"
+    )
+
+
 def plan_decide(
     policy: ServicePolicy,
     fleet: ServiceFleet,
@@ -1044,11 +1109,16 @@ def plan_decide(
 
     # 1. Signals.
     for name in ("prefill_tps", "decode_tps"):
-        problem = sample_problem(
-            getattr(metrics, name), name, now_s, n.metric_max_age_s
-        ) or rate_contradicted(metrics, name, now_s, n.metric_max_age_s)
+        problem = (
+            sample_problem(getattr(metrics, name), name, now_s, n.metric_max_age_s)
+            or rate_contradicted(metrics, name, now_s, n.metric_max_age_s)
+            or rate_beyond_instances(metrics, name, fleet, past, now_s, perf, held, memory)
+        )
         if problem is not None:
-            return _hold(n, fleet, history, past, history.kv_usage, now_s, problem)
+            held_size = _hold(n, fleet, history, past, history.kv_usage, now_s, problem)
+            return under_latency_tiers(
+                held_size, n, policy, fleet, metrics, now_s, ready, starting, perf, memory
+            )
     prefill_tps = metrics.prefill_tps.value  # type: ignore[union-attr]
     decode_tps = metrics.decode_tps.value  # type: ignore[union-attr]
 
@@ -1189,6 +1259,12 @@ def plan_decide(
             busy_readings,
         )
         caps = capacities_for(policy, perf, mix, current[0], correction)
+        parts.extend(
+            f"model out of reach: {role} reads at least {LatencyCorrection.MAX_FACTOR:g}x "
+            "slower than its model, the most the latency correction takes (a wrong model, "
+            "engine settings or metrics): sized at that, its SLO at risk"
+            for role in correction.at_slowest()
+        )
     memory = PlannerMemory(
         prefill_demand=prefill_state,
         decode_demand=decode_state,
@@ -1314,83 +1390,19 @@ def plan_decide(
             parts.append(f"{out_role}: SLO out of reach, {beyond}: held at {current[ri]}")
 
     # 6-7. Latency tiers: a damped safety net; TTFT not chased for unattainable prompts.
-    # The net covers a model error as large as the latency correction would take
-    # (``LatencyCorrection.MAX_FACTOR``: instances that much slower need that many times
-    # the instances), not more: latency the sizing's count times that does not bring
-    # down is not the instance count's (a step-time floor of engines slower than their
-    # model), and chasing it grew decode from 25 to 88 instances in half an hour with
-    # its TBT unchanged (svc-b, engines at 0.77x the model, ``simulate --engine-speed``).
-    reach = [math.ceil(LatencyCorrection.MAX_FACTOR * w) for w in wants]
-    fired: list[str | None] = [None, None]
-    tail = 1.0 - policy.slo.quantile
-    for rule in n.latency_rules:
-        sample = getattr(metrics, rule.metric)
-        if sample_problem(sample, rule.metric, now_s, n.metric_max_age_s) is not None:
-            continue
-        of_slo = sample.value / rule.slo_ms
-        tier = next((t for t in rule.tiers if of_slo > t[0]), None)
-        if tier is None:
-            continue
-        ri = rule.role_index
-        if unreachable[ri] is not None:
-            parts.append(
-                f"{rule.metric} {sample.value:.0f} ms above SLO: {rule.role} out of reach, not chased"
-            )
-            continue
-        if rule.metric == "ttft" and unattainable_share >= tail:
-            parts.append(
-                f"ttft {sample.value:.0f} ms above SLO, but {unattainable_share:.1%} of "
-                f"requests cannot meet it on any instance (> the {tail:.0%} tail): not chased"
-            )
-            continue
-        if rule.metric == "ttft" and backlog_in_window(backlog_seen_s, sample):
-            # The TTFT reads the wait of a backlog the queue's growth and drain already
-            # size for; escalating on it held prefill at max_instances for ten minutes
-            # after a burst's backlog had drained (burst-chat-0). A model error that
-            # keeps a backlog growing shows in the queue's growth, read every cycle.
-            parts.append(
-                f"ttft {sample.value:.0f} ms above SLO: its window reaches back to a "
-                "backlog beyond the SLO, sized by the queue: not chased"
-            )
-            continue
-        if starting[ri] > 0:
-            parts.append(
-                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: "
-                f"{starting[ri]} {rule.role} instances still starting, no escalation"
-            )
-            continue
-        bounds = policy_latency_buckets(policy, rule.metric)
-        if bounds is not None and reading_holds_slo(sample.value, rule.slo_ms, bounds):
-            # Read through a histogram, the quantile is only known to lie in its bucket:
-            # one that holds the SLO reads the same for a tail met as for one missed
-            # (vLLM's p90 TBT reads 23.5 ms for any step from 10 to 25 ms against
-            # svc-b's 20 ms), so it is no evidence of a model error, and the sizing's
-            # model, corrected where a reading falls outside its prediction's bucket,
-            # stands. Escalating on it took svc-b's decode to 512 (its max_instances)
-            # through a burst for which the model sized 270-400 (burst-svc-b-1), where
-            # static peak's 308 keep 99% of requests within both SLOs.
-            lower_s, upper_s = bucket_around(sample.value / 1000.0, bounds)
-            parts.append(
-                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO, read in the "
-                f"bucket {lower_s * 1000:g}-{upper_s * 1000:g} ms that holds the SLO: "
-                "no evidence of a miss, no escalation"
-            )
-            continue
-        asked = _feedback_target(ready[ri], tier[1])
-        text = (
-            f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO > {tier[0]:g}: "
-            f"{rule.role} +{tier[1]:g}% of {ready[ri]} ready -> {asked}"
-        )
-        if asked > max(wants[ri], reach[ri]):
-            asked = max(wants[ri], reach[ri])
-            text += (
-                f", held to {asked} ({LatencyCorrection.MAX_FACTOR:g}x what the model sizes: "
-                "more is no model error the latency correction would take)"
-            )
-        if asked > wants[ri]:
-            wants[ri] = asked
-            fired[ri] = "latency"
-        parts.append(text)
+    fired = latency_escalation(
+        n,
+        policy,
+        metrics,
+        now_s,
+        ready,
+        starting,
+        wants,
+        unreachable,
+        unattainable_share,
+        backlog_seen_s,
+        parts,
+    )
 
     # Sized from a mix not read this cycle (the last known or the declared one): the
     # live mix may be heavier, so no role is taken below what runs. This holds a
@@ -1790,6 +1802,171 @@ def _corrected(
                     limit_s=slo.ttft_ms / 1000.0,
                 )
     return correction, backlog_seen_s, busy_readings
+
+
+def under_latency_tiers(
+    held: Decision,
+    n: PolicyNumbers,
+    policy: ServicePolicy,
+    fleet: ServiceFleet,
+    metrics: ServiceMetrics,
+    now_s: float,
+    ready: list[int],
+    starting: list[int],
+    perf: PerfContext | None,
+    memory: PlannerMemory,
+) -> Decision:
+    """A hold on a token rate that cannot be read (``held``), under the latency
+    tiers' safety net (``latency_escalation``, damped as ever): the rate says nothing
+    about the latency that can be read, and a tier firing on it raises its role, never
+    lowers one. Held blind, chat kept 88.7% of requests within both SLOs through a
+    30-minute gap in decode_tps on the rise of its day; with the tiers, 98.0% (a
+    prober). The capacity that judges what is out of reach is the last known mix's, at
+    the remembered correction; without one, nothing counts as out of reach."""
+    wants = [held.prefill, held.decode]
+    unreachable: list[str | None] = [None, None]
+    unattainable_share = 0.0
+    if perf is not None and memory.mix is not None:
+        caps = capacities_for(policy, perf, memory.mix, max(1, wants[0]), memory.correction)
+        unreachable = [out_of_reach(policy, caps, role) for role in ("prefill", "decode")]
+        unattainable_share = caps.prefill.unattainable.share
+    parts: list[str] = []
+    fired = latency_escalation(
+        n,
+        policy,
+        metrics,
+        now_s,
+        ready,
+        starting,
+        wants,
+        unreachable,
+        unattainable_share,
+        memory.prefill_backlog_seen_s,
+        parts,
+    )
+    if fired == [None, None]:
+        return held
+    clamps: list[Clamp] = []
+    prefill, decode = _shape(n, wants[0], wants[1], clamps)
+    # Never below the hold: a held size outside the ratio bounds (a hold keeps what
+    # runs) is shaped down on one role to follow the other.
+    prefill, decode = max(prefill, held.prefill), max(decode, held.decode)
+    if (prefill, decode) == (held.prefill, held.decode):
+        return held  # a bound took the tiers' rise back
+    message = f"{held.message}; under the latency tiers: {'; '.join(parts)}{clamps_note(clamps)}"
+    history = held.history
+    raised = Recommendation(now_s, prefill, decode)
+    history = replace(history, recommendations=(*history.recommendations[:-1], raised))
+    before = (fleet.prefill.hold_size, fleet.decode.hold_size)
+    return decided(
+        n.service,
+        (prefill, decode),
+        before,
+        "latency_feedback",
+        message,
+        (*held.clamps, *clamps),
+        history,
+        now_s,
+    )
+
+
+def latency_escalation(
+    n: PolicyNumbers,
+    policy: ServicePolicy,
+    metrics: ServiceMetrics,
+    now_s: float,
+    ready: list[int],
+    starting: list[int],
+    wants: list[int],
+    unreachable: Sequence[str | None],
+    unattainable_share: float,
+    backlog_seen_s: float | None,
+    parts: list[str],
+) -> list[str | None]:
+    """Step 7, the latency tiers: a damped safety net over ``wants`` (each role's
+    count so far, raised in place where a tier fires), TTFT not chased for
+    unattainable prompts; what each says goes to ``parts``. Returns, per role,
+    "latency" where a tier raised it, else None.
+
+    The net covers a model error as large as the latency correction would take
+    (``LatencyCorrection.MAX_FACTOR``: instances that much slower need that many times
+    the instances), not more: latency the sizing's count times that does not bring
+    down is not the instance count's (a step-time floor of engines slower than their
+    model), and chasing it grew decode from 25 to 88 instances in half an hour with
+    its TBT unchanged (svc-b, engines at 0.77x the model, ``simulate --engine-speed``).
+    """
+    reach = [math.ceil(LatencyCorrection.MAX_FACTOR * w) for w in wants]
+    fired: list[str | None] = [None, None]
+    tail = 1.0 - policy.slo.quantile
+    for rule in n.latency_rules:
+        sample = getattr(metrics, rule.metric)
+        if sample_problem(sample, rule.metric, now_s, n.metric_max_age_s) is not None:
+            continue
+        of_slo = sample.value / rule.slo_ms
+        tier = next((t for t in rule.tiers if of_slo > t[0]), None)
+        if tier is None:
+            continue
+        ri = rule.role_index
+        if unreachable[ri] is not None:
+            parts.append(
+                f"{rule.metric} {sample.value:.0f} ms above SLO: {rule.role} out of reach, not chased"
+            )
+            continue
+        if rule.metric == "ttft" and unattainable_share >= tail:
+            parts.append(
+                f"ttft {sample.value:.0f} ms above SLO, but {unattainable_share:.1%} of "
+                f"requests cannot meet it on any instance (> the {tail:.0%} tail): not chased"
+            )
+            continue
+        if rule.metric == "ttft" and backlog_in_window(backlog_seen_s, sample):
+            # The TTFT reads the wait of a backlog the queue's growth and drain already
+            # size for; escalating on it held prefill at max_instances for ten minutes
+            # after a burst's backlog had drained (burst-chat-0). A model error that
+            # keeps a backlog growing shows in the queue's growth, read every cycle.
+            parts.append(
+                f"ttft {sample.value:.0f} ms above SLO: its window reaches back to a "
+                "backlog beyond the SLO, sized by the queue: not chased"
+            )
+            continue
+        if starting[ri] > 0:
+            parts.append(
+                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO: "
+                f"{starting[ri]} {rule.role} instances still starting, no escalation"
+            )
+            continue
+        bounds = policy_latency_buckets(policy, rule.metric)
+        if bounds is not None and reading_holds_slo(sample.value, rule.slo_ms, bounds):
+            # Read through a histogram, the quantile is only known to lie in its bucket:
+            # one that holds the SLO reads the same for a tail met as for one missed
+            # (vLLM's p90 TBT reads 23.5 ms for any step from 10 to 25 ms against
+            # svc-b's 20 ms), so it is no evidence of a model error, and the sizing's
+            # model, corrected where a reading falls outside its prediction's bucket,
+            # stands. Escalating on it took svc-b's decode to 512 (its max_instances)
+            # through a burst for which the model sized 270-400 (burst-svc-b-1), where
+            # static peak's 308 keep 99% of requests within both SLOs.
+            lower_s, upper_s = bucket_around(sample.value / 1000.0, bounds)
+            parts.append(
+                f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO, read in the "
+                f"bucket {lower_s * 1000:g}-{upper_s * 1000:g} ms that holds the SLO: "
+                "no evidence of a miss, no escalation"
+            )
+            continue
+        asked = _feedback_target(ready[ri], tier[1])
+        text = (
+            f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO > {tier[0]:g}: "
+            f"{rule.role} +{tier[1]:g}% of {ready[ri]} ready -> {asked}"
+        )
+        if asked > max(wants[ri], reach[ri]):
+            asked = max(wants[ri], reach[ri])
+            text += (
+                f", held to {asked} ({LatencyCorrection.MAX_FACTOR:g}x what the model sizes: "
+                "more is no model error the latency correction would take)"
+            )
+        if asked > wants[ri]:
+            wants[ri] = asked
+            fired[ri] = "latency"
+        parts.append(text)
+    return fired
 
 
 def _queued_through_window(backlog: Backlog | None) -> bool:

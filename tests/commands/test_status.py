@@ -183,6 +183,13 @@ def _outcome(message: str, reason: str = "within_tolerance", starting: int = 0) 
             "Degraded",
             ["slo_unattainable"],
         ),
+        (
+            "model out of reach: decode reads at least 2x slower than its model",
+            "within_tolerance",
+            0,
+            "Degraded",
+            ["slo_model"],
+        ),
     ],
 )
 def test_health_from_the_decision(

@@ -113,6 +113,60 @@ def test_decode_capacity_respects_the_tbt_slo() -> None:
     assert perf.decode_capacity_tps(0.001, 2000) == 0.0  # faster than one step can be
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.sampled_from(
+        [(LLAMA_8B, "h200", H200, 1), (QWEN_32B, "h20", H20, 4), (LLAMA_70B, "h100", H100, 4)]
+    ),
+    batch=st.floats(1, 4096),
+    context=st.floats(1, 131_072),
+    prompt=st.floats(1, 131_072),
+    prompts=st.integers(1, 64),
+)
+def test_no_load_or_mix_serves_beyond_the_ceilings(
+    case: tuple[ModelSpec, str, GpuType, int],
+    batch: float,
+    context: float,
+    prompt: float,
+    prompts: int,
+) -> None:
+    """The ceilings bound what an instance serves at any batch (beyond ``max_batch``
+    too: engines raise it), context, prompt length and prefill batch."""
+    model, name, gpu, tp = case
+    perf = instance_perf(model, name, gpu, tp)
+    assert batch / perf.decode_step_float_s(batch, batch * context, context) <= (
+        perf.decode_ceiling_tps
+    )
+    pass_s = float(perf.prefill_latency_s(prompt, batch=prompts))
+    assert prompts * prompt / pass_s <= perf.prefill_ceiling_tps
+    work_per_token = float(perf.prefill_work(prompt)) / prompt
+    assert perf.prefill_capacity_work_per_s / work_per_token <= perf.prefill_ceiling_tps
+
+
+def test_the_ceilings_are_reached_at_large_batches_and_short_contexts() -> None:
+    """Not a loose bound: a compute-bound batch at no context comes within a few percent
+    (decode), and short prompts within a few percent too (prefill)."""
+    perf = instance_perf(LLAMA_8B, "h200", H200, 1)
+    batch = 65_536.0
+    assert batch / perf.decode_step_float_s(batch, 0.0, 0.0) > 0.95 * perf.decode_ceiling_tps
+    work_per_token = float(perf.prefill_work(16.0)) / 16.0
+    assert perf.prefill_capacity_work_per_s / work_per_token > 0.99 * perf.prefill_ceiling_tps
+    unfit = instance_perf(LLAMA_70B, "l20", L20, 1)
+    assert unfit.decode_ceiling_tps == unfit.prefill_ceiling_tps == 0.0
+
+
+def test_narrower_weights_raise_the_ceilings_by_their_compute_speedup() -> None:
+    """fp8 weights (1 byte a parameter) may run their GEMMs at twice bf16's rate, which
+    the card's bf16 FLOPs leave out: the ceilings double, so that such an engine's
+    rate is never taken for a broken counter."""
+    bf16 = instance_perf(LLAMA_8B, "h200", H200, 1)
+    fp8 = instance_perf(
+        LLAMA_8B.model_copy(update={"weight_bytes_per_param": 1.0}), "h200", H200, 1
+    )
+    assert fp8.decode_ceiling_tps == pytest.approx(2 * bf16.decode_ceiling_tps, rel=0.01)
+    assert fp8.prefill_ceiling_tps == pytest.approx(2 * bf16.prefill_ceiling_tps, rel=0.01)
+
+
 def test_kv_transfer_is_bytes_over_the_link() -> None:
     # 1000 tokens x 128 KiB over 400 Gb/s (50 GB/s) = 2.62 ms; 8x slower at 50 Gb/s.
     fast = float(kv_transfer_s(1000, 131072, 400))

@@ -143,6 +143,53 @@ def test_a_missing_rate_holds_both_roles() -> None:
         assert decision.reason == "metrics_missing"
 
 
+def test_a_hold_on_a_missing_rate_still_escalates_on_the_latency_tiers() -> None:
+    """The rate says nothing about the latency that can be read: held blind, chat kept
+    88.7% within both SLOs through a 30-minute gap in decode_tps on the rise of its day
+    (98.0% with the tiers). A tier firing raises its role from the held size; the other
+    role stays held."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    slow = _metrics(0.0, 100_000.0, None, tbt_ms=3 * policy.slo.tbt_ms)
+    decision = plan_decide(policy, _fleet(10, 20), slow, PolicyHistory(), 0.0, perf)
+    assert decision.reason == "latency_feedback"
+    assert decision.prefill == 10 and decision.decode > 20
+    assert "decode_tps missing" in decision.message
+    assert "under the latency tiers: tbt" in decision.message
+    assert decision.history.recommendations[-1].decode == decision.decode
+
+
+def test_instances_slower_than_the_correction_takes_are_said() -> None:
+    """Decode engines 3x slower than their model: the correction stops at its 2x bound
+    and the tiers at twice the model's count, so the SLO is missed (a prober: 88.5%
+    within both SLOs where static peak kept 99.9%). The decision says so, and the
+    status reads it as degraded (``slo_model``); a model within the bound says
+    nothing."""
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    metrics = _metrics(0.0, 100_000.0, 20_000.0)
+    for factor, said in ((2.0, True), (1.9, False)):
+        memory = PlannerMemory(correction=LatencyCorrection(decode=factor))
+        decision = plan_decide(
+            policy, _fleet(10, 20), metrics, PolicyHistory(planner=memory), 0.0, perf
+        )
+        assert ("model out of reach: decode reads at least 2x slower" in decision.message) is said
+        assert "model out of reach: prefill" not in decision.message
+
+
+def test_a_hold_under_the_tiers_waits_for_starting_instances_and_never_lowers() -> None:
+    policy, cluster = _chat()
+    perf = perf_context(policy, cluster)
+    slow = _metrics(0.0, 100_000.0, None, tbt_ms=3 * policy.slo.tbt_ms)
+    starting = plan_decide(policy, _fleet(10, 20, 0, 4), slow, PolicyHistory(), 0.0, perf)
+    assert (starting.prefill, starting.decode) == (10, 24)
+    assert starting.reason == "metrics_missing"
+    fast = _metrics(0.0, 100_000.0, None, ttft_ms=10.0, tbt_ms=1.0)
+    quiet = plan_decide(policy, _fleet(10, 20), fast, PolicyHistory(), 0.0, perf)
+    assert (quiet.prefill, quiet.decode) == (10, 20)
+    assert quiet.reason == "metrics_missing"
+
+
 @pytest.mark.parametrize(
     ("rates", "gauges", "said"),
     [
@@ -166,6 +213,99 @@ def test_a_rate_reading_0_while_the_role_works_holds_both_roles(
     assert (decision.prefill, decision.decode) == (10, 20)
     assert decision.reason == "metrics_missing"
     assert said in decision.message
+
+
+def _ceilings(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[float, float]:
+    """Per instance: (prefill, decode) tokens/s no instance serves even at the fastest
+    speed the correction admits."""
+    perf = perf_context(policy, cluster)
+    fastest = 1.0 / LatencyCorrection.MIN_FACTOR
+    return (
+        perf.prefill.prefill_ceiling_tps * fastest,
+        perf.decode.decode_ceiling_tps * fastest,
+    )
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_rate_no_instance_could_serve_holds_and_is_not_remembered(role: str) -> None:
+    """A target scraped twice or a counter reset read as a jump: a rate above what the
+    role's instances could serve at any mix, at the fastest speed the correction admits.
+    Believed, a 2-minute x10 spike held chat at twice static peak's GPU-hours for an
+    hour (the forecaster remembered it). It holds, as a missing rate does, and leaves
+    the planner's memory as it was."""
+    policy, cluster = _chat()
+    ceilings = _ceilings(policy, cluster)
+    rates = [10 * ceilings[0] * 0.5, 20 * ceilings[1] * 0.5]  # half what could be served
+    rates[0 if role == "prefill" else 1] *= 2.2  # 10 % beyond it
+    planner = PlannerAutoscaler()
+    before = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
+        )
+    ).history
+    decision = planner.decide(
+        DecisionInput(policy, _fleet(10, 20), _metrics(30.0, *rates), before, 30.0, cluster)
+    )
+    assert (decision.prefill, decision.decode) == (10, 20)
+    assert decision.reason == "metrics_missing"
+    assert f"{role}_tps reads" in decision.message
+    assert "a broken counter, not demand" in decision.message
+    assert decision.history.planner == before.planner
+
+
+def test_a_rate_the_instances_could_serve_is_believed() -> None:
+    """Just within the ceiling is demand (an overloaded fleet serves beyond its SLO
+    capacity), sized as such."""
+    policy, cluster = _chat()
+    prefill_ceiling, decode_ceiling = _ceilings(policy, cluster)
+    rates = (10 * prefill_ceiling * 0.95, 20 * decode_ceiling * 0.95)
+    decision = plan_decide(
+        policy,
+        _fleet(10, 20),
+        _metrics(0.0, *rates),
+        PolicyHistory(),
+        0.0,
+        perf_context(policy, cluster),
+    )
+    assert "a broken counter" not in decision.message
+    assert decision.prefill > 10 and decision.decode > 20
+
+
+def test_a_rate_beyond_the_instances_with_nothing_remembered_is_believed() -> None:
+    """Engines the fleet does not count may serve it (a service taken over from
+    Deployments heteroscale does not manage): with no demand remembered, or one
+    remembered beyond the bound too, the rate is demand, sized as such, and not held at
+    the few instances heteroscale runs."""
+    policy, cluster = _chat(max_step_instances=1000, max_step_percent=1000.0)
+    prefill_ceiling, decode_ceiling = _ceilings(policy, cluster)
+    rates = (30 * prefill_ceiling, 40 * decode_ceiling)
+    planner = PlannerAutoscaler()
+    first = planner.decide(
+        DecisionInput(policy, _fleet(2, 4), _metrics(0.0, *rates), PolicyHistory(), 0.0, cluster)
+    )
+    assert "a broken counter" not in first.message
+    assert first.prefill > 30 and first.decode > 40
+    again = planner.decide(
+        DecisionInput(policy, _fleet(2, 4), _metrics(30.0, *rates), first.history, 30.0, cluster)
+    )
+    assert "a broken counter" not in again.message
+
+
+def test_instances_scaled_in_within_the_rate_window_count_as_serving() -> None:
+    """The rate is a minute's: instances decided away within it served part of it, so
+    what 40 prefill instances served is no broken counter after a scale-in to 10."""
+    policy, cluster = _chat()
+    prefill_ceiling, _ = _ceilings(policy, cluster)
+    history = PolicyHistory(recommendations=(Recommendation(-45.0, 40, 20),))
+    decision = plan_decide(
+        policy,
+        _fleet(10, 20),
+        _metrics(0.0, 30 * prefill_ceiling, 20_000),
+        history,
+        0.0,
+        perf_context(policy, cluster),
+    )
+    assert "a broken counter" not in decision.message
 
 
 def test_an_idle_service_reading_0_is_sized_as_idle() -> None:
