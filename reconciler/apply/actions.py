@@ -608,7 +608,8 @@ def _short_of_left_behind(
     Deployment stays when created no later than the deletion (``_stays_until_s``),
     as what replaces the group is created once a cycle saw the deletion. A time that
     does not read counts as staying (the leftover kept: the side that loses no
-    capacity)."""
+    capacity). A Deployment heteroscale deleted itself (``LiveDeployment.deleted_by_plan``)
+    is no part of what the service ran: a plan removed it, nothing is to replace it."""
     # Per (service, role): what each namespace the service moved away from holds (each
     # a copy of it: after two moves in a row, the older copy and the one that was
     # replacing it; their sum was more than the service ever ran), and what it runs in
@@ -621,6 +622,8 @@ def _short_of_left_behind(
     # staying, the latest of its leftovers' (``_stays_until_s``).
     stays_until: dict[str, float] = {}
     for w in work:
+        if w.live is not None and w.live.deleted_by_plan:
+            continue
         if (
             w.live is not None
             and leftover_reason(w.live, policies, cluster, groups_being_deleted) is not None

@@ -87,6 +87,7 @@ from reconciler.apply.savedplan import (
     adopt_created,
     await_rollout,
     conflicts_only_with,
+    delete_marked,
     deployment_fingerprint,
     node_fingerprint,
     relabel_patch,
@@ -808,31 +809,42 @@ class KubernetesBackend:
                     resource_version=step.resource_version,
                 )
             elif step.op == "delete_deployment":
-                self._delete(
-                    deployments_path(step.namespace, step.name),
-                    step.resource_version,
-                    what=f"Deployment {step.namespace}/{step.name}",
-                )
+                self._delete_deployment(step.namespace, step.name, step.resource_version)
             else:  # delete_pod: a drained Pod whose window passed
-                self._delete(
-                    pods_path(step.namespace, step.name),
-                    step.resource_version,
-                    what=f"Pod {step.namespace}/{step.name}",
-                    still_wanted=_still_drained,
-                )
+                self._delete_pod(step.namespace, step.name, step.resource_version)
 
-    def _delete(
-        self,
-        path: str,
-        resource_version: str | None,
-        *,
-        what: str,
-        still_wanted: Callable[[Mapping[str, Any]], bool] | None = None,
-    ) -> None:
+    def _delete_pod(self, namespace: str, name: str, resource_version: str | None) -> None:
+        path = pods_path(namespace, name)
+
         def write(rv: str | None) -> Any:
             return self.client.delete(path, propagation="Background", resource_version=rv)
 
-        self._guarded(path, resource_version, write, what=what, still_wanted=still_wanted)
+        self._guarded(
+            path,
+            resource_version,
+            write,
+            what=f"Pod {namespace}/{name}",
+            still_wanted=_still_drained,
+        )
+
+    def _delete_deployment(self, namespace: str, name: str, resource_version: str | None) -> None:
+        """Delete a Deployment marked as the plan's deletion (``savedplan.delete_marked``),
+        re-read and done again on a 409 of either write while it is ours (``_guarded``).
+        One found being deleted meanwhile is left alone: its removal is under way, and the
+        mark would take someone else's deletion for the plan's."""
+        path = deployments_path(namespace, name)
+
+        def write(rv: str | None) -> None:
+            assert rv is not None  # ``_guarded`` re-reads the version when none was observed
+            delete_marked(self.client, path, rv, now_s=self.clock())
+
+        self._guarded(
+            path,
+            resource_version,
+            write,
+            what=f"Deployment {namespace}/{name}",
+            still_wanted=_not_being_deleted,
+        )
 
     def _check_may_write(self) -> None:
         """Raise ``WritesStopped`` when ``apply_cluster``'s ``writes_refused`` says no."""
@@ -1068,6 +1080,10 @@ def unplaced_by_service(plan: Plan) -> dict[str, str]:
 
 def _never_refused() -> str | None:
     return None
+
+
+def _not_being_deleted(obj: Mapping[str, Any]) -> bool:
+    return not (obj.get("metadata") or {}).get("deletionTimestamp")
 
 
 def _still_drained(pod: Mapping[str, Any]) -> bool:

@@ -57,6 +57,16 @@ APPLIED_REPLICAS_ANNOTATION = f"{PREFIX}/applied-replicas"
 # Deployment it came from. Kept on the Pod so the drain survives reconciler restarts.
 DRAINED_AT_ANNOTATION = f"{PREFIX}/drained-at"
 DRAINED_FROM_ANNOTATION = f"{PREFIX}/drained-from"
+# On a Deployment heteroscale deletes (a scale-in, the old copy of a move, a pruned
+# leftover): when it did, written just before its DELETE (``deletion_mark``). A finalizer
+# may hold the object for long after; the observer then tells a removal a plan made,
+# which nothing is to replace, from someone else's deletion, which a held service
+# replaces before it goes (``observe.kubernetes.LiveDeployment.deleted_by_plan``).
+DELETED_BY_PLAN_ANNOTATION = f"{PREFIX}/deleted-by-plan"
+# The field manager of that mark. Not FIELD_MANAGER: its "Update" entries are how a
+# create interrupted before its relabel looks (``is_update_entry_of``), and a Deployment
+# whose DELETE failed after its mark would read as one.
+DELETION_MARK_MANAGER = f"{FIELD_MANAGER}-deletion-mark"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -64,6 +74,8 @@ MAX_OBJECT_NAME = 46
 _LABEL_VALUE_MAX = 63
 _INVALID_DNS = re.compile(r"[^a-z0-9-]+")
 _INVALID_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+# Exactly what ``deletion_mark`` writes: seconds since the epoch, three decimals.
+_DELETION_MARK = re.compile(r"[0-9]{1,11}\.[0-9]{3}")
 
 
 def _hash8(text: str) -> str:
@@ -142,3 +154,16 @@ def is_update_entry_of(entry: Any, field_manager: str) -> bool:
         and entry.get("manager") == field_manager
         and entry.get("operation") == "Update"
     )
+
+
+def deletion_mark(now_s: float) -> str:
+    """The value of ``DELETED_BY_PLAN_ANNOTATION`` for a deletion at ``now_s``."""
+    return f"{now_s:.3f}"
+
+
+def deletion_mark_s(value: Any) -> float | None:
+    """The time a ``DELETED_BY_PLAN_ANNOTATION`` value says (``deletion_mark``); None for
+    anything heteroscale does not write (a hand edit: not taken as heteroscale's word)."""
+    if not isinstance(value, str) or not _DELETION_MARK.fullmatch(value):
+        return None
+    return float(value)

@@ -692,7 +692,12 @@ def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str
         fresh = client.get(deployments_path(step.namespace, step.name))
     except NotFound:
         return None
-    if deployment_fingerprint(fresh) != recorded.fingerprint:
+    # Being deleted since is more than its status: its removal is under way, nothing is
+    # to be written to it (``actions._leave_being_deleted``), and a delete's mark would
+    # take someone else's deletion for the plan's.
+    if deployment_fingerprint(fresh) != recorded.fingerprint or fresh["metadata"].get(
+        "deletionTimestamp"
+    ):
         return None
     return str(fresh["metadata"]["resourceVersion"])
 
@@ -791,13 +796,36 @@ def _write(
             pods_path(step.namespace, step.name), patch, field_manager=field_manager
         )
         return str(answer["metadata"]["resourceVersion"])
-    path = (
-        deployments_path(step.namespace, step.name)
-        if step.op == "delete_deployment"
-        else pods_path(step.namespace, step.name)
-    )
-    client.delete(path, propagation="Background", resource_version=rv)
+    if step.op == "delete_deployment":
+        assert rv is not None  # a saved plan's delete always names what it observed
+        delete_marked(client, deployments_path(step.namespace, step.name), rv, now_s=now_s)
+    else:
+        client.delete(
+            pods_path(step.namespace, step.name), propagation="Background", resource_version=rv
+        )
     return None
+
+
+def delete_marked(client: KubeClient, path: str, resource_version: str, *, now_s: float) -> None:
+    """Delete the Deployment at ``path`` as heteroscale does (apply and saved plans):
+    first marked deleted by a plan at ``now_s`` (``names.DELETED_BY_PLAN_ANNOTATION``),
+    at ``resource_version`` (the object as observed), then deleted at the version the
+    mark made, so what goes is exactly what was marked. A finalizer may then hold it;
+    the mark tells the observer nothing is to replace it. Either write answers
+    ``ResourceConflict`` when the object moved; the caller's conflict handling decides."""
+    marked = client.merge_patch(
+        path,
+        {
+            "metadata": {
+                "annotations": {names.DELETED_BY_PLAN_ANNOTATION: names.deletion_mark(now_s)},
+                "resourceVersion": resource_version,
+            }
+        },
+        field_manager=names.DELETION_MARK_MANAGER,
+    )
+    client.delete(
+        path, propagation="Background", resource_version=str(marked["metadata"]["resourceVersion"])
+    )
 
 
 def relabel_patch(*, drain: bool, now_s: float, source: str) -> dict[str, Any]:

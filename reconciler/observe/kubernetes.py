@@ -83,7 +83,9 @@ from reconciler.text_safety import quoted, visible
 
 # Managers that write our objects as part of normal operation (status, revision
 # annotations); anything else on spec fields is somebody changing them by hand.
-SYSTEM_MANAGERS = frozenset({"kube-controller-manager", names.FIELD_MANAGER})
+SYSTEM_MANAGERS = frozenset(
+    {"kube-controller-manager", names.FIELD_MANAGER, names.DELETION_MARK_MANAGER}
+)
 # A Kubernetes uid is a 36-character UUID; more is an answer to cut, not to hold.
 MAX_UID_CHARS = 64
 
@@ -97,6 +99,15 @@ class FieldDrift(Drift):
     live: str | None = None
     desired: str | None = None
 
+
+# How far apart a Deployment's deletionTimestamp and heteroscale's mark of that deletion
+# (``names.DELETED_BY_PLAN_ANNOTATION``) may be for the deletion to be the plan's. The
+# two are of two clocks: the API server's, in whole seconds, and the reconciler's, just
+# before its mark and DELETE (a few round trips, conflict re-reads included), which
+# NTP keeps within a second of each other and an unsynchronised host within a few
+# minutes. A deletion further from the mark is someone else's (the DELETE failed after
+# the mark, someone deleted the object later): replaced, as an unmarked one.
+OWN_DELETION_MARGIN_S = 300.0
 
 # Kubernetes' default spec.progressDeadlineSeconds of a Deployment.
 DEFAULT_PROGRESS_DEADLINE_S = 600.0
@@ -146,11 +157,30 @@ class LiveDeployment:
     # metadata.deletionTimestamp as read ("" while it is not being deleted): a finalizer
     # or the garbage collector holds it, and its instances go when it does.
     deleting_since: str = ""
+    # When heteroscale marked it deleted by a plan (``names.DELETED_BY_PLAN_ANNOTATION``,
+    # seconds since the epoch); None without a mark or with one it never writes.
+    deleted_by_plan_s: float | None = None
 
     @property
     def rollout_observed(self) -> bool:
         """The Deployment controller has acted on the current spec."""
         return self.observed_generation >= self.generation
+
+    @property
+    def deleted_by_plan(self) -> bool:
+        """Being deleted by heteroscale itself (a scale-in, the old copy of a move, a
+        pruned leftover): marked so, and deleted within ``OWN_DELETION_MARGIN_S`` of the
+        mark. A plan removed its capacity: nothing is to replace it. Anything else being
+        deleted (no mark, one that does not read, a deletion far from it, a time that
+        does not read) is someone else's, which a held service replaces before it goes
+        (the side that never loses capacity)."""
+        if not self.deleting_since or self.deleted_by_plan_s is None:
+            return False
+        deleted_s = parse_micro_time(self.deleting_since)
+        return (
+            deleted_s is not None
+            and abs(deleted_s - self.deleted_by_plan_s) <= OWN_DELETION_MARGIN_S
+        )
 
     @property
     def replicas_drifted(self) -> bool:
@@ -433,6 +463,7 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
         progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
         deleting_since=since if isinstance(since := meta.get("deletionTimestamp"), str) else "",
+        deleted_by_plan_s=names.deletion_mark_s(annotations.get(names.DELETED_BY_PLAN_ANNOTATION)),
         own_update_entry=any(
             names.is_update_entry_of(entry, names.FIELD_MANAGER)
             for entry in meta.get("managedFields") or ()
@@ -857,9 +888,15 @@ def deleting_unreplaced(
     read counts as after every deletion, and a deletion time that does not read as
     before every creation: the side that never counts a group twice.
 
+    A Deployment heteroscale deleted itself (``LiveDeployment.deleted_by_plan``: a
+    scale-in, the old copy of a move, made before it was broken) adds nothing to await
+    at its deletion: a plan removed its capacity, and counted, a finalizer holding it
+    made a held service ask for it again (a move's replacement, created before the
+    deletion, replaced none of it: 1 prefill and 1 decode held at 2 and 2). Its
+    creation still replaces what awaited a replacement then.
+
     Not seen: a replacement grown into a group that stayed (its creation time is the
-    group's), and a group deleted by heteroscale itself (a scale-in, the old copy of a
-    move) that a finalizer holds, whose instances a hold then asks for again."""
+    group's)."""
     # Per (service, role): (time, 0 for a creation or 1 for a deletion, instances);
     # at one time a creation comes first (created in the second of a deletion: stayed).
     events: dict[tuple[str, Role], list[tuple[float, int, int]]] = defaultdict(list)
@@ -883,9 +920,10 @@ def deleting_unreplaced(
         return {}
     for d in being_deleted:
         at_s = group_s[(d.key.namespace, d.service, d.group_id)]
-        events[(d.service, d.role)].append(
-            (-math.inf if at_s == math.inf else at_s, 1, d.counted_replicas)
-        )
+        if not d.deleted_by_plan:
+            events[(d.service, d.role)].append(
+                (-math.inf if at_s == math.inf else at_s, 1, d.counted_replicas)
+            )
         # Its own creation too, where its deletion time reads (before it, no deletion
         # it could replace but an earlier one's: a replacement deleted in its turn).
         created_s = parse_micro_time(d.created)
@@ -1238,21 +1276,28 @@ def stuck_starting(snapshot: ClusterSnapshot) -> dict[str, str]:
 def being_deleted(deployments: Iterable[LiveDeployment]) -> dict[str, str]:
     """Per service, its Deployments being deleted (``deletionTimestamp`` set: a
     finalizer or the garbage collector holds them), with the instances that go when
-    they do. They are leftovers (``leftover_reason``): the fleet leaves them out, new
-    groups replace them while they still serve, and apply writes nothing to them;
-    ``status`` calls the service Degraded until they are gone, where it read Synced and
-    Healthy and ``apply`` said the clusters match."""
+    they do, and whose deletion it is. They are leftovers (``leftover_reason``): the
+    fleet leaves them out, apply writes nothing to them, and new groups replace
+    someone else's deletion while it still serves, not heteroscale's own
+    (``LiveDeployment.deleted_by_plan``: a plan removed that capacity); ``status`` calls
+    the service Degraded until they are gone, where it read Synced and Healthy and
+    ``apply`` said the clusters match."""
     found: dict[str, list[str]] = defaultdict(list)
     for deployment in sorted(deployments, key=lambda d: str(d.key)):
         if deployment.deleting_since:
+            whose = (
+                "deleted by heteroscale's plan: not replaced"
+                if deployment.deleted_by_plan
+                else "deleted by someone else: being replaced by new groups meanwhile"
+            )
             found[deployment.service].append(
                 f"Deployment {quoted(str(deployment.key))} ({deployment.replicas} "
-                f"instance(s) of {deployment.role}, since {quoted(deployment.deleting_since)})"
+                f"instance(s) of {deployment.role}, since {quoted(deployment.deleting_since)}, "
+                f"{whose})"
             )
     return {
         service: "being deleted, its instances go when it does (a finalizer or the garbage "
-        "collector holds it; being replaced by new groups meanwhile, it serves until they "
-        "do): "
+        "collector holds it; it serves until then): "
         + ", ".join(items[:STUCK_PODS_NAMED])
         + (f" and {len(items) - STUCK_PODS_NAMED} more" if len(items) > STUCK_PODS_NAMED else "")
         for service, items in found.items()
