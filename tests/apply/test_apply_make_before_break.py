@@ -5,6 +5,7 @@ leftovers (what a move left behind, or a group being deleted) are held."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from collections.abc import Iterable
 from dataclasses import replace
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.apply import names
 from reconciler.apply.actions import (
     ScaleInWindow,
     WorkloadWork,
@@ -1275,3 +1277,92 @@ def test_a_service_the_cycle_holds_replaces_a_group_being_deleted_by_a_new_group
     assert [g for g in same.groups if g.service == "chat"] == [
         g for g in _observed(before, calm).fleet.groups if g.service == "chat"
     ]
+
+
+DELETED_AT_S = dt.datetime(2026, 1, 1, 0, 10, tzinfo=dt.UTC).timestamp()  # DELETED_AT
+
+
+def deleted_marked(deployment: LiveDeployment, mark: str | None) -> LiveDeployment:
+    """``deployment`` as the API server lists it once deleted at ``DELETED_AT`` while a
+    finalizer holds it, carrying heteroscale's deletion mark ``mark`` (None: none)."""
+    meta = deployment.raw["metadata"]
+    annotations = dict(meta.get("annotations") or {})
+    if mark is not None:
+        annotations[names.DELETED_BY_PLAN_ANNOTATION] = mark
+    parsed = parse_deployment(
+        {
+            **deployment.raw,
+            "metadata": {**meta, "annotations": annotations, "deletionTimestamp": DELETED_AT},
+        }
+    )
+    assert parsed is not None
+    return replace(parsed, created=deployment.created)
+
+
+@pytest.mark.parametrize(
+    ("mark", "own"),
+    [
+        (names.deletion_mark(DELETED_AT_S - 1.5), True),  # marked just before its DELETE
+        # The reconciler's clock minutes ahead of the API server's.
+        (names.deletion_mark(DELETED_AT_S + 240), True),
+        (None, False),  # kubectl delete, a namespace cleanup
+        ("1767226199", False),  # not what heteroscale writes
+        ("soon", False),
+        # Its DELETE failed after the mark; someone deleted it an hour later.
+        (names.deletion_mark(DELETED_AT_S - 3600), False),
+    ],
+)
+def test_a_group_heteroscale_deleted_itself_is_not_asked_for_again_by_a_hold(
+    before: DesiredState, mark: str | None, own: bool
+) -> None:
+    """chat's group g-pod-a-1 was moved make before break: g-pod-a-2 created at 00:05,
+    then the old group deleted at 00:10 while a finalizer holds it. Marked deleted by a
+    plan, within the margin of its deletion, its capacity was removed by the plan:
+    nothing awaits a replacement, and a hold keeps chat at its one group (counted, the
+    replacement made before the deletion replaced none of it, and 1 prefill, 3 decode
+    were held at 2 and 6 for as long as chat was held). Without a mark, with one that
+    does not read or one far from the deletion, it is someone else's deletion, which
+    the hold keeps until a group created since replaces it (the side that never loses
+    capacity)."""
+    old = created_at(live(before, [grp("chat", "g-pod-a-1", 1, 3)]), "2026-01-01T00:00:00Z")
+    old = {key: deleted_marked(d, mark) for key, d in old.items()}
+    new = created_at(live(before, [grp("chat", "g-pod-a-2", 1, 3)]), "2026-01-01T00:05:00Z")
+    observation = _observed(before, old, new)
+    chat = observation.fleet.service_fleet("chat")
+    unreplaced = (0, 0) if own else (1, 3)
+    assert (chat.prefill.deleting_unreplaced, chat.decode.deleting_unreplaced) == unreplaced
+    assert (chat.prefill.hold_size, chat.decode.hold_size) == (1 + unreplaced[0], 3 + unreplaced[1])
+    # Whose deletion it is, as the status says it.
+    whose = "deleted by heteroscale's plan: not replaced" if own else "deleted by someone else"
+    assert observation.deleting["chat"].count(whose) == 2
+
+
+def test_a_scale_in_a_finalizer_holds_is_kept_by_a_hold_on_missing_metrics(
+    before: DesiredState,
+) -> None:
+    """chat ran two groups until a scale-in deleted g-pod-a-1 at 00:10 (marked), which a
+    finalizer holds; then chat's metrics went missing. The hold keeps what the scale-in
+    left, 1 prefill and 3 decode, and adds no group (counted as someone else's
+    deletion, the outage undid the scale-in for as long as it lasted)."""
+    old = created_at(
+        live(before, [grp("chat", "g-pod-a-1", 1, 3), grp("chat", "d", 1, 3, domain="pod-d")]),
+        "2026-01-01T00:00:00Z",
+    )
+    mark = names.deletion_mark(DELETED_AT_S)
+    old = {k: deleted_marked(d, mark) if "g-pod-a-1" in k else d for k, d in old.items()}
+    cycle, _histories = plan_cluster(
+        before,
+        CLUSTER,
+        _observed(before, old),
+        {},
+        {},
+        700.0,
+        make_autoscaler("heteroscale"),
+        GreedyPlacer(),
+    )
+    decision = cycle.decisions["chat"]
+    assert decision.reason == "metrics_missing"
+    assert (decision.prefill, decision.decode) == (1, 3)
+    assert "groups being deleted" not in decision.message
+    assert [g.group_id for g in cycle.groups if g.service == "chat"] == ["d"]
+    assert not [c for c in cycle.changes if c.service == "chat"]

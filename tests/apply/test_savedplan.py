@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.apply import names
 from reconciler.apply.kubeclient import NotFound, ResourceConflict
 from reconciler.apply.savedplan import (
     SCHEMA_VERSION,
@@ -232,22 +233,42 @@ def test_a_created_deployment_whose_spec_changed_is_not_relabelled() -> None:
 
 
 class _DeleteClient:
-    """Answers each delete of a Deployment with the next of ``answers`` (an exception
-    to raise, or None: deleted); the Deployment itself moved only in its status."""
+    """Answers each mark a Deployment's delete makes first (``delete_marked``) with the
+    next of ``answers`` (an exception to raise, or None: marked, at a new version); the
+    Deployment itself moved only in its status (``deleting``: and is being deleted).
+    ``marked_at`` and ``deleted_at`` are the preconditions each write was made at."""
 
-    def __init__(self, *answers: Exception | None, spec: dict | None = None):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        *answers: Exception | None,
+        spec: dict | None = None,  # type: ignore[type-arg]
+        deleting: bool = False,
+    ):
         self.answers = list(answers)
         self.spec = spec or {"replicas": 3}
+        self.deleting = deleting
+        self.marks: list[dict] = []  # type: ignore[type-arg]
         self.deleted_at: list[str | None] = []
 
-    def delete(self, path: str, propagation: str, resource_version: str | None) -> None:
-        self.deleted_at.append(resource_version)
+    @property
+    def marked_at(self) -> list[str]:
+        return [mark["body"]["metadata"]["resourceVersion"] for mark in self.marks]
+
+    def merge_patch(self, path: str, body: dict, field_manager: str) -> dict:  # type: ignore[type-arg]
+        self.marks.append({"body": body, "field_manager": field_manager})
         answer = self.answers.pop(0)
         if answer is not None:
             raise answer
+        return {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"] + "-marked"}}
+
+    def delete(self, path: str, propagation: str, resource_version: str | None) -> None:
+        self.deleted_at.append(resource_version)
 
     def get(self, path: str) -> dict:  # type: ignore[type-arg]
-        return {"metadata": {"resourceVersion": "77"}, "spec": self.spec, "status": {}}
+        meta = {"resourceVersion": "77"}
+        if self.deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+        return {"metadata": meta, "spec": self.spec, "status": {}}
 
 
 def _delete_plan() -> SavedCluster:
@@ -267,7 +288,39 @@ def test_a_write_whose_object_moved_only_in_status_is_retried_at_its_fresh_versi
     client = _DeleteClient(_conflict(), None)
     result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
     assert result.refused is None and len(result.done) == 1
-    assert client.deleted_at == ["41", "77"]
+    assert client.marked_at == ["41", "77"]
+    assert client.deleted_at == ["77-marked"]
+
+
+def test_a_saved_plans_delete_marks_the_deployment_deleted_by_a_plan_first() -> None:
+    """The observer tells a deletion a plan made from someone else's by this mark (a
+    finalizer may hold the object long after): written at the observed version by a
+    field manager of its own (heteroscale's "Update" entries are what an interrupted
+    create leaves), and the DELETE made at the version the mark made, so what goes is
+    what was marked."""
+    client = _DeleteClient(None)
+    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=1767225600.5)  # type: ignore[arg-type]
+    assert result.refused is None
+    (mark,) = client.marks
+    assert mark["field_manager"] == names.DELETION_MARK_MANAGER != names.FIELD_MANAGER
+    assert mark["body"] == {
+        "metadata": {
+            "annotations": {names.DELETED_BY_PLAN_ANNOTATION: "1767225600.500"},
+            "resourceVersion": "41",
+        }
+    }
+    assert client.deleted_at == ["41-marked"]
+
+
+def test_a_deployment_deleted_by_someone_else_since_the_plan_is_neither_marked_nor_deleted() -> (
+    None
+):
+    """Its deletion moved more than its status: its removal is under way (someone
+    else's), and marked, it would read as the plan's, which nothing replaces."""
+    client = _DeleteClient(_conflict(), None, deleting=True)
+    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
+    assert result.refused is not None and "changed since the plan" in result.refused
+    assert client.marked_at == ["41"] and client.deleted_at == []
 
 
 @pytest.mark.parametrize(
@@ -289,4 +342,4 @@ def test_a_write_whose_object_changed_beyond_status_is_not_retried() -> None:
     client = _DeleteClient(_conflict(), spec={"replicas": 5})
     result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
     assert result.refused is not None and "changed since the plan" in result.refused
-    assert client.deleted_at == ["41"]
+    assert client.marked_at == ["41"] and client.deleted_at == []
