@@ -42,6 +42,7 @@ from reconciler.apply.savedplan import (
     SavedPlan,
     check_leftovers,
     check_scope,
+    execute,
 )
 from reconciler.cli import app
 from reconciler.commands.status import service_status
@@ -947,3 +948,80 @@ def _two_served_groups_of_one(
     _serve(client, name, _pods_on_nodes(client, name, 4, "the Pods on their nodes"))
     _edit(policy, ("min_instances: 2", "min_instances: 1"))  # both roles
     return client, options, old
+
+
+@pytest.mark.parametrize("deleted_by", ["apply", "saved plan", "kubectl"])
+def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by_a_plan(
+    control_plane: ControlPlane, tmp_path: Path, deleted_by: str
+) -> None:
+    """The service runs two groups of one instance each (its minimum, since lowered,
+    had asked for them); a finalizer holds both Deployments of one group, which is then
+    deleted, and the service's metrics are missing, so its size is held. Deleted by
+    heteroscale (a plan that keeps the other group: a scale-in, or the old copy of a
+    move, applied live or through a saved plan), the group carries the mark of its
+    deletion and the hold keeps 1 prefill, 1 decode: its capacity was removed by a plan
+    (counted as someone else's deletion, the outage undid the scale-in, 2 and 2 for as
+    long as the service was held). Deleted by someone else (kubectl, unmarked), the
+    hold keeps 2 and 2 and a new group replaces it before it goes."""
+    name = f"mbb-held-deleted-by-{deleted_by.replace(' ', '-')}"
+    client, options, _old = _two_served_groups_of_one(control_plane, tmp_path, name)
+    state = load_desired_state(tmp_path)
+    backend = KubernetesBackend(client, state=state, options=ApplyOptions(soft_scale_in_window_s=0))
+    backend.slo = {"svc": "held"}
+    observation = backend.observe(state.clusters[name], state.policies_for(name))
+    staying, going = sorted(
+        (g for g in observation.fleet.groups if g.service == "svc"), key=lambda g: g.group_id
+    )
+    paths = [
+        deployments_path(name, names.deployment_name("svc", going.group_id, role))
+        for role in ("prefill", "decode")
+    ]
+    before = set(list_deployments(client, name))
+    for path in paths:
+        client.merge_patch(
+            path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
+        )
+    try:
+        if deleted_by == "kubectl":
+            for path in paths:
+                client.delete(path)
+        else:
+            plan = hand_plan(
+                state,
+                name,
+                backend.observe(state.clusters[name], state.policies_for(name)),
+                [staying],
+            )
+            if deleted_by == "apply":
+                backend.apply_cluster(plan)
+            else:
+                diff = backend.diff_cluster(plan)
+                saved = SavedCluster(name, backend.observed(), backend.saved_writes(diff))
+                result = execute(
+                    client, saved, field_manager=names.FIELD_MANAGER, now_s=time.time()
+                )
+                deleted = [w for w in result.done if w.startswith("delete Deployment")]
+                assert result.refused is None and len(deleted) == 2, result
+        for path in paths:
+            meta = client.get(path)["metadata"]
+            assert meta.get("deletionTimestamp"), meta
+            mark = (meta.get("annotations") or {}).get(names.DELETED_BY_PLAN_ANNOTATION)
+            assert (mark is None) == (deleted_by == "kubectl"), meta
+            if mark is not None:
+                assert abs(float(mark) - time.time()) < 30, mark
+        time.sleep(1.1)  # a replacement is told apart by its creation after the deletion
+
+        text = _run("apply", *options)
+        assert "metrics_missing" in text or "metrics unavailable" in text, text
+        created = set(list_deployments(client, name)) - before
+        if deleted_by == "kubectl":
+            assert "hold 2 prefill, 2 decode" in text, text
+            assert "the hold counts 1 prefill, 1 decode instance(s) of groups being deleted" in text
+            assert len(created) == 2, created
+        else:
+            assert "hold 1 prefill, 1 decode" in text, text
+            assert "the hold counts" not in text and "create Deployment" not in text, text
+            assert created == set(), created
+    finally:
+        for path in paths:
+            client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
