@@ -1019,6 +1019,7 @@ def rate_beyond_instances(
     perf: PerfContext | None,
     held: Mapping[Role, tuple[HeldInstances, ...]],
     memory: PlannerMemory,
+    policy: ServicePolicy,
 ) -> str | None:
     """Why a token rate (``prefill_tps`` or ``decode_tps``, a usable sample) cannot
     have been served, or None: more tokens/s than the role's instances could serve at
@@ -1030,8 +1031,14 @@ def rate_beyond_instances(
     a series counted many times over), not demand; believed, it entered the
     forecaster's memory, and a 2-minute x10 spike in both rates held chat at 22
     prefill and 31 decode instances for an hour, twice static peak's GPU-hours (a
-    prober). It stays held for as long as it reads so (the memory is not updated
-    while held).
+    prober).
+
+    Held only while the role's own latency (TTFT for prefill, TBT for decode), where
+    read, stays within its SLO: a load beyond what the instances serve shows there,
+    and a rate the model cannot explain while it does is a load the model does not
+    know, believed. A mixture-of-experts model, whose tokens take the FLOPs of its
+    active parameters only where ``params_b`` counts them all (Mixtral 8x7B: 3.6x
+    the ceiling), would otherwise have been held through every rise beyond it.
 
     Only a jump: with no demand remembered (a first cycle, a lost memory), or one
     remembered beyond the bound too, the rate is believed. Engines the fleet does not
@@ -1058,9 +1065,19 @@ def rate_beyond_instances(
         p.prefill_ceiling_tps if role == "prefill" else p.decode_ceiling_tps for p in perfs
     )
     limit_tps = serving * ceiling_tps / LatencyCorrection.MIN_FACTOR
-    last_tps = (memory.prefill_demand if role == "prefill" else memory.decode_demand).last_value
+    remembered = memory.prefill_demand if role == "prefill" else memory.decode_demand
+    last_tps = remembered.last_value
     if rate.value <= limit_tps or not (math.isfinite(last_tps) and last_tps <= limit_tps):
         return None
+    latency_name, slo_ms = (
+        ("ttft", policy.slo.ttft_ms) if role == "prefill" else ("tbt", policy.slo.tbt_ms)
+    )
+    latency = getattr(metrics, latency_name)
+    if (
+        sample_problem(latency, latency_name, now_s, policy.scaling.metric_max_age_s) is None
+        and latency.value > slo_ms
+    ):
+        return None  # the role's latency shows a load beyond its instances: believed
     return (
         f"{name} reads {rate.value:.0f} tokens/s, more than {serving} {role} instance(s) "
         f"could serve ({limit_tps:.0f}: the model's compute ceiling at "
@@ -1112,12 +1129,23 @@ def plan_decide(
         problem = (
             sample_problem(getattr(metrics, name), name, now_s, n.metric_max_age_s)
             or rate_contradicted(metrics, name, now_s, n.metric_max_age_s)
-            or rate_beyond_instances(metrics, name, fleet, past, now_s, perf, held, memory)
+            or rate_beyond_instances(metrics, name, fleet, past, now_s, perf, held, memory, policy)
         )
         if problem is not None:
             held_size = _hold(n, fleet, history, past, history.kv_usage, now_s, problem)
             return under_latency_tiers(
-                held_size, n, policy, fleet, metrics, now_s, ready, starting, perf, memory
+                held_size,
+                n,
+                policy,
+                fleet,
+                metrics,
+                history,
+                past,
+                now_s,
+                ready,
+                starting,
+                perf,
+                memory,
             )
     prefill_tps = metrics.prefill_tps.value  # type: ignore[union-attr]
     decode_tps = metrics.decode_tps.value  # type: ignore[union-attr]
@@ -1263,7 +1291,7 @@ def plan_decide(
             f"model out of reach: {role} reads at least {LatencyCorrection.MAX_FACTOR:g}x "
             "slower than its model, the most the latency correction takes (a wrong model, "
             "engine settings or metrics): sized at that, its SLO at risk"
-            for role in correction.at_slowest()
+            for role in slower_than_corrected(correction, busy_readings)
         )
     memory = PlannerMemory(
         prefill_demand=prefill_state,
@@ -1398,6 +1426,7 @@ def plan_decide(
         ready,
         starting,
         wants,
+        list(wants),
         unreachable,
         unattainable_share,
         backlog_seen_s,
@@ -1804,12 +1833,34 @@ def _corrected(
     return correction, backlog_seen_s, busy_readings
 
 
+def slower_than_corrected(
+    correction: LatencyCorrection, busy_readings: tuple[KeptBusyReading, ...]
+) -> tuple[Role, ...]:
+    """The roles to report as slower than the latency correction takes
+    (``LatencyCorrection.at_slowest``). Decode's factor comes from its mean
+    inter-token gap, a reading of the instances' own step. Prefill's may come from a
+    TTFT that time outside the instances (a gateway) inflates until the offset is
+    learnt: behind 1.0 s of gateway, chat's prefill factor sat at the bound for half
+    an hour at 99.6% within both SLOs (a prober). So prefill is reported only where
+    its busy fraction, the instances' own speed, says as much (its readings' floor at
+    the bound too)."""
+    roles = correction.at_slowest()
+    if "prefill" not in roles:
+        return roles
+    reading = combined_busy_reading(busy_readings)
+    if reading is not None and reading.floor >= 0.99 * LatencyCorrection.MAX_FACTOR:
+        return roles
+    return tuple(role for role in roles if role != "prefill")
+
+
 def under_latency_tiers(
     held: Decision,
     n: PolicyNumbers,
     policy: ServicePolicy,
     fleet: ServiceFleet,
     metrics: ServiceMetrics,
+    history: PolicyHistory,
+    past: tuple[Recommendation, ...],
     now_s: float,
     ready: list[int],
     starting: list[int],
@@ -1821,15 +1872,23 @@ def under_latency_tiers(
     about the latency that can be read, and a tier firing on it raises its role, never
     lowers one. Held blind, chat kept 88.7% of requests within both SLOs through a
     30-minute gap in decode_tps on the rise of its day; with the tiers, 98.0% (a
-    prober). The capacity that judges what is out of reach is the last known mix's, at
-    the remembered correction; without one, nothing counts as out of reach."""
+    prober).
+
+    Bounded as the sizing's own tiers are: at twice what the model sizes for the last
+    demand remembered (``remembered_counts``), not twice what runs. Twice what runs
+    moves up with every rise, and a TTFT that more instances could not bring down (a
+    gateway's, engines slower than their model) raised svc-b to its max_instances
+    (256 prefill and decode, 13.7x the GPU-hours) in a 3-hour outage of prefill_tps
+    (a prober). The rise goes through the stabilisation and the max step as every
+    decision's does. Nothing remembered
+    to size from (no mix, no model, no demand read yet): the hold stands."""
+    remembered = remembered_counts(policy, perf, memory, max(1, held.prefill))
+    if remembered is None:
+        return held
+    sized, caps = remembered
+    before = [fleet.prefill.hold_size, fleet.decode.hold_size]
     wants = [held.prefill, held.decode]
-    unreachable: list[str | None] = [None, None]
-    unattainable_share = 0.0
-    if perf is not None and memory.mix is not None:
-        caps = capacities_for(policy, perf, memory.mix, max(1, wants[0]), memory.correction)
-        unreachable = [out_of_reach(policy, caps, role) for role in ("prefill", "decode")]
-        unattainable_share = caps.prefill.unattainable.share
+    unreachable = [out_of_reach(policy, caps, role) for role in ("prefill", "decode")]
     parts: list[str] = []
     fired = latency_escalation(
         n,
@@ -1839,25 +1898,27 @@ def under_latency_tiers(
         ready,
         starting,
         wants,
+        sized,
         unreachable,
-        unattainable_share,
+        caps.prefill.unattainable.share,
         memory.prefill_backlog_seen_s,
         parts,
     )
     if fired == [None, None]:
         return held
     clamps: list[Clamp] = []
-    prefill, decode = _shape(n, wants[0], wants[1], clamps)
+    recommendation = _shape(n, wants[0], wants[1], clamps)
+    prefill, decode = stabilise(n, recommendation, before, past, history, now_s, clamps)
     # Never below the hold: a held size outside the ratio bounds (a hold keeps what
     # runs) is shaped down on one role to follow the other.
     prefill, decode = max(prefill, held.prefill), max(decode, held.decode)
     if (prefill, decode) == (held.prefill, held.decode):
-        return held  # a bound took the tiers' rise back
+        return held  # a bound or the stabilisation took the tiers' rise back
     message = f"{held.message}; under the latency tiers: {'; '.join(parts)}{clamps_note(clamps)}"
-    history = held.history
     raised = Recommendation(now_s, prefill, decode)
-    history = replace(history, recommendations=(*history.recommendations[:-1], raised))
-    before = (fleet.prefill.hold_size, fleet.decode.hold_size)
+    remembered_history = replace(
+        held.history, recommendations=(*held.history.recommendations[:-1], raised)
+    )
     return decided(
         n.service,
         (prefill, decode),
@@ -1865,9 +1926,34 @@ def under_latency_tiers(
         "latency_feedback",
         message,
         (*held.clamps, *clamps),
-        history,
+        remembered_history,
         now_s,
     )
+
+
+def remembered_counts(
+    policy: ServicePolicy, perf: PerfContext | None, memory: PlannerMemory, prefill_pool: int
+) -> tuple[list[int], RoleCapacities] | None:
+    """Per role, the count the model sizes for the last demand the planner remembers
+    (its forecasters' last values, at the last known mix and the remembered
+    correction), with the capacities it used; None where there is nothing to size
+    from. A role no instance of which meets its SLO counts as 0 (``out_of_reach``
+    tells it)."""
+    if perf is None or memory.mix is None:
+        return None
+    last = (memory.prefill_demand.last_value, memory.decode_demand.last_value)
+    if not all(math.isfinite(tps) and tps >= 0 for tps in last):
+        return None
+    caps = capacities_for(policy, perf, memory.mix, prefill_pool, memory.correction)
+    prefill_tps = caps.prefill.demand_tps(perf.prefill, memory.mix, last[0])
+    counts = [
+        ceil_count(tps / per_instance) if per_instance > 0 else 0
+        for tps, per_instance in (
+            (prefill_tps, caps.prefill_tps_per_instance),
+            (last[1], caps.decode_tps_per_instance),
+        )
+    ]
+    return counts, caps
 
 
 def latency_escalation(
@@ -1878,6 +1964,7 @@ def latency_escalation(
     ready: list[int],
     starting: list[int],
     wants: list[int],
+    sized: Sequence[int],
     unreachable: Sequence[str | None],
     unattainable_share: float,
     backlog_seen_s: float | None,
@@ -1885,8 +1972,9 @@ def latency_escalation(
 ) -> list[str | None]:
     """Step 7, the latency tiers: a damped safety net over ``wants`` (each role's
     count so far, raised in place where a tier fires), TTFT not chased for
-    unattainable prompts; what each says goes to ``parts``. Returns, per role,
-    "latency" where a tier raised it, else None.
+    unattainable prompts, nor beyond twice ``sized`` (what the model sizes for the
+    demand); what each says goes to ``parts``. Returns, per role, "latency" where a
+    tier raised it, else None.
 
     The net covers a model error as large as the latency correction would take
     (``LatencyCorrection.MAX_FACTOR``: instances that much slower need that many times
@@ -1895,7 +1983,7 @@ def latency_escalation(
     model), and chasing it grew decode from 25 to 88 instances in half an hour with
     its TBT unchanged (svc-b, engines at 0.77x the model, ``simulate --engine-speed``).
     """
-    reach = [math.ceil(LatencyCorrection.MAX_FACTOR * w) for w in wants]
+    reach = [math.ceil(LatencyCorrection.MAX_FACTOR * count) for count in sized]
     fired: list[str | None] = [None, None]
     tail = 1.0 - policy.slo.quantile
     for rule in n.latency_rules:

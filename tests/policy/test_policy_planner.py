@@ -143,51 +143,90 @@ def test_a_missing_rate_holds_both_roles() -> None:
         assert decision.reason == "metrics_missing"
 
 
+def _remembered(policy: ServicePolicy, cluster: ClusterSpec, fleet: ServiceFleet) -> PolicyHistory:
+    """The planner's memory after one cycle of chat at 100,000 prompt and 20,000
+    output tokens/s on ``fleet`` (a mix and a demand to size from)."""
+    return plan_decide(
+        policy,
+        fleet,
+        _metrics(-30.0, 100_000.0, 20_000.0),
+        PolicyHistory(),
+        -30.0,
+        perf_context(policy, cluster),
+    ).history
+
+
 def test_a_hold_on_a_missing_rate_still_escalates_on_the_latency_tiers() -> None:
     """The rate says nothing about the latency that can be read: held blind, chat kept
     88.7% within both SLOs through a 30-minute gap in decode_tps on the rise of its day
     (98.0% with the tiers). A tier firing raises its role from the held size; the other
-    role stays held."""
+    role stays held. With nothing remembered to size from, the hold stands."""
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
     slow = _metrics(0.0, 100_000.0, None, tbt_ms=3 * policy.slo.tbt_ms)
-    decision = plan_decide(policy, _fleet(10, 20), slow, PolicyHistory(), 0.0, perf)
+    history = _remembered(policy, cluster, _fleet(10, 20))
+    decision = plan_decide(policy, _fleet(10, 20), slow, history, 0.0, perf)
     assert decision.reason == "latency_feedback"
     assert decision.prefill == 10 and decision.decode > 20
     assert "decode_tps missing" in decision.message
     assert "under the latency tiers: tbt" in decision.message
     assert decision.history.recommendations[-1].decode == decision.decode
+    blind = plan_decide(policy, _fleet(10, 20), slow, PolicyHistory(), 0.0, perf)
+    assert (blind.prefill, blind.decode, blind.reason) == (10, 20, "metrics_missing")
 
 
-def test_instances_slower_than_the_correction_takes_are_said() -> None:
-    """Decode engines 3x slower than their model: the correction stops at its 2x bound
-    and the tiers at twice the model's count, so the SLO is missed (a prober: 88.5%
-    within both SLOs where static peak kept 99.9%). The decision says so, and the
-    status reads it as degraded (``slo_model``); a model within the bound says
-    nothing."""
+def test_prefill_is_said_slower_than_the_correction_takes_only_on_its_busy_fraction() -> None:
+    """Prefill's factor may sit at the bound only because a gateway's TTFT is not yet
+    learnt as an offset (chat behind 1.0 s of gateway: half an hour at 99.6% within
+    both SLOs). Said only where the busy fraction, the instances' own speed, agrees."""
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
     metrics = _metrics(0.0, 100_000.0, 20_000.0)
-    for factor, said in ((2.0, True), (1.9, False)):
-        memory = PlannerMemory(correction=LatencyCorrection(decode=factor))
+    said = "model out of reach: prefill"
+    for readings, expected in (((), False), (((-60.0, 2.6, 0.02), (-30.0, 2.6, 0.02)), True)):
+        memory = PlannerMemory(
+            correction=LatencyCorrection(prefill=2.0), prefill_busy_readings=readings
+        )
         decision = plan_decide(
             policy, _fleet(10, 20), metrics, PolicyHistory(planner=memory), 0.0, perf
         )
-        assert ("model out of reach: decode reads at least 2x slower" in decision.message) is said
-        assert "model out of reach: prefill" not in decision.message
+        assert (said in decision.message) is expected, decision.message
 
 
 def test_a_hold_under_the_tiers_waits_for_starting_instances_and_never_lowers() -> None:
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
+    history = _remembered(policy, cluster, _fleet(10, 20))
     slow = _metrics(0.0, 100_000.0, None, tbt_ms=3 * policy.slo.tbt_ms)
-    starting = plan_decide(policy, _fleet(10, 20, 0, 4), slow, PolicyHistory(), 0.0, perf)
+    starting = plan_decide(policy, _fleet(10, 20, 0, 4), slow, history, 0.0, perf)
     assert (starting.prefill, starting.decode) == (10, 24)
     assert starting.reason == "metrics_missing"
     fast = _metrics(0.0, 100_000.0, None, ttft_ms=10.0, tbt_ms=1.0)
-    quiet = plan_decide(policy, _fleet(10, 20), fast, PolicyHistory(), 0.0, perf)
+    quiet = plan_decide(policy, _fleet(10, 20), fast, history, 0.0, perf)
     assert (quiet.prefill, quiet.decode) == (10, 20)
     assert quiet.reason == "metrics_missing"
+
+
+def test_a_long_hold_under_the_tiers_stops_at_twice_what_the_model_sized() -> None:
+    """A latency more instances cannot bring down (here a TBT at 3x the SLO whatever
+    the count), through an hour of decode_tps missing, the fleet following each
+    decision: decode stops at twice what the model sized for the last demand
+    remembered. Capped at twice what runs instead, it rose every cycle its new
+    instances were ready, to max_instances (svc-b: 13.7x the GPU-hours)."""
+    policy, cluster = _chat(max_step_instances=1000, max_step_percent=1000.0)
+    perf = perf_context(policy, cluster)
+    history = _remembered(policy, cluster, _fleet(10, 20))
+    memory = history.planner
+    assert isinstance(memory, PlannerMemory) and memory.mix is not None
+    caps = capacities_for(policy, perf, memory.mix, 10, memory.correction)
+    sized = math.ceil(memory.decode_demand.last_value / caps.decode_tps_per_instance)
+    decode = 20
+    for cycle in range(120):
+        now = 30.0 * cycle
+        slow = _metrics(now, 100_000.0, None, tbt_ms=3 * policy.slo.tbt_ms)
+        decision = plan_decide(policy, _fleet(10, decode), slow, history, now, perf)
+        history, decode = decision.history, decision.decode
+    assert decode == max(20, 2 * sized) < policy.decode.max_instances
 
 
 @pytest.mark.parametrize(
@@ -289,6 +328,32 @@ def test_a_rate_beyond_the_instances_with_nothing_remembered_is_believed() -> No
         DecisionInput(policy, _fleet(2, 4), _metrics(30.0, *rates), first.history, 30.0, cluster)
     )
     assert "a broken counter" not in again.message
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_a_rate_beyond_the_instances_with_its_latency_over_the_slo_is_believed(role: str) -> None:
+    """A load beyond what the instances serve shows in the role's own latency: a rate
+    the model cannot explain while it does is a load the model does not know (a
+    mixture-of-experts model, whose tokens take the FLOPs of its active parameters
+    only), believed rather than held through the rise."""
+    policy, cluster = _chat()
+    ceilings = _ceilings(policy, cluster)
+    rates = [10 * ceilings[0] * 0.5, 20 * ceilings[1] * 0.5]
+    rates[0 if role == "prefill" else 1] *= 2.2
+    planner = PlannerAutoscaler()
+    before = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
+        )
+    ).history
+    latency = {"ttft_ms": 2 * policy.slo.ttft_ms} if role == "prefill" else {"tbt_ms": 80.0}
+    decision = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(30.0, *rates, **latency), before, 30.0, cluster
+        )
+    )
+    assert "a broken counter" not in decision.message
+    assert decision.history.planner != before.planner
 
 
 def test_instances_scaled_in_within_the_rate_window_count_as_serving() -> None:
