@@ -830,8 +830,8 @@ class KubernetesBackend:
     def _delete_deployment(self, namespace: str, name: str, resource_version: str | None) -> None:
         """Delete a Deployment marked as the plan's deletion (``savedplan.delete_marked``),
         re-read and done again on a 409 of either write while it is ours (``_guarded``).
-        One found being deleted meanwhile is left alone: its removal is under way, and the
-        mark would take someone else's deletion for the plan's."""
+        One found being deleted meanwhile is left alone: its removal is under way
+        (someone else's: a mark written after it would not make it the plan's)."""
         path = deployments_path(namespace, name)
 
         def write(rv: str | None) -> None:

@@ -58,14 +58,19 @@ APPLIED_REPLICAS_ANNOTATION = f"{PREFIX}/applied-replicas"
 DRAINED_AT_ANNOTATION = f"{PREFIX}/drained-at"
 DRAINED_FROM_ANNOTATION = f"{PREFIX}/drained-from"
 # On a Deployment heteroscale deletes (a scale-in, the old copy of a move, a pruned
-# leftover): when it did, written just before its DELETE (``deletion_mark``). A finalizer
+# leftover): written just before its DELETE (``savedplan.delete_marked``). A finalizer
 # may hold the object for long after; the observer then tells a removal a plan made,
 # which nothing is to replace, from someone else's deletion, which a held service
-# replaces before it goes (``observe.kubernetes.LiveDeployment.deleted_by_plan``).
+# replaces before it goes (``observe.kubernetes.LiveDeployment.deleted_by_plan``). Its
+# value, the reconciler's time of the mark (``deletion_mark``), is for people; the
+# observer times the mark by the API server: the ``time`` of DELETION_MARK_MANAGER's
+# managedFields entry, against the deletionTimestamp (``observe.kubernetes
+# .deletion_marked_s``).
 DELETED_BY_PLAN_ANNOTATION = f"{PREFIX}/deleted-by-plan"
-# The field manager of that mark. Not FIELD_MANAGER: its "Update" entries are how a
-# create interrupted before its relabel looks (``is_update_entry_of``), and a Deployment
-# whose DELETE failed after its mark would read as one.
+# The field manager of that mark, writing nothing else: its managedFields entry's time
+# is the server's time of the latest mark. Not FIELD_MANAGER: its "Update" entries are
+# how a create interrupted before its relabel looks (``is_update_entry_of``), and a
+# Deployment whose DELETE failed after its mark would read as one.
 DELETION_MARK_MANAGER = f"{FIELD_MANAGER}-deletion-mark"
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -157,13 +162,16 @@ def is_update_entry_of(entry: Any, field_manager: str) -> bool:
 
 
 def deletion_mark(now_s: float) -> str:
-    """The value of ``DELETED_BY_PLAN_ANNOTATION`` for a deletion at ``now_s``."""
+    """The value of ``DELETED_BY_PLAN_ANNOTATION`` for a mark written at ``now_s``
+    (the reconciler's clock; information only, the observer times the mark by the API
+    server's managedFields entry)."""
     return f"{now_s:.3f}"
 
 
 def deletion_mark_s(value: Any) -> float | None:
-    """The time a ``DELETED_BY_PLAN_ANNOTATION`` value says (``deletion_mark``); None for
-    anything heteroscale does not write (a hand edit: not taken as heteroscale's word)."""
+    """The reconciler's time a ``DELETED_BY_PLAN_ANNOTATION`` value says
+    (``deletion_mark``); None for anything heteroscale does not write (a hand edit: not
+    taken as heteroscale's mark)."""
     if not isinstance(value, str) or not _DELETION_MARK.fullmatch(value):
         return None
     return float(value)

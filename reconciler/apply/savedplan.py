@@ -39,10 +39,11 @@ reconciler's decisions. A signed plan (``plansign``) is that: ``apply PLAN
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -599,7 +600,12 @@ class SavedApplyResult:
 
 
 def execute(
-    client: KubeClient, saved: SavedCluster, *, field_manager: str, now_s: float
+    client: KubeClient,
+    saved: SavedCluster,
+    *,
+    field_manager: str,
+    now_s: float,
+    clock: Callable[[], float] = time.time,
 ) -> SavedApplyResult:
     """Carry out ``saved.writes`` in order, each with its precondition: a create must
     not find the object, every other write must find it at the recorded
@@ -610,7 +616,11 @@ def execute(
     precondition of a later write to the same object is what our last write returned.
     A Deployment whose resourceVersion moved while its labels, annotations and spec
     did not (its status, updated by the controllers, e.g. after our drain) is written
-    at its new resourceVersion: status is not part of what the plan was approved on."""
+    at its new resourceVersion: status is not part of what the plan was approved on.
+
+    ``now_s`` is the plan's start (a drain's time); ``clock`` is read at each
+    Deployment delete's mark (``delete_marked``), which must differ from a mark left
+    there before for the API server to time it afresh."""
     result = SavedApplyResult(saved.cluster)
     # ``read_plan`` checked all this; a plan made in code is checked here, and a bad
     # one refused before its first write, not halfway.
@@ -639,7 +649,13 @@ def execute(
         rv = latest.get(step.key, step.resource_version)
         try:
             new_rv = _write_past_status(
-                client, step, rv, saved.observed, field_manager=field_manager, now_s=now_s
+                client,
+                step,
+                rv,
+                saved.observed,
+                field_manager=field_manager,
+                now_s=now_s,
+                clock=clock,
             )
         except ResourceConflict as exc:
             result.refused = f"{step}: {_conflict_reason(step, exc)}"
@@ -664,16 +680,17 @@ def _write_past_status(
     *,
     field_manager: str,
     now_s: float,
+    clock: Callable[[], float],
 ) -> str | None:
     """``_write`` at ``rv``; when the precondition fails only because the Deployment's
     status moved (``_status_only``), once more at its fresh resourceVersion."""
     try:
-        return _write(client, step, rv, field_manager=field_manager, now_s=now_s)
+        return _write(client, step, rv, field_manager=field_manager, now_s=now_s, clock=clock)
     except ResourceConflict:
         moved = _status_only(client, step, observed)
         if moved is None:
             raise
-    return _write(client, step, moved, field_manager=field_manager, now_s=now_s)
+    return _write(client, step, moved, field_manager=field_manager, now_s=now_s, clock=clock)
 
 
 def _conflict_reason(step: WriteStep, exc: ResourceConflict) -> str:
@@ -692,9 +709,9 @@ def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str
         fresh = client.get(deployments_path(step.namespace, step.name))
     except NotFound:
         return None
-    # Being deleted since is more than its status: its removal is under way, nothing is
-    # to be written to it (``actions._leave_being_deleted``), and a delete's mark would
-    # take someone else's deletion for the plan's.
+    # Being deleted since is more than its status: its removal is under way (someone
+    # else's: a mark written after it would not make it the plan's), nothing is to be
+    # written to it (``actions._leave_being_deleted``).
     if deployment_fingerprint(fresh) != recorded.fingerprint or fresh["metadata"].get(
         "deletionTimestamp"
     ):
@@ -755,7 +772,13 @@ def conflicts_only_with(exc: FieldOwnershipConflict, field_manager: str) -> bool
 
 
 def _write(
-    client: KubeClient, step: WriteStep, rv: str | None, *, field_manager: str, now_s: float
+    client: KubeClient,
+    step: WriteStep,
+    rv: str | None,
+    *,
+    field_manager: str,
+    now_s: float,
+    clock: Callable[[], float],
 ) -> str | None:
     """One write with its precondition; the object's new resourceVersion."""
     if step.op == "apply":
@@ -798,7 +821,7 @@ def _write(
         return str(answer["metadata"]["resourceVersion"])
     if step.op == "delete_deployment":
         assert rv is not None  # a saved plan's delete always names what it observed
-        delete_marked(client, deployments_path(step.namespace, step.name), rv, now_s=now_s)
+        delete_marked(client, deployments_path(step.namespace, step.name), rv, now_s=clock())
     else:
         client.delete(
             pods_path(step.namespace, step.name), propagation="Background", resource_version=rv
@@ -808,11 +831,25 @@ def _write(
 
 def delete_marked(client: KubeClient, path: str, resource_version: str, *, now_s: float) -> None:
     """Delete the Deployment at ``path`` as heteroscale does (apply and saved plans):
-    first marked deleted by a plan at ``now_s`` (``names.DELETED_BY_PLAN_ANNOTATION``),
-    at ``resource_version`` (the object as observed), then deleted at the version the
-    mark made, so what goes is exactly what was marked. A finalizer may then hold it;
-    the mark tells the observer nothing is to replace it. Either write answers
-    ``ResourceConflict`` when the object moved; the caller's conflict handling decides."""
+    first marked deleted by a plan (``names.DELETED_BY_PLAN_ANNOTATION``, written by
+    ``names.DELETION_MARK_MANAGER``) at ``resource_version`` (the object as observed),
+    then deleted at the version the mark made, so what goes is exactly what was marked.
+    A finalizer may then hold it; the mark tells the observer nothing is to replace it.
+    Either write answers ``ResourceConflict`` when the object moved; the caller's
+    conflict handling decides.
+
+    The observer times the mark by the API server, not by its value: the ``time`` its
+    managedFields entry records, which a deletionTimestamp at most
+    ``observe.kubernetes.OWN_DELETION_MARGIN_S`` later makes heteroscale's own deletion
+    (``LiveDeployment.deleted_by_plan``). The value is for people: the reconciler's
+    time of this mark, ``now_s`` (read just before it, not a plan's start). It must be
+    new on every mark: a merge patch that changes nothing leaves the entry at the time
+    of the mark before it (one left by a failed DELETE), and this deletion would read
+    as someone else's.
+
+    When the DELETE fails, other than on a conflict (the caller re-reads, and marks
+    again or leaves the object) or on the object having gone, the mark is taken off
+    again, best effort (``_unmark``)."""
     marked = client.merge_patch(
         path,
         {
@@ -823,9 +860,36 @@ def delete_marked(client: KubeClient, path: str, resource_version: str, *, now_s
         },
         field_manager=names.DELETION_MARK_MANAGER,
     )
-    client.delete(
-        path, propagation="Background", resource_version=str(marked["metadata"]["resourceVersion"])
-    )
+    marked_version = str(marked["metadata"]["resourceVersion"])
+    try:
+        client.delete(path, propagation="Background", resource_version=marked_version)
+    except (ResourceConflict, NotFound):
+        raise
+    except Exception:
+        _unmark(client, path, marked_version)
+        raise
+
+
+def _unmark(client: KubeClient, path: str, marked_version: str) -> None:
+    """Take off the mark ``delete_marked`` wrote (at ``marked_version``) when its
+    DELETE failed (a 5xx or timeout after the client's retries, an admission webhook
+    or policy refusing it, a lost permission), so the object the plan may now keep
+    carries no word of a deletion that did not happen. Best effort, any failure
+    ignored: the observer's rule makes a mark left behind harmless anyway (someone
+    else's deletion later comes long after the server's time of the mark, and reads as
+    theirs, replaced). At the marked version: a DELETE that did go through, its answer
+    lost, moved the object (a finalizer holds it) or removed it, and its mark stays."""
+    with contextlib.suppress(Exception):
+        client.merge_patch(
+            path,
+            {
+                "metadata": {
+                    "annotations": {names.DELETED_BY_PLAN_ANNOTATION: None},
+                    "resourceVersion": marked_version,
+                }
+            },
+            field_manager=names.DELETION_MARK_MANAGER,
+        )
 
 
 def relabel_patch(*, drain: bool, now_s: float, source: str) -> dict[str, Any]:

@@ -100,14 +100,23 @@ class FieldDrift(Drift):
     desired: str | None = None
 
 
-# How far apart a Deployment's deletionTimestamp and heteroscale's mark of that deletion
-# (``names.DELETED_BY_PLAN_ANNOTATION``) may be for the deletion to be the plan's. The
-# two are of two clocks: the API server's, in whole seconds, and the reconciler's, just
-# before its mark and DELETE (a few round trips, conflict re-reads included), which
-# NTP keeps within a second of each other and an unsynchronised host within a few
-# minutes. A deletion further from the mark is someone else's (the DELETE failed after
-# the mark, someone deleted the object later): replaced, as an unmarked one.
-OWN_DELETION_MARGIN_S = 300.0
+# How long before a Deployment's deletionTimestamp the API server may have recorded
+# heteroscale's mark of that deletion (``names.DELETED_BY_PLAN_ANNOTATION``, timed by
+# the ``names.DELETION_MARK_MANAGER`` entry of its managedFields) for the deletion to
+# be the plan's. Both times are the API server's clock, in whole seconds, so no clock
+# skew is allowed for (API servers sharing one address keep NTP time; a second between
+# them at worst makes a deletion read as before its mark: someone else's, replaced).
+# The mark and the DELETE are written back to back (``savedplan.delete_marked``: one
+# answer and one request apart, milliseconds), and cutting each time to its second
+# adds under one. 5 s leaves room for a slow DELETE (the client's retries of a 5xx
+# wait 1.4 s at most in all unless the server asks for longer; admission webhooks
+# answer in milliseconds as a rule). A DELETE slower still (a webhook near its
+# timeout, a read timeout then a retry) reads as someone else's deletion and is
+# replaced: the behaviour without a mark, more capacity for a while, never less. Kept
+# small because the other way loses capacity: a mark left by a DELETE that failed
+# (``delete_marked`` takes it off again where it can) makes anyone's deletion within
+# this margin after it read as heteroscale's, which nothing replaces.
+OWN_DELETION_MARGIN_S = 5.0
 
 # Kubernetes' default spec.progressDeadlineSeconds of a Deployment.
 DEFAULT_PROGRESS_DEADLINE_S = 600.0
@@ -157,9 +166,12 @@ class LiveDeployment:
     # metadata.deletionTimestamp as read ("" while it is not being deleted): a finalizer
     # or the garbage collector holds it, and its instances go when it does.
     deleting_since: str = ""
-    # When heteroscale marked it deleted by a plan (``names.DELETED_BY_PLAN_ANNOTATION``,
-    # seconds since the epoch); None without a mark or with one it never writes.
-    deleted_by_plan_s: float | None = None
+    # When the API server recorded heteroscale's mark of it as deleted by a plan
+    # (``names.DELETED_BY_PLAN_ANNOTATION``): the ``time`` of the managedFields entry
+    # of ``names.DELETION_MARK_MANAGER``, seconds since the epoch, the server's clock
+    # (``deletion_marked_s``). None without the annotation (or with a value heteroscale
+    # never writes), or without that entry or its time.
+    deletion_marked_s: float | None = None
 
     @property
     def rollout_observed(self) -> bool:
@@ -169,17 +181,20 @@ class LiveDeployment:
     @property
     def deleted_by_plan(self) -> bool:
         """Being deleted by heteroscale itself (a scale-in, the old copy of a move, a
-        pruned leftover): marked so, and deleted within ``OWN_DELETION_MARGIN_S`` of the
-        mark. A plan removed its capacity: nothing is to replace it. Anything else being
-        deleted (no mark, one that does not read, a deletion far from it, a time that
-        does not read) is someone else's, which a held service replaces before it goes
-        (the side that never loses capacity)."""
-        if not self.deleting_since or self.deleted_by_plan_s is None:
+        pruned leftover): marked so, and deleted at most ``OWN_DELETION_MARGIN_S``
+        after the API server recorded the mark, never before it (both times the
+        server's). A plan removed its capacity: nothing is to replace it. Anything else
+        being deleted is someone else's, which a held service replaces before it goes
+        (the side that never loses capacity): no mark, one that does not read, a mark
+        without its managedFields time (``deletion_marked_s`` None), a deletion long
+        after the mark (its DELETE failed, someone deleted the object later) or before
+        it, a deletion time that does not read."""
+        if not self.deleting_since or self.deletion_marked_s is None:
             return False
         deleted_s = parse_micro_time(self.deleting_since)
         return (
             deleted_s is not None
-            and abs(deleted_s - self.deleted_by_plan_s) <= OWN_DELETION_MARGIN_S
+            and 0.0 <= deleted_s - self.deletion_marked_s <= OWN_DELETION_MARGIN_S
         )
 
     @property
@@ -463,12 +478,43 @@ def parse_deployment(obj: JsonObject) -> LiveDeployment | None:
         created=created if isinstance(created := meta.get("creationTimestamp"), str) else "",
         progress_deadline_s=_progress_deadline_s(spec.get("progressDeadlineSeconds")),
         deleting_since=since if isinstance(since := meta.get("deletionTimestamp"), str) else "",
-        deleted_by_plan_s=names.deletion_mark_s(annotations.get(names.DELETED_BY_PLAN_ANNOTATION)),
+        deletion_marked_s=deletion_marked_s(meta),
         own_update_entry=any(
             names.is_update_entry_of(entry, names.FIELD_MANAGER)
             for entry in meta.get("managedFields") or ()
         ),
     )
+
+
+def deletion_marked_s(meta: Mapping[str, Any]) -> float | None:
+    """When the API server recorded heteroscale's deletion mark on the object whose
+    ``metadata`` this is, seconds since the epoch (its clock, whole seconds): the
+    ``time`` of the ``names.DELETION_MARK_MANAGER`` "Update" entry of its
+    managedFields, the latest where there are several (one per apiVersion written
+    through). None unless the mark is there as heteroscale writes it
+    (``names.deletion_mark_s``), or where no such entry's time reads: a deletion is
+    then never taken as heteroscale's own (``LiveDeployment.deleted_by_plan``).
+
+    The server moves that time on every write of the manager that changes a field:
+    each mark carries a new value (the reconciler's time of it: ``delete_marked``), so
+    the time is that of the latest mark, not of one left behind before it."""
+    annotations = meta.get("annotations") or {}
+    if not isinstance(annotations, Mapping) or (
+        names.deletion_mark_s(annotations.get(names.DELETED_BY_PLAN_ANNOTATION)) is None
+    ):
+        return None
+    entries = meta.get("managedFields") or ()
+    times = [
+        parse_micro_time(time_text)
+        for entry in (entries if isinstance(entries, list) else ())
+        if isinstance(entry, Mapping)
+        and entry.get("manager") == names.DELETION_MARK_MANAGER
+        and entry.get("operation") == "Update"
+        and not entry.get("subresource")
+        and isinstance(time_text := entry.get("time"), str)
+    ]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
 
 
 def _progress_deadline_s(value: Any) -> float:
