@@ -1282,17 +1282,40 @@ def test_a_service_the_cycle_holds_replaces_a_group_being_deleted_by_a_new_group
 DELETED_AT_S = dt.datetime(2026, 1, 1, 0, 10, tzinfo=dt.UTC).timestamp()  # DELETED_AT
 
 
-def deleted_marked(deployment: LiveDeployment, mark: str | None) -> LiveDeployment:
+def deleted_marked(
+    deployment: LiveDeployment, mark: str | None, marked_at: str | None = "2026-01-01T00:09:59Z"
+) -> LiveDeployment:
     """``deployment`` as the API server lists it once deleted at ``DELETED_AT`` while a
-    finalizer holds it, carrying heteroscale's deletion mark ``mark`` (None: none)."""
+    finalizer holds it, carrying heteroscale's deletion mark ``mark`` (None: none),
+    which the API server recorded at ``marked_at`` (the managedFields entry of the
+    mark's field manager; None: no such entry)."""
     meta = deployment.raw["metadata"]
     annotations = dict(meta.get("annotations") or {})
     if mark is not None:
         annotations[names.DELETED_BY_PLAN_ANNOTATION] = mark
+    entries = list(meta.get("managedFields") or [])
+    if marked_at is not None:
+        entries.append(
+            {
+                "manager": names.DELETION_MARK_MANAGER,
+                "operation": "Update",
+                "apiVersion": "apps/v1",
+                "time": marked_at,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {
+                    "f:metadata": {"f:annotations": {f"f:{names.DELETED_BY_PLAN_ANNOTATION}": {}}}
+                },
+            }
+        )
     parsed = parse_deployment(
         {
             **deployment.raw,
-            "metadata": {**meta, "annotations": annotations, "deletionTimestamp": DELETED_AT},
+            "metadata": {
+                **meta,
+                "annotations": annotations,
+                "managedFields": entries,
+                "deletionTimestamp": DELETED_AT,
+            },
         }
     )
     assert parsed is not None
@@ -1300,32 +1323,43 @@ def deleted_marked(deployment: LiveDeployment, mark: str | None) -> LiveDeployme
 
 
 @pytest.mark.parametrize(
-    ("mark", "own"),
+    ("mark", "marked_at", "own"),
     [
-        (names.deletion_mark(DELETED_AT_S - 1.5), True),  # marked just before its DELETE
-        # The reconciler's clock minutes ahead of the API server's.
-        (names.deletion_mark(DELETED_AT_S + 240), True),
-        (None, False),  # kubectl delete, a namespace cleanup
-        ("1767226199", False),  # not what heteroscale writes
-        ("soon", False),
-        # Its DELETE failed after the mark; someone deleted it an hour later.
-        (names.deletion_mark(DELETED_AT_S - 3600), False),
+        # Marked just before its DELETE (the API server's time of the mark a second
+        # before its deletionTimestamp), or in the same second.
+        (names.deletion_mark(DELETED_AT_S - 1.5), "2026-01-01T00:09:59Z", True),
+        (names.deletion_mark(DELETED_AT_S - 0.2), DELETED_AT, True),
+        # The reconciler's clock minutes ahead of the API server's: its value is not
+        # what is judged.
+        (names.deletion_mark(DELETED_AT_S + 240), "2026-01-01T00:09:59Z", True),
+        # A saved plan that started ten minutes before this delete.
+        (names.deletion_mark(DELETED_AT_S - 600), "2026-01-01T00:09:59Z", True),
+        (None, None, False),  # kubectl delete, a namespace cleanup
+        ("1767226199", "2026-01-01T00:09:59Z", False),  # not what heteroscale writes
+        ("soon", "2026-01-01T00:09:59Z", False),
+        # Its DELETE failed after the mark; someone deleted it an hour later, or two
+        # minutes later.
+        (names.deletion_mark(DELETED_AT_S - 3600), "2025-12-31T23:10:00Z", False),
+        (names.deletion_mark(DELETED_AT_S - 120), "2026-01-01T00:08:00Z", False),
+        # No time of the mark as the API server recorded it.
+        (names.deletion_mark(DELETED_AT_S - 1), None, False),
     ],
 )
 def test_a_group_heteroscale_deleted_itself_is_not_asked_for_again_by_a_hold(
-    before: DesiredState, mark: str | None, own: bool
+    before: DesiredState, mark: str | None, marked_at: str | None, own: bool
 ) -> None:
     """chat's group g-pod-a-1 was moved make before break: g-pod-a-2 created at 00:05,
     then the old group deleted at 00:10 while a finalizer holds it. Marked deleted by a
-    plan, within the margin of its deletion, its capacity was removed by the plan:
-    nothing awaits a replacement, and a hold keeps chat at its one group (counted, the
-    replacement made before the deletion replaced none of it, and 1 prefill, 3 decode
-    were held at 2 and 6 for as long as chat was held). Without a mark, with one that
-    does not read or one far from the deletion, it is someone else's deletion, which
+    plan, the API server's time of the mark at most the margin before its deletion,
+    its capacity was removed by the plan: nothing awaits a replacement, and a hold
+    keeps chat at its one group (counted, the replacement made before the deletion
+    replaced none of it, and 1 prefill, 3 decode were held at 2 and 6 for as long as
+    chat was held). Without a mark, with one that does not read, without the server's
+    time of it or with a deletion long after it, it is someone else's deletion, which
     the hold keeps until a group created since replaces it (the side that never loses
     capacity)."""
     old = created_at(live(before, [grp("chat", "g-pod-a-1", 1, 3)]), "2026-01-01T00:00:00Z")
-    old = {key: deleted_marked(d, mark) for key, d in old.items()}
+    old = {key: deleted_marked(d, mark, marked_at) for key, d in old.items()}
     new = created_at(live(before, [grp("chat", "g-pod-a-2", 1, 3)]), "2026-01-01T00:05:00Z")
     observation = _observed(before, old, new)
     chat = observation.fleet.service_fleet("chat")

@@ -35,7 +35,8 @@ from typer.testing import CliRunner
 from reconciler.apply import names
 from reconciler.apply.actions import SAME_APPLY_S
 from reconciler.apply.backend import ApplyOptions, KubernetesBackend
-from reconciler.apply.kubeclient import deployments_path, nodes_path
+from reconciler.apply.kubeclient import Forbidden, deployments_path, nodes_path
+from reconciler.apply.lease import parse_micro_time
 from reconciler.apply.savedplan import (
     PlanSource,
     SavedCluster,
@@ -48,7 +49,9 @@ from reconciler.cli import app
 from reconciler.commands.status import service_status
 from reconciler.cycle import plan_cluster
 from reconciler.desired import DesiredState, load_desired_state
+from reconciler.errors import ClusterUnavailable
 from reconciler.loop.cluster_cycle import ClusterOutcome
+from reconciler.observe.kubernetes import OWN_DELETION_MARGIN_S, parse_deployment
 from reconciler.placement.base import PlacementOptions
 from reconciler.placement.cpsat import CpSatPlacer
 from reconciler.plan import Plan
@@ -997,8 +1000,9 @@ def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by
             else:
                 diff = backend.diff_cluster(plan)
                 saved = SavedCluster(name, backend.observed(), backend.saved_writes(diff))
+                # A plan started long before its deletes: not what the marks say.
                 result = execute(
-                    client, saved, field_manager=names.FIELD_MANAGER, now_s=time.time()
+                    client, saved, field_manager=names.FIELD_MANAGER, now_s=time.time() - 3600
                 )
                 deleted = [w for w in result.done if w.startswith("delete Deployment")]
                 assert result.refused is None and len(deleted) == 2, result
@@ -1009,6 +1013,7 @@ def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by
             assert (mark is None) == (deleted_by == "kubectl"), meta
             if mark is not None:
                 assert abs(float(mark) - time.time()) < 30, mark
+            _assert_mark_timed_by_the_server(client.get(path), own=deleted_by != "kubectl")
         time.sleep(1.1)  # a replacement is told apart by its creation after the deletion
 
         text = _run("apply", *options)
@@ -1023,5 +1028,124 @@ def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by
             assert "the hold counts" not in text and "create Deployment" not in text, text
             assert created == set(), created
     finally:
+        for path in paths:
+            client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")
+
+
+def _assert_mark_timed_by_the_server(obj: dict[str, Any], *, own: bool) -> None:
+    """The API server recorded the mark's time in the managedFields entry of its field
+    manager (whole seconds, its clock, as the deletionTimestamp); heteroscale's own
+    deletion came at most the margin after it, and reads so."""
+    meta = obj["metadata"]
+    entries = [
+        e for e in meta.get("managedFields") or [] if e["manager"] == names.DELETION_MARK_MANAGER
+    ]
+    live = parse_deployment(obj)
+    assert live is not None and live.deleted_by_plan is own, meta
+    if not own:
+        assert entries == [] and live.deletion_marked_s is None, meta
+        return
+    (entry,) = entries
+    assert entry["operation"] == "Update" and entry["time"].endswith("Z"), entry
+    marked_s = parse_micro_time(entry["time"])
+    deleted_s = parse_micro_time(meta["deletionTimestamp"])
+    assert marked_s is not None and deleted_s is not None, meta
+    assert live.deletion_marked_s == marked_s, meta
+    assert 0 <= deleted_s - marked_s <= OWN_DELETION_MARGIN_S, meta
+
+
+# How long after a mark a failed DELETE left someone deletes the object: more than
+# OWN_DELETION_MARGIN_S, far less than the minutes a reconciler-clock mark was trusted.
+LATER_S = 6.5
+
+
+@pytest.mark.parametrize("unmark", ["taken off", "left behind"])
+def test_a_mark_a_failed_delete_left_does_not_make_a_later_deletion_the_plans(
+    control_plane: ControlPlane, tmp_path: Path, unmark: str
+) -> None:
+    """A plan deletes one of the service's two groups; the mark is written, then an
+    admission webhook refuses the DELETE, and the plan keeps the group. The mark is
+    taken off again; or, where that fails too (the API server gone meanwhile), left
+    behind. Someone then deletes the group (kubectl) while a finalizer holds it, more
+    than the margin after the mark, within the minutes a reconciler-clock mark was
+    trusted: it is someone else's deletion, and the held service replaces it before it
+    goes (judged its own, not replaced: capacity lost once the finalizer went)."""
+    name = f"mbb-stale-mark-{unmark.replace(' ', '-')}"
+    client, options, _old = _two_served_groups_of_one(control_plane, tmp_path, name)
+    state = load_desired_state(tmp_path)
+    backend = KubernetesBackend(client, state=state, options=ApplyOptions(soft_scale_in_window_s=0))
+    backend.slo = {"svc": "held"}
+    observation = backend.observe(state.clusters[name], state.policies_for(name))
+    staying, going = sorted(
+        (g for g in observation.fleet.groups if g.service == "svc"), key=lambda g: g.group_id
+    )
+    paths = [
+        deployments_path(name, names.deployment_name("svc", going.group_id, role))
+        for role in ("prefill", "decode")
+    ]
+    before = set(list_deployments(client, name))
+    for path in paths:
+        client.merge_patch(
+            path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
+        )
+    refused: set[str] = set()
+
+    def webhook(method: str, target: str) -> None:
+        path = target.split("?")[0]
+        if path not in paths:
+            return
+        if method == "DELETE":
+            refused.add(path)
+            raise Forbidden(
+                403, "Forbidden", 'admission webhook "keep.example.com" denied the request'
+            )
+        if method == "PATCH" and path in refused and unmark == "left behind":
+            raise ClusterUnavailable(f"API server {name} did not answer PATCH {path}")
+
+    client.hooks.append(webhook)
+    try:
+        plan = hand_plan(
+            state, name, backend.observe(state.clusters[name], state.policies_for(name)), [staying]
+        )
+        applied = backend.apply_cluster(plan)
+        client.hooks.remove(webhook)
+        assert refused == set(paths), refused
+        assert [o.action for o in applied.objects if o.action == "error"] == ["error"] * 2
+        for path in paths:
+            meta = client.get(path)["metadata"]
+            assert not meta.get("deletionTimestamp"), meta
+            mark = (meta.get("annotations") or {}).get(names.DELETED_BY_PLAN_ANNOTATION)
+            entries = [
+                e
+                for e in meta.get("managedFields") or []
+                if e["manager"] == names.DELETION_MARK_MANAGER
+            ]
+            if unmark == "taken off":
+                assert mark is None and entries == [], meta
+            else:
+                assert mark is not None and len(entries) == 1 and entries[0]["time"], meta
+        time.sleep(LATER_S)
+        for path in paths:  # kubectl delete
+            client.delete(path)
+        for path in paths:
+            obj = client.get(path)
+            assert obj["metadata"].get("deletionTimestamp"), obj["metadata"]
+            live = parse_deployment(obj)
+            assert live is not None and not live.deleted_by_plan, obj["metadata"]
+            if unmark == "left behind":
+                deleted_s = parse_micro_time(obj["metadata"]["deletionTimestamp"])
+                assert live.deletion_marked_s is not None and deleted_s is not None
+                assert deleted_s - live.deletion_marked_s > OWN_DELETION_MARGIN_S
+        time.sleep(1.1)  # a replacement is told apart by its creation after the deletion
+
+        text = _run("apply", *options)
+        assert "metrics_missing" in text or "metrics unavailable" in text, text
+        assert "hold 2 prefill, 2 decode" in text, text
+        assert "the hold counts 1 prefill, 1 decode instance(s) of groups being deleted" in text
+        created = set(list_deployments(client, name)) - before
+        assert len(created) == 2, created
+    finally:
+        if webhook in client.hooks:
+            client.hooks.remove(webhook)
         for path in paths:
             client.merge_patch(path, {"metadata": {"finalizers": None}}, field_manager="t")

@@ -456,3 +456,90 @@ def test_a_deployments_progress_deadline_and_a_pods_waiting_reason_read_or_defau
     ]
     for extra, reason in shapes:
         assert parse_pod({**pod, "status": {**pod["status"], **extra}}).waiting == reason
+
+
+DELETED = "2026-01-01T00:10:00Z"
+DELETED_S = 1767226200.0  # DELETED
+
+
+def _mark_entry(time_text: object, manager: str = names.DELETION_MARK_MANAGER) -> dict:
+    """A managedFields entry as the API server records a merge patch of the mark."""
+    return {
+        "manager": manager,
+        "operation": "Update",
+        "apiVersion": "apps/v1",
+        "time": time_text,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {"f:annotations": {f"f:{names.DELETED_BY_PLAN_ANNOTATION}": {}}}
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("mark_s", "entries", "own"),
+    [
+        # Marked a second before the deletion, in its second, or the margin before, as
+        # the API server's times say; the mark's value (the reconciler's clock, or a
+        # saved plan's start) an hour off, which is not what is judged.
+        (DELETED_S - 3600, [_mark_entry("2026-01-01T00:09:59Z")], True),
+        (DELETED_S - 3600, [_mark_entry(DELETED)], True),
+        (DELETED_S - 3600, [_mark_entry("2026-01-01T00:09:55Z")], True),
+        # The latest of several entries of the mark's manager (one per apiVersion).
+        (
+            DELETED_S - 3600,
+            [_mark_entry("2026-01-01T00:00:00Z"), _mark_entry("2026-01-01T00:09:59Z")],
+            True,
+        ),
+        # The mark's value a second before the deletion (the reconciler's clock): the
+        # server's time of the mark says otherwise. More than the margin before the
+        # deletion, long before it (a DELETE that failed, someone's deletion two
+        # minutes later), after it.
+        (DELETED_S - 1, [_mark_entry("2026-01-01T00:09:54Z")], False),
+        (DELETED_S - 1, [_mark_entry("2026-01-01T00:08:00Z")], False),
+        (DELETED_S - 1, [_mark_entry("2026-01-01T00:10:01Z")], False),
+        # No entry of the mark's manager, or none whose time reads: the annotation
+        # alone (anyone with edit rights may write it) is not heteroscale's word.
+        (DELETED_S - 1, [], False),
+        (DELETED_S - 1, [_mark_entry("2026-01-01T00:09:59Z", manager="kubectl-annotate")], False),
+        (DELETED_S - 1, [_mark_entry("soon"), _mark_entry(None), _mark_entry(7)], False),
+    ],
+)
+def test_a_deletion_is_heteroscales_own_when_the_api_server_recorded_its_mark_just_before(
+    state: DesiredState, mark_s: float, entries: list[dict], own: bool
+) -> None:
+    """Both times are the API server's (the ``time`` of the mark's managedFields entry,
+    the deletionTimestamp): the deletion is heteroscale's own when it came at most
+    ``OWN_DELETION_MARGIN_S`` after the mark and not before it, whatever the mark's
+    value says (the reconciler's clock, a saved plan's start). Anything else is
+    someone else's deletion, replaced by a held service."""
+    group = DeploymentGroup(
+        "chat", "prod-east", "pod-a-0", "pod-a", "rg-a", GroupRole("h800", 1), GroupRole("h800", 1)
+    )
+    raw = next(iter(_live(state, [group]).values())).raw
+    meta = raw["metadata"]
+    marked = {
+        **raw,
+        "metadata": {
+            **meta,
+            "annotations": {
+                **meta["annotations"],
+                names.DELETED_BY_PLAN_ANNOTATION: names.deletion_mark(mark_s),
+            },
+            "managedFields": [
+                {"manager": "heteroscale", "operation": "Apply", "time": DELETED},
+                *entries,
+            ],
+        },
+    }
+    before_deletion = parse_deployment(marked)
+    assert before_deletion is not None and not before_deletion.deleted_by_plan
+    deleted = parse_deployment(
+        {**marked, "metadata": {**marked["metadata"], "deletionTimestamp": DELETED}}
+    )
+    assert deleted is not None and deleted.deleted_by_plan is own
+    # Without the annotation (taken off again after a failed DELETE, or never written),
+    # the manager's entry is no mark.
+    unmarked = {**marked["metadata"], "annotations": meta["annotations"]}
+    taken_off = parse_deployment({**raw, "metadata": {**unmarked, "deletionTimestamp": DELETED}})
+    assert taken_off is not None and not taken_off.deleted_by_plan

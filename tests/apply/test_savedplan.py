@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from reconciler.apply import names
-from reconciler.apply.kubeclient import NotFound, ResourceConflict
+from reconciler.apply.kubeclient import ApiRejected, Forbidden, NotFound, ResourceConflict
 from reconciler.apply.savedplan import (
     SCHEMA_VERSION,
     Observed,
@@ -21,6 +21,7 @@ from reconciler.apply.savedplan import (
     SavedPlan,
     WriteStep,
     adopt_created,
+    delete_marked,
     deployment_fingerprint,
     execute,
     moved_objects,
@@ -29,6 +30,7 @@ from reconciler.apply.savedplan import (
     to_json,
     write_plan,
 )
+from reconciler.errors import ClusterUnavailable
 
 OWNED = {"app.kubernetes.io/managed-by": "heteroscale", "heteroscale.io/cluster": "east"}
 
@@ -243,18 +245,30 @@ class _DeleteClient:
         *answers: Exception | None,
         spec: dict | None = None,  # type: ignore[type-arg]
         deleting: bool = False,
+        delete_answers: tuple[Exception | None, ...] = (),
+        unmark_answer: Exception | None = None,
     ):
         self.answers = list(answers)
         self.spec = spec or {"replicas": 3}
         self.deleting = deleting
         self.marks: list[dict] = []  # type: ignore[type-arg]
         self.deleted_at: list[str | None] = []
+        # Each DELETE's answer in turn (None, or none left: deleted), and the answer to
+        # taking a mark off again (a merge patch setting it to null).
+        self.delete_answers = list(delete_answers)
+        self.unmark_answer = unmark_answer
+        self.unmarks: list[dict] = []  # type: ignore[type-arg]
 
     @property
     def marked_at(self) -> list[str]:
         return [mark["body"]["metadata"]["resourceVersion"] for mark in self.marks]
 
     def merge_patch(self, path: str, body: dict, field_manager: str) -> dict:  # type: ignore[type-arg]
+        if body["metadata"]["annotations"][names.DELETED_BY_PLAN_ANNOTATION] is None:
+            self.unmarks.append({"body": body, "field_manager": field_manager})
+            if self.unmark_answer is not None:
+                raise self.unmark_answer
+            return {"metadata": {"resourceVersion": "unmarked"}}
         self.marks.append({"body": body, "field_manager": field_manager})
         answer = self.answers.pop(0)
         if answer is not None:
@@ -263,6 +277,9 @@ class _DeleteClient:
 
     def delete(self, path: str, propagation: str, resource_version: str | None) -> None:
         self.deleted_at.append(resource_version)
+        answer = self.delete_answers.pop(0) if self.delete_answers else None
+        if answer is not None:
+            raise answer
 
     def get(self, path: str) -> dict:  # type: ignore[type-arg]
         meta = {"resourceVersion": "77"}
@@ -299,7 +316,13 @@ def test_a_saved_plans_delete_marks_the_deployment_deleted_by_a_plan_first() -> 
     create leaves), and the DELETE made at the version the mark made, so what goes is
     what was marked."""
     client = _DeleteClient(None)
-    result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=1767225600.5)  # type: ignore[arg-type]
+    result = execute(
+        client,  # type: ignore[arg-type]
+        _delete_plan(),
+        field_manager="heteroscale",
+        now_s=0.0,
+        clock=lambda: 1767225600.5,
+    )
     assert result.refused is None
     (mark,) = client.marks
     assert mark["field_manager"] == names.DELETION_MARK_MANAGER != names.FIELD_MANAGER
@@ -316,7 +339,7 @@ def test_a_deployment_deleted_by_someone_else_since_the_plan_is_neither_marked_n
     None
 ):
     """Its deletion moved more than its status: its removal is under way (someone
-    else's), and marked, it would read as the plan's, which nothing replaces."""
+    else's), and nothing is written to it."""
     client = _DeleteClient(_conflict(), None, deleting=True)
     result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
     assert result.refused is not None and "changed since the plan" in result.refused
@@ -343,3 +366,93 @@ def test_a_write_whose_object_changed_beyond_status_is_not_retried() -> None:
     result = execute(client, _delete_plan(), field_manager="heteroscale", now_s=0.0)  # type: ignore[arg-type]
     assert result.refused is not None and "changed since the plan" in result.refused
     assert client.marked_at == ["41"] and client.deleted_at == []
+
+
+def _two_deletes_plan() -> SavedCluster:
+    recorded = deployment_fingerprint({"metadata": {}, "spec": {"replicas": 3}})
+    observed = Observed(
+        deployments={
+            f"ns/{name}": ObservedDeployment(rv, 3, recorded)
+            for name, rv in (("d1", "41"), ("d2", "42"))
+        },
+        pods={},
+        nodes={},
+    )
+    steps = (
+        WriteStep("delete_deployment", "ns", "d1", "41"),
+        WriteStep("delete_deployment", "ns", "d2", "42"),
+    )
+    return SavedCluster("east", observed, steps, decisions={}, group_changes=(), report={})
+
+
+def test_each_delete_of_a_saved_plan_is_marked_at_its_own_time_not_the_plans_start() -> None:
+    """A saved plan may run long (a rollout awaited before a put back, retries); its
+    marks carry the reconciler's time of each, read just before it, where they all
+    carried the plan's start. Each mark must change the annotation for the API server
+    to time it afresh (the time the observer judges by)."""
+    ticks = iter([1767225600.0, 1767226000.25])
+    client = _DeleteClient(None, None)
+    result = execute(
+        client,  # type: ignore[arg-type]
+        _two_deletes_plan(),
+        field_manager="heteroscale",
+        now_s=1767220000.0,
+        clock=lambda: next(ticks),
+    )
+    assert result.refused is None and len(result.done) == 2
+    assert [m["body"]["metadata"]["annotations"] for m in client.marks] == [
+        {names.DELETED_BY_PLAN_ANNOTATION: "1767225600.000"},
+        {names.DELETED_BY_PLAN_ANNOTATION: "1767226000.250"},
+    ]
+
+
+def _server_error() -> ClusterUnavailable:
+    return ClusterUnavailable("API server east did not answer DELETE after 4 attempts: HTTP 503")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        _server_error(),
+        Forbidden(403, "Forbidden", 'admission webhook "keep.example.com" denied the request'),
+        ApiRejected(422, "Invalid", "denied by a ValidatingAdmissionPolicy"),
+    ],
+    ids=["5xx", "webhook", "policy"],
+)
+@pytest.mark.parametrize("unmark_fails", [False, True])
+def test_a_delete_that_fails_after_its_mark_takes_the_mark_off_again(
+    failure: Exception, unmark_fails: bool
+) -> None:
+    """The mark is written, the DELETE then fails: the plan may keep the Deployment, and
+    its mark says nothing true. It is taken off (a merge patch setting it to null, by
+    the mark's own field manager, at the version the mark made: a DELETE that went
+    through, its answer lost, moved the object and keeps its mark), best effort: a
+    failure of that is not what the caller hears, the DELETE's is. Not on a 409 (the
+    caller re-reads, and marks again, timed afresh, or leaves the object, which someone
+    else may be deleting: within the margin of the mark, what the plan wanted anyway),
+    nor when the object is gone."""
+    for left in (_conflict(), NotFound(404, "NotFound", "gone")):
+        untouched = _DeleteClient(None, delete_answers=(left,))
+        with pytest.raises(type(left)):
+            delete_marked(untouched, "/apis/apps/v1/namespaces/ns/deployments/d1", "41", now_s=1.0)  # type: ignore[arg-type]
+        assert untouched.deleted_at == ["41-marked"] and untouched.unmarks == []
+    client = _DeleteClient(
+        None,
+        delete_answers=(failure,),
+        unmark_answer=_server_error() if unmark_fails else None,
+    )
+    with pytest.raises(type(failure)) as raised:
+        delete_marked(client, "/apis/apps/v1/namespaces/ns/deployments/d1", "41", now_s=1.0)  # type: ignore[arg-type]
+    assert raised.value is failure
+    assert client.deleted_at == ["41-marked"]
+    assert client.unmarks == [
+        {
+            "body": {
+                "metadata": {
+                    "annotations": {names.DELETED_BY_PLAN_ANNOTATION: None},
+                    "resourceVersion": "41-marked",
+                }
+            },
+            "field_manager": names.DELETION_MARK_MANAGER,
+        }
+    ]
