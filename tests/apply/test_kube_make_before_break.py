@@ -953,20 +953,13 @@ def _two_served_groups_of_one(
     return client, options, old
 
 
-@pytest.mark.parametrize("deleted_by", ["apply", "saved plan", "kubectl"])
-def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by_a_plan(
-    control_plane: ControlPlane, tmp_path: Path, deleted_by: str
-) -> None:
-    """The service runs two groups of one instance each (its minimum, since lowered,
-    had asked for them); a finalizer holds both Deployments of one group, which is then
-    deleted, and the service's metrics are missing, so its size is held. Deleted by
-    heteroscale (a plan that keeps the other group: a scale-in, or the old copy of a
-    move, applied live or through a saved plan), the group carries the mark of its
-    deletion and the hold keeps 1 prefill, 1 decode: its capacity was removed by a plan
-    (counted as someone else's deletion, the outage undid the scale-in, 2 and 2 for as
-    long as the service was held). Deleted by someone else (kubectl, unmarked), the
-    hold keeps 2 and 2 and a new group replaces it before it goes."""
-    name = f"mbb-held-deleted-by-{deleted_by.replace(' ', '-')}"
+def _held_with_a_group_finalized(
+    control_plane: ControlPlane, tmp_path: Path, name: str
+) -> tuple[Any, list[str], DesiredState, KubernetesBackend, DeploymentGroup, list[str], set[str]]:
+    """``_two_served_groups_of_one``, the service held (its metrics missing) and a
+    finalizer on both Deployments of one of its groups: the client, the CLI options,
+    the desired state, the backend, the group that stays, the paths of the finalized
+    group's Deployments and the names of every Deployment before."""
     client, options, _old = _two_served_groups_of_one(control_plane, tmp_path, name)
     state = load_desired_state(tmp_path)
     backend = KubernetesBackend(client, state=state, options=ApplyOptions(soft_scale_in_window_s=0))
@@ -984,6 +977,26 @@ def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by
         client.merge_patch(
             path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
         )
+    return client, options, state, backend, staying, paths, before
+
+
+@pytest.mark.parametrize("deleted_by", ["apply", "saved plan", "kubectl"])
+def test_a_group_deleted_while_a_finalizer_holds_it_is_replaced_only_when_not_by_a_plan(
+    control_plane: ControlPlane, tmp_path: Path, deleted_by: str
+) -> None:
+    """The service runs two groups of one instance each (its minimum, since lowered,
+    had asked for them); a finalizer holds both Deployments of one group, which is then
+    deleted, and the service's metrics are missing, so its size is held. Deleted by
+    heteroscale (a plan that keeps the other group: a scale-in, or the old copy of a
+    move, applied live or through a saved plan), the group carries the mark of its
+    deletion and the hold keeps 1 prefill, 1 decode: its capacity was removed by a plan
+    (counted as someone else's deletion, the outage undid the scale-in, 2 and 2 for as
+    long as the service was held). Deleted by someone else (kubectl, unmarked), the
+    hold keeps 2 and 2 and a new group replaces it before it goes."""
+    name = f"mbb-held-deleted-by-{deleted_by.replace(' ', '-')}"
+    client, options, state, backend, staying, paths, before = _held_with_a_group_finalized(
+        control_plane, tmp_path, name
+    )
     try:
         if deleted_by == "kubectl":
             for path in paths:
@@ -1071,23 +1084,9 @@ def test_a_mark_a_failed_delete_left_does_not_make_a_later_deletion_the_plans(
     trusted: it is someone else's deletion, and the held service replaces it before it
     goes (judged its own, not replaced: capacity lost once the finalizer went)."""
     name = f"mbb-stale-mark-{unmark.replace(' ', '-')}"
-    client, options, _old = _two_served_groups_of_one(control_plane, tmp_path, name)
-    state = load_desired_state(tmp_path)
-    backend = KubernetesBackend(client, state=state, options=ApplyOptions(soft_scale_in_window_s=0))
-    backend.slo = {"svc": "held"}
-    observation = backend.observe(state.clusters[name], state.policies_for(name))
-    staying, going = sorted(
-        (g for g in observation.fleet.groups if g.service == "svc"), key=lambda g: g.group_id
+    client, options, state, backend, staying, paths, before = _held_with_a_group_finalized(
+        control_plane, tmp_path, name
     )
-    paths = [
-        deployments_path(name, names.deployment_name("svc", going.group_id, role))
-        for role in ("prefill", "decode")
-    ]
-    before = set(list_deployments(client, name))
-    for path in paths:
-        client.merge_patch(
-            path, {"metadata": {"finalizers": ["example.com/hold"]}}, field_manager="t"
-        )
     refused: set[str] = set()
 
     def webhook(method: str, target: str) -> None:
