@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,8 +48,15 @@ from reconciler.observe.kubernetes import (
 )
 from reconciler.placement.base import PlacementRequest, PlacementResult, UngroupedInstances
 from reconciler.placement.greedy import GreedyPlacer
+from reconciler.plan import Plan
 from reconciler.policy import make_autoscaler
-from reconciler.policy.base import Decision, DecisionInput, PolicyHistory, Recommendation
+from reconciler.policy.base import (
+    Autoscaler,
+    Decision,
+    DecisionInput,
+    PolicyHistory,
+    Recommendation,
+)
 from reconciler.state import DeploymentGroup, GroupRole
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1088,6 +1095,28 @@ def _deleting_at_10(before: DesiredState) -> dict[str, LiveDeployment]:
     return old
 
 
+def _planned(
+    state: DesiredState,
+    *deployments: dict[str, LiveDeployment],
+    now_s: float,
+    autoscaler: Autoscaler | None = None,
+    held: Mapping[str, str] | None = None,
+) -> tuple[Plan, dict[str, PolicyHistory]]:
+    """One cycle of ``CLUSTER`` over ``deployments`` at ``now_s``, no metrics and no
+    history (every service held for want of them), the greedy placer."""
+    return plan_cluster(
+        state,
+        CLUSTER,
+        _observed(state, *deployments),
+        {},
+        {},
+        now_s,
+        autoscaler or make_autoscaler("heteroscale"),
+        GreedyPlacer(),
+        held=held,
+    )
+
+
 def _observed(state: DesiredState, *deployments: dict[str, LiveDeployment]) -> Observation:
     snapshot = ClusterSnapshot(
         CLUSTER, {d.key: d for found in deployments for d in found.values()}, (), (), 0.0
@@ -1198,9 +1227,7 @@ def test_a_size_held_on_missing_metrics_keeps_a_group_being_deleted_until_replac
     running, the hold is the groups' own: nothing more is added."""
     old = _deleting_at_10(before)
     autoscaler = make_autoscaler("heteroscale")
-    cycle, _histories = plan_cluster(
-        before, CLUSTER, _observed(before, old), {}, {}, 700.0, autoscaler, GreedyPlacer()
-    )
+    cycle, _histories = _planned(before, old, now_s=700.0, autoscaler=autoscaler)
     decision = cycle.decisions["chat"]
     assert decision.reason == "metrics_missing"
     assert (decision.prefill, decision.decode) == (2, 6)
@@ -1217,16 +1244,7 @@ def test_a_size_held_on_missing_metrics_keeps_a_group_being_deleted_until_replac
     replacing = created_at(
         live(before, [g for g in chat if g.group_id != "d"]), "2026-01-01T00:10:01Z"
     )
-    after, _histories = plan_cluster(
-        before,
-        CLUSTER,
-        _observed(before, old, replacing),
-        {},
-        {},
-        800.0,
-        autoscaler,
-        GreedyPlacer(),
-    )
+    after, _histories = _planned(before, old, replacing, now_s=800.0, autoscaler=autoscaler)
     assert "groups being deleted" not in after.decisions["chat"].message
     assert (after.decisions["chat"].prefill, after.decisions["chat"].decode) == (2, 6)
     assert not [c for c in after.changes if c.service == "chat"]
@@ -1240,17 +1258,7 @@ def test_a_service_the_cycle_holds_replaces_a_group_being_deleted_by_a_new_group
     size (the placer would have grown it, the very write the hold refuses) and a new
     group under an id of its own replaces the one being deleted; the note says so."""
     old = _deleting_at_10(before)
-    cycle, _histories = plan_cluster(
-        before,
-        CLUSTER,
-        _observed(before, old),
-        {},
-        {},
-        700.0,
-        make_autoscaler("heteroscale"),
-        GreedyPlacer(),
-        held={"chat": "refused"},
-    )
+    cycle, _histories = _planned(before, old, now_s=700.0, held={"chat": "refused"})
     chat = {g.group_id: g for g in cycle.groups if g.service == "chat"}
     staying = chat.pop("d")
     assert (staying.prefill.instances, staying.decode.instances) == (1, 3)
@@ -1263,17 +1271,7 @@ def test_a_service_the_cycle_holds_replaces_a_group_being_deleted_by_a_new_group
     ) in " ".join(cycle.notes)
     # A held service with nothing being deleted keeps exactly its groups, as before.
     calm = live(before, [grp("chat", "d", 1, 3, domain="pod-d")])
-    same, _histories = plan_cluster(
-        before,
-        CLUSTER,
-        _observed(before, calm),
-        {},
-        {},
-        700.0,
-        make_autoscaler("heteroscale"),
-        GreedyPlacer(),
-        held={"chat": "refused"},
-    )
+    same, _histories = _planned(before, calm, now_s=700.0, held={"chat": "refused"})
     assert [g for g in same.groups if g.service == "chat"] == [
         g for g in _observed(before, calm).fleet.groups if g.service == "chat"
     ]
@@ -1384,16 +1382,7 @@ def test_a_scale_in_a_finalizer_holds_is_kept_by_a_hold_on_missing_metrics(
     )
     mark = names.deletion_mark(DELETED_AT_S)
     old = {k: deleted_marked(d, mark) if "g-pod-a-1" in k else d for k, d in old.items()}
-    cycle, _histories = plan_cluster(
-        before,
-        CLUSTER,
-        _observed(before, old),
-        {},
-        {},
-        700.0,
-        make_autoscaler("heteroscale"),
-        GreedyPlacer(),
-    )
+    cycle, _histories = _planned(before, old, now_s=700.0)
     decision = cycle.decisions["chat"]
     assert decision.reason == "metrics_missing"
     assert (decision.prefill, decision.decode) == (1, 3)
