@@ -34,6 +34,7 @@ from reconciler.policy.base import (
     Decision,
     DecisionInput,
     PolicyHistory,
+    Reason,
     Recommendation,
     clamps_note,
     decided,
@@ -256,7 +257,11 @@ class PerRoleHpa(ABC):
         )
         counts = (final["prefill"], final["decode"])
         before = (fleet.prefill.active, fleet.decode.active)
-        return decided(policy.name, counts, before, "baseline", message, clamps, remembered, now_s)
+        # No role read its metric: a hold for want of a reading, as the planner's, which
+        # the cycle, a review and the status count as unsized (``UNSIZED_REASONS``).
+        unread = all(recommendations[role] == NO_RECOMMENDATION for role in ROLES)
+        reason: Reason = "metrics_missing" if unread else "baseline"
+        return decided(policy.name, counts, before, reason, message, clamps, remembered, now_s)
 
     def _stabilise(
         self,

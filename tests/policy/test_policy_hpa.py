@@ -202,6 +202,20 @@ def test_tokens_hpa_missing_metric_holds_and_stores_no_recommendation(sample):
     assert later.decode == 10
 
 
+def test_an_hpa_reading_no_metric_at_all_holds_as_metrics_missing():
+    """No role read its metric: a hold for want of a reading, which the cycle, a review
+    and the status count as unsized (as the planner's), not a sized "baseline"; one
+    role read is still the baseline's own decision."""
+    hpa = tokens_hpa()
+    blind = hpa.decide(
+        DecisionInput(policy(), fleet(5, 20), ServiceMetrics("svc"), PolicyHistory(), NOW)
+    )
+    assert (blind.prefill, blind.decode, blind.reason) == (5, 20, "metrics_missing")
+    half = ServiceMetrics("svc", prefill_tps=Sample(40000.0, NOW))
+    read = hpa.decide(DecisionInput(policy(), fleet(5, 20), half, PolicyHistory(), NOW))
+    assert read.reason == "baseline"
+
+
 def test_tokens_hpa_holds_a_role_with_no_ready_instance():
     decision = tokens_hpa().decide(
         DecisionInput(
