@@ -74,6 +74,7 @@ from reconciler.policy import PlannerAutoscaler, PolicyHistory, decide, decide_m
 from reconciler.policy import planner as planner_module
 from reconciler.policy.base import Decision, DecisionInput, Recommendation
 from reconciler.policy.capacity import one_two_five_buckets
+from reconciler.policy.perf_context import fitting_perfs
 from reconciler.sim.hand_targets import HAND_TARGETS, with_hand_targets
 from reconciler.state import LengthBuckets, RoleCount, Sample, ServiceFleet, ServiceMetrics
 
@@ -95,6 +96,9 @@ MIX_SHAPES = {
 }
 CONTEXT_TOKENS = 131_072.0  # the histograms' last finite bound (a 128k model)
 METRICS_WINDOW_S = 60.0  # the requests one histogram counts
+# The history's highest load against the load it swings around (1 + 0.15 + 3 sigma of
+# its 0.03 noise, ``build_planner_inputs``).
+MAX_SWING = 1.25
 # A service's latency readings around its own level, cycle to cycle.
 LATENCY_NOISE = 0.03
 # The measured cycle's load against the load it was built around, draw to draw.
@@ -269,6 +273,16 @@ def build_planner_inputs(count: int, seed: int = 11) -> list[PlannerService]:
             RoleCount(ready=decode),
         )
         load_tps = decode * per_instance_tps * rng.uniform(0.6, 1.3)
+        # No more prompt tokens/s than the prefill instances could serve at all (their
+        # compute ceiling), over the history's highest swing: a prompt-heavy service
+        # at its prefill max_instances drew more, which the planner holds as a broken
+        # counter, so those services were not sized at all.
+        mean_prompt = mix[0] * math.exp(prompt_sigma**2 / 2.0)
+        mean_output = mix[1] * math.exp(output_sigma**2 / 2.0)
+        prefill_ceiling_tps = (
+            prefill * fitting_perfs(policy, cluster, "prefill")[0].prefill_ceiling_tps
+        )
+        load_tps = min(load_tps, prefill_ceiling_tps / MAX_SWING / mean_prompt * mean_output)
         levels = (
             policy.slo.ttft_ms * rng.uniform(0.3, 1.1),
             policy.slo.tbt_ms * rng.uniform(0.3, 1.1),
