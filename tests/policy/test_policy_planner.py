@@ -178,12 +178,15 @@ def test_a_hold_on_a_missing_rate_still_escalates_on_the_latency_tiers() -> None
 def test_prefill_is_said_slower_than_the_correction_takes_only_on_its_busy_fraction() -> None:
     """Prefill's factor may sit at the bound only because a gateway's TTFT is not yet
     learnt as an offset (chat behind 1.0 s of gateway: half an hour at 99.6% within
-    both SLOs). Said only where the busy fraction, the instances' own speed, agrees."""
+    both SLOs). Said only where the busy fraction, the instances' own speed, agrees,
+    or where none is read at all (the factor is then all there is)."""
     policy, cluster = _chat()
     perf = perf_context(policy, cluster)
     metrics = _metrics(0.0, 100_000.0, 20_000.0)
     said = "model out of reach: prefill"
-    for readings, expected in (((), False), (((-60.0, 2.6, 0.02), (-30.0, 2.6, 0.02)), True)):
+    at_model = ((-60.0, 1.0, 0.02), (-30.0, 1.0, 0.02))
+    slower = ((-60.0, 2.6, 0.02), (-30.0, 2.6, 0.02))
+    for readings, expected in ((at_model, False), (slower, True), ((), True)):
         memory = PlannerMemory(
             correction=LatencyCorrection(prefill=2.0), prefill_busy_readings=readings
         )
@@ -354,6 +357,28 @@ def test_a_rate_beyond_the_instances_with_its_latency_over_the_slo_is_believed(r
     )
     assert "a broken counter" not in decision.message
     assert decision.history.planner != before.planner
+
+
+def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_make_a_glitch_believed() -> None:
+    """A reading in the histogram bucket that holds the SLO is no evidence of a miss:
+    behind a gateway chat's p90 TTFT reads in vLLM's 1.0-2.5 s bucket around its 1.5 s
+    SLO (and svc-b's TBT always in the one around its 20 ms), and every glitch was
+    believed (+69% and +71% GPU-hours)."""
+    policy, cluster = _chat()
+    prefill_ceiling, decode_ceiling = _ceilings(policy, cluster)
+    rates = (10 * prefill_ceiling * 0.5 * 2.2, 20 * decode_ceiling * 0.5)
+    planner = PlannerAutoscaler()
+    before = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
+        )
+    ).history
+    decision = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(30.0, *rates, ttft_ms=2_000.0), before, 30.0, cluster
+        )
+    )
+    assert "a broken counter, not demand" in decision.message
 
 
 def test_instances_scaled_in_within_the_rate_window_count_as_serving() -> None:
