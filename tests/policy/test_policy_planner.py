@@ -268,6 +268,21 @@ def _ceilings(policy: ServicePolicy, cluster: ClusterSpec) -> tuple[float, float
     )
 
 
+def _a_cycle_after_another(
+    policy: ServicePolicy, cluster: ClusterSpec, metrics: ServiceMetrics
+) -> tuple[PolicyHistory, Decision]:
+    """The history after one cycle of chat on 10 prefill and 20 decode at 100,000
+    prompt and 20,000 output tokens/s, and the decision 30 s later on ``metrics``."""
+    planner = PlannerAutoscaler()
+    before = planner.decide(
+        DecisionInput(
+            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
+        )
+    ).history
+    decision = planner.decide(DecisionInput(policy, _fleet(10, 20), metrics, before, 30.0, cluster))
+    return before, decision
+
+
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_a_rate_no_instance_could_serve_holds_and_is_not_remembered(role: str) -> None:
     """A target scraped twice or a counter reset read as a jump: a rate above what the
@@ -279,15 +294,7 @@ def test_a_rate_no_instance_could_serve_holds_and_is_not_remembered(role: str) -
     ceilings = _ceilings(policy, cluster)
     rates = [10 * ceilings[0] * 0.5, 20 * ceilings[1] * 0.5]  # half what could be served
     rates[0 if role == "prefill" else 1] *= 2.2  # 10 % beyond it
-    planner = PlannerAutoscaler()
-    before = planner.decide(
-        DecisionInput(
-            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
-        )
-    ).history
-    decision = planner.decide(
-        DecisionInput(policy, _fleet(10, 20), _metrics(30.0, *rates), before, 30.0, cluster)
-    )
+    before, decision = _a_cycle_after_another(policy, cluster, _metrics(30.0, *rates))
     assert (decision.prefill, decision.decode) == (10, 20)
     assert decision.reason == "metrics_missing"
     assert f"{role}_tps reads" in decision.message
@@ -367,16 +374,8 @@ def test_a_latency_read_in_the_bucket_that_holds_the_slo_does_not_make_a_glitch_
     policy, cluster = _chat()
     prefill_ceiling, decode_ceiling = _ceilings(policy, cluster)
     rates = (10 * prefill_ceiling * 0.5 * 2.2, 20 * decode_ceiling * 0.5)
-    planner = PlannerAutoscaler()
-    before = planner.decide(
-        DecisionInput(
-            policy, _fleet(10, 20), _metrics(0.0, 100_000, 20_000), PolicyHistory(), 0.0, cluster
-        )
-    ).history
-    decision = planner.decide(
-        DecisionInput(
-            policy, _fleet(10, 20), _metrics(30.0, *rates, ttft_ms=2_000.0), before, 30.0, cluster
-        )
+    _before, decision = _a_cycle_after_another(
+        policy, cluster, _metrics(30.0, *rates, ttft_ms=2_000.0)
     )
     assert "a broken counter, not demand" in decision.message
 
