@@ -1415,6 +1415,8 @@ class LatencyCorrection:
     SMOOTHING = 0.5
     MIN_FACTOR = 0.5
     MAX_FACTOR = 2.0
+    # A factor this share of a bound or more sits at it (``at_slowest``).
+    AT_BOUND = 0.99
     # The largest TTFT SLO a policy may set (``models.DAY_S``); the planner bounds the
     # offset by its own policy's SLO (``within_ttft_slo``).
     MAX_TTFT_OFFSET_S = 86_400.0
@@ -1455,12 +1457,14 @@ class LatencyCorrection:
         return replace(self, decode=new)
 
     def at_slowest(self) -> tuple[Role, ...]:
-        """The roles whose factor sits at ``MAX_FACTOR`` (within 1 %: from the model's
-        1.0, six cycles of readings beyond the bound bring it there): their instances
-        read at least that much slower than the model, so the readings went beyond
-        what the correction takes, and the capacity it sizes with is too high."""
+        """The roles whose factor sits at ``MAX_FACTOR`` (within ``AT_BOUND``: from the
+        model's 1.0, six cycles of readings beyond the bound bring it there): their
+        instances read at least that much slower than the model, so the readings went
+        beyond what the correction takes, and the capacity it sizes with is too high."""
         return tuple(
-            role for role in ("prefill", "decode") if self.factor(role) >= 0.99 * self.MAX_FACTOR
+            role
+            for role in ("prefill", "decode")
+            if self.factor(role) >= self.AT_BOUND * self.MAX_FACTOR
         )
 
     def with_ttft_offset(self, implied_offset_s: float | None, limit_s: float) -> LatencyCorrection:

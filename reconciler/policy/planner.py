@@ -118,6 +118,7 @@ from itertools import pairwise
 
 from reconciler.desired.models import DAY_S, ClusterSpec, ServicePolicy
 from reconciler.latency_buckets import (
+    LatencySignal,
     bucket_around,
     policy_latency_buckets,
     reading_holds_slo,
@@ -1039,9 +1040,8 @@ def rate_beyond_instances(
     against its 20 ms SLO for any step from 10 to 25 ms, and a gateway's TTFT read
     in vLLM's 1.0-2.5 s bucket around chat's 1.5 s, so every glitch of theirs was
     believed: +71% and +69% GPU-hours, a prober): a load beyond what the instances
-    serve shows there,
-    and a rate the model cannot explain while it does is a load the model does not
-    know, believed. A mixture-of-experts model, whose tokens take the FLOPs of its
+    serve shows there, and a rate the model cannot explain while it does is a load the
+    model does not know, believed. A mixture-of-experts model, whose tokens take the FLOPs of its
     active parameters only where ``params_b`` counts them all (Mixtral 8x7B: 3.6x
     the ceiling), would otherwise have been held through every rise beyond it.
 
@@ -1063,20 +1063,23 @@ def rate_beyond_instances(
     role: Role = "prefill" if name == "prefill_tps" else "decode"
     index = 0 if role == "prefill" else 1
     count = fleet.role(role)
-    highest, _, _ = _window_extreme(past, now_s, METRICS_WINDOW_S, index, True)
-    serving = max(count.active + count.draining + count.deleting_unreplaced, highest or 0)
     perfs = [perf.role(role)] + [h.perf.role(role) for h in held.get(role, ()) if h.perf]
-    ceiling_tps = max(
-        p.prefill_ceiling_tps if role == "prefill" else p.decode_ceiling_tps for p in perfs
+    fastest_tps = (
+        max(p.prefill_ceiling_tps if role == "prefill" else p.decode_ceiling_tps for p in perfs)
+        / LatencyCorrection.MIN_FACTOR
     )
-    limit_tps = serving * ceiling_tps / LatencyCorrection.MIN_FACTOR
+    serving = count.active + count.draining + count.deleting_unreplaced
+    if rate.value <= serving * fastest_tps:
+        return None  # the common case, before the history is read
+    highest, _, _ = _window_extreme(past, now_s, METRICS_WINDOW_S, index, True)
+    serving = max(serving, highest or 0)
+    limit_tps = serving * fastest_tps
     remembered = memory.prefill_demand if role == "prefill" else memory.decode_demand
     last_tps = remembered.last_value
     if rate.value <= limit_tps or not (math.isfinite(last_tps) and last_tps <= limit_tps):
         return None
-    latency_name, slo_ms = (
-        ("ttft", policy.slo.ttft_ms) if role == "prefill" else ("tbt", policy.slo.tbt_ms)
-    )
+    latency_name: LatencySignal = "ttft" if role == "prefill" else "tbt"
+    slo_ms = policy.slo.ttft_ms if role == "prefill" else policy.slo.tbt_ms
     latency = getattr(metrics, latency_name)
     if (
         sample_problem(latency, latency_name, now_s, policy.scaling.metric_max_age_s) is None
@@ -1856,18 +1859,21 @@ def slower_than_corrected(
     if "prefill" not in roles or not busy_readings:
         return roles  # no busy fraction to tell the gateway apart: the factor says it
     reading = combined_busy_reading(busy_readings)
-    if reading is not None and reading.floor >= 0.99 * LatencyCorrection.MAX_FACTOR:
+    if (
+        reading is not None
+        and reading.floor >= LatencyCorrection.AT_BOUND * LatencyCorrection.MAX_FACTOR
+    ):
         return roles
     return tuple(role for role in roles if role != "prefill")
 
 
 def reading_in_slo_bucket(
-    value_ms: float, slo_ms: float, policy: ServicePolicy, metric: str
+    value_ms: float, slo_ms: float, policy: ServicePolicy, metric: LatencySignal
 ) -> bool:
     """Whether a latency reading lies in the histogram bucket that holds its SLO
     (``reading_holds_slo``, through the buckets the policy's engine exports): no
-    evidence either way of a miss."""
-    bounds = policy_latency_buckets(policy, metric)  # type: ignore[arg-type]
+    evidence either way of a miss (the tiers' judgement and the glitch guard's)."""
+    bounds = policy_latency_buckets(policy, metric)
     return bounds is not None and reading_holds_slo(value_ms, slo_ms, bounds)
 
 
@@ -1898,8 +1904,8 @@ def under_latency_tiers(
     gateway's, engines slower than their model) raised svc-b to its max_instances
     (256 prefill and decode, 13.7x the GPU-hours) in a 3-hour outage of prefill_tps
     (a prober). The rise goes through the stabilisation and the max step as every
-    decision's does. Nothing remembered
-    to size from (no mix, no model, no demand read yet): the hold stands."""
+    decision's does. Nothing remembered to size from (no mix, no model, no demand read
+    yet): the hold stands."""
     remembered = remembered_counts(policy, perf, memory, max(1, held.prefill))
     if remembered is None:
         return held
@@ -2040,8 +2046,7 @@ def latency_escalation(
                 f"{starting[ri]} {rule.role} instances still starting, no escalation"
             )
             continue
-        bounds = policy_latency_buckets(policy, rule.metric)
-        if bounds is not None and reading_holds_slo(sample.value, rule.slo_ms, bounds):
+        if reading_in_slo_bucket(sample.value, rule.slo_ms, policy, rule.metric):
             # Read through a histogram, the quantile is only known to lie in its bucket:
             # one that holds the SLO reads the same for a tail met as for one missed
             # (vLLM's p90 TBT reads 23.5 ms for any step from 10 to 25 ms against
@@ -2050,6 +2055,8 @@ def latency_escalation(
             # stands. Escalating on it took svc-b's decode to 512 (its max_instances)
             # through a burst for which the model sized 270-400 (burst-svc-b-1), where
             # static peak's 308 keep 99% of requests within both SLOs.
+            bounds = policy_latency_buckets(policy, rule.metric)
+            assert bounds is not None  # reading_in_slo_bucket read through them
             lower_s, upper_s = bucket_around(sample.value / 1000.0, bounds)
             parts.append(
                 f"{rule.metric} {sample.value:.0f} ms = {of_slo:.2f} x SLO, read in the "
