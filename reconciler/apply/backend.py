@@ -86,6 +86,7 @@ from reconciler.apply.savedplan import (
     WriteStep,
     adopt_created,
     await_rollout,
+    being_deleted,
     conflicts_only_with,
     delete_marked,
     deployment_fingerprint,
@@ -843,7 +844,7 @@ class KubernetesBackend:
             resource_version,
             write,
             what=f"Deployment {namespace}/{name}",
-            still_wanted=_not_being_deleted,
+            still_wanted=lambda obj: not being_deleted(obj),
         )
 
     def _check_may_write(self) -> None:
@@ -1080,10 +1081,6 @@ def unplaced_by_service(plan: Plan) -> dict[str, str]:
 
 def _never_refused() -> str | None:
     return None
-
-
-def _not_being_deleted(obj: Mapping[str, Any]) -> bool:
-    return not (obj.get("metadata") or {}).get("deletionTimestamp")
 
 
 def _still_drained(pod: Mapping[str, Any]) -> bool:

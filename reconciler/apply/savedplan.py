@@ -712,9 +712,7 @@ def _status_only(client: KubeClient, step: WriteStep, observed: Observed) -> str
     # Being deleted since is more than its status: its removal is under way (someone
     # else's: a mark written after it would not make it the plan's), nothing is to be
     # written to it (``actions._leave_being_deleted``).
-    if deployment_fingerprint(fresh) != recorded.fingerprint or fresh["metadata"].get(
-        "deletionTimestamp"
-    ):
+    if deployment_fingerprint(fresh) != recorded.fingerprint or being_deleted(fresh):
         return None
     return str(fresh["metadata"]["resourceVersion"])
 
@@ -827,6 +825,12 @@ def _write(
             pods_path(step.namespace, step.name), propagation="Background", resource_version=rv
         )
     return None
+
+
+def being_deleted(obj: Mapping[str, Any]) -> bool:
+    """Whether the object read carries a deletionTimestamp (a finalizer or the garbage
+    collector holds it): its removal is under way, by whoever asked for it."""
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def delete_marked(client: KubeClient, path: str, resource_version: str, *, now_s: float) -> None:
