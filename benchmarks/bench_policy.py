@@ -187,6 +187,16 @@ def length_buckets(median: float, sigma: float, requests: float, at_s: float) ->
     return LengthBuckets(bounds, cumulative, at_s)
 
 
+def mix_means(mix: tuple[float, float, float, float]) -> tuple[float, float]:
+    """The mean prompt and output tokens of a log-normal mix (median prompt, median
+    output, sigma of each log): each median times ``exp(sigma^2 / 2)``."""
+    prompt_median, output_median, prompt_sigma, output_sigma = mix
+    return (
+        prompt_median * math.exp(prompt_sigma**2 / 2.0),
+        output_median * math.exp(output_sigma**2 / 2.0),
+    )
+
+
 def planner_metrics(
     service: str,
     decode_tps: float,
@@ -201,8 +211,7 @@ def planner_metrics(
     the two length histograms: every reading the planner's correction takes, as an
     engine with DCGM exports them."""
     prompt_median, output_median, prompt_sigma, output_sigma = mix
-    mean_prompt = prompt_median * math.exp(prompt_sigma**2 / 2.0)
-    mean_output = output_median * math.exp(output_sigma**2 / 2.0)
+    mean_prompt, mean_output = mix_means(mix)
     requests_per_s = decode_tps / mean_output
     requests = requests_per_s * METRICS_WINDOW_S
     ttft_ms, tbt_ms, prefill_util, mean_gap_share = levels
@@ -277,8 +286,7 @@ def build_planner_inputs(count: int, seed: int = 11) -> list[PlannerService]:
         # compute ceiling), over the history's highest swing: a prompt-heavy service
         # at its prefill max_instances drew more, which the planner holds as a broken
         # counter, so those services were not sized at all.
-        mean_prompt = mix[0] * math.exp(prompt_sigma**2 / 2.0)
-        mean_output = mix[1] * math.exp(output_sigma**2 / 2.0)
+        mean_prompt, mean_output = mix_means(mix)
         prefill_ceiling_tps = (
             prefill * fitting_perfs(policy, cluster, "prefill")[0].prefill_ceiling_tps
         )
